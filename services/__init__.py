@@ -1,0 +1,1 @@
+"""BioGate services: face, voice and mfa, with shared code in services.common."""

@@ -1,0 +1,1 @@
+"""Code shared by every BioGate service. Nothing here imports from a service package."""

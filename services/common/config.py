@@ -1,0 +1,172 @@
+"""BioGate configuration: one typed tree, read from embedded defaults, a YAML file and the environment.
+
+Precedence (highest first): environment variables ``BIOGATE_<SECTION>__<FIELD>`` (nested with a
+double underscore), the YAML file named by ``BIOGATE_CONFIG`` (or passed to :func:`load_config`),
+then the defaults below. The defaults run the whole system on one machine with SQLite and
+development credentials; a deployment overrides storage, keys and auth.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+Role = Literal["enroller", "verifier", "orchestrator", "admin", "auditor"]
+ServiceName = Literal["face", "voice", "mfa"]
+
+
+class Endpoint(BaseModel):
+    host: str = "127.0.0.1"
+    port: int
+    metrics_port: int | None = None  # None: no Prometheus endpoint
+
+
+class TlsConfig(BaseModel):
+    """Server TLS. With client_ca set, clients must present a certificate (mTLS)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+
+
+class ServerConfig(BaseModel):
+    face: Endpoint = Endpoint(port=50051, metrics_port=9151)
+    voice: Endpoint = Endpoint(port=50052, metrics_port=9152)
+    mfa: Endpoint = Endpoint(port=50053, metrics_port=9153)
+    tls: TlsConfig = TlsConfig()
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_workers: int = 16
+    max_concurrent_rpcs: int = 256
+    # Upper bound on any RPC's run time on the server, whatever deadline the client sent.
+    rpc_timeout_s: float = 30.0
+    drain_seconds: float = 10.0
+
+
+class Principal(BaseModel):
+    """A caller: a bearer token (stored as its SHA-256) or an mTLS certificate subject."""
+
+    name: str
+    roles: list[Role]
+    tenants: list[str] = ["*"]  # "*" means every tenant
+    token_sha256: str | None = None
+    cert_subject: str | None = None  # the client certificate's CN
+
+
+class AuthConfig(BaseModel):
+    principals: list[Principal] = []
+    # With no principals configured, write development tokens (one per role) to
+    # <data_dir>/dev-credentials.json and accept them. Turn off in production.
+    dev_credentials: bool = True
+
+
+class StorageConfig(BaseModel):
+    # Empty: SQLite at <data_dir>/biogate.db. Otherwise a PostgreSQL DSN (postgresql://...).
+    dsn: str = ""
+    pool_size: int = 8
+
+
+class KeysConfig(BaseModel):
+    # Development keyring file; in production point `kms` at an external KMS/HSM adapter.
+    keyring_file: Path | None = None  # default <data_dir>/keys/keyring.json
+    cipher: Literal["AES-256-GCM", "SM4-GCM"] = "AES-256-GCM"
+    kms: str = ""  # "" = local keyring; "module:factory" for an external adapter
+
+
+class AuditConfig(BaseModel):
+    checkpoint_every: int = 100  # records between Ed25519-signed checkpoints
+    signing_key_file: Path | None = None  # default <data_dir>/keys/audit-ed25519.pem
+
+
+class ModelsConfig(BaseModel):
+    manifest: Path = PROJECT_ROOT / "models" / "manifest.yaml"
+    cache_dir: Path | None = None  # default <data_dir>/models
+    # Operator-supplied model directories, searched in order for files no registry carries.
+    local_dirs: list[Path] = [PROJECT_ROOT.parent / "shared" / "models"]
+    allow_network: bool = False  # fetch from URLs (machines with internet only)
+    providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class LoggingConfig(BaseModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = True
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BIOGATE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    data_dir: Path = PROJECT_ROOT / "var"
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    storage: StorageConfig = StorageConfig()
+    keys: KeysConfig = KeysConfig()
+    audit: AuditConfig = AuditConfig()
+    models: ModelsConfig = ModelsConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    # Derived locations, so that callers never rebuild default paths themselves.
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "biogate.db"
+
+    @property
+    def storage_dsn(self) -> str:
+        return self.storage.dsn or f"sqlite:///{self.sqlite_path}"
+
+    @property
+    def keyring_file(self) -> Path:
+        return self.keys.keyring_file or self.data_dir / "keys" / "keyring.json"
+
+    @property
+    def audit_signing_key_file(self) -> Path:
+        return self.audit.signing_key_file or self.data_dir / "keys" / "audit-ed25519.pem"
+
+    @property
+    def models_cache_dir(self) -> Path:
+        return self.models.cache_dir or self.data_dir / "models"
+
+    @property
+    def dev_credentials_file(self) -> Path:
+        return self.data_dir / "dev-credentials.json"
+
+    def endpoint(self, service: ServiceName) -> Endpoint:
+        return getattr(self.server, service)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the YAML file, which comes in through init kwargs.
+        return env_settings, init_settings
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings from an optional YAML file (or $BIOGATE_CONFIG) plus the environment."""
+    path = path or os.environ.get("BIOGATE_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the configuration must be a YAML mapping")
+        data = loaded
+    data.update(overrides)
+    return Settings(**data)

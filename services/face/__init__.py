@@ -1,0 +1,1 @@
+"""BioGate face service."""

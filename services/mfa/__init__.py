@@ -1,0 +1,1 @@
+"""BioGate mfa service."""

@@ -1,0 +1,1 @@
+"""BioGate voice service."""
