@@ -1,0 +1,1 @@
+"""The BioGate gRPC API (generated stubs in .v1)."""
