@@ -1,0 +1,143 @@
+"""The gRPC server every BioGate service runs on.
+
+Health (grpc.health.v1) reports NOT_SERVING until the service's warm-up (model loading and a first
+inference) has succeeded, then SERVING; on SIGTERM it turns NOT_SERVING again and the server drains
+in-flight RPCs for ``server.drain_seconds`` before it stops. Server reflection, message-size limits,
+a bound on concurrent RPCs, TLS/mTLS and the interceptor (authentication, authorisation, metrics,
+logs) come from the one configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import Settings
+from services.common.server.auth import Authenticator
+from services.common.server.interceptor import ServerInterceptor, roles_by_method
+
+log = logging.getLogger("biogate.server")
+
+WARM_UP_RETRY_S = 30.0
+
+
+@dataclass
+class ServiceDefinition:
+    """What a service hands to the bootstrap."""
+
+    name: str  # "face", "voice" or "mfa": selects the endpoint in the configuration
+    descriptors: list[ServiceDescriptor]
+    register: Callable[[grpc.Server], None]  # adds the servicers to the server
+    warm_up: Callable[[], None] = lambda: None  # raises while the service cannot serve yet
+    close: Callable[[], None] = lambda: None
+    details: dict[str, str] = field(default_factory=dict)  # filled by warm_up: models, providers
+
+
+class RunningServer:
+    def __init__(self, settings: Settings, definition: ServiceDefinition, port: int | None = None) -> None:
+        self.settings = settings
+        self.definition = definition
+        cfg = settings.server
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix=f"{definition.name}-rpc"),
+            interceptors=[
+                ServerInterceptor(definition.name, Authenticator.from_settings(settings), roles_by_method(definition.descriptors))
+            ],
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            ],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        definition.register(self.server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [d.full_name for d in definition.descriptors]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        endpoint = settings.endpoint(definition.name)  # type: ignore[arg-type]
+        address = f"{endpoint.host}:{endpoint.port if port is None else port}"
+        if cfg.tls.cert_file and cfg.tls.key_file:
+            client_ca = cfg.tls.client_ca_file.read_bytes() if cfg.tls.client_ca_file else None
+            creds = grpc.ssl_server_credentials(
+                [(cfg.tls.key_file.read_bytes(), cfg.tls.cert_file.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address} for the {definition.name} service (port in use?)")
+        self.address = f"{endpoint.host}:{self.port}"
+        self._stopping = threading.Event()
+        self.ready = threading.Event()
+
+    def _set_status(self, status: int) -> None:
+        self.health.set("", status)
+        for d in self.definition.descriptors:
+            self.health.set(d.full_name, status)
+
+    def start(self) -> "RunningServer":
+        self.server.start()
+        log.info("listening", extra={"service": self.definition.name, "address": self.address})
+        threading.Thread(target=self._warm_up, name=f"{self.definition.name}-warmup", daemon=True).start()
+        return self
+
+    def _warm_up(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.definition.warm_up()
+            except Exception as exc:  # the service stays NOT_SERVING and says why
+                log.error(
+                    "warm-up failed; staying NOT_SERVING",
+                    extra={"service": self.definition.name, "error": str(exc), "retry_s": WARM_UP_RETRY_S},
+                )
+                self._stopping.wait(WARM_UP_RETRY_S)
+                continue
+            if not self._stopping.is_set():
+                self._set_status(health_pb2.HealthCheckResponse.SERVING)
+                self.ready.set()
+                log.info("serving", extra={"service": self.definition.name, **self.definition.details})
+            return
+
+    def stop(self, grace: float | None = None) -> None:
+        """Turns health NOT_SERVING, lets in-flight RPCs finish, then stops."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.settings.server.drain_seconds if grace is None else grace
+        log.info("draining", extra={"service": self.definition.name, "grace_s": grace})
+        self.server.stop(grace).wait()
+        self.definition.close()
+        log.info("stopped", extra={"service": self.definition.name})
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def run_until_signal(running: RunningServer) -> None:
+    """Blocks until SIGTERM or SIGINT, then drains and stops."""
+    done = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("signal received", extra={"signal": signal.Signals(signum).name})
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    running.start()
+    done.wait()
+    running.stop()

@@ -1,0 +1,214 @@
+"""The one server interceptor: request id, authentication, role and tenant authorisation,
+error mapping, metrics and the access log, in that order, for every RPC but health checks."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Callable, Iterable, Iterator
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from services.common import context, errors, metrics
+from services.common.api.v1 import common_pb2
+from services.common.server.auth import Authenticator
+
+log = logging.getLogger("biogate.rpc")
+
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+# Reflection is open to any authenticated caller, whatever its roles.
+ANY_ROLE_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+
+
+def roles_by_method(services: Iterable[ServiceDescriptor]) -> dict[str, frozenset[str]]:
+    """Reads the `allowed_roles` option of every method: {"/pkg.Service/Method": {"verifier", ...}}."""
+    table = {}
+    for service in services:
+        for method in service.methods:
+            roles = method.GetOptions().Extensions[common_pb2.allowed_roles]
+            names = {common_pb2.Role.Name(r).removeprefix("ROLE_").lower() for r in roles}
+            table[f"/{service.full_name}/{method.name}"] = frozenset(names)
+    return table
+
+
+def tenant_of(request: Any) -> str | None:
+    """The tenant a request acts on, where the message names one directly."""
+    for path in (("subject", "tenant_id"), ("tenant_id",), ("consent", "subject", "tenant_id"), ("header", "subject", "tenant_id")):
+        obj = request
+        for name in path:
+            if not hasattr(obj, name):
+                break
+            obj = getattr(obj, name)
+        else:
+            return obj or None
+    return None
+
+
+class ServerInterceptor(grpc.ServerInterceptor):
+    def __init__(self, service: str, authenticator: Authenticator, roles: dict[str, frozenset[str]]) -> None:
+        self.service = service
+        self.authenticator = authenticator
+        self.roles = roles
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(UNAUTHENTICATED_PREFIXES):
+            return handler
+        short = method.rsplit("/", 1)[-1]
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, short, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._stream_in(method, short, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream_out(method, short, handler.unary_stream, unary_in=True),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._stream_out(method, short, handler.stream_stream, unary_in=False),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    # --- wrappers -------------------------------------------------------------------------
+
+    def _unary(self, method: str, short: str, behavior: Callable) -> Callable:
+        def wrapped(request, ctx):
+            with _Call(self, method, short, ctx) as call:
+                call.authorise()
+                call.check_tenant(request)
+                return behavior(request, ctx)
+            return None  # reached only after an abort; never sent
+
+        return wrapped
+
+    def _stream_in(self, method: str, short: str, behavior: Callable) -> Callable:
+        def wrapped(request_iterator, ctx):
+            with _Call(self, method, short, ctx) as call:
+                call.authorise()
+                return behavior(call.checked_stream(request_iterator), ctx)
+            return None
+
+        return wrapped
+
+    def _stream_out(self, method: str, short: str, behavior: Callable, unary_in: bool) -> Callable:
+        def wrapped(request, ctx):
+            with _Call(self, method, short, ctx) as call:
+                call.authorise()
+                if unary_in:
+                    call.check_tenant(request)
+                else:
+                    request = call.checked_stream(request)
+                yield from behavior(request, ctx)
+
+        return wrapped
+
+    def authorise(self, method: str, ctx: grpc.ServicerContext) -> context.Principal:
+        principal = self.authenticator.authenticate(ctx)
+        if principal is None:
+            raise errors.unauthenticated(
+                "missing or unknown credentials: send 'authorization: Bearer <token>' metadata "
+                "or a client certificate the server knows"
+            )
+        if method.startswith(ANY_ROLE_PREFIXES):
+            return principal
+        allowed = self.roles.get(method)
+        if allowed is None:
+            raise errors.permission_denied(f"{method} is not open to any role")
+        if not principal.roles & allowed:
+            raise errors.permission_denied(
+                f"caller '{principal.name}' lacks a role for {method}; allowed roles: {', '.join(sorted(allowed))}",
+                reason="ROLE_NOT_ALLOWED",
+            )
+        return principal
+
+
+class _Call:
+    """One RPC's bookkeeping; as a context manager it maps exceptions to statuses."""
+
+    def __init__(self, owner: ServerInterceptor, method: str, short: str, ctx: grpc.ServicerContext) -> None:
+        self.owner, self.method, self.short, self.ctx = owner, method, short, ctx
+        self.principal: context.Principal | None = None
+
+    def __enter__(self) -> "_Call":
+        meta = dict(self.ctx.invocation_metadata())
+        rid = meta.get("x-request-id", "")[:64] or uuid.uuid4().hex
+        self._tokens = (context.request_id.set(rid), context.principal.set(None))
+        self.ctx.send_initial_metadata((("x-request-id", rid),))
+        self.start = time.perf_counter()
+        metrics.RPC_IN_FLIGHT.labels(self.owner.service).inc()
+        return self
+
+    def authorise(self) -> None:
+        remaining = self.ctx.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline expired before handling")
+        self.principal = self.owner.authorise(self.method, self.ctx)
+        context.principal.set(self.principal)
+
+    def check_tenant(self, request: Any) -> None:
+        tenant = tenant_of(request)
+        if tenant and self.principal and not self.principal.may_act_for(tenant):
+            raise errors.permission_denied(
+                f"caller '{self.principal.name}' may not act for tenant '{tenant}'", reason="TENANT_NOT_ALLOWED"
+            )
+
+    def checked_stream(self, requests: Iterator) -> Iterator:
+        for request in requests:
+            self.check_tenant(request)
+            yield request
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        code = _code_of(self.ctx)
+        try:
+            if exc is None or isinstance(exc, GeneratorExit):
+                return False
+            if isinstance(exc, errors.ServiceError):
+                code = exc.code
+                self.ctx.abort_with_status(exc.to_status())
+            if isinstance(exc, NotImplementedError):
+                code = grpc.StatusCode.UNIMPLEMENTED
+                self.ctx.abort(code, f"{self.method} is not implemented by this server version")
+            if code != grpc.StatusCode.OK:  # the handler set its status and aborted itself
+                return False
+            code = grpc.StatusCode.INTERNAL
+            log.error("unhandled error", exc_info=(exc_type, exc, tb), extra={"rpc": self.short})
+            self.ctx.abort(code, f"internal error; quote request id {context.request_id.get()} to support")
+        finally:
+            self._finish(code)
+        return False
+
+    def _finish(self, code: grpc.StatusCode) -> None:
+        elapsed = time.perf_counter() - self.start
+        service = self.owner.service
+        metrics.RPC_IN_FLIGHT.labels(service).dec()
+        metrics.RPC_TOTAL.labels(service, self.short, code.name).inc()
+        metrics.RPC_SECONDS.labels(service, self.short).observe(elapsed)
+        log.info(
+            "rpc",
+            extra={
+                "rpc": self.short,
+                "code": code.name,
+                "ms": round(elapsed * 1000, 2),
+                "principal": self.principal.name if self.principal else None,
+            },
+        )
+        for var, token in zip((context.request_id, context.principal), self._tokens):
+            var.reset(token)
+
+
+def _code_of(ctx: grpc.ServicerContext) -> grpc.StatusCode:
+    code = ctx.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
