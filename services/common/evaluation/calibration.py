@@ -1,0 +1,259 @@
+"""Score calibration: thresholds for target FMRs and score -> log-likelihood-ratio maps.
+
+A calibration *record* is a plain dict in the shape of the model manifest's ``calibration``
+section (``services.common.models.calibration.CalibrationRecord``, one per model and channel)::
+
+    {
+      "dataset": "fixtures/trials_face.csv",
+      "trials": {"genuine": 100, "impostor": 157},
+      "operating_points": [                     # accept when score >= threshold
+        {"target_fmr": 0.001, "threshold": 0.4123, "fmr": 0.0, "fnmr": 0.03},
+      ],
+      "llr": {"kind": "logistic", "a": 12.1, "b": -4.2},   # LLR = a * score + b, natural log
+          # or {"kind": "pav", "scores": [...], "llrs": [...]}: linear interpolation between the
+          #    table's points, constant beyond its ends
+      "score": "cosine",
+      "date": "2025-01-31",
+      "tool_version": "biogate calibrate 0.1.0",
+    }
+
+For presentation-attack detectors the same shape holds with FMR read as APCER (the strict
+maximum over attack types) and FNMR as BPCER; "genuine" counts bona fide presentations.
+Thresholds follow :mod:`.metrics`: a match is ``score >= threshold``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from importlib import metadata
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+
+from .metrics import FloatArray, as_scores, error_rates, threshold_at_rate
+
+LLR_KINDS = ("logistic", "pav")
+
+
+def fit_thresholds(
+    impostor: ArrayLike | Mapping[str, ArrayLike], target_fmrs: Iterable[float]
+) -> dict[float, float]:
+    """For each target FMR, the lowest threshold whose FMR does not exceed it.
+
+    ``impostor`` may be a mapping of attack type -> scores: then every type's rate must stay
+    within the target (APCER_max, ISO/IEC 30107-3).
+    """
+    groups = impostor if isinstance(impostor, Mapping) else {"": impostor}
+    if not groups:
+        raise ValueError("impostor: no attack types")
+    arrays = [as_scores(v, f"impostor[{k!r}]" if k else "impostor") for k, v in groups.items()]
+    out = {}
+    for t in target_fmrs:
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"target FMR must be in (0, 1), got {t}")
+        out[float(t)] = max(threshold_at_rate(a, t) for a in arrays)
+    return out
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def _prior_weights(n_genuine: int, n_impostor: int, prior: float) -> tuple[float, float]:
+    """Per-trial weights giving the classes total weights prior * N and (1 - prior) * N."""
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"prior must be in (0, 1), got {prior}")
+    n = n_genuine + n_impostor
+    return prior * n / n_genuine, (1.0 - prior) * n / n_impostor
+
+
+def fit_logistic(
+    genuine: ArrayLike, impostor: ArrayLike, prior: float = 0.5, C: float = 1e4
+) -> dict[str, Any]:
+    """Linear LLR map by prior-weighted logistic regression: LLR = a * score + b.
+
+    The classes are weighted so that the effective target prior is ``prior``; the prior log odds
+    are then subtracted from the fitted log odds, leaving a likelihood ratio. Scores are
+    standardised before fitting and a weak L2 penalty (``C``) keeps the slope finite when the
+    classes are separable.
+    """
+    g, i = as_scores(genuine, "genuine"), as_scores(impostor, "impostor")
+    x = np.concatenate([g, i])
+    y = np.concatenate([np.ones(g.size), np.zeros(i.size)])
+    wg, wi = _prior_weights(g.size, i.size, prior)
+    w = np.concatenate([np.full(g.size, wg), np.full(i.size, wi)])
+    mu, sd = float(x.mean()), float(x.std())
+    if sd == 0.0:
+        # Every score identical: the scores carry no evidence.
+        return {"kind": "logistic", "a": 0.0, "b": 0.0}
+    model = LogisticRegression(C=C, solver="lbfgs", max_iter=1000)
+    model.fit(((x - mu) / sd).reshape(-1, 1), y, sample_weight=w)
+    a_z, c_z = float(model.coef_[0, 0]), float(model.intercept_[0])
+    a = a_z / sd
+    b = c_z - a_z * mu / sd - _logit(prior)
+    return {"kind": "logistic", "a": a, "b": b}
+
+
+def _pav_levels(
+    genuine: FloatArray, impostor: FloatArray, prior: float
+) -> tuple[FloatArray, FloatArray]:
+    """Distinct training scores (ascending) and their PAV posterior at ``prior``."""
+    x = np.concatenate([genuine, impostor])
+    y = np.concatenate([np.ones(genuine.size), np.zeros(impostor.size)])
+    wg, wi = _prior_weights(genuine.size, impostor.size, prior)
+    w = np.concatenate([np.full(genuine.size, wg), np.full(impostor.size, wi)])
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    iso.fit(x, y, sample_weight=w)
+    xs = np.unique(x)
+    return xs, np.clip(iso.predict(xs), 0.0, 1.0)
+
+
+def _posterior_to_llr(p: FloatArray, prior: float) -> FloatArray:
+    with np.errstate(divide="ignore"):
+        return np.log(p) - np.log1p(-p) - _logit(prior)
+
+
+def fit_pav(genuine: ArrayLike, impostor: ArrayLike, prior: float = 0.5) -> dict[str, Any]:
+    """Non-parametric LLR map by pool-adjacent-violators (isotonic regression), as a table.
+
+    The table keeps the first and last score of every PAV bin. Bins holding one class only would
+    have infinite LLRs; they are clipped to +log(N_impostor + 1) and -log(N_genuine + 1), the most
+    evidence that many trials of the other class could have refuted.
+    """
+    g, i = as_scores(genuine, "genuine"), as_scores(impostor, "impostor")
+    xs, p = _pav_levels(g, i, prior)
+    llr = np.clip(_posterior_to_llr(p, prior), -math.log(g.size + 1), math.log(i.size + 1))
+    keep = np.ones(xs.size, dtype=bool)
+    # Drop points strictly inside a run of equal LLRs: interpolation over them changes nothing.
+    keep[1:-1] = ~((llr[1:-1] == llr[:-2]) & (llr[1:-1] == llr[2:]))
+    return {"kind": "pav", "scores": xs[keep].tolist(), "llrs": llr[keep].tolist()}
+
+
+def fit_llr(
+    genuine: ArrayLike, impostor: ArrayLike, kind: str = "logistic", prior: float = 0.5
+) -> dict[str, Any]:
+    if kind == "logistic":
+        return fit_logistic(genuine, impostor, prior)
+    if kind == "pav":
+        return fit_pav(genuine, impostor, prior)
+    raise ValueError(f"unknown LLR map kind {kind!r}; expected one of {LLR_KINDS}")
+
+
+def apply_llr(calibration: Mapping[str, Any], score: ArrayLike) -> Any:
+    """LLR (natural log) of ``score`` under a calibration record or its ``llr`` map.
+
+    Returns a float for a scalar score, an array for an array of scores.
+    """
+    m = calibration["llr"] if "operating_points" in calibration else calibration
+    if m is None:
+        raise ValueError("the calibration record has no LLR map")
+    s = np.asarray(score, dtype=np.float64)
+    kind = m.get("kind")
+    if kind == "logistic":
+        out = float(m["a"]) * s + float(m["b"])
+    elif kind == "pav":
+        xs = np.asarray(m["scores"], dtype=np.float64)
+        ys = np.asarray(m["llrs"], dtype=np.float64)
+        if xs.size == 0 or xs.size != ys.size or np.any(np.diff(xs) < 0):
+            raise ValueError("pav map: 'scores' must be non-empty, ascending, as long as 'llrs'")
+        out = np.interp(s, xs, ys)
+    else:
+        raise ValueError(f"unknown LLR map kind {kind!r}; expected one of {LLR_KINDS}")
+    return float(out) if out.ndim == 0 else out
+
+
+def cllr(genuine_llr: ArrayLike, impostor_llr: ArrayLike) -> float:
+    """Log-likelihood-ratio cost in bits (Brümmer): 0 is perfect, 1 is an LLR of 0 everywhere."""
+    g = np.asarray(genuine_llr, dtype=np.float64).reshape(-1)
+    i = np.asarray(impostor_llr, dtype=np.float64).reshape(-1)
+    if g.size == 0 or i.size == 0:
+        raise ValueError("cllr: both classes need at least one LLR")
+    cost = np.mean(np.logaddexp(0.0, -g)) + np.mean(np.logaddexp(0.0, i))
+    return float(cost / (2.0 * math.log(2.0)))
+
+
+def min_cllr(genuine: ArrayLike, impostor: ArrayLike) -> float:
+    """Cllr after the best monotone recalibration (PAV at prior 0.5, no clipping): discrimination only."""
+    g, i = as_scores(genuine, "genuine"), as_scores(impostor, "impostor")
+    xs, p = _pav_levels(g, i, 0.5)
+    llr = _posterior_to_llr(p, 0.5)
+    lookup = dict(zip(xs.tolist(), llr.tolist()))
+    return cllr([lookup[v] for v in g.tolist()], [lookup[v] for v in i.tolist()])
+
+
+def tool_version() -> str:
+    try:
+        version = metadata.version("biogate")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"biogate calibrate {version}"
+
+
+def calibration_record(
+    genuine: ArrayLike,
+    impostor: ArrayLike | Mapping[str, ArrayLike],
+    *,
+    target_fmrs: Iterable[float],
+    dataset: str,
+    llr_kind: str | None = "logistic",
+    score_name: str = "cosine",
+    prior: float = 0.5,
+    genuine_failures: int = 0,
+    date: _dt.date | None = None,
+) -> dict[str, Any]:
+    """Fit thresholds (and an LLR map unless ``llr_kind`` is None) into a manifest record.
+
+    ``impostor`` may map attack types to scores (PAD). Failed genuine trials count in the FNMR
+    reported for each operating point, not in the fits.
+    """
+    groups = impostor if isinstance(impostor, Mapping) else {"": impostor}
+    g = as_scores(genuine, "genuine")
+    arrays = {k: as_scores(v, f"impostor[{k!r}]" if k else "impostor") for k, v in groups.items()}
+    if not arrays:
+        raise ValueError("impostor: no attack types")
+    pooled = np.concatenate(list(arrays.values()))
+    points = []
+    for target, t in fit_thresholds(arrays, target_fmrs).items():
+        fmr = max(float(np.count_nonzero(a >= t) / a.size) for a in arrays.values())
+        fnmr = error_rates(g, pooled, t, genuine_failures).fnmr
+        points.append({"target_fmr": target, "threshold": t, "fmr": fmr, "fnmr": fnmr})
+    record: dict[str, Any] = {
+        "dataset": dataset,
+        "trials": {"genuine": int(g.size + genuine_failures), "impostor": int(pooled.size)},
+        "operating_points": points,
+    }
+    if llr_kind is not None:
+        llr = fit_llr(g, pooled, llr_kind, prior)
+        _check_llr_map(llr)
+        record["llr"] = llr
+    record |= {
+        "score": score_name,
+        "date": (date or _dt.date.today()).isoformat(),
+        "tool_version": tool_version(),
+    }
+    return record
+
+
+def _check_llr_map(llr: Mapping[str, Any]) -> None:
+    # The manifest refuses maps that carry no evidence; say why here, where it is known.
+    if llr["kind"] == "logistic" and not llr["a"] > 0:
+        raise ValueError(
+            f"fitted LLR slope a={llr['a']:.4g} is not positive: the scores do not rank genuine"
+            " above impostor trials, so no LLR map can be calibrated from them"
+        )
+    if llr["kind"] == "pav" and len(llr["scores"]) < 2:
+        raise ValueError("PAV map has a single point: every score is the same")
+
+
+def threshold_for(record: Mapping[str, Any], target_fmr: float) -> float:
+    """The record's threshold for ``target_fmr``; KeyError naming the calibrated targets if absent."""
+    points = record["operating_points"]
+    for p in points:
+        if abs(p["target_fmr"] - target_fmr) <= 1e-12 * max(1.0, target_fmr):
+            return float(p["threshold"])
+    known = ", ".join(format(p["target_fmr"], "g") for p in points)
+    raise KeyError(f"no operating point for target FMR {target_fmr:g} (calibrated: {known})")
