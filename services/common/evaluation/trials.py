@@ -1,0 +1,173 @@
+"""Trial lists: the fixtures' CSV files as typed records, and all-pairs trials from MANIFEST.csv.
+
+File paths in the CSV files are relative to the fixtures root (the folder holding MANIFEST.csv).
+An ``enroll`` cell may name several files separated by ``;`` (a multi-sample enrolment).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+UNKNOWN_IDENTITIES = frozenset({"", "unknown"})
+UNSPECIFIED_ATTACK = "unspecified"
+
+
+@dataclass(frozen=True)
+class VerificationTrial:
+    enroll: tuple[Path, ...]
+    probe: Path
+    target: bool  # same identity
+    trial_type: str  # e.g. "genuine", "impostor_same_source"
+    enroll_identity: str = ""
+    probe_identity: str = ""
+
+
+@dataclass(frozen=True)
+class PadSample:
+    path: Path
+    bonafide: bool
+    attack_type: str  # "" for bona fide presentations
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    path: Path
+    modality: str
+    tasks: frozenset[str]  # "verification+pad" -> {"verification", "pad"}
+    identity: str
+    presentation: str  # "genuine" or "spoof"
+    attack_type: str
+
+
+def _rows(csv_path: Path, required: Iterable[str]) -> list[tuple[int, dict[str, str]]]:
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = set(required) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{csv_path}: missing columns {sorted(missing)}")
+        return [(n, row) for n, row in enumerate(reader, start=2)]
+
+
+def _resolve(root: Path, rel: str, where: str, check_exists: bool) -> Path:
+    rel = rel.strip()
+    if not rel:
+        raise ValueError(f"{where}: empty path")
+    path = root / rel
+    if check_exists and not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file {path}")
+    return path
+
+
+def _flag(value: str, where: str) -> bool:
+    if value.strip() not in ("0", "1"):
+        raise ValueError(f"{where}: expected 0 or 1, got {value!r}")
+    return value.strip() == "1"
+
+
+def read_trials(
+    csv_path: str | Path, root: str | Path | None = None, check_exists: bool = True
+) -> list[VerificationTrial]:
+    """Verification trials in file order. ``root`` defaults to the CSV's folder."""
+    csv_path = Path(csv_path)
+    root = Path(root) if root is not None else csv_path.parent
+    trials = []
+    for n, row in _rows(csv_path, ("enroll", "probe", "target")):
+        where = f"{csv_path}:{n}"
+        enroll = tuple(
+            _resolve(root, p, where, check_exists) for p in row["enroll"].split(";") if p.strip()
+        )
+        if not enroll:
+            raise ValueError(f"{where}: empty enroll")
+        target = _flag(row["target"], f"{where} target")
+        ei, pi = (row.get("enroll_identity") or "").strip(), (row.get("probe_identity") or "").strip()
+        if ei and pi and (ei == pi) != target:
+            raise ValueError(f"{where}: target={int(target)} but identities {ei!r} and {pi!r}")
+        trials.append(
+            VerificationTrial(
+                enroll=enroll,
+                probe=_resolve(root, row["probe"], where, check_exists),
+                target=target,
+                trial_type=(row.get("trial_type") or ("genuine" if target else "impostor")).strip(),
+                enroll_identity=ei,
+                probe_identity=pi,
+            )
+        )
+    return trials
+
+
+def read_pad(
+    csv_path: str | Path, root: str | Path | None = None, check_exists: bool = True
+) -> list[PadSample]:
+    """PAD presentations in file order; an attack with no type gets ``UNSPECIFIED_ATTACK``."""
+    csv_path = Path(csv_path)
+    root = Path(root) if root is not None else csv_path.parent
+    samples = []
+    for n, row in _rows(csv_path, ("path", "label")):
+        where = f"{csv_path}:{n}"
+        label = row["label"].strip().lower()
+        if label not in ("bonafide", "spoof", "attack"):
+            raise ValueError(f"{where}: label must be bonafide, spoof or attack, got {label!r}")
+        bonafide = label == "bonafide"
+        attack_type = "" if bonafide else ((row.get("attack_type") or "").strip() or UNSPECIFIED_ATTACK)
+        samples.append(PadSample(_resolve(root, row["path"], where, check_exists), bonafide, attack_type))
+    return samples
+
+
+def read_manifest(
+    root: str | Path, name: str = "MANIFEST.csv", check_exists: bool = True
+) -> list[ManifestEntry]:
+    root = Path(root)
+    entries = []
+    required = ("path", "modality", "task", "identity", "presentation")
+    for n, row in _rows(root / name, required):
+        where = f"{root / name}:{n}"
+        entries.append(
+            ManifestEntry(
+                path=_resolve(root, row["path"], where, check_exists),
+                modality=row["modality"].strip(),
+                tasks=frozenset(t.strip() for t in row["task"].split("+") if t.strip()),
+                identity=row["identity"].strip(),
+                presentation=row["presentation"].strip(),
+                attack_type=(row.get("attack_type") or "").strip(),
+            )
+        )
+    return entries
+
+
+def all_pairs(
+    entries: Iterable[ManifestEntry],
+    modality: str,
+    task: str = "verification",
+    presentation: str = "genuine",
+) -> list[VerificationTrial]:
+    """Every unordered pair of matching entries with a known identity, as trials.
+
+    Entries are sorted by path; pair (a, b) with a before b enrols a and probes b, and the pairs
+    come in lexicographic order, so the list is the same on every run.
+    """
+    chosen = sorted(
+        (
+            e
+            for e in entries
+            if e.modality == modality
+            and task in e.tasks
+            and e.presentation == presentation
+            and e.identity not in UNKNOWN_IDENTITIES
+        ),
+        key=lambda e: str(e.path),
+    )
+    return [
+        VerificationTrial(
+            enroll=(a.path,),
+            probe=b.path,
+            target=a.identity == b.identity,
+            trial_type="genuine" if a.identity == b.identity else "impostor",
+            enroll_identity=a.identity,
+            probe_identity=b.identity,
+        )
+        for a, b in itertools.combinations(chosen, 2)
+    ]
