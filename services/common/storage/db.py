@@ -1,0 +1,302 @@
+"""Connections and transactions for SQLite and PostgreSQL behind one small interface.
+
+Repositories write SQL once, with ``?`` placeholders, and run it on a :class:`Session`; the
+session translates placeholders and values for its dialect. A write transaction opened with
+:meth:`Database.transaction` is ambient for the current thread (or asyncio task): every
+repository call made inside it joins it instead of opening its own.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import queue
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import StorageError
+
+# SQLite has no timestamp type: UTC text of fixed width, so that text order is time order.
+_SQLITE_TS = "%Y-%m-%d %H:%M:%S.%f+00:00"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def from_json(value: Any) -> Any:
+    """JSON column value: text from SQLite, already decoded from PostgreSQL's jsonb."""
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def from_ts(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.astimezone(timezone.utc)
+
+
+class Dialect:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @functools.lru_cache(maxsize=512)
+    def sql(self, query: str) -> str:
+        if self.name == "sqlite":
+            return query
+        return query.replace("%", "%%").replace("?", "%s")
+
+    def value(self, v: Any) -> Any:
+        if isinstance(v, datetime):
+            if v.tzinfo is None:
+                raise ValueError("naive datetime given to the storage; use a timezone-aware UTC time")
+            v = v.astimezone(timezone.utc)
+            return v.strftime(_SQLITE_TS) if self.name == "sqlite" else v
+        if isinstance(v, (dict, list, tuple)):
+            return to_json(v)
+        return v
+
+
+SQLITE = Dialect("sqlite")
+POSTGRES = Dialect("postgres")
+
+
+class Session:
+    """One connection inside one transaction: the only object repositories run SQL on."""
+
+    def __init__(self, conn: Any, dialect: Dialect) -> None:
+        self._conn = conn
+        self.dialect = dialect
+
+    def execute(self, query: str, params: Sequence[Any] = ()) -> Any:
+        return self._conn.execute(self.dialect.sql(query), [self.dialect.value(p) for p in params])
+
+    def one(self, query: str, params: Sequence[Any] = ()) -> Any:
+        rows = self.execute(query, params).fetchall()
+        return rows[0] if rows else None
+
+    def all(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self.execute(query, params).fetchall()
+
+    def count(self, query: str, params: Sequence[Any] = ()) -> int:
+        """Rows changed by an INSERT, UPDATE or DELETE."""
+        return self.execute(query, params).rowcount
+
+    def script(self, sql: str) -> None:
+        """Run a migration file: several statements, no parameters."""
+        if self.dialect.name != "sqlite":
+            self._conn.execute(sql)
+            return
+        # executescript() would COMMIT first; run the statements one by one inside the transaction.
+        stmt = ""
+        for line in sql.splitlines(keepends=True):
+            stmt += line
+            if sqlite3.complete_statement(stmt):
+                self._conn.execute(stmt)
+                stmt = ""
+        if stmt.strip() and not all(
+            ln.strip().startswith("--") or not ln.strip() for ln in stmt.splitlines()
+        ):
+            raise StorageError(f"unterminated SQL statement in migration: {stmt[:80]!r}")
+
+
+class Database(ABC):
+    dialect: Dialect
+
+    def __init__(self) -> None:
+        self._active: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
+            f"biogate_storage_tx_{id(self)}", default=None
+        )
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Session]:
+        """A transaction, or the ambient one when this thread is already inside a write transaction.
+
+        Write transactions are serialised against other writers on SQLite (BEGIN IMMEDIATE), so a
+        read-then-write inside one never fails on a lock upgrade.
+        """
+        active = self._active.get()
+        if active is not None:
+            yield active
+            return
+        with self._begin(write) as session:
+            if not write:
+                yield session
+                return
+            token = self._active.set(session)
+            try:
+                yield session
+            finally:
+                self._active.reset(token)
+
+    def read(self) -> Any:
+        return self.transaction(write=False)
+
+    def in_transaction(self) -> bool:
+        return self._active.get() is not None
+
+    @abstractmethod
+    def _begin(self, write: bool) -> Any: ...
+
+    @abstractmethod
+    def lock(self, session: Session, name: str) -> None:
+        """Serialise this transaction against others taking the same lock, until it ends."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class SqliteDatabase(Database):
+    dialect = SQLITE
+
+    def __init__(self, path: Path, pool_size: int, timeout_s: float, synchronous: str) -> None:
+        super().__init__()
+        self.path = path
+        self._timeout_s = timeout_s
+        self._synchronous = synchronous
+        self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(pool_size)
+        self._closed = False
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            str(self.path), timeout=self._timeout_s, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self._timeout_s * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            conn.close()
+            raise StorageError(f"SQLite at {self.path} refused WAL mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    @contextmanager
+    def _begin(self, write: bool) -> Iterator[Session]:
+        if self._closed:
+            raise StorageError("storage is closed")
+        if not self._slots.acquire(timeout=self._timeout_s):
+            raise StorageError("no free SQLite connection within the timeout")
+        conn: sqlite3.Connection | None = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield Session(conn, self.dialect)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite error: {exc}") from exc
+        finally:
+            if conn is not None:
+                if self._closed or conn.in_transaction:
+                    conn.close()
+                else:
+                    self._idle.put(conn)
+            self._slots.release()
+
+    def lock(self, session: Session, name: str) -> None:
+        pass  # BEGIN IMMEDIATE already holds the database's single write lock
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+class PostgresDatabase(Database):
+    dialect = POSTGRES
+
+    def __init__(self, dsn: str, pool_size: int, timeout_s: float) -> None:
+        super().__init__()
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self._psycopg = psycopg
+        self._pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=pool_size,
+            timeout=timeout_s,
+            kwargs={"autocommit": True},
+            open=False,
+            name="biogate-storage",
+        )
+        try:
+            self._pool.open(wait=True, timeout=timeout_s)
+        except Exception as exc:
+            self._pool.close()
+            raise StorageError(f"cannot connect to PostgreSQL: {exc}") from exc
+
+    @contextmanager
+    def _begin(self, write: bool) -> Iterator[Session]:
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield Session(conn, self.dialect)
+        except self._psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL error: {exc}") from exc
+        except Exception as exc:
+            from psycopg_pool import PoolTimeout
+
+            if isinstance(exc, PoolTimeout):
+                raise StorageError(f"no free PostgreSQL connection: {exc}") from exc
+            raise
+
+    def lock(self, session: Session, name: str) -> None:
+        # Keyed by schema too, so that separate schemas (tests, tenants) never wait on each other.
+        session.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()), hashtext(?))", (name,))
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class Repository:
+    """Base of the SQL repositories: the database, and the statements every one of them needs."""
+
+    table: str  # the table holding the repository's per-subject rows
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def delete_for_subject(self, tenant_id: str, subject_id: str) -> int:
+        with self._db.transaction() as s:
+            return s.count(
+                f"DELETE FROM {self.table} WHERE tenant_id = ? AND subject_id = ?",
+                (tenant_id, subject_id),
+            )
+
+    def _update_one(self, query: str, params: Sequence[Any]) -> bool:
+        """Run a conditional UPDATE; True when it changed the row (compare-and-swap)."""
+        with self._db.transaction() as s:
+            return s.count(query, params) == 1
+
+    def _swap_envelope(
+        self, query: str, params: tuple[Any, ...], column: str, expected: bytes | None
+    ) -> bool:
+        """Envelope compare-and-swap on key id, and on the old envelope's bytes when given."""
+        if expected is not None:
+            query += f" AND {column} = ?"
+            params += (expected,)
+        return self._update_one(query, params)

@@ -1,0 +1,367 @@
+"""What the storage layer stores (frozen record types) and the repository interfaces (Protocols).
+
+Services depend on these names only; :func:`services.common.storage.open_storage` returns an
+object satisfying :class:`Storage`. Every timestamp is a timezone-aware UTC ``datetime``. Binary
+secrets (template and phone envelopes) are encrypted by the caller: the storage never sees
+plaintext biometric data or phone numbers.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from .db import utcnow
+
+Modality = Literal["face", "voice"]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def new_nonce() -> str:
+    return secrets.token_urlsafe(24)
+
+
+# --- records -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TemplateRecord:
+    tenant_id: str
+    subject_id: str
+    modality: Modality
+    model_id: str
+    channel: str  # '' for face; 'wideband' or 'telephone' for voice
+    envelope: bytes
+    key_id: str
+    samples: int
+    quality: Mapping[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=new_id)
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    """Mirrors biogate.v1.Consent; purpose is e.g. 'biometric_verification'."""
+
+    tenant_id: str
+    subject_id: str
+    purpose: str
+    modalities: tuple[Modality, ...]
+    policy_version: str
+    evidence_ref: str = ""
+    granted: bool = True
+    recorded_at: datetime = field(default_factory=utcnow)
+    withdrawn_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PhoneRecord:
+    tenant_id: str
+    subject_id: str
+    envelope: bytes
+    key_id: str
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    tenant_id: str
+    subject_id: str
+    fingerprint: str  # a hash of the device's attributes, never the raw identifiers
+    public_key: bytes | None = None  # DER SubjectPublicKeyInfo
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+    platform: str = ""
+    id: str = field(default_factory=new_id)
+    bound_at: datetime = field(default_factory=utcnow)
+    last_seen_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class OtpRecord:
+    session_id: str
+    tenant_id: str
+    subject_id: str
+    code_hash: str
+    expires_at: datetime
+    max_attempts: int = 3
+    attempts: int = 0
+    id: str = field(default_factory=new_id)
+    sent_at: datetime = field(default_factory=utcnow)
+    consumed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AuthSessionRecord:
+    tenant_id: str
+    subject_id: str
+    state: Mapping[str, Any]
+    expires_at: datetime
+    id: str = field(default_factory=new_id)
+    created_at: datetime = field(default_factory=utcnow)
+    version: int = 1
+
+
+@dataclass(frozen=True)
+class ChallengeRecord:
+    tenant_id: str
+    subject_id: str  # '' when the challenge is not bound to a subject (1:N identification)
+    kind: str  # e.g. 'liveness', 'digits'
+    payload: Mapping[str, Any]
+    expires_at: datetime
+    nonce: str = field(default_factory=new_nonce)
+    created_at: datetime = field(default_factory=utcnow)
+    consumed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    seq: int
+    ts: datetime
+    event_type: str
+    actor: str
+    tenant_id: str | None
+    subject_pseudonym: str | None
+    details: str  # JSON text, stored byte for byte (the hash covers it)
+    prev_hash: str | None
+    hash: str
+
+
+@dataclass(frozen=True)
+class AuditCheckpoint:
+    seq: int
+    hash: str
+    signature: bytes
+    key_id: str
+    ts: datetime
+
+
+@dataclass(frozen=True)
+class AuditHead:
+    seq: int
+    hash: str
+    signature: bytes
+    key_id: str
+
+
+@dataclass(frozen=True)
+class AuditAppend:
+    """What an audit builder returns: the row, and optionally the new head and a checkpoint."""
+
+    row: AuditRow
+    head: AuditHead | None = None
+    checkpoint: AuditCheckpoint | None = None
+
+
+@dataclass(frozen=True)
+class ErasureCounts:
+    templates: int
+    devices: int
+    otp: int
+    sessions: int
+    challenges: int
+    consents: int
+    contact_erased: bool
+
+
+# --- repositories --------------------------------------------------------------------------------
+
+
+class TemplateRepository(Protocol):
+    def put(self, rec: TemplateRecord, replace: bool = False) -> TemplateRecord:
+        """Insert, or with replace=True overwrite the envelope of the same (tenant, subject,
+        modality, model, channel), keeping its id and created_at. Raises AlreadyExistsError."""
+
+    def get(
+        self, tenant_id: str, subject_id: str, modality: Modality, model_id: str, channel: str = ""
+    ) -> TemplateRecord | None: ...
+
+    def list_for_subject(
+        self, tenant_id: str, subject_id: str, modality: Modality | None = None
+    ) -> list[TemplateRecord]: ...
+
+    def iter_gallery(
+        self, tenant_id: str, modality: Modality, model_id: str, channel: str = "", batch: int = 1000
+    ) -> Iterator[list[TemplateRecord]]:
+        """Every template of a gallery in batches, each read on its own (no long transaction)."""
+
+    def count_gallery(
+        self, tenant_id: str, modality: Modality, model_id: str, channel: str = ""
+    ) -> int: ...
+
+    def delete_for_subject(
+        self, tenant_id: str, subject_id: str, modality: Modality | None = None
+    ) -> int: ...
+
+    def iter_for_rewrap(
+        self, exclude_key_id: str, batch: int, after_id: str = ""
+    ) -> list[TemplateRecord]:
+        """Up to `batch` templates not wrapped with `exclude_key_id`, ordered by id after `after_id`."""
+
+    def replace_envelope(
+        self,
+        id: str,
+        expected_key_id: str,
+        new_envelope: bytes,
+        new_key_id: str,
+        expected_envelope: bytes | None = None,
+    ) -> bool:
+        """Compare-and-swap: False when the row is gone or no longer under expected_key_id
+        (and, when given, no longer holds expected_envelope)."""
+
+
+class SubjectRepository(Protocol):
+    def record_consent(self, consent: ConsentRecord) -> ConsentRecord:
+        """The consent for (tenant, subject, purpose), replacing the previous one."""
+
+    def withdraw_consent(
+        self, tenant_id: str, subject_id: str, purpose: str, now: datetime | None = None
+    ) -> ConsentRecord | None: ...
+
+    def get_consents(self, tenant_id: str, subject_id: str) -> list[ConsentRecord]: ...
+
+    def has_active_consent(
+        self, tenant_id: str, subject_id: str, purpose: str, modality: Modality
+    ) -> bool: ...
+
+    def set_phone(self, tenant_id: str, subject_id: str, envelope: bytes, key_id: str) -> None: ...
+
+    def get_phone(self, tenant_id: str, subject_id: str) -> tuple[bytes, str] | None: ...
+
+    def iter_phones_for_rewrap(
+        self, exclude_key_id: str, batch: int, after: tuple[str, str] = ("", "")
+    ) -> list[PhoneRecord]: ...
+
+    def replace_phone_envelope(
+        self,
+        tenant_id: str,
+        subject_id: str,
+        expected_key_id: str,
+        new_envelope: bytes,
+        new_key_id: str,
+        expected_envelope: bytes | None = None,
+    ) -> bool: ...
+
+
+class DeviceRepository(Protocol):
+    def add(self, rec: DeviceRecord) -> DeviceRecord:
+        """Raises AlreadyExistsError for an id in use or an active device with the same fingerprint."""
+
+    def get(self, tenant_id: str, device_id: str) -> DeviceRecord | None: ...
+
+    def get_by_fingerprint(
+        self, tenant_id: str, subject_id: str, fingerprint: str
+    ) -> DeviceRecord | None:
+        """The active (not revoked) device with this fingerprint."""
+
+    def list_for_subject(
+        self, tenant_id: str, subject_id: str, include_revoked: bool = False
+    ) -> list[DeviceRecord]: ...
+
+    def revoke(self, tenant_id: str, device_id: str, now: datetime | None = None) -> bool: ...
+
+    def touch(self, tenant_id: str, device_id: str, now: datetime | None = None) -> bool: ...
+
+    def delete_for_subject(self, tenant_id: str, subject_id: str) -> int: ...
+
+
+class OtpRepository(Protocol):
+    def create(self, rec: OtpRecord) -> OtpRecord: ...
+
+    def get(self, otp_id: str) -> OtpRecord | None: ...
+
+    def get_active_for_session(self, session_id: str, now: datetime) -> OtpRecord | None:
+        """The newest OTP of the session that is unexpired, unconsumed and has attempts left."""
+
+    def record_attempt(self, otp_id: str, now: datetime) -> OtpRecord | None:
+        """Atomically spend one attempt; None when none is left, or it expired or was consumed."""
+
+    def consume(self, otp_id: str, now: datetime) -> bool:
+        """Atomically mark used; True for exactly one caller, and only while unexpired."""
+
+    def delete_for_subject(self, tenant_id: str, subject_id: str) -> int: ...
+
+
+class RateLimitRepository(Protocol):
+    def hit(
+        self, key: str, window_s: int, limit: int, now: datetime | None = None
+    ) -> tuple[bool, int]:
+        """Count one event in key's current fixed window: (count <= limit, count)."""
+
+    def reset(self, key: str) -> bool: ...
+
+
+class AuthSessionRepository(Protocol):
+    def create(self, rec: AuthSessionRecord) -> AuthSessionRecord: ...
+
+    def get(self, session_id: str) -> AuthSessionRecord | None: ...
+
+    def update(
+        self,
+        session_id: str,
+        expected_version: int,
+        state: Mapping[str, Any],
+        expires_at: datetime | None = None,
+    ) -> AuthSessionRecord:
+        """Write a new state at version+1. Raises ConcurrentUpdateError or NotFoundError."""
+
+    def delete_for_subject(self, tenant_id: str, subject_id: str) -> int: ...
+
+
+class ChallengeRepository(Protocol):
+    def create(self, rec: ChallengeRecord) -> ChallengeRecord: ...
+
+    def consume(
+        self, nonce: str, tenant_id: str, subject_id: str, kind: str, now: datetime | None = None
+    ) -> Mapping[str, Any]:
+        """Use the challenge once and return its payload. Raises ChallengeNotFoundError,
+        ChallengeMismatchError, ChallengeUsedError or ChallengeExpiredError."""
+
+    def delete_for_subject(self, tenant_id: str, subject_id: str) -> int: ...
+
+
+AuditBuilder = Callable[[int, "str | None"], "AuditAppend | AuditRow"]
+
+
+class AuditRepository(Protocol):
+    def append(self, build: AuditBuilder) -> AuditRow:
+        """Serialised against every other append: build(next_seq, prev_hash) runs while the lock
+        is held and its row (plus optional head and checkpoint) is written in that transaction."""
+
+    def last(self) -> AuditRow | None: ...
+
+    def head(self) -> AuditHead | None: ...
+
+    def checkpoints(self) -> list[AuditCheckpoint]: ...
+
+    def iter_records(self, from_seq: int = 1, batch: int = 1000) -> Iterator[AuditRow]: ...
+
+
+class Storage(Protocol):
+    templates: TemplateRepository
+    subjects: SubjectRepository
+    devices: DeviceRepository
+    otp: OtpRepository
+    rate_limits: RateLimitRepository
+    auth_sessions: AuthSessionRepository
+    challenges: ChallengeRepository
+    audit: AuditRepository
+
+    def transaction(self) -> AbstractContextManager[Storage]:
+        """Every repository call made inside the block (in this thread) is one transaction."""
+
+    def erase_subject(self, tenant_id: str, subject_id: str) -> ErasureCounts: ...
+
+    def purge_expired(self, now: datetime | None = None) -> int:
+        """Delete expired OTPs, sessions, challenges and rate-limit windows; returns rows deleted."""
+
+    def close(self) -> None: ...
