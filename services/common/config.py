@@ -79,13 +79,16 @@ class StorageConfig(BaseModel):
 
 class KeysConfig(BaseModel):
     # Development keyring file; in production point `kms` at an external KMS/HSM adapter.
+    # $BIOGATE_KEYRING_JSON (the keyring document itself) takes the file's place when set.
     keyring_file: Path | None = None  # default <data_dir>/keys/keyring.json
+    # Cipher of keys made by `keys init`/`keys rotate`, and so of the envelopes sealed under them.
     cipher: Literal["AES-256-GCM", "SM4-GCM"] = "AES-256-GCM"
     kms: str = ""  # "" = local keyring; "module:factory" for an external adapter
+    rewrap_batch: int = Field(200, ge=1)  # records re-wrapped per batch by `keys rotate`
 
 
 class AuditConfig(BaseModel):
-    checkpoint_every: int = 100  # records between Ed25519-signed checkpoints
+    checkpoint_every: int = Field(100, ge=1)  # records between Ed25519-signed checkpoints
     signing_key_file: Path | None = None  # default <data_dir>/keys/audit-ed25519.pem
 
 
