@@ -1,0 +1,42 @@
+"""Errors of template and contact decryption, one class per cause so callers and operators can
+tell a missing key from tampering or a template presented for the wrong subject."""
+
+from __future__ import annotations
+
+
+class TemplateDecryptionError(Exception):
+    """An envelope could not be opened. Never caught and ignored: a failure is never a mismatch."""
+
+
+class UnknownKeyError(TemplateDecryptionError):
+    """The envelope names a key id the keyring does not hold (retired, or another keyring)."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"key id {key_id!r} is not in the keyring")
+        self.key_id = key_id
+
+
+class WrongKeyError(TemplateDecryptionError):
+    """The keyring holds the key id, but its material is not the key that sealed the envelope."""
+
+
+class TamperedEnvelopeError(TemplateDecryptionError):
+    """The header or the ciphertext was altered, truncated or is not an envelope at all."""
+
+
+class BindingMismatchError(TemplateDecryptionError):
+    """The envelope is intact but bound to another tenant, subject, modality, model or channel:
+    a template copied to another record."""
+
+    def __init__(self, fields: list[str], purpose: str) -> None:
+        self.fields = fields
+        what = ", ".join(f"another {f}" for f in fields)
+        super().__init__(f"this {purpose} envelope is bound to {what}")
+
+
+class KeyringError(Exception):
+    """The keyring itself is unusable: unreadable file, bad JSON, a management call it refuses."""
+
+
+class KeyInUseError(KeyringError):
+    """A key cannot be retired while records are still sealed under it."""
