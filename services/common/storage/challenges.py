@@ -6,44 +6,23 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from .db import Repository, from_json, from_ts, utcnow
+from .db import from_json, utcnow
 from .errors import (
-    AlreadyExistsError,
     ChallengeExpiredError,
     ChallengeMismatchError,
     ChallengeNotFoundError,
     ChallengeUsedError,
 )
 from .interfaces import ChallengeRecord
+from .repository import Repository
 
-_COLS = "nonce, tenant_id, subject_id, kind, payload, created_at, expires_at, consumed_at"
 
-
-class SqlChallengeRepository(Repository):
+class SqlChallengeRepository(Repository[ChallengeRecord]):
     table = "challenges"
+    record = ChallengeRecord
 
     def create(self, rec: ChallengeRecord) -> ChallengeRecord:
-        with self._db.transaction() as s:
-            row = s.one(
-                f"INSERT INTO challenges ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                f" ON CONFLICT DO NOTHING RETURNING {_COLS}",
-                (
-                    rec.nonce, rec.tenant_id, rec.subject_id, rec.kind, dict(rec.payload),
-                    rec.created_at, rec.expires_at, rec.consumed_at,
-                ),
-            )
-        if row is None:
-            raise AlreadyExistsError("challenge nonce already in use")
-        return ChallengeRecord(
-            nonce=row[0],
-            tenant_id=row[1],
-            subject_id=row[2],
-            kind=row[3],
-            payload=from_json(row[4]),
-            created_at=from_ts(row[5]),
-            expires_at=from_ts(row[6]),
-            consumed_at=from_ts(row[7]),
-        )
+        return self._insert_new(rec, "challenge nonce already in use")
 
     def consume(
         self, nonce: str, tenant_id: str, subject_id: str, kind: str, now: datetime | None = None
@@ -60,14 +39,13 @@ class SqlChallengeRepository(Repository):
             if row is not None:
                 return from_json(row[0])
             why = s.one(
-                "SELECT tenant_id, subject_id, kind, expires_at, consumed_at FROM challenges"
-                " WHERE nonce = ?",
+                "SELECT tenant_id, subject_id, kind, consumed_at FROM challenges WHERE nonce = ?",
                 (nonce,),
             )
         if why is None:
             raise ChallengeNotFoundError("unknown challenge")
         if (why[0], why[1], why[2]) != (tenant_id, subject_id, kind):
             raise ChallengeMismatchError("challenge was issued for another subject or purpose")
-        if why[4] is not None:
+        if why[3] is not None:
             raise ChallengeUsedError("challenge already used")
         raise ChallengeExpiredError("challenge expired")

@@ -271,32 +271,3 @@ class PostgresDatabase(Database):
     def close(self) -> None:
         self._pool.close()
 
-
-class Repository:
-    """Base of the SQL repositories: the database, and the statements every one of them needs."""
-
-    table: str  # the table holding the repository's per-subject rows
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
-    def delete_for_subject(self, tenant_id: str, subject_id: str) -> int:
-        with self._db.transaction() as s:
-            return s.count(
-                f"DELETE FROM {self.table} WHERE tenant_id = ? AND subject_id = ?",
-                (tenant_id, subject_id),
-            )
-
-    def _update_one(self, query: str, params: Sequence[Any]) -> bool:
-        """Run a conditional UPDATE; True when it changed the row (compare-and-swap)."""
-        with self._db.transaction() as s:
-            return s.count(query, params) == 1
-
-    def _swap_envelope(
-        self, query: str, params: tuple[Any, ...], column: str, expected: bytes | None
-    ) -> bool:
-        """Envelope compare-and-swap on key id, and on the old envelope's bytes when given."""
-        if expected is not None:
-            query += f" AND {column} = ?"
-            params += (expected,)
-        return self._update_one(query, params)

@@ -3,73 +3,36 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
-from .db import Repository, from_ts
-from .errors import AlreadyExistsError
 from .interfaces import OtpRecord
-
-_COLS = (
-    "id, session_id, tenant_id, subject_id, code_hash, expires_at, attempts, max_attempts,"
-    " sent_at, consumed_at"
-)
+from .repository import Repository
 
 
-def _record(row: Any) -> OtpRecord:
-    return OtpRecord(
-        id=row[0],
-        session_id=row[1],
-        tenant_id=row[2],
-        subject_id=row[3],
-        code_hash=row[4],
-        expires_at=from_ts(row[5]),
-        attempts=row[6],
-        max_attempts=row[7],
-        sent_at=from_ts(row[8]),
-        consumed_at=from_ts(row[9]),
-    )
-
-
-class SqlOtpRepository(Repository):
+class SqlOtpRepository(Repository[OtpRecord]):
     table = "otp_challenges"
+    record = OtpRecord
 
     def create(self, rec: OtpRecord) -> OtpRecord:
-        with self._db.transaction() as s:
-            row = s.one(
-                f"INSERT INTO otp_challenges ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                f" ON CONFLICT DO NOTHING RETURNING {_COLS}",
-                (
-                    rec.id, rec.session_id, rec.tenant_id, rec.subject_id, rec.code_hash,
-                    rec.expires_at, rec.attempts, rec.max_attempts, rec.sent_at, rec.consumed_at,
-                ),
-            )
-        if row is None:
-            raise AlreadyExistsError("OTP id already in use")
-        return _record(row)
+        return self._insert_new(rec, "OTP id already in use")
 
     def get(self, otp_id: str) -> OtpRecord | None:
-        with self._db.read() as s:
-            row = s.one(f"SELECT {_COLS} FROM otp_challenges WHERE id = ?", (otp_id,))
-        return _record(row) if row else None
+        return self._select_one("id = ?", (otp_id,))
 
     def get_active_for_session(self, session_id: str, now: datetime) -> OtpRecord | None:
-        with self._db.read() as s:
-            row = s.one(
-                f"SELECT {_COLS} FROM otp_challenges WHERE session_id = ? AND consumed_at IS NULL"
-                " AND expires_at > ? AND attempts < max_attempts ORDER BY sent_at DESC, id LIMIT 1",
-                (session_id, now),
-            )
-        return _record(row) if row else None
+        return self._select_one(
+            "session_id = ? AND consumed_at IS NULL AND expires_at > ? AND attempts < max_attempts",
+            (session_id, now),
+            "ORDER BY sent_at DESC, id LIMIT 1",
+        )
 
     def record_attempt(self, otp_id: str, now: datetime) -> OtpRecord | None:
         with self._db.transaction() as s:
-            row = s.one(
+            return self._returning(
+                s,
                 "UPDATE otp_challenges SET attempts = attempts + 1 WHERE id = ?"
-                " AND consumed_at IS NULL AND expires_at > ? AND attempts < max_attempts"
-                f" RETURNING {_COLS}",
+                " AND consumed_at IS NULL AND expires_at > ? AND attempts < max_attempts",
                 (otp_id, now),
             )
-        return _record(row) if row else None
 
     def consume(self, otp_id: str, now: datetime) -> bool:
         return self._update_one(

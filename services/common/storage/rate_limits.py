@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from .db import Repository, utcnow
+from .db import Database, utcnow
 
 
-class SqlRateLimitRepository(Repository):
-    table = "rate_limits"
+class SqlRateLimitRepository:
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     def hit(
         self, key: str, window_s: int, limit: int, now: datetime | None = None

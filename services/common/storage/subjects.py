@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
-from .db import Repository, Session, from_json, from_ts, utcnow
+from .db import Session, from_json, utcnow
 from .interfaces import ConsentRecord, Modality, PhoneRecord
-
-_CONSENT_COLS = (
-    "tenant_id, subject_id, purpose, modalities, granted, policy_version, evidence_ref,"
-    " recorded_at, withdrawn_at"
-)
+from .repository import Repository
+from .rows import insert_sql, values
 
 
 def ensure_subject(s: Session, tenant_id: str, subject_id: str, now: datetime) -> None:
@@ -23,61 +19,38 @@ def ensure_subject(s: Session, tenant_id: str, subject_id: str, now: datetime) -
     )
 
 
-def _consent(row: Any) -> ConsentRecord:
-    return ConsentRecord(
-        tenant_id=row[0],
-        subject_id=row[1],
-        purpose=row[2],
-        modalities=tuple(from_json(row[3])),
-        granted=bool(row[4]),
-        policy_version=row[5],
-        evidence_ref=row[6],
-        recorded_at=from_ts(row[7]),
-        withdrawn_at=from_ts(row[8]),
-    )
-
-
-class SqlSubjectRepository(Repository):
+class SqlSubjectRepository(Repository[ConsentRecord]):
     table = "consents"
+    record = ConsentRecord
 
     def record_consent(self, consent: ConsentRecord) -> ConsentRecord:
         with self._db.transaction() as s:
             ensure_subject(s, consent.tenant_id, consent.subject_id, consent.recorded_at)
-            row = s.one(
-                f"INSERT INTO consents ({_CONSENT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (tenant_id, subject_id, purpose) DO UPDATE SET"
+            stored = self._returning(
+                s,
+                insert_sql(self.table, self.record)
+                + " ON CONFLICT (tenant_id, subject_id, purpose) DO UPDATE SET"
                 " modalities = excluded.modalities, granted = excluded.granted,"
                 " policy_version = excluded.policy_version, evidence_ref = excluded.evidence_ref,"
-                " recorded_at = excluded.recorded_at, withdrawn_at = excluded.withdrawn_at"
-                f" RETURNING {_CONSENT_COLS}",
-                (
-                    consent.tenant_id, consent.subject_id, consent.purpose,
-                    list(consent.modalities), consent.granted, consent.policy_version,
-                    consent.evidence_ref, consent.recorded_at, consent.withdrawn_at,
-                ),
+                " recorded_at = excluded.recorded_at, withdrawn_at = excluded.withdrawn_at",
+                values(consent),
             )
-        return _consent(row)
+        assert stored is not None
+        return stored
 
     def withdraw_consent(
         self, tenant_id: str, subject_id: str, purpose: str, now: datetime | None = None
     ) -> ConsentRecord | None:
         with self._db.transaction() as s:
-            row = s.one(
+            return self._returning(
+                s,
                 "UPDATE consents SET granted = ?, withdrawn_at = COALESCE(withdrawn_at, ?)"
-                " WHERE tenant_id = ? AND subject_id = ? AND purpose = ?"
-                f" RETURNING {_CONSENT_COLS}",
+                " WHERE tenant_id = ? AND subject_id = ? AND purpose = ?",
                 (False, now or utcnow(), tenant_id, subject_id, purpose),
             )
-        return _consent(row) if row else None
 
     def get_consents(self, tenant_id: str, subject_id: str) -> list[ConsentRecord]:
-        with self._db.read() as s:
-            rows = s.all(
-                f"SELECT {_CONSENT_COLS} FROM consents WHERE tenant_id = ? AND subject_id = ?"
-                " ORDER BY purpose",
-                (tenant_id, subject_id),
-            )
-        return [_consent(r) for r in rows]
+        return self._select("tenant_id = ? AND subject_id = ?", (tenant_id, subject_id), "ORDER BY purpose")
 
     def has_active_consent(
         self, tenant_id: str, subject_id: str, purpose: str, modality: Modality

@@ -5,83 +5,51 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .db import Repository, from_json, from_ts
-from .errors import AlreadyExistsError
 from .interfaces import Modality, TemplateRecord
+from .repository import Repository
+from .rows import insert_sql, values
 from .subjects import ensure_subject
 
-_COLS = (
-    "id, tenant_id, subject_id, modality, model_id, channel, envelope, key_id, samples, quality,"
-    " created_at, updated_at"
-)
+_KEY = "tenant_id = ? AND subject_id = ? AND modality = ? AND model_id = ? AND channel = ?"
+_GALLERY = "tenant_id = ? AND modality = ? AND model_id = ? AND channel = ?"
 
 
-def _record(row: Any) -> TemplateRecord:
-    return TemplateRecord(
-        id=row[0],
-        tenant_id=row[1],
-        subject_id=row[2],
-        modality=row[3],
-        model_id=row[4],
-        channel=row[5],
-        envelope=bytes(row[6]),
-        key_id=row[7],
-        samples=row[8],
-        quality=from_json(row[9]),
-        created_at=from_ts(row[10]),
-        updated_at=from_ts(row[11]),
-    )
-
-
-class SqlTemplateRepository(Repository):
+class SqlTemplateRepository(Repository[TemplateRecord]):
     table = "templates"
+    record = TemplateRecord
 
     def put(self, rec: TemplateRecord, replace: bool = False) -> TemplateRecord:
-        values = (
-            rec.id, rec.tenant_id, rec.subject_id, rec.modality, rec.model_id, rec.channel,
-            rec.envelope, rec.key_id, rec.samples, dict(rec.quality), rec.created_at, rec.updated_at,
+        conflict = (
+            f"a {rec.modality} template for model {rec.model_id!r} channel {rec.channel!r}"
+            " already exists for this subject (or the id is taken)"
         )
-        insert = f"INSERT INTO templates ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         with self._db.transaction() as s:
             ensure_subject(s, rec.tenant_id, rec.subject_id, rec.created_at)
-            if replace:
-                row = s.one(
-                    insert + " ON CONFLICT (tenant_id, subject_id, modality, model_id, channel)"
-                    " DO UPDATE SET envelope = excluded.envelope, key_id = excluded.key_id,"
-                    " samples = excluded.samples, quality = excluded.quality,"
-                    f" updated_at = excluded.updated_at RETURNING {_COLS}",
-                    values,
-                )
-            else:
-                row = s.one(insert + f" ON CONFLICT DO NOTHING RETURNING {_COLS}", values)
-        if row is None:
-            raise AlreadyExistsError(
-                f"a {rec.modality} template for model {rec.model_id!r} channel {rec.channel!r}"
-                " already exists for this subject (or the id is taken)"
+            if not replace:
+                return self._insert_new(rec, conflict)
+            # Same key: a new envelope, keeping the row's id and created_at.
+            stored = self._returning(
+                s,
+                insert_sql(self.table, self.record)
+                + " ON CONFLICT (tenant_id, subject_id, modality, model_id, channel)"
+                " DO UPDATE SET envelope = excluded.envelope, key_id = excluded.key_id,"
+                " samples = excluded.samples, quality = excluded.quality,"
+                " updated_at = excluded.updated_at",
+                values(rec),
             )
-        return _record(row)
+        assert stored is not None
+        return stored
 
     def get(
         self, tenant_id: str, subject_id: str, modality: Modality, model_id: str, channel: str = ""
     ) -> TemplateRecord | None:
-        with self._db.read() as s:
-            row = s.one(
-                f"SELECT {_COLS} FROM templates WHERE tenant_id = ? AND subject_id = ?"
-                " AND modality = ? AND model_id = ? AND channel = ?",
-                (tenant_id, subject_id, modality, model_id, channel),
-            )
-        return _record(row) if row else None
+        return self._select_one(_KEY, (tenant_id, subject_id, modality, model_id, channel))
 
     def list_for_subject(
         self, tenant_id: str, subject_id: str, modality: Modality | None = None
     ) -> list[TemplateRecord]:
         where, params = _subject_filter(tenant_id, subject_id, modality)
-        with self._db.read() as s:
-            rows = s.all(
-                f"SELECT {_COLS} FROM templates WHERE {where} ORDER BY modality, model_id, channel",
-                params,
-            )
-        return [_record(r) for r in rows]
+        return self._select(where, params, "ORDER BY modality, model_id, channel")
 
     def iter_gallery(
         self, tenant_id: str, modality: Modality, model_id: str, channel: str = "", batch: int = 1000
@@ -90,26 +58,23 @@ class SqlTemplateRepository(Repository):
         # connection is held while the caller scores the batch.
         after = ""
         while True:
-            with self._db.read() as s:
-                rows = s.all(
-                    f"SELECT {_COLS} FROM templates WHERE tenant_id = ? AND modality = ?"
-                    " AND model_id = ? AND channel = ? AND id > ? ORDER BY id LIMIT ?",
-                    (tenant_id, modality, model_id, channel, after, batch),
-                )
-            if not rows:
+            found = self._select(
+                _GALLERY + " AND id > ?",
+                (tenant_id, modality, model_id, channel, after, batch),
+                "ORDER BY id LIMIT ?",
+            )
+            if found:
+                yield found
+            if len(found) < batch:
                 return
-            yield [_record(r) for r in rows]
-            if len(rows) < batch:
-                return
-            after = rows[-1][0]
+            after = found[-1].id
 
     def count_gallery(
         self, tenant_id: str, modality: Modality, model_id: str, channel: str = ""
     ) -> int:
         with self._db.read() as s:
             return s.one(
-                "SELECT COUNT(*) FROM templates WHERE tenant_id = ? AND modality = ?"
-                " AND model_id = ? AND channel = ?",
+                f"SELECT COUNT(*) FROM templates WHERE {_GALLERY}",
                 (tenant_id, modality, model_id, channel),
             )[0]
 
@@ -123,12 +88,9 @@ class SqlTemplateRepository(Repository):
     def iter_for_rewrap(
         self, exclude_key_id: str, batch: int, after_id: str = ""
     ) -> list[TemplateRecord]:
-        with self._db.read() as s:
-            rows = s.all(
-                f"SELECT {_COLS} FROM templates WHERE key_id <> ? AND id > ? ORDER BY id LIMIT ?",
-                (exclude_key_id, after_id, batch),
-            )
-        return [_record(r) for r in rows]
+        return self._select(
+            "key_id <> ? AND id > ?", (exclude_key_id, after_id, batch), "ORDER BY id LIMIT ?"
+        )
 
     def replace_envelope(
         self,

@@ -1,0 +1,476 @@
+"""Every repository method, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from services.common.storage import (
+    AlreadyExistsError,
+    AuditAppend,
+    AuditCheckpoint,
+    AuditHead,
+    AuditRow,
+    AuthSessionRecord,
+    ChallengeExpiredError,
+    ChallengeMismatchError,
+    ChallengeNotFoundError,
+    ChallengeRecord,
+    ChallengeUsedError,
+    ConcurrentUpdateError,
+    ConsentRecord,
+    DeviceRecord,
+    ErasureCounts,
+    NotFoundError,
+    OtpRecord,
+    SqlStorage,
+    StorageError,
+    TemplateRecord,
+)
+
+T = "bank-a"
+NOW = datetime(2031, 5, 4, 12, 0, 0, 123456, tzinfo=timezone.utc)
+
+
+def template(subject: str = "s1", modality: str = "face", channel: str = "", model: str = "m1",
+             envelope: bytes = b"env-1", key_id: str = "k1", tenant: str = T) -> TemplateRecord:
+    return TemplateRecord(tenant, subject, modality, model, channel, envelope, key_id, 3, {"q": 0.9})
+
+
+def consent(subject: str = "s1", purpose: str = "biometric_verification",
+            modalities: tuple = ("face", "voice"), **kw) -> ConsentRecord:
+    return ConsentRecord(T, subject, purpose, modalities, "2031-01", "ev-123", **kw)
+
+
+# --- templates -----------------------------------------------------------------------------------
+
+
+def test_template_put_get_round_trip(storage: SqlStorage) -> None:
+    rec = TemplateRecord(T, "s1", "face", "arcface-r100", "", bytes(range(256)) * 8, "k1", 5,
+                         {"score": 0.87, "flags": ["ok"]}, created_at=NOW, updated_at=NOW)
+    stored = storage.templates.put(rec)
+    assert stored == rec
+    got = storage.templates.get(T, "s1", "face", "arcface-r100")
+    assert got == rec
+    assert got.created_at.tzinfo is not None and got.created_at.utcoffset() == timedelta(0)
+    assert storage.templates.get(T, "s1", "face", "other-model") is None
+    assert storage.templates.get("bank-b", "s1", "face", "arcface-r100") is None
+
+
+def test_template_put_existing_raises_unless_replace(storage: SqlStorage) -> None:
+    first = storage.templates.put(template(envelope=b"old"))
+    with pytest.raises(AlreadyExistsError):
+        storage.templates.put(template(envelope=b"new"))
+    assert storage.templates.get(T, "s1", "face", "m1").envelope == b"old"
+
+    later = TemplateRecord(T, "s1", "face", "m1", "", b"new", "k2", 7, {"q": 1},
+                           updated_at=first.updated_at + timedelta(seconds=5))
+    replaced = storage.templates.put(later, replace=True)
+    assert (replaced.id, replaced.created_at) == (first.id, first.created_at)
+    assert (replaced.envelope, replaced.key_id, replaced.samples, replaced.quality) == (b"new", "k2", 7, {"q": 1})
+    assert replaced.updated_at == later.updated_at
+    assert storage.templates.get(T, "s1", "face", "m1") == replaced
+
+
+def test_template_channels_are_separate_and_checked(storage: SqlStorage) -> None:
+    wide = storage.templates.put(template(modality="voice", channel="wideband", model="ecapa", envelope=b"w"))
+    tel = storage.templates.put(template(modality="voice", channel="telephone", model="ecapa", envelope=b"t"))
+    assert storage.templates.get(T, "s1", "voice", "ecapa", "wideband") == wide
+    assert storage.templates.get(T, "s1", "voice", "ecapa", "telephone") == tel
+    assert storage.templates.get(T, "s1", "voice", "ecapa") is None
+    with pytest.raises(StorageError):
+        storage.templates.put(template(modality="voice", channel="", model="ecapa"))
+    with pytest.raises(StorageError):
+        storage.templates.put(template(modality="face", channel="wideband"))
+
+
+def test_template_list_and_delete_for_subject(storage: SqlStorage) -> None:
+    storage.templates.put(template(model="m1"))
+    storage.templates.put(template(model="m2"))
+    storage.templates.put(template(modality="voice", channel="wideband", model="ecapa"))
+    storage.templates.put(template(subject="s2"))
+    assert [r.model_id for r in storage.templates.list_for_subject(T, "s1")] == ["m1", "m2", "ecapa"]
+    assert len(storage.templates.list_for_subject(T, "s1", "voice")) == 1
+    assert storage.templates.delete_for_subject(T, "s1", "face") == 2
+    assert [r.modality for r in storage.templates.list_for_subject(T, "s1")] == ["voice"]
+    assert storage.templates.delete_for_subject(T, "s1") == 1
+    assert storage.templates.delete_for_subject(T, "s1") == 0
+    assert len(storage.templates.list_for_subject(T, "s2")) == 1
+
+
+@pytest.mark.parametrize("n", [25, 20, 0])
+def test_iter_gallery_streams_in_batches(storage: SqlStorage, n: int) -> None:
+    ids = {storage.templates.put(template(subject=f"s{i:03d}")).id for i in range(n)}
+    storage.templates.put(template(subject="other-model", model="m2"))
+    storage.templates.put(template(subject="other-tenant", tenant="bank-b"))
+    storage.templates.put(template(subject="s000", modality="voice", channel="wideband"))
+
+    batches = list(storage.templates.iter_gallery(T, "face", "m1", batch=10))
+    assert [len(b) for b in batches] == [10] * (n // 10) + ([n % 10] if n % 10 else [])
+    assert {r.id for b in batches for r in b} == ids
+    assert storage.templates.count_gallery(T, "face", "m1") == n
+    assert storage.templates.count_gallery(T, "voice", "m1", "wideband") == 1
+
+
+def test_template_rewrap_compare_and_swap(storage: SqlStorage) -> None:
+    recs = [storage.templates.put(template(subject=f"s{i}", envelope=f"e{i}".encode())) for i in range(5)]
+    storage.templates.put(template(subject="fresh", key_id="k2"))
+
+    # Walk the pending rows with the keyset cursor, rewrapping each.
+    seen, after = [], ""
+    while batch := storage.templates.iter_for_rewrap("k2", batch=2, after_id=after):
+        assert all(r.key_id == "k1" for r in batch)
+        seen += batch
+        after = batch[-1].id
+    assert sorted(r.id for r in seen) == sorted(r.id for r in recs)
+
+    r0, r1 = recs[0], recs[1]
+    assert storage.templates.replace_envelope(r0.id, "k9", b"x", "k2") is False  # wrong key id
+    assert storage.templates.replace_envelope(r0.id, "k1", b"x", "k2", expected_envelope=b"stale") is False
+    assert storage.templates.replace_envelope(r0.id, "k1", b"e0-k2", "k2", expected_envelope=b"e0") is True
+    assert storage.templates.replace_envelope(r0.id, "k1", b"again", "k2") is False  # already swapped
+    assert storage.templates.replace_envelope("no-such-id", "k1", b"x", "k2") is False
+    # A concurrent re-enrolment under the new key is never overwritten by a late rewrap.
+    storage.templates.put(template(subject="s1", envelope=b"re-enrolled", key_id="k2"), replace=True)
+    assert storage.templates.replace_envelope(r1.id, "k1", b"e1-k2", "k2") is False
+    got = storage.templates.get(T, "s0", "face", "m1")
+    assert (got.envelope, got.key_id, got.updated_at) == (b"e0-k2", "k2", r0.updated_at)
+    assert storage.templates.get(T, "s1", "face", "m1").envelope == b"re-enrolled"
+    assert len(storage.templates.iter_for_rewrap("k2", batch=100)) == 3
+
+
+# --- subjects: consent and contact ---------------------------------------------------------------
+
+
+def test_consent_record_get_and_active(storage: SqlStorage) -> None:
+    rec = consent(recorded_at=NOW)
+    assert storage.subjects.record_consent(rec) == rec
+    storage.subjects.record_consent(consent(purpose="biometric_identification", modalities=("face",)))
+    got = storage.subjects.get_consents(T, "s1")
+    assert [c.purpose for c in got] == ["biometric_identification", "biometric_verification"]
+    assert got[1] == rec and got[1].modalities == ("face", "voice")
+    assert storage.subjects.has_active_consent(T, "s1", "biometric_verification", "voice")
+    assert storage.subjects.has_active_consent(T, "s1", "biometric_identification", "face")
+    assert not storage.subjects.has_active_consent(T, "s1", "biometric_identification", "voice")
+    assert not storage.subjects.has_active_consent(T, "s2", "biometric_verification", "face")
+    assert storage.subjects.get_consents(T, "s2") == []
+
+
+def test_consent_withdraw_and_grant_again(storage: SqlStorage) -> None:
+    storage.subjects.record_consent(consent())
+    withdrawn = storage.subjects.withdraw_consent(T, "s1", "biometric_verification", now=NOW)
+    assert withdrawn is not None and not withdrawn.granted and withdrawn.withdrawn_at == NOW
+    assert not storage.subjects.has_active_consent(T, "s1", "biometric_verification", "face")
+    again = storage.subjects.withdraw_consent(T, "s1", "biometric_verification", now=NOW + timedelta(days=1))
+    assert again.withdrawn_at == NOW  # the first withdrawal time is kept
+    assert storage.subjects.withdraw_consent(T, "s1", "other_purpose") is None
+
+    regranted = storage.subjects.record_consent(consent(modalities=("voice",)))
+    assert regranted.granted and regranted.withdrawn_at is None
+    assert storage.subjects.has_active_consent(T, "s1", "biometric_verification", "voice")
+    assert not storage.subjects.has_active_consent(T, "s1", "biometric_verification", "face")
+    refused = storage.subjects.record_consent(consent(granted=False))
+    assert not refused.granted
+    assert not storage.subjects.has_active_consent(T, "s1", "biometric_verification", "voice")
+
+
+def test_phone_envelope_and_rewrap(storage: SqlStorage) -> None:
+    assert storage.subjects.get_phone(T, "s1") is None
+    storage.subjects.record_consent(consent())  # subject row exists without a phone
+    assert storage.subjects.get_phone(T, "s1") is None
+    storage.subjects.set_phone(T, "s1", b"enc-phone-1", "k1")
+    storage.subjects.set_phone(T, "s2", b"enc-phone-2", "k1")
+    storage.subjects.set_phone(T, "s3", b"enc-phone-3", "k2")
+    assert storage.subjects.get_phone(T, "s1") == (b"enc-phone-1", "k1")
+
+    first = storage.subjects.iter_phones_for_rewrap("k2", batch=1)
+    assert [(p.subject_id, p.envelope) for p in first] == [("s1", b"enc-phone-1")]
+    rest = storage.subjects.iter_phones_for_rewrap("k2", batch=10, after=(T, "s1"))
+    assert [p.subject_id for p in rest] == ["s2"]
+
+    assert storage.subjects.replace_phone_envelope(T, "s1", "k9", b"x", "k2") is False
+    assert storage.subjects.replace_phone_envelope(T, "s1", "k1", b"x", "k2", expected_envelope=b"old") is False
+    assert storage.subjects.replace_phone_envelope(T, "s1", "k1", b"enc-1-k2", "k2", expected_envelope=b"enc-phone-1")
+    assert storage.subjects.replace_phone_envelope(T, "s1", "k1", b"again", "k2") is False
+    storage.subjects.set_phone(T, "s2", b"new-number", "k2")  # a concurrent change of number
+    assert storage.subjects.replace_phone_envelope(T, "s2", "k1", b"old-number-rewrapped", "k2") is False
+    assert storage.subjects.get_phone(T, "s2") == (b"new-number", "k2")
+    assert storage.subjects.iter_phones_for_rewrap("k2", batch=10) == []
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+
+def test_devices_lifecycle(storage: SqlStorage) -> None:
+    dev = DeviceRecord(T, "s1", "fp-abc", b"0\x82der-key", {"os": "android", "model": "x"}, "Phone", "android",
+                       bound_at=NOW)
+    assert storage.devices.add(dev) == dev
+    assert storage.devices.get(T, dev.id) == dev
+    assert storage.devices.get("bank-b", dev.id) is None
+    assert storage.devices.get_by_fingerprint(T, "s1", "fp-abc") == dev
+    with pytest.raises(AlreadyExistsError):
+        storage.devices.add(DeviceRecord(T, "s1", "fp-abc"))
+    other = storage.devices.add(DeviceRecord(T, "s1", "fp-def", bound_at=NOW + timedelta(seconds=1)))
+    assert other.public_key is None and other.attributes == {}
+    assert [d.id for d in storage.devices.list_for_subject(T, "s1")] == [dev.id, other.id]
+
+    assert storage.devices.touch(T, dev.id, now=NOW + timedelta(hours=1))
+    assert storage.devices.get(T, dev.id).last_seen_at == NOW + timedelta(hours=1)
+    assert not storage.devices.touch(T, "missing")
+    assert storage.devices.revoke(T, dev.id, now=NOW + timedelta(hours=2))
+    assert not storage.devices.revoke(T, dev.id)  # already revoked
+    assert not storage.devices.touch(T, dev.id)
+    assert storage.devices.get(T, dev.id).revoked_at == NOW + timedelta(hours=2)
+    assert storage.devices.get_by_fingerprint(T, "s1", "fp-abc") is None
+    assert [d.id for d in storage.devices.list_for_subject(T, "s1")] == [other.id]
+    assert len(storage.devices.list_for_subject(T, "s1", include_revoked=True)) == 2
+
+    rebound = storage.devices.add(DeviceRecord(T, "s1", "fp-abc"))  # the same phone, bound again
+    assert storage.devices.get_by_fingerprint(T, "s1", "fp-abc") == rebound
+    assert storage.devices.delete_for_subject(T, "s1") == 3
+    assert storage.devices.list_for_subject(T, "s1", include_revoked=True) == []
+
+
+# --- OTP -----------------------------------------------------------------------------------------
+
+
+def otp(session: str = "sess-1", sent: datetime = NOW, max_attempts: int = 3) -> OtpRecord:
+    return OtpRecord(session, T, "s1", hashlib.sha256(b"123456").hexdigest(), sent + timedelta(minutes=5),
+                     max_attempts=max_attempts, sent_at=sent)
+
+
+def test_otp_attempts_consume_and_expiry(storage: SqlStorage) -> None:
+    old = storage.otp.create(otp(sent=NOW))
+    new = storage.otp.create(otp(sent=NOW + timedelta(seconds=30)))
+    with pytest.raises(AlreadyExistsError):
+        storage.otp.create(new)
+    assert storage.otp.get(old.id) == old
+    assert storage.otp.get_active_for_session("sess-1", NOW + timedelta(minutes=1)) == new
+    assert storage.otp.get_active_for_session("sess-2", NOW) is None
+
+    t = NOW + timedelta(minutes=1)
+    assert [storage.otp.record_attempt(new.id, t).attempts for _ in range(3)] == [1, 2, 3]
+    assert storage.otp.record_attempt(new.id, t) is None  # budget spent
+    assert storage.otp.get(new.id).attempts == 3
+    assert storage.otp.get_active_for_session("sess-1", t) == old  # the exhausted one is skipped
+
+    assert storage.otp.consume(old.id, t) is True
+    assert storage.otp.consume(old.id, t) is False
+    assert storage.otp.get(old.id).consumed_at == t
+    assert storage.otp.record_attempt(old.id, t) is None
+    assert storage.otp.get_active_for_session("sess-1", t) is None
+
+    late = storage.otp.create(otp(session="sess-3"))
+    expired_at = late.expires_at
+    assert storage.otp.get_active_for_session("sess-3", expired_at) is None
+    assert storage.otp.record_attempt(late.id, expired_at) is None
+    assert storage.otp.consume(late.id, expired_at) is False
+    assert storage.otp.delete_for_subject(T, "s1") == 3
+    assert storage.otp.get(late.id) is None
+
+
+# --- rate limits ---------------------------------------------------------------------------------
+
+
+def test_rate_limit_fixed_window(storage: SqlStorage) -> None:
+    base = datetime(2031, 5, 4, 12, 0, 0, tzinfo=timezone.utc)  # a window boundary for 60 s
+    hits = [storage.rate_limits.hit("otp:s1", 60, 3, base + timedelta(seconds=i)) for i in range(5)]
+    assert hits == [(True, 1), (True, 2), (True, 3), (False, 4), (False, 5)]
+    assert storage.rate_limits.hit("otp:s2", 60, 3, base) == (True, 1)  # keys are independent
+    # A hit stamped in the previous window (a lagging clock) counts in the current one.
+    assert storage.rate_limits.hit("otp:s1", 60, 3, base - timedelta(seconds=1)) == (False, 6)
+    assert storage.rate_limits.hit("otp:s1", 60, 3, base + timedelta(seconds=60)) == (True, 1)
+    assert storage.rate_limits.reset("otp:s1") is True
+    assert storage.rate_limits.reset("otp:s1") is False
+    assert storage.rate_limits.hit("otp:s1", 60, 3, base + timedelta(seconds=61)) == (True, 1)
+    with pytest.raises(ValueError):
+        storage.rate_limits.hit("otp:s1", 0, 3)
+
+
+# --- auth sessions -------------------------------------------------------------------------------
+
+
+def test_auth_session_optimistic_concurrency(storage: SqlStorage) -> None:
+    rec = AuthSessionRecord(T, "s1", {"step": "start", "factors": []}, NOW + timedelta(minutes=10),
+                            created_at=NOW)
+    assert storage.auth_sessions.create(rec) == rec
+    with pytest.raises(AlreadyExistsError):
+        storage.auth_sessions.create(rec)
+    assert storage.auth_sessions.get(rec.id) == rec
+    assert storage.auth_sessions.get("missing") is None
+
+    v2 = storage.auth_sessions.update(rec.id, 1, {"step": "face", "factors": ["face"]})
+    assert (v2.version, v2.state, v2.expires_at) == (2, {"step": "face", "factors": ["face"]}, rec.expires_at)
+    with pytest.raises(ConcurrentUpdateError):
+        storage.auth_sessions.update(rec.id, 1, {"step": "lost update"})
+    v3 = storage.auth_sessions.update(rec.id, 2, {"step": "done"}, expires_at=NOW + timedelta(minutes=1))
+    assert (v3.version, v3.expires_at) == (3, NOW + timedelta(minutes=1))
+    assert storage.auth_sessions.get(rec.id) == v3
+    with pytest.raises(NotFoundError):
+        storage.auth_sessions.update("missing", 1, {})
+    assert storage.auth_sessions.delete_for_subject(T, "s1") == 1
+    assert storage.auth_sessions.get(rec.id) is None
+
+
+# --- challenges ----------------------------------------------------------------------------------
+
+
+def test_challenge_single_use_and_errors(storage: SqlStorage) -> None:
+    ch = storage.challenges.create(
+        ChallengeRecord(T, "s1", "liveness", {"actions": ["blink", "turn_left"]}, NOW + timedelta(minutes=2),
+                        created_at=NOW)
+    )
+    with pytest.raises(AlreadyExistsError):
+        storage.challenges.create(ch)
+    with pytest.raises(ChallengeNotFoundError):
+        storage.challenges.consume("nope", T, "s1", "liveness", NOW)
+    for tenant, subject, kind in [("bank-b", "s1", "liveness"), (T, "s2", "liveness"), (T, "s1", "digits")]:
+        with pytest.raises(ChallengeMismatchError):
+            storage.challenges.consume(ch.nonce, tenant, subject, kind, NOW)
+    assert storage.challenges.consume(ch.nonce, T, "s1", "liveness", NOW) == {"actions": ["blink", "turn_left"]}
+    with pytest.raises(ChallengeUsedError):
+        storage.challenges.consume(ch.nonce, T, "s1", "liveness", NOW)
+
+    digits = storage.challenges.create(ChallengeRecord(T, "", "digits", {"digits": "4711"}, NOW + timedelta(seconds=30)))
+    with pytest.raises(ChallengeExpiredError):
+        storage.challenges.consume(digits.nonce, T, "", "digits", NOW + timedelta(seconds=30))
+    assert storage.challenges.delete_for_subject(T, "s1") == 1
+    assert storage.challenges.delete_for_subject(T, "") == 1
+
+
+# --- audit ---------------------------------------------------------------------------------------
+
+
+def chain_builder(event: str, sign_every: int = 3):
+    def build(seq: int, prev: str | None) -> AuditAppend:
+        details = json.dumps({"event": event, "n": seq}, sort_keys=True)
+        digest = hashlib.sha256(f"{seq}|{prev}|{details}".encode()).hexdigest()
+        row = AuditRow(seq, NOW + timedelta(seconds=seq), event, "tester", T, "psn-1", details, prev, digest)
+        sig = f"sig-{seq}".encode()
+        cp = AuditCheckpoint(seq, digest, sig, "audit-k1", row.ts) if seq % sign_every == 0 else None
+        return AuditAppend(row, AuditHead(seq, digest, sig, "audit-k1"), cp)
+
+    return build
+
+
+def test_audit_append_and_read(storage: SqlStorage) -> None:
+    assert storage.audit.last() is None and storage.audit.head() is None
+    assert list(storage.audit.iter_records()) == [] and storage.audit.checkpoints() == []
+
+    seen: list[tuple[int, str | None]] = []
+
+    def recording(seq: int, prev: str | None) -> AuditAppend:
+        seen.append((seq, prev))
+        return chain_builder("login")(seq, prev)
+
+    rows = [storage.audit.append(recording) for _ in range(7)]
+    assert seen[0] == (1, None) and all(seen[i] == (i + 1, rows[i - 1].hash) for i in range(1, 7))
+    assert storage.audit.last() == rows[-1]
+    assert list(storage.audit.iter_records()) == rows
+    assert list(storage.audit.iter_records(from_seq=3, batch=2)) == rows[2:]
+    assert [c.seq for c in storage.audit.checkpoints()] == [3, 6]
+    assert storage.audit.checkpoints()[0].signature == b"sig-3"
+    assert storage.audit.head() == AuditHead(7, rows[-1].hash, b"sig-7", "audit-k1")
+    # A builder may return a bare row: no head or checkpoint change.
+    bare = storage.audit.append(lambda seq, prev: chain_builder("x")(seq, prev).row)
+    assert bare.seq == 8 and storage.audit.head().seq == 7
+
+
+def test_audit_rejects_a_wrong_row_and_rolls_back(storage: SqlStorage) -> None:
+    storage.audit.append(chain_builder("a"))
+
+    def wrong_seq(seq: int, prev: str | None) -> AuditAppend:
+        out = chain_builder("b")(seq + 1, prev)
+        return out
+
+    with pytest.raises(ValueError):
+        storage.audit.append(wrong_seq)
+
+    def failing(seq: int, prev: str | None) -> AuditAppend:
+        raise RuntimeError("signer unavailable")
+
+    with pytest.raises(RuntimeError):
+        storage.audit.append(failing)
+    assert [r.seq for r in storage.audit.iter_records()] == [1]
+
+
+def test_audit_records_are_append_only(storage: SqlStorage) -> None:
+    storage.audit.append(chain_builder("a"))
+    for stmt in ("UPDATE audit_records SET actor = 'mallory'", "DELETE FROM audit_records"):
+        with pytest.raises(StorageError, match="append-only"):
+            with storage.db.transaction() as s:
+                s.execute(stmt)
+    assert storage.audit.last().actor == "tester"
+
+
+# --- transactions, erasure, housekeeping ---------------------------------------------------------
+
+
+def test_transaction_spans_repositories_and_rolls_back(storage: SqlStorage) -> None:
+    with pytest.raises(RuntimeError):
+        with storage.transaction() as tx:
+            tx.subjects.record_consent(consent())
+            tx.templates.put(template())
+            with tx.transaction():  # nested blocks join the outer transaction
+                tx.devices.add(DeviceRecord(T, "s1", "fp"))
+            raise RuntimeError("enrolment failed half-way")
+    assert storage.subjects.get_consents(T, "s1") == []
+    assert storage.templates.list_for_subject(T, "s1") == []
+    assert storage.devices.list_for_subject(T, "s1") == []
+
+    with storage.transaction() as tx:
+        tx.subjects.record_consent(consent())
+        tx.templates.put(template())
+        assert tx.templates.get(T, "s1", "face", "m1") is not None  # reads see the open transaction
+    assert len(storage.templates.list_for_subject(T, "s1")) == 1
+
+
+def populate(storage: SqlStorage, subject: str) -> None:
+    storage.subjects.record_consent(consent(subject))
+    storage.subjects.record_consent(consent(subject, purpose="biometric_identification"))
+    storage.subjects.set_phone(T, subject, b"enc", "k1")
+    storage.templates.put(template(subject))
+    storage.templates.put(template(subject, modality="voice", channel="wideband"))
+    storage.templates.put(template(subject, modality="voice", channel="telephone"))
+    storage.devices.add(DeviceRecord(T, subject, "fp1"))
+    storage.devices.add(DeviceRecord(T, subject, "fp2"))
+    storage.otp.create(OtpRecord("sess", T, subject, "h", NOW))
+    storage.auth_sessions.create(AuthSessionRecord(T, subject, {}, NOW))
+    storage.challenges.create(ChallengeRecord(T, subject, "liveness", {}, NOW))
+
+
+def test_erase_subject_removes_everything_of_the_subject(storage: SqlStorage) -> None:
+    populate(storage, "s1")
+    populate(storage, "s2")
+    counts = storage.erase_subject(T, "s1")
+    assert counts == ErasureCounts(templates=3, devices=2, otp=1, sessions=1, challenges=1, consents=2,
+                                   contact_erased=True)
+    assert storage.templates.list_for_subject(T, "s1") == []
+    assert storage.devices.list_for_subject(T, "s1", include_revoked=True) == []
+    assert storage.subjects.get_consents(T, "s1") == []
+    assert storage.subjects.get_phone(T, "s1") is None
+    with storage.db.transaction() as s:
+        for table in ("subjects", "otp_challenges", "auth_sessions", "challenges"):
+            assert s.one(f"SELECT COUNT(*) FROM {table} WHERE subject_id = 's1'")[0] == 0
+            assert s.one(f"SELECT COUNT(*) FROM {table} WHERE subject_id = 's2'")[0] == 1
+    assert len(storage.templates.list_for_subject(T, "s2")) == 3
+    assert storage.erase_subject(T, "s1") == ErasureCounts(0, 0, 0, 0, 0, 0, False)
+
+
+def test_purge_expired(storage: SqlStorage) -> None:
+    storage.otp.create(OtpRecord("sess", T, "s1", "h", NOW))
+    storage.otp.create(OtpRecord("sess", T, "s1", "h", NOW + timedelta(hours=1)))
+    storage.auth_sessions.create(AuthSessionRecord(T, "s1", {}, NOW))
+    storage.challenges.create(ChallengeRecord(T, "s1", "digits", {}, NOW - timedelta(seconds=1)))
+    storage.rate_limits.hit("k", 60, 5, NOW - timedelta(minutes=5))
+    storage.rate_limits.hit("k2", 60, 5, NOW)
+    assert storage.purge_expired(NOW) == 4
+    assert storage.purge_expired(NOW) == 0
+
+
+def test_naive_datetimes_are_refused(storage: SqlStorage) -> None:
+    with pytest.raises(ValueError, match="naive"):
+        storage.otp.create(OtpRecord("sess", T, "s1", "h", datetime(2031, 1, 1)))
