@@ -1,0 +1,96 @@
+"""``biogate audit ...``: verify, export-public-key, export-checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .signing import AuditSigner, load_public_key
+from .verify import verify
+
+if TYPE_CHECKING:
+    from services.common.config import Settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    audit = subparsers.add_parser("audit", help="the tamper-evident audit trail")
+    sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("verify", help="check the hash chain, checkpoints and signed head")
+    p.add_argument("--public-key", type=Path, help="PEM public key (default: from the signing key)")
+    p.add_argument(
+        "--checkpoints", type=Path,
+        help="file of 'SEQ HASH' lines kept outside the database (from export-checkpoints)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every", type=int,
+        help="require a checkpoint at every multiple (default: audit.checkpoint_every; 0: off)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export-public-key", help="the PEM public key that verifies the trail")
+    p.add_argument("--out", type=Path, help="write here instead of standard output")
+    p.set_defaults(func=cmd_export_public_key)
+
+    p = sub.add_parser(
+        "export-checkpoints", help="'SEQ HASH' lines of the signed checkpoints, for WORM storage"
+    )
+    p.set_defaults(func=cmd_export_checkpoints)
+
+
+def _storage(settings: Settings):
+    from services.common.storage import open_storage
+
+    return open_storage(settings.storage_dsn, settings.storage)
+
+
+def _read_checkpoints(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            seq, hash_ = line.split()[:2]
+            out.append((int(seq), hash_))
+    return out
+
+
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    key_file = getattr(args, "public_key", None)
+    if key_file is not None:
+        public_key = load_public_key(Path(key_file).read_bytes())
+    elif settings.audit_signing_key_file.exists():
+        public_key = AuditSigner.load(settings.audit_signing_key_file).public_key
+    else:
+        print(f"no public key: pass --public-key or provide {settings.audit_signing_key_file}", file=sys.stderr)
+        return 2
+    every = getattr(args, "checkpoint_every", None)
+    every = settings.audit.checkpoint_every if every is None else every
+    known = _read_checkpoints(args.checkpoints) if getattr(args, "checkpoints", None) else []
+    storage = _storage(settings)
+    try:
+        report = verify(storage.audit, public_key, known_checkpoints=known, checkpoint_every=every or None)
+    finally:
+        storage.close()
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_export_public_key(settings: Settings, args: argparse.Namespace) -> int:
+    pem = AuditSigner.load_or_create(settings.audit_signing_key_file).public_key_pem()
+    out = getattr(args, "out", None)
+    if out:
+        Path(out).write_bytes(pem)
+    else:
+        sys.stdout.write(pem.decode("ascii"))
+    return 0
+
+
+def cmd_export_checkpoints(settings: Settings, args: argparse.Namespace) -> int:
+    storage = _storage(settings)
+    try:
+        for cp in storage.audit.checkpoints():
+            print(f"{cp.seq} {cp.hash} {cp.ts.isoformat()} {cp.key_id} {cp.signature.hex()}")
+    finally:
+        storage.close()
+    return 0

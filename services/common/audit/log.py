@@ -1,0 +1,82 @@
+"""Appending to the audit trail: pseudonymised, checked, hash-chained and signed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from services.common.privacy import Pseudonymizer
+from services.common.storage.interfaces import AuditAppend, AuditCheckpoint, AuditHead, AuditRow
+
+from .chain import checkpoint_message, head_message, record_hash
+from .guard import AuditDataError, check_details, check_text
+from .signing import AuditSigner
+
+if TYPE_CHECKING:
+    from services.common.config import Settings
+    from services.common.crypto.keyring import Keyring
+    from services.common.storage.interfaces import AuditRepository, Storage
+
+
+class AuditLog:
+    """The one writer of audit records. Thread-safe: the storage serialises appends."""
+
+    def __init__(
+        self,
+        storage_audit: AuditRepository,
+        signer: AuditSigner,
+        pseudonymizer: Pseudonymizer,
+        checkpoint_every: int = 100,
+    ) -> None:
+        if checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be at least 1")
+        self._repo = storage_audit
+        self._signer = signer
+        self._pseudonymize = pseudonymizer
+        self._every = checkpoint_every
+
+    @classmethod
+    def from_settings(cls, settings: Settings, storage: Storage, keyring: Keyring) -> AuditLog:
+        return cls(
+            storage.audit,
+            AuditSigner.load_or_create(settings.audit_signing_key_file),
+            Pseudonymizer(keyring.pseudonym_key()),
+            settings.audit.checkpoint_every,
+        )
+
+    def append(
+        self,
+        event_type: str,
+        actor: str,
+        tenant_id: str | None,
+        subject_id: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> AuditRow:
+        """Write one event. Raises AuditDataError (and writes nothing) if it would carry
+        personal or biometric data; the subject id is stored only as its keyed pseudonym."""
+        if not event_type:
+            raise AuditDataError("event_type is required")
+        for what, text in (("event_type", event_type), ("actor", actor), ("tenant_id", tenant_id)):
+            check_text(what, text)
+        details_json = check_details(details)
+        pseudonym = self._pseudonymize(tenant_id or "", subject_id) if subject_id else None
+
+        def build(next_seq: int, prev_hash: str | None) -> AuditAppend:
+            if (prev_hash is None) != (next_seq == 1):
+                raise RuntimeError(f"audit storage gave seq {next_seq} with prev_hash {prev_hash!r}")
+            ts = datetime.now(timezone.utc)
+            digest = record_hash(next_seq, ts, event_type, actor, tenant_id, pseudonym, details_json, prev_hash)
+            row = AuditRow(next_seq, ts, event_type, actor, tenant_id, pseudonym, details_json, prev_hash, digest)
+            head = AuditHead(next_seq, digest, self._signer.sign(head_message(next_seq, digest)), self._signer.key_id)
+            checkpoint = None
+            if next_seq % self._every == 0:
+                checkpoint = AuditCheckpoint(
+                    next_seq, digest, self._signer.sign(checkpoint_message(next_seq, digest, ts)), self._signer.key_id, ts
+                )
+            return AuditAppend(row, head=head, checkpoint=checkpoint)
+
+        return self._repo.append(build)
+
+
+__all__ = ["AuditLog", "AuditDataError"]

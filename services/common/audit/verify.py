@@ -1,0 +1,146 @@
+"""Checking the audit trail end to end with the signing public key.
+
+What is detected: a record changed in any column (its hash no longer matches), a record
+deleted, inserted or moved (the next record's ``prev_hash`` no longer links), the first records
+dropped (the chain does not start at seq 1 from the genesis hash), the last records dropped or
+appended without the key (the signed head no longer names the last record), and any head or
+checkpoint whose signature does not verify or that disagrees with the record it names.
+
+Residual risk: someone with write access to the database who kept an *older* signed head can
+truncate the trail back to that head and put the old head back; the result verifies. The
+signing key does not help, because the old head was genuinely signed. Mitigation: ship every
+checkpoint (and periodically the head) to storage the database administrator cannot rewrite —
+WORM object storage or a separate log service — and compare: a trail that ends before the
+newest shipped checkpoint was truncated. ``verify(..., known_checkpoints=...)`` takes those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .chain import checkpoint_message, head_message, row_hash
+from .signing import key_map
+
+if TYPE_CHECKING:
+    from services.common.storage.interfaces import AuditRepository
+
+MAX_PROBLEMS = 1000  # beyond this the report only counts
+
+
+@dataclass
+class VerifyReport:
+    records_checked: int = 0
+    checkpoints_checked: int = 0
+    head_seq: int | None = None
+    problems: list[str] = field(default_factory=list)
+    more_problems: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, problem: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(problem)
+        else:
+            self.more_problems += 1
+
+    def render(self) -> str:
+        lines = [
+            f"audit trail: {'OK' if self.ok else 'FAILED'}; {self.records_checked} records, "
+            f"{self.checkpoints_checked} checkpoints, head at seq {self.head_seq}"
+        ]
+        lines += [f"  {p}" for p in self.problems]
+        if self.more_problems:
+            lines.append(f"  ... and {self.more_problems} more problems")
+        return "\n".join(lines)
+
+
+def _signature_ok(keys: dict[str, Ed25519PublicKey], key_id: str, signature: bytes, message: bytes) -> str | None:
+    key = keys.get(key_id)
+    if key is None:
+        return f"signed with unknown key {key_id!r}"
+    try:
+        key.verify(bytes(signature), message)
+    except InvalidSignature:
+        return "bad signature"
+    return None
+
+
+def verify(
+    storage_audit: AuditRepository,
+    public_key: Ed25519PublicKey | Iterable[Ed25519PublicKey],
+    known_checkpoints: Iterable[tuple[int, str]] = (),
+    checkpoint_every: int | None = None,
+    batch: int = 1000,
+) -> VerifyReport:
+    """Walk the whole trail.
+
+    ``known_checkpoints``: (seq, hash) pairs kept outside the database. ``checkpoint_every``:
+    also require a checkpoint at every multiple of it (only if it never changed).
+    """
+    keys = key_map(public_key)
+    report = VerifyReport()
+    checkpoints = {cp.seq: cp for cp in storage_audit.checkpoints()}
+    external = dict(known_checkpoints)
+    expected_seq, prev, last = 1, None, None  # the first record's prev_hash is NULL
+
+    for row in storage_audit.iter_records(from_seq=1, batch=batch):
+        report.records_checked += 1
+        if row.seq != expected_seq:
+            if last is None:
+                report.add(f"seq {row.seq}: the trail starts here; records 1..{row.seq - 1} were dropped")
+            elif row.seq > expected_seq:
+                report.add(f"seq {row.seq}: records {expected_seq}..{row.seq - 1} are missing (deleted)")
+            else:
+                report.add(f"seq {row.seq}: out of order after seq {last.seq}")
+        if row_hash(row) != row.hash:
+            report.add(f"seq {row.seq}: content does not match its hash (record modified)")
+        if row.prev_hash != prev:
+            report.add(
+                f"seq {row.seq}: prev_hash does not link to the previous record "
+                "(a record was deleted, inserted, reordered or modified)"
+            )
+        cp = checkpoints.get(row.seq)
+        if cp is None and checkpoint_every and row.seq % checkpoint_every == 0:
+            report.add(f"seq {row.seq}: its checkpoint is missing")
+        if cp is not None and cp.hash != row.hash:
+            report.add(f"seq {row.seq}: the checkpoint names another hash than the record has")
+        if row.seq in external and external[row.seq] != row.hash:
+            report.add(f"seq {row.seq}: does not match the externally kept checkpoint")
+        expected_seq, prev, last = row.seq + 1, row.hash, row
+
+    for seq, cp in sorted(checkpoints.items()):
+        report.checkpoints_checked += 1
+        bad = _signature_ok(keys, cp.key_id, cp.signature, checkpoint_message(cp.seq, cp.hash, cp.ts))
+        if bad:
+            report.add(f"checkpoint seq {seq}: {bad}")
+        if last is None or seq > last.seq:
+            report.add(f"checkpoint seq {seq}: the record it signs is missing (trail truncated)")
+    newest_external = max(external, default=0)
+    if newest_external > (last.seq if last else 0):
+        report.add(f"seq {newest_external}: an externally kept checkpoint is beyond the end of the trail (truncated)")
+
+    head = storage_audit.head()
+    report.head_seq = head.seq if head else None
+    if head is None:
+        if last is not None:
+            report.add(f"seq {last.seq}: there is no signed head")
+        return report
+    bad = _signature_ok(keys, head.key_id, head.signature, head_message(head.seq, head.hash))
+    if bad:
+        report.add(f"head seq {head.seq}: {bad}")
+    if last is None:
+        report.add(f"head seq {head.seq}: the trail is empty (all records dropped)")
+    elif head.seq > last.seq:
+        report.add(f"head seq {head.seq}: the trail ends at seq {last.seq}; the last record(s) were dropped")
+    elif head.seq < last.seq:
+        report.add(f"seq {head.seq + 1}..{last.seq}: records after the signed head (appended without the key)")
+    elif head.hash != last.hash:
+        report.add(f"head seq {head.seq}: names another hash than the last record has")
+    return report
