@@ -1,0 +1,231 @@
+"""`biogate eval` and `biogate calibrate`.
+
+eval       run a scorer over a trial list (or all pairs of MANIFEST.csv, or a PAD list) and write
+           report.json, scores.json and PNG plots to --out.
+calibrate  fit thresholds for target FMRs (APCERs for PAD) and an LLR map from an eval's
+           scores.json, and write the record into the model manifest for --model / --channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from services.common.config import PROJECT_ROOT, Settings
+
+from . import calibration as cal
+from . import metrics as m
+from .report import (
+    REPORT_FILE,
+    SCORES_FILE,
+    pad_report,
+    verification_report,
+    write_json,
+    write_pad_outputs,
+    write_verification_outputs,
+)
+from .runner import run_pad, run_verification
+from .scorers import Mode, Scorer, ScorerOptions, get_scorer_factory, register_scorer
+from .trials import all_pairs, read_manifest, read_pad, read_trials
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
+
+# Where each scorer lives: "module:factory", imported only when that scorer is asked for.
+# Services may also call register_scorer() themselves; a registered factory wins.
+# Remote ("--target host:port") scorers talk gRPC to a running service; none are written yet.
+SCORER_MODULES: dict[tuple[str, str, Mode], str] = {
+    ("face", "verification", "local"): "services.face.evaluation:make_verification_scorer",
+    ("face", "pad", "local"): "services.face.evaluation:make_pad_scorer",
+    ("voice", "verification", "local"): "services.voice.evaluation:make_verification_scorer",
+    ("voice", "pad", "local"): "services.voice.evaluation:make_pad_scorer",
+}
+
+SCORE_NAMES = {"verification": "cosine", "pad": "p_bonafide"}
+
+
+class ScorerUnavailable(LookupError):
+    pass
+
+
+def load_scorer(modality: str, task: str, options: ScorerOptions) -> Scorer:
+    mode: Mode = "remote" if options.target else "local"
+    factory = get_scorer_factory(modality, task, mode)
+    if factory is None:
+        spec = SCORER_MODULES.get((modality, task, mode))
+        if spec is None:
+            raise ScorerUnavailable(f"no {mode} scorer for {modality} {task}")
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            raise ScorerUnavailable(f"{modality} {task} scorer {spec}: {err}") from err
+        factory = getattr(module, attr, None)
+        if factory is None:
+            raise ScorerUnavailable(f"{module_name} has no {attr}")
+        register_scorer(modality, task, factory, mode)
+    return factory(options)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _load_calibration(settings: Settings, args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.calibration:
+        return json.loads(Path(args.calibration).read_text(encoding="utf-8"))
+    if args.model and args.channel:
+        from services.common.models.store import ModelStore
+
+        record = ModelStore(settings).model(args.model).calibration.get(args.channel)
+        if record is None:
+            raise LookupError(f"model {args.model} has no calibration for channel {args.channel!r}")
+        return record.model_dump(mode="json")
+    return None
+
+
+def _eval(settings: Settings, args: argparse.Namespace) -> int:
+    fixtures = Path(args.fixtures)
+    options = ScorerOptions(settings=settings, channel=args.channel, target=args.target)
+    if args.all_pairs and args.task != "verification":
+        raise ValueError("--all-pairs applies to verification only")
+    if args.all_pairs:
+        source = f"all pairs of {fixtures / 'MANIFEST.csv'} ({args.modality})"
+        items: list[Any] = all_pairs(read_manifest(fixtures), args.modality)
+    else:
+        default = "trials_{}.csv" if args.task == "verification" else "pad_{}.csv"
+        csv_path = Path(args.trials) if args.trials else fixtures / default.format(args.modality)
+        source = _relative(csv_path, fixtures.parent)
+        reader = read_trials if args.task == "verification" else read_pad
+        items = reader(csv_path, fixtures)
+    calibration = _load_calibration(settings, args)
+    scorer = load_scorer(args.modality, args.task, options)
+    score_name = getattr(scorer, "score_name", SCORE_NAMES[args.task])
+    config = {
+        "name": f"{args.modality} {args.task}",
+        "modality": args.modality,
+        "task": args.task,
+        "dataset": source,
+        "all_pairs": bool(args.all_pairs),
+        "channel": args.channel,
+        "target": args.target,
+        "model": args.model,
+        "scorer": type(scorer).__module__ + "." + type(scorer).__qualname__,
+        "score": score_name,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": cal.tool_version().replace("calibrate", "eval"),
+    }
+    out = Path(args.out) if args.out else settings.data_dir / "eval" / f"{args.modality}-{args.task}"
+    if args.task == "verification":
+        run = run_verification(scorer, items)
+        report = verification_report(
+            run, config=config, target_fmrs=args.target_fmr or m.DEFAULT_TARGET_FMRS,
+            operating_fmr=args.operating_rate or 1e-3, calibration=calibration,
+        )
+        files = write_verification_outputs(run, out, report, score_name)
+        summary = [f"EER {report['eer']['eer']:.2%}"] + [
+            f"FNMR@FMR{p['target']:g} {p['fnmr']:.2%}{'' if p['supported'] else ' (unsupported)'}"
+            for p in report["fnmr_at_fmr"]
+        ]
+    else:
+        run = run_pad(scorer, items)
+        report = pad_report(
+            run, config=config, target_apcers=args.target_fmr or m.DEFAULT_TARGET_APCERS,
+            operating_apcer=args.operating_rate or 5e-2, calibration=calibration,
+        )
+        files = write_pad_outputs(run, out, report, score_name)
+        summary = [f"BPNRR {report['non_response']['bpnrr']['rate']}"]
+        if report["eer"] is not None:
+            summary.insert(0, f"PAD EER {report['eer']['eer']:.2%}")
+    print(f"{config['name']}: " + ", ".join(summary))
+    print(f"report: {files['report']}")
+    return 0
+
+
+def _read_scores(path: Path) -> tuple[dict[str, Any], str]:
+    """A scores.json, or a report.json pointing at its scores file; also the dataset name."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    dataset = str(path)
+    if data.get("kind") in ("verification", "pad") and "files" in data:
+        dataset = data.get("config", {}).get("dataset", dataset)
+        data = json.loads((path.parent / data["files"]["scores"]).read_text(encoding="utf-8"))
+    elif (path.parent / REPORT_FILE).is_file():
+        report = json.loads((path.parent / REPORT_FILE).read_text(encoding="utf-8"))
+        dataset = report.get("config", {}).get("dataset", dataset)
+    if data.get("kind") not in ("verification", "pad"):
+        raise ValueError(f"{path}: not a scores or report file from `biogate eval`")
+    return data, dataset
+
+
+def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
+    scores, dataset = _read_scores(Path(args.scores))
+    pad = scores["kind"] == "pad"
+    targets = args.target_fmr or (m.DEFAULT_TARGET_APCERS if pad else m.DEFAULT_TARGET_FMRS)
+    record = cal.calibration_record(
+        scores["bonafide"] if pad else scores["genuine"],
+        scores["attacks"] if pad else scores["impostor"],
+        target_fmrs=targets,
+        dataset=args.dataset or dataset,
+        llr_kind=None if args.llr == "none" else args.llr,
+        score_name=scores.get("score", SCORE_NAMES[scores["kind"]]),
+        prior=args.prior,
+        genuine_failures=0 if pad else int(scores.get("genuine_failures", 0)),
+    )
+    n_impostor = record["trials"]["impostor"]
+    for p in record["operating_points"]:
+        needed = m.rule_of_three(p["target_fmr"])
+        flag = "" if n_impostor >= needed else f"  UNSUPPORTED: needs >= {needed} impostor trials"
+        print(f"target {p['target_fmr']:g}: threshold {p['threshold']:.6g}, "
+              f"FNMR {p['fnmr']:.2%}{flag}")
+    if args.out:
+        print(f"record: {write_json(record, args.out)}")
+    if args.model:
+        from services.common.models.store import ModelStore
+
+        ModelStore(settings).update_calibration(args.model, args.channel, record)
+        print(f"manifest: {args.model} [{args.channel}] calibration updated")
+    elif not args.out:
+        print(json.dumps(record, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="measure a face or voice scorer on a trial list")
+    p.add_argument("--modality", choices=("face", "voice"), required=True)
+    p.add_argument("--task", choices=("verification", "pad"), default="verification")
+    p.add_argument("--trials", help="trials or PAD CSV (default: the fixtures' list for the task)")
+    p.add_argument("--fixtures", default=str(DEFAULT_FIXTURES),
+                   help="the folder the CSV paths are relative to (default: %(default)s)")
+    p.add_argument("--all-pairs", action="store_true",
+                   help="every pair of the modality's verification files in MANIFEST.csv")
+    p.add_argument("--out", help="output folder (default: <data_dir>/eval/<modality>-<task>)")
+    p.add_argument("--target", metavar="HOST:PORT", help="score through a running service")
+    p.add_argument("--channel", help="capture channel, e.g. mobile-selfie or telephony-8k")
+    p.add_argument("--model", help="model id whose manifest calibration gives the threshold")
+    p.add_argument("--calibration", help="calibration record JSON giving the threshold and LLRs")
+    p.add_argument("--target-fmr", type=float, nargs="+",
+                   help="FMR targets to report (APCER targets for PAD)")
+    p.add_argument("--operating-rate", type=float,
+                   help="FMR (APCER) of the operating threshold (default 1e-3; PAD 0.05)")
+    p.set_defaults(func=_eval)
+
+    p = subparsers.add_parser("calibrate", help="fit thresholds and an LLR map from eval scores")
+    p.add_argument("scores", help=f"{SCORES_FILE} or {REPORT_FILE} written by `biogate eval`")
+    p.add_argument("--model", help="model id whose manifest calibration to write")
+    p.add_argument("--channel", default="default", help="capture channel (default: %(default)s)")
+    p.add_argument("--target-fmr", type=float, nargs="+",
+                   help="target FMRs (APCERs for PAD); default 1e-2 1e-3 1e-4 (PAD 0.05 0.01)")
+    p.add_argument("--llr", choices=("logistic", "pav", "none"), default="logistic")
+    p.add_argument("--prior", type=float, default=0.5, help="target prior for the LLR fit")
+    p.add_argument("--dataset", help="dataset name for the record (default: from the report)")
+    p.add_argument("--out", help="also write the record to this JSON file")
+    p.set_defaults(func=_calibrate)

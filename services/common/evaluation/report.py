@@ -1,0 +1,269 @@
+"""Evaluation reports: the metrics of a run as a JSON-ready dict, the scores file that
+``biogate calibrate`` reads, and the plots, all written to one output folder.
+
+Reports hold counts, rates and thresholds only; the scores file holds the comparison scores,
+never samples, embeddings or file contents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import calibration as cal
+from . import metrics as m
+from .plots import MarkedPoint, plot_det, plot_histograms
+from .runner import PadRun, VerificationRun
+
+REPORT_FILE = "report.json"
+SCORES_FILE = "scores.json"
+
+CONVENTIONS = {
+    "decision": "match / bona fide when score >= threshold",
+    "eer": "linear interpolation between the step operating points that bracket FMR = FNMR",
+    "fnmr_at_fmr": "lowest threshold whose FMR <= target; no interpolation, ties never split",
+    "supported": "rule of three: at least ceil(3 / target) scored impostor (attack) trials",
+    "failures": "failed genuine trials count as non-matches in FNMR; failed impostor trials are"
+    " reported but excluded from FMR; PAD non-responses are reported as APNRR / BPNRR",
+}
+
+
+def jsonable(obj: Any) -> Any:
+    """Dataclasses, numpy values and mappings as plain JSON values; inf and NaN become None."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _rate(r: m.FailureRate) -> dict[str, Any]:
+    return {"failures": r.failures, "attempts": r.attempts, "rate": r.rate}
+
+
+def _cllr_section(
+    genuine: np.ndarray, impostor: np.ndarray, calibration: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Cllr of the calibration's LLRs, or of an in-sample logistic fit when there is none."""
+    if genuine.size == 0 or impostor.size == 0:
+        return {"cllr": None, "min_cllr": None, "llr_source": None}
+    if calibration is not None and calibration.get("llr") is not None:
+        llr_map, source = calibration["llr"], "calibration"
+    else:
+        llr_map, source = cal.fit_logistic(genuine, impostor), "fitted_in_sample"
+    return {
+        "cllr": cal.cllr(cal.apply_llr(llr_map, genuine), cal.apply_llr(llr_map, impostor)),
+        "min_cllr": cal.min_cllr(genuine, impostor),
+        "llr_source": source,
+        "llr": llr_map,
+    }
+
+
+def verification_report(
+    run: VerificationRun,
+    *,
+    config: Mapping[str, Any],
+    target_fmrs: Sequence[float] = m.DEFAULT_TARGET_FMRS,
+    operating_fmr: float = 1e-3,
+    calibration: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Metrics of a verification run.
+
+    The operating threshold is the calibration record's for ``operating_fmr`` when one is given,
+    otherwise the one fitted here on the run's own impostor scores (in-sample).
+    """
+    g, i, gf = run.genuine, run.impostor, run.genuine_failures
+    ops = [m.fnmr_at_fmr(g, i, t, gf) for t in target_fmrs]
+    if calibration is not None:
+        threshold, source = cal.threshold_for(calibration, operating_fmr), "calibration"
+    else:
+        threshold, source = m.threshold_at_rate(i, operating_fmr), "fitted_in_sample"
+    at = m.error_rates(g, i, threshold, gf)
+    targets = [r.trial.target for r in run.results]
+    report = {
+        "kind": "verification",
+        "config": dict(config),
+        "counts": {
+            "trials": len(run.results),
+            "genuine": sum(targets),
+            "impostor": len(targets) - sum(targets),
+            "genuine_scored": int(g.size),
+            "impostor_scored": int(i.size),
+            "genuine_failed": gf,
+            "impostor_failed": run.impostor_failures,
+        },
+        "failures": {
+            "fte": _rate(run.fte),
+            "fta": _rate(run.fta),
+            "trials_failed_at_enrolment": run.trials_failed_at_enrolment,
+            "reasons": run.failure_reasons,
+        },
+        "eer": m.eer(g, i, gf),
+        "fnmr_at_fmr": ops,
+        "operating_point": {
+            "source": source,
+            "target_fmr": operating_fmr,
+            "threshold": threshold,
+            "fmr": at.fmr,
+            "fnmr": at.fnmr,
+            "n_impostor": int(i.size),
+            "n_needed": m.rule_of_three(operating_fmr),
+            "supported": i.size >= m.rule_of_three(operating_fmr),
+        },
+        "calibration": _cllr_section(g, i, calibration),
+        "conventions": CONVENTIONS,
+    }
+    return jsonable(report)
+
+
+def pad_report(
+    run: PadRun,
+    *,
+    config: Mapping[str, Any],
+    target_apcers: Sequence[float] = m.DEFAULT_TARGET_APCERS,
+    operating_apcer: float = 5e-2,
+    calibration: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Metrics of a PAD run (ISO/IEC 30107-3). With no attack presentations only the BPCER at
+    a calibrated threshold can be given; attack-dependent figures are then None."""
+    b, attacks = run.bonafide, run.attacks
+    has_attacks = bool(attacks) and b.size > 0
+    if calibration is not None:
+        threshold, source = cal.threshold_for(calibration, operating_apcer), "calibration"
+    elif has_attacks:
+        threshold = m.bpcer_at_apcer(b, attacks, operating_apcer).rates.threshold
+        source = "fitted_in_sample"
+    else:
+        threshold, source = None, None
+    operating: dict[str, Any] = {"source": source, "target_apcer": operating_apcer,
+                                 "threshold": threshold}
+    if threshold is not None and has_attacks:
+        operating |= dataclasses.asdict(m.pad_error_rates(b, attacks, threshold))
+    elif threshold is not None and b.size:
+        operating["bpcer"] = float(np.count_nonzero(b < threshold) / b.size)
+    report = {
+        "kind": "pad",
+        "config": dict(config),
+        "counts": {
+            "presentations": len(run.results),
+            "bonafide": run.bpnrr.attempts,
+            "bonafide_scored": int(b.size),
+            "attacks": {t: run.apnrr(t).attempts for t in run.attack_types},
+            "attacks_scored": {t: int(v.size) for t, v in attacks.items()},
+        },
+        "non_response": {
+            "bpnrr": _rate(run.bpnrr),
+            "apnrr": _rate(run.apnrr()),
+            "apnrr_per_type": {t: _rate(run.apnrr(t)) for t in run.attack_types},
+            "reasons": run.failure_reasons,
+        },
+        "eer": m.pad_eer(b, attacks) if has_attacks else None,
+        "bpcer_at_apcer": [m.bpcer_at_apcer(b, attacks, t) for t in target_apcers]
+        if has_attacks
+        else [],
+        "operating_point": operating,
+        "conventions": CONVENTIONS,
+    }
+    return jsonable(report)
+
+
+def verification_scores(run: VerificationRun, score_name: str = "cosine") -> dict[str, Any]:
+    return {
+        "kind": "verification",
+        "score": score_name,
+        "genuine": run.genuine.tolist(),
+        "impostor": run.impostor.tolist(),
+        "genuine_failures": run.genuine_failures,
+        "impostor_failures": run.impostor_failures,
+    }
+
+
+def pad_scores(run: PadRun, score_name: str = "p_bonafide") -> dict[str, Any]:
+    return {
+        "kind": "pad",
+        "score": score_name,
+        "bonafide": run.bonafide.tolist(),
+        "attacks": {t: v.tolist() for t, v in run.attacks.items()},
+        "bonafide_failures": run.bpnrr.failures,
+        "attack_failures": run.apnrr().failures,
+    }
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _with_report(files: dict[str, Path], report: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Write report.json, naming the other outputs in its ``files`` section."""
+    files["report"] = write_json(dict(report, files={k: v.name for k, v in files.items()}),
+                                 out / REPORT_FILE)
+    return files
+
+
+def write_verification_outputs(
+    run: VerificationRun, out_dir: str | Path, report: dict[str, Any], score_name: str = "cosine"
+) -> dict[str, Path]:
+    """report.json, scores.json, det.png and histogram.png in ``out_dir``."""
+    out = Path(out_dir)
+    op = report["operating_point"]
+    det = m.det_curve(run.genuine, run.impostor, run.genuine_failures)
+    eer = report["eer"]
+    points = [
+        MarkedPoint(f"operating point (FMR target {op['target_fmr']:g})", op["fmr"], op["fnmr"],
+                    op["threshold"]),
+        MarkedPoint("EER", eer["eer"], eer["eer"], eer["threshold"]),
+    ]
+    files = {
+        "det": plot_det([(report["config"].get("name", "system"), det)], out / "det.png", points,
+                        title="DET curve (verification)"),
+        "histogram": plot_histograms(
+            {"genuine": run.genuine, "impostor": run.impostor}, out / "histogram.png",
+            threshold=op["threshold"], title="Comparison scores", xlabel=score_name,
+        ),
+        "scores": write_json(verification_scores(run, score_name), out / SCORES_FILE),
+    }
+    return _with_report(files, report, out)
+
+
+def write_pad_outputs(
+    run: PadRun, out_dir: str | Path, report: dict[str, Any], score_name: str = "p_bonafide"
+) -> dict[str, Path]:
+    """report.json, scores.json, histogram.png and (with attacks) det.png in ``out_dir``."""
+    out = Path(out_dir)
+    op = report["operating_point"]
+    files = {
+        "histogram": plot_histograms(
+            {"bona fide": run.bonafide, **{f"attack: {t}": v for t, v in run.attacks.items()}},
+            out / "histogram.png", threshold=op["threshold"],
+            title="PAD scores (higher = more bona fide)", xlabel=score_name,
+        ),
+        "scores": write_json(pad_scores(run, score_name), out / SCORES_FILE),
+    }
+    if report["eer"] is not None:
+        pooled = np.concatenate(list(run.attacks.values()))
+        det = m.det_curve(run.bonafide, pooled)
+        # On the pooled curve the marker shows the pooled APCER; the report has it per type.
+        pooled_apcer = float(np.count_nonzero(pooled >= op["threshold"]) / pooled.size)
+        points = [MarkedPoint(f"operating point (APCER_max target {op['target_apcer']:g})",
+                              pooled_apcer, op["bpcer"], op["threshold"])]
+        files["det"] = plot_det([("all attacks pooled", det)], out / "det.png", points,
+                                title="DET curve (PAD)", x_name="APCER", y_name="BPCER")
+    return _with_report(files, report, out)
