@@ -24,6 +24,30 @@ def _round_trip_yaml() -> YAML:
     return rt
 
 
+def _deepest_last(node: CommentedMap) -> tuple[CommentedMap, Any]:
+    key = list(node)[-1]
+    child = node[key]
+    if isinstance(child, CommentedMap) and child:
+        return _deepest_last(child)
+    return node, key
+
+
+def _take_trailing(node: CommentedMap) -> Any:
+    parent, key = _deepest_last(node)
+    entry = parent.ca.items.get(key)
+    if entry and len(entry) > 2 and entry[2] is not None:
+        token, entry[2] = entry[2], None
+        return token
+    return None
+
+
+def _put_trailing(node: CommentedMap, token: Any) -> None:
+    if token is not None:
+        parent, key = _deepest_last(node)
+        entry = parent.ca.items.setdefault(key, [None, None, None, None])
+        entry[2] = token
+
+
 def with_calibration(text: str, model_id: str, channel: str, record: dict[str, Any] | None) -> str:
     """``text`` with models[id=model_id].calibration[channel] set to ``record`` (None removes it)."""
     rt = _round_trip_yaml()
@@ -38,7 +62,12 @@ def with_calibration(text: str, model_id: str, channel: str, record: dict[str, A
         model["calibration"] = calibration
     calibration.fa.set_block_style()  # `calibration: {}` was written in flow style
     if record is None:
-        calibration.pop(channel, None)
+        if channel in calibration:
+            # The blank line that ends a model is stored on the deepest last key of its YAML;
+            # removing that key must not take the line with it.
+            trailing = _take_trailing(calibration)
+            del calibration[channel]
+            _put_trailing(calibration if calibration else model, trailing)
     else:
         calibration[channel] = record
     if not calibration:

