@@ -22,8 +22,15 @@ def storage(storage_dsn: str) -> Iterator[SqlStorage]:
     st.close()
 
 
-def python(script: str | Path, *args: str, **popen: object) -> subprocess.Popen:
-    """A child Python process that imports the project (as the services' processes do)."""
+def _python(script: str | Path, *args: str, **popen: object) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
-    cmd = [sys.executable, str(script), *args] if isinstance(script, Path) else [sys.executable, "-c", script, *args]
-    return subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, text=True, **popen)  # type: ignore[call-overload]
+    code = [str(script)] if isinstance(script, Path) else ["-c", script]
+    return subprocess.Popen(  # type: ignore[call-overload]
+        [sys.executable, *code, *args], cwd=PROJECT_ROOT, env=env, text=True, **popen
+    )
+
+
+@pytest.fixture
+def python():
+    """Start a child Python process (a file, or code for -c) that imports the project."""
+    return _python

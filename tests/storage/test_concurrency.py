@@ -1,0 +1,163 @@
+"""Races between threads and processes: single use, atomic counters, compare-and-swap, migrations."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from services.common.storage import (
+    AuditAppend,
+    AuditRow,
+    AuthSessionRecord,
+    ChallengeRecord,
+    ChallengeUsedError,
+    ConcurrentUpdateError,
+    MigrationError,
+    OtpRecord,
+    SqlStorage,
+    TemplateRecord,
+    open_storage,
+)
+from services.common.storage.migrate import load_migrations, migrate
+
+T = "bank-a"
+THREADS = 8
+
+
+def race(n: int, work: Callable[[int], object]) -> list[object]:
+    """Run work(i) on n threads released together; each result or raised exception, in order."""
+    start = threading.Barrier(n)
+    results: list[object] = [None] * n
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = work(i)
+        except Exception as exc:  # collected for the assertions
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_challenge_consumed_by_exactly_one_thread(storage: SqlStorage) -> None:
+    for _ in range(3):
+        ch = storage.challenges.create(
+            ChallengeRecord(T, "s1", "liveness", {"k": 1}, datetime.now(timezone.utc) + timedelta(minutes=1))
+        )
+        results = race(THREADS, lambda i: storage.challenges.consume(ch.nonce, T, "s1", "liveness"))
+        assert sum(r == {"k": 1} for r in results) == 1, results
+        assert sum(isinstance(r, ChallengeUsedError) for r in results) == THREADS - 1, results
+
+
+def test_rate_limit_hits_are_atomic(storage: SqlStorage) -> None:
+    now = datetime(2031, 5, 4, 12, 0, 10, tzinfo=timezone.utc)
+    per_thread, limit = 10, 25
+    results = race(THREADS, lambda i: [storage.rate_limits.hit("login:s1", 3600, limit, now) for _ in range(per_thread)])
+    hits = [h for r in results for h in r]  # type: ignore[union-attr]
+    assert sorted(count for _, count in hits) == list(range(1, THREADS * per_thread + 1))
+    assert sum(allowed for allowed, _ in hits) == limit
+
+
+def test_session_update_has_one_winner_per_version(storage: SqlStorage) -> None:
+    rec = storage.auth_sessions.create(AuthSessionRecord(T, "s1", {"n": 0}, datetime.now(timezone.utc)))
+    results = race(THREADS, lambda i: storage.auth_sessions.update(rec.id, 1, {"n": i}))
+    winners = [r for r in results if isinstance(r, AuthSessionRecord)]
+    assert len(winners) == 1 and winners[0].version == 2
+    assert all(isinstance(r, ConcurrentUpdateError) for r in results if r is not winners[0])
+    assert storage.auth_sessions.get(rec.id) == winners[0]
+
+
+def test_envelope_swap_has_one_winner(storage: SqlStorage) -> None:
+    rec = storage.templates.put(TemplateRecord(T, "s1", "face", "m", "", b"e", "k1", 1))
+    results = race(THREADS, lambda i: storage.templates.replace_envelope(rec.id, "k1", f"e{i}".encode(), f"k2-{i}"))
+    assert results.count(True) == 1 and results.count(False) == THREADS - 1
+    winner = results.index(True)
+    got = storage.templates.get(T, "s1", "face", "m")
+    assert (got.envelope, got.key_id) == (f"e{winner}".encode(), f"k2-{winner}")
+
+
+def test_otp_attempt_budget_holds_under_concurrency(storage: SqlStorage) -> None:
+    now = datetime.now(timezone.utc)
+    otp = storage.otp.create(OtpRecord("sess", T, "s1", "h", now + timedelta(minutes=5), max_attempts=3))
+    results = race(THREADS, lambda i: storage.otp.record_attempt(otp.id, now))
+    assert sorted(r.attempts for r in results if r is not None) == [1, 2, 3]
+    assert storage.otp.get(otp.id).attempts == 3
+
+
+def test_audit_appends_from_threads_form_one_chain(storage: SqlStorage) -> None:
+    def build(seq: int, prev: str | None) -> AuditAppend:
+        return AuditAppend(AuditRow(seq, datetime.now(timezone.utc), "e", "a", T, None, "{}", prev, f"h{seq}"))
+
+    race(THREADS, lambda i: [storage.audit.append(build) for _ in range(5)])
+    rows = list(storage.audit.iter_records())
+    assert [r.seq for r in rows] == list(range(1, THREADS * 5 + 1))
+    assert all(r.prev_hash == (f"h{r.seq - 1}" if r.seq > 1 else None) for r in rows)
+
+
+# --- migrations ----------------------------------------------------------------------------------
+
+
+def applied(storage: SqlStorage) -> list[int]:
+    with storage.db.transaction() as s:
+        return [r[0] for r in s.all("SELECT version FROM schema_migrations ORDER BY version")]
+
+
+def test_migrations_are_idempotent(storage_dsn: str) -> None:
+    versions = [m.version for m in load_migrations("sqlite")]
+    assert versions == [m.version for m in load_migrations("postgres")]
+    first = open_storage(storage_dsn)
+    assert applied(first) == versions
+    assert migrate(first.db) == []  # nothing left to apply
+    first.close()
+    second = open_storage(storage_dsn)
+    assert applied(second) == versions
+    second.close()
+
+
+OPEN_AND_REPORT = """
+import sys
+from services.common.storage import open_storage
+open_storage(sys.argv[1]).close()
+print("opened")
+"""
+
+
+def test_migrations_from_two_processes_at_once(storage_dsn: str, python) -> None:
+    procs = [python(OPEN_AND_REPORT, storage_dsn, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+    assert all(out.strip() == "opened" for out, _ in outs)
+    st = open_storage(storage_dsn)
+    assert applied(st) == [m.version for m in load_migrations(st.dialect)]
+    st.close()
+
+
+def test_an_edited_migration_is_refused(storage_dsn: str) -> None:
+    st = open_storage(storage_dsn)
+    with st.db.transaction() as s:
+        s.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
+    st.close()
+    with pytest.raises(MigrationError, match="changed after it was applied"):
+        open_storage(storage_dsn)
+
+
+def test_sqlite_file_settings(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "biogate.db"
+    st = open_storage(f"sqlite:///{path}")
+    assert path.is_file()
+    with st.db.transaction() as s:
+        assert s.one("PRAGMA journal_mode")[0] == "wal"
+        assert s.one("PRAGMA foreign_keys")[0] == 1
+        assert s.one("PRAGMA busy_timeout")[0] == 10000
+        assert s.one("PRAGMA synchronous")[0] == 2  # FULL
+    st.close()
