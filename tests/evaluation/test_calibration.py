@@ -125,6 +125,8 @@ def test_apply_llr_hand_cases():
     assert cal.apply_llr(record, 0.75) == 0.5
     with pytest.raises(ValueError, match="no LLR map"):
         cal.apply_llr({"operating_points": [], "llr": None}, 0.5)
+    with pytest.raises(ValueError, match="no LLR map"):
+        cal.apply_llr({"operating_points": []}, 0.5)
     with pytest.raises(ValueError, match="kind"):
         cal.apply_llr({"kind": "spline"}, 0.5)
     with pytest.raises(ValueError, match="ascending"):

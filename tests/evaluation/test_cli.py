@@ -151,6 +151,12 @@ def test_eval_rejects_all_pairs_for_pad(settings, synthetic_scorers):
         args.func(settings, args)
 
 
+def test_eval_model_needs_a_channel(settings, synthetic_scorers):
+    args = parse(["eval", "--modality", "face", "--model", "some-model"])
+    with pytest.raises(ValueError, match="--model needs --channel"):
+        args.func(settings, args)
+
+
 def test_calibrate_rejects_other_json(settings, tmp_path: Path):
     (tmp_path / "x.json").write_text('{"hello": 1}')
     args = parse(["calibrate", str(tmp_path / "x.json")])

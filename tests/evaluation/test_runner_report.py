@@ -19,7 +19,7 @@ from services.common.evaluation import calibration as cal
 from services.common.evaluation import metrics as m
 from services.common.evaluation import report as rp
 from services.common.evaluation.runner import run_pad, run_verification
-from services.common.evaluation.scorers import Failure, PadScorer, VerificationScorer
+from services.common.evaluation.scorers import PadScorer, VerificationScorer
 from services.common.evaluation.trials import all_pairs, read_manifest, read_pad, read_trials
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -148,7 +148,7 @@ def apply_llr(calibration: Mapping[str, Any], score: ArrayLike) -> Any:
 
     Returns a float for a scalar score, an array for an array of scores.
     """
-    m = calibration["llr"] if "operating_points" in calibration else calibration
+    m = calibration.get("llr") if "operating_points" in calibration else calibration
     if m is None:
         raise ValueError("the calibration record has no LLR map")
     s = np.asarray(score, dtype=np.float64)

@@ -12,7 +12,7 @@ import argparse
 import datetime as dt
 import importlib
 import json
-import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,6 @@ from .report import (
 from .runner import run_pad, run_verification
 from .scorers import Mode, Scorer, ScorerOptions, get_scorer_factory, register_scorer
 from .trials import all_pairs, read_manifest, read_pad, read_trials
-
-log = logging.getLogger(__name__)
 
 DEFAULT_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 
@@ -83,7 +81,9 @@ def _relative(path: Path, root: Path) -> str:
 def _load_calibration(settings: Settings, args: argparse.Namespace) -> dict[str, Any] | None:
     if args.calibration:
         return json.loads(Path(args.calibration).read_text(encoding="utf-8"))
-    if args.model and args.channel:
+    if args.model:
+        if not args.channel:
+            raise ValueError("--model needs --channel: calibrations are kept per channel")
         from services.common.models.store import ModelStore
 
         record = ModelStore(settings).model(args.model).calibration.get(args.channel)
@@ -93,11 +93,17 @@ def _load_calibration(settings: Settings, args: argparse.Namespace) -> dict[str,
     return None
 
 
+def _progress(done: int, total: int) -> None:
+    if done == total or done % 500 == 0:
+        print(f"  {done}/{total}", file=sys.stderr, flush=True)
+
+
 def _eval(settings: Settings, args: argparse.Namespace) -> int:
     fixtures = Path(args.fixtures)
     options = ScorerOptions(settings=settings, channel=args.channel, target=args.target)
     if args.all_pairs and args.task != "verification":
         raise ValueError("--all-pairs applies to verification only")
+    calibration = _load_calibration(settings, args)
     if args.all_pairs:
         source = f"all pairs of {fixtures / 'MANIFEST.csv'} ({args.modality})"
         items: list[Any] = all_pairs(read_manifest(fixtures), args.modality)
@@ -107,7 +113,6 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
         source = _relative(csv_path, fixtures.parent)
         reader = read_trials if args.task == "verification" else read_pad
         items = reader(csv_path, fixtures)
-    calibration = _load_calibration(settings, args)
     scorer = load_scorer(args.modality, args.task, options)
     score_name = getattr(scorer, "score_name", SCORE_NAMES[args.task])
     config = {
@@ -126,7 +131,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     }
     out = Path(args.out) if args.out else settings.data_dir / "eval" / f"{args.modality}-{args.task}"
     if args.task == "verification":
-        run = run_verification(scorer, items)
+        run = run_verification(scorer, items, _progress)
         report = verification_report(
             run, config=config, target_fmrs=args.target_fmr or m.DEFAULT_TARGET_FMRS,
             operating_fmr=args.operating_rate or 1e-3, calibration=calibration,
@@ -137,7 +142,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
             for p in report["fnmr_at_fmr"]
         ]
     else:
-        run = run_pad(scorer, items)
+        run = run_pad(scorer, items, _progress)
         report = pad_report(
             run, config=config, target_apcers=args.target_fmr or m.DEFAULT_TARGET_APCERS,
             operating_apcer=args.operating_rate or 5e-2, calibration=calibration,
