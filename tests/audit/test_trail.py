@@ -1,0 +1,257 @@
+"""The audit trail on real SQLite and PostgreSQL: an intact chain verifies; every kind of
+tampering is caught by ``verify`` and named with its sequence number."""
+
+from __future__ import annotations
+
+import stat
+import threading
+from datetime import timedelta
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from services.common.audit import AuditDataError, AuditSigner, verify
+from services.common.audit.chain import record_hash
+
+N = 12  # checkpoints at 5 and 10, head at 12
+
+
+def _verify(storage, signer, **kw):
+    return verify(storage.audit, signer.public_key, **kw)
+
+
+def _problems_text(report) -> str:
+    return "\n".join(report.problems)
+
+
+def test_intact_chain_verifies(fill, storage, signer, audit_log):
+    assert _verify(storage, signer).ok  # empty trail
+    fill(audit_log, N)
+    report = _verify(storage, signer, checkpoint_every=5)
+    assert report.ok, report.render()
+    assert (report.records_checked, report.checkpoints_checked, report.head_seq) == (N, 2, N)
+    rows = list(storage.audit.iter_records())
+    assert rows[0].prev_hash is None and all(r.prev_hash == p.hash for p, r in zip(rows, rows[1:]))
+    assert [c.seq for c in storage.audit.checkpoints()] == [5, 10]
+
+
+def test_subjects_appear_only_as_pseudonyms(storage, audit_log, pseudonymizer):
+    row = audit_log.append("mfa.otp.sent", "mfa", "bank-a", "cust-0042", {"channel": "sms", "masked_phone": "+86 *** **** 5678"})
+    assert row.subject_pseudonym == pseudonymizer.pseudonymize("bank-a", "cust-0042")
+    stored = storage.audit.last()
+    assert "cust-0042" not in repr(stored)
+    assert stored.details == '{"channel":"sms","masked_phone":"+86 *** **** 5678"}'  # canonical JSON
+    assert audit_log.append("admin.login", "ops", None).subject_pseudonym is None
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        {"phone": "+86 *** **** 5678"},
+        {"id_number": "x"},
+        {"probe": {"embedding": [0.1, 0.2]}},
+        {"face_image": "..."},
+        {"audio": None},
+        {"note": "customer called from 13800138000"},
+        {"note": "身份证 11010519491231002X"},
+        {"note": "mail li.lei@example.cn"},
+        {"account": 6217000010001234569},
+        {"v": [0.01 * i for i in range(16)]},
+        {"v": [[0.1, 0.2, 0.3]] * 2 + [0.1] * 9},
+        {"blob": b"\x89PNG"},
+        {"big": "A" * 5000},
+        {"x": float("nan")},
+        {"x": object()},
+        {"13800138000": True},
+    ],
+)
+def test_personal_or_biometric_details_are_refused(storage, audit_log, details):
+    audit_log.append("ok", "svc", "bank-a")
+    before = storage.audit.last()
+    with pytest.raises(AuditDataError):
+        audit_log.append("face.verify", "svc", "bank-a", "cust-1", details)
+    assert storage.audit.last() == before  # nothing written
+
+
+def test_actor_and_event_are_checked_too(audit_log):
+    with pytest.raises(AuditDataError):
+        audit_log.append("face.verify", "13800138000", "bank-a")
+    with pytest.raises(AuditDataError):
+        audit_log.append("", "svc", "bank-a")
+
+
+def test_ordinary_details_pass(audit_log):
+    row = audit_log.append(
+        "voice.verify", "ivr", "bank-a", "cust-1",
+        {"decision": "reject", "score": 0.4123, "threshold": 0.55, "model_id": "ecapa-tdnn-v1",
+         "reasons": ["LOW_SCORE", "SPOOF_SUSPECTED"], "pad": {"layers": {"aasist": 0.91, "replay": 0.12}},
+         "request_id": "req-8f3a2c", "template_id": "5f0c2d8e9a7b4c1d8e9f0a1b2c3d4e5f", "samples": 3,
+         "image_quality": 0.8, "latency_ms": 41, "ts_ms": 1714566645123},
+    )  # fmt: skip
+    assert row.seq == 1
+
+
+@pytest.mark.parametrize(
+    "column,value",
+    [
+        ("event_type", "face.enroll"),
+        ("actor", "someone-else"),
+        ("tenant_id", "bank-b"),
+        ("subject_pseudonym", "ps1_00000000000000000000000000000000"),
+        ("details", '{"decision":"accept","n":6,"score":0.56}'),
+        ("prev_hash", "0" * 64),
+        ("hash", "f" * 64),
+        ("ts", None),
+    ],
+)
+def test_modified_record_is_detected(fill, storage, signer, audit_log, attacker, column, value):
+    fill(audit_log, N)
+    if column == "ts":
+        row = next(r for r in storage.audit.iter_records() if r.seq == 7)
+        value = attacker.ts(row.ts + timedelta(seconds=1))
+    attacker.execute(f"UPDATE audit_records SET {column} = ? WHERE seq = 7", (value,))
+    report = _verify(storage, signer)
+    assert not report.ok
+    assert "seq 7" in _problems_text(report) or "seq 8" in _problems_text(report), report.render()
+
+
+def test_rewritten_chain_is_caught_by_the_signed_head(fill, storage, signer, audit_log, attacker):
+    """The attacker edits seq 7 and recomputes every hash after it: only the key could re-sign."""
+    fill(audit_log, N)
+    rows = {r.seq: r for r in storage.audit.iter_records()}
+    prev = rows[6].hash
+    for seq in range(7, N + 1):
+        r = rows[seq]
+        details = '{"decision":"accept","n":6,"score":0.99}' if seq == 7 else r.details
+        h = record_hash(seq, r.ts, r.event_type, r.actor, r.tenant_id, r.subject_pseudonym, details, prev)
+        attacker.execute("UPDATE audit_records SET details = ?, prev_hash = ?, hash = ? WHERE seq = ?", (details, prev, h, seq))
+        prev = h
+    report = _verify(storage, signer)
+    text = _problems_text(report)
+    assert "checkpoint names another hash" in text and f"head seq {N}: names another hash" in text
+    # ... and pointing the head (and checkpoint) at the forged hash breaks their signatures.
+    attacker.execute("UPDATE audit_head SET hash = ?", (prev,))
+    attacker.execute("UPDATE audit_checkpoints SET hash = ? WHERE seq = 10", (_hash_at(storage, 10),))
+    text = _problems_text(_verify(storage, signer))
+    assert f"head seq {N}: bad signature" in text and "checkpoint seq 10: bad signature" in text
+
+
+def _hash_at(storage, seq):
+    return next(r.hash for r in storage.audit.iter_records() if r.seq == seq)
+
+
+def test_deleted_record_is_detected(fill, storage, signer, audit_log, attacker):
+    fill(audit_log, N)
+    attacker.execute("DELETE FROM audit_records WHERE seq = 7")
+    text = _problems_text(_verify(storage, signer))
+    assert "seq 8: records 7..7 are missing" in text and "seq 8: prev_hash" in text
+
+
+def test_reordered_records_are_detected(fill, storage, signer, audit_log, attacker):
+    fill(audit_log, N)
+    attacker.execute("UPDATE audit_records SET seq = 1000 WHERE seq = 6")
+    attacker.execute("UPDATE audit_records SET seq = 6 WHERE seq = 7")
+    attacker.execute("UPDATE audit_records SET seq = 7 WHERE seq = 1000")
+    text = _problems_text(_verify(storage, signer))
+    assert "seq 6: content does not match" in text and "seq 7: content does not match" in text
+
+
+def test_dropped_first_records_are_detected(fill, storage, signer, audit_log, attacker):
+    fill(audit_log, N)
+    attacker.execute("DELETE FROM audit_records WHERE seq <= 2")
+    text = _problems_text(_verify(storage, signer))
+    assert "seq 3: the trail starts here; records 1..2 were dropped" in text
+
+
+def test_dropped_last_records_are_detected(fill, storage, signer, audit_log, attacker):
+    fill(audit_log, N)
+    attacker.execute("DELETE FROM audit_records WHERE seq > 10")
+    text = _problems_text(_verify(storage, signer))
+    assert f"head seq {N}: the trail ends at seq 10; the last record(s) were dropped" in text
+    attacker.execute("DELETE FROM audit_head")
+    assert "seq 10: there is no signed head" in _problems_text(_verify(storage, signer))
+
+
+def test_all_records_dropped(fill, storage, signer, audit_log, attacker):
+    fill(audit_log, 3)
+    attacker.execute("DELETE FROM audit_records")
+    assert "the trail is empty" in _problems_text(_verify(storage, signer))
+
+
+def test_truncation_with_a_replayed_older_head_needs_external_checkpoints(fill, storage, signer, audit_log, attacker):
+    """The documented residual risk, and its mitigation."""
+    fill(audit_log, 10)
+    old_head = storage.audit.head()
+    fill(audit_log, 2)
+    shipped = storage.audit.head()  # what the operator shipped to WORM storage
+    attacker.execute("DELETE FROM audit_records WHERE seq > 10")
+    attacker.execute("UPDATE audit_head SET seq = ?, hash = ?, signature = ?", (old_head.seq, old_head.hash, old_head.signature))
+    assert _verify(storage, signer).ok  # undetectable from the database alone
+    report = _verify(storage, signer, known_checkpoints=[(shipped.seq, shipped.hash)])
+    assert "seq 12: an externally kept checkpoint is beyond the end of the trail" in _problems_text(report)
+
+
+def test_bad_checkpoint_signature(fill, storage, signer, audit_log, attacker):
+    fill(audit_log, N)
+    cp = storage.audit.checkpoints()[0]
+    forged = bytes([cp.signature[0] ^ 1]) + cp.signature[1:]
+    attacker.execute("UPDATE audit_checkpoints SET signature = ? WHERE seq = ?", (forged, cp.seq))
+    assert _problems_text(_verify(storage, signer)) == "checkpoint seq 5: bad signature"
+
+
+def test_checkpoint_for_another_hash(fill, storage, signer, audit_log, attacker):
+    fill(audit_log, N)
+    attacker.execute("UPDATE audit_checkpoints SET hash = ? WHERE seq = 5", ("a" * 64,))
+    text = _problems_text(_verify(storage, signer))
+    assert "seq 5: the checkpoint names another hash" in text and "checkpoint seq 5: bad signature" in text
+
+
+def test_missing_checkpoint(fill, storage, signer, audit_log, attacker):
+    fill(audit_log, N)
+    attacker.execute("DELETE FROM audit_checkpoints WHERE seq = 5")
+    assert _verify(storage, signer).ok  # spacing not asserted
+    assert "seq 5: its checkpoint is missing" in _problems_text(_verify(storage, signer, checkpoint_every=5))
+
+
+def test_bad_head_signature(fill, storage, signer, audit_log, attacker):
+    fill(audit_log, N)
+    head = storage.audit.head()
+    attacker.execute("UPDATE audit_head SET signature = ?", (bytes(64),))
+    assert _problems_text(_verify(storage, signer)) == f"head seq {head.seq}: bad signature"
+
+
+def test_signatures_by_another_key(fill, storage, signer, audit_log):
+    fill(audit_log, N)
+    other = Ed25519PrivateKey.generate().public_key()
+    report = verify(storage.audit, other)
+    assert len(report.problems) == 3 and all("unknown key" in p for p in report.problems)
+    assert verify(storage.audit, [other, signer.public_key]).ok
+
+
+def test_concurrent_appends_stay_one_chain(storage, signer, audit_log):
+    errors = []
+
+    def work(t):
+        try:
+            for i in range(8):
+                audit_log.append("svc.event", f"worker-{t}", "bank-a", f"cust-{i}", {"i": i})
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    report = _verify(storage, signer, checkpoint_every=5)
+    assert report.ok and report.records_checked == 32 and report.head_seq == 32, report.render()
+
+
+def test_signing_key_file(tmp_path):
+    path = tmp_path / "k" / "audit.pem"
+    a = AuditSigner.load_or_create(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    b = AuditSigner.load_or_create(path)
+    assert a.key_id == b.key_id and a.key_id.startswith("ed25519:")
+    assert a.public_key_pem().startswith(b"-----BEGIN PUBLIC KEY-----")
