@@ -10,27 +10,27 @@ import pytest
 from services.common.evaluation import trials as tr
 
 
-def test_read_face_trials(fixtures_root: Path):
-    trials = tr.read_trials(fixtures_root / "trials_face.csv")
+def test_read_face_trials(fixtures_dir: Path):
+    trials = tr.read_trials(fixtures_dir / "trials_face.csv")
     assert len(trials) == 257
     assert Counter(t.target for t in trials) == {True: 100, False: 157}
     assert Counter(t.trial_type for t in trials)["impostor_cross_source"] == 44
     first = trials[0]
     assert first.enroll == (
-        fixtures_root / "face/verification/alex_lacamoire/face_recognition_examples_alex-lacamoire.png",
+        fixtures_dir / "face/verification/alex_lacamoire/face_recognition_examples_alex-lacamoire.png",
     )
     assert first.probe.is_file() and first.target and first.enroll_identity == "alex_lacamoire"
 
 
-def test_read_voice_trials(fixtures_root: Path):
-    trials = tr.read_trials(fixtures_root / "trials_voice.csv")
+def test_read_voice_trials(fixtures_dir: Path):
+    trials = tr.read_trials(fixtures_dir / "trials_voice.csv")
     assert len(trials) == 448
     assert sum(t.target for t in trials) == 230
     assert all(t.probe.suffix == ".wav" for t in trials)
 
 
-def test_read_pad(fixtures_root: Path):
-    face = tr.read_pad(fixtures_root / "pad_face.csv")
+def test_read_pad(fixtures_dir: Path):
+    face = tr.read_pad(fixtures_dir / "pad_face.csv")
     assert len(face) == 265
     assert sum(s.bonafide for s in face) == 108
     assert Counter(s.attack_type for s in face if not s.bonafide) == {
@@ -38,12 +38,12 @@ def test_read_pad(fixtures_root: Path):
         "unspecified (F=fake per repo README)": 2,
     }
     assert all(s.attack_type == "" for s in face if s.bonafide)
-    voice = tr.read_pad(fixtures_root / "pad_voice.csv")
+    voice = tr.read_pad(fixtures_dir / "pad_voice.csv")
     assert len(voice) == 112 and all(s.bonafide for s in voice)
 
 
-def test_all_pairs_face(fixtures_root: Path):
-    entries = tr.read_manifest(fixtures_root)
+def test_all_pairs_face(fixtures_dir: Path):
+    entries = tr.read_manifest(fixtures_dir)
     assert len(entries) == 439
     pairs = tr.all_pairs(entries, "face")
     # 62 face verification photos -> C(62, 2); same-identity pairs: sum of C(n_id, 2) = 100.
@@ -54,8 +54,8 @@ def test_all_pairs_face(fixtures_root: Path):
     assert pairs == tr.all_pairs(list(reversed(entries)), "face")  # order-independent
 
 
-def test_all_pairs_voice_includes_combined_tasks_and_skips_unknown(fixtures_root: Path):
-    entries = tr.read_manifest(fixtures_root)
+def test_all_pairs_voice_includes_combined_tasks_and_skips_unknown(fixtures_dir: Path):
+    entries = tr.read_manifest(fixtures_dir)
     pairs = tr.all_pairs(entries, "voice")  # task "verification+pad" counts as verification
     assert len(pairs) == 112 * 111 // 2
     assert sum(p.target for p in pairs) == 10 * 45 + 2 * 15
