@@ -167,9 +167,10 @@ def test_threshold_at_rate_exact_and_with_ties():
 
 
 def test_threshold_at_rate_survives_float_products():
-    # 1e-3 * 3000 is 3.0000000000000004 and 0.07 * 100 is 7.000000000000001 in binary.
+    # 0.07 * 100 is 7.000000000000001 and 0.29 * 100 is 28.999999999999996 in binary.
     imp = np.arange(100, dtype=float)
     assert m.threshold_at_rate(imp, 0.07) == np.nextafter(92.0, np.inf)  # 7 above: 93..99
+    assert m.threshold_at_rate(imp, 0.29) == np.nextafter(70.0, np.inf)  # 29 above: 71..99
 
 
 def test_fnmr_at_fmr_and_supportability():
