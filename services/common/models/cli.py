@@ -7,7 +7,7 @@ import sys
 import time
 
 from ..config import Settings
-from .errors import FetchError, ModelError
+from .errors import ModelError
 from .store import ModelStore
 
 
@@ -16,7 +16,7 @@ def _fetch(settings: Settings, args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         results = store.fetch(args.ids or None, force=args.force)
-    except FetchError as err:
+    except ModelError as err:
         print(f"models fetch: failed\n{err}", file=sys.stderr)
         return 1
     fetched = [r for r in results if r.action == "fetched"]
@@ -31,7 +31,11 @@ def _fetch(settings: Settings, args: argparse.Namespace) -> int:
 
 def _verify(settings: Settings, args: argparse.Namespace) -> int:
     store = ModelStore(settings)
-    problems = store.verify(args.ids or None)
+    try:
+        problems = store.verify(args.ids or None)
+    except ModelError as err:
+        print(f"models verify: {err}", file=sys.stderr)
+        return 1
     for p in problems:
         print(f"problem: {p}")
     if problems:
