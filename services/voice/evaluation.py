@@ -1,0 +1,90 @@
+"""Voice scorers for `biogate eval` (services/common/evaluation): the local pipeline, no server.
+
+Channels (``--channel``):
+  ``wideband`` (default): the file as recorded (16 kHz fixtures);
+  ``telephony-8k``: enrolment and probe both pass through the telephone simulation
+  (300-3400 Hz, 8 kHz G.711 mu-law) and enter the pipeline as raw mu-law bytes, as from the IVR.
+A ``-3s`` suffix (``wideband-3s``, ``telephony-8k-3s``) crops every file to its first 3 s first.
+
+Refused audio is a :class:`Failure` whose reason is the ingest error code in lower case.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import soundfile as sf
+
+from services.common.evaluation.scorers import Failure, ScorerOptions
+from services.common.models import ModelStore
+
+from . import telephone
+from .ingest import AudioError, AudioFormat, Encoding
+from .models import resolve
+from .pipeline import VoicePipeline, VoicePipelineConfig
+
+CHANNELS = ("wideband", "telephony-8k")
+_MULAW_8K = AudioFormat(Encoding.MULAW, 8000)
+
+
+def parse_channel(channel: str | None) -> tuple[bool, float | None]:
+    """-> (telephone simulation, crop seconds)"""
+    name = channel or "wideband"
+    crop = None
+    if name.endswith("-3s"):
+        name, crop = name[:-3], 3.0
+    if name not in CHANNELS:
+        raise ValueError(f"voice channel {channel!r}: expected one of {CHANNELS}, optionally with -3s")
+    return name == "telephony-8k", crop
+
+
+class VoiceVerificationScorer:
+    score_name = "cosine"
+
+    def __init__(self, pipeline: VoicePipeline, telephone_channel: bool = False, crop_s: float | None = None) -> None:
+        self.pipeline, self.telephone_channel, self.crop_s = pipeline, telephone_channel, crop_s
+        self._cache: dict[Path, np.ndarray | Failure] = {}
+
+    def embedding(self, path: Path) -> np.ndarray | Failure:
+        if path not in self._cache:
+            self._cache[path] = self._embed(path)
+        return self._cache[path]
+
+    def _embed(self, path: Path) -> np.ndarray | Failure:
+        x, rate = sf.read(path, dtype="float32", always_2d=True)
+        x = x.mean(axis=1)
+        if self.crop_s:
+            x = x[: int(self.crop_s * rate)]
+        try:
+            if self.telephone_channel:
+                prepared = self.pipeline.prepare(telephone.encode(x, rate), _MULAW_8K)
+            else:
+                prepared = self.pipeline.prepare_samples(x, rate)
+        except AudioError as err:
+            return Failure(err.code.value.lower())
+        return self.pipeline.embed([prepared])[0]
+
+    def enroll(self, paths: Sequence[Path]) -> np.ndarray | Failure:
+        embs = [self.embedding(Path(p)) for p in paths]
+        good = [e for e in embs if not isinstance(e, Failure)]
+        if not good:
+            return next(e for e in embs if isinstance(e, Failure))
+        mean = np.mean(good, axis=0)
+        return mean / np.linalg.norm(mean)
+
+    def score(self, handle: np.ndarray, probe: Path) -> float | Failure:
+        e = self.embedding(Path(probe))
+        return e if isinstance(e, Failure) else float(np.dot(handle, e))
+
+
+def pipeline_from_settings(settings, **overrides) -> VoicePipeline:
+    paths = resolve(ModelStore(settings))
+    return VoicePipeline(VoicePipelineConfig(vad_model=paths.vad, ecapa_model=paths.ecapa_onnx, **overrides))
+
+
+def make_verification_scorer(options: ScorerOptions) -> VoiceVerificationScorer:
+    telephone_channel, crop = parse_channel(options.channel)
+    # Evaluation scores every file it can: the verify minimum of net speech applies to all.
+    return VoiceVerificationScorer(pipeline_from_settings(options.settings), telephone_channel, crop)

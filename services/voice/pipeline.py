@@ -1,0 +1,221 @@
+"""The voice pipeline the VoiceService calls: ingest -> VAD (net speech check) -> ECAPA embedding.
+
+Unary (:meth:`VoicePipeline.analyse`) and streamed (:meth:`VoicePipeline.stream`) audio go through
+the same causal stages (decoder, conditioner, VAD stream), so a stream fed in 20 ms chunks yields
+exactly the embedding of a unary call on the same bytes. For micro-batching across requests, call
+:meth:`prepare` per request and :meth:`embed` on a batch of prepared clips.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .ecapa import EcapaOnnx, EcapaSpeechBrain, SpeakerEmbedder
+from .ingest import (
+    AudioError,
+    AudioFormat,
+    Conditioner,
+    ErrorCode,
+    IngestedAudio,
+    IngestLimits,
+    RawDecoder,
+    decode,
+)
+from .vad import SileroVad, VadParams, VadResult, VadStream
+
+Purpose = Literal["enroll", "verify"]
+FloatArray = NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class VoicePipelineConfig:
+    vad_model: Path  # silero_vad.onnx (v6)
+    ecapa_model: Path  # the exported ONNX file (backend "onnx") or the SpeechBrain model directory
+    ecapa_backend: Literal["onnx", "speechbrain"] = "onnx"
+    providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    threads: int = 1  # intra-op threads per worker (torch and ONNX Runtime)
+    # Net speech = Silero segments without padding (pauses over 100 ms excluded): about 70 % of
+    # the duration of read speech.
+    min_net_speech_enroll_s: float = 2.0  # per utterance
+    min_net_speech_verify_s: float = 1.0
+    stream_target_net_speech_s: float = 3.0  # an IVR stream is decided once this much has arrived
+    max_duration_s: float = 60.0
+    min_duration_s: float = 0.5
+    max_bytes: int = 16 * 1024 * 1024
+    silence_dbfs: float = -60.0
+    max_clipped_fraction: float = 0.05
+    vad_threshold: float = 0.5
+    max_batch: int = 64
+    max_pad_ratio: float = 0.0  # see EcapaOnnx: > 0 pads clips of unequal length into one batch
+
+    @property
+    def limits(self) -> IngestLimits:
+        return IngestLimits(max_bytes=self.max_bytes, max_duration_s=self.max_duration_s,
+                            min_duration_s=self.min_duration_s, silence_dbfs=self.silence_dbfs,
+                            max_clipped_fraction=self.max_clipped_fraction)
+
+    def min_net_speech(self, purpose: Purpose) -> float:
+        return self.min_net_speech_enroll_s if purpose == "enroll" else self.min_net_speech_verify_s
+
+
+@dataclass(frozen=True)
+class PreparedAudio:
+    """A clip that passed every check: the conditioned 16 kHz audio and its speech segments."""
+
+    audio: IngestedAudio
+    vad: VadResult
+
+    @property
+    def samples(self) -> FloatArray:
+        return self.audio.samples
+
+    @property
+    def channel(self) -> str:
+        return self.audio.channel
+
+    @property
+    def net_speech_s(self) -> float:
+        return self.vad.speech_s
+
+
+@dataclass(frozen=True)
+class VoiceSample:
+    embedding: FloatArray  # L2-normalised, 192-d
+    audio: PreparedAudio = field(repr=False)
+
+    @property
+    def net_speech_s(self) -> float:
+        return self.audio.net_speech_s
+
+    @property
+    def channel(self) -> str:
+        return self.audio.channel
+
+
+class _Chain:
+    """Conditioner -> VAD stream, collecting the conditioned audio."""
+
+    def __init__(self, pipeline: VoicePipeline, sample_rate: int, full_scale: float, purpose: Purpose) -> None:
+        self.pipeline, self.purpose = pipeline, purpose
+        self.cond = Conditioner(sample_rate, full_scale, pipeline.config.limits)
+        self.vad: VadStream = pipeline.vad.stream()
+        self.parts: list[FloatArray] = []
+
+    def push(self, x: FloatArray) -> None:
+        y = self.cond.push(x)
+        self.vad.push(y)
+        self.parts.append(y)
+
+    def finish(self) -> PreparedAudio:
+        tail = self.cond.finish()
+        self.vad.push(tail)
+        self.parts.append(tail)
+        samples = np.concatenate(self.parts)
+        quality = self.cond.check(samples)
+        vad = self.vad.finish()
+        need = self.pipeline.config.min_net_speech(self.purpose)
+        if vad.speech_s <= 0.0:
+            raise AudioError(ErrorCode.NO_SPEECH, "no speech detected", net_speech_s=0.0, min_net_speech_s=need)
+        if vad.speech_s < need:
+            raise AudioError(ErrorCode.LOW_NET_SPEECH,
+                             f"{vad.speech_s:.2f} s of net speech, {need:g} s needed to {self.purpose}",
+                             net_speech_s=round(vad.speech_s, 2), min_net_speech_s=need)
+        return PreparedAudio(IngestedAudio(samples, self.cond.sample_rate, quality), vad)
+
+
+class VoicePipeline:
+    def __init__(self, config: VoicePipelineConfig, vad: SileroVad | None = None,
+                 embedder: SpeakerEmbedder | None = None) -> None:
+        self.config = config
+        self.vad = vad or SileroVad(config.vad_model, VadParams(threshold=config.vad_threshold))
+        if embedder is None:
+            if config.ecapa_backend == "onnx":
+                embedder = EcapaOnnx(config.ecapa_model, providers=config.providers, threads=config.threads,
+                                     max_batch=config.max_batch, max_pad_ratio=config.max_pad_ratio)
+            else:
+                embedder = EcapaSpeechBrain(config.ecapa_model, threads=config.threads)
+        self.embedder = embedder
+
+    @property
+    def provider(self) -> str:
+        return self.embedder.provider
+
+    def prepare(self, data: bytes, fmt: AudioFormat = AudioFormat(), purpose: Purpose = "verify") -> PreparedAudio:
+        """Decode and check one clip (raises :class:`AudioError`); no embedding yet."""
+        decoded = decode(data, fmt, self.config.limits)
+        return self.prepare_samples(decoded.samples, decoded.sample_rate, purpose, decoded.full_scale)
+
+    def prepare_samples(self, samples: FloatArray, sample_rate: int, purpose: Purpose = "verify",
+                        full_scale: float = 1.0) -> PreparedAudio:
+        chain = _Chain(self, sample_rate, full_scale, purpose)
+        chain.push(np.asarray(samples, dtype=np.float32))
+        return chain.finish()
+
+    def embed(self, prepared: Sequence[PreparedAudio]) -> FloatArray:
+        """L2-normalised embeddings [N, 192] of prepared clips (one batched call)."""
+        if not prepared:
+            return np.zeros((0, self.embedder.dim), np.float32)
+        e = self.embedder.embed_batch([p.samples for p in prepared])
+        return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+
+    def analyse(self, data: bytes, fmt: AudioFormat = AudioFormat(), purpose: Purpose = "verify") -> VoiceSample:
+        prepared = self.prepare(data, fmt, purpose)
+        return VoiceSample(self.embed([prepared])[0], prepared)
+
+    def stream(self, fmt: AudioFormat, purpose: Purpose = "verify") -> VoiceStream:
+        return VoiceStream(self, fmt, purpose)
+
+    def warmup(self) -> None:
+        """Run every model once so that the first request does not pay for lazy initialisation."""
+        t = np.arange(16000, dtype=np.float32) / 16000
+        x = (0.1 * np.sin(2 * math.pi * 220 * t)).astype(np.float32)
+        self.vad(x)
+        self.embedder.embed(x)
+
+
+class VoiceStream:
+    """IVR accumulator: feed raw LINEAR16 / G.711 chunks (any size; 20-100 ms typical).
+
+    ``feed`` returns True once ``stream_target_net_speech_s`` of net speech has arrived; then (or at
+    the end of the stream) ``finish`` checks the audio received so far and ``sample`` embeds it.
+    """
+
+    def __init__(self, pipeline: VoicePipeline, fmt: AudioFormat, purpose: Purpose = "verify") -> None:
+        self.pipeline = pipeline
+        self._decoder = RawDecoder(fmt)
+        self._chain = _Chain(pipeline, self._decoder.sample_rate, self._decoder.full_scale, purpose)
+        self._finished: PreparedAudio | None = None
+
+    @property
+    def net_speech_s(self) -> float:
+        return self._chain.vad.speech_s
+
+    @property
+    def duration_s(self) -> float:
+        return self._chain.cond.duration_s
+
+    @property
+    def ready(self) -> bool:
+        return self.net_speech_s >= self.pipeline.config.stream_target_net_speech_s
+
+    def feed(self, chunk: bytes) -> bool:
+        if self._finished is not None:
+            raise RuntimeError("the stream is finished")
+        self._chain.push(self._decoder.decode(chunk))
+        return self.ready
+
+    def finish(self) -> PreparedAudio:
+        if self._finished is None:
+            self._decoder.finish()
+            self._finished = self._chain.finish()
+        return self._finished
+
+    def sample(self) -> VoiceSample:
+        prepared = self.finish()
+        return VoiceSample(self.pipeline.embed([prepared])[0], prepared)
