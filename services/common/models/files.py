@@ -80,7 +80,9 @@ class VerifiedStamps:
         return data if isinstance(data, dict) else {}
 
     def _write(self) -> None:
-        write_text_atomic(self._path, json.dumps(self._data, indent=1, sort_keys=True))
+        # A service may run with a read-only cache: it then hashes on each start, nothing worse.
+        with contextlib.suppress(OSError):
+            write_text_atomic(self._path, json.dumps(self._data, indent=1, sort_keys=True))
 
     def known_sha256(self, name: str, path: Path) -> str | None:
         entry = self._data.get(name)
