@@ -31,8 +31,6 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
 
 from .metrics import FloatArray, as_scores, error_rates, threshold_at_rate
 
@@ -90,6 +88,8 @@ def fit_logistic(
     if sd == 0.0:
         # Every score identical: the scores carry no evidence.
         return {"kind": "logistic", "a": 0.0, "b": 0.0}
+    from sklearn.linear_model import LogisticRegression  # fitting only: services apply records without it
+
     model = LogisticRegression(C=C, solver="lbfgs", max_iter=1000)
     model.fit(((x - mu) / sd).reshape(-1, 1), y, sample_weight=w)
     a_z, c_z = float(model.coef_[0, 0]), float(model.intercept_[0])
@@ -106,6 +106,8 @@ def _pav_levels(
     y = np.concatenate([np.ones(genuine.size), np.zeros(impostor.size)])
     wg, wi = _prior_weights(genuine.size, impostor.size, prior)
     w = np.concatenate([np.full(genuine.size, wg), np.full(impostor.size, wi)])
+    from sklearn.isotonic import IsotonicRegression
+
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
     iso.fit(x, y, sample_weight=w)
     xs = np.unique(x)

@@ -20,15 +20,6 @@ from services.common.config import PROJECT_ROOT, Settings
 
 from . import calibration as cal
 from . import metrics as m
-from .report import (
-    REPORT_FILE,
-    SCORES_FILE,
-    pad_report,
-    verification_report,
-    write_json,
-    write_pad_outputs,
-    write_verification_outputs,
-)
 from .runner import run_pad, run_verification
 from .scorers import Mode, Scorer, ScorerOptions, get_scorer_factory, register_scorer
 from .trials import all_pairs, read_manifest, read_pad, read_trials
@@ -99,6 +90,7 @@ def _progress(done: int, total: int) -> None:
 
 
 def _eval(settings: Settings, args: argparse.Namespace) -> int:
+    from .report import pad_report, verification_report, write_pad_outputs, write_verification_outputs  # matplotlib: only when reporting
     fixtures = Path(args.fixtures)
     options = ScorerOptions(settings=settings, channel=args.channel, target=args.target)
     if args.all_pairs and args.task != "verification":
@@ -158,6 +150,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
 
 def _read_scores(path: Path) -> tuple[dict[str, Any], str]:
     """A scores.json, or a report.json pointing at its scores file; also the dataset name."""
+    from .report import REPORT_FILE  # matplotlib: only when reporting
     data = json.loads(path.read_text(encoding="utf-8"))
     dataset = str(path)
     if data.get("kind") in ("verification", "pad") and "files" in data:
@@ -172,6 +165,7 @@ def _read_scores(path: Path) -> tuple[dict[str, Any], str]:
 
 
 def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
+    from .report import write_json  # matplotlib: only when reporting
     scores, dataset = _read_scores(Path(args.scores))
     pad = scores["kind"] == "pad"
     targets = args.target_fmr or (m.DEFAULT_TARGET_APCERS if pad else m.DEFAULT_TARGET_FMRS)
@@ -204,6 +198,7 @@ def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .report import REPORT_FILE, SCORES_FILE  # matplotlib: only when reporting
     p = subparsers.add_parser("eval", help="measure a face or voice scorer on a trial list")
     p.add_argument("--modality", choices=("face", "voice"), required=True)
     p.add_argument("--task", choices=("verification", "pad"), default="verification")
