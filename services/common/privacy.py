@@ -121,17 +121,22 @@ def luhn_valid(digits: str) -> bool:
 _L = r"(?<![A-Za-z0-9_.\-])"
 _R = r"(?![A-Za-z0-9_\-]|\.\d)"
 
-_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"), "[email]"),
-    (re.compile(_L + _CN_ID_SHAPE.pattern + _R), "[id-number]"),
+_EMAIL_IN_TEXT = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
+# One pass for everything numeric; at each position the first alternative that matches wins.
+# The leading lookahead makes the scan skip every position that cannot start a number.
+_NUMBERS = re.compile(
+    r"(?=[+0-9])(?:"
+    rf"(?P<id>{_L}{_CN_ID_SHAPE.pattern}{_R})"
     # E.164, also written with single spaces/dashes between groups: "+44 20 7946 0958".
-    (re.compile(r"(?<![A-Za-z0-9_+])\+[1-9](?:[ \-]?\d){6,14}(?!\d)"), "[phone]"),
+    r"|(?P<phone>(?<![A-Za-z0-9_+])\+[1-9](?:[ \-]?\d){6,14}(?!\d))"
     # Chinese mobiles, optionally with 86/0086 in front and 3-4-4 grouping.
-    (re.compile(_L + r"(?:(?:00)?86[ \-]?)?1[3-9]\d(?:[ \-]?\d{4}){2}" + _R), "[phone]"),
+    rf"|(?P<mobile>{_L}(?:(?:00)?86[ \-]?)?1[3-9]\d(?:[ \-]?\d{{4}}){{2}}{_R})"
     # Card numbers written in groups of four.
-    (re.compile(_L + r"\d{4}(?:[ \-]\d{4}){2,3}(?:[ \-]\d{1,3})?" + _R), "[number]"),
+    rf"|(?P<card>{_L}\d{{4}}(?:[ \-]\d{{4}}){{2,3}}(?:[ \-]\d{{1,3}})?{_R})"
+    rf"|(?P<long>{_L}\d{{12,}}{_R})"
+    r")"
 )
-_LONG_DIGITS = re.compile(_L + r"\d{12,}" + _R)
+_TAGS = {"id": "[id-number]", "phone": "[phone]", "mobile": "[phone]", "card": "[number]"}
 
 _EPOCH_LO = datetime(2000, 1, 1, tzinfo=timezone.utc).timestamp()
 _EPOCH_HI = datetime(2100, 1, 1, tzinfo=timezone.utc).timestamp()
@@ -151,7 +156,10 @@ def _looks_like_timestamp(digits: str) -> bool:
     return False
 
 
-def _mask_long_digits(m: re.Match[str]) -> str:
+def _mask_number(m: re.Match[str]) -> str:
+    kind = m.lastgroup
+    if kind != "long":
+        return _TAGS[kind]
     digits = m.group(0)
     if 13 <= len(digits) <= 19 and luhn_valid(digits):
         return "[number]"  # a card number wins over a look-alike timestamp
@@ -166,9 +174,9 @@ def redact(text: str) -> str:
     """
     if not text:
         return text
-    for pattern, tag in _REDACTIONS:
-        text = pattern.sub(tag, text)
-    return _LONG_DIGITS.sub(_mask_long_digits, text)
+    if "@" in text:
+        text = _EMAIL_IN_TEXT.sub("[email]", text)
+    return _NUMBERS.sub(_mask_number, text)
 
 
 _SEPARATORS = re.compile(r"[\s\-().]")

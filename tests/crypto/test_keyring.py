@@ -2,6 +2,7 @@ import json
 import os
 import stat
 import threading
+import time
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_malformed_file(tmp_path):
 
 def test_running_service_sees_rotation_without_restart(tmp_path):
     path = tmp_path / "keyring.json"
-    service = EnvelopeCrypto(LocalKeyring(path))  # a service process
+    service = EnvelopeCrypto(LocalKeyring(path, check_interval_s=0))  # a service process
     admin = LocalKeyring(path)  # `biogate keys rotate` in another process
     before = service.encrypt_template(B, b"t1")
     new = admin.add_key()
@@ -55,7 +56,27 @@ def test_running_service_sees_rotation_without_restart(tmp_path):
     assert envelope_key_id(before) != new.key_id
     assert envelope_key_id(after) == new.key_id
     assert service.decrypt_template(B, before) == b"t1"  # the old key stays readable
+    # With an interval, the file is looked at no more often than that.
+    lazy = LocalKeyring(path, check_interval_s=1.0)
+    assert lazy.primary_key_id() == new.key_id
+    admin.add_key()
+    assert lazy.primary_key_id() == new.key_id
+    time.sleep(1.05)
+    assert lazy.primary_key_id() == admin.primary_key_id() != new.key_id
     assert EnvelopeCrypto(admin).decrypt_template(B, after) == b"t2"
+
+
+def test_unknown_key_id_makes_a_lazy_keyring_look_at_once(tmp_path):
+    """A record re-wrapped by a rotation in another process is readable immediately."""
+    path = tmp_path / "keyring.json"
+    lazy = EnvelopeCrypto(LocalKeyring(path, check_interval_s=3600))
+    admin = EnvelopeCrypto(LocalKeyring(path))
+    lazy.keyring.primary_key_id()
+    new = admin.keyring.add_key()
+    moved = admin.rewrap(lazy.encrypt_template(B, b"t"), new.key_id)
+    assert lazy.keyring.primary_key_id() != new.key_id  # not looked yet
+    assert lazy.decrypt_template(B, moved) == b"t"
+    assert lazy.keyring.primary_key_id() == new.key_id
 
 
 def test_rotation_keeps_the_pseudonym_key(tmp_path):

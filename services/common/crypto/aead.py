@@ -30,31 +30,47 @@ def new_key(cipher: str) -> bytes:
     return os.urandom(KEY_BYTES[cipher])
 
 
+class Aead:
+    """One key of one cipher; reusable (a KEK is opened once per keyring load)."""
+
+    __slots__ = ("cipher", "_key", "_aes")
+
+    def __init__(self, cipher: str, key: bytes) -> None:
+        _check_key(cipher, key)
+        self.cipher = cipher
+        self._key = key
+        self._aes = AESGCM(key) if cipher == "AES-256-GCM" else None
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        """nonce || ciphertext || tag."""
+        nonce = os.urandom(NONCE_BYTES)
+        if self._aes is not None:
+            return nonce + self._aes.encrypt(nonce, plaintext, aad)
+        enc = Cipher(algorithms.SM4(self._key), modes.GCM(nonce)).encryptor()
+        enc.authenticate_additional_data(aad)
+        return nonce + enc.update(plaintext) + enc.finalize() + enc.tag
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        if len(sealed) < NONCE_BYTES + TAG_BYTES:
+            raise AeadError("sealed data too short")
+        nonce, body = sealed[:NONCE_BYTES], sealed[NONCE_BYTES:]
+        try:
+            if self._aes is not None:
+                return self._aes.decrypt(nonce, body, aad)
+            ct, tag = body[:-TAG_BYTES], body[-TAG_BYTES:]
+            dec = Cipher(algorithms.SM4(self._key), modes.GCM(nonce, tag)).decryptor()
+            dec.authenticate_additional_data(aad)
+            return dec.update(ct) + dec.finalize()
+        except InvalidTag as exc:
+            raise AeadError("authentication failed") from exc
+
+
 def seal(cipher: str, key: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    """nonce || ciphertext || tag."""
-    _check_key(cipher, key)
-    nonce = os.urandom(NONCE_BYTES)
-    if cipher == "AES-256-GCM":
-        return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
-    enc = Cipher(algorithms.SM4(key), modes.GCM(nonce)).encryptor()
-    enc.authenticate_additional_data(aad)
-    return nonce + enc.update(plaintext) + enc.finalize() + enc.tag
+    return Aead(cipher, key).seal(plaintext, aad)
 
 
 def open_(cipher: str, key: bytes, sealed: bytes, aad: bytes) -> bytes:
-    _check_key(cipher, key)
-    if len(sealed) < NONCE_BYTES + TAG_BYTES:
-        raise AeadError("sealed data too short")
-    nonce, body = sealed[:NONCE_BYTES], sealed[NONCE_BYTES:]
-    try:
-        if cipher == "AES-256-GCM":
-            return AESGCM(key).decrypt(nonce, body, aad)
-        ct, tag = body[:-TAG_BYTES], body[-TAG_BYTES:]
-        dec = Cipher(algorithms.SM4(key), modes.GCM(nonce, tag)).decryptor()
-        dec.authenticate_additional_data(aad)
-        return dec.update(ct) + dec.finalize()
-    except InvalidTag as exc:
-        raise AeadError("authentication failed") from exc
+    return Aead(cipher, key).open(sealed, aad)
 
 
 def _check_key(cipher: str, key: bytes) -> None:

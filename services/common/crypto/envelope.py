@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import struct
 from dataclasses import dataclass
 
@@ -74,14 +73,21 @@ class ContactBinding:
 Binding = TemplateBinding | ContactBinding
 
 
+def _encode(name: str, value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return name.encode("ascii") + b"=" + len(raw).to_bytes(4, "big") + raw  # length-prefixed
+
+
 def _digest(fields: dict[str, str]) -> bytes:
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(b"biogate-binding-v1\x00" + canonical.encode("utf-8")).digest()
+    h = hashlib.sha256(b"biogate-binding-v1\x00")
+    for name, value in fields.items():
+        h.update(_encode(name, value))
+    return h.digest()
 
 
 def _field_tags(fields: dict[str, str]) -> list[bytes]:
     return [
-        hashlib.sha256(f"biogate-field-v1\x00{name}\x00{value}".encode()).digest()[:_TAG_BYTES]
+        hashlib.sha256(b"biogate-field-v1\x00" + _encode(name, value)).digest()[:_TAG_BYTES]
         for name, value in fields.items()
     ]
 

@@ -36,8 +36,9 @@ import os
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -108,6 +109,12 @@ class _Kek:
     cipher: str
     material: bytes
     created: str
+    fingerprint: bytes = field(init=False, repr=False)
+    aead: aead.Aead = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.fingerprint = fingerprint(self.material)
+        self.aead = aead.Aead(self.cipher, self.material)
 
 
 class _KeyringData:
@@ -133,9 +140,10 @@ class _KeyringData:
                 raise KeyringError(f"{source}: not a version 1 BioGate keyring")
             keks = {}
             for k in doc["keys"]:
-                kek = _Kek(k["id"], k["cipher"], base64.b64decode(k["material"]), k["created"])
-                if aead.KEY_BYTES.get(kek.cipher) != len(kek.material):
-                    raise KeyringError(f"{source}: key {kek.key_id!r} has a bad cipher or length")
+                material = base64.b64decode(k["material"])
+                if aead.KEY_BYTES.get(k["cipher"]) != len(material):
+                    raise KeyringError(f"{source}: key {k['id']!r} has a bad cipher or length")
+                kek = _Kek(k["id"], k["cipher"], material, k["created"])
                 keks[kek.key_id] = kek
             pkey = base64.b64decode(doc["pseudonym_key"])
             return cls(doc["primary"], keks, pkey)
@@ -168,11 +176,13 @@ class StaticKeyring:
         self._data = _KeyringData.parse(text, source)
         self._source = source
 
-    def _current(self) -> _KeyringData:
+    def _current(self, force: bool = False) -> _KeyringData:
         return self._data
 
     def _kek(self, key_id: str) -> _Kek:
         kek = self._current().keks.get(key_id)
+        if kek is None:  # perhaps added by a rotation since the last look at the source
+            kek = self._current(force=True).keks.get(key_id)
         if kek is None:
             raise UnknownKeyError(key_id)
         return kek
@@ -189,16 +199,15 @@ class StaticKeyring:
 
     @staticmethod
     def _info(k: _Kek, primary: str) -> KeyInfo:
-        return KeyInfo(k.key_id, k.cipher, k.created, k.key_id == primary, fingerprint(k.material))
+        return KeyInfo(k.key_id, k.cipher, k.created, k.key_id == primary, k.fingerprint)
 
     def wrap(self, key_id: str, data_key: bytes, aad: bytes) -> bytes:
-        kek = self._kek(key_id)
-        return aead.seal(kek.cipher, kek.material, data_key, aad)
+        return self._kek(key_id).aead.seal(data_key, aad)
 
     def unwrap(self, key_id: str, wrapped: bytes, aad: bytes) -> bytes:
         kek = self._kek(key_id)
         try:
-            return aead.open_(kek.cipher, kek.material, wrapped, aad)
+            return kek.aead.open(wrapped, aad)
         except aead.AeadError:
             raise WrongKeyError(f"the data key does not unwrap under key {key_id!r}") from None
 
@@ -217,10 +226,23 @@ class StaticKeyring:
 
 
 class LocalKeyring(StaticKeyring):
-    """A keyring in a 0600 JSON file, created on first use, reloaded when the file changes."""
+    """A keyring in a 0600 JSON file, created on first use, reloaded when the file changes.
 
-    def __init__(self, path: str | os.PathLike[str], cipher: str = "AES-256-GCM", create: bool = True) -> None:
+    The file's stat is checked at most every ``check_interval_s`` (0: on every call), so a
+    rotation made by another process is in use here within that time; an envelope under a key
+    id not yet seen makes it look at once (a record re-wrapped by that rotation).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        cipher: str = "AES-256-GCM",
+        create: bool = True,
+        check_interval_s: float = 0.1,
+    ) -> None:
         self.path = Path(path)
+        self._interval = check_interval_s
+        self._next_check = 0.0
         self._source = str(self.path)
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
@@ -248,8 +270,11 @@ class LocalKeyring(StaticKeyring):
         self._stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
         return data
 
-    def _current(self) -> _KeyringData:
-        # One stat per call: cheap next to the AEAD work, and a rotation shows up at once.
+    def _current(self, force: bool = False) -> _KeyringData:
+        now = time.monotonic()
+        if now < self._next_check and not force:
+            return self._data
+        self._next_check = now + self._interval
         try:
             st = os.stat(self.path)
         except OSError:

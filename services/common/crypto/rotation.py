@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,14 +49,14 @@ def rewrap_all(storage: Storage, keyring: Keyring, target_key_id: str | None = N
     report = RewrapReport(target)
     templates, subjects = storage.templates, storage.subjects
     report.templates_rewrapped = _rewrap_table(
-        crypto, target, report,
+        crypto, target, report, storage.transaction,
         fetch=lambda after: templates.iter_for_rewrap(target, batch, after_id=after or ""),
         cursor=lambda r: r.id,
         name=lambda r: f"template {r.id}",
         swap=lambda r, new: templates.replace_envelope(r.id, r.key_id, new, target, expected_envelope=r.envelope),
     )  # fmt: skip
     report.phones_rewrapped = _rewrap_table(
-        crypto, target, report,
+        crypto, target, report, storage.transaction,
         fetch=lambda after: subjects.iter_phones_for_rewrap(target, batch, after=after or ("", "")),
         cursor=lambda r: (r.tenant_id, r.subject_id),
         name=lambda r: f"phone of {r.tenant_id}/{r.subject_id}",
@@ -74,28 +75,29 @@ def _rewrap_table(
     crypto: EnvelopeCrypto,
     target: str,
     report: RewrapReport,
+    transaction: Callable[[], AbstractContextManager[Any]],
     fetch: Callable[[Any], list[Any]],
     cursor: Callable[[Any], Any],
     name: Callable[[Any], str],
     swap: Callable[[Any, bytes], bool],
 ) -> int:
-    """Passes over the records not under ``target`` until one pass changes nothing."""
+    """Passes over the records not under ``target`` until one pass changes nothing.
+
+    The crypto runs outside any transaction; each batch's swaps are one short transaction.
+    """
     done = 0
     for _ in range(_MAX_ROUNDS):
         after, progressed, seen = None, False, False
         while recs := fetch(after):
-            for rec in recs:
-                if name(rec) in report.failures:
-                    continue
-                seen = True
-                new = _rewrap_one(crypto, rec.envelope, target, name(rec), report)
-                if new is None:
-                    continue
-                if swap(rec, new):
-                    done += 1
-                    progressed = True
-                else:  # a concurrent write won; the next pass sees the record as it is now
-                    report.conflicts += 1
+            todo = [r for r in recs if name(r) not in report.failures]
+            seen = seen or bool(todo)
+            rewrapped = [(r, _rewrap_one(crypto, r.envelope, target, name(r), report)) for r in todo]
+            with transaction():
+                swapped = [swap(r, new) for r, new in rewrapped if new is not None]
+            done += sum(swapped)
+            progressed = progressed or any(swapped)
+            # A lost swap means a concurrent write won; the next pass sees the record as it is now.
+            report.conflicts += swapped.count(False)
             after = cursor(recs[-1])
         if not seen or not progressed:
             break
