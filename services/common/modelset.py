@@ -1,0 +1,20 @@
+"""The active model files of a service's roles, checked against the manifest before serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.common.models import ModelStore
+
+
+def active_model_files(store: ModelStore, roles: tuple[str, ...]) -> dict[str, Path]:
+    """{model id: main file} for every active model of ``roles``; raises ModelUnavailableError
+    (the service stays NOT_SERVING) when one is missing or fails its sha256."""
+    files = {}
+    for spec in store.manifest.models:
+        if spec.active and spec.role in roles:
+            files[spec.id] = store.path(spec.id)
+    problems = store.verify(list(files))
+    if problems:
+        raise RuntimeError("; ".join(str(p) for p in problems))
+    return files

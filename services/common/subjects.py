@@ -1,0 +1,69 @@
+"""Subject operations shared by the face and voice services: enrolment info and erasure of one
+modality's templates, each leaving an audit record."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common import context, errors
+from services.common.api.v1 import common_pb2
+from services.common.runtime import Runtime
+from services.common.storage import TemplateRecord
+from services.common.validation import identifier, subject_ref
+
+MODALITY_NAMES = {common_pb2.MODALITY_FACE: "face", common_pb2.MODALITY_VOICE: "voice"}
+MODALITY_ENUMS = {v: k for k, v in MODALITY_NAMES.items()}
+
+
+def actor() -> str:
+    principal = context.principal.get()
+    return principal.name if principal else "system"
+
+
+def timestamp(value) -> Timestamp:
+    ts = Timestamp()
+    if value is not None:
+        ts.FromDatetime(value)
+    return ts
+
+
+def template_info(rec: TemplateRecord, active_models: set[str]) -> common_pb2.TemplateInfo:
+    return common_pb2.TemplateInfo(
+        modality=MODALITY_ENUMS[rec.modality],
+        model_id=rec.model_id,
+        channel=rec.channel,
+        samples=rec.samples,
+        model_active=rec.model_id in active_models,
+        created_at=timestamp(rec.created_at),
+        updated_at=timestamp(rec.updated_at),
+    )
+
+
+def get_enrollment(rt: Runtime, request: common_pb2.GetEnrollmentRequest, modality: str) -> common_pb2.GetEnrollmentResponse:
+    tenant, subject = subject_ref(request.subject)
+    active = {m.id for m in rt.models.manifest.models if m.active}
+    records = rt.storage.templates.list_for_subject(tenant, subject, modality)
+    return common_pb2.GetEnrollmentResponse(templates=[template_info(r, active) for r in records])
+
+
+def delete_modality(rt: Runtime, request: common_pb2.DeleteSubjectRequest, modality: str) -> common_pb2.DeleteSubjectResponse:
+    tenant, subject = subject_ref(request.subject)
+    reason = identifier(request.reason, "reason") if request.reason else "unspecified"
+    with rt.storage.transaction() as tx:
+        deleted = tx.templates.delete_for_subject(tenant, subject, modality)
+    row = rt.audit.append(
+        f"{modality}.subject_deleted", actor(), tenant, subject,
+        {"templates_deleted": deleted, "reason": reason},
+    )
+    return common_pb2.DeleteSubjectResponse(templates_deleted=deleted, audit_record_id=str(row.seq))
+
+
+def require_consent(rt: Runtime, tenant: str, subject: str, modality: str) -> None:
+    """Enrolment needs a recorded, unwithdrawn consent for biometric verification (PIPL art. 29,
+    GDPR art. 9(2)(a))."""
+    if not rt.storage.subjects.has_active_consent(tenant, subject, "biometric_verification", modality):
+        raise errors.failed_precondition(
+            f"no recorded consent for {modality} biometric verification of this subject; "
+            "record it with MfaService.RecordConsent first",
+            reason="NO_CONSENT",
+        )

@@ -1,0 +1,100 @@
+"""Consent, contact and erasure RPCs of the MfaService (PIPL art. 28/29, GDPR art. 9/17)."""
+
+from __future__ import annotations
+
+import re
+
+from services.common import errors
+from services.common.api.v1 import common_pb2, mfa_pb2
+from services.common.crypto import envelope_key_id
+from services.common.privacy import looks_like_personal_number, mask_phone
+from services.common.runtime import Runtime
+from services.common.storage import ConsentRecord
+from services.common.subjects import MODALITY_ENUMS, MODALITY_NAMES, actor, timestamp
+from services.common.validation import identifier, subject_ref
+
+_E164 = re.compile(r"^\+[1-9]\d{7,14}$")
+
+
+def _purpose(value: int, field: str) -> str:
+    if value == common_pb2.CONSENT_PURPOSE_UNSPECIFIED or value not in common_pb2.ConsentPurpose.values():
+        raise errors.invalid_argument(f"{field} must name a consent purpose", **{field.replace(".", "__"): "unspecified"})
+    return common_pb2.ConsentPurpose.Name(value).removeprefix("CONSENT_PURPOSE_").lower()
+
+
+def _to_proto(rec: ConsentRecord) -> common_pb2.Consent:
+    return common_pb2.Consent(
+        subject=common_pb2.SubjectRef(tenant_id=rec.tenant_id, subject_id=rec.subject_id),
+        purpose=common_pb2.ConsentPurpose.Value("CONSENT_PURPOSE_" + rec.purpose.upper()),
+        modalities=[MODALITY_ENUMS[m] for m in rec.modalities],
+        granted=rec.granted,
+        policy_version=rec.policy_version,
+        evidence_ref=rec.evidence_ref,
+        recorded_at=timestamp(rec.recorded_at),
+        withdrawn_at=timestamp(rec.withdrawn_at) if rec.withdrawn_at else None,
+    )
+
+
+def record_consent(rt: Runtime, request: common_pb2.RecordConsentRequest) -> common_pb2.RecordConsentResponse:
+    c = request.consent
+    tenant, subject = subject_ref(c.subject, "consent.subject")
+    purpose = _purpose(c.purpose, "consent.purpose")
+    modalities = tuple(sorted({MODALITY_NAMES.get(m, "") for m in c.modalities}))
+    if not modalities or "" in modalities:
+        raise errors.invalid_argument("consent.modalities must list face and/or voice", consent__modalities="empty or unspecified")
+    if not c.granted:
+        raise errors.invalid_argument("a consent is recorded as granted; use WithdrawConsent to withdraw", consent__granted="must be true")
+    policy = identifier(c.policy_version, "consent.policy_version")
+    evidence = c.evidence_ref
+    if len(evidence) > 256 or looks_like_personal_number(evidence):
+        raise errors.invalid_argument("consent.evidence_ref must be a reference of at most 256 characters, not personal data",
+                                      consent__evidence_ref="too long or personal data")
+    rec = rt.storage.subjects.record_consent(
+        ConsentRecord(tenant, subject, purpose, modalities, policy, evidence_ref=evidence)
+    )
+    rt.audit.append("consent.recorded", actor(), tenant, subject,
+                    {"purpose": purpose, "modalities": list(modalities), "policy_version": policy})
+    return common_pb2.RecordConsentResponse(consent=_to_proto(rec))
+
+
+def withdraw_consent(rt: Runtime, request: common_pb2.WithdrawConsentRequest) -> common_pb2.WithdrawConsentResponse:
+    tenant, subject = subject_ref(request.subject)
+    purpose = _purpose(request.purpose, "purpose")
+    rec = rt.storage.subjects.withdraw_consent(tenant, subject, purpose)
+    if rec is None:
+        raise errors.not_found("no consent of that purpose is recorded for this subject", reason="NO_CONSENT")
+    rt.audit.append("consent.withdrawn", actor(), tenant, subject, {"purpose": purpose})
+    return common_pb2.WithdrawConsentResponse(consent=_to_proto(rec))
+
+
+def get_consent(rt: Runtime, request: common_pb2.GetConsentRequest) -> common_pb2.GetConsentResponse:
+    tenant, subject = subject_ref(request.subject)
+    return common_pb2.GetConsentResponse(consents=[_to_proto(r) for r in rt.storage.subjects.get_consents(tenant, subject)])
+
+
+def delete_subject(rt: Runtime, request: common_pb2.DeleteSubjectRequest) -> common_pb2.DeleteSubjectResponse:
+    """Erases the subject in every modality in one transaction: templates, devices, OTP state,
+    sessions, challenges, consents and the phone number. The audit record keeps only counts."""
+    tenant, subject = subject_ref(request.subject)
+    reason = identifier(request.reason, "reason") if request.reason else "unspecified"
+    counts = rt.storage.erase_subject(tenant, subject)
+    row = rt.audit.append("subject.erased", actor(), tenant, subject, {
+        "reason": reason, "templates": counts.templates, "devices": counts.devices, "otp": counts.otp,
+        "sessions": counts.sessions, "consents": counts.consents, "contact_erased": counts.contact_erased,
+    })
+    return common_pb2.DeleteSubjectResponse(
+        templates_deleted=counts.templates, devices_deleted=counts.devices,
+        contact_erased=counts.contact_erased, audit_record_id=str(row.seq),
+    )
+
+
+def set_phone_number(rt: Runtime, request: mfa_pb2.SetPhoneNumberRequest) -> mfa_pb2.SetPhoneNumberResponse:
+    tenant, subject = subject_ref(request.subject)
+    phone = request.phone_e164.replace(" ", "")
+    if not _E164.match(phone):
+        raise errors.invalid_argument("phone_e164 must be an E.164 number such as +8613812345678",
+                                      phone_e164="not E.164")
+    envelope = rt.crypto.encrypt_contact(tenant, subject, phone)
+    rt.storage.subjects.set_phone(tenant, subject, envelope, envelope_key_id(envelope))
+    rt.audit.append("contact.phone_set", actor(), tenant, subject, {})
+    return mfa_pb2.SetPhoneNumberResponse(masked_phone=mask_phone(phone))

@@ -1,0 +1,95 @@
+"""`biogate serve face|voice|mfa|all`: one service per process; `all` supervises the three."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.config import Settings
+from services.common.metrics import serve_metrics
+from services.common.server.bootstrap import RunningServer, ServiceDefinition, run_until_signal
+
+log = logging.getLogger("biogate.serve")
+SERVICES = ("face", "voice", "mfa")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run a service (or all three) until SIGTERM")
+    p.add_argument("service", choices=[*SERVICES, "all"])
+    p.set_defaults(func=serve)
+
+
+def definition(settings: Settings, name: str) -> ServiceDefinition:
+    return importlib.import_module(f"services.{name}.server").definition(settings)
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    if args.service == "all":
+        return supervise(settings, args.config)
+    prepare(settings)
+    endpoint = settings.endpoint(args.service)
+    if endpoint.metrics_port:
+        serve_metrics(endpoint.host, endpoint.metrics_port)
+    run_until_signal(RunningServer(settings, definition(settings, args.service)))
+    return 0
+
+
+def prepare(settings: Settings) -> None:
+    """One-time state shared by the services (data dir, credentials, schema, keys), created
+    before they start so that three processes starting together don't race for it."""
+    from services.common.runtime import Runtime
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    Runtime.open(settings).close()
+
+
+def health_status(target: str, timeout: float = 1.0) -> str:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def supervise(settings: Settings, config: str | None) -> int:
+    prepare(settings)
+    base = [sys.executable, "-m", "services.cli"] + (["--config", config] if config else [])
+    children = {name: subprocess.Popen([*base, "serve", name]) for name in SERVICES}
+    stopping = False
+
+    def stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    reported: set[str] = set()
+    while not stopping:
+        for name, child in children.items():
+            if child.poll() is not None:
+                log.error("service exited; stopping the others", extra={"service": name, "rc": child.returncode})
+                stop(signal.SIGTERM, None)
+                break
+            if name not in reported:
+                endpoint = settings.endpoint(name)
+                target = f"{endpoint.host}:{endpoint.port}"
+                if health_status(target) == "SERVING":
+                    reported.add(name)
+                    print(f"biogate: {name} SERVING on {target}", flush=True)
+        time.sleep(0.5)
+    rc = 0
+    for child in children.values():
+        rc = max(rc, child.wait())
+    return rc
