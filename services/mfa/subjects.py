@@ -79,7 +79,7 @@ def delete_subject(rt: Runtime, request: common_pb2.DeleteSubjectRequest) -> com
     reason = identifier(request.reason, "reason") if request.reason else "unspecified"
     counts = rt.storage.erase_subject(tenant, subject)
     row = rt.audit.append("subject.erased", actor(), tenant, subject, {
-        "reason": reason, "templates": counts.templates, "devices": counts.devices, "otp": counts.otp,
+        "reason": reason, "templates": counts.templates, "devices": counts.devices, "otp_challenges": counts.otp,
         "sessions": counts.sessions, "consents": counts.consents, "contact_erased": counts.contact_erased,
     })
     return common_pb2.DeleteSubjectResponse(

@@ -1,0 +1,149 @@
+"""Every service on loopback: health, reflection, and authentication/authorisation of every RPC."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.common.api.v1 import common_pb2, face_pb2, mfa_pb2, voice_pb2
+from services.common.client import connect
+from services.common.errors import details_of
+from services.common.server.auth import ROLES, token_sha256
+from services.common.server.interceptor import roles_by_method
+from tests.conftest import ServiceHarness, make_settings
+
+DESCRIPTORS = {
+    "face": face_pb2.DESCRIPTOR.services_by_name["FaceService"],
+    "voice": voice_pb2.DESCRIPTOR.services_by_name["VoiceService"],
+    "mfa": mfa_pb2.DESCRIPTOR.services_by_name["MfaService"],
+}
+ROLE_TOKENS = {role: f"token-{role}" for role in ROLES}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    principals = [
+        {"name": f"only-{role}", "roles": [role], "token_sha256": token_sha256(token)}
+        for role, token in ROLE_TOKENS.items()
+    ]
+    principals.append({"name": "bank-a-all", "roles": list(ROLES), "tenants": ["bank-a"],
+                       "token_sha256": token_sha256("token-bank-a")})
+    settings = make_settings(tmp_path_factory.mktemp("data"), auth={"principals": principals, "dev_credentials": False})
+    h = ServiceHarness(settings)
+    for name in DESCRIPTORS:
+        h.start(name)
+    yield h
+    h.stop()
+
+
+def call(channel: grpc.Channel, service, method, timeout: float = 10.0):
+    """Calls any RPC with an empty request; returns the status code."""
+    path = f"/{service.full_name}/{method.name}"
+    request_cls = _message_class(method.input_type)
+    response_cls = _message_class(method.output_type)
+    kwargs = dict(request_serializer=request_cls.SerializeToString, response_deserializer=response_cls.FromString)
+    try:
+        if method.client_streaming:
+            channel.stream_unary(path, **kwargs)(iter([request_cls()]), timeout=timeout)
+        else:
+            channel.unary_unary(path, **kwargs)(request_cls(), timeout=timeout)
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def _message_class(descriptor):
+    from google.protobuf import message_factory
+
+    return message_factory.GetMessageClass(descriptor)
+
+
+def every_method():
+    for name, service in DESCRIPTORS.items():
+        for method in service.methods:
+            yield name, service, method
+
+
+@pytest.mark.parametrize("name", list(DESCRIPTORS))
+def test_health_is_serving_and_reflection_lists_the_service(harness, name):
+    address = harness.running[name].address
+    with grpc.insecure_channel(address) as channel:  # health needs no credentials
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=DESCRIPTORS[name].full_name))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with connect(address, ROLE_TOKENS["auditor"]) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        listed = {s.name for r in replies for s in r.list_services_response.service}
+    assert DESCRIPTORS[name].full_name in listed and "grpc.health.v1.Health" in listed
+
+
+@pytest.mark.parametrize("name", list(DESCRIPTORS))
+def test_reflection_needs_credentials(harness, name):
+    with connect(harness.running[name].address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("name,service,method", list(every_method()), ids=lambda v: getattr(v, "name", v))
+def test_unauthenticated_calls_are_refused(harness, name, service, method):
+    for token in (None, "not-a-known-token"):
+        with connect(harness.running[name].address, token) as channel:
+            assert call(channel, service, method) == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("name,service,method", list(every_method()), ids=lambda v: getattr(v, "name", v))
+def test_wrong_role_is_permission_denied(harness, name, service, method):
+    allowed = roles_by_method([service])[f"/{service.full_name}/{method.name}"]
+    wrong = next(r for r in ROLES if r not in allowed)
+    with connect(harness.running[name].address, ROLE_TOKENS[wrong]) as channel:
+        assert call(channel, service, method) == grpc.StatusCode.PERMISSION_DENIED
+    right = next(iter(sorted(allowed)))
+    with connect(harness.running[name].address, ROLE_TOKENS[right]) as channel:
+        assert call(channel, service, method) not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def test_a_tenant_bound_principal_cannot_act_for_another_tenant(harness):
+    address = harness.running["mfa"].address
+    with connect(address, "token-bank-a") as channel:
+        get = channel.unary_unary(
+            "/biogate.v1.MfaService/GetConsent",
+            request_serializer=common_pb2.GetConsentRequest.SerializeToString,
+            response_deserializer=common_pb2.GetConsentResponse.FromString,
+        )
+        get(common_pb2.GetConsentRequest(subject=common_pb2.SubjectRef(tenant_id="bank-a", subject_id="c-1")))
+        with pytest.raises(grpc.RpcError) as err:
+            get(common_pb2.GetConsentRequest(subject=common_pb2.SubjectRef(tenant_id="bank-b", subject_id="c-1")))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert details_of(err.value)["reason"] == "TENANT_NOT_ALLOWED"
+
+
+def test_a_request_id_is_echoed(harness):
+    with connect(harness.running["mfa"].address, ROLE_TOKENS["auditor"]) as channel:
+        get = channel.unary_unary(
+            "/biogate.v1.MfaService/GetConsent",
+            request_serializer=common_pb2.GetConsentRequest.SerializeToString,
+            response_deserializer=common_pb2.GetConsentResponse.FromString,
+        )
+        _, call_ = get.with_call(
+            common_pb2.GetConsentRequest(subject=common_pb2.SubjectRef(tenant_id="t", subject_id="s")),
+            metadata=(("x-request-id", "req-abc-123"),),
+        )
+    assert ("x-request-id", "req-abc-123") in call_.initial_metadata()
+
+
+def test_an_oversized_message_is_refused(harness):
+    limit = harness.settings.server.max_message_bytes
+    big = common_pb2.RecordConsentRequest(consent=common_pb2.Consent(evidence_ref="x" * (limit + 1)))
+    with connect(harness.running["mfa"].address, ROLE_TOKENS["enroller"], max_message_bytes=2 * limit) as channel:
+        record = channel.unary_unary(
+            "/biogate.v1.MfaService/RecordConsent",
+            request_serializer=common_pb2.RecordConsentRequest.SerializeToString,
+            response_deserializer=common_pb2.RecordConsentResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            record(big)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
