@@ -39,7 +39,7 @@ class SqlAuthSessionRepository(Repository[AuthSessionRecord]):
                 return updated
             current = s.one("SELECT version FROM auth_sessions WHERE id = ?", (session_id,))
         if current is None:
-            raise NotFoundError(f"no auth session {session_id!r}")
+            raise NotFoundError("no such auth session")
         raise ConcurrentUpdateError(
-            f"auth session {session_id!r} is at version {current[0]}, not {expected_version}"
+            f"auth session changed concurrently: at version {current[0]}, not {expected_version}"
         )

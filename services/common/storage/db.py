@@ -232,15 +232,16 @@ class PostgresDatabase(Database):
     def __init__(self, dsn: str, pool_size: int, timeout_s: float) -> None:
         super().__init__()
         import psycopg
-        from psycopg_pool import ConnectionPool
+        from psycopg_pool import ConnectionPool, PoolTimeout
 
-        self._psycopg = psycopg
+        self._errors = (psycopg.Error, PoolTimeout)
         self._pool = ConnectionPool(
             dsn,
             min_size=1,
             max_size=pool_size,
             timeout=timeout_s,
             kwargs={"autocommit": True},
+            check=ConnectionPool.check_connection,  # a server restart costs no failed request
             open=False,
             name="biogate-storage",
         )
@@ -255,14 +256,13 @@ class PostgresDatabase(Database):
         try:
             with self._pool.connection() as conn, conn.transaction():
                 yield Session(conn, self.dialect)
-        except self._psycopg.Error as exc:
-            raise StorageError(f"PostgreSQL error: {exc}") from exc
-        except Exception as exc:
-            from psycopg_pool import PoolTimeout
-
-            if isinstance(exc, PoolTimeout):
-                raise StorageError(f"no free PostgreSQL connection: {exc}") from exc
-            raise
+        except self._errors as exc:
+            # Only the primary message, and no chained cause: the DETAIL of a constraint error
+            # quotes the row's values (subject ids, envelopes), which must not reach the logs.
+            diag = getattr(exc, "diag", None)
+            message = (diag and diag.message_primary) or type(exc).__name__
+            sqlstate = getattr(exc, "sqlstate", None) or "-"
+            raise StorageError(f"PostgreSQL error {sqlstate}: {message}") from None
 
     def lock(self, session: Session, name: str) -> None:
         # Keyed by schema too, so that separate schemas (tests, tenants) never wait on each other.
