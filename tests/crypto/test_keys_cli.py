@@ -45,7 +45,7 @@ def test_keys_commands_end_to_end(settings, capsys):
 
     assert _run(settings, ["keys", "rotate", "--cipher", "SM4-GCM", "--batch", "1"]) == 0
     out = capsys.readouterr().out
-    new = keyring.primary_key_id()
+    new = open_keyring(settings).primary_key_id()  # the CLI rotated in its own keyring instance
     assert new != first and f"new primary key {new}" in out and "1 templates and 1 phone numbers" in out
 
     assert _run(settings, ["keys", "retire", first]) == 0
