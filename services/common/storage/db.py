@@ -16,7 +16,7 @@ import sqlite3
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -106,9 +106,7 @@ class Session:
             if sqlite3.complete_statement(stmt):
                 self._conn.execute(stmt)
                 stmt = ""
-        if stmt.strip() and not all(
-            ln.strip().startswith("--") or not ln.strip() for ln in stmt.splitlines()
-        ):
+        if any(ln.strip() and not ln.strip().startswith("--") for ln in stmt.splitlines()):
             raise StorageError(f"unterminated SQL statement in migration: {stmt[:80]!r}")
 
 
@@ -141,11 +139,8 @@ class Database(ABC):
             finally:
                 self._active.reset(token)
 
-    def read(self) -> Any:
+    def read(self) -> AbstractContextManager[Session]:
         return self.transaction(write=False)
-
-    def in_transaction(self) -> bool:
-        return self._active.get() is not None
 
     @abstractmethod
     def _begin(self, write: bool) -> Any: ...

@@ -45,7 +45,8 @@ class SqlStorage:
     def transaction(self) -> Iterator[SqlStorage]:
         """One transaction for every repository call made in the block by this thread.
 
-        Nested blocks join the outer transaction. An exception rolls everything back.
+        Nested blocks join the outer transaction; an exception rolls everything back. Threads
+        started inside the block are not part of it (and on SQLite wait for it to end).
         """
         with self.db.transaction():
             yield self
