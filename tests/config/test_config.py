@@ -1,0 +1,37 @@
+import pytest
+from pydantic import ValidationError
+
+from services.common.config import PROJECT_ROOT, load_config
+
+
+def test_the_example_deployment_configuration_is_valid():
+    settings = load_config(PROJECT_ROOT / "deploy" / "biogate.example.yaml")
+    assert settings.storage_dsn.startswith("postgresql://")
+    assert settings.server.tls.client_ca_file is not None
+    assert not settings.auth.dev_credentials
+    assert {p.name for p in settings.auth.principals} >= {"core-banking-login", "security-operations"}
+
+
+def test_environment_beats_the_file_and_defaults(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("server:\n  face: {port: 6001}\nstorage:\n  dsn: postgresql://file/db\n")
+    monkeypatch.setenv("BIOGATE_STORAGE__DSN", "postgresql://env/db")
+    settings = load_config(cfg, data_dir=str(tmp_path))
+    assert settings.server.face.port == 6001
+    assert settings.storage_dsn == "postgresql://env/db"
+    assert settings.server.voice.port == 50052  # default kept
+    assert settings.sqlite_path == tmp_path / "biogate.db"
+
+
+def test_the_embedded_default_is_sqlite_in_the_data_dir(tmp_path):
+    settings = load_config(None, data_dir=str(tmp_path))
+    assert settings.storage_dsn == f"sqlite:///{tmp_path / 'biogate.db'}"
+    assert settings.keyring_file == tmp_path / "keys" / "keyring.json"
+
+
+@pytest.mark.parametrize("text", ["storage:\n  dsm: x\n", "server:\n  face: {port: not-a-port}\n", "- a list\n"])
+def test_mistakes_in_the_file_are_refused(tmp_path, text):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises((ValidationError, ValueError)):
+        load_config(cfg)
