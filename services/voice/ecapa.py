@@ -1,7 +1,8 @@
 """Speaker embedding: SpeechBrain's ECAPA-TDNN (spkrec-ecapa-voxceleb), 192-d, 16 kHz input.
 
-Served with ONNX Runtime (:class:`EcapaOnnx`): on this CPU the exported network ran about 1.5x
-faster than SpeechBrain on torch (see bench/voice_eval_dev.py) and the same file serves on CUDA.
+Served with ONNX Runtime (:class:`EcapaOnnx`): on this (shared, 2-core) CPU a 3 s clip took
+160 ms (min; median 177) against 206 ms (median 230) for SpeechBrain on torch, one thread each,
+interleaved (bench/voice_eval_dev.py); the same file serves on CUDA.
 The graph holds only the ECAPA network; its input is SpeechBrain's 80-bin Fbank with sentence mean
 normalisation, computed here by SpeechBrain's own Fbank module on torch (about 1 ms per 3 s clip),
 so that the features are SpeechBrain's by construction. :func:`export_onnx` derives the ONNX file
@@ -73,6 +74,7 @@ class EcapaOnnx:
     together (exact). ``max_pad_ratio`` > 0 also groups clips up to that much longer than the
     shortest of the group, zero-padded with relative lengths (masked pooling): worth it on a GPU;
     padded results differ slightly (cosine >= 0.998 to the unpadded ones at 3x padding, measured).
+    On this CPU batching gains nothing (compute-bound: 195 ms per 3 s clip in batches of 16).
     """
 
     dim = EMBEDDING_DIM

@@ -7,6 +7,7 @@ Channels (``--channel``):
 A ``-3s`` suffix (``wideband-3s``, ``telephony-8k-3s``) crops every file to its first 3 s first.
 
 Refused audio is a :class:`Failure` whose reason is the ingest error code in lower case.
+The PAD scorer is AASIST (bona fide log-odds) on the same channels, after the same ingest.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from services.common.evaluation.scorers import Failure, ScorerOptions
 from services.common.models import ModelStore
 
 from . import telephone
-from .ingest import AudioError, AudioFormat, Encoding
+from .aasist import AasistDetector
+from .ingest import AudioError, AudioFormat, Encoding, IngestLimits, condition, ingest
 from .models import resolve
 from .pipeline import VoicePipeline, VoicePipelineConfig
 
@@ -40,6 +42,15 @@ def parse_channel(channel: str | None) -> tuple[bool, float | None]:
     return name == "telephony-8k", crop
 
 
+def read_channel(path: Path, telephone_channel: bool, crop_s: float | None) -> tuple[np.ndarray | bytes, int]:
+    """A fixture file as the channel delivers it: float samples, or 8 kHz mu-law bytes."""
+    x, rate = sf.read(path, dtype="float32", always_2d=True)
+    x = x.mean(axis=1)
+    if crop_s:
+        x = x[: int(crop_s * rate)]
+    return (telephone.encode(x, rate), 8000) if telephone_channel else (x, rate)
+
+
 class VoiceVerificationScorer:
     score_name = "cosine"
 
@@ -53,13 +64,10 @@ class VoiceVerificationScorer:
         return self._cache[path]
 
     def _embed(self, path: Path) -> np.ndarray | Failure:
-        x, rate = sf.read(path, dtype="float32", always_2d=True)
-        x = x.mean(axis=1)
-        if self.crop_s:
-            x = x[: int(self.crop_s * rate)]
+        x, rate = read_channel(path, self.telephone_channel, self.crop_s)
         try:
             if self.telephone_channel:
-                prepared = self.pipeline.prepare(telephone.encode(x, rate), _MULAW_8K)
+                prepared = self.pipeline.prepare(x, _MULAW_8K)
             else:
                 prepared = self.pipeline.prepare_samples(x, rate)
         except AudioError as err:
@@ -88,3 +96,26 @@ def make_verification_scorer(options: ScorerOptions) -> VoiceVerificationScorer:
     telephone_channel, crop = parse_channel(options.channel)
     # Evaluation scores every file it can: the verify minimum of net speech applies to all.
     return VoiceVerificationScorer(pipeline_from_settings(options.settings), telephone_channel, crop)
+
+
+class VoicePadScorer:
+    score_name = "bonafide_log_odds"
+
+    def __init__(self, detector: AasistDetector, telephone_channel: bool = False, crop_s: float | None = None,
+                 limits: IngestLimits = IngestLimits()) -> None:
+        self.detector, self.telephone_channel, self.crop_s, self.limits = detector, telephone_channel, crop_s, limits
+
+    def score(self, path: Path) -> float | Failure:
+        x, rate = read_channel(Path(path), self.telephone_channel, self.crop_s)
+        try:
+            audio = ingest(x, _MULAW_8K, self.limits) if isinstance(x, bytes) else condition(x, rate, limits=self.limits)
+        except AudioError as err:
+            return Failure(err.code.value.lower())
+        return self.detector.score(audio.samples)
+
+
+def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
+    telephone_channel, crop = parse_channel(options.channel)
+    store = ModelStore(options.settings)
+    detector = AasistDetector(store.path("aasist", "AASIST.pth"), store.path("aasist", "AASIST_config.json"))
+    return VoicePadScorer(detector, telephone_channel, crop)

@@ -1,0 +1,41 @@
+import pytest
+
+from services.common.config import PROJECT_ROOT, load_config
+from services.common.evaluation.runner import run_verification
+from services.common.evaluation.scorers import Failure, ScorerOptions
+from services.common.evaluation.trials import read_trials
+from services.voice.evaluation import VoiceVerificationScorer, make_verification_scorer, parse_channel
+
+
+def test_channel_names():
+    assert parse_channel(None) == (False, None)
+    assert parse_channel("telephony-8k-3s") == (True, 3.0)
+    with pytest.raises(ValueError):
+        parse_channel("mobile-selfie")
+
+
+def test_factory_builds_from_settings(voice_models, tmp_path):
+    settings = load_config(None, data_dir=str(tmp_path), models={"cache_dir": str(PROJECT_ROOT / "var" / "models")})
+    scorer = make_verification_scorer(ScorerOptions(settings=settings, channel="telephony-8k"))
+    assert isinstance(scorer, VoiceVerificationScorer) and scorer.telephone_channel
+
+
+@pytest.mark.parametrize("channel", ["wideband-3s", "telephony-8k-3s"])
+def test_genuine_trials_outscore_impostors(pipeline, fixtures_dir, channel):
+    trials = read_trials(fixtures_dir / "trials_voice.csv", fixtures_dir)
+    picked = [t for t in trials if t.enroll_identity == "libri_1688"][:3]
+    picked += [t for t in trials if not t.target and t.enroll_identity == "libri_1688"][:3]
+    telephone_channel, crop = parse_channel(channel)
+    run = run_verification(VoiceVerificationScorer(pipeline, telephone_channel, crop), picked)
+    assert run.genuine_failures == run.impostor_failures == 0
+    assert len(run.genuine) == len(run.impostor) == 3
+    assert run.genuine.min() > run.impostor.max()
+
+
+def test_refused_audio_is_a_failure_not_an_exception(pipeline, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    path = tmp_path / "silence.wav"
+    sf.write(path, np.zeros(32000, np.float32), 16000)
+    assert VoiceVerificationScorer(pipeline).embedding(path) == Failure("silence")
