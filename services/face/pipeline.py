@@ -1,0 +1,187 @@
+"""The face pipeline: decode -> detect -> choose the subject -> quality -> align -> embed (+ liveness).
+
+Built from a plain frozen :class:`FacePipelineConfig` of file paths (the service resolves model
+ids to files). Embedders and liveness models run behind :class:`MicroBatcher`s, so concurrent
+requests from the server's thread pool share one model call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from services.face.align import align_face
+from services.face.arcface import ArcFaceEmbedder
+from services.face.batching import MicroBatcher
+from services.face.detection import Detector, Face
+from services.face.embedding import Embedder
+from services.face.imaging import DecodeLimits, decode_image
+from services.face.liveness import LivenessModelSpec, PassiveLiveness
+from services.face.quality import QualityReport, QualityThresholds, assess
+from services.face.scrfd import ScrfdDetector
+from services.face.sface import SFaceEmbedder
+from services.face.subject import SubjectPolicy, choose_subject
+from services.face.yunet import YuNetDetector
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    kind: Literal["yunet", "scrfd"]
+    path: PathLike
+    score_threshold: float | None = None  # None: the detector's default (YuNet 0.6, SCRFD 0.5)
+    pad_ratio: float = 0.25  # border added around the image before detection (tight crops)
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    name: str  # the key of this embedder's embedding in the results, e.g. the model id
+    kind: Literal["sface", "arcface"]
+    path: PathLike
+    input_mean: float = 127.5  # arcface only (MobileFaceNet: 127.5 / 128; InsightFace packs: 127.5 / 127.5)
+    input_std: float = 128.0
+
+
+@dataclass(frozen=True)
+class FacePipelineConfig:
+    detector: DetectorConfig
+    embedders: tuple[EmbedderConfig, ...]
+    liveness: tuple[LivenessModelSpec, ...] = ()  # empty: no liveness model, liveness requests fail
+    liveness_box: Literal["landmarks", "detector"] = "landmarks"
+    quality: QualityThresholds = field(default_factory=QualityThresholds)
+    subject: SubjectPolicy = field(default_factory=SubjectPolicy)
+    decode: DecodeLimits = field(default_factory=DecodeLimits)
+    batch_max: int = 32
+    batch_wait_ms: float = 2.0
+    providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@dataclass(frozen=True)
+class FaceAnalysis:
+    image_shape: tuple[int, ...]
+    n_faces: int
+    face: Face | None
+    quality: QualityReport | None
+    issues: tuple[str, ...]  # machine-readable: NO_FACE, MULTIPLE_FACES and the QualityIssue values
+    embeddings: dict[str, np.ndarray]  # embedder name -> L2-normalised float32 [D]; empty when refused
+    liveness: float | None  # mean live probability; None when not requested or no face
+
+    @property
+    def accepted(self) -> bool:
+        return not self.issues
+
+
+class LivenessUnavailable(RuntimeError):
+    """Liveness was requested but no liveness model is configured."""
+
+
+def build_detector(cfg: DetectorConfig, providers: tuple[str, ...]) -> Detector:
+    kwargs = {"pad_ratio": cfg.pad_ratio, "providers": providers}
+    if cfg.score_threshold is not None:
+        kwargs["score_threshold"] = cfg.score_threshold
+    if cfg.kind == "yunet":
+        return YuNetDetector(cfg.path, **kwargs)
+    if cfg.kind == "scrfd":
+        return ScrfdDetector(cfg.path, **kwargs)
+    raise ValueError(f"unknown detector kind {cfg.kind!r}")
+
+
+def build_embedder(cfg: EmbedderConfig, providers: tuple[str, ...]) -> Embedder:
+    if cfg.kind == "sface":
+        return SFaceEmbedder(cfg.path, providers=providers)
+    if cfg.kind == "arcface":
+        return ArcFaceEmbedder(cfg.path, input_mean=cfg.input_mean, input_std=cfg.input_std, providers=providers)
+    raise ValueError(f"unknown embedder kind {cfg.kind!r}")
+
+
+class FacePipeline:
+    def __init__(self, config: FacePipelineConfig) -> None:
+        if not config.embedders:
+            raise ValueError("at least one embedder is required")
+        names = [e.name for e in config.embedders]
+        if len(set(names)) != len(names):
+            raise ValueError(f"embedder names must be unique: {names}")
+        self.config = config
+        self.detector = build_detector(config.detector, config.providers)
+        self.embedders: dict[str, Embedder] = {e.name: build_embedder(e, config.providers) for e in config.embedders}
+        self._embed_batchers = {
+            name: MicroBatcher(
+                lambda crops, e=emb: list(e.embed(np.stack(crops))),
+                max_batch=min(config.batch_max, emb.max_batch) if emb.max_batch > 1 else 1,
+                max_wait_ms=config.batch_wait_ms if emb.max_batch > 1 else 0.0,
+                name=f"embed-{name}",
+            )
+            for name, emb in self.embedders.items()
+        }
+        self.liveness: PassiveLiveness | None = None
+        self._liveness_batcher: MicroBatcher | None = None
+        if config.liveness:
+            self.liveness = PassiveLiveness(config.liveness, box_source=config.liveness_box, providers=config.providers)
+            self._liveness_batcher = MicroBatcher(
+                lambda items: list(self.liveness.score_crops(items)),
+                max_batch=config.batch_max,
+                max_wait_ms=config.batch_wait_ms,
+                name="liveness",
+            )
+
+    @property
+    def providers(self) -> dict[str, str]:
+        """The onnxruntime provider actually running each model, for health details and logs."""
+        out = {"detector": self.detector.provider}
+        out.update({f"embedder:{n}": e.provider for n, e in self.embedders.items()})
+        if self.liveness is not None:
+            out["liveness"] = self.liveness.provider
+        return out
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return decode_image(data, self.config.decode)
+
+    def analyse(self, data: bytes, *, liveness: bool = False, enforce_quality: bool = True) -> FaceAnalysis:
+        """Decode and analyse image bytes; raises :class:`ImageDecodeError` for bad bytes."""
+        return self.analyse_image(self.decode(data), liveness=liveness, enforce_quality=enforce_quality)
+
+    def analyse_image(self, image_bgr: np.ndarray, *, liveness: bool = False, enforce_quality: bool = True) -> FaceAnalysis:
+        if liveness and self._liveness_batcher is None:
+            raise LivenessUnavailable("no liveness model is configured")
+        faces = self.detector.detect(image_bgr)
+        choice = choose_subject(faces, image_bgr.shape, self.config.subject)
+        if choice.face is None:
+            return FaceAnalysis(image_bgr.shape, 0, None, None, (choice.issue.value,), {}, None)
+        face = choice.face
+        aligned = align_face(image_bgr, face)
+        quality = assess(image_bgr.shape, face, aligned, self.config.quality)
+        issues = ([choice.issue.value] if choice.issue else []) + [i.value for i in quality.issues]
+        live_future = None
+        if liveness:
+            live_future = self._liveness_batcher.submit_async(self.liveness.crops(image_bgr, face))
+        embeddings: dict[str, np.ndarray] = {}
+        if not choice.issue and (not enforce_quality or quality.accepted):
+            futures = {n: b.submit_async(aligned) for n, b in self._embed_batchers.items()}
+            embeddings = {n: f.result() for n, f in futures.items()}
+        live = float(live_future.result()) if live_future is not None else None
+        return FaceAnalysis(image_bgr.shape, choice.n_faces, face, quality, tuple(issues), embeddings, live)
+
+    def warmup(self) -> None:
+        """Run every model once (first-call allocation and kernel selection happen here)."""
+        img = np.full((256, 256, 3), 128, np.uint8)
+        self.detector.detect(img)
+        crop = np.full((112, 112, 3), 128, np.uint8)
+        for b in self._embed_batchers.values():
+            b.submit(crop)
+        if self.liveness is not None:
+            face = Face(
+                box=np.array([64, 64, 192, 192], np.float32),
+                landmarks5=np.array([[100, 110], [156, 110], [128, 140], [104, 165], [152, 165]], np.float32),
+                score=1.0,
+            )
+            self._liveness_batcher.submit(self.liveness.crops(img, face))
+
+    def close(self) -> None:
+        for b in self._embed_batchers.values():
+            b.close()
+        if self._liveness_batcher is not None:
+            self._liveness_batcher.close()
