@@ -140,11 +140,17 @@ class FacePipeline:
     def decode(self, data: bytes) -> np.ndarray:
         return decode_image(data, self.config.decode)
 
-    def analyse(self, data: bytes, *, liveness: bool = False, enforce_quality: bool = True) -> FaceAnalysis:
+    def analyse(self, data: bytes, **options) -> FaceAnalysis:
         """Decode and analyse image bytes; raises :class:`ImageDecodeError` for bad bytes."""
-        return self.analyse_image(self.decode(data), liveness=liveness, enforce_quality=enforce_quality)
+        return self.analyse_image(self.decode(data), **options)
 
-    def analyse_image(self, image_bgr: np.ndarray, *, liveness: bool = False, enforce_quality: bool = True) -> FaceAnalysis:
+    def analyse_image(
+        self, image_bgr: np.ndarray, *, liveness: bool = False, embed: bool = True, enforce_quality: bool = True
+    ) -> FaceAnalysis:
+        """Detect, choose, assess and (unless refused, or ``embed`` is False) embed the subject face.
+
+        With ``enforce_quality`` False a face that fails a quality gate is embedded anyway (its
+        issues are still listed); a missing or ambiguous subject is never embedded."""
         if liveness and self._liveness_batcher is None:
             raise LivenessUnavailable("no liveness model is configured")
         faces = self.detector.detect(image_bgr)
@@ -159,7 +165,7 @@ class FacePipeline:
         if liveness:
             live_future = self._liveness_batcher.submit_async(self.liveness.crops(image_bgr, face))
         embeddings: dict[str, np.ndarray] = {}
-        if not choice.issue and (not enforce_quality or quality.accepted):
+        if embed and not choice.issue and (not enforce_quality or quality.accepted):
             futures = {n: b.submit_async(aligned) for n, b in self._embed_batchers.items()}
             embeddings = {n: f.result() for n, f in futures.items()}
         live = float(live_future.result()) if live_future is not None else None
