@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from .db import utcnow
+from .mfa_records import LockoutRepository, ReviewRepository, SubjectSignalRepository
 
 Modality = Literal["face", "voice"]
 
@@ -355,6 +356,9 @@ class Storage(Protocol):
     auth_sessions: AuthSessionRepository
     challenges: ChallengeRepository
     audit: AuditRepository
+    reviews: ReviewRepository
+    lockouts: LockoutRepository
+    subject_signals: SubjectSignalRepository
 
     def transaction(self) -> AbstractContextManager[Storage]:
         """Every repository call made inside the block (in this thread) is one transaction."""

@@ -15,6 +15,7 @@ from .db import Database, PostgresDatabase, SqliteDatabase, utcnow
 from .devices import SqlDeviceRepository
 from .errors import StorageError
 from .interfaces import ErasureCounts
+from .mfa_tables import SqlLockoutRepository, SqlReviewRepository, SqlSubjectSignalRepository
 from .migrate import migrate
 from .otp import SqlOtpRepository
 from .rate_limits import SqlRateLimitRepository
@@ -36,6 +37,9 @@ class SqlStorage:
         self.auth_sessions = SqlAuthSessionRepository(db)
         self.challenges = SqlChallengeRepository(db)
         self.audit = SqlAuditRepository(db)
+        self.reviews = SqlReviewRepository(db)
+        self.lockouts = SqlLockoutRepository(db)
+        self.subject_signals = SqlSubjectSignalRepository(db)
 
     @property
     def dialect(self) -> str:
@@ -66,6 +70,8 @@ class SqlStorage:
                 consents=self.subjects.delete_for_subject(tenant_id, subject_id),
                 contact_erased=bool(phone and phone[0]),
             )
+            for repo in (self.reviews, self.lockouts, self.subject_signals):
+                repo.delete_for_subject(tenant_id, subject_id)
             s.execute(
                 "DELETE FROM subjects WHERE tenant_id = ? AND subject_id = ?", (tenant_id, subject_id)
             )
