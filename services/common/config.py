@@ -118,6 +118,52 @@ class LoggingConfig(Section):
     json_format: bool = True
 
 
+class SmsConfig(Section):
+    """How OTP messages leave: a development sink, or a generic HTTP SMS API."""
+
+    gateway: Literal["dev", "http"] = "dev"
+    # dev: JSON lines with the masked number and the text (codes included: development only).
+    outbox_file: Path | None = None  # default <data_dir>/sms-outbox.jsonl
+    http_url: str = ""  # POST {"to", "text", "sender"} as JSON
+    http_token: str = ""  # sent as "Authorization: Bearer ..."; set it from the environment
+    sender: str = "BioGate"
+    timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(2, ge=0, le=5)  # after a timeout or a 5xx, with an idempotency key
+    backoff_s: float = Field(0.5, ge=0)
+
+
+class MfaConfig(Section):
+    # <tenant>.yaml policy files; a tenant without its own file gets default_policy.
+    policy_dir: Path | None = None  # default <data_dir>/policies
+    default_policy: Path = PROJECT_ROOT / "services" / "mfa" / "policies" / "default.yaml"
+    policy_check_s: float = Field(1.0, ge=0)  # how often a policy file's mtime is looked at
+    session_ttl_s: int = Field(600, ge=30, le=3600)
+    token_ttl_s: int = Field(120, ge=10, le=900)  # signed decisions are short-lived
+    issuer: str = "biogate-mfa"
+    signing_keys_file: Path | None = None  # default <data_dir>/keys/mfa-token-keys.json
+    signing_key_max_age_s: int = Field(30 * 86400, ge=60)  # rotated automatically after this
+    sms: SmsConfig = SmsConfig()
+
+
+class ClientTarget(Section):
+    """A gRPC service the MFA orchestrator calls (face, voice)."""
+
+    target: str = ""  # host:port; "" = this deployment's server.<service> endpoint
+    token: str = ""  # bearer token; "" = the development orchestrator token
+    ca_file: Path | None = None
+    cert_file: Path | None = None  # mTLS client certificate
+    key_file: Path | None = None
+    deadline_s: float = Field(8.0, gt=0)
+    retries: int = Field(2, ge=0, le=5)  # idempotent calls only, on UNAVAILABLE
+    breaker_failures: int = Field(3, ge=1)  # consecutive failures that open the circuit
+    breaker_reset_s: float = Field(15.0, gt=0)  # open this long, then one trial call
+
+
+class ClientsConfig(Section):
+    face: ClientTarget = ClientTarget()
+    voice: ClientTarget = ClientTarget(deadline_s=15.0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="BIOGATE_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -131,6 +177,8 @@ class Settings(BaseSettings):
     audit: AuditConfig = AuditConfig()
     models: ModelsConfig = ModelsConfig()
     logging: LoggingConfig = LoggingConfig()
+    mfa: MfaConfig = MfaConfig()
+    clients: ClientsConfig = ClientsConfig()
 
     @field_validator("data_dir")
     @classmethod
