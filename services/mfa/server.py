@@ -7,14 +7,54 @@ from services.common.config import Settings
 from services.common.runtime import Runtime
 from services.common.server.bootstrap import ServiceDefinition
 from services.mfa import subjects
+from services.mfa.service import Orchestrator, budget_of
 
 
 class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
-    """RPCs not overridden here answer UNIMPLEMENTED (the MFA orchestrator issue builds them)."""
-
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, orchestrator: Orchestrator) -> None:
         self.rt = rt
+        self.mfa = orchestrator
 
+    # --- authentication sessions
+    def StartAuthentication(self, request, context):
+        return self.mfa.start(request)
+
+    def StartBiometricChallenge(self, request, context):
+        return self.mfa.start_challenge(request, budget_of(context))
+
+    def SubmitFactor(self, request, context):
+        return self.mfa.submit(request, budget_of(context))
+
+    def SendOtp(self, request, context):
+        return self.mfa.send_otp(request)
+
+    def Decide(self, request, context):
+        return self.mfa.decide(request)
+
+    # --- devices
+    def RegisterDevice(self, request, context):
+        return self.mfa.register_device(request)
+
+    def ListDevices(self, request, context):
+        return self.mfa.list_devices(request)
+
+    def RevokeDevice(self, request, context):
+        return self.mfa.revoke_device(request)
+
+    # --- administration
+    def UnlockSubject(self, request, context):
+        return self.mfa.unlock(request)
+
+    def ListReviews(self, request, context):
+        return self.mfa.list_reviews(request)
+
+    def ResolveReview(self, request, context):
+        return self.mfa.resolve_review(request)
+
+    def GetSigningKeys(self, request, context):
+        return self.mfa.jwks()
+
+    # --- consent, contact and erasure
     def RecordConsent(self, request, context):
         return subjects.record_consent(self.rt, request)
 
@@ -33,10 +73,16 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
 
 def definition(settings: Settings) -> ServiceDefinition:
     rt = Runtime.open(settings)
-    servicer = MfaServicer(rt)
+    orchestrator = Orchestrator(rt)
+    servicer = MfaServicer(rt, orchestrator)
+
+    def close() -> None:
+        orchestrator.close()
+        rt.close()
+
     return ServiceDefinition(
         name="mfa",
         descriptors=[mfa_pb2.DESCRIPTOR.services_by_name["MfaService"]],
         register=lambda server: mfa_pb2_grpc.add_MfaServiceServicer_to_server(servicer, server),
-        close=rt.close,
+        close=close,
     )

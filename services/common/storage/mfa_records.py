@@ -41,7 +41,7 @@ class LockoutRecord:
     tenant_id: str
     scope: str
     key: str
-    subject_id: str  # '' for a device scope
+    subject_id: str  # for a device scope: the subject of the latest failure
     failures: int = 0
     cost: int = 0
     last_failure_at: datetime | None = None
@@ -88,9 +88,11 @@ class LockoutRepository(Protocol):
         """Atomically add one failure of ``cost``; sets locked_at when the cost reaches 1000."""
 
     def reset(self, tenant_id: str, scope: str, key: str) -> bool:
-        """Forget the counter (a success, or an administrator's unlock)."""
+        """Forget the counter (a success)."""
 
-    def delete_for_subject(self, tenant_id: str, subject_id: str) -> int: ...
+    def delete_for_subject(self, tenant_id: str, subject_id: str) -> int:
+        """Forget the subject's counter and those of devices whose latest failure was the
+        subject's (an administrator's unlock, erasure)."""
 
 
 class SubjectSignalRepository(Protocol):

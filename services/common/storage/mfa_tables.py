@@ -62,7 +62,7 @@ class SqlLockoutRepository(Repository[LockoutRecord]):
                 s,
                 insert_sql(self.table, self.record)
                 + " ON CONFLICT (tenant_id, scope, key) DO UPDATE SET"
-                " failures = mfa_lockouts.failures + 1, cost = mfa_lockouts.cost + excluded.cost,"
+                " subject_id = excluded.subject_id, failures = mfa_lockouts.failures + 1, cost = mfa_lockouts.cost + excluded.cost,"
                 " last_failure_at = excluded.last_failure_at, updated_at = excluded.updated_at,"
                 " locked_at = CASE WHEN mfa_lockouts.locked_at IS NOT NULL THEN mfa_lockouts.locked_at"
                 f" WHEN mfa_lockouts.cost + excluded.cost >= {LOCK_COST} THEN excluded.updated_at"

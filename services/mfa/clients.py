@@ -1,0 +1,154 @@
+"""gRPC clients of the face and voice services: deadlines, bounded retries of idempotent calls
+and a circuit breaker, so that a slow or dead biometric service costs a bounded time and then
+switches the session to the policy's degraded mode instead of piling up calls."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from services.common import errors
+from services.common.api.v1 import face_pb2_grpc, voice_pb2_grpc
+from services.common.client import connect
+from services.common.config import ClientTarget, Settings
+from services.common.errors import details_of
+
+log = logging.getLogger("biogate.mfa.clients")
+
+# Seconds spent waiting on biometric services in the current RPC (for metrics and the bench).
+biometric_seconds: contextvars.ContextVar[float] = contextvars.ContextVar("biometric_seconds", default=0.0)
+
+# The caller's request was at fault: passed back to the caller, and proof the service is up.
+CALLER_FAULT = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
+})
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+class ServiceUnavailable(Exception):
+    """The biometric service could not answer (down, overloaded, circuit open, misconfigured)."""
+
+    def __init__(self, service: str, why: str) -> None:
+        super().__init__(f"{service} service unavailable: {why}")
+        self.service = service
+        self.why = why
+
+
+class CircuitBreaker:
+    """Closed -> open after ``failures`` consecutive failures; after ``reset_s`` one trial call
+    is let through (half-open): its success closes the circuit, its failure opens it again."""
+
+    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold, self.reset_s, self.clock = failures, reset_s, clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial = False
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            if self._opened_at is None:
+                return "closed"
+            return "half_open" if self.clock() - self._opened_at >= self.reset_s else "open"
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self.clock() - self._opened_at < self.reset_s or self._trial:
+                return False
+            self._trial = True
+            return True
+
+    def success(self) -> None:
+        with self._lock:
+            self._failures, self._opened_at, self._trial = 0, None, False
+
+    def failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._trial or self._failures >= self.threshold:
+                if self._opened_at is None or self._trial:
+                    log.warning("circuit opened", extra={"failures": self._failures})
+                self._opened_at, self._trial = self.clock(), False
+
+
+class BiometricClient:
+    def __init__(self, service: str, target: str, token: str | None, cfg: ClientTarget,
+                 stub_class: Callable[[grpc.Channel], Any], max_message_bytes: int) -> None:
+        self.service, self.target, self.cfg = service, target, cfg
+        self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s)
+        self._channel = connect(target, token, ca_file=cfg.ca_file, cert_file=cfg.cert_file,
+                                key_file=cfg.key_file, max_message_bytes=max_message_bytes)
+        self._stub = stub_class(self._channel)
+
+    @property
+    def available(self) -> bool:
+        """False while the circuit is open: new sessions plan for degraded mode at once."""
+        return self.breaker.state != "open"
+
+    def call(self, method: str, request: Any, idempotent: bool, budget_s: float | None = None) -> Any:
+        """Call ``method``; raises ServiceUnavailable, or ServiceError for the caller's own fault."""
+        deadline = time.monotonic() + min(self.cfg.deadline_s, budget_s or self.cfg.deadline_s)
+        attempts = 1 + (self.cfg.retries if idempotent else 0)
+        started = time.perf_counter()
+        try:
+            for attempt in range(attempts):
+                if not self.breaker.allow():
+                    raise ServiceUnavailable(self.service, "circuit open")
+                left = deadline - time.monotonic()
+                if left <= 0.05:
+                    raise ServiceUnavailable(self.service, "no time left within the deadline")
+                try:
+                    reply = getattr(self._stub, method)(request, timeout=left)
+                except grpc.RpcError as err:
+                    code = err.code()
+                    if code in CALLER_FAULT:
+                        self.breaker.success()
+                        info = details_of(err)
+                        raise errors.ServiceError(code, f"{self.service}: {err.details()}",
+                                                  info["reason"] or code.name, list(info["fields"].items())) from None
+                    self.breaker.failure()
+                    log.warning("biometric call failed", extra={"service": self.service, "rpc": method,
+                                                                "code": code.name, "attempt": attempt + 1})
+                    if code in RETRYABLE and attempt + 1 < attempts:
+                        time.sleep(min(0.1 * 2 ** attempt * (1 + random.random()), max(0.0, deadline - time.monotonic())))
+                        continue
+                    raise ServiceUnavailable(self.service, code.name) from None
+                self.breaker.success()
+                return reply
+            raise ServiceUnavailable(self.service, "retries exhausted")
+        finally:
+            biometric_seconds.set(biometric_seconds.get() + time.perf_counter() - started)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _token(settings: Settings, cfg: ClientTarget) -> str | None:
+    if cfg.token:
+        return cfg.token
+    if settings.auth.dev_credentials and not settings.auth.principals:
+        from services.common.server.auth import ensure_dev_credentials
+
+        return ensure_dev_credentials(settings)["dev-orchestrator"]
+    return None
+
+
+def open_clients(settings: Settings) -> dict[str, BiometricClient]:
+    out = {}
+    for name, stub in (("face", face_pb2_grpc.FaceServiceStub), ("voice", voice_pb2_grpc.VoiceServiceStub)):
+        cfg: ClientTarget = getattr(settings.clients, name)
+        endpoint = settings.endpoint(name)  # type: ignore[arg-type]
+        target = cfg.target or f"{endpoint.host}:{endpoint.port}"
+        out[name] = BiometricClient(name, target, _token(settings, cfg), cfg, stub, settings.server.max_message_bytes)
+    return out

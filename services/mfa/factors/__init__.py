@@ -1,0 +1,13 @@
+"""One class per factor, all behind the same template method (see base.py)."""
+
+from .base import Factor, FactorContext
+from .device import DeviceFactor
+from .face import FaceFactor
+from .sms_otp import SmsOtpFactor
+from .voice import VoiceFactor
+
+FACTORS: dict[str, Factor] = {f.name: f for f in (FaceFactor(), VoiceFactor(), SmsOtpFactor(), DeviceFactor())}
+# SubmitFactorRequest's oneof field -> factor
+BY_EVIDENCE = {"face": "face", "voice": "voice", "otp": "sms_otp", "device": "device"}
+
+__all__ = ["BY_EVIDENCE", "FACTORS", "Factor", "FactorContext"]

@@ -1,0 +1,184 @@
+"""Fusion of factor evidence into a decision.
+
+Evidence is in natural-log likelihood-ratio units. A biometric factor brings its calibrated LLR
+(clipped, weighted); an OTP or device proof brings the fixed evidence its policy gives it. Per
+factor the strongest attempt counts (attempts are bounded by the lockout). A liveness or spoof
+failure is a veto: no amount of other evidence outweighs it. A biometric LLR at or below the
+policy's ``deny_llr`` is strong evidence of another person and ends the session.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from .policy.schema import BIOMETRIC, POSSESSION, Policy
+from .reasons import Reason
+from .risk import Assessment
+
+AMR = {"face": "face", "voice": "vbm", "sms_otp": "sms", "device": "swk"}  # RFC 8176 values
+ACR_RANK = {"": 0, "aal1": 1, "aal2": 2}
+
+
+@dataclass(frozen=True)
+class FactorOutcome:
+    factor: str
+    passed: bool
+    llr: float = 0.0  # evidence contributed (weighted, clipped)
+    veto: bool = False  # liveness / spoof / replay failure
+    deny: bool = False  # LLR at or below deny_llr
+    unavailable: bool = False  # the service could not be reached: not an authentication failure
+    liveness: bool = False  # presentation attack detection was applied (lockout weighs it lighter)
+    reasons: tuple[Reason, ...] = ()
+    capture_error: bool = False  # unusable sample (no face, too short): not counted as a failure
+
+    @property
+    def counts_as_failure(self) -> bool:
+        return not self.passed and not self.unavailable and not self.capture_error
+
+    def to_json(self) -> dict[str, Any]:
+        return {"f": self.factor, "p": self.passed, "l": round(self.llr, 4), "v": self.veto, "d": self.deny,
+                "u": self.unavailable, "pad": self.liveness, "r": [r.to_json() for r in self.reasons],
+                "c": self.capture_error}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "FactorOutcome":
+        return cls(d["f"], d["p"], d["l"], d["v"], d["d"], d["u"], d["pad"],
+                   tuple(Reason.from_json(r) for r in d["r"]), d.get("c", False))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this session must show, fixed when it starts (and widened by degraded mode)."""
+
+    required: float
+    min_factors: int
+    sets: tuple[tuple[str, ...], ...]
+    degraded_sets: tuple[tuple[str, ...], ...] = ()
+    degraded_required: float = 0.0
+    degraded: tuple[str, ...] = ()  # modalities found unavailable
+    review: bool = False
+    deny: bool = False
+    review_reasons: tuple[Reason, ...] = ()
+
+    def acceptable(self) -> list[tuple[str, ...]]:
+        return list(self.sets) + [s for s in self.degraded_sets if s not in self.sets]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"required": self.required, "min_factors": self.min_factors, "sets": [list(s) for s in self.sets],
+                "degraded_sets": [list(s) for s in self.degraded_sets], "degraded_required": self.degraded_required,
+                "degraded": list(self.degraded), "review": self.review, "deny": self.deny,
+                "review_reasons": [r.to_json() for r in self.review_reasons]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Plan":
+        return cls(d["required"], d["min_factors"], tuple(tuple(s) for s in d["sets"]),
+                   tuple(tuple(s) for s in d["degraded_sets"]), d["degraded_required"], tuple(d["degraded"]),
+                   d["review"], d["deny"], tuple(Reason.from_json(r) for r in d["review_reasons"]))
+
+    def degrade(self, modality: str, policy: Policy, device_usable: bool) -> "Plan":
+        """The plan once ``modality``'s service is found unavailable."""
+        if modality in self.degraded:
+            return self
+        keep = tuple(s for s in self.sets if modality not in s)
+        extra = tuple(tuple(s) for s in policy.degraded.acceptable
+                      if modality not in s and (device_usable or "device" not in s))
+        return Plan(self.required, self.min_factors, keep, self.degraded_sets + extra, policy.degraded.required,
+                    self.degraded + (modality,), self.review, self.deny, self.review_reasons)
+
+
+def make_plan(policy: Policy, action: str, channel: str, risk: Assessment, device_usable: bool,
+              unavailable: set[str]) -> Plan:
+    rule = policy.actions[action]
+    chan = rule.channels.get(channel)  # type: ignore[call-overload]
+    sets = [tuple(s) for s in ((chan.acceptable if chan and chan.acceptable else None) or rule.acceptable)]
+    base = chan.required if chan and chan.required else rule.required
+    req = risk.requirement
+    if req.min_factors:
+        wide = [s for s in sets if len(s) >= req.min_factors]
+        if not wide:  # widen the policy's own factors into combinations of the required size
+            names = sorted({f for s in sets for f in s})
+            wide = [tuple(c) for c in itertools.combinations(names, req.min_factors)]
+        sets = wide
+    if not device_usable:  # a device that is not bound cannot prove possession of its key
+        sets = [s for s in sets if "device" not in s]
+    sets = [s for s in sets if all(policy.factors.enabled(f) for f in s)]
+    review_reasons = tuple(r for r in risk.reasons if req.review and r.code in {"FRAUD_SCRIPT_PHRASE", "AMOUNT_BAND"}) \
+        or ((Reason("RISK_REVIEW", f"risk level {risk.level} requires review"),) if req.review else ())
+    plan = Plan(base + req.extra_evidence, req.min_factors, tuple(dict.fromkeys(sets)),
+                review=req.review, deny=req.deny, review_reasons=review_reasons)
+    for modality in sorted(unavailable):
+        plan = plan.degrade(modality, policy, device_usable)
+    return plan
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: str  # "allow", "step_up", "deny", "review"
+    reasons: tuple[Reason, ...]
+    total: float
+    still_needed: tuple[tuple[str, ...], ...] = ()
+    amr: tuple[str, ...] = ()
+    acr: str = ""
+    passed: tuple[str, ...] = field(default=())
+
+
+def evidence(outcomes: list[FactorOutcome]) -> dict[str, float]:
+    """Per factor, the strongest attempt's evidence (unavailable attempts bring none)."""
+    best: dict[str, float] = {}
+    for o in outcomes:
+        if not o.unavailable:
+            best[o.factor] = max(best.get(o.factor, o.llr), o.llr)
+    return best
+
+
+def assurance(passed: set[str]) -> tuple[tuple[str, ...], str]:
+    amr = tuple(AMR[f] for f in sorted(passed))
+    kinds = {"bio" if f in BIOMETRIC else "have" for f in passed if f in BIOMETRIC | POSSESSION}
+    if len(passed) >= 2:
+        amr += ("mfa",)
+    return amr, "aal2" if len(kinds) >= 2 else "aal1" if passed else ""
+
+
+def decide(plan: Plan, outcomes: list[FactorOutcome], locked: bool = False) -> Decision:
+    passed = {o.factor for o in outcomes if o.passed}
+    ev = evidence(outcomes)
+    total = round(sum(ev.values()), 4)
+    amr, acr = assurance(passed)
+
+    def end(outcome: str, *reasons: Reason, needed=()) -> Decision:
+        keep_amr = amr if outcome in ("allow", "review") else ()
+        return Decision(outcome, tuple(reasons), total, tuple(needed), keep_amr,
+                        acr if outcome in ("allow", "review") else "", tuple(sorted(passed)))
+
+    if locked:
+        return end("deny", Reason("SUBJECT_LOCKED", "too many consecutive failures; an administrator must unlock"))
+    if plan.deny:
+        return end("deny", Reason("RISK_DENY", "the risk assessment does not allow this action"))
+    if any(o.veto for o in outcomes):
+        return end("deny", Reason("VETO", "a liveness, spoof or replay check failed"),
+                   *[r for o in outcomes if o.veto for r in o.reasons])
+    if any(o.deny for o in outcomes):
+        return end("deny", Reason("BIOMETRIC_MISMATCH", "strong evidence that the sample is of another person"),
+                   *[r for o in outcomes if o.deny for r in o.reasons])
+    summary = Reason("EVIDENCE", f"total {total:.2f} of {plan.required:.2f} required; passed: "
+                     + (", ".join(sorted(passed)) or "none"))
+    normal = [s for s in plan.sets if set(s) <= passed]
+    if normal and total >= plan.required and len(passed) >= plan.min_factors:
+        if plan.review:
+            return end("review", summary, *plan.review_reasons)
+        return end("allow", summary)
+    degraded = [s for s in plan.degraded_sets if set(s) <= passed]
+    if degraded and total >= plan.degraded_required:
+        return end("review", summary, Reason("DEGRADED_MODE", "biometric service unavailable: "
+                                             + ", ".join(plan.degraded)), *plan.review_reasons)
+    needed = [tuple(f for f in s if f not in passed) for s in plan.acceptable()]
+    needed = [n for n in dict.fromkeys(needed) if n]
+    if not needed:
+        if not plan.acceptable():
+            return end("deny", summary, Reason("NO_ACCEPTABLE_FACTORS", "no factor combination is available"))
+        return end("deny", summary, Reason("INSUFFICIENT_EVIDENCE", "every acceptable factor was used"))
+    reason = Reason("STEP_UP", "more factors needed") if not passed else \
+        Reason("STEP_UP", "the evidence so far is not enough for this action")
+    return end("step_up", summary, reason, needed=needed)

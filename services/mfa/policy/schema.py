@@ -1,0 +1,268 @@
+"""The policy document: what each action requires, per channel and amount, how risk changes it,
+how factors are weighed, and what happens when a biometric service is down.
+
+Every model forbids unknown keys, so that a misspelt setting is an error with its line, never a
+silently kept default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FactorName = Literal["face", "voice", "sms_otp", "device"]
+ChannelName = Literal["app", "kiosk", "ivr", "web"]
+LevelName = Literal["low", "medium", "high", "critical"]
+Acr = Literal["aal1", "aal2"]
+
+BIOMETRIC: frozenset[str] = frozenset({"face", "voice"})
+POSSESSION: frozenset[str] = frozenset({"sms_otp", "device"})
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+FactorSetList = list[list[FactorName]]
+
+
+def _check_sets(sets: list[list[str]]) -> list[tuple[str, ...]]:
+    out = []
+    for i, s in enumerate(sets):
+        if not s:
+            raise ValueError(f"set {i} is empty")
+        if len(set(s)) != len(s):
+            raise ValueError(f"set {i} names a factor twice")
+        out.append(tuple(s))
+    return out
+
+
+class BiometricFactor(Strict):
+    enabled: bool = True
+    weight: float = Field(1.0, gt=0, le=2)  # multiplies the calibrated LLR
+    llr_cap: float = Field(10.0, gt=0, le=50)  # |LLR| is clipped: one factor cannot carry everything
+    deny_llr: float = Field(-3.0, lt=0)  # at or below: strong evidence of another person, DENY
+    # |LLR| for a match / non-match when neither the service nor the manifest calibrates the score
+    uncalibrated_llr: float = Field(4.0, gt=0, le=20)
+
+
+class FaceFactor(BiometricFactor):
+    require_liveness: bool = True
+    calibration_channel: str = "mobile-selfie"
+
+
+class VoiceFactor(BiometricFactor):
+    require_spoof_check: bool = True
+    calibration_channels: dict[Literal["wideband", "telephone"], str] = {
+        "wideband": "mobile-16k", "telephone": "telephony-8k"}
+
+
+class Window(Strict):
+    limit: int = Field(ge=1)
+    window_s: int = Field(ge=1, le=7 * 86400)
+
+
+class OtpFactor(Strict):
+    """SMS OTP, a restricted authenticator (NIST SP 800-63B-4)."""
+
+    enabled: bool = True
+    evidence: float = Field(3.0, gt=0, le=20)
+    digits: int = Field(6, ge=6, le=10)
+    ttl_s: int = Field(300, ge=30, le=600)  # at most 10 minutes
+    max_attempts: int = Field(5, ge=1, le=10)  # per code
+    resend_cooldown_s: int = Field(30, ge=0, le=600)
+    per_phone: Window = Window(limit=5, window_s=3600)
+    per_subject: Window = Window(limit=10, window_s=3600)
+
+
+class DeviceBinding(Strict):
+    min_acr: Acr = "aal2"  # the session's ALLOW must be at least this strong
+    within_s: int = Field(300, ge=10, le=3600)  # after the decision
+
+
+class DeviceFactor(Strict):
+    enabled: bool = True
+    evidence: float = Field(3.0, gt=0, le=20)
+    drift_similarity: float = Field(0.7, gt=0, le=1)  # soft attributes that must still agree
+    binding: DeviceBinding = DeviceBinding()
+
+
+class Factors(Strict):
+    face: FaceFactor = FaceFactor()
+    voice: VoiceFactor = VoiceFactor()
+    sms_otp: OtpFactor = OtpFactor()
+    device: DeviceFactor = DeviceFactor()
+
+    def enabled(self, name: str) -> bool:
+        return getattr(self, name).enabled
+
+
+class Requirement(Strict):
+    """What raises the bar: extra evidence, more distinct factors, a review, or a refusal."""
+
+    extra_evidence: float = Field(0.0, ge=0)
+    min_factors: int = Field(0, ge=0, le=4)
+    review: bool = False
+    deny: bool = False
+
+
+class AmountBand(Requirement):
+    up_to: int | None = Field(default=None, ge=0)  # minor units; null = no upper limit
+    risk: float = Field(0.0, ge=0, le=100)
+
+
+class ChannelRule(Strict):
+    required: float | None = Field(default=None, gt=0)
+    acceptable: FactorSetList | None = None
+
+    @field_validator("acceptable")
+    @classmethod
+    def _sets(cls, v):
+        return None if v is None else _check_sets(v)
+
+
+class ActionRule(Strict):
+    required: float = Field(gt=0)  # total evidence (natural-log LLR units) to allow
+    acceptable: FactorSetList = Field(min_length=1)
+    channels: dict[ChannelName, ChannelRule] = {}
+    # currency (ISO 4217, or "*" for any other) -> bands in increasing order of up_to
+    amount_bands: dict[str, list[AmountBand]] = {}
+
+    @field_validator("acceptable")
+    @classmethod
+    def _sets(cls, v):
+        return _check_sets(v)
+
+    @field_validator("amount_bands")
+    @classmethod
+    def _bands(cls, v: dict[str, list[AmountBand]]):
+        for currency, bands in v.items():
+            if currency != "*" and not (len(currency) == 3 and currency.isalpha() and currency.isupper()):
+                raise ValueError(f"{currency!r} is not an ISO 4217 code or '*'")
+            if not bands:
+                raise ValueError(f"{currency}: no bands")
+            limits = [b.up_to for b in bands]
+            if limits[-1] is not None:
+                raise ValueError(f"{currency}: the last band must have up_to: null (no upper limit)")
+            if None in limits[:-1]:
+                raise ValueError(f"{currency}: only the last band may have up_to: null")
+            if any(b <= a for a, b in zip(limits[:-1], limits[1:-1])):
+                raise ValueError(f"{currency}: up_to must increase from band to band")
+        return v
+
+
+class RiskLevels(Strict):
+    medium: float = Field(25, ge=0, le=100)
+    high: float = Field(50, ge=0, le=100)
+    critical: float = Field(80, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.medium <= self.high <= self.critical:
+            raise ValueError("levels must satisfy medium <= high <= critical")
+        return self
+
+
+class RiskResponses(Strict):
+    low: Requirement = Requirement()
+    medium: Requirement = Requirement(extra_evidence=1.0)
+    high: Requirement = Requirement(extra_evidence=3.0, min_factors=2)
+    critical: Requirement = Requirement(min_factors=2, review=True)
+
+
+class ScoreRule(Strict):
+    score: float = Field(ge=0, le=100)
+
+
+class FailedAttemptsRule(Strict):
+    per_failure: float = Field(8, ge=0, le=100)
+    max: float = Field(40, ge=0, le=100)
+
+
+class VelocityRule(Strict):
+    window_s: int = Field(3600, ge=1, le=86400)
+    max_sessions: int = Field(10, ge=1)
+    score: float = Field(20, ge=0, le=100)
+
+
+class LocationRule(Strict):
+    score: float = Field(20, ge=0, le=100)  # another country than the last trusted one
+    impossible_travel_kmh: float = Field(900, gt=0)
+    impossible_travel_score: float = Field(40, ge=0, le=100)
+
+
+class FraudPhrases(Strict):
+    """Phrases of social-engineering scripts looked for in chat/IVR transcripts."""
+
+    score: float = Field(60, ge=0, le=100)
+    review: bool = True
+    phrases: dict[str, list[str]] = Field(min_length=1)  # language -> phrases
+
+    @field_validator("phrases")
+    @classmethod
+    def _non_empty(cls, v: dict[str, list[str]]):
+        for lang, items in v.items():
+            if not items or any(not p.strip() for p in items):
+                raise ValueError(f"{lang}: phrases must be non-empty strings")
+        return v
+
+
+class RiskRules(Strict):
+    new_device: ScoreRule = ScoreRule(score=25)  # the subject has bound devices; not this one
+    unbound_device: ScoreRule = ScoreRule(score=10)  # the subject has no bound device at all
+    device_drift: ScoreRule = ScoreRule(score=5)  # a bound device whose attributes drifted
+    failed_attempts: FailedAttemptsRule = FailedAttemptsRule()
+    velocity: VelocityRule = VelocityRule()
+    location_change: LocationRule = LocationRule()
+    fraud_phrases: FraudPhrases | None = None
+
+
+class Risk(Strict):
+    levels: RiskLevels = RiskLevels()
+    responses: RiskResponses = RiskResponses()
+    rules: RiskRules = RiskRules()
+
+
+class Degraded(Strict):
+    """When a biometric service is unavailable: these sets, held to ``required``. A session
+    satisfied only through them ends in REVIEW, never ALLOW: an outage must not lower the bar."""
+
+    acceptable: FactorSetList = [["sms_otp", "device"]]
+    required: float = Field(6.0, gt=0)
+
+    @field_validator("acceptable")
+    @classmethod
+    def _sets(cls, v):
+        return _check_sets(v)
+
+
+class Lockout(Strict):
+    """NIST SP 800-63B-4: at most 5 consecutive failures (10 for biometrics with presentation
+    attack detection), throttled before the limit, then locked."""
+
+    max_failures: int = Field(5, ge=1, le=100)
+    max_failures_with_liveness: int = Field(10, ge=1, le=100)
+    delay_after: int = Field(3, ge=1)  # failures (of max_failures' kind) before throttling
+    delay_s: float = Field(5.0, ge=0, le=3600)  # wait before the next attempt; doubles each time
+    subject_lock_s: int = Field(0, ge=0)  # 0: until an administrator unlocks
+    device_lock_s: int = Field(3600, ge=0)
+
+
+class Policy(Strict):
+    version: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    factors: Factors = Factors()
+    actions: dict[str, ActionRule] = Field(min_length=1)
+    risk: Risk = Risk()
+    degraded: Degraded = Degraded()
+    lockout: Lockout = Lockout()
+
+    @model_validator(mode="after")
+    def _factors_enabled(self):
+        used = {f for a in self.actions.values() for s in a.acceptable for f in s}
+        used |= {f for a in self.actions.values() for c in a.channels.values() for s in c.acceptable or () for f in s}
+        off = sorted(f for f in used if not self.factors.enabled(f))
+        if off:
+            raise ValueError(f"actions name disabled factors: {', '.join(off)}")
+        return self

@@ -1,0 +1,27 @@
+"""Machine-readable reasons attached to risk assessments, factor results and decisions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.api.v1 import common_pb2
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str  # UPPER_SNAKE, stable: relying parties and reviewers act on it
+    message: str = ""
+
+    def to_proto(self) -> common_pb2.Reason:
+        return common_pb2.Reason(code=self.code, message=self.message)
+
+    def to_json(self) -> list[str]:
+        return [self.code, self.message]
+
+    @classmethod
+    def from_json(cls, item) -> "Reason":
+        return cls(str(item[0]), str(item[1]))
+
+
+def to_protos(reasons) -> list[common_pb2.Reason]:
+    return [r.to_proto() for r in reasons]

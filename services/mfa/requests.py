@@ -1,0 +1,87 @@
+"""Checks of the orchestrator's request fields: every bad value is INVALID_ARGUMENT naming the
+field, raised before anything is stored."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from dataclasses import dataclass
+
+from services.common import errors
+from services.common.api.v1 import mfa_pb2
+from services.common.privacy import redact
+
+from .risk import MAX_CONVERSATION_CHARS, Place
+
+_ACTION = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+MAX_AMOUNT_MINOR = 10 ** 15
+MAX_LABEL = 64
+
+
+@dataclass(frozen=True)
+class Context:
+    place: Place | None
+    conversation_text: str
+
+
+def channel(value: int) -> str:
+    if value == mfa_pb2.CHANNEL_UNSPECIFIED or value not in mfa_pb2.Channel.values():
+        raise errors.invalid_argument("channel must be app, kiosk, ivr or web", channel="unspecified or unknown")
+    return mfa_pb2.Channel.Name(value).removeprefix("CHANNEL_").lower()
+
+
+def action(value: str, known: list[str]) -> str:
+    if not _ACTION.match(value or ""):
+        raise errors.invalid_argument("action must be lower_snake_case, e.g. login or payment", action="malformed")
+    if value not in known:
+        raise errors.invalid_argument(f"action {value!r} is not in the policy; known: {', '.join(sorted(known))}",
+                                      reason="UNKNOWN_ACTION", action="not in the policy")
+    return value
+
+
+def amount(request: mfa_pb2.StartAuthenticationRequest, needs: bool) -> tuple[str, int] | None:
+    if not request.HasField("amount"):
+        if needs:
+            raise errors.invalid_argument("this action needs an amount", amount="required")
+        return None
+    m = request.amount
+    if not _CURRENCY.match(m.currency):
+        raise errors.invalid_argument("amount.currency must be an ISO 4217 code", amount__currency="not ISO 4217")
+    if not 0 <= m.amount_minor <= MAX_AMOUNT_MINOR:
+        raise errors.invalid_argument("amount.amount_minor out of range", amount__amount_minor="negative or too large")
+    return m.currency, m.amount_minor
+
+
+def context_signals(ctx: mfa_pb2.ContextSignals, now) -> Context:
+    if len(ctx.conversation_text) > MAX_CONVERSATION_CHARS:
+        raise errors.invalid_argument(f"context.conversation_text is longer than {MAX_CONVERSATION_CHARS} characters",
+                                      context__conversation_text="too long")
+    if ctx.ip_address:
+        try:
+            ipaddress.ip_address(ctx.ip_address)
+        except ValueError:
+            raise errors.invalid_argument("context.ip_address is not an IP address",
+                                          context__ip_address="malformed") from None
+    if ctx.country and not _COUNTRY.match(ctx.country):
+        raise errors.invalid_argument("context.country must be ISO 3166-1 alpha-2", context__country="malformed")
+    if len(ctx.region) > 64:
+        raise errors.invalid_argument("context.region is too long", context__region="too long")
+    lat, lon = ctx.latitude, ctx.longitude
+    if not (math.isfinite(lat) and math.isfinite(lon) and -90 <= lat <= 90 and -180 <= lon <= 180):
+        raise errors.invalid_argument("context latitude/longitude out of range", context__latitude="out of range")
+    has_coords = (lat, lon) != (0.0, 0.0)
+    place = None
+    if ctx.country or has_coords:
+        place = Place(ctx.country, lat if has_coords else None, lon if has_coords else None, now)
+    return Context(place, ctx.conversation_text)
+
+
+def label(value: str, field: str) -> str:
+    """Free text kept in storage or audit: short, and no phone, ID or card numbers."""
+    if len(value) > MAX_LABEL or redact(value) != value or not value.isprintable():
+        raise errors.invalid_argument(f"{field}: at most {MAX_LABEL} printable characters, no personal data",
+                                      **{field: "too long or personal data"})
+    return value
