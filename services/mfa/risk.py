@@ -53,29 +53,26 @@ def _normalise(text: str) -> str:
 
 class PhraseMatcher:
     """Finds script phrases in free text: case, width and spacing do not matter ("Any Desk",
-    "ＡｎｙＤｅｓｋ", "安 全 账 户"), and a Latin phrase must stand as whole words."""
+    "ＡｎｙＤｅｓｋ", "安 全 账 户"), and a Latin phrase must consist of whole words of the text."""
 
     def __init__(self, phrases: dict[str, list[str]]) -> None:
         self._items = []
+        self._max_words = 1
         for lang, items in phrases.items():
             for phrase in items:
                 norm = _normalise(phrase)
                 compact = norm.replace(" ", "")
-                latin = compact.isascii()
-                self._items.append((lang, phrase, norm, compact, latin))
+                if compact.isascii():
+                    self._max_words = max(self._max_words, len(norm.split()))
+                self._items.append((lang, phrase, compact, compact.isascii()))
 
     def find(self, text: str) -> list[tuple[str, str]]:
-        norm = _normalise(text)
-        spaced, compact = f" {norm} ", norm.replace(" ", "")
-        hits = []
-        for lang, phrase, p_norm, p_compact, latin in self._items:
-            if latin:
-                found = f" {p_norm} " in spaced or f" {p_compact} " in spaced
-            else:
-                found = p_compact in compact
-            if found:
-                hits.append((lang, phrase))
-        return hits
+        words = _normalise(text).split()
+        compact = "".join(words)
+        # every run of consecutive words as long as the longest phrase, with the spaces taken out
+        joined = {"".join(words[i:i + n]) for n in range(1, self._max_words + 1) for i in range(len(words) - n + 1)}
+        return [(lang, phrase) for lang, phrase, p, latin in self._items
+                if (p in joined if latin else p in compact)]
 
 
 def _km(a: Place, b: Place) -> float:

@@ -7,6 +7,7 @@ step leaves an audit record without personal data.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -286,11 +287,11 @@ class Orchestrator:
 
         def claim(st):  # the cool-down is checked and claimed in one compare-and-swap
             last = st.get("otp_sent_at")
-            if last and (now - datetime.fromisoformat(last)).total_seconds() < cfg.resend_cooldown_s:
-                wait = cfg.resend_cooldown_s - (now - datetime.fromisoformat(last)).total_seconds()
+            wait = cfg.resend_cooldown_s - (now - datetime.fromisoformat(last)).total_seconds() if last else 0
+            if wait > 0:
                 raise errors.ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                          f"an OTP was sent moments ago; ask again in {int(wait) + 1} s",
-                                          "OTP_COOLDOWN", metadata={"retry_after_s": str(int(wait) + 1)})
+                                          f"an OTP was sent moments ago; ask again in {math.ceil(wait)} s",
+                                          "OTP_COOLDOWN", metadata={"retry_after_s": str(math.ceil(wait))})
             st["otp_sent_at"] = now.isoformat()
         rec = self.sessions.mutate(rec, claim)
         try:

@@ -28,7 +28,7 @@ class _Entry:
     path: Path
     stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file that was parsed
     policy: Policy | None = None
-    checked: float = 0.0
+    checked: float | None = None  # monotonic time of the last stat
     error: PolicyError | None = None
 
 
@@ -75,7 +75,7 @@ class PolicyStore:
 
     def _refresh(self, entry: _Entry, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - entry.checked < self.check_s:
+        if not force and entry.checked is not None and now - entry.checked < self.check_s:
             return
         entry.checked = now
         try:

@@ -1,0 +1,249 @@
+"""SMS OTP (NIST SP 800-63B-4 restricted authenticator) and the SMS gateways: the development
+sink, and the HTTP adapter against a local fake gateway with timeouts and 5xx answers."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import pytest
+
+from services.common.api.v1 import common_pb2, mfa_pb2
+from services.common.errors import ServiceError
+from services.mfa import subjects
+from services.mfa.otp import new_code
+from services.mfa.sms import HttpSmsGateway, SmsError
+from tests.mfa.conftest import App, outbox_codes
+
+F = mfa_pb2
+PHONE = "+8613800135678"
+
+
+def enrol(orch, tenant="otp-bank", sid="cust-0001", phone=PHONE):
+    ref = common_pb2.SubjectRef(tenant_id=tenant, subject_id=sid)
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=phone))
+    return ref
+
+
+def session(orch, ref):
+    return orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login",
+                                                   device=App().device))
+
+
+def submit(orch, sid, code):
+    return orch.submit(F.SubmitFactorRequest(session_id=sid, otp=F.OtpEvidence(code=code)))
+
+
+def test_codes_are_six_random_digits():
+    codes = {new_code(6) for _ in range(2000)}
+    assert all(len(c) == 6 and c.isdigit() for c in codes)
+    assert len(codes) > 1900  # from secrets, not a clock or a counter
+    assert len(new_code(8)) == 8
+
+
+def test_the_code_is_stored_keyed_hashed_and_works_once(orch):
+    ref = enrol(orch)
+    s = session(orch, ref)
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    code = outbox_codes(orch.rt.settings)[-1]
+    with orch.rt.storage.db.read() as q:
+        rows = q.all("SELECT code_hash FROM otp_challenges")
+    assert len(rows) == 1 and code not in rows[0][0] and len(rows[0][0]) == 64
+    import hashlib
+    assert rows[0][0] != hashlib.sha256(code.encode()).hexdigest()  # keyed, not a bare hash
+    assert submit(orch, s.session_id, code).result.passed
+    again = submit(orch, s.session_id, code)  # single use
+    assert not again.result.passed and again.result.reasons[0].code == "OTP_EXPIRED_OR_USED"
+
+
+def test_the_code_expires(orch, clock):
+    ref = enrol(orch)
+    s = session(orch, ref)
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    code = outbox_codes(orch.rt.settings)[-1]
+    clock.advance(orch.policies.get("otp-bank").factors.sms_otp.ttl_s + 1)
+    r = submit(orch, s.session_id, code)
+    assert not r.result.passed and r.result.reasons[0].code == "OTP_EXPIRED_OR_USED"
+
+
+def test_a_new_code_replaces_the_previous_one(orch):
+    ref = enrol(orch)
+    s = session(orch, ref)
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    first = outbox_codes(orch.rt.settings)[-1]
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    second = outbox_codes(orch.rt.settings)[-1]
+    if first != second:
+        assert not submit(orch, s.session_id, first).result.passed
+    assert submit(orch, s.session_id, second).result.passed
+
+
+def test_resend_cool_down_and_rate_limits(tmp_path, clock):
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+    from tests.mfa.conftest import settings_for
+
+    settings = settings_for(tmp_path)
+    rt = Runtime.open(settings)
+    orch = Orchestrator(rt, clock=clock)
+    try:
+        ref = enrol(orch, "bank-a", "cust-1")
+        s = session(orch, ref)
+        sent = orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+        assert sent.resend_after.seconds - sent.expires_at.seconds == 30 - 300
+        with pytest.raises(ServiceError) as err:
+            orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.reason == "OTP_COOLDOWN"
+        assert int(err.value.metadata["retry_after_s"]) <= 30
+        for _ in range(4):
+            clock.advance(31)
+            orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+        clock.advance(31)
+        with pytest.raises(ServiceError) as err:  # 5 per phone per hour
+            orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.reason == "OTP_RATE_LIMITED"
+        # another subject with the same phone number shares the phone's budget
+        other = enrol(orch, "bank-a", "cust-2")
+        s2 = session(orch, other)
+        with pytest.raises(ServiceError) as err:
+            orch.send_otp(F.SendOtpRequest(session_id=s2.session_id))
+        assert err.value.reason == "OTP_RATE_LIMITED" and "phone" in err.value.message
+    finally:
+        orch.close()
+        rt.close()
+
+
+def test_no_phone_is_a_failed_precondition_and_the_sink_masks_the_number(orch, caplog):
+    ref = common_pb2.SubjectRef(tenant_id="otp-bank", subject_id="cust-nophone")
+    s = session(orch, ref)
+    with pytest.raises(ServiceError) as err:
+        orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    assert err.value.reason == "NO_PHONE"
+    ref = enrol(orch)
+    s = session(orch, ref)
+    caplog.set_level("DEBUG")
+    assert orch.send_otp(F.SendOtpRequest(session_id=s.session_id)).masked_phone == "+86 *** **** 5678"
+    outbox = (orch.rt.settings.data_dir / "sms-outbox.jsonl").read_text()
+    assert PHONE not in outbox and "+86 *** **** 5678" in outbox
+    code = outbox_codes(orch.rt.settings)[-1]
+    assert PHONE not in caplog.text and code not in caplog.text
+    with orch.rt.storage.db.read() as q:
+        audit = json.dumps([list(map(str, r)) for r in q.all("SELECT * FROM audit_records")])
+    assert PHONE not in audit and "13800135678" not in audit and code not in audit and "cust-0001" not in audit
+
+
+# --- the HTTP gateway against a local fake SMS API ---------------------------------------------
+
+class FakeGateway:
+    """A local HTTP SMS API whose next answers are scripted: a status code, or "sleep"."""
+
+    def __init__(self) -> None:
+        self.script: list = []
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"body": body, "key": self.headers.get("Idempotency-Key"),
+                                       "auth": self.headers.get("Authorization")})
+                step = outer.script.pop(0) if outer.script else 200
+                if step == "sleep":
+                    time.sleep(1.0)
+                    step = 200
+                try:
+                    self.send_response(step)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(json.dumps({"id": f"msg-{len(outer.requests)}"}).encode())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/sms"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    f = FakeGateway()
+    yield f
+    f.close()
+
+
+def gateway(fake, retries=2):
+    return HttpSmsGateway(fake.url, token="sms-secret", timeout_s=0.3, retries=retries, backoff_s=0.01)
+
+
+def test_http_gateway_sends_json_with_token_and_idempotency_key(fake):
+    assert gateway(fake).send(PHONE, "123456 is your code", "otp-1") == "msg-1"
+    req = fake.requests[0]
+    assert req["body"] == {"to": PHONE, "text": "123456 is your code", "sender": "BioGate"}
+    assert req["key"] == "otp-1" and req["auth"] == "Bearer sms-secret"
+
+
+def test_http_gateway_retries_5xx_and_timeouts_with_the_same_key(fake):
+    fake.script = [503, "sleep"]
+    assert gateway(fake).send(PHONE, "x", "otp-2") == "msg-3"
+    assert [r["key"] for r in fake.requests] == ["otp-2"] * 3
+
+
+def test_http_gateway_gives_up_after_bounded_retries(fake):
+    fake.script = [500, 502, 503, 504]
+    with pytest.raises(SmsError) as err:
+        gateway(fake, retries=2).send(PHONE, "x", "otp-3")
+    assert err.value.transient and len(fake.requests) == 3 and "HTTP 503" in str(err.value)
+
+
+def test_http_gateway_does_not_retry_a_refusal(fake):
+    fake.script = [400]
+    with pytest.raises(SmsError) as err:
+        gateway(fake).send(PHONE, "x", "otp-4")
+    assert not err.value.transient and len(fake.requests) == 1
+
+
+def test_http_gateway_unreachable_is_an_error_not_a_hang():
+    t0 = time.monotonic()
+    with pytest.raises(SmsError):
+        HttpSmsGateway("http://127.0.0.1:9/sms", timeout_s=0.3, retries=1, backoff_s=0.01).send(PHONE, "x", "k")
+    assert time.monotonic() - t0 < 3
+
+
+def test_a_failed_send_is_unavailable_and_its_code_is_void(tmp_path, clock, fake):
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+    from tests.mfa.conftest import settings_for
+
+    settings = settings_for(tmp_path)
+    rt = Runtime.open(settings)
+    orch = Orchestrator(rt, gateway=gateway(fake, retries=1), clock=clock)
+    try:
+        ref = enrol(orch)
+        s = session(orch, ref)
+        fake.script = [500, 500]
+        with pytest.raises(ServiceError) as err:
+            orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.reason == "SMS_GATEWAY_FAILED"
+        code = re.match(r"\d+", fake.requests[-1]["body"]["text"]).group()
+        with pytest.raises(ServiceError) as err:  # never delivered: never usable
+            submit(orch, s.session_id, code)
+        assert err.value.reason == "OTP_NOT_SENT"
+        assert orch.rt.storage.otp.get_active_for_session(s.session_id, clock()) is None
+        sent = orch.send_otp(F.SendOtpRequest(session_id=s.session_id))  # no cool-down was spent
+        assert sent.masked_phone
+        code = re.match(r"\d+", fake.requests[-1]["body"]["text"]).group()
+        assert submit(orch, s.session_id, code).result.passed
+    finally:
+        orch.close()
+        rt.close()

@@ -1,0 +1,122 @@
+"""Policy files: the shipped default is valid; errors name their line and field; a broken file
+leaves the running policy in force; a changed file is picked up without restart."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import grpc
+import pytest
+
+from services.common.config import PROJECT_ROOT
+from services.common.errors import ServiceError
+from services.mfa.policy import PolicyError, PolicyStore, load_policy, parse_policy
+
+DEFAULT = PROJECT_ROOT / "services" / "mfa" / "policies" / "default.yaml"
+
+MINIMAL = """\
+version: v1
+actions:
+  login:
+    required: 6.0
+    acceptable: [[face, sms_otp]]
+"""
+
+
+def problems(text: str) -> list[tuple[int, str, str]]:
+    with pytest.raises(PolicyError) as err:
+        parse_policy(text, "tenant.yaml")
+    return [(p.line, p.field, p.message) for p in err.value.problems]
+
+
+def test_the_shipped_default_policy_is_valid_and_ships_fraud_phrases_in_both_languages():
+    policy = load_policy(DEFAULT)
+    phrases = policy.risk.rules.fraud_phrases.phrases
+    assert {"代操作", "紧急转账", "安全账户"} <= set(phrases["zh"])
+    assert {"safe account", "remote access", "AnyDesk"} <= set(phrases["en"])
+    assert policy.factors.sms_otp.digits >= 6 and policy.factors.sms_otp.ttl_s <= 600
+    assert policy.lockout.max_failures == 5 and policy.lockout.max_failures_with_liveness == 10
+
+
+@pytest.mark.parametrize("text,expected", [
+    (MINIMAL.replace("required: 6.0", "required: -2"), (4, "actions.login.required", "greater than 0")),
+    (MINIMAL.replace("required: 6.0", "requird: 6.0"), (4, "actions.login.requird", "unknown key")),
+    (MINIMAL.replace("[[face, sms_otp]]", "[[face, iris]]"), (5, "actions.login.acceptable.0.1", "'face'")),
+    (MINIMAL + "factors:\n  sms_otp:\n    digits: 4\n", (8, "factors.sms_otp.digits", "greater than or equal to 6")),
+    (MINIMAL + "factors:\n  sms_otp:\n    ttl_s: 900\n", (8, "factors.sms_otp.ttl_s", "less than or equal to 600")),
+    (MINIMAL + "actions:\n  payment: {required: 1, acceptable: [[face]]}\n", (6, "actions", "duplicate key")),
+    (MINIMAL.replace("[[face, sms_otp]]", "[[face, face]]"), (5, "actions.login.acceptable", "twice")),
+    (MINIMAL + "risk:\n  levels: {medium: 60, high: 50}\n", (7, "risk.levels", "medium <= high")),
+    (MINIMAL.replace("version: v1\n", ""), (1, "version", "Field required")),
+    ("version: v1\nactions:\n  login: {required: 6, acceptable: [[face]]\n", (4, "", "YAML syntax")),
+    ("- just\n- a list\n", (1, "", "mapping")),
+])
+def test_errors_name_the_line_and_the_field(text, expected):
+    line, field, words = expected
+    found = problems(text)
+    assert any(p[0] == line and p[1] == field and words in p[2] for p in found), found
+
+
+def test_all_problems_are_reported_at_once_in_line_order():
+    text = MINIMAL.replace("required: 6.0", "required: 0") + "lockout: {max_failures: 0, delay_s: -1}\n"
+    found = problems(text)
+    assert [p[1] for p in found] == ["actions.login.required", "lockout.max_failures", "lockout.delay_s"]
+    assert [p[0] for p in found] == [4, 6, 6]
+    assert "line 4, column" in str(PolicyError("t.yaml", parse_error(text)))
+
+
+def parse_error(text):
+    try:
+        parse_policy(text)
+    except PolicyError as e:
+        return e.problems
+    raise AssertionError("no error")
+
+
+def _write(path, text):
+    path.write_text(text)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a visibly newer mtime
+
+
+def test_reload_without_restart_and_a_broken_file_keeps_the_policy_in_force(tmp_path, caplog):
+    store = PolicyStore(DEFAULT, tmp_path, check_s=0)
+    assert store.get("bank-x").version == load_policy(DEFAULT).version  # no file: the default
+    own = tmp_path / "bank-x.yaml"
+    _write(own, MINIMAL)
+    assert store.get("bank-x").version == "v1"
+    _write(own, MINIMAL.replace("v1", "v2").replace("required: 6.0", "required: nope"))
+    assert store.get("bank-x").version == "v1"  # still in force
+    err = store.errors[str(own)]
+    assert err.problems[0].line == 4 and err.problems[0].field == "actions.login.required"
+    assert "policy rejected" in caplog.text
+    _write(own, MINIMAL.replace("v1", "v3"))
+    assert store.get("bank-x").version == "v3" and str(own) not in store.errors
+    own.unlink()
+    assert store.get("bank-x").version == "v3"  # a vanished file keeps what was in force
+
+
+def test_a_tenant_file_that_never_parsed_fails_closed(tmp_path):
+    store = PolicyStore(DEFAULT, tmp_path, check_s=0)
+    (tmp_path / "bank-y.yaml").write_text("version: [\n")
+    with pytest.raises(ServiceError) as err:
+        store.get("bank-y")
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and err.value.reason == "POLICY_INVALID"
+
+
+def test_the_service_refuses_to_start_with_a_broken_default(tmp_path):
+    bad = tmp_path / "default.yaml"
+    bad.write_text(MINIMAL.replace("required: 6.0", "required: x"))
+    with pytest.raises(PolicyError):
+        PolicyStore(bad, None)
+
+
+def test_check_interval_limits_stat_calls(tmp_path):
+    store = PolicyStore(DEFAULT, tmp_path, check_s=3600)
+    own = tmp_path / "bank-z.yaml"
+    _write(own, MINIMAL)
+    assert store.get("bank-z").version == "v1"
+    _write(own, MINIMAL.replace("v1", "v2"))
+    time.sleep(0.01)
+    assert store.get("bank-z").version == "v1"  # not looked at again within check_s
