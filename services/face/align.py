@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -10,6 +11,10 @@ from insightface.utils.face_align import norm_crop
 from services.face.detection import Face
 
 ALIGNED_SIZE = 112
+
+# norm_crop calls scikit-image's deprecated SimilarityTransform.estimate (same result); one
+# warning per aligned face would flood the logs.
+warnings.filterwarnings("ignore", message="`estimate` is deprecated", category=FutureWarning)
 
 
 def align_face(image_bgr: np.ndarray, face: Face, size: int = ALIGNED_SIZE) -> np.ndarray:

@@ -36,8 +36,13 @@ def _analyse(pipeline: FacePipeline, path: Path, **options) -> FaceAnalysis | Fa
 class FaceVerificationScorer:
     score_name = "cosine"
 
-    def __init__(self, pipeline: FacePipeline) -> None:
+    def __init__(self, pipeline: FacePipeline, embedders: Sequence[str] | None = None) -> None:
+        """``embedders``: the names whose cosines are averaged (default: all of the pipeline's)."""
         self.pipeline = pipeline
+        self.names = tuple(embedders) if embedders else tuple(pipeline.embedders)
+        unknown = set(self.names) - set(pipeline.embedders)
+        if unknown:
+            raise ValueError(f"embedders not in the pipeline: {sorted(unknown)}")
         self._cache: dict[Path, dict[str, np.ndarray] | Failure] = {}
 
     def embeddings(self, path: Path) -> dict[str, np.ndarray] | Failure:
@@ -52,7 +57,7 @@ class FaceVerificationScorer:
         good = [e for e in embs if not isinstance(e, Failure)]
         if not good:
             return next(e for e in embs if isinstance(e, Failure))
-        return {name: l2_normalise(np.mean([e[name] for e in good], axis=0)[None])[0] for name in good[0]}
+        return {name: l2_normalise(np.mean([e[name] for e in good], axis=0)[None])[0] for name in self.names}
 
     def score(self, handle: dict[str, np.ndarray], probe: Path) -> float | Failure:
         e = self.embeddings(probe)

@@ -56,7 +56,7 @@ class FacePipelineConfig:
     subject: SubjectPolicy = field(default_factory=SubjectPolicy)
     decode: DecodeLimits = field(default_factory=DecodeLimits)
     batch_max: int = 32
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 1.0
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 

@@ -1,0 +1,72 @@
+import threading
+import time
+
+import pytest
+
+from services.face.batching import BatcherClosed, MicroBatcher
+
+
+def test_concurrent_callers_get_their_own_results_in_batches():
+    sizes = []
+
+    def fn(items):
+        sizes.append(len(items))
+        time.sleep(0.005)  # a model call: callers queue up meanwhile
+        return [x * x for x in items]
+
+    b = MicroBatcher(fn, max_batch=8, max_wait_ms=5)
+    results: dict[int, int] = {}
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(k * 100, k * 100 + 25):
+                results[i] = b.submit(i, timeout=10)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    b.close()
+    assert not errors
+    assert len(results) == 16 * 25 and all(v == k * k for k, v in results.items())
+    assert max(sizes) <= 8 and sum(sizes) == 400
+    assert max(sizes) > 1  # requests were actually batched together
+    assert b.items == 400 and b.batches == len(sizes)
+
+
+def test_submit_many_keeps_order():
+    b = MicroBatcher(lambda xs: [str(x) for x in xs], max_batch=3, max_wait_ms=1)
+    assert b.submit_many(list(range(10))) == [str(i) for i in range(10)]
+    b.close()
+
+
+def test_errors_reach_every_caller_of_the_batch_and_the_worker_survives():
+    def fn(items):
+        if any(x < 0 for x in items):
+            raise ValueError("negative")
+        return items
+
+    b = MicroBatcher(fn, max_batch=4, max_wait_ms=1)
+    with pytest.raises(ValueError):
+        b.submit(-1, timeout=5)
+    assert b.submit(3, timeout=5) == 3
+
+
+def test_wrong_result_count_is_an_error():
+    b = MicroBatcher(lambda xs: [], max_batch=2)
+    with pytest.raises(RuntimeError):
+        b.submit(1, timeout=5)
+    b.close()
+
+
+def test_close_finishes_queued_items_then_refuses():
+    b = MicroBatcher(lambda xs: (time.sleep(0.01), xs)[1], max_batch=2, max_wait_ms=0)
+    futures = [b.submit_async(i) for i in range(6)]
+    b.close()
+    assert [f.result(timeout=1) for f in futures] == list(range(6))
+    with pytest.raises(BatcherClosed):
+        b.submit(1)

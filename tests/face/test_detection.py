@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from face_helpers import load_bgr
+from services.face.detection import letterbox
+from services.face.subject import SubjectIssue, SubjectPolicy, choose_subject
+
+
+def test_letterbox_never_enlarges_and_pads():
+    img = np.full((150, 150, 3), 200, np.uint8)
+    lb = letterbox(img, (640, 640), pad_ratio=0.25)
+    assert lb.scale == 1.0 and lb.offset == (38.0, 38.0)
+    assert (lb.canvas[38:188, 38:188] == 200).all() and lb.canvas[0, 0].sum() == 0
+    big = np.zeros((2000, 1000, 3), np.uint8)
+    lb = letterbox(big, (640, 640), pad_ratio=0.25)
+    assert lb.scale == pytest.approx(640 / 3000, rel=1e-2)  # rounded to whole pixels
+    boxes, lms = lb.to_image(np.array([[lb.offset[0], lb.offset[1], 100, 100]], np.float32), np.zeros((1, 5, 2), np.float32))
+    assert boxes[0, :2] == pytest.approx([0, 0], abs=1e-3)
+
+
+@pytest.mark.parametrize("which", ["yunet", "scrfd"])
+def test_every_tight_crop_detected(which, request, verification_images):
+    """The 150x150 face crops (face fills the frame) are found, one face each, landmarks inside the face."""
+    detector = request.getfixturevalue(which)
+    crops = [p for p in verification_images if p.name.startswith("faceapi_")]
+    assert len(crops) == 40
+    for p in crops:
+        faces = detector.detect(load_bgr(p))
+        assert len(faces) == 1, p.name
+        f = faces[0]
+        assert f.size > 90, p.name
+        lm = f.landmarks5
+        assert lm[0, 0] < lm[1, 0] and lm[3, 0] < lm[4, 0] and lm[:2, 1].max() < lm[3:, 1].min(), p.name  # eyes above mouth
+
+
+@pytest.mark.parametrize("which", ["yunet", "scrfd"])
+def test_every_verification_image_has_a_face(which, request, verification_images):
+    detector = request.getfixturevalue(which)
+    for p in verification_images:
+        assert detector.detect(load_bgr(p)), p.name
+
+
+@pytest.mark.parametrize("which", ["yunet", "scrfd"])
+def test_no_face_in_a_blank_or_noise_image(which, request):
+    detector = request.getfixturevalue(which)
+    assert detector.detect(np.full((480, 640, 3), 127, np.uint8)) == []
+    rng = np.random.default_rng(0)
+    assert detector.detect(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) == []
+
+
+def _two_faces(face_dir):
+    a = load_bgr(face_dir / "bbt_penny" / "faceapi_penny1.png")
+    b = load_bgr(face_dir / "bbt_raj" / "faceapi_raj1.png")
+    return np.hstack([a, np.zeros((150, 60, 3), np.uint8), b])
+
+
+def test_two_faces_of_similar_size_are_refused(yunet, face_dir):
+    img = _two_faces(face_dir)
+    faces = yunet.detect(img)
+    assert len(faces) == 2
+    choice = choose_subject(faces, img.shape)
+    assert choice.issue is SubjectIssue.MULTIPLE_FACES and choice.n_faces == 2
+    # a tenant may allow it: the larger / more central face is then the subject
+    assert choose_subject(faces, img.shape, SubjectPolicy(second_face_ratio=1.5)).issue is None
+
+
+def test_small_background_face_is_tolerated(yunet, face_dir):
+    import cv2
+
+    big = load_bgr(face_dir / "barack_obama" / "face_recognition_examples_obama.jpg")
+    small = cv2.resize(load_bgr(face_dir / "bbt_raj" / "faceapi_raj1.png"), (90, 90))
+    img = big.copy()
+    img[-100:-10, 10:100] = small  # a small face in the lower-left corner
+    faces = yunet.detect(img)
+    assert len(faces) == 2
+    choice = choose_subject(faces, img.shape)
+    assert choice.issue is None and choice.face.size == max(f.size for f in faces)
+
+
+def test_no_face_issue():
+    assert choose_subject([], (100, 100, 3)).issue is SubjectIssue.NO_FACE

@@ -1,0 +1,110 @@
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.face.imaging import DecodeErrorCode, DecodeLimits, ImageDecodeError, decode_image
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _code(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodeErrorCode:
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data, limits)
+    return err.value.code
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def test_empty_bytes():
+    assert _code(b"") is DecodeErrorCode.EMPTY_IMAGE
+
+
+def test_text_file_is_unsupported():
+    assert _code(b"hello, this is not an image\n" * 10) is DecodeErrorCode.UNSUPPORTED_FORMAT
+
+
+def test_gif_is_unsupported():
+    assert _code(_encode(Image.new("RGB", (64, 64)), "GIF")) is DecodeErrorCode.UNSUPPORTED_FORMAT
+
+
+def test_truncated_jpeg(face_dir):
+    data = (face_dir / "barack_obama" / "face_recognition_examples_obama.jpg").read_bytes()
+    assert _code(data[: len(data) // 3]) is DecodeErrorCode.TRUNCATED_IMAGE
+    assert _code(data[:20]) is DecodeErrorCode.TRUNCATED_IMAGE
+
+
+def test_decompression_bomb_png_refused_from_the_header():
+    """A real 20000x20000 grayscale PNG (400 MB of pixels, ~400 KB of bytes) is refused unread."""
+    w = h = 20000
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (w + 1)  # filter byte + one byte per pixel
+    idat = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+    assert len(data) < 1_000_000
+    t = time.perf_counter()
+    assert _code(data) is DecodeErrorCode.IMAGE_TOO_LARGE
+    assert time.perf_counter() - t < 0.5  # no pixel was decoded
+
+
+def test_byte_limit():
+    data = _encode(Image.new("RGB", (64, 64)), "PNG")
+    assert _code(data, DecodeLimits(max_bytes=len(data) - 1)) is DecodeErrorCode.IMAGE_TOO_LARGE
+
+
+@pytest.mark.parametrize("size", [(1, 1), (31, 200), (200, 8)])
+def test_tiny_images_refused(size):
+    assert _code(_encode(Image.new("RGB", size), "PNG")) is DecodeErrorCode.IMAGE_TOO_SMALL
+
+
+def test_grayscale_becomes_three_channels():
+    arr = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+    out = decode_image(_encode(Image.fromarray(arr, "L"), "PNG"))
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert (out[..., 0] == arr).all() and (out[..., 1] == arr).all()
+
+
+def test_alpha_is_composited_on_white():
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 2] = 255  # blue
+    rgba[:20, :, 3] = 255  # top half opaque, bottom half transparent
+    out = decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert out.shape == (40, 40, 3)
+    assert tuple(out[5, 5]) == (255, 0, 0)  # opaque blue, in BGR
+    assert tuple(out[35, 5]) == (255, 255, 255)
+
+
+def test_exif_orientation_applied():
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, :40] = (255, 0, 0)  # left half red (RGB)
+    im = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode_image(_encode(im, "JPEG", exif=exif, quality=95))
+    assert out.shape == (80, 40, 3)  # portrait after rotation
+    # the red half (left) is now at the top; BGR red is channel 2
+    assert out[5, 20, 2] > 200 and out[75, 20, 2] < 60
+
+
+def test_webp_and_rgb_channel_order():
+    arr = np.zeros((48, 48, 3), np.uint8)
+    arr[..., 0] = 200  # red
+    out = decode_image(_encode(Image.fromarray(arr), "WEBP", lossless=True))
+    assert out.shape == (48, 48, 3) and out[0, 0, 2] == 200 and out[0, 0, 0] == 0
+
+
+def test_fixture_formats_decode(verification_images):
+    for p in verification_images:
+        img = decode_image(p.read_bytes())
+        assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8

@@ -1,0 +1,89 @@
+import threading
+
+import numpy as np
+import pytest
+
+from face_helpers import CPU
+from services.face.imaging import DecodeErrorCode, ImageDecodeError
+from services.face.pipeline import FacePipeline, LivenessUnavailable
+
+
+def test_every_verification_image_is_enrolled(pipeline, verification_images):
+    for p in verification_images:
+        r = pipeline.analyse(p.read_bytes())
+        assert r.accepted, (p.name, r.issues)
+        assert set(r.embeddings) == {e.name for e in pipeline.config.embedders}
+        for e in r.embeddings.values():
+            assert abs(float(np.linalg.norm(e)) - 1.0) < 1e-5
+
+
+def test_refusals_are_reported_not_embedded(pipeline, face_dir):
+    import cv2
+
+    from face_helpers import load_bgr
+
+    blank = cv2.imencode(".png", np.full((200, 200, 3), 90, np.uint8))[1].tobytes()
+    r = pipeline.analyse(blank)
+    assert r.issues == ("NO_FACE",) and r.face is None and r.embeddings == {}
+    a = load_bgr(face_dir / "bbt_penny" / "faceapi_penny1.png")
+    b = load_bgr(face_dir / "bbt_raj" / "faceapi_raj1.png")
+    two = cv2.imencode(".png", np.hstack([a, np.zeros((150, 60, 3), np.uint8), b]))[1].tobytes()
+    r = pipeline.analyse(two)
+    assert "MULTIPLE_FACES" in r.issues and r.n_faces == 2 and r.embeddings == {}
+    dark = cv2.imencode(".png", (a * 0.1).astype(np.uint8))[1].tobytes()
+    r = pipeline.analyse(dark)
+    assert "UNDER_EXPOSED" in r.issues and r.embeddings == {}
+    assert pipeline.analyse(dark, enforce_quality=False).embeddings  # embedded when asked, issues kept
+
+
+def test_bad_bytes_raise_a_typed_error(pipeline):
+    for data, code in [(b"", DecodeErrorCode.EMPTY_IMAGE), (b"GIF89a....", DecodeErrorCode.UNSUPPORTED_FORMAT)]:
+        with pytest.raises(ImageDecodeError) as err:
+            pipeline.analyse(data)
+        assert err.value.code is code
+
+
+def test_liveness_on_request(pipeline, fixtures_dir):
+    live = pipeline.analyse((fixtures_dir / "face/pad/live/apfol_real_10.png").read_bytes(), liveness=True, embed=False)
+    spoof = pipeline.analyse((fixtures_dir / "face/pad/spoof/apfol_fake_60.png").read_bytes(), liveness=True, embed=False)
+    assert live.liveness > 0.53 > spoof.liveness
+    assert live.embeddings == {} and pipeline.analyse((fixtures_dir / "face/pad/live/apfol_real_10.png").read_bytes()).liveness is None
+
+
+def test_no_liveness_model_refuses_liveness(model_store, face_models):
+    from services.face.models import pipeline_config
+
+    p = FacePipeline(pipeline_config(model_store, liveness=(), providers=CPU))
+    try:
+        with pytest.raises(LivenessUnavailable):
+            p.analyse_image(np.zeros((100, 100, 3), np.uint8), liveness=True)
+        assert "liveness" not in p.providers
+    finally:
+        p.close()
+
+
+def test_providers_and_warmup(pipeline):
+    pipeline.warmup()
+    assert set(pipeline.providers) == {"detector", "embedder:mobilefacenet-arcface-192d", "liveness"}
+    assert all(v.endswith("ExecutionProvider") for v in pipeline.providers.values())
+
+
+def test_concurrent_requests_share_batches(pipeline, verification_images):
+    data = [p.read_bytes() for p in verification_images[:16]]
+    expected = [pipeline.analyse(d).embeddings for d in data]
+    batcher = next(iter(pipeline._embed_batchers.values()))
+    before = (batcher.batches, batcher.items)
+    out = [None] * len(data)
+
+    def work(i):
+        out[i] = pipeline.analyse(data[i]).embeddings
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(data))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(expected, out):
+        for k in a:
+            assert np.abs(a[k] - b[k]).max() < 1e-4
+    assert batcher.items - before[1] == len(data)
