@@ -8,6 +8,8 @@ import math
 import re
 from dataclasses import dataclass
 
+import grpc
+
 from services.common import errors
 from services.common.api.v1 import mfa_pb2
 from services.common.privacy import redact
@@ -82,6 +84,8 @@ def context_signals(ctx: mfa_pb2.ContextSignals, now) -> Context:
 def label(value: str, field: str) -> str:
     """Free text kept in storage or audit: short, and no phone, ID or card numbers."""
     if len(value) > MAX_LABEL or redact(value) != value or not value.isprintable():
-        raise errors.invalid_argument(f"{field}: at most {MAX_LABEL} printable characters, no personal data",
-                                      **{field: "too long or personal data"})
+        # built directly: a field named "reason" would collide with invalid_argument's parameter
+        raise errors.ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"{field}: at most {MAX_LABEL} printable characters, no personal data",
+                                  "INVALID_ARGUMENT", [(field, "too long or personal data")])
     return value

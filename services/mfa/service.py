@@ -230,11 +230,11 @@ class Orchestrator:
     # ------------------------------------------------------------------ factors
     def submit(self, req: mfa_pb2.SubmitFactorRequest, budget: float | None = None) -> mfa_pb2.SubmitFactorResponse:
         now = self.clock()
+        rec = self.sessions.open(req.session_id, now)
         which = req.WhichOneof("evidence")
         if which is None:
             raise errors.invalid_argument("one of face, voice, otp or device evidence is required", evidence="missing")
         name = BY_EVIDENCE[which]
-        rec = self.sessions.open(req.session_id, now)
         policy = self._policy_of(rec)
         plan = Plan.from_json(rec.state["plan"])
         if not policy.factors.enabled(name) or not any(name in s for s in plan.acceptable()):

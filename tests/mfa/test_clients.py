@@ -1,0 +1,124 @@
+"""The face/voice clients: circuit breaker, bounded retries of idempotent calls, deadlines, and
+the caller's own errors passed through. Against a dead port and a scripted gRPC FaceService on
+loopback (the network boundary is real; the e2e suite uses the real services)."""
+
+from __future__ import annotations
+
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+
+from services.common import errors
+from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
+from services.common.config import ClientTarget
+from services.mfa.clients import BiometricClient, CircuitBreaker, ServiceUnavailable, biometric_seconds
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_breaker_opens_after_consecutive_failures_and_half_opens_for_one_trial():
+    clock = FakeClock()
+    b = CircuitBreaker(3, 10.0, clock)
+    for _ in range(2):
+        assert b.allow()
+        b.failure()
+    assert b.state == "closed"
+    b.failure()
+    assert b.state == "open" and not b.allow()
+    clock.t = 10.0
+    assert b.state == "half_open" and b.allow() and not b.allow()  # exactly one trial
+    b.failure()
+    assert b.state == "open"
+    clock.t = 20.0
+    assert b.allow()
+    b.success()
+    assert b.state == "closed" and b.allow()
+
+
+class ScriptedFace(face_pb2_grpc.FaceServiceServicer):
+    def __init__(self):
+        self.script: list = []
+        self.calls = 0
+
+    def Verify(self, request, context):
+        self.calls += 1
+        step = self.script.pop(0) if self.script else "ok"
+        if step == "slow":
+            time.sleep(1.0)
+        elif step != "ok":
+            context.abort(step, f"scripted {step.name}")
+        return face_pb2.VerifyFaceResponse(match=True, score=0.7, llr=5.0, model_id="m")
+
+
+@pytest.fixture
+def face_server():
+    servicer = ScriptedFace()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    face_pb2_grpc.add_FaceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def client(target, **cfg):
+    return BiometricClient("face", target, None, ClientTarget(**{"deadline_s": 0.5, "retries": 2, **cfg}),
+                           face_pb2_grpc.FaceServiceStub, 1 << 20)
+
+
+REQ = face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id="t", subject_id="s"))
+
+
+def test_idempotent_calls_are_retried_on_unavailable(face_server):
+    servicer, target = face_server
+    servicer.script = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    assert client(target).call("Verify", REQ, idempotent=True).match
+    assert servicer.calls == 3
+    servicer.script, servicer.calls = [grpc.StatusCode.UNAVAILABLE], 0
+    with pytest.raises(ServiceUnavailable):  # a single-use nonce must not be replayed
+        client(target).call("Verify", REQ, idempotent=False)
+    assert servicer.calls == 1
+
+
+def test_the_callers_fault_is_passed_through_and_keeps_the_circuit_closed(face_server):
+    servicer, target = face_server
+    c = client(target, breaker_failures=1)
+    servicer.script = [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION]
+    for code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+        with pytest.raises(errors.ServiceError) as err:
+            c.call("Verify", REQ, idempotent=True)
+        assert err.value.code == code
+    assert c.breaker.state == "closed" and servicer.calls == 2
+
+
+def test_a_slow_service_costs_at_most_the_deadline(face_server):
+    servicer, target = face_server
+    servicer.script = ["slow"]
+    c = client(target, retries=0)
+    t0 = time.monotonic()
+    with pytest.raises(ServiceUnavailable) as err:
+        c.call("Verify", REQ, idempotent=True)
+    assert time.monotonic() - t0 < 0.9 and err.value.why == "DEADLINE_EXCEEDED"
+
+
+def test_a_dead_service_opens_the_circuit_and_later_calls_fail_fast():
+    c = client("127.0.0.1:9", retries=0, breaker_failures=2, breaker_reset_s=60)
+    for _ in range(2):
+        with pytest.raises(ServiceUnavailable):
+            c.call("Verify", REQ, idempotent=True)
+    assert not c.available
+    token = biometric_seconds.set(0.0)
+    t0 = time.monotonic()
+    with pytest.raises(ServiceUnavailable) as err:
+        c.call("Verify", REQ, idempotent=True)
+    assert err.value.why == "circuit open" and time.monotonic() - t0 < 0.05
+    assert biometric_seconds.get() < 0.05
+    biometric_seconds.reset(token)

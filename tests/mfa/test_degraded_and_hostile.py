@@ -1,0 +1,221 @@
+"""Degraded mode with the default policy when a biometric service is unreachable, and hostile
+inputs: each gets a clear status, and nothing stored is changed by it."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from services.common.api.v1 import common_pb2, mfa_pb2
+from services.common.errors import ServiceError, details_of
+from services.common.storage import DeviceRecord
+from services.mfa import devices, subjects
+from tests.mfa.conftest import App, outbox_codes, setup_subject, subject
+
+F = mfa_pb2
+
+
+def bound_app(orch, ref):
+    app = App()
+    dev = devices.canonical(app.device, orch._device_key, ref.tenant_id)
+    rec = orch.rt.storage.devices.add(DeviceRecord(ref.tenant_id, ref.subject_id, dev.fingerprint, app.public_der,
+                                                   dev.soft, "phone", "android", id="dev_test1"))
+    app.device_id = rec.id
+    return app
+
+
+def test_face_down_gives_review_with_otp_and_bound_device_never_allow(orch):
+    ref = common_pb2.SubjectRef(tenant_id="bank-a", subject_id="cust-42")
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
+    app = bound_app(orch, ref)
+    s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device))
+    assert s.device_bound
+    r = orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence(
+        image=common_pb2.Image(data=b"jpeg"))))
+    assert r.result.reasons[0].code == "FACE_SERVICE_UNAVAILABLE" and not r.result.passed
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s.nonce)))
+    d = orch.decide(F.DecideRequest(session_id=s.session_id))
+    assert d.outcome == F.OUTCOME_REVIEW and "DEGRADED_MODE" in [x.code for x in d.reasons] and d.review_id
+
+
+def test_an_open_circuit_plans_degraded_mode_from_the_start(orch):
+    ref = common_pb2.SubjectRef(tenant_id="bank-a", subject_id="cust-43")
+    app = bound_app(orch, ref)
+    for _ in range(orch.rt.settings.clients.face.breaker_failures):
+        s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device))
+        orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence(image=common_pb2.Image(data=b"x"))))
+    assert not orch.clients["face"].available
+    s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device))
+    acceptable = [sorted(F.FactorType.Name(f) for f in fs.factors) for fs in s.acceptable]
+    assert ["FACTOR_TYPE_DEVICE", "FACTOR_TYPE_SMS_OTP"] in acceptable
+    assert not any("FACTOR_TYPE_FACE" in fs for fs in acceptable)
+    # the lockout never counted the outage against the customer
+    assert orch.lockouts.subject("bank-a", "cust-43", orch.policies.get("bank-a").lockout, orch.clock()).failures == 0
+
+
+def count_rows(storage):
+    with storage.db.read() as q:
+        return {t: q.one(f"SELECT COUNT(*) FROM {t}")[0] for t in
+                ("auth_sessions", "otp_challenges", "devices", "mfa_reviews", "mfa_lockouts", "subjects")}
+
+
+S = "ses_" + "0" * 32
+START = dict(subject=subject(), channel=F.CHANNEL_APP, action="login", device=App().device)
+
+
+def start_req(**changes):
+    return F.StartAuthenticationRequest(**{**START, **changes})
+
+
+HOSTILE = [
+    ("StartAuthentication", start_req(channel=F.CHANNEL_UNSPECIFIED), "INVALID_ARGUMENT", "channel"),
+    ("StartAuthentication", start_req(action="transfer_all"), "INVALID_ARGUMENT", "action"),
+    ("StartAuthentication", start_req(action="LOGIN; DROP TABLE"), "INVALID_ARGUMENT", "action"),
+    ("StartAuthentication", start_req(subject=common_pb2.SubjectRef(tenant_id="otp-bank", subject_id="13800135678")),
+     "INVALID_ARGUMENT", "subject.subject_id"),
+    ("StartAuthentication", start_req(subject=common_pb2.SubjectRef(tenant_id="../etc", subject_id="c")),
+     "INVALID_ARGUMENT", "subject.tenant_id"),
+    ("StartAuthentication", start_req(device=F.DeviceInfo()), "INVALID_ARGUMENT", "device"),
+    ("StartAuthentication", start_req(device=F.DeviceInfo(platform="android", model="m" * 500)), "INVALID_ARGUMENT",
+     "device.model"),
+    ("StartAuthentication", start_req(context=F.ContextSignals(conversation_text="x" * 20001)), "INVALID_ARGUMENT",
+     "context.conversation_text"),
+    ("StartAuthentication", start_req(context=F.ContextSignals(ip_address="999.1.1.1")), "INVALID_ARGUMENT",
+     "context.ip_address"),
+    ("StartAuthentication", start_req(context=F.ContextSignals(latitude=float("nan"))), "INVALID_ARGUMENT",
+     "context.latitude"),
+    ("StartAuthentication", start_req(context=F.ContextSignals(country="China")), "INVALID_ARGUMENT", "context.country"),
+    ("StartAuthentication", start_req(action="payment", amount=F.Money(currency="cny", amount_minor=1)),
+     "INVALID_ARGUMENT", "amount.currency"),
+    ("StartAuthentication", start_req(action="payment", amount=F.Money(currency="CNY", amount_minor=-5)),
+     "INVALID_ARGUMENT", "amount.amount_minor"),
+    ("StartAuthentication", start_req(action="payment"), "INVALID_ARGUMENT", "amount"),
+    ("SubmitFactor", F.SubmitFactorRequest(session_id="'; --"), "INVALID_ARGUMENT", "session_id"),
+    ("SubmitFactor", F.SubmitFactorRequest(session_id=S, otp=F.OtpEvidence(code="123456")), "NOT_FOUND", None),
+    ("Decide", F.DecideRequest(session_id=S), "NOT_FOUND", None),
+    ("SendOtp", F.SendOtpRequest(session_id=""), "INVALID_ARGUMENT", "session_id"),
+    ("StartBiometricChallenge", F.StartBiometricChallengeRequest(session_id=S), "NOT_FOUND", None),
+    ("RegisterDevice", F.RegisterDeviceRequest(session_id=S), "NOT_FOUND", None),
+    ("RevokeDevice", F.RevokeDeviceRequest(subject=subject(), device_id="dev_nope"), "NOT_FOUND", None),
+    ("RevokeDevice", F.RevokeDeviceRequest(subject=subject(), device_id=""), "INVALID_ARGUMENT", "device_id"),
+    ("ListReviews", F.ListReviewsRequest(tenant_id="otp-bank", status="open"), "INVALID_ARGUMENT", "status"),
+    ("ListReviews", F.ListReviewsRequest(tenant_id="otp-bank", page_size=100000), "INVALID_ARGUMENT", "page_size"),
+    ("ListReviews", F.ListReviewsRequest(tenant_id="otp-bank", page_token="!!notbase64"), "INVALID_ARGUMENT",
+     "page_token"),
+    ("ResolveReview", F.ResolveReviewRequest(review_id="rev_nope"), "NOT_FOUND", None),
+    ("UnlockSubject", F.UnlockSubjectRequest(subject=subject(), reason="call +8613800135678"), "INVALID_ARGUMENT",
+     "reason"),
+]
+
+
+def _call(stub, method, req):
+    try:
+        getattr(stub, method)(req)
+    except grpc.RpcError as err:
+        return err
+    return None
+
+
+@pytest.mark.parametrize("method,req,code,field", HOSTILE, ids=[f"{h[0]}-{i}" for i, h in enumerate(HOSTILE)])
+def test_hostile_inputs_get_a_clear_status_and_change_nothing(stub, mfa_server, method, req, code, field):
+    from services.common.storage import open_storage
+
+    setup_subject(stub)
+    store = open_storage(mfa_server.settings.storage_dsn)
+    try:
+        before = count_rows(store)
+        err = _call(stub, method, req)
+        assert err is not None and err.code().name == code, err
+        if field:
+            assert field in details_of(err)["fields"], details_of(err)
+        assert count_rows(store) == before
+    finally:
+        store.close()
+
+
+def test_session_scoped_hostile_inputs(stub, mfa_server):
+    setup_subject(stub)
+    s = stub.StartAuthentication(start_req())
+    cases = [
+        (F.SubmitFactorRequest(session_id=s.session_id), "INVALID_ARGUMENT"),  # no evidence
+        (F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code="12ab56")), "INVALID_ARGUMENT"),
+        (F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code="١٢٣٤٥٦")), "INVALID_ARGUMENT"),
+        (F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code="123456")), "FAILED_PRECONDITION"),
+        (F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence()), "FAILED_PRECONDITION"),
+        (F.SubmitFactorRequest(session_id=s.session_id, device=F.DeviceProof(device_id="dev_x")), "FAILED_PRECONDITION"),
+    ]
+    for req, code in cases:
+        err = _call(stub, "SubmitFactor", req)
+        assert err is not None and err.code().name == code, (req, err)
+    err = _call(stub, "RegisterDevice", F.RegisterDeviceRequest(session_id=s.session_id, device=App().device,
+                                                                 public_key=b"junk"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "public_key" in details_of(err)["fields"]
+    err = _call(stub, "RegisterDevice", F.RegisterDeviceRequest(session_id=s.session_id, device=App().device,
+                                                                 public_key=App().public_der))
+    assert details_of(err)["reason"] == "STRONG_AUTHENTICATION_REQUIRED"
+    # no attempt was counted for malformed input
+    assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_STEP_UP
+
+
+def test_idempotent_start(stub, mfa_server):
+    setup_subject(stub)
+    a = stub.StartAuthentication(start_req(idempotency_key="req-1"))
+    b = stub.StartAuthentication(start_req(idempotency_key="req-1"))
+    assert a.session_id == b.session_id and a.nonce == b.nonce
+    err = _call(stub, "StartAuthentication", start_req(idempotency_key="req-1", action="payment",
+                                                       amount=F.Money(currency="CNY", amount_minor=5)))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and details_of(err)["reason"] == "IDEMPOTENCY_KEY_REUSED"
+
+
+def test_a_tenant_bound_caller_cannot_touch_another_tenants_session(tmp_path):
+    from services.common.server.auth import token_sha256
+    from tests.conftest import ServiceHarness, make_settings
+    from tests.mfa.conftest import DEAD, OTP_POLICY
+
+    (tmp_path / "pol").mkdir()
+    (tmp_path / "pol" / "otp-bank.yaml").write_text(OTP_POLICY)
+    principals = [{"name": "bank-a-app", "roles": ["orchestrator"], "tenants": ["bank-a"], "token_sha256": token_sha256("tok-a")},
+                  {"name": "all", "roles": ["orchestrator", "enroller", "admin"], "token_sha256": token_sha256("tok-all")}]
+    settings = make_settings(tmp_path / "data", auth={"principals": principals, "dev_credentials": False},
+                             mfa={"policy_dir": str(tmp_path / "pol")},
+                             clients={"face": {"target": DEAD}, "voice": {"target": DEAD}})
+    h = ServiceHarness(settings)
+    h.start("mfa")
+    try:
+        from services.common.client import connect
+        from services.common.api.v1 import mfa_pb2_grpc
+
+        with connect(h.running["mfa"].address, "tok-all") as ch:
+            s = mfa_pb2_grpc.MfaServiceStub(ch).StartAuthentication(start_req())
+        with connect(h.running["mfa"].address, "tok-a") as ch:
+            err = _call(mfa_pb2_grpc.MfaServiceStub(ch), "Decide", F.DecideRequest(session_id=s.session_id))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED and details_of(err)["reason"] == "TENANT_NOT_ALLOWED"
+    finally:
+        h.stop()
+
+
+def test_a_decision_reached_concurrently_is_taken_once(orch):
+    import threading
+
+    ref = common_pb2.SubjectRef(tenant_id="otp-bank", subject_id="cust-77")
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
+    s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=App().device))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
+    tokens = []
+    threads = [threading.Thread(target=lambda: tokens.append(orch.decide(F.DecideRequest(session_id=s.session_id)).token))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(tokens)) == 1
+    with orch.rt.storage.db.read() as q:
+        assert q.one("SELECT COUNT(*) FROM audit_records WHERE event_type = 'mfa.decision'")[0] == 1
+
+
+def test_errors_are_service_errors_in_process(orch):
+    with pytest.raises(ServiceError):
+        orch.decide(F.DecideRequest(session_id="nope"))
