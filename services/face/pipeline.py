@@ -1,8 +1,8 @@
 """The face pipeline: decode -> detect -> choose the subject -> quality -> align -> embed (+ liveness).
 
 Built from a plain frozen :class:`FacePipelineConfig` of file paths (the service resolves model
-ids to files). Embedders and liveness models run behind :class:`MicroBatcher`s, so concurrent
-requests from the server's thread pool share one model call.
+ids to files). Embedders, liveness models and a batchable detector run behind
+:class:`MicroBatcher`s, so concurrent requests from the server's thread pool share one model call.
 """
 
 from __future__ import annotations
@@ -107,6 +107,15 @@ class FacePipeline:
             raise ValueError(f"embedder names must be unique: {names}")
         self.config = config
         self.detector = build_detector(config.detector, config.providers)
+        # A detector with a batch dimension (YuNet's batchable copy) is micro-batched as well.
+        self._detect_batcher: MicroBatcher | None = None
+        if getattr(self.detector, "max_batch", 1) > 1:
+            self._detect_batcher = MicroBatcher(
+                self.detector.detect_batch,
+                max_batch=min(config.batch_max, self.detector.max_batch),
+                max_wait_ms=config.batch_wait_ms,
+                name="detect",
+            )
         self.embedders: dict[str, Embedder] = {e.name: build_embedder(e, config.providers) for e in config.embedders}
         self._embed_batchers = {
             name: MicroBatcher(
@@ -153,7 +162,7 @@ class FacePipeline:
         issues are still listed); a missing or ambiguous subject is never embedded."""
         if liveness and self._liveness_batcher is None:
             raise LivenessUnavailable("no liveness model is configured")
-        faces = self.detector.detect(image_bgr)
+        faces = self._detect_batcher.submit(image_bgr) if self._detect_batcher else self.detector.detect(image_bgr)
         choice = choose_subject(faces, image_bgr.shape, self.config.subject)
         if choice.face is None:
             return FaceAnalysis(image_bgr.shape, 0, None, None, (choice.issue.value,), {}, None)
@@ -187,6 +196,8 @@ class FacePipeline:
             self._liveness_batcher.submit(self.liveness.crops(img, face))
 
     def close(self) -> None:
+        if self._detect_batcher is not None:
+            self._detect_batcher.close()
         for b in self._embed_batchers.values():
             b.close()
         if self._liveness_batcher is not None:

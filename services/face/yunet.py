@@ -1,6 +1,10 @@
 """YuNet (OpenCV Zoo, 2023mar) face detector on onnxruntime, so that the CUDA provider can run it.
 
-The file has a fixed 1x3x640x640 input (BGR, raw 0..255). Decoding follows OpenCV's
+The file has a fixed 1x3x640x640 input (BGR, raw 0..255). Every image is letterboxed onto that
+fixed canvas, so requests can share one batched call: a copy whose dim 0 of the input and the
+outputs is symbolic (the model store's ``onnx_batchable`` recipe) runs N canvases at once; its
+final Reshape keeps a literal 1, so each output comes back as [1, N*A, C] in batch-major order
+and is reshaped to [N, A, C] (identical to N batch-1 runs). Decoding follows OpenCV's
 ``FaceDetectorYN``: per stride, score = sqrt(cls * obj), box centre offset and log size in units
 of the stride, landmarks as offsets from the anchor cell.
 """
@@ -24,6 +28,7 @@ class YuNetDetector:
         score_threshold: float = 0.6,
         nms_threshold: float = 0.3,
         pad_ratio: float = 0.25,
+        max_batch: int = 32,
         providers=DEFAULT_PROVIDERS,
     ) -> None:
         self.model = create_session(model_path, providers)
@@ -34,6 +39,8 @@ class YuNetDetector:
         self.nms_threshold = nms_threshold
         self.pad_ratio = pad_ratio
         self._input = self.model.input_names[0]
+        dim0 = self.model.session.get_inputs()[0].shape[0]
+        self.max_batch = dim0 if isinstance(dim0, int) and dim0 > 0 else max_batch
         names = self.model.output_names
         self._outputs = [f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in STRIDES]
         missing = set(self._outputs) - set(names)
@@ -47,17 +54,29 @@ class YuNetDetector:
         }
 
     def detect(self, image_bgr: np.ndarray) -> list[Face]:
-        lb = letterbox(image_bgr, self.input_size, self.pad_ratio)
-        blob = lb.canvas.transpose(2, 0, 1)[None].astype(np.float32)
-        out = dict(zip(self._outputs, self.model.session.run(self._outputs, {self._input: blob})))
+        return self.detect_batch([image_bgr])[0]
+
+    def detect_batch(self, images_bgr: list[np.ndarray]) -> list[list[Face]]:
+        """Faces of each image; one network call per ``max_batch`` images."""
+        boxes = [letterbox(img, self.input_size, self.pad_ratio) for img in images_bgr]
+        out: list[list[Face]] = []
+        for i in range(0, len(boxes), self.max_batch):
+            chunk = boxes[i : i + self.max_batch]
+            blob = np.stack([lb.canvas for lb in chunk]).transpose(0, 3, 1, 2).astype(np.float32)
+            raw = self.model.session.run(self._outputs, {self._input: blob})
+            per = {name: r.reshape(len(chunk), -1, r.shape[-1]) for name, r in zip(self._outputs, raw)}
+            out.extend(self._decode({k: v[j] for k, v in per.items()}, lb) for j, lb in enumerate(chunk))
+        return out
+
+    def _decode(self, out: dict[str, np.ndarray], lb) -> list[Face]:
         boxes, kps, scores = [], [], []
         for s in STRIDES:
             anchors = self._anchors[s]
-            score = np.sqrt(np.clip(out[f"cls_{s}"][0, :, 0], 0, 1) * np.clip(out[f"obj_{s}"][0, :, 0], 0, 1))
+            score = np.sqrt(np.clip(out[f"cls_{s}"][:, 0], 0, 1) * np.clip(out[f"obj_{s}"][:, 0], 0, 1))
             sel = score >= self.score_threshold
             if not sel.any():
                 continue
-            a, bb, kp = anchors[sel], out[f"bbox_{s}"][0][sel], out[f"kps_{s}"][0][sel]
+            a, bb, kp = anchors[sel], out[f"bbox_{s}"][sel], out[f"kps_{s}"][sel]
             centre = (a + bb[:, :2]) * s
             wh = np.exp(bb[:, 2:]) * s
             boxes.append(np.hstack([centre - wh / 2, centre + wh / 2]))

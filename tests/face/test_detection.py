@@ -79,3 +79,26 @@ def test_small_background_face_is_tolerated(yunet, face_dir):
 
 def test_no_face_issue():
     assert choose_subject([], (100, 100, 3)).issue is SubjectIssue.NO_FACE
+
+
+def test_batched_yunet_equals_batch_one(tmp_path, face_models, yunet, verification_images):
+    """A YuNet copy with a symbolic batch (the store's onnx_batchable recipe) detects N images in one call."""
+    import onnx
+
+    from face_helpers import CPU
+    from services.common.models.derivations import onnx_batchable
+    from services.face.yunet import YuNetDetector
+
+    src = face_models["yunet-2023mar"]
+    outputs = [o.name for o in onnx.load(str(src)).graph.output]
+    dst = tmp_path / "yunet_batch.onnx"
+    onnx_batchable(src, dst, {"batch_dim": "N", "tensors": ["input", *outputs]})
+    batched = YuNetDetector(dst, max_batch=4, providers=CPU)
+    assert yunet.max_batch == 1 and batched.max_batch == 4
+    images = [load_bgr(p) for p in verification_images[:6]]
+    together = batched.detect_batch(images)  # two calls: 4 + 2
+    for img, faces in zip(images, together):
+        alone = yunet.detect(img)
+        assert len(faces) == len(alone)
+        for a, b in zip(faces, alone):
+            assert np.abs(a.box - b.box).max() < 1e-3 and np.abs(a.landmarks5 - b.landmarks5).max() < 1e-3

@@ -87,3 +87,34 @@ def test_concurrent_requests_share_batches(pipeline, verification_images):
         for k in a:
             assert np.abs(a[k] - b[k]).max() < 1e-4
     assert batcher.items - before[1] == len(data)
+
+
+def test_batched_detector_in_the_pipeline(tmp_path, model_store, face_models, pipeline, verification_images):
+    import dataclasses
+
+    import onnx
+
+    from services.common.models.derivations import onnx_batchable
+
+    src = face_models["yunet-2023mar"]
+    dst = tmp_path / "yunet_batch.onnx"
+    onnx_batchable(src, dst, {"batch_dim": "N", "tensors": ["input", *[o.name for o in onnx.load(str(src)).graph.output]]})
+    cfg = pipeline.config
+    p = FacePipeline(dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, path=dst), liveness=()))
+    try:
+        assert p._detect_batcher is not None
+        data = [x.read_bytes() for x in verification_images[:8]]
+        out = [None] * len(data)
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, p.analyse(data[i]))) for i in range(len(data))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for d, r in zip(data, out):
+            ref = pipeline.analyse(d)
+            assert np.abs(r.face.box - ref.face.box).max() < 1e-3
+            for k in ref.embeddings:
+                assert float(r.embeddings[k] @ ref.embeddings[k]) > 0.9999
+        assert p._detect_batcher.items == len(data)
+    finally:
+        p.close()
