@@ -4,7 +4,8 @@ Channels (``--channel``):
   ``wideband`` (default): the file as recorded (16 kHz fixtures);
   ``telephony-8k``: enrolment and probe both pass through the telephone simulation
   (300-3400 Hz, 8 kHz G.711 mu-law) and enter the pipeline as raw mu-law bytes, as from the IVR.
-A ``-3s`` suffix (``wideband-3s``, ``telephony-8k-3s``) crops every file to its first 3 s first.
+A ``-3s`` suffix (``wideband-3s``, ``telephony-8k-3s``) crops every file to its middle 3 s first,
+as the reference run of the issue (first-3 s crops hold up to 0.5 s of leading silence).
 
 Refused audio is a :class:`Failure` whose reason is the ingest error code in lower case.
 The PAD scorer is AASIST (bona fide log-odds) on the same channels, after the same ingest.
@@ -47,7 +48,8 @@ def read_channel(path: Path, telephone_channel: bool, crop_s: float | None) -> t
     x, rate = sf.read(path, dtype="float32", always_2d=True)
     x = x.mean(axis=1)
     if crop_s:
-        x = x[: int(crop_s * rate)]
+        n = int(crop_s * rate)
+        x = x[max(0, (len(x) - n) // 2) :][:n]
     return (telephone.encode(x, rate), 8000) if telephone_channel else (x, rate)
 
 
