@@ -1,8 +1,13 @@
 """Quality gates with machine-readable reasons, measured on the detected face and its aligned crop.
 
-Thresholds are a config dataclass; the defaults pass every image of the verification fixtures
-(tight 150x150 grayscale crops and old photos included) and fail real junk (see
-bench/face_eval_dev.py for the measured values and margins).
+Thresholds are a config dataclass. The defaults pass every image of trials_face.csv (62, tight
+150x150 grayscale crops and old photos included) and of pad_face.csv (265 webcam frames) with
+YuNet and with SCRFD-500M, and fail junk made from the trial images (tests/face/test_quality.py).
+Measured extremes of the fixtures (YuNet / SCRFD): eye distance >= 49 px (trials), 33 px (PAD);
+sharpness >= 188 (trials), 18 (PAD); |yaw| <= 51 deg (a semi-profile crop), |pitch| <= 32;
+brightness 42..203; clipped <= 0.20; box outside the frame <= 0.31. Junk: Gaussian blur of
+sigma 0.1 x eye distance gives sharpness <= 7 (SCRFD; YuNet mostly); x0.2 darkening brightness
+<= 37; x2 + 100 brightening clips 45-94 % of the face; faces shrunk to 15 px eye distance <= 21.
 """
 
 from __future__ import annotations
