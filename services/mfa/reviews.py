@@ -11,7 +11,7 @@ from services.common import errors
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.audit import AuditLog
 from services.common.privacy import redact
-from services.common.storage import AlreadyExistsError, Storage
+from services.common.storage import Storage
 from services.common.storage.mfa_records import ReviewRecord
 from services.common.subjects import timestamp
 from services.common.validation import identifier
@@ -50,15 +50,10 @@ class ReviewQueue:
     def __init__(self, storage: Storage, audit: AuditLog) -> None:
         self.storage, self.audit = storage, audit
 
-    def open(self, tenant: str, subject: str, session_id: str, action: str, reasons: tuple[Reason, ...]) -> ReviewRecord:
-        try:
-            return self.storage.reviews.create(ReviewRecord(tenant, subject, session_id, action,
-                                                            tuple(r.to_json() for r in reasons)))
-        except AlreadyExistsError:
-            existing = [r for r in self.storage.reviews.list(tenant, "pending", MAX_PAGE) if r.session_id == session_id]
-            if existing:
-                return existing[0]
-            raise
+    def open(self, tenant: str, subject: str, session_id: str, action: str, reasons: tuple[Reason, ...],
+             review_id: str) -> ReviewRecord:
+        return self.storage.reviews.create(ReviewRecord(tenant, subject, session_id, action,
+                                                        tuple(r.to_json() for r in reasons), id=review_id))
 
     def list(self, request: mfa_pb2.ListReviewsRequest) -> mfa_pb2.ListReviewsResponse:
         tenant = identifier(request.tenant_id, "tenant_id")

@@ -159,17 +159,18 @@ class Orchestrator:
             "decision": None, "request_hash": request_hash,
         }
         try:
-            rec = self.rt.storage.auth_sessions.create(AuthSessionRecord(tenant, subject, st, expires, id=session_id,
-                                                                         created_at=now))
+            with self.rt.storage.transaction():  # the session and its audit record, or neither
+                rec = self.rt.storage.auth_sessions.create(AuthSessionRecord(tenant, subject, st, expires,
+                                                                             id=session_id, created_at=now))
+                self.rt.audit.append("mfa.session_started", actor(), tenant, subject, {
+                    "session_id": rec.id, "action": action, "channel": channel, "risk_level": risk.level,
+                    "risk_score": round(risk.score, 1), "risk_reasons": [r.code for r in risk.reasons],
+                    "device_state": st["device"]["state"], "policy_version": policy.version,
+                    "degraded": sorted(unavailable), "fraud_phrases": len(risk.fraud_phrases)})
         except AlreadyExistsError:  # the same idempotency key, concurrently
             existing = self.rt.storage.auth_sessions.get(session_id)
             assert existing is not None
             return self._replay_start(existing, request_hash)
-        self.rt.audit.append("mfa.session_started", actor(), tenant, subject, {
-            "session_id": rec.id, "action": action, "channel": channel, "risk_level": risk.level,
-            "risk_score": round(risk.score, 1), "risk_reasons": [r.code for r in risk.reasons],
-            "device_state": st["device"]["state"], "policy_version": policy.version,
-            "degraded": sorted(unavailable), "fraud_phrases": len(risk.fraud_phrases)})
         return self._start_response(rec)
 
     def _replay_start(self, rec: AuthSessionRecord, request_hash: str | None) -> mfa_pb2.StartAuthenticationResponse:
@@ -245,21 +246,22 @@ class Orchestrator:
         ctx = FactorContext(self.rt, policy, rec.tenant_id, rec.subject_id, rec.id, rec.state, now,
                             self.clients, self.otp, budget)
         outcome = FACTORS[name].verify(ctx, getattr(req, which))
-        left = self.lockouts.subject(rec.tenant_id, rec.subject_id, policy.lockout, now).attempts_left
-        if outcome.counts_as_failure:
-            left = self.lockouts.failure(rec.tenant_id, rec.subject_id, fp, policy.lockout, outcome.liveness,
-                                         actor(), now).attempts_left
 
         def change(st):
             st["factors"].append(outcome.to_json())
             if outcome.unavailable:
                 usable = st["device"]["device_id"] is not None
                 st["plan"] = Plan.from_json(st["plan"]).degrade(name, policy, usable).to_json()
-        rec = self.sessions.mutate(rec, change)
-        self.rt.audit.append("mfa.factor", actor(), rec.tenant_id, rec.subject_id, {
-            "session_id": rec.id, "factor": name, "passed": outcome.passed, "veto": outcome.veto,
-            "llr": round(outcome.llr, 3), "unavailable": outcome.unavailable,
-            "reasons": [r.code for r in outcome.reasons]})
+        with self.rt.storage.transaction():  # counter, session and audit record together
+            left = self.lockouts.subject(rec.tenant_id, rec.subject_id, policy.lockout, now).attempts_left
+            if outcome.counts_as_failure:
+                left = self.lockouts.failure(rec.tenant_id, rec.subject_id, fp, policy.lockout, outcome.liveness,
+                                             actor(), now).attempts_left
+            rec = self.sessions.mutate(rec, change)
+            self.rt.audit.append("mfa.factor", actor(), rec.tenant_id, rec.subject_id, {
+                "session_id": rec.id, "factor": name, "passed": outcome.passed, "veto": outcome.veto,
+                "llr": round(outcome.llr, 3), "unavailable": outcome.unavailable,
+                "reasons": [r.code for r in outcome.reasons]})
         if "otp_attempts_left" in ctx.notes:
             left = min(left, ctx.notes["otp_attempts_left"])
         d = decide(Plan.from_json(rec.state["plan"]), self._outcomes(rec))
@@ -315,9 +317,7 @@ class Orchestrator:
         policy = self._policy_of(rec)
         locked = self.lockouts.subject(rec.tenant_id, rec.subject_id, policy.lockout, now).locked
         d = decide(Plan.from_json(rec.state["plan"]), self._outcomes(rec), locked)
-        review_id = ""
-        if d.outcome == "review":
-            review_id = self.reviews.open(rec.tenant_id, rec.subject_id, rec.id, rec.state["action"], d.reasons).id
+        review_id = "rev_" + new_id() if d.outcome == "review" else ""
         token, exp = self._sign(rec, d, review_id, now)
         stored = {"outcome": d.outcome, "reasons": [r.to_json() for r in d.reasons], "total": d.total,
                   "still_needed": [list(s) for s in d.still_needed], "amr": list(d.amr), "acr": d.acr,
@@ -330,19 +330,22 @@ class Orchestrator:
                 raise _AlreadyDecided(st["decision"])
             st["decision"] = stored
         try:
-            rec = self.sessions.mutate(rec, change)
-        except _AlreadyDecided as done:
+            with self.rt.storage.transaction():  # the decision and everything it implies, or nothing
+                rec = self.sessions.mutate(rec, change)
+                if review_id:
+                    self.reviews.open(rec.tenant_id, rec.subject_id, rec.id, rec.state["action"], d.reasons, review_id)
+                if d.outcome == "allow":
+                    self.lockouts.success(rec.tenant_id, rec.subject_id, rec.state["device"]["fp"])
+                    place = rec.state.get("place")
+                    if place and place[0]:
+                        self.rt.storage.subject_signals.put(SubjectSignalRecord(
+                            rec.tenant_id, rec.subject_id, place[0], place[1], place[2], now))
+                self.rt.audit.append("mfa.decision", actor(), rec.tenant_id, rec.subject_id, {
+                    "session_id": rec.id, "outcome": d.outcome, "reasons": [r.code for r in d.reasons],
+                    "total_llr": d.total, "acr": d.acr, "amr": list(d.amr), "review_id": review_id,
+                    "action": rec.state["action"], "policy_version": rec.state["policy_version"]})
+        except _AlreadyDecided as done:  # a concurrent Decide got there first
             return self._decision_response(done.decision)
-        if d.outcome == "allow":
-            self.lockouts.success(rec.tenant_id, rec.subject_id, rec.state["device"]["fp"])
-            place = rec.state.get("place")
-            if place and place[0]:
-                self.rt.storage.subject_signals.put(SubjectSignalRecord(rec.tenant_id, rec.subject_id, place[0],
-                                                                        place[1], place[2], now))
-        self.rt.audit.append("mfa.decision", actor(), rec.tenant_id, rec.subject_id, {
-            "session_id": rec.id, "outcome": d.outcome, "reasons": [r.code for r in d.reasons],
-            "total_llr": d.total, "acr": d.acr, "amr": list(d.amr), "review_id": review_id,
-            "action": rec.state["action"], "policy_version": rec.state["policy_version"]})
         return self._decision_response(stored)
 
     def _sign(self, rec: AuthSessionRecord, d: Decision, review_id: str, now: datetime) -> tuple[str, float]:

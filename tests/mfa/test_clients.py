@@ -80,7 +80,7 @@ REQ = face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id="t", su
 def test_idempotent_calls_are_retried_on_unavailable(face_server):
     servicer, target = face_server
     servicer.script = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
-    assert client(target).call("Verify", REQ, idempotent=True).match
+    assert client(target, deadline_s=3.0).call("Verify", REQ, idempotent=True).match
     assert servicer.calls == 3
     servicer.script, servicer.calls = [grpc.StatusCode.UNAVAILABLE], 0
     with pytest.raises(ServiceUnavailable):  # a single-use nonce must not be replayed
