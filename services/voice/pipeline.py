@@ -24,6 +24,7 @@ from .ingest import (
     ErrorCode,
     IngestedAudio,
     IngestLimits,
+    Quality,
     RawDecoder,
     decode,
 )
@@ -76,6 +77,10 @@ class PreparedAudio:
         return self.audio.samples
 
     @property
+    def quality(self) -> Quality:
+        return self.audio.quality
+
+    @property
     def channel(self) -> str:
         return self.audio.channel
 
@@ -87,15 +92,15 @@ class PreparedAudio:
 @dataclass(frozen=True)
 class VoiceSample:
     embedding: FloatArray  # L2-normalised, 192-d
-    audio: PreparedAudio = field(repr=False)
+    prepared: PreparedAudio = field(repr=False)
 
     @property
     def net_speech_s(self) -> float:
-        return self.audio.net_speech_s
+        return self.prepared.net_speech_s
 
     @property
     def channel(self) -> str:
-        return self.audio.channel
+        return self.prepared.channel
 
 
 class _Chain:

@@ -25,7 +25,7 @@ def test_analyse_a_wav_fixture(pipeline, speech):
     s = pipeline.analyse(wav_bytes(speech, 16000))
     assert s.embedding.shape == (192,) and np.linalg.norm(s.embedding) == pytest.approx(1.0, abs=1e-5)
     assert s.channel == "wideband" and 6.0 < s.net_speech_s < 8.4
-    assert s.audio.audio.quality.issues == ()
+    assert s.prepared.quality.issues == ()
 
 
 def test_mulaw_stream_in_20ms_chunks_equals_the_unary_call(pipeline, speech):
