@@ -1,0 +1,292 @@
+"""End to end: real face, voice and MFA services on loopback with the shared fixtures.
+
+Written against the proto. Needs the face service's Verify / StartLivenessChallenge /
+SubmitLivenessChallenge and the voice service's Verify: where they still answer UNIMPLEMENTED the
+suite skips (and fails in CI, like any missing requirement).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import time
+
+import grpc
+import pytest
+
+from services.common.api.v1 import (
+    common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc,
+)
+from services.common.errors import details_of
+from services.mfa.tokens import verify_token
+from tests.conftest import SHARED, ServiceHarness, make_settings, require
+from tests.mfa.conftest import App, outbox_codes
+
+F = mfa_pb2
+FIX = SHARED / "fixtures"
+TENANT = "bank-e2e"
+
+
+def _rows(name):
+    with open(FIX / name, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _implemented(call) -> bool:
+    try:
+        call()
+    except grpc.RpcError as err:
+        return err.code() != grpc.StatusCode.UNIMPLEMENTED
+    return True
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    require((FIX / "trials_face.csv").is_file(), f"the fixtures in {FIX}")
+    data = tmp_path_factory.mktemp("e2e")
+    base = make_settings(data)
+    bio = ServiceHarness(base)
+    try:
+        bio.start("face")
+        bio.start("voice")
+        with bio.channel("face") as ch:
+            ok = _implemented(lambda: face_pb2_grpc.FaceServiceStub(ch).Verify(face_pb2.VerifyFaceRequest(), timeout=30))
+        with bio.channel("voice") as ch:
+            ok = ok and _implemented(lambda: voice_pb2_grpc.VoiceServiceStub(ch).Verify(
+                voice_pb2.VerifyVoiceRequest(), timeout=30))
+        require(ok, "the face and voice services' Verify RPCs")
+        settings = make_settings(data, clients={
+            "face": {"target": bio.running["face"].address, "breaker_failures": 3, "breaker_reset_s": 2},
+            "voice": {"target": bio.running["voice"].address, "breaker_failures": 3, "breaker_reset_s": 2}})
+        mfa = ServiceHarness(settings)
+        mfa.start("mfa")
+        yield bio, mfa
+        mfa.stop()
+    finally:
+        bio.stop()
+
+
+class World:
+    def __init__(self, bio, mfa):
+        self.bio, self.mfa = bio, mfa
+        self._channels = [mfa.channel("mfa"), bio.channel("face"), bio.channel("voice")]
+        self.mfa_stub = mfa_pb2_grpc.MfaServiceStub(self._channels[0])
+        self.face = face_pb2_grpc.FaceServiceStub(self._channels[1])
+        self.voice = voice_pb2_grpc.VoiceServiceStub(self._channels[2])
+
+    def close(self):
+        for c in self._channels:
+            c.close()
+
+    def enrol(self, sid, face_path=None, voice_path=None):
+        ref = common_pb2.SubjectRef(tenant_id=TENANT, subject_id=sid)
+        self.mfa_stub.RecordConsent(common_pb2.RecordConsentRequest(consent=common_pb2.Consent(
+            subject=ref, purpose=common_pb2.CONSENT_PURPOSE_BIOMETRIC_VERIFICATION,
+            modalities=[common_pb2.MODALITY_FACE, common_pb2.MODALITY_VOICE], granted=True,
+            policy_version="privacy-2025-01")))
+        self.mfa_stub.SetPhoneNumber(F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
+        if face_path:
+            self.face.Enroll(face_pb2.EnrollFaceRequest(subject=ref, images=[common_pb2.Image(
+                data=(FIX / face_path).read_bytes())], replace=True), timeout=120)
+        if voice_path:
+            self.voice.Enroll(voice_pb2.EnrollVoiceRequest(subject=ref, utterances=[common_pb2.Audio(
+                data=(FIX / voice_path).read_bytes())], replace=True), timeout=120)
+        return ref
+
+    def start(self, ref, app, action="login", amount=None, text=""):
+        req = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action=action, device=app.device,
+                                           context=F.ContextSignals(conversation_text=text))
+        if amount is not None:
+            req.amount.CopyFrom(F.Money(currency="CNY", amount_minor=amount))
+        return self.mfa_stub.StartAuthentication(req)
+
+    def face_factor(self, s, path):
+        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence(
+            image=common_pb2.Image(data=(FIX / path).read_bytes()))), timeout=120)
+
+    def voice_factor(self, s, path):
+        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, voice=F.VoiceEvidence(
+            audio=common_pb2.Audio(data=(FIX / path).read_bytes()))), timeout=120)
+
+    def otp(self, s, wrong=False):
+        self.mfa_stub.SendOtp(F.SendOtpRequest(session_id=s.session_id))
+        code = outbox_codes(self.mfa.settings)[-1]
+        if wrong:
+            code = f"{(int(code) + 1) % 10 ** 6:06d}"
+        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=code)))
+
+    def device(self, s, app):
+        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s.nonce)))
+
+    def decide(self, s):
+        return self.mfa_stub.Decide(F.DecideRequest(session_id=s.session_id))
+
+
+@pytest.fixture(scope="module")
+def world(e2e):
+    w = World(*e2e)
+    yield w
+    w.close()
+
+
+def genuine_face_trial():
+    row = next(r for r in _rows("trials_face.csv") if r["target"] == "1")
+    return row["enroll"], row["probe"], row["enroll_identity"]
+
+
+def impostor_probe(identity):
+    return next(r["probe"] for r in _rows("trials_face.csv") if r["target"] == "0" and r["enroll_identity"] == identity)
+
+
+@pytest.fixture(scope="module")
+def face_subject(world):
+    enroll, probe, identity = genuine_face_trial()
+    ref = world.enrol("face-cust-1", face_path=enroll)
+    app = App()
+    s = world.start(ref, app)
+    assert not s.device_bound
+    r = world.face_factor(s, probe)
+    assert r.result.passed, r
+    d = world.decide(s)
+    assert d.outcome == F.OUTCOME_STEP_UP and [list(x.factors) for x in d.still_needed] == [[F.FACTOR_TYPE_SMS_OTP]]
+    assert world.otp(s).result.passed
+    d = world.decide(s)
+    assert d.outcome == F.OUTCOME_ALLOW and d.acr == "aal2", d
+    app.device_id = world.mfa_stub.RegisterDevice(F.RegisterDeviceRequest(
+        session_id=s.session_id, device=app.device, public_key=app.public_der, label="phone")).device_id
+    return ref, app, probe, identity
+
+
+def test_new_device_steps_up_then_allows_after_the_correct_otp(face_subject):
+    assert face_subject[1].device_id  # the fixture ran the flow and bound the device
+
+
+def test_genuine_face_on_a_bound_device_is_allowed_and_the_token_verifies(world, face_subject):
+    ref, app, probe, _ = face_subject
+    s = world.start(ref, app)
+    assert s.device_bound
+    world.face_factor(s, probe)
+    world.device(s, app)
+    d = world.decide(s)
+    assert d.outcome == F.OUTCOME_ALLOW and set(d.amr) >= {"face", "swk"}
+    jwks = world.mfa_stub.GetSigningKeys(F.GetSigningKeysRequest()).jwks_json
+    claims = verify_token(d.token, jwks, world.mfa.settings.mfa.issuer, TENANT)
+    assert claims["decision"] == "allow" and claims["acr"] == "aal2"
+
+
+def test_an_impostor_face_is_denied(world, face_subject):
+    ref, app, _, identity = face_subject
+    s = world.start(ref, app)
+    r = world.face_factor(s, impostor_probe(identity))
+    assert not r.result.passed and r.result.llr < 0
+    world.device(s, app)
+    assert world.decide(s).outcome == F.OUTCOME_DENY
+
+
+def test_a_spoof_frame_is_denied_by_the_veto(world, face_subject):
+    ref, app, _, _ = face_subject
+    spoofs = [r["path"] for r in _rows("pad_face.csv") if r["label"] == "spoof"]
+    flagged = None
+    for path in spoofs[:20]:  # the first spoof the face service's liveness flags
+        live = world.face.CheckLiveness(face_pb2.CheckLivenessRequest(
+            tenant_id=TENANT, image=common_pb2.Image(data=(FIX / path).read_bytes())), timeout=60)
+        if not live.live:
+            flagged = path
+            break
+    assert flagged, "no spoof among the first 20 was flagged by the face service"
+    s = world.start(ref, app)
+    r = world.face_factor(s, flagged)
+    assert r.result.veto and not r.result.passed
+    world.device(s, app)
+    d = world.decide(s)
+    assert d.outcome == F.OUTCOME_DENY and d.reasons[0].code == "VETO"
+
+
+def test_a_payment_above_the_amount_band_requires_a_second_factor(world, face_subject):
+    ref, app, probe, _ = face_subject
+    s = world.start(ref, app, action="payment", amount=20_000_00)
+    assert all(len(x.factors) >= 2 for x in s.acceptable)
+    world.face_factor(s, probe)
+    d = world.decide(s)
+    assert d.outcome == F.OUTCOME_STEP_UP
+    world.device(s, app)
+    d = world.decide(s)
+    if d.outcome == F.OUTCOME_STEP_UP:  # the face's LLR fell short of the raised total: a third factor
+        world.otp(s)
+        d = world.decide(s)
+    assert d.outcome == F.OUTCOME_ALLOW and "mfa" in d.amr
+
+
+def test_a_fraud_script_phrase_forces_review(world, face_subject):
+    ref, app, probe, _ = face_subject
+    s = world.start(ref, app, action="payment", amount=100_00, text="客服说要把钱转到安全账户，并且让他代操作")
+    assert "FRAUD_SCRIPT_PHRASE" in [r.code for r in s.risk.reasons]
+    world.face_factor(s, probe)
+    world.device(s, app)
+    d = world.decide(s)
+    if d.outcome == F.OUTCOME_STEP_UP:
+        world.otp(s)
+        d = world.decide(s)
+    assert d.outcome == F.OUTCOME_REVIEW and d.review_id
+    assert d.review_id in [r.review_id for r in world.mfa_stub.ListReviews(F.ListReviewsRequest(tenant_id=TENANT)).reviews]
+
+
+def test_five_wrong_otps_lock_the_subject(world):
+    """Default policy: from the third failure on, the next attempt waits (5 s, then 10 s); the
+    fifth failure locks."""
+    enroll, _, _ = genuine_face_trial()
+    ref = world.enrol("face-cust-lock", face_path=enroll)
+    s = world.start(ref, App())
+    world.mfa_stub.SendOtp(F.SendOtpRequest(session_id=s.session_id))
+    wrong = f"{(int(outbox_codes(world.mfa.settings)[-1]) + 1) % 10 ** 6:06d}"
+    failures = throttled = 0
+    while failures < 5:
+        try:
+            r = world.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id,
+                                                                  otp=F.OtpEvidence(code=wrong)))
+        except grpc.RpcError as err:
+            assert details_of(err)["reason"] == "THROTTLED", err
+            throttled += 1
+            time.sleep(int(re.search(r"in (\d+) s", err.details()).group(1)))
+            continue
+        assert not r.result.passed
+        failures += 1
+    assert throttled >= 2 and r.attempts_left == 0
+    d = world.decide(s)
+    assert d.outcome == F.OUTCOME_DENY and d.reasons[0].code == "SUBJECT_LOCKED"
+    with pytest.raises(grpc.RpcError) as err:
+        world.start(ref, App())
+    assert details_of(err.value)["reason"] == "SUBJECT_LOCKED"
+    world.mfa_stub.UnlockSubject(F.UnlockSubjectRequest(subject=ref, reason="identity-verified"))
+    assert world.start(ref, App()).session_id
+
+
+def test_voice_service_down_means_degraded_mode_and_it_recovers(world):
+    row = next(r for r in _rows("trials_voice.csv") if r["target"] == "1")
+    ref = world.enrol("voice-cust-1", voice_path=row["enroll"])
+    s = world.start(ref, App())
+    voice = world.bio.running["voice"]
+    port = voice.port
+    voice.stop(grace=0)
+    r = world.voice_factor(s, row["probe"])
+    assert not r.result.passed and r.result.reasons[0].code == "VOICE_SERVICE_UNAVAILABLE"
+    world.otp(s)
+    d = world.decide(s)
+    assert d.outcome != F.OUTCOME_ALLOW  # never allow on an error
+    # the voice service comes back on its port
+    from services.common.server.bootstrap import RunningServer
+    from services.serve import definition
+
+    back = RunningServer(world.bio.settings, definition(world.bio.settings, "voice"), port=port).start()
+    world.bio.running["voice"] = back
+    assert back.ready.wait(300)
+    deadline = time.monotonic() + 60
+    while True:
+        s = world.start(ref, App())
+        r = world.voice_factor(s, row["probe"])
+        if r.result.passed or time.monotonic() > deadline:
+            break
+        time.sleep(2)  # the client channel reconnects with back-off; the breaker half-opens
+    assert r.result.passed, r
+    world.otp(s)
+    assert world.decide(s).outcome == F.OUTCOME_ALLOW
