@@ -49,12 +49,13 @@ lockout: {max_failures: 5, delay_after: 3, delay_s: 0.0}
 """
 
 
-def settings_for(tmp_path: Path, **mfa):
+def settings_for(tmp_path: Path, dsn: str = "", **mfa):
     policy_dir = tmp_path / "policies"
     policy_dir.mkdir(exist_ok=True)
     (policy_dir / "otp-bank.yaml").write_text(OTP_POLICY)
     return make_settings(
         tmp_path / "data",
+        storage={"dsn": dsn if dsn.startswith("postgres") else ""},
         mfa={"policy_dir": str(policy_dir), "policy_check_s": 0, **mfa},
         clients={"face": {"target": DEAD, "deadline_s": 2, "retries": 0},
                  "voice": {"target": DEAD, "deadline_s": 2, "retries": 0}},
@@ -62,8 +63,9 @@ def settings_for(tmp_path: Path, **mfa):
 
 
 @pytest.fixture
-def mfa_settings(tmp_path):
-    return settings_for(tmp_path)
+def mfa_settings(tmp_path, storage_dsn):
+    """Every MFA flow runs on SQLite and on PostgreSQL."""
+    return settings_for(tmp_path, storage_dsn)
 
 
 class Clock:

@@ -232,3 +232,40 @@ def test_hostile_tokens_for_relying_parties(stub, mfa_server):
             verify_token(bad, jwks, mfa_server.settings.mfa.issuer, "otp-bank")
     with pytest.raises(jwt.InvalidAudienceError):
         verify_token(token, jwks, mfa_server.settings.mfa.issuer, "another-bank")
+
+
+def test_everything_significant_is_audited_without_personal_data(stub, mfa_server):
+    from services.common.audit.signing import AuditSigner
+    from services.common.audit.verify import verify
+    from services.common.storage import open_storage
+
+    settings = mfa_server.settings
+    setup_subject(stub)
+    app = bind(stub, settings, App())
+    s = start(stub, app, text="请帮我转到安全账户")
+    stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s.nonce)))
+    code = otp_round(stub, settings, s.session_id)
+    d = stub.Decide(F.DecideRequest(session_id=s.session_id))
+    stub.ResolveReview(F.ResolveReviewRequest(review_id=d.review_id, approve=True, note="called back"))
+    s = start(stub, app)
+    thief = App(app.device)
+    thief.device_id = app.device_id
+    for _ in range(5):
+        stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=thief.proof(s.nonce)))
+    stub.UnlockSubject(F.UnlockSubjectRequest(subject=subject(), reason="identity-verified"))
+    stub.RevokeDevice(F.RevokeDeviceRequest(subject=subject(), device_id=app.device_id))
+    assert code.result.passed
+    store = open_storage(settings.storage_dsn)
+    try:
+        rows = list(store.audit.iter_records())
+        events = {r.event_type for r in rows}
+        assert {"mfa.session_started", "mfa.factor", "mfa.otp_sent", "mfa.decision", "mfa.device_bound",
+                "mfa.review_resolved", "mfa.subject_locked", "mfa.subject_unlocked", "mfa.device_revoked"} <= events
+        text = " ".join(f"{r.subject_pseudonym} {r.details}" for r in rows)
+        for secret in ("cust-0001", "+8613800135678", "13800135678", "安全账户", outbox_codes(settings)[-1],
+                       s.nonce, "inst-7f3a"):
+            assert secret not in text
+        signer = AuditSigner.load(settings.audit_signing_key_file)
+        assert verify(store.audit, signer.public_key).ok
+    finally:
+        store.close()
