@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.common import errors
 from services.common.api.v1 import common_pb2, face_pb2, mfa_pb2, voice_pb2
 from services.common.runtime import Runtime
-from services.common.storage import AlreadyExistsError, AuthSessionRecord, DeviceRecord, new_id
+from services.common.storage import AlreadyExistsError, AuthSessionRecord, new_id
 from services.common.storage.mfa_records import SubjectSignalRecord
 from services.common.subjects import actor, timestamp
 from services.common.validation import identifier, subject_ref
@@ -26,12 +26,13 @@ from services.common.validation import identifier, subject_ref
 from . import devices, requests
 from .clients import BiometricClient, ServiceUnavailable, open_clients
 from .factors import BY_EVIDENCE, FACTORS, FactorContext
-from .fusion import ACR_RANK, Decision, FactorOutcome, Plan, decide, make_plan
+from .fusion import Decision, FactorOutcome, Plan, decide, make_plan
 from .keys import derive, keyed_hash
 from .lockout import Lockouts
 from .otp import OtpService
 from .policy import Policy, PolicyStore
 from .reasons import Reason, to_protos
+from .registry import DeviceRegistry
 from .reviews import ReviewQueue, to_proto as review_proto
 from .risk import Place, RiskEngine, RiskSignals
 from .sessions import Sessions
@@ -83,6 +84,7 @@ class Orchestrator:
         self._device_key = derive(master, "device-fingerprint")
         self._idem_key = derive(master, "idempotency")
         self._engines: dict[int, tuple[Policy, RiskEngine]] = {}
+        self.registry = DeviceRegistry(rt, self.sessions, self.policies, self._device_key, self.clock)
 
     def close(self) -> None:
         for c in self.clients.values():
@@ -368,61 +370,13 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ devices
     def register_device(self, req: mfa_pb2.RegisterDeviceRequest) -> mfa_pb2.RegisterDeviceResponse:
-        now = self.clock()
-        rec = self.sessions.load(req.session_id, now)
-        policy = self._policy_of(rec)
-        binding = policy.factors.device.binding
-        if devices.is_absent(req.device):
-            raise errors.invalid_argument("device is required", device="required")
-        device = devices.canonical(req.device, self._device_key, rec.tenant_id)
-        devices.load_public_key(req.public_key)
-        label = requests.label(req.label, "label")
-        decision = rec.state.get("decision") or {}
-        if decision.get("outcome") != "allow" or ACR_RANK.get(decision.get("acr", ""), 0) < ACR_RANK[binding.min_acr]:
-            raise errors.failed_precondition(
-                f"binding a device needs an ALLOW decision of at least {binding.min_acr} in this session",
-                "STRONG_AUTHENTICATION_REQUIRED")
-        if (now - datetime.fromisoformat(decision["at"])).total_seconds() > binding.within_s:
-            raise errors.failed_precondition("the authentication is too old to bind a device; authenticate again",
-                                             "AUTHENTICATION_TOO_OLD")
-        if device.fingerprint != rec.state["device"]["fp"]:
-            raise errors.failed_precondition("only the device that authenticated in this session can be bound",
-                                             "DEVICE_MISMATCH")
-        if rec.state.get("bound_device_id"):
-            raise errors.failed_precondition("this session already bound a device", "ALREADY_BOUND_IN_SESSION")
-        device_id = "dev_" + new_id()
-
-        def change(st):
-            if st.get("bound_device_id"):
-                raise errors.failed_precondition("this session already bound a device", "ALREADY_BOUND_IN_SESSION")
-            st["bound_device_id"] = device_id
-        rec = self.sessions.mutate(rec, change)
-        try:
-            self.rt.storage.devices.add(DeviceRecord(rec.tenant_id, rec.subject_id, device.fingerprint, req.public_key,
-                                                     device.soft, label, device.platform, id=device_id, bound_at=now))
-        except AlreadyExistsError:
-            raise errors.already_exists("this device is already bound to the subject", "DEVICE_ALREADY_BOUND") from None
-        self.rt.audit.append("mfa.device_bound", actor(), rec.tenant_id, rec.subject_id,
-                             {"session_id": rec.id, "device_id": device_id, "platform": device.platform})
-        return mfa_pb2.RegisterDeviceResponse(device_id=device_id)
+        return self.registry.register(req)
 
     def list_devices(self, req: mfa_pb2.ListDevicesRequest) -> mfa_pb2.ListDevicesResponse:
-        tenant, subject = subject_ref(req.subject)
-        return mfa_pb2.ListDevicesResponse(devices=[
-            mfa_pb2.BoundDevice(device_id=d.id, label=d.label, platform=d.platform, bound_at=_ts(d.bound_at),
-                                last_seen_at=_ts(d.last_seen_at) if d.last_seen_at else None,
-                                revoked=d.revoked_at is not None)
-            for d in self.rt.storage.devices.list_for_subject(tenant, subject, include_revoked=True)])
+        return self.registry.list(req)
 
     def revoke_device(self, req: mfa_pb2.RevokeDeviceRequest) -> mfa_pb2.RevokeDeviceResponse:
-        tenant, subject = subject_ref(req.subject)
-        device_id = identifier(req.device_id, "device_id")
-        rec = self.rt.storage.devices.get(tenant, device_id)
-        if rec is None or rec.subject_id != subject:
-            raise errors.not_found("the subject has no device with that id", "DEVICE_NOT_FOUND")
-        if self.rt.storage.devices.revoke(tenant, device_id, self.clock()):
-            self.rt.audit.append("mfa.device_revoked", actor(), tenant, subject, {"device_id": device_id})
-        return mfa_pb2.RevokeDeviceResponse()
+        return self.registry.revoke(req)
 
     # ------------------------------------------------------------------ administration
     def unlock(self, req: mfa_pb2.UnlockSubjectRequest) -> mfa_pb2.UnlockSubjectResponse:
