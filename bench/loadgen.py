@@ -1,0 +1,131 @@
+"""A bounded, self-stopping gRPC load generator for loopback benchmarks.
+
+    from bench.loadgen import run_load
+    result = asyncio.run(run_load(call, concurrency=8, duration_s=20, max_requests=2000))
+    print(result.summary())
+
+``call`` is an async function making one request (e.g. ``lambda: stub.Verify(req)`` on a
+``grpc.aio`` channel). The run stops at whichever comes first of ``duration_s`` and
+``max_requests``, so it can never run away; a failed call is counted and its status recorded, not
+retried. Only loopback targets are allowed (the benchmarks never load anything but this machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import grpc
+import numpy as np
+
+
+def assert_loopback(target: str) -> None:
+    host = target.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return
+    if not ipaddress.ip_address(host).is_loopback:
+        raise ValueError(f"benchmarks only target loopback addresses, not {target}")
+
+
+@dataclass
+class LoadResult:
+    latencies_s: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    wall_s: float = 0.0
+    concurrency: int = 0
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies_s)
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q)) if self.latencies_s else float("nan")
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "requests_ok": self.ok,
+            "errors": dict(self.errors),
+            "concurrency": self.concurrency,
+            "wall_s": round(self.wall_s, 3),
+            "throughput_per_s": round(self.throughput, 2),
+            "p50_ms": round(self.percentile(50) * 1000, 2),
+            "p95_ms": round(self.percentile(95) * 1000, 2),
+            "p99_ms": round(self.percentile(99) * 1000, 2),
+        }
+
+    def summary(self) -> str:
+        d = self.as_dict()
+        return (f"{d['requests_ok']} ok, {sum(self.errors.values())} errors, c={self.concurrency}: "
+                f"{d['throughput_per_s']}/s, p50 {d['p50_ms']} ms, p95 {d['p95_ms']} ms, p99 {d['p99_ms']} ms")
+
+
+async def run_load(
+    call: Callable[[], Awaitable[object]],
+    *,
+    concurrency: int,
+    duration_s: float,
+    max_requests: int,
+    warmup_requests: int = 0,
+) -> LoadResult:
+    """Runs ``call`` from ``concurrency`` workers until the time or request budget is spent."""
+    if concurrency < 1 or duration_s <= 0 or max_requests < 1:
+        raise ValueError("concurrency, duration_s and max_requests must be positive")
+    for _ in range(warmup_requests):
+        await call()
+    result = LoadResult(concurrency=concurrency)
+    issued = 0
+    deadline = time.perf_counter() + duration_s
+
+    async def worker() -> None:
+        nonlocal issued
+        while issued < max_requests and time.perf_counter() < deadline:
+            issued += 1
+            start = time.perf_counter()
+            try:
+                await call()
+            except grpc.aio.AioRpcError as err:
+                result.errors[err.code().name] += 1
+                continue
+            result.latencies_s.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+def aio_channel(target: str, token: str | None, max_message_bytes: int = 16 * 1024 * 1024) -> grpc.aio.Channel:
+    """An asyncio channel to a loopback target, sending the bearer token with every call."""
+    assert_loopback(target)
+
+    class _Auth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.StreamUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            return await continuation(_with_token(details), request)
+
+        async def intercept_stream_unary(self, continuation, details, request_iterator):
+            return await continuation(_with_token(details), request_iterator)
+
+    def _with_token(details):
+        metadata = list(details.metadata or []) + ([("authorization", f"Bearer {token}")] if token else [])
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+    options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+    return grpc.aio.insecure_channel(target, options=options, interceptors=[_Auth()])
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
