@@ -18,3 +18,15 @@ class Principal:
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
+
+# Monotonic time by which the current RPC must answer: the client's deadline, capped by the
+# server's `server.rpc_timeout_s`. Handlers pass what is left to downstream calls and batchers.
+deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+def time_left(default: float = 30.0) -> float:
+    """Seconds left before the current RPC's deadline (``default`` outside an RPC)."""
+    import time
+
+    end = deadline.get()
+    return default if end is None else max(0.0, end - time.monotonic())

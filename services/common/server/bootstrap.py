@@ -50,7 +50,12 @@ class RunningServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix=f"{definition.name}-rpc"),
             interceptors=[
-                ServerInterceptor(definition.name, Authenticator.from_settings(settings), roles_by_method(definition.descriptors))
+                ServerInterceptor(
+                    definition.name,
+                    Authenticator.from_settings(settings),
+                    roles_by_method(definition.descriptors),
+                    cfg.rpc_timeout_s,
+                )
             ],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),

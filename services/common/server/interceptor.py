@@ -47,8 +47,11 @@ def tenant_of(request: Any) -> str | None:
 
 
 class ServerInterceptor(grpc.ServerInterceptor):
-    def __init__(self, service: str, authenticator: Authenticator, roles: dict[str, frozenset[str]]) -> None:
+    def __init__(
+        self, service: str, authenticator: Authenticator, roles: dict[str, frozenset[str]], rpc_timeout_s: float = 30.0
+    ) -> None:
         self.service = service
+        self.rpc_timeout_s = rpc_timeout_s
         self.authenticator = authenticator
         self.roles = roles
 
@@ -145,7 +148,7 @@ class _Call:
     def __enter__(self) -> "_Call":
         meta = dict(self.ctx.invocation_metadata())
         rid = meta.get("x-request-id", "")[:64] or uuid.uuid4().hex
-        self._tokens = (context.request_id.set(rid), context.principal.set(None))
+        self._tokens = (context.request_id.set(rid), context.principal.set(None), context.deadline.set(None))
         self.ctx.send_initial_metadata((("x-request-id", rid),))
         self.start = time.perf_counter()
         metrics.RPC_IN_FLIGHT.labels(self.owner.service).inc()
@@ -155,6 +158,8 @@ class _Call:
         remaining = self.ctx.time_remaining()
         if remaining is not None and remaining <= 0:
             raise errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline expired before handling")
+        budget = self.owner.rpc_timeout_s if remaining is None else min(remaining, self.owner.rpc_timeout_s)
+        context.deadline.set(time.monotonic() + budget)
         self.principal = self.owner.authorise(self.method, self.ctx)
         context.principal.set(self.principal)
 
@@ -205,7 +210,7 @@ class _Call:
                 "principal": self.principal.name if self.principal else None,
             },
         )
-        for var, token in zip((context.request_id, context.principal), self._tokens):
+        for var, token in zip((context.request_id, context.principal, context.deadline), self._tokens):
             var.reset(token)
 
 
