@@ -49,12 +49,12 @@ def get_enrollment(rt: Runtime, request: common_pb2.GetEnrollmentRequest, modali
 def delete_modality(rt: Runtime, request: common_pb2.DeleteSubjectRequest, modality: str) -> common_pb2.DeleteSubjectResponse:
     tenant, subject = subject_ref(request.subject)
     reason = identifier(request.reason, "reason") if request.reason else "unspecified"
-    with rt.storage.transaction() as tx:
-        deleted = tx.templates.delete_for_subject(tenant, subject, modality)
-    row = rt.audit.append(
-        f"{modality}.subject_deleted", actor(), tenant, subject,
-        {"templates_deleted": deleted, "reason": reason},
-    )
+    # One transaction: the erasure and its audit record land together or not at all.
+    with rt.storage.transaction():
+        deleted = rt.storage.templates.delete_for_subject(tenant, subject, modality)
+        row = rt.audit.append(
+            f"{modality}.subject_deleted", actor(), tenant, subject, {"templates_deleted": deleted, "reason": reason}
+        )
     return common_pb2.DeleteSubjectResponse(templates_deleted=deleted, audit_record_id=str(row.seq))
 
 
