@@ -98,7 +98,7 @@ class BiometricClient:
 
     def call(self, method: str, request: Any, idempotent: bool, budget_s: float | None = None) -> Any:
         """Call ``method``; raises ServiceUnavailable, or ServiceError for the caller's own fault."""
-        deadline = time.monotonic() + min(self.cfg.deadline_s, budget_s or self.cfg.deadline_s)
+        deadline = time.monotonic() + (self.cfg.deadline_s if budget_s is None else min(self.cfg.deadline_s, budget_s))
         attempts = 1 + (self.cfg.retries if idempotent else 0)
         started = time.perf_counter()
         try:

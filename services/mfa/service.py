@@ -58,8 +58,13 @@ def _sets(sets) -> list[mfa_pb2.FactorSet]:
 
 
 def budget_of(grpc_context) -> float | None:
-    left = grpc_context.time_remaining() if grpc_context is not None else None
-    return None if left is None else max(0.0, left - 0.2)
+    """What downstream calls may spend: the RPC's deadline (the server caps it) less a margin to
+    answer in."""
+    from services.common import context
+
+    left = context.time_left(-1.0) if context.deadline.get() is not None else (
+        grpc_context.time_remaining() if grpc_context is not None else None)
+    return None if left is None or left < 0 else max(0.0, left - 0.2)
 
 
 class Orchestrator:

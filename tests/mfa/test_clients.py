@@ -122,3 +122,10 @@ def test_a_dead_service_opens_the_circuit_and_later_calls_fail_fast():
     assert err.value.why == "circuit open" and time.monotonic() - t0 < 0.05
     assert biometric_seconds.get() < 0.05
     biometric_seconds.reset(token)
+
+
+def test_an_exhausted_caller_deadline_is_not_extended(face_server):
+    servicer, target = face_server
+    with pytest.raises(ServiceUnavailable) as err:
+        client(target).call("Verify", REQ, idempotent=True, budget_s=0.0)
+    assert "deadline" in err.value.why and servicer.calls == 0
