@@ -164,6 +164,52 @@ class ClientsConfig(Section):
     voice: ClientTarget = ClientTarget(deadline_s=15.0)
 
 
+class FaceTenantPolicy(Section):
+    """Per-tenant overrides of the face service's defaults (unset: the service-wide value)."""
+
+    target_fmr: float | None = Field(None, gt=0, lt=1)  # must be a calibrated operating point
+    second_face_ratio: float | None = Field(None, gt=0)  # >= 1 never refuses a second face
+    require_liveness: bool = False  # every Verify of the tenant also runs passive liveness
+
+
+class FaceChallengeConfig(Section):
+    """Active liveness: a random sequence of head moves answered by a burst of frames."""
+
+    ttl_s: int = Field(60, ge=5, le=60)
+    moves: int = Field(3, ge=2, le=4)  # distinct moves per challenge
+    min_frames: int = Field(5, ge=3)
+    max_frames: int = Field(24, le=64)
+    # Pose change from the burst's first frame (landmark estimates, which compress pitch: a
+    # webcam video's head nods span about -12..+12 degrees of estimated pitch around its median).
+    turn_deg: float = Field(15.0, gt=0)  # |yaw change| a turn must reach
+    tilt_deg: float = Field(8.0, gt=0)  # |pitch change| a look up/down must reach
+    neutral_deg: float = Field(6.0, gt=0)  # within this of the first frame's pose is neutral
+    min_frame_gap_ms: int = Field(20, ge=0)  # faster than 50 frames/s is not a camera
+    max_frame_gap_ms: int = Field(5000, ge=1)
+    min_move_ms: int = Field(150, ge=0)  # a human head move takes at least this long
+    # Cosine of every frame to the burst's mean embedding; None: the calibrated threshold at FMR 1e-2.
+    identity_min_cosine: float | None = None
+
+
+class FaceConfig(Section):
+    detector: str = "yunet-2023mar-batch"  # model ids of models/manifest.yaml
+    embedder: str = "mobilefacenet-arcface-192d"  # the model templates are made with
+    liveness: list[str] = ["minifasnet-v2-2.7", "minifasnet-v1se-4.0"]  # [] = no liveness
+    calibration_channel: str = "default"
+    target_fmr: float = Field(1e-3, gt=0, lt=1)
+    liveness_target_apcer: float = Field(0.05, gt=0, lt=1)
+    second_face_ratio: float = Field(0.6, gt=0)
+    tenants: dict[str, FaceTenantPolicy] = {}
+    max_images: int = Field(10, ge=1, le=50)  # per Enroll request
+    identify_max_k: int = Field(100, ge=1, le=1000)
+    batch_max: int = Field(32, ge=1, le=256)
+    batch_wait_ms: float = Field(2.0, ge=0, le=50)
+    intra_op_threads: int = Field(1, ge=0)  # per onnxruntime session; 0 = onnxruntime's default
+    calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
+    gallery_check_s: float = Field(0.0, ge=0)  # 0: every Identify checks the gallery's version
+    challenge: FaceChallengeConfig = FaceChallengeConfig()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="BIOGATE_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -179,6 +225,7 @@ class Settings(BaseSettings):
     logging: LoggingConfig = LoggingConfig()
     mfa: MfaConfig = MfaConfig()
     clients: ClientsConfig = ClientsConfig()
+    face: FaceConfig = FaceConfig()
 
     @field_validator("data_dir")
     @classmethod

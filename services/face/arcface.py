@@ -23,8 +23,9 @@ class ArcFaceEmbedder:
         input_std: float = 128.0,
         max_batch: int = 64,
         providers=DEFAULT_PROVIDERS,
+        threads: int | None = None,
     ) -> None:
-        self.model = create_session(model_path, providers)
+        self.model = create_session(model_path, providers, threads)
         self.provider = self.model.provider
         shape = self.model.session.get_inputs()[0].shape
         if shape[2:] != [112, 112]:

@@ -88,13 +88,14 @@ class PassiveLiveness:
         box_source: str = "landmarks",  # "landmarks": retinaface_box(); "detector": the detector's box
         max_batch: int = 64,
         providers=DEFAULT_PROVIDERS,
+        threads: int | None = None,
     ) -> None:
         if not models:
             raise ValueError("no liveness model configured")
         if box_source not in ("landmarks", "detector"):
             raise ValueError(f"box_source must be 'landmarks' or 'detector', not {box_source!r}")
         self.specs = list(models)
-        self.models = [create_session(s.path, providers) for s in self.specs]
+        self.models = [create_session(s.path, providers, threads) for s in self.specs]
         self.provider = self.models[0].provider
         self.box_source = box_source
         self.max_batch = max_batch

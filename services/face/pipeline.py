@@ -58,6 +58,9 @@ class FacePipelineConfig:
     batch_max: int = 32
     batch_wait_ms: float = 1.0
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    # Intra-op threads per onnxruntime session (None: onnxruntime's default, all cores). Several
+    # sessions run at once on the batcher threads, so one or two each avoids oversubscription.
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,8 @@ class LivenessUnavailable(RuntimeError):
     """Liveness was requested but no liveness model is configured."""
 
 
-def build_detector(cfg: DetectorConfig, providers: tuple[str, ...]) -> Detector:
-    kwargs = {"pad_ratio": cfg.pad_ratio, "providers": providers}
+def build_detector(cfg: DetectorConfig, providers: tuple[str, ...], threads: int | None = None) -> Detector:
+    kwargs = {"pad_ratio": cfg.pad_ratio, "providers": providers, "threads": threads}
     if cfg.score_threshold is not None:
         kwargs["score_threshold"] = cfg.score_threshold
     if cfg.kind == "yunet":
@@ -90,11 +93,13 @@ def build_detector(cfg: DetectorConfig, providers: tuple[str, ...]) -> Detector:
     raise ValueError(f"unknown detector kind {cfg.kind!r}")
 
 
-def build_embedder(cfg: EmbedderConfig, providers: tuple[str, ...]) -> Embedder:
+def build_embedder(cfg: EmbedderConfig, providers: tuple[str, ...], threads: int | None = None) -> Embedder:
     if cfg.kind == "sface":
-        return SFaceEmbedder(cfg.path, providers=providers)
+        return SFaceEmbedder(cfg.path, providers=providers, threads=threads)
     if cfg.kind == "arcface":
-        return ArcFaceEmbedder(cfg.path, input_mean=cfg.input_mean, input_std=cfg.input_std, providers=providers)
+        return ArcFaceEmbedder(
+            cfg.path, input_mean=cfg.input_mean, input_std=cfg.input_std, providers=providers, threads=threads
+        )
     raise ValueError(f"unknown embedder kind {cfg.kind!r}")
 
 
@@ -106,7 +111,7 @@ class FacePipeline:
         if len(set(names)) != len(names):
             raise ValueError(f"embedder names must be unique: {names}")
         self.config = config
-        self.detector = build_detector(config.detector, config.providers)
+        self.detector = build_detector(config.detector, config.providers, config.threads)
         # A detector with a batch dimension (YuNet's batchable copy) is micro-batched as well.
         self._detect_batcher: MicroBatcher | None = None
         if getattr(self.detector, "max_batch", 1) > 1:
@@ -116,7 +121,7 @@ class FacePipeline:
                 max_wait_ms=config.batch_wait_ms,
                 name="detect",
             )
-        self.embedders: dict[str, Embedder] = {e.name: build_embedder(e, config.providers) for e in config.embedders}
+        self.embedders: dict[str, Embedder] = {e.name: build_embedder(e, config.providers, config.threads) for e in config.embedders}
         self._embed_batchers = {
             name: MicroBatcher(
                 lambda crops, e=emb: list(e.embed(np.stack(crops))),
@@ -129,7 +134,9 @@ class FacePipeline:
         self.liveness: PassiveLiveness | None = None
         self._liveness_batcher: MicroBatcher | None = None
         if config.liveness:
-            self.liveness = PassiveLiveness(config.liveness, box_source=config.liveness_box, providers=config.providers)
+            self.liveness = PassiveLiveness(
+                config.liveness, box_source=config.liveness_box, providers=config.providers, threads=config.threads
+            )
             self._liveness_batcher = MicroBatcher(
                 lambda items: list(self.liveness.score_crops(items)),
                 max_batch=config.batch_max,
@@ -154,16 +161,23 @@ class FacePipeline:
         return self.analyse_image(self.decode(data), **options)
 
     def analyse_image(
-        self, image_bgr: np.ndarray, *, liveness: bool = False, embed: bool = True, enforce_quality: bool = True
+        self,
+        image_bgr: np.ndarray,
+        *,
+        liveness: bool = False,
+        embed: bool = True,
+        enforce_quality: bool = True,
+        subject: SubjectPolicy | None = None,
     ) -> FaceAnalysis:
         """Detect, choose, assess and (unless refused, or ``embed`` is False) embed the subject face.
 
         With ``enforce_quality`` False a face that fails a quality gate is embedded anyway (its
-        issues are still listed); a missing or ambiguous subject is never embedded."""
+        issues are still listed); a missing or ambiguous subject is never embedded. ``subject``
+        overrides the configured subject policy (per-tenant two-face refusal)."""
         if liveness and self._liveness_batcher is None:
             raise LivenessUnavailable("no liveness model is configured")
         faces = self._detect_batcher.submit(image_bgr) if self._detect_batcher else self.detector.detect(image_bgr)
-        choice = choose_subject(faces, image_bgr.shape, self.config.subject)
+        choice = choose_subject(faces, image_bgr.shape, subject or self.config.subject)
         if choice.face is None:
             return FaceAnalysis(image_bgr.shape, 0, None, None, (choice.issue.value,), {}, None)
         face = choice.face

@@ -25,8 +25,9 @@ class ScrfdDetector:
         pad_ratio: float = 0.25,
         input_size: tuple[int, int] = (640, 640),
         providers=DEFAULT_PROVIDERS,
+        threads: int | None = None,
     ) -> None:
-        self.model = create_session(model_path, providers)
+        self.model = create_session(model_path, providers, threads)
         self.provider = self.model.provider
         # One dynamic-shape session for every input size (no per-size session copies).
         self._scrfd = SCRFD(model_file=str(model_path), session=self.model.session, static_shape_sessions=False)

@@ -16,8 +16,9 @@ from services.face.embedding import fixed_batch, l2_normalise, run_batched, to_r
 
 
 class SFaceEmbedder:
-    def __init__(self, model_path: str | os.PathLike[str], max_batch: int = 64, providers=DEFAULT_PROVIDERS) -> None:
-        self.model = create_session(model_path, providers)
+    def __init__(self, model_path: str | os.PathLike[str], max_batch: int = 64, providers=DEFAULT_PROVIDERS,
+                 threads: int | None = None) -> None:
+        self.model = create_session(model_path, providers, threads)
         self.provider = self.model.provider
         self.max_batch = fixed_batch(self.model) or max_batch
         self.dim = int(self.model.session.get_outputs()[0].shape[-1])

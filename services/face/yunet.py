@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnxruntime as ort
 
 from services.common.inference import DEFAULT_PROVIDERS, create_session
 from services.face.detection import Face, letterbox, nms, to_faces
@@ -30,8 +31,9 @@ class YuNetDetector:
         pad_ratio: float = 0.25,
         max_batch: int = 32,
         providers=DEFAULT_PROVIDERS,
+        threads: int | None = None,
     ) -> None:
-        self.model = create_session(model_path, providers)
+        self.model = create_session(model_path, providers, threads)
         self.provider = self.model.provider
         shape = self.model.session.get_inputs()[0].shape
         self.input_size = (int(shape[3]), int(shape[2]))  # (w, h)
@@ -41,6 +43,10 @@ class YuNetDetector:
         self._input = self.model.input_names[0]
         dim0 = self.model.session.get_inputs()[0].shape[0]
         self.max_batch = dim0 if isinstance(dim0, int) and dim0 > 0 else max_batch
+        if self.max_batch > 1:
+            # The batch copy still declares [1, A, C] outputs, so onnxruntime warns on every
+            # batched run that the actual [1, N*A, C] differs; the shapes are right (see above).
+            ort.set_default_logger_severity(3)
         names = self.model.output_names
         self._outputs = [f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in STRIDES]
         missing = set(self._outputs) - set(names)

@@ -94,3 +94,51 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning"))
+
+
+# ---------------------------------------------------------------- a real FaceService on loopback
+class FaceServiceUnderTest:
+    """The face service of the tests: its settings, a gRPC stub with every role, its runtime."""
+
+    def __init__(self, harness, server) -> None:
+        from services.common.api.v1 import face_pb2_grpc
+
+        self.harness = harness
+        self.settings = harness.settings
+        self.server = server
+        self.address = server.address
+        self.channel = harness.channel("face", "dev-all")
+        self.stub = face_pb2_grpc.FaceServiceStub(self.channel)
+        self.service = server.definition.service
+
+    @property
+    def storage(self):
+        return self.service.rt.storage
+
+    def consent(self, tenant: str, subject: str) -> None:
+        from services.common.storage import ConsentRecord
+
+        self.storage.subjects.record_consent(
+            ConsentRecord(tenant, subject, "biometric_verification", ("face",), "v1", "test")
+        )
+
+
+@pytest.fixture(scope="session")
+def face_service(tmp_path_factory, face_models, fixtures_dir):
+    """One FaceService for the session, with its own copy of the manifest (tests change calibrations)."""
+    import shutil
+
+    from tests.conftest import ServiceHarness, make_settings
+
+    root = tmp_path_factory.mktemp("face-service")
+    manifest = root / "manifest.yaml"
+    shutil.copy(PROJECT_ROOT / "models" / "manifest.yaml", manifest)
+    settings = make_settings(
+        root / "data",
+        models={"manifest": str(manifest)},
+        face={"calibration_check_s": 0.0, "tenants": {"kiosk-lenient": {"second_face_ratio": 2.0}}},
+    )
+    harness = ServiceHarness(settings)
+    server = harness.start("face")
+    yield FaceServiceUnderTest(harness, server)
+    harness.stop()

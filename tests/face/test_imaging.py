@@ -1,12 +1,11 @@
 import io
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from face_helpers import bomb_png
 from services.face.imaging import DecodeErrorCode, DecodeLimits, ImageDecodeError, decode_image
 
 
@@ -20,10 +19,6 @@ def _code(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodeErrorCode
     with pytest.raises(ImageDecodeError) as err:
         decode_image(data, limits)
     return err.value.code
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
 def test_empty_bytes():
@@ -46,12 +41,7 @@ def test_truncated_jpeg(face_dir):
 
 def test_decompression_bomb_png_refused_from_the_header():
     """A real 20000x20000 grayscale PNG (400 MB of pixels, ~400 KB of bytes) is refused unread."""
-    w = h = 20000
-    comp = zlib.compressobj(9)
-    row = b"\x00" * (w + 1)  # filter byte + one byte per pixel
-    idat = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
-    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+    data = bomb_png()
     assert len(data) < 1_000_000
     t = time.perf_counter()
     assert _code(data) is DecodeErrorCode.IMAGE_TOO_LARGE

@@ -20,14 +20,13 @@ def test_every_verification_image_is_enrolled(pipeline, verification_images):
 def test_refusals_are_reported_not_embedded(pipeline, face_dir):
     import cv2
 
-    from face_helpers import load_bgr
+    from face_helpers import load_bgr, two_faces
 
     blank = cv2.imencode(".png", np.full((200, 200, 3), 90, np.uint8))[1].tobytes()
     r = pipeline.analyse(blank)
     assert r.issues == ("NO_FACE",) and r.face is None and r.embeddings == {}
     a = load_bgr(face_dir / "bbt_penny" / "faceapi_penny1.png")
-    b = load_bgr(face_dir / "bbt_raj" / "faceapi_raj1.png")
-    two = cv2.imencode(".png", np.hstack([a, np.zeros((150, 60, 3), np.uint8), b]))[1].tobytes()
+    two = cv2.imencode(".png", two_faces(face_dir))[1].tobytes()
     r = pipeline.analyse(two)
     assert "MULTIPLE_FACES" in r.issues and r.n_faces == 2 and r.embeddings == {}
     dark = cv2.imencode(".png", (a * 0.1).astype(np.uint8))[1].tobytes()

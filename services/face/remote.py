@@ -1,0 +1,120 @@
+"""Face scorers for `biogate eval --target host:port`: the evaluation through a running FaceService.
+
+Verification: each reference is enrolled (Enroll, replace=true) as a subject of the evaluation
+tenant, and each probe scored with Verify, whose ``score`` is the cosine the service decided on.
+PAD: CheckLiveness answers live or not, never a score, so the score is 1.0 or 0.0 and the report's
+APCER/BPCER are those of the service's own calibrated decision (the EER needs the local scorer).
+
+Consent: enrolment requires a recorded consent, so the scorer records one for each evaluation
+subject in the storage the settings name (the evaluated service's own). The caller's token comes
+from $BIOGATE_EVAL_TOKEN, or the development credentials of the settings' data dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+
+from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
+from services.common.client import connect
+from services.common.errors import details_of
+from services.common.evaluation.scorers import Failure, ScorerOptions, register_scorer
+from services.common.storage import ConsentRecord, open_storage
+
+EVAL_TENANT = "biogate-eval"
+_QUALITY_CODES = {"NO_FACE", "MULTIPLE_FACES"}
+
+
+def _token(options: ScorerOptions) -> str | None:
+    token = os.environ.get("BIOGATE_EVAL_TOKEN")
+    if token:
+        return token
+    from services.common.server.auth import ensure_dev_credentials
+
+    settings = options.settings
+    if settings.auth.dev_credentials and not settings.auth.principals:
+        return ensure_dev_credentials(settings)["dev-all"]
+    return None
+
+
+def _failure(err: grpc.RpcError) -> Failure:
+    if err.code() != grpc.StatusCode.INVALID_ARGUMENT:
+        raise err  # not a property of the sample: a bug or an outage, which stops the evaluation
+    return Failure((details_of(err)["reason"] or "invalid_argument").lower())
+
+
+class RemoteFaceVerificationScorer:
+    score_name = "cosine"
+
+    def __init__(self, options: ScorerOptions, tenant: str = EVAL_TENANT) -> None:
+        self.stub = face_pb2_grpc.FaceServiceStub(connect(options.target, _token(options)))
+        self.tenant = tenant
+        self.storage = open_storage(options.settings.storage_dsn, options.settings.storage)
+        self.timeout = 60.0
+
+    def _subject(self, paths: Sequence[Path]) -> str:
+        key = "\n".join(str(Path(p).resolve()) for p in paths).encode()
+        return "eval-" + hashlib.sha256(key).hexdigest()[:24]
+
+    def enroll(self, paths: Sequence[Path]) -> str | Failure:
+        subject = self._subject(paths)
+        self.storage.subjects.record_consent(
+            ConsentRecord(self.tenant, subject, "biometric_verification", ("face",), "eval", "biogate eval")
+        )
+        ref = common_pb2.SubjectRef(tenant_id=self.tenant, subject_id=subject)
+        images = [common_pb2.Image(data=Path(p).read_bytes()) for p in paths]
+        try:
+            self.stub.Enroll(face_pb2.EnrollFaceRequest(subject=ref, images=images, replace=True), timeout=self.timeout)
+        except grpc.RpcError as err:
+            return _failure(err)
+        return subject
+
+    def score(self, handle: str, probe: Path) -> float | Failure:
+        ref = common_pb2.SubjectRef(tenant_id=self.tenant, subject_id=handle)
+        try:
+            r = self.stub.Verify(
+                face_pb2.VerifyFaceRequest(subject=ref, image=common_pb2.Image(data=Path(probe).read_bytes())),
+                timeout=self.timeout,
+            )
+        except grpc.RpcError as err:
+            return _failure(err)
+        if not r.quality.accepted:
+            return Failure(r.reasons[0].code.lower() if r.reasons else "rejected")
+        return float(r.score)
+
+
+class RemoteFacePadScorer:
+    score_name = "live_decision"
+
+    def __init__(self, options: ScorerOptions, tenant: str = EVAL_TENANT) -> None:
+        self.stub = face_pb2_grpc.FaceServiceStub(connect(options.target, _token(options)))
+        self.tenant = tenant
+
+    def score(self, path: Path) -> float | Failure:
+        try:
+            r = self.stub.CheckLiveness(
+                face_pb2.CheckLivenessRequest(tenant_id=self.tenant, image=common_pb2.Image(data=Path(path).read_bytes())),
+                timeout=60.0,
+            )
+        except grpc.RpcError as err:
+            return _failure(err)
+        codes = {x.code for x in r.reasons}
+        if codes & _QUALITY_CODES:
+            return Failure(sorted(codes & _QUALITY_CODES)[0].lower())
+        return 1.0 if r.live else 0.0
+
+
+def make_remote_verification_scorer(options: ScorerOptions) -> RemoteFaceVerificationScorer:
+    return RemoteFaceVerificationScorer(options)
+
+
+def make_remote_pad_scorer(options: ScorerOptions) -> RemoteFacePadScorer:
+    return RemoteFacePadScorer(options)
+
+
+register_scorer("face", "verification", make_remote_verification_scorer, mode="remote")
+register_scorer("face", "pad", make_remote_pad_scorer, mode="remote")

@@ -1,0 +1,280 @@
+"""FaceService over gRPC on loopback, real models and fixtures: enrolment, verification with the
+calibrated threshold, identification, passive liveness, refusals of bad input with nothing stored."""
+
+from __future__ import annotations
+
+import csv
+
+import grpc
+import numpy as np
+import pytest
+
+from face_helpers import bomb_png, encode_png, load_bgr, two_faces
+from services.common.api.v1 import common_pb2, face_pb2
+from services.common.errors import details_of
+from services.common.evaluation import metrics
+from services.common.evaluation.cli import load_scorer
+from services.common.evaluation.runner import run_pad, run_verification
+from services.common.evaluation.scorers import ScorerOptions
+from services.common.evaluation.trials import read_pad, read_trials
+from services.common.models import ModelStore
+from services.common.storage import TemplateRecord, open_storage
+
+OBAMA = "barack_obama/face_recognition_examples_obama.jpg"
+OBAMA2 = "barack_obama/face_recognition_examples_obama2.jpg"
+BIDEN = "joe_biden/face_recognition_examples_knn_examples_train_biden_biden.jpg"
+
+
+def ref(tenant: str, subject: str) -> common_pb2.SubjectRef:
+    return common_pb2.SubjectRef(tenant_id=tenant, subject_id=subject)
+
+
+def img(data: bytes) -> common_pb2.Image:
+    return common_pb2.Image(data=data)
+
+
+def enroll(s, tenant, subject, *datas, replace=False, consent=True):
+    if consent:
+        s.consent(tenant, subject)
+    return s.stub.Enroll(face_pb2.EnrollFaceRequest(subject=ref(tenant, subject), images=[img(d) for d in datas],
+                                                    replace=replace))
+
+
+def verify(s, tenant, subject, data, live=False):
+    return s.stub.Verify(face_pb2.VerifyFaceRequest(subject=ref(tenant, subject), image=img(data), require_liveness=live))
+
+
+def refused(call, *args) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call(*args)
+    return err.value.code(), details_of(err.value)["reason"]
+
+
+def audit_events(s, event: str) -> int:
+    return sum(1 for r in s.storage.audit.iter_records() if r.event_type == event)
+
+
+# ---------------------------------------------------------------- acceptance: the fixtures' trials
+def test_every_trial_image_enrols_and_the_service_evaluation_meets_the_eer(face_service, fixtures_dir):
+    """Every image of trials_face.csv enrols through gRPC; `biogate eval --target` on the trials: EER <= 1 %."""
+    import services.face.remote  # noqa: F401  - registers the remote scorers
+
+    with open(fixtures_dir / "trials_face.csv", newline="") as fh:
+        paths = sorted({r[k] for r in csv.DictReader(fh) for k in ("enroll", "probe")})
+    for i, p in enumerate(paths):
+        r = enroll(face_service, "trials", f"img-{i}", (fixtures_dir / p).read_bytes())
+        assert r.template.samples == 1 and r.images[0].accepted, p
+
+    scorer = load_scorer("face", "verification", ScorerOptions(face_service.settings, target=face_service.address))
+    run = run_verification(scorer, read_trials(fixtures_dir / "trials_face.csv", fixtures_dir))
+    assert run.fte.failures == 0 and run.fta.failures == 0
+    eer = metrics.eer(run.genuine, run.impostor)
+    print(f"service EER {eer.eer:.4f} on {len(run.genuine)} genuine / {len(run.impostor)} impostor trials")
+    assert eer.eer <= 0.01
+
+
+def test_passive_liveness_through_the_service_at_the_calibrated_threshold(face_service, fixtures_dir):
+    import services.face.remote  # noqa: F401
+
+    scorer = load_scorer("face", "pad", ScorerOptions(face_service.settings, target=face_service.address))
+    run = run_pad(scorer, read_pad(fixtures_dir / "pad_face.csv", fixtures_dir))
+    bona = np.array(run.bonafide)
+    attacks = np.array([s for scores in run.attacks.values() for s in scores])
+    apcer, bpcer = float((attacks >= 0.5).mean()), float((bona < 0.5).mean())
+    print(f"service liveness decision: APCER {apcer:.4f} ({len(attacks)} attacks), BPCER {bpcer:.4f} ({len(bona)} bona fide)")
+    cal = ModelStore(face_service.settings).calibration("minifasnet-v2-2.7", "default")
+    point = next(p for p in cal.operating_points if p.target_fmr == 0.05)
+    # The service's decision reproduces the calibration's operating point on the same set.
+    assert abs(apcer - point.fmr) < 0.02 and abs(bpcer - point.fnmr) < 0.02
+
+
+# ---------------------------------------------------------------- verification
+def test_verify_uses_the_calibrated_threshold_and_follows_a_recalibration(face_service, face_dir):
+    s = face_service
+    enroll(s, "bank-v", "c-obama", (face_dir / OBAMA).read_bytes())
+    genuine = verify(s, "bank-v", "c-obama", (face_dir / OBAMA2).read_bytes())
+    impostor = verify(s, "bank-v", "c-obama", (face_dir / BIDEN).read_bytes())
+    store = ModelStore(s.settings)
+    record = store.calibration("mobilefacenet-arcface-192d", "default")
+    assert genuine.threshold == pytest.approx(record.threshold(1e-3), abs=1e-6)
+    assert genuine.match and not impostor.match and genuine.score > genuine.threshold > impostor.score
+    assert genuine.llr == pytest.approx(float(record.llr.llr(genuine.score)), rel=1e-4)
+    assert genuine.model_id == "mobilefacenet-arcface-192d" and genuine.quality.accepted
+
+    moved = record.model_copy(update={"operating_points": [
+        p.model_copy(update={"threshold": genuine.score + 0.01}) for p in record.operating_points]})
+    store.update_calibration("mobilefacenet-arcface-192d", "default", moved)
+    try:
+        again = verify(s, "bank-v", "c-obama", (face_dir / OBAMA2).read_bytes())
+        assert not again.match and again.threshold == pytest.approx(genuine.score + 0.01, abs=1e-6)
+        assert [r.code for r in again.reasons] == ["NO_MATCH"]
+    finally:
+        store.update_calibration("mobilefacenet-arcface-192d", "default", record)
+    assert verify(s, "bank-v", "c-obama", (face_dir / OBAMA2).read_bytes()).match
+
+
+def test_no_embedding_ever_leaves_the_service():
+    for name in ("VerifyFaceResponse", "EnrollFaceResponse", "IdentifyFaceResponse", "SubmitLivenessChallengeResponse"):
+        for f in face_pb2.DESCRIPTOR.message_types_by_name[name].fields:
+            assert f.type != f.TYPE_BYTES and not (f.is_repeated and f.type == f.TYPE_FLOAT), (name, f.name)
+
+
+def test_verify_an_unusable_capture_answers_with_the_quality_report(face_service, face_dir):
+    enroll(face_service, "bank-v", "c-q", (face_dir / OBAMA).read_bytes())
+    blank = encode_png(np.full((200, 200, 3), 90, np.uint8))
+    r = verify(face_service, "bank-v", "c-q", blank)
+    assert not r.match and not r.quality.accepted and [x.code for x in r.reasons] == ["NO_FACE"]
+
+
+def test_verify_with_liveness(face_service, face_dir, fixtures_dir):
+    s = face_service
+    live = (fixtures_dir / "face/pad/live/apfol_real_10.png").read_bytes()
+    spoof = (fixtures_dir / "face/pad/spoof/apfol_fake_0.png").read_bytes()
+    enroll(s, "bank-v", "c-live", live)
+    ok = verify(s, "bank-v", "c-live", live, live=True)
+    assert ok.liveness_checked and ok.live and ok.match
+    bad = verify(s, "bank-v", "c-live", spoof, live=True)
+    assert bad.liveness_checked and not bad.live and not bad.match
+    assert "LIVENESS_FAILED" in [r.code for r in bad.reasons]
+
+
+def test_not_enrolled_and_unknown_model(face_service, face_dir):
+    s = face_service
+    assert refused(verify, s, "bank-v", "c-nobody", (face_dir / OBAMA).read_bytes()) == (grpc.StatusCode.NOT_FOUND, "NOT_ENROLLED")
+    # A template of a model the service no longer runs: re-enrolment is explicit.
+    envelope, key_id = s.service.vault.seal("bank-v", "c-old", "sface-2021dec", np.ones(128, np.float32) / np.sqrt(128))
+    s.storage.templates.put(TemplateRecord("bank-v", "c-old", "face", "sface-2021dec", "", envelope, key_id, 1))
+    code, why = refused(verify, s, "bank-v", "c-old", (face_dir / OBAMA).read_bytes())
+    assert (code, why) == (grpc.StatusCode.FAILED_PRECONDITION, "TEMPLATE_MODEL_INACTIVE")
+    enroll(s, "bank-v", "c-old", (face_dir / OBAMA).read_bytes(), replace=True)
+    assert verify(s, "bank-v", "c-old", (face_dir / OBAMA2).read_bytes()).match
+
+
+# ---------------------------------------------------------------- enrolment
+def test_enrolment_needs_consent_and_replace_is_explicit(face_service, face_dir):
+    s = face_service
+    data = (face_dir / OBAMA).read_bytes()
+    assert refused(lambda: enroll(s, "bank-e", "c-noconsent", data, consent=False)) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_CONSENT")
+    assert not s.storage.templates.list_for_subject("bank-e", "c-noconsent")
+    first = enroll(s, "bank-e", "c-1", data)
+    assert refused(enroll, s, "bank-e", "c-1", data)[0] == grpc.StatusCode.ALREADY_EXISTS
+    second = enroll(s, "bank-e", "c-1", data, (face_dir / OBAMA2).read_bytes(), replace=True)
+    assert second.template.samples == 2 and [q.index for q in second.images] == [0, 1]
+    assert second.template.created_at == first.template.created_at
+    assert second.template.updated_at.ToDatetime() > first.template.updated_at.ToDatetime()
+
+
+def test_enrolment_images_of_two_people_are_refused(face_service, face_dir):
+    s = face_service
+    code, why = refused(enroll, s, "bank-e", "c-mixed", (face_dir / OBAMA).read_bytes(), (face_dir / BIDEN).read_bytes())
+    assert (code, why) == (grpc.StatusCode.INVALID_ARGUMENT, "IDENTITY_INCONSISTENT")
+    assert not s.storage.templates.list_for_subject("bank-e", "c-mixed")
+
+
+def test_enrolment_keeps_good_images_and_reports_the_bad(face_service, face_dir):
+    blank = encode_png(np.full((200, 200, 3), 90, np.uint8))
+    r = enroll(face_service, "bank-e", "c-partial", (face_dir / OBAMA).read_bytes(), blank)
+    assert r.template.samples == 1
+    assert [q.accepted for q in r.images] == [True, False] and r.images[1].issues[0].code == "NO_FACE"
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated_jpeg", "text", "png_20000", "no_face", "two_faces", "one_pixel"])
+def test_bad_inputs_get_a_clear_status_and_store_nothing(face_service, face_dir, case):
+    s = face_service
+    jpeg = (face_dir / OBAMA).read_bytes()
+    data, reason = {
+        "empty": (b"", "EMPTY_IMAGE"),
+        "truncated_jpeg": (jpeg[: len(jpeg) // 3], "TRUNCATED_IMAGE"),
+        "text": (b"name,phone\nnot an image\n" * 20, "UNSUPPORTED_FORMAT"),
+        "png_20000": (bomb_png(), "IMAGE_TOO_LARGE"),
+        "no_face": (encode_png(np.full((240, 240, 3), 120, np.uint8)), "NO_FACE"),
+        "two_faces": (encode_png(two_faces(face_dir)), "MULTIPLE_FACES"),
+        "one_pixel": (encode_png(np.zeros((1, 1, 3), np.uint8)), "IMAGE_TOO_SMALL"),
+    }[case]
+    subject = f"c-bad-{case.replace('_', '-')}"
+    before = audit_events(s, "face.enrolled")
+    with pytest.raises(grpc.RpcError) as err:
+        enroll(s, "bank-bad", subject, data)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(err.value)["reason"] == reason
+    assert err.value.details()  # a message a developer can read
+    assert not s.storage.templates.list_for_subject("bank-bad", subject)
+    assert audit_events(s, "face.enrolled") == before
+    # The same bytes as a verification probe or a 1:N probe: refused or reported, never scored.
+    enroll(s, "bank-bad", "c-good", jpeg, replace=True)
+    try:
+        r = verify(s, "bank-bad", "c-good", data)
+        assert not r.match and not r.quality.accepted and r.reasons[0].code == reason
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and details_of(e)["reason"] == reason
+
+
+def test_two_face_refusal_is_configurable_per_tenant(face_service, face_dir):
+    two = encode_png(two_faces(face_dir))
+    assert refused(enroll, face_service, "bank-e", "c-two", two)[1] == "MULTIPLE_FACES"
+    r = enroll(face_service, "kiosk-lenient", "c-two", two)  # this tenant accepts a second face
+    assert r.images[0].accepted
+
+
+# ---------------------------------------------------------------- identification
+def test_identify_top_k_follows_enrolments_and_erasures_by_another_process(face_service, face_dir):
+    s = face_service
+    people = {"c-obama": OBAMA, "c-biden": BIDEN,
+              "c-penny": "bbt_penny/faceapi_penny1.png", "c-raj": "bbt_raj/faceapi_raj1.png"}
+    for subject, path in people.items():
+        enroll(s, "kiosk-1", subject, (face_dir / path).read_bytes())
+    probe = img((face_dir / OBAMA2).read_bytes())
+    r = s.stub.Identify(face_pb2.IdentifyFaceRequest(tenant_id="kiosk-1", image=probe, top_k=3))
+    assert r.gallery_size == 4 and len(r.candidates) == 3
+    assert r.candidates[0].subject_id == "c-obama" and r.candidates[0].above_threshold
+    assert not any(c.above_threshold for c in r.candidates[1:])
+    assert [c.score for c in r.candidates] == sorted((c.score for c in r.candidates), reverse=True)
+
+    # The MFA service (another process, its own storage connection) erases the subject.
+    other = open_storage(s.settings.storage_dsn, s.settings.storage)
+    try:
+        other.erase_subject("kiosk-1", "c-obama")
+    finally:
+        other.close()
+    r = s.stub.Identify(face_pb2.IdentifyFaceRequest(tenant_id="kiosk-1", image=probe, top_k=5))
+    assert r.gallery_size == 3 and "c-obama" not in [c.subject_id for c in r.candidates]
+    assert not r.candidates[0].above_threshold
+
+    enroll(s, "kiosk-1", "c-obama", (face_dir / OBAMA).read_bytes())
+    r = s.stub.Identify(face_pb2.IdentifyFaceRequest(tenant_id="kiosk-1", image=probe, top_k=1))
+    assert r.gallery_size == 4 and r.candidates[0].subject_id == "c-obama"
+    s.stub.DeleteSubject(common_pb2.DeleteSubjectRequest(subject=ref("kiosk-1", "c-obama"), reason="test"))
+    r = s.stub.Identify(face_pb2.IdentifyFaceRequest(tenant_id="kiosk-1", image=probe, top_k=1))
+    assert r.gallery_size == 3 and r.candidates[0].subject_id != "c-obama"
+    # Other tenants' galleries are separate.
+    r = s.stub.Identify(face_pb2.IdentifyFaceRequest(tenant_id="kiosk-2", image=probe))
+    assert r.gallery_size == 0 and not r.candidates
+
+
+def test_identify_refuses_bad_probes(face_service):
+    code, why = refused(face_service.stub.Identify, face_pb2.IdentifyFaceRequest(
+        tenant_id="kiosk-1", image=img(encode_png(np.full((240, 240, 3), 120, np.uint8)))))
+    assert (code, why) == (grpc.StatusCode.INVALID_ARGUMENT, "NO_FACE")
+    code, _ = refused(face_service.stub.Identify, face_pb2.IdentifyFaceRequest(tenant_id="kiosk-1", top_k=500))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---------------------------------------------------------------- passive liveness
+def test_check_liveness(face_service, fixtures_dir):
+    s = face_service
+
+    def check(path):
+        return s.stub.CheckLiveness(face_pb2.CheckLivenessRequest(
+            tenant_id="bank-l", image=img((fixtures_dir / path).read_bytes())))
+
+    assert check("face/pad/live/apfol_real_10.png").live
+    r = check("face/pad/spoof/apfol_fake_0.png")
+    assert not r.live and [x.code for x in r.reasons] == ["LIVENESS_FAILED"]
+    rows = [r for r in s.storage.audit.iter_records() if r.event_type == "face.liveness_checked"]
+    assert "live_score" in rows[-1].details  # the score goes to the audit trail, not the client
+
+
+def test_health_details_report_models_providers_and_calibration(face_service):
+    d = face_service.server.definition.details
+    assert d["provider.detector"] == "CPUExecutionProvider" and d["liveness"] == "available"
+    assert "yunet-2023mar-batch" in d["models"] and "mobilefacenet-arcface-192d" in d["calibrated"]
