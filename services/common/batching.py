@@ -1,0 +1,110 @@
+"""Micro-batching across concurrent requests, for the thread pool of gRPC's sync server.
+
+Callers block in :meth:`MicroBatcher.submit`; one worker thread gathers the queued items into a
+batch (at most ``max_batch``, waiting at most ``max_wait_ms`` after the first item for more) and
+calls ``fn`` once per batch. Shared by the face and voice services.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable, Generic, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+class BatcherClosed(RuntimeError):
+    pass
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Sequence[R]],
+        max_batch: int = 32,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 4096,
+        name: str = "micro-batcher",
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self._fn = fn
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._closed = False
+        self._lock = threading.Lock()
+        self.batches = 0  # counters, for metrics and tests
+        self.items = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit_async(self, item: T) -> Future:
+        with self._lock:
+            if self._closed:
+                raise BatcherClosed("the batcher is closed")
+            fut: Future = Future()
+            self._queue.put((item, fut))
+        return fut
+
+    def submit(self, item: T, timeout: float | None = None) -> R:
+        return self.submit_async(item).result(timeout)
+
+    def submit_many(self, items: Sequence[T], timeout: float | None = None) -> list[R]:
+        futures = [self.submit_async(i) for i in items]
+        return [f.result(timeout) for f in futures]
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Finish the queued items, then stop the worker."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put((_STOP, None))
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item[0] is _STOP:
+                return
+            batch = [item]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                try:
+                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt[0] is _STOP:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._execute(batch)
+
+    def _execute(self, batch: list[tuple[T, Future]]) -> None:
+        live = [(i, f) for i, f in batch if f.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            results = self._fn([i for i, _ in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(live)} items")
+        except BaseException as exc:  # every waiting caller gets the error, the worker lives on
+            log.exception("micro-batch failed", extra={"batch_size": len(live)})
+            for _, f in live:
+                f.set_exception(exc)
+            return
+        self.batches += 1
+        self.items += len(live)
+        for (_, f), r in zip(live, results):
+            f.set_result(r)
