@@ -175,6 +175,8 @@ def decide(plan: Plan, outcomes: list[FactorOutcome], locked: bool = False) -> D
                                              + ", ".join(plan.degraded)), *plan.review_reasons)
     needed = [tuple(f for f in s if f not in passed) for s in plan.acceptable()]
     needed = [n for n in dict.fromkeys(needed) if n]
+    # only the smallest completions: {sms_otp} makes {voice, sms_otp} pointless to ask for
+    needed = [n for n in needed if not any(set(m) < set(n) for m in needed)]
     if not needed:
         if not plan.acceptable():
             return end("deny", summary, Reason("NO_ACCEPTABLE_FACTORS", "no factor combination is available"))

@@ -1,8 +1,7 @@
 """End to end: real face, voice and MFA services on loopback with the shared fixtures.
 
-Written against the proto. Needs the face service's Verify / StartLivenessChallenge /
-SubmitLivenessChallenge and the voice service's Verify: where they still answer UNIMPLEMENTED the
-suite skips (and fails in CI, like any missing requirement).
+Written against the proto. A test needing the face or the voice service's Verify skips while that
+RPC answers UNIMPLEMENTED (and fails in CI, like any missing requirement).
 """
 
 from __future__ import annotations
@@ -50,11 +49,11 @@ def e2e(tmp_path_factory):
         bio.start("face")
         bio.start("voice")
         with bio.channel("face") as ch:
-            ok = _implemented(lambda: face_pb2_grpc.FaceServiceStub(ch).Verify(face_pb2.VerifyFaceRequest(), timeout=30))
+            bio.face_ok = _implemented(lambda: face_pb2_grpc.FaceServiceStub(ch).Verify(
+                face_pb2.VerifyFaceRequest(), timeout=30))
         with bio.channel("voice") as ch:
-            ok = ok and _implemented(lambda: voice_pb2_grpc.VoiceServiceStub(ch).Verify(
+            bio.voice_ok = _implemented(lambda: voice_pb2_grpc.VoiceServiceStub(ch).Verify(
                 voice_pb2.VerifyVoiceRequest(), timeout=30))
-        require(ok, "the face and voice services' Verify RPCs")
         settings = make_settings(data, clients={
             "face": {"target": bio.running["face"].address, "breaker_failures": 3, "breaker_reset_s": 2},
             "voice": {"target": bio.running["voice"].address, "breaker_failures": 3, "breaker_reset_s": 2}})
@@ -129,6 +128,18 @@ def world(e2e):
     w.close()
 
 
+@pytest.fixture
+def face_world(world):
+    require(world.bio.face_ok, "the face service's Verify RPC")
+    return world
+
+
+@pytest.fixture
+def voice_world(world):
+    require(world.bio.voice_ok, "the voice service's Verify RPC")
+    return world
+
+
 def genuine_face_trial():
     row = next(r for r in _rows("trials_face.csv") if r["target"] == "1")
     return row["enroll"], row["probe"], row["enroll_identity"]
@@ -140,6 +151,7 @@ def impostor_probe(identity):
 
 @pytest.fixture(scope="module")
 def face_subject(world):
+    require(world.bio.face_ok, "the face service's Verify RPC")
     enroll, probe, identity = genuine_face_trial()
     ref = world.enrol("face-cust-1", face_path=enroll)
     app = App()
@@ -231,7 +243,8 @@ def test_a_fraud_script_phrase_forces_review(world, face_subject):
     assert d.review_id in [r.review_id for r in world.mfa_stub.ListReviews(F.ListReviewsRequest(tenant_id=TENANT)).reviews]
 
 
-def test_five_wrong_otps_lock_the_subject(world):
+def test_five_wrong_otps_lock_the_subject(face_world):
+    world = face_world
     """Default policy: from the third failure on, the next attempt waits (5 s, then 10 s); the
     fifth failure locks."""
     enroll, _, _ = genuine_face_trial()
@@ -261,7 +274,8 @@ def test_five_wrong_otps_lock_the_subject(world):
     assert world.start(ref, App()).session_id
 
 
-def test_voice_service_down_means_degraded_mode_and_it_recovers(world):
+def test_voice_service_down_means_degraded_mode_and_it_recovers(voice_world):
+    world = voice_world
     row = next(r for r in _rows("trials_voice.csv") if r["target"] == "1")
     ref = world.enrol("voice-cust-1", voice_path=row["enroll"])
     s = world.start(ref, App())
