@@ -4,9 +4,9 @@ Moves are read in the captured, unmirrored image (clients must not mirror frames
 turning to their own left moves the nose to the image's right (yaw > 0, see
 :func:`services.face.quality.head_pose`); looking up gives pitch > 0. Every frame is labelled
 NEUTRAL, one of the moves, or in between, by its pose relative to the first frame (which must be
-roughly frontal): relative, because the landmark pose estimate of a frontal face carries a
+roughly frontal; the median of the first two): relative, because the landmark pose estimate of a frontal face carries a
 per-person and per-camera bias of 10-20 degrees. The collapsed sequence of move labels must be
-exactly the requested one. The pose comes from the 5 landmarks' 3-D
+exactly the requested one, each pose held for at least two frames. The pose comes from the 5 landmarks' 3-D
 geometry (the nose tip in front of the eyes), so a flat photo turned in front of the camera
 keeps its nose on the eye/mouth midline and does not read as a head turn.
 
@@ -58,7 +58,9 @@ class ChallengeRules:
     identity_min_cosine: float = 0.4
     live_threshold: float = 0.5
     max_missing_fraction: float = 0.2  # frames without a usable face (motion blur) tolerated
-    max_start_deg: float = 30.0  # the first frame's |yaw| and |pitch|: roughly frontal
+    max_start_deg: float = 30.0  # the first frames' |yaw| and |pitch|: roughly frontal
+    baseline_frames: int = 2  # leading frames whose median pose is the reference
+    min_run: int = 2  # frames a pose must be held; a single frame's label is landmark jitter
 
 
 @dataclass(frozen=True)
@@ -96,17 +98,26 @@ def label(yaw: float, pitch: float, r: ChallengeRules) -> str:
     return "LOOK_UP" if pitch > 0 else "LOOK_DOWN"
 
 
-def trajectory(labels: Sequence[str]) -> list[str]:
-    """Runs collapsed, in-between frames dropped: e.g. N N B L L B N R -> N L N R."""
-    out: list[str] = []
+def trajectory(labels: Sequence[str], min_run: int = 1) -> list[str]:
+    """Runs collapsed; in-between frames, and runs shorter than ``min_run`` frames (landmark
+    jitter), dropped: e.g. N N B L L B N R R -> N L N R."""
+    runs: list[list] = []
     for lab in labels:
-        if lab != BETWEEN and (not out or out[-1] != lab):
+        if lab == BETWEEN:
+            continue
+        if runs and runs[-1][0] == lab:
+            runs[-1][1] += 1
+        else:
+            runs.append([lab, 1])
+    out: list[str] = []
+    for lab, n in runs:
+        if n >= min_run and (not out or out[-1] != lab):
             out.append(lab)
     return out
 
 
-def follows(moves: Sequence[str], labels: Sequence[str]) -> bool:
-    path = trajectory(labels)
+def follows(moves: Sequence[str], labels: Sequence[str], min_run: int = 1) -> bool:
+    path = trajectory(labels, min_run)
     return bool(path) and path[0] == NEUTRAL and [p for p in path if p != NEUTRAL] == list(moves)
 
 
@@ -145,16 +156,19 @@ def evaluate(
         reasons.append(FACE_NOT_FOUND)
         return ChallengeResult(False, tuple(reasons), details)
 
-    y0, p0 = seen[0].yaw, seen[0].pitch
+    # The reference pose: the median of the leading frames (landmark jitter moves one frame's
+    # estimate by several degrees).
+    lead = seen[: rules.baseline_frames]
+    y0, p0 = float(np.median([f.yaw for f in lead])), float(np.median([f.pitch for f in lead]))
     labels = [label(f.yaw - y0, f.pitch - p0, rules) for f in seen]
     yaws = [f.yaw for f in seen]
     pitches = [f.pitch for f in seen]
     details.update(
         yaw_min=round(min(yaws), 1), yaw_max=round(max(yaws), 1),
         pitch_min=round(min(pitches), 1), pitch_max=round(max(pitches), 1),
-        path=" ".join(trajectory(labels))[:200],
+        path=" ".join(trajectory(labels, rules.min_run))[:200],
     )
-    if abs(y0) > rules.max_start_deg or abs(p0) > rules.max_start_deg or not follows(moves, labels):
+    if abs(y0) > rules.max_start_deg or abs(p0) > rules.max_start_deg or not follows(moves, labels, rules.min_run):
         reasons.append(MOVES_NOT_FOLLOWED)
 
     lives = np.array([f.live for f in seen if f.live is not None], np.float32)
