@@ -206,8 +206,45 @@ class FaceConfig(Section):
     batch_wait_ms: float = Field(2.0, ge=0, le=50)
     intra_op_threads: int = Field(1, ge=0)  # per onnxruntime session; 0 = onnxruntime's default
     calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
-    gallery_check_s: float = Field(0.0, ge=0)  # 0: every Identify checks the gallery's version
+    gallery_check_s: float = Field(0.0, ge=0)  # template count check before Identify; 0: every time
+    gallery_full_check_s: float = Field(10.0, ge=0)  # also the latest update (re-enrolments elsewhere)
     challenge: FaceChallengeConfig = FaceChallengeConfig()
+
+
+class VoiceConfig(Section):
+    """The voice service: models, cohort, thresholds and the anti-spoofing layers."""
+
+    embedder: str = "ecapa-voxceleb"  # model ids of models/manifest.yaml
+    vad: str = "silero-vad-v6"
+    antispoof: str = "aasist"  # synthetic-speech detector; "" turns the layer off
+    antispoof_window_s: float = Field(3.0, ge=1.0, le=4.04)  # scored on the most speech-dense window
+    antispoof_target_apcer: float = Field(0.01, gt=0, lt=1)  # a calibrated operating point
+    target_fmr: float = Field(1e-3, gt=0, lt=1)  # a calibrated operating point
+    # Calibration channel of the manifest for each template channel family.
+    calibration_channels: dict[str, str] = {"wideband": "wideband", "telephone": "telephony-8k"}
+    # Adaptive s-norm cohort: an .npz written by `biogate voice cohort build`; None: the default
+    # cohort file under <data_dir>/voice, built from the default cohort audio on first start.
+    cohort_file: Path | None = None
+    snorm_top_k: int = Field(50, ge=2)
+    min_utterances: int = Field(1, ge=1, le=10)  # per Enroll
+    max_utterances: int = Field(10, ge=1, le=20)
+    min_net_speech_enroll_s: float = Field(2.0, gt=0)  # per utterance
+    min_total_net_speech_enroll_s: float = Field(4.0, gt=0)  # over the utterances of an Enroll
+    min_net_speech_verify_s: float = Field(1.0, gt=0)
+    stream_target_net_speech_s: float = Field(3.0, gt=0)  # a stream is decided once this much arrived
+    max_duration_s: float = Field(60.0, gt=0, le=600)
+    challenge_digits: int = Field(6, ge=4, le=10)
+    challenge_ttl_s: int = Field(60, ge=10, le=60)
+    # Replay cache: "redis://host:port/db" (shared by replicas) or "memory" (one process).
+    replay_store: str = "redis://127.0.0.1:6379/0"
+    replay_retention_s: int = Field(90 * 86400, ge=60)
+    replay_max_per_subject: int = Field(200, ge=1)
+    replay_min_similarity: float = Field(0.10, gt=0, lt=1)  # share of landmark hashes aligned
+    batch_max: int = Field(32, ge=1, le=256)
+    batch_wait_ms: float = Field(2.0, ge=0, le=50)
+    max_pad_ratio: float = Field(0.0, ge=0)  # > 0 pads unequal clips into one ECAPA batch (GPU)
+    intra_op_threads: int = Field(1, ge=0)
+    calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
 
 
 class Settings(BaseSettings):
@@ -226,6 +263,7 @@ class Settings(BaseSettings):
     mfa: MfaConfig = MfaConfig()
     clients: ClientsConfig = ClientsConfig()
     face: FaceConfig = FaceConfig()
+    voice: VoiceConfig = VoiceConfig()
 
     @field_validator("data_dir")
     @classmethod

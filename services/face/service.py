@@ -89,7 +89,7 @@ class FaceService:
         self.cfg = cfg
         self.vault = TemplateVault(rt.crypto)
         self.calibrations = Calibrations(rt.settings.models.manifest, cfg.calibration_channel, cfg.calibration_check_s)
-        self.galleries = Galleries(rt.storage, self.vault, cfg.gallery_check_s)
+        self.galleries = Galleries(rt.storage, self.vault, cfg.gallery_check_s, cfg.gallery_full_check_s)
         self.pipeline: FacePipeline | None = None  # set by the warm-up
         # Frames and images of one request are analysed concurrently so that they share batches.
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="face-analyse")
