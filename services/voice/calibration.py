@@ -1,0 +1,63 @@
+"""The voice decisions' thresholds and LLR maps, per model and channel, from the model manifest.
+
+Re-read when the manifest file changes (checked at most every ``check_s``): `biogate calibrate`
+moves a running service's decisions without a restart. A record must be for the score the
+service computes (``CalibrationRecord.score``, e.g. s-norm against one cohort): a threshold fitted
+on raw cosines, or with another cohort, is refused rather than applied to other numbers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from services.common.models.calibration import CalibrationRecord
+from services.common.models.manifest import load_manifest
+
+
+class NotCalibrated(LookupError):
+    pass
+
+
+class ManifestCalibrations:
+    def __init__(self, manifest_path: str | Path, check_s: float = 1.0) -> None:
+        self.path, self.check_s = Path(manifest_path), check_s
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._checked = -float("inf")
+        self._records: dict[tuple[str, str], CalibrationRecord] = {}
+
+    def _records_now(self) -> dict[tuple[str, str], CalibrationRecord]:
+        now = time.monotonic()
+        if now - self._checked >= self.check_s:
+            with self._lock:
+                self._checked = now
+                st = self.path.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+                if stamp != self._stamp:
+                    manifest = load_manifest(self.path)
+                    self._records = {(m.id, ch): rec for m in manifest.models for ch, rec in m.calibration.items()}
+                    self._stamp = stamp
+        return self._records
+
+    def record(self, model_id: str, channel: str, score: str | None = None) -> CalibrationRecord:
+        rec = self._records_now().get((model_id, channel))
+        if rec is None:
+            raise NotCalibrated(f"model {model_id} has no calibration for channel {channel!r} in {self.path.name}; "
+                                f"run `biogate eval` and `biogate calibrate --model {model_id} --channel {channel}`")
+        if score is not None and rec.score != score:
+            raise NotCalibrated(f"the {model_id} [{channel}] calibration is for score {rec.score!r}, "
+                                f"the service computes {score!r}: re-run the evaluation and calibration")
+        return rec
+
+    def threshold(self, model_id: str, channel: str, target: float, score: str | None = None) -> float:
+        try:
+            return float(self.record(model_id, channel, score).threshold(target))
+        except KeyError as err:
+            raise NotCalibrated(f"{model_id} [{channel}]: {err.args[0]}") from None
+
+    def llr(self, model_id: str, channel: str, value: float, score: str | None = None) -> float:
+        """Natural-log LLR of ``value``; 0.0 (no evidence) when the record has no LLR map."""
+        rec = self.record(model_id, channel, score)
+        return 0.0 if rec.llr is None else float(rec.llr.llr(value))
