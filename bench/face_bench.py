@@ -1,0 +1,365 @@
+"""Face verification benchmark: the gRPC FaceService under a bounded async load on loopback, against
+the raw models' own time and a naive per-request loop, measured in the same run.
+
+The service runs in its own process (`biogate serve face`, default models, a temporary data dir)
+so that its peak RSS (VmHWM) is its own. Each fixture image of trials_face.csv is enrolled as one
+subject; a request is Verify(subject, a JPEG/PNG probe of the same person) — decode, detection,
+quality, alignment, embedding, cosine against the decrypted template, calibrated decision and an
+audit record — optionally with passive liveness.
+
+Compared in the same run, in this process, on the same probes:
+  raw models   onnxruntime time of the detector and embedder sessions alone, batch 1 (and the
+               two liveness models for --liveness), i.e. the floor of any implementation;
+  naive loop   a per-request loop of insightface-style calls: cv2 decode, OpenCV's FaceDetectorYN,
+               insightface norm_crop, the embedder at batch 1, no batching, no service.
+
+    .venv/bin/python bench/face_bench.py [--duration 15] [--concurrency 1 8] [--liveness]
+        [--write-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import datetime as dt
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc  # noqa: E402
+from services.common.config import load_config  # noqa: E402
+
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+TENANT = "bench"
+
+
+def pct(values, q):
+    return float(np.percentile(np.asarray(values) * 1000, q)) if len(values) else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def trial_pairs() -> tuple[list[Path], list[tuple[int, int]]]:
+    """The distinct images and the genuine (enrol index, probe index) pairs of trials_face.csv."""
+    with open(FIXTURES / "trials_face.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh)]
+    images = sorted({r[k] for r in rows for k in ("enroll", "probe")})
+    index = {p: i for i, p in enumerate(images)}
+    pairs = [(index[r["enroll"]], index[r["probe"]]) for r in rows if r["target"] == "1"]
+    return [FIXTURES / p for p in images], pairs
+
+
+# ---------------------------------------------------------------- the service process
+class ServiceProcess:
+    def __init__(self, data_dir: Path, threads: int | None) -> None:
+        self.port = free_port()
+        env = dict(os.environ)
+        env.update({
+            "BIOGATE_DATA_DIR": str(data_dir),
+            "BIOGATE_MODELS__CACHE_DIR": str(ROOT / "var" / "models"),
+            "BIOGATE_SERVER__FACE__PORT": str(self.port),
+            "BIOGATE_SERVER__FACE__METRICS_PORT": str(free_port()),
+            "BIOGATE_LOGGING__LEVEL": "WARNING",
+        })
+        if threads is not None:
+            env["BIOGATE_FACE__INTRA_OP_THREADS"] = str(threads)
+        self.settings = load_config(None, data_dir=str(data_dir))
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "face"], env=env, cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout: float = 300) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError("the face service exited")
+            with grpc.insecure_channel(self.address) as ch:
+                try:
+                    r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.5)
+        raise TimeoutError("the face service did not become SERVING")
+
+    def token(self) -> str:
+        import json
+
+        return json.loads(self.settings.dev_credentials_file.read_text())["dev-all"]
+
+    def stop(self) -> float:
+        rss = peak_rss_mb(self.proc.pid)
+        self.proc.terminate()
+        self.proc.wait(30)
+        return rss
+
+
+# ---------------------------------------------------------------- load generator
+async def run_load(address: str, token: str, requests: list, concurrency: int, duration: float, max_requests: int):
+    """``concurrency`` clients loop over ``requests`` until ``duration`` s or ``max_requests``."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    metadata = (("authorization", f"Bearer {token}"),)
+    stop_at = time.monotonic() + duration
+    issued = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = face_pb2_grpc.FaceServiceStub(channel)
+
+        async def client(k: int) -> None:
+            nonlocal issued
+            i = k
+            while time.monotonic() < stop_at and issued < max_requests:
+                issued += 1
+                req = requests[i % len(requests)]
+                i += concurrency
+                t = time.perf_counter()
+                try:
+                    r = await stub.Verify(req, metadata=metadata, timeout=30)
+                    if not r.match:
+                        errors["no_match"] = errors.get("no_match", 0) + 1
+                except grpc.aio.AioRpcError as e:
+                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                    continue
+                latencies.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return latencies, wall, errors
+
+
+# ---------------------------------------------------------------- in-process references
+def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3) -> dict[str, float]:
+    """Median seconds per probe of the sessions alone (batch 1), on pre-made inputs."""
+    from services.face.align import align_face
+    from services.face.detection import letterbox
+    from services.face.imaging import decode_image
+    from services.face.models import pipeline_config
+    from services.face.pipeline import FacePipeline
+
+    cfg = pipeline_config(store, detector="yunet-2023mar-batch", providers=("CPUExecutionProvider",), threads=1,
+                          liveness=() if not liveness else ("minifasnet-v2-2.7", "minifasnet-v1se-4.0"))
+    p = FacePipeline(cfg)
+    det = p.detector
+    emb = next(iter(p.embedders.values()))
+    images = [decode_image(b) for b in probes]
+    canvases = [letterbox(im, det.input_size, det.pad_ratio).canvas.transpose(2, 0, 1)[None].astype(np.float32) for im in images]
+    faces = [det.detect(im)[0] for im in images]
+    crops = [align_face(im, f)[None] for im, f in zip(images, faces)]
+    live_crops = [p.liveness.crops(im, f) for im, f in zip(images, faces)] if liveness else []
+    out: dict[str, list[float]] = {"detector": [], "embedder": [], "liveness": []}
+    for _ in range(repeats):
+        for i in range(len(images)):
+            t = time.perf_counter()
+            det.model.session.run(det._outputs, {det._input: canvases[i]})
+            out["detector"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            emb.embed(crops[i])
+            out["embedder"].append(time.perf_counter() - t)
+            if liveness:
+                t = time.perf_counter()
+                p.liveness.score_crops([live_crops[i]])
+                out["liveness"].append(time.perf_counter() - t)
+    p.close()
+    return {k: statistics.median(v) for k, v in out.items() if v}
+
+
+def naive_loop(store, probes: list[bytes], templates: list[np.ndarray], seconds: float = 8.0) -> tuple[float, list[float]]:
+    """insightface-style per-request calls, no batching: (requests/s, latencies)."""
+    import cv2
+    import onnxruntime as ort
+    from insightface.utils.face_align import norm_crop
+
+    det = cv2.FaceDetectorYN.create(str(store.path("yunet-2023mar")), "", (320, 320), 0.6, 0.3, 5000)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(store.path("mobilefacenet-arcface-192d")), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    lat: list[float] = []
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        t = time.perf_counter()
+        img = cv2.imdecode(np.frombuffer(probes[i % len(probes)], np.uint8), cv2.IMREAD_COLOR)
+        h, w = img.shape[:2]
+        det.setInputSize((w, h))
+        _, faces = det.detect(img)
+        if faces is not None:
+            kps = faces[0][4:14].reshape(5, 2)
+            crop = norm_crop(img, kps)
+            x = ((crop[:, :, ::-1].astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
+            e = sess.run(None, {name: x})[0][0]
+            float(np.dot(e / np.linalg.norm(e), templates[i % len(templates)]))
+        lat.append(time.perf_counter() - t)
+        i += 1
+    return len(lat) / sum(lat), lat
+
+
+# ---------------------------------------------------------------- main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--max-requests", type=int, default=5000, help="per level: the load stops at this")
+    ap.add_argument("--modes", nargs="+", choices=("plain", "liveness"), default=["plain", "liveness"],
+                    help="Verify without / with require_liveness")
+    ap.add_argument("--threads", type=int, default=None, help="face.intra_op_threads of the service")
+    ap.add_argument("--write-results", action="store_true", help="replace the Face section of bench/RESULTS.md")
+    args = ap.parse_args()
+
+    from services.common.models import ModelStore
+    from services.common.storage import ConsentRecord, open_storage
+
+    images, pairs = trial_pairs()
+    datas = [p.read_bytes() for p in images]
+    with tempfile.TemporaryDirectory(prefix="face-bench-") as tmp:
+        svc = ServiceProcess(Path(tmp) / "data", args.threads)
+        try:
+            t = time.perf_counter()
+            svc.wait_serving()
+            start_s = time.perf_counter() - t
+            storage = open_storage(svc.settings.storage_dsn, svc.settings.storage)
+            for i in range(len(images)):
+                storage.subjects.record_consent(ConsentRecord(TENANT, f"s{i}", "biometric_verification", ("face",), "v1"))
+            storage.close()
+            channel = grpc.insecure_channel(svc.address)
+            stub = face_pb2_grpc.FaceServiceStub(channel)
+            md = (("authorization", f"Bearer {svc.token()}"),)
+            for i, d in enumerate(datas):
+                stub.Enroll(face_pb2.EnrollFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"s{i}"),
+                                                       images=[common_pb2.Image(data=d)]), metadata=md, timeout=60)
+            channel.close()
+            levels = []
+            for mode in args.modes:
+                requests = [face_pb2.VerifyFaceRequest(
+                    subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"s{e}"),
+                    image=common_pb2.Image(data=datas[p]), require_liveness=mode == "liveness") for e, p in pairs]
+                for c in args.concurrency:
+                    asyncio.run(run_load(svc.address, svc.token(), requests, c, 2.0, 50))  # warm the path
+                    lat, wall, errs = asyncio.run(
+                        run_load(svc.address, svc.token(), requests, c, args.duration, args.max_requests))
+                    levels.append((mode, c, lat, wall, errs))
+                    print(f"{mode} concurrency {c}: {len(lat)} ok in {wall:.1f} s = {len(lat) / wall:.1f}/s, "
+                          f"p50 {pct(lat, 50):.1f} ms p95 {pct(lat, 95):.1f} ms p99 {pct(lat, 99):.1f} ms, "
+                          f"errors {errs}", flush=True)
+        finally:
+            rss = svc.stop()
+        print(f"service start to SERVING {start_s:.1f} s; peak RSS {rss:.0f} MB", flush=True)
+
+    store = ModelStore(load_config(None, models={"cache_dir": str(ROOT / "var" / "models")}))
+    probes = [datas[p] for _, p in pairs]
+    raw = raw_model_times(store, probes, "liveness" in args.modes)
+    raw_total = {"plain": raw["detector"] + raw["embedder"], "liveness": sum(raw.values())}
+    print("raw models per verification (batch 1, median): " +
+          ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in raw.items()), flush=True)
+    from services.face.embedding import l2_normalise
+    from services.face.imaging import decode_image
+    from services.face.models import pipeline_config
+    from services.face.pipeline import FacePipeline
+
+    ref = FacePipeline(pipeline_config(store, providers=("CPUExecutionProvider",), liveness=()))
+    templates = [l2_normalise(ref.analyse_image(decode_image(datas[e])).embeddings["mobilefacenet-arcface-192d"][None])[0]
+                 for e, _ in pairs]
+    ref.close()
+    naive_rps, naive_lat = naive_loop(store, probes, templates)
+    print(f"naive per-request loop (no service, no batching, no liveness): {naive_rps:.1f}/s, "
+          f"p50 {pct(naive_lat, 50):.1f} ms p99 {pct(naive_lat, 99):.1f} ms", flush=True)
+
+    if args.write_results:
+        write_results(args, levels, raw, raw_total, naive_rps, naive_lat, rss, start_s)
+    return 0
+
+
+def write_results(args, levels, raw, raw_total, naive_rps, naive_lat, rss, start_s) -> None:
+    path = ROOT / "bench" / "RESULTS.md"
+    text = path.read_text()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    load1 = os.getloadavg()[0]
+    rows = "\n".join(
+        f"| {mode} | {c} | {len(lat)} | {len(lat) / wall:.1f} | {pct(lat, 50):.1f} | {pct(lat, 95):.1f} "
+        f"| {pct(lat, 99):.1f} | {raw_total[mode] * 1000:.1f} | {pct(lat, 50) / (raw_total[mode] * 1000):.2f}x "
+        f"| {(len(lat) / wall) * raw_total[mode]:.2f} | {sum(errs.values())} |"
+        for mode, c, lat, wall, errs in levels
+    )
+    section = f"""## Face
+
+(written by `bench/face_bench.py`; {dt.date.today().isoformat()}, {os.cpu_count()} shared cores ({cpu}),
+load average {load1:.1f} at the end from other engineers' jobs; command:
+`.venv/bin/python bench/face_bench.py --duration {args.duration:g} --concurrency {' '.join(map(str, args.concurrency))} --write-results`)
+
+Verify through the gRPC FaceService ("plain": no liveness; "liveness": require_liveness, the
+MiniFASNetV2 + V1SE ensemble as well; own process, default models: YuNet batchable copy +
+MobileFaceNet-ArcFace, SQLite, one audit record per decision) on loopback, async clients with a fixed concurrency for {args.duration:g} s (at most
+{args.max_requests} requests), genuine pairs of trials_face.csv (62 enrolled subjects).
+
+Raw models, same run, same probes, batch 1, median per verification:
+{', '.join(f'{k} {v * 1000:.2f} ms' for k, v in raw.items())} (sessions with 1 intra-op thread, as in
+the service; the detector always runs YuNet's fixed 640x640 canvas).
+Naive per-request loop (cv2 decode + FaceDetectorYN + insightface norm_crop + embedder batch 1,
+in-process, no service, no liveness): **{naive_rps:.1f} verifications/s**, p50
+{pct(naive_lat, 50):.1f} ms, p99 {pct(naive_lat, 99):.1f} ms.
+
+| mode | concurrency | requests | verifications/s | p50 ms | p95 ms | p99 ms | raw ms | p50 / raw | throughput x raw | errors |
+|---|---|---|---|---|---|---|---|---|---|---|
+{rows}
+
+"throughput x raw" = verifications/s x raw model seconds per verification: the cores' worth of
+pure model work the service sustains (2 cores, shared: at most 2.0). Peak RSS of the face service process
+(VmHWM, default models incl. liveness loaded): **{rss:.0f} MB** (limit 2 GB). Start to SERVING
+(model load, fetch check, warm-up): {start_s:.1f} s.
+
+GPU: no GPU machine was lent to this task (device `status`: `can_start_another: false`), so
+there are no GPU figures. Design for >= 2,000 verifications/s per H100 (JPEG in, liveness
+included, p99 <= 50 ms), not measured:
+- Detector, the first wall (YuNet at batch 1 ~1,000/s): the service already runs the batchable
+  copy `yunet-2023mar-batch` (symbolic batch, identical outputs to batch 1) behind a micro-batcher
+  that stacks the fixed 640x640 canvases of concurrent requests into one call (batch <= 32, wait
+  <= 2 ms); with the CUDA provider the per-call overhead is paid once per batch. Next steps: a
+  320x320 batchable copy for probes that fit (selfies; 4x fewer pixels), IO binding with
+  pre-allocated device buffers and CUDA graphs for the fixed shapes.
+- Embedder (MobileFaceNet, 112x112) and liveness (2 x MiniFASNet, 80x80) are already
+  micro-batched (batch <= 32); they are small next to the detector on a GPU.
+- CPU around the models becomes the wall at 2,000/s: JPEG decode (1-3 ms per selfie per core) moves
+  to nvJPEG (or a decode pool of processes), alignment/crops stay cv2 (~0.1 ms), and the Python
+  gRPC server runs as several processes on one port (SO_REUSEPORT) feeding one GPU, each with its
+  own sessions, or in front of one inference process fed through shared memory.
+- Storage per verification (template read + decrypt + audit append) moves to PostgreSQL with a
+  per-process cache of decrypted templates checked by updated_at, and audit appends batched per
+  commit.
+
+"""
+    start = text.index("## Face")
+    end = text.index("\n## ", start + 5)
+    path.write_text(text[:start] + section + text[end + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

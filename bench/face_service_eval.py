@@ -1,0 +1,94 @@
+"""`biogate eval --target` against a real FaceService process: the acceptance figures of the face
+service, and (with --calibrate) the manifest calibrations they come from.
+
+Starts `biogate serve face` on a free loopback port with a temporary data dir, then runs, through
+gRPC: verification on trials_face.csv (EER), on all pairs of MANIFEST.csv (more impostor trials,
+the calibration set), and PAD on pad_face.csv (APCER/BPCER of the service's own live decision).
+The PAD EER needs scores, which the service never returns: it comes from the in-process scorer
+(the service's pipeline code), which is also what the liveness calibration is fitted on.
+
+    .venv/bin/python bench/face_service_eval.py [--calibrate] [--out var/eval/face-service]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from face_bench import ServiceProcess  # noqa: E402
+
+import services.face.remote  # noqa: E402,F401  - registers the remote (--target) scorers
+from services.cli import main as biogate  # noqa: E402
+
+EMBEDDER = "mobilefacenet-arcface-192d"
+LIVENESS = ("minifasnet-v2-2.7", "minifasnet-v1se-4.0")
+
+
+def summary(report: Path) -> dict:
+    r = json.loads(report.read_text())
+    out = {"dataset": r["config"]["dataset"], "target": r["config"]["target"]}
+    if r.get("eer"):
+        out["eer"] = r["eer"]["eer"]
+    for key in ("trials", "fte", "fta", "operating_point", "error_rates"):
+        if key in r:
+            out[key] = r[key]
+    return out
+
+
+def run(args: list[str]) -> None:
+    print("biogate " + " ".join(args), flush=True)
+    if biogate(args) != 0:
+        raise SystemExit(f"biogate {args[0]} failed")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calibrate", action="store_true", help="write the calibrations into models/manifest.yaml")
+    ap.add_argument("--out", default=str(ROOT / "var" / "eval" / "face-service"))
+    a = ap.parse_args()
+    out = Path(a.out)
+    with tempfile.TemporaryDirectory(prefix="face-eval-") as tmp:
+        data = Path(tmp) / "data"
+        svc = ServiceProcess(data, None)
+        os.environ["BIOGATE_DATA_DIR"] = str(data)  # the scorer records consents in the service's storage
+        os.environ["BIOGATE_LOGGING__LEVEL"] = "WARNING"
+        os.environ.setdefault("BIOGATE_MODELS__CACHE_DIR", str(ROOT / "var" / "models"))
+        try:
+            svc.wait_serving()
+            target = ["--target", svc.address]
+            run(["eval", "--modality", "face", "--all-pairs", *target, "--out", str(out / "all-pairs")])
+            if a.calibrate:
+                run(["calibrate", str(out / "all-pairs" / "report.json"), "--model", EMBEDDER, "--channel", "default",
+                     "--dataset", "fixtures/MANIFEST.csv all pairs (face), through the FaceService"])
+            run(["eval", "--modality", "face", *target, "--model", EMBEDDER, "--channel", "default",
+                 "--out", str(out / "trials")])
+            run(["eval", "--modality", "face", "--task", "pad", "--model", LIVENESS[0], "--channel", "default",
+                 "--out", str(out / "pad-local")])
+            if a.calibrate:
+                for model in LIVENESS:
+                    run(["calibrate", str(out / "pad-local" / "report.json"), "--model", model, "--channel", "default",
+                         "--dataset", "fixtures/pad_face.csv (score: mean of minifasnet-v2-2.7 and minifasnet-v1se-4.0)"])
+            run(["eval", "--modality", "face", "--task", "pad", *target, "--out", str(out / "pad-service")])
+        finally:
+            rss = svc.stop()
+    print(f"face service peak RSS {rss:.0f} MB")
+    for name in ("trials", "all-pairs", "pad-local"):
+        print(name, json.dumps(summary(out / name / "report.json"), default=str)[:1500])
+    scores = json.loads((out / "pad-service" / "scores.json").read_text())
+    attacks = [s for v in scores["attacks"].values() for s in v]
+    bona = scores["bonafide"]
+    print(f"service live decision on pad_face.csv: APCER {sum(s >= 0.5 for s in attacks) / len(attacks):.4f} "
+          f"({len(attacks)} attacks), BPCER {sum(s < 0.5 for s in bona) / len(bona):.4f} ({len(bona)} bona fide)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
