@@ -46,17 +46,23 @@ def e2e(tmp_path_factory):
     base = make_settings(data)
     bio = ServiceHarness(base)
     try:
-        bio.start("face")
-        bio.start("voice")
-        with bio.channel("face") as ch:
-            bio.face_ok = _implemented(lambda: face_pb2_grpc.FaceServiceStub(ch).Verify(
-                face_pb2.VerifyFaceRequest(), timeout=30))
-        with bio.channel("voice") as ch:
-            bio.voice_ok = _implemented(lambda: voice_pb2_grpc.VoiceServiceStub(ch).Verify(
-                voice_pb2.VerifyVoiceRequest(), timeout=30))
+        bio.face_ok = bio.voice_ok = False
+        for name, stub, request in (("face", face_pb2_grpc.FaceServiceStub, face_pb2.VerifyFaceRequest()),
+                                    ("voice", voice_pb2_grpc.VoiceServiceStub, voice_pb2.VerifyVoiceRequest())):
+            try:
+                bio.start(name, timeout=240)
+            except TimeoutError:  # reported by the tests that need it (require: fails in CI)
+                continue
+            with bio.channel(name) as ch:
+                setattr(bio, f"{name}_ok", _implemented(lambda: stub(ch).Verify(request, timeout=30)))
+
+        def target(name):
+            server = bio.running.get(name)
+            return server.address if server is not None else "127.0.0.1:9"
+
         settings = make_settings(data, clients={
-            "face": {"target": bio.running["face"].address, "breaker_failures": 3, "breaker_reset_s": 2},
-            "voice": {"target": bio.running["voice"].address, "breaker_failures": 3, "breaker_reset_s": 2}})
+            "face": {"target": target("face"), "breaker_failures": 3, "breaker_reset_s": 2},
+            "voice": {"target": target("voice"), "breaker_failures": 3, "breaker_reset_s": 2}})
         mfa = ServiceHarness(settings)
         mfa.start("mfa")
         yield bio, mfa
@@ -130,13 +136,13 @@ def world(e2e):
 
 @pytest.fixture
 def face_world(world):
-    require(world.bio.face_ok, "the face service's Verify RPC")
+    require(world.bio.face_ok, "the face service (SERVING, with its Verify RPC)")
     return world
 
 
 @pytest.fixture
 def voice_world(world):
-    require(world.bio.voice_ok, "the voice service's Verify RPC")
+    require(world.bio.voice_ok, "the voice service (SERVING, with its Verify RPC)")
     return world
 
 
@@ -151,7 +157,7 @@ def impostor_probe(identity):
 
 @pytest.fixture(scope="module")
 def face_subject(world):
-    require(world.bio.face_ok, "the face service's Verify RPC")
+    require(world.bio.face_ok, "the face service (SERVING, with its Verify RPC)")
     enroll, probe, identity = genuine_face_trial()
     ref = world.enrol("face-cust-1", face_path=enroll)
     app = App()
