@@ -12,52 +12,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.config import PROJECT_ROOT, load_config  # noqa: E402
 from services.common.evaluation import metrics  # noqa: E402
 from services.common.models import ModelStore  # noqa: E402
-from services.voice import telephone  # noqa: E402
+from services.voice import attacks, telephone  # noqa: E402
 from services.voice.aasist import AasistDetector  # noqa: E402
 
 FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
-SENTENCES = [
-    "Please verify my identity so that I can access my account.",
-    "My voice is my password, and I would like to transfer some money today.",
-    "I am calling about the recent charges on my credit card statement.",
-    "Could you tell me the balance of my savings account, please?",
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "I would like to report a lost card and order a replacement.",
-    "Four seven one nine two eight.",
-    "Yesterday I paid my electricity bill and my rent from the current account.",
-]
-VOICES = ["en-us", "en", "en-us+m3", "en+f2", "en-us+f4"]
+SENTENCES = attacks.SENTENCES[:8]
+VOICES = attacks.VOICES[:5]
 
 
 def espeak_clips() -> list[np.ndarray]:
-    exe = shutil.which("espeak-ng")
-    if not exe:
-        raise SystemExit("espeak-ng is not installed (apt-get install -y espeak-ng)")
-    out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, text in enumerate(SENTENCES):
-            voice = VOICES[i % len(VOICES)]
-            path = Path(tmp) / f"{i}.wav"
-            subprocess.run([exe, "-v", voice, "-s", "150", "-w", str(path), text], check=True)
-            x, rate = sf.read(path, dtype="float32")
-            out.append(soxr.resample(x, rate, 16000).astype(np.float32))
-    return out
+    return [attacks.espeak(text, VOICES[i % len(VOICES)]) for i, text in enumerate(SENTENCES)]
 
 
 def summary(scores: list[float]) -> dict:

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "services.common.audit.cli",
     "services.common.evaluation.cli",
     "services.admin",
+    "services.voice.cli",
 )
 
 

@@ -211,6 +211,13 @@ class FaceConfig(Section):
     challenge: FaceChallengeConfig = FaceChallengeConfig()
 
 
+class VoiceTenantPolicy(Section):
+    """Per-tenant overrides of the voice service's defaults (unset: the service-wide value)."""
+
+    target_fmr: float | None = Field(None, gt=0, lt=1)  # must be a calibrated operating point
+    synthetic_speech_check: bool = True  # False: no AASIST layer for this tenant (replay and digits stay)
+
+
 class VoiceConfig(Section):
     """The voice service: models, cohort, thresholds and the anti-spoofing layers."""
 
@@ -222,8 +229,11 @@ class VoiceConfig(Section):
     target_fmr: float = Field(1e-3, gt=0, lt=1)  # a calibrated operating point
     # Calibration channel of the manifest for each template channel family.
     calibration_channels: dict[str, str] = {"wideband": "wideband", "telephone": "telephony-8k"}
-    # Adaptive s-norm cohort: an .npz written by `biogate voice cohort build`; None: the default
-    # cohort file under <data_dir>/voice, built from the default cohort audio on first start.
+    # "asnorm": adaptive s-norm against the cohort (re-calibrate after turning it on). Off by
+    # default: the obtainable cohort (14 clips, ~7 speakers) raised the fixtures' EER (RESULTS.md).
+    score_normalisation: Literal["none", "asnorm"] = "none"
+    # The s-norm cohort: an .npz written by `biogate voice cohort build`; None: the default cohort
+    # file in the model cache, built from the default cohort audio on first use.
     cohort_file: Path | None = None
     snorm_top_k: int = Field(50, ge=2)
     min_utterances: int = Field(1, ge=1, le=10)  # per Enroll
@@ -235,16 +245,19 @@ class VoiceConfig(Section):
     max_duration_s: float = Field(60.0, gt=0, le=600)
     challenge_digits: int = Field(6, ge=4, le=10)
     challenge_ttl_s: int = Field(60, ge=10, le=60)
+    challenge_max_digit_errors: int = Field(0, ge=0, le=2)  # wrongly recognised digits tolerated
     # Replay cache: "redis://host:port/db" (shared by replicas) or "memory" (one process).
     replay_store: str = "redis://127.0.0.1:6379/0"
-    replay_retention_s: int = Field(90 * 86400, ge=60)
-    replay_max_per_subject: int = Field(200, ge=1)
-    replay_min_similarity: float = Field(0.10, gt=0, lt=1)  # share of landmark hashes aligned
+    replay_key_prefix: str = "biogate:voice:replay"
+    replay_retention_s: int = Field(30 * 86400, ge=60)
+    replay_max_per_subject: int = Field(100, ge=1)
+    replay_min_similarity: float = Field(0.55, gt=0, lt=1)  # envelope correlation (services/voice/replay.py)
     batch_max: int = Field(32, ge=1, le=256)
     batch_wait_ms: float = Field(2.0, ge=0, le=50)
     max_pad_ratio: float = Field(0.0, ge=0)  # > 0 pads unequal clips into one ECAPA batch (GPU)
     intra_op_threads: int = Field(1, ge=0)
     calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
+    tenants: dict[str, VoiceTenantPolicy] = {}
 
 
 class Settings(BaseSettings):

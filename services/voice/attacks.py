@@ -20,6 +20,21 @@ from scipy.signal import butter, fftconvolve, sosfilt
 
 FloatArray = NDArray[np.float32]
 
+# Texts and espeak-ng voices of the synthetic-speech attack sets (bench and `biogate voice attacks`).
+SENTENCES = (
+    "Please verify my identity so that I can access my account.",
+    "My voice is my password, and I would like to transfer some money today.",
+    "I am calling about the recent charges on my credit card statement.",
+    "Could you tell me the balance of my savings account, please?",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "I would like to report a lost card and order a replacement.",
+    "Four seven one nine two eight.",
+    "Yesterday I paid my electricity bill and my rent from the current account.",
+    "Three one four one five nine two six.",
+    "Good morning, I need to change the address on my account.",
+)
+VOICES = ("en-us", "en", "en-us+m3", "en+f2", "en-us+f4", "en-us+klatt", "en-gb-x-rp", "en+m7")
+
 
 def room_impulse_response(rate: int, rt60_s: float, rng: np.random.Generator) -> FloatArray:
     """Direct path, a few early reflections, then exponentially decaying noise (the late tail)."""

@@ -7,12 +7,17 @@ Channels (``--channel``):
 A ``-3s`` suffix (``wideband-3s``, ``telephony-8k-3s``) crops every file to its middle 3 s first,
 as the reference run of the issue (first-3 s crops hold up to 0.5 s of leading silence).
 
-Refused audio is a :class:`Failure` whose reason is the ingest error code in lower case.
-The PAD scorer is AASIST (bona fide log-odds) on the same channels, after the same ingest.
+Scores are the service's: cosine, and with ``voice.score_normalisation: asnorm`` adaptive s-norm
+against the configured cohort (the default cohort holds none of the fixture speakers; see
+cohort.py), so that `biogate calibrate` fits thresholds on the numbers the service compares. Refused audio is a
+:class:`Failure` whose reason is the ingest error code in lower case.
+The PAD scorer is the service's synthetic-speech layer (AASIST on the most speech-dense window,
+bona fide log-odds) on the same channels, after the same ingest and VAD.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,9 +29,11 @@ from services.common.models import ModelStore
 
 from . import telephone
 from .aasist import AasistDetector
-from .ingest import AudioError, AudioFormat, Encoding, IngestLimits, condition, ingest
+from .antispoof import SyntheticSpeechDetector
+from .cohort import FAMILIES, SNorm, score_name
+from .ingest import AudioError, AudioFormat, Encoding
 from .models import resolve
-from .pipeline import VoicePipeline, VoicePipelineConfig
+from .pipeline import PreparedAudio, VoicePipeline, VoicePipelineConfig
 
 CHANNELS = ("wideband", "telephony-8k")
 _MULAW_8K = AudioFormat(Encoding.MULAW, 8000)
@@ -53,11 +60,16 @@ def read_channel(path: Path, telephone_channel: bool, crop_s: float | None) -> t
     return (telephone.encode(x, rate), 8000) if telephone_channel else (x, rate)
 
 
-class VoiceVerificationScorer:
-    score_name = "cosine"
+def prepare_channel(pipeline: VoicePipeline, path: Path, telephone_channel: bool, crop_s: float | None) -> PreparedAudio:
+    x, rate = read_channel(path, telephone_channel, crop_s)
+    return pipeline.prepare(x, _MULAW_8K) if telephone_channel else pipeline.prepare_samples(x, rate)
 
-    def __init__(self, pipeline: VoicePipeline, telephone_channel: bool = False, crop_s: float | None = None) -> None:
+
+class VoiceVerificationScorer:
+    def __init__(self, pipeline: VoicePipeline, telephone_channel: bool = False, crop_s: float | None = None,
+                 snorm: SNorm | None = None, score_name: str = "cosine") -> None:
         self.pipeline, self.telephone_channel, self.crop_s = pipeline, telephone_channel, crop_s
+        self.snorm, self.score_name = snorm, score_name
         self._cache: dict[Path, np.ndarray | Failure] = {}
 
     def embedding(self, path: Path) -> np.ndarray | Failure:
@@ -66,12 +78,8 @@ class VoiceVerificationScorer:
         return self._cache[path]
 
     def _embed(self, path: Path) -> np.ndarray | Failure:
-        x, rate = read_channel(path, self.telephone_channel, self.crop_s)
         try:
-            if self.telephone_channel:
-                prepared = self.pipeline.prepare(x, _MULAW_8K)
-            else:
-                prepared = self.pipeline.prepare_samples(x, rate)
+            prepared = prepare_channel(self.pipeline, path, self.telephone_channel, self.crop_s)
         except AudioError as err:
             return Failure(err.code.value.lower())
         return self.pipeline.embed([prepared])[0]
@@ -86,38 +94,59 @@ class VoiceVerificationScorer:
 
     def score(self, handle: np.ndarray, probe: Path) -> float | Failure:
         e = self.embedding(Path(probe))
-        return e if isinstance(e, Failure) else float(np.dot(handle, e))
+        if isinstance(e, Failure):
+            return e
+        cosine = float(np.dot(handle, e))
+        return cosine if self.snorm is None else float(self.snorm.normalise(cosine, handle, e)[0])
 
 
 def pipeline_from_settings(settings, **overrides) -> VoicePipeline:
+    from .engine import pipeline_config
+
     paths = resolve(ModelStore(settings))
-    return VoicePipeline(VoicePipelineConfig(vad_model=paths.vad, ecapa_model=paths.ecapa_onnx, **overrides))
+    providers = overrides.pop("providers", tuple(settings.models.providers))
+    config = pipeline_config(settings.voice, paths.vad, paths.ecapa_onnx, providers)
+    return VoicePipeline(replace(config, **overrides) if overrides else config)
 
 
 def make_verification_scorer(options: ScorerOptions) -> VoiceVerificationScorer:
+    """The service's scoring (s-norm against the configured cohort) on the local pipeline. The
+    evaluation scores every file it can: the verify minimum of net speech applies to all."""
+    from .engine import load_or_build_cohort
+
     telephone_channel, crop = parse_channel(options.channel)
-    # Evaluation scores every file it can: the verify minimum of net speech applies to all.
-    return VoiceVerificationScorer(pipeline_from_settings(options.settings), telephone_channel, crop)
+    pipeline = pipeline_from_settings(options.settings)
+    cfg = options.settings.voice
+    if cfg.score_normalisation == "none":
+        return VoiceVerificationScorer(pipeline, telephone_channel, crop)
+    cohort = load_or_build_cohort(options.settings, pipeline)
+    family = FAMILIES[1] if telephone_channel else FAMILIES[0]
+    return VoiceVerificationScorer(pipeline, telephone_channel, crop, SNorm(cohort.family(family), cfg.snorm_top_k),
+                                   score_name(cohort, cfg.snorm_top_k))
 
 
 class VoicePadScorer:
-    score_name = "bonafide_log_odds"
-
-    def __init__(self, detector: AasistDetector, telephone_channel: bool = False, crop_s: float | None = None,
-                 limits: IngestLimits = IngestLimits()) -> None:
-        self.detector, self.telephone_channel, self.crop_s, self.limits = detector, telephone_channel, crop_s, limits
+    def __init__(self, pipeline: VoicePipeline, detector: SyntheticSpeechDetector, telephone_channel: bool = False,
+                 crop_s: float | None = None, score_name: str = "bonafide_log_odds") -> None:
+        self.pipeline, self.detector = pipeline, detector
+        self.telephone_channel, self.crop_s, self.score_name = telephone_channel, crop_s, score_name
 
     def score(self, path: Path) -> float | Failure:
-        x, rate = read_channel(Path(path), self.telephone_channel, self.crop_s)
         try:
-            audio = ingest(x, _MULAW_8K, self.limits) if isinstance(x, bytes) else condition(x, rate, limits=self.limits)
+            prepared = prepare_channel(self.pipeline, Path(path), self.telephone_channel, self.crop_s)
         except AudioError as err:
             return Failure(err.code.value.lower())
-        return self.detector.score(audio.samples)
+        return self.detector.score(prepared)
 
 
 def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
+    from .engine import AASIST_FILES, pad_score_name
+
+    cfg = options.settings.voice
     telephone_channel, crop = parse_channel(options.channel)
     store = ModelStore(options.settings)
-    detector = AasistDetector(store.path("aasist", "AASIST.pth"), store.path("aasist", "AASIST_config.json"))
-    return VoicePadScorer(detector, telephone_channel, crop)
+    weights, conf = AASIST_FILES[cfg.antispoof or "aasist"]
+    model = cfg.antispoof or "aasist"
+    detector = AasistDetector(store.path(model, weights), store.path(model, conf), max_windows=1)
+    return VoicePadScorer(pipeline_from_settings(options.settings), SyntheticSpeechDetector(detector, cfg.antispoof_window_s),
+                          telephone_channel, crop, pad_score_name(cfg.antispoof_window_s))

@@ -34,6 +34,7 @@ SCORER_MODULES: dict[tuple[str, str, Mode], str] = {
     ("face", "pad", "local"): "services.face.evaluation:make_pad_scorer",
     ("voice", "verification", "local"): "services.voice.evaluation:make_verification_scorer",
     ("voice", "pad", "local"): "services.voice.evaluation:make_pad_scorer",
+    ("voice", "verification", "remote"): "services.voice.remote_eval:make_remote_verification_scorer",
 }
 
 SCORE_NAMES = {"verification": "cosine", "pad": "p_bonafide"}

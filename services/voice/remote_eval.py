@@ -1,0 +1,137 @@
+"""`biogate eval --modality voice --target HOST:PORT`: the evaluation through a running VoiceService.
+
+Each distinct enrolment becomes a subject of the evaluation tenant (Enroll, replace=True), each
+trial one Verify RPC; the score is the service's normalised score. Channels as in evaluation.py:
+``wideband`` sends the fixture WAV as it is, ``telephony-8k`` sends 8 kHz mu-law bytes through the
+telephone simulation, as an IVR would (the service's telephone templates and thresholds apply).
+Besides the scores, every response's decision and anti-spoofing outcome is kept (``outcomes``).
+
+Enrolment needs consent: by default it is recorded through MfaService.RecordConsent at
+``BIOGATE_EVAL_MFA_TARGET`` (default: this configuration's mfa endpoint); a caller may pass its own.
+Credentials: $BIOGATE_EVAL_TOKEN, else the development ``dev-all`` token of this data dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import grpc
+
+from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc
+from services.common.client import connect
+from services.common.errors import details_of
+from services.common.evaluation.scorers import Failure, ScorerOptions, register_scorer
+
+from .evaluation import parse_channel, read_channel
+
+EVAL_TENANT = "eval"
+Consent = Callable[[str, str], None]
+
+
+def subject_for(paths: Sequence[Path], channel: str) -> str:
+    # Letters only: an id of digits could look like a personal number and be refused.
+    digest = hashlib.sha256(("|".join(str(p) for p in paths) + channel).encode()).hexdigest()[:20]
+    return "ev-" + digest.translate(str.maketrans("0123456789", "ghijklmnop"))
+
+
+@dataclass
+class Outcome:
+    match: bool
+    spoof_passed: bool
+    score: float
+
+
+@dataclass
+class RemoteVoiceScorer:
+    channel_stub: voice_pb2_grpc.VoiceServiceStub
+    consent: Consent
+    channel: str = "wideband"
+    tenant: str = EVAL_TENANT
+    timeout_s: float = 60.0
+    outcomes: dict[tuple[str, str], Outcome] = field(default_factory=dict)
+    score_name: str = "service_score"
+
+    def __post_init__(self) -> None:
+        self.telephone_channel, self.crop_s = parse_channel(self.channel)
+        self.voice_channel = voice_pb2.VOICE_CHANNEL_TELEPHONE if self.telephone_channel else voice_pb2.VOICE_CHANNEL_WIDEBAND
+
+    def audio(self, path: Path) -> common_pb2.Audio:
+        if self.telephone_channel or self.crop_s:
+            data, rate = read_channel(path, self.telephone_channel, self.crop_s)
+            if self.telephone_channel:
+                return common_pb2.Audio(data=data, format=common_pb2.AudioFormat(
+                    encoding=common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz=8000))
+            import numpy as np
+
+            pcm = (np.clip(data, -1, 1) * 32767).astype("<i2").tobytes()
+            return common_pb2.Audio(data=pcm, format=common_pb2.AudioFormat(
+                encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=rate))
+        return common_pb2.Audio(data=Path(path).read_bytes())
+
+    def enroll(self, paths: Sequence[Path]) -> str | Failure:
+        subject = subject_for(paths, self.channel)
+        self.consent(self.tenant, subject)
+        request = voice_pb2.EnrollVoiceRequest(
+            subject=common_pb2.SubjectRef(tenant_id=self.tenant, subject_id=subject),
+            utterances=[self.audio(Path(p)) for p in paths], channel=self.voice_channel, replace=True)
+        try:
+            self.channel_stub.Enroll(request, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            return _failure(err)
+        return subject
+
+    def score(self, handle: str, probe: Path) -> float | Failure:
+        request = voice_pb2.VerifyVoiceRequest(
+            subject=common_pb2.SubjectRef(tenant_id=self.tenant, subject_id=handle),
+            audio=self.audio(Path(probe)), channel=self.voice_channel)
+        try:
+            reply = self.channel_stub.Verify(request, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            return _failure(err)
+        self.outcomes[(handle, str(probe))] = Outcome(reply.match, reply.spoof_passed, reply.score)
+        return float(reply.score)
+
+
+def _failure(err: grpc.RpcError) -> Failure:
+    if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+        return Failure((details_of(err)["reason"] or err.code().name).lower())
+    raise err  # unavailable, unauthenticated...: not a property of the sample
+
+
+def mfa_consent(channel: grpc.Channel) -> Consent:
+    stub = mfa_pb2_grpc.MfaServiceStub(channel)
+    done: set[tuple[str, str]] = set()
+
+    def record(tenant: str, subject: str) -> None:
+        if (tenant, subject) in done:
+            return
+        stub.RecordConsent(common_pb2.RecordConsentRequest(consent=common_pb2.Consent(
+            subject=common_pb2.SubjectRef(tenant_id=tenant, subject_id=subject),
+            purpose=common_pb2.CONSENT_PURPOSE_BIOMETRIC_VERIFICATION, modalities=[common_pb2.MODALITY_VOICE],
+            granted=True, policy_version="evaluation", evidence_ref="biogate-eval")), timeout=10.0)
+        done.add((tenant, subject))
+
+    return record
+
+
+def _token(settings) -> str | None:
+    if os.environ.get("BIOGATE_EVAL_TOKEN"):
+        return os.environ["BIOGATE_EVAL_TOKEN"]
+    path = settings.dev_credentials_file
+    return json.loads(path.read_text())["dev-all"] if path.exists() else None
+
+
+def make_remote_verification_scorer(options: ScorerOptions) -> RemoteVoiceScorer:
+    settings, token = options.settings, _token(options.settings)
+    mfa = settings.endpoint("mfa")
+    mfa_target = os.environ.get("BIOGATE_EVAL_MFA_TARGET", f"{mfa.host}:{mfa.port}")
+    stub = voice_pb2_grpc.VoiceServiceStub(connect(options.target, token))
+    return RemoteVoiceScorer(stub, mfa_consent(connect(mfa_target, token)), options.channel or "wideband")
+
+
+register_scorer("voice", "verification", make_remote_verification_scorer, mode="remote")
