@@ -32,6 +32,8 @@ DEFAULT_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 SCORER_MODULES: dict[tuple[str, str, Mode], str] = {
     ("face", "verification", "local"): "services.face.evaluation:make_verification_scorer",
     ("face", "pad", "local"): "services.face.evaluation:make_pad_scorer",
+    ("face", "verification", "remote"): "services.face.remote:make_remote_verification_scorer",
+    ("face", "pad", "remote"): "services.face.remote:make_remote_pad_scorer",
     ("voice", "verification", "local"): "services.voice.evaluation:make_verification_scorer",
     ("voice", "pad", "local"): "services.voice.evaluation:make_pad_scorer",
     ("voice", "verification", "remote"): "services.voice.remote_eval:make_remote_verification_scorer",
