@@ -55,6 +55,8 @@ class RemoteVoiceScorer:
     timeout_s: float = 60.0
     outcomes: dict[tuple[str, str], Outcome] = field(default_factory=dict)
     score_name: str = "service_score"
+    _handles: dict = field(default_factory=dict, repr=False)
+    _scores: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.telephone_channel, self.crop_s = parse_channel(self.channel)
@@ -73,7 +75,28 @@ class RemoteVoiceScorer:
                 encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=rate))
         return common_pb2.Audio(data=Path(path).read_bytes())
 
+    def prefetch(self, trials: Sequence, workers: int = 2) -> None:
+        """Run the enrolments, then the probes, of ``trials`` with ``workers`` concurrent RPCs; the
+        runner's later calls are answered from these results (the service's cores all busy)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        enrolments = list(dict.fromkeys(tuple(t.enroll) for t in trials))
+        with ThreadPoolExecutor(workers) as pool:
+            handles = dict(zip(enrolments, pool.map(self._enroll, enrolments)))
+            self._handles.update(handles)
+            pairs = list(dict.fromkeys((handles[tuple(t.enroll)], t.probe) for t in trials
+                                       if not isinstance(handles[tuple(t.enroll)], Failure)))
+            self._scores.update(zip(pairs, pool.map(lambda hp: self._score(*hp), pairs)))
+
     def enroll(self, paths: Sequence[Path]) -> str | Failure:
+        key = tuple(paths)
+        return self._handles[key] if key in self._handles else self._enroll(key)
+
+    def score(self, handle: str, probe: Path) -> float | Failure:
+        key = (handle, probe)
+        return self._scores[key] if key in self._scores else self._score(handle, probe)
+
+    def _enroll(self, paths: Sequence[Path]) -> str | Failure:
         subject = subject_for(paths, self.channel)
         self.consent(self.tenant, subject)
         request = voice_pb2.EnrollVoiceRequest(
@@ -85,7 +108,7 @@ class RemoteVoiceScorer:
             return _failure(err)
         return subject
 
-    def score(self, handle: str, probe: Path) -> float | Failure:
+    def _score(self, handle: str, probe: Path) -> float | Failure:
         request = voice_pb2.VerifyVoiceRequest(
             subject=common_pb2.SubjectRef(tenant_id=self.tenant, subject_id=handle),
             audio=self.audio(Path(probe)), channel=self.voice_channel)

@@ -45,3 +45,76 @@ def pipeline(voice_models):
 
     return VoicePipeline(VoicePipelineConfig(vad_model=voice_models.vad, ecapa_model=voice_models.ecapa_onnx,
                                              providers=("CPUExecutionProvider",)))
+
+
+class VoiceServiceUnderTest:
+    """The voice service of the tests: settings, a stub with every role, its runtime."""
+
+    def __init__(self, harness, server) -> None:
+        from services.common.api.v1 import voice_pb2_grpc
+
+        self.harness, self.server, self.settings = harness, server, harness.settings
+        self.address = server.address
+        self.channel = harness.channel("voice", "dev-all")
+        self.stub = voice_pb2_grpc.VoiceServiceStub(self.channel)
+        self.servicer = server.definition.service
+
+    @property
+    def rt(self):
+        return self.servicer.rt
+
+    @property
+    def engine(self):
+        return self.servicer.engine
+
+    def consent(self, tenant: str, subject: str) -> None:
+        from services.common.storage import ConsentRecord
+
+        self.rt.storage.subjects.record_consent(
+            ConsentRecord(tenant, subject, "biometric_verification", ("voice",), "v1", "test"))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The local Redis (every machine of the project has one); required in CI."""
+    import redis
+
+    from tests.conftest import require
+
+    url = "redis://127.0.0.1:6379/0"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+        ok = True
+    except redis.exceptions.ConnectionError:
+        ok = False
+    require(ok, f"Redis at {url}")
+    return url
+
+
+@pytest.fixture(scope="session")
+def voice_service(tmp_path_factory, voice_models, fixtures_dir, redis_url):
+    """One VoiceService for the session: its own manifest copy (tests change calibrations), Redis
+    replay store under a prefix of its own (deleted afterwards), tenants without the AASIST layer
+    for the evaluation ("eval") and for synthetic-voice digit tests ("tts")."""
+    import shutil
+    import uuid
+
+    import redis
+
+    from tests.conftest import ServiceHarness, make_settings
+
+    root = tmp_path_factory.mktemp("voice-service")
+    manifest = root / "manifest.yaml"
+    shutil.copy(PROJECT_ROOT / "models" / "manifest.yaml", manifest)
+    prefix = f"biogate-test:{uuid.uuid4().hex[:10]}"
+    settings = make_settings(root / "data", models={"manifest": str(manifest)}, voice={
+        "calibration_check_s": 0.0, "replay_store": redis_url, "replay_key_prefix": prefix,
+        "tenants": {"eval": {"synthetic_speech_check": False}, "tts": {"synthetic_speech_check": False}}})
+    harness = ServiceHarness(settings)
+    server = harness.start("voice")
+    yield VoiceServiceUnderTest(harness, server)
+    harness.stop()
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
