@@ -62,8 +62,9 @@ def test_a_registered_factory_wins_over_the_table(settings, synthetic_scorers):
 
 
 def test_missing_scorers_are_reported_clearly(settings, monkeypatch):
-    with pytest.raises(cli.ScorerUnavailable, match="no remote scorer for face verification"):
-        cli.load_scorer("face", "verification", ScorerOptions(settings, target="127.0.0.1:50051"))
+    monkeypatch.delitem(cli.SCORER_MODULES, ("voice", "pad", "remote"), raising=False)
+    with pytest.raises(cli.ScorerUnavailable, match="no remote scorer for voice pad"):
+        cli.load_scorer("voice", "pad", ScorerOptions(settings, target="127.0.0.1:50051"))
     monkeypatch.setitem(cli.SCORER_MODULES, ("voice", "pad", "local"), "no_such_module:make")
     unregister_scorer("voice", "pad")
     with pytest.raises(cli.ScorerUnavailable, match="no_such_module"):

