@@ -255,6 +255,7 @@ class VoiceConfig(Section):
     batch_max: int = Field(32, ge=1, le=256)
     batch_wait_ms: float = Field(2.0, ge=0, le=50)
     max_pad_ratio: float = Field(0.0, ge=0)  # > 0 pads unequal clips into one ECAPA batch (GPU)
+    inference_workers: int = Field(2, ge=1, le=64)  # micro-batchers per model: ~cores on CPU, 1 on a GPU
     intra_op_threads: int = Field(1, ge=0)
     calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
     tenants: dict[str, VoiceTenantPolicy] = {}

@@ -11,6 +11,7 @@ Layers (only pass/fail reaches the client; scores and which layer failed go to t
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,31 @@ def pad_score_name(window_s: float) -> str:
     return f"bonafide_log_odds@speech{window_s:g}s"
 
 
+class BatcherPool:
+    """``workers`` micro-batchers over one function, requests spread round-robin: on a CPU each
+    worker keeps a core busy (the models run one intra-op thread); on a GPU one worker batches."""
+
+    def __init__(self, fn, workers: int, max_batch: int, wait_ms: float, name: str) -> None:
+        self._batchers = [MicroBatcher(fn, max_batch, wait_ms, name=f"{name}-{i}") for i in range(workers)]
+        self._next = itertools.count()
+
+    def submit_many(self, items: list, timeout: float) -> list:
+        batcher = self._batchers[next(self._next) % len(self._batchers)]
+        return batcher.submit_many(items, timeout=timeout)
+
+    @property
+    def batches(self) -> int:
+        return sum(b.batches for b in self._batchers)
+
+    @property
+    def items(self) -> int:
+        return sum(b.items for b in self._batchers)
+
+    def close(self) -> None:
+        for b in self._batchers:
+            b.close()
+
+
 @dataclass
 class LayerResult:
     checked: bool
@@ -99,17 +125,17 @@ class VoiceEngine:
             self.snorm = {f: cohort_mod.SNorm(self.cohort.family(f), cfg.snorm_top_k) for f in cohort_mod.FAMILIES}
         self.score_name = cohort_mod.score_name(self.cohort, cfg.snorm_top_k)
         self.calibrations = ManifestCalibrations(settings.models.manifest, cfg.calibration_check_s)
-        self.embed_batcher: MicroBatcher[PreparedAudio, FloatArray] = MicroBatcher(
-            lambda items: list(self.pipeline.embed(items)), cfg.batch_max, cfg.batch_wait_ms, name="voice-ecapa")
+        self.embed_batcher = BatcherPool(lambda items: list(self.pipeline.embed(items)), cfg.inference_workers,
+                                         cfg.batch_max, cfg.batch_wait_ms, "voice-ecapa")
         self.synthetic: SyntheticSpeechDetector | None = None
-        self.synthetic_batcher: MicroBatcher | None = None
+        self.synthetic_batcher: BatcherPool | None = None
         if cfg.antispoof:
             weights, conf = AASIST_FILES[cfg.antispoof]
             detector = AasistDetector(store.path(cfg.antispoof, weights), store.path(cfg.antispoof, conf),
                                       threads=cfg.intra_op_threads or None, max_windows=1)
             self.synthetic = SyntheticSpeechDetector(detector, cfg.antispoof_window_s)
-            self.synthetic_batcher = MicroBatcher(self.synthetic.score_windows, cfg.batch_max, cfg.batch_wait_ms,
-                                                  name="voice-aasist")
+            self.synthetic_batcher = BatcherPool(self.synthetic.score_windows, cfg.inference_workers, cfg.batch_max,
+                                                 cfg.batch_wait_ms, "voice-aasist")
         self.pad_score_name = pad_score_name(cfg.antispoof_window_s)
         self.digits = DigitRecognizer()
         self.replay = replay.ReplayCache(
@@ -173,7 +199,7 @@ class VoiceEngine:
     def synthetic_check(self, prepared: PreparedAudio, family: str, enabled: bool) -> LayerResult:
         if self.synthetic is None or self.synthetic_batcher is None or not enabled:
             return LayerResult(False, True)
-        value = self.synthetic_batcher.submit(self.synthetic.window_of(prepared), timeout=60.0)
+        value = self.synthetic_batcher.submit_many([self.synthetic.window_of(prepared)], timeout=60.0)[0]
         threshold = self.calibrations.threshold(self.cfg.antispoof, self.calibration_channel(family),
                                                 self.cfg.antispoof_target_apcer, self.pad_score_name)
         return LayerResult(True, value >= threshold, value)

@@ -55,6 +55,7 @@ class RemoteVoiceScorer:
     timeout_s: float = 60.0
     outcomes: dict[tuple[str, str], Outcome] = field(default_factory=dict)
     score_name: str = "service_score"
+    probe_crop_s: float | None = None  # probes only: the middle N s (enrolments stay whole)
     _handles: dict = field(default_factory=dict, repr=False)
     _scores: dict = field(default_factory=dict, repr=False)
 
@@ -62,9 +63,10 @@ class RemoteVoiceScorer:
         self.telephone_channel, self.crop_s = parse_channel(self.channel)
         self.voice_channel = voice_pb2.VOICE_CHANNEL_TELEPHONE if self.telephone_channel else voice_pb2.VOICE_CHANNEL_WIDEBAND
 
-    def audio(self, path: Path) -> common_pb2.Audio:
-        if self.telephone_channel or self.crop_s:
-            data, rate = read_channel(path, self.telephone_channel, self.crop_s)
+    def audio(self, path: Path, crop_s: float | None = None) -> common_pb2.Audio:
+        crop_s = crop_s or self.crop_s
+        if self.telephone_channel or crop_s:
+            data, rate = read_channel(path, self.telephone_channel, crop_s)
             if self.telephone_channel:
                 return common_pb2.Audio(data=data, format=common_pb2.AudioFormat(
                     encoding=common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz=8000))
@@ -111,7 +113,7 @@ class RemoteVoiceScorer:
     def _score(self, handle: str, probe: Path) -> float | Failure:
         request = voice_pb2.VerifyVoiceRequest(
             subject=common_pb2.SubjectRef(tenant_id=self.tenant, subject_id=handle),
-            audio=self.audio(Path(probe)), channel=self.voice_channel)
+            audio=self.audio(Path(probe), self.probe_crop_s), channel=self.voice_channel)
         try:
             reply = self.channel_stub.Verify(request, timeout=self.timeout_s)
         except grpc.RpcError as err:

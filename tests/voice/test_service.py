@@ -104,9 +104,12 @@ def test_enrol_needs_consent_and_refuses_a_second_template_without_replace(voice
 
 def test_enrol_refuses_too_little_net_speech_with_the_measured_seconds(voice_service, voice_dir):
     tenant, subject = new_subject(voice_service)
-    short = read(files(voice_dir, "libri_2414")[-1])[:16000 * 2]
-    code, reason = status_of(lambda: enrol(voice_service, tenant, subject, [short]))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and reason == "LOW_NET_SPEECH"
+    short = read(files(voice_dir, "libri_2414")[-1])[:16000]
+    with pytest.raises(grpc.RpcError) as info:
+        enrol(voice_service, tenant, subject, [short])
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(info.value)["reason"] in ("LOW_NET_SPEECH", "NO_SPEECH")
+    assert "net speech" in info.value.details() and _nothing_stored(voice_service, tenant, subject)
 
 
 # -- verification -----------------------------------------------------------------------------
