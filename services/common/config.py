@@ -243,6 +243,7 @@ class VoiceConfig(Section):
     min_net_speech_verify_s: float = Field(1.0, gt=0)
     stream_target_net_speech_s: float = Field(3.0, gt=0)  # a stream is decided once this much arrived
     max_duration_s: float = Field(60.0, gt=0, le=600)
+    max_embed_s: float = Field(20.0, ge=3.0)  # longer audio is embedded in segments (memory bound)
     challenge_digits: int = Field(6, ge=4, le=10)
     challenge_ttl_s: int = Field(60, ge=10, le=60)
     challenge_max_digit_errors: int = Field(0, ge=0, le=2)  # wrongly recognised digits tolerated

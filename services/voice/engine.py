@@ -42,7 +42,7 @@ def pipeline_config(cfg: VoiceConfig, vad: Path, ecapa_onnx: Path, providers: tu
         vad_model=vad, ecapa_model=ecapa_onnx, providers=providers, threads=cfg.intra_op_threads or None,
         min_net_speech_enroll_s=cfg.min_net_speech_enroll_s, min_net_speech_verify_s=cfg.min_net_speech_verify_s,
         stream_target_net_speech_s=cfg.stream_target_net_speech_s, max_duration_s=cfg.max_duration_s,
-        max_batch=cfg.batch_max, max_pad_ratio=cfg.max_pad_ratio,
+        max_batch=cfg.batch_max, max_pad_ratio=cfg.max_pad_ratio, max_embed_s=cfg.max_embed_s,
     )
 
 

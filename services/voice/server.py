@@ -317,7 +317,23 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             reasons=reasons, quality=quality_message(prepared))
 
 
+def _limit_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each thread that allocates its own arena (up to 8 per core): with 16 RPC
+    threads and the inference workers, freed activations then stay resident. Two arenas kept the
+    service's peak RSS ~300 MB lower under load (bench/voice_bench.py)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).mallopt(-8, n)  # M_ARENA_MAX
+        except (OSError, AttributeError):
+            pass
+
+
 def definition(settings: Settings) -> ServiceDefinition:
+    _limit_malloc_arenas()
     rt = Runtime.open(settings)
     servicer = VoiceServicer(rt)
 

@@ -164,3 +164,22 @@ def test_genuine_fixture_speech_passes_every_layer(voice_service, voice_dir):
         print(f"\ngenuine through every layer, {family}: {np.mean([m for m, _ in got]):.0%} accepted, "
               f"{np.mean([s for _, s in got]):.0%} passed anti-spoofing ({len(got)} probes)")
     assert np.mean([s for _, s in every]) >= 0.85 and np.mean([m for m, _ in every]) >= 0.8
+
+
+def test_long_audio_is_embedded_in_segments(pipeline, voice_dir):
+    """Over max_embed_s the clip is embedded in equal segments and the embeddings averaged
+    (memory stays bounded); the result is the same speaker's embedding."""
+    from dataclasses import replace
+
+    xs = [read(p) for p in sorted((voice_dir / "libri_1688").glob("*.wav"))[:6]]
+    long = np.concatenate(xs)
+    assert len(long) > 25 * 16000
+    prepared = pipeline.prepare_samples(long, 16000)
+    short = pipeline.prepare_samples(xs[0], 16000)
+    segmented = pipeline.embed([prepared, short])
+    assert np.allclose(np.linalg.norm(segmented, axis=1), 1.0, atol=1e-5)
+    whole_cfg = replace(pipeline.config, max_embed_s=1e6)
+    from services.voice.pipeline import VoicePipeline
+
+    whole = VoicePipeline(whole_cfg, vad=pipeline.vad, embedder=pipeline.embedder).embed([prepared])[0]
+    assert float(segmented[0] @ whole) > 0.95 and float(segmented[0] @ segmented[1]) > 0.6
