@@ -1,1 +1,26 @@
-"""BioGate voice service."""
+"""BioGate voice service: speaker enrolment and verification for the app (16 kHz) and the IVR
+(8 kHz G.711, streamed), with three anti-spoofing layers.
+
+One module per role:
+  ingest, g711, telephone   decode and check audio (WAV/FLAC/LINEAR16/G.711), telephone channel
+  vad                       Silero VAD v6 (net speech), whole clips or streamed
+  ecapa, models             SpeechBrain ECAPA-TDNN exported once to ONNX (var/models/.derived)
+  pipeline                  ingest -> VAD -> ECAPA, unary and streamed (bit-identical)
+  cohort                    adaptive s-norm and its cohort file (off by default, see config)
+  aasist, antispoof         synthetic-speech detection on the most speech-dense window
+  digits                    PocketSphinx digit grammar for the digit challenge
+  replay                    capture fingerprints and their Redis / memory store
+  calibration               thresholds and LLRs from the model manifest, reloaded on change
+  engine, server            the models together; the gRPC servicer
+  evaluation, remote_eval   `biogate eval` scorers, local and --target
+  attacks, cli              simulated attacks; `biogate voice cohort|attacks`
+
+Calibrating (writes models/manifest.yaml; see bench/RESULTS.md for the figures):
+  biogate eval --modality voice --all-pairs --channel wideband --out var/eval/v-wb
+  biogate calibrate var/eval/v-wb/scores.json --model ecapa-voxceleb --channel wideband
+  (the same with --channel telephony-8k)
+  biogate voice attacks --out var/eval/voice-attacks --voices 8
+  biogate eval --modality voice --task pad --trials var/eval/voice-attacks/pad_voice_attacks.csv \\
+      --channel wideband --out var/eval/v-pad-wb
+  biogate calibrate var/eval/v-pad-wb/scores.json --model aasist --channel wideband --target-fmr 0.05 0.01
+"""

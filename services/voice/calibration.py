@@ -8,12 +8,16 @@ on raw cosines, or with another cohort, is refused rather than applied to other 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
 
 from services.common.models.calibration import CalibrationRecord
 from services.common.models.manifest import load_manifest
+
+
+log = logging.getLogger("biogate.voice")
 
 
 class NotCalibrated(LookupError):
@@ -36,7 +40,13 @@ class ManifestCalibrations:
                 st = self.path.stat()
                 stamp = (st.st_mtime_ns, st.st_size)
                 if stamp != self._stamp:
-                    manifest = load_manifest(self.path)
+                    try:
+                        manifest = load_manifest(self.path)
+                    except Exception:  # caught mid-rewrite by another process: keep the last good one
+                        if self._stamp is None:
+                            raise
+                        log.warning("manifest unreadable; keeping the previous calibrations", exc_info=True)
+                        return self._records
                     self._records = {(m.id, ch): rec for m in manifest.models for ch, rec in m.calibration.items()}
                     self._stamp = stamp
         return self._records

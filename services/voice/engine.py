@@ -43,6 +43,7 @@ def pipeline_config(cfg: VoiceConfig, vad: Path, ecapa_onnx: Path, providers: tu
         min_net_speech_enroll_s=cfg.min_net_speech_enroll_s, min_net_speech_verify_s=cfg.min_net_speech_verify_s,
         stream_target_net_speech_s=cfg.stream_target_net_speech_s, max_duration_s=cfg.max_duration_s,
         max_batch=cfg.batch_max, max_pad_ratio=cfg.max_pad_ratio, max_embed_s=cfg.max_embed_s,
+        max_batch_audio_s=cfg.max_batch_audio_s,
     )
 
 
@@ -134,8 +135,8 @@ class VoiceEngine:
             detector = AasistDetector(store.path(cfg.antispoof, weights), store.path(cfg.antispoof, conf),
                                       threads=cfg.intra_op_threads or None, max_windows=1)
             self.synthetic = SyntheticSpeechDetector(detector, cfg.antispoof_window_s)
-            self.synthetic_batcher = BatcherPool(self.synthetic.score_windows, cfg.inference_workers, cfg.batch_max,
-                                                 cfg.batch_wait_ms, "voice-aasist")
+            self.synthetic_batcher = BatcherPool(self.synthetic.score_windows, cfg.inference_workers,
+                                                 cfg.antispoof_batch_max, cfg.batch_wait_ms, "voice-aasist")
         self.pad_score_name = pad_score_name(cfg.antispoof_window_s)
         self.digits = DigitRecognizer()
         self.replay = replay.ReplayCache(

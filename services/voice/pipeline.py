@@ -57,6 +57,7 @@ class VoicePipelineConfig:
     # Longer clips are embedded in equal segments of at most this length and the embeddings
     # averaged: ONNX Runtime keeps ~15 MB of activations per second of audio (60 s: +0.9 GB).
     max_embed_s: float = 20.0
+    max_batch_audio_s: float = 40.0  # audio per ECAPA call (bounds activations; raise on a GPU)
 
     @property
     def limits(self) -> IngestLimits:
@@ -175,7 +176,15 @@ class VoicePipeline:
             n = max(1, math.ceil(len(p.samples) / limit))
             pieces += np.array_split(p.samples, n)
             owner += [i] * n
-        e = self.embedder.embed_batch(pieces)
+        e = np.zeros((len(pieces), self.embedder.dim), np.float32)
+        budget = max(limit, int(self.config.max_batch_audio_s * 16000))
+        call: list[int] = []
+        for i in sorted(range(len(pieces)), key=lambda k: len(pieces[k])) + [-1]:
+            if i < 0 or (call and sum(len(pieces[k]) for k in call) + len(pieces[i]) > budget):
+                e[call] = self.embedder.embed_batch([pieces[k] for k in call])
+                call = []
+            if i >= 0:
+                call.append(i)
         if len(pieces) > len(prepared):  # length-weighted mean of each clip's segment embeddings
             weights = np.array([len(x) for x in pieces], np.float64)[:, None]
             sums = np.zeros((len(prepared), e.shape[1]))

@@ -183,3 +183,19 @@ def test_long_audio_is_embedded_in_segments(pipeline, voice_dir):
 
     whole = VoicePipeline(whole_cfg, vad=pipeline.vad, embedder=pipeline.embedder).embed([prepared])[0]
     assert float(segmented[0] @ whole) > 0.95 and float(segmented[0] @ segmented[1]) > 0.6
+
+
+def test_calibration_must_be_for_the_score_the_service_computes():
+    from services.common.config import PROJECT_ROOT
+    from services.voice.calibration import ManifestCalibrations, NotCalibrated
+
+    cal = ManifestCalibrations(PROJECT_ROOT / "models" / "manifest.yaml")
+    for channel in ("wideband", "telephony-8k"):
+        assert 0 < cal.threshold("ecapa-voxceleb", channel, 1e-3, "cosine") < 1
+        assert cal.threshold("aasist", channel, 0.05, "bonafide_log_odds@speech3s") < 0
+    with pytest.raises(NotCalibrated, match="asnorm50"):
+        cal.threshold("ecapa-voxceleb", "wideband", 1e-3, "asnorm50:0123456789abcdef")
+    with pytest.raises(NotCalibrated):
+        cal.threshold("ecapa-voxceleb", "wideband", 0.2, "cosine")  # no such operating point
+    with pytest.raises(NotCalibrated):
+        cal.threshold("ecapa-voxceleb", "mobile-selfie", 1e-3)
