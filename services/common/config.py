@@ -225,7 +225,7 @@ class VoiceConfig(Section):
     vad: str = "silero-vad-v6"
     antispoof: str = "aasist"  # synthetic-speech detector; "" turns the layer off
     antispoof_window_s: float = Field(3.0, ge=1.0, le=4.04)  # scored on the most speech-dense window
-    antispoof_batch_max: int = Field(8, ge=1, le=64)  # AASIST windows per forward pass (memory)
+    antispoof_batch_max: int = Field(1, ge=1, le=64)  # AASIST windows per pass: ~170 MB each on CPU; raise on a GPU
     antispoof_target_apcer: float = Field(0.05, gt=0, lt=1)  # a calibrated operating point (RESULTS.md)
     target_fmr: float = Field(1e-3, gt=0, lt=1)  # a calibrated operating point
     # Calibration channel of the manifest for each template channel family.
@@ -245,7 +245,7 @@ class VoiceConfig(Section):
     stream_target_net_speech_s: float = Field(3.0, gt=0)  # a stream is decided once this much arrived
     max_duration_s: float = Field(60.0, gt=0, le=600)
     max_embed_s: float = Field(20.0, ge=3.0)  # longer audio is embedded in segments (memory bound)
-    max_batch_audio_s: float = Field(40.0, ge=3.0)  # audio per ECAPA call; raise it on a GPU
+    max_batch_audio_s: float = Field(20.0, ge=3.0)  # audio per ECAPA call (~15 MB/s on CPU); raise on a GPU
     challenge_digits: int = Field(6, ge=4, le=10)
     challenge_ttl_s: int = Field(60, ge=10, le=60)
     challenge_max_digit_errors: int = Field(0, ge=0, le=2)  # wrongly recognised digits tolerated

@@ -33,22 +33,24 @@ class ManifestCalibrations:
         self._records: dict[tuple[str, str], CalibrationRecord] = {}
 
     def _records_now(self) -> dict[tuple[str, str], CalibrationRecord]:
-        now = time.monotonic()
-        if now - self._checked >= self.check_s:
-            with self._lock:
-                self._checked = now
-                st = self.path.stat()
-                stamp = (st.st_mtime_ns, st.st_size)
-                if stamp != self._stamp:
-                    try:
-                        manifest = load_manifest(self.path)
-                    except Exception:  # caught mid-rewrite by another process: keep the last good one
-                        if self._stamp is None:
-                            raise
-                        log.warning("manifest unreadable; keeping the previous calibrations", exc_info=True)
-                        return self._records
-                    self._records = {(m.id, ch): rec for m in manifest.models for ch, rec in m.calibration.items()}
-                    self._stamp = stamp
+        if self._stamp is not None and time.monotonic() - self._checked < self.check_s:
+            return self._records
+        with self._lock:  # one reader at a time; the others wait rather than see a half-loaded state
+            if self._stamp is not None and time.monotonic() - self._checked < self.check_s:
+                return self._records
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                try:
+                    manifest = load_manifest(self.path)
+                except Exception:  # caught mid-rewrite by another process: keep the last good one
+                    if self._stamp is None:
+                        raise
+                    log.warning("manifest unreadable; keeping the previous calibrations", exc_info=True)
+                    return self._records
+                self._records = {(m.id, ch): rec for m in manifest.models for ch, rec in m.calibration.items()}
+                self._stamp = stamp
+            self._checked = time.monotonic()
         return self._records
 
     def record(self, model_id: str, channel: str, score: str | None = None) -> CalibrationRecord:

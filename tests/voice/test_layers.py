@@ -199,3 +199,32 @@ def test_calibration_must_be_for_the_score_the_service_computes():
         cal.threshold("ecapa-voxceleb", "wideband", 0.2, "cosine")  # no such operating point
     with pytest.raises(NotCalibrated):
         cal.threshold("ecapa-voxceleb", "mobile-selfie", 1e-3)
+
+
+def test_batcher_pool_batches_concurrent_requests_and_spreads_them():
+    import threading
+    import time as _time
+
+    from services.voice.engine import BatcherPool
+
+    seen = []
+
+    def slow(items):
+        seen.append((threading.current_thread().name, len(items)))
+        _time.sleep(0.05)
+        return [x * 2 for x in items]
+
+    pool = BatcherPool(slow, workers=2, max_batch=8, wait_ms=20, name="t")
+    try:
+        out = [None] * 12
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, pool.submit_many([i], timeout=5)[0]))
+                   for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        pool.close()
+    assert out == [2 * i for i in range(12)]
+    assert pool.items == 12 and pool.batches < 12  # several requests shared one call
+    assert len({name for name, _ in seen}) == 2  # both workers served
