@@ -226,7 +226,8 @@ processes: N service replicas behind the load balancer sharing the Redis replay 
 database, each with its own CUDA stream, or the VAD and Fbank moved to the GPU too; AASIST,
 batched per window (fixed length), is the heaviest model and needs the GPU most.
 Repeated probes (each clip is sent several times) are refused by the replay cache after their
-first acceptance: the work per request is the same, hence fewer matches than requests.
+first acceptance: the work per request is the same, hence fewer matches than requests. Four
+concurrent requests on two shared cores queue: a ratio of 2 is the floor here, not overhead.
 """
     path.write_text(text[:start] + section + text[end:])
 
