@@ -77,11 +77,12 @@ def delete_subject(rt: Runtime, request: common_pb2.DeleteSubjectRequest) -> com
     sessions, challenges, consents and the phone number. The audit record keeps only counts."""
     tenant, subject = subject_ref(request.subject)
     reason = identifier(request.reason, "reason") if request.reason else "unspecified"
-    counts = rt.storage.erase_subject(tenant, subject)
-    row = rt.audit.append("subject.erased", actor(), tenant, subject, {
-        "reason": reason, "templates": counts.templates, "devices": counts.devices, "otp_challenges": counts.otp,
-        "sessions": counts.sessions, "consents": counts.consents, "contact_erased": counts.contact_erased,
-    })
+    with rt.storage.transaction():  # the erasure and its audit record land together or not at all
+        counts = rt.storage.erase_subject(tenant, subject)
+        row = rt.audit.append("subject.erased", actor(), tenant, subject, {
+            "reason": reason, "templates": counts.templates, "devices": counts.devices, "otp_challenges": counts.otp,
+            "sessions": counts.sessions, "consents": counts.consents, "contact_erased": counts.contact_erased,
+        })
     return common_pb2.DeleteSubjectResponse(
         templates_deleted=counts.templates, devices_deleted=counts.devices,
         contact_erased=counts.contact_erased, audit_record_id=str(row.seq),
