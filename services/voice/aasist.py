@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,11 @@ from numpy.typing import NDArray
 from .aasist_net import Model
 
 SAMPLE_RATE = 16000
+
+
+def torch_device(providers: Sequence[str]) -> str:
+    """"cuda" when the configured providers put models on CUDA and torch can reach a GPU, else "cpu"."""
+    return "cuda" if "CUDAExecutionProvider" in providers and torch.cuda.is_available() else "cpu"
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -32,16 +37,23 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 class AasistDetector:
     def __init__(self, weights: str | os.PathLike[str], config: str | os.PathLike[str],
-                 threads: int | None = 1, max_windows: int = 3) -> None:
+                 threads: int | None = 1, max_windows: int = 3, device: str = "cpu") -> None:
         if threads:
             torch.set_num_threads(threads)
+        self.device = torch.device(device)
         conf = read_config(config)
         self.window = int(conf.get("nb_samp", 64600))
         self.max_windows = max_windows
         self.net = Model(conf)
         state = torch.load(Path(weights), map_location="cpu", weights_only=True)
         self.net.load_state_dict(state, strict=True)
-        self.net.eval()
+        self.net.to(self.device).eval()
+
+    def logits(self, windows: NDArray[np.float32]) -> NDArray[np.float32]:
+        """[N, 2] logits of [N, window] samples, on the detector's device."""
+        with torch.inference_mode():
+            _, out = self.net(torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device))
+        return out.float().cpu().numpy()
 
     def windows(self, samples: NDArray[np.float32]) -> NDArray[np.float32]:
         x = np.asarray(samples, dtype=np.float32)
@@ -53,6 +65,5 @@ class AasistDetector:
 
     def score(self, samples: NDArray[np.float32]) -> float:
         """Bona fide log-odds of 16 kHz mono audio."""
-        with torch.inference_mode():
-            _, logits = self.net(torch.from_numpy(self.windows(samples)))
+        logits = self.logits(self.windows(samples))
         return float((logits[:, 1] - logits[:, 0]).mean())

@@ -10,7 +10,6 @@ Windows are scored in batches (equal lengths), so concurrent requests share one 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from .aasist import AasistDetector
@@ -50,8 +49,7 @@ class SyntheticSpeechDetector:
         """Bona fide log-odds (higher = genuine) of equal-length windows, one forward pass."""
         if not windows:
             return []
-        with torch.inference_mode():
-            _, logits = self.detector.net(torch.from_numpy(np.stack(windows).astype(np.float32)))
+        logits = self.detector.logits(np.stack(windows))
         return [float(v) for v in (logits[:, 1] - logits[:, 0])]
 
     def score(self, prepared: PreparedAudio) -> float:

@@ -25,7 +25,7 @@ from services.common.models import ModelStore
 
 from . import cohort as cohort_mod
 from . import replay
-from .aasist import AasistDetector
+from .aasist import AasistDetector, torch_device
 from .antispoof import SyntheticSpeechDetector
 from .calibration import ManifestCalibrations
 from .digits import DigitRecognizer
@@ -133,7 +133,8 @@ class VoiceEngine:
         if cfg.antispoof:
             weights, conf = AASIST_FILES[cfg.antispoof]
             detector = AasistDetector(store.path(cfg.antispoof, weights), store.path(cfg.antispoof, conf),
-                                      threads=cfg.intra_op_threads or None, max_windows=1)
+                                      threads=cfg.intra_op_threads or None, max_windows=1,
+                                      device=torch_device(providers))
             self.synthetic = SyntheticSpeechDetector(detector, cfg.antispoof_window_s)
             self.synthetic_batcher = BatcherPool(self.synthetic.score_windows, cfg.inference_workers,
                                                  cfg.antispoof_batch_max, cfg.batch_wait_ms, "voice-aasist")
@@ -170,7 +171,7 @@ class VoiceEngine:
     def providers(self) -> dict[str, str]:
         out = {self.model_id: self.pipeline.provider, self.cfg.vad: self.pipeline.vad.model.provider}
         if self.cfg.antispoof:
-            out[self.cfg.antispoof] = "torch-cpu"
+            out[self.cfg.antispoof] = f"torch-{self.synthetic.detector.device.type}"
         out["pocketsphinx"] = "cpu"
         return out
 
