@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import onnxruntime as ort
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,32 @@ class LoadedModel:
     path: Path
     provider: str  # the provider that actually runs the graph, e.g. "CPUExecutionProvider"
 
+    # On CUDA the first run of each new input shape took 0.1-5.5 s on an H100 (bench/RESULTS.md, GPU),
+    # and micro-batches come in every size up to batch_max. So there the batch is padded up to a
+    # power of two: log2(batch_max)+1 shapes, all of which warm-up runs.
+    @property
+    def pads_batches(self) -> bool:
+        return self.provider == "CUDAExecutionProvider"
+
+    def bucket(self, n: int) -> int:
+        """The batch size ``n`` items are run at."""
+        return 1 << max(0, n - 1).bit_length() if self.pads_batches else n
+
+    def buckets(self, max_batch: int) -> list[int]:
+        """Every batch size a run of at most ``max_batch`` items can take (what warm-up must cover)."""
+        if not self.pads_batches:
+            return [1]  # the CPU has no per-shape cost worth a warm-up
+        return sorted({self.bucket(n) for n in range(1, max_batch + 1)})
+
+    def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """``session.run`` with the batch (dim 0 of every input and output) padded to :meth:`bucket`."""
+        n = len(next(iter(feeds.values())))
+        b = self.bucket(n)
+        if b == n:
+            return self.session.run(outputs, feeds)
+        padded = {k: pad_batch(v, b) for k, v in feeds.items()}
+        return [o[:n] for o in self.session.run(outputs, padded)]
+
     @property
     def input_names(self) -> list[str]:
         return [i.name for i in self.session.get_inputs()]
@@ -28,6 +55,11 @@ class LoadedModel:
     @property
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
+
+
+def pad_batch(x: np.ndarray, b: int) -> np.ndarray:
+    """``x`` with rows repeated from its first up to ``b`` rows (a valid input for any model)."""
+    return x if len(x) >= b else np.concatenate([x, np.repeat(x[:1], b - len(x), axis=0)])
 
 
 def create_session(

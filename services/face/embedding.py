@@ -44,7 +44,7 @@ def run_batched(model: LoadedModel, blob: np.ndarray, max_batch: int) -> np.ndar
     if len(blob) == 0:
         dim = model.session.get_outputs()[0].shape[-1]
         return np.empty((0, int(dim)), np.float32)
-    outs = [model.session.run(None, {name: blob[i : i + max_batch]})[0] for i in range(0, len(blob), max_batch)]
+    outs = [model.run(None, {name: blob[i : i + max_batch]})[0] for i in range(0, len(blob), max_batch)]
     return np.concatenate(outs).astype(np.float32)
 
 

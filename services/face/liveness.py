@@ -117,7 +117,7 @@ class PassiveLiveness:
             blob = np.stack([c[m] for c in crops]).transpose(0, 3, 1, 2).astype(np.float32)
             name = model.input_names[0]
             logits = np.concatenate(
-                [model.session.run(None, {name: blob[i : i + self.max_batch]})[0] for i in range(0, len(blob), self.max_batch)]
+                [model.run(None, {name: blob[i : i + self.max_batch]})[0] for i in range(0, len(blob), self.max_batch)]
             )
             probs.append(_softmax_live(logits))
         return np.mean(probs, axis=0).astype(np.float32)

@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 
+from services.common.inference import LoadedModel
 from services.face.align import align_face
 from services.face.arcface import ArcFaceEmbedder
 from services.face.batching import MicroBatcher
@@ -195,19 +196,28 @@ class FacePipeline:
         return FaceAnalysis(image_bgr.shape, choice.n_faces, face, quality, tuple(issues), embeddings, live)
 
     def warmup(self) -> None:
-        """Run every model once (first-call allocation and kernel selection happen here)."""
+        """Run every model at every batch size it will run at, on the batcher threads that will run
+        it: on CUDA each new shape costs up to seconds once per thread (onnxruntime keeps cuDNN
+        state per thread); on the CPU one call of each is enough."""
         img = np.full((256, 256, 3), 128, np.uint8)
-        self.detector.detect(img)
+        if self._detect_batcher is None:
+            self.detector.detect(img)
+        else:
+            for b in _batch_sizes(self.detector, self._detect_batcher):
+                self._detect_batcher.submit_many([img] * b)
         crop = np.full((112, 112, 3), 128, np.uint8)
-        for b in self._embed_batchers.values():
-            b.submit(crop)
+        for name, emb in self.embedders.items():
+            for b in _batch_sizes(emb, self._embed_batchers[name]):
+                self._embed_batchers[name].submit_many([crop] * b)
         if self.liveness is not None:
             face = Face(
                 box=np.array([64, 64, 192, 192], np.float32),
                 landmarks5=np.array([[100, 110], [156, 110], [128, 140], [104, 165], [152, 165]], np.float32),
                 score=1.0,
             )
-            self._liveness_batcher.submit(self.liveness.crops(img, face))
+            crops = self.liveness.crops(img, face)
+            for b in _batch_sizes(self.liveness, self._liveness_batcher):
+                self._liveness_batcher.submit_many([crops] * b)
 
     def close(self) -> None:
         if self._detect_batcher is not None:
@@ -216,3 +226,11 @@ class FacePipeline:
             b.close()
         if self._liveness_batcher is not None:
             self._liveness_batcher.close()
+
+
+def _batch_sizes(model_owner, batcher: MicroBatcher | None) -> list[int]:
+    """The batch sizes a model behind ``batcher`` runs at: one, or each padded bucket on CUDA."""
+    top = batcher.max_batch if batcher is not None else 1
+    models = getattr(model_owner, "models", None) or [getattr(model_owner, "model", None)]
+    sizes = {b for m in models if isinstance(m, LoadedModel) for b in m.buckets(top)}
+    return sorted(sizes) or [1]

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from services.common.inference import DEFAULT_PROVIDERS, create_session
+from services.common.inference import DEFAULT_PROVIDERS, create_session, pad_batch
 from services.face.detection import Face, letterbox, nms, to_faces
 
 STRIDES = (8, 16, 32)
@@ -69,8 +69,9 @@ class YuNetDetector:
         for i in range(0, len(boxes), self.max_batch):
             chunk = boxes[i : i + self.max_batch]
             blob = np.stack([lb.canvas for lb in chunk]).transpose(0, 3, 1, 2).astype(np.float32)
-            raw = self.model.session.run(self._outputs, {self._input: blob})
-            per = {name: r.reshape(len(chunk), -1, r.shape[-1]) for name, r in zip(self._outputs, raw)}
+            blob = pad_batch(blob, self.model.bucket(len(blob)))
+            raw = self.model.session.run(self._outputs, {self._input: blob})  # outputs [1, N * anchors, C]
+            per = {name: r.reshape(len(blob), -1, r.shape[-1])[: len(chunk)] for name, r in zip(self._outputs, raw)}
             out.extend(self._decode({k: v[j] for k, v in per.items()}, lb) for j, lb in enumerate(chunk))
         return out
 

@@ -46,6 +46,8 @@ class SpeakerEmbedder(Protocol):
 
     def embed_batch(self, wavs: Sequence[FloatArray]) -> FloatArray: ...
 
+    def warmup(self, wav: FloatArray) -> None: ...
+
 
 def set_torch_threads(n: int | None) -> None:
     # Measured here: one intra-op thread per worker is about twice as fast as two for ECAPA.
@@ -95,9 +97,14 @@ class EcapaOnnx:
     def embed(self, wav: FloatArray) -> FloatArray:
         return self.embed_batch([wav])[0]
 
+    def warmup(self, wav: FloatArray) -> None:
+        """One call at every batch size the network will run at (each new shape is slow once on CUDA)."""
+        for b in self.model.buckets(self.max_batch):
+            self.embed_batch([wav] * b)
+
     def embed_features(self, feats: FloatArray, lengths: FloatArray) -> FloatArray:
         """Raw network call: feats [N, T, 80] (zero-padded), lengths [N] relative to T."""
-        out = self.model.session.run(None, {"feats": feats, "lengths": lengths})[0]
+        out = self.model.run(None, {"feats": feats, "lengths": lengths})[0]
         return out.reshape(len(feats), EMBEDDING_DIM)
 
     def embed_batch(self, wavs: Sequence[FloatArray]) -> FloatArray:
@@ -144,6 +151,9 @@ class EcapaSpeechBrain:
             run_opts={"device": "cpu"},
         )
         self.classifier.eval()
+
+    def warmup(self, wav: FloatArray) -> None:
+        self.embed(wav)
 
     def embed(self, wav: FloatArray) -> FloatArray:
         with torch.inference_mode():

@@ -201,10 +201,10 @@ class VoicePipeline:
 
     def warmup(self) -> None:
         """Run every model once so that the first request does not pay for lazy initialisation."""
-        t = np.arange(16000, dtype=np.float32) / 16000
+        t = np.arange(3 * 16000, dtype=np.float32) / 16000  # a typical 3 s verification clip
         x = (0.1 * np.sin(2 * math.pi * 220 * t)).astype(np.float32)
         self.vad(x)
-        self.embedder.embed(x)
+        self.embedder.warmup(x)
 
 
 class VoiceStream:
