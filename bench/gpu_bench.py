@@ -1,0 +1,308 @@
+"""GPU benchmark: the face and voice services on CUDA, against the raw models on the same GPU in the same run.
+
+    python bench/gpu_bench.py --part env|raw|face|voice [--levels 1 16 64] [--duration 15] --out DIR
+
+Written for the lent GPU machine (`../shared/docs/GPU.md`: onnxruntime-gpu, torch with CUDA), and
+runs anywhere: on a machine without a GPU every model falls back to the CPU and the report says so.
+Each part writes ``DIR/<part>.json``:
+
+  env    providers onnxruntime offers, torch's CUDA device, nvidia-smi;
+  raw    the models alone on the configured providers, per item at batch 1 and batched:
+         ECAPA (3 s clips, SpeechBrain fbank on the CPU + ONNX network), AASIST (3 s windows, torch),
+         YuNet (640x640 canvas), MobileFaceNet, MiniFASNet;
+  face   `biogate serve face` in its own process, Verify under a bounded async load per level
+         (optionally with passive liveness), peak RSS of the service;
+  voice  `biogate serve voice` likewise, Verify of 3 s 16 kHz clips with every layer (ECAPA,
+         AASIST, replay cache) and without AASIST.
+
+GPU settings of the services (bigger batches, one batcher per model, more server threads, an
+in-memory replay store since the lent machine has no Redis) are set here through BIOGATE_*
+variables, the same ones a deployment would set (deploy/biogate.example.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from bench import face_bench, voice_bench  # noqa: E402
+from services.common.config import load_config  # noqa: E402
+
+CACHE = ROOT / "var" / "models"
+
+GPU_ENV = {
+    "BIOGATE_MODELS__CACHE_DIR": str(CACHE),
+    "BIOGATE_LOGGING__LEVEL": "WARNING",
+    "BIOGATE_SERVER__MAX_WORKERS": "128",
+    "BIOGATE_SERVER__MAX_CONCURRENT_RPCS": "512",
+    "BIOGATE_FACE__BATCH_MAX": "64",
+    "BIOGATE_VOICE__BATCH_MAX": "64",
+    "BIOGATE_VOICE__INFERENCE_WORKERS": "1",
+    "BIOGATE_VOICE__MAX_PAD_RATIO": "0.25",
+    "BIOGATE_VOICE__MAX_BATCH_AUDIO_S": "400",
+    "BIOGATE_VOICE__ANTISPOOF_BATCH_MAX": "64",
+    "BIOGATE_VOICE__REPLAY_STORE": "memory",
+}
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` after one warm-up call."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def part_env() -> dict:
+    import onnxruntime as ort
+    import torch
+
+    info = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(), "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                             "--format=csv,noheader"], capture_output=True, text=True,
+                                            timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        info["nvidia_smi"] = None
+    return info
+
+
+def voice_clips() -> list[np.ndarray]:
+    import soundfile as sf
+
+    files = sorted(voice_bench.FIXTURES.glob("*/*.wav"))
+    return [voice_bench.crop(sf.read(f, dtype="float32")[0]) for f in files]
+
+
+def part_raw(batch: int) -> dict:
+    from services.common.models import ModelStore
+    from services.face.align import align_face
+    from services.face.detection import letterbox
+    from services.face.imaging import decode_image
+    from services.face.models import pipeline_config as face_pipeline_config
+    from services.face.pipeline import FacePipeline
+    from services.voice.aasist import AasistDetector, torch_device
+    from services.voice.evaluation import pipeline_from_settings
+
+    settings = load_config(None, models={"cache_dir": str(CACHE)})
+    providers = tuple(settings.models.providers)
+    store = ModelStore(settings)
+    out: dict = {"batch": batch}
+
+    clips = [c for c in voice_clips() if len(c) == int(voice_bench.CLIP_S * 16000)]
+    pipe = pipeline_from_settings(settings, max_batch_audio_s=1000.0)
+    out["ecapa_provider"] = pipe.provider
+    many = (clips * (batch // len(clips) + 1))[:batch]
+    t1 = timed(lambda: pipe.embedder.embed_batch(clips[:1]), 20)
+    tb = timed(lambda: pipe.embedder.embed_batch(many), 5)
+    out["ecapa"] = {"batch1_ms": round(1000 * t1, 2), f"batch{batch}_ms_per_clip": round(1000 * tb / batch, 3),
+                    "batch1_per_s": round(1 / t1, 1), f"batch{batch}_per_s": round(batch / tb, 1)}
+    det = AasistDetector(store.path("aasist", "AASIST.pth"), store.path("aasist", "AASIST_config.json"),
+                         threads=None, max_windows=1, device=torch_device(providers))
+    out["aasist_device"] = str(det.device)
+    win = np.stack([c[:48000] for c in many])
+    a1 = timed(lambda: det.logits(win[:1]), 10)
+    ab = timed(lambda: det.logits(win), 3)
+    out["aasist"] = {"batch1_ms": round(1000 * a1, 2), f"batch{batch}_ms_per_window": round(1000 * ab / batch, 3),
+                     "batch1_per_s": round(1 / a1, 1), f"batch{batch}_per_s": round(batch / ab, 1)}
+
+    images, _ = face_bench.trial_pairs()
+    p = FacePipeline(face_pipeline_config(store, detector="yunet-2023mar-batch", providers=providers, threads=None,
+                                          liveness=("minifasnet-v2-2.7", "minifasnet-v1se-4.0")))
+    det_f = p.detector
+    out["face_provider"] = det_f.model.provider
+    ims = [decode_image(f.read_bytes()) for f in images[:16]]
+    canvas = letterbox(ims[0], det_f.input_size, det_f.pad_ratio).canvas.transpose(2, 0, 1)[None].astype(np.float32)
+    d1 = timed(lambda: det_f.model.session.run(det_f._outputs, {det_f._input: canvas}), 20)
+    canvases = np.concatenate([canvas] * batch)
+    try:
+        db = timed(lambda: det_f.model.session.run(det_f._outputs, {det_f._input: canvases}), 5)
+    except Exception:  # a detector copy with a fixed batch of 1
+        db = d1 * batch
+    faces = [det_f.detect(im)[0] for im in ims]
+    crops = np.concatenate([align_face(im, f)[None] for im, f in zip(ims, faces)])
+    crops = np.concatenate([crops] * (batch // len(crops) + 1))[:batch]
+    emb = next(iter(p.embedders.values()))
+    e1 = timed(lambda: emb.embed(crops[:1]), 20)
+    eb = timed(lambda: emb.embed(crops), 5)
+    live = [p.liveness.crops(im, f) for im, f in zip(ims, faces)]
+    live = (live * (batch // len(live) + 1))[:batch]
+    l1 = timed(lambda: p.liveness.score_crops(live[:1]), 20)
+    lb = timed(lambda: p.liveness.score_crops(live), 5)
+    p.close()
+    for name, one, many_s in (("yunet_640", d1, db), ("mobilefacenet", e1, eb), ("minifasnet_pair", l1, lb)):
+        out[name] = {"batch1_ms": round(1000 * one, 2), f"batch{batch}_ms_per_item": round(1000 * many_s / batch, 3),
+                     "batch1_per_s": round(1 / one, 1), f"batch{batch}_per_s": round(batch / many_s, 1)}
+    return out
+
+
+def summarise(lat: list[float], wall: float, errors: dict, **extra) -> dict:
+    return {**extra, "requests": len(lat), "errors": errors, "wall_s": round(wall, 2),
+            "throughput_rps": round(len(lat) / wall, 1) if wall else 0.0,
+            "p50_ms": round(voice_bench.pct(lat, 50), 1), "p99_ms": round(voice_bench.pct(lat, 99), 1)}
+
+
+def part_face(levels: list[int], duration: float, liveness: bool) -> dict:
+    import grpc
+
+    from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
+    from services.common.storage import ConsentRecord, open_storage
+
+    os.environ.update(GPU_ENV)
+    images, pairs = face_bench.trial_pairs()
+    datas = [p.read_bytes() for p in images]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="gpu-face-") as tmp:
+        svc = face_bench.ServiceProcess(Path(tmp) / "data", None)
+        try:
+            t = time.perf_counter()
+            svc.wait_serving(600)
+            start_s = time.perf_counter() - t
+            storage = open_storage(svc.settings.storage_dsn, svc.settings.storage)
+            for i in range(len(images)):
+                storage.subjects.record_consent(ConsentRecord("bench", f"s{i}", "biometric_verification", ("face",), "v1"))
+            storage.close()
+            with grpc.insecure_channel(svc.address) as ch:
+                stub = face_pb2_grpc.FaceServiceStub(ch)
+                md = (("authorization", f"Bearer {svc.token()}"),)
+                for i, d in enumerate(datas):
+                    stub.Enroll(face_pb2.EnrollFaceRequest(
+                        subject=common_pb2.SubjectRef(tenant_id="bench", subject_id=f"s{i}"),
+                        images=[common_pb2.Image(data=d)]), metadata=md, timeout=60)
+            requests = [face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id="bench", subject_id=f"s{e}"),
+                                                   image=common_pb2.Image(data=datas[p]), require_liveness=liveness)
+                        for e, p in pairs]
+            for c in levels:
+                asyncio.run(face_bench.run_load(svc.address, svc.token(), requests, c, 2.0, 200))
+                lat, wall, errs = asyncio.run(face_bench.run_load(svc.address, svc.token(), requests, c, duration,
+                                                                  100000))
+                runs.append(summarise(lat, wall, errs, concurrency=c, liveness=liveness))
+                print(json.dumps(runs[-1]), flush=True)
+        finally:
+            rss = face_bench.peak_rss_mb(svc.proc.pid)
+            try:
+                svc.stop()
+            except subprocess.TimeoutExpired:
+                svc.proc.kill()
+                print("the face service did not stop within 30 s of SIGTERM; killed", file=sys.stderr)
+    return {"start_to_serving_s": round(start_s, 1), "peak_rss_mb": round(rss), "runs": runs, "env": GPU_ENV}
+
+
+def part_voice(levels: list[int], duration: float) -> dict:
+    import grpc
+    import yaml
+
+    from services.common.api.v1 import common_pb2, voice_pb2, voice_pb2_grpc
+    from services.common.storage import ConsentRecord, open_storage
+    from services.serve import health_status
+
+    os.environ.update(GPU_ENV)
+    import soundfile as sf
+
+    speakers = sorted(p for p in voice_bench.FIXTURES.iterdir() if p.is_dir())
+    audio = {s.name: [sf.read(f, dtype="float32")[0] for f in sorted(s.glob("*.wav"), key=lambda p: -p.stat().st_size)]
+             for s in speakers}
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="gpu-voice-") as tmpdir:
+        tmp = Path(tmpdir)
+        port = voice_bench.free_port()
+        config = {"data_dir": str(tmp / "data"), "server": {"voice": {"port": port, "metrics_port": None}},
+                  "voice": {"tenants": {"bench-nosynth": {"synthetic_speech_check": False}}}}
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "--config", str(tmp / "config.yaml"), "serve",
+                                 "voice"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / "voice.log", "w"))
+        target = f"127.0.0.1:{port}"
+        try:
+            while health_status(target) != "SERVING":
+                if proc.poll() is not None or time.perf_counter() - t > 600:
+                    raise SystemExit("the voice service did not start:\n" + (tmp / "voice.log").read_text()[-3000:])
+                time.sleep(0.5)
+            start_s = time.perf_counter() - t
+            settings = load_config(tmp / "config.yaml")
+            token = json.loads(settings.dev_credentials_file.read_text())["dev-all"]
+            storage = open_storage(settings.storage_dsn, settings.storage)
+            subjects: dict[str, list[str]] = {}
+            probes = []
+            with grpc.insecure_channel(target) as ch:
+                stub = voice_pb2_grpc.VoiceServiceStub(ch)
+                md = (("authorization", f"Bearer {token}"),)
+                for tenant in ("bench", "bench-nosynth"):
+                    subjects[tenant] = []
+                    for name, xs in audio.items():
+                        subject = f"bench-{name.replace('_', '-')}"
+                        storage.subjects.record_consent(ConsentRecord(tenant, subject, "biometric_verification",
+                                                                      ("voice",), "bench", "bench"))
+                        try:
+                            stub.Enroll(voice_pb2.EnrollVoiceRequest(
+                                subject=common_pb2.SubjectRef(tenant_id=tenant, subject_id=subject),
+                                utterances=[common_pb2.Audio(data=voice_bench.sf_bytes(x)) for x in xs[:2]]),
+                                metadata=md, timeout=120)
+                        except grpc.RpcError as err:
+                            print(f"enrolment of {name} refused: {err.details()}", file=sys.stderr)
+                            continue
+                        subjects[tenant].append(subject)
+                        if tenant == "bench":
+                            probes.append([(np.clip(voice_bench.crop(x), -1, 1) * 32767).astype("<i2").tobytes()
+                                           for x in xs[2:]])
+            storage.close()
+            for tenant in ("bench", "bench-nosynth"):
+                for c in levels:
+                    asyncio.run(voice_bench.load(target, token, tenant, subjects[tenant], probes, c, 2.0, 100))
+                    run = asyncio.run(voice_bench.load(target, token, tenant, subjects[tenant], probes, c, duration,
+                                                       100000))
+                    print(json.dumps(run), flush=True)
+                    runs.append(run)
+            rss = voice_bench.peak_rss_mb(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return {"start_to_serving_s": round(start_s, 1), "peak_rss_mb": round(rss), "runs": runs, "env": GPU_ENV}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("env", "raw", "face", "voice"), required=True)
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds per load level")
+    ap.add_argument("--batch", type=int, default=64, help="batch size of the raw-model figures")
+    ap.add_argument("--liveness", action="store_true", help="face: Verify with require_liveness")
+    ap.add_argument("--out", type=Path, default=Path("."))
+    args = ap.parse_args()
+    if args.part == "env":
+        report = part_env()
+    elif args.part == "raw":
+        report = part_raw(args.batch)
+    elif args.part == "face":
+        report = part_face(args.levels, args.duration, args.liveness)
+    else:
+        report = part_voice(args.levels, args.duration)
+    name = args.part + ("-liveness" if args.part == "face" and args.liveness else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report if args.part in ("env", "raw") else {k: v for k, v in report.items() if k != "runs"}),
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
