@@ -26,24 +26,9 @@ from datetime import datetime
 
 import numpy as np
 
-from services.common.storage.db import from_ts
 from services.face.templates import TemplateVault
 
 Version = tuple[int, "datetime | None"]
-
-
-def gallery_version(storage, tenant_id: str, model_id: str) -> Version:
-    """(count, latest updated_at) of a face gallery: one indexed aggregate query."""
-    db = getattr(storage, "db", None)
-    if db is None:  # a storage without SQL access: the count alone
-        return storage.templates.count_gallery(tenant_id, "face", model_id), None
-    with db.read() as s:
-        count, latest = s.one(
-            "SELECT COUNT(*), MAX(updated_at) FROM templates"
-            " WHERE tenant_id = ? AND modality = 'face' AND model_id = ? AND channel = ''",
-            (tenant_id, model_id),
-        )
-    return int(count), from_ts(latest)
 
 
 @dataclass
@@ -141,7 +126,7 @@ class Galleries:
         if not g.checked:
             stale = True
         elif now - g.full_checked >= self.full_check_s:
-            stale = gallery_version(self.storage, tenant_id, model_id) != g.version()
+            stale = self.storage.templates.gallery_version(tenant_id, "face", model_id) != g.version()
             g.full_checked = now
         else:
             stale = self.storage.templates.count_gallery(tenant_id, "face", model_id) != g.size

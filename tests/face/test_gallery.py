@@ -11,7 +11,7 @@ import pytest
 from services.common.crypto import EnvelopeCrypto, open_keyring
 from services.common.storage import TemplateRecord, open_storage
 from services.face.embedding import l2_normalise
-from services.face.gallery import Galleries, gallery_version
+from services.face.gallery import Galleries
 from services.face.templates import TemplateVault, pack, unpack
 
 N = 100_000
@@ -86,7 +86,7 @@ def test_top_k_is_exact_at_100k_and_follows_other_processes(big_gallery):
     top, size = galleries.search("bank-big", MODEL, probe, 3)
     assert size == N - 1 and top[0] == ("s000007", pytest.approx(1.0, abs=1e-5))
     assert galleries.decrypted - decrypted == 1  # only the changed template was decrypted again
-    assert gallery_version(storage, "bank-big", MODEL)[0] == N - 1
+    assert storage.templates.gallery_version("bank-big", "face", MODEL)[0] == N - 1
 
     # This process's own enrolment updates the loaded gallery without a resync.
     resyncs = galleries.resyncs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import traceback
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -118,6 +119,25 @@ def test_iter_gallery_streams_in_batches(storage: SqlStorage, n: int) -> None:
     assert {r.id for b in batches for r in b} == ids
     assert storage.templates.count_gallery(T, "face", "m1") == n
     assert storage.templates.count_gallery(T, "voice", "m1", "wideband") == 1
+
+
+def test_gallery_version_changes_with_enrolments_replacements_and_erasures(storage: SqlStorage) -> None:
+    assert storage.templates.gallery_version(T, "face", "m1") == (0, None)
+    for i in range(3):
+        storage.templates.put(replace(template(subject=f"s{i}"), updated_at=NOW + timedelta(seconds=i)))
+    storage.templates.put(replace(template(subject="late", model="m2"), updated_at=NOW + timedelta(days=1)))
+    storage.templates.put(replace(template(subject="late", tenant="bank-b"), updated_at=NOW + timedelta(days=1)))
+    storage.templates.put(replace(template(subject="late", modality="voice", channel="wideband", model="m1"),
+                                  updated_at=NOW + timedelta(days=1)))
+    assert storage.templates.gallery_version(T, "face", "m1") == (3, NOW + timedelta(seconds=2))
+
+    # A re-enrolment keeps the count and moves the latest update.
+    storage.templates.put(replace(template(subject="s0", envelope=b"env-2"), updated_at=NOW + timedelta(hours=1)),
+                          replace=True)
+    assert storage.templates.gallery_version(T, "face", "m1") == (3, NOW + timedelta(hours=1))
+    storage.templates.delete_for_subject(T, "s0")
+    assert storage.templates.gallery_version(T, "face", "m1") == (2, NOW + timedelta(seconds=2))
+    assert storage.templates.gallery_version(T, "voice", "m1", "wideband") == (1, NOW + timedelta(days=1))
 
 
 def test_template_rewrap_compare_and_swap(storage: SqlStorage) -> None:

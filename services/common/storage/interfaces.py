@@ -199,6 +199,12 @@ class TemplateRepository(Protocol):
         self, tenant_id: str, modality: Modality, model_id: str, channel: str = ""
     ) -> int: ...
 
+    def gallery_version(
+        self, tenant_id: str, modality: Modality, model_id: str, channel: str = ""
+    ) -> tuple[int, datetime | None]:
+        """(count, latest updated_at) of a gallery: any enrolment, erasure or re-enrolment
+        changes it."""
+
     def delete_for_subject(
         self, tenant_id: str, subject_id: str, modality: Modality | None = None
     ) -> int: ...

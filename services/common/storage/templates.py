@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
+from .db import from_ts
 from .interfaces import Modality, TemplateRecord
 from .repository import Repository
 from .rows import insert_sql, values
@@ -77,6 +79,17 @@ class SqlTemplateRepository(Repository[TemplateRecord]):
                 f"SELECT COUNT(*) FROM templates WHERE {_GALLERY}",
                 (tenant_id, modality, model_id, channel),
             )[0]
+
+    def gallery_version(
+        self, tenant_id: str, modality: Modality, model_id: str, channel: str = ""
+    ) -> tuple[int, datetime | None]:
+        # The count uses the gallery index; the latest updated_at reads the gallery's rows.
+        with self._db.read() as s:
+            count, latest = s.one(
+                f"SELECT COUNT(*), MAX(updated_at) FROM templates WHERE {_GALLERY}",
+                (tenant_id, modality, model_id, channel),
+            )
+        return int(count), from_ts(latest)
 
     def delete_for_subject(
         self, tenant_id: str, subject_id: str, modality: Modality | None = None
