@@ -11,6 +11,10 @@ from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
 from services.common.validation import identifier, subject_ref
 
+# Consent purposes as stored: the names of biogate.v1.ConsentPurpose without their prefix.
+VERIFICATION = "biometric_verification"  # enrolment and 1:1 verification
+IDENTIFICATION = "biometric_identification"  # inclusion in 1:N galleries
+
 MODALITY_NAMES = {common_pb2.MODALITY_FACE: "face", common_pb2.MODALITY_VOICE: "voice"}
 MODALITY_ENUMS = {v: k for k, v in MODALITY_NAMES.items()}
 
@@ -61,7 +65,7 @@ def delete_modality(rt: Runtime, request: common_pb2.DeleteSubjectRequest, modal
 def require_consent(rt: Runtime, tenant: str, subject: str, modality: str) -> None:
     """Enrolment needs a recorded, unwithdrawn consent for biometric verification (PIPL art. 29,
     GDPR art. 9(2)(a))."""
-    if not rt.storage.subjects.has_active_consent(tenant, subject, "biometric_verification", modality):
+    if not rt.storage.subjects.has_active_consent(tenant, subject, VERIFICATION, modality):
         raise errors.failed_precondition(
             f"no recorded consent for {modality} biometric verification of this subject; "
             "record it with MfaService.RecordConsent first",

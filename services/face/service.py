@@ -210,7 +210,7 @@ class FaceService:
             stored = self.rt.storage.templates.put(rec, replace=req.replace)
         except AlreadyExistsError:
             raise errors.already_exists("the subject already has a face template; send replace=true to re-enrol") from None
-        self.galleries.enrolled(tenant, self.model_id, subject, stored.updated_at, template)
+        self.galleries.enrolled(tenant, self.model_id, subject, stored.updated_at, template, new=stored.id == rec.id)
         self.rt.audit.append("face.enrolled", actor(), tenant, subject, {
             "model_id": self.model_id, "samples": len(good), "submitted": len(analyses), "replace": bool(req.replace),
         })

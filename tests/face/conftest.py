@@ -115,12 +115,10 @@ class FaceServiceUnderTest:
     def storage(self):
         return self.service.rt.storage
 
-    def consent(self, tenant: str, subject: str) -> None:
+    def consent(self, tenant: str, subject: str, purpose: str = "biometric_verification") -> None:
         from services.common.storage import ConsentRecord
 
-        self.storage.subjects.record_consent(
-            ConsentRecord(tenant, subject, "biometric_verification", ("face",), "v1", "test")
-        )
+        self.storage.subjects.record_consent(ConsentRecord(tenant, subject, purpose, ("face",), "v1", "test"))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from services.common.crypto import EnvelopeCrypto, open_keyring
-from services.common.storage import TemplateRecord, open_storage
+from services.common.storage import ConsentRecord, TemplateRecord, open_storage
+from services.common.subjects import IDENTIFICATION, VERIFICATION
 from services.face.embedding import l2_normalise
 from services.face.gallery import Galleries
 from services.face.templates import TemplateVault, pack, unpack
@@ -41,9 +42,14 @@ def big_gallery(tmp_path_factory):
         for i in range(N):
             envelope, key_id = vault.seal("bank-big", f"s{i:06d}", MODEL, vectors[i])
             storage.templates.put(TemplateRecord("bank-big", f"s{i:06d}", "face", MODEL, "", envelope, key_id, 1))
-    print(f"stored {N} templates in {time.perf_counter() - t:.1f} s")
+            consent(storage, f"s{i:06d}", VERIFICATION if i % 10 == 3 else IDENTIFICATION)
+    print(f"stored {N} templates and consents in {time.perf_counter() - t:.1f} s")
     yield settings, storage, vault, vectors
     storage.close()
+
+
+def consent(storage, subject: str, purpose: str) -> None:
+    storage.subjects.record_consent(ConsentRecord("bank-big", subject, purpose, ("face",), "v1"))
 
 
 def test_top_k_is_exact_at_100k_and_follows_other_processes(big_gallery):
@@ -52,15 +58,19 @@ def test_top_k_is_exact_at_100k_and_follows_other_processes(big_gallery):
     rng = np.random.default_rng(11)
     target = 4242
     probe = l2_normalise((vectors[target] + 0.05 * rng.normal(size=DIM)).astype(np.float32)[None])[0]
+    identifiable = np.arange(N) % 10 != 3  # every tenth subject consented to 1:1 verification only
+    n_id = int(identifiable.sum())
 
     t = time.perf_counter()
     top, size = galleries.search("bank-big", MODEL, probe, 10)
     load_s = time.perf_counter() - t
-    assert size == N and top[0][0] == f"s{target:06d}"
-    exact = vectors @ probe
+    assert size == n_id and top[0][0] == f"s{target:06d}"
+    exact = np.where(identifiable, vectors @ probe, -np.inf)
     expected = np.argsort(-exact)[:10]
     assert [s for s, _ in top] == [f"s{i:06d}" for i in expected]
     assert np.allclose([v for _, v in top], exact[expected], atol=1e-5)
+    # A subject without consent to identification is never a candidate, even for their own face.
+    assert "s000013" not in [s for s, _ in galleries.search("bank-big", MODEL, vectors[13], 10)[0]]
 
     times = []
     for _ in range(20):
@@ -68,7 +78,7 @@ def test_top_k_is_exact_at_100k_and_follows_other_processes(big_gallery):
         galleries.search("bank-big", MODEL, probe, 10)
         times.append(time.perf_counter() - t)
     print(f"100k gallery: first search (load + decrypt) {load_s:.2f} s; warm search median "
-          f"{1000 * np.median(times):.1f} ms (version check included)")
+          f"{1000 * np.median(times):.1f} ms (version and consent checks included)")
     assert galleries.resyncs == 1
 
     # Another process erases the target and replaces another subject's template.
@@ -76,7 +86,7 @@ def test_top_k_is_exact_at_100k_and_follows_other_processes(big_gallery):
     try:
         other.erase_subject("bank-big", f"s{target:06d}")
         top, size = galleries.search("bank-big", MODEL, probe, 3)  # the count check sees the erasure
-        assert size == N - 1 and f"s{target:06d}" not in [s for s, _ in top]
+        assert size == n_id - 1 and f"s{target:06d}" not in [s for s, _ in top]
         envelope, key_id = vault.seal("bank-big", "s000007", MODEL, probe)
         other.templates.put(TemplateRecord("bank-big", "s000007", "face", MODEL, "", envelope, key_id, 1), replace=True)
     finally:
@@ -84,13 +94,40 @@ def test_top_k_is_exact_at_100k_and_follows_other_processes(big_gallery):
     decrypted = galleries.decrypted
     galleries.full_check_s = 0.0  # the periodic full check sees the re-enrolment
     top, size = galleries.search("bank-big", MODEL, probe, 3)
-    assert size == N - 1 and top[0] == ("s000007", pytest.approx(1.0, abs=1e-5))
+    assert size == n_id - 1 and top[0] == ("s000007", pytest.approx(1.0, abs=1e-5))
     assert galleries.decrypted - decrypted == 1  # only the changed template was decrypted again
     assert storage.templates.gallery_version("bank-big", "face", MODEL)[0] == N - 1
+    assert storage.templates.count_gallery("bank-big", "face", MODEL, consent=IDENTIFICATION) == n_id - 1
 
-    # This process's own enrolment updates the loaded gallery without a resync.
+    # The MFA service (another process) records a withdrawal: the count check sees it.
+    other = open_storage(settings.storage_dsn, settings.storage)
+    try:
+        other.subjects.withdraw_consent("bank-big", "s000007", IDENTIFICATION)
+        top, size = galleries.search("bank-big", MODEL, probe, 3)
+        assert size == n_id - 2 and "s000007" not in [s for s, _ in top]
+        consent(other, "s000007", IDENTIFICATION)
+        assert galleries.search("bank-big", MODEL, probe, 1) == ([("s000007", pytest.approx(1.0, abs=1e-5))], n_id - 1)
+        # With checks far apart a withdrawal still takes effect at once: the candidates are checked.
+        galleries.check_s = galleries.full_check_s = 3600.0
+        resyncs = galleries.resyncs
+        other.subjects.withdraw_consent("bank-big", "s000007", IDENTIFICATION)
+        top, size = galleries.search("bank-big", MODEL, probe, 3)
+        assert size == n_id - 2 and "s000007" not in [s for s, _ in top] and galleries.resyncs == resyncs + 1
+    finally:
+        other.close()
+    galleries.check_s = 0.0
+
+    # This process's own enrolment updates the loaded gallery without a resync, and leaves out a
+    # subject whose consent does not cover identification.
+    consent(storage, "s-new", IDENTIFICATION)  # consents come first, and each is a change to resync for
+    consent(storage, "s-quiet", VERIFICATION)
+    galleries.search("bank-big", MODEL, probe, 1)
     resyncs = galleries.resyncs
     rec = storage.templates.put(TemplateRecord("bank-big", "s-new", "face", MODEL, "", *vault.seal("bank-big", "s-new", MODEL, -probe), 1))
-    galleries.enrolled("bank-big", MODEL, "s-new", rec.updated_at, -probe)
+    galleries.enrolled("bank-big", MODEL, "s-new", rec.updated_at, -probe, new=True)
     top, size = galleries.search("bank-big", MODEL, -probe, 1)
-    assert size == N and top[0][0] == "s-new" and galleries.resyncs == resyncs
+    assert size == n_id - 1 and top[0][0] == "s-new" and galleries.resyncs == resyncs
+    rec = storage.templates.put(TemplateRecord("bank-big", "s-quiet", "face", MODEL, "", *vault.seal("bank-big", "s-quiet", MODEL, probe), 1))
+    galleries.enrolled("bank-big", MODEL, "s-quiet", rec.updated_at, probe, new=True)
+    top, size = galleries.search("bank-big", MODEL, probe, 3)
+    assert size == n_id - 1 and "s-quiet" not in [s for s, _ in top] and galleries.resyncs == resyncs

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from face_helpers import bomb_png, encode_png, load_bgr, two_faces
-from services.common.api.v1 import common_pb2, face_pb2
+from services.common.api.v1 import common_pb2, face_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
 from services.common.evaluation import metrics
 from services.common.evaluation.cli import load_scorer
@@ -19,6 +19,7 @@ from services.common.evaluation.scorers import ScorerOptions
 from services.common.evaluation.trials import read_pad, read_trials
 from services.common.models import ModelStore
 from services.common.storage import TemplateRecord, open_storage
+from services.common.subjects import IDENTIFICATION
 
 OBAMA = "barack_obama/face_recognition_examples_obama.jpg"
 OBAMA2 = "barack_obama/face_recognition_examples_obama2.jpg"
@@ -33,9 +34,11 @@ def img(data: bytes) -> common_pb2.Image:
     return common_pb2.Image(data=data)
 
 
-def enroll(s, tenant, subject, *datas, replace=False, consent=True):
+def enroll(s, tenant, subject, *datas, replace=False, consent=True, identifiable=False):
     if consent:
         s.consent(tenant, subject)
+    if identifiable:
+        s.consent(tenant, subject, IDENTIFICATION)
     return s.stub.Enroll(face_pb2.EnrollFaceRequest(subject=ref(tenant, subject), images=[img(d) for d in datas],
                                                     replace=replace))
 
@@ -222,7 +225,7 @@ def test_identify_top_k_follows_enrolments_and_erasures_by_another_process(face_
     people = {"c-obama": OBAMA, "c-biden": BIDEN,
               "c-penny": "bbt_penny/faceapi_penny1.png", "c-raj": "bbt_raj/faceapi_raj1.png"}
     for subject, path in people.items():
-        enroll(s, "kiosk-1", subject, (face_dir / path).read_bytes())
+        enroll(s, "kiosk-1", subject, (face_dir / path).read_bytes(), identifiable=True)
     probe = img((face_dir / OBAMA2).read_bytes())
     r = s.stub.Identify(face_pb2.IdentifyFaceRequest(tenant_id="kiosk-1", image=probe, top_k=3))
     assert r.gallery_size == 4 and len(r.candidates) == 3
@@ -240,7 +243,7 @@ def test_identify_top_k_follows_enrolments_and_erasures_by_another_process(face_
     assert r.gallery_size == 3 and "c-obama" not in [c.subject_id for c in r.candidates]
     assert not r.candidates[0].above_threshold
 
-    enroll(s, "kiosk-1", "c-obama", (face_dir / OBAMA).read_bytes())
+    enroll(s, "kiosk-1", "c-obama", (face_dir / OBAMA).read_bytes(), identifiable=True)
     r = s.stub.Identify(face_pb2.IdentifyFaceRequest(tenant_id="kiosk-1", image=probe, top_k=1))
     assert r.gallery_size == 4 and r.candidates[0].subject_id == "c-obama"
     s.stub.DeleteSubject(common_pb2.DeleteSubjectRequest(subject=ref("kiosk-1", "c-obama"), reason="test"))
@@ -249,6 +252,40 @@ def test_identify_top_k_follows_enrolments_and_erasures_by_another_process(face_
     # Other tenants' galleries are separate.
     r = s.stub.Identify(face_pb2.IdentifyFaceRequest(tenant_id="kiosk-2", image=probe))
     assert r.gallery_size == 0 and not r.candidates
+
+
+def test_identify_returns_only_subjects_whose_consent_covers_identification(face_service, face_dir):
+    s = face_service
+    if "mfa" not in s.harness.running:
+        s.harness.start("mfa")
+    mfa = mfa_pb2_grpc.MfaServiceStub(s.harness.channel("mfa", "dev-all"))
+    tenant, verification, identification = ("kiosk-consent", common_pb2.CONSENT_PURPOSE_BIOMETRIC_VERIFICATION,
+                                            common_pb2.CONSENT_PURPOSE_BIOMETRIC_IDENTIFICATION)
+
+    def record(subject, purpose):
+        mfa.RecordConsent(common_pb2.RecordConsentRequest(consent=common_pb2.Consent(
+            subject=ref(tenant, subject), purpose=purpose, modalities=[common_pb2.MODALITY_FACE], granted=True,
+            policy_version="privacy-2026-01")))
+
+    def identify(path):
+        r = s.stub.Identify(face_pb2.IdentifyFaceRequest(tenant_id=tenant, image=img((face_dir / path).read_bytes()), top_k=5))
+        return r.gallery_size, {c.subject_id: c.above_threshold for c in r.candidates}
+
+    for subject in ("c-obama", "c-biden"):
+        record(subject, verification)
+    record("c-obama", identification)  # Biden consented to 1:1 verification only
+    enroll(s, tenant, "c-obama", (face_dir / OBAMA).read_bytes(), consent=False)
+    enroll(s, tenant, "c-biden", (face_dir / BIDEN).read_bytes(), consent=False)
+
+    assert identify(OBAMA2) == (1, {"c-obama": True})
+    assert identify(BIDEN) == (1, {"c-obama": False})  # not even his own enrolment image finds him
+
+    # A withdrawal recorded by the MFA service takes the subject out of 1:N, not out of 1:1.
+    mfa.WithdrawConsent(common_pb2.WithdrawConsentRequest(subject=ref(tenant, "c-obama"), purpose=identification))
+    assert identify(OBAMA2) == (0, {})
+    assert verify(s, tenant, "c-obama", (face_dir / OBAMA2).read_bytes()).match
+    record("c-biden", identification)
+    assert identify(BIDEN) == (1, {"c-biden": True})
 
 
 def test_identify_refuses_bad_probes(face_service):

@@ -140,6 +140,42 @@ def test_gallery_version_changes_with_enrolments_replacements_and_erasures(stora
     assert storage.templates.gallery_version(T, "voice", "m1", "wideband") == (1, NOW + timedelta(days=1))
 
 
+def test_gallery_of_subjects_consenting_to_identification(storage: SqlStorage) -> None:
+    ident = "biometric_identification"
+    for subject in ("both", "verify-only", "voice-only", "withdrawn", "none", "other-tenant-consent"):
+        storage.templates.put(template(subject=subject))
+    storage.templates.put(template(subject="both", modality="voice", channel="wideband"))
+    storage.subjects.record_consent(consent("both", ident, ("face", "voice"), recorded_at=NOW))
+    storage.subjects.record_consent(consent("verify-only", modalities=("face",), recorded_at=NOW))
+    storage.subjects.record_consent(consent("voice-only", ident, ("voice",), recorded_at=NOW))
+    storage.subjects.record_consent(consent("withdrawn", ident, ("face",), recorded_at=NOW))
+    storage.subjects.withdraw_consent(T, "withdrawn", ident, now=NOW + timedelta(hours=1))
+    storage.subjects.record_consent(replace(consent("other-tenant-consent", ident, ("face",)), tenant_id="bank-b"))
+
+    def gallery(modality="face", channel=""):
+        return {r.subject_id for b in storage.templates.iter_gallery(T, modality, "m1", channel, 2, ident) for r in b}
+
+    assert gallery() == {"both"} and gallery("voice", "wideband") == {"both"}
+    assert storage.templates.count_gallery(T, "face", "m1", consent=ident) == 1
+    assert storage.templates.count_gallery(T, "face", "m1") == 6  # without a purpose: every template
+    everyone = ["both", "verify-only", "voice-only", "withdrawn", "none", "other-tenant-consent", "unknown"]
+    assert storage.subjects.consenting(T, ident, "face", everyone) == {"both"}
+    assert storage.subjects.consenting(T, ident, "voice", everyone) == {"both", "voice-only"}
+    assert storage.subjects.consenting(T, ident, "face", []) == set()
+    assert storage.subjects.consent_changed_at(T, ident) == NOW + timedelta(hours=1)  # the withdrawal
+
+    # A grant and a withdrawal each move the latest change; erasure leaves the gallery.
+    storage.subjects.record_consent(consent("verify-only", ident, ("face",), recorded_at=NOW + timedelta(hours=2)))
+    assert gallery() == {"both", "verify-only"}
+    assert storage.subjects.consent_changed_at(T, ident) == NOW + timedelta(hours=2)
+    storage.subjects.withdraw_consent(T, "both", ident, now=NOW + timedelta(hours=3))
+    assert gallery() == {"verify-only"} and gallery("voice", "wideband") == set()
+    assert storage.subjects.consent_changed_at(T, ident) == NOW + timedelta(hours=3)
+    storage.erase_subject(T, "verify-only")
+    assert gallery() == set() and storage.templates.count_gallery(T, "face", "m1", consent=ident) == 0
+    assert storage.subjects.consent_changed_at("bank-c", ident) is None
+
+
 def test_template_rewrap_compare_and_swap(storage: SqlStorage) -> None:
     recs = [storage.templates.put(template(subject=f"s{i}", envelope=f"e{i}".encode())) for i in range(5)]
     storage.templates.put(template(subject="fresh", key_id="k2"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -191,12 +191,25 @@ class TemplateRepository(Protocol):
     ) -> list[TemplateRecord]: ...
 
     def iter_gallery(
-        self, tenant_id: str, modality: Modality, model_id: str, channel: str = "", batch: int = 1000
+        self,
+        tenant_id: str,
+        modality: Modality,
+        model_id: str,
+        channel: str = "",
+        batch: int = 1000,
+        consent: str | None = None,
     ) -> Iterator[list[TemplateRecord]]:
-        """Every template of a gallery in batches, each read on its own (no long transaction)."""
+        """Every template of a gallery in batches, each read on its own (no long transaction).
+        With `consent` (a purpose), only the templates of subjects with an active consent of
+        that purpose that lists the modality; likewise in count_gallery."""
 
     def count_gallery(
-        self, tenant_id: str, modality: Modality, model_id: str, channel: str = ""
+        self,
+        tenant_id: str,
+        modality: Modality,
+        model_id: str,
+        channel: str = "",
+        consent: str | None = None,
     ) -> int: ...
 
     def gallery_version(
@@ -239,6 +252,14 @@ class SubjectRepository(Protocol):
     def has_active_consent(
         self, tenant_id: str, subject_id: str, purpose: str, modality: Modality
     ) -> bool: ...
+
+    def consenting(
+        self, tenant_id: str, purpose: str, modality: Modality, subject_ids: Sequence[str]
+    ) -> set[str]:
+        """Those of `subject_ids` with an active consent of `purpose` that lists `modality`."""
+
+    def consent_changed_at(self, tenant_id: str, purpose: str) -> datetime | None:
+        """The latest recording or withdrawal of a consent of this purpose in the tenant."""
 
     def set_phone(self, tenant_id: str, subject_id: str, envelope: bytes, key_id: str) -> None: ...
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
-from .db import Session, from_json, utcnow
+from .db import Session, from_json, from_ts, utcnow
 from .interfaces import ConsentRecord, Modality, PhoneRecord
 from .repository import Repository
 from .rows import insert_sql, values
@@ -62,6 +63,31 @@ class SqlSubjectRepository(Repository[ConsentRecord]):
                 (tenant_id, subject_id, purpose, True),
             )
         return row is not None and modality in from_json(row[0])
+
+    def consenting(
+        self, tenant_id: str, purpose: str, modality: Modality, subject_ids: Sequence[str]
+    ) -> set[str]:
+        if not subject_ids:
+            return set()
+        marks = ", ".join("?" * len(subject_ids))
+        with self._db.read() as s:
+            rows = s.all(
+                "SELECT subject_id, modalities FROM consents WHERE tenant_id = ? AND purpose = ?"
+                f" AND granted = ? AND withdrawn_at IS NULL AND subject_id IN ({marks})",
+                (tenant_id, purpose, True, *subject_ids),
+            )
+        return {r[0] for r in rows if modality in from_json(r[1])}
+
+    def consent_changed_at(self, tenant_id: str, purpose: str) -> datetime | None:
+        # Two index seeks (consents_recorded, consents_withdrawn): a grant sets recorded_at, a
+        # withdrawal withdrawn_at, so the later of the two maxima moves with either.
+        where = "FROM consents WHERE tenant_id = ? AND purpose = ?"
+        with self._db.read() as s:
+            recorded, withdrawn = s.one(
+                f"SELECT (SELECT MAX(recorded_at) {where}), (SELECT MAX(withdrawn_at) {where})",
+                (tenant_id, purpose, tenant_id, purpose),
+            )
+        return max((t for t in (from_ts(recorded), from_ts(withdrawn)) if t is not None), default=None)
 
     def set_phone(self, tenant_id: str, subject_id: str, envelope: bytes, key_id: str) -> None:
         now = utcnow()

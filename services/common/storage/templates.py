@@ -54,17 +54,20 @@ class SqlTemplateRepository(Repository[TemplateRecord]):
         return self._select(where, params, "ORDER BY modality, model_id, channel")
 
     def iter_gallery(
-        self, tenant_id: str, modality: Modality, model_id: str, channel: str = "", batch: int = 1000
+        self,
+        tenant_id: str,
+        modality: Modality,
+        model_id: str,
+        channel: str = "",
+        batch: int = 1000,
+        consent: str | None = None,
     ) -> Iterator[list[TemplateRecord]]:
         # Keyset pagination: each batch is one short indexed read, so neither memory nor a
         # connection is held while the caller scores the batch.
+        where, params = self._gallery(tenant_id, modality, model_id, channel, consent)
         after = ""
         while True:
-            found = self._select(
-                _GALLERY + " AND id > ?",
-                (tenant_id, modality, model_id, channel, after, batch),
-                "ORDER BY id LIMIT ?",
-            )
+            found = self._select(where + " AND id > ?", (*params, after, batch), "ORDER BY id LIMIT ?")
             if found:
                 yield found
             if len(found) < batch:
@@ -72,13 +75,16 @@ class SqlTemplateRepository(Repository[TemplateRecord]):
             after = found[-1].id
 
     def count_gallery(
-        self, tenant_id: str, modality: Modality, model_id: str, channel: str = ""
+        self,
+        tenant_id: str,
+        modality: Modality,
+        model_id: str,
+        channel: str = "",
+        consent: str | None = None,
     ) -> int:
+        where, params = self._gallery(tenant_id, modality, model_id, channel, consent)
         with self._db.read() as s:
-            return s.one(
-                f"SELECT COUNT(*) FROM templates WHERE {_GALLERY}",
-                (tenant_id, modality, model_id, channel),
-            )[0]
+            return s.one(f"SELECT COUNT(*) FROM templates WHERE {where}", params)[0]
 
     def gallery_version(
         self, tenant_id: str, modality: Modality, model_id: str, channel: str = ""
@@ -90,6 +96,26 @@ class SqlTemplateRepository(Repository[TemplateRecord]):
                 (tenant_id, modality, model_id, channel),
             )
         return int(count), from_ts(latest)
+
+    def _gallery(
+        self, tenant_id: str, modality: Modality, model_id: str, channel: str, consent: str | None
+    ) -> tuple[str, tuple[Any, ...]]:
+        """The WHERE clause of a gallery; with `consent` (a purpose), only the templates of
+        subjects whose active consent of that purpose lists the gallery's modality."""
+        params: tuple[Any, ...] = (tenant_id, modality, model_id, channel)
+        if consent is None:
+            return _GALLERY, params
+        lists_modality = (
+            "EXISTS (SELECT 1 FROM json_each(c.modalities) WHERE json_each.value = ?)"
+            if self._db.dialect.name == "sqlite"
+            else "c.modalities @> jsonb_build_array(?::text)"
+        )
+        where = (
+            f"{_GALLERY} AND EXISTS (SELECT 1 FROM consents c WHERE c.tenant_id = templates.tenant_id"
+            " AND c.subject_id = templates.subject_id AND c.purpose = ? AND c.granted = ?"
+            f" AND c.withdrawn_at IS NULL AND {lists_modality})"
+        )
+        return where, (*params, consent, True, modality)
 
     def delete_for_subject(
         self, tenant_id: str, subject_id: str, modality: Modality | None = None

@@ -96,7 +96,8 @@ class FaceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Identify(self, request, context):
-        """1:N search within the tenant's gallery (kiosks).
+        """1:N search within the tenant's gallery (kiosks). The gallery holds only the subjects whose
+        active consent of purpose CONSENT_PURPOSE_BIOMETRIC_IDENTIFICATION lists MODALITY_FACE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
