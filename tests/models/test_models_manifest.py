@@ -206,3 +206,45 @@ def test_update_calibration_rewrites_only_that_record(tmp_path: Path, store_sett
     with pytest.raises(UnknownModelError):
         store.update_calibration("nope", "x", RECORD)
     assert manifest_copy.read_text(encoding="utf-8") == original
+
+
+def test_calibrate_keeps_comments_and_blank_lines_around_the_records(tmp_path: Path, store_settings):
+    manifest_copy = tmp_path / "manifest.yaml"
+    shutil.copy(MANIFEST, manifest_copy)
+    store = ModelStore(store_settings(tmp_path / "data", manifest=manifest_copy))
+    model_id = "sface-2021dec-batch"
+
+    def calibrate(channel, notes):
+        store.update_calibration(model_id, channel, None if notes is None else {**RECORD, "notes": notes})
+        return manifest_copy.read_text(encoding="utf-8")
+
+    def edit(text, old, new):
+        assert text.count(old) == 1, old
+        manifest_copy.write_text(text.replace(old, new), encoding="utf-8")
+        return manifest_copy.read_text(encoding="utf-8")
+
+    # A calibrated model whose record is followed by a blank line and a section comment, and
+    # preceded by a comment of its own.
+    text = calibrate("mobile-selfie", "first")
+    assert "notes: first\n\n  " in text  # the blank line that ends the model
+    text = edit(text, "notes: first\n\n", "notes: first\n\n  # ---- the next section\n")
+    text = edit(text, "      mobile-selfie:\n", "      # the selfie set\n      mobile-selfie:\n")
+    start = text
+
+    # Re-calibrating the record changes its notes line and nothing else.
+    text = calibrate("mobile-selfie", "second")
+    assert text == start.replace("notes: first\n", "notes: second\n")
+
+    # A record added after it takes the blank line and the comment along to the model's end.
+    text = calibrate("telephone", "tel")
+    assert "notes: second\n      telephone:\n" in text
+    assert "notes: tel\n\n  # ---- the next section\n" in text
+    # A comment between two records stays when the first is re-calibrated.
+    text = edit(text, "      telephone:\n", "      # the IVR set\n      telephone:\n")
+    text = calibrate("mobile-selfie", "first")
+    assert "notes: first\n      # the IVR set\n      telephone:\n" in text
+
+    # Removing the added record (and the comment that introduced it) restores the file byte for byte.
+    text = calibrate("telephone", None)
+    assert text == start
+    assert set(load_manifest(manifest_copy).model(model_id).calibration) == {"mobile-selfie"}

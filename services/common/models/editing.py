@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from .errors import UnknownModelError
 from .files import write_text_atomic
@@ -48,6 +48,15 @@ def _put_trailing(node: CommentedMap, token: Any) -> None:
         entry[2] = token
 
 
+def _commented(value: Any) -> Any:
+    """Plain dicts and lists as ruamel's commented types, which can carry a trailing comment."""
+    if isinstance(value, dict):
+        return CommentedMap((k, _commented(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return CommentedSeq(_commented(v) for v in value)
+    return value
+
+
 def with_calibration(text: str, model_id: str, channel: str, record: dict[str, Any] | None) -> str:
     """``text`` with models[id=model_id].calibration[channel] set to ``record`` (None removes it)."""
     rt = _round_trip_yaml()
@@ -69,7 +78,18 @@ def with_calibration(text: str, model_id: str, channel: str, record: dict[str, A
             del calibration[channel]
             _put_trailing(calibration if calibration else model, trailing)
     else:
-        calibration[channel] = record
+        # Likewise a comment or blank line after the replaced record (or, for a new record that
+        # goes last, after the record it follows) moves onto the new record.
+        old = calibration.get(channel)
+        if isinstance(old, CommentedMap) and old:
+            trailing = _take_trailing(old)
+        elif channel not in calibration and calibration:
+            trailing = _take_trailing(calibration)
+        else:
+            trailing = None
+        new = _commented(record)
+        calibration[channel] = new
+        _put_trailing(new if isinstance(new, CommentedMap) and new else calibration, trailing)
     if not calibration:
         calibration.fa.set_flow_style()
     out = io.StringIO()
