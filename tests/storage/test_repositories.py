@@ -262,6 +262,26 @@ def test_phone_envelope_and_rewrap(storage: SqlStorage) -> None:
     assert storage.subjects.iter_phones_for_rewrap("k2", batch=10) == []
 
 
+def test_envelopes_counted_per_key_id(storage: SqlStorage) -> None:
+    assert storage.templates.count_by_key() == {} and storage.subjects.count_phones_by_key() == {}
+    recs = [storage.templates.put(template(subject=f"s{i}", key_id="k1")) for i in range(3)]
+    storage.templates.put(template(subject="s0", modality="voice", channel="wideband", key_id="k2"))
+    storage.templates.put(template(subject="b0", tenant="bank-b", key_id="k2"))
+    storage.subjects.set_phone(T, "s0", b"p0", "k1")
+    storage.subjects.set_phone(T, "s1", b"p1", "k3")
+    storage.subjects.record_consent(consent("no-phone"))  # a subject row without a phone envelope
+    assert storage.templates.count_by_key() == {"k1": 3, "k2": 2}
+    assert storage.subjects.count_phones_by_key() == {"k1": 1, "k3": 1}
+
+    assert storage.templates.replace_envelope(recs[0].id, "k1", b"e", "k3")
+    assert storage.subjects.replace_phone_envelope(T, "s0", "k1", b"p", "k3")
+    assert storage.templates.count_by_key() == {"k1": 2, "k2": 2, "k3": 1}
+    assert storage.subjects.count_phones_by_key() == {"k3": 2}
+    storage.erase_subject(T, "s1")
+    assert storage.templates.count_by_key() == {"k1": 1, "k2": 2, "k3": 1}
+    assert storage.subjects.count_phones_by_key() == {"k3": 1}
+
+
 # --- devices -------------------------------------------------------------------------------------
 
 

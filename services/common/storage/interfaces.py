@@ -227,6 +227,9 @@ class TemplateRepository(Protocol):
     ) -> list[TemplateRecord]:
         """Up to `batch` templates not wrapped with `exclude_key_id`, ordered by id after `after_id`."""
 
+    def count_by_key(self) -> dict[str, int]:
+        """How many templates each key id wraps (counted in the database)."""
+
     def replace_envelope(
         self,
         id: str,
@@ -268,6 +271,9 @@ class SubjectRepository(Protocol):
     def iter_phones_for_rewrap(
         self, exclude_key_id: str, batch: int, after: tuple[str, str] = ("", "")
     ) -> list[PhoneRecord]: ...
+
+    def count_phones_by_key(self) -> dict[str, int]:
+        """How many phone envelopes each key id wraps (counted in the database)."""
 
     def replace_phone_envelope(
         self,

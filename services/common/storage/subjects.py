@@ -122,6 +122,13 @@ class SqlSubjectRepository(Repository[ConsentRecord]):
             )
         return [PhoneRecord(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
 
+    def count_phones_by_key(self) -> dict[str, int]:
+        with self._db.read() as s:
+            rows = s.all(
+                "SELECT phone_key_id, COUNT(*) FROM subjects WHERE phone_key_id IS NOT NULL GROUP BY phone_key_id"
+            )
+        return {key_id: int(n) for key_id, n in rows}
+
     def replace_phone_envelope(
         self,
         tenant_id: str,

@@ -131,6 +131,10 @@ class SqlTemplateRepository(Repository[TemplateRecord]):
             "key_id <> ? AND id > ?", (exclude_key_id, after_id, batch), "ORDER BY id LIMIT ?"
         )
 
+    def count_by_key(self) -> dict[str, int]:
+        with self._db.read() as s:
+            return {key_id: int(n) for key_id, n in s.all("SELECT key_id, COUNT(*) FROM templates GROUP BY key_id")}
+
     def replace_envelope(
         self,
         id: str,
