@@ -63,11 +63,11 @@ def delete_modality(rt: Runtime, request: common_pb2.DeleteSubjectRequest, modal
 
 
 def require_consent(rt: Runtime, tenant: str, subject: str, modality: str) -> None:
-    """Enrolment needs a recorded, unwithdrawn consent for biometric verification (PIPL art. 29,
-    GDPR art. 9(2)(a))."""
+    """Enrolment and every 1:1 use of a template need a recorded, unwithdrawn consent for biometric
+    verification (PIPL art. 29, GDPR art. 9(2)(a)): a withdrawal stops verification at once."""
     if not rt.storage.subjects.has_active_consent(tenant, subject, VERIFICATION, modality):
         raise errors.failed_precondition(
-            f"no recorded consent for {modality} biometric verification of this subject; "
-            "record it with MfaService.RecordConsent first",
+            f"no active consent for {modality} biometric verification of this subject (never recorded, "
+            "or withdrawn); record it with MfaService.RecordConsent first",
             reason="NO_CONSENT",
         )

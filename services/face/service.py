@@ -152,6 +152,7 @@ class FaceService:
     def _template(self, tenant: str, subject: str) -> np.ndarray:
         rec = self.rt.storage.templates.get(tenant, subject, "face", self.model_id)
         if rec is not None:
+            require_consent(self.rt, tenant, subject, "face")
             return self.vault.open(rec)
         others = self.rt.storage.templates.list_for_subject(tenant, subject, "face")
         if others:

@@ -287,6 +287,14 @@ def test_identify_returns_only_subjects_whose_consent_covers_identification(face
     record("c-biden", identification)
     assert identify(BIDEN) == (1, {"c-biden": True})
 
+    # Withdrawing the verification consent stops 1:1 use of the template at once; a new grant resumes it.
+    mfa.WithdrawConsent(common_pb2.WithdrawConsentRequest(subject=ref(tenant, "c-obama"), purpose=verification))
+    code, why = refused(verify, s, tenant, "c-obama", (face_dir / OBAMA2).read_bytes())
+    assert (code, why) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_CONSENT")
+    assert s.storage.templates.list_for_subject(tenant, "c-obama")  # refused, not erased: erasure is DeleteSubject
+    record("c-obama", verification)
+    assert verify(s, tenant, "c-obama", (face_dir / OBAMA2).read_bytes()).match
+
 
 def test_identify_refuses_bad_probes(face_service):
     code, why = refused(face_service.stub.Identify, face_pb2.IdentifyFaceRequest(
