@@ -126,6 +126,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         if rec is None:
             raise errors.not_found(f"no {family} voice template of model {eng.model_id} for this subject; enrol first",
                                    "NOT_ENROLLED")
+        subjects.require_consent(self.rt, tenant, subject, "voice")  # a withdrawal stops 1:1 use at once
         binding = TemplateBinding(tenant, subject, "voice", eng.model_id, family)
         return decode_template(self.rt.crypto.decrypt_template(binding, rec.envelope))
 
