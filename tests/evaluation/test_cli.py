@@ -138,11 +138,12 @@ def test_eval_trials_csv_and_pad(settings, synthetic_scorers, tmp_path: Path, ca
     assert report["non_response"]["bpnrr"]["failures"] == 1
 
     args = parse(["calibrate", str(tmp_path / "pad" / "scores.json"), "--llr", "none",
-                  "--out", str(tmp_path / "pad-record.json")])
+                  "--out", str(tmp_path / "pad-record.json"), "--notes", "APCER 5 %: the service's target"])
     assert args.func(settings, args) == 0
     record = json.loads((tmp_path / "pad-record.json").read_text())
     assert [p["target_fmr"] for p in record["operating_points"]] == [0.05, 0.01]
     assert record["score"] == "p_live" and "llr" not in record
+    assert record["notes"] == "APCER 5 %: the service's target"
     assert "UNSUPPORTED: needs >= 60" in capsys.readouterr().out
 
 

@@ -182,6 +182,8 @@ def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
         prior=args.prior,
         genuine_failures=0 if pad else int(scores.get("genuine_failures", 0)),
     )
+    if args.notes:
+        record["notes"] = args.notes
     n_impostor = record["trials"]["impostor"]
     for p in record["operating_points"]:
         needed = m.rule_of_three(p["target_fmr"])
@@ -230,5 +232,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--llr", choices=("logistic", "pav", "none"), default="logistic")
     p.add_argument("--prior", type=float, default=0.5, help="target prior for the LLR fit")
     p.add_argument("--dataset", help="dataset name for the record (default: from the report)")
+    p.add_argument("--notes", help="the record's notes: why these targets, what the operating point is for")
     p.add_argument("--out", help="also write the record to this JSON file")
     p.set_defaults(func=_calibrate)
