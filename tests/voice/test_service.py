@@ -190,6 +190,19 @@ def test_espeak_speech_is_refused_as_synthetic(voice_service, voice_dir):
     assert "SPOOF_SUSPECTED" in [r.code for r in reply.reasons]
 
 
+def test_enrolment_leaves_out_an_utterance_refused_as_synthetic(voice_service, voice_dir):
+    """A synthetic utterance among genuine ones is left out and reported per utterance; the
+    template is built from the others (which meet the minimums on their own) and verifies."""
+    tenant, subject = new_subject(voice_service)
+    genuine = [read(p) for p in files(voice_dir, "libri_2609")]
+    tts = attacks.espeak("I would like to open a savings account for my daughter, please.", "en-us+m3")
+    reply = enrol(voice_service, tenant, subject, [genuine[0], tts, genuine[1]])
+    assert [q.accepted for q in reply.utterances] == [True, False, True]
+    assert [i.code for i in reply.utterances[1].issues] == ["SPOOF_SUSPECTED"]
+    assert reply.template.samples == 2
+    assert verify(voice_service, tenant, subject, wav(genuine[2])).match
+
+
 def test_replayed_capture_is_refused_after_loudspeaker_room_and_g711(voice_service, voice_dir):
     tenant, subject = new_subject(voice_service)
     clips = [read(p) for p in files(voice_dir, "libri_367")]
