@@ -70,6 +70,11 @@ def load_or_build_cohort(settings: Settings, pipeline: VoicePipeline) -> cohort_
     return c
 
 
+def channel_target_fmr(cfg: VoiceConfig, family: str) -> float:
+    """The service's operating point on a channel family (a tenant's own target_fmr overrides it)."""
+    return cfg.target_fmr_by_channel.get(family, cfg.target_fmr)
+
+
 def pad_score_name(window_s: float) -> str:
     return f"bonafide_log_odds@speech{window_s:g}s"
 
@@ -151,7 +156,7 @@ class VoiceEngine:
         """Every channel family has a threshold for the configured operating points (else raises)."""
         for family in cohort_mod.FAMILIES:
             channel = self.calibration_channel(family)
-            self.calibrations.threshold(self.model_id, channel, self.cfg.target_fmr, self.score_name)
+            self.calibrations.threshold(self.model_id, channel, channel_target_fmr(self.cfg, family), self.score_name)
             for target in {t.target_fmr for t in self.cfg.tenants.values() if t.target_fmr}:
                 self.calibrations.threshold(self.model_id, channel, target, self.score_name)
             if self.synthetic is not None:

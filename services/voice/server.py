@@ -37,7 +37,7 @@ from services.common.storage import (
 from services.common.validation import subject_ref
 
 from . import replay
-from .engine import VoiceEngine
+from .engine import VoiceEngine, channel_target_fmr
 from .ingest import AudioError, AudioFormat, Encoding
 from .pipeline import PreparedAudio, VoiceStream
 from .templates import decode_template, encode_template
@@ -109,9 +109,11 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _policy(self, tenant: str) -> tuple[float, bool]:
+    def _policy(self, tenant: str, family: str) -> tuple[float, bool]:
+        """-> (target FMR, synthetic-speech check on) for the tenant on this channel family."""
         p = self.cfg.tenants.get(tenant)
-        return (p.target_fmr if p and p.target_fmr else self.cfg.target_fmr), (p.synthetic_speech_check if p else True)
+        target = p.target_fmr if p and p.target_fmr else channel_target_fmr(self.cfg, family)
+        return target, (p.synthetic_speech_check if p else True)
 
     def _family(self, channel: int, prepared: PreparedAudio | None, field: str = "channel") -> str:
         if channel in _FAMILIES:
@@ -185,7 +187,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 f"{total:.2f} s of net speech over the utterances, {self.cfg.min_total_net_speech_enroll_s:g} s needed",
                 "LOW_NET_SPEECH", metadata={"net_speech_s": f"{total:.2f}",
                                             "min_net_speech_s": f"{self.cfg.min_total_net_speech_enroll_s:g}"})
-        _, synthetic_on = self._policy(tenant)
+        _, synthetic_on = self._policy(tenant, family)
         layers = [eng.synthetic_check(p, family, synthetic_on) for p in prepared]
         # An utterance refused as synthetic is left out and reported, not the whole enrolment: a
         # caller could send the utterances one Enroll at a time anyway, so refusing them all adds
@@ -300,7 +302,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         eng = self._engine()
         family = self._family(channel, prepared)
         template = self._template(tenant, subject, family)
-        target_fmr, synthetic_on = self._policy(tenant)
+        target_fmr, synthetic_on = self._policy(tenant, family)
         probe = eng.embed([prepared])[0]
         score, threshold, llr, _ = eng.compare(template, probe, family, target_fmr)
         synthetic = eng.synthetic_check(prepared, family, synthetic_on)
