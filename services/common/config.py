@@ -225,6 +225,11 @@ class VoiceConfig(Section):
     vad: str = "silero-vad-v6"
     antispoof: str = "aasist"  # synthetic-speech detector; "" turns the layer off
     antispoof_window_s: float = Field(3.0, ge=1.0, le=4.04)  # scored on the most speech-dense window
+    # Per template channel family, instead of antispoof_window_s. Telephone: AASIST's native 4.04 s
+    # window separates espeak-ng from telephone speech better than 3 s (PAD EER 2.7 % vs 5.0 %) for
+    # ~1.5x the CPU of a window (bench/RESULTS.md, Voice anti-spoofing layers).
+    antispoof_window_s_by_channel: dict[Literal["wideband", "telephone"], Annotated[float, Field(ge=1.0, le=4.04)]] = {
+        "telephone": 4.04}
     antispoof_batch_max: int = Field(1, ge=1, le=64)  # AASIST windows per pass: ~170 MB each on CPU; raise on a GPU
     antispoof_target_apcer: float = Field(0.05, gt=0, lt=1)  # a calibrated operating point (RESULTS.md)
     target_fmr: float = Field(1e-3, gt=0, lt=1)  # a calibrated operating point

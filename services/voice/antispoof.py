@@ -4,7 +4,9 @@ Cost is what decides the setting here: AASIST on its native 4.04 s window took a
 CPU core, 3 s about 0.6 s and 2 s about 0.3 s (it grows faster than the window). One window placed
 where the VAD found the most speech separates genuine fixture speech from espeak-ng speech, where a
 window at the start of the clip (often silence) does not; see bench/voice_antispoof_dev.py.
-Windows are scored in batches (equal lengths), so concurrent requests share one forward pass.
+The length is set per channel: on telephone audio the native 4.04 s window separates espeak-ng
+from genuine speech clearly better than 3 s (bench/RESULTS.md). Windows are scored in batches
+(one pass per length), so concurrent requests share forward passes.
 """
 
 from __future__ import annotations
@@ -46,11 +48,15 @@ class SyntheticSpeechDetector:
         return speech_window(prepared.samples, prepared.vad.segments, self.window)
 
     def score_windows(self, windows: list[FloatArray]) -> list[float]:
-        """Bona fide log-odds (higher = genuine) of equal-length windows, one forward pass."""
-        if not windows:
-            return []
-        logits = self.detector.logits(np.stack(windows))
-        return [float(v) for v in (logits[:, 1] - logits[:, 0])]
+        """Bona fide log-odds (higher = genuine) of windows; those of one length share a forward pass
+        (the channels' windows may differ in length)."""
+        scores = [0.0] * len(windows)
+        for length in {len(w) for w in windows}:
+            idx = [i for i, w in enumerate(windows) if len(w) == length]
+            logits = self.detector.logits(np.stack([windows[i] for i in idx]))
+            for i, v in zip(idx, logits[:, 1] - logits[:, 0]):
+                scores[i] = float(v)
+        return scores
 
     def score(self, prepared: PreparedAudio) -> float:
         return self.score_windows([self.window_of(prepared)])[0]

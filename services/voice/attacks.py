@@ -33,7 +33,13 @@ SENTENCES = (
     "Three one four one five nine two six.",
     "Good morning, I need to change the address on my account.",
 )
-VOICES = ("en-us", "en", "en-us+m3", "en+f2", "en-us+f4", "en-us+klatt", "en-gb-x-rp", "en+m7")
+# Variant names are file names (case-sensitive): a misspelt one silently gives the base voice.
+# tests/voice/test_layers.py holds other voices out, to measure what calibration did not see.
+VOICES = ("en-us", "en", "en-us+m3", "en+f2", "en-us+f4", "en-us+klatt", "en-gb-x-rp", "en+m7",
+          "en-gb-scotland", "en-us+f3", "en-029+m2", "en-us-nyc+klatt3", "en-gb-x-gbclan+f5", "en+Annie",
+          "en-us+Andy", "en-gb-x-gbcwmd+f1", "en-us+linda", "en+steph", "en-us+belinda", "en+Andrea",
+          "en-us+anika", "en+max", "en-us+Mike", "en+Michael", "en-us+klatt5", "en+klatt6", "en-us+m1",
+          "en+f5", "en-029+f2", "en-us-nyc+paul", "en-gb-scotland+Lee", "en-us+Gene")
 
 
 def room_impulse_response(rate: int, rt60_s: float, rng: np.random.Generator) -> FloatArray:

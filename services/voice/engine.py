@@ -75,6 +75,10 @@ def channel_target_fmr(cfg: VoiceConfig, family: str) -> float:
     return cfg.target_fmr_by_channel.get(family, cfg.target_fmr)
 
 
+def antispoof_window_s(cfg: VoiceConfig, family: str) -> float:
+    return cfg.antispoof_window_s_by_channel.get(family, cfg.antispoof_window_s)
+
+
 def pad_score_name(window_s: float) -> str:
     return f"bonafide_log_odds@speech{window_s:g}s"
 
@@ -133,17 +137,19 @@ class VoiceEngine:
         self.calibrations = ManifestCalibrations(settings.models.manifest, cfg.calibration_check_s)
         self.embed_batcher = BatcherPool(lambda items: list(self.pipeline.embed(items)), cfg.inference_workers,
                                          cfg.batch_max, cfg.batch_wait_ms, "voice-ecapa")
-        self.synthetic: SyntheticSpeechDetector | None = None
+        # Per channel family: the AASIST window (one network for all) and the score it calibrates.
+        self.synthetic: dict[str, SyntheticSpeechDetector] = {}
         self.synthetic_batcher: BatcherPool | None = None
         if cfg.antispoof:
             weights, conf = AASIST_FILES[cfg.antispoof]
             detector = AasistDetector(store.path(cfg.antispoof, weights), store.path(cfg.antispoof, conf),
                                       threads=cfg.intra_op_threads or None, max_windows=1,
                                       device=torch_device(providers))
-            self.synthetic = SyntheticSpeechDetector(detector, cfg.antispoof_window_s)
-            self.synthetic_batcher = BatcherPool(self.synthetic.score_windows, cfg.inference_workers,
+            self.synthetic = {f: SyntheticSpeechDetector(detector, antispoof_window_s(cfg, f))
+                              for f in cohort_mod.FAMILIES}
+            self.synthetic_batcher = BatcherPool(self.synthetic["wideband"].score_windows, cfg.inference_workers,
                                                  cfg.antispoof_batch_max, cfg.batch_wait_ms, "voice-aasist")
-        self.pad_score_name = pad_score_name(cfg.antispoof_window_s)
+        self.pad_score_names = {f: pad_score_name(antispoof_window_s(cfg, f)) for f in cohort_mod.FAMILIES}
         self.digits = DigitRecognizer()
         self.replay = replay.ReplayCache(
             replay.open_store(cfg.replay_store, cfg.replay_retention_s, cfg.replay_max_per_subject,
@@ -159,16 +165,16 @@ class VoiceEngine:
             self.calibrations.threshold(self.model_id, channel, channel_target_fmr(self.cfg, family), self.score_name)
             for target in {t.target_fmr for t in self.cfg.tenants.values() if t.target_fmr}:
                 self.calibrations.threshold(self.model_id, channel, target, self.score_name)
-            if self.synthetic is not None:
+            if self.synthetic:
                 self.calibrations.threshold(self.cfg.antispoof, channel, self.cfg.antispoof_target_apcer,
-                                            self.pad_score_name)
+                                            self.pad_score_names[family])
 
     def warmup(self) -> None:
         self.pipeline.warmup()
         t = np.arange(32000, dtype=np.float32) / 16000
         x = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-        if self.synthetic is not None:
-            self.synthetic.score_windows([x[: self.synthetic.window]])
+        for detector in self.synthetic.values():
+            detector.score_windows([np.resize(x, detector.window)])
         self.digits.warmup(self.cfg.challenge_digits)
         replay.similarity(replay.fingerprint(x), replay.fingerprint(x))
 
@@ -176,7 +182,7 @@ class VoiceEngine:
     def providers(self) -> dict[str, str]:
         out = {self.model_id: self.pipeline.provider, self.cfg.vad: self.pipeline.vad.model.provider}
         if self.cfg.antispoof:
-            out[self.cfg.antispoof] = f"torch-{self.synthetic.detector.device.type}"
+            out[self.cfg.antispoof] = f"torch-{self.synthetic['wideband'].detector.device.type}"
         out["pocketsphinx"] = "cpu"
         return out
 
@@ -204,11 +210,11 @@ class VoiceEngine:
         return score, threshold, llr, cosine
 
     def synthetic_check(self, prepared: PreparedAudio, family: str, enabled: bool) -> LayerResult:
-        if self.synthetic is None or self.synthetic_batcher is None or not enabled:
+        if not self.synthetic or self.synthetic_batcher is None or not enabled:
             return LayerResult(False, True)
-        value = self.synthetic_batcher.submit_many([self.synthetic.window_of(prepared)], timeout=60.0)[0]
+        value = self.synthetic_batcher.submit_many([self.synthetic[family].window_of(prepared)], timeout=60.0)[0]
         threshold = self.calibrations.threshold(self.cfg.antispoof, self.calibration_channel(family),
-                                                self.cfg.antispoof_target_apcer, self.pad_score_name)
+                                                self.cfg.antispoof_target_apcer, self.pad_score_names[family])
         return LayerResult(True, value >= threshold, value)
 
     def challenge_check(self, prepared: PreparedAudio, expected: str | None) -> tuple[LayerResult, int]:

@@ -11,8 +11,8 @@ Scores are the service's: cosine, and with ``voice.score_normalisation: asnorm``
 against the configured cohort (the default cohort holds none of the fixture speakers; see
 cohort.py), so that `biogate calibrate` fits thresholds on the numbers the service compares. Refused audio is a
 :class:`Failure` whose reason is the ingest error code in lower case.
-The PAD scorer is the service's synthetic-speech layer (AASIST on the most speech-dense window,
-bona fide log-odds) on the same channels, after the same ingest and VAD.
+The PAD scorer is the service's synthetic-speech layer (AASIST on the most speech-dense window of
+the channel's length, bona fide log-odds) on the same channels, after the same ingest and VAD.
 """
 
 from __future__ import annotations
@@ -140,13 +140,14 @@ class VoicePadScorer:
 
 
 def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
-    from .engine import AASIST_FILES, pad_score_name
+    from .engine import AASIST_FILES, antispoof_window_s, pad_score_name
 
     cfg = options.settings.voice
     telephone_channel, crop = parse_channel(options.channel)
+    window_s = antispoof_window_s(cfg, FAMILIES[1] if telephone_channel else FAMILIES[0])  # the service's window
     store = ModelStore(options.settings)
     weights, conf = AASIST_FILES[cfg.antispoof or "aasist"]
     model = cfg.antispoof or "aasist"
     detector = AasistDetector(store.path(model, weights), store.path(model, conf), max_windows=1)
-    return VoicePadScorer(pipeline_from_settings(options.settings), SyntheticSpeechDetector(detector, cfg.antispoof_window_s),
-                          telephone_channel, crop, pad_score_name(cfg.antispoof_window_s))
+    return VoicePadScorer(pipeline_from_settings(options.settings), SyntheticSpeechDetector(detector, window_s),
+                          telephone_channel, crop, pad_score_name(window_s))

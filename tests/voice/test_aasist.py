@@ -55,3 +55,16 @@ def test_espeak_speech_scores_below_genuine_speech(detector, voice_dir, tmp_path
     synthetic = detector.score(espeak("Please verify my identity so that I can access my account.", tmp_path))
     assert all(np.isfinite(genuine)) and np.isfinite(synthetic)
     assert min(genuine) > synthetic + 3.0
+
+
+def test_windows_of_two_lengths_score_as_they_would_alone(detector):
+    """The service batches the wideband (3 s) and telephone (4.04 s) windows of concurrent requests
+    together: each length runs its own pass, in the callers' order."""
+    from services.voice.antispoof import SyntheticSpeechDetector
+
+    rng = np.random.default_rng(0)
+    windows = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (48000, detector.window, 48000)]
+    det = SyntheticSpeechDetector(detector)
+    together = det.score_windows(windows)
+    alone = [det.score_windows([w])[0] for w in windows]
+    assert together == pytest.approx(alone, abs=1e-3) and len(set(together)) == 3

@@ -186,13 +186,19 @@ def test_long_audio_is_embedded_in_segments(pipeline, voice_dir):
 
 
 def test_calibration_must_be_for_the_score_the_service_computes():
-    from services.common.config import PROJECT_ROOT
+    from services.common.config import PROJECT_ROOT, VoiceConfig
     from services.voice.calibration import ManifestCalibrations, NotCalibrated
+    from services.voice.engine import antispoof_window_s, channel_target_fmr, pad_score_name
 
     cal = ManifestCalibrations(PROJECT_ROOT / "models" / "manifest.yaml")
-    for channel in ("wideband", "telephony-8k"):
-        assert 0 < cal.threshold("ecapa-voxceleb", channel, 1e-3, "cosine") < 1
-        assert cal.threshold("aasist", channel, 0.05, "bonafide_log_odds@speech3s") < 0
+    cfg = VoiceConfig()
+    for family, channel in cfg.calibration_channels.items():
+        assert 0 < cal.threshold("ecapa-voxceleb", channel, channel_target_fmr(cfg, family), "cosine") < 1
+        score = pad_score_name(antispoof_window_s(cfg, family))
+        assert cal.threshold("aasist", channel, cfg.antispoof_target_apcer, score) < 0
+    assert channel_target_fmr(cfg, "telephone") == 1e-2 and channel_target_fmr(cfg, "wideband") == 1e-3
+    with pytest.raises(NotCalibrated, match="speech3s"):  # the telephone threshold is for the 4.04 s window
+        cal.threshold("aasist", "telephony-8k", 0.05, "bonafide_log_odds@speech3s")
     with pytest.raises(NotCalibrated, match="asnorm50"):
         cal.threshold("ecapa-voxceleb", "wideband", 1e-3, "asnorm50:0123456789abcdef")
     with pytest.raises(NotCalibrated):
