@@ -336,8 +336,10 @@ def test_two_hour_stream_is_cut_at_the_duration_limit(voice_service, speaker):
     started = time.monotonic()
     code, reason = status_of(lambda: voice_service.stub.StreamVerify(messages(), timeout=60))
     assert reason == "TOO_LONG" and code == grpc.StatusCode.INVALID_ARGUMENT
-    # The service stopped at its 60 s limit; the client's sends ran ahead only by gRPC's buffers.
-    assert sent < 72000 // 10 and time.monotonic() - started < 30
+    # The service stopped at its 60 s limit (600 chunks); the client's sends ran ahead only by gRPC's
+    # flow-control windows, which grow while the server is slow: 9,688 chunks (7.8 MB) were seen on
+    # a loaded machine, so the bound is the half hour of audio, far from the two hours offered.
+    assert sent < 72000 // 4 and time.monotonic() - started < 30
 
 
 def test_stream_without_header_and_unknown_subject(voice_service):
