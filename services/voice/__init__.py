@@ -18,9 +18,11 @@ One module per role:
 Calibrating (writes models/manifest.yaml; see bench/RESULTS.md for the figures):
   biogate eval --modality voice --all-pairs --channel wideband --out var/eval/v-wb
   biogate calibrate var/eval/v-wb/scores.json --model ecapa-voxceleb --channel wideband
-  (the same with --channel telephony-8k)
-  biogate voice attacks --out var/eval/voice-attacks --voices 8
+  (the same with --channel telephony-8k; the service decides there at voice.target_fmr_by_channel)
+  biogate voice attacks --out var/eval/voice-attacks --voices 16
   biogate eval --modality voice --task pad --trials var/eval/voice-attacks/pad_voice_attacks.csv \\
       --channel wideband --out var/eval/v-pad-wb
   biogate calibrate var/eval/v-pad-wb/scores.json --model aasist --channel wideband --target-fmr 0.05 0.01
+  (the same with --channel telephony-8k: scored on that channel's window, voice.antispoof_window_s_by_channel)
+Genuine speech through every layer, per channel: bench/voice_genuine_layers.py.
 """

@@ -1,5 +1,6 @@
 """The service's building blocks: s-norm, cohort files, replay fingerprints and stores, the AASIST
-window, the digit recogniser; and genuine fixture speech through every layer of the service."""
+window, the digit recogniser; and, per channel, genuine fixture speech through every layer of the
+service and espeak-ng speech in voices the calibration did not see."""
 
 from __future__ import annotations
 
@@ -127,43 +128,89 @@ def test_digit_grammar_and_recogniser():
     assert len(rec.recognise(np.zeros(16000, np.float32), 6)) in (0, 6)
 
 
-def test_genuine_fixture_speech_passes_every_layer(voice_service, voice_dir):
-    """Every speaker: enrol the two longest recordings, verify the next two, alternately on the app
-    and the telephone channel, with AASIST, the replay cache and the calibrated threshold. A
+# The issue's target for genuine speech through every layer, per channel; measured on all the
+# fixtures' probes by bench/voice_genuine_layers.py (bench/RESULTS.md, Voice accuracy).
+GENUINE_PASS_RATE = 0.95
+MULAW = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz=8000)
+CHANNELS = {"wideband": voice_pb2.VOICE_CHANNEL_WIDEBAND, "telephone": voice_pb2.VOICE_CHANNEL_TELEPHONE}
+
+
+def channel_audio(x, family: str) -> common_pb2.Audio:
+    if family == "telephone":
+        return common_pb2.Audio(data=telephone.encode(x, 16000), format=MULAW)
+    return common_pb2.Audio(data=wav_bytes(x, 16000))
+
+
+def verify_as_caller(voice_service, ref, x, family: str):
+    """The app sends the recording in one call; the IVR streams 20 ms mu-law chunks and is answered
+    once the target net speech has arrived."""
+    if family == "wideband":
+        return voice_service.stub.Verify(voice_pb2.VerifyVoiceRequest(
+            subject=ref, audio=channel_audio(x, family), channel=CHANNELS[family]))
+    data = telephone.encode(x, 16000)
+    header = voice_pb2.StreamVerifyVoiceRequest.Header(subject=ref, format=MULAW, channel=CHANNELS[family])
+    return voice_service.stub.StreamVerify(iter([voice_pb2.StreamVerifyVoiceRequest(header=header)] + [
+        voice_pb2.StreamVerifyVoiceRequest(chunk=data[i : i + 160]) for i in range(0, len(data), 160)]))
+
+
+def enrol_speaker(voice_service, voice_dir, name: str, family: str):
+    """A new subject enrolled with the speaker's two longest recordings -> (ref, the other recordings)."""
+    files = sorted((voice_dir / name).glob("*.wav"), key=lambda p: (-p.stat().st_size, p.name))
+    tenant, subject = "bank-a", f"genuine-{uuid.uuid4().hex[:8]}"
+    voice_service.consent(tenant, subject)
+    ref = common_pb2.SubjectRef(tenant_id=tenant, subject_id=subject)
+    voice_service.stub.Enroll(voice_pb2.EnrollVoiceRequest(
+        subject=ref, utterances=[channel_audio(read(p), family) for p in files[:2]], channel=CHANNELS[family]))
+    return ref, files[2:]
+
+
+@pytest.mark.parametrize("family", list(CHANNELS))
+def test_genuine_fixture_speech_passes_every_layer(voice_service, voice_dir, family):
+    """Every speaker on each channel: enrol the two longest recordings, verify the next two as the
+    app or the IVR would, with AASIST, the replay cache and the channel's calibrated threshold. A
     refused enrolment counts its two probes as refused."""
     import grpc
 
-    speakers = sorted(p.name for p in voice_dir.iterdir() if p.is_dir())
-    outcomes = {"wideband": [], "telephone": []}
-    fmt = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz=8000)
-    for i, name in enumerate(speakers):
-        files = sorted((voice_dir / name).glob("*.wav"), key=lambda p: (-p.stat().st_size, p.name))
-        tenant, subject = "bank-a", f"genuine-{uuid.uuid4().hex[:8]}"
-        voice_service.consent(tenant, subject)
-        family = "telephone" if i % 2 else "wideband"
+    from services.common.errors import details_of
 
-        def audio(path):
-            x = read(path)
-            if family == "telephone":
-                return common_pb2.Audio(data=telephone.encode(x, 16000), format=fmt)
-            return common_pb2.Audio(data=wav_bytes(x, 16000))
-
-        channel = voice_pb2.VOICE_CHANNEL_TELEPHONE if family == "telephone" else voice_pb2.VOICE_CHANNEL_WIDEBAND
-        ref = common_pb2.SubjectRef(tenant_id=tenant, subject_id=subject)
+    outcomes, refusals = [], []
+    for name in sorted(p.name for p in voice_dir.iterdir() if p.is_dir()):
         try:
-            voice_service.stub.Enroll(voice_pb2.EnrollVoiceRequest(subject=ref, utterances=[audio(p) for p in files[:2]],
-                                                                   channel=channel))
-        except grpc.RpcError:
-            outcomes[family] += [(False, False)] * 2
+            ref, probes = enrol_speaker(voice_service, voice_dir, name, family)
+        except grpc.RpcError as err:
+            outcomes += [False, False]
+            refusals.append((name, "enrolment", details_of(err)["reason"]))
             continue
-        for probe in files[2:4]:
-            r = voice_service.stub.Verify(voice_pb2.VerifyVoiceRequest(subject=ref, audio=audio(probe), channel=channel))
-            outcomes[family].append((r.match, r.spoof_passed))
-    every = [o for v in outcomes.values() for o in v]
-    for family, got in outcomes.items():
-        print(f"\ngenuine through every layer, {family}: {np.mean([m for m, _ in got]):.0%} accepted, "
-              f"{np.mean([s for _, s in got]):.0%} passed anti-spoofing ({len(got)} probes)")
-    assert np.mean([s for _, s in every]) >= 0.85 and np.mean([m for m, _ in every]) >= 0.8
+        for probe in probes[:2]:
+            r = verify_as_caller(voice_service, ref, read(probe), family)
+            outcomes.append(r.match)
+            if not r.match:
+                refusals.append((name, probe.name, [c.code for c in r.reasons], round(r.score, 3), round(r.threshold, 3)))
+    rate = float(np.mean(outcomes))
+    print(f"\ngenuine through every layer, {family}: {rate:.1%} of {len(outcomes)} accepted; refused: {refusals}")
+    assert rate >= GENUINE_PASS_RATE, refusals
+
+
+@pytest.mark.parametrize("family", list(CHANNELS))
+def test_espeak_speech_is_refused_on_both_channels(voice_service, voice_dir, family):
+    """Synthetic speech against a genuine template, as the app or the IVR sends it, at the channel's
+    AASIST threshold, in sentences and voices that the calibration set does not hold. One of six may
+    pass: the calibrated APCER is 5 % pooled over 32 voices, and single voices pass up to 60 %."""
+    ref, _ = enrol_speaker(voice_service, voice_dir, "libri_2414", family)
+    texts = ("I forgot my online banking password and need to reset it before Friday.",
+             "Please read me the last five transactions on my current account.",
+             "I want to increase the daily limit on my debit card to two thousand.",
+             "Can you confirm that my salary has arrived in my account this month?",
+             "My new address is twenty one Station Road, and my postcode has changed.",
+             "I would like to speak to someone about a mortgage payment holiday.")
+    voices = ("en-us+m2", "en+f4", "en+m4", "en-us+klatt4", "en+Alicia", "en-us+m6")
+    assert not set(voices) & set(attacks.VOICES) and not set(texts) & set(attacks.SENTENCES)
+    refused = []
+    for text, voice in zip(texts, voices):
+        r = verify_as_caller(voice_service, ref, attacks.espeak(text, voice, speed=150), family)
+        refused.append(not r.match and not r.spoof_passed)
+    print(f"\nespeak-ng speech refused as synthetic, {family}: {sum(refused)} of {len(refused)}")
+    assert sum(refused) >= len(refused) - 1
 
 
 def test_long_audio_is_embedded_in_segments(pipeline, voice_dir):
