@@ -78,6 +78,13 @@ class Clock:
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
 
+    def room_in_window(self, window_s: int, needed_s: float) -> None:
+        """Moves to the start of the next fixed window (e.g. an hour of OTP rate limits) unless
+        ``needed_s`` still fit in the current one, so a test of a window's limit cannot straddle two."""
+        epoch = self.now.timestamp()
+        if epoch % window_s + needed_s >= window_s:
+            self.advance(window_s - epoch % window_s + 1)
+
 
 @pytest.fixture
 def clock():
