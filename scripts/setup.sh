@@ -9,14 +9,23 @@ VENV=.venv
 STAMP=$VENV/.biogate-deps
 want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
+step() { echo "setup: $*" >&2; }
+# pip without -q shows each download's progress; its "Requirement already satisfied" chatter is dropped.
+pip_install() { "$VENV/bin/pip" install --disable-pip-version-check --progress-bar on "$@" | { grep -v '^Requirement already satisfied' || true; }; }
+
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-  echo "setup: creating $VENV with $PY" >&2
+  step "[1/4] creating the virtual environment $VENV with $PY"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
   # torch first and by exact version: this machine's pip takes the CPU wheel from local disk,
   # whereas anything looser (silero-vad and speechbrain ask for "torch") pulls a multi-GB CUDA build.
-  "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q -c constraints.txt -e ".[dev]"
+  step "[2/4] installing torch 2.13.0 (CPU build)"
+  pip_install torch==2.13.0
+  step "[3/4] installing BioGate's pinned dependencies (constraints.txt), then BioGate itself (editable)"
+  "$VENV/bin/python" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' > "$VENV/requirements.txt"
+  pip_install -c constraints.txt -r "$VENV/requirements.txt"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e .
   # speechbrain pulls torchaudio built for CUDA; its compiled extension cannot load beside the CPU
   # torch (libc10_cuda.so missing). Without it torchaudio falls back to the pure-Python code that
   # ECAPA's feature extraction uses (see ../shared/docs/MODELS.md).
@@ -25,9 +34,11 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
 fi
 
 # Voice anti-spoofing tests synthesise speech with espeak-ng (Debian package).
+step "system packages the tests use (espeak-ng, sox)"
 if ! command -v espeak-ng >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null) \
     || echo "setup: could not install espeak-ng; voice spoof tests will fail" >&2
 fi
 
+step "[4/4] fetching and verifying the model files of models/manifest.yaml"
 "$VENV/bin/biogate" models fetch
