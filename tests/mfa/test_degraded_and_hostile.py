@@ -8,7 +8,7 @@ import pytest
 
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.errors import ServiceError, details_of
-from services.common.storage import DeviceRecord
+from services.mfa.storage import DeviceRecord
 from services.mfa import devices, subjects
 from tests.mfa.conftest import App, outbox_codes, setup_subject, subject
 
@@ -18,8 +18,8 @@ F = mfa_pb2
 def bound_app(orch, ref):
     app = App()
     dev = devices.canonical(app.device, orch._device_key, ref.tenant_id)
-    rec = orch.rt.storage.devices.add(DeviceRecord(ref.tenant_id, ref.subject_id, dev.fingerprint, app.public_der,
-                                                   dev.soft, "phone", "android", id="dev_test1"))
+    rec = orch.store.devices.add(DeviceRecord(ref.tenant_id, ref.subject_id, dev.fingerprint, app.public_der,
+                                              dev.soft, "phone", "android", id="dev_test1"))
     app.device_id = rec.id
     return app
 
