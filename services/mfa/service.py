@@ -20,7 +20,7 @@ from services.common.storage import AlreadyExistsError, new_id
 from services.common.subjects import actor, timestamp
 from services.common.validation import identifier, subject_ref
 
-from . import devices, requests, storage
+from . import devices, requests
 from .clients import BiometricClient, ServiceUnavailable, open_clients
 from .factors import BY_EVIDENCE, FACTORS, FactorContext
 from .fusion import Decision, decide, make_plan
@@ -35,7 +35,7 @@ from .risk import Place, RiskEngine, RiskSignals
 from .sessions import Session, Sessions
 from .sms import SmsGateway, open_gateway
 from .state import DecisionState, DeviceState, RiskState, SessionState
-from .storage import SubjectSignalRecord
+from .storage import SubjectSignalRecord, attach
 from .tokens import SigningKeys, TokenIssuer
 
 OUTCOMES = {"allow": mfa_pb2.OUTCOME_ALLOW, "step_up": mfa_pb2.OUTCOME_STEP_UP,
@@ -74,7 +74,7 @@ class Orchestrator:
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.policies = PolicyStore(cfg.default_policy, cfg.policy_dir or rt.settings.data_dir / "policies",
                                     cfg.policy_check_s)
-        self.store = storage.attach(rt.storage)
+        self.store = attach(rt.storage)
         self.clients = clients if clients is not None else open_clients(rt.settings)
         self.gateway = gateway or open_gateway(rt.settings)
         self.otp = OtpService(rt, self.store, self.gateway)
@@ -164,12 +164,12 @@ class Orchestrator:
         plan = make_plan(policy, action, channel, risk, device_usable=matched is not None, unavailable=unavailable)
         nonce = new_id() + new_id()
         expires = now + timedelta(seconds=self.rt.settings.mfa.session_ttl_s)
+        place = (signals.place.country, signals.place.latitude, signals.place.longitude) if signals.place else None
         st = SessionState(
             channel=channel, action=action, amount=amount,
             device=DeviceState(fp, state if device else "absent", matched.id if matched else None),
             nonce=nonce, policy_version=policy.version, risk=RiskState(risk.score, risk.level, list(risk.reasons)),
-            plan=plan, place=(signals.place.country, signals.place.latitude, signals.place.longitude)
-            if signals.place else None, request_hash=request_hash)
+            plan=plan, place=place, request_hash=request_hash)
         try:
             with self.rt.storage.transaction():  # the session and its audit record, or neither
                 session = self.sessions.create(tenant, subject, st, expires, session_id, now)
