@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 
 from services.common.api.v1 import common_pb2, mfa_pb2  # noqa: E402
 from services.common.config import load_config  # noqa: E402
-from services.common.storage import DeviceRecord  # noqa: E402
+from services.mfa.storage import DeviceRecord  # noqa: E402
 
 F = mfa_pb2
 POLICY = """\
@@ -90,8 +90,8 @@ def main() -> int:
         if face_server:
             enrol_face(settings, face_server.address, ref, face_images[0])
         canon = devices.canonical(device, orch._device_key, tenant)
-        dev_ids[sid] = rt.storage.devices.add(DeviceRecord(tenant, sid, canon.fingerprint, pub, canon.soft,
-                                                           "bench", "android")).id
+        dev_ids[sid] = orch.store.devices.add(DeviceRecord(tenant, sid, canon.fingerprint, pub, canon.soft,
+                                                          "bench", "android")).id
     outbox = settings.data_dir / "sms-outbox.jsonl"
     image = face_images[1]
 

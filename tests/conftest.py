@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -15,6 +18,26 @@ from services.common.config import PROJECT_ROOT, Settings, load_config
 
 SHARED = PROJECT_ROOT.parent / "shared"
 PG_BASE_DSN = os.environ.get("BIOGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def race(n: int, work: Callable[[int], object]) -> list[object]:
+    """Run work(i) on n threads released together; each result or raised exception, in order."""
+    start = threading.Barrier(n)
+    results: list[object] = [None] * n
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = work(i)
+        except Exception as exc:  # collected for the assertions
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
 
 
 def require(condition: bool, what: str) -> None:
@@ -58,9 +81,8 @@ def _pg_available() -> bool:
         return False
 
 
-@pytest.fixture
-def pg_dsn():
-    """A DSN whose search_path is a fresh schema, dropped afterwards."""
+@contextmanager
+def _fresh_schema():
     import psycopg
 
     require(_pg_available(), f"PostgreSQL at {PG_BASE_DSN}")
@@ -68,9 +90,18 @@ def pg_dsn():
     with psycopg.connect(PG_BASE_DSN, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     sep = "&" if "?" in PG_BASE_DSN else "?"
-    yield f"{PG_BASE_DSN}{sep}options=-csearch_path%3D{schema}"
-    with psycopg.connect(PG_BASE_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    try:
+        yield f"{PG_BASE_DSN}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_BASE_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def pg_dsn():
+    """A DSN whose search_path is a fresh schema, dropped afterwards."""
+    with _fresh_schema() as dsn:
+        yield dsn
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -78,6 +109,68 @@ def storage_dsn(request, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
     return request.getfixturevalue("pg_dsn")
+
+
+@pytest.fixture
+def other_storage_dsn(storage_dsn: str, tmp_path: Path):
+    """A second, empty database of the same backend as ``storage_dsn``."""
+    if storage_dsn.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path / 'other.db'}"
+        return
+    with _fresh_schema() as dsn:
+        yield dsn
+
+
+LEGACY_SCHEMA = Path(__file__).parent / "storage" / "legacy_schema"
+
+
+def create_legacy_database(dsn: str, versions: int = 3) -> None:
+    """A database as the code before the schema split left it: the first ``versions`` files of the
+    one migration history (kept in tests/storage/legacy_schema) applied and recorded the old way."""
+    import hashlib
+    from datetime import datetime, timezone
+
+    from services.common.storage.db import Database, PostgresDatabase, SqliteDatabase
+
+    db: Database = (SqliteDatabase(Path(dsn[len("sqlite:///"):]), 2, 10.0, "FULL") if dsn.startswith("sqlite")
+                    else PostgresDatabase(dsn, 2, 10.0))
+    try:
+        with db.transaction() as s:
+            s.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+                      " checksum TEXT NOT NULL, applied_at TEXT NOT NULL)")
+            for path in sorted((LEGACY_SCHEMA / db.dialect.name).glob("*.sql"))[:versions]:
+                sql = path.read_text(encoding="utf-8")
+                s.script(sql)
+                s.execute("INSERT INTO schema_migrations VALUES (?, ?, ?, ?)",
+                          (int(path.name[:4]), path.stem[5:], hashlib.sha256(sql.encode()).hexdigest(),
+                           datetime.now(timezone.utc).isoformat()))
+    finally:
+        db.close()
+
+
+def schema_of(storage) -> list[tuple]:
+    """Tables, columns, indexes, constraints and triggers, comparable across databases."""
+    with storage.db.read() as s:
+        if storage.dialect == "sqlite":
+            return [tuple(r) for r in s.all(
+                "SELECT type, name, tbl_name, sql FROM sqlite_master"
+                " WHERE name NOT LIKE 'schema_%' AND name NOT LIKE 'sqlite_%' ORDER BY type, name")]
+        schema = s.one("SELECT current_schema()")[0]
+        rows = [("column", *r) for r in s.all(
+            "SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name NOT LIKE 'schema_%'"
+            " ORDER BY table_name, column_name")]
+        rows += [("index", r[0], r[1].replace(f"{schema}.", "")) for r in s.all(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema()"
+            " AND tablename NOT LIKE 'schema_%' ORDER BY indexname")]
+        rows += [("constraint", *r) for r in s.all(
+            "SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid) FROM pg_constraint c"
+            " JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = current_schema()"
+            " AND c.conrelid::regclass::text NOT LIKE 'schema_%' ORDER BY 1, 2")]
+        rows += [("trigger", *r) for r in s.all(
+            "SELECT event_object_table, trigger_name, event_manipulation, action_statement"
+            " FROM information_schema.triggers WHERE trigger_schema = current_schema() ORDER BY 1, 2, 3")]
+        return rows
 
 
 class ServiceHarness:

@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from services.common import errors
 from services.common.api.v1 import mfa_pb2
-from services.common.storage import DeviceRecord
 
 from .keys import keyed_hash
+from .storage import DeviceRecord
 
 PLATFORMS = ("android", "ios", "web", "kiosk")
 SOFT_WEIGHTS = {"model": 0.35, "os_major": 0.1, "os_version": 0.05, "app_major": 0.05,

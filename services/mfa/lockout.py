@@ -18,11 +18,9 @@ import grpc
 
 from services.common import errors
 from services.common.audit import AuditLog
-from services.common.storage import Storage
-from services.common.storage.mfa_records import LockoutRecord
-from services.common.storage.mfa_tables import LOCK_COST
 
 from .policy.schema import Lockout as LockoutPolicy
+from .storage import LOCK_COST, LockoutRecord, MfaStore
 
 
 @dataclass(frozen=True)
@@ -51,15 +49,15 @@ def _state(rec: LockoutRecord | None, p: LockoutPolicy, lock_s: int, now: dateti
 
 
 class Lockouts:
-    def __init__(self, storage: Storage, audit: AuditLog) -> None:
-        self.storage, self.audit = storage, audit
+    def __init__(self, store: MfaStore, audit: AuditLog) -> None:
+        self.store, self.audit = store, audit
 
     def _get(self, tenant: str, scope: str, key: str, p: LockoutPolicy, now: datetime) -> State:
-        rec = self.storage.lockouts.get(tenant, scope, key)
+        rec = self.store.lockouts.get(tenant, scope, key)
         lock_s = p.subject_lock_s if scope == "subject" else p.device_lock_s
         state = _state(rec, p, lock_s, now)
         if rec is not None and rec.locked_at is not None and not state.locked:
-            self.storage.lockouts.reset(tenant, scope, key)
+            self.store.lockouts.reset(tenant, scope, key)
         return state
 
     def subject(self, tenant: str, subject: str, p: LockoutPolicy, now: datetime) -> State:
@@ -89,8 +87,8 @@ class Lockouts:
         scopes = [("subject", subject, subject)] + ([("device", device_fp, subject)] if device_fp else [])
         result = None
         for scope, key, owner in scopes:
-            before = self.storage.lockouts.get(tenant, scope, key)
-            rec = self.storage.lockouts.record_failure(tenant, scope, key, owner, cost, now)
+            before = self.store.lockouts.get(tenant, scope, key)
+            rec = self.store.lockouts.record_failure(tenant, scope, key, owner, cost, now)
             if rec.locked_at is not None and (before is None or before.locked_at is None):
                 self.audit.append(f"mfa.{scope}_locked", actor, tenant, subject,
                                   {"failures": rec.failures, "scope": scope})
@@ -100,10 +98,10 @@ class Lockouts:
         return result
 
     def success(self, tenant: str, subject: str, device_fp: str) -> None:
-        self.storage.lockouts.reset(tenant, "subject", subject)
+        self.store.lockouts.reset(tenant, "subject", subject)
         if device_fp:
-            self.storage.lockouts.reset(tenant, "device", device_fp)
+            self.store.lockouts.reset(tenant, "device", device_fp)
 
     def unlock(self, tenant: str, subject: str) -> bool:
         """The subject, and the devices its own failures locked."""
-        return self.storage.lockouts.delete_for_subject(tenant, subject) > 0
+        return self.store.lockouts.delete_for_subject(tenant, subject) > 0

@@ -19,11 +19,11 @@ from datetime import datetime, timedelta
 from services.common import errors
 from services.common.privacy import mask_phone
 from services.common.runtime import Runtime
-from services.common.storage import OtpRecord
 
 from .keys import derive, keyed_hash
 from .policy.schema import OtpFactor
 from .sms import SmsError, SmsGateway
+from .storage import MfaStore, OtpRecord
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,9 @@ def new_code(digits: int) -> str:
 
 
 class OtpService:
-    def __init__(self, rt: Runtime, gateway: SmsGateway) -> None:
+    def __init__(self, rt: Runtime, store: MfaStore, gateway: SmsGateway) -> None:
         self.rt = rt
+        self.store = store
         self.gateway = gateway
         master = rt.keyring.pseudonym_key()
         self._code_key = derive(master, "otp-code")
@@ -70,32 +71,32 @@ class OtpService:
             if not ok:
                 raise errors.resource_exhausted(
                     f"too many OTPs for {what}: at most {window.limit} per {window.window_s} s", "OTP_RATE_LIMITED")
-        previous = self.rt.storage.otp.get_active_for_session(session_id, now)
+        previous = self.store.otp.get_active_for_session(session_id, now)
         if previous is not None:
-            self.rt.storage.otp.consume(previous.id, now)  # superseded: only the newest code works
+            self.store.otp.consume(previous.id, now)  # superseded: only the newest code works
         code = new_code(cfg.digits)
         expires = now + timedelta(seconds=cfg.ttl_s)
-        rec = self.rt.storage.otp.create(OtpRecord(session_id, tenant, subject, self.code_hash(session_id, code),
+        rec = self.store.otp.create(OtpRecord(session_id, tenant, subject, self.code_hash(session_id, code),
                                                    expires, cfg.max_attempts, sent_at=now))
         minutes = max(1, cfg.ttl_s // 60)
         text = f"{code} is your verification code. Valid {minutes} min. Never share it, not even with bank staff."
         try:
             self.gateway.send(phone, text, idempotency_key=rec.id)
         except SmsError as exc:
-            self.rt.storage.otp.consume(rec.id, now)  # never delivered: nobody may use it
+            self.store.otp.consume(rec.id, now)  # never delivered: nobody may use it
             raise errors.unavailable(f"the SMS could not be sent: {exc}", "SMS_GATEWAY_FAILED") from None
         return Sent(mask_phone(phone), expires, now + timedelta(seconds=cfg.resend_cooldown_s))
 
     def check(self, session_id: str, code: str, now: datetime) -> Checked:
-        active = self.rt.storage.otp.get_active_for_session(session_id, now)
+        active = self.store.otp.get_active_for_session(session_id, now)
         if active is None:
             return Checked(False, 0, "OTP_EXPIRED_OR_USED")
-        spent = self.rt.storage.otp.record_attempt(active.id, now)
+        spent = self.store.otp.record_attempt(active.id, now)
         if spent is None:  # raced with another attempt for the last one, or expired meanwhile
             return Checked(False, 0, "OTP_EXPIRED_OR_USED")
         left = spent.max_attempts - spent.attempts
         if hmac.compare_digest(spent.code_hash, self.code_hash(session_id, code)):
-            if self.rt.storage.otp.consume(spent.id, now):
+            if self.store.otp.consume(spent.id, now):
                 return Checked(True, left, "OTP_OK")
             return Checked(False, left, "OTP_EXPIRED_OR_USED")
         return Checked(False, left, "OTP_WRONG")

@@ -11,12 +11,11 @@ from services.common import errors
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.audit import AuditLog
 from services.common.privacy import redact
-from services.common.storage import Storage
-from services.common.storage.mfa_records import ReviewRecord
 from services.common.subjects import timestamp
 from services.common.validation import identifier
 
 from .reasons import Reason
+from .storage import MfaStore, ReviewRecord
 
 STATUSES = ("pending", "approved", "rejected")
 MAX_PAGE = 100
@@ -47,12 +46,12 @@ def _after(token: str) -> tuple[datetime, str] | None:
 
 
 class ReviewQueue:
-    def __init__(self, storage: Storage, audit: AuditLog) -> None:
-        self.storage, self.audit = storage, audit
+    def __init__(self, store: MfaStore, audit: AuditLog) -> None:
+        self.store, self.audit = store, audit
 
     def open(self, tenant: str, subject: str, session_id: str, action: str, reasons: tuple[Reason, ...],
              review_id: str) -> ReviewRecord:
-        return self.storage.reviews.create(ReviewRecord(tenant, subject, session_id, action,
+        return self.store.reviews.create(ReviewRecord(tenant, subject, session_id, action,
                                                         tuple(r.to_json() for r in reasons), id=review_id))
 
     def list(self, request: mfa_pb2.ListReviewsRequest) -> mfa_pb2.ListReviewsResponse:
@@ -63,14 +62,19 @@ class ReviewQueue:
         if request.page_size < 0 or request.page_size > MAX_PAGE:
             raise errors.invalid_argument(f"page_size must be 0..{MAX_PAGE}", page_size="out of range")
         size = request.page_size or 20
-        rows = self.storage.reviews.list(tenant, status, size + 1, _after(request.page_token))
+        rows = self.store.reviews.list(tenant, status, size + 1, _after(request.page_token))
         more = len(rows) > size
         rows = rows[:size]
         return mfa_pb2.ListReviewsResponse(reviews=[to_proto(r) for r in rows],
                                            next_page_token=_page_token(rows[-1]) if more else "")
 
+    def tenant_of(self, review_id: str) -> str | None:
+        """For the server's tenant check: the review's tenant, None for no such review."""
+        rec = self.store.reviews.get(review_id) if review_id else None
+        return rec.tenant_id if rec is not None else None
+
     def get(self, review_id: str) -> ReviewRecord:
-        rec = self.storage.reviews.get(identifier(review_id, "review_id"))
+        rec = self.store.reviews.get(identifier(review_id, "review_id"))
         if rec is None:
             raise errors.not_found("no such review", "REVIEW_NOT_FOUND")
         return rec
@@ -79,7 +83,7 @@ class ReviewQueue:
         if len(note) > MAX_NOTE:
             raise errors.invalid_argument(f"note is longer than {MAX_NOTE} characters", note="too long")
         status = "approved" if approve else "rejected"
-        done = self.storage.reviews.resolve(rec.id, status, actor, redact(note))
+        done = self.store.reviews.resolve(rec.id, status, actor, redact(note))
         if done is None:
             raise errors.failed_precondition("the review was already resolved", "REVIEW_ALREADY_RESOLVED")
         self.audit.append("mfa.review_resolved", actor, rec.tenant_id, rec.subject_id,

@@ -65,7 +65,7 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
         return subjects.get_consent(self.rt, request)
 
     def DeleteSubject(self, request, context):
-        return subjects.delete_subject(self.rt, request)
+        return subjects.delete_subject(self.rt, self.mfa.store, self.mfa.clients, request, budget_of(context))
 
     def SetPhoneNumber(self, request, context):
         return subjects.set_phone_number(self.rt, request)
@@ -85,4 +85,5 @@ def definition(settings: Settings) -> ServiceDefinition:
         descriptors=[mfa_pb2.DESCRIPTOR.services_by_name["MfaService"]],
         register=lambda server: mfa_pb2_grpc.add_MfaServiceServicer_to_server(servicer, server),
         close=close,
+        tenant_lookups={"session": orchestrator.sessions.tenant_of, "review": orchestrator.reviews.tenant_of},
     )

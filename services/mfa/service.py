@@ -7,36 +7,35 @@ step leaves an audit record without personal data.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import errors
-from services.common.api.v1 import common_pb2, face_pb2, mfa_pb2, voice_pb2
+from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.runtime import Runtime
-from services.common.storage import AlreadyExistsError, AuthSessionRecord, new_id
-from services.common.storage.mfa_records import SubjectSignalRecord
+from services.common.storage import AlreadyExistsError, new_id
 from services.common.subjects import actor, timestamp
 from services.common.validation import identifier, subject_ref
 
 from . import devices, requests
 from .clients import BiometricClient, ServiceUnavailable, open_clients
 from .factors import BY_EVIDENCE, FACTORS, FactorContext
-from .fusion import Decision, FactorOutcome, Plan, decide, make_plan
+from .fusion import Decision, decide, make_plan
 from .keys import derive, keyed_hash
 from .lockout import Lockouts
 from .otp import OtpService
 from .policy import Policy, PolicyStore
-from .reasons import Reason, to_protos
+from .reasons import to_protos
 from .registry import DeviceRegistry
 from .reviews import ReviewQueue, to_proto as review_proto
 from .risk import Place, RiskEngine, RiskSignals
-from .sessions import Sessions
+from .sessions import Session, Sessions
 from .sms import SmsGateway, open_gateway
+from .state import DecisionState, DeviceState, RiskState, SessionState
+from .storage import SubjectSignalRecord, attach
 from .tokens import SigningKeys, TokenIssuer
 
 OUTCOMES = {"allow": mfa_pb2.OUTCOME_ALLOW, "step_up": mfa_pb2.OUTCOME_STEP_UP,
@@ -75,12 +74,13 @@ class Orchestrator:
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.policies = PolicyStore(cfg.default_policy, cfg.policy_dir or rt.settings.data_dir / "policies",
                                     cfg.policy_check_s)
+        self.store = attach(rt.storage)
         self.clients = clients if clients is not None else open_clients(rt.settings)
         self.gateway = gateway or open_gateway(rt.settings)
-        self.otp = OtpService(rt, self.gateway)
-        self.sessions = Sessions(rt.storage)
-        self.lockouts = Lockouts(rt.storage, rt.audit)
-        self.reviews = ReviewQueue(rt.storage, rt.audit)
+        self.otp = OtpService(rt, self.store, self.gateway)
+        self.sessions = Sessions(self.store)
+        self.lockouts = Lockouts(self.store, rt.audit)
+        self.reviews = ReviewQueue(self.store, rt.audit)
         keys_file = cfg.signing_keys_file or rt.settings.data_dir / "keys" / "mfa-token-keys.json"
         self.signing = SigningKeys(keys_file, cfg.token_ttl_s, cfg.signing_key_max_age_s,
                                    clock=lambda: self.clock().timestamp())
@@ -89,7 +89,7 @@ class Orchestrator:
         self._device_key = derive(master, "device-fingerprint")
         self._idem_key = derive(master, "idempotency")
         self._engines: dict[int, tuple[Policy, RiskEngine]] = {}
-        self.registry = DeviceRegistry(rt, self.sessions, self.policies, self._device_key, self.clock)
+        self.registry = DeviceRegistry(rt, self.store, self.sessions, self.policies, self._device_key, self.clock)
 
     def close(self) -> None:
         for c in self.clients.values():
@@ -103,8 +103,18 @@ class Orchestrator:
             hit = self._engines[id(policy)] = (policy, RiskEngine(policy))
         return hit[1]
 
-    def _policy_of(self, rec: AuthSessionRecord) -> Policy:
-        return self.policies.get(rec.tenant_id)
+    def _policy_of(self, session: Session) -> Policy:
+        return self.policies.get(session.tenant_id)
+
+    def _context(self, session: Session, policy: Policy, now: datetime, budget: float | None) -> FactorContext:
+        return FactorContext(self.rt, self.store, policy, session.tenant_id, session.subject_id, session.id,
+                             session.state, now, self.clients, self.otp, budget)
+
+    @staticmethod
+    def _require_acceptable(policy: Policy, session: Session, name: str) -> None:
+        if not policy.factors.enabled(name) or not any(name in s for s in session.state.plan.acceptable()):
+            raise errors.failed_precondition(f"{name} is not an acceptable factor in this session",
+                                             "FACTOR_NOT_ACCEPTABLE")
 
     # ------------------------------------------------------------------ start
     def start(self, req: mfa_pb2.StartAuthenticationRequest) -> mfa_pb2.StartAuthenticationResponse:
@@ -128,14 +138,14 @@ class Orchestrator:
             key = identifier(req.idempotency_key, "idempotency_key")
             session_id = "ses_" + keyed_hash(self._idem_key, tenant, subject, key)[:32]
             request_hash = keyed_hash(self._idem_key, req.SerializeToString(deterministic=True).hex())
-            existing = self.rt.storage.auth_sessions.get(session_id)
+            existing = self.sessions.get(session_id)
             if existing is not None:
                 return self._replay_start(existing, request_hash)
 
         fp = device.fingerprint if device else ""
         self.lockouts.check(tenant, subject, fp, policy.lockout, now)
         lock_state = self.lockouts.subject(tenant, subject, policy.lockout, now)
-        bound = self.rt.storage.devices.list_for_subject(tenant, subject)
+        bound = self.store.devices.list_for_subject(tenant, subject)
         if device is not None:
             state, matched = devices.match(device, bound, policy.factors.device.drift_similarity)
         else:
@@ -143,7 +153,7 @@ class Orchestrator:
         pseudonym = self.rt.pseudonymize(tenant, subject)
         vel = policy.risk.rules.velocity
         _, count = self.rt.storage.rate_limits.hit(f"mfa:velocity:{pseudonym}", vel.window_s, 1_000_000, now)
-        last = self.rt.storage.subject_signals.get(tenant, subject)
+        last = self.store.subject_signals.get(tenant, subject)
         last_place = Place(last.country, last.latitude, last.longitude, last.seen_at) if last else None
         risk = self._engine(policy).assess(RiskSignals(
             device=state if device is not None else "bound",  # no device (IVR, kiosk): no device rule
@@ -154,224 +164,186 @@ class Orchestrator:
         plan = make_plan(policy, action, channel, risk, device_usable=matched is not None, unavailable=unavailable)
         nonce = new_id() + new_id()
         expires = now + timedelta(seconds=self.rt.settings.mfa.session_ttl_s)
-        st: dict[str, Any] = {
-            "channel": channel, "action": action, "amount": list(amount) if amount else None,
-            "device": {"fp": fp, "state": state if device else "absent",
-                       "device_id": matched.id if matched else None},
-            "nonce": nonce, "policy_version": policy.version,
-            "risk": {"score": risk.score, "level": risk.level, "reasons": [r.to_json() for r in risk.reasons]},
-            "plan": plan.to_json(), "factors": [], "challenges": {}, "otp_sent_at": None,
-            "place": ([signals.place.country, signals.place.latitude, signals.place.longitude]
-                      if signals.place else None),
-            "decision": None, "request_hash": request_hash,
-        }
+        place = (signals.place.country, signals.place.latitude, signals.place.longitude) if signals.place else None
+        st = SessionState(
+            channel=channel, action=action, amount=amount,
+            device=DeviceState(fp, state if device else "absent", matched.id if matched else None),
+            nonce=nonce, policy_version=policy.version, risk=RiskState(risk.score, risk.level, list(risk.reasons)),
+            plan=plan, place=place, request_hash=request_hash)
         try:
             with self.rt.storage.transaction():  # the session and its audit record, or neither
-                rec = self.rt.storage.auth_sessions.create(AuthSessionRecord(tenant, subject, st, expires,
-                                                                             id=session_id, created_at=now))
+                session = self.sessions.create(tenant, subject, st, expires, session_id, now)
                 self.rt.audit.append("mfa.session_started", actor(), tenant, subject, {
-                    "session_id": rec.id, "action": action, "channel": channel, "risk_level": risk.level,
+                    "session_id": session.id, "action": action, "channel": channel, "risk_level": risk.level,
                     "risk_score": round(risk.score, 1), "risk_reasons": [r.code for r in risk.reasons],
-                    "device_state": st["device"]["state"], "policy_version": policy.version,
+                    "device_state": st.device.state, "policy_version": policy.version,
                     "degraded": sorted(unavailable), "fraud_phrases": len(risk.fraud_phrases)})
         except AlreadyExistsError:  # the same idempotency key, concurrently
-            existing = self.rt.storage.auth_sessions.get(session_id)
+            existing = self.sessions.get(session_id)
             assert existing is not None
             return self._replay_start(existing, request_hash)
-        return self._start_response(rec)
+        return self._start_response(session)
 
-    def _replay_start(self, rec: AuthSessionRecord, request_hash: str | None) -> mfa_pb2.StartAuthenticationResponse:
-        if rec.state.get("request_hash") != request_hash:
+    def _replay_start(self, session: Session, request_hash: str | None) -> mfa_pb2.StartAuthenticationResponse:
+        if session.state.request_hash != request_hash:
             raise errors.already_exists("idempotency_key was used for a different request", "IDEMPOTENCY_KEY_REUSED")
-        self.sessions.load(rec.id, self.clock())
-        return self._start_response(rec)
+        self.sessions.load(session.id, self.clock())
+        return self._start_response(session)
 
-    def _start_response(self, rec: AuthSessionRecord) -> mfa_pb2.StartAuthenticationResponse:
-        st = rec.state
-        risk = st["risk"]
+    def _start_response(self, session: Session) -> mfa_pb2.StartAuthenticationResponse:
+        st = session.state
         return mfa_pb2.StartAuthenticationResponse(
-            session_id=rec.id, nonce=st["nonce"], expires_at=_ts(rec.expires_at),
-            risk=mfa_pb2.RiskAssessment(level=LEVELS[risk["level"]], score=risk["score"],
-                                        reasons=to_protos(Reason.from_json(r) for r in risk["reasons"])),
-            acceptable=_sets(Plan.from_json(st["plan"]).acceptable()),
-            device_bound=st["device"]["device_id"] is not None)
+            session_id=session.id, nonce=st.nonce, expires_at=_ts(session.expires_at),
+            risk=mfa_pb2.RiskAssessment(level=LEVELS[st.risk.level], score=st.risk.score,
+                                        reasons=to_protos(st.risk.reasons)),
+            acceptable=_sets(st.plan.acceptable()), device_bound=st.device_usable)
 
     # ------------------------------------------------------------------ challenges
-    def start_challenge(self, req: mfa_pb2.StartBiometricChallengeRequest, budget: float | None = None):
+    def challenge(self, name: str, session_id: str, budget: float | None = None) -> Any:
+        """One path for every factor's challenge (SendOtp; StartBiometricChallenge for face and
+        voice): the factor must be acceptable in the session, the subject and device not locked;
+        the factor claims what it needs in the session, issues, and the session keeps the nonce."""
         now = self.clock()
-        rec = self.sessions.open(req.session_id, now)
+        session = self.sessions.open(session_id, now)
+        policy = self._policy_of(session)
+        self._require_acceptable(policy, session, name)
+        self.lockouts.check(session.tenant_id, session.subject_id, session.state.device.fp, policy.lockout, now)
+        factor = FACTORS[name]
+        ctx = self._context(session, policy, now, budget)
+        claimed = self.sessions.mutate(session, lambda st: factor.claim(ctx, st)) if factor.claims else session
+        try:
+            issued = factor.start_challenge(ctx)
+        except ServiceUnavailable as exc:
+            self._degrade(claimed, name)
+            raise errors.unavailable(f"{exc}; the session continues in degraded mode",
+                                     f"{exc.service.upper()}_SERVICE_UNAVAILABLE") from None
+        except errors.ServiceError:
+            if factor.claims:
+                self.sessions.mutate(claimed, lambda st: factor.release(ctx, st, session.state))
+            raise
+
+        def record(st: SessionState) -> None:
+            st.challenges.setdefault(name, []).append(issued.nonce)
+        with self.rt.storage.transaction():  # what the session keeps and the audit record together
+            if issued.nonce:
+                self.sessions.mutate(claimed, record)
+            if issued.audit:
+                self.rt.audit.append(issued.audit[0], actor(), session.tenant_id, session.subject_id, issued.audit[1])
+        return issued.response
+
+    def start_challenge(self, req: mfa_pb2.StartBiometricChallengeRequest, budget: float | None = None):
         modality = MODALITIES.get(req.modality)
         if modality is None:
+            self.sessions.open(req.session_id, self.clock())  # a bad session id is refused first
             raise errors.invalid_argument("modality must be face or voice", modality="unspecified")
-        plan = Plan.from_json(rec.state["plan"])
-        if not any(modality in s for s in plan.acceptable()):
-            raise errors.failed_precondition(f"{modality} is not an acceptable factor in this session",
-                                             "FACTOR_NOT_ACCEPTABLE")
-        subject = common_pb2.SubjectRef(tenant_id=rec.tenant_id, subject_id=rec.subject_id)
-        try:
-            if modality == "face":
-                r = self.clients["face"].call("StartLivenessChallenge",
-                                              face_pb2.StartLivenessChallengeRequest(subject=subject), True, budget)
-                out = mfa_pb2.StartBiometricChallengeResponse(challenge=r.challenge, moves=r.moves)
-            else:
-                r = self.clients["voice"].call("StartVoiceChallenge",
-                                               voice_pb2.StartVoiceChallengeRequest(subject=subject), True, budget)
-                out = mfa_pb2.StartBiometricChallengeResponse(challenge=r.challenge, digits=r.digits)
-        except ServiceUnavailable as exc:
-            self._degrade(rec, modality)
-            raise errors.unavailable(f"{exc}; the session continues in degraded mode",
-                                     f"{modality.upper()}_SERVICE_UNAVAILABLE") from None
+        return self.challenge(modality, req.session_id, budget)
 
-        def change(st):
-            st["challenges"].setdefault(modality, []).append(out.challenge.nonce)
-        self.sessions.mutate(rec, change)
-        return out
+    def send_otp(self, req: mfa_pb2.SendOtpRequest) -> mfa_pb2.SendOtpResponse:
+        return self.challenge("sms_otp", req.session_id)
 
-    def _degrade(self, rec: AuthSessionRecord, modality: str) -> AuthSessionRecord:
-        policy = self._policy_of(rec)
+    def _degrade(self, session: Session, modality: str) -> Session:
+        policy = self._policy_of(session)
 
-        def change(st):
-            usable = st["device"]["device_id"] is not None
-            st["plan"] = Plan.from_json(st["plan"]).degrade(modality, policy, usable).to_json()
-        return self.sessions.mutate(rec, change)
+        def change(st: SessionState) -> None:
+            st.plan = st.plan.degrade(modality, policy, st.device_usable)
+        return self.sessions.mutate(session, change)
 
     # ------------------------------------------------------------------ factors
     def submit(self, req: mfa_pb2.SubmitFactorRequest, budget: float | None = None) -> mfa_pb2.SubmitFactorResponse:
         now = self.clock()
-        rec = self.sessions.open(req.session_id, now)
+        session = self.sessions.open(req.session_id, now)
         which = req.WhichOneof("evidence")
         if which is None:
             raise errors.invalid_argument("one of face, voice, otp or device evidence is required", evidence="missing")
         name = BY_EVIDENCE[which]
-        policy = self._policy_of(rec)
-        plan = Plan.from_json(rec.state["plan"])
-        if not policy.factors.enabled(name) or not any(name in s for s in plan.acceptable()):
-            raise errors.failed_precondition(f"{name} is not an acceptable factor in this session",
-                                             "FACTOR_NOT_ACCEPTABLE")
-        fp = rec.state["device"]["fp"]
-        self.lockouts.check(rec.tenant_id, rec.subject_id, fp, policy.lockout, now)
-        ctx = FactorContext(self.rt, policy, rec.tenant_id, rec.subject_id, rec.id, rec.state, now,
-                            self.clients, self.otp, budget)
+        policy = self._policy_of(session)
+        self._require_acceptable(policy, session, name)
+        fp = session.state.device.fp
+        self.lockouts.check(session.tenant_id, session.subject_id, fp, policy.lockout, now)
+        ctx = self._context(session, policy, now, budget)
         outcome = FACTORS[name].verify(ctx, getattr(req, which))
 
-        def change(st):
-            st["factors"].append(outcome.to_json())
+        def change(st: SessionState) -> None:
+            st.factors.append(outcome)
             if outcome.unavailable:
-                usable = st["device"]["device_id"] is not None
-                st["plan"] = Plan.from_json(st["plan"]).degrade(name, policy, usable).to_json()
+                st.plan = st.plan.degrade(name, policy, st.device_usable)
         with self.rt.storage.transaction():  # counter, session and audit record together
-            left = self.lockouts.subject(rec.tenant_id, rec.subject_id, policy.lockout, now).attempts_left
+            left = self.lockouts.subject(session.tenant_id, session.subject_id, policy.lockout, now).attempts_left
             if outcome.counts_as_failure:
-                left = self.lockouts.failure(rec.tenant_id, rec.subject_id, fp, policy.lockout, outcome.liveness,
-                                             actor(), now).attempts_left
-            rec = self.sessions.mutate(rec, change)
-            self.rt.audit.append("mfa.factor", actor(), rec.tenant_id, rec.subject_id, {
-                "session_id": rec.id, "factor": name, "passed": outcome.passed, "veto": outcome.veto,
+                left = self.lockouts.failure(session.tenant_id, session.subject_id, fp, policy.lockout,
+                                             outcome.liveness, actor(), now).attempts_left
+            session = self.sessions.mutate(session, change)
+            self.rt.audit.append("mfa.factor", actor(), session.tenant_id, session.subject_id, {
+                "session_id": session.id, "factor": name, "passed": outcome.passed, "veto": outcome.veto,
                 "llr": round(outcome.llr, 3), "unavailable": outcome.unavailable,
                 "reasons": [r.code for r in outcome.reasons]})
         if "otp_attempts_left" in ctx.notes:
             left = min(left, ctx.notes["otp_attempts_left"])
-        d = decide(Plan.from_json(rec.state["plan"]), self._outcomes(rec))
+        d = decide(session.state.plan, session.state.factors)
         still = d.still_needed if d.outcome == "step_up" else ()
         return mfa_pb2.SubmitFactorResponse(
             result=mfa_pb2.FactorResult(factor=FACTOR_ENUMS[name], passed=outcome.passed, veto=outcome.veto,
                                         llr=outcome.llr, reasons=to_protos(outcome.reasons)),
             still_acceptable=_sets(still), attempts_left=max(0, left))
 
-    @staticmethod
-    def _outcomes(rec: AuthSessionRecord) -> list[FactorOutcome]:
-        return [FactorOutcome.from_json(f) for f in rec.state["factors"]]
-
-    # ------------------------------------------------------------------ OTP
-    def send_otp(self, req: mfa_pb2.SendOtpRequest) -> mfa_pb2.SendOtpResponse:
-        now = self.clock()
-        rec = self.sessions.open(req.session_id, now)
-        policy = self._policy_of(rec)
-        cfg = policy.factors.sms_otp
-        if not cfg.enabled or not any("sms_otp" in s for s in Plan.from_json(rec.state["plan"]).acceptable()):
-            raise errors.failed_precondition("SMS OTP is not an acceptable factor in this session",
-                                             "FACTOR_NOT_ACCEPTABLE")
-        self.lockouts.check(rec.tenant_id, rec.subject_id, rec.state["device"]["fp"], policy.lockout, now)
-        previous = rec.state.get("otp_sent_at")
-
-        def claim(st):  # the cool-down is checked and claimed in one compare-and-swap
-            last = st.get("otp_sent_at")
-            wait = cfg.resend_cooldown_s - (now - datetime.fromisoformat(last)).total_seconds() if last else 0
-            if wait > 0:
-                raise errors.ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                          f"an OTP was sent moments ago; ask again in {math.ceil(wait)} s",
-                                          "OTP_COOLDOWN", metadata={"retry_after_s": str(math.ceil(wait))})
-            st["otp_sent_at"] = now.isoformat()
-        rec = self.sessions.mutate(rec, claim)
-        try:
-            sent = self.otp.send(cfg, rec.tenant_id, rec.subject_id, rec.id, now)
-        except errors.ServiceError:
-            def undo(st):
-                st["otp_sent_at"] = previous
-            self.sessions.mutate(rec, undo)
-            raise
-        self.rt.audit.append("mfa.otp_sent", actor(), rec.tenant_id, rec.subject_id,
-                             {"session_id": rec.id, "valid_s": cfg.ttl_s, "digits": cfg.digits})
-        return mfa_pb2.SendOtpResponse(masked_phone=sent.masked_phone, expires_at=_ts(sent.expires_at),
-                                       resend_after=_ts(sent.resend_after))
-
     # ------------------------------------------------------------------ decision
     def decide(self, req: mfa_pb2.DecideRequest) -> mfa_pb2.DecideResponse:
         now = self.clock()
-        rec = self.sessions.load(req.session_id, now)
-        if rec.state.get("decision"):
-            return self._decision_response(rec.state["decision"])
-        policy = self._policy_of(rec)
-        locked = self.lockouts.subject(rec.tenant_id, rec.subject_id, policy.lockout, now).locked
-        d = decide(Plan.from_json(rec.state["plan"]), self._outcomes(rec), locked)
+        session = self.sessions.load(req.session_id, now)
+        if session.state.decision is not None:
+            return self._decision_response(session.state.decision)
+        policy = self._policy_of(session)
+        locked = self.lockouts.subject(session.tenant_id, session.subject_id, policy.lockout, now).locked
+        d = decide(session.state.plan, session.state.factors, locked)
         review_id = "rev_" + new_id() if d.outcome == "review" else ""
-        token, exp = self._sign(rec, d, review_id, now)
-        stored = {"outcome": d.outcome, "reasons": [r.to_json() for r in d.reasons], "total": d.total,
-                  "still_needed": [list(s) for s in d.still_needed], "amr": list(d.amr), "acr": d.acr,
-                  "review_id": review_id, "token": token, "at": now.isoformat()}
+        token, exp = self._sign(session, d, review_id, now)
+        stored = DecisionState(d.outcome, list(d.reasons), d.total, list(d.still_needed), list(d.amr), d.acr,
+                               review_id, token, now)
         if d.outcome not in FINAL:
             return self._decision_response(stored)
 
-        def change(st):
-            if st.get("decision"):
-                raise _AlreadyDecided(st["decision"])
-            st["decision"] = stored
+        def change(st: SessionState) -> None:
+            if st.decision is not None:
+                raise _AlreadyDecided(st.decision)
+            st.decision = stored
         try:
             with self.rt.storage.transaction():  # the decision and everything it implies, or nothing
-                rec = self.sessions.mutate(rec, change)
+                session = self.sessions.mutate(session, change)
+                st = session.state
                 if review_id:
-                    self.reviews.open(rec.tenant_id, rec.subject_id, rec.id, rec.state["action"], d.reasons, review_id)
+                    self.reviews.open(session.tenant_id, session.subject_id, session.id, st.action, d.reasons,
+                                      review_id)
                 if d.outcome == "allow":
-                    self.lockouts.success(rec.tenant_id, rec.subject_id, rec.state["device"]["fp"])
-                    place = rec.state.get("place")
-                    if place and place[0]:
-                        self.rt.storage.subject_signals.put(SubjectSignalRecord(
-                            rec.tenant_id, rec.subject_id, place[0], place[1], place[2], now))
-                self.rt.audit.append("mfa.decision", actor(), rec.tenant_id, rec.subject_id, {
-                    "session_id": rec.id, "outcome": d.outcome, "reasons": [r.code for r in d.reasons],
+                    self.lockouts.success(session.tenant_id, session.subject_id, st.device.fp)
+                    if st.place and st.place[0]:
+                        self.store.subject_signals.put(SubjectSignalRecord(
+                            session.tenant_id, session.subject_id, st.place[0], st.place[1], st.place[2], now))
+                self.rt.audit.append("mfa.decision", actor(), session.tenant_id, session.subject_id, {
+                    "session_id": session.id, "outcome": d.outcome, "reasons": [r.code for r in d.reasons],
                     "total_llr": d.total, "acr": d.acr, "amr": list(d.amr), "review_id": review_id,
-                    "action": rec.state["action"], "policy_version": rec.state["policy_version"]})
+                    "action": st.action, "policy_version": st.policy_version})
         except _AlreadyDecided as done:  # a concurrent Decide got there first
             return self._decision_response(done.decision)
         return self._decision_response(stored)
 
-    def _sign(self, rec: AuthSessionRecord, d: Decision, review_id: str, now: datetime) -> tuple[str, float]:
+    def _sign(self, session: Session, d: Decision, review_id: str, now: datetime) -> tuple[str, float]:
+        st = session.state
         claims: dict[str, Any] = {
-            "aud": rec.tenant_id, "sub": self.rt.pseudonymize(rec.tenant_id, rec.subject_id), "sid": rec.id,
-            "act": rec.state["action"], "decision": d.outcome, "amr": list(d.amr), "acr": d.acr,
-            "pol": rec.state["policy_version"]}
-        if rec.state.get("amount"):
-            claims["amt"] = {"cur": rec.state["amount"][0], "minor": rec.state["amount"][1]}
+            "aud": session.tenant_id, "sub": self.rt.pseudonymize(session.tenant_id, session.subject_id),
+            "sid": session.id, "act": st.action, "decision": d.outcome, "amr": list(d.amr), "acr": d.acr,
+            "pol": st.policy_version}
+        if st.amount:
+            claims["amt"] = {"cur": st.amount[0], "minor": st.amount[1]}
         if review_id:
             claims["rid"] = review_id
         return self.tokens.issue(claims, now.timestamp())
 
     @staticmethod
-    def _decision_response(stored: dict[str, Any]) -> mfa_pb2.DecideResponse:
+    def _decision_response(stored: DecisionState) -> mfa_pb2.DecideResponse:
         return mfa_pb2.DecideResponse(
-            outcome=OUTCOMES[stored["outcome"]], reasons=to_protos(Reason.from_json(r) for r in stored["reasons"]),
-            still_needed=_sets(stored["still_needed"]), token=stored["token"], acr=stored["acr"],
-            amr=stored["amr"], review_id=stored["review_id"], total_llr=stored["total"])
+            outcome=OUTCOMES[stored.outcome], reasons=to_protos(stored.reasons),
+            still_needed=_sets(stored.still_needed), token=stored.token, acr=stored.acr,
+            amr=stored.amr, review_id=stored.review_id, total_llr=stored.total)
 
     # ------------------------------------------------------------------ devices
     def register_device(self, req: mfa_pb2.RegisterDeviceRequest) -> mfa_pb2.RegisterDeviceResponse:
@@ -396,13 +368,7 @@ class Orchestrator:
         return self.reviews.list(req)
 
     def resolve_review(self, req: mfa_pb2.ResolveReviewRequest) -> mfa_pb2.ResolveReviewResponse:
-        from services.common import context
-
-        rec = self.reviews.get(req.review_id)
-        principal = context.principal.get()
-        if principal is not None and not principal.may_act_for(rec.tenant_id):
-            raise errors.permission_denied(f"caller '{principal.name}' may not act for this review's tenant",
-                                           "TENANT_NOT_ALLOWED")
+        rec = self.reviews.get(req.review_id)  # the server checked the caller may act for its tenant
         return mfa_pb2.ResolveReviewResponse(review=review_proto(self.reviews.resolve(rec, req.approve, req.note, actor())))
 
     def jwks(self) -> mfa_pb2.GetSigningKeysResponse:
@@ -412,7 +378,7 @@ class Orchestrator:
 
 
 class _AlreadyDecided(Exception):
-    def __init__(self, decision: dict[str, Any]) -> None:
+    def __init__(self, decision: DecisionState) -> None:
         super().__init__("decided")
         self.decision = decision
 

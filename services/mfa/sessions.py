@@ -1,70 +1,94 @@
-"""Authentication sessions in storage.auth_sessions, changed by compare-and-swap on their version
-so that concurrent calls on one session (two factor submissions, a decision racing a submission)
-never lose an update."""
+"""Authentication sessions in the MFA's auth_sessions table, changed by compare-and-swap on their
+version so that concurrent calls on one session (two factor submissions, a decision racing a
+submission) never lose an update."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import grpc
 
-from services.common import context, errors
-from services.common.storage import AuthSessionRecord, ConcurrentUpdateError, NotFoundError, Storage
+from services.common import errors
+from services.common.storage import ConcurrentUpdateError, NotFoundError
+
+from .state import SessionState
+from .storage import AuthSessionRecord, MfaStore
 
 SESSION_ID = re.compile(r"^ses_[0-9a-f]{32}$")
 CAS_RETRIES = 8
 
 
-class Sessions:
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
+@dataclass(frozen=True)
+class Session:
+    """A stored session with its state parsed. Change the state only through Sessions.mutate."""
 
-    def load(self, session_id: str, now: datetime, field: str = "session_id") -> AuthSessionRecord:
+    id: str
+    tenant_id: str
+    subject_id: str
+    expires_at: datetime
+    version: int
+    state: SessionState
+
+    @classmethod
+    def of(cls, rec: AuthSessionRecord) -> Session:
+        return cls(rec.id, rec.tenant_id, rec.subject_id, rec.expires_at, rec.version,
+                   SessionState.from_json(dict(rec.state)))
+
+
+class Sessions:
+    def __init__(self, store: MfaStore) -> None:
+        self.repo = store.auth_sessions
+
+    def create(self, tenant: str, subject: str, state: SessionState, expires_at: datetime, session_id: str,
+               now: datetime) -> Session:
+        """Raises AlreadyExistsError when the id is taken."""
+        return Session.of(self.repo.create(AuthSessionRecord(tenant, subject, state.to_json(), expires_at,
+                                                             id=session_id, created_at=now)))
+
+    def get(self, session_id: str) -> Session | None:
+        rec = self.repo.get(session_id)
+        return Session.of(rec) if rec is not None else None
+
+    def tenant_of(self, session_id: str) -> str | None:
+        """For the server's tenant check: the session's tenant, None for no such session."""
+        rec = self.repo.get(session_id) if SESSION_ID.match(session_id or "") else None
+        return rec.tenant_id if rec is not None else None
+
+    def load(self, session_id: str, now: datetime, field: str = "session_id") -> Session:
         if not SESSION_ID.match(session_id or ""):
             raise errors.invalid_argument(f"{field} is not a session id", **{field: "malformed"})
-        rec = self.storage.auth_sessions.get(session_id)
-        if rec is None:
+        found = self.get(session_id)
+        if found is None:
             raise errors.not_found("no such authentication session", "SESSION_NOT_FOUND")
-        principal = context.principal.get()
-        if principal is not None and not principal.may_act_for(rec.tenant_id):
-            raise errors.permission_denied(f"caller '{principal.name}' may not act for this session's tenant",
-                                           "TENANT_NOT_ALLOWED")
-        if rec.expires_at <= now:
+        if found.expires_at <= now:
             raise errors.failed_precondition("the authentication session expired; start a new one", "SESSION_EXPIRED")
-        return rec
+        return found
 
-    def open(self, session_id: str, now: datetime) -> AuthSessionRecord:
+    def open(self, session_id: str, now: datetime) -> Session:
         """A session that can still take factors (not yet finally decided)."""
-        rec = self.load(session_id, now)
-        if rec.state.get("decision"):
+        found = self.load(session_id, now)
+        if found.state.decision is not None:
             raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
-        return rec
+        return found
 
-    def mutate(self, rec: AuthSessionRecord, change: Callable[[dict[str, Any]], None]) -> AuthSessionRecord:
-        """Apply ``change`` to a copy of the state and write it; on a concurrent update re-read
+    def mutate(self, session: Session, change: Callable[[SessionState], None]) -> Session:
+        """Apply ``change`` to a fresh copy of the state and write it; on a concurrent update re-read
         the session and apply ``change`` again (it must be safe to re-run)."""
+        rec_id, version, state_json = session.id, session.version, session.state.to_json()
         for _ in range(CAS_RETRIES):
-            state = _copy(rec.state)
+            state = SessionState.from_json(state_json)
             change(state)
             try:
-                return self.storage.auth_sessions.update(rec.id, rec.version, state)
+                return Session.of(self.repo.update(rec_id, version, state.to_json()))
             except ConcurrentUpdateError:
-                fresh = self.storage.auth_sessions.get(rec.id)
+                fresh = self.repo.get(rec_id)
                 if fresh is None:
                     raise errors.not_found("no such authentication session", "SESSION_NOT_FOUND") from None
-                rec = fresh
+                version, state_json = fresh.version, dict(fresh.state)
             except NotFoundError:
                 raise errors.not_found("no such authentication session", "SESSION_NOT_FOUND") from None
         raise errors.ServiceError(grpc.StatusCode.ABORTED, "the session is being changed concurrently; retry",
                                   "SESSION_CONTENDED")
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_copy(v) for v in value]
-    return value

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import re
 
+import grpc
+
 from services.common import errors
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.crypto import envelope_key_id
 from services.common.privacy import looks_like_personal_number, mask_phone
 from services.common.runtime import Runtime
-from services.common.storage import ConsentRecord
+from services.common.storage import ConsentRecord, StillReferencedError
 from services.common.subjects import MODALITY_ENUMS, MODALITY_NAMES, actor, timestamp
 from services.common.validation import identifier, subject_ref
 
+from .clients import BiometricClient, ServiceUnavailable
+from .storage import MfaStore
+
+ERASED_BY = ("face", "voice")  # the services holding templates, each erasing its own
 _E164 = re.compile(r"^\+[1-9]\d{7,14}$")
 
 
@@ -72,20 +78,45 @@ def get_consent(rt: Runtime, request: common_pb2.GetConsentRequest) -> common_pb
     return common_pb2.GetConsentResponse(consents=[_to_proto(r) for r in rt.storage.subjects.get_consents(tenant, subject)])
 
 
-def delete_subject(rt: Runtime, request: common_pb2.DeleteSubjectRequest) -> common_pb2.DeleteSubjectResponse:
-    """Erases the subject in every modality in one transaction: templates, devices, OTP state,
-    sessions, challenges, consents and the phone number. The audit record keeps only counts."""
+def delete_subject(rt: Runtime, store: MfaStore, clients: dict[str, BiometricClient],
+                   request: common_pb2.DeleteSubjectRequest, budget: float | None = None) -> common_pb2.DeleteSubjectResponse:
+    """Erases the subject in every modality. The face and voice services erase their templates
+    through their own DeleteSubject (each with its audit record); then, in one transaction with the
+    audit record, the MFA erases its own rows (devices, OTP state, sessions, reviews, lockouts,
+    signals) and the shared subject record (consents, phone number, challenges). A service that
+    cannot be reached fails the call with UNAVAILABLE naming it, before anything of the MFA's is
+    erased; every step is idempotent, so a retry completes the erasure. The audit keeps counts only."""
     tenant, subject = subject_ref(request.subject)
     reason = identifier(request.reason, "reason") if request.reason else "unspecified"
-    with rt.storage.transaction():  # the erasure and its audit record land together or not at all
-        counts = rt.storage.erase_subject(tenant, subject)
-        row = rt.audit.append("subject.erased", actor(), tenant, subject, {
-            "reason": reason, "templates": counts.templates, "devices": counts.devices, "otp_challenges": counts.otp,
-            "sessions": counts.sessions, "consents": counts.consents, "contact_erased": counts.contact_erased,
-        })
+    forwarded = common_pb2.DeleteSubjectRequest(subject=common_pb2.SubjectRef(tenant_id=tenant, subject_id=subject),
+                                                reason=request.reason)
+    templates: dict[str, int] = {}
+    down: list[ServiceUnavailable] = []
+    for name in ERASED_BY:
+        try:
+            templates[name] = clients[name].call("DeleteSubject", forwarded, True, budget).templates_deleted
+        except ServiceUnavailable as exc:
+            down.append(exc)
+    if down:
+        names = " and ".join(f"the {exc.service} service ({exc.why})" for exc in down)
+        raise errors.unavailable(
+            f"{names} could not erase the subject's templates; nothing else was erased: retry DeleteSubject",
+            "_AND_".join(exc.service.upper() for exc in down) + "_SERVICE_UNAVAILABLE")
+    try:
+        with rt.storage.transaction():  # the erasure and its audit record land together or not at all
+            own = store.erase_subject(tenant, subject)
+            shared = rt.storage.erase_subject(tenant, subject)
+            row = rt.audit.append("subject.erased", actor(), tenant, subject, {
+                "reason": reason, "templates": sum(templates.values()), "devices": own.devices,
+                "otp_challenges": own.otp, "sessions": own.sessions, "consents": shared.consents,
+                "contact_erased": shared.contact_erased,
+            })
+    except StillReferencedError:
+        raise errors.ServiceError(grpc.StatusCode.ABORTED, "a template was enrolled while the subject was being "
+                                  "erased; retry DeleteSubject", "ERASURE_RACED") from None
     return common_pb2.DeleteSubjectResponse(
-        templates_deleted=counts.templates, devices_deleted=counts.devices,
-        contact_erased=counts.contact_erased, audit_record_id=str(row.seq),
+        templates_deleted=sum(templates.values()), devices_deleted=own.devices,
+        contact_erased=shared.contact_erased, audit_record_id=str(row.seq),
     )
 
 

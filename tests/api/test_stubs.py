@@ -1,6 +1,14 @@
 import shutil
+import uuid
+
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool
 
 from services.common.api import generate
+from services.common.api.v1 import common_pb2
+from services.common.server.auth import Authenticator
+from services.common.server.interceptor import ServerInterceptor, roles_by_method, tenants_by_method
+from tests.conftest import make_settings
 
 
 def test_committed_stubs_match_the_protos():
@@ -31,3 +39,53 @@ def test_every_rpc_declares_roles():
     table = roles_by_method(descriptors)
     assert len(table) == sum(len(d.methods) for d in descriptors)
     assert all(table.values()), [m for m, r in table.items() if not r]
+
+
+def _descriptors():
+    from services.common.api.v1 import face_pb2, mfa_pb2, voice_pb2
+
+    return [m.DESCRIPTOR.services_by_name[n] for m, n in
+            ((face_pb2, "FaceService"), (voice_pb2, "VoiceService"), (mfa_pb2, "MfaService"))]
+
+
+def test_every_rpc_declares_its_tenant():
+    descriptors = _descriptors()
+    table = tenants_by_method(descriptors)  # raises for an RPC without the option or with a wrong field
+    assert len(table) == sum(len(d.methods) for d in descriptors) == 31
+    assert [m for m, r in table.items() if r.none] == ["/biogate.v1.MfaService/GetSigningKeys"]
+    by_lookup = {m.rsplit("/", 1)[1]: r.lookup for m, r in table.items() if r.lookup}
+    assert by_lookup == {"StartBiometricChallenge": "session", "SubmitFactor": "session", "SendOtp": "session",
+                         "Decide": "session", "RegisterDevice": "session", "ResolveReview": "review"}
+    assert table["/biogate.v1.VoiceService/StreamVerify"].path == ("header", "subject", "tenant_id")
+    assert table["/biogate.v1.MfaService/RecordConsent"].path == ("consent", "subject", "tenant_id")
+    assert table["/biogate.v1.FaceService/Identify"].path == ("tenant_id",)
+
+
+def _service_with(option_field: str | None):
+    """A service whose one RPC declares ``option_field`` as its tenant (None: no declaration)."""
+    name = f"t{uuid.uuid4().hex[:8]}"
+    fdp = descriptor_pb2.FileDescriptorProto(name=f"test/{name}.proto", package=f"test.{name}", syntax="proto3",
+                                             dependency=["biogate/v1/common.proto"])
+    fdp.message_type.add(name="Req").field.add(name="subject", number=1, type=11, label=1,
+                                               type_name=".biogate.v1.SubjectRef")
+    method = fdp.service.add(name="Svc").method.add(name="Do", input_type=f".test.{name}.Req",
+                                                    output_type=f".test.{name}.Req")
+    if option_field is not None:
+        method.options.Extensions[common_pb2.tenant].field = option_field
+    return descriptor_pool.Default().AddSerializedFile(fdp.SerializeToString()).services_by_name["Svc"]
+
+
+def test_an_rpc_without_a_tenant_or_with_a_wrong_field_stops_the_server():
+    assert tenants_by_method([_service_with("subject.tenant_id")])  # the well-formed one is accepted
+    with pytest.raises(ValueError, match="declares no"):
+        tenants_by_method([_service_with(None)])
+    for wrong in ("tenant_id", "subject", "subject.tenant", "subject.tenant_id.x"):
+        with pytest.raises(ValueError, match="not a string field path"):
+            tenants_by_method([_service_with(wrong)])
+
+
+def test_a_declared_lookup_the_service_does_not_provide_stops_the_server(tmp_path):
+    mfa = [d for d in _descriptors() if d.name == "MfaService"]
+    auth = Authenticator.from_settings(make_settings(tmp_path))
+    with pytest.raises(ValueError, match="review, session"):
+        ServerInterceptor("mfa", auth, roles_by_method(mfa), 30.0, tenants_by_method(mfa), {})

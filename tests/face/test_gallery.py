@@ -84,7 +84,7 @@ def test_top_k_is_exact_at_100k_and_follows_other_processes(big_gallery):
     # Another process erases the target and replaces another subject's template.
     other = open_storage(settings.storage_dsn, settings.storage)
     try:
-        other.erase_subject("bank-big", f"s{target:06d}")
+        other.templates.delete_for_subject("bank-big", f"s{target:06d}", "face")
         top, size = galleries.search("bank-big", MODEL, probe, 3)  # the count check sees the erasure
         assert size == n_id - 1 and f"s{target:06d}" not in [s for s, _ in top]
         envelope, key_id = vault.seal("bank-big", "s000007", MODEL, probe)

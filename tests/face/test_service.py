@@ -233,10 +233,10 @@ def test_identify_top_k_follows_enrolments_and_erasures_by_another_process(face_
     assert not any(c.above_threshold for c in r.candidates[1:])
     assert [c.score for c in r.candidates] == sorted((c.score for c in r.candidates), reverse=True)
 
-    # The MFA service (another process, its own storage connection) erases the subject.
+    # Another face service process (its own storage connection) erases the subject's templates.
     other = open_storage(s.settings.storage_dsn, s.settings.storage)
     try:
-        other.erase_subject("kiosk-1", "c-obama")
+        other.templates.delete_for_subject("kiosk-1", "c-obama", "face")
     finally:
         other.close()
     r = s.stub.Identify(face_pb2.IdentifyFaceRequest(tenant_id="kiosk-1", image=probe, top_k=5))

@@ -8,8 +8,8 @@ import pytest
 
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.errors import ServiceError, details_of
-from services.common.storage import DeviceRecord
 from services.mfa import devices, subjects
+from services.mfa.storage import DeviceRecord
 from tests.mfa.conftest import App, outbox_codes, setup_subject, subject
 
 F = mfa_pb2
@@ -18,8 +18,8 @@ F = mfa_pb2
 def bound_app(orch, ref):
     app = App()
     dev = devices.canonical(app.device, orch._device_key, ref.tenant_id)
-    rec = orch.rt.storage.devices.add(DeviceRecord(ref.tenant_id, ref.subject_id, dev.fingerprint, app.public_der,
-                                                   dev.soft, "phone", "android", id="dev_test1"))
+    rec = orch.store.devices.add(DeviceRecord(ref.tenant_id, ref.subject_id, dev.fingerprint, app.public_der,
+                                              dev.soft, "phone", "android", id="dev_test1"))
     app.device_id = rec.id
     return app
 
@@ -169,14 +169,22 @@ def test_idempotent_start(stub, mfa_server):
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS and details_of(err)["reason"] == "IDEMPOTENCY_KEY_REUSED"
 
 
-def test_a_tenant_bound_caller_cannot_touch_another_tenants_session(tmp_path):
+def test_a_tenant_bound_caller_cannot_touch_another_tenants_session_or_review(tmp_path):
+    """The interceptor reads each RPC's declared tenant: for session and review ids it looks the
+    object up; a caller bound to bank-a reaches none of otp-bank's, and all of its own."""
+    from services.common.client import connect
+    from services.common.api.v1 import mfa_pb2_grpc
     from services.common.server.auth import token_sha256
+    from services.common.storage import open_storage
+    from services.mfa.storage import ReviewRecord, attach
     from tests.conftest import ServiceHarness, make_settings
     from tests.mfa.conftest import DEAD, OTP_POLICY
 
     (tmp_path / "pol").mkdir()
     (tmp_path / "pol" / "otp-bank.yaml").write_text(OTP_POLICY)
-    principals = [{"name": "bank-a-app", "roles": ["orchestrator"], "tenants": ["bank-a"], "token_sha256": token_sha256("tok-a")},
+    (tmp_path / "pol" / "bank-a.yaml").write_text(OTP_POLICY)
+    principals = [{"name": "bank-a-app", "roles": ["orchestrator", "admin"], "tenants": ["bank-a"],
+                   "token_sha256": token_sha256("tok-a")},
                   {"name": "all", "roles": ["orchestrator", "enroller", "admin"], "token_sha256": token_sha256("tok-all")}]
     settings = make_settings(tmp_path / "data", auth={"principals": principals, "dev_credentials": False},
                              mfa={"policy_dir": str(tmp_path / "pol")},
@@ -184,14 +192,39 @@ def test_a_tenant_bound_caller_cannot_touch_another_tenants_session(tmp_path):
     h = ServiceHarness(settings)
     h.start("mfa")
     try:
-        from services.common.client import connect
-        from services.common.api.v1 import mfa_pb2_grpc
-
         with connect(h.running["mfa"].address, "tok-all") as ch:
-            s = mfa_pb2_grpc.MfaServiceStub(ch).StartAuthentication(start_req())
+            theirs = mfa_pb2_grpc.MfaServiceStub(ch).StartAuthentication(start_req())
         with connect(h.running["mfa"].address, "tok-a") as ch:
-            err = _call(mfa_pb2_grpc.MfaServiceStub(ch), "Decide", F.DecideRequest(session_id=s.session_id))
-        assert err.code() == grpc.StatusCode.PERMISSION_DENIED and details_of(err)["reason"] == "TENANT_NOT_ALLOWED"
+            own = mfa_pb2_grpc.MfaServiceStub(ch).StartAuthentication(start_req(
+                subject=common_pb2.SubjectRef(tenant_id="bank-a", subject_id="cust-0001")))
+        storage = open_storage(settings.storage_dsn)
+        try:
+            review = attach(storage).reviews.create(ReviewRecord("otp-bank", "cust-0001", theirs.session_id, "login", ()))
+        finally:
+            storage.close()
+        calls = [("Decide", F.DecideRequest), ("SendOtp", F.SendOtpRequest),
+                 ("StartBiometricChallenge", lambda session_id: F.StartBiometricChallengeRequest(
+                     session_id=session_id, modality=common_pb2.MODALITY_FACE)),
+                 ("SubmitFactor", lambda session_id: F.SubmitFactorRequest(
+                     session_id=session_id, otp=F.OtpEvidence(code="123456"))),
+                 ("RegisterDevice", lambda session_id: F.RegisterDeviceRequest(session_id=session_id))]
+        with connect(h.running["mfa"].address, "tok-a") as ch:
+            stub = mfa_pb2_grpc.MfaServiceStub(ch)
+            for method, make in calls:
+                err = _call(stub, method, make(session_id=theirs.session_id))
+                assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (method, err)
+                assert details_of(err)["reason"] == "TENANT_NOT_ALLOWED" and "session's tenant" in err.details()
+                mine = _call(stub, method, make(session_id=own.session_id))  # past the tenant check
+                assert mine is None or mine.code() != grpc.StatusCode.PERMISSION_DENIED, (method, mine)
+            err = _call(stub, "ResolveReview", F.ResolveReviewRequest(review_id=review.id, approve=True))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED and details_of(err)["reason"] == "TENANT_NOT_ALLOWED"
+            err = _call(stub, "ResolveReview", F.ResolveReviewRequest(review_id="rev_unknown", approve=True))
+            assert err.code() == grpc.StatusCode.NOT_FOUND  # no such review: the service says so
+            err = _call(stub, "Decide", F.DecideRequest(session_id="not-a-session"))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with connect(h.running["mfa"].address, "tok-all") as ch:  # a caller of every tenant
+            assert mfa_pb2_grpc.MfaServiceStub(ch).ResolveReview(
+                F.ResolveReviewRequest(review_id=review.id, approve=True)).review.status == "approved"
     finally:
         h.stop()
 
@@ -219,3 +252,22 @@ def test_a_decision_reached_concurrently_is_taken_once(orch):
 def test_errors_are_service_errors_in_process(orch):
     with pytest.raises(ServiceError):
         orch.decide(F.DecideRequest(session_id="nope"))
+
+
+def test_delete_subject_with_the_biometric_services_down_names_them_and_erases_nothing(orch):
+    """Never a silent partial erasure: the MFA's data stays until the templates are gone too."""
+    ref = common_pb2.SubjectRef(tenant_id="bank-a", subject_id="cust-77")
+    subjects.record_consent(orch.rt, common_pb2.RecordConsentRequest(consent=common_pb2.Consent(
+        subject=ref, purpose=common_pb2.CONSENT_PURPOSE_BIOMETRIC_VERIFICATION,
+        modalities=[common_pb2.MODALITY_FACE], granted=True, policy_version="privacy-2025-01")))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
+    app = bound_app(orch, ref)
+    with pytest.raises(ServiceError) as err:
+        subjects.delete_subject(orch.rt, orch.store, orch.clients, common_pb2.DeleteSubjectRequest(subject=ref))
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert err.value.reason == "FACE_AND_VOICE_SERVICE_UNAVAILABLE"
+    assert "the face service" in err.value.message and "the voice service" in err.value.message
+    assert orch.store.devices.get("bank-a", app.device_id) is not None
+    assert orch.rt.storage.subjects.get_phone("bank-a", "cust-77") is not None
+    assert len(orch.rt.storage.subjects.get_consents("bank-a", "cust-77")) == 1
+    assert "subject.erased" not in [r.event_type for r in orch.rt.storage.audit.iter_records()]

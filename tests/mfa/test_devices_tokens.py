@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.common.errors import ServiceError
-from services.common.storage import DeviceRecord
+from services.mfa.storage import DeviceRecord
 from services.mfa import devices
 from services.mfa.tokens import SigningKeys, TokenIssuer, verify_token
 from tests.mfa.conftest import phone_device

@@ -83,13 +83,13 @@ class World:
         for c in self._channels:
             c.close()
 
-    def enrol(self, sid, face_path=None, voice_path=None):
+    def enrol(self, sid, face_path=None, voice_path=None, phone="+8613800135678"):
         ref = common_pb2.SubjectRef(tenant_id=TENANT, subject_id=sid)
         self.mfa_stub.RecordConsent(common_pb2.RecordConsentRequest(consent=common_pb2.Consent(
             subject=ref, purpose=common_pb2.CONSENT_PURPOSE_BIOMETRIC_VERIFICATION,
             modalities=[common_pb2.MODALITY_FACE, common_pb2.MODALITY_VOICE], granted=True,
             policy_version="privacy-2025-01")))
-        self.mfa_stub.SetPhoneNumber(F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
+        self.mfa_stub.SetPhoneNumber(F.SetPhoneNumberRequest(subject=ref, phone_e164=phone))
         if face_path:
             self.face.Enroll(face_pb2.EnrollFaceRequest(subject=ref, images=[common_pb2.Image(
                 data=(FIX / face_path).read_bytes())], replace=True), timeout=120)
@@ -317,3 +317,81 @@ def test_voice_service_down_means_degraded_mode_and_it_recovers(voice_world):
     assert r.result.passed, r
     world.otp(s)
     assert world.decide(s).outcome == F.OUTCOME_ALLOW
+
+
+def test_challenges_of_face_voice_and_sms_start_through_the_mfa_and_bind_to_the_session(world):
+    require(world.bio.face_ok and world.bio.voice_ok, "the face and voice services (SERVING)")
+    row = next(r for r in _rows("trials_voice.csv") if r["target"] == "1")
+    enroll, _, _ = genuine_face_trial()
+    ref = world.enrol("challenge-cust-1", face_path=enroll, voice_path=row["enroll"], phone="+8613900135678")
+    s = world.start(ref, App())
+    face = world.mfa_stub.StartBiometricChallenge(F.StartBiometricChallengeRequest(
+        session_id=s.session_id, modality=common_pb2.MODALITY_FACE))
+    voice = world.mfa_stub.StartBiometricChallenge(F.StartBiometricChallengeRequest(
+        session_id=s.session_id, modality=common_pb2.MODALITY_VOICE))
+    sms = world.mfa_stub.SendOtp(F.SendOtpRequest(session_id=s.session_id))
+    assert face.challenge.nonce and len(face.moves) >= 1 and not face.digits
+    assert voice.challenge.nonce and voice.digits.replace(" ", "").isdigit() and not voice.moves
+    assert sms.masked_phone.endswith("5678") and sms.expires_at.seconds > 0
+    # The session keeps what it handed out: another session's nonce is refused before any service call.
+    other = world.start(ref, App())
+    with pytest.raises(grpc.RpcError) as err:
+        world.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=other.session_id, voice=F.VoiceEvidence(
+            audio=common_pb2.Audio(data=(FIX / row["probe"]).read_bytes()), challenge_nonce=voice.challenge.nonce)))
+    assert details_of(err.value)["reason"] == "CHALLENGE_NOT_IN_SESSION"
+    with pytest.raises(grpc.RpcError) as err:
+        world.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=other.session_id, face=F.FaceEvidence(
+            frames=[common_pb2.Frame(image=common_pb2.Image(data=b"x"))], challenge_nonce=face.challenge.nonce)))
+    assert details_of(err.value)["reason"] == "CHALLENGE_NOT_IN_SESSION"
+    # In its own session the voice nonce reaches the voice service, which decides the digits.
+    r = world.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, voice=F.VoiceEvidence(
+        audio=common_pb2.Audio(data=(FIX / row["probe"]).read_bytes()), challenge_nonce=voice.challenge.nonce)),
+        timeout=120)
+    assert r.result.veto and "CHALLENGE_FAILED" in [x.code for x in r.result.reasons]  # other words spoken
+
+
+def test_delete_subject_erases_templates_through_the_face_and_voice_services(world):
+    require(world.bio.face_ok and world.bio.voice_ok, "the face and voice services (SERVING)")
+    row = next(r for r in _rows("trials_voice.csv") if r["target"] == "1")
+    enroll, probe, _ = genuine_face_trial()
+    ref = world.enrol("erase-cust-1", face_path=enroll, voice_path=row["enroll"], phone="+8613700135678")
+    app = App()
+    s = world.start(ref, app)
+    assert world.face_factor(s, probe).result.passed and world.otp(s).result.passed
+    assert world.decide(s).outcome == F.OUTCOME_ALLOW
+    world.mfa_stub.RegisterDevice(F.RegisterDeviceRequest(session_id=s.session_id, device=app.device,
+                                                          public_key=app.public_der, label="phone"))
+
+    def enrolled(stub):
+        return len(stub.GetEnrollment(common_pb2.GetEnrollmentRequest(subject=ref)).templates)
+
+    # An MFA whose voice service cannot be reached: UNAVAILABLE naming it, and the MFA's own data
+    # (devices, consent, phone) stays for the retry. The face service erased its templates already.
+    cut = ServiceHarness(make_settings(world.mfa.settings.data_dir, clients={
+        "face": {"target": world.bio.running["face"].address},
+        "voice": {"target": "127.0.0.1:9", "retries": 0, "deadline_s": 2}}))
+    cut.start("mfa")
+    try:
+        with cut.channel("mfa", "dev-admin") as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                mfa_pb2_grpc.MfaServiceStub(ch).DeleteSubject(common_pb2.DeleteSubjectRequest(subject=ref, reason="gdpr-art17"))
+    finally:
+        cut.stop()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert details_of(err.value)["reason"] == "VOICE_SERVICE_UNAVAILABLE" and "voice service" in err.value.details()
+    assert (enrolled(world.face), enrolled(world.voice)) == (0, 1)
+    assert len(world.mfa_stub.ListDevices(F.ListDevicesRequest(subject=ref)).devices) == 1
+    assert len(world.mfa_stub.GetConsent(common_pb2.GetConsentRequest(subject=ref)).consents) == 1
+
+    # The retry through the MFA that reaches both completes the erasure; a further one finds nothing.
+    erased = world.mfa_stub.DeleteSubject(common_pb2.DeleteSubjectRequest(subject=ref, reason="gdpr-art17"))
+    assert (erased.templates_deleted, erased.devices_deleted, erased.contact_erased) == (1, 1, True)
+    assert (enrolled(world.face), enrolled(world.voice)) == (0, 0)
+    assert world.mfa_stub.ListDevices(F.ListDevicesRequest(subject=ref)).devices == []
+    assert world.mfa_stub.GetConsent(common_pb2.GetConsentRequest(subject=ref)).consents == []
+    again = world.mfa_stub.DeleteSubject(common_pb2.DeleteSubjectRequest(subject=ref, reason="gdpr-art17"))
+    assert (again.templates_deleted, again.devices_deleted, again.contact_erased) == (0, 0, False)
+    with pytest.raises(grpc.RpcError) as err:  # the face service no longer verifies the subject
+        world.face.Verify(face_pb2.VerifyFaceRequest(subject=ref, image=common_pb2.Image(
+            data=(FIX / probe).read_bytes())), timeout=60)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no face template" in err.value.details()

@@ -240,7 +240,7 @@ def test_a_failed_send_is_unavailable_and_its_code_is_void(tmp_path, clock, fake
         with pytest.raises(ServiceError) as err:  # never delivered: never usable
             submit(orch, s.session_id, code)
         assert err.value.reason == "OTP_NOT_SENT"
-        assert orch.rt.storage.otp.get_active_for_session(s.session_id, clock()) is None
+        assert orch.store.otp.get_active_for_session(s.session_id, clock()) is None
         sent = orch.send_otp(F.SendOtpRequest(session_id=s.session_id))  # no cool-down was spent
         assert sent.masked_phone
         code = re.match(r"\d+", fake.requests[-1]["body"]["text"]).group()

@@ -58,6 +58,40 @@ def test_errors_name_the_line_and_the_field(text, expected):
     assert any(p[0] == line and p[1] == field and words in p[2] for p in found), found
 
 
+OLD_BIOMETRIC_KEYS = MINIMAL + """\
+factors:
+  face:
+    uncalibrated_llr: 5.0
+    calibration_channel: mobile-selfie
+  voice:
+    calibration_channels: {wideband: mobile-16k, telephone: telephony-8k}
+"""
+
+
+def test_a_policy_naming_calibration_channels_or_a_guessed_llr_is_refused_with_the_key_named(tmp_path):
+    """The services calibrate their own scores: the MFA has no channel to name and credits no guess."""
+    found = problems(OLD_BIOMETRIC_KEYS)
+    assert [(line, field) for line, field, _ in found] == [
+        (8, "factors.face.uncalibrated_llr"), (9, "factors.face.calibration_channel"),
+        (11, "factors.voice.calibration_channels")]
+    assert all(m.startswith("no longer a policy key: ") and m.endswith("remove the key") for _, _, m in found)
+    assert "face service applies the calibration of its own model" in found[1][2]
+    assert "never a default credit" in found[0][2]
+    # As a tenant's file it is refused (the default stays in force for everyone else); as the
+    # default policy the service does not start.
+    (tmp_path / "pol").mkdir()
+    (tmp_path / "pol" / "bank-x.yaml").write_text(OLD_BIOMETRIC_KEYS)
+    store = PolicyStore(DEFAULT, tmp_path / "pol", check_s=0)
+    with pytest.raises(ServiceError) as err:
+        store.get("bank-x")
+    assert err.value.reason == "POLICY_INVALID"
+    assert "factors.face.calibration_channel" in str(store.errors[str(tmp_path / "pol" / "bank-x.yaml")])
+    assert store.get("bank-y").version == load_policy(DEFAULT).version
+    (tmp_path / "default.yaml").write_text(OLD_BIOMETRIC_KEYS)
+    with pytest.raises(PolicyError, match="factors.voice.calibration_channels: no longer a policy key"):
+        PolicyStore(tmp_path / "default.yaml", None)
+
+
 def test_all_problems_are_reported_at_once_in_line_order():
     text = MINIMAL.replace("required: 6.0", "required: 0") + "lockout: {max_failures: 0, delay_s: -1}\n"
     found = problems(text)

@@ -22,7 +22,8 @@ class Probe(mfa_pb2_grpc.MfaServiceServicer):
 def probe(tmp_path):
     settings = make_settings(tmp_path, server={"rpc_timeout_s": 5.0})
     definition = ServiceDefinition("mfa", [mfa_pb2.DESCRIPTOR.services_by_name["MfaService"]],
-                                   lambda s: mfa_pb2_grpc.add_MfaServiceServicer_to_server(Probe(), s))
+                                   lambda s: mfa_pb2_grpc.add_MfaServiceServicer_to_server(Probe(), s),
+                                   tenant_lookups={"session": lambda _: None, "review": lambda _: None})  # none kept
     server = RunningServer(settings, definition, port=0).start()
     assert server.ready.wait(10)
     token = json.loads(settings.dev_credentials_file.read_text())["dev-all"]

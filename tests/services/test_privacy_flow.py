@@ -19,6 +19,7 @@ from services.common.errors import details_of
 from services.common.logs import JsonFormatter
 from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
+from tests.conftest import make_settings
 
 PHONE = "+8613812345678"
 PHONE_LOCAL = "13812345678"
@@ -49,7 +50,11 @@ def secrets_in(text: str) -> list[str]:
 
 def test_personal_data_never_reaches_logs_audit_or_database(services, captured_logs):
     face = services.start("face")
-    mfa = services.start("mfa")
+    voice = services.start("voice")
+    # The MFA erases templates through the face and voice services' own DeleteSubject.
+    services.settings = make_settings(services.settings.data_dir, clients={
+        "face": {"target": face.address}, "voice": {"target": voice.address}})
+    services.start("mfa")
     subject = common_pb2.SubjectRef(tenant_id="bank-a", subject_id="cust-0042")
     with services.channel("mfa", "dev-all") as channel:
         stub = mfa_pb2_grpc.MfaServiceStub(channel)
@@ -102,7 +107,8 @@ def test_personal_data_never_reaches_logs_audit_or_database(services, captured_l
 
     rows = list(rt.storage.audit.iter_records())
     events = [r.event_type for r in rows]
-    assert events == ["consent.recorded", "contact.phone_set", "subject.erased"]
+    assert events == ["consent.recorded", "contact.phone_set", "face.subject_deleted", "voice.subject_deleted",
+                      "subject.erased"]
     audit_text = "\n".join(f"{r.actor} {r.tenant_id} {r.subject_pseudonym} {r.details}" for r in rows)
     assert "cust-0042" not in audit_text and secrets_in(audit_text) == []
     assert verify(rt.storage.audit, AuditSigner.load_or_create(services.settings.audit_signing_key_file).public_key).ok

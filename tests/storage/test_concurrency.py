@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import threading
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -13,40 +11,18 @@ import pytest
 from services.common.storage import (
     AuditAppend,
     AuditRow,
-    AuthSessionRecord,
     ChallengeRecord,
     ChallengeUsedError,
-    ConcurrentUpdateError,
     MigrationError,
-    OtpRecord,
     SqlStorage,
     TemplateRecord,
     open_storage,
 )
 from services.common.storage.migrate import load_migrations, migrate
+from tests.conftest import race
 
 T = "bank-a"
 THREADS = 8
-
-
-def race(n: int, work: Callable[[int], object]) -> list[object]:
-    """Run work(i) on n threads released together; each result or raised exception, in order."""
-    start = threading.Barrier(n)
-    results: list[object] = [None] * n
-
-    def run(i: int) -> None:
-        start.wait()
-        try:
-            results[i] = work(i)
-        except Exception as exc:  # collected for the assertions
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
 
 
 def test_challenge_consumed_by_exactly_one_thread(storage: SqlStorage) -> None:
@@ -68,15 +44,6 @@ def test_rate_limit_hits_are_atomic(storage: SqlStorage) -> None:
     assert sum(allowed for allowed, _ in hits) == limit
 
 
-def test_session_update_has_one_winner_per_version(storage: SqlStorage) -> None:
-    rec = storage.auth_sessions.create(AuthSessionRecord(T, "s1", {"n": 0}, datetime.now(timezone.utc)))
-    results = race(THREADS, lambda i: storage.auth_sessions.update(rec.id, 1, {"n": i}))
-    winners = [r for r in results if isinstance(r, AuthSessionRecord)]
-    assert len(winners) == 1 and winners[0].version == 2
-    assert all(isinstance(r, ConcurrentUpdateError) for r in results if r is not winners[0])
-    assert storage.auth_sessions.get(rec.id) == winners[0]
-
-
 def test_envelope_swap_has_one_winner(storage: SqlStorage) -> None:
     rec = storage.templates.put(TemplateRecord(T, "s1", "face", "m", "", b"e", "k1", 1))
     results = race(THREADS, lambda i: storage.templates.replace_envelope(rec.id, "k1", f"e{i}".encode(), f"k2-{i}"))
@@ -84,14 +51,6 @@ def test_envelope_swap_has_one_winner(storage: SqlStorage) -> None:
     winner = results.index(True)
     got = storage.templates.get(T, "s1", "face", "m")
     assert (got.envelope, got.key_id) == (f"e{winner}".encode(), f"k2-{winner}")
-
-
-def test_otp_attempt_budget_holds_under_concurrency(storage: SqlStorage) -> None:
-    now = datetime.now(timezone.utc)
-    otp = storage.otp.create(OtpRecord("sess", T, "s1", "h", now + timedelta(minutes=5), max_attempts=3))
-    results = race(THREADS, lambda i: storage.otp.record_attempt(otp.id, now))
-    assert sorted(r.attempts for r in results if r is not None) == [1, 2, 3]
-    assert storage.otp.get(otp.id).attempts == 3
 
 
 def test_audit_appends_from_threads_form_one_chain(storage: SqlStorage) -> None:
@@ -109,7 +68,7 @@ def test_audit_appends_from_threads_form_one_chain(storage: SqlStorage) -> None:
 
 def applied(storage: SqlStorage) -> list[int]:
     with storage.db.transaction() as s:
-        return [r[0] for r in s.all("SELECT version FROM schema_migrations ORDER BY version")]
+        return [r[0] for r in s.all("SELECT version FROM schema_versions WHERE part = 'shared' ORDER BY version")]
 
 
 def test_migrations_are_idempotent(storage_dsn: str) -> None:
@@ -145,7 +104,7 @@ def test_migrations_from_two_processes_at_once(storage_dsn: str, python) -> None
 def test_an_edited_migration_is_refused(storage_dsn: str) -> None:
     st = open_storage(storage_dsn)
     with st.db.transaction() as s:
-        s.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
+        s.execute("UPDATE schema_versions SET checksum = 'edited' WHERE part = 'shared' AND version = 1")
     st.close()
     with pytest.raises(MigrationError, match="changed after it was applied"):
         open_storage(storage_dsn)

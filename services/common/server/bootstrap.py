@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.config import Settings
 from services.common.server.auth import Authenticator
-from services.common.server.interceptor import ServerInterceptor, roles_by_method
+from services.common.server.interceptor import ServerInterceptor, TenantLookup, roles_by_method, tenants_by_method
 
 log = logging.getLogger("biogate.server")
 
@@ -39,6 +39,8 @@ class ServiceDefinition:
     register: Callable[[grpc.Server], None]  # adds the servicers to the server
     warm_up: Callable[[], None] = lambda: None  # raises while the service cannot serve yet
     close: Callable[[], None] = lambda: None
+    # the objects the RPCs' `tenant` options name by id ("session", "review") -> their tenant
+    tenant_lookups: dict[str, TenantLookup] = field(default_factory=dict)
     details: dict[str, str] = field(default_factory=dict)  # filled by warm_up: models, providers
 
 
@@ -55,6 +57,8 @@ class RunningServer:
                     Authenticator.from_settings(settings),
                     roles_by_method(definition.descriptors),
                     cfg.rpc_timeout_s,
+                    tenants_by_method(definition.descriptors),
+                    definition.tenant_lookups,
                 )
             ],
             options=[

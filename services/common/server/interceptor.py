@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import grpc
@@ -33,27 +34,73 @@ def roles_by_method(services: Iterable[ServiceDescriptor]) -> dict[str, frozense
     return table
 
 
-def tenant_of(request: Any) -> str | None:
-    """The tenant a request acts on, where the message names one directly."""
-    for path in (("subject", "tenant_id"), ("tenant_id",), ("consent", "subject", "tenant_id"), ("header", "subject", "tenant_id")):
+TenantLookup = Callable[[str], "str | None"]  # an object's id -> its tenant; None: no such object
+
+
+@dataclass(frozen=True)
+class TenantRule:
+    """An RPC's `tenant` option: the request field holding the tenant id, or the id of an object
+    whose tenant the service looks up (``lookup``), or ``none``."""
+
+    path: tuple[str, ...] = ()
+    lookup: str = ""
+    none: bool = False
+
+    def value(self, request: Any) -> str:
         obj = request
-        for name in path:
-            if not hasattr(obj, name):
-                break
+        for name in self.path[:-1]:
+            if not obj.HasField(name):
+                return ""
             obj = getattr(obj, name)
-        else:
-            return obj or None
-    return None
+        return getattr(obj, self.path[-1])
+
+
+def tenants_by_method(services: Iterable[ServiceDescriptor]) -> dict[str, TenantRule]:
+    """Reads the `tenant` option of every method; an RPC without one, or naming a field its request
+    does not have, is a programming error that stops the server from starting."""
+    table = {}
+    for service in services:
+        for method in service.methods:
+            name = f"/{service.full_name}/{method.name}"
+            options = method.GetOptions()
+            if not options.HasExtension(common_pb2.tenant):
+                raise ValueError(f"{name} declares no (biogate.v1.tenant) option")
+            src = options.Extensions[common_pb2.tenant]
+            if src.none:
+                table[name] = TenantRule(none=True)
+                continue
+            path = tuple(src.field.split("."))
+            message = method.input_type
+            for i, part in enumerate(path):
+                field = message.fields_by_name.get(part) if message is not None else None
+                last = i == len(path) - 1
+                if field is None or last != (field.type == field.TYPE_STRING) or field.is_repeated:
+                    raise ValueError(f"{name}: tenant field {src.field!r} is not a string field path of "
+                                     f"{method.input_type.full_name}")
+                message = field.message_type
+            table[name] = TenantRule(path, src.lookup)
+    return table
 
 
 class ServerInterceptor(grpc.ServerInterceptor):
     def __init__(
-        self, service: str, authenticator: Authenticator, roles: dict[str, frozenset[str]], rpc_timeout_s: float = 30.0
+        self,
+        service: str,
+        authenticator: Authenticator,
+        roles: dict[str, frozenset[str]],
+        rpc_timeout_s: float = 30.0,
+        tenants: dict[str, TenantRule] | None = None,
+        lookups: dict[str, TenantLookup] | None = None,
     ) -> None:
         self.service = service
         self.rpc_timeout_s = rpc_timeout_s
         self.authenticator = authenticator
         self.roles = roles
+        self.tenants = tenants or {}
+        self.lookups = lookups or {}
+        missing = sorted({r.lookup for r in self.tenants.values() if r.lookup} - self.lookups.keys())
+        if missing:
+            raise ValueError(f"the {service} service declares tenant lookups it does not provide: {', '.join(missing)}")
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -164,10 +211,19 @@ class _Call:
         context.principal.set(self.principal)
 
     def check_tenant(self, request: Any) -> None:
-        tenant = tenant_of(request)
-        if tenant and self.principal and not self.principal.may_act_for(tenant):
+        rule = self.owner.tenants.get(self.method)
+        if rule is None or rule.none or self.principal is None or "*" in self.principal.tenants:
+            return  # an RPC on no tenant's data, or a caller of every tenant: nothing to look up
+        value = rule.value(request)
+        if not value:
+            return  # the service refuses the missing field with INVALID_ARGUMENT
+        tenant = self.owner.lookups[rule.lookup](value) if rule.lookup else value
+        if tenant is None:
+            return  # no such object: the service answers NOT_FOUND or INVALID_ARGUMENT
+        if not self.principal.may_act_for(tenant):
+            what = f"this {rule.lookup}'s tenant" if rule.lookup else f"tenant '{tenant}'"
             raise errors.permission_denied(
-                f"caller '{self.principal.name}' may not act for tenant '{tenant}'", reason="TENANT_NOT_ALLOWED"
+                f"caller '{self.principal.name}' may not act for {what}", reason="TENANT_NOT_ALLOWED"
             )
 
     def checked_stream(self, requests: Iterator) -> Iterator:

@@ -5,7 +5,9 @@
         storage.subjects.record_consent(consent)
         storage.templates.put(template)
 
-Record types and repository interfaces are in :mod:`.interfaces`; errors in :mod:`.errors`.
+Record types and repository interfaces are in :mod:`.interfaces`; errors in :mod:`.errors`. A
+service's own tables are a :class:`StoragePart` (its migrations and repositories) that it attaches:
+``storage.attach(part)``.
 """
 
 from .errors import (
@@ -18,6 +20,7 @@ from .errors import (
     ConcurrentUpdateError,
     MigrationError,
     NotFoundError,
+    StillReferencedError,
     StorageError,
 )
 from .interfaces import (
@@ -25,19 +28,17 @@ from .interfaces import (
     AuditCheckpoint,
     AuditHead,
     AuditRow,
-    AuthSessionRecord,
     ChallengeRecord,
     ConsentRecord,
-    DeviceRecord,
     ErasureCounts,
-    OtpRecord,
     PhoneRecord,
     Storage,
     TemplateRecord,
     new_id,
     new_nonce,
 )
-from .storage import SqlStorage, open_storage
+from .migrate import SchemaPart
+from .storage import SqlStorage, StoragePart, open_storage
 
 __all__ = [
     "AlreadyExistsError",
@@ -45,7 +46,6 @@ __all__ = [
     "AuditCheckpoint",
     "AuditHead",
     "AuditRow",
-    "AuthSessionRecord",
     "ChallengeError",
     "ChallengeExpiredError",
     "ChallengeMismatchError",
@@ -54,15 +54,16 @@ __all__ = [
     "ChallengeUsedError",
     "ConcurrentUpdateError",
     "ConsentRecord",
-    "DeviceRecord",
     "ErasureCounts",
     "MigrationError",
     "NotFoundError",
-    "OtpRecord",
     "PhoneRecord",
+    "SchemaPart",
     "SqlStorage",
+    "StillReferencedError",
     "Storage",
     "StorageError",
+    "StoragePart",
     "TemplateRecord",
     "new_id",
     "new_nonce",

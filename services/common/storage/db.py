@@ -150,6 +150,10 @@ class Database(ABC):
         """Serialise this transaction against others taking the same lock, until it ends."""
 
     @abstractmethod
+    def has_table(self, session: Session, name: str) -> bool:
+        """Whether the table exists (in the schema the connection works in)."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -212,6 +216,9 @@ class SqliteDatabase(Database):
     def lock(self, session: Session, name: str) -> None:
         pass  # BEGIN IMMEDIATE already holds the database's single write lock
 
+    def has_table(self, session: Session, name: str) -> bool:
+        return session.one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)) is not None
+
     def close(self) -> None:
         self._closed = True
         while True:
@@ -262,6 +269,9 @@ class PostgresDatabase(Database):
     def lock(self, session: Session, name: str) -> None:
         # Keyed by schema too, so that separate schemas (tests, tenants) never wait on each other.
         session.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()), hashtext(?))", (name,))
+
+    def has_table(self, session: Session, name: str) -> bool:
+        return session.one("SELECT to_regclass(?) IS NOT NULL", (name,))[0]
 
     def close(self) -> None:
         self._pool.close()

@@ -19,6 +19,10 @@ class ConcurrentUpdateError(StorageError):
     """Optimistic concurrency: the row changed since the caller read it (stale version)."""
 
 
+class StillReferencedError(StorageError):
+    """A row cannot be deleted while other rows (of another owner) still refer to it."""
+
+
 class MigrationError(StorageError):
     """The schema in the database does not match the migration files (e.g. an edited migration)."""
 

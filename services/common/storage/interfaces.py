@@ -1,5 +1,7 @@
-"""What the storage layer stores (frozen record types) and the repository interfaces (Protocols).
+"""What the shared storage stores (frozen record types) and the repository interfaces (Protocols).
 
+These are the tables every service uses: subjects with consent and contact, templates, challenges,
+rate limits, the audit trail. A service's own tables are its own (see :class:`StoragePart`).
 Services depend on these names only; :func:`services.common.storage.open_storage` returns an
 object satisfying :class:`Storage`. Every timestamp is a timezone-aware UTC ``datetime``. Binary
 secrets (template and phone envelopes) are encrypted by the caller: the storage never sees
@@ -14,12 +16,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from .db import utcnow
-from .mfa_records import LockoutRepository, ReviewRepository, SubjectSignalRepository
+
+if TYPE_CHECKING:
+    from .storage import StoragePart
 
 Modality = Literal["face", "voice"]
+P = TypeVar("P")
 
 
 def new_id() -> str:
@@ -70,46 +75,6 @@ class PhoneRecord:
     subject_id: str
     envelope: bytes
     key_id: str
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    tenant_id: str
-    subject_id: str
-    fingerprint: str  # a hash of the device's attributes, never the raw identifiers
-    public_key: bytes | None = None  # DER SubjectPublicKeyInfo
-    attributes: Mapping[str, Any] = field(default_factory=dict)
-    label: str = ""
-    platform: str = ""
-    id: str = field(default_factory=new_id)
-    bound_at: datetime = field(default_factory=utcnow)
-    last_seen_at: datetime | None = None
-    revoked_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class OtpRecord:
-    session_id: str
-    tenant_id: str
-    subject_id: str
-    code_hash: str
-    expires_at: datetime
-    max_attempts: int = 3
-    attempts: int = 0
-    id: str = field(default_factory=new_id)
-    sent_at: datetime = field(default_factory=utcnow)
-    consumed_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class AuthSessionRecord:
-    tenant_id: str
-    subject_id: str
-    state: Mapping[str, Any]
-    expires_at: datetime
-    id: str = field(default_factory=new_id)
-    created_at: datetime = field(default_factory=utcnow)
-    version: int = 1
 
 
 @dataclass(frozen=True)
@@ -165,10 +130,8 @@ class AuditAppend:
 
 @dataclass(frozen=True)
 class ErasureCounts:
-    templates: int
-    devices: int
-    otp: int
-    sessions: int
+    """What erasing a subject's shared record removed."""
+
     challenges: int
     consents: int
     contact_erased: bool
@@ -286,45 +249,6 @@ class SubjectRepository(Protocol):
     ) -> bool: ...
 
 
-class DeviceRepository(Protocol):
-    def add(self, rec: DeviceRecord) -> DeviceRecord:
-        """Raises AlreadyExistsError for an id in use or an active device with the same fingerprint."""
-
-    def get(self, tenant_id: str, device_id: str) -> DeviceRecord | None: ...
-
-    def get_by_fingerprint(
-        self, tenant_id: str, subject_id: str, fingerprint: str
-    ) -> DeviceRecord | None:
-        """The active (not revoked) device with this fingerprint."""
-
-    def list_for_subject(
-        self, tenant_id: str, subject_id: str, include_revoked: bool = False
-    ) -> list[DeviceRecord]: ...
-
-    def revoke(self, tenant_id: str, device_id: str, now: datetime | None = None) -> bool: ...
-
-    def touch(self, tenant_id: str, device_id: str, now: datetime | None = None) -> bool: ...
-
-    def delete_for_subject(self, tenant_id: str, subject_id: str) -> int: ...
-
-
-class OtpRepository(Protocol):
-    def create(self, rec: OtpRecord) -> OtpRecord: ...
-
-    def get(self, otp_id: str) -> OtpRecord | None: ...
-
-    def get_active_for_session(self, session_id: str, now: datetime) -> OtpRecord | None:
-        """The newest OTP of the session that is unexpired, unconsumed and has attempts left."""
-
-    def record_attempt(self, otp_id: str, now: datetime) -> OtpRecord | None:
-        """Atomically spend one attempt; None when none is left, or it expired or was consumed."""
-
-    def consume(self, otp_id: str, now: datetime) -> bool:
-        """Atomically mark used; True for exactly one caller, and only while unexpired."""
-
-    def delete_for_subject(self, tenant_id: str, subject_id: str) -> int: ...
-
-
 class RateLimitRepository(Protocol):
     def hit(
         self, key: str, window_s: int, limit: int, now: datetime | None = None
@@ -332,23 +256,6 @@ class RateLimitRepository(Protocol):
         """Count one event in key's current fixed window: (count <= limit, count)."""
 
     def reset(self, key: str) -> bool: ...
-
-
-class AuthSessionRepository(Protocol):
-    def create(self, rec: AuthSessionRecord) -> AuthSessionRecord: ...
-
-    def get(self, session_id: str) -> AuthSessionRecord | None: ...
-
-    def update(
-        self,
-        session_id: str,
-        expected_version: int,
-        state: Mapping[str, Any],
-        expires_at: datetime | None = None,
-    ) -> AuthSessionRecord:
-        """Write a new state at version+1. Raises ConcurrentUpdateError or NotFoundError."""
-
-    def delete_for_subject(self, tenant_id: str, subject_id: str) -> int: ...
 
 
 class ChallengeRepository(Protocol):
@@ -383,22 +290,23 @@ class AuditRepository(Protocol):
 class Storage(Protocol):
     templates: TemplateRepository
     subjects: SubjectRepository
-    devices: DeviceRepository
-    otp: OtpRepository
     rate_limits: RateLimitRepository
-    auth_sessions: AuthSessionRepository
     challenges: ChallengeRepository
     audit: AuditRepository
-    reviews: ReviewRepository
-    lockouts: LockoutRepository
-    subject_signals: SubjectSignalRepository
 
     def transaction(self) -> AbstractContextManager[Storage]:
-        """Every repository call made inside the block (in this thread) is one transaction."""
+        """Every repository call made inside the block (in this thread) is one transaction,
+        attached parts' included."""
 
-    def erase_subject(self, tenant_id: str, subject_id: str) -> ErasureCounts: ...
+    def attach(self, part: StoragePart[P]) -> P:
+        """A service's own tables on this storage's database: migrated at the first attach."""
+
+    def erase_subject(self, tenant_id: str, subject_id: str) -> ErasureCounts:
+        """The subject's consents, contact, challenges and subject row. Raises StillReferencedError
+        while templates remain (the modality services erase those); a service erases its own
+        tables' rows first, in the same transaction."""
 
     def purge_expired(self, now: datetime | None = None) -> int:
-        """Delete expired OTPs, sessions, challenges and rate-limit windows; returns rows deleted."""
+        """Delete expired challenges and rate-limit windows; returns rows deleted."""
 
     def close(self) -> None: ...

@@ -1,23 +1,22 @@
-"""The SQL storage: opens SQLite or PostgreSQL from a DSN, migrates it, and holds the repositories."""
+"""The SQL storage: opens SQLite or PostgreSQL from a DSN, migrates it, and holds the repositories of
+the shared tables; a service attaches its own tables (a :class:`StoragePart`) to the same database."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .audit import SqlAuditRepository
-from .auth_sessions import SqlAuthSessionRepository
 from .challenges import SqlChallengeRepository
 from .db import Database, PostgresDatabase, SqliteDatabase, utcnow
-from .devices import SqlDeviceRepository
-from .errors import StorageError
+from .errors import StillReferencedError, StorageError
 from .interfaces import ErasureCounts
-from .mfa_tables import SqlLockoutRepository, SqlReviewRepository, SqlSubjectSignalRepository
-from .migrate import migrate
-from .otp import SqlOtpRepository
+from .migrate import SchemaPart, migrate
 from .rate_limits import SqlRateLimitRepository
 from .subjects import SqlSubjectRepository
 from .templates import SqlTemplateRepository
@@ -25,21 +24,37 @@ from .templates import SqlTemplateRepository
 if TYPE_CHECKING:
     from services.common.config import StorageConfig
 
+P = TypeVar("P")
+
+
+@dataclass(frozen=True)
+class StoragePart(Generic[P]):
+    """A service's own tables: their migrations, and what builds the service's repositories on the
+    storage's database (so that they share its transactions)."""
+
+    schema: SchemaPart
+    open: Callable[[Database], P]
+
 
 class SqlStorage:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.templates = SqlTemplateRepository(db)
         self.subjects = SqlSubjectRepository(db)
-        self.devices = SqlDeviceRepository(db)
-        self.otp = SqlOtpRepository(db)
         self.rate_limits = SqlRateLimitRepository(db)
-        self.auth_sessions = SqlAuthSessionRepository(db)
         self.challenges = SqlChallengeRepository(db)
         self.audit = SqlAuditRepository(db)
-        self.reviews = SqlReviewRepository(db)
-        self.lockouts = SqlLockoutRepository(db)
-        self.subject_signals = SqlSubjectSignalRepository(db)
+        self._parts: dict[str, Any] = {}
+        self._parts_lock = threading.Lock()
+
+    def attach(self, part: StoragePart[P]) -> P:
+        """The part's repositories; its migrations run at the first attach of this storage."""
+        with self._parts_lock:
+            found = self._parts.get(part.schema.name)
+            if found is None:
+                migrate(self.db, part.schema)
+                found = self._parts[part.schema.name] = part.open(self.db)
+            return found
 
     @property
     def dialect(self) -> str:
@@ -56,22 +71,26 @@ class SqlStorage:
             yield self
 
     def erase_subject(self, tenant_id: str, subject_id: str) -> ErasureCounts:
+        """The subject's shared record: consents, contact, challenges and the subject row. Templates
+        are the modality services' to erase, a service's own tables its own (first: they refer to
+        the subject row); a template left is StillReferencedError and nothing is erased."""
         with self.db.transaction() as s:
+            left = s.one(
+                "SELECT COUNT(*) FROM templates WHERE tenant_id = ? AND subject_id = ?", (tenant_id, subject_id)
+            )[0]
+            if left:
+                raise StillReferencedError(
+                    f"the subject still has {left} template(s); the face and voice services erase them"
+                )
             phone = s.one(
                 "SELECT phone_envelope IS NOT NULL FROM subjects WHERE tenant_id = ? AND subject_id = ?",
                 (tenant_id, subject_id),
             )
             counts = ErasureCounts(
-                templates=self.templates.delete_for_subject(tenant_id, subject_id),
-                devices=self.devices.delete_for_subject(tenant_id, subject_id),
-                otp=self.otp.delete_for_subject(tenant_id, subject_id),
-                sessions=self.auth_sessions.delete_for_subject(tenant_id, subject_id),
                 challenges=self.challenges.delete_for_subject(tenant_id, subject_id),
                 consents=self.subjects.delete_for_subject(tenant_id, subject_id),
                 contact_erased=bool(phone and phone[0]),
             )
-            for repo in (self.reviews, self.lockouts, self.subject_signals):
-                repo.delete_for_subject(tenant_id, subject_id)
             s.execute(
                 "DELETE FROM subjects WHERE tenant_id = ? AND subject_id = ?", (tenant_id, subject_id)
             )
@@ -80,9 +99,7 @@ class SqlStorage:
     def purge_expired(self, now: datetime | None = None) -> int:
         now = now or utcnow()
         with self.db.transaction() as s:
-            n = 0
-            for table in ("otp_challenges", "auth_sessions", "challenges"):
-                n += s.count(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
+            n = s.count("DELETE FROM challenges WHERE expires_at <= ?", (now,))
             n += s.count("DELETE FROM rate_limits WHERE window_end <= ?", (int(now.timestamp()),))
         return n
 

@@ -12,7 +12,7 @@ from .rows import insert_sql, values
 
 
 def ensure_subject(s: Session, tenant_id: str, subject_id: str, now: datetime) -> None:
-    """Create the subject row that templates, consents and devices refer to, if missing."""
+    """Create the subject row that templates, consents and services' own rows refer to, if missing."""
     s.execute(
         "INSERT INTO subjects (tenant_id, subject_id, created_at) VALUES (?, ?, ?)"
         " ON CONFLICT (tenant_id, subject_id) DO NOTHING",

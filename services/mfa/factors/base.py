@@ -1,7 +1,13 @@
-"""Factors in the style of privacyIDEA's token classes: one base class whose template method
-runs the same steps for every factor, and one subclass per factor that fills in its own steps.
+"""Factors in the style of privacyIDEA's token classes: one base class whose template methods
+run the same steps for every factor, and one subclass per factor that fills in its own steps.
 Policies stay apart (services.mfa.policy): a factor reads its settings, it does not decide.
 
+    start_challenge(ctx)         what the user must answer in this session: an SMS code, a
+                                 liveness move sequence, digits to speak (Orchestrator.challenge
+                                 runs it for SendOtp and StartBiometricChallenge alike)
+      claim(ctx, state)          hook, in the session's compare-and-swap before issuing: a
+                                 resend cool-down checked and taken (release() gives it back)
+      issue(ctx)                 the factor's own step -> Challenge
     verify(ctx, evidence)        template method
       validate(ctx, evidence)    bad input -> INVALID_ARGUMENT / FAILED_PRECONDITION, before any state changes
       check(ctx, evidence)       the factor's own verification -> FactorOutcome
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
+from services.common import errors
 from services.common.runtime import Runtime
 
 from ..clients import BiometricClient, ServiceUnavailable
@@ -23,6 +30,8 @@ from ..fusion import FactorOutcome
 from ..otp import OtpService
 from ..policy.schema import Policy
 from ..reasons import Reason
+from ..state import SessionState
+from ..storage import MfaStore
 
 log = logging.getLogger("biogate.mfa.factors")
 
@@ -30,11 +39,12 @@ log = logging.getLogger("biogate.mfa.factors")
 @dataclass
 class FactorContext:
     rt: Runtime
+    store: MfaStore
     policy: Policy
     tenant: str
     subject: str
     session_id: str
-    state: dict[str, Any]
+    state: SessionState
     now: datetime
     clients: dict[str, BiometricClient]
     otp: OtpService
@@ -42,9 +52,33 @@ class FactorContext:
     notes: dict[str, Any] = field(default_factory=dict)  # per-call facts a subclass reports (attempts left)
 
 
+@dataclass(frozen=True)
+class Challenge:
+    response: Any  # what the RPC answers
+    nonce: str | None = None  # kept in the session: evidence must answer a challenge it was given
+    audit: tuple[str, dict[str, Any]] | None = None  # event type and details
+
+
 class Factor(ABC):
     name: ClassVar[str]
+    claims: ClassVar[bool] = False  # claim() changes the session before a challenge is issued
 
+    # ------------------------------------------------------------------ challenges
+    def start_challenge(self, ctx: FactorContext) -> Challenge:
+        """Raises ServiceUnavailable when the factor's service cannot answer (the session then
+        degrades), ServiceError for a refusal."""
+        return self.issue(ctx)
+
+    def claim(self, ctx: FactorContext, state: SessionState) -> None:
+        """Hook: reserve the challenge in ``state`` (re-run on a concurrent update); raise to refuse."""
+
+    def release(self, ctx: FactorContext, state: SessionState, before: SessionState) -> None:
+        """Hook: undo claim() after the challenge could not be issued."""
+
+    def issue(self, ctx: FactorContext) -> Challenge:
+        raise errors.failed_precondition(f"the {self.name} factor has no challenge to start", "NO_CHALLENGE")
+
+    # ------------------------------------------------------------------ evidence
     def verify(self, ctx: FactorContext, evidence: Any) -> FactorOutcome:
         self.validate(ctx, evidence)
         try:

@@ -24,15 +24,15 @@ class DeviceFactor(Factor):
                                           device__signature="missing or too long")
 
     def check(self, ctx: FactorContext, ev: mfa_pb2.DeviceProof) -> FactorOutcome:
-        rec = ctx.rt.storage.devices.get(ctx.tenant, ev.device_id)
+        rec = ctx.store.devices.get(ctx.tenant, ev.device_id)
         if rec is None or rec.subject_id != ctx.subject or rec.revoked_at is not None or not rec.public_key:
             return FactorOutcome(self.name, False, reasons=(
                 Reason("DEVICE_NOT_BOUND", "no bound device of this subject has that id"),))
-        if not verify_signature(rec.public_key, ev.signature, ctx.state["nonce"].encode()):
+        if not verify_signature(rec.public_key, ev.signature, ctx.state.nonce.encode()):
             return FactorOutcome(self.name, False, reasons=(
                 Reason("DEVICE_SIGNATURE_INVALID", "the signature over the session nonce does not verify"),))
-        ctx.rt.storage.devices.touch(ctx.tenant, rec.id, ctx.now)
+        ctx.store.devices.touch(ctx.tenant, rec.id, ctx.now)
         reasons = [Reason("DEVICE_KEY_OK", "possession of the bound device key proven")]
-        if ctx.state["device"].get("device_id") not in (None, rec.id):
+        if ctx.state.device.device_id not in (None, rec.id):
             reasons.append(Reason("DEVICE_INFO_MISMATCH", "the key belongs to another bound device than reported"))
         return FactorOutcome(self.name, True, ctx.policy.factors.device.evidence, reasons=tuple(reasons))

@@ -16,13 +16,14 @@ MAX_FRAMES = 64
 
 class FaceFactor(BiometricFactor):
     name = "face"
+    challenge_rpc = ("face", "StartLivenessChallenge", face_pb2.StartLivenessChallengeRequest, "moves")
 
     def validate(self, ctx: FactorContext, ev: mfa_pb2.FaceEvidence) -> None:
         if ev.frames:
             if not ev.challenge_nonce:
                 raise errors.invalid_argument("face.frames need the challenge_nonce they answer",
                                               face__challenge_nonce="required with frames")
-            if ev.challenge_nonce not in ctx.state.get("challenges", {}).get("face", []):
+            if ev.challenge_nonce not in ctx.state.challenges.get("face", []):
                 raise errors.failed_precondition("face.challenge_nonce was not issued to this session",
                                                  "CHALLENGE_NOT_IN_SESSION")
             if len(ev.frames) > MAX_FRAMES or any(not f.image.data for f in ev.frames):
@@ -47,8 +48,7 @@ class FaceFactor(BiometricFactor):
             live_failed = not r.passed and r.match  # matched, yet the challenge failed: liveness
             if live_failed:
                 reasons.insert(0, Reason("LIVENESS_FAILED", "the active liveness challenge failed"))
-            llr, source = self.llr(ctx, cfg, r.match, r.score, r.llr, r.model_id, cfg.calibration_channel)
-            reasons.append(Reason("LLR_SOURCE", source))
+            llr = self.evidence(cfg, r, reasons)
             return self.outcome(cfg, r.passed and r.match, llr, live_failed, True, reasons)
         r = client.call("Verify", face_pb2.VerifyFaceRequest(subject=subject, image=ev.image,
                                                              require_liveness=cfg.require_liveness),
@@ -65,6 +65,4 @@ class FaceFactor(BiometricFactor):
         if cfg.require_liveness and not r.liveness_checked:
             passed = False
             reasons.insert(0, Reason("LIVENESS_NOT_CHECKED", "the policy requires liveness"))
-        llr, source = self.llr(ctx, cfg, r.match, r.score, r.llr, r.model_id, cfg.calibration_channel)
-        reasons.append(Reason("LLR_SOURCE", source))
-        return self.outcome(cfg, passed, llr, veto, r.liveness_checked, reasons)
+        return self.outcome(cfg, passed, self.evidence(cfg, r, reasons), veto, r.liveness_checked, reasons)

@@ -14,17 +14,18 @@ from .biometric import BiometricFactor, service_reasons
 
 class VoiceFactor(BiometricFactor):
     name = "voice"
+    challenge_rpc = ("voice", "StartVoiceChallenge", voice_pb2.StartVoiceChallengeRequest, "digits")
 
     def validate(self, ctx: FactorContext, ev: mfa_pb2.VoiceEvidence) -> None:
         if not ev.audio.data:
             raise errors.invalid_argument("voice.audio is required", voice__audio="required")
-        if ev.challenge_nonce and ev.challenge_nonce not in ctx.state.get("challenges", {}).get("voice", []):
+        if ev.challenge_nonce and ev.challenge_nonce not in ctx.state.challenges.get("voice", []):
             raise errors.failed_precondition("voice.challenge_nonce was not issued to this session",
                                              "CHALLENGE_NOT_IN_SESSION")
 
     def check(self, ctx: FactorContext, ev: mfa_pb2.VoiceEvidence) -> FactorOutcome:
         cfg = ctx.policy.factors.voice
-        telephone = ctx.state["channel"] == "ivr"
+        telephone = ctx.state.channel == "ivr"
         channel = voice_pb2.VOICE_CHANNEL_TELEPHONE if telephone else voice_pb2.VOICE_CHANNEL_UNSPECIFIED
         r = ctx.clients["voice"].call("Verify", voice_pb2.VerifyVoiceRequest(
             subject=common_pb2.SubjectRef(tenant_id=ctx.tenant, subject_id=ctx.subject),
@@ -46,7 +47,4 @@ class VoiceFactor(BiometricFactor):
         if cfg.require_spoof_check and not r.spoof_checked:
             passed = False
             reasons.insert(0, Reason("SPOOF_NOT_CHECKED", "the policy requires a spoof check"))
-        calib = cfg.calibration_channels.get("telephone" if telephone else "wideband", "")
-        llr, source = self.llr(ctx, cfg, r.match, r.score, r.llr, r.model_id, calib)
-        reasons.append(Reason("LLR_SOURCE", source))
-        return self.outcome(cfg, passed, llr, veto, r.spoof_checked, reasons)
+        return self.outcome(cfg, passed, self.evidence(cfg, r, reasons), veto, r.spoof_checked, reasons)

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from .schema import Policy
+from .schema import REMOVED_KEYS, Policy
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
             line, col = _locate(root, loc, err["type"] == "extra_forbidden")
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown key"
+                removed = REMOVED_KEYS.get(str(loc[-1])) if loc else None
+                msg = f"no longer a policy key: {removed}" if removed else "unknown key"
             problems.append(Problem(line, col, ".".join(str(p) for p in loc), msg))
         policy = None
     if problems:

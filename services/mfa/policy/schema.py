@@ -39,23 +39,29 @@ def _check_sets(sets: list[list[str]]) -> list[tuple[str, ...]]:
 
 
 class BiometricFactor(Strict):
+    """Weighs the LLR the face or voice service calibrated for its model and channel (the services
+    know their calibration; a response without an LLR is no evidence)."""
+
     enabled: bool = True
     weight: float = Field(1.0, gt=0, le=2)  # multiplies the calibrated LLR
     llr_cap: float = Field(10.0, gt=0, le=50)  # |LLR| is clipped: one factor cannot carry everything
     deny_llr: float = Field(-3.0, lt=0)  # at or below: strong evidence of another person, DENY
-    # |LLR| for a match / non-match when neither the service nor the manifest calibrates the score
-    uncalibrated_llr: float = Field(4.0, gt=0, le=20)
 
 
 class FaceFactor(BiometricFactor):
     require_liveness: bool = True
-    calibration_channel: str = "mobile-selfie"
 
 
 class VoiceFactor(BiometricFactor):
     require_spoof_check: bool = True
-    calibration_channels: dict[Literal["wideband", "telephone"], str] = {
-        "wideband": "mobile-16k", "telephone": "telephony-8k"}
+
+
+# Keys policies once had; a file that still names one is refused with this explanation.
+REMOVED_KEYS = {
+    "calibration_channel": "the face service applies the calibration of its own model and channel; remove the key",
+    "calibration_channels": "the voice service applies the calibration of its own model and channel; remove the key",
+    "uncalibrated_llr": "a response without a calibrated LLR is no evidence, never a default credit; remove the key",
+}
 
 
 class Window(Strict):

@@ -27,7 +27,7 @@ from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62iogate/v1/common.proto\x12\nbiogate.v1\x1a google/protobuf/descriptor.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"3\n\nSubjectRef\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\"\x15\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"B\n\x05\x46rame\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.biogate.v1.Image\x12\x17\n\x0f\x63\x61pture_time_ms\x18\x02 \x01(\x03\"d\n\x0b\x41udioFormat\x12+\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x19.biogate.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\">\n\x05\x41udio\x12\'\n\x06\x66ormat\x18\x01 \x01(\x0b\x32\x17.biogate.v1.AudioFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\'\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xab\x02\n\x07\x43onsent\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12+\n\x07purpose\x18\x02 \x01(\x0e\x32\x1a.biogate.v1.ConsentPurpose\x12(\n\nmodalities\x18\x03 \x03(\x0e\x32\x14.biogate.v1.Modality\x12\x0f\n\x07granted\x18\x04 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x14\n\x0c\x65vidence_ref\x18\x06 \x01(\t\x12/\n\x0brecorded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cwithdrawn_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x14RecordConsentRequest\x12$\n\x07\x63onsent\x18\x01 \x01(\x0b\x32\x13.biogate.v1.Consent\"=\n\x15RecordConsentResponse\x12$\n\x07\x63onsent\x18\x01 \x01(\x0b\x32\x13.biogate.v1.Consent\"n\n\x16WithdrawConsentRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12+\n\x07purpose\x18\x02 \x01(\x0e\x32\x1a.biogate.v1.ConsentPurpose\"?\n\x17WithdrawConsentResponse\x12$\n\x07\x63onsent\x18\x01 \x01(\x0b\x32\x13.biogate.v1.Consent\"<\n\x11GetConsentRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\";\n\x12GetConsentResponse\x12%\n\x08\x63onsents\x18\x01 \x03(\x0b\x32\x13.biogate.v1.Consent\"O\n\x14\x44\x65leteSubjectRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"|\n\x15\x44\x65leteSubjectResponse\x12\x19\n\x11templates_deleted\x18\x01 \x01(\x05\x12\x17\n\x0f\x64\x65vices_deleted\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontact_erased\x18\x03 \x01(\x08\x12\x17\n\x0f\x61udit_record_id\x18\x04 \x01(\t\"\xe0\x01\n\x0cTemplateInfo\x12&\n\x08modality\x18\x01 \x01(\x0e\x32\x14.biogate.v1.Modality\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\t\x12\x0f\n\x07samples\x18\x04 \x01(\x05\x12\x14\n\x0cmodel_active\x18\x05 \x01(\x08\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x14GetEnrollmentRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\"D\n\x15GetEnrollmentResponse\x12+\n\ttemplates\x18\x01 \x03(\x0b\x32\x18.biogate.v1.TemplateInfo\"J\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*{\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x11\n\rROLE_ENROLLER\x10\x01\x12\x11\n\rROLE_VERIFIER\x10\x02\x12\x15\n\x11ROLE_ORCHESTRATOR\x10\x03\x12\x0e\n\nROLE_ADMIN\x10\x04\x12\x10\n\x0cROLE_AUDITOR\x10\x05*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_FACE\x10\x01\x12\x12\n\x0eMODALITY_VOICE\x10\x02*\xb0\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x01\x12\x17\n\x13\x41UDIO_ENCODING_FLAC\x10\x02\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x03\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x04\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x05*\x8b\x01\n\x0e\x43onsentPurpose\x12\x1f\n\x1b\x43ONSENT_PURPOSE_UNSPECIFIED\x10\x00\x12*\n&CONSENT_PURPOSE_BIOMETRIC_VERIFICATION\x10\x01\x12,\n(CONSENT_PURPOSE_BIOMETRIC_IDENTIFICATION\x10\x02:I\n\rallowed_roles\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x03(\x0e\x32\x10.biogate.v1.RoleB:P\x01Z6github.com/biogate/biogate/gen/go/biogate/v1;biogatev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62iogate/v1/common.proto\x12\nbiogate.v1\x1a google/protobuf/descriptor.proto\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\x0cTenantSource\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06lookup\x18\x02 \x01(\t\x12\x0c\n\x04none\x18\x03 \x01(\x08\"3\n\nSubjectRef\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\"\x15\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"B\n\x05\x46rame\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.biogate.v1.Image\x12\x17\n\x0f\x63\x61pture_time_ms\x18\x02 \x01(\x03\"d\n\x0b\x41udioFormat\x12+\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x19.biogate.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\">\n\x05\x41udio\x12\'\n\x06\x66ormat\x18\x01 \x01(\x0b\x32\x17.biogate.v1.AudioFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\'\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xab\x02\n\x07\x43onsent\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12+\n\x07purpose\x18\x02 \x01(\x0e\x32\x1a.biogate.v1.ConsentPurpose\x12(\n\nmodalities\x18\x03 \x03(\x0e\x32\x14.biogate.v1.Modality\x12\x0f\n\x07granted\x18\x04 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x14\n\x0c\x65vidence_ref\x18\x06 \x01(\t\x12/\n\x0brecorded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cwithdrawn_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x14RecordConsentRequest\x12$\n\x07\x63onsent\x18\x01 \x01(\x0b\x32\x13.biogate.v1.Consent\"=\n\x15RecordConsentResponse\x12$\n\x07\x63onsent\x18\x01 \x01(\x0b\x32\x13.biogate.v1.Consent\"n\n\x16WithdrawConsentRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12+\n\x07purpose\x18\x02 \x01(\x0e\x32\x1a.biogate.v1.ConsentPurpose\"?\n\x17WithdrawConsentResponse\x12$\n\x07\x63onsent\x18\x01 \x01(\x0b\x32\x13.biogate.v1.Consent\"<\n\x11GetConsentRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\";\n\x12GetConsentResponse\x12%\n\x08\x63onsents\x18\x01 \x03(\x0b\x32\x13.biogate.v1.Consent\"O\n\x14\x44\x65leteSubjectRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"|\n\x15\x44\x65leteSubjectResponse\x12\x19\n\x11templates_deleted\x18\x01 \x01(\x05\x12\x17\n\x0f\x64\x65vices_deleted\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontact_erased\x18\x03 \x01(\x08\x12\x17\n\x0f\x61udit_record_id\x18\x04 \x01(\t\"\xe0\x01\n\x0cTemplateInfo\x12&\n\x08modality\x18\x01 \x01(\x0e\x32\x14.biogate.v1.Modality\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\t\x12\x0f\n\x07samples\x18\x04 \x01(\x05\x12\x14\n\x0cmodel_active\x18\x05 \x01(\x08\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x14GetEnrollmentRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\"D\n\x15GetEnrollmentResponse\x12+\n\ttemplates\x18\x01 \x03(\x0b\x32\x18.biogate.v1.TemplateInfo\"J\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*{\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x11\n\rROLE_ENROLLER\x10\x01\x12\x11\n\rROLE_VERIFIER\x10\x02\x12\x15\n\x11ROLE_ORCHESTRATOR\x10\x03\x12\x0e\n\nROLE_ADMIN\x10\x04\x12\x10\n\x0cROLE_AUDITOR\x10\x05*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_FACE\x10\x01\x12\x12\n\x0eMODALITY_VOICE\x10\x02*\xb0\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x01\x12\x17\n\x13\x41UDIO_ENCODING_FLAC\x10\x02\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x03\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x04\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x05*\x8b\x01\n\x0e\x43onsentPurpose\x12\x1f\n\x1b\x43ONSENT_PURPOSE_UNSPECIFIED\x10\x00\x12*\n&CONSENT_PURPOSE_BIOMETRIC_VERIFICATION\x10\x01\x12,\n(CONSENT_PURPOSE_BIOMETRIC_IDENTIFICATION\x10\x02:I\n\rallowed_roles\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x03(\x0e\x32\x10.biogate.v1.Role:J\n\x06tenant\x12\x1e.google.protobuf.MethodOptions\x18\xba\x8e\x03 \x01(\x0b\x32\x18.biogate.v1.TenantSourceB:P\x01Z6github.com/biogate/biogate/gen/go/biogate/v1;biogatev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,50 +35,52 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'biogate.v1.common_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z6github.com/biogate/biogate/gen/go/biogate/v1;biogatev1'
-  _globals['_ROLE']._serialized_start=1829
-  _globals['_ROLE']._serialized_end=1952
-  _globals['_MODALITY']._serialized_start=1954
-  _globals['_MODALITY']._serialized_end=2029
-  _globals['_AUDIOENCODING']._serialized_start=2032
-  _globals['_AUDIOENCODING']._serialized_end=2208
-  _globals['_CONSENTPURPOSE']._serialized_start=2211
-  _globals['_CONSENTPURPOSE']._serialized_end=2350
-  _globals['_SUBJECTREF']._serialized_start=106
-  _globals['_SUBJECTREF']._serialized_end=157
-  _globals['_IMAGE']._serialized_start=159
-  _globals['_IMAGE']._serialized_end=180
-  _globals['_FRAME']._serialized_start=182
-  _globals['_FRAME']._serialized_end=248
-  _globals['_AUDIOFORMAT']._serialized_start=250
-  _globals['_AUDIOFORMAT']._serialized_end=350
-  _globals['_AUDIO']._serialized_start=352
-  _globals['_AUDIO']._serialized_end=414
-  _globals['_REASON']._serialized_start=416
-  _globals['_REASON']._serialized_end=455
-  _globals['_CONSENT']._serialized_start=458
-  _globals['_CONSENT']._serialized_end=757
-  _globals['_RECORDCONSENTREQUEST']._serialized_start=759
-  _globals['_RECORDCONSENTREQUEST']._serialized_end=819
-  _globals['_RECORDCONSENTRESPONSE']._serialized_start=821
-  _globals['_RECORDCONSENTRESPONSE']._serialized_end=882
-  _globals['_WITHDRAWCONSENTREQUEST']._serialized_start=884
-  _globals['_WITHDRAWCONSENTREQUEST']._serialized_end=994
-  _globals['_WITHDRAWCONSENTRESPONSE']._serialized_start=996
-  _globals['_WITHDRAWCONSENTRESPONSE']._serialized_end=1059
-  _globals['_GETCONSENTREQUEST']._serialized_start=1061
-  _globals['_GETCONSENTREQUEST']._serialized_end=1121
-  _globals['_GETCONSENTRESPONSE']._serialized_start=1123
-  _globals['_GETCONSENTRESPONSE']._serialized_end=1182
-  _globals['_DELETESUBJECTREQUEST']._serialized_start=1184
-  _globals['_DELETESUBJECTREQUEST']._serialized_end=1263
-  _globals['_DELETESUBJECTRESPONSE']._serialized_start=1265
-  _globals['_DELETESUBJECTRESPONSE']._serialized_end=1389
-  _globals['_TEMPLATEINFO']._serialized_start=1392
-  _globals['_TEMPLATEINFO']._serialized_end=1616
-  _globals['_GETENROLLMENTREQUEST']._serialized_start=1618
-  _globals['_GETENROLLMENTREQUEST']._serialized_end=1681
-  _globals['_GETENROLLMENTRESPONSE']._serialized_start=1683
-  _globals['_GETENROLLMENTRESPONSE']._serialized_end=1751
-  _globals['_CHALLENGE']._serialized_start=1753
-  _globals['_CHALLENGE']._serialized_end=1827
+  _globals['_ROLE']._serialized_start=1890
+  _globals['_ROLE']._serialized_end=2013
+  _globals['_MODALITY']._serialized_start=2015
+  _globals['_MODALITY']._serialized_end=2090
+  _globals['_AUDIOENCODING']._serialized_start=2093
+  _globals['_AUDIOENCODING']._serialized_end=2269
+  _globals['_CONSENTPURPOSE']._serialized_start=2272
+  _globals['_CONSENTPURPOSE']._serialized_end=2411
+  _globals['_TENANTSOURCE']._serialized_start=106
+  _globals['_TENANTSOURCE']._serialized_end=165
+  _globals['_SUBJECTREF']._serialized_start=167
+  _globals['_SUBJECTREF']._serialized_end=218
+  _globals['_IMAGE']._serialized_start=220
+  _globals['_IMAGE']._serialized_end=241
+  _globals['_FRAME']._serialized_start=243
+  _globals['_FRAME']._serialized_end=309
+  _globals['_AUDIOFORMAT']._serialized_start=311
+  _globals['_AUDIOFORMAT']._serialized_end=411
+  _globals['_AUDIO']._serialized_start=413
+  _globals['_AUDIO']._serialized_end=475
+  _globals['_REASON']._serialized_start=477
+  _globals['_REASON']._serialized_end=516
+  _globals['_CONSENT']._serialized_start=519
+  _globals['_CONSENT']._serialized_end=818
+  _globals['_RECORDCONSENTREQUEST']._serialized_start=820
+  _globals['_RECORDCONSENTREQUEST']._serialized_end=880
+  _globals['_RECORDCONSENTRESPONSE']._serialized_start=882
+  _globals['_RECORDCONSENTRESPONSE']._serialized_end=943
+  _globals['_WITHDRAWCONSENTREQUEST']._serialized_start=945
+  _globals['_WITHDRAWCONSENTREQUEST']._serialized_end=1055
+  _globals['_WITHDRAWCONSENTRESPONSE']._serialized_start=1057
+  _globals['_WITHDRAWCONSENTRESPONSE']._serialized_end=1120
+  _globals['_GETCONSENTREQUEST']._serialized_start=1122
+  _globals['_GETCONSENTREQUEST']._serialized_end=1182
+  _globals['_GETCONSENTRESPONSE']._serialized_start=1184
+  _globals['_GETCONSENTRESPONSE']._serialized_end=1243
+  _globals['_DELETESUBJECTREQUEST']._serialized_start=1245
+  _globals['_DELETESUBJECTREQUEST']._serialized_end=1324
+  _globals['_DELETESUBJECTRESPONSE']._serialized_start=1326
+  _globals['_DELETESUBJECTRESPONSE']._serialized_end=1450
+  _globals['_TEMPLATEINFO']._serialized_start=1453
+  _globals['_TEMPLATEINFO']._serialized_end=1677
+  _globals['_GETENROLLMENTREQUEST']._serialized_start=1679
+  _globals['_GETENROLLMENTREQUEST']._serialized_end=1742
+  _globals['_GETENROLLMENTRESPONSE']._serialized_start=1744
+  _globals['_GETENROLLMENTRESPONSE']._serialized_end=1812
+  _globals['_CHALLENGE']._serialized_start=1814
+  _globals['_CHALLENGE']._serialized_end=1888
 # @@protoc_insertion_point(module_scope)

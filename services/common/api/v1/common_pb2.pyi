@@ -61,6 +61,18 @@ CONSENT_PURPOSE_BIOMETRIC_VERIFICATION: ConsentPurpose
 CONSENT_PURPOSE_BIOMETRIC_IDENTIFICATION: ConsentPurpose
 ALLOWED_ROLES_FIELD_NUMBER: _ClassVar[int]
 allowed_roles: _descriptor.FieldDescriptor
+TENANT_FIELD_NUMBER: _ClassVar[int]
+tenant: _descriptor.FieldDescriptor
+
+class TenantSource(_message.Message):
+    __slots__ = ("field", "lookup", "none")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_FIELD_NUMBER: _ClassVar[int]
+    NONE_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    lookup: str
+    none: bool
+    def __init__(self, field: _Optional[str] = ..., lookup: _Optional[str] = ..., none: _Optional[bool] = ...) -> None: ...
 
 class SubjectRef(_message.Message):
     __slots__ = ("tenant_id", "subject_id")

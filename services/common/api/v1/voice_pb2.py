@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from services.common.api.v1 import common_pb2 as biogate_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62iogate/v1/voice.proto\x12\nbiogate.v1\x1a\x17\x62iogate/v1/common.proto\"}\n\x0c\x41udioQuality\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\"\n\x06issues\x18\x03 \x03(\x0b\x32\x12.biogate.v1.Reason\x12\x12\n\nduration_s\x18\x04 \x01(\x02\x12\x14\n\x0cnet_speech_s\x18\x05 \x01(\x02\"\xa0\x01\n\x12\x45nrollVoiceRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12%\n\nutterances\x18\x02 \x03(\x0b\x32\x11.biogate.v1.Audio\x12)\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x18.biogate.v1.VoiceChannel\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"o\n\x13\x45nrollVoiceResponse\x12*\n\x08template\x18\x01 \x01(\x0b\x32\x18.biogate.v1.TemplateInfo\x12,\n\nutterances\x18\x02 \x03(\x0b\x32\x18.biogate.v1.AudioQuality\"\xa3\x01\n\x12VerifyVoiceRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12 \n\x05\x61udio\x18\x02 \x01(\x0b\x32\x11.biogate.v1.Audio\x12)\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x18.biogate.v1.VoiceChannel\x12\x17\n\x0f\x63hallenge_nonce\x18\x04 \x01(\t\"\xfc\x01\n\x13VerifyVoiceResponse\x12\r\n\x05match\x18\x01 \x01(\x08\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x0b\n\x03llr\x18\x04 \x01(\x02\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x15\n\rspoof_checked\x18\x06 \x01(\x08\x12\x14\n\x0cspoof_passed\x18\x07 \x01(\x08\x12\x18\n\x10\x63hallenge_passed\x18\x08 \x01(\x08\x12#\n\x07reasons\x18\t \x03(\x0b\x32\x12.biogate.v1.Reason\x12)\n\x07quality\x18\n \x01(\x0b\x32\x18.biogate.v1.AudioQuality\"\x93\x02\n\x18StreamVerifyVoiceRequest\x12=\n\x06header\x18\x01 \x01(\x0b\x32+.biogate.v1.StreamVerifyVoiceRequest.HeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x1a\x9e\x01\n\x06Header\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0b\x32\x17.biogate.v1.AudioFormat\x12)\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x18.biogate.v1.VoiceChannel\x12\x17\n\x0f\x63hallenge_nonce\x18\x04 \x01(\tB\x06\n\x04part\"E\n\x1aStartVoiceChallengeRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\"W\n\x1bStartVoiceChallengeResponse\x12(\n\tchallenge\x18\x01 \x01(\x0b\x32\x15.biogate.v1.Challenge\x12\x0e\n\x06\x64igits\x18\x02 \x01(\t*f\n\x0cVoiceChannel\x12\x1d\n\x19VOICE_CHANNEL_UNSPECIFIED\x10\x00\x12\x1a\n\x16VOICE_CHANNEL_WIDEBAND\x10\x01\x12\x1b\n\x17VOICE_CHANNEL_TELEPHONE\x10\x02\x32\xc2\x04\n\x0cVoiceService\x12Q\n\x06\x45nroll\x12\x1e.biogate.v1.EnrollVoiceRequest\x1a\x1f.biogate.v1.EnrollVoiceResponse\"\x06\xca\xf3\x18\x02\x01\x04\x12Q\n\x06Verify\x12\x1e.biogate.v1.VerifyVoiceRequest\x1a\x1f.biogate.v1.VerifyVoiceResponse\"\x06\xca\xf3\x18\x02\x02\x03\x12_\n\x0cStreamVerify\x12$.biogate.v1.StreamVerifyVoiceRequest\x1a\x1f.biogate.v1.VerifyVoiceResponse\"\x06\xca\xf3\x18\x02\x02\x03(\x01\x12n\n\x13StartVoiceChallenge\x12&.biogate.v1.StartVoiceChallengeRequest\x1a\'.biogate.v1.StartVoiceChallengeResponse\"\x06\xca\xf3\x18\x02\x02\x03\x12]\n\rGetEnrollment\x12 .biogate.v1.GetEnrollmentRequest\x1a!.biogate.v1.GetEnrollmentResponse\"\x07\xca\xf3\x18\x03\x01\x04\x05\x12\\\n\rDeleteSubject\x12 .biogate.v1.DeleteSubjectRequest\x1a!.biogate.v1.DeleteSubjectResponse\"\x06\xca\xf3\x18\x02\x04\x03\x42\x38Z6github.com/biogate/biogate/gen/go/biogate/v1;biogatev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62iogate/v1/voice.proto\x12\nbiogate.v1\x1a\x17\x62iogate/v1/common.proto\"}\n\x0c\x41udioQuality\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\"\n\x06issues\x18\x03 \x03(\x0b\x32\x12.biogate.v1.Reason\x12\x12\n\nduration_s\x18\x04 \x01(\x02\x12\x14\n\x0cnet_speech_s\x18\x05 \x01(\x02\"\xa0\x01\n\x12\x45nrollVoiceRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12%\n\nutterances\x18\x02 \x03(\x0b\x32\x11.biogate.v1.Audio\x12)\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x18.biogate.v1.VoiceChannel\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"o\n\x13\x45nrollVoiceResponse\x12*\n\x08template\x18\x01 \x01(\x0b\x32\x18.biogate.v1.TemplateInfo\x12,\n\nutterances\x18\x02 \x03(\x0b\x32\x18.biogate.v1.AudioQuality\"\xa3\x01\n\x12VerifyVoiceRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12 \n\x05\x61udio\x18\x02 \x01(\x0b\x32\x11.biogate.v1.Audio\x12)\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x18.biogate.v1.VoiceChannel\x12\x17\n\x0f\x63hallenge_nonce\x18\x04 \x01(\t\"\x89\x02\n\x13VerifyVoiceResponse\x12\r\n\x05match\x18\x01 \x01(\x08\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x10\n\x03llr\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x15\n\rspoof_checked\x18\x06 \x01(\x08\x12\x14\n\x0cspoof_passed\x18\x07 \x01(\x08\x12\x18\n\x10\x63hallenge_passed\x18\x08 \x01(\x08\x12#\n\x07reasons\x18\t \x03(\x0b\x32\x12.biogate.v1.Reason\x12)\n\x07quality\x18\n \x01(\x0b\x32\x18.biogate.v1.AudioQualityB\x06\n\x04_llr\"\x93\x02\n\x18StreamVerifyVoiceRequest\x12=\n\x06header\x18\x01 \x01(\x0b\x32+.biogate.v1.StreamVerifyVoiceRequest.HeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x1a\x9e\x01\n\x06Header\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0b\x32\x17.biogate.v1.AudioFormat\x12)\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x18.biogate.v1.VoiceChannel\x12\x17\n\x0f\x63hallenge_nonce\x18\x04 \x01(\tB\x06\n\x04part\"E\n\x1aStartVoiceChallengeRequest\x12\'\n\x07subject\x18\x01 \x01(\x0b\x32\x16.biogate.v1.SubjectRef\"W\n\x1bStartVoiceChallengeResponse\x12(\n\tchallenge\x18\x01 \x01(\x0b\x32\x15.biogate.v1.Challenge\x12\x0e\n\x06\x64igits\x18\x02 \x01(\t*f\n\x0cVoiceChannel\x12\x1d\n\x19VOICE_CHANNEL_UNSPECIFIED\x10\x00\x12\x1a\n\x16VOICE_CHANNEL_WIDEBAND\x10\x01\x12\x1b\n\x17VOICE_CHANNEL_TELEPHONE\x10\x02\x32\xd4\x05\n\x0cVoiceService\x12h\n\x06\x45nroll\x12\x1e.biogate.v1.EnrollVoiceRequest\x1a\x1f.biogate.v1.EnrollVoiceResponse\"\x1d\xca\xf3\x18\x02\x01\x04\xd2\xf3\x18\x13\n\x11subject.tenant_id\x12h\n\x06Verify\x12\x1e.biogate.v1.VerifyVoiceRequest\x1a\x1f.biogate.v1.VerifyVoiceResponse\"\x1d\xca\xf3\x18\x02\x02\x03\xd2\xf3\x18\x13\n\x11subject.tenant_id\x12}\n\x0cStreamVerify\x12$.biogate.v1.StreamVerifyVoiceRequest\x1a\x1f.biogate.v1.VerifyVoiceResponse\"$\xca\xf3\x18\x02\x02\x03\xd2\xf3\x18\x1a\n\x18header.subject.tenant_id(\x01\x12\x85\x01\n\x13StartVoiceChallenge\x12&.biogate.v1.StartVoiceChallengeRequest\x1a\'.biogate.v1.StartVoiceChallengeResponse\"\x1d\xca\xf3\x18\x02\x02\x03\xd2\xf3\x18\x13\n\x11subject.tenant_id\x12t\n\rGetEnrollment\x12 .biogate.v1.GetEnrollmentRequest\x1a!.biogate.v1.GetEnrollmentResponse\"\x1e\xca\xf3\x18\x03\x01\x04\x05\xd2\xf3\x18\x13\n\x11subject.tenant_id\x12s\n\rDeleteSubject\x12 .biogate.v1.DeleteSubjectRequest\x1a!.biogate.v1.DeleteSubjectResponse\"\x1d\xca\xf3\x18\x02\x04\x03\xd2\xf3\x18\x13\n\x11subject.tenant_idB8Z6github.com/biogate/biogate/gen/go/biogate/v1;biogatev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z6github.com/biogate/biogate/gen/go/biogate/v1;biogatev1'
   _globals['_VOICESERVICE'].methods_by_name['Enroll']._loaded_options = None
-  _globals['_VOICESERVICE'].methods_by_name['Enroll']._serialized_options = b'\312\363\030\002\001\004'
+  _globals['_VOICESERVICE'].methods_by_name['Enroll']._serialized_options = b'\312\363\030\002\001\004\322\363\030\023\n\021subject.tenant_id'
   _globals['_VOICESERVICE'].methods_by_name['Verify']._loaded_options = None
-  _globals['_VOICESERVICE'].methods_by_name['Verify']._serialized_options = b'\312\363\030\002\002\003'
+  _globals['_VOICESERVICE'].methods_by_name['Verify']._serialized_options = b'\312\363\030\002\002\003\322\363\030\023\n\021subject.tenant_id'
   _globals['_VOICESERVICE'].methods_by_name['StreamVerify']._loaded_options = None
-  _globals['_VOICESERVICE'].methods_by_name['StreamVerify']._serialized_options = b'\312\363\030\002\002\003'
+  _globals['_VOICESERVICE'].methods_by_name['StreamVerify']._serialized_options = b'\312\363\030\002\002\003\322\363\030\032\n\030header.subject.tenant_id'
   _globals['_VOICESERVICE'].methods_by_name['StartVoiceChallenge']._loaded_options = None
-  _globals['_VOICESERVICE'].methods_by_name['StartVoiceChallenge']._serialized_options = b'\312\363\030\002\002\003'
+  _globals['_VOICESERVICE'].methods_by_name['StartVoiceChallenge']._serialized_options = b'\312\363\030\002\002\003\322\363\030\023\n\021subject.tenant_id'
   _globals['_VOICESERVICE'].methods_by_name['GetEnrollment']._loaded_options = None
-  _globals['_VOICESERVICE'].methods_by_name['GetEnrollment']._serialized_options = b'\312\363\030\003\001\004\005'
+  _globals['_VOICESERVICE'].methods_by_name['GetEnrollment']._serialized_options = b'\312\363\030\003\001\004\005\322\363\030\023\n\021subject.tenant_id'
   _globals['_VOICESERVICE'].methods_by_name['DeleteSubject']._loaded_options = None
-  _globals['_VOICESERVICE'].methods_by_name['DeleteSubject']._serialized_options = b'\312\363\030\002\004\003'
-  _globals['_VOICECHANNEL']._serialized_start=1325
-  _globals['_VOICECHANNEL']._serialized_end=1427
+  _globals['_VOICESERVICE'].methods_by_name['DeleteSubject']._serialized_options = b'\312\363\030\002\004\003\322\363\030\023\n\021subject.tenant_id'
+  _globals['_VOICECHANNEL']._serialized_start=1338
+  _globals['_VOICECHANNEL']._serialized_end=1440
   _globals['_AUDIOQUALITY']._serialized_start=63
   _globals['_AUDIOQUALITY']._serialized_end=188
   _globals['_ENROLLVOICEREQUEST']._serialized_start=191
@@ -57,15 +57,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERIFYVOICEREQUEST']._serialized_start=467
   _globals['_VERIFYVOICEREQUEST']._serialized_end=630
   _globals['_VERIFYVOICERESPONSE']._serialized_start=633
-  _globals['_VERIFYVOICERESPONSE']._serialized_end=885
-  _globals['_STREAMVERIFYVOICEREQUEST']._serialized_start=888
-  _globals['_STREAMVERIFYVOICEREQUEST']._serialized_end=1163
-  _globals['_STREAMVERIFYVOICEREQUEST_HEADER']._serialized_start=997
-  _globals['_STREAMVERIFYVOICEREQUEST_HEADER']._serialized_end=1155
-  _globals['_STARTVOICECHALLENGEREQUEST']._serialized_start=1165
-  _globals['_STARTVOICECHALLENGEREQUEST']._serialized_end=1234
-  _globals['_STARTVOICECHALLENGERESPONSE']._serialized_start=1236
-  _globals['_STARTVOICECHALLENGERESPONSE']._serialized_end=1323
-  _globals['_VOICESERVICE']._serialized_start=1430
-  _globals['_VOICESERVICE']._serialized_end=2008
+  _globals['_VERIFYVOICERESPONSE']._serialized_end=898
+  _globals['_STREAMVERIFYVOICEREQUEST']._serialized_start=901
+  _globals['_STREAMVERIFYVOICEREQUEST']._serialized_end=1176
+  _globals['_STREAMVERIFYVOICEREQUEST_HEADER']._serialized_start=1010
+  _globals['_STREAMVERIFYVOICEREQUEST_HEADER']._serialized_end=1168
+  _globals['_STARTVOICECHALLENGEREQUEST']._serialized_start=1178
+  _globals['_STARTVOICECHALLENGEREQUEST']._serialized_end=1247
+  _globals['_STARTVOICECHALLENGERESPONSE']._serialized_start=1249
+  _globals['_STARTVOICECHALLENGERESPONSE']._serialized_end=1336
+  _globals['_VOICESERVICE']._serialized_start=1443
+  _globals['_VOICESERVICE']._serialized_end=2167
 # @@protoc_insertion_point(module_scope)

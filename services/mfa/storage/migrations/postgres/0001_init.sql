@@ -1,0 +1,50 @@
+-- BioGate MFA schema v1 (PostgreSQL): bound devices, SMS OTP codes, authentication sessions.
+-- Until the MFA owned its tables the shared schema's first migration created them: where that ran,
+-- this one is recorded without running. Keep in step with sqlite/0001_init.sql.
+-- legacy: 0001_init
+
+CREATE TABLE devices (
+    id           TEXT PRIMARY KEY,
+    tenant_id    TEXT NOT NULL,
+    subject_id   TEXT NOT NULL,
+    fingerprint  TEXT NOT NULL,
+    attributes   JSONB NOT NULL,
+    public_key   BYTEA,
+    label        TEXT NOT NULL,
+    platform     TEXT NOT NULL,
+    bound_at     TIMESTAMPTZ NOT NULL,
+    last_seen_at TIMESTAMPTZ,
+    revoked_at   TIMESTAMPTZ,
+    FOREIGN KEY (tenant_id, subject_id) REFERENCES subjects (tenant_id, subject_id)
+);
+CREATE INDEX devices_subject ON devices (tenant_id, subject_id);
+CREATE UNIQUE INDEX devices_active_fingerprint ON devices (tenant_id, subject_id, fingerprint)
+    WHERE revoked_at IS NULL;
+
+CREATE TABLE otp_challenges (
+    id           TEXT PRIMARY KEY,
+    session_id   TEXT NOT NULL,
+    tenant_id    TEXT NOT NULL,
+    subject_id   TEXT NOT NULL,
+    code_hash    TEXT NOT NULL,
+    expires_at   TIMESTAMPTZ NOT NULL,
+    attempts     INTEGER NOT NULL CHECK (attempts >= 0),
+    max_attempts INTEGER NOT NULL CHECK (max_attempts > 0),
+    sent_at      TIMESTAMPTZ NOT NULL,
+    consumed_at  TIMESTAMPTZ
+);
+CREATE INDEX otp_challenges_session ON otp_challenges (session_id, sent_at);
+CREATE INDEX otp_challenges_subject ON otp_challenges (tenant_id, subject_id);
+CREATE INDEX otp_challenges_expires ON otp_challenges (expires_at);
+
+CREATE TABLE auth_sessions (
+    id         TEXT PRIMARY KEY,
+    tenant_id  TEXT NOT NULL,
+    subject_id TEXT NOT NULL,
+    state      JSONB NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL,
+    version    INTEGER NOT NULL CHECK (version > 0)
+);
+CREATE INDEX auth_sessions_subject ON auth_sessions (tenant_id, subject_id);
+CREATE INDEX auth_sessions_expires ON auth_sessions (expires_at);

@@ -1,0 +1,227 @@
+"""SQL repositories of the MFA's own tables, on the storage's database (and in its transactions)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from services.common.storage import ConcurrentUpdateError, NotFoundError
+from services.common.storage.db import utcnow
+from services.common.storage.repository import Repository
+from services.common.storage.rows import insert_sql, values
+from services.common.storage.subjects import ensure_subject
+
+from .records import AuthSessionRecord, DeviceRecord, LockoutRecord, OtpRecord, ReviewRecord, SubjectSignalRecord
+
+LOCK_COST = 1000
+
+
+class SqlDeviceRepository(Repository[DeviceRecord]):
+    table = "devices"
+    record = DeviceRecord
+
+    def add(self, rec: DeviceRecord) -> DeviceRecord:
+        """Raises AlreadyExistsError for an id in use or an active device with the same fingerprint."""
+        with self._db.transaction() as s:
+            ensure_subject(s, rec.tenant_id, rec.subject_id, rec.bound_at)
+            return self._insert_new(
+                rec, "device id in use, or an active device with this fingerprint is bound"
+            )
+
+    def get(self, tenant_id: str, device_id: str) -> DeviceRecord | None:
+        return self._select_one("tenant_id = ? AND id = ?", (tenant_id, device_id))
+
+    def get_by_fingerprint(
+        self, tenant_id: str, subject_id: str, fingerprint: str
+    ) -> DeviceRecord | None:
+        """The active (not revoked) device with this fingerprint."""
+        return self._select_one(
+            "tenant_id = ? AND subject_id = ? AND fingerprint = ? AND revoked_at IS NULL",
+            (tenant_id, subject_id, fingerprint),
+        )
+
+    def list_for_subject(
+        self, tenant_id: str, subject_id: str, include_revoked: bool = False
+    ) -> list[DeviceRecord]:
+        where = "tenant_id = ? AND subject_id = ?"
+        if not include_revoked:
+            where += " AND revoked_at IS NULL"
+        return self._select(where, (tenant_id, subject_id), "ORDER BY bound_at, id")
+
+    def revoke(self, tenant_id: str, device_id: str, now: datetime | None = None) -> bool:
+        return self._update_one(
+            "UPDATE devices SET revoked_at = ? WHERE tenant_id = ? AND id = ? AND revoked_at IS NULL",
+            (now or utcnow(), tenant_id, device_id),
+        )
+
+    def touch(self, tenant_id: str, device_id: str, now: datetime | None = None) -> bool:
+        return self._update_one(
+            "UPDATE devices SET last_seen_at = ? WHERE tenant_id = ? AND id = ? AND revoked_at IS NULL",
+            (now or utcnow(), tenant_id, device_id),
+        )
+
+
+class SqlOtpRepository(Repository[OtpRecord]):
+    table = "otp_challenges"
+    record = OtpRecord
+
+    def create(self, rec: OtpRecord) -> OtpRecord:
+        return self._insert_new(rec, "OTP id already in use")
+
+    def get(self, otp_id: str) -> OtpRecord | None:
+        return self._select_one("id = ?", (otp_id,))
+
+    def get_active_for_session(self, session_id: str, now: datetime) -> OtpRecord | None:
+        """The newest OTP of the session that is unexpired, unconsumed and has attempts left."""
+        return self._select_one(
+            "session_id = ? AND consumed_at IS NULL AND expires_at > ? AND attempts < max_attempts",
+            (session_id, now),
+            "ORDER BY sent_at DESC, id LIMIT 1",
+        )
+
+    def record_attempt(self, otp_id: str, now: datetime) -> OtpRecord | None:
+        """Atomically spend one attempt; None when none is left, or it expired or was consumed."""
+        with self._db.transaction() as s:
+            return self._returning(
+                s,
+                "UPDATE otp_challenges SET attempts = attempts + 1 WHERE id = ?"
+                " AND consumed_at IS NULL AND expires_at > ? AND attempts < max_attempts",
+                (otp_id, now),
+            )
+
+    def consume(self, otp_id: str, now: datetime) -> bool:
+        """Atomically mark used; True for exactly one caller, and only while unexpired."""
+        return self._update_one(
+            "UPDATE otp_challenges SET consumed_at = ? WHERE id = ? AND consumed_at IS NULL"
+            " AND expires_at > ?",
+            (now, otp_id, now),
+        )
+
+
+class SqlAuthSessionRepository(Repository[AuthSessionRecord]):
+    table = "auth_sessions"
+    record = AuthSessionRecord
+
+    def create(self, rec: AuthSessionRecord) -> AuthSessionRecord:
+        return self._insert_new(rec, "session id already in use")
+
+    def get(self, session_id: str) -> AuthSessionRecord | None:
+        return self._select_one("id = ?", (session_id,))
+
+    def update(
+        self,
+        session_id: str,
+        expected_version: int,
+        state: Mapping[str, Any],
+        expires_at: datetime | None = None,
+    ) -> AuthSessionRecord:
+        """Write a new state at version+1. Raises ConcurrentUpdateError or NotFoundError."""
+        with self._db.transaction() as s:
+            updated = self._returning(
+                s,
+                "UPDATE auth_sessions SET state = ?, expires_at = COALESCE(?, expires_at),"
+                " version = version + 1 WHERE id = ? AND version = ?",
+                (dict(state), expires_at, session_id, expected_version),
+            )
+            if updated is not None:
+                return updated
+            current = s.one("SELECT version FROM auth_sessions WHERE id = ?", (session_id,))
+        if current is None:
+            raise NotFoundError("no such auth session")
+        raise ConcurrentUpdateError(
+            f"auth session changed concurrently: at version {current[0]}, not {expected_version}"
+        )
+
+
+class SqlReviewRepository(Repository[ReviewRecord]):
+    table = "mfa_reviews"
+    record = ReviewRecord
+
+    def create(self, rec: ReviewRecord) -> ReviewRecord:
+        """Raises AlreadyExistsError when the session already has a review."""
+        return self._insert_new(rec, "the session already has a review")
+
+    def get(self, review_id: str) -> ReviewRecord | None:
+        return self._select_one("id = ?", (review_id,))
+
+    def list(
+        self, tenant_id: str, status: str, limit: int, after: tuple[datetime, str] | None = None
+    ) -> list[ReviewRecord]:
+        """Oldest first; ``after`` is the (created_at, id) of the previous page's last review."""
+        where, params = "tenant_id = ? AND status = ?", [tenant_id, status]
+        if after is not None:
+            where += " AND (created_at > ? OR (created_at = ? AND id > ?))"
+            params += [after[0], after[0], after[1]]
+        return self._select(where, params, f"ORDER BY created_at, id LIMIT {int(limit)}")
+
+    def resolve(
+        self, review_id: str, status: str, resolved_by: str, note: str, now: datetime | None = None
+    ) -> ReviewRecord | None:
+        """Compare-and-swap from 'pending'; None when unknown or already resolved."""
+        with self._db.transaction() as s:
+            return self._returning(
+                s,
+                "UPDATE mfa_reviews SET status = ?, resolved_by = ?, note = ?, resolved_at = ?"
+                " WHERE id = ? AND status = 'pending'",
+                (status, resolved_by, note, now or utcnow(), review_id),
+            )
+
+
+class SqlLockoutRepository(Repository[LockoutRecord]):
+    table = "mfa_lockouts"
+    record = LockoutRecord
+
+    def get(self, tenant_id: str, scope: str, key: str) -> LockoutRecord | None:
+        return self._select_one("tenant_id = ? AND scope = ? AND key = ?", (tenant_id, scope, key))
+
+    def record_failure(
+        self, tenant_id: str, scope: str, key: str, subject_id: str, cost: int,
+        now: datetime | None = None,
+    ) -> LockoutRecord:
+        """Atomically add one failure of ``cost``; sets locked_at when the cost reaches LOCK_COST.
+        (delete_for_subject forgets the subject's counter and those of devices whose latest
+        failure was the subject's: an administrator's unlock, erasure.)"""
+        now = now or utcnow()
+        first = LockoutRecord(tenant_id, scope, key, subject_id, 1, cost, now,
+                              now if cost >= LOCK_COST else None, now)
+        with self._db.transaction() as s:
+            row = self._returning(
+                s,
+                insert_sql(self.table, self.record)
+                + " ON CONFLICT (tenant_id, scope, key) DO UPDATE SET"
+                " subject_id = excluded.subject_id, failures = mfa_lockouts.failures + 1, cost = mfa_lockouts.cost + excluded.cost,"
+                " last_failure_at = excluded.last_failure_at, updated_at = excluded.updated_at,"
+                " locked_at = CASE WHEN mfa_lockouts.locked_at IS NOT NULL THEN mfa_lockouts.locked_at"
+                f" WHEN mfa_lockouts.cost + excluded.cost >= {LOCK_COST} THEN excluded.updated_at"
+                " ELSE NULL END",
+                values(first),
+            )
+        assert row is not None
+        return row
+
+    def reset(self, tenant_id: str, scope: str, key: str) -> bool:
+        """Forget the counter (a success)."""
+        with self._db.transaction() as s:
+            return s.count(
+                "DELETE FROM mfa_lockouts WHERE tenant_id = ? AND scope = ? AND key = ?",
+                (tenant_id, scope, key),
+            ) == 1
+
+
+class SqlSubjectSignalRepository(Repository[SubjectSignalRecord]):
+    table = "mfa_subject_signals"
+    record = SubjectSignalRecord
+
+    def get(self, tenant_id: str, subject_id: str) -> SubjectSignalRecord | None:
+        return self._select_one("tenant_id = ? AND subject_id = ?", (tenant_id, subject_id))
+
+    def put(self, rec: SubjectSignalRecord) -> None:
+        with self._db.transaction() as s:
+            s.execute(
+                insert_sql(self.table, self.record)
+                + " ON CONFLICT (tenant_id, subject_id) DO UPDATE SET country = excluded.country,"
+                " latitude = excluded.latitude, longitude = excluded.longitude,"
+                " seen_at = excluded.seen_at",
+                values(rec),
+            )
