@@ -30,7 +30,7 @@ from services.face import liveness as lv  # noqa: E402
 from services.face.align import align_face  # noqa: E402
 from services.face.evaluation import FaceVerificationScorer  # noqa: E402
 from services.face.imaging import decode_image  # noqa: E402
-from services.face.models import DEFAULT_LIVENESS, detector_config, embedder_config, liveness_specs  # noqa: E402
+from services.face.models import detector_config, embedder_config, liveness_specs  # noqa: E402
 from services.face.pipeline import FacePipeline, FacePipelineConfig, build_detector  # noqa: E402
 from services.face.quality import assess  # noqa: E402
 
@@ -87,7 +87,7 @@ def verification(store: ModelStore, pads: list[float], detectors) -> list[dict]:
 
 def pad_variants(store: ModelStore, detectors) -> list[dict]:
     samples = read_pad(FIXTURES / "pad_face.csv", FIXTURES)
-    specs = liveness_specs(store, DEFAULT_LIVENESS)
+    specs = liveness_specs(store, store.settings.face.liveness)
     live = lv.PassiveLiveness(specs)
     images = [decode_image(s.path.read_bytes()) for s in samples]
     bona = np.array([s.bonafide for s in samples])
@@ -156,7 +156,7 @@ def latency(store: ModelStore, n: int) -> list[dict]:
         for label, eid in EMBEDDERS.items():
             e = build_embedder(embedder_config(store, eid), cpu)
             stages[f"embed {label}"] = lambda e=e: e.embed(aligned[None])
-        live = lv.PassiveLiveness(liveness_specs(store, DEFAULT_LIVENESS), providers=cpu)
+        live = lv.PassiveLiveness(liveness_specs(store, store.settings.face.liveness), providers=cpu)
         stages["liveness (2 models)"] = lambda: live.score(img, face)
         from services.face.models import pipeline_config
 

@@ -37,8 +37,9 @@ from services.common.models import ModelStore  # noqa: E402
 from services.voice import telephone  # noqa: E402
 from services.voice.ecapa import EcapaOnnx, EcapaSpeechBrain  # noqa: E402
 from services.voice.evaluation import VoiceVerificationScorer, parse_channel  # noqa: E402
-from services.voice.models import resolve  # noqa: E402
+from services.voice.models import model_files  # noqa: E402
 from services.voice.pipeline import VoicePipeline, VoicePipelineConfig  # noqa: E402
+from services.voice.vad import SileroVad  # noqa: E402
 
 FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 
@@ -92,8 +93,7 @@ def latency(paths, reps: int) -> dict:
         t_feat += timed(lambda: onnx_model.features(clip), 1)
     batch_onnx = timed(lambda: onnx_model.embed_batch(clips), 2)
     batch_torch = timed(lambda: torch_model.embed_batch(clips), 1)
-    pipe = VoicePipeline(VoicePipelineConfig(vad_model=paths.vad, ecapa_model=paths.ecapa_onnx,
-                                             providers=("CPUExecutionProvider",)))
+    pipe = VoicePipeline(VoicePipelineConfig(providers=("CPUExecutionProvider",)), SileroVad(paths.vad), onnx_model)
     wav = (FIXTURES / "voice" / "verification" / "libri_1688" / "1688-142285-0000.wav").read_bytes()
     x, _ = sf.read(FIXTURES / "voice" / "verification" / "libri_1688" / "1688-142285-0000.wav", dtype="float32")
     import io
@@ -138,11 +138,11 @@ def main() -> int:
     ap.add_argument("--out")
     args = ap.parse_args()
     settings = load_config()
-    paths = resolve(ModelStore(settings))
+    paths = model_files(ModelStore(settings), settings.voice)
     result: dict = {}
     if not args.skip_eer:
-        pipe = VoicePipeline(VoicePipelineConfig(vad_model=paths.vad, ecapa_model=paths.ecapa_onnx,
-                                                 providers=("CPUExecutionProvider",)))
+        pipe = VoicePipeline(VoicePipelineConfig(providers=("CPUExecutionProvider",)), SileroVad(paths.vad),
+                             EcapaOnnx(paths.ecapa_onnx))
         result["eer"] = []
         for ch in args.channels:
             r = eer_for(pipe, ch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common import context, errors
+from services.common import context
 from services.common.api.v1 import common_pb2
 from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
@@ -61,13 +61,3 @@ def delete_modality(rt: Runtime, request: common_pb2.DeleteSubjectRequest, modal
         )
     return common_pb2.DeleteSubjectResponse(templates_deleted=deleted, audit_record_id=str(row.seq))
 
-
-def require_consent(rt: Runtime, tenant: str, subject: str, modality: str) -> None:
-    """Enrolment and every 1:1 use of a template need a recorded, unwithdrawn consent for biometric
-    verification (PIPL art. 29, GDPR art. 9(2)(a)): a withdrawal stops verification at once."""
-    if not rt.storage.subjects.has_active_consent(tenant, subject, VERIFICATION, modality):
-        raise errors.failed_precondition(
-            f"no active consent for {modality} biometric verification of this subject (never recorded, "
-            "or withdrawn); record it with MfaService.RecordConsent first",
-            reason="NO_CONSENT",
-        )

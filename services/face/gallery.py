@@ -35,7 +35,7 @@ from datetime import datetime
 import numpy as np
 
 from services.common.subjects import IDENTIFICATION
-from services.face.templates import TemplateVault
+from services.common.modality.templates import TemplateVault
 
 # Storage-side figures of a gallery: templates (identifiable or not), latest update, latest consent change.
 Version = tuple[int, "datetime | None", "datetime | None"]

@@ -1,21 +1,28 @@
-"""Model ids of the manifest -> a :class:`FacePipelineConfig` of verified files in the model store.
+"""Configured model ids -> the face pipeline: each id is checked against the manifest by its role's
+router (services/face/zoo.py), its files come verified from the model store, and the pipeline's
+configuration carries the architecture and files of each.
 
-The defaults were chosen by measurement on the fixtures (bench/face_eval_dev.py): YuNet (MIT) +
-MobileFaceNet-ArcFace (Apache-2.0), both licence-clean; SCRFD is research-only.
+The defaults of the configuration (services/common/config.py, FaceConfig) were chosen by
+measurement on the fixtures (bench/face_eval_dev.py): YuNet (MIT) + MobileFaceNet-ArcFace
+(Apache-2.0), both licence-clean; SCRFD is research-only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Sequence
 
+from services.common.config import FaceConfig
 from services.common.models import ModelStore
+from services.common.models.manifest import Manifest
+from services.common.modality.zoo import fetch_verified
 from services.face.liveness import LivenessModelSpec
-from services.face.pipeline import DetectorConfig, EmbedderConfig, FacePipelineConfig
+from services.face.pipeline import DetectorConfig, EmbedderConfig, FacePipeline, FacePipelineConfig
+from services.face.subject import SubjectPolicy
+from services.face.zoo import DETECTORS, EMBEDDERS, LIVENESS
 
-DEFAULT_DETECTOR = "yunet-2023mar"
-DEFAULT_EMBEDDERS: tuple[str, ...] = ("mobilefacenet-arcface-192d",)
-DEFAULT_LIVENESS: tuple[str, ...] = ("minifasnet-v2-2.7", "minifasnet-v1se-4.0")
+log = logging.getLogger("biogate.face")
 
 
 def _scalar(value, default: float) -> float:
@@ -24,49 +31,72 @@ def _scalar(value, default: float) -> float:
     return float(value[0] if isinstance(value, list) else value)
 
 
+def check_choice(manifest: Manifest, cfg: FaceConfig) -> None:
+    """Every configured id names a model of its role that this service runs (else ModelChoiceError)."""
+    DETECTORS.spec(manifest, cfg.detector)
+    EMBEDDERS.spec(manifest, cfg.embedder)
+    for model_id in cfg.liveness:
+        LIVENESS.spec(manifest, model_id)
+
+
 def detector_config(store: ModelStore, model_id: str, pad_ratio: float = 0.25) -> DetectorConfig:
-    kind = "yunet" if model_id.startswith("yunet") else "scrfd" if model_id.startswith("scrfd") else None
-    if kind is None:
-        raise ValueError(f"{model_id}: not a known face detector (yunet-*, scrfd-*)")
-    return DetectorConfig(kind=kind, path=store.path(model_id), pad_ratio=pad_ratio)
+    spec = DETECTORS.spec(store.manifest, model_id)
+    return DetectorConfig(architecture=spec.architecture, path=store.path(model_id), pad_ratio=pad_ratio)
 
 
 def embedder_config(store: ModelStore, model_id: str) -> EmbedderConfig:
-    spec = store.model(model_id)
-    if spec.role != "face_embedder":
-        raise ValueError(f"{model_id}: role {spec.role}, not face_embedder")
-    if model_id.startswith("sface"):
-        return EmbedderConfig(name=model_id, kind="sface", path=store.path(model_id))
+    spec = EMBEDDERS.spec(store.manifest, model_id)
     pre = spec.preprocessing
-    return EmbedderConfig(
-        name=model_id,
-        kind="arcface",
-        path=store.path(model_id),
-        input_mean=_scalar(pre.mean, 127.5),
-        input_std=_scalar(pre.std, 128.0),
-    )
+    return EmbedderConfig(name=model_id, architecture=spec.architecture, path=store.path(model_id),
+                          input_mean=_scalar(pre.mean, 127.5), input_std=_scalar(pre.std, 128.0))
 
 
 def liveness_specs(store: ModelStore, model_ids: Sequence[str]) -> tuple[LivenessModelSpec, ...]:
     out = []
     for model_id in model_ids:
-        spec = store.model(model_id)
+        spec = LIVENESS.spec(store.manifest, model_id)
         if spec.preprocessing.crop_scale is None:
             raise ValueError(f"{model_id}: the manifest gives no crop_scale")
-        out.append(LivenessModelSpec(path=store.path(model_id), scale=float(spec.preprocessing.crop_scale)))
+        out.append(LIVENESS.builder(spec)(spec, store.path(model_id)))
     return tuple(out)
 
 
 def pipeline_config(
     store: ModelStore,
-    detector: str = DEFAULT_DETECTOR,
-    embedders: Sequence[str] = DEFAULT_EMBEDDERS,
-    liveness: Sequence[str] = DEFAULT_LIVENESS,
+    detector: str | None = None,
+    embedders: Sequence[str] | None = None,
+    liveness: Sequence[str] | None = None,
     **overrides,
 ) -> FacePipelineConfig:
+    """The pipeline of the given model ids (default: those the store's settings configure)."""
+    cfg = store.settings.face
     config = FacePipelineConfig(
-        detector=detector_config(store, detector),
-        embedders=tuple(embedder_config(store, e) for e in embedders),
-        liveness=liveness_specs(store, liveness),
+        detector=detector_config(store, detector or cfg.detector),
+        embedders=tuple(embedder_config(store, e) for e in (embedders or (cfg.embedder,))),
+        liveness=liveness_specs(store, cfg.liveness if liveness is None else liveness),
     )
     return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def load_pipeline(store: ModelStore, cfg: FaceConfig, providers: Sequence[str], details: dict[str, str]) -> FacePipeline:
+    """Fetch and verify the configured models, build the pipeline and run every model once.
+
+    A missing liveness model is not fatal: the service serves without liveness and says so in
+    its health details; liveness requests then fail with LIVENESS_UNAVAILABLE."""
+    fetch_verified(store, [cfg.detector, cfg.embedder])
+    liveness = list(cfg.liveness)
+    if liveness:
+        try:
+            fetch_verified(store, liveness)
+        except Exception as exc:  # noqa: BLE001 - reported, and liveness refused, below
+            log.error("liveness models unavailable; serving without liveness", extra={"error": str(exc)})
+            details["liveness"] = f"unavailable: {exc}"[:300]
+            liveness = []
+    config = pipeline_config(
+        store, liveness=liveness, providers=tuple(providers), threads=cfg.intra_op_threads or None,
+        batch_max=cfg.batch_max, batch_wait_ms=cfg.batch_wait_ms,
+        subject=SubjectPolicy(second_face_ratio=cfg.second_face_ratio),
+    )
+    pipeline = FacePipeline(config)
+    pipeline.warmup()
+    return pipeline

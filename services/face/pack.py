@@ -48,11 +48,11 @@ def load_pack(name: str | os.PathLike[str], root: str | os.PathLike[str] | None 
         model = get_model(f, providers=["CPUExecutionProvider"])
         task = getattr(model, "taskname", None)
         if task == "detection" and detector is None and model.use_kps:
-            detector = DetectorConfig(kind="scrfd", path=f, pad_ratio=pad_ratio)
+            detector = DetectorConfig(architecture="scrfd", path=f, pad_ratio=pad_ratio)
         elif task == "recognition" and recogniser is None:
             recogniser = EmbedderConfig(
                 name=f"{directory.name}:{Path(f).stem}",
-                kind="arcface",
+                architecture="arcface-onnx",
                 path=f,
                 input_mean=float(model.input_mean),
                 input_std=float(model.input_std),

@@ -1,7 +1,8 @@
 """The face pipeline: decode -> detect -> choose the subject -> quality -> align -> embed (+ liveness).
 
-Built from a plain frozen :class:`FacePipelineConfig` of file paths (the service resolves model
-ids to files). Embedders, liveness models and a batchable detector run behind
+Built from a plain frozen :class:`FacePipelineConfig` of architectures and file paths (the service
+resolves model ids to them, services/face/models.py; the routers of services/face/zoo.py build each
+architecture's model). Embedders, liveness models and a batchable detector run behind
 :class:`MicroBatcher`s, so concurrent requests from the server's thread pool share one model call.
 """
 
@@ -15,24 +16,21 @@ import numpy as np
 
 from services.common.inference import LoadedModel
 from services.face.align import align_face
-from services.face.arcface import ArcFaceEmbedder
 from services.face.batching import MicroBatcher
 from services.face.detection import Detector, Face
 from services.face.embedding import Embedder
 from services.face.imaging import DecodeLimits, decode_image
 from services.face.liveness import LivenessModelSpec, PassiveLiveness
 from services.face.quality import QualityReport, QualityThresholds, assess
-from services.face.scrfd import ScrfdDetector
-from services.face.sface import SFaceEmbedder
 from services.face.subject import SubjectPolicy, choose_subject
-from services.face.yunet import YuNetDetector
+from services.face.zoo import DETECTORS, EMBEDDERS
 
 PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    kind: Literal["yunet", "scrfd"]
+    architecture: str  # a face_detector architecture of services/face/zoo.py: yunet, scrfd
     path: PathLike
     score_threshold: float | None = None  # None: the detector's default (YuNet 0.6, SCRFD 0.5)
     pad_ratio: float = 0.25  # border added around the image before detection (tight crops)
@@ -41,7 +39,7 @@ class DetectorConfig:
 @dataclass(frozen=True)
 class EmbedderConfig:
     name: str  # the key of this embedder's embedding in the results, e.g. the model id
-    kind: Literal["sface", "arcface"]
+    architecture: str  # a face_embedder architecture of services/face/zoo.py: sface, arcface-onnx
     path: PathLike
     input_mean: float = 127.5  # arcface only (MobileFaceNet: 127.5 / 128; InsightFace packs: 127.5 / 127.5)
     input_std: float = 128.0
@@ -84,24 +82,11 @@ class LivenessUnavailable(RuntimeError):
 
 
 def build_detector(cfg: DetectorConfig, providers: tuple[str, ...], threads: int | None = None) -> Detector:
-    kwargs = {"pad_ratio": cfg.pad_ratio, "providers": providers, "threads": threads}
-    if cfg.score_threshold is not None:
-        kwargs["score_threshold"] = cfg.score_threshold
-    if cfg.kind == "yunet":
-        return YuNetDetector(cfg.path, **kwargs)
-    if cfg.kind == "scrfd":
-        return ScrfdDetector(cfg.path, **kwargs)
-    raise ValueError(f"unknown detector kind {cfg.kind!r}")
+    return DETECTORS.by_architecture(cfg.architecture)(cfg, providers=providers, threads=threads)
 
 
 def build_embedder(cfg: EmbedderConfig, providers: tuple[str, ...], threads: int | None = None) -> Embedder:
-    if cfg.kind == "sface":
-        return SFaceEmbedder(cfg.path, providers=providers, threads=threads)
-    if cfg.kind == "arcface":
-        return ArcFaceEmbedder(
-            cfg.path, input_mean=cfg.input_mean, input_std=cfg.input_std, providers=providers, threads=threads
-        )
-    raise ValueError(f"unknown embedder kind {cfg.kind!r}")
+    return EMBEDDERS.by_architecture(cfg.architecture)(cfg, providers=providers, threads=threads)
 
 
 class FacePipeline:

@@ -1,17 +1,24 @@
 """BioGate voice service: speaker enrolment and verification for the app (16 kHz) and the IVR
 (8 kHz G.711, streamed), with three anti-spoofing layers.
 
+Shape, as the face service: servicer (server.py: each RPC handed to the VoiceService method of its
+name) -> service (service.py: validation, consent, challenges, audit, statuses) -> engine
+(engine.py: models and decisions). Templates, calibration reading, challenges, readiness and the
+reason codes are the shared kit's (services/common/modality), the same for face and voice.
+
 One module per role:
   ingest, g711, telephone   decode and check audio (WAV/FLAC/LINEAR16/G.711), telephone channel
   vad                       Silero VAD v6 (net speech), whole clips or streamed
-  ecapa, models             SpeechBrain ECAPA-TDNN exported once to ONNX (var/models/.derived)
+  ecapa                     SpeechBrain ECAPA-TDNN, exported once to ONNX (var/models/.derived)
+  models                    the model zoo: voice.embedder / vad / antispoof ids -> manifest entries
+                            -> the objects (a router per role on the entry's architecture)
   pipeline                  ingest -> VAD -> ECAPA, unary and streamed (bit-identical)
   cohort                    adaptive s-norm and its cohort file (off by default, see config)
   aasist, antispoof         synthetic-speech detection on the most speech-dense window
   digits                    PocketSphinx digit grammar for the digit challenge
   replay                    capture fingerprints and their Redis / memory store
-  calibration               thresholds and LLRs from the model manifest, reloaded on change
-  engine, server            the models together; the gRPC servicer
+  engine                    the models together; decide() -> VoiceDecision (speaker and each layer)
+  service, server           the RPCs; the bootstrap's definition
   evaluation, remote_eval   `biogate eval` scorers, local and --target
   attacks, cli              simulated attacks; `biogate voice cohort|attacks`
 

@@ -18,7 +18,7 @@ from services.common.config import Settings
 def _cohort(settings: Settings, args: argparse.Namespace) -> int:
     from . import cohort as cohort_mod
     from .engine import default_cohort_path
-    from .evaluation import pipeline_from_settings
+    from .models import pipeline_from_settings
 
     pipeline = pipeline_from_settings(settings, providers=("CPUExecutionProvider",))
     if args.audio:

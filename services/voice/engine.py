@@ -1,5 +1,6 @@
 """Everything the VoiceService decides with, loaded once: the pipeline with its ECAPA micro-batcher,
-the s-norm cohort, the calibrations, and the three anti-spoofing layers.
+the s-norm cohort, the calibrations, and the three anti-spoofing layers; :meth:`VoiceEngine.decide`
+turns a template and a prepared probe into a :class:`VoiceDecision`.
 
 Layers (only pass/fail reaches the client; scores and which layer failed go to the audit):
   1. synthetic speech: AASIST on the most speech-dense window, threshold from the ``aasist``
@@ -21,30 +22,19 @@ from numpy.typing import NDArray
 
 from services.common.batching import MicroBatcher
 from services.common.config import Settings, VoiceConfig
+from services.common.modality.calibration import Calibrations
 from services.common.models import ModelStore
 
 from . import cohort as cohort_mod
 from . import replay
-from .aasist import AasistDetector, torch_device
+from .aasist import torch_device
 from .antispoof import SyntheticSpeechDetector
-from .calibration import ManifestCalibrations
 from .digits import DigitRecognizer
-from .models import resolve
-from .pipeline import PreparedAudio, VoicePipeline, VoicePipelineConfig
+from .models import VoiceModels, pipeline_config
+from .pipeline import PreparedAudio, VoicePipeline
 
 log = logging.getLogger("biogate.voice")
 FloatArray = NDArray[np.float32]
-AASIST_FILES = {"aasist": ("AASIST.pth", "AASIST_config.json"), "aasist-l": ("AASIST-L.pth", "AASIST-L.conf")}
-
-
-def pipeline_config(cfg: VoiceConfig, vad: Path, ecapa_onnx: Path, providers: tuple[str, ...]) -> VoicePipelineConfig:
-    return VoicePipelineConfig(
-        vad_model=vad, ecapa_model=ecapa_onnx, providers=providers, threads=cfg.intra_op_threads or None,
-        min_net_speech_enroll_s=cfg.min_net_speech_enroll_s, min_net_speech_verify_s=cfg.min_net_speech_verify_s,
-        stream_target_net_speech_s=cfg.stream_target_net_speech_s, max_duration_s=cfg.max_duration_s,
-        max_batch=cfg.batch_max, max_pad_ratio=cfg.max_pad_ratio, max_embed_s=cfg.max_embed_s,
-        max_batch_audio_s=cfg.max_batch_audio_s,
-    )
 
 
 def default_cohort_path(settings: Settings) -> Path:
@@ -108,43 +98,87 @@ class BatcherPool:
             b.close()
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerResult:
     checked: bool
     passed: bool
     value: float | None = None  # the layer's score, for the audit
 
-    def audit(self, key: str) -> dict:
-        out = {"checked": self.checked, "passed": self.passed}
-        if self.value is not None:
-            out[key] = round(float(self.value), 4)
-        return out
+
+@dataclass(frozen=True)
+class SpeakerResult:
+    score: float  # cosine, or s-norm with a cohort
+    threshold: float  # at target_fmr, from the calibration of the channel
+    llr: float | None  # None: the calibration has no LLR map
+    target_fmr: float
+
+    @property
+    def passed(self) -> bool:
+        return self.score >= self.threshold
+
+
+@dataclass(frozen=True)
+class VoiceDecision:
+    """One verification: the speaker comparison and each anti-spoofing layer."""
+
+    model_id: str
+    family: str  # the template channel family
+    speaker: SpeakerResult
+    synthetic: LayerResult  # value: AASIST bona fide log-odds
+    replay: LayerResult  # value: similarity to the closest accepted capture of the subject
+    challenge: LayerResult  # value: digits recognised wrongly
+
+    @property
+    def spoof_passed(self) -> bool:
+        return self.synthetic.passed and self.replay.passed
+
+    @property
+    def match(self) -> bool:
+        return self.speaker.passed and self.spoof_passed and self.challenge.passed
+
+    @property
+    def reasons(self) -> list[str]:
+        """Reason codes (services/common/modality/reasons.py) of a refused decision, in layer order."""
+        failed = (not self.speaker.passed, not self.spoof_passed, not self.challenge.passed)
+        return [code for code, bad in zip(("NO_MATCH", "SPOOF_SUSPECTED", "CHALLENGE_FAILED"), failed) if bad]
+
+    def audit(self) -> dict:
+        s = self.speaker
+        layers = {
+            "synthetic": {"checked": self.synthetic.checked, "passed": self.synthetic.passed,
+                          **({} if self.synthetic.value is None else {"score": round(float(self.synthetic.value), 4)})},
+            "replay": {"checked": True, "passed": self.replay.passed, "similarity": round(float(self.replay.value), 3)},
+            "challenge": {"checked": self.challenge.checked, "passed": self.challenge.passed,
+                          "digit_errors": int(self.challenge.value or 0)},
+        }
+        return {"model_id": self.model_id, "channel": self.family, "match": self.match, "score": round(s.score, 4),
+                "threshold": round(s.threshold, 4), "llr": None if s.llr is None else round(s.llr, 3),
+                "target_fmr": s.target_fmr, "layers": layers}
 
 
 class VoiceEngine:
-    def __init__(self, settings: Settings, store: ModelStore, crypto_seal, crypto_open, pseudonymize) -> None:
+    def __init__(self, settings: Settings, store: ModelStore, models: VoiceModels, crypto_seal, crypto_open,
+                 pseudonymize) -> None:
         cfg = self.cfg = settings.voice
-        paths = resolve(store)
+        self.models = models
         providers = tuple(settings.models.providers)
-        self.pipeline = VoicePipeline(pipeline_config(cfg, paths.vad, paths.ecapa_onnx, providers))
-        self.model_id = cfg.embedder
+        self.pipeline: VoicePipeline = models.pipeline(store, pipeline_config(cfg, providers))
+        self.model_id = models.embedder.id
+        self.antispoof_id = models.antispoof.id if models.antispoof is not None else None
         self.cohort: cohort_mod.Cohort | None = None
         self.snorm: dict[str, cohort_mod.SNorm] = {}
         if cfg.score_normalisation == "asnorm":
             self.cohort = load_or_build_cohort(settings, self.pipeline)
             self.snorm = {f: cohort_mod.SNorm(self.cohort.family(f), cfg.snorm_top_k) for f in cohort_mod.FAMILIES}
         self.score_name = cohort_mod.score_name(self.cohort, cfg.snorm_top_k)
-        self.calibrations = ManifestCalibrations(settings.models.manifest, cfg.calibration_check_s)
+        self.calibrations = Calibrations(settings.models.manifest, cfg.calibration_check_s)
         self.embed_batcher = BatcherPool(lambda items: list(self.pipeline.embed(items)), cfg.inference_workers,
                                          cfg.batch_max, cfg.batch_wait_ms, "voice-ecapa")
         # Per channel family: the AASIST window (one network for all) and the score it calibrates.
         self.synthetic: dict[str, SyntheticSpeechDetector] = {}
         self.synthetic_batcher: BatcherPool | None = None
-        if cfg.antispoof:
-            weights, conf = AASIST_FILES[cfg.antispoof]
-            detector = AasistDetector(store.path(cfg.antispoof, weights), store.path(cfg.antispoof, conf),
-                                      threads=cfg.intra_op_threads or None, max_windows=1,
-                                      device=torch_device(providers))
+        detector = models.antispoof_detector(store, cfg.intra_op_threads or None, torch_device(providers))
+        if detector is not None:
             self.synthetic = {f: SyntheticSpeechDetector(detector, antispoof_window_s(cfg, f))
                               for f in cohort_mod.FAMILIES}
             self.synthetic_batcher = BatcherPool(self.synthetic["wideband"].score_windows, cfg.inference_workers,
@@ -165,8 +199,8 @@ class VoiceEngine:
             self.calibrations.threshold(self.model_id, channel, channel_target_fmr(self.cfg, family), self.score_name)
             for target in {t.target_fmr for t in self.cfg.tenants.values() if t.target_fmr}:
                 self.calibrations.threshold(self.model_id, channel, target, self.score_name)
-            if self.synthetic:
-                self.calibrations.threshold(self.cfg.antispoof, channel, self.cfg.antispoof_target_apcer,
+            if self.antispoof_id:
+                self.calibrations.threshold(self.antispoof_id, channel, self.cfg.antispoof_target_apcer,
                                             self.pad_score_names[family])
 
     def warmup(self) -> None:
@@ -180,9 +214,9 @@ class VoiceEngine:
 
     @property
     def providers(self) -> dict[str, str]:
-        out = {self.model_id: self.pipeline.provider, self.cfg.vad: self.pipeline.vad.model.provider}
-        if self.cfg.antispoof:
-            out[self.cfg.antispoof] = f"torch-{self.synthetic['wideband'].detector.device.type}"
+        out = {self.model_id: self.pipeline.provider, self.models.vad.id: self.pipeline.vad.model.provider}
+        if self.antispoof_id:
+            out[self.antispoof_id] = f"torch-{self.synthetic['wideband'].detector.device.type}"
         out["pocketsphinx"] = "cpu"
         return out
 
@@ -199,28 +233,42 @@ class VoiceEngine:
     def embed(self, prepared: list[PreparedAudio]) -> list[FloatArray]:
         return self.embed_batcher.submit_many(prepared, timeout=60.0)
 
-    def compare(self, template: FloatArray, probe: FloatArray, family: str, target_fmr: float) -> tuple[float, float, float, float]:
-        """-> (normalised score, threshold, llr, raw cosine)"""
+    def compare(self, template: FloatArray, probe: FloatArray, family: str, target_fmr: float) -> SpeakerResult:
         cosine = float(np.dot(template, probe))
         snorm = self.snorm.get(family)
         score = cosine if snorm is None else float(snorm.normalise(cosine, template, probe)[0])
         channel = self.calibration_channel(family)
         threshold = self.calibrations.threshold(self.model_id, channel, target_fmr, self.score_name)
         llr = self.calibrations.llr(self.model_id, channel, score, self.score_name)
-        return score, threshold, llr, cosine
+        return SpeakerResult(score, threshold, llr, target_fmr)
 
     def synthetic_check(self, prepared: PreparedAudio, family: str, enabled: bool) -> LayerResult:
-        if not self.synthetic or self.synthetic_batcher is None or not enabled:
+        if not self.antispoof_id or self.synthetic_batcher is None or not enabled:
             return LayerResult(False, True)
         value = self.synthetic_batcher.submit_many([self.synthetic[family].window_of(prepared)], timeout=60.0)[0]
-        threshold = self.calibrations.threshold(self.cfg.antispoof, self.calibration_channel(family),
+        threshold = self.calibrations.threshold(self.antispoof_id, self.calibration_channel(family),
                                                 self.cfg.antispoof_target_apcer, self.pad_score_names[family])
         return LayerResult(True, value >= threshold, value)
 
-    def challenge_check(self, prepared: PreparedAudio, expected: str | None) -> tuple[LayerResult, int]:
-        """-> (result, digit errors). Unchecked (passed) without a challenge."""
+    def challenge_check(self, prepared: PreparedAudio, expected: str | None) -> LayerResult:
+        """value: the digits recognised wrongly. Unchecked (passed) without a challenge."""
         if expected is None:
-            return LayerResult(False, True), 0
+            return LayerResult(False, True, 0)
         heard = self.digits.recognise(prepared.samples, len(expected))
         errors = sum(a != b for a, b in zip(heard.ljust(len(expected)), expected))
-        return LayerResult(True, errors <= self.cfg.challenge_max_digit_errors, errors), errors
+        return LayerResult(True, errors <= self.cfg.challenge_max_digit_errors, errors)
+
+    def decide(self, tenant: str, subject: str, template: FloatArray, prepared: PreparedAudio, family: str,
+               target_fmr: float, synthetic_on: bool, expected_digits: str | None) -> VoiceDecision:
+        """Compare the probe with the template and run every layer; an accepted capture joins the
+        subject's replay cache."""
+        speaker = self.compare(template, self.embed([prepared])[0], family, target_fmr)
+        synthetic = self.synthetic_check(prepared, family, synthetic_on)
+        fp = replay.fingerprint(prepared.samples)
+        similarity = self.replay.best_match(tenant, subject, fp)
+        replayed = LayerResult(True, not self.replay.is_replay(similarity), similarity)
+        challenge = self.challenge_check(prepared, expected_digits)
+        decision = VoiceDecision(self.model_id, family, speaker, synthetic, replayed, challenge)
+        if decision.match:
+            self.replay.remember(tenant, subject, fp)
+        return decision

@@ -17,7 +17,6 @@ the channel's length, bona fide log-odds) on the same channels, after the same i
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -28,12 +27,11 @@ from services.common.evaluation.scorers import Failure, ScorerOptions
 from services.common.models import ModelStore
 
 from . import telephone
-from .aasist import AasistDetector
 from .antispoof import SyntheticSpeechDetector
 from .cohort import FAMILIES, SNorm, score_name
 from .ingest import AudioError, AudioFormat, Encoding
-from .models import resolve
-from .pipeline import PreparedAudio, VoicePipeline, VoicePipelineConfig
+from .models import VoiceModels, pipeline_from_settings
+from .pipeline import PreparedAudio, VoicePipeline
 
 CHANNELS = ("wideband", "telephony-8k")
 _MULAW_8K = AudioFormat(Encoding.MULAW, 8000)
@@ -100,15 +98,6 @@ class VoiceVerificationScorer:
         return cosine if self.snorm is None else float(self.snorm.normalise(cosine, handle, e)[0])
 
 
-def pipeline_from_settings(settings, **overrides) -> VoicePipeline:
-    from .engine import pipeline_config
-
-    paths = resolve(ModelStore(settings))
-    providers = overrides.pop("providers", tuple(settings.models.providers))
-    config = pipeline_config(settings.voice, paths.vad, paths.ecapa_onnx, providers)
-    return VoicePipeline(replace(config, **overrides) if overrides else config)
-
-
 def make_verification_scorer(options: ScorerOptions) -> VoiceVerificationScorer:
     """The service's scoring (s-norm against the configured cohort) on the local pipeline. The
     evaluation scores every file it can: the verify minimum of net speech applies to all."""
@@ -140,14 +129,15 @@ class VoicePadScorer:
 
 
 def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
-    from .engine import AASIST_FILES, antispoof_window_s, pad_score_name
+    """The configured synthetic-speech detector (voice.antispoof) on the service's window."""
+    from .engine import antispoof_window_s, pad_score_name
 
     cfg = options.settings.voice
+    if not cfg.antispoof:
+        raise ValueError("voice.antispoof is empty (the layer is off): set it to the detector to evaluate")
     telephone_channel, crop = parse_channel(options.channel)
     window_s = antispoof_window_s(cfg, FAMILIES[1] if telephone_channel else FAMILIES[0])  # the service's window
     store = ModelStore(options.settings)
-    weights, conf = AASIST_FILES[cfg.antispoof or "aasist"]
-    model = cfg.antispoof or "aasist"
-    detector = AasistDetector(store.path(model, weights), store.path(model, conf), max_windows=1)
+    detector = VoiceModels.choose(store.manifest, cfg).antispoof_detector(store, threads=1, device="cpu")
     return VoicePadScorer(pipeline_from_settings(options.settings), SyntheticSpeechDetector(detector, window_s),
                           telephone_channel, crop, pad_score_name(window_s))

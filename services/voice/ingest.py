@@ -9,7 +9,7 @@ soxr's HQ resampler to 16 kHz. Feeding a clip whole or in 20 ms chunks gives bit
 which is what lets the IVR stream reach exactly the decision of a unary call on the same audio.
 
 Every refusal is an :class:`AudioError` with a machine-readable :class:`ErrorCode`; its ``status``
-names the gRPC status the service maps it to.
+is the gRPC status of the code in the reason catalogue (services/common/modality/reasons.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import soxr
 from numpy.typing import NDArray
 from scipy.signal import lfilter
 
+from services.common.modality.reasons import entry
+
 from . import g711
 
 TARGET_RATE = 16000
@@ -37,7 +39,7 @@ FloatArray = NDArray[np.float32]
 
 class ErrorCode(str, Enum):
     """Why audio was refused. INVALID_ARGUMENT: the request is wrong; FAILED_PRECONDITION: the
-    audio is well-formed but not usable speech."""
+    audio is well-formed but not usable speech (the catalogue says which)."""
 
     EMPTY_AUDIO = "EMPTY_AUDIO"
     TOO_SHORT = "TOO_SHORT"
@@ -54,10 +56,7 @@ class ErrorCode(str, Enum):
 
     @property
     def status(self) -> str:
-        return "FAILED_PRECONDITION" if self in _PRECONDITION else "INVALID_ARGUMENT"
-
-
-_PRECONDITION = {ErrorCode.SILENCE, ErrorCode.CLIPPING, ErrorCode.NO_SPEECH, ErrorCode.LOW_NET_SPEECH}
+        return entry(self.value).status.name
 
 
 class AudioError(ValueError):

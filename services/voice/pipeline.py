@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
-from .ecapa import EcapaOnnx, EcapaSpeechBrain, SpeakerEmbedder
+from .ecapa import SpeakerEmbedder
 from .ingest import (
     AudioError,
     AudioFormat,
@@ -28,7 +27,7 @@ from .ingest import (
     RawDecoder,
     decode,
 )
-from .vad import SileroVad, VadParams, VadResult, VadStream
+from .vad import SileroVad, VadResult, VadStream
 
 Purpose = Literal["enroll", "verify"]
 FloatArray = NDArray[np.float32]
@@ -36,9 +35,8 @@ FloatArray = NDArray[np.float32]
 
 @dataclass(frozen=True)
 class VoicePipelineConfig:
-    vad_model: Path  # silero_vad.onnx (v6)
-    ecapa_model: Path  # the exported ONNX file (backend "onnx") or the SpeechBrain model directory
-    ecapa_backend: Literal["onnx", "speechbrain"] = "onnx"
+    """The pipeline's settings; the models themselves come built (services/voice/models.py)."""
+
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
     threads: int = 1  # intra-op threads per worker (torch and ONNX Runtime)
     # Net speech = Silero segments without padding (pauses over 100 ms excluded): about 70 % of
@@ -139,16 +137,9 @@ class _Chain:
 
 
 class VoicePipeline:
-    def __init__(self, config: VoicePipelineConfig, vad: SileroVad | None = None,
-                 embedder: SpeakerEmbedder | None = None) -> None:
+    def __init__(self, config: VoicePipelineConfig, vad: SileroVad, embedder: SpeakerEmbedder) -> None:
         self.config = config
-        self.vad = vad or SileroVad(config.vad_model, VadParams(threshold=config.vad_threshold))
-        if embedder is None:
-            if config.ecapa_backend == "onnx":
-                embedder = EcapaOnnx(config.ecapa_model, providers=config.providers, threads=config.threads,
-                                     max_batch=config.max_batch, max_pad_ratio=config.max_pad_ratio)
-            else:
-                embedder = EcapaSpeechBrain(config.ecapa_model, threads=config.threads)
+        self.vad = vad
         self.embedder = embedder
 
     @property

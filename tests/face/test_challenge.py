@@ -139,7 +139,7 @@ def test_expired_unknown_and_foreign_nonces_are_refused(face_service, pools, rul
         TENANT, "c-late", CHALLENGE_KIND, {"moves": ["TURN_LEFT", "TURN_RIGHT", "LOOK_UP"], "issued_at": (now - timedelta(seconds=61)).isoformat()},
         expires_at=now - timedelta(seconds=1), created_at=now - timedelta(seconds=61)))
     frames = burst(pools[0], ["TURN_LEFT", "TURN_RIGHT", "LOOK_UP"], rules, live_min)
-    for subject, nonce, why in [("c-late", old.nonce, "CHALLENGE_EXPIRED"), ("c-late", "no-such-nonce", "CHALLENGE_UNKNOWN")]:
+    for subject, nonce, why in [("c-late", old.nonce, "CHALLENGE_EXPIRED"), ("c-late", "no-such-nonce", "CHALLENGE_NOT_FOUND")]:
         with pytest.raises(grpc.RpcError) as err:
             submit(s, subject, nonce, frames)
         assert details_of(err.value)["reason"] == why

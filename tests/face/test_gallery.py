@@ -13,7 +13,7 @@ from services.common.storage import ConsentRecord, TemplateRecord, open_storage
 from services.common.subjects import IDENTIFICATION, VERIFICATION
 from services.face.embedding import l2_normalise
 from services.face.gallery import Galleries
-from services.face.templates import TemplateVault, pack, unpack
+from services.common.modality.templates import TemplateVault, pack, unpack
 
 N = 100_000
 DIM = 192
@@ -22,9 +22,9 @@ MODEL = "mobilefacenet-arcface-192d"
 
 def test_template_format_round_trip():
     v = l2_normalise(np.random.default_rng(0).normal(size=(1, DIM)))[0]
-    assert np.array_equal(unpack(pack(v)), v)
+    assert np.array_equal(unpack(pack("face", MODEL, v), "face", MODEL), v)
     with pytest.raises(ValueError):
-        unpack(b"XXXX" + pack(v)[4:])
+        unpack(b"XXXX" + pack("face", MODEL, v)[4:], "face", MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def big_gallery(tmp_path_factory):
     settings = make_settings(tmp_path_factory.mktemp("gallery") / "data", storage={"sqlite_synchronous": "NORMAL"})
     settings.data_dir.mkdir(parents=True)
     storage = open_storage(settings.storage_dsn, settings.storage)
-    vault = TemplateVault(EnvelopeCrypto(open_keyring(settings)))
+    vault = TemplateVault(EnvelopeCrypto(open_keyring(settings)), "face")
     rng = np.random.default_rng(7)
     vectors = l2_normalise(rng.normal(size=(N, DIM)).astype(np.float32))
     t = time.perf_counter()

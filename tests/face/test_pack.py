@@ -25,8 +25,8 @@ def test_pack_is_read_with_insightface_conventions(pack_root):
     from insightface.app import FaceAnalysis
 
     pack = load_pack("testpack", root=pack_root)
-    assert pack.detector.kind == "scrfd" and pack.detector.path.endswith("det_500m.onnx")
-    assert pack.recogniser.kind == "arcface" and pack.recogniser.path.endswith("w600k_mbf.onnx")
+    assert pack.detector.architecture == "scrfd" and pack.detector.path.endswith("det_500m.onnx")
+    assert pack.recogniser.architecture == "arcface-onnx" and pack.recogniser.path.endswith("w600k_mbf.onnx")
     # the same pack loads in insightface's own FaceAnalysis, with the same roles and normalisation
     fa = FaceAnalysis(name="testpack", root=str(pack_root), providers=list(CPU))
     assert set(fa.models) == {"detection", "recognition"}

@@ -23,28 +23,31 @@ def voice_dir(fixtures_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def voice_models(tmp_path_factory):
     from services.common.models import ModelStore, ModelUnavailableError
-    from services.voice.models import ECAPA_ID, VAD_ID, resolve
+    from services.voice.models import VoiceModels, model_files
 
     settings = load_config(None, data_dir=str(tmp_path_factory.mktemp("voice-data")),
                            models={"cache_dir": str(PROJECT_ROOT / "var" / "models")})
     store = ModelStore(settings)
     try:
-        return resolve(store)
+        return model_files(store)
     except ModelUnavailableError:
         pass
     try:
-        store.fetch([VAD_ID, ECAPA_ID])
-        return resolve(store)
+        chosen = VoiceModels.choose(store.manifest, settings.voice)
+        store.fetch([chosen.vad.id, chosen.embedder.id])
+        return model_files(store)
     except Exception as err:  # noqa: BLE001 - no models: fail in CI, skip elsewhere
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"the voice models are not available: {err}")
 
 
 @pytest.fixture(scope="session")
 def pipeline(voice_models):
+    from services.voice.ecapa import EcapaOnnx
     from services.voice.pipeline import VoicePipeline, VoicePipelineConfig
+    from services.voice.vad import SileroVad
 
-    return VoicePipeline(VoicePipelineConfig(vad_model=voice_models.vad, ecapa_model=voice_models.ecapa_onnx,
-                                             providers=("CPUExecutionProvider",)))
+    return VoicePipeline(VoicePipelineConfig(providers=("CPUExecutionProvider",)), SileroVad(voice_models.vad),
+                         EcapaOnnx(voice_models.ecapa_onnx))
 
 
 class VoiceServiceUnderTest:

@@ -234,10 +234,10 @@ def test_long_audio_is_embedded_in_segments(pipeline, voice_dir):
 
 def test_calibration_must_be_for_the_score_the_service_computes():
     from services.common.config import PROJECT_ROOT, VoiceConfig
-    from services.voice.calibration import ManifestCalibrations, NotCalibrated
+    from services.common.modality.calibration import Calibrations, NotCalibrated
     from services.voice.engine import antispoof_window_s, channel_target_fmr, pad_score_name
 
-    cal = ManifestCalibrations(PROJECT_ROOT / "models" / "manifest.yaml")
+    cal = Calibrations(PROJECT_ROOT / "models" / "manifest.yaml")
     cfg = VoiceConfig()
     for family, channel in cfg.calibration_channels.items():
         assert 0 < cal.threshold("ecapa-voxceleb", channel, channel_target_fmr(cfg, family), "cosine") < 1

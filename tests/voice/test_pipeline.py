@@ -1,5 +1,4 @@
 import itertools
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -122,7 +121,7 @@ def test_batched_embedding_matches_single(pipeline, speech, voice_dir):
 def test_speechbrain_backend_gives_the_same_scores(voice_models, pipeline, speech, tmp_path):
     from services.voice.ecapa import EcapaSpeechBrain
 
-    torch_pipe = VoicePipeline(replace(pipeline.config, ecapa_backend="speechbrain", ecapa_model=voice_models.ecapa_dir),
-                               vad=pipeline.vad, embedder=EcapaSpeechBrain(voice_models.ecapa_dir, savedir=tmp_path))
+    torch_pipe = VoicePipeline(pipeline.config, vad=pipeline.vad,
+                               embedder=EcapaSpeechBrain(voice_models.ecapa_dir, savedir=tmp_path))
     data = wav_bytes(speech[:48000], 16000)
     assert float(torch_pipe.analyse(data).embedding @ pipeline.analyse(data).embedding) > 0.99999

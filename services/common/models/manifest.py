@@ -124,9 +124,23 @@ class Preprocessing(BaseModel):
     sample_rate_hz: int | None = None
 
 
+class ExportSpec(_Strict):
+    """A file the service derives from one of the model's files on first use (e.g. an ONNX export of
+    a checkpoint), kept in the cache's ``.derived`` folder. ``recipe`` names the service's function
+    (e.g. ``ecapa_onnx``, services/voice/models.py); ``{sha16}`` in ``name`` stands for the first
+    16 hex digits of the input's pinned sha256, so a new checkpoint gets a new export."""
+
+    recipe: str = Field(pattern=r"^[a-z0-9_]+$")
+    input: str  # a file of this model
+    name: str = Field(pattern=r"^[A-Za-z0-9{][A-Za-z0-9._{}-]*$")
+
+
 class ModelSpec(_Strict):
     id: str = Field(pattern=_ID)
     role: Role
+    # What code runs the files: each service's router for the role maps it to a class, e.g.
+    # yunet, scrfd, sface, arcface-onnx, minifasnet, ecapa-tdnn-speechbrain, aasist, silero-vad.
+    architecture: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]*$")
     version: str = Field(min_length=1)
     active: bool  # fetched by a plain `biogate models fetch` and expected by the services
     licence: str = Field(min_length=1)
@@ -134,6 +148,8 @@ class ModelSpec(_Strict):
     upstream: str = ""
     description: str = ""
     main: str | None = None  # the file path(model_id) returns; default the first file
+    config_file: str | None = None  # the file holding the network's configuration, when one does
+    export: ExportSpec | None = None
     files: list[ModelFile] = Field(min_length=1)
     preprocessing: Preprocessing = Preprocessing()
     calibration: dict[str, CalibrationRecord] = {}  # channel -> record
@@ -143,8 +159,10 @@ class ModelSpec(_Strict):
         names = [f.name for f in self.files]
         if dupes := _repeats(names):
             raise ValueError(f"file names repeat: {dupes}")
-        if self.main is not None and self.main not in names:
-            raise ValueError(f"main {self.main!r} is not one of its files {names}")
+        for key, value in (("main", self.main), ("config_file", self.config_file),
+                           ("export.input", self.export.input if self.export else None)):
+            if value is not None and value not in names:
+                raise ValueError(f"{key} {value!r} is not one of its files {names}")
         for f in self.files:
             for s in f.sources:
                 if isinstance(s, DerivedSource) and s.input.model in (None, self.id):
@@ -153,6 +171,13 @@ class ModelSpec(_Strict):
                             f"file {f.name!r}: derived input {s.input.file!r} must be another file of this model"
                         )
         return self
+
+    @property
+    def export_name(self) -> str:
+        """The derived file's name in the cache's .derived folder (see :class:`ExportSpec`)."""
+        if self.export is None:
+            raise UnknownModelError(f"model {self.id!r} has no export in the manifest")
+        return self.export.name.replace("{sha16}", self.file(self.export.input).sha256[:16])
 
     @property
     def main_file(self) -> ModelFile:

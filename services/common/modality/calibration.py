@@ -1,9 +1,13 @@
-"""The voice decisions' thresholds and LLR maps, per model and channel, from the model manifest.
+"""Decision thresholds and LLR maps per model and channel, from the calibration records of the model
+manifest, for every service that decides with a calibrated score.
 
-Re-read when the manifest file changes (checked at most every ``check_s``): `biogate calibrate`
-moves a running service's decisions without a restart. A record must be for the score the
-service computes (``CalibrationRecord.score``, e.g. s-norm against one cohort): a threshold fitted
-on raw cosines, or with another cohort, is refused rather than applied to other numbers.
+The manifest is re-read when its file changes (checked at most every ``check_s``): `biogate
+calibrate` moves a running service's decisions without a restart; a manifest caught mid-rewrite by
+another process keeps the last good records. A record must be for the score the service computes
+(``CalibrationRecord.score``, e.g. s-norm against one cohort): a threshold fitted on other numbers
+is refused rather than applied. Without a threshold the service refuses to decide rather than
+guess: :class:`NotCalibrated` is FAILED_PRECONDITION, with the record's own reason when it has one
+(an operating point its trial counts do not support) and MODEL_NOT_CALIBRATED otherwise.
 """
 
 from __future__ import annotations
@@ -13,18 +17,32 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
+
+from services.common import errors
 from services.common.models.calibration import CalibrationRecord
 from services.common.models.manifest import load_manifest
 
-
-log = logging.getLogger("biogate.voice")
-
-
-class NotCalibrated(LookupError):
-    pass
+log = logging.getLogger("biogate.calibration")
+DEFAULT_REASON = "MODEL_NOT_CALIBRATED"
 
 
-class ManifestCalibrations:
+class NotCalibrated(errors.ServiceError, LookupError):
+    """No usable threshold: the RPC is refused with FAILED_PRECONDITION and ``reason``."""
+
+    def __init__(self, message: str, reason: str = DEFAULT_REASON) -> None:
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message, reason)
+
+
+def not_calibrated(err: LookupError, model_id: str, channel: str) -> NotCalibrated:
+    """A calibration record's refusal to give a threshold, passed on with its reason and message."""
+    if hasattr(err, "reason"):
+        return NotCalibrated(str(err), getattr(err, "reason") or DEFAULT_REASON)
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return NotCalibrated(f"{model_id} [{channel}]: {text}")
+
+
+class Calibrations:
     def __init__(self, manifest_path: str | Path, check_s: float = 1.0) -> None:
         self.path, self.check_s = Path(manifest_path), check_s
         self._lock = threading.Lock()
@@ -43,7 +61,7 @@ class ManifestCalibrations:
             if stamp != self._stamp:
                 try:
                     manifest = load_manifest(self.path)
-                except Exception:  # caught mid-rewrite by another process: keep the last good one
+                except Exception:
                     if self._stamp is None:
                         raise
                     log.warning("manifest unreadable; keeping the previous calibrations", exc_info=True)
@@ -53,8 +71,11 @@ class ManifestCalibrations:
             self._checked = time.monotonic()
         return self._records
 
+    def find(self, model_id: str, channel: str) -> CalibrationRecord | None:
+        return self._records_now().get((model_id, channel))
+
     def record(self, model_id: str, channel: str, score: str | None = None) -> CalibrationRecord:
-        rec = self._records_now().get((model_id, channel))
+        rec = self.find(model_id, channel)
         if rec is None:
             raise NotCalibrated(f"model {model_id} has no calibration for channel {channel!r} in {self.path.name}; "
                                 f"run `biogate eval` and `biogate calibrate --model {model_id} --channel {channel}`")
@@ -64,12 +85,13 @@ class ManifestCalibrations:
         return rec
 
     def threshold(self, model_id: str, channel: str, target: float, score: str | None = None) -> float:
-        try:
-            return float(self.record(model_id, channel, score).threshold(target))
-        except KeyError as err:
-            raise NotCalibrated(f"{model_id} [{channel}]: {err.args[0]}") from None
-
-    def llr(self, model_id: str, channel: str, value: float, score: str | None = None) -> float:
-        """Natural-log LLR of ``value``; 0.0 (no evidence) when the record has no LLR map."""
         rec = self.record(model_id, channel, score)
-        return 0.0 if rec.llr is None else float(rec.llr.llr(value))
+        try:
+            return float(rec.threshold(target))
+        except LookupError as err:
+            raise not_calibrated(err, model_id, channel) from None
+
+    def llr(self, model_id: str, channel: str, value: float, score: str | None = None) -> float | None:
+        """Natural-log LLR of ``value``; None (no evidence claimed) when the record has no LLR map."""
+        rec = self.record(model_id, channel, score)
+        return None if rec.llr is None else float(rec.llr.llr(value))
