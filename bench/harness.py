@@ -1,0 +1,211 @@
+"""What every benchmark shares: a service in its own process, free ports, percentiles, peak RSS,
+a description of the machine, and the results it writes.
+
+    from bench.harness import ServiceProcess, pct
+    with ServiceProcess("face", {"face": {"intra_op_threads": 1}}) as svc:
+        stub = face_pb2_grpc.FaceServiceStub(svc.channel())
+        ...
+        rss = svc.peak_rss_mb()
+
+Scripts run from the repository root as modules (``.venv/bin/python -m bench.face_bench``), so
+they import ``services`` and ``bench`` like any other code. A service is started the way an
+operator starts it (``biogate --config FILE serve NAME``) on free loopback ports with a temporary
+data directory and the repository's model cache, and is SERVING (grpc.health.v1) before
+``start`` returns: the figures never include model loading.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+MODEL_CACHE = ROOT / "var" / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values_s, q: float) -> float:
+    """The q-th percentile of durations given in seconds, in milliseconds (nan when empty)."""
+    values = np.asarray(list(values_s), dtype=np.float64)
+    return float(np.percentile(values * 1000.0, q)) if values.size else float("nan")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a live process, from /proc."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def gpu_name() -> str | None:
+    """The first NVIDIA GPU's name, or None where there is none (the CPU development machines)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
+def machine() -> dict[str, Any]:
+    """What a figure was measured on: CPU model, cores, load at the time, GPU if any."""
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": dt.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
+            "load_1min": round(os.getloadavg()[0], 2), "gpu": gpu_name(), "python": platform.python_version()}
+
+
+def machine_line(m: dict[str, Any] | None = None) -> str:
+    m = m or machine()
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    return f"{m['date']}, {m['cores']} shared cores ({m['cpu']}){gpu}, load average {m['load_1min']:.1f}"
+
+
+def command_line() -> str:
+    """How the running benchmark was invoked, as someone would type it."""
+    module = Path(sys.argv[0]).stem
+    return f".venv/bin/python -m bench.{module} " + " ".join(sys.argv[1:])
+
+
+def dev_token(settings, role: str = "dev-all") -> str:
+    return str(json.loads(settings.dev_credentials_file.read_text())[role])
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class ServiceProcess:
+    """One BioGate service in its own process, on free loopback ports, until ``stop``."""
+
+    def __init__(self, service: str, config: dict[str, Any] | None = None, *, data_dir: Path | None = None,
+                 log_level: str = "WARNING", timeout_s: float = 600.0) -> None:
+        self.service = service
+        self._tmp = None if data_dir is not None else tempfile.TemporaryDirectory(prefix=f"bench-{service}-")
+        self.dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.port = free_port()
+        base = {
+            "data_dir": str(self.dir / "data"),
+            "server": {service: {"host": "127.0.0.1", "port": self.port, "metrics_port": None}},
+            "models": {"cache_dir": str(MODEL_CACHE)},
+            "logging": {"level": log_level},
+        }
+        self.config = _merge(base, config or {})
+        self.config_file = self.dir / "config.yaml"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(yaml.safe_dump(self.config))
+        self.log_file = self.dir / f"{service}.log"
+        self.timeout_s = timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.start_s = float("nan")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def settings(self):
+        from services.common.config import load_config
+
+        return load_config(self.config_file)
+
+    def start(self) -> "ServiceProcess":
+        from services.serve import health_status
+
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "--config", str(self.config_file), "serve", self.service],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.log_file, "w"))
+        while health_status(self.address) != "SERVING":
+            if self.proc.poll() is not None or time.monotonic() - t0 > self.timeout_s:
+                self.stop()
+                raise RuntimeError(f"the {self.service} service did not become SERVING; see {self.log_file}")
+            time.sleep(0.5)
+        self.start_s = time.monotonic() - t0
+        return self
+
+    def token(self, role: str = "dev-all") -> str:
+        return dev_token(self.settings, role)
+
+    def channel(self, role: str = "dev-all"):
+        """A blocking channel carrying the development token of ``role``."""
+        from services.common.client import connect
+
+        return connect(self.address, self.token(role))
+
+    def peak_rss_mb(self) -> float:
+        assert self.proc is not None
+        return peak_rss_mb(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "ServiceProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def write_json(path: str | os.PathLike[str] | None, report: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=1, default=str))
+
+
+def replace_section(heading: str, body: str, *, keep_subsections: bool = False, path: Path = RESULTS) -> None:
+    """Replaces the ``## heading`` section of RESULTS.md with ``body`` (which starts with that
+    heading), or appends it; with ``keep_subsections`` its ``###`` subsections stay."""
+    text = path.read_text()
+    marker = f"## {heading}\n"
+    start = text.find(marker)
+    if start == -1:
+        path.write_text(text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n")
+        return
+    end = text.find("\n## ", start + len(marker))
+    end = len(text) if end == -1 else end + 1
+    if keep_subsections:
+        sub = text.find("\n### ", start, end)
+        if sub != -1:
+            end = sub + 1
+    path.write_text(text[:start] + body.rstrip("\n") + "\n\n" + text[end:].lstrip("\n"))
