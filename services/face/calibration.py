@@ -12,12 +12,14 @@ import threading
 import time
 from pathlib import Path
 
-from services.common.models.calibration import CalibrationRecord
+from services.common.models.calibration import CalibrationRecord, OperatingPointError
 from services.common.models.manifest import load_manifest
 
 
 class NotCalibrated(LookupError):
-    pass
+    def __init__(self, message: str, reason: str = "MODEL_NOT_CALIBRATED") -> None:
+        super().__init__(message)
+        self.reason = reason  # OPERATING_POINT_MISSING / _UNSUPPORTED for a point the record cannot back
 
 
 class Calibrations:
@@ -56,9 +58,9 @@ class Calibrations:
         if rec is None:
             raise NotCalibrated(f"model {model_id} has no calibration for channel {self.channel!r}")
         try:
-            return float(rec.threshold(target))
-        except KeyError as err:
-            raise NotCalibrated(str(err.args[0])) from None
+            return float(rec.threshold(target, model=model_id, channel=self.channel))
+        except OperatingPointError as err:
+            raise NotCalibrated(str(err), err.reason) from None
 
     def llr(self, model_id: str, score: float) -> float:
         """The calibrated natural-log LLR of ``score``; 0.0 (no evidence) without an LLR map."""

@@ -110,6 +110,7 @@ def definition(settings: Settings) -> ServiceDefinition:
 
     def warm_up() -> None:
         details: dict[str, str] = {}
+        service.check_operating_points()
         pipeline = load_pipeline(rt, details)
         cfg = settings.face
         models = [cfg.detector, cfg.embedder, *(cfg.liveness if pipeline.liveness is not None else [])]

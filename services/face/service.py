@@ -116,10 +116,20 @@ class FaceService:
         try:
             return self.calibrations.threshold(self.model_id, target)
         except NotCalibrated as err:
-            raise errors.failed_precondition(
-                f"{err}; run `biogate eval` and `biogate calibrate --model {self.model_id}` first",
-                "MODEL_NOT_CALIBRATED",
-            ) from None
+            hint = f"; run `biogate eval` and `biogate calibrate --model {self.model_id}` first"
+            raise errors.failed_precondition(f"{err}{hint if err.reason == 'MODEL_NOT_CALIBRATED' else ''}",
+                                             err.reason) from None
+
+    def check_operating_points(self) -> None:
+        """The service does not start on a default operating point its calibration marks unsupported."""
+        checks = [("face.target_fmr", self.model_id, self.cfg.target_fmr)]
+        checks += [("face.liveness_target_apcer", m, self.cfg.liveness_target_apcer) for m in self.cfg.liveness[:1]]
+        for setting, model, target in checks:
+            try:
+                self.calibrations.threshold(model, target)
+            except NotCalibrated as err:
+                if err.reason == "OPERATING_POINT_UNSUPPORTED":
+                    raise RuntimeError(f"{setting} = {target:g}: {err}") from None
 
     def live_threshold(self) -> float:
         if self._pipeline().liveness is None:
@@ -130,7 +140,8 @@ class FaceService:
         try:
             return self.calibrations.threshold(self.cfg.liveness[0], self.cfg.liveness_target_apcer)
         except NotCalibrated as err:
-            raise errors.failed_precondition(f"liveness: {err}", "LIVENESS_NOT_CALIBRATED") from None
+            reason = "LIVENESS_NOT_CALIBRATED" if err.reason == "MODEL_NOT_CALIBRATED" else err.reason
+            raise errors.failed_precondition(f"liveness: {err}", reason) from None
 
     @staticmethod
     def _image_bytes(image: common_pb2.Image, field: str) -> bytes:

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from services.common.models.calibration import CalibrationRecord
+from services.common.models.calibration import CalibrationRecord, OperatingPointError
 from services.common.models.manifest import load_manifest
 
 
@@ -21,7 +21,9 @@ log = logging.getLogger("biogate.voice")
 
 
 class NotCalibrated(LookupError):
-    pass
+    def __init__(self, message: str, reason: str = "MODEL_NOT_CALIBRATED") -> None:
+        super().__init__(message)
+        self.reason = reason  # OPERATING_POINT_MISSING / _UNSUPPORTED for a point the record cannot back
 
 
 class ManifestCalibrations:
@@ -65,9 +67,9 @@ class ManifestCalibrations:
 
     def threshold(self, model_id: str, channel: str, target: float, score: str | None = None) -> float:
         try:
-            return float(self.record(model_id, channel, score).threshold(target))
-        except KeyError as err:
-            raise NotCalibrated(f"{model_id} [{channel}]: {err.args[0]}") from None
+            return float(self.record(model_id, channel, score).threshold(target, model=model_id, channel=channel))
+        except OperatingPointError as err:
+            raise NotCalibrated(str(err), err.reason) from None
 
     def llr(self, model_id: str, channel: str, value: float, score: str | None = None) -> float:
         """Natural-log LLR of ``value``; 0.0 (no evidence) when the record has no LLR map."""

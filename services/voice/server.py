@@ -37,6 +37,7 @@ from services.common.storage import (
 from services.common.validation import subject_ref
 
 from . import replay
+from .calibration import NotCalibrated
 from .engine import VoiceEngine, channel_target_fmr
 from .ingest import AudioError, AudioFormat, Encoding
 from .pipeline import PreparedAudio, VoiceStream
@@ -304,8 +305,11 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         template = self._template(tenant, subject, family)
         target_fmr, synthetic_on = self._policy(tenant, family)
         probe = eng.embed([prepared])[0]
-        score, threshold, llr, _ = eng.compare(template, probe, family, target_fmr)
-        synthetic = eng.synthetic_check(prepared, family, synthetic_on)
+        try:
+            score, threshold, llr, _ = eng.compare(template, probe, family, target_fmr)
+            synthetic = eng.synthetic_check(prepared, family, synthetic_on)
+        except NotCalibrated as err:  # e.g. a re-calibration marked the point unsupported
+            raise errors.failed_precondition(str(err), err.reason) from None
         fp = replay.fingerprint(prepared.samples)
         similarity = eng.replay.best_match(tenant, subject, fp)
         replayed = eng.replay.is_replay(similarity)
