@@ -22,6 +22,7 @@ from services.common import errors, subjects
 from services.common.api.v1 import common_pb2, face_pb2
 from services.common.config import FaceConfig, FaceTenantPolicy
 from services.common.modality.calibration import Calibrations, NotCalibrated
+from services.common.models.calibration import UNSUPPORTED
 from services.common.modality.challenges import Challenges, nonce_field
 from services.common.modality.readiness import ReadinessGate
 from services.common.modality.reasons import message, reason, refusal
@@ -66,6 +67,7 @@ class FaceService:
     def warm_up(self) -> dict[str, str]:
         """Load and run the configured models, then open the gate; -> the health details."""
         cfg = self.cfg
+        self.check_operating_points()
         details: dict[str, str] = {}
         pipeline = load_pipeline(self.rt.models, cfg, self.rt.settings.models.providers, details)
         details["models"] = ",".join([cfg.detector, cfg.embedder, *(cfg.liveness if pipeline.liveness is not None else [])])
@@ -106,6 +108,18 @@ class FaceService:
 
     def threshold(self, tenant: str) -> float:
         return self._threshold(self.model_id, self.policy(tenant).target_fmr or self.cfg.target_fmr, EMBEDDER_SCORE)
+
+    def check_operating_points(self) -> None:
+        """The service does not start on a default operating point its calibration marks unsupported."""
+        checks = [("face.target_fmr", self.model_id, self.cfg.target_fmr, EMBEDDER_SCORE)]
+        checks += [("face.liveness_target_apcer", m, self.cfg.liveness_target_apcer, LIVENESS_SCORE)
+                   for m in self.cfg.liveness[:1]]
+        for setting, model, target, score in checks:
+            try:
+                self._threshold(model, target, score)
+            except NotCalibrated as err:
+                if err.reason == UNSUPPORTED:
+                    raise RuntimeError(f"{setting} = {target:g}: {err.message}") from None
 
     def _llr(self, score: float) -> float | None:
         return self.calibrations.llr(self.model_id, self.cfg.calibration_channel, score, EMBEDDER_SCORE)

@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from services.common.batching import MicroBatcher
 from services.common.config import Settings, VoiceConfig
-from services.common.modality.calibration import Calibrations
+from services.common.modality.calibration import Calibrations, NotCalibrated
 from services.common.models import ModelStore
 
 from . import cohort as cohort_mod
@@ -193,15 +193,23 @@ class VoiceEngine:
     # -- warm-up -------------------------------------------------------------------------------
 
     def check_calibrations(self) -> None:
-        """Every channel family has a threshold for the configured operating points (else raises)."""
+        """Every channel family has a supported threshold for the configured operating points (else
+        raises, naming the setting)."""
         for family in cohort_mod.FAMILIES:
             channel = self.calibration_channel(family)
-            self.calibrations.threshold(self.model_id, channel, channel_target_fmr(self.cfg, family), self.score_name)
-            for target in {t.target_fmr for t in self.cfg.tenants.values() if t.target_fmr}:
-                self.calibrations.threshold(self.model_id, channel, target, self.score_name)
+            by_channel = family in self.cfg.target_fmr_by_channel
+            setting = f"voice.target_fmr_by_channel.{family}" if by_channel else "voice.target_fmr"
+            checks = [(setting, self.model_id, channel_target_fmr(self.cfg, family), self.score_name)]
+            checks += [(f"voice.tenants.{t}.target_fmr", self.model_id, p.target_fmr, self.score_name)
+                       for t, p in self.cfg.tenants.items() if p.target_fmr]
             if self.antispoof_id:
-                self.calibrations.threshold(self.antispoof_id, channel, self.cfg.antispoof_target_apcer,
-                                            self.pad_score_names[family])
+                checks.append(("voice.antispoof_target_apcer", self.antispoof_id, self.cfg.antispoof_target_apcer,
+                               self.pad_score_names[family]))
+            for setting, model, target, score in checks:
+                try:
+                    self.calibrations.threshold(model, channel, target, score)
+                except NotCalibrated as err:
+                    raise NotCalibrated(f"{setting} = {target:g}: {err.message}", err.reason) from None
 
     def warmup(self) -> None:
         self.pipeline.warmup()

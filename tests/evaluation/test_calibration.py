@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.common.evaluation import calibration as cal
-from services.common.models.calibration import CalibrationRecord
+from services.common.models.calibration import CalibrationRecord, OperatingPointError, llr_caps, trials_needed
 
 LOG2 = math.log(2.0)
 
@@ -82,18 +82,20 @@ def test_logistic_on_identical_scores_carries_no_evidence():
 
 
 def test_pav_hand_case():
-    # Sorted: .2(i) .3(g) .4(i) .5(i) .6(g) .8(g); PAV pools {.3,.4,.5}: 1 genuine of 3,
-    # 2 impostors of 3 -> LLR log(1/2). Pure bins clip to -log(3 + 1) and +log(3 + 1).
-    m = cal.fit_pav([0.3, 0.6, 0.8], [0.2, 0.4, 0.5])
+    # Sorted: .05 .1 .2 (i) .3 (g) .4 .5 .55 (i) .6 .8 .85 .9 .95 (g); PAV pools {.3, .4, .5, .55}:
+    # 1 genuine of 4, LLR log(1/3). Pure bins would be infinite. Six trials a class support no more
+    # than ln(6 / 3) either way, so every LLR is clipped to +-log(2), the pooled bin included.
+    m = cal.fit_pav([0.3, 0.6, 0.8, 0.85, 0.9, 0.95], [0.05, 0.1, 0.2, 0.4, 0.5, 0.55])
     assert m["kind"] == "pav"
-    assert m["scores"] == [0.2, 0.3, 0.5, 0.6, 0.8]  # 0.4 lies inside a flat run
-    assert m["llrs"] == pytest.approx(
-        [-math.log(4), -LOG2, -LOG2, math.log(4), math.log(4)]
-    )
+    assert m["scores"] == [0.05, 0.55, 0.6, 0.95]  # points inside flat runs dropped
+    assert m["llrs"] == pytest.approx([-LOG2, -LOG2, LOG2, LOG2])
     assert cal.apply_llr(m, 0.4) == pytest.approx(-LOG2)
-    assert cal.apply_llr(m, 0.55) == pytest.approx((-LOG2 + math.log(4)) / 2)
-    assert cal.apply_llr(m, -10.0) == pytest.approx(-math.log(4))
-    assert cal.apply_llr(m, 10.0) == pytest.approx(math.log(4))
+    assert cal.apply_llr(m, 0.575) == pytest.approx(0.0)
+    assert cal.apply_llr(m, -10.0) == pytest.approx(-LOG2)
+    assert cal.apply_llr(m, 10.0) == pytest.approx(LOG2)
+    # With three trials a class the data support no evidence at all.
+    flat = cal.fit_pav([0.3, 0.6, 0.8], [0.2, 0.4, 0.5])
+    assert flat["llrs"] == [0.0, 0.0] and flat["scores"] == [0.2, 0.8]
 
 
 def test_pav_is_monotone_and_near_zero_where_classes_overlap_evenly():
@@ -182,15 +184,22 @@ def test_calibration_record_matches_the_manifest_schema():
         g, i, target_fmrs=[1e-2, 1e-3], dataset="synthetic", genuine_failures=4,
         date=dt.date(2025, 1, 31),
     )
-    assert rec["trials"] == {"genuine": 404, "impostor": 1000}
+    assert rec["trials"] == {"genuine": 404, "impostor": 1000} and rec["rate"] == "FMR"
     assert rec["date"] == "2025-01-31"
     assert rec["tool_version"].startswith("biogate calibrate ")
-    p = rec["operating_points"][0]
+    p, p3 = rec["operating_points"]
     assert p["target_fmr"] == 0.01 and p["fmr"] <= 0.01
     assert p["threshold"] == np.nextafter(np.sort(i)[-11], np.inf)
     assert p["fnmr"] == pytest.approx((np.count_nonzero(g < p["threshold"]) + 4) / 404)
+    assert p["trials"] == rec["trials"] and p["supported"] is True and "why" not in p
+    assert p3["supported"] is False
+    assert p3["why"] == "FMR 1e-3 needs >= 3,000 impostor trials, the calibration has 1,000"
+    assert (rec["llr"]["min_llr"], rec["llr"]["max_llr"]) == llr_caps(400, 1000)
     parsed = CalibrationRecord.model_validate(rec)
-    assert parsed.threshold(1e-3) == cal.threshold_for(rec, 1e-3)
+    assert parsed.threshold(1e-2) == cal.threshold_for(rec, 1e-2)
+    with pytest.raises(OperatingPointError, match="FMR 1e-3 needs >= 3,000") as err:
+        parsed.threshold(1e-3)
+    assert err.value.reason == "OPERATING_POINT_UNSUPPORTED"
     assert parsed.llr.llr(0.3) == pytest.approx(cal.apply_llr(rec, 0.3))
     pav = cal.calibration_record(g, i, target_fmrs=[1e-2], dataset="s", llr_kind="pav")
     assert CalibrationRecord.model_validate(pav).llr.llr(0.3) == pytest.approx(
@@ -213,7 +222,11 @@ def test_pad_calibration_record_uses_apcer_max():
     assert p["threshold"] == np.nextafter(0.4, 1.0)  # replay: one of two may pass
     assert p["fmr"] == 0.5 and p["fnmr"] == 0.0
     assert rec["trials"] == {"genuine": 4, "impostor": 6} and "llr" not in rec
+    assert rec["rate"] == "APCER" and p["supported"] is True  # 6 attacks support APCER 0.5 (3 / 0.5)
     CalibrationRecord.model_validate(rec)
+    (few,) = cal.calibration_record([0.9], {"print": [0.1, 0.2]}, target_fmrs=[0.5], dataset="pad",
+                                    llr_kind=None)["operating_points"]
+    assert few["why"] == "APCER 5e-1 needs >= 6 attack presentations, the calibration has 2"
 
 
 @pytest.mark.parametrize("kind", ["logistic", "pav"])
@@ -225,3 +238,80 @@ def test_calibration_record_refuses_scores_without_evidence(kind):
             cal.calibration_record(
                 [0.1, 0.2], [0.8, 0.9], target_fmrs=[0.5], dataset="x", llr_kind=kind
             )
+
+
+# ---------------------------------------------------------------- support (rule of three)
+
+
+@pytest.mark.parametrize("target, needed", [(1e-2, 300), (1e-3, 3000), (1e-4, 30000), (5e-2, 60), (0.5, 6)])
+def test_support_needs_three_over_the_target_trials_exactly(target, needed):
+    assert trials_needed(target) == needed
+    rng = np.random.default_rng(1)
+    g = rng.normal(1.0, 1.0, 50)
+    at = cal.calibration_record(g, rng.normal(-1.0, 1.0, needed), target_fmrs=[target], dataset="x")
+    below = cal.calibration_record(g, rng.normal(-1.0, 1.0, needed - 1), target_fmrs=[target], dataset="x")
+    (p_at,), (p_below,) = at["operating_points"], below["operating_points"]
+    assert p_at["supported"] is True and p_at["trials"]["impostor"] == needed
+    assert p_below["supported"] is False and p_below["trials"]["impostor"] == needed - 1
+    assert f"needs >= {needed:,} impostor trials, the calibration has {needed - 1:,}" in p_below["why"]
+    assert CalibrationRecord.model_validate(at).threshold(target) == p_at["threshold"]
+    with pytest.raises(OperatingPointError) as err:
+        CalibrationRecord.model_validate(below).threshold(target)
+    assert err.value.reason == "OPERATING_POINT_UNSUPPORTED" and isinstance(err.value, LookupError)
+
+
+def test_a_record_cannot_claim_support_its_counts_do_not_give():
+    rec = cal.calibration_record(*gaussian_scores(50, 2999), target_fmrs=[1e-3], dataset="x")
+    rec["operating_points"][0] |= {"supported": True}
+    with pytest.raises(ValueError, match="marked supported but was measured on 2,999"):
+        CalibrationRecord.model_validate(rec)
+    rec["operating_points"][0] |= {"supported": False, "why": None}
+    with pytest.raises(ValueError, match="unsupported: say why"):
+        CalibrationRecord.model_validate(rec)
+    rec["operating_points"][0] |= {"why": "x", "trials": {"genuine": 50, "impostor": 5000}}
+    with pytest.raises(ValueError, match="counts more trials than the record"):
+        CalibrationRecord.model_validate(rec)
+
+
+# ---------------------------------------------------------------- LLRs capped by the data
+
+
+def separable(n_gen: int, n_imp: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.6, 0.9, n_gen), rng.uniform(0.0, 0.3, n_imp)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "pav"])
+@pytest.mark.parametrize("n_gen, n_imp", [(300, 3000), (40, 12), (1000, 1000)])
+def test_llr_never_exceeds_what_the_trials_support_even_on_separable_scores(kind, n_gen, n_imp):
+    g, i = separable(n_gen, n_imp)
+    rec = cal.calibration_record(g, i, target_fmrs=[0.5], dataset="x", llr_kind=kind)
+    grid = np.linspace(-5.0, 5.0, 2001)
+    for llr in (cal.apply_llr(rec, grid), CalibrationRecord.model_validate(rec).llr.llr(grid)):
+        assert llr.max() == pytest.approx(math.log(n_imp / 3))  # reached: the classes are separable
+        assert llr.min() == pytest.approx(-math.log(n_gen / 3))
+        assert np.all(np.diff(llr) >= 0)
+
+
+def test_the_logistic_fit_stays_finite_on_separable_scores():
+    # Platt's smoothed targets: in-sample LLRs near +-ln(N + 1) of each class, not running off to
+    # infinity as with hard 0/1 labels (which fit a step: slope without bound).
+    for n_gen, n_imp in ((300, 3000), (1000, 1000), (30, 30)):
+        g, i = separable(n_gen, n_imp, seed=n_gen)
+        m = cal.fit_logistic(g, i)
+        assert 0 < m["a"] < 100
+        assert cal.apply_llr(m, g.mean()) == pytest.approx(math.log(n_gen + 1), abs=2.0)
+        assert cal.apply_llr(m, i.mean()) == pytest.approx(-math.log(n_imp + 1), abs=2.0)
+        # Wider gaps between the classes change the fit little: no saturation.
+        wide = cal.fit_logistic(g + 1.0, i)
+        assert cal.apply_llr(wide, g.mean() + 1.0) == pytest.approx(math.log(n_gen + 1), abs=2.5)
+
+
+def test_a_record_cannot_cap_above_its_data():
+    rec = cal.calibration_record(*gaussian_scores(300, 3000), target_fmrs=[1e-2], dataset="x")
+    rec["llr"]["max_llr"] = math.log(3000 / 3) + 0.01
+    with pytest.raises(ValueError, match=r"max_llr must be at most ln\(3000 / 3\)"):
+        CalibrationRecord.model_validate(rec)
+    rec["llr"] |= {"max_llr": 1.0, "min_llr": -math.log(300 / 3) - 0.01}
+    with pytest.raises(ValueError, match=r"min_llr must be at least -ln\(300 / 3\)"):
+        CalibrationRecord.model_validate(rec)

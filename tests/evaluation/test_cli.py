@@ -137,14 +137,25 @@ def test_eval_trials_csv_and_pad(settings, synthetic_scorers, tmp_path: Path, ca
     assert report["config"]["score"] == "p_live"
     assert report["non_response"]["bpnrr"]["failures"] == 1
 
-    args = parse(["calibrate", str(tmp_path / "pad" / "scores.json"), "--llr", "none",
-                  "--out", str(tmp_path / "pad-record.json"), "--notes", "APCER 5 %: the service's target"])
+    # 44 scored attacks support neither APCER 5 % (60 needed) nor 1 % (300): refused, nothing written ...
+    calibrate = ["calibrate", str(tmp_path / "pad" / "scores.json"), "--llr", "none",
+                 "--out", str(tmp_path / "pad-record.json"), "--notes", "APCER 5 %: the service's target"]
+    args = parse(calibrate)
+    with pytest.raises(cli.UnsupportedTargets, match="nothing written: APCER 5e-2 needs >= 60 attack presentations"
+                                                     ", the calibration has 44; APCER 1e-2 needs >= 300"):
+        args.func(settings, args)
+    assert not (tmp_path / "pad-record.json").exists()
+    assert "APCER 5e-2: threshold" in capsys.readouterr().out
+    # ... unless asked to keep them, marked.
+    args = parse([*calibrate, "--keep-unsupported"])
     assert args.func(settings, args) == 0
     record = json.loads((tmp_path / "pad-record.json").read_text())
     assert [p["target_fmr"] for p in record["operating_points"]] == [0.05, 0.01]
+    assert [p["supported"] for p in record["operating_points"]] == [False, False]
+    assert record["rate"] == "APCER" and record["trials"] == {"genuine": 29, "impostor": 44}
     assert record["score"] == "p_live" and "llr" not in record
     assert record["notes"] == "APCER 5 %: the service's target"
-    assert "UNSUPPORTED: needs >= 60" in capsys.readouterr().out
+    assert "UNSUPPORTED: APCER 5e-2 needs >= 60" in capsys.readouterr().out
 
 
 def test_eval_rejects_all_pairs_for_pad(settings, synthetic_scorers):
@@ -163,4 +174,54 @@ def test_calibrate_rejects_other_json(settings, tmp_path: Path):
     (tmp_path / "x.json").write_text('{"hello": 1}')
     args = parse(["calibrate", str(tmp_path / "x.json")])
     with pytest.raises(ValueError, match="not a scores or report file"):
+        args.func(settings, args)
+
+
+def test_calibrate_refusing_an_unsupported_target_exits_non_zero_and_leaves_the_manifest(
+        settings, synthetic_scorers, tmp_path: Path, capsys, monkeypatch):
+    from services.cli import main
+
+    world = tmp_path / "world"
+    build_world(world, n_ids=8, per_id=5)  # 700 impostor pairs: FMR 1e-2 needs 300, 1e-3 needs 3,000
+    args = parse(["eval", "--modality", "face", "--all-pairs", "--fixtures", str(world), "--out", str(tmp_path / "e")])
+    assert args.func(settings, args) == 0
+    model_id = ModelStore(settings).manifest.models[0].id
+    before = Path(settings.models.manifest).read_text()
+    argv = ["calibrate", str(tmp_path / "e" / "report.json"), "--model", model_id, "--channel", "selfie",
+            "--target-fmr", "0.01", "0.001"]
+    capsys.readouterr()
+    monkeypatch.setenv("BIOGATE_MODELS__MANIFEST", str(settings.models.manifest))
+    monkeypatch.setenv("BIOGATE_DATA_DIR", str(settings.data_dir))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "nothing written: FMR 1e-3 needs >= 3,000 impostor trials, the calibration has 700" in err
+    assert "--keep-unsupported" in err
+    assert Path(settings.models.manifest).read_text() == before
+    assert main([*argv, "--keep-unsupported"]) == 0
+    stored = ModelStore(settings).model(model_id).calibration["selfie"]
+    assert [(p.target_fmr, p.supported) for p in stored.operating_points] == [(0.01, True), (0.001, False)]
+    assert stored.point(0.001).trials.impostor == 700
+
+
+def test_eval_all_pairs_of_a_people_list_split_by_name_parity(settings, synthetic_scorers, tmp_path: Path):
+    from services.common.evaluation.trials import read_trials
+
+    world = tmp_path / "world"
+    build_world(world, n_ids=8, per_id=5)  # MANIFEST.csv has the path and identity columns of a people list
+    runs = {}
+    for part in ("even", "odd"):
+        out = tmp_path / part
+        args = parse(["eval", "--modality", "face", "--all-pairs", "MANIFEST.csv", "--people", part,
+                      "--fixtures", str(world), "--out", str(out)])
+        assert args.func(settings, args) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["counts"] == report["counts"] | {"trials": 190, "genuine": 40, "impostor": 150}
+        assert report["config"]["people"] == part and f"people at {part} positions" in report["config"]["dataset"]
+        trials = read_trials(out / "trials.csv", world)  # the generated list, as a trials CSV
+        assert len(trials) == 190
+        runs[part] = {t.enroll_identity for t in trials} | {t.probe_identity for t in trials}
+    assert runs == {"even": {"id0", "id2", "id4", "id6"}, "odd": {"id1", "id3", "id5", "id7"}}
+
+    args = parse(["eval", "--modality", "face", "--people", "odd", "--fixtures", str(world)])
+    with pytest.raises(ValueError, match="--people splits an --all-pairs list"):
         args.func(settings, args)

@@ -21,6 +21,7 @@ from services.common.models import (
     load_manifest,
 )
 from services.common.config import PROJECT_ROOT
+from services.common.models.calibration import OperatingPointError, llr_caps
 from services.common.models.manifest import parse_manifest
 
 MANIFEST = PROJECT_ROOT / "models" / "manifest.yaml"
@@ -161,8 +162,9 @@ def test_calibration_record_maps_and_thresholds():
     record = CalibrationRecord.model_validate(RECORD)
     assert record.threshold(0.001) == 0.41
     assert record.date == dt.date(2026, 11, 22)
-    with pytest.raises(KeyError, match="no operating point for target FMR 0.01"):
+    with pytest.raises(OperatingPointError, match="no operating point for FMR 1e-2 .calibrated: 1e-3, 1e-4.") as err:
         record.threshold(0.01)
+    assert err.value.reason == "OPERATING_POINT_MISSING"
     assert np.allclose(record.llr.llr([0.0, 0.4]), [-5.0, 0.0])
     pav = CalibrationRecord.model_validate(
         {**RECORD, "llr": {"kind": "pav", "scores": [0.0, 0.5, 1.0], "llrs": [-4.0, 0.0, 4.0]}}
@@ -248,3 +250,62 @@ def test_calibrate_keeps_comments_and_blank_lines_around_the_records(tmp_path: P
     text = calibrate("telephone", None)
     assert text == start
     assert set(load_manifest(manifest_copy).model(model_id).calibration) == {"mobile-selfie"}
+
+
+# ---------------------------------------------------------------- support flags and LLR caps
+OLD_RECORD = {  # as `biogate calibrate` wrote records before per-point counts, support and caps
+    "dataset": "fixtures/MANIFEST.csv all pairs (face)",
+    "trials": {"genuine": 100, "impostor": 1791},
+    "operating_points": [
+        {"target_fmr": 0.01, "threshold": 0.3456, "fmr": 0.0095, "fnmr": 0.0},
+        {"target_fmr": 0.001, "threshold": 0.4082, "fmr": 0.00056, "fnmr": 0.0},
+    ],
+    "llr": {"kind": "logistic", "a": 62.6, "b": -26.1},
+    "score": "cosine",
+    "date": "2026-11-23",
+    "tool_version": "biogate calibrate 0.1.0",
+    "notes": "",
+}
+
+
+def test_old_records_load_with_their_points_marked_and_their_llrs_capped():
+    record = CalibrationRecord.model_validate(OLD_RECORD)
+    p2, p3 = record.operating_points
+    assert p2.trials == p3.trials == record.trials  # measured on all of the record's trials
+    assert (p2.supported, p2.why) == (True, None)
+    assert (p3.supported, p3.why) == (False, "FMR 1e-3 needs >= 3,000 impostor trials, the calibration has 1,791")
+    assert (record.llr.min_llr, record.llr.max_llr) == llr_caps(100, 1791)
+    assert record.llr.llr(0.9) == pytest.approx(np.log(1791 / 3))  # 30.3 uncapped
+    assert record.llr.llr(0.0) == pytest.approx(-np.log(100 / 3))
+    assert record.threshold(0.01, model="m", channel="c") == 0.3456
+    with pytest.raises(OperatingPointError) as err:
+        record.threshold(0.001, model="mobilefacenet-arcface-192d", channel="default")
+    assert err.value.reason == "OPERATING_POINT_UNSUPPORTED" and err.value.target == 0.001
+    assert str(err.value) == ("mobilefacenet-arcface-192d [default]: FMR 1e-3 needs >= 3,000 impostor trials, "
+                              "the calibration has 1,791; re-calibrate on more data or choose 1e-2")
+    # Written back, the record states all of it.
+    dumped = record.model_dump(mode="json", exclude_none=True)
+    assert dumped["operating_points"][1] | {"threshold": 0} == {
+        "target_fmr": 0.001, "threshold": 0, "fmr": 0.00056, "fnmr": 0.0, "trials": {"genuine": 100, "impostor": 1791},
+        "supported": False, "why": "FMR 1e-3 needs >= 3,000 impostor trials, the calibration has 1,791"}
+    assert CalibrationRecord.model_validate(dumped) == record
+
+
+def test_every_record_of_the_project_manifest_states_its_support_and_caps():
+    """The manifest's records were migrated: each point names its trials and support, each LLR map
+    its caps, each PAD record its rate (written, not only derived on load)."""
+    raw = raw_manifest()
+    seen = {}
+    for m in raw["models"]:
+        for channel, rec in (m.get("calibration") or {}).items():
+            pad = m["role"] in ("face_liveness", "voice_antispoof")
+            assert rec["rate"] == ("APCER" if pad else "FMR"), (m["id"], channel)
+            assert (rec["llr"]["min_llr"], rec["llr"]["max_llr"]) == pytest.approx(
+                llr_caps(rec["trials"]["genuine"], rec["trials"]["impostor"]), abs=0.05)
+            for p in rec["operating_points"]:
+                assert {"trials", "supported"} <= set(p), (m["id"], channel, p)
+                seen[(m["id"], channel, p["target_fmr"])] = p["supported"]
+    assert seen[("minifasnet-v2-2.7", "default", 0.05)] and not seen[("minifasnet-v2-2.7", "default", 0.01)]
+    assert seen[("aasist", "wideband", 0.01)] and seen[("aasist", "telephony-8k", 0.05)]  # 320 attacks
+    assert seen[("ecapa-voxceleb", "wideband", 0.001)] and not seen[("ecapa-voxceleb", "telephony-8k", 0.0001)]
+    assert seen[("mobilefacenet-arcface-192d", "default", 0.001)]

@@ -30,21 +30,27 @@ from services.face.challenge import BETWEEN, MOVES, NEUTRAL
 from services.voice.ingest import Encoding
 from tests.conftest import ServiceHarness, make_settings
 
-SCANNED = ("services/face", "services/voice", "services/common/modality")
+SCANNED = ("services/face", "services/voice", "services/common/modality", "services/common/models/calibration.py")
 CODE = re.compile(r"^[A-Z][A-Z0-9]+(_[A-Z0-9]+)*$")  # two characters at least
 # Upper-case literals of the scanned code that are not reason codes: formats and their subtypes,
 # head moves and pose labels, environment variables, a log level.
 NOT_REASONS = ({e.value for e in Encoding} | set(MOVES) | {NEUTRAL, BETWEEN} | {
     "ULAW", "PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE", "HQ",  # soundfile / soxr
     "JPEG", "PNG", "WEBP", "RGB", "RGBA", "LA", "PA",  # Pillow image formats and modes
-    "HF_HUB_OFFLINE", "BIOGATE_EVAL_MFA_TARGET", "BIOGATE_EVAL_TOKEN", "FATAL"})
+    "HF_HUB_OFFLINE", "BIOGATE_EVAL_MFA_TARGET", "BIOGATE_EVAL_TOKEN", "FATAL",
+    "FMR", "APCER"})  # the error rate a calibration record names
+
+
+def _files(place: str) -> list[Path]:
+    path = PROJECT_ROOT / place
+    return [path] if path.is_file() else sorted(path.rglob("*.py"))
 
 
 def _literals() -> dict[str, set[str]]:
     """Every upper-case string literal of the scanned packages (but the catalogue) -> its files."""
     found: dict[str, set[str]] = {}
     for folder in SCANNED:
-        for path in sorted((PROJECT_ROOT / folder).rglob("*.py")):
+        for path in _files(folder):
             if path == PROJECT_ROOT / "services/common/modality/reasons.py":
                 continue
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -68,7 +74,7 @@ def test_refusals_and_reasons_are_drawn_from_the_catalogue_only():
     """No status or reason is built by hand in face, voice or the kit: the catalogue decides both."""
     hand_built = []
     for folder in SCANNED:
-        for path in sorted((PROJECT_ROOT / folder).rglob("*.py")):
+        for path in _files(folder):
             if path.name == "reasons.py":
                 continue
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -185,8 +191,10 @@ def test_calibration_reader_follows_the_file_and_claims_no_evidence_without_an_l
     assert cal.llr(model, "default", 0.5, "cosine") == pytest.approx(float(record.llr.llr(0.5)))
     store.update_calibration(model, "default", record.model_copy(update={"llr": None}))
     assert cal.llr(model, "default", 0.5, "cosine") is None
-    for call in (lambda: cal.threshold(model, "default", 0.2),  # no such operating point
-                 lambda: cal.threshold(model, "default", 1e-3, "asnorm50:0123"),  # another score
+    # no such operating point: the record's own reason is passed on
+    assert _refused(lambda: cal.threshold(model, "default", 0.2)) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                                                     "OPERATING_POINT_MISSING")
+    for call in (lambda: cal.threshold(model, "default", 1e-3, "asnorm50:0123"),  # another score
                  lambda: cal.threshold(model, "telephony-8k", 1e-3)):  # no record for the channel
         assert _refused(call) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_NOT_CALIBRATED")
     with pytest.raises(LookupError):  # and still a LookupError, for callers that fall back

@@ -5,20 +5,26 @@ section (``services.common.models.calibration.CalibrationRecord``, one per model
 
     {
       "dataset": "fixtures/trials_face.csv",
+      "rate": "FMR",                            # "APCER" for presentation-attack detectors
       "trials": {"genuine": 100, "impostor": 157},
       "operating_points": [                     # accept when score >= threshold
-        {"target_fmr": 0.001, "threshold": 0.4123, "fmr": 0.0, "fnmr": 0.03},
+        {"target_fmr": 0.01, "threshold": 0.4123, "fmr": 0.0064, "fnmr": 0.03,
+         "trials": {"genuine": 100, "impostor": 157},        # what the point was measured on
+         "supported": False,                                 # rule of three: >= ceil(3 / target)
+         "why": "FMR 1e-2 needs >= 300 impostor trials, the calibration has 157"},
       ],
-      "llr": {"kind": "logistic", "a": 12.1, "b": -4.2},   # LLR = a * score + b, natural log
-          # or {"kind": "pav", "scores": [...], "llrs": [...]}: linear interpolation between the
-          #    table's points, constant beyond its ends
+      "llr": {"kind": "logistic", "a": 12.1, "b": -4.2,     # LLR = a * score + b, natural log,
+              "min_llr": -3.5, "max_llr": 3.96},            # clipped to what the trials support
+          # or {"kind": "pav", "scores": [...], "llrs": [...], ...}: linear interpolation between
+          #    the table's points, constant beyond its ends
       "score": "cosine",
       "date": "2025-01-31",
       "tool_version": "biogate calibrate 0.1.0",
     }
 
 For presentation-attack detectors the same shape holds with FMR read as APCER (the strict
-maximum over attack types) and FNMR as BPCER; "genuine" counts bona fide presentations.
+maximum over attack types) and FNMR as BPCER; "genuine" counts bona fide presentations and
+"impostor" attack presentations (all types pooled, for support too).
 Thresholds follow :mod:`.metrics`: a match is ``score >= threshold``.
 """
 
@@ -31,6 +37,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from services.common.models.calibration import CalibrationRecord, llr_caps, support_gap
 
 from .metrics import FloatArray, as_scores, error_rates, threshold_at_rate
 
@@ -75,23 +83,31 @@ def fit_logistic(
     """Linear LLR map by prior-weighted logistic regression: LLR = a * score + b.
 
     The classes are weighted so that the effective target prior is ``prior``; the prior log odds
-    are then subtracted from the fitted log odds, leaving a likelihood ratio. Scores are
-    standardised before fitting and a weak L2 penalty (``C``) keeps the slope finite when the
-    classes are separable.
+    are then subtracted from the fitted log odds, leaving a likelihood ratio. The targets are
+    Platt's (1999) smoothed labels, (N_genuine + 1) / (N_genuine + 2) and 1 / (N_impostor + 2),
+    instead of 1 and 0: a posterior of exactly 1 or 0 is a claim no finite set of trials makes, and
+    with hard labels separable scores drive the slope towards infinity (every in-sample score then
+    saturates at the largest LLR allowed). With them the optimum is finite even on separable data,
+    and a trial of each class moves it as much as one pseudo-trial does. Scores are standardised
+    before fitting; the L2 penalty ``C`` is weak and only guards the solver.
     """
     g, i = as_scores(genuine, "genuine"), as_scores(impostor, "impostor")
     x = np.concatenate([g, i])
-    y = np.concatenate([np.ones(g.size), np.zeros(i.size)])
     wg, wi = _prior_weights(g.size, i.size, prior)
-    w = np.concatenate([np.full(g.size, wg), np.full(i.size, wi)])
     mu, sd = float(x.mean()), float(x.std())
-    if sd == 0.0:
+    if np.ptp(x) == 0.0:
         # Every score identical: the scores carry no evidence.
         return {"kind": "logistic", "a": 0.0, "b": 0.0}
     from sklearn.linear_model import LogisticRegression  # fitting only: services apply records without it
 
+    # Soft labels as two weighted copies of every trial: (x, 1) with weight w*t and (x, 0) with w*(1-t).
+    tg, ti = (g.size + 1.0) / (g.size + 2.0), 1.0 / (i.size + 2.0)
+    t = np.concatenate([np.full(g.size, tg), np.full(i.size, ti)])
+    w = np.concatenate([np.full(g.size, wg), np.full(i.size, wi)])
+    z = ((x - mu) / sd).reshape(-1, 1)
     model = LogisticRegression(C=C, solver="lbfgs", max_iter=1000)
-    model.fit(((x - mu) / sd).reshape(-1, 1), y, sample_weight=w)
+    model.fit(np.concatenate([z, z]), np.concatenate([np.ones(x.size), np.zeros(x.size)]),
+              sample_weight=np.concatenate([w * t, w * (1.0 - t)]))
     a_z, c_z = float(model.coef_[0, 0]), float(model.intercept_[0])
     a = a_z / sd
     b = c_z - a_z * mu / sd - _logit(prior)
@@ -123,12 +139,13 @@ def fit_pav(genuine: ArrayLike, impostor: ArrayLike, prior: float = 0.5) -> dict
     """Non-parametric LLR map by pool-adjacent-violators (isotonic regression), as a table.
 
     The table keeps the first and last score of every PAV bin. Bins holding one class only would
-    have infinite LLRs; they are clipped to +log(N_impostor + 1) and -log(N_genuine + 1), the most
-    evidence that many trials of the other class could have refuted.
+    have infinite LLRs; every LLR is clipped to what the trials support (``llr_caps``:
+    -ln(N_genuine / 3) .. +ln(N_impostor / 3)).
     """
     g, i = as_scores(genuine, "genuine"), as_scores(impostor, "impostor")
     xs, p = _pav_levels(g, i, prior)
-    llr = np.clip(_posterior_to_llr(p, prior), -math.log(g.size + 1), math.log(i.size + 1))
+    lo, hi = llr_caps(g.size, i.size)
+    llr = np.clip(_posterior_to_llr(p, prior), lo, hi)
     keep = np.ones(xs.size, dtype=bool)
     # Drop points strictly inside a run of equal LLRs: interpolation over them changes nothing.
     keep[1:-1] = ~((llr[1:-1] == llr[:-2]) & (llr[1:-1] == llr[2:]))
@@ -146,13 +163,16 @@ def fit_llr(
 
 
 def apply_llr(calibration: Mapping[str, Any], score: ArrayLike) -> Any:
-    """LLR (natural log) of ``score`` under a calibration record or its ``llr`` map.
+    """LLR (natural log) of ``score`` under a calibration record or its ``llr`` map, clipped to
+    the map's caps (a record's caps follow from its trial counts when it does not state them).
 
     Returns a float for a scalar score, an array for an array of scores.
     """
     m = calibration.get("llr") if "operating_points" in calibration else calibration
     if m is None:
         raise ValueError("the calibration record has no LLR map")
+    if "operating_points" in calibration and "trials" in calibration:
+        m = CalibrationRecord.model_validate(calibration).llr.model_dump()
     s = np.asarray(score, dtype=np.float64)
     kind = m.get("kind")
     if kind == "logistic":
@@ -165,6 +185,8 @@ def apply_llr(calibration: Mapping[str, Any], score: ArrayLike) -> Any:
         out = np.interp(s, xs, ys)
     else:
         raise ValueError(f"unknown LLR map kind {kind!r}; expected one of {LLR_KINDS}")
+    lo, hi = m.get("min_llr"), m.get("max_llr")
+    out = np.clip(out, -np.inf if lo is None else lo, np.inf if hi is None else hi)
     return float(out) if out.ndim == 0 else out
 
 
@@ -209,29 +231,33 @@ def calibration_record(
 ) -> dict[str, Any]:
     """Fit thresholds (and an LLR map unless ``llr_kind`` is None) into a manifest record.
 
-    ``impostor`` may map attack types to scores (PAD). Failed genuine trials count in the FNMR
-    reported for each operating point, not in the fits.
+    ``impostor`` may map attack types to scores (PAD): the record's rate is then APCER. Failed
+    genuine trials count in the FNMR reported for each operating point, not in the fits. Every
+    point carries the trials it was measured on and whether they support its target; the LLR map
+    carries the caps its trials support. Unsupported points are written too, marked: callers
+    decide whether to keep them (``biogate calibrate`` refuses unless asked).
     """
+    rate = "APCER" if isinstance(impostor, Mapping) else "FMR"
     groups = impostor if isinstance(impostor, Mapping) else {"": impostor}
     g = as_scores(genuine, "genuine")
     arrays = {k: as_scores(v, f"impostor[{k!r}]" if k else "impostor") for k, v in groups.items()}
     if not arrays:
         raise ValueError("impostor: no attack types")
     pooled = np.concatenate(list(arrays.values()))
+    trials = {"genuine": int(g.size + genuine_failures), "impostor": int(pooled.size)}
     points = []
     for target, t in fit_thresholds(arrays, target_fmrs).items():
         fmr = max(float(np.count_nonzero(a >= t) / a.size) for a in arrays.values())
         fnmr = error_rates(g, pooled, t, genuine_failures).fnmr
-        points.append({"target_fmr": target, "threshold": t, "fmr": fmr, "fnmr": fnmr})
-    record: dict[str, Any] = {
-        "dataset": dataset,
-        "trials": {"genuine": int(g.size + genuine_failures), "impostor": int(pooled.size)},
-        "operating_points": points,
-    }
+        why = support_gap(rate, target, trials["impostor"])
+        points.append({"target_fmr": target, "threshold": t, "fmr": fmr, "fnmr": fnmr, "trials": dict(trials),
+                       "supported": not why, **({"why": why} if why else {})})
+    record: dict[str, Any] = {"dataset": dataset, "rate": rate, "trials": trials, "operating_points": points}
     if llr_kind is not None:
         llr = fit_llr(g, pooled, llr_kind, prior)
         _check_llr_map(llr)
-        record["llr"] = llr
+        lo, hi = llr_caps(g.size, pooled.size)
+        record["llr"] = llr | {"min_llr": lo, "max_llr": hi}
     record |= {
         "score": score_name,
         "date": (date or _dt.date.today()).isoformat(),

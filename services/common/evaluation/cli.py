@@ -1,9 +1,12 @@
 """`biogate eval` and `biogate calibrate`.
 
-eval       run a scorer over a trial list (or all pairs of MANIFEST.csv, or a PAD list) and write
+eval       run a scorer over a trial list (or all pairs of MANIFEST.csv or of a list of people's
+           files, optionally one part of a people-disjoint split, or a PAD list) and write
            report.json, scores.json and PNG plots to --out.
 calibrate  fit thresholds for target FMRs (APCERs for PAD) and an LLR map from an eval's
            scores.json, and write the record into the model manifest for --model / --channel.
+           A target the trials do not support (rule of three) is refused unless --keep-unsupported
+           writes it marked unsupported.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from services.common.config import PROJECT_ROOT, Settings
+from services.common.models.calibration import rate_text
 
 from . import calibration as cal
 from . import metrics as m
 from .runner import run_pad, run_verification
 from .scorers import Mode, Scorer, ScorerOptions, get_scorer_factory, register_scorer
-from .trials import all_pairs, read_manifest, read_pad, read_trials
+from .trials import (PEOPLE_PARTS, all_pairs, read_manifest, read_pad, read_people, read_trials, split_people,
+                     write_trials)
 
 DEFAULT_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 
@@ -44,6 +49,10 @@ SCORE_NAMES = {"verification": "cosine", "pad": "p_bonafide"}
 
 class ScorerUnavailable(LookupError):
     pass
+
+
+class UnsupportedTargets(ValueError):
+    """`biogate calibrate` was asked for targets its trials cannot support."""
 
 
 def load_scorer(modality: str, task: str, options: ScorerOptions) -> Scorer:
@@ -96,12 +105,24 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     from .report import pad_report, verification_report, write_pad_outputs, write_verification_outputs  # matplotlib: only when reporting
     fixtures = Path(args.fixtures)
     options = ScorerOptions(settings=settings, channel=args.channel, target=args.target)
-    if args.all_pairs and args.task != "verification":
+    all_pairs_of = args.all_pairs
+    if all_pairs_of is not None and args.task != "verification":
         raise ValueError("--all-pairs applies to verification only")
+    if args.people != "all" and all_pairs_of is None:
+        raise ValueError("--people splits an --all-pairs list; give --all-pairs")
     calibration = _load_calibration(settings, args)
-    if args.all_pairs:
-        source = f"all pairs of {fixtures / 'MANIFEST.csv'} ({args.modality})"
-        items: list[Any] = all_pairs(read_manifest(fixtures), args.modality)
+    if all_pairs_of is not None:
+        if all_pairs_of:
+            listed = Path(all_pairs_of) if Path(all_pairs_of).is_absolute() else fixtures / all_pairs_of
+            entries = read_people(listed, args.modality)
+        else:
+            listed = fixtures / "MANIFEST.csv"
+            entries = read_manifest(fixtures)
+        people = "" if args.people == "all" else f", people at {args.people} positions of the sorted names"
+        source = f"all pairs of {_relative(listed, fixtures.parent)} ({args.modality}{people})"
+        items: list[Any] = all_pairs(split_people(entries, args.people), args.modality)
+        if not items:
+            raise ValueError(f"{listed}: no {args.modality} pairs to score")
     else:
         default = "trials_{}.csv" if args.task == "verification" else "pad_{}.csv"
         csv_path = Path(args.trials) if args.trials else fixtures / default.format(args.modality)
@@ -115,7 +136,8 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
         "modality": args.modality,
         "task": args.task,
         "dataset": source,
-        "all_pairs": bool(args.all_pairs),
+        "all_pairs": all_pairs_of is not None,
+        "people": args.people,
         "channel": args.channel,
         "target": args.target,
         "model": args.model,
@@ -125,6 +147,8 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
         "tool_version": cal.tool_version().replace("calibrate", "eval"),
     }
     out = Path(args.out) if args.out else settings.data_dir / "eval" / f"{args.modality}-{args.task}"
+    if all_pairs_of is not None:  # the generated list, kept with the report it produced
+        print(f"trials: {write_trials(items, out / 'trials.csv', listed.parent)}")
     if args.task == "verification":
         run = run_verification(scorer, items, _progress)
         report = verification_report(
@@ -136,6 +160,12 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
             f"FNMR@FMR{p['target']:g} {p['fnmr']:.2%}{'' if p['supported'] else ' (unsupported)'}"
             for p in report["fnmr_at_fmr"]
         ]
+        for p in report.get("calibrated_points", []):
+            fmr, fnmr = p["fmr"], p["fnmr"]
+            summary.append(
+                f"calibrated {rate_text(p['target_fmr'])} (threshold {p['threshold']:.4f}): FMR "
+                f"{fmr['errors']}/{fmr['trials']} [{fmr['ci95'][0]:.2e}, {fmr['ci95'][1]:.2e}]"
+                f"{'' if p['consistent_with_target'] else ' ABOVE TARGET'}, FNMR {fnmr['errors']}/{fnmr['trials']}")
     else:
         run = run_pad(scorer, items, _progress)
         report = pad_report(
@@ -184,12 +214,19 @@ def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
     )
     if args.notes:
         record["notes"] = args.notes
-    n_impostor = record["trials"]["impostor"]
+    rate, unsupported = record["rate"], []
     for p in record["operating_points"]:
-        needed = m.rule_of_three(p["target_fmr"])
-        flag = "" if n_impostor >= needed else f"  UNSUPPORTED: needs >= {needed} impostor trials"
-        print(f"target {p['target_fmr']:g}: threshold {p['threshold']:.6g}, "
-              f"FNMR {p['fnmr']:.2%}{flag}")
+        n = p["trials"]
+        status = "supported" if p["supported"] else f"UNSUPPORTED: {p['why']}"
+        print(f"{rate} {rate_text(p['target_fmr'])}: threshold {p['threshold']:.6g}, measured {rate} {p['fmr']:.3%}, "
+              f"{'BPCER' if pad else 'FNMR'} {p['fnmr']:.2%} on {n['impostor']:,} / {n['genuine']:,} trials; {status}")
+        if not p["supported"]:
+            unsupported.append(p)
+    if unsupported and not args.keep_unsupported:
+        raise UnsupportedTargets(
+            f"nothing written: {'; '.join(p['why'] for p in unsupported)}. Calibrate on more data, drop the "
+            "target from --target-fmr, or pass --keep-unsupported to write it marked unsupported (services "
+            "then refuse it)")
     if args.out:
         print(f"record: {write_json(record, args.out)}")
     if args.model:
@@ -210,8 +247,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", help="trials or PAD CSV (default: the fixtures' list for the task)")
     p.add_argument("--fixtures", default=str(DEFAULT_FIXTURES),
                    help="the folder the CSV paths are relative to (default: %(default)s)")
-    p.add_argument("--all-pairs", action="store_true",
-                   help="every pair of the modality's verification files in MANIFEST.csv")
+    p.add_argument("--all-pairs", nargs="?", const="", metavar="LIST",
+                   help="every pair of the modality's verification files in MANIFEST.csv, or with LIST "
+                        "(relative to --fixtures) every pair of the files of a list with columns path and "
+                        "identity, e.g. face/identities/SOURCES.csv; the trials go to <out>/trials.csv")
+    p.add_argument("--people", choices=PEOPLE_PARTS, default="all",
+                   help="with --all-pairs: only the people at even / odd positions of the sorted identity "
+                        "names (a people-disjoint split: calibrate on one part, check on the other)")
     p.add_argument("--out", help="output folder (default: <data_dir>/eval/<modality>-<task>)")
     p.add_argument("--target", metavar="HOST:PORT", help="score through a running service")
     p.add_argument("--channel", help="capture channel, e.g. mobile-selfie or telephony-8k")
@@ -234,4 +276,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="dataset name for the record (default: from the report)")
     p.add_argument("--notes", help="the record's notes: why these targets, what the operating point is for")
     p.add_argument("--out", help="also write the record to this JSON file")
+    p.add_argument("--keep-unsupported", action="store_true",
+                   help="write targets the trials do not support (fewer than 3/target impostor or attack "
+                        "trials), marked unsupported, which services refuse; without it they are refused")
     p.set_defaults(func=_calibrate)

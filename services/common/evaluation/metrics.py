@@ -41,6 +41,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from services.common.models.calibration import trials_needed
+
 FloatArray = NDArray[np.float64]
 
 DEFAULT_TARGET_FMRS: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
@@ -68,12 +70,21 @@ def _count_at_or_above(sorted_scores: FloatArray, thresholds: FloatArray) -> NDA
     return sorted_scores.size - np.searchsorted(sorted_scores, thresholds, side="left")
 
 
-def rule_of_three(target: float) -> int:
-    """Trials needed to support an error rate of ``target`` with zero errors (95 % upper bound)."""
-    if not 0.0 < target < 1.0:
-        raise ValueError(f"target rate must be in (0, 1), got {target}")
-    # round() first: 3 / 1e-4 is 29999.999999999996 in binary floating point.
-    return math.ceil(round(3.0 / target, 6))
+rule_of_three = trials_needed  # the calibration records' support rule, one definition
+
+
+def binomial_ci(errors: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided exact (Clopper-Pearson) confidence interval of an error rate.
+
+    It treats the trials as independent: all-pairs trials share people and images, so the true
+    uncertainty is larger than this interval says.
+    """
+    from scipy.stats import binomtest
+
+    if not 0 <= errors <= trials or trials == 0:
+        raise ValueError(f"bad error count {errors} of {trials}")
+    ci = binomtest(int(errors), int(trials)).proportion_ci(level, method="exact")
+    return float(ci.low), float(ci.high)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ CONVENTIONS = {
     "eer": "linear interpolation between the step operating points that bracket FMR = FNMR",
     "fnmr_at_fmr": "lowest threshold whose FMR <= target; no interpolation, ties never split",
     "supported": "rule of three: at least ceil(3 / target) scored impostor (attack) trials",
+    "ci95": "two-sided exact (Clopper-Pearson) binomial interval; it treats trials as independent,"
+    " which all-pairs trials (sharing people and images) are not",
+    "consistent_with_target": "the measured FMR's 95 % interval reaches down to the target or below",
     "failures": "failed genuine trials count as non-matches in FNMR; failed impostor trials are"
     " reported but excluded from FMR; PAD non-responses are reported as APNRR / BPNRR",
 }
@@ -72,6 +75,40 @@ def _cllr_section(
         "llr_source": source,
         "llr": llr_map,
     }
+
+
+def _rate_with_ci(errors: int, trials: int) -> dict[str, Any]:
+    if trials == 0:
+        return {"errors": 0, "trials": 0, "rate": None, "ci95": None}
+    return {"errors": errors, "trials": trials, "rate": errors / trials, "ci95": m.binomial_ci(errors, trials)}
+
+
+def calibrated_points(run: VerificationRun, calibration: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """FMR and FNMR measured here at each of the calibration's thresholds, with 95 % intervals,
+    next to the targets they were fitted for: on trials the calibration never saw (other people),
+    the check of its thresholds. Where the trials name identities, also how many distinct pairs of
+    people the false matches come from: look-alike pairs give many false matches each, so the
+    trials are not independent and the people pairs are the better measure of the evidence."""
+    g, i, gf = run.genuine, run.impostor, run.genuine_failures
+    pairs = [(frozenset((r.trial.enroll_identity, r.trial.probe_identity)), r.score) for r in run.results
+             if not r.trial.target and r.score is not None and r.trial.enroll_identity and r.trial.probe_identity]
+    out = []
+    for p in calibration["operating_points"]:
+        t = float(p["threshold"])
+        fmr = _rate_with_ci(int(np.count_nonzero(i >= t)), int(i.size))
+        point = {
+            "target_fmr": p["target_fmr"],
+            "threshold": t,
+            "supported": p.get("supported"),
+            "fmr": fmr,
+            "fnmr": _rate_with_ci(int(np.count_nonzero(g < t)) + gf, int(g.size) + gf),
+            "consistent_with_target": None if fmr["ci95"] is None else fmr["ci95"][0] <= p["target_fmr"],
+        }
+        if pairs:
+            point["people_pairs"] = {"scored": len({k for k, _ in pairs}),
+                                     "with_false_matches": len({k for k, s in pairs if s >= t})}
+        out.append(point)
+    return out
 
 
 def verification_report(
@@ -128,6 +165,8 @@ def verification_report(
         "calibration": _cllr_section(g, i, calibration),
         "conventions": CONVENTIONS,
     }
+    if calibration is not None:
+        report["calibrated_points"] = calibrated_points(run, calibration)
     return jsonable(report)
 
 

@@ -1,19 +1,23 @@
-"""Trial lists: the fixtures' CSV files as typed records, and all-pairs trials from MANIFEST.csv.
+"""Trial lists: the fixtures' CSV files as typed records, and all-pairs trials from MANIFEST.csv
+or from a list of people's files (path, identity; e.g. face/identities/SOURCES.csv).
 
-File paths in the CSV files are relative to the fixtures root (the folder holding MANIFEST.csv).
-An ``enroll`` cell may name several files separated by ``;`` (a multi-sample enrolment).
+File paths in the CSV files are relative to the folder of the list (for MANIFEST.csv, the fixtures
+root). An ``enroll`` cell may name several files separated by ``;`` (a multi-sample enrolment).
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 UNKNOWN_IDENTITIES = frozenset({"", "unknown"})
 UNSPECIFIED_ATTACK = "unspecified"
+TRIAL_COLUMNS = ("enroll", "probe", "target", "trial_type", "enroll_identity", "probe_identity")
+PEOPLE_PARTS = ("all", "even", "odd")
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,59 @@ def read_manifest(
             )
         )
     return entries
+
+
+def read_people(
+    csv_path: str | Path, modality: str, check_exists: bool = True
+) -> list[ManifestEntry]:
+    """A list of people's files (columns ``path`` and ``identity``, paths relative to the list's
+    folder) as genuine verification entries of ``modality``. MANIFEST.csv itself reads with
+    :func:`read_manifest`."""
+    csv_path = Path(csv_path)
+    entries = []
+    for n, row in _rows(csv_path, ("path", "identity")):
+        where = f"{csv_path}:{n}"
+        entries.append(
+            ManifestEntry(
+                path=_resolve(csv_path.parent, row["path"], where, check_exists),
+                modality=modality,
+                tasks=frozenset({"verification"}),
+                identity=row["identity"].strip(),
+                presentation="genuine",
+                attack_type="",
+            )
+        )
+    return entries
+
+
+def split_people(entries: Iterable[ManifestEntry], part: str) -> list[ManifestEntry]:
+    """The entries of one part of a people-disjoint split fixed before any score is seen: the people
+    at even (``"even"``) or odd (``"odd"``) positions of the sorted identity names; ``"all"``: all."""
+    if part not in PEOPLE_PARTS:
+        raise ValueError(f"people part must be one of {PEOPLE_PARTS}, got {part!r}")
+    entries = list(entries)
+    if part == "all":
+        return entries
+    names = sorted({e.identity for e in entries if e.identity not in UNKNOWN_IDENTITIES})
+    chosen = set(names[0 if part == "even" else 1::2])
+    return [e for e in entries if e.identity in chosen]
+
+
+def write_trials(trials: Iterable[VerificationTrial], csv_path: str | Path, root: str | Path) -> Path:
+    """Trials as a CSV that :func:`read_trials` reads back (paths relative to ``root``)."""
+    csv_path, root = Path(csv_path), Path(root)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def rel(p: Path) -> str:
+        return Path(os.path.relpath(p, root)).as_posix()
+
+    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(TRIAL_COLUMNS)
+        for t in trials:
+            w.writerow([";".join(rel(p) for p in t.enroll), rel(t.probe), int(t.target), t.trial_type,
+                        t.enroll_identity, t.probe_identity])
+    return csv_path
 
 
 def all_pairs(

@@ -87,7 +87,7 @@ class Calibrations:
     def threshold(self, model_id: str, channel: str, target: float, score: str | None = None) -> float:
         rec = self.record(model_id, channel, score)
         try:
-            return float(rec.threshold(target))
+            return float(rec.threshold(target, model=model_id, channel=channel))
         except LookupError as err:
             raise not_calibrated(err, model_id, channel) from None
 

@@ -81,6 +81,9 @@ CATALOGUE: Mapping[str, Entry] = MappingProxyType({
     # -- the service's models (readiness.py, calibration.py)
     "MODELS_LOADING": Entry(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly"),
     "MODEL_NOT_CALIBRATED": Entry(_PRECONDITION, "the model has no calibrated threshold for this operating point"),
+    # the calibration record's own refusals (services/common/models/calibration.py)
+    "OPERATING_POINT_MISSING": Entry(_PRECONDITION, "the calibration has no operating point for this target"),
+    "OPERATING_POINT_UNSUPPORTED": Entry(_PRECONDITION, "the calibration data cannot support this operating point"),
     "LIVENESS_UNAVAILABLE": Entry(_PRECONDITION, "no liveness model is installed in this deployment"),
     # -- decisions
     "NO_MATCH": Entry(None, "the sample does not match the enrolled template"),

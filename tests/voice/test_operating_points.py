@@ -1,0 +1,68 @@
+"""Voice decisions on an operating point the calibration cannot back are refused with the reason:
+in the manifest reader, over gRPC when a re-calibration marks the service's point unsupported, and
+in the warm-up check that keeps a service on such a default point from starting."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+
+from services.common.api.v1 import common_pb2, voice_pb2
+from services.common.config import PROJECT_ROOT
+from services.common.errors import details_of
+from services.common.models import ModelStore
+from services.common.modality.calibration import Calibrations, NotCalibrated
+from voice_audio import read, wav_bytes
+
+MODEL = "ecapa-voxceleb"
+
+
+def test_the_reader_refuses_unsupported_and_missing_points_with_their_reason():
+    cal = Calibrations(PROJECT_ROOT / "models" / "manifest.yaml")
+    with pytest.raises(NotCalibrated) as err:
+        cal.threshold(MODEL, "wideband", 1e-4, "cosine")
+    assert err.value.reason == "OPERATING_POINT_UNSUPPORTED" and isinstance(err.value, LookupError)
+    assert str(err.value) == (f"{MODEL} [wideband]: FMR 1e-4 needs >= 30,000 impostor trials, the calibration "
+                              "has 5,736; re-calibrate on more data or choose 1e-3")
+    with pytest.raises(NotCalibrated) as err:
+        cal.threshold(MODEL, "telephony-8k", 0.2, "cosine")
+    assert err.value.reason == "OPERATING_POINT_MISSING" and "no operating point for FMR 2e-1" in str(err.value)
+    assert cal.threshold("aasist", "wideband", 1e-2, "bonafide_log_odds@speech3s") < 0  # 320 attacks support APCER 1 %
+
+
+def test_verify_on_a_point_marked_unsupported_is_refused_over_grpc(voice_service, voice_dir):
+    svc = voice_service
+    tenant, subject = "bank-a", "cust-" + uuid.uuid4().hex[:12].translate(str.maketrans("0123456789", "ghijklmnop"))
+    svc.consent(tenant, subject)
+    clips = [read(p) for p in sorted((voice_dir / "libri_1688").glob("*.wav"), key=lambda p: (-p.stat().st_size, p.name))]
+    ref = common_pb2.SubjectRef(tenant_id=tenant, subject_id=subject)
+    wb = voice_pb2.VOICE_CHANNEL_WIDEBAND
+    svc.stub.Enroll(voice_pb2.EnrollVoiceRequest(
+        subject=ref, utterances=[common_pb2.Audio(data=wav_bytes(x, 16000)) for x in clips[:2]], channel=wb))
+
+    def verify(clip):
+        return svc.stub.Verify(voice_pb2.VerifyVoiceRequest(
+            subject=ref, audio=common_pb2.Audio(data=wav_bytes(clip, 16000)), channel=wb))
+
+    store = ModelStore(svc.settings)
+    original = store.calibration(MODEL, "wideband")
+    target = svc.settings.voice.target_fmr
+    marked = original.model_dump(mode="json")
+    for p in marked["operating_points"]:
+        if p["target_fmr"] == target:  # an operator's own judgement may mark a point unsupported
+            p |= {"supported": False, "why": "FMR 1e-3 was not reproduced on held-out speakers"}
+    store.update_calibration(MODEL, "wideband", marked)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            verify(clips[2])
+        # The warm-up's check (a service starting now would stay NOT_SERVING) names the setting.
+        with pytest.raises(NotCalibrated, match=rf"^voice\.target_fmr = 0\.001: {MODEL} \[wideband\]: FMR 1e-3 was not"):
+            svc.server.definition.service.engine.check_calibrations()
+    finally:
+        store.update_calibration(MODEL, "wideband", original)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(err.value)["reason"] == "OPERATING_POINT_UNSUPPORTED"
+    assert err.value.details().startswith(f"{MODEL} [wideband]: FMR 1e-3 was not reproduced on held-out speakers")
+    assert verify(clips[3]).match
