@@ -24,10 +24,14 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
   echo "$want" > "$STAMP"
 fi
 
-# Voice anti-spoofing tests synthesise speech with espeak-ng (Debian package).
-if ! command -v espeak-ng >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null) \
-    || echo "setup: could not install espeak-ng; voice spoof tests will fail" >&2
+# Debian packages: espeak-ng synthesises speech for the voice anti-spoofing tests; SoftHSM2 is the
+# PKCS#11 token the HSM key backend is tested against.
+need=()
+command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng sox)
+command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null) \
+    || echo "setup: could not install ${need[*]}; voice spoof and PKCS#11 tests will fail" >&2
 fi
 
 "$VENV/bin/biogate" models fetch
