@@ -30,7 +30,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -93,7 +93,10 @@ class Pkcs11Token:
             raise KeyringError(f"keys.pkcs11.token_label: no single token labelled {cfg.token_label!r} "
                                f"in {module}") from None
         try:
-            self.session = token.open(user_pin=pin, rw=True)
+            try:
+                self.session = token.open(user_pin=pin, rw=True)
+            except p11.exceptions.UserAlreadyLoggedIn:  # login is per process: another session did it
+                self.session = token.open(rw=True)
         except p11.exceptions.PinIncorrect:
             raise KeyringError(f"the PIN in ${cfg.pin_env} is not the user PIN of token {cfg.token_label!r}") from None
         self.p11 = p11
@@ -250,6 +253,20 @@ class Pkcs11Keyring:
             raise UnknownKeyError(key_id_)
         return kek
 
+    def _with_kek(self, key_id_: str, use: Callable[[Any], bytes]) -> bytes:
+        """``use(kek)`` under the token's lock; once more after a fresh listing when the handle went
+        stale (another process or keyring instance retired or re-created keys)."""
+        for attempt in (0, 1):
+            kek = self._kek(key_id_)
+            try:
+                with self.token.lock:
+                    return bytes(use(kek))
+            except self.token.p11.exceptions.ObjectHandleInvalid:
+                if attempt:
+                    raise
+                self._list(force=True)
+        raise AssertionError("unreachable")
+
     def primary_key_id(self) -> str:
         keks = self._list()
         if not keks:
@@ -259,10 +276,8 @@ class Pkcs11Keyring:
     def _fingerprint(self, key_id_: str) -> bytes:
         fp = self._fingerprints.get(key_id_)
         if fp is None:
-            kek = self._kek(key_id_)
-            with self.token.lock:
-                fp = bytes(kek.sign(_KCV_MESSAGE, mechanism=self.token.p11.Mechanism.AES_CMAC))[:8]
-            self._fingerprints[key_id_] = fp
+            cmac = self.token.p11.Mechanism.AES_CMAC
+            fp = self._fingerprints[key_id_] = self._with_kek(key_id_, lambda k: k.sign(_KCV_MESSAGE, mechanism=cmac))[:8]
         return fp
 
     def keys(self) -> list[KeyInfo]:
@@ -276,24 +291,21 @@ class Pkcs11Keyring:
     def wrap(self, key_id_: str, data_key: bytes, aad: bytes) -> bytes:
         from pkcs11.mechanisms import GCMParams
 
-        kek = self._kek(key_id_)
         nonce = secrets.token_bytes(_NONCE)
-        with self.token.lock:
-            sealed = kek.encrypt(data_key, mechanism=self.token.p11.Mechanism.AES_GCM,
-                                 mechanism_param=GCMParams(nonce, aad, 128))
-        return nonce + bytes(sealed)
+        gcm = self.token.p11.Mechanism.AES_GCM
+        return nonce + self._with_kek(key_id_, lambda k: k.encrypt(data_key, mechanism=gcm,
+                                                                    mechanism_param=GCMParams(nonce, aad, 128)))
 
     def unwrap(self, key_id_: str, wrapped: bytes, aad: bytes) -> bytes:
         from pkcs11.mechanisms import GCMParams
 
-        kek = self._kek(key_id_)
         if len(wrapped) <= _NONCE + 16:
+            self._kek(key_id_)
             raise WrongKeyError(f"the wrapped data key is too short for key {key_id_!r}")
-        E = self.token.p11.exceptions
+        E, gcm = self.token.p11.exceptions, self.token.p11.Mechanism.AES_GCM
         try:
-            with self.token.lock:
-                return bytes(kek.decrypt(wrapped[_NONCE:], mechanism=self.token.p11.Mechanism.AES_GCM,
-                                         mechanism_param=GCMParams(wrapped[:_NONCE], aad, 128)))
+            return self._with_kek(key_id_, lambda k: k.decrypt(wrapped[_NONCE:], mechanism=gcm,
+                                                                mechanism_param=GCMParams(wrapped[:_NONCE], aad, 128)))
         except (E.GeneralError, E.EncryptedDataInvalid, E.EncryptedDataLenRange):
             raise WrongKeyError(f"the data key does not unwrap under key {key_id_!r}") from None
 
