@@ -122,7 +122,7 @@ class LayerResult:
 
 
 class VoiceEngine:
-    def __init__(self, settings: Settings, store: ModelStore, crypto_seal, crypto_open, pseudonymize) -> None:
+    def __init__(self, settings: Settings, store: ModelStore, replay_cache: replay.ReplayCache) -> None:
         cfg = self.cfg = settings.voice
         paths = resolve(store)
         providers = tuple(settings.models.providers)
@@ -151,10 +151,7 @@ class VoiceEngine:
                                                  cfg.antispoof_batch_max, cfg.batch_wait_ms, "voice-aasist")
         self.pad_score_names = {f: pad_score_name(antispoof_window_s(cfg, f)) for f in cohort_mod.FAMILIES}
         self.digits = DigitRecognizer()
-        self.replay = replay.ReplayCache(
-            replay.open_store(cfg.replay_store, cfg.replay_retention_s, cfg.replay_max_per_subject,
-                              cfg.replay_key_prefix),
-            cfg.replay_min_similarity, crypto_seal, crypto_open, pseudonymize)
+        self.replay = replay_cache
 
     # -- warm-up -------------------------------------------------------------------------------
 

@@ -95,11 +95,11 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         self.cfg = rt.settings.voice
         self.engine: VoiceEngine | None = None
         self._ready = threading.Event()
+        self.replay = replay.open_cache(rt)  # before the models: erasure and a bad store need none
 
     def load(self) -> VoiceEngine:
         if self.engine is None:
-            self.engine = VoiceEngine(self.rt.settings, self.rt.models, self.rt.crypto.seal, self.rt.crypto.open,
-                                      self.rt.pseudonymize)
+            self.engine = VoiceEngine(self.rt.settings, self.rt.models, self.replay)
         return self.engine
 
     def _engine(self) -> VoiceEngine:
@@ -289,10 +289,9 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         return subjects.get_enrollment(self.rt, request, "voice")
 
     def DeleteSubject(self, request, context):
-        response = subjects.delete_modality(self.rt, request, "voice")
-        if self.engine is not None:
-            tenant, subject = subject_ref(request.subject)
-            self.engine.replay.erase(tenant, subject)
+        with self.rt.storage.transaction():  # the database replay store erases in the same transaction
+            response = subjects.delete_modality(self.rt, request, "voice")
+            self.replay.erase(*subject_ref(request.subject))
         return response
 
     # -- the decision --------------------------------------------------------------------------
