@@ -14,9 +14,8 @@ import subprocess
 import kubernetes_validate
 import pytest
 import yaml
-from pydantic import BaseModel
-
 from services.common.config import PROJECT_ROOT, Settings, load_config
+from tests.deploy.config_paths import names_a_setting
 
 K8S = PROJECT_ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
@@ -119,24 +118,13 @@ def test_the_configuration_loads_and_ports_and_probes_match_it(rendered):
     assert settings.keys.backend == "pkcs11" and settings.voice.replay_store == "database"
 
 
-def field_exists(model: type[BaseModel], path: list[str]) -> bool:
-    name, rest = path[0].lower(), path[1:]
-    info = model.model_fields.get(name)
-    if info is None:
-        return False
-    if not rest:
-        return True
-    inner = info.annotation
-    return isinstance(inner, type) and issubclass(inner, BaseModel) and field_exists(inner, rest)
-
-
 def test_every_environment_variable_names_a_setting_and_every_reference_exists(rendered):
     _, objects = rendered
     secrets, config_maps = by_kind(objects, "Secret"), by_kind(objects, "ConfigMap")
     settings = configuration(objects)
     pods = [d["spec"]["template"]["spec"] for d in by_kind(objects, "Deployment").values()]
     pods += [j["spec"]["template"]["spec"] for j in by_kind(objects, "Job").values()]
-    assert field_exists(Settings, ["voice", "replay_store"]) and not field_exists(Settings, ["voice", "replay_stor"])
+    assert names_a_setting("BIOGATE_VOICE__REPLAY_STORE") and not names_a_setting("BIOGATE_VOICE__REPLAY_STOR")
     for pod in pods:
         for c in pod["containers"]:
             for env in c.get("env", []):
@@ -144,7 +132,7 @@ def test_every_environment_variable_names_a_setting_and_every_reference_exists(r
                 if name == settings.keys.pkcs11.pin_env or name == "BIOGATE_CONFIG":
                     pass
                 else:
-                    assert name.startswith("BIOGATE_") and field_exists(Settings, name[8:].split("__")), name
+                    assert names_a_setting(name), name
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     assert ref["key"] in secrets[ref["name"]]["stringData"], ref
