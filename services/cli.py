@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a command-line user gets one clear line, the log keeps the trace
         logging.getLogger("biogate.cli").debug("command failed", exc_info=True)
-        print(f"biogate {args.command}: {exc}", file=sys.stderr)
+        print(f"biogate {args.command}: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
 
 

@@ -92,17 +92,31 @@ class Pkcs11Token:
         except (p11.exceptions.NoSuchToken, p11.exceptions.MultipleTokensReturned):
             raise KeyringError(f"keys.pkcs11.token_label: no single token labelled {cfg.token_label!r} "
                                f"in {module}") from None
-        try:
-            try:
-                self.session = token.open(user_pin=pin, rw=True)
-            except p11.exceptions.UserAlreadyLoggedIn:  # login is per process: another session did it
-                self.session = token.open(rw=True)
-        except p11.exceptions.PinIncorrect:
-            raise KeyringError(f"the PIN in ${cfg.pin_env} is not the user PIN of token {cfg.token_label!r}") from None
+        self.session = self._open(token, pin, cfg)
         self.p11 = p11
         self.prefix = cfg.label_prefix
         self.lock = threading.RLock()
         self.closed = False
+
+    @staticmethod
+    def _open(token: Any, pin: str, cfg: Pkcs11Config, tries: int = 4) -> Any:
+        """A logged-in session. Transient token errors (a network HSM's hiccup, SoftHSM reading its
+        files while another process writes them) are retried a few times, then reported by name."""
+        E = _pkcs11().exceptions
+        for attempt in range(tries):
+            try:
+                try:
+                    return token.open(user_pin=pin, rw=True)
+                except E.UserAlreadyLoggedIn:  # login is per process: another session did it
+                    return token.open(rw=True)
+            except E.PinIncorrect:
+                raise KeyringError(f"the PIN in ${cfg.pin_env} is not the user PIN of token {cfg.token_label!r}") from None
+            except E.PKCS11Error as exc:
+                if attempt + 1 == tries:
+                    raise KeyringError(f"token {cfg.token_label!r}: cannot open a session "
+                                       f"({type(exc).__name__} {exc})") from None
+                time.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def label(self, what: str) -> str:
         return f"{self.prefix}-{what}"
