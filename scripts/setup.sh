@@ -33,5 +33,8 @@ if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null;
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null) \
     || echo "setup: could not install ${need[*]}; voice spoof and PKCS#11 tests will fail" >&2
 fi
+# The Kubernetes manifests are rendered by kubectl's built-in kustomize (no Debian package is
+# recent enough); it comes with the machine.
+command -v kubectl >/dev/null 2>&1 || echo "setup: kubectl not found; tests/deploy/test_kubernetes.py will fail" >&2
 
 "$VENV/bin/biogate" models fetch

@@ -28,12 +28,16 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import soxr
 from numpy.typing import NDArray
 from scipy.signal import butter, fftconvolve, sosfiltfilt
+
+if TYPE_CHECKING:
+    from services.common.runtime import Runtime
+    from services.common.storage.db import Database
 
 RATE = 8000
 N_FFT = 256  # 32 ms at 8 kHz
@@ -192,7 +196,7 @@ class DatabaseReplayStore:
     """A table of the service's storage (SQLite or PostgreSQL): replicas share it through the
     database they already share, with no Redis. Same retention and cap as the Redis store."""
 
-    def __init__(self, storage_db, retention_s: float, max_per_subject: int,
+    def __init__(self, storage_db: Database, retention_s: float, max_per_subject: int,
                  clock: Callable[[], float] = time.time) -> None:
         from services.common.storage.replay import SqlReplayRepository
 
@@ -226,7 +230,7 @@ def _without_password(url: str) -> str:
 
 
 def open_store(spec: str, retention_s: float, max_per_subject: int,
-               prefix: str = RedisReplayStore.PREFIX, storage_db=None) -> ReplayStore:
+               prefix: str = RedisReplayStore.PREFIX, storage_db: Database | None = None) -> ReplayStore:
     """The store ``voice.replay_store`` names. Raises ReplayStoreError, naming the setting, for an
     unknown value or an unreachable Redis, so that the service refuses to start."""
     if spec == "memory":
@@ -250,7 +254,7 @@ def open_store(spec: str, retention_s: float, max_per_subject: int,
     raise ReplayStoreError(f"voice.replay_store {spec!r}: expected 'database', 'memory' or a redis:// URL")
 
 
-def open_cache(rt) -> ReplayCache:
+def open_cache(rt: Runtime) -> ReplayCache:
     """The replay cache of a voice service process (``rt``: its Runtime)."""
     cfg = rt.settings.voice
     store = open_store(cfg.replay_store, cfg.replay_retention_s, cfg.replay_max_per_subject,
