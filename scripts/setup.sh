@@ -33,12 +33,19 @@ print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' > "$VEN
   echo "$want" > "$STAMP"
 fi
 
-# Voice anti-spoofing tests synthesise speech with espeak-ng (Debian package).
-step "system packages the tests use (espeak-ng, sox)"
-if ! command -v espeak-ng >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null) \
-    || echo "setup: could not install espeak-ng; voice spoof tests will fail" >&2
+# Debian packages: espeak-ng synthesises speech for the voice anti-spoofing tests; SoftHSM2 is the
+# PKCS#11 token the HSM key backend is tested against.
+step "system packages the tests use (espeak-ng, sox, softhsm2)"
+need=()
+command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng sox)
+command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null) \
+    || echo "setup: could not install ${need[*]}; voice spoof and PKCS#11 tests will fail" >&2
 fi
+# The Kubernetes manifests are rendered by kubectl's built-in kustomize (no Debian package is
+# recent enough); it comes with the machine.
+command -v kubectl >/dev/null 2>&1 || echo "setup: kubectl not found; tests/deploy/test_kubernetes.py will fail" >&2
 
 step "[4/4] fetching and verifying the model files of models/manifest.yaml"
 "$VENV/bin/biogate" models fetch

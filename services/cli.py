@@ -1,4 +1,4 @@
-"""The `biogate` command line: serve, models, keys, audit, eval/calibrate and admin."""
+"""The `biogate` command line: serve, migrate, models, keys, audit, eval/calibrate and admin."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from services.common.logs import setup_logging
 # Command groups implemented next to the code they drive; each module has register(subparsers).
 COMMAND_MODULES = (
     "services.serve",
+    "services.migrate",
     "services.common.models.cli",
     "services.common.crypto.cli",
     "services.common.audit.cli",
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a command-line user gets one clear line, the log keeps the trace
         logging.getLogger("biogate.cli").debug("command failed", exc_info=True)
-        print(f"biogate {args.command}: {exc}", file=sys.stderr)
+        print(f"biogate {args.command}: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
 
 

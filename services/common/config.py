@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +32,9 @@ class Endpoint(Section):
     host: str = "127.0.0.1"
     port: int
     metrics_port: int | None = None  # None: no Prometheus endpoint
+    # Plaintext grpc.health.v1 alone (no other service, no credentials) for the kubelet's gRPC
+    # probes, which can present neither a client certificate nor a token. None: none.
+    health_port: int | None = None
 
 
 class TlsConfig(Section):
@@ -62,7 +65,9 @@ class Principal(Section):
     roles: list[Role]
     tenants: list[str] = ["*"]  # "*" means every tenant
     token_sha256: str | None = None
-    cert_subject: str | None = None  # the client certificate's CN
+    # The client certificate's identity: a URI SAN (SPIFFE ID, spiffe://trust-domain/path) or a DNS
+    # SAN; the CN only for a certificate without such SANs (services/common/server/auth.py).
+    cert_subject: str | None = None
 
 
 class AuthConfig(Section):
@@ -83,7 +88,21 @@ class StorageConfig(Section):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
 
+class Pkcs11Config(Section):
+    """A PKCS#11 token (an HSM, or SoftHSM2) that holds every key; replicas share the token."""
+
+    module: Path | None = None  # the vendor's PKCS#11 library (.so)
+    token_label: str = ""
+    pin_env: str = "BIOGATE_PKCS11_PIN"  # the user PIN comes from this environment variable, never the YAML
+    label_prefix: str = "biogate"  # prefix of the labels of the objects BioGate creates in the token
+
+
 class KeysConfig(Section):
+    # "file": keys in files under data_dir (the embedded default). "pkcs11": the template KEKs, the
+    # pseudonym root key, the audit signing key and the MFA token signing keys live in the token
+    # of keys.pkcs11 and never leave it (services/common/crypto/pkcs11.py).
+    backend: Literal["file", "pkcs11"] = "file"
+    pkcs11: Pkcs11Config = Pkcs11Config()
     # Development keyring file; in production point `kms` at an external KMS/HSM adapter.
     # $BIOGATE_KEYRING_JSON (the keyring document itself) takes the file's place when set.
     keyring_file: Path | None = None  # default <data_dir>/keys/keyring.json
@@ -91,6 +110,12 @@ class KeysConfig(Section):
     cipher: Literal["AES-256-GCM", "SM4-GCM"] = "AES-256-GCM"
     kms: str = ""  # "" = local keyring; "module:factory" for an external adapter
     rewrap_batch: int = Field(200, ge=1)  # records re-wrapped per batch by `keys rotate`
+
+    @model_validator(mode="after")
+    def _pkcs11_complete(self) -> KeysConfig:
+        if self.backend == "pkcs11" and not (self.pkcs11.module and self.pkcs11.token_label):
+            raise ValueError("keys.backend pkcs11 needs keys.pkcs11.module and keys.pkcs11.token_label")
+        return self
 
 
 class AuditConfig(Section):
@@ -260,8 +285,9 @@ class VoiceConfig(Section):
     challenge_digits: int = Field(6, ge=4, le=10)
     challenge_ttl_s: int = Field(60, ge=10, le=60)
     challenge_max_digit_errors: int = Field(0, ge=0, le=2)  # wrongly recognised digits tolerated
-    # Replay cache: "redis://host:port/db" (shared by replicas) or "memory" (one process).
-    replay_store: str = "redis://127.0.0.1:6379/0"
+    # Replay cache: "database" (a table of the storage: shared by replicas, no extra service),
+    # "redis://host:port/db" (shared by replicas) or "memory" (one process).
+    replay_store: str = "database"
     replay_key_prefix: str = "biogate:voice:replay"
     replay_retention_s: int = Field(30 * 86400, ge=60)
     replay_max_per_subject: int = Field(100, ge=1)

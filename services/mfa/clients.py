@@ -13,9 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from prometheus_client import Counter
 
 from services.common import errors
-from services.common.api.v1 import face_pb2_grpc, voice_pb2_grpc
+from services.common.api.v1 import face_pb2, face_pb2_grpc, voice_pb2, voice_pb2_grpc
 from services.common.client import connect
 from services.common.config import ClientTarget, Settings
 from services.common.errors import details_of
@@ -31,6 +32,15 @@ CALLER_FAULT = frozenset({
     grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
 })
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# The service refused the MFA's own credentials: this deployment's configuration is wrong. Never an
+# outage (no breaker, no degraded mode): the call fails loudly and the operator is told what to set.
+CREDENTIALS_REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+CONFIG_ERRORS = Counter("biogate_mfa_client_config_errors_total",
+                        "Calls a biometric service refused the MFA's credentials on", ["service", "code"])
+
+
+class ClientConfigError(Exception):
+    """A biometric service refuses the MFA's credentials; the message names the settings."""
 
 
 class ServiceUnavailable(Exception):
@@ -112,6 +122,9 @@ class BiometricClient:
                     reply = getattr(self._stub, method)(request, timeout=left)
                 except grpc.RpcError as err:
                     code = err.code()
+                    if code in CREDENTIALS_REFUSED:
+                        self.breaker.success()  # it answered: up, and not to be degraded around
+                        raise self._credentials_refused(code, err.details()) from None
                     if code in CALLER_FAULT:
                         self.breaker.success()
                         info = details_of(err)
@@ -130,8 +143,46 @@ class BiometricClient:
         finally:
             biometric_seconds.set(biometric_seconds.get() + time.perf_counter() - started)
 
+    def settings_named(self) -> str:
+        prefix = f"clients.{self.service}"
+        if self.cfg.cert_file:
+            return f"{prefix}.cert_file/{prefix}.key_file"
+        return f"{prefix}.token"
+
+    def _credentials_refused(self, code: grpc.StatusCode, details: str | None) -> errors.ServiceError:
+        CONFIG_ERRORS.labels(self.service, code.name).inc()
+        log.error("biometric service refused the MFA's credentials: configuration error",
+                  extra={"service": self.service, "code": code.name, "setting": self.settings_named()})
+        return errors.ServiceError(
+            grpc.StatusCode.INTERNAL,
+            f"the {self.service} service refused this MFA's credentials ({code.name}): a configuration error of "
+            f"the deployment ({self.settings_named()}), not an outage",
+            "BIOMETRIC_CREDENTIALS_REFUSED")
+
+    def check_credentials(self) -> None:
+        """One authorised call with an empty request: the service authenticates and authorises it,
+        then refuses the request itself (INVALID_ARGUMENT), writing nothing. Raises
+        ClientConfigError on UNAUTHENTICATED/PERMISSION_DENIED; an unreachable service is logged
+        and left to the calls (it may start after the MFA)."""
+        try:
+            getattr(self._stub, _PROBE[self.service][0])(_PROBE[self.service][1](), timeout=self.cfg.deadline_s)
+        except grpc.RpcError as err:
+            code = err.code()
+            if code in CREDENTIALS_REFUSED:
+                raise ClientConfigError(
+                    f"the {self.service} service at {self.target} refuses this MFA's credentials ({code.name}: "
+                    f"{err.details()}); set {self.settings_named()} to credentials of a principal with the "
+                    "orchestrator role for the tenants served") from None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                log.warning("biometric service not reachable at start-up; credentials unchecked",
+                            extra={"service": self.service, "code": code.name})
+
     def close(self) -> None:
         self._channel.close()
+
+
+# The RPC each start-up check makes: one the orchestrator role is allowed, with an empty request.
+_PROBE = {"face": ("Verify", face_pb2.VerifyFaceRequest), "voice": ("Verify", voice_pb2.VerifyVoiceRequest)}
 
 
 def _token(settings: Settings, cfg: ClientTarget) -> str | None:
@@ -152,3 +203,9 @@ def open_clients(settings: Settings) -> dict[str, BiometricClient]:
         target = cfg.target or f"{endpoint.host}:{endpoint.port}"
         out[name] = BiometricClient(name, target, _token(settings, cfg), cfg, stub, settings.server.max_message_bytes)
     return out
+
+
+def check_credentials(clients: dict[str, BiometricClient]) -> None:
+    """At start-up: refuse to run with credentials a biometric service refuses (ClientConfigError)."""
+    for client in clients.values():
+        client.check_credentials()

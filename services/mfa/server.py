@@ -7,6 +7,7 @@ from services.common.config import Settings
 from services.common.runtime import Runtime
 from services.common.server.bootstrap import ServiceDefinition
 from services.mfa import subjects
+from services.mfa.clients import check_credentials
 from services.mfa.service import Orchestrator, budget_of
 
 
@@ -74,6 +75,12 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
 def definition(settings: Settings) -> ServiceDefinition:
     rt = Runtime.open(settings)
     orchestrator = Orchestrator(rt)
+    try:
+        check_credentials(orchestrator.clients)  # refuse to start with credentials face/voice refuse
+    except Exception:
+        orchestrator.close()
+        rt.close()
+        raise
     servicer = MfaServicer(rt, orchestrator)
 
     def close() -> None:

@@ -81,9 +81,7 @@ class Orchestrator:
         self.sessions = Sessions(self.store)
         self.lockouts = Lockouts(self.store, rt.audit)
         self.reviews = ReviewQueue(self.store, rt.audit)
-        keys_file = cfg.signing_keys_file or rt.settings.data_dir / "keys" / "mfa-token-keys.json"
-        self.signing = SigningKeys(keys_file, cfg.token_ttl_s, cfg.signing_key_max_age_s,
-                                   clock=lambda: self.clock().timestamp())
+        self.signing = SigningKeys.from_settings(rt.settings, clock=lambda: self.clock().timestamp())
         self.tokens = TokenIssuer(self.signing, cfg.issuer, cfg.token_ttl_s)
         master = rt.keyring.pseudonym_key()
         self._device_key = derive(master, "device-fingerprint")

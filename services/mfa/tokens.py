@@ -1,7 +1,8 @@
 """Signed decisions: short-lived EdDSA (Ed25519) JWTs, their JWKS, and key rotation.
 
-Keys live in one JSON file (mode 0600, like the audit signing key), shared by replicas through
-the data directory: a replica reloads it when its mtime changes, and rotation holds a file lock.
+Keys live in a vault of the key backend (services/common/crypto/backend.py): a JSON file (mode
+0600) shared by replicas through the data directory, re-read when its mtime changes, rotation
+holding a file lock; or a PKCS#11 token the replicas share, the keys never leaving it.
 The newest key signs. A rotated-out key stays in the JWKS until every token it signed has
 expired (token lifetime plus a leeway), then it is dropped.
 
@@ -14,106 +15,74 @@ binds the token to its customer by ``sid``, the session it opened for that custo
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from filelock import FileLock
+
+from services.common.crypto.signing import FileKeyVault, Signer, SigningKeyVault, b64url, public_jwk
+
+if TYPE_CHECKING:
+    from services.common.config import Settings
 
 LEEWAY_S = 60
 
 
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _kid(key: Ed25519PrivateKey) -> str:
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "mfa-" + _b64(raw)[:16]
-
-
 class SigningKeys:
-    def __init__(self, path: Path, token_ttl_s: int, max_age_s: int, clock: Callable[[], float] = time.time) -> None:
-        self.path, self.token_ttl_s, self.max_age_s, self.clock = path, token_ttl_s, max_age_s, clock
+    """The rotating set of decision-token keys in a vault (a JSON file, or a PKCS#11 token)."""
+
+    def __init__(self, vault: SigningKeyVault | Path, token_ttl_s: int, max_age_s: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.vault = FileKeyVault(vault) if isinstance(vault, Path) else vault
+        self.token_ttl_s, self.max_age_s, self.clock = token_ttl_s, max_age_s, clock
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
-        self._doc: dict[str, Any] = {"keys": []}
-        self._private: dict[str, Ed25519PrivateKey] = {}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file_lock = FileLock(str(self.path) + ".lock")
-        if not self._load() or not self._doc["keys"]:
+        if not self.vault.entries():
             self.rotate()
 
-    def _load(self) -> bool:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return False
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp != self._stamp:
-            doc = json.loads(self.path.read_text())
-            self._private = {k["kid"]: serialization.load_pem_private_key(k["pem"].encode(), None) for k in doc["keys"]}
-            self._doc, self._stamp = doc, stamp
-        return True
+    @classmethod
+    def from_settings(cls, settings: Settings, clock: Callable[[], float] = time.time) -> SigningKeys:
+        from services.common.crypto.backend import open_token_vault
 
-    def _write(self, doc: dict[str, Any]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh)
-        os.replace(tmp, self.path)
+        cfg = settings.mfa
+        return cls(open_token_vault(settings), cfg.token_ttl_s, cfg.signing_key_max_age_s, clock)
+
+    def _expired(self, entry: dict[str, Any], now: float) -> bool:
+        return entry.get("retired") is not None and now - entry["retired"] > self.token_ttl_s + LEEWAY_S
 
     def rotate(self) -> str:
         """A new signing key; the previous one only verifies from now on."""
-        with self._lock, self._file_lock:
-            self._stamp = None
-            self._load()
+        with self._lock, self.vault.exclusive():
             now = self.clock()
-            keep = []
-            for k in self._doc["keys"]:
+            keep, drop = [], []
+            for k in self.vault.entries():
                 if k.get("retired") is None:
                     k = {**k, "retired": now}
-                if now - k["retired"] <= self.token_ttl_s + LEEWAY_S:
-                    keep.append(k)
-            key = Ed25519PrivateKey.generate()
-            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()).decode()
-            kid = _kid(key)
-            self._write({"keys": [*keep, {"kid": kid, "pem": pem, "created": now, "retired": None}]})
-            self._stamp = None
-            self._load()
-            return kid
+                (drop if self._expired(k, now) else keep).append(k)
+            new = {**self.vault.generate(), "created": now, "retired": None}
+            self.vault.save([*keep, new])
+            for k in drop:
+                self.vault.destroy(k)
+            return new["kid"]
 
-    def current(self) -> tuple[str, Ed25519PrivateKey]:
-        with self._lock:
-            self._load()
-            live = [k for k in self._doc["keys"] if k.get("retired") is None]
+    def current(self) -> tuple[str, Signer]:
+        live = [k for k in self.vault.entries() if k.get("retired") is None]
         if not live or self.clock() - live[-1]["created"] > self.max_age_s:
             self.rotate()
             return self.current()
-        kid = live[-1]["kid"]
-        return kid, self._private[kid]
+        signer = self.vault.signer(live[-1])
+        return signer.key_id, signer
 
     def jwks(self) -> dict[str, Any]:
-        with self._lock:
-            self._load()
-            now = self.clock()
-            keys = []
-            for k in self._doc["keys"]:
-                if k.get("retired") is not None and now - k["retired"] > self.token_ttl_s + LEEWAY_S:
-                    continue
-                raw = self._private[k["kid"]].public_key().public_bytes(serialization.Encoding.Raw,
-                                                                         serialization.PublicFormat.Raw)
-                keys.append({"kty": "OKP", "crv": "Ed25519", "x": _b64(raw), "kid": k["kid"], "alg": "EdDSA", "use": "sig"})
+        now = self.clock()
+        keys = []
+        for k in self.vault.entries():
+            if not self._expired(k, now):
+                keys.append(public_jwk(self.vault.signer(k).public_key, k["kid"]))
         return {"keys": keys}
 
 
@@ -123,22 +92,30 @@ class TokenIssuer:
 
     def issue(self, claims: dict[str, Any], now: float | None = None) -> tuple[str, float]:
         now = time.time() if now is None else now
-        kid, key = self.keys.current()
+        kid, signer = self.keys.current()
         payload = {"iss": self.issuer, "iat": int(now), "nbf": int(now), "exp": int(now) + self.ttl_s,
                    "jti": uuid.uuid4().hex, **claims}
-        return jwt.encode(payload, key, algorithm="EdDSA", headers={"kid": kid}), payload["exp"]
+        header = {"alg": signer.algorithm, "kid": kid, "typ": "JWT"}
+        signing_input = ".".join(b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, payload))
+        signature = signer.sign(signing_input.encode("ascii"))
+        return f"{signing_input}.{b64url(signature)}", payload["exp"]
+
+
+ALGORITHMS = ("EdDSA", "ES256")  # ES256: tokens signed by an HSM without Ed25519
 
 
 def verify_token(token: str, jwks_json: str, issuer: str, audience: str) -> dict[str, Any]:
     """What a relying party does: pick the key by kid from the JWKS and check signature and
     claims. Raises jwt.InvalidTokenError (expired, tampered, unknown key, wrong audience)."""
     header = jwt.get_unverified_header(token)
-    if header.get("alg") != "EdDSA":
-        raise jwt.InvalidAlgorithmError("only EdDSA tokens are accepted")
+    if header.get("alg") not in ALGORITHMS:
+        raise jwt.InvalidAlgorithmError("only EdDSA and ES256 tokens are accepted")
     keyset = jwt.PyJWKSet.from_json(jwks_json)
     try:
         key = keyset[header.get("kid", "")]
     except KeyError:
         raise jwt.InvalidKeyError("the token's key is not in the key set") from None
-    return jwt.decode(token, key.key, algorithms=["EdDSA"], issuer=issuer, audience=audience,
+    if key.key_type == "EC" and header["alg"] != "ES256" or key.key_type == "OKP" and header["alg"] != "EdDSA":
+        raise jwt.InvalidAlgorithmError("the token's algorithm does not match its key")
+    return jwt.decode(token, key.key, algorithms=[header["alg"]], issuer=issuer, audience=audience,
                       options={"require": ["exp", "iat", "sub", "sid", "decision"]})

@@ -157,8 +157,8 @@ class VoiceDecision:
 
 
 class VoiceEngine:
-    def __init__(self, settings: Settings, store: ModelStore, models: VoiceModels, crypto_seal, crypto_open,
-                 pseudonymize) -> None:
+    def __init__(self, settings: Settings, store: ModelStore, models: VoiceModels,
+                 replay_cache: replay.ReplayCache) -> None:
         cfg = self.cfg = settings.voice
         self.models = models
         providers = tuple(settings.models.providers)
@@ -185,10 +185,7 @@ class VoiceEngine:
                                                  cfg.antispoof_batch_max, cfg.batch_wait_ms, "voice-aasist")
         self.pad_score_names = {f: pad_score_name(antispoof_window_s(cfg, f)) for f in cohort_mod.FAMILIES}
         self.digits = DigitRecognizer()
-        self.replay = replay.ReplayCache(
-            replay.open_store(cfg.replay_store, cfg.replay_retention_s, cfg.replay_max_per_subject,
-                              cfg.replay_key_prefix),
-            cfg.replay_min_similarity, crypto_seal, crypto_open, pseudonymize)
+        self.replay = replay_cache
 
     # -- warm-up -------------------------------------------------------------------------------
 

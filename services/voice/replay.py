@@ -15,7 +15,9 @@ correlation here (at most 46 % between different captures of the fixtures); figu
 bench/RESULTS.md.
 
 Fingerprints are quantised to int8 and stored sealed (the runtime's envelope encryption, bound to
-tenant and subject), since a spectral envelope is derived from the voice capture.
+tenant and subject), since a spectral envelope is derived from the voice capture. Stores
+(``voice.replay_store``): a table of the storage (the default: replicas share it), Redis, or one
+process's memory.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import soxr
 from numpy.typing import NDArray
 from scipy.signal import butter, fftconvolve, sosfiltfilt
+
+if TYPE_CHECKING:
+    from services.common.runtime import Runtime
+    from services.common.storage import Storage
 
 RATE = 8000
 N_FFT = 256  # 32 ms at 8 kHz
@@ -186,15 +192,74 @@ class RedisReplayStore:
         return int(count)
 
 
+class DatabaseReplayStore:
+    """A table of the service's storage (SQLite or PostgreSQL): replicas share it through the
+    database they already share, with no Redis. Same retention and cap as the Redis store."""
+
+    def __init__(self, storage: Storage, retention_s: float, max_per_subject: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        from .storage import attach
+
+        self.repo = attach(storage)
+        self.retention_s, self.max_per_subject, self.clock = retention_s, max_per_subject, clock
+
+    def recent(self, tenant: str, pseudonym: str) -> list[bytes]:
+        return self.repo.recent(tenant, pseudonym, self.clock() - self.retention_s)
+
+    def add(self, tenant: str, pseudonym: str, record: bytes) -> None:
+        now = self.clock()
+        self.repo.add(tenant, pseudonym, record, now, self.max_per_subject, now - self.retention_s)
+
+    def erase(self, tenant: str, pseudonym: str) -> int:
+        return self.repo.erase(tenant, pseudonym)
+
+
+class ReplayStoreError(ValueError):
+    """voice.replay_store names a store that cannot be used; the message says what to change."""
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def open_store(spec: str, retention_s: float, max_per_subject: int,
-               prefix: str = RedisReplayStore.PREFIX) -> ReplayStore:
+               prefix: str = RedisReplayStore.PREFIX, storage: Storage | None = None) -> ReplayStore:
+    """The store ``voice.replay_store`` names. Raises ReplayStoreError, naming the setting, for an
+    unknown value or an unreachable Redis, so that the service refuses to start."""
     if spec == "memory":
         return MemoryReplayStore(retention_s, max_per_subject)
+    if spec == "database":
+        if storage is None:
+            raise ReplayStoreError("voice.replay_store 'database' needs the service's storage")
+        return DatabaseReplayStore(storage, retention_s, max_per_subject)
     if spec.startswith(("redis://", "rediss://", "unix://")):
+        import redis
+
         store = RedisReplayStore(spec, retention_s, max_per_subject, prefix=prefix)
-        store.ping()
+        try:
+            store.ping()
+        except redis.RedisError as exc:
+            raise ReplayStoreError(
+                f"voice.replay_store {_without_password(spec)}: Redis cannot be reached ({exc}). Start Redis "
+                "there, or set voice.replay_store to 'database' (a table of the storage, shared by replicas) "
+                "or 'memory' (one process only)") from None
         return store
-    raise ValueError(f"voice.replay_store {spec!r}: expected 'memory' or a redis:// URL")
+    raise ReplayStoreError(f"voice.replay_store {spec!r}: expected 'database', 'memory' or a redis:// URL")
+
+
+def open_cache(rt: Runtime) -> ReplayCache:
+    """The replay cache of a voice service process (``rt``: its Runtime)."""
+    cfg = rt.settings.voice
+    store = open_store(cfg.replay_store, cfg.replay_retention_s, cfg.replay_max_per_subject,
+                       cfg.replay_key_prefix, storage=rt.storage)
+    return ReplayCache(store, cfg.replay_min_similarity, rt.crypto.seal, rt.crypto.open, rt.pseudonymize)
 
 
 @dataclass(frozen=True)

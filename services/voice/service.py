@@ -81,6 +81,7 @@ class VoiceService:
         self.challenges = Challenges(rt, "voice", CHALLENGE_KIND)
         self.ready: ReadinessGate[VoiceEngine] = ReadinessGate("voice")
         self._loaded: VoiceEngine | None = None  # kept across warm-up retries (a calibration may come later)
+        self.replay = replay.open_cache(rt)  # before the models: erasure and a bad store need none
 
     @property
     def engine(self) -> VoiceEngine | None:
@@ -90,8 +91,7 @@ class VoiceService:
         """Load, check and run the configured models, then open the gate; -> the health details."""
         self.models.fetch(self.rt.models)
         if self._loaded is None:
-            self._loaded = VoiceEngine(self.rt.settings, self.rt.models, self.models, self.rt.crypto.seal,
-                                       self.rt.crypto.open, self.rt.pseudonymize)
+            self._loaded = VoiceEngine(self.rt.settings, self.rt.models, self.models, self.replay)
         engine = self._loaded
         engine.check_calibrations()
         engine.warmup()
@@ -100,7 +100,7 @@ class VoiceService:
             "models": ",".join(sorted(self.models.ids)),
             "providers": ",".join(f"{k}={v}" for k, v in sorted(engine.providers.items())),
             "score": engine.score_name,
-            "replay_store": type(engine.replay.store).__name__,
+            "replay_store": type(self.replay.store).__name__,
         }
 
     def close(self) -> None:
@@ -252,10 +252,9 @@ class VoiceService:
         return subjects.get_enrollment(self.rt, request, "voice")
 
     def delete_subject(self, request: common_pb2.DeleteSubjectRequest) -> common_pb2.DeleteSubjectResponse:
-        response = subjects.delete_modality(self.rt, request, "voice")
-        if self.engine is not None:
-            tenant, subject = subject_ref(request.subject)
-            self.engine.replay.erase(tenant, subject)
+        with self.rt.storage.transaction():  # the database replay store erases in the same transaction
+            response = subjects.delete_modality(self.rt, request, "voice")
+            self.replay.erase(*subject_ref(request.subject))
         return response
 
     # -- the decision --------------------------------------------------------------------------

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .signing import AuditSigner, load_public_key
+from services.common.crypto.backend import open_audit_signer
+
+from .signing import load_public_key, public_key_pem
 from .verify import verify
 
 if TYPE_CHECKING:
@@ -59,8 +61,8 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     key_file = getattr(args, "public_key", None)
     if key_file is not None:
         public_key = load_public_key(Path(key_file).read_bytes())
-    elif settings.audit_signing_key_file.exists():
-        public_key = AuditSigner.load(settings.audit_signing_key_file).public_key
+    elif settings.keys.backend == "pkcs11" or settings.audit_signing_key_file.exists():
+        public_key = open_audit_signer(settings, create=False).public_key
     else:
         print(f"no public key: pass --public-key or provide {settings.audit_signing_key_file}", file=sys.stderr)
         return 2
@@ -77,7 +79,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_export_public_key(settings: Settings, args: argparse.Namespace) -> int:
-    pem = AuditSigner.load_or_create(settings.audit_signing_key_file).public_key_pem()
+    pem = public_key_pem(open_audit_signer(settings).public_key)
     out = getattr(args, "out", None)
     if out:
         Path(out).write_bytes(pem)

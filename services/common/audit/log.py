@@ -11,11 +11,11 @@ from services.common.storage.interfaces import AuditAppend, AuditCheckpoint, Aud
 
 from .chain import checkpoint_message, head_message, record_hash
 from .guard import AuditDataError, check_details, check_text
-from .signing import AuditSigner
 
 if TYPE_CHECKING:
     from services.common.config import Settings
     from services.common.crypto.keyring import Keyring
+    from services.common.crypto.signing import Signer
     from services.common.storage.interfaces import AuditRepository, Storage
 
 
@@ -25,7 +25,7 @@ class AuditLog:
     def __init__(
         self,
         storage_audit: AuditRepository,
-        signer: AuditSigner,
+        signer: Signer,
         pseudonymizer: Pseudonymizer,
         checkpoint_every: int = 100,
     ) -> None:
@@ -38,9 +38,11 @@ class AuditLog:
 
     @classmethod
     def from_settings(cls, settings: Settings, storage: Storage, keyring: Keyring) -> AuditLog:
+        from services.common.crypto.backend import open_audit_signer
+
         return cls(
             storage.audit,
-            AuditSigner.load_or_create(settings.audit_signing_key_file),
+            open_audit_signer(settings),
             Pseudonymizer(keyring.pseudonym_key()),
             settings.audit.checkpoint_every,
         )

@@ -20,8 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from services.common.crypto.signing import PublicKey, verify_signature
 
 from .chain import checkpoint_message, head_message, row_hash
 from .signing import key_map
@@ -61,20 +60,18 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _signature_ok(keys: dict[str, Ed25519PublicKey], key_id: str, signature: bytes, message: bytes) -> str | None:
+def _signature_ok(keys: dict[str, PublicKey], key_id: str, signature: bytes, message: bytes) -> str | None:
     key = keys.get(key_id)
     if key is None:
         return f"signed with unknown key {key_id!r}"
-    try:
-        key.verify(bytes(signature), message)
-    except InvalidSignature:
+    if not verify_signature(key, bytes(signature), message):
         return "bad signature"
     return None
 
 
 def verify(
     storage_audit: AuditRepository,
-    public_key: Ed25519PublicKey | Iterable[Ed25519PublicKey],
+    public_key: PublicKey | Iterable[PublicKey],
     known_checkpoints: Iterable[tuple[int, str]] = (),
     checkpoint_every: int | None = None,
     batch: int = 1000,

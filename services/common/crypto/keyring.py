@@ -9,7 +9,9 @@ is the primary (the one new records are sealed under). Three implementations:
   restart.
 * :class:`StaticKeyring` — the same JSON from the ``BIOGATE_KEYRING_JSON`` environment variable
   (development, containers). Read-only: rotate by changing the variable and restarting.
-* an external KMS/HSM adapter: set ``KeysConfig.kms = "package.module:factory"``; ``factory``
+* :class:`~services.common.crypto.hsm.Pkcs11Keyring` — KEKs inside a PKCS#11 token
+  (``keys.backend: pkcs11``).
+* an external KMS adapter: set ``KeysConfig.kms = "package.module:factory"``; ``factory``
   is called with the :class:`~services.common.config.Settings` and must return an object
   satisfying :class:`Keyring`. The adapter keeps the KEKs inside the KMS and implements
   ``wrap``/``unwrap`` as the KMS's encrypt/decrypt calls (with ``aad`` as the encryption
@@ -360,7 +362,12 @@ def load_kms(spec: str, settings: Settings) -> Keyring:
 
 
 def open_keyring(settings: Settings, create: bool = True) -> Keyring:
-    """The keyring the configuration names: KMS adapter, else $BIOGATE_KEYRING_JSON, else the file."""
+    """The keyring the configuration names: the PKCS#11 token (keys.backend), a KMS adapter, else
+    $BIOGATE_KEYRING_JSON, else the file."""
+    if settings.keys.backend == "pkcs11":
+        from .backend import open_pkcs11_keyring
+
+        return open_pkcs11_keyring(settings, create)
     if settings.keys.kms:
         return load_kms(settings.keys.kms, settings)
     env = os.environ.get(ENV_VAR)

@@ -1,4 +1,16 @@
-"""Caller authentication: bearer tokens and mTLS client certificates mapped to principals."""
+"""Caller authentication: bearer tokens and mTLS client certificates mapped to principals.
+
+A client certificate (already verified against ``server.tls.client_ca_file`` by the TLS handshake,
+which refuses unknown and expired ones) is identified by its URI SANs (SPIFFE IDs) and DNS SANs;
+its CN only when it has neither (RFC 6125: a CN beside SANs is not an identity).
+
+Certificate and token on one call: the certificate identifies the calling workload. A
+certificate that maps to a principal decides who calls; a bearer token sent along must belong
+to the same principal or the call is refused (UNAUTHENTICATED), so a token stolen from another
+caller cannot lend its roles to this workload. A certificate that maps to no principal (a
+member of the bank's PKI without a BioGate identity) only protects the transport; the token
+then identifies the caller.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +19,13 @@ import hmac
 import json
 import os
 import secrets
+from functools import lru_cache
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 
+from services.common import errors
 from services.common.config import Settings
 from services.common.context import Principal
 
@@ -44,20 +59,55 @@ class Authenticator:
         return cls(entries)
 
     def authenticate(self, context: grpc.ServicerContext) -> Principal | None:
+        """The caller, or None when it sent no credentials the server knows. Raises
+        ServiceError(UNAUTHENTICATED) when certificate and token name different principals."""
+        by_cert = self._cert_principal(context.auth_context())
         metadata = dict(context.invocation_metadata())
         auth = metadata.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            digest = token_sha256(auth[7:].strip())
-            for known, principal in self._by_token.items():
-                if hmac.compare_digest(known, digest):
-                    return principal
+        if not auth.lower().startswith("bearer "):
+            return by_cert
+        by_token = self._token_principal(auth[7:].strip())
+        if by_cert is None:
+            return by_token
+        if by_token is None or by_token.name != by_cert.name:
+            raise errors.unauthenticated(
+                f"the bearer token does not belong to '{by_cert.name}', whom the client certificate "
+                "identifies; send no token on an mTLS connection, or the certificate's own",
+                reason="CERTIFICATE_TOKEN_MISMATCH",
+            )
+        return by_cert
+
+    def _token_principal(self, token: str) -> Principal | None:
+        digest = token_sha256(token)
+        for known, principal in self._by_token.items():
+            if hmac.compare_digest(known, digest):
+                return principal
+        return None
+
+    def _cert_principal(self, auth_context: dict[str, list[bytes]]) -> Principal | None:
+        pems = auth_context.get("x509_pem_cert") or []
+        if not pems:
             return None
-        names = context.auth_context().get("x509_common_name") or []
-        for name in names:
-            principal = self._by_cert.get(name.decode())
+        for name in certificate_identities(pems[0]):
+            principal = self._by_cert.get(name)
             if principal:
                 return principal
         return None
+
+
+@lru_cache(maxsize=256)
+def certificate_identities(pem: bytes) -> tuple[str, ...]:
+    """The names a client certificate identifies its holder by: URI SANs, then DNS SANs; the CN
+    only when there are none of those."""
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [*san.get_values_for_type(x509.UniformResourceIdentifier), *san.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = []
+    if names:
+        return tuple(names)
+    return tuple(str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))
 
 
 def ensure_dev_credentials(settings: Settings) -> dict[str, str]:

@@ -90,6 +90,17 @@ class RunningServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address} for the {definition.name} service (port in use?)")
         self.address = f"{endpoint.host}:{self.port}"
+        # The kubelet's gRPC probes speak plaintext without credentials: health alone, on a port of its own.
+        self.health_server: grpc.Server | None = None
+        self.health_address: str | None = None
+        if endpoint.health_port is not None:
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                                             options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            bound = self.health_server.add_insecure_port(f"{endpoint.host}:{endpoint.health_port}")
+            if bound == 0:
+                raise OSError(f"cannot listen on {endpoint.host}:{endpoint.health_port} for {definition.name} health")
+            self.health_address = f"{endpoint.host}:{bound}"
         self._stopping = threading.Event()
         self.ready = threading.Event()
 
@@ -100,6 +111,8 @@ class RunningServer:
 
     def start(self) -> "RunningServer":
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         log.info("listening", extra={"service": self.definition.name, "address": self.address})
         threading.Thread(target=self._warm_up, name=f"{self.definition.name}-warmup", daemon=True).start()
         return self
@@ -130,6 +143,8 @@ class RunningServer:
         grace = self.settings.server.drain_seconds if grace is None else grace
         log.info("draining", extra={"service": self.definition.name, "grace_s": grace})
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         self.definition.close()
         log.info("stopped", extra={"service": self.definition.name})
 

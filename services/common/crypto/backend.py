@@ -1,0 +1,43 @@
+"""The key backend the configuration selects (``keys.backend``): which keyring, audit signer and
+MFA token-key vault a process uses. ``file`` keeps them under ``data_dir`` (the embedded
+default); ``pkcs11`` keeps them in the token of ``keys.pkcs11`` (:mod:`.hsm`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .signing import FileKeyVault, FileSigner, Signer, SigningKeyVault
+
+if TYPE_CHECKING:
+    from services.common.config import Settings
+
+
+def _token(settings: Settings):
+    from .hsm import open_token
+
+    return open_token(settings.keys.pkcs11)
+
+
+def open_audit_signer(settings: Settings, create: bool = True) -> Signer:
+    """The key that signs the audit trail (created on first use when ``create``)."""
+    if settings.keys.backend == "pkcs11":
+        from .hsm import audit_signer
+
+        return audit_signer(_token(settings), create)
+    path = settings.audit_signing_key_file
+    return FileSigner.load_or_create(path) if create else FileSigner.load(path)
+
+
+def open_token_vault(settings: Settings) -> SigningKeyVault:
+    """Where the MFA's decision-token signing keys live."""
+    if settings.keys.backend == "pkcs11":
+        from .hsm import Pkcs11KeyVault
+
+        return Pkcs11KeyVault(_token(settings))
+    return FileKeyVault(settings.mfa.signing_keys_file or settings.data_dir / "keys" / "mfa-token-keys.json")
+
+
+def open_pkcs11_keyring(settings: Settings, create: bool = True):
+    from .hsm import Pkcs11Keyring
+
+    return Pkcs11Keyring(_token(settings), settings.keys.cipher, create)

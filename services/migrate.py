@@ -1,0 +1,40 @@
+"""`biogate migrate`: what a deployment prepares once, before its services start (the Kubernetes
+migration Job, `make run` through `serve`): the storage schema, and the keys of the configured
+backend, so that replicas starting together never race to create either."""
+
+from __future__ import annotations
+
+import argparse
+
+from services.common.config import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("migrate", help="apply pending schema migrations and create missing keys, then exit")
+    p.set_defaults(func=cmd_migrate)
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from services.common.crypto import open_keyring
+    from services.common.crypto.backend import open_audit_signer
+    from services.common.storage import open_storage
+    from services.mfa import storage as mfa_storage
+    from services.mfa.tokens import SigningKeys
+    from services.voice import storage as voice_storage
+
+    storage = open_storage(settings.storage_dsn, settings.storage)  # applies what is pending, under a lock
+    try:
+        for part in (mfa_storage, voice_storage):  # each service's own tables
+            part.attach(storage)
+        with storage.db.read() as s:
+            rows = s.all("SELECT part, max(version) FROM schema_versions GROUP BY part ORDER BY part")
+    finally:
+        storage.close()
+    version = ", ".join(f"{part} v{v}" for part, v in rows)
+    keyring = open_keyring(settings)
+    keyring.pseudonym_key()
+    signer = open_audit_signer(settings)
+    SigningKeys.from_settings(settings)
+    print(f"biogate migrate: {storage.dialect} schema {version}; keys ({settings.keys.backend} backend): "
+          f"primary KEK {keyring.primary_key_id()}, audit key {signer.key_id}")
+    return 0

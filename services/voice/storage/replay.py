@@ -1,0 +1,41 @@
+"""Sealed voice-capture fingerprints of the replay cache (services/voice/replay.py), per tenant and
+pseudonymised subject, kept for a retention window and capped per subject."""
+
+from __future__ import annotations
+
+from services.common.storage.db import Database
+
+
+class SqlReplayRepository:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def recent(self, tenant_id: str, subject_key: str, since: float) -> list[bytes]:
+        with self._db.read() as s:
+            rows = s.all(
+                "SELECT record FROM voice_replay WHERE tenant_id = ? AND subject_key = ? AND accepted_at >= ?"
+                " ORDER BY accepted_at, id",
+                (tenant_id, subject_key, since),
+            )
+        return [bytes(r[0]) for r in rows]
+
+    def add(self, tenant_id: str, subject_key: str, record: bytes, at: float, keep: int, expired_before: float) -> None:
+        """Insert, keep the subject's newest ``keep`` records and drop everyone's expired ones."""
+        with self._db.transaction() as s:
+            s.execute(
+                "INSERT INTO voice_replay (tenant_id, subject_key, accepted_at, record) VALUES (?, ?, ?, ?)",
+                (tenant_id, subject_key, at, record),
+            )
+            s.execute(
+                "DELETE FROM voice_replay WHERE tenant_id = ? AND subject_key = ? AND id NOT IN ("
+                " SELECT id FROM voice_replay WHERE tenant_id = ? AND subject_key = ?"
+                " ORDER BY accepted_at DESC, id DESC LIMIT ?)",
+                (tenant_id, subject_key, tenant_id, subject_key, keep),
+            )
+            s.execute("DELETE FROM voice_replay WHERE accepted_at < ?", (expired_before,))
+
+    def erase(self, tenant_id: str, subject_key: str) -> int:
+        with self._db.transaction() as s:
+            return s.count(
+                "DELETE FROM voice_replay WHERE tenant_id = ? AND subject_key = ?", (tenant_id, subject_key)
+            )

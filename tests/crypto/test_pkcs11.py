@@ -1,0 +1,202 @@
+"""The PKCS#11 key backend against a real SoftHSM2 token: template keys wrap and unwrap inside the
+token, the audit trail and the MFA's decision tokens are signed by keys that never leave it, and a
+second process (a replica) shares the token instead of files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jwt
+import pkcs11
+import pytest
+import yaml
+from pkcs11 import Attribute, ObjectClass
+
+from services.cli import main as biogate
+from services.common.audit import verify
+from services.common.config import PROJECT_ROOT
+from services.common.crypto import (
+    BindingMismatchError,
+    EnvelopeCrypto,
+    KeyringError,
+    TemplateBinding,
+    UnknownKeyError,
+    envelope_key_id,
+    open_keyring,
+)
+from services.common.crypto.backend import open_audit_signer
+from services.common.runtime import Runtime
+from services.common.storage import TemplateRecord
+from services.mfa.tokens import SigningKeys, TokenIssuer, verify_token
+from tests.conftest import make_settings
+from tests.softhsm import PIN, TOKEN_LABEL, softhsm  # noqa: F401  (fixture)
+
+CLAIMS = {"aud": "bank-a", "sub": "ps1_x", "sid": "ses_1", "decision": "allow", "amr": ["face"], "acr": "aal2"}
+KEY_FILE_NAMES = {"keyring.json", "audit-ed25519.pem", "mfa-token-keys.json"}
+
+
+def token_objects(hsm, prefix: str) -> list:
+    """Every object the backend made under ``prefix``, through a session of the test's own."""
+    token = pkcs11.lib(hsm.module).get_token(token_label=TOKEN_LABEL)
+    try:
+        session = token.open(user_pin=PIN)
+    except pkcs11.exceptions.UserAlreadyLoggedIn:  # the backend's session in this process logged in
+        session = token.open()
+    return session, [o for o in session.get_objects() if str(o[Attribute.LABEL]).startswith(prefix + "-")]
+
+
+def assert_nothing_secret_under(data_dir):
+    names = {p.name for p in data_dir.rglob("*") if p.is_file()}
+    assert not names & KEY_FILE_NAMES, names
+    for path in data_dir.rglob("*"):
+        if path.is_file() and path.suffix not in (".db", ".db-wal", ".db-shm"):
+            text = path.read_bytes()
+            assert b"PRIVATE KEY" not in text and b"biogate-keyring" not in text, path
+
+
+def test_keys_stay_in_the_token_for_templates_audit_and_tokens(softhsm, tmp_path):
+    keys = softhsm.keys_config()
+    prefix = keys["pkcs11"]["label_prefix"]
+    settings = make_settings(tmp_path / "data", keys=keys, audit={"checkpoint_every": 3})
+    rt = Runtime.open(settings)
+    try:
+        # enrol and verify: a template sealed under a KEK in the token opens only for its binding
+        binding = TemplateBinding("bank-a", "cust-1", "face", "mobilefacenet-arcface-192d")
+        envelope = rt.crypto.encrypt_template(binding, b"\x01\x02template")
+        rt.storage.templates.put(TemplateRecord("bank-a", "cust-1", "face", "mobilefacenet-arcface-192d", "",
+                                                envelope, envelope_key_id(envelope), 1))
+        stored = rt.storage.templates.get("bank-a", "cust-1", "face", "mobilefacenet-arcface-192d")
+        assert rt.crypto.decrypt_template(binding, stored.envelope) == b"\x01\x02template"
+        with pytest.raises(BindingMismatchError):
+            rt.crypto.decrypt_template(TemplateBinding("bank-a", "cust-2", "face", "mobilefacenet-arcface-192d"),
+                                       stored.envelope)
+        # the audit trail: heads and checkpoints signed in the token, verified with its public key
+        for i in range(7):
+            rt.audit.append("test.event", "tester", "bank-a", f"cust-{i}", {"n": i})
+        public = open_audit_signer(settings, create=False).public_key
+        report = verify(rt.storage.audit, public, checkpoint_every=3)
+        assert report.ok and report.checkpoints_checked == 2, report.render()
+        # decision tokens: signed in the token, verified with the JWKS; rotation keeps old ones valid
+        signing = SigningKeys.from_settings(settings)
+        issuer = TokenIssuer(signing, "biogate-mfa", 120)
+        token, _ = issuer.issue(CLAIMS)
+        assert verify_token(token, json.dumps(signing.jwks()), "biogate-mfa", "bank-a")["decision"] == "allow"
+        assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
+        new_kid = signing.rotate()
+        fresh, _ = issuer.issue(CLAIMS)
+        jwks = json.dumps(signing.jwks())
+        assert jwt.get_unverified_header(fresh)["kid"] == new_kid
+        assert {verify_token(t, jwks, "biogate-mfa", "bank-a")["sid"] for t in (token, fresh)} == {"ses_1"}
+    finally:
+        rt.close()
+
+    session, objects = token_objects(softhsm, prefix)
+    try:
+        secret = [o for o in objects if o[Attribute.CLASS] in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY)]
+        labels = sorted(str(o[Attribute.LABEL]).split(" ")[0] for o in secret)
+        assert labels == [f"{prefix}-{x}" for x in ("audit", "kek", "mfa-jwt", "mfa-jwt", "pseudonym")]
+        for obj in secret:
+            assert obj[Attribute.EXTRACTABLE] is False and obj[Attribute.SENSITIVE] is True
+            assert obj[Attribute.NEVER_EXTRACTABLE] is True and obj[Attribute.ALWAYS_SENSITIVE] is True
+            with pytest.raises(pkcs11.exceptions.AttributeSensitive):
+                obj[Attribute.VALUE]
+    finally:
+        session.close()
+    assert_nothing_secret_under(settings.data_dir)
+
+
+def write_config(path, data_dir, keys) -> None:
+    path.write_text(yaml.safe_dump({"data_dir": str(data_dir), "keys": keys,
+                                    "models": {"cache_dir": str(PROJECT_ROOT / "var" / "models")}}))
+
+
+def test_rotation_and_retirement_through_the_cli_and_a_second_process(softhsm, tmp_path, capsys):
+    keys = softhsm.keys_config()
+    config = tmp_path / "biogate.yaml"
+    write_config(config, tmp_path / "data", keys)
+    assert biogate(["--config", str(config), "migrate"]) == 0  # creates the keys in the token
+    assert biogate(["--config", str(config), "keys", "init"]) == 0
+    capsys.readouterr()
+    settings = make_settings(tmp_path / "data", keys=keys)
+    rt = Runtime.open(settings)
+    try:
+        first = rt.keyring.primary_key_id()
+        binding = TemplateBinding("bank-a", "cust-9", "voice", "ecapa-voxceleb", "telephone")
+        envelope = rt.crypto.encrypt_template(binding, b"voiceprint")
+        rt.storage.templates.put(TemplateRecord("bank-a", "cust-9", "voice", "ecapa-voxceleb", "telephone",
+                                                envelope, envelope_key_id(envelope), 1))
+        assert biogate(["--config", str(config), "keys", "rotate", "--cipher", "SM4-GCM"]) == 1
+        assert "makes AES-256-GCM keys only" in capsys.readouterr().err
+        assert biogate(["--config", str(config), "keys", "rotate"]) == 0
+        assert "1 templates" in capsys.readouterr().out
+        rt.keyring._list(force=True)  # another process rotated; this one would look within a second anyway
+        second = rt.keyring.primary_key_id()
+        assert second != first
+        rec = rt.storage.templates.get("bank-a", "cust-9", "voice", "ecapa-voxceleb", "telephone")
+        assert envelope_key_id(rec.envelope) == second
+        assert biogate(["--config", str(config), "keys", "retire", first]) == 0
+        assert rt.crypto.decrypt_template(binding, rec.envelope) == b"voiceprint"
+        with pytest.raises(UnknownKeyError):
+            rt.crypto.decrypt_template(binding, envelope)  # sealed under the retired key, destroyed in the token
+
+        # a replica: another process with the same configuration and no shared files
+        replica = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+            import json, sys
+            from services.common.config import load_config
+            from services.common.crypto import EnvelopeCrypto, TemplateBinding, open_keyring
+            from services.common.crypto.backend import open_audit_signer
+            from services.common.crypto.signing import key_id
+            from services.mfa.tokens import SigningKeys
+            s = load_config({str(config)!r})
+            keyring = open_keyring(s, create=False)
+            b = TemplateBinding("bank-a", "cust-9", "voice", "ecapa-voxceleb", "telephone")
+            opened = EnvelopeCrypto(keyring).decrypt_template(b, bytes.fromhex(sys.argv[1]))
+            keys = SigningKeys.from_settings(s)
+            new_kid = keys.rotate()
+            print(json.dumps({{"opened": opened.decode(), "primary": keyring.primary_key_id(),
+                              "pseudonym": keyring.pseudonym_key().hex(), "kid": new_kid,
+                              "audit": key_id(open_audit_signer(s, create=False).public_key)}}))
+            """), rec.envelope.hex()], env=dict(os.environ, **softhsm.env()), cwd=PROJECT_ROOT,
+            capture_output=True, text=True, timeout=120)
+        assert replica.returncode == 0, replica.stderr
+        seen = json.loads(replica.stdout.strip().splitlines()[-1])
+        assert seen["opened"] == "voiceprint" and seen["primary"] == second
+        assert seen["pseudonym"] == rt.keyring.pseudonym_key().hex()
+        assert seen["audit"] == rt.audit._signer.key_id
+        assert seen["kid"] in {k["kid"] for k in SigningKeys.from_settings(settings).jwks()["keys"]}
+    finally:
+        rt.close()
+    assert biogate(["--config", str(config), "audit", "verify"]) == 0
+    assert "audit trail: OK" in capsys.readouterr().out
+    assert_nothing_secret_under(tmp_path / "data")
+
+
+def test_configuration_mistakes_name_the_setting(softhsm, tmp_path, monkeypatch):
+    keys = softhsm.keys_config()
+    keys["pkcs11"]["token_label"] = "no-such-token"
+    with pytest.raises(KeyringError, match="keys.pkcs11.token_label"):
+        open_keyring(make_settings(tmp_path / "a", keys=keys))
+    monkeypatch.delenv("BIOGATE_PKCS11_PIN")
+    with pytest.raises(KeyringError, match="BIOGATE_PKCS11_PIN"):
+        open_keyring(make_settings(tmp_path / "b", keys=softhsm.keys_config()))
+    with pytest.raises(ValueError, match="keys.pkcs11.module"):
+        make_settings(tmp_path / "c", keys={"backend": "pkcs11"})
+
+
+def test_a_wrapped_key_is_bound_to_its_associated_data(softhsm, tmp_path):
+    keyring = open_keyring(make_settings(tmp_path / "data", keys=softhsm.keys_config()))
+    kid = keyring.primary_key_id()
+    wrapped = keyring.wrap(kid, b"k" * 32, b"aad-1")
+    assert keyring.unwrap(kid, wrapped, b"aad-1") == b"k" * 32
+    from services.common.crypto import WrongKeyError
+
+    with pytest.raises(WrongKeyError):
+        keyring.unwrap(kid, wrapped, b"aad-2")
+    with pytest.raises(WrongKeyError):
+        keyring.unwrap(kid, wrapped[:-1] + bytes([wrapped[-1] ^ 1]), b"aad-1")
+    crypto = EnvelopeCrypto(keyring)
+    assert crypto.decrypt_contact("t", "s", crypto.encrypt_contact("t", "s", "+8613800000000")) == "+8613800000000"

@@ -1,0 +1,209 @@
+"""deploy/k8s: every overlay renders (`kubectl kustomize`), every object is valid against the
+Kubernetes schema (kubernetes-validate's bundled schemas, offline), and the manifests agree with
+the code: the ConfigMap's configuration loads through load_config, container and Service ports
+are the configured ones, probes use grpc.health.v1 on the health port, every BIOGATE_* variable
+names a configuration field, Secrets and ConfigMaps referenced exist or are documented external
+ones, resources cover the measured peak RSS, and the network policies let only the MFA reach face
+and voice."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+from services.common.config import PROJECT_ROOT, Settings, load_config
+from tests.deploy.config_paths import names_a_setting
+
+K8S = PROJECT_ROOT / "deploy" / "k8s"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
+SERVICES = ("face", "voice", "mfa")
+# Versions a bank runs: the oldest supported (native gRPC probes and the preStop sleep action need
+# 1.30) and the newest schema shipped.
+VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+# Provided by the bank's PKI / cert-manager (README, "Deploying"), never committed.
+EXTERNAL_SECRETS = {"biogate-tls", "biogate-mfa-client-tls"}
+EXTERNAL_CLAIMS = {"biogate-models"}
+# Peak RSS measured per service (bench/RESULTS.md, "Peak memory" and "GPU (H100)"), in MiB.
+PEAK_RSS_MIB = {"cpu": {"face": 992, "voice": 1583, "mfa": 187}, "gpu": {"face": 3700, "voice": 2090, "mfa": 187}}
+
+
+def render(overlay: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with its built-in kustomize) is needed to render deploy/k8s"
+    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, list[dict]]:
+    return request.param, render(request.param)
+
+
+def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def deployment(objects, service) -> dict:
+    return by_kind(objects, "Deployment")[f"biogate-{service}"]
+
+
+def container(objects, service) -> dict:
+    (c,) = deployment(objects, service)["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def configuration(objects) -> Settings:
+    (cm,) = [o for o in by_kind(objects, "ConfigMap").values() if o["metadata"]["name"].startswith("biogate-config")]
+    return load_config(None, **yaml.safe_load(cm["data"]["biogate.yaml"]))
+
+
+def mib(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * factor
+    return float(quantity) / 2**20
+
+
+def test_both_overlays_exist():
+    assert OVERLAYS == ["cpu", "gpu"]
+
+
+def test_every_object_is_valid_against_the_kubernetes_schema(rendered):
+    _, objects = rendered
+    assert {o["kind"] for o in objects} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                                            "NetworkPolicy", "Job", "ConfigMap", "Secret", "Namespace"}
+    for obj in objects:
+        for version in VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)  # raises ValidationError
+
+
+def test_the_validator_can_fail(rendered):
+    _, objects = rendered
+    broken = yaml.safe_load(yaml.safe_dump(deployment(objects, "face")))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "health"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+
+
+def test_the_configuration_loads_and_ports_and_probes_match_it(rendered):
+    _, objects = rendered
+    settings = configuration(objects)
+    services = by_kind(objects, "Service")
+    for name in SERVICES:
+        endpoint = settings.endpoint(name)
+        assert endpoint.host == "0.0.0.0" and endpoint.health_port
+        c = container(objects, name)
+        assert c["args"] == ["serve", name]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"grpc": endpoint.port, "metrics": endpoint.metrics_port, "health": endpoint.health_port}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == endpoint.health_port and set(c[probe]) - {"grpc"} <= {
+                "periodSeconds", "failureThreshold", "timeoutSeconds", "initialDelaySeconds"}
+        service_ports = {p["name"]: p["port"] for p in services[f"biogate-{name}"]["spec"]["ports"]}
+        assert service_ports == {"grpc": endpoint.port, "metrics": endpoint.metrics_port}
+        annotations = deployment(objects, name)["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(endpoint.metrics_port)
+    # the MFA reaches face and voice by their Services, on their gRPC ports, with its own certificate
+    for name in ("face", "voice"):
+        host, port = getattr(settings.clients, name).target.split(":")
+        assert host.split(".")[0] == f"biogate-{name}" and int(port) == settings.endpoint(name).port
+        assert getattr(settings.clients, name).cert_file is not None
+    assert not settings.auth.dev_credentials and settings.server.tls.client_ca_file is not None
+    assert settings.keys.backend == "pkcs11" and settings.voice.replay_store == "database"
+
+
+def test_every_environment_variable_names_a_setting_and_every_reference_exists(rendered):
+    _, objects = rendered
+    secrets, config_maps = by_kind(objects, "Secret"), by_kind(objects, "ConfigMap")
+    settings = configuration(objects)
+    pods = [d["spec"]["template"]["spec"] for d in by_kind(objects, "Deployment").values()]
+    pods += [j["spec"]["template"]["spec"] for j in by_kind(objects, "Job").values()]
+    assert names_a_setting("BIOGATE_VOICE__REPLAY_STORE") and not names_a_setting("BIOGATE_VOICE__REPLAY_STOR")
+    for pod in pods:
+        for c in pod["containers"]:
+            for env in c.get("env", []):
+                name = env["name"]
+                if name == settings.keys.pkcs11.pin_env or name == "BIOGATE_CONFIG":
+                    pass
+                else:
+                    assert names_a_setting(name), name
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in secrets[ref["name"]]["stringData"], ref
+            mounts = {m["name"] for m in c.get("volumeMounts", [])}
+            assert mounts <= {v["name"] for v in pod["volumes"]}
+        for volume in pod["volumes"]:
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in set(secrets) | EXTERNAL_SECRETS
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in EXTERNAL_CLAIMS
+    job = by_kind(objects, "Job")["biogate-migrate"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["biogate", "migrate"]
+
+
+def test_resources_cover_the_measured_peak_memory_and_gpus_are_scheduled(rendered):
+    overlay, objects = rendered
+    for name in SERVICES:
+        c, pod = container(objects, name), deployment(objects, name)["spec"]["template"]["spec"]
+        requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+        peak = PEAK_RSS_MIB[overlay][name]
+        assert mib(requests["memory"]) >= peak and mib(limits["memory"]) >= 1.25 * peak, (name, requests, limits)
+        gpu = overlay == "gpu" and name != "mfa"
+        assert ("nvidia.com/gpu" in limits) == gpu
+        if gpu:
+            assert limits["nvidia.com/gpu"] == "1" and c["image"].endswith("biogate-gpu:0.1.0")
+            assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        else:
+            assert "nodeSelector" not in pod and "biogate-gpu" not in c["image"]
+    hpas, pdbs = by_kind(objects, "HorizontalPodAutoscaler"), by_kind(objects, "PodDisruptionBudget")
+    for name in SERVICES:
+        assert hpas[f"biogate-{name}"]["spec"]["scaleTargetRef"]["name"] == f"biogate-{name}"
+        assert hpas[f"biogate-{name}"]["spec"]["minReplicas"] >= 2
+        assert pdbs[f"biogate-{name}"]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": f"biogate-{name}"}
+
+
+def test_only_the_mfa_reaches_face_and_voice_and_only_the_bank_reaches_the_mfa(rendered):
+    _, objects = rendered
+    settings = configuration(objects)
+    policies = list(by_kind(objects, "NetworkPolicy").values())
+    assert any(p["spec"]["podSelector"] == {} and "ingress" not in p["spec"] for p in policies)  # default deny
+
+    def sources(service: str, port: int) -> list[dict]:
+        out = []
+        for p in policies:
+            selector = p["spec"]["podSelector"].get("matchLabels", {})
+            applies = selector.get("app.kubernetes.io/name") == f"biogate-{service}" or \
+                selector.get("app.kubernetes.io/part-of") == "biogate"
+            for rule in p["spec"].get("ingress", []) if applies else []:
+                if any(r["port"] == port for r in rule.get("ports", [])):
+                    out += rule["from"]
+        return out
+
+    for name in ("face", "voice"):
+        assert sources(name, settings.endpoint(name).port) == [
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "biogate-mfa"}}}]
+    (peer,) = sources("mfa", settings.endpoint("mfa").port)
+    assert list(peer) == ["namespaceSelector"]
+    for name in SERVICES:
+        assert sources(name, settings.endpoint(name).metrics_port) == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+def test_the_prometheus_scrape_job_keeps_the_annotated_pods(rendered):
+    _, objects = rendered
+    scrape = yaml.safe_load(by_kind(objects, "ConfigMap")["biogate-prometheus-scrape"]["data"]["biogate-scrape.yaml"])
+    (job,) = scrape
+    keep = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
+    assert keep[0]["source_labels"] == ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"]
+    for name in SERVICES:
+        annotations = deployment(objects, name)["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == keep[0]["regex"]

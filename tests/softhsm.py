@@ -1,0 +1,59 @@
+"""A SoftHSM2 token for the PKCS#11 key backend's tests.
+
+SoftHSM reads its configuration ($SOFTHSM2_CONF) and lists its tokens once, when a process
+loads the library: one token per test session, made before any test loads it. Tests keep apart
+by a label prefix of their own (``keys.pkcs11.label_prefix``). Child processes (replicas) get
+the same token through the environment of :func:`hsm_env`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+MODULE_CANDIDATES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+                     "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so")
+TOKEN_LABEL = "biogate-test"
+PIN = "4821-test-pin"
+
+
+@dataclass(frozen=True)
+class SoftHsm:
+    conf: Path
+    tokens: Path  # the token directory: every object SoftHSM keeps is a file under it
+    module: str
+
+    def env(self) -> dict[str, str]:
+        return {"SOFTHSM2_CONF": str(self.conf), "BIOGATE_PKCS11_PIN": PIN}
+
+    def keys_config(self, prefix: str | None = None) -> dict:
+        return {"backend": "pkcs11", "pkcs11": {"module": self.module, "token_label": TOKEN_LABEL,
+                                                 "label_prefix": prefix or f"t{uuid.uuid4().hex[:10]}"}}
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory) -> SoftHsm:
+    module = next((m for m in MODULE_CANDIDATES if Path(m).exists()), None)
+    assert module and shutil.which("softhsm2-util"), "SoftHSM2 is missing: run scripts/setup.sh (Debian softhsm2)"
+    root = tmp_path_factory.mktemp("softhsm")
+    tokens = root / "tokens"
+    tokens.mkdir()
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = dict(os.environ, SOFTHSM2_CONF=str(conf))
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL, "--pin", PIN,
+                    "--so-pin", "so-" + PIN], env=env, check=True, capture_output=True)
+    saved = {k: os.environ.get(k) for k in ("SOFTHSM2_CONF", "BIOGATE_PKCS11_PIN")}
+    os.environ.update(SOFTHSM2_CONF=str(conf), BIOGATE_PKCS11_PIN=PIN)
+    yield SoftHsm(conf, tokens, module)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
