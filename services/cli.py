@@ -14,12 +14,12 @@ from services.common.logs import setup_logging
 COMMAND_MODULES = (
     "services.serve",
     "services.migrate",
-    "services.common.models.cli",
-    "services.common.crypto.cli",
-    "services.common.audit.cli",
-    "services.common.evaluation.cli",
+    "services.commands.models",
+    "services.commands.keys",
+    "services.commands.audit",
+    "services.commands.evaluation",
     "services.admin",
-    "services.voice.cli",
+    "services.commands.voice",
 )
 
 

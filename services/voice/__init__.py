@@ -20,7 +20,7 @@ One module per role:
   engine                    the models together; decide() -> VoiceDecision (speaker and each layer)
   service, server           the RPCs; the bootstrap's definition
   evaluation, remote_eval   `biogate eval` scorers, local and --target
-  attacks, cli              simulated attacks; `biogate voice cohort|attacks`
+  attacks                   simulated attacks (`biogate voice cohort|attacks`: services/commands/voice.py)
 
 Calibrating (writes models/manifest.yaml; see bench/RESULTS.md for the figures):
   biogate eval --modality voice --all-pairs --channel wideband --out var/eval/v-wb

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from services.common.audit import AuditLog
-from services.common.audit import cli as audit_cli
+from services.commands import audit as audit_cli
 from services.common.config import load_config
 from services.common.crypto import open_keyring
 from services.common.storage import open_storage

@@ -6,7 +6,7 @@ import pytest
 
 from services.common.audit import AuditSigner, verify
 from services.common.crypto import EnvelopeCrypto, LocalKeyring, TemplateBinding, envelope_key_id, open_keyring
-from services.common.crypto import cli as keys_cli
+from services.commands import keys as keys_cli
 from services.common.storage import TemplateRecord, open_storage
 
 

@@ -13,7 +13,7 @@ import yaml
 from evaluation_synthetic import EmbeddingScorer, build_pad_world, build_world
 
 from services.common.config import PROJECT_ROOT, load_config
-from services.common.evaluation import cli
+from services.commands import evaluation as cli
 from services.common.evaluation.calibration import apply_llr, threshold_for
 from services.common.evaluation.scorers import (
     ScorerOptions,

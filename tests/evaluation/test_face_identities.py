@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.common.config import PROJECT_ROOT
-from services.common.evaluation import cli
+from services.commands import evaluation as cli
 from services.common.evaluation.trials import all_pairs, read_people, split_people
 from services.common.models import load_manifest
 from services.common.models.calibration import llr_caps

@@ -13,7 +13,7 @@ from face_helpers import bomb_png, encode_png, load_bgr, two_faces
 from services.common.api.v1 import common_pb2, face_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
 from services.common.evaluation import metrics
-from services.common.evaluation.cli import load_scorer
+from services.commands.evaluation import load_scorer
 from services.common.evaluation.runner import run_pad, run_verification
 from services.common.evaluation.scorers import ScorerOptions
 from services.common.evaluation.trials import read_pad, read_trials

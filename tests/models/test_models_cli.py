@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.common.models import ModelStore
-from services.common.models.cli import register
+from services.commands.models import register
 
 
 def run(settings, *argv: str) -> int:

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from services.common.crypto.backend import open_audit_signer
 
-from .signing import load_public_key, public_key_pem
-from .verify import verify
+from services.common.audit.signing import load_public_key, public_key_pem
+from services.common.audit.verify import verify
 
 if TYPE_CHECKING:
     from services.common.config import Settings

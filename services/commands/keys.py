@@ -7,9 +7,9 @@ import getpass
 import sys
 from typing import TYPE_CHECKING
 
-from .errors import KeyInUseError, KeyringError, UnknownKeyError
-from .keyring import LocalKeyring, open_keyring
-from .rotation import key_usage, retire, rotate
+from services.common.crypto.errors import KeyInUseError, KeyringError, UnknownKeyError
+from services.common.crypto.keyring import LocalKeyring, open_keyring
+from services.common.crypto.rotation import key_usage, retire, rotate
 
 if TYPE_CHECKING:
     from services.common.config import Settings

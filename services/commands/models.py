@@ -6,9 +6,9 @@ import argparse
 import sys
 import time
 
-from ..config import Settings
-from .errors import ModelError
-from .store import ModelStore
+from services.common.config import Settings
+from services.common.models.errors import ModelError
+from services.common.models.store import ModelStore
 
 
 def _fetch(settings: Settings, args: argparse.Namespace) -> int:

@@ -22,11 +22,11 @@ from typing import Any
 from services.common.config import PROJECT_ROOT, Settings
 from services.common.models.calibration import rate_text
 
-from . import calibration as cal
-from . import metrics as m
-from .runner import run_pad, run_verification
-from .scorers import Mode, Scorer, ScorerOptions, get_scorer_factory, register_scorer
-from .trials import (PEOPLE_PARTS, all_pairs, read_manifest, read_pad, read_people, read_trials, split_people,
+from services.common.evaluation import calibration as cal
+from services.common.evaluation import metrics as m
+from services.common.evaluation.runner import run_pad, run_verification
+from services.common.evaluation.scorers import Mode, Scorer, ScorerOptions, get_scorer_factory, register_scorer
+from services.common.evaluation.trials import (PEOPLE_PARTS, all_pairs, read_manifest, read_pad, read_people, read_trials, split_people,
                      write_trials)
 
 DEFAULT_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
@@ -102,7 +102,7 @@ def _progress(done: int, total: int) -> None:
 
 
 def _eval(settings: Settings, args: argparse.Namespace) -> int:
-    from .report import pad_report, verification_report, write_pad_outputs, write_verification_outputs  # matplotlib: only when reporting
+    from services.common.evaluation.report import pad_report, verification_report, write_pad_outputs, write_verification_outputs  # matplotlib: only when reporting
     fixtures = Path(args.fixtures)
     options = ScorerOptions(settings=settings, channel=args.channel, target=args.target)
     all_pairs_of = args.all_pairs
@@ -183,7 +183,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
 
 def _read_scores(path: Path) -> tuple[dict[str, Any], str]:
     """A scores.json, or a report.json pointing at its scores file; also the dataset name."""
-    from .report import REPORT_FILE  # matplotlib: only when reporting
+    from services.common.evaluation.report import REPORT_FILE  # matplotlib: only when reporting
     data = json.loads(path.read_text(encoding="utf-8"))
     dataset = str(path)
     if data.get("kind") in ("verification", "pad") and "files" in data:
@@ -198,7 +198,7 @@ def _read_scores(path: Path) -> tuple[dict[str, Any], str]:
 
 
 def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
-    from .report import write_json  # matplotlib: only when reporting
+    from services.common.evaluation.report import write_json  # matplotlib: only when reporting
     scores, dataset = _read_scores(Path(args.scores))
     pad = scores["kind"] == "pad"
     targets = args.target_fmr or (m.DEFAULT_TARGET_APCERS if pad else m.DEFAULT_TARGET_FMRS)
@@ -240,7 +240,7 @@ def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from .report import REPORT_FILE, SCORES_FILE  # matplotlib: only when reporting
+    from services.common.evaluation.report import REPORT_FILE, SCORES_FILE  # matplotlib: only when reporting
     p = subparsers.add_parser("eval", help="measure a face or voice scorer on a trial list")
     p.add_argument("--modality", choices=("face", "voice"), required=True)
     p.add_argument("--task", choices=("verification", "pad"), default="verification")

@@ -16,9 +16,9 @@ from pathlib import Path
 from services.common.config import Settings
 
 def _cohort(settings: Settings, args: argparse.Namespace) -> int:
-    from . import cohort as cohort_mod
-    from .engine import default_cohort_path
-    from .models import pipeline_from_settings
+    from services.voice import cohort as cohort_mod
+    from services.voice.engine import default_cohort_path
+    from services.voice.models import pipeline_from_settings
 
     pipeline = pipeline_from_settings(settings, providers=("CPUExecutionProvider",))
     if args.audio:
@@ -39,7 +39,7 @@ def _cohort(settings: Settings, args: argparse.Namespace) -> int:
 def _attacks(settings: Settings, args: argparse.Namespace) -> int:
     import soundfile as sf
 
-    from .attacks import SENTENCES, VOICES, espeak
+    from services.voice.attacks import SENTENCES, VOICES, espeak
     from services.common.evaluation.trials import read_pad
 
     out = Path(args.out).resolve()
@@ -63,7 +63,7 @@ def _attacks(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from services.common.evaluation.cli import DEFAULT_FIXTURES
+    from services.commands.evaluation import DEFAULT_FIXTURES
 
     p = subparsers.add_parser("voice", help="voice service tools: s-norm cohort, attack sets")
     sub = p.add_subparsers(dest="voice_command", required=True)
