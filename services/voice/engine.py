@@ -4,7 +4,7 @@ the s-norm cohort, the calibrations, and the three anti-spoofing layers.
 Layers (only pass/fail reaches the client; scores and which layer failed go to the audit):
   1. synthetic speech: AASIST on the most speech-dense window, threshold from the ``aasist``
      calibration of the channel (an APCER operating point measured with espeak-ng attacks);
-  2. digit challenge: the digits of a single-use nonce, recognised by PocketSphinx on the same
+  2. digit challenge: the digits of a single-use nonce, recognised by Whisper tiny.en on the same
      audio the speaker is verified on;
   3. replay cache: the capture's fingerprint against the subject's accepted captures.
 """
@@ -28,7 +28,7 @@ from . import replay
 from .aasist import AasistDetector, torch_device
 from .antispoof import SyntheticSpeechDetector
 from .calibration import ManifestCalibrations
-from .digits import DigitRecognizer
+from .digits import MODEL_ID as DIGITS_MODEL_ID, DigitRecognizer, digit_errors
 from .models import resolve
 from .pipeline import PreparedAudio, VoicePipeline, VoicePipelineConfig
 
@@ -150,7 +150,7 @@ class VoiceEngine:
             self.synthetic_batcher = BatcherPool(self.synthetic["wideband"].score_windows, cfg.inference_workers,
                                                  cfg.antispoof_batch_max, cfg.batch_wait_ms, "voice-aasist")
         self.pad_score_names = {f: pad_score_name(antispoof_window_s(cfg, f)) for f in cohort_mod.FAMILIES}
-        self.digits = DigitRecognizer()
+        self.digits = DigitRecognizer(store.path(DIGITS_MODEL_ID).parent, cfg.inference_workers, cfg.intra_op_threads or 1)
         self.replay = replay.ReplayCache(
             replay.open_store(cfg.replay_store, cfg.replay_retention_s, cfg.replay_max_per_subject,
                               cfg.replay_key_prefix),
@@ -183,7 +183,7 @@ class VoiceEngine:
         out = {self.model_id: self.pipeline.provider, self.cfg.vad: self.pipeline.vad.model.provider}
         if self.cfg.antispoof:
             out[self.cfg.antispoof] = f"torch-{self.synthetic['wideband'].detector.device.type}"
-        out["pocketsphinx"] = "cpu"
+        out[DIGITS_MODEL_ID] = "cpu"
         return out
 
     def close(self) -> None:
@@ -222,5 +222,5 @@ class VoiceEngine:
         if expected is None:
             return LayerResult(False, True), 0
         heard = self.digits.recognise(prepared.samples, len(expected))
-        errors = sum(a != b for a, b in zip(heard.ljust(len(expected)), expected))
+        errors = digit_errors(heard, expected)
         return LayerResult(True, errors <= self.cfg.challenge_max_digit_errors, errors), errors
