@@ -33,7 +33,7 @@ RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX_URL} \
 # batch detector is derived from; checked against the manifest by tests/deploy/test_dockerfiles.py.
 RUN BIOGATE_MODELS__MANIFEST=/opt/biogate/models/manifest.yaml BIOGATE_MODELS__CACHE_DIR=/opt/biogate/model-cache \
     BIOGATE_MODELS__LOCAL_DIRS='[]' BIOGATE_DATA_DIR=/tmp/biogate-build \
-    biogate models fetch yunet-2023mar yunet-2023mar-batch mobilefacenet-arcface-192d ecapa-voxceleb aasist silero-vad-v6 \
+    biogate models fetch yunet-2023mar yunet-2023mar-batch mobilefacenet-arcface-192d ecapa-voxceleb aasist silero-vad-v6 whisper-tiny.en-ct2 \
  && rm -rf /opt/biogate/model-cache/.downloads /tmp/biogate-build
 
 FROM ${PYTHON_IMAGE}

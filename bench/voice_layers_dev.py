@@ -1,12 +1,11 @@
 """Measurements behind the voice service's anti-spoofing layers (printed as JSON lines).
 
-    .venv/bin/python bench/voice_layers_dev.py [--digits 40] [--skip-replay]
+    .venv/bin/python bench/voice_layers_dev.py
 
-* digits: PocketSphinx digit-grammar accuracy (whole 6-digit strings, and per digit) on espeak-ng
-  speech (several voices) as recorded and through the telephone simulation; and on the real
-  TIDIGITS recording of the pocketsphinx sdist, when the cohort download has put it in the cache.
 * replay: fingerprint similarity between different fixture captures (all pairs; same speaker
   included) and between a capture and its re-encoded / resampled / loudspeaker+room copies.
+
+(The digit recogniser is measured on real speech by bench/voice_digits.py.)
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -25,41 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.voice import attacks, replay, telephone  # noqa: E402
-from services.voice.digits import WORDS, DigitRecognizer  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "voice" / "verification"
-VOICES = ("en-us", "en-us+klatt", "en-us+klatt2", "en-us+f3", "en+m2", "en-us+m3")
 
 
 def tel(x: np.ndarray) -> np.ndarray:
     return attacks.resample(telephone.decode(telephone.encode(x)), 8000, 16000)
-
-
-def digits_bench(n: int) -> None:
-    rec = DigitRecognizer()
-    rng = np.random.default_rng(1)
-    for voice in VOICES:
-        stats = {"wideband": [0, 0], "telephone": [0, 0]}
-        t = time.perf_counter()
-        for _ in range(n):
-            digits = "".join(str(d) for d in rng.integers(0, 10, 6))
-            x = attacks.espeak(" ".join(WORDS[int(d)] for d in digits), voice, speed=130, gap=8)
-            for channel, y in (("wideband", x), ("telephone", tel(x))):
-                got = rec.recognise(y, 6)
-                stats[channel][0] += got == digits
-                stats[channel][1] += sum(a == b for a, b in zip(got, digits))
-        ms = 1000 * (time.perf_counter() - t) / (2 * n)
-        print(json.dumps({"layer": "digits", "voice": voice, "utterances": n, "ms_per_utterance": round(ms),
-                          **{f"{c}_string_acc": round(v[0] / n, 3) for c, v in stats.items()},
-                          **{f"{c}_digit_acc": round(v[1] / (6 * n), 3) for c, v in stats.items()}}), flush=True)
-    archives = sorted((ROOT / "var" / "models" / ".downloads" / "pypi-sdist").glob("*/*.tar.gz"))
-    if archives:
-        with tarfile.open(archives[0]) as tf:
-            prefix = tf.getnames()[0].split("/")[0]
-            raw = tf.extractfile(f"{prefix}/test/data/tidigits/dhd.2934z.raw").read()
-        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768
-        print(json.dumps({"layer": "digits", "voice": "TIDIGITS dhd.2934z (real)", "truth": "29340",
-                          "wideband": rec.recognise(x, 5), "telephone": rec.recognise(tel(x), 5)}), flush=True)
 
 
 def replay_bench() -> None:
@@ -90,13 +59,8 @@ def replay_bench() -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--digits", type=int, default=20)
-    ap.add_argument("--skip-replay", action="store_true")
-    args = ap.parse_args()
-    digits_bench(args.digits)
-    if not args.skip_replay:
-        replay_bench()
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
+    replay_bench()
     return 0
 
 

@@ -5,7 +5,7 @@ turns a template and a prepared probe into a :class:`VoiceDecision`.
 Layers (only pass/fail reaches the client; scores and which layer failed go to the audit):
   1. synthetic speech: AASIST on the most speech-dense window, threshold from the ``aasist``
      calibration of the channel (an APCER operating point measured with espeak-ng attacks);
-  2. digit challenge: the digits of a single-use nonce, recognised by PocketSphinx on the same
+  2. digit challenge: the digits of a single-use nonce, recognised by Whisper tiny.en on the same
      audio the speaker is verified on;
   3. replay cache: the capture's fingerprint against the subject's accepted captures.
 """
@@ -29,7 +29,7 @@ from . import cohort as cohort_mod
 from . import replay
 from .aasist import torch_device
 from .antispoof import SyntheticSpeechDetector
-from .digits import DigitRecognizer
+from .digits import digit_errors
 from .models import VoiceModels, pipeline_config
 from .pipeline import PreparedAudio, VoicePipeline
 
@@ -184,7 +184,7 @@ class VoiceEngine:
             self.synthetic_batcher = BatcherPool(self.synthetic["wideband"].score_windows, cfg.inference_workers,
                                                  cfg.antispoof_batch_max, cfg.batch_wait_ms, "voice-aasist")
         self.pad_score_names = {f: pad_score_name(antispoof_window_s(cfg, f)) for f in cohort_mod.FAMILIES}
-        self.digits = DigitRecognizer()
+        self.digits = models.digit_recognizer(store, workers=cfg.inference_workers, threads=cfg.intra_op_threads or 1)
         self.replay = replay_cache
 
     # -- warm-up -------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ class VoiceEngine:
         out = {self.model_id: self.pipeline.provider, self.models.vad.id: self.pipeline.vad.model.provider}
         if self.antispoof_id:
             out[self.antispoof_id] = f"torch-{self.synthetic['wideband'].detector.device.type}"
-        out["pocketsphinx"] = "cpu"
+        out[self.models.digits.id] = "cpu"
         return out
 
     def close(self) -> None:
@@ -260,7 +260,7 @@ class VoiceEngine:
         if expected is None:
             return LayerResult(False, True, 0)
         heard = self.digits.recognise(prepared.samples, len(expected))
-        errors = sum(a != b for a, b in zip(heard.ljust(len(expected)), expected))
+        errors = digit_errors(heard, expected)
         return LayerResult(True, errors <= self.cfg.challenge_max_digit_errors, errors)
 
     def decide(self, tenant: str, subject: str, template: FloatArray, prepared: PreparedAudio, family: str,

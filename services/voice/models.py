@@ -19,6 +19,7 @@ from services.common.models.manifest import Manifest, ModelSpec
 from services.common.modality.zoo import ModelChoiceError, Router, fetch_verified
 
 from .aasist import AasistDetector
+from .digits import DigitRecognizer
 from .ecapa import EcapaOnnx, export_onnx
 from .pipeline import VoicePipeline, VoicePipelineConfig
 from .vad import SileroVad, VadParams
@@ -57,9 +58,14 @@ def _aasist(store: ModelStore, spec: ModelSpec, *, threads: int | None, device: 
                           max_windows=1, device=device)
 
 
+def _whisper_ct2(store: ModelStore, spec: ModelSpec, *, workers: int, threads: int) -> DigitRecognizer:
+    return DigitRecognizer(store.path(spec.id).parent, workers, threads)
+
+
 SPEAKER_EMBEDDERS = Router("speaker_embedder", "voice.embedder", {"ecapa-tdnn-speechbrain": _ecapa})
 VADS = Router("vad", "voice.vad", {"silero-vad": _silero})
 ANTISPOOF = Router("voice_antispoof", "voice.antispoof", {"aasist": _aasist})
+DIGIT_RECOGNIZERS = Router("digit_recognizer", "voice.digits", {"whisper-ct2": _whisper_ct2})
 
 
 @dataclass(frozen=True)
@@ -69,16 +75,18 @@ class VoiceModels:
     embedder: ModelSpec
     vad: ModelSpec
     antispoof: ModelSpec | None
+    digits: ModelSpec
 
     @classmethod
     def choose(cls, manifest: Manifest, cfg: VoiceConfig) -> "VoiceModels":
         """Raises ModelChoiceError naming the setting and the id of a model the service cannot run."""
         return cls(SPEAKER_EMBEDDERS.spec(manifest, cfg.embedder), VADS.spec(manifest, cfg.vad),
-                   ANTISPOOF.spec(manifest, cfg.antispoof) if cfg.antispoof else None)
+                   ANTISPOOF.spec(manifest, cfg.antispoof) if cfg.antispoof else None,
+                   DIGIT_RECOGNIZERS.spec(manifest, cfg.digits))
 
     @property
     def ids(self) -> list[str]:
-        return [m.id for m in (self.embedder, self.vad, self.antispoof) if m is not None]
+        return [m.id for m in (self.embedder, self.vad, self.antispoof, self.digits) if m is not None]
 
     def fetch(self, store: ModelStore) -> None:
         fetch_verified(store, self.ids)
@@ -89,6 +97,9 @@ class VoiceModels:
             store, self.embedder, providers=config.providers, threads=config.threads, max_batch=config.max_batch,
             max_pad_ratio=config.max_pad_ratio)
         return VoicePipeline(config, vad, embedder)
+
+    def digit_recognizer(self, store: ModelStore, *, workers: int, threads: int) -> DigitRecognizer:
+        return DIGIT_RECOGNIZERS.builder(self.digits)(store, self.digits, workers=workers, threads=threads)
 
     def antispoof_detector(self, store: ModelStore, threads: int | None, device: str) -> AasistDetector | None:
         if self.antispoof is None:

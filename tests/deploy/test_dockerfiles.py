@@ -48,7 +48,7 @@ def expected_models() -> tuple[set[str], set[str]]:
     manifest = load_manifest(settings.models.manifest)
     specs = {m.id: m for m in manifest.models}
     defaults = [settings.face.detector, settings.face.embedder, *settings.face.liveness,
-                settings.voice.embedder, settings.voice.vad, settings.voice.antispoof]
+                settings.voice.embedder, settings.voice.vad, settings.voice.antispoof, settings.voice.digits]
     fetched, operator = set(), set()
     for model_id in defaults:
         kinds = {src.kind for f in specs[model_id].files for src in f.sources}

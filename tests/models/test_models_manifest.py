@@ -45,6 +45,7 @@ EXPECTED = {
     "aasist": "voice_antispoof",
     "aasist-l": "voice_antispoof",
     "silero-vad-v6": "vad",
+    "whisper-tiny.en-ct2": "digit_recognizer",
 }
 
 RECORD = {
@@ -77,7 +78,7 @@ def test_project_manifest_lists_every_model_with_its_role(registry_ids):
         assert m.calibration == {} or all(isinstance(r, CalibrationRecord) for r in m.calibration.values())
     assert set(registry_ids) == {
         "yunet-2023mar", "yunet-2023mar-batch", "sface-2021dec", "sface-2021dec-batch", "mobilefacenet-arcface-192d",
-        "ecapa-voxceleb", "aasist", "silero-vad-v6",
+        "ecapa-voxceleb", "aasist", "silero-vad-v6", "whisper-tiny.en-ct2",
     }
     # Research-only weights are never fetched by default.
     assert not any(m.active for m in manifest.models if not m.commercial_use)

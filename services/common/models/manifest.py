@@ -12,7 +12,8 @@ from .calibration import CalibrationRecord
 from .errors import ManifestError, UnknownModelError
 
 Role = Literal[
-    "face_detector", "face_embedder", "face_liveness", "speaker_embedder", "voice_antispoof", "vad"
+    "face_detector", "face_embedder", "face_liveness", "speaker_embedder", "voice_antispoof", "vad",
+    "digit_recognizer",
 ]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _ID = r"^[a-z0-9][a-z0-9._-]*$"
