@@ -13,7 +13,7 @@ import pytest
 from services.common import errors
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.common.config import ClientTarget
-from services.mfa.clients import BiometricClient, CircuitBreaker, ServiceUnavailable, biometric_seconds
+from services.mfa.clients import BiometricClient, CircuitBreaker, ServiceUnavailable
 
 
 class FakeClock:
@@ -101,27 +101,24 @@ def test_the_callers_fault_is_passed_through_and_keeps_the_circuit_closed(face_s
 
 def test_a_slow_service_costs_at_most_the_deadline(face_server):
     servicer, target = face_server
-    servicer.script = ["slow"]
+    servicer.script = ["slow"]  # answers after 1 s, twice the client's 0.5 s deadline
     c = client(target, retries=0)
-    t0 = time.monotonic()
     with pytest.raises(ServiceUnavailable) as err:
         c.call("Verify", REQ, idempotent=True)
-    assert time.monotonic() - t0 < 0.9 and err.value.why == "DEADLINE_EXCEEDED"
+    assert err.value.why == "DEADLINE_EXCEEDED" and servicer.calls == 1  # cut at the deadline, not retried
 
 
-def test_a_dead_service_opens_the_circuit_and_later_calls_fail_fast():
-    c = client("127.0.0.1:9", retries=0, breaker_failures=2, breaker_reset_s=60)
+def test_a_dead_service_opens_the_circuit_and_later_calls_fail_fast(face_server):
+    servicer, target = face_server
+    servicer.script = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    c = client(target, retries=0, breaker_failures=2, breaker_reset_s=60)
     for _ in range(2):
         with pytest.raises(ServiceUnavailable):
             c.call("Verify", REQ, idempotent=True)
-    assert not c.available
-    token = biometric_seconds.set(0.0)
-    t0 = time.monotonic()
+    assert not c.available and servicer.calls == 2
     with pytest.raises(ServiceUnavailable) as err:
         c.call("Verify", REQ, idempotent=True)
-    assert err.value.why == "circuit open" and time.monotonic() - t0 < 0.05
-    assert biometric_seconds.get() < 0.05
-    biometric_seconds.reset(token)
+    assert err.value.why == "circuit open" and servicer.calls == 2  # refused without reaching the service
 
 
 def test_an_exhausted_caller_deadline_is_not_extended(face_server):

@@ -215,10 +215,9 @@ def test_http_gateway_does_not_retry_a_refusal(fake):
 
 
 def test_http_gateway_unreachable_is_an_error_not_a_hang():
-    t0 = time.monotonic()
-    with pytest.raises(SmsError):
+    with pytest.raises(SmsError) as err:  # a hang would be cut by the test timeout, not pass
         HttpSmsGateway("http://127.0.0.1:9/sms", timeout_s=0.3, retries=1, backoff_s=0.01).send(PHONE, "x", "k")
-    assert time.monotonic() - t0 < 3
+    assert err.value.transient  # worth a retry later: nothing answered
 
 
 def test_a_failed_send_is_unavailable_and_its_code_is_void(tmp_path, clock, fake):

@@ -7,7 +7,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +53,9 @@ def test_every_registry_model_is_fetched_and_pinned(registry_store: ModelStore, 
 
 
 def test_a_second_fetch_only_checks(registry_store: ModelStore, registry_ids):
-    started = time.monotonic()
     results = registry_store.fetch(registry_ids)
-    elapsed = time.monotonic() - started
-    assert {r.action for r in results} == {"cached"}
+    assert {r.action for r in results} == {"cached"}  # nothing downloaded or derived again
     assert len(results) == sum(len(registry_store.model(i).files) for i in registry_ids)
-    assert elapsed < 2.0, f"a fetch with everything cached took {elapsed:.2f} s"
 
 
 def test_one_download_per_archive(registry_store: ModelStore):
