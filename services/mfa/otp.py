@@ -56,16 +56,29 @@ class OtpService:
     def code_hash(self, session_id: str, code: str) -> str:
         return keyed_hash(self._code_key, session_id, code)
 
+    def _phone_rate_key(self, phone: str) -> str:
+        return f"mfa:otp:phone:{keyed_hash(self._phone_key, phone)}"
+
+    def _subject_rate_key(self, tenant: str, subject: str) -> str:
+        return f"mfa:otp:subject:{self.rt.pseudonymize(tenant, subject)}"
+
+    def rate_limit_keys(self, tenant: str, subject: str) -> list[str]:
+        """The counters kept for the subject and its phone number (what an erasure removes)."""
+        keys = [self._subject_rate_key(tenant, subject)]
+        stored = self.rt.storage.subjects.get_phone(tenant, subject)
+        if stored is not None:
+            keys.append(self._phone_rate_key(self.rt.crypto.decrypt_contact(tenant, subject, stored[0])))
+        return keys
+
     def send(self, cfg: OtpFactor, tenant: str, subject: str, session_id: str, now: datetime) -> Sent:
         stored = self.rt.storage.subjects.get_phone(tenant, subject)
         if stored is None:
             raise errors.failed_precondition("no phone number is registered for this subject", "NO_PHONE")
         phone = self.rt.crypto.decrypt_contact(tenant, subject, stored[0])
         rl = self.rt.storage.rate_limits
-        pseudonym = self.rt.pseudonymize(tenant, subject)
         for key, window, what in (
-            (f"mfa:otp:phone:{keyed_hash(self._phone_key, phone)}", cfg.per_phone, "this phone number"),
-            (f"mfa:otp:subject:{pseudonym}", cfg.per_subject, "this subject"),
+            (self._phone_rate_key(phone), cfg.per_phone, "this phone number"),
+            (self._subject_rate_key(tenant, subject), cfg.per_subject, "this subject"),
         ):
             ok, _ = rl.hit(key, window.window_s, window.limit, now)
             if not ok:

@@ -66,7 +66,8 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
         return subjects.get_consent(self.rt, request)
 
     def DeleteSubject(self, request, context):
-        return subjects.delete_subject(self.rt, self.mfa.store, self.mfa.clients, request, budget_of(context))
+        return subjects.delete_subject(self.rt, self.mfa.store, self.mfa.clients, request, budget_of(context),
+                                       self.mfa.rate_limit_keys)
 
     def SetPhoneNumber(self, request, context):
         return subjects.set_phone_number(self.rt, request)

@@ -66,6 +66,10 @@ def budget_of(grpc_context) -> float | None:
     return None if left is None or left < 0 else max(0.0, left - 0.2)
 
 
+def velocity_key(pseudonym: str) -> str:
+    return f"mfa:velocity:{pseudonym}"
+
+
 class Orchestrator:
     def __init__(self, rt: Runtime, clients: dict[str, BiometricClient] | None = None,
                  gateway: SmsGateway | None = None, clock: Callable[[], datetime] | None = None) -> None:
@@ -88,6 +92,10 @@ class Orchestrator:
         self._idem_key = derive(master, "idempotency")
         self._engines: dict[int, tuple[Policy, RiskEngine]] = {}
         self.registry = DeviceRegistry(rt, self.store, self.sessions, self.policies, self._device_key, self.clock)
+
+    def rate_limit_keys(self, tenant: str, subject: str) -> list[str]:
+        """The rate-limit counters kept under the subject's pseudonym or phone number (erased with it)."""
+        return [velocity_key(self.rt.pseudonymize(tenant, subject)), *self.otp.rate_limit_keys(tenant, subject)]
 
     def close(self) -> None:
         for c in self.clients.values():
@@ -150,7 +158,7 @@ class Orchestrator:
             state, matched = ("unbound" if not bound else "new"), None
         pseudonym = self.rt.pseudonymize(tenant, subject)
         vel = policy.risk.rules.velocity
-        _, count = self.rt.storage.rate_limits.hit(f"mfa:velocity:{pseudonym}", vel.window_s, 1_000_000, now)
+        _, count = self.rt.storage.rate_limits.hit(velocity_key(pseudonym), vel.window_s, 1_000_000, now)
         last = self.store.subject_signals.get(tenant, subject)
         last_place = Place(last.country, last.latitude, last.longitude, last.seen_at) if last else None
         risk = self._engine(policy).assess(RiskSignals(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import grpc
 
@@ -79,13 +80,16 @@ def get_consent(rt: Runtime, request: common_pb2.GetConsentRequest) -> common_pb
 
 
 def delete_subject(rt: Runtime, store: MfaStore, clients: dict[str, BiometricClient],
-                   request: common_pb2.DeleteSubjectRequest, budget: float | None = None) -> common_pb2.DeleteSubjectResponse:
+                   request: common_pb2.DeleteSubjectRequest, budget: float | None,
+                   rate_keys: Callable[[str, str], list[str]]) -> common_pb2.DeleteSubjectResponse:
     """Erases the subject in every modality. The face and voice services erase their templates
     through their own DeleteSubject (each with its audit record); then, in one transaction with the
     audit record, the MFA erases its own rows (devices, OTP state, sessions, reviews, lockouts,
     signals) and the shared subject record (consents, phone number, challenges). A service that
     cannot be reached fails the call with UNAVAILABLE naming it, before anything of the MFA's is
-    erased; every step is idempotent, so a retry completes the erasure. The audit keeps counts only."""
+    erased; every step is idempotent, so a retry completes the erasure. The audit keeps counts only.
+    ``rate_keys(tenant, subject)``: the rate-limit counters kept under the subject's pseudonym or
+    phone number, erased with the rest."""
     tenant, subject = subject_ref(request.subject)
     reason = identifier(request.reason, "reason") if request.reason else "unspecified"
     forwarded = common_pb2.DeleteSubjectRequest(subject=common_pb2.SubjectRef(tenant_id=tenant, subject_id=subject),
@@ -104,12 +108,13 @@ def delete_subject(rt: Runtime, store: MfaStore, clients: dict[str, BiometricCli
             "_AND_".join(exc.service.upper() for exc in down) + "_SERVICE_UNAVAILABLE")
     try:
         with rt.storage.transaction():  # the erasure and its audit record land together or not at all
+            counters = sum(rt.storage.rate_limits.reset(key) for key in rate_keys(tenant, subject))
             own = store.erase_subject(tenant, subject)
             shared = rt.storage.erase_subject(tenant, subject)
             row = rt.audit.append("subject.erased", actor(), tenant, subject, {
                 "reason": reason, "templates": sum(templates.values()), "devices": own.devices,
                 "otp_challenges": own.otp, "sessions": own.sessions, "consents": shared.consents,
-                "contact_erased": shared.contact_erased,
+                "contact_erased": shared.contact_erased, "rate_counters": counters,
             })
     except StillReferencedError:
         raise errors.ServiceError(grpc.StatusCode.ABORTED, "a template was enrolled while the subject was being "

@@ -263,7 +263,8 @@ def test_delete_subject_with_the_biometric_services_down_names_them_and_erases_n
     subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
     app = bound_app(orch, ref)
     with pytest.raises(ServiceError) as err:
-        subjects.delete_subject(orch.rt, orch.store, orch.clients, common_pb2.DeleteSubjectRequest(subject=ref))
+        subjects.delete_subject(orch.rt, orch.store, orch.clients, common_pb2.DeleteSubjectRequest(subject=ref), None,
+                                orch.rate_limit_keys)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     assert err.value.reason == "FACE_AND_VOICE_SERVICE_UNAVAILABLE"
     assert "the face service" in err.value.message and "the voice service" in err.value.message
