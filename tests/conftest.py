@@ -205,6 +205,26 @@ class ServiceHarness:
 
 
 @pytest.fixture
+def captured_logs():
+    """What the process logs during the test, as the services' JSON lines (DEBUG and up)."""
+    import io
+    import logging
+
+    from services.common.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("test"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+
+
+@pytest.fixture
 def services(settings: Settings):
     harness = ServiceHarness(settings)
     yield harness

@@ -50,8 +50,13 @@ class ServerConfig(Section):
     max_message_bytes: int = 16 * 1024 * 1024
     max_workers: int = 16
     max_concurrent_rpcs: int = 256
-    # Upper bound on any RPC's run time on the server, whatever deadline the client sent.
+    # Upper bound on any RPC's run time on the server, whatever deadline the client sent; a client
+    # stream must also be complete by then.
     rpc_timeout_s: float = 30.0
+    # Client streams (the IVR's StreamVerify): the longest pause between two messages, and the bytes
+    # the whole stream may carry. A silent or trickling client holds a worker thread no longer.
+    stream_idle_timeout_s: float = Field(10.0, gt=0)
+    stream_max_bytes: int = Field(32 * 1024 * 1024, ge=1)
     drain_seconds: float = 10.0
 
 
