@@ -32,6 +32,7 @@ class Endpoint(Section):
     host: str = "127.0.0.1"
     port: int
     metrics_port: int | None = None  # None: no Prometheus endpoint
+    metrics_host: str = "127.0.0.1"  # the metrics' bind address, apart from the gRPC port's
 
 
 class TlsConfig(Section):
@@ -57,6 +58,8 @@ class ServerConfig(Section):
     # the whole stream may carry. A silent or trickling client holds a worker thread no longer.
     stream_idle_timeout_s: float = Field(10.0, gt=0)
     stream_max_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    # Metrics scrapes must send a bearer token of a configured principal (any role).
+    metrics_auth: bool = False
     drain_seconds: float = 10.0
 
 
