@@ -4,6 +4,7 @@ calibrated threshold, identification, passive liveness, refusals of bad input wi
 from __future__ import annotations
 
 import csv
+import json
 
 import grpc
 import numpy as np
@@ -213,6 +214,28 @@ def test_bad_inputs_get_a_clear_status_and_store_nothing(face_service, face_dir,
         assert not r.match and not r.quality.accepted and r.reasons[0].code == reason
     except grpc.RpcError as e:
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and details_of(e)["reason"] == reason
+
+
+def test_a_face_on_its_side_or_upside_down_is_turned_upright_for_enrolment_and_verification(face_service, face_dir):
+    """Issue 12: a face turned 90 or 180 degrees (no EXIF) enrolled without a quality issue and its
+    template never matched an upright photo (scores -0.36 to 0.03)."""
+    s = face_service
+    upright = load_bgr(face_dir / OBAMA)
+    for k in (1, 2, 3):
+        subject = f"c-turned-{k}"
+        r = enroll(s, "bank-rot", subject, encode_png(np.ascontiguousarray(np.rot90(upright, k))))
+        assert r.images[0].accepted
+        assert verify(s, "bank-rot", subject, (face_dir / OBAMA2).read_bytes()).match
+    rows = [r for r in s.storage.audit.iter_records() if r.event_type == "face.enrolled" and r.tenant_id == "bank-rot"]
+    assert [json.loads(r.details)["turned_upright"] for r in rows[-3:]] == [1, 1, 1]
+    # an upright template, probes turned every way: matched, and the turn is in the audit record
+    enroll(s, "bank-rot", "c-upright", (face_dir / OBAMA).read_bytes())
+    probe = load_bgr(face_dir / OBAMA2)
+    for k in (1, 2, 3):
+        assert verify(s, "bank-rot", "c-upright", encode_png(np.ascontiguousarray(np.rot90(probe, k)))).match, k
+    last = [r for r in s.storage.audit.iter_records() if r.event_type == "face.verified"][-1]
+    assert json.loads(last.details)["turned_upright_deg"] == 90
+    assert not verify(s, "bank-rot", "c-upright", (face_dir / BIDEN).read_bytes()).match  # still one person only
 
 
 def test_two_face_refusal_is_configurable_per_tenant(face_service, face_dir):
