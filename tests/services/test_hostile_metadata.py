@@ -97,3 +97,14 @@ def test_a_plain_request_id_is_kept(server, logs):
     code, _, meta = unlock(server, [("authorization", f"Bearer {tokens['dev-admin']}"), ("x-request-id", "req-8f3a2c:1")])
     assert code == grpc.StatusCode.OK and meta["x-request-id"] == "req-8f3a2c:1"
     assert '"request_id": "req-8f3a2c:1"' in logs.getvalue()
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xff\xff", b"\x0a\xff\x01", b"\x12\x05ab"])
+def test_bytes_that_are_no_protobuf_message_are_invalid_argument_not_internal(server, garbage):
+    running, tokens = server
+    with grpc.insecure_channel(running.address) as channel:
+        raw = channel.unary_unary("/biogate.v1.MfaService/UnlockSubject")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as err:
+            raw(garbage, metadata=[("authorization", f"Bearer {tokens['dev-admin']}")], timeout=10)
+    assert (err.value.code(), details_of(err.value)["reason"]) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    assert "UnlockSubjectRequest" in err.value.details()

@@ -117,6 +117,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
         if handler is None or method.startswith(UNAUTHENTICATED_PREFIXES):
             return handler
         short = method.rsplit("/", 1)[-1]
+        handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, short, handler.unary_unary),
@@ -147,7 +148,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
         def wrapped(request, ctx):
             with _Call(self, method, short, ctx) as call:
                 call.authorise()
-                call.check_tenant(request)
+                call.check_request(request)
                 return behavior(request, ctx)
             return None  # reached only after an abort; never sent
 
@@ -167,7 +168,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
             with _Call(self, method, short, ctx) as call:
                 call.authorise()
                 if unary_in:
-                    call.check_tenant(request)
+                    call.check_request(request)
                 else:
                     request = call.checked_stream(request)
                 yield from behavior(request, ctx)
@@ -226,6 +227,12 @@ class _Call:
         self.principal = self.owner.authorise(self.method, self.ctx)
         context.principal.set(self.principal)
 
+    def check_request(self, request: Any) -> None:
+        if isinstance(request, Malformed):
+            raise errors.invalid_argument(f"the request is not a valid {request.message} message: check the client's "
+                                          "generated code against the server's proto", reason="MALFORMED_REQUEST")
+        self.check_tenant(request)
+
     def check_tenant(self, request: Any) -> None:
         rule = self.owner.tenants.get(self.method)
         if rule is None or rule.none or self.principal is None or "*" in self.principal.tenants:
@@ -245,7 +252,7 @@ class _Call:
     def checked_stream(self, requests: Iterator) -> Iterator:
         """The client's stream, read under the server's stream budgets, each message tenant-checked."""
         return BoundedStream(requests, self.owner.streams, context.deadline.get(), self.owner._readers,
-                             self.check_tenant)
+                             self.check_request)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         code = _code_of(self.ctx)
@@ -287,6 +294,32 @@ class _Call:
         )
         for var, token in zip((context.request_id, context.principal, context.deadline), self._tokens):
             var.reset(token)
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What a request that does not parse deserialises to; refused with INVALID_ARGUMENT by the call,
+    where gRPC itself would answer INTERNAL ("Exception deserializing request!")."""
+
+    message: str
+    size: int
+
+    def ByteSize(self) -> int:  # counted against a stream's byte budget like any message
+        return self.size
+
+
+def _tolerant(deserialize: Callable | None) -> Callable | None:
+    if deserialize is None:
+        return None
+    name = getattr(getattr(deserialize, "__self__", None), "__name__", "request")
+
+    def tolerant(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception:  # noqa: BLE001 - any parse failure is the client's: refused by the call
+            return Malformed(name, len(data))
+
+    return tolerant
 
 
 def request_id(sent: str) -> str:
