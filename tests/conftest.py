@@ -173,6 +173,22 @@ def schema_of(storage) -> list[tuple]:
         return rows
 
 
+def db_snapshot(sqlite_path: Path) -> dict[str, tuple[int, str]]:
+    """Each table of a SQLite database: its row count and a digest of its rows (an update changes it)."""
+    import hashlib
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True)
+    try:
+        out = {}
+        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            rows = sorted(repr(r) for r in db.execute(f'SELECT * FROM "{table}"'))
+            out[table] = (len(rows), hashlib.sha256("\n".join(rows).encode()).hexdigest())
+        return out
+    finally:
+        db.close()
+
+
 class ServiceHarness:
     """Real services on loopback ports chosen by the OS."""
 

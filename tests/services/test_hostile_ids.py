@@ -9,8 +9,6 @@ Erasure works for any valid subject, digits in its ids included.
 
 from __future__ import annotations
 
-import hashlib
-import sqlite3
 from typing import Callable
 
 import grpc
@@ -21,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from services.common.api.v1 import (common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2,
                                     voice_pb2_grpc)
 from services.common.errors import details_of
-from tests.conftest import ServiceHarness, make_settings
+from tests.conftest import ServiceHarness, db_snapshot, make_settings
 
 PERSONAL = {
     "12-digit bank code": "102100099996",
@@ -131,17 +129,7 @@ def row_counts(harness) -> dict[str, int]:
 
 
 def snapshot(harness) -> dict[str, tuple[int, str]]:
-    """Each table's row count and a digest of its contents (an update changes it too)."""
-    db = sqlite3.connect(f"file:{harness.settings.sqlite_path}?mode=ro", uri=True)
-    try:
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        out = {}
-        for t in tables:
-            rows = sorted(repr(r) for r in db.execute(f'SELECT * FROM "{t}"'))
-            out[t] = (len(rows), hashlib.sha256("\n".join(rows).encode()).hexdigest())
-        return out
-    finally:
-        db.close()
+    return db_snapshot(harness.settings.sqlite_path)
 
 
 def call(stubs, service: str, rpc: str, request, timeout: float = 30):
