@@ -9,12 +9,15 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import Settings
+from services.common.files import private_dir
 from services.common.metrics import serve_metrics
+from services.common.server.auth import Authenticator
 from services.common.server.bootstrap import RunningServer, ServiceDefinition, run_until_signal
 
 log = logging.getLogger("biogate.serve")
@@ -37,9 +40,27 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     prepare(settings)
     endpoint = settings.endpoint(args.service)
     if endpoint.metrics_port:
-        serve_metrics(endpoint.host, endpoint.metrics_port)
+        serve_metrics(endpoint.metrics_host, endpoint.metrics_port,
+                      metrics_credentials(settings) if settings.server.metrics_auth else None)
     run_until_signal(RunningServer(settings, definition(settings, args.service)))
     return 0
+
+
+def metrics_credentials(settings: Settings) -> Callable[[str], bool]:
+    """Accepts an HTTP Authorization header carrying the bearer token of a configured principal."""
+    authenticator = Authenticator.from_settings(settings)
+
+    class Caller:  # what the authenticator reads of a gRPC call, from the HTTP request
+        def __init__(self, header: str) -> None:
+            self.header = header
+
+        def invocation_metadata(self):
+            return (("authorization", self.header),)
+
+        def auth_context(self):
+            return {}
+
+    return lambda header: authenticator.authenticate(Caller(header)) is not None
 
 
 def prepare(settings: Settings) -> None:
@@ -47,7 +68,7 @@ def prepare(settings: Settings) -> None:
     before they start so that three processes starting together don't race for it."""
     from services.common.runtime import Runtime
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     Runtime.open(settings).close()
 
 

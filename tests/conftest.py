@@ -173,6 +173,22 @@ def schema_of(storage) -> list[tuple]:
         return rows
 
 
+def db_snapshot(sqlite_path: Path) -> dict[str, tuple[int, str]]:
+    """Each table of a SQLite database: its row count and a digest of its rows (an update changes it)."""
+    import hashlib
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True)
+    try:
+        out = {}
+        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            rows = sorted(repr(r) for r in db.execute(f'SELECT * FROM "{table}"'))
+            out[table] = (len(rows), hashlib.sha256("\n".join(rows).encode()).hexdigest())
+        return out
+    finally:
+        db.close()
+
+
 class ServiceHarness:
     """Real services on loopback ports chosen by the OS."""
 
@@ -202,6 +218,26 @@ class ServiceHarness:
     def stop(self) -> None:
         for server in self.running.values():
             server.stop(grace=0)
+
+
+@pytest.fixture
+def captured_logs():
+    """What the process logs during the test, as the services' JSON lines (DEBUG and up)."""
+    import io
+    import logging
+
+    from services.common.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("test"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(old_level)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""``biogate audit ...``: verify, export-public-key, export-checkpoints."""
+"""``biogate audit ...``: verify, export-public-key, export-checkpoints, anchor."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.common.crypto.backend import open_audit_signer
-
+from services.common.audit.anchor import DirectoryStore, anchor, anchored
 from services.common.audit.signing import load_public_key, public_key_pem
 from services.common.audit.verify import verify
+from services.common.crypto.backend import open_audit_signer
 
 if TYPE_CHECKING:
     from services.common.config import Settings
@@ -30,7 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint-every", type=int,
         help="require a checkpoint at every multiple (default: audit.checkpoint_every; 0: off)",
     )  # fmt: skip
+    p.add_argument("--anchors", type=Path, help="directory of write-once anchors written by `audit anchor`")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "anchor", help="copy the signed checkpoints and head to a write-once directory (run it periodically)"
+    )
+    p.add_argument("--to", type=Path, required=True, help="the write-once directory (a WORM volume, another host)")
+    p.set_defaults(func=cmd_anchor)
 
     p = sub.add_parser("export-public-key", help="the PEM public key that verifies the trail")
     p.add_argument("--out", type=Path, help="write here instead of standard output")
@@ -69,9 +76,12 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     every = getattr(args, "checkpoint_every", None)
     every = settings.audit.checkpoint_every if every is None else every
     known = _read_checkpoints(args.checkpoints) if getattr(args, "checkpoints", None) else []
+    if getattr(args, "anchors", None):
+        known += anchored(DirectoryStore(args.anchors))
     storage = _storage(settings)
     try:
-        report = verify(storage.audit, public_key, known_checkpoints=known, checkpoint_every=every or None)
+        report = verify(storage.audit, public_key, known_checkpoints=known, checkpoint_every=every or None,
+                        data_rows=storage.audited_rows())
     finally:
         storage.close()
     print(report.render())
@@ -95,4 +105,14 @@ def cmd_export_checkpoints(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{cp.seq} {cp.hash} {cp.ts.isoformat()} {cp.key_id} {cp.signature.hex()}")
     finally:
         storage.close()
+    return 0
+
+
+def cmd_anchor(settings: Settings, args: argparse.Namespace) -> int:
+    storage = _storage(settings)
+    try:
+        written = anchor(storage.audit, DirectoryStore(args.to))
+    finally:
+        storage.close()
+    print(f"anchored {len(written)} new object(s) in {args.to}" + "".join(f"\n  {n}" for n in written))
     return 0

@@ -35,6 +35,7 @@ class Endpoint(Section):
     # Plaintext grpc.health.v1 alone (no other service, no credentials) for the kubelet's gRPC
     # probes, which can present neither a client certificate nor a token. None: none.
     health_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # the metrics' bind address, apart from the gRPC port's
 
 
 class TlsConfig(Section):
@@ -53,8 +54,15 @@ class ServerConfig(Section):
     max_message_bytes: int = 16 * 1024 * 1024
     max_workers: int = 16
     max_concurrent_rpcs: int = 256
-    # Upper bound on any RPC's run time on the server, whatever deadline the client sent.
+    # Upper bound on any RPC's run time on the server, whatever deadline the client sent; a client
+    # stream must also be complete by then.
     rpc_timeout_s: float = 30.0
+    # Client streams (the IVR's StreamVerify): the longest pause between two messages, and the bytes
+    # the whole stream may carry. A silent or trickling client holds a worker thread no longer.
+    stream_idle_timeout_s: float = Field(10.0, gt=0)
+    stream_max_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    # Metrics scrapes must send a bearer token of a configured principal (any role).
+    metrics_auth: bool = False
     drain_seconds: float = 10.0
 
 

@@ -55,7 +55,7 @@ class JsonFormatter(logging.Formatter):
             out["service"] = self.service
         rid = context.request_id.get()
         if rid:
-            out["request_id"] = rid
+            out["request_id"] = redact(rid)
         for key, value in record.__dict__.items():
             if key not in _STD_ATTRS and not key.startswith("_"):
                 out[key] = _clean(value)

@@ -1,4 +1,5 @@
-"""Personal-data helpers: keyed pseudonyms, phone masking and free-text redaction.
+"""Personal-data helpers: keyed pseudonyms, phone masking, free-text redaction, and the one rule of
+what may not stand in an id, a label or an audit record (:func:`is_personal_data`).
 
 ``redact`` runs on every log line (the JSON log formatter) and on every audit ``details`` value,
 so its patterns are compiled once and each is anchored on something rare (``@``, ``+``, a digit
@@ -17,6 +18,7 @@ __all__ = [
     "mask_phone",
     "redact",
     "looks_like_personal_number",
+    "is_personal_data",
     "is_valid_cn_resident_id",
     "luhn_valid",
 ]
@@ -131,12 +133,14 @@ _NUMBERS = re.compile(
     r"|(?P<phone>(?<![A-Za-z0-9_+])\+[1-9](?:[ \-]?\d){6,14}(?!\d))"
     # Chinese mobiles, optionally with 86/0086 in front and 3-4-4 grouping.
     rf"|(?P<mobile>{_L}(?:(?:00)?86[ \-]?)?1[3-9]\d(?:[ \-]?\d{{4}}){{2}}{_R})"
+    # International numbers dialled with 00 instead of "+": "0044 20 7946 0958".
+    rf"|(?P<intl>{_L}00[1-9](?:[ \-]?\d){{6,14}}{_R})"
     # Card numbers written in groups of four.
     rf"|(?P<card>{_L}\d{{4}}(?:[ \-]\d{{4}}){{2,3}}(?:[ \-]\d{{1,3}})?{_R})"
     rf"|(?P<long>{_L}\d{{12,}}{_R})"
     r")"
 )
-_TAGS = {"id": "[id-number]", "phone": "[phone]", "mobile": "[phone]", "card": "[number]"}
+_TAGS = {"id": "[id-number]", "phone": "[phone]", "mobile": "[phone]", "intl": "[phone]", "card": "[number]"}
 
 _EPOCH_LO = datetime(2000, 1, 1, tzinfo=timezone.utc).timestamp()
 _EPOCH_HI = datetime(2100, 1, 1, tzinfo=timezone.utc).timestamp()
@@ -167,8 +171,8 @@ def _mask_number(m: re.Match[str]) -> str:
 
 
 def redact(text: str) -> str:
-    """Mask e-mail addresses, PRC resident ID numbers, phone numbers (E.164 and Chinese mobiles)
-    and long digit runs (card/account numbers) in free text.
+    """Mask e-mail addresses, PRC resident ID numbers, phone numbers (E.164, 00-prefixed and Chinese
+    mobiles) and long digit runs (card/account numbers) in free text.
 
     Timestamps (epoch ms/us/ns, compact date-times), UUIDs, versions and short ids pass through.
     """
@@ -201,3 +205,16 @@ def looks_like_personal_number(s: str) -> bool:
     if is_valid_cn_resident_id(compact):
         return True
     return compact.isdigit() and 13 <= len(compact) <= 19 and luhn_valid(compact)
+
+
+def is_personal_data(text: str) -> bool:
+    """The one rule for ids, labels and audit records: True when ``text`` holds a phone number, a
+    PRC resident ID, card or account number (a run of 12 or more digits) or an e-mail address,
+    either inside it (what :func:`redact` would mask) or as the whole value
+    (:func:`looks_like_personal_number`, which also sees separators and a ``00`` dialling prefix).
+
+    Request validation (services/common/validation.py) refuses such ids and labels up front with
+    INVALID_ARGUMENT, and the audit guard refuses such records, with this same function: a value
+    the validation let through can never make the audit refuse a write that already happened.
+    """
+    return bool(text) and (redact(text) != text or looks_like_personal_number(text))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from services.common.audit import AuditLog
 from services.common.config import Settings
 from services.common.crypto import EnvelopeCrypto, Keyring, open_keyring
+from services.common.files import private_dir
 from services.common.models import ModelStore
 from services.common.privacy import Pseudonymizer
 from services.common.server.auth import ensure_dev_credentials
@@ -25,7 +26,7 @@ class Runtime:
 
     @classmethod
     def open(cls, settings: Settings) -> "Runtime":
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.data_dir)
         if settings.auth.dev_credentials and not settings.auth.principals:
             ensure_dev_credentials(settings)
         storage = open_storage(settings.storage_dsn, settings.storage)

@@ -1,13 +1,28 @@
-"""Safe image decoding: JPEG, PNG and WebP bytes to a BGR uint8 array.
+"""Safe image decoding: JPEG, PNG and WebP bytes to a BGR uint8 array, in bounded memory and time.
 
-The format is sniffed from the magic bytes and the size read from the header before any pixel is
-decoded, so decompression bombs are refused at the cost of parsing a header. EXIF orientation is
-applied; grayscale, palette, 16-bit and alpha images all come out as 3-channel BGR.
+The format is sniffed from the magic bytes and everything that decides the decoder's work is read
+before any pixel is decoded: the declared size from the header, and for a JPEG its scans from the
+marker structure. What is refused (IMAGE_TOO_LARGE, IMAGE_TOO_COMPLEX) costs a header parse:
+
+* more pixels than ``max_pixels`` (4096 x 4096: a 7000 x 7000 PNG of 143 KB decoded into ~700 MB);
+  a baseline JPEG may declare up to ``max_jpeg_pixels`` (a 50 MP phone photo), and is decoded at
+  1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling to at most ``max_pixels``; a progressive JPEG keeps
+  a full-size coefficient buffer whatever the scale, so it must fit ``max_pixels`` itself;
+* a JPEG with more scans than ``max_jpeg_scans``: each scan walks the whole image again, so a
+  progressive file that repeats scans by the thousand cost 30-72 s of CPU for 122 KB of bytes.
+  Encoders write a handful (libjpeg's progressive script: 10 for colour, 6 for grey).
+
+So a decode costs at most ``max_jpeg_scans`` passes over ``max_pixels``. EXIF orientation is applied;
+grayscale, palette, 16-bit and alpha images all come out as 3-channel BGR. Messages name the limit
+that was hit, never the decoder library's own text (which goes to the debug log).
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import math
+import re
 import warnings
 from dataclasses import dataclass
 from enum import Enum
@@ -15,12 +30,15 @@ from enum import Enum
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+log = logging.getLogger("biogate.face.imaging")
+
 
 class DecodeErrorCode(str, Enum):
     EMPTY_IMAGE = "EMPTY_IMAGE"
     UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
     TRUNCATED_IMAGE = "TRUNCATED_IMAGE"
     IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
+    IMAGE_TOO_COMPLEX = "IMAGE_TOO_COMPLEX"
     IMAGE_TOO_SMALL = "IMAGE_TOO_SMALL"
 
 
@@ -35,8 +53,51 @@ class ImageDecodeError(ValueError):
 @dataclass(frozen=True)
 class DecodeLimits:
     max_bytes: int = 16 * 1024 * 1024
-    max_pixels: int = 50_000_000  # a 48 MP phone photo passes
+    max_pixels: int = 4096 * 4096  # decoded into memory: 48 MB as RGB
+    max_jpeg_pixels: int = 50_000_000  # declared by a baseline JPEG (a 48 MP phone photo), decoded scaled down
+    max_jpeg_scans: int = 64
     min_side: int = 32
+
+
+# Start-of-frame markers of progressive JPEGs (SOF2, SOF6, SOF10, SOF14).
+_PROGRESSIVE_SOF = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
+_NO_LENGTH = frozenset((0x01, *range(0xD0, 0xD9)))  # TEM, RSTn, SOI
+# The end of entropy-coded data: 0xFF followed by a marker (not a stuffed 0x00, an RSTn or fill).
+_MARKER_AFTER_SCAN = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+
+
+@dataclass(frozen=True)
+class JpegStructure:
+    progressive: bool
+    scans: int  # counted up to the limit plus one
+
+
+def jpeg_structure(data: bytes, max_scans: int) -> JpegStructure:
+    """Walk a JPEG's markers (segment lengths, the entropy-coded data after each SOS) without
+    decoding anything. A broken structure ends the walk; the decoder then reports it."""
+    pos, scans, progressive = 2, 0, False
+    n = len(data)
+    while pos + 4 <= n and scans <= max_scans:
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if marker in _NO_LENGTH:
+            pos += 2
+            continue
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _PROGRESSIVE_SOF:
+            progressive = True
+        if marker == 0xDA:
+            scans += 1
+            found = _MARKER_AFTER_SCAN.search(data, end)
+            end = found.start() if found else n
+        pos = end
+    return JpegStructure(progressive, scans)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -66,28 +127,53 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             im = Image.open(io.BytesIO(data), formats=[fmt])  # lazy: parses the header only
-        except Image.DecompressionBombError as exc:
-            raise ImageDecodeError(DecodeErrorCode.IMAGE_TOO_LARGE, str(exc)) from None
+        except Image.DecompressionBombError:
+            raise ImageDecodeError(DecodeErrorCode.IMAGE_TOO_LARGE, "the header declares too many pixels") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ImageDecodeError(DecodeErrorCode.TRUNCATED_IMAGE, f"bad {fmt} header: {exc}") from None
+            log.debug("image header refused", extra={"format": fmt, "error": str(exc)})
+            raise ImageDecodeError(DecodeErrorCode.TRUNCATED_IMAGE, f"the {fmt} header is damaged or cut off") from None
         width, height = im.size
-        if width * height > limits.max_pixels:
-            raise ImageDecodeError(
-                DecodeErrorCode.IMAGE_TOO_LARGE, f"{width}x{height} > {limits.max_pixels} pixels"
-            )
         if min(width, height) < limits.min_side:
             raise ImageDecodeError(
                 DecodeErrorCode.IMAGE_TOO_SMALL, f"{width}x{height}: a side < {limits.min_side}"
             )
+        if fmt == "JPEG":
+            _bound_jpeg(im, data, limits)
+        elif width * height > limits.max_pixels:
+            raise ImageDecodeError(
+                DecodeErrorCode.IMAGE_TOO_LARGE, f"{width}x{height} > {limits.max_pixels} pixels"
+            )
         try:
             im.load()
             im = ImageOps.exif_transpose(im)
-        except Image.DecompressionBombError as exc:
-            raise ImageDecodeError(DecodeErrorCode.IMAGE_TOO_LARGE, str(exc)) from None
+        except Image.DecompressionBombError:
+            raise ImageDecodeError(DecodeErrorCode.IMAGE_TOO_LARGE, "the image holds too many pixels") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageDecodeError(DecodeErrorCode.TRUNCATED_IMAGE, f"{fmt} data: {exc}") from None
+            log.debug("image data refused", extra={"format": fmt, "error": str(exc)})
+            raise ImageDecodeError(DecodeErrorCode.TRUNCATED_IMAGE, f"the {fmt} data is damaged or cut off") from None
     rgb = _to_rgb(im)
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[:, :, ::-1])
+
+
+def _bound_jpeg(im: Image.Image, data: bytes, limits: DecodeLimits) -> None:
+    """Refuse a JPEG whose decode would cost more than the limits allow; scale a large baseline
+    one down in the decoder (libjpeg's DCT scaling) so that at most ``max_pixels`` are decoded."""
+    width, height = im.size
+    structure = jpeg_structure(data, limits.max_jpeg_scans)
+    if structure.scans > limits.max_jpeg_scans:
+        raise ImageDecodeError(DecodeErrorCode.IMAGE_TOO_COMPLEX,
+                               f"a JPEG of more than {limits.max_jpeg_scans} scans; save it again with a standard encoder")
+    if width * height <= limits.max_pixels:
+        return
+    if structure.progressive or width * height > limits.max_jpeg_pixels:
+        limit = limits.max_pixels if structure.progressive else limits.max_jpeg_pixels
+        kind = "progressive JPEG" if structure.progressive else "JPEG"
+        raise ImageDecodeError(DecodeErrorCode.IMAGE_TOO_LARGE, f"{width}x{height} {kind} > {limit} pixels")
+    scale = next(k for k in (2, 4, 8) if math.ceil(width / k) * math.ceil(height / k) <= limits.max_pixels
+                 or k == 8)
+    im.draft(im.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+    if im.size[0] * im.size[1] > limits.max_pixels:
+        raise ImageDecodeError(DecodeErrorCode.IMAGE_TOO_LARGE, f"{width}x{height} > {limits.max_pixels} pixels")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

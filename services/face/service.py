@@ -147,6 +147,18 @@ class FaceService:
         futures = [self._pool.submit(pipeline.analyse_image, img, **options) for img in images]
         return [f.result() for f in futures]
 
+    def _probe(self, image: np.ndarray, template: np.ndarray, threshold: float, **options) -> FaceAnalysis:
+        """The analysis of a 1:1 probe. One that shows no usable face, or does not match, is looked at
+        again turned the way its face stands upright (FacePipeline.upright); the turned view replaces
+        it only when the detector is more confident of a face there than upright, so the view that
+        is compared is chosen by the detector, never by the score."""
+        pipeline = self._pipeline()
+        a = pipeline.analyse_image(image, **options)
+        if a.accepted and float(np.dot(template, a.embeddings[self.model_id])) >= threshold:
+            return a
+        turned = pipeline.analyse_image(image, upright=True, **options)
+        return turned if turned.rotation else a
+
     def _template(self, tenant: str, subject: str) -> np.ndarray:
         return self.templates.for_verification(tenant, subject, self.model_id)
 
@@ -173,7 +185,9 @@ class FaceService:
         if not req.replace:
             self.templates.refuse_if_enrolled(tenant, subject, self.model_id)
         decoded = [self._decode(d, f"images[{i}]") for i, d in enumerate(datas)]
-        analyses = self._analyse_many(decoded, subject=self._subject_policy(tenant))
+        # A template lasts: each image is turned the way its face stands upright first (a face on its
+        # side or upside down made a template that matched no upright photo).
+        analyses = self._analyse_many(decoded, subject=self._subject_policy(tenant), upright=True)
         qualities = [self._quality(i, a) for i, a in enumerate(analyses)]
         good = [a.embeddings[self.model_id] for a in analyses if a.accepted]
         if not good:
@@ -192,9 +206,11 @@ class FaceService:
             "accepted": len(good),
             "issues": sorted({i for a in analyses for i in a.issues}),
         }
+        rotated = sum(1 for a in analyses if a.accepted and a.rotation)
         stored, new = self.templates.enrol(
             tenant, subject, self.model_id, template, samples=len(good), quality=quality_summary, replace=req.replace,
-            details={"samples": len(good), "submitted": len(analyses), "replace": bool(req.replace)})
+            details={"samples": len(good), "submitted": len(analyses), "replace": bool(req.replace),
+                     **({"turned_upright": rotated} if rotated else {})})
         self.galleries.enrolled(tenant, self.model_id, subject, stored.updated_at, template, new=new)
         active = {m.id for m in self.rt.models.manifest.models if m.active}
         return face_pb2.EnrollFaceResponse(template=template_info(stored, active), images=qualities)
@@ -214,17 +230,18 @@ class FaceService:
     def verify(self, req: face_pb2.VerifyFaceRequest) -> face_pb2.VerifyFaceResponse:
         tenant, subject = subject_ref(req.subject)
         data = self._image_bytes(req.image, "image")
-        pipeline = self._pipeline()
+        self._pipeline()
         want_live = req.require_liveness or self.policy(tenant).require_liveness
         threshold = self.threshold(tenant)
         live_threshold = self.live_threshold() if want_live else None
         template = self._template(tenant, subject)
         image = self._decode(data, "image")
-        a = pipeline.analyse_image(image, liveness=want_live, subject=self._subject_policy(tenant))
+        a = self._probe(image, template, threshold, liveness=want_live, subject=self._subject_policy(tenant))
         out = face_pb2.VerifyFaceResponse(
             model_id=self.model_id, threshold=threshold, liveness_checked=False, quality=self._quality(0, a)
         )
-        details = {"model_id": self.model_id, "threshold": round(threshold, 4)}
+        details = {"model_id": self.model_id, "threshold": round(threshold, 4),
+                   **({"turned_upright_deg": a.rotation} if a.rotation else {})}
         if not a.accepted:
             out.reasons.extend(reason(i) for i in a.issues)
             details.update(match=False, issues=list(a.issues))
@@ -258,7 +275,10 @@ class FaceService:
         data = self._image_bytes(req.image, "image")
         pipeline = self._pipeline()
         threshold = self.threshold(tenant)
-        a = pipeline.analyse_image(self._decode(data, "image"), subject=self._subject_policy(tenant))
+        image = self._decode(data, "image")
+        a = pipeline.analyse_image(image, subject=self._subject_policy(tenant))
+        if not a.accepted:
+            a = pipeline.analyse_image(image, subject=self._subject_policy(tenant), upright=True)
         if not a.accepted:
             raise refusal(a.issues[0], f"no usable face: {', '.join(message(i) for i in a.issues)}",
                           fields={"image": ",".join(a.issues)})

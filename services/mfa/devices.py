@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from services.common import errors
 from services.common.api.v1 import mfa_pb2
+from services.common.privacy import is_personal_data
 
 from .keys import keyed_hash
 from .storage import DeviceRecord
@@ -42,6 +43,9 @@ def _clean(value: str, field: str) -> str:
     if len(value) > MAX_FIELD:
         raise errors.invalid_argument(f"device.{field} is longer than {MAX_FIELD} characters",
                                       **{f"device__{field}": "too long"})
+    if is_personal_data(value):  # kept beside the fingerprint: the app's ids, never the customer's
+        raise errors.invalid_argument(f"device.{field} looks like a phone, ID, card number or e-mail address",
+                                      reason="PERSONAL_NUMBER_AS_ID", **{f"device__{field}": "looks like personal data"})
     return " ".join(value.split()).casefold()
 
 

@@ -8,11 +8,8 @@ import math
 import re
 from dataclasses import dataclass
 
-import grpc
-
-from services.common import errors
+from services.common import errors, validation
 from services.common.api.v1 import mfa_pb2
-from services.common.privacy import redact
 
 from .risk import MAX_CONVERSATION_CHARS, Place
 
@@ -83,9 +80,4 @@ def context_signals(ctx: mfa_pb2.ContextSignals, now) -> Context:
 
 def label(value: str, field: str) -> str:
     """Free text kept in storage or audit: short, and no phone, ID or card numbers."""
-    if len(value) > MAX_LABEL or redact(value) != value or not value.isprintable():
-        # built directly: a field named "reason" would collide with invalid_argument's parameter
-        raise errors.ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"{field}: at most {MAX_LABEL} printable characters, no personal data",
-                                  "INVALID_ARGUMENT", [(field, "too long or personal data")])
-    return value
+    return validation.label(value, field, MAX_LABEL)

@@ -10,11 +10,11 @@ import grpc
 from services.common import errors
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.crypto import envelope_key_id
-from services.common.privacy import looks_like_personal_number, mask_phone
+from services.common.privacy import mask_phone
 from services.common.runtime import Runtime
 from services.common.storage import ConsentRecord, StillReferencedError
 from services.common.subjects import MODALITY_ENUMS, MODALITY_NAMES, actor, timestamp
-from services.common.validation import identifier, subject_ref
+from services.common.validation import identifier, label, subject_ref
 
 from .clients import BiometricClient, ServiceUnavailable
 from .storage import MfaStore
@@ -52,25 +52,24 @@ def record_consent(rt: Runtime, request: common_pb2.RecordConsentRequest) -> com
     if not c.granted:
         raise errors.invalid_argument("a consent is recorded as granted; use WithdrawConsent to withdraw", consent__granted="must be true")
     policy = identifier(c.policy_version, "consent.policy_version")
-    evidence = c.evidence_ref
-    if len(evidence) > 256 or looks_like_personal_number(evidence):
-        raise errors.invalid_argument("consent.evidence_ref must be a reference of at most 256 characters, not personal data",
-                                      consent__evidence_ref="too long or personal data")
-    rec = rt.storage.subjects.record_consent(
-        ConsentRecord(tenant, subject, purpose, modalities, policy, evidence_ref=evidence)
-    )
-    rt.audit.append("consent.recorded", actor(), tenant, subject,
-                    {"purpose": purpose, "modalities": list(modalities), "policy_version": policy})
+    evidence = label(c.evidence_ref, "consent.evidence_ref", 256)
+    with rt.storage.transaction():  # the consent and its audit record, or neither
+        rec = rt.storage.subjects.record_consent(
+            ConsentRecord(tenant, subject, purpose, modalities, policy, evidence_ref=evidence)
+        )
+        rt.audit.append("consent.recorded", actor(), tenant, subject,
+                        {"purpose": purpose, "modalities": list(modalities), "policy_version": policy})
     return common_pb2.RecordConsentResponse(consent=_to_proto(rec))
 
 
 def withdraw_consent(rt: Runtime, request: common_pb2.WithdrawConsentRequest) -> common_pb2.WithdrawConsentResponse:
     tenant, subject = subject_ref(request.subject)
     purpose = _purpose(request.purpose, "purpose")
-    rec = rt.storage.subjects.withdraw_consent(tenant, subject, purpose)
-    if rec is None:
-        raise errors.not_found("no consent of that purpose is recorded for this subject", reason="NO_CONSENT")
-    rt.audit.append("consent.withdrawn", actor(), tenant, subject, {"purpose": purpose})
+    with rt.storage.transaction():  # the withdrawal and its audit record, or neither
+        rec = rt.storage.subjects.withdraw_consent(tenant, subject, purpose)
+        if rec is None:
+            raise errors.not_found("no consent of that purpose is recorded for this subject", reason="NO_CONSENT")
+        rt.audit.append("consent.withdrawn", actor(), tenant, subject, {"purpose": purpose})
     return common_pb2.WithdrawConsentResponse(consent=_to_proto(rec))
 
 
@@ -132,6 +131,7 @@ def set_phone_number(rt: Runtime, request: mfa_pb2.SetPhoneNumberRequest) -> mfa
         raise errors.invalid_argument("phone_e164 must be an E.164 number such as +8613812345678",
                                       phone_e164="not E.164")
     envelope = rt.crypto.encrypt_contact(tenant, subject, phone)
-    rt.storage.subjects.set_phone(tenant, subject, envelope, envelope_key_id(envelope))
-    rt.audit.append("contact.phone_set", actor(), tenant, subject, {})
+    with rt.storage.transaction():  # the number and its audit record, or neither
+        rt.storage.subjects.set_phone(tenant, subject, envelope, envelope_key_id(envelope))
+        rt.audit.append("contact.phone_set", actor(), tenant, subject, {})
     return mfa_pb2.SetPhoneNumberResponse(masked_phone=mask_phone(phone))

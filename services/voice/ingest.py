@@ -2,7 +2,11 @@
 
 Accepted: WAV (PCM 8/16/24/32-bit, float, G.711), FLAC, raw LINEAR16 at a declared rate, raw
 G.711 mu-law / A-law at 8 kHz. Size and duration limits are checked from the byte count and the
-container header before anything is decoded, so a request declaring two hours never allocates them.
+container header before anything is decoded, so a request declaring two hours never allocates them;
+a container is then decoded block by block and mixed down to mono as it goes, so memory is the
+mono result whatever the channel count (92 KB of FLAC hold 59 s of 8-channel 192 kHz silence: 362
+MB as one float32 array). Messages name what is wrong, never the decoder library's own text (which
+goes to the debug log).
 
 Conditioning is causal and stateful (:class:`Conditioner`): a DC-blocking high-pass filter, then
 soxr's HQ resampler to 16 kHz. Feeding a clip whole or in 20 ms chunks gives bit-identical output,
@@ -15,6 +19,7 @@ is the gRPC status of the code in the reason catalogue (services/common/modality
 from __future__ import annotations
 
 import io
+import logging
 import math
 import struct
 from dataclasses import dataclass, field
@@ -29,6 +34,8 @@ from scipy.signal import lfilter
 from services.common.modality.reasons import entry
 
 from . import g711
+
+log = logging.getLogger("biogate.voice.ingest")
 
 TARGET_RATE = 16000
 MIN_RATE, MAX_RATE = 8000, 192000
@@ -235,7 +242,9 @@ def _decode_container(data: bytes, fmt: AudioFormat, encoding: Encoding, limits:
     try:
         info = sf.info(io.BytesIO(data))
     except (RuntimeError, sf.LibsndfileError) as exc:
-        raise AudioError(ErrorCode.MALFORMED_AUDIO, f"unreadable {encoding.value} header: {exc}") from None
+        log.debug("audio header refused", extra={"encoding": encoding.value, "error": str(exc)})
+        raise AudioError(ErrorCode.MALFORMED_AUDIO, f"the {encoding.value} header cannot be read (damaged, cut off "
+                                                    "or another format)") from None
     allowed = _WAV_SUBTYPES if encoding is Encoding.WAV else _FLAC_SUBTYPES
     if info.subtype not in allowed:
         raise AudioError(ErrorCode.UNSUPPORTED_FORMAT, f"{encoding.value} sample format {info.subtype} is not accepted")
@@ -249,12 +258,28 @@ def _decode_container(data: bytes, fmt: AudioFormat, encoding: Encoding, limits:
         _check_duration(max(declared, info.frames), info.samplerate, limits, declared=True)
     _check_duration(info.frames, info.samplerate, limits)
     try:
-        x, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        x = _read_mono(data, int(limits.max_duration_s * info.samplerate) + 1)
     except (RuntimeError, sf.LibsndfileError) as exc:
-        raise AudioError(ErrorCode.MALFORMED_AUDIO, f"undecodable {encoding.value} data: {exc}") from None
-    _check_duration(x.shape[0], rate, limits)
+        log.debug("audio data refused", extra={"encoding": encoding.value, "error": str(exc)})
+        raise AudioError(ErrorCode.MALFORMED_AUDIO, f"the {encoding.value} audio data cannot be decoded "
+                                                    "(damaged or cut off)") from None
+    _check_duration(len(x), info.samplerate, limits)
     full_scale = {"ULAW": _G711_FULL_SCALE[Encoding.MULAW], "ALAW": _G711_FULL_SCALE[Encoding.ALAW]}.get(info.subtype, 1.0)
-    return Decoded(_mono(x), rate, full_scale)
+    return Decoded(x, info.samplerate, full_scale)
+
+
+_BLOCK_FRAMES = 65536
+
+
+def _read_mono(data: bytes, max_frames: int) -> FloatArray:
+    """At most ``max_frames`` frames, decoded a block at a time and mixed to mono into one array."""
+    with sf.SoundFile(io.BytesIO(data)) as fh:
+        out = np.empty(min(max_frames, fh.frames), np.float32)
+        at = 0
+        for block in fh.blocks(_BLOCK_FRAMES, dtype="float32", always_2d=True, frames=len(out)):
+            out[at : at + len(block)] = _mono(block)
+            at += len(block)
+    return out[:at]
 
 
 def _mono(x: np.ndarray) -> FloatArray:

@@ -53,3 +53,72 @@ def test_verify_export_and_tamper(cli_settings, attacker, tmp_path, capsys):
     assert "FAILED" in out and "seq 5: there is no signed head" in out
     assert "seq 6: an externally kept checkpoint is beyond the end of the trail" in out
     storage.close()
+
+
+def _enrolled_subject(settings, storage, log) -> None:
+    """What an enrolment leaves: a consent and a template, each written with its audit record."""
+    from services.common.storage import ConsentRecord, TemplateRecord
+
+    with storage.transaction():
+        storage.subjects.record_consent(ConsentRecord("bank-a", "cust-1", "biometric_verification", ("face",), "v1"))
+        log.append("consent.recorded", "svc", "bank-a", "cust-1", {"purpose": "biometric_verification"})
+    with storage.transaction():
+        storage.templates.put(TemplateRecord("bank-a", "cust-1", "face", "m-1", "", b"sealed", "k1", 1))
+        log.append("face.enrolled", "svc", "bank-a", "cust-1", {"model_id": "m-1"})
+
+
+def test_a_wiped_trail_fails_while_audited_data_remains(cli_settings, attacker, capsys):
+    settings = cli_settings
+    storage = open_storage(settings.storage_dsn)
+    log = AuditLog.from_settings(settings, storage, open_keyring(settings))
+    assert _run(settings, ["audit", "verify"]) == 0  # a new database: nothing written, nothing to audit
+    _enrolled_subject(settings, storage, log)
+    assert _run(settings, ["audit", "verify"]) == 0
+    capsys.readouterr()
+    for table in ("audit_head", "audit_checkpoints", "audit_records"):
+        attacker.execute(f"DELETE FROM {table}")
+    assert _run(settings, ["audit", "verify"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "the trail is empty while the database holds 1 templates, 1 consents" in out
+    storage.close()
+
+
+def test_anchors_are_write_once_and_expose_a_rollback_to_an_old_head_and_a_wipe(cli_settings, attacker, tmp_path,
+                                                                                 capsys):
+    import os
+    import stat
+
+    from services.common.audit.anchor import DirectoryStore
+
+    settings = cli_settings  # a checkpoint every 3 records
+    storage = open_storage(settings.storage_dsn)
+    log = AuditLog.from_settings(settings, storage, open_keyring(settings))
+    for i in range(7):
+        log.append("face.verify", "svc", "bank-a", f"cust-{i}", {"decision": "accept"})
+    old_head = storage.audit.head()
+    anchors = tmp_path / "worm"
+    assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 0
+    names = sorted(os.listdir(anchors))
+    assert names == ["checkpoint-000000000003.json", "checkpoint-000000000006.json", "head-000000000007.json"]
+    assert all(stat.S_IMODE((anchors / n).stat().st_mode) == 0o444 for n in names)
+    with pytest.raises(FileExistsError):  # an anchor is never replaced
+        DirectoryStore(anchors).put(names[-1], b"{}")
+    for i in range(3):
+        log.append("face.verify", "svc", "bank-a", f"cust-{i}", {"decision": "reject"})
+    assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 0
+    assert set(os.listdir(anchors)) - set(names) == {"checkpoint-000000000009.json", "head-000000000010.json"}
+    capsys.readouterr()
+
+    # The attacker rolls the trail back to the head of seq 7 they kept: it verifies on its own...
+    attacker.execute("DELETE FROM audit_checkpoints WHERE seq > 7")
+    attacker.execute("DELETE FROM audit_records WHERE seq > 7")
+    attacker.execute("UPDATE audit_head SET seq = ?, hash = ?, signature = ?, key_id = ?",
+                     (old_head.seq, old_head.hash, bytes(old_head.signature), old_head.key_id))
+    assert _run(settings, ["audit", "verify"]) == 0
+    # ...not against the anchors
+    assert _run(settings, ["audit", "verify", "--anchors", str(anchors)]) == 1
+    assert "seq 10: an externally kept checkpoint is beyond the end of the trail (truncated)" in capsys.readouterr().out
+    for table in ("audit_head", "audit_checkpoints", "audit_records"):
+        attacker.execute(f"DELETE FROM {table}")
+    assert _run(settings, ["audit", "verify", "--anchors", str(anchors)]) == 1
+    storage.close()

@@ -34,6 +34,22 @@ def bomb_png(w: int = 20000, h: int = 20000) -> bytes:
             + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b""))
 
 
+def many_scan_jpeg(w: int = 2000, h: int = 2000, repeats: int = 200) -> bytes:
+    """A progressive JPEG whose last scan is repeated: libjpeg decodes every copy again (a pass over
+    the whole image each), so a small file costs as much CPU as the attacker likes."""
+    import io
+    import re
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (120, 130, 140)).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    last = data.rfind(b"\xff\xda")
+    end = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])").search(data, last + 2).start()
+    return data[:end] + data[last:end] * repeats + data[end:]
+
+
 def encode_png(image_bgr: np.ndarray) -> bytes:
     import cv2
 

@@ -1,11 +1,12 @@
 import io
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from face_helpers import bomb_png
+from face_helpers import bomb_png, many_scan_jpeg
 from services.face.imaging import DecodeErrorCode, DecodeLimits, ImageDecodeError, decode_image
 
 
@@ -46,6 +47,50 @@ def test_decompression_bomb_png_refused_from_the_header():
     t = time.perf_counter()
     assert _code(data) is DecodeErrorCode.IMAGE_TOO_LARGE
     assert time.perf_counter() - t < 0.5  # no pixel was decoded
+
+
+def test_7000x7000_png_bomb_is_refused_without_decoding():
+    """143 KB declaring 49 M pixels decoded into ~700 MB (issue 12); now refused from the header."""
+    data = bomb_png(7000, 7000)
+    assert len(data) < 200_000
+    tracemalloc.start()
+    try:
+        assert _code(data) is DecodeErrorCode.IMAGE_TOO_LARGE
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000  # the 147 MB of pixels were never allocated
+
+
+def test_progressive_jpeg_of_many_scans_is_refused_from_its_markers():
+    data = many_scan_jpeg(2000, 2000, repeats=200)
+    Image.open(io.BytesIO(data)).load()  # a real image: libjpeg decodes it, every scan again
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data)
+    assert err.value.code is DecodeErrorCode.IMAGE_TOO_COMPLEX and "64 scans" in str(err.value)
+
+
+def test_standard_progressive_jpeg_still_decodes():
+    out = decode_image(_encode(Image.new("RGB", (640, 480), (10, 200, 30)), "JPEG", progressive=True))
+    assert out.shape == (480, 640, 3)
+
+
+def test_large_baseline_jpeg_is_decoded_scaled_down_and_a_large_progressive_one_refused():
+    im = Image.new("RGB", (6000, 4000), (10, 200, 30))
+    out = decode_image(_encode(im, "JPEG"))
+    assert out.shape == (2000, 3000, 3)  # libjpeg's 1/2 scale: at most max_pixels decoded
+    assert out.shape[0] * out.shape[1] <= DecodeLimits().max_pixels
+    assert _code(_encode(im, "JPEG", progressive=True)) is DecodeErrorCode.IMAGE_TOO_LARGE
+
+
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, b"\xff\xd8\xff\xe0" + b"garbage" * 20,
+                                  b"RIFF\x00\x00\x00\x00WEBPVP8 " + b"\x01" * 40])
+def test_errors_name_the_problem_not_the_decoder_library(data):
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data)
+    text = str(err.value)
+    assert err.value.code is DecodeErrorCode.TRUNCATED_IMAGE
+    assert "object at" not in text and "0x" not in text and "BytesIO" not in text and "identify" not in text
 
 
 def test_byte_limit():

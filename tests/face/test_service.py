@@ -4,12 +4,13 @@ calibrated threshold, identification, passive liveness, refusals of bad input wi
 from __future__ import annotations
 
 import csv
+import json
 
 import grpc
 import numpy as np
 import pytest
 
-from face_helpers import bomb_png, encode_png, load_bgr, two_faces
+from face_helpers import bomb_png, encode_png, load_bgr, many_scan_jpeg, two_faces
 from services.common.api.v1 import common_pb2, face_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
 from services.common.evaluation import metrics
@@ -181,7 +182,8 @@ def test_enrolment_keeps_good_images_and_reports_the_bad(face_service, face_dir)
     assert [q.accepted for q in r.images] == [True, False] and r.images[1].issues[0].code == "NO_FACE"
 
 
-@pytest.mark.parametrize("case", ["empty", "truncated_jpeg", "text", "png_20000", "no_face", "two_faces", "one_pixel"])
+@pytest.mark.parametrize("case", ["empty", "truncated_jpeg", "text", "png_20000", "png_7000", "jpeg_many_scans",
+                                  "no_face", "two_faces", "one_pixel"])
 def test_bad_inputs_get_a_clear_status_and_store_nothing(face_service, face_dir, case):
     s = face_service
     jpeg = (face_dir / OBAMA).read_bytes()
@@ -190,6 +192,8 @@ def test_bad_inputs_get_a_clear_status_and_store_nothing(face_service, face_dir,
         "truncated_jpeg": (jpeg[: len(jpeg) // 3], "TRUNCATED_IMAGE"),
         "text": (b"name,phone\nnot an image\n" * 20, "UNSUPPORTED_FORMAT"),
         "png_20000": (bomb_png(), "IMAGE_TOO_LARGE"),
+        "png_7000": (bomb_png(7000, 7000), "IMAGE_TOO_LARGE"),
+        "jpeg_many_scans": (many_scan_jpeg(), "IMAGE_TOO_COMPLEX"),
         "no_face": (encode_png(np.full((240, 240, 3), 120, np.uint8)), "NO_FACE"),
         "two_faces": (encode_png(two_faces(face_dir)), "MULTIPLE_FACES"),
         "one_pixel": (encode_png(np.zeros((1, 1, 3), np.uint8)), "IMAGE_TOO_SMALL"),
@@ -210,6 +214,28 @@ def test_bad_inputs_get_a_clear_status_and_store_nothing(face_service, face_dir,
         assert not r.match and not r.quality.accepted and r.reasons[0].code == reason
     except grpc.RpcError as e:
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and details_of(e)["reason"] == reason
+
+
+def test_a_face_on_its_side_or_upside_down_is_turned_upright_for_enrolment_and_verification(face_service, face_dir):
+    """Issue 12: a face turned 90 or 180 degrees (no EXIF) enrolled without a quality issue and its
+    template never matched an upright photo (scores -0.36 to 0.03)."""
+    s = face_service
+    upright = load_bgr(face_dir / OBAMA)
+    for k in (1, 2, 3):
+        subject = f"c-turned-{k}"
+        r = enroll(s, "bank-rot", subject, encode_png(np.ascontiguousarray(np.rot90(upright, k))))
+        assert r.images[0].accepted
+        assert verify(s, "bank-rot", subject, (face_dir / OBAMA2).read_bytes()).match
+    rows = [r for r in s.storage.audit.iter_records() if r.event_type == "face.enrolled" and r.tenant_id == "bank-rot"]
+    assert [json.loads(r.details)["turned_upright"] for r in rows[-3:]] == [1, 1, 1]
+    # an upright template, probes turned every way: matched, and the turn is in the audit record
+    enroll(s, "bank-rot", "c-upright", (face_dir / OBAMA).read_bytes())
+    probe = load_bgr(face_dir / OBAMA2)
+    for k in (1, 2, 3):
+        assert verify(s, "bank-rot", "c-upright", encode_png(np.ascontiguousarray(np.rot90(probe, k)))).match, k
+    last = [r for r in s.storage.audit.iter_records() if r.event_type == "face.verified"][-1]
+    assert json.loads(last.details)["turned_upright_deg"] == 90
+    assert not verify(s, "bank-rot", "c-upright", (face_dir / BIDEN).read_bytes()).match  # still one person only
 
 
 def test_two_face_refusal_is_configurable_per_tenant(face_service, face_dir):
@@ -317,6 +343,10 @@ def test_check_liveness(face_service, fixtures_dir):
     assert not r.live and [x.code for x in r.reasons] == ["LIVENESS_FAILED"]
     rows = [r for r in s.storage.audit.iter_records() if r.event_type == "face.liveness_checked"]
     assert "live_score" in rows[-1].details  # the score goes to the audit trail, not the client
+    # any verifier could send a decode bomb here (issue 12: 30-72 s of CPU for 122 KB of JPEG)
+    for data, why in ((many_scan_jpeg(), "IMAGE_TOO_COMPLEX"), (bomb_png(7000, 7000), "IMAGE_TOO_LARGE")):
+        assert refused(s.stub.CheckLiveness, face_pb2.CheckLivenessRequest(tenant_id="bank-l", image=img(data))) == (
+            grpc.StatusCode.INVALID_ARGUMENT, why)
 
 
 def test_health_details_report_models_providers_and_calibration(face_service):

@@ -3,15 +3,21 @@ import time
 import uuid
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from services.common.audit.guard import AuditDataError, check_text
+from services.common.errors import ServiceError
 from services.common.privacy import (
     Pseudonymizer,
+    is_personal_data,
     is_valid_cn_resident_id,
     looks_like_personal_number,
     luhn_valid,
     mask_phone,
     redact,
 )
+from services.common.validation import identifier, label
 
 # 11010519491231002X is the PRC standard's (GB 11643) published example number.
 CN_ID = "11010519491231002X"
@@ -64,6 +70,8 @@ def test_mask_phone_refuses_non_e164(bad):
         ("call +86 138 0013 8000 now", "call [phone] now"),
         ("UK office +44 20 7946 0958.", "UK office [phone]."),
         ("sms to +14155552671", "sms to [phone]"),
+        ("call 0044 20 7946 0958 now", "call [phone] now"),
+        ("ref 0044-20-7946-0958", "ref [phone]"),
         ('{"phone":"+8613800138000"}', '{"phone":"[phone]"}'),
         (f"身份证号{CN_ID}，请核对", "身份证号[id-number]，请核对"),
         ("id=110105194912310021 end", "id=[id-number] end"),
@@ -132,3 +140,31 @@ def test_looks_like_personal_number_true(s):
 )
 def test_looks_like_personal_number_false(s):
     assert not looks_like_personal_number(s)
+
+
+# Ids as a hostile caller writes them: digit runs of every length, separators, '@', letters.
+_ID_TEXT = st.one_of(
+    st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,40}", fullmatch=True),
+    st.from_regex(r"(00|\+)?[0-9]{6,20}[Xx]?", fullmatch=True).filter(lambda v: v[0].isalnum()),
+    st.from_regex(r"[a-z]{1,8}[.@-][0-9]{8,19}(@[a-z]{2,8}\.[a-z]{2,3})?", fullmatch=True),
+)
+
+
+@settings(max_examples=400, derandomize=True, database=None, deadline=None)
+@given(_ID_TEXT)
+@example("102100099996")  # a 12-digit bank code: accepted as a tenant, then refused by the audit (issue 12)
+@example("11010519491231002X")
+@example("0044-20-7946-0958")
+@example("li.lei@example.com")
+def test_request_validation_and_the_audit_guard_agree_on_every_id(value):
+    """One rule: what the validation accepts as an id or a label, the audit guard accepts in a record."""
+    for validate in (lambda v: identifier(v, "tenant_id"), lambda v: label(v, "reason", 256)):
+        try:
+            validate(value)
+        except ServiceError:
+            continue
+        try:
+            check_text("tenant_id", value)
+        except AuditDataError:
+            pytest.fail(f"{value!r} passed the request validation but the audit guard refuses it")
+    assert is_personal_data(value) == (redact(value) != value or looks_like_personal_number(value))

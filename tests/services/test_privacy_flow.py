@@ -4,7 +4,6 @@ the logs, the audit table or (for the phone and embedding) the database file in 
 
 from __future__ import annotations
 
-import io
 import logging
 import sqlite3
 
@@ -16,7 +15,6 @@ from services.common.api.v1 import common_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_g
 from services.common.audit import AuditSigner, verify
 from services.common.crypto import TemplateBinding, envelope_key_id
 from services.common.errors import details_of
-from services.common.logs import JsonFormatter
 from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
 from tests.conftest import make_settings
@@ -26,20 +24,6 @@ PHONE_LOCAL = "13812345678"
 ID_NUMBER = "11010519491231002X"
 EMBEDDING = np.random.default_rng(7).standard_normal(128).astype(np.float32)
 EMBEDDING /= np.linalg.norm(EMBEDDING)
-
-
-@pytest.fixture
-def captured_logs():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter("test"))
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(old_level)
 
 
 def secrets_in(text: str) -> list[str]:

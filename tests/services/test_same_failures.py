@@ -146,6 +146,14 @@ def test_a_malformed_request_does_not_spend_the_nonce_in_either_service(both):
     assert _status(lambda: both.face.SubmitLivenessChallenge(face_pb2.SubmitLivenessChallengeRequest(
         subject=_ref("cust-both"), nonce=face_nonce, frames=bad_frames)))[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert _status(voice_bad) == (grpc.StatusCode.FAILED_PRECONDITION, "SILENCE")
+    # the IVR stream too: a second header mid-stream keeps the nonce
+    header = voice_pb2.StreamVerifyVoiceRequest.Header(
+        subject=_ref("cust-both"), challenge_nonce=voice_nonce,
+        format=common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz=8000))
+    chunk = voice_pb2.StreamVerifyVoiceRequest(chunk=b"\xff" * 160)
+    second_header = [voice_pb2.StreamVerifyVoiceRequest(header=header), chunk, voice_pb2.StreamVerifyVoiceRequest(header=header)]
+    assert _status(lambda: both.voice.StreamVerify(iter(second_header), timeout=30)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "UNEXPECTED_HEADER")
     face_ok, voice_ok = both.answer("cust-both", face_nonce, voice_nonce)
     assert not face_ok().passed  # four copies of one photo: answered, and refused on its merits
     assert voice_ok().model_id == "ecapa-voxceleb"  # answered: the nonce was still there

@@ -1,9 +1,11 @@
+import io
 import struct
 import tracemalloc
 
 import cv2
 import numpy as np
 import pytest
+import soundfile as sf
 import soxr
 
 from services.voice import g711
@@ -170,6 +172,49 @@ def test_two_hours_declared_in_a_header_is_refused_without_decoding():
         tracemalloc.stop()
     assert err.details["duration_s"] == pytest.approx(7200)
     assert peak < 2_000_000  # the 230 MB of two hours were never allocated
+
+
+def _flac(x: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_two_hours_declared_in_a_flac_header_is_refused_without_decoding():
+    data = bytearray(_flac(SIGNAL, RATE))
+    at = 8 + 10  # STREAMINFO after "fLaC" and its block header: rate, channels, bits, then 36 bits of samples
+    packed = int.from_bytes(data[at : at + 8], "big")
+    data[at : at + 8] = ((packed & ~((1 << 36) - 1)) | (2 * 3600 * RATE)).to_bytes(8, "big")
+    tracemalloc.start()
+    try:
+        err = refused(ErrorCode.TOO_LONG, bytes(data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.details["duration_s"] == pytest.approx(7200)
+    assert peak < 2_000_000
+
+
+def test_a_many_channel_flac_is_decoded_in_the_memory_of_its_mono_result():
+    """92 KB of FLAC: 59 s of 8-channel 192 kHz silence, 362 MB as one float32 array."""
+    rate, seconds = 192000, 59
+    data = _flac(np.zeros((rate * seconds, 8), np.float32), rate)
+    assert len(data) < 200_000
+    tracemalloc.start()
+    try:
+        decoded = decode(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    mono = rate * seconds * 4
+    assert decoded.samples.shape == (rate * seconds,) and decoded.sample_rate == rate
+    assert peak < 1.3 * mono  # the mono result and one block, not 8 channels at once
+
+
+@pytest.mark.parametrize("data", [b"RIFF\x10\x00\x00\x00WAVEfmt " + b"\xff" * 30, b"fLaC" + b"\x00" * 60])
+def test_errors_name_the_problem_not_the_decoder_library(data):
+    err = refused(ErrorCode.MALFORMED_AUDIO, data)
+    assert "object at" not in err.message and "0x" not in err.message and "Error" not in err.message
 
 
 def test_two_hours_of_raw_bytes():

@@ -4,8 +4,8 @@ An audit record is kept for years and exported to auditors, so its ``details`` m
 decisions, scores, reasons, ids of models and requests. Refused, with :class:`AuditDataError`:
 
 * keys that name personal or biometric data (phone, id_number, email, embedding, image, ...);
-* strings (and integers) that :func:`~services.common.privacy.redact` would change: phone, ID,
-  card/account numbers, e-mail addresses;
+* strings (and integers) that :func:`~services.common.privacy.is_personal_data` finds personal:
+  phone, ID, card/account numbers, e-mail addresses (the rule request validation applies too);
 * binary values, and numeric arrays longer than :data:`MAX_NUMERIC_ARRAY` (an embedding or a
   waveform, whatever its key is called);
 * strings longer than :data:`MAX_STRING` (an encoded image), non-JSON values, NaN/infinity.
@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from services.common.privacy import redact
+from services.common.privacy import is_personal_data
 
 from .chain import canonical_json
 
@@ -51,7 +51,7 @@ class AuditDataError(ValueError):
 
 
 def check_text(what: str, value: str | None) -> None:
-    if value is not None and redact(value) != value:
+    if value is not None and is_personal_data(value):
         raise AuditDataError(f"{what} looks like personal data (phone, ID, card number or e-mail)")
 
 

@@ -6,17 +6,22 @@ dropped (the chain does not start at seq 1 from the genesis hash), the last reco
 appended without the key (the signed head no longer names the last record), and any head or
 checkpoint whose signature does not verify or that disagrees with the record it names.
 
+An empty trail is a failure while the database holds rows that are only ever written with an
+audit record (``data_rows``: templates, consents, phone numbers): wiping the records, the head and
+the checkpoints together leaves nothing to check a chain against, but not an empty trail.
+
 Residual risk: someone with write access to the database who kept an *older* signed head can
 truncate the trail back to that head and put the old head back; the result verifies. The
-signing key does not help, because the old head was genuinely signed. Mitigation: ship every
-checkpoint (and periodically the head) to storage the database administrator cannot rewrite —
-WORM object storage or a separate log service — and compare: a trail that ends before the
-newest shipped checkpoint was truncated. ``verify(..., known_checkpoints=...)`` takes those.
+signing key does not help, because the old head was genuinely signed. Mitigation: anchor every
+checkpoint and the head outside the database, in storage its administrator cannot rewrite
+(services/common/audit/anchor.py: write-once objects, `biogate audit anchor`), and compare: a
+trail that ends before the newest anchor was truncated. ``verify(..., known_checkpoints=...)``
+takes those.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -75,11 +80,14 @@ def verify(
     known_checkpoints: Iterable[tuple[int, str]] = (),
     checkpoint_every: int | None = None,
     batch: int = 1000,
+    data_rows: Mapping[str, int] | None = None,
 ) -> VerifyReport:
     """Walk the whole trail.
 
     ``known_checkpoints``: (seq, hash) pairs kept outside the database. ``checkpoint_every``:
-    also require a checkpoint at every multiple of it (only if it never changed).
+    also require a checkpoint at every multiple of it (only if it never changed). ``data_rows``:
+    counts of audited rows the database holds (``Storage.audited_rows``); any with an empty trail
+    is a failure.
     """
     keys = key_map(public_key)
     report = VerifyReport()
@@ -122,6 +130,11 @@ def verify(
     newest_external = max(external, default=0)
     if newest_external > (last.seq if last else 0):
         report.add(f"seq {newest_external}: an externally kept checkpoint is beyond the end of the trail (truncated)")
+
+    held = {what: n for what, n in (data_rows or {}).items() if n}
+    if last is None and held:
+        report.add("the trail is empty while the database holds " + ", ".join(f"{n} {what}" for what, n in held.items())
+                   + ": every one was written with an audit record, so the trail was wiped")
 
     head = storage_audit.head()
     report.head_seq = head.seq if head else None

@@ -60,10 +60,12 @@ class Challenges:
     def issue(self, tenant: str, subject: str, payload: Mapping[str, Any], ttl_s: int,
               details: Mapping[str, Any]) -> ChallengeRecord:
         now = utcnow()
-        rec = self.rt.storage.challenges.create(ChallengeRecord(
-            tenant, subject, self.kind, {**payload, "issued_at": now.isoformat()},
-            expires_at=now + timedelta(seconds=ttl_s), created_at=now))
-        self.rt.audit.append(f"{self.modality}.challenge_started", actor(), tenant, subject, {**details, "ttl_s": ttl_s})
+        with self.rt.storage.transaction():  # the challenge and its audit record, or neither
+            rec = self.rt.storage.challenges.create(ChallengeRecord(
+                tenant, subject, self.kind, {**payload, "issued_at": now.isoformat()},
+                expires_at=now + timedelta(seconds=ttl_s), created_at=now))
+            self.rt.audit.append(f"{self.modality}.challenge_started", actor(), tenant, subject,
+                                 {**details, "ttl_s": ttl_s})
         return rec
 
     def consume(self, tenant: str, subject: str, nonce: str) -> Spent:

@@ -43,6 +43,7 @@ CATALOGUE: Mapping[str, Entry] = MappingProxyType({
     "EMPTY_IMAGE": Entry(_INVALID, "the image is empty"),
     "TRUNCATED_IMAGE": Entry(_INVALID, "the image is truncated"),
     "IMAGE_TOO_LARGE": Entry(_INVALID, "the image is too large"),
+    "IMAGE_TOO_COMPLEX": Entry(_INVALID, "the image would take too long to decode (a JPEG of too many scans)"),
     "IMAGE_TOO_SMALL": Entry(_INVALID, "the image is too small"),
     # -- faces in an image (services/face/subject.py, quality.py)
     "NO_FACE": Entry(_INVALID, "no face found"),

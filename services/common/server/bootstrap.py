@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.config import Settings
 from services.common.server.auth import Authenticator
 from services.common.server.interceptor import ServerInterceptor, TenantLookup, roles_by_method, tenants_by_method
+from services.common.server.streams import StreamLimits
 
 log = logging.getLogger("biogate.server")
 
@@ -49,18 +50,19 @@ class RunningServer:
         self.settings = settings
         self.definition = definition
         cfg = settings.server
+        self.interceptor = ServerInterceptor(
+            definition.name,
+            Authenticator.from_settings(settings),
+            roles_by_method(definition.descriptors),
+            cfg.rpc_timeout_s,
+            tenants_by_method(definition.descriptors),
+            definition.tenant_lookups,
+            StreamLimits(cfg.stream_idle_timeout_s, cfg.stream_max_bytes),
+            cfg.max_concurrent_rpcs,
+        )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix=f"{definition.name}-rpc"),
-            interceptors=[
-                ServerInterceptor(
-                    definition.name,
-                    Authenticator.from_settings(settings),
-                    roles_by_method(definition.descriptors),
-                    cfg.rpc_timeout_s,
-                    tenants_by_method(definition.descriptors),
-                    definition.tenant_lookups,
-                )
-            ],
+            interceptors=[self.interceptor],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -145,6 +147,7 @@ class RunningServer:
         self.server.stop(grace).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
+        self.interceptor.close()
         self.definition.close()
         log.info("stopped", extra={"service": self.definition.name})
 

@@ -4,8 +4,10 @@ error mapping, metrics and the access log, in that order, for every RPC but heal
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -14,11 +16,14 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from services.common import context, errors, metrics
 from services.common.api.v1 import common_pb2
+from services.common.privacy import is_personal_data
 from services.common.server.auth import Authenticator
+from services.common.server.streams import BoundedStream, StreamLimits
 
 log = logging.getLogger("biogate.rpc")
 
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 # Reflection is open to any authenticated caller, whatever its roles.
 ANY_ROLE_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 
@@ -91,6 +96,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
         rpc_timeout_s: float = 30.0,
         tenants: dict[str, TenantRule] | None = None,
         lookups: dict[str, TenantLookup] | None = None,
+        streams: StreamLimits = StreamLimits(),
+        stream_readers: int = 256,  # at most one blocked read per concurrent RPC
     ) -> None:
         self.service = service
         self.rpc_timeout_s = rpc_timeout_s
@@ -98,6 +105,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
         self.roles = roles
         self.tenants = tenants or {}
         self.lookups = lookups or {}
+        self.streams = streams
+        self._readers = ThreadPoolExecutor(max_workers=stream_readers, thread_name_prefix=f"{service}-stream-read")
         missing = sorted({r.lookup for r in self.tenants.values() if r.lookup} - self.lookups.keys())
         if missing:
             raise ValueError(f"the {service} service declares tenant lookups it does not provide: {', '.join(missing)}")
@@ -108,6 +117,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
         if handler is None or method.startswith(UNAUTHENTICATED_PREFIXES):
             return handler
         short = method.rsplit("/", 1)[-1]
+        handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, short, handler.unary_unary),
@@ -138,7 +148,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
         def wrapped(request, ctx):
             with _Call(self, method, short, ctx) as call:
                 call.authorise()
-                call.check_tenant(request)
+                call.check_request(request)
                 return behavior(request, ctx)
             return None  # reached only after an abort; never sent
 
@@ -158,14 +168,21 @@ class ServerInterceptor(grpc.ServerInterceptor):
             with _Call(self, method, short, ctx) as call:
                 call.authorise()
                 if unary_in:
-                    call.check_tenant(request)
+                    call.check_request(request)
                 else:
                     request = call.checked_stream(request)
                 yield from behavior(request, ctx)
 
         return wrapped
 
+    def close(self) -> None:
+        self._readers.shutdown(wait=False, cancel_futures=True)
+
     def authorise(self, method: str, ctx: grpc.ServicerContext) -> context.Principal:
+        if sum(1 for key, _ in ctx.invocation_metadata() or () if key == "authorization") > 1:
+            # Which one counts would be up to whoever reads the metadata last: refuse them all.
+            raise errors.unauthenticated("more than one 'authorization' header: send exactly one",
+                                         reason="DUPLICATE_CREDENTIALS")
         principal = self.authenticator.authenticate(ctx)
         if principal is None:
             raise errors.unauthenticated(
@@ -194,7 +211,7 @@ class _Call:
 
     def __enter__(self) -> "_Call":
         meta = dict(self.ctx.invocation_metadata())
-        rid = meta.get("x-request-id", "")[:64] or uuid.uuid4().hex
+        rid = request_id(meta.get("x-request-id", ""))
         self._tokens = (context.request_id.set(rid), context.principal.set(None), context.deadline.set(None))
         self.ctx.send_initial_metadata((("x-request-id", rid),))
         self.start = time.perf_counter()
@@ -209,6 +226,12 @@ class _Call:
         context.deadline.set(time.monotonic() + budget)
         self.principal = self.owner.authorise(self.method, self.ctx)
         context.principal.set(self.principal)
+
+    def check_request(self, request: Any) -> None:
+        if isinstance(request, Malformed):
+            raise errors.invalid_argument(f"the request is not a valid {request.message} message: check the client's "
+                                          "generated code against the server's proto", reason="MALFORMED_REQUEST")
+        self.check_tenant(request)
 
     def check_tenant(self, request: Any) -> None:
         rule = self.owner.tenants.get(self.method)
@@ -227,14 +250,17 @@ class _Call:
             )
 
     def checked_stream(self, requests: Iterator) -> Iterator:
-        for request in requests:
-            self.check_tenant(request)
-            yield request
+        """The client's stream, read under the server's stream budgets, each message tenant-checked."""
+        return BoundedStream(requests, self.owner.streams, context.deadline.get(), self.owner._readers,
+                             self.check_request)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         code = _code_of(self.ctx)
         try:
             if exc is None or isinstance(exc, GeneratorExit):
+                return False
+            if isinstance(exc, grpc.RpcError) and not self.ctx.is_active():
+                code = grpc.StatusCode.CANCELLED  # the client went away (mid-stream): nobody to answer
                 return False
             if isinstance(exc, errors.ServiceError):
                 code = exc.code
@@ -268,6 +294,41 @@ class _Call:
         )
         for var, token in zip((context.request_id, context.principal, context.deadline), self._tokens):
             var.reset(token)
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What a request that does not parse deserialises to; refused with INVALID_ARGUMENT by the call,
+    where gRPC itself would answer INTERNAL ("Exception deserializing request!")."""
+
+    message: str
+    size: int
+
+    def ByteSize(self) -> int:  # counted against a stream's byte budget like any message
+        return self.size
+
+
+def _tolerant(deserialize: Callable | None) -> Callable | None:
+    if deserialize is None:
+        return None
+    name = getattr(getattr(deserialize, "__self__", None), "__name__", "request")
+
+    def tolerant(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception:  # noqa: BLE001 - any parse failure is the client's: refused by the call
+            return Malformed(name, len(data))
+
+    return tolerant
+
+
+def request_id(sent: str) -> str:
+    """The caller's x-request-id when it is a plain token (1-64 letters, digits and . _ : -) that
+    holds no personal data; otherwise a generated one. A trace id is not worth failing a call
+    for: the id used is returned in the response metadata, and it is what the logs carry."""
+    if _REQUEST_ID.match(sent) and not is_personal_data(sent):
+        return sent
+    return uuid.uuid4().hex
 
 
 def _code_of(ctx: grpc.ServicerContext) -> grpc.StatusCode:

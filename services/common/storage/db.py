@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from services.common.files import private_file
+
 from .errors import StorageError
 
 # SQLite has no timestamp type: UTC text of fixed width, so that text order is time order.
@@ -169,6 +171,11 @@ class SqliteDatabase(Database):
         self._slots = threading.BoundedSemaphore(pool_size)
         self._closed = False
         path.parent.mkdir(parents=True, exist_ok=True)
+        # SQLite creates a database 0644 whatever the umask, and its -wal and -shm files with the
+        # database's own mode: made 0600 first, all three stay private.
+        for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if f == path or f.exists():
+                private_file(f)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(

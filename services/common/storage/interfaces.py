@@ -309,4 +309,8 @@ class Storage(Protocol):
     def purge_expired(self, now: datetime | None = None) -> int:
         """Delete expired challenges and rate-limit windows; returns rows deleted."""
 
+    def audited_rows(self) -> dict[str, int]:
+        """Counts of the rows only ever written with an audit record (templates, consents, phone
+        numbers): the audit verification's evidence that a trail should not be empty."""
+
     def close(self) -> None: ...

@@ -96,6 +96,16 @@ class SqlStorage:
             )
         return counts
 
+    def audited_rows(self) -> dict[str, int]:
+        """Rows of the shared tables that are only ever written together with an audit record:
+        where any exist, the audit trail cannot be empty."""
+        with self.db.read() as s:
+            return {
+                "templates": s.one("SELECT COUNT(*) FROM templates")[0],
+                "consents": s.one("SELECT COUNT(*) FROM consents")[0],
+                "phone numbers": s.one("SELECT COUNT(*) FROM subjects WHERE phone_envelope IS NOT NULL")[0],
+            }
+
     def purge_expired(self, now: datetime | None = None) -> int:
         now = now or utcnow()
         with self.db.transaction() as s:
