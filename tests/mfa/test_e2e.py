@@ -121,7 +121,7 @@ class World:
         return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=code)))
 
     def device(self, s, app):
-        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s.nonce)))
+        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s)))
 
     def decide(self, s):
         return self.mfa_stub.Decide(F.DecideRequest(session_id=s.session_id))
