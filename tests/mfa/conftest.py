@@ -51,10 +51,37 @@ lockout: {max_failures: 5, delay_after: 3, delay_s: 0.0}
 """
 
 
+# A tenant where a device can be bound after an SMS OTP login (aal1), so that bound devices, capture
+# bindings and WebAuthn credentials are exercised without the face service; face still counts
+# only with a possession factor, and payments name their payee.
+BIND_POLICY = """\
+version: bind-test-1
+factors:
+  sms_otp: {evidence: 3.0, resend_cooldown_s: 0, max_attempts: 5}
+  device:
+    evidence: 3.0
+    binding: {min_acr: aal1, within_s: 300}
+actions:
+  login:
+    required: 3.0
+    acceptable: [[face, device], [face, sms_otp], [sms_otp], [device]]
+  payment:
+    required: 3.0
+    payee: required
+    acceptable: [[face, device], [face, sms_otp], [device, sms_otp]]
+    amount_bands:
+      CNY:
+        - {up_to: 500000}
+        - {up_to: null, min_factors: 2, min_independent: 2, extra_evidence: 3.0}
+lockout: {max_failures: 5, delay_after: 3, delay_s: 0.0}
+"""
+
+
 def settings_for(tmp_path: Path, dsn: str = "", **mfa):
     policy_dir = tmp_path / "policies"
     policy_dir.mkdir(exist_ok=True)
     (policy_dir / "otp-bank.yaml").write_text(OTP_POLICY)
+    (policy_dir / "bind-bank.yaml").write_text(BIND_POLICY)
     return make_settings(
         tmp_path / "data",
         storage={"dsn": dsn if dsn.startswith("postgres") else ""},
