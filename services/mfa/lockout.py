@@ -61,7 +61,8 @@ def _state(rec: LockoutRecord | None, p: LockoutPolicy, lock_s: int, now: dateti
     wait = 0.0
     if equiv >= p.delay_after and rec.last_failure_at is not None:
         delay = p.delay_s * 2 ** (math.floor(equiv) - p.delay_after)
-        wait = max(0.0, delay - (now - rec.last_failure_at).total_seconds())
+        since = max(0.0, (now - rec.last_failure_at).total_seconds())  # a concurrent attempt may be newer
+        wait = max(0.0, delay - since)
     return State(False, wait, equiv, left)
 
 
@@ -71,7 +72,7 @@ class Attempt:
 
     tenant: str
     subject: str
-    scopes: tuple[tuple[str, str, datetime | None, bool], ...]  # (scope, key, last failure before, locked before)
+    scopes: tuple[tuple[str, str, datetime | None, bool], ...]  # (scope, key, last failure before, this charge locked it)
     cost: int
     at: datetime
     bound: bool
@@ -130,9 +131,9 @@ class Lockouts:
             scopes = []
             for scope, key in [("subject", subject)] + ([("device", source)] if source else []):
                 before = self.store.lockouts.get(tenant, scope, key)
-                self.store.lockouts.record_failure(tenant, scope, key, subject, cost, now)
-                scopes.append((scope, key, before.last_failure_at if before else None,
-                               bool(before and before.locked_at is not None)))
+                after = self.store.lockouts.record_failure(tenant, scope, key, subject, cost, now)
+                locked_now = after.locked_at is not None and not (before and before.locked_at is not None)
+                scopes.append((scope, key, before.last_failure_at if before else None, locked_now))
         return Attempt(tenant, subject, tuple(scopes), cost, now, bound)
 
     def settle(self, attempt: Attempt, outcome: FactorOutcome | None, p: LockoutPolicy, actor: str) -> State:
@@ -141,14 +142,14 @@ class Lockouts:
         failed = outcome is not None and outcome.counts_as_failure
         keep = math.ceil(LOCK_COST / p.max_failures_with_liveness) if failed and outcome.liveness else attempt.cost
         result = None
-        for scope, key, last_before, locked_before in attempt.scopes:
+        for scope, key, last_before, locked_now in attempt.scopes:
             if not failed:
                 rec = self.store.lockouts.refund(attempt.tenant, scope, key, attempt.cost, 1, attempt.at, last_before)
             elif keep < attempt.cost:
                 rec = self.store.lockouts.refund(attempt.tenant, scope, key, attempt.cost - keep, 0, attempt.at, None)
             else:
                 rec = self.store.lockouts.get(attempt.tenant, scope, key)
-            if failed and rec is not None and rec.locked_at is not None and not locked_before:
+            if failed and locked_now and rec is not None and rec.locked_at is not None:
                 self.audit.append(f"mfa.{scope}_locked", actor, attempt.tenant, attempt.subject,
                                   {"failures": rec.failures, "scope": scope})
             state = _state(rec, p, self._lock_s(scope, p), attempt.at)

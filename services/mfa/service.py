@@ -296,9 +296,11 @@ class Orchestrator:
             if outcome.unavailable:
                 st.plan = st.plan.degrade(name, policy, st.device_usable)
         try:
-            with self.rt.storage.transaction():  # counters, session and audit record together
-                left = self.lockouts.settle(attempt, outcome, policy.lockout, actor()).attempts_left
+            # session, counters and audit records together; the session row first, then the audit
+            # chain (as every writer takes them), so that concurrent submissions cannot deadlock
+            with self.rt.storage.transaction():
                 session = self.sessions.mutate(session, change)
+                left = self.lockouts.settle(attempt, outcome, policy.lockout, actor()).attempts_left
                 self.rt.audit.append("mfa.factor", actor(), tenant, subject, {
                     "session_id": session.id, "factor": name, "passed": outcome.passed, "veto": outcome.veto,
                     "llr": round(outcome.llr, 3), "unavailable": outcome.unavailable,

@@ -57,7 +57,9 @@ lockout: {max_failures: 5, delay_after: 3, delay_s: 0.0}
 BIND_POLICY = """\
 version: bind-test-1
 factors:
-  sms_otp: {evidence: 3.0, resend_cooldown_s: 0, max_attempts: 5}
+  sms_otp:
+    {evidence: 3.0, resend_cooldown_s: 0, max_attempts: 10, per_phone: {limit: 50, window_s: 3600},
+     per_subject: {limit: 50, window_s: 3600}}
   device:
     evidence: 3.0
     binding: {min_acr: aal1, within_s: 300}
