@@ -55,7 +55,8 @@ class FaceFactor(BiometricFactor):
 class VoiceFactor(BiometricFactor):
     require_spoof_check: bool = True
     # The voice factor needs the digit challenge this session handed out (replay defence); an
-    # action or one of its channels may say otherwise (voice_challenge).
+    # action or one of its channels may say otherwise (voice_challenge), which the voice service
+    # must then allow for the tenant too (voice.tenants.<id>.require_challenge).
     require_challenge: bool = True
 
 
