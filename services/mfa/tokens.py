@@ -8,10 +8,8 @@ expired (token lifetime plus a leeway), then it is dropped.
 Claims: ``iss``; ``aud`` the tenant; ``sub`` the subject's keyed pseudonym, not the bank's
 customer reference (tokens travel through apps and browsers and end up in logs; the relying party
 binds the token to its customer by ``sid``, the session it opened for that customer); ``sid``;
-``act`` the action and, for payments, ``amt`` (dynamic linking) and ``pay`` (keyed hash of the
-payee the device signed); ``decision``; ``amr`` (RFC 8176); ``acr``; ``fac`` per passed factor: how
-it was bound (``bind``) and the operating point that decided it (``fmr``, ``fmr_measured``,
-``apcer``, ``apcer_measured``); ``iat``/``nbf``/``exp``; ``jti``.
+``act`` the action and, for payments, ``amt`` (dynamic linking); ``decision``; ``amr`` (RFC 8176);
+``acr``; ``iat``/``nbf``/``exp``; ``jti``.
 """
 
 from __future__ import annotations
