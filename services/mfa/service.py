@@ -373,6 +373,9 @@ class Orchestrator:
             return self._decision_response(stored)
 
     def _sign(self, session: Session, d: Decision, review_id: str, now: datetime) -> tuple[str, float]:
+        """The decision's claims (services/mfa/tokens.py lists the common ones); besides them ``pay``,
+        the keyed hash of the payee the device signed, and ``fac``: per passed factor how it was bound
+        and the operating point that decided it (factor_claims)."""
         st = session.state
         claims: dict[str, Any] = {
             "aud": session.tenant_id, "sub": self.rt.pseudonymize(session.tenant_id, session.subject_id),
