@@ -226,7 +226,8 @@ def part_voice(levels: list[int], duration: float) -> dict:
         tmp = Path(tmpdir)
         port = voice_bench.free_port()
         config = {"data_dir": str(tmp / "data"), "server": {"voice": {"port": port, "metrics_port": None}},
-                  "voice": {"tenants": {"bench-nosynth": {"synthetic_speech_check": False}}}}
+                  "voice": {"tenants": {"bench": {"require_challenge": False},  # text-independent speech
+                                        "bench-nosynth": {"synthetic_speech_check": False, "require_challenge": False}}}}
         (tmp / "config.yaml").write_text(yaml.safe_dump(config))
         t = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "--config", str(tmp / "config.yaml"), "serve",

@@ -1,12 +1,13 @@
 """MFA orchestrator benchmark: decisions per second and latency of the orchestrator's own work.
 
-A flow is one authentication session on a bound device: StartAuthentication, a device-key proof,
-SendOtp (development sink), the OTP, Decide (a signed EdDSA token) — every storage write, audit
-record, risk rule and signature included. Time spent waiting on the face/voice services is
-measured apart (``services.mfa.clients.biometric_seconds``) and subtracted. With ``--with-face`` a
-real face service is started on loopback on the same storage, a fixture face is enrolled for each
-subject, and each flow is a face verification (passive liveness) plus the device proof instead of
-the OTP: the face calls' latency is reported on its own line.
+A flow is one authentication session on a bound device: StartAuthentication, a device-key proof
+(a signature over the session's transaction context), SendOtp (development sink), the OTP, Decide
+(a signed EdDSA token) — every storage write, audit record, risk rule and signature included. Time
+spent waiting on the face/voice services is measured apart (``services.mfa.clients.biometric_seconds``)
+and subtracted. With ``--with-face`` a real face service is started on loopback on the same
+storage, a fixture face is enrolled for each subject, and each flow is one face verification
+(passive liveness) whose capture the device key signs (proving the device too) instead of the
+proof and the OTP: the face calls' latency is reported on its own line.
 
     .venv/bin/python bench/mfa_bench.py --flows 200 [--grpc] [--with-face] [--dsn postgresql://...]
 """
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 
 from services.common.api.v1 import common_pb2, mfa_pb2  # noqa: E402
 from services.common.config import load_config  # noqa: E402
+from services.mfa.binding import payload_digest, transaction_context  # noqa: E402
 from services.mfa.storage import DeviceRecord  # noqa: E402
 
 F = mfa_pb2
@@ -41,6 +43,13 @@ risk:
     velocity: {max_sessions: 1000000}
     fraud_phrases: {phrases: {zh: [代操作, 安全账户], en: [safe account, AnyDesk]}}
 """
+
+
+def signed(key, tenant: str, s, payloads=()) -> tuple[bytes, bytes]:
+    """(transaction context of a login session, the device key's signature over it)."""
+    context = transaction_context(session_id=s.session_id, nonce=s.nonce, tenant=tenant, action="login",
+                                  evidence=[payload_digest(p) for p in payloads])
+    return context, key.sign(context)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -103,12 +112,15 @@ def main() -> int:
             subject=common_pb2.SubjectRef(tenant_id=tenant, subject_id=sid), channel=F.CHANNEL_APP,
             action="login", device=device,
             context=F.ContextSignals(country="CN", conversation_text="我想查询余额" if i % 2 else "")))
-        orch.submit(F.SubmitFactorRequest(session_id=s.session_id, device=F.DeviceProof(
-            device_id=dev_ids[sid], signature=key.sign(s.nonce.encode()))))
         if image:
+            context, signature = signed(key, tenant, s, [image])
             orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence(
-                image=common_pb2.Image(data=image))))
+                image=common_pb2.Image(data=image), binding=F.CaptureBinding(
+                    device_id=dev_ids[sid], signature=signature, context=context))))
         else:
+            context, signature = signed(key, tenant, s)
+            orch.submit(F.SubmitFactorRequest(session_id=s.session_id, device=F.DeviceProof(
+                device_id=dev_ids[sid], signature=signature, context=context)))
             orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
             with open(outbox, "rb") as fh:
                 fh.seek(max(0, outbox.stat().st_size - 400))
@@ -216,8 +228,9 @@ def grpc_bench(settings, tenant, subject_ids, dev_ids, device, key, flows: int) 
             s = stub.StartAuthentication(F.StartAuthenticationRequest(
                 subject=common_pb2.SubjectRef(tenant_id=tenant, subject_id=sid), channel=F.CHANNEL_APP,
                 action="login", device=device))
+            context, signature = signed(key, tenant, s)
             stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=F.DeviceProof(
-                device_id=dev_ids[sid], signature=key.sign(s.nonce.encode()))))
+                device_id=dev_ids[sid], signature=signature, context=context)))
             stub.SendOtp(F.SendOtpRequest(session_id=s.session_id))
             code = json.loads(outbox.read_text().splitlines()[-1])["text"][:6]
             stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=code)))

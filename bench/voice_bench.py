@@ -64,7 +64,10 @@ def start_service(tmp: Path, prefix: str) -> tuple[subprocess.Popen, str, dict]:
         "server": {"voice": {"port": port, "metrics_port": None}},
         "models": {"cache_dir": str(ROOT / "var" / "models")},
         "logging": {"level": "WARNING"},
-        "voice": {"replay_key_prefix": prefix, "tenants": {"bench-nosynth": {"synthetic_speech_check": False}}},
+        # text-independent speech: the bench tenants verify without the digit challenge
+        "voice": {"replay_key_prefix": prefix, "tenants": {
+            "bench": {"require_challenge": False},
+            "bench-nosynth": {"synthetic_speech_check": False, "require_challenge": False}}},
     }
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))

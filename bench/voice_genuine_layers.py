@@ -45,7 +45,9 @@ from services.voice import telephone  # noqa: E402
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "voice" / "verification"
 CHUNK_S = 0.02
 # Environment settings: merged into the service's configuration (pydantic-settings, BIOGATE_ prefix).
-ENROL_MINIMUMS = {"BIOGATE_VOICE__MIN_NET_SPEECH_ENROLL_S": "1.0", "BIOGATE_VOICE__MIN_TOTAL_NET_SPEECH_ENROLL_S": "1.0"}
+ENROL_MINIMUMS = {"BIOGATE_VOICE__MIN_NET_SPEECH_ENROLL_S": "1.0", "BIOGATE_VOICE__MIN_TOTAL_NET_SPEECH_ENROLL_S": "1.0",
+                  # the fixtures' sentences are text-independent: tenant "genuine" without the digit challenge
+                  "BIOGATE_VOICE__TENANTS": '{"genuine": {"require_challenge": false}}'}
 
 
 def channel_audio(x: np.ndarray, channel: str):

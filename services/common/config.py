@@ -66,6 +66,13 @@ class ServerConfig(Section):
     drain_seconds: float = 10.0
 
 
+class Terminal(Section):
+    """A registered terminal (a bank's kiosk, the IVR platform): the MFA trusts its captures as the
+    channel's on sessions of that channel only (capture binding kind "terminal")."""
+
+    channel: Literal["kiosk", "ivr"]
+
+
 class Principal(Section):
     """A caller: a bearer token (stored as its SHA-256) or an mTLS certificate subject."""
 
@@ -76,6 +83,7 @@ class Principal(Section):
     # The client certificate's identity: a URI SAN (SPIFFE ID, spiffe://trust-domain/path) or a DNS
     # SAN; the CN only for a certificate without such SANs (services/common/server/auth.py).
     cert_subject: str | None = None
+    terminal: Terminal | None = None
 
 
 class AuthConfig(Section):
@@ -165,6 +173,18 @@ class SmsConfig(Section):
     backoff_s: float = Field(0.5, ge=0)
 
 
+class WebAuthnConfig(Section):
+    """The MFA as a WebAuthn relying party (passkeys binding devices and signing captures)."""
+
+    rp_id: str = "localhost"  # the bank's domain the credentials are scoped to
+    rp_name: str = "BioGate"
+    # Origins clientDataJSON may name: https://<domain>, and android:apk-key-hash:<...> of the app.
+    origins: list[str] = ["https://localhost"]
+    attestation: Literal["none", "direct"] = "none"  # direct: packed/x5c attestation is requested
+    require_user_verification: bool = False  # UV flag (device PIN or biometric unlock) on every use
+    timeout_ms: int = Field(120_000, ge=10_000, le=600_000)
+
+
 class MfaConfig(Section):
     # <tenant>.yaml policy files; a tenant without its own file gets default_policy.
     policy_dir: Path | None = None  # default <data_dir>/policies
@@ -176,6 +196,7 @@ class MfaConfig(Section):
     signing_keys_file: Path | None = None  # default <data_dir>/keys/mfa-token-keys.json
     signing_key_max_age_s: int = Field(30 * 86400, ge=60)  # rotated automatically after this
     sms: SmsConfig = SmsConfig()
+    webauthn: WebAuthnConfig = WebAuthnConfig()
 
 
 class ClientTarget(Section):
@@ -249,6 +270,9 @@ class VoiceTenantPolicy(Section):
 
     target_fmr: float | None = Field(None, gt=0, lt=1)  # must be a calibrated operating point
     synthetic_speech_check: bool = True  # False: no AASIST layer for this tenant (replay and digits stay)
+    # None: the service's require_challenge. False: a Verify without a digit challenge is decided
+    # text-independently (evaluation tenants; a replayed recording is then only met by the replay cache).
+    require_challenge: bool | None = None
 
 
 class VoiceConfig(Section):
@@ -291,6 +315,9 @@ class VoiceConfig(Section):
     max_duration_s: float = Field(60.0, gt=0, le=600)
     max_embed_s: float = Field(20.0, ge=3.0)  # longer audio is embedded in segments (memory bound)
     max_batch_audio_s: float = Field(20.0, ge=3.0)  # audio per ECAPA call (~15 MB/s on CPU); raise on a GPU
+    # Verify/StreamVerify without a digit challenge are refused (FAILED_PRECONDITION
+    # CHALLENGE_REQUIRED): a recording of the customer played back says other words.
+    require_challenge: bool = True
     challenge_digits: int = Field(6, ge=4, le=10)
     challenge_ttl_s: int = Field(60, ge=10, le=60)
     # Digits heard wrong, missing or extra (edit distance to the challenge) that still pass. 1: 98.0 %

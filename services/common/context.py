@@ -11,6 +11,7 @@ class Principal:
     name: str
     roles: frozenset[str]
     tenants: frozenset[str]  # {"*"} for every tenant
+    terminal_channel: str | None = None  # a registered terminal: the channel ("kiosk", "ivr") it serves
 
     def may_act_for(self, tenant_id: str) -> bool:
         return "*" in self.tenants or tenant_id in self.tenants

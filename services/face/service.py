@@ -106,8 +106,28 @@ class FaceService:
     def _threshold(self, model_id: str, target: float, score: str) -> float:
         return self.calibrations.threshold(model_id, self.cfg.calibration_channel, target, score)
 
+    def target_fmr(self, tenant: str) -> float:
+        return self.policy(tenant).target_fmr or self.cfg.target_fmr
+
     def threshold(self, tenant: str) -> float:
-        return self._threshold(self.model_id, self.policy(tenant).target_fmr or self.cfg.target_fmr, EMBEDDER_SCORE)
+        return self._threshold(self.model_id, self.target_fmr(tenant), EMBEDDER_SCORE)
+
+    def _operating_points(self, out, tenant: str | None, liveness: bool) -> None:
+        """The response states the operating points that decided: target and measured FMR of the
+        match threshold (``tenant`` given), target and measured APCER of the liveness threshold."""
+        channel = self.cfg.calibration_channel
+        if tenant is not None:
+            target = self.target_fmr(tenant)
+            out.target_fmr = target
+            measured = self.calibrations.measured(self.model_id, channel, target, EMBEDDER_SCORE)
+            if measured is not None:
+                out.measured_fmr = measured
+        if liveness:
+            apcer = self.cfg.liveness_target_apcer
+            out.liveness_target_apcer = apcer
+            measured = self.calibrations.measured(self.cfg.liveness[0], channel, apcer, LIVENESS_SCORE)
+            if measured is not None:
+                out.liveness_measured_apcer = measured
 
     def check_operating_points(self) -> None:
         """The service does not start on a default operating point its calibration marks unsupported."""
@@ -263,6 +283,7 @@ class FaceService:
                     out.reasons.append(reason("LIVENESS_FAILED"))
             details.update(score=round(score, 4), llr=None if llr is None else round(llr, 3), match=out.match,
                            live=out.live)
+        self._operating_points(out, tenant, out.liveness_checked)
         self.rt.audit.append("face.verified", actor(), tenant, subject, details)
         return out
 
@@ -372,7 +393,9 @@ class FaceService:
             for f, d, a in zip(req.frames, datas, analyses)
         ]
         result = ch.evaluate(moves, frames, spent.issued_ago_ms, rules)
-        out = face_pb2.SubmitLivenessChallengeResponse(model_id=self.model_id, reasons=[reason(r) for r in result.reasons])
+        out = face_pb2.SubmitLivenessChallengeResponse(model_id=self.model_id, reasons=[reason(r) for r in result.reasons],
+                                                       challenge_passed=result.passed)
+        self._operating_points(out, tenant if req.verify_subject else None, True)
         details = {"model_id": self.model_id, "challenge_passed": result.passed, "reasons": list(result.reasons),
                    **result.details}
         passed = result.passed

@@ -1,11 +1,24 @@
-"""Lockout and throttling of consecutive failures, per subject and per device.
+"""Throttling and bounded locks of consecutive failures, per subject and per source (NIST SP
+800-63B-4 § 3.2.2).
 
 Failures are weighed so that the policy's two limits share one counter: a failure without
 presentation attack detection costs 1/max_failures of the lock, a biometric failure with liveness
-checked 1/max_failures_with_liveness (NIST SP 800-63B-4: 5, or 10 with PAD). From ``delay_after``
-failures on, each further attempt must wait ``delay_s``, doubling; at the limit the scope is
-locked: a subject until an administrator unlocks it (or ``subject_lock_s``), a device for
-``device_lock_s``. An ALLOW resets both counters.
+checked 1/max_failures_with_liveness (5, or 10 with PAD). From ``delay_after`` failures on, each
+further attempt must wait ``delay_s``, doubling; at the limit the scope is locked for a bounded
+time (``subject_lock_s``, ``device_lock_s``; an administrator may unlock earlier). An ALLOW resets
+both counters.
+
+Two scopes: the subject, and the source a session runs on (the device fingerprint; sessions
+without a device, IVR and kiosk, have none). A session on one of the subject's bound devices is
+held to its own device's counter only: failures from other devices slow an attacker down and
+lock the subject for everyone else, but not the customer on their own phone, who must then prove
+its key before a decision.
+
+An attempt is charged before it is evaluated (:meth:`Lockouts.attempt`, under a lock of the
+subject's counters), and settled afterwards (:meth:`Lockouts.settle`: kept, lightened for a
+biometric with PAD, or given back for a pass, an unusable capture or an outage). Concurrent
+attempts therefore never evaluate more than the limit allows, and a crash mid-attempt counts as a
+failure.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import grpc
 from services.common import errors
 from services.common.audit import AuditLog
 
+from .fusion import FactorOutcome
 from .policy.schema import Lockout as LockoutPolicy
 from .storage import LOCK_COST, LockoutRecord, MfaStore
 
@@ -29,6 +43,9 @@ class State:
     wait_s: float  # throttle: seconds before the next attempt is accepted
     failures: float  # in units of max_failures failures
     attempts_left: int  # full-cost failures left before the lock
+
+
+OPEN = State(False, 0.0, 0.0, 0)
 
 
 def _state(rec: LockoutRecord | None, p: LockoutPolicy, lock_s: int, now: datetime) -> State:
@@ -44,18 +61,34 @@ def _state(rec: LockoutRecord | None, p: LockoutPolicy, lock_s: int, now: dateti
     wait = 0.0
     if equiv >= p.delay_after and rec.last_failure_at is not None:
         delay = p.delay_s * 2 ** (math.floor(equiv) - p.delay_after)
-        wait = max(0.0, delay - (now - rec.last_failure_at).total_seconds())
+        since = max(0.0, (now - rec.last_failure_at).total_seconds())  # a concurrent attempt may be newer
+        wait = max(0.0, delay - since)
     return State(False, wait, equiv, left)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """An attempt charged in advance: what to keep or give back once it is evaluated."""
+
+    tenant: str
+    subject: str
+    scopes: tuple[tuple[str, str, datetime | None, bool], ...]  # (scope, key, last failure before, this charge locked it)
+    cost: int
+    at: datetime
+    bound: bool
 
 
 class Lockouts:
     def __init__(self, store: MfaStore, audit: AuditLog) -> None:
         self.store, self.audit = store, audit
 
+    @staticmethod
+    def _lock_s(scope: str, p: LockoutPolicy) -> int:
+        return p.subject_lock_s if scope == "subject" else p.device_lock_s
+
     def _get(self, tenant: str, scope: str, key: str, p: LockoutPolicy, now: datetime) -> State:
         rec = self.store.lockouts.get(tenant, scope, key)
-        lock_s = p.subject_lock_s if scope == "subject" else p.device_lock_s
-        state = _state(rec, p, lock_s, now)
+        state = _state(rec, p, self._lock_s(scope, p), now)
         if rec is not None and rec.locked_at is not None and not state.locked:
             self.store.lockouts.reset(tenant, scope, key)
         return state
@@ -63,17 +96,22 @@ class Lockouts:
     def subject(self, tenant: str, subject: str, p: LockoutPolicy, now: datetime) -> State:
         return self._get(tenant, "subject", subject, p, now)
 
-    def check(self, tenant: str, subject: str, device_fp: str, p: LockoutPolicy, now: datetime) -> State:
-        """The subject's state, or an error when the subject or device is locked or throttled."""
-        s = self.subject(tenant, subject, p, now)
-        if s.locked:
+    def source(self, tenant: str, source: str, p: LockoutPolicy, now: datetime) -> State:
+        return self._get(tenant, "device", source, p, now) if source else State(False, 0.0, 0.0, p.max_failures)
+
+    def check(self, tenant: str, subject: str, source: str, p: LockoutPolicy, now: datetime,
+              bound: bool = False) -> State:
+        """The state that limits this session (its device's on a bound device, else the subject's),
+        or an error when it is locked or throttled."""
+        d = self.source(tenant, source, p, now)
+        s = d if bound else self.subject(tenant, subject, p, now)
+        if s.locked and not bound:
             raise errors.failed_precondition(
-                "the subject is locked after too many consecutive failures; an administrator must unlock it",
-                "SUBJECT_LOCKED")
-        d = self._get(tenant, "device", device_fp, p, now) if device_fp else State(False, 0.0, 0.0, p.max_failures)
+                "the subject is locked after too many consecutive failures; try again later, or from a "
+                "bound device", "SUBJECT_LOCKED")
         if d.locked:
-            raise errors.failed_precondition("this device is locked after too many consecutive failures",
-                                             "DEVICE_LOCKED")
+            raise errors.failed_precondition("this device is locked after too many consecutive failures; "
+                                             "try again later", "DEVICE_LOCKED")
         wait = max(s.wait_s, d.wait_s)
         if wait > 0:
             raise errors.ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -81,21 +119,57 @@ class Lockouts:
                                       metadata={"retry_after_s": str(math.ceil(wait))})
         return s
 
-    def failure(self, tenant: str, subject: str, device_fp: str, p: LockoutPolicy, liveness: bool,
-                actor: str, now: datetime) -> State:
-        cost = math.ceil(LOCK_COST / (p.max_failures_with_liveness if liveness else p.max_failures))
-        scopes = [("subject", subject, subject)] + ([("device", device_fp, subject)] if device_fp else [])
+    def attempt(self, tenant: str, subject: str, source: str, p: LockoutPolicy, now: datetime,
+                bound: bool) -> Attempt:
+        """Check and charge one full-cost failure in one transaction under the subject's lock, so
+        that concurrent attempts see each other's charge."""
+        cost = math.ceil(LOCK_COST / p.max_failures)
+        db = self.store.db
+        with db.transaction() as s:
+            db.lock(s, f"mfa-lockout|{tenant}|{subject}")
+            self.check(tenant, subject, source, p, now, bound)
+            scopes = []
+            for scope, key in [("subject", subject)] + ([("device", source)] if source else []):
+                before = self.store.lockouts.get(tenant, scope, key)
+                after = self.store.lockouts.record_failure(tenant, scope, key, subject, cost, now)
+                locked_now = after.locked_at is not None and not (before and before.locked_at is not None)
+                scopes.append((scope, key, before.last_failure_at if before else None, locked_now))
+        return Attempt(tenant, subject, tuple(scopes), cost, now, bound)
+
+    def settle(self, attempt: Attempt, outcome: FactorOutcome | None, p: LockoutPolicy, actor: str) -> State:
+        """Keep the charge of a failure (lightened for a biometric with PAD), give back any other;
+        -> the limiting state afterwards. Joins the caller's transaction."""
+        failed = outcome is not None and outcome.counts_as_failure
+        keep = math.ceil(LOCK_COST / p.max_failures_with_liveness) if failed and outcome.liveness else attempt.cost
         result = None
-        for scope, key, owner in scopes:
-            before = self.store.lockouts.get(tenant, scope, key)
-            rec = self.store.lockouts.record_failure(tenant, scope, key, owner, cost, now)
-            if rec.locked_at is not None and (before is None or before.locked_at is None):
-                self.audit.append(f"mfa.{scope}_locked", actor, tenant, subject,
+        for scope, key, last_before, locked_now in attempt.scopes:
+            if not failed:
+                rec = self.store.lockouts.refund(attempt.tenant, scope, key, attempt.cost, 1, attempt.at, last_before)
+            elif keep < attempt.cost:
+                rec = self.store.lockouts.refund(attempt.tenant, scope, key, attempt.cost - keep, 0, attempt.at, None)
+            else:
+                rec = self.store.lockouts.get(attempt.tenant, scope, key)
+            if failed and locked_now and rec is not None and rec.locked_at is not None:
+                self.audit.append(f"mfa.{scope}_locked", actor, attempt.tenant, attempt.subject,
                                   {"failures": rec.failures, "scope": scope})
-            if scope == "subject":
-                result = _state(rec, p, p.subject_lock_s, now)
-        assert result is not None
-        return result
+            state = _state(rec, p, self._lock_s(scope, p), attempt.at)
+            if scope == ("device" if attempt.bound else "subject"):
+                result = state
+        return result or State(False, 0.0, 0.0, p.max_failures)
+
+    def release(self, attempt: Attempt, p: LockoutPolicy) -> None:
+        """Give the whole charge back (the attempt was refused before it counted)."""
+        with self.store.db.transaction():
+            self.settle(attempt, None, p, "system")
+
+    def locked_for_decision(self, tenant: str, subject: str, source: str, p: LockoutPolicy, now: datetime,
+                            outcomes: list[FactorOutcome]) -> bool:
+        """A decision is refused while the session's device is locked, or the subject is and the
+        session has not proven a bound device's key."""
+        if self.source(tenant, source, p, now).locked:
+            return True
+        proven = any(o.passed and o.source.startswith("device:") for o in outcomes)
+        return self.subject(tenant, subject, p, now).locked and not proven
 
     def success(self, tenant: str, subject: str, device_fp: str) -> None:
         self.store.lockouts.reset(tenant, "subject", subject)

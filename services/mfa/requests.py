@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from services.common import errors, validation
 from services.common.api.v1 import mfa_pb2
+from services.common.privacy import is_personal_data
 
 from .risk import MAX_CONVERSATION_CHARS, Place
 
@@ -18,6 +19,8 @@ _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 MAX_AMOUNT_MINOR = 10 ** 15
 MAX_LABEL = 64
+MAX_PAYEE_NAME = 128
+_DIGIT_RUN = re.compile(r"\d{7,}")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,23 @@ def amount(request: mfa_pb2.StartAuthenticationRequest, needs: bool) -> tuple[st
     if not 0 <= m.amount_minor <= MAX_AMOUNT_MINOR:
         raise errors.invalid_argument("amount.amount_minor out of range", amount__amount_minor="negative or too large")
     return m.currency, m.amount_minor
+
+
+def payee(request: mfa_pb2.StartAuthenticationRequest, needs: bool) -> tuple[str, str] | None:
+    """(name, masked account) as the user is shown them; personal numbers are refused."""
+    if not request.HasField("payee"):
+        if needs:
+            raise errors.invalid_argument("this action needs the payee the user is shown", payee="required")
+        return None
+    name, account = request.payee.name, request.payee.account_masked
+    if not 1 <= len(name) <= MAX_PAYEE_NAME or not name.isprintable() or is_personal_data(name):
+        raise errors.invalid_argument(f"payee.name: 1..{MAX_PAYEE_NAME} printable characters, no phone, ID or card numbers",
+                                      payee__name="empty, too long or personal data")
+    if (not 1 <= len(account) <= 64 or not account.isprintable() or account.count("*") < 4
+            or _DIGIT_RUN.search(account) or is_personal_data(account)):
+        raise errors.invalid_argument("payee.account_masked must be masked: at least four '*' and no run of more "
+                                      "than 6 digits", payee__account_masked="not masked")
+    return name, account
 
 
 def context_signals(ctx: mfa_pb2.ContextSignals, now) -> Context:

@@ -95,6 +95,7 @@ def combine(*reqs: Requirement | None) -> Requirement:
     return Requirement(
         extra_evidence=sum(r.extra_evidence for r in present),
         min_factors=max((r.min_factors for r in present), default=0),
+        min_independent=max((r.min_independent for r in present), default=0),
         review=any(r.review for r in present),
         deny=any(r.deny for r in present),
     )

@@ -33,6 +33,9 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
         return self.mfa.decide(request)
 
     # --- devices
+    def StartDeviceRegistration(self, request, context):
+        return self.mfa.start_device_registration(request)
+
     def RegisterDevice(self, request, context):
         return self.mfa.register_device(request)
 

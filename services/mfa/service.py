@@ -21,14 +21,16 @@ from services.common.subjects import actor, timestamp
 from services.common.validation import identifier, subject_ref
 
 from . import devices, requests
+from .binding import payee_object
 from .clients import BiometricClient, ServiceUnavailable, open_clients
 from .factors import BY_EVIDENCE, FACTORS, FactorContext
-from .fusion import Decision, decide, make_plan
+from .fusion import Decision, FactorOutcome, decide, make_plan
 from .keys import derive, keyed_hash
 from .lockout import Lockouts
 from .otp import OtpService
 from .policy import Policy, PolicyStore
-from .reasons import to_protos
+from .proofs import Proofs
+from .reasons import Reason, to_protos
 from .registry import DeviceRegistry
 from .reviews import ReviewQueue, to_proto as review_proto
 from .risk import Place, RiskEngine, RiskSignals
@@ -90,8 +92,10 @@ class Orchestrator:
         master = rt.keyring.pseudonym_key()
         self._device_key = derive(master, "device-fingerprint")
         self._idem_key = derive(master, "idempotency")
+        self.proofs = Proofs(self.store, cfg.webauthn, derive(master, "payee"))
         self._engines: dict[int, tuple[Policy, RiskEngine]] = {}
-        self.registry = DeviceRegistry(rt, self.store, self.sessions, self.policies, self._device_key, self.clock)
+        self.registry = DeviceRegistry(rt, self.store, self.sessions, self.policies, self._device_key, self.clock,
+                                       cfg.webauthn)
 
     def rate_limit_keys(self, tenant: str, subject: str) -> list[str]:
         """The rate-limit counters kept under the subject's pseudonym or phone number (erased with it)."""
@@ -114,7 +118,7 @@ class Orchestrator:
 
     def _context(self, session: Session, policy: Policy, now: datetime, budget: float | None) -> FactorContext:
         return FactorContext(self.rt, self.store, policy, session.tenant_id, session.subject_id, session.id,
-                             session.state, now, self.clients, self.otp, budget)
+                             session.state, now, self.clients, self.otp, budget, proofs=self.proofs)
 
     @staticmethod
     def _require_acceptable(policy: Policy, session: Session, name: str) -> None:
@@ -131,6 +135,7 @@ class Orchestrator:
         action = requests.action(req.action, list(policy.actions))
         rule = policy.actions[action]
         amount = requests.amount(req, needs=bool(rule.amount_bands))
+        payee = requests.payee(req, needs=rule.payee == "required")
         signals = requests.context_signals(req.context, now)
         if devices.is_absent(req.device):
             if channel in ("app", "web"):
@@ -149,13 +154,13 @@ class Orchestrator:
                 return self._replay_start(existing, request_hash)
 
         fp = device.fingerprint if device else ""
-        self.lockouts.check(tenant, subject, fp, policy.lockout, now)
-        lock_state = self.lockouts.subject(tenant, subject, policy.lockout, now)
         bound = self.store.devices.list_for_subject(tenant, subject)
         if device is not None:
             state, matched = devices.match(device, bound, policy.factors.device.drift_similarity)
         else:
             state, matched = ("unbound" if not bound else "new"), None
+        self.lockouts.check(tenant, subject, fp, policy.lockout, now, bound=matched is not None)
+        lock_state = self.lockouts.subject(tenant, subject, policy.lockout, now)
         pseudonym = self.rt.pseudonymize(tenant, subject)
         vel = policy.risk.rules.velocity
         _, count = self.rt.storage.rate_limits.hit(velocity_key(pseudonym), vel.window_s, 1_000_000, now)
@@ -175,7 +180,8 @@ class Orchestrator:
             channel=channel, action=action, amount=amount,
             device=DeviceState(fp, state if device else "absent", matched.id if matched else None),
             nonce=nonce, policy_version=policy.version, risk=RiskState(risk.score, risk.level, list(risk.reasons)),
-            plan=plan, place=place, request_hash=request_hash)
+            plan=plan, place=place, request_hash=request_hash,
+            payee=self.proofs.payee_hash(tenant, payee_object(*payee)) if payee else None)
         try:
             with self.rt.storage.transaction():  # the session and its audit record, or neither
                 session = self.sessions.create(tenant, subject, st, expires, session_id, now)
@@ -183,7 +189,8 @@ class Orchestrator:
                     "session_id": session.id, "action": action, "channel": channel, "risk_level": risk.level,
                     "risk_score": round(risk.score, 1), "risk_reasons": [r.code for r in risk.reasons],
                     "device_state": st.device.state, "policy_version": policy.version,
-                    "degraded": sorted(unavailable), "fraud_phrases": len(risk.fraud_phrases)})
+                    "degraded": sorted(unavailable), "fraud_phrases": len(risk.fraud_phrases),
+                    "payee": st.payee})
         except AlreadyExistsError:  # the same idempotency key, concurrently
             existing = self.sessions.get(session_id)
             assert existing is not None
@@ -213,7 +220,8 @@ class Orchestrator:
         session = self.sessions.open(session_id, now)
         policy = self._policy_of(session)
         self._require_acceptable(policy, session, name)
-        self.lockouts.check(session.tenant_id, session.subject_id, session.state.device.fp, policy.lockout, now)
+        self.lockouts.check(session.tenant_id, session.subject_id, session.state.device.fp, policy.lockout, now,
+                            session.state.device_usable)
         factor = FACTORS[name]
         ctx = self._context(session, policy, now, budget)
         claimed = self.sessions.mutate(session, lambda st: factor.claim(ctx, st)) if factor.claims else session
@@ -256,6 +264,9 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ factors
     def submit(self, req: mfa_pb2.SubmitFactorRequest, budget: float | None = None) -> mfa_pb2.SubmitFactorResponse:
+        """Checks the evidence (nothing is written for bad input), charges the attempt to the
+        lockout, evaluates it, then settles the charge, records the outcome and its audit record in
+        one transaction, which refuses a session decided meanwhile (SESSION_DECIDED)."""
         now = self.clock()
         session = self.sessions.open(req.session_id, now)
         which = req.WhichOneof("evidence")
@@ -264,75 +275,113 @@ class Orchestrator:
         name = BY_EVIDENCE[which]
         policy = self._policy_of(session)
         self._require_acceptable(policy, session, name)
-        fp = session.state.device.fp
-        self.lockouts.check(session.tenant_id, session.subject_id, fp, policy.lockout, now)
+        st, tenant, subject = session.state, session.tenant_id, session.subject_id
+        self.lockouts.check(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
+        factor, evidence = FACTORS[name], getattr(req, which)
         ctx = self._context(session, policy, now, budget)
-        outcome = FACTORS[name].verify(ctx, getattr(req, which))
+        factor.validate(ctx, evidence)
+        attempt = self.lockouts.attempt(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
+        try:
+            outcome = factor.evaluate(ctx, evidence)
+        except BaseException:
+            self.lockouts.release(attempt, policy.lockout)
+            raise
+        bound = ctx.notes.get("bound")
 
         def change(st: SessionState) -> None:
-            st.factors.append(outcome)
+            if st.decision is not None:
+                raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
+            outcomes = [outcome, *ctx.also]
+            if bound is not None and bound.pending_key:
+                if st.pending_key not in (None, bound.pending_key):  # a concurrent capture by another key
+                    outcomes = [FactorOutcome(name, False, veto=True, reasons=(
+                        Reason("CAPTURE_KEY_CHANGED", "another key signed this session's earlier captures"),))]
+                else:
+                    st.pending_key = bound.pending_key
+            st.factors.extend(outcomes)
             if outcome.unavailable:
                 st.plan = st.plan.degrade(name, policy, st.device_usable)
-        with self.rt.storage.transaction():  # counter, session and audit record together
-            left = self.lockouts.subject(session.tenant_id, session.subject_id, policy.lockout, now).attempts_left
-            if outcome.counts_as_failure:
-                left = self.lockouts.failure(session.tenant_id, session.subject_id, fp, policy.lockout,
-                                             outcome.liveness, actor(), now).attempts_left
-            session = self.sessions.mutate(session, change)
-            self.rt.audit.append("mfa.factor", actor(), session.tenant_id, session.subject_id, {
-                "session_id": session.id, "factor": name, "passed": outcome.passed, "veto": outcome.veto,
-                "llr": round(outcome.llr, 3), "unavailable": outcome.unavailable,
-                "reasons": [r.code for r in outcome.reasons]})
+        try:
+            # session, counters and audit records together; the session row first, then the audit
+            # chain (as every writer takes them), so that concurrent submissions cannot deadlock
+            with self.rt.storage.transaction():
+                session = self.sessions.mutate(session, change)
+                left = self.lockouts.settle(attempt, outcome, policy.lockout, actor()).attempts_left
+                self.rt.audit.append("mfa.factor", actor(), tenant, subject, {
+                    "session_id": session.id, "factor": name, "passed": outcome.passed, "veto": outcome.veto,
+                    "llr": round(outcome.llr, 3), "unavailable": outcome.unavailable,
+                    "reasons": [r.code for r in outcome.reasons], "binding": outcome.binding,
+                    **({"device_id": bound.device_id} if bound is not None and bound.device_id else {}),
+                    **({"terminal": bound.terminal} if bound is not None and bound.terminal else {}),
+                    "also": [o.factor for o in ctx.also], **outcome.operating_point()})
+        except errors.ServiceError:
+            self.lockouts.release(attempt, policy.lockout)
+            raise
         if "otp_attempts_left" in ctx.notes:
             left = min(left, ctx.notes["otp_attempts_left"])
         d = decide(session.state.plan, session.state.factors)
         still = d.still_needed if d.outcome == "step_up" else ()
-        return mfa_pb2.SubmitFactorResponse(
-            result=mfa_pb2.FactorResult(factor=FACTOR_ENUMS[name], passed=outcome.passed, veto=outcome.veto,
-                                        llr=outcome.llr, reasons=to_protos(outcome.reasons)),
-            still_acceptable=_sets(still), attempts_left=max(0, left))
+        result = mfa_pb2.FactorResult(factor=FACTOR_ENUMS[name], passed=outcome.passed, veto=outcome.veto,
+                                      llr=outcome.llr, reasons=to_protos(outcome.reasons), binding=outcome.binding)
+        for field, value in (("target_fmr", outcome.target_fmr), ("measured_fmr", outcome.measured_fmr),
+                             ("target_apcer", outcome.target_apcer), ("measured_apcer", outcome.measured_apcer)):
+            if value is not None:
+                setattr(result, field, value)
+        return mfa_pb2.SubmitFactorResponse(result=result, still_acceptable=_sets(still), attempts_left=max(0, left))
 
     # ------------------------------------------------------------------ decision
     def decide(self, req: mfa_pb2.DecideRequest) -> mfa_pb2.DecideResponse:
         now = self.clock()
         session = self.sessions.load(req.session_id, now)
-        if session.state.decision is not None:
-            return self._decision_response(session.state.decision)
         policy = self._policy_of(session)
-        locked = self.lockouts.subject(session.tenant_id, session.subject_id, policy.lockout, now).locked
-        d = decide(session.state.plan, session.state.factors, locked)
-        review_id = "rev_" + new_id() if d.outcome == "review" else ""
-        token, exp = self._sign(session, d, review_id, now)
-        stored = DecisionState(d.outcome, list(d.reasons), d.total, list(d.still_needed), list(d.amr), d.acr,
-                               review_id, token, now)
-        if d.outcome not in FINAL:
+        while True:
+            if session.state.decision is not None:
+                return self._decision_response(session.state.decision)
+            st = session.state
+            locked = self.lockouts.locked_for_decision(session.tenant_id, session.subject_id, st.device.fp,
+                                                       policy.lockout, now, st.factors)
+            d = decide(st.plan, st.factors, locked)
+            review_id = "rev_" + new_id() if d.outcome == "review" else ""
+            token, exp = self._sign(session, d, review_id, now)
+            stored = DecisionState(d.outcome, list(d.reasons), d.total, list(d.still_needed), list(d.amr), d.acr,
+                                   review_id, token, now)
+            if d.outcome not in FINAL:
+                return self._decision_response(stored)
+            seen = len(st.factors)
+
+            def change(st: SessionState) -> None:
+                if st.decision is not None:
+                    raise _AlreadyDecided(st.decision)
+                if len(st.factors) != seen:  # a factor landed meanwhile: decide again with it
+                    raise _Stale()
+                st.decision = stored
+            try:
+                with self.rt.storage.transaction():  # the decision and everything it implies, or nothing
+                    session = self.sessions.mutate(session, change)
+                    st = session.state
+                    if review_id:
+                        self.reviews.open(session.tenant_id, session.subject_id, session.id, st.action, d.reasons,
+                                          review_id)
+                    if d.outcome == "allow":
+                        self.lockouts.success(session.tenant_id, session.subject_id, st.device.fp)
+                        if st.place and st.place[0]:
+                            self.store.subject_signals.put(SubjectSignalRecord(
+                                session.tenant_id, session.subject_id, st.place[0], st.place[1], st.place[2], now))
+                    self.rt.audit.append("mfa.decision", actor(), session.tenant_id, session.subject_id, {
+                        "session_id": session.id, "outcome": d.outcome, "reasons": [r.code for r in d.reasons],
+                        "total_llr": d.total, "acr": d.acr, "amr": list(d.amr), "review_id": review_id,
+                        "action": st.action, "policy_version": st.policy_version})
+            except _AlreadyDecided as done:  # a concurrent Decide got there first
+                return self._decision_response(done.decision)
+            except _Stale:
+                session = self.sessions.load(req.session_id, now)
+                continue
             return self._decision_response(stored)
 
-        def change(st: SessionState) -> None:
-            if st.decision is not None:
-                raise _AlreadyDecided(st.decision)
-            st.decision = stored
-        try:
-            with self.rt.storage.transaction():  # the decision and everything it implies, or nothing
-                session = self.sessions.mutate(session, change)
-                st = session.state
-                if review_id:
-                    self.reviews.open(session.tenant_id, session.subject_id, session.id, st.action, d.reasons,
-                                      review_id)
-                if d.outcome == "allow":
-                    self.lockouts.success(session.tenant_id, session.subject_id, st.device.fp)
-                    if st.place and st.place[0]:
-                        self.store.subject_signals.put(SubjectSignalRecord(
-                            session.tenant_id, session.subject_id, st.place[0], st.place[1], st.place[2], now))
-                self.rt.audit.append("mfa.decision", actor(), session.tenant_id, session.subject_id, {
-                    "session_id": session.id, "outcome": d.outcome, "reasons": [r.code for r in d.reasons],
-                    "total_llr": d.total, "acr": d.acr, "amr": list(d.amr), "review_id": review_id,
-                    "action": st.action, "policy_version": st.policy_version})
-        except _AlreadyDecided as done:  # a concurrent Decide got there first
-            return self._decision_response(done.decision)
-        return self._decision_response(stored)
-
     def _sign(self, session: Session, d: Decision, review_id: str, now: datetime) -> tuple[str, float]:
+        """The decision's claims (services/mfa/tokens.py lists the common ones); besides them ``pay``,
+        the keyed hash of the payee the device signed, and ``fac``: per passed factor how it was bound
+        and the operating point that decided it (factor_claims)."""
         st = session.state
         claims: dict[str, Any] = {
             "aud": session.tenant_id, "sub": self.rt.pseudonymize(session.tenant_id, session.subject_id),
@@ -340,6 +389,10 @@ class Orchestrator:
             "pol": st.policy_version}
         if st.amount:
             claims["amt"] = {"cur": st.amount[0], "minor": st.amount[1]}
+        if st.payee:
+            claims["pay"] = st.payee  # keyed hash of the payee the device signed
+        if d.outcome in ("allow", "review"):
+            claims["fac"] = factor_claims(st.factors)
         if review_id:
             claims["rid"] = review_id
         return self.tokens.issue(claims, now.timestamp())
@@ -352,6 +405,9 @@ class Orchestrator:
             amr=stored.amr, review_id=stored.review_id, total_llr=stored.total)
 
     # ------------------------------------------------------------------ devices
+    def start_device_registration(self, req: mfa_pb2.StartDeviceRegistrationRequest):
+        return self.registry.registration_options(req)
+
     def register_device(self, req: mfa_pb2.RegisterDeviceRequest) -> mfa_pb2.RegisterDeviceResponse:
         return self.registry.register(req)
 
@@ -381,6 +437,21 @@ class Orchestrator:
         import json
 
         return mfa_pb2.GetSigningKeysResponse(jwks_json=json.dumps(self.signing.jwks()))
+
+
+def factor_claims(outcomes: list[FactorOutcome]) -> list[dict[str, Any]]:
+    """Per passed factor (its strongest attempt): how it was bound or proven, and the operating
+    point that decided it (target and measured FMR, target and measured APCER of the PAD layer)."""
+    best: dict[str, FactorOutcome] = {}
+    for o in outcomes:
+        if o.passed and (o.factor not in best or o.llr > best[o.factor].llr):
+            best[o.factor] = o
+    return [{"f": f, **({"bind": o.binding} if o.binding else {}), **o.operating_point()}
+            for f, o in sorted(best.items())]
+
+
+class _Stale(Exception):
+    pass
 
 
 class _AlreadyDecided(Exception):

@@ -87,6 +87,8 @@ class SessionState:
     decision: DecisionState | None = None
     request_hash: str | None = None  # of the request an idempotency key first came with
     bound_device_id: str | None = None  # the device this session bound
+    payee: str | None = None  # keyed hash of the payee the user was shown (never the payee itself)
+    pending_key: str | None = None  # SHA-256 of the new device's key that signed captures: the only one it may bind
 
     @property
     def device_usable(self) -> bool:
@@ -108,6 +110,10 @@ class SessionState:
         }
         if self.bound_device_id:
             out["bound_device_id"] = self.bound_device_id
+        if self.payee:
+            out["payee"] = self.payee
+        if self.pending_key:
+            out["pending_key"] = self.pending_key
         return out
 
     @classmethod
@@ -125,4 +131,5 @@ class SessionState:
             place=(place[0], place[1], place[2]) if place else None,
             decision=DecisionState.from_json(decision) if decision else None,
             request_hash=d.get("request_hash"), bound_device_id=d.get("bound_device_id"),
+            payee=d.get("payee"), pending_key=d.get("pending_key"),
         )

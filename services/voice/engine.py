@@ -103,6 +103,8 @@ class LayerResult:
     checked: bool
     passed: bool
     value: float | None = None  # the layer's score, for the audit
+    target: float | None = None  # an attack detector's operating point: target APCER
+    measured: float | None = None  # and the APCER its calibration measured at that threshold
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class SpeakerResult:
     threshold: float  # at target_fmr, from the calibration of the channel
     llr: float | None  # None: the calibration has no LLR map
     target_fmr: float
+    measured_fmr: float | None = None  # the FMR the calibration measured at the threshold
 
     @property
     def passed(self) -> bool:
@@ -147,7 +150,8 @@ class VoiceDecision:
         layers = {
             "synthetic": {"checked": self.synthetic.checked, "passed": self.synthetic.passed,
                           **({} if self.synthetic.value is None else {"score": round(float(self.synthetic.value), 4)})},
-            "replay": {"checked": True, "passed": self.replay.passed, "similarity": round(float(self.replay.value), 3)},
+            "replay": {"checked": self.replay.checked, "passed": self.replay.passed,
+                       "similarity": round(float(self.replay.value or 0.0), 3)},
             "challenge": {"checked": self.challenge.checked, "passed": self.challenge.passed,
                           "digit_errors": int(self.challenge.value or 0)},
         }
@@ -245,15 +249,17 @@ class VoiceEngine:
         channel = self.calibration_channel(family)
         threshold = self.calibrations.threshold(self.model_id, channel, target_fmr, self.score_name)
         llr = self.calibrations.llr(self.model_id, channel, score, self.score_name)
-        return SpeakerResult(score, threshold, llr, target_fmr)
+        measured = self.calibrations.measured(self.model_id, channel, target_fmr, self.score_name)
+        return SpeakerResult(score, threshold, llr, target_fmr, measured)
 
     def synthetic_check(self, prepared: PreparedAudio, family: str, enabled: bool) -> LayerResult:
         if not self.antispoof_id or self.synthetic_batcher is None or not enabled:
             return LayerResult(False, True)
         value = self.synthetic_batcher.submit_many([self.synthetic[family].window_of(prepared)], timeout=60.0)[0]
-        threshold = self.calibrations.threshold(self.antispoof_id, self.calibration_channel(family),
-                                                self.cfg.antispoof_target_apcer, self.pad_score_names[family])
-        return LayerResult(True, value >= threshold, value)
+        channel, target = self.calibration_channel(family), self.cfg.antispoof_target_apcer
+        threshold = self.calibrations.threshold(self.antispoof_id, channel, target, self.pad_score_names[family])
+        measured = self.calibrations.measured(self.antispoof_id, channel, target, self.pad_score_names[family])
+        return LayerResult(True, value >= threshold, value, target, measured)
 
     def challenge_check(self, prepared: PreparedAudio, expected: str | None) -> LayerResult:
         """value: the digits recognised wrongly. Unchecked (passed) without a challenge."""

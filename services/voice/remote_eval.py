@@ -9,6 +9,8 @@ Besides the scores, every response's decision and anti-spoofing outcome is kept 
 Enrolment needs consent: by default it is recorded through MfaService.RecordConsent at
 ``BIOGATE_EVAL_MFA_TARGET`` (default: this configuration's mfa endpoint); a caller may pass its own.
 Credentials: $BIOGATE_EVAL_TOKEN, else the development ``dev-all`` token of this data dir.
+The trials are text-independent: the service must run the evaluation tenant without the digit
+challenge (``voice.tenants.eval.require_challenge: false``; by default Verify needs one).
 """
 
 from __future__ import annotations

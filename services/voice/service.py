@@ -115,6 +115,15 @@ class VoiceService:
         target = p.target_fmr if p and p.target_fmr else channel_target_fmr(self.cfg, family)
         return target, (p.synthetic_speech_check if p else True)
 
+    def _require_challenge(self, tenant: str, nonce: str | None, field: str = "challenge_nonce") -> None:
+        """A recording of the customer played back says other words than the digits asked now."""
+        p = self.cfg.tenants.get(tenant)
+        required = p.require_challenge if p and p.require_challenge is not None else self.cfg.require_challenge
+        if nonce is None and required:
+            raise refusal("CHALLENGE_REQUIRED", "a digit challenge is required: call StartVoiceChallenge and send "
+                                                "the recording of its digits with its nonce",
+                          fields={field: "required"})
+
     def _family(self, channel: int, prepared: PreparedAudio | None, field: str = "channel") -> str:
         if channel in _FAMILIES:
             return _FAMILIES[channel]
@@ -207,6 +216,7 @@ class VoiceService:
         tenant, subject = subject_ref(request.subject)
         family_hint = self._family(request.channel, None) if request.channel else None
         nonce = nonce_field(request.challenge_nonce, "challenge_nonce", required=False)
+        self._require_challenge(tenant, nonce)
         if not request.HasField("audio") or not request.audio.data:
             raise refusal("EMPTY_AUDIO", "audio is required", fields={"audio": "required"})
         fmt = audio_format(request.audio.format, "audio.format")
@@ -232,6 +242,7 @@ class VoiceService:
             raise refusal("UNSUPPORTED_FORMAT", "a stream carries raw audio: LINEAR16, MULAW or ALAW",
                           fields={"header.format.encoding": "LINEAR16, MULAW or ALAW"})
         nonce = nonce_field(h.challenge_nonce, "header.challenge_nonce", required=False)
+        self._require_challenge(tenant, nonce, "header.challenge_nonce")
         eng = self.ready.get()
         if family_hint is not None:
             self._template(tenant, subject, family_hint)
@@ -274,12 +285,21 @@ class VoiceService:
 
     @staticmethod
     def _response(decision: VoiceDecision, prepared: PreparedAudio) -> voice_pb2.VerifyVoiceResponse:
-        s = decision.speaker
+        s, synthetic = decision.speaker, decision.synthetic
         out = voice_pb2.VerifyVoiceResponse(
             match=decision.match, score=s.score, threshold=s.threshold, model_id=decision.model_id,
-            spoof_checked=decision.synthetic.checked or decision.replay.checked, spoof_passed=decision.spoof_passed,
+            spoof_checked=synthetic.checked, spoof_passed=decision.spoof_passed,
+            replay_checked=decision.replay.checked, replay_passed=decision.replay.passed,
+            challenge_checked=decision.challenge.checked,
             challenge_passed=decision.challenge.checked and decision.challenge.passed,
-            reasons=[reason(code) for code in decision.reasons], quality=quality_message(prepared))
+            reasons=[reason(code) for code in decision.reasons], quality=quality_message(prepared),
+            target_fmr=s.target_fmr)
         if s.llr is not None:
             out.llr = s.llr
+        if s.measured_fmr is not None:
+            out.measured_fmr = s.measured_fmr
+        if synthetic.checked and synthetic.target is not None:
+            out.spoof_target_apcer = synthetic.target
+            if synthetic.measured is not None:
+                out.spoof_measured_apcer = synthetic.measured
         return out

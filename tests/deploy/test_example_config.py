@@ -167,11 +167,11 @@ def test_the_example_configuration_starts_and_logs_a_customer_in(tmp_path, pg_ds
         # the bank's login back end: its workload certificate, no token
         with channel("mfa", "login") as ch:
             mfa = mfa_pb2_grpc.MfaServiceStub(ch)
-            app = App()
-            s = mfa.StartAuthentication(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP,
-                                                                     action="login", device=app.device), timeout=30)
-            r = mfa.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence(
-                image=common_pb2.Image(data=probe_image))), timeout=120)
+            app = App()  # a new phone: it signs the capture with the key it will bind
+            start = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device)
+            s = app.opened(start, mfa.StartAuthentication(start, timeout=30))
+            r = mfa.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, face=app.face(s, probe_image)),
+                                 timeout=120)
             assert r.result.passed, r
             mfa.SendOtp(F.SendOtpRequest(session_id=s.session_id), timeout=30)
             code = sms.messages[-1]["text"].split()[0]

@@ -62,8 +62,11 @@ class Cluster:
                 "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]},
             "models": {"cache_dir": str(PROJECT_ROOT / "var" / "models")},
             "face": {"liveness": []},
+            # text-independent verification through both replicas (the shared replay cache is what is
+            # tested; the digit challenge has its own tests)
             "voice": {"antispoof": "", "replay_store": REDIS, "replay_key_prefix": self.prefix,
-                      "min_net_speech_enroll_s": 1.0, "min_total_net_speech_enroll_s": 1.0},
+                      "min_net_speech_enroll_s": 1.0, "min_total_net_speech_enroll_s": 1.0,
+                      "tenants": {FACE_TENANT: {"require_challenge": False}}},
             "mfa": {"policy_dir": str(tmp_path / "policies"), "policy_check_s": 0},
             # both MFA replicas call the face and voice replicas that stay up
             "clients": {"face": {"target": self.address("b", "face"), "token": TOKEN},

@@ -78,8 +78,10 @@ def test_a_genuine_burst_passes_and_its_nonce_is_single_use(face_service, pools,
     s.stub.Enroll(face_pb2.EnrollFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=subject),
                                              images=[common_pb2.Image(data=frames[0][0])]))
     out = submit(s, subject, r.challenge.nonce, frames, verify=True)
-    assert out.passed and out.match and not out.reasons, codes(out)
+    assert out.passed and out.match and out.challenge_passed and not out.reasons, codes(out)
     assert out.score > 0 and out.model_id
+    assert out.target_fmr == pytest.approx(s.settings.face.target_fmr) and out.HasField("measured_fmr")
+    assert out.liveness_target_apcer == pytest.approx(s.settings.face.liveness_target_apcer)
     last = [x for x in s.storage.audit.iter_records() if x.event_type == "face.challenge_submitted"][-1]
     assert '"live_median"' in last.details and '"passed":true' in last.details  # scores: audit only
 
@@ -98,6 +100,7 @@ def test_genuine_bursts_pass_for_any_sequence(face_service, pools, rules, live_m
 def test_wrong_order_is_refused(face_service, pools, rules, live_min):
     r, moves = start(face_service, "c-order")
     out = submit(face_service, "c-order", r.challenge.nonce, burst(pools[0], moves[::-1], rules, live_min))
+    assert not out.challenge_passed and not out.HasField("target_fmr")  # no match asked, none stated
     assert not out.passed and "MOVES_NOT_FOLLOWED" in codes(out)
 
 

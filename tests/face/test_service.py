@@ -104,6 +104,10 @@ def test_verify_uses_the_calibrated_threshold_and_follows_a_recalibration(face_s
     assert genuine.match and not impostor.match and genuine.score > genuine.threshold > impostor.score
     assert genuine.llr == pytest.approx(float(record.llr.llr(genuine.score)), rel=1e-4)
     assert genuine.model_id == "mobilefacenet-arcface-192d" and genuine.quality.accepted
+    # The operating point that decided, with the FMR its calibration measured there; no liveness ran.
+    (point,) = [p for p in record.operating_points if p.target_fmr == 1e-3]
+    assert genuine.target_fmr == pytest.approx(1e-3) and genuine.measured_fmr == pytest.approx(point.fmr)
+    assert not genuine.liveness_checked and not genuine.HasField("liveness_target_apcer")
 
     moved = record.model_copy(update={"operating_points": [
         p.model_copy(update={"threshold": genuine.score + 0.01}) for p in record.operating_points]})
@@ -137,6 +141,10 @@ def test_verify_with_liveness(face_service, face_dir, fixtures_dir):
     enroll(s, "bank-v", "c-live", live)
     ok = verify(s, "bank-v", "c-live", live, live=True)
     assert ok.liveness_checked and ok.live and ok.match
+    pad = ModelStore(s.settings).calibration("minifasnet-v2-2.7", "default")
+    (point,) = [p for p in pad.operating_points if p.target_fmr == s.settings.face.liveness_target_apcer]
+    assert ok.liveness_target_apcer == pytest.approx(s.settings.face.liveness_target_apcer)
+    assert ok.liveness_measured_apcer == pytest.approx(point.fmr)
     bad = verify(s, "bank-v", "c-live", spoof, live=True)
     assert bad.liveness_checked and not bad.live and not bad.match
     assert "LIVENESS_FAILED" in [r.code for r in bad.reasons]

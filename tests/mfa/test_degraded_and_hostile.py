@@ -28,14 +28,14 @@ def test_face_down_gives_review_with_otp_and_bound_device_never_allow(orch):
     ref = common_pb2.SubjectRef(tenant_id="bank-a", subject_id="cust-42")
     subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
     app = bound_app(orch, ref)
-    s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device))
+    req = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device)
+    s = app.opened(req, orch.start(req))
     assert s.device_bound
-    r = orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence(
-        image=common_pb2.Image(data=b"jpeg"))))
+    r = orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=app.face(s, b"jpeg")))
     assert r.result.reasons[0].code == "FACE_SERVICE_UNAVAILABLE" and not r.result.passed
     orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
     orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
-    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s.nonce)))
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s)))
     d = orch.decide(F.DecideRequest(session_id=s.session_id))
     assert d.outcome == F.OUTCOME_REVIEW and "DEGRADED_MODE" in [x.code for x in d.reasons] and d.review_id
 
@@ -44,8 +44,9 @@ def test_an_open_circuit_plans_degraded_mode_from_the_start(orch):
     ref = common_pb2.SubjectRef(tenant_id="bank-a", subject_id="cust-43")
     app = bound_app(orch, ref)
     for _ in range(orch.rt.settings.clients.face.breaker_failures):
-        s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device))
-        orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence(image=common_pb2.Image(data=b"x"))))
+        req = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device)
+        s = app.opened(req, orch.start(req))
+        orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=app.face(s, b"x")))
     assert not orch.clients["face"].available
     s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device))
     acceptable = [sorted(F.FactorType.Name(f) for f in fs.factors) for fs in s.acceptable]

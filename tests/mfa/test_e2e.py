@@ -1,29 +1,39 @@
 """End to end: real face, voice and MFA services on loopback with the shared fixtures.
 
-Written against the proto. A test needing the face or the voice service's Verify skips while that
-RPC answers UNIMPLEMENTED (and fails in CI, like any missing requirement).
+Written against the proto. The customer's app (tests/mfa/conftest.py App) signs every capture with
+the session's transaction context: its bound key, or before binding the key it then binds. A test
+needing the face or the voice service's Verify skips while that RPC answers UNIMPLEMENTED (and
+fails in CI, like any missing requirement).
 """
 
 from __future__ import annotations
 
 import csv
+import random
 import re
+import sys
 import time
 
+from pathlib import Path
+
 import grpc
+import numpy as np
 import pytest
 
 from services.common.api.v1 import (
     common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc,
 )
 from services.common.errors import details_of
+from services.mfa.binding import payload_digest
 from services.mfa.tokens import verify_token
 from tests.conftest import SHARED, ServiceHarness, make_settings, require
-from tests.mfa.conftest import App, outbox_codes
+from tests.mfa import spoken_digits
+from tests.mfa.conftest import App, outbox_codes, phone_device
 
 F = mfa_pb2
 FIX = SHARED / "fixtures"
 TENANT = "bank-e2e"
+PAYEE = F.Payee(name="Li Lei", account_masked="6222 **** **** 1234")
 
 
 def _rows(name):
@@ -83,7 +93,7 @@ class World:
         for c in self._channels:
             c.close()
 
-    def enrol(self, sid, face_path=None, voice_path=None, phone="+8613800135678"):
+    def enrol(self, sid, face_path=None, voice_path=None, phone="+8613800135678", utterances=None):
         ref = common_pb2.SubjectRef(tenant_id=TENANT, subject_id=sid)
         self.mfa_stub.RecordConsent(common_pb2.RecordConsentRequest(consent=common_pb2.Consent(
             subject=ref, purpose=common_pb2.CONSENT_PURPOSE_BIOMETRIC_VERIFICATION,
@@ -93,25 +103,34 @@ class World:
         if face_path:
             self.face.Enroll(face_pb2.EnrollFaceRequest(subject=ref, images=[common_pb2.Image(
                 data=(FIX / face_path).read_bytes())], replace=True), timeout=120)
-        if voice_path:
-            self.voice.Enroll(voice_pb2.EnrollVoiceRequest(subject=ref, utterances=[common_pb2.Audio(
-                data=(FIX / voice_path).read_bytes())], replace=True), timeout=120)
+        if voice_path or utterances:
+            audio = utterances or [(FIX / voice_path).read_bytes()]
+            self.voice.Enroll(voice_pb2.EnrollVoiceRequest(subject=ref, utterances=[
+                common_pb2.Audio(data=a) for a in audio], replace=True), timeout=120)
         return ref
 
-    def start(self, ref, app, action="login", amount=None, text=""):
+    def start(self, ref, app, action="login", amount=None, text="", payee=None):
         req = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action=action, device=app.device,
                                            context=F.ContextSignals(conversation_text=text))
         if amount is not None:
             req.amount.CopyFrom(F.Money(currency="CNY", amount_minor=amount))
-        return self.mfa_stub.StartAuthentication(req)
+            req.payee.CopyFrom(payee or PAYEE)
+        return app.opened(req, self.mfa_stub.StartAuthentication(req))
 
-    def face_factor(self, s, path):
-        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence(
-            image=common_pb2.Image(data=(FIX / path).read_bytes()))), timeout=120)
+    def face_factor(self, s, path, app):
+        """The app's selfie, signed with the session's context."""
+        return self.submit(s, face=app.face(s, (FIX / path).read_bytes()))
 
-    def voice_factor(self, s, path):
-        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, voice=F.VoiceEvidence(
-            audio=common_pb2.Audio(data=(FIX / path).read_bytes()))), timeout=120)
+    def voice_challenge(self, s):
+        return self.mfa_stub.StartBiometricChallenge(F.StartBiometricChallengeRequest(
+            session_id=s.session_id, modality=common_pb2.MODALITY_VOICE))
+
+    def submit(self, s, **evidence):
+        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, **evidence), timeout=120)
+
+    @property
+    def voice_engine(self):
+        return self.bio.running["voice"].definition.service.engine
 
     def otp(self, s, wrong=False):
         self.mfa_stub.SendOtp(F.SendOtpRequest(session_id=s.session_id))
@@ -121,7 +140,7 @@ class World:
         return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=code)))
 
     def device(self, s, app):
-        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s.nonce)))
+        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s)))
 
     def decide(self, s):
         return self.mfa_stub.Decide(F.DecideRequest(session_id=s.session_id))
@@ -137,12 +156,6 @@ def world(e2e):
 @pytest.fixture
 def face_world(world):
     require(world.bio.face_ok, "the face service (SERVING, with its Verify RPC)")
-    return world
-
-
-@pytest.fixture
-def voice_world(world):
-    require(world.bio.voice_ok, "the voice service (SERVING, with its Verify RPC)")
     return world
 
 
@@ -163,8 +176,8 @@ def face_subject(world):
     app = App()
     s = world.start(ref, app)
     assert not s.device_bound
-    r = world.face_factor(s, probe)
-    assert r.result.passed, r
+    r = world.face_factor(s, probe, app)  # signed by the key the app will bind: no possession proven
+    assert r.result.passed and r.result.binding == "new_device", r
     d = world.decide(s)
     assert d.outcome == F.OUTCOME_STEP_UP and [list(x.factors) for x in d.still_needed] == [[F.FACTOR_TYPE_SMS_OTP]]
     assert world.otp(s).result.passed
@@ -180,24 +193,30 @@ def test_new_device_steps_up_then_allows_after_the_correct_otp(face_subject):
 
 
 def test_genuine_face_on_a_bound_device_is_allowed_and_the_token_verifies(world, face_subject):
+    """One capture signed by the bound key: the face and the device it proves; the token states
+    per factor how it was bound and the operating points that decided."""
     ref, app, probe, _ = face_subject
     s = world.start(ref, app)
     assert s.device_bound
-    world.face_factor(s, probe)
-    world.device(s, app)
+    r = world.face_factor(s, probe, app).result
+    assert r.passed and r.binding == "device", r
+    assert r.target_fmr == pytest.approx(world.bio.settings.face.target_fmr) and r.HasField("measured_fmr")
+    assert r.target_apcer == pytest.approx(world.bio.settings.face.liveness_target_apcer) and r.HasField("measured_apcer")
     d = world.decide(s)
     assert d.outcome == F.OUTCOME_ALLOW and set(d.amr) >= {"face", "swk"}
     jwks = world.mfa_stub.GetSigningKeys(F.GetSigningKeysRequest()).jwks_json
     claims = verify_token(d.token, jwks, world.mfa.settings.mfa.issuer, TENANT)
     assert claims["decision"] == "allow" and claims["acr"] == "aal2"
+    face = next(f for f in claims["fac"] if f["f"] == "face")
+    assert face["bind"] == "device" and face["fmr"] == r.target_fmr and face["fmr_measured"] == r.measured_fmr
+    assert face["apcer"] == r.target_apcer and face["apcer_measured"] == r.measured_apcer
 
 
 def test_an_impostor_face_is_denied(world, face_subject):
     ref, app, _, identity = face_subject
     s = world.start(ref, app)
-    r = world.face_factor(s, impostor_probe(identity))
+    r = world.face_factor(s, impostor_probe(identity), app)
     assert not r.result.passed and r.result.llr < 0
-    world.device(s, app)
     assert world.decide(s).outcome == F.OUTCOME_DENY
 
 
@@ -213,25 +232,23 @@ def test_a_spoof_frame_is_denied_by_the_veto(world, face_subject):
             break
     assert flagged, "no spoof among the first 20 was flagged by the face service"
     s = world.start(ref, app)
-    r = world.face_factor(s, flagged)
+    r = world.face_factor(s, flagged, app)
     assert r.result.veto and not r.result.passed
-    world.device(s, app)
     d = world.decide(s)
     assert d.outcome == F.OUTCOME_DENY and d.reasons[0].code == "VETO"
 
 
-def test_a_payment_above_the_amount_band_requires_a_second_factor(world, face_subject):
+def test_a_payment_above_the_amount_band_requires_a_second_independent_factor(world, face_subject):
+    """The face and the device key it was signed with are one phone: above the band the SMS
+    channel is asked for as well."""
     ref, app, probe, _ = face_subject
     s = world.start(ref, app, action="payment", amount=20_000_00)
     assert all(len(x.factors) >= 2 for x in s.acceptable)
-    world.face_factor(s, probe)
+    assert world.face_factor(s, probe, app).result.passed
     d = world.decide(s)
-    assert d.outcome == F.OUTCOME_STEP_UP
-    world.device(s, app)
+    assert d.outcome == F.OUTCOME_STEP_UP and [list(x.factors) for x in d.still_needed] == [[F.FACTOR_TYPE_SMS_OTP]]
+    world.otp(s)
     d = world.decide(s)
-    if d.outcome == F.OUTCOME_STEP_UP:  # the face's LLR fell short of the raised total: a third factor
-        world.otp(s)
-        d = world.decide(s)
     assert d.outcome == F.OUTCOME_ALLOW and "mfa" in d.amr
 
 
@@ -239,8 +256,7 @@ def test_a_fraud_script_phrase_forces_review(world, face_subject):
     ref, app, probe, _ = face_subject
     s = world.start(ref, app, action="payment", amount=100_00, text="客服说要把钱转到安全账户，并且让他代操作")
     assert "FRAUD_SCRIPT_PHRASE" in [r.code for r in s.risk.reasons]
-    world.face_factor(s, probe)
-    world.device(s, app)
+    world.face_factor(s, probe, app)
     d = world.decide(s)
     if d.outcome == F.OUTCOME_STEP_UP:
         world.otp(s)
@@ -280,16 +296,92 @@ def test_five_wrong_otps_lock_the_subject(face_world):
     assert world.start(ref, App()).session_id
 
 
-def test_voice_service_down_means_degraded_mode_and_it_recovers(voice_world):
-    world = voice_world
-    row = next(r for r in _rows("trials_voice.csv") if r["target"] == "1")
-    ref = world.enrol("voice-cust-1", voice_path=row["enroll"])
-    s = world.start(ref, App())
+@pytest.fixture(scope="module")
+def digits_voice(world):
+    """A caller enrolled from real recordings of spoken digits (8 kHz: the telephone family)."""
+    require(world.bio.voice_ok, "the voice service (SERVING, with its Verify RPC)")
+    ref = world.enrol("voice-cust-digits", utterances=spoken_digits.enrolment("george"), phone="+8613600135678")
+    return ref, random.Random(7)
+
+
+def answer_challenge(world, s, app, rng, speaker="george", ref=None):
+    """Asks the MFA for the digit challenge and answers it with the speaker's recorded digits: takes
+    of the asked digits that the service hears right (a caller repeats what the line did not carry;
+    about 98 % of first answers pass, bench/RESULTS.md "Digit challenge (real speech)")."""
+    challenge = world.voice_challenge(s)
+    audio = spoken_digits.heard_answer(world.voice_engine, challenge.digits, speaker, rng,
+                                       subject=(ref.tenant_id, ref.subject_id) if ref else None)
+    assert audio is not None, f"no takes of {speaker} saying {challenge.digits} were heard"
+    return world.submit(s, voice=app.voice(s, audio, challenge.challenge.nonce))
+
+
+def test_genuine_voice_answers_the_digit_challenge_through_the_mfa(world, digits_voice):
+    """The voice factor needs the challenge this session handed out (default policy); the
+    customer's digits, signed by the app, pass; on the bound phone they prove the device too."""
+    ref, rng = digits_voice
+    app = App(phone_device(install="george-phone"))
+    s = world.start(ref, app)
+    with pytest.raises(grpc.RpcError) as err:  # a recording without the asked digits is not even taken
+        world.submit(s, voice=app.voice(s, spoken_digits.answer("0123456789", "george", rng)))
+    assert details_of(err.value)["reason"] == "CHALLENGE_REQUIRED"
+    r = answer_challenge(world, s, app, rng, ref=ref).result
+    assert r.passed and r.binding == "new_device" and r.llr > 0, r
+    assert r.target_fmr == pytest.approx(world.bio.settings.voice.target_fmr_by_channel["telephone"])
+    assert r.HasField("measured_fmr") and r.HasField("target_apcer")  # AASIST ran: its operating point
+    d = world.decide(s)
+    assert d.outcome == F.OUTCOME_STEP_UP  # a new phone: the SMS channel too
+    world.otp(s)
+    d = world.decide(s)
+    assert d.outcome == F.OUTCOME_ALLOW and d.acr == "aal2", d
+    app.device_id = world.mfa_stub.RegisterDevice(F.RegisterDeviceRequest(
+        session_id=s.session_id, device=app.device, public_key=app.public_der, label="phone")).device_id
+    s = world.start(ref, app)
+    r = answer_challenge(world, s, app, rng, ref=ref).result
+    assert r.passed and r.binding == "device", r
+    d = world.decide(s)
+    assert d.outcome == F.OUTCOME_ALLOW and set(d.amr) >= {"vbm", "swk"}, d
+
+
+def test_a_replayed_recording_of_the_customer_fails_the_challenge(world, digits_voice):
+    """The customer's own voice through a loudspeaker, a small room and G.711, played into the bound
+    app: it says other digits than the ones asked now, and the session is denied."""
+    from services.voice import attacks, telephone
+
+    ref, rng = digits_voice
+    app = App(phone_device(install="george-phone-2"))
+    s = world.start(ref, app)
+    world.otp(s)
+    recorded = spoken_digits.take  # a recording made elsewhere: 0-9 in takes the enrolment never used
+    x = attacks.loudspeaker_room(np.concatenate([recorded(d, "george", 5) for d in range(10)]),
+                                 rate=spoken_digits.RATE, rt60_s=0.3, snr_db=20.0)
+    replay = spoken_digits.wav([telephone.simulate(x, spoken_digits.RATE)])
+    challenge = world.voice_challenge(s)
+    r = world.submit(s, voice=app.voice(s, replay, challenge.challenge.nonce)).result
+    assert r.veto and not r.passed and "CHALLENGE_FAILED" in [x.code for x in r.reasons], r
+    assert world.decide(s).outcome == F.OUTCOME_DENY
+
+
+def test_another_speakers_digits_are_denied(world, digits_voice):
+    ref, rng = digits_voice
+    app = App(phone_device(install="jackson-phone"))
+    s = world.start(ref, app)
+    r = answer_challenge(world, s, app, rng, speaker="jackson").result
+    assert not r.passed and r.llr < 0
+    world.otp(s)
+    assert world.decide(s).outcome == F.OUTCOME_DENY
+
+
+def test_voice_service_down_means_degraded_mode_and_it_recovers(world, digits_voice):
+    ref, rng = digits_voice
+    app = App(phone_device(install="george-phone-3"))
+    s = world.start(ref, app)
     voice = world.bio.running["voice"]
     port = voice.port
     voice.stop(grace=0)
-    r = world.voice_factor(s, row["probe"])
-    assert not r.result.passed and r.result.reasons[0].code == "VOICE_SERVICE_UNAVAILABLE"
+    with pytest.raises(grpc.RpcError) as err:
+        world.voice_challenge(s)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert details_of(err.value)["reason"] == "VOICE_SERVICE_UNAVAILABLE"
     world.otp(s)
     d = world.decide(s)
     assert d.outcome != F.OUTCOME_ALLOW  # never allow on an error
@@ -302,18 +394,16 @@ def test_voice_service_down_means_degraded_mode_and_it_recovers(voice_world):
     assert back.ready.wait(300)
     deadline = time.monotonic() + 60
     while True:
-        s = world.start(ref, App())
+        s = world.start(ref, app)
         try:
-            r = world.voice_factor(s, row["probe"])
+            r = answer_challenge(world, s, app, rng, ref=ref)
+            break
         except grpc.RpcError as err:
-            # While the breaker is still open, new sessions start in degraded mode without voice.
-            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+            # While the breaker is open new sessions plan without voice (FAILED_PRECONDITION), and
+            # the client channel reconnects with back-off (UNAVAILABLE) until the breaker half-opens.
+            assert err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE), err
             assert time.monotonic() < deadline, "voice never became acceptable again"
             time.sleep(2)
-            continue
-        if r.result.passed or time.monotonic() > deadline:
-            break
-        time.sleep(2)  # the client channel reconnects with back-off; the breaker half-opens
     assert r.result.passed, r
     world.otp(s)
     assert world.decide(s).outcome == F.OUTCOME_ALLOW
@@ -324,7 +414,8 @@ def test_challenges_of_face_voice_and_sms_start_through_the_mfa_and_bind_to_the_
     row = next(r for r in _rows("trials_voice.csv") if r["target"] == "1")
     enroll, _, _ = genuine_face_trial()
     ref = world.enrol("challenge-cust-1", face_path=enroll, voice_path=row["enroll"], phone="+8613900135678")
-    s = world.start(ref, App())
+    app = App()
+    s = world.start(ref, app)
     face = world.mfa_stub.StartBiometricChallenge(F.StartBiometricChallengeRequest(
         session_id=s.session_id, modality=common_pb2.MODALITY_FACE))
     voice = world.mfa_stub.StartBiometricChallenge(F.StartBiometricChallengeRequest(
@@ -344,9 +435,7 @@ def test_challenges_of_face_voice_and_sms_start_through_the_mfa_and_bind_to_the_
             frames=[common_pb2.Frame(image=common_pb2.Image(data=b"x"))], challenge_nonce=face.challenge.nonce)))
     assert details_of(err.value)["reason"] == "CHALLENGE_NOT_IN_SESSION"
     # In its own session the voice nonce reaches the voice service, which decides the digits.
-    r = world.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, voice=F.VoiceEvidence(
-        audio=common_pb2.Audio(data=(FIX / row["probe"]).read_bytes()), challenge_nonce=voice.challenge.nonce)),
-        timeout=120)
+    r = world.submit(s, voice=app.voice(s, (FIX / row["probe"]).read_bytes(), voice.challenge.nonce))
     assert r.result.veto and "CHALLENGE_FAILED" in [x.code for x in r.result.reasons]  # other words spoken
 
 
@@ -357,7 +446,7 @@ def test_delete_subject_erases_templates_through_the_face_and_voice_services(wor
     ref = world.enrol("erase-cust-1", face_path=enroll, voice_path=row["enroll"], phone="+8613700135678")
     app = App()
     s = world.start(ref, app)
-    assert world.face_factor(s, probe).result.passed and world.otp(s).result.passed
+    assert world.face_factor(s, probe, app).result.passed and world.otp(s).result.passed
     assert world.decide(s).outcome == F.OUTCOME_ALLOW
     world.mfa_stub.RegisterDevice(F.RegisterDeviceRequest(session_id=s.session_id, device=app.device,
                                                           public_key=app.public_der, label="phone"))
@@ -395,3 +484,93 @@ def test_delete_subject_erases_templates_through_the_face_and_voice_services(wor
         world.face.Verify(face_pb2.VerifyFaceRequest(subject=ref, image=common_pb2.Image(
             data=(FIX / probe).read_bytes())), timeout=60)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no face template" in err.value.details()
+
+
+# ---------------------------------------------------------------- the issue's attacks
+def other_photo_of(identity, not_path):
+    """A different photo of the same person: what an attacker downloads."""
+    rows = [r for r in _rows("trials_face.csv") if r["target"] == "1" and r["enroll_identity"] == identity]
+    return next(p for r in rows for p in (r["probe"], r["enroll"]) if p != not_path)
+
+
+def test_an_injected_photo_of_the_customer_is_never_enough_for_a_payment(world, face_subject):
+    """A different photo of the enrolled customer, sent for a CNY 4,900 payment from a device never
+    seen: unsigned it is refused; signed by the attacker's own phone the face may match, and the
+    payment still needs the customer's SMS; claiming the customer's bound key fails."""
+    ref, app, probe, identity = face_subject
+    photo = (FIX / other_photo_of(identity, probe)).read_bytes()
+    attacker = App(phone_device(install="attacker-phone", model="Redmi Note 12"))
+    s = world.start(ref, attacker, action="payment", amount=4_900_00)
+    with pytest.raises(grpc.RpcError) as err:
+        world.submit(s, face=F.FaceEvidence(image=common_pb2.Image(data=photo)))
+    assert details_of(err.value)["reason"] == "CAPTURE_NOT_BOUND"
+    r = world.submit(s, face=attacker.face(s, photo)).result
+    assert r.binding == "new_device"
+    d = world.decide(s)
+    assert d.outcome == F.OUTCOME_STEP_UP and [list(x.factors) for x in d.still_needed] == [[F.FACTOR_TYPE_SMS_OTP]]
+    s = world.start(ref, attacker, action="payment", amount=4_900_00)
+    context = attacker.context(s, [payload_digest(photo)])
+    claimed = F.FaceEvidence(image=common_pb2.Image(data=photo), binding=F.CaptureBinding(
+        device_id=app.device_id, signature=attacker.sign(context), context=context))
+    r = world.submit(s, face=claimed).result
+    assert r.veto and [x.code for x in r.reasons] == ["CAPTURE_SIGNATURE_INVALID"]
+    assert world.decide(s).outcome == F.OUTCOME_DENY
+
+
+def test_captures_of_one_session_are_signed_by_one_key(world, face_subject):
+    ref, _, probe, _ = face_subject
+    first, second = App(phone_device(install="phone-a")), App(phone_device(install="phone-a"))
+    s = world.start(ref, first)
+    second.shown = first.shown
+    assert world.face_factor(s, probe, first).result.binding == "new_device"
+    r = world.face_factor(s, probe, second).result
+    assert r.veto and [x.code for x in r.reasons] == ["CAPTURE_KEY_CHANGED"]
+
+
+def test_a_burst_assembled_from_recorded_frames_counts_only_when_the_bound_device_signed_it(world):
+    """The issue's replayed burst: frames of a webcam video that follow the asked moves, assembled
+    offline. Unsigned, or signed for another order of frames, it is refused before the face
+    service sees it; the same burst signed by the customer's bound phone is a live capture to the
+    MFA (what a compromised phone can do is in the README's threat model)."""
+    require(world.bio.face_ok, "the face service (SERVING, with its Verify RPC)")
+    face_tests = str(Path(__file__).parents[1] / "face")  # challenge_frames imports its helpers by name
+    if face_tests not in sys.path:
+        sys.path.insert(0, face_tests)
+    from tests.face import challenge_frames
+    from services.face.service import MOVE_ENUMS
+
+    face = world.bio.running["face"].definition.service
+    rules = face._rules()
+    pool = challenge_frames.measure_pool(face.pipeline, sorted((FIX / "face/pad/live").glob("apfol_real_*")))
+    ref = world.enrol("burst-cust-1", face_path=str(pool[0].path), phone="+8613500135678")
+    app = App(phone_device(install="burst-phone"))
+    s = world.start(ref, app)
+    assert world.submit(s, face=app.face(s, pool[0].path.read_bytes())).result.passed
+    world.otp(s)
+    assert world.decide(s).outcome == F.OUTCOME_ALLOW
+    app.device_id = world.mfa_stub.RegisterDevice(F.RegisterDeviceRequest(
+        session_id=s.session_id, device=app.device, public_key=app.public_der)).device_id
+    names = {v: k for k, v in MOVE_ENUMS.items()}
+
+    def burst_for(s):
+        challenge = world.mfa_stub.StartBiometricChallenge(F.StartBiometricChallengeRequest(
+            session_id=s.session_id, modality=common_pb2.MODALITY_FACE))
+        frames = challenge_frames.burst(pool, [names[m] for m in challenge.moves], rules, rules.live_threshold + 0.1)
+        time.sleep((frames[-1][1] - frames[0][1]) / 1000)  # a camera needs the burst's duration
+        return challenge.challenge.nonce, [common_pb2.Frame(image=common_pb2.Image(data=d), capture_time_ms=t)
+                                           for d, t in frames]
+
+    s = world.start(ref, app)
+    nonce, frames = burst_for(s)
+    with pytest.raises(grpc.RpcError) as err:
+        world.submit(s, face=F.FaceEvidence(frames=frames, challenge_nonce=nonce))
+    assert details_of(err.value)["reason"] == "CAPTURE_NOT_BOUND"
+    signed = app.burst(s, frames, nonce)
+    swapped = F.FaceEvidence(frames=[frames[1], frames[0], *frames[2:]], challenge_nonce=nonce, binding=signed.binding)
+    r = world.submit(s, face=swapped).result
+    assert r.veto and [x.code for x in r.reasons] == ["CAPTURE_EVIDENCE_MISMATCH"]
+    s = world.start(ref, app)
+    nonce, frames = burst_for(s)
+    r = world.submit(s, face=app.burst(s, frames, nonce)).result
+    assert r.passed and r.binding == "device", r
+    assert world.decide(s).outcome == F.OUTCOME_ALLOW

@@ -18,13 +18,16 @@ from tests.mfa.conftest import App, outbox_codes, setup_subject, subject
 F = mfa_pb2
 
 
-def start(stub, app=None, action="login", ref=None, amount=None, text="", channel=F.CHANNEL_APP, **ctx):
-    req = F.StartAuthenticationRequest(subject=ref or subject(), channel=channel, action=action,
-                                       device=(app or App()).device,
+def start(stub, app=None, action="login", ref=None, amount=None, text="", channel=F.CHANNEL_APP, payee=None, **ctx):
+    """The bank's back end opens a session; the app remembers what it shows the user."""
+    app = app or App()
+    req = F.StartAuthenticationRequest(subject=ref or subject(), channel=channel, action=action, device=app.device,
                                        context=F.ContextSignals(conversation_text=text, **ctx))
     if amount is not None:
         req.amount.CopyFrom(F.Money(currency="CNY", amount_minor=amount))
-    return stub.StartAuthentication(req)
+    if payee is not None:
+        req.payee.CopyFrom(payee)
+    return app.opened(req, stub.StartAuthentication(req))
 
 
 def otp_round(stub, settings, session_id, wrong=False):
@@ -85,26 +88,31 @@ def test_new_device_steps_up_then_allows_after_the_otp_and_binds(stub, mfa_serve
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     s2 = start(stub, app)
     assert s2.device_bound and ["FACTOR_TYPE_DEVICE"] in sets(s2.acceptable)
-    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s2.session_id, device=app.proof(s2.nonce)))
+    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s2.session_id, device=app.proof(s2)))
     assert r.result.passed
     assert stub.Decide(F.DecideRequest(session_id=s2.session_id)).outcome == F.OUTCOME_ALLOW
     listed = stub.ListDevices(F.ListDevicesRequest(subject=subject())).devices
     assert [d.device_id for d in listed] == [app.device_id] and listed[0].last_seen_at.seconds > 0
 
 
-def test_a_signature_over_another_nonce_or_by_another_key_fails(stub, mfa_server):
+def test_a_signature_over_another_session_or_by_another_key_fails(stub, mfa_server):
     setup_subject(stub)
     app = bind(stub, mfa_server.settings, App())
     s = start(stub, app)
     old = start(stub, app)
-    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(old.nonce)))
+    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(old)))
+    assert not r.result.passed and r.result.reasons[0].code == "DEVICE_FOR_OTHER_SESSION"
+    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(old, send_context=False)))
+    assert not r.result.passed and r.result.reasons[0].code == "DEVICE_SIGNATURE_INVALID"
+    nonce_only = F.DeviceProof(device_id=app.device_id, signature=app.sign(s.nonce.encode()))  # the old protocol
+    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=nonce_only))
     assert not r.result.passed and r.result.reasons[0].code == "DEVICE_SIGNATURE_INVALID"
     thief = App(app.device)
-    thief.device_id = app.device_id
-    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=thief.proof(s.nonce)))
-    assert not r.result.passed
-    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s.nonce)))
-    assert r.result.passed
+    thief.device_id, thief.shown = app.device_id, app.shown
+    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=thief.proof(s)))
+    assert not r.result.passed and r.result.reasons[0].code == "DEVICE_SIGNATURE_INVALID"
+    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s, send_context=False)))
+    assert r.result.passed and r.result.binding == "device"  # without the context the service builds it
 
 
 def test_an_os_update_keeps_the_device_bound_but_another_model_is_new(stub, mfa_server):
@@ -154,12 +162,12 @@ def test_a_payment_above_the_amount_band_requires_a_second_factor(stub, mfa_serv
     app = bind(stub, settings, App())
     small = start(stub, app, action="payment", amount=100_00)
     assert ["FACTOR_TYPE_DEVICE"] in sets(small.acceptable)
-    stub.SubmitFactor(F.SubmitFactorRequest(session_id=small.session_id, device=app.proof(small.nonce)))
+    stub.SubmitFactor(F.SubmitFactorRequest(session_id=small.session_id, device=app.proof(small)))
     assert stub.Decide(F.DecideRequest(session_id=small.session_id)).outcome == F.OUTCOME_ALLOW
     big = start(stub, app, action="payment", amount=20_000_00)
     assert sets(big.acceptable) == [["FACTOR_TYPE_DEVICE", "FACTOR_TYPE_SMS_OTP"]]
     assert "AMOUNT_BAND" in [r.code for r in big.risk.reasons]
-    stub.SubmitFactor(F.SubmitFactorRequest(session_id=big.session_id, device=app.proof(big.nonce)))
+    stub.SubmitFactor(F.SubmitFactorRequest(session_id=big.session_id, device=app.proof(big)))
     d = stub.Decide(F.DecideRequest(session_id=big.session_id))
     assert d.outcome == F.OUTCOME_STEP_UP and sets(d.still_needed) == [["FACTOR_TYPE_SMS_OTP"]]
     otp_round(stub, settings, big.session_id)
@@ -179,7 +187,7 @@ def test_a_fraud_script_phrase_raises_risk_and_forces_review(stub, mfa_server, t
     assert s.risk.level >= F.RISK_LEVEL_HIGH
     assert "FRAUD_SCRIPT_PHRASE" in [r.code for r in s.risk.reasons]
     assert sets(s.acceptable) == [["FACTOR_TYPE_DEVICE", "FACTOR_TYPE_SMS_OTP"]]  # high risk: two factors
-    stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s.nonce)))
+    stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s)))
     otp_round(stub, settings, s.session_id)
     d = stub.Decide(F.DecideRequest(session_id=s.session_id))
     assert d.outcome == F.OUTCOME_REVIEW and d.review_id
@@ -208,8 +216,7 @@ def test_biometric_service_down_means_degraded_mode_and_never_allow(stub, mfa_se
     app = App()
     s = start(stub, app, ref=ref)
     assert ["FACTOR_TYPE_FACE", "FACTOR_TYPE_SMS_OTP"] in sets(s.acceptable)
-    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence(
-        image=common_pb2.Image(data=b"\xff\xd8 not reached"))))
+    r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, face=app.face(s, b"\xff\xd8 not reached")))
     assert not r.result.passed and r.result.reasons[0].code == "FACE_SERVICE_UNAVAILABLE"
     assert r.attempts_left == 5  # an outage is not the customer's failure
     otp_round(stub, settings, s.session_id)
@@ -243,15 +250,15 @@ def test_everything_significant_is_audited_without_personal_data(stub, mfa_serve
     setup_subject(stub)
     app = bind(stub, settings, App())
     s = start(stub, app, text="请帮我转到安全账户")
-    stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s.nonce)))
+    stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s)))
     code = otp_round(stub, settings, s.session_id)
     d = stub.Decide(F.DecideRequest(session_id=s.session_id))
     stub.ResolveReview(F.ResolveReviewRequest(review_id=d.review_id, approve=True, note="called back"))
     s = start(stub, app)
     thief = App(app.device)
-    thief.device_id = app.device_id
+    thief.device_id, thief.shown = app.device_id, app.shown
     for _ in range(5):
-        stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=thief.proof(s.nonce)))
+        stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=thief.proof(s)))
     stub.UnlockSubject(F.UnlockSubjectRequest(subject=subject(), reason="identity-verified"))
     stub.RevokeDevice(F.RevokeDeviceRequest(subject=subject(), device_id=app.device_id))
     assert code.result.passed

@@ -78,9 +78,10 @@ def test_a_face_service_whose_model_has_no_llr_map_brings_no_evidence(tmp_path):
                                       timeout=120)
             assert direct.match and not direct.HasField("llr")  # no LLR map: the service leaves it unset
 
-            s = stub.StartAuthentication(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP,
-                                                                      action="login", device=App().device))
-            r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence(image=image)),
+            app = App()
+            req = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device)
+            s = app.opened(req, stub.StartAuthentication(req))
+            r = stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, face=app.face(s, image.data)),
                                   timeout=120)
             assert r.result.passed and r.result.llr == 0.0
             codes = [x.code for x in r.result.reasons]

@@ -275,7 +275,7 @@ def test_both_services_answer_models_loading_until_warm(tmp_path, fixtures_dir):
         calls = [
             lambda: face.Verify(face_pb2.VerifyFaceRequest(subject=subject, image=image)),
             lambda: face.Enroll(face_pb2.EnrollFaceRequest(subject=subject, images=[image])),
-            lambda: voice.Verify(voice_pb2.VerifyVoiceRequest(subject=subject, audio=wav)),
+            lambda: voice.Verify(voice_pb2.VerifyVoiceRequest(subject=subject, audio=wav, challenge_nonce="n-1")),
             lambda: voice.Enroll(voice_pb2.EnrollVoiceRequest(subject=subject, utterances=[wav])),
         ]
         for call in calls:

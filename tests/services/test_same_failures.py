@@ -86,7 +86,8 @@ def same(calls, expected: tuple[grpc.StatusCode, str]) -> None:
 @pytest.fixture(scope="module")
 def both(tmp_path_factory, fixtures_dir):
     settings = make_settings(tmp_path_factory.mktemp("same-failures") / "data", voice={
-        "replay_store": "memory", "min_net_speech_enroll_s": 1.0, "min_total_net_speech_enroll_s": 1.0})
+        "replay_store": "memory", "min_net_speech_enroll_s": 1.0, "min_total_net_speech_enroll_s": 1.0,
+        "tenants": {TENANT: {"require_challenge": False}}})  # text-independent: the failures, not the digits
     harness = ServiceHarness(settings)
     harness.start("face")
     harness.start("voice")

@@ -98,7 +98,10 @@ def redis_url() -> str:
 def voice_service(tmp_path_factory, voice_models, fixtures_dir, redis_url):
     """One VoiceService for the session: its own manifest copy (tests change calibrations), Redis
     replay store under a prefix of its own (deleted afterwards), tenants without the AASIST layer
-    for the evaluation ("eval") and for synthetic-voice digit tests ("tts")."""
+    for the evaluation ("eval") and for synthetic-voice digit tests ("tts"). The digit challenge
+    is required by default; the text-independent tests (genuine speech, evaluation, layers, bad
+    inputs) run on tenants with the requirement off ("bank-a", "bank-consent", "eval", "tts"), and
+    "bank-strict" keeps the default."""
     import shutil
     import uuid
 
@@ -115,7 +118,9 @@ def voice_service(tmp_path_factory, voice_models, fixtures_dir, redis_url):
         # Enrolment from one recording of any length, as the trial lists do (and as the local
         # evaluation): the verify minimum of net speech (the default asks 2 s each, 4 s in all).
         "min_net_speech_enroll_s": 1.0, "min_total_net_speech_enroll_s": 1.0,
-        "tenants": {"eval": {"synthetic_speech_check": False}, "tts": {"synthetic_speech_check": False}}})
+        "tenants": {"eval": {"synthetic_speech_check": False, "require_challenge": False},
+                    "tts": {"synthetic_speech_check": False, "require_challenge": False},
+                    "bank-a": {"require_challenge": False}, "bank-consent": {"require_challenge": False}}})
     harness = ServiceHarness(settings)
     server = harness.start("voice")
     yield VoiceServiceUnderTest(harness, server)

@@ -102,7 +102,9 @@ def _now() -> str:
 
 
 def _new_key_id() -> str:
-    return "k" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    # Microseconds: the PKCS#11 keyring takes the greatest id as its primary, so a key made later
+    # (a rotation in the same second as `keys init`) must sort after the earlier ones.
+    return "k" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f") + "-" + secrets.token_hex(3)
 
 
 @dataclass

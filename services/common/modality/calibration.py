@@ -91,6 +91,15 @@ class Calibrations:
         except LookupError as err:
             raise not_calibrated(err, model_id, channel) from None
 
+    def measured(self, model_id: str, channel: str, target: float, score: str | None = None) -> float | None:
+        """The error rate the calibration measured at the threshold of ``target`` (FMR, or APCER for an
+        attack detector); None when the record does not say."""
+        rec = self.record(model_id, channel, score)
+        for point in rec.operating_points:
+            if abs(point.target_fmr - target) <= 1e-12 * max(1.0, target):
+                return point.fmr
+        return None
+
     def llr(self, model_id: str, channel: str, value: float, score: str | None = None) -> float | None:
         """Natural-log LLR of ``value``; None (no evidence claimed) when the record has no LLR map."""
         rec = self.record(model_id, channel, score)

@@ -79,6 +79,7 @@ CATALOGUE: Mapping[str, Entry] = MappingProxyType({
     "CHALLENGE_EXPIRED": Entry(_PRECONDITION, "the challenge has expired; start a new one"),
     "CHALLENGE_USED": Entry(_PRECONDITION, "the challenge was already used; start a new one"),
     "CHALLENGE_MISMATCH": Entry(_PRECONDITION, "the challenge was issued for another subject or purpose"),
+    "CHALLENGE_REQUIRED": Entry(_PRECONDITION, "this tenant's policy requires a challenge: start one and answer it"),
     # -- the service's models (readiness.py, calibration.py)
     "MODELS_LOADING": Entry(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly"),
     "MODEL_NOT_CALIBRATED": Entry(_PRECONDITION, "the model has no calibrated threshold for this operating point"),

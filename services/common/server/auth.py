@@ -47,7 +47,8 @@ class Authenticator:
     @classmethod
     def from_settings(cls, settings: Settings) -> "Authenticator":
         entries = [
-            (Principal(p.name, frozenset(p.roles), frozenset(p.tenants)), p.token_sha256, p.cert_subject)
+            (Principal(p.name, frozenset(p.roles), frozenset(p.tenants), p.terminal.channel if p.terminal else None),
+             p.token_sha256, p.cert_subject)
             for p in settings.auth.principals
         ]
         if not entries and settings.auth.dev_credentials:

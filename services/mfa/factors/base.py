@@ -8,8 +8,9 @@ Policies stay apart (services.mfa.policy): a factor reads its settings, it does 
       claim(ctx, state)          hook, in the session's compare-and-swap before issuing: a
                                  resend cool-down checked and taken (release() gives it back)
       issue(ctx)                 the factor's own step -> Challenge
-    verify(ctx, evidence)        template method
-      validate(ctx, evidence)    bad input -> INVALID_ARGUMENT / FAILED_PRECONDITION, before any state changes
+    validate(ctx, evidence)      bad input -> INVALID_ARGUMENT / FAILED_PRECONDITION, before any state
+                                 changes (the orchestrator then charges the attempt to the lockout)
+    evaluate(ctx, evidence)      template method
       check(ctx, evidence)       the factor's own verification -> FactorOutcome
       (a biometric service that cannot answer -> an "unavailable" outcome, never a pass)
 """
@@ -29,6 +30,7 @@ from ..clients import BiometricClient, ServiceUnavailable
 from ..fusion import FactorOutcome
 from ..otp import OtpService
 from ..policy.schema import Policy
+from ..proofs import Proofs
 from ..reasons import Reason
 from ..state import SessionState
 from ..storage import MfaStore
@@ -50,6 +52,8 @@ class FactorContext:
     otp: OtpService
     budget_s: float | None = None  # what is left of the caller's deadline
     notes: dict[str, Any] = field(default_factory=dict)  # per-call facts a subclass reports (attempts left)
+    proofs: Proofs | None = None  # capture bindings and device proofs
+    also: list[FactorOutcome] = field(default_factory=list)  # further outcomes the evidence proved (a device key)
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,8 @@ class Factor(ABC):
         raise errors.failed_precondition(f"the {self.name} factor has no challenge to start", "NO_CHALLENGE")
 
     # ------------------------------------------------------------------ evidence
-    def verify(self, ctx: FactorContext, evidence: Any) -> FactorOutcome:
-        self.validate(ctx, evidence)
+    def evaluate(self, ctx: FactorContext, evidence: Any) -> FactorOutcome:
+        """The outcome of evidence validate() accepted."""
         try:
             return self.check(ctx, evidence)
         except ServiceUnavailable as exc:

@@ -1,5 +1,6 @@
 """Face: a selfie with passive liveness (FaceService.Verify), or a frame burst answering an
-active liveness challenge this session handed out (FaceService.SubmitLivenessChallenge)."""
+active liveness challenge this session handed out (FaceService.SubmitLivenessChallenge). Either is
+bound to the session and the device by its CaptureBinding (the burst frame by frame)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from services.common.api.v1 import common_pb2, face_pb2, mfa_pb2
 from ..fusion import FactorOutcome
 from ..reasons import Reason
 from .base import FactorContext
-from .biometric import BiometricFactor, service_reasons
+from .biometric import BiometricFactor, optional, service_reasons
 
 MAX_FRAMES = 64
 
@@ -18,7 +19,7 @@ class FaceFactor(BiometricFactor):
     name = "face"
     challenge_rpc = ("face", "StartLivenessChallenge", face_pb2.StartLivenessChallengeRequest, "moves")
 
-    def validate(self, ctx: FactorContext, ev: mfa_pb2.FaceEvidence) -> None:
+    def validate_capture(self, ctx: FactorContext, ev: mfa_pb2.FaceEvidence) -> None:
         if ev.frames:
             if not ev.challenge_nonce:
                 raise errors.invalid_argument("face.frames need the challenge_nonce they answer",
@@ -45,11 +46,14 @@ class FaceFactor(BiometricFactor):
                 subject=subject, nonce=ev.challenge_nonce, frames=ev.frames, verify_subject=True),
                 idempotent=False, budget_s=ctx.budget_s)
             reasons = service_reasons(r.reasons)
-            live_failed = not r.passed and r.match  # matched, yet the challenge failed: liveness
+            live_failed = not r.challenge_passed  # the moves, timing or per-frame liveness of the burst
             if live_failed:
                 reasons.insert(0, Reason("LIVENESS_FAILED", "the active liveness challenge failed"))
             llr = self.evidence(cfg, r, reasons)
-            return self.outcome(cfg, r.passed and r.match, llr, live_failed, True, reasons)
+            return self.outcome(cfg, r.passed and r.match, llr, live_failed, True, reasons,
+                                target_fmr=optional(r, "target_fmr"), measured_fmr=optional(r, "measured_fmr"),
+                                target_apcer=r.liveness_target_apcer or None,
+                                measured_apcer=optional(r, "liveness_measured_apcer"))
         r = client.call("Verify", face_pb2.VerifyFaceRequest(subject=subject, image=ev.image,
                                                              require_liveness=cfg.require_liveness),
                         idempotent=True, budget_s=ctx.budget_s)
@@ -65,4 +69,7 @@ class FaceFactor(BiometricFactor):
         if cfg.require_liveness and not r.liveness_checked:
             passed = False
             reasons.insert(0, Reason("LIVENESS_NOT_CHECKED", "the policy requires liveness"))
-        return self.outcome(cfg, passed, self.evidence(cfg, r, reasons), veto, r.liveness_checked, reasons)
+        return self.outcome(cfg, passed, self.evidence(cfg, r, reasons), veto, r.liveness_checked, reasons,
+                            target_fmr=r.target_fmr or None, measured_fmr=optional(r, "measured_fmr"),
+                            target_apcer=optional(r, "liveness_target_apcer"),
+                            measured_apcer=optional(r, "liveness_measured_apcer"))

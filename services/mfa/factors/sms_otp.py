@@ -61,5 +61,5 @@ class SmsOtpFactor(Factor):
         result = ctx.otp.check(ctx.session_id, ev.code, ctx.now)
         ctx.notes["otp_attempts_left"] = result.attempts_left
         evidence = ctx.policy.factors.sms_otp.evidence if result.passed else 0.0
-        return FactorOutcome(self.name, result.passed, evidence,
+        return FactorOutcome(self.name, result.passed, evidence, authenticator="sms",
                              reasons=(Reason(result.reason, MESSAGES[result.reason]),))

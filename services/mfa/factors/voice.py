@@ -1,5 +1,7 @@
-"""Voice: an utterance verified by VoiceService.Verify, optionally answering a digit challenge
-this session handed out (replay defence). A failed spoof check or challenge is a veto."""
+"""Voice: an utterance verified by VoiceService.Verify, bound to the session and the device by its
+CaptureBinding, answering the digit challenge this session handed out (replay defence; required
+unless the policy turns it off for the action and channel). A failed spoof check or challenge is a
+veto."""
 
 from __future__ import annotations
 
@@ -9,19 +11,23 @@ from services.common.api.v1 import common_pb2, mfa_pb2, voice_pb2
 from ..fusion import FactorOutcome
 from ..reasons import Reason
 from .base import FactorContext
-from .biometric import BiometricFactor, service_reasons
+from .biometric import BiometricFactor, optional, service_reasons
 
 
 class VoiceFactor(BiometricFactor):
     name = "voice"
     challenge_rpc = ("voice", "StartVoiceChallenge", voice_pb2.StartVoiceChallengeRequest, "digits")
 
-    def validate(self, ctx: FactorContext, ev: mfa_pb2.VoiceEvidence) -> None:
+    def validate_capture(self, ctx: FactorContext, ev: mfa_pb2.VoiceEvidence) -> None:
         if not ev.audio.data:
             raise errors.invalid_argument("voice.audio is required", voice__audio="required")
         if ev.challenge_nonce and ev.challenge_nonce not in ctx.state.challenges.get("voice", []):
             raise errors.failed_precondition("voice.challenge_nonce was not issued to this session",
                                              "CHALLENGE_NOT_IN_SESSION")
+        if not ev.challenge_nonce and ctx.policy.voice_challenge(ctx.state.action, ctx.state.channel):
+            raise errors.failed_precondition(
+                "the voice factor needs the digit challenge: call StartBiometricChallenge (modality voice) "
+                "and send the recording of the digits with its challenge_nonce", "CHALLENGE_REQUIRED")
 
     def check(self, ctx: FactorContext, ev: mfa_pb2.VoiceEvidence) -> FactorOutcome:
         cfg = ctx.policy.factors.voice
@@ -37,14 +43,17 @@ class VoiceFactor(BiometricFactor):
             reasons.insert(0, Reason("CAPTURE_REJECTED", "the recording is not usable; record again"))
             return self.outcome(cfg, False, 0.0, False, False, reasons, capture_error=True)
         veto = False
-        if r.spoof_checked and not r.spoof_passed:
+        if not r.spoof_passed:  # a layer that ran (synthetic speech, replay) refused the audio
             veto = True
             reasons.insert(0, Reason("SPOOF_DETECTED", "synthetic or replayed speech suspected"))
-        if ev.challenge_nonce and not r.challenge_passed:
+        if ev.challenge_nonce and not (r.challenge_checked and r.challenge_passed):
             veto = True
             reasons.insert(0, Reason("CHALLENGE_FAILED", "the spoken digits do not answer the challenge"))
         passed = r.match
         if cfg.require_spoof_check and not r.spoof_checked:
             passed = False
-            reasons.insert(0, Reason("SPOOF_NOT_CHECKED", "the policy requires a spoof check"))
-        return self.outcome(cfg, passed, self.evidence(cfg, r, reasons), veto, r.spoof_checked, reasons)
+            reasons.insert(0, Reason("SPOOF_NOT_CHECKED", "the policy requires the synthetic-speech check"))
+        return self.outcome(cfg, passed, self.evidence(cfg, r, reasons), veto, r.spoof_checked, reasons,
+                            target_fmr=r.target_fmr or None, measured_fmr=optional(r, "measured_fmr"),
+                            target_apcer=optional(r, "spoof_target_apcer"),
+                            measured_apcer=optional(r, "spoof_measured_apcer"))

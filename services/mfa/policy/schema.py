@@ -54,6 +54,10 @@ class FaceFactor(BiometricFactor):
 
 class VoiceFactor(BiometricFactor):
     require_spoof_check: bool = True
+    # The voice factor needs the digit challenge this session handed out (replay defence); an
+    # action or one of its channels may say otherwise (voice_challenge), which the voice service
+    # must then allow for the tenant too (voice.tenants.<id>.require_challenge).
+    require_challenge: bool = True
 
 
 # Keys policies once had; a file that still names one is refused with this explanation.
@@ -105,10 +109,14 @@ class Factors(Strict):
 
 
 class Requirement(Strict):
-    """What raises the bar: extra evidence, more distinct factors, a review, or a refusal."""
+    """What raises the bar: extra evidence, more distinct factors, factors from independent
+    authenticators, a review, or a refusal."""
 
     extra_evidence: float = Field(0.0, ge=0)
     min_factors: int = Field(0, ge=0, le=4)
+    # Passed factors must come from at least this many independent authenticators (PSD2 RTS art. 9):
+    # a device key and the captures it signed are one authenticator, the SMS channel another.
+    min_independent: int = Field(0, ge=0, le=4)
     review: bool = False
     deny: bool = False
 
@@ -121,6 +129,7 @@ class AmountBand(Requirement):
 class ChannelRule(Strict):
     required: float | None = Field(default=None, gt=0)
     acceptable: FactorSetList | None = None
+    voice_challenge: bool | None = None  # None: the action's, else factors.voice.require_challenge
 
     @field_validator("acceptable")
     @classmethod
@@ -134,6 +143,10 @@ class ActionRule(Strict):
     channels: dict[ChannelName, ChannelRule] = {}
     # currency (ISO 4217, or "*" for any other) -> bands in increasing order of up_to
     amount_bands: dict[str, list[AmountBand]] = {}
+    # The beneficiary the user is shown, signed in the transaction context: "required" refuses a
+    # StartAuthentication without one (payments: dynamic linking of amount and payee).
+    payee: Literal["required", "optional"] = "optional"
+    voice_challenge: bool | None = None  # None: factors.voice.require_challenge
 
     @field_validator("acceptable")
     @classmethod
@@ -244,15 +257,37 @@ class Degraded(Strict):
 
 
 class Lockout(Strict):
-    """NIST SP 800-63B-4: at most 5 consecutive failures (10 for biometrics with presentation
-    attack detection), throttled before the limit, then locked."""
+    """NIST SP 800-63B-4 § 3.2.2: at most 5 consecutive failures (10 for biometrics with
+    presentation attack detection), throttled with growing delays before the limit, then locked for
+    a bounded time. Counted per subject and per source (the device or terminal a session runs on):
+    a session on the subject's bound device is held to its own device's counter only, so that
+    failures from elsewhere slow an attacker down without locking the customer out of their phone."""
 
     max_failures: int = Field(5, ge=1, le=100)
     max_failures_with_liveness: int = Field(10, ge=1, le=100)
     delay_after: int = Field(3, ge=1)  # failures (of max_failures' kind) before throttling
     delay_s: float = Field(5.0, ge=0, le=3600)  # wait before the next attempt; doubles each time
-    subject_lock_s: int = Field(0, ge=0)  # 0: until an administrator unlocks
+    # How long a lock lasts. 0 (until an administrator unlocks) lets anyone who can start sessions
+    # for a subject id lock its owner out: allowed, never the default.
+    subject_lock_s: int = Field(900, ge=0)
     device_lock_s: int = Field(3600, ge=0)
+
+
+class Binding(Strict):
+    """How biometric captures count (injection defence). A face or voice capture counts only with a
+    valid capture binding: a signature over the transaction context (services/mfa/binding.py) by a
+    bound device's key or WebAuthn credential, by the key a new device will register, or the
+    submission of a registered terminal on its own channel."""
+
+    # A capture signed by a bound device's key also proves the device factor: the signature covers
+    # the session nonce and more, which is all a DeviceProof shows.
+    proves_device: bool = True
+    # On a device that is not bound yet, a capture may be signed by the key the session will
+    # register. It proves no possession factor (an attacker's own phone could hold such a key).
+    new_device_key: bool = True
+    # False: every acceptable set holding a biometric must hold a possession factor (device or
+    # sms_otp), checked when the policy loads (NIST SP 800-63B-4: a biometric is never a factor alone).
+    biometric_alone: bool = False
 
 
 class Policy(Strict):
@@ -263,6 +298,31 @@ class Policy(Strict):
     risk: Risk = Risk()
     degraded: Degraded = Degraded()
     lockout: Lockout = Lockout()
+    binding: Binding = Binding()
+
+    def voice_challenge(self, action: str, channel: str) -> bool:
+        """Whether the voice factor needs the digit challenge in a session of this action and channel."""
+        rule = self.actions[action]
+        chan = rule.channels.get(channel)  # type: ignore[call-overload]
+        for value in (chan.voice_challenge if chan else None, rule.voice_challenge):
+            if value is not None:
+                return value
+        return self.factors.voice.require_challenge
+
+    @model_validator(mode="after")
+    def _biometric_with_possession(self):
+        if self.binding.biometric_alone:
+            return self
+        where = [(f"actions.{name}.acceptable", a.acceptable) for name, a in self.actions.items()]
+        where += [(f"actions.{name}.channels.{ch}.acceptable", c.acceptable) for name, a in self.actions.items()
+                  for ch, c in a.channels.items() if c.acceptable]
+        where += [("degraded.acceptable", self.degraded.acceptable)]
+        bad = [f"{path}.{i} {list(s)}" for path, sets in where for i, s in enumerate(sets)
+               if set(s) & BIOMETRIC and not set(s) & POSSESSION]
+        if bad:
+            raise ValueError("a biometric never counts alone: add device or sms_otp to " + "; ".join(bad)
+                             + " (or set binding.biometric_alone: true)")
+        return self
 
     @model_validator(mode="after")
     def _factors_enabled(self):

@@ -34,6 +34,10 @@ class DeviceRecord:
     bound_at: datetime = field(default_factory=utcnow)
     last_seen_at: datetime | None = None
     revoked_at: datetime | None = None
+    kind: str = "key"  # "key" (a raw public key) or "webauthn" (a passkey)
+    credential_id: str | None = None  # WebAuthn: the credential's rawId, base64url
+    credential_public_key: bytes | None = None  # WebAuthn: COSE key (public_key holds it as DER SPKI)
+    sign_count: int = 0  # WebAuthn: the authenticator's signature counter last seen
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,16 @@ class SqlDeviceRepository(Repository[DeviceRecord]):
             (now or utcnow(), tenant_id, device_id),
         )
 
+    def get_by_credential(self, tenant_id: str, credential_id: str) -> DeviceRecord | None:
+        return self._select_one("tenant_id = ? AND credential_id = ?", (tenant_id, credential_id))
+
+    def advance_sign_count(self, tenant_id: str, device_id: str, seen: int, new: int) -> bool:
+        """Compare-and-swap of a WebAuthn signature counter: False when another use moved it first."""
+        return self._update_one(
+            "UPDATE devices SET sign_count = ? WHERE tenant_id = ? AND id = ? AND sign_count = ?",
+            (new, tenant_id, device_id, seen),
+        )
+
     def touch(self, tenant_id: str, device_id: str, now: datetime | None = None) -> bool:
         return self._update_one(
             "UPDATE devices SET last_seen_at = ? WHERE tenant_id = ? AND id = ? AND revoked_at IS NULL",
@@ -199,6 +209,25 @@ class SqlLockoutRepository(Repository[LockoutRecord]):
             )
         assert row is not None
         return row
+
+    def refund(
+        self, tenant_id: str, scope: str, key: str, cost: int, failures: int, charged_at: datetime,
+        last_before: datetime | None,
+    ) -> LockoutRecord | None:
+        """Give back ``cost`` (and ``failures``) charged at ``charged_at``: a lock that charge set is
+        lifted when the cost falls below LOCK_COST, and with ``failures`` the time of the last
+        failure goes back to ``last_before`` unless a later failure moved it."""
+        with self._db.transaction() as s:
+            return self._returning(
+                s,
+                "UPDATE mfa_lockouts SET cost = CASE WHEN cost > ? THEN cost - ? ELSE 0 END,"
+                " failures = CASE WHEN failures > ? THEN failures - ? ELSE 0 END,"
+                " locked_at = CASE WHEN locked_at = ? AND cost - ? < ? THEN NULL ELSE locked_at END,"
+                " last_failure_at = CASE WHEN ? > 0 AND last_failure_at = ? THEN ? ELSE last_failure_at END"
+                " WHERE tenant_id = ? AND scope = ? AND key = ?",
+                (cost, cost, failures, failures, charged_at, cost, LOCK_COST, failures, charged_at, last_before,
+                 tenant_id, scope, key),
+            )
 
     def reset(self, tenant_id: str, scope: str, key: str) -> bool:
         """Forget the counter (a success)."""

@@ -69,7 +69,7 @@ class VerifyFaceRequest(_message.Message):
     def __init__(self, subject: _Optional[_Union[_common_pb2.SubjectRef, _Mapping]] = ..., image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., require_liveness: _Optional[bool] = ...) -> None: ...
 
 class VerifyFaceResponse(_message.Message):
-    __slots__ = ("match", "score", "threshold", "llr", "model_id", "liveness_checked", "live", "reasons", "quality")
+    __slots__ = ("match", "score", "threshold", "llr", "model_id", "liveness_checked", "live", "reasons", "quality", "target_fmr", "measured_fmr", "liveness_target_apcer", "liveness_measured_apcer")
     MATCH_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,10 @@ class VerifyFaceResponse(_message.Message):
     LIVE_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FMR_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FMR_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_TARGET_APCER_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_MEASURED_APCER_FIELD_NUMBER: _ClassVar[int]
     match: bool
     score: float
     threshold: float
@@ -88,7 +92,11 @@ class VerifyFaceResponse(_message.Message):
     live: bool
     reasons: _containers.RepeatedCompositeFieldContainer[_common_pb2.Reason]
     quality: ImageQuality
-    def __init__(self, match: _Optional[bool] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., llr: _Optional[float] = ..., model_id: _Optional[str] = ..., liveness_checked: _Optional[bool] = ..., live: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., quality: _Optional[_Union[ImageQuality, _Mapping]] = ...) -> None: ...
+    target_fmr: float
+    measured_fmr: float
+    liveness_target_apcer: float
+    liveness_measured_apcer: float
+    def __init__(self, match: _Optional[bool] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., llr: _Optional[float] = ..., model_id: _Optional[str] = ..., liveness_checked: _Optional[bool] = ..., live: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., quality: _Optional[_Union[ImageQuality, _Mapping]] = ..., target_fmr: _Optional[float] = ..., measured_fmr: _Optional[float] = ..., liveness_target_apcer: _Optional[float] = ..., liveness_measured_apcer: _Optional[float] = ...) -> None: ...
 
 class IdentifyFaceRequest(_message.Message):
     __slots__ = ("tenant_id", "image", "top_k")
@@ -167,17 +175,27 @@ class SubmitLivenessChallengeRequest(_message.Message):
     def __init__(self, subject: _Optional[_Union[_common_pb2.SubjectRef, _Mapping]] = ..., nonce: _Optional[str] = ..., frames: _Optional[_Iterable[_Union[_common_pb2.Frame, _Mapping]]] = ..., verify_subject: _Optional[bool] = ...) -> None: ...
 
 class SubmitLivenessChallengeResponse(_message.Message):
-    __slots__ = ("passed", "match", "score", "llr", "model_id", "reasons")
+    __slots__ = ("passed", "match", "score", "llr", "model_id", "reasons", "challenge_passed", "target_fmr", "measured_fmr", "liveness_target_apcer", "liveness_measured_apcer")
     PASSED_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LLR_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_PASSED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FMR_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FMR_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_TARGET_APCER_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_MEASURED_APCER_FIELD_NUMBER: _ClassVar[int]
     passed: bool
     match: bool
     score: float
     llr: float
     model_id: str
     reasons: _containers.RepeatedCompositeFieldContainer[_common_pb2.Reason]
-    def __init__(self, passed: _Optional[bool] = ..., match: _Optional[bool] = ..., score: _Optional[float] = ..., llr: _Optional[float] = ..., model_id: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ...) -> None: ...
+    challenge_passed: bool
+    target_fmr: float
+    measured_fmr: float
+    liveness_target_apcer: float
+    liveness_measured_apcer: float
+    def __init__(self, passed: _Optional[bool] = ..., match: _Optional[bool] = ..., score: _Optional[float] = ..., llr: _Optional[float] = ..., model_id: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., challenge_passed: _Optional[bool] = ..., target_fmr: _Optional[float] = ..., measured_fmr: _Optional[float] = ..., liveness_target_apcer: _Optional[float] = ..., liveness_measured_apcer: _Optional[float] = ...) -> None: ...

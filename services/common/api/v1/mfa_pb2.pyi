@@ -138,8 +138,16 @@ class FactorSet(_message.Message):
     factors: _containers.RepeatedScalarFieldContainer[FactorType]
     def __init__(self, factors: _Optional[_Iterable[_Union[FactorType, str]]] = ...) -> None: ...
 
+class Payee(_message.Message):
+    __slots__ = ("name", "account_masked")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_MASKED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    account_masked: str
+    def __init__(self, name: _Optional[str] = ..., account_masked: _Optional[str] = ...) -> None: ...
+
 class StartAuthenticationRequest(_message.Message):
-    __slots__ = ("subject", "channel", "action", "amount", "device", "context", "idempotency_key")
+    __slots__ = ("subject", "channel", "action", "amount", "device", "context", "idempotency_key", "payee")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +155,7 @@ class StartAuthenticationRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    PAYEE_FIELD_NUMBER: _ClassVar[int]
     subject: _common_pb2.SubjectRef
     channel: Channel
     action: str
@@ -154,7 +163,8 @@ class StartAuthenticationRequest(_message.Message):
     device: DeviceInfo
     context: ContextSignals
     idempotency_key: str
-    def __init__(self, subject: _Optional[_Union[_common_pb2.SubjectRef, _Mapping]] = ..., channel: _Optional[_Union[Channel, str]] = ..., action: _Optional[str] = ..., amount: _Optional[_Union[Money, _Mapping]] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., context: _Optional[_Union[ContextSignals, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    payee: Payee
+    def __init__(self, subject: _Optional[_Union[_common_pb2.SubjectRef, _Mapping]] = ..., channel: _Optional[_Union[Channel, str]] = ..., action: _Optional[str] = ..., amount: _Optional[_Union[Money, _Mapping]] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., context: _Optional[_Union[ContextSignals, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., payee: _Optional[_Union[Payee, _Mapping]] = ...) -> None: ...
 
 class StartAuthenticationResponse(_message.Message):
     __slots__ = ("session_id", "nonce", "expires_at", "risk", "acceptable", "device_bound")
@@ -190,23 +200,61 @@ class StartBiometricChallengeResponse(_message.Message):
     digits: str
     def __init__(self, challenge: _Optional[_Union[_common_pb2.Challenge, _Mapping]] = ..., moves: _Optional[_Iterable[_Union[_face_pb2.HeadMove, str]]] = ..., digits: _Optional[str] = ...) -> None: ...
 
+class WebAuthnAssertion(_message.Message):
+    __slots__ = ("credential_id", "authenticator_data", "client_data_json", "signature", "user_handle")
+    CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
+    AUTHENTICATOR_DATA_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_DATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    USER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    credential_id: bytes
+    authenticator_data: bytes
+    client_data_json: bytes
+    signature: bytes
+    user_handle: bytes
+    def __init__(self, credential_id: _Optional[bytes] = ..., authenticator_data: _Optional[bytes] = ..., client_data_json: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., user_handle: _Optional[bytes] = ...) -> None: ...
+
+class TerminalCapture(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CaptureBinding(_message.Message):
+    __slots__ = ("device_id", "signature", "webauthn", "terminal", "context", "public_key")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    WEBAUTHN_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    signature: bytes
+    webauthn: WebAuthnAssertion
+    terminal: TerminalCapture
+    context: bytes
+    public_key: bytes
+    def __init__(self, device_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., webauthn: _Optional[_Union[WebAuthnAssertion, _Mapping]] = ..., terminal: _Optional[_Union[TerminalCapture, _Mapping]] = ..., context: _Optional[bytes] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
 class FaceEvidence(_message.Message):
-    __slots__ = ("image", "challenge_nonce", "frames")
+    __slots__ = ("image", "challenge_nonce", "frames", "binding")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     CHALLENGE_NONCE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BINDING_FIELD_NUMBER: _ClassVar[int]
     image: _common_pb2.Image
     challenge_nonce: str
     frames: _containers.RepeatedCompositeFieldContainer[_common_pb2.Frame]
-    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., challenge_nonce: _Optional[str] = ..., frames: _Optional[_Iterable[_Union[_common_pb2.Frame, _Mapping]]] = ...) -> None: ...
+    binding: CaptureBinding
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., challenge_nonce: _Optional[str] = ..., frames: _Optional[_Iterable[_Union[_common_pb2.Frame, _Mapping]]] = ..., binding: _Optional[_Union[CaptureBinding, _Mapping]] = ...) -> None: ...
 
 class VoiceEvidence(_message.Message):
-    __slots__ = ("audio", "challenge_nonce")
+    __slots__ = ("audio", "challenge_nonce", "binding")
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     CHALLENGE_NONCE_FIELD_NUMBER: _ClassVar[int]
+    BINDING_FIELD_NUMBER: _ClassVar[int]
     audio: _common_pb2.Audio
     challenge_nonce: str
-    def __init__(self, audio: _Optional[_Union[_common_pb2.Audio, _Mapping]] = ..., challenge_nonce: _Optional[str] = ...) -> None: ...
+    binding: CaptureBinding
+    def __init__(self, audio: _Optional[_Union[_common_pb2.Audio, _Mapping]] = ..., challenge_nonce: _Optional[str] = ..., binding: _Optional[_Union[CaptureBinding, _Mapping]] = ...) -> None: ...
 
 class OtpEvidence(_message.Message):
     __slots__ = ("code",)
@@ -215,12 +263,16 @@ class OtpEvidence(_message.Message):
     def __init__(self, code: _Optional[str] = ...) -> None: ...
 
 class DeviceProof(_message.Message):
-    __slots__ = ("device_id", "signature")
+    __slots__ = ("device_id", "signature", "context", "webauthn")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    WEBAUTHN_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     signature: bytes
-    def __init__(self, device_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    context: bytes
+    webauthn: WebAuthnAssertion
+    def __init__(self, device_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., context: _Optional[bytes] = ..., webauthn: _Optional[_Union[WebAuthnAssertion, _Mapping]] = ...) -> None: ...
 
 class SubmitFactorRequest(_message.Message):
     __slots__ = ("session_id", "face", "voice", "otp", "device")
@@ -237,18 +289,28 @@ class SubmitFactorRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., face: _Optional[_Union[FaceEvidence, _Mapping]] = ..., voice: _Optional[_Union[VoiceEvidence, _Mapping]] = ..., otp: _Optional[_Union[OtpEvidence, _Mapping]] = ..., device: _Optional[_Union[DeviceProof, _Mapping]] = ...) -> None: ...
 
 class FactorResult(_message.Message):
-    __slots__ = ("factor", "passed", "veto", "llr", "reasons")
+    __slots__ = ("factor", "passed", "veto", "llr", "reasons", "target_fmr", "measured_fmr", "target_apcer", "measured_apcer", "binding")
     FACTOR_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     VETO_FIELD_NUMBER: _ClassVar[int]
     LLR_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FMR_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FMR_FIELD_NUMBER: _ClassVar[int]
+    TARGET_APCER_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_APCER_FIELD_NUMBER: _ClassVar[int]
+    BINDING_FIELD_NUMBER: _ClassVar[int]
     factor: FactorType
     passed: bool
     veto: bool
     llr: float
     reasons: _containers.RepeatedCompositeFieldContainer[_common_pb2.Reason]
-    def __init__(self, factor: _Optional[_Union[FactorType, str]] = ..., passed: _Optional[bool] = ..., veto: _Optional[bool] = ..., llr: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ...) -> None: ...
+    target_fmr: float
+    measured_fmr: float
+    target_apcer: float
+    measured_apcer: float
+    binding: str
+    def __init__(self, factor: _Optional[_Union[FactorType, str]] = ..., passed: _Optional[bool] = ..., veto: _Optional[bool] = ..., llr: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., target_fmr: _Optional[float] = ..., measured_fmr: _Optional[float] = ..., target_apcer: _Optional[float] = ..., measured_apcer: _Optional[float] = ..., binding: _Optional[str] = ...) -> None: ...
 
 class SubmitFactorResponse(_message.Message):
     __slots__ = ("result", "still_acceptable", "attempts_left")
@@ -303,16 +365,18 @@ class DecideResponse(_message.Message):
     def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., still_needed: _Optional[_Iterable[_Union[FactorSet, _Mapping]]] = ..., token: _Optional[str] = ..., acr: _Optional[str] = ..., amr: _Optional[_Iterable[str]] = ..., review_id: _Optional[str] = ..., total_llr: _Optional[float] = ...) -> None: ...
 
 class RegisterDeviceRequest(_message.Message):
-    __slots__ = ("session_id", "device", "public_key", "label")
+    __slots__ = ("session_id", "device", "public_key", "label", "webauthn_registration_json")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    WEBAUTHN_REGISTRATION_JSON_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     device: DeviceInfo
     public_key: bytes
     label: str
-    def __init__(self, session_id: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., public_key: _Optional[bytes] = ..., label: _Optional[str] = ...) -> None: ...
+    webauthn_registration_json: str
+    def __init__(self, session_id: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., public_key: _Optional[bytes] = ..., label: _Optional[str] = ..., webauthn_registration_json: _Optional[str] = ...) -> None: ...
 
 class RegisterDeviceResponse(_message.Message):
     __slots__ = ("device_id",)
@@ -320,21 +384,35 @@ class RegisterDeviceResponse(_message.Message):
     device_id: str
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
+class StartDeviceRegistrationRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class StartDeviceRegistrationResponse(_message.Message):
+    __slots__ = ("options_json",)
+    OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
+    options_json: str
+    def __init__(self, options_json: _Optional[str] = ...) -> None: ...
+
 class BoundDevice(_message.Message):
-    __slots__ = ("device_id", "label", "platform", "bound_at", "last_seen_at", "revoked")
+    __slots__ = ("device_id", "label", "platform", "bound_at", "last_seen_at", "revoked", "kind")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     BOUND_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_AT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     label: str
     platform: str
     bound_at: _timestamp_pb2.Timestamp
     last_seen_at: _timestamp_pb2.Timestamp
     revoked: bool
-    def __init__(self, device_id: _Optional[str] = ..., label: _Optional[str] = ..., platform: _Optional[str] = ..., bound_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: _Optional[bool] = ...) -> None: ...
+    kind: str
+    def __init__(self, device_id: _Optional[str] = ..., label: _Optional[str] = ..., platform: _Optional[str] = ..., bound_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: _Optional[bool] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ("subject",)

@@ -65,7 +65,7 @@ class VerifyVoiceRequest(_message.Message):
     def __init__(self, subject: _Optional[_Union[_common_pb2.SubjectRef, _Mapping]] = ..., audio: _Optional[_Union[_common_pb2.Audio, _Mapping]] = ..., channel: _Optional[_Union[VoiceChannel, str]] = ..., challenge_nonce: _Optional[str] = ...) -> None: ...
 
 class VerifyVoiceResponse(_message.Message):
-    __slots__ = ("match", "score", "threshold", "llr", "model_id", "spoof_checked", "spoof_passed", "challenge_passed", "reasons", "quality")
+    __slots__ = ("match", "score", "threshold", "llr", "model_id", "spoof_checked", "spoof_passed", "challenge_passed", "reasons", "quality", "replay_checked", "replay_passed", "challenge_checked", "target_fmr", "measured_fmr", "spoof_target_apcer", "spoof_measured_apcer")
     MATCH_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,13 @@ class VerifyVoiceResponse(_message.Message):
     CHALLENGE_PASSED_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_PASSED_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FMR_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FMR_FIELD_NUMBER: _ClassVar[int]
+    SPOOF_TARGET_APCER_FIELD_NUMBER: _ClassVar[int]
+    SPOOF_MEASURED_APCER_FIELD_NUMBER: _ClassVar[int]
     match: bool
     score: float
     threshold: float
@@ -86,7 +93,14 @@ class VerifyVoiceResponse(_message.Message):
     challenge_passed: bool
     reasons: _containers.RepeatedCompositeFieldContainer[_common_pb2.Reason]
     quality: AudioQuality
-    def __init__(self, match: _Optional[bool] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., llr: _Optional[float] = ..., model_id: _Optional[str] = ..., spoof_checked: _Optional[bool] = ..., spoof_passed: _Optional[bool] = ..., challenge_passed: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., quality: _Optional[_Union[AudioQuality, _Mapping]] = ...) -> None: ...
+    replay_checked: bool
+    replay_passed: bool
+    challenge_checked: bool
+    target_fmr: float
+    measured_fmr: float
+    spoof_target_apcer: float
+    spoof_measured_apcer: float
+    def __init__(self, match: _Optional[bool] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., llr: _Optional[float] = ..., model_id: _Optional[str] = ..., spoof_checked: _Optional[bool] = ..., spoof_passed: _Optional[bool] = ..., challenge_passed: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., quality: _Optional[_Union[AudioQuality, _Mapping]] = ..., replay_checked: _Optional[bool] = ..., replay_passed: _Optional[bool] = ..., challenge_checked: _Optional[bool] = ..., target_fmr: _Optional[float] = ..., measured_fmr: _Optional[float] = ..., spoof_target_apcer: _Optional[float] = ..., spoof_measured_apcer: _Optional[float] = ...) -> None: ...
 
 class StreamVerifyVoiceRequest(_message.Message):
     __slots__ = ("header", "chunk")
