@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from face_bench import ServiceProcess  # noqa: E402
 
 import services.face.remote  # noqa: E402,F401  - registers the remote (--target) scorers
-from services.cli import main as biogate  # noqa: E402
+from bench.eval_common import run  # noqa: E402
 
 EMBEDDER = "mobilefacenet-arcface-192d"
 LIVENESS = ("minifasnet-v2-2.7", "minifasnet-v1se-4.0")
@@ -41,12 +41,6 @@ def summary(report: Path) -> dict:
         if key in r:
             out[key] = r[key]
     return out
-
-
-def run(args: list[str]) -> None:
-    print("biogate " + " ".join(args), flush=True)
-    if biogate(args) != 0:
-        raise SystemExit(f"biogate {args[0]} failed")
 
 
 def main() -> int:

@@ -223,7 +223,11 @@ class FaceConfig(Section):
     calibration_channel: str = "default"
     target_fmr: float = Field(1e-3, gt=0, lt=1)
     liveness_target_apcer: float = Field(0.05, gt=0, lt=1)
-    second_face_ratio: float = Field(0.6, gt=0)
+    # The box the liveness crops are cut around: "detector" (the detector's own) or "landmarks" (a
+    # box derived from the landmarks, services/face/liveness.py), chosen on data it was not tuned on.
+    liveness_box: Literal["landmarks", "detector"] = "landmarks"
+    second_face_ratio: float = Field(0.6, gt=0)  # of the subject's landmark size (services/face/subject.py)
+    rival_min_sharpness_ratio: float = Field(0.25, ge=0, le=1)  # a far blurrier second face is no rival
     tenants: dict[str, FaceTenantPolicy] = {}
     max_images: int = Field(10, ge=1, le=50)  # per Enroll request
     identify_max_k: int = Field(100, ge=1, le=1000)
