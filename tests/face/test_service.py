@@ -104,7 +104,7 @@ def test_verify_uses_the_calibrated_threshold_and_follows_a_recalibration(face_s
     impostor = verify(s, "bank-v", "c-obama", (face_dir / BIDEN).read_bytes())
     store = ModelStore(s.settings)
     record = store.calibration("mobilefacenet-arcface-192d", "default")
-    assert genuine.threshold == pytest.approx(record.threshold(1e-3), abs=1e-6)
+    assert genuine.threshold == pytest.approx(record.threshold(s.settings.face.target_fmr), abs=1e-6)
     assert genuine.match and not impostor.match and genuine.score > genuine.threshold > impostor.score
     assert genuine.llr == pytest.approx(float(record.llr.llr(genuine.score)), rel=1e-4)
     assert genuine.model_id == "mobilefacenet-arcface-192d" and genuine.quality.accepted
