@@ -85,3 +85,18 @@ def test_an_inconsistent_flag_is_refused():
         CalibrationRecord.model_validate(record)
     point["held_out"]["consistent"] = False
     assert CalibrationRecord.model_validate(record).claim(0.001).rate == 0.0027
+
+
+def test_services_ask_the_claim_through_their_calibrations():
+    """The face and voice services hold a Calibrations reader: the claim of the shipped face
+    record's default point is its held-out FMR, not the target."""
+    from services.common.config import PROJECT_ROOT, FaceConfig
+    from services.common.modality.calibration import Calibrations, NotCalibrated
+
+    cal = Calibrations(PROJECT_ROOT / "models" / "manifest.yaml")
+    target = FaceConfig().target_fmr
+    claim = cal.claim("mobilefacenet-arcface-192d", "default", target, "cosine")
+    point = cal.record("mobilefacenet-arcface-192d", "default").point(target)
+    assert claim.source == "held_out" and claim.rate == point.held_out.fmr > target
+    with pytest.raises(NotCalibrated):
+        cal.claim("mobilefacenet-arcface-192d", "default", 0.123, "cosine")

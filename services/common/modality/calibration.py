@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from services.common import errors
-from services.common.models.calibration import CalibrationRecord
+from services.common.models.calibration import CalibrationRecord, Claim
 from services.common.models.manifest import load_manifest
 
 log = logging.getLogger("biogate.calibration")
@@ -88,6 +88,15 @@ class Calibrations:
         rec = self.record(model_id, channel, score)
         try:
             return float(rec.threshold(target, model=model_id, channel=channel))
+        except LookupError as err:
+            raise not_calibrated(err, model_id, channel) from None
+
+    def claim(self, model_id: str, channel: str, target: float, score: str | None = None) -> Claim:
+        """What a decision at the point for ``target`` can truthfully claim (the held-out FMR or
+        APCER when the point has a check): CalibrationRecord.claim, for a service's responses."""
+        rec = self.record(model_id, channel, score)
+        try:
+            return rec.claim(target)
         except LookupError as err:
             raise not_calibrated(err, model_id, channel) from None
 
