@@ -5,7 +5,8 @@ Starts `biogate serve face` on a free loopback port with a temporary data dir, t
 gRPC: verification on trials_face.csv (EER), on all pairs of MANIFEST.csv (more impostor trials,
 the calibration set), and PAD on pad_face.csv (APCER/BPCER of the service's own live decision).
 The PAD EER needs scores, which the service never returns: it comes from the in-process scorer
-(the service's pipeline code), which is also what the liveness calibration is fitted on.
+(the service's pipeline code), which is also what the liveness calibration is fitted on; the
+service's run reports its decisions (APCER per attack type, BPCER, non-responses) only.
 
     .venv/bin/python bench/face_service_eval.py [--calibrate] [--out var/eval/face-service]
 """
@@ -76,11 +77,10 @@ def main() -> int:
     print(f"face service peak RSS {rss:.0f} MB")
     for name in ("trials", "all-pairs", "pad-local"):
         print(name, json.dumps(summary(out / name / "report.json"), default=str)[:1500])
-    scores = json.loads((out / "pad-service" / "scores.json").read_text())
-    attacks = [s for v in scores["attacks"].values() for s in v]
-    bona = scores["bonafide"]
-    print(f"service live decision on pad_face.csv: APCER {sum(s >= 0.5 for s in attacks) / len(attacks):.4f} "
-          f"({len(attacks)} attacks), BPCER {sum(s < 0.5 for s in bona) / len(bona):.4f} ({len(bona)} bona fide)")
+    decisions = json.loads((out / "pad-service" / "report.json").read_text())["decisions"]
+    apcer = {t: e["rate"] for t, e in decisions["apcer_per_type"].items()}
+    print(f"service live decision on pad_face.csv: APCER {apcer}, BPCER {decisions['bpcer']['rate']:.4f} "
+          f"({decisions['bpcer']['trials']} bona fide), non-responses {decisions['bonafide']['non_responses']}")
     return 0
 
 
