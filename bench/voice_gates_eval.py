@@ -3,7 +3,8 @@ each fitted on one part of the fixtures and measured on the other (the speakers 
 positions of the sorted names, 6 and 6), against the untuned default.
 
 1. VAD on quiet and far-field speech: the 112 fixture recordings as recorded, attenuated by 20 and
-   30 dB, and reverberated (a synthetic room, RT60 0.6 s, then -20 dB and noise at 20 dB SNR): net
+   30 dB, reverberated (a synthetic room, RT60 0.6 s, then -20 dB and noise at 20 dB SNR), and their
+   middle 3 s through the telephone simulation (G.711 mu-law, as the IVR delivers them): net
    speech and the share failing the verify minimum (one recording as a probe) and the enrolment
    minimum (one recording as a whole enrolment), without normalisation (the default before) and
    with each (target level, maximum gain) of a small grid. The grid point is chosen on the even
@@ -46,12 +47,14 @@ from services.common.evaluation import metrics as m  # noqa: E402
 from services.common.evaluation.trials import read_pad  # noqa: E402
 from services.common.models import ModelStore  # noqa: E402
 from services.voice.attacks import room_impulse_response  # noqa: E402
-from services.voice.ingest import Conditioner  # noqa: E402
+from services.voice import telephone  # noqa: E402
+from services.voice.ingest import AudioFormat, Conditioner, Encoding, decode  # noqa: E402
 from services.voice.models import VoiceModels, pipeline_from_settings  # noqa: E402
 from services.voice.vad import SileroVad, VadParams  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
-GRID = ((None, 0.0), (-26.0, 20.0), (-26.0, 30.0), (-20.0, 30.0), (-26.0, 40.0))
+GRID = ((None, 0.0, 6.0), (-26.0, 20.0, 6.0), (-26.0, 30.0, 6.0), (-20.0, 30.0, 6.0), (-26.0, 40.0, 6.0),
+        (-20.0, 20.0, 1.0), (-26.0, 20.0, 0.0))
 PROBE_S = (0.5, 1.0, 1.5, 2.0, 3.0)
 ENROL_S = (1.0, 1.5, 2.0, 3.0, 4.0)
 
@@ -64,8 +67,18 @@ def far_field(x: np.ndarray, seed: int) -> np.ndarray:
     return (y + noise).astype(np.float32)
 
 
+def telephone_3s(x: np.ndarray) -> np.ndarray:
+    """The middle 3 s through the telephone simulation, as the IVR delivers it, back at 16 kHz."""
+    n = 3 * 16000
+    data = telephone.encode(x[max(0, (len(x) - n) // 2):][:n], 16000)
+    d = decode(data, AudioFormat(Encoding.MULAW, 8000))
+    c = Conditioner(d.sample_rate, d.full_scale)
+    return np.concatenate([c.push(d.samples), c.finish()])
+
+
 def conditions(x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    return {"clean": x, "-20 dB": x * 0.1, "-30 dB": x * 10 ** (-1.5), "far field": far_field(x, seed)}
+    return {"clean": conditioned(x), "-20 dB": conditioned(x * 0.1), "-30 dB": conditioned(x * 10 ** (-1.5)),
+            "far field": conditioned(far_field(x, seed)), "telephone 3 s": telephone_3s(x)}
 
 
 def conditioned(x: np.ndarray) -> np.ndarray:
@@ -81,13 +94,13 @@ def speakers(files: list[Path]) -> tuple[set[str], set[str]]:
 def vad_study(vad_path: Path, files: list[Path], audio: dict[Path, np.ndarray], cfg) -> dict[str, Any]:
     even, odd = speakers(files)
     out: dict[str, Any] = {}
-    for target, gain in GRID:
-        name = "off" if target is None else f"{target:g} dBFS, max +{gain:g} dB"
-        vad = SileroVad(vad_path, VadParams(level_target_dbfs=target, max_gain_db=gain))
+    for target, gain, release in GRID:
+        name = "off" if target is None else f"{target:g} dBFS, max +{gain:g} dB, release {release:g} dB/s"
+        vad = SileroVad(vad_path, VadParams(level_target_dbfs=target, max_gain_db=gain, release_db_per_s=release))
         rows = {}
         for i, f in enumerate(files):
             for cond, x in conditions(audio[f], i).items():
-                rows.setdefault(cond, []).append((f.parent.name, vad(conditioned(x)).speech_s))
+                rows.setdefault(cond, []).append((f.parent.name, vad(x).speech_s))
         res = {}
         for cond, vals in rows.items():
             for part, who in (("even", even), ("odd", odd)):

@@ -40,6 +40,7 @@ class VadParams:
     min_silence_ms: float = 100.0
     level_target_dbfs: float | None = -20.0  # None: no level normalisation (grid chosen in bench/voice_gates_eval.py)
     max_gain_db: float = 30.0
+    max_cut_db: float = 30.0  # the most the input is turned down (as calibrated with AASIST)
     release_db_per_s: float = 6.0
 
 
@@ -85,6 +86,7 @@ class VadStream:
         self._state = np.zeros((2, 1, 128), np.float32)
         self._target = None if p.level_target_dbfs is None else 10 ** (p.level_target_dbfs / 20)
         self._max_gain = 10 ** (p.max_gain_db / 20)
+        self._min_gain = 10 ** (-p.max_cut_db / 20)
         self._release = 10 ** (-p.release_db_per_s / 20 * WINDOW / SAMPLE_RATE)
         self._level = 0.0  # the level followed (RMS of the loudest recent window)
         self._buf = np.zeros(CONTEXT, np.float32)  # context + not yet processed samples
@@ -129,7 +131,7 @@ class VadStream:
         self._level = max(rms, self._level * self._release)
         if self._level <= 0.0:
             return chunk
-        gain = min(max(self._target / self._level, 1.0 / self._max_gain), self._max_gain)
+        gain = min(max(self._target / self._level, self._min_gain), self._max_gain)
         return (chunk * np.float32(gain)).astype(np.float32)
 
     def finish(self) -> VadResult:

@@ -35,7 +35,11 @@ def service_run(request, voice_service, fixtures_dir):
 
 def test_service_eer_on_trials_voice(service_run, voice_service):
     channel, scorer, run = service_run
-    assert run.fta.failures == 0 and run.fte.failures == 0
+    # Failures to acquire stay within 2 % (issue 16's bound). The VAD's level normalisation, which
+    # keeps far-field speech (29 % -> <= 1.8 % refused), takes one telephone recording of libri_367
+    # under the 1 s minimum (1.6 -> 0.9 s of net speech): its 6 probe trials and 1 enrolment.
+    assert run.fta.rate <= 0.02 and run.fte.rate <= 0.02, (run.fta, run.fte, run.failure_reasons)
+    assert set(run.failure_reasons) <= {"enrol:low_net_speech", "probe:low_net_speech"}
     eer = metrics.eer(run.genuine, run.impostor).eer
     print(f"\nservice EER {channel}: {eer:.2%} ({len(run.genuine)} genuine, {len(run.impostor)} impostor trials; "
           f"FTE {run.fte.failures}/{run.fte.attempts})")
