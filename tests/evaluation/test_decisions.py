@@ -187,3 +187,38 @@ def test_apcer_at_bpcer_and_eer_per_attack_type():
     per = m.pad_eer_per_type(bona, attacks)
     assert per["replay"].eer == 0.0 and per["print"].eer > 0.0
     assert per["print"].eer == pytest.approx(m.eer(bona, attacks["print"]).eer)
+
+
+def test_the_command_runs_a_sasv_list_and_writes_every_trial(tmp_path: Path, capsys):
+    """`biogate eval` on a list with spoofed probes of the enrolled identity (the list that made it
+    exit before): the spoofs reported apart, one per-trial row each, no EER printed from decisions."""
+    import shutil
+
+    from test_cli import parse
+
+    from services.commands import evaluation as cli
+    from services.common.config import PROJECT_ROOT, load_config
+    from services.common.evaluation.scorers import unregister_scorer
+
+    world = tmp_path / "world"
+    build_world(world, n_ids=4, per_id=4)
+    trials = sasv_list(world)
+    manifest = tmp_path / "manifest.yaml"
+    shutil.copy(PROJECT_ROOT / "models" / "manifest.yaml", manifest)
+    settings = load_config(None, data_dir=str(tmp_path / "data"), models={"manifest": str(manifest)})
+    saved = cli.SCORER_MODULES[("face", "verification", "local")]
+    cli.SCORER_MODULES[("face", "verification", "local")] = "evaluation_synthetic:make_verification_scorer"
+    unregister_scorer("face", "verification")
+    try:
+        args = parse(["eval", "--modality", "face", "--trials", str(trials), "--fixtures", str(world),
+                      "--operating-rate", "0.25", "--out", str(tmp_path / "out")])
+        assert args.func(settings, args) == 0
+    finally:
+        cli.SCORER_MODULES[("face", "verification", "local")] = saved
+        unregister_scorer("face", "verification")
+    printed = capsys.readouterr().out
+    assert "SPF-EER[replay]" in printed and "per trial:" in printed
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["counts"]["spoofed"] == 8 and set(report["spoofed_probes"]["per_type"]) == {"replay", "tts"}
+    rows = list(csv.DictReader(open(tmp_path / "out" / "per_trial.csv", encoding="utf-8")))
+    assert len(rows) == 16 and sum(r["kind"] == "spoof" for r in rows) == 8
