@@ -44,7 +44,14 @@ def test_service_eer_on_trials_voice(service_run, voice_service):
     print(f"\nservice EER {channel}: {eer:.2%} ({len(run.genuine)} genuine, {len(run.impostor)} impostor trials; "
           f"FTE {run.fte.failures}/{run.fte.attempts})")
     assert eer <= LIMITS[channel]
-    outcomes = {t: scorer.outcomes[(subject_for(t.enroll, channel), str(t.probe))] for t in (r.trial for r in run.results)}
+    outcomes = {t: scorer.outcomes[(subject_for(t.enroll, channel), str(t.probe))]
+                for t in (r.trial for r in run.results if r.failure is None)}
+    # The report's decisions say the same as the responses (every layer, not the score alone).
+    from services.common.evaluation.decisions import verification_decisions
+
+    decided = verification_decisions(run)
+    assert decided["fmr"]["errors"] == sum(o.match for t, o in outcomes.items() if not t.target)
+    assert decided["targets"]["accepted"] == sum(o.match for t, o in outcomes.items() if t.target)
     # The service's own decisions at its calibrated threshold: FMR 1e-3 on all pairs (wideband),
     # 1e-2 (telephone, voice.target_fmr_by_channel). False matches within the 99.5 % binomial
     # bound of the channel's target (2 of 218 at 1e-3, 6 at 1e-2).
