@@ -5,7 +5,7 @@ type's APCER reported (replays included, which AASIST was not trained to detect)
 Presentations (written under --out/audio, listed in PAD CSVs):
 * bona fide: the 112 fixture recordings as recorded, and the same recordings reverberated in a
   synthetic room (RT60 0.4-0.8 s, 25 dB SNR): genuine far-field speech;
-* ``tts_espeak``: espeak-ng, 16 voices x 10 sentences (services/voice/attacks.py);
+* ``tts_espeak``: espeak-ng, ``--voices`` voices (default 16) x 10 sentences (services/voice/attacks.py);
 * ``replay_loudspeaker``: each fixture recording played through a small loudspeaker into a room
   and captured again (RT60 0.25-0.5 s, 15-25 dB SNR).
 No voice-cloning system is obtainable here (none that runs without downloading weights), so the
@@ -42,7 +42,7 @@ from services.common.evaluation.trials import read_pad  # noqa: E402
 from services.voice import attacks  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
-VOICES = attacks.VOICES[:16]
+DEFAULT_VOICES = 16
 CHANNELS = {"wideband": "wideband", "telephony-8k": "telephony-8k"}
 TARGETS = ("0.05", "0.01")
 
@@ -55,7 +55,7 @@ def reverberant(x: np.ndarray, seed: int) -> np.ndarray:
     return (0.5 * y / max(np.max(np.abs(y)), 1e-9)).astype(np.float32)
 
 
-def build(out: Path) -> None:
+def build(out: Path, voices: tuple[str, ...]) -> None:
     """The presentations and the fit / check PAD lists (even / odd speakers and voices)."""
     audio = out / "audio"
     audio.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def build(out: Path) -> None:
                                                    seed=2000 + i), rate)
         rows[part].append((str(rev), "bonafide", ""))
         rows[part].append((str(rep), "spoof", "replay_loudspeaker"))
-    for j, voice in enumerate(VOICES):
+    for j, voice in enumerate(voices):
         part = "fit" if j % 2 == 0 else "check"
         for k, text in enumerate(attacks.SENTENCES):
             path = audio / f"espeak-{j:02d}-{k:02d}.wav"
@@ -118,30 +118,36 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "var" / "eval" / "voice-antispoof"))
     ap.add_argument("--channels", nargs="+", default=list(CHANNELS), choices=list(CHANNELS))
-    ap.add_argument("--write-manifest", action="store_true")
+    ap.add_argument("--voices", type=int, default=DEFAULT_VOICES, help="espeak-ng voices (half fit, half check)")
+    ap.add_argument("--write-manifest", action="store_true",
+                    help="write each channel's record (supported points only) with its held-out check")
     a = ap.parse_args()
+    voices = attacks.VOICES[:a.voices]
     os.environ.setdefault("BIOGATE_LOGGING__LEVEL", "WARNING")
     os.environ.setdefault("BIOGATE_MODELS__CACHE_DIR", str(ROOT / "var" / "models"))
-    out = Path(a.out)
-    build(out)
+    out = Path(a.out).resolve()
+    build(out, voices)
     for channel in a.channels:
         d = out / channel
         common = ["eval", "--modality", "voice", "--task", "pad", "--channel", channel, "--fixtures", str(out)]
         run([*common, "--trials", str(out / "fit.csv"), "--scores-only", "--out", str(d / "fit")])
         scores = synthetic_only(d / "fit" / "report.json", d / "fit-synthetic-scores.json")
         dataset = (f"fixtures voice recordings and their reverberated copies (bona fide) against espeak-ng "
-                   f"({len(VOICES) // 2} voices x 10 sentences), speakers and voices at even positions; {channel}")
+                   f"({len(voices) // 2} voices x 10 sentences), speakers and voices at even positions; {channel}")
         run(["calibrate", str(scores), "--target-fmr", *TARGETS, "--keep-unsupported", "--dataset", dataset,
              "--out", str(d / "record.json")])
         run([*common, "--trials", str(out / "check.csv"), "--scores-only", "--calibration", str(d / "record.json"),
              "--operating-rate", "0.05", "--out", str(d / "check")])
         if a.write_manifest:
-            notes = (f"Fitted on the synthetic-speech attacks (espeak-ng) with reverberated genuine speech among the "
+            notes = (f"Fitted on the synthetic-speech attacks (espeak-ng, {len(voices) // 2} voices) with reverberated "
+                     f"genuine speech among the "
                      f"bona fide presentations; checked on the other speakers and voices (held_out: the worst attack "
                      f"synthetic type of the check; replays reported apart). Replays through a loudspeaker are not what AASIST "
                      f"detects: the digit challenge is the replay defence (bench/voice_antispoof_eval.py; "
                      f"bench/RESULTS.md, Voice anti-spoofing beyond espeak).")
-            run(["calibrate", str(scores), "--target-fmr", *TARGETS, "--keep-unsupported", "--dataset", dataset,
+            supported = [t for t in TARGETS if json.loads((d / "record.json").read_text())["operating_points"][
+                TARGETS.index(t)]["supported"]]
+            run(["calibrate", str(scores), "--target-fmr", *supported, "--dataset", dataset,
                  "--model", "aasist", "--channel", channel, "--notes", notes,
                  "--check", str(synthetic_check(d / "check" / "report.json", d / "check-synthetic.json"))])
         check = json.loads((d / "check" / "report.json").read_text())
