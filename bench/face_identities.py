@@ -86,7 +86,7 @@ def eval_args(part_or_list: str, out: Path, *extra: str) -> list[str]:
         pairs = ["--all-pairs", PEOPLE_LIST, "--people", part_or_list]
     else:
         pairs = ["--all-pairs", part_or_list]
-    return ["eval", "--modality", "face", *pairs, "--fixtures", str(FIXTURES), "--out", str(out),
+    return ["eval", "--modality", "face", *pairs, "--fixtures", str(FIXTURES), "--out", str(out), "--scores-only",
             "--target-fmr", *TARGETS, *extra]
 
 
