@@ -5,7 +5,8 @@ Starts `biogate serve face` on a free loopback port with a temporary data dir, t
 gRPC: verification on trials_face.csv (EER), on all pairs of MANIFEST.csv (more impostor trials,
 the calibration set), and PAD on pad_face.csv (APCER/BPCER of the service's own live decision).
 The PAD EER needs scores, which the service never returns: it comes from the in-process scorer
-(the service's pipeline code), which is also what the liveness calibration is fitted on.
+(the service's pipeline code), which is also what the liveness calibration is fitted on; the
+service's run reports its decisions (APCER per attack type, BPCER, non-responses) only.
 
     .venv/bin/python bench/face_service_eval.py [--calibrate] [--out var/eval/face-service]
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from face_bench import ServiceProcess  # noqa: E402
 
 import services.face.remote  # noqa: E402,F401  - registers the remote (--target) scorers
-from services.cli import main as biogate  # noqa: E402
+from bench.eval_common import run  # noqa: E402
 
 EMBEDDER = "mobilefacenet-arcface-192d"
 LIVENESS = ("minifasnet-v2-2.7", "minifasnet-v1se-4.0")
@@ -41,12 +42,6 @@ def summary(report: Path) -> dict:
         if key in r:
             out[key] = r[key]
     return out
-
-
-def run(args: list[str]) -> None:
-    print("biogate " + " ".join(args), flush=True)
-    if biogate(args) != 0:
-        raise SystemExit(f"biogate {args[0]} failed")
 
 
 def main() -> int:
@@ -82,11 +77,10 @@ def main() -> int:
     print(f"face service peak RSS {rss:.0f} MB")
     for name in ("trials", "all-pairs", "pad-local"):
         print(name, json.dumps(summary(out / name / "report.json"), default=str)[:1500])
-    scores = json.loads((out / "pad-service" / "scores.json").read_text())
-    attacks = [s for v in scores["attacks"].values() for s in v]
-    bona = scores["bonafide"]
-    print(f"service live decision on pad_face.csv: APCER {sum(s >= 0.5 for s in attacks) / len(attacks):.4f} "
-          f"({len(attacks)} attacks), BPCER {sum(s < 0.5 for s in bona) / len(bona):.4f} ({len(bona)} bona fide)")
+    decisions = json.loads((out / "pad-service" / "report.json").read_text())["decisions"]
+    apcer = {t: e["rate"] for t, e in decisions["apcer_per_type"].items()}
+    print(f"service live decision on pad_face.csv: APCER {apcer}, BPCER {decisions['bpcer']['rate']:.4f} "
+          f"({decisions['bpcer']['trials']} bona fide), non-responses {decisions['bonafide']['non_responses']}")
     return 0
 
 

@@ -23,6 +23,7 @@ from services.common.config import PROJECT_ROOT, Settings
 from services.common.models.calibration import rate_text
 
 from services.common.evaluation import calibration as cal
+from services.common.evaluation import decisions as dec
 from services.common.evaluation import metrics as m
 from services.common.evaluation.runner import run_pad, run_verification
 from services.common.evaluation.scorers import Mode, Scorer, ScorerOptions, get_scorer_factory, register_scorer
@@ -102,15 +103,17 @@ def _progress(done: int, total: int) -> None:
 
 
 def _eval(settings: Settings, args: argparse.Namespace) -> int:
-    from services.common.evaluation.report import pad_report, verification_report, write_pad_outputs, write_verification_outputs  # matplotlib: only when reporting
+    from services.common.evaluation.report import (DEFAULT_TARGET_BPCERS, pad_report,  # matplotlib: only when reporting
+                                                   verification_report, write_pad_outputs, write_verification_outputs)
     fixtures = Path(args.fixtures)
-    options = ScorerOptions(settings=settings, channel=args.channel, target=args.target)
+    calibration = _load_calibration(settings, args)
+    options = ScorerOptions(settings=settings, channel=args.channel, target=args.target, tenant=args.tenant,
+                            decide=not args.scores_only)
     all_pairs_of = args.all_pairs
     if all_pairs_of is not None and args.task != "verification":
         raise ValueError("--all-pairs applies to verification only")
     if args.people != "all" and all_pairs_of is None:
         raise ValueError("--people splits an --all-pairs list; give --all-pairs")
-    calibration = _load_calibration(settings, args)
     if all_pairs_of is not None:
         if all_pairs_of:
             listed = Path(all_pairs_of) if Path(all_pairs_of).is_absolute() else fixtures / all_pairs_of
@@ -143,23 +146,28 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
         "model": args.model,
         "scorer": type(scorer).__module__ + "." + type(scorer).__qualname__,
         "score": score_name,
+        "non_response": args.non_response,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "tool_version": cal.tool_version().replace("calibrate", "eval"),
     }
     out = Path(args.out) if args.out else settings.data_dir / "eval" / f"{args.modality}-{args.task}"
     if all_pairs_of is not None:  # the generated list, kept with the report it produced
         print(f"trials: {write_trials(items, out / 'trials.csv', listed.parent)}")
+    root = fixtures if all_pairs_of is None else listed.parent
     if args.task == "verification":
         run = run_verification(scorer, items, _progress)
         report = verification_report(
             run, config=config, target_fmrs=args.target_fmr or m.DEFAULT_TARGET_FMRS,
-            operating_fmr=args.operating_rate or 1e-3, calibration=calibration,
+            operating_fmr=args.operating_rate or 1e-3, calibration=calibration, non_response=args.non_response,
         )
-        files = write_verification_outputs(run, out, report, score_name)
-        summary = [f"EER {report['eer']['eer']:.2%}"] + [
+        files = write_verification_outputs(run, out, report, score_name, root)
+        summary = ([f"EER {report['eer']['eer']:.2%}"] if report["eer"] is not None else []) + [
             f"FNMR@FMR{p['target']:g} {p['fnmr']:.2%}{'' if p['supported'] else ' (unsupported)'}"
             for p in report["fnmr_at_fmr"]
         ]
+        for t, p in report.get("spoofed_probes", {}).get("per_type", {}).items():
+            if "spf_eer" in p:
+                summary.append(f"SPF-EER[{t}] {p['spf_eer']['eer']:.2%}")
         for p in report.get("calibrated_points", []):
             fmr, fnmr = p["fmr"], p["fnmr"]
             summary.append(
@@ -171,13 +179,20 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
         report = pad_report(
             run, config=config, target_apcers=args.target_fmr or m.DEFAULT_TARGET_APCERS,
             operating_apcer=args.operating_rate or 5e-2, calibration=calibration,
+            target_bpcers=args.target_bpcer or DEFAULT_TARGET_BPCERS, non_response=args.non_response,
         )
-        files = write_pad_outputs(run, out, report, score_name)
+        files = write_pad_outputs(run, out, report, score_name, root)
         summary = [f"BPNRR {report['non_response']['bpnrr']['rate']}"]
         if report["eer"] is not None:
             summary.insert(0, f"PAD EER {report['eer']['eer']:.2%}")
+            summary += [f"EER[{t}] {e['eer']:.2%}" for t, e in report["eer_per_type"].items()]
+            summary += [f"APCER_max@BPCER{p['target_bpcer']:g} {p['rates']['apcer_max']:.2%}"
+                        for p in report["apcer_at_bpcer"]]
+    if "decisions" in report:
+        summary += list(dec.summary(report["decisions"]))
     print(f"{config['name']}: " + ", ".join(summary))
     print(f"report: {files['report']}")
+    print(f"per trial: {files['per_trial']}")
     return 0
 
 
@@ -197,8 +212,51 @@ def _read_scores(path: Path) -> tuple[dict[str, Any], str]:
     return data, dataset
 
 
+def held_out_checks(report: dict[str, Any], record: dict[str, Any]) -> dict[float, dict[str, Any]]:
+    """target -> the ``held_out`` entry of each of the record's points that ``report`` (an eval on
+    other data, run at the record's thresholds: ``--calibration`` or ``--model``) measured. A
+    report made at other thresholds is refused: it checks another record."""
+    points = report.get("calibrated_points")
+    if not points:
+        raise ValueError("the --check report has no calibrated points: run `biogate eval` on the held-out data "
+                         "with --calibration RECORD (or --model/--channel) first")
+    dataset = report.get("config", {}).get("dataset") or "held-out data"
+    out = {}
+    for p in record["operating_points"]:
+        match = next((c for c in points if abs(c["target_fmr"] - p["target_fmr"]) <= 1e-12 * max(1.0, p["target_fmr"])), None)
+        if match is None:
+            continue
+        if abs(match["threshold"] - p["threshold"]) > 1e-9 * max(1.0, abs(p["threshold"])):
+            raise ValueError(f"the --check report measured {rate_text(p['target_fmr'])} at threshold "
+                             f"{match['threshold']:.6g}, the record's is {p['threshold']:.6g}: it checks another record")
+        fmr, fnmr = match["fmr"], match["fnmr"]
+        if not fmr["trials"] or not fnmr["trials"]:
+            raise ValueError(f"the --check report scored no impostor or genuine trials at {rate_text(p['target_fmr'])}")
+        pp = match.get("people_pairs")
+        attack = fmr.get("attack_type")
+        note = (f"false matches from {pp['with_false_matches']} of {pp['scored']:,} people pairs" if pp else
+                f"the worst attack type: {attack}" if attack else "")
+        out[p["target_fmr"]] = {
+            "dataset": dataset, "trials": {"genuine": fnmr["trials"], "impostor": fmr["trials"]},
+            "fmr": fmr["rate"], "fmr_ci95": list(fmr["ci95"]), "fnmr": fnmr["rate"],
+            "consistent": fmr["ci95"][0] <= p["target_fmr"], "date": dt.date.today().isoformat(), "notes": note,
+        }
+    if not out:
+        raise ValueError("the --check report measured none of the record's targets")
+    return out
+
+
+def _with_checks(record: dict[str, Any], checks: dict[float, dict[str, Any]]) -> dict[str, Any]:
+    points = [dict(p, held_out=checks[p["target_fmr"]]) if p["target_fmr"] in checks else p
+              for p in record["operating_points"]]
+    return dict(record, operating_points=points)
+
+
 def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
     from services.common.evaluation.report import write_json  # matplotlib: only when reporting
+    check = json.loads(Path(args.check).read_text(encoding="utf-8")) if args.check else None
+    if args.scores is None:
+        return _attach_check(settings, args, check)
     scores, dataset = _read_scores(Path(args.scores))
     pad = scores["kind"] == "pad"
     targets = args.target_fmr or (m.DEFAULT_TARGET_APCERS if pad else m.DEFAULT_TARGET_FMRS)
@@ -214,12 +272,16 @@ def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
     )
     if args.notes:
         record["notes"] = args.notes
+    if check is not None:
+        record = _with_checks(record, held_out_checks(check, record))
     rate, unsupported = record["rate"], []
     for p in record["operating_points"]:
         n = p["trials"]
         status = "supported" if p["supported"] else f"UNSUPPORTED: {p['why']}"
         print(f"{rate} {rate_text(p['target_fmr'])}: threshold {p['threshold']:.6g}, measured {rate} {p['fmr']:.3%}, "
               f"{'BPCER' if pad else 'FNMR'} {p['fnmr']:.2%} on {n['impostor']:,} / {n['genuine']:,} trials; {status}")
+        if p.get("held_out"):
+            print("  " + _check_text(rate, p["held_out"]))
         if not p["supported"]:
             unsupported.append(p)
     if unsupported and not args.keep_unsupported:
@@ -236,6 +298,34 @@ def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
         print(f"manifest: {args.model} [{args.channel}] calibration updated")
     elif not args.out:
         print(json.dumps(record, indent=2))
+    return 0
+
+
+def _check_text(rate: str, h: dict[str, Any]) -> str:
+    lo, hi = h["fmr_ci95"]
+    return (f"held out ({h['dataset']}): {rate} {h['fmr']:.2e} [{lo:.1e}, {hi:.1e}] on {h['trials']['impostor']:,}, "
+            f"{'consistent' if h['consistent'] else 'NOT consistent'} with the target")
+
+
+def _attach_check(settings: Settings, args: argparse.Namespace, check: dict[str, Any] | None) -> int:
+    """`biogate calibrate --check REPORT --model M --channel C`: the manifest's record, its points
+    carrying the held-out check of REPORT."""
+    if check is None or not args.model:
+        raise ValueError("give the eval's scores to calibrate, or --check REPORT with --model and --channel to "
+                         "attach a held-out check to the manifest's record")
+    from services.common.models.store import ModelStore
+
+    store = ModelStore(settings)
+    existing = store.model(args.model).calibration.get(args.channel)
+    if existing is None:
+        raise LookupError(f"model {args.model} has no calibration for channel {args.channel!r}")
+    record = _with_checks(existing.model_dump(mode="json", exclude_none=True),
+                          held_out_checks(check, existing.model_dump(mode="json")))
+    for p in record["operating_points"]:
+        if p.get("held_out"):
+            print(f"{record['rate']} {rate_text(p['target_fmr'])}: " + _check_text(record["rate"], p["held_out"]))
+    store.update_calibration(args.model, args.channel, record)
+    print(f"manifest: {args.model} [{args.channel}] held-out check attached")
     return 0
 
 
@@ -263,10 +353,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="FMR targets to report (APCER targets for PAD)")
     p.add_argument("--operating-rate", type=float,
                    help="FMR (APCER) of the operating threshold (default 1e-3; PAD 0.05)")
+    p.add_argument("--target-bpcer", type=float, nargs="+",
+                   help="PAD: BPCER targets at which to report each attack type's APCER (default 0.01 0.05)")
+    p.add_argument("--non-response", choices=dec.NON_RESPONSE_MODES, default="exclude",
+                   help="the system's decisions: leave non-responses (failures to acquire) out of the error "
+                        "rates and report them apart as APNRR/BPNRR (exclude, ISO/IEC 30107-3), or count them "
+                        "as rejections (reject)")
+    p.add_argument("--tenant", help="with --target: the tenant whose policy the service applies "
+                                    "(default: the scorer's evaluation tenant)")
+    p.add_argument("--scores-only", action="store_true",
+                   help="local scorers: scores only, no decision at the calibrated thresholds (e.g. before the "
+                        "first calibration)")
     p.set_defaults(func=_eval)
 
     p = subparsers.add_parser("calibrate", help="fit thresholds and an LLR map from eval scores")
-    p.add_argument("scores", help=f"{SCORES_FILE} or {REPORT_FILE} written by `biogate eval`")
+    p.add_argument("scores", nargs="?", help=f"{SCORES_FILE} or {REPORT_FILE} written by `biogate eval` (omit with "
+                                             "--check and --model to attach a check to the manifest's record)")
+    p.add_argument("--check", metavar="REPORT",
+                   help="the report of `biogate eval` on held-out data at this record's thresholds (--calibration "
+                        "or --model): each point it measured carries it as held_out {dataset, trials, fmr, "
+                        "fmr_ci95, fnmr, consistent}")
     p.add_argument("--model", help="model id whose manifest calibration to write")
     p.add_argument("--channel", default="default", help="capture channel (default: %(default)s)")
     p.add_argument("--target-fmr", type=float, nargs="+",

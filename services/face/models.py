@@ -19,7 +19,7 @@ from services.common.models.manifest import Manifest
 from services.common.modality.zoo import fetch_verified
 from services.face.liveness import LivenessModelSpec
 from services.face.pipeline import DetectorConfig, EmbedderConfig, FacePipeline, FacePipelineConfig
-from services.face.subject import SubjectPolicy
+from services.face.subject import subject_policy
 from services.face.zoo import DETECTORS, EMBEDDERS, LIVENESS
 
 log = logging.getLogger("biogate.face")
@@ -74,6 +74,8 @@ def pipeline_config(
         detector=detector_config(store, detector or cfg.detector),
         embedders=tuple(embedder_config(store, e) for e in (embedders or (cfg.embedder,))),
         liveness=liveness_specs(store, cfg.liveness if liveness is None else liveness),
+        liveness_box=cfg.liveness_box,
+        subject=subject_policy(cfg),
     )
     return dataclasses.replace(config, **overrides) if overrides else config
 
@@ -95,7 +97,6 @@ def load_pipeline(store: ModelStore, cfg: FaceConfig, providers: Sequence[str], 
     config = pipeline_config(
         store, liveness=liveness, providers=tuple(providers), threads=cfg.intra_op_threads or None,
         batch_max=cfg.batch_max, batch_wait_ms=cfg.batch_wait_ms,
-        subject=SubjectPolicy(second_face_ratio=cfg.second_face_ratio),
     )
     pipeline = FacePipeline(config)
     pipeline.warmup()

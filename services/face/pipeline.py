@@ -21,7 +21,7 @@ from services.face.detection import Detector, Face
 from services.face.embedding import Embedder
 from services.face.imaging import DecodeLimits, decode_image
 from services.face.liveness import LivenessModelSpec, PassiveLiveness
-from services.face.quality import QualityReport, QualityThresholds, assess
+from services.face.quality import QualityReport, QualityThresholds, assess, sharpness
 from services.face.subject import SubjectPolicy, choose_subject
 from services.face.zoo import DETECTORS, EMBEDDERS
 
@@ -170,7 +170,8 @@ class FacePipeline:
             image_bgr, rotation, faces = self.upright(image_bgr)
         else:
             faces = self._detect_batcher.submit(image_bgr) if self._detect_batcher else self.detector.detect(image_bgr)
-        choice = choose_subject(faces, image_bgr.shape, subject or self.config.subject)
+        choice = choose_subject(faces, image_bgr.shape, subject or self.config.subject,
+                                lambda f: sharpness(align_face(image_bgr, f)))
         if choice.face is None:
             return FaceAnalysis(image_bgr.shape, 0, None, None, (choice.issue.value,), {}, None, rotation)
         face = choice.face

@@ -1,9 +1,12 @@
 """Face scorers for `biogate eval --target host:port`: the evaluation through a running FaceService.
 
 Verification: each reference is enrolled (Enroll, replace=true) as a subject of the evaluation
-tenant, and each probe scored with Verify, whose ``score`` is the cosine the service decided on.
-PAD: CheckLiveness answers live or not, never a score, so the score is 1.0 or 0.0 and the report's
-APCER/BPCER are those of the service's own calibrated decision (the EER needs the local scorer).
+tenant (or ``--tenant``), and each probe scored with Verify: its ``score`` is the cosine the service
+decided on, and its whole decision is kept (the comparison, and liveness when the tenant's policy
+requires it). A probe the service refuses for its quality is a non-response (a Failure of the
+``quality`` layer), as in the local scorer.
+PAD: CheckLiveness answers live or not, never a score: the result is the decision alone, and the
+report gives its APCER/BPCER and no EER or DET (the local scorer gives those from scores).
 
 Consent: enrolment requires a recorded consent, so the scorer records one for each evaluation
 subject in the storage the settings name (the evaluated service's own). The caller's token comes
@@ -22,7 +25,7 @@ import grpc
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.common.client import connect
 from services.common.errors import details_of
-from services.common.evaluation.scorers import Failure, ScorerOptions, register_scorer
+from services.common.evaluation.scorers import Decision, Failure, Scored, ScorerOptions, register_scorer
 from services.common.storage import ConsentRecord, open_storage
 
 EVAL_TENANT = "biogate-eval"
@@ -44,7 +47,15 @@ def _token(options: ScorerOptions) -> str | None:
 def _failure(err: grpc.RpcError) -> Failure:
     if err.code() != grpc.StatusCode.INVALID_ARGUMENT:
         raise err  # not a property of the sample: a bug or an outage, which stops the evaluation
-    return Failure((details_of(err)["reason"] or "invalid_argument").lower())
+    reason = details_of(err)["reason"] or "invalid_argument"
+    layer = "enrolment" if reason == "IDENTITY_INCONSISTENT" else ("decode" if reason in _DECODE_CODES else "quality")
+    return Failure(reason.lower(), layer)
+
+
+def _decode_codes() -> frozenset[str]:
+    from services.face.imaging import DecodeErrorCode
+
+    return frozenset(c.value for c in DecodeErrorCode)
 
 
 class RemoteFaceVerificationScorer:
@@ -52,7 +63,7 @@ class RemoteFaceVerificationScorer:
 
     def __init__(self, options: ScorerOptions, tenant: str = EVAL_TENANT) -> None:
         self.stub = face_pb2_grpc.FaceServiceStub(connect(options.target, _token(options)))
-        self.tenant = tenant
+        self.tenant = options.tenant or tenant
         self.storage = open_storage(options.settings.storage_dsn, options.settings.storage)
         self.timeout = 60.0
 
@@ -83,8 +94,15 @@ class RemoteFaceVerificationScorer:
         except grpc.RpcError as err:
             return _failure(err)
         if not r.quality.accepted:
-            return Failure(r.reasons[0].code.lower() if r.reasons else "rejected")
-        return float(r.score)
+            return Failure(r.reasons[0].code.lower() if r.reasons else "rejected", "quality")
+        codes = tuple(x.code for x in r.reasons)
+        layers = [("comparison", "NO_MATCH" not in codes)]
+        if r.liveness_checked:
+            layers.append(("liveness", r.live))
+        decision = Decision.of_layers(layers, codes)
+        if decision.accepted != r.match:
+            raise ValueError(f"Verify answered match={r.match} with reasons {codes}: the layers do not explain it")
+        return Scored(float(r.score), decision)
 
 
 class RemoteFacePadScorer:
@@ -92,9 +110,9 @@ class RemoteFacePadScorer:
 
     def __init__(self, options: ScorerOptions, tenant: str = EVAL_TENANT) -> None:
         self.stub = face_pb2_grpc.FaceServiceStub(connect(options.target, _token(options)))
-        self.tenant = tenant
+        self.tenant = options.tenant or tenant
 
-    def score(self, path: Path) -> float | Failure:
+    def score(self, path: Path) -> Scored | Failure:
         try:
             r = self.stub.CheckLiveness(
                 face_pb2.CheckLivenessRequest(tenant_id=self.tenant, image=common_pb2.Image(data=Path(path).read_bytes())),
@@ -102,10 +120,11 @@ class RemoteFacePadScorer:
             )
         except grpc.RpcError as err:
             return _failure(err)
-        codes = {x.code for x in r.reasons}
-        if codes & _QUALITY_CODES:
-            return Failure(sorted(codes & _QUALITY_CODES)[0].lower())
-        return 1.0 if r.live else 0.0
+        codes = [x.code for x in r.reasons]
+        unanswered = [c for c in codes if c in _QUALITY_CODES]
+        if unanswered:
+            return Failure(unanswered[0].lower(), "quality")
+        return Scored(None, Decision.of_layers([("liveness", r.live)], tuple(codes)))
 
 
 def make_remote_verification_scorer(options: ScorerOptions) -> RemoteFaceVerificationScorer:
@@ -115,6 +134,8 @@ def make_remote_verification_scorer(options: ScorerOptions) -> RemoteFaceVerific
 def make_remote_pad_scorer(options: ScorerOptions) -> RemoteFacePadScorer:
     return RemoteFacePadScorer(options)
 
+
+_DECODE_CODES = _decode_codes()
 
 register_scorer("face", "verification", make_remote_verification_scorer, mode="remote")
 register_scorer("face", "pad", make_remote_pad_scorer, mode="remote")

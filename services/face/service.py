@@ -31,12 +31,12 @@ from services.common.runtime import Runtime
 from services.common.subjects import actor, template_info
 from services.common.validation import identifier, subject_ref
 from services.face import challenge as ch
-from services.face.embedding import l2_normalise
 from services.face.gallery import Galleries
 from services.face.imaging import ImageDecodeError
 from services.face.models import check_choice, load_pipeline
 from services.face.pipeline import FaceAnalysis, FacePipeline
-from services.face.subject import SubjectPolicy
+from services.face.rules import EnrolmentRefused, enrolment_template, liveness_unanswerable
+from services.face.subject import SubjectPolicy, subject_policy
 
 log = logging.getLogger("biogate.face")
 
@@ -97,8 +97,7 @@ class FaceService:
         return self.cfg.tenants.get(tenant) or FaceTenantPolicy()
 
     def _subject_policy(self, tenant: str) -> SubjectPolicy:
-        ratio = self.policy(tenant).second_face_ratio or self.cfg.second_face_ratio
-        return SubjectPolicy(second_face_ratio=ratio)
+        return subject_policy(self.cfg, tenant)
 
     def _pipeline(self) -> FacePipeline:
         return self.ready.get()
@@ -209,42 +208,33 @@ class FaceService:
         # side or upside down made a template that matched no upright photo).
         analyses = self._analyse_many(decoded, subject=self._subject_policy(tenant), upright=True)
         qualities = [self._quality(i, a) for i, a in enumerate(analyses)]
-        good = [a.embeddings[self.model_id] for a in analyses if a.accepted]
-        if not good:
-            first = analyses[0].issues[0]
-            raise refusal(
-                first if len(analyses) == 1 else "NO_USABLE_IMAGE",
-                f"no usable face in the images: {message(first)}",
-                fields={f"images[{i}]": ",".join(a.issues) for i, a in enumerate(analyses)},
-                metadata={f"images_{i}": ",".join(a.issues) for i, a in enumerate(analyses)},
-            )
-        template = l2_normalise(np.mean(good, axis=0)[None])[0]
-        if len(good) > 1:
-            self._check_same_person(np.stack(good))
+        try:
+            template, n_good = enrolment_template(analyses, self.model_id, self.same_person_floor())
+        except EnrolmentRefused as err:
+            text = err.message or (f"no usable face in the images: {message(analyses[0].issues[0])}"
+                                   if err.code != "IDENTITY_INCONSISTENT" else None)
+            raise refusal(err.code, text, fields=err.fields, metadata=err.metadata) from None
         quality_summary = {
             "submitted": len(analyses),
-            "accepted": len(good),
+            "accepted": n_good,
             "issues": sorted({i for a in analyses for i in a.issues}),
         }
         rotated = sum(1 for a in analyses if a.accepted and a.rotation)
         stored, new = self.templates.enrol(
-            tenant, subject, self.model_id, template, samples=len(good), quality=quality_summary, replace=req.replace,
-            details={"samples": len(good), "submitted": len(analyses), "replace": bool(req.replace),
+            tenant, subject, self.model_id, template, samples=n_good, quality=quality_summary, replace=req.replace,
+            details={"samples": n_good, "submitted": len(analyses), "replace": bool(req.replace),
                      **({"turned_upright": rotated} if rotated else {})})
         self.galleries.enrolled(tenant, self.model_id, subject, stored.updated_at, template, new=new)
         active = {m.id for m in self.rt.models.manifest.models if m.active}
         return face_pb2.EnrollFaceResponse(template=template_info(stored, active), images=qualities)
 
-    def _check_same_person(self, embeddings: np.ndarray) -> None:
+    def same_person_floor(self) -> float | None:
         """Images of several people must not be averaged into one template: every pair must match
-        at the calibrated FMR 1e-2 threshold."""
+        at the calibrated FMR 1e-2 threshold (None: no such point, not checked)."""
         try:
-            floor = self._threshold(self.model_id, 1e-2, EMBEDDER_SCORE)
+            return self._threshold(self.model_id, 1e-2, EMBEDDER_SCORE)
         except NotCalibrated:
-            return
-        pairs = embeddings @ embeddings.T
-        if float(pairs.min()) < floor:
-            raise refusal("IDENTITY_INCONSISTENT", fields={"images": "different people"})
+            return None
 
     # ------------------------------------------------------------------ Verify
     def verify(self, req: face_pb2.VerifyFaceRequest) -> face_pb2.VerifyFaceResponse:
@@ -323,7 +313,7 @@ class FaceService:
         a = self._pipeline().analyse_image(
             self._decode(data, "image"), liveness=True, embed=False, subject=self._subject_policy(tenant)
         )
-        if a.face is None or "MULTIPLE_FACES" in a.issues:
+        if liveness_unanswerable(a):
             self.rt.audit.append("face.liveness_checked", actor(), tenant, None, {"live": False, "issues": list(a.issues)})
             return face_pb2.CheckLivenessResponse(live=False, reasons=[reason(i) for i in a.issues])
         live = a.liveness >= threshold

@@ -13,6 +13,12 @@ cohort.py), so that `biogate calibrate` fits thresholds on the numbers the servi
 :class:`Failure` whose reason is the ingest error code in lower case.
 The PAD scorer is the service's synthetic-speech layer (AASIST on the most speech-dense window of
 the channel's length, bona fide log-odds) on the same channels, after the same ingest and VAD.
+
+Decisions (unless ``--scores-only``): :class:`VoiceDecisionScorer` runs the service's own engine
+(:class:`VoiceEngine`: the same ECAPA batcher, thresholds, AASIST layer and replay check, the
+cache in memory) with the service's enrolment rule (services/voice/enrolment.py) and the tenant's
+policy (``--tenant``, default "eval"): every trial gets the decision the service would give, and
+the refusing layer. The PAD scorer decides at the AASIST record's threshold.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from typing import Sequence
 import numpy as np
 import soundfile as sf
 
-from services.common.evaluation.scorers import Failure, ScorerOptions
+import hashlib
+
+from services.common.evaluation.scorers import Decision, Failure, Scored, ScorerOptions
 from services.common.models import ModelStore
 
 from . import telephone
@@ -58,9 +66,103 @@ def read_channel(path: Path, telephone_channel: bool, crop_s: float | None) -> t
     return (telephone.encode(x, rate), 8000) if telephone_channel else (x, rate)
 
 
-def prepare_channel(pipeline: VoicePipeline, path: Path, telephone_channel: bool, crop_s: float | None) -> PreparedAudio:
+def prepare_channel(pipeline: VoicePipeline, path: Path, telephone_channel: bool, crop_s: float | None,
+                    purpose: str = "verify") -> PreparedAudio:
     x, rate = read_channel(path, telephone_channel, crop_s)
-    return pipeline.prepare(x, _MULAW_8K) if telephone_channel else pipeline.prepare_samples(x, rate)
+    if telephone_channel:
+        return pipeline.prepare(x, _MULAW_8K, purpose)
+    return pipeline.prepare_samples(x, rate, purpose)
+
+
+EVAL_TENANT = "eval"
+
+
+def subject_for(paths: Sequence[Path], channel: str) -> str:
+    """The evaluation subject of an enrolment (the same id locally and through the service)."""
+    # Letters only: an id of digits could look like a personal number and be refused.
+    digest = hashlib.sha256(("|".join(str(p) for p in paths) + channel).encode()).hexdigest()[:20]
+    return "ev-" + digest.translate(str.maketrans("0123456789", "ghijklmnop"))
+
+
+def decision_of(match: bool, reasons: Sequence[str], spoof_checked: bool, spoof_passed: bool,
+                challenge_checked: bool = False, challenge_passed: bool = True) -> Decision:
+    """The layers of a voice decision as the service reports them (services/voice/engine.py)."""
+    layers = [("comparison", "NO_MATCH" not in reasons)]
+    if spoof_checked:
+        layers.append(("anti_spoofing", spoof_passed))
+    if challenge_checked:
+        layers.append(("challenge", challenge_passed))
+    decision = Decision.of_layers(layers, tuple(reasons))
+    if decision.accepted != match:
+        raise ValueError(f"a voice decision match={match} with reasons {list(reasons)}: the layers do not explain it")
+    return decision
+
+
+class VoiceDecisionScorer:
+    """The service's decisions, in process: enrolment rule, engine, tenant policy, replay check."""
+
+    def __init__(self, engine, settings, channel: str | None = None, tenant: str = EVAL_TENANT) -> None:
+        from .engine import channel_target_fmr
+
+        self.engine, self.cfg, self.channel, self.tenant = engine, settings.voice, channel or "wideband", tenant
+        self.telephone_channel, self.crop_s = parse_channel(channel)
+        self.family = FAMILIES[1] if self.telephone_channel else FAMILIES[0]
+        policy = self.cfg.tenants.get(tenant)
+        self.target_fmr = (policy.target_fmr if policy and policy.target_fmr
+                           else channel_target_fmr(self.cfg, self.family))
+        self.synthetic_on = policy.synthetic_speech_check if policy else True
+        self.score_name = engine.score_name
+
+    def _prepare(self, path: Path, purpose: str) -> PreparedAudio | Failure:
+        try:
+            return prepare_channel(self.engine.pipeline, Path(path), self.telephone_channel, self.crop_s, purpose)
+        except AudioError as err:
+            return Failure(err.code.value.lower())
+
+    def enroll(self, paths: Sequence[Path]) -> tuple[str, np.ndarray] | Failure:
+        from . import enrolment, replay
+
+        prepared = [self._prepare(p, "enroll") for p in paths]
+        failed = next((p for p in prepared if isinstance(p, Failure)), None)
+        if failed is not None:
+            return failed
+        try:
+            enrolment.check_total_speech(prepared, self.cfg)
+            layers = [self.engine.synthetic_check(p, self.family, self.synthetic_on) for p in prepared]
+            kept = enrolment.keep_passing(prepared, layers, self.cfg)
+        except enrolment.EnrolmentRefused as err:
+            return Failure(err.code.lower(), "anti_spoofing" if err.code == "SPOOF_SUSPECTED" else "acquisition")
+        subject = subject_for(paths, self.channel)
+        self.engine.replay.erase(self.tenant, subject)  # a re-enrolment (replace=True) starts afresh
+        for p in kept.utterances:
+            self.engine.replay.remember(self.tenant, subject, replay.fingerprint(p.samples))
+        return subject, enrolment.template_of(self.engine.embed(kept.utterances))
+
+    def score(self, handle: tuple[str, np.ndarray], probe: Path) -> Scored | Failure:
+        prepared = self._prepare(probe, "verify")
+        if isinstance(prepared, Failure):
+            return prepared
+        subject, template = handle
+        d = self.engine.decide(self.tenant, subject, template, prepared, self.family, self.target_fmr,
+                               self.synthetic_on, None)
+        return Scored(d.speaker.score, decision_of(d.match, d.reasons, d.synthetic.checked or d.replay.checked,
+                                                   d.spoof_passed))
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def local_engine(settings):
+    """The service's VoiceEngine with an in-memory replay cache and no encryption (nothing leaves
+    the process)."""
+    from . import replay
+    from .engine import VoiceEngine
+
+    cfg = settings.voice
+    store = ModelStore(settings)
+    cache = replay.ReplayCache(replay.MemoryReplayStore(cfg.replay_retention_s, cfg.replay_max_per_subject),
+                               cfg.replay_min_similarity, lambda _b, x: x, lambda _b, x: x, lambda _t, s: s)
+    return VoiceEngine(settings, store, VoiceModels.choose(store.manifest, cfg), cache)
 
 
 class VoiceVerificationScorer:
@@ -98,11 +200,15 @@ class VoiceVerificationScorer:
         return cosine if self.snorm is None else float(self.snorm.normalise(cosine, handle, e)[0])
 
 
-def make_verification_scorer(options: ScorerOptions) -> VoiceVerificationScorer:
-    """The service's scoring (s-norm against the configured cohort) on the local pipeline. The
-    evaluation scores every file it can: the verify minimum of net speech applies to all."""
+def make_verification_scorer(options: ScorerOptions) -> VoiceVerificationScorer | VoiceDecisionScorer:
+    """Decisions: the service's engine and rules (:class:`VoiceDecisionScorer`). Scores only: the
+    service's scoring (s-norm against the configured cohort) on the local pipeline, every file it
+    can score (the verify minimum of net speech applies to enrolments too)."""
     from .engine import load_or_build_cohort
 
+    if options.decide:
+        return VoiceDecisionScorer(local_engine(options.settings), options.settings, options.channel,
+                                   options.tenant or EVAL_TENANT)
     telephone_channel, crop = parse_channel(options.channel)
     pipeline = pipeline_from_settings(options.settings)
     cfg = options.settings.voice
@@ -116,16 +222,22 @@ def make_verification_scorer(options: ScorerOptions) -> VoiceVerificationScorer:
 
 class VoicePadScorer:
     def __init__(self, pipeline: VoicePipeline, detector: SyntheticSpeechDetector, telephone_channel: bool = False,
-                 crop_s: float | None = None, score_name: str = "bonafide_log_odds") -> None:
+                 crop_s: float | None = None, score_name: str = "bonafide_log_odds",
+                 threshold: float | None = None) -> None:
         self.pipeline, self.detector = pipeline, detector
         self.telephone_channel, self.crop_s, self.score_name = telephone_channel, crop_s, score_name
+        self.threshold = threshold
 
-    def score(self, path: Path) -> float | Failure:
+    def score(self, path: Path) -> float | Scored | Failure:
         try:
             prepared = prepare_channel(self.pipeline, Path(path), self.telephone_channel, self.crop_s)
         except AudioError as err:
             return Failure(err.code.value.lower())
-        return self.detector.score(prepared)
+        value = self.detector.score(prepared)
+        if self.threshold is None:
+            return value
+        passed = value >= self.threshold
+        return Scored(value, Decision.of_layers([("synthetic_speech", passed)], () if passed else ("SPOOF_SUSPECTED",)))
 
 
 def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
@@ -138,6 +250,15 @@ def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
     telephone_channel, crop = parse_channel(options.channel)
     window_s = antispoof_window_s(cfg, FAMILIES[1] if telephone_channel else FAMILIES[0])  # the service's window
     store = ModelStore(options.settings)
-    detector = VoiceModels.choose(store.manifest, cfg).antispoof_detector(store, threads=1, device="cpu")
+    models = VoiceModels.choose(store.manifest, cfg)
+    detector = models.antispoof_detector(store, threads=1, device="cpu")
+    threshold = None
+    if options.decide:
+        from services.common.modality.calibration import Calibrations
+
+        family = FAMILIES[1] if telephone_channel else FAMILIES[0]
+        threshold = Calibrations(options.settings.models.manifest, 0.0).threshold(
+            models.antispoof.id, cfg.calibration_channels.get(family, family), cfg.antispoof_target_apcer,
+            pad_score_name(window_s))
     return VoicePadScorer(pipeline_from_settings(options.settings), SyntheticSpeechDetector(detector, window_s),
-                          telephone_channel, crop, pad_score_name(window_s))
+                          telephone_channel, crop, pad_score_name(window_s), threshold)

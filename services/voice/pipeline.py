@@ -41,7 +41,7 @@ class VoicePipelineConfig:
     threads: int = 1  # intra-op threads per worker (torch and ONNX Runtime)
     # Net speech = Silero segments without padding (pauses over 100 ms excluded): about 70 % of
     # the duration of read speech.
-    min_net_speech_enroll_s: float = 2.0  # per utterance
+    min_net_speech_enroll_s: float = 1.0  # per utterance
     min_net_speech_verify_s: float = 1.0
     stream_target_net_speech_s: float = 3.0  # an IVR stream is decided once this much has arrived
     max_duration_s: float = 60.0

@@ -15,7 +15,6 @@ challenge (``voice.tenants.eval.require_challenge: false``; by default Verify ne
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,18 +26,11 @@ import grpc
 from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc
 from services.common.client import connect
 from services.common.errors import details_of
-from services.common.evaluation.scorers import Failure, ScorerOptions, register_scorer
+from services.common.evaluation.scorers import Failure, Scored, ScorerOptions, register_scorer
 
-from .evaluation import parse_channel, read_channel
+from .evaluation import EVAL_TENANT, decision_of, parse_channel, read_channel, subject_for
 
-EVAL_TENANT = "eval"
 Consent = Callable[[str, str], None]
-
-
-def subject_for(paths: Sequence[Path], channel: str) -> str:
-    # Letters only: an id of digits could look like a personal number and be refused.
-    digest = hashlib.sha256(("|".join(str(p) for p in paths) + channel).encode()).hexdigest()[:20]
-    return "ev-" + digest.translate(str.maketrans("0123456789", "ghijklmnop"))
 
 
 @dataclass
@@ -96,7 +88,7 @@ class RemoteVoiceScorer:
         key = tuple(paths)
         return self._handles[key] if key in self._handles else self._enroll(key)
 
-    def score(self, handle: str, probe: Path) -> float | Failure:
+    def score(self, handle: str, probe: Path) -> Scored | Failure:
         key = (handle, probe)
         return self._scores[key] if key in self._scores else self._score(handle, probe)
 
@@ -112,7 +104,7 @@ class RemoteVoiceScorer:
             return _failure(err)
         return subject
 
-    def _score(self, handle: str, probe: Path) -> float | Failure:
+    def _score(self, handle: str, probe: Path) -> Scored | Failure:
         request = voice_pb2.VerifyVoiceRequest(
             subject=common_pb2.SubjectRef(tenant_id=self.tenant, subject_id=handle),
             audio=self.audio(Path(probe), self.probe_crop_s), channel=self.voice_channel)
@@ -121,12 +113,16 @@ class RemoteVoiceScorer:
         except grpc.RpcError as err:
             return _failure(err)
         self.outcomes[(handle, str(probe))] = Outcome(reply.match, reply.spoof_passed, reply.score)
-        return float(reply.score)
+        codes = [r.code for r in reply.reasons]
+        return Scored(float(reply.score), decision_of(reply.match, codes, reply.spoof_checked, reply.spoof_passed,
+                                                      reply.challenge_passed or "CHALLENGE_FAILED" in codes,
+                                                      reply.challenge_passed))
 
 
 def _failure(err: grpc.RpcError) -> Failure:
     if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-        return Failure((details_of(err)["reason"] or err.code().name).lower())
+        reason = details_of(err)["reason"] or err.code().name
+        return Failure(reason.lower(), "anti_spoofing" if reason == "SPOOF_SUSPECTED" else "acquisition")
     raise err  # unavailable, unauthenticated...: not a property of the sample
 
 
@@ -158,7 +154,8 @@ def make_remote_verification_scorer(options: ScorerOptions) -> RemoteVoiceScorer
     mfa = settings.endpoint("mfa")
     mfa_target = os.environ.get("BIOGATE_EVAL_MFA_TARGET", f"{mfa.host}:{mfa.port}")
     stub = voice_pb2_grpc.VoiceServiceStub(connect(options.target, token))
-    return RemoteVoiceScorer(stub, mfa_consent(connect(mfa_target, token)), options.channel or "wideband")
+    return RemoteVoiceScorer(stub, mfa_consent(connect(mfa_target, token)), options.channel or "wideband",
+                             options.tenant or EVAL_TENANT)
 
 
 register_scorer("voice", "verification", make_remote_verification_scorer, mode="remote")

@@ -29,7 +29,7 @@ from services.common.runtime import Runtime
 from services.common.subjects import actor
 from services.common.validation import subject_ref
 
-from . import replay
+from . import enrolment, replay
 from .engine import VoiceDecision, VoiceEngine, channel_target_fmr
 from .ingest import AudioError, AudioFormat, Encoding
 from .models import VoiceModels
@@ -169,31 +169,26 @@ class VoiceService:
             raise refusal("MIXED_CHANNELS", "the utterances mix telephone (<= 8 kHz) and wideband audio; "
                                             "enrol each channel separately or set channel",
                           fields={"channel": "set it, or send audio of one kind"})
-        total = sum(p.net_speech_s for p in prepared)
-        need = self.cfg.min_total_net_speech_enroll_s
-        if total < need:
-            raise refusal("LOW_NET_SPEECH", f"{total:.2f} s of net speech over the utterances, {need:g} s needed",
-                          metadata={"net_speech_s": f"{total:.2f}", "min_net_speech_s": f"{need:g}"})
+        try:
+            enrolment.check_total_speech(prepared, self.cfg)
+        except enrolment.EnrolmentRefused as err:
+            raise refusal(err.code, err.message, metadata=err.metadata) from None
         _, synthetic_on = self._policy(tenant, family)
         layers = [eng.synthetic_check(p, family, synthetic_on) for p in prepared]
         # An utterance refused as synthetic is left out and reported, not the whole enrolment: a
         # caller could send the utterances one Enroll at a time anyway, so refusing them all adds
         # no security, while 1-3 % of genuine utterances fail AASIST at its APCER 5 % point
         # (bench/RESULTS.md). What is kept must meet the same minimums as a whole enrolment.
-        refused = [i for i, r in enumerate(layers) if not r.passed]
-        kept = [p for p, r in zip(prepared, layers) if r.passed]
-        kept_speech = sum(p.net_speech_s for p in kept)
         scores = [round(float(r.value), 3) for r in layers if r.value is not None][:10]
-        if len(kept) < self.cfg.min_utterances or kept_speech < need:
+        try:
+            chosen = enrolment.keep_passing(prepared, layers, self.cfg)
+        except enrolment.EnrolmentRefused as err:
             self.rt.audit.append("voice.enrol_refused", actor(), tenant, subject, {
-                "reason": "SPOOF_SUSPECTED", "channel": family, "refused_utterances": refused,
+                "reason": err.code, "channel": family, "refused_utterances": err.refused,
                 "synthetic_scores": scores})
-            raise refusal("SPOOF_SUSPECTED", f"{len(refused)} of {n} utterances did not pass the anti-spoofing checks; "
-                                             f"the others hold {kept_speech:.2f} s of net speech",
-                          metadata={"refused_utterances": ",".join(map(str, refused)),
-                                    "net_speech_s": f"{kept_speech:.2f}"})
-        template = np.mean(eng.embed(kept), axis=0)
-        template = (template / np.linalg.norm(template)).astype(np.float32)
+            raise refusal(err.code, err.message, metadata=err.metadata) from None
+        kept, refused, kept_speech = chosen.utterances, chosen.refused, chosen.net_speech_s
+        template = enrolment.template_of(eng.embed(kept))
         stored, _ = self.templates.enrol(
             tenant, subject, eng.model_id, template, channel=family, samples=len(kept),
             quality={"net_speech_s": round(kept_speech, 2), "utterances": len(kept)}, replace=request.replace,

@@ -6,6 +6,14 @@ window across ``push`` calls, so streaming a clip in 20 ms pieces gives exactly 
 segments and net speech of the whole clip. Segmentation follows silero-vad's
 ``get_speech_timestamps`` (threshold with hysteresis, minimum speech and silence durations); net
 speech is the total length of the segments before any padding.
+
+Level normalisation: the network's speech probability falls with the level, so quiet and far-field
+speech (a phone on the table, a meeting room) lost most of its net speech. Each window is scaled
+to ``level_target_dbfs`` by a causal gain that follows the loudest recent window (instant attack,
+release of ``release_db_per_s``) within +-``max_gain_db``: speech keeps its level relative to the
+pauses around it, and the gain depends on the windows so far only, so a stream and a whole clip
+still give the same probabilities. Only the VAD sees the gain; the audio that is embedded and
+scored is unchanged (bench/voice_gates_eval.py measured the choice).
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ class VadParams:
     neg_threshold: float | None = None  # default threshold - 0.15, as silero-vad
     min_speech_ms: float = 250.0
     min_silence_ms: float = 100.0
+    level_target_dbfs: float | None = -20.0  # None: no level normalisation (grid chosen in bench/voice_gates_eval.py)
+    max_gain_db: float = 30.0
+    max_cut_db: float = 30.0  # the most the input is turned down (as calibrated with AASIST)
+    release_db_per_s: float = 6.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,11 @@ class VadStream:
         self._min_speech = SAMPLE_RATE * p.min_speech_ms / 1000
         self._min_silence = SAMPLE_RATE * p.min_silence_ms / 1000
         self._state = np.zeros((2, 1, 128), np.float32)
+        self._target = None if p.level_target_dbfs is None else 10 ** (p.level_target_dbfs / 20)
+        self._max_gain = 10 ** (p.max_gain_db / 20)
+        self._min_gain = 10 ** (-p.max_cut_db / 20)
+        self._release = 10 ** (-p.release_db_per_s / 20 * WINDOW / SAMPLE_RATE)
+        self._level = 0.0  # the level followed (RMS of the loudest recent window)
         self._buf = np.zeros(CONTEXT, np.float32)  # context + not yet processed samples
         self._samples = 0  # total pushed
         self._windows = 0  # windows processed
@@ -103,16 +120,26 @@ class VadStream:
         n = (len(self._buf) - CONTEXT) // WINDOW
         for i in range(n):
             chunk = self._buf[i * WINDOW : i * WINDOW + CONTEXT + WINDOW]
-            prob, self._state = self._vad._step(chunk, self._state)
+            prob, self._state = self._vad._step(self._normalised(chunk), self._state)
             self._advance(prob)
         self._buf = self._buf[n * WINDOW :]
+
+    def _normalised(self, chunk: NDArray[np.float32]) -> NDArray[np.float32]:
+        if self._target is None:
+            return chunk
+        rms = float(np.sqrt(np.mean(np.square(chunk[CONTEXT:], dtype=np.float64))))
+        self._level = max(rms, self._level * self._release)
+        if self._level <= 0.0:
+            return chunk
+        gain = min(max(self._target / self._level, self._min_gain), self._max_gain)
+        return (chunk * np.float32(gain)).astype(np.float32)
 
     def finish(self) -> VadResult:
         """Close the stream (the last partial window is zero-padded, as silero-vad does)."""
         rest = len(self._buf) - CONTEXT
         if rest > 0:
             window = np.concatenate([self._buf, np.zeros(WINDOW - rest, np.float32)])
-            prob, self._state = self._vad._step(window, self._state)
+            prob, self._state = self._vad._step(self._normalised(window), self._state)
             self._advance(prob)
             self._buf = self._buf[:CONTEXT]
         if self._triggered and self._samples - self._start > self._min_speech:

@@ -22,7 +22,7 @@ MODEL = "mobilefacenet-arcface-192d"
 # bench/face_identities.py, step 6: the first 16 held-out people (odd positions of the sorted names),
 # 64 photos, at the manifest record's thresholds: target -> (false matches, impostor pairs scored,
 # false non-matches incl. failures, genuine pairs).
-SUBSET_COUNTS = {0.01: (12, 1685, 11, 96), 0.001: (3, 1685, 13, 96), 0.0001: (1, 1685, 16, 96)}
+SUBSET_COUNTS = {0.01: (16, 1920, 0, 96), 0.001: (4, 1920, 2, 96), 0.0003: (1, 1920, 4, 96), 0.0001: (1, 1920, 6, 96)}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,16 @@ def test_the_manifest_record_is_supported_at_1e3_and_names_its_data_and_check():
     assert record.trials.impostor == p3.trials.impostor  # every point measured on all scored impostor pairs
     assert "odd positions" in record.notes and "Held-out check" in record.notes
     assert "1e-3: FMR " in record.notes and "95 % CI" in record.notes
+    # Every point carries its held-out check, and a decision there claims the held-out FMR.
+    for p in record.operating_points:
+        h = p.held_out
+        assert h is not None and "odd positions" in h.dataset and h.trials.impostor > 20000
+        assert record.claim(p.target_fmr).rate == h.fmr and record.claim(p.target_fmr).source == "held_out"
+    # The service's default point is the one whose held-out FMR reaches down to 1e-3 (3e-4).
+    from services.common.config import FaceConfig
+
+    default = record.point(FaceConfig().target_fmr)
+    assert default.supported and default.held_out.fmr_ci95[0] <= 1e-3
     lo, hi = llr_caps(record.trials.genuine, record.trials.impostor)
     assert record.llr.max_llr <= hi and record.llr.min_llr >= lo
 
@@ -77,7 +87,8 @@ def test_the_held_out_check_reproduces_on_a_subset(tmp_path: Path, fixtures_dir:
     assert got == SUBSET_COUNTS
     # Photos the pipeline refuses are reported as failures, by reason, not dropped.
     assert report["counts"]["genuine_failed"] + report["counts"]["genuine_scored"] == 96
-    assert set(report["failures"]["reasons"]) <= {"enrol:face_too_small", "enrol:multiple_faces",
+    assert set(report["failures"]["reasons"]) <= {"enrol:face_too_small", "enrol:multiple_faces", "enrol:extreme_pose",
+                                                  "probe:extreme_pose",
                                                   "probe:face_too_small", "probe:multiple_faces"}
     assert sum(report["failures"]["reasons"].values()) == (report["counts"]["genuine_failed"]
                                                           + report["counts"]["impostor_failed"])

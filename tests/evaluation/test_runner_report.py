@@ -106,7 +106,7 @@ def test_verification_report_and_outputs(world: Path, tmp_path: Path):
 
     files = rp.write_verification_outputs(run, tmp_path / "out", report)
     assert sorted(p.name for p in files.values()) == [
-        "det.png", "histogram.png", "report.json", "scores.json"
+        "det.png", "histogram.png", "per_trial.csv", "report.json", "scores.json"
     ]
     for name in ("det.png", "histogram.png"):
         assert files[name.split(".")[0]].read_bytes()[:8] == PNG_MAGIC

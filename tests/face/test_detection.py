@@ -102,3 +102,26 @@ def test_batched_yunet_equals_batch_one(tmp_path, face_models, yunet, verificati
         assert len(faces) == len(alone)
         for a, b in zip(faces, alone):
             assert np.abs(a.box - b.box).max() < 1e-3 and np.abs(a.landmarks5 - b.landmarks5).max() < 1e-3
+
+
+def test_a_far_blurrier_second_face_is_no_rival(yunet, face_dir):
+    """An out-of-focus second face of the same size (a background person, a blurred crowd) does not
+    refuse the photo; the same face in focus does."""
+    import cv2
+
+    from services.face.align import align_face
+    from services.face.quality import sharpness
+
+    a = load_bgr(face_dir / "bbt_penny" / "faceapi_penny1.png")
+    b = load_bgr(face_dir / "bbt_raj" / "faceapi_raj1.png")
+    blurred = cv2.GaussianBlur(b, (0, 0), 3.0)
+    for second, expected in ((b, SubjectIssue.MULTIPLE_FACES), (blurred, None)):
+        img = np.hstack([a, np.zeros((150, 60, 3), np.uint8), second])
+        faces = yunet.detect(img)
+        assert len(faces) == 2
+        choice = choose_subject(faces, img.shape, SubjectPolicy(), lambda f: sharpness(align_face(img, f)))
+        assert choice.issue is expected
+        # Without the sharpness measure (or with the rule off) both are rivals by size.
+        assert choose_subject(faces, img.shape).issue is SubjectIssue.MULTIPLE_FACES
+        assert choose_subject(faces, img.shape, SubjectPolicy(rival_min_sharpness_ratio=0.0),
+                              lambda f: sharpness(align_face(img, f))).issue is SubjectIssue.MULTIPLE_FACES

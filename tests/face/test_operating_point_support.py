@@ -71,12 +71,12 @@ def test_a_tenant_on_an_unsupported_point_is_refused_over_grpc(service, face_dir
     assert details_of(err.value)["reason"] == "OPERATING_POINT_UNSUPPORTED"
     message = err.value.details()
     assert f"{MODEL} [default]: FMR 1e-4 needs >= 30,000 impostor trials" in message, message
-    assert f"the calibration has {point.trials.impostor:,}" in message and "choose 1e-3" in message
+    assert f"the calibration has {point.trials.impostor:,}" in message and "choose 3e-4" in message
     assert _verified_events(server) == before  # refused before anything was written
 
-    # The same subject and photo under the service's default point (FMR 1e-3, supported) match.
+    # The same subject and photo under the service's default point (FMR 3e-4, supported) match.
     ok = _verify(stub, "bank-default", "c-obama", (face_dir / OBAMA2).read_bytes())
-    assert ok.match and ok.threshold == pytest.approx(record.threshold(1e-3), abs=1e-6)
+    assert ok.match and ok.threshold == pytest.approx(record.threshold(server.settings.face.target_fmr), abs=1e-6)
     assert _verified_events(server) == before + 1
 
 

@@ -16,7 +16,9 @@ def test_channel_names():
 
 def test_factory_builds_from_settings(voice_models, tmp_path):
     settings = load_config(None, data_dir=str(tmp_path), models={"cache_dir": str(PROJECT_ROOT / "var" / "models")})
-    scorer = make_verification_scorer(ScorerOptions(settings=settings, channel="telephony-8k"))
+    # Scores only (--scores-only): the pipeline's scoring; deciding scorers run the service's engine
+    # (tests/voice/test_eval_parity.py).
+    scorer = make_verification_scorer(ScorerOptions(settings=settings, channel="telephony-8k", decide=False))
     assert isinstance(scorer, VoiceVerificationScorer) and scorer.telephone_channel
 
 

@@ -86,14 +86,26 @@ def test_too_little_speech_reports_the_measured_seconds(pipeline, speech):
     assert f"{err.details['net_speech_s']:.2f} s" in err.message
 
 
-def test_enrolment_asks_for_more_speech_than_verification(pipeline, speech):
-    x = speech[: int(2.2 * 16000)]
-    data = wav_bytes(x, 16000)
-    net = pipeline.prepare(data, purpose="verify").net_speech_s
-    assert pipeline.config.min_net_speech_verify_s <= net < pipeline.config.min_net_speech_enroll_s
-    with pytest.raises(AudioError) as info:
-        pipeline.prepare(data, purpose="enroll")
-    assert info.value.code is ErrorCode.LOW_NET_SPEECH
+def test_short_enrolment_utterances_add_up(pipeline, speech):
+    """An enrolment utterance needs the verify minimum only; the enrolment needs its total over the
+    utterances (services/voice/enrolment.py): several short ones pass where one alone does not."""
+    from services.common.config import VoiceConfig
+    from services.voice.enrolment import EnrolmentRefused, check_total_speech
+
+    cfg = VoiceConfig()
+    assert cfg.min_net_speech_enroll_s == pipeline.config.min_net_speech_enroll_s == cfg.min_net_speech_verify_s
+    parts = [pipeline.prepare(wav_bytes(speech[int(a * 16000):int((a + 1.9) * 16000)], 16000), purpose="enroll")
+             for a in (0.0, 2.0, 4.0, 6.0)]
+    assert all(cfg.min_net_speech_enroll_s <= p.net_speech_s < cfg.min_total_net_speech_enroll_s for p in parts)
+    with pytest.raises(EnrolmentRefused) as info:
+        check_total_speech(parts[:1], cfg)
+    assert info.value.code == "LOW_NET_SPEECH" and info.value.metadata["min_net_speech_s"] == "4"
+    assert sum(p.net_speech_s for p in parts) >= cfg.min_total_net_speech_enroll_s
+    check_total_speech(parts, cfg)
+    with pytest.raises(AudioError) as err:  # under the per-utterance minimum: refused as it is prepared
+        pipeline.prepare(wav_bytes(np.concatenate([speech[16000:16000 + 9000], np.zeros(16000, np.float32)]), 16000),
+                         purpose="enroll")
+    assert err.value.code is ErrorCode.LOW_NET_SPEECH
 
 
 @pytest.mark.parametrize("case,code", [("tone", ErrorCode.NO_SPEECH), ("dtmf", ErrorCode.NO_SPEECH),

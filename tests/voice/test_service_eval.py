@@ -35,12 +35,23 @@ def service_run(request, voice_service, fixtures_dir):
 
 def test_service_eer_on_trials_voice(service_run, voice_service):
     channel, scorer, run = service_run
-    assert run.fta.failures == 0 and run.fte.failures == 0
+    # Failures to acquire stay within 2 % (issue 16's bound). The VAD's level normalisation, which
+    # keeps far-field speech (29 % -> <= 1.8 % refused), takes one telephone recording of libri_367
+    # under the 1 s minimum (1.6 -> 0.9 s of net speech): its 6 probe trials and 1 enrolment.
+    assert run.fta.rate <= 0.02 and run.fte.rate <= 0.02, (run.fta, run.fte, run.failure_reasons)
+    assert set(run.failure_reasons) <= {"enrol:low_net_speech", "probe:low_net_speech"}
     eer = metrics.eer(run.genuine, run.impostor).eer
     print(f"\nservice EER {channel}: {eer:.2%} ({len(run.genuine)} genuine, {len(run.impostor)} impostor trials; "
           f"FTE {run.fte.failures}/{run.fte.attempts})")
     assert eer <= LIMITS[channel]
-    outcomes = {t: scorer.outcomes[(subject_for(t.enroll, channel), str(t.probe))] for t in (r.trial for r in run.results)}
+    outcomes = {t: scorer.outcomes[(subject_for(t.enroll, channel), str(t.probe))]
+                for t in (r.trial for r in run.results if r.failure is None)}
+    # The report's decisions say the same as the responses (every layer, not the score alone).
+    from services.common.evaluation.decisions import verification_decisions
+
+    decided = verification_decisions(run)
+    assert decided["fmr"]["errors"] == sum(o.match for t, o in outcomes.items() if not t.target)
+    assert decided["targets"]["accepted"] == sum(o.match for t, o in outcomes.items() if t.target)
     # The service's own decisions at its calibrated threshold: FMR 1e-3 on all pairs (wideband),
     # 1e-2 (telephone, voice.target_fmr_by_channel). False matches within the 99.5 % binomial
     # bound of the channel's target (2 of 218 at 1e-3, 6 at 1e-2).

@@ -300,6 +300,36 @@ def bpcer_at_apcer(
     )
 
 
+def pad_eer_per_type(bonafide: ArrayLike, attacks: Mapping[str, ArrayLike]) -> dict[str, EerResult]:
+    """The EER of each attack type against the bona fide presentations (fields as :func:`pad_eer`)."""
+    return {k: eer(bonafide, v) for k, v in _attack_arrays(attacks).items()}
+
+
+@dataclass(frozen=True)
+class ApcerAtBpcer:
+    target_bpcer: float
+    rates: PadRates
+    n_bonafide: int
+    n_needed: int  # rule of three, bona fide presentations
+    supported: bool
+
+
+def apcer_at_bpcer(
+    bonafide: ArrayLike, attacks: Mapping[str, ArrayLike], target_bpcer: float
+) -> ApcerAtBpcer:
+    """APCER of every attack type at the highest threshold whose BPCER does not exceed
+    ``target_bpcer`` (the convenience-first operating point: how many attacks get through when
+    at most that share of bona fide users is refused). Ties are never split."""
+    b = as_scores(bonafide, "bonafide")
+    if not 0.0 < target_bpcer < 1.0:
+        raise ValueError(f"target BPCER must be in (0, 1), got {target_bpcer}")
+    # Highest t with #{b < t} / N <= target: the (k+1)-th lowest bona fide score, k = floor(target N).
+    k = math.floor(target_bpcer * b.size + 1e-9)
+    t = float(np.sort(b)[k]) if k < b.size else float("inf")
+    needed = rule_of_three(target_bpcer)
+    return ApcerAtBpcer(float(target_bpcer), pad_error_rates(b, attacks, t), int(b.size), needed, b.size >= needed)
+
+
 def non_response_rate(failures: int, presentations: int) -> FailureRate:
     """APNRR / BPNRR: presentations the PAD subsystem could not process, over all presented."""
     return failure_rate(failures, presentations)

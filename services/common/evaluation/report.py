@@ -7,6 +7,7 @@ never samples, embeddings or file contents.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -16,12 +17,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import calibration as cal
+from . import decisions as dec
 from . import metrics as m
 from .plots import MarkedPoint, plot_det, plot_histograms
 from .runner import PadRun, VerificationRun
 
 REPORT_FILE = "report.json"
 SCORES_FILE = "scores.json"
+PER_TRIAL_FILE = "per_trial.csv"
+DEFAULT_TARGET_BPCERS: tuple[float, ...] = (1e-2, 5e-2)
 
 CONVENTIONS = {
     "decision": "match / bona fide when score >= threshold",
@@ -33,6 +37,12 @@ CONVENTIONS = {
     "consistent_with_target": "the measured FMR's 95 % interval reaches down to the target or below",
     "failures": "failed genuine trials count as non-matches in FNMR; failed impostor trials are"
     " reported but excluded from FMR; PAD non-responses are reported as APNRR / BPNRR",
+    "spoofed_probes": "SASV lists: spoofed probes of the enrolled identity are non-targets kept apart"
+    " from the zero-effort impostors: FMR and the EER use zero-effort impostors only; each attack type"
+    " gets its own acceptance rate and EER against the targets",
+    "decisions": "the system's own decisions (every layer): one operating point, never an EER or DET;"
+    " non-responses excluded from the rates or counted as rejections, as the report's decisions say",
+    "apcer_at_bpcer": "highest threshold whose BPCER <= target; APCER of each attack type there",
 }
 
 
@@ -118,6 +128,7 @@ def verification_report(
     target_fmrs: Sequence[float] = m.DEFAULT_TARGET_FMRS,
     operating_fmr: float = 1e-3,
     calibration: Mapping[str, Any] | None = None,
+    non_response: dec.NonResponse = "exclude",
 ) -> dict[str, Any]:
     """Metrics of a verification run.
 
@@ -125,24 +136,27 @@ def verification_report(
     otherwise the one fitted here on the run's own impostor scores (in-sample).
     """
     g, i, gf = run.genuine, run.impostor, run.genuine_failures
-    ops = [m.fnmr_at_fmr(g, i, t, gf) for t in target_fmrs]
+    scored = i.size > 0 and (g.size > 0 or gf > 0)
+    threshold, source = None, None
     if calibration is not None:
         threshold, source = cal.threshold_for(calibration, operating_fmr), "calibration"
-    else:
+    elif i.size:
         threshold, source = m.threshold_at_rate(i, operating_fmr), "fitted_in_sample"
-    at = m.error_rates(g, i, threshold, gf)
-    targets = [r.trial.target for r in run.results]
+    spoofs = run.of_kind("spoof")
     report = {
         "kind": "verification",
         "config": dict(config),
         "counts": {
             "trials": len(run.results),
-            "genuine": sum(targets),
-            "impostor": len(targets) - sum(targets),
+            "genuine": len(run.of_kind("target")),
+            "impostor": len(run.of_kind("nontarget")),
+            "spoofed": len(spoofs),
             "genuine_scored": int(g.size),
             "impostor_scored": int(i.size),
+            "spoofed_scored": sum(1 for r in spoofs if r.score is not None),
             "genuine_failed": gf,
             "impostor_failed": run.impostor_failures,
+            "spoofed_failed": sum(1 for r in spoofs if r.failure is not None),
         },
         "failures": {
             "fte": _rate(run.fte),
@@ -150,24 +164,51 @@ def verification_report(
             "trials_failed_at_enrolment": run.trials_failed_at_enrolment,
             "reasons": run.failure_reasons,
         },
-        "eer": m.eer(g, i, gf),
-        "fnmr_at_fmr": ops,
-        "operating_point": {
-            "source": source,
-            "target_fmr": operating_fmr,
-            "threshold": threshold,
+        "eer": m.eer(g, i, gf) if scored else None,
+        "fnmr_at_fmr": [m.fnmr_at_fmr(g, i, t, gf) for t in target_fmrs] if scored else [],
+        "operating_point": {"source": source, "target_fmr": operating_fmr, "threshold": threshold},
+        "calibration": _cllr_section(g, i, calibration),
+        "conventions": CONVENTIONS,
+    }
+    if scored and threshold is not None:
+        at = m.error_rates(g, i, threshold, gf)
+        report["operating_point"] |= {
             "fmr": at.fmr,
             "fnmr": at.fnmr,
             "n_impostor": int(i.size),
             "n_needed": m.rule_of_three(operating_fmr),
             "supported": i.size >= m.rule_of_three(operating_fmr),
-        },
-        "calibration": _cllr_section(g, i, calibration),
-        "conventions": CONVENTIONS,
-    }
-    if calibration is not None:
+        }
+    if spoofs:
+        report["spoofed_probes"] = _spoof_section(run, threshold)
+    decisions = dec.verification_decisions(run, non_response)
+    if decisions is not None:
+        report["decisions"] = decisions
+    if calibration is not None and scored:
         report["calibrated_points"] = calibrated_points(run, calibration)
     return jsonable(report)
+
+
+def _spoof_section(run: VerificationRun, threshold: float | None) -> dict[str, Any]:
+    """Score-level figures of the spoofed probes: per attack type the share the comparison alone
+    accepts at the operating threshold and the EER against the targets (SPF-EER), and the SASV-EER
+    (targets against zero-effort impostors and spoofs pooled)."""
+    g, gf, spoofs = run.genuine, run.genuine_failures, run.spoofs
+    out: dict[str, Any] = {"attack_types": run.attack_types, "per_type": {}}
+    for t in run.attack_types:
+        results = [r for r in run.of_kind("spoof") if r.trial.attack_type == t]
+        s = spoofs.get(t, np.empty(0))
+        entry: dict[str, Any] = {"presented": len(results), "scored": int(s.size),
+                                 "non_responses": sum(1 for r in results if r.failure is not None)}
+        if s.size and threshold is not None:
+            entry["accepted_by_comparison"] = _rate_with_ci(int(np.count_nonzero(s >= threshold)), int(s.size))
+        if s.size and (g.size or gf):
+            entry["spf_eer"] = m.eer(g, s, gf)
+        out["per_type"][t] = entry
+    pooled = np.concatenate([run.impostor, *spoofs.values()]) if spoofs else run.impostor
+    if pooled.size and (g.size or gf):
+        out["sasv_eer"] = m.eer(g, pooled, gf)
+    return out
 
 
 def pad_report(
@@ -177,12 +218,17 @@ def pad_report(
     target_apcers: Sequence[float] = m.DEFAULT_TARGET_APCERS,
     operating_apcer: float = 5e-2,
     calibration: Mapping[str, Any] | None = None,
+    target_bpcers: Sequence[float] = DEFAULT_TARGET_BPCERS,
+    non_response: dec.NonResponse = "exclude",
 ) -> dict[str, Any]:
     """Metrics of a PAD run (ISO/IEC 30107-3). With no attack presentations only the BPCER at
-    a calibrated threshold can be given; attack-dependent figures are then None."""
+    a calibrated threshold can be given; attack-dependent figures are then None. A run of
+    decisions without scores gives the decisions' rates only."""
     b, attacks = run.bonafide, run.attacks
     has_attacks = bool(attacks) and b.size > 0
-    if calibration is not None:
+    if not run.has_scores:
+        threshold, source = None, None
+    elif calibration is not None:
         threshold, source = cal.threshold_for(calibration, operating_apcer), "calibration"
     elif has_attacks:
         threshold = m.bpcer_at_apcer(b, attacks, operating_apcer).rates.threshold
@@ -212,13 +258,43 @@ def pad_report(
             "reasons": run.failure_reasons,
         },
         "eer": m.pad_eer(b, attacks) if has_attacks else None,
+        "eer_per_type": m.pad_eer_per_type(b, attacks) if has_attacks else {},
         "bpcer_at_apcer": [m.bpcer_at_apcer(b, attacks, t) for t in target_apcers]
         if has_attacks
         else [],
+        "apcer_at_bpcer": [m.apcer_at_bpcer(b, attacks, t) for t in target_bpcers] if has_attacks else [],
         "operating_point": operating,
         "conventions": CONVENTIONS,
     }
+    decisions = dec.pad_decisions(run, non_response)
+    if decisions is not None:
+        report["decisions"] = decisions
+    if calibration is not None and has_attacks:
+        report["calibrated_points"] = pad_calibrated_points(run, calibration)
     return jsonable(report)
+
+
+def pad_calibrated_points(run: PadRun, calibration: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """APCER (of the worst attack type: the record's APCER is the maximum over types) and BPCER at
+    each of the calibration's thresholds, with 95 % intervals: on attacks and bona fide speakers
+    the calibration never saw, the check of its thresholds (``biogate calibrate --check``)."""
+    b, attacks = run.bonafide, run.attacks
+    out = []
+    for p in calibration["operating_points"]:
+        t = float(p["threshold"])
+        per_type = {k: _rate_with_ci(int(np.count_nonzero(v >= t)), int(v.size)) for k, v in attacks.items()}
+        worst = max(per_type, key=lambda k: (per_type[k]["rate"], per_type[k]["trials"]))
+        fmr = dict(per_type[worst], attack_type=worst)
+        out.append({
+            "target_fmr": p["target_fmr"],
+            "threshold": t,
+            "supported": p.get("supported"),
+            "fmr": fmr,
+            "fmr_per_type": per_type,
+            "fnmr": _rate_with_ci(int(np.count_nonzero(b < t)), int(b.size)),
+            "consistent_with_target": fmr["ci95"][0] <= p["target_fmr"],
+        })
+    return out
 
 
 def verification_scores(run: VerificationRun, score_name: str = "cosine") -> dict[str, Any]:
@@ -229,6 +305,7 @@ def verification_scores(run: VerificationRun, score_name: str = "cosine") -> dic
         "impostor": run.impostor.tolist(),
         "genuine_failures": run.genuine_failures,
         "impostor_failures": run.impostor_failures,
+        **({"spoofs": {t: v.tolist() for t, v in run.spoofs.items()}} if run.attack_types else {}),
     }
 
 
@@ -257,38 +334,94 @@ def _with_report(files: dict[str, Path], report: dict[str, Any], out: Path) -> d
     return files
 
 
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def _decision_cells(decision, failure) -> list[Any]:
+    if failure is not None:
+        return ["", failure.layer, failure.reason.upper(), failure.layer, failure.reason]
+    if decision is None:
+        return ["", "", "", "", ""]
+    return [int(decision.accepted), decision.refused_by, ";".join(decision.reasons), "", ""]
+
+
+def write_per_trial(run: VerificationRun | PadRun, path: str | Path, root: str | Path | None = None) -> Path:
+    """One row per trial (presentation): what was compared, the score, the system's decision, the
+    layer that refused it and the failure's stage and reason. Paths relative to ``root``."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def rel(p: Path) -> str:
+        return Path(os.path.relpath(p, root)).as_posix() if root is not None else str(p)
+
+    tail = ["score", "accepted", "refused_by", "reasons", "failure_stage", "failure_reason"]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        if isinstance(run, VerificationRun):
+            w.writerow(["enroll", "probe", "target", "kind", "trial_type", "attack_type", "enroll_identity",
+                        "probe_identity", *tail])
+            for r in run.results:
+                t = r.trial
+                cells = _decision_cells(r.decision, r.failure)
+                cells[3] = r.stage or ""
+                w.writerow([";".join(rel(p) for p in t.enroll), rel(t.probe), int(t.target), t.kind, t.trial_type,
+                            t.attack_type, t.enroll_identity, t.probe_identity, _cell(r.score), *cells])
+        else:
+            w.writerow(["path", "label", "attack_type", *tail])
+            for r in run.results:
+                cells = _decision_cells(r.decision, r.failure)
+                cells[3] = "presentation" if r.failure is not None else ""
+                w.writerow([rel(r.sample.path), "bonafide" if r.sample.bonafide else "attack", r.sample.attack_type,
+                            _cell(r.score), *cells])
+    return path
+
+
 def write_verification_outputs(
-    run: VerificationRun, out_dir: str | Path, report: dict[str, Any], score_name: str = "cosine"
+    run: VerificationRun, out_dir: str | Path, report: dict[str, Any], score_name: str = "cosine",
+    root: str | Path | None = None,
 ) -> dict[str, Path]:
-    """report.json, scores.json, det.png and histogram.png in ``out_dir``."""
+    """report.json, per_trial.csv, and with scores scores.json, det.png and histogram.png in ``out_dir``."""
     out = Path(out_dir)
     op = report["operating_point"]
-    det = m.det_curve(run.genuine, run.impostor, run.genuine_failures)
+    files = {"per_trial": write_per_trial(run, out / PER_TRIAL_FILE, root)}
     eer = report["eer"]
-    points = [
-        MarkedPoint(f"operating point (FMR target {op['target_fmr']:g})", op["fmr"], op["fnmr"],
-                    op["threshold"]),
-        MarkedPoint("EER", eer["eer"], eer["eer"], eer["threshold"]),
-    ]
-    files = {
-        "det": plot_det([(report["config"].get("name", "system"), det)], out / "det.png", points,
-                        title="DET curve (verification)"),
-        "histogram": plot_histograms(
-            {"genuine": run.genuine, "impostor": run.impostor}, out / "histogram.png",
+    if eer is not None:
+        det = m.det_curve(run.genuine, run.impostor, run.genuine_failures)
+        points = [MarkedPoint("EER", eer["eer"], eer["eer"], eer["threshold"])]
+        if op.get("fmr") is not None:
+            points.insert(0, MarkedPoint(f"operating point (FMR target {op['target_fmr']:g})", op["fmr"],
+                                         op["fnmr"], op["threshold"]))
+        files["det"] = plot_det([(report["config"].get("name", "system"), det)], out / "det.png", points,
+                                title="DET curve (verification)")
+        files["histogram"] = plot_histograms(
+            {"genuine": run.genuine, "impostor": run.impostor,
+             **{f"spoof: {t}": v for t, v in run.spoofs.items()}}, out / "histogram.png",
             threshold=op["threshold"], title="Comparison scores", xlabel=score_name,
-        ),
-        "scores": write_json(verification_scores(run, score_name), out / SCORES_FILE),
-    }
+        )
+    if run.has_scores:
+        files["scores"] = write_json(verification_scores(run, score_name), out / SCORES_FILE)
     return _with_report(files, report, out)
 
 
 def write_pad_outputs(
-    run: PadRun, out_dir: str | Path, report: dict[str, Any], score_name: str = "p_bonafide"
+    run: PadRun, out_dir: str | Path, report: dict[str, Any], score_name: str = "p_bonafide",
+    root: str | Path | None = None,
 ) -> dict[str, Path]:
-    """report.json, scores.json, histogram.png and (with attacks) det.png in ``out_dir``."""
+    """report.json, per_trial.csv, and with scores scores.json, histogram.png and (with attacks)
+    det.png in ``out_dir``."""
     out = Path(out_dir)
     op = report["operating_point"]
-    files = {
+    files = {"per_trial": write_per_trial(run, out / PER_TRIAL_FILE, root)}
+    if not run.has_scores:
+        return _with_report(files, report, out)
+    files |= {
         "histogram": plot_histograms(
             {"bona fide": run.bonafide, **{f"attack: {t}": v for t, v in run.attacks.items()}},
             out / "histogram.png", threshold=op["threshold"],

@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from .metrics import FailureRate, FloatArray, failure_rate, split_by_type
-from .scorers import Failure, PadScorer, VerificationScorer
+from .scorers import Decision, Failure, PadScorer, Scored, VerificationScorer
 from .trials import PadSample, VerificationTrial
 
 log = logging.getLogger(__name__)
@@ -21,13 +21,18 @@ Progress = Callable[[int, int], None]
 Stage = Literal["enrol", "probe"]
 
 
-def _checked_score(value: Any, who: str) -> float | Failure:
+def _checked(value: Any, who: str) -> Scored | Failure:
     if isinstance(value, Failure):
         return value
-    score = float(value)
+    scored = value if isinstance(value, Scored) else Scored(value)
+    if scored.score is None:
+        if scored.decision is None:
+            raise ValueError(f"{who} returned neither a score nor a decision")
+        return scored
+    score = float(scored.score)
     if not math.isfinite(score):
         raise ValueError(f"{who} returned a non-finite score; return a Failure instead")
-    return score
+    return Scored(score, scored.decision)
 
 
 @dataclass(frozen=True)
@@ -36,29 +41,56 @@ class TrialResult:
     score: float | None
     failure: Failure | None = None
     stage: Stage | None = None  # where it failed
+    decision: Decision | None = None  # the system's decision, when the scorer decides
+
+
+class _Outcomes:
+    """What a run's results carry: scores, the system's decisions, or both."""
+
+    results: list
+
+    @property
+    def has_scores(self) -> bool:
+        return any(r.score is not None for r in self.results)
+
+    @property
+    def has_decisions(self) -> bool:
+        return any(r.decision is not None for r in self.results)
 
 
 @dataclass(frozen=True)
-class VerificationRun:
+class VerificationRun(_Outcomes):
     results: list[TrialResult]
     enrolments: FailureRate  # FTE: over distinct enrolments (sets of enrolment files)
 
-    def _scores(self, target: bool) -> FloatArray:
-        return np.asarray(
-            [r.score for r in self.results if r.trial.target == target and r.score is not None],
-            dtype=np.float64,
-        )
+    def of_kind(self, kind: str) -> list[TrialResult]:
+        """The results of ``target``, ``nontarget`` (zero-effort impostor) or ``spoof`` trials."""
+        return [r for r in self.results if r.trial.kind == kind]
+
+    def _scores(self, kind: str) -> FloatArray:
+        return np.asarray([r.score for r in self.of_kind(kind) if r.score is not None], dtype=np.float64)
 
     @property
     def genuine(self) -> FloatArray:
-        return self._scores(True)
+        return self._scores("target")
 
     @property
     def impostor(self) -> FloatArray:
-        return self._scores(False)
+        """Zero-effort impostor scores: spoofed probes are kept apart (:attr:`spoofs`)."""
+        return self._scores("nontarget")
+
+    @property
+    def spoofs(self) -> dict[str, FloatArray]:
+        """Scores of the spoofed probes that got one, by attack type."""
+        scored = [r for r in self.of_kind("spoof") if r.score is not None]
+        return split_by_type([r.score for r in scored], [r.trial.attack_type for r in scored])
+
+    @property
+    def attack_types(self) -> list[str]:
+        return sorted({r.trial.attack_type for r in self.of_kind("spoof")})
 
     def _failures(self, target: bool) -> int:
-        return sum(1 for r in self.results if r.trial.target == target and r.failure is not None)
+        return sum(1 for r in self.of_kind("target" if target else "nontarget") if r.failure is not None)
 
     @property
     def genuine_failures(self) -> int:
@@ -105,11 +137,11 @@ def run_verification(
         if isinstance(handle, Failure):
             results.append(TrialResult(trial, None, handle, "enrol"))
         else:
-            out = _checked_score(scorer.score(handle, trial.probe), "VerificationScorer.score")
+            out = _checked(scorer.score(handle, trial.probe), "VerificationScorer.score")
             if isinstance(out, Failure):
                 results.append(TrialResult(trial, None, out, "probe"))
             else:
-                results.append(TrialResult(trial, out))
+                results.append(TrialResult(trial, out.score, decision=out.decision))
         if progress:
             progress(n, len(trials))
     enrol_failures = sum(1 for h in handles.values() if isinstance(h, Failure))
@@ -126,10 +158,11 @@ class PadResult:
     sample: PadSample
     score: float | None
     failure: Failure | None = None
+    decision: Decision | None = None  # the system's decision, when the scorer decides
 
 
 @dataclass(frozen=True)
-class PadRun:
+class PadRun(_Outcomes):
     results: list[PadResult]
 
     @property
@@ -174,11 +207,11 @@ def run_pad(
         raise ValueError("no presentations to run")
     results = []
     for n, sample in enumerate(samples, start=1):
-        out = _checked_score(scorer.score(sample.path), "PadScorer.score")
+        out = _checked(scorer.score(sample.path), "PadScorer.score")
         if isinstance(out, Failure):
             results.append(PadResult(sample, None, out))
         else:
-            results.append(PadResult(sample, out))
+            results.append(PadResult(sample, out.score, decision=out.decision))
         if progress:
             progress(n, len(samples))
     run = PadRun(results)

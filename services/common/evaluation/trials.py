@@ -3,6 +3,12 @@ or from a list of people's files (path, identity; e.g. face/identities/SOURCES.c
 
 File paths in the CSV files are relative to the folder of the list (for MANIFEST.csv, the fixtures
 root). An ``enroll`` cell may name several files separated by ``;`` (a multi-sample enrolment).
+
+Spoofed probes (SASV convention, ASVspoof 5 / SASV challenge): a trial list may carry the columns
+``probe_presentation`` (``genuine``/``bonafide`` or ``spoof``/``attack``) and ``attack_type``. A
+spoofed probe is a non-target whoever it imitates, so ``target=0`` with the same identity on both
+sides is valid for it (a replay or clone of the enrolled speaker) and reported apart from the
+zero-effort impostor trials; a spoofed probe marked ``target=1`` is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from typing import Iterable
 
 UNKNOWN_IDENTITIES = frozenset({"", "unknown"})
 UNSPECIFIED_ATTACK = "unspecified"
-TRIAL_COLUMNS = ("enroll", "probe", "target", "trial_type", "enroll_identity", "probe_identity")
+TRIAL_COLUMNS = ("enroll", "probe", "target", "trial_type", "enroll_identity", "probe_identity",
+                 "probe_presentation", "attack_type")
+BONAFIDE_PRESENTATIONS = frozenset({"", "genuine", "bonafide", "bona fide", "bona_fide"})
+SPOOF_PRESENTATIONS = frozenset({"spoof", "attack"})
 PEOPLE_PARTS = ("all", "even", "odd")
 
 
@@ -28,6 +37,17 @@ class VerificationTrial:
     trial_type: str  # e.g. "genuine", "impostor_same_source"
     enroll_identity: str = ""
     probe_identity: str = ""
+    attack_type: str = ""  # "" for a bona fide probe; the attack's type for a spoofed one
+
+    @property
+    def spoof(self) -> bool:
+        """A spoofed probe (a presentation attack against the enrolled subject), never a target."""
+        return bool(self.attack_type)
+
+    @property
+    def kind(self) -> str:
+        """``target``, ``nontarget`` (zero-effort impostor) or ``spoof``."""
+        return "spoof" if self.spoof else ("target" if self.target else "nontarget")
 
 
 @dataclass(frozen=True)
@@ -88,8 +108,13 @@ def read_trials(
             raise ValueError(f"{where}: empty enroll")
         target = _flag(row["target"], f"{where} target")
         ei, pi = (row.get("enroll_identity") or "").strip(), (row.get("probe_identity") or "").strip()
-        if ei and pi and (ei == pi) != target:
-            raise ValueError(f"{where}: target={int(target)} but identities {ei!r} and {pi!r}")
+        attack = _probe_attack(row, where)
+        if attack and target:
+            raise ValueError(f"{where}: a spoofed probe ({attack}) is marked target=1; a presentation attack "
+                             "is a non-target whoever it imitates (SASV convention: target=0)")
+        if ei and pi and (ei == pi) != target and not attack:
+            raise ValueError(f"{where}: target={int(target)} but identities {ei!r} and {pi!r} (a spoofed probe "
+                             "of the same identity says so in probe_presentation=spoof)")
         trials.append(
             VerificationTrial(
                 enroll=enroll,
@@ -98,9 +123,23 @@ def read_trials(
                 trial_type=(row.get("trial_type") or ("genuine" if target else "impostor")).strip(),
                 enroll_identity=ei,
                 probe_identity=pi,
+                attack_type=attack,
             )
         )
     return trials
+
+
+def _probe_attack(row: dict[str, str], where: str) -> str:
+    """The probe's attack type ("" for a bona fide probe) from probe_presentation / attack_type."""
+    presentation = (row.get("probe_presentation") or "").strip().lower()
+    attack_type = (row.get("attack_type") or "").strip()
+    if presentation in SPOOF_PRESENTATIONS:
+        return attack_type or UNSPECIFIED_ATTACK
+    if presentation not in BONAFIDE_PRESENTATIONS:
+        raise ValueError(f"{where}: probe_presentation must be genuine, bonafide, spoof or attack, got {presentation!r}")
+    if attack_type and presentation:
+        raise ValueError(f"{where}: attack_type {attack_type!r} on a {presentation} probe")
+    return attack_type  # a list with attack_type alone: a typed row is a spoof
 
 
 def read_pad(
@@ -191,7 +230,7 @@ def write_trials(trials: Iterable[VerificationTrial], csv_path: str | Path, root
         w.writerow(TRIAL_COLUMNS)
         for t in trials:
             w.writerow([";".join(rel(p) for p in t.enroll), rel(t.probe), int(t.target), t.trial_type,
-                        t.enroll_identity, t.probe_identity])
+                        t.enroll_identity, t.probe_identity, "spoof" if t.spoof else "genuine", t.attack_type])
     return csv_path
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from services.common import errors
-from services.common.models.calibration import CalibrationRecord
+from services.common.models.calibration import CalibrationRecord, Claim
 from services.common.models.manifest import load_manifest
 
 log = logging.getLogger("biogate.calibration")
@@ -91,14 +91,19 @@ class Calibrations:
         except LookupError as err:
             raise not_calibrated(err, model_id, channel) from None
 
-    def measured(self, model_id: str, channel: str, target: float, score: str | None = None) -> float | None:
-        """The error rate the calibration measured at the threshold of ``target`` (FMR, or APCER for an
-        attack detector); None when the record does not say."""
+    def claim(self, model_id: str, channel: str, target: float, score: str | None = None) -> Claim:
+        """What a decision at the point for ``target`` can truthfully claim (the held-out FMR or
+        APCER when the point has a check): CalibrationRecord.claim, for a service's responses."""
         rec = self.record(model_id, channel, score)
-        for point in rec.operating_points:
-            if abs(point.target_fmr - target) <= 1e-12 * max(1.0, target):
-                return point.fmr
-        return None
+        try:
+            return rec.claim(target)
+        except LookupError as err:
+            raise not_calibrated(err, model_id, channel) from None
+
+    def measured(self, model_id: str, channel: str, target: float, score: str | None = None) -> float:
+        """The error rate a decision at the point for ``target`` states in responses: the held-out
+        FMR (APCER for an attack detector) when the point has a check, else the calibration's own."""
+        return self.claim(model_id, channel, target, score).rate
 
     def llr(self, model_id: str, channel: str, value: float, score: str | None = None) -> float | None:
         """Natural-log LLR of ``value``; None (no evidence claimed) when the record has no LLR map."""

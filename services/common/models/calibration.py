@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Mapping, Union
 
 import numpy as np
@@ -77,6 +78,27 @@ class TrialCounts(_Strict):
     impostor: int = Field(ge=0)  # for attack detectors: attack presentations
 
 
+class HeldOutCheck(_Strict):
+    """The point's threshold measured on data the calibration never saw (other people, other
+    attack instruments): what a decision there can truthfully claim."""
+
+    dataset: str = Field(min_length=1)  # e.g. "fixtures/face/identities, the 59 people at odd positions"
+    trials: TrialCounts  # scored trials of the check (genuine failures included in genuine)
+    fmr: float = Field(ge=0, le=1)  # measured at the threshold (APCER for attack detectors)
+    fmr_ci95: tuple[float, float]  # exact binomial interval, trials treated as independent
+    fnmr: float = Field(ge=0, le=1)  # failures counted as non-matches (BPCER for attack detectors)
+    consistent: bool  # the interval reaches down to the target
+    date: dt.date | None = None
+    notes: str = ""  # e.g. how many people pairs the false matches come from
+
+    @model_validator(mode="after")
+    def _interval(self) -> "HeldOutCheck":
+        lo, hi = self.fmr_ci95
+        if not 0 <= lo <= self.fmr <= hi <= 1:
+            raise ValueError(f"fmr_ci95 {self.fmr_ci95} must hold fmr {self.fmr} within [0, 1]")
+        return self
+
+
 class OperatingPoint(_Strict):
     target_fmr: float = Field(gt=0, lt=1)  # the record's rate (FMR or APCER)
     threshold: float  # accept when score >= threshold
@@ -85,6 +107,14 @@ class OperatingPoint(_Strict):
     trials: TrialCounts  # what fmr (impostor) and fnmr (genuine) were measured on
     supported: bool  # trials.impostor >= ceil(3 / target_fmr)
     why: str | None = None  # why not, when not supported
+    held_out: HeldOutCheck | None = None  # the threshold checked on data the calibration never saw
+
+    @model_validator(mode="after")
+    def _consistency_follows_the_interval(self) -> "OperatingPoint":
+        if self.held_out is not None and self.held_out.consistent != (self.held_out.fmr_ci95[0] <= self.target_fmr):
+            raise ValueError(f"the held-out check of {rate_text(self.target_fmr)} says consistent="
+                             f"{self.held_out.consistent}, its interval {self.held_out.fmr_ci95} says otherwise")
+        return self
 
     @model_validator(mode="after")
     def _support_follows_the_counts(self) -> "OperatingPoint":
@@ -165,6 +195,25 @@ class OperatingPointError(LookupError):
         return str(self.args[0])
 
 
+@dataclass(frozen=True)
+class Claim:
+    """The error rate a decision at an operating point can truthfully state.
+
+    ``rate``: the held-out measurement when the point has one (what other people / other attacks
+    showed), else the calibration's own measurement at the threshold (in sample: optimistic).
+    ``upper95``: the one-sided bound the trials support (the held-out interval's upper end; in
+    sample, the larger of the rate and the rule-of-three bound 3/N).
+    """
+
+    target: float  # the point's target (what the configuration asked for)
+    rate: float
+    upper95: float
+    trials: int  # impostor trials (attack presentations) behind the figure
+    source: Literal["held_out", "calibration"]
+    dataset: str
+    consistent: bool | None  # held-out only: is the measurement consistent with the target?
+
+
 def _same_target(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-12 * max(1.0, b)
 
@@ -232,6 +281,23 @@ class CalibrationRecord(_Strict):
 
     def point(self, target_fmr: float) -> OperatingPoint | None:
         return next((p for p in self.operating_points if _same_target(p.target_fmr, target_fmr)), None)
+
+    def claim(self, target_fmr: float) -> Claim:
+        """The FMR (APCER) a decision at the point for ``target_fmr`` can truthfully claim: its
+        held-out check when there is one, else the calibration's own figure (see :class:`Claim`).
+        :class:`OperatingPointError` for a point the record lacks."""
+        point = self.point(target_fmr)
+        if point is None:
+            raise OperatingPointError(f"no operating point for {self.rate} {rate_text(target_fmr)}", MISSING,
+                                      target_fmr)
+        h = point.held_out
+        if h is not None:
+            return Claim(point.target_fmr, h.fmr, h.fmr_ci95[1], h.trials.impostor, "held_out", h.dataset,
+                         h.consistent)
+        n = point.trials.impostor
+        measured = point.fmr if point.fmr is not None else point.target_fmr
+        return Claim(point.target_fmr, measured, max(measured, 3.0 / n if n else 1.0), n, "calibration",
+                     self.dataset, None)
 
     def threshold(self, target_fmr: float, *, model: str | None = None, channel: str | None = None) -> float:
         """The threshold of a supported point; :class:`OperatingPointError` otherwise.

@@ -1,0 +1,81 @@
+"""One code path: the local face evaluation and the evaluation through a running FaceService give
+the same decision, refusing layer and failure for every trial and presentation, and the same score.
+
+Trials: trials_face.csv, and every pair of the photos of the identities set whose people have a
+photo the rules refuse (a comparable second face, a small face), so that enrolment and probe
+refusals are compared too. PAD: pad_face.csv at the calibrated liveness threshold.
+
+Score tolerance 1e-5: the service returns the cosine as a float32 (rounding <= 6e-8 for |s| <= 1)
+and its embedder runs micro-batched, where onnxruntime may sum in another order than at batch 1
+(differences of about 1e-6 seen on the MobileFaceNet outputs); a different face, crop or
+template would move the cosine by far more (genuine and impostor scores differ by > 0.1).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from services.common.evaluation.runner import run_pad, run_verification
+from services.common.evaluation.scorers import ScorerOptions
+from services.common.evaluation.trials import all_pairs, read_pad, read_people, read_trials
+from services.face.evaluation import make_pad_scorer, make_verification_scorer
+from services.face.remote import RemoteFacePadScorer, RemoteFaceVerificationScorer
+
+TOLERANCE = 1e-5
+# People of fixtures/face/identities with a photo refused by the subject or size rules
+# (bench/face_gates_eval.py), and two without.
+PEOPLE = ("Antonio_Banderas", "Hugh_Grant", "Sean_OKeefe", "Jake_Gyllenhaal", "Aaron_Peirsol", "Abdullah")
+
+
+def _outcome(r):
+    failure = (r.stage, r.failure.layer, r.failure.reason) if r.failure else None
+    decision = (r.decision.accepted, r.decision.refused_by) if r.decision else None
+    return failure, decision
+
+
+def _same(local, remote) -> list[str]:
+    diffs = []
+    for a, b in zip(local.results, remote.results):
+        name = f"{getattr(a, 'trial', None) or a.sample}"
+        if _outcome(a) != _outcome(b):
+            diffs.append(f"{name}: local {_outcome(a)}, service {_outcome(b)}")
+        elif (a.score is None) != (b.score is None) or (a.score is not None and abs(a.score - b.score) > TOLERANCE):
+            diffs.append(f"{name}: local score {a.score}, service {b.score}")
+    return diffs
+
+
+@pytest.fixture(scope="module")
+def options(face_service):
+    return ScorerOptions(settings=face_service.settings, target=face_service.address)
+
+
+def test_verification_decisions_are_the_same_locally_and_through_the_service(options, fixtures_dir, tmp_path):
+    trials = read_trials(fixtures_dir / "trials_face.csv", fixtures_dir)
+    people = [e for e in read_people(fixtures_dir / "face" / "identities" / "SOURCES.csv", "face")
+              if e.identity in PEOPLE]
+    trials += all_pairs(people, "face")
+    local = run_verification(make_verification_scorer(ScorerOptions(settings=options.settings)), trials)
+    remote = run_verification(RemoteFaceVerificationScorer(options), trials)
+    assert _same(local, remote) == []
+    # The comparison set exercises every path: refused enrolments and probes, accepted and refused trials.
+    reasons = local.failure_reasons
+    assert reasons.get("enrol:multiple_faces") and reasons.get("probe:multiple_faces")
+    assert reasons.get("enrol:face_too_small") and reasons.get("probe:face_too_small")
+    decided = [r for r in local.results if r.decision]
+    assert any(r.decision.accepted for r in decided) and any(not r.decision.accepted for r in decided)
+    assert local.has_decisions and all(r.decision.layers[0][0] == "comparison" for r in decided)
+
+
+def test_liveness_decisions_are_the_same_locally_and_through_the_service(options, fixtures_dir):
+    samples = read_pad(fixtures_dir / "pad_face.csv", fixtures_dir)
+    local = run_pad(make_pad_scorer(ScorerOptions(settings=options.settings)), samples)
+    remote = run_pad(RemoteFacePadScorer(options), samples)
+    diffs = [f"{a.sample.path.name}: local {_outcome(a)}, service {_outcome(b)}"
+             for a, b in zip(local.results, remote.results) if _outcome(a) != _outcome(b)]
+    assert diffs == []
+    assert remote.has_decisions and not remote.has_scores  # CheckLiveness gives decisions only
+    assert any(r.decision.accepted for r in local.results if r.decision)
+    assert any(not r.decision.accepted for r in local.results if r.decision)
