@@ -114,7 +114,8 @@ class RemoteVoiceScorer:
             return _failure(err)
         self.outcomes[(handle, str(probe))] = Outcome(reply.match, reply.spoof_passed, reply.score)
         codes = [r.code for r in reply.reasons]
-        return Scored(float(reply.score), decision_of(reply.match, codes, reply.spoof_checked, reply.spoof_passed,
+        return Scored(float(reply.score), decision_of(reply.match, codes, reply.spoof_checked or reply.replay_checked,
+                                                      reply.spoof_passed,
                                                       reply.challenge_passed or "CHALLENGE_FAILED" in codes,
                                                       reply.challenge_passed))
 

@@ -115,13 +115,11 @@ def test_enrol_refuses_too_little_net_speech_with_the_measured_seconds(voice_ser
 # -- verification -----------------------------------------------------------------------------
 
 
-def _manifest_point(svc, model_id: str, channel: str, target: float):
-    import yaml
+def _claim(svc, model_id: str, channel: str, target: float):
+    """What the manifest's record lets a decision at ``target`` claim (held-out where checked)."""
+    from services.common.models.store import ModelStore
 
-    manifest = yaml.safe_load(open(svc.settings.models.manifest))
-    (model,) = [m for m in manifest["models"] if m["id"] == model_id]
-    (point,) = [p for p in model["calibration"][channel]["operating_points"] if p["target_fmr"] == target]
-    return point
+    return ModelStore(svc.settings).calibration(model_id, channel).claim(target)
 
 
 def test_genuine_matches_and_impostor_does_not(voice_service, speaker, voice_dir):
@@ -134,12 +132,12 @@ def test_genuine_matches_and_impostor_does_not(voice_service, speaker, voice_dir
     cfg = voice_service.settings.voice
     assert (genuine.spoof_checked, genuine.replay_checked, genuine.replay_passed) == (True, True, True)
     assert (genuine.challenge_checked, genuine.challenge_passed) == (False, False)  # none was asked
-    speaker_point = _manifest_point(voice_service, "ecapa-voxceleb", "wideband", cfg.target_fmr)
+    speaker = _claim(voice_service, "ecapa-voxceleb", "wideband", cfg.target_fmr)
     assert genuine.target_fmr == pytest.approx(cfg.target_fmr)
-    assert genuine.HasField("measured_fmr") and genuine.measured_fmr == pytest.approx(speaker_point["fmr"])
-    pad_point = _manifest_point(voice_service, "aasist", "wideband", cfg.antispoof_target_apcer)
+    assert genuine.HasField("measured_fmr") and genuine.measured_fmr == pytest.approx(speaker.rate)
+    pad = _claim(voice_service, "aasist", "wideband", cfg.antispoof_target_apcer)
     assert genuine.spoof_target_apcer == pytest.approx(cfg.antispoof_target_apcer)
-    assert genuine.spoof_measured_apcer == pytest.approx(pad_point["fmr"])
+    assert genuine.spoof_measured_apcer == pytest.approx(pad.rate)
     impostor = verify(voice_service, tenant, subject, wav(read(files(voice_dir, "libri_3005")[0])))
     assert not impostor.match and impostor.score < impostor.threshold
     assert [r.code for r in impostor.reasons] == ["NO_MATCH"]
