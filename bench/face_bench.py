@@ -40,7 +40,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc  # noqa: E402
-from services.common.config import load_config  # noqa: E402
+from services.settings import load_config  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 TENANT = "bench"

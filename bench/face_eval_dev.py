@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from services.common.config import load_config  # noqa: E402
+from services.settings import load_config  # noqa: E402
 from services.common.evaluation import metrics as m  # noqa: E402
 from services.common.evaluation.runner import run_verification  # noqa: E402
 from services.common.evaluation.trials import read_pad, read_trials  # noqa: E402

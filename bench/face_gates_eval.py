@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.eval_common import write_results  # noqa: E402
-from services.common.config import load_config  # noqa: E402
+from services.settings import load_config  # noqa: E402
 from services.common.evaluation import metrics as m  # noqa: E402
 from services.common.evaluation.trials import read_pad, read_people, split_people  # noqa: E402
 from services.common.models import ModelStore  # noqa: E402

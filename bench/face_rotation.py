@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.config import PROJECT_ROOT, load_config  # noqa: E402
+from services.common.config import PROJECT_ROOT  # noqa: E402
+from services.settings import load_config  # noqa: E402
 from services.common.models import ModelStore  # noqa: E402
 from services.face.imaging import decode_image  # noqa: E402
 from services.face.models import pipeline_config  # noqa: E402

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from bench import face_bench, voice_bench  # noqa: E402
-from services.common.config import load_config  # noqa: E402
+from services.settings import load_config  # noqa: E402
 
 CACHE = ROOT / "var" / "models"
 

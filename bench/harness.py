@@ -136,7 +136,7 @@ class ServiceProcess:
 
     @property
     def settings(self):
-        from services.common.config import load_config
+        from services.settings import load_config
 
         return load_config(self.config_file)
 

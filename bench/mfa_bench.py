@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from services.common.api.v1 import common_pb2, mfa_pb2  # noqa: E402
-from services.common.config import load_config  # noqa: E402
+from services.settings import load_config  # noqa: E402
 from services.mfa.binding import payload_digest, transaction_context  # noqa: E402
 from services.mfa.storage import DeviceRecord  # noqa: E402
 

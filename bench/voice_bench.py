@@ -36,7 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.common.config import load_config  # noqa: E402
+from services.settings import load_config  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "voice" / "verification"
 CLIP_S = 3.0

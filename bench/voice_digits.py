@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from services.common.config import PROJECT_ROOT, load_config  # noqa: E402
+from services.common.config import PROJECT_ROOT  # noqa: E402
+from services.settings import load_config  # noqa: E402
 from services.voice import ingest, telephone  # noqa: E402
 from services.voice.digits import (  # noqa: E402
     END_OF_TEXT, MAX_FRAMES, PROMPT, WORDS, DigitRecognizer, digit_errors, log_mel,

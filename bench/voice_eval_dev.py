@@ -30,7 +30,8 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.config import PROJECT_ROOT, load_config  # noqa: E402
+from services.common.config import PROJECT_ROOT  # noqa: E402
+from services.settings import load_config  # noqa: E402
 from services.common.evaluation import metrics  # noqa: E402
 from services.common.evaluation.trials import read_trials  # noqa: E402
 from services.common.models import ModelStore  # noqa: E402

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import voice_bench  # noqa: E402
-from services.common.config import load_config  # noqa: E402
+from services.settings import load_config  # noqa: E402
 from services.voice import telephone  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "voice" / "verification"

@@ -6,7 +6,7 @@ import argparse
 import json
 import secrets
 
-from services.common.config import Settings
+from services.settings import Settings
 from services.common.server.auth import ROLES, ensure_dev_credentials, token_sha256
 
 

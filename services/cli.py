@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from services.common.config import Settings, load_config
+from services.settings import Settings, load_config
 from services.common.logs import setup_logging
 
 # Command groups implemented next to the code they drive; each module has register(subparsers).

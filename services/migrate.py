@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from services.common.config import Settings
+from services.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -14,7 +14,7 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.config import Settings
+from services.settings import Settings
 from services.common.files import private_dir
 from services.common.metrics import serve_metrics
 from services.common.server.auth import Authenticator

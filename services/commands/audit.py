@@ -13,7 +13,7 @@ from services.common.audit.verify import verify
 from services.common.crypto.backend import open_audit_signer
 
 if TYPE_CHECKING:
-    from services.common.config import Settings
+    from services.settings import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.common.config import PROJECT_ROOT, Settings
+from services.common.config import PROJECT_ROOT
+from services.settings import Settings
 from services.common.models.calibration import rate_text
 
 from services.common.evaluation import calibration as cal

@@ -12,7 +12,7 @@ from services.common.crypto.keyring import LocalKeyring, open_keyring
 from services.common.crypto.rotation import key_usage, retire, rotate
 
 if TYPE_CHECKING:
-    from services.common.config import Settings
+    from services.settings import Settings
     from services.common.storage.interfaces import Storage
 
 

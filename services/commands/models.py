@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from services.common.config import Settings
+from services.settings import Settings
 from services.common.models.errors import ModelError
 from services.common.models.store import ModelStore
 

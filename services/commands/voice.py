@@ -13,7 +13,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from services.common.config import Settings
+from services.settings import Settings
 
 def _cohort(settings: Settings, args: argparse.Namespace) -> int:
     from services.voice import cohort as cohort_mod

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.audit import AuditLog
-from services.common.config import Settings
+from services.common.config import CommonSettings
 from services.common.crypto import EnvelopeCrypto, Keyring, open_keyring
 from services.common.files import private_dir
 from services.common.models import ModelStore
@@ -16,7 +16,7 @@ from services.common.storage import Storage, open_storage
 
 @dataclass
 class Runtime:
-    settings: Settings
+    settings: CommonSettings
     storage: Storage
     keyring: Keyring
     crypto: EnvelopeCrypto
@@ -25,7 +25,7 @@ class Runtime:
     models: ModelStore
 
     @classmethod
-    def open(cls, settings: Settings) -> "Runtime":
+    def open(cls, settings: CommonSettings) -> "Runtime":
         private_dir(settings.data_dir)
         if settings.auth.dev_credentials and not settings.auth.principals:
             ensure_dev_credentials(settings)

@@ -28,6 +28,7 @@ from services.face.models import pipeline_config
 from services.face.pipeline import FaceAnalysis, FacePipeline
 from services.face.rules import EnrolmentRefused, enrolment_template, liveness_unanswerable
 from services.face.subject import SubjectPolicy, subject_policy
+from services.face.config import face_config
 
 SAME_PERSON_FMR = 1e-2  # the enrolment's same-person check (FaceService.same_person_floor)
 
@@ -120,7 +121,7 @@ def _calibrations(options: ScorerOptions) -> Calibrations:
 
 
 def make_verification_scorer(options: ScorerOptions) -> FaceVerificationScorer:
-    cfg = options.settings.face
+    cfg = face_config(options.settings)
     threshold = floor = None
     if options.decide:
         from services.face.service import EMBEDDER_SCORE
@@ -138,7 +139,7 @@ def make_verification_scorer(options: ScorerOptions) -> FaceVerificationScorer:
 
 
 def make_pad_scorer(options: ScorerOptions) -> FacePadScorer:
-    cfg = options.settings.face
+    cfg = face_config(options.settings)
     threshold = None
     if options.decide and cfg.liveness:
         from services.face.service import LIVENESS_SCORE

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from typing import Sequence
 
-from services.common.config import FaceConfig
+from services.face.config import FaceConfig, face_config
 from services.common.models import ModelStore
 from services.common.models.manifest import Manifest
 from services.common.modality.zoo import fetch_verified
@@ -69,7 +69,7 @@ def pipeline_config(
     **overrides,
 ) -> FacePipelineConfig:
     """The pipeline of the given model ids (default: those the store's settings configure)."""
-    cfg = store.settings.face
+    cfg = face_config(store.settings)
     config = FacePipelineConfig(
         detector=detector_config(store, detector or cfg.detector),
         embedders=tuple(embedder_config(store, e) for e in (embedders or (cfg.embedder,))),

@@ -20,7 +20,7 @@ import numpy as np
 
 from services.common import errors, subjects
 from services.common.api.v1 import common_pb2, face_pb2
-from services.common.config import FaceConfig, FaceTenantPolicy
+from services.face.config import FaceConfig, FaceTenantPolicy
 from services.common.modality.calibration import Calibrations, NotCalibrated
 from services.common.models.calibration import UNSUPPORTED
 from services.common.modality.challenges import Challenges, nonce_field

@@ -18,7 +18,7 @@ from prometheus_client import Counter
 from services.common import errors
 from services.common.api.v1 import face_pb2, face_pb2_grpc, voice_pb2, voice_pb2_grpc
 from services.common.client import connect
-from services.common.config import ClientTarget, Settings
+from services.mfa.config import ClientTarget, MfaSettings
 from services.common.errors import details_of
 
 log = logging.getLogger("biogate.mfa.clients")
@@ -185,7 +185,7 @@ class BiometricClient:
 _PROBE = {"face": ("Verify", face_pb2.VerifyFaceRequest), "voice": ("Verify", voice_pb2.VerifyVoiceRequest)}
 
 
-def _token(settings: Settings, cfg: ClientTarget) -> str | None:
+def _token(settings: MfaSettings, cfg: ClientTarget) -> str | None:
     if cfg.token:
         return cfg.token
     if settings.auth.dev_credentials and not settings.auth.principals:
@@ -195,7 +195,7 @@ def _token(settings: Settings, cfg: ClientTarget) -> str | None:
     return None
 
 
-def open_clients(settings: Settings) -> dict[str, BiometricClient]:
+def open_clients(settings: MfaSettings) -> dict[str, BiometricClient]:
     out = {}
     for name, stub in (("face", face_pb2_grpc.FaceServiceStub), ("voice", voice_pb2_grpc.VoiceServiceStub)):
         cfg: ClientTarget = getattr(settings.clients, name)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from services.common import context, errors
 from services.common.api.v1 import mfa_pb2
-from services.common.config import WebAuthnConfig
+from services.mfa.config import WebAuthnConfig
 from services.common.validation import identifier
 
 from . import devices

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from services.common import errors
 from services.common.api.v1 import mfa_pb2
-from services.common.config import WebAuthnConfig
+from services.mfa.config import WebAuthnConfig
 from services.common.runtime import Runtime
 from services.common.storage import AlreadyExistsError, new_id
 from services.common.subjects import actor, timestamp

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.common.api.v1 import mfa_pb2, mfa_pb2_grpc
-from services.common.config import Settings
+from services.mfa.config import MfaSettings
 from services.common.runtime import Runtime
 from services.common.server.bootstrap import ServiceDefinition
 from services.mfa import subjects
@@ -76,7 +76,7 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
         return subjects.set_phone_number(self.rt, request)
 
 
-def definition(settings: Settings) -> ServiceDefinition:
+def definition(settings: MfaSettings) -> ServiceDefinition:
     rt = Runtime.open(settings)
     orchestrator = Orchestrator(rt)
     try:

@@ -39,6 +39,7 @@ from .sms import SmsGateway, open_gateway
 from .state import DecisionState, DeviceState, RiskState, SessionState
 from .storage import SubjectSignalRecord, attach
 from .tokens import SigningKeys, TokenIssuer
+from .config import mfa_settings
 
 OUTCOMES = {"allow": mfa_pb2.OUTCOME_ALLOW, "step_up": mfa_pb2.OUTCOME_STEP_UP,
             "deny": mfa_pb2.OUTCOME_DENY, "review": mfa_pb2.OUTCOME_REVIEW}
@@ -75,19 +76,20 @@ def velocity_key(pseudonym: str) -> str:
 class Orchestrator:
     def __init__(self, rt: Runtime, clients: dict[str, BiometricClient] | None = None,
                  gateway: SmsGateway | None = None, clock: Callable[[], datetime] | None = None) -> None:
-        cfg = rt.settings.mfa
+        self.settings = settings = mfa_settings(rt.settings)
+        cfg = settings.mfa
         self.rt = rt
         self.clock = clock or (lambda: datetime.now(timezone.utc))
-        self.policies = PolicyStore(cfg.default_policy, cfg.policy_dir or rt.settings.data_dir / "policies",
+        self.policies = PolicyStore(cfg.default_policy, cfg.policy_dir or settings.data_dir / "policies",
                                     cfg.policy_check_s)
         self.store = attach(rt.storage)
-        self.clients = clients if clients is not None else open_clients(rt.settings)
-        self.gateway = gateway or open_gateway(rt.settings)
+        self.clients = clients if clients is not None else open_clients(settings)
+        self.gateway = gateway or open_gateway(settings)
         self.otp = OtpService(rt, self.store, self.gateway)
         self.sessions = Sessions(self.store)
         self.lockouts = Lockouts(self.store, rt.audit)
         self.reviews = ReviewQueue(self.store, rt.audit)
-        self.signing = SigningKeys.from_settings(rt.settings, clock=lambda: self.clock().timestamp())
+        self.signing = SigningKeys.from_settings(settings, clock=lambda: self.clock().timestamp())
         self.tokens = TokenIssuer(self.signing, cfg.issuer, cfg.token_ttl_s)
         master = rt.keyring.pseudonym_key()
         self._device_key = derive(master, "device-fingerprint")
@@ -174,7 +176,7 @@ class Orchestrator:
         unavailable = {m for m, c in self.clients.items() if not c.available}
         plan = make_plan(policy, action, channel, risk, device_usable=matched is not None, unavailable=unavailable)
         nonce = new_id() + new_id()
-        expires = now + timedelta(seconds=self.rt.settings.mfa.session_ttl_s)
+        expires = now + timedelta(seconds=self.settings.mfa.session_ttl_s)
         place = (signals.place.country, signals.place.latitude, signals.place.longitude) if signals.place else None
         st = SessionState(
             channel=channel, action=action, amount=amount,

@@ -28,7 +28,7 @@ import jwt
 from services.common.crypto.signing import FileKeyVault, Signer, SigningKeyVault, b64url, public_jwk
 
 if TYPE_CHECKING:
-    from services.common.config import Settings
+    from services.mfa.config import MfaSettings
 
 LEEWAY_S = 60
 
@@ -45,11 +45,12 @@ class SigningKeys:
             self.rotate()
 
     @classmethod
-    def from_settings(cls, settings: Settings, clock: Callable[[], float] = time.time) -> SigningKeys:
+    def from_settings(cls, settings: MfaSettings, clock: Callable[[], float] = time.time) -> SigningKeys:
         from services.common.crypto.backend import open_token_vault
 
         cfg = settings.mfa
-        return cls(open_token_vault(settings), cfg.token_ttl_s, cfg.signing_key_max_age_s, clock)
+        keys_file = cfg.signing_keys_file or settings.data_dir / "keys" / "mfa-token-keys.json"
+        return cls(open_token_vault(settings, keys_file), cfg.token_ttl_s, cfg.signing_key_max_age_s, clock)
 
     def _expired(self, entry: dict[str, Any], now: float) -> bool:
         return entry.get("retired") is not None and now - entry["retired"] > self.token_ttl_s + LEEWAY_S

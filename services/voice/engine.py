@@ -21,7 +21,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from services.common.batching import MicroBatcher
-from services.common.config import Settings, VoiceConfig
+from services.common.config import CommonSettings
+from services.voice.config import VoiceConfig, voice_config
 from services.common.modality.calibration import Calibrations, NotCalibrated
 from services.common.models import ModelStore
 
@@ -37,13 +38,13 @@ log = logging.getLogger("biogate.voice")
 FloatArray = NDArray[np.float32]
 
 
-def default_cohort_path(settings: Settings) -> Path:
-    return settings.models_cache_dir / ".derived" / f"voice-cohort-{settings.voice.embedder}.npz"
+def default_cohort_path(settings: CommonSettings) -> Path:
+    return settings.models_cache_dir / ".derived" / f"voice-cohort-{voice_config(settings).embedder}.npz"
 
 
-def load_or_build_cohort(settings: Settings, pipeline: VoicePipeline) -> cohort_mod.Cohort:
+def load_or_build_cohort(settings: CommonSettings, pipeline: VoicePipeline) -> cohort_mod.Cohort:
     """The configured cohort file; or the default one, built on first use from the default audio."""
-    cfg = settings.voice
+    cfg = voice_config(settings)
     if cfg.cohort_file is not None:
         c = cohort_mod.Cohort.load(cfg.cohort_file)
     else:
@@ -161,9 +162,9 @@ class VoiceDecision:
 
 
 class VoiceEngine:
-    def __init__(self, settings: Settings, store: ModelStore, models: VoiceModels,
+    def __init__(self, settings: CommonSettings, store: ModelStore, models: VoiceModels,
                  replay_cache: replay.ReplayCache) -> None:
-        cfg = self.cfg = settings.voice
+        cfg = self.cfg = voice_config(settings)
         self.models = models
         providers = tuple(settings.models.providers)
         self.pipeline: VoicePipeline = models.pipeline(store, pipeline_config(cfg, providers))

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from services.common.config import VoiceConfig
+from services.voice.config import VoiceConfig
 
 from .engine import LayerResult
 from .pipeline import PreparedAudio

@@ -40,6 +40,7 @@ from .cohort import FAMILIES, SNorm, score_name
 from .ingest import AudioError, AudioFormat, Encoding
 from .models import VoiceModels, pipeline_from_settings
 from .pipeline import PreparedAudio, VoicePipeline
+from .config import voice_config
 
 CHANNELS = ("wideband", "telephony-8k")
 _MULAW_8K = AudioFormat(Encoding.MULAW, 8000)
@@ -211,7 +212,7 @@ def make_verification_scorer(options: ScorerOptions) -> VoiceVerificationScorer 
                                    options.tenant or EVAL_TENANT)
     telephone_channel, crop = parse_channel(options.channel)
     pipeline = pipeline_from_settings(options.settings)
-    cfg = options.settings.voice
+    cfg = voice_config(options.settings)
     if cfg.score_normalisation == "none":
         return VoiceVerificationScorer(pipeline, telephone_channel, crop)
     cohort = load_or_build_cohort(options.settings, pipeline)
@@ -244,7 +245,7 @@ def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
     """The configured synthetic-speech detector (voice.antispoof) on the service's window."""
     from .engine import antispoof_window_s, pad_score_name
 
-    cfg = options.settings.voice
+    cfg = voice_config(options.settings)
     if not cfg.antispoof:
         raise ValueError("voice.antispoof is empty (the layer is off): set it to the detector to evaluate")
     telephone_channel, crop = parse_channel(options.channel)

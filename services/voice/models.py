@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from services.common.config import VoiceConfig
+from services.voice.config import VoiceConfig
 from services.common.models import ModelStore
 from services.common.models.manifest import Manifest, ModelSpec
 from services.common.modality.zoo import ModelChoiceError, Router, fetch_verified

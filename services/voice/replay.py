@@ -35,6 +35,8 @@ import soxr
 from numpy.typing import NDArray
 from scipy.signal import butter, fftconvolve, sosfiltfilt
 
+from .config import voice_config
+
 if TYPE_CHECKING:
     from services.common.runtime import Runtime
     from services.common.storage import Storage
@@ -256,7 +258,7 @@ def open_store(spec: str, retention_s: float, max_per_subject: int,
 
 def open_cache(rt: Runtime) -> ReplayCache:
     """The replay cache of a voice service process (``rt``: its Runtime)."""
-    cfg = rt.settings.voice
+    cfg = voice_config(rt.settings)
     store = open_store(cfg.replay_store, cfg.replay_retention_s, cfg.replay_max_per_subject,
                        cfg.replay_key_prefix, storage=rt.storage)
     return ReplayCache(store, cfg.replay_min_similarity, rt.crypto.seal, rt.crypto.open, rt.pseudonymize)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from services.common.api.v1 import voice_pb2, voice_pb2_grpc
-from services.common.config import Settings
+from services.voice.config import VoiceSettings
 from services.common.modality import serving
 from services.common.server.bootstrap import ServiceDefinition
 
@@ -26,7 +26,7 @@ def _limit_malloc_arenas(n: int = 2) -> None:
             pass
 
 
-def definition(settings: Settings) -> ServiceDefinition:
+def definition(settings: VoiceSettings) -> ServiceDefinition:
     _limit_malloc_arenas()
     return serving.definition(settings, "voice", VoiceService, voice_pb2.DESCRIPTOR.services_by_name["VoiceService"],
                               voice_pb2_grpc.VoiceServiceServicer, voice_pb2_grpc.add_VoiceServiceServicer_to_server)

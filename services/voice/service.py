@@ -34,6 +34,7 @@ from .engine import VoiceDecision, VoiceEngine, channel_target_fmr
 from .ingest import AudioError, AudioFormat, Encoding
 from .models import VoiceModels
 from .pipeline import PreparedAudio, VoiceStream
+from .config import voice_config
 
 log = logging.getLogger("biogate.voice")
 CHALLENGE_KIND = "voice_digits"
@@ -75,7 +76,7 @@ def quality_message(p: PreparedAudio) -> voice_pb2.AudioQuality:
 class VoiceService:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.cfg = rt.settings.voice
+        self.cfg = voice_config(rt.settings)
         self.models = VoiceModels.choose(rt.models.manifest, self.cfg)  # a wrong model id fails start-up
         self.templates = Templates(rt, "voice")
         self.challenges = Challenges(rt, "voice", CHALLENGE_KIND)

@@ -6,7 +6,7 @@ import pytest
 
 from services.common.audit import AuditLog
 from services.commands import audit as audit_cli
-from services.common.config import load_config
+from services.settings import load_config
 from services.common.crypto import open_keyring
 from services.common.storage import open_storage
 

@@ -1,7 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from services.common.config import PROJECT_ROOT, load_config
+from services.common.config import PROJECT_ROOT
+from services.settings import load_config
 
 
 def test_the_example_deployment_configuration_is_valid():

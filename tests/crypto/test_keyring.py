@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from services.common.config import load_config
+from services.settings import load_config
 from services.common.crypto import (
     EnvelopeCrypto,
     KeyringError,

@@ -146,7 +146,7 @@ def test_rotation_and_retirement_through_the_cli_and_a_second_process(softhsm, t
         # a replica: another process with the same configuration and no shared files
         replica = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
             import json, sys
-            from services.common.config import load_config
+            from services.settings import load_config
             from services.common.crypto import EnvelopeCrypto, TemplateBinding, open_keyring
             from services.common.crypto.backend import open_audit_signer
             from services.common.crypto.signing import key_id

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from services.common.config import Settings
+from services.settings import Settings
 
 
 def field_exists(path: list[str], model: type[BaseModel] = Settings) -> bool:

@@ -13,7 +13,8 @@ import shlex
 import pytest
 
 from services.cli import build_parser
-from services.common.config import PROJECT_ROOT, load_config
+from services.common.config import PROJECT_ROOT
+from services.settings import load_config
 from services.common.models.manifest import load_manifest
 from tests.deploy.config_paths import names_a_setting
 

@@ -25,7 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc
 from services.common.client import connect
-from services.common.config import PROJECT_ROOT, load_config
+from services.common.config import PROJECT_ROOT
+from services.settings import load_config
 from services.mfa.tokens import verify_token
 from tests.certs import TestCa
 from tests.mfa.conftest import App

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common.api.v1 import face_pb2, face_pb2_grpc
-from services.common.config import ClientTarget
+from services.mfa.config import ClientTarget
 from services.common.errors import ServiceError
 from services.common.server.bootstrap import RunningServer
 from services.mfa.clients import BiometricClient, ClientConfigError

@@ -14,7 +14,8 @@ import subprocess
 import kubernetes_validate
 import pytest
 import yaml
-from services.common.config import PROJECT_ROOT, Settings, load_config
+from services.common.config import PROJECT_ROOT
+from services.settings import Settings, load_config
 from tests.deploy.config_paths import names_a_setting
 
 K8S = PROJECT_ROOT / "deploy" / "k8s"

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from evaluation_synthetic import EmbeddingScorer, build_pad_world, build_world
 
-from services.common.config import PROJECT_ROOT, load_config
+from services.common.config import PROJECT_ROOT
+from services.settings import load_config
 from services.commands import evaluation as cli
 from services.common.evaluation.calibration import apply_llr, threshold_for
 from services.common.evaluation.scorers import (

@@ -197,7 +197,8 @@ def test_the_command_runs_a_sasv_list_and_writes_every_trial(tmp_path: Path, cap
     from test_cli import parse
 
     from services.commands import evaluation as cli
-    from services.common.config import PROJECT_ROOT, load_config
+    from services.common.config import PROJECT_ROOT
+    from services.settings import load_config
     from services.common.evaluation.scorers import unregister_scorer
 
     world = tmp_path / "world"

@@ -57,7 +57,7 @@ def test_the_manifest_record_is_supported_at_1e3_and_names_its_data_and_check():
         assert h is not None and "odd positions" in h.dataset and h.trials.impostor > 20000
         assert record.claim(p.target_fmr).rate == h.fmr and record.claim(p.target_fmr).source == "held_out"
     # The service's default point is the one whose held-out FMR reaches down to 1e-3 (3e-4).
-    from services.common.config import FaceConfig
+    from services.face.config import FaceConfig
 
     default = record.point(FaceConfig().target_fmr)
     assert default.supported and default.held_out.fmr_ci95[0] <= 1e-3

@@ -90,7 +90,8 @@ def test_an_inconsistent_flag_is_refused():
 def test_services_ask_the_claim_through_their_calibrations():
     """The face and voice services hold a Calibrations reader: the claim of the shipped face
     record's default point is its held-out FMR, not the target."""
-    from services.common.config import PROJECT_ROOT, FaceConfig
+    from services.common.config import PROJECT_ROOT
+    from services.face.config import FaceConfig
     from services.common.modality.calibration import Calibrations, NotCalibrated
 
     cal = Calibrations(PROJECT_ROOT / "models" / "manifest.yaml")

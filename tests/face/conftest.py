@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import PROJECT_ROOT, load_config
+from services.common.config import PROJECT_ROOT
+from services.settings import load_config
 
 # The tests import their helpers (face_helpers.py) by module name, whatever the import mode.
 if str(Path(__file__).parent) not in sys.path:

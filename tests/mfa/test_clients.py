@@ -12,7 +12,7 @@ import pytest
 
 from services.common import errors
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
-from services.common.config import ClientTarget
+from services.mfa.config import ClientTarget
 from services.mfa.clients import BiometricClient, CircuitBreaker, ServiceUnavailable
 
 

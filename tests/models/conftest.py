@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import PROJECT_ROOT, Settings, load_config
+from services.common.config import PROJECT_ROOT
+from services.settings import Settings, load_config
 from services.common.models import ModelStore, load_manifest
 
 MANIFEST = PROJECT_ROOT / "models" / "manifest.yaml"

@@ -20,7 +20,7 @@ IDS = ["yunet-2023mar", "sface-2021dec-batch", "minifasnet-v2-2.7", "silero-vad-
 SCRIPT = """
 import json, logging, sys
 from pathlib import Path
-from services.common.config import load_config
+from services.settings import load_config
 from services.common.models import ModelStore
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 data_dir, models, ready, ids = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from services.common.config import Settings
+from services.settings import Settings
 from services.common.metrics import serve_metrics
 from services.common.runtime import Runtime
 from services.common.storage import ConsentRecord

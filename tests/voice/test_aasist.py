@@ -7,7 +7,8 @@ import pytest
 import soundfile as sf
 import soxr
 
-from services.common.config import PROJECT_ROOT, load_config
+from services.common.config import PROJECT_ROOT
+from services.settings import load_config
 from services.voice.aasist import AasistDetector, read_config
 from voice_audio import read
 

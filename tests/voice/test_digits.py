@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from bench import voice_digits as vd
-from services.common.config import PROJECT_ROOT, VoiceConfig, load_config
-from services.common.config import VoiceConfig
+from services.common.config import PROJECT_ROOT
+from services.voice.config import VoiceConfig
+from services.settings import load_config
 from services.voice.digits import DigitRecognizer, digit_errors, frames_for, log_mel
 
 SEED = 9_000_001  # not the bench's

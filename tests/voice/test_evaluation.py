@@ -1,6 +1,7 @@
 import pytest
 
-from services.common.config import PROJECT_ROOT, load_config
+from services.common.config import PROJECT_ROOT
+from services.settings import load_config
 from services.common.evaluation.runner import run_verification
 from services.common.evaluation.scorers import Failure, ScorerOptions
 from services.common.evaluation.trials import read_trials

@@ -223,7 +223,8 @@ def test_long_audio_is_embedded_in_segments(pipeline, voice_dir):
 
 
 def test_calibration_must_be_for_the_score_the_service_computes():
-    from services.common.config import PROJECT_ROOT, VoiceConfig
+    from services.common.config import PROJECT_ROOT
+    from services.voice.config import VoiceConfig
     from services.common.modality.calibration import Calibrations, NotCalibrated
     from services.voice.engine import antispoof_window_s, channel_target_fmr, pad_score_name
 

@@ -89,7 +89,7 @@ def test_too_little_speech_reports_the_measured_seconds(pipeline, speech):
 def test_short_enrolment_utterances_add_up(pipeline, speech):
     """An enrolment utterance needs the verify minimum only; the enrolment needs its total over the
     utterances (services/voice/enrolment.py): several short ones pass where one alone does not."""
-    from services.common.config import VoiceConfig
+    from services.voice.config import VoiceConfig
     from services.voice.enrolment import EnrolmentRefused, check_total_speech
 
     cfg = VoiceConfig()

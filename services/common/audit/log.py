@@ -13,7 +13,7 @@ from .chain import checkpoint_message, head_message, record_hash
 from .guard import AuditDataError, check_details, check_text
 
 if TYPE_CHECKING:
-    from services.common.config import Settings
+    from services.common.config import CommonSettings
     from services.common.crypto.keyring import Keyring
     from services.common.crypto.signing import Signer
     from services.common.storage.interfaces import AuditRepository, Storage
@@ -37,7 +37,7 @@ class AuditLog:
         self._every = checkpoint_every
 
     @classmethod
-    def from_settings(cls, settings: Settings, storage: Storage, keyring: Keyring) -> AuditLog:
+    def from_settings(cls, settings: CommonSettings, storage: Storage, keyring: Keyring) -> AuditLog:
         from services.common.crypto.backend import open_audit_signer
 
         return cls(

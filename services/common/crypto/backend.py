@@ -4,21 +4,22 @@ default); ``pkcs11`` keeps them in the token of ``keys.pkcs11`` (:mod:`.hsm`).""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .signing import FileKeyVault, FileSigner, Signer, SigningKeyVault
 
 if TYPE_CHECKING:
-    from services.common.config import Settings
+    from services.common.config import CommonSettings
 
 
-def _token(settings: Settings):
+def _token(settings: CommonSettings):
     from .hsm import open_token
 
     return open_token(settings.keys.pkcs11)
 
 
-def open_audit_signer(settings: Settings, create: bool = True) -> Signer:
+def open_audit_signer(settings: CommonSettings, create: bool = True) -> Signer:
     """The key that signs the audit trail (created on first use when ``create``)."""
     if settings.keys.backend == "pkcs11":
         from .hsm import audit_signer
@@ -28,16 +29,17 @@ def open_audit_signer(settings: Settings, create: bool = True) -> Signer:
     return FileSigner.load_or_create(path) if create else FileSigner.load(path)
 
 
-def open_token_vault(settings: Settings) -> SigningKeyVault:
-    """Where the MFA's decision-token signing keys live."""
+def open_token_vault(settings: CommonSettings, keys_file: Path) -> SigningKeyVault:
+    """Where the MFA's decision-token signing keys live: the token, or ``keys_file`` (the file
+    backend)."""
     if settings.keys.backend == "pkcs11":
         from .hsm import Pkcs11KeyVault
 
         return Pkcs11KeyVault(_token(settings))
-    return FileKeyVault(settings.mfa.signing_keys_file or settings.data_dir / "keys" / "mfa-token-keys.json")
+    return FileKeyVault(keys_file)
 
 
-def open_pkcs11_keyring(settings: Settings, create: bool = True):
+def open_pkcs11_keyring(settings: CommonSettings, create: bool = True):
     from .hsm import Pkcs11Keyring
 
     return Pkcs11Keyring(_token(settings), settings.keys.cipher, create)

@@ -4,7 +4,7 @@ A :class:`Keyring` wraps and unwraps per-record data keys under a named KEK and 
 is the primary (the one new records are sealed under). Three implementations:
 
 * :class:`LocalKeyring` — a JSON file (mode 0600, created on first use at
-  ``Settings.keyring_file``). It re-reads the file when its mtime/inode/size change, so running
+  ``CommonSettings.keyring_file``). It re-reads the file when its mtime/inode/size change, so running
   services pick up a rotation done by ``biogate keys rotate`` in another process without a
   restart.
 * :class:`StaticKeyring` — the same JSON from the ``BIOGATE_KEYRING_JSON`` environment variable
@@ -12,7 +12,7 @@ is the primary (the one new records are sealed under). Three implementations:
 * :class:`~services.common.crypto.hsm.Pkcs11Keyring` — KEKs inside a PKCS#11 token
   (``keys.backend: pkcs11``).
 * an external KMS adapter: set ``KeysConfig.kms = "package.module:factory"``; ``factory``
-  is called with the :class:`~services.common.config.Settings` and must return an object
+  is called with the settings (:class:`~services.common.config.CommonSettings`) and must return an object
   satisfying :class:`Keyring`. The adapter keeps the KEKs inside the KMS and implements
   ``wrap``/``unwrap`` as the KMS's encrypt/decrypt calls (with ``aad`` as the encryption
   context); ``fingerprint`` may be ``b""`` when the KMS cannot expose a key check value;
@@ -49,7 +49,7 @@ from . import aead
 from .errors import KeyringError, UnknownKeyError, WrongKeyError
 
 if TYPE_CHECKING:
-    from services.common.config import Settings
+    from services.common.config import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ class LocalKeyring(StaticKeyring):
         log.info("removed key %s", key_id)
 
 
-def load_kms(spec: str, settings: Settings) -> Keyring:
+def load_kms(spec: str, settings: CommonSettings) -> Keyring:
     """Build an external KMS/HSM adapter from ``"package.module:factory"``."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -363,7 +363,7 @@ def load_kms(spec: str, settings: Settings) -> Keyring:
     return keyring
 
 
-def open_keyring(settings: Settings, create: bool = True) -> Keyring:
+def open_keyring(settings: CommonSettings, create: bool = True) -> Keyring:
     """The keyring the configuration names: the PKCS#11 token (keys.backend), a KMS adapter, else
     $BIOGATE_KEYRING_JSON, else the file."""
     if settings.keys.backend == "pkcs11":

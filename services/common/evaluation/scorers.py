@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol, Sequence, Union, runtime_checkable
 
-from services.common.config import Settings
+from services.common.config import CommonSettings
 
 Mode = Literal["local", "remote"]
 
@@ -85,7 +85,7 @@ Scorer = Union[VerificationScorer, PadScorer]
 
 @dataclass(frozen=True)
 class ScorerOptions:
-    settings: Settings
+    settings: CommonSettings
     channel: str | None = None  # capture condition, e.g. "mobile-selfie", "telephony-8k"
     target: str | None = None  # host:port of a running service, for remote scorers
     tenant: str | None = None  # remote scorers: the tenant whose policy applies (None: the scorer's own)

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from services.common.config import Settings
+from services.common.config import CommonSettings
 from services.common.metrics import MODEL_INFO
 from services.common.runtime import Runtime
 from services.common.server.bootstrap import ServiceDefinition
@@ -50,7 +50,7 @@ def servicer(base: type, descriptor: ServiceDescriptor, service: object) -> obje
     return type(base.__name__, (base,), namespace)()
 
 
-def definition(settings: Settings, name: str, make_service: Callable[[Runtime], ModalityService],
+def definition(settings: CommonSettings, name: str, make_service: Callable[[Runtime], ModalityService],
                descriptor: ServiceDescriptor, base: type,
                add_to_server: Callable[[object, grpc.Server], None]) -> ServiceDefinition:
     """The definition of service ``name``: ``make_service`` gets the process's runtime and checks the

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import filelock
 
-from ..config import Settings
+from ..config import CommonSettings
 from . import sources
 from .calibration import CalibrationRecord
 from .editing import write_calibration
@@ -64,7 +64,7 @@ def _fetch_hint(model_id: str) -> str:
 
 
 class ModelStore:
-    def __init__(self, settings: Settings, manifest: Manifest | None = None):
+    def __init__(self, settings: CommonSettings, manifest: Manifest | None = None):
         self.settings = settings
         self.manifest_path = Path(settings.models.manifest)
         self._manifest = manifest or load_manifest(self.manifest_path)

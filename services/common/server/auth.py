@@ -26,7 +26,7 @@ import grpc
 from cryptography import x509
 
 from services.common import errors
-from services.common.config import Settings
+from services.common.config import CommonSettings
 from services.common.context import Principal
 
 ROLES = ("enroller", "verifier", "orchestrator", "admin", "auditor")
@@ -45,7 +45,7 @@ class Authenticator:
         self._by_cert = {c: p for p, _, c in principals if c}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Authenticator":
+    def from_settings(cls, settings: CommonSettings) -> "Authenticator":
         entries = [
             (Principal(p.name, frozenset(p.roles), frozenset(p.tenants), p.terminal.channel if p.terminal else None),
              p.token_sha256, p.cert_subject)
@@ -111,7 +111,7 @@ def certificate_identities(pem: bytes) -> tuple[str, ...]:
     return tuple(str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))
 
 
-def ensure_dev_credentials(settings: Settings) -> dict[str, str]:
+def ensure_dev_credentials(settings: CommonSettings) -> dict[str, str]:
     """Development tokens, one per role plus "dev-all", kept in <data_dir>/dev-credentials.json."""
     path: Path = settings.dev_credentials_file
     if path.exists():

@@ -21,7 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.config import Settings
+from services.common.config import CommonSettings
 from services.common.server.auth import Authenticator
 from services.common.server.interceptor import ServerInterceptor, TenantLookup, roles_by_method, tenants_by_method
 from services.common.server.streams import StreamLimits
@@ -46,7 +46,7 @@ class ServiceDefinition:
 
 
 class RunningServer:
-    def __init__(self, settings: Settings, definition: ServiceDefinition, port: int | None = None) -> None:
+    def __init__(self, settings: CommonSettings, definition: ServiceDefinition, port: int | None = None) -> None:
         self.settings = settings
         self.definition = definition
         cfg = settings.server

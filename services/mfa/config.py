@@ -1,0 +1,84 @@
+"""The MFA service's configuration sections (the ``mfa``, ``clients`` sections of the one settings tree,
+services/settings.py), and the part of the tree the MFA service reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from services.common.config import CommonSettings, Section
+
+
+class SmsConfig(Section):
+    """How OTP messages leave: a development sink, or a generic HTTP SMS API."""
+
+    gateway: Literal["dev", "http"] = "dev"
+    # dev: JSON lines with the masked number and the text (codes included: development only).
+    outbox_file: Path | None = None  # default <data_dir>/sms-outbox.jsonl
+    http_url: str = ""  # POST {"to", "text", "sender"} as JSON
+    http_token: str = ""  # sent as "Authorization: Bearer ..."; set it from the environment
+    sender: str = "BioGate"
+    timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(2, ge=0, le=5)  # after a timeout or a 5xx, with an idempotency key
+    backoff_s: float = Field(0.5, ge=0)
+
+
+class WebAuthnConfig(Section):
+    """The MFA as a WebAuthn relying party (passkeys binding devices and signing captures)."""
+
+    rp_id: str = "localhost"  # the bank's domain the credentials are scoped to
+    rp_name: str = "BioGate"
+    # Origins clientDataJSON may name: https://<domain>, and android:apk-key-hash:<...> of the app.
+    origins: list[str] = ["https://localhost"]
+    attestation: Literal["none", "direct"] = "none"  # direct: packed/x5c attestation is requested
+    require_user_verification: bool = False  # UV flag (device PIN or biometric unlock) on every use
+    timeout_ms: int = Field(120_000, ge=10_000, le=600_000)
+
+
+class MfaConfig(Section):
+    # <tenant>.yaml policy files; a tenant without its own file gets default_policy.
+    policy_dir: Path | None = None  # default <data_dir>/policies
+    default_policy: Path = Path(__file__).resolve().parent / "policies" / "default.yaml"
+    policy_check_s: float = Field(1.0, ge=0)  # how often a policy file's mtime is looked at
+    session_ttl_s: int = Field(600, ge=30, le=3600)
+    token_ttl_s: int = Field(120, ge=10, le=900)  # signed decisions are short-lived
+    issuer: str = "biogate-mfa"
+    signing_keys_file: Path | None = None  # default <data_dir>/keys/mfa-token-keys.json
+    signing_key_max_age_s: int = Field(30 * 86400, ge=60)  # rotated automatically after this
+    sms: SmsConfig = SmsConfig()
+    webauthn: WebAuthnConfig = WebAuthnConfig()
+
+
+class ClientTarget(Section):
+    """A gRPC service the MFA orchestrator calls (face, voice)."""
+
+    target: str = ""  # host:port; "" = this deployment's server.<service> endpoint
+    token: str = ""  # bearer token; "" = the development orchestrator token
+    ca_file: Path | None = None
+    cert_file: Path | None = None  # mTLS client certificate
+    key_file: Path | None = None
+    deadline_s: float = Field(8.0, gt=0)
+    retries: int = Field(2, ge=0, le=5)  # idempotent calls only, on UNAVAILABLE
+    breaker_failures: int = Field(3, ge=1)  # consecutive failures that open the circuit
+    breaker_reset_s: float = Field(15.0, gt=0)  # open this long, then one trial call
+
+
+class ClientsConfig(Section):
+    face: ClientTarget = ClientTarget()
+    voice: ClientTarget = ClientTarget(deadline_s=15.0)
+
+
+class MfaSettings(CommonSettings):
+    """The settings tree as the MFA service reads it."""
+
+    mfa: MfaConfig = MfaConfig()
+    clients: ClientsConfig = ClientsConfig()
+
+
+def mfa_settings(settings: CommonSettings) -> MfaSettings:
+    """A process's settings tree as the MFA reads it (its mfa and clients sections)."""
+    if not isinstance(settings, MfaSettings):
+        raise TypeError("the MFA needs a settings tree with its mfa and clients sections (services/settings.py)")
+    return settings

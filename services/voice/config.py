@@ -1,0 +1,101 @@
+"""The voice service's configuration sections (the ``voice`` section of the one settings tree,
+services/settings.py), and the part of the tree the voice service reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from services.common.config import CommonSettings, Section
+
+
+class VoiceTenantPolicy(Section):
+    """Per-tenant overrides of the voice service's defaults (unset: the service-wide value)."""
+
+    target_fmr: float | None = Field(None, gt=0, lt=1)  # must be a calibrated operating point
+    synthetic_speech_check: bool = True  # False: no AASIST layer for this tenant (replay and digits stay)
+    # None: the service's require_challenge. False: a Verify without a digit challenge is decided
+    # text-independently (evaluation tenants; a replayed recording is then only met by the replay cache).
+    require_challenge: bool | None = None
+
+
+class VoiceConfig(Section):
+    """The voice service: models, cohort, thresholds and the anti-spoofing layers."""
+
+    embedder: str = "ecapa-voxceleb"  # model ids of models/manifest.yaml
+    vad: str = "silero-vad-v6"
+    antispoof: str = "aasist"  # synthetic-speech detector; "" turns the layer off
+    digits: str = "whisper-tiny.en-ct2"  # the digit challenge's recogniser
+    antispoof_window_s: float = Field(3.0, ge=1.0, le=4.04)  # scored on the most speech-dense window
+    # Per template channel family, instead of antispoof_window_s. Telephone: AASIST's native 4.04 s
+    # window separates espeak-ng from telephone speech better than 3 s (PAD EER 2.7 % vs 5.0 %) for
+    # ~1.5x the CPU of a window (bench/RESULTS.md, Voice anti-spoofing layers).
+    antispoof_window_s_by_channel: dict[Literal["wideband", "telephone"], Annotated[float, Field(ge=1.0, le=4.04)]] = {
+        "telephone": 4.04}
+    antispoof_batch_max: int = Field(1, ge=1, le=64)  # AASIST windows per pass: ~170 MB each on CPU; raise on a GPU
+    antispoof_target_apcer: float = Field(0.05, gt=0, lt=1)  # a calibrated operating point (RESULTS.md)
+    target_fmr: float = Field(1e-3, gt=0, lt=1)  # a calibrated operating point
+    # Per template channel family, instead of target_fmr (a tenant's own target_fmr overrides both).
+    # Telephone: FMR 1e-2; at 1e-3 the speaker check alone refused 6.7 % of the fixtures' genuine
+    # pairs. The MFA weighs the response's LLR against each action's evidence requirement, which
+    # the match flag does not change (bench/RESULTS.md, Voice accuracy).
+    target_fmr_by_channel: dict[Literal["wideband", "telephone"], Annotated[float, Field(gt=0, lt=1)]] = {
+        "telephone": 1e-2}
+    # Calibration channel of the manifest for each template channel family.
+    calibration_channels: dict[str, str] = {"wideband": "wideband", "telephone": "telephony-8k"}
+    # "asnorm": adaptive s-norm against the cohort (re-calibrate after turning it on). Off by
+    # default: the obtainable cohort (14 clips, ~7 speakers) raised the fixtures' EER (RESULTS.md).
+    score_normalisation: Literal["none", "asnorm"] = "none"
+    # The s-norm cohort: an .npz written by `biogate voice cohort build`; None: the default cohort
+    # file in the model cache, built from the default cohort audio on first use.
+    cohort_file: Path | None = None
+    snorm_top_k: int = Field(50, ge=2)
+    min_utterances: int = Field(1, ge=1, le=10)  # per Enroll
+    max_utterances: int = Field(10, ge=1, le=20)
+    # Net-speech minimums from EER against duration (bench/voice_gates_eval.py, RESULTS "Voice
+    # gates"): probes of 1 s keep the EER within a point of whole recordings (0.5 s: 2-5 %); an
+    # enrolment needs 4 s in all, and two utterances of 2 s (or four of 1 s) make a better template
+    # than one of 4 s, so an utterance needs only the verify minimum and several add up.
+    min_net_speech_enroll_s: float = Field(1.0, gt=0)  # per utterance
+    min_total_net_speech_enroll_s: float = Field(4.0, gt=0)  # over the utterances of an Enroll
+    min_net_speech_verify_s: float = Field(1.0, gt=0)
+    stream_target_net_speech_s: float = Field(3.0, gt=0)  # a stream is decided once this much arrived
+    max_duration_s: float = Field(60.0, gt=0, le=600)
+    max_embed_s: float = Field(20.0, ge=3.0)  # longer audio is embedded in segments (memory bound)
+    max_batch_audio_s: float = Field(20.0, ge=3.0)  # audio per ECAPA call (~15 MB/s on CPU); raise on a GPU
+    # Verify/StreamVerify without a digit challenge are refused (FAILED_PRECONDITION
+    # CHALLENGE_REQUIRED): a recording of the customer played back says other words.
+    require_challenge: bool = True
+    challenge_digits: int = Field(6, ge=4, le=10)
+    challenge_ttl_s: int = Field(60, ge=10, le=60)
+    # Digits heard wrong, missing or extra (edit distance to the challenge) that still pass. 1: 98.0 %
+    # (app) and 98.5 % (IVR) of held-out real digit strings pass; any other spoken 6-digit string
+    # passes with p = 5.5e-5 (0: 93.5 % / 94.5 %, p = 1e-6; 2: p up to 2.1e-3). bench/RESULTS.md.
+    challenge_max_digit_errors: int = Field(1, ge=0, le=2)
+    # Replay cache: "database" (a table of the storage: shared by replicas, no extra service),
+    # "redis://host:port/db" (shared by replicas) or "memory" (one process).
+    replay_store: str = "database"
+    replay_key_prefix: str = "biogate:voice:replay"
+    replay_retention_s: int = Field(30 * 86400, ge=60)
+    replay_max_per_subject: int = Field(100, ge=1)
+    replay_min_similarity: float = Field(0.55, gt=0, lt=1)  # envelope correlation (services/voice/replay.py)
+    batch_max: int = Field(32, ge=1, le=256)
+    batch_wait_ms: float = Field(2.0, ge=0, le=50)
+    max_pad_ratio: float = Field(0.0, ge=0)  # > 0 pads unequal clips into one ECAPA batch (GPU)
+    inference_workers: int = Field(2, ge=1, le=64)  # micro-batchers per model: ~cores on CPU, 1 on a GPU
+    intra_op_threads: int = Field(1, ge=0)
+    calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
+    tenants: dict[str, VoiceTenantPolicy] = {}
+
+
+class VoiceSettings(CommonSettings):
+    """The settings tree as the voice service reads it."""
+
+    voice: VoiceConfig = VoiceConfig()
+
+
+def voice_config(settings: CommonSettings) -> VoiceConfig:
+    """The voice section of a process's settings tree (the defaults where the tree has none)."""
+    return settings.voice if isinstance(settings, VoiceSettings) else VoiceConfig()
