@@ -13,7 +13,7 @@ Compared in the same run, in this process, on the same probes:
   naive loop   a per-request loop of insightface-style calls: cv2 decode, OpenCV's FaceDetectorYN,
                insightface norm_crop, the embedder at batch 1, no batching, no service.
 
-    .venv/bin/python bench/face_bench.py [--duration 15] [--concurrency 1 8] [--liveness]
+    .venv/bin/python -m bench.face_bench [--duration 15] [--concurrency 1 8] [--liveness]
         [--write-results]
 """
 
@@ -25,42 +25,20 @@ import csv
 import datetime as dt
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import grpc
+import numpy as np
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
+from bench.harness import FIXTURES, MODEL_CACHE, ROOT, ServiceProcess, pct
+from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
+from services.settings import load_config
 
-from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc  # noqa: E402
-from services.settings import load_config  # noqa: E402
-
-FIXTURES = ROOT.parent / "shared" / "fixtures"
 TENANT = "bench"
-
-
-def pct(values, q):
-    return float(np.percentile(np.asarray(values) * 1000, q)) if len(values) else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def trial_pairs() -> tuple[list[Path], list[tuple[int, int]]]:
@@ -71,54 +49,6 @@ def trial_pairs() -> tuple[list[Path], list[tuple[int, int]]]:
     index = {p: i for i, p in enumerate(images)}
     pairs = [(index[r["enroll"]], index[r["probe"]]) for r in rows if r["target"] == "1"]
     return [FIXTURES / p for p in images], pairs
-
-
-# ---------------------------------------------------------------- the service process
-class ServiceProcess:
-    def __init__(self, data_dir: Path, threads: int | None) -> None:
-        self.port = free_port()
-        env = dict(os.environ)
-        env.update({
-            "BIOGATE_DATA_DIR": str(data_dir),
-            "BIOGATE_MODELS__CACHE_DIR": str(ROOT / "var" / "models"),
-            "BIOGATE_SERVER__FACE__PORT": str(self.port),
-            "BIOGATE_SERVER__FACE__METRICS_PORT": str(free_port()),
-            "BIOGATE_LOGGING__LEVEL": "WARNING",
-        })
-        if threads is not None:
-            env["BIOGATE_FACE__INTRA_OP_THREADS"] = str(threads)
-        self.settings = load_config(None, data_dir=str(data_dir))
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "face"], env=env, cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.address = f"127.0.0.1:{self.port}"
-
-    def wait_serving(self, timeout: float = 300) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError("the face service exited")
-            with grpc.insecure_channel(self.address) as ch:
-                try:
-                    r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.5)
-        raise TimeoutError("the face service did not become SERVING")
-
-    def token(self) -> str:
-        import json
-
-        return json.loads(self.settings.dev_credentials_file.read_text())["dev-all"]
-
-    def stop(self) -> float:
-        rss = peak_rss_mb(self.proc.pid)
-        self.proc.terminate()
-        self.proc.wait(30)
-        return rss
 
 
 # ---------------------------------------------------------------- load generator
@@ -240,11 +170,11 @@ def main() -> int:
     images, pairs = trial_pairs()
     datas = [p.read_bytes() for p in images]
     with tempfile.TemporaryDirectory(prefix="face-bench-") as tmp:
-        svc = ServiceProcess(Path(tmp) / "data", args.threads)
+        config = {"face": {"intra_op_threads": args.threads}} if args.threads is not None else {}
+        svc = ServiceProcess("face", config, data_dir=Path(tmp))
         try:
-            t = time.perf_counter()
-            svc.wait_serving()
-            start_s = time.perf_counter() - t
+            svc.start()
+            start_s = svc.start_s
             storage = open_storage(svc.settings.storage_dsn, svc.settings.storage)
             for i in range(len(images)):
                 storage.subjects.record_consent(ConsentRecord(TENANT, f"s{i}", "biometric_verification", ("face",), "v1"))
@@ -280,11 +210,12 @@ def main() -> int:
                     print(f"{mode} concurrency {c}: {len(lat)} ok in {wall:.1f} s = {len(lat) / wall:.1f}/s, "
                           f"p50 {pct(lat, 50):.1f} ms p95 {pct(lat, 95):.1f} ms p99 {pct(lat, 99):.1f} ms, "
                           f"errors {errs}", flush=True)
+            rss = svc.peak_rss_mb()
         finally:
-            rss = svc.stop()
+            svc.stop()
         print(f"service start to SERVING {start_s:.1f} s; peak RSS {rss:.0f} MB", flush=True)
 
-    store = ModelStore(load_config(None, models={"cache_dir": str(ROOT / "var" / "models")}))
+    store = ModelStore(load_config(None, models={"cache_dir": str(MODEL_CACHE)}))
     probes = [datas[p] for _, p in pairs]
     raw = raw_model_times(store, probes, "liveness" in args.modes)
     raw_total = {"plain": raw["detector"] + raw["embedder"], "liveness": sum(raw.values())}
@@ -324,7 +255,7 @@ def write_results(args, levels, raw, raw_total, naive_rps, naive_lat, rss, start
 
 (written by `bench/face_bench.py`; {dt.date.today().isoformat()}, {os.cpu_count()} shared cores ({cpu}),
 load average {load1:.1f} at the end from other engineers' jobs; command:
-`.venv/bin/python bench/face_bench.py --duration {args.duration:g} --concurrency {' '.join(map(str, args.concurrency))} --write-results`)
+`.venv/bin/python -m bench.face_bench --duration {args.duration:g} --concurrency {' '.join(map(str, args.concurrency))} --write-results`)
 
 Verify through the gRPC FaceService ("plain": no liveness; "liveness": require_liveness, the
 MiniFASNetV2 + V1SE ensemble as well; own process, default models: YuNet batchable copy +

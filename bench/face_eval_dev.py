@@ -1,7 +1,7 @@
 """Face pipeline measurements on the fixtures: EER per detector x embedder (and fusion), failure to
 enrol, PAD EER per liveness-box variant, and CPU latency per stage (single image).
 
-    .venv/bin/python bench/face_eval_dev.py [--quick] [--json OUT]
+    .venv/bin/python -m bench.face_eval_dev [--quick] [--json OUT]
 
 Models come from the model store (SCRFD is fetched from the operator folder when missing).
 """
@@ -11,28 +11,26 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-warnings.filterwarnings("ignore", category=FutureWarning)
+from services.settings import load_config
+from services.common.evaluation import metrics as m
+from services.common.evaluation.runner import run_verification
+from services.common.evaluation.trials import read_pad, read_trials
+from services.common.models import ModelStore, ModelUnavailableError
+from services.face import liveness as lv
+from services.face.align import align_face
+from services.face.evaluation import FaceVerificationScorer
+from services.face.imaging import decode_image
+from services.face.models import detector_config, embedder_config, liveness_specs
+from services.face.pipeline import FacePipeline, FacePipelineConfig, build_detector
+from services.face.quality import assess
 
-from services.settings import load_config  # noqa: E402
-from services.common.evaluation import metrics as m  # noqa: E402
-from services.common.evaluation.runner import run_verification  # noqa: E402
-from services.common.evaluation.trials import read_pad, read_trials  # noqa: E402
-from services.common.models import ModelStore, ModelUnavailableError  # noqa: E402
-from services.face import liveness as lv  # noqa: E402
-from services.face.align import align_face  # noqa: E402
-from services.face.evaluation import FaceVerificationScorer  # noqa: E402
-from services.face.imaging import decode_image  # noqa: E402
-from services.face.models import detector_config, embedder_config, liveness_specs  # noqa: E402
-from services.face.pipeline import FacePipeline, FacePipelineConfig, build_detector  # noqa: E402
-from services.face.quality import assess  # noqa: E402
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 DETECTORS = ("yunet-2023mar", "scrfd-500m", "scrfd-2.5g")

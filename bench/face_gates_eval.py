@@ -33,19 +33,17 @@ from typing import Any
 import cv2
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.eval_common import write_results
+from services.settings import load_config
+from services.common.evaluation import metrics as m
+from services.common.evaluation.trials import read_pad, read_people, split_people
+from services.common.models import ModelStore
+from services.face.detection import Face
+from services.face.models import pipeline_config
+from services.face.pipeline import FacePipeline
+from services.face.quality import QualityThresholds
 
-from bench.eval_common import write_results  # noqa: E402
-from services.settings import load_config  # noqa: E402
-from services.common.evaluation import metrics as m  # noqa: E402
-from services.common.evaluation.trials import read_pad, read_people, split_people  # noqa: E402
-from services.common.models import ModelStore  # noqa: E402
-from services.face.detection import Face  # noqa: E402
-from services.face.models import pipeline_config  # noqa: E402
-from services.face.pipeline import FacePipeline  # noqa: E402
-from services.face.quality import QualityThresholds  # noqa: E402
-from services.face.subject import SubjectPolicy, choose_subject  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 MODEL = "mobilefacenet-arcface-192d"

@@ -36,12 +36,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.eval_common import run
+from services.common.evaluation.trials import read_people, split_people
+from services.common.models.calibration import rate_text
 
-from bench.eval_common import run  # noqa: E402
-from services.common.evaluation.trials import read_people, split_people  # noqa: E402
-from services.common.models.calibration import rate_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 PEOPLE_LIST = "face/identities/SOURCES.csv"

@@ -1,6 +1,6 @@
 """Faces on their side or upside down: how the face pipeline finds which way is up, on the fixtures.
 
-    .venv/bin/python bench/face_rotation.py [--every N]
+    .venv/bin/python -m bench.face_rotation [--every N]
 
 Every face image of trials_face.csv (and the identities set with --identities) turned by 90, 180 and
 270 degrees: whether the plain pipeline still finds a face, whether the landmark geometry shows the
@@ -14,20 +14,17 @@ import argparse
 import csv
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.config import PROJECT_ROOT  # noqa: E402
-from services.settings import load_config  # noqa: E402
-from services.common.models import ModelStore  # noqa: E402
-from services.face.imaging import decode_image  # noqa: E402
-from services.face.models import pipeline_config  # noqa: E402
-from services.face.pipeline import FacePipeline  # noqa: E402
+from services.common.config import PROJECT_ROOT
+from services.settings import load_config
+from services.common.models import ModelStore
+from services.face.imaging import decode_image
+from services.face.models import pipeline_config
+from services.face.pipeline import FacePipeline
 
 FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 EMBEDDER = "mobilefacenet-arcface-192d"

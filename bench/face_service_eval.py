@@ -8,7 +8,7 @@ The PAD EER needs scores, which the service never returns: it comes from the in-
 (the service's pipeline code), which is also what the liveness calibration is fitted on; the
 service's run reports its decisions (APCER per attack type, BPCER, non-responses) only.
 
-    .venv/bin/python bench/face_service_eval.py [--calibrate] [--out var/eval/face-service]
+    .venv/bin/python -m bench.face_service_eval [--calibrate] [--out var/eval/face-service]
 """
 
 from __future__ import annotations
@@ -20,14 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from face_bench import ServiceProcess  # noqa: E402
-
-import services.face.remote  # noqa: E402,F401  - registers the remote (--target) scorers
-from bench.eval_common import run  # noqa: E402
+import services.face.remote  # noqa: F401  - registers the remote (--target) scorers
+from bench.eval_common import run
+from bench.harness import MODEL_CACHE, ROOT, ServiceProcess
 
 EMBEDDER = "mobilefacenet-arcface-192d"
 LIVENESS = ("minifasnet-v2-2.7", "minifasnet-v1se-4.0")
@@ -52,12 +47,12 @@ def main() -> int:
     out = Path(a.out)
     with tempfile.TemporaryDirectory(prefix="face-eval-") as tmp:
         data = Path(tmp) / "data"
-        svc = ServiceProcess(data, None)
+        svc = ServiceProcess("face", data_dir=Path(tmp))
         os.environ["BIOGATE_DATA_DIR"] = str(data)  # the scorer records consents in the service's storage
         os.environ["BIOGATE_LOGGING__LEVEL"] = "WARNING"
-        os.environ.setdefault("BIOGATE_MODELS__CACHE_DIR", str(ROOT / "var" / "models"))
+        os.environ.setdefault("BIOGATE_MODELS__CACHE_DIR", str(MODEL_CACHE))
         try:
-            svc.wait_serving()
+            svc.start()
             target = ["--target", svc.address]
             run(["eval", "--modality", "face", "--all-pairs", *target, "--out", str(out / "all-pairs")])
             if a.calibrate:
@@ -72,8 +67,9 @@ def main() -> int:
                     run(["calibrate", str(out / "pad-local" / "report.json"), "--model", model, "--channel", "default",
                          "--dataset", "fixtures/pad_face.csv (score: mean of minifasnet-v2-2.7 and minifasnet-v1se-4.0)"])
             run(["eval", "--modality", "face", "--task", "pad", *target, "--out", str(out / "pad-service")])
+            rss = svc.peak_rss_mb()
         finally:
-            rss = svc.stop()
+            svc.stop()
     print(f"face service peak RSS {rss:.0f} MB")
     for name in ("trials", "all-pairs", "pad-local"):
         print(name, json.dumps(summary(out / name / "report.json"), default=str)[:1500])

@@ -1,6 +1,6 @@
 """GPU benchmark: the face and voice services on CUDA, against the raw models on the same GPU in the same run.
 
-    python bench/gpu_bench.py --part env|raw|face|voice [--levels 1 16 64] [--duration 15] --out DIR
+    python -m bench.gpu_bench --part env|raw|face|voice [--levels 1 16 64] [--duration 15] --out DIR
 
 Written for the lent GPU machine (`../shared/docs/GPU.md`: onnxruntime-gpu, torch with CUDA), and
 runs anywhere: on a machine without a GPU every model falls back to the CPU and the report says so.
@@ -33,15 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from bench import face_bench, voice_bench  # noqa: E402
-from services.settings import load_config  # noqa: E402
-
-CACHE = ROOT / "var" / "models"
+from bench import face_bench, voice_bench
+from bench.harness import MODEL_CACHE as CACHE
+from bench.harness import ServiceProcess, peak_rss_mb
+from services.settings import load_config
 
 GPU_ENV = {
     "BIOGATE_MODELS__CACHE_DIR": str(CACHE),
@@ -172,11 +169,10 @@ def part_face(levels: list[int], duration: float, liveness: bool) -> dict:
     datas = [p.read_bytes() for p in images]
     runs = []
     with tempfile.TemporaryDirectory(prefix="gpu-face-") as tmp:
-        svc = face_bench.ServiceProcess(Path(tmp) / "data", None)
+        svc = ServiceProcess("face", data_dir=Path(tmp))
         try:
-            t = time.perf_counter()
-            svc.wait_serving(600)
-            start_s = time.perf_counter() - t
+            svc.start()
+            start_s = svc.start_s
             storage = open_storage(svc.settings.storage_dsn, svc.settings.storage)
             for i in range(len(images)):
                 storage.subjects.record_consent(ConsentRecord("bench", f"s{i}", "biometric_verification", ("face",), "v1"))
@@ -197,23 +193,17 @@ def part_face(levels: list[int], duration: float, liveness: bool) -> dict:
                                                                   100000))
                 runs.append(summarise(lat, wall, errs, concurrency=c, liveness=liveness))
                 print(json.dumps(runs[-1]), flush=True)
+            rss = svc.peak_rss_mb()
         finally:
-            rss = face_bench.peak_rss_mb(svc.proc.pid)
-            try:
-                svc.stop()
-            except subprocess.TimeoutExpired:
-                svc.proc.kill()
-                print("the face service did not stop within 30 s of SIGTERM; killed", file=sys.stderr)
+            svc.stop()
     return {"start_to_serving_s": round(start_s, 1), "peak_rss_mb": round(rss), "runs": runs, "env": GPU_ENV}
 
 
 def part_voice(levels: list[int], duration: float) -> dict:
     import grpc
-    import yaml
 
     from services.common.api.v1 import common_pb2, voice_pb2, voice_pb2_grpc
     from services.common.storage import ConsentRecord, open_storage
-    from services.serve import health_status
 
     os.environ.update(GPU_ENV)
     import soundfile as sf
@@ -224,20 +214,9 @@ def part_voice(levels: list[int], duration: float) -> dict:
     runs = []
     with tempfile.TemporaryDirectory(prefix="gpu-voice-") as tmpdir:
         tmp = Path(tmpdir)
-        port = voice_bench.free_port()
-        config = {"data_dir": str(tmp / "data"), "server": {"voice": {"port": port, "metrics_port": None}},
-                  "voice": {"tenants": {"bench": {"require_challenge": False},  # text-independent speech
-                                        "bench-nosynth": {"synthetic_speech_check": False, "require_challenge": False}}}}
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config))
         t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "--config", str(tmp / "config.yaml"), "serve",
-                                 "voice"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / "voice.log", "w"))
-        target = f"127.0.0.1:{port}"
+        proc, target, _ = voice_bench.start_service(tmp, f"biogate-gpu-bench:{os.getpid()}")
         try:
-            while health_status(target) != "SERVING":
-                if proc.poll() is not None or time.perf_counter() - t > 600:
-                    raise SystemExit("the voice service did not start:\n" + (tmp / "voice.log").read_text()[-3000:])
-                time.sleep(0.5)
             start_s = time.perf_counter() - t
             settings = load_config(tmp / "config.yaml")
             token = json.loads(settings.dev_credentials_file.read_text())["dev-all"]
@@ -273,7 +252,7 @@ def part_voice(levels: list[int], duration: float) -> dict:
                                                        100000))
                     print(json.dumps(run), flush=True)
                     runs.append(run)
-            rss = voice_bench.peak_rss_mb(proc.pid)
+            rss = peak_rss_mb(proc.pid)
         finally:
             proc.terminate()
             proc.wait(30)

@@ -120,12 +120,3 @@ def aio_channel(target: str, token: str | None, max_message_bytes: int = 16 * 10
 
     options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
     return grpc.aio.insecure_channel(target, options=options, interceptors=[_Auth()])
-
-
-def peak_rss_mb(pid: int) -> float:
-    """Peak resident set size (VmHWM) of a process, from /proc."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")

@@ -9,27 +9,25 @@ storage, a fixture face is enrolled for each subject, and each flow is one face 
 (passive liveness) whose capture the device key signs (proving the device too) instead of the
 proof and the OTP: the face calls' latency is reported on its own line.
 
-    .venv/bin/python bench/mfa_bench.py --flows 200 [--grpc] [--with-face] [--dsn postgresql://...]
+    .venv/bin/python -m bench.mfa_bench --flows 200 [--grpc] [--with-face] [--dsn postgresql://...]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from services.common.api.v1 import common_pb2, mfa_pb2  # noqa: E402
-from services.settings import load_config  # noqa: E402
-from services.mfa.binding import payload_digest, transaction_context  # noqa: E402
-from services.mfa.storage import DeviceRecord  # noqa: E402
+from services.common.api.v1 import common_pb2, mfa_pb2
+from services.settings import load_config
+from services.mfa.binding import payload_digest, transaction_context
+from services.mfa.storage import DeviceRecord
 
 F = mfa_pb2
 POLICY = """\

@@ -1,7 +1,7 @@
 """AASIST / AASIST-L scores on genuine fixture speech (as recorded and through the telephone
 simulation) and on espeak-ng speech (needs `apt-get install espeak-ng`).
 
-    .venv/bin/python bench/voice_antispoof_dev.py [--out FILE.json]
+    .venv/bin/python -m bench.voice_antispoof_dev [--out FILE.json]
 
 Scores are bona fide log-odds (higher = genuine). Reports, per model and channel, the score
 distribution, the false rejections of genuine speech at the threshold that rejects every espeak
@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.config import PROJECT_ROOT  # noqa: E402
-from services.settings import load_config  # noqa: E402
-from services.common.evaluation import metrics  # noqa: E402
-from services.common.models import ModelStore  # noqa: E402
-from services.voice import attacks, telephone  # noqa: E402
-from services.voice.aasist import AasistDetector  # noqa: E402
+from services.common.config import PROJECT_ROOT
+from services.settings import load_config
+from services.common.evaluation import metrics
+from services.common.models import ModelStore
+from services.voice import attacks, telephone
+from services.voice.aasist import AasistDetector
 
 FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 SENTENCES = attacks.SENTENCES[:8]

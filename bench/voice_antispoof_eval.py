@@ -34,12 +34,11 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import fftconvolve
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.eval_common import run
+from services.common.evaluation.trials import read_pad
+from services.voice import attacks
 
-from bench.eval_common import run  # noqa: E402
-from services.common.evaluation.trials import read_pad  # noqa: E402
-from services.voice import attacks  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 DEFAULT_VOICES = 16

@@ -1,6 +1,6 @@
 """VoiceService benchmark: Verify latency and throughput for 3 s clips through gRPC on loopback.
 
-    .venv/bin/python bench/voice_bench.py [--concurrency 4] [--duration 40] [--max-requests 400]
+    .venv/bin/python -m bench.voice_bench [--concurrency 4] [--duration 40] [--max-requests 400]
                                           [--write-results]
 
 Starts a real `biogate serve voice` process (default models, Redis replay store under a key prefix
@@ -21,7 +21,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,25 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.harness import FIXTURES as ALL_FIXTURES
+from bench.harness import ROOT, ServiceProcess, command_line, pct, peak_rss_mb
+from services.settings import load_config
 
-from services.settings import load_config  # noqa: E402
-
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "voice" / "verification"
+FIXTURES = ALL_FIXTURES / "voice" / "verification"
 CLIP_S = 3.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(values, q) -> float:
-    return float(np.percentile(np.asarray(values) * 1000.0, q)) if values else float("nan")
 
 
 def crop(x: np.ndarray, seconds: float = CLIP_S) -> np.ndarray:
@@ -58,37 +45,13 @@ def crop(x: np.ndarray, seconds: float = CLIP_S) -> np.ndarray:
 
 
 def start_service(tmp: Path, prefix: str) -> tuple[subprocess.Popen, str, dict]:
-    port = free_port()
-    config = {
-        "data_dir": str(tmp / "data"),
-        "server": {"voice": {"port": port, "metrics_port": None}},
-        "models": {"cache_dir": str(ROOT / "var" / "models")},
-        "logging": {"level": "WARNING"},
-        # text-independent speech: the bench tenants verify without the digit challenge
-        "voice": {"replay_key_prefix": prefix, "tenants": {
-            "bench": {"require_challenge": False},
-            "bench-nosynth": {"synthetic_speech_check": False, "require_challenge": False}}},
-    }
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "--config", str(path), "serve", "voice"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / "voice.log", "w"))
-    from services.serve import health_status
-
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while health_status(target) != "SERVING":
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the voice service did not start; see {tmp / 'voice.log'}")
-        time.sleep(1.0)
-    return proc, target, config
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
+    """A voice service under ``tmp`` (config.yaml, data/) whose replay keys carry ``prefix``."""
+    # text-independent speech: the bench tenants verify without the digit challenge
+    svc = ServiceProcess("voice", {"voice": {"replay_key_prefix": prefix, "tenants": {
+        "bench": {"require_challenge": False},
+        "bench-nosynth": {"synthetic_speech_check": False, "require_challenge": False}}}}, data_dir=tmp).start()
+    assert svc.proc is not None
+    return svc.proc, svc.address, svc.config
 
 
 async def load(target: str, token: str, tenant: str, subjects: list[str], probes: list[list[bytes]],
@@ -254,7 +217,7 @@ def main() -> int:
     report: dict = {"date": dt.date.today().isoformat(),
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), load average "
                                f"{os.getloadavg()[0]:.1f}",
-                    "command": "bench/voice_bench.py " + " ".join(sys.argv[1:])}
+                    "command": command_line()}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         proc, target, config = start_service(tmp, prefix)

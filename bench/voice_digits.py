@@ -40,7 +40,6 @@ import itertools
 import json
 import math
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -50,16 +49,14 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from services.common.config import PROJECT_ROOT  # noqa: E402
-from services.settings import load_config  # noqa: E402
-from services.voice import ingest, telephone  # noqa: E402
-from services.voice.digits import (  # noqa: E402
+from services.common.config import PROJECT_ROOT
+from services.settings import load_config
+from services.voice import ingest, telephone
+from services.voice.digits import (
     END_OF_TEXT, MAX_FRAMES, PROMPT, WORDS, DigitRecognizer, digit_errors, log_mel,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DIGITS_DIR = ROOT.parent / "shared" / "fixtures" / "voice" / "digits"
 RATE = 8000

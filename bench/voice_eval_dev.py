@@ -1,7 +1,7 @@
 """Voice pipeline measurements on this machine: EER on the fixtures per channel, ECAPA latency
 (SpeechBrain on torch vs the ONNX export) and batched throughput.
 
-    .venv/bin/python bench/voice_eval_dev.py [--skip-eer] [--skip-latency] [--out FILE.json]
+    .venv/bin/python -m bench.voice_eval_dev [--skip-eer] [--skip-latency] [--out FILE.json]
 
 The official evaluation is `biogate eval --modality voice --channel {wideband,telephony-8k}[-3s]`
 (services/voice/evaluation.py); this script adds the variants and the timings, in one run.
@@ -21,26 +21,24 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.config import PROJECT_ROOT  # noqa: E402
-from services.settings import load_config  # noqa: E402
-from services.common.evaluation import metrics  # noqa: E402
-from services.common.evaluation.trials import read_trials  # noqa: E402
-from services.common.models import ModelStore  # noqa: E402
-from services.voice import telephone  # noqa: E402
-from services.voice.ecapa import EcapaOnnx, EcapaSpeechBrain  # noqa: E402
-from services.voice.evaluation import VoiceVerificationScorer, parse_channel  # noqa: E402
-from services.voice.models import model_files  # noqa: E402
-from services.voice.pipeline import VoicePipeline, VoicePipelineConfig  # noqa: E402
-from services.voice.vad import SileroVad  # noqa: E402
+from services.common.config import PROJECT_ROOT
+from services.settings import load_config
+from services.common.evaluation import metrics
+from services.common.evaluation.trials import read_trials
+from services.common.models import ModelStore
+from services.voice import telephone
+from services.voice.ecapa import EcapaOnnx, EcapaSpeechBrain
+from services.voice.evaluation import VoiceVerificationScorer, parse_channel
+from services.voice.models import model_files
+from services.voice.pipeline import VoicePipeline, VoicePipelineConfig
+from services.voice.vad import SileroVad
 
 FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 

@@ -38,19 +38,18 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import fftconvolve
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.eval_common import write_results
+from services.settings import load_config
+from services.common.evaluation import metrics as m
+from services.common.evaluation.trials import read_pad
+from services.common.models import ModelStore
+from services.voice.attacks import room_impulse_response
+from services.voice import telephone
+from services.voice.ingest import AudioFormat, Conditioner, Encoding, decode
+from services.voice.models import VoiceModels, pipeline_from_settings
+from services.voice.vad import SileroVad, VadParams
 
-from bench.eval_common import write_results  # noqa: E402
-from services.settings import load_config  # noqa: E402
-from services.common.evaluation import metrics as m  # noqa: E402
-from services.common.evaluation.trials import read_pad  # noqa: E402
-from services.common.models import ModelStore  # noqa: E402
-from services.voice.attacks import room_impulse_response  # noqa: E402
-from services.voice import telephone  # noqa: E402
-from services.voice.ingest import AudioFormat, Conditioner, Encoding, decode  # noqa: E402
-from services.voice.models import VoiceModels, pipeline_from_settings  # noqa: E402
-from services.voice.vad import SileroVad, VadParams  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 GRID = ((None, 0.0, 6.0), (-26.0, 20.0, 6.0), (-26.0, 30.0, 6.0), (-20.0, 30.0, 6.0), (-26.0, 40.0, 6.0),

@@ -1,6 +1,6 @@
 """Genuine fixture speech through every layer of a running VoiceService, per channel.
 
-    .venv/bin/python bench/voice_genuine_layers.py [--channels wideband telephone] [--probes whole stream]
+    .venv/bin/python -m bench.voice_genuine_layers [--channels wideband telephone] [--probes whole stream]
                                                   [--out FILE.json]
 
 Starts a real `biogate serve voice` process (default configuration and manifest: AASIST, replay
@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -35,14 +34,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import voice_bench
+from bench.harness import command_line
+from services.settings import load_config
+from services.voice import telephone
 
-from bench import voice_bench  # noqa: E402
-from services.settings import load_config  # noqa: E402
-from services.voice import telephone  # noqa: E402
-
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "voice" / "verification"
+FIXTURES = voice_bench.FIXTURES
 CHUNK_S = 0.02
 # Environment settings: merged into the service's configuration (pydantic-settings, BIOGATE_ prefix).
 ENROL_MINIMUMS = {"BIOGATE_VOICE__MIN_NET_SPEECH_ENROLL_S": "1.0", "BIOGATE_VOICE__MIN_TOTAL_NET_SPEECH_ENROLL_S": "1.0",
@@ -146,7 +143,7 @@ def main() -> int:
     for d in sorted(p for p in FIXTURES.iterdir() if p.is_dir()):
         paths = sorted(d.glob("*.wav"), key=lambda p: (-p.stat().st_size, p.name))
         speakers[d.name] = (paths, [sf.read(p, dtype="float32")[0] for p in paths])
-    report: dict = {"date": dt.date.today().isoformat(), "command": "bench/voice_genuine_layers.py " + " ".join(sys.argv[1:]),
+    report: dict = {"date": dt.date.today().isoformat(), "command": command_line(),
                     "load_average": round(os.getloadavg()[0], 1), "runs": []}
     prefix = f"biogate-bench:{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmpdir:

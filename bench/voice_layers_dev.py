@@ -1,6 +1,6 @@
 """Measurements behind the voice service's anti-spoofing layers (printed as JSON lines).
 
-    .venv/bin/python bench/voice_layers_dev.py
+    .venv/bin/python -m bench.voice_layers_dev
 
 * replay: fingerprint similarity between different fixture captures (all pairs; same speaker
   included) and between a capture and its re-encoded / resampled / loudspeaker+room copies.
@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from services.voice import attacks, replay, telephone
 
-from services.voice import attacks, replay, telephone  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "voice" / "verification"
 

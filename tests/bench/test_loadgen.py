@@ -4,7 +4,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.loadgen import aio_channel, assert_loopback, peak_rss_mb, run_load
+from bench.harness import peak_rss_mb
+from bench.loadgen import aio_channel, assert_loopback, run_load
 
 
 def test_only_loopback_targets_are_allowed():
