@@ -4,7 +4,7 @@ failure for every trial, and the same score.
 
 Trials: those of trials_voice.csv whose enrolment is one of four speakers (genuine and impostor),
 plus a recording cut to 0.4 s of speech as an enrolment and as a probe, which both refuse for too
-little net speech. Wideband, whole recordings, the tenant "eval" of the test service (no AASIST
+little net speech. Wideband, whole recordings, the tenant "eval-parity" of the test service (no AASIST
 layer: test_layers.py covers it; the replay layer runs on both sides).
 
 Score tolerance 1e-5: the service returns the cosine as a float32 (rounding <= 6e-8) and embeds
@@ -26,6 +26,8 @@ from services.common.evaluation.runner import run_verification
 from services.common.evaluation.trials import read_trials
 from services.voice.evaluation import VoiceDecisionScorer, local_engine
 from services.voice.remote_eval import RemoteVoiceScorer
+
+pytestmark = pytest.mark.eval  # evaluation-grade: a whole fixture list through the models
 
 TOLERANCE = 1e-5
 SPEAKERS = ("libri_1688", "libri_2033", "libri_3005", "speechbrain_spk1")
@@ -56,9 +58,9 @@ def trials(fixtures_dir: Path, tmp_path_factory):
 def test_voice_decisions_are_the_same_locally_and_through_the_service(voice_service, trials):
     settings = voice_service.settings
     remote = RemoteVoiceScorer(voice_pb2_grpc.VoiceServiceStub(voice_service.channel), voice_service.consent,
-                               "wideband", "eval")
+                               "wideband", "eval-parity")
     remote_run = run_verification(remote, trials)
-    local = VoiceDecisionScorer(local_engine(settings), settings, "wideband", "eval")
+    local = VoiceDecisionScorer(local_engine(settings), settings, "wideband", "eval-parity")
     try:
         local_run = run_verification(local, trials)
     finally:
