@@ -32,6 +32,31 @@ def pytest_runtest_setup(item) -> None:
             del sys.modules[name]
 
 
+# Fixtures that load models or start model-backed services: a test using one (directly or through
+# another fixture) is in the `models` tier, which `make check` leaves out.
+MODEL_FIXTURES = frozenset({
+    "face_models", "voice_models", "model_store", "registry_store", "shared_models", "services",
+    "face_service", "voice_service",
+})
+
+
+# Modules that start whole services with their models in the test itself (no fixture says so).
+MODEL_PATHS = ("face/", "voice/", "attacks/", "mfa/test_e2e.py", "deploy/test_replicas.py",
+               "deploy/test_example_config.py", "services/test_complete_erasure.py",
+               "services/test_same_failures.py", "services/test_serve_cli.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        where = Path(str(item.fspath)).relative_to(here).as_posix()
+        if names & MODEL_FIXTURES or where.startswith(MODEL_PATHS):
+            item.add_marker(pytest.mark.models)
+        if "pg_dsn" in names or "[postgres" in item.nodeid:
+            item.add_marker(pytest.mark.postgres)
+
+
 def race(n: int, work: Callable[[int], object]) -> list[object]:
     """Run work(i) on n threads released together; each result or raised exception, in order."""
     start = threading.Barrier(n)

@@ -18,6 +18,8 @@ from services.common.evaluation.trials import all_pairs, read_people, split_peop
 from services.common.models import load_manifest
 from services.common.models.calibration import llr_caps
 
+pytestmark = pytest.mark.eval  # evaluation-grade: a whole fixture list through the models
+
 MODEL = "mobilefacenet-arcface-192d"
 # bench/face_identities.py, step 6: the first 16 held-out people (odd positions of the sorted names),
 # 64 photos, at the manifest record's thresholds: target -> (false matches, impostor pairs scored,

@@ -24,6 +24,8 @@ from services.common.evaluation.trials import all_pairs, read_pad, read_people, 
 from services.face.evaluation import make_pad_scorer, make_verification_scorer
 from services.face.remote import RemoteFacePadScorer, RemoteFaceVerificationScorer
 
+pytestmark = pytest.mark.eval  # evaluation-grade: a whole fixture list through the models
+
 TOLERANCE = 1e-5
 # People of fixtures/face/identities with a photo refused by the subject or size rules
 # (bench/face_gates_eval.py), and two without.

@@ -8,6 +8,8 @@ from services.common.evaluation.scorers import ScorerOptions
 from services.common.evaluation.trials import read_pad, read_trials
 from services.face.evaluation import make_pad_scorer, make_verification_scorer
 
+pytestmark = pytest.mark.eval  # evaluation-grade: a whole fixture list through the models
+
 
 @pytest.fixture(scope="module")
 def options(model_store, face_models):

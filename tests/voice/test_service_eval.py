@@ -21,6 +21,8 @@ from services.common.evaluation.trials import read_trials
 from services.voice.engine import channel_target_fmr
 from services.voice.remote_eval import RemoteVoiceScorer, subject_for
 
+pytestmark = pytest.mark.eval  # evaluation-grade: a whole fixture list through the models
+
 LIMITS = {"wideband": 0.010, "telephony-8k": 0.030}
 
 
