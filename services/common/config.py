@@ -61,6 +61,9 @@ class AdmissionConfig(Section):
     max_queue: int = Field(8, ge=0)
     # Weight of the latest call in the moving average of each RPC kind's service time.
     ewma_alpha: float = Field(0.2, gt=0, le=1)
+    # After this long without model work, the heap a burst freed goes back to the OS (glibc
+    # malloc_trim; services/common/server/memory.py). 0: never.
+    trim_memory_idle_s: float = Field(2.0, ge=0)
 
     @property
     def slots(self) -> int:

@@ -47,6 +47,15 @@ def test_free_slots_admit_at_once_and_the_service_time_feeds_the_estimate():
     assert q.running == 0 and q.estimate("Verify") == pytest.approx(0.6)
 
 
+def test_a_call_is_admitted_on_the_average_plus_two_mean_deviations():
+    q, _ = queue(alpha=0.5)
+    q.observe("Verify", 1.0)
+    assert q.budget("Verify") == pytest.approx(1.0)  # one sample: no spread known yet
+    q.observe("Verify", 2.0)  # mean 1.5, mean deviation 0.5
+    assert (q.estimate("Verify"), q.budget("Verify")) == (pytest.approx(1.5), pytest.approx(2.5))
+    assert q.budget("Identify") == pytest.approx(2.5)  # no samples: the largest budget known
+
+
 def test_a_kind_without_samples_is_estimated_at_the_slowest_known():
     q, _ = queue()
     q.observe("Verify", 0.2)
@@ -149,3 +158,22 @@ def test_unknown_settings_and_threads_that_cheap_rpcs_need_are_refused():
         ServerConfig(max_workers=10, admission={"concurrency": 2, "max_queue": 8})
     with pytest.raises(ValidationError):
         ServerConfig(admission={"slots": 3})
+
+
+def test_freed_memory_is_trimmed_once_per_burst_after_the_idle_time():
+    from services.common.server.memory import IdleTrimmer
+
+    q, clock = queue(concurrency=1, max_queue=1)
+    trimmer = IdleTrimmer(q, idle_s=2.0, clock=clock)
+    assert trimmer.trim is not None  # glibc: the CI and production images
+    assert not trimmer.check()  # no work yet: nothing to give back
+    slot = q.acquire("Verify", None)
+    clock.now += 5.0
+    assert not trimmer.check()  # a call is running
+    q.release(slot)
+    clock.now += 1.0
+    assert not trimmer.check()  # idle for less than idle_s
+    clock.now += 1.5
+    assert trimmer.check() and trimmer.trims == 1
+    clock.now += 10.0
+    assert not trimmer.check()  # no work since: once per burst

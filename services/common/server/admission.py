@@ -15,9 +15,11 @@ look at the queue, when
 The expected service time is an exponentially weighted moving average per RPC kind, measured
 under the slot (so it includes the contention of ``concurrency`` calls sharing the cores); the
 expected wait is the work ahead (what is left of the running calls' estimates plus the queued
-calls' estimates) divided by ``concurrency``. A queued call whose deadline comes so close that it
-could no longer finish leaves the queue with the same refusal (``DEADLINE_UNREACHABLE``) rather
-than start work nobody will read.
+calls' estimates) divided by ``concurrency``. A call's own service time is budgeted at the
+average plus ``SPREAD`` mean deviations (as TCP budgets a round trip, RFC 6298): a call admitted
+on the average alone misses its deadline whenever it is slower than average. A queued call whose
+deadline comes so close that it could no longer finish leaves the queue with the same refusal
+(``DEADLINE_UNREACHABLE``) rather than start work nobody will read.
 
 Which RPCs go through the queue is declared in the proto (``option (biogate.v1.model_work)``);
 the others (GetEnrollment, DeleteSubject, challenges, health, reflection) never wait behind it.
@@ -38,6 +40,7 @@ from services.common import errors, metrics
 QUEUE_FULL = "QUEUE_FULL"
 DEADLINE_UNREACHABLE = "DEADLINE_UNREACHABLE"
 MIN_RETRY_S = 0.01
+SPREAD = 2.0  # mean deviations of service time added to a call's own budget
 
 
 @dataclass(eq=False)
@@ -67,6 +70,9 @@ class AdmissionQueue:
         self._running: list[Slot] = []
         self._queued: deque[Slot] = deque()
         self._estimate_s: dict[str, float] = {}
+        self._deviation_s: dict[str, float] = {}
+        self.last_activity = clock()  # when a call last arrived or finished (the memory trimmer's idle clock)
+        self.completed = 0
 
     # --- estimates ------------------------------------------------------------------------
 
@@ -81,13 +87,28 @@ class AdmissionQueue:
             est = max(self._estimate_s.values(), default=0.0)
         return est
 
+    def budget(self, kind: str) -> float:
+        """The service time a call of ``kind`` is admitted on: the average plus SPREAD mean deviations."""
+        with self._lock:
+            return self._budget(kind)
+
+    def _budget(self, kind: str) -> float:
+        if kind not in self._estimate_s:
+            return max((self._budget(k) for k in self._estimate_s), default=0.0)
+        return self._estimate_s[kind] + SPREAD * self._deviation_s[kind]
+
     def observe(self, kind: str, seconds: float) -> None:
         with self._lock:
             self._observe(kind, seconds)
 
     def _observe(self, kind: str, seconds: float) -> None:
         old = self._estimate_s.get(kind)
-        self._estimate_s[kind] = seconds if old is None else old + self.alpha * (seconds - old)
+        if old is None:
+            self._estimate_s[kind], self._deviation_s[kind] = seconds, 0.0
+            return
+        dev = self._deviation_s[kind]
+        self._deviation_s[kind] = dev + self.alpha * (abs(seconds - old) - dev)
+        self._estimate_s[kind] = old + self.alpha * (seconds - old)
 
     def expected_wait(self) -> float:
         """Seconds a call arriving now would wait for a slot."""
@@ -117,8 +138,9 @@ class AdmissionQueue:
         ``deadline`` is the monotonic time by which the call must be answered; None: no bound."""
         with self._lock:
             now = self.clock()
+            self.last_activity = now
             slot = Slot(kind, deadline)
-            own = self._estimate(kind)
+            own = self._budget(kind)
             wait = self._expected_wait(now)
             if deadline is not None and now + wait + own > deadline:
                 raise self._refuse(slot, DEADLINE_UNREACHABLE, wait, own, deadline - now)
@@ -134,15 +156,15 @@ class AdmissionQueue:
                 if slot.refused is not None:
                     raise slot.refused
                 # Woken by every release; the deadline check needs a wake-up of its own.
-                timeout = None if deadline is None else max(deadline - self._estimate(kind) - self.clock(), 0.0)
+                timeout = None if deadline is None else max(deadline - self._budget(kind) - self.clock(), 0.0)
                 if timeout == 0.0 or not self._lock.wait(timeout):
                     now = self.clock()
-                    if slot.started is None and deadline is not None and now + self._estimate(kind) >= deadline:
+                    if slot.started is None and deadline is not None and now + self._budget(kind) >= deadline:
                         self._queued.remove(slot)
                         metrics.ADMISSION_QUEUED.labels(self.service).set(len(self._queued))
                         self._lock.notify_all()
                         raise self._refuse(slot, DEADLINE_UNREACHABLE, self._expected_wait(now),
-                                           self._estimate(kind), deadline - now)
+                                           self._budget(kind), deadline - now)
 
     def _start_heads(self, now: float) -> None:
         """Moves queued calls into free slots, in order of arrival (under the lock)."""
@@ -163,6 +185,8 @@ class AdmissionQueue:
                 return
             slot._released = True
             self._running.remove(slot)
+            self.completed += 1
+            self.last_activity = self.clock()
             if observe:
                 self._observe(slot.kind, self.clock() - slot.started)
             self._start_heads(self.clock())
