@@ -1,6 +1,6 @@
 """Overload: face Verify and voice Verify at 1x and 4x their sustained rate on this machine (issue 12).
 
-    .venv/bin/python -m bench.overload [--services face voice] [--factor 4] [--base-s 20] [--over-s 30]
+    .venv/bin/python -m bench.overload [--services face voice] [--factor 4] [--base-s 30] [--over-s 30]
         [--deadline-s 5] [--write-results] [--out FILE]
 
 Each service runs in its own process (bench/harness.py: `biogate serve`, default configuration,
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import io
 import json
 import threading
 import time
@@ -85,6 +84,19 @@ def _consent(svc: ServiceProcess, subjects: list[str], modality: str) -> None:
 Call = Callable[[Any, int, float], Awaitable[object]]  # (stub, request number, timeout) -> awaitable
 
 
+def _calls(requests: list, subject: str) -> tuple[Call, Call]:
+    """Verify with the requests in turn, and GetEnrollment of ``subject`` (the cheap call)."""
+    cheap = common_pb2.GetEnrollmentRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=subject))
+
+    async def verify(stub, i: int, timeout: float):
+        return await stub.Verify(requests[i % len(requests)], timeout=timeout)
+
+    async def get_enrollment(stub, i: int, timeout: float):
+        return await stub.GetEnrollment(cheap, timeout=timeout)
+
+    return verify, get_enrollment
+
+
 def face_workload(svc: ServiceProcess, subjects: int = 6) -> tuple[Any, Call, Call]:
     """Enrols the first ``subjects`` people of trials_face.csv; Verify sends their genuine probes."""
     with open(FIXTURES / "trials_face.csv", newline="") as fh:
@@ -104,15 +116,7 @@ def face_workload(svc: ServiceProcess, subjects: int = 6) -> tuple[Any, Call, Ca
     requests = [face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=name),
                                            image=common_pb2.Image(data=(FIXTURES / p).read_bytes()))
                 for name, probes in zip(names, chosen.values()) for p in probes]
-    cheap = common_pb2.GetEnrollmentRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=names[0]))
-
-    async def verify(stub, i: int, timeout: float):
-        return await stub.Verify(requests[i % len(requests)], timeout=timeout)
-
-    async def get_enrollment(stub, i: int, timeout: float):
-        return await stub.GetEnrollment(cheap, timeout=timeout)
-
-    return face_pb2_grpc.FaceServiceStub, verify, get_enrollment
+    return (face_pb2_grpc.FaceServiceStub, *_calls(requests, names[0]))
 
 
 def face_config() -> dict:
@@ -128,19 +132,12 @@ def voice_workload(svc: ServiceProcess, speakers: int = 4) -> tuple[Any, Call, C
     """Enrols ``speakers`` fixture speakers on their two longest recordings; Verify sends 3 s of the others."""
     import soundfile as sf
 
+    from bench.voice_bench import crop, sf_bytes
+
     root = FIXTURES / "voice" / "verification"
     dirs = sorted(p for p in root.iterdir() if p.is_dir())[:speakers]
     names = [f"v-{d.name.replace('_', '-')}" for d in dirs]
     _consent(svc, names, "voice")
-
-    def wav(x: np.ndarray) -> bytes:
-        buf = io.BytesIO()
-        sf.write(buf, x, 16000, format="WAV", subtype="PCM_16")
-        return buf.getvalue()
-
-    def crop(x: np.ndarray, seconds: float = 3.0) -> np.ndarray:
-        n = int(seconds * 16000)
-        return x[max(0, (len(x) - n) // 2):][:n]
 
     requests = []
     with svc.channel() as channel:
@@ -148,19 +145,11 @@ def voice_workload(svc: ServiceProcess, speakers: int = 4) -> tuple[Any, Call, C
         for name, d in zip(names, dirs):
             audio = [sf.read(f, dtype="float32")[0] for f in sorted(d.glob("*.wav"), key=lambda p: -p.stat().st_size)]
             subject = common_pb2.SubjectRef(tenant_id=TENANT, subject_id=name)
-            stub.Enroll(voice_pb2.EnrollVoiceRequest(subject=subject, utterances=[common_pb2.Audio(data=wav(x))
+            stub.Enroll(voice_pb2.EnrollVoiceRequest(subject=subject, utterances=[common_pb2.Audio(data=sf_bytes(x))
                                                                                   for x in audio[:2]]), timeout=120)
-            requests += [voice_pb2.VerifyVoiceRequest(subject=subject, audio=common_pb2.Audio(data=wav(crop(x))),
+            requests += [voice_pb2.VerifyVoiceRequest(subject=subject, audio=common_pb2.Audio(data=sf_bytes(crop(x))),
                                                       channel=voice_pb2.VOICE_CHANNEL_WIDEBAND) for x in audio[2:]]
-    cheap = common_pb2.GetEnrollmentRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=names[0]))
-
-    async def verify(stub, i: int, timeout: float):
-        return await stub.Verify(requests[i % len(requests)], timeout=timeout)
-
-    async def get_enrollment(stub, i: int, timeout: float):
-        return await stub.GetEnrollment(cheap, timeout=timeout)
-
-    return voice_pb2_grpc.VoiceServiceStub, verify, get_enrollment
+    return (voice_pb2_grpc.VoiceServiceStub, *_calls(requests, names[0]))
 
 
 WORKLOADS = {"face": (face_config, face_workload), "voice": (voice_config, voice_workload)}
@@ -284,7 +273,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", nargs="+", choices=sorted(WORKLOADS), default=["face", "voice"])
     ap.add_argument("--factor", type=float, default=4.0)
-    ap.add_argument("--base-s", type=float, default=20.0)
+    ap.add_argument("--base-s", type=float, default=30.0)
     ap.add_argument("--over-s", type=float, default=30.0)
     ap.add_argument("--deadline-s", type=float, default=5.0)
     ap.add_argument("--write-results", action="store_true")
