@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -48,19 +49,28 @@ class Probe(voice_pb2_grpc.VoiceServiceServicer):
         return common_pb2.GetEnrollmentResponse()
 
 
-@pytest.fixture
-def probe(tmp_path):
-    settings = make_settings(tmp_path, server={"admission": {"concurrency": 1, "max_queue": 0}})
-    servicer = Probe()
+@contextmanager
+def serving(tmp_path, servicer: Probe, max_queue: int = 0):
+    """The probe behind the real server bootstrap with one model-work slot and ``max_queue`` places."""
+    settings = make_settings(tmp_path, server={"admission": {"concurrency": 1, "max_queue": max_queue}})
     definition = ServiceDefinition("voice", [voice_pb2.DESCRIPTOR.services_by_name["VoiceService"]],
                                    lambda s: voice_pb2_grpc.add_VoiceServiceServicer_to_server(servicer, s))
     server = RunningServer(settings, definition, port=0).start()
     assert server.ready.wait(10)
     token = json.loads(settings.dev_credentials_file.read_text())["dev-all"]
-    with connect(server.address, token) as channel, grpc.insecure_channel(server.address) as plain:
-        yield servicer, voice_pb2_grpc.VoiceServiceStub(channel), health_pb2_grpc.HealthStub(plain), server
-    servicer.release.set()
-    server.stop(0)
+    try:
+        with connect(server.address, token) as channel, grpc.insecure_channel(server.address) as plain:
+            yield voice_pb2_grpc.VoiceServiceStub(channel), health_pb2_grpc.HealthStub(plain), server
+    finally:
+        servicer.release.set()
+        server.stop(0)
+
+
+@pytest.fixture
+def probe(tmp_path):
+    servicer = Probe()
+    with serving(tmp_path, servicer) as (stub, health, server):
+        yield servicer, stub, health, server
 
 
 def verify_request() -> voice_pb2.VerifyVoiceRequest:
@@ -130,18 +140,29 @@ def test_a_stream_handler_admits_itself_before_its_work_and_only_once(tmp_path):
                 pass
             return voice_pb2.VerifyVoiceResponse(match=True)
 
-    settings = make_settings(tmp_path, server={"admission": {"concurrency": 1, "max_queue": 0}})
-    definition = ServiceDefinition("voice", [voice_pb2.DESCRIPTOR.services_by_name["VoiceService"]],
-                                   lambda s: voice_pb2_grpc.add_VoiceServiceServicer_to_server(Once(), s))
-    server = RunningServer(settings, definition, port=0).start()
-    assert server.ready.wait(10)
-    token = json.loads(settings.dev_credentials_file.read_text())["dev-all"]
-    try:
-        with connect(server.address, token) as channel:
-            stub = voice_pb2_grpc.VoiceServiceStub(channel)
-            header = voice_pb2.StreamVerifyVoiceRequest(header=voice_pb2.StreamVerifyVoiceRequest.Header(subject=SUBJECT))
-            for _ in range(3):  # each releases its slot: the next is admitted
-                assert stub.StreamVerify(iter([header, header]), timeout=10).match
-        assert taken == [True] * 3
-    finally:
-        server.stop(0)
+    with serving(tmp_path, Once()) as (stub, _, _):
+        header = voice_pb2.StreamVerifyVoiceRequest(header=voice_pb2.StreamVerifyVoiceRequest.Header(subject=SUBJECT))
+        for _ in range(3):  # each releases its slot: the next is admitted
+            assert stub.StreamVerify(iter([header, header]), timeout=10).match
+    assert taken == [True] * 3
+
+
+def test_a_call_cancelled_while_queued_does_no_model_work(tmp_path):
+    servicer = Probe()
+    with serving(tmp_path, servicer, max_queue=1) as (stub, _, _):
+        first = stub.Verify.future(verify_request(), timeout=30)
+        assert servicer.working.acquire(timeout=10)
+        queued = stub.Verify.future(verify_request(), timeout=30)
+        gauge = metrics.ADMISSION_QUEUED.labels("voice")
+        for _ in range(1000):
+            if gauge._value.get() == 1:
+                break
+            threading.Event().wait(0.01)
+        assert gauge._value.get() == 1
+        queued.cancel()
+        servicer.release.set()
+        assert first.result(timeout=10).match
+        # the next call is served; the cancelled one never reached the model work
+        assert stub.Verify(verify_request(), timeout=10).match
+        assert servicer.working.acquire(timeout=10)  # the third call's
+        assert not servicer.working.acquire(timeout=0.5)  # and no other

@@ -50,7 +50,6 @@ class Slot:
     kind: str
     deadline: float | None
     started: float | None = None
-    refused: errors.ServiceError | None = None
     _released: bool = field(default=False, repr=False)
 
 
@@ -153,8 +152,6 @@ class AdmissionQueue:
                 self._start_heads(self.clock())
                 if slot.started is not None:
                     return slot
-                if slot.refused is not None:
-                    raise slot.refused
                 # Woken by every release; the deadline check needs a wake-up of its own.
                 timeout = None if deadline is None else max(deadline - self._budget(kind) - self.clock(), 0.0)
                 if timeout == 0.0 or not self._lock.wait(timeout):
@@ -202,14 +199,8 @@ class AdmissionQueue:
             message = (f"the {self.service} service would answer in about {wait + own:.2f} s, after the call's "
                        f"deadline ({max(left or 0.0, 0.0):.2f} s left): retry after {retry:.2f} s with a "
                        "deadline of at least that much more")
-        err = errors.resource_exhausted(message, reason)
-        err.retry_delay_s = round(retry, 3)
-        err.metadata = {"expected_wait_ms": str(round(wait * 1000)), "service_ms": str(round(own * 1000)),
-                        "queued": str(len(self._queued)), "concurrency": str(self.concurrency)}
-        slot.refused = err
-        return err
+        return errors.ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason, retry_delay_s=round(retry, 3),
+            metadata={"expected_wait_ms": str(round(wait * 1000)), "service_ms": str(round(own * 1000)),
+                      "queued": str(len(self._queued)), "concurrency": str(self.concurrency)})
 
-
-def refusal_retry_delay(error: grpc.RpcError) -> float | None:
-    """Client side: the retry hint of a refused call, in seconds (None without one)."""
-    return errors.details_of(error).get("retry_delay_s")

@@ -247,7 +247,11 @@ class _Call:
     def admit(self) -> None:
         """Takes a model-work slot (RPCs marked model_work), once; raises RESOURCE_EXHAUSTED when refused."""
         if self.queue is not None and self.slot is None:
-            self.slot = self.queue.acquire(self.short, context.deadline.get())
+            slot = self.queue.acquire(self.short, context.deadline.get())
+            if not self.ctx.is_active():  # the client gave up while the call was queued: no work for nobody
+                self.queue.release(slot, observe=False)
+                raise errors.ServiceError(grpc.StatusCode.CANCELLED, "the client cancelled the call while it was queued")
+            self.slot = slot
 
     def check_request(self, request: Any) -> None:
         if isinstance(request, Malformed):
