@@ -1,7 +1,7 @@
 """Overload: face Verify and voice Verify at 1x and 4x their sustained rate on this machine (issue 12).
 
     .venv/bin/python -m bench.overload [--services face voice] [--factor 4] [--base-s 30] [--over-s 30]
-        [--deadline-s 5] [--write-results] [--out FILE]
+        [--deadline-s 5] [--compare-without] [--write-results] [--out FILE]
 
 Each service runs in its own process (bench/harness.py: `biogate serve`, default configuration,
 so admission control as shipped). After a warm-up:
@@ -13,6 +13,8 @@ so admission control as shipped). After a warm-up:
      p50/p99 of the passes, p99 of the refusals (RESOURCE_EXHAUSTED, each with its retry hint);
      meanwhile GetEnrollment and a health check every 0.25 s, which must not starve;
 memory VmRSS before the runs, the highest VmRSS sampled during the 4x run, and VmRSS after 10 s idle.
+
+--compare-without repeats each service's runs with admission control off: what the issue measured.
 
 The machine's cores are shared with other work: the load average is recorded with the figures.
 """
@@ -226,13 +228,17 @@ def overload(svc: ServiceProcess, stub_class, verify: Call, cheap: Call, *, fact
     return asyncio.run(run())
 
 
-def run_service(name: str, args) -> dict:
+def run_service(name: str, args, admission: bool = True) -> dict:
     make_config, workload = WORKLOADS[name]
-    with ServiceProcess(name, make_config()) as svc:
+    config = make_config()
+    if not admission:
+        config["server"] = {"admission": {"enabled": False}}
+    with ServiceProcess(name, config) as svc:
         stub_class, verify, cheap = workload(svc)
         result = overload(svc, stub_class, verify, cheap, factor=args.factor, base_s=args.base_s,
                           over_s=args.over_s, deadline_s=args.deadline_s)
     result["service"] = name
+    result["admission"] = admission
     return result
 
 
@@ -257,7 +263,7 @@ def write_results(report: dict) -> None:
         b, o, c, m = r["base"], r["over"], r["cheap"], r["rss_mb"]
         other = {k: v for k, v in o["codes"].items() if k not in ("OK", "RESOURCE_EXHAUSTED")}
         lines.append(
-            f"| {r['service']} Verify | {b['rate_per_s']:.1f} | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} "
+            f"| {r['service']} Verify{'' if r['admission'] else ' (admission off)'} | {b['rate_per_s']:.1f} | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} "
             f"| {o['offered_per_s']:.1f} | {o['passed_per_s']:.1f} ({r['passed_pct_of_1x']:.0f} %) "
             f"| {o['passed_p50_ms']:.0f} / {o['passed_p99_ms']:.0f} "
             f"| {o['codes'].get('RESOURCE_EXHAUSTED', 0)} of {o['issued']} ({', '.join(f'{k} {v}' for k, v in o['reasons'].items()) or '-'}; "
@@ -276,16 +282,19 @@ def main() -> int:
     ap.add_argument("--base-s", type=float, default=30.0)
     ap.add_argument("--over-s", type=float, default=30.0)
     ap.add_argument("--deadline-s", type=float, default=5.0)
+    ap.add_argument("--compare-without", action="store_true",
+                    help="also run each service with admission control off (server.admission.enabled: false)")
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--out", help="also write the JSON report here")
     args = ap.parse_args()
     report: dict = {"command": command_line(), "machine": machine(), "factor": args.factor, "over_s": args.over_s,
                     "deadline_s": args.deadline_s, "runs": []}
     for name in args.services:
-        result = run_service(name, args)
-        result.pop("outcomes")
-        print(json.dumps(result), flush=True)
-        report["runs"].append(result)
+        for admission in (True, False) if args.compare_without else (True,):
+            result = run_service(name, args, admission)
+            result.pop("outcomes")
+            print(json.dumps(result), flush=True)
+            report["runs"].append(result)
     report["machine_after"] = machine()
     write_json(args.out, report)
     if args.write_results:
