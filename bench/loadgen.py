@@ -173,6 +173,8 @@ class OpenLoopResult:
             "refused_p50_ms": round(_pct([o.latency_s for o in refused], 50), 1),
             "refused_p99_ms": round(_pct([o.latency_s for o in refused], 99), 1),
             "refused_with_retry_hint": sum(1 for o in refused if o.retry_delay_s is not None),
+            "refused_p99_ms_by_reason": {r: round(_pct([o.latency_s for o in refused if o.reason == r], 99), 1)
+                                         for r in sorted({o.reason for o in refused})},
         }
 
 
