@@ -50,6 +50,19 @@ class TlsConfig(Section):
     client_ca_file: Path | None = None
 
 
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    container's CPU limit, which os.cpu_count() does not see)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
 class AdmissionConfig(Section):
     """Admission control in front of the model work (RPCs with option biogate.v1.model_work;
     services/common/server/admission.py): at most ``concurrency`` such calls run at a time, up to
@@ -57,7 +70,7 @@ class AdmissionConfig(Section):
     refused at once with RESOURCE_EXHAUSTED and a retry hint."""
 
     enabled: bool = True
-    concurrency: int | None = Field(None, ge=1)  # None: the machine's cores
+    concurrency: int | None = Field(None, ge=1)  # None: the cores the process may use (usable_cores)
     max_queue: int = Field(8, ge=0)
     # Weight of the latest call in the moving average of each RPC kind's service time.
     ewma_alpha: float = Field(0.2, gt=0, le=1)
@@ -67,7 +80,7 @@ class AdmissionConfig(Section):
 
     @property
     def slots(self) -> int:
-        return self.concurrency or max(1, os.cpu_count() or 1)
+        return self.concurrency or usable_cores()
 
 
 # Worker threads beyond the admission queue's: cheap RPCs and refusals never wait for a thread held
@@ -81,7 +94,7 @@ class ServerConfig(Section):
     mfa: Endpoint = Endpoint(port=50053, metrics_port=9153)
     tls: TlsConfig = TlsConfig()
     max_message_bytes: int = 16 * 1024 * 1024
-    # gRPC worker threads; None: admission.concurrency + admission.max_queue + 8
+    # gRPC worker threads; None: admission.concurrency + admission.max_queue + 8 (16 without admission)
     max_workers: int | None = Field(None, ge=1)
     max_concurrent_rpcs: int = 256
     # Upper bound on any RPC's run time on the server, whatever deadline the client sent; a client

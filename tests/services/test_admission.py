@@ -152,6 +152,19 @@ def test_a_queued_call_leaves_when_it_could_no_longer_finish_in_time():
     assert out and getattr(out[0], "reason", None) == DEADLINE_UNREACHABLE and q.queued == 0
 
 
+def test_the_default_concurrency_is_the_cores_a_container_may_use(tmp_path):
+    from services.common.config import usable_cores
+
+    affinity = usable_cores(tmp_path / "absent")
+    assert affinity >= 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cores(tmp_path / "cpu.max") == affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a limit of 1.5 CPUs
+    assert usable_cores(tmp_path / "cpu.max") == min(affinity, 2)
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert usable_cores(tmp_path / "cpu.max") == 1
+
+
 def test_unknown_settings_and_threads_that_cheap_rpcs_need_are_refused():
     assert ServerConfig(admission={"concurrency": 2, "max_queue": 8}).workers == 18
     with pytest.raises(ValidationError, match="max_workers"):
