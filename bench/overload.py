@@ -6,8 +6,9 @@
 Each service runs in its own process (bench/harness.py: `biogate serve`, default configuration,
 so admission control as shipped). After a warm-up:
 
-1x   a closed loop of 2 x admission.concurrency clients for --base-s: the sustained rate R (calls
-     answered per second) and its latencies;
+1x   a closed loop of admission.concurrency + max_queue clients for --base-s (every slot busy, the
+     queue never empty, nothing refused): the sustained rate R (calls answered per second) and its
+     latencies;
 4x   an open loop issuing --factor x R calls per second for --over-s, each with the service's
      deadline (face 5 s, as the issue's run; voice 10 s: one voice Verify costs ~1 s of raw CPU,
      AASIST most of it, and takes 2.5-5 s here under the other jobs' load), whatever the answers:
@@ -199,7 +200,7 @@ def overload(svc: ServiceProcess, stub_class, verify: Call, cheap: Call, *, fact
     async def run() -> dict:
         channel = aio_channel(svc.address, svc.token())
         stub = stub_class(channel)
-        k = 2 * slots
+        k = slots + svc.settings.server.admission.max_queue  # every slot busy, the queue never empty, none refused
         await run_load(lambda: verify(stub, 0, 60.0), concurrency=k, duration_s=warm_s, max_requests=max_requests)
         rss_before = rss_mb(pid)
         counter = iter(range(10**9))
@@ -251,7 +252,7 @@ def write_results(report: dict) -> None:
         "",
         f"`{report['command']}`: {machine_line(report['machine'])}. Each service in its own process with the shipped "
         "admission control (server.admission: concurrency = cores, max_queue 8). 1x: a closed loop of "
-        "2 x concurrency clients, its throughput is the sustained rate R. "
+        "concurrency + max_queue clients (slots always busy, nothing refused), its throughput is the sustained rate R. "
         f"{report['factor']:g}x: an open loop issuing {report['factor']:g} x R calls/s for {report['over_s']:g} s, "
         "each with the deadline in the table; GetEnrollment and a health check every 0.25 s meanwhile. "
         "Memory: VmRSS before the runs, the highest VmRSS sampled during the overload, VmRSS after "

@@ -3,6 +3,7 @@ what it admits, queues and refuses, the estimates it refuses on, and the refusal
 
 from __future__ import annotations
 
+import math
 import threading
 
 import grpc
@@ -54,6 +55,22 @@ def test_a_call_is_admitted_on_the_average_plus_two_mean_deviations():
     q.observe("Verify", 2.0)  # mean 1.5, mean deviation 0.5
     assert (q.estimate("Verify"), q.budget("Verify")) == (pytest.approx(1.5), pytest.approx(2.5))
     assert q.budget("Identify") == pytest.approx(2.5)  # no samples: the largest budget known
+
+
+def test_the_spread_of_the_calls_ahead_and_of_the_call_itself_is_budgeted_too():
+    q, clock = queue(concurrency=1, max_queue=5, alpha=0.5)
+    q.observe("Verify", 1.0)
+    q.observe("Verify", 2.0)  # mean 1.5, mean deviation 0.5
+    assert q.finish_time("Verify") == pytest.approx(1.5 + 2 * 0.5)  # a free slot: its own spread only
+    running = q.acquire("Verify", None)
+    # 1.5 s ahead + 1.5 s of its own, and 2 x sqrt(0.5^2 + 0.5^2) of spread: 4.41 s
+    assert q.finish_time("Verify") == pytest.approx(3.0 + 2 * math.sqrt(0.5))
+    assert refusal(q, "Verify", clock.now + 4.3).reason == DEADLINE_UNREACHABLE  # the averages alone fit (3.0)
+    t, out = queued_in_thread(q, "Verify", clock.now + 4.5)
+    wait_until(lambda: q.queued == 1, "the call queued")
+    q.release(running)
+    t.join(10)
+    assert out[0].started is not None
 
 
 def test_a_kind_without_samples_is_estimated_at_the_slowest_known():

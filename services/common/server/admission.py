@@ -15,9 +15,10 @@ look at the queue, when
 The expected service time is an exponentially weighted moving average per RPC kind, measured
 under the slot (so it includes the contention of ``concurrency`` calls sharing the cores); the
 expected wait is the work ahead (what is left of the running calls' estimates plus the queued
-calls' estimates) divided by ``concurrency``. A call's own service time is budgeted at the
-average plus ``SPREAD`` mean deviations (as TCP budgets a round trip, RFC 6298): a call admitted
-on the average alone misses its deadline whenever it is slower than average. A queued call whose
+calls' estimates) divided by ``concurrency``. A call is admitted on the expected wait plus its own
+average service time plus ``SPREAD`` mean deviations of the two together (the calls ahead's
+deviations add as variances; as TCP budgets a round trip, RFC 6298): a call admitted on averages
+alone misses its deadline, or leaves the queue late, whenever the calls run slower than average. A queued call whose
 deadline comes so close that it could no longer finish leaves the queue with the same refusal
 (``DEADLINE_UNREACHABLE``) rather than start work nobody will read.
 
@@ -27,6 +28,7 @@ the others (GetEnrollment, DeleteSubject, challenges, health, reflection) never 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -96,6 +98,23 @@ class AdmissionQueue:
             return max((self._budget(k) for k in self._estimate_s), default=0.0)
         return self._estimate_s[kind] + SPREAD * self._deviation_s[kind]
 
+    def _deviation(self, kind: str) -> float:
+        dev = self._deviation_s.get(kind)
+        return max(self._deviation_s.values(), default=0.0) if dev is None else dev
+
+    def finish_time(self, kind: str) -> float:
+        """Seconds in which a call of ``kind`` arriving now is budgeted to be answered."""
+        with self._lock:
+            return self._finish_time(kind, self.clock())
+
+    def _finish_time(self, kind: str, now: float) -> float:
+        wait = self._expected_wait(now)
+        spread_sq = self._deviation(kind) ** 2
+        if wait > 0:
+            ahead = [*self._running, *self._queued]
+            spread_sq += sum(self._deviation(s.kind) ** 2 for s in ahead) / self.concurrency
+        return wait + self._estimate(kind) + SPREAD * math.sqrt(spread_sq)
+
     def observe(self, kind: str, seconds: float) -> None:
         with self._lock:
             self._observe(kind, seconds)
@@ -139,9 +158,10 @@ class AdmissionQueue:
             now = self.clock()
             self.last_activity = now
             slot = Slot(kind, deadline)
-            own = self._budget(kind)
             wait = self._expected_wait(now)
-            if deadline is not None and now + wait + own > deadline:
+            finish = self._finish_time(kind, now)
+            own = finish - wait
+            if deadline is not None and now + finish > deadline:
                 raise self._refuse(slot, DEADLINE_UNREACHABLE, wait, own, deadline - now)
             busy = len(self._running) >= self.concurrency or bool(self._queued)
             if busy and len(self._queued) >= self.max_queue:
