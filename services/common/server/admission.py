@@ -42,7 +42,7 @@ from services.common import errors, metrics
 QUEUE_FULL = "QUEUE_FULL"
 DEADLINE_UNREACHABLE = "DEADLINE_UNREACHABLE"
 MIN_RETRY_S = 0.01
-SPREAD = 2.0  # mean deviations of service time added to a call's own budget
+SPREAD = 2.0  # mean deviations of service time a call's budget adds to the averages
 
 
 @dataclass(eq=False)
@@ -217,8 +217,8 @@ class AdmissionQueue:
                        f"{len(self._queued)} queued): retry after {retry:.2f} s, or spread the load")
         else:
             message = (f"the {self.service} service would answer in about {wait + own:.2f} s, after the call's "
-                       f"deadline ({max(left or 0.0, 0.0):.2f} s left): retry after {retry:.2f} s with a "
-                       "deadline of at least that much more")
+                       f"deadline ({max(left or 0.0, 0.0):.2f} s left): retry after {retry:.2f} s, or now with a "
+                       f"deadline over {wait + own:.2f} s")
         return errors.ServiceError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason, retry_delay_s=round(retry, 3),
             metadata={"expected_wait_ms": str(round(wait * 1000)), "service_ms": str(round(own * 1000)),
