@@ -266,12 +266,13 @@ def write_results(report: dict) -> None:
     for r in report["runs"]:
         b, o, c, m = r["base"], r["over"], r["cheap"], r["rss_mb"]
         other = {k: v for k, v in o["codes"].items() if k not in ("OK", "RESOURCE_EXHAUSTED")}
+        reasons = ", ".join(f"{k or 'no reason'} {v}" for k, v in o["reasons"].items())
         lines.append(
             f"| {r['service']} Verify{'' if r['admission'] else ' (admission off)'} | {r['deadline_s']:g} "
             f"| {b['rate_per_s']:.1f} | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} "
             f"| {o['offered_per_s']:.1f} | {o['passed_per_s']:.1f} ({r['passed_pct_of_1x']:.0f} %) "
             f"| {o['passed_p50_ms']:.0f} / {o['passed_p99_ms']:.0f} "
-            f"| {o['codes'].get('RESOURCE_EXHAUSTED', 0)} of {o['issued']} ({', '.join(f'{k} {v}' for k, v in o['reasons'].items()) or '-'}; "
+            f"| {o['codes'].get('RESOURCE_EXHAUSTED', 0)} of {o['issued']} ({reasons or '-'}; "
             f"{o['refused_with_retry_hint']} with a retry hint) "
             f"| {o['refused_p50_ms']:.0f} / {o['refused_p99_ms']:.0f} | {json.dumps(other) if other else '-'} "
             f"| {c['GetEnrollment']['p99_ms']:.0f} / {c['Health']['p99_ms']:.0f} "
