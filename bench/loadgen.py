@@ -22,6 +22,8 @@ from typing import Awaitable, Callable
 import grpc
 import numpy as np
 
+from bench.harness import pct
+
 
 def assert_loopback(target: str) -> None:
     host = target.rsplit(":", 1)[0].strip("[]")
@@ -120,3 +122,90 @@ def aio_channel(target: str, token: str | None, max_message_bytes: int = 16 * 10
 
     options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
     return grpc.aio.insecure_channel(target, options=options, interceptors=[_Auth()])
+
+
+@dataclass
+class Outcome:
+    """One call of an open-loop run: when it was issued (s from the start), how long it took, and how it ended."""
+
+    issued_s: float
+    latency_s: float
+    code: str  # grpc.StatusCode name
+    reason: str = ""
+    retry_delay_s: float | None = None
+
+
+@dataclass
+class OpenLoopResult:
+    rate_per_s: float
+    duration_s: float
+    deadline_s: float
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def passed(self) -> list[Outcome]:
+        """Calls answered OK within their deadline."""
+        return [o for o in self.outcomes if o.code == "OK" and o.latency_s <= self.deadline_s]
+
+    def refused(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.code == "RESOURCE_EXHAUSTED"]
+
+    def passed_rate(self) -> float:
+        """Calls per second that passed within their deadline, over the issuing window."""
+        return len(self.passed()) / self.duration_s
+
+    def as_dict(self) -> dict:
+        passed, refused = self.passed(), self.refused()
+        codes = Counter(o.code for o in self.outcomes)
+        return {
+            "offered_per_s": round(self.rate_per_s, 2), "duration_s": self.duration_s, "deadline_s": self.deadline_s,
+            "issued": len(self.outcomes), "codes": dict(codes),
+            "reasons": dict(Counter(o.reason for o in refused)),
+            "passed_per_s": round(self.passed_rate(), 2),
+            "passed_p50_ms": round(pct([o.latency_s for o in passed], 50), 1),
+            "passed_p99_ms": round(pct([o.latency_s for o in passed], 99), 1),
+            "refused_p50_ms": round(pct([o.latency_s for o in refused], 50), 1),
+            "refused_p99_ms": round(pct([o.latency_s for o in refused], 99), 1),
+            "refused_with_retry_hint": sum(1 for o in refused if o.retry_delay_s is not None),
+            "refused_p99_ms_by_reason": {r: round(pct([o.latency_s for o in refused if o.reason == r], 99), 1)
+                                         for r in sorted({o.reason for o in refused})},
+        }
+
+
+async def run_open_loop(
+    call: Callable[[int, float], Awaitable[object]],
+    *,
+    rate_per_s: float,
+    duration_s: float,
+    deadline_s: float,
+    max_requests: int,
+) -> OpenLoopResult:
+    """Issues ``call(i, timeout)`` at a fixed rate, whatever the answers (an open loop: arrivals do
+    not wait for answers, as a bank's traffic does not), for ``duration_s`` or ``max_requests``
+    calls, each with the deadline ``deadline_s``; returns when every call has ended."""
+    from services.common.errors import details_of
+
+    if rate_per_s <= 0 or duration_s <= 0 or deadline_s <= 0 or max_requests < 1:
+        raise ValueError("rate_per_s, duration_s, deadline_s and max_requests must be positive")
+    result = OpenLoopResult(rate_per_s, duration_s, deadline_s)
+    start = time.perf_counter()
+
+    async def one(i: int, issued: float) -> None:
+        try:
+            await call(i, deadline_s)
+        except grpc.aio.AioRpcError as err:
+            details = details_of(err) if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED else {}
+            result.outcomes.append(Outcome(issued, time.perf_counter() - start - issued, err.code().name,
+                                           details.get("reason", ""), details.get("retry_delay_s")))
+            return
+        result.outcomes.append(Outcome(issued, time.perf_counter() - start - issued, "OK"))
+
+    tasks = []
+    n = min(max_requests, int(rate_per_s * duration_s))
+    for i in range(n):
+        due = i / rate_per_s
+        delay = due - (time.perf_counter() - start)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, time.perf_counter() - start)))
+    await asyncio.gather(*tasks)
+    return result

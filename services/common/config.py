@@ -50,13 +50,52 @@ class TlsConfig(Section):
     client_ca_file: Path | None = None
 
 
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    container's CPU limit, which os.cpu_count() does not see)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+class AdmissionConfig(Section):
+    """Admission control in front of the model work (RPCs with option biogate.v1.model_work;
+    services/common/server/admission.py): at most ``concurrency`` such calls run at a time, up to
+    ``max_queue`` wait, and the rest, or a call the queue could not serve before its deadline, is
+    refused at once with RESOURCE_EXHAUSTED and a retry hint."""
+
+    enabled: bool = True
+    concurrency: int | None = Field(None, ge=1)  # None: the cores the process may use (usable_cores)
+    max_queue: int = Field(8, ge=0)
+    # Weight of the latest call in the moving average of each RPC kind's service time.
+    ewma_alpha: float = Field(0.2, gt=0, le=1)
+    # After this long without model work, the heap a burst freed goes back to the OS (glibc
+    # malloc_trim; services/common/server/memory.py). 0: never.
+    trim_memory_idle_s: float = Field(2.0, ge=0)
+
+    @property
+    def slots(self) -> int:
+        return self.concurrency or usable_cores()
+
+
+# Worker threads beyond the admission queue's: cheap RPCs and refusals never wait for a thread held
+# by a call waiting for the models.
+FREE_WORKERS = 8
+
+
 class ServerConfig(Section):
     face: Endpoint = Endpoint(port=50051, metrics_port=9151)
     voice: Endpoint = Endpoint(port=50052, metrics_port=9152)
     mfa: Endpoint = Endpoint(port=50053, metrics_port=9153)
     tls: TlsConfig = TlsConfig()
     max_message_bytes: int = 16 * 1024 * 1024
-    max_workers: int = 16
+    # gRPC worker threads; None: admission.concurrency + admission.max_queue + 8 (16 without admission)
+    max_workers: int | None = Field(None, ge=1)
     max_concurrent_rpcs: int = 256
     # Upper bound on any RPC's run time on the server, whatever deadline the client sent; a client
     # stream must also be complete by then.
@@ -68,6 +107,23 @@ class ServerConfig(Section):
     # Metrics scrapes must send a bearer token of a configured principal (any role).
     metrics_auth: bool = False
     drain_seconds: float = 10.0
+    admission: AdmissionConfig = AdmissionConfig()
+
+    @property
+    def workers(self) -> int:
+        if self.max_workers is not None:
+            return self.max_workers
+        return self.admission.slots + self.admission.max_queue + FREE_WORKERS if self.admission.enabled else 16
+
+    @model_validator(mode="after")
+    def _threads_for_cheap_calls(self) -> ServerConfig:
+        a = self.admission
+        if a.enabled and self.max_workers is not None and self.max_workers <= a.slots + a.max_queue:
+            raise ValueError(
+                f"server.max_workers ({self.max_workers}) must exceed server.admission.concurrency ({a.slots}) + "
+                f"max_queue ({a.max_queue}), or calls waiting for the models hold every thread and health checks "
+                "and cheap RPCs wait behind them: raise max_workers or leave it unset")
+        return self
 
 
 class Terminal(Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,20 @@ principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("pr
 # Monotonic time by which the current RPC must answer: the client's deadline, capped by the
 # server's `server.rpc_timeout_s`. Handlers pass what is left to downstream calls and batchers.
 deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+# Set by the interceptor on RPCs that run the models (option biogate.v1.model_work): takes the
+# call's place in the service's admission queue unless it has one, or raises the refusal.
+admission: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("admission", default=None)
+
+
+def admit() -> None:
+    """Waits for the current RPC's model-work slot (a no-op once it has one, or outside such an
+    RPC). The interceptor admits a unary call before its handler runs and a client stream when the
+    stream ends; a stream handler that starts the model work before the end calls this first."""
+    take = admission.get()
+    if take is not None:
+        take()
 
 
 def time_left(default: float = 30.0) -> float:

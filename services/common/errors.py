@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -24,6 +24,7 @@ class ServiceError(Exception):
     reason: str = ""  # UPPER_SNAKE machine-readable reason, e.g. "NO_CONSENT"
     field_violations: list[tuple[str, str]] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    retry_delay_s: float | None = None  # sent as google.rpc.RetryInfo: when a retry may succeed
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -41,6 +42,10 @@ class ServiceError(Exception):
                 ]
             )
             details.append(_pack(bad))
+        if self.retry_delay_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_delay_s * 1e9))
+            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
         status = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
         return rpc_status.to_status(status)
 
@@ -86,9 +91,10 @@ def unavailable(message: str, reason: str = "UNAVAILABLE") -> ServiceError:
 
 
 def details_of(error: grpc.RpcError) -> dict:
-    """Client side: the ErrorInfo reason and field violations of a failed call."""
+    """Client side: the ErrorInfo reason and metadata, the field violations and the retry hint
+    (``retry_delay_s``, None without one) of a failed call."""
     status = rpc_status.from_call(error)
-    out: dict = {"reason": "", "fields": {}}
+    out: dict = {"reason": "", "fields": {}, "metadata": {}, "retry_delay_s": None}
     if status is None:
         return out
     for detail in status.details:
@@ -96,10 +102,15 @@ def details_of(error: grpc.RpcError) -> dict:
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             out["reason"] = info.reason
+            out["metadata"] = dict(info.metadata)
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             out["fields"] = {v.field: v.description for v in bad.field_violations}
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            out["retry_delay_s"] = retry.retry_delay.ToNanoseconds() / 1e9
     return out
 
 

@@ -17,6 +17,9 @@ RPC_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 RPC_IN_FLIGHT = Gauge("biogate_rpc_in_flight", "RPCs being handled", ["service"])
+RPC_SHED = Counter("biogate_rpc_shed_total", "Calls refused by admission control (RESOURCE_EXHAUSTED)",
+                   ["service", "method", "reason"])
+ADMISSION_QUEUED = Gauge("biogate_admission_queued", "Calls waiting for a model-work slot", ["service"])
 MODEL_INFO = Info("biogate_model", "Models loaded and the inference provider each runs on")
 
 

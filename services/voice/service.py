@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import grpc
 import numpy as np
 
-from services.common import errors, subjects
+from services.common import context, errors, subjects
 from services.common.api.v1 import common_pb2, voice_pb2
 from services.common.modality.challenges import Challenges, nonce_field
 from services.common.modality.readiness import ReadinessGate
@@ -250,6 +250,7 @@ class VoiceService:
                 # A challenge is decided on the whole answer: the digits may come after the target.
                 if stream.feed(msg.chunk) and nonce is None:
                     break
+            context.admit()  # the models' work starts here, possibly before the client's stream ends
             prepared = stream.finish()
         except AudioError as err:
             raise audio_error(err, "chunk") from None

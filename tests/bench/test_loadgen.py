@@ -46,3 +46,27 @@ def test_peak_rss_reads_proc():
     import os
 
     assert peak_rss_mb(os.getpid()) > 10
+
+
+def test_the_open_loop_issues_at_its_rate_whatever_the_answers_and_records_each_outcome():
+    from bench.loadgen import run_open_loop
+    from services.common.errors import resource_exhausted
+
+    refusal = resource_exhausted("busy", "QUEUE_FULL")
+    refusal.retry_delay_s = 0.25
+    status = refusal.to_status()
+
+    async def call(i: int, timeout: float):
+        assert timeout == 2.0
+        if i % 2:
+            raise grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata),
+                                       status.details)
+        await asyncio.sleep(0.5)  # slower than the issue interval: the loop does not wait for it
+
+    result = asyncio.run(run_open_loop(call, rate_per_s=40, duration_s=0.5, deadline_s=2.0, max_requests=1000))
+    d = result.as_dict()
+    assert d["issued"] == 20 and d["codes"] == {"OK": 10, "RESOURCE_EXHAUSTED": 10}
+    assert d["reasons"] == {"QUEUE_FULL": 10} and d["refused_with_retry_hint"] == 10
+    assert all(o.retry_delay_s == 0.25 for o in result.refused())
+    assert len(result.passed()) == 10 and result.passed_rate() == 20.0
+    assert max(o.issued_s for o in result.outcomes) < 0.5 + 0.4  # all issued before the first answers came

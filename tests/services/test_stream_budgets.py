@@ -29,7 +29,8 @@ SILENCE_20MS = voice_pb2.StreamVerifyVoiceRequest(chunk=bytes([0xFF]) * 160)
 def voice(tmp_path_factory):
     settings = make_settings(tmp_path_factory.mktemp("streams") / "data",
                              server={"max_workers": WORKERS, "stream_idle_timeout_s": IDLE_S,
-                                     "rpc_timeout_s": RPC_TIMEOUT_S, "stream_max_bytes": MAX_BYTES},
+                                     "rpc_timeout_s": RPC_TIMEOUT_S, "stream_max_bytes": MAX_BYTES,
+                                     "admission": {"concurrency": 1, "max_queue": 1}},
                              # the stream budgets, not the digit challenge, are what these tests are about
                              voice={"replay_store": "memory", "tenants": {"bank-a": {"require_challenge": False}}})
     harness = ServiceHarness(settings)

@@ -23,7 +23,10 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.config import CommonSettings
 from services.common.server.auth import Authenticator
-from services.common.server.interceptor import ServerInterceptor, TenantLookup, roles_by_method, tenants_by_method
+from services.common.server.memory import IdleTrimmer
+from services.common.server.admission import AdmissionQueue
+from services.common.server.interceptor import (ServerInterceptor, TenantLookup, model_work_methods, roles_by_method,
+                                                tenants_by_method)
 from services.common.server.streams import StreamLimits
 
 log = logging.getLogger("biogate.server")
@@ -59,9 +62,14 @@ class RunningServer:
             definition.tenant_lookups,
             StreamLimits(cfg.stream_idle_timeout_s, cfg.stream_max_bytes),
             cfg.max_concurrent_rpcs,
+            model_work_methods(definition.descriptors),
+            AdmissionQueue(definition.name, cfg.admission.slots, cfg.admission.max_queue,
+                           alpha=cfg.admission.ewma_alpha) if cfg.admission.enabled else None,
         )
+        queue = self.interceptor.admission
+        self.trimmer = IdleTrimmer(queue, cfg.admission.trim_memory_idle_s) if queue is not None else None
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix=f"{definition.name}-rpc"),
+            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix=f"{definition.name}-rpc"),
             interceptors=[self.interceptor],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -113,6 +121,8 @@ class RunningServer:
 
     def start(self) -> "RunningServer":
         self.server.start()
+        if self.trimmer is not None:
+            self.trimmer.start()
         if self.health_server is not None:
             self.health_server.start()
         log.info("listening", extra={"service": self.definition.name, "address": self.address})
@@ -148,6 +158,8 @@ class RunningServer:
         if self.health_server is not None:
             self.health_server.stop(0).wait()
         self.interceptor.close()
+        if self.trimmer is not None:
+            self.trimmer.close()
         self.definition.close()
         log.info("stopped", extra={"service": self.definition.name})
 

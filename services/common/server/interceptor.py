@@ -1,5 +1,6 @@
 """The one server interceptor: request id, authentication, role and tenant authorisation,
-error mapping, metrics and the access log, in that order, for every RPC but health checks."""
+admission control of model work, error mapping, metrics and the access log, in that order, for
+every RPC but health checks."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from services.common import context, errors, metrics
 from services.common.api.v1 import common_pb2
 from services.common.privacy import is_personal_data
+from services.common.server.admission import AdmissionQueue, Slot
 from services.common.server.auth import Authenticator
 from services.common.server.streams import BoundedStream, StreamLimits
 
@@ -37,6 +39,12 @@ def roles_by_method(services: Iterable[ServiceDescriptor]) -> dict[str, frozense
             names = {common_pb2.Role.Name(r).removeprefix("ROLE_").lower() for r in roles}
             table[f"/{service.full_name}/{method.name}"] = frozenset(names)
     return table
+
+
+def model_work_methods(services: Iterable[ServiceDescriptor]) -> frozenset[str]:
+    """The methods whose `model_work` option is set: those admitted through the admission queue."""
+    return frozenset(f"/{service.full_name}/{method.name}" for service in services for method in service.methods
+                     if method.GetOptions().Extensions[common_pb2.model_work])
 
 
 TenantLookup = Callable[[str], "str | None"]  # an object's id -> its tenant; None: no such object
@@ -98,6 +106,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
         lookups: dict[str, TenantLookup] | None = None,
         streams: StreamLimits = StreamLimits(),
         stream_readers: int = 256,  # at most one blocked read per concurrent RPC
+        model_work: frozenset[str] = frozenset(),
+        admission: AdmissionQueue | None = None,
     ) -> None:
         self.service = service
         self.rpc_timeout_s = rpc_timeout_s
@@ -106,6 +116,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
         self.tenants = tenants or {}
         self.lookups = lookups or {}
         self.streams = streams
+        self.model_work = model_work
+        self.admission = admission
         self._readers = ThreadPoolExecutor(max_workers=stream_readers, thread_name_prefix=f"{service}-stream-read")
         missing = sorted({r.lookup for r in self.tenants.values() if r.lookup} - self.lookups.keys())
         if missing:
@@ -149,6 +161,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
             with _Call(self, method, short, ctx) as call:
                 call.authorise()
                 call.check_request(request)
+                call.admit()
                 return behavior(request, ctx)
             return None  # reached only after an abort; never sent
 
@@ -169,6 +182,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 call.authorise()
                 if unary_in:
                     call.check_request(request)
+                    call.admit()
                 else:
                     request = call.checked_stream(request)
                 yield from behavior(request, ctx)
@@ -208,11 +222,14 @@ class _Call:
     def __init__(self, owner: ServerInterceptor, method: str, short: str, ctx: grpc.ServicerContext) -> None:
         self.owner, self.method, self.short, self.ctx = owner, method, short, ctx
         self.principal: context.Principal | None = None
+        self.queue = owner.admission if method in owner.model_work else None
+        self.slot: Slot | None = None
 
     def __enter__(self) -> "_Call":
         meta = dict(self.ctx.invocation_metadata())
         rid = request_id(meta.get("x-request-id", ""))
-        self._tokens = (context.request_id.set(rid), context.principal.set(None), context.deadline.set(None))
+        self._tokens = (context.request_id.set(rid), context.principal.set(None), context.deadline.set(None),
+                        context.admission.set(self.admit if self.queue is not None else None))
         self.ctx.send_initial_metadata((("x-request-id", rid),))
         self.start = time.perf_counter()
         metrics.RPC_IN_FLIGHT.labels(self.owner.service).inc()
@@ -226,6 +243,15 @@ class _Call:
         context.deadline.set(time.monotonic() + budget)
         self.principal = self.owner.authorise(self.method, self.ctx)
         context.principal.set(self.principal)
+
+    def admit(self) -> None:
+        """Takes a model-work slot (RPCs marked model_work), once; raises RESOURCE_EXHAUSTED when refused."""
+        if self.queue is not None and self.slot is None:
+            slot = self.queue.acquire(self.short, context.deadline.get())
+            if not self.ctx.is_active():  # the client gave up while the call was queued: no work for nobody
+                self.queue.release(slot, observe=False)
+                raise errors.ServiceError(grpc.StatusCode.CANCELLED, "the client cancelled the call while it was queued")
+            self.slot = slot
 
     def check_request(self, request: Any) -> None:
         if isinstance(request, Malformed):
@@ -252,7 +278,7 @@ class _Call:
     def checked_stream(self, requests: Iterator) -> Iterator:
         """The client's stream, read under the server's stream budgets, each message tenant-checked."""
         return BoundedStream(requests, self.owner.streams, context.deadline.get(), self.owner._readers,
-                             self.check_request)
+                             self.check_request, on_end=self.admit)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         code = _code_of(self.ctx)
@@ -278,6 +304,8 @@ class _Call:
         return False
 
     def _finish(self, code: grpc.StatusCode) -> None:
+        if self.slot is not None:
+            self.queue.release(self.slot)  # type: ignore[union-attr]
         elapsed = time.perf_counter() - self.start
         service = self.owner.service
         metrics.RPC_IN_FLIGHT.labels(service).dec()
@@ -292,7 +320,8 @@ class _Call:
                 "principal": self.principal.name if self.principal else None,
             },
         )
-        for var, token in zip((context.request_id, context.principal, context.deadline), self._tokens):
+        for var, token in zip((context.request_id, context.principal, context.deadline, context.admission),
+                              self._tokens):
             var.reset(token)
 
 

@@ -43,16 +43,18 @@ class BoundedStream:
     """An iterator over ``requests`` that refuses a silent, slow or oversized client.
 
     ``deadline`` is the monotonic time by which the whole RPC must be done (the client's deadline
-    capped by ``server.rpc_timeout_s``); ``check`` runs on every message (the tenant check).
+    capped by ``server.rpc_timeout_s``); ``check`` runs on every message (the tenant check), ``on_end``
+    when the client half-closes (admission of the model work).
     """
 
     def __init__(self, requests: Iterator, limits: StreamLimits, deadline: float | None, reader: Executor,
-                 check: Callable[[Any], None] = lambda _: None) -> None:
+                 check: Callable[[Any], None] = lambda _: None, on_end: Callable[[], None] = lambda: None) -> None:
         self._requests = iter(requests)
         self._limits = limits
         self._deadline = deadline
         self._reader = reader
         self._check = check
+        self._on_end = on_end
         self._pending: Future | None = None
         self._done = False
         self.messages = 0
@@ -84,6 +86,7 @@ class BoundedStream:
         self._pending = None
         if item is _END:
             self._done = True
+            self._on_end()  # the request is whole: the model work (admission) starts here
             raise StopIteration
         self.messages += 1
         self.bytes += item.ByteSize()

@@ -63,6 +63,8 @@ ALLOWED_ROLES_FIELD_NUMBER: _ClassVar[int]
 allowed_roles: _descriptor.FieldDescriptor
 TENANT_FIELD_NUMBER: _ClassVar[int]
 tenant: _descriptor.FieldDescriptor
+MODEL_WORK_FIELD_NUMBER: _ClassVar[int]
+model_work: _descriptor.FieldDescriptor
 
 class TenantSource(_message.Message):
     __slots__ = ("field", "lookup", "none")

@@ -1,0 +1,209 @@
+"""The admission queue's decisions (services/common/server/admission.py), on an injected clock:
+what it admits, queues and refuses, the estimates it refuses on, and the refusal clients see."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import grpc
+import pytest
+from pydantic import ValidationError
+
+from services.common.config import ServerConfig
+from services.common.server.admission import DEADLINE_UNREACHABLE, QUEUE_FULL, AdmissionQueue
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def queue(concurrency: int = 2, max_queue: int = 3, alpha: float = 0.5) -> tuple[AdmissionQueue, Clock]:
+    clock = Clock()
+    return AdmissionQueue("test", concurrency, max_queue, alpha=alpha, clock=clock), clock
+
+
+def refusal(q: AdmissionQueue, kind: str, deadline: float | None):
+    with pytest.raises(Exception) as err:
+        q.acquire(kind, deadline)
+    return err.value
+
+
+def test_free_slots_admit_at_once_and_the_service_time_feeds_the_estimate():
+    q, clock = queue()
+    a = q.acquire("Verify", None)
+    b = q.acquire("Verify", None)
+    assert (a.started, b.started, q.running, q.queued) == (100.0, 100.0, 2, 0)
+    clock.now += 0.4
+    q.release(a)
+    assert q.estimate("Verify") == pytest.approx(0.4)
+    clock.now += 0.4  # b took 0.8 s: the average moves halfway (alpha 0.5)
+    q.release(b)
+    assert q.estimate("Verify") == pytest.approx(0.6)
+    q.release(b)  # a second release is a no-op
+    assert q.running == 0 and q.estimate("Verify") == pytest.approx(0.6)
+
+
+def test_a_call_is_admitted_on_the_average_plus_two_mean_deviations():
+    q, _ = queue(alpha=0.5)
+    q.observe("Verify", 1.0)
+    assert q.budget("Verify") == pytest.approx(1.0)  # one sample: no spread known yet
+    q.observe("Verify", 2.0)  # mean 1.5, mean deviation 0.5
+    assert (q.estimate("Verify"), q.budget("Verify")) == (pytest.approx(1.5), pytest.approx(2.5))
+    assert q.budget("Identify") == pytest.approx(2.5)  # no samples: the largest budget known
+
+
+def test_the_spread_of_the_calls_ahead_and_of_the_call_itself_is_budgeted_too():
+    q, clock = queue(concurrency=1, max_queue=5, alpha=0.5)
+    q.observe("Verify", 1.0)
+    q.observe("Verify", 2.0)  # mean 1.5, mean deviation 0.5
+    assert q.finish_time("Verify") == pytest.approx(1.5 + 2 * 0.5)  # a free slot: its own spread only
+    running = q.acquire("Verify", None)
+    # 1.5 s ahead + 1.5 s of its own, and 2 x sqrt(0.5^2 + 0.5^2) of spread: 4.41 s
+    assert q.finish_time("Verify") == pytest.approx(3.0 + 2 * math.sqrt(0.5))
+    assert refusal(q, "Verify", clock.now + 4.3).reason == DEADLINE_UNREACHABLE  # the averages alone fit (3.0)
+    t, out = queued_in_thread(q, "Verify", clock.now + 4.5)
+    wait_until(lambda: q.queued == 1, "the call queued")
+    q.release(running)
+    t.join(10)
+    assert out[0].started is not None
+
+
+def test_a_kind_without_samples_is_estimated_at_the_slowest_known():
+    q, _ = queue()
+    q.observe("Verify", 0.2)
+    q.observe("Enroll", 0.9)
+    assert q.estimate("Identify") == pytest.approx(0.9)
+    assert AdmissionQueue("t", 1, 1).estimate("Verify") == 0.0
+
+
+def test_the_expected_wait_is_the_work_ahead_over_the_slots():
+    q, clock = queue(concurrency=2, max_queue=4)
+    q.observe("Verify", 1.0)
+    q.acquire("Verify", None)
+    assert q.expected_wait() == 0.0  # a slot is free
+    q.acquire("Verify", None)
+    clock.now += 0.25  # both running calls have 0.75 s left
+    assert q.expected_wait() == pytest.approx(0.75)
+    clock.now += 5.0  # over their estimate: nothing is counted left, never a negative wait
+    assert q.expected_wait() == 0.0
+
+
+def queued_in_thread(q: AdmissionQueue, kind: str, deadline: float | None) -> tuple[threading.Thread, list]:
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(q.acquire(kind, deadline))
+        except Exception as exc:  # collected for the assertions
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def wait_until(predicate, what: str) -> None:
+    done = threading.Event()
+    for _ in range(2000):
+        if predicate():
+            return
+        done.wait(0.005)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_a_call_the_queue_cannot_serve_before_its_deadline_is_refused_at_once_with_a_retry_hint():
+    q, clock = queue(concurrency=1, max_queue=5)
+    q.observe("Verify", 1.0)
+    running = q.acquire("Verify", None)
+    clock.now += 0.5  # 0.5 s of work left ahead; the call itself takes 1.0 s
+    err = refusal(q, "Verify", deadline=clock.now + 1.4)
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.reason == DEADLINE_UNREACHABLE
+    assert err.retry_delay_s == pytest.approx(1.0) and err.metadata["expected_wait_ms"] == "500"
+    assert q.queued == 0  # nothing was queued for it
+    # with enough time left the same call queues, and starts when the running one is done
+    t, out = queued_in_thread(q, "Verify", clock.now + 1.6)
+    wait_until(lambda: q.queued == 1, "the call queued")
+    q.release(running)
+    t.join(10)
+    assert out and out[0].started is not None and q.running == 1
+
+
+def test_a_full_queue_refuses_at_once_whatever_the_deadline():
+    q, clock = queue(concurrency=1, max_queue=2)
+    q.observe("Verify", 0.1)
+    first = q.acquire("Verify", None)
+    waiting = [queued_in_thread(q, "Verify", None) for _ in range(2)]
+    wait_until(lambda: q.queued == 2, "two calls queued")
+    err = refusal(q, "Verify", None)
+    assert err.reason == QUEUE_FULL and err.retry_delay_s >= 0.1
+    # the queue is FIFO and drains as slots free
+    q.release(first)
+    waiting[0][0].join(10)
+    assert waiting[0][1][0].started is not None and q.queued == 1
+    q.release(waiting[0][1][0])
+    waiting[1][0].join(10)
+    assert waiting[1][1][0].started is not None and q.queued == 0
+
+
+def test_a_full_queue_refuses_before_any_estimate_exists():
+    q, _ = queue(concurrency=1, max_queue=1)
+    q.acquire("Verify", None)
+    t, _ = queued_in_thread(q, "Verify", None)
+    wait_until(lambda: q.queued == 1, "one call queued")
+    assert refusal(q, "Verify", None).reason == QUEUE_FULL
+
+
+def test_a_queued_call_leaves_when_it_could_no_longer_finish_in_time():
+    q, clock = queue(concurrency=1, max_queue=3)
+    q.observe("Verify", 0.0)  # the wait looks empty on arrival: the call is queued
+    q.acquire("Verify", None)
+    t, out = queued_in_thread(q, "Verify", clock.now + 0.05)
+    wait_until(lambda: q.queued == 1, "the call queued")
+    clock.now += 0.06  # its deadline passed while it waited (the real-time wake-up finds it)
+    t.join(10)
+    assert out and getattr(out[0], "reason", None) == DEADLINE_UNREACHABLE and q.queued == 0
+
+
+def test_the_default_concurrency_is_the_cores_a_container_may_use(tmp_path):
+    from services.common.config import usable_cores
+
+    affinity = usable_cores(tmp_path / "absent")
+    assert affinity >= 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cores(tmp_path / "cpu.max") == affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a limit of 1.5 CPUs
+    assert usable_cores(tmp_path / "cpu.max") == min(affinity, 2)
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert usable_cores(tmp_path / "cpu.max") == 1
+
+
+def test_unknown_settings_and_threads_that_cheap_rpcs_need_are_refused():
+    assert ServerConfig(admission={"concurrency": 2, "max_queue": 8}).workers == 18
+    with pytest.raises(ValidationError, match="max_workers"):
+        ServerConfig(max_workers=10, admission={"concurrency": 2, "max_queue": 8})
+    with pytest.raises(ValidationError):
+        ServerConfig(admission={"slots": 3})
+
+
+def test_freed_memory_is_trimmed_once_per_burst_after_the_idle_time():
+    from services.common.server.memory import IdleTrimmer
+
+    q, clock = queue(concurrency=1, max_queue=1)
+    trimmer = IdleTrimmer(q, idle_s=2.0, clock=clock)
+    assert trimmer.trim is not None  # glibc: the CI and production images
+    assert not trimmer.check()  # no work yet: nothing to give back
+    slot = q.acquire("Verify", None)
+    clock.now += 5.0
+    assert not trimmer.check()  # a call is running
+    q.release(slot)
+    clock.now += 1.0
+    assert not trimmer.check()  # idle for less than idle_s
+    clock.now += 1.5
+    assert trimmer.check() and trimmer.trims == 1
+    clock.now += 10.0
+    assert not trimmer.check()  # no work since: once per burst
