@@ -7,9 +7,11 @@ from __future__ import annotations
 import itertools
 import random
 
+import grpc
 import pytest
 
 from services.common.api.v1 import mfa_pb2 as F
+from services.common.errors import details_of
 from services.common.server.auth import ROLES, token_sha256
 from tests.conftest import require
 from tests.mfa import spoken_digits
@@ -27,6 +29,17 @@ PRINCIPALS = [
 # selfie, photo 3 is the one an attacker finds online.
 FACE_IDENTITY = "Aaron_Peirsol"
 VOICE_SPEAKER = "george"
+
+
+def codes(result) -> list[str]:
+    return [r.code for r in result.reasons]
+
+
+def refused(call) -> tuple[grpc.StatusCode, str]:
+    """The status code and reason of a call that must be refused."""
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), details_of(err.value)["reason"]
 
 
 def identity_photo(identity: str, n: int) -> bytes:

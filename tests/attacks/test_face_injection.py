@@ -13,24 +13,13 @@ import grpc
 import pytest
 
 from services.common.api.v1 import common_pb2, mfa_pb2
-from services.common.errors import details_of
 from services.mfa.binding import payee_object
-from tests.attacks.conftest import FACE_IDENTITY, identity_photo
+from tests.attacks.conftest import FACE_IDENTITY, codes, identity_photo, refused
 from tests.mfa.conftest import App, phone_device
 from tests.mfa.world import FIX, PAYEE
 
 pytestmark = pytest.mark.attacks
 F = mfa_pb2
-
-
-def codes(result) -> list[str]:
-    return [r.code for r in result.reasons]
-
-
-def refused(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value.code(), details_of(err.value)["reason"]
 
 
 def still_needed(d) -> list[list[int]]:

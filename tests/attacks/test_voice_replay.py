@@ -19,26 +19,15 @@ import pytest
 import soundfile as sf
 
 from services.common.api.v1 import common_pb2, mfa_pb2, voice_pb2
-from services.common.errors import details_of
 from services.voice import attacks, telephone
 from services.voice.ingest import AudioError
-from tests.attacks.conftest import VOICE_SPEAKER
+from tests.attacks.conftest import VOICE_SPEAKER, codes, refused
 from tests.mfa import spoken_digits
 from tests.mfa.conftest import App, phone_device
 
 pytestmark = pytest.mark.attacks
 F = mfa_pb2
 RATE = spoken_digits.RATE
-
-
-def codes(result) -> list[str]:
-    return [r.code for r in result.reasons]
-
-
-def refused(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value.code(), details_of(err.value)["reason"]
 
 
 def samples(wav: bytes) -> np.ndarray:
