@@ -42,7 +42,6 @@ def test_a_downloaded_photo_from_an_unbound_device_is_not_enough(world, face_cus
     assert r.binding == "new_device", r
     d = world.decide(s)
     assert d.outcome == F.OUTCOME_STEP_UP and still_needed(d) == [[F.FACTOR_TYPE_SMS_OTP]], d
-    assert "face" not in d.amr or "swk" not in d.amr
 
 
 def test_a_downloaded_photo_on_the_bound_device_without_its_signature_is_refused(world, face_customer):
