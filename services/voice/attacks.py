@@ -1,7 +1,10 @@
 """Simulated presentation attacks, for tests, calibration and benchmarks (never used to decide).
 
 * :func:`loudspeaker_room`: a recording played through a small loudspeaker into a room and
-  captured again (band-limited speaker response, a short synthetic room impulse response, noise).
+  captured again (band-limited speaker response, a short synthetic room impulse response, noise);
+  :func:`replay_in_room` does the same in one of :data:`ROOMS`, rooms of several sizes whose
+  reverberation time is Sabine's and whose direct-to-reverberant ratio follows from the distance
+  between loudspeaker and phone and the room's critical distance.
 * :func:`espeak`: text-to-speech with espeak-ng (installed by scripts/setup.sh from Debian).
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,36 @@ VOICES = ("en-us", "en", "en-us+m3", "en+f2", "en-us+f4", "en-us+klatt", "en-gb-
           "en+f5", "en-029+f2", "en-us-nyc+paul", "en-gb-scotland+Lee", "en-us+Gene")
 
 
+@dataclass(frozen=True)
+class Room:
+    name: str
+    size_m: tuple[float, float, float]  # length, width, height
+    absorption: float  # mean absorption coefficient of the surfaces
+
+    @property
+    def rt60_s(self) -> float:
+        """Sabine: RT60 = 0.161 V / (S a), in seconds (V in m^3, S in m^2)."""
+        length, width, height = self.size_m
+        volume = length * width * height
+        surface = 2 * (length * width + length * height + width * height)
+        return 0.161 * volume / (surface * self.absorption)
+
+    @property
+    def critical_distance_m(self) -> float:
+        """Where direct and reverberant sound are equally loud: 0.057 sqrt(V / RT60), omnidirectional source."""
+        length, width, height = self.size_m
+        return 0.057 * float(np.sqrt(length * width * height / self.rt60_s))
+
+
+# Where a replayed recording may be played to a phone: from a car to a meeting room.
+ROOMS = (
+    Room("car", (2.5, 1.5, 1.2), 0.45),
+    Room("small office", (3.0, 4.0, 2.7), 0.3),
+    Room("living room", (5.0, 6.0, 2.7), 0.2),
+    Room("meeting room", (6.0, 8.0, 3.0), 0.12),
+)
+
+
 def room_impulse_response(rate: int, rt60_s: float, rng: np.random.Generator) -> FloatArray:
     """Direct path, a few early reflections, then exponentially decaying noise (the late tail)."""
     n = int(rt60_s * rate)
@@ -55,17 +89,46 @@ def room_impulse_response(rate: int, rt60_s: float, rng: np.random.Generator) ->
     return (ir / np.sqrt(np.sum(ir**2))).astype(np.float32)
 
 
-def loudspeaker_room(x: FloatArray, rate: int = 16000, rt60_s: float = 0.25, snr_db: float = 25.0,
-                     seed: int = 0) -> FloatArray:
-    rng = np.random.default_rng(seed)
+def room_response(rate: int, room: Room, distance_m: float, rng: np.random.Generator) -> FloatArray:
+    """The direct path, then a diffuse tail decaying at the room's RT60 whose energy relative to the
+    direct sound is (distance / critical distance)^2: near the loudspeaker the direct sound
+    dominates, beyond the critical distance the reverberation does."""
+    n = max(int(room.rt60_s * rate), 16)
+    t = np.arange(n) / rate
+    tail = rng.standard_normal(n) * np.exp(-6.9 * t / room.rt60_s)
+    tail[: max(1, int(0.003 * rate))] = 0.0  # the first reflection travels a metre further
+    tail *= np.sqrt((distance_m / room.critical_distance_m) ** 2 / np.sum(tail**2))
+    tail[0] = 1.0
+    return tail.astype(np.float32)
+
+
+def _loudspeaker(x: FloatArray, rate: int) -> NDArray[np.float64]:
     speaker = butter(4, (250.0, min(6500.0, rate * 0.45)), btype="bandpass", fs=rate, output="sos")
     y = sosfilt(speaker, np.asarray(x, dtype=np.float64))
-    y = np.tanh(2.0 * y) / 2.0  # the small speaker's soft saturation
-    y = fftconvolve(y, room_impulse_response(rate, rt60_s, rng))[: len(x)]
+    return np.tanh(2.0 * y) / 2.0  # the small speaker's soft saturation
+
+
+def _noisy(y: NDArray[np.float64], snr_db: float, rng: np.random.Generator) -> FloatArray:
     noise = rng.standard_normal(len(y))
     gain = np.sqrt(np.mean(y**2) / (np.mean(noise**2) * 10 ** (snr_db / 10)))
     y = y + gain * noise
     return (0.5 * y / max(np.max(np.abs(y)), 1e-9)).astype(np.float32)
+
+
+def loudspeaker_room(x: FloatArray, rate: int = 16000, rt60_s: float = 0.25, snr_db: float = 25.0,
+                     seed: int = 0) -> FloatArray:
+    rng = np.random.default_rng(seed)
+    y = fftconvolve(_loudspeaker(x, rate), room_impulse_response(rate, rt60_s, rng))[: len(x)]
+    return _noisy(y, snr_db, rng)
+
+
+def replay_in_room(x: FloatArray, rate: int, room: Room, distance_m: float = 0.3, snr_db: float = 20.0,
+                   seed: int = 0) -> FloatArray:
+    """A recording played through a small loudspeaker ``distance_m`` from the capturing phone in
+    ``room``, with background noise at ``snr_db``."""
+    rng = np.random.default_rng(seed)
+    y = fftconvolve(_loudspeaker(x, rate), room_response(rate, room, distance_m, rng))[: len(x)]
+    return _noisy(y, snr_db, rng)
 
 
 def resample(x: FloatArray, rate_in: int, rate_out: int) -> FloatArray:

@@ -8,147 +8,35 @@ fails in CI, like any missing requirement).
 
 from __future__ import annotations
 
-import csv
 import random
 import re
-import sys
 import time
 
-from pathlib import Path
-
 import grpc
-import numpy as np
 import pytest
 
-from services.common.api.v1 import (
-    common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc,
-)
+from services.common.api.v1 import common_pb2, face_pb2, mfa_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
-from services.mfa.binding import payload_digest
 from services.mfa.tokens import verify_token
 from tests.conftest import SHARED, ServiceHarness, make_settings, require
 from tests.mfa import spoken_digits
 from tests.mfa.conftest import App, outbox_codes, phone_device
+from tests.mfa.world import World, rows, running_services
 
 F = mfa_pb2
 FIX = SHARED / "fixtures"
 TENANT = "bank-e2e"
-PAYEE = F.Payee(name="Li Lei", account_masked="6222 **** **** 1234")
-
-
-def _rows(name):
-    with open(FIX / name, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _implemented(call) -> bool:
-    try:
-        call()
-    except grpc.RpcError as err:
-        return err.code() != grpc.StatusCode.UNIMPLEMENTED
-    return True
 
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    require((FIX / "trials_face.csv").is_file(), f"the fixtures in {FIX}")
-    data = tmp_path_factory.mktemp("e2e")
-    base = make_settings(data)
-    bio = ServiceHarness(base)
-    try:
-        bio.face_ok = bio.voice_ok = False
-        for name, stub, request in (("face", face_pb2_grpc.FaceServiceStub, face_pb2.VerifyFaceRequest()),
-                                    ("voice", voice_pb2_grpc.VoiceServiceStub, voice_pb2.VerifyVoiceRequest())):
-            try:
-                bio.start(name, timeout=240)
-            except TimeoutError:  # reported by the tests that need it (require: fails in CI)
-                continue
-            with bio.channel(name) as ch:
-                setattr(bio, f"{name}_ok", _implemented(lambda: stub(ch).Verify(request, timeout=30)))
-
-        def target(name):
-            server = bio.running.get(name)
-            return server.address if server is not None else "127.0.0.1:9"
-
-        settings = make_settings(data, clients={
-            "face": {"target": target("face"), "breaker_failures": 3, "breaker_reset_s": 2},
-            "voice": {"target": target("voice"), "breaker_failures": 3, "breaker_reset_s": 2}})
-        mfa = ServiceHarness(settings)
-        mfa.start("mfa")
-        yield bio, mfa
-        mfa.stop()
-    finally:
-        bio.stop()
-
-
-class World:
-    def __init__(self, bio, mfa):
-        self.bio, self.mfa = bio, mfa
-        self._channels = [mfa.channel("mfa"), bio.channel("face"), bio.channel("voice")]
-        self.mfa_stub = mfa_pb2_grpc.MfaServiceStub(self._channels[0])
-        self.face = face_pb2_grpc.FaceServiceStub(self._channels[1])
-        self.voice = voice_pb2_grpc.VoiceServiceStub(self._channels[2])
-
-    def close(self):
-        for c in self._channels:
-            c.close()
-
-    def enrol(self, sid, face_path=None, voice_path=None, phone="+8613800135678", utterances=None):
-        ref = common_pb2.SubjectRef(tenant_id=TENANT, subject_id=sid)
-        self.mfa_stub.RecordConsent(common_pb2.RecordConsentRequest(consent=common_pb2.Consent(
-            subject=ref, purpose=common_pb2.CONSENT_PURPOSE_BIOMETRIC_VERIFICATION,
-            modalities=[common_pb2.MODALITY_FACE, common_pb2.MODALITY_VOICE], granted=True,
-            policy_version="privacy-2025-01")))
-        self.mfa_stub.SetPhoneNumber(F.SetPhoneNumberRequest(subject=ref, phone_e164=phone))
-        if face_path:
-            self.face.Enroll(face_pb2.EnrollFaceRequest(subject=ref, images=[common_pb2.Image(
-                data=(FIX / face_path).read_bytes())], replace=True), timeout=120)
-        if voice_path or utterances:
-            audio = utterances or [(FIX / voice_path).read_bytes()]
-            self.voice.Enroll(voice_pb2.EnrollVoiceRequest(subject=ref, utterances=[
-                common_pb2.Audio(data=a) for a in audio], replace=True), timeout=120)
-        return ref
-
-    def start(self, ref, app, action="login", amount=None, text="", payee=None):
-        req = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action=action, device=app.device,
-                                           context=F.ContextSignals(conversation_text=text))
-        if amount is not None:
-            req.amount.CopyFrom(F.Money(currency="CNY", amount_minor=amount))
-            req.payee.CopyFrom(payee or PAYEE)
-        return app.opened(req, self.mfa_stub.StartAuthentication(req))
-
-    def face_factor(self, s, path, app):
-        """The app's selfie, signed with the session's context."""
-        return self.submit(s, face=app.face(s, (FIX / path).read_bytes()))
-
-    def voice_challenge(self, s):
-        return self.mfa_stub.StartBiometricChallenge(F.StartBiometricChallengeRequest(
-            session_id=s.session_id, modality=common_pb2.MODALITY_VOICE))
-
-    def submit(self, s, **evidence):
-        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, **evidence), timeout=120)
-
-    @property
-    def voice_engine(self):
-        return self.bio.running["voice"].definition.service.engine
-
-    def otp(self, s, wrong=False):
-        self.mfa_stub.SendOtp(F.SendOtpRequest(session_id=s.session_id))
-        code = outbox_codes(self.mfa.settings)[-1]
-        if wrong:
-            code = f"{(int(code) + 1) % 10 ** 6:06d}"
-        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=code)))
-
-    def device(self, s, app):
-        return self.mfa_stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s)))
-
-    def decide(self, s):
-        return self.mfa_stub.Decide(F.DecideRequest(session_id=s.session_id))
+    with running_services(tmp_path_factory.mktemp("e2e")) as services:
+        yield services
 
 
 @pytest.fixture(scope="module")
 def world(e2e):
-    w = World(*e2e)
+    w = World(*e2e, tenant=TENANT)
     yield w
     w.close()
 
@@ -160,12 +48,12 @@ def face_world(world):
 
 
 def genuine_face_trial():
-    row = next(r for r in _rows("trials_face.csv") if r["target"] == "1")
+    row = next(r for r in rows("trials_face.csv") if r["target"] == "1")
     return row["enroll"], row["probe"], row["enroll_identity"]
 
 
 def impostor_probe(identity):
-    return next(r["probe"] for r in _rows("trials_face.csv") if r["target"] == "0" and r["enroll_identity"] == identity)
+    return next(r["probe"] for r in rows("trials_face.csv") if r["target"] == "0" and r["enroll_identity"] == identity)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +110,7 @@ def test_an_impostor_face_is_denied(world, face_subject):
 
 def test_a_spoof_frame_is_denied_by_the_veto(world, face_subject):
     ref, app, _, _ = face_subject
-    spoofs = [r["path"] for r in _rows("pad_face.csv") if r["label"] == "spoof"]
+    spoofs = [r["path"] for r in rows("pad_face.csv") if r["label"] == "spoof"]
     flagged = None
     for path in spoofs[:20]:  # the first spoof the face service's liveness flags
         live = world.face.CheckLiveness(face_pb2.CheckLivenessRequest(
@@ -342,25 +230,6 @@ def test_genuine_voice_answers_the_digit_challenge_through_the_mfa(world, digits
     assert d.outcome == F.OUTCOME_ALLOW and set(d.amr) >= {"vbm", "swk"}, d
 
 
-def test_a_replayed_recording_of_the_customer_fails_the_challenge(world, digits_voice):
-    """The customer's own voice through a loudspeaker, a small room and G.711, played into the bound
-    app: it says other digits than the ones asked now, and the session is denied."""
-    from services.voice import attacks, telephone
-
-    ref, rng = digits_voice
-    app = App(phone_device(install="george-phone-2"))
-    s = world.start(ref, app)
-    world.otp(s)
-    recorded = spoken_digits.take  # a recording made elsewhere: 0-9 in takes the enrolment never used
-    x = attacks.loudspeaker_room(np.concatenate([recorded(d, "george", 5) for d in range(10)]),
-                                 rate=spoken_digits.RATE, rt60_s=0.3, snr_db=20.0)
-    replay = spoken_digits.wav([telephone.simulate(x, spoken_digits.RATE)])
-    challenge = world.voice_challenge(s)
-    r = world.submit(s, voice=app.voice(s, replay, challenge.challenge.nonce)).result
-    assert r.veto and not r.passed and "CHALLENGE_FAILED" in [x.code for x in r.reasons], r
-    assert world.decide(s).outcome == F.OUTCOME_DENY
-
-
 def test_another_speakers_digits_are_denied(world, digits_voice):
     ref, rng = digits_voice
     app = App(phone_device(install="jackson-phone"))
@@ -411,7 +280,7 @@ def test_voice_service_down_means_degraded_mode_and_it_recovers(world, digits_vo
 
 def test_challenges_of_face_voice_and_sms_start_through_the_mfa_and_bind_to_the_session(world):
     require(world.bio.face_ok and world.bio.voice_ok, "the face and voice services (SERVING)")
-    row = next(r for r in _rows("trials_voice.csv") if r["target"] == "1")
+    row = next(r for r in rows("trials_voice.csv") if r["target"] == "1")
     enroll, _, _ = genuine_face_trial()
     ref = world.enrol("challenge-cust-1", face_path=enroll, voice_path=row["enroll"], phone="+8613900135678")
     app = App()
@@ -441,7 +310,7 @@ def test_challenges_of_face_voice_and_sms_start_through_the_mfa_and_bind_to_the_
 
 def test_delete_subject_erases_templates_through_the_face_and_voice_services(world):
     require(world.bio.face_ok and world.bio.voice_ok, "the face and voice services (SERVING)")
-    row = next(r for r in _rows("trials_voice.csv") if r["target"] == "1")
+    row = next(r for r in rows("trials_voice.csv") if r["target"] == "1")
     enroll, probe, _ = genuine_face_trial()
     ref = world.enrol("erase-cust-1", face_path=enroll, voice_path=row["enroll"], phone="+8613700135678")
     app = App()
@@ -486,37 +355,7 @@ def test_delete_subject_erases_templates_through_the_face_and_voice_services(wor
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no face template" in err.value.details()
 
 
-# ---------------------------------------------------------------- the issue's attacks
-def other_photo_of(identity, not_path):
-    """A different photo of the same person: what an attacker downloads."""
-    rows = [r for r in _rows("trials_face.csv") if r["target"] == "1" and r["enroll_identity"] == identity]
-    return next(p for r in rows for p in (r["probe"], r["enroll"]) if p != not_path)
-
-
-def test_an_injected_photo_of_the_customer_is_never_enough_for_a_payment(world, face_subject):
-    """A different photo of the enrolled customer, sent for a CNY 4,900 payment from a device never
-    seen: unsigned it is refused; signed by the attacker's own phone the face may match, and the
-    payment still needs the customer's SMS; claiming the customer's bound key fails."""
-    ref, app, probe, identity = face_subject
-    photo = (FIX / other_photo_of(identity, probe)).read_bytes()
-    attacker = App(phone_device(install="attacker-phone", model="Redmi Note 12"))
-    s = world.start(ref, attacker, action="payment", amount=4_900_00)
-    with pytest.raises(grpc.RpcError) as err:
-        world.submit(s, face=F.FaceEvidence(image=common_pb2.Image(data=photo)))
-    assert details_of(err.value)["reason"] == "CAPTURE_NOT_BOUND"
-    r = world.submit(s, face=attacker.face(s, photo)).result
-    assert r.binding == "new_device"
-    d = world.decide(s)
-    assert d.outcome == F.OUTCOME_STEP_UP and [list(x.factors) for x in d.still_needed] == [[F.FACTOR_TYPE_SMS_OTP]]
-    s = world.start(ref, attacker, action="payment", amount=4_900_00)
-    context = attacker.context(s, [payload_digest(photo)])
-    claimed = F.FaceEvidence(image=common_pb2.Image(data=photo), binding=F.CaptureBinding(
-        device_id=app.device_id, signature=attacker.sign(context), context=context))
-    r = world.submit(s, face=claimed).result
-    assert r.veto and [x.code for x in r.reasons] == ["CAPTURE_SIGNATURE_INVALID"]
-    assert world.decide(s).outcome == F.OUTCOME_DENY
-
-
+# ---------------------------------------------------------------- capture bindings (the attacks: tests/attacks/)
 def test_captures_of_one_session_are_signed_by_one_key(world, face_subject):
     ref, _, probe, _ = face_subject
     first, second = App(phone_device(install="phone-a")), App(phone_device(install="phone-a"))
@@ -525,52 +364,3 @@ def test_captures_of_one_session_are_signed_by_one_key(world, face_subject):
     assert world.face_factor(s, probe, first).result.binding == "new_device"
     r = world.face_factor(s, probe, second).result
     assert r.veto and [x.code for x in r.reasons] == ["CAPTURE_KEY_CHANGED"]
-
-
-def test_a_burst_assembled_from_recorded_frames_counts_only_when_the_bound_device_signed_it(world):
-    """The issue's replayed burst: frames of a webcam video that follow the asked moves, assembled
-    offline. Unsigned, or signed for another order of frames, it is refused before the face
-    service sees it; the same burst signed by the customer's bound phone is a live capture to the
-    MFA (what a compromised phone can do is in the README's threat model)."""
-    require(world.bio.face_ok, "the face service (SERVING, with its Verify RPC)")
-    face_tests = str(Path(__file__).parents[1] / "face")  # challenge_frames imports its helpers by name
-    if face_tests not in sys.path:
-        sys.path.insert(0, face_tests)
-    from tests.face import challenge_frames
-    from services.face.service import MOVE_ENUMS
-
-    face = world.bio.running["face"].definition.service
-    rules = face._rules()
-    pool = challenge_frames.measure_pool(face.pipeline, sorted((FIX / "face/pad/live").glob("apfol_real_*")))
-    ref = world.enrol("burst-cust-1", face_path=str(pool[0].path), phone="+8613500135678")
-    app = App(phone_device(install="burst-phone"))
-    s = world.start(ref, app)
-    assert world.submit(s, face=app.face(s, pool[0].path.read_bytes())).result.passed
-    world.otp(s)
-    assert world.decide(s).outcome == F.OUTCOME_ALLOW
-    app.device_id = world.mfa_stub.RegisterDevice(F.RegisterDeviceRequest(
-        session_id=s.session_id, device=app.device, public_key=app.public_der)).device_id
-    names = {v: k for k, v in MOVE_ENUMS.items()}
-
-    def burst_for(s):
-        challenge = world.mfa_stub.StartBiometricChallenge(F.StartBiometricChallengeRequest(
-            session_id=s.session_id, modality=common_pb2.MODALITY_FACE))
-        frames = challenge_frames.burst(pool, [names[m] for m in challenge.moves], rules, rules.live_threshold + 0.1)
-        time.sleep((frames[-1][1] - frames[0][1]) / 1000)  # a camera needs the burst's duration
-        return challenge.challenge.nonce, [common_pb2.Frame(image=common_pb2.Image(data=d), capture_time_ms=t)
-                                           for d, t in frames]
-
-    s = world.start(ref, app)
-    nonce, frames = burst_for(s)
-    with pytest.raises(grpc.RpcError) as err:
-        world.submit(s, face=F.FaceEvidence(frames=frames, challenge_nonce=nonce))
-    assert details_of(err.value)["reason"] == "CAPTURE_NOT_BOUND"
-    signed = app.burst(s, frames, nonce)
-    swapped = F.FaceEvidence(frames=[frames[1], frames[0], *frames[2:]], challenge_nonce=nonce, binding=signed.binding)
-    r = world.submit(s, face=swapped).result
-    assert r.veto and [x.code for x in r.reasons] == ["CAPTURE_EVIDENCE_MISMATCH"]
-    s = world.start(ref, app)
-    nonce, frames = burst_for(s)
-    r = world.submit(s, face=app.burst(s, frames, nonce)).result
-    assert r.passed and r.binding == "device", r
-    assert world.decide(s).outcome == F.OUTCOME_ALLOW
