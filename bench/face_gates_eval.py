@@ -45,7 +45,6 @@ from services.face.detection import Face  # noqa: E402
 from services.face.models import pipeline_config  # noqa: E402
 from services.face.pipeline import FacePipeline  # noqa: E402
 from services.face.quality import QualityThresholds  # noqa: E402
-from services.face.subject import SubjectPolicy, choose_subject  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 MODEL = "mobilefacenet-arcface-192d"

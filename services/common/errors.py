@@ -8,6 +8,7 @@ violations, so that client developers can act on the error without parsing messa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -87,7 +88,7 @@ def unavailable(message: str, reason: str = "UNAVAILABLE") -> ServiceError:
 
 def details_of(error: grpc.RpcError) -> dict:
     """Client side: the ErrorInfo reason and field violations of a failed call."""
-    status = rpc_status.from_call(error)
+    status = rpc_status.from_call(cast(grpc.Call, error))  # a failed call's RpcError is also its Call
     out: dict = {"reason": "", "fields": {}}
     if status is None:
         return out

@@ -351,7 +351,7 @@ class Orchestrator:
                 return self._decision_response(stored)
             seen = len(st.factors)
 
-            def change(st: SessionState) -> None:
+            def change(st: SessionState, seen: int = seen, stored: DecisionState = stored) -> None:
                 if st.decision is not None:
                     raise _AlreadyDecided(st.decision)
                 if len(st.factors) != seen:  # a factor landed meanwhile: decide again with it

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import grpc
 
-from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc
+from services.common.api.v1 import common_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc
 from services.common.client import connect
 from services.common.errors import details_of
 from services.common.evaluation.scorers import Failure, Scored, ScorerOptions, register_scorer

@@ -64,7 +64,7 @@ def e2e(tmp_path_factory):
             except TimeoutError:  # reported by the tests that need it (require: fails in CI)
                 continue
             with bio.channel(name) as ch:
-                setattr(bio, f"{name}_ok", _implemented(lambda: stub(ch).Verify(request, timeout=30)))
+                setattr(bio, f"{name}_ok", _implemented(lambda stub=stub, request=request: stub(ch).Verify(request, timeout=30)))
 
         def target(name):
             server = bio.running.get(name)

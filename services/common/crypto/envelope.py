@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass
 
 from . import aead
-from .errors import BindingMismatchError, TamperedEnvelopeError, UnknownKeyError, WrongKeyError
+from .errors import BindingMismatchError, TamperedEnvelopeError, WrongKeyError
 from .keyring import Keyring
 
 MAGIC = b"BGE"
