@@ -140,27 +140,27 @@ def latency(store: ModelStore, n: int) -> list[dict]:
                 "face/verification/bbt_amy/faceapi_amy1.png"):
         data = (FIXTURES / rel).read_bytes()
         img = decode_image(data)
-        stages = {"decode": lambda: decode_image(data)}
+        stages = {"decode": lambda data=data: decode_image(data)}
         face = None
         for det in ("yunet-2023mar", "scrfd-500m"):
             d = build_detector(detector_config(store, det), cpu)
-            stages[f"detect {det}"] = lambda d=d: d.detect(img)
+            stages[f"detect {det}"] = lambda d=d, img=img: d.detect(img)
             face = face or max(d.detect(img), key=lambda f: f.size)
         aligned = align_face(img, face)
-        stages["align"] = lambda: align_face(img, face)
-        stages["quality"] = lambda: assess(img.shape, face, aligned)
+        stages["align"] = lambda img=img, face=face: align_face(img, face)
+        stages["quality"] = lambda img=img, face=face, aligned=aligned: assess(img.shape, face, aligned)
         from services.face.pipeline import build_embedder
 
         for label, eid in EMBEDDERS.items():
             e = build_embedder(embedder_config(store, eid), cpu)
-            stages[f"embed {label}"] = lambda e=e: e.embed(aligned[None])
+            stages[f"embed {label}"] = lambda e=e, aligned=aligned: e.embed(aligned[None])
         live = lv.PassiveLiveness(liveness_specs(store, store.settings.face.liveness), providers=cpu)
-        stages["liveness (2 models)"] = lambda: live.score(img, face)
+        stages["liveness (2 models)"] = lambda live=live, img=img, face=face: live.score(img, face)
         from services.face.models import pipeline_config
 
         p = FacePipeline(pipeline_config(store, providers=cpu))
-        stages["pipeline analyse (default, no liveness)"] = lambda: p.analyse(data)
-        stages["pipeline analyse (default + liveness)"] = lambda: p.analyse(data, liveness=True)
+        stages["pipeline analyse (default, no liveness)"] = lambda p=p, data=data: p.analyse(data)
+        stages["pipeline analyse (default + liveness)"] = lambda p=p, data=data: p.analyse(data, liveness=True)
         for name, fn in stages.items():
             rows.append({"image": f"{rel.split('/')[-1]} {img.shape[1]}x{img.shape[0]}", "stage": name, "ms": _ms(fn, n)})
             print(f"{rows[-1]['image']:60s} {name:42s} {rows[-1]['ms']:7.2f} ms", flush=True)

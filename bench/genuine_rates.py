@@ -153,7 +153,7 @@ def face_app(flows: Flows, identities: list[Path], log) -> dict:
             continue
         setup["bound"] += 1
         for photo in photos[1:]:
-            def run(photo=photo):
+            def run(photo=photo, ref=ref, app=app):
                 s = flows.start(ref, app)
                 r = flows.bank.SubmitFactor(F.SubmitFactorRequest(
                     session_id=s.session_id, face=app.face(s, photo.read_bytes())), timeout=120).result
@@ -177,8 +177,8 @@ def voice(flows: Flows, subjects: int, app_sessions: int, app8k_sessions: int, i
                     common_pb2.Audio(data=u) for u in spoken_digits.enrolment(speaker, rate)]), timeout=300)
             app = App(phone_device(install=f"{speaker}-{k}-phone"))
             for channel, rate, sessions in (("app", 16000, app_sessions), ("app8k", spoken_digits.RATE, app8k_sessions)):
-                for n in range(sessions):
-                    def run_app(rate=rate):
+                for _ in range(sessions):
+                    def run_app(rate=rate, ref=ref, app=app, speaker=speaker):
                         s = flows.start(ref, app)
                         challenge = flows.voice_challenge(flows.bank, s)
                         audio = spoken_digits.answer(challenge.digits, speaker, rng, rate=rate)
@@ -194,8 +194,8 @@ def voice(flows: Flows, subjects: int, app_sessions: int, app8k_sessions: int, i
                     a = {"who": f"{speaker}-{k}", "channel": channel, "bound_device": bound, **attempt(run_app)}
                     attempts[channel].append(a)
                     log(a)
-            for n in range(ivr_sessions):
-                def run_ivr():
+            for _ in range(ivr_sessions):
+                def run_ivr(ref=ref, speaker=speaker):
                     s = flows.ivr.StartAuthentication(F.StartAuthenticationRequest(
                         subject=ref, channel=F.CHANNEL_IVR, action="login"))
                     challenge = flows.voice_challenge(flows.ivr, s)

@@ -172,7 +172,7 @@ async def _cheap_probes(svc: ServiceProcess, stub, cheap: Call, stop: asyncio.Ev
         health = health_pb2_grpc.HealthStub(plain)
         i = 0
         while not stop.is_set():
-            for name, call in (("GetEnrollment", lambda: cheap(stub, i, timeout_s)),
+            for name, call in (("GetEnrollment", lambda i=i: cheap(stub, i, timeout_s)),
                                ("Health", lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s))):
                 t = time.perf_counter()
                 try:

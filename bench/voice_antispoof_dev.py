@@ -60,7 +60,7 @@ def main() -> int:
     for name, (weights, conf) in models.items():
         det = AasistDetector(weights, conf)
         for channel in ("wideband", "telephony-8k"):
-            def prep(x):
+            def prep(x, channel=channel):
                 return telephone.simulate(x) if channel == "telephony-8k" else x
             t = time.perf_counter()
             g = [det.score(prep(x)) for x in genuine]

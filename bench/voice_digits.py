@@ -328,7 +328,7 @@ def wrong_string_pass(heard: list[str], recs: list[Recording], seed: int, per_re
                 fresh += 1
         replayed = replay_passes = 0
         for i, h in enumerate(heard):
-            for j, r in enumerate(recs):
+            for r in recs:
                 if recs[i].digits != r.digits:
                     replay_passes += RULES[rule](h, r.digits)
                     replayed += 1

@@ -9,19 +9,20 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.settings import Settings
 from services.common.files import private_dir
+from services.common.config import ServiceName
 from services.common.metrics import serve_metrics
 from services.common.server.auth import Authenticator
 from services.common.server.bootstrap import RunningServer, ServiceDefinition, run_until_signal
 
 log = logging.getLogger("biogate.serve")
-SERVICES = ("face", "voice", "mfa")
+SERVICES: tuple[ServiceName, ...] = ("face", "voice", "mfa")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +61,8 @@ def metrics_credentials(settings: Settings) -> Callable[[str], bool]:
         def auth_context(self):
             return {}
 
-    return lambda header: authenticator.authenticate(Caller(header)) is not None
+    # authenticate() reads only the caller's metadata and auth context
+    return lambda header: authenticator.authenticate(cast(grpc.ServicerContext, Caller(header))) is not None
 
 
 def prepare(settings: Settings) -> None:
@@ -75,7 +77,8 @@ def prepare(settings: Settings) -> None:
 def health_status(target: str, timeout: float = 1.0) -> str:
     with grpc.insecure_channel(target) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)  # type: ignore[attr-defined]  # stubs lack it
         except grpc.RpcError as exc:
             return exc.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

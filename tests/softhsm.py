@@ -37,8 +37,8 @@ class SoftHsm:
                                                  "label_prefix": prefix or f"t{uuid.uuid4().hex[:10]}"}}
 
 
-@pytest.fixture(scope="session")
-def softhsm(tmp_path_factory) -> SoftHsm:
+@pytest.fixture(scope="session", name="softhsm")
+def softhsm_fixture(tmp_path_factory) -> SoftHsm:
     module = next((m for m in MODULE_CANDIDATES if Path(m).exists()), None)
     assert module and shutil.which("softhsm2-util"), "SoftHSM2 is missing: run scripts/setup.sh (Debian softhsm2)"
     root = tmp_path_factory.mktemp("softhsm")

@@ -17,7 +17,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, cast
 
 from services.common.config import PROJECT_ROOT
 from services.settings import Settings
@@ -27,8 +27,9 @@ from services.common.evaluation import calibration as cal
 from services.common.evaluation import decisions as dec
 from services.common.evaluation import metrics as m
 from services.common.evaluation.runner import run_pad, run_verification
-from services.common.evaluation.scorers import Mode, Scorer, ScorerOptions, get_scorer_factory, register_scorer
-from services.common.evaluation.trials import (PEOPLE_PARTS, all_pairs, read_manifest, read_pad, read_people, read_trials, split_people,
+from services.common.evaluation.scorers import (Mode, PadScorer, Scorer, ScorerOptions, VerificationScorer,
+                                                get_scorer_factory, register_scorer)
+from services.common.evaluation.trials import (PEOPLE_PARTS, PadSample, all_pairs, read_manifest, read_pad, read_people, read_trials, split_people,
                      write_trials)
 
 DEFAULT_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
@@ -115,6 +116,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
         raise ValueError("--all-pairs applies to verification only")
     if args.people != "all" and all_pairs_of is None:
         raise ValueError("--people splits an --all-pairs list; give --all-pairs")
+    items: list[Any]
     if all_pairs_of is not None:
         if all_pairs_of:
             listed = Path(all_pairs_of) if Path(all_pairs_of).is_absolute() else fixtures / all_pairs_of
@@ -124,14 +126,14 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
             entries = read_manifest(fixtures)
         people = "" if args.people == "all" else f", people at {args.people} positions of the sorted names"
         source = f"all pairs of {_relative(listed, fixtures.parent)} ({args.modality}{people})"
-        items: list[Any] = all_pairs(split_people(entries, args.people), args.modality)
+        items = all_pairs(split_people(entries, args.people), args.modality)
         if not items:
             raise ValueError(f"{listed}: no {args.modality} pairs to score")
     else:
         default = "trials_{}.csv" if args.task == "verification" else "pad_{}.csv"
         csv_path = Path(args.trials) if args.trials else fixtures / default.format(args.modality)
         source = _relative(csv_path, fixtures.parent)
-        reader = read_trials if args.task == "verification" else read_pad
+        reader: Callable[[Path, Path], list[Any]] = read_trials if args.task == "verification" else read_pad
         items = reader(csv_path, fixtures)
     scorer = load_scorer(args.modality, args.task, options)
     score_name = getattr(scorer, "score_name", SCORE_NAMES[args.task])
@@ -156,7 +158,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
         print(f"trials: {write_trials(items, out / 'trials.csv', listed.parent)}")
     root = fixtures if all_pairs_of is None else listed.parent
     if args.task == "verification":
-        run = run_verification(scorer, items, _progress)
+        run = run_verification(cast(VerificationScorer, scorer), items, _progress)  # the task chose the kind
         report = verification_report(
             run, config=config, target_fmrs=args.target_fmr or m.DEFAULT_TARGET_FMRS,
             operating_fmr=args.operating_rate or 1e-3, calibration=calibration, non_response=args.non_response,
@@ -176,13 +178,13 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
                 f"{fmr['errors']}/{fmr['trials']} [{fmr['ci95'][0]:.2e}, {fmr['ci95'][1]:.2e}]"
                 f"{'' if p['consistent_with_target'] else ' ABOVE TARGET'}, FNMR {fnmr['errors']}/{fnmr['trials']}")
     else:
-        run = run_pad(scorer, items, _progress)
+        pad_run = run_pad(cast(PadScorer, scorer), cast(list[PadSample], items), _progress)
         report = pad_report(
-            run, config=config, target_apcers=args.target_fmr or m.DEFAULT_TARGET_APCERS,
+            pad_run, config=config, target_apcers=args.target_fmr or m.DEFAULT_TARGET_APCERS,
             operating_apcer=args.operating_rate or 5e-2, calibration=calibration,
             target_bpcers=args.target_bpcer or DEFAULT_TARGET_BPCERS, non_response=args.non_response,
         )
-        files = write_pad_outputs(run, out, report, score_name, root)
+        files = write_pad_outputs(pad_run, out, report, score_name, root)
         summary = [f"BPNRR {report['non_response']['bpnrr']['rate']}"]
         if report["eer"] is not None:
             summary.insert(0, f"PAD EER {report['eer']['eer']:.2%}")

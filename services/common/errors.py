@@ -8,6 +8,7 @@ violations, so that client developers can act on the error without parsing messa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -93,7 +94,7 @@ def unavailable(message: str, reason: str = "UNAVAILABLE") -> ServiceError:
 def details_of(error: grpc.RpcError) -> dict:
     """Client side: the ErrorInfo reason and metadata, the field violations and the retry hint
     (``retry_delay_s``, None without one) of a failed call."""
-    status = rpc_status.from_call(error)
+    status = rpc_status.from_call(cast(grpc.Call, error))  # a failed call's RpcError is also its Call
     out: dict = {"reason": "", "fields": {}, "metadata": {}, "retry_delay_s": None}
     if status is None:
         return out

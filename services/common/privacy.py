@@ -162,7 +162,7 @@ def _looks_like_timestamp(digits: str) -> bool:
 
 def _mask_number(m: re.Match[str]) -> str:
     kind = m.lastgroup
-    if kind != "long":
+    if kind is not None and kind != "long":
         return _TAGS[kind]
     digits = m.group(0)
     if 13 <= len(digits) <= 19 and luhn_valid(digits):

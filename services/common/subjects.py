@@ -9,13 +9,14 @@ from services.common import context
 from services.common.api.v1 import common_pb2
 from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
+from services.common.storage.interfaces import Modality
 from services.common.validation import identifier, subject_ref
 
 # Consent purposes as stored: the names of biogate.v1.ConsentPurpose without their prefix.
 VERIFICATION = "biometric_verification"  # enrolment and 1:1 verification
 IDENTIFICATION = "biometric_identification"  # inclusion in 1:N galleries
 
-MODALITY_NAMES = {common_pb2.MODALITY_FACE: "face", common_pb2.MODALITY_VOICE: "voice"}
+MODALITY_NAMES: dict[common_pb2.Modality, Modality] = {common_pb2.MODALITY_FACE: "face", common_pb2.MODALITY_VOICE: "voice"}
 MODALITY_ENUMS = {v: k for k, v in MODALITY_NAMES.items()}
 
 
@@ -43,14 +44,14 @@ def template_info(rec: TemplateRecord, active_models: set[str]) -> common_pb2.Te
     )
 
 
-def get_enrollment(rt: Runtime, request: common_pb2.GetEnrollmentRequest, modality: str) -> common_pb2.GetEnrollmentResponse:
+def get_enrollment(rt: Runtime, request: common_pb2.GetEnrollmentRequest, modality: Modality) -> common_pb2.GetEnrollmentResponse:
     tenant, subject = subject_ref(request.subject)
     active = {m.id for m in rt.models.manifest.models if m.active}
     records = rt.storage.templates.list_for_subject(tenant, subject, modality)
     return common_pb2.GetEnrollmentResponse(templates=[template_info(r, active) for r in records])
 
 
-def delete_modality(rt: Runtime, request: common_pb2.DeleteSubjectRequest, modality: str) -> common_pb2.DeleteSubjectResponse:
+def delete_modality(rt: Runtime, request: common_pb2.DeleteSubjectRequest, modality: Modality) -> common_pb2.DeleteSubjectResponse:
     tenant, subject = subject_ref(request.subject)
     reason = identifier(request.reason, "reason") if request.reason else "unspecified"
     # One transaction: the erasure and its audit record land together or not at all.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -73,6 +73,15 @@ class FrameObservation:
     pitch: float | None = None
     live: float | None = None
     embedding: np.ndarray | None = None
+
+
+class _Seen(NamedTuple):
+    """A frame with a usable face (pose and embedding known)."""
+
+    yaw: float
+    pitch: float
+    live: float | None
+    embedding: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,8 @@ def evaluate(
     if not timing_ok:
         reasons.append(TIMING_IMPLAUSIBLE)
 
-    seen = [f for f in frames if f.yaw is not None and f.embedding is not None]
+    seen = [_Seen(f.yaw, f.pitch, f.live, f.embedding) for f in frames
+            if f.yaw is not None and f.pitch is not None and f.embedding is not None]
     missing = len(frames) - len(seen)
     details["frames_without_face"] = missing
     if not seen or missing > rules.max_missing_fraction * len(frames):

@@ -82,8 +82,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, iou_thres
     if len(boxes) == 0:
         return np.empty(0, dtype=np.int64)
     xywh = np.column_stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
-    keep = cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), score_threshold, iou_threshold)
-    keep = np.asarray(keep, dtype=np.int64).reshape(-1)
+    kept = cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), score_threshold, iou_threshold)
+    keep = np.asarray(kept, dtype=np.int64).reshape(-1)
     return keep[np.argsort(-scores[keep], kind="stable")]
 
 

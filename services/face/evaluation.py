@@ -76,10 +76,11 @@ class FaceVerificationScorer:
     def enroll(self, paths: Sequence[Path]) -> dict[str, np.ndarray] | Failure:
         analyses = [self.analysis(p) for p in paths]
         decoded = [a for a in analyses if not isinstance(a, Failure)]
+        failures = [a for a in analyses if isinstance(a, Failure)]
         if not decoded:
-            return analyses[0]
-        if len(decoded) < len(analyses):  # the service refuses a request with an undecodable image
-            return next(a for a in analyses if isinstance(a, Failure))
+            return failures[0]
+        if failures:  # the service refuses a request with an undecodable image
+            return failures[0]
         try:
             return {name: enrolment_template(decoded, name, self.same_person_floor)[0] for name in self.names}
         except EnrolmentRefused as err:
@@ -109,6 +110,8 @@ class FacePadScorer:
             return a
         if liveness_unanswerable(a):
             return _refusal(a)
+        if a.liveness is None:
+            raise RuntimeError("liveness was requested but not measured")
         live = float(a.liveness)
         if self.threshold is None:
             return live

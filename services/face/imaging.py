@@ -126,7 +126,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
         # Pillow's own bomb check warns/raises on its global limit; ours below is the one that counts.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data), formats=[fmt])  # lazy: parses the header only
+            im: Image.Image = Image.open(io.BytesIO(data), formats=[fmt])  # lazy: parses the header only
         except Image.DecompressionBombError:
             raise ImageDecodeError(DecodeErrorCode.IMAGE_TOO_LARGE, "the header declares too many pixels") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -41,13 +41,13 @@ def check_choice(manifest: Manifest, cfg: FaceConfig) -> None:
 
 def detector_config(store: ModelStore, model_id: str, pad_ratio: float = 0.25) -> DetectorConfig:
     spec = DETECTORS.spec(store.manifest, model_id)
-    return DetectorConfig(architecture=spec.architecture, path=store.path(model_id), pad_ratio=pad_ratio)
+    return DetectorConfig(architecture=spec.architecture or "", path=store.path(model_id), pad_ratio=pad_ratio)
 
 
 def embedder_config(store: ModelStore, model_id: str) -> EmbedderConfig:
     spec = EMBEDDERS.spec(store.manifest, model_id)
     pre = spec.preprocessing
-    return EmbedderConfig(name=model_id, architecture=spec.architecture, path=store.path(model_id),
+    return EmbedderConfig(name=model_id, architecture=spec.architecture or "", path=store.path(model_id),
                           input_mean=_scalar(pre.mean, 127.5), input_std=_scalar(pre.std, 128.0))
 
 

@@ -8,6 +8,7 @@ architecture's model). Embedders, liveness models and a batchable detector run b
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -90,6 +91,10 @@ def build_embedder(cfg: EmbedderConfig, providers: tuple[str, ...], threads: int
     return EMBEDDERS.by_architecture(cfg.architecture)(cfg, providers=providers, threads=threads)
 
 
+def _embed_crops(embedder: Embedder, crops: list[np.ndarray]) -> list[np.ndarray]:
+    return list(embedder.embed(np.stack(crops)))
+
+
 class FacePipeline:
     def __init__(self, config: FacePipelineConfig) -> None:
         if not config.embedders:
@@ -101,17 +106,19 @@ class FacePipeline:
         self.detector = build_detector(config.detector, config.providers, config.threads)
         # A detector with a batch dimension (YuNet's batchable copy) is micro-batched as well.
         self._detect_batcher: MicroBatcher | None = None
-        if getattr(self.detector, "max_batch", 1) > 1:
+        detect_batch = getattr(self.detector, "detect_batch", None)
+        detect_max_batch = getattr(self.detector, "max_batch", 1)
+        if detect_batch is not None and detect_max_batch > 1:
             self._detect_batcher = MicroBatcher(
-                self.detector.detect_batch,
-                max_batch=min(config.batch_max, self.detector.max_batch),
+                detect_batch,
+                max_batch=min(config.batch_max, detect_max_batch),
                 max_wait_ms=config.batch_wait_ms,
                 name="detect",
             )
         self.embedders: dict[str, Embedder] = {e.name: build_embedder(e, config.providers, config.threads) for e in config.embedders}
         self._embed_batchers = {
             name: MicroBatcher(
-                lambda crops, e=emb: list(e.embed(np.stack(crops))),
+                functools.partial(_embed_crops, emb),
                 max_batch=min(config.batch_max, emb.max_batch) if emb.max_batch > 1 else 1,
                 max_wait_ms=config.batch_wait_ms if emb.max_batch > 1 else 0.0,
                 name=f"embed-{name}",
@@ -121,11 +128,11 @@ class FacePipeline:
         self.liveness: PassiveLiveness | None = None
         self._liveness_batcher: MicroBatcher | None = None
         if config.liveness:
-            self.liveness = PassiveLiveness(
+            live = self.liveness = PassiveLiveness(
                 config.liveness, box_source=config.liveness_box, providers=config.providers, threads=config.threads
             )
             self._liveness_batcher = MicroBatcher(
-                lambda items: list(self.liveness.score_crops(items)),
+                lambda items: list(live.score_crops(items)),
                 max_batch=config.batch_max,
                 max_wait_ms=config.batch_wait_ms,
                 name="liveness",
@@ -163,7 +170,7 @@ class FacePipeline:
         issues are still listed); a missing or ambiguous subject is never embedded. ``subject``
         overrides the configured subject policy (per-tenant two-face refusal). With ``upright``
         the image is first turned the way its face stands upright (:meth:`upright`)."""
-        if liveness and self._liveness_batcher is None:
+        if liveness and (self._liveness_batcher is None or self.liveness is None):
             raise LivenessUnavailable("no liveness model is configured")
         rotation = 0
         if upright:
@@ -173,13 +180,14 @@ class FacePipeline:
         choice = choose_subject(faces, image_bgr.shape, subject or self.config.subject,
                                 lambda f: sharpness(align_face(image_bgr, f)))
         if choice.face is None:
-            return FaceAnalysis(image_bgr.shape, 0, None, None, (choice.issue.value,), {}, None, rotation)
+            issue = (choice.issue.value,) if choice.issue else ()
+            return FaceAnalysis(image_bgr.shape, 0, None, None, issue, {}, None, rotation)
         face = choice.face
         aligned = align_face(image_bgr, face)
         quality = assess(image_bgr.shape, face, aligned, self.config.quality)
         issues = ([choice.issue.value] if choice.issue else []) + [i.value for i in quality.issues]
         live_future = None
-        if liveness:
+        if liveness and self._liveness_batcher is not None and self.liveness is not None:
             live_future = self._liveness_batcher.submit_async(self.liveness.crops(image_bgr, face))
         embeddings: dict[str, np.ndarray] = {}
         if embed and not choice.issue and (not enforce_quality or quality.accepted):
@@ -215,7 +223,7 @@ class FacePipeline:
         for name, emb in self.embedders.items():
             for b in _batch_sizes(emb, self._embed_batchers[name]):
                 self._embed_batchers[name].submit_many([crop] * b)
-        if self.liveness is not None:
+        if self.liveness is not None and self._liveness_batcher is not None:
             face = Face(
                 box=np.array([64, 64, 192, 192], np.float32),
                 landmarks5=np.array([[100, 110], [156, 110], [128, 140], [104, 165], [152, 165]], np.float32),

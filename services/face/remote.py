@@ -62,7 +62,7 @@ class RemoteFaceVerificationScorer:
     score_name = "cosine"
 
     def __init__(self, options: ScorerOptions, tenant: str = EVAL_TENANT) -> None:
-        self.stub = face_pb2_grpc.FaceServiceStub(connect(options.target, _token(options)))
+        self.stub = face_pb2_grpc.FaceServiceStub(connect(options.remote_target(), _token(options)))
         self.tenant = options.tenant or tenant
         self.storage = open_storage(options.settings.storage_dsn, options.settings.storage)
         self.timeout = 60.0
@@ -84,7 +84,7 @@ class RemoteFaceVerificationScorer:
             return _failure(err)
         return subject
 
-    def score(self, handle: str, probe: Path) -> float | Failure:
+    def score(self, handle: str, probe: Path) -> Scored | Failure:
         ref = common_pb2.SubjectRef(tenant_id=self.tenant, subject_id=handle)
         try:
             r = self.stub.Verify(
@@ -109,7 +109,7 @@ class RemoteFacePadScorer:
     score_name = "live_decision"
 
     def __init__(self, options: ScorerOptions, tenant: str = EVAL_TENANT) -> None:
-        self.stub = face_pb2_grpc.FaceServiceStub(connect(options.target, _token(options)))
+        self.stub = face_pb2_grpc.FaceServiceStub(connect(options.remote_target(), _token(options)))
         self.tenant = options.tenant or tenant
 
     def score(self, path: Path) -> Scored | Failure:

@@ -265,6 +265,8 @@ class FaceService:
             if not out.match:
                 out.reasons.append(reason("NO_MATCH"))
             if want_live:
+                if a.liveness is None or live_threshold is None:
+                    raise RuntimeError("liveness was requested but not measured")
                 out.liveness_checked = True
                 out.live = a.liveness >= live_threshold
                 details.update(live_score=round(a.liveness, 4), live_threshold=round(live_threshold, 4))
@@ -316,6 +318,8 @@ class FaceService:
         if liveness_unanswerable(a):
             self.rt.audit.append("face.liveness_checked", actor(), tenant, None, {"live": False, "issues": list(a.issues)})
             return face_pb2.CheckLivenessResponse(live=False, reasons=[reason(i) for i in a.issues])
+        if a.liveness is None:
+            raise RuntimeError("liveness was requested but not measured")
         live = a.liveness >= threshold
         self.rt.audit.append("face.liveness_checked", actor(), tenant, None, {
             "live": live, "live_score": round(a.liveness, 4), "live_threshold": round(threshold, 4),
@@ -389,7 +393,7 @@ class FaceService:
         details = {"model_id": self.model_id, "challenge_passed": result.passed, "reasons": list(result.reasons),
                    **result.details}
         passed = result.passed
-        if req.verify_subject:
+        if threshold is not None:  # verify_subject
             match, score, llr = False, None, None
             try:
                 template = self._template(tenant, subject)

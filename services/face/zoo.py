@@ -6,8 +6,12 @@ pipeline's configuration.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from services.common.modality.zoo import Router
 from services.face.arcface import ArcFaceEmbedder
+from services.face.detection import Detector
+from services.face.embedding import Embedder
 from services.face.liveness import LivenessModelSpec
 from services.face.scrfd import ScrfdDetector
 from services.face.sface import SFaceEmbedder
@@ -22,11 +26,11 @@ def _detector(cls):
     return build
 
 
-DETECTORS = Router("face_detector", "face.detector", {
+DETECTORS: Router[Callable[..., Detector]] = Router("face_detector", "face.detector", {
     "yunet": _detector(YuNetDetector),
     "scrfd": _detector(ScrfdDetector),
 })
-EMBEDDERS = Router("face_embedder", "face.embedder", {
+EMBEDDERS: Router[Callable[..., Embedder]] = Router("face_embedder", "face.embedder", {
     "sface": lambda cfg, **runtime: SFaceEmbedder(cfg.path, **runtime),
     "arcface-onnx": lambda cfg, **runtime: ArcFaceEmbedder(
         cfg.path, input_mean=cfg.input_mean, input_std=cfg.input_std, **runtime),

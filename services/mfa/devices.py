@@ -23,6 +23,7 @@ from services.common.api.v1 import mfa_pb2
 from services.common.privacy import is_personal_data
 
 from .keys import keyed_hash
+from .risk import DeviceState
 from .storage import DeviceRecord
 
 PLATFORMS = ("android", "ios", "web", "kiosk")
@@ -94,7 +95,7 @@ def similarity(a: dict[str, str], b: dict[str, str]) -> float:
     return 1.0 if total == 0 else agree / total
 
 
-def match(device: CanonicalDevice, bound: list[DeviceRecord], drift_similarity: float) -> tuple[str, DeviceRecord | None]:
+def match(device: CanonicalDevice, bound: list[DeviceRecord], drift_similarity: float) -> tuple[DeviceState, DeviceRecord | None]:
     """("bound" | "drifted" | "new" | "unbound", the bound device it is)."""
     for rec in bound:
         if rec.fingerprint == device.fingerprint and rec.revoked_at is None:

@@ -140,7 +140,7 @@ class Lockouts:
         """Keep the charge of a failure (lightened for a biometric with PAD), give back any other;
         -> the limiting state afterwards. Joins the caller's transaction."""
         failed = outcome is not None and outcome.counts_as_failure
-        keep = math.ceil(LOCK_COST / p.max_failures_with_liveness) if failed and outcome.liveness else attempt.cost
+        keep = math.ceil(LOCK_COST / p.max_failures_with_liveness) if failed and outcome is not None and outcome.liveness else attempt.cost
         result = None
         for scope, key, last_before, locked_now in attempt.scopes:
             if not failed:

@@ -188,7 +188,7 @@ class Proofs:
 
     def _verify(self, fc, rec: DeviceRecord, signature: bytes, assertion, message: bytes, prefix: str) -> str:
         if assertion is None:
-            if rec.kind != "key" or not devices.verify_signature(rec.public_key, signature, message):
+            if rec.kind != "key" or rec.public_key is None or not devices.verify_signature(rec.public_key, signature, message):
                 raise Refused(f"{prefix}_SIGNATURE_INVALID", "the signature over the transaction context does not verify")
             return "device"
         from webauthn import verify_authentication_response

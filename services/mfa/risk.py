@@ -75,8 +75,8 @@ class PhraseMatcher:
                 if (p in joined if latin else p in compact)]
 
 
-def _km(a: Place, b: Place) -> float:
-    lat1, lon1, lat2, lon2 = map(math.radians, (a.latitude, a.longitude, b.latitude, b.longitude))
+def _km(a: tuple[float, float], b: tuple[float, float]) -> float:
+    lat1, lon1, lat2, lon2 = map(math.radians, (*a, *b))
     h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
     return 2 * 6371.0 * math.asin(min(1.0, math.sqrt(h)))
 
@@ -135,16 +135,17 @@ class RiskEngine:
         if band is not None and band.risk:
             add(band.risk, "AMOUNT_BAND", f"amount above {band_floor(bands, s.amount)} minor units")
         hits: list[tuple[str, str]] = []
-        if self._phrases is not None and s.conversation_text:
+        phrases = rules.fraud_phrases
+        if phrases is not None and self._phrases is not None and s.conversation_text:
             hits = self._phrases.find(s.conversation_text)
             if hits:
                 quoted = ", ".join(f'"{p}"' for _, p in hits[:5])
-                add(rules.fraud_phrases.score, "FRAUD_SCRIPT_PHRASE",
+                add(phrases.score, "FRAUD_SCRIPT_PHRASE",
                     f"the conversation contains fraud-script phrases: {quoted}")
         score = min(100.0, score)
         lv = self.policy.risk.levels
         level = "critical" if score >= lv.critical else "high" if score >= lv.high else "medium" if score >= lv.medium else "low"
-        fraud_review = Requirement(review=True) if hits and rules.fraud_phrases.review else None
+        fraud_review = Requirement(review=True) if hits and phrases is not None and phrases.review else None
         requirement = combine(getattr(self.policy.risk.responses, level), band, fraud_review)
         return Assessment(score, level, tuple(reasons), requirement, band, tuple(p for _, p in hits))
 
@@ -155,10 +156,11 @@ class RiskEngine:
             return
         if now.country and last.country and now.country != last.country:
             add(rule.score, "LOCATION_CHANGE", f"country {now.country}, last trusted {last.country}")
-        if None in (now.latitude, now.longitude, last.latitude, last.longitude) or not (now.at and last.at):
+        if (now.latitude is None or now.longitude is None or last.latitude is None or last.longitude is None
+                or not (now.at and last.at)):
             return
         hours = max((now.at - last.at).total_seconds() / 3600.0, 1 / 60)
-        speed = _km(last, now) / hours
+        speed = _km((last.latitude, last.longitude), (now.latitude, now.longitude)) / hours
         if speed > rule.impossible_travel_kmh:
             add(rule.impossible_travel_score, "IMPOSSIBLE_TRAVEL", f"{speed:.0f} km/h since the last trusted place")
 

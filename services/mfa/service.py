@@ -238,10 +238,12 @@ class Orchestrator:
                 self.sessions.mutate(claimed, lambda st: factor.release(ctx, st, session.state))
             raise
 
-        def record(st: SessionState) -> None:
-            st.challenges.setdefault(name, []).append(issued.nonce)
         with self.rt.storage.transaction():  # what the session keeps and the audit record together
             if issued.nonce:
+                nonce = issued.nonce
+
+                def record(st: SessionState) -> None:
+                    st.challenges.setdefault(name, []).append(nonce)
                 self.sessions.mutate(claimed, record)
             if issued.audit:
                 self.rt.audit.append(issued.audit[0], actor(), session.tenant_id, session.subject_id, issued.audit[1])
@@ -351,7 +353,7 @@ class Orchestrator:
                 return self._decision_response(stored)
             seen = len(st.factors)
 
-            def change(st: SessionState) -> None:
+            def change(st: SessionState, seen: int = seen, stored: DecisionState = stored) -> None:
                 if st.decision is not None:
                     raise _AlreadyDecided(st.decision)
                 if len(st.factors) != seen:  # a factor landed meanwhile: decide again with it

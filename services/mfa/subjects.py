@@ -32,7 +32,7 @@ def _purpose(value: int, field: str) -> str:
 def _to_proto(rec: ConsentRecord) -> common_pb2.Consent:
     return common_pb2.Consent(
         subject=common_pb2.SubjectRef(tenant_id=rec.tenant_id, subject_id=rec.subject_id),
-        purpose=common_pb2.ConsentPurpose.Value("CONSENT_PURPOSE_" + rec.purpose.upper()),
+        purpose="CONSENT_PURPOSE_" + rec.purpose.upper(),
         modalities=[MODALITY_ENUMS[m] for m in rec.modalities],
         granted=rec.granted,
         policy_version=rec.policy_version,
@@ -46,8 +46,9 @@ def record_consent(rt: Runtime, request: common_pb2.RecordConsentRequest) -> com
     c = request.consent
     tenant, subject = subject_ref(c.subject, "consent.subject")
     purpose = _purpose(c.purpose, "consent.purpose")
-    modalities = tuple(sorted({MODALITY_NAMES.get(m, "") for m in c.modalities}))
-    if not modalities or "" in modalities:
+    names = {MODALITY_NAMES.get(m) for m in c.modalities}
+    modalities = tuple(sorted(n for n in names if n is not None))
+    if not names or None in names:
         raise errors.invalid_argument("consent.modalities must list face and/or voice", consent__modalities="empty or unspecified")
     if not c.granted:
         raise errors.invalid_argument("a consent is recorded as granted; use WithdrawConsent to withdraw", consent__granted="must be true")

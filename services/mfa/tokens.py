@@ -59,7 +59,8 @@ class SigningKeys:
         """A new signing key; the previous one only verifies from now on."""
         with self._lock, self.vault.exclusive():
             now = self.clock()
-            keep, drop = [], []
+            keep: list[dict[str, Any]] = []
+            drop: list[dict[str, Any]] = []
             for k in self.vault.entries():
                 if k.get("retired") is None:
                     k = {**k, "retired": now}

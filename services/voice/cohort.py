@@ -33,18 +33,19 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import soundfile as sf
 from numpy.typing import NDArray
 
 from . import telephone
+from .config import ChannelFamily
 from .ingest import AudioError, AudioFormat, Encoding
 from .pipeline import VoicePipeline
 
 FloatArray = NDArray[np.float32]
-FAMILIES = ("wideband", "telephone")
+FAMILIES: tuple[ChannelFamily, ...] = ("wideband", "telephone")
 FORMAT_VERSION = 1
 
 # pocketsphinx 5.1.1 sdist: member -> sha256. Raw files are 16 kHz 16-bit mono little-endian.
@@ -93,7 +94,8 @@ class Cohort:
                 "description": self.description}
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh:
-            np.savez(fh, meta=np.array(json.dumps(meta)), **{f: e.astype(np.float32) for f, e in self.embeddings.items()})
+            arrays: dict[str, Any] = {f: e.astype(np.float32) for f, e in self.embeddings.items()}
+            np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
         os.replace(tmp, path)
         return path
 
@@ -102,7 +104,7 @@ class Cohort:
         try:
             with np.load(Path(path), allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                embeddings = {f: np.asarray(data[f], np.float32) for f in FAMILIES if f in data.files}
+                embeddings: dict[str, FloatArray] = {f: np.asarray(data[f], np.float32) for f in FAMILIES if f in data.files}
         except (OSError, KeyError, ValueError) as err:
             raise CohortError(f"{path}: not a cohort file ({err})") from None
         if meta.get("version") != FORMAT_VERSION:

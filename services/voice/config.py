@@ -10,6 +10,8 @@ from pydantic import Field
 
 from services.common.config import CommonSettings, Section
 
+ChannelFamily = Literal["wideband", "telephone"]  # a template's channel family
+
 
 class VoiceTenantPolicy(Section):
     """Per-tenant overrides of the voice service's defaults (unset: the service-wide value)."""
@@ -32,7 +34,7 @@ class VoiceConfig(Section):
     # Per template channel family, instead of antispoof_window_s. Telephone: AASIST's native 4.04 s
     # window separates espeak-ng from telephone speech better than 3 s (PAD EER 2.7 % vs 5.0 %) for
     # ~1.5x the CPU of a window (bench/RESULTS.md, Voice anti-spoofing layers).
-    antispoof_window_s_by_channel: dict[Literal["wideband", "telephone"], Annotated[float, Field(ge=1.0, le=4.04)]] = {
+    antispoof_window_s_by_channel: dict[ChannelFamily, Annotated[float, Field(ge=1.0, le=4.04)]] = {
         "telephone": 4.04}
     antispoof_batch_max: int = Field(1, ge=1, le=64)  # AASIST windows per pass: ~170 MB each on CPU; raise on a GPU
     antispoof_target_apcer: float = Field(0.05, gt=0, lt=1)  # a calibrated operating point (RESULTS.md)
@@ -41,7 +43,7 @@ class VoiceConfig(Section):
     # Telephone: FMR 1e-2; at 1e-3 the speaker check alone refused 6.7 % of the fixtures' genuine
     # pairs. The MFA weighs the response's LLR against each action's evidence requirement, which
     # the match flag does not change (bench/RESULTS.md, Voice accuracy).
-    target_fmr_by_channel: dict[Literal["wideband", "telephone"], Annotated[float, Field(gt=0, lt=1)]] = {
+    target_fmr_by_channel: dict[ChannelFamily, Annotated[float, Field(gt=0, lt=1)]] = {
         "telephone": 1e-2}
     # Calibration channel of the manifest for each template channel family.
     calibration_channels: dict[str, str] = {"wideband": "wideband", "telephone": "telephony-8k"}

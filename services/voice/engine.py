@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from services.common.batching import MicroBatcher
 from services.common.config import CommonSettings
-from services.voice.config import VoiceConfig, voice_config
+from services.voice.config import ChannelFamily, VoiceConfig, voice_config
 from services.common.modality.calibration import Calibrations, NotCalibrated
 from services.common.models import ModelStore
 
@@ -61,12 +61,12 @@ def load_or_build_cohort(settings: CommonSettings, pipeline: VoicePipeline) -> c
     return c
 
 
-def channel_target_fmr(cfg: VoiceConfig, family: str) -> float:
+def channel_target_fmr(cfg: VoiceConfig, family: ChannelFamily) -> float:
     """The service's operating point on a channel family (a tenant's own target_fmr overrides it)."""
     return cfg.target_fmr_by_channel.get(family, cfg.target_fmr)
 
 
-def antispoof_window_s(cfg: VoiceConfig, family: str) -> float:
+def antispoof_window_s(cfg: VoiceConfig, family: ChannelFamily) -> float:
     return cfg.antispoof_window_s_by_channel.get(family, cfg.antispoof_window_s)
 
 
@@ -253,7 +253,7 @@ class VoiceEngine:
         measured = self.calibrations.measured(self.model_id, channel, target_fmr, self.score_name)
         return SpeakerResult(score, threshold, llr, target_fmr, measured)
 
-    def synthetic_check(self, prepared: PreparedAudio, family: str, enabled: bool) -> LayerResult:
+    def synthetic_check(self, prepared: PreparedAudio, family: ChannelFamily, enabled: bool) -> LayerResult:
         if not self.antispoof_id or self.synthetic_batcher is None or not enabled:
             return LayerResult(False, True)
         value = self.synthetic_batcher.submit_many([self.synthetic[family].window_of(prepared)], timeout=60.0)[0]
@@ -270,7 +270,7 @@ class VoiceEngine:
         errors = digit_errors(heard, expected)
         return LayerResult(True, errors <= self.cfg.challenge_max_digit_errors, errors)
 
-    def decide(self, tenant: str, subject: str, template: FloatArray, prepared: PreparedAudio, family: str,
+    def decide(self, tenant: str, subject: str, template: FloatArray, prepared: PreparedAudio, family: ChannelFamily,
                target_fmr: float, synthetic_on: bool, expected_digits: str | None) -> VoiceDecision:
         """Compare the probe with the template and run every layer; an accepted capture joins the
         subject's replay cache."""

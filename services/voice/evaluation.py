@@ -39,7 +39,7 @@ from .antispoof import SyntheticSpeechDetector
 from .cohort import FAMILIES, SNorm, score_name
 from .ingest import AudioError, AudioFormat, Encoding
 from .models import VoiceModels, pipeline_from_settings
-from .pipeline import PreparedAudio, VoicePipeline
+from .pipeline import PreparedAudio, Purpose, VoicePipeline
 from .config import voice_config
 
 CHANNELS = ("wideband", "telephony-8k")
@@ -68,9 +68,9 @@ def read_channel(path: Path, telephone_channel: bool, crop_s: float | None) -> t
 
 
 def prepare_channel(pipeline: VoicePipeline, path: Path, telephone_channel: bool, crop_s: float | None,
-                    purpose: str = "verify") -> PreparedAudio:
+                    purpose: Purpose = "verify") -> PreparedAudio:
     x, rate = read_channel(path, telephone_channel, crop_s)
-    if telephone_channel:
+    if isinstance(x, bytes):  # the telephone channel's mu-law
         return pipeline.prepare(x, _MULAW_8K, purpose)
     return pipeline.prepare_samples(x, rate, purpose)
 
@@ -114,7 +114,7 @@ class VoiceDecisionScorer:
         self.synthetic_on = policy.synthetic_speech_check if policy else True
         self.score_name = engine.score_name
 
-    def _prepare(self, path: Path, purpose: str) -> PreparedAudio | Failure:
+    def _prepare(self, path: Path, purpose: Purpose) -> PreparedAudio | Failure:
         try:
             return prepare_channel(self.engine.pipeline, Path(path), self.telephone_channel, self.crop_s, purpose)
         except AudioError as err:
@@ -123,10 +123,11 @@ class VoiceDecisionScorer:
     def enroll(self, paths: Sequence[Path]) -> tuple[str, np.ndarray] | Failure:
         from . import enrolment, replay
 
-        prepared = [self._prepare(p, "enroll") for p in paths]
-        failed = next((p for p in prepared if isinstance(p, Failure)), None)
+        attempts = [self._prepare(p, "enroll") for p in paths]
+        failed = next((p for p in attempts if isinstance(p, Failure)), None)
         if failed is not None:
             return failed
+        prepared = [p for p in attempts if not isinstance(p, Failure)]
         try:
             enrolment.check_total_speech(prepared, self.cfg)
             layers = [self.engine.synthetic_check(p, self.family, self.synthetic_on) for p in prepared]
@@ -253,6 +254,8 @@ def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
     store = ModelStore(options.settings)
     models = VoiceModels.choose(store.manifest, cfg)
     detector = models.antispoof_detector(store, threads=1, device="cpu")
+    if detector is None or models.antispoof is None:
+        raise ValueError("voice.antispoof names no detector: set it to the detector to evaluate")
     threshold = None
     if options.decide:
         from services.common.modality.calibration import Calibrations

@@ -22,7 +22,7 @@ import io
 import logging
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -34,6 +34,7 @@ from scipy.signal import lfilter
 from services.common.modality.reasons import entry
 
 from . import g711
+from .config import ChannelFamily
 
 log = logging.getLogger("biogate.voice.ingest")
 
@@ -63,7 +64,10 @@ class ErrorCode(str, Enum):
 
     @property
     def status(self) -> str:
-        return entry(self.value).status.name
+        status = entry(self.value).status
+        if status is None:
+            raise LookupError(f"{self.value} is catalogued as a reason only, never a refusal")
+        return status.name
 
 
 class AudioError(ValueError):
@@ -135,7 +139,7 @@ class IngestedAudio:
     quality: Quality
 
     @property
-    def channel(self) -> str:
+    def channel(self) -> ChannelFamily:
         return "telephone" if self.source_rate <= TELEPHONE_MAX_RATE else "wideband"
 
     @property

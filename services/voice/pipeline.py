@@ -15,6 +15,7 @@ from typing import Literal, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from .config import ChannelFamily
 from .ecapa import SpeakerEmbedder
 from .ingest import (
     AudioError,
@@ -38,7 +39,7 @@ class VoicePipelineConfig:
     """The pipeline's settings; the models themselves come built (services/voice/models.py)."""
 
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    threads: int = 1  # intra-op threads per worker (torch and ONNX Runtime)
+    threads: int | None = 1  # intra-op threads per worker (torch and ONNX Runtime); None: their default
     # Net speech = Silero segments without padding (pauses over 100 ms excluded): about 70 % of
     # the duration of read speech.
     min_net_speech_enroll_s: float = 1.0  # per utterance
@@ -83,7 +84,7 @@ class PreparedAudio:
         return self.audio.quality
 
     @property
-    def channel(self) -> str:
+    def channel(self) -> ChannelFamily:
         return self.audio.channel
 
     @property
@@ -167,7 +168,7 @@ class VoicePipeline:
             n = max(1, math.ceil(len(p.samples) / limit))
             pieces += np.array_split(p.samples, n)
             owner += [i] * n
-        e = np.zeros((len(pieces), self.embedder.dim), np.float32)
+        e: np.ndarray = np.zeros((len(pieces), self.embedder.dim), np.float32)
         budget = max(limit, int(self.config.max_batch_audio_s * 16000))
         call: list[int] = []
         for i in sorted(range(len(pieces)), key=lambda k: len(pieces[k])) + [-1]:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import grpc
 
-from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc
+from services.common.api.v1 import common_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc
 from services.common.client import connect
 from services.common.errors import details_of
 from services.common.evaluation.scorers import Failure, Scored, ScorerOptions, register_scorer
@@ -61,7 +61,7 @@ class RemoteVoiceScorer:
         crop_s = crop_s or self.crop_s
         if self.telephone_channel or crop_s:
             data, rate = read_channel(path, self.telephone_channel, crop_s)
-            if self.telephone_channel:
+            if isinstance(data, bytes):  # the telephone channel's mu-law
                 return common_pb2.Audio(data=data, format=common_pb2.AudioFormat(
                     encoding=common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz=8000))
             import numpy as np
@@ -154,7 +154,7 @@ def make_remote_verification_scorer(options: ScorerOptions) -> RemoteVoiceScorer
     settings, token = options.settings, _token(options.settings)
     mfa = settings.endpoint("mfa")
     mfa_target = os.environ.get("BIOGATE_EVAL_MFA_TARGET", f"{mfa.host}:{mfa.port}")
-    stub = voice_pb2_grpc.VoiceServiceStub(connect(options.target, token))
+    stub = voice_pb2_grpc.VoiceServiceStub(connect(options.remote_target(), token))
     return RemoteVoiceScorer(stub, mfa_consent(connect(mfa_target, token)), options.channel or "wideband",
                              options.tenant or EVAL_TENANT)
 

@@ -34,7 +34,7 @@ from .engine import VoiceDecision, VoiceEngine, channel_target_fmr
 from .ingest import AudioError, AudioFormat, Encoding
 from .models import VoiceModels
 from .pipeline import PreparedAudio, VoiceStream
-from .config import voice_config
+from .config import ChannelFamily, voice_config
 
 log = logging.getLogger("biogate.voice")
 CHALLENGE_KIND = "voice_digits"
@@ -47,7 +47,7 @@ _ENCODINGS = {
     common_pb2.AUDIO_ENCODING_MULAW: Encoding.MULAW,
     common_pb2.AUDIO_ENCODING_ALAW: Encoding.ALAW,
 }
-_FAMILIES = {voice_pb2.VOICE_CHANNEL_WIDEBAND: "wideband", voice_pb2.VOICE_CHANNEL_TELEPHONE: "telephone"}
+_FAMILIES: dict[int, ChannelFamily] = {voice_pb2.VOICE_CHANNEL_WIDEBAND: "wideband", voice_pb2.VOICE_CHANNEL_TELEPHONE: "telephone"}
 
 
 def audio_format(fmt: common_pb2.AudioFormat, field: str) -> AudioFormat:
@@ -110,7 +110,7 @@ class VoiceService:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _policy(self, tenant: str, family: str) -> tuple[float, bool]:
+    def _policy(self, tenant: str, family: ChannelFamily) -> tuple[float, bool]:
         """-> (target FMR, synthetic-speech check on) for the tenant on this channel family."""
         p = self.cfg.tenants.get(tenant)
         target = p.target_fmr if p and p.target_fmr else channel_target_fmr(self.cfg, family)
@@ -125,7 +125,7 @@ class VoiceService:
                                                 "the recording of its digits with its nonce",
                           fields={field: "required"})
 
-    def _family(self, channel: int, prepared: PreparedAudio | None, field: str = "channel") -> str:
+    def _family(self, channel: int, prepared: PreparedAudio | None, field: str = "channel") -> ChannelFamily:
         if channel in _FAMILIES:
             return _FAMILIES[channel]
         if channel != voice_pb2.VOICE_CHANNEL_UNSPECIFIED:

@@ -84,7 +84,7 @@ def test_the_voice_service_refuses_a_recording_without_a_fresh_challenge(world, 
     audio = common_pb2.Audio(data=answer, format=common_pb2.AudioFormat(
         encoding=common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz=8000))
     for nonce, reason in (("", "CHALLENGE_REQUIRED"), (stale, "CHALLENGE_USED")):
-        assert refused(lambda: world.voice.Verify(voice_pb2.VerifyVoiceRequest(
+        assert refused(lambda nonce=nonce: world.voice.Verify(voice_pb2.VerifyVoiceRequest(
             subject=ref, audio=audio, channel=voice_pb2.VOICE_CHANNEL_TELEPHONE, challenge_nonce=nonce),
             timeout=60)) == (grpc.StatusCode.FAILED_PRECONDITION, reason)
 

@@ -31,7 +31,7 @@ from services.mfa.tokens import verify_token
 from tests.certs import TestCa
 from tests.mfa.conftest import App
 from tests.services.test_serve_cli import free_ports
-from tests.softhsm import TOKEN_LABEL, softhsm  # noqa: F401  (fixture)
+from tests.softhsm import TOKEN_LABEL, softhsm_fixture  # noqa: F401  (fixture)
 
 EXAMPLE = PROJECT_ROOT / "deploy" / "biogate.example.yaml"
 SERVICES = ("face", "voice", "mfa")

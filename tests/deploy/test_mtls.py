@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.api.v1 import common_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2_grpc
+from services.common.api.v1 import common_pb2, face_pb2_grpc, mfa_pb2_grpc, voice_pb2_grpc
 from services.common.client import connect
 from services.common.errors import details_of
 from services.common.server.bootstrap import RunningServer

@@ -36,7 +36,7 @@ from services.mfa import storage as mfa_storage
 from tests.deploy.test_example_config import health
 from tests.mfa.conftest import OTP_POLICY, phone_device
 from tests.services.test_serve_cli import free_ports
-from tests.softhsm import softhsm  # noqa: F401  (fixture)
+from tests.softhsm import softhsm_fixture  # noqa: F401  (fixture)
 
 TOKEN = "replica-tester-" + uuid.uuid4().hex
 FACE_TENANT, OTP_TENANT = "bank-r", "otp-bank"
@@ -246,7 +246,7 @@ def test_two_replicas_of_each_service_share_one_database_one_redis_and_one_token
 
     # -- voice: enrolled through one replica, verified through the other; one replay cache -----
     speakers = genuine_pairs(fixtures_dir, "trials_voice.csv", "enroll_identity", 4)
-    for i, (who, audio, _) in enumerate(speakers):
+    for i, (who, _, _) in enumerate(speakers):
         consent(mfa["ab"[i % 2]], ref(FACE_TENANT, who), both[:1])
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda job: voice["ab"[job[0] % 2]].Enroll(voice_pb2.EnrollVoiceRequest(

@@ -119,9 +119,9 @@ def test_a_far_blurrier_second_face_is_no_rival(yunet, face_dir):
         img = np.hstack([a, np.zeros((150, 60, 3), np.uint8), second])
         faces = yunet.detect(img)
         assert len(faces) == 2
-        choice = choose_subject(faces, img.shape, SubjectPolicy(), lambda f: sharpness(align_face(img, f)))
+        choice = choose_subject(faces, img.shape, SubjectPolicy(), lambda f, img=img: sharpness(align_face(img, f)))
         assert choice.issue is expected
         # Without the sharpness measure (or with the rule off) both are rivals by size.
         assert choose_subject(faces, img.shape).issue is SubjectIssue.MULTIPLE_FACES
         assert choose_subject(faces, img.shape, SubjectPolicy(rival_min_sharpness_ratio=0.0),
-                              lambda f: sharpness(align_face(img, f))).issue is SubjectIssue.MULTIPLE_FACES
+                              lambda f, img=img: sharpness(align_face(img, f))).issue is SubjectIssue.MULTIPLE_FACES

@@ -13,8 +13,6 @@ template would move the cosine by far more (genuine and impostor scores differ b
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 
 import pytest
 

@@ -19,7 +19,7 @@ from services.common.errors import details_of
 from services.mfa.binding import ContextError, parse_context, payload_digest, transaction_context
 from tests.conftest import ServiceHarness, make_settings
 from tests.mfa.authenticator import SoftAuthenticator
-from tests.mfa.conftest import BIND_POLICY, DEAD, App, setup_subject, subject
+from tests.mfa.conftest import DEAD, App, setup_subject, subject
 from tests.mfa.test_degraded_and_hostile import count_rows
 from tests.mfa.test_flows import bind, otp_round, start
 

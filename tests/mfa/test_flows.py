@@ -10,7 +10,7 @@ import grpc
 import jwt
 import pytest
 
-from services.common.api.v1 import common_pb2, mfa_pb2
+from services.common.api.v1 import mfa_pb2
 from services.common.errors import details_of
 from services.mfa.tokens import verify_token
 from tests.mfa.conftest import App, outbox_codes, setup_subject, subject

@@ -207,9 +207,10 @@ def test_a_factor_racing_the_decision_is_in_it_or_refused_never_after_it(stub, m
             assert stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s))).result.passed
             stub.SendOtp(F.SendOtpRequest(session_id=s.session_id))
             code = outbox_codes(settings)[-1]
-            work = [lambda: stub.Decide(F.DecideRequest(session_id=s.session_id)),
-                    lambda: stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=code)))]
-            decided, submitted = race(2, lambda i: work[i]())
+            work = [lambda s=s: stub.Decide(F.DecideRequest(session_id=s.session_id)),
+                    lambda s=s, code=code: stub.SubmitFactor(
+                        F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=code)))]
+            decided, submitted = race(2, lambda i, work=work: work[i]())
             assert decided.outcome == F.OUTCOME_ALLOW
             st = SessionState.from_json(dict(attach(store).auth_sessions.get(s.session_id).state))
             again = decide(st.plan, st.factors)

@@ -59,7 +59,7 @@ def running_services(data: Path, principals: list[dict] | None = None, service_t
             except TimeoutError:  # reported by the tests that need it (require: fails in CI)
                 continue
             with bio_channel(bio, name) as ch:
-                setattr(bio, f"{name}_ok", _implemented(lambda: stub(ch).Verify(request, timeout=30)))
+                setattr(bio, f"{name}_ok", _implemented(lambda stub=stub, request=request: stub(ch).Verify(request, timeout=30)))
 
         def target(name):
             server = bio.running.get(name)

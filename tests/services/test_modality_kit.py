@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
+from services.common.audit import AuditDataError
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc, voice_pb2, voice_pb2_grpc
 from services.common.config import PROJECT_ROOT
 from services.common.crypto import TemplateBinding
@@ -168,7 +169,7 @@ def test_one_lookup_and_one_enrolment_path(rt):
     _, new = t.enrol("t", "s", "m", v, channel="wideband", samples=2, quality={}, replace=True, details={})
     assert not new and len(list(rt.storage.audit.iter_records())) == events + 1
     # The template and its audit record commit together: a refused audit record stores nothing.
-    with pytest.raises(Exception):
+    with pytest.raises(AuditDataError):
         t.enrol("t", "s3", "m", v, channel="wideband", samples=1, quality={}, replace=False,
                 details={"note": "+8613812345678"})
     assert not rt.storage.templates.list_for_subject("t", "s3")

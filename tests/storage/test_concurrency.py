@@ -30,7 +30,7 @@ def test_challenge_consumed_by_exactly_one_thread(storage: SqlStorage) -> None:
         ch = storage.challenges.create(
             ChallengeRecord(T, "s1", "liveness", {"k": 1}, datetime.now(timezone.utc) + timedelta(minutes=1))
         )
-        results = race(THREADS, lambda i: storage.challenges.consume(ch.nonce, T, "s1", "liveness"))
+        results = race(THREADS, lambda i, ch=ch: storage.challenges.consume(ch.nonce, T, "s1", "liveness"))
         assert sum(r == {"k": 1} for r in results) == 1, results
         assert sum(isinstance(r, ChallengeUsedError) for r in results) == THREADS - 1, results
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
-import math
 import struct
 import time
 import uuid
@@ -12,7 +10,6 @@ import uuid
 import grpc
 import numpy as np
 import pytest
-import soundfile as sf
 
 from services.common.api.v1 import common_pb2, voice_pb2
 from services.common.errors import details_of

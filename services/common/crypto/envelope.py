@@ -27,9 +27,10 @@ import hashlib
 import hmac
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import aead
-from .errors import BindingMismatchError, TamperedEnvelopeError, UnknownKeyError, WrongKeyError
+from .errors import BindingMismatchError, TamperedEnvelopeError, WrongKeyError
 from .keyring import Keyring
 
 MAGIC = b"BGE"
@@ -70,7 +71,11 @@ class ContactBinding:
         return {"purpose": "contact", "tenant": self.tenant_id, "subject": self.subject_id}
 
 
-Binding = TemplateBinding | ContactBinding
+class Binding(Protocol):
+    """What sealed data belongs to (TemplateBinding, ContactBinding, a service's own): every field
+    is associated data."""
+
+    def fields(self) -> dict[str, str]: ...
 
 
 def _encode(name: str, value: str) -> bytes:

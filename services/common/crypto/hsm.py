@@ -210,6 +210,8 @@ def _pair(token: Pkcs11Token, label: str, create: bool) -> tuple[Any, Any]:
             raise KeyringError(f"token has no key labelled {label!r} (run `biogate migrate`)")
         token.new_ed25519(label, secrets.token_bytes(8))
         private = token.first_by_id(token.find(label=label, cls=C.PRIVATE_KEY))
+        if private is None:
+            raise KeyringError(f"token did not keep the key labelled {label!r} it was asked to create")
     kid = bytes(private[token.p11.Attribute.ID])
     public = token.find(key_id=kid, cls=C.PUBLIC_KEY)
     if not public:
@@ -331,6 +333,8 @@ class Pkcs11Keyring:
             if key is None:
                 t.new_secret("hmac", label, secrets.token_bytes(8))
                 key = t.first_by_id(t.find(label=label, cls=t.p11.ObjectClass.SECRET_KEY))
+                if key is None:
+                    raise KeyringError(f"token did not keep the key labelled {label!r} it was asked to create")
             with t.lock:
                 self._pseudonym = bytes(key.sign(_PSEUDONYM_LABEL, mechanism=t.p11.Mechanism.SHA256_HMAC))
         return self._pseudonym

@@ -172,7 +172,10 @@ def apply_llr(calibration: Mapping[str, Any], score: ArrayLike) -> Any:
     if m is None:
         raise ValueError("the calibration record has no LLR map")
     if "operating_points" in calibration and "trials" in calibration:
-        m = CalibrationRecord.model_validate(calibration).llr.model_dump()
+        llr = CalibrationRecord.model_validate(calibration).llr
+        if llr is None:
+            raise ValueError("the calibration record has no LLR map")
+        m = llr.model_dump()
     s = np.asarray(score, dtype=np.float64)
     kind = m.get("kind")
     if kind == "logistic":

@@ -39,10 +39,11 @@ def _group(results: Sequence[TrialResult | PadResult], error_when_accepted: bool
            non_response: NonResponse) -> dict[str, Any]:
     """Decision counts of one class of trials. ``error_when_accepted``: an acceptance is the error
     (impostors, attacks); otherwise a refusal is (targets, bona fide)."""
-    decided = [r for r in results if r.failure is None]
-    if any(r.decision is None for r in decided):
+    decided = [r.decision for r in results if r.failure is None]
+    if any(d is None for d in decided):
         raise ValueError("a result without a failure has no decision: the scorer does not decide")
-    accepted = sum(1 for r in decided if r.decision.accepted)
+    decisions = [d for d in decided if d is not None]
+    accepted = sum(1 for d in decisions if d.accepted)
     refused = len(decided) - accepted
     nr = len(results) - len(decided)
     errors = accepted if error_when_accepted else refused
@@ -51,7 +52,7 @@ def _group(results: Sequence[TrialResult | PadResult], error_when_accepted: bool
         errors += 0 if error_when_accepted else nr
     else:
         trials = len(decided)
-    refusals = Counter(r.decision.refused_by for r in decided if not r.decision.accepted)
+    refusals = Counter(d.refused_by for d in decisions if not d.accepted)
     refusals.update(f"{r.failure.layer}:{r.failure.reason}" for r in results if r.failure is not None)
     return {
         "presented": len(results),

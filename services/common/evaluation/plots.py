@@ -105,7 +105,7 @@ def plot_histograms(
     edges = np.linspace(lo, hi, bins + 1)
     fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
     for label, v in arrays.items():
-        ax.hist(v, bins=edges, density=True, alpha=0.45, label=f"{label} (n={v.size})",
+        ax.hist(v, bins=edges.tolist(), density=True, alpha=0.45, label=f"{label} (n={v.size})",
                 histtype="stepfilled", edgecolor="black", linewidth=0.4)
     if threshold is not None and np.isfinite(threshold):
         ax.axvline(threshold, color="crimson", linestyle="--", linewidth=1.5,

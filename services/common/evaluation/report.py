@@ -143,7 +143,7 @@ def verification_report(
     elif i.size:
         threshold, source = m.threshold_at_rate(i, operating_fmr), "fitted_in_sample"
     spoofs = run.of_kind("spoof")
-    report = {
+    report: dict[str, Any] = {
         "kind": "verification",
         "config": dict(config),
         "counts": {
@@ -241,7 +241,7 @@ def pad_report(
         operating |= dataclasses.asdict(m.pad_error_rates(b, attacks, threshold))
     elif threshold is not None and b.size:
         operating["bpcer"] = float(np.count_nonzero(b < threshold) / b.size)
-    report = {
+    report: dict[str, Any] = {
         "kind": "pad",
         "config": dict(config),
         "counts": {
@@ -375,11 +375,11 @@ def write_per_trial(run: VerificationRun | PadRun, path: str | Path, root: str |
                             t.attack_type, t.enroll_identity, t.probe_identity, _cell(r.score), *cells])
         else:
             w.writerow(["path", "label", "attack_type", *tail])
-            for r in run.results:
-                cells = _decision_cells(r.decision, r.failure)
-                cells[3] = "presentation" if r.failure is not None else ""
-                w.writerow([rel(r.sample.path), "bonafide" if r.sample.bonafide else "attack", r.sample.attack_type,
-                            _cell(r.score), *cells])
+            for pr in run.results:
+                cells = _decision_cells(pr.decision, pr.failure)
+                cells[3] = "presentation" if pr.failure is not None else ""
+                w.writerow([rel(pr.sample.path), "bonafide" if pr.sample.bonafide else "attack", pr.sample.attack_type,
+                            _cell(pr.score), *cells])
     return path
 
 

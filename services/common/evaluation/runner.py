@@ -82,8 +82,8 @@ class VerificationRun(_Outcomes):
     @property
     def spoofs(self) -> dict[str, FloatArray]:
         """Scores of the spoofed probes that got one, by attack type."""
-        scored = [r for r in self.of_kind("spoof") if r.score is not None]
-        return split_by_type([r.score for r in scored], [r.trial.attack_type for r in scored])
+        scored = [(r.score, r.trial.attack_type) for r in self.of_kind("spoof") if r.score is not None]
+        return split_by_type([s for s, _ in scored], [t for _, t in scored])
 
     @property
     def attack_types(self) -> list[str]:
@@ -175,8 +175,8 @@ class PadRun(_Outcomes):
     @property
     def attacks(self) -> dict[str, FloatArray]:
         """Scores of the attack presentations that got a response, by attack type."""
-        scored = [r for r in self.results if not r.sample.bonafide and r.score is not None]
-        return split_by_type([r.score for r in scored], [r.sample.attack_type for r in scored])
+        scored = [(r.score, r.sample.attack_type) for r in self.results if not r.sample.bonafide and r.score is not None]
+        return split_by_type([s for s, _ in scored], [t for _, t in scored])
 
     @property
     def attack_types(self) -> list[str]:

@@ -91,6 +91,12 @@ class ScorerOptions:
     tenant: str | None = None  # remote scorers: the tenant whose policy applies (None: the scorer's own)
     decide: bool = True  # local scorers: decide at the calibrated thresholds as the service does
 
+    def remote_target(self) -> str:
+        """The host:port a remote scorer talks to."""
+        if not self.target:
+            raise ValueError("a remote scorer needs the target service's host:port (--target)")
+        return self.target
+
 
 ScorerFactory = Callable[[ScorerOptions], Scorer]
 

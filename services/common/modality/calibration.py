@@ -37,7 +37,7 @@ class NotCalibrated(errors.ServiceError, LookupError):
 def not_calibrated(err: LookupError, model_id: str, channel: str) -> NotCalibrated:
     """A calibration record's refusal to give a threshold, passed on with its reason and message."""
     if hasattr(err, "reason"):
-        return NotCalibrated(str(err), getattr(err, "reason") or DEFAULT_REASON)
+        return NotCalibrated(str(err), err.reason or DEFAULT_REASON)
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     return NotCalibrated(f"{model_id} [{channel}]: {text}")
 

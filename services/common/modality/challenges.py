@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, overload
 
 from services.common.runtime import Runtime
 from services.common.storage import (
@@ -41,6 +41,10 @@ class Spent:
     issued_ago_ms: float  # from issue to consumption, by the server's clock
 
 
+@overload
+def nonce_field(value: str, field: str, required: Literal[True]) -> str: ...
+@overload
+def nonce_field(value: str, field: str, required: bool) -> str | None: ...
 def nonce_field(value: str, field: str, required: bool) -> str | None:
     """The nonce of a request (None: no challenge), refused when required and missing or too long."""
     if not value:

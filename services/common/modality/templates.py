@@ -23,6 +23,7 @@ import numpy as np
 from services.common.crypto import EnvelopeCrypto, TemplateBinding, envelope_key_id
 from services.common.runtime import Runtime
 from services.common.storage import AlreadyExistsError, TemplateRecord
+from services.common.storage.interfaces import Modality
 from services.common.subjects import VERIFICATION, actor
 
 from .reasons import refusal
@@ -73,7 +74,7 @@ def unpack(data: bytes, modality: str, model_id: str) -> np.ndarray:
 class TemplateVault:
     """Seals and opens the templates of one modality."""
 
-    def __init__(self, crypto: EnvelopeCrypto, modality: str) -> None:
+    def __init__(self, crypto: EnvelopeCrypto, modality: Modality) -> None:
         self.crypto, self.modality = crypto, modality
 
     def seal(self, tenant_id: str, subject_id: str, model_id: str, embedding: np.ndarray,
@@ -93,7 +94,7 @@ class TemplateVault:
 class Templates:
     """The templates of one modality as the service uses them."""
 
-    def __init__(self, rt: Runtime, modality: str) -> None:
+    def __init__(self, rt: Runtime, modality: Modality) -> None:
         self.rt, self.modality = rt, modality
         self.vault = TemplateVault(rt.crypto, modality)
 

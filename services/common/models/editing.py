@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from ruamel.yaml import YAML
@@ -76,7 +76,8 @@ def with_calibration(text: str, model_id: str, channel: str, record: dict[str, A
             # removing that key must not take the line with it.
             trailing = _take_trailing(calibration)
             del calibration[channel]
-            _put_trailing(calibration if calibration else model, trailing)
+            # round-trip loading gives a CommentedMap for every mapping
+            _put_trailing(calibration if calibration else cast(CommentedMap, model), trailing)
     else:
         # Likewise a comment or blank line after the replaced record (or, for a new record that
         # goes last, after the record it follows) moves onto the new record.

@@ -14,7 +14,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import derivations
 from .errors import SourceUnavailable
@@ -167,7 +167,7 @@ def derived(src: DerivedSource, out: Path, ctx: SourceContext, refresh: bool = F
     derivations.derive(src.recipe, input_path, out, src.params)
 
 
-_PRODUCERS = {
+_PRODUCERS: dict[str, Callable[[Any, Path, SourceContext, bool], None]] = {
     "pypi_wheel": pypi_wheel,
     "npm_tarball": npm_tarball,
     "local_dir": local_dir,

@@ -221,14 +221,6 @@ class _FetchRun:
         self.store = store
         self.force = force
         self.done: dict[tuple[str, str], FetchResult] = {}
-        models = store.settings.models
-        self.options = dict(
-            downloads_dir=store.downloads_dir,
-            local_dirs=tuple(Path(d) for d in models.local_dirs),
-            allow_registries=models.allow_registries,
-            allow_network=models.allow_network,
-            timeout_s=models.fetch_timeout_s,
-        )
 
     def ensure(self, spec: ModelSpec, f: ModelFile) -> FetchResult:
         key = (spec.id, f.name)
@@ -254,7 +246,15 @@ class _FetchRun:
                 raise SourceUnavailable(f"its input {other.id}/{name} is unavailable: {err}") from None
             return self.store.cache_dir / other.id / name
 
-        return sources.SourceContext(resolve_input=resolve, **self.options)
+        models = self.store.settings.models
+        return sources.SourceContext(
+            downloads_dir=self.store.downloads_dir,
+            local_dirs=tuple(Path(d) for d in models.local_dirs),
+            allow_registries=models.allow_registries,
+            allow_network=models.allow_network,
+            timeout_s=models.fetch_timeout_s,
+            resolve_input=resolve,
+        )
 
     def _obtain(self, spec: ModelSpec, f: ModelFile, dest: Path, stamps: VerifiedStamps) -> FetchResult:
         ctx = self._context(spec)

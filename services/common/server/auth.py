@@ -62,10 +62,11 @@ class Authenticator:
     def authenticate(self, context: grpc.ServicerContext) -> Principal | None:
         """The caller, or None when it sent no credentials the server knows. Raises
         ServiceError(UNAUTHENTICATED) when certificate and token name different principals."""
-        by_cert = self._cert_principal(context.auth_context())
+        # grpc's stubs say Mapping[str, bytes]; the runtime gives each property a list of values.
+        by_cert = self._cert_principal(context.auth_context())  # type: ignore[arg-type]
         metadata = dict(context.invocation_metadata())
         auth = metadata.get("authorization", "")
-        if not auth.lower().startswith("bearer "):
+        if not isinstance(auth, str) or not auth.lower().startswith("bearer "):  # bytes only for -bin keys
             return by_cert
         by_token = self._token_principal(auth[7:].strip())
         if by_cert is None:

@@ -10,10 +10,10 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import grpc
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 
 from services.common import context, errors, metrics
 from services.common.api.v1 import common_pb2
@@ -35,7 +35,8 @@ def roles_by_method(services: Iterable[ServiceDescriptor]) -> dict[str, frozense
     table = {}
     for service in services:
         for method in service.methods:
-            roles = method.GetOptions().Extensions[common_pb2.allowed_roles]
+            # protoc's .pyi types extensions as plain FieldDescriptors, which protobuf's stubs refuse as keys.
+            roles: Iterable[int] = method.GetOptions().Extensions[common_pb2.allowed_roles]  # type: ignore[index]
             names = {common_pb2.Role.Name(r).removeprefix("ROLE_").lower() for r in roles}
             table[f"/{service.full_name}/{method.name}"] = frozenset(names)
     return table
@@ -44,7 +45,7 @@ def roles_by_method(services: Iterable[ServiceDescriptor]) -> dict[str, frozense
 def model_work_methods(services: Iterable[ServiceDescriptor]) -> frozenset[str]:
     """The methods whose `model_work` option is set: those admitted through the admission queue."""
     return frozenset(f"/{service.full_name}/{method.name}" for service in services for method in service.methods
-                     if method.GetOptions().Extensions[common_pb2.model_work])
+                     if method.GetOptions().Extensions[common_pb2.model_work])  # type: ignore[index]
 
 
 TenantLookup = Callable[[str], "str | None"]  # an object's id -> its tenant; None: no such object
@@ -76,14 +77,14 @@ def tenants_by_method(services: Iterable[ServiceDescriptor]) -> dict[str, Tenant
         for method in service.methods:
             name = f"/{service.full_name}/{method.name}"
             options = method.GetOptions()
-            if not options.HasExtension(common_pb2.tenant):
+            if not options.HasExtension(common_pb2.tenant):  # type: ignore[arg-type]  # as in roles_by_method
                 raise ValueError(f"{name} declares no (biogate.v1.tenant) option")
-            src = options.Extensions[common_pb2.tenant]
+            src: common_pb2.TenantSource = options.Extensions[common_pb2.tenant]  # type: ignore[index]
             if src.none:
                 table[name] = TenantRule(none=True)
                 continue
             path = tuple(src.field.split("."))
-            message = method.input_type
+            message: Descriptor | None = method.input_type
             for i, part in enumerate(path):
                 field = message.fields_by_name.get(part) if message is not None else None
                 last = i == len(path) - 1
@@ -227,7 +228,8 @@ class _Call:
 
     def __enter__(self) -> "_Call":
         meta = dict(self.ctx.invocation_metadata())
-        rid = request_id(meta.get("x-request-id", ""))
+        sent = meta.get("x-request-id", "")
+        rid = request_id(sent if isinstance(sent, str) else "")  # bytes only for -bin keys
         self._tokens = (context.request_id.set(rid), context.principal.set(None), context.deadline.set(None),
                         context.admission.set(self.admit if self.queue is not None else None))
         self.ctx.send_initial_metadata((("x-request-id", rid),))
@@ -280,7 +282,7 @@ class _Call:
         return BoundedStream(requests, self.owner.streams, context.deadline.get(), self.owner._readers,
                              self.check_request, on_end=self.admit)
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         code = _code_of(self.ctx)
         try:
             if exc is None or isinstance(exc, GeneratorExit):
@@ -320,9 +322,11 @@ class _Call:
                 "principal": self.principal.name if self.principal else None,
             },
         )
-        for var, token in zip((context.request_id, context.principal, context.deadline, context.admission),
-                              self._tokens):
-            var.reset(token)
+        rid, principal, deadline, admission = self._tokens
+        context.request_id.reset(rid)
+        context.principal.reset(principal)
+        context.deadline.reset(deadline)
+        context.admission.reset(admission)
 
 
 @dataclass(frozen=True)
@@ -361,5 +365,5 @@ def request_id(sent: str) -> str:
 
 
 def _code_of(ctx: grpc.ServicerContext) -> grpc.StatusCode:
-    code = ctx.code()
+    code = ctx.code()  # type: ignore[attr-defined]  # grpc's stubs lack the server context's code()
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK

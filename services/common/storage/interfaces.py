@@ -288,11 +288,17 @@ class AuditRepository(Protocol):
 
 
 class Storage(Protocol):
-    templates: TemplateRepository
-    subjects: SubjectRepository
-    rate_limits: RateLimitRepository
-    challenges: ChallengeRepository
-    audit: AuditRepository
+    # Read-only members: an implementation may hold more specific repositories.
+    @property
+    def templates(self) -> TemplateRepository: ...
+    @property
+    def subjects(self) -> SubjectRepository: ...
+    @property
+    def rate_limits(self) -> RateLimitRepository: ...
+    @property
+    def challenges(self) -> ChallengeRepository: ...
+    @property
+    def audit(self) -> AuditRepository: ...
 
     def transaction(self) -> AbstractContextManager[Storage]:
         """Every repository call made inside the block (in this thread) is one transaction,

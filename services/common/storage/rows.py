@@ -64,7 +64,7 @@ def values(rec: Any) -> tuple[Any, ...]:
     """A record's field values in column order, ready for :func:`insert_sql`."""
     return tuple(
         dict(v) if isinstance(v, Mapping) else v
-        for v in (getattr(rec, name) for name, _ in _fields(type(rec)))
+        for v in (getattr(rec, name) for name, _ in _fields(type(rec)))  # type: ignore[arg-type]  # mypy: a class is not Hashable
     )
 
 
@@ -75,4 +75,5 @@ def _decoders(cls: type) -> tuple[Callable[[Any], Any] | None, ...]:
 
 def to_record(cls: type[R], row: Any) -> R:
     # Positional: the columns are selected in field order. Hot in 1:N gallery scans.
-    return cls(*[v if dec is None else dec(v) for dec, v in zip(_decoders(cls), row, strict=True)])
+    decoders = _decoders(cls)  # type: ignore[arg-type]  # mypy: a class is not Hashable
+    return cls(*[v if dec is None else dec(v) for dec, v in zip(decoders, row, strict=True)])

@@ -73,10 +73,10 @@ class Factor(ABC):
         degrades), ServiceError for a refusal."""
         return self.issue(ctx)
 
-    def claim(self, ctx: FactorContext, state: SessionState) -> None:
+    def claim(self, ctx: FactorContext, state: SessionState) -> None:  # noqa: B027  (optional hook)
         """Hook: reserve the challenge in ``state`` (re-run on a concurrent update); raise to refuse."""
 
-    def release(self, ctx: FactorContext, state: SessionState, before: SessionState) -> None:
+    def release(self, ctx: FactorContext, state: SessionState, before: SessionState) -> None:  # noqa: B027  (optional hook)
         """Hook: undo claim() after the challenge could not be issued."""
 
     def issue(self, ctx: FactorContext) -> Challenge:
@@ -92,7 +92,7 @@ class Factor(ABC):
             return FactorOutcome(self.name, False, unavailable=True,
                                  reasons=(Reason(f"{exc.service.upper()}_SERVICE_UNAVAILABLE", exc.why),))
 
-    def validate(self, ctx: FactorContext, evidence: Any) -> None:
+    def validate(self, ctx: FactorContext, evidence: Any) -> None:  # noqa: B027  (optional hook)
         """Hook: refuse malformed evidence (raise ServiceError)."""
 
     @abstractmethod

@@ -81,14 +81,18 @@ class BiometricFactor(Factor):
         return max(-cfg.llr_cap, min(cfg.llr_cap, float(response.llr)))
 
     def outcome(self, cfg: BiometricPolicy, passed: bool, llr: float, veto: bool, liveness: bool,
-                reasons: list[Reason], capture_error: bool = False, **operating_point: float | None) -> FactorOutcome:
+                reasons: list[Reason], capture_error: bool = False, *, target_fmr: float | None = None,
+                measured_fmr: float | None = None, target_apcer: float | None = None,
+                measured_apcer: float | None = None) -> FactorOutcome:
         deny = not veto and not capture_error and llr <= cfg.deny_llr
         if deny:
             reasons.append(Reason("BIOMETRIC_MISMATCH", f"LLR {llr:.2f} at or below {cfg.deny_llr:.2f}"))
         if capture_error:
             llr = 0.0
         return FactorOutcome(self.name, passed and not veto and not capture_error, llr * cfg.weight, veto, deny,
-                             liveness=liveness, reasons=tuple(reasons), capture_error=capture_error, **operating_point)
+                             liveness=liveness, reasons=tuple(reasons), capture_error=capture_error,
+                             target_fmr=target_fmr, measured_fmr=measured_fmr, target_apcer=target_apcer,
+                             measured_apcer=measured_apcer)
 
 
 def service_reasons(items) -> list[Reason]:

@@ -164,9 +164,10 @@ class ActionRule(Strict):
             limits = [b.up_to for b in bands]
             if limits[-1] is not None:
                 raise ValueError(f"{currency}: the last band must have up_to: null (no upper limit)")
-            if None in limits[:-1]:
+            bounded = [u for u in limits[:-1] if u is not None]
+            if len(bounded) < len(limits) - 1:
                 raise ValueError(f"{currency}: only the last band may have up_to: null")
-            if any(b <= a for a, b in zip(limits[:-1], limits[1:-1])):
+            if any(b <= a for a, b in zip(bounded, bounded[1:])):
                 raise ValueError(f"{currency}: up_to must increase from band to band")
         return v
 

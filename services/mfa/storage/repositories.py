@@ -159,7 +159,7 @@ class SqlReviewRepository(Repository[ReviewRecord]):
         self, tenant_id: str, status: str, limit: int, after: tuple[datetime, str] | None = None
     ) -> list[ReviewRecord]:
         """Oldest first; ``after`` is the (created_at, id) of the previous page's last review."""
-        where, params = "tenant_id = ? AND status = ?", [tenant_id, status]
+        where, params = "tenant_id = ? AND status = ?", list[Any]([tenant_id, status])
         if after is not None:
             where += " AND (created_at > ? OR (created_at = ? AND id > ?))"
             params += [after[0], after[0], after[1]]

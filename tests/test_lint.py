@@ -1,0 +1,42 @@
+"""The linter and the type checker run with the suite (`make test`), configured in pyproject.toml:
+ruff over every Python file of the repository, mypy over the services package. Each test also
+checks that its tool looked at the code it is meant to, so a configuration that excludes too much
+cannot pass by checking nothing."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATED = re.compile(r"_pb2(_grpc)?\.pyi?$")  # protoc's output (make stubs)
+
+
+def _run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _own_modules(*dirs: str) -> set[Path]:
+    return {p for d in dirs for p in (ROOT / d).rglob("*.py") if not GENERATED.search(p.name)}
+
+
+def test_ruff_finds_nothing() -> None:
+    run = _run("ruff", "check", "--output-format", "concise", "--no-cache", ".", timeout=300)
+    assert run.returncode == 0, f"ruff check found problems:\n{run.stdout}{run.stderr}"
+    shown = _run("ruff", "check", "--show-files", ".", timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    checked = {Path(line.strip()) for line in shown.stdout.splitlines() if line.strip()}
+    missed = sorted(str(p.relative_to(ROOT)) for p in _own_modules("services", "tests", "bench") - checked)
+    assert not missed, f"ruff does not check: {missed[:20]}"
+
+
+def test_mypy_finds_nothing() -> None:
+    run = _run("mypy", timeout=900)  # [tool.mypy] names the package; .mypy_cache makes reruns fast
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, f"mypy found problems:\n{out}"
+    m = re.search(r"no issues found in (\d+) source files", out)
+    assert m, out
+    own = len(_own_modules("services"))
+    assert int(m.group(1)) >= own, f"mypy checked {m.group(1)} files; services/ has {own} modules of its own"
