@@ -32,6 +32,9 @@ CALLER_FAULT = frozenset({
     grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
 })
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# The service is up and shedding load (its admission control): passed back with its retry hint, and
+# never counted against the breaker, which would put every new session in degraded mode for a burst.
+SHEDDING = grpc.StatusCode.RESOURCE_EXHAUSTED
 # The service refused the MFA's own credentials: this deployment's configuration is wrong. Never an
 # outage (no breaker, no degraded mode): the call fails loudly and the operator is told what to set.
 CREDENTIALS_REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
@@ -125,11 +128,12 @@ class BiometricClient:
                     if code in CREDENTIALS_REFUSED:
                         self.breaker.success()  # it answered: up, and not to be degraded around
                         raise self._credentials_refused(code, err.details()) from None
-                    if code in CALLER_FAULT:
+                    if code in CALLER_FAULT or code == SHEDDING:
                         self.breaker.success()
                         info = details_of(err)
                         raise errors.ServiceError(code, f"{self.service}: {err.details()}",
-                                                  info["reason"] or code.name, list(info["fields"].items())) from None
+                                                  info["reason"] or code.name, list(info["fields"].items()),
+                                                  retry_delay_s=info["retry_delay_s"]) from None
                     self.breaker.failure()
                     log.warning("biometric call failed", extra={"service": self.service, "rpc": method,
                                                                 "code": code.name, "attempt": attempt + 1})

@@ -53,6 +53,10 @@ class ScriptedFace(face_pb2_grpc.FaceServiceServicer):
         step = self.script.pop(0) if self.script else "ok"
         if step == "slow":
             time.sleep(1.0)
+        elif step == "shed":  # what the service's admission control answers (services/common/server)
+            shed = errors.ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the queue is full", "QUEUE_FULL",
+                                       retry_delay_s=0.25)
+            context.abort_with_status(shed.to_status())
         elif step != "ok":
             context.abort(step, f"scripted {step.name}")
         return face_pb2.VerifyFaceResponse(match=True, score=0.7, llr=5.0, model_id="m")
@@ -97,6 +101,19 @@ def test_the_callers_fault_is_passed_through_and_keeps_the_circuit_closed(face_s
             c.call("Verify", REQ, idempotent=True)
         assert err.value.code == code
     assert c.breaker.state == "closed" and servicer.calls == 2
+
+
+def test_a_shedding_service_is_up_its_refusal_and_retry_hint_are_passed_back(face_server):
+    servicer, target = face_server
+    c = client(target, breaker_failures=1)
+    servicer.script = ["shed", "shed"]
+    for _ in range(2):
+        with pytest.raises(errors.ServiceError) as err:
+            c.call("Verify", REQ, idempotent=True)
+        assert (err.value.code, err.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL")
+        assert err.value.retry_delay_s == pytest.approx(0.25)
+    assert c.breaker.state == "closed" and servicer.calls == 2  # not retried, no degraded mode
+    assert c.call("Verify", REQ, idempotent=True).match
 
 
 def test_a_slow_service_costs_at_most_the_deadline(face_server):
