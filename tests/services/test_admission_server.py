@@ -160,6 +160,11 @@ def test_a_call_cancelled_while_queued_does_no_model_work(tmp_path):
             threading.Event().wait(0.01)
         assert gauge._value.get() == 1
         queued.cancel()
+        for _ in range(1000):  # the server hears of the cancellation and the call leaves the queue
+            if gauge._value.get() == 0:
+                break
+            threading.Event().wait(0.01)
+        assert gauge._value.get() == 0
         servicer.release.set()
         assert first.result(timeout=10).match
         # the next call is served; the cancelled one never reached the model work

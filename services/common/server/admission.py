@@ -150,10 +150,12 @@ class AdmissionQueue:
 
     # --- admission ------------------------------------------------------------------------
 
-    def acquire(self, kind: str, deadline: float | None) -> Slot:
+    def acquire(self, kind: str, deadline: float | None, cancelled: Callable[[], bool] | None = None) -> Slot:
         """Waits for a slot and returns it (hand it to :meth:`release`), or raises the refusal.
 
-        ``deadline`` is the monotonic time by which the call must be answered; None: no bound."""
+        ``deadline`` is the monotonic time by which the call must be answered; None: no bound.
+        ``cancelled`` is asked at every wake-up (see :meth:`wake`): a call whose client gave up leaves
+        the queue with CANCELLED instead of taking a slot later."""
         with self._lock:
             now = self.clock()
             self.last_activity = now
@@ -172,6 +174,12 @@ class AdmissionQueue:
                 self._start_heads(self.clock())
                 if slot.started is not None:
                     return slot
+                if cancelled is not None and cancelled():
+                    self._queued.remove(slot)
+                    metrics.ADMISSION_QUEUED.labels(self.service).set(len(self._queued))
+                    self._lock.notify_all()
+                    raise errors.ServiceError(grpc.StatusCode.CANCELLED,
+                                              "the client cancelled the call while it was queued")
                 # Woken by every release; the deadline check needs a wake-up of its own.
                 timeout = None if deadline is None else max(deadline - self._budget(kind) - self.clock(), 0.0)
                 if timeout == 0.0 or not self._lock.wait(timeout):
@@ -182,6 +190,11 @@ class AdmissionQueue:
                         self._lock.notify_all()
                         raise self._refuse(slot, DEADLINE_UNREACHABLE, self._expected_wait(now),
                                            self._budget(kind), deadline - now)
+
+    def wake(self) -> None:
+        """Wakes the waiting calls to look again (e.g. when one's client cancels it)."""
+        with self._lock:
+            self._lock.notify_all()
 
     def _start_heads(self, now: float) -> None:
         """Moves queued calls into free slots, in order of arrival (under the lock)."""

@@ -249,7 +249,9 @@ class _Call:
     def admit(self) -> None:
         """Takes a model-work slot (RPCs marked model_work), once; raises RESOURCE_EXHAUSTED when refused."""
         if self.queue is not None and self.slot is None:
-            slot = self.queue.acquire(self.short, context.deadline.get())
+            queue = self.queue
+            self.ctx.add_callback(queue.wake)  # runs when the call ends, a client's cancellation included
+            slot = queue.acquire(self.short, context.deadline.get(), cancelled=lambda: not self.ctx.is_active())
             if not self.ctx.is_active():  # the client gave up while the call was queued: no work for nobody
                 self.queue.release(slot, observe=False)
                 raise errors.ServiceError(grpc.StatusCode.CANCELLED, "the client cancelled the call while it was queued")
