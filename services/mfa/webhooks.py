@@ -34,6 +34,16 @@ TOLERANCE_S = 300
 BATCH = 50
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failed delivery (urllib would replay a POST as a bodiless GET)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def signature(secret: str, body: bytes, t: int) -> str:
     mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={t},v1={mac}"
@@ -102,7 +112,7 @@ class WebhookOutbox:
                    SIGNATURE_HEADER: signature(self.cfg.secret, body, int(now.timestamp()))}
         request = urllib.request.Request(self.cfg.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as resp:
+            with _OPENER.open(request, timeout=self.cfg.timeout_s) as resp:
                 resp.read(65536)
                 return ""
         except urllib.error.HTTPError as exc:

@@ -219,6 +219,8 @@ def test_a_tenant_bound_caller_cannot_touch_another_tenants_session_or_review(tm
                 assert mine is None or mine.code() != grpc.StatusCode.PERMISSION_DENIED, (method, mine)
             err = _call(stub, "ResolveReview", F.ResolveReviewRequest(review_id=review.id, approve=True))
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED and details_of(err)["reason"] == "TENANT_NOT_ALLOWED"
+            err = _call(stub, "GetReview", F.GetReviewRequest(review_id=review.id))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED and details_of(err)["reason"] == "TENANT_NOT_ALLOWED"
             err = _call(stub, "ResolveReview", F.ResolveReviewRequest(review_id="rev_unknown", approve=True))
             assert err.code() == grpc.StatusCode.NOT_FOUND  # no such review: the service says so
             err = _call(stub, "Decide", F.DecideRequest(session_id="not-a-session"))
