@@ -152,6 +152,17 @@ def audit_events(settings, event_type: str) -> list[dict]:
         store.close()
 
 
+def outbox_events(settings) -> dict[str, int]:
+    from services.common.storage import open_storage
+
+    store = open_storage(settings.storage_dsn)
+    try:
+        with store.db.read() as q:
+            return dict(q.all("SELECT event_type, COUNT(*) FROM mfa_webhook_outbox GROUP BY event_type"))
+    finally:
+        store.close()
+
+
 def jwks(stub) -> str:
     return stub.GetSigningKeys(F.GetSigningKeysRequest()).jwks_json
 
@@ -270,6 +281,7 @@ def test_two_reviewers_racing_one_wins_and_the_other_is_told(served, receiver):
         assert stubs["dev-all"].Decide(F.DecideRequest(session_id=session_id)).outcome == expected
         assert [e["actor"] for e in audit_events(settings, "mfa.review_resolved")
                 if e["review_id"] == review_id] == [winner]
+    assert outbox_events(settings) == {"review.opened": 3, "review.closed": 3}  # the losers wrote none
     receiver.wait_for(lambda r: len([e for e in r.delivered() if e["type"] == "review.closed"]) == 3)
     closed = [e["data"]["review_id"] for e in receiver.delivered() if e["type"] == "review.closed"]
     assert len(set(closed)) == 3  # one closing event per review
@@ -310,6 +322,17 @@ def test_an_unreviewed_case_expires_to_a_signed_deny(served, clock, receiver):
     receiver.wait_for(lambda r: any(e["data"]["status"] == "expired" for e in r.delivered()))
 
 
+def review_in_process(orch, ref) -> tuple[str, str]:
+    """A login a fraud-script phrase sends to review, on an in-process orchestrator: (session, review)."""
+    s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login",
+                                                device=App().device,
+                                                context=F.ContextSignals(conversation_text="AnyDesk please")))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id,
+                                      otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
+    return s.session_id, orch.decide(F.DecideRequest(session_id=s.session_id)).review_id
+
+
 def test_the_sweep_expires_overdue_cases_without_a_caller(orch, clock, tmp_path):
     from services.mfa import subjects
 
@@ -318,13 +341,7 @@ def test_the_sweep_expires_overdue_cases_without_a_caller(orch, clock, tmp_path)
     subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE))
     ids = []
     for _ in range(2):
-        s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login",
-                                                    device=App().device,
-                                                    context=F.ContextSignals(conversation_text="AnyDesk please")))
-        orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
-        orch.submit(F.SubmitFactorRequest(session_id=s.session_id,
-                                          otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
-        ids.append((s.session_id, orch.decide(F.DecideRequest(session_id=s.session_id)).review_id))
+        ids.append(review_in_process(orch, ref))
         clock.advance(60)
     ttl = orch.settings.mfa.reviews.ttl_s
     clock.advance(ttl - 61)
@@ -452,3 +469,28 @@ def test_reviews_stored_before_the_outcome_migration_keep_their_data(storage_dsn
         assert store.reviews.resolve("rev_old", "expired", "system", "", opened).status == "expired"
     finally:
         st.close()
+
+
+def test_an_event_committed_before_a_crash_is_delivered_by_the_next_process(tmp_path, storage_dsn, clock, receiver):
+    from services.common.runtime import Runtime
+    from services.common.server.bootstrap import RunningServer
+    from services.mfa import subjects
+    from services.mfa.server import definition
+    from services.mfa.service import Orchestrator
+    from services.serve import prepare
+
+    settings = review_settings(tmp_path, storage_dsn, receiver.url)
+    prepare(settings)
+    rt = Runtime.open(settings)
+    o = Orchestrator(rt, clock=clock)  # a process without its worker: it ends before delivering
+    ref = common_pb2.SubjectRef(tenant_id=TENANT, subject_id="cust-crash")
+    subjects.set_phone_number(rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE))
+    _, review_id = review_in_process(o, ref)
+    o.close()
+    rt.close()
+    assert receiver.requests == [] and outbox_events(settings) == {"review.opened": 1}
+    server = RunningServer(settings, definition(settings, clock=clock), port=0).start()
+    try:
+        receiver.wait_for(lambda r: [e["data"]["review_id"] for e in r.delivered()] == [review_id])
+    finally:
+        server.stop(grace=0)
