@@ -328,7 +328,8 @@ class Orchestrator:
             left = min(left, ctx.notes["otp_attempts_left"])
         d = decide(session.state.plan, session.state.factors)
         still = d.still_needed if d.outcome == "step_up" else ()
-        return mfa_pb2.SubmitFactorResponse(result=factor_result(outcome), still_acceptable=_sets(still), attempts_left=max(0, left))
+        return mfa_pb2.SubmitFactorResponse(result=factor_result(outcome), still_acceptable=_sets(still),
+                                            attempts_left=max(0, left))
 
     # ------------------------------------------------------------------ decision
     def decide(self, req: mfa_pb2.DecideRequest) -> mfa_pb2.DecideResponse:
