@@ -106,6 +106,9 @@ HOSTILE = [
     ("ListReviews", F.ListReviewsRequest(tenant_id="otp-bank", page_token="!!notbase64"), "INVALID_ARGUMENT",
      "page_token"),
     ("ResolveReview", F.ResolveReviewRequest(review_id="rev_nope"), "NOT_FOUND", None),
+    ("ResolveReview", F.ResolveReviewRequest(review_id="rev_nope", note="n" * 1001), "INVALID_ARGUMENT", "note"),
+    ("GetReview", F.GetReviewRequest(review_id="rev_nope"), "NOT_FOUND", None),
+    ("GetReview", F.GetReviewRequest(review_id="'; --"), "INVALID_ARGUMENT", "review_id"),
     ("UnlockSubject", F.UnlockSubjectRequest(subject=subject(), reason="call +8613800135678"), "INVALID_ARGUMENT",
      "reason"),
 ]
