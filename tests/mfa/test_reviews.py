@@ -494,3 +494,35 @@ def test_an_event_committed_before_a_crash_is_delivered_by_the_next_process(tmp_
         receiver.wait_for(lambda r: [e["data"]["review_id"] for e in r.delivered()] == [review_id])
     finally:
         server.stop(grace=0)
+
+
+def test_the_case_states_the_operating_point_that_decided_each_biometric(orch, tmp_path):
+    """A face attempt as the face factor stores it (the models are not loaded here): the reviewer
+    sees its LLR, binding, and target and measured FMR and APCER, as SubmitFactor answered them."""
+    from services.mfa import subjects
+    from services.mfa.fusion import FactorOutcome
+    from services.mfa.reasons import Reason
+
+    with_review_tenant(tmp_path)
+    ref = common_pb2.SubjectRef(tenant_id=TENANT, subject_id="cust-op")
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE))
+    s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login",
+                                                device=App().device,
+                                                context=F.ContextSignals(conversation_text="AnyDesk please")))
+    face = FactorOutcome("face", True, llr=4.25, liveness=True, reasons=(Reason("LIVENESS_PASSED", "passive"),),
+                         binding="new_device", target_fmr=1e-4, measured_fmr=8.2e-5, target_apcer=0.05,
+                         measured_apcer=0.081)
+    orch.sessions.mutate(orch.sessions.get(s.session_id), lambda st: st.factors.append(face))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id,
+                                      otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
+    d = orch.decide(F.DecideRequest(session_id=s.session_id))
+    assert d.outcome == F.OUTCOME_REVIEW, d
+    case = orch.get_review(F.GetReviewRequest(review_id=d.review_id))
+    first, otp = case.factors
+    assert (first.factor, first.passed, first.llr, first.binding) == (F.FACTOR_TYPE_FACE, True, 4.25, "new_device")
+    assert [r.code for r in first.reasons] == ["LIVENESS_PASSED"]
+    assert (first.target_fmr, first.measured_fmr) == pytest.approx((1e-4, 8.2e-5))
+    assert (first.target_apcer, first.measured_apcer) == pytest.approx((0.05, 0.081))
+    assert otp.factor == F.FACTOR_TYPE_SMS_OTP and otp.passed and not otp.HasField("target_fmr")
+    assert case.decision.total_llr == pytest.approx(4.25 + 3.0) and list(case.decision.amr) == ["face", "sms", "mfa"]
