@@ -59,9 +59,9 @@ class Receiver:
                 except ValueError:
                     verified = False
                 status = 500 if len([r for r in receiver.requests if r["status"]]) < receiver.fail else 200
+                receiver._record(verified, body, self.headers, status)  # before the sender hears the answer
                 self.send_response(status)
                 self.end_headers()
-                receiver._record(verified, body, self.headers, status)
 
             def log_message(self, *args) -> None:
                 pass
