@@ -1,5 +1,5 @@
 """The MFA's own tables, owned and migrated by the MFA: bound devices, SMS OTP codes, authentication
-sessions, the review queue, lockout counters and subject signals.
+sessions, the review queue, lockout counters, subject signals and the webhook outbox.
 
 They live in the shared storage's database (the devices refer to the shared subjects) and join its
 transactions, so that a session change and its audit record commit together:
