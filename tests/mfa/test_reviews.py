@@ -526,3 +526,31 @@ def test_the_case_states_the_operating_point_that_decided_each_biometric(orch, t
     assert (first.target_apcer, first.measured_apcer) == pytest.approx((0.05, 0.081))
     assert otp.factor == F.FACTOR_TYPE_SMS_OTP and otp.passed and not otp.HasField("target_fmr")
     assert case.decision.total_llr == pytest.approx(4.25 + 3.0) and list(case.decision.amr) == ["face", "sms", "mfa"]
+
+
+def test_replicas_sharing_the_outbox_deliver_each_event_once(tmp_path, storage_dsn, clock, receiver):
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+    from services.serve import prepare
+
+    settings = review_settings(tmp_path, storage_dsn, receiver.url)
+    prepare(settings)
+    replicas = [Orchestrator(Runtime.open(settings), clock=clock) for _ in range(2)]
+    try:
+        sent = [replicas[0].outbox.enqueue(TENANT, "review.opened", {"review_id": f"rev_{i}"}, clock()).id
+                for i in range(6)]
+        barrier = threading.Barrier(2)
+
+        def drain(o) -> None:
+            barrier.wait()
+            o.outbox.deliver_due()
+        threads = [threading.Thread(target=drain, args=(o,)) for o in replicas]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S)
+        assert sorted(r["event_id"] for r in receiver.requests) == sorted(sent)  # each once, none lost
+    finally:
+        for o in replicas:
+            o.close()
+            o.rt.close()
