@@ -346,7 +346,7 @@ class Orchestrator:
                                                        policy.lockout, now, st.factors)
             d = decide(st.plan, st.factors, locked)
             review_id = "rev_" + new_id() if d.outcome == "review" else ""
-            token, exp = self._sign(session, d, review_id, now)
+            token = self._sign(session, d, review_id, now)[0] if d.outcome == "allow" else ""  # tokens.py
             stored = DecisionState(d.outcome, list(d.reasons), d.total, list(d.still_needed), list(d.amr), d.acr,
                                    review_id, token, now)
             if d.outcome not in FINAL:
