@@ -43,6 +43,11 @@ HTTP_OF = {
     grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.ABORTED: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+OWN_MESSAGES = {
+    grpc.StatusCode.UNAUTHENTICATED: "the MFA refused this kiosk's credentials (kiosk.mfa_token / certificate)",
+    grpc.StatusCode.UNAVAILABLE: "the MFA service cannot be reached; try again shortly",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the MFA service did not answer in time; try again",
+}
 FACTORS = {v: k.removeprefix("FACTOR_TYPE_").lower() for k, v in mfa_pb2.FactorType.items()}
 OUTCOMES = {v: k.removeprefix("OUTCOME_") for k, v in mfa_pb2.Outcome.items()}
 
@@ -131,8 +136,9 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
     def mfa_error(_request: Request, err: grpc.RpcError) -> JSONResponse:
         code = err.code()
         info = details_of(err)
-        message = err.details() if code != grpc.StatusCode.UNAUTHENTICATED else (
-            "the MFA refused this kiosk's credentials (kiosk.mfa_token / certificate)")
+        # the MFA's own refusals say what to do; the transport's texts are the gRPC library's, not for a kiosk
+        message = OWN_MESSAGES.get(code) if code == grpc.StatusCode.UNAUTHENTICATED or not info["reason"] else None
+        message = message or err.details()
         body = ErrorOut(reason=info["reason"] or code.name, message=message or code.name,
                         fields={k: str(v) for k, v in info["fields"].items()})
         headers = {"Retry-After": str(max(1, round(info["retry_delay_s"])))} if info["retry_delay_s"] else None

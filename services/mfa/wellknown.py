@@ -35,12 +35,12 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def discovery(issuer: str, base_url: str, algorithms: Iterable[str]) -> dict[str, Any]:
+    """What a relying party needs to verify decision tokens; no authorization or token endpoint
+    exists (decisions come from MfaService.Decide), so none is named."""
     return {
         "issuer": issuer,
         "jwks_uri": base_url.rstrip("/") + JWKS_PATH,
         "id_token_signing_alg_values_supported": list(algorithms),
-        "token_endpoint_auth_methods_supported": ["none"],
-        "response_types_supported": ["id_token"],
         "subject_types_supported": ["pairwise"],  # sub is the subject's keyed pseudonym per tenant
         "claims_supported": ["iss", "aud", "sub", "sid", "act", "amt", "pay", "decision", "amr", "acr", "fac",
                              "pol", "iat", "nbf", "exp", "jti"],

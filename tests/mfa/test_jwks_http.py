@@ -86,6 +86,8 @@ def test_an_allow_token_verifies_with_pyjwt_from_the_url(mfa, stub):
     key = client.get_signing_key_from_jwt(d.token)
     claims = jwt.decode(d.token, key.key, algorithms=["EdDSA"], audience="otp-bank", issuer=mfa.settings.mfa.issuer)
     assert (claims["decision"], claims["sid"], claims["act"]) == ("allow", s.session_id, "login")
+    discovered = json.loads(get(base_url(mfa) + "/.well-known/openid-configuration")[2])
+    assert set(claims) <= set(discovered["claims_supported"])
     with pytest.raises(jwt.InvalidAudienceError):  # another bank's relying party does not take it
         jwt.decode(d.token, key.key, algorithms=["EdDSA"], audience="other-bank", issuer=mfa.settings.mfa.issuer)
     # a key rotated in is served at once; the old key still verifies the tokens it signed

@@ -103,3 +103,32 @@ def test_a_gateway_without_its_bank_or_its_terminal_credentials_does_not_start(t
     assert (settings.data_dir / "kiosk-key").stat().st_mode & 0o777 == 0o600
     assert client_key_digest(settings) == (first, key) and key and len(first) == 64
     assert client_key_digest(make_settings(tmp_path / "data", kiosk={"client_key_sha256": "AB" * 32})) == ("ab" * 32, None)
+
+
+def test_biogate_kiosk_serves_the_page_and_the_api_until_sigterm(tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from services.common.config import PROJECT_ROOT
+
+    env = dict(os.environ, BIOGATE_DATA_DIR=str(tmp_path / "data"), BIOGATE_KIOSK__TENANT="bank-a",
+               BIOGATE_KIOSK__MFA_TOKEN="tok-kiosk", BIOGATE_KIOSK__MFA_TARGET="127.0.0.1:9", BIOGATE_KIOSK__PORT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "kiosk"], env=env, cwd=PROJECT_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        found = re.match(r"biogate: kiosk gateway on (http://127\.0\.0\.1:\d+) \(open \1/#key=(\S+)\)", line)
+        assert found, line
+        url, key = found.groups()
+        assert (tmp_path / "data" / "kiosk-key").read_text() == key
+        with urllib.request.urlopen(url + "/", timeout=10) as r:
+            assert r.status == 200
+        status, body, headers = call(url + "/v1/sessions", {"customer": "cust-1"}, key=key)
+        assert status == 503 and body == {"reason": "UNAVAILABLE", "fields": {},  # the MFA (a dead address) is down
+                                          "message": "the MFA service cannot be reached; try again shortly"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
