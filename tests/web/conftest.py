@@ -138,6 +138,14 @@ def kiosk(face_service, tmp_path_factory):
     stack.close()
 
 
+@pytest.fixture(scope="module")
+def browser(request, tmp_path_factory):
+    """One headless Chromium per test module, its camera playing the module's ``CAMERA`` frames."""
+    video = write_y4m(tmp_path_factory.mktemp("camera") / "camera.y4m", [FIX / p for p in request.module.CAMERA])
+    with chromium(video) as driver:
+        yield driver
+
+
 def open_page(driver, stack: KioskStack, timeout: float = 60):
     """Loads the kiosk page as the launcher does (its key in the fragment); waits for the camera."""
     driver.get(f"{stack.url}/#key={KIOSK_KEY}")

@@ -4,18 +4,9 @@ allows."""
 
 from __future__ import annotations
 
-import pytest
+from tests.web.conftest import console_errors, open_page, screenshot, wait_state
 
-from tests.web.conftest import FIX, chromium, console_errors, open_page, screenshot, wait_state, write_y4m
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    live = FIX / "face/pad/live"
-    video = write_y4m(tmp_path_factory.mktemp("camera") / "genuine.y4m",
-                      [live / "apfol_real_40.png", live / "apfol_real_80.png"])
-    with chromium(video) as driver:
-        yield driver
+CAMERA = ["face/pad/live/apfol_real_40.png", "face/pad/live/apfol_real_80.png"]  # other frames than the enrolment's (apfol_real_0)
 
 
 def test_a_genuine_face_and_the_sms_code_log_the_customer_in(browser, kiosk):

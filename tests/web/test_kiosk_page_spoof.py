@@ -4,18 +4,9 @@ denies, and the page says so without asking for the SMS code."""
 
 from __future__ import annotations
 
-import pytest
+from tests.web.conftest import console_errors, open_page, screenshot, wait_state
 
-from tests.web.conftest import FIX, chromium, console_errors, open_page, screenshot, wait_state, write_y4m
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    spoof = FIX / "face/pad/spoof"
-    video = write_y4m(tmp_path_factory.mktemp("camera") / "replay.y4m",
-                      [spoof / "apfol_fake_0.png", spoof / "apfol_fake_60.png"])
-    with chromium(video) as driver:
-        yield driver
+CAMERA = ["face/pad/spoof/apfol_fake_0.png", "face/pad/spoof/apfol_fake_60.png"]  # replayed on a phone screen
 
 
 def test_a_replayed_face_is_refused(browser, kiosk):
