@@ -143,3 +143,19 @@ def test_the_endpoint_starts_and_stops_with_the_mfa_and_a_taken_port_stops_the_s
     other.stop()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=5)
+    (tmp_path / "off").mkdir()
+    off = ServiceHarness(settings_for(tmp_path / "off", http={"enabled": False}))
+    off.start("mfa")
+    try:
+        assert "jwks_uri" not in off.running["mfa"].definition.details
+    finally:
+        off.stop()
+
+
+def test_behind_a_proxy_the_discovery_names_the_public_url():
+    from services.mfa.config import HttpConfig
+    from services.mfa.tokens import ALGORITHMS
+    from services.mfa.wellknown import WellKnownServer, discovery
+
+    server = WellKnownServer(HttpConfig(public_url="https://mfa.bank-a.example/"), None, "iss")  # type: ignore[arg-type]
+    assert discovery("iss", server.base_url, ALGORITHMS)["jwks_uri"] == "https://mfa.bank-a.example/.well-known/jwks.json"
