@@ -1,8 +1,9 @@
 """The human review queue. A REVIEW decision opens a case; an administrator's resolution, or the
-expiry of a case nobody decided in time (``mfa.reviews.ttl_s``), is the session's final signed
-decision: approve → ALLOW, reject or expiry → DENY. The review's change, the session's decision,
-the audit record and the webhook event for the bank commit in one transaction; the review moves
-out of 'pending' by compare-and-swap, so of two reviewers racing one wins and the other is told.
+expiry of a case nobody decided in time (``mfa.reviews.ttl_s``), is the session's final decision:
+approve → ALLOW with a signed token, reject or expiry → DENY (no token: only an ALLOW is one). The
+review's change, the session's decision, the audit record and the webhook event for the bank
+commit in one transaction; the review moves out of 'pending' by compare-and-swap, so of two
+reviewers racing one wins and the other is told.
 
 Reviewers see the evidence the session gathered (reasons, factor outcomes with the operating
 points that decided them, risk signals, action and amount), never a biometric sample or a
@@ -46,8 +47,8 @@ CLOSING_REASON = {
     "expired": Reason("REVIEW_EXPIRED", "no reviewer decided the session in time"),
 }
 
-# Orchestrator._sign: the session's decision as a signed token, with extra claims
-Signer = Callable[[Session, Decision, str, datetime, dict[str, Any]], tuple[str, float]]
+# Orchestrator._sign: an ALLOW as a signed token, with extra claims
+Signer = Callable[[Session, Decision, datetime, dict[str, Any]], tuple[str, float]]
 
 
 def to_proto(rec: ReviewRecord, expires_at: datetime | None = None) -> mfa_pb2.Review:
@@ -136,8 +137,9 @@ class ReviewQueue:
         if rec.resolved_at is not None:
             data["resolved_at"] = rec.resolved_at.isoformat()
         if decision is not None:
-            data["decision"] = {"outcome": decision.outcome, "reasons": [r.code for r in decision.reasons],
-                                "decision_token": decision.token}
+            data["decision"] = {"outcome": decision.outcome, "reasons": [r.code for r in decision.reasons]}
+            if decision.token:  # an ALLOW
+                data["decision"]["decision_token"] = decision.token
         return data
 
     # ------------------------------------------------------------------ reading
@@ -235,14 +237,15 @@ class ReviewQueue:
                               rec.tenant_id, rec.subject_id, {
                                   "review_id": rec.id, "session_id": rec.session_id, "outcome": status,
                                   "decision": OUTCOME_OF[status], "action": rec.action, "note_chars": len(note),
-                                  "signed": stored is not None})
+                                  "signed": bool(stored and stored.token)})
             self.outbox.enqueue(rec.tenant_id, "review.closed", self._event(done, stored), now)
         self.notify()
         return done, stored if stored is not None else DecisionState(
             OUTCOME_OF[status], [CLOSING_REASON[status]], 0.0, [], [], "", rec.id, "", now)
 
     def _decision(self, session: Session, rec: ReviewRecord, status: str, now: datetime) -> DecisionState:
-        """The final decision, signed like Decide's, with the claim ``rvw`` saying how the review ended."""
+        """The final decision. An approval is an ALLOW token signed like Decide's, with the claims
+        ``rid`` and ``rvw``; a DENY is no token (services/mfa/tokens.py says why)."""
         st = session.state
         base = st.decision
         if base is not None and base.outcome != "review":
@@ -256,8 +259,8 @@ class ReviewQueue:
         if outcome != "allow":
             amr, acr = [], ""
         reasons = (CLOSING_REASON[status],)
-        token, _ = self.sign(session, Decision(outcome, reasons, total, (), tuple(amr), acr), rec.id, now,
-                             {"rvw": status})
+        token = self.sign(session, Decision(outcome, reasons, total, (), tuple(amr), acr), now,
+                          {"rid": rec.id, "rvw": status})[0] if outcome == "allow" else ""
         return DecisionState(outcome, list(reasons), total, [], amr, acr, rec.id, token, now)
 
     # ------------------------------------------------------------------ expiry

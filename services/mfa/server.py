@@ -13,6 +13,7 @@ from services.mfa import subjects
 from services.mfa.clients import check_credentials
 from services.mfa.service import Orchestrator, budget_of
 from services.mfa.webhooks import Worker
+from services.mfa.wellknown import WellKnownServer
 
 
 class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
@@ -93,13 +94,23 @@ def definition(settings: MfaSettings, clock: Callable[[], datetime] | None = Non
         rt.close()
         raise
     servicer = MfaServicer(rt, orchestrator)
+    cfg = settings.mfa
+    wellknown = WellKnownServer(cfg.http, orchestrator.signing, cfg.issuer) if cfg.http.enabled else None
+    details: dict[str, str] = {}
     # review expiry and webhook delivery, off the RPC threads
     worker = Worker([orchestrator.reviews.expire_due, orchestrator.outbox.deliver_due, orchestrator.outbox.prune],
-                    settings.mfa.reviews.sweep_s, orchestrator.outbox).start()
+                    cfg.reviews.sweep_s, orchestrator.outbox).start()
     orchestrator.reviews.notify = worker.wake
+
+    def start() -> None:
+        if wellknown is not None:
+            wellknown.start()
+            details["jwks_uri"] = wellknown.base_url + "/.well-known/jwks.json"
 
     def close() -> None:
         worker.stop()
+        if wellknown is not None:
+            wellknown.close()
         orchestrator.close()
         rt.close()
 
@@ -107,6 +118,8 @@ def definition(settings: MfaSettings, clock: Callable[[], datetime] | None = Non
         name="mfa",
         descriptors=[mfa_pb2.DESCRIPTOR.services_by_name["MfaService"]],
         register=lambda server: mfa_pb2_grpc.add_MfaServiceServicer_to_server(servicer, server),
+        start=start,
         close=close,
+        details=details,
         tenant_lookups={"session": orchestrator.sessions.tenant_of, "review": orchestrator.reviews.tenant_of},
     )

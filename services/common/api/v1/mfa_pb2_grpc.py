@@ -243,8 +243,8 @@ class MfaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResolveReview(self, request, context):
-        """Approve (ALLOW) or reject (DENY): the session's final signed decision, audited and sent to the
-        bank's webhook. The review must be pending: one closed by someone else, or expired, is
+        """Approve (ALLOW, with its signed token) or reject (DENY): the session's final decision, audited
+        and sent to the bank's webhook. The review must be pending: one closed by someone else, or expired, is
         FAILED_PRECONDITION (REVIEW_ALREADY_RESOLVED, REVIEW_EXPIRED); repeating one's own resolution
         answers it again.
         """
