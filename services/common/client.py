@@ -6,8 +6,9 @@ import uuid
 from pathlib import Path
 
 import grpc
+from opentelemetry.sdk.trace import TracerProvider
 
-from services.common import context
+from services.common import context, telemetry
 
 
 class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -57,8 +58,10 @@ def connect(
     cert_file: Path | None = None,
     key_file: Path | None = None,
     max_message_bytes: int = 16 * 1024 * 1024,
+    tracer_provider: TracerProvider | None = None,
 ) -> grpc.Channel:
-    """A channel to ``target`` ("host:port"); TLS when ``ca_file`` is given, mTLS with a cert too."""
+    """A channel to ``target`` ("host:port"); TLS when ``ca_file`` is given, mTLS with a cert too;
+    a span per call with a ``tracer_provider`` (services/common/telemetry.py)."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -72,4 +75,4 @@ def connect(
         channel = grpc.secure_channel(target, creds, options=options)
     else:
         channel = grpc.insecure_channel(target, options=options)
-    return grpc.intercept_channel(channel, _Metadata(token))
+    return telemetry.traced(grpc.intercept_channel(channel, _Metadata(token)), tracer_provider)
