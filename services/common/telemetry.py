@@ -55,6 +55,14 @@ def tracer_provider(settings: CommonSettings, service: str) -> TracerProvider | 
         return provider
 
 
+def close(settings: CommonSettings, service: str) -> None:
+    """Exports the service's pending spans and stops its provider (the service has stopped)."""
+    with _lock:
+        provider = _providers.pop((service, settings.telemetry.model_dump_json()), None)
+    if provider is not None:
+        provider.shutdown()
+
+
 def _make_provider(cfg: TelemetryConfig, service: str) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create({"service.name": f"biogate-{service}"}),
                               sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)))

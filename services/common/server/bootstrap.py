@@ -162,6 +162,7 @@ class RunningServer:
         if self.trimmer is not None:
             self.trimmer.close()
         self.definition.close()
+        telemetry.close(self.settings, self.definition.name)
         log.info("stopped", extra={"service": self.definition.name})
 
     def wait(self) -> None:
