@@ -26,8 +26,9 @@ MODEL_INFO = Info("biogate_model", "Models loaded and the inference provider eac
 
 # Raw cosine similarity of each 1:1 comparison, before any normalisation: its distribution per model
 # and channel drifts when the capture population or the pipeline changes (the matched half is
-# mostly genuine attempts). Fine steps where genuine and impostor scores meet.
-SCORE_BUCKETS = (-0.5, -0.25, -0.1, 0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6,
+# mostly genuine attempts). Fine steps where genuine and impostor scores meet; negative scores
+# (impostors only) fall in the first bucket, which keeps the histogram's _sum exported.
+SCORE_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6,
                  0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 SIMILARITY = Histogram("biogate_similarity_score", "Raw cosine similarity of 1:1 comparisons",
                        ["model", "channel", "result"], buckets=SCORE_BUCKETS)

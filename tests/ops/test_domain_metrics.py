@@ -137,7 +137,7 @@ def test_voice_refusals_are_counted_by_layer_and_channel_family():
 def test_scores_go_to_buckets_suited_to_cosine_similarity():
     from services.common.metrics import SCORE_BUCKETS, observe_similarity
 
-    assert SCORE_BUCKETS[-1] == 1.0 and SCORE_BUCKETS[0] < 0 and np.all(np.diff(SCORE_BUCKETS) > 0)
+    assert SCORE_BUCKETS[-1] == 1.0 and SCORE_BUCKETS[0] == 0.0 and np.all(np.diff(SCORE_BUCKETS) > 0)
     assert sum(0.2 <= b <= 0.8 for b in SCORE_BUCKETS) >= 10  # where genuine and impostor scores meet
     below = Counted("biogate_similarity_score_bucket", model="ops-m", channel="default", result="match", le="0.45")
     above = Counted("biogate_similarity_score_bucket", model="ops-m", channel="default", result="match", le="0.5")
