@@ -2,23 +2,23 @@
 joined into one trace by the W3C ``traceparent`` metadata the client interceptor sends.
 
 Off by default: without ``telemetry.otlp_endpoint`` (and without an exporter handed to
-:func:`export_to`) :func:`tracer_provider` is None and no interceptor is installed, so an RPC pays
-nothing. Spans carry the RPC's name, its status and the peer address, never a request's content.
+:func:`export_to`) :func:`tracer_provider` is None, no interceptor is installed and OpenTelemetry
+is not even imported, so an RPC pays nothing. Spans carry the RPC's name, its status and the peer
+address, never a request's content.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import grpc
-from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import client_interceptor, filters, grpcext, server_interceptor
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from services.common.config import CommonSettings, TelemetryConfig
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 # The codes that are the server's fault: its span's status is ERROR (OpenTelemetry's RPC conventions).
 _SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
@@ -64,6 +64,11 @@ def close(settings: CommonSettings, service: str) -> None:
 
 
 def _make_provider(cfg: TelemetryConfig, service: str) -> TracerProvider:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
     provider = TracerProvider(resource=Resource.create({"service.name": f"biogate-{service}"}),
                               sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)))
     if cfg.otlp_endpoint is not None:
@@ -82,6 +87,8 @@ def server_interceptors(settings: CommonSettings, service: str) -> list[grpc.Ser
     provider = tracer_provider(settings, service)
     if provider is None:
         return []
+    from opentelemetry.instrumentation.grpc import filters, server_interceptor
+
     return [server_interceptor(tracer_provider=provider, filter_=filters.negate(filters.health_check()))]
 
 
@@ -89,12 +96,18 @@ def traced(channel: grpc.Channel, provider: TracerProvider | None) -> grpc.Chann
     """``channel`` with a client span per call, its context sent along; unchanged when off."""
     if provider is None:
         return channel
+    from opentelemetry.instrumentation.grpc import client_interceptor, grpcext
+
     return grpcext.intercept_channel(channel, client_interceptor(tracer_provider=provider))
 
 
 def record_status(code: grpc.StatusCode) -> None:
     """Puts the RPC's final status on its server span: the instrumentation sees ``abort`` and
     ``set_code`` but not ``abort_with_status``, which carries the services' refusals."""
+    if not _providers:
+        return
+    from opentelemetry import trace
+
     span = trace.get_current_span()
     if not span.is_recording():
         return

@@ -10,10 +10,9 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from opentelemetry.sdk.trace import TracerProvider
 
 from services.common import errors, telemetry
 from services.common.api.v1 import face_pb2, face_pb2_grpc, voice_pb2, voice_pb2_grpc
@@ -21,6 +20,9 @@ from services.common.client import connect
 from services.mfa.config import ClientTarget, MfaSettings
 from services.common.errors import details_of
 from services.mfa import metrics
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("biogate.mfa.clients")
 
