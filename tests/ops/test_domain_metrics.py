@@ -18,21 +18,7 @@ from services.mfa.clients import CircuitBreaker
 from services.voice.engine import LayerResult, SpeakerResult, VoiceDecision
 from services.voice.metrics import record_verification
 from tests.mfa.conftest import App, Clock, outbox_codes, settings_for
-
-
-def value(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-class Counted:
-    """The change of a sample from now on."""
-
-    def __init__(self, name: str, **labels: str) -> None:
-        self.name, self.labels, self.start = name, labels, value(name, **labels)
-
-    @property
-    def delta(self) -> float:
-        return value(self.name, **self.labels) - self.start
+from tests.ops.samples import Counted, value
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from prometheus_client import REGISTRY
 
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.common.storage import ConsentRecord
-from tests.ops.test_domain_metrics import Counted
+from tests.ops.samples import Counted
 
 LIVE = "face/pad/live/apfol_real_10.png"
 SPOOF = "face/pad/spoof/apfol_fake_0.png"
