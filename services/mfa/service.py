@@ -20,7 +20,7 @@ from services.common.storage import AlreadyExistsError, new_id
 from services.common.subjects import actor, timestamp
 from services.common.validation import identifier, subject_ref
 
-from . import devices, requests
+from . import devices, metrics, requests
 from .binding import payee_object
 from .clients import BiometricClient, ServiceUnavailable, open_clients
 from .factors import BY_EVIDENCE, FACTORS, FactorContext
@@ -294,6 +294,7 @@ class Orchestrator:
             self.lockouts.release(attempt, policy.lockout)
             raise
         bound = ctx.notes.get("bound")
+        recorded: list[FactorOutcome] = []
 
         def change(st: SessionState) -> None:
             if st.decision is not None:
@@ -306,6 +307,7 @@ class Orchestrator:
                 else:
                     st.pending_key = bound.pending_key
             st.factors.extend(outcomes)
+            recorded[:] = outcomes
             if outcome.unavailable:
                 st.plan = st.plan.degrade(name, policy, st.device_usable)
         try:
@@ -324,6 +326,7 @@ class Orchestrator:
         except errors.ServiceError:
             self.lockouts.release(attempt, policy.lockout)
             raise
+        metrics.record_factors(recorded)
         if "otp_attempts_left" in ctx.notes:
             left = min(left, ctx.notes["otp_attempts_left"])
         d = decide(session.state.plan, session.state.factors)
@@ -350,6 +353,7 @@ class Orchestrator:
             stored = DecisionState(d.outcome, list(d.reasons), d.total, list(d.still_needed), list(d.amr), d.acr,
                                    review_id, token, now)
             if d.outcome not in FINAL:
+                metrics.record_decision(d.outcome, d.reasons)
                 return self._decision_response(stored)
             seen = len(st.factors)
 
@@ -379,6 +383,7 @@ class Orchestrator:
             except _Stale:
                 session = self.sessions.load(req.session_id, now)
                 continue
+            metrics.record_decision(d.outcome, d.reasons)
             if review_id:
                 self.reviews.notify()
             return self._decision_response(stored)
