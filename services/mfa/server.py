@@ -32,6 +32,16 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
     def Decide(self, request, context):
         return self.mfa.decide(request)
 
+    # --- push confirmation
+    def SendPushConfirmation(self, request, context):
+        return self.mfa.send_push(request)
+
+    def ConfirmTransaction(self, request, context):
+        return self.mfa.confirm_transaction(request, budget_of(context))
+
+    def SetPushToken(self, request, context):
+        return self.mfa.set_push_token(request)
+
     # --- devices
     def StartDeviceRegistration(self, request, context):
         return self.mfa.start_device_registration(request)
@@ -73,7 +83,7 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
                                        self.mfa.rate_limit_keys)
 
     def SetPhoneNumber(self, request, context):
-        return subjects.set_phone_number(self.rt, request)
+        return subjects.set_phone_number(self.rt, request, self.mfa.store, self.mfa.clock())
 
 
 def definition(settings: MfaSettings) -> ServiceDefinition:
