@@ -101,10 +101,12 @@ def definition(settings: MfaSettings) -> ServiceDefinition:
         orchestrator.close()
         rt.close()
 
-    return ServiceDefinition(
+    result = ServiceDefinition(
         name="mfa",
         descriptors=[mfa_pb2.DESCRIPTOR.services_by_name["MfaService"]],
         register=lambda server: mfa_pb2_grpc.add_MfaServiceServicer_to_server(servicer, server),
         close=close,
         tenant_lookups={"session": orchestrator.sessions.tenant_of, "review": orchestrator.reviews.tenant_of},
     )
+    result.service = orchestrator  # type: ignore[attr-defined]  # tests and benchmarks reach the orchestrator through it
+    return result
