@@ -100,6 +100,26 @@ def test_an_approval_with_the_number_the_screen_showed_allows_and_is_audited(env
     assert factor["answer"] == "approve" and factor["reasons"] == ["PUSH_APPROVED"]
 
 
+def test_through_fcm_the_app_gets_the_confirmation_for_its_token(env, fcm):
+    harness, stub, orch = env
+    app = PushApp("inst-fcm")
+    ref = customer(stub, harness.settings, "cust-fcm", app)
+    saved, orch.push_gateway = orch.push_gateway, FcmPushGateway("bank-app", "ya29.test", fcm.url)
+    fcm.requests.clear()
+    try:
+        s = web_payment(stub, app, ref)
+        sent = send(stub, s)
+    finally:
+        orch.push_gateway = saved
+    [req] = fcm.requests
+    assert sent.sent and req["problems"] == []
+    msg = req["body"]["message"]
+    assert msg["token"] == app.push_token and msg["android"]["ttl"] == "60s"
+    fields = json.loads(msg["data"]["fields"])
+    assert fields["cid"] == sent.confirmation_id
+    assert confirm(stub, s, app.answer(fields, sent.number)).result.passed
+
+
 def test_a_deny_ends_the_session_deny_and_flags_the_subject(env):
     harness, stub, orch = env
     app = PushApp("inst-deny")
