@@ -78,7 +78,8 @@ class Proofs:
                                               **{f"{field.replace('.', '__')}": "terminal binding with other fields"})
             caller = context.principal.get()
             # the session's channel, or the IVR calling the customer back (push fallback)
-            if caller is None or caller.terminal_channel not in (fc.state.channel, fc.state.callback_channel):
+            channels = {fc.state.channel, fc.state.callback_channel} - {None}
+            if caller is None or caller.terminal_channel is None or caller.terminal_channel not in channels:
                 raise errors.permission_denied(
                     f"the caller is not a registered terminal of the {fc.state.channel} channel: sign the capture "
                     "with the device key", "TERMINAL_NOT_REGISTERED")
