@@ -108,13 +108,7 @@ class Proofs:
 
     def device_shape(self, fc, proof: mfa_pb2.DeviceProof) -> None:
         identifier(proof.device_id, "device.device_id")
-        if proof.HasField("webauthn"):
-            if proof.signature:
-                raise errors.invalid_argument("device: a signature or a webauthn assertion, not both",
-                                              device__signature="not with webauthn")
-            assertion_shape(proof.webauthn, "device.webauthn")
-        else:
-            signature_size(proof.signature, "device.signature")
+        key_proof_shape(proof, "device")
         self._context_shape(fc, proof.context, "device.context", "DEVICE")
 
     @staticmethod
@@ -215,6 +209,17 @@ class Proofs:
                 fc.tenant, rec.id, rec.sign_count, verified.new_sign_count):
             raise Refused(f"{prefix}_SIGNATURE_INVALID", "the authenticator's counter moved concurrently (a clone?)")
         return "webauthn"
+
+
+def key_proof_shape(proof, field: str) -> None:
+    """A DeviceProof or PushAnswer: a signature, or a WebAuthn assertion, not both."""
+    if proof.HasField("webauthn"):
+        if proof.signature:
+            raise errors.invalid_argument(f"{field}: a signature or a webauthn assertion, not both",
+                                          **{f"{field}__signature": "not with webauthn"})
+        assertion_shape(proof.webauthn, f"{field}.webauthn")
+    else:
+        signature_size(proof.signature, f"{field}.signature")
 
 
 def signature_size(signature: bytes, field: str) -> None:

@@ -78,6 +78,19 @@ def push_server(root: Path, backend: str):
 
 
 @contextmanager
+def held_clock(orch):
+    """The running server's clock, held still (a tests.mfa.conftest.Clock) and given back afterwards."""
+    from tests.mfa.conftest import Clock
+
+    saved, clock = orch.clock, Clock()
+    orch.clock = orch.registry.clock = clock
+    try:
+        yield clock
+    finally:
+        orch.clock = orch.registry.clock = saved
+
+
+@contextmanager
 def _no_schema():
     yield ""
 

@@ -10,8 +10,7 @@ import pytest
 from services.mfa.config import MfaConfig
 from services.mfa.policy.loader import load_policy
 from services.mfa.policy.schema import BIOMETRIC
-from tests.mfa.conftest import Clock
-from tests.mfa.pushapp import F, PushApp, customer, otp, push_server, start
+from tests.mfa.pushapp import F, PushApp, customer, held_clock, otp, push_server, start
 
 ACCOUNT_CHANGES = ("change_phone", "reset_password", "bind_device", "change_limits")
 
@@ -37,12 +36,8 @@ def env(request, tmp_path_factory):
 
 @pytest.fixture
 def clock(env):
-    _, _, orch = env
-    saved = orch.clock
-    c = Clock()
-    orch.clock = orch.registry.clock = c
-    yield c
-    orch.clock = orch.registry.clock = saved
+    with held_clock(env[2]) as c:
+        yield c
 
 
 def pay(stub, settings, app, ref):

@@ -12,9 +12,8 @@ import pytest
 
 from services.common.errors import details_of
 from services.mfa.push import FcmPushGateway
-from tests.mfa.conftest import Clock
 from tests.mfa.pushapp import (
-    F, FcmServer, PushApp, browser, customer, otp, push_server, pushes, shown_fields, start,
+    F, FcmServer, PushApp, browser, customer, held_clock, otp, push_server, pushes, shown_fields, start,
 )
 
 AMOUNT = 120000  # CNY 1,200.00
@@ -34,13 +33,8 @@ def fcm():
 
 @pytest.fixture
 def clock(env):
-    """The server's clock, held still for the test (and given back)."""
-    _, _, orch = env
-    saved = orch.clock
-    c = Clock()
-    orch.clock = orch.registry.clock = c
-    yield c
-    orch.clock = orch.registry.clock = saved
+    with held_clock(env[2]) as c:
+        yield c
 
 
 def web_payment(stub, app, ref, amount=AMOUNT, metadata=()):

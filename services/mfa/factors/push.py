@@ -18,7 +18,7 @@ from services.common.api.v1 import mfa_pb2
 from services.common.validation import identifier
 
 from ..fusion import FactorOutcome
-from ..proofs import Proven, Refused, assertion_shape, signature_size
+from ..proofs import Proven, Refused, key_proof_shape
 from ..push.confirmation import ConfirmationError, parse_answer
 from ..reasons import Reason
 from ..state import SessionState
@@ -36,13 +36,7 @@ class PushFactor(Factor):
     def validate(self, ctx: FactorContext, ev: mfa_pb2.PushAnswer) -> None:
         identifier(ev.confirmation_id, "answer.confirmation_id")
         identifier(ev.device_id, "answer.device_id")
-        if ev.HasField("webauthn"):
-            if ev.signature:
-                raise errors.invalid_argument("answer: a signature or a webauthn assertion, not both",
-                                              answer__signature="not with webauthn")
-            assertion_shape(ev.webauthn, "answer.webauthn")
-        else:
-            signature_size(ev.signature, "answer.signature")
+        key_proof_shape(ev, "answer")
         try:
             answer = parse_answer(ev.context)
         except ConfirmationError as exc:

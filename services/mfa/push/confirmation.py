@@ -18,14 +18,12 @@ country it came from (null when unknown) and whether the device that started it 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..binding import canonical_json
+from ..binding import canonical_json, load_object
 
 VERSION = 1
-MAX_CONTEXT_BYTES = 8192
 ANSWERS = ("approve", "deny")
 _KEYS = frozenset({"v", "type", "cid", "sid", "nonce", "tenant", "action", "amount", "payee", "shown", "exp",
                    "answer", "number"})
@@ -85,14 +83,7 @@ class ConfirmationError(ValueError):
 
 
 def parse_answer(data: bytes) -> Answer:
-    if len(data) > MAX_CONTEXT_BYTES:
-        raise ConfirmationError(f"longer than {MAX_CONTEXT_BYTES} bytes")
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ConfirmationError("not UTF-8 JSON") from None
-    if not isinstance(obj, dict) or set(obj) != _KEYS:
-        raise ConfirmationError(f"must be an object with exactly the keys {', '.join(sorted(_KEYS))}")
+    obj = load_object(data, _KEYS, ConfirmationError)
     if obj["v"] != VERSION or obj["type"] != "push":
         raise ConfirmationError(f"must be type push, version {VERSION}")
     if obj["answer"] not in ANSWERS:

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 
+from ..outbound import post_json
 from .base import PushError
 
 log = logging.getLogger("biogate.mfa.push")
-MAX_REPLY = 65536
 
 
 class FcmPushGateway:
@@ -50,22 +47,7 @@ class FcmPushGateway:
     def send(self, token: str, data: dict[str, str], ttl_s: int, collapse_key: str) -> str:
         body = json.dumps(self.message(token, data, ttl_s, collapse_key)).encode()
         headers = {"Content-Type": "application/json; UTF-8", "Authorization": f"Bearer {self.access_token}"}
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                    reply = json.loads(resp.read(MAX_REPLY) or b"{}")
-                    name = str(reply.get("name", "")) if isinstance(reply, dict) else ""
-                    log.info("push sent", extra={"attempt": attempt + 1, "collapse_key": collapse_key})
-                    return name
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}"
-                if exc.code < 500 and exc.code != 429:
-                    raise PushError(f"FCM refused the message ({last})", transient=False) from None
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
-                last = type(getattr(exc, "reason", exc)).__name__
-            log.warning("push attempt failed", extra={"attempt": attempt + 1, "error": last})
-        raise PushError(f"FCM failed {self.retries + 1} times (last: {last})")
+        reply, attempt = post_json(self.url, body, headers, timeout_s=self.timeout_s, retries=self.retries,
+                                   backoff_s=self.backoff_s, what="FCM", error=PushError, log=log)
+        log.info("push sent", extra={"attempt": attempt, "collapse_key": collapse_key})
+        return str(reply.get("name", ""))
