@@ -269,3 +269,14 @@ def test_bad_requests_are_refused_with_a_clear_status(env, two_phones):
     with pytest.raises(grpc.RpcError) as err:
         stub.SetPushToken(F.SetPushTokenRequest(subject=ref, device_id="dev_nope", push_token="t"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_session_sends_at_most_max_sends_confirmations(env, two_phones):
+    harness, stub, _ = env
+    app, other, ref = two_phones
+    s = web_payment(stub, app, ref)
+    for _ in range(5):  # the policy's max_sends; each new one replaces the last
+        assert send(stub, s).sent
+    with pytest.raises(grpc.RpcError) as err:
+        send(stub, s)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(err.value) == "PUSH_LIMIT"
