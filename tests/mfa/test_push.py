@@ -280,3 +280,38 @@ def test_a_session_sends_at_most_max_sends_confirmations(env, two_phones):
     with pytest.raises(grpc.RpcError) as err:
         send(stub, s)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(err.value) == "PUSH_LIMIT"
+
+
+def test_a_passkey_device_answers_with_a_webauthn_assertion_over_the_confirmation(env):
+    from tests.mfa.authenticator import SoftAuthenticator
+
+    harness, stub, _ = env
+    app, passkey = PushApp("inst-passkey"), SoftAuthenticator()
+    ref = customer(stub, harness.settings, "cust-passkey")
+    s = start(stub, app, ref)
+    otp(stub, harness.settings, s.session_id)
+    assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW
+    options = stub.StartDeviceRegistration(F.StartDeviceRegistrationRequest(session_id=s.session_id)).options_json
+    app.device_id = stub.RegisterDevice(F.RegisterDeviceRequest(
+        session_id=s.session_id, device=app.device, webauthn_registration_json=passkey.create(options),
+        label="passkey")).device_id
+    stub.SetPushToken(F.SetPushTokenRequest(subject=ref, device_id=app.device_id, push_token=app.push_token))
+
+    s = web_payment(stub, app, ref)
+    sent = send(stub, s)
+    answer = app.answer(shown_fields(harness.settings, sent.confirmation_id), sent.number)
+    answer.ClearField("signature")
+    forged = F.PushAnswer()
+    forged.CopyFrom(answer)
+    forged.webauthn.CopyFrom(passkey.assert_context(answer.context + b" "))  # over other bytes
+    r = confirm(stub, s, forged)
+    assert not r.result.passed and r.result.reasons[0].code == "PUSH_SIGNATURE_INVALID"
+
+    s = web_payment(stub, app, ref)
+    sent = send(stub, s)
+    answer = app.answer(shown_fields(harness.settings, sent.confirmation_id), sent.number)
+    answer.ClearField("signature")
+    answer.webauthn.CopyFrom(passkey.assert_context(answer.context))
+    r = confirm(stub, s, answer)
+    assert r.result.passed and r.result.binding == "webauthn"
+    assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW
