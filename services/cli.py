@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "services.commands.evaluation",
     "services.admin",
     "services.commands.voice",
+    "services.kiosk.server",
 )
 
 
