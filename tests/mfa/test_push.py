@@ -315,3 +315,20 @@ def test_a_passkey_device_answers_with_a_webauthn_assertion_over_the_confirmatio
     r = confirm(stub, s, answer)
     assert r.result.passed and r.result.binding == "webauthn"
     assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW
+
+
+def test_a_deny_flags_the_bound_device_the_transaction_started_on(env, clock):
+    harness, stub, orch = env
+    phone, tablet = PushApp("inst-flag-phone"), PushApp("inst-flag-tablet")
+    ref = customer(stub, harness.settings, "cust-flag", phone, tablet)
+    stub.SetPushToken(F.SetPushTokenRequest(subject=ref, device_id=tablet.device_id, push_token=""))
+    clock.advance(86400 + 1)  # past the tablet's cooling-off
+    s = start(stub, tablet, ref, action="payment", amount=AMOUNT)  # on the tablet, e.g. stolen
+    sent = send(stub, s)
+    assert sent.device_id == phone.device_id
+    r = confirm(stub, s, phone.answer(shown_fields(harness.settings, sent.confirmation_id), "", answer="deny"))
+    assert r.decision.outcome == F.OUTCOME_DENY
+    assert orch.store.devices.get(ref.tenant_id, tablet.device_id).flagged_at is not None
+    assert orch.store.devices.get(ref.tenant_id, phone.device_id).flagged_at is None
+    again = start(stub, tablet, ref, action="payment", amount=AMOUNT)
+    assert {"FLAGGED_DEVICE", "RECENT_FRAUD_SIGNAL"} <= {x.code for x in again.risk.reasons}
