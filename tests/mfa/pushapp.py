@@ -57,6 +57,16 @@ lockout: {max_failures: 100, max_failures_with_liveness: 100, delay_after: 100, 
 """
 
 
+# The same with a bind_device action: a second device is bound only in a session of it, confirmed
+# by a push to the bound one and the SMS code.
+BIND_TENANT = "push-bind-bank"
+BIND_POLICY = PUSH_POLICY.replace("version: push-test-1", "version: push-bind-test-1").replace("""cooling_off:""", """\
+  bind_device:
+    required: 6.0
+    acceptable: [[push, sms_otp]]
+cooling_off:""")
+
+
 @contextmanager
 def push_server(root: Path, backend: str):
     """(harness, stub, orchestrator): one MFA server on SQLite or PostgreSQL for a module."""
@@ -64,6 +74,7 @@ def push_server(root: Path, backend: str):
         policies = root / "policies"
         policies.mkdir(parents=True, exist_ok=True)
         (policies / f"{TENANT}.yaml").write_text(PUSH_POLICY)
+        (policies / f"{BIND_TENANT}.yaml").write_text(BIND_POLICY)
         settings = make_settings(root / "data", storage={"dsn": dsn},
                                  mfa={"policy_dir": str(policies), "policy_check_s": 0},
                                  clients={"face": {"target": DEAD, "deadline_s": 2, "retries": 0},
@@ -129,9 +140,9 @@ def otp(stub, settings, session_id):
     return stub.SubmitFactor(F.SubmitFactorRequest(session_id=session_id, otp=F.OtpEvidence(code=outbox_codes(settings)[-1])))
 
 
-def customer(stub, settings, sid: str, *apps: PushApp):
+def customer(stub, settings, sid: str, *apps: PushApp, tenant: str = TENANT):
     """A subject with a phone number and ``apps`` bound (an SMS login on each), with their push tokens."""
-    ref = setup_subject(stub, subject(TENANT, sid))
+    ref = setup_subject(stub, subject(tenant, sid))
     for app in apps:
         bind(stub, settings, ref, app)
     return ref

@@ -5,8 +5,10 @@ the SMS code would allow steps up, until the window has passed."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
+from services.common.errors import details_of
 from services.mfa.config import MfaConfig
 from services.mfa.policy.loader import load_policy
 from services.mfa.policy.schema import BIOMETRIC
@@ -101,3 +103,26 @@ def test_a_phone_change_needs_more_than_the_sms_code(env):
     otp(stub, harness.settings, s.session_id)
     d = stub.Decide(F.DecideRequest(session_id=s.session_id))
     assert d.outcome == F.OUTCOME_STEP_UP
+
+
+def test_a_second_device_is_bound_only_in_a_bind_device_session_confirmed_on_the_first(env):
+    from tests.mfa.pushapp import BIND_TENANT, bind, shown_fields
+
+    harness, stub, _ = env
+    old, new = PushApp("inst-bind-old"), PushApp("inst-bind-new")
+    ref = customer(stub, harness.settings, "cust-bind", old, tenant=BIND_TENANT)  # a first device: any strong login
+    with pytest.raises(grpc.RpcError) as err:  # a login on the new phone with the (maybe swapped) SIM's code
+        bind(stub, harness.settings, ref, new)
+    assert details_of(err.value)["reason"] == "BIND_DEVICE_ACTION_REQUIRED"
+
+    s = start(stub, new, ref, action="bind_device")
+    sent = stub.SendPushConfirmation(F.SendPushConfirmationRequest(session_id=s.session_id))
+    assert sent.sent and sent.device_id == old.device_id  # the old phone is asked
+    fields = shown_fields(harness.settings, sent.confirmation_id)
+    assert fields["action"] == "bind_device" and fields["shown"]["device"] == "new"
+    stub.ConfirmTransaction(F.ConfirmTransactionRequest(session_id=s.session_id, answer=old.answer(fields, sent.number)))
+    otp(stub, harness.settings, s.session_id)
+    assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW
+    new.device_id = stub.RegisterDevice(F.RegisterDeviceRequest(
+        session_id=s.session_id, device=new.device, public_key=new.public_der, label="new phone")).device_id
+    assert new.device_id
