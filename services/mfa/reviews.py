@@ -221,7 +221,13 @@ class ReviewQueue:
         session = self.sessions.get(rec.session_id)
         if session is None and status != "expired":
             raise errors.failed_precondition("the review's session no longer exists", "REVIEW_SESSION_GONE")
-        stored = self._decision(session, rec, status, now) if session is not None else None
+        try:
+            stored = self._decision(session, rec, status, now) if session is not None else None
+        except errors.ServiceError:  # the session read after a racing resolution committed: that one won
+            current = self.store.reviews.get(rec.id)
+            if current is not None and current.status != "pending":
+                raise _Lost() from None
+            raise
 
         def change(st: SessionState) -> None:
             if st.decision is not None and st.decision.outcome != "review":
