@@ -139,9 +139,11 @@ def test_a_fraud_phrase_goes_to_review_and_a_reviewer_resolves_it(mfa_only):
 
 def test_refusals_are_typed_exceptions_with_the_server_s_details(mfa_only):
     with pytest.raises(InvalidArgument) as err:
-        mfa_only.client.record_consent("otp-bank", "cif-000123456789")
+        mfa_only.client.record_consent("otp-bank", "13800135678")
     assert err.value.reason == "PERSONAL_NUMBER_AS_ID" and err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.fields, err.value
+    with pytest.raises(InvalidArgument) as err:
+        mfa_only.client.set_phone("otp-bank", customer(mfa_only), "not a number")
+    assert err.value.fields and err.value.reason, err.value
     verifier = BioGate(mfa=mfa_only.address, credentials=dev_credentials(
         mfa_only.settings.dev_credentials_file, "dev-verifier"))
     anonymous = BioGate(mfa=mfa_only.address, credentials=Credentials())
