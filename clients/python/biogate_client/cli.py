@@ -107,7 +107,7 @@ class Out:
             print(f"{step}: {text}")
 
     def flush(self) -> None:
-        if self.as_json:
+        if self.as_json and self.records:
             print(json.dumps(self.records[0] if len(self.records) == 1 else self.records, indent=2, ensure_ascii=False))
 
 
