@@ -24,3 +24,18 @@ def mfa_only(tmp_path_factory):
                           outbox=settings.data_dir / "sms-outbox.jsonl", address=harness.running["mfa"].address)
     client.close()
     harness.stop()
+
+
+@pytest.fixture(scope="session")
+def with_models(tmp_path_factory):
+    """Face, voice and MFA services with the default policy (tests/mfa/world.py), and an SDK client."""
+    from tests.conftest import require
+    from tests.mfa.world import running_services
+
+    with running_services(tmp_path_factory.mktemp("sdk-models")) as (bio, mfa):
+        require(bio.face_ok and bio.voice_ok, "the face and voice services (SERVING, with their Verify RPC)")
+        addresses = {name: server.address for name, server in {**bio.running, **mfa.running}.items()}
+        client = BioGate(**addresses, credentials=dev_credentials(mfa.settings.dev_credentials_file))
+        yield SimpleNamespace(bio=bio, mfa=mfa, client=client, addresses=addresses, settings=mfa.settings,
+                              outbox=mfa.settings.data_dir / "sms-outbox.jsonl")
+        client.close()

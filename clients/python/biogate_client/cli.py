@@ -240,8 +240,8 @@ def reviews(bg: BioGate, args, out: Out, settings) -> int:
         return 0
     if not args.review_id or not (args.approve or args.reject):
         raise SystemExit("biogate client review resolve REVIEW_ID --approve|--reject [--note TEXT]")
-    r = bg.resolve_review(args.review_id, args.approve, args.note)
-    out("review", f"{r.review.review_id} {r.review.status} by {r.review.resolved_by}", r)
+    done = bg.resolve_review(args.review_id, args.approve, args.note)
+    out("review", f"{done.review.review_id} {done.review.status} by {done.review.resolved_by}", done)
     return 0
 
 

@@ -7,6 +7,7 @@ refuses, and returns the service's protobuf response otherwise (fields as in pro
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,8 +59,14 @@ class BioGate:
     @classmethod
     def development(cls, credentials_file: Path | str = DEV_CREDENTIALS, role: str = "dev-all",
                     **addresses: str) -> BioGate:
-        """A client of a development installation: the token of ``role`` from var/dev-credentials.json."""
-        return cls(credentials=dev_credentials(credentials_file, role), **addresses)
+        """A client of a development installation: the token of ``role`` from var/dev-credentials.json;
+        addresses from the arguments, else $BIOGATE_MFA_ADDRESS, $BIOGATE_FACE_ADDRESS,
+        $BIOGATE_VOICE_ADDRESS, else the embedded defaults."""
+        for name in ("mfa", "face", "voice"):
+            if name not in addresses and os.environ.get(f"BIOGATE_{name.upper()}_ADDRESS"):
+                addresses[name] = os.environ[f"BIOGATE_{name.upper()}_ADDRESS"]
+        return cls(addresses.get("mfa", "127.0.0.1:50053"), addresses.get("face", "127.0.0.1:50051"),
+                   addresses.get("voice", "127.0.0.1:50052"), dev_credentials(credentials_file, role))
 
     def close(self) -> None:
         for channel in self._channels:
@@ -139,7 +146,7 @@ class BioGate:
             audio=common_pb2.Audio(data=audio, format=audio_format)))
 
     def stream_voice(self, tenant: str, subject: str, chunks: Iterable[bytes], challenge_nonce: str = "",
-                     encoding: int = common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz: int = 8000
+                     encoding: common_pb2.AudioEncoding = common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz: int = 8000
                      ) -> voice_pb2.VerifyVoiceResponse:
         """Verification of IVR audio as it arrives: raw chunks (G.711 mu-law 8 kHz by default;
         A-law or LINEAR16 with ``encoding``), the telephone channel."""

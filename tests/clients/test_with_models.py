@@ -1,0 +1,69 @@
+"""The SDK, the `biogate client` commands, the README's login example and the `make demo` story
+against real face, voice and MFA services with the default policy (one set for the module)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from biogate_client import FailedPrecondition
+from biogate_client.cli import main as client_cli
+from services.common.config import PROJECT_ROOT
+from services.demo import FIXTURES, Story
+
+pytestmark = pytest.mark.models
+
+EXAMPLE = PROJECT_ROOT / "clients" / "python" / "examples" / "login.py"
+
+
+def photo(identity: str, n: int) -> bytes:
+    return sorted((FIXTURES / "face" / "identities" / identity).glob("*.jpg"))[n - 1].read_bytes()
+
+
+def test_the_demo_story_behaves(with_models):
+    lines: list[str] = []
+    failures = Story(with_models.client, with_models.outbox, say=lines.append).run()
+    assert failures == [], "\n".join(lines)
+    assert lines[-1] == "demo: every step behaved"
+
+
+def test_the_readme_login_example_runs_as_written(with_models, tmp_path):
+    with_models.client.record_consent("bank-a", "cust-0001", ["face"])
+    with_models.client.set_phone("bank-a", "cust-0001", "+8613800138001")
+    with_models.client.enrol_face("bank-a", "cust-0001", [photo("Abdullah", 1)])
+    (tmp_path / "var").symlink_to(with_models.settings.data_dir)  # var/dev-credentials.json, var/sms-outbox.jsonl
+    selfie = tmp_path / "selfie.jpg"
+    selfie.write_bytes(photo("Abdullah", 2))
+    env = {**os.environ, **{f"BIOGATE_{n.upper()}_ADDRESS": a for n, a in with_models.addresses.items()}}
+    run = subprocess.run([sys.executable, str(EXAMPLE), str(selfie)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    passed, claims = run.stdout.splitlines()
+    assert passed == "True" and "'decision': 'allow'" in claims and "'acr': 'aal2'" in claims, run.stdout
+
+
+def test_face_enrolment_and_verification_from_the_command_line(with_models, tmp_path, capsys):
+    a = with_models.addresses
+    common = ["--mfa", a["mfa"], "--face", a["face"], "--voice", a["voice"], "--tenant", "cli-bank",
+              "--credentials", str(with_models.settings.dev_credentials_file)]
+    for n in (1, 2):
+        (tmp_path / f"{n}.jpg").write_bytes(photo("Albert_Costa", n))
+    assert client_cli(["consent", *common, "--subject", "cli-face-1", "--modalities", "face"]) == 0
+    assert client_cli(["enrol-face", *common, "--subject", "cli-face-1", str(tmp_path / "1.jpg")]) == 0
+    capsys.readouterr()
+    assert client_cli(["verify-face", *common, "--subject", "cli-face-1", "--json", str(tmp_path / "2.jpg")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["match"] is True and r["livenessChecked"] is True and r["score"] > r["threshold"], r
+    (tmp_path / "other.jpg").write_bytes(photo("Andy_Roddick", 1))
+    assert client_cli(["verify-face", *common, "--subject", "cli-face-1", str(tmp_path / "other.jpg")]) == 1
+    assert capsys.readouterr().out.startswith("verify-face: NO MATCH")
+
+
+def test_ivr_audio_streamed_without_a_challenge_is_refused_with_its_reason(with_models):
+    with pytest.raises(FailedPrecondition) as err:
+        with_models.client.stream_voice("bank-a", "cust-voice-1", [b"\xff" * 800] * 10)
+    assert err.value.reason == "CHALLENGE_REQUIRED", err.value
