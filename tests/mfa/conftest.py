@@ -157,9 +157,12 @@ def phone_device(install="inst-7f3a", os_version="14.2", model="Pixel 8") -> mfa
                               screen_height=2400, install_id=install)
 
 
-# The customer's app: the client SDK's device (its key, what each session showed the user, and
-# signatures over those sessions' transaction contexts).
-App = Device
+class App(Device):
+    """The customer's app: the client SDK's device (its key, what each session showed the user, and
+    signatures over those sessions' transaction contexts), reporting :func:`phone_device` by default."""
+
+    def __init__(self, device: mfa_pb2.DeviceInfo | None = None, ec: bool = False) -> None:
+        super().__init__(device or phone_device(), ec)
 
 
 def outbox_codes(settings) -> list[str]:
