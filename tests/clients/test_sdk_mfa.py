@@ -13,10 +13,11 @@ import jwt
 import pytest
 
 from biogate_client import (
-    BioGate, Credentials, Device, InvalidArgument, PermissionDenied, Unauthenticated, dev_credentials, dev_otp,
+    BioGate, Credentials, Device, InvalidArgument, device_info, PermissionDenied, Unauthenticated, dev_credentials, dev_otp,
     outcome_name, transaction_context,
 )
 from services.common.api.v1 import mfa_pb2
+from biogate_client import webauthn
 from services.mfa import binding
 
 _ids = itertools.count(1)
@@ -157,3 +158,22 @@ def test_refusals_are_typed_exceptions_with_the_server_s_details(mfa_only):
         anonymous.close()
     with pytest.raises(KeyError, match="no token for 'dev-nobody'"):
         dev_credentials(mfa_only.settings.dev_credentials_file, "dev-nobody")
+
+
+def test_a_passkey_registered_and_asserted_through_the_sdk_proves_the_device(mfa_only):
+    from tests.mfa.authenticator import SoftAuthenticator, b64url
+
+    sid, browser = customer(mfa_only, "bind-bank"), SoftAuthenticator()
+    web = Device(device_info("web-1", platform="web"))  # the browser's attributes; the passkey signs
+    s, d = otp_login(mfa_only, "bind-bank", sid, web)
+    device_id = s.register_passkey(browser.create(s.webauthn_options()))
+    s = mfa_only.client.start("bind-bank", sid, web)
+    context = s.context()
+    got = browser.get(jwt.utils.base64url_decode(webauthn.assertion_challenge(context)))
+    as_json = json.dumps({"id": b64url(got.credential_id), "rawId": b64url(got.credential_id), "type": "public-key",
+                          "response": {"clientDataJSON": b64url(got.client_data_json),
+                                       "authenticatorData": b64url(got.authenticator_data),
+                                       "signature": b64url(got.signature)}})
+    r = s.submit_passkey(device_id, as_json)
+    assert r.passed and r.binding == "webauthn", r
+    assert s.decide().outcome == mfa_pb2.OUTCOME_ALLOW

@@ -19,6 +19,8 @@ from services.common.api.v1 import (
     common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc,
 )
 
+from . import webauthn
+from .context import payload_digest, shown, transaction_context
 from .credentials import DEV_CREDENTIALS, Credentials, dev_credentials
 from .device import Device
 from .errors import from_rpc_error
@@ -181,7 +183,7 @@ class BioGate:
         response = self.call(self.mfa.StartAuthentication, req)
         if device is not None:
             device.opened(req, response)
-        return Session(self, tenant, response, device)
+        return Session(self, req, response, device)
 
     # ------------------------------------------------------------------ decisions
     def signing_keys(self, refresh: bool = False) -> dict[str, Any]:
@@ -238,10 +240,16 @@ class BioGate:
 class Session:
     """One authentication session: submit factors (captures signed by ``device``), then decide."""
 
-    def __init__(self, client: BioGate, tenant: str, started: mfa_pb2.StartAuthenticationResponse,
-                 device: Device | None) -> None:
-        self.client, self.tenant, self.started, self.device = client, tenant, started, device
-        self.id = started.session_id
+    def __init__(self, client: BioGate, request: mfa_pb2.StartAuthenticationRequest,
+                 started: mfa_pb2.StartAuthenticationResponse, device: Device | None) -> None:
+        self.client, self.started, self.device = client, started, device
+        self.tenant, self.id = request.subject.tenant_id, started.session_id
+        self.shown = shown(request, started)  # what the session is for, as the user was shown it
+
+    def context(self, payloads: Sequence[bytes] = ()) -> bytes:
+        """The transaction context binding ``payloads`` (none for a device proof) to this session:
+        what a passkey signs (its challenge: ``webauthn.assertion_challenge(context)``)."""
+        return transaction_context(**self.shown, evidence=[payload_digest(p) for p in payloads])
 
     def _device(self) -> Device:
         if self.device is None:
@@ -299,6 +307,14 @@ class Session:
         device.device_id = self.client.call(self.client.mfa.RegisterDevice, mfa_pb2.RegisterDeviceRequest(
             session_id=self.id, device=device.device, public_key=device.public_der, label=label)).device_id
         return device.device_id
+
+    def submit_passkey(self, device_id: str, assertion: mfa_pb2.WebAuthnAssertion | str,
+                       context: bytes | None = None) -> mfa_pb2.FactorResult:
+        """Proof of a registered passkey: the browser's assertion (proto, or its toJSON() text)
+        over :meth:`context` (no payloads), as a device factor."""
+        context = context if context is not None else self.context()
+        proof = assertion if isinstance(assertion, mfa_pb2.WebAuthnAssertion) else webauthn.assertion(assertion)
+        return self.submit(device=mfa_pb2.DeviceProof(device_id=device_id, context=context, webauthn=proof)).result
 
     def webauthn_options(self) -> str:
         """PublicKeyCredentialCreationOptions (JSON) for navigator.credentials.create()."""
