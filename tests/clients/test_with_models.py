@@ -67,3 +67,39 @@ def test_ivr_audio_streamed_without_a_challenge_is_refused_with_its_reason(with_
     with pytest.raises(FailedPrecondition) as err:
         with_models.client.stream_voice("bank-a", "cust-voice-1", [b"\xff" * 800] * 10)
     assert err.value.reason == "CHALLENGE_REQUIRED", err.value
+
+
+def test_voice_from_the_command_line_and_ivr_audio_streamed_through_the_sdk(with_models, tmp_path, capsys):
+    import random
+
+    from tests.mfa import spoken_digits
+
+    a = with_models.addresses
+    common = ["--mfa", a["mfa"], "--face", a["face"], "--voice", a["voice"], "--tenant", "cli-bank",
+              "--credentials", str(with_models.settings.dev_credentials_file)]
+    files = []
+    for n, utterance in enumerate(spoken_digits.enrolment("george")):
+        files.append(tmp_path / f"enrol-{n}.wav")
+        files[-1].write_bytes(utterance)
+    assert client_cli(["consent", *common, "--subject", "cli-voice-1", "--modalities", "voice"]) == 0
+    assert client_cli(["enrol-voice", *common, "--subject", "cli-voice-1", *map(str, files)]) == 0
+    capsys.readouterr()
+    assert client_cli(["voice-challenge", *common, "--subject", "cli-voice-1", "--json"]) == 0
+    challenge = json.loads(capsys.readouterr().out)
+    engine = with_models.bio.running["voice"].definition.service.engine
+    answer = spoken_digits.heard_answer(engine, challenge["digits"], "george", random.Random(3),
+                                        subject=("cli-bank", "cli-voice-1"))
+    assert answer is not None
+    (tmp_path / "answer.wav").write_bytes(answer)
+    assert client_cli(["verify-voice", *common, "--subject", "cli-voice-1", "--nonce", challenge["challenge"]["nonce"],
+                       str(tmp_path / "answer.wav")]) == 0
+    assert capsys.readouterr().out.startswith("verify-voice: MATCH")
+
+    bg = with_models.client
+    challenge = bg.voice_challenge("cli-bank", "cli-voice-1")
+    mulaw = spoken_digits.heard_answer(engine, challenge.digits, "george", random.Random(4),
+                                       subject=("cli-bank", "cli-voice-1"), telephone=True)
+    assert mulaw is not None
+    chunks = [mulaw[i:i + 1600] for i in range(0, len(mulaw), 1600)]  # 200 ms of G.711 each
+    r = bg.stream_voice("cli-bank", "cli-voice-1", chunks, challenge.challenge.nonce)
+    assert r.match and r.challenge_passed and r.spoof_checked, r

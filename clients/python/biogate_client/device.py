@@ -6,6 +6,7 @@ device (``CaptureBinding.public_key``); after ``RegisterDevice`` it signs with i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,8 +52,10 @@ class Device:
         pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption())
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(0o600)
-        path.write_bytes(pem)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # also when an older file was left open
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
         Path(f"{path}.id").write_text(self.device_id)
 
     @classmethod
