@@ -158,20 +158,38 @@ def _port_taken(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def free_ports(n: int) -> list[int]:
+    """Ports the OS has free now (for running beside `make run`)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 @contextmanager
-def services(data_dir: Path, timeout_s: float = 900) -> Iterator[None]:
-    """`biogate serve all` on the embedded defaults, state in ``data_dir``, the models shared."""
-    taken = [f"{name} ({port})" for name, port in PORTS.items() if _port_taken(port)]
+def services(data_dir: Path, ports: dict[str, int] = PORTS, metrics_ports: dict[str, int] | None = None,
+             timeout_s: float = 900) -> Iterator[dict[str, str]]:
+    """`biogate serve all` with its state in ``data_dir`` and the models shared; on the embedded
+    defaults unless ``ports`` (and ``metrics_ports``) say otherwise. Yields the addresses."""
+    taken = [f"{name} ({port})" for name, port in ports.items() if _port_taken(port)]
     if taken:
-        raise SystemExit(f"demo: ports in use: {', '.join(taken)}; stop `make run` first")
+        raise SystemExit(f"demo: ports in use: {', '.join(taken)}; stop `make run` first, or use --free-ports")
     env = {**os.environ, "BIOGATE_DATA_DIR": str(data_dir),
            "BIOGATE_MODELS__CACHE_DIR": str(PROJECT_ROOT / "var" / "models")}
+    for name, port in ports.items():
+        env[f"BIOGATE_SERVER__{name.upper()}__PORT"] = str(port)
+    for name, port in (metrics_ports or {}).items():
+        env[f"BIOGATE_SERVER__{name.upper()}__METRICS_PORT"] = str(port)
     log = (data_dir / "services.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "all"], env=env, cwd=PROJECT_ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s
-        waiting = dict(PORTS)
+        waiting = dict(ports)
         while waiting:
             if proc.poll() is not None:
                 raise SystemExit(f"demo: the services stopped (exit {proc.returncode}); see {log.name}")
@@ -179,10 +197,10 @@ def services(data_dir: Path, timeout_s: float = 900) -> Iterator[None]:
                 raise SystemExit(f"demo: {', '.join(waiting)} not SERVING after {timeout_s:.0f} s")
             for name, port in list(waiting.items()):
                 if health_status(f"127.0.0.1:{port}") == "SERVING":
-                    print(f"demo: {name} SERVING on 127.0.0.1:{port}")
+                    print(f"demo: {name} SERVING on 127.0.0.1:{port}", flush=True)
                     del waiting[name]
             time.sleep(1)
-        yield
+        yield {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     finally:
         proc.terminate()
         try:
@@ -195,13 +213,22 @@ def services(data_dir: Path, timeout_s: float = 900) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.demo", description=__doc__)
     parser.add_argument("--fixtures", type=Path, default=FIXTURES)
+    parser.add_argument("--free-ports", action="store_true",
+                        help="ports the OS has free instead of 50051-50053 and 9151-9153 (beside `make run`)")
     args = parser.parse_args(argv)
+    ports, metrics = PORTS, None
+    if args.free_ports:
+        free = free_ports(2 * len(PORTS))
+        ports, metrics = dict(zip(PORTS, free)), dict(zip(PORTS, free[len(PORTS):]))
     with tempfile.TemporaryDirectory(prefix="biogate-demo-") as tmp:
         data = Path(tmp)
-        print(f"demo: starting face, voice and mfa with their data in {data} (models load for a minute or more)")
-        with services(data):
-            with BioGate(credentials=dev_credentials(data / "dev-credentials.json")) as bg:
-                failures = Story(bg, data / "sms-outbox.jsonl", fixtures=args.fixtures).run()
+        print(f"demo: starting face, voice and mfa with their data in {data} (models load for a minute or more)",
+              flush=True)
+        with services(data, ports, metrics) as addresses:
+            with BioGate(addresses["mfa"], addresses["face"], addresses["voice"],
+                         dev_credentials(data / "dev-credentials.json")) as bg:
+                failures = Story(bg, data / "sms-outbox.jsonl", fixtures=args.fixtures,
+                                 say=lambda line: print(line, flush=True)).run()
     return 1 if failures else 0
 
 

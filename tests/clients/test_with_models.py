@@ -13,7 +13,7 @@ import pytest
 from biogate_client import FailedPrecondition
 from biogate_client.cli import main as client_cli
 from services.common.config import PROJECT_ROOT
-from services.demo import FIXTURES, Story
+from services.demo import FIXTURES
 
 pytestmark = pytest.mark.models
 
@@ -24,11 +24,13 @@ def photo(identity: str, n: int) -> bytes:
     return sorted((FIXTURES / "face" / "identities" / identity).glob("*.jpg"))[n - 1].read_bytes()
 
 
-def test_the_demo_story_behaves(with_models):
-    lines: list[str] = []
-    failures = Story(with_models.client, with_models.outbox, say=lines.append).run()
-    assert failures == [], "\n".join(lines)
-    assert lines[-1] == "demo: every step behaved"
+def test_make_demo_starts_the_services_and_every_step_of_its_story_behaves():
+    """`make demo` as a user runs it (python -m services.demo), on free ports so that it can run
+    beside `make run`: its own services in a temporary data directory, the story, exit status 0."""
+    run = subprocess.run([sys.executable, "-m", "services.demo", "--free-ports"], cwd=PROJECT_ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and run.stdout.rstrip().endswith("demo: every step behaved"), run.stdout + run.stderr
+    assert run.stdout.count("  ok   ") == 13 and "  FAIL " not in run.stdout, run.stdout
 
 
 def test_the_readme_login_example_runs_as_written(with_models, tmp_path):
