@@ -63,6 +63,12 @@ def test_face_enrolment_and_verification_from_the_command_line(with_models, tmp_
     (tmp_path / "other.jpg").write_bytes(photo("Andy_Roddick", 1))
     assert client_cli(["verify-face", *common, "--subject", "cli-face-1", str(tmp_path / "other.jpg")]) == 1
     assert capsys.readouterr().out.startswith("verify-face: NO MATCH")
+    bg = with_models.client
+    assert bg.identify_face("cli-bank", photo("Albert_Costa", 2)).gallery_size == 0  # no consent to 1:N yet
+    bg.record_consent("cli-bank", "cli-face-1", ["face"], identification=True)
+    found = bg.identify_face("cli-bank", photo("Albert_Costa", 2))
+    assert found.gallery_size == 1 and found.candidates[0].subject_id == "cli-face-1"
+    assert found.candidates[0].above_threshold, found
 
 
 def test_ivr_audio_streamed_without_a_challenge_is_refused_with_its_reason(with_models):
