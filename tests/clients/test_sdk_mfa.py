@@ -177,3 +177,21 @@ def test_a_passkey_registered_and_asserted_through_the_sdk_proves_the_device(mfa
     r = s.submit_passkey(device_id, as_json)
     assert r.passed and r.binding == "webauthn", r
     assert s.decide().outcome == mfa_pb2.OUTCOME_ALLOW
+
+
+def test_a_payment_signed_with_its_amount_and_payee_is_allowed_and_another_payee_is_refused(mfa_only):
+    sid, phone = customer(mfa_only, "bind-bank"), Device()
+    s, _ = otp_login(mfa_only, "bind-bank", sid, phone)
+    s.register_device()
+    pay = dict(action="payment", amount=("CNY", 120000), payee=("Li Lei", "6222 **** 1234"))
+    s = mfa_only.client.start("bind-bank", sid, phone, **pay)
+    assert s.submit_device().passed
+    assert s.submit_otp(dev_otp(mfa_only.outbox, s.send_otp().masked_phone)).passed
+    d = s.decide()
+    assert d.outcome == mfa_pb2.OUTCOME_ALLOW, d
+    claims = mfa_only.client.verify_token(d.token, "bind-bank", session_id=s.id)
+    assert claims["act"] == "payment" and claims["amt"] == {"cur": "CNY", "minor": 120000}, claims
+    s = mfa_only.client.start("bind-bank", sid, phone, **pay)
+    phone.shown[s.id]["payee"] = {"name": "Mallory", "account": "6222 **** 9999"}  # what a hijacked screen showed
+    r = s.submit_device()
+    assert not r.passed and "DEVICE_CONTEXT_MISMATCH" in [x.code for x in r.reasons], r
