@@ -36,14 +36,16 @@ print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' > "$VEN
 fi
 
 # Debian packages: espeak-ng synthesises speech for the voice anti-spoofing tests; SoftHSM2 is the
-# PKCS#11 token the HSM key backend is tested against.
-step "system packages the tests use (espeak-ng, sox, softhsm2)"
+# PKCS#11 token the HSM key backend is tested against; Chromium and its WebDriver run the kiosk page
+# in tests/web (headless, a fake camera fed from the fixtures).
+step "system packages the tests use (espeak-ng, sox, softhsm2, chromium, chromium-driver)"
 need=()
 command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng sox)
 command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
+{ command -v chromium >/dev/null 2>&1 && [ -x /usr/bin/chromedriver ]; } || need+=(chromium chromium-driver)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null) \
-    || echo "setup: could not install ${need[*]}; voice spoof and PKCS#11 tests will fail" >&2
+    || echo "setup: could not install ${need[*]}; voice spoof, PKCS#11 and kiosk page tests will fail" >&2
 fi
 # The Kubernetes manifests are rendered by kubectl's built-in kustomize (no Debian package is
 # recent enough); it comes with the machine.

@@ -1,4 +1,4 @@
-"""The `biogate` command line: serve, migrate, models, keys, audit, eval/calibrate, admin and client."""
+"""The `biogate` command line: serve, migrate, models, keys, audit, eval/calibrate, admin, kiosk and client."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "services.commands.evaluation",
     "services.admin",
     "services.commands.voice",
+    "services.kiosk.server",
     "biogate_client.cli",  # `biogate client ...`: the client SDK's flows against running services
 )
 

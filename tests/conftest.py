@@ -100,6 +100,9 @@ def fixtures_dir(shared_dir: Path) -> Path:
 def make_settings(data_dir: Path, **overrides) -> Settings:
     models = {"cache_dir": str(PROJECT_ROOT / "var" / "models")}  # the fetched models, shared by tests
     models.update(overrides.pop("models", {}))
+    # the MFA's JWKS endpoint on a port the OS chooses, as the harness does for gRPC: tests run side by side
+    mfa = overrides.pop("mfa", {})
+    overrides["mfa"] = {**mfa, "http": {"port": 0, **mfa.get("http", {})}}
     return load_config(None, data_dir=str(data_dir), models=models, **overrides)
 
 

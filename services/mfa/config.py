@@ -37,6 +37,18 @@ class WebAuthnConfig(Section):
     timeout_ms: int = Field(120_000, ge=10_000, le=600_000)
 
 
+class HttpConfig(Section):
+    """Standard token verification over HTTP: the decision tokens' JWKS and an OpenID-style
+    discovery document, for relying parties verifying with a stock JWT library and a URL."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # 0.0.0.0 for relying parties on other hosts (behind the bank's TLS proxy)
+    port: int = Field(8053, ge=0, le=65535)  # 0: a port the OS chooses
+    # The base URL relying parties reach this endpoint at (https://mfa.bank-a.example behind a proxy);
+    # "" = http://host:port. The discovery document names jwks_uri under it.
+    public_url: str = ""
+
+
 class MfaConfig(Section):
     # <tenant>.yaml policy files; a tenant without its own file gets default_policy.
     policy_dir: Path | None = None  # default <data_dir>/policies
@@ -49,6 +61,7 @@ class MfaConfig(Section):
     signing_key_max_age_s: int = Field(30 * 86400, ge=60)  # rotated automatically after this
     sms: SmsConfig = SmsConfig()
     webauthn: WebAuthnConfig = WebAuthnConfig()
+    http: HttpConfig = HttpConfig()
 
 
 class ClientTarget(Section):

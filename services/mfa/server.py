@@ -9,6 +9,7 @@ from services.common.server.bootstrap import ServiceDefinition
 from services.mfa import subjects
 from services.mfa.clients import check_credentials
 from services.mfa.service import Orchestrator, budget_of
+from services.mfa.wellknown import WellKnownServer
 
 
 class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
@@ -86,8 +87,18 @@ def definition(settings: MfaSettings) -> ServiceDefinition:
         rt.close()
         raise
     servicer = MfaServicer(rt, orchestrator)
+    cfg = settings.mfa
+    wellknown = WellKnownServer(cfg.http, orchestrator.signing, cfg.issuer) if cfg.http.enabled else None
+    details: dict[str, str] = {}
+
+    def start() -> None:
+        if wellknown is not None:
+            wellknown.start()
+            details["jwks_uri"] = wellknown.base_url + "/.well-known/jwks.json"
 
     def close() -> None:
+        if wellknown is not None:
+            wellknown.close()
         orchestrator.close()
         rt.close()
 
@@ -95,6 +106,8 @@ def definition(settings: MfaSettings) -> ServiceDefinition:
         name="mfa",
         descriptors=[mfa_pb2.DESCRIPTOR.services_by_name["MfaService"]],
         register=lambda server: mfa_pb2_grpc.add_MfaServiceServicer_to_server(servicer, server),
+        start=start,
         close=close,
+        details=details,
         tenant_lookups={"session": orchestrator.sessions.tenant_of, "review": orchestrator.reviews.tenant_of},
     )

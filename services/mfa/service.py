@@ -346,7 +346,7 @@ class Orchestrator:
                                                        policy.lockout, now, st.factors)
             d = decide(st.plan, st.factors, locked)
             review_id = "rev_" + new_id() if d.outcome == "review" else ""
-            token, exp = self._sign(session, d, review_id, now)
+            token = self._sign(session, d, now)[0] if d.outcome == "allow" else ""  # no other outcome is a token
             stored = DecisionState(d.outcome, list(d.reasons), d.total, list(d.still_needed), list(d.amr), d.acr,
                                    review_id, token, now)
             if d.outcome not in FINAL:
@@ -382,8 +382,8 @@ class Orchestrator:
                 continue
             return self._decision_response(stored)
 
-    def _sign(self, session: Session, d: Decision, review_id: str, now: datetime) -> tuple[str, float]:
-        """The decision's claims (services/mfa/tokens.py lists the common ones); besides them ``pay``,
+    def _sign(self, session: Session, d: Decision, now: datetime) -> tuple[str, float]:
+        """An ALLOW's claims (services/mfa/tokens.py lists the common ones); besides them ``pay``,
         the keyed hash of the payee the device signed, and ``fac``: per passed factor how it was bound
         and the operating point that decided it (factor_claims)."""
         st = session.state
@@ -395,10 +395,7 @@ class Orchestrator:
             claims["amt"] = {"cur": st.amount[0], "minor": st.amount[1]}
         if st.payee:
             claims["pay"] = st.payee  # keyed hash of the payee the device signed
-        if d.outcome in ("allow", "review"):
-            claims["fac"] = factor_claims(st.factors)
-        if review_id:
-            claims["rid"] = review_id
+        claims["fac"] = factor_claims(st.factors)
         return self.tokens.issue(claims, now.timestamp())
 
     @staticmethod

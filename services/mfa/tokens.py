@@ -11,6 +11,17 @@ customer reference (tokens travel through apps and browsers and end up in logs; 
 binds the token to its customer by ``sid``, the session it opened for that customer); ``sid``;
 ``act`` the action and, for payments, ``amt`` (dynamic linking); ``decision``; ``amr`` (RFC 8176);
 ``acr``; ``iat``/``nbf``/``exp``; ``jti``.
+
+Only an ALLOW is a token. A DENY, REVIEW or STEP_UP gets none (the DecideResponse says the outcome
+and its reasons, the audit trail keeps it): a signed "deny" would still be a valid, unexpired,
+correctly signed JWT for the session's tenant, and a relying party that checks signature, issuer,
+audience and expiry but forgets the ``decision`` claim would let it in. So TokenIssuer refuses to
+sign any other decision and verify_token refuses any token whose ``decision`` is not ``allow``;
+``decision`` stays in the claims so that what was decided is said plainly.
+
+Relying parties fetch the keys from the MFA's HTTP endpoint (services/mfa/wellknown.py:
+``/.well-known/jwks.json``, named by ``/.well-known/openid-configuration``) or by the authenticated
+MfaService.GetSigningKeys.
 """
 
 from __future__ import annotations
@@ -93,6 +104,8 @@ class TokenIssuer:
         self.keys, self.issuer, self.ttl_s = keys, issuer, ttl_s
 
     def issue(self, claims: dict[str, Any], now: float | None = None) -> tuple[str, float]:
+        if claims.get("decision") != ALLOW:
+            raise ValueError(f"a decision token is issued for an ALLOW only, not {claims.get('decision')!r}")
         now = time.time() if now is None else now
         kid, signer = self.keys.current()
         payload = {"iss": self.issuer, "iat": int(now), "nbf": int(now), "exp": int(now) + self.ttl_s,
@@ -104,11 +117,13 @@ class TokenIssuer:
 
 
 ALGORITHMS = ("EdDSA", "ES256")  # ES256: tokens signed by an HSM without Ed25519
+ALLOW = "allow"  # the only decision a token is ever issued for
 
 
 def verify_token(token: str, jwks_json: str, issuer: str, audience: str) -> dict[str, Any]:
     """What a relying party does: pick the key by kid from the JWKS and check signature and
-    claims. Raises jwt.InvalidTokenError (expired, tampered, unknown key, wrong audience)."""
+    claims. Raises jwt.InvalidTokenError (expired, tampered, unknown key, wrong audience, or a
+    decision other than ALLOW)."""
     header = jwt.get_unverified_header(token)
     if header.get("alg") not in ALGORITHMS:
         raise jwt.InvalidAlgorithmError("only EdDSA and ES256 tokens are accepted")
@@ -119,5 +134,8 @@ def verify_token(token: str, jwks_json: str, issuer: str, audience: str) -> dict
         raise jwt.InvalidKeyError("the token's key is not in the key set") from None
     if key.key_type == "EC" and header["alg"] != "ES256" or key.key_type == "OKP" and header["alg"] != "EdDSA":
         raise jwt.InvalidAlgorithmError("the token's algorithm does not match its key")
-    return jwt.decode(token, key.key, algorithms=[header["alg"]], issuer=issuer, audience=audience,
-                      options={"require": ["exp", "iat", "sub", "sid", "decision"]})
+    claims = jwt.decode(token, key.key, algorithms=[header["alg"]], issuer=issuer, audience=audience,
+                        options={"require": ["exp", "iat", "sub", "sid", "decision"]})
+    if claims["decision"] != ALLOW:
+        raise jwt.InvalidTokenError(f"the token's decision is {claims['decision']!r}, not {ALLOW!r}")
+    return claims

@@ -102,12 +102,13 @@ def test_the_configuration_loads_and_ports_and_probes_match_it(rendered):
         c = container(objects, name)
         assert c["args"] == ["serve", name]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"grpc": endpoint.port, "metrics": endpoint.metrics_port, "health": endpoint.health_port}
+        jwks = {"jwks": settings.mfa.http.port} if name == "mfa" else {}  # relying parties fetch the keys
+        assert ports == {"grpc": endpoint.port, "metrics": endpoint.metrics_port, "health": endpoint.health_port, **jwks}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == endpoint.health_port and set(c[probe]) - {"grpc"} <= {
                 "periodSeconds", "failureThreshold", "timeoutSeconds", "initialDelaySeconds"}
         service_ports = {p["name"]: p["port"] for p in services[f"biogate-{name}"]["spec"]["ports"]}
-        assert service_ports == {"grpc": endpoint.port, "metrics": endpoint.metrics_port}
+        assert service_ports == {"grpc": endpoint.port, "metrics": endpoint.metrics_port, **jwks}
         annotations = deployment(objects, name)["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(endpoint.metrics_port)
     # the MFA reaches face and voice by their Services, on their gRPC ports, with its own certificate
@@ -194,6 +195,7 @@ def test_only_the_mfa_reaches_face_and_voice_and_only_the_bank_reaches_the_mfa(r
             {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "biogate-mfa"}}}]
     (peer,) = sources("mfa", settings.endpoint("mfa").port)
     assert list(peer) == ["namespaceSelector"]
+    assert settings.mfa.http.host == "0.0.0.0" and sources("mfa", settings.mfa.http.port) == [peer]
     for name in SERVICES:
         assert sources(name, settings.endpoint(name).metrics_port) == [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]

@@ -125,10 +125,10 @@ def test_a_token_verifies_with_the_served_jwks(signer):
 def test_a_tampered_or_expired_token_fails(signer):
     keys, issuer, clock = signer
     jwks = json.dumps(keys.jwks())
-    token, _ = issuer.issue({**CLAIMS, "decision": "deny"})
+    token, _ = issuer.issue(CLAIMS)
     head, body, sig = token.split(".")
     body2 = jwt.utils.base64url_encode(json.dumps({**jwt.decode(token, options={"verify_signature": False}),
-                                                   "decision": "allow"}).encode()).decode()
+                                                   "sid": "ses_2"}).encode()).decode()
     with pytest.raises(jwt.InvalidSignatureError):
         verify_token(f"{head}.{body2}.{sig}", jwks, "biogate-mfa", "bank")
     other = Ed25519PrivateKey.generate()

@@ -27,7 +27,7 @@ def free_ports(n: int) -> list[int]:
 def test_serve_all_brings_up_three_serving_services_and_drains_on_sigterm(tmp_path):
     ports = free_ports(6)
     env = dict(os.environ, BIOGATE_DATA_DIR=str(tmp_path / "data"),
-               BIOGATE_MODELS__CACHE_DIR=str(PROJECT_ROOT / "var" / "models"))
+               BIOGATE_MODELS__CACHE_DIR=str(PROJECT_ROOT / "var" / "models"), BIOGATE_MFA__HTTP__PORT="0")
     targets = {}
     for i, name in enumerate(SERVICES):
         env[f"BIOGATE_SERVER__{name.upper()}__PORT"] = str(ports[i])

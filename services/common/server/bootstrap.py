@@ -42,6 +42,7 @@ class ServiceDefinition:
     descriptors: list[ServiceDescriptor]
     register: Callable[[grpc.Server], None]  # adds the servicers to the server
     warm_up: Callable[[], None] = lambda: None  # raises while the service cannot serve yet
+    start: Callable[[], None] = lambda: None  # the service's own listeners besides gRPC (raises: no start)
     close: Callable[[], None] = lambda: None
     # the objects the RPCs' `tenant` options name by id ("session", "review") -> their tenant
     tenant_lookups: dict[str, TenantLookup] = field(default_factory=dict)
@@ -120,6 +121,11 @@ class RunningServer:
             self.health.set(d.full_name, status)
 
     def start(self) -> "RunningServer":
+        try:
+            self.definition.start()
+        except Exception:
+            self.definition.close()
+            raise
         self.server.start()
         if self.trimmer is not None:
             self.trimmer.start()

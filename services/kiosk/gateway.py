@@ -1,0 +1,225 @@
+"""The kiosk gateway: REST/JSON for the MFA's face login at a bank's kiosk (start, face capture,
+SMS code, decision), with its OpenAPI document at ``/openapi.json`` and the kiosk page at ``/``.
+
+Trust, from the MFA's side: the gateway is the kiosk terminal. It calls the MFA with the kiosk's own
+credentials (a principal with ``terminal: {channel: kiosk}``), opens kiosk-channel sessions only and
+submits the camera's frames as terminal captures (CaptureBinding.terminal); the MFA's rules stand
+as they are (the kiosk policy, liveness, lockout, the SMS code). The gateway holds no decision of its
+own and never sees the MFA's other callers' credentials.
+
+From the browser's side: the page runs in the kiosk's locked-down browser on the same machine. It
+authenticates with a per-kiosk key (``Authorization: Bearer``, compared by SHA-256 with
+``kiosk.client_key_sha256``) that the kiosk launcher hands to the page in the URL fragment (never
+sent over the network, removed from the address bar at once). No CORS headers are sent, so another
+origin's page cannot call the API with the key; the gateway listens on loopback by default.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import grpc
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
+from services.common.errors import details_of
+
+STATIC = Path(__file__).resolve().parent / "static"
+ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+
+# gRPC status -> HTTP status of the gateway's JSON error
+HTTP_OF = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 502,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.ABORTED: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+OWN_MESSAGES = {
+    grpc.StatusCode.UNAUTHENTICATED: "the MFA refused this kiosk's credentials (kiosk.mfa_token / certificate)",
+    grpc.StatusCode.UNAVAILABLE: "the MFA service cannot be reached; try again shortly",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the MFA service did not answer in time; try again",
+}
+FACTORS = {v: k.removeprefix("FACTOR_TYPE_").lower() for k, v in mfa_pb2.FactorType.items()}
+OUTCOMES = {v: k.removeprefix("OUTCOME_") for k, v in mfa_pb2.Outcome.items()}
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StartRequest(Body):
+    customer: str = Field(pattern=ID_PATTERN, description="the customer's reference at the bank (from the card "
+                          "reader or typed); never a phone, ID or card number")
+
+
+class FaceRequest(Body):
+    image_b64: str = Field(min_length=4, description="one camera frame, JPEG or PNG, base64")
+
+
+class OtpRequest(Body):
+    code: str = Field(pattern=r"^[0-9]{4,10}$")
+
+
+class ReasonOut(BaseModel):
+    code: str
+    message: str
+
+
+class Session(BaseModel):
+    session_id: str
+    acceptable: list[list[str]] = Field(description="the factor sets that can satisfy the bank's policy")
+
+
+class FactorOut(BaseModel):
+    passed: bool
+    veto: bool
+    reasons: list[ReasonOut]
+    attempts_left: int
+
+
+class OtpSent(BaseModel):
+    masked_phone: str
+
+
+class DecisionOut(BaseModel):
+    outcome: Literal["ALLOW", "DENY", "STEP_UP", "REVIEW", "UNSPECIFIED"]
+    reasons: list[ReasonOut]
+    still_needed: list[list[str]]
+    token: str = Field(description="the signed decision (EdDSA JWT) for ALLOW only; verify with the MFA's JWKS")
+
+
+class ErrorOut(BaseModel):
+    reason: str
+    message: str
+    fields: dict[str, str] = {}
+
+
+BEARER = HTTPBearer(auto_error=False, description="the kiosk's key")
+
+
+def _reasons(items) -> list[ReasonOut]:
+    return [ReasonOut(code=r.code, message=r.message) for r in items]
+
+
+def _sets(items) -> list[list[str]]:
+    return [[FACTORS[f] for f in s.factors] for s in items]
+
+
+def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256: str, deadline_s: float = 60.0,
+               max_image_bytes: int = 4 * 1024 * 1024) -> FastAPI:
+    """The gateway's app: ``stub`` reaches the MFA with the kiosk terminal's credentials."""
+    if not tenant:
+        raise ValueError("kiosk.tenant: the bank whose customers this kiosk serves is not set")
+    if len(client_key_sha256) != 64:
+        raise ValueError("kiosk.client_key_sha256: the SHA-256 (hex) of the kiosk browser's key is not set")
+    app = FastAPI(title="BioGate kiosk gateway", version="1", docs_url=None, redoc_url=None,
+                  description="The MFA's face login for a bank's kiosk. Every /v1 call needs the kiosk's key.",
+                  responses={401: {"model": ErrorOut}, 400: {"model": ErrorOut}, 409: {"model": ErrorOut},
+                             429: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+    def kiosk(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        digest = hashlib.sha256(creds.credentials.encode()).hexdigest() if creds is not None else ""
+        if not hmac.compare_digest(digest, client_key_sha256):
+            raise HTTPException(401, {"reason": "KIOSK_KEY_REQUIRED",
+                                      "message": "send 'Authorization: Bearer <kiosk key>' (the key this kiosk "
+                                                 "was launched with)"}, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(grpc.RpcError)
+    def mfa_error(_request: Request, err: grpc.RpcError) -> JSONResponse:
+        code = err.code()
+        info = details_of(err)
+        # the MFA's own refusals say what to do; the transport's texts are the gRPC library's, not for a kiosk
+        message = OWN_MESSAGES.get(code) if code == grpc.StatusCode.UNAUTHENTICATED or not info["reason"] else None
+        message = message or err.details()
+        body = ErrorOut(reason=info["reason"] or code.name, message=message or code.name,
+                        fields={k: str(v) for k, v in info["fields"].items()})
+        headers = {"Retry-After": str(max(1, round(info["retry_delay_s"])))} if info["retry_delay_s"] else None
+        return JSONResponse(body.model_dump(), status_code=HTTP_OF.get(code, 500), headers=headers)
+
+    @app.exception_handler(HTTPException)
+    def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        detail: Any = exc.detail
+        body = detail if isinstance(detail, dict) else {"reason": "HTTP_ERROR", "message": str(detail)}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = {".".join(str(p) for p in e["loc"][1:]) or "body": e["msg"] for e in exc.errors()}
+        body = ErrorOut(reason="INVALID_ARGUMENT", message="; ".join(f"{k}: {v}" for k, v in fields.items()),
+                        fields=fields)
+        return JSONResponse(body.model_dump(), status_code=400)
+
+    auth = [Depends(kiosk)]
+
+    @app.post("/v1/sessions", dependencies=auth, response_model=Session)
+    def start(body: StartRequest) -> Session:
+        r = stub.StartAuthentication(mfa_pb2.StartAuthenticationRequest(
+            subject=common_pb2.SubjectRef(tenant_id=tenant, subject_id=body.customer), channel=mfa_pb2.CHANNEL_KIOSK,
+            action="login"), timeout=deadline_s)
+        return Session(session_id=r.session_id, acceptable=_sets(r.acceptable))
+
+    @app.post("/v1/sessions/{session_id}/face", dependencies=auth, response_model=FactorOut)
+    def face(session_id: str, body: FaceRequest) -> FactorOut:
+        if len(body.image_b64) > max_image_bytes * 4 // 3 + 4:
+            raise HTTPException(413, {"reason": "IMAGE_TOO_LARGE",
+                                      "message": f"the frame is over {max_image_bytes} bytes: send a smaller JPEG"})
+        try:
+            image = base64.b64decode(body.image_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise HTTPException(400, {"reason": "MALFORMED_IMAGE", "message": "image_b64 is not base64",
+                                      "fields": {"image_b64": "not base64"}}) from None
+        evidence = mfa_pb2.FaceEvidence(image=common_pb2.Image(data=image),
+                                        binding=mfa_pb2.CaptureBinding(terminal=mfa_pb2.TerminalCapture()))
+        r = stub.SubmitFactor(mfa_pb2.SubmitFactorRequest(session_id=session_id, face=evidence), timeout=deadline_s)
+        return FactorOut(passed=r.result.passed, veto=r.result.veto, reasons=_reasons(r.result.reasons),
+                         attempts_left=r.attempts_left)
+
+    @app.post("/v1/sessions/{session_id}/otp/send", dependencies=auth, response_model=OtpSent)
+    def send_otp(session_id: str) -> OtpSent:
+        r = stub.SendOtp(mfa_pb2.SendOtpRequest(session_id=session_id), timeout=deadline_s)
+        return OtpSent(masked_phone=r.masked_phone)
+
+    @app.post("/v1/sessions/{session_id}/otp", dependencies=auth, response_model=FactorOut)
+    def otp(session_id: str, body: OtpRequest) -> FactorOut:
+        r = stub.SubmitFactor(mfa_pb2.SubmitFactorRequest(session_id=session_id, otp=mfa_pb2.OtpEvidence(
+            code=body.code)), timeout=deadline_s)
+        return FactorOut(passed=r.result.passed, veto=r.result.veto, reasons=_reasons(r.result.reasons),
+                         attempts_left=r.attempts_left)
+
+    @app.post("/v1/sessions/{session_id}/decision", dependencies=auth, response_model=DecisionOut)
+    def decision(session_id: str) -> DecisionOut:
+        r = stub.Decide(mfa_pb2.DecideRequest(session_id=session_id), timeout=deadline_s)
+        return DecisionOut(outcome=OUTCOMES[r.outcome], reasons=_reasons(r.reasons),
+                           still_needed=_sets(r.still_needed), token=r.token)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/kiosk.js", include_in_schema=False)
+    def script() -> FileResponse:
+        return FileResponse(STATIC / "kiosk.js", media_type="text/javascript", headers=PAGE_HEADERS)
+
+    @app.get("/kiosk.css", include_in_schema=False)
+    def style() -> FileResponse:
+        return FileResponse(STATIC / "kiosk.css", media_type="text/css", headers=PAGE_HEADERS)
+
+    return app
+
+
+# The page loads nothing from elsewhere and may use the camera of this origin only.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
+                               "frame-ancestors 'none'",
+    "Permissions-Policy": "camera=(self), microphone=()",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}

@@ -1,0 +1,134 @@
+"""The kiosk gateway's REST API against a real MFA (its face service unreachable: no models): the
+kiosk's key, the generated OpenAPI document, input checks, and the MFA's rules passing through."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.web.conftest import BANK_TOKEN, KIOSK_KEY, KioskStack
+
+PNG = (base64.b64decode(  # a 1x1 image: any bytes will do where the face service is unreachable
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = KioskStack(tmp_path_factory.mktemp("kiosk-api"))
+    yield s
+    s.close()
+
+
+def call(url: str, body: dict | None = None, key: str | None = KIOSK_KEY, method: str = "POST"):
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    data = json.dumps(body or {}).encode() if method == "POST" else None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method), timeout=30) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null"), dict(err.headers)
+
+
+def test_every_api_call_needs_the_kiosks_key(stack):
+    for key in (None, "another-key", KIOSK_KEY[:-1]):
+        status, body, headers = call(stack.url + "/v1/sessions", {"customer": "cust-1"}, key=key)
+        assert status == 401 and body["reason"] == "KIOSK_KEY_REQUIRED" and headers["www-authenticate"] == "Bearer"
+    # the page itself is public (it holds no secret) and loads nothing from elsewhere
+    with urllib.request.urlopen(stack.url + "/", timeout=10) as r:
+        assert "default-src 'self'" in r.headers["Content-Security-Policy"] and b"kiosk.js" in r.read()
+
+
+def test_the_openapi_document_describes_the_flow_and_its_authentication(stack):
+    status, doc, _ = call(stack.url + "/openapi.json", method="GET", key=None)
+    assert status == 200 and doc["openapi"].startswith("3.")
+    assert set(doc["paths"]) == {"/v1/sessions", "/v1/sessions/{session_id}/face", "/v1/sessions/{session_id}/otp/send",
+                                 "/v1/sessions/{session_id}/otp", "/v1/sessions/{session_id}/decision"}
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert all(op["security"] == [{"HTTPBearer": []}] for path in doc["paths"].values() for op in path.values())
+    decision = doc["components"]["schemas"]["DecisionOut"]["properties"]
+    assert set(decision["outcome"]["enum"]) >= {"ALLOW", "DENY", "STEP_UP", "REVIEW"}
+
+
+def test_bad_input_is_refused_with_the_field_named_before_the_mfa_is_asked(stack):
+    status, body, _ = call(stack.url + "/v1/sessions", {"customer": "+8613800138000"})  # a phone number
+    assert status == 400 and body["reason"] == "INVALID_ARGUMENT" and "customer" in body["fields"]
+    status, body, _ = call(stack.url + "/v1/sessions", {"customer": "cust-1", "tenant": "other-bank"})
+    assert status == 400 and "tenant" in body["fields"]  # the kiosk's bank is the gateway's, not the page's
+    status, body, _ = call(stack.url + "/v1/sessions/ses_x/face", {"image_b64": "not base64!"})
+    assert status == 400 and body["reason"] == "MALFORMED_IMAGE"
+    status, body, _ = call(stack.url + "/v1/sessions/ses_nope/decision")  # the MFA's own checks, as JSON
+    assert status == 400 and body["fields"] == {"session_id": "malformed"} and "not a session id" in body["message"]
+    status, body, _ = call(stack.url + f"/v1/sessions/ses_{'0' * 32}/decision")
+    assert (status, body["reason"]) == (404, "SESSION_NOT_FOUND")
+
+
+def test_the_gateway_submits_as_the_kiosk_terminal_and_the_mfas_rules_stand(stack, tmp_path):
+    stack.customer("cust-api-1", "+8613800135101")
+    status, s, _ = call(stack.url + "/v1/sessions", {"customer": "cust-api-1"})
+    assert status == 200 and s["acceptable"] == [["face", "sms_otp"]]  # the default policy's kiosk login
+    status, face, _ = call(stack.url + f"/v1/sessions/{s['session_id']}/face",
+                           {"image_b64": base64.b64encode(PNG).decode()})
+    assert status == 200 and not face["passed"]
+    assert [r["code"] for r in face["reasons"]] == ["FACE_SERVICE_UNAVAILABLE"]
+    status, d, _ = call(stack.url + f"/v1/sessions/{s['session_id']}/decision")
+    assert status == 200 and d["outcome"] != "ALLOW" and d["token"] == ""
+    # a gateway holding credentials that are no kiosk terminal's gets nothing past the MFA
+    other = KioskStack(tmp_path, mfa_token=BANK_TOKEN)
+    try:
+        other.customer("cust-api-2", "+8613800135102")
+        status, s, _ = call(other.url + "/v1/sessions", {"customer": "cust-api-2"})
+        status, body, _ = call(other.url + f"/v1/sessions/{s['session_id']}/face",
+                               {"image_b64": base64.b64encode(PNG).decode()})
+        assert status == 403 and body["reason"] == "TERMINAL_NOT_REGISTERED"
+    finally:
+        other.close()
+
+
+def test_a_gateway_without_its_bank_or_its_terminal_credentials_does_not_start(tmp_path):
+    from services.kiosk.server import KioskServer, client_key_digest
+    from tests.conftest import make_settings
+
+    digest = "0" * 64
+    with pytest.raises(ValueError, match="kiosk.mfa_token"):
+        KioskServer(make_settings(tmp_path, kiosk={"tenant": "bank-a"}), digest)
+    with pytest.raises(ValueError, match="kiosk.tenant"):
+        KioskServer(make_settings(tmp_path, kiosk={"mfa_token": "t"}), digest)
+    # development: a key generated once into the data directory, readable by its owner only
+    settings = make_settings(tmp_path / "data")
+    first, key = client_key_digest(settings)
+    assert (settings.data_dir / "kiosk-key").stat().st_mode & 0o777 == 0o600
+    assert client_key_digest(settings) == (first, key) and key and len(first) == 64
+    assert client_key_digest(make_settings(tmp_path / "data", kiosk={"client_key_sha256": "AB" * 32})) == ("ab" * 32, None)
+
+
+def test_biogate_kiosk_serves_the_page_and_the_api_until_sigterm(tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from services.common.config import PROJECT_ROOT
+
+    env = dict(os.environ, BIOGATE_DATA_DIR=str(tmp_path / "data"), BIOGATE_KIOSK__TENANT="bank-a",
+               BIOGATE_KIOSK__MFA_TOKEN="tok-kiosk", BIOGATE_KIOSK__MFA_TARGET="127.0.0.1:9", BIOGATE_KIOSK__PORT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "kiosk"], env=env, cwd=PROJECT_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        found = re.match(r"biogate: kiosk gateway on (http://127\.0\.0\.1:\d+) \(open \1/#key=(\S+)\)", line)
+        assert found, line
+        url, key = found.groups()
+        assert (tmp_path / "data" / "kiosk-key").read_text() == key
+        with urllib.request.urlopen(url + "/", timeout=10) as r:
+            assert r.status == 200
+        status, body, headers = call(url + "/v1/sessions", {"customer": "cust-1"}, key=key)
+        assert status == 503 and body == {"reason": "UNAVAILABLE", "fields": {},  # the MFA (a dead address) is down
+                                          "message": "the MFA service cannot be reached; try again shortly"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
