@@ -25,6 +25,7 @@ from services.serve import health_status
 
 FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 PORTS = {"face": 50051, "voice": 50052, "mfa": 50053}
+JWKS_PORT = 8053  # mfa.http: the decision tokens' keys over HTTP
 CUSTOMER, IMPOSTOR = "Aaron_Peirsol", "Andy_Roddick"
 SPOOF = "face/pad/spoof/apfol_fake_0.png"  # a photo of a face presented to the camera
 
@@ -33,8 +34,9 @@ class Story:
     """The steps, each printed as it runs; ``failures`` names those that did not behave."""
 
     def __init__(self, bg: BioGate, outbox: Path, tenant: str = "demo-bank", subject: str = "cust-demo-0001",
-                 fixtures: Path = FIXTURES, say: Callable[[str], None] = print) -> None:
+                 fixtures: Path = FIXTURES, say: Callable[[str], None] = print, jwks_url: str | None = None) -> None:
         self.bg, self.outbox, self.tenant, self.subject, self.fixtures, self.say = bg, outbox, tenant, subject, fixtures, say
+        self.jwks_url = jwks_url  # the MFA's /.well-known/jwks.json; None: GetSigningKeys
         self.failures: list[str] = []
         self.phone = Device(device_info("demo-phone-1", os_version="14.2", model="Pixel 8", app_version="5.1.0"))
 
@@ -96,8 +98,9 @@ class Story:
         d = s.decide()
         if self.check("new phone", d.outcome == mfa_pb2.OUTCOME_ALLOW,
                       f"decision {outcome_name(d.outcome)}, acr {d.acr}, amr {','.join(d.amr)}"):
-            claims = self.bg.verify_token(d.token, self.tenant, session_id=s.id)
-            self.say(f"  token verified against the JWKS: decision {claims['decision']}, issuer {claims['iss']}")
+            claims = self.bg.verify_token(d.token, self.tenant, session_id=s.id, jwks=self.jwks_url)
+            self.say(f"  token verified against the JWKS ({self.jwks_url or 'GetSigningKeys'}): "
+                     f"decision {claims['decision']}, issuer {claims['iss']}")
             self.say(f"  phone bound as {s.register_device('demo phone')}")
 
     def genuine(self) -> None:
@@ -172,10 +175,11 @@ def free_ports(n: int) -> list[int]:
 
 @contextmanager
 def services(data_dir: Path, ports: dict[str, int] = PORTS, metrics_ports: dict[str, int] | None = None,
-             timeout_s: float = 900) -> Iterator[dict[str, str]]:
+             jwks_port: int = JWKS_PORT, timeout_s: float = 900) -> Iterator[dict[str, str]]:
     """`biogate serve all` with its state in ``data_dir`` and the models shared; on the embedded
-    defaults unless ``ports`` (and ``metrics_ports``) say otherwise. Yields the addresses."""
-    taken = [f"{name} ({port})" for name, port in ports.items() if _port_taken(port)]
+    defaults unless ``ports`` (and ``metrics_ports``, ``jwks_port``) say otherwise. Yields the
+    addresses, and the JWKS URL as "jwks"."""
+    taken = [f"{name} ({port})" for name, port in {**ports, "mfa http": jwks_port}.items() if _port_taken(port)]
     if taken:
         raise SystemExit(f"demo: ports in use: {', '.join(taken)}; stop `make run` first, or use --free-ports")
     env = {**os.environ, "BIOGATE_DATA_DIR": str(data_dir),
@@ -184,6 +188,7 @@ def services(data_dir: Path, ports: dict[str, int] = PORTS, metrics_ports: dict[
         env[f"BIOGATE_SERVER__{name.upper()}__PORT"] = str(port)
     for name, port in (metrics_ports or {}).items():
         env[f"BIOGATE_SERVER__{name.upper()}__METRICS_PORT"] = str(port)
+    env["BIOGATE_MFA__HTTP__PORT"] = str(jwks_port)
     log = (data_dir / "services.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "all"], env=env, cwd=PROJECT_ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -200,7 +205,8 @@ def services(data_dir: Path, ports: dict[str, int] = PORTS, metrics_ports: dict[
                     print(f"demo: {name} SERVING on 127.0.0.1:{port}", flush=True)
                     del waiting[name]
             time.sleep(1)
-        yield {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+        addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+        yield {**addresses, "jwks": f"http://127.0.0.1:{jwks_port}/.well-known/jwks.json"}
     finally:
         proc.terminate()
         try:
@@ -214,20 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.demo", description=__doc__)
     parser.add_argument("--fixtures", type=Path, default=FIXTURES)
     parser.add_argument("--free-ports", action="store_true",
-                        help="ports the OS has free instead of 50051-50053 and 9151-9153 (beside `make run`)")
+                        help="ports the OS has free instead of 50051-50053, 9151-9153 and 8053 (beside `make run`)")
     args = parser.parse_args(argv)
-    ports, metrics = PORTS, None
+    ports, metrics, jwks_port = PORTS, None, JWKS_PORT
     if args.free_ports:
-        free = free_ports(2 * len(PORTS))
-        ports, metrics = dict(zip(PORTS, free)), dict(zip(PORTS, free[len(PORTS):]))
+        free = free_ports(2 * len(PORTS) + 1)
+        ports, metrics, jwks_port = dict(zip(PORTS, free)), dict(zip(PORTS, free[len(PORTS):])), free[-1]
     with tempfile.TemporaryDirectory(prefix="biogate-demo-") as tmp:
         data = Path(tmp)
         print(f"demo: starting face, voice and mfa with their data in {data} (models load for a minute or more)",
               flush=True)
-        with services(data, ports, metrics) as addresses:
+        with services(data, ports, metrics, jwks_port) as addresses:
             with BioGate(addresses["mfa"], addresses["face"], addresses["voice"],
                          dev_credentials(data / "dev-credentials.json")) as bg:
-                failures = Story(bg, data / "sms-outbox.jsonl", fixtures=args.fixtures,
+                failures = Story(bg, data / "sms-outbox.jsonl", fixtures=args.fixtures, jwks_url=addresses["jwks"],
                                  say=lambda line: print(line, flush=True)).run()
     return 1 if failures else 0
 

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import http.server
 import itertools
 import json
-import threading
 
 import grpc
 import jwt
@@ -62,35 +60,20 @@ def test_an_otp_login_through_the_sdk_is_allowed_and_its_token_verifies(mfa_only
         mfa_only.client.verify_token(tampered, "otp-bank")
 
 
-def test_a_token_verifies_against_a_jwks_given_as_text_or_served_over_http(mfa_only):
+def test_a_token_verifies_against_the_mfa_s_jwks_over_http_or_a_jwks_given_as_text(mfa_only):
     sid = customer(mfa_only)
     _, d = otp_login(mfa_only, "otp-bank", sid, Device())
+    url = mfa_only.harness.running["mfa"].definition.details["jwks_uri"]  # the MFA's /.well-known/jwks.json
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/.well-known/jwks.json")
+    assert mfa_only.client.verify_token(d.token, "otp-bank", jwks=url)["decision"] == "allow"
     jwks = mfa_only.client.signing_keys()
     assert mfa_only.client.verify_token(d.token, "otp-bank", jwks=json.dumps(jwks))["decision"] == "allow"
-
-    class Jwks(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps(jwks).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Jwks)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
-        claims = mfa_only.client.verify_token(d.token, "otp-bank", jwks=url)
-        assert claims["decision"] == "allow"
-    finally:
-        server.shutdown()
     other_kid = {"keys": [{**k, "kid": k["kid"] + "-other"} for k in jwks["keys"]]}
     for unknown in (other_kid, {"keys": []}):
         with pytest.raises(jwt.InvalidKeyError):
             mfa_only.client.verify_token(d.token, "otp-bank", jwks=unknown)
+    with pytest.raises(jwt.InvalidIssuerError):
+        mfa_only.client.verify_token(d.token, "otp-bank", issuer="another-mfa")
 
 
 def test_a_device_bound_after_a_login_proves_itself_in_the_next_session(mfa_only):
@@ -195,3 +178,23 @@ def test_a_payment_signed_with_its_amount_and_payee_is_allowed_and_another_payee
     phone.shown[s.id]["payee"] = {"name": "Mallory", "account": "6222 **** 9999"}  # what a hijacked screen showed
     r = s.submit_device()
     assert not r.passed and "DEVICE_CONTEXT_MISMATCH" in [x.code for x in r.reasons], r
+
+
+def test_a_correctly_signed_token_that_is_not_an_allow_is_refused():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from biogate_client import verify_decision
+
+    key = Ed25519PrivateKey.generate()
+    jwk = {**json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(key.public_key())), "kid": "k1", "alg": "EdDSA"}
+    claims = {"iss": "biogate-mfa", "aud": "bank-a", "sid": "ses_1", "iat": 1, "exp": 4102444800}
+    for decision, ok in (("allow", True), ("deny", False), ("review", False)):
+        token = jwt.encode({**claims, "decision": decision}, key, algorithm="EdDSA", headers={"kid": "k1"})
+        if ok:
+            assert verify_decision(token, {"keys": [jwk]}, tenant="bank-a")["decision"] == "allow"
+        else:
+            with pytest.raises(jwt.InvalidTokenError, match="not 'allow'"):
+                verify_decision(token, {"keys": [jwk]}, tenant="bank-a")
+    hs256 = jwt.encode({**claims, "decision": "allow"}, "secret" * 6, algorithm="HS256", headers={"kid": "k1"})
+    with pytest.raises(jwt.InvalidAlgorithmError):
+        verify_decision(hs256, {"keys": [jwk]}, tenant="bank-a")

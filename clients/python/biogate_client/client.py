@@ -24,7 +24,7 @@ from .context import payload_digest, shown, transaction_context
 from .credentials import DEV_CREDENTIALS, Credentials, dev_credentials
 from .device import Device
 from .errors import from_rpc_error
-from .tokens import verify_decision
+from .tokens import ISSUER, verify_decision
 
 R = TypeVar("R")
 MODALITIES = {"face": common_pb2.MODALITY_FACE, "voice": common_pb2.MODALITY_VOICE}
@@ -195,16 +195,20 @@ class BioGate:
         return self._jwks
 
     def verify_token(self, token: str, tenant: str, session_id: str | None = None,
-                     jwks: dict | str | None = None) -> dict[str, Any]:
-        """The claims of a decision token, verified against ``jwks`` (a dict, JSON text or a URL
+                     jwks: dict | str | None = None, issuer: str = ISSUER) -> dict[str, Any]:
+        """The claims of an ALLOW's token, verified against ``jwks`` (a dict, JSON text or a URL
         such as the MFA's /.well-known/jwks.json) or else the keys from GetSigningKeys (fetched
-        again once if the token names a key not cached: a rotation)."""
+        again once if the token names a key not cached: a rotation). ``issuer``: the
+        deployment's ``mfa.issuer``."""
+        def check(keys: dict | str) -> dict[str, Any]:
+            return verify_decision(token, keys, tenant=tenant, session_id=session_id, issuer=issuer)
+
         if jwks is not None:
-            return verify_decision(token, jwks, tenant=tenant, session_id=session_id)
+            return check(jwks)
         try:
-            return verify_decision(token, self.signing_keys(), tenant=tenant, session_id=session_id)
+            return check(self.signing_keys())
         except jwt.InvalidKeyError:
-            return verify_decision(token, self.signing_keys(refresh=True), tenant=tenant, session_id=session_id)
+            return check(self.signing_keys(refresh=True))
 
     # ------------------------------------------------------------------ reviews, devices, lockout
     def list_reviews(self, tenant: str, status: str = "pending", page_size: int = 50) -> list[mfa_pb2.Review]:

@@ -27,8 +27,9 @@ def load_jwks(source: dict | str) -> dict[str, Any]:
 def verify_decision(token: str, jwks: dict | str, *, tenant: str, issuer: str = ISSUER,
                     session_id: str | None = None) -> dict[str, Any]:
     """The claims of a decision token after checking its signature (the key named by ``kid``),
-    algorithm (EdDSA or ES256 only, matching the key), issuer, audience (the tenant), expiry and,
-    with ``session_id``, that it decides that session. Raises ``jwt.InvalidTokenError``."""
+    algorithm (EdDSA or ES256 only, matching the key), issuer (``mfa.issuer`` of the deployment),
+    audience (the tenant), expiry, that it is an ALLOW (the MFA signs nothing else) and, with
+    ``session_id``, that it decides that session. Raises ``jwt.InvalidTokenError``."""
     header = jwt.get_unverified_header(token)
     if header.get("alg") not in ALGORITHMS:
         raise jwt.InvalidAlgorithmError(f"algorithm {header.get('alg')!r} is not allowed")
@@ -41,6 +42,8 @@ def verify_decision(token: str, jwks: dict | str, *, tenant: str, issuer: str = 
         raise jwt.InvalidAlgorithmError("the token's algorithm does not match its key")
     claims = jwt.decode(token, key.key, algorithms=[header["alg"]], issuer=issuer, audience=tenant,
                         options={"require": ["exp", "iat", "iss", "aud", "sid"]})
+    if claims.get("decision") != "allow":
+        raise jwt.InvalidTokenError(f"the token's decision is {claims.get('decision')!r}, not 'allow'")
     if session_id is not None and claims["sid"] != session_id:
         raise jwt.InvalidTokenError("the token decides another session")
     return claims
