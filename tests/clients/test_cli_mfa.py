@@ -62,3 +62,4 @@ def test_a_refusal_is_one_readable_line_with_its_reason(mfa_only, capsys):
 def test_the_biogate_command_line_has_the_client_group():
     args = build_parser().parse_args(["client", "login", "--subject", "cust-1", "--selfie", "me.jpg", "--json"])
     assert (args.command, args.client_command, args.subject, args.json) == ("client", "login", "cust-1", True)
+

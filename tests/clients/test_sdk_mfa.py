@@ -198,3 +198,13 @@ def test_a_correctly_signed_token_that_is_not_an_allow_is_refused():
     hs256 = jwt.encode({**claims, "decision": "allow"}, "secret" * 6, algorithm="HS256", headers={"kid": "k1"})
     with pytest.raises(jwt.InvalidAlgorithmError):
         verify_decision(hs256, {"keys": [jwk]}, tenant="bank-a")
+
+
+def test_the_readme_shows_the_login_example_the_tests_run():
+    from services.common.config import PROJECT_ROOT
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    snippet = readme[readme.index("## Client SDK"):].split("```python\n", 1)[1].split("```", 1)[0]
+    example = (PROJECT_ROOT / "clients" / "python" / "examples" / "login.py").read_text()
+    assert snippet == example.split("\n", 1)[1]  # all but the example's docstring line
+    assert len([line for line in snippet.splitlines() if line.strip()]) <= 15
