@@ -14,6 +14,8 @@ import time
 from concurrent.futures import Future
 from typing import Callable, Generic, Sequence, TypeVar
 
+from services.common import metrics
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -33,10 +35,13 @@ class MicroBatcher(Generic[T, R]):
         max_wait_ms: float = 2.0,
         max_queue: int = 4096,
         name: str = "micro-batcher",
+        model: str | None = None,  # the label of its batch-size and inference-time metrics; default name
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self._fn = fn
+        self._batch_size = metrics.BATCH_SIZE.labels(model or name)
+        self._inference = metrics.INFERENCE_SECONDS.labels(model or name)
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -95,8 +100,11 @@ class MicroBatcher(Generic[T, R]):
         live = [(i, f) for i, f in batch if f.set_running_or_notify_cancel()]
         if not live:
             return
+        self._batch_size.observe(len(live))
+        started = time.perf_counter()
         try:
             results = self._fn([i for i, _ in live])
+            self._inference.observe(time.perf_counter() - started)
             if len(results) != len(live):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(live)} items")
         except BaseException as exc:  # every waiting caller gets the error, the worker lives on

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
-from services.common import context
+from services.common import context, telemetry
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 
 class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -57,8 +61,10 @@ def connect(
     cert_file: Path | None = None,
     key_file: Path | None = None,
     max_message_bytes: int = 16 * 1024 * 1024,
+    tracer_provider: TracerProvider | None = None,
 ) -> grpc.Channel:
-    """A channel to ``target`` ("host:port"); TLS when ``ca_file`` is given, mTLS with a cert too."""
+    """A channel to ``target`` ("host:port"); TLS when ``ca_file`` is given, mTLS with a cert too;
+    a span per call with a ``tracer_provider`` (services/common/telemetry.py)."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -72,4 +78,4 @@ def connect(
         channel = grpc.secure_channel(target, creds, options=options)
     else:
         channel = grpc.insecure_channel(target, options=options)
-    return grpc.intercept_channel(channel, _Metadata(token))
+    return telemetry.traced(grpc.intercept_channel(channel, _Metadata(token)), tracer_provider)

@@ -219,6 +219,24 @@ class LoggingConfig(Section):
     json_format: bool = True
 
 
+class TelemetryConfig(Section):
+    """OpenTelemetry traces (services/common/telemetry.py). Off while no endpoint is set: then no
+    exporter, no tracer and no interceptor run at all."""
+
+    otlp_endpoint: str | None = None  # OTLP/HTTP traces URL, e.g. http://otel-collector:4318/v1/traces
+    ca_file: Path | None = None  # for an https endpoint signed by the deployment's own CA
+    timeout_s: float = Field(10.0, gt=0)  # one export
+    # Of the traces that start here; a call that arrives with a trace context follows its caller's choice.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("telemetry.otlp_endpoint must be an http:// or https:// URL of an OTLP/HTTP collector")
+        return v
+
+
 class CommonSettings(BaseSettings):
     """The sections every service reads; each service adds its own (services/<name>/config.py),
     and services/settings.py joins them into the one tree."""
@@ -235,6 +253,7 @@ class CommonSettings(BaseSettings):
     audit: AuditConfig = AuditConfig()
     models: ModelsConfig = ModelsConfig()
     logging: LoggingConfig = LoggingConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     @field_validator("data_dir")
     @classmethod

@@ -1,4 +1,6 @@
-"""Prometheus metrics shared by every service, and the HTTP endpoint that serves them."""
+"""Prometheus metrics shared by every service, and the HTTP endpoint that serves them. Each
+service's own domain metrics are in services/<service>/metrics.py. Labels take values from small
+fixed sets (services, RPCs, models, channels, reason codes), never ids or personal data."""
 
 from __future__ import annotations
 
@@ -21,6 +23,26 @@ RPC_SHED = Counter("biogate_rpc_shed_total", "Calls refused by admission control
                    ["service", "method", "reason"])
 ADMISSION_QUEUED = Gauge("biogate_admission_queued", "Calls waiting for a model-work slot", ["service"])
 MODEL_INFO = Info("biogate_model", "Models loaded and the inference provider each runs on")
+
+# Raw cosine similarity of each 1:1 comparison, before any normalisation: its distribution per model
+# and channel drifts when the capture population or the pipeline changes (the matched half is
+# mostly genuine attempts). Fine steps where genuine and impostor scores meet; negative scores
+# (impostors only) fall in the first bucket, which keeps the histogram's _sum exported.
+SCORE_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6,
+                 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+SIMILARITY = Histogram("biogate_similarity_score", "Raw cosine similarity of 1:1 comparisons",
+                       ["model", "channel", "result"], buckets=SCORE_BUCKETS)
+# The micro-batchers (services/common/batching.py) and the models run outside them, by model.
+BATCH_SIZE = Histogram("biogate_batch_size", "Items per model call of a micro-batcher", ["model"],
+                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+INFERENCE_SECONDS = Histogram(
+    "biogate_inference_seconds", "Time of one model call (a whole batch)", ["model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+def observe_similarity(model: str, channel: str, score: float, matched: bool) -> None:
+    SIMILARITY.labels(model, channel, "match" if matched else "no_match").observe(score)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -21,6 +21,7 @@ import numpy as np
 from services.common import errors, subjects
 from services.common.api.v1 import common_pb2, face_pb2
 from services.face.config import FaceConfig, FaceTenantPolicy
+from services.common.metrics import observe_similarity
 from services.common.modality.calibration import Calibrations, NotCalibrated
 from services.common.models.calibration import UNSUPPORTED
 from services.common.modality.challenges import Challenges, nonce_field
@@ -31,6 +32,7 @@ from services.common.runtime import Runtime
 from services.common.subjects import actor, template_info
 from services.common.validation import identifier, subject_ref
 from services.face import challenge as ch
+from services.face import metrics
 from services.face.gallery import Galleries
 from services.face.imaging import ImageDecodeError
 from services.face.models import check_choice, load_pipeline
@@ -262,6 +264,7 @@ class FaceService:
             if llr is not None:
                 out.llr = llr
             out.match = score >= threshold
+            observe_similarity(self.model_id, self.cfg.calibration_channel, score, out.match)
             if not out.match:
                 out.reasons.append(reason("NO_MATCH"))
             if want_live:
@@ -273,6 +276,7 @@ class FaceService:
                 if not out.live:
                     out.match = False
                     out.reasons.append(reason("LIVENESS_FAILED"))
+                    metrics.LIVENESS_REFUSALS.labels("verify").inc()
             details.update(score=round(score, 4), llr=None if llr is None else round(llr, 3), match=out.match,
                            live=out.live)
         self._operating_points(out, tenant, out.liveness_checked)
@@ -321,6 +325,8 @@ class FaceService:
         if a.liveness is None:
             raise RuntimeError("liveness was requested but not measured")
         live = a.liveness >= threshold
+        if not live:
+            metrics.LIVENESS_REFUSALS.labels("check_liveness").inc()
         self.rt.audit.append("face.liveness_checked", actor(), tenant, None, {
             "live": live, "live_score": round(a.liveness, 4), "live_threshold": round(threshold, 4),
         })
@@ -387,6 +393,8 @@ class FaceService:
             for f, d, a in zip(req.frames, datas, analyses)
         ]
         result = ch.evaluate(moves, frames, spent.issued_ago_ms, rules)
+        if not result.passed:
+            metrics.LIVENESS_REFUSALS.labels("liveness_challenge").inc()
         out = face_pb2.SubmitLivenessChallengeResponse(model_id=self.model_id, reasons=[reason(r) for r in result.reasons],
                                                        challenge_passed=result.passed)
         self._operating_points(out, tenant if req.verify_subject else None, True)
@@ -403,6 +411,7 @@ class FaceService:
                 if result.embedding is not None:
                     score = float(np.dot(template, result.embedding))
                     match = score >= threshold
+                    observe_similarity(self.model_id, self.cfg.calibration_channel, score, match)
                     out.score = score
                     llr = self._llr(score)
                     if llr is not None:

@@ -10,16 +10,19 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from prometheus_client import Counter
 
-from services.common import errors
+from services.common import errors, telemetry
 from services.common.api.v1 import face_pb2, face_pb2_grpc, voice_pb2, voice_pb2_grpc
 from services.common.client import connect
 from services.mfa.config import ClientTarget, MfaSettings
 from services.common.errors import details_of
+from services.mfa import metrics
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("biogate.mfa.clients")
 
@@ -38,8 +41,6 @@ SHEDDING = grpc.StatusCode.RESOURCE_EXHAUSTED
 # The service refused the MFA's own credentials: this deployment's configuration is wrong. Never an
 # outage (no breaker, no degraded mode): the call fails loudly and the operator is told what to set.
 CREDENTIALS_REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
-CONFIG_ERRORS = Counter("biogate_mfa_client_config_errors_total",
-                        "Calls a biometric service refused the MFA's credentials on", ["service", "code"])
 
 
 class ClientConfigError(Exception):
@@ -57,14 +58,23 @@ class ServiceUnavailable(Exception):
 
 class CircuitBreaker:
     """Closed -> open after ``failures`` consecutive failures; after ``reset_s`` one trial call
-    is let through (half-open): its success closes the circuit, its failure opens it again."""
+    is let through (half-open): its success closes the circuit, its failure opens it again. With a
+    ``service`` name its state and changes are exported (services/mfa/metrics.py)."""
 
-    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic,
+                 service: str | None = None) -> None:
         self.threshold, self.reset_s, self.clock = failures, reset_s, clock
+        self.service = service
         self._lock = threading.Lock()
         self._failures = 0
         self._opened_at: float | None = None
         self._trial = False
+        if service is not None:
+            metrics.watch_breaker(service, self)
+
+    def _entered(self, state: str) -> None:
+        if self.service is not None:
+            metrics.BREAKER_TRANSITIONS.labels(self.service, state).inc()
 
     @property
     def state(self) -> str:
@@ -80,10 +90,13 @@ class CircuitBreaker:
             if self.clock() - self._opened_at < self.reset_s or self._trial:
                 return False
             self._trial = True
+            self._entered("half_open")
             return True
 
     def success(self) -> None:
         with self._lock:
+            if self._opened_at is not None:
+                self._entered("closed")
             self._failures, self._opened_at, self._trial = 0, None, False
 
     def failure(self) -> None:
@@ -92,16 +105,19 @@ class CircuitBreaker:
             if self._trial or self._failures >= self.threshold:
                 if self._opened_at is None or self._trial:
                     log.warning("circuit opened", extra={"failures": self._failures})
+                    self._entered("open")
                 self._opened_at, self._trial = self.clock(), False
 
 
 class BiometricClient:
     def __init__(self, service: str, target: str, token: str | None, cfg: ClientTarget,
-                 stub_class: Callable[[grpc.Channel], Any], max_message_bytes: int) -> None:
+                 stub_class: Callable[[grpc.Channel], Any], max_message_bytes: int,
+                 tracer_provider: TracerProvider | None = None) -> None:
         self.service, self.target, self.cfg = service, target, cfg
-        self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s)
+        self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s, service=service)
         self._channel = connect(target, token, ca_file=cfg.ca_file, cert_file=cfg.cert_file,
-                                key_file=cfg.key_file, max_message_bytes=max_message_bytes)
+                                key_file=cfg.key_file, max_message_bytes=max_message_bytes,
+                                tracer_provider=tracer_provider)
         self._stub = stub_class(self._channel)
 
     @property
@@ -154,7 +170,7 @@ class BiometricClient:
         return f"{prefix}.token"
 
     def _credentials_refused(self, code: grpc.StatusCode, details: str | None) -> errors.ServiceError:
-        CONFIG_ERRORS.labels(self.service, code.name).inc()
+        metrics.CONFIG_ERRORS.labels(self.service, code.name).inc()
         log.error("biometric service refused the MFA's credentials: configuration error",
                   extra={"service": self.service, "code": code.name, "setting": self.settings_named()})
         return errors.ServiceError(
@@ -201,11 +217,13 @@ def _token(settings: MfaSettings, cfg: ClientTarget) -> str | None:
 
 def open_clients(settings: MfaSettings) -> dict[str, BiometricClient]:
     out = {}
+    tracing = telemetry.tracer_provider(settings, "mfa")
     for name, stub in (("face", face_pb2_grpc.FaceServiceStub), ("voice", voice_pb2_grpc.VoiceServiceStub)):
         cfg: ClientTarget = getattr(settings.clients, name)
         endpoint = settings.endpoint(name)  # type: ignore[arg-type]
         target = cfg.target or f"{endpoint.host}:{endpoint.port}"
-        out[name] = BiometricClient(name, target, _token(settings, cfg), cfg, stub, settings.server.max_message_bytes)
+        out[name] = BiometricClient(name, target, _token(settings, cfg), cfg, stub, settings.server.max_message_bytes,
+                                    tracer_provider=tracing)
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.common.config import CommonSettings, Section
 
@@ -49,6 +49,34 @@ class HttpConfig(Section):
     public_url: str = ""
 
 
+class ReviewWebhookConfig(Section):
+    """Where the bank hears of reviews opening and closing: HMAC-SHA256-signed POSTs from an outbox."""
+
+    url: str = ""  # "" = no webhook; http(s)://
+    secret: str = ""  # the HMAC key; set it from the environment (BIOGATE_MFA__REVIEWS__WEBHOOK__SECRET)
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    max_attempts: int = Field(8, ge=1, le=30)  # then the event is abandoned (an error log)
+    backoff_s: float = Field(2.0, gt=0)  # before the second attempt, doubled for each one after
+    backoff_max_s: float = Field(900.0, gt=0)
+    keep_s: int = Field(7 * 86400, ge=3600)  # delivered and abandoned events are deleted after this
+
+    @model_validator(mode="after")
+    def _usable(self) -> ReviewWebhookConfig:
+        if self.url and not self.url.startswith(("https://", "http://")):
+            raise ValueError("mfa.reviews.webhook.url must be http(s)://")
+        if self.url and len(self.secret) < 16:
+            raise ValueError("mfa.reviews.webhook.secret must be set (16 characters or more) when the url is")
+        return self
+
+
+class ReviewsConfig(Section):
+    """The human review queue: how long a case waits before it is denied as expired."""
+
+    ttl_s: int = Field(4 * 3600, ge=60, le=30 * 86400)
+    sweep_s: float = Field(30.0, gt=0)  # how often overdue reviews are expired and webhooks retried
+    webhook: ReviewWebhookConfig = ReviewWebhookConfig()
+
+
 class MfaConfig(Section):
     # <tenant>.yaml policy files; a tenant without its own file gets default_policy.
     policy_dir: Path | None = None  # default <data_dir>/policies
@@ -62,6 +90,7 @@ class MfaConfig(Section):
     sms: SmsConfig = SmsConfig()
     webauthn: WebAuthnConfig = WebAuthnConfig()
     http: HttpConfig = HttpConfig()
+    reviews: ReviewsConfig = ReviewsConfig()
 
 
 class ClientTarget(Section):

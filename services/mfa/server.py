@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 from services.common.api.v1 import mfa_pb2, mfa_pb2_grpc
 from services.mfa.config import MfaSettings
 from services.common.runtime import Runtime
@@ -9,6 +12,7 @@ from services.common.server.bootstrap import ServiceDefinition
 from services.mfa import subjects
 from services.mfa.clients import check_credentials
 from services.mfa.service import Orchestrator, budget_of
+from services.mfa.webhooks import Worker
 from services.mfa.wellknown import WellKnownServer
 
 
@@ -56,6 +60,9 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
     def ResolveReview(self, request, context):
         return self.mfa.resolve_review(request)
 
+    def GetReview(self, request, context):
+        return self.mfa.get_review(request)
+
     def GetSigningKeys(self, request, context):
         return self.mfa.jwks()
 
@@ -77,9 +84,9 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
         return subjects.set_phone_number(self.rt, request)
 
 
-def definition(settings: MfaSettings) -> ServiceDefinition:
+def definition(settings: MfaSettings, clock: Callable[[], datetime] | None = None) -> ServiceDefinition:
     rt = Runtime.open(settings)
-    orchestrator = Orchestrator(rt)
+    orchestrator = Orchestrator(rt, clock=clock)
     try:
         check_credentials(orchestrator.clients)  # refuse to start with credentials face/voice refuse
     except Exception:
@@ -90,6 +97,10 @@ def definition(settings: MfaSettings) -> ServiceDefinition:
     cfg = settings.mfa
     wellknown = WellKnownServer(cfg.http, orchestrator.signing, cfg.issuer) if cfg.http.enabled else None
     details: dict[str, str] = {}
+    # review expiry and webhook delivery, off the RPC threads
+    worker = Worker([orchestrator.reviews.expire_due, orchestrator.outbox.deliver_due, orchestrator.outbox.prune],
+                    cfg.reviews.sweep_s, orchestrator.outbox).start()
+    orchestrator.reviews.notify = worker.wake
 
     def start() -> None:
         if wellknown is not None:
@@ -97,6 +108,7 @@ def definition(settings: MfaSettings) -> ServiceDefinition:
             details["jwks_uri"] = wellknown.base_url + "/.well-known/jwks.json"
 
     def close() -> None:
+        worker.stop()
         if wellknown is not None:
             wellknown.close()
         orchestrator.close()

@@ -20,7 +20,7 @@ from services.common.storage import AlreadyExistsError, new_id
 from services.common.subjects import actor, timestamp
 from services.common.validation import identifier, subject_ref
 
-from . import devices, requests
+from . import devices, metrics, requests
 from .binding import payee_object
 from .clients import BiometricClient, ServiceUnavailable, open_clients
 from .factors import BY_EVIDENCE, FACTORS, FactorContext
@@ -32,13 +32,14 @@ from .policy import Policy, PolicyStore
 from .proofs import Proofs
 from .reasons import Reason, to_protos
 from .registry import DeviceRegistry
-from .reviews import ReviewQueue, to_proto as review_proto
+from .reviews import ReviewQueue, factor_result
 from .risk import Place, RiskEngine, RiskSignals
 from .sessions import Session, Sessions
 from .sms import SmsGateway, open_gateway
 from .state import DecisionState, DeviceState, RiskState, SessionState
 from .storage import SubjectSignalRecord, attach
 from .tokens import SigningKeys, TokenIssuer
+from .webhooks import WebhookOutbox
 from .config import mfa_settings
 
 OUTCOMES = {"allow": mfa_pb2.OUTCOME_ALLOW, "step_up": mfa_pb2.OUTCOME_STEP_UP,
@@ -88,7 +89,9 @@ class Orchestrator:
         self.otp = OtpService(rt, self.store, self.gateway)
         self.sessions = Sessions(self.store)
         self.lockouts = Lockouts(self.store, rt.audit)
-        self.reviews = ReviewQueue(self.store, rt.audit)
+        self.outbox = WebhookOutbox(self.store, cfg.reviews.webhook, self.clock)
+        self.reviews = ReviewQueue(self.store, rt.audit, self.sessions, self._sign, cfg.reviews, cfg.session_ttl_s,
+                                   self.outbox, self.clock)
         self.signing = SigningKeys.from_settings(settings, clock=lambda: self.clock().timestamp())
         self.tokens = TokenIssuer(self.signing, cfg.issuer, cfg.token_ttl_s)
         master = rt.keyring.pseudonym_key()
@@ -291,6 +294,7 @@ class Orchestrator:
             self.lockouts.release(attempt, policy.lockout)
             raise
         bound = ctx.notes.get("bound")
+        recorded: list[FactorOutcome] = []
 
         def change(st: SessionState) -> None:
             if st.decision is not None:
@@ -303,6 +307,7 @@ class Orchestrator:
                 else:
                     st.pending_key = bound.pending_key
             st.factors.extend(outcomes)
+            recorded[:] = outcomes
             if outcome.unavailable:
                 st.plan = st.plan.degrade(name, policy, st.device_usable)
         try:
@@ -321,17 +326,13 @@ class Orchestrator:
         except errors.ServiceError:
             self.lockouts.release(attempt, policy.lockout)
             raise
+        metrics.record_factors(recorded)
         if "otp_attempts_left" in ctx.notes:
             left = min(left, ctx.notes["otp_attempts_left"])
         d = decide(session.state.plan, session.state.factors)
         still = d.still_needed if d.outcome == "step_up" else ()
-        result = mfa_pb2.FactorResult(factor=FACTOR_ENUMS[name], passed=outcome.passed, veto=outcome.veto,
-                                      llr=outcome.llr, reasons=to_protos(outcome.reasons), binding=outcome.binding)
-        for field, value in (("target_fmr", outcome.target_fmr), ("measured_fmr", outcome.measured_fmr),
-                             ("target_apcer", outcome.target_apcer), ("measured_apcer", outcome.measured_apcer)):
-            if value is not None:
-                setattr(result, field, value)
-        return mfa_pb2.SubmitFactorResponse(result=result, still_acceptable=_sets(still), attempts_left=max(0, left))
+        return mfa_pb2.SubmitFactorResponse(result=factor_result(outcome), still_acceptable=_sets(still),
+                                            attempts_left=max(0, left))
 
     # ------------------------------------------------------------------ decision
     def decide(self, req: mfa_pb2.DecideRequest) -> mfa_pb2.DecideResponse:
@@ -340,7 +341,9 @@ class Orchestrator:
         policy = self._policy_of(session)
         while True:
             if session.state.decision is not None:
-                return self._decision_response(session.state.decision)
+                # an overdue review is denied now
+                decided = self.reviews.settle_session(session).state.decision or session.state.decision
+                return self._decision_response(decided)
             st = session.state
             locked = self.lockouts.locked_for_decision(session.tenant_id, session.subject_id, st.device.fp,
                                                        policy.lockout, now, st.factors)
@@ -350,6 +353,7 @@ class Orchestrator:
             stored = DecisionState(d.outcome, list(d.reasons), d.total, list(d.still_needed), list(d.amr), d.acr,
                                    review_id, token, now)
             if d.outcome not in FINAL:
+                metrics.record_decision(d.outcome, d.reasons)
                 return self._decision_response(stored)
             seen = len(st.factors)
 
@@ -364,8 +368,7 @@ class Orchestrator:
                     session = self.sessions.mutate(session, change)
                     st = session.state
                     if review_id:
-                        self.reviews.open(session.tenant_id, session.subject_id, session.id, st.action, d.reasons,
-                                          review_id)
+                        self.reviews.open(session, d.reasons, review_id, now)
                     if d.outcome == "allow":
                         self.lockouts.success(session.tenant_id, session.subject_id, st.device.fp)
                         if st.place and st.place[0]:
@@ -380,12 +383,17 @@ class Orchestrator:
             except _Stale:
                 session = self.sessions.load(req.session_id, now)
                 continue
+            metrics.record_decision(d.outcome, d.reasons)
+            if review_id:
+                self.reviews.notify()
             return self._decision_response(stored)
 
-    def _sign(self, session: Session, d: Decision, now: datetime) -> tuple[str, float]:
+    def _sign(self, session: Session, d: Decision, now: datetime,
+              extra: dict[str, Any] | None = None) -> tuple[str, float]:
         """An ALLOW's claims (services/mfa/tokens.py lists the common ones); besides them ``pay``,
-        the keyed hash of the payee the device signed, and ``fac``: per passed factor how it was bound
-        and the operating point that decided it (factor_claims)."""
+        the keyed hash of the payee the device signed, ``fac``: per passed factor how it was bound
+        and the operating point that decided it (factor_claims), and ``extra``: for an ALLOW a
+        reviewer approved, ``rid`` the review and ``rvw`` "approved" (services/mfa/reviews.py)."""
         st = session.state
         claims: dict[str, Any] = {
             "aud": session.tenant_id, "sub": self.rt.pseudonymize(session.tenant_id, session.subject_id),
@@ -396,7 +404,7 @@ class Orchestrator:
         if st.payee:
             claims["pay"] = st.payee  # keyed hash of the payee the device signed
         claims["fac"] = factor_claims(st.factors)
-        return self.tokens.issue(claims, now.timestamp())
+        return self.tokens.issue({**claims, **(extra or {})}, now.timestamp())
 
     @staticmethod
     def _decision_response(stored: DecisionState) -> mfa_pb2.DecideResponse:
@@ -431,8 +439,16 @@ class Orchestrator:
         return self.reviews.list(req)
 
     def resolve_review(self, req: mfa_pb2.ResolveReviewRequest) -> mfa_pb2.ResolveReviewResponse:
-        rec = self.reviews.get(req.review_id)  # the server checked the caller may act for its tenant
-        return mfa_pb2.ResolveReviewResponse(review=review_proto(self.reviews.resolve(rec, req.approve, req.note, actor())))
+        # the server checked the caller may act for the review's tenant
+        rec, decision = self.reviews.resolve(req.review_id, req.approve, req.note, actor())
+        return mfa_pb2.ResolveReviewResponse(review=self.reviews.proto(rec), decision=self._decision_response(decision))
+
+    def get_review(self, req: mfa_pb2.GetReviewRequest) -> mfa_pb2.GetReviewResponse:
+        case, decision = self.reviews.case(req.review_id)
+        if decision is not None:
+            case.decision.CopyFrom(self._decision_response(decision))
+            case.decision.ClearField("token")  # the relying party's credential, not evidence
+        return case
 
     def jwks(self) -> mfa_pb2.GetSigningKeysResponse:
         import json

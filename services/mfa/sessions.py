@@ -74,15 +74,16 @@ class Sessions:
             raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
         return found
 
-    def mutate(self, session: Session, change: Callable[[SessionState], None]) -> Session:
-        """Apply ``change`` to a fresh copy of the state and write it; on a concurrent update re-read
-        the session and apply ``change`` again (it must be safe to re-run)."""
+    def mutate(self, session: Session, change: Callable[[SessionState], None],
+               expires_at: datetime | None = None) -> Session:
+        """Apply ``change`` to a fresh copy of the state and write it (and a new expiry, when given);
+        on a concurrent update re-read the session and apply ``change`` again (it must be safe to re-run)."""
         rec_id, version, state_json = session.id, session.version, session.state.to_json()
         for _ in range(CAS_RETRIES):
             state = SessionState.from_json(state_json)
             change(state)
             try:
-                return Session.of(self.repo.update(rec_id, version, state.to_json()))
+                return Session.of(self.repo.update(rec_id, version, state.to_json(), expires_at))
             except ConcurrentUpdateError:
                 fresh = self.repo.get(rec_id)
                 if fresh is None:

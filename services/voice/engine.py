@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 
 from services.common.batching import MicroBatcher
 from services.common.config import CommonSettings
+from services.common.metrics import INFERENCE_SECONDS, observe_similarity
 from services.voice.config import ChannelFamily, VoiceConfig, voice_config
 from services.common.modality.calibration import Calibrations, NotCalibrated
 from services.common.models import ModelStore
@@ -36,6 +37,7 @@ from .pipeline import PreparedAudio, VoicePipeline
 
 log = logging.getLogger("biogate.voice")
 FloatArray = NDArray[np.float32]
+DIGITS_SECONDS = INFERENCE_SECONDS.labels("voice-digits")
 
 
 def default_cohort_path(settings: CommonSettings) -> Path:
@@ -79,7 +81,7 @@ class BatcherPool:
     worker keeps a core busy (the models run one intra-op thread); on a GPU one worker batches."""
 
     def __init__(self, fn, workers: int, max_batch: int, wait_ms: float, name: str) -> None:
-        self._batchers = [MicroBatcher(fn, max_batch, wait_ms, name=f"{name}-{i}") for i in range(workers)]
+        self._batchers = [MicroBatcher(fn, max_batch, wait_ms, name=f"{name}-{i}", model=name) for i in range(workers)]
         self._next = itertools.count()
 
     def submit_many(self, items: list, timeout: float) -> list:
@@ -251,6 +253,7 @@ class VoiceEngine:
         threshold = self.calibrations.threshold(self.model_id, channel, target_fmr, self.score_name)
         llr = self.calibrations.llr(self.model_id, channel, score, self.score_name)
         measured = self.calibrations.measured(self.model_id, channel, target_fmr, self.score_name)
+        observe_similarity(self.model_id, family, cosine, score >= threshold)
         return SpeakerResult(score, threshold, llr, target_fmr, measured)
 
     def synthetic_check(self, prepared: PreparedAudio, family: ChannelFamily, enabled: bool) -> LayerResult:
@@ -266,7 +269,8 @@ class VoiceEngine:
         """value: the digits recognised wrongly. Unchecked (passed) without a challenge."""
         if expected is None:
             return LayerResult(False, True, 0)
-        heard = self.digits.recognise(prepared.samples, len(expected))
+        with DIGITS_SECONDS.time():
+            heard = self.digits.recognise(prepared.samples, len(expected))
         errors = digit_errors(heard, expected)
         return LayerResult(True, errors <= self.cfg.challenge_max_digit_errors, errors)
 

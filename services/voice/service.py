@@ -29,7 +29,7 @@ from services.common.runtime import Runtime
 from services.common.subjects import actor
 from services.common.validation import subject_ref
 
-from . import enrolment, replay
+from . import enrolment, metrics, replay
 from .engine import VoiceDecision, VoiceEngine, channel_target_fmr
 from .ingest import AudioError, AudioFormat, Encoding
 from .models import VoiceModels
@@ -181,6 +181,7 @@ class VoiceService:
         # no security, while 1-3 % of genuine utterances fail AASIST at its APCER 5 % point
         # (bench/RESULTS.md). What is kept must meet the same minimums as a whole enrolment.
         scores = [round(float(r.value), 3) for r in layers if r.value is not None][:10]
+        metrics.SPOOF_REFUSALS.labels("enroll", family).inc(sum(r.checked and not r.passed for r in layers))
         try:
             chosen = enrolment.keep_passing(prepared, layers, self.cfg)
         except enrolment.EnrolmentRefused as err:
@@ -276,6 +277,7 @@ class VoiceService:
         # The request is whole and valid: only now is the challenge spent.
         expected = str(self.challenges.consume(tenant, subject, nonce).payload["digits"]) if nonce else None
         decision = eng.decide(tenant, subject, template, prepared, family, target_fmr, synthetic_on, expected)
+        metrics.record_verification(decision)
         self.rt.audit.append("voice.verified", actor(), tenant, subject, {
             **decision.audit(), "via": via, "net_speech_s": round(prepared.net_speech_s, 2)})
         return self._response(decision, prepared)

@@ -106,6 +106,9 @@ HOSTILE = [
     ("ListReviews", F.ListReviewsRequest(tenant_id="otp-bank", page_token="!!notbase64"), "INVALID_ARGUMENT",
      "page_token"),
     ("ResolveReview", F.ResolveReviewRequest(review_id="rev_nope"), "NOT_FOUND", None),
+    ("ResolveReview", F.ResolveReviewRequest(review_id="rev_nope", note="n" * 1001), "INVALID_ARGUMENT", "note"),
+    ("GetReview", F.GetReviewRequest(review_id="rev_nope"), "NOT_FOUND", None),
+    ("GetReview", F.GetReviewRequest(review_id="'; --"), "INVALID_ARGUMENT", "review_id"),
     ("UnlockSubject", F.UnlockSubjectRequest(subject=subject(), reason="call +8613800135678"), "INVALID_ARGUMENT",
      "reason"),
 ]
@@ -218,6 +221,8 @@ def test_a_tenant_bound_caller_cannot_touch_another_tenants_session_or_review(tm
                 mine = _call(stub, method, make(session_id=own.session_id))  # past the tenant check
                 assert mine is None or mine.code() != grpc.StatusCode.PERMISSION_DENIED, (method, mine)
             err = _call(stub, "ResolveReview", F.ResolveReviewRequest(review_id=review.id, approve=True))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED and details_of(err)["reason"] == "TENANT_NOT_ALLOWED"
+            err = _call(stub, "GetReview", F.GetReviewRequest(review_id=review.id))
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED and details_of(err)["reason"] == "TENANT_NOT_ALLOWED"
             err = _call(stub, "ResolveReview", F.ResolveReviewRequest(review_id="rev_unknown", approve=True))
             assert err.code() == grpc.StatusCode.NOT_FOUND  # no such review: the service says so

@@ -21,6 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import telemetry
 from services.common.config import CommonSettings
 from services.common.server.auth import Authenticator
 from services.common.server.memory import IdleTrimmer
@@ -71,7 +72,7 @@ class RunningServer:
         self.trimmer = IdleTrimmer(queue, cfg.admission.trim_memory_idle_s) if queue is not None else None
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix=f"{definition.name}-rpc"),
-            interceptors=[self.interceptor],
+            interceptors=[*telemetry.server_interceptors(settings, definition.name), self.interceptor],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -167,6 +168,7 @@ class RunningServer:
         if self.trimmer is not None:
             self.trimmer.close()
         self.definition.close()
+        telemetry.close(self.settings, self.definition.name)
         log.info("stopped", extra={"service": self.definition.name})
 
     def wait(self) -> None:

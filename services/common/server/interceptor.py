@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import grpc
 from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 
-from services.common import context, errors, metrics
+from services.common import context, errors, metrics, telemetry
 from services.common.api.v1 import common_pb2
 from services.common.privacy import is_personal_data
 from services.common.server.admission import AdmissionQueue, Slot
@@ -315,6 +315,7 @@ class _Call:
         metrics.RPC_IN_FLIGHT.labels(service).dec()
         metrics.RPC_TOTAL.labels(service, self.short, code.name).inc()
         metrics.RPC_SECONDS.labels(service, self.short).observe(elapsed)
+        telemetry.record_status(code)
         log.info(
             "rpc",
             extra={

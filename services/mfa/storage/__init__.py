@@ -1,5 +1,5 @@
 """The MFA's own tables, owned and migrated by the MFA: bound devices, SMS OTP codes, authentication
-sessions, the review queue, lockout counters and subject signals.
+sessions, the review queue, lockout counters, subject signals and the webhook outbox.
 
 They live in the shared storage's database (the devices refer to the shared subjects) and join its
 transactions, so that a session change and its audit record commit together:
@@ -25,6 +25,7 @@ from .records import (
     OtpRecord,
     ReviewRecord,
     SubjectSignalRecord,
+    WebhookEventRecord,
 )
 from .repositories import (
     LOCK_COST,
@@ -34,6 +35,7 @@ from .repositories import (
     SqlOtpRepository,
     SqlReviewRepository,
     SqlSubjectSignalRepository,
+    SqlWebhookOutboxRepository,
 )
 
 
@@ -46,6 +48,7 @@ class MfaStore:
         self.reviews = SqlReviewRepository(db)
         self.lockouts = SqlLockoutRepository(db)
         self.subject_signals = SqlSubjectSignalRepository(db)
+        self.webhooks = SqlWebhookOutboxRepository(db)
 
     def erase_subject(self, tenant_id: str, subject_id: str) -> MfaErasure:
         """Every row of the subject in the MFA's tables, in one transaction (or the caller's)."""
@@ -76,5 +79,5 @@ def attach(storage: Storage) -> MfaStore:
 
 __all__ = [
     "LOCK_COST", "PART", "AuthSessionRecord", "DeviceRecord", "LockoutRecord", "MfaErasure", "MfaStore",
-    "OtpRecord", "ReviewRecord", "SubjectSignalRecord", "attach",
+    "OtpRecord", "ReviewRecord", "SubjectSignalRecord", "WebhookEventRecord", "attach",
 ]

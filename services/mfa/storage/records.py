@@ -13,7 +13,7 @@ from typing import Any, Literal
 from services.common.storage import new_id
 from services.common.storage.db import utcnow
 
-ReviewStatus = Literal["pending", "approved", "rejected"]
+ReviewStatus = Literal["pending", "approved", "rejected", "expired"]
 LockoutScope = Literal["subject", "device"]
 
 
@@ -80,6 +80,23 @@ class ReviewRecord:
     resolved_at: datetime | None = None
     resolved_by: str = ""
     note: str = ""
+
+
+@dataclass(frozen=True)
+class WebhookEventRecord:
+    """An event for the bank's webhook, written in the transaction of the change it reports.
+    ``body`` is the JSON sent (no personal data); ``next_attempt_at`` is None once it was
+    delivered (``delivered_at``) or abandoned after its last attempt."""
+
+    tenant_id: str
+    event_type: str
+    body: str
+    next_attempt_at: datetime | None
+    id: str = field(default_factory=lambda: "evt_" + uuid.uuid4().hex)
+    created_at: datetime = field(default_factory=utcnow)
+    attempts: int = 0
+    delivered_at: datetime | None = None
+    last_error: str = ""
 
 
 @dataclass(frozen=True)

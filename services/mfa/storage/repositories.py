@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -12,7 +13,15 @@ from services.common.storage.repository import Repository
 from services.common.storage.rows import insert_sql, values
 from services.common.storage.subjects import ensure_subject
 
-from .records import AuthSessionRecord, DeviceRecord, LockoutRecord, OtpRecord, ReviewRecord, SubjectSignalRecord
+from .records import (
+    AuthSessionRecord,
+    DeviceRecord,
+    LockoutRecord,
+    OtpRecord,
+    ReviewRecord,
+    SubjectSignalRecord,
+    WebhookEventRecord,
+)
 
 LOCK_COST = 1000
 
@@ -176,6 +185,61 @@ class SqlReviewRepository(Repository[ReviewRecord]):
                 " WHERE id = ? AND status = 'pending'",
                 (status, resolved_by, note, now or utcnow(), review_id),
             )
+
+    def overdue(
+        self, created_before: datetime, limit: int, tenant_id: str | None = None
+    ) -> builtins.list[ReviewRecord]:
+        """Pending reviews opened before ``created_before``, oldest first."""
+        where, params = "status = 'pending' AND created_at <= ?", builtins.list[Any]([created_before])
+        if tenant_id is not None:
+            where += " AND tenant_id = ?"
+            params.append(tenant_id)
+        return self._select(where, params, f"ORDER BY created_at, id LIMIT {int(limit)}")
+
+
+class SqlWebhookOutboxRepository(Repository[WebhookEventRecord]):
+    table = "mfa_webhook_outbox"
+    record = WebhookEventRecord
+
+    def add(self, rec: WebhookEventRecord) -> WebhookEventRecord:
+        return self._insert_new(rec, "webhook event id already in use")
+
+    def get(self, event_id: str) -> WebhookEventRecord | None:
+        return self._select_one("id = ?", (event_id,))
+
+    def due(self, now: datetime, limit: int) -> list[WebhookEventRecord]:
+        return self._select("next_attempt_at <= ?", (now,), f"ORDER BY next_attempt_at, id LIMIT {int(limit)}")
+
+    def next_due(self) -> datetime | None:
+        """When the earliest undelivered event is due."""
+        found = self._select("next_attempt_at IS NOT NULL", (), "ORDER BY next_attempt_at LIMIT 1")
+        return found[0].next_attempt_at if found else None
+
+    def claim(self, rec: WebhookEventRecord, lease_until: datetime) -> WebhookEventRecord | None:
+        """Take the event for one attempt (compare-and-swap on its attempts): None when another
+        worker took it first. Until ``lease_until`` no other worker retries it."""
+        with self._db.transaction() as s:
+            return self._returning(
+                s,
+                "UPDATE mfa_webhook_outbox SET attempts = attempts + 1, next_attempt_at = ?"
+                " WHERE id = ? AND attempts = ? AND next_attempt_at IS NOT NULL",
+                (lease_until, rec.id, rec.attempts),
+            )
+
+    def settle(self, event_id: str, attempts: int, delivered_at: datetime | None, next_attempt_at: datetime | None,
+               error: str) -> bool:
+        """The attempt's result: delivered, to retry at ``next_attempt_at``, or abandoned (both None)."""
+        return self._update_one(
+            "UPDATE mfa_webhook_outbox SET delivered_at = ?, next_attempt_at = ?, last_error = ?"
+            " WHERE id = ? AND attempts = ?",
+            (delivered_at, next_attempt_at, error, event_id, attempts),
+        )
+
+    def prune(self, created_before: datetime) -> int:
+        """Delete delivered and abandoned events created before the given time."""
+        with self._db.transaction() as s:
+            return s.count("DELETE FROM mfa_webhook_outbox WHERE next_attempt_at IS NULL AND created_at < ?",
+                           (created_before,))
 
 
 class SqlLockoutRepository(Repository[LockoutRecord]):

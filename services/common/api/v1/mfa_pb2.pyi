@@ -465,7 +465,7 @@ class UnlockSubjectResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Review(_message.Message):
-    __slots__ = ("review_id", "session_id", "subject", "action", "reasons", "created_at", "status", "resolved_by")
+    __slots__ = ("review_id", "session_id", "subject", "action", "reasons", "created_at", "status", "resolved_by", "expires_at", "resolved_at")
     REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
@@ -474,6 +474,8 @@ class Review(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_BY_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_AT_FIELD_NUMBER: _ClassVar[int]
     review_id: str
     session_id: str
     subject: _common_pb2.SubjectRef
@@ -482,7 +484,9 @@ class Review(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     status: str
     resolved_by: str
-    def __init__(self, review_id: _Optional[str] = ..., session_id: _Optional[str] = ..., subject: _Optional[_Union[_common_pb2.SubjectRef, _Mapping]] = ..., action: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[str] = ..., resolved_by: _Optional[str] = ...) -> None: ...
+    expires_at: _timestamp_pb2.Timestamp
+    resolved_at: _timestamp_pb2.Timestamp
+    def __init__(self, review_id: _Optional[str] = ..., session_id: _Optional[str] = ..., subject: _Optional[_Union[_common_pb2.SubjectRef, _Mapping]] = ..., action: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[str] = ..., resolved_by: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListReviewsRequest(_message.Message):
     __slots__ = ("tenant_id", "status", "page_size", "page_token")
@@ -515,10 +519,50 @@ class ResolveReviewRequest(_message.Message):
     def __init__(self, review_id: _Optional[str] = ..., approve: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ResolveReviewResponse(_message.Message):
-    __slots__ = ("review",)
+    __slots__ = ("review", "decision")
     REVIEW_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
     review: Review
-    def __init__(self, review: _Optional[_Union[Review, _Mapping]] = ...) -> None: ...
+    decision: DecideResponse
+    def __init__(self, review: _Optional[_Union[Review, _Mapping]] = ..., decision: _Optional[_Union[DecideResponse, _Mapping]] = ...) -> None: ...
+
+class GetReviewRequest(_message.Message):
+    __slots__ = ("review_id",)
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    review_id: str
+    def __init__(self, review_id: _Optional[str] = ...) -> None: ...
+
+class GetReviewResponse(_message.Message):
+    __slots__ = ("review", "decision", "channel", "amount", "payee_hash", "risk", "factors", "device_state", "device_id", "country", "degraded", "policy_version", "session_started_at", "note")
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    PAYEE_HASH_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    FACTORS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_STATE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNTRY_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    review: Review
+    decision: DecideResponse
+    channel: str
+    amount: Money
+    payee_hash: str
+    risk: RiskAssessment
+    factors: _containers.RepeatedCompositeFieldContainer[FactorResult]
+    device_state: str
+    device_id: str
+    country: str
+    degraded: _containers.RepeatedScalarFieldContainer[FactorType]
+    policy_version: str
+    session_started_at: _timestamp_pb2.Timestamp
+    note: str
+    def __init__(self, review: _Optional[_Union[Review, _Mapping]] = ..., decision: _Optional[_Union[DecideResponse, _Mapping]] = ..., channel: _Optional[str] = ..., amount: _Optional[_Union[Money, _Mapping]] = ..., payee_hash: _Optional[str] = ..., risk: _Optional[_Union[RiskAssessment, _Mapping]] = ..., factors: _Optional[_Iterable[_Union[FactorResult, _Mapping]]] = ..., device_state: _Optional[str] = ..., device_id: _Optional[str] = ..., country: _Optional[str] = ..., degraded: _Optional[_Iterable[_Union[FactorType, str]]] = ..., policy_version: _Optional[str] = ..., session_started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class GetSigningKeysRequest(_message.Message):
     __slots__ = ()

@@ -121,6 +121,11 @@ class MfaServiceStub:
                 request_serializer=biogate_dot_v1_dot_mfa__pb2.ResolveReviewRequest.SerializeToString,
                 response_deserializer=biogate_dot_v1_dot_mfa__pb2.ResolveReviewResponse.FromString,
                 _registered_method=True)
+        self.GetReview = channel.unary_unary(
+                '/biogate.v1.MfaService/GetReview',
+                request_serializer=biogate_dot_v1_dot_mfa__pb2.GetReviewRequest.SerializeToString,
+                response_deserializer=biogate_dot_v1_dot_mfa__pb2.GetReviewResponse.FromString,
+                _registered_method=True)
         self.GetSigningKeys = channel.unary_unary(
                 '/biogate.v1.MfaService/GetSigningKeys',
                 request_serializer=biogate_dot_v1_dot_mfa__pb2.GetSigningKeysRequest.SerializeToString,
@@ -238,7 +243,18 @@ class MfaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResolveReview(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Approve (ALLOW, with its signed token) or reject (DENY): the session's final decision, audited
+        and sent to the bank's webhook. The review must be pending: one closed by someone else, or expired, is
+        FAILED_PRECONDITION (REVIEW_ALREADY_RESOLVED, REVIEW_EXPIRED); repeating one's own resolution
+        answers it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReview(self, request, context):
+        """The evidence a reviewer decides on; no biometric sample and no personal number.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -337,6 +353,11 @@ def add_MfaServiceServicer_to_server(servicer, server):
                     servicer.ResolveReview,
                     request_deserializer=biogate_dot_v1_dot_mfa__pb2.ResolveReviewRequest.FromString,
                     response_serializer=biogate_dot_v1_dot_mfa__pb2.ResolveReviewResponse.SerializeToString,
+            ),
+            'GetReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReview,
+                    request_deserializer=biogate_dot_v1_dot_mfa__pb2.GetReviewRequest.FromString,
+                    response_serializer=biogate_dot_v1_dot_mfa__pb2.GetReviewResponse.SerializeToString,
             ),
             'GetSigningKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSigningKeys,
@@ -803,6 +824,33 @@ class MfaService:
             '/biogate.v1.MfaService/ResolveReview',
             biogate_dot_v1_dot_mfa__pb2.ResolveReviewRequest.SerializeToString,
             biogate_dot_v1_dot_mfa__pb2.ResolveReviewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/biogate.v1.MfaService/GetReview',
+            biogate_dot_v1_dot_mfa__pb2.GetReviewRequest.SerializeToString,
+            biogate_dot_v1_dot_mfa__pb2.GetReviewResponse.FromString,
             options,
             channel_credentials,
             insecure,

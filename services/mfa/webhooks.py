@@ -1,0 +1,166 @@
+"""Webhooks to the bank: events written to an outbox table in the transaction of the change they
+report (a crash loses none), delivered by a background worker as HMAC-SHA256-signed POSTs and
+retried with exponential backoff up to a bounded number of attempts (at least once: receivers
+deduplicate by the event id).
+
+Each request carries ``BioGate-Event-Id`` and ``BioGate-Signature: t=<unix time>,v1=<hex>``, the
+HMAC-SHA256 under the shared secret of ``<t>.<body>`` (the scheme of Stripe's webhooks): the
+receiver recomputes it over the raw body, compares in constant time, and refuses a timestamp
+outside its tolerance (replays). :func:`verify` does exactly that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from .config import ReviewWebhookConfig
+from .storage import MfaStore, WebhookEventRecord
+
+log = logging.getLogger("biogate.mfa.webhooks")
+
+SIGNATURE_HEADER = "BioGate-Signature"
+EVENT_HEADER = "BioGate-Event-Id"
+TOLERANCE_S = 300
+BATCH = 50
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failed delivery (urllib would replay a POST as a bodiless GET)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def signature(secret: str, body: bytes, t: int) -> str:
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def verify(secret: str, header: str, body: bytes, now: float, tolerance_s: float = TOLERANCE_S) -> None:
+    """What a receiver does with a request; raises ValueError saying what is wrong."""
+    try:
+        parts = dict(p.split("=", 1) for p in header.split(","))
+        t = int(parts["t"])
+    except (KeyError, ValueError):
+        raise ValueError(f"malformed {SIGNATURE_HEADER} header") from None
+    if abs(now - t) > tolerance_s:
+        raise ValueError("the signature's timestamp is outside the tolerance")
+    expected = signature(secret, body, t).split(",", 1)[1][len("v1="):]
+    if not hmac.compare_digest(expected, parts.get("v1", "")):
+        raise ValueError("the signature does not match the body")
+
+
+class WebhookOutbox:
+    def __init__(self, store: MfaStore, cfg: ReviewWebhookConfig, clock: Callable[[], datetime]) -> None:
+        self.repo, self.cfg, self.clock = store.webhooks, cfg, clock
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cfg.url)
+
+    def enqueue(self, tenant: str, event_type: str, data: dict[str, Any], now: datetime) -> WebhookEventRecord | None:
+        """Writes the event (in the caller's transaction, if any); None when no webhook is configured."""
+        if not self.enabled:
+            return None
+        event_id = "evt_" + uuid.uuid4().hex
+        body = json.dumps({"id": event_id, "type": event_type, "created_at": now.isoformat(), "tenant_id": tenant,
+                           "data": data}, sort_keys=True, separators=(",", ":"))
+        return self.repo.add(WebhookEventRecord(tenant, event_type, body, now, id=event_id, created_at=now))
+
+    def backoff(self, attempts: int) -> timedelta:
+        return timedelta(seconds=min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempts - 1)))
+
+    def deliver_due(self) -> int:
+        """One pass over the events due now; returns how many were delivered."""
+        now = self.clock()
+        delivered = 0
+        for rec in self.repo.due(now, BATCH):
+            claimed = self.repo.claim(rec, now + timedelta(seconds=self.cfg.timeout_s * 2 + 30))
+            if claimed is None:
+                continue  # another replica's worker has it
+            error = self._post(claimed, now)
+            if not error:
+                self.repo.settle(claimed.id, claimed.attempts, now, None, "")
+                delivered += 1
+            elif claimed.attempts >= self.cfg.max_attempts:
+                self.repo.settle(claimed.id, claimed.attempts, None, None, error)
+                log.error("webhook event abandoned", extra={"event_id": claimed.id, "event_type": claimed.event_type,
+                                                            "attempts": claimed.attempts, "error": error})
+            else:
+                self.repo.settle(claimed.id, claimed.attempts, None, now + self.backoff(claimed.attempts), error)
+                log.warning("webhook attempt failed", extra={"event_id": claimed.id, "attempt": claimed.attempts,
+                                                             "error": error})
+        return delivered
+
+    def _post(self, rec: WebhookEventRecord, now: datetime) -> str:
+        """"" when the receiver took the event (2xx), otherwise what went wrong."""
+        body = rec.body.encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "BioGate-Webhooks/1", EVENT_HEADER: rec.id,
+                   SIGNATURE_HEADER: signature(self.cfg.secret, body, int(now.timestamp()))}
+        request = urllib.request.Request(self.cfg.url, data=body, headers=headers, method="POST")
+        try:
+            with _OPENER.open(request, timeout=self.cfg.timeout_s) as resp:
+                resp.read(65536)
+                return ""
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code}"
+        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
+            return type(getattr(exc, "reason", exc)).__name__
+
+    def next_due_in(self) -> float | None:
+        due = self.repo.next_due()
+        return None if due is None else max(0.0, (due - self.clock()).total_seconds())
+
+    def prune(self) -> int:
+        return self.repo.prune(self.clock() - timedelta(seconds=self.cfg.keep_s))
+
+
+class Worker:
+    """A background thread running ``tasks`` every ``interval_s``, sooner when woken (an event was
+    committed) or when the outbox's next retry is due. Never on an RPC's thread."""
+
+    def __init__(self, tasks: list[Callable[[], object]], interval_s: float, outbox: WebhookOutbox) -> None:
+        self.tasks, self.interval_s, self.outbox = tasks, interval_s, outbox
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mfa-review-worker", daemon=True)
+
+    def start(self) -> Worker:
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            for task in self.tasks:
+                try:
+                    task()
+                except Exception:  # a database hiccup must not end the worker; the next pass retries
+                    log.exception("review worker task failed", extra={"task": getattr(task, "__name__", "?")})
+            try:
+                due = self.outbox.next_due_in() if self.outbox.enabled else None
+            except Exception:
+                due = None
+            self._wake.wait(self.interval_s if due is None else min(self.interval_s, due))
