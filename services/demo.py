@@ -125,10 +125,10 @@ class Story:
         pending = [r.review_id for r in self.bg.list_reviews(self.tenant)]
         self.check("review", d.review_id in pending, f"{len(pending)} pending review(s) in the queue")
         done = self.bg.resolve_review(d.review_id, approve=False, note="customer was being coached by a caller")
-        # ResolveReview may also issue the final decision (a later server version): shown when present
-        final = getattr(done, "decision", None)
-        self.check("review", done.review.status == "rejected",
-                   f"reviewer {done.review.resolved_by} rejected it" + (f"; final decision {final}" if final else ""))
+        self.check("review", done.review.status == "rejected" and done.decision.outcome == mfa_pb2.OUTCOME_DENY
+                   and not done.decision.token,
+                   f"reviewer {done.review.resolved_by} rejected it: final decision "
+                   f"{outcome_name(done.decision.outcome)} ({self.codes(done.decision)}), no token")
 
     def impostor(self) -> None:
         s = self.bg.start(self.tenant, self.subject, self.phone)

@@ -46,8 +46,10 @@ def test_the_review_queue_from_the_command_line(mfa_only, capsys, tmp_path):
     assert review_id
     code, out = cli(mfa_only, capsys, "review", "list", "--json")
     assert code == 0 and review_id in [r["reviewId"] for r in json.loads(out)]
+    code, out = cli(mfa_only, capsys, "review", "show", review_id)
+    assert code == 0 and f"review: {review_id} pending login cli-cust-2 (app)" in out and "decision REVIEW" in out, out
     code, out = cli(mfa_only, capsys, "review", "resolve", review_id, "--approve", "--note", "called back")
-    assert code == 0 and f"review: {review_id} approved by dev-all" in out
+    assert code == 0 and f"review: {review_id} approved by dev-all: final decision ALLOW (signed token)" in out, out
     code, out = cli(mfa_only, capsys, "review", "resolve", review_id, "--reject", "--json")
     error = json.loads(out)
     assert code == 2 and error["code"] == "FAILED_PRECONDITION" and error["reason"] == "REVIEW_ALREADY_RESOLVED", out

@@ -116,8 +116,10 @@ def test_a_fraud_phrase_goes_to_review_and_a_reviewer_resolves_it(mfa_only):
     assert outcome_name(d.outcome) == "REVIEW" and d.review_id
     pending = mfa_only.client.list_reviews("otp-bank")
     assert d.review_id in [r.review_id for r in pending]
+    assert mfa_only.client.get_review(d.review_id).decision.outcome == mfa_pb2.OUTCOME_REVIEW
     done = mfa_only.client.resolve_review(d.review_id, approve=False, note="customer coached")
     assert done.review.status == "rejected" and done.review.resolved_by == "dev-all"
+    assert done.decision.outcome == mfa_pb2.OUTCOME_DENY and not done.decision.token
     assert d.review_id not in [r.review_id for r in mfa_only.client.list_reviews("otp-bank")]
 
 

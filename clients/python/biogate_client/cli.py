@@ -80,8 +80,8 @@ def register(subparsers) -> None:
     p.add_argument("--outbox", type=Path, help="development SMS outbox (default <data_dir>/sms-outbox.jsonl)")
     p.add_argument("--text", default="", help="chat/IVR transcript for the risk rules")
     p.add_argument("--bind", action="store_true", help="bind the app's key after an ALLOW")
-    p = cmd("review", reviews, "the human review queue: list, or resolve one")
-    p.add_argument("action", choices=("list", "resolve"))
+    p = cmd("review", reviews, "the human review queue: list, show one, or resolve one")
+    p.add_argument("action", choices=("list", "show", "resolve"))
     p.add_argument("review_id", nargs="?")
     p.add_argument("--status", default="pending")
     verdict = p.add_mutually_exclusive_group()
@@ -238,10 +238,19 @@ def reviews(bg: BioGate, args, out: Out, settings) -> int:
         if not found:
             print(f"no {args.status} reviews")
         return 0
-    if not args.review_id or not (args.approve or args.reject):
+    if not args.review_id:
+        raise SystemExit(f"biogate client review {args.action} REVIEW_ID")
+    if args.action == "show":
+        got = bg.get_review(args.review_id)
+        r = got.review
+        out("review", f"{r.review_id} {r.status} {r.action} {r.subject.subject_id} ({got.channel}): {_reasons(r)}; "
+            f"decision {outcome_name(got.decision.outcome)}", got)
+        return 0
+    if not (args.approve or args.reject):
         raise SystemExit("biogate client review resolve REVIEW_ID --approve|--reject [--note TEXT]")
     done = bg.resolve_review(args.review_id, args.approve, args.note)
-    out("review", f"{done.review.review_id} {done.review.status} by {done.review.resolved_by}", done)
+    out("review", f"{done.review.review_id} {done.review.status} by {done.review.resolved_by}: final decision "
+        f"{outcome_name(done.decision.outcome)}" + (" (signed token)" if done.decision.token else ""), done)
     return 0
 
 

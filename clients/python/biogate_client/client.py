@@ -223,8 +223,13 @@ class BioGate:
             if not token:
                 return out
 
+    def get_review(self, review_id: str) -> mfa_pb2.GetReviewResponse:
+        """A review with the evidence the reviewer sees and the session's decision."""
+        return self.call(self.mfa.GetReview, mfa_pb2.GetReviewRequest(review_id=review_id))
+
     def resolve_review(self, review_id: str, approve: bool, note: str = "") -> mfa_pb2.ResolveReviewResponse:
-        """A reviewer's verdict on a REVIEW decision."""
+        """A reviewer's verdict on a REVIEW decision; ``decision``: the session's final decision
+        (an approval's ALLOW carries the token)."""
         return self.call(self.mfa.ResolveReview, mfa_pb2.ResolveReviewRequest(
             review_id=review_id, approve=approve, note=note))
 
