@@ -93,17 +93,23 @@ class Context:
     evidence: tuple[str, ...]
 
 
-def parse_context(data: bytes) -> Context:
-    """A context a client sent; raises ContextError unless it is canonical version-1 JSON (the same
-    bytes :func:`transaction_context` would build from its fields)."""
+def load_object(data: bytes, keys: frozenset[str], error: type[ValueError]) -> dict[str, Any]:
+    """The JSON object ``data`` holds, with exactly ``keys``; raises ``error`` otherwise."""
     if len(data) > MAX_CONTEXT_BYTES:
-        raise ContextError(f"longer than {MAX_CONTEXT_BYTES} bytes")
+        raise error(f"longer than {MAX_CONTEXT_BYTES} bytes")
     try:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise ContextError("not UTF-8 JSON") from None
-    if not isinstance(obj, dict) or set(obj) != _KEYS:
-        raise ContextError(f"must be an object with exactly the keys {', '.join(sorted(_KEYS))}")
+        raise error("not UTF-8 JSON") from None
+    if not isinstance(obj, dict) or set(obj) != keys:
+        raise error(f"must be an object with exactly the keys {', '.join(sorted(keys))}")
+    return obj
+
+
+def parse_context(data: bytes) -> Context:
+    """A context a client sent; raises ContextError unless it is canonical version-1 JSON (the same
+    bytes :func:`transaction_context` would build from its fields)."""
+    obj = load_object(data, _KEYS, ContextError)
     if obj["v"] != VERSION:
         raise ContextError(f"version {obj['v']!r}; this service reads version {VERSION}")
     amount, payee, evidence = obj["amount"], obj["payee"], obj["evidence"]

@@ -25,6 +25,19 @@ class SmsConfig(Section):
     backoff_s: float = Field(0.5, ge=0)
 
 
+class PushConfig(Section):
+    """How push confirmations leave: a development sink, or Firebase Cloud Messaging (HTTP v1)."""
+
+    gateway: Literal["dev", "fcm"] = "dev"
+    outbox_file: Path | None = None  # dev: default <data_dir>/push-outbox.jsonl
+    fcm_project: str = ""
+    fcm_base_url: str = "https://fcm.googleapis.com"
+    fcm_access_token: str = ""  # OAuth 2.0 bearer (a service account's); set it from the environment
+    timeout_s: float = Field(3.0, gt=0)  # the customer waits: fall back rather than hang
+    retries: int = Field(1, ge=0, le=3)
+    backoff_s: float = Field(0.2, ge=0)
+
+
 class WebAuthnConfig(Section):
     """The MFA as a WebAuthn relying party (passkeys binding devices and signing captures)."""
 
@@ -88,6 +101,7 @@ class MfaConfig(Section):
     signing_keys_file: Path | None = None  # default <data_dir>/keys/mfa-token-keys.json
     signing_key_max_age_s: int = Field(30 * 86400, ge=60)  # rotated automatically after this
     sms: SmsConfig = SmsConfig()
+    push: PushConfig = PushConfig()
     webauthn: WebAuthnConfig = WebAuthnConfig()
     http: HttpConfig = HttpConfig()
     reviews: ReviewsConfig = ReviewsConfig()

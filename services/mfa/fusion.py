@@ -13,7 +13,9 @@ distinct authenticators among the passed factors, not factors.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,7 @@ from .policy.schema import BIOMETRIC, POSSESSION, Policy
 from .reasons import Reason
 from .risk import Assessment
 
-AMR = {"face": "face", "voice": "vbm", "sms_otp": "sms", "device": "swk"}  # RFC 8176 values
+AMR = {"face": "face", "voice": "vbm", "sms_otp": "sms", "device": "swk", "push": "swk"}  # RFC 8176 values
 ACR_RANK = {"": 0, "aal1": 1, "aal2": 2}
 
 
@@ -122,6 +124,16 @@ class Plan:
                     self.degraded + (modality,), self.review, self.deny, self.review_reasons, self.min_independent)
 
 
+    def fall_back(self, factor: str, sets: Sequence[Sequence[str]], policy: Policy, device_usable: bool) -> "Plan":
+        """The plan once ``factor`` (push) cannot reach the customer: its sets give way to ``sets``,
+        held to the same bar (a fallback is a factor of its own, not a degraded mode)."""
+        keep = tuple(s for s in self.sets if factor not in s)
+        extra = tuple(tuple(s) for s in sets if (device_usable or "device" not in s)
+                      and all(policy.factors.enabled(f) for f in s))
+        return dataclasses.replace(self, sets=tuple(dict.fromkeys(keep + extra)),
+                                   degraded_sets=tuple(s for s in self.degraded_sets if factor not in s))
+
+
 def make_plan(policy: Policy, action: str, channel: str, risk: Assessment, device_usable: bool,
               unavailable: set[str]) -> Plan:
     rule = policy.actions[action]
@@ -182,7 +194,7 @@ def _adds_authenticator(factor: str, sources: set[str]) -> bool:
 
 
 def assurance(passed: set[str]) -> tuple[tuple[str, ...], str]:
-    amr = tuple(AMR[f] for f in sorted(passed))
+    amr = tuple(dict.fromkeys(AMR[f] for f in sorted(passed)))
     kinds = {"bio" if f in BIOMETRIC else "have" for f in passed if f in BIOMETRIC | POSSESSION}
     if len(passed) >= 2:
         amr += ("mfa",)
@@ -205,6 +217,9 @@ def decide(plan: Plan, outcomes: list[FactorOutcome], locked: bool = False) -> D
                                                     "a bound device can still prove its key"))
     if plan.deny:
         return end("deny", Reason("RISK_DENY", "the risk assessment does not allow this action"))
+    if any(o.deny and o.factor not in BIOMETRIC for o in outcomes):  # "not me" on the bound app
+        return end("deny", Reason("CUSTOMER_DENIED", "the customer denied the transaction on their bound device"),
+                   *[r for o in outcomes if o.deny for r in o.reasons])
     if any(o.veto for o in outcomes):
         return end("deny", Reason("VETO", "a liveness, spoof or replay check failed"),
                    *[r for o in outcomes if o.veto for r in o.reasons])

@@ -77,7 +77,9 @@ class Proofs:
                 raise errors.invalid_argument(f"a terminal {field} carries no device, key or context",
                                               **{f"{field.replace('.', '__')}": "terminal binding with other fields"})
             caller = context.principal.get()
-            if caller is None or caller.terminal_channel != fc.state.channel:
+            # the session's channel, or the IVR calling the customer back (push fallback)
+            channels = {fc.state.channel, fc.state.callback_channel} - {None}
+            if caller is None or caller.terminal_channel is None or caller.terminal_channel not in channels:
                 raise errors.permission_denied(
                     f"the caller is not a registered terminal of the {fc.state.channel} channel: sign the capture "
                     "with the device key", "TERMINAL_NOT_REGISTERED")
@@ -89,12 +91,12 @@ class Proofs:
         if binding.device_id:
             identifier(binding.device_id, f"{field}.device_id")
         if which == "signature":
-            _signature_size(binding.signature, f"{field}.signature")
+            signature_size(binding.signature, f"{field}.signature")
         else:
             if binding.public_key:
                 raise errors.invalid_argument(f"{field}: a WebAuthn assertion needs a registered credential",
                                               **{f"{key}__public_key": "not with webauthn"})
-            _assertion_shape(binding.webauthn, f"{field}.webauthn")
+            assertion_shape(binding.webauthn, f"{field}.webauthn")
         if binding.public_key:
             devices.load_public_key(binding.public_key)
             if fc.state.device_usable or not fc.policy.binding.new_device_key:
@@ -106,13 +108,7 @@ class Proofs:
 
     def device_shape(self, fc, proof: mfa_pb2.DeviceProof) -> None:
         identifier(proof.device_id, "device.device_id")
-        if proof.HasField("webauthn"):
-            if proof.signature:
-                raise errors.invalid_argument("device: a signature or a webauthn assertion, not both",
-                                              device__signature="not with webauthn")
-            _assertion_shape(proof.webauthn, "device.webauthn")
-        else:
-            _signature_size(proof.signature, "device.signature")
+        key_proof_shape(proof, "device")
         self._context_shape(fc, proof.context, "device.context", "DEVICE")
 
     @staticmethod
@@ -147,7 +143,7 @@ class Proofs:
                           "the signed payload digests are not those of the payloads received")
         return given
 
-    def _bound_device(self, fc, device_id: str, code: str) -> DeviceRecord:
+    def bound_device(self, fc, device_id: str, code: str) -> DeviceRecord:
         rec = self.store.devices.get(fc.tenant, device_id)
         if rec is None or rec.subject_id != fc.subject or rec.revoked_at is not None or not rec.public_key:
             raise Refused(code, "no bound device of this subject has that id")
@@ -168,15 +164,15 @@ class Proofs:
             if fc.state.pending_key not in (None, fp):
                 raise Refused("CAPTURE_KEY_CHANGED", "another key signed this session's earlier captures")
             return Proven("new_device", f"key:{fp[:16]}", pending_key=fp)
-        rec = self._bound_device(fc, binding.device_id, "CAPTURE_DEVICE_NOT_BOUND")
-        kind = self._verify(fc, rec, binding.signature, binding.webauthn if which == "webauthn" else None,
+        rec = self.bound_device(fc, binding.device_id, "CAPTURE_DEVICE_NOT_BOUND")
+        kind = self.verify(fc, rec, binding.signature, binding.webauthn if which == "webauthn" else None,
                             message, "CAPTURE")
         return Proven(kind, f"device:{rec.id}", device_id=rec.id, reasons=self._mismatch(fc, rec))
 
     def device_proof(self, fc, proof: mfa_pb2.DeviceProof) -> Proven:
         message = self._message(fc, proof.context, [], "DEVICE")
-        rec = self._bound_device(fc, proof.device_id, "DEVICE_NOT_BOUND")
-        kind = self._verify(fc, rec, proof.signature, proof.webauthn if proof.HasField("webauthn") else None,
+        rec = self.bound_device(fc, proof.device_id, "DEVICE_NOT_BOUND")
+        kind = self.verify(fc, rec, proof.signature, proof.webauthn if proof.HasField("webauthn") else None,
                             message, "DEVICE")
         return Proven(kind, f"device:{rec.id}", device_id=rec.id, reasons=self._mismatch(fc, rec))
 
@@ -186,7 +182,8 @@ class Proofs:
             return (Reason("DEVICE_INFO_MISMATCH", "the key belongs to another bound device than reported"),)
         return ()
 
-    def _verify(self, fc, rec: DeviceRecord, signature: bytes, assertion, message: bytes, prefix: str) -> str:
+    def verify(self, fc, rec: DeviceRecord, signature: bytes, assertion, message: bytes, prefix: str) -> str:
+        """The signature or WebAuthn assertion of ``rec`` over ``message``: its kind; raises Refused."""
         if assertion is None:
             if rec.kind != "key" or rec.public_key is None or not devices.verify_signature(rec.public_key, signature, message):
                 raise Refused(f"{prefix}_SIGNATURE_INVALID", "the signature over the transaction context does not verify")
@@ -214,13 +211,24 @@ class Proofs:
         return "webauthn"
 
 
-def _signature_size(signature: bytes, field: str) -> None:
+def key_proof_shape(proof, field: str) -> None:
+    """A DeviceProof or PushAnswer: a signature, or a WebAuthn assertion, not both."""
+    if proof.HasField("webauthn"):
+        if proof.signature:
+            raise errors.invalid_argument(f"{field}: a signature or a webauthn assertion, not both",
+                                          **{f"{field}__signature": "not with webauthn"})
+        assertion_shape(proof.webauthn, f"{field}.webauthn")
+    else:
+        signature_size(proof.signature, f"{field}.signature")
+
+
+def signature_size(signature: bytes, field: str) -> None:
     if not signature or len(signature) > MAX_SIGNATURE:
         raise errors.invalid_argument(f"{field} must be 1..{MAX_SIGNATURE} bytes",
                                       **{field.replace(".", "__"): "missing or too long"})
 
 
-def _assertion_shape(a: mfa_pb2.WebAuthnAssertion, field: str) -> None:
+def assertion_shape(a: mfa_pb2.WebAuthnAssertion, field: str) -> None:
     for name in ("credential_id", "authenticator_data", "client_data_json", "signature"):
         value = getattr(a, name)
         if not value or len(value) > MAX_WEBAUTHN_FIELD:

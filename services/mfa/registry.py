@@ -42,7 +42,9 @@ class DeviceRegistry:
         self._device_key, self.clock, self.webauthn = device_key, clock, webauthn
 
     def _strong(self, rec: Session, now: datetime) -> None:
-        """The session holds an ALLOW strong and recent enough to bind a device, and bound none yet."""
+        """The session holds an ALLOW strong and recent enough to bind a device, and bound none yet; where
+        the policy has a bind_device action and the subject a bound device, it is of that action (a
+        new phone is confirmed from the old one: the SIM-swap defence)."""
         binding = self.policies.get(rec.tenant_id).factors.device.binding
         decision = rec.state.decision
         if decision is None or decision.outcome != "allow" or ACR_RANK.get(decision.acr, 0) < ACR_RANK[binding.min_acr]:
@@ -54,6 +56,12 @@ class DeviceRegistry:
                                              "AUTHENTICATION_TOO_OLD")
         if rec.state.bound_device_id:
             raise errors.failed_precondition("this session already bound a device", "ALREADY_BOUND_IN_SESSION")
+        policy = self.policies.get(rec.tenant_id)
+        if ("bind_device" in policy.actions and rec.state.action != "bind_device"
+                and self.store.devices.list_for_subject(rec.tenant_id, rec.subject_id)):
+            raise errors.failed_precondition(
+                "the subject has a bound device: binding another takes a session of the bind_device action "
+                "(confirmed on the bound device, or by the policy's fallback)", "BIND_DEVICE_ACTION_REQUIRED")
 
     def registration_options(self, req: mfa_pb2.StartDeviceRegistrationRequest) -> mfa_pb2.StartDeviceRegistrationResponse:
         from webauthn import generate_registration_options, options_to_json

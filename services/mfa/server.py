@@ -37,6 +37,16 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
     def Decide(self, request, context):
         return self.mfa.decide(request)
 
+    # --- push confirmation
+    def SendPushConfirmation(self, request, context):
+        return self.mfa.send_push(request)
+
+    def ConfirmTransaction(self, request, context):
+        return self.mfa.confirm_transaction(request, budget_of(context))
+
+    def SetPushToken(self, request, context):
+        return self.mfa.set_push_token(request)
+
     # --- devices
     def StartDeviceRegistration(self, request, context):
         return self.mfa.start_device_registration(request)
@@ -81,7 +91,7 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
                                        self.mfa.rate_limit_keys)
 
     def SetPhoneNumber(self, request, context):
-        return subjects.set_phone_number(self.rt, request)
+        return subjects.set_phone_number(self.rt, request, self.mfa.store, self.mfa.clock())
 
 
 def definition(settings: MfaSettings, clock: Callable[[], datetime] | None = None) -> ServiceDefinition:
@@ -114,7 +124,7 @@ def definition(settings: MfaSettings, clock: Callable[[], datetime] | None = Non
         orchestrator.close()
         rt.close()
 
-    return ServiceDefinition(
+    result = ServiceDefinition(
         name="mfa",
         descriptors=[mfa_pb2.DESCRIPTOR.services_by_name["MfaService"]],
         register=lambda server: mfa_pb2_grpc.add_MfaServiceServicer_to_server(servicer, server),
@@ -123,3 +133,5 @@ def definition(settings: MfaSettings, clock: Callable[[], datetime] | None = Non
         details=details,
         tenant_lookups={"session": orchestrator.sessions.tenant_of, "review": orchestrator.reviews.tenant_of},
     )
+    result.service = orchestrator  # type: ignore[attr-defined]  # tests and benchmarks reach the orchestrator through it
+    return result

@@ -13,7 +13,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common import errors
+from services.common import context, errors
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.runtime import Runtime
 from services.common.storage import AlreadyExistsError, new_id
@@ -35,6 +35,9 @@ from .registry import DeviceRegistry
 from .reviews import ReviewQueue, factor_result
 from .risk import Place, RiskEngine, RiskSignals
 from .sessions import Session, Sessions
+from .push import PushGateway, open_push_gateway
+from .push.flow import PushConfirmations
+from .signals import apply_cooling_off, recent_changes
 from .sms import SmsGateway, open_gateway
 from .state import DecisionState, DeviceState, RiskState, SessionState
 from .storage import SubjectSignalRecord, attach
@@ -47,7 +50,8 @@ OUTCOMES = {"allow": mfa_pb2.OUTCOME_ALLOW, "step_up": mfa_pb2.OUTCOME_STEP_UP,
 LEVELS = {"low": mfa_pb2.RISK_LEVEL_LOW, "medium": mfa_pb2.RISK_LEVEL_MEDIUM,
           "high": mfa_pb2.RISK_LEVEL_HIGH, "critical": mfa_pb2.RISK_LEVEL_CRITICAL}
 FACTOR_ENUMS = {"face": mfa_pb2.FACTOR_TYPE_FACE, "voice": mfa_pb2.FACTOR_TYPE_VOICE,
-                "sms_otp": mfa_pb2.FACTOR_TYPE_SMS_OTP, "device": mfa_pb2.FACTOR_TYPE_DEVICE}
+                "sms_otp": mfa_pb2.FACTOR_TYPE_SMS_OTP, "device": mfa_pb2.FACTOR_TYPE_DEVICE,
+                "push": mfa_pb2.FACTOR_TYPE_PUSH}
 MODALITIES = {common_pb2.MODALITY_FACE: "face", common_pb2.MODALITY_VOICE: "voice"}
 FINAL = ("allow", "deny", "review")
 
@@ -76,7 +80,8 @@ def velocity_key(pseudonym: str) -> str:
 
 class Orchestrator:
     def __init__(self, rt: Runtime, clients: dict[str, BiometricClient] | None = None,
-                 gateway: SmsGateway | None = None, clock: Callable[[], datetime] | None = None) -> None:
+                 gateway: SmsGateway | None = None, clock: Callable[[], datetime] | None = None,
+                 push_gateway: PushGateway | None = None) -> None:
         self.settings = settings = mfa_settings(rt.settings)
         cfg = settings.mfa
         self.rt = rt
@@ -86,6 +91,7 @@ class Orchestrator:
         self.store = attach(rt.storage)
         self.clients = clients if clients is not None else open_clients(settings)
         self.gateway = gateway or open_gateway(settings)
+        self.push_gateway = push_gateway or open_push_gateway(settings)
         self.otp = OtpService(rt, self.store, self.gateway)
         self.sessions = Sessions(self.store)
         self.lockouts = Lockouts(self.store, rt.audit)
@@ -101,6 +107,7 @@ class Orchestrator:
         self._engines: dict[int, tuple[Policy, RiskEngine]] = {}
         self.registry = DeviceRegistry(rt, self.store, self.sessions, self.policies, self._device_key, self.clock,
                                        cfg.webauthn)
+        self.push = PushConfirmations(self)
 
     def rate_limit_keys(self, tenant: str, subject: str) -> list[str]:
         """The rate-limit counters kept under the subject's pseudonym or phone number (erased with it)."""
@@ -126,7 +133,7 @@ class Orchestrator:
                              session.state, now, self.clients, self.otp, budget, proofs=self.proofs)
 
     @staticmethod
-    def _require_acceptable(policy: Policy, session: Session, name: str) -> None:
+    def require_acceptable(policy: Policy, session: Session, name: str) -> None:
         if not policy.factors.enabled(name) or not any(name in s for s in session.state.plan.acceptable()):
             raise errors.failed_precondition(f"{name} is not an acceptable factor in this session",
                                              "FACTOR_NOT_ACCEPTABLE")
@@ -176,6 +183,8 @@ class Orchestrator:
             failures=round(lock_state.failures),
             sessions_in_window=count, place=signals.place, last_place=last_place,
             conversation_text=signals.conversation_text, amount=amount), rule.amount_bands)
+        risk = apply_cooling_off(policy, action, risk, recent_changes(policy, self.store, tenant, subject, last,
+                                                                      matched, now))
         unavailable = {m for m, c in self.clients.items() if not c.available}
         plan = make_plan(policy, action, channel, risk, device_usable=matched is not None, unavailable=unavailable)
         nonce = new_id() + new_id()
@@ -185,7 +194,7 @@ class Orchestrator:
             channel=channel, action=action, amount=amount,
             device=DeviceState(fp, state if device else "absent", matched.id if matched else None),
             nonce=nonce, policy_version=policy.version, risk=RiskState(risk.score, risk.level, list(risk.reasons)),
-            plan=plan, place=place, request_hash=request_hash,
+            plan=plan, place=place, request_hash=request_hash, request_id=context.request_id.get() or None,
             payee=self.proofs.payee_hash(tenant, payee_object(*payee)) if payee else None)
         try:
             with self.rt.storage.transaction():  # the session and its audit record, or neither
@@ -224,7 +233,7 @@ class Orchestrator:
         now = self.clock()
         session = self.sessions.open(session_id, now)
         policy = self._policy_of(session)
-        self._require_acceptable(policy, session, name)
+        self.require_acceptable(policy, session, name)
         self.lockouts.check(session.tenant_id, session.subject_id, session.state.device.fp, policy.lockout, now,
                             session.state.device_usable)
         factor = FACTORS[name]
@@ -280,11 +289,16 @@ class Orchestrator:
         if which is None:
             raise errors.invalid_argument("one of face, voice, otp or device evidence is required", evidence="missing")
         name = BY_EVIDENCE[which]
+        return self.submit_evidence(session, name, getattr(req, which), now, budget)[0]
+
+    def submit_evidence(self, session: Session, name: str, evidence: Any, now: datetime,
+                        budget: float | None) -> tuple[mfa_pb2.SubmitFactorResponse, FactorOutcome, Session]:
+        """submit() once the evidence's factor is known: (the response, the outcome, the session as stored)."""
         policy = self._policy_of(session)
-        self._require_acceptable(policy, session, name)
+        self.require_acceptable(policy, session, name)
         st, tenant, subject = session.state, session.tenant_id, session.subject_id
         self.lockouts.check(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
-        factor, evidence = FACTORS[name], getattr(req, which)
+        factor = FACTORS[name]
         ctx = self._context(session, policy, now, budget)
         factor.validate(ctx, evidence)
         attempt = self.lockouts.attempt(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
@@ -299,6 +313,7 @@ class Orchestrator:
         def change(st: SessionState) -> None:
             if st.decision is not None:
                 raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
+            factor.settle(ctx, st, evidence)
             outcomes = [outcome, *ctx.also]
             if bound is not None and bound.pending_key:
                 if st.pending_key not in (None, bound.pending_key):  # a concurrent capture by another key
@@ -322,7 +337,7 @@ class Orchestrator:
                     "reasons": [r.code for r in outcome.reasons], "binding": outcome.binding,
                     **({"device_id": bound.device_id} if bound is not None and bound.device_id else {}),
                     **({"terminal": bound.terminal} if bound is not None and bound.terminal else {}),
-                    "also": [o.factor for o in ctx.also], **outcome.operating_point()})
+                    "also": [o.factor for o in ctx.also], **outcome.operating_point(), **ctx.notes.get("audit", {})})
         except errors.ServiceError:
             self.lockouts.release(attempt, policy.lockout)
             raise
@@ -331,8 +346,9 @@ class Orchestrator:
             left = min(left, ctx.notes["otp_attempts_left"])
         d = decide(session.state.plan, session.state.factors)
         still = d.still_needed if d.outcome == "step_up" else ()
-        return mfa_pb2.SubmitFactorResponse(result=factor_result(outcome), still_acceptable=_sets(still),
-                                            attempts_left=max(0, left))
+        return (mfa_pb2.SubmitFactorResponse(result=factor_result(outcome), still_acceptable=_sets(still),
+                                             attempts_left=max(0, left)),
+                outcome, session)
 
     # ------------------------------------------------------------------ decision
     def decide(self, req: mfa_pb2.DecideRequest) -> mfa_pb2.DecideResponse:
@@ -412,6 +428,17 @@ class Orchestrator:
             outcome=OUTCOMES[stored.outcome], reasons=to_protos(stored.reasons),
             still_needed=_sets(stored.still_needed), token=stored.token, acr=stored.acr,
             amr=stored.amr, review_id=stored.review_id, total_llr=stored.total)
+
+    # ------------------------------------------------------------------ push confirmation
+    def send_push(self, req: mfa_pb2.SendPushConfirmationRequest) -> mfa_pb2.SendPushConfirmationResponse:
+        return self.push.send(req)
+
+    def confirm_transaction(self, req: mfa_pb2.ConfirmTransactionRequest,
+                            budget: float | None = None) -> mfa_pb2.ConfirmTransactionResponse:
+        return self.push.confirm(req, budget)
+
+    def set_push_token(self, req: mfa_pb2.SetPushTokenRequest) -> mfa_pb2.SetPushTokenResponse:
+        return self.push.set_token(req)
 
     # ------------------------------------------------------------------ devices
     def start_device_registration(self, req: mfa_pb2.StartDeviceRegistrationRequest):

@@ -89,6 +89,10 @@ class SessionState:
     bound_device_id: str | None = None  # the device this session bound
     payee: str | None = None  # keyed hash of the payee the user was shown (never the payee itself)
     pending_key: str | None = None  # SHA-256 of the new device's key that signed captures: the only one it may bind
+    request_id: str | None = None  # of the call that started the session: carried by every push step
+    push: dict[str, Any] | None = None  # the push confirmation out (services/mfa/factors/push.py)
+    push_sends: int = 0
+    callback_channel: str | None = None  # "ivr": the push fallback's voice factor may come from the IVR platform
 
     @property
     def device_usable(self) -> bool:
@@ -114,6 +118,9 @@ class SessionState:
             out["payee"] = self.payee
         if self.pending_key:
             out["pending_key"] = self.pending_key
+        for name in ("request_id", "push", "push_sends", "callback_channel"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
         return out
 
     @classmethod
@@ -131,5 +138,6 @@ class SessionState:
             place=(place[0], place[1], place[2]) if place else None,
             decision=DecisionState.from_json(decision) if decision else None,
             request_hash=d.get("request_hash"), bound_device_id=d.get("bound_device_id"),
-            payee=d.get("payee"), pending_key=d.get("pending_key"),
+            payee=d.get("payee"), pending_key=d.get("pending_key"), request_id=d.get("request_id"),
+            push=d.get("push"), push_sends=int(d.get("push_sends", 0)), callback_channel=d.get("callback_channel"),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 import grpc
 
@@ -125,14 +126,20 @@ def delete_subject(rt: Runtime, store: MfaStore, clients: dict[str, BiometricCli
     )
 
 
-def set_phone_number(rt: Runtime, request: mfa_pb2.SetPhoneNumberRequest) -> mfa_pb2.SetPhoneNumberResponse:
+def set_phone_number(rt: Runtime, request: mfa_pb2.SetPhoneNumberRequest, store: MfaStore | None = None,
+                     now: datetime | None = None) -> mfa_pb2.SetPhoneNumberResponse:
+    """A number replacing another one starts the SIM-swap cooling-off (the subject's signals)."""
     tenant, subject = subject_ref(request.subject)
     phone = request.phone_e164.replace(" ", "")
     if not _E164.match(phone):
         raise errors.invalid_argument("phone_e164 must be an E.164 number such as +8613812345678",
                                       phone_e164="not E.164")
     envelope = rt.crypto.encrypt_contact(tenant, subject, phone)
-    with rt.storage.transaction():  # the number and its audit record, or neither
+    previous = rt.storage.subjects.get_phone(tenant, subject)
+    changed = previous is not None and rt.crypto.decrypt_contact(tenant, subject, previous[0]) != phone
+    with rt.storage.transaction():  # the number, the change signal and the audit record, or none
         rt.storage.subjects.set_phone(tenant, subject, envelope, envelope_key_id(envelope))
-        rt.audit.append("contact.phone_set", actor(), tenant, subject, {})
+        if changed and store is not None:
+            store.subject_signals.phone_changed(tenant, subject, now or datetime.now(timezone.utc))
+        rt.audit.append("contact.phone_set", actor(), tenant, subject, {"changed": changed})
     return mfa_pb2.SetPhoneNumberResponse(masked_phone=mask_phone(phone))

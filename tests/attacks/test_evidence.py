@@ -93,22 +93,23 @@ def test_a_forged_llr_from_an_unauthenticated_face_service_is_no_evidence(tmp_pa
         if expect_allow:  # control: the same answer from a server the MFA authenticates counts
             assert result.passed and result.llr == pytest.approx(10.0) and PHOTO in forged.photos, result
             assert d.outcome == F.OUTCOME_ALLOW, d
+            allowed = (d.token, jwks, settings.mfa.issuer)
             continue
         assert PHOTO not in forged.photos, "the MFA sent the capture to a server it could not authenticate"
         assert (result.passed, result.llr) == (False, 0.0), result
         assert [r.code for r in result.reasons] == ["FACE_SERVICE_UNAVAILABLE"], result
         assert d.outcome != F.OUTCOME_ALLOW and "face" not in d.amr, d
-        denied = (d.token, jwks, settings.mfa.issuer)
-    _edited_tokens_are_refused(*denied)
+        assert d.token == "", "only an ALLOW is a bearer credential"
+    _edited_tokens_are_refused(*allowed)
 
 
 def _edited_tokens_are_refused(token: str, jwks: str, issuer: str) -> None:
-    """The relying party's side: the decision token with the face LLR and the decision edited."""
+    """The relying party's side: an ALLOW's token with its factors, evidence and amount edited."""
     header, payload, signature = token.split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     audience = claims["aud"]
     verify_token(token, jwks, issuer, audience)  # the MFA's own token verifies
-    claims.update(decision="allow", amr=["face", "sms"], acr="aal2",
+    claims.update(amr=["face", "sms"], acr="aal3", amt="CNY 1000000.00",
                   fac=[{"f": "face", "llr": 10.0, "bind": "device"}, {"f": "sms_otp", "llr": 3.0}])
 
     def b64(raw: bytes) -> str:

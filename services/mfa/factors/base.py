@@ -13,6 +13,7 @@ Policies stay apart (services.mfa.policy): a factor reads its settings, it does 
     evaluate(ctx, evidence)      template method
       check(ctx, evidence)       the factor's own verification -> FactorOutcome
       (a biometric service that cannot answer -> an "unavailable" outcome, never a pass)
+    settle(ctx, state, evidence) hook, in the compare-and-swap recording the outcome
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ class Factor(ABC):
 
     def validate(self, ctx: FactorContext, evidence: Any) -> None:  # noqa: B027  (optional hook)
         """Hook: refuse malformed evidence (raise ServiceError)."""
+
+    def settle(self, ctx: FactorContext, state: SessionState, evidence: Any) -> None:  # noqa: B027  (optional hook)
+        """Hook, in the compare-and-swap that records the outcome: consume what the evidence
+        answered (a push confirmation answers once); raise to refuse."""
 
     @abstractmethod
     def check(self, ctx: FactorContext, evidence: Any) -> FactorOutcome: ...

@@ -31,7 +31,8 @@ class VoiceFactor(BiometricFactor):
 
     def check(self, ctx: FactorContext, ev: mfa_pb2.VoiceEvidence) -> FactorOutcome:
         cfg = ctx.policy.factors.voice
-        telephone = ctx.state.channel == "ivr"
+        callback = ctx.state.callback_channel == "ivr" and ev.binding.WhichOneof("proof") == "terminal"
+        telephone = ctx.state.channel == "ivr" or callback
         channel = voice_pb2.VOICE_CHANNEL_TELEPHONE if telephone else voice_pb2.VOICE_CHANNEL_UNSPECIFIED
         r = ctx.clients["voice"].call("Verify", voice_pb2.VerifyVoiceRequest(
             subject=common_pb2.SubjectRef(tenant_id=ctx.tenant, subject_id=ctx.subject),

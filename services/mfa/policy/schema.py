@@ -11,13 +11,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FactorName = Literal["face", "voice", "sms_otp", "device"]
+FactorName = Literal["face", "voice", "sms_otp", "device", "push"]
 ChannelName = Literal["app", "kiosk", "ivr", "web"]
 LevelName = Literal["low", "medium", "high", "critical"]
 Acr = Literal["aal1", "aal2"]
 
 BIOMETRIC: frozenset[str] = frozenset({"face", "voice"})
-POSSESSION: frozenset[str] = frozenset({"sms_otp", "device"})
+POSSESSION: frozenset[str] = frozenset({"sms_otp", "device", "push"})
 
 
 class Strict(BaseModel):
@@ -98,11 +98,37 @@ class DeviceFactor(Strict):
     binding: DeviceBinding = DeviceBinding()
 
 
+class PushFactor(Strict):
+    """Push confirmation (services/mfa/factors/push.py): the customer's bound app approves or denies
+    what it shows (action, amount, payee, place), signed by the device key, with number matching.
+    When the app cannot be reached (gateway error, no device with a push token) the session falls
+    back to ``fallback``, held to the action's own bar: never an ALLOW without a factor."""
+
+    enabled: bool = True
+    evidence: float = Field(4.0, gt=0, le=20)
+    ttl_s: int = Field(90, ge=10, le=120)  # a confirmation answers within seconds, at most 2 minutes
+    number_digits: int = Field(2, ge=2, le=4)  # the number the screen shows and the app must be given
+    max_sends: int = Field(3, ge=1, le=10)  # confirmations per session (push fatigue)
+    fallback: FactorSetList = [["voice", "sms_otp"]]
+    # A voice factor of a fallback set may come from the registered IVR platform calling the
+    # customer back (the digit challenge of this session), whatever channel the session started on.
+    ivr_callback: bool = True
+
+    @field_validator("fallback")
+    @classmethod
+    def _sets(cls, v):
+        sets = _check_sets(v)
+        if any("push" in s for s in sets):
+            raise ValueError("a fallback set cannot hold push itself")
+        return sets
+
+
 class Factors(Strict):
     face: FaceFactor = FaceFactor()
     voice: VoiceFactor = VoiceFactor()
     sms_otp: OtpFactor = OtpFactor()
     device: DeviceFactor = DeviceFactor()
+    push: PushFactor = PushFactor()
 
     def enabled(self, name: str) -> bool:
         return getattr(self, name).enabled
@@ -291,6 +317,16 @@ class Binding(Strict):
     biometric_alone: bool = False
 
 
+class CoolingOff(Strict):
+    """The SIM-swap defence: for ``window_s`` after the subject's phone number changed, or on a
+    device bound within ``window_s`` while the subject had another one before, the ``actions`` are
+    held to ``requirement`` besides everything else (the new channel alone is not enough)."""
+
+    window_s: int = Field(86400, ge=0, le=30 * 86400)  # 0: off
+    actions: list[str] = ["payment"]  # (the default applies to a policy's payment action, if it has one)
+    requirement: Requirement = Requirement(min_factors=2, min_independent=2, extra_evidence=3.0)
+
+
 class Policy(Strict):
     version: str = Field(min_length=1, max_length=64)
     description: str = ""
@@ -300,6 +336,7 @@ class Policy(Strict):
     degraded: Degraded = Degraded()
     lockout: Lockout = Lockout()
     binding: Binding = Binding()
+    cooling_off: CoolingOff = CoolingOff()
 
     def voice_challenge(self, action: str, channel: str) -> bool:
         """Whether the voice factor needs the digit challenge in a session of this action and channel."""
@@ -317,7 +354,7 @@ class Policy(Strict):
         where = [(f"actions.{name}.acceptable", a.acceptable) for name, a in self.actions.items()]
         where += [(f"actions.{name}.channels.{ch}.acceptable", c.acceptable) for name, a in self.actions.items()
                   for ch, c in a.channels.items() if c.acceptable]
-        where += [("degraded.acceptable", self.degraded.acceptable)]
+        where += [("degraded.acceptable", self.degraded.acceptable), ("factors.push.fallback", self.factors.push.fallback)]
         bad = [f"{path}.{i} {list(s)}" for path, sets in where for i, s in enumerate(sets)
                if set(s) & BIOMETRIC and not set(s) & POSSESSION]
         if bad:
@@ -332,4 +369,7 @@ class Policy(Strict):
         off = sorted(f for f in used if not self.factors.enabled(f))
         if off:
             raise ValueError(f"actions name disabled factors: {', '.join(off)}")
+        unknown = sorted(a for a in self.cooling_off.actions if a not in self.actions)
+        if unknown and "actions" in self.cooling_off.model_fields_set:  # the default names payment
+            raise ValueError(f"cooling_off.actions names actions the policy does not have: {', '.join(unknown)}")
         return self

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import urllib.error
-import urllib.request
 
 from services.common.privacy import mask_phone
 
+from ..outbound import post_json
 from .base import SmsError
 
 log = logging.getLogger("biogate.mfa.sms")
@@ -31,22 +29,7 @@ class HttpSmsGateway:
         headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                    reply = json.loads(resp.read(65536) or b"{}")
-                    message_id = str(reply.get("id", "")) if isinstance(reply, dict) else ""
-                    log.info("sms sent", extra={"to": mask_phone(to_e164), "attempt": attempt + 1})
-                    return message_id
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}"
-                if exc.code < 500 and exc.code != 429:
-                    raise SmsError(f"the SMS gateway refused the message ({last})", transient=False) from None
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
-                last = type(getattr(exc, "reason", exc)).__name__
-            log.warning("sms gateway attempt failed", extra={"attempt": attempt + 1, "error": last})
-        raise SmsError(f"the SMS gateway failed {self.retries + 1} times (last: {last})")
+        reply, attempt = post_json(self.url, body, headers, timeout_s=self.timeout_s, retries=self.retries,
+                                   backoff_s=self.backoff_s, what="the SMS gateway", error=SmsError, log=log)
+        log.info("sms sent", extra={"to": mask_phone(to_e164), "attempt": attempt})
+        return str(reply.get("id", ""))

@@ -38,6 +38,8 @@ class DeviceRecord:
     credential_id: str | None = None  # WebAuthn: the credential's rawId, base64url
     credential_public_key: bytes | None = None  # WebAuthn: COSE key (public_key holds it as DER SPKI)
     sign_count: int = 0  # WebAuthn: the authenticator's signature counter last seen
+    push_token: str | None = None  # the app's push registration token (FCM), where it gave one
+    flagged_at: datetime | None = None  # the customer denied a transaction on this device
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,9 @@ class SubjectSignalRecord:
     latitude: float | None = None
     longitude: float | None = None
     seen_at: datetime = field(default_factory=utcnow)
+    phone_changed_at: datetime | None = None  # the SIM-swap cooling-off starts here
+    flagged_at: datetime | None = None  # the latest fraud signal (a denied push confirmation)
+    flag_reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,17 @@ class SqlDeviceRepository(Repository[DeviceRecord]):
             (new, tenant_id, device_id, seen),
         )
 
+    def set_push_token(self, tenant_id: str, device_id: str, token: str | None) -> bool:
+        return self._update_one(
+            "UPDATE devices SET push_token = ? WHERE tenant_id = ? AND id = ? AND revoked_at IS NULL",
+            (token, tenant_id, device_id),
+        )
+
+    def flag(self, tenant_id: str, device_id: str, now: datetime) -> bool:
+        return self._update_one(
+            "UPDATE devices SET flagged_at = ? WHERE tenant_id = ? AND id = ?", (now, tenant_id, device_id)
+        )
+
     def touch(self, tenant_id: str, device_id: str, now: datetime | None = None) -> bool:
         return self._update_one(
             "UPDATE devices SET last_seen_at = ? WHERE tenant_id = ? AND id = ? AND revoked_at IS NULL",
@@ -317,4 +328,28 @@ class SqlSubjectSignalRepository(Repository[SubjectSignalRecord]):
                 " latitude = excluded.latitude, longitude = excluded.longitude,"
                 " seen_at = excluded.seen_at",
                 values(rec),
+            )
+
+    def _ensure(self, s, tenant_id: str, subject_id: str, now: datetime) -> None:
+        """A row to mark, for a subject no ALLOW has placed yet (country unknown: "")."""
+        s.execute(
+            "INSERT INTO mfa_subject_signals (tenant_id, subject_id, country, seen_at) VALUES (?, ?, '', ?)"
+            " ON CONFLICT (tenant_id, subject_id) DO NOTHING",
+            (tenant_id, subject_id, now),
+        )
+
+    def flag(self, tenant_id: str, subject_id: str, reason: str, now: datetime) -> None:
+        with self._db.transaction() as s:
+            self._ensure(s, tenant_id, subject_id, now)
+            s.execute(
+                "UPDATE mfa_subject_signals SET flagged_at = ?, flag_reason = ? WHERE tenant_id = ? AND subject_id = ?",
+                (now, reason, tenant_id, subject_id),
+            )
+
+    def phone_changed(self, tenant_id: str, subject_id: str, now: datetime) -> None:
+        with self._db.transaction() as s:
+            self._ensure(s, tenant_id, subject_id, now)
+            s.execute(
+                "UPDATE mfa_subject_signals SET phone_changed_at = ? WHERE tenant_id = ? AND subject_id = ?",
+                (now, tenant_id, subject_id),
             )

@@ -28,6 +28,7 @@ class FactorType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FACTOR_TYPE_VOICE: _ClassVar[FactorType]
     FACTOR_TYPE_SMS_OTP: _ClassVar[FactorType]
     FACTOR_TYPE_DEVICE: _ClassVar[FactorType]
+    FACTOR_TYPE_PUSH: _ClassVar[FactorType]
 
 class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -54,6 +55,7 @@ FACTOR_TYPE_FACE: FactorType
 FACTOR_TYPE_VOICE: FactorType
 FACTOR_TYPE_SMS_OTP: FactorType
 FACTOR_TYPE_DEVICE: FactorType
+FACTOR_TYPE_PUSH: FactorType
 OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_ALLOW: Outcome
 OUTCOME_STEP_UP: Outcome
@@ -573,3 +575,79 @@ class GetSigningKeysResponse(_message.Message):
     JWKS_JSON_FIELD_NUMBER: _ClassVar[int]
     jwks_json: str
     def __init__(self, jwks_json: _Optional[str] = ...) -> None: ...
+
+class SendPushConfirmationRequest(_message.Message):
+    __slots__ = ("session_id", "payee")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYEE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    payee: Payee
+    def __init__(self, session_id: _Optional[str] = ..., payee: _Optional[_Union[Payee, _Mapping]] = ...) -> None: ...
+
+class SendPushConfirmationResponse(_message.Message):
+    __slots__ = ("sent", "confirmation_id", "number", "expires_at", "device_id", "reason", "acceptable", "ivr_callback")
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMATION_ID_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTABLE_FIELD_NUMBER: _ClassVar[int]
+    IVR_CALLBACK_FIELD_NUMBER: _ClassVar[int]
+    sent: bool
+    confirmation_id: str
+    number: str
+    expires_at: _timestamp_pb2.Timestamp
+    device_id: str
+    reason: _common_pb2.Reason
+    acceptable: _containers.RepeatedCompositeFieldContainer[FactorSet]
+    ivr_callback: bool
+    def __init__(self, sent: _Optional[bool] = ..., confirmation_id: _Optional[str] = ..., number: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., device_id: _Optional[str] = ..., reason: _Optional[_Union[_common_pb2.Reason, _Mapping]] = ..., acceptable: _Optional[_Iterable[_Union[FactorSet, _Mapping]]] = ..., ivr_callback: _Optional[bool] = ...) -> None: ...
+
+class PushAnswer(_message.Message):
+    __slots__ = ("confirmation_id", "device_id", "context", "signature", "webauthn")
+    CONFIRMATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    WEBAUTHN_FIELD_NUMBER: _ClassVar[int]
+    confirmation_id: str
+    device_id: str
+    context: bytes
+    signature: bytes
+    webauthn: WebAuthnAssertion
+    def __init__(self, confirmation_id: _Optional[str] = ..., device_id: _Optional[str] = ..., context: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., webauthn: _Optional[_Union[WebAuthnAssertion, _Mapping]] = ...) -> None: ...
+
+class ConfirmTransactionRequest(_message.Message):
+    __slots__ = ("session_id", "answer")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    answer: PushAnswer
+    def __init__(self, session_id: _Optional[str] = ..., answer: _Optional[_Union[PushAnswer, _Mapping]] = ...) -> None: ...
+
+class ConfirmTransactionResponse(_message.Message):
+    __slots__ = ("result", "still_acceptable", "attempts_left", "decision")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    STILL_ACCEPTABLE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    result: FactorResult
+    still_acceptable: _containers.RepeatedCompositeFieldContainer[FactorSet]
+    attempts_left: int
+    decision: DecideResponse
+    def __init__(self, result: _Optional[_Union[FactorResult, _Mapping]] = ..., still_acceptable: _Optional[_Iterable[_Union[FactorSet, _Mapping]]] = ..., attempts_left: _Optional[int] = ..., decision: _Optional[_Union[DecideResponse, _Mapping]] = ...) -> None: ...
+
+class SetPushTokenRequest(_message.Message):
+    __slots__ = ("subject", "device_id", "push_token")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    subject: _common_pb2.SubjectRef
+    device_id: str
+    push_token: str
+    def __init__(self, subject: _Optional[_Union[_common_pb2.SubjectRef, _Mapping]] = ..., device_id: _Optional[str] = ..., push_token: _Optional[str] = ...) -> None: ...
+
+class SetPushTokenResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

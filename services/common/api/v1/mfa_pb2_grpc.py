@@ -131,6 +131,21 @@ class MfaServiceStub:
                 request_serializer=biogate_dot_v1_dot_mfa__pb2.GetSigningKeysRequest.SerializeToString,
                 response_deserializer=biogate_dot_v1_dot_mfa__pb2.GetSigningKeysResponse.FromString,
                 _registered_method=True)
+        self.SendPushConfirmation = channel.unary_unary(
+                '/biogate.v1.MfaService/SendPushConfirmation',
+                request_serializer=biogate_dot_v1_dot_mfa__pb2.SendPushConfirmationRequest.SerializeToString,
+                response_deserializer=biogate_dot_v1_dot_mfa__pb2.SendPushConfirmationResponse.FromString,
+                _registered_method=True)
+        self.ConfirmTransaction = channel.unary_unary(
+                '/biogate.v1.MfaService/ConfirmTransaction',
+                request_serializer=biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionRequest.SerializeToString,
+                response_deserializer=biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionResponse.FromString,
+                _registered_method=True)
+        self.SetPushToken = channel.unary_unary(
+                '/biogate.v1.MfaService/SetPushToken',
+                request_serializer=biogate_dot_v1_dot_mfa__pb2.SetPushTokenRequest.SerializeToString,
+                response_deserializer=biogate_dot_v1_dot_mfa__pb2.SetPushTokenResponse.FromString,
+                _registered_method=True)
 
 
 class MfaServiceServicer:
@@ -266,6 +281,32 @@ class MfaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendPushConfirmation(self, request, context):
+        """Push confirmation (issue 17). Sends the session's transaction (action, amount, payee, place)
+        to the subject's bound app and returns the number the bank's own screen shows (number
+        matching). When no bound device has a push token, or the push gateway fails, nothing is sent
+        and the session falls back to the policy's sets (factors.push.fallback), which the response names.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmTransaction(self, request, context):
+        """The bound app's answer (approve or deny), signed by its key over exactly what it showed and the
+        number the user entered; relayed by the bank's app back end. A deny ends the session DENY and
+        flags the device and the subject.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPushToken(self, request, context):
+        """The push token (FCM registration token) of a bound device's app; empty clears it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MfaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -363,6 +404,21 @@ def add_MfaServiceServicer_to_server(servicer, server):
                     servicer.GetSigningKeys,
                     request_deserializer=biogate_dot_v1_dot_mfa__pb2.GetSigningKeysRequest.FromString,
                     response_serializer=biogate_dot_v1_dot_mfa__pb2.GetSigningKeysResponse.SerializeToString,
+            ),
+            'SendPushConfirmation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendPushConfirmation,
+                    request_deserializer=biogate_dot_v1_dot_mfa__pb2.SendPushConfirmationRequest.FromString,
+                    response_serializer=biogate_dot_v1_dot_mfa__pb2.SendPushConfirmationResponse.SerializeToString,
+            ),
+            'ConfirmTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmTransaction,
+                    request_deserializer=biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionRequest.FromString,
+                    response_serializer=biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionResponse.SerializeToString,
+            ),
+            'SetPushToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPushToken,
+                    request_deserializer=biogate_dot_v1_dot_mfa__pb2.SetPushTokenRequest.FromString,
+                    response_serializer=biogate_dot_v1_dot_mfa__pb2.SetPushTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -878,6 +934,87 @@ class MfaService:
             '/biogate.v1.MfaService/GetSigningKeys',
             biogate_dot_v1_dot_mfa__pb2.GetSigningKeysRequest.SerializeToString,
             biogate_dot_v1_dot_mfa__pb2.GetSigningKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendPushConfirmation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/biogate.v1.MfaService/SendPushConfirmation',
+            biogate_dot_v1_dot_mfa__pb2.SendPushConfirmationRequest.SerializeToString,
+            biogate_dot_v1_dot_mfa__pb2.SendPushConfirmationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/biogate.v1.MfaService/ConfirmTransaction',
+            biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionRequest.SerializeToString,
+            biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPushToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/biogate.v1.MfaService/SetPushToken',
+            biogate_dot_v1_dot_mfa__pb2.SetPushTokenRequest.SerializeToString,
+            biogate_dot_v1_dot_mfa__pb2.SetPushTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

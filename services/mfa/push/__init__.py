@@ -1,0 +1,24 @@
+"""Push gateways for confirmations: a development sink and Firebase Cloud Messaging (HTTP v1)."""
+
+from __future__ import annotations
+
+from services.mfa.config import MfaSettings
+
+from .base import PushError, PushGateway
+from .dev import DevPushSink
+from .fcm import FcmPushGateway
+
+
+def outbox_path(settings: MfaSettings):
+    return settings.mfa.push.outbox_file or settings.data_dir / "push-outbox.jsonl"
+
+
+def open_push_gateway(settings: MfaSettings) -> PushGateway:
+    cfg = settings.mfa.push
+    if cfg.gateway == "fcm":
+        return FcmPushGateway(cfg.fcm_project, cfg.fcm_access_token, cfg.fcm_base_url, cfg.timeout_s, cfg.retries,
+                              cfg.backoff_s)
+    return DevPushSink(outbox_path(settings))
+
+
+__all__ = ["DevPushSink", "FcmPushGateway", "PushError", "PushGateway", "open_push_gateway", "outbox_path"]

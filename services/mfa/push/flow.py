@@ -1,0 +1,172 @@
+"""The push confirmation round trip of a session (issue 17).
+
+SendPushConfirmation: the session must accept the push factor; the confirmation (a random id, the
+number for the bank's screen, the facts shown, an expiry within the policy's ttl, at most 2 minutes)
+is kept in the session with its audit record, then handed to the gateway for the subject's bound
+device with a push token (the most recently seen, never a flagged one). No such device, or a
+gateway that fails, and the session falls back to the policy's sets (``factors.push.fallback``, with
+an IVR call-back for a voice factor when ``ivr_callback``), audited; never an ALLOW without a factor.
+
+ConfirmTransaction: the app's signed answer, evaluated as the push factor (services/mfa/factors/push.py)
+through the orchestrator's one submission path (lockout, compare-and-swap, audit). A deny flags the
+subject (its signals) and the session's device when it is a bound one, audited in the same
+transaction, and ends the session with its DENY decision. Every audit record of the round trip
+carries the request id of the call that started the session.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import grpc
+
+from services.common import errors
+from services.common.api.v1 import common_pb2, mfa_pb2
+from services.common.storage import new_id
+from services.common.subjects import actor, timestamp
+from services.common.validation import identifier, subject_ref
+
+from .. import requests
+from ..binding import payee_object
+from ..sessions import Session
+from ..state import SessionState
+from .base import PushError
+from .confirmation import Confirmation, Shown
+
+if TYPE_CHECKING:
+    from ..service import Orchestrator
+
+log = logging.getLogger("biogate.mfa.push")
+MAX_PUSH_TOKEN = 4096
+
+
+class PushConfirmations:
+    def __init__(self, orch: Orchestrator) -> None:
+        self.o = orch
+
+    # ------------------------------------------------------------------ send
+    def send(self, req: mfa_pb2.SendPushConfirmationRequest) -> mfa_pb2.SendPushConfirmationResponse:
+        o = self.o
+        now = o.clock()
+        session = o.sessions.open(req.session_id, now)
+        policy = o.policies.get(session.tenant_id)
+        o.require_acceptable(policy, session, "push")
+        st, tenant, subject = session.state, session.tenant_id, session.subject_id
+        payee = requests.payee(req, needs=bool(st.payee)) if req.HasField("payee") or st.payee else None
+        shown_payee = payee_object(*payee) if payee else None
+        if shown_payee is not None and o.proofs.payee_hash(tenant, shown_payee) != st.payee:
+            raise errors.invalid_argument("payee is not the one this session was started with", payee="differs")
+        o.lockouts.check(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
+        cfg = policy.factors.push
+        if st.push_sends >= cfg.max_sends:
+            raise errors.ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      f"{cfg.max_sends} confirmations were sent in this session; start a new one",
+                                      "PUSH_LIMIT")
+        target = self._device(tenant, subject)
+        if target is None:
+            return self._fall_back(session, "NO_PUSH_DEVICE", "no bound device of the subject can receive a push")
+        expires = now + timedelta(seconds=cfg.ttl_s)
+        conf = Confirmation(
+            "pc_" + new_id(), session.id, st.nonce, tenant, st.action, st.amount, shown_payee,
+            Shown(st.channel, st.place[0] if st.place and st.place[0] else None, st.device.state),
+            expires.isoformat())
+        number = f"{secrets.randbelow(10 ** cfg.number_digits):0{cfg.number_digits}d}"
+        out = {"cid": conf.confirmation_id, "number": number, "device_id": target.id, "exp": conf.expires,
+               "shown": conf.shown.to_json()}
+
+        def record(s: SessionState) -> None:
+            if s.decision is not None:
+                raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
+            if s.push_sends >= cfg.max_sends:
+                raise errors.ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                          f"{cfg.max_sends} confirmations were sent in this session", "PUSH_LIMIT")
+            s.push, s.push_sends = dict(out), s.push_sends + 1
+        with o.rt.storage.transaction():  # kept before it leaves: an answer always finds it
+            session = o.sessions.mutate(session, record)
+            o.rt.audit.append("mfa.push_sent", actor(), tenant, subject, {
+                "session_id": session.id, "confirmation_id": conf.confirmation_id, "device_id": target.id,
+                "expires_at": conf.expires, "request_id": st.request_id or ""})
+        assert target.push_token is not None
+        try:
+            o.push_gateway.send(target.push_token, conf.push_data(st.request_id or ""), cfg.ttl_s,
+                                conf.confirmation_id)
+        except PushError as exc:
+            log.warning("push gateway failed", extra={"session_id": session.id, "request_id": st.request_id,
+                                                      "error": str(exc)})
+            return self._fall_back(session, "PUSH_UNAVAILABLE", f"the push gateway failed: {exc}")
+        return mfa_pb2.SendPushConfirmationResponse(
+            sent=True, confirmation_id=conf.confirmation_id, number=number, expires_at=timestamp(expires),
+            device_id=target.id)
+
+    def _device(self, tenant: str, subject: str):
+        usable = [d for d in self.o.store.devices.list_for_subject(tenant, subject)
+                  if d.push_token and d.flagged_at is None and d.public_key]
+        return max(usable, key=lambda d: (d.last_seen_at or d.bound_at, d.bound_at), default=None)
+
+    def _fall_back(self, session: Session, code: str, why: str) -> mfa_pb2.SendPushConfirmationResponse:
+        o = self.o
+        policy = o.policies.get(session.tenant_id)
+        cfg = policy.factors.push
+        callback = "ivr" if cfg.ivr_callback and any("voice" in s for s in cfg.fallback) else None
+
+        def change(s: SessionState) -> None:
+            s.plan = s.plan.fall_back("push", cfg.fallback, policy, s.device_usable)
+            s.push = None  # whatever was out never reached the app
+            s.callback_channel = callback or s.callback_channel
+        with o.rt.storage.transaction():
+            session = o.sessions.mutate(session, change)
+            o.rt.audit.append("mfa.push_fallback", actor(), session.tenant_id, session.subject_id, {
+                "session_id": session.id, "reason": code, "sets": [list(s) for s in session.state.plan.acceptable()],
+                "ivr_callback": bool(callback), "request_id": session.state.request_id or ""})
+        from ..service import _sets
+
+        return mfa_pb2.SendPushConfirmationResponse(
+            sent=False, reason=common_pb2.Reason(code=code, message=why + "; the session falls back"),
+            acceptable=_sets(session.state.plan.acceptable()), ivr_callback=bool(callback))
+
+    # ------------------------------------------------------------------ answer
+    def confirm(self, req: mfa_pb2.ConfirmTransactionRequest, budget: float | None) -> mfa_pb2.ConfirmTransactionResponse:
+        o = self.o
+        now = o.clock()
+        session = o.sessions.open(req.session_id, now)
+        if not req.HasField("answer"):
+            raise errors.invalid_argument("answer is required", answer="missing")
+        response, outcome, session = o.submit_evidence(session, "push", req.answer, now, budget)
+        out = mfa_pb2.ConfirmTransactionResponse(result=response.result, still_acceptable=response.still_acceptable,
+                                                 attempts_left=response.attempts_left)
+        if outcome.deny:
+            self._flag(session, req.answer.device_id, now)
+            out.decision.CopyFrom(o.decide(mfa_pb2.DecideRequest(session_id=session.id)))
+        return out
+
+    def _flag(self, session: Session, answering_device: str, now) -> None:
+        o, st = self.o, session.state
+        with o.rt.storage.transaction():  # the flags and their audit record together
+            o.store.subject_signals.flag(session.tenant_id, session.subject_id, "PUSH_DENIED", now)
+            if st.device.device_id:
+                o.store.devices.flag(session.tenant_id, st.device.device_id, now)
+            o.rt.audit.append("mfa.fraud_flagged", actor(), session.tenant_id, session.subject_id, {
+                "session_id": session.id, "reason": "PUSH_DENIED", "denied_on": answering_device,
+                "session_device": st.device.device_id or "", "session_device_state": st.device.state,
+                "session_device_fp": st.device.fp, "channel": st.channel, "request_id": st.request_id or ""})
+
+    # ------------------------------------------------------------------ tokens
+    def set_token(self, req: mfa_pb2.SetPushTokenRequest) -> mfa_pb2.SetPushTokenResponse:
+        o = self.o
+        tenant, subject = subject_ref(req.subject)
+        device_id = identifier(req.device_id, "device_id")
+        token = req.push_token
+        if len(token) > MAX_PUSH_TOKEN or not token.isprintable() or " " in token:
+            raise errors.invalid_argument(f"push_token must be up to {MAX_PUSH_TOKEN} printable characters without spaces",
+                                          push_token="malformed")
+        rec = o.store.devices.get(tenant, device_id)
+        if rec is None or rec.subject_id != subject or rec.revoked_at is not None:
+            raise errors.not_found("the subject has no bound device with that id", "DEVICE_NOT_FOUND")
+        with o.rt.storage.transaction():
+            o.store.devices.set_push_token(tenant, device_id, token or None)
+            o.rt.audit.append("mfa.push_token_set", actor(), tenant, subject,
+                              {"device_id": device_id, "cleared": not token})
+        return mfa_pb2.SetPushTokenResponse()
