@@ -25,9 +25,11 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY services ./services
 COPY proto ./proto
 COPY models ./models
+COPY clients/python ./clients/python
 # torch first, by exact version, from its own index (the CPU build); everything else pinned.
 RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX_URL} \
  && pip install -c constraints.txt . \
+ && pip install --no-deps ./clients/python \
  && rm -f /opt/venv/lib/python3.11/site-packages/torchaudio/lib/*.so
 # The configured default models (services/settings.py) that registries carry, and the file the
 # batch detector is derived from; checked against the manifest by tests/deploy/test_dockerfiles.py.

@@ -46,6 +46,8 @@ from pathlib import Path
 import grpc
 
 from bench.harness import FIXTURES, ServiceProcess, command_line, machine, machine_line, write_json
+from biogate_client import Device as App
+from biogate_client import device_info
 from services.common.api.v1 import (
     common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc,
 )
@@ -54,7 +56,6 @@ from services.common.errors import details_of
 from services.common.evaluation.metrics import binomial_ci
 from services.common.server.auth import ROLES, token_sha256
 from tests.mfa import spoken_digits
-from tests.mfa.conftest import App, phone_device
 
 F = mfa_pb2
 TENANT = "bench-genuine"
@@ -64,6 +65,12 @@ AUTH = {"auth": {"dev_credentials": False, "principals": [
     {"name": "ivr-platform", "roles": ["orchestrator"], "token_sha256": token_sha256(IVR),
      "terminal": {"channel": "ivr"}}]}}
 IDENTITIES = FIXTURES / "face" / "identities"
+
+
+def phone(install: str) -> mfa_pb2.DeviceInfo:
+    """A customer's phone as its app reports it (the install id differs per customer)."""
+    return device_info(install, os_version="14.2", model="Pixel 8", app_version="5.1.0", locale="zh_CN",
+                       timezone="Asia/Shanghai", screen_width=1080, screen_height=2400)
 
 
 class Flows:
@@ -138,7 +145,7 @@ def face_app(flows: Flows, identities: list[Path], log) -> dict:
         except grpc.RpcError as err:
             setup[f"enrol refused: {details_of(err)['reason']}"] += 1
             continue
-        app = App(phone_device(install=f"{person.name}-phone"))
+        app = App(phone(f"{person.name}-phone"))
         s = flows.start(ref, app)
         try:  # setup: the phone binds its key after a login with the enrolment photo and the SMS code
             flows.bank.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id,
@@ -175,7 +182,7 @@ def voice(flows: Flows, subjects: int, app_sessions: int, app8k_sessions: int, i
             for rate in (16000, spoken_digits.RATE):  # a wideband template for the app, telephone for the IVR
                 flows.voice.Enroll(voice_pb2.EnrollVoiceRequest(subject=ref, utterances=[
                     common_pb2.Audio(data=u) for u in spoken_digits.enrolment(speaker, rate)]), timeout=300)
-            app = App(phone_device(install=f"{speaker}-{k}-phone"))
+            app = App(phone(f"{speaker}-{k}-phone"))
             for channel, rate, sessions in (("app", 16000, app_sessions), ("app8k", spoken_digits.RATE, app8k_sessions)):
                 for _ in range(sessions):
                     def run_app(rate=rate, ref=ref, app=app, speaker=speaker):

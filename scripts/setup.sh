@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${BIOGATE_PYTHON:-python3.11}
 VENV=.venv
 STAMP=$VENV/.biogate-deps
-want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml clients/python/pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
 step() { echo "setup: $*" >&2; }
 # pip without -q shows each download's progress; its "Requirement already satisfied" chatter is dropped.
@@ -26,6 +26,8 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
 print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' > "$VENV/requirements.txt"
   pip_install -c constraints.txt -r "$VENV/requirements.txt"
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e .
+  # the client SDK (clients/python, import biogate_client): its dependencies are BioGate's own
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e clients/python
   # speechbrain pulls torchaudio built for CUDA; its compiled extension cannot load beside the CPU
   # torch (libc10_cuda.so missing). Without it torchaudio falls back to the pure-Python code that
   # ECAPA's feature extraction uses (see ../shared/docs/MODELS.md).

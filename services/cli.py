@@ -1,4 +1,4 @@
-"""The `biogate` command line: serve, migrate, models, keys, audit, eval/calibrate and admin."""
+"""The `biogate` command line: serve, migrate, models, keys, audit, eval/calibrate, admin, kiosk and client."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "services.admin",
     "services.commands.voice",
     "services.kiosk.server",
+    "biogate_client.cli",  # `biogate client ...`: the client SDK's flows against running services
 )
 
 

@@ -9,13 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from biogate_client.device import Device
 from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
 from services.common.config import PROJECT_ROOT
-from services.mfa.binding import payee_object, payload_digest, transaction_context
 from tests.conftest import ServiceHarness, make_settings
 
 DEAD = "127.0.0.1:9"  # discard port: nothing listens, connections are refused at once
@@ -160,72 +157,12 @@ def phone_device(install="inst-7f3a", os_version="14.2", model="Pixel 8") -> mfa
                               screen_height=2400, install_id=install)
 
 
-class App:
-    """The customer's app: a device key pair (Ed25519, or ECDSA P-256), what each session showed the
-    user, and signatures over transaction contexts (services/mfa/binding.py) of those sessions and
-    the payloads it sends. Before its key is bound, it signs captures as a new device (public_key)."""
+class App(Device):
+    """The customer's app: the client SDK's device (its key, what each session showed the user, and
+    signatures over those sessions' transaction contexts), reporting :func:`phone_device` by default."""
 
     def __init__(self, device: mfa_pb2.DeviceInfo | None = None, ec: bool = False) -> None:
-        self.key = ec_key() if ec else Ed25519PrivateKey.generate()
-        self.device = device or phone_device()
-        self.device_id = ""
-        self.shown: dict[str, dict] = {}  # session id -> what the session is for, as the app showed it
-
-    @property
-    def public_der(self) -> bytes:
-        return self.key.public_key().public_bytes(serialization.Encoding.DER,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-
-    def sign(self, data: bytes) -> bytes:
-        if isinstance(self.key, Ed25519PrivateKey):
-            return self.key.sign(data)
-        return self.key.sign(data, ec.ECDSA(hashes.SHA256()))
-
-    def opened(self, request: mfa_pb2.StartAuthenticationRequest, response: mfa_pb2.StartAuthenticationResponse):
-        """Keeps what the session shows the user; returns the response."""
-        self.shown[response.session_id] = shown(request, response)
-        return response
-
-    def context(self, session, evidence=()) -> bytes:
-        sid = session if isinstance(session, str) else session.session_id
-        return transaction_context(**self.shown[sid], evidence=list(evidence))
-
-    def proof(self, session, send_context: bool = True) -> mfa_pb2.DeviceProof:
-        context = self.context(session)
-        return mfa_pb2.DeviceProof(device_id=self.device_id, signature=self.sign(context),
-                                   context=context if send_context else b"")
-
-    def binding(self, session, payloads, send_context: bool = True) -> mfa_pb2.CaptureBinding:
-        context = self.context(session, [payload_digest(p) for p in payloads])
-        b = mfa_pb2.CaptureBinding(signature=self.sign(context), context=context if send_context else b"")
-        if self.device_id:
-            b.device_id = self.device_id
-        else:
-            b.public_key = self.public_der
-        return b
-
-    def face(self, session, image: bytes, **kw) -> mfa_pb2.FaceEvidence:
-        return mfa_pb2.FaceEvidence(image=common_pb2.Image(data=image), binding=self.binding(session, [image], **kw))
-
-    def burst(self, session, frames: list[common_pb2.Frame], nonce: str) -> mfa_pb2.FaceEvidence:
-        return mfa_pb2.FaceEvidence(frames=frames, challenge_nonce=nonce,
-                                    binding=self.binding(session, [f.image.data for f in frames]))
-
-    def voice(self, session, audio: bytes, nonce: str = "") -> mfa_pb2.VoiceEvidence:
-        return mfa_pb2.VoiceEvidence(audio=common_pb2.Audio(data=audio), challenge_nonce=nonce,
-                                     binding=self.binding(session, [audio]))
-
-
-def ec_key():
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def shown(request: mfa_pb2.StartAuthenticationRequest, response: mfa_pb2.StartAuthenticationResponse) -> dict:
-    """The fields of a session's transaction context, as its start request and response give them."""
-    return dict(session_id=response.session_id, nonce=response.nonce, tenant=request.subject.tenant_id,
-                action=request.action,
-                amount=(request.amount.currency, request.amount.amount_minor) if request.HasField("amount") else None,
-                payee=payee_object(request.payee.name, request.payee.account_masked) if request.HasField("payee") else None)
+        super().__init__(device or phone_device(), ec)
 
 
 def outbox_codes(settings) -> list[str]:
