@@ -8,9 +8,9 @@
 """
 
 from .client import BioGate, Session, outcome_name, subject_ref
-from .context import payload_digest, transaction_context, webauthn_challenge
+from .context import payload_digest, push_answer_context, transaction_context, webauthn_challenge
 from .credentials import Credentials, dev_credentials
-from .dev import dev_otp
+from .dev import dev_otp, dev_push
 from .device import Device, device_info
 from .errors import (
     AlreadyExists, BioGateError, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound,
@@ -21,6 +21,6 @@ from .tokens import load_jwks, verify_decision
 __all__ = [
     "AlreadyExists", "BioGate", "BioGateError", "Credentials", "DeadlineExceeded", "Device", "FailedPrecondition",
     "Internal", "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "Session", "Unauthenticated",
-    "Unavailable", "dev_credentials", "dev_otp", "device_info", "from_rpc_error", "load_jwks", "outcome_name",
-    "payload_digest", "subject_ref", "transaction_context", "verify_decision", "webauthn_challenge",
+    "Unavailable", "dev_credentials", "dev_otp", "dev_push", "device_info", "from_rpc_error", "load_jwks", "outcome_name",
+    "payload_digest", "push_answer_context", "subject_ref", "transaction_context", "verify_decision", "webauthn_challenge",
 ]

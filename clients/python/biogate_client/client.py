@@ -233,6 +233,17 @@ class BioGate:
         return self.call(self.mfa.ResolveReview, mfa_pb2.ResolveReviewRequest(
             review_id=review_id, approve=approve, note=note))
 
+    def set_push_token(self, tenant: str, subject: str, device_id: str, push_token: str) -> None:
+        """The push registration token (FCM) of a bound device's app; "" stops pushes to it."""
+        self.call(self.mfa.SetPushToken, mfa_pb2.SetPushTokenRequest(
+            subject=subject_ref(tenant, subject), device_id=device_id, push_token=push_token))
+
+    def confirm_transaction(self, session_id: str, answer: mfa_pb2.PushAnswer) -> mfa_pb2.ConfirmTransactionResponse:
+        """The app's signed answer to a push confirmation (``Device.answer_push``). A deny ends the
+        session DENY (``decision``); a wrong number, device or context is refused."""
+        return self.call(self.mfa.ConfirmTransaction, mfa_pb2.ConfirmTransactionRequest(
+            session_id=session_id, answer=answer))
+
     def list_devices(self, tenant: str, subject: str) -> list[mfa_pb2.BoundDevice]:
         return list(self.call(self.mfa.ListDevices, mfa_pb2.ListDevicesRequest(
             subject=subject_ref(tenant, subject))).devices)
@@ -304,6 +315,15 @@ class Session:
 
     def submit_otp(self, code: str) -> mfa_pb2.FactorResult:
         return self.submit(otp=mfa_pb2.OtpEvidence(code=code)).result
+
+    def send_push(self) -> mfa_pb2.SendPushConfirmationResponse:
+        """Pushes this session's transaction to the customer's bound app. Show ``number`` on the
+        bank's screen (the user types it in the app); when not ``sent``, ``acceptable`` lists the
+        policy's fallback factors."""
+        payee = self.shown["payee"]
+        return self.client.call(self.client.mfa.SendPushConfirmation, mfa_pb2.SendPushConfirmationRequest(
+            session_id=self.id,
+            payee=mfa_pb2.Payee(name=payee["name"], account_masked=payee["account"]) if payee else None))
 
     def decide(self) -> mfa_pb2.DecideResponse:
         """The signed decision: ``outcome``, ``token``, ``still_needed`` (STEP_UP), ``review_id``."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from services.common.api.v1 import mfa_pb2
@@ -37,6 +37,19 @@ def transaction_context(*, session_id: str, nonce: str, tenant: str, action: str
         "amount": {"cur": amount[0], "minor": int(amount[1])} if amount else None,
         "payee": {"account": payee["account"], "name": payee["name"]} if payee else None,
         "evidence": list(evidence)}
+    return _canonical(value)
+
+
+def push_answer_context(fields: Mapping[str, Any], answer: str, number: str) -> bytes:
+    """The bytes an app signs to answer a push confirmation (mfa.proto, ``PushAnswer``): the
+    ``fields`` the push carried (its data's ``fields``, parsed), ``answer`` ("approve" or "deny")
+    and the ``number`` the user typed from the bank's screen."""
+    if answer not in ("approve", "deny"):
+        raise ValueError("answer must be approve or deny")
+    return _canonical({**fields, "answer": answer, "number": number})
+
+
+def _canonical(value: dict[str, Any]) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode("utf-8")
 

@@ -6,8 +6,9 @@ device (``CaptureBinding.public_key``); after ``RegisterDevice`` it signs with i
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.common.api.v1 import common_pb2, mfa_pb2
 
-from .context import payload_digest, shown, transaction_context
+from .context import payload_digest, push_answer_context, shown, transaction_context
 
 
 def device_info(install_id: str, platform: str = "android", **fields) -> mfa_pb2.DeviceInfo:
@@ -106,6 +107,21 @@ class Device:
         """A signed recording answering the session's digit challenge ``nonce``."""
         return mfa_pb2.VoiceEvidence(audio=common_pb2.Audio(data=audio), challenge_nonce=nonce,
                                      binding=self.binding(session, [audio]))
+
+    # ------------------------------------------------------------------ push confirmations
+    @staticmethod
+    def confirmation(push_data: Mapping[str, str]) -> dict:
+        """What a received push asks the customer to confirm (action, amount, payee, where it
+        started): show all of it before asking approve or deny and the number on the bank's screen."""
+        return json.loads(push_data["fields"])
+
+    def answer_push(self, push_data: Mapping[str, str], answer: str, number: str) -> mfa_pb2.PushAnswer:
+        """The signed answer ("approve" or "deny") to a received push, with the ``number`` the user
+        typed from the bank's screen (number matching); send it with ``BioGate.confirm_transaction``."""
+        fields = self.confirmation(push_data)
+        context = push_answer_context(fields, answer, number)
+        return mfa_pb2.PushAnswer(confirmation_id=fields["cid"], device_id=self.device_id, context=context,
+                                  signature=self.sign(context))
 
 
 def _ec_key() -> ec.EllipticCurvePrivateKey:
