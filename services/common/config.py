@@ -301,13 +301,28 @@ class CommonSettings(BaseSettings):
         return env_settings, init_settings
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping: plain YAML keeps the last one and
+    silently drops the first section's settings (a whole ``mfa:`` block, say)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(f"{key_node.start_mark.name}, line {key_node.start_mark.line + 1}: "
+                                 f"'{key}' is given twice in one mapping (first on line {seen[key]}): merge them")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The YAML configuration file (``path``, else $BIOGATE_CONFIG) as a mapping; {} without one."""
     path = path or os.environ.get("BIOGATE_CONFIG")
     if not path:
         return {}
     with open(path, encoding="utf-8") as fh:
-        loaded = yaml.safe_load(fh) or {}
+        loaded = yaml.load(fh, Loader=_UniqueKeyLoader) or {}  # noqa: S506  (a SafeLoader)
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: the configuration must be a YAML mapping")
     return loaded

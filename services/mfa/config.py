@@ -32,10 +32,22 @@ class PushConfig(Section):
     outbox_file: Path | None = None  # dev: default <data_dir>/push-outbox.jsonl
     fcm_project: str = ""
     fcm_base_url: str = "https://fcm.googleapis.com"
-    fcm_access_token: str = ""  # OAuth 2.0 bearer (a service account's); set it from the environment
+    # The service account's JSON key: access tokens obtained and refreshed by google-auth. Or
+    # fcm_access_token, a bearer the deployment refreshes itself (set it from the environment).
+    fcm_service_account_file: Path | None = None
+    fcm_access_token: str = ""
     timeout_s: float = Field(3.0, gt=0)  # the customer waits: fall back rather than hang
     retries: int = Field(1, ge=0, le=3)
     backoff_s: float = Field(0.2, ge=0)
+
+    @model_validator(mode="after")
+    def _fcm_usable(self) -> PushConfig:
+        if self.gateway == "fcm" and not self.fcm_project:
+            raise ValueError("mfa.push.fcm_project must be set when mfa.push.gateway is fcm")
+        if self.gateway == "fcm" and not (self.fcm_service_account_file or self.fcm_access_token):
+            raise ValueError("mfa.push.gateway fcm needs fcm_service_account_file (the service account's JSON key)"
+                             " or fcm_access_token")
+        return self
 
 
 class WebAuthnConfig(Section):

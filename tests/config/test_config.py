@@ -11,6 +11,17 @@ def test_the_example_deployment_configuration_is_valid():
     assert settings.server.tls.client_ca_file is not None
     assert not settings.auth.dev_credentials
     assert {p.name for p in settings.auth.principals} >= {"core-banking-login", "security-operations"}
+    # every section the file gives is read (a second `mfa:` once silently replaced the first)
+    assert settings.mfa.webauthn.rp_id == "bank-a.example" and settings.mfa.sms.gateway == "http"
+    assert settings.mfa.push.gateway == "fcm" and settings.mfa.http.public_url
+    assert settings.voice.require_challenge and settings.voice.replay_store == "database"
+
+
+def test_a_key_given_twice_in_the_file_is_refused_with_both_lines(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mfa:\n  issuer: a\nvoice:\n  require_challenge: true\nmfa:\n  issuer: b\n")
+    with pytest.raises(ValueError, match="line 5: 'mfa' is given twice in one mapping \\(first on line 1\\)"):
+        load_config(cfg)
 
 
 def test_environment_beats_the_file_and_defaults(tmp_path, monkeypatch):

@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc
@@ -71,7 +73,7 @@ def adapt(tmp_path, pg_dsn, hsm, pki, sms_url) -> tuple[dict, dict]:
     cfg = yaml.safe_load(EXAMPLE.read_text())
     tls = {"cert_file": str(pki["server"].cert), "key_file": str(pki["server"].key),
            "client_ca_file": str(pki["ca"].cert_file)}
-    ports = iter(free_ports(12))
+    ports = iter(free_ports(13))
     endpoints = {}
     for name in SERVICES:
         endpoints[name] = {"host": "127.0.0.1", "port": next(ports), "metrics_port": next(ports),
@@ -88,7 +90,22 @@ def adapt(tmp_path, pg_dsn, hsm, pki, sms_url) -> tuple[dict, dict]:
         cfg["clients"][name].update(target=f"127.0.0.1:{endpoints[name]['port']}", ca_file=str(pki["ca"].cert_file),
                                     cert_file=str(pki["mfa"].cert), key_file=str(pki["mfa"].key))
     cfg["mfa"]["sms"]["http_url"] = sms_url
+    cfg["mfa"]["http"].update(host="127.0.0.1", port=next(ports))
+    cfg["mfa"]["push"]["fcm_service_account_file"] = str(service_account_key(tmp_path / "fcm-sa.json"))
     return cfg, endpoints
+
+
+def service_account_key(path):
+    """A Google service-account JSON key of the shape the FCM adapter reads at start-up (no push is
+    sent here, so its token endpoint is never called)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path.write_text(json.dumps({
+        "type": "service_account", "project_id": "bank-a-app", "private_key_id": "k1", "client_id": "1",
+        "private_key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()).decode(),
+        "client_email": "biogate-push@bank-a-app.iam.gserviceaccount.com",
+        "token_uri": "https://oauth2.googleapis.com/token"}))
+    return path
 
 
 def health(address: str) -> str:

@@ -4,9 +4,15 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.mfa.push import FcmPushGateway, PushError, open_push_gateway
 from tests.conftest import make_settings
@@ -79,3 +85,89 @@ def test_the_configuration_selects_the_fcm_adapter(tmp_path, fcm):
     assert isinstance(gw, FcmPushGateway)
     gw.send("fcm-token-9", DATA, 30, "pc_5")
     assert fcm.requests[-1]["problems"] == []
+
+
+class TokenEndpoint:
+    """A local stand-in for Google's OAuth 2.0 token endpoint: it accepts a JWT-bearer grant
+    (RFC 7523) signed by the service account's key for the FCM scope, and answers an access token
+    living ``expires_in`` seconds (or ``fail_with``)."""
+
+    def __init__(self, public_key, expires_in: int = 3600) -> None:
+        self.public_key, self.expires_in, self.fail_with = public_key, expires_in, 0
+        self.grants: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802  (http.server's name)
+                form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
+                claims = jwt.decode(form["assertion"][0], outer.public_key, algorithms=["RS256"],
+                                    audience="https://oauth2.googleapis.com/token")  # google-auth's fixed aud
+                outer.grants.append({"grant_type": form["grant_type"][0], **claims})
+                status, doc = (outer.fail_with, {"error": "invalid_grant"}) if outer.fail_with else (
+                    200, {"access_token": "ya29.token", "expires_in": outer.expires_in, "token_type": "Bearer"})
+                data = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def service_account(tmp_path):
+    """(key file, token endpoint): a service account's JSON key naming the local token endpoint."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    endpoint = TokenEndpoint(key.public_key())
+    path = tmp_path / "fcm-sa.json"
+    path.write_text(json.dumps({
+        "type": "service_account", "project_id": "bank-app", "private_key_id": "k1",
+        "private_key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()).decode(),
+        "client_email": "biogate-push@bank-app.iam.gserviceaccount.com", "client_id": "1",
+        "token_uri": endpoint.url + "/token"}))
+    yield path, endpoint
+    endpoint.server.shutdown()
+
+
+def test_a_service_account_key_yields_the_bearer_and_it_is_reused_until_near_expiry(tmp_path, fcm, service_account):
+    key_file, endpoint = service_account
+    settings = make_settings(tmp_path / "data", mfa={"push": {
+        "gateway": "fcm", "fcm_project": "bank-app", "fcm_base_url": fcm.url,
+        "fcm_service_account_file": str(key_file)}})
+    gw = open_push_gateway(settings)
+    gw.send("fcm-token-1", DATA, 30, "pc_1")
+    gw.send("fcm-token-2", DATA, 30, "pc_2")
+    assert [r["problems"] for r in fcm.requests] == [[], []]  # FCM saw the issued bearer both times
+    [grant] = endpoint.grants  # one token for both sends
+    assert grant["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    assert grant["iss"] == "biogate-push@bank-app.iam.gserviceaccount.com"
+    assert grant["scope"] == "https://www.googleapis.com/auth/firebase.messaging"
+
+    endpoint.expires_in = 60  # inside google-auth's refresh margin: every send fetches a fresh one
+    gw = open_push_gateway(settings)
+    gw.send("fcm-token-3", DATA, 30, "pc_3")
+    gw.send("fcm-token-4", DATA, 30, "pc_4")
+    assert len(endpoint.grants) == 3
+
+
+def test_a_refused_service_account_is_a_push_outage_and_fcm_never_sees_a_request(tmp_path, fcm, service_account):
+    key_file, endpoint = service_account
+    endpoint.fail_with = 400
+    gw = open_push_gateway(make_settings(tmp_path / "data", mfa={"push": {
+        "gateway": "fcm", "fcm_project": "bank-app", "fcm_base_url": fcm.url,
+        "fcm_service_account_file": str(key_file)}}))
+    with pytest.raises(PushError, match="access token"):
+        gw.send("fcm-token-1", DATA, 30, "pc_1")
+    assert fcm.requests == [] and len(endpoint.grants) == 1
+
+
+def test_an_fcm_gateway_without_credentials_is_refused_at_load(tmp_path):
+    with pytest.raises(ValueError, match="fcm_service_account_file"):
+        make_settings(tmp_path / "data", mfa={"push": {"gateway": "fcm", "fcm_project": "bank-app"}})

@@ -6,7 +6,7 @@ from services.mfa.config import MfaSettings
 
 from .base import PushError, PushGateway
 from .dev import DevPushSink
-from .fcm import FcmPushGateway
+from .fcm import FcmPushGateway, service_account_tokens
 
 
 def outbox_path(settings: MfaSettings):
@@ -16,9 +16,11 @@ def outbox_path(settings: MfaSettings):
 def open_push_gateway(settings: MfaSettings) -> PushGateway:
     cfg = settings.mfa.push
     if cfg.gateway == "fcm":
-        return FcmPushGateway(cfg.fcm_project, cfg.fcm_access_token, cfg.fcm_base_url, cfg.timeout_s, cfg.retries,
-                              cfg.backoff_s)
+        token = (service_account_tokens(cfg.fcm_service_account_file, cfg.timeout_s)
+                 if cfg.fcm_service_account_file else cfg.fcm_access_token)
+        return FcmPushGateway(cfg.fcm_project, token, cfg.fcm_base_url, cfg.timeout_s, cfg.retries, cfg.backoff_s)
     return DevPushSink(outbox_path(settings))
 
 
-__all__ = ["DevPushSink", "FcmPushGateway", "PushError", "PushGateway", "open_push_gateway", "outbox_path"]
+__all__ = ["DevPushSink", "FcmPushGateway", "PushError", "PushGateway", "open_push_gateway", "outbox_path",
+           "service_account_tokens"]
