@@ -121,6 +121,8 @@ class ServiceProcess:
             "models": {"cache_dir": str(MODEL_CACHE)},
             "logging": {"level": log_level},
         }
+        if service == "mfa":  # beside a running installation, not on its JWKS port
+            base["mfa"] = {"http": {"port": 0}}
         self.config = _merge(base, config or {})
         self.config_file = self.dir / "config.yaml"
         self.dir.mkdir(parents=True, exist_ok=True)

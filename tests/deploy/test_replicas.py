@@ -67,7 +67,7 @@ class Cluster:
             "voice": {"antispoof": "", "replay_store": REDIS, "replay_key_prefix": self.prefix,
                       "min_net_speech_enroll_s": 1.0, "min_total_net_speech_enroll_s": 1.0,
                       "tenants": {FACE_TENANT: {"require_challenge": False}}},
-            "mfa": {"policy_dir": str(tmp_path / "policies"), "policy_check_s": 0},
+            "mfa": {"policy_dir": str(tmp_path / "policies"), "policy_check_s": 0, "http": {"port": 0}},
             # both MFA replicas call the face and voice replicas that stay up
             "clients": {"face": {"target": self.address("b", "face"), "token": TOKEN},
                         "voice": {"target": self.address("b", "voice"), "token": TOKEN}},
