@@ -73,8 +73,21 @@ class PlainFormatter(JsonFormatter):
         return head + ("  " + json.dumps(data, ensure_ascii=False) if data else "")
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was at set-up: a test
+    runner swaps and closes it, and a late background thread must not write to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO", json_format: bool = True, service: str = "", stream=None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     handler.setFormatter(JsonFormatter(service) if json_format else PlainFormatter(service))
     root = logging.getLogger()
     for old in list(root.handlers):
