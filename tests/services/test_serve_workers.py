@@ -53,6 +53,10 @@ def test_serve_face_with_two_workers_answers_from_both_and_drains_on_sigterm(tmp
         ready, _, _ = select.select([proc.stdout], [], [], 300)
         assert ready, "no worker group became SERVING within 300 s"
         assert proc.stdout.readline().strip() == f"biogate: face SERVING on {target} (2 workers)"
+        # the parent prints once both counted themselves warm; each then turns SERVING on its own thread
+        deadline = time.monotonic() + 10
+        while health_status(target) != "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert health_status(target) == "SERVING"
         token = json.loads(load_config(None, data_dir=str(data)).dev_credentials_file.read_text())["dev-all"]
         for _ in range(60):
