@@ -34,7 +34,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.harness import FIXTURES, MODEL_CACHE, ROOT, ServiceProcess, pct
+from bench.harness import FIXTURES, MODEL_CACHE, ROOT, ServiceProcess, command_line, pct
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.settings import load_config
 
@@ -59,11 +59,13 @@ async def run_load(address: str, token: str, requests: list, concurrency: int, d
     metadata = (("authorization", f"Bearer {token}"),)
     stop_at = time.monotonic() + duration
     issued = 0
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = face_pb2_grpc.FaceServiceStub(channel)
-
+    # A connection per client: with server.workers > 1 the kernel spreads connections, not calls.
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(concurrency)]
+    try:
         async def client(k: int) -> None:
             nonlocal issued
+            stub = face_pb2_grpc.FaceServiceStub(channels[k])
             i = k
             while time.monotonic() < stop_at and issued < max_requests:
                 issued += 1
@@ -82,6 +84,9 @@ async def run_load(address: str, token: str, requests: list, concurrency: int, d
         t0 = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(concurrency)))
         wall = time.perf_counter() - t0
+    finally:
+        for channel in channels:
+            await channel.close()
     return latencies, wall, errors
 
 
@@ -152,25 +157,15 @@ def naive_loop(store, probes: list[bytes], templates: list[np.ndarray], seconds:
     return len(lat) / sum(lat), lat
 
 
-# ---------------------------------------------------------------- main
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--max-requests", type=int, default=5000, help="per level: the load stops at this")
-    ap.add_argument("--modes", nargs="+", choices=("plain", "liveness"), default=["plain", "liveness"],
-                    help="Verify without / with require_liveness")
-    ap.add_argument("--threads", type=int, default=None, help="face.intra_op_threads of the service")
-    ap.add_argument("--write-results", action="store_true", help="replace the Face section of bench/RESULTS.md")
-    args = ap.parse_args()
-
-    from services.common.models import ModelStore
+def serve_and_load(args, workers: int, images, pairs, datas, levels: list) -> tuple[float, float]:
+    """One face service with ``workers`` processes: enrol, run every level into ``levels``; (peak RSS, start s)."""
     from services.common.storage import ConsentRecord, open_storage
 
-    images, pairs = trial_pairs()
-    datas = [p.read_bytes() for p in images]
     with tempfile.TemporaryDirectory(prefix="face-bench-") as tmp:
-        config = {"face": {"intra_op_threads": args.threads}} if args.threads is not None else {}
+        config: dict = {"server": {"workers": workers}}
+        if args.threads is not None:
+            config["face"] = {"intra_op_threads": args.threads}
+
         svc = ServiceProcess("face", config, data_dir=Path(tmp))
         try:
             svc.start()
@@ -192,7 +187,6 @@ def main() -> int:
                                                    images=[common_pb2.Image(data=live_frames[1])], replace=True),
                         metadata=md, timeout=60)
             channel.close()
-            levels = []
             for mode in args.modes:
                 if mode == "liveness":
                     requests = [face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id="s0"),
@@ -206,14 +200,40 @@ def main() -> int:
                     asyncio.run(run_load(svc.address, svc.token(), requests, c, 2.0, 50))  # warm the path
                     lat, wall, errs = asyncio.run(
                         run_load(svc.address, svc.token(), requests, c, args.duration, args.max_requests))
-                    levels.append((mode, c, lat, wall, errs))
-                    print(f"{mode} concurrency {c}: {len(lat)} ok in {wall:.1f} s = {len(lat) / wall:.1f}/s, "
+                    levels.append((mode, c, lat, wall, errs, workers))
+                    print(f"workers {workers} {mode} concurrency {c}: {len(lat)} ok in {wall:.1f} s = {len(lat) / wall:.1f}/s, "
                           f"p50 {pct(lat, 50):.1f} ms p95 {pct(lat, 95):.1f} ms p99 {pct(lat, 99):.1f} ms, "
                           f"errors {errs}", flush=True)
             rss = svc.peak_rss_mb()
         finally:
             svc.stop()
-        print(f"service start to SERVING {start_s:.1f} s; peak RSS {rss:.0f} MB", flush=True)
+        print(f"workers {workers}: start to SERVING {start_s:.1f} s; peak RSS per process {rss:.0f} MB", flush=True)
+    return rss, start_s
+
+
+
+# ---------------------------------------------------------------- main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--max-requests", type=int, default=5000, help="per level: the load stops at this")
+    ap.add_argument("--modes", nargs="+", choices=("plain", "liveness"), default=["plain", "liveness"],
+                    help="Verify without / with require_liveness")
+    ap.add_argument("--threads", type=int, default=None, help="face.intra_op_threads of the service")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="server.workers of the service, one run each")
+    ap.add_argument("--write-results", action="store_true", help="replace the Face section of bench/RESULTS.md")
+    args = ap.parse_args()
+
+    from services.common.models import ModelStore
+
+    images, pairs = trial_pairs()
+    datas = [p.read_bytes() for p in images]
+    levels: list = []
+    rss, start_s = {}, {}
+    for workers in args.workers:
+        rss[workers], start_s[workers] = serve_and_load(args, workers, images, pairs, datas, levels)
+    rss_max, start_max = max(rss.values()), max(start_s.values())
 
     store = ModelStore(load_config(None, models={"cache_dir": str(MODEL_CACHE)}))
     probes = [datas[p] for _, p in pairs]
@@ -235,7 +255,7 @@ def main() -> int:
           f"p50 {pct(naive_lat, 50):.1f} ms p99 {pct(naive_lat, 99):.1f} ms", flush=True)
 
     if args.write_results:
-        write_results(args, levels, raw, raw_total, naive_rps, naive_lat, rss, start_s)
+        write_results(args, levels, raw, raw_total, naive_rps, naive_lat, rss_max, start_max)
     return 0
 
 
@@ -246,16 +266,16 @@ def write_results(args, levels, raw, raw_total, naive_rps, naive_lat, rss, start
                 if line.startswith("model name")), platform.processor())
     load1 = os.getloadavg()[0]
     rows = "\n".join(
-        f"| {mode} | {c} | {len(lat)} | {len(lat) / wall:.1f} | {pct(lat, 50):.1f} | {pct(lat, 95):.1f} "
+        f"| {mode} | {workers} | {c} | {len(lat)} | {len(lat) / wall:.1f} | {pct(lat, 50):.1f} | {pct(lat, 95):.1f} "
         f"| {pct(lat, 99):.1f} | {raw_total[mode] * 1000:.1f} | {pct(lat, 50) / (raw_total[mode] * 1000):.2f}x "
         f"| {(len(lat) / wall) * raw_total[mode]:.2f} | {sum(errs.values())} |"
-        for mode, c, lat, wall, errs in levels
+        for mode, c, lat, wall, errs, workers in levels
     )
     section = f"""## Face
 
 (written by `bench/face_bench.py`; {dt.date.today().isoformat()}, {os.cpu_count()} shared cores ({cpu}),
 load average {load1:.1f} at the end from other engineers' jobs; command:
-`.venv/bin/python -m bench.face_bench --duration {args.duration:g} --concurrency {' '.join(map(str, args.concurrency))} --write-results`)
+`{command_line()}`)
 
 Verify through the gRPC FaceService ("plain": no liveness; "liveness": require_liveness, the
 MiniFASNetV2 + V1SE ensemble as well; own process, default models: YuNet batchable copy +
@@ -271,12 +291,12 @@ Naive per-request loop (cv2 decode + FaceDetectorYN + insightface norm_crop + em
 in-process, no service, no liveness): **{naive_rps:.1f} verifications/s**, p50
 {pct(naive_lat, 50):.1f} ms, p99 {pct(naive_lat, 99):.1f} ms.
 
-| mode | concurrency | requests | verifications/s | p50 ms | p95 ms | p99 ms | raw ms | p50 / raw | throughput x raw | errors |
-|---|---|---|---|---|---|---|---|---|---|---|
+| mode | workers | concurrency | requests | verifications/s | p50 ms | p95 ms | p99 ms | raw ms | p50 / raw | throughput x raw | errors |
+|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 "throughput x raw" = verifications/s x raw model seconds per verification: the cores' worth of
-pure model work the service sustains (2 cores, shared: at most 2.0). Peak RSS of the face service process
+pure model work the service sustains ({os.cpu_count()} cores, shared: at most {os.cpu_count()}.0). Peak RSS of the largest face service process
 (VmHWM, default models incl. liveness loaded): **{rss:.0f} MB** (limit 2 GB). Start to SERVING
 (model load, fetch check, warm-up): {start_s:.1f} s.
 

@@ -59,6 +59,14 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (a service's worker processes)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 def gpu_name() -> str | None:
     """The first NVIDIA GPU's name, or None where there is none (the CPU development machines)."""
     if shutil.which("nvidia-smi") is None:
@@ -167,8 +175,9 @@ class ServiceProcess:
         return connect(self.address, self.token(role))
 
     def peak_rss_mb(self) -> float:
+        """The largest peak RSS of the service's processes (its workers', with server.workers > 1)."""
         assert self.proc is not None
-        return peak_rss_mb(self.proc.pid)
+        return max(peak_rss_mb(pid) for pid in (self.proc.pid, *child_pids(self.proc.pid)))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

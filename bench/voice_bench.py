@@ -32,7 +32,7 @@ import numpy as np
 import soundfile as sf
 
 from bench.harness import FIXTURES as ALL_FIXTURES
-from bench.harness import ROOT, ServiceProcess, command_line, pct, peak_rss_mb
+from bench.harness import ROOT, ServiceProcess, child_pids, command_line, pct, peak_rss_mb
 from services.settings import load_config
 
 FIXTURES = ALL_FIXTURES / "voice" / "verification"
@@ -44,10 +44,10 @@ def crop(x: np.ndarray, seconds: float = CLIP_S) -> np.ndarray:
     return x[max(0, (len(x) - n) // 2) :][:n]
 
 
-def start_service(tmp: Path, prefix: str) -> tuple[subprocess.Popen, str, dict]:
+def start_service(tmp: Path, prefix: str, workers: int = 1) -> tuple[subprocess.Popen, str, dict]:
     """A voice service under ``tmp`` (config.yaml, data/) whose replay keys carry ``prefix``."""
     # text-independent speech: the bench tenants verify without the digit challenge
-    svc = ServiceProcess("voice", {"voice": {"replay_key_prefix": prefix, "tenants": {
+    svc = ServiceProcess("voice", {"server": {"workers": workers}, "voice": {"replay_key_prefix": prefix, "tenants": {
         "bench": {"require_challenge": False},
         "bench-nosynth": {"synthetic_speech_check": False, "require_challenge": False}}}}, data_dir=tmp).start()
     assert svc.proc is not None
@@ -66,12 +66,15 @@ async def load(target: str, token: str, tenant: str, subjects: list[str], probes
     matches = 0
     issued = 0
     stop_at = time.monotonic() + duration_s
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = voice_pb2_grpc.VoiceServiceStub(channel)
+    # A connection per client: with server.workers > 1 the kernel spreads connections, not calls.
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(concurrency)]
+    try:
         meta = (("authorization", f"Bearer {token}"),)
 
         async def worker(w: int) -> None:
             nonlocal issued, matches
+            stub = voice_pb2_grpc.VoiceServiceStub(channels[w])
             while time.monotonic() < stop_at and issued < max_requests:
                 k = issued
                 issued += 1
@@ -92,6 +95,9 @@ async def load(target: str, token: str, tenant: str, subjects: list[str], probes
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         wall = time.perf_counter() - t0
+    finally:
+        for channel in channels:
+            await channel.close()
     return {"tenant": tenant, "concurrency": concurrency, "requests": len(latencies), "errors": errors,
             "wall_s": round(wall, 2), "throughput_rps": round(len(latencies) / wall, 2),
             "p50_ms": round(pct(latencies, 50), 1), "p95_ms": round(pct(latencies, 95), 1),
@@ -204,6 +210,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=40.0)
     ap.add_argument("--max-requests", type=int, default=400)
     ap.add_argument("--raw-clips", type=int, default=24)
+    ap.add_argument("--workers", type=int, default=1, help="server.workers of the service")
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--out", help="also write the JSON report here")
     args = ap.parse_args()
@@ -220,7 +227,7 @@ def main() -> int:
                     "command": command_line()}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        proc, target, config = start_service(tmp, prefix)
+        proc, target, config = start_service(tmp, prefix, args.workers)
         try:
             import grpc
 
@@ -255,10 +262,11 @@ def main() -> int:
                 print(json.dumps(run), flush=True)
                 runs.append(run)
             report["runs"] = runs
-            report["peak_rss_mb"] = peak_rss_mb(proc.pid)
+            report["peak_rss_mb"] = max(peak_rss_mb(pid) for pid in (proc.pid, *child_pids(proc.pid)))
+            report["workers"] = args.workers
         finally:
             proc.terminate()
-            proc.wait(30)
+            proc.wait(60)
             import redis
 
             client = redis.Redis.from_url(config.get("voice", {}).get("replay_store", "redis://127.0.0.1:6379/0"))

@@ -19,7 +19,9 @@ from services.common.files import private_dir
 from services.common.config import ServiceName
 from services.common.metrics import serve_metrics
 from services.common.server.auth import Authenticator
+from services.common.logs import setup_logging
 from services.common.server.bootstrap import RunningServer, ServiceDefinition, run_until_signal
+from services.common.server.workers import Worker, run_workers
 
 log = logging.getLogger("biogate.serve")
 SERVICES: tuple[ServiceName, ...] = ("face", "voice", "mfa")
@@ -39,12 +41,25 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.service == "all":
         return supervise(settings, args.config)
     prepare(settings)
-    endpoint = settings.endpoint(args.service)
-    if endpoint.metrics_port:
+    if settings.server.processes > 1:
+        return run_workers(settings, args.service, serve_worker)
+    serve_one(settings, args.service, None)
+    return 0
+
+
+def serve_one(settings: Settings, name: str, worker: Worker | None) -> None:
+    endpoint = settings.endpoint(name)  # type: ignore[arg-type]
+    # One metrics listener per port: in a group of workers the first serves its own metrics.
+    if endpoint.metrics_port and (worker is None or worker.index == 0):
         serve_metrics(endpoint.metrics_host, endpoint.metrics_port,
                       metrics_credentials(settings) if settings.server.metrics_auth else None)
-    run_until_signal(RunningServer(settings, definition(settings, args.service)))
-    return 0
+    run_until_signal(RunningServer(settings, definition(settings, name), worker=worker))
+
+
+def serve_worker(settings: Settings, name: str, worker: Worker) -> None:
+    """A worker process's entry point (spawned: it sets up its own logging)."""
+    setup_logging(settings.logging.level, settings.logging.json_format, service=name)
+    serve_one(settings, name, worker)
 
 
 def metrics_credentials(settings: Settings) -> Callable[[str], bool]:

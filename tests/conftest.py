@@ -43,7 +43,8 @@ MODEL_FIXTURES = frozenset({
 # Modules that start whole services with their models in the test itself (no fixture says so).
 MODEL_PATHS = ("face/", "voice/", "attacks/", "mfa/test_e2e.py", "deploy/test_replicas.py",
                "deploy/test_example_config.py", "services/test_complete_erasure.py",
-               "services/test_same_failures.py", "services/test_serve_cli.py")
+               "services/test_same_failures.py", "services/test_serve_cli.py",
+               "services/test_serve_workers.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -82,6 +82,11 @@ class AdmissionConfig(Section):
     def slots(self) -> int:
         return self.concurrency or usable_cores()
 
+    def slots_per_process(self, processes: int) -> int:
+        """A process's share when ``processes`` serve one port: the cores are split between them
+        (an explicit ``concurrency`` is each process's own)."""
+        return self.concurrency or max(1, -(-usable_cores() // processes))
+
 
 # Worker threads beyond the admission queue's: cheap RPCs and refusals never wait for a thread held
 # by a call waiting for the models.
@@ -94,7 +99,10 @@ class ServerConfig(Section):
     mfa: Endpoint = Endpoint(port=50053, metrics_port=9153)
     tls: TlsConfig = TlsConfig()
     max_message_bytes: int = 16 * 1024 * 1024
-    # gRPC worker threads; None: admission.concurrency + admission.max_queue + 8 (16 without admission)
+    # Processes serving each service on its one port (SO_REUSEPORT), each with its own models; 0: one
+    # per usable core. `biogate serve` alone forks them; servers built in-process are single-process.
+    workers: int = Field(1, ge=0, le=256)
+    # gRPC worker threads per process; None: admission.concurrency + admission.max_queue + 8 (16 without admission)
     max_workers: int | None = Field(None, ge=1)
     max_concurrent_rpcs: int = 256
     # Upper bound on any RPC's run time on the server, whatever deadline the client sent; a client
@@ -110,7 +118,11 @@ class ServerConfig(Section):
     admission: AdmissionConfig = AdmissionConfig()
 
     @property
-    def workers(self) -> int:
+    def processes(self) -> int:
+        return self.workers or usable_cores()
+
+    @property
+    def rpc_threads(self) -> int:
         if self.max_workers is not None:
             return self.max_workers
         return self.admission.slots + self.admission.max_queue + FREE_WORKERS if self.admission.enabled else 16

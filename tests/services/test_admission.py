@@ -183,7 +183,7 @@ def test_the_default_concurrency_is_the_cores_a_container_may_use(tmp_path):
 
 
 def test_unknown_settings_and_threads_that_cheap_rpcs_need_are_refused():
-    assert ServerConfig(admission={"concurrency": 2, "max_queue": 8}).workers == 18
+    assert ServerConfig(admission={"concurrency": 2, "max_queue": 8}).rpc_threads == 18
     with pytest.raises(ValidationError, match="max_workers"):
         ServerConfig(max_workers=10, admission={"concurrency": 2, "max_queue": 8})
     with pytest.raises(ValidationError):

@@ -29,6 +29,7 @@ from services.common.server.admission import AdmissionQueue
 from services.common.server.interceptor import (ServerInterceptor, TenantLookup, model_work_methods, roles_by_method,
                                                 tenants_by_method)
 from services.common.server.streams import StreamLimits
+from services.common.server.workers import Worker
 
 log = logging.getLogger("biogate.server")
 
@@ -51,9 +52,11 @@ class ServiceDefinition:
 
 
 class RunningServer:
-    def __init__(self, settings: CommonSettings, definition: ServiceDefinition, port: int | None = None) -> None:
+    def __init__(self, settings: CommonSettings, definition: ServiceDefinition, port: int | None = None,
+                 worker: Worker | None = None) -> None:
         self.settings = settings
         self.definition = definition
+        self.worker = worker  # one of several processes on the port (`biogate serve`), or None: alone
         cfg = settings.server
         self.interceptor = ServerInterceptor(
             definition.name,
@@ -65,18 +68,21 @@ class RunningServer:
             StreamLimits(cfg.stream_idle_timeout_s, cfg.stream_max_bytes),
             cfg.max_concurrent_rpcs,
             model_work_methods(definition.descriptors),
-            AdmissionQueue(definition.name, cfg.admission.slots, cfg.admission.max_queue,
+            AdmissionQueue(definition.name, cfg.admission.slots_per_process(worker.count if worker else 1),
+                           cfg.admission.max_queue,
                            alpha=cfg.admission.ewma_alpha) if cfg.admission.enabled else None,
+            worker=worker.label if worker is not None else None,
         )
         queue = self.interceptor.admission
         self.trimmer = IdleTrimmer(queue, cfg.admission.trim_memory_idle_s) if queue is not None else None
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix=f"{definition.name}-rpc"),
+            futures.ThreadPoolExecutor(max_workers=cfg.rpc_threads, thread_name_prefix=f"{definition.name}-rpc"),
             interceptors=[*telemetry.server_interceptors(settings, definition.name), self.interceptor],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+                # A second server on the same port must fail, not share it; a worker's siblings share it.
+                ("grpc.so_reuseport", 1 if worker is not None else 0),
             ],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
@@ -107,7 +113,7 @@ class RunningServer:
         self.health_address: str | None = None
         if endpoint.health_port is not None:
             self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
-                                             options=[("grpc.so_reuseport", 0)])
+                                             options=[("grpc.so_reuseport", 1 if worker is not None else 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             bound = self.health_server.add_insecure_port(f"{endpoint.host}:{endpoint.health_port}")
             if bound == 0:
@@ -147,6 +153,8 @@ class RunningServer:
                 )
                 self._stopping.wait(WARM_UP_RETRY_S)
                 continue
+            if self.worker is not None and not self.worker.wait_for_all(self._stopping):
+                return
             if not self._stopping.is_set():
                 self._set_status(health_pb2.HealthCheckResponse.SERVING)
                 self.ready.set()

@@ -109,8 +109,10 @@ class ServerInterceptor(grpc.ServerInterceptor):
         stream_readers: int = 256,  # at most one blocked read per concurrent RPC
         model_work: frozenset[str] = frozenset(),
         admission: AdmissionQueue | None = None,
+        worker: str | None = None,  # the answering process, sent as x-biogate-worker when several serve
     ) -> None:
         self.service = service
+        self.worker = worker
         self.rpc_timeout_s = rpc_timeout_s
         self.authenticator = authenticator
         self.roles = roles
@@ -232,7 +234,10 @@ class _Call:
         rid = request_id(sent if isinstance(sent, str) else "")  # bytes only for -bin keys
         self._tokens = (context.request_id.set(rid), context.principal.set(None), context.deadline.set(None),
                         context.admission.set(self.admit if self.queue is not None else None))
-        self.ctx.send_initial_metadata((("x-request-id", rid),))
+        sent_back: tuple[tuple[str, str], ...] = (("x-request-id", rid),)
+        if self.owner.worker is not None:
+            sent_back += (("x-biogate-worker", self.owner.worker),)
+        self.ctx.send_initial_metadata(sent_back)
         self.start = time.perf_counter()
         metrics.RPC_IN_FLIGHT.labels(self.owner.service).inc()
         return self
