@@ -16,14 +16,13 @@ import hmac
 import json
 import logging
 import threading
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from .config import ReviewWebhookConfig
+from .outbound import PostFailed, post_once
 from .storage import MfaStore, WebhookEventRecord
 
 log = logging.getLogger("biogate.mfa.webhooks")
@@ -32,16 +31,6 @@ SIGNATURE_HEADER = "BioGate-Signature"
 EVENT_HEADER = "BioGate-Event-Id"
 TOLERANCE_S = 300
 BATCH = 50
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is a failed delivery (urllib would replay a POST as a bodiless GET)."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def signature(secret: str, body: bytes, t: int) -> str:
@@ -110,15 +99,11 @@ class WebhookOutbox:
         body = rec.body.encode()
         headers = {"Content-Type": "application/json", "User-Agent": "BioGate-Webhooks/1", EVENT_HEADER: rec.id,
                    SIGNATURE_HEADER: signature(self.cfg.secret, body, int(now.timestamp()))}
-        request = urllib.request.Request(self.cfg.url, data=body, headers=headers, method="POST")
-        try:
-            with _OPENER.open(request, timeout=self.cfg.timeout_s) as resp:
-                resp.read(65536)
-                return ""
-        except urllib.error.HTTPError as exc:
-            return f"HTTP {exc.code}"
-        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
-            return type(getattr(exc, "reason", exc)).__name__
+        try:  # one attempt: the outbox retries (a redirect too is a failed delivery)
+            post_once(self.cfg.url, body, headers, self.cfg.timeout_s)
+            return ""
+        except PostFailed as exc:
+            return str(exc)
 
     def next_due_in(self) -> float | None:
         due = self.repo.next_due()
