@@ -21,8 +21,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc
@@ -32,6 +30,7 @@ from services.settings import load_config
 from services.mfa.tokens import verify_token
 from tests.certs import TestCa
 from tests.mfa.conftest import App
+from tests.mfa.pushapp import service_account_key
 from tests.services.test_serve_cli import free_ports
 from tests.softhsm import TOKEN_LABEL, softhsm_fixture  # noqa: F401  (fixture)
 
@@ -94,18 +93,6 @@ def adapt(tmp_path, pg_dsn, hsm, pki, sms_url) -> tuple[dict, dict]:
     cfg["mfa"]["push"]["fcm_service_account_file"] = str(service_account_key(tmp_path / "fcm-sa.json"))
     return cfg, endpoints
 
-
-def service_account_key(path):
-    """A Google service-account JSON key of the shape the FCM adapter reads at start-up (no push is
-    sent here, so its token endpoint is never called)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    path.write_text(json.dumps({
-        "type": "service_account", "project_id": "bank-a-app", "private_key_id": "k1", "client_id": "1",
-        "private_key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()).decode(),
-        "client_email": "biogate-push@bank-a-app.iam.gserviceaccount.com",
-        "token_uri": "https://oauth2.googleapis.com/token"}))
-    return path
 
 
 def health(address: str) -> str:

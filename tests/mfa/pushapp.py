@@ -273,3 +273,18 @@ class FcmServer:
         self.delay.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def service_account_key(path: Path, token_uri: str = "https://oauth2.googleapis.com/token", key=None) -> Path:
+    """A Google service-account JSON key (what the FCM adapter reads) for ``key`` (RSA, made when
+    None), naming ``token_uri``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path.write_text(json.dumps({
+        "type": "service_account", "project_id": "bank-app", "private_key_id": "k1", "client_id": "1",
+        "private_key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()).decode(),
+        "client_email": "biogate-push@bank-app.iam.gserviceaccount.com", "token_uri": token_uri}))
+    return path

@@ -11,12 +11,11 @@ from urllib.parse import parse_qs
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.mfa.push import FcmPushGateway, PushError, open_push_gateway
 from tests.conftest import make_settings
-from tests.mfa.pushapp import FcmServer, fcm_problems
+from tests.mfa.pushapp import FcmServer, fcm_problems, service_account_key
 
 DATA = {"type": "biogate.confirm", "fields": '{"cid":"pc_1"}', "request_id": "req-1"}
 
@@ -125,13 +124,7 @@ def service_account(tmp_path):
     """(key file, token endpoint): a service account's JSON key naming the local token endpoint."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     endpoint = TokenEndpoint(key.public_key())
-    path = tmp_path / "fcm-sa.json"
-    path.write_text(json.dumps({
-        "type": "service_account", "project_id": "bank-app", "private_key_id": "k1",
-        "private_key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()).decode(),
-        "client_email": "biogate-push@bank-app.iam.gserviceaccount.com", "client_id": "1",
-        "token_uri": endpoint.url + "/token"}))
+    path = service_account_key(tmp_path / "fcm-sa.json", endpoint.url + "/token", key)
     yield path, endpoint
     endpoint.server.shutdown()
 
