@@ -37,8 +37,9 @@ class QualityThresholds:
     # Between the eye centres, in the original image, as the face would show it turned to the
     # camera (QualityReport.frontal_eye_distance_px). 24 px, from accuracy against size
     # (bench/face_gates_eval.py): probes shrunk to 24 px kept FNMR at the FMR 1e-3 threshold within
-    # 0.3 points of full size on the people it was chosen on and on the others, with no rise in
-    # FMR; at 20 px FNMR rose by 0.9-1.5 points, at 12 px by 4-5. 30 px refused 5 of 472 news photos.
+    # 0.6 points of full size on the people it was chosen on and 0.15 on the others, with no rise
+    # in FMR; at 20 px the held-out people lost 1.3 points, at 12 px 8. 30 px refused 5 of 472
+    # news photos (bench/RESULTS.md, "Face genuine refusals, per cause").
     min_eye_distance_px: float = 24.0
     min_sharpness: float = 15.0  # variance of the Laplacian over the aligned crop's face region
     max_abs_yaw_deg: float = 60.0
