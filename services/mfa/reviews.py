@@ -26,6 +26,7 @@ from services.common.privacy import redact
 from services.common.subjects import timestamp
 from services.common.validation import identifier
 
+from . import metrics
 from .config import ReviewsConfig
 from .fusion import Decision, FactorOutcome, decide
 from .reasons import Reason, to_protos
@@ -245,6 +246,8 @@ class ReviewQueue:
                                   "decision": OUTCOME_OF[status], "action": rec.action, "note_chars": len(note),
                                   "signed": bool(stored and stored.token)})
             self.outbox.enqueue(rec.tenant_id, "review.closed", self._event(done, stored), now)
+        if stored is not None:  # without a session there is no decision for anyone to read
+            metrics.record_decision(stored.outcome, stored.reasons, "review")
         self.notify()
         return done, stored if stored is not None else DecisionState(
             OUTCOME_OF[status], [CLOSING_REASON[status]], 0.0, [], [], "", rec.id, "", now)
