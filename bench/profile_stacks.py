@@ -16,7 +16,7 @@ import argparse
 import collections
 import sys
 
-MODEL_RUN = ("Session.run (onnxruntime", "forward (torch")  # an onnxruntime or torch model's own run
+MODEL_RUN = ("Session.run (onnxruntime", "(torch/nn/")  # an onnxruntime or torch model's own run
 MODELS = (("yunet.py", "detector"), ("scrfd.py", "detector"), ("arcface.py", "embedder"), ("sface.py", "embedder"),
           ("embedding.py", "embedder"), ("liveness.py", "liveness"), ("ecapa", "speaker embedder"),
           ("aasist", "anti-spoofing"), ("vad", "VAD"))
@@ -29,6 +29,9 @@ AROUND = (
     ("quality.py", "quality gates"),
     ("subject.py", "subject choice"),
     ("liveness.py", "liveness crops"),
+    ("digits.py", "spoken-digit check (log-mel, recogniser)"),
+    ("replay.py", "replay fingerprint"),
+    ("voice/audio", "audio decode and resampling"),
     ("audit", "audit record"),
     ("templates.py", "template read + decrypt"),
     ("crypto", "template read + decrypt"),
