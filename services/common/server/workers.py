@@ -65,12 +65,18 @@ def run_workers(settings, name: str, target: Callable[[Any, str, Worker], None])
     ready, all_warm = ctx.Value("i", 0), ctx.Event()
     # A fresh directory: files left by an earlier start would count its calls again. The spawned
     # workers read the variable when they import prometheus_client; this process records nothing.
-    metrics_dir = tempfile.mkdtemp(prefix=f"biogate-{name}-metrics-", dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    metrics_dir = tempfile.mkdtemp(prefix=f"biogate-{name}-metrics-", dir=before)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         return _supervise(settings, name, target, ctx, ready, all_warm, count, metrics_dir)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        # a process started later must not write into the removed directory
+        if before is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
 
 
 def _supervise(settings, name: str, target: Callable[[Any, str, Worker], None], ctx, ready, all_warm, count: int,
