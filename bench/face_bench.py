@@ -91,8 +91,10 @@ async def run_load(address: str, token: str, requests: list, concurrency: int, d
 
 
 # ---------------------------------------------------------------- in-process references
-def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3) -> dict[str, float]:
-    """Median seconds per probe of the sessions alone (batch 1), on pre-made inputs."""
+def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3,
+                    cpu: dict[str, float] | None = None) -> dict[str, float]:
+    """Median seconds per probe of the sessions alone (batch 1), on pre-made inputs; ``cpu`` gets
+    the median CPU seconds of this thread (onnxruntime runs a 1-thread session on the caller's)."""
     from services.face.align import align_face
     from services.face.detection import letterbox
     from services.face.imaging import decode_image
@@ -110,20 +112,75 @@ def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3
     crops = [align_face(im, f)[None] for im, f in zip(images, faces)]
     live_crops = [p.liveness.crops(im, f) for im, f in zip(images, faces)] if liveness else []
     out: dict[str, list[float]] = {"detector": [], "embedder": [], "liveness": []}
+    cpu_out: dict[str, list[float]] = {k: [] for k in out}
+
+    def timed(key: str, fn) -> None:
+        t, c = time.perf_counter(), time.thread_time()
+        fn()
+        out[key].append(time.perf_counter() - t)
+        cpu_out[key].append(time.thread_time() - c)
+
     for _ in range(repeats):
         for i in range(len(images)):
-            t = time.perf_counter()
-            det.model.session.run(det._outputs, {det._input: canvases[i]})
-            out["detector"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            emb.embed(crops[i])
-            out["embedder"].append(time.perf_counter() - t)
+            timed("detector", lambda i=i: det.model.session.run(det._outputs, {det._input: canvases[i]}))
+            timed("embedder", lambda i=i: emb.embed(crops[i]))
             if liveness:
-                t = time.perf_counter()
-                p.liveness.score_crops([live_crops[i]])
-                out["liveness"].append(time.perf_counter() - t)
+                timed("liveness", lambda i=i: p.liveness.score_crops([live_crops[i]]))
     p.close()
+    if cpu is not None:
+        cpu.update({k: statistics.median(v) for k, v in cpu_out.items() if v})
     return {k: statistics.median(v) for k, v in out.items() if v}
+
+
+class ParallelRaw:
+    """The raw models on every core at once (one thread per core, 1-thread sessions, pre-made
+    inputs, batch 1): the ceiling of issue 13, measured right after each load level so that it
+    meets the same load from other jobs on the shared cores."""
+
+    def __init__(self, store, probes: list[bytes], liveness: bool) -> None:
+        from services.face.align import align_face
+        from services.face.detection import letterbox
+        from services.face.imaging import decode_image
+        from services.face.models import pipeline_config
+        from services.face.pipeline import FacePipeline
+
+        cfg = pipeline_config(store, detector="yunet-2023mar-batch", providers=("CPUExecutionProvider",), threads=1,
+                              liveness=() if not liveness else ("minifasnet-v2-2.7", "minifasnet-v1se-4.0"))
+        self.p = p = FacePipeline(cfg)
+        det = p.detector
+        images = [decode_image(b) for b in probes]
+        faces = [det.detect(im)[0] for im in images]
+        self.canvases = [letterbox(im, det.input_size, det.pad_ratio).canvas.transpose(2, 0, 1)[None].astype(np.float32)
+                         for im in images]
+        self.crops = [align_face(im, f)[None] for im, f in zip(images, faces)]
+        self.live_crops = [p.liveness.crops(im, f) for im, f in zip(images, faces)] if liveness else []
+
+    def rate(self, liveness: bool, seconds: float) -> float:
+        """Verifications' worth of raw model runs per second on ``os.cpu_count()`` threads."""
+        import threading
+
+        det, emb = self.p.detector, next(iter(self.p.embedders.values()))
+        done = [0] * (os.cpu_count() or 1)
+        stop_at = time.monotonic() + seconds
+
+        def work(k: int) -> None:
+            i = k
+            while time.monotonic() < stop_at:
+                j = i % len(self.canvases)
+                det.model.session.run(det._outputs, {det._input: self.canvases[j]})
+                emb.embed(self.crops[j])
+                if liveness and self.p.liveness is not None:
+                    self.p.liveness.score_crops([self.live_crops[j]])
+                done[k] += 1
+                i += len(done)
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(len(done))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(done) / (time.perf_counter() - t0)
 
 
 def naive_loop(store, probes: list[bytes], templates: list[np.ndarray], seconds: float = 8.0) -> tuple[float, list[float]]:
@@ -157,14 +214,16 @@ def naive_loop(store, probes: list[bytes], templates: list[np.ndarray], seconds:
     return len(lat) / sum(lat), lat
 
 
-def serve_and_load(args, workers: int, images, pairs, datas, levels: list) -> tuple[float, float]:
+def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batching: str = "auto",
+                   ceiling: ParallelRaw | None = None) -> tuple[float, float]:
     """One face service with ``workers`` processes: enrol, run every level into ``levels``; (peak RSS, start s)."""
     from services.common.storage import ConsentRecord, open_storage
 
     with tempfile.TemporaryDirectory(prefix="face-bench-") as tmp:
-        config: dict = {"server": {"workers": workers}}
+        config: dict = {"server": {"workers": workers}, "face": {"micro_batching": batching}}
         if args.threads is not None:
-            config["face"] = {"intra_op_threads": args.threads}
+            config["face"]["intra_op_threads"] = args.threads
+        label = f"{workers}" if len(args.batching) == 1 else f"{workers}, batching {batching}"
 
         svc = ServiceProcess("face", config, data_dir=Path(tmp))
         try:
@@ -198,12 +257,17 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list) -> tu
                         image=common_pb2.Image(data=datas[p])) for e, p in pairs if e != 0]
                 for c in args.concurrency:
                     asyncio.run(run_load(svc.address, svc.token(), requests, c, 2.0, 50))  # warm the path
+                    cpu0 = svc.cpu_seconds()
                     lat, wall, errs = asyncio.run(
                         run_load(svc.address, svc.token(), requests, c, args.duration, args.max_requests))
-                    levels.append((mode, c, lat, wall, errs, workers))
-                    print(f"workers {workers} {mode} concurrency {c}: {len(lat)} ok in {wall:.1f} s = {len(lat) / wall:.1f}/s, "
+                    cpu = (svc.cpu_seconds() - cpu0) / max(1, len(lat) + sum(errs.values()))
+                    levels.append((mode, c, lat, wall, errs, label, cpu))
+                    raw_rate = ceiling.rate(mode == "liveness", args.raw_seconds) if ceiling is not None else float("nan")
+                    print(f"workers {label} {mode} concurrency {c}: {len(lat)} ok in {wall:.1f} s = {len(lat) / wall:.1f}/s, "
                           f"p50 {pct(lat, 50):.1f} ms p95 {pct(lat, 95):.1f} ms p99 {pct(lat, 99):.1f} ms, "
-                          f"errors {errs}", flush=True)
+                          f"service CPU {cpu * 1000:.1f} ms per request, errors {errs}; raw models on "
+                          f"{os.cpu_count()} threads right after: {raw_rate:.1f}/s, service "
+                          f"{len(lat) / wall / raw_rate:.0%} of it", flush=True)
             rss = svc.peak_rss_mb()
         finally:
             svc.stop()
@@ -222,6 +286,10 @@ def main() -> int:
                     help="Verify without / with require_liveness")
     ap.add_argument("--threads", type=int, default=None, help="face.intra_op_threads of the service")
     ap.add_argument("--workers", type=int, nargs="+", default=[1], help="server.workers of the service, one run each")
+    ap.add_argument("--raw-seconds", type=float, default=10.0,
+                    help="after each level: the raw models on every core for this long (the ceiling); 0: not run")
+    ap.add_argument("--batching", nargs="+", choices=("auto", "on", "off"), default=["auto"],
+                    help="face.micro_batching of the service, one run each (with each --workers)")
     ap.add_argument("--write-results", action="store_true", help="replace the Face section of bench/RESULTS.md")
     args = ap.parse_args()
 
@@ -231,16 +299,27 @@ def main() -> int:
     datas = [p.read_bytes() for p in images]
     levels: list = []
     rss, start_s = {}, {}
-    for workers in args.workers:
-        rss[workers], start_s[workers] = serve_and_load(args, workers, images, pairs, datas, levels)
-    rss_max, start_max = max(rss.values()), max(start_s.values())
-
     store = ModelStore(load_config(None, models={"cache_dir": str(MODEL_CACHE)}))
     probes = [datas[p] for _, p in pairs]
-    raw = raw_model_times(store, probes, "liveness" in args.modes)
+    ceiling = ParallelRaw(store, probes, "liveness" in args.modes) if args.raw_seconds > 0 else None
+    for workers in args.workers:
+        for batching in args.batching:
+            rss[workers], start_s[workers] = serve_and_load(args, workers, images, pairs, datas, levels, batching,
+                                                            ceiling)
+    rss_max, start_max = max(rss.values()), max(start_s.values())
+    if ceiling is not None:
+        ceiling.p.close()
+    raw_cpu: dict[str, float] = {}
+    raw = raw_model_times(store, probes, "liveness" in args.modes, cpu=raw_cpu)
     raw_total = {"plain": raw["detector"] + raw["embedder"], "liveness": sum(raw.values())}
     print("raw models per verification (batch 1, median): " +
-          ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in raw.items()), flush=True)
+          ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in raw.items()) + "; CPU time " +
+          ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in raw_cpu.items()), flush=True)
+    cpu_total = {"plain": raw_cpu["detector"] + raw_cpu["embedder"], "liveness": sum(raw_cpu.values())}
+    for mode, c, lat, wall, _errs, label, cpu in levels:
+        print(f"workers {label} {mode} concurrency {c}: raw model CPU / service CPU per request "
+              f"{cpu_total[mode] / cpu:.0%}; of the 2-core ceiling {(len(lat) / wall) * raw_total[mode] / (os.cpu_count() or 1):.0%}",
+              flush=True)
     from services.face.embedding import l2_normalise
     from services.face.imaging import decode_image
     from services.face.models import pipeline_config
@@ -269,7 +348,7 @@ def write_results(args, levels, raw, raw_total, naive_rps, naive_lat, rss, start
         f"| {mode} | {workers} | {c} | {len(lat)} | {len(lat) / wall:.1f} | {pct(lat, 50):.1f} | {pct(lat, 95):.1f} "
         f"| {pct(lat, 99):.1f} | {raw_total[mode] * 1000:.1f} | {pct(lat, 50) / (raw_total[mode] * 1000):.2f}x "
         f"| {(len(lat) / wall) * raw_total[mode]:.2f} | {sum(errs.values())} |"
-        for mode, c, lat, wall, errs, workers in levels
+        for mode, c, lat, wall, errs, workers, _cpu in levels
     )
     section = f"""## Face
 

@@ -59,6 +59,12 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def child_pids(pid: int) -> list[int]:
     """The live child processes of ``pid`` (a service's worker processes)."""
     out: list[int] = []
@@ -178,6 +184,12 @@ class ServiceProcess:
         """The largest peak RSS of the service's processes (its workers', with server.workers > 1)."""
         assert self.proc is not None
         return max(peak_rss_mb(pid) for pid in (self.proc.pid, *child_pids(self.proc.pid)))
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the service's processes have used so far: its own per
+        verification does not depend on what other jobs take of the shared cores."""
+        assert self.proc is not None
+        return sum(cpu_seconds(pid) for pid in (self.proc.pid, *child_pids(self.proc.pid)))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

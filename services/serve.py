@@ -49,10 +49,11 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def serve_one(settings: Settings, name: str, worker: Worker | None) -> None:
     endpoint = settings.endpoint(name)  # type: ignore[arg-type]
-    # One metrics listener per port: in a group of workers the first serves its own metrics.
+    # One metrics listener per port: in a group of workers the first serves the whole group's metrics.
     if endpoint.metrics_port and (worker is None or worker.index == 0):
         serve_metrics(endpoint.metrics_host, endpoint.metrics_port,
-                      metrics_credentials(settings) if settings.server.metrics_auth else None)
+                      metrics_credentials(settings) if settings.server.metrics_auth else None,
+                      multiprocess_dir=worker.metrics_dir if worker is not None else None)
     run_until_signal(RunningServer(settings, definition(settings, name), worker=worker))
 
 

@@ -116,3 +116,50 @@ class MicroBatcher(Generic[T, R]):
         self.items += len(live)
         for (_, f), r in zip(live, results):
             f.set_result(r)
+
+
+class Inline(Generic[T, R]):
+    """A :class:`MicroBatcher`'s interface, calling ``fn`` on the caller's thread: on a CPU a batch
+    costs about the items' time one by one, while the batcher's one thread holds a model to one core
+    and hands every item between threads; inline, concurrent callers (as many as the admission
+    slots, i.e. the cores) run the model side by side on their own threads."""
+
+    def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch: int = 32, name: str = "inline",
+                 model: str | None = None) -> None:
+        self._fn = fn
+        self._batch_size = metrics.BATCH_SIZE.labels(model or name)
+        self._inference = metrics.INFERENCE_SECONDS.labels(model or name)
+        self.max_batch = max_batch
+        self._count_lock = threading.Lock()
+        self.batches = 0
+        self.items = 0
+
+    def submit_async(self, item: T) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(self.submit(item))
+        except Exception as exc:  # raised where the result is read, as from a batcher
+            fut.set_exception(exc)
+        return fut
+
+    def submit(self, item: T, timeout: float | None = None) -> R:
+        return self.submit_many([item])[0]
+
+    def submit_many(self, items: Sequence[T], timeout: float | None = None) -> list[R]:
+        out: list[R] = []
+        for i in range(0, len(items), self.max_batch):
+            chunk = list(items[i : i + self.max_batch])
+            started = time.perf_counter()
+            results = self._fn(chunk)
+            self._inference.observe(time.perf_counter() - started)
+            self._batch_size.observe(len(chunk))
+            if len(results) != len(chunk):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(chunk)} items")
+            out.extend(results)
+            with self._count_lock:
+                self.batches += 1
+                self.items += len(chunk)
+        return out
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        pass

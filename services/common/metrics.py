@@ -8,7 +8,7 @@ import threading
 from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app, multiprocess
 from prometheus_client.exposition import ThreadingWSGIServer
 
 RPC_TOTAL = Counter("biogate_rpc_total", "RPCs handled", ["service", "method", "code"])
@@ -18,10 +18,15 @@ RPC_SECONDS = Histogram(
     ["service", "method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-RPC_IN_FLIGHT = Gauge("biogate_rpc_in_flight", "RPCs being handled", ["service"])
+# With several worker processes (prometheus-client's multiprocess mode) a scrape shows the sum over
+# the live workers; a dead worker's calls in flight are no longer in flight.
+RPC_IN_FLIGHT = Gauge("biogate_rpc_in_flight", "RPCs being handled", ["service"], multiprocess_mode="livesum")
 RPC_SHED = Counter("biogate_rpc_shed_total", "Calls refused by admission control (RESOURCE_EXHAUSTED)",
                    ["service", "method", "reason"])
-ADMISSION_QUEUED = Gauge("biogate_admission_queued", "Calls waiting for a model-work slot", ["service"])
+ADMISSION_QUEUED = Gauge("biogate_admission_queued", "Calls waiting for a model-work slot", ["service"],
+                         multiprocess_mode="livesum")
+# Not kept in multiprocess mode's files: the worker serving the scrapes adds its own (every worker
+# loads the same models).
 MODEL_INFO = Info("biogate_model", "Models loaded and the inference provider each runs on")
 
 # Raw cosine similarity of each 1:1 comparison, before any normalisation: its distribution per model
@@ -50,16 +55,28 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve_metrics(host: str, port: int, accept: Callable[[str], bool] | None = None) -> ThreadingWSGIServer:
+def serve_metrics(host: str, port: int, accept: Callable[[str], bool] | None = None,
+                  multiprocess_dir: str | None = None) -> ThreadingWSGIServer:
     """Serves the metrics on http://host:port/ from a daemon thread; -> the server (its
     ``server_port`` is the port bound when ``port`` is 0). With ``accept``, a scrape must send an
-    ``Authorization`` header it accepts (the services' bearer tokens), else 401."""
-    app = make_wsgi_app()
+    ``Authorization`` header it accepts (the services' bearer tokens), else 401. With
+    ``multiprocess_dir`` (the PROMETHEUS_MULTIPROC_DIR of a group of worker processes) a scrape
+    shows every worker's metrics merged, not this process's alone."""
+    app = make_wsgi_app(multiprocess_registry(multiprocess_dir)) if multiprocess_dir else make_wsgi_app()
     if accept is not None:
         app = _guarded(app, accept)
     server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
+
+
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """A registry of the metrics that the processes sharing ``path`` wrote (counters and histograms
+    summed, gauges by their multiprocess_mode), and this process's model info."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path)
+    registry.register(MODEL_INFO)
+    return registry
 
 
 def _guarded(app, accept: Callable[[str], bool]):

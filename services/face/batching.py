@@ -1,5 +1,5 @@
 """Moved to :mod:`services.common.batching` (shared with the voice service); re-exported here."""
 
-from services.common.batching import BatcherClosed, MicroBatcher
+from services.common.batching import BatcherClosed, Inline, MicroBatcher
 
-__all__ = ["BatcherClosed", "MicroBatcher"]
+__all__ = ["BatcherClosed", "Inline", "MicroBatcher"]

@@ -58,6 +58,8 @@ class FaceConfig(Section):
     identify_max_k: int = Field(100, ge=1, le=1000)
     batch_max: int = Field(32, ge=1, le=256)
     batch_wait_ms: float = Field(2.0, ge=0, le=50)
+    # "auto": micro-batched on an accelerator, inline on the CPU (FacePipelineConfig.batching).
+    micro_batching: Literal["auto", "on", "off"] = "auto"
     intra_op_threads: int = Field(1, ge=0)  # per onnxruntime session; 0 = onnxruntime's default
     calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
     gallery_check_s: float = Field(0.0, ge=0)  # template count check before Identify; 0: every time

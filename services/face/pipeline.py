@@ -18,7 +18,7 @@ import numpy as np
 
 from services.common.inference import LoadedModel
 from services.face.align import align_face
-from services.face.batching import MicroBatcher
+from services.face.batching import Inline, MicroBatcher
 from services.face.detection import Detector, Face
 from services.face.embedding import Embedder
 from services.face.imaging import DecodeLimits, decode_image
@@ -28,6 +28,7 @@ from services.face.subject import SubjectPolicy, choose_subject
 from services.face.zoo import DETECTORS, EMBEDDERS
 
 PathLike = str | os.PathLike[str]
+CPU = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class FacePipelineConfig:
     # Intra-op threads per onnxruntime session (None: onnxruntime's default, all cores). Several
     # sessions run at once on the batcher threads, so one or two each avoids oversubscription.
     threads: int | None = None
+    # Micro-batchers in front of the models: "auto" where the detector runs on an accelerator; on
+    # the CPU each request runs the models on its own thread (services.common.batching.Inline).
+    batching: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -105,39 +109,33 @@ class FacePipeline:
             raise ValueError(f"embedder names must be unique: {names}")
         self.config = config
         self.detector = build_detector(config.detector, config.providers, config.threads)
+        self.batching = config.batching == "on" or (config.batching == "auto" and self.detector.provider != CPU)
         # A detector with a batch dimension (YuNet's batchable copy) is micro-batched as well.
-        self._detect_batcher: MicroBatcher | None = None
+        self._detect_batcher: MicroBatcher | Inline | None = None
         detect_batch = getattr(self.detector, "detect_batch", None)
         detect_max_batch = getattr(self.detector, "max_batch", 1)
         if detect_batch is not None and detect_max_batch > 1:
-            self._detect_batcher = MicroBatcher(
-                detect_batch,
-                max_batch=min(config.batch_max, detect_max_batch),
-                max_wait_ms=config.batch_wait_ms,
-                name="detect",
-            )
+            self._detect_batcher = self._batcher(detect_batch, min(config.batch_max, detect_max_batch), "detect")
         self.embedders: dict[str, Embedder] = {e.name: build_embedder(e, config.providers, config.threads) for e in config.embedders}
         self._embed_batchers = {
-            name: MicroBatcher(
-                functools.partial(_embed_crops, emb),
-                max_batch=min(config.batch_max, emb.max_batch) if emb.max_batch > 1 else 1,
-                max_wait_ms=config.batch_wait_ms if emb.max_batch > 1 else 0.0,
-                name=f"embed-{name}",
-            )
+            name: self._batcher(functools.partial(_embed_crops, emb),
+                                min(config.batch_max, emb.max_batch) if emb.max_batch > 1 else 1, f"embed-{name}")
             for name, emb in self.embedders.items()
         }
         self.liveness: PassiveLiveness | None = None
-        self._liveness_batcher: MicroBatcher | None = None
+        self._liveness_batcher: MicroBatcher | Inline | None = None
         if config.liveness:
             live = self.liveness = PassiveLiveness(
                 config.liveness, box_source=config.liveness_box, providers=config.providers, threads=config.threads
             )
-            self._liveness_batcher = MicroBatcher(
-                lambda items: list(live.score_crops(items)),
-                max_batch=config.batch_max,
-                max_wait_ms=config.batch_wait_ms,
-                name="liveness",
-            )
+            self._liveness_batcher = self._batcher(lambda items: list(live.score_crops(items)), config.batch_max,
+                                                   "liveness")
+
+    def _batcher(self, fn, max_batch: int, name: str) -> MicroBatcher | Inline:
+        if not self.batching:
+            return Inline(fn, max_batch=max_batch, name=name)
+        return MicroBatcher(fn, max_batch=max_batch, max_wait_ms=self.config.batch_wait_ms if max_batch > 1 else 0.0,
+                            name=name)
 
     @property
     def providers(self) -> dict[str, str]:
@@ -255,7 +253,7 @@ class FacePipeline:
             self._liveness_batcher.close()
 
 
-def _batch_sizes(model_owner, batcher: MicroBatcher | None) -> list[int]:
+def _batch_sizes(model_owner, batcher: MicroBatcher | Inline | None) -> list[int]:
     """The batch sizes a model behind ``batcher`` runs at: one, or each padded bucket on CUDA."""
     top = batcher.max_batch if batcher is not None else 1
     models = getattr(model_owner, "models", None) or [getattr(model_owner, "model", None)]

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from services.face.batching import BatcherClosed, MicroBatcher
+from services.face.batching import BatcherClosed, Inline, MicroBatcher
 
 
 def test_concurrent_callers_get_their_own_results_in_batches():
@@ -70,3 +70,24 @@ def test_close_finishes_queued_items_then_refuses():
     assert [f.result(timeout=1) for f in futures] == list(range(6))
     with pytest.raises(BatcherClosed):
         b.submit(1)
+
+
+def test_inline_runs_on_the_callers_thread_in_chunks_and_reports_errors_through_the_future():
+    calls: list[tuple[str, int]] = []
+
+    def fn(items):
+        if any(x < 0 for x in items):
+            raise ValueError("negative")
+        calls.append((threading.current_thread().name, len(items)))
+        return [x * x for x in items]
+
+    b = Inline(fn, max_batch=3)
+    assert b.submit_many(list(range(7))) == [x * x for x in range(7)]
+    assert [n for _, n in calls] == [3, 3, 1] and {t for t, _ in calls} == {threading.current_thread().name}
+    assert b.submit(4) == 16 and b.submit_async(5).result() == 25
+    failed = b.submit_async(-1)
+    with pytest.raises(ValueError):
+        failed.result()
+    assert b.items == 9 and b.batches == 5
+    with pytest.raises(RuntimeError):
+        Inline(lambda xs: [], max_batch=2).submit(1)

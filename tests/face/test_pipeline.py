@@ -5,6 +5,7 @@ import pytest
 
 from face_helpers import CPU
 from services.face.imaging import DecodeErrorCode, ImageDecodeError, decode_image
+from services.face.batching import Inline, MicroBatcher
 from services.face.pipeline import FacePipeline, LivenessUnavailable
 
 
@@ -114,9 +115,10 @@ def test_batched_detector_in_the_pipeline(tmp_path, model_store, face_models, pi
     dst = tmp_path / "yunet_batch.onnx"
     onnx_batchable(src, dst, {"batch_dim": "N", "tensors": ["input", *[o.name for o in onnx.load(str(src)).graph.output]]})
     cfg = pipeline.config
-    p = FacePipeline(dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, path=dst), liveness=()))
+    p = FacePipeline(dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, path=dst), liveness=(),
+                                         batching="on"))
     try:
-        assert p._detect_batcher is not None
+        assert isinstance(p._detect_batcher, MicroBatcher)
         data = [x.read_bytes() for x in verification_images[:8]]
         out = [None] * len(data)
         threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, p.analyse(data[i]))) for i in range(len(data))]
@@ -132,3 +134,28 @@ def test_batched_detector_in_the_pipeline(tmp_path, model_store, face_models, pi
         assert p._detect_batcher.items == len(data)
     finally:
         p.close()
+
+
+def test_on_the_cpu_the_models_run_inline_with_the_batchers_results(pipeline, verification_images):
+    import dataclasses
+
+    assert not pipeline.batching and isinstance(pipeline._detect_batcher, Inline)  # "auto" on the CPU provider
+    batched = FacePipeline(dataclasses.replace(pipeline.config, batching="on"))
+    try:
+        assert batched.batching and isinstance(batched._detect_batcher, MicroBatcher)
+        data = [x.read_bytes() for x in verification_images[:6]]
+        out: list = [None] * len(data)
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, pipeline.analyse(data[i], liveness=True)))
+                   for i in range(len(data))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for d, r in zip(data, out):
+            ref = batched.analyse(d, liveness=True)
+            assert r.issues == ref.issues and np.abs(r.face.box - ref.face.box).max() < 1e-3
+            assert r.liveness is not None and ref.liveness is not None and abs(r.liveness - ref.liveness) < 1e-4
+            for k in ref.embeddings:
+                assert float(r.embeddings[k] @ ref.embeddings[k]) > 0.9999
+    finally:
+        batched.close()

@@ -1,5 +1,5 @@
 """`biogate serve face` with server.workers 2: two processes on one port, each answering, SERVING
-once both are warm, both drained on SIGTERM."""
+once both are warm, the metrics endpoint counting the calls of both, both drained on SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.common.config import PROJECT_ROOT
@@ -39,6 +41,13 @@ def answering_worker(target: str, token: str) -> str:
             return dict(err.initial_metadata())["x-biogate-worker"]
 
 
+def scrape(port: int) -> dict[str, list]:
+    """The samples of each metric family on the metrics endpoint, by family name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as reply:
+        text = reply.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
 def test_serve_face_with_two_workers_answers_from_both_and_drains_on_sigterm(tmp_path):
     port, metrics_port = free_ports(2)
     data = tmp_path / "data"
@@ -59,12 +68,22 @@ def test_serve_face_with_two_workers_answers_from_both_and_drains_on_sigterm(tmp
             time.sleep(0.05)
         assert health_status(target) == "SERVING"
         token = json.loads(load_config(None, data_dir=str(data)).dev_credentials_file.read_text())["dev-all"]
+        calls: dict[str, int] = {}
         for _ in range(60):
-            pids.add(answering_worker(target, token))
-            if len(pids) == 2:
+            pid = answering_worker(target, token)
+            calls[pid] = calls.get(pid, 0) + 1
+            if len(calls) == 2 and sum(calls.values()) >= 6:
                 break
+        pids = set(calls)
         assert len(pids) == 2, f"every connection reached the same worker: {pids}"
         assert all(parent_of(int(p)) == proc.pid for p in pids)
+        # The first worker serves the scrapes: it must count the calls that both answered.
+        metrics = scrape(metrics_port)
+        verifies = [s for s in metrics["biogate_rpc"] if s.name == "biogate_rpc_total" and s.labels["method"] == "Verify"]
+        assert [s.labels["code"] for s in verifies] == ["INVALID_ARGUMENT"]
+        assert verifies[0].value == sum(calls.values()), (verifies, calls)
+        assert [s.value for s in metrics["biogate_rpc_in_flight"] if s.labels["service"] == "face"] == [0.0]
+        assert any("face_models" in s.labels for s in metrics["biogate_model_info"])
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=90)

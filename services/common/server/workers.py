@@ -6,6 +6,10 @@ them), load their own models and share every state through the database, Redis a
 A worker turns SERVING only when every worker is warm: health checks land on any of them, and one
 cold process behind a SERVING answer would fail the calls routed to it. The parent only supervises:
 a worker that exits stops the others (the orchestrator restarts the whole), SIGTERM drains them all.
+
+Metrics: each start gets a fresh directory (under PROMETHEUS_MULTIPROC_DIR when it is set, else the
+temporary directory) in which every worker's prometheus-client writes its values (multiprocess
+mode); the first worker's metrics endpoint merges them, and a worker's live gauges go with it.
 """
 
 from __future__ import annotations
@@ -13,11 +17,15 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from prometheus_client import multiprocess
 
 log = logging.getLogger("biogate.workers")
 
@@ -32,6 +40,7 @@ class Worker:
     count: int
     ready: Any  # multiprocessing Value('i'): how many workers are warm
     all_warm: Any  # multiprocessing Event: set by the parent once ``ready`` reaches ``count``
+    metrics_dir: str | None = None  # the group's PROMETHEUS_MULTIPROC_DIR
 
     def wait_for_all(self, stopping: threading.Event) -> bool:
         """Counts this worker warm, then waits until every worker is (False: stopping first)."""
@@ -54,7 +63,25 @@ def run_workers(settings, name: str, target: Callable[[Any, str, Worker], None])
     count = settings.server.processes
     ctx = multiprocessing.get_context("spawn")  # no forked copies of gRPC's or onnxruntime's threads
     ready, all_warm = ctx.Value("i", 0), ctx.Event()
-    procs = [ctx.Process(target=target, args=(settings, name, Worker(i, count, ready, all_warm)),
+    # A fresh directory: files left by an earlier start would count its calls again. The spawned
+    # workers read the variable when they import prometheus_client; this process records nothing.
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    metrics_dir = tempfile.mkdtemp(prefix=f"biogate-{name}-metrics-", dir=before)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return _supervise(settings, name, target, ctx, ready, all_warm, count, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        # a process started later must not write into the removed directory
+        if before is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
+
+
+def _supervise(settings, name: str, target: Callable[[Any, str, Worker], None], ctx, ready, all_warm, count: int,
+               metrics_dir: str) -> int:
+    procs = [ctx.Process(target=target, args=(settings, name, Worker(i, count, ready, all_warm, metrics_dir)),
                          name=f"{name}-worker-{i}") for i in range(count)]
     stopping = threading.Event()
 
@@ -86,4 +113,6 @@ def run_workers(settings, name: str, target: Callable[[Any, str, Worker], None])
             log.error("worker did not stop; killing it", extra={"service": name, "worker": p.name})
             p.kill()
             p.join()
+        if p.pid is not None:
+            multiprocess.mark_process_dead(p.pid, metrics_dir)
     return max(abs(p.exitcode or 0) for p in procs)
