@@ -73,7 +73,7 @@ def antispoof_window_s(cfg: VoiceConfig, family: ChannelFamily) -> float:
 
 
 def pad_score_name(window_s: float) -> str:
-    return f"bonafide_log_odds@speech{window_s:g}s"
+    return f"bonafide_log_odds@speechonly{window_s:g}s"
 
 
 class BatcherPool:
