@@ -52,8 +52,11 @@ from services.voice.vad import SileroVad, VadParams
 ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
-GRID = ((None, 0.0, 6.0), (-26.0, 20.0, 6.0), (-26.0, 30.0, 6.0), (-20.0, 30.0, 6.0), (-26.0, 40.0, 6.0),
-        (-20.0, 20.0, 1.0), (-26.0, 20.0, 0.0))
+# (target dBFS, max gain dB, release dB/s, as_is_too); the last: the shipped setting since the
+# isolated-digit study (section "Voice: VAD on short isolated words" of bench/RESULTS.md)
+GRID: tuple[tuple[float | None, float, float, bool], ...] = ((None, 0.0, 6.0, False), (-26.0, 20.0, 6.0, False), (-26.0, 30.0, 6.0, False), (-20.0, 30.0, 6.0, False),
+        (-26.0, 40.0, 6.0, False), (-20.0, 20.0, 1.0, False), (-26.0, 20.0, 0.0, False), (-20.0, 30.0, 6.0, True))
+DIGITS = FIXTURES / "voice" / "digits"
 PROBE_S = (0.5, 1.0, 1.5, 2.0, 3.0)
 ENROL_S = (1.0, 1.5, 2.0, 3.0, 4.0)
 
@@ -75,9 +78,30 @@ def telephone_3s(x: np.ndarray) -> np.ndarray:
     return np.concatenate([c.push(d.samples), c.finish()])
 
 
+def noise_only(x: np.ndarray, seed: int) -> np.ndarray:
+    """The far-field condition's noise alone (no speech): what a detector finds here is false speech."""
+    rng = np.random.default_rng(seed)
+    level = np.sqrt(np.mean(x**2)) * 10 ** (-20 / 20) / 10 ** (20 / 20)
+    return (rng.standard_normal(len(x)) * level).astype(np.float32)
+
+
 def conditions(x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     return {"clean": conditioned(x), "-20 dB": conditioned(x * 0.1), "-30 dB": conditioned(x * 10 ** (-1.5)),
-            "far field": conditioned(far_field(x, seed)), "telephone 3 s": telephone_3s(x)}
+            "far field": conditioned(far_field(x, seed)), "telephone 3 s": telephone_3s(x),
+            "noise only": conditioned(noise_only(x, seed))}
+
+
+def isolated_words() -> dict[str, np.ndarray]:
+    """A second source, never used to choose: each isolated spoken-digit take (8 kHz) between
+    0.25 s pauses, through the ingest conditioner as the service receives it."""
+    out = {}
+    for f in sorted(DIGITS.glob("*.wav")):
+        x, rate = sf.read(f, dtype="float32")
+        pause = np.zeros(rate // 4, np.float32)
+        d = np.concatenate([pause, x, pause])
+        c = Conditioner(rate)
+        out[f.stem] = np.concatenate([c.push(d), c.finish()])
+    return out
 
 
 def conditioned(x: np.ndarray) -> np.ndarray:
@@ -90,28 +114,38 @@ def speakers(files: list[Path]) -> tuple[set[str], set[str]]:
     return set(names[0::2]), set(names[1::2])
 
 
-def vad_study(vad_path: Path, files: list[Path], audio: dict[Path, np.ndarray], cfg) -> dict[str, Any]:
+def vad_study(vad_path: Path, files: list[Path], audio: dict[Path, np.ndarray], cfg,
+              grid: list[tuple[float | None, float, float, bool]]) -> dict[str, Any]:
     even, odd = speakers(files)
     out: dict[str, Any] = {}
-    for target, gain, release in GRID:
-        name = "off" if target is None else f"{target:g} dBFS, max +{gain:g} dB, release {release:g} dB/s"
-        vad = SileroVad(vad_path, VadParams(level_target_dbfs=target, max_gain_db=gain, release_db_per_s=release))
+    words = isolated_words()
+    for target, gain, release, as_is_too in grid:
+        name = "off" if target is None else f"{target:g} dBFS, max +{gain:g} dB, release {release:g} dB/s" + (
+            ", or as is" if as_is_too else "")
+        vad = SileroVad(vad_path, VadParams(level_target_dbfs=target, max_gain_db=gain, release_db_per_s=release,
+                                            as_is_too=as_is_too))
         rows = {}
         for i, f in enumerate(files):
             for cond, x in conditions(audio[f], i).items():
                 rows.setdefault(cond, []).append((f.parent.name, vad(x).speech_s))
         res = {}
+        heard = np.array([vad(x).speech_s for x in words.values()])
+        res["isolated digits (check)"] = {"n": int(heard.size), "median_net_speech_s": round(float(np.median(heard)), 2),
+                                          "no_speech": int(np.count_nonzero(heard == 0.0))}
         for cond, vals in rows.items():
             for part, who in (("even", even), ("odd", odd)):
                 s = np.array([v for spk, v in vals if spk in who])
+                if cond == "noise only":
+                    res[f"{cond}|{part}"] = {"n": int(s.size), "false_speech_s_total": round(float(s.sum()), 2),
+                                             "clips_with_speech": int(np.count_nonzero(s > 0))}
+                    continue
                 res[f"{cond}|{part}"] = {
                     "n": int(s.size), "median_net_speech_s": round(float(np.median(s)), 2),
                     "fail_verify": int(np.count_nonzero(s < cfg.min_net_speech_verify_s)),
                     "fail_enrol_one": int(np.count_nonzero(s < max(cfg.min_total_net_speech_enroll_s,
                                                                    cfg.min_net_speech_enroll_s)))}
         out[name] = res
-        print(name, json.dumps({k: (v["median_net_speech_s"], v["fail_verify"], v["fail_enrol_one"])
-                                for k, v in res.items()}), flush=True)
+        print(name, json.dumps(res), flush=True)
     return out
 
 
@@ -218,6 +252,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "var" / "eval" / "voice-gates"))
     ap.add_argument("--skip", nargs="*", default=(), choices=("vad", "duration"))
+    ap.add_argument("--grid", type=int, nargs="*", help="VAD study: only these GRID rows (indices)")
     a = ap.parse_args()
     os.environ.setdefault("BIOGATE_MODELS__CACHE_DIR", str(ROOT / "var" / "models"))
     settings = load_config()
@@ -232,7 +267,8 @@ def main() -> int:
                                                    "enrol_total": settings.voice.min_total_net_speech_enroll_s}}
     if "vad" not in a.skip:
         store = ModelStore(settings)
-        results["vad"] = vad_study(store.path(settings.voice.vad), files, audio, settings.voice)
+        grid = [GRID[i] for i in a.grid] if a.grid else list(GRID)
+        results["vad"] = vad_study(store.path(settings.voice.vad), files, audio, settings.voice, grid)
     if "duration" not in a.skip:
         results["duration"] = duration_study(settings, files, audio)
     write_results(a.out, results)
