@@ -3,7 +3,7 @@ the s-norm cohort, the calibrations, and the three anti-spoofing layers; :meth:`
 turns a template and a prepared probe into a :class:`VoiceDecision`.
 
 Layers (only pass/fail reaches the client; scores and which layer failed go to the audit):
-  1. synthetic speech: AASIST on the most speech-dense window, threshold from the ``aasist``
+  1. synthetic speech: AASIST on the clip's speech only (VAD segments joined), threshold from the ``aasist``
      calibration of the channel (an APCER operating point measured with espeak-ng attacks);
   2. digit challenge: the digits of a single-use nonce, recognised by Whisper tiny.en on the same
      audio the speaker is verified on;
@@ -73,6 +73,7 @@ def antispoof_window_s(cfg: VoiceConfig, family: ChannelFamily) -> float:
 
 
 def pad_score_name(window_s: float) -> str:
+    # "speechonly": the window of antispoof.speech_window; a record of another window's scores does not apply.
     return f"bonafide_log_odds@speechonly{window_s:g}s"
 
 
