@@ -14,7 +14,7 @@ One module per role:
                             -> the objects (a router per role on the entry's architecture)
   pipeline                  ingest -> VAD -> ECAPA, unary and streamed (bit-identical)
   cohort                    adaptive s-norm and its cohort file (off by default, see config)
-  aasist, antispoof         synthetic-speech detection on the speech only (VAD segments joined)
+  aasist, antispoof         synthetic-speech detection on the most speech-dense window
   digits                    PocketSphinx digit grammar for the digit challenge
   replay                    capture fingerprints and their Redis / memory store
   engine                    the models together; decide() -> VoiceDecision (speaker and each layer)

@@ -1,16 +1,14 @@
-"""Synthetic-speech layer: AASIST on the speech of a prepared clip only (VAD segments joined).
+"""Synthetic-speech layer: AASIST on the most speech-dense window of a prepared clip.
 
-What AASIST sees is the clip's speech, with its non-speech removed: ASVspoof 2019 LA models use
-silence, and how long it lasts, as a cue to the class (Müller et al. 2021, "Speech is Silver,
-Silence is Golden"), so a genuine answer with digital-zero pauses between its words (a phone
-app's or an IVR's capture of a caller saying digits) looked synthetic to the window that scored
-the clip as it came (bench/RESULTS.md, "AASIST on speech only"). A clip whose speech is shorter
-than the window is scored at its own length, not tiled (a tiled window repeats the joins).
-
-Cost decides the window's length: AASIST on its native 4.04 s window took about 0.9 s of one
-CPU core, 3 s about 0.6 s and 2 s about 0.3 s (it grows faster than the window). The length is
-set per channel (bench/RESULTS.md). Windows are scored in batches (one pass per length), so
-concurrent requests share forward passes.
+Cost is what decides the setting here: AASIST on its native 4.04 s window took about 0.9 s of one
+CPU core, 3 s about 0.6 s and 2 s about 0.3 s (it grows faster than the window). One window placed
+where the VAD found the most speech separates genuine fixture speech from espeak-ng speech, where a
+window at the start of the clip (often silence) does not; see bench/voice_antispoof_dev.py.
+The length is set per channel: on telephone audio the native 4.04 s window separates espeak-ng
+from genuine speech clearly better than 3 s (bench/RESULTS.md). A wideband clip that holds
+narrowband speech only (:func:`is_narrowband`) is scored as telephone speech: the wideband
+calibration refused band-limited genuine speech, the telephone one did not (the engine routes it). Windows are scored in batches
+(one pass per length), so concurrent requests share forward passes.
 """
 
 from __future__ import annotations
@@ -23,37 +21,41 @@ from .pipeline import PreparedAudio
 
 FloatArray = NDArray[np.float32]
 SAMPLE_RATE = 16000
-FADE = 80  # 5 ms cross-fade at each join: a hard cut would be a click no genuine capture has
-MIN_SPEECH = SAMPLE_RATE // 2  # below this the clip is scored as it came (the verify minimum is higher)
+# Narrowband speech in a wideband container (an 8 kHz capture resampled, a Bluetooth headset's
+# HFP link): no power above the telephone band. On the fixture recordings the share of power above
+# 4.2 kHz is >= 3.5e-4 as recorded and <= 2e-14 band-limited to 4 kHz (bench/RESULTS.md, "AASIST on
+# narrowband speech"), so the bound sits orders of magnitude from both.
+NARROWBAND_HZ = 4200.0
+NARROWBAND_SHARE = 1e-6
 
 
-def speech_only(samples: FloatArray, segments: tuple[tuple[int, int], ...]) -> FloatArray:
-    """The VAD segments of ``samples`` joined with short cross-fades, non-speech removed; the
-    clip itself when the segments hold under ``MIN_SPEECH`` samples."""
-    x = np.asarray(samples, dtype=np.float32)
-    parts = [x[max(s, 0) : min(e, len(x))] for s, e in segments if min(e, len(x)) > max(s, 0)]
-    if sum(len(p) for p in parts) < MIN_SPEECH:
-        return x
-    out = parts[0]
-    ramp = np.linspace(0.0, 1.0, FADE, dtype=np.float32)
-    for p in parts[1:]:
-        n = min(FADE, len(out), len(p))
-        if n == 0:
-            continue
-        r = ramp if n == FADE else np.linspace(0.0, 1.0, n, dtype=np.float32)
-        mixed = out[-n:] * (1 - r) + p[:n] * r
-        out = np.concatenate([out[:-n], mixed, p[n:]])
-    return out.astype(np.float32)
+def is_narrowband(samples: FloatArray, rate: int = SAMPLE_RATE) -> bool:
+    """True when the clip holds (next to) no power above ``NARROWBAND_HZ``."""
+    x = np.asarray(samples, dtype=np.float64)
+    if len(x) < 2:
+        return False
+    power = np.abs(np.fft.rfft(x * np.hanning(len(x)))) ** 2
+    freq = np.fft.rfftfreq(len(x), 1.0 / rate)
+    total = float(power[freq > 100.0].sum())
+    return total > 0.0 and float(power[freq > NARROWBAND_HZ].sum()) < NARROWBAND_SHARE * total
 
 
 def speech_window(samples: FloatArray, segments: tuple[tuple[int, int], ...], length: int) -> FloatArray:
-    """At most ``length`` samples of the clip's speech (:func:`speech_only`), from its middle;
-    shorter speech is returned whole (scored at its own length)."""
-    speech = speech_only(samples, segments)
-    if len(speech) <= length:
-        return speech
-    start = (len(speech) - length) // 2
-    return speech[start : start + length]
+    """The ``length``-sample window holding the most VAD speech (tiled when the clip is shorter)."""
+    x = np.asarray(samples, dtype=np.float32)
+    if len(x) <= length:
+        return np.tile(x, length // max(len(x), 1) + 1)[:length]
+    mask = np.zeros(len(x) + 1, np.int64)
+    for start, end in segments:
+        mask[max(start, 0)] += 1
+        mask[min(end, len(x))] -= 1
+    speech = np.cumsum(mask[:-1]) > 0
+    csum = np.concatenate([[0], np.cumsum(speech)])
+    covered = csum[length:] - csum[: len(x) - length + 1]
+    # Among equally covered windows, the one closest to the middle of the speech.
+    best = np.flatnonzero(covered == covered.max())
+    start = int(best[len(best) // 2])
+    return x[start : start + length]
 
 
 class SyntheticSpeechDetector:
@@ -66,7 +68,7 @@ class SyntheticSpeechDetector:
 
     def score_windows(self, windows: list[FloatArray]) -> list[float]:
         """Bona fide log-odds (higher = genuine) of windows; those of one length share a forward pass
-        (the channels' windows and short clips' speech differ in length)."""
+        (the channels' windows may differ in length)."""
         scores = [0.0] * len(windows)
         for length in {len(w) for w in windows}:
             idx = [i for i, w in enumerate(windows) if len(w) == length]

@@ -30,7 +30,7 @@ class VoiceConfig(Section):
     vad: str = "silero-vad-v6"
     antispoof: str = "aasist"  # synthetic-speech detector; "" turns the layer off
     digits: str = "whisper-tiny.en-ct2"  # the digit challenge's recogniser
-    antispoof_window_s: float = Field(3.0, ge=1.0, le=4.04)  # at most this much of the clip's speech (VAD segments joined)
+    antispoof_window_s: float = Field(3.0, ge=1.0, le=4.04)  # scored on the most speech-dense window
     # Per template channel family, instead of antispoof_window_s. Telephone: AASIST's native 4.04 s
     # window separates espeak-ng from telephone speech better than 3 s (PAD EER 2.7 % vs 5.0 %) for
     # ~1.5x the CPU of a window (bench/RESULTS.md, Voice anti-spoofing layers).

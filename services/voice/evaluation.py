@@ -11,7 +11,7 @@ Scores are the service's: cosine, and with ``voice.score_normalisation: asnorm``
 against the configured cohort (the default cohort holds none of the fixture speakers; see
 cohort.py), so that `biogate calibrate` fits thresholds on the numbers the service compares. Refused audio is a
 :class:`Failure` whose reason is the ingest error code in lower case.
-The PAD scorer is the service's synthetic-speech layer (AASIST on the speech only, VAD segments joined, up to
+The PAD scorer is the service's synthetic-speech layer (AASIST on the most speech-dense window of
 the channel's length, bona fide log-odds) on the same channels, after the same ingest and VAD.
 
 Decisions (unless ``--scores-only``): :class:`VoiceDecisionScorer` runs the service's own engine

@@ -31,11 +31,11 @@ def test_the_reader_refuses_unsupported_and_missing_points_with_their_reason():
     assert err.value.reason == "OPERATING_POINT_MISSING" and "no operating point for FMR 2e-1" in str(err.value)
     # AASIST: 80 attacks support APCER 5e-2 only, so 1e-2 is not in the record; the 5e-2 point claims
     # what espeak-ng voices it never saw showed (bench/voice_antispoof_eval.py).
-    assert cal.threshold("aasist", "wideband", 5e-2, "bonafide_log_odds@speechonly3s") < 0
+    assert cal.threshold("aasist", "wideband", 5e-2, "bonafide_log_odds@speech3s") < 0
     with pytest.raises(NotCalibrated) as err:
-        cal.threshold("aasist", "wideband", 1e-2, "bonafide_log_odds@speechonly3s")
+        cal.threshold("aasist", "wideband", 1e-2, "bonafide_log_odds@speech3s")
     assert err.value.reason == "OPERATING_POINT_MISSING"
-    claim = cal.claim("aasist", "wideband", 5e-2, "bonafide_log_odds@speechonly3s")
+    claim = cal.claim("aasist", "wideband", 5e-2, "bonafide_log_odds@speech3s")
     assert claim.source == "held_out" and claim.rate > 5e-2
 
 
