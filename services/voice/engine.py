@@ -4,7 +4,9 @@ turns a template and a prepared probe into a :class:`VoiceDecision`.
 
 Layers (only pass/fail reaches the client; scores and which layer failed go to the audit):
   1. synthetic speech: AASIST on the most speech-dense window, threshold from the ``aasist``
-     calibration of the channel (an APCER operating point measured with espeak-ng attacks);
+     calibration of the channel (an APCER operating point measured with espeak-ng attacks); a
+     wideband clip holding narrowband speech only gets the telephone window and calibration (the
+     audit's ``calibration_channel`` says which decided);
   2. digit challenge: the digits of a single-use nonce, recognised by Whisper tiny.en on the same
      audio the speaker is verified on;
   3. replay cache: the capture's fingerprint against the subject's accepted captures.
