@@ -54,7 +54,7 @@ def reverberant(x: np.ndarray, seed: int) -> np.ndarray:
     return (0.5 * y / max(np.max(np.abs(y)), 1e-9)).astype(np.float32)
 
 
-def build(out: Path, voices: tuple[str, ...], replays: bool = True) -> None:
+def build(out: Path, voices: tuple[str, ...]) -> None:
     """The presentations and the fit / check PAD lists (even / odd speakers and voices)."""
     audio = out / "audio"
     audio.mkdir(parents=True, exist_ok=True)
@@ -70,13 +70,12 @@ def build(out: Path, voices: tuple[str, ...], replays: bool = True) -> None:
         rep = audio / f"replay-{path.stem}.wav"
         if not rev.exists():
             sf.write(rev, reverberant(x, 1000 + i), rate)
-        if replays and not rep.exists():
+        if not rep.exists():
             rng = np.random.default_rng(2000 + i)
             sf.write(rep, attacks.loudspeaker_room(x, rate, float(rng.uniform(0.25, 0.5)), float(rng.uniform(15, 25)),
                                                    seed=2000 + i), rate)
         rows[part].append((str(rev), "bonafide", ""))
-        if replays:
-            rows[part].append((str(rep), "spoof", "replay_loudspeaker"))
+        rows[part].append((str(rep), "spoof", "replay_loudspeaker"))
     for j, voice in enumerate(voices):
         part = "fit" if j % 2 == 0 else "check"
         for k, text in enumerate(attacks.SENTENCES):
@@ -121,14 +120,12 @@ def main() -> int:
     ap.add_argument("--voices", type=int, default=DEFAULT_VOICES, help="espeak-ng voices (half fit, half check)")
     ap.add_argument("--write-manifest", action="store_true",
                     help="write each channel's record (supported points only) with its held-out check")
-    ap.add_argument("--no-replays", action="store_true",
-                    help="leave the loudspeaker replays out (they do not enter the threshold; CPU time)")
     a = ap.parse_args()
     voices = attacks.VOICES[:a.voices]
     os.environ.setdefault("BIOGATE_LOGGING__LEVEL", "WARNING")
     os.environ.setdefault("BIOGATE_MODELS__CACHE_DIR", str(ROOT / "var" / "models"))
     out = Path(a.out).resolve()
-    build(out, voices, replays=not a.no_replays)
+    build(out, voices)
     for channel in a.channels:
         d = out / channel
         common = ["eval", "--modality", "voice", "--task", "pad", "--channel", channel, "--fixtures", str(out)]
@@ -141,10 +138,7 @@ def main() -> int:
         run([*common, "--trials", str(out / "check.csv"), "--scores-only", "--calibration", str(d / "record.json"),
              "--operating-rate", "0.05", "--out", str(d / "check")])
         if a.write_manifest:
-            replays = ("Replays were left out of this run (--no-replays); earlier runs: they pass AASIST. " if a.no_replays
-                       else "")
-            notes = (f"AASIST on the clip's speech only (VAD segments joined). {replays}"
-                     f"Fitted on the synthetic-speech attacks (espeak-ng, {len(voices) // 2} voices) with reverberated "
+            notes = (f"Fitted on the synthetic-speech attacks (espeak-ng, {len(voices) // 2} voices) with reverberated "
                      f"genuine speech among the "
                      f"bona fide presentations; checked on the other speakers and voices (held_out: the worst attack "
                      f"synthetic type of the check; replays reported apart). Replays through a loudspeaker are not what AASIST "

@@ -4,9 +4,7 @@ turns a template and a prepared probe into a :class:`VoiceDecision`.
 
 Layers (only pass/fail reaches the client; scores and which layer failed go to the audit):
   1. synthetic speech: AASIST on the most speech-dense window, threshold from the ``aasist``
-     calibration of the channel (an APCER operating point measured with espeak-ng attacks); a
-     wideband clip holding narrowband speech only gets the telephone window and calibration (the
-     audit's ``calibration_channel`` says which decided);
+     calibration of the channel (an APCER operating point measured with espeak-ng attacks);
   2. digit challenge: the digits of a single-use nonce, recognised by Whisper tiny.en on the same
      audio the speaker is verified on;
   3. replay cache: the capture's fingerprint against the subject's accepted captures.
@@ -32,7 +30,7 @@ from services.common.models import ModelStore
 from . import cohort as cohort_mod
 from . import replay
 from .aasist import torch_device
-from .antispoof import SyntheticSpeechDetector, is_narrowband
+from .antispoof import SyntheticSpeechDetector
 from .digits import digit_errors
 from .models import VoiceModels, pipeline_config
 from .pipeline import PreparedAudio, VoicePipeline
@@ -74,12 +72,6 @@ def antispoof_window_s(cfg: VoiceConfig, family: ChannelFamily) -> float:
     return cfg.antispoof_window_s_by_channel.get(family, cfg.antispoof_window_s)
 
 
-def synthetic_family(prepared: PreparedAudio, family: ChannelFamily) -> ChannelFamily:
-    """The channel family whose AASIST window and calibration score the clip: a wideband clip that
-    holds narrowband speech only is telephone speech to the detector (antispoof.is_narrowband)."""
-    return "telephone" if family == "wideband" and is_narrowband(prepared.samples) else family
-
-
 def pad_score_name(window_s: float) -> str:
     return f"bonafide_log_odds@speech{window_s:g}s"
 
@@ -116,7 +108,6 @@ class LayerResult:
     value: float | None = None  # the layer's score, for the audit
     target: float | None = None  # an attack detector's operating point: target APCER
     measured: float | None = None  # and the APCER its calibration measured at that threshold
-    calibration: str | None = None  # the calibration channel whose record decided
 
 
 @dataclass(frozen=True)
@@ -161,9 +152,7 @@ class VoiceDecision:
         s = self.speaker
         layers = {
             "synthetic": {"checked": self.synthetic.checked, "passed": self.synthetic.passed,
-                          **({} if self.synthetic.value is None else {"score": round(float(self.synthetic.value), 4)}),
-                          **({} if self.synthetic.calibration is None else
-                             {"calibration_channel": self.synthetic.calibration})},
+                          **({} if self.synthetic.value is None else {"score": round(float(self.synthetic.value), 4)})},
             "replay": {"checked": self.replay.checked, "passed": self.replay.passed,
                        "similarity": round(float(self.replay.value or 0.0), 3)},
             "challenge": {"checked": self.challenge.checked, "passed": self.challenge.passed,
@@ -270,12 +259,11 @@ class VoiceEngine:
     def synthetic_check(self, prepared: PreparedAudio, family: ChannelFamily, enabled: bool) -> LayerResult:
         if not self.antispoof_id or self.synthetic_batcher is None or not enabled:
             return LayerResult(False, True)
-        pad_family = synthetic_family(prepared, family)
-        value = self.synthetic_batcher.submit_many([self.synthetic[pad_family].window_of(prepared)], timeout=60.0)[0]
-        channel, target = self.calibration_channel(pad_family), self.cfg.antispoof_target_apcer
-        threshold = self.calibrations.threshold(self.antispoof_id, channel, target, self.pad_score_names[pad_family])
-        measured = self.calibrations.measured(self.antispoof_id, channel, target, self.pad_score_names[pad_family])
-        return LayerResult(True, value >= threshold, value, target, measured, channel)
+        value = self.synthetic_batcher.submit_many([self.synthetic[family].window_of(prepared)], timeout=60.0)[0]
+        channel, target = self.calibration_channel(family), self.cfg.antispoof_target_apcer
+        threshold = self.calibrations.threshold(self.antispoof_id, channel, target, self.pad_score_names[family])
+        measured = self.calibrations.measured(self.antispoof_id, channel, target, self.pad_score_names[family])
+        return LayerResult(True, value >= threshold, value, target, measured)
 
     def challenge_check(self, prepared: PreparedAudio, expected: str | None) -> LayerResult:
         """value: the digits recognised wrongly. Unchecked (passed) without a challenge."""
