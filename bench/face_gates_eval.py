@@ -122,7 +122,7 @@ def size_curve(pipeline: FacePipeline, part: list, thresholds: dict[float, float
         a = pipeline.analyse_image(image)
         if a.embeddings:
             full[e.path] = a.embeddings[MODEL]
-            eyes[e.path] = a.quality.eye_distance_px
+            eyes[e.path] = a.quality.frontal_eye_distance_px  # the size the gate measures
             images[e.path] = image
     paths = sorted(full)
     enrolled = np.stack([full[p] for p in paths])

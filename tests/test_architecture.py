@@ -108,3 +108,32 @@ def test_relative_imports_are_resolved():
     source = ROOT / "services" / "mfa" / "factors" / "base.py"
     targets = {t for _, t in imports_of(source)}
     assert "services.mfa.clients" in targets
+
+
+def mfa_reaches_in(root: Path = ROOT / "services" / "mfa") -> list[str]:
+    """Imports of another module's private names, and imports of the MFA's own modules from inside a
+    function: push/flow.py took ``_sets`` from the orchestrator that way, to dodge the circular
+    import its module level would be (the shared rendering is services/mfa/render.py)."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for n in ast.walk(f) if isinstance(n, ast.ImportFrom)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            where = f"{path.relative_to(root)}:{node.lineno}"
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            if private:
+                out.append(f"{where}: imports the private {', '.join(private)}")
+            if id(node) in inner and (node.level or (node.module or "").startswith("services.mfa")):
+                out.append(f"{where}: imports {'.' * node.level}{node.module or ''} inside a function")
+    return out
+
+
+def test_no_mfa_module_reaches_into_another(tmp_path):
+    found = mfa_reaches_in()
+    assert not found, "\n".join(found)
+    planted = tmp_path / "planted.py"  # the check can fail
+    planted.write_text("def f():\n    from ..service import _sets\n    return _sets\n")
+    assert len(mfa_reaches_in(tmp_path)) == 2

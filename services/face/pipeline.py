@@ -8,6 +8,7 @@ architecture's model). Embedders, liveness models and a batchable detector run b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
@@ -195,6 +196,18 @@ class FacePipeline:
             embeddings = {n: f.result() for n, f in futures.items()}
         live = float(live_future.result()) if live_future is not None else None
         return FaceAnalysis(image_bgr.shape, choice.n_faces, face, quality, tuple(issues), embeddings, live, rotation)
+
+    def with_liveness(self, image_bgr: np.ndarray, analysis: FaceAnalysis) -> FaceAnalysis:
+        """``analysis`` (of ``image_bgr``, before any turn) with the live probability of its face: for
+        a caller that chooses among several analyses of one image, so that only the chosen one is
+        scored (one liveness inference per face and request)."""
+        if self._liveness_batcher is None or self.liveness is None:
+            raise LivenessUnavailable("no liveness model is configured")
+        if analysis.face is None:
+            return analysis
+        view = np.ascontiguousarray(np.rot90(image_bgr, analysis.rotation // 90)) if analysis.rotation else image_bgr
+        live = float(self._liveness_batcher.submit(self.liveness.crops(view, analysis.face)))
+        return dataclasses.replace(analysis, liveness=live)
 
     def upright(self, image_bgr: np.ndarray) -> tuple[np.ndarray, int, list[Face]]:
         """(the image turned by 0, 90, 180 or 270 degrees so that its face stands upright, the

@@ -34,10 +34,12 @@ class QualityIssue(str, Enum):
 
 @dataclass(frozen=True)
 class QualityThresholds:
-    # Between the eye centres, in the original image. 24 px, from accuracy against size
+    # Between the eye centres, in the original image, as the face would show it turned to the
+    # camera (QualityReport.frontal_eye_distance_px). 24 px, from accuracy against size
     # (bench/face_gates_eval.py): probes shrunk to 24 px kept FNMR at the FMR 1e-3 threshold within
-    # 0.3 points of full size on the people it was chosen on and on the others, with no rise in
-    # FMR; at 20 px FNMR rose by 0.9-1.5 points, at 12 px by 4-5. 30 px refused 5 of 472 news photos.
+    # 0.6 points of full size on the people it was chosen on and 0.15 on the others, with no rise
+    # in FMR; at 20 px the held-out people lost 1.3 points, at 12 px 8. 30 px refused 5 of 472
+    # news photos (bench/RESULTS.md, "Face genuine refusals, per cause").
     min_eye_distance_px: float = 24.0
     min_sharpness: float = 15.0  # variance of the Laplacian over the aligned crop's face region
     max_abs_yaw_deg: float = 60.0
@@ -51,7 +53,8 @@ class QualityThresholds:
 
 @dataclass(frozen=True)
 class QualityReport:
-    eye_distance_px: float
+    eye_distance_px: float  # as seen: shortened by cos(yaw) on a turned head
+    frontal_eye_distance_px: float  # the face's size for the minimum (frontal_eye_distance)
     face_size_px: float
     sharpness: float
     yaw_deg: float  # > 0: the nose points to the image's right
@@ -103,6 +106,17 @@ def head_pose(landmarks5: np.ndarray) -> tuple[float, float, float]:
     return yaw, pitch, math.degrees(roll)
 
 
+def frontal_eye_distance(eye_distance: float, yaw_deg: float, max_abs_yaw_deg: float) -> float:
+    """The eye distance of the face turned to the camera: in head_pose's weak-perspective model a
+    head turned by yaw shows its eye distance shortened by cos(yaw), while its resolution (the
+    pixels across its height) is that of the frontal face. Measuring size on the shortened distance
+    refused turned faces twice, once for their pose and once as small (a head turned by 58 degrees,
+    its box 85 x 114 px, showed 22 px between the eyes). Yaw is taken at most at the pose gate's limit, beyond
+    which the face is refused for its pose anyway, so the correction is at most 1 / cos(limit)."""
+    yaw = min(abs(yaw_deg), max_abs_yaw_deg, 75.0)  # a limit set at 90 must not divide by zero
+    return eye_distance / math.cos(math.radians(yaw))
+
+
 def _face_region(a: np.ndarray) -> np.ndarray:
     """The central face region (eyes to mouth) of an aligned crop. Only this region: for a tight
     crop the rest of the aligned crop is the black border outside the image, whose edge would
@@ -147,7 +161,8 @@ def assess(
     m = t.landmark_margin_px
     landmarks_out = bool(((lm[:, 0] < -m) | (lm[:, 0] > w - 1 + m) | (lm[:, 1] < -m) | (lm[:, 1] > h - 1 + m)).any())
     issues = []
-    if eye_distance < t.min_eye_distance_px:
+    frontal_eyes = frontal_eye_distance(eye_distance, yaw, t.max_abs_yaw_deg)
+    if frontal_eyes < t.min_eye_distance_px:
         issues.append(QualityIssue.FACE_TOO_SMALL)
     if landmarks_out or outside > t.max_outside_fraction:
         issues.append(QualityIssue.FACE_CUT_OFF)
@@ -161,6 +176,7 @@ def assess(
         issues.append(QualityIssue.OVER_EXPOSED)
     return QualityReport(
         eye_distance_px=eye_distance,
+        frontal_eye_distance_px=frontal_eyes,
         face_size_px=face.size,
         sharpness=sharp,
         yaw_deg=yaw,

@@ -168,17 +168,19 @@ class FaceService:
         futures = [self._pool.submit(pipeline.analyse_image, img, **options) for img in images]
         return [f.result() for f in futures]
 
-    def _probe(self, image: np.ndarray, template: np.ndarray, threshold: float, **options) -> FaceAnalysis:
+    def _probe(self, image: np.ndarray, template: np.ndarray, threshold: float, liveness: bool,
+               subject: SubjectPolicy) -> FaceAnalysis:
         """The analysis of a 1:1 probe. One that shows no usable face, or does not match, is looked at
         again turned the way its face stands upright (FacePipeline.upright); the turned view replaces
         it only when the detector is more confident of a face there than upright, so the view that
-        is compared is chosen by the detector, never by the score."""
+        is compared is chosen by the detector, never by the score. Liveness is scored once, on the
+        chosen view's face when it is usable, not on every view analysed."""
         pipeline = self._pipeline()
-        a = pipeline.analyse_image(image, **options)
-        if a.accepted and float(np.dot(template, a.embeddings[self.model_id])) >= threshold:
-            return a
-        turned = pipeline.analyse_image(image, upright=True, **options)
-        return turned if turned.rotation else a
+        a = pipeline.analyse_image(image, subject=subject)
+        if not (a.accepted and float(np.dot(template, a.embeddings[self.model_id])) >= threshold):
+            turned = pipeline.analyse_image(image, upright=True, subject=subject)
+            a = turned if turned.rotation else a
+        return pipeline.with_liveness(image, a) if liveness and a.accepted else a
 
     def _template(self, tenant: str, subject: str) -> np.ndarray:
         return self.templates.for_verification(tenant, subject, self.model_id)
@@ -248,7 +250,7 @@ class FaceService:
         live_threshold = self.live_threshold() if want_live else None
         template = self._template(tenant, subject)
         image = self._decode(data, "image")
-        a = self._probe(image, template, threshold, liveness=want_live, subject=self._subject_policy(tenant))
+        a = self._probe(image, template, threshold, want_live, self._subject_policy(tenant))
         out = face_pb2.VerifyFaceResponse(
             model_id=self.model_id, threshold=threshold, liveness_checked=False, quality=self._quality(0, a)
         )

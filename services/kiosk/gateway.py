@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,6 +36,8 @@ from services.common.errors import details_of
 
 STATIC = Path(__file__).resolve().parent / "static"
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+SMALL_BODY = 16 * 1024  # every request but a face frame: an id, a code, or nothing
+JSON_SLACK = 1024  # what {"image_b64": ""} and its whitespace add to a frame's base64
 
 # gRPC status -> HTTP status of the gateway's JSON error
 HTTP_OF = {
@@ -114,6 +117,66 @@ def _sets(items) -> list[list[str]]:
     return [[FACTORS[f] for f in s.factors] for s in items]
 
 
+def body_limit(path: str, max_image_bytes: int) -> int:
+    """The most bytes a request body to ``path`` may have: a face frame's JSON (its base64, 4/3 of
+    the bytes), else a small one."""
+    return max_image_bytes * 4 // 3 + 4 + JSON_SLACK if path.endswith("/face") else SMALL_BODY
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class BodyLimit:
+    """Refuses a request body over its limit (body_limit) with 413 before the app reads it: at once
+    by its Content-Length, and without one (chunked) as soon as the bytes received pass it. The
+    body is gathered here and handed on whole, so the app never holds more than the limit."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_image_bytes: int) -> None:
+        self.app, self.max_image_bytes = app, max_image_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        limit = body_limit(path, self.max_image_bytes)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await self.refuse(path, limit, scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nobody to answer
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await self.refuse(path, limit, scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        whole: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal whole
+            if whole is None:
+                return await receive()
+            message, whole = whole, None
+            return message
+        return await self.app(scope, replay, send)
+
+    async def refuse(self, path: str, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+        if path.endswith("/face"):
+            body = {"reason": "IMAGE_TOO_LARGE", "message": f"the frame is over {self.max_image_bytes} bytes "
+                    f"(the request over {limit}): send a smaller JPEG"}
+        else:
+            body = {"reason": "REQUEST_TOO_LARGE", "message": f"the request body is over {limit} bytes"}
+        # the rest of the body is never read: the connection cannot carry another request
+        await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+
 def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256: str, deadline_s: float = 60.0,
                max_image_bytes: int = 4 * 1024 * 1024) -> FastAPI:
     """The gateway's app: ``stub`` reaches the MFA with the kiosk terminal's credentials."""
@@ -124,7 +187,8 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
     app = FastAPI(title="BioGate kiosk gateway", version="1", docs_url=None, redoc_url=None,
                   description="The MFA's face login for a bank's kiosk. Every /v1 call needs the kiosk's key.",
                   responses={401: {"model": ErrorOut}, 400: {"model": ErrorOut}, 409: {"model": ErrorOut},
-                             429: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+                             413: {"model": ErrorOut}, 429: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+    app.add_middleware(BodyLimit, max_image_bytes=max_image_bytes)
     def kiosk(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         digest = hashlib.sha256(creds.credentials.encode()).hexdigest() if creds is not None else ""
         if not hmac.compare_digest(digest, client_key_sha256):

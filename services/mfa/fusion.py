@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .policy.schema import BIOMETRIC, POSSESSION, Policy
-from .reasons import Reason
+from .reasons import Reason, unique
 from .risk import Assessment
 
 AMR = {"face": "face", "voice": "vbm", "sms_otp": "sms", "device": "swk", "push": "swk"}  # RFC 8176 values
@@ -45,6 +45,9 @@ class FactorOutcome:
     measured_fmr: float | None = None
     target_apcer: float | None = None
     measured_apcer: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reasons", unique(self.reasons))
 
     @property
     def counts_as_failure(self) -> bool:
@@ -169,6 +172,9 @@ class Decision:
     amr: tuple[str, ...] = ()
     acr: str = ""
     passed: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reasons", unique(self.reasons))
 
 
 def evidence(outcomes: list[FactorOutcome]) -> dict[str, float]:

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from services.mfa.fusion import FactorOutcome
     from services.mfa.reasons import Reason
 
-DECISIONS = Counter("biogate_mfa_decisions_total", "Decisions answered, by outcome", ["outcome"])
+DECISIONS = Counter("biogate_mfa_decisions_total",
+                    "Decisions answered, by outcome and source (decide: Decide; review: a review's resolution "
+                    "or expiry, the final decision of a session Decide sent to review)", ["outcome", "source"])
 DECISION_REASONS = Counter("biogate_mfa_decision_reasons_total",
                            "Reasons the decisions gave, by outcome and reason code", ["outcome", "reason"])
 FACTOR_OUTCOMES = Counter("biogate_mfa_factor_outcomes_total",
@@ -39,8 +41,8 @@ def _code(code: str) -> str:
     return code if _CODE.fullmatch(code) else "OTHER"
 
 
-def record_decision(outcome: str, reasons: Iterable[Reason]) -> None:
-    DECISIONS.labels(outcome).inc()
+def record_decision(outcome: str, reasons: Iterable[Reason], source: str = "decide") -> None:
+    DECISIONS.labels(outcome, source).inc()
     for r in reasons:
         DECISION_REASONS.labels(outcome, _code(r.code)).inc()
 

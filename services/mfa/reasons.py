@@ -25,3 +25,12 @@ class Reason:
 
 def to_protos(reasons) -> list[common_pb2.Reason]:
     return [r.to_proto() for r in reasons]
+
+
+def unique(reasons) -> tuple[Reason, ...]:
+    """The first reason of each code, in order: a failure reported by a service, by its factor and
+    by the decision is one reason to a relying party (LIVENESS_FAILED was listed twice)."""
+    first: dict[str, Reason] = {}
+    for r in reasons:
+        first.setdefault(r.code, r)
+    return tuple(first.values())

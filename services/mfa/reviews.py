@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from services.common import errors
 from services.common.api.v1 import common_pb2, mfa_pb2
@@ -26,9 +26,11 @@ from services.common.privacy import redact
 from services.common.subjects import timestamp
 from services.common.validation import identifier
 
+from . import metrics
 from .config import ReviewsConfig
-from .fusion import Decision, FactorOutcome, decide
+from .fusion import Decision, decide
 from .reasons import Reason, to_protos
+from .render import factor_result, factor_type
 from .sessions import Session, Sessions
 from .state import DecisionState, SessionState
 from .storage import MfaStore, ReviewRecord
@@ -63,23 +65,6 @@ def to_proto(rec: ReviewRecord, expires_at: datetime | None = None) -> mfa_pb2.R
     if rec.resolved_at is not None:
         out.resolved_at.CopyFrom(timestamp(rec.resolved_at))
     return out
-
-
-def factor_type(name: str) -> mfa_pb2.FactorType:
-    key = f"FACTOR_TYPE_{name.upper()}"
-    return cast(mfa_pb2.FactorType, mfa_pb2.FactorType.Value(key if key in mfa_pb2.FactorType.keys()
-                                                             else "FACTOR_TYPE_UNSPECIFIED"))
-
-
-def factor_result(o: FactorOutcome) -> mfa_pb2.FactorResult:
-    """A factor's outcome as SubmitFactor answered it, with the operating point that decided it."""
-    result = mfa_pb2.FactorResult(factor=factor_type(o.factor), passed=o.passed, veto=o.veto, llr=o.llr,
-                                  reasons=to_protos(o.reasons), binding=o.binding)
-    for name, value in (("target_fmr", o.target_fmr), ("measured_fmr", o.measured_fmr),
-                        ("target_apcer", o.target_apcer), ("measured_apcer", o.measured_apcer)):
-        if value is not None:
-            setattr(result, name, value)
-    return result
 
 
 def _page_token(rec: ReviewRecord) -> str:
@@ -245,6 +230,8 @@ class ReviewQueue:
                                   "decision": OUTCOME_OF[status], "action": rec.action, "note_chars": len(note),
                                   "signed": bool(stored and stored.token)})
             self.outbox.enqueue(rec.tenant_id, "review.closed", self._event(done, stored), now)
+        if stored is not None:  # without a session there is no decision for anyone to read
+            metrics.record_decision(stored.outcome, stored.reasons, "review")
         self.notify()
         return done, stored if stored is not None else DecisionState(
             OUTCOME_OF[status], [CLOSING_REASON[status]], 0.0, [], [], "", rec.id, "", now)

@@ -32,7 +32,8 @@ from .policy import Policy, PolicyStore
 from .proofs import Proofs
 from .reasons import Reason, to_protos
 from .registry import DeviceRegistry
-from .reviews import ReviewQueue, factor_result
+from .render import factor_result, factor_sets
+from .reviews import ReviewQueue
 from .risk import Place, RiskEngine, RiskSignals
 from .sessions import Session, Sessions
 from .push import PushGateway, open_push_gateway
@@ -49,19 +50,12 @@ OUTCOMES = {"allow": mfa_pb2.OUTCOME_ALLOW, "step_up": mfa_pb2.OUTCOME_STEP_UP,
             "deny": mfa_pb2.OUTCOME_DENY, "review": mfa_pb2.OUTCOME_REVIEW}
 LEVELS = {"low": mfa_pb2.RISK_LEVEL_LOW, "medium": mfa_pb2.RISK_LEVEL_MEDIUM,
           "high": mfa_pb2.RISK_LEVEL_HIGH, "critical": mfa_pb2.RISK_LEVEL_CRITICAL}
-FACTOR_ENUMS = {"face": mfa_pb2.FACTOR_TYPE_FACE, "voice": mfa_pb2.FACTOR_TYPE_VOICE,
-                "sms_otp": mfa_pb2.FACTOR_TYPE_SMS_OTP, "device": mfa_pb2.FACTOR_TYPE_DEVICE,
-                "push": mfa_pb2.FACTOR_TYPE_PUSH}
 MODALITIES = {common_pb2.MODALITY_FACE: "face", common_pb2.MODALITY_VOICE: "voice"}
 FINAL = ("allow", "deny", "review")
 
 
 def _ts(dt: datetime) -> Timestamp:
     return timestamp(dt)
-
-
-def _sets(sets) -> list[mfa_pb2.FactorSet]:
-    return [mfa_pb2.FactorSet(factors=[FACTOR_ENUMS[f] for f in s]) for s in sets]
 
 
 def budget_of(grpc_context) -> float | None:
@@ -223,7 +217,7 @@ class Orchestrator:
             session_id=session.id, nonce=st.nonce, expires_at=_ts(session.expires_at),
             risk=mfa_pb2.RiskAssessment(level=LEVELS[st.risk.level], score=st.risk.score,
                                         reasons=to_protos(st.risk.reasons)),
-            acceptable=_sets(st.plan.acceptable()), device_bound=st.device_usable)
+            acceptable=factor_sets(st.plan.acceptable()), device_bound=st.device_usable)
 
     # ------------------------------------------------------------------ challenges
     def challenge(self, name: str, session_id: str, budget: float | None = None) -> Any:
@@ -346,7 +340,7 @@ class Orchestrator:
             left = min(left, ctx.notes["otp_attempts_left"])
         d = decide(session.state.plan, session.state.factors)
         still = d.still_needed if d.outcome == "step_up" else ()
-        return (mfa_pb2.SubmitFactorResponse(result=factor_result(outcome), still_acceptable=_sets(still),
+        return (mfa_pb2.SubmitFactorResponse(result=factor_result(outcome), still_acceptable=factor_sets(still),
                                              attempts_left=max(0, left)),
                 outcome, session)
 
@@ -426,7 +420,7 @@ class Orchestrator:
     def _decision_response(stored: DecisionState) -> mfa_pb2.DecideResponse:
         return mfa_pb2.DecideResponse(
             outcome=OUTCOMES[stored.outcome], reasons=to_protos(stored.reasons),
-            still_needed=_sets(stored.still_needed), token=stored.token, acr=stored.acr,
+            still_needed=factor_sets(stored.still_needed), token=stored.token, acr=stored.acr,
             amr=stored.amr, review_id=stored.review_id, total_llr=stored.total)
 
     # ------------------------------------------------------------------ push confirmation

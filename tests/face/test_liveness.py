@@ -38,6 +38,22 @@ def test_crop_is_clamped_inside_the_image():
     assert small.shape == (80, 80, 3)
 
 
+def test_tight_photo_is_cropped_whole_never_padded():
+    """Silent-Face's CropImage: a scale that does not fit shrinks to what does and the box shifts
+    inside the image. On a tight photo (a 176 px news crop, the face box half of it, off centre)
+    both models get the whole photo resized, with no border added: a black border is what a screen
+    or print frame looks like to these models."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(40, 216, (176, 176, 3), dtype=np.uint8)
+    whole = cv2.resize(img, (80, 80))
+    for box in ([44, 47, 143, 146], [10, 60, 100, 150]):
+        for scale in (2.7, 4.0):
+            crop = crop_for_scale(img, np.array(box, np.float32), scale)
+            assert np.array_equal(crop, whole), (box, scale)
+
+
 def test_landmark_box_is_detector_independent(yunet, scrfd, fixtures_dir):
     img = load_bgr(fixtures_dir / "face" / "verification" / "barack_obama" / "face_recognition_examples_obama.jpg")
     a = retinaface_box(max(yunet.detect(img), key=lambda f: f.size))

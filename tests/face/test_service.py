@@ -157,6 +157,34 @@ def test_verify_with_liveness(face_service, face_dir, fixtures_dir):
     assert "LIVENESS_FAILED" in [r.code for r in bad.reasons]
 
 
+def test_verify_scores_liveness_once_per_request(face_service, face_dir, monkeypatch):
+    """A probe that did not match upright was analysed again turned upright, and both views' faces
+    went through the liveness models: two inferences for one face, one of them thrown away."""
+    s = face_service
+    live = s.service.pipeline.liveness
+    scored: list[int] = []
+    real = live.score_crops
+
+    def counted(crops):
+        scored.append(len(crops))
+        return real(crops)
+
+    monkeypatch.setattr(live, "score_crops", counted)  # the real models run; the calls are counted
+    enroll(s, "bank-v", "c-once", (face_dir / OBAMA).read_bytes())
+    turned = encode_png(np.ascontiguousarray(np.rot90(load_bgr(face_dir / OBAMA2), 1)))
+    probes = {"genuine": (face_dir / OBAMA2).read_bytes(), "impostor": (face_dir / BIDEN).read_bytes(),
+              "turned": turned}
+    for name, data in probes.items():
+        scored.clear()
+        r = verify(s, "bank-v", "c-once", data, live=True)
+        assert r.liveness_checked and r.quality.accepted, name
+        assert not r.match if name == "impostor" else r.match or not r.live, name
+        assert sum(scored) == 1, (name, scored)
+    scored.clear()
+    assert not verify(s, "bank-v", "c-once", encode_png(np.full((200, 200, 3), 90, np.uint8)), live=True).match
+    assert scored == []  # no face, nothing to score
+
+
 def test_not_enrolled_and_unknown_model(face_service, face_dir):
     s = face_service
     assert refused(verify, s, "bank-v", "c-nobody", (face_dir / OBAMA).read_bytes()) == (grpc.StatusCode.NOT_FOUND, "NOT_ENROLLED")

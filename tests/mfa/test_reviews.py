@@ -345,6 +345,34 @@ def test_the_sweep_expires_overdue_cases_without_a_caller(orch, clock, tmp_path)
     assert orch.reviews.expire_due() == 1 and orch.reviews.expire_due() == 0
 
 
+def test_the_final_decisions_of_reviews_are_counted_as_coming_from_a_review(orch, clock, tmp_path):
+    """Decide's REVIEW was counted, the ALLOW or DENY its resolution or expiry made was not."""
+    from services.mfa import subjects
+    from tests.ops.samples import Counted
+
+    with_review_tenant(tmp_path)
+    refs = [common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"cust-counted-{i}") for i in range(3)]
+    for ref in refs:
+        subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE))
+    opened = Counted("biogate_mfa_decisions_total", outcome="review", source="decide")
+    final = {(o, src): Counted("biogate_mfa_decisions_total", outcome=o, source=src)
+             for o in ("allow", "deny") for src in ("decide", "review")}
+    closing = {code: Counted("biogate_mfa_decision_reasons_total", outcome=o, reason=code)
+               for o, code in (("allow", "REVIEW_APPROVED"), ("deny", "REVIEW_REJECTED"), ("deny", "REVIEW_EXPIRED"))}
+    cases = [review_in_process(orch, ref) for ref in refs]
+    approve, reject, expire = (review_id for _, review_id in cases)
+    orch.reviews.resolve(approve, True, "", "admin-1")
+    orch.reviews.resolve(approve, True, "", "admin-1")  # a retry answers again, it decides nothing new
+    orch.reviews.resolve(reject, False, "", "admin-1")
+    clock.advance(orch.settings.mfa.reviews.ttl_s)
+    assert orch.reviews.expire_due() == 1 and orch.store.reviews.get(expire).status == "expired"
+    orch.decide(F.DecideRequest(session_id=cases[0][0]))  # reading the final decision is no new one
+    assert opened.delta == 3
+    assert {k: c.delta for k, c in final.items()} == {
+        ("allow", "decide"): 0, ("allow", "review"): 1, ("deny", "decide"): 0, ("deny", "review"): 2}
+    assert {k: c.delta for k, c in closing.items()} == {"REVIEW_APPROVED": 1, "REVIEW_REJECTED": 1, "REVIEW_EXPIRED": 1}
+
+
 def test_webhook_deliveries_retry_with_backoff_then_give_up(tmp_path, storage_dsn, clock, receiver):
     from services.common.runtime import Runtime
     from services.mfa.service import Orchestrator

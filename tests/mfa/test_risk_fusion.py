@@ -97,6 +97,21 @@ def test_a_liveness_veto_outweighs_any_evidence():
     assert d.amr == () and d.acr == ""
 
 
+def test_a_decision_names_each_reason_once_in_order():
+    """The face factor put LIVENESS_FAILED before the face service's own LIVENESS_FAILED, and the
+    decision listed the vetoed attempts' reasons after its own: the kiosk page showed it twice
+    (three times after a second spoofed attempt)."""
+    service = Reason("LIVENESS_FAILED", "from the face service")
+    factor = Reason("LIVENESS_FAILED", "passive liveness: presentation attack suspected")
+    spoof = face(10.0, passed=False, veto=True, reasons=(factor, service, Reason("NO_MATCH")))
+    assert [r.code for r in spoof.reasons] == ["LIVENESS_FAILED", "NO_MATCH"] and spoof.reasons[0] == factor
+    d = decide(plan(), [spoof, spoof, DEVICE])
+    assert [r.code for r in d.reasons] == ["VETO", "LIVENESS_FAILED", "NO_MATCH"] and d.reasons[1] == factor
+    mismatch = Reason("BIOMETRIC_MISMATCH", "LLR -8.00 at or below -6.00")
+    d = decide(plan(), [face(-8.0, passed=False, deny=True, reasons=(mismatch,)), DEVICE])
+    assert [r.code for r in d.reasons] == ["BIOMETRIC_MISMATCH"]
+
+
 def test_a_strongly_negative_llr_denies_and_a_weak_one_steps_up():
     assert decide(plan(), [face(-8.0, passed=False, deny=True), DEVICE]).outcome == "deny"
     d = decide(plan(), [face(1.0, passed=True), DEVICE])  # 4.0 < 6.0

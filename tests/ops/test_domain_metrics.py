@@ -43,8 +43,8 @@ def test_decisions_and_factor_outcomes_are_counted_once_each(orch):
                                                       device=App().device))
     failed = Counted("biogate_mfa_factor_outcomes_total", factor="sms_otp", result="failed")
     passed = Counted("biogate_mfa_factor_outcomes_total", factor="sms_otp", result="passed")
-    step_up = Counted("biogate_mfa_decisions_total", outcome="step_up")
-    allowed = Counted("biogate_mfa_decisions_total", outcome="allow")
+    step_up = Counted("biogate_mfa_decisions_total", outcome="step_up", source="decide")
+    allowed = Counted("biogate_mfa_decisions_total", outcome="allow", source="decide")
 
     assert orch.decide(mfa_pb2.DecideRequest(session_id=s.session_id)).outcome == mfa_pb2.OUTCOME_STEP_UP
     orch.send_otp(mfa_pb2.SendOtpRequest(session_id=s.session_id))

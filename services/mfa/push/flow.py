@@ -31,6 +31,7 @@ from services.common.validation import identifier, subject_ref
 
 from .. import requests
 from ..binding import payee_object
+from ..render import factor_sets
 from ..sessions import Session
 from ..state import SessionState
 from .base import PushError
@@ -121,11 +122,9 @@ class PushConfirmations:
             o.rt.audit.append("mfa.push_fallback", actor(), session.tenant_id, session.subject_id, {
                 "session_id": session.id, "reason": code, "sets": [list(s) for s in session.state.plan.acceptable()],
                 "ivr_callback": bool(callback), "request_id": session.state.request_id or ""})
-        from ..service import _sets
-
         return mfa_pb2.SendPushConfirmationResponse(
             sent=False, reason=common_pb2.Reason(code=code, message=why + "; the session falls back"),
-            acceptable=_sets(session.state.plan.acceptable()), ivr_callback=bool(callback))
+            acceptable=factor_sets(session.state.plan.acceptable()), ivr_callback=bool(callback))
 
     # ------------------------------------------------------------------ answer
     def confirm(self, req: mfa_pb2.ConfirmTransactionRequest, budget: float | None) -> mfa_pb2.ConfirmTransactionResponse:
