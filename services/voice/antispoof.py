@@ -5,11 +5,7 @@ CPU core, 3 s about 0.6 s and 2 s about 0.3 s (it grows faster than the window).
 where the VAD found the most speech separates genuine fixture speech from espeak-ng speech, where a
 window at the start of the clip (often silence) does not; see bench/voice_antispoof_dev.py.
 The length is set per channel: on telephone audio the native 4.04 s window separates espeak-ng
-from genuine speech clearly better than 3 s (bench/RESULTS.md). A 16 kHz clip that holds narrowband
-speech only (:func:`is_narrowband`, e.g. a Bluetooth headset's link) has a window and calibration
-channel of its own (``narrowband-16k``, fitted on band-limited speech and espeak-ng): the wideband
-record refused such genuine speech, and the telephone one let band-limited espeak-ng through
-(bench/RESULTS.md, "AASIST and digit answers"). Windows are scored in batches
+from genuine speech clearly better than 3 s (bench/RESULTS.md). Windows are scored in batches
 (one pass per length), so concurrent requests share forward passes.
 """
 
@@ -23,25 +19,6 @@ from .pipeline import PreparedAudio
 
 FloatArray = NDArray[np.float32]
 SAMPLE_RATE = 16000
-# Narrowband speech in a wideband container (an 8 kHz capture resampled, a Bluetooth headset's
-# HFP link): no power above the telephone band. On the fixture recordings the share of power above
-# 4.2 kHz is >= 3.5e-4 as recorded and <= 2e-14 band-limited to 4 kHz (bench/RESULTS.md, "AASIST
-# and digit answers"), so the bound sits orders of magnitude from both.
-NARROWBAND_HZ = 4200.0
-NARROWBAND_SHARE = 1e-6
-
-
-def is_narrowband(samples: FloatArray, rate: int = SAMPLE_RATE) -> bool:
-    """True when the clip holds (next to) no power above ``NARROWBAND_HZ``."""
-    x = np.asarray(samples, dtype=np.float64)
-    if len(x) < 2:
-        return False
-    power = np.abs(np.fft.rfft(x * np.hanning(len(x)))) ** 2
-    freq = np.fft.rfftfreq(len(x), 1.0 / rate)
-    total = float(power[freq > 100.0].sum())
-    return total > 0.0 and float(power[freq > NARROWBAND_HZ].sum()) < NARROWBAND_SHARE * total
-
-
 def band_limit(samples: FloatArray, rate: int = SAMPLE_RATE) -> FloatArray:
     """``samples`` through 8 kHz and back: narrowband speech in a ``rate`` clip (the calibration's channel)."""
     import soxr

@@ -11,9 +11,6 @@ from pydantic import Field
 from services.common.config import CommonSettings, Section
 
 ChannelFamily = Literal["wideband", "telephone"]  # a template's channel family
-# What the synthetic-speech layer scores a clip as: its family, or "narrowband" for a wideband clip
-# holding narrowband speech only (services/voice/antispoof.py, is_narrowband).
-PadChannel = Literal["wideband", "telephone", "narrowband"]
 
 
 class VoiceTenantPolicy(Section):
@@ -37,9 +34,8 @@ class VoiceConfig(Section):
     # Per template channel family, instead of antispoof_window_s. Telephone: AASIST's native 4.04 s
     # window separates espeak-ng from telephone speech better than 3 s (PAD EER 2.7 % vs 5.0 %) for
     # ~1.5x the CPU of a window (bench/RESULTS.md, Voice anti-spoofing layers).
-    # Narrowband: the telephone window too (band-limited genuine speech scored higher on it).
-    antispoof_window_s_by_channel: dict[PadChannel, Annotated[float, Field(ge=1.0, le=4.04)]] = {
-        "telephone": 4.04, "narrowband": 4.04}
+    antispoof_window_s_by_channel: dict[ChannelFamily, Annotated[float, Field(ge=1.0, le=4.04)]] = {
+        "telephone": 4.04}
     antispoof_batch_max: int = Field(1, ge=1, le=64)  # AASIST windows per pass: ~170 MB each on CPU; raise on a GPU
     antispoof_target_apcer: float = Field(0.05, gt=0, lt=1)  # a calibrated operating point (RESULTS.md)
     target_fmr: float = Field(1e-3, gt=0, lt=1)  # a calibrated operating point
@@ -50,9 +46,7 @@ class VoiceConfig(Section):
     target_fmr_by_channel: dict[ChannelFamily, Annotated[float, Field(gt=0, lt=1)]] = {
         "telephone": 1e-2}
     # Calibration channel of the manifest for each template channel family.
-    # "narrowband": the synthetic-speech layer's record for narrowband speech in a 16 kHz clip.
-    calibration_channels: dict[str, str] = {"wideband": "wideband", "telephone": "telephony-8k",
-                                            "narrowband": "narrowband-16k"}
+    calibration_channels: dict[str, str] = {"wideband": "wideband", "telephone": "telephony-8k"}
     # "asnorm": adaptive s-norm against the cohort (re-calibrate after turning it on). Off by
     # default: the obtainable cohort (14 clips, ~7 speakers) raised the fixtures' EER (RESULTS.md).
     score_normalisation: Literal["none", "asnorm"] = "none"

@@ -4,9 +4,7 @@ turns a template and a prepared probe into a :class:`VoiceDecision`.
 
 Layers (only pass/fail reaches the client; scores and which layer failed go to the audit):
   1. synthetic speech: AASIST on the most speech-dense window, threshold from the ``aasist``
-     calibration of the channel (an APCER operating point measured with espeak-ng attacks); a
-     wideband clip holding narrowband speech only has its own window and calibration
-     (``narrowband``; the audit's ``calibration_channel`` says which record decided);
+     calibration of the channel (an APCER operating point measured with espeak-ng attacks);
   2. digit challenge: the digits of a single-use nonce, recognised by Whisper tiny.en on the same
      audio the speaker is verified on;
   3. replay cache: the capture's fingerprint against the subject's accepted captures.
@@ -25,14 +23,14 @@ from numpy.typing import NDArray
 from services.common.batching import MicroBatcher
 from services.common.config import CommonSettings
 from services.common.metrics import INFERENCE_SECONDS, observe_similarity
-from services.voice.config import ChannelFamily, PadChannel, VoiceConfig, voice_config
+from services.voice.config import ChannelFamily, VoiceConfig, voice_config
 from services.common.modality.calibration import Calibrations, NotCalibrated
 from services.common.models import ModelStore
 
 from . import cohort as cohort_mod
 from . import replay
 from .aasist import torch_device
-from .antispoof import SyntheticSpeechDetector, is_narrowband
+from .antispoof import SyntheticSpeechDetector
 from .digits import digit_errors
 from .models import VoiceModels, pipeline_config
 from .pipeline import PreparedAudio, VoicePipeline
@@ -70,17 +68,8 @@ def channel_target_fmr(cfg: VoiceConfig, family: ChannelFamily) -> float:
     return cfg.target_fmr_by_channel.get(family, cfg.target_fmr)
 
 
-PAD_CHANNELS: tuple[PadChannel, ...] = ("wideband", "telephone", "narrowband")
-
-
-def antispoof_window_s(cfg: VoiceConfig, channel: PadChannel) -> float:
-    return cfg.antispoof_window_s_by_channel.get(channel, cfg.antispoof_window_s)
-
-
-def pad_channel(prepared: PreparedAudio, family: ChannelFamily) -> PadChannel:
-    """What the synthetic-speech layer scores the clip as: a wideband clip that holds narrowband
-    speech only is "narrowband" (its own window and calibration), else the template's family."""
-    return "narrowband" if family == "wideband" and is_narrowband(prepared.samples) else family
+def antispoof_window_s(cfg: VoiceConfig, family: ChannelFamily) -> float:
+    return cfg.antispoof_window_s_by_channel.get(family, cfg.antispoof_window_s)
 
 
 def pad_score_name(window_s: float) -> str:
@@ -119,7 +108,6 @@ class LayerResult:
     value: float | None = None  # the layer's score, for the audit
     target: float | None = None  # an attack detector's operating point: target APCER
     measured: float | None = None  # and the APCER its calibration measured at that threshold
-    calibration: str | None = None  # the calibration channel whose record decided
 
 
 @dataclass(frozen=True)
@@ -164,9 +152,7 @@ class VoiceDecision:
         s = self.speaker
         layers = {
             "synthetic": {"checked": self.synthetic.checked, "passed": self.synthetic.passed,
-                          **({} if self.synthetic.value is None else {"score": round(float(self.synthetic.value), 4)}),
-                          **({} if self.synthetic.calibration is None else
-                             {"calibration_channel": self.synthetic.calibration})},
+                          **({} if self.synthetic.value is None else {"score": round(float(self.synthetic.value), 4)})},
             "replay": {"checked": self.replay.checked, "passed": self.replay.passed,
                        "similarity": round(float(self.replay.value or 0.0), 3)},
             "challenge": {"checked": self.challenge.checked, "passed": self.challenge.passed,
@@ -200,10 +186,11 @@ class VoiceEngine:
         self.synthetic_batcher: BatcherPool | None = None
         detector = models.antispoof_detector(store, cfg.intra_op_threads or None, torch_device(providers))
         if detector is not None:
-            self.synthetic = {c: SyntheticSpeechDetector(detector, antispoof_window_s(cfg, c)) for c in PAD_CHANNELS}
+            self.synthetic = {f: SyntheticSpeechDetector(detector, antispoof_window_s(cfg, f))
+                              for f in cohort_mod.FAMILIES}
             self.synthetic_batcher = BatcherPool(self.synthetic["wideband"].score_windows, cfg.inference_workers,
                                                  cfg.antispoof_batch_max, cfg.batch_wait_ms, "voice-aasist")
-        self.pad_score_names = {c: pad_score_name(antispoof_window_s(cfg, c)) for c in PAD_CHANNELS}
+        self.pad_score_names = {f: pad_score_name(antispoof_window_s(cfg, f)) for f in cohort_mod.FAMILIES}
         self.digits = models.digit_recognizer(store, workers=cfg.inference_workers, threads=cfg.intra_op_threads or 1)
         self.replay = replay_cache
 
@@ -216,17 +203,15 @@ class VoiceEngine:
             channel = self.calibration_channel(family)
             by_channel = family in self.cfg.target_fmr_by_channel
             setting = f"voice.target_fmr_by_channel.{family}" if by_channel else "voice.target_fmr"
-            checks = [(setting, self.model_id, channel, channel_target_fmr(self.cfg, family), self.score_name)]
-            checks += [(f"voice.tenants.{t}.target_fmr", self.model_id, channel, p.target_fmr, self.score_name)
+            checks = [(setting, self.model_id, channel_target_fmr(self.cfg, family), self.score_name)]
+            checks += [(f"voice.tenants.{t}.target_fmr", self.model_id, p.target_fmr, self.score_name)
                        for t, p in self.cfg.tenants.items() if p.target_fmr]
             if self.antispoof_id:
-                # A wideband template's narrowband clips are decided on a record of their own.
-                pads: tuple[PadChannel, ...] = (family, "narrowband") if family == "wideband" else (family,)
-                checks += [("voice.antispoof_target_apcer", self.antispoof_id, self.calibration_channel(pad),
-                            self.cfg.antispoof_target_apcer, self.pad_score_names[pad]) for pad in pads]
-            for setting, model, cal, target, score in checks:
+                checks.append(("voice.antispoof_target_apcer", self.antispoof_id, self.cfg.antispoof_target_apcer,
+                               self.pad_score_names[family]))
+            for setting, model, target, score in checks:
                 try:
-                    self.calibrations.threshold(model, cal, target, score)
+                    self.calibrations.threshold(model, channel, target, score)
                 except NotCalibrated as err:
                     raise NotCalibrated(f"{setting} = {target:g}: {err.message}", err.reason) from None
 
@@ -274,12 +259,11 @@ class VoiceEngine:
     def synthetic_check(self, prepared: PreparedAudio, family: ChannelFamily, enabled: bool) -> LayerResult:
         if not self.antispoof_id or self.synthetic_batcher is None or not enabled:
             return LayerResult(False, True)
-        pad = pad_channel(prepared, family)
-        value = self.synthetic_batcher.submit_many([self.synthetic[pad].window_of(prepared)], timeout=60.0)[0]
-        channel, target = self.calibration_channel(pad), self.cfg.antispoof_target_apcer
-        threshold = self.calibrations.threshold(self.antispoof_id, channel, target, self.pad_score_names[pad])
-        measured = self.calibrations.measured(self.antispoof_id, channel, target, self.pad_score_names[pad])
-        return LayerResult(True, value >= threshold, value, target, measured, channel)
+        value = self.synthetic_batcher.submit_many([self.synthetic[family].window_of(prepared)], timeout=60.0)[0]
+        channel, target = self.calibration_channel(family), self.cfg.antispoof_target_apcer
+        threshold = self.calibrations.threshold(self.antispoof_id, channel, target, self.pad_score_names[family])
+        measured = self.calibrations.measured(self.antispoof_id, channel, target, self.pad_score_names[family])
+        return LayerResult(True, value >= threshold, value, target, measured)
 
     def challenge_check(self, prepared: PreparedAudio, expected: str | None) -> LayerResult:
         """value: the digits recognised wrongly. Unchecked (passed) without a challenge."""

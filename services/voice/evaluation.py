@@ -4,9 +4,10 @@ Channels (``--channel``):
   ``wideband`` (default): the file as recorded (16 kHz fixtures);
   ``telephony-8k``: enrolment and probe both pass through the telephone simulation
   (300-3400 Hz, 8 kHz G.711 mu-law) and enter the pipeline as raw mu-law bytes, as from the IVR.
-  ``narrowband-16k`` (PAD only): the file band-limited to 4 kHz in its 16 kHz clip (8 kHz and back,
-  antispoof.band_limit), as a Bluetooth headset gives a phone app; scored on the service's
-  narrowband window (the engine's routing of such clips, engine.pad_channel).
+  ``narrowband-16k`` (PAD only, a measurement): the file band-limited to 4 kHz in its 16 kHz clip
+  (8 kHz and back, antispoof.band_limit), as a Bluetooth headset gives a phone app, on the telephone
+  window. The service has no such channel: a record fitted on it failed its held-out check
+  (bench/RESULTS.md, "A narrowband-16k AASIST record"), so with ``decide`` it is NotCalibrated.
 A ``-3s`` suffix (``wideband-3s``, ``telephony-8k-3s``) crops every file to its middle 3 s first,
 as the reference run of the issue (first-3 s crops hold up to 0.5 s of leading silence).
 
@@ -43,7 +44,7 @@ from .cohort import FAMILIES, SNorm, score_name
 from .ingest import AudioError, AudioFormat, Encoding
 from .models import VoiceModels, pipeline_from_settings
 from .pipeline import PreparedAudio, Purpose, VoicePipeline
-from .config import PadChannel, voice_config
+from .config import voice_config
 
 CHANNELS = ("wideband", "telephony-8k")
 NARROWBAND_CHANNEL = "narrowband-16k"  # the PAD scorer's channel for narrowband speech in a 16 kHz clip
@@ -259,8 +260,8 @@ def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
         raise ValueError("voice.antispoof is empty (the layer is off): set it to the detector to evaluate")
     narrowband = options.channel == NARROWBAND_CHANNEL
     telephone_channel, crop = (False, None) if narrowband else parse_channel(options.channel)
-    pad: PadChannel = "narrowband" if narrowband else FAMILIES[1] if telephone_channel else FAMILIES[0]
-    window_s = antispoof_window_s(cfg, pad)  # the service's window
+    family = FAMILIES[1] if telephone_channel or narrowband else FAMILIES[0]
+    window_s = antispoof_window_s(cfg, family)  # the service's window (narrowband: the telephone one)
     store = ModelStore(options.settings)
     models = VoiceModels.choose(store.manifest, cfg)
     detector = models.antispoof_detector(store, threads=1, device="cpu")
@@ -271,7 +272,8 @@ def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
         from services.common.modality.calibration import Calibrations
 
         threshold = Calibrations(options.settings.models.manifest, 0.0).threshold(
-            models.antispoof.id, cfg.calibration_channels.get(pad, pad), cfg.antispoof_target_apcer,
+            models.antispoof.id, NARROWBAND_CHANNEL if narrowband else cfg.calibration_channels.get(family, family),
+            cfg.antispoof_target_apcer,
             pad_score_name(window_s))
     return VoicePadScorer(pipeline_from_settings(options.settings), SyntheticSpeechDetector(detector, window_s),
                           telephone_channel, crop, pad_score_name(window_s), threshold, narrowband)

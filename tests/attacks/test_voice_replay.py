@@ -129,9 +129,9 @@ def espeak_targets(world):
 def test_espeak_speech_saying_the_asked_digits_is_refused(world, espeak_targets, channel):
     """espeak-ng says exactly the digits asked (the challenge is answered): the synthetic-speech
     detector and the speaker check are what stand; the session is denied even with the SMS code.
-    app-narrowband: the speech band-limited to 4 kHz in the 16 kHz clip, decided on the narrowband-16k
-    record (scoring such clips on the telephone calibration let 19 of 80 band-limited espeak-ng clips
-    through, against 2 of 80 on the wideband one: bench/RESULTS.md, "AASIST and digit answers")."""
+    app-narrowband: the speech band-limited to 4 kHz in the 16 kHz clip, decided on the wideband record
+    (the telephone record let 19 of 80 band-limited espeak-ng clips through, a narrowband-16k record of
+    its own 16 of 80 held out, against 2 of 80 on the wideband one: bench/RESULTS.md)."""
     ref = espeak_targets[channel]
     if channel.startswith("app"):
         attacker = App(phone_device(install=f"tts-{channel}", model="Redmi Note 12"))

@@ -118,30 +118,6 @@ def test_speech_window_prefers_speech():
     assert len(speech_window(x[:5], (), 20)) == 20  # tiled when shorter
 
 
-def test_narrowband_speech_in_a_wideband_clip_has_its_own_calibration(voice_dir):
-    """A 16 kHz clip with nothing above the telephone band (an 8 kHz capture resampled) is scored on
-    the narrowband window and the narrowband-16k record; wideband speech, and telephone clips, stay
-    where they are."""
-    from services.voice.antispoof import band_limit, is_narrowband
-    from services.voice.config import VoiceConfig
-    from services.voice.engine import pad_channel
-
-    x = read(voice_dir / "libri_3005" / "3005-163389-0000.wav")
-    band_limited = band_limit(x)
-    assert not is_narrowband(x) and is_narrowband(band_limited)
-    assert not is_narrowband(np.zeros(16000, np.float32))  # silence is no evidence of a band
-
-    class Clip:
-        def __init__(self, samples):
-            self.samples = samples
-
-    assert pad_channel(Clip(band_limited), "wideband") == "narrowband"  # type: ignore[arg-type]
-    assert pad_channel(Clip(x), "wideband") == "wideband"  # type: ignore[arg-type]
-    assert pad_channel(Clip(x), "telephone") == "telephone"  # type: ignore[arg-type]
-    assert pad_channel(Clip(band_limited), "telephone") == "telephone"  # type: ignore[arg-type]
-    assert VoiceConfig().calibration_channels["narrowband"] == "narrowband-16k"
-
-
 # The issue's target for genuine speech through every layer, per channel; measured on all the
 # fixtures' probes by bench/voice_genuine_layers.py (bench/RESULTS.md, Voice accuracy).
 GENUINE_PASS_RATE = 0.95
@@ -254,15 +230,10 @@ def test_calibration_must_be_for_the_score_the_service_computes():
 
     cal = Calibrations(PROJECT_ROOT / "models" / "manifest.yaml")
     cfg = VoiceConfig()
-    for pad, channel in cfg.calibration_channels.items():
-        if pad != "narrowband":  # the speaker check decides on the template's family; narrowband is AASIST's only
-            assert 0 < cal.threshold("ecapa-voxceleb", channel, channel_target_fmr(cfg, pad), "cosine") < 1  # type: ignore[arg-type]
-        score = pad_score_name(antispoof_window_s(cfg, pad))  # type: ignore[arg-type]
+    for family, channel in cfg.calibration_channels.items():
+        assert 0 < cal.threshold("ecapa-voxceleb", channel, channel_target_fmr(cfg, family), "cosine") < 1
+        score = pad_score_name(antispoof_window_s(cfg, family))
         assert cal.threshold("aasist", channel, cfg.antispoof_target_apcer, score) < 0
-    # a narrowband decision claims what the narrowband record's held-out check measured
-    claim = cal.claim("aasist", "narrowband-16k", cfg.antispoof_target_apcer,
-                      pad_score_name(antispoof_window_s(cfg, "narrowband")))
-    assert claim.source == "held_out"
     assert channel_target_fmr(cfg, "telephone") == 1e-2 and channel_target_fmr(cfg, "wideband") == 1e-3
     with pytest.raises(NotCalibrated, match="speech3s"):  # the telephone threshold is for the 4.04 s window
         cal.threshold("aasist", "telephony-8k", 0.05, "bonafide_log_odds@speech3s")
