@@ -4,6 +4,10 @@ Channels (``--channel``):
   ``wideband`` (default): the file as recorded (16 kHz fixtures);
   ``telephony-8k``: enrolment and probe both pass through the telephone simulation
   (300-3400 Hz, 8 kHz G.711 mu-law) and enter the pipeline as raw mu-law bytes, as from the IVR.
+  ``narrowband-16k`` (PAD only, a measurement): the file band-limited to 4 kHz in its 16 kHz clip
+  (8 kHz and back, antispoof.band_limit), as a Bluetooth headset gives a phone app, on the telephone
+  window. The service has no such channel: a record fitted on it failed its held-out check
+  (bench/RESULTS.md, "A narrowband-16k AASIST record"), so with ``decide`` it is NotCalibrated.
 A ``-3s`` suffix (``wideband-3s``, ``telephony-8k-3s``) crops every file to its middle 3 s first,
 as the reference run of the issue (first-3 s crops hold up to 0.5 s of leading silence).
 
@@ -35,7 +39,7 @@ from services.common.evaluation.scorers import Decision, Failure, Scored, Scorer
 from services.common.models import ModelStore
 
 from . import telephone
-from .antispoof import SyntheticSpeechDetector
+from .antispoof import SyntheticSpeechDetector, band_limit
 from .cohort import FAMILIES, SNorm, score_name
 from .ingest import AudioError, AudioFormat, Encoding
 from .models import VoiceModels, pipeline_from_settings
@@ -43,6 +47,7 @@ from .pipeline import PreparedAudio, Purpose, VoicePipeline
 from .config import voice_config
 
 CHANNELS = ("wideband", "telephony-8k")
+NARROWBAND_CHANNEL = "narrowband-16k"  # the PAD scorer's channel for narrowband speech in a 16 kHz clip
 _MULAW_8K = AudioFormat(Encoding.MULAW, 8000)
 
 
@@ -225,14 +230,18 @@ def make_verification_scorer(options: ScorerOptions) -> VoiceVerificationScorer 
 class VoicePadScorer:
     def __init__(self, pipeline: VoicePipeline, detector: SyntheticSpeechDetector, telephone_channel: bool = False,
                  crop_s: float | None = None, score_name: str = "bonafide_log_odds",
-                 threshold: float | None = None) -> None:
-        self.pipeline, self.detector = pipeline, detector
+                 threshold: float | None = None, narrowband: bool = False) -> None:
+        self.pipeline, self.detector, self.narrowband = pipeline, detector, narrowband
         self.telephone_channel, self.crop_s, self.score_name = telephone_channel, crop_s, score_name
         self.threshold = threshold
 
     def score(self, path: Path) -> float | Scored | Failure:
         try:
-            prepared = prepare_channel(self.pipeline, Path(path), self.telephone_channel, self.crop_s)
+            if self.narrowband:
+                x, rate = read_channel(Path(path), False, self.crop_s)
+                prepared = self.pipeline.prepare_samples(band_limit(np.asarray(x), int(rate)), rate, "verify")
+            else:
+                prepared = prepare_channel(self.pipeline, Path(path), self.telephone_channel, self.crop_s)
         except AudioError as err:
             return Failure(err.code.value.lower())
         value = self.detector.score(prepared)
@@ -249,8 +258,10 @@ def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
     cfg = voice_config(options.settings)
     if not cfg.antispoof:
         raise ValueError("voice.antispoof is empty (the layer is off): set it to the detector to evaluate")
-    telephone_channel, crop = parse_channel(options.channel)
-    window_s = antispoof_window_s(cfg, FAMILIES[1] if telephone_channel else FAMILIES[0])  # the service's window
+    narrowband = options.channel == NARROWBAND_CHANNEL
+    telephone_channel, crop = (False, None) if narrowband else parse_channel(options.channel)
+    family = FAMILIES[1] if telephone_channel or narrowband else FAMILIES[0]
+    window_s = antispoof_window_s(cfg, family)  # the service's window (narrowband: the telephone one)
     store = ModelStore(options.settings)
     models = VoiceModels.choose(store.manifest, cfg)
     detector = models.antispoof_detector(store, threads=1, device="cpu")
@@ -260,9 +271,9 @@ def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
     if options.decide:
         from services.common.modality.calibration import Calibrations
 
-        family = FAMILIES[1] if telephone_channel else FAMILIES[0]
         threshold = Calibrations(options.settings.models.manifest, 0.0).threshold(
-            models.antispoof.id, cfg.calibration_channels.get(family, family), cfg.antispoof_target_apcer,
+            models.antispoof.id, NARROWBAND_CHANNEL if narrowband else cfg.calibration_channels.get(family, family),
+            cfg.antispoof_target_apcer,
             pad_score_name(window_s))
     return VoicePadScorer(pipeline_from_settings(options.settings), SyntheticSpeechDetector(detector, window_s),
-                          telephone_channel, crop, pad_score_name(window_s), threshold)
+                          telephone_channel, crop, pad_score_name(window_s), threshold, narrowband)

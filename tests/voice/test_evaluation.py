@@ -42,3 +42,28 @@ def test_refused_audio_is_a_failure_not_an_exception(pipeline, tmp_path):
     path = tmp_path / "silence.wav"
     sf.write(path, np.zeros(32000, np.float32), 16000)
     assert VoiceVerificationScorer(pipeline).embedding(path) == Failure("silence")
+
+
+def test_narrowband_pad_channel_band_limits_and_has_no_service_record(voice_models, fixtures_dir, tmp_path):
+    """narrowband-16k (bench/voice_antispoof_eval.py): the fixture band-limited to 4 kHz in its 16 kHz
+    clip, scored on the telephone window; deciding on it is refused (its record failed the held-out
+    check and is not in the manifest)."""
+    import numpy as np
+    import soundfile as sf
+
+    from services.common.modality.calibration import NotCalibrated
+    from services.voice.antispoof import band_limit
+    from services.voice.evaluation import make_pad_scorer
+
+    path = sorted((fixtures_dir / "voice" / "verification").glob("*/*.wav"))[0]
+    x, rate = sf.read(path, dtype="float32")
+    y = band_limit(x, rate)
+    spectrum = np.abs(np.fft.rfft(y)) ** 2
+    high = np.fft.rfftfreq(len(y), 1.0 / rate) > 4200
+    assert len(y) == len(x) and spectrum[high].sum() < 1e-6 * spectrum.sum()
+    settings = load_config(None, data_dir=str(tmp_path), models={"cache_dir": str(PROJECT_ROOT / "var" / "models")})
+    scorer = make_pad_scorer(ScorerOptions(settings=settings, channel="narrowband-16k", decide=False))
+    assert scorer.narrowband and scorer.score_name == "bonafide_log_odds@speech4.04s"
+    assert isinstance(scorer.score(path), float)
+    with pytest.raises(NotCalibrated):
+        make_pad_scorer(ScorerOptions(settings=settings, channel="narrowband-16k", decide=True))
