@@ -19,12 +19,6 @@ from .pipeline import PreparedAudio
 
 FloatArray = NDArray[np.float32]
 SAMPLE_RATE = 16000
-def band_limit(samples: FloatArray, rate: int = SAMPLE_RATE) -> FloatArray:
-    """``samples`` through 8 kHz and back: narrowband speech in a ``rate`` clip (the calibration's channel)."""
-    import soxr
-
-    down = soxr.resample(np.asarray(samples, dtype=np.float32), rate, 8000, quality="HQ")
-    return np.asarray(soxr.resample(down, 8000, rate, quality="HQ"), dtype=np.float32)
 
 
 def speech_window(samples: FloatArray, segments: tuple[tuple[int, int], ...], length: int) -> FloatArray:

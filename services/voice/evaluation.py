@@ -5,7 +5,7 @@ Channels (``--channel``):
   ``telephony-8k``: enrolment and probe both pass through the telephone simulation
   (300-3400 Hz, 8 kHz G.711 mu-law) and enter the pipeline as raw mu-law bytes, as from the IVR.
   ``narrowband-16k`` (PAD only, a measurement): the file band-limited to 4 kHz in its 16 kHz clip
-  (8 kHz and back, antispoof.band_limit), as a Bluetooth headset gives a phone app, on the telephone
+  (8 kHz and back, telephone.narrowband), as a Bluetooth headset gives a phone app, on the telephone
   window. The service has no such channel: a record fitted on it failed its held-out check
   (bench/RESULTS.md, "A narrowband-16k AASIST record"), so with ``decide`` it is NotCalibrated.
 A ``-3s`` suffix (``wideband-3s``, ``telephony-8k-3s``) crops every file to its middle 3 s first,
@@ -39,7 +39,7 @@ from services.common.evaluation.scorers import Decision, Failure, Scored, Scorer
 from services.common.models import ModelStore
 
 from . import telephone
-from .antispoof import SyntheticSpeechDetector, band_limit
+from .antispoof import SyntheticSpeechDetector
 from .cohort import FAMILIES, SNorm, score_name
 from .ingest import AudioError, AudioFormat, Encoding
 from .models import VoiceModels, pipeline_from_settings
@@ -239,7 +239,7 @@ class VoicePadScorer:
         try:
             if self.narrowband:
                 x, rate = read_channel(Path(path), False, self.crop_s)
-                prepared = self.pipeline.prepare_samples(band_limit(np.asarray(x), int(rate)), rate, "verify")
+                prepared = self.pipeline.prepare_samples(telephone.narrowband(np.asarray(x), int(rate)), rate, "verify")
             else:
                 prepared = prepare_channel(self.pipeline, Path(path), self.telephone_channel, self.crop_s)
         except AudioError as err:

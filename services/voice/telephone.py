@@ -27,6 +27,13 @@ def band_limit(x: NDArray[np.float32], sample_rate: int) -> NDArray[np.float32]:
     return sosfilt(sos, np.asarray(x, dtype=np.float64)).astype(np.float32)
 
 
+def narrowband(x: NDArray[np.float32], sample_rate: int = 16000) -> NDArray[np.float32]:
+    """``x`` through 8 kHz and back: narrowband speech in a ``sample_rate`` clip, as a Bluetooth
+    headset gives a phone app (no line filter, no companding: that is :func:`encode`)."""
+    down = soxr.resample(np.asarray(x, dtype=np.float32), sample_rate, TELEPHONE_RATE, quality="HQ")
+    return np.asarray(soxr.resample(down, TELEPHONE_RATE, sample_rate, quality="HQ"), dtype=np.float32)
+
+
 def encode(x: NDArray[np.float32], sample_rate: int = 16000, law: Law = "mulaw") -> bytes:
     """Float audio (full scale +-1) -> G.711 bytes at 8 kHz after the telephone band-pass."""
     y = soxr.resample(band_limit(x, sample_rate), sample_rate, TELEPHONE_RATE, quality="HQ")

@@ -139,9 +139,9 @@ def test_espeak_speech_saying_the_asked_digits_is_refused(world, espeak_targets,
         challenge = world.voice_challenge(s)
         speech = attacks.espeak(" ".join(challenge.digits.replace(" ", "")), voice="en-us", rate=16000)
         if channel == "app-narrowband":
-            from services.voice.antispoof import band_limit
+            from services.voice.telephone import narrowband
 
-            speech = band_limit(speech)
+            speech = narrowband(speech)
         buf = io.BytesIO()
         sf.write(buf, speech, 16000, format="WAV", subtype="PCM_16")
         r = world.submit(s, voice=attacker.voice(s, buf.getvalue(), challenge.challenge.nonce)).result

@@ -52,12 +52,12 @@ def test_narrowband_pad_channel_band_limits_and_has_no_service_record(voice_mode
     import soundfile as sf
 
     from services.common.modality.calibration import NotCalibrated
-    from services.voice.antispoof import band_limit
+    from services.voice.telephone import narrowband
     from services.voice.evaluation import make_pad_scorer
 
     path = sorted((fixtures_dir / "voice" / "verification").glob("*/*.wav"))[0]
     x, rate = sf.read(path, dtype="float32")
-    y = band_limit(x, rate)
+    y = narrowband(x, rate)
     spectrum = np.abs(np.fft.rfft(y)) ** 2
     high = np.fft.rfftfreq(len(y), 1.0 / rate) > 4200
     assert len(y) == len(x) and spectrum[high].sum() < 1e-6 * spectrum.sum()
