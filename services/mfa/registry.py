@@ -175,8 +175,9 @@ class DeviceRegistry:
         rec = self.store.devices.get(tenant, device_id)
         if rec is None or rec.subject_id != subject:
             raise errors.not_found("the subject has no device with that id", "DEVICE_NOT_FOUND")
-        if self.store.devices.revoke(tenant, device_id, self.clock()):
-            self.rt.audit.append("mfa.device_revoked", actor(), tenant, subject, {"device_id": device_id})
+        with self.rt.storage.transaction():  # the revocation and its audit record, or neither
+            if self.store.devices.revoke(tenant, device_id, self.clock()):
+                self.rt.audit.append("mfa.device_revoked", actor(), tenant, subject, {"device_id": device_id})
         return mfa_pb2.RevokeDeviceResponse()
 
 

@@ -451,9 +451,10 @@ class Orchestrator:
     def unlock(self, req: mfa_pb2.UnlockSubjectRequest) -> mfa_pb2.UnlockSubjectResponse:
         tenant, subject = subject_ref(req.subject)
         reason = requests.label(req.reason, "reason") if req.reason else "unspecified"
-        was_locked = self.lockouts.unlock(tenant, subject)
-        self.rt.audit.append("mfa.subject_unlocked", actor(), tenant, subject,
-                             {"reason": reason, "had_failures": was_locked})
+        with self.rt.storage.transaction():  # the unlock and its audit record, or neither
+            was_locked = self.lockouts.unlock(tenant, subject)
+            self.rt.audit.append("mfa.subject_unlocked", actor(), tenant, subject,
+                                 {"reason": reason, "had_failures": was_locked})
         return mfa_pb2.UnlockSubjectResponse()
 
     def list_reviews(self, req: mfa_pb2.ListReviewsRequest) -> mfa_pb2.ListReviewsResponse:

@@ -225,3 +225,23 @@ def test_a_factor_racing_the_decision_is_in_it_or_refused_never_after_it(stub, m
     finally:
         store.close()
     assert seen  # which side won each race is the scheduler's choice; both keep the invariant
+
+
+@pytest.mark.parametrize("change", ["unlock", "revoke"])
+def test_an_admin_change_whose_audit_record_fails_is_not_made(orch, change, monkeypatch):
+    """Unlocking a subject and revoking a device land with their audit record or not at all."""
+    ref = subject("lock-bank", f"cust-audit-{change}")
+    orch.store.lockouts.record_failure("lock-bank", "subject", ref.subject_id, ref.subject_id, 1000, orch.clock())
+    app = _bound_in_process(orch, ref)
+
+    def audit_down(*_args, **_kwargs):
+        raise RuntimeError("audit store unavailable")
+
+    monkeypatch.setattr(orch.rt.audit, "append", audit_down)
+    with pytest.raises(RuntimeError):
+        if change == "unlock":
+            orch.unlock(F.UnlockSubjectRequest(subject=ref, reason="identity-verified"))
+        else:
+            orch.revoke_device(F.RevokeDeviceRequest(subject=ref, device_id=app.device_id))
+    assert orch.store.lockouts.get("lock-bank", "subject", ref.subject_id) is not None
+    assert orch.store.devices.get("lock-bank", app.device_id).revoked_at is None
