@@ -126,11 +126,11 @@ class CanvasBlob:
 
 class CanvasPool:
     """Reusable :class:`CanvasBlob`s, one taken per model call: as many are kept as calls ran at once
-    (the admission slots on a CPU), and only for batches of up to ``max_pooled`` canvases (a
-    request's own: one image, or the four turns of one; a GPU batcher's larger batches would hold
-    ~5 MB per canvas for good)."""
+    (the admission slots on a CPU, or the analysis pool's threads for a request of many frames),
+    and only for batches of up to ``max_pooled`` canvases: a request's one image. The four turns of
+    an upright search (~20 MB) and a GPU batcher's batches are built afresh, not held for good."""
 
-    def __init__(self, size: tuple[int, int], max_pooled: int = 4) -> None:
+    def __init__(self, size: tuple[int, int], max_pooled: int = 1) -> None:
         self.size = size
         self.max_pooled = max_pooled
         self._free: dict[int, list[CanvasBlob]] = {}

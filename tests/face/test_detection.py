@@ -149,3 +149,15 @@ def test_a_reused_canvas_blob_holds_exactly_the_letterboxed_image(face_dir):
     padded.place(0, big, 0.25)
     padded.place(1, small, 0.25)
     assert np.array_equal(padded.array[1], letterbox(small, (640, 640), 0.25).canvas.transpose(2, 0, 1).astype(np.float32))
+
+
+def test_only_single_canvases_are_pooled():
+    from services.face.detection import CanvasPool
+
+    pool = CanvasPool((640, 640))
+    with pool.take(4) as four:
+        pass
+    with pool.take(4) as again:
+        assert again is not four  # an upright search's four turns are not held between calls
+    with pool.take(1) as one, pool.take(1) as other:
+        assert one is not other  # concurrent calls never share a canvas
