@@ -13,8 +13,11 @@ Compared in the same run, in this process, on the same probes:
   naive loop   a per-request loop of insightface-style calls: cv2 decode, OpenCV's FaceDetectorYN,
                insightface norm_crop, the embedder at batch 1, no batching, no service.
 
-    .venv/bin/python -m bench.face_bench [--duration 15] [--concurrency 1 8] [--liveness]
-        [--write-results]
+After each mode's closed-loop levels an open loop offers 80 % of the highest level's throughput at
+fixed intervals (--open-seconds), issue 13's "p99 <= 3 x p50 at 80 % of that throughput".
+
+    .venv/bin/python -m bench.face_bench [--duration 15] [--concurrency 1 8] [--modes plain liveness]
+        [--open-seconds 20] [--write-results]
 """
 
 from __future__ import annotations
