@@ -13,8 +13,11 @@ Compared in the same run, in this process, on the same probes:
   naive loop   a per-request loop of insightface-style calls: cv2 decode, OpenCV's FaceDetectorYN,
                insightface norm_crop, the embedder at batch 1, no batching, no service.
 
-    .venv/bin/python -m bench.face_bench [--duration 15] [--concurrency 1 8] [--liveness]
-        [--write-results]
+After each mode's closed-loop levels an open loop offers 80 % of the highest level's throughput at
+fixed intervals (--open-seconds), issue 13's "p99 <= 3 x p50 at 80 % of that throughput".
+
+    .venv/bin/python -m bench.face_bench [--duration 15] [--concurrency 1 8] [--modes plain liveness]
+        [--open-seconds 20] [--write-results]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import grpc
 import numpy as np
 
 from bench.harness import FIXTURES, MODEL_CACHE, ROOT, ServiceProcess, command_line, pct
+from bench.loadgen import OPEN_LOOP_SHARE, open_loop_at_share, open_loop_line
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.settings import load_config
 
@@ -88,6 +92,23 @@ async def run_load(address: str, token: str, requests: list, concurrency: int, d
         for channel in channels:
             await channel.close()
     return latencies, wall, errors
+
+
+async def run_open(address: str, token: str, requests: list, connections: int, rate: float, duration: float):
+    """Issue 13's tail check: Verify arriving at a fixed ``rate`` (bench.loadgen's open loop) over
+    ``connections`` connections, whatever the answers."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(connections)]
+    stubs = [face_pb2_grpc.FaceServiceStub(c) for c in channels]
+    try:
+        return await open_loop_at_share(
+            lambda i, timeout: stubs[i % connections].Verify(requests[i % len(requests)], metadata=metadata,
+                                                             timeout=timeout),
+            rate, duration_s=duration, deadline_s=30.0)
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 # ---------------------------------------------------------------- in-process references
@@ -265,9 +286,18 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batch
                     raw_rate = ceiling.rate(mode == "liveness", args.raw_seconds) if ceiling is not None else float("nan")
                     print(f"workers {label} {mode} concurrency {c}: {len(lat)} ok in {wall:.1f} s = {len(lat) / wall:.1f}/s, "
                           f"p50 {pct(lat, 50):.1f} ms p95 {pct(lat, 95):.1f} ms p99 {pct(lat, 99):.1f} ms, "
-                          f"service CPU {cpu * 1000:.1f} ms per request, errors {errs}; raw models on "
-                          f"{os.cpu_count()} threads right after: {raw_rate:.1f}/s, service "
-                          f"{len(lat) / wall / raw_rate:.0%} of it", flush=True)
+                          f"service CPU {cpu * 1000:.1f} ms per request, utilisation "
+                          f"{cpu * len(lat) / wall / (os.cpu_count() or 1):.0%} of {os.cpu_count()} cores, "
+                          f"errors {errs}; raw models on {os.cpu_count()} threads right after: {raw_rate:.1f}/s, "
+                          f"service {len(lat) / wall / raw_rate:.0%} of it", flush=True)
+                if args.open_seconds > 0:  # at a share of the highest closed-loop level's throughput
+                    top = max((lv for lv in levels if lv[0] == mode and lv[5] == label), key=lambda lv: lv[1])
+                    cpu0 = svc.cpu_seconds()
+                    result = asyncio.run(run_open(svc.address, svc.token(), requests, max(args.concurrency),
+                                                 len(top[2]) / top[3], args.open_seconds))
+                    cpu = (svc.cpu_seconds() - cpu0) / max(1, len(result.outcomes))
+                    print(f"workers {label} {mode} {open_loop_line(result)}, {OPEN_LOOP_SHARE:.0%} of concurrency "
+                          f"{top[1]}'s rate; service CPU {cpu * 1000:.1f} ms per request", flush=True)
             rss = svc.peak_rss_mb()
         finally:
             svc.stop()
@@ -288,6 +318,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1], help="server.workers of the service, one run each")
     ap.add_argument("--raw-seconds", type=float, default=10.0,
                     help="after each level: the raw models on every core for this long (the ceiling); 0: not run")
+    ap.add_argument("--open-seconds", type=float, default=20.0,
+                    help="after each mode's closed-loop levels: an open loop at 80 %% of the highest level's "
+                         "throughput for this long (issue 13's p99 <= 3 x p50); 0: not run")
     ap.add_argument("--batching", nargs="+", choices=("auto", "on", "off"), default=["auto"],
                     help="face.micro_batching of the service, one run each (with each --workers)")
     ap.add_argument("--write-results", action="store_true", help="replace the Face section of bench/RESULTS.md")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -153,6 +154,11 @@ class OpenLoopResult:
         """Calls per second that passed within their deadline, over the issuing window."""
         return len(self.passed()) / self.duration_s
 
+    def tail_ratio(self) -> float:
+        """p99 / p50 of the calls that passed: issue 13's "p99 <= 3 x p50" at a fixed arrival rate."""
+        latencies = [o.latency_s for o in self.passed()]
+        return pct(latencies, 99) / pct(latencies, 50) if latencies else float("nan")
+
     def as_dict(self) -> dict:
         passed, refused = self.passed(), self.refused()
         codes = Counter(o.code for o in self.outcomes)
@@ -163,6 +169,7 @@ class OpenLoopResult:
             "passed_per_s": round(self.passed_rate(), 2),
             "passed_p50_ms": round(pct([o.latency_s for o in passed], 50), 1),
             "passed_p99_ms": round(pct([o.latency_s for o in passed], 99), 1),
+            "passed_p99_over_p50": round(self.tail_ratio(), 2),
             "refused_p50_ms": round(pct([o.latency_s for o in refused], 50), 1),
             "refused_p99_ms": round(pct([o.latency_s for o in refused], 99), 1),
             "refused_with_retry_hint": sum(1 for o in refused if o.retry_delay_s is not None),
@@ -209,3 +216,32 @@ async def run_open_loop(
         tasks.append(asyncio.create_task(one(i, time.perf_counter() - start)))
     await asyncio.gather(*tasks)
     return result
+
+
+# Issue 13: the tail is judged at this share of the throughput that the highest closed-loop level reached.
+OPEN_LOOP_SHARE = 0.8
+
+
+async def open_loop_at_share(
+    call: Callable[[int, float], Awaitable[object]],
+    closed_loop_rate: float,
+    *,
+    duration_s: float,
+    deadline_s: float,
+    share: float = OPEN_LOOP_SHARE,
+) -> OpenLoopResult:
+    """:func:`run_open_loop` at ``share`` x ``closed_loop_rate`` requests per second (arrivals at
+    fixed intervals, whatever the answers), for ``duration_s``: the latency a service gives below
+    its saturation, where a closed loop's latency is only its own queue (Little's law)."""
+    if closed_loop_rate <= 0 or not 0 < share <= 1:
+        raise ValueError("closed_loop_rate must be positive and share in (0, 1]")
+    rate = share * closed_loop_rate
+    return await run_open_loop(call, rate_per_s=rate, duration_s=duration_s, deadline_s=deadline_s,
+                               max_requests=max(1, math.ceil(rate * duration_s)))
+
+
+def open_loop_line(result: OpenLoopResult) -> str:
+    d = result.as_dict()
+    return (f"open loop at {d['offered_per_s']}/s for {d['duration_s']:g} s: {d['issued']} issued, codes {d['codes']}, "
+            f"{d['passed_per_s']}/s within {d['deadline_s']:g} s, p50 {d['passed_p50_ms']} ms, "
+            f"p99 {d['passed_p99_ms']} ms, p99/p50 {d['passed_p99_over_p50']}")

@@ -16,8 +16,8 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from services.common.inference import DEFAULT_PROVIDERS, create_session, pad_batch
-from services.face.detection import Face, letterbox, nms, to_faces
+from services.common.inference import DEFAULT_PROVIDERS, create_session
+from services.face.detection import CanvasPool, Face, Placement, nms, to_faces
 
 STRIDES = (8, 16, 32)
 
@@ -58,24 +58,27 @@ class YuNetDetector:
             .astype(np.float32)
             for s in STRIDES
         }
+        self._canvases = CanvasPool(self.input_size)
 
     def detect(self, image_bgr: np.ndarray) -> list[Face]:
         return self.detect_batch([image_bgr])[0]
 
     def detect_batch(self, images_bgr: list[np.ndarray]) -> list[list[Face]]:
         """Faces of each image; one network call per ``max_batch`` images."""
-        boxes = [letterbox(img, self.input_size, self.pad_ratio) for img in images_bgr]
         out: list[list[Face]] = []
-        for i in range(0, len(boxes), self.max_batch):
-            chunk = boxes[i : i + self.max_batch]
-            blob = np.stack([lb.canvas for lb in chunk]).transpose(0, 3, 1, 2).astype(np.float32)
-            blob = pad_batch(blob, self.model.bucket(len(blob)))
-            raw = self.model.session.run(self._outputs, {self._input: blob})  # outputs [1, N * anchors, C]
-            per = {name: r.reshape(len(blob), -1, r.shape[-1])[: len(chunk)] for name, r in zip(self._outputs, raw)}
-            out.extend(self._decode({k: v[j] for k, v in per.items()}, lb) for j, lb in enumerate(chunk))
+        for i in range(0, len(images_bgr), self.max_batch):
+            chunk = images_bgr[i : i + self.max_batch]
+            n = self.model.bucket(len(chunk))
+            with self._canvases.take(n) as blob:
+                places = [blob.place(j, img, self.pad_ratio) for j, img in enumerate(chunk)]
+                for j in range(len(chunk), n):  # a padded bucket repeats the first canvas
+                    blob.copy_item(j, 0)
+                raw = self.model.session.run(self._outputs, {self._input: blob.array})  # outputs [1, N * anchors, C]
+            per = {name: r.reshape(n, -1, r.shape[-1])[: len(chunk)] for name, r in zip(self._outputs, raw)}
+            out.extend(self._decode({k: v[j] for k, v in per.items()}, at) for j, at in enumerate(places))
         return out
 
-    def _decode(self, out: dict[str, np.ndarray], lb) -> list[Face]:
+    def _decode(self, out: dict[str, np.ndarray], lb: Placement) -> list[Face]:
         boxes, kps, scores = [], [], []
         for s in STRIDES:
             anchors = self._anchors[s]

@@ -70,3 +70,19 @@ def test_the_open_loop_issues_at_its_rate_whatever_the_answers_and_records_each_
     assert all(o.retry_delay_s == 0.25 for o in result.refused())
     assert len(result.passed()) == 10 and result.passed_rate() == 20.0
     assert max(o.issued_s for o in result.outcomes) < 0.5 + 0.4  # all issued before the first answers came
+
+
+def test_the_open_loop_at_a_share_of_a_closed_loop_rate_reports_its_tail_ratio():
+    from bench.loadgen import OPEN_LOOP_SHARE, open_loop_at_share, open_loop_line
+
+    async def call(i: int, timeout: float):
+        await asyncio.sleep(0.01 * (i % 3))
+
+    result = asyncio.run(open_loop_at_share(call, 50.0, duration_s=0.5, deadline_s=5.0))
+    assert OPEN_LOOP_SHARE == 0.8 and result.rate_per_s == 40.0
+    assert len(result.outcomes) == 20 and len(result.passed()) == 20  # 40/s for 0.5 s, all answered
+    d = result.as_dict()
+    assert d["passed_p99_over_p50"] == round(result.tail_ratio(), 2) and result.tail_ratio() >= 1.0
+    assert "p99/p50" in open_loop_line(result)
+    with pytest.raises(ValueError):
+        asyncio.run(open_loop_at_share(call, 0.0, duration_s=0.5, deadline_s=5.0))

@@ -125,3 +125,39 @@ def test_a_far_blurrier_second_face_is_no_rival(yunet, face_dir):
         assert choose_subject(faces, img.shape).issue is SubjectIssue.MULTIPLE_FACES
         assert choose_subject(faces, img.shape, SubjectPolicy(rival_min_sharpness_ratio=0.0),
                               lambda f, img=img: sharpness(align_face(img, f))).issue is SubjectIssue.MULTIPLE_FACES
+
+
+def test_a_reused_canvas_blob_holds_exactly_the_letterboxed_image(face_dir):
+    """The detector's input is written into reused float32 canvases: each use must equal a fresh
+    letterbox of its image (a smaller image after a larger one leaves nothing of the larger)."""
+    from services.face.detection import CanvasBlob, CanvasPool
+
+    big = load_bgr(face_dir / "barack_obama" / "face_recognition_examples_obama.jpg")
+    small = load_bgr(face_dir / "bbt_raj" / "faceapi_raj1.png")
+    pool = CanvasPool((640, 640))
+    for img in (big, small, np.ascontiguousarray(big[:, ::-1]), small):
+        with pool.take(1) as blob:
+            at = blob.place(0, img, 0.25)
+            fresh = letterbox(img, (640, 640), pad_ratio=0.25)
+            assert (at.scale, at.offset) == (fresh.scale, fresh.offset)
+            assert np.array_equal(blob.array[0], fresh.canvas.transpose(2, 0, 1).astype(np.float32))
+    with pool.take(1) as again:
+        assert again is blob  # one call at a time: one canvas, reused
+    padded = CanvasBlob(2, (640, 640))
+    padded.place(0, small, 0.25)
+    padded.copy_item(1, 0)
+    padded.place(0, big, 0.25)
+    padded.place(1, small, 0.25)
+    assert np.array_equal(padded.array[1], letterbox(small, (640, 640), 0.25).canvas.transpose(2, 0, 1).astype(np.float32))
+
+
+def test_only_single_canvases_are_pooled():
+    from services.face.detection import CanvasPool
+
+    pool = CanvasPool((640, 640))
+    with pool.take(4) as four:
+        pass
+    with pool.take(4) as again:
+        assert again is not four  # an upright search's four turns are not held between calls
+    with pool.take(1) as one, pool.take(1) as other:
+        assert one is not other  # concurrent calls never share a canvas

@@ -143,3 +143,49 @@ def test_fixture_formats_decode(verification_images):
     for p in verification_images:
         img = decode_image(p.read_bytes())
         assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
+
+
+def _pillow_bgr(data: bytes) -> np.ndarray:
+    """The pixels as Pillow alone decodes them (upright by EXIF, RGB), in BGR order."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    return np.ascontiguousarray(np.asarray(im.convert("RGB"))[..., ::-1])
+
+
+def test_every_fixture_jpeg_decodes_to_pillows_pixels(fixtures_dir, monkeypatch):
+    """A plain JPEG's pixels come from OpenCV's decoder (less CPU); they are Pillow's, bit for bit,
+    on every JPEG of the fixtures (verification photos, webcam frames, attack prints and screens)."""
+    import cv2
+
+    calls = []
+    imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: calls.append(1) or imdecode(*a))
+    paths = sorted(p for p in (fixtures_dir / "face").rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    assert len(paths) >= 50
+    turned = 0
+    for p in paths:
+        data = p.read_bytes()
+        assert np.array_equal(decode_image(data), _pillow_bgr(data)), p.name
+        turned += Image.open(io.BytesIO(data)).getexif().get(0x0112, 1) != 1
+    assert turned >= 1 and len(calls) == len(paths) - turned  # Pillow turns the EXIF-rotated ones
+
+
+def test_grey_and_turned_jpegs_decode_as_pillow_does():
+    grey = np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))
+    data = _encode(Image.fromarray(grey, "L"), "JPEG", quality=90)
+    assert np.array_equal(decode_image(data), _pillow_bgr(data))
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 80, 3), dtype=np.uint8)
+    for orientation in (1, 3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = _encode(Image.fromarray(rgb), "JPEG", exif=exif, quality=90)
+        assert np.array_equal(decode_image(data), _pillow_bgr(data)), orientation
+
+
+def test_a_jpeg_cut_anywhere_in_its_scan_is_refused(face_dir):
+    """libjpeg fills a cut-off scan with grey; Pillow refuses the file, and so must the OpenCV path."""
+    data = (face_dir / "barack_obama" / "face_recognition_examples_obama.jpg").read_bytes()
+    for cut in (0.5, 0.9, 0.99):
+        assert _code(data[: int(len(data) * cut)]) is DecodeErrorCode.TRUNCATED_IMAGE
+    assert _code(data[:-2]) is DecodeErrorCode.TRUNCATED_IMAGE  # all but the end marker
