@@ -6,8 +6,9 @@ Channels (``--channel``):
   (300-3400 Hz, 8 kHz G.711 mu-law) and enter the pipeline as raw mu-law bytes, as from the IVR.
   ``narrowband-16k`` (PAD only, a measurement): the file band-limited to 4 kHz in its 16 kHz clip
   (8 kHz and back, telephone.narrowband), as a Bluetooth headset gives a phone app, on the telephone
-  window. The service has no such channel: a record fitted on it failed its held-out check
-  (bench/RESULTS.md, "A narrowband-16k AASIST record"), so with ``decide`` it is NotCalibrated.
+  window. The service has no such channel: records fitted on it failed their held-out checks
+  (bench/RESULTS.md, "A narrowband-16k AASIST record" and its second try), so with ``decide`` it is
+  NotCalibrated.
 A ``-3s`` suffix (``wideband-3s``, ``telephony-8k-3s``) crops every file to its middle 3 s first,
 as the reference run of the issue (first-3 s crops hold up to 0.5 s of leading silence).
 
