@@ -324,6 +324,8 @@ def _attach_check(settings: Settings, args: argparse.Namespace, check: dict[str,
         raise LookupError(f"model {args.model} has no calibration for channel {args.channel!r}")
     record = _with_checks(existing.model_dump(mode="json", exclude_none=True),
                           held_out_checks(check, existing.model_dump(mode="json")))
+    if args.notes:  # what the new check says about the record (its thresholds are kept)
+        record["notes"] = args.notes
     for p in record["operating_points"]:
         if p.get("held_out"):
             print(f"{record['rate']} {rate_text(p['target_fmr'])}: " + _check_text(record["rate"], p["held_out"]))
@@ -383,7 +385,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--llr", choices=("logistic", "pav", "none"), default="logistic")
     p.add_argument("--prior", type=float, default=0.5, help="target prior for the LLR fit")
     p.add_argument("--dataset", help="dataset name for the record (default: from the report)")
-    p.add_argument("--notes", help="the record's notes: why these targets, what the operating point is for")
+    p.add_argument("--notes", help="the record's notes: why these targets, what the operating point is for (with "
+                                    "--check alone: replaces the manifest record's notes)")
     p.add_argument("--out", help="also write the record to this JSON file")
     p.add_argument("--keep-unsupported", action="store_true",
                    help="write targets the trials do not support (fewer than 3/target impostor or attack "

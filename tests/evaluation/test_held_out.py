@@ -67,11 +67,15 @@ def test_calibrate_with_a_held_out_check_and_the_claim_it_gives(settings, synthe
                   "--channel", "synthetic"])
     with pytest.raises(ValueError, match="checks another record"):
         args.func(settings, args)
-    # Attached to the manifest's record afterwards, with no scores to fit.
+    # Attached to the manifest's record afterwards, with no scores to fit: the thresholds stay, the
+    # notes say what the new check showed.
+    before = ModelStore(settings).model(model_id).calibration["synthetic"]
     args = parse(["calibrate", "--check", str(tmp_path / "check" / "report.json"), "--model", model_id,
-                  "--channel", "synthetic"])
+                  "--channel", "synthetic", "--notes", "re-checked on other people"])
     assert args.func(settings, args) == 0
-    assert ModelStore(settings).model(model_id).calibration["synthetic"].point(0.05).held_out is not None
+    after = ModelStore(settings).model(model_id).calibration["synthetic"]
+    assert after.point(0.05).held_out is not None and after.notes == "re-checked on other people" != before.notes
+    assert [p.threshold for p in after.operating_points] == [p.threshold for p in before.operating_points]
 
 
 def test_an_inconsistent_flag_is_refused():
