@@ -135,6 +135,8 @@ def test_genuine_matches_and_impostor_does_not(voice_service, speaker, voice_dir
     pad = _claim(voice_service, "aasist", "wideband", cfg.antispoof_target_apcer)
     assert genuine.spoof_target_apcer == pytest.approx(cfg.antispoof_target_apcer)
     assert genuine.spoof_measured_apcer == pytest.approx(pad.rate)
+    # ... which for AASIST is its re-check on espeak-ng voices no fit or check used (above 5e-2).
+    assert pad.source == "held_out" and "heldout16" in pad.dataset and pad.consistent is False
     impostor = verify(voice_service, tenant, subject, wav(read(files(voice_dir, "libri_3005")[0])))
     assert not impostor.match and impostor.score < impostor.threshold
     assert [r.code for r in impostor.reasons] == ["NO_MATCH"]
