@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -77,12 +77,13 @@ class LoadedModel:
         """Where the session keeps its tensors: "cuda" or "cpu" (IO binding's device names)."""
         return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
 
-    def run_bound(self, outputs: list[str], feeds: Mapping[str, Feed]) -> list[np.ndarray]:
+    def run_bound(self, outputs: list[str], feeds: Mapping[str, Feed],
+                  before_run: Callable[[], object] | None = None) -> list[np.ndarray]:
         """:meth:`run` through IO binding: inputs already on a device (torch tensors) are read where
         they are, and outputs are written on the session's device, then copied to the host once.
         On CUDA this saves the host round trip of every input; on the CPU it is the same binding
-        code with the CPU device (what the tests exercise). Callers synchronise their own streams
-        before calling (onnxruntime runs on its own CUDA stream)."""
+        code with the CPU device (what the tests exercise). onnxruntime runs on its own CUDA stream:
+        ``before_run``, called once the inputs are padded, waits for the stream that wrote them."""
         n = len(next(iter(feeds.values())))
         b = self.bucket(n)
         binding = self.session.io_binding()
@@ -104,6 +105,8 @@ class LoadedModel:
                                shape=tuple(value.shape), buffer_ptr=value.data_ptr())
         for name in outputs:
             binding.bind_output(name, self.device_type)
+        if before_run is not None:
+            before_run()
         self.session.run_with_iobinding(binding)
         return [o[:n] for o in binding.copy_outputs_to_cpu()]
 

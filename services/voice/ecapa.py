@@ -165,9 +165,10 @@ class EcapaOnnx:
         """Raw network call: feats [N, T, 80] (zero-padded), lengths [N] relative to T, as numpy
         arrays or torch tensors (read in place with io_binding)."""
         if self.io_binding:
+            wait = None
             if isinstance(feats, torch.Tensor) and feats.is_cuda:
-                torch.cuda.current_stream(feats.device).synchronize()  # onnxruntime runs on its own stream
-            out = self.model.run_bound(["embedding"], {"feats": feats, "lengths": lengths})[0]
+                wait = torch.cuda.current_stream(feats.device).synchronize
+            out = self.model.run_bound(["embedding"], {"feats": feats, "lengths": lengths}, before_run=wait)[0]
         else:
             host = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v
                     for k, v in (("feats", feats), ("lengths", lengths))}
