@@ -102,7 +102,7 @@ class VoiceConfig(Section):
     antispoof_compile: bool = False
     antispoof_compile_backend: Literal["inductor", "eager"] = "inductor"
     # Batches padded to powers of two up to antispoof_batch_max, so that with the fixed windows no
-    # new shape is met after warm-up; None: on CUDA.
+    # new shape is met after warm-up; None: on CUDA, and wherever AASIST is compiled.
     antispoof_pad_batches: bool | None = None
     inference_workers: int = Field(2, ge=1, le=64)  # micro-batchers per model: ~cores on CPU, 1 on a GPU
     intra_op_threads: int = Field(1, ge=0)

@@ -114,8 +114,11 @@ class VoiceModels:
 
 
 def aasist_options(cfg: VoiceConfig, device: str) -> AasistOptions:
-    """The service's AASIST options on ``device`` (VoiceConfig's None: on CUDA only)."""
-    pad = device == "cuda" if cfg.antispoof_pad_batches is None else cfg.antispoof_pad_batches
+    """The service's AASIST options on ``device`` (padding's None: on CUDA, or when compiled, where
+    each new batch size would be a compilation)."""
+    pad = cfg.antispoof_pad_batches
+    if pad is None:
+        pad = device == "cuda" or cfg.antispoof_compile
     return AasistOptions(dtype=cfg.antispoof_dtype, compile=cfg.antispoof_compile,
                          compile_backend=cfg.antispoof_compile_backend, pad_batches=pad,
                          max_batch=cfg.antispoof_batch_max)

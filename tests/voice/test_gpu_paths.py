@@ -181,3 +181,16 @@ def test_compiled_and_padded_paths_give_eager_scores(windows, fp32_scores):
     assert np.abs((logits[:, 1] - logits[:, 0]) - fp32_scores[:5]).max() < 1e-4
     assert compiled.bucket(3) == 4 and compiled.bucket(8) == 8
     assert detector().buckets() == [1]  # unpadded on the CPU: no shapes to warm
+
+
+def test_the_service_chooses_the_gpu_paths_on_cuda_only():
+    from services.voice.config import VoiceConfig
+    from services.voice.models import aasist_options, pipeline_config
+
+    cfg = VoiceConfig()
+    assert aasist_options(cfg, "cpu") == AasistOptions(max_batch=cfg.antispoof_batch_max)  # float32, eager, unpadded
+    assert aasist_options(cfg, "cuda").pad_batches and not aasist_options(cfg, "cuda").compile
+    assert aasist_options(VoiceConfig(antispoof_compile=True), "cpu").pad_batches  # compiled: fixed shapes
+    assert not aasist_options(VoiceConfig(antispoof_pad_batches=False), "cuda").pad_batches
+    pipe = pipeline_config(cfg, ("CUDAExecutionProvider", "CPUExecutionProvider"))
+    assert (pipe.device_features, pipe.io_binding, pipe.frame_buckets) == (None, None, False)  # None: by the session
