@@ -32,7 +32,7 @@ from . import replay
 from .aasist import torch_device
 from .antispoof import SyntheticSpeechDetector
 from .digits import digit_errors
-from .models import VoiceModels, pipeline_config
+from .models import VoiceModels, aasist_options, pipeline_config
 from .pipeline import PreparedAudio, VoicePipeline
 
 log = logging.getLogger("biogate.voice")
@@ -184,7 +184,9 @@ class VoiceEngine:
         # Per channel family: the AASIST window (one network for all) and the score it calibrates.
         self.synthetic: dict[str, SyntheticSpeechDetector] = {}
         self.synthetic_batcher: BatcherPool | None = None
-        detector = models.antispoof_detector(store, cfg.intra_op_threads or None, torch_device(providers))
+        device = torch_device(providers)
+        detector = models.antispoof_detector(store, cfg.intra_op_threads or None, device,
+                                             options=aasist_options(cfg, device))
         if detector is not None:
             self.synthetic = {f: SyntheticSpeechDetector(detector, antispoof_window_s(cfg, f))
                               for f in cohort_mod.FAMILIES}
@@ -219,8 +221,8 @@ class VoiceEngine:
         self.pipeline.warmup()
         t = np.arange(32000, dtype=np.float32) / 16000
         x = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-        for detector in self.synthetic.values():
-            detector.score_windows([np.resize(x, detector.window)])
+        if self.synthetic:  # one network: every window length at every batch shape it can take
+            self.synthetic["wideband"].detector.warmup(sorted({d.window for d in self.synthetic.values()}))
         self.digits.warmup(self.cfg.challenge_digits)
         replay.similarity(replay.fingerprint(x), replay.fingerprint(x))
 
