@@ -18,8 +18,17 @@ odd voices (1, 3, .. 15) against it: the engine's routing of narrowband wideband
 Bona fide: the speakers at odd positions (the calibration's check half). Threshold per window kind:
 APCER 5 % on espeak-ng voices 0, 2, .. 14 x 10 sentences (the calibration's fit voices of 16),
 through the same channel. Both are fitted here, on attacks only, the same way for both kinds.
+``--candidate cut``: the second window is the service's with digital silence cut out
+(antispoof.without_digital_silence), the first the same window without the cut; give the shipped
+record's threshold twice (``--thresholds T T``): the cut ships on the records as they are.
+
+``--security``: what the cut does to every presentation of the shipped records' calibration lists
+(bench/voice_antispoof_eval.build, 32 espeak-ng voices; the telephone record used the first 16),
+as the channel delivers them: whether the AASIST window is bit-identical with and without the cut,
+and where not, both scores against the record's threshold (the check half is what the record claims).
 
     .venv/bin/python -m bench.voice_antispoof_conditions --channel wideband|telephony-8k [--out FILE.json]
+    .venv/bin/python -m bench.voice_antispoof_conditions --channel wideband|telephony-8k --security [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -79,7 +88,64 @@ def speech_window(samples: np.ndarray, segments, length: int) -> np.ndarray:
     return speech[start : start + length]
 
 
-clip_window = antispoof.speech_window  # the service's window: the most speech-dense, tiled when shorter
+clip_window = antispoof.speech_window  # the service's window before the cut: the most speech-dense, tiled when shorter
+
+
+def cut_window(samples: np.ndarray, segments, length: int) -> np.ndarray:
+    """The service's window: digital silence cut out first (SyntheticSpeechDetector.window_of)."""
+    return antispoof.speech_window(*antispoof.without_digital_silence(samples, segments), length)
+
+
+RECORD_VOICES = {"wideband": 32, "telephony-8k": 16}  # espeak-ng voices of the shipped records' lists
+
+
+def security(layer: SyntheticSpeechDetector, prepare, channel: str) -> dict:
+    """Every presentation of the record's fit and check lists: is the window unchanged by the cut;
+    where not, the scores with and without it against the record's threshold."""
+    from bench.voice_antispoof_eval import build
+    from services.common.evaluation.trials import read_pad
+    from services.common.modality.calibration import Calibrations
+    from services.voice.engine import pad_score_name
+
+    settings = load_config()
+    threshold = Calibrations(settings.models.manifest, 0.0).threshold(
+        "aasist", channel, 0.05, pad_score_name(WINDOW_S[channel]))
+    out = ROOT / "var" / "eval" / "voice-antispoof-32"
+    build(out, attacks.VOICES[:32])
+    voices = RECORD_VOICES[channel]
+    report: dict = {"threshold": threshold}
+    t0 = time.time()
+    for part in ("check", "fit"):
+        rows: dict[str, dict] = {}
+        for sample in read_pad(out / f"{part}.csv", out):
+            name = Path(sample.path).name
+            if name.startswith("espeak-") and int(name.split("-")[1]) >= voices:
+                continue
+            kind = "bonafide" if sample.bonafide else str(sample.attack_type)
+            row = rows.setdefault(kind, {"n": 0, "no_response": 0, "changed": [], "passed": [0, 0]})
+            x, rate = sf.read(sample.path, dtype="float32")
+            p = prepare(x, rate)
+            if p is None:
+                row["no_response"] += 1
+                continue
+            row["n"] += 1
+            before = clip_window(p.samples, p.vad.segments, layer.window)
+            after = layer.window_of(p)
+            if np.array_equal(before, after):
+                if part == "check" and kind.startswith("tts"):  # the record's APCER, identical either way
+                    v = layer.score_windows([before])[0]
+                    row["passed"][0] += int(v >= threshold)
+                    row["passed"][1] += int(v >= threshold)
+                continue
+            v0, v1 = layer.score_windows([before, after])
+            row["changed"].append([name, round(v0, 3), round(v1, 3)])
+            row["passed"][0] += int(v0 >= threshold)
+            row["passed"][1] += int(v1 >= threshold)
+        report[part] = rows
+        print(channel, part, json.dumps({k: {"n": v["n"], "changed": len(v["changed"]), "passed (without, with cut)":
+                                             v["passed"]} for k, v in rows.items()}), f"{time.time() - t0:.0f}s",
+              flush=True)
+    return report
 
 
 def pauses(x: np.ndarray) -> np.ndarray:
@@ -121,6 +187,8 @@ def main() -> int:
     ap.add_argument("--thresholds", type=float, nargs=2, metavar=("CLIP", "SPEECH"),
                     help="the two thresholds of an earlier run (its espeak-ng scoring is then skipped)")
     ap.add_argument("--every", type=int, default=1, help="every n-th bona fide recording (CPU time)")
+    ap.add_argument("--candidate", choices=("speech", "cut"), default="speech", help="the second window")
+    ap.add_argument("--security", action="store_true", help="the cut on the shipped records' lists")
     a = ap.parse_args()
     os.environ.setdefault("BIOGATE_LOGGING__LEVEL", "WARNING")
     settings = load_config()
@@ -133,13 +201,21 @@ def main() -> int:
     tel = a.channel == "telephony-8k"
     routed = a.channel.startswith("narrowband-")  # 16 kHz narrowband clips on that channel's window
 
-    def prepare(x: np.ndarray):
+    def prepare(x: np.ndarray, rate: int = 16000):
         try:
             if tel:
-                return pipeline.prepare(telephone.encode(x, 16000), _MULAW_8K, "verify")
-            return pipeline.prepare_samples(x, 16000, "verify")
+                return pipeline.prepare(telephone.encode(x, rate), _MULAW_8K, "verify")
+            return pipeline.prepare_samples(x, rate, "verify")
         except AudioError:
             return None
+
+    if a.security:
+        report = security(layer, prepare, a.channel)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(report, indent=1))
+        return 0
+    candidate = cut_window if a.candidate == "cut" else speech_window
 
     def scores(x: np.ndarray) -> dict[str, float] | None:
         p = prepare(x)
@@ -148,7 +224,10 @@ def main() -> int:
         clip = layer.score_windows([clip_window(p.samples, p.vad.segments, layer.window)])[0]
         if routed:  # the candidate was dropped before this condition was added
             return {"clip": clip, "speech": clip}
-        return {"clip": clip, "speech": layer.score_windows([speech_window(p.samples, p.vad.segments, layer.window)])[0]}
+        window = candidate(p.samples, p.vad.segments, layer.window)
+        if a.candidate == "cut" and np.array_equal(window, clip_window(p.samples, p.vad.segments, layer.window)):
+            return {"clip": clip, "speech": clip}
+        return {"clip": clip, "speech": layer.score_windows([window])[0]}
 
     t0 = time.time()
     attack: dict[str, list[float]] = {"clip": [], "speech": []}
@@ -193,7 +272,7 @@ def main() -> int:
                           "scores": [round(float(x), 3) for x in v]}
         print(a.channel, c, json.dumps({k: (v if not isinstance(v, dict) else {"bpcer": v["bpcer"], "median": v["median"]})
                                         for k, v in rows[c].items()}), f"{time.time() - t0:.0f}s", flush=True)
-    report = {"channel": a.channel, "window_s": WINDOW_S[a.channel], "thresholds": thresholds,
+    report = {"channel": a.channel, "window_s": WINDOW_S[a.channel], "candidate": a.candidate, "thresholds": thresholds,
               "attacks": len(attack["clip"]), "attack_scores": {k: [round(float(x), 3) for x in v] for k, v in attack.items()}, "attack_median": {k: round(float(np.median(v)), 2) for k, v in attack.items() if v},
               "conditions": rows}
     if a.out:
