@@ -18,14 +18,18 @@ odd voices (1, 3, .. 15) against it: the engine's routing of narrowband wideband
 Bona fide: the speakers at odd positions (the calibration's check half). Threshold per window kind:
 APCER 5 % on espeak-ng voices 0, 2, .. 14 x 10 sentences (the calibration's fit voices of 16),
 through the same channel. Both are fitted here, on attacks only, the same way for both kinds.
-``--candidate cut``: the second window is the service's with digital silence cut out
-(antispoof.without_digital_silence), the first the same window without the cut; give the shipped
-record's threshold twice (``--thresholds T T``): the cut ships on the records as they are.
+``--candidate cut``: the second window is the service's placed after digital silence is cut out
+(:func:`without_digital_silence`: runs >= 20 ms within one PCM-16 step of zero; measured, not kept:
+bench/RESULTS.md, "Cutting digital silence before AASIST"), the first the same window without the
+cut; give the shipped record's threshold twice (``--thresholds T T``), as the cut was to ship on the
+records as they are.
 
 ``--security``: what the cut does to every presentation of the shipped records' calibration lists
 (bench/voice_antispoof_eval.build, 32 espeak-ng voices; the telephone record used the first 16),
 as the channel delivers them: whether the AASIST window is bit-identical with and without the cut,
 and where not, both scores against the record's threshold (the check half is what the record claims).
+``--sender-cut``: the check half's espeak-ng with its digital silence cut out before the channel, on
+the window without the cut (what an attacker who trims espeak-ng's pauses gets from it).
 
     .venv/bin/python -m bench.voice_antispoof_conditions --channel wideband|telephony-8k [--out FILE.json]
     .venv/bin/python -m bench.voice_antispoof_conditions --channel wideband|telephony-8k --security [--out FILE.json]
@@ -91,9 +95,33 @@ def speech_window(samples: np.ndarray, segments, length: int) -> np.ndarray:
 clip_window = antispoof.speech_window  # the service's window before the cut: the most speech-dense, tiled when shorter
 
 
+DIGITAL_SILENCE = 1.0 / 32768  # one PCM-16 step: zeros after decoding, DC blocking and resampling
+MIN_DIGITAL_SILENCE = 320  # 20 ms at 16 kHz
+
+
+def without_digital_silence(samples: np.ndarray, segments) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]:
+    """The candidate that was measured and not kept: every run of >= 20 ms of |x| <= one PCM-16 step
+    removed, the VAD segments moved onto what is left (the clip unchanged when nothing would be)."""
+    x = np.asarray(samples, dtype=np.float32)
+    quiet = np.concatenate([[False], np.abs(x) <= DIGITAL_SILENCE, [False]])
+    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))
+    starts, ends = edges[0::2], edges[1::2]
+    long = ends - starts >= MIN_DIGITAL_SILENCE
+    if not long.any():
+        return x, tuple(segments)
+    keep = np.ones(len(x) + 1, np.int64)
+    for start, end in zip(starts[long], ends[long]):
+        keep[start:end] = 0
+    if not keep[:-1].any():
+        return x, tuple(segments)
+    before = np.concatenate([[0], np.cumsum(keep[:-1])])  # kept samples before each index
+    moved = ((int(before[min(max(s, 0), len(x))]), int(before[min(max(e, 0), len(x))])) for s, e in segments)
+    return x[keep[:-1].astype(bool)], tuple((s, e) for s, e in moved if e > s)
+
+
 def cut_window(samples: np.ndarray, segments, length: int) -> np.ndarray:
-    """The service's window: digital silence cut out first (SyntheticSpeechDetector.window_of)."""
-    return antispoof.speech_window(*antispoof.without_digital_silence(samples, segments), length)
+    """The service's window placed after :func:`without_digital_silence`."""
+    return antispoof.speech_window(*without_digital_silence(samples, segments), length)
 
 
 RECORD_VOICES = {"wideband": 32, "telephony-8k": 16}  # espeak-ng voices of the shipped records' lists
@@ -130,7 +158,7 @@ def security(layer: SyntheticSpeechDetector, prepare, channel: str) -> dict:
                 continue
             row["n"] += 1
             before = clip_window(p.samples, p.vad.segments, layer.window)
-            after = layer.window_of(p)
+            after = cut_window(p.samples, p.vad.segments, layer.window)
             if np.array_equal(before, after):
                 if part == "check" and kind.startswith("tts"):  # the record's APCER, identical either way
                     v = layer.score_windows([before])[0]
@@ -180,6 +208,34 @@ def apcer_threshold(attack: list[float], apcer: float = 0.05) -> float:
     return float(s[k]) + 1e-6
 
 
+def sender_cut(layer: SyntheticSpeechDetector, prepare, channel: str) -> dict:
+    """The records' check espeak-ng with its digital silence cut out by the sender (the same rule on
+    the 16 kHz file before the channel), on the shipped window without the cut: what an attacker who
+    trims espeak-ng's pauses gets today."""
+    from services.common.evaluation.trials import read_pad
+    from services.common.modality.calibration import Calibrations
+    from services.voice.engine import pad_score_name
+
+    settings = load_config()
+    threshold = Calibrations(settings.models.manifest, 0.0).threshold(
+        "aasist", channel, 0.05, pad_score_name(WINDOW_S[channel]))
+    out = ROOT / "var" / "eval" / "voice-antispoof-32"
+    scores: list[float] = []
+    t0 = time.time()
+    for sample in read_pad(out / "check.csv", out):
+        name = Path(sample.path).name
+        if not name.startswith("espeak-") or int(name.split("-")[1]) >= RECORD_VOICES[channel]:
+            continue
+        x, rate = sf.read(sample.path, dtype="float32")
+        p = prepare(without_digital_silence(x, ())[0], rate)
+        if p is not None:
+            scores.append(layer.score_windows([clip_window(p.samples, p.vad.segments, layer.window)])[0])
+    passed = int(np.sum(np.asarray(scores) >= threshold))
+    print(channel, f"sender-cut espeak-ng passing {threshold:.3f}: {passed} / {len(scores)}",
+          f"median {np.median(scores):.2f}", f"{time.time() - t0:.0f}s", flush=True)
+    return {"threshold": threshold, "passed": [passed, len(scores)], "scores": [round(v, 3) for v in scores]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--channel", choices=list(WINDOW_S), default="wideband")
@@ -189,6 +245,7 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=1, help="every n-th bona fide recording (CPU time)")
     ap.add_argument("--candidate", choices=("speech", "cut"), default="speech", help="the second window")
     ap.add_argument("--security", action="store_true", help="the cut on the shipped records' lists")
+    ap.add_argument("--sender-cut", action="store_true", help="check espeak-ng trimmed by the sender, window uncut")
     a = ap.parse_args()
     os.environ.setdefault("BIOGATE_LOGGING__LEVEL", "WARNING")
     settings = load_config()
@@ -209,8 +266,8 @@ def main() -> int:
         except AudioError:
             return None
 
-    if a.security:
-        report = security(layer, prepare, a.channel)
+    if a.security or a.sender_cut:
+        report = (security if a.security else sender_cut)(layer, prepare, a.channel)
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(report, indent=1))

@@ -7,13 +7,6 @@ window at the start of the clip (often silence) does not; see bench/voice_antisp
 The length is set per channel: on telephone audio the native 4.04 s window separates espeak-ng
 from genuine speech clearly better than 3 s (bench/RESULTS.md). Windows are scored in batches
 (one pass per length), so concurrent requests share forward passes.
-
-Digital silence (runs of at least 20 ms within one PCM-16 step of zero) is cut out of the clip before
-the window is placed: AASIST reads such gaps as synthetic (genuine speech with 0.25 s digital-zero
-pauses scored ~5 lower on the wideband window), and they are a property of the channel (silence
-suppression, a gated microphone, joined prompts), not of the talker. Natural pauses carry a noise
-floor and stay. Cutting only removes samples: what AASIST then sees is audio a caller could have sent
-without the zeros, and the records' check APCER was measured with the cut (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -26,29 +19,6 @@ from .pipeline import PreparedAudio
 
 FloatArray = NDArray[np.float32]
 SAMPLE_RATE = 16000
-DIGITAL_SILENCE = 1.0 / 32768  # one PCM-16 step: zeros after decoding, DC blocking and resampling
-MIN_DIGITAL_SILENCE = SAMPLE_RATE // 50  # 20 ms
-
-
-def without_digital_silence(samples: FloatArray, segments: tuple[tuple[int, int], ...]
-                            ) -> tuple[FloatArray, tuple[tuple[int, int], ...]]:
-    """The clip with every run of >= 20 ms of |x| <= one PCM-16 step removed, and the VAD segments
-    moved onto it (the clip unchanged when nothing else would be left)."""
-    x = np.asarray(samples, dtype=np.float32)
-    quiet = np.concatenate([[False], np.abs(x) <= DIGITAL_SILENCE, [False]])
-    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))
-    starts, ends = edges[0::2], edges[1::2]
-    long = ends - starts >= MIN_DIGITAL_SILENCE
-    if not long.any():
-        return x, segments
-    keep = np.ones(len(x) + 1, np.int64)
-    for start, end in zip(starts[long], ends[long]):
-        keep[start:end] = 0
-    if not keep[:-1].any():
-        return x, segments
-    before = np.concatenate([[0], np.cumsum(keep[:-1])])  # kept samples before each index
-    moved = ((int(before[min(max(s, 0), len(x))]), int(before[min(max(e, 0), len(x))])) for s, e in segments)
-    return x[keep[:-1].astype(bool)], tuple((s, e) for s, e in moved if e > s)
 
 
 def speech_window(samples: FloatArray, segments: tuple[tuple[int, int], ...], length: int) -> FloatArray:
@@ -75,7 +45,7 @@ class SyntheticSpeechDetector:
         self.window = min(int(round(window_s * SAMPLE_RATE)), detector.window)
 
     def window_of(self, prepared: PreparedAudio) -> FloatArray:
-        return speech_window(*without_digital_silence(prepared.samples, prepared.vad.segments), self.window)
+        return speech_window(prepared.samples, prepared.vad.segments, self.window)
 
     def score_windows(self, windows: list[FloatArray]) -> list[float]:
         """Bona fide log-odds (higher = genuine) of windows; those of one length share a forward pass
