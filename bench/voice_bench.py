@@ -36,7 +36,7 @@ import numpy as np
 import soundfile as sf
 
 from bench.harness import FIXTURES as ALL_FIXTURES
-from bench.harness import ROOT, ServiceProcess, ThreadSampler, child_pids, command_line, pct
+from bench.harness import RESULTS, ROOT, ServiceProcess, ThreadSampler, child_pids, command_line, pct, replace_section
 from services.common.config import usable_cores
 from services.settings import load_config
 
@@ -246,17 +246,12 @@ def naive_baseline(clips: list[np.ndarray], n: int) -> dict:
     return {"speechbrain_per_request_ms": round(1000 * (time.perf_counter() - t) / n, 1), "clips": n}
 
 
-def write_results(report: dict) -> None:
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text()
-    start = text.index("## Voice")
-    end = text.index("\n## ", start + 5)
-    kept = text.find("\n### ", start, end)  # the accuracy and layer subsections stay
-    if kept != -1:
-        end = kept
+def write_results(report: dict, path: Path = RESULTS) -> None:
     r, raw = report, report["raw_cpu_ms"]
     naive = r.get("naive", {}).get("speechbrain_per_request_ms", float("nan"))
     rss = ", ".join(f"{arm} {mb} MB" for arm, mb in r["peak_rss_mb"].items())
+    parallel = ", ".join(f"{'every layer' if t == 'bench' else 'without AASIST'} {v:g}/s"
+                         for t, v in r.get("raw_parallel_rps", {}).items()) or "not run"
     section = f"""## Voice
 
 (written by `bench/voice_bench.py`; {r['date']}, {r['machine']}, {r['load_end']} at the end; `{r['command']}`)
@@ -273,7 +268,7 @@ fingerprint {raw['fingerprint']} ms); utilisation = service CPU s / (wall x core
 threads: the service's threads in state R, sampled every 50 ms; demand = mean of min(runnable,
 cores) / cores; of CPU ceiling = verifications/s x raw CPU s / cores; of parallel raw =
 verifications/s / the raw models' rate on one thread per core afterwards
-({r.get('raw_parallel_rps')}/s).
+({parallel}).
 
 {table(report)}
 
@@ -292,7 +287,7 @@ AASIST, batched per window (fixed length), is the heaviest model and needs the G
 Repeated probes (each clip is sent several times) are refused by the replay cache after their
 first acceptance: the work per request is the same, hence fewer matches than requests.
 """
-    path.write_text(text[:start] + section + text[end:])
+    replace_section("Voice", section, keep_subsections=True, path=path)  # the accuracy and layer subsections stay
 
 
 # Named sets of voice settings a run compares in the same invocation (--arms); "defaults" is this
