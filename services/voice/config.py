@@ -104,8 +104,13 @@ class VoiceConfig(Section):
     # Batches padded to powers of two up to antispoof_batch_max, so that with the fixed windows no
     # new shape is met after warm-up; None: on CUDA, and wherever AASIST is compiled.
     antispoof_pad_batches: bool | None = None
-    inference_workers: int = Field(2, ge=1, le=64)  # micro-batchers per model: ~cores on CPU, 1 on a GPU
-    intra_op_threads: int = Field(1, ge=0)
+    # "auto": ECAPA and AASIST micro-batched where they run on an accelerator; on the CPU each request
+    # runs them on its own thread (services.common.batching.Inline): as many model runs as admitted
+    # calls (admission.concurrency = cores), batch 1 whatever the concurrency, no hand-offs between
+    # threads (bench/RESULTS.md, issue 13, voice on the CPU).
+    micro_batching: Literal["auto", "on", "off"] = "auto"
+    inference_workers: int = Field(2, ge=1, le=64)  # micro-batchers per batched model, recogniser replicas
+    intra_op_threads: int = Field(1, ge=0)  # per model call (torch and ONNX Runtime); 0: their default
     calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
     tenants: dict[str, VoiceTenantPolicy] = {}
 
