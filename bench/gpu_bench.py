@@ -1,6 +1,6 @@
 """GPU benchmark: the face and voice services on CUDA, against the raw models on the same GPU in the same run.
 
-    python -m bench.gpu_bench --part env|raw|face|voice [--levels 1 16 64] [--duration 15] --out DIR
+    python -m bench.gpu_bench --part env|raw|paths|face|voice [--levels 1 16 64] [--duration 15] --out DIR
 
 Written for the lent GPU machine (`../shared/docs/GPU.md`: onnxruntime-gpu, torch with CUDA), and
 runs anywhere: on a machine without a GPU every model falls back to the CPU and the report says so.
@@ -10,6 +10,13 @@ Each part writes ``DIR/<part>.json``:
   raw    the models alone on the configured providers, per item at batch 1 and batched:
          ECAPA (3 s clips, SpeechBrain fbank on the CPU + ONNX network), AASIST (3 s windows, torch),
          YuNet (640x640 canvas), MobileFaceNet, MiniFASNet;
+  paths  the voice service's GPU paths (VoiceConfig ecapa_device_features, ecapa_io_binding,
+         ecapa_frame_buckets, antispoof_dtype/_compile/_pad_batches) against its default paths in
+         the same process: max differences, and items/s of each. Torch and onnxruntime only, so it
+         runs without onnxruntime-gpu too (ECAPA's network then on the CPU); on a CPU machine use
+         a tiny --batch (it is the correctness run; --inductor compiles AASIST for real, ~4 min).
+         The voice part takes the same options from BIOGATE_VOICE__* variables set before the run
+         (e.g. BIOGATE_VOICE__ANTISPOOF_DTYPE=bfloat16, BIOGATE_VOICE__ANTISPOOF_COMPILE=true);
   face   `biogate serve face` in its own process, Verify under a bounded async load per level
          (optionally with passive liveness), peak RSS of the service;
   voice  `biogate serve voice` likewise, Verify of 3 s 16 kHz clips with every layer (ECAPA,
@@ -83,11 +90,14 @@ def part_env() -> dict:
     return info
 
 
-def voice_clips() -> list[np.ndarray]:
+def voice_clips_whole() -> list[np.ndarray]:
     import soundfile as sf
 
-    files = sorted(voice_bench.FIXTURES.glob("*/*.wav"))
-    return [voice_bench.crop(sf.read(f, dtype="float32")[0]) for f in files]
+    return [sf.read(f, dtype="float32")[0] for f in sorted(voice_bench.FIXTURES.glob("*/*.wav"))]
+
+
+def voice_clips() -> list[np.ndarray]:
+    return [voice_bench.crop(x) for x in voice_clips_whole()]
 
 
 def part_raw(batch: int) -> dict:
@@ -149,6 +159,90 @@ def part_raw(batch: int) -> dict:
     for name, one, many_s in (("yunet_640", d1, db), ("mobilefacenet", e1, eb), ("minifasnet_pair", l1, lb)):
         out[name] = {"batch1_ms": round(1000 * one, 2), f"batch{batch}_ms_per_item": round(1000 * many_s / batch, 3),
                      "batch1_per_s": round(1 / one, 1), f"batch{batch}_per_s": round(batch / many_s, 1)}
+    return out
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process and its finished children (compiler workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def rate(n: int, seconds: float) -> dict:
+    return {"ms_per_item": round(1000 * seconds / n, 3), "per_s": round(n / seconds, 1)}
+
+
+def part_paths(batch: int, inductor: bool) -> dict:
+    import torch
+
+    from services.common.models import ModelStore
+    from services.common.modality.calibration import Calibrations
+    from services.voice.aasist import AasistDetector, AasistOptions, torch_device
+    from services.voice.ecapa import frame_bucket
+    from services.voice.evaluation import pipeline_from_settings
+
+    settings = load_config(None, models={"cache_dir": str(CACHE)})
+    providers = tuple(settings.models.providers)
+    store = ModelStore(settings)
+    device = torch_device(providers)
+    out: dict = {"batch": batch, "torch_device": device, "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+
+    # ECAPA: per-clip Fbank on the CPU + plain run (the CPU default) against batched Fbank on the
+    # session's device + IO binding, on the same 3 s clips; then the frame buckets on whole clips.
+    full = voice_clips_whole()
+    clips = [voice_bench.crop(x) for x in full if len(x) >= int(voice_bench.CLIP_S * 16000)]
+    many = (clips * (batch // len(clips) + 1))[:batch]
+    host = pipeline_from_settings(settings, max_batch_audio_s=1000.0, max_batch=max(batch, 1),
+                                  device_features=False, io_binding=False).embedder
+    dev = pipeline_from_settings(settings, max_batch_audio_s=1000.0, max_batch=max(batch, 1),
+                                 device_features=True, io_binding=True).embedder
+    out["ecapa_provider"] = host.provider
+    a, b = host.embed_batch(many), dev.embed_batch(many)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    out["ecapa_device_vs_host"] = {"clips": len(many), "max_abs_diff": float(np.abs(a - b).max()),
+                                   "max_abs_value": float(np.abs(a).max()), "min_cosine": float(cos.min())}
+    for name, model in (("ecapa_host_path", host), ("ecapa_device_path", dev)):
+        out[name] = rate(batch, timed(lambda m=model: m.embed_batch(many), 3))
+    bucketed = pipeline_from_settings(settings, max_batch_audio_s=1000.0, max_batch=max(batch, 1), max_pad_ratio=0.25,
+                                      device_features=True, io_binding=True, frame_buckets=True).embedder
+    whole = [x[: 20 * 16000] for x in full[:: max(1, len(full) // 48)]]
+    exact, padded = host.embed_batch(whole), bucketed.embed_batch(whole)
+    cos = (exact * padded).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(padded, axis=1)
+    frames = [1 + len(x) // 160 for x in whole]
+    out["ecapa_frame_buckets_0.25"] = {"clips": len(whole), "min_cosine": float(cos.min()),
+                                       "mean_cosine": float(cos.mean()),
+                                       "shapes": len({frame_bucket(t, 0.25) for t in frames}),
+                                       "lengths": len(set(frames))}
+
+    # AASIST: fp32 eager (the default) against bf16, compiled and padded, on 3 s windows of the same
+    # clips; decisions on the shipped wideband threshold.
+    weights, conf = store.path("aasist", "AASIST.pth"), store.path("aasist", "AASIST_config.json")
+    threshold = Calibrations(settings.models.manifest).threshold("aasist", "wideband", 0.05,
+                                                                 "bonafide_log_odds@speech3s")
+    wins = np.stack([c[:48000] for c in many])
+    backend = "inductor" if inductor or device == "cuda" else "eager"
+    # One shape here (the batch): the compiled variants compile once, in their first call.
+    variants = {"fp32": AasistOptions(), "bf16": AasistOptions(dtype="bfloat16"),
+                f"compiled_{backend}_fp32": AasistOptions(compile=True, compile_backend=backend),
+                f"compiled_{backend}_bf16": AasistOptions(dtype="bfloat16", compile=True, compile_backend=backend)}
+    scores: dict[str, np.ndarray] = {}
+    for name, options in variants.items():
+        det = AasistDetector(weights, conf, threads=None, max_windows=1, device=device, options=options)
+        t, c = time.perf_counter(), cpu_s()
+        logits = det.logits(wins)
+        first = {"first_call_s": round(time.perf_counter() - t, 1), "first_call_cpu_s": round(cpu_s() - c, 1)}
+        scores[name] = logits[:, 1] - logits[:, 0]
+        ref = scores["fp32"]
+        out[f"aasist_{name}"] = {**first, **rate(batch, timed(lambda d=det: d.logits(wins), 3)),
+                                 "max_abs_score_diff_vs_fp32": float(np.abs(scores[name] - ref).max()),
+                                 "decisions_differing_vs_fp32": int(((scores[name] >= threshold) != (ref >= threshold)).sum())}
+    out["aasist_windows"] = len(wins)
+    out["aasist_threshold"] = threshold
+    out["aasist_fp32_scores_range"] = [float(scores["fp32"].min()), float(scores["fp32"].max())]
     return out
 
 
@@ -261,17 +355,20 @@ def part_voice(levels: list[int], duration: float) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("env", "raw", "face", "voice"), required=True)
+    ap.add_argument("--part", choices=("env", "raw", "paths", "face", "voice"), required=True)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--duration", type=float, default=15.0, help="seconds per load level")
     ap.add_argument("--batch", type=int, default=64, help="batch size of the raw-model figures")
     ap.add_argument("--liveness", action="store_true", help="face: Verify with require_liveness")
+    ap.add_argument("--inductor", action="store_true", help="paths: compile AASIST with inductor on the CPU too")
     ap.add_argument("--out", type=Path, default=Path("."))
     args = ap.parse_args()
     if args.part == "env":
         report = part_env()
     elif args.part == "raw":
         report = part_raw(args.batch)
+    elif args.part == "paths":
+        report = part_paths(args.batch, args.inductor)
     elif args.part == "face":
         report = part_face(args.levels, args.duration, args.liveness)
     else:
@@ -279,7 +376,7 @@ def main() -> int:
     name = args.part + ("-liveness" if args.part == "face" and args.liveness else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report if args.part in ("env", "raw") else {k: v for k, v in report.items() if k != "runs"}),
+    print(json.dumps(report if args.part in ("env", "raw", "paths") else {k: v for k, v in report.items() if k != "runs"}),
           flush=True)
     return 0
 

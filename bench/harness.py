@@ -65,6 +65,75 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_stats(pid: int) -> dict[int, tuple[str, str, float]]:
+    """Each live thread of ``pid``: tid -> (name, scheduler state, user + system CPU seconds), from
+    /proc. State "R" is running or runnable (waiting for a core)."""
+    out: dict[int, tuple[str, str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(task.name)] = (name, fields[0], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return out
+
+
+class ThreadSampler:
+    """Samples the scheduler state of every thread of some processes (a service and its workers) in
+    a background thread: how many are runnable at once (more than the cores: oversubscribed), and
+    which threads used the CPU, by name, between ``start`` and ``stop``."""
+
+    def __init__(self, pids: list[int], interval_s: float = 0.05) -> None:
+        import threading
+
+        self.pids, self.interval_s = pids, interval_s
+        self.runnable: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._before: dict[tuple[int, int], tuple[str, str, float]] = {}
+        self.cpu_by_name: dict[str, float] = {}
+        self.busy_threads = 0
+
+    def _snapshot(self) -> dict[tuple[int, int], tuple[str, str, float]]:
+        return {(pid, tid): v for pid in self.pids for tid, v in thread_stats(pid).items()}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.runnable.append(sum(state == "R" for _, state, _ in self._snapshot().values()))
+
+    def start(self) -> "ThreadSampler":
+        self._before = self._snapshot()
+        self._thread.start()
+        return self
+
+    def stop(self) -> "ThreadSampler":
+        self._stop.set()
+        self._thread.join()
+        by_name: dict[str, float] = {}
+        self.busy_threads = 0
+        for key, (name, _, cpu) in self._snapshot().items():
+            used = cpu - self._before.get(key, (name, "", 0.0))[2]
+            # 50 ms over a level: a thread that did work, not a timer or an idle pool
+            self.busy_threads += used >= 0.05
+            if used > 0:
+                by_name[name] = by_name.get(name, 0.0) + used
+        self.cpu_by_name = dict(sorted(by_name.items(), key=lambda kv: -kv[1]))
+        return self
+
+    def summary(self, cores: int) -> dict[str, Any]:
+        """``demand``: the mean of min(runnable, cores) / cores, the share of the cores the process
+        would keep busy if they were its own (other jobs' load stretches its runs and its waits for
+        Redis or a disk do not, so this leans optimistic on a loaded machine)."""
+        r = np.asarray(self.runnable or [0])
+        return {"runnable_mean": round(float(r.mean()), 2), "runnable_p95": float(np.percentile(r, 95)),
+                "below_cores": round(float((r < cores).mean()), 3),
+                "demand": round(float(np.minimum(r, cores).mean() / cores), 3),
+                "runnable_max": int(r.max()), "samples": len(self.runnable),
+                "threads_using_cpu": self.busy_threads,
+                "cpu_s_by_thread": {k: round(v, 2) for k, v in self.cpu_by_name.items()}}
+
+
 def child_pids(pid: int) -> list[int]:
     """The live child processes of ``pid`` (a service's worker processes)."""
     out: list[int] = []

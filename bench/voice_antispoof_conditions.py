@@ -18,8 +18,21 @@ odd voices (1, 3, .. 15) against it: the engine's routing of narrowband wideband
 Bona fide: the speakers at odd positions (the calibration's check half). Threshold per window kind:
 APCER 5 % on espeak-ng voices 0, 2, .. 14 x 10 sentences (the calibration's fit voices of 16),
 through the same channel. Both are fitted here, on attacks only, the same way for both kinds.
+``--candidate cut``: the second window is the service's placed after digital silence is cut out
+(:func:`without_digital_silence`: runs >= 20 ms within one PCM-16 step of zero; measured, not kept:
+bench/RESULTS.md, "Cutting digital silence before AASIST"), the first the same window without the
+cut; give the shipped record's threshold twice (``--thresholds T T``), as the cut was to ship on the
+records as they are.
+
+``--security``: what the cut does to every presentation of the shipped records' calibration lists
+(bench/voice_antispoof_eval.build, 32 espeak-ng voices; the telephone record used the first 16),
+as the channel delivers them: whether the AASIST window is bit-identical with and without the cut,
+and where not, both scores against the record's threshold (the check half is what the record claims).
+``--sender-cut``: the check half's espeak-ng with its digital silence cut out before the channel, on
+the window without the cut (what an attacker who trims espeak-ng's pauses gets from it).
 
     .venv/bin/python -m bench.voice_antispoof_conditions --channel wideband|telephony-8k [--out FILE.json]
+    .venv/bin/python -m bench.voice_antispoof_conditions --channel wideband|telephony-8k --security [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -79,7 +92,88 @@ def speech_window(samples: np.ndarray, segments, length: int) -> np.ndarray:
     return speech[start : start + length]
 
 
-clip_window = antispoof.speech_window  # the service's window: the most speech-dense, tiled when shorter
+clip_window = antispoof.speech_window  # the service's window before the cut: the most speech-dense, tiled when shorter
+
+
+DIGITAL_SILENCE = 1.0 / 32768  # one PCM-16 step: zeros after decoding, DC blocking and resampling
+MIN_DIGITAL_SILENCE = 320  # 20 ms at 16 kHz
+
+
+def without_digital_silence(samples: np.ndarray, segments) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]:
+    """The candidate that was measured and not kept: every run of >= 20 ms of |x| <= one PCM-16 step
+    removed, the VAD segments moved onto what is left (the clip unchanged when nothing would be)."""
+    x = np.asarray(samples, dtype=np.float32)
+    quiet = np.concatenate([[False], np.abs(x) <= DIGITAL_SILENCE, [False]])
+    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))
+    starts, ends = edges[0::2], edges[1::2]
+    long = ends - starts >= MIN_DIGITAL_SILENCE
+    if not long.any():
+        return x, tuple(segments)
+    keep = np.ones(len(x) + 1, np.int64)
+    for start, end in zip(starts[long], ends[long]):
+        keep[start:end] = 0
+    if not keep[:-1].any():
+        return x, tuple(segments)
+    before = np.concatenate([[0], np.cumsum(keep[:-1])])  # kept samples before each index
+    moved = ((int(before[min(max(s, 0), len(x))]), int(before[min(max(e, 0), len(x))])) for s, e in segments)
+    return x[keep[:-1].astype(bool)], tuple((s, e) for s, e in moved if e > s)
+
+
+def cut_window(samples: np.ndarray, segments, length: int) -> np.ndarray:
+    """The service's window placed after :func:`without_digital_silence`."""
+    return antispoof.speech_window(*without_digital_silence(samples, segments), length)
+
+
+RECORD_VOICES = {"wideband": 32, "telephony-8k": 16}  # espeak-ng voices of the shipped records' lists
+
+
+def security(layer: SyntheticSpeechDetector, prepare, channel: str) -> dict:
+    """Every presentation of the record's fit and check lists: is the window unchanged by the cut;
+    where not, the scores with and without it against the record's threshold."""
+    from bench.voice_antispoof_eval import build
+    from services.common.evaluation.trials import read_pad
+    from services.common.modality.calibration import Calibrations
+    from services.voice.engine import pad_score_name
+
+    settings = load_config()
+    threshold = Calibrations(settings.models.manifest, 0.0).threshold(
+        "aasist", channel, 0.05, pad_score_name(WINDOW_S[channel]))
+    out = ROOT / "var" / "eval" / "voice-antispoof-32"
+    build(out, attacks.VOICES[:32])
+    voices = RECORD_VOICES[channel]
+    report: dict = {"threshold": threshold}
+    t0 = time.time()
+    for part in ("check", "fit"):
+        rows: dict[str, dict] = {}
+        for sample in read_pad(out / f"{part}.csv", out):
+            name = Path(sample.path).name
+            if name.startswith("espeak-") and int(name.split("-")[1]) >= voices:
+                continue
+            kind = "bonafide" if sample.bonafide else str(sample.attack_type)
+            row = rows.setdefault(kind, {"n": 0, "no_response": 0, "changed": [], "passed": [0, 0]})
+            x, rate = sf.read(sample.path, dtype="float32")
+            p = prepare(x, rate)
+            if p is None:
+                row["no_response"] += 1
+                continue
+            row["n"] += 1
+            before = clip_window(p.samples, p.vad.segments, layer.window)
+            after = cut_window(p.samples, p.vad.segments, layer.window)
+            if np.array_equal(before, after):
+                if part == "check" and kind.startswith("tts"):  # the record's APCER, identical either way
+                    v = layer.score_windows([before])[0]
+                    row["passed"][0] += int(v >= threshold)
+                    row["passed"][1] += int(v >= threshold)
+                continue
+            v0, v1 = layer.score_windows([before, after])
+            row["changed"].append([name, round(v0, 3), round(v1, 3)])
+            row["passed"][0] += int(v0 >= threshold)
+            row["passed"][1] += int(v1 >= threshold)
+        report[part] = rows
+        print(channel, part, json.dumps({k: {"n": v["n"], "changed": len(v["changed"]), "passed (without, with cut)":
+                                             v["passed"]} for k, v in rows.items()}), f"{time.time() - t0:.0f}s",
+              flush=True)
+    return report
 
 
 def pauses(x: np.ndarray) -> np.ndarray:
@@ -114,6 +208,34 @@ def apcer_threshold(attack: list[float], apcer: float = 0.05) -> float:
     return float(s[k]) + 1e-6
 
 
+def sender_cut(layer: SyntheticSpeechDetector, prepare, channel: str) -> dict:
+    """The records' check espeak-ng with its digital silence cut out by the sender (the same rule on
+    the 16 kHz file before the channel), on the shipped window without the cut: what an attacker who
+    trims espeak-ng's pauses gets today."""
+    from services.common.evaluation.trials import read_pad
+    from services.common.modality.calibration import Calibrations
+    from services.voice.engine import pad_score_name
+
+    settings = load_config()
+    threshold = Calibrations(settings.models.manifest, 0.0).threshold(
+        "aasist", channel, 0.05, pad_score_name(WINDOW_S[channel]))
+    out = ROOT / "var" / "eval" / "voice-antispoof-32"
+    scores: list[float] = []
+    t0 = time.time()
+    for sample in read_pad(out / "check.csv", out):
+        name = Path(sample.path).name
+        if not name.startswith("espeak-") or int(name.split("-")[1]) >= RECORD_VOICES[channel]:
+            continue
+        x, rate = sf.read(sample.path, dtype="float32")
+        p = prepare(without_digital_silence(x, ())[0], rate)
+        if p is not None:
+            scores.append(layer.score_windows([clip_window(p.samples, p.vad.segments, layer.window)])[0])
+    passed = int(np.sum(np.asarray(scores) >= threshold))
+    print(channel, f"sender-cut espeak-ng passing {threshold:.3f}: {passed} / {len(scores)}",
+          f"median {np.median(scores):.2f}", f"{time.time() - t0:.0f}s", flush=True)
+    return {"threshold": threshold, "passed": [passed, len(scores)], "scores": [round(v, 3) for v in scores]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--channel", choices=list(WINDOW_S), default="wideband")
@@ -121,6 +243,9 @@ def main() -> int:
     ap.add_argument("--thresholds", type=float, nargs=2, metavar=("CLIP", "SPEECH"),
                     help="the two thresholds of an earlier run (its espeak-ng scoring is then skipped)")
     ap.add_argument("--every", type=int, default=1, help="every n-th bona fide recording (CPU time)")
+    ap.add_argument("--candidate", choices=("speech", "cut"), default="speech", help="the second window")
+    ap.add_argument("--security", action="store_true", help="the cut on the shipped records' lists")
+    ap.add_argument("--sender-cut", action="store_true", help="check espeak-ng trimmed by the sender, window uncut")
     a = ap.parse_args()
     os.environ.setdefault("BIOGATE_LOGGING__LEVEL", "WARNING")
     settings = load_config()
@@ -133,13 +258,21 @@ def main() -> int:
     tel = a.channel == "telephony-8k"
     routed = a.channel.startswith("narrowband-")  # 16 kHz narrowband clips on that channel's window
 
-    def prepare(x: np.ndarray):
+    def prepare(x: np.ndarray, rate: int = 16000):
         try:
             if tel:
-                return pipeline.prepare(telephone.encode(x, 16000), _MULAW_8K, "verify")
-            return pipeline.prepare_samples(x, 16000, "verify")
+                return pipeline.prepare(telephone.encode(x, rate), _MULAW_8K, "verify")
+            return pipeline.prepare_samples(x, rate, "verify")
         except AudioError:
             return None
+
+    if a.security or a.sender_cut:
+        report = (security if a.security else sender_cut)(layer, prepare, a.channel)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(report, indent=1))
+        return 0
+    candidate = cut_window if a.candidate == "cut" else speech_window
 
     def scores(x: np.ndarray) -> dict[str, float] | None:
         p = prepare(x)
@@ -148,7 +281,10 @@ def main() -> int:
         clip = layer.score_windows([clip_window(p.samples, p.vad.segments, layer.window)])[0]
         if routed:  # the candidate was dropped before this condition was added
             return {"clip": clip, "speech": clip}
-        return {"clip": clip, "speech": layer.score_windows([speech_window(p.samples, p.vad.segments, layer.window)])[0]}
+        window = candidate(p.samples, p.vad.segments, layer.window)
+        if a.candidate == "cut" and np.array_equal(window, clip_window(p.samples, p.vad.segments, layer.window)):
+            return {"clip": clip, "speech": clip}
+        return {"clip": clip, "speech": layer.score_windows([window])[0]}
 
     t0 = time.time()
     attack: dict[str, list[float]] = {"clip": [], "speech": []}
@@ -193,7 +329,7 @@ def main() -> int:
                           "scores": [round(float(x), 3) for x in v]}
         print(a.channel, c, json.dumps({k: (v if not isinstance(v, dict) else {"bpcer": v["bpcer"], "median": v["median"]})
                                         for k, v in rows[c].items()}), f"{time.time() - t0:.0f}s", flush=True)
-    report = {"channel": a.channel, "window_s": WINDOW_S[a.channel], "thresholds": thresholds,
+    report = {"channel": a.channel, "window_s": WINDOW_S[a.channel], "candidate": a.candidate, "thresholds": thresholds,
               "attacks": len(attack["clip"]), "attack_scores": {k: [round(float(x), 3) for x in v] for k, v in attack.items()}, "attack_median": {k: round(float(np.median(v)), 2) for k, v in attack.items() if v},
               "conditions": rows}
     if a.out:

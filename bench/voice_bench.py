@@ -1,16 +1,20 @@
-"""VoiceService benchmark: Verify latency and throughput for 3 s clips through gRPC on loopback.
+"""VoiceService benchmark: Verify latency, throughput and CPU for 3 s clips through gRPC on loopback.
 
-    .venv/bin/python -m bench.voice_bench [--concurrency 4] [--duration 40] [--max-requests 400]
-                                          [--write-results]
+    .venv/bin/python -m bench.voice_bench [--arms batchers defaults] [--concurrency 4] [--duration 40]
+        [--max-requests 400] [--open-loop 0.8] [--raw-seconds 20] [--write-results]
 
-Starts a real `biogate serve voice` process (default models, Redis replay store under a key prefix
-of its own, a temporary data dir), enrols the fixture speakers, then drives Verify with a bounded,
-self-stopping async load generator (grpc.aio; stops at --duration or --max-requests, whichever
-comes first) twice: tenant "bench" with every layer, tenant "bench-nosynth" without AASIST. In the
-same run it times the raw models on the same clips (ECAPA ONNX features+network, AASIST window)
-and a naive per-request baseline (SpeechBrain's EncoderClassifier on torch, one clip per call, no
-service), and reads the service process's peak RSS (VmHWM). --write-results replaces the Voice
-section of bench/RESULTS.md.
+Per arm (a named set of voice settings, ARMS) it starts a real `biogate serve voice` process
+(default models, a temporary data dir), enrols the fixture speakers, then drives Verify with a
+bounded, self-stopping async load generator (grpc.aio; stops at --duration or --max-requests,
+whichever comes first): tenant "bench" with every layer, tenant "bench-nosynth" without AASIST,
+each closed loop at --concurrency and then open loop at --open-loop x that throughput (issue 13's
+p99/p50). Each level records what the load of other jobs cannot inflate: the service's CPU time per
+verification, its core utilisation and its runnable threads (/proc, bench.harness.ThreadSampler).
+In the same run it measures the raw models' thread CPU time on the same clips (decode + VAD, ECAPA
+with Fbank, AASIST window, replay fingerprint; batch 1, one thread), their rate on one thread per
+core (the ceiling), and a naive per-request baseline (SpeechBrain's EncoderClassifier on torch, one
+clip per call, no service), and reads each service's peak RSS (VmHWM). --write-results replaces
+the Voice section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import statistics
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +36,8 @@ import numpy as np
 import soundfile as sf
 
 from bench.harness import FIXTURES as ALL_FIXTURES
-from bench.harness import ROOT, ServiceProcess, child_pids, command_line, pct, peak_rss_mb
+from bench.harness import RESULTS, ROOT, ServiceProcess, ThreadSampler, child_pids, command_line, pct, replace_section
+from services.common.config import usable_cores
 from services.settings import load_config
 
 FIXTURES = ALL_FIXTURES / "voice" / "verification"
@@ -44,23 +49,41 @@ def crop(x: np.ndarray, seconds: float = CLIP_S) -> np.ndarray:
     return x[max(0, (len(x) - n) // 2) :][:n]
 
 
-def start_service(tmp: Path, prefix: str, workers: int = 1) -> tuple[subprocess.Popen, str, dict]:
-    """A voice service under ``tmp`` (config.yaml, data/) whose replay keys carry ``prefix``."""
+def start_service(tmp: Path, prefix: str, workers: int = 1, voice: dict | None = None) -> ServiceProcess:
+    """A voice service under ``tmp`` (config.yaml, data/) whose replay keys carry ``prefix``;
+    ``voice``: settings of the voice section over the defaults."""
     # text-independent speech: the bench tenants verify without the digit challenge
-    svc = ServiceProcess("voice", {"server": {"workers": workers}, "voice": {"replay_key_prefix": prefix, "tenants": {
+    svc = ServiceProcess("voice", {"server": {"workers": workers}, "voice": {**(voice or {}), "replay_key_prefix": prefix,
+                                                                           "tenants": {
         "bench": {"require_challenge": False},
         "bench-nosynth": {"synthetic_speech_check": False, "require_challenge": False}}}}, data_dir=tmp).start()
     assert svc.proc is not None
-    return svc.proc, svc.address, svc.config
+    return svc
+
+
+def verify_request(tenant: str, subjects: list[str], probes: list[list[bytes]], k: int):
+    """The k-th request of a level: subjects in turn, each with its probes in turn."""
+    from services.common.api.v1 import common_pb2, voice_pb2
+
+    s = k % len(subjects)
+    return voice_pb2.VerifyVoiceRequest(
+        subject=common_pb2.SubjectRef(tenant_id=tenant, subject_id=subjects[s]),
+        audio=common_pb2.Audio(data=probes[s][(k // len(subjects)) % len(probes[s])],
+                               format=common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_LINEAR16,
+                                                             sample_rate_hz=16000)),
+        channel=voice_pb2.VOICE_CHANNEL_WIDEBAND)
 
 
 async def load(target: str, token: str, tenant: str, subjects: list[str], probes: list[list[bytes]],
-               concurrency: int, duration_s: float, max_requests: int) -> dict:
+               concurrency: int, duration_s: float, max_requests: int, rate: float | None = None) -> dict:
+    """Closed loop (``rate`` None): ``concurrency`` clients, each sending its next request when the
+    last is answered. Open loop: requests start at Poisson arrivals of ``rate`` per second (seeded),
+    whatever is still outstanding, so that queueing shows in the latencies (issue 13's p99/p50 at
+    80 % of the closed loop's throughput); ``concurrency`` then only sets the connections."""
     import grpc
 
-    from services.common.api.v1 import common_pb2, voice_pb2, voice_pb2_grpc
+    from services.common.api.v1 import voice_pb2_grpc
 
-    fmt = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     matches = 0
@@ -69,72 +92,142 @@ async def load(target: str, token: str, tenant: str, subjects: list[str], probes
     # A connection per client: with server.workers > 1 the kernel spreads connections, not calls.
     channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(concurrency)]
+    stubs = [voice_pb2_grpc.VoiceServiceStub(c) for c in channels]
+    meta = (("authorization", f"Bearer {token}"),)
+
+    async def one(k: int) -> None:
+        nonlocal matches
+        t = time.perf_counter()
+        try:
+            reply = await stubs[k % len(stubs)].Verify(verify_request(tenant, subjects, probes, k), metadata=meta,
+                                                       timeout=60)
+            matches += reply.match
+        except grpc.aio.AioRpcError as err:
+            errors[err.code().name] = errors.get(err.code().name, 0) + 1
+            return
+        latencies.append(time.perf_counter() - t)
+
+    async def client() -> None:
+        nonlocal issued
+        while time.monotonic() < stop_at and issued < max_requests:
+            issued += 1
+            await one(issued - 1)
+
+    async def arrivals(per_s: float) -> None:
+        nonlocal issued
+        rng = np.random.default_rng(13)
+        tasks, due = [], time.monotonic()
+        while issued < max_requests:
+            due += float(rng.exponential(1.0 / per_s))
+            if due >= stop_at:
+                break
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            tasks.append(asyncio.create_task(one(issued)))
+            issued += 1
+        await asyncio.gather(*tasks)
+
     try:
-        meta = (("authorization", f"Bearer {token}"),)
-
-        async def worker(w: int) -> None:
-            nonlocal issued, matches
-            stub = voice_pb2_grpc.VoiceServiceStub(channels[w])
-            while time.monotonic() < stop_at and issued < max_requests:
-                k = issued
-                issued += 1
-                s = k % len(subjects)
-                data = probes[s][(k // len(subjects)) % len(probes[s])]
-                req = voice_pb2.VerifyVoiceRequest(
-                    subject=common_pb2.SubjectRef(tenant_id=tenant, subject_id=subjects[s]),
-                    audio=common_pb2.Audio(data=data, format=fmt), channel=voice_pb2.VOICE_CHANNEL_WIDEBAND)
-                t = time.perf_counter()
-                try:
-                    reply = await stub.Verify(req, metadata=meta, timeout=60)
-                    matches += reply.match
-                except grpc.aio.AioRpcError as err:
-                    errors[err.code().name] = errors.get(err.code().name, 0) + 1
-                    continue
-                latencies.append(time.perf_counter() - t)
-
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        if rate is None:
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+        else:
+            await arrivals(rate)
         wall = time.perf_counter() - t0
     finally:
         for channel in channels:
             await channel.close()
-    return {"tenant": tenant, "concurrency": concurrency, "requests": len(latencies), "errors": errors,
-            "wall_s": round(wall, 2), "throughput_rps": round(len(latencies) / wall, 2),
+    return {"tenant": tenant, "concurrency": concurrency, "offered_rps": rate, "requests": len(latencies),
+            "errors": errors, "wall_s": round(wall, 2), "throughput_rps": round(len(latencies) / wall, 3),
             "p50_ms": round(pct(latencies, 50), 1), "p95_ms": round(pct(latencies, 95), 1),
-            "p99_ms": round(pct(latencies, 99), 1), "mean_ms": round(1000 * float(np.mean(latencies)), 1),
+            "p99_ms": round(pct(latencies, 99), 1),
+            "mean_ms": round(1000 * float(np.mean(latencies)), 1) if latencies else float("nan"),
             "matches": matches}
 
 
-def raw_model_times(clips: list[np.ndarray], n: int) -> dict:
-    from services.common.models import ModelStore
-    from services.voice.aasist import AasistDetector
-    from services.voice.antispoof import SyntheticSpeechDetector
-    from services.voice.evaluation import pipeline_from_settings
+def measured_level(svc: ServiceProcess, *args, **kwargs) -> dict:
+    """:func:`load` with what load cannot inflate: the service's CPU seconds per verification, its
+    core utilisation (CPU seconds / (wall x cores)) and its runnable threads, sampled from /proc."""
+    pids = [svc.proc.pid, *child_pids(svc.proc.pid)] if svc.proc is not None else []
+    cpu0 = svc.cpu_seconds()
+    sampler = ThreadSampler(pids).start()
+    run = asyncio.run(load(*args, **kwargs))
+    sampler.stop()
+    cpu = svc.cpu_seconds() - cpu0
+    done = run["requests"] + sum(run["errors"].values())
+    cores = usable_cores()
+    run.update({"service_cpu_ms": round(1000 * cpu / max(1, done), 1),
+                "utilisation": round(cpu / (run["wall_s"] * cores), 3), "cores": cores, **sampler.summary(cores)})
+    return run
 
-    settings = load_config(None, models={"cache_dir": str(ROOT / "var" / "models")})
-    pipe = pipeline_from_settings(settings, providers=("CPUExecutionProvider",))
-    prepared = [pipe.prepare_samples(x, 16000) for x in clips[:n]]
-    pipe.embed(prepared[:1])
-    t = time.perf_counter()
-    for p in prepared:
-        pipe.embed([p])
-    ecapa = (time.perf_counter() - t) / len(prepared)
-    t = time.perf_counter()
-    for x in clips[:n]:
-        pipe.prepare_samples(x, 16000)
-    prep = (time.perf_counter() - t) / n
-    store = ModelStore(settings)
-    det = SyntheticSpeechDetector(AasistDetector(store.path("aasist", "AASIST.pth"),
-                                                 store.path("aasist", "AASIST_config.json"), max_windows=1),
-                                  settings.voice.antispoof_window_s)
-    det.score(prepared[0])
-    m = max(3, n // 4)
-    t = time.perf_counter()
-    for p in prepared[:m]:
-        det.score(p)
-    aasist = (time.perf_counter() - t) / m
-    return {"ecapa_ms": round(1000 * ecapa, 1), "decode_vad_ms": round(1000 * prep, 1),
-            "aasist_ms": round(1000 * aasist, 1), "clips": n}
+
+class RawModels:
+    """The service's models alone, in this process, on the probes' bytes: decode + VAD, ECAPA with
+    its Fbank, AASIST on the wideband window, the replay fingerprint; batch 1, torch and ONNX Runtime
+    at one intra-op thread (the service's CPU defaults)."""
+
+    STAGES = ("decode_vad", "ecapa", "aasist", "fingerprint")
+
+    def __init__(self, probes: list[bytes]) -> None:
+        from services.common.models import ModelStore
+        from services.voice.aasist import AasistDetector
+        from services.voice.antispoof import SyntheticSpeechDetector
+        from services.voice.evaluation import pipeline_from_settings
+        from services.voice.ingest import AudioFormat, Encoding
+
+        settings = load_config(None, models={"cache_dir": str(ROOT / "var" / "models")})
+        self.pipe = pipeline_from_settings(settings, providers=("CPUExecutionProvider",))
+        store = ModelStore(settings)
+        self.det = SyntheticSpeechDetector(AasistDetector(store.path("aasist", "AASIST.pth"),
+                                                          store.path("aasist", "AASIST_config.json"), max_windows=1),
+                                           settings.voice.antispoof_window_s)
+        self.probes, self.fmt = probes, AudioFormat(Encoding.LINEAR16, 16000)
+        self.verify(probes[0], None)  # lazy initialisation out of the figures
+
+    def verify(self, data: bytes, cpu: dict[str, list[float]] | None, aasist: bool = True) -> None:
+        from services.voice import replay
+
+        def timed(stage: str, fn):
+            c = time.thread_time()
+            out = fn()
+            if cpu is not None:
+                cpu[stage].append(time.thread_time() - c)
+            return out
+
+        prepared = timed("decode_vad", lambda: self.pipe.prepare(data, self.fmt))
+        timed("ecapa", lambda: self.pipe.embed([prepared]))
+        if aasist:
+            timed("aasist", lambda: self.det.score_windows([self.det.window_of(prepared)]))
+        timed("fingerprint", lambda: replay.fingerprint(prepared.samples))
+
+    def cpu_ms(self, n: int) -> dict[str, float]:
+        """Median thread CPU milliseconds per stage over ``n`` probes, one after another."""
+        cpu: dict[str, list[float]] = {k: [] for k in self.STAGES}
+        for k in range(n):
+            self.verify(self.probes[k % len(self.probes)], cpu)
+        return {k: round(1000 * statistics.median(v), 1) for k, v in cpu.items()}
+
+    def parallel_rate(self, seconds: float, aasist: bool = True) -> float:
+        """Verifications' worth of raw model runs per second, one thread per usable core: the
+        ceiling of issue 13, measured after the levels under the machine's load of the moment."""
+        import threading
+
+        done = [0] * usable_cores()
+        stop_at = time.monotonic() + seconds
+
+        def work(w: int) -> None:
+            k = w
+            while time.monotonic() < stop_at:
+                self.verify(self.probes[k % len(self.probes)], None, aasist)
+                done[w] += 1
+                k += len(done)
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(len(done))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(done) / (time.perf_counter() - t0)
 
 
 def naive_baseline(clips: list[np.ndarray], n: int) -> dict:
@@ -153,92 +246,73 @@ def naive_baseline(clips: list[np.ndarray], n: int) -> dict:
     return {"speechbrain_per_request_ms": round(1000 * (time.perf_counter() - t) / n, 1), "clips": n}
 
 
-def write_results(report: dict) -> None:
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text()
-    start = text.index("## Voice")
-    end = text.index("\n## ", start + 5)
-    kept = text.find("\n### ", start, end)  # the accuracy and layer subsections stay
-    if kept != -1:
-        end = kept
-    r, raw, naive = report, report["raw"], report["naive"]
-    rows = []
-    for run in r["runs"]:
-        layers = "every layer (AASIST, replay, threshold)" if run["tenant"] == "bench" else "without AASIST"
-        ratio = run["p50_ms"] / (raw["ecapa_ms"] + raw["decode_vad_ms"] + (raw["aasist_ms"] if run["tenant"] == "bench" else 0))
-        rows.append(f"| {layers} | {run['concurrency']} | {run['requests']} | {run['p50_ms']} | {run['p95_ms']} | "
-                    f"{run['p99_ms']} | {run['throughput_rps']} | {ratio:.2f} |")
+def write_results(report: dict, path: Path = RESULTS) -> None:
+    r, raw = report, report["raw_cpu_ms"]
+    naive = r.get("naive", {}).get("speechbrain_per_request_ms", float("nan"))
+    rss = ", ".join(f"{arm} {mb} MB" for arm, mb in r["peak_rss_mb"].items())
+    parallel = ", ".join(f"{'every layer' if t == 'bench' else 'without AASIST'} {v:g}/s"
+                         for t, v in r.get("raw_parallel_rps", {}).items()) or "not run"
     section = f"""## Voice
 
-(written by `bench/voice_bench.py`; {r['date']}, {r['machine']}; `{r['command']}`)
+(written by `bench/voice_bench.py`; {r['date']}, {r['machine']}, {r['load_end']} at the end; `{r['command']}`)
 
 Verify of 3 s clips (16 kHz LINEAR16, middle 3 s of the fixture recordings; each request a
 different clip of an enrolled speaker) through gRPC on loopback against a `biogate serve voice`
-process with the default models, SQLite storage and the Redis replay store. Load: a bounded,
-self-stopping grpc.aio generator. Ratio = service p50 / raw model time of the same work measured
-in the same run (decode+VAD {raw['decode_vad_ms']} ms, ECAPA {raw['ecapa_ms']} ms, AASIST window
-{raw['aasist_ms']} ms per clip, one thread each).
+process with the default models and SQLite storage, one service per arm (its voice settings), in
+this order. Load: a bounded, self-stopping grpc.aio generator, closed loop at a fixed concurrency,
+then open loop (Poisson arrivals) at a fraction of the closed loop's throughput. Service CPU = its
+process's user + system time over the level / verifications; raw CPU = the same work by the
+models alone in this process, thread CPU time, batch 1, one intra-op thread, same clips (decode +
+VAD {raw['decode_vad']} ms, ECAPA with Fbank {raw['ecapa']} ms, AASIST window {raw['aasist']} ms,
+fingerprint {raw['fingerprint']} ms); utilisation = service CPU s / (wall x cores); runnable
+threads: the service's threads in state R, sampled every 50 ms; demand = mean of min(runnable,
+cores) / cores; of CPU ceiling = verifications/s x raw CPU s / cores; of parallel raw =
+verifications/s / the raw models' rate on one thread per core afterwards
+({parallel}).
 
-| layers | concurrency | requests | p50 ms | p95 ms | p99 ms | verifications/s | p50 / raw |
-|---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+{table(report)}
 
 Naive baseline (same run, same clips): SpeechBrain's EncoderClassifier on torch, one call per
-request, no service: {naive['speechbrain_per_request_ms']} ms per verification (embedding only).
-Peak RSS of the voice service process (VmHWM, default models, after the load):
-{r['peak_rss_mb']:.0f} MB.
+request, no service: {naive} ms per verification (embedding only).
+Peak RSS of the voice service process (VmHWM, default models, after the load): {rss}.
 
 No GPU machine was lent to this task. Design for >= 2,000 verifications/s per H100: the ECAPA
 ONNX graph takes batches ([N, T, 80] with relative lengths; `voice.max_pad_ratio` > 0 pads unequal
-clips into one batch) and the service micro-batches across concurrent requests
-(`voice.batch_max`, `voice.batch_wait_ms`), so onnxruntime-gpu runs one batch per few ms (raw
-ECAPA does ~4,900 clips/s batched on an H100). The CPU-side work per request (decode, soxr, Silero
-VAD windows, Fbank, fingerprint: ~{raw['decode_vad_ms']:.0f} ms here) must then be spread over
-processes: N service replicas behind the load balancer sharing the Redis replay store and the
-database, each with its own CUDA stream, or the VAD and Fbank moved to the GPU too; AASIST,
-batched per window (fixed length), is the heaviest model and needs the GPU most.
+clips into one batch) and the service micro-batches across concurrent requests where a model runs
+on an accelerator (`voice.micro_batching` "auto", `voice.batch_max`, `voice.batch_wait_ms`), so
+onnxruntime-gpu runs one batch per few ms (raw ECAPA does ~4,900 clips/s batched on an H100). The
+CPU-side work per request (decode, soxr, Silero VAD windows, Fbank, fingerprint: ~{raw['decode_vad'] + raw['fingerprint']:.0f} ms
+of CPU here) must then be spread over processes (`server.workers`) or moved to the GPU too;
+AASIST, batched per window (fixed length), is the heaviest model and needs the GPU most.
 Repeated probes (each clip is sent several times) are refused by the replay cache after their
-first acceptance: the work per request is the same, hence fewer matches than requests. Four
-concurrent requests on two shared cores queue: a ratio of 2 is the floor here, not overhead.
+first acceptance: the work per request is the same, hence fewer matches than requests.
 """
-    path.write_text(text[:start] + section + text[end:])
+    replace_section("Voice", section, keep_subsections=True, path=path)  # the accuracy and layer subsections stay
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--duration", type=float, default=40.0)
-    ap.add_argument("--max-requests", type=int, default=400)
-    ap.add_argument("--raw-clips", type=int, default=24)
-    ap.add_argument("--workers", type=int, default=1, help="server.workers of the service")
-    ap.add_argument("--write-results", action="store_true")
-    ap.add_argument("--out", help="also write the JSON report here")
-    args = ap.parse_args()
+# Named sets of voice settings a run compares in the same invocation (--arms); "defaults" is this
+# checkout's VoiceConfig.
+ARMS: dict[str, dict] = {"defaults": {}, "batchers": {"micro_batching": "on"}}
 
-    speakers = sorted(p for p in FIXTURES.iterdir() if p.is_dir())
-    # Longest recordings first: the two longest enrol, the others (cropped to 3 s) are the probes.
-    audio = {s.name: [sf.read(f, dtype="float32")[0] for f in sorted(s.glob("*.wav"), key=lambda p: -p.stat().st_size)]
-             for s in speakers}
-    clips = [crop(x) for xs in audio.values() for x in xs[2:]]
+
+def serve_arm(args, arm: str, audio: dict[str, list[np.ndarray]]) -> tuple[list[dict], float]:
+    """One voice service with the settings of ``arm``: enrol, then each level; (levels, peak RSS MB)."""
+    import grpc
+
+    from services.common.api.v1 import common_pb2, voice_pb2, voice_pb2_grpc
+    from services.common.client import connect
+    from services.common.storage import ConsentRecord, open_storage
+
     prefix = f"biogate-bench:{uuid.uuid4().hex[:8]}"
-    report: dict = {"date": dt.date.today().isoformat(),
-                    "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), load average "
-                               f"{os.getloadavg()[0]:.1f}",
-                    "command": command_line()}
+    levels: list[dict] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        proc, target, config = start_service(tmp, prefix, args.workers)
+        svc = start_service(tmp, prefix, args.workers, ARMS[arm])
         try:
-            import grpc
-
-            from services.common.api.v1 import common_pb2, voice_pb2, voice_pb2_grpc
-            from services.common.client import connect
-            from services.common.storage import ConsentRecord, open_storage
-
             settings = load_config(tmp / "config.yaml")
             token = json.loads(settings.dev_credentials_file.read_text())["dev-all"]
             storage = open_storage(settings.storage_dsn, settings.storage)
-            stub = voice_pb2_grpc.VoiceServiceStub(connect(target, token))
+            stub = voice_pb2_grpc.VoiceServiceStub(connect(svc.address, token))
             subjects, probes = [], []
             for tenant in ("bench", "bench-nosynth"):
                 for name, xs in audio.items():
@@ -254,33 +328,111 @@ def main() -> int:
                         continue
                     if tenant == "bench":
                         subjects.append(subject)
-                        probes.append([(np.clip(crop(x), -1, 1) * 32767).astype("<i2").tobytes() for x in xs[2:]])
-            runs = []
-            for tenant in ("bench", "bench-nosynth"):
-                run = asyncio.run(load(target, token, tenant, subjects, probes, args.concurrency, args.duration,
-                                       args.max_requests))
-                print(json.dumps(run), flush=True)
-                runs.append(run)
-            report["runs"] = runs
-            report["peak_rss_mb"] = max(peak_rss_mb(pid) for pid in (proc.pid, *child_pids(proc.pid)))
-            report["workers"] = args.workers
+                        probes.append([pcm16(crop(x)) for x in xs[2:]])
+            for tenant in args.tenants:
+                run = measured_level(svc, svc.address, token, tenant, subjects, probes, args.concurrency,
+                                     args.duration, args.max_requests)
+                levels.append({"arm": arm, "loop": "closed", **run})
+                print(json.dumps(levels[-1]), flush=True)
+                if args.open_loop > 0 and run["throughput_rps"] > 0:
+                    rate = args.open_loop * run["throughput_rps"]
+                    run = measured_level(svc, svc.address, token, tenant, subjects, probes, args.concurrency,
+                                         args.duration, args.max_requests, rate=rate)
+                    levels.append({"arm": arm, "loop": f"open, {args.open_loop:.0%} of closed", **run})
+                    print(json.dumps(levels[-1]), flush=True)
+            rss = svc.peak_rss_mb()
         finally:
-            proc.terminate()
-            proc.wait(60)
+            svc.stop()
             import redis
 
-            client = redis.Redis.from_url(config.get("voice", {}).get("replay_store", "redis://127.0.0.1:6379/0"))
+            client = redis.Redis.from_url(svc.config.get("voice", {}).get("replay_store", "redis://127.0.0.1:6379/0"))
             keys = list(client.scan_iter(f"{prefix}:*"))
             if keys:
                 client.delete(*keys)
-    report["raw"] = raw_model_times(clips, args.raw_clips)
-    report["naive"] = naive_baseline(clips, args.raw_clips)
-    print(json.dumps({k: report[k] for k in ("raw", "naive", "peak_rss_mb")}), flush=True)
+    return levels, rss
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--duration", type=float, default=40.0)
+    ap.add_argument("--max-requests", type=int, default=400)
+    ap.add_argument("--raw-clips", type=int, default=24, help="probes timed by the raw models, one after another")
+    ap.add_argument("--raw-seconds", type=float, default=20.0,
+                    help="the raw models on one thread per core for this long (the ceiling); 0: not run")
+    ap.add_argument("--open-loop", type=float, default=0.8,
+                    help="after each closed-loop level, an open-loop one at this fraction of its throughput; 0: none")
+    ap.add_argument("--tenants", nargs="+", choices=("bench", "bench-nosynth"), default=["bench", "bench-nosynth"],
+                    help="bench: every layer; bench-nosynth: without AASIST")
+    ap.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=["defaults"],
+                    help="voice settings to compare, one service each, in this order")
+    ap.add_argument("--workers", type=int, default=1, help="server.workers of the service")
+    ap.add_argument("--skip-naive", action="store_true", help="no SpeechBrain per-request baseline")
+    ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--out", help="also write the JSON report here")
+    args = ap.parse_args()
+
+    speakers = sorted(p for p in FIXTURES.iterdir() if p.is_dir())
+    # Longest recordings first: the two longest enrol, the others (cropped to 3 s) are the probes.
+    audio = {s.name: [sf.read(f, dtype="float32")[0] for f in sorted(s.glob("*.wav"), key=lambda p: -p.stat().st_size)]
+             for s in speakers}
+    clips = [crop(x) for xs in audio.values() for x in xs[2:]]
+    report: dict = {"date": dt.date.today().isoformat(),
+                    "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), load average "
+                               f"{os.getloadavg()[0]:.1f}",
+                    "command": command_line(), "workers": args.workers, "runs": [], "peak_rss_mb": {}}
+    for arm in args.arms:
+        levels, rss = serve_arm(args, arm, audio)
+        report["runs"] += levels
+        report["peak_rss_mb"][arm] = round(rss)
+    raw = RawModels([pcm16(x) for x in clips])
+    raw_cpu = raw.cpu_ms(args.raw_clips)
+    report["raw_cpu_ms"] = raw_cpu
+    per_tenant = {"bench": sum(raw_cpu.values()), "bench-nosynth": sum(raw_cpu.values()) - raw_cpu["aasist"]}
+    if args.raw_seconds > 0:
+        report["raw_parallel_rps"] = {t: round(raw.parallel_rate(args.raw_seconds, t == "bench"), 3)
+                                      for t in args.tenants}
+    for run in report["runs"]:
+        raw_ms = per_tenant[run["tenant"]]
+        # of the CPU ceiling = cores / raw CPU per verification: what the service would sustain if
+        # its cores were its own; = utilisation x raw CPU / service CPU.
+        run["raw_cpu_ms"] = round(raw_ms, 1)
+        run["raw_over_service_cpu"] = round(raw_ms / run["service_cpu_ms"], 3) if run["service_cpu_ms"] else None
+        run["of_cpu_ceiling"] = round(run["throughput_rps"] * raw_ms / 1000 / run["cores"], 3)
+        if "raw_parallel_rps" in report:
+            run["of_parallel_raw"] = round(run["throughput_rps"] / report["raw_parallel_rps"][run["tenant"]], 3)
+    report["load_end"] = round(os.getloadavg()[0], 1)
+    print(json.dumps({k: report[k] for k in ("raw_cpu_ms", "peak_rss_mb", "load_end")}
+                     | {"raw_parallel_rps": report.get("raw_parallel_rps")}), flush=True)
+    print(table(report), flush=True)
+    if not args.skip_naive:
+        report["naive"] = naive_baseline(clips, args.raw_clips)
+        print(json.dumps(report["naive"]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     if args.write_results:
         write_results(report)
     return 0
+
+
+def table(report: dict) -> str:
+    """The levels as a RESULTS.md table."""
+    rows = ["| arm | layers | loop | requests | verifications/s | p50 ms | p95 ms | p99 ms | p99 / p50 | service CPU ms "
+            "/ verification | raw CPU / service CPU | utilisation | runnable threads (mean / p95) | demand | of CPU "
+            "ceiling | demand x raw/service CPU | of parallel raw |", "|" + "---|" * 17]
+    for r in report["runs"]:
+        layers = "every layer" if r["tenant"] == "bench" else "without AASIST"
+        rows.append(f"| {r['arm']} | {layers} | {r['loop']} | {r['requests']} | {r['throughput_rps']:.2f} | "
+                    f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['p99_ms'] / r['p50_ms']:.2f} | "
+                    f"{r['service_cpu_ms']:.0f} | {r['raw_over_service_cpu']:.0%} | {r['utilisation']:.0%} | "
+                    f"{r['runnable_mean']:.1f} / {r['runnable_p95']:.0f} | {r['demand']:.0%} | {r['of_cpu_ceiling']:.0%} | "
+                    f"{r['demand'] * r['raw_over_service_cpu']:.0%} | "
+                    f"{r.get('of_parallel_raw', float('nan')):.0%} |")
+    return "\n".join(rows)
+
+
+def pcm16(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 def sf_bytes(x: np.ndarray) -> bytes:

@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -14,6 +14,30 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class DeviceTensor(Protocol):
+    """A contiguous array on a device that onnxruntime can read in place (a torch.Tensor)."""
+
+    @property
+    def shape(self) -> Any: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    @property
+    def device(self) -> Any: ...
+
+    def data_ptr(self) -> int: ...
+
+    def is_contiguous(self) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Any) -> Any: ...
+
+
+Feed = np.ndarray | DeviceTensor
 
 
 @dataclass(frozen=True)
@@ -47,6 +71,44 @@ class LoadedModel:
             return self.session.run(outputs, feeds)
         padded = {k: pad_batch(v, b) for k, v in feeds.items()}
         return [o[:n] for o in self.session.run(outputs, padded)]
+
+    @property
+    def device_type(self) -> str:
+        """Where the session keeps its tensors: "cuda" or "cpu" (IO binding's device names)."""
+        return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+
+    def run_bound(self, outputs: list[str], feeds: Mapping[str, Feed],
+                  before_run: Callable[[], object] | None = None) -> list[np.ndarray]:
+        """:meth:`run` through IO binding: inputs already on a device (torch tensors) are read where
+        they are, and outputs are written on the session's device, then copied to the host once.
+        On CUDA this saves the host round trip of every input; on the CPU it is the same binding
+        code with the CPU device (what the tests exercise). onnxruntime runs on its own CUDA stream:
+        ``before_run``, called once the inputs are padded, waits for the stream that wrote them."""
+        n = len(next(iter(feeds.values())))
+        b = self.bucket(n)
+        binding = self.session.io_binding()
+        kept: list[Feed] = []  # padded copies must outlive the run
+        for name, value in feeds.items():
+            if b != n:
+                value = value[list(range(n)) + [0] * (b - n)]  # pad_batch, for numpy and torch alike
+            if isinstance(value, np.ndarray):
+                value = np.ascontiguousarray(value)
+                kept.append(value)
+                binding.bind_cpu_input(name, value)
+                continue
+            kept.append(value)
+            if not value.is_contiguous():
+                raise ValueError(f"input {name!r}: a device tensor must be contiguous")
+            device = value.device
+            binding.bind_input(name, device_type=device.type, device_id=device.index or 0,
+                               element_type=np.dtype(str(value.dtype).removeprefix("torch.")),
+                               shape=tuple(value.shape), buffer_ptr=value.data_ptr())
+        for name in outputs:
+            binding.bind_output(name, self.device_type)
+        if before_run is not None:
+            before_run()
+        self.session.run_with_iobinding(binding)
+        return [o[:n] for o in binding.copy_outputs_to_cpu()]
 
     @property
     def input_names(self) -> list[str]:

@@ -9,10 +9,12 @@ must be calibrated on the channel it serves (MODELS.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from numpy.typing import NDArray
 from .aasist_net import Model
 
 SAMPLE_RATE = 16000
+Dtype = Literal["float32", "bfloat16"]
 
 
 def torch_device(providers: Sequence[str]) -> str:
@@ -35,9 +38,31 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return conf.get("model_config", conf)
 
 
+@dataclass(frozen=True)
+class AasistOptions:
+    """The GPU options of :class:`AasistDetector` (its docstring), as the service configures them."""
+
+    dtype: Dtype = "float32"
+    compile: bool = False
+    compile_backend: str = "inductor"
+    pad_batches: bool = False
+    max_batch: int = 1
+
+
+CPU_OPTIONS = AasistOptions()
+
+
 class AasistDetector:
+    """AASIST on ``device``. GPU options (the defaults are the CPU's, and the calibrated scores'):
+    ``dtype`` "bfloat16" runs under autocast (the weights stay float32); ``compile`` runs the
+    network through torch.compile with static shapes (``compile_backend``: "inductor" generates
+    kernels; "eager" only traces, which tests the path without a compiler); ``pad_batches`` pads
+    every batch to a power of two of at most ``max_batch`` windows, so that with the service's fixed
+    window lengths no new shape (a recompile, a new kernel plan) is met after :meth:`warmup`."""
+
     def __init__(self, weights: str | os.PathLike[str], config: str | os.PathLike[str],
-                 threads: int | None = 1, max_windows: int = 3, device: str = "cpu") -> None:
+                 threads: int | None = 1, max_windows: int = 3, device: str = "cpu",
+                 options: AasistOptions = CPU_OPTIONS) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -48,12 +73,45 @@ class AasistDetector:
         state = torch.load(Path(weights), map_location="cpu", weights_only=True)
         self.net.load_state_dict(state, strict=True)
         self.net.to(self.device).eval()
+        self.options = options
+        self.dtype, self.pad_batches, self.max_batch = options.dtype, options.pad_batches, options.max_batch
+        self.compiled = options.compile
+        self._forward: Any = (torch.compile(self.net, dynamic=False, backend=options.compile_backend)
+                              if options.compile else self.net)
+
+    def bucket(self, n: int) -> int:
+        """The batch size ``n`` windows run at."""
+        return min(1 << max(0, n - 1).bit_length(), max(self.max_batch, n)) if self.pad_batches else n
+
+    def buckets(self) -> list[int]:
+        """Every batch size a pass can take when batches are padded (what warm-up covers); without
+        padding, one (the CPU has no per-shape cost worth a warm-up)."""
+        return sorted({self.bucket(n) for n in range(1, self.max_batch + 1)}) if self.pad_batches else [1]
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def logits(self, windows: NDArray[np.float32]) -> NDArray[np.float32]:
         """[N, 2] logits of [N, window] samples, on the detector's device."""
-        with torch.inference_mode():
-            _, out = self.net(torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device))
-        return out.float().cpu().numpy()
+        n = len(windows)
+        x = np.ascontiguousarray(windows, dtype=np.float32)
+        if self.bucket(n) != n:
+            x = np.concatenate([x, np.repeat(x[:1], self.bucket(n) - n, axis=0)])
+        with torch.inference_mode(), self._autocast():
+            _, out = self._forward(torch.from_numpy(x).to(self.device))
+        return out[:n].float().cpu().numpy()
+
+    def warmup(self, lengths: Sequence[int]) -> None:
+        """One pass at every shape the service can meet: each window length at each batch bucket
+        (with torch.compile, each is one compilation)."""
+        if self.compiled:  # each shape is one entry of the compiled code's cache: room for all of them
+            limit = len(lengths) * len(self.buckets()) + 1
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        for length in lengths:
+            for b in self.buckets():
+                self.logits(np.zeros((b, length), np.float32))
 
     def windows(self, samples: NDArray[np.float32]) -> NDArray[np.float32]:
         x = np.asarray(samples, dtype=np.float32)

@@ -86,8 +86,31 @@ class VoiceConfig(Section):
     batch_max: int = Field(32, ge=1, le=256)
     batch_wait_ms: float = Field(2.0, ge=0, le=50)
     max_pad_ratio: float = Field(0.0, ge=0)  # > 0 pads unequal clips into one ECAPA batch (GPU)
-    inference_workers: int = Field(2, ge=1, le=64)  # micro-batchers per model: ~cores on CPU, 1 on a GPU
-    intra_op_threads: int = Field(1, ge=0)
+    # GPU paths (issue 13), each also run on the CPU device by tests/voice/test_gpu_paths.py. None:
+    # on where the model runs on CUDA, off on the CPU (the CPU defaults keep the calibrated scores).
+    ecapa_device_features: bool | None = None  # Fbank of a batch in one pass on ECAPA's device (ecapa.py)
+    ecapa_io_binding: bool | None = None  # onnxruntime IO binding for ECAPA, device tensors read in place
+    # ECAPA batches padded to a grid of frame counts (ratio max_pad_ratio): few shapes on CUDA, but a
+    # clip alone is padded too (cosine 0.9915 for a 1.2 s clip, 12 %): off until an EER run with it.
+    ecapa_frame_buckets: bool = False
+    # AASIST under bf16 autocast: max |log-odds change| 0.085 on fixture windows (bench/RESULTS.md);
+    # not chosen on CUDA by itself, since the shipped thresholds are float32 calibrations.
+    antispoof_dtype: Literal["float32", "bfloat16"] = "float32"
+    # torch.compile of AASIST (1.3x eager on an H200, ../shared/docs/GPU.md), one compilation per
+    # window length and batch bucket at warm-up: about 4 min for one shape on this CPU, unmeasured
+    # through the service on a GPU, so not chosen by itself. "eager" traces without compiling.
+    antispoof_compile: bool = False
+    antispoof_compile_backend: Literal["inductor", "eager"] = "inductor"
+    # Batches padded to powers of two up to antispoof_batch_max, so that with the fixed windows no
+    # new shape is met after warm-up; None: on CUDA, and wherever AASIST is compiled.
+    antispoof_pad_batches: bool | None = None
+    # "auto": ECAPA and AASIST micro-batched where they run on an accelerator; on the CPU each request
+    # runs them on its own thread (services.common.batching.Inline): as many model runs as admitted
+    # calls (admission.concurrency = cores), batch 1 whatever the concurrency, no hand-offs between
+    # threads (bench/RESULTS.md, issue 13, voice on the CPU).
+    micro_batching: Literal["auto", "on", "off"] = "auto"
+    inference_workers: int = Field(2, ge=1, le=64)  # micro-batchers per batched model, recogniser replicas
+    intra_op_threads: int = Field(1, ge=0)  # per model call (torch and ONNX Runtime); 0: their default
     calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
     tenants: dict[str, VoiceTenantPolicy] = {}
 

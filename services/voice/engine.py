@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from services.common.batching import MicroBatcher
+from services.common.batching import Inline, MicroBatcher
 from services.common.config import CommonSettings
 from services.common.metrics import INFERENCE_SECONDS, observe_similarity
 from services.voice.config import ChannelFamily, VoiceConfig, voice_config
@@ -32,7 +32,7 @@ from . import replay
 from .aasist import torch_device
 from .antispoof import SyntheticSpeechDetector
 from .digits import digit_errors
-from .models import VoiceModels, pipeline_config
+from .models import VoiceModels, aasist_options, pipeline_config
 from .pipeline import PreparedAudio, VoicePipeline
 
 log = logging.getLogger("biogate.voice")
@@ -77,8 +77,8 @@ def pad_score_name(window_s: float) -> str:
 
 
 class BatcherPool:
-    """``workers`` micro-batchers over one function, requests spread round-robin: on a CPU each
-    worker keeps a core busy (the models run one intra-op thread); on a GPU one worker batches."""
+    """``workers`` micro-batchers over one function, requests spread round-robin (``voice.micro_batching``:
+    where a model runs on an accelerator; on the CPU the engine runs it inline)."""
 
     def __init__(self, fn, workers: int, max_batch: int, wait_ms: float, name: str) -> None:
         self._batchers = [MicroBatcher(fn, max_batch, wait_ms, name=f"{name}-{i}", model=name) for i in range(workers)]
@@ -179,20 +179,27 @@ class VoiceEngine:
             self.snorm = {f: cohort_mod.SNorm(self.cohort.family(f), cfg.snorm_top_k) for f in cohort_mod.FAMILIES}
         self.score_name = cohort_mod.score_name(self.cohort, cfg.snorm_top_k)
         self.calibrations = Calibrations(settings.models.manifest, cfg.calibration_check_s)
-        self.embed_batcher = BatcherPool(lambda items: list(self.pipeline.embed(items)), cfg.inference_workers,
-                                         cfg.batch_max, cfg.batch_wait_ms, "voice-ecapa")
+        self.embed_batcher = self._batcher(lambda items: list(self.pipeline.embed(items)), cfg.batch_max,
+                                           "voice-ecapa", self.pipeline.provider != "CPUExecutionProvider")
         # Per channel family: the AASIST window (one network for all) and the score it calibrates.
         self.synthetic: dict[str, SyntheticSpeechDetector] = {}
-        self.synthetic_batcher: BatcherPool | None = None
-        detector = models.antispoof_detector(store, cfg.intra_op_threads or None, torch_device(providers))
+        self.synthetic_batcher: BatcherPool | Inline | None = None
+        device = torch_device(providers)
+        detector = models.antispoof_detector(store, cfg.intra_op_threads or None, device,
+                                             options=aasist_options(cfg, device))
         if detector is not None:
             self.synthetic = {f: SyntheticSpeechDetector(detector, antispoof_window_s(cfg, f))
                               for f in cohort_mod.FAMILIES}
-            self.synthetic_batcher = BatcherPool(self.synthetic["wideband"].score_windows, cfg.inference_workers,
-                                                 cfg.antispoof_batch_max, cfg.batch_wait_ms, "voice-aasist")
+            self.synthetic_batcher = self._batcher(self.synthetic["wideband"].score_windows, cfg.antispoof_batch_max,
+                                                   "voice-aasist", detector.device.type != "cpu")
         self.pad_score_names = {f: pad_score_name(antispoof_window_s(cfg, f)) for f in cohort_mod.FAMILIES}
         self.digits = models.digit_recognizer(store, workers=cfg.inference_workers, threads=cfg.intra_op_threads or 1)
         self.replay = replay_cache
+
+    def _batcher(self, fn, max_batch: int, name: str, accelerated: bool) -> BatcherPool | Inline:
+        if self.cfg.micro_batching == "on" or (self.cfg.micro_batching == "auto" and accelerated):
+            return BatcherPool(fn, self.cfg.inference_workers, max_batch, self.cfg.batch_wait_ms, name)
+        return Inline(fn, max_batch=max_batch, name=name, model=name)
 
     # -- warm-up -------------------------------------------------------------------------------
 
@@ -219,8 +226,8 @@ class VoiceEngine:
         self.pipeline.warmup()
         t = np.arange(32000, dtype=np.float32) / 16000
         x = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-        for detector in self.synthetic.values():
-            detector.score_windows([np.resize(x, detector.window)])
+        if self.synthetic:  # one network: every window length at every batch shape it can take
+            self.synthetic["wideband"].detector.warmup(sorted({d.window for d in self.synthetic.values()}))
         self.digits.warmup(self.cfg.challenge_digits)
         replay.similarity(replay.fingerprint(x), replay.fingerprint(x))
 

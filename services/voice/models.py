@@ -18,7 +18,7 @@ from services.common.models import ModelStore
 from services.common.models.manifest import Manifest, ModelSpec
 from services.common.modality.zoo import ModelChoiceError, Router, fetch_verified
 
-from .aasist import AasistDetector
+from .aasist import CPU_OPTIONS, AasistDetector, AasistOptions
 from .digits import DigitRecognizer
 from .ecapa import EcapaOnnx, export_onnx
 from .pipeline import VoicePipeline, VoicePipelineConfig
@@ -42,20 +42,23 @@ def exported(store: ModelStore, spec: ModelSpec) -> Path:
 
 
 def _ecapa(store: ModelStore, spec: ModelSpec, *, providers: Sequence[str], threads: int | None,
-           max_batch: int, max_pad_ratio: float) -> EcapaOnnx:
+           max_batch: int, max_pad_ratio: float, device_features: bool | None = None,
+           io_binding: bool | None = None, frame_buckets: bool = False) -> EcapaOnnx:
     return EcapaOnnx(exported(store, spec), providers=providers, threads=threads, max_batch=max_batch,
-                     max_pad_ratio=max_pad_ratio)
+                     max_pad_ratio=max_pad_ratio, device_features=device_features, io_binding=io_binding,
+                     frame_buckets=frame_buckets)
 
 
 def _silero(store: ModelStore, spec: ModelSpec, *, params: VadParams) -> SileroVad:
     return SileroVad(store.path(spec.id), params)
 
 
-def _aasist(store: ModelStore, spec: ModelSpec, *, threads: int | None, device: str) -> AasistDetector:
+def _aasist(store: ModelStore, spec: ModelSpec, *, threads: int | None, device: str,
+            options: AasistOptions = CPU_OPTIONS) -> AasistDetector:
     if spec.config_file is None:
         raise ModelChoiceError(f"{spec.id!r}: the manifest entry names no config_file for the network")
     return AasistDetector(store.path(spec.id), store.path(spec.id, spec.config_file), threads=threads,
-                          max_windows=1, device=device)
+                          max_windows=1, device=device, options=options)
 
 
 def _whisper_ct2(store: ModelStore, spec: ModelSpec, *, workers: int, threads: int) -> DigitRecognizer:
@@ -95,16 +98,30 @@ class VoiceModels:
         vad = VADS.builder(self.vad)(store, self.vad, params=VadParams(threshold=config.vad_threshold))
         embedder = SPEAKER_EMBEDDERS.builder(self.embedder)(
             store, self.embedder, providers=config.providers, threads=config.threads, max_batch=config.max_batch,
-            max_pad_ratio=config.max_pad_ratio)
+            max_pad_ratio=config.max_pad_ratio, device_features=config.device_features, io_binding=config.io_binding,
+            frame_buckets=config.frame_buckets)
         return VoicePipeline(config, vad, embedder)
 
     def digit_recognizer(self, store: ModelStore, *, workers: int, threads: int) -> DigitRecognizer:
         return DIGIT_RECOGNIZERS.builder(self.digits)(store, self.digits, workers=workers, threads=threads)
 
-    def antispoof_detector(self, store: ModelStore, threads: int | None, device: str) -> AasistDetector | None:
+    def antispoof_detector(self, store: ModelStore, threads: int | None, device: str,
+                           options: AasistOptions = CPU_OPTIONS) -> AasistDetector | None:
         if self.antispoof is None:
             return None
-        return ANTISPOOF.builder(self.antispoof)(store, self.antispoof, threads=threads, device=device)
+        return ANTISPOOF.builder(self.antispoof)(store, self.antispoof, threads=threads, device=device,
+                                                 options=options)
+
+
+def aasist_options(cfg: VoiceConfig, device: str) -> AasistOptions:
+    """The service's AASIST options on ``device`` (padding's None: on CUDA, or when compiled, where
+    each new batch size would be a compilation)."""
+    pad = cfg.antispoof_pad_batches
+    if pad is None:
+        pad = device == "cuda" or cfg.antispoof_compile
+    return AasistOptions(dtype=cfg.antispoof_dtype, compile=cfg.antispoof_compile,
+                         compile_backend=cfg.antispoof_compile_backend, pad_batches=pad,
+                         max_batch=cfg.antispoof_batch_max)
 
 
 def pipeline_config(cfg: VoiceConfig, providers: tuple[str, ...]) -> VoicePipelineConfig:
@@ -115,6 +132,8 @@ def pipeline_config(cfg: VoiceConfig, providers: tuple[str, ...]) -> VoicePipeli
         stream_target_net_speech_s=cfg.stream_target_net_speech_s, max_duration_s=cfg.max_duration_s,
         max_batch=cfg.batch_max, max_pad_ratio=cfg.max_pad_ratio, max_embed_s=cfg.max_embed_s,
         max_batch_audio_s=cfg.max_batch_audio_s,
+        device_features=cfg.ecapa_device_features, io_binding=cfg.ecapa_io_binding,
+        frame_buckets=cfg.ecapa_frame_buckets,
     )
 
 

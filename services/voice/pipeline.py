@@ -57,6 +57,9 @@ class VoicePipelineConfig:
     # averaged: ONNX Runtime keeps ~15 MB of activations per second of audio (60 s: +0.9 GB).
     max_embed_s: float = 20.0
     max_batch_audio_s: float = 40.0  # audio per ECAPA call (bounds activations; raise on a GPU)
+    device_features: bool | None = None  # see EcapaOnnx (None: on CUDA)
+    io_binding: bool | None = None
+    frame_buckets: bool = False
 
     @property
     def limits(self) -> IngestLimits:

@@ -272,3 +272,30 @@ def test_batcher_pool_batches_concurrent_requests_and_spreads_them():
     assert out == [2 * i for i in range(12)]
     assert pool.items == 12 and pool.batches < 12  # several requests shared one call
     assert len({name for name, _ in seen}) == 2  # both workers served
+
+
+def test_cpu_engine_runs_the_models_inline_with_the_scores_of_single_calls(voice_service, voice_dir):
+    """On the CPU (micro_batching "auto") each request runs ECAPA and AASIST on its own thread: more
+    concurrent requests than cores give bit for bit the embeddings and AASIST scores of one call at
+    a time, i.e. the threads change the scheduling only (bench/RESULTS.md, issue 13, voice on the CPU)."""
+    import threading
+
+    from services.common.batching import Inline
+
+    eng = voice_service.engine
+    assert isinstance(eng.embed_batcher, Inline) and isinstance(eng.synthetic_batcher, Inline)
+    files = [sorted((voice_dir / name).glob("*.wav"))[0] for name in ("libri_1688", "libri_2414", "libri_3005")]
+    prepared = [eng.pipeline.prepare_samples(read(p)[: 3 * 16000], 16000) for p in files] * 2
+    alone = [(eng.pipeline.embed([p])[0], eng.synthetic["wideband"].score(p)) for p in prepared]
+    together: list = [None] * len(prepared)
+
+    def request(i: int) -> None:
+        together[i] = (eng.embed([prepared[i]])[0], eng.synthetic_check(prepared[i], "wideband", True).value)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(len(prepared))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (e1, s1), (e2, s2) in zip(alone, together):
+        assert np.array_equal(e1, e2) and s1 == s2
