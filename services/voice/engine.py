@@ -152,7 +152,9 @@ class VoiceDecision:
         s = self.speaker
         layers = {
             "synthetic": {"checked": self.synthetic.checked, "passed": self.synthetic.passed,
-                          **({} if self.synthetic.value is None else {"score": round(float(self.synthetic.value), 4)})},
+                          **({} if self.synthetic.value is None else {"score": round(float(self.synthetic.value), 4)}),
+                          **({} if self.synthetic.target is None else {"target_apcer": self.synthetic.target}),
+                          **({} if self.synthetic.measured is None else {"measured_apcer": self.synthetic.measured})},
             "replay": {"checked": self.replay.checked, "passed": self.replay.passed,
                        "similarity": round(float(self.replay.value or 0.0), 3)},
             "challenge": {"checked": self.challenge.checked, "passed": self.challenge.passed,
@@ -160,7 +162,7 @@ class VoiceDecision:
         }
         return {"model_id": self.model_id, "channel": self.family, "match": self.match, "score": round(s.score, 4),
                 "threshold": round(s.threshold, 4), "llr": None if s.llr is None else round(s.llr, 3),
-                "target_fmr": s.target_fmr, "layers": layers}
+                "target_fmr": s.target_fmr, "measured_fmr": s.measured_fmr, "layers": layers}
 
 
 class VoiceEngine:

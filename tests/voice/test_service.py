@@ -119,6 +119,18 @@ def _claim(svc, model_id: str, channel: str, target: float):
     return ModelStore(svc.settings).calibration(model_id, channel).claim(target)
 
 
+def _last_audit(service, event: str) -> dict:
+    import json
+
+    from services.common.storage import open_storage
+
+    store = open_storage(service.settings.storage_dsn)
+    try:
+        return [json.loads(r.details) for r in store.audit.iter_records() if r.event_type == event][-1]
+    finally:
+        store.close()
+
+
 def test_genuine_matches_and_impostor_does_not(voice_service, speaker, voice_dir):
     """Text-independent (tenant bank-a, no digit challenge). The response says which layers ran
     and the operating points that decided, with the rates their calibrations measured."""
@@ -137,6 +149,10 @@ def test_genuine_matches_and_impostor_does_not(voice_service, speaker, voice_dir
     assert genuine.spoof_measured_apcer == pytest.approx(pad.rate)
     # ... which for AASIST is its re-check on espeak-ng voices no fit or check used (above 5e-2).
     assert pad.source == "held_out" and "heldout16" in pad.dataset and pad.consistent is False
+    audited = _last_audit(voice_service, "voice.verified")  # the audit says what decided, as the response does
+    assert audited["measured_fmr"] == pytest.approx(genuine.measured_fmr)
+    assert audited["layers"]["synthetic"]["target_apcer"] == pytest.approx(genuine.spoof_target_apcer)
+    assert audited["layers"]["synthetic"]["measured_apcer"] == pytest.approx(genuine.spoof_measured_apcer)
     impostor = verify(voice_service, tenant, subject, wav(read(files(voice_dir, "libri_3005")[0])))
     assert not impostor.match and impostor.score < impostor.threshold
     assert [r.code for r in impostor.reasons] == ["NO_MATCH"]
