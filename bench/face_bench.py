@@ -37,7 +37,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.harness import FIXTURES, MODEL_CACHE, ROOT, ServiceProcess, command_line, pct
+from bench.harness import FIXTURES, MODEL_CACHE, ROOT, ServiceProcess, command_line, parallel_rate, pct
 from bench.loadgen import OPEN_LOOP_SHARE, open_loop_at_share, open_loop_line
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.settings import load_config
@@ -178,30 +178,16 @@ class ParallelRaw:
 
     def rate(self, liveness: bool, seconds: float) -> float:
         """Verifications' worth of raw model runs per second on ``os.cpu_count()`` threads."""
-        import threading
-
         det, emb = self.p.detector, next(iter(self.p.embedders.values()))
-        done = [0] * (os.cpu_count() or 1)
-        stop_at = time.monotonic() + seconds
 
-        def work(k: int) -> None:
-            i = k
-            while time.monotonic() < stop_at:
-                j = i % len(self.canvases)
-                det.model.session.run(det._outputs, {det._input: self.canvases[j]})
-                emb.embed(self.crops[j])
-                if liveness and self.p.liveness is not None:
-                    self.p.liveness.score_crops([self.live_crops[j]])
-                done[k] += 1
-                i += len(done)
+        def step(i: int) -> None:
+            j = i % len(self.canvases)
+            det.model.session.run(det._outputs, {det._input: self.canvases[j]})
+            emb.embed(self.crops[j])
+            if liveness and self.p.liveness is not None:
+                self.p.liveness.score_crops([self.live_crops[j]])
 
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=work, args=(k,)) for k in range(len(done))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return sum(done) / (time.perf_counter() - t0)
+        return parallel_rate(step, seconds, os.cpu_count() or 1)
 
 
 def naive_loop(store, probes: list[bytes], templates: list[np.ndarray], seconds: float = 8.0) -> tuple[float, list[float]]:

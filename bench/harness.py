@@ -134,6 +134,30 @@ class ThreadSampler:
                 "cpu_s_by_thread": {k: round(v, 2) for k, v in self.cpu_by_name.items()}}
 
 
+def parallel_rate(step, seconds: float, threads: int) -> float:
+    """Calls of ``step(k)`` (k: the call's index, spread over the threads) per second, one thread each
+    of ``threads`` running it back to back for ``seconds``: issue 13's raw-model ceiling."""
+    import threading
+
+    done = [0] * threads
+    stop_at = time.monotonic() + seconds
+
+    def work(w: int) -> None:
+        k = w
+        while time.monotonic() < stop_at:
+            step(k)
+            done[w] += 1
+            k += threads
+
+    t0 = time.perf_counter()
+    workers = [threading.Thread(target=work, args=(w,)) for w in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return sum(done) / (time.perf_counter() - t0)
+
+
 def child_pids(pid: int) -> list[int]:
     """The live child processes of ``pid`` (a service's worker processes)."""
     out: list[int] = []

@@ -36,7 +36,9 @@ import numpy as np
 import soundfile as sf
 
 from bench.harness import FIXTURES as ALL_FIXTURES
-from bench.harness import RESULTS, ROOT, ServiceProcess, ThreadSampler, child_pids, command_line, pct, replace_section
+from bench.harness import (RESULTS, ROOT, ServiceProcess, ThreadSampler, child_pids, command_line, parallel_rate, pct,
+                           replace_section)
+from bench.loadgen import run_open_loop
 from services.common.config import usable_cores
 from services.settings import load_config
 
@@ -77,9 +79,10 @@ def verify_request(tenant: str, subjects: list[str], probes: list[list[bytes]], 
 async def load(target: str, token: str, tenant: str, subjects: list[str], probes: list[list[bytes]],
                concurrency: int, duration_s: float, max_requests: int, rate: float | None = None) -> dict:
     """Closed loop (``rate`` None): ``concurrency`` clients, each sending its next request when the
-    last is answered. Open loop: requests start at Poisson arrivals of ``rate`` per second (seeded),
-    whatever is still outstanding, so that queueing shows in the latencies (issue 13's p99/p50 at
-    80 % of the closed loop's throughput); ``concurrency`` then only sets the connections."""
+    last is answered. Open loop: :func:`bench.loadgen.run_open_loop`, requests started at fixed
+    intervals of ``rate`` per second whatever is still outstanding, so that queueing shows in the
+    latencies (issue 13's p99/p50 at 80 % of the closed loop's throughput, as face_bench measures
+    it); ``concurrency`` then only sets the connections."""
     import grpc
 
     from services.common.api.v1 import voice_pb2_grpc
@@ -95,17 +98,19 @@ async def load(target: str, token: str, tenant: str, subjects: list[str], probes
     stubs = [voice_pb2_grpc.VoiceServiceStub(c) for c in channels]
     meta = (("authorization", f"Bearer {token}"),)
 
-    async def one(k: int) -> None:
+    async def timed(k: int, timeout: float) -> None:
         nonlocal matches
         t = time.perf_counter()
+        reply = await stubs[k % len(stubs)].Verify(verify_request(tenant, subjects, probes, k), metadata=meta,
+                                                   timeout=timeout)
+        matches += reply.match
+        latencies.append(time.perf_counter() - t)
+
+    async def one(k: int) -> None:
         try:
-            reply = await stubs[k % len(stubs)].Verify(verify_request(tenant, subjects, probes, k), metadata=meta,
-                                                       timeout=60)
-            matches += reply.match
+            await timed(k, 60)
         except grpc.aio.AioRpcError as err:
             errors[err.code().name] = errors.get(err.code().name, 0) + 1
-            return
-        latencies.append(time.perf_counter() - t)
 
     async def client() -> None:
         nonlocal issued
@@ -113,25 +118,19 @@ async def load(target: str, token: str, tenant: str, subjects: list[str], probes
             issued += 1
             await one(issued - 1)
 
-    async def arrivals(per_s: float) -> None:
-        nonlocal issued
-        rng = np.random.default_rng(13)
-        tasks, due = [], time.monotonic()
-        while issued < max_requests:
-            due += float(rng.exponential(1.0 / per_s))
-            if due >= stop_at:
-                break
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            tasks.append(asyncio.create_task(one(issued)))
-            issued += 1
-        await asyncio.gather(*tasks)
+    async def open_loop(per_s: float) -> None:
+        result = await run_open_loop(timed, rate_per_s=per_s, duration_s=duration_s, deadline_s=60,
+                                     max_requests=max_requests)
+        for o in result.outcomes:
+            if o.code != "OK":
+                errors[o.code] = errors.get(o.code, 0) + 1
 
     try:
         t0 = time.perf_counter()
         if rate is None:
             await asyncio.gather(*(client() for _ in range(concurrency)))
         else:
-            await arrivals(rate)
+            await open_loop(rate)
         wall = time.perf_counter() - t0
     finally:
         for channel in channels:
@@ -209,25 +208,8 @@ class RawModels:
     def parallel_rate(self, seconds: float, aasist: bool = True) -> float:
         """Verifications' worth of raw model runs per second, one thread per usable core: the
         ceiling of issue 13, measured after the levels under the machine's load of the moment."""
-        import threading
-
-        done = [0] * usable_cores()
-        stop_at = time.monotonic() + seconds
-
-        def work(w: int) -> None:
-            k = w
-            while time.monotonic() < stop_at:
-                self.verify(self.probes[k % len(self.probes)], None, aasist)
-                done[w] += 1
-                k += len(done)
-
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=work, args=(w,)) for w in range(len(done))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return sum(done) / (time.perf_counter() - t0)
+        return parallel_rate(lambda k: self.verify(self.probes[k % len(self.probes)], None, aasist), seconds,
+                             usable_cores())
 
 
 def naive_baseline(clips: list[np.ndarray], n: int) -> dict:
@@ -260,7 +242,7 @@ Verify of 3 s clips (16 kHz LINEAR16, middle 3 s of the fixture recordings; each
 different clip of an enrolled speaker) through gRPC on loopback against a `biogate serve voice`
 process with the default models and SQLite storage, one service per arm (its voice settings), in
 this order. Load: a bounded, self-stopping grpc.aio generator, closed loop at a fixed concurrency,
-then open loop (Poisson arrivals) at a fraction of the closed loop's throughput. Service CPU = its
+then open loop (arrivals at fixed intervals) at a fraction of the closed loop's throughput. Service CPU = its
 process's user + system time over the level / verifications; raw CPU = the same work by the
 models alone in this process, thread CPU time, batch 1, one intra-op thread, same clips (decode +
 VAD {raw['decode_vad']} ms, ECAPA with Fbank {raw['ecapa']} ms, AASIST window {raw['aasist']} ms,
