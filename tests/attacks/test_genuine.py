@@ -31,7 +31,8 @@ def answer(world, s, ref, stub=None, **kw):
     """The asked digits in the speaker's own takes that the service hears right (a caller repeats
     what the line did not carry); the test is about the flow, not the recogniser's rate."""
     challenge = world.voice_challenge(s, stub)
-    audio = spoken_digits.heard_answer(world.voice_engine, challenge.digits, VOICE_SPEAKER, random.Random(5),
+    audio = spoken_digits.heard_answer(world.voice_engine, challenge.digits, VOICE_SPEAKER,
+                                       random.Random(challenge.digits),
                                        subject=(ref.tenant_id, ref.subject_id), **kw)
     assert audio is not None, f"no takes of {VOICE_SPEAKER} saying {challenge.digits} were heard"
     return audio, challenge.challenge.nonce

@@ -73,7 +73,7 @@ def prepared(engine, audio: bytes, mulaw: bool = False):
     return engine.pipeline.prepare(audio, audio_format(fmt, "audio.format"), "verify")
 
 
-def heard_answer(engine, digits: str, speaker: str, rng: random.Random, tries: int = 10,
+def heard_answer(engine, digits: str, speaker: str, rng: random.Random, tries: int = 40,
                  subject: tuple[str, str] | None = None, rate: int = RATE, telephone: bool = False) -> bytes | None:
     """An answer of the speaker's genuine takes that the voice service's digit recogniser hears as
     ``digits`` and its synthetic-speech detector takes for bona fide (it refuses 2.7 % of genuine
