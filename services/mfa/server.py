@@ -44,6 +44,9 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
     def ConfirmTransaction(self, request, context):
         return self.mfa.confirm_transaction(request, budget_of(context))
 
+    def GetPushConfirmation(self, request, context):
+        return self.mfa.get_push_confirmation(request)
+
     def SetPushToken(self, request, context):
         return self.mfa.set_push_token(request)
 

@@ -122,7 +122,8 @@ class Orchestrator:
     def _policy_of(self, session: Session) -> Policy:
         return self.policies.get(session.tenant_id)
 
-    def _context(self, session: Session, policy: Policy, now: datetime, budget: float | None) -> FactorContext:
+    def factor_context(self, session: Session, policy: Policy, now: datetime,
+                       budget: float | None = None) -> FactorContext:
         return FactorContext(self.rt, self.store, policy, session.tenant_id, session.subject_id, session.id,
                              session.state, now, self.clients, self.otp, budget, proofs=self.proofs)
 
@@ -231,7 +232,7 @@ class Orchestrator:
         self.lockouts.check(session.tenant_id, session.subject_id, session.state.device.fp, policy.lockout, now,
                             session.state.device_usable)
         factor = FACTORS[name]
-        ctx = self._context(session, policy, now, budget)
+        ctx = self.factor_context(session, policy, now, budget)
         claimed = self.sessions.mutate(session, lambda st: factor.claim(ctx, st)) if factor.claims else session
         try:
             issued = factor.start_challenge(ctx)
@@ -293,7 +294,7 @@ class Orchestrator:
         st, tenant, subject = session.state, session.tenant_id, session.subject_id
         self.lockouts.check(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
         factor = FACTORS[name]
-        ctx = self._context(session, policy, now, budget)
+        ctx = self.factor_context(session, policy, now, budget)
         factor.validate(ctx, evidence)
         attempt = self.lockouts.attempt(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
         try:
@@ -430,6 +431,9 @@ class Orchestrator:
     def confirm_transaction(self, req: mfa_pb2.ConfirmTransactionRequest,
                             budget: float | None = None) -> mfa_pb2.ConfirmTransactionResponse:
         return self.push.confirm(req, budget)
+
+    def get_push_confirmation(self, req: mfa_pb2.GetPushConfirmationRequest) -> mfa_pb2.GetPushConfirmationResponse:
+        return self.push.fetch(req)
 
     def set_push_token(self, req: mfa_pb2.SetPushTokenRequest) -> mfa_pb2.SetPushTokenResponse:
         return self.push.set_token(req)

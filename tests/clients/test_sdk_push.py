@@ -1,14 +1,18 @@
 """The SDK's push confirmation against a real MFA on loopback (the push tenant of
-tests/mfa/pushapp.py): the customer's app, bound with the SDK, receives the development push,
-shows it and answers with the number on the bank's screen; a wrong number never allows."""
+tests/mfa/pushapp.py): the customer's app, bound with the SDK, receives the development push (ids
+only), reads what it confirms from the MFA with a request signed by its bound key, shows it and
+answers with the number on the bank's screen; a wrong number never allows, and another phone
+cannot read it."""
 
 from __future__ import annotations
 
 import pytest
 
-from biogate_client import BioGate, Device, dev_credentials, dev_otp, dev_push, device_info
+from biogate_client import BioGate, Device, PermissionDenied, dev_credentials, dev_otp, dev_push, device_info
+from biogate_client import FailedPrecondition, push_fetch_context
 from services.common.api.v1.mfa_pb2 import OUTCOME_ALLOW, OUTCOME_DENY
 from services.mfa.binding import canonical_json
+from services.mfa.push.confirmation import fetch_context
 from tests.mfa.pushapp import TENANT, push_server
 
 PAYEE = ("Li Lei", "6222 **** **** 1234")
@@ -49,19 +53,33 @@ def test_the_app_confirms_a_web_payment_with_the_number_on_the_screen(env):
     sent = s.send_push()
     assert sent.sent and sent.device_id == phone.device_id and len(sent.number) >= 2
     push = dev_push(data_dir / "push-outbox.jsonl", sent.confirmation_id)
-    shown = phone.confirmation(push)
+    assert push == {"type": "biogate.confirm", "cid": sent.confirmation_id, "sid": s.id,
+                    "request_id": push["request_id"]}  # what FCM would carry: ids only
+    assert push_fetch_context(s.id, sent.confirmation_id, phone.device_id) == fetch_context(
+        s.id, sent.confirmation_id, phone.device_id)  # the SDK signs the server's bytes
+    fetched = bg.get_push_confirmation(phone.push_fetch(push))
+    shown = phone.confirmation(fetched)
     assert shown["amount"] == {"cur": "CNY", "minor": 120000} and shown["payee"] == {"name": PAYEE[0], "account": PAYEE[1]}
-    assert "number" not in shown  # only the bank's screen shows it
+    assert shown["action"] == "payment" and "number" not in shown  # only the bank's screen shows the number
+    assert fetched.expires_at == sent.expires_at
+
+    other = Device(device_id=phone.device_id)  # another key claiming the phone's device id
+    with pytest.raises(PermissionDenied) as err:
+        bg.get_push_confirmation(other.push_fetch(push))
+    assert err.value.reason == "PUSH_SIGNATURE_INVALID"
 
     wrong = f"{(int(sent.number) + 1) % 100:02d}"
-    refused = bg.confirm_transaction(s.id, phone.answer_push(push, "approve", wrong))
+    refused = bg.confirm_transaction(s.id, phone.answer_push(fetched, "approve", wrong))
     assert not refused.result.passed and [r.code for r in refused.result.reasons] == ["PUSH_NUMBER_MISMATCH"]
     assert s.decide().outcome != OUTCOME_ALLOW
 
     sent = s.send_push()  # a refused answer used the confirmation up: a new one, with a new number
+    with pytest.raises(FailedPrecondition) as err:  # the used-up one is no longer read
+        bg.get_push_confirmation(phone.push_fetch(push))
+    assert err.value.reason == "PUSH_NOT_CURRENT"
     push = dev_push(data_dir / "push-outbox.jsonl", sent.confirmation_id)
-    shown = phone.confirmation(push)
-    answer = phone.answer_push(push, "approve", sent.number)
+    shown = phone.confirmation(bg.get_push_confirmation(phone.push_fetch(push)))
+    answer = phone.answer_push(shown, "approve", sent.number)
     assert answer.context == canonical_json({**shown, "answer": "approve", "number": sent.number})  # the server's bytes
     assert bg.confirm_transaction(s.id, answer).result.passed
     d = s.decide()
@@ -74,8 +92,8 @@ def test_a_deny_from_the_app_ends_the_session(env):
     phone = customer_with_app(bg, data_dir, "cust-sdk-deny")
     s = web_payment(bg, "cust-sdk-deny")
     sent = s.send_push()
-    push = dev_push(data_dir / "push-outbox.jsonl", sent.confirmation_id)
-    r = bg.confirm_transaction(s.id, phone.answer_push(push, "deny", sent.number))
+    fetched = bg.get_push_confirmation(phone.push_fetch(dev_push(data_dir / "push-outbox.jsonl", sent.confirmation_id)))
+    r = bg.confirm_transaction(s.id, phone.answer_push(fetched, "deny", sent.number))
     assert r.decision.outcome == OUTCOME_DENY and not r.decision.token  # no bearer credential
     with pytest.raises(ValueError):
-        phone.answer_push(push, "maybe", sent.number)
+        phone.answer_push(fetched, "maybe", sent.number)

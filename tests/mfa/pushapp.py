@@ -115,6 +115,21 @@ class PushApp(App):
         super().__init__(phone_device(install=install), **kw)
         self.push_token = f"fcm-token-{install}"
 
+    def fetch_request(self, data: dict, device_id: str | None = None, passkey=None) -> F.GetPushConfirmationRequest:
+        """The signed request for the fields of the confirmation a push's ``data`` names (ids only);
+        ``device_id``: another id than its own (a forgery); ``passkey``: a passkey's assertion
+        (tests.mfa.authenticator.SoftAuthenticator) instead of the key's signature."""
+        from services.mfa.push.confirmation import fetch_context
+
+        device_id = device_id or self.device_id
+        context = fetch_context(data["sid"], data["cid"], device_id)
+        req = F.GetPushConfirmationRequest(session_id=data["sid"], confirmation_id=data["cid"], device_id=device_id)
+        if passkey is not None:
+            req.webauthn.CopyFrom(passkey.assert_context(context))
+        else:
+            req.signature = self.sign(context)
+        return req
+
     def answer(self, fields: dict, number: str, answer: str = "approve", device_id: str | None = None,
                **changed) -> F.PushAnswer:
         """The signed answer to a confirmation whose shown ``fields`` the push carried; ``changed``
@@ -168,13 +183,19 @@ def pushes(settings) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def shown_fields(settings, confirmation_id: str) -> dict:
-    """The fields the app received for a confirmation (the last push that carried it)."""
+def push_for(settings, confirmation_id: str) -> dict:
+    """The data of the last push (development sink) that named a confirmation."""
     for entry in reversed(pushes(settings)):
-        fields = json.loads(entry["data"]["fields"])
-        if fields["cid"] == confirmation_id:
-            return fields
-    raise AssertionError(f"no push carried {confirmation_id}")
+        if entry["data"].get("cid") == confirmation_id:
+            return entry["data"]
+    raise AssertionError(f"no push named {confirmation_id}")
+
+
+def shown_fields(stub, settings, app: PushApp, confirmation_id: str, passkey=None) -> dict:
+    """The fields ``app`` is shown for a confirmation: the push names it, the app reads it from the
+    MFA with GetPushConfirmation, signed by its bound key (or ``passkey``)."""
+    got = stub.GetPushConfirmation(app.fetch_request(push_for(settings, confirmation_id), passkey=passkey))
+    return json.loads(got.fields)
 
 
 def fcm_problems(path: str, headers, body: bytes, project: str, access_token: str) -> list[str]:

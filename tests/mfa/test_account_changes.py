@@ -118,7 +118,7 @@ def test_a_second_device_is_bound_only_in_a_bind_device_session_confirmed_on_the
     s = start(stub, new, ref, action="bind_device")
     sent = stub.SendPushConfirmation(F.SendPushConfirmationRequest(session_id=s.session_id))
     assert sent.sent and sent.device_id == old.device_id  # the old phone is asked
-    fields = shown_fields(harness.settings, sent.confirmation_id)
+    fields = shown_fields(stub, harness.settings, old, sent.confirmation_id)
     assert fields["action"] == "bind_device" and fields["shown"]["device"] == "new"
     stub.ConfirmTransaction(F.ConfirmTransactionRequest(session_id=s.session_id, answer=old.answer(fields, sent.number)))
     otp(stub, harness.settings, s.session_id)

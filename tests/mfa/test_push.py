@@ -68,10 +68,11 @@ def test_an_approval_with_the_number_the_screen_showed_allows_and_is_audited(env
     assert 0 < (sent.expires_at.ToDatetime() - orch.clock().replace(tzinfo=None)).total_seconds() <= 60
     message = pushes(harness.settings)[-1]
     assert message["token_sha256"] and app.push_token not in json.dumps(message)
-    assert message["data"]["request_id"] == "req-push-approve"
-    fields = json.loads(message["data"]["fields"])
-    assert "number" not in fields and sent.number not in message["data"].values()  # the screen has it, not the push
-    assert fields["amount"] == {"cur": "CNY", "minor": AMOUNT}
+    assert message["data"] == {"type": "biogate.confirm", "cid": sent.confirmation_id, "sid": s.session_id,
+                               "request_id": "req-push-approve"}  # ids only: the provider sees no transaction
+    fields = shown_fields(stub, harness.settings, app, sent.confirmation_id)  # read from the MFA, signed
+    assert "number" not in fields  # the screen has it, not the app
+    assert fields["amount"] == {"cur": "CNY", "minor": AMOUNT} and fields["action"] == "payment"
     assert fields["payee"] == {"name": "Li Lei", "account": "6222 **** **** 1234"}
     assert fields["shown"] == {"channel": "web", "country": "FR", "device": "new"}
 
@@ -86,15 +87,18 @@ def test_an_approval_with_the_number_the_screen_showed_allows_and_is_audited(env
         details = json.loads(row.details)
         if details.get("session_id") == s.session_id:
             events[row.event_type] = details
-    assert {"mfa.session_started", "mfa.push_sent", "mfa.factor", "mfa.decision"} <= set(events)
+    assert {"mfa.session_started", "mfa.push_sent", "mfa.push_fetched", "mfa.factor", "mfa.decision"} <= set(events)
     assert events["mfa.push_sent"]["request_id"] == "req-push-approve"
+    assert events["mfa.push_fetched"] == {"session_id": s.session_id, "confirmation_id": sent.confirmation_id,
+                                          "device_id": app.device_id, "refused": "",
+                                          "request_id": "req-push-approve"}
     assert events["mfa.push_sent"]["device_id"] == app.device_id
     factor = events["mfa.factor"]  # who confirmed what, on which device (the record's own time: when)
     assert factor["confirmation_id"] == sent.confirmation_id and factor["device_id"] == app.device_id
     assert factor["answer"] == "approve" and factor["reasons"] == ["PUSH_APPROVED"]
 
 
-def test_through_fcm_the_app_gets_the_confirmation_for_its_token(env, fcm):
+def test_through_fcm_the_provider_sees_ids_only_and_the_app_reads_the_transaction_from_the_mfa(env, fcm):
     harness, stub, orch = env
     app = PushApp("inst-fcm")
     ref = customer(stub, harness.settings, "cust-fcm", app)
@@ -109,9 +113,81 @@ def test_through_fcm_the_app_gets_the_confirmation_for_its_token(env, fcm):
     assert sent.sent and req["problems"] == []
     msg = req["body"]["message"]
     assert msg["token"] == app.push_token and msg["android"]["ttl"] == "60s"
-    fields = json.loads(msg["data"]["fields"])
-    assert fields["cid"] == sent.confirmation_id
+    assert msg["data"] == {"type": "biogate.confirm", "cid": sent.confirmation_id, "sid": s.session_id,
+                           "request_id": msg["data"]["request_id"]}  # the call's generated id
+    assert msg["apns"]["payload"]["aps"]["alert"] == {"loc-key": "biogate_confirm_transaction"}  # the wake-up alert
+    ids = {sent.confirmation_id, s.session_id, msg["data"]["request_id"], app.push_token,
+           msg["apns"]["headers"]["apns-expiration"]}  # random ids, the token, a time: digits by chance
+    rest = " ".join(x for x in leaves(req["body"]) if x not in ids)  # everything else FCM (and APNs) receive
+    for shown in ("Li Lei", "6222", "1234", str(AMOUNT), "1200", "CNY", "payment", "FR", "web", s.nonce,
+                  ref.subject_id, ref.tenant_id):
+        assert shown not in rest, shown
+
+    got = stub.GetPushConfirmation(app.fetch_request(msg["data"]))
+    fields = json.loads(got.fields)
+    assert fields["cid"] == sent.confirmation_id and fields["action"] == "payment"
+    assert fields["amount"] == {"cur": "CNY", "minor": AMOUNT}
+    assert fields["payee"] == {"name": "Li Lei", "account": "6222 **** **** 1234"}
+    assert fields["shown"] == {"channel": "web", "country": "FR", "device": "new"}
+    assert got.expires_at == sent.expires_at
     assert confirm(stub, s, app.answer(fields, sent.number)).result.passed
+
+
+def leaves(doc) -> list[str]:
+    """Every key and scalar of a JSON document, as strings."""
+    if isinstance(doc, dict):
+        return [x for k, v in doc.items() for x in (str(k), *leaves(v))]
+    if isinstance(doc, list):
+        return [x for v in doc for x in leaves(v)]
+    return [str(doc)]
+
+
+def test_only_the_device_the_push_went_to_reads_it_and_only_while_it_is_out(env, two_phones, clock):
+    harness, stub, orch = env
+    app, other, ref = two_phones
+    stranger = PushApp("inst-fetch-stranger")  # another subject's bound phone
+    customer(stub, harness.settings, "cust-fetch-stranger", stranger)
+    s = web_payment(stub, app, ref)
+    sent = send(stub, s)
+    target = next(a for a in (app, other) if a.device_id == sent.device_id)
+    bystander = other if target is app else app
+    data = {"cid": sent.confirmation_id, "sid": s.session_id}
+
+    def refused(req) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetPushConfirmation(req)
+        return err.value.code(), reason(err.value)
+
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert refused(bystander.fetch_request(data)) == (denied, "PUSH_WRONG_DEVICE")  # the subject's other phone
+    assert refused(stranger.fetch_request(data)) == (denied, "PUSH_WRONG_DEVICE")  # another subject's phone
+    assert refused(stranger.fetch_request(data, device_id=target.device_id)) == (denied, "PUSH_SIGNATURE_INVALID")
+    assert refused(bystander.fetch_request(data, device_id=target.device_id)) == (denied, "PUSH_SIGNATURE_INVALID")
+    forged = target.fetch_request(data)
+    forged.confirmation_id = "pc_" + "0" * 32  # not the one out
+    assert refused(forged) == (grpc.StatusCode.FAILED_PRECONDITION, "PUSH_NOT_CURRENT")
+    audit = [json.loads(r.details) for r in orch.rt.storage.audit.iter_records() if r.event_type == "mfa.push_fetched"]
+    mine = [a["refused"] for a in audit if a["session_id"] == s.session_id]
+    assert mine == ["PUSH_WRONG_DEVICE", "PUSH_WRONG_DEVICE", "PUSH_SIGNATURE_INVALID", "PUSH_SIGNATURE_INVALID"]
+
+    clock.advance(60)  # the policy's ttl_s
+    assert refused(target.fetch_request(data)) == (grpc.StatusCode.FAILED_PRECONDITION, "PUSH_EXPIRED")
+    clock.advance(-1)
+    fields = json.loads(stub.GetPushConfirmation(target.fetch_request(data)).fields)
+    assert confirm(stub, s, target.answer(fields, sent.number)).result.passed
+    assert refused(target.fetch_request(data)) == (grpc.StatusCode.FAILED_PRECONDITION, "PUSH_ALREADY_ANSWERED")
+    stored = orch.sessions.get(s.session_id).state.push
+    assert stored["answered"] and "sealed" not in stored  # what it showed is not kept past its answer
+    assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW
+    assert refused(target.fetch_request(data)) == (grpc.StatusCode.FAILED_PRECONDITION, "SESSION_DECIDED")
+
+    s = web_payment(stub, app, ref)  # a replaced confirmation is no longer read
+    first = send(stub, s)
+    second = send(stub, s)
+    reader = next(a for a in (app, other) if a.device_id == first.device_id)
+    assert refused(reader.fetch_request({"cid": first.confirmation_id, "sid": s.session_id})) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "PUSH_NOT_CURRENT")
+    assert second.sent
 
 
 def test_a_deny_ends_the_session_deny_and_flags_the_subject(env):
@@ -120,7 +196,7 @@ def test_a_deny_ends_the_session_deny_and_flags_the_subject(env):
     ref = customer(stub, harness.settings, "cust-deny", app)
     s = web_payment(stub, app, ref)
     sent = send(stub, s)
-    r = confirm(stub, s, app.answer(shown_fields(harness.settings, sent.confirmation_id), "", answer="deny"))
+    r = confirm(stub, s, app.answer(shown_fields(stub, harness.settings, app, sent.confirmation_id), "", answer="deny"))
     assert not r.result.passed and [x.code for x in r.result.reasons] == ["PUSH_DENIED"]
     assert r.decision.outcome == F.OUTCOME_DENY and r.decision.reasons[0].code == "CUSTOMER_DENIED"
     assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_DENY
@@ -147,7 +223,7 @@ def sent_to(stub, harness, apps, s):
     """The confirmation out, the app it went to (the most recently seen bound device) and its fields."""
     sent = send(stub, s)
     app = next(a for a in apps if a.device_id == sent.device_id)
-    return sent, app, shown_fields(harness.settings, sent.confirmation_id)
+    return sent, app, shown_fields(stub, harness.settings, app, sent.confirmation_id)
 
 
 @pytest.mark.parametrize("case, code", [
@@ -299,7 +375,7 @@ def test_a_passkey_device_answers_with_a_webauthn_assertion_over_the_confirmatio
 
     s = web_payment(stub, app, ref)
     sent = send(stub, s)
-    answer = app.answer(shown_fields(harness.settings, sent.confirmation_id), sent.number)
+    answer = app.answer(shown_fields(stub, harness.settings, app, sent.confirmation_id, passkey=passkey), sent.number)
     answer.ClearField("signature")
     forged = F.PushAnswer()
     forged.CopyFrom(answer)
@@ -309,7 +385,7 @@ def test_a_passkey_device_answers_with_a_webauthn_assertion_over_the_confirmatio
 
     s = web_payment(stub, app, ref)
     sent = send(stub, s)
-    answer = app.answer(shown_fields(harness.settings, sent.confirmation_id), sent.number)
+    answer = app.answer(shown_fields(stub, harness.settings, app, sent.confirmation_id, passkey=passkey), sent.number)
     answer.ClearField("signature")
     answer.webauthn.CopyFrom(passkey.assert_context(answer.context))
     r = confirm(stub, s, answer)
@@ -326,7 +402,7 @@ def test_a_deny_flags_the_bound_device_the_transaction_started_on(env, clock):
     s = start(stub, tablet, ref, action="payment", amount=AMOUNT)  # on the tablet, e.g. stolen
     sent = send(stub, s)
     assert sent.device_id == phone.device_id
-    r = confirm(stub, s, phone.answer(shown_fields(harness.settings, sent.confirmation_id), "", answer="deny"))
+    r = confirm(stub, s, phone.answer(shown_fields(stub, harness.settings, phone, sent.confirmation_id), "", answer="deny"))
     assert r.decision.outcome == F.OUTCOME_DENY
     assert orch.store.devices.get(ref.tenant_id, tablet.device_id).flagged_at is not None
     assert orch.store.devices.get(ref.tenant_id, phone.device_id).flagged_at is None

@@ -17,7 +17,7 @@ from services.mfa.push import FcmPushGateway, PushError, open_push_gateway
 from tests.conftest import make_settings
 from tests.mfa.pushapp import FcmServer, fcm_problems, service_account_key
 
-DATA = {"type": "biogate.confirm", "fields": '{"cid":"pc_1"}', "request_id": "req-1"}
+DATA = {"type": "biogate.confirm", "cid": "pc_1", "sid": "ses_1", "request_id": "req-1"}  # ids only
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@
 """
 
 from .client import BioGate, Session, outcome_name, subject_ref
-from .context import payload_digest, push_answer_context, transaction_context, webauthn_challenge
+from .context import payload_digest, push_answer_context, push_fetch_context, transaction_context, webauthn_challenge
 from .credentials import Credentials, dev_credentials
 from .dev import dev_otp, dev_push
 from .device import Device, device_info
@@ -22,5 +22,5 @@ __all__ = [
     "AlreadyExists", "BioGate", "BioGateError", "Credentials", "DeadlineExceeded", "Device", "FailedPrecondition",
     "Internal", "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "Session", "Unauthenticated",
     "Unavailable", "dev_credentials", "dev_otp", "dev_push", "device_info", "from_rpc_error", "load_jwks", "outcome_name",
-    "payload_digest", "push_answer_context", "subject_ref", "transaction_context", "verify_decision", "webauthn_challenge",
+    "payload_digest", "push_answer_context", "push_fetch_context", "subject_ref", "transaction_context", "verify_decision", "webauthn_challenge",
 ]

@@ -238,6 +238,11 @@ class BioGate:
         self.call(self.mfa.SetPushToken, mfa_pb2.SetPushTokenRequest(
             subject=subject_ref(tenant, subject), device_id=device_id, push_token=push_token))
 
+    def get_push_confirmation(self, request: mfa_pb2.GetPushConfirmationRequest) -> mfa_pb2.GetPushConfirmationResponse:
+        """What a push confirmation shows, for the bound app it went to (``Device.push_fetch``: the
+        request signed by its key); another device, an expired or an answered one is refused."""
+        return self.call(self.mfa.GetPushConfirmation, request)
+
     def confirm_transaction(self, session_id: str, answer: mfa_pb2.PushAnswer) -> mfa_pb2.ConfirmTransactionResponse:
         """The app's signed answer to a push confirmation (``Device.answer_push``). A deny ends the
         session DENY (``decision``); a wrong number, device or context is refused."""

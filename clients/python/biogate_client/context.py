@@ -40,10 +40,17 @@ def transaction_context(*, session_id: str, nonce: str, tenant: str, action: str
     return _canonical(value)
 
 
+def push_fetch_context(session_id: str, confirmation_id: str, device_id: str) -> bytes:
+    """The bytes an app signs to read a push confirmation (mfa.proto, ``GetPushConfirmationRequest``):
+    the push's ``sid`` and ``cid`` and the app's own bound ``device_id``."""
+    return _canonical({"v": VERSION, "type": "push-fetch", "cid": confirmation_id, "sid": session_id,
+                       "device": device_id})
+
+
 def push_answer_context(fields: Mapping[str, Any], answer: str, number: str) -> bytes:
     """The bytes an app signs to answer a push confirmation (mfa.proto, ``PushAnswer``): the
-    ``fields`` the push carried (its data's ``fields``, parsed), ``answer`` ("approve" or "deny")
-    and the ``number`` the user typed from the bank's screen."""
+    ``fields`` GetPushConfirmation returned (parsed), ``answer`` ("approve" or "deny") and the
+    ``number`` the user typed from the bank's screen."""
     if answer not in ("approve", "deny"):
         raise ValueError("answer must be approve or deny")
     return _canonical({**fields, "answer": answer, "number": number})

@@ -24,11 +24,11 @@ def dev_otp(outbox: Path | str = DEV_OUTBOX, masked_phone: str = "") -> str:
 def dev_push(outbox: Path | str = DEV_PUSH_OUTBOX, confirmation_id: str = "") -> dict[str, str]:
     """The data of the newest push the development push sink wrote (``mfa.push.gateway: dev``, the
     default; ``<data_dir>/push-outbox.jsonl``), for ``confirmation_id`` if given: what the app
-    receives, to answer with :meth:`biogate_client.Device.answer_push`."""
+    receives (ids only), to read with :meth:`biogate_client.Device.push_fetch`."""
     path = Path(outbox)
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     for line in reversed(lines):
         data = json.loads(line)["data"] if line else {}
-        if data and (not confirmation_id or json.loads(data["fields"])["cid"] == confirmation_id):
+        if data and (not confirmation_id or data.get("cid") == confirmation_id):
             return data
     raise LookupError(f"no push{' for ' + confirmation_id if confirmation_id else ''} in {path}")

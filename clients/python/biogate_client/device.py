@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.common.api.v1 import common_pb2, mfa_pb2
 
-from .context import payload_digest, push_answer_context, shown, transaction_context
+from .context import payload_digest, push_answer_context, push_fetch_context, shown, transaction_context
 
 
 def device_info(install_id: str, platform: str = "android", **fields) -> mfa_pb2.DeviceInfo:
@@ -109,16 +109,28 @@ class Device:
                                      binding=self.binding(session, [audio]))
 
     # ------------------------------------------------------------------ push confirmations
-    @staticmethod
-    def confirmation(push_data: Mapping[str, str]) -> dict:
-        """What a received push asks the customer to confirm (action, amount, payee, where it
-        started): show all of it before asking approve or deny and the number on the bank's screen."""
-        return json.loads(push_data["fields"])
+    def push_fetch(self, push_data: Mapping[str, str]) -> mfa_pb2.GetPushConfirmationRequest:
+        """The signed request for what a received push asks to confirm. The push (FCM, APNs) carries
+        only ids (``cid``, ``sid``); send this with ``BioGate.get_push_confirmation``."""
+        if push_data.get("type") != "biogate.confirm":
+            raise ValueError("not a BioGate push confirmation")
+        sid, cid = push_data["sid"], push_data["cid"]
+        return mfa_pb2.GetPushConfirmationRequest(
+            session_id=sid, confirmation_id=cid, device_id=self.device_id,
+            signature=self.sign(push_fetch_context(sid, cid, self.device_id)))
 
-    def answer_push(self, push_data: Mapping[str, str], answer: str, number: str) -> mfa_pb2.PushAnswer:
-        """The signed answer ("approve" or "deny") to a received push, with the ``number`` the user
-        typed from the bank's screen (number matching); send it with ``BioGate.confirm_transaction``."""
-        fields = self.confirmation(push_data)
+    @staticmethod
+    def confirmation(fetched: mfa_pb2.GetPushConfirmationResponse) -> dict:
+        """What the confirmation asks the customer to confirm (action, amount, payee, where it
+        started): show all of it before asking approve or deny and the number on the bank's screen."""
+        return json.loads(fetched.fields)
+
+    def answer_push(self, fetched: mfa_pb2.GetPushConfirmationResponse | Mapping, answer: str,
+                    number: str) -> mfa_pb2.PushAnswer:
+        """The signed answer ("approve" or "deny") to a confirmation (GetPushConfirmation's response,
+        or its fields as :meth:`confirmation` parsed them), with the ``number`` the user typed from
+        the bank's screen (number matching); send it with ``BioGate.confirm_transaction``."""
+        fields = self.confirmation(fetched) if isinstance(fetched, mfa_pb2.GetPushConfirmationResponse) else fetched
         context = push_answer_context(fields, answer, number)
         return mfa_pb2.PushAnswer(confirmation_id=fields["cid"], device_id=self.device_id, context=context,
                                   signature=self.sign(context))

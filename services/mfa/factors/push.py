@@ -98,3 +98,4 @@ class PushFactor(Factor):
                 raise errors.failed_precondition("this confirmation was answered already; send a new one",
                                                  "PUSH_ALREADY_ANSWERED")
             push["answered"] = True
+            push.pop("sealed", None)  # what it showed is not kept past its answer

@@ -12,8 +12,17 @@ themselves (services/mfa/binding.canonical_json)::
 
 ``shown`` are the facts the customer judges by: the channel the transaction started on, the
 country it came from (null when unknown) and whether the device that started it is one of theirs
-("bound", "drifted", "new", "unbound", "absent"). The push message carries every field but
-``answer`` and ``number``: the number is on the bank's screen only, and the user types it.
+("bound", "drifted", "new", "unbound", "absent"). The number is on the bank's screen only, and the
+user types it.
+
+The push message (FCM, APNs: a third party's servers and logs) carries none of these fields, only
+opaque ids and a wake-up alert (:meth:`Confirmation.push_data`). The app reads the fields from the
+MFA with GetPushConfirmation, signing the fetch context with its bound key::
+
+    {"cid":"pc_...","device":"dev_...","sid":"ses_...","type":"push-fetch","v":1}
+
+(:func:`fetch_context`); the MFA keeps the fields sealed in the session until they are answered
+(services/mfa/push/flow.py).
 """
 
 from __future__ import annotations
@@ -64,11 +73,32 @@ class Confirmation:
         return canonical_json({**self.fields(), "answer": answer, "number": number})
 
     def push_data(self, request_id: str) -> dict[str, str]:
-        """The push message's data (string values only): every shown field, never the number."""
-        data = {"type": "biogate.confirm", "fields": canonical_json(self.fields()).decode()}
+        """The push message's data (string values only): opaque ids, none of the shown fields (they
+        would reach the push provider in clear) and never the number."""
+        data = {"type": "biogate.confirm", "cid": self.confirmation_id, "sid": self.session_id}
         if request_id:
             data["request_id"] = request_id
         return data
+
+
+@dataclass(frozen=True)
+class SealedFields:
+    """The envelope binding of a confirmation's fields kept in its session (every field is
+    associated data: an envelope copied to another confirmation does not open)."""
+
+    tenant_id: str
+    subject_id: str
+    confirmation_id: str
+
+    def fields(self) -> dict[str, str]:
+        return {"purpose": "push-confirmation", "tenant": self.tenant_id, "subject": self.subject_id,
+                "confirmation": self.confirmation_id}
+
+
+def fetch_context(session_id: str, confirmation_id: str, device_id: str) -> bytes:
+    """The bytes a bound device signs to read a confirmation (GetPushConfirmation)."""
+    return canonical_json({"v": VERSION, "type": "push-fetch", "cid": confirmation_id, "sid": session_id,
+                           "device": device_id})
 
 
 @dataclass(frozen=True)

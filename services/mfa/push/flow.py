@@ -3,7 +3,15 @@
 SendPushConfirmation: the session must accept the push factor; the confirmation (a random id, the
 number for the bank's screen, the facts shown, an expiry within the policy's ttl, at most 2 minutes)
 is kept in the session with its audit record, then handed to the gateway for the subject's bound
-device with a push token (the most recently seen, never a flagged one). No such device, or a
+device with a push token (the most recently seen, never a flagged one). The push carries only ids:
+what the confirmation shows (action, amount, payee, ...) stays with the MFA, sealed in the session
+(the runtime's envelope encryption, bound to tenant, subject and confirmation) until it is answered.
+
+GetPushConfirmation: the app the push went to reads those fields, proving possession of that
+device's bound key (or passkey) over the fetch context (confirmation.fetch_context), checked like a
+device proof (services/mfa/proofs.py). Another device or subject, or a bad signature, is refused
+(PERMISSION_DENIED) before anything about the confirmation is told; then an answered, expired or
+replaced one (FAILED_PRECONDITION). Audited, refusals of the proof included. No such device, or a
 gateway that fails, and the session falls back to the policy's sets (``factors.push.fallback``, with
 an IVR call-back for a voice factor when ``ivr_callback``), audited; never an ALLOW without a factor.
 
@@ -16,9 +24,10 @@ carries the request id of the call that started the session.
 
 from __future__ import annotations
 
+import base64
 import logging
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import grpc
@@ -30,12 +39,13 @@ from services.common.subjects import actor, timestamp
 from services.common.validation import identifier, subject_ref
 
 from .. import requests
-from ..binding import payee_object
+from ..binding import canonical_json, payee_object
+from ..proofs import Refused, key_proof_shape
 from ..render import factor_sets
 from ..sessions import Session
 from ..state import SessionState
 from .base import PushError
-from .confirmation import Confirmation, Shown
+from .confirmation import Confirmation, SealedFields, Shown, fetch_context
 
 if TYPE_CHECKING:
     from ..service import Orchestrator
@@ -75,8 +85,9 @@ class PushConfirmations:
             Shown(st.channel, st.place[0] if st.place and st.place[0] else None, st.device.state),
             expires.isoformat())
         number = f"{secrets.randbelow(10 ** cfg.number_digits):0{cfg.number_digits}d}"
+        sealed = o.rt.crypto.seal(SealedFields(tenant, subject, conf.confirmation_id), canonical_json(conf.fields()))
         out = {"cid": conf.confirmation_id, "number": number, "device_id": target.id, "exp": conf.expires,
-               "shown": conf.shown.to_json()}
+               "shown": conf.shown.to_json(), "sealed": base64.b64encode(sealed).decode()}
 
         def record(s: SessionState) -> None:
             if s.decision is not None:
@@ -125,6 +136,45 @@ class PushConfirmations:
         return mfa_pb2.SendPushConfirmationResponse(
             sent=False, reason=common_pb2.Reason(code=code, message=why + "; the session falls back"),
             acceptable=factor_sets(session.state.plan.acceptable()), ivr_callback=bool(callback))
+
+    # ------------------------------------------------------------------ the app reads it
+    def fetch(self, req: mfa_pb2.GetPushConfirmationRequest) -> mfa_pb2.GetPushConfirmationResponse:
+        o = self.o
+        cid = identifier(req.confirmation_id, "confirmation_id")
+        device_id = identifier(req.device_id, "device_id")
+        key_proof_shape(req, "request")
+        now = o.clock()
+        session = o.sessions.open(req.session_id, now)
+        st, tenant, subject = session.state, session.tenant_id, session.subject_id
+        push = st.push
+        if push is None:
+            raise errors.failed_precondition("no push confirmation is out in this session", "PUSH_NOT_SENT")
+        if push["cid"] != cid:
+            raise errors.failed_precondition("that confirmation is not the one out in this session", "PUSH_NOT_CURRENT")
+        ctx = o.factor_context(session, o.policies.get(tenant), now)
+        try:
+            if device_id != push["device_id"]:
+                raise Refused("PUSH_WRONG_DEVICE", "the confirmation was sent to another bound device")
+            rec = o.proofs.bound_device(ctx, device_id, "PUSH_DEVICE_NOT_BOUND")
+            o.proofs.verify(ctx, rec, req.signature, req.webauthn if req.HasField("webauthn") else None,
+                            fetch_context(session.id, cid, device_id), "PUSH")
+        except Refused as refused:
+            self._audit_fetch(session, cid, device_id, refused.reason.code)
+            raise errors.permission_denied(refused.reason.message, refused.reason.code) from None
+        if push.get("answered"):
+            raise errors.failed_precondition("this confirmation was answered already", "PUSH_ALREADY_ANSWERED")
+        if "sealed" not in push:  # sent by a version that pushed the fields themselves
+            raise errors.failed_precondition("this confirmation's fields went with its push", "PUSH_NOT_CURRENT")
+        if now >= datetime.fromisoformat(push["exp"]):
+            raise errors.failed_precondition("the confirmation expired; the bank may send a new one", "PUSH_EXPIRED")
+        fields = o.rt.crypto.open(SealedFields(tenant, subject, cid), base64.b64decode(push["sealed"]))
+        self._audit_fetch(session, cid, device_id, "")
+        return mfa_pb2.GetPushConfirmationResponse(fields=fields, expires_at=timestamp(datetime.fromisoformat(push["exp"])))
+
+    def _audit_fetch(self, session: Session, cid: str, device_id: str, refused: str) -> None:
+        self.o.rt.audit.append("mfa.push_fetched", actor(), session.tenant_id, session.subject_id, {
+            "session_id": session.id, "confirmation_id": cid, "device_id": device_id, "refused": refused,
+            "request_id": session.state.request_id or ""})
 
     # ------------------------------------------------------------------ answer
     def confirm(self, req: mfa_pb2.ConfirmTransactionRequest, budget: float | None) -> mfa_pb2.ConfirmTransactionResponse:

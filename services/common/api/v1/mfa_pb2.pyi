@@ -638,6 +638,28 @@ class ConfirmTransactionResponse(_message.Message):
     decision: DecideResponse
     def __init__(self, result: _Optional[_Union[FactorResult, _Mapping]] = ..., still_acceptable: _Optional[_Iterable[_Union[FactorSet, _Mapping]]] = ..., attempts_left: _Optional[int] = ..., decision: _Optional[_Union[DecideResponse, _Mapping]] = ...) -> None: ...
 
+class GetPushConfirmationRequest(_message.Message):
+    __slots__ = ("session_id", "confirmation_id", "device_id", "signature", "webauthn")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    WEBAUTHN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    confirmation_id: str
+    device_id: str
+    signature: bytes
+    webauthn: WebAuthnAssertion
+    def __init__(self, session_id: _Optional[str] = ..., confirmation_id: _Optional[str] = ..., device_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., webauthn: _Optional[_Union[WebAuthnAssertion, _Mapping]] = ...) -> None: ...
+
+class GetPushConfirmationResponse(_message.Message):
+    __slots__ = ("fields", "expires_at")
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    fields: bytes
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, fields: _Optional[bytes] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class SetPushTokenRequest(_message.Message):
     __slots__ = ("subject", "device_id", "push_token")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]

@@ -141,6 +141,11 @@ class MfaServiceStub:
                 request_serializer=biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionRequest.SerializeToString,
                 response_deserializer=biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionResponse.FromString,
                 _registered_method=True)
+        self.GetPushConfirmation = channel.unary_unary(
+                '/biogate.v1.MfaService/GetPushConfirmation',
+                request_serializer=biogate_dot_v1_dot_mfa__pb2.GetPushConfirmationRequest.SerializeToString,
+                response_deserializer=biogate_dot_v1_dot_mfa__pb2.GetPushConfirmationResponse.FromString,
+                _registered_method=True)
         self.SetPushToken = channel.unary_unary(
                 '/biogate.v1.MfaService/SetPushToken',
                 request_serializer=biogate_dot_v1_dot_mfa__pb2.SetPushTokenRequest.SerializeToString,
@@ -282,8 +287,9 @@ class MfaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SendPushConfirmation(self, request, context):
-        """Push confirmation (issue 17). Sends the session's transaction (action, amount, payee, place)
-        to the subject's bound app and returns the number the bank's own screen shows (number
+        """Push confirmation (issue 17). Keeps the session's transaction (action, amount, payee, place) for
+        the subject's bound app, wakes the app with a push that carries only ids (GetPushConfirmation
+        hands it the transaction) and returns the number the bank's own screen shows (number
         matching). When no bound device has a push token, or the push gateway fails, nothing is sent
         and the session falls back to the policy's sets (factors.push.fallback), which the response names.
         """
@@ -295,6 +301,19 @@ class MfaServiceServicer:
         """The bound app's answer (approve or deny), signed by its key over exactly what it showed and the
         number the user entered; relayed by the bank's app back end. A deny ends the session DENY and
         flags the device and the subject.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPushConfirmation(self, request, context):
+        """What a push confirmation shows (action, amount, payee, where it started), for the bound app the
+        push went to: the push itself (FCM, APNs) carries only ids, so that no third party sees the
+        transaction. Asked with the device's bound key (or passkey) over the fetch context below;
+        relayed by the bank's app back end. Another device or subject, a bad signature
+        (PERMISSION_DENIED: PUSH_WRONG_DEVICE, PUSH_DEVICE_NOT_BOUND, PUSH_SIGNATURE_INVALID), an
+        expired, answered or replaced confirmation (FAILED_PRECONDITION: PUSH_EXPIRED,
+        PUSH_ALREADY_ANSWERED, PUSH_NOT_CURRENT) are refused. Audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -414,6 +433,11 @@ def add_MfaServiceServicer_to_server(servicer, server):
                     servicer.ConfirmTransaction,
                     request_deserializer=biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionRequest.FromString,
                     response_serializer=biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionResponse.SerializeToString,
+            ),
+            'GetPushConfirmation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPushConfirmation,
+                    request_deserializer=biogate_dot_v1_dot_mfa__pb2.GetPushConfirmationRequest.FromString,
+                    response_serializer=biogate_dot_v1_dot_mfa__pb2.GetPushConfirmationResponse.SerializeToString,
             ),
             'SetPushToken': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPushToken,
@@ -988,6 +1012,33 @@ class MfaService:
             '/biogate.v1.MfaService/ConfirmTransaction',
             biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionRequest.SerializeToString,
             biogate_dot_v1_dot_mfa__pb2.ConfirmTransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPushConfirmation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/biogate.v1.MfaService/GetPushConfirmation',
+            biogate_dot_v1_dot_mfa__pb2.GetPushConfirmationRequest.SerializeToString,
+            biogate_dot_v1_dot_mfa__pb2.GetPushConfirmationResponse.FromString,
             options,
             channel_credentials,
             insecure,
