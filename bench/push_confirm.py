@@ -3,9 +3,10 @@ signed answer accepted by ConfirmTransaction, through a real MFA service in its 
 loopback (bench/harness.py), with the development push sink standing for FCM and the app reading it.
 
 Per round: a web payment session is started (not timed); then, timed, SendPushConfirmation (the
-confirmation kept in the session with its audit record and handed to the gateway), the app picking
-the message up, building and signing its approval with the number the screen showed (Ed25519), and
-ConfirmTransaction (the push factor's checks, lockout, compare-and-swap, audit); Decide is timed
+confirmation sealed in the session with its audit record and handed to the gateway), the app picking
+the message up (ids only), reading the confirmation with GetPushConfirmation (signed by its key;
+the MFA checks the signature, opens the sealed fields, audits), building and signing its approval
+with the number the screen showed (Ed25519), and ConfirmTransaction (the push factor's checks, lockout, compare-and-swap, audit); Decide is timed
 apart. The provider's own delivery time (FCM to the phone, the user reading the screen) is not in
 these figures: it is the network's and the customer's, seconds, not the service's.
 
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bench.harness import ServiceProcess, command_line, machine, machine_line, pct, replace_section, write_json
 from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
 from services.mfa.binding import canonical_json
+from services.mfa.push.confirmation import fetch_context
 
 F = mfa_pb2
 TENANT = "bench-push"
@@ -107,7 +109,14 @@ def main() -> int:
             t0 = time.perf_counter()
             sent = stub.SendPushConfirmation(F.SendPushConfirmationRequest(session_id=s.session_id, payee=PAYEE))
             t1 = time.perf_counter()
-            fields = json.loads(outbox.next()["data"]["fields"])
+            data = outbox.next()["data"]
+            c0, f0 = svc.cpu_seconds(), time.perf_counter()
+            fetched = stub.GetPushConfirmation(F.GetPushConfirmationRequest(
+                session_id=data["sid"], confirmation_id=data["cid"], device_id=device_id,
+                signature=key.sign(fetch_context(data["sid"], data["cid"], device_id))))
+            f1 = time.perf_counter()
+            fetch_cpu.append(svc.cpu_seconds() - c0)
+            fields = json.loads(fetched.fields)
             context = canonical_json({**fields, "answer": "approve", "number": sent.number})
             answer = F.PushAnswer(confirmation_id=sent.confirmation_id, device_id=device_id, context=context,
                                   signature=key.sign(context))
@@ -117,17 +126,23 @@ def main() -> int:
             d = stub.Decide(F.DecideRequest(session_id=s.session_id))
             t4 = time.perf_counter()
             assert r.result.passed, r.result.reasons
-            return t3 - t0, t1 - t0, t3 - t2, t4 - t3, d.outcome
+            return t3 - t0, t1 - t0, t3 - t2, t4 - t3, d.outcome, f1 - f0
 
+        fetch_cpu: list[float] = []  # the service's CPU seconds during each GetPushConfirmation (/proc ticks)
         for _ in range(10):  # warm-up
             round_trip()
+        fetch_cpu.clear()
+        cpu0 = svc.cpu_seconds()
         rows = [round_trip() for _ in range(args.rounds)]
+        service_cpu = svc.cpu_seconds() - cpu0  # the whole rounds, session start and Decide included
     report = {
         "machine": machine(), "command": command_line(), "rounds": args.rounds,
         "backend": "postgresql" if args.dsn else "sqlite",
         "allowed": sum(1 for r in rows if r[4] == F.OUTCOME_ALLOW),
         **{f"{name}_ms": {"p50": round(pct([r[i] for r in rows], 50), 2), "p99": round(pct([r[i] for r in rows], 99), 2)}
-           for i, name in enumerate(("round_trip", "send", "confirm", "decide"))},
+           for i, name in ((0, "round_trip"), (1, "send"), (2, "confirm"), (3, "decide"), (5, "fetch"))},
+        "service_cpu_ms_per_round": round(1000 * service_cpu / args.rounds, 2),
+        "service_cpu_ms_per_fetch": round(1000 * sum(fetch_cpu) / args.rounds, 2),
     }
     print(json.dumps(report, indent=1))
     write_json(args.json, report)
@@ -147,7 +162,8 @@ def write_results(r: dict) -> None:
         f"{r['allowed']} of {r['rounds']} allowed.", "",
         "| step | p50 ms | p99 ms |", "|---|---|---|",
         row("creation to the accepted signed answer (SendPushConfirmation, the app reads, signs, ConfirmTransaction)", "round_trip_ms"),
-        row("SendPushConfirmation (session, audit, gateway hand-over)", "send_ms"),
+        row("SendPushConfirmation (session, sealed fields, audit, gateway hand-over)", "send_ms"),
+        row("GetPushConfirmation (the app's signed read: signature, unseal, audit)", "fetch_ms"),
         row("ConfirmTransaction (checks, signature, lockout, audit)", "confirm_ms"),
         row("Decide afterwards (signed token)", "decide_ms"), "",
         "FCM's delivery to the phone and the customer's reading time come on top: they are the network's and "
