@@ -70,6 +70,8 @@ def test_an_approval_with_the_number_the_screen_showed_allows_and_is_audited(env
     assert message["token_sha256"] and app.push_token not in json.dumps(message)
     assert message["data"] == {"type": "biogate.confirm", "cid": sent.confirmation_id, "sid": s.session_id,
                                "request_id": "req-push-approve"}  # ids only: the provider sees no transaction
+    stored = json.dumps(orch.store.auth_sessions.get(s.session_id).state, ensure_ascii=False)
+    assert "sealed" in stored and "Li Lei" not in stored and "**** 1234" not in stored  # sealed, not in clear
     fields = shown_fields(stub, harness.settings, app, sent.confirmation_id)  # read from the MFA, signed
     assert "number" not in fields  # the screen has it, not the app
     assert fields["amount"] == {"cur": "CNY", "minor": AMOUNT} and fields["action"] == "payment"
