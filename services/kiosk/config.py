@@ -72,6 +72,11 @@ class KioskConfig(Section):
     # Prometheus metrics on http://metrics_host:metrics_port/ (None: none)
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    # Proxies (addresses or CIDRs) whose X-Forwarded-For names the client (its last entry): the
+    # rate limit's address bucket is then the client's, not the proxy's. Empty: the peer address,
+    # and the header is ignored (uvicorn alone would trust it from 127.0.0.1, where the kiosk's page
+    # could set it).
+    forwarded_allow_ips: list[str] = []
     rate_limit: RateLimitConfig = RateLimitConfig()
     http: HttpLimitsConfig = HttpLimitsConfig()
 

@@ -69,14 +69,22 @@ class GuardedH11Protocol(H11Protocol):
         if self._timer is None and self.conn.their_state is h11.IDLE:
             self._arm("head", self.limits.head_timeout_s)  # the first bytes of a next request
         super().data_received(data)
+        self._track()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start a pipelined request already received
+        self._track()
+
+    def _track(self) -> None:
+        """The timer for what the client is sending now: its head (armed when it starts), its body."""
+        if self.lingering or self._lost:
+            return
         state = self.conn.their_state
-        if self._phase == "head" and state is not h11.IDLE:
-            if state is h11.SEND_BODY:
+        if state is h11.SEND_BODY:
+            if self._phase != "body":
                 self._arm("body", self.limits.body_timeout_s)
-            else:
-                self._cancel()
-        elif self._phase == "body" and state is not h11.SEND_BODY:
-            self._cancel()
+        elif state is not h11.IDLE and self._phase in ("head", "body"):
+            self._cancel()  # the request is in: the app answers it
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

@@ -72,7 +72,8 @@ class KioskServer:
         self.server = uvicorn.Server(uvicorn.Config(
             app, host=cfg.host, port=cfg.port if port is None else port, log_config=None, access_log=False,
             lifespan="off", http=protocol_class(limits), timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
-            limit_concurrency=limits.max_connections + 1))  # uvicorn counts the new connection too
+            limit_concurrency=limits.max_connections + 1,  # uvicorn counts the new connection too
+            proxy_headers=bool(cfg.forwarded_allow_ips), forwarded_allow_ips=cfg.forwarded_allow_ips or None))
         self._thread = threading.Thread(target=self.server.run, name="kiosk-http", daemon=True)
         self.url = ""
         self._metrics_at = (cfg.metrics_host, cfg.metrics_port)

@@ -183,8 +183,13 @@ def test_slow_and_silent_clients_are_answered_408_and_closed(tmp_path):
             sock.sendall(b"GET /kiosk.css HTTP/1.1\r\nHost: kiosk\r\n\r\n")
             answer = read_all(sock)
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1") == 1
+        with raw(gw.url) as sock:  # a whole request and, in the same packet, a body that stops coming
+            sock.sendall(b"GET /kiosk.css HTTP/1.1\r\nHost: kiosk\r\n\r\n"
+                         b"POST /v1/sessions HTTP/1.1\r\nHost: kiosk\r\nContent-Length: 100\r\n\r\n{")
+            answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in answer
     assert metric("biogate_kiosk_connections_closed_total", reason="head_timeout") - head_before == 2
-    assert metric("biogate_kiosk_connections_closed_total", reason="body_timeout") - body_before == 1
+    assert metric("biogate_kiosk_connections_closed_total", reason="body_timeout") - body_before == 2
 
 
 def test_connections_beyond_max_connections_are_answered_503(tmp_path):
@@ -201,3 +206,17 @@ def test_connections_beyond_max_connections_are_answered_503(tmp_path):
                 break
             __import__("time").sleep(0.1)
         assert status == 200
+
+
+def test_x_forwarded_for_names_the_client_only_from_a_configured_proxy(tmp_path):
+    """uvicorn trusts X-Forwarded-For from 127.0.0.1 unless told otherwise: the kiosk's page (or any
+    local caller) could then have had a fresh bucket for each address it made up."""
+    limits = {"capacity": 1, "refill_per_s": 0.01}
+    forged = [{"X-Forwarded-For": f"10.9.0.{i}"} for i in range(3)]
+    with gateway(tmp_path / "a", rate_limit=limits) as gw:
+        assert [request(gw.url, headers=h)[0] for h in forged] == [401, 429, 429]
+    with gateway(tmp_path / "b", rate_limit=limits, forwarded_allow_ips=["127.0.0.1/32"]) as gw:
+        assert [request(gw.url, headers=h)[0] for h in forged] == [401, 401, 401]  # the proxy's clients
+        assert request(gw.url, headers=forged[0])[0] == 429
+        untrusted = [request(gw.url, source="127.0.0.2", headers=h)[0] for h in forged]
+        assert untrusted == [401, 429, 429]  # from elsewhere the header is ignored
