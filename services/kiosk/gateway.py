@@ -39,6 +39,7 @@ from services.kiosk.ratelimit import RateLimiter, retry_after
 
 STATIC = Path(__file__).resolve().parent / "static"
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+HEALTH = "/healthz"  # the kubelet's probes: no key, no rate limit
 SMALL_BODY = 16 * 1024  # every request but a face frame: an id, a code, or nothing
 JSON_SLACK = 1024  # what {"image_b64": ""} and its whitespace add to a frame's base64
 
@@ -193,7 +194,7 @@ class RateLimit:
         self.device_header = limiter.cfg.device_header.lower().encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] == HEALTH:  # the kubelet's probes come from the node
             return await self.app(scope, receive, send)
         client = scope.get("client")
         keys, kinds = [f"address:{client[0] if client else 'unknown'}"], ["address"]
@@ -301,6 +302,11 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
         r = stub.Decide(mfa_pb2.DecideRequest(session_id=session_id), timeout=deadline_s)
         return DecisionOut(outcome=OUTCOMES[r.outcome], reasons=_reasons(r.reasons),
                            still_needed=_sets(r.still_needed), token=r.token)
+
+    @app.get(HEALTH, include_in_schema=False)
+    def health() -> dict[str, str]:
+        """The probes' answer: the gateway serves HTTP (it says nothing of the MFA behind it)."""
+        return {"status": "serving"}
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -75,6 +75,8 @@ def test_a_client_over_its_bucket_gets_429_with_retry_after_until_it_refills(tmp
         assert request(gw.url, "/")[0] == 429  # the page too: every request takes a token
         clock.now += 1.5
         assert request(gw.url)[:1] == (429,) and request(gw.url)[2]["retry-after"] == "1"  # 0.75 token: 0.5 s
+        # the kubelet's probes (one node address for every pod on it) take no token
+        assert [request(gw.url, "/healthz", method="GET")[:2] for _ in range(5)] == [(200, {"status": "serving"})] * 5
         clock.now += 0.5
         assert request(gw.url)[0] == 401  # one token again
         assert request(gw.url)[0] == 429
