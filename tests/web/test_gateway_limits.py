@@ -135,6 +135,37 @@ def test_replicas_share_the_buckets_in_redis_and_each_bucket_expires(tmp_path, r
             "store": "redis://127.0.0.1:9/0"}}), DIGEST, port=0)
 
 
+def test_a_redis_failing_after_the_start_is_counted_and_the_process_buckets_take_over(tmp_path):
+    """A Redis of the test's own (redis-server on a free port), stopped after the first request."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import require
+
+    require(shutil.which("redis-server") is not None, "redis-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in server.stdout:  # type: ignore[union-attr]
+            if "Ready to accept connections" in line:
+                break
+        before = metric("biogate_kiosk_rate_limit_store_errors_total")
+        limits = {"capacity": 2, "refill_per_s": 0.01, "store": f"redis://127.0.0.1:{port}/0"}
+        with gateway(tmp_path, rate_limit=limits) as gw:
+            assert request(gw.url)[0] == 401  # a token from the Redis bucket
+            server.terminate()
+            server.wait(30)
+            assert [request(gw.url)[0] for _ in range(3)] == [401, 401, 429]  # this process's bucket: 2 tokens
+        assert metric("biogate_kiosk_rate_limit_store_errors_total") - before == 3
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(30)
+
+
 def raw(url: str) -> socket.socket:
     where = urllib.parse.urlsplit(url)
     return socket.create_connection((where.hostname, where.port), timeout=60)
