@@ -1,6 +1,6 @@
 """GPU benchmark: the face and voice services on CUDA, against the raw models on the same GPU in the same run.
 
-    python -m bench.gpu_bench --part env|raw|paths|face|voice [--levels 1 16 64] [--duration 15] --out DIR
+    python -m bench.gpu_bench --part env|raw|paths|face|voice|jpeg [--levels 1 16 64] [--duration 15] --out DIR
 
 Written for the lent GPU machine (`../shared/docs/GPU.md`: onnxruntime-gpu, torch with CUDA), and
 runs anywhere: on a machine without a GPU every model falls back to the CPU and the report says so.
@@ -20,7 +20,11 @@ Each part writes ``DIR/<part>.json``:
   face   `biogate serve face` in its own process, Verify under a bounded async load per level
          (optionally with passive liveness), peak RSS of the service;
   voice  `biogate serve voice` likewise, Verify of 3 s 16 kHz clips with every layer (ECAPA,
-         AASIST, replay cache) and without AASIST.
+         AASIST, replay cache) and without AASIST;
+  jpeg   the face fixtures' JPEGs decoded by OpenCV, nvImageCodec's CPU backend (libjpeg-turbo) and,
+         with a GPU and the gpu extra, its nvJPEG backend (face.jpeg_decoder): wall and process CPU
+         ms per image one at a time, the whole decode_image path (Pillow's checks first), nvImageCodec's
+         batched call (--batch images), and each decoder's max abs pixel difference to OpenCV's.
 
 GPU settings of the services (bigger batches, one batcher per model, more server threads, an
 in-memory replay store since the lent machine has no Redis) are set here through BIOGATE_*
@@ -353,12 +357,59 @@ def part_voice(levels: list[int], duration: float) -> dict:
     return {"start_to_serving_s": round(start_s, 1), "peak_rss_mb": round(rss), "runs": runs, "env": GPU_ENV}
 
 
+def part_jpeg(batch: int, seconds: float) -> dict:
+    from services.face.imaging import NvImageCodecJpeg, decode_image, opencv_jpeg
+
+    images, _ = face_bench.trial_pairs()
+    datas = [f.read_bytes() for f in images if f.suffix.lower() in (".jpg", ".jpeg")]
+    out: dict = {"images": len(datas), "mean_kb": round(sum(map(len, datas)) / len(datas) / 1024, 1),
+                 "cpu_count": os.cpu_count(), "seconds_per_figure": seconds}
+    decoders: dict = {"opencv": opencv_jpeg}
+    for backend in ("cpu", "gpu"):
+        try:
+            decoders[f"nvimgcodec-{backend}"] = NvImageCodecJpeg(backend)  # type: ignore[arg-type]
+        except (ImportError, RuntimeError) as exc:
+            out[f"nvimgcodec-{backend}"] = f"unavailable: {str(exc)[:200]}"
+    reference = [opencv_jpeg(d) for d in datas]
+
+    def per_image(fn) -> dict:
+        """Passes over the images for about ``seconds``: wall and this process's CPU per image."""
+        for d in datas:
+            fn(d)
+        n, c0, t0 = 0, cpu_s(), time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for d in datas:
+                fn(d)
+            n += len(datas)
+        wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+        return {**rate(n, wall), "cpu_ms_per_image": round(1000 * cpu / n, 3)}
+
+    for name, dec in decoders.items():
+        got = [dec(d) for d in datas]
+        diffs = [int(np.abs(g.astype(np.int16) - r).max()) for g, r in zip(got, reference)
+                 if g is not None and r is not None and g.shape == r.shape]
+        entry = {"decoded": sum(g is not None for g in got), "max_abs_diff_to_opencv": max(diffs, default=None),
+                 "images_differing": sum(d > 0 for d in diffs),
+                 "raw": per_image(dec), "decode_image": per_image(lambda d, dec=dec: decode_image(d, jpeg=dec))}
+        if isinstance(dec, NvImageCodecJpeg):
+            many = (datas * (batch // len(datas) + 1))[:batch]
+            dec.decode_batch(many)
+            n, c0, t0 = 0, cpu_s(), time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                dec.decode_batch(many)
+                n += batch
+            entry[f"batch{batch}"] = {**rate(n, time.perf_counter() - t0),
+                                      "cpu_ms_per_image": round(1000 * (cpu_s() - c0) / n, 3)}
+        out[name] = entry
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("env", "raw", "paths", "face", "voice"), required=True)
+    ap.add_argument("--part", choices=("env", "raw", "paths", "face", "voice", "jpeg"), required=True)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--duration", type=float, default=15.0, help="seconds per load level")
-    ap.add_argument("--batch", type=int, default=64, help="batch size of the raw-model figures")
+    ap.add_argument("--batch", type=int, default=64, help="batch size of the raw-model and jpeg figures")
     ap.add_argument("--liveness", action="store_true", help="face: Verify with require_liveness")
     ap.add_argument("--inductor", action="store_true", help="paths: compile AASIST with inductor on the CPU too")
     ap.add_argument("--out", type=Path, default=Path("."))
@@ -371,12 +422,14 @@ def main() -> int:
         report = part_paths(args.batch, args.inductor)
     elif args.part == "face":
         report = part_face(args.levels, args.duration, args.liveness)
+    elif args.part == "jpeg":
+        report = part_jpeg(args.batch, args.duration)
     else:
         report = part_voice(args.levels, args.duration)
     name = args.part + ("-liveness" if args.part == "face" and args.liveness else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report if args.part in ("env", "raw", "paths") else {k: v for k, v in report.items() if k != "runs"}),
+    print(json.dumps(report if args.part in ("env", "raw", "paths", "jpeg") else {k: v for k, v in report.items() if k != "runs"}),
           flush=True)
     return 0
 

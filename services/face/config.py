@@ -60,6 +60,10 @@ class FaceConfig(Section):
     batch_wait_ms: float = Field(2.0, ge=0, le=50)
     # "auto": micro-batched on an accelerator, inline on the CPU (FacePipelineConfig.batching).
     micro_batching: Literal["auto", "on", "off"] = "auto"
+    # The decoder of plain JPEGs' pixels after Pillow's checks (services/face/imaging.py): "auto" is
+    # nvImageCodec's nvJPEG when the detector runs on CUDA and the package (extra gpu) loads, else OpenCV;
+    # "nvimgcodec" requires the package (its CPU backend without CUDA). Every refusal is the same.
+    jpeg_decoder: Literal["auto", "opencv", "nvimgcodec"] = "auto"
     intra_op_threads: int = Field(1, ge=0)  # per onnxruntime session; 0 = onnxruntime's default
     calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
     gallery_check_s: float = Field(0.0, ge=0)  # template count check before Identify; 0: every time

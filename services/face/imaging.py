@@ -19,18 +19,24 @@ that was hit, never the decoder library's own text (which goes to the debug log)
 Every check above is Pillow's lazy open and the marker walk; the pixels of a JPEG that needs none of
 Pillow's own handling (RGB or grey, upright by its EXIF, decoded at full size, its end marker
 present) come from OpenCV's decoder, straight to BGR: the same libjpeg-turbo pixels for ~27 % less
-CPU (6.9 -> 5.0 ms per large fixture photo).
+CPU (6.9 -> 5.0 ms per large fixture photo). That decoder is pluggable (:data:`JpegPixels`,
+:func:`jpeg_decoder`): nvImageCodec's nvJPEG on a GPU, or its libjpeg-turbo backend on the CPU (the
+tests' way of running that path without a GPU); every check and refusal stays Pillow's, and an image
+the chosen decoder gives up on takes Pillow's path as OpenCV's refusals do.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import math
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, Callable, Literal
 
 import cv2
 import numpy as np
@@ -121,8 +127,86 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Decode ``data`` to an HxWx3 BGR uint8 array, or raise :class:`ImageDecodeError`."""
+# The pixels of a plain JPEG (see _plain_jpeg) as HxWx3 BGR uint8, EXIF orientation not applied; None
+# when the decoder gives up on the data (the image then takes Pillow's path, which refuses or decodes).
+JpegPixels = Callable[[bytes], np.ndarray | None]
+JpegDecoderChoice = Literal["auto", "opencv", "nvimgcodec"]
+
+
+def opencv_jpeg(data: bytes) -> np.ndarray | None:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+
+
+class NvImageCodecJpeg:
+    """nvImageCodec's decoder (package ``nvidia-nvimgcodec-cu13``): nvJPEG on the current CUDA device
+    (``gpu``, with its CPU backend for what nvJPEG does not take), or its libjpeg-turbo CPU backend
+    alone (``cpu``, no GPU or driver needed). One decoder per calling thread: the service decodes on
+    its server threads. Raises ImportError without the package, RuntimeError without a usable GPU."""
+
+    def __init__(self, backend: Literal["gpu", "cpu"]) -> None:
+        nvimgcodec = importlib.import_module("nvidia.nvimgcodec")  # optional: pyproject extra gpu
+
+        self.backend = backend
+        self._codec: Any = nvimgcodec
+        self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                               sample_format=nvimgcodec.SampleFormat.I_BGR)
+        self._local = threading.local()
+        self._decoder()  # fails here, at start, when the backend cannot run
+
+    def _decoder(self) -> Any:
+        decoder = getattr(self._local, "decoder", None)
+        if decoder is None:
+            n = self._codec
+            if self.backend == "gpu":
+                decoder = n.Decoder(backends=[n.Backend(n.BackendKind.GPU_ONLY), n.Backend(n.BackendKind.CPU_ONLY)])
+            else:
+                decoder = n.Decoder(device_id=n.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=1,
+                                    backends=[n.Backend(n.BackendKind.CPU_ONLY)])
+            self._local.decoder = decoder
+        return decoder
+
+    def __call__(self, data: bytes) -> np.ndarray | None:
+        try:
+            image = self._decoder().decode(self._codec.CodeStream(data), params=self._params)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, Pillow's path decides
+            log.debug("nvImageCodec gave up on a JPEG", extra={"error": str(exc)})
+            return None
+        if image is None:
+            return None
+        if image.buffer_kind != self._codec.ImageBufferKind.STRIDED_HOST:
+            image = image.cpu()
+        return np.asarray(image)
+
+    def decode_batch(self, datas: list[bytes]) -> list[np.ndarray | None]:
+        """Several JPEGs in one call (nvJPEG decodes a batch together); None where it gave up."""
+        streams = [self._codec.CodeStream(d) for d in datas]
+        images = self._decoder().decode(streams, params=self._params)
+        return [None if im is None else np.asarray(im if im.buffer_kind == self._codec.ImageBufferKind.STRIDED_HOST
+                                                   else im.cpu()) for im in images]
+
+
+def jpeg_decoder(choice: JpegDecoderChoice, cuda: bool) -> tuple[JpegPixels, str]:
+    """The JPEG pixel decoder of ``face.jpeg_decoder`` and its name for the health details. ``cuda``:
+    the models run on CUDA. ``auto`` is nvImageCodec on the GPU when ``cuda`` and the package loads
+    and finds the GPU, else OpenCV; ``nvimgcodec`` is nvImageCodec on the GPU when ``cuda``, else on
+    its CPU backend, and fails when the package is missing."""
+    if choice == "opencv":
+        return opencv_jpeg, "opencv"
+    if choice == "nvimgcodec":
+        nv = NvImageCodecJpeg("gpu" if cuda else "cpu")
+        return nv, f"nvimgcodec-{nv.backend}"
+    if cuda:
+        try:
+            return NvImageCodecJpeg("gpu"), "nvimgcodec-gpu"
+        except (ImportError, RuntimeError) as exc:
+            log.info("JPEG decode stays on OpenCV: nvImageCodec's GPU decoder is unavailable",
+                     extra={"error": str(exc)[:300]})
+    return opencv_jpeg, "opencv"
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), jpeg: JpegPixels = opencv_jpeg) -> np.ndarray:
+    """Decode ``data`` to an HxWx3 BGR uint8 array, or raise :class:`ImageDecodeError`. ``jpeg``
+    decodes the pixels of a plain JPEG once Pillow's checks have passed."""
     if not data:
         raise ImageDecodeError(DecodeErrorCode.EMPTY_IMAGE, "no image bytes")
     if len(data) > limits.max_bytes:
@@ -156,7 +240,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
             )
         try:
             if structure is not None and _plain_jpeg(im, structure, (width, height)):
-                bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+                bgr = jpeg(data)
                 if bgr is not None and bgr.shape == (height, width, 3):
                     return bgr
             im.load()

@@ -97,6 +97,7 @@ def load_pipeline(store: ModelStore, cfg: FaceConfig, providers: Sequence[str], 
     config = pipeline_config(
         store, liveness=liveness, providers=tuple(providers), threads=cfg.intra_op_threads or None,
         batch_max=cfg.batch_max, batch_wait_ms=cfg.batch_wait_ms, batching=cfg.micro_batching,
+        jpeg_decoder=cfg.jpeg_decoder,
     )
     pipeline = FacePipeline(config)
     pipeline.warmup()

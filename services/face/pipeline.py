@@ -21,7 +21,7 @@ from services.face.align import align_face
 from services.face.batching import Inline, MicroBatcher
 from services.face.detection import Detector, Face
 from services.face.embedding import Embedder
-from services.face.imaging import DecodeLimits, decode_image
+from services.face.imaging import DecodeLimits, JpegDecoderChoice, decode_image, jpeg_decoder
 from services.face.liveness import LivenessModelSpec, PassiveLiveness
 from services.face.quality import QualityReport, QualityThresholds, assess, sharpness
 from services.face.subject import SubjectPolicy, choose_subject
@@ -29,6 +29,7 @@ from services.face.zoo import DETECTORS, EMBEDDERS
 
 PathLike = str | os.PathLike[str]
 CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class FacePipelineConfig:
     # Micro-batchers in front of the models: "auto" where the detector runs on an accelerator; on
     # the CPU each request runs the models on its own thread (services.common.batching.Inline).
     batching: Literal["auto", "on", "off"] = "auto"
+    # The decoder of plain JPEGs' pixels (services/face/imaging.py, jpeg_decoder): "auto" is nvImageCodec's
+    # nvJPEG where the detector runs on CUDA and the package loads, else OpenCV.
+    jpeg_decoder: JpegDecoderChoice = "auto"
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class FacePipeline:
         self.config = config
         self.detector = build_detector(config.detector, config.providers, config.threads)
         self.batching = config.batching == "on" or (config.batching == "auto" and self.detector.provider != CPU)
+        self._jpeg, self.jpeg_decoder = jpeg_decoder(config.jpeg_decoder, self.detector.provider == CUDA)
         # A detector with a batch dimension (YuNet's batchable copy) is micro-batched as well.
         self._detect_batcher: MicroBatcher | Inline | None = None
         detect_batch = getattr(self.detector, "detect_batch", None)
@@ -147,7 +152,7 @@ class FacePipeline:
         return out
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, self.config.decode)
+        return decode_image(data, self.config.decode, self._jpeg)
 
     def analyse(self, data: bytes, **options) -> FaceAnalysis:
         """Decode and analyse image bytes; raises :class:`ImageDecodeError` for bad bytes."""

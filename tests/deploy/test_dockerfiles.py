@@ -125,3 +125,20 @@ def test_the_cpu_image_has_cpu_torch_and_the_gpu_image_cuda_torch_and_one_onnxru
     assert "onnxruntime-gpu" in pins
     cpu = " ".join(a for k, a in instructions("Dockerfile") if k == "RUN")
     assert "onnxruntime-gpu" not in cpu
+
+
+def test_the_gpu_image_and_extra_have_nvimagecodec_for_the_cuda_of_the_image():
+    """face.jpeg_decoder=auto decodes JPEGs with nvJPEG on CUDA: the GPU image installs nvImageCodec
+    and nvJPEG for the image's CUDA major version (the one onnxruntime-gpu and torch use), pinned."""
+    import tomllib
+
+    cuda_major = re.search(r"nvidia/cuda:(\d+)\.", " ".join(a for k, a in instructions("Dockerfile.gpu") if k == "ARG"))
+    assert cuda_major
+    package = f"nvidia-nvimgcodec-cu{cuda_major.group(1)}"
+    gpu = " ".join(a for k, a in instructions("Dockerfile.gpu") if k == "RUN")
+    assert f'pip install -c constraints.txt "{package}[nvjpeg]"' in gpu and "import nvidia.nvimgcodec" in gpu
+    pins = dict(line.split("==") for line in (PROJECT_ROOT / "constraints.txt").read_text().split() if "==" in line)
+    assert package in pins and "nvidia-nvjpeg" in pins
+    extras = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"{package}[nvjpeg]" in extras["gpu"]
+    assert "nvimgcodec" not in " ".join(a for k, a in instructions("Dockerfile") if k == "RUN")
