@@ -1,8 +1,9 @@
 """The kiosk gateway's peak memory with maximum-size frames held at once: `biogate kiosk` in its
 own process (the MFA a dead address: each frame is read whole, checked and decoded, then the MFA
 call fails with 503), ``--concurrent`` clients each posting a 4 MB frame (5.6 MB of base64 JSON)
-``--rounds`` times; RSS and its peak (VmHWM) from /proc. The kiosk.http.max_connections setting
-bounds how many frames are held at once, so its value sizes the pod's memory (deploy/k8s).
+``--rounds`` times (kiosk.http.max_frames set to ``--concurrent``); RSS and its peak (VmHWM) from
+/proc. kiosk.http.max_frames bounds how many frames are held at once, so its value sizes the pod's
+memory (deploy/k8s).
 
     .venv/bin/python -m bench.kiosk_memory --concurrent 16 [--rounds 4]
 """
@@ -39,7 +40,8 @@ def main() -> None:
     env = dict(os.environ, BIOGATE_DATA_DIR=tempfile.mkdtemp(), BIOGATE_KIOSK__TENANT="bank-a",
                BIOGATE_KIOSK__MFA_TOKEN="t", BIOGATE_KIOSK__MFA_TARGET="127.0.0.1:9", BIOGATE_KIOSK__PORT="0",
                BIOGATE_KIOSK__RATE_LIMIT__ENABLED="false",
-               BIOGATE_KIOSK__HTTP__MAX_CONNECTIONS=str(max(64, args.concurrent)))
+               BIOGATE_KIOSK__HTTP__MAX_CONNECTIONS=str(max(64, args.concurrent)),
+               BIOGATE_KIOSK__HTTP__MAX_FRAMES=str(args.concurrent))
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "kiosk"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
@@ -50,14 +52,13 @@ def main() -> None:
         frame = json.dumps({"image_b64": base64.b64encode(os.urandom(4 * 1024 * 1024 - 2048)).decode()}).encode()
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
 
-        def post(_: int) -> int:
+        def post(_: int) -> str:
             req = urllib.request.Request(f"{url}/v1/sessions/ses_{'0' * 32}/face", frame, headers)
             try:
                 with urllib.request.urlopen(req, timeout=300) as r:
-                    return r.status
+                    return str(r.status)
             except urllib.error.HTTPError as err:
-                err.read()
-                return err.code
+                return f"{err.code} {json.loads(err.read())['reason']}"
 
         cpu0, t0 = time.process_time(), time.monotonic()
         with ThreadPoolExecutor(args.concurrent) as pool:

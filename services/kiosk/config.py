@@ -50,6 +50,10 @@ class HttpLimitsConfig(Section):
     linger_s: float = Field(5.0, gt=0)
     # Connections held at once; a request beyond them is answered 503.
     max_connections: int = Field(64, ge=1)
+    # Face frames read and handled at once (about 30 MiB each at the largest; bench/RESULTS.md,
+    # "Kiosk gateway limits"); one more is answered 503 FRAMES_BUSY with Retry-After. A kiosk sends
+    # one at a time.
+    max_frames: int = Field(8, ge=1)
 
 
 class KioskConfig(Section):

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
-from services.kiosk.metrics import RATE_LIMITED
+from services.kiosk.metrics import FRAMES_BUSY, RATE_LIMITED
 from services.kiosk.ratelimit import RateLimiter, retry_after
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -181,6 +181,32 @@ class BodyLimit:
         await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
+class FrameSlots:
+    """At most ``max_frames`` face frames (requests to .../face) read and handled at once: each holds
+    its body, its decoded image and the MFA request, about 30 MiB at the largest (bench/RESULTS.md,
+    "Kiosk gateway limits"); one more is answered 503 FRAMES_BUSY with Retry-After at once, before
+    its body is read. A counter: the gateway's requests run on one event loop."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_frames: int) -> None:
+        self.app, self.max_frames, self.held = app, max_frames, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("/face"):
+            return await self.app(scope, receive, send)
+        if self.held >= self.max_frames:
+            FRAMES_BUSY.inc()
+            body = {"reason": "FRAMES_BUSY", "fields": {},
+                    "message": f"the gateway is handling {self.max_frames} frames already: try again in 1 s"}
+            await JSONResponse(body, status_code=503, headers={"Retry-After": "1", "Connection": "close"})(
+                scope, receive, send)
+            return None
+        self.held += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.held -= 1
+
+
 class RateLimit:
     """Refuses a request whose client's token bucket is empty (ratelimit.RateLimiter) with 429 and
     Retry-After, before anything else reads it, the kiosk's key included: the buckets are the source
@@ -215,7 +241,8 @@ class RateLimit:
 
 
 def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256: str, deadline_s: float = 60.0,
-               max_image_bytes: int = 4 * 1024 * 1024, limiter: RateLimiter | None = None) -> FastAPI:
+               max_image_bytes: int = 4 * 1024 * 1024, limiter: RateLimiter | None = None,
+               max_frames: int | None = None) -> FastAPI:
     """The gateway's app: ``stub`` reaches the MFA with the kiosk terminal's credentials."""
     if not tenant:
         raise ValueError("kiosk.tenant: the bank whose customers this kiosk serves is not set")
@@ -226,6 +253,8 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
                   responses={401: {"model": ErrorOut}, 400: {"model": ErrorOut}, 409: {"model": ErrorOut},
                              413: {"model": ErrorOut}, 429: {"model": ErrorOut}, 503: {"model": ErrorOut}})
     app.add_middleware(BodyLimit, max_image_bytes=max_image_bytes)
+    if max_frames is not None:
+        app.add_middleware(FrameSlots, max_frames=max_frames)
     if limiter is not None and limiter.cfg.enabled:
         app.add_middleware(RateLimit, limiter=limiter)  # added last: runs first
     def kiosk(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:

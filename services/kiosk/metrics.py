@@ -1,5 +1,6 @@
 """The kiosk gateway's metrics (served on kiosk.metrics_port): requests refused by the per-client
-rate limit, rate-limit store failures, and connections closed by the gateway's HTTP limits."""
+rate limit, rate-limit store failures, frames refused while max_frames were held, and connections
+closed by the gateway's HTTP limits."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ RATE_LIMITED = Counter("biogate_kiosk_rate_limited_total",
 RATE_LIMIT_STORE_ERRORS = Counter("biogate_kiosk_rate_limit_store_errors_total",
                                   "Requests the shared rate-limit store (Redis) failed on; they were charged to "
                                   "this process's buckets")
+FRAMES_BUSY = Counter("biogate_kiosk_frames_busy_total",
+                      "Face frames answered 503 because kiosk.http.max_frames were being handled already")
 CONNECTIONS_CLOSED = Counter("biogate_kiosk_connections_closed_total",
                              "Connections the gateway closed by its HTTP limits (head_timeout, body_timeout: 408; "
                              "lingering: closed after an answer while the request body was still coming)",

@@ -29,9 +29,9 @@ VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 EXTERNAL_SECRETS = {"biogate-tls", "biogate-mfa-client-tls", "biogate-kiosk-client-tls"}
 EXTERNAL_CLAIMS = {"biogate-models"}
 # Peak RSS measured per service (bench/RESULTS.md, "Peak memory" and "GPU (H100)"), in MiB.
-# The kiosk gateway's: 16 maximum-size frames at once, its configured kiosk.http.max_connections
-# (bench/RESULTS.md, "Kiosk gateway limits").
-KIOSK_PEAK_RSS_MIB = {16: 705}
+# The kiosk gateway's, by kiosk.http.max_frames (maximum-size frames held at once; bench/RESULTS.md,
+# "Kiosk gateway limits").
+KIOSK_PEAK_RSS_MIB = {8: 514, 16: 770}
 PEAK_RSS_MIB = {"cpu": {"face": 992, "voice": 1583, "mfa": 187}, "gpu": {"face": 3700, "voice": 2090, "mfa": 187}}
 
 
@@ -201,7 +201,7 @@ def test_resources_cover_the_measured_peak_memory_and_gpus_are_scheduled(rendere
         else:
             assert "nodeSelector" not in pod and "biogate-gpu" not in c["image"]
     c = container(objects, "kiosk")
-    peak = KIOSK_PEAK_RSS_MIB[configuration(objects).kiosk.http.max_connections]
+    peak = KIOSK_PEAK_RSS_MIB[configuration(objects).kiosk.http.max_frames]
     requests, limits = c["resources"]["requests"], c["resources"]["limits"]
     assert mib(requests["memory"]) >= peak and mib(limits["memory"]) >= 1.25 * peak and "nvidia.com/gpu" not in limits
     hpas, pdbs = by_kind(objects, "HorizontalPodAutoscaler"), by_kind(objects, "PodDisruptionBudget")

@@ -5,9 +5,11 @@ still coming, the head and body timeouts against slow clients, and the connectio
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import socket
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from services.kiosk.server import KioskServer
 from tests.conftest import make_settings, require_redis
 from tests.web.conftest import KIOSK_KEY
 
-DIGEST = __import__("hashlib").sha256(KIOSK_KEY.encode()).hexdigest()
+DIGEST = hashlib.sha256(KIOSK_KEY.encode()).hexdigest()
 REDIS = "redis://127.0.0.1:6379/0"
 
 
@@ -237,7 +239,7 @@ def test_connections_beyond_max_connections_are_answered_503(tmp_path):
         for _ in range(100):  # the gateway sees the closes on its own loop
             if (status := request(gw.url, "/kiosk.css", method="GET")[0]) != 503:
                 break
-            __import__("time").sleep(0.1)
+            time.sleep(0.1)
         assert status == 200
 
 
@@ -253,3 +255,39 @@ def test_x_forwarded_for_names_the_client_only_from_a_configured_proxy(tmp_path)
         assert request(gw.url, headers=forged[0])[0] == 429
         untrusted = [request(gw.url, source="127.0.0.2", headers=h)[0] for h in forged]
         assert untrusted == [401, 429, 429]  # from elsewhere the header is ignored
+
+
+def test_frames_beyond_max_frames_are_answered_503_at_once_and_other_calls_go_on(tmp_path):
+    """Each frame held costs up to about 30 MiB: a frame still arriving holds the only slot."""
+    before = metric("biogate_kiosk_frames_busy_total")
+    face, auth = f"/v1/sessions/ses_{'0' * 32}/face", {"Authorization": f"Bearer {KIOSK_KEY}"}
+    frame = json.dumps({"image_b64": "iVBORw0KGgo="}).encode()
+
+    def post_frame(url: str) -> tuple[int, dict, dict[str, str]]:
+        where = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+        try:
+            conn.request("POST", face, body=frame, headers={"Content-Type": "application/json", **auth})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read()), {k.lower(): v for k, v in r.getheaders()}
+        finally:
+            conn.close()
+
+    with gateway(tmp_path, http={"max_frames": 1}) as gw:
+        with raw(gw.url) as holder:
+            holder.sendall(f"POST {face} HTTP/1.1\r\nHost: kiosk\r\nAuthorization: Bearer {KIOSK_KEY}\r\n"
+                           "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode())
+            for _ in range(100):  # until the gateway has read the holder's head
+                status, body, headers = post_frame(gw.url)
+                if body["reason"] == "FRAMES_BUSY":
+                    break
+                time.sleep(0.1)
+            assert (status, body["reason"], headers["retry-after"]) == (503, "FRAMES_BUSY", "1")
+            assert request(gw.url)[0] == 401  # calls other than a frame are not held back
+        for _ in range(100):  # the holder went away: its slot is free once the gateway sees it
+            status, body, _ = post_frame(gw.url)
+            if body["reason"] != "FRAMES_BUSY":
+                break
+            time.sleep(0.1)
+        assert (status, body["reason"]) == (503, "UNAVAILABLE")  # read, decoded, and sent to the (dead) MFA
+    assert metric("biogate_kiosk_frames_busy_total") - before >= 1
