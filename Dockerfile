@@ -54,6 +54,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1
 RUN useradd --system --uid 10001 biogate && mkdir -p /var/lib/biogate && chown biogate /var/lib/biogate
 USER 10001
-EXPOSE 50051 50052 50053 9151 9152 9153 8081 8082 8083
+EXPOSE 50051 50052 50053 9151 9152 9153 8081 8082 8083 8090 9154
 ENTRYPOINT ["biogate"]
 CMD ["serve", "all"]

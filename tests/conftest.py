@@ -87,6 +87,19 @@ def require(condition: bool, what: str) -> None:
     pytest.skip(f"{what} is not available here")
 
 
+def require_redis(url: str) -> str:
+    """``url`` once its Redis answers (the local Redis: every machine of the project has one)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+        ok = True
+    except redis.exceptions.ConnectionError:
+        ok = False
+    require(ok, f"Redis at {url}")
+    return url
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     require((SHARED / "fixtures").is_dir(), f"the shared folder {SHARED}")

@@ -9,6 +9,53 @@ from pydantic import Field
 from services.common.config import CommonSettings, Section
 
 
+class RateLimitConfig(Section):
+    """A token bucket per client in front of every request (before the kiosk's key is checked): each
+    request takes one token from the bucket of its source address and, with ``device_header`` set,
+    from the bucket of the kiosk device that header names; a client whose bucket is empty is answered
+    429 with Retry-After. Buckets hold at most ``capacity`` tokens (the burst) and refill at
+    ``refill_per_s``. Not measured settings: the defaults allow a burst of 20 calls (a login is 5 to
+    8) and 30 a minute after it, per kiosk."""
+
+    enabled: bool = True
+    # "memory": this process's buckets (at most max_clients, the least recently used dropped first);
+    # "redis://host:port/db" (or rediss://): shared by the gateway's replicas, each bucket expiring
+    # once it would be full again. A configured Redis that cannot be reached stops the gateway at
+    # start; one failing later is counted and the request is charged to this process's buckets.
+    store: str = "memory"
+    capacity: int = Field(20, ge=1)
+    refill_per_s: float = Field(0.5, gt=0)
+    # A header naming the kiosk device, set by a proxy in front of the gateway that authenticates
+    # the device (for example from its client certificate); "" = none. Never a header the page sets:
+    # whoever holds the kiosk key could name another kiosk's bucket.
+    device_header: str = ""
+    max_clients: int = Field(10_000, ge=1)
+    key_prefix: str = "biogate:kiosk:ratelimit"
+
+
+class HttpLimitsConfig(Section):
+    """How long and how many connections the gateway holds (services/kiosk/http.py)."""
+
+    # A request's head (request line and headers) must arrive whole within head_timeout_s of the
+    # connection or of its first byte, its body within body_timeout_s of the head; else 408 and the
+    # connection is closed (slow senders: slowloris).
+    head_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    # An idle keep-alive connection is closed after this long.
+    keep_alive_s: float = Field(5.0, gt=0)
+    # After an answer that closes the connection while the request's body is still coming (413,
+    # 429), the gateway stops sending and reads and drops what still arrives for up to linger_s
+    # before it closes: closing with unread bytes would reset the connection, and the reset can
+    # destroy the answer before the client reads it (lingering close).
+    linger_s: float = Field(5.0, gt=0)
+    # Connections held at once; a request beyond them is answered 503.
+    max_connections: int = Field(64, ge=1)
+    # Face frames read and handled at once (about 30 MiB each at the largest; bench/RESULTS.md,
+    # "Kiosk gateway limits"); one more is answered 503 FRAMES_BUSY with Retry-After. A kiosk sends
+    # one at a time.
+    max_frames: int = Field(8, ge=1)
+
+
 class KioskConfig(Section):
     """A gateway runs on (or beside) one kiosk: it calls the MFA as that kiosk's registered terminal
     (a principal with ``terminal: {channel: kiosk}``), and its browser authenticates to it with a key."""
@@ -26,6 +73,16 @@ class KioskConfig(Section):
     # key generated at start into <data_dir>/kiosk-key (development).
     client_key_sha256: str = ""
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Prometheus metrics on http://metrics_host:metrics_port/ (None: none)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Proxies (addresses or CIDRs) whose X-Forwarded-For names the client (its last entry): the
+    # rate limit's address bucket is then the client's, not the proxy's. Empty: the peer address,
+    # and the header is ignored (uvicorn alone would trust it from 127.0.0.1, where the kiosk's page
+    # could set it).
+    forwarded_allow_ips: list[str] = []
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    http: HttpLimitsConfig = HttpLimitsConfig()
 
 
 class KioskSettings(CommonSettings):

@@ -29,13 +29,17 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
+from services.kiosk.metrics import FRAMES_BUSY, RATE_LIMITED
+from services.kiosk.ratelimit import RateLimiter, retry_after
 
 STATIC = Path(__file__).resolve().parent / "static"
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+HEALTH = "/healthz"  # the kubelet's probes: no key, no rate limit
 SMALL_BODY = 16 * 1024  # every request but a face frame: an id, a code, or nothing
 JSON_SLACK = 1024  # what {"image_b64": ""} and its whitespace add to a frame's base64
 
@@ -177,8 +181,68 @@ class BodyLimit:
         await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
+class FrameSlots:
+    """At most ``max_frames`` face frames (requests to .../face) read and handled at once: each holds
+    its body, its decoded image and the MFA request, about 30 MiB at the largest (bench/RESULTS.md,
+    "Kiosk gateway limits"); one more is answered 503 FRAMES_BUSY with Retry-After at once, before
+    its body is read. A counter: the gateway's requests run on one event loop."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_frames: int) -> None:
+        self.app, self.max_frames, self.held = app, max_frames, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("/face"):
+            return await self.app(scope, receive, send)
+        if self.held >= self.max_frames:
+            FRAMES_BUSY.inc()
+            body = {"reason": "FRAMES_BUSY", "fields": {},
+                    "message": f"the gateway is handling {self.max_frames} frames already: try again in 1 s"}
+            await JSONResponse(body, status_code=503, headers={"Retry-After": "1", "Connection": "close"})(
+                scope, receive, send)
+            return None
+        self.held += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.held -= 1
+
+
+class RateLimit:
+    """Refuses a request whose client's token bucket is empty (ratelimit.RateLimiter) with 429 and
+    Retry-After, before anything else reads it, the kiosk's key included: the buckets are the source
+    address's and, with ``device_header``, the kiosk device's that header names. The refusal closes
+    the connection, so an unread body is never read (the server lingers; services/kiosk/http.py)."""
+
+    BUCKETS = ("address", "device")
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], limiter: RateLimiter) -> None:
+        self.app, self.limiter = app, limiter
+        self.device_header = limiter.cfg.device_header.lower().encode("latin-1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == HEALTH:  # the kubelet's probes come from the node
+            return await self.app(scope, receive, send)
+        client = scope.get("client")
+        keys, kinds = [f"address:{client[0] if client else 'unknown'}"], ["address"]
+        device = dict(scope["headers"]).get(self.device_header, b"") if self.device_header else b""
+        if device:
+            keys.append("device:" + device.decode("latin-1")[:128])
+            kinds.append("device")
+        verdict = await run_in_threadpool(self.limiter.take, keys)  # Redis: a blocking round trip
+        if verdict.allowed:
+            return await self.app(scope, receive, send)
+        RATE_LIMITED.labels(kinds[verdict.refused_by]).inc()
+        wait = retry_after(verdict.retry_after_s)
+        body = {"reason": "RATE_LIMITED", "fields": {},
+                "message": f"too many requests from this {kinds[verdict.refused_by]}: try again in {wait} s"}
+        await JSONResponse(body, status_code=429, headers={"Retry-After": wait, "Connection": "close"})(
+            scope, receive, send)
+        return None
+
+
 def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256: str, deadline_s: float = 60.0,
-               max_image_bytes: int = 4 * 1024 * 1024) -> FastAPI:
+               max_image_bytes: int = 4 * 1024 * 1024, limiter: RateLimiter | None = None,
+               max_frames: int | None = None) -> FastAPI:
     """The gateway's app: ``stub`` reaches the MFA with the kiosk terminal's credentials."""
     if not tenant:
         raise ValueError("kiosk.tenant: the bank whose customers this kiosk serves is not set")
@@ -189,6 +253,10 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
                   responses={401: {"model": ErrorOut}, 400: {"model": ErrorOut}, 409: {"model": ErrorOut},
                              413: {"model": ErrorOut}, 429: {"model": ErrorOut}, 503: {"model": ErrorOut}})
     app.add_middleware(BodyLimit, max_image_bytes=max_image_bytes)
+    if max_frames is not None:
+        app.add_middleware(FrameSlots, max_frames=max_frames)
+    if limiter is not None and limiter.cfg.enabled:
+        app.add_middleware(RateLimit, limiter=limiter)  # added last: runs first
     def kiosk(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         digest = hashlib.sha256(creds.credentials.encode()).hexdigest() if creds is not None else ""
         if not hmac.compare_digest(digest, client_key_sha256):
@@ -263,6 +331,11 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
         r = stub.Decide(mfa_pb2.DecideRequest(session_id=session_id), timeout=deadline_s)
         return DecisionOut(outcome=OUTCOMES[r.outcome], reasons=_reasons(r.reasons),
                            still_needed=_sets(r.still_needed), token=r.token)
+
+    @app.get(HEALTH, include_in_schema=False)
+    def health() -> dict[str, str]:
+        """The probes' answer: the gateway serves HTTP (it says nothing of the MFA behind it)."""
+        return {"status": "serving"}
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -10,15 +10,21 @@ import os
 import secrets
 import signal
 import threading
+import time
+from collections.abc import Callable
 
 import grpc
 import uvicorn
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from services.common.api.v1 import mfa_pb2_grpc
 from services.common.client import connect
 from services.common.files import private_dir
+from services.common.metrics import serve_metrics
 from services.kiosk.config import KioskSettings
 from services.kiosk.gateway import create_app
+from services.kiosk.http import protocol_class
+from services.kiosk.ratelimit import RateLimiter
 
 log = logging.getLogger("biogate.kiosk")
 
@@ -44,25 +50,34 @@ def client_key_digest(settings: KioskSettings) -> tuple[str, str | None]:
 class KioskServer:
     """The gateway on ``kiosk.host:kiosk.port`` (0: a port the OS chooses), serving from a thread."""
 
-    def __init__(self, settings: KioskSettings, digest: str, port: int | None = None) -> None:
+    def __init__(self, settings: KioskSettings, digest: str, port: int | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``clock``: the rate limit's (seconds)."""
         cfg = settings.kiosk
         if not cfg.mfa_token and not cfg.cert_file:
             raise ValueError("kiosk.mfa_token (or kiosk.cert_file): the credentials of this kiosk's terminal "
                              "principal at the MFA are not set")
+        limiter = RateLimiter(cfg.rate_limit, clock)  # before the channel: a bad store stops the start here
         endpoint = settings.server.mfa
         target = cfg.mfa_target or f"{endpoint.host}:{endpoint.port}"
         self.channel: grpc.Channel = connect(target, cfg.mfa_token or None, ca_file=cfg.ca_file,
                                              cert_file=cfg.cert_file, key_file=cfg.key_file)
         try:
             app = create_app(mfa_pb2_grpc.MfaServiceStub(self.channel), cfg.tenant, digest, cfg.deadline_s,
-                             cfg.max_image_bytes)
+                             cfg.max_image_bytes, limiter, cfg.http.max_frames)
         except ValueError:
             self.channel.close()
             raise
-        self.server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port if port is None else port,
-                                                    log_config=None, access_log=False, lifespan="off"))
+        limits = cfg.http
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host=cfg.host, port=cfg.port if port is None else port, log_config=None, access_log=False,
+            lifespan="off", http=protocol_class(limits), timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
+            limit_concurrency=limits.max_connections + 1,  # uvicorn counts the new connection too
+            proxy_headers=bool(cfg.forwarded_allow_ips), forwarded_allow_ips=cfg.forwarded_allow_ips or None))
         self._thread = threading.Thread(target=self.server.run, name="kiosk-http", daemon=True)
         self.url = ""
+        self._metrics_at = (cfg.metrics_host, cfg.metrics_port)
+        self.metrics: ThreadingWSGIServer | None = None
 
     def start(self, timeout: float = 30.0) -> KioskServer:
         self._thread.start()
@@ -73,12 +88,18 @@ class KioskServer:
             raise OSError("the kiosk gateway did not start (kiosk.host / kiosk.port in use?)")
         host, port = self.server.servers[0].sockets[0].getsockname()[:2]
         self.url = f"http://{host}:{port}"
+        metrics_host, metrics_port = self._metrics_at
+        if metrics_port is not None:
+            self.metrics = serve_metrics(metrics_host, metrics_port)
         return self
 
     def stop(self) -> None:
         self.server.should_exit = True
         self._thread.join(10)
         self.channel.close()
+        if self.metrics is not None:
+            self.metrics.shutdown()
+            self.metrics.server_close()
 
 
 def serve(settings: KioskSettings, args: argparse.Namespace) -> int:

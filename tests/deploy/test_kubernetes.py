@@ -1,10 +1,10 @@
 """deploy/k8s: every overlay renders (`kubectl kustomize`), every object is valid against the
 Kubernetes schema (kubernetes-validate's bundled schemas, offline), and the manifests agree with
 the code: the ConfigMap's configuration loads through load_config, container and Service ports
-are the configured ones, probes use grpc.health.v1 on the health port, every BIOGATE_* variable
-names a configuration field, Secrets and ConfigMaps referenced exist or are documented external
-ones, resources cover the measured peak RSS, and the network policies let only the MFA reach face
-and voice."""
+are the configured ones, probes use grpc.health.v1 on the health port (the kiosk gateway: its
+/healthz), every BIOGATE_* variable names a configuration field, Secrets and ConfigMaps
+referenced exist or are documented external ones, resources cover the measured peak RSS, and the
+network policies let only the MFA reach face and voice, and only the ingress the kiosk gateway."""
 
 from __future__ import annotations
 
@@ -21,13 +21,17 @@ from tests.deploy.config_paths import names_a_setting
 K8S = PROJECT_ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
 SERVICES = ("face", "voice", "mfa")
+DEPLOYMENTS = (*SERVICES, "kiosk")  # the gRPC services and the kiosk gateway (HTTP)
 # Versions a bank runs: the oldest supported (native gRPC probes and the preStop sleep action need
 # 1.30) and the newest schema shipped.
 VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 # Provided by the bank's PKI / cert-manager (README, "Deploying"), never committed.
-EXTERNAL_SECRETS = {"biogate-tls", "biogate-mfa-client-tls"}
+EXTERNAL_SECRETS = {"biogate-tls", "biogate-mfa-client-tls", "biogate-kiosk-client-tls"}
 EXTERNAL_CLAIMS = {"biogate-models"}
 # Peak RSS measured per service (bench/RESULTS.md, "Peak memory" and "GPU (H100)"), in MiB.
+# The kiosk gateway's, by kiosk.http.max_frames (maximum-size frames held at once; bench/RESULTS.md,
+# "Kiosk gateway limits").
+KIOSK_PEAK_RSS_MIB = {8: 514, 16: 770}
 PEAK_RSS_MIB = {"cpu": {"face": 992, "voice": 1583, "mfa": 187}, "gpu": {"face": 3700, "voice": 2090, "mfa": 187}}
 
 
@@ -120,6 +124,36 @@ def test_the_configuration_loads_and_ports_and_probes_match_it(rendered):
     assert settings.keys.backend == "pkcs11" and settings.voice.replay_store == "database"
 
 
+def test_the_kiosk_gateway_serves_its_configured_ports_and_calls_the_mfa_as_its_terminal(rendered):
+    _, objects = rendered
+    settings = configuration(objects)
+    kiosk = settings.kiosk
+    c = container(objects, "kiosk")
+    assert c["args"] == ["kiosk"] and kiosk.host == "0.0.0.0" and kiosk.metrics_host == "0.0.0.0"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": kiosk.port, "metrics": kiosk.metrics_port}
+    service_ports = {p["name"]: p["port"] for p in by_kind(objects, "Service")["biogate-kiosk"]["spec"]["ports"]}
+    assert service_ports == {"http": kiosk.port, "metrics": kiosk.metrics_port}
+    annotations = deployment(objects, "kiosk")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(kiosk.metrics_port)
+    from services.kiosk.gateway import HEALTH
+
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": HEALTH, "port": kiosk.port}
+    assert c["securityContext"] == container(objects, "mfa")["securityContext"]
+    assert deployment(objects, "kiosk")["spec"]["template"]["spec"]["securityContext"] == \
+        deployment(objects, "mfa")["spec"]["template"]["spec"]["securityContext"]
+    # the gateway's key comes from the Secret, and it reaches the MFA's Service with the
+    # certificate of a principal registered as a kiosk terminal
+    assert {e["name"] for e in c["env"]} == {"BIOGATE_CONFIG", "BIOGATE_KIOSK__CLIENT_KEY_SHA256"}
+    host, port = kiosk.mfa_target.split(":")
+    assert host.split(".")[0] == "biogate-mfa" and int(port) == settings.endpoint("mfa").port
+    assert kiosk.cert_file is not None and kiosk.ca_file is not None and kiosk.tenant
+    pod = deployment(objects, "kiosk")["spec"]["template"]["spec"]
+    (principal,) = [p for p in settings.auth.principals if p.terminal is not None]
+    assert principal.terminal.channel == "kiosk" and principal.tenants == [kiosk.tenant]
+    assert principal.cert_subject == f"spiffe://bank-a.internal/ns/biogate/sa/{pod['serviceAccountName']}"
+
+
 def test_every_environment_variable_names_a_setting_and_every_reference_exists(rendered):
     _, objects = rendered
     secrets, config_maps = by_kind(objects, "Secret"), by_kind(objects, "ConfigMap")
@@ -166,8 +200,12 @@ def test_resources_cover_the_measured_peak_memory_and_gpus_are_scheduled(rendere
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         else:
             assert "nodeSelector" not in pod and "biogate-gpu" not in c["image"]
+    c = container(objects, "kiosk")
+    peak = KIOSK_PEAK_RSS_MIB[configuration(objects).kiosk.http.max_frames]
+    requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+    assert mib(requests["memory"]) >= peak and mib(limits["memory"]) >= 1.25 * peak and "nvidia.com/gpu" not in limits
     hpas, pdbs = by_kind(objects, "HorizontalPodAutoscaler"), by_kind(objects, "PodDisruptionBudget")
-    for name in SERVICES:
+    for name in DEPLOYMENTS:
         assert hpas[f"biogate-{name}"]["spec"]["scaleTargetRef"]["name"] == f"biogate-{name}"
         assert hpas[f"biogate-{name}"]["spec"]["minReplicas"] >= 2
         assert pdbs[f"biogate-{name}"]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": f"biogate-{name}"}
@@ -193,11 +231,18 @@ def test_only_the_mfa_reaches_face_and_voice_and_only_the_bank_reaches_the_mfa(r
     for name in ("face", "voice"):
         assert sources(name, settings.endpoint(name).port) == [
             {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "biogate-mfa"}}}]
-    (peer,) = sources("mfa", settings.endpoint("mfa").port)
+    peer, kiosk = sources("mfa", settings.endpoint("mfa").port)
     assert list(peer) == ["namespaceSelector"]
+    assert kiosk == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "biogate-kiosk"}}}
     assert settings.mfa.http.host == "0.0.0.0" and sources("mfa", settings.mfa.http.port) == [peer]
-    for name in SERVICES:
-        assert sources(name, settings.endpoint(name).metrics_port) == [
+    # the kiosks come through the ingress controller, whose X-Forwarded-For the gateway trusts
+    (ingress,) = sources("kiosk", settings.kiosk.port)
+    assert ingress == {"namespaceSelector": {"matchLabels": {"biogate.bank-a.internal/kiosk-ingress": "true"}}}
+    assert settings.kiosk.forwarded_allow_ips
+    metrics_ports = {name: settings.endpoint(name).metrics_port for name in SERVICES} | {
+        "kiosk": settings.kiosk.metrics_port}
+    for name, port in metrics_ports.items():
+        assert sources(name, port) == [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
 
@@ -207,6 +252,6 @@ def test_the_prometheus_scrape_job_keeps_the_annotated_pods(rendered):
     (job,) = scrape
     keep = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
     assert keep[0]["source_labels"] == ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"]
-    for name in SERVICES:
+    for name in DEPLOYMENTS:
         annotations = deployment(objects, name)["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == keep[0]["regex"]

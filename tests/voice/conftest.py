@@ -81,18 +81,9 @@ class VoiceServiceUnderTest:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The local Redis (every machine of the project has one); required in CI."""
-    import redis
+    from tests.conftest import require_redis
 
-    from tests.conftest import require
-
-    url = "redis://127.0.0.1:6379/0"
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-        ok = True
-    except redis.exceptions.ConnectionError:
-        ok = False
-    require(ok, f"Redis at {url}")
-    return url
+    return require_redis("redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture(scope="session")

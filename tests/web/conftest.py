@@ -43,8 +43,11 @@ class KioskStack:
         try:
             self._bank_channel = connect(self.mfa.running["mfa"].address, BANK_TOKEN)
             self.bank = mfa_pb2_grpc.MfaServiceStub(self._bank_channel)
+            # every test's calls come from 127.0.0.1: the rate limit (tested in test_gateway_limits) is
+            # set far above what a module sends
             kiosk = {"tenant": TENANT, "mfa_target": self.mfa.running["mfa"].address, "mfa_token": mfa_token,
-                     "client_key_sha256": hashlib.sha256(KIOSK_KEY.encode()).hexdigest()}
+                     "client_key_sha256": hashlib.sha256(KIOSK_KEY.encode()).hexdigest(),
+                     "rate_limit": {"capacity": 10_000}}
             self.gateway = KioskServer(make_settings(data / "kiosk", kiosk=kiosk), kiosk["client_key_sha256"],
                                        port=0).start()
             self.url = self.gateway.url

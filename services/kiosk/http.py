@@ -1,0 +1,142 @@
+"""The gateway's HTTP connections (uvicorn's h11 protocol) bounded by kiosk.http:
+
+- a request's head must arrive within ``head_timeout_s``, its body within ``body_timeout_s`` of the
+  head, else 408 and the connection is closed: a client sending slowly (slowloris) or not at all
+  holds a connection that long at most, not for ever;
+- lingering close: when an answer closes the connection while the request's body is still coming
+  (413 by its Content-Length, 429), the gateway shuts its sending side and reads and drops what
+  still arrives, until the client closes or ``linger_s`` passes. Closing a socket with unread bytes
+  makes the kernel reset the connection, and the client, still sending, then got the reset instead
+  of the answer;
+- ``max_connections`` held at once (uvicorn's limit: a request beyond them is answered 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from services.kiosk.config import HttpLimitsConfig
+from services.kiosk.metrics import CONNECTIONS_CLOSED
+
+
+def _timeout_answer(what: str) -> bytes:
+    body = json.dumps({"reason": "REQUEST_TIMEOUT", "message": f"the request's {what} did not arrive in time",
+                       "fields": {}}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it: its close() lingers when the protocol says so."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        if self._protocol.should_linger():
+            self._protocol.linger()
+        else:
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self._transport.is_closing()
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the limits of ``limits`` (set on a subclass: protocol_class)."""
+
+    limits: HttpLimitsConfig = HttpLimitsConfig()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._real = transport
+        self._timer: asyncio.TimerHandle | None = None
+        self._phase = ""
+        self.lingering = self._lost = False
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
+        self._arm("head", self.limits.head_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # the answer is out; what still arrives is dropped
+        if self._timer is None and self.conn.their_state is h11.IDLE:
+            self._arm("head", self.limits.head_timeout_s)  # the first bytes of a next request
+        super().data_received(data)
+        self._track()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start a pipelined request already received
+        self._track()
+
+    def _track(self) -> None:
+        """The timer for what the client is sending now: its head (armed when it starts), its body."""
+        if self.lingering or self._lost:
+            return
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            if self._phase != "body":
+                self._arm("body", self.limits.body_timeout_s)
+        elif state is not h11.IDLE and self._phase in ("head", "body"):
+            self._cancel()  # the request is in: the app answers it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._cancel()
+        super().connection_lost(exc)
+
+    # eof_received (H11Protocol's) returns None: when the client closes its side, lingering or not,
+    # asyncio closes the transport.
+
+    def shutdown(self) -> None:
+        if self.lingering:
+            self._real.close()
+        else:
+            super().shutdown()
+
+    def _arm(self, phase: str, seconds: float) -> None:
+        self._cancel()
+        self._phase = phase
+        self._timer = self.loop.call_later(seconds, self._expired, phase)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._phase = None, ""
+
+    def _expired(self, phase: str) -> None:
+        self._timer, self._phase = None, ""
+        if self._lost or self._real.is_closing():
+            return
+        if phase == "linger":
+            self._real.close()
+            return
+        CONNECTIONS_CLOSED.labels(f"{phase}_timeout").inc()
+        cycle = self.cycle if phase == "body" else None  # a head's cycle is the previous request's
+        if cycle is None or not cycle.response_started:
+            self._real.write(_timeout_answer(phase))
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's receive() answers http.disconnect
+            cycle.message_event.set()
+        self._real.close()
+
+    def should_linger(self) -> bool:
+        return (not self.lingering and not self._lost and self.conn.their_state is h11.SEND_BODY
+                and self._real.can_write_eof() and not self._real.is_closing())
+
+    def linger(self) -> None:
+        self.lingering = True
+        CONNECTIONS_CLOSED.labels("lingering").inc()
+        self._real.write_eof()  # the answer is sent, then the sending side is shut
+        self._real.resume_reading()
+        self._arm("linger", self.limits.linger_s)
+
+
+def protocol_class(limits: HttpLimitsConfig) -> type[GuardedH11Protocol]:
+    return type("KioskH11Protocol", (GuardedH11Protocol,), {"limits": limits})
