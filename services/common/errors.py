@@ -8,12 +8,13 @@ violations, so that client developers can act on the error without parsing messa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from services.common.wire import details_of as details_of  # the client side, shared with the SDK
 
 ERROR_DOMAIN = "biogate.dev"
 
@@ -89,30 +90,6 @@ def resource_exhausted(message: str, reason: str = "RESOURCE_EXHAUSTED") -> Serv
 
 def unavailable(message: str, reason: str = "UNAVAILABLE") -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message, reason)
-
-
-def details_of(error: grpc.RpcError) -> dict:
-    """Client side: the ErrorInfo reason and metadata, the field violations and the retry hint
-    (``retry_delay_s``, None without one) of a failed call."""
-    status = rpc_status.from_call(cast(grpc.Call, error))  # a failed call's RpcError is also its Call
-    out: dict = {"reason": "", "fields": {}, "metadata": {}, "retry_delay_s": None}
-    if status is None:
-        return out
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            out["reason"] = info.reason
-            out["metadata"] = dict(info.metadata)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            out["fields"] = {v.field: v.description for v in bad.field_violations}
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            out["retry_delay_s"] = retry.retry_delay.ToNanoseconds() / 1e9
-    return out
 
 
 assert code_pb2.INVALID_ARGUMENT == grpc.StatusCode.INVALID_ARGUMENT.value[0]
