@@ -92,3 +92,28 @@ def test_a_declared_lookup_the_service_does_not_provide_stops_the_server(tmp_pat
     auth = Authenticator.from_settings(make_settings(tmp_path))
     with pytest.raises(ValueError, match="review, session"):
         ServerInterceptor("mfa", auth, roles_by_method(mfa), 30.0, tenants_by_method(mfa), {})
+
+
+def test_the_sdk_s_stubs_and_wire_module_match_the_protos_and_services_common_wire():
+    assert generate.stale_sdk_files() == [], "run: python -m services.common.api.generate"
+
+
+def test_a_hand_edited_sdk_wire_module_is_stale(tmp_path):
+    sdk = tmp_path / "_api"
+    shutil.copytree(generate.SDK_DIR, sdk, ignore=shutil.ignore_patterns("__pycache__"))
+    (sdk / "wire.py").write_text((sdk / "wire.py").read_text().replace("16 * 1024 * 1024", "4 * 1024 * 1024"))
+    assert generate.stale_sdk_files(sdk_dir=sdk) == ["wire.py"]
+    edited = tmp_path / "wire.py"  # and the copy follows its source
+    edited.write_text(generate.WIRE.read_text() + "\n# edited\n")
+    assert generate.stale_sdk_files(wire=edited) == ["wire.py"]
+
+
+def test_the_server_s_and_the_sdk_s_stubs_in_one_process_share_descriptors_and_classes():
+    """Both register biogate/v1/*.proto in the default pool; the runtime accepts the identical
+    files and gives both modules the same message classes, so messages pass between them."""
+    from biogate_client._api.v1 import common_pb2 as sdk_common, mfa_pb2 as sdk_mfa
+    from services.common.api.v1 import mfa_pb2
+
+    assert sdk_mfa.DESCRIPTOR is mfa_pb2.DESCRIPTOR
+    assert sdk_mfa.StartAuthenticationRequest is mfa_pb2.StartAuthenticationRequest
+    assert sdk_common.SubjectRef is common_pb2.SubjectRef
