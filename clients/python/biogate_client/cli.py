@@ -12,8 +12,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from services.common.api.v1 import mfa_pb2
-
+from ._api.v1 import mfa_pb2
 from .client import BioGate, outcome_name
 from .credentials import DEV_CREDENTIALS, Credentials, dev_credentials
 from .dev import DEV_OUTBOX, dev_otp

@@ -15,10 +15,9 @@ from typing import Any, TypeVar
 import grpc
 import jwt
 
-from services.common.api.v1 import (
+from ._api.v1 import (
     common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc,
 )
-
 from . import webauthn
 from .context import payload_digest, shown, transaction_context
 from .credentials import DEV_CREDENTIALS, Credentials, dev_credentials

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from services.common.api.v1 import mfa_pb2
+from ._api.v1 import mfa_pb2
 
 VERSION = 1
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common.client import connect
+from ._api.wire import connect
 
 DEV_CREDENTIALS = Path("var/dev-credentials.json")
 

@@ -15,8 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from services.common.api.v1 import common_pb2, mfa_pb2
-
+from ._api.v1 import common_pb2, mfa_pb2
 from .context import payload_digest, push_answer_context, push_fetch_context, shown, transaction_context
 
 

@@ -12,7 +12,7 @@ from typing import cast
 
 import grpc
 
-from services.common.errors import details_of  # the parser of the details the servers send
+from ._api.wire import details_of  # the parser of the details the servers send (services/common/wire.py)
 
 
 class BioGateError(Exception):

@@ -10,8 +10,7 @@ from __future__ import annotations
 import base64
 import json
 
-from services.common.api.v1 import mfa_pb2
-
+from ._api.v1 import mfa_pb2
 from .context import webauthn_challenge
 
 
