@@ -9,7 +9,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -141,15 +141,7 @@ class BiometricClient:
                     reply = getattr(self._stub, method)(request, timeout=left)
                 except grpc.RpcError as err:
                     code = err.code()
-                    if code in CREDENTIALS_REFUSED:
-                        self.breaker.success()  # it answered: up, and not to be degraded around
-                        raise self._credentials_refused(code, err.details()) from None
-                    if code in CALLER_FAULT or code == SHEDDING:
-                        self.breaker.success()
-                        info = details_of(err)
-                        raise errors.ServiceError(code, f"{self.service}: {err.details()}",
-                                                  info["reason"] or code.name, list(info["fields"].items()),
-                                                  retry_delay_s=info["retry_delay_s"]) from None
+                    self._raise_refusal(err)
                     self.breaker.failure()
                     log.warning("biometric call failed", extra={"service": self.service, "rpc": method,
                                                                 "code": code.name, "attempt": attempt + 1})
@@ -162,6 +154,49 @@ class BiometricClient:
             raise ServiceUnavailable(self.service, "retries exhausted")
         finally:
             biometric_seconds.set(biometric_seconds.get() + time.perf_counter() - started)
+
+    def stream(self, method: str, first: Any, rest: Iterator[Any], budget_s: float | None = None) -> Any:
+        """A client-streaming ``method``: ``first``, then ``rest`` sent as it is produced, once (a
+        stream is not retried). An exception from ``rest`` (the MFA's own caller's stream failed its
+        limits) cancels the call and is raised as it is: the service did not fail."""
+        deadline = self.cfg.deadline_s if budget_s is None else min(self.cfg.deadline_s, budget_s)
+        source = _Source(first, rest)
+        started = time.perf_counter()
+        try:
+            if not self.breaker.allow():
+                raise ServiceUnavailable(self.service, "circuit open")
+            if deadline <= 0.05:
+                raise ServiceUnavailable(self.service, "no time left within the deadline")
+            try:
+                reply = getattr(self._stub, method)(iter(source), timeout=deadline)
+            except grpc.RpcError as err:
+                if source.error is not None:
+                    raise source.error from None
+                self._raise_refusal(err)
+                self.breaker.failure()
+                log.warning("biometric call failed", extra={"service": self.service, "rpc": method,
+                                                            "code": err.code().name, "attempt": 1})
+                raise ServiceUnavailable(self.service, err.code().name) from None
+            if source.error is not None:  # the service answered before the stream failed: still refused
+                raise source.error
+            self.breaker.success()
+            return reply
+        finally:
+            biometric_seconds.set(biometric_seconds.get() + time.perf_counter() - started)
+
+    def _raise_refusal(self, err: grpc.RpcError) -> None:
+        """Raises ServiceError where the service refused the call (the caller's fault, or the
+        MFA's credentials): it answered, so the circuit stays closed. Returns for a failure."""
+        code = err.code()
+        if code in CREDENTIALS_REFUSED:
+            self.breaker.success()  # it answered: up, and not to be degraded around
+            raise self._credentials_refused(code, err.details()) from None
+        if code in CALLER_FAULT or code == SHEDDING:
+            self.breaker.success()
+            info = details_of(err)
+            raise errors.ServiceError(code, f"{self.service}: {err.details()}",
+                                      info["reason"] or code.name, list(info["fields"].items()),
+                                      retry_delay_s=info["retry_delay_s"]) from None
 
     def settings_named(self) -> str:
         prefix = f"clients.{self.service}"
@@ -199,6 +234,23 @@ class BiometricClient:
 
     def close(self) -> None:
         self._channel.close()
+
+
+class _Source:
+    """A client stream's requests; keeps the exception producing them raised (grpc logs it and
+    cancels the call as UNKNOWN, which is not the service's failure)."""
+
+    def __init__(self, first: Any, rest: Iterator[Any]) -> None:
+        self.first, self.rest = first, rest
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.first
+        try:
+            yield from self.rest
+        except BaseException as exc:
+            self.error = exc
+            raise
 
 
 # The RPC each start-up check makes: one the orchestrator role is allowed, with an empty request.

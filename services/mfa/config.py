@@ -102,6 +102,15 @@ class ReviewsConfig(Section):
     webhook: ReviewWebhookConfig = ReviewWebhookConfig()
 
 
+class IvrStreamConfig(Section):
+    """StreamVoiceFactor's limits, tighter than the server's for every client stream (server.stream_*):
+    the IVR sends real-time audio, so a pause of more than a few chunks is a stalled call."""
+
+    idle_timeout_s: float = Field(2.0, gt=0)  # the longest pause between two messages
+    max_chunk_s: float = Field(0.1, gt=0, le=1.0)  # one chunk's audio (20-100 ms is usual)
+    max_audio_s: float = Field(30.0, gt=0, le=120.0)  # the whole stream's audio
+
+
 class MfaConfig(Section):
     # <tenant>.yaml policy files; a tenant without its own file gets default_policy.
     policy_dir: Path | None = None  # default <data_dir>/policies
@@ -117,6 +126,7 @@ class MfaConfig(Section):
     webauthn: WebAuthnConfig = WebAuthnConfig()
     http: HttpConfig = HttpConfig()
     reviews: ReviewsConfig = ReviewsConfig()
+    ivr_stream: IvrStreamConfig = IvrStreamConfig()
 
 
 class ClientTarget(Section):

@@ -9,6 +9,7 @@ from services.common.api.v1 import mfa_pb2, mfa_pb2_grpc
 from services.mfa.config import MfaSettings
 from services.common.runtime import Runtime
 from services.common.server.bootstrap import ServiceDefinition
+from services.common.server.streams import BoundedStream
 from services.mfa import subjects
 from services.mfa.clients import check_credentials
 from services.mfa.service import Orchestrator, budget_of
@@ -30,6 +31,11 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
 
     def SubmitFactor(self, request, context):
         return self.mfa.submit(request, budget_of(context))
+
+    def StreamVoiceFactor(self, request_iterator, context):
+        if isinstance(request_iterator, BoundedStream):  # the interceptor's budgets, with the IVR's idle limit
+            request_iterator.tighten(self.mfa.settings.mfa.ivr_stream.idle_timeout_s)
+        return self.mfa.submit_voice_stream(request_iterator, budget_of(context))
 
     def SendOtp(self, request, context):
         return self.mfa.send_otp(request)

@@ -7,7 +7,7 @@ step leaves an audit record without personal data.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -24,6 +24,7 @@ from . import devices, metrics, requests
 from .binding import payee_object
 from .clients import BiometricClient, ServiceUnavailable, open_clients
 from .factors import BY_EVIDENCE, FACTORS, FactorContext
+from .factors.voice import StreamedVoice, stream_byte_rate, stream_chunks
 from .fusion import Decision, FactorOutcome, decide, make_plan
 from .keys import derive, keyed_hash
 from .lockout import Lockouts
@@ -285,6 +286,26 @@ class Orchestrator:
             raise errors.invalid_argument("one of face, voice, otp or device evidence is required", evidence="missing")
         name = BY_EVIDENCE[which]
         return self.submit_evidence(session, name, getattr(req, which), now, budget)[0]
+
+    def submit_voice_stream(self, messages: Iterable, budget: float | None = None) -> mfa_pb2.SubmitFactorResponse:
+        """StreamVoiceFactor: the voice factor of submit() with the audio streamed. The header is
+        checked as VoiceEvidence is; the chunks are read (within mfa.ivr_stream's limits) while the
+        voice service hears them, so a stream refused midway has written nothing."""
+        stream = iter(messages)
+        first = next(stream, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise errors.invalid_argument("the first message must be the header (session_id, challenge_nonce, "
+                                          "format, binding); the audio chunks follow it", "HEADER_REQUIRED",
+                                          header="required first")
+        h = first.header
+        now = self.clock()
+        session = self.sessions.open(h.session_id, now)
+        rate = stream_byte_rate(h.format)
+        header = mfa_pb2.VoiceEvidence(audio=common_pb2.Audio(format=h.format), challenge_nonce=h.challenge_nonce)
+        if h.HasField("binding"):
+            header.binding.CopyFrom(h.binding)
+        evidence = StreamedVoice(header, stream_chunks(stream, rate, self.settings.mfa.ivr_stream))
+        return self.submit_evidence(session, "voice", evidence, now, budget)[0]
 
     def submit_evidence(self, session: Session, name: str, evidence: Any, now: datetime,
                         budget: float | None) -> tuple[mfa_pb2.SubmitFactorResponse, FactorOutcome, Session]:

@@ -51,15 +51,17 @@ def _descriptors():
 def test_every_rpc_declares_its_tenant():
     descriptors = _descriptors()
     table = tenants_by_method(descriptors)  # raises for an RPC without the option or with a wrong field
-    assert len(table) == sum(len(d.methods) for d in descriptors) == 37
+    assert len(table) == sum(len(d.methods) for d in descriptors) == 38
     assert [m for m, r in table.items() if r.none] == ["/biogate.v1.MfaService/GetSigningKeys"]
     by_lookup = {m.rsplit("/", 1)[1]: r.lookup for m, r in table.items() if r.lookup}
-    assert by_lookup == {"StartBiometricChallenge": "session", "SubmitFactor": "session", "SendOtp": "session",
+    assert by_lookup == {"StartBiometricChallenge": "session", "SubmitFactor": "session",
+                         "StreamVoiceFactor": "session", "SendOtp": "session",
                          "Decide": "session", "RegisterDevice": "session", "StartDeviceRegistration": "session",
                          "ResolveReview": "review", "GetReview": "review",
                          "SendPushConfirmation": "session", "ConfirmTransaction": "session",
                          "GetPushConfirmation": "session"}
     assert table["/biogate.v1.VoiceService/StreamVerify"].path == ("header", "subject", "tenant_id")
+    assert table["/biogate.v1.MfaService/StreamVoiceFactor"].path == ("header", "session_id")
     assert table["/biogate.v1.MfaService/RecordConsent"].path == ("consent", "subject", "tenant_id")
     assert table["/biogate.v1.FaceService/Identify"].path == ("tenant_id",)
 

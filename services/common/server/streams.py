@@ -16,6 +16,7 @@ a client cannot push messages the handler has not asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -59,6 +60,10 @@ class BoundedStream:
         self._done = False
         self.messages = 0
         self.bytes = 0
+
+    def tighten(self, idle_timeout_s: float) -> None:
+        """A handler's own, shorter idle limit for this stream (never a longer one)."""
+        self._limits = dataclasses.replace(self._limits, idle_timeout_s=min(idle_timeout_s, self._limits.idle_timeout_s))
 
     def __iter__(self) -> "BoundedStream":
         return self

@@ -1,12 +1,21 @@
 """Voice: an utterance verified by VoiceService.Verify, bound to the session and the device by its
 CaptureBinding, answering the digit challenge this session handed out (replay defence; required
 unless the policy turns it off for the action and channel). A failed spoof check or challenge is a
-veto."""
+veto.
+
+The IVR may stream the utterance instead (MfaService.StreamVoiceFactor): the evidence is then a
+:class:`StreamedVoice`, the same checks run on its header, and check() passes the chunks on to
+VoiceService.StreamVerify as they arrive instead of calling Verify with the whole recording."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import Any
+
 from services.common import errors
 from services.common.api.v1 import common_pb2, mfa_pb2, voice_pb2
+
+from ..config import IvrStreamConfig
 
 from ..fusion import FactorOutcome
 from ..reasons import Reason
@@ -14,12 +23,66 @@ from .base import FactorContext
 from .biometric import BiometricFactor, optional, service_reasons
 
 
+# bytes per sample of the raw encodings a stream may carry
+_SAMPLE_BYTES = {common_pb2.AUDIO_ENCODING_MULAW: 1, common_pb2.AUDIO_ENCODING_ALAW: 1,
+                 common_pb2.AUDIO_ENCODING_LINEAR16: 2}
+
+
+class StreamedVoice:
+    """VoiceEvidence whose audio arrives in chunks: ``header`` is a VoiceEvidence with the nonce,
+    the binding and the audio's format but no audio data (its fields are this object's);
+    ``chunks`` yields the audio as the caller speaks, read while the voice service hears it."""
+
+    def __init__(self, header: mfa_pb2.VoiceEvidence, chunks: Iterator[bytes]) -> None:
+        self.header, self.chunks = header, chunks
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.header, name)
+
+
+def stream_byte_rate(fmt: common_pb2.AudioFormat) -> int:
+    """Bytes per second of a streamed format: raw mono audio at 8 or 16 kHz; refuses anything else."""
+    if fmt.encoding not in _SAMPLE_BYTES:
+        raise errors.invalid_argument("a voice stream carries raw audio: MULAW, ALAW or LINEAR16",
+                                      header__format__encoding="MULAW, ALAW or LINEAR16")
+    if fmt.sample_rate_hz not in (8000, 16000) or fmt.channels > 1:
+        raise errors.invalid_argument("a voice stream carries mono audio at 8000 or 16000 Hz",
+                                      header__format="mono, sample_rate_hz 8000 or 16000")
+    return _SAMPLE_BYTES[fmt.encoding] * fmt.sample_rate_hz
+
+
+def stream_chunks(messages: Iterable, byte_rate: int, cfg: IvrStreamConfig) -> Iterator[bytes]:
+    """The audio of a StreamVoiceFactor's messages after the header, within the stream's limits:
+    each chunk at most ``max_chunk_s`` of audio and not empty, all of them at most ``max_audio_s``."""
+    max_chunk, max_total = int(byte_rate * cfg.max_chunk_s), int(byte_rate * cfg.max_audio_s)
+    total = 0
+    for n, msg in enumerate(messages, 1):
+        if msg.WhichOneof("part") != "chunk":
+            raise errors.invalid_argument(f"message {n + 1} is not an audio chunk: one header, then chunks only",
+                                          "UNEXPECTED_HEADER", chunk="expected")
+        if not 0 < len(msg.chunk) <= max_chunk:
+            raise errors.invalid_argument(
+                f"chunk {n} has {len(msg.chunk)} bytes: send 1 to {max_chunk} bytes ({cfg.max_chunk_s * 1000:g} ms "
+                "of audio) per message", "CHUNK_SIZE", chunk=f"1..{max_chunk} bytes")
+        total += len(msg.chunk)
+        if total > max_total:
+            raise errors.invalid_argument(
+                f"the stream carried more than {cfg.max_audio_s:g} s of audio ({max_total} bytes): end the stream "
+                "once the digits are spoken", "STREAM_TOO_LONG", chunk=f"at most {max_total} bytes in all")
+        yield msg.chunk
+
+
 class VoiceFactor(BiometricFactor):
     name = "voice"
     challenge_rpc = ("voice", "StartVoiceChallenge", voice_pb2.StartVoiceChallengeRequest, "digits")
 
-    def validate_capture(self, ctx: FactorContext, ev: mfa_pb2.VoiceEvidence) -> None:
-        if not ev.audio.data:
+    def validate_capture(self, ctx: FactorContext, ev: mfa_pb2.VoiceEvidence | StreamedVoice) -> None:
+        if isinstance(ev, StreamedVoice):
+            if ev.binding.WhichOneof("proof") != "terminal":  # a signature covers the whole recording's digest
+                raise errors.invalid_argument("a streamed voice capture is bound by the terminal that streams it "
+                                              "(binding.terminal); send a signed capture with SubmitFactor",
+                                              header__binding="terminal")
+        elif not ev.audio.data:
             raise errors.invalid_argument("voice.audio is required", voice__audio="required")
         if ev.challenge_nonce and ev.challenge_nonce not in ctx.state.challenges.get("voice", []):
             raise errors.failed_precondition("voice.challenge_nonce was not issued to this session",
@@ -29,15 +92,22 @@ class VoiceFactor(BiometricFactor):
                 "the voice factor needs the digit challenge: call StartBiometricChallenge (modality voice) "
                 "and send the recording of the digits with its challenge_nonce", "CHALLENGE_REQUIRED")
 
-    def check(self, ctx: FactorContext, ev: mfa_pb2.VoiceEvidence) -> FactorOutcome:
+    def check(self, ctx: FactorContext, ev: mfa_pb2.VoiceEvidence | StreamedVoice) -> FactorOutcome:
         cfg = ctx.policy.factors.voice
         callback = ctx.state.callback_channel == "ivr" and ev.binding.WhichOneof("proof") == "terminal"
         telephone = ctx.state.channel == "ivr" or callback
         channel = voice_pb2.VOICE_CHANNEL_TELEPHONE if telephone else voice_pb2.VOICE_CHANNEL_UNSPECIFIED
-        r = ctx.clients["voice"].call("Verify", voice_pb2.VerifyVoiceRequest(
-            subject=common_pb2.SubjectRef(tenant_id=ctx.tenant, subject_id=ctx.subject),
-            audio=ev.audio, channel=channel, challenge_nonce=ev.challenge_nonce),
-            idempotent=not ev.challenge_nonce, budget_s=ctx.budget_s)  # a nonce is single use
+        subject = common_pb2.SubjectRef(tenant_id=ctx.tenant, subject_id=ctx.subject)
+        if isinstance(ev, StreamedVoice):
+            header = voice_pb2.StreamVerifyVoiceRequest(header=voice_pb2.StreamVerifyVoiceRequest.Header(
+                subject=subject, format=ev.audio.format, channel=channel, challenge_nonce=ev.challenge_nonce))
+            r = ctx.clients["voice"].stream("StreamVerify", header, (
+                voice_pb2.StreamVerifyVoiceRequest(chunk=c) for c in ev.chunks), budget_s=ctx.budget_s)
+            ctx.notes["audit"] = {"via": "stream"}
+        else:
+            r = ctx.clients["voice"].call("Verify", voice_pb2.VerifyVoiceRequest(
+                subject=subject, audio=ev.audio, channel=channel, challenge_nonce=ev.challenge_nonce),
+                idempotent=not ev.challenge_nonce, budget_s=ctx.budget_s)  # a nonce is single use
         reasons = service_reasons(r.reasons)
         if r.HasField("quality") and not r.quality.accepted:
             reasons = service_reasons(r.quality.issues) + reasons

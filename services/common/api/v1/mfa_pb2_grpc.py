@@ -51,6 +51,11 @@ class MfaServiceStub:
                 request_serializer=biogate_dot_v1_dot_mfa__pb2.SubmitFactorRequest.SerializeToString,
                 response_deserializer=biogate_dot_v1_dot_mfa__pb2.SubmitFactorResponse.FromString,
                 _registered_method=True)
+        self.StreamVoiceFactor = channel.stream_unary(
+                '/biogate.v1.MfaService/StreamVoiceFactor',
+                request_serializer=biogate_dot_v1_dot_mfa__pb2.StreamVoiceFactorRequest.SerializeToString,
+                response_deserializer=biogate_dot_v1_dot_mfa__pb2.SubmitFactorResponse.FromString,
+                _registered_method=True)
         self.SendOtp = channel.unary_unary(
                 '/biogate.v1.MfaService/SendOtp',
                 request_serializer=biogate_dot_v1_dot_mfa__pb2.SendOtpRequest.SerializeToString,
@@ -172,6 +177,20 @@ class MfaServiceServicer:
 
     def SubmitFactor(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamVoiceFactor(self, request_iterator, context):
+        """IVR: the caller's voice factor streamed as it is spoken, for a registered terminal of the ivr
+        channel. The first message is the header (session, challenge nonce, raw audio format, terminal
+        binding), the following ones audio chunks of at most 100 ms; each chunk is passed on to the
+        voice service as it arrives. Checks, policy, lockout, audit and answer are SubmitFactor's with
+        VoiceEvidence. Refused before anything is written: a first message that is no header, or
+        another header (INVALID_ARGUMENT HEADER_REQUIRED, UNEXPECTED_HEADER), a chunk over 100 ms or
+        empty (CHUNK_SIZE), more audio than mfa.ivr_stream.max_audio_s (STREAM_TOO_LONG), a pause between
+        messages over mfa.ivr_stream.idle_timeout_s (DEADLINE_EXCEEDED STREAM_IDLE).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -342,6 +361,11 @@ def add_MfaServiceServicer_to_server(servicer, server):
             'SubmitFactor': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitFactor,
                     request_deserializer=biogate_dot_v1_dot_mfa__pb2.SubmitFactorRequest.FromString,
+                    response_serializer=biogate_dot_v1_dot_mfa__pb2.SubmitFactorResponse.SerializeToString,
+            ),
+            'StreamVoiceFactor': grpc.stream_unary_rpc_method_handler(
+                    servicer.StreamVoiceFactor,
+                    request_deserializer=biogate_dot_v1_dot_mfa__pb2.StreamVoiceFactorRequest.FromString,
                     response_serializer=biogate_dot_v1_dot_mfa__pb2.SubmitFactorResponse.SerializeToString,
             ),
             'SendOtp': grpc.unary_unary_rpc_method_handler(
@@ -525,6 +549,33 @@ class MfaService:
             target,
             '/biogate.v1.MfaService/SubmitFactor',
             biogate_dot_v1_dot_mfa__pb2.SubmitFactorRequest.SerializeToString,
+            biogate_dot_v1_dot_mfa__pb2.SubmitFactorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamVoiceFactor(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/biogate.v1.MfaService/StreamVoiceFactor',
+            biogate_dot_v1_dot_mfa__pb2.StreamVoiceFactorRequest.SerializeToString,
             biogate_dot_v1_dot_mfa__pb2.SubmitFactorResponse.FromString,
             options,
             channel_credentials,

@@ -290,6 +290,25 @@ class SubmitFactorRequest(_message.Message):
     device: DeviceProof
     def __init__(self, session_id: _Optional[str] = ..., face: _Optional[_Union[FaceEvidence, _Mapping]] = ..., voice: _Optional[_Union[VoiceEvidence, _Mapping]] = ..., otp: _Optional[_Union[OtpEvidence, _Mapping]] = ..., device: _Optional[_Union[DeviceProof, _Mapping]] = ...) -> None: ...
 
+class StreamVoiceFactorRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    class Header(_message.Message):
+        __slots__ = ("session_id", "challenge_nonce", "format", "binding")
+        SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+        CHALLENGE_NONCE_FIELD_NUMBER: _ClassVar[int]
+        FORMAT_FIELD_NUMBER: _ClassVar[int]
+        BINDING_FIELD_NUMBER: _ClassVar[int]
+        session_id: str
+        challenge_nonce: str
+        format: _common_pb2.AudioFormat
+        binding: CaptureBinding
+        def __init__(self, session_id: _Optional[str] = ..., challenge_nonce: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.AudioFormat, _Mapping]] = ..., binding: _Optional[_Union[CaptureBinding, _Mapping]] = ...) -> None: ...
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: StreamVoiceFactorRequest.Header
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[StreamVoiceFactorRequest.Header, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
 class FactorResult(_message.Message):
     __slots__ = ("factor", "passed", "veto", "llr", "reasons", "target_fmr", "measured_fmr", "target_apcer", "measured_apcer", "binding")
     FACTOR_FIELD_NUMBER: _ClassVar[int]

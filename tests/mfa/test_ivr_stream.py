@@ -1,0 +1,192 @@
+"""The IVR's voice factor streamed (MfaService.StreamVoiceFactor) through real MFA and voice
+services on loopback: the caller's G.711 answer sent in 20 ms chunks as it is spoken passes as the
+unary SubmitFactor does; a stalled, oversized or malformed stream, and one for another tenant's
+session, are refused with their codes before anything is written (the MFA's session and audit
+trail, the voice service's audit trail, and the challenge, which stays unspent)."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+
+import grpc
+import pytest
+
+from services.common.api.v1 import common_pb2, mfa_pb2
+from services.common.errors import details_of
+from services.common.server.auth import ROLES, token_sha256
+from tests.conftest import require
+from tests.mfa import spoken_digits
+from tests.mfa.world import World, running_services
+
+F = mfa_pb2
+TENANT, OTHER = "bank-ivr-stream", "bank-other"
+BANK_TOKEN, IVR_TOKEN = "tok-bank-stream", "tok-ivr-stream"
+SPEAKER = "george"
+CHUNK = 160  # 20 ms of 8 kHz mu-law
+MULAW = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz=8000)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):  # (named so that tests/conftest.py marks the module as loading models)
+    principals = [
+        {"name": "bank-backend", "roles": list(ROLES), "token_sha256": token_sha256(BANK_TOKEN)},
+        {"name": "ivr-platform", "roles": ["orchestrator"], "token_sha256": token_sha256(IVR_TOKEN),
+         "tenants": [TENANT], "terminal": {"channel": "ivr"}}]
+    with running_services(tmp_path_factory.mktemp("ivr-stream"), principals, BANK_TOKEN) as (bio, mfa):
+        w = World(bio, mfa, TENANT, ivr_token=IVR_TOKEN)
+        yield w
+        w.close()
+
+
+def header(s, nonce: str, fmt=MULAW, binding=None) -> F.StreamVoiceFactorRequest:
+    return F.StreamVoiceFactorRequest(header=F.StreamVoiceFactorRequest.Header(
+        session_id=s.session_id, challenge_nonce=nonce, format=fmt,
+        binding=binding or F.CaptureBinding(terminal=F.TerminalCapture())))
+
+
+def chunks(audio: bytes, size: int = CHUNK):
+    for i in range(0, len(audio), size):
+        yield F.StreamVoiceFactorRequest(chunk=audio[i:i + size])
+
+
+def stream(world, messages, timeout: float = 120):
+    return world.ivr.StreamVoiceFactor(iter(messages), timeout=timeout)
+
+
+def refused(world, messages) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        stream(world, messages)
+    return err.value.code(), details_of(err.value)["reason"]
+
+
+def written(world, s) -> tuple:
+    """What a refused stream must leave as it was: the session's factors, the audit trails'
+    lengths (MFA and voice) and the MFA's mfa.factor records of the session."""
+    orch = world.mfa.running["mfa"].definition.service
+    voice_rt = world.bio.running["voice"].definition.service.rt
+    session = orch.sessions.get(s.session_id)
+    mfa_records = list(orch.rt.storage.audit.iter_records())
+    factors = [json.loads(r.details) for r in mfa_records if r.event_type == "mfa.factor"]
+    return (len(session.state.factors), len(mfa_records), len(list(voice_rt.storage.audit.iter_records())),
+            [f for f in factors if f["session_id"] == s.session_id])
+
+
+@pytest.fixture(scope="module")
+def caller(services):
+    """The enrolled caller (a telephone template) and their answer to a session's challenge."""
+    world = services
+    require(world.bio.voice_ok, "the voice service (SERVING, with its Verify RPC)")
+    ref = world.enrol("caller-stream", utterances=spoken_digits.enrolment(SPEAKER), phone="+8613900000401")
+
+    def answer(s):
+        challenge = world.voice_challenge(s, world.ivr)
+        audio = spoken_digits.heard_answer(world.voice_engine, challenge.digits, SPEAKER,
+                                           random.Random(challenge.digits),
+                                           subject=(ref.tenant_id, ref.subject_id), telephone=True)
+        assert audio is not None, f"no takes of {SPEAKER} saying {challenge.digits} were heard"
+        return audio, challenge.challenge.nonce
+
+    return ref, answer
+
+
+def stalled(messages, release: threading.Event):
+    """``messages``, then silence: the IVR stops sending without closing the stream."""
+    yield from messages
+    release.wait(60)
+
+
+def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(services, caller):
+    world = services
+    ref, answer = caller
+    s = world.start_ivr(ref)
+    audio, nonce = answer(s)
+    some = list(chunks(audio))[:5]
+    before = written(world, s)
+    assert before[3] == []
+
+    # refused streams first, each answering the session's challenge: none writes anything or
+    # spends the challenge, which the genuine stream below then answers
+    assert refused(world, [F.StreamVoiceFactorRequest(chunk=audio[:CHUNK]), *some]) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "HEADER_REQUIRED")
+    assert refused(world, [header(s, nonce), *some, header(s, nonce)]) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "UNEXPECTED_HEADER")
+    assert refused(world, [header(s, nonce), *some, F.StreamVoiceFactorRequest(chunk=audio[:801])]) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "CHUNK_SIZE")  # over 100 ms of mu-law
+    silence = F.StreamVoiceFactorRequest(chunk=b"\xff" * 800)
+    assert refused(world, [header(s, nonce), *some, *[silence] * 301]) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "STREAM_TOO_LONG")  # over 30 s
+    signed = F.CaptureBinding(device_id="dev_x", signature=b"\x01" * 64)
+    code, _ = refused(world, [header(s, nonce, binding=signed), *some])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    wideband = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_WAV)
+    code, _ = refused(world, [header(s, nonce, fmt=wideband), *some])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    release = threading.Event()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stream(world, stalled([header(s, nonce), *some], release))
+    finally:
+        release.set()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert details_of(err.value)["reason"] == "STREAM_IDLE", err.value.details()
+    assert written(world, s) == before
+
+    r = stream(world, [header(s, nonce), *chunks(audio)])  # the caller's answer, 20 ms at a time
+    assert r.result.passed and r.result.binding == "terminal" and r.result.llr > 0, r
+    assert r.result.factor == F.FACTOR_TYPE_VOICE and r.attempts_left > 0
+    after = written(world, s)
+    assert after[0] == before[0] + 1
+    (record,) = after[3]
+    assert record["factor"] == "voice" and record["passed"] and record["binding"] == "terminal"
+    assert record["via"] == "stream" and record["terminal"] == "ivr-platform"
+    assert world.otp(s, stub=world.ivr).result.passed
+    d = world.decide(s, stub=world.ivr)
+    assert d.outcome == F.OUTCOME_ALLOW and set(d.amr) >= {"vbm", "sms"}, d
+
+    # the answer belongs to its session: another session (with no such challenge) refuses it
+    s2 = world.start_ivr(ref)
+    code, _ = refused(world, [header(s2, nonce), *chunks(audio)])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_stream_for_another_tenant_s_session_is_refused_before_anything_is_written(services, caller):
+    world = services
+    other = world.mfa_stub.StartAuthentication(F.StartAuthenticationRequest(
+        subject=common_pb2.SubjectRef(tenant_id=OTHER, subject_id="someone"), channel=F.CHANNEL_IVR, action="login"))
+    before = written(world, other)
+    assert refused(world, [header(other, "n" * 16), F.StreamVoiceFactorRequest(chunk=b"\xff" * CHUNK)]) == (
+        grpc.StatusCode.PERMISSION_DENIED, "TENANT_NOT_ALLOWED")
+    assert written(world, other) == before
+
+
+def test_the_bank_back_end_is_no_terminal_and_cannot_stream_the_ivr_factor(services, caller):
+    world = services
+    ref, answer = caller
+    s = world.start_ivr(ref)
+    audio, nonce = answer(s)
+    before = written(world, s)
+    with pytest.raises(grpc.RpcError) as err:
+        world.mfa_stub.StreamVoiceFactor(iter([header(s, nonce), *chunks(audio)]), timeout=120)
+    assert details_of(err.value)["reason"] == "TERMINAL_NOT_REGISTERED"
+    assert written(world, s) == before
+
+
+def test_the_voice_service_hears_the_stream_before_the_ivr_closes_it(services, caller):
+    """Chunks are passed on as they arrive, not gathered first: a header the voice service refuses
+    (this caller has no voice template) is answered while the IVR still holds the stream open,
+    long before the stream's idle limit would end it."""
+    world = services
+    ref = world.enrol("caller-no-voice", phone="+8613900000402")
+    s = world.start_ivr(ref)
+    nonce = world.voice_challenge(s, world.ivr).challenge.nonce
+    before = written(world, s)
+    release = threading.Event()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stream(world, stalled([header(s, nonce), F.StreamVoiceFactorRequest(chunk=b"\xff" * CHUNK)], release))
+    finally:
+        release.set()
+    assert (err.value.code(), details_of(err.value)["reason"]) == (grpc.StatusCode.NOT_FOUND, "NOT_ENROLLED")
+    assert written(world, s) == before
