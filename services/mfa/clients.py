@@ -158,8 +158,9 @@ class BiometricClient:
     def stream(self, method: str, first: Any, rest: Iterator[Any], budget_s: float | None = None) -> Any:
         """A client-streaming ``method``: ``first``, then ``rest`` sent as it is produced, once (a
         stream is not retried). An exception from ``rest`` (the MFA's own caller's stream failed its
-        limits) cancels the call and is raised as it is: the service did not fail."""
-        deadline = self.cfg.deadline_s if budget_s is None else min(self.cfg.deadline_s, budget_s)
+        limits) cancels the call and is raised as it is: the service did not fail. The stream lasts
+        as long as the caller speaks: its deadline is the MFA call's own budget, not ``deadline_s``."""
+        deadline = self.cfg.deadline_s if budget_s is None else budget_s
         source = _Source(first, rest)
         started = time.perf_counter()
         try:

@@ -108,7 +108,8 @@ class IvrStreamConfig(Section):
 
     idle_timeout_s: float = Field(2.0, gt=0)  # the longest pause between two messages
     max_chunk_s: float = Field(0.1, gt=0, le=1.0)  # one chunk's audio (20-100 ms is usual)
-    max_audio_s: float = Field(30.0, gt=0, le=120.0)  # the whole stream's audio
+    # the whole stream's audio; spoken in real time it must end within server.rpc_timeout_s (30 s)
+    max_audio_s: float = Field(20.0, gt=0, le=120.0)
 
 
 class MfaConfig(Section):

@@ -188,8 +188,8 @@ class MfaServiceServicer:
         voice service as it arrives. Checks, policy, lockout, audit and answer are SubmitFactor's with
         VoiceEvidence. Refused before anything is written: a first message that is no header, or
         another header (INVALID_ARGUMENT HEADER_REQUIRED, UNEXPECTED_HEADER), a chunk over 100 ms or
-        empty (CHUNK_SIZE), more audio than mfa.ivr_stream.max_audio_s (STREAM_TOO_LONG), a pause between
-        messages over mfa.ivr_stream.idle_timeout_s (DEADLINE_EXCEEDED STREAM_IDLE).
+        empty (CHUNK_SIZE), more audio than mfa.ivr_stream.max_audio_s (20 s; STREAM_TOO_LONG), a
+        pause between messages over mfa.ivr_stream.idle_timeout_s (2 s; DEADLINE_EXCEEDED STREAM_IDLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
