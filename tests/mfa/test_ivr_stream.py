@@ -195,3 +195,24 @@ def test_the_voice_service_hears_the_stream_before_the_ivr_closes_it(services, c
         release.set()
     assert (err.value.code(), details_of(err.value)["reason"]) == (grpc.StatusCode.NOT_FOUND, "NOT_ENROLLED")
     assert written(world, s) == before
+
+
+def test_the_sdk_streams_the_ivr_s_voice_factor(services, caller):
+    from biogate_client import BioGate, Credentials, FailedPrecondition
+
+    world = services
+    ref, _ = caller
+    addresses = {name: server.address for name, server in {**world.bio.running, **world.mfa.running}.items()}
+    with BioGate(**addresses, credentials=Credentials(token=IVR_TOKEN)) as ivr:
+        s = ivr.start(ref.tenant_id, ref.subject_id, channel="ivr")
+        with pytest.raises(FailedPrecondition) as err:  # a nonce this session was not given
+            s.stream_terminal_voice(iter([b"\xff" * CHUNK] * 5), "n" * 16)
+        assert err.value.reason == "CHALLENGE_NOT_IN_SESSION", err.value
+        challenge = s.challenge("voice")
+        audio = spoken_digits.heard_answer(world.voice_engine, challenge.digits, SPEAKER,
+                                           random.Random(challenge.digits),
+                                           subject=(ref.tenant_id, ref.subject_id), telephone=True)
+        assert audio is not None
+        r = s.stream_terminal_voice((audio[i:i + 4 * CHUNK] for i in range(0, len(audio), 4 * CHUNK)),
+                                    challenge.challenge.nonce)  # 80 ms chunks
+        assert r.result.passed and r.result.binding == "terminal", r

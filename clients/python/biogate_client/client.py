@@ -309,6 +309,25 @@ class Session:
             audio=common_pb2.Audio(data=audio, format=fmt), challenge_nonce=nonce,
             binding=mfa_pb2.CaptureBinding(terminal=mfa_pb2.TerminalCapture()))).result
 
+    def stream_terminal_voice(self, chunks: Iterable[bytes], nonce: str,
+                              encoding: common_pb2.AudioEncoding = common_pb2.AUDIO_ENCODING_MULAW,
+                              sample_rate_hz: int = 8000) -> mfa_pb2.SubmitFactorResponse:
+        """The IVR platform's voice factor streamed as the caller speaks (StreamVoiceFactor): raw
+        ``chunks`` of at most 100 ms each (G.711 mu-law 8 kHz by default), sent as ``chunks``
+        yields them; the MFA passes each on to the voice service at once. Keep them coming (a pause
+        over 2 s is refused) and end ``chunks`` when the caller has answered."""
+        header = mfa_pb2.StreamVoiceFactorRequest.Header(
+            session_id=self.id, challenge_nonce=nonce,
+            format=common_pb2.AudioFormat(encoding=encoding, sample_rate_hz=sample_rate_hz),
+            binding=mfa_pb2.CaptureBinding(terminal=mfa_pb2.TerminalCapture()))
+
+        def parts():
+            yield mfa_pb2.StreamVoiceFactorRequest(header=header)
+            for chunk in chunks:
+                yield mfa_pb2.StreamVoiceFactorRequest(chunk=chunk)
+
+        return self.client.call(self.client.mfa.StreamVoiceFactor, parts())
+
     def submit_device(self) -> mfa_pb2.FactorResult:
         """Proof of possession of the device's bound key."""
         return self.submit(device=self._device().proof(self.id)).result
