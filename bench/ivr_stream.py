@@ -1,0 +1,89 @@
+"""The IVR's voice factor unary (SubmitFactor with the whole G.711 recording, sent when the caller
+has stopped) and streamed (StreamVoiceFactor, a 20 ms chunk every 20 ms as the caller speaks):
+the time from the caller's last audio to the MFA's answer, through real MFA and voice services on
+loopback (tests/mfa/world.py, in this process) with the default policy.
+
+Per round: an IVR session, its digit challenge and a genuine answer the recogniser hears
+(tests/mfa/spoken_digits.heard_answer, not timed; it only picks the takes, it measures no rate);
+then, timed, the factor. Unary: from the call to its answer (the upload happens after the caller
+stops). Streamed: from the last chunk handed to gRPC to the answer. Rounds alternate the two ways.
+Also the process CPU time of each timed part (the services run in this process).
+
+    .venv/bin/python -m bench.ivr_stream --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from services.common.api.v1 import common_pb2, mfa_pb2
+from services.common.server.auth import ROLES, token_sha256
+from tests.mfa import spoken_digits
+from tests.mfa.world import World, running_services
+
+F = mfa_pb2
+TENANT, BANK_TOKEN, IVR_TOKEN = "bench-ivr", "tok-bench-bank", "tok-bench-ivr"
+SPEAKER, CHUNK = "george", 160
+
+
+def paced(session_id: str, nonce: str, audio: bytes, marks: dict[str, float]):
+    """The IVR's messages: the header, then a 20 ms chunk every 20 ms; ``marks``: when the last went."""
+    yield F.StreamVoiceFactorRequest(header=F.StreamVoiceFactorRequest.Header(
+        session_id=session_id, challenge_nonce=nonce, binding=F.CaptureBinding(terminal=F.TerminalCapture()),
+        format=common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz=8000)))
+    for i in range(0, len(audio), CHUNK):
+        yield F.StreamVoiceFactorRequest(chunk=audio[i:i + CHUNK])
+        time.sleep(CHUNK / 8000)
+    marks["cpu"], marks["t"] = time.process_time(), time.perf_counter()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=6)
+    args = ap.parse_args(argv)
+    principals = [
+        {"name": "bank-backend", "roles": list(ROLES), "token_sha256": token_sha256(BANK_TOKEN)},
+        {"name": "ivr-platform", "roles": ["orchestrator"], "token_sha256": token_sha256(IVR_TOKEN),
+         "terminal": {"channel": "ivr"}}]
+    times: dict[str, list[tuple[float, float, float]]] = {"unary": [], "stream": []}
+    with tempfile.TemporaryDirectory() as tmp, running_services(Path(tmp), principals, BANK_TOKEN) as (bio, mfa):
+        world = World(bio, mfa, TENANT, ivr_token=IVR_TOKEN)
+        ref = world.enrol("bench-caller", utterances=spoken_digits.enrolment(SPEAKER), phone="+8613900000501")
+        for n in range(2 * args.rounds):
+            way = "unary" if n % 2 == 0 else "stream"
+            s = world.start_ivr(ref)
+            challenge = world.voice_challenge(s, world.ivr)
+            audio = spoken_digits.heard_answer(world.voice_engine, challenge.digits, SPEAKER, random.Random(n),
+                                               subject=(ref.tenant_id, ref.subject_id), telephone=True)
+            assert audio is not None
+            nonce = challenge.challenge.nonce
+            if way == "unary":
+                cpu, t0 = time.process_time(), time.perf_counter()
+                r = world.submit(s, stub=world.ivr, voice=world.ivr_voice(s, audio, nonce))
+                last_cpu, last = cpu, t0
+            else:
+                marks: dict[str, float] = {}
+                cpu = time.process_time()
+                r = world.ivr.StreamVoiceFactor(paced(s.session_id, nonce, audio, marks), timeout=120)
+                last_cpu, last = marks["cpu"], marks["t"]
+            after, after_cpu = time.perf_counter(), time.process_time()
+            assert r.result.passed, r
+            times[way].append((after - last, after_cpu - last_cpu, after_cpu - cpu))
+            print(f"{way:6s} audio {len(audio) / 8000:.2f} s  after last audio {1000 * (after - last):7.1f} ms  "
+                  f"CPU after last audio {1000 * (after_cpu - last_cpu):7.1f} ms  CPU in all {1000 * (after_cpu - cpu):7.1f} ms",
+                  flush=True)
+        world.close()
+    for way, rows in times.items():
+        print(f"{way}: median after last audio {1000 * statistics.median(w for w, _, _ in rows):.1f} ms wall, "
+              f"{1000 * statistics.median(c for _, c, _ in rows):.1f} ms CPU; CPU in all "
+              f"{1000 * statistics.median(a for _, _, a in rows):.1f} ms (n={len(rows)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
