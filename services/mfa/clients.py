@@ -249,7 +249,7 @@ class _Source:
         yield self.first
         try:
             yield from self.rest
-        except BaseException as exc:
+        except Exception as exc:  # not GeneratorExit: grpc dropping a stream it no longer needs is no failure
             self.error = exc
             raise
 
