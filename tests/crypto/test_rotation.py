@@ -174,6 +174,7 @@ class _RacingTemplates:
 class _StorageView:
     def __init__(self, storage, templates) -> None:
         self.templates, self.subjects, self.transaction = templates, storage.subjects, storage.transaction
+        self.exclusive = storage.exclusive
 
 
 def test_compare_and_swap_never_loses_a_concurrent_enrolment(storage, tmp_path):
