@@ -11,6 +11,7 @@ connections of their own, as separate processes would.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,33 +22,14 @@ import pytest
 import yaml
 
 from services.common.config import PROJECT_ROOT
-from services.common.crypto import EnvelopeCrypto, KeyringError, LocalKeyring
-from services.common.crypto.hsm import Pkcs11Keyring, open_token
+from services.common.audit import AuditDataError, AuditLog
+from services.common.crypto import EnvelopeCrypto, KeyringError, LocalKeyring, StaticKeyring
+from services.common.crypto.signing import FileSigner
+from services.common.privacy import Pseudonymizer
 from services.common.crypto.rotation import key_operation, key_usage, retire, rotate
 from services.common.storage import open_storage
-from tests.conftest import make_settings
+from tests.crypto.conftest import Backend
 from tests.crypto.test_rotation import _check_all, _seed
-
-
-class Backend:
-    """Opens keyring instances on one key store, each as a separate process would hold it."""
-
-    def __init__(self, kind: str, keys_config: dict, env: dict[str, str], data_dir) -> None:
-        self.kind, self.keys_config, self.env, self.data_dir = kind, keys_config, env, data_dir
-
-    def open(self):
-        if self.kind == "file":
-            return LocalKeyring(self.keys_config["keyring_file"], check_interval_s=0)
-        cfg = make_settings(self.data_dir, keys=self.keys_config).keys.pkcs11
-        return Pkcs11Keyring(open_token(cfg))
-
-
-@pytest.fixture(params=["file", "pkcs11"])
-def backend(request, tmp_path) -> Backend:
-    if request.param == "file":
-        return Backend("file", {"keyring_file": str(tmp_path / "keys" / "keyring.json")}, {}, tmp_path / "data")
-    hsm = request.getfixturevalue("softhsm")
-    return Backend("pkcs11", hsm.keys_config(), hsm.env(), tmp_path / "data")
 
 
 class _Hooked:
@@ -225,3 +207,32 @@ def test_a_killed_key_operation_leaves_no_lock_behind(storage_dsn):
             holder.kill()
             holder.wait(60)
         st.close()
+
+
+def test_retire_writes_its_audit_record_only_with_the_removal(stores, tmp_path):
+    """The usage count, the audit record and the removal are one transaction: a keyring that
+    refuses the removal (here the read-only keyring of $BIOGATE_KEYRING_JSON) leaves no record
+    of a retirement that did not happen, an audit record that cannot be written leaves the key,
+    and a retirement that happens leaves exactly one record."""
+    st = stores[0]
+    file_keyring = LocalKeyring(tmp_path / "keyring.json")
+    old = file_keyring.primary_key_id()
+    file_keyring.add_key()
+    audit = AuditLog(st.audit, FileSigner.load_or_create(tmp_path / "audit.pem"),
+                     Pseudonymizer(file_keyring.pseudonym_key()))
+
+    def record(info) -> None:
+        audit.append("keys.retire", actor="test", tenant_id=None, details={"key_id": info.key_id})
+
+    with pytest.raises(KeyringError, match="read-only"):
+        retire(st, StaticKeyring(file_keyring.dump_json()), old, audit=record)
+    assert [r.event_type for r in st.audit.iter_records()] == []
+
+    def unavailable(info) -> None:
+        raise AuditDataError("the audit record cannot be written")
+
+    with pytest.raises(AuditDataError):  # no audit record, no removal
+        retire(st, file_keyring, old, audit=unavailable)
+    assert old in {k.key_id for k in LocalKeyring(tmp_path / "keyring.json").keys()}
+    retire(st, file_keyring, old, audit=record)
+    assert [(r.event_type, json.loads(r.details)) for r in st.audit.iter_records()] == [("keys.retire", {"key_id": old})]
