@@ -17,6 +17,11 @@ import pytest
 
 from services.common.config import PROJECT_ROOT
 from services.settings import Settings, load_config
+# The SoftHSM2 token fixture, registered here once for the whole session: SoftHSM reads its
+# configuration once per process, so a second session-scoped copy (each module that imported the
+# fixture got its own) made a second token directory the in-process library never saw, while
+# child processes, given the new $SOFTHSM2_CONF, saw only that one.
+from tests.softhsm import softhsm_fixture  # noqa: F401  (fixture)
 
 SHARED = PROJECT_ROOT.parent / "shared"
 PG_BASE_DSN = os.environ.get("BIOGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

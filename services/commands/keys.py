@@ -42,12 +42,14 @@ def _storage(settings: Settings) -> Storage:
     return open_storage(settings.storage_dsn, settings.storage)
 
 
-def _audit(settings: Settings, storage: Storage, keyring, event: str, details: dict) -> None:
+def _audit(settings: Settings, storage: Storage, keyring, event: str):
+    """A function writing the command's audit record (opened before the operation starts, so the
+    operation can call it inside its lock and transaction)."""
     from services.common.audit import AuditLog
 
-    AuditLog.from_settings(settings, storage, keyring).append(
-        event, actor=f"cli:{getpass.getuser()}", tenant_id=None, details=details
-    )
+    log = AuditLog.from_settings(settings, storage, keyring)
+    actor = f"cli:{getpass.getuser()}"
+    return lambda details: log.append(event, actor=actor, tenant_id=None, details=details)
 
 
 def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
@@ -82,18 +84,22 @@ def cmd_rotate(settings: Settings, args: argparse.Namespace) -> int:
     keyring = open_keyring(settings, create=False)
     storage = _storage(settings)
     try:
+        audit = _audit(settings, storage, keyring, "keys.rotate")
         report = rotate(
             storage,
             keyring,
             cipher=getattr(args, "cipher", None) or settings.keys.cipher,
             batch=getattr(args, "batch", None) or settings.keys.rewrap_batch,
-        )
-        _audit(settings, storage, keyring, "keys.rotate", {
-            "new_key_id": report.target_key_id,
-            "templates_rewrapped": report.templates_rewrapped,
-            "phones_rewrapped": report.phones_rewrapped,
-            "failures": len(report.failures),
-        })  # fmt: skip
+            audit=lambda r: audit({
+                "new_key_id": r.target_key_id,
+                "templates_rewrapped": r.templates_rewrapped,
+                "phones_rewrapped": r.phones_rewrapped,
+                "failures": len(r.failures),
+            }),
+        )  # fmt: skip
+    except KeyringError as exc:  # another key operation in progress, a cipher the backend lacks
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
     finally:
         storage.close()
     print(
@@ -109,8 +115,8 @@ def cmd_retire(settings: Settings, args: argparse.Namespace) -> int:
     keyring = open_keyring(settings, create=False)
     storage = _storage(settings)
     try:
-        info = retire(storage, keyring, args.key_id)
-        _audit(settings, storage, keyring, "keys.retire", {"key_id": info.key_id})
+        audit = _audit(settings, storage, keyring, "keys.retire")
+        info = retire(storage, keyring, args.key_id, audit=lambda i: audit({"key_id": i.key_id}))
     except (KeyInUseError, UnknownKeyError, KeyringError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1

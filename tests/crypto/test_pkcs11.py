@@ -33,7 +33,7 @@ from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
 from services.mfa.tokens import SigningKeys, TokenIssuer, verify_token
 from tests.conftest import make_settings
-from tests.softhsm import PIN, TOKEN_LABEL, softhsm_fixture  # noqa: F401  (fixture)
+from tests.softhsm import PIN, TOKEN_LABEL
 
 CLAIMS = {"aud": "bank-a", "sub": "ps1_x", "sid": "ses_1", "decision": "allow", "amr": ["face"], "acr": "aal2"}
 KEY_FILE_NAMES = {"keyring.json", "audit-ed25519.pem", "mfa-token-keys.json"}

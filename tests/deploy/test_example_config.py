@@ -32,7 +32,6 @@ from tests.certs import TestCa
 from tests.mfa.conftest import App
 from tests.mfa.pushapp import service_account_key
 from tests.services.test_serve_cli import free_ports
-from tests.softhsm import TOKEN_LABEL, softhsm_fixture  # noqa: F401  (fixture)
 
 EXAMPLE = PROJECT_ROOT / "deploy" / "biogate.example.yaml"
 SERVICES = ("face", "voice", "mfa")

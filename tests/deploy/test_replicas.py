@@ -36,7 +36,6 @@ from services.mfa import storage as mfa_storage
 from tests.deploy.test_example_config import health
 from tests.mfa.conftest import OTP_POLICY, phone_device
 from tests.services.test_serve_cli import free_ports
-from tests.softhsm import softhsm_fixture  # noqa: F401  (fixture)
 
 TOKEN = "replica-tester-" + uuid.uuid4().hex
 FACE_TENANT, OTP_TENANT = "bank-r", "otp-bank"

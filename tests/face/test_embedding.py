@@ -4,6 +4,7 @@ import pytest
 from face_helpers import CPU, load_bgr
 from services.face.align import align_face, align_faces
 from services.face.arcface import ArcFaceEmbedder
+from services.face.embedding import to_rgb_nchw
 from services.face.sface import SFaceEmbedder
 
 
@@ -74,3 +75,14 @@ def test_align_faces_batch(yunet, face_dir):
 def test_wrong_input_shape_refused(embedders):
     with pytest.raises(ValueError):
         embedders["mbf"].embed(np.zeros((112, 112, 3), np.uint8))
+
+
+@pytest.mark.parametrize("mean,std", [(127.5, 128.0), (127.5, 127.5), (0.0, 1.0)])
+def test_blob_is_the_normalised_rgb_planes(mean, std):
+    batch = np.random.default_rng(3).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    expected = (batch[..., ::-1].transpose(0, 3, 1, 2).astype(np.float32) - np.float32(mean)) / np.float32(std)
+    blob = to_rgb_nchw(batch, mean, std)
+    assert blob.dtype == np.float32 and blob.flags.c_contiguous and blob.shape == (3, 3, 112, 112)
+    assert np.array_equal(blob, expected)
+    red = (batch[..., 2].astype(np.float32) - np.float32(mean)) / np.float32(std)
+    assert np.array_equal(blob[:, 0], red)  # BGR in, RGB planes out

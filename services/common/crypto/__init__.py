@@ -14,6 +14,7 @@ from .envelope import ContactBinding, EnvelopeCrypto, TemplateBinding, envelope_
 from .errors import (
     BindingMismatchError,
     KeyInUseError,
+    KeyOperationInProgressError,
     KeyringError,
     TamperedEnvelopeError,
     TemplateDecryptionError,
@@ -28,6 +29,7 @@ __all__ = [
     "EnvelopeCrypto",
     "KeyInUseError",
     "KeyInfo",
+    "KeyOperationInProgressError",
     "Keyring",
     "KeyringError",
     "LocalKeyring",

@@ -40,3 +40,7 @@ class KeyringError(Exception):
 
 class KeyInUseError(KeyringError):
     """A key cannot be retired while records are still sealed under it."""
+
+
+class KeyOperationInProgressError(KeyringError):
+    """Another rotation or retirement holds the database's key-operation lock; nothing was changed."""

@@ -6,19 +6,28 @@ batch by batch, each record by compare-and-swap on (key id, envelope bytes): an 
 phone change that lands in between wins, and its record is simply visited again if it is still
 under an old key. Old KEKs stay in the keyring for reading until ``retire`` removes one, which
 it refuses while any record still uses it.
+
+Key operations on one database are serialised: ``rotate``, ``rewrap_all`` and ``retire`` each hold
+the database's key-operation lock (:func:`key_operation`) from start to end, across all their
+transactions, and a second one is refused at once with :class:`KeyOperationInProgressError`
+naming the holder. Unserialised, two rotations would move records back and forth between their
+keys and leave them under the key that is not the primary, and a ``retire`` of the first
+rotation's key (no longer the primary, nothing under it yet) could destroy it just before that
+rotation swapped a batch of records to it. Running services never take the lock: they read,
+enrol and re-enrol throughout.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .envelope import EnvelopeCrypto
-from .errors import KeyInUseError, TemplateDecryptionError
+from .errors import KeyInUseError, KeyOperationInProgressError, KeyringError, TemplateDecryptionError
 from .keyring import KeyInfo, Keyring
 
 if TYPE_CHECKING:
@@ -27,6 +36,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MAX_ROUNDS = 50  # passes over the remaining records; each pass must make progress
+KEY_OPERATION_LOCK = "biogate-key-operations"
+
+
+@contextmanager
+def key_operation(storage: Storage, what: str) -> Iterator[None]:
+    """Hold the database's key-operation lock for the block (re-entrant in one thread), or raise
+    :class:`KeyOperationInProgressError` at once when another process or connection holds it."""
+    from services.common.storage.errors import LockHeldError
+
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(storage.exclusive(KEY_OPERATION_LOCK, f"keys {what}"))
+        except LockHeldError as exc:
+            raise KeyOperationInProgressError(
+                f"another key operation is in progress on this database ({exc.holder}); nothing was "
+                f"changed: run `keys {what}` again when it has finished"
+            ) from None
+        yield
 
 
 @dataclass
@@ -43,7 +70,13 @@ class RewrapReport:
 
 
 def rewrap_all(storage: Storage, keyring: Keyring, target_key_id: str | None = None, batch: int = 200) -> RewrapReport:
-    """Re-wrap every envelope not under ``target_key_id`` (default: the primary) to it."""
+    """Re-wrap every envelope not under ``target_key_id`` (default: the primary) to it, holding
+    the key-operation lock."""
+    with key_operation(storage, "rotate"):
+        return _rewrap_all(storage, keyring, target_key_id, batch)
+
+
+def _rewrap_all(storage: Storage, keyring: Keyring, target_key_id: str | None, batch: int) -> RewrapReport:
     crypto = EnvelopeCrypto(keyring)
     target = target_key_id or keyring.primary_key_id()
     report = RewrapReport(target)
@@ -113,11 +146,22 @@ def _rewrap_one(crypto: EnvelopeCrypto, envelope: bytes, target: str, name: str,
         return None
 
 
-def rotate(storage: Storage, keyring: Keyring, cipher: str | None = None, batch: int = 200) -> RewrapReport:
-    """Add a new primary KEK and move every envelope to it."""
-    new = keyring.add_key(cipher)
-    log.info("new primary key %s (%s)", new.key_id, new.cipher)
-    return rewrap_all(storage, keyring, new.key_id, batch)
+def rotate(
+    storage: Storage,
+    keyring: Keyring,
+    cipher: str | None = None,
+    batch: int = 200,
+    audit: Callable[[RewrapReport], None] | None = None,
+) -> RewrapReport:
+    """Add a new primary KEK and move every envelope to it, holding the key-operation lock
+    throughout; ``audit(report)`` (the audit record) is written before the lock is let go."""
+    with key_operation(storage, "rotate"):
+        new = keyring.add_key(cipher)
+        log.info("new primary key %s (%s)", new.key_id, new.cipher)
+        report = _rewrap_all(storage, keyring, new.key_id, batch)
+        if audit is not None:
+            audit(report)
+        return report
 
 
 def key_usage(storage: Storage) -> Counter[str]:
@@ -126,11 +170,25 @@ def key_usage(storage: Storage) -> Counter[str]:
     return Counter(storage.templates.count_by_key()) + Counter(storage.subjects.count_phones_by_key())
 
 
-def retire(storage: Storage, keyring: Keyring, key_id: str) -> KeyInfo:
-    """Remove a KEK from the keyring; refuses while any record is still wrapped under it."""
-    info = keyring.key_info(key_id)  # UnknownKeyError for a wrong id
-    in_use = key_usage(storage)[key_id]
-    if in_use:
-        raise KeyInUseError(f"key {key_id!r} still wraps {in_use} record(s); run `biogate keys rotate` first")
-    keyring.remove_key(key_id)
-    return info
+def retire(
+    storage: Storage, keyring: Keyring, key_id: str, audit: Callable[[KeyInfo], None] | None = None
+) -> KeyInfo:
+    """Remove a KEK from the keyring; refuses while any record is still wrapped under it, and while
+    another key operation (a rotation) runs.
+
+    The count, ``audit(info)`` (the audit record) and the removal are one transaction: a removal
+    that fails rolls the audit record back, and on SQLite no enrolment commits between the count
+    and the removal.
+    """
+    with key_operation(storage, "retire"):
+        info = keyring.key_info(key_id)  # UnknownKeyError for a wrong id
+        with storage.transaction():
+            in_use = key_usage(storage)[key_id]
+            if in_use:
+                raise KeyInUseError(f"key {key_id!r} still wraps {in_use} record(s); run `biogate keys rotate` first")
+            if key_id == keyring.primary_key_id():
+                raise KeyringError(f"key {key_id!r} is the primary; rotate before retiring it")
+            if audit is not None:
+                audit(info)
+            keyring.remove_key(key_id)
+        return info

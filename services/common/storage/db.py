@@ -9,9 +9,12 @@ repository call made inside it joins it instead of opening its own.
 from __future__ import annotations
 
 import contextvars
+import fcntl
 import functools
 import json
+import os
 import queue
+import socket
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
@@ -23,7 +26,7 @@ from typing import Any
 
 from services.common.files import private_file
 
-from .errors import StorageError
+from .errors import LockHeldError, StorageError
 
 # SQLite has no timestamp type: UTC text of fixed width, so that text order is time order.
 _SQLITE_TS = "%Y-%m-%d %H:%M:%S.%f+00:00"
@@ -119,6 +122,7 @@ class Database(ABC):
         self._active: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
             f"biogate_storage_tx_{id(self)}", default=None
         )
+        self._exclusive_held = threading.local()
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Session]:
@@ -150,6 +154,31 @@ class Database(ABC):
     @abstractmethod
     def lock(self, session: Session, name: str) -> None:
         """Serialise this transaction against others taking the same lock, until it ends."""
+
+    @contextmanager
+    def exclusive(self, name: str, what: str) -> Iterator[None]:
+        """Hold the lock ``name`` for the whole block, across any number of transactions, or raise
+        :class:`LockHeldError` at once (naming the holder's ``what``, pid and host) when another
+        connection or process holds it. Not a transaction: others keep reading and writing.
+
+        Held by the connection (PostgreSQL, a session advisory lock) or the open file (SQLite,
+        ``flock`` on a file beside the database), so a process that dies releases it. Re-entrant
+        within one thread.
+        """
+        held: set[str] = self._exclusive_held.__dict__.setdefault("names", set())
+        if name in held:
+            yield
+            return
+        holder = f"{what}, pid {os.getpid()} on {socket.gethostname()}"
+        with self._exclusive(name, holder):
+            held.add(name)
+            try:
+                yield
+            finally:
+                held.discard(name)
+
+    @abstractmethod
+    def _exclusive(self, name: str, holder: str) -> AbstractContextManager[None]: ...
 
     @abstractmethod
     def has_table(self, session: Session, name: str) -> bool:
@@ -223,6 +252,27 @@ class SqliteDatabase(Database):
     def lock(self, session: Session, name: str) -> None:
         pass  # BEGIN IMMEDIATE already holds the database's single write lock
 
+    @contextmanager
+    def _exclusive(self, name: str, holder: str) -> Iterator[None]:
+        # SQLite's own locks last one transaction; a lock file beside the database (the same host:
+        # SQLite in WAL mode is never shared across hosts) lasts as long as its open descriptor.
+        path = private_file(self.path.with_name(f"{self.path.name}.{name}.lock"))
+        fd = os.open(path, os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockHeldError(name, os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                                    or "another process") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{holder}, since {utcnow():%Y-%m-%d %H:%M:%S} UTC".encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # releases the flock
+
     def has_table(self, session: Session, name: str) -> bool:
         return session.one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)) is not None
 
@@ -244,6 +294,7 @@ class PostgresDatabase(Database):
         from psycopg_pool import ConnectionPool, PoolTimeout
 
         self._errors = (psycopg.Error, PoolTimeout)
+        self._dsn, self._timeout_s = dsn, timeout_s
         self._pool = ConnectionPool(
             dsn,
             min_size=1,
@@ -276,6 +327,37 @@ class PostgresDatabase(Database):
     def lock(self, session: Session, name: str) -> None:
         # Keyed by schema too, so that separate schemas (tests, tenants) never wait on each other.
         session.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()), hashtext(?))", (name,))
+
+    @contextmanager
+    def _exclusive(self, name: str, holder: str) -> Iterator[None]:
+        # A session advisory lock on a connection of its own (not the pool's: it outlives
+        # transactions), keyed like lock(); the holder's description is its application_name.
+        import psycopg
+
+        try:
+            conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=max(1, int(self._timeout_s)),
+                                   application_name=f"biogate {holder}"[:63])
+        except psycopg.Error as exc:
+            raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}") from None
+        try:
+            try:
+                got = conn.execute("SELECT pg_try_advisory_lock(hashtext(current_schema()), hashtext(%s))",
+                                   (name,)).fetchone()
+                row = None if got and got[0] else conn.execute(
+                    "SELECT a.application_name, a.client_addr, a.backend_start FROM pg_locks l "
+                    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                    "AND l.objsubid = 2 AND l.classid = hashtext(current_schema())::oid "
+                    "AND l.objid = hashtext(%s)::oid", (name,)).fetchone()
+            except psycopg.Error as exc:
+                raise StorageError(f"PostgreSQL error {getattr(exc, 'sqlstate', None) or '-'} "
+                                   f"taking the lock {name!r}") from None
+            if not (got and got[0]):
+                who = (f"{row[0] or 'a connection'} from {row[1] or 'a local socket'}, since "
+                       f"{row[2].astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC") if row else "another connection"
+                raise LockHeldError(name, who)
+            yield  # unlocked when the connection closes, whatever happens here
+        finally:
+            conn.close()
 
     def has_table(self, session: Session, name: str) -> bool:
         return session.one("SELECT to_regclass(?) IS NOT NULL", (name,))[0]

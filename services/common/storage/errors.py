@@ -23,6 +23,14 @@ class StillReferencedError(StorageError):
     """A row cannot be deleted while other rows (of another owner) still refer to it."""
 
 
+class LockHeldError(StorageError):
+    """A named long-held lock (:meth:`Database.exclusive`) is held by another connection or process."""
+
+    def __init__(self, name: str, holder: str) -> None:
+        super().__init__(f"the lock {name!r} is held by {holder}")
+        self.name, self.holder = name, holder
+
+
 class MigrationError(StorageError):
     """The schema in the database does not match the migration files (e.g. an edited migration)."""
 

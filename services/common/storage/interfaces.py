@@ -304,6 +304,11 @@ class Storage(Protocol):
         """Every repository call made inside the block (in this thread) is one transaction,
         attached parts' included."""
 
+    def exclusive(self, name: str, what: str) -> AbstractContextManager[None]:
+        """Hold the named lock for the block, across transactions, against every other process
+        and connection on this database; :class:`~.errors.LockHeldError` (naming the holder) at
+        once when another holds it. Others keep reading and writing meanwhile."""
+
     def attach(self, part: StoragePart[P]) -> P:
         """A service's own tables on this storage's database: migrated at the first attach."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -69,6 +69,9 @@ class SqlStorage:
         """
         with self.db.transaction():
             yield self
+
+    def exclusive(self, name: str, what: str) -> AbstractContextManager[None]:
+        return self.db.exclusive(name, what)
 
     def erase_subject(self, tenant_id: str, subject_id: str) -> ErasureCounts:
         """The subject's shared record: consents, contact, challenges and the subject row. Templates
