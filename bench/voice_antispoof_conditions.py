@@ -95,28 +95,7 @@ def speech_window(samples: np.ndarray, segments, length: int) -> np.ndarray:
 clip_window = antispoof.speech_window  # the service's window before the cut: the most speech-dense, tiled when shorter
 
 
-DIGITAL_SILENCE = 1.0 / 32768  # one PCM-16 step: zeros after decoding, DC blocking and resampling
-MIN_DIGITAL_SILENCE = 320  # 20 ms at 16 kHz
-
-
-def without_digital_silence(samples: np.ndarray, segments) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]:
-    """The candidate that was measured and not kept: every run of >= 20 ms of |x| <= one PCM-16 step
-    removed, the VAD segments moved onto what is left (the clip unchanged when nothing would be)."""
-    x = np.asarray(samples, dtype=np.float32)
-    quiet = np.concatenate([[False], np.abs(x) <= DIGITAL_SILENCE, [False]])
-    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))
-    starts, ends = edges[0::2], edges[1::2]
-    long = ends - starts >= MIN_DIGITAL_SILENCE
-    if not long.any():
-        return x, tuple(segments)
-    keep = np.ones(len(x) + 1, np.int64)
-    for start, end in zip(starts[long], ends[long]):
-        keep[start:end] = 0
-    if not keep[:-1].any():
-        return x, tuple(segments)
-    before = np.concatenate([[0], np.cumsum(keep[:-1])])  # kept samples before each index
-    moved = ((int(before[min(max(s, 0), len(x))]), int(before[min(max(e, 0), len(x))])) for s, e in segments)
-    return x[keep[:-1].astype(bool)], tuple((s, e) for s, e in moved if e > s)
+without_digital_silence = antispoof.without_digital_silence  # the cut, now voice.antispoof_cut_digital_silence
 
 
 def cut_window(samples: np.ndarray, segments, length: int) -> np.ndarray:
