@@ -71,3 +71,11 @@ def test_the_option_is_typed_and_names_the_score(monkeypatch):
     monkeypatch.setenv("BIOGATE_VOICE__ANTISPOOF_CUT_DIGITAL_SILENCE", '["landline"]')
     with pytest.raises(Exception, match="antispoof_cut_digital_silence"):
         voice_config(load_config(None))
+
+
+def test_the_cut_is_on_where_its_record_shipped(monkeypatch):
+    """Telephone: the refit record (cut on) passed its ship rule; wideband did not and keeps the
+    record without the cut (bench/RESULTS.md, "AASIST refitted with the cut")."""
+    monkeypatch.delenv("BIOGATE_VOICE__ANTISPOOF_CUT_DIGITAL_SILENCE", raising=False)
+    cfg = voice_config(load_config(None))
+    assert antispoof_cut(cfg, "telephone") and not antispoof_cut(cfg, "wideband")
