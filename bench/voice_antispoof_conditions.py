@@ -19,8 +19,10 @@ Bona fide: the speakers at odd positions (the calibration's check half). Thresho
 APCER 5 % on espeak-ng voices 0, 2, .. 14 x 10 sentences (the calibration's fit voices of 16),
 through the same channel. Both are fitted here, on attacks only, the same way for both kinds.
 ``--candidate cut``: the second window is the service's placed after digital silence is cut out
-(:func:`without_digital_silence`: runs >= 20 ms within one PCM-16 step of zero; measured, not kept:
-bench/RESULTS.md, "Cutting digital silence before AASIST"), the first the same window without the
+(:func:`without_digital_silence`: runs >= 20 ms within one PCM-16 step of zero; not kept on the
+records as they were: bench/RESULTS.md, "Cutting digital silence before AASIST"; now the service's
+voice.antispoof_cut_digital_silence, on for the telephone record refitted with it: "AASIST refitted
+with the cut"), the first the same window without the
 cut; give the shipped record's threshold twice (``--thresholds T T``), as the cut was to ship on the
 records as they are.
 
