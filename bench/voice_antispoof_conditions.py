@@ -19,8 +19,10 @@ Bona fide: the speakers at odd positions (the calibration's check half). Thresho
 APCER 5 % on espeak-ng voices 0, 2, .. 14 x 10 sentences (the calibration's fit voices of 16),
 through the same channel. Both are fitted here, on attacks only, the same way for both kinds.
 ``--candidate cut``: the second window is the service's placed after digital silence is cut out
-(:func:`without_digital_silence`: runs >= 20 ms within one PCM-16 step of zero; measured, not kept:
-bench/RESULTS.md, "Cutting digital silence before AASIST"), the first the same window without the
+(:func:`without_digital_silence`: runs >= 20 ms within one PCM-16 step of zero; not kept on the
+records as they were: bench/RESULTS.md, "Cutting digital silence before AASIST"; now the service's
+voice.antispoof_cut_digital_silence, on for the telephone record refitted with it: "AASIST refitted
+with the cut"), the first the same window without the
 cut; give the shipped record's threshold twice (``--thresholds T T``), as the cut was to ship on the
 records as they are.
 
@@ -95,28 +97,7 @@ def speech_window(samples: np.ndarray, segments, length: int) -> np.ndarray:
 clip_window = antispoof.speech_window  # the service's window before the cut: the most speech-dense, tiled when shorter
 
 
-DIGITAL_SILENCE = 1.0 / 32768  # one PCM-16 step: zeros after decoding, DC blocking and resampling
-MIN_DIGITAL_SILENCE = 320  # 20 ms at 16 kHz
-
-
-def without_digital_silence(samples: np.ndarray, segments) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]:
-    """The candidate that was measured and not kept: every run of >= 20 ms of |x| <= one PCM-16 step
-    removed, the VAD segments moved onto what is left (the clip unchanged when nothing would be)."""
-    x = np.asarray(samples, dtype=np.float32)
-    quiet = np.concatenate([[False], np.abs(x) <= DIGITAL_SILENCE, [False]])
-    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))
-    starts, ends = edges[0::2], edges[1::2]
-    long = ends - starts >= MIN_DIGITAL_SILENCE
-    if not long.any():
-        return x, tuple(segments)
-    keep = np.ones(len(x) + 1, np.int64)
-    for start, end in zip(starts[long], ends[long]):
-        keep[start:end] = 0
-    if not keep[:-1].any():
-        return x, tuple(segments)
-    before = np.concatenate([[0], np.cumsum(keep[:-1])])  # kept samples before each index
-    moved = ((int(before[min(max(s, 0), len(x))]), int(before[min(max(e, 0), len(x))])) for s, e in segments)
-    return x[keep[:-1].astype(bool)], tuple((s, e) for s, e in moved if e > s)
+without_digital_silence = antispoof.without_digital_silence  # the cut, now voice.antispoof_cut_digital_silence
 
 
 def cut_window(samples: np.ndarray, segments, length: int) -> np.ndarray:

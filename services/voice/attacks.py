@@ -6,6 +6,10 @@
   reverberation time is Sabine's and whose direct-to-reverberant ratio follows from the distance
   between loudspeaker and phone and the room's critical distance.
 * :func:`espeak`: text-to-speech with espeak-ng (installed by scripts/setup.sh from Debian).
+* :data:`SENDER_VARIANTS`: what an attacker may do to espeak-ng's digital-zero pauses before sending
+  the clip (a cue AASIST uses): nothing, trim them (:func:`trimmed`), or fill them with low-level
+  noise (:func:`noise_filled`); the calibration's attack lists carry all three
+  (bench/voice_antispoof_refit.py).
 """
 
 from __future__ import annotations
@@ -133,6 +137,39 @@ def replay_in_room(x: FloatArray, rate: int, room: Room, distance_m: float = 0.3
 
 def resample(x: FloatArray, rate_in: int, rate_out: int) -> FloatArray:
     return soxr.resample(np.asarray(x, dtype=np.float32), rate_in, rate_out, quality="HQ").astype(np.float32)
+
+
+NOISE_FILL_DB = -50.0  # noise_filled: the noise's RMS relative to the clip's RMS
+
+
+def trimmed(x: FloatArray) -> FloatArray:
+    """The clip with every run of >= 20 ms within one PCM-16 step of zero removed (the sender's cut:
+    the service's voice.antispoof_cut_digital_silence rule, at 16 kHz before any channel)."""
+    from .antispoof import without_digital_silence
+
+    return without_digital_silence(x)[0]
+
+
+def noise_filled(x: FloatArray, seed: int = 0) -> FloatArray:
+    """The clip with every run of >= 20 ms within one PCM-16 step of zero replaced by white Gaussian
+    noise whose RMS is NOISE_FILL_DB below the clip's RMS (a recording's noise floor instead of
+    digital zero); the length is kept."""
+    from .antispoof import digital_silence_runs
+
+    y = np.array(x, dtype=np.float32)
+    rms = float(np.sqrt(np.mean(np.square(y, dtype=np.float64)))) * 10 ** (NOISE_FILL_DB / 20)
+    rng = np.random.default_rng(seed)
+    for start, end in zip(*digital_silence_runs(y)):
+        y[start:end] = rng.standard_normal(end - start) * rms
+    return y
+
+
+# Sender-side variants of a synthetic clip (name -> function of the clip and a seed).
+SENDER_VARIANTS = {
+    "": lambda x, seed: x,
+    "trimmed": lambda x, seed: trimmed(x),
+    "noisefill": noise_filled,
+}
 
 
 def espeak(text: str, voice: str = "en-us", speed: int = 150, gap: int = 0, rate: int = 16000) -> FloatArray:

@@ -36,6 +36,11 @@ class VoiceConfig(Section):
     # ~1.5x the CPU of a window (bench/RESULTS.md, Voice anti-spoofing layers).
     antispoof_window_s_by_channel: dict[ChannelFamily, Annotated[float, Field(ge=1.0, le=4.04)]] = {
         "telephone": 4.04}
+    # Channel families whose clips have digital silence (runs >= 20 ms within one PCM-16 step of zero)
+    # cut out before the AASIST window is placed; the score is then "...-zerocut", which needs a record
+    # fitted with the cut (bench/voice_antispoof_refit.py; bench/RESULTS.md, "AASIST refitted with the cut").
+    # Telephone: its refit passed the ship rule (check APCER 57/240 vs 70/240); wideband's did not.
+    antispoof_cut_digital_silence: tuple[ChannelFamily, ...] = ("telephone",)
     antispoof_batch_max: int = Field(1, ge=1, le=64)  # AASIST windows per pass: ~170 MB each on CPU; raise on a GPU
     antispoof_target_apcer: float = Field(0.05, gt=0, lt=1)  # a calibrated operating point (RESULTS.md)
     target_fmr: float = Field(1e-3, gt=0, lt=1)  # a calibrated operating point

@@ -72,8 +72,14 @@ def antispoof_window_s(cfg: VoiceConfig, family: ChannelFamily) -> float:
     return cfg.antispoof_window_s_by_channel.get(family, cfg.antispoof_window_s)
 
 
-def pad_score_name(window_s: float) -> str:
-    return f"bonafide_log_odds@speech{window_s:g}s"
+def pad_score_name(window_s: float, cut_digital_silence: bool = False) -> str:
+    """The AASIST score's name in calibration records: window length, and ``-zerocut`` when digital
+    silence is cut before the window (another quantity, which needs its own record)."""
+    return f"bonafide_log_odds@speech{window_s:g}s{'-zerocut' if cut_digital_silence else ''}"
+
+
+def antispoof_cut(cfg: VoiceConfig, family: ChannelFamily) -> bool:
+    return family in cfg.antispoof_cut_digital_silence
 
 
 class BatcherPool:
@@ -190,11 +196,11 @@ class VoiceEngine:
         detector = models.antispoof_detector(store, cfg.intra_op_threads or None, device,
                                              options=aasist_options(cfg, device))
         if detector is not None:
-            self.synthetic = {f: SyntheticSpeechDetector(detector, antispoof_window_s(cfg, f))
+            self.synthetic = {f: SyntheticSpeechDetector(detector, antispoof_window_s(cfg, f), antispoof_cut(cfg, f))
                               for f in cohort_mod.FAMILIES}
             self.synthetic_batcher = self._batcher(self.synthetic["wideband"].score_windows, cfg.antispoof_batch_max,
                                                    "voice-aasist", detector.device.type != "cpu")
-        self.pad_score_names = {f: pad_score_name(antispoof_window_s(cfg, f)) for f in cohort_mod.FAMILIES}
+        self.pad_score_names = {f: pad_score_name(antispoof_window_s(cfg, f), antispoof_cut(cfg, f)) for f in cohort_mod.FAMILIES}
         self.digits = models.digit_recognizer(store, workers=cfg.inference_workers, threads=cfg.intra_op_threads or 1)
         self.replay = replay_cache
 

@@ -254,7 +254,7 @@ class VoicePadScorer:
 
 def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
     """The configured synthetic-speech detector (voice.antispoof) on the service's window."""
-    from .engine import antispoof_window_s, pad_score_name
+    from .engine import antispoof_cut, antispoof_window_s, pad_score_name
 
     cfg = voice_config(options.settings)
     if not cfg.antispoof:
@@ -263,6 +263,7 @@ def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
     telephone_channel, crop = (False, None) if narrowband else parse_channel(options.channel)
     family = FAMILIES[1] if telephone_channel or narrowband else FAMILIES[0]
     window_s = antispoof_window_s(cfg, family)  # the service's window (narrowband: the telephone one)
+    cut = antispoof_cut(cfg, family)
     store = ModelStore(options.settings)
     models = VoiceModels.choose(store.manifest, cfg)
     detector = models.antispoof_detector(store, threads=1, device="cpu")
@@ -275,6 +276,6 @@ def make_pad_scorer(options: ScorerOptions) -> VoicePadScorer:
         threshold = Calibrations(options.settings.models.manifest, 0.0).threshold(
             models.antispoof.id, NARROWBAND_CHANNEL if narrowband else cfg.calibration_channels.get(family, family),
             cfg.antispoof_target_apcer,
-            pad_score_name(window_s))
-    return VoicePadScorer(pipeline_from_settings(options.settings), SyntheticSpeechDetector(detector, window_s),
-                          telephone_channel, crop, pad_score_name(window_s), threshold, narrowband)
+            pad_score_name(window_s, cut))
+    return VoicePadScorer(pipeline_from_settings(options.settings), SyntheticSpeechDetector(detector, window_s, cut),
+                          telephone_channel, crop, pad_score_name(window_s, cut), threshold, narrowband)

@@ -63,7 +63,8 @@ def test_narrowband_pad_channel_band_limits_and_has_no_service_record(voice_mode
     assert len(y) == len(x) and spectrum[high].sum() < 1e-6 * spectrum.sum()
     settings = load_config(None, data_dir=str(tmp_path), models={"cache_dir": str(PROJECT_ROOT / "var" / "models")})
     scorer = make_pad_scorer(ScorerOptions(settings=settings, channel="narrowband-16k", decide=False))
-    assert scorer.narrowband and scorer.score_name == "bonafide_log_odds@speech4.04s"
+    # The telephone window and, as on the telephone channel, digital silence cut before it.
+    assert scorer.narrowband and scorer.score_name == "bonafide_log_odds@speech4.04s-zerocut"
     assert isinstance(scorer.score(path), float)
     with pytest.raises(NotCalibrated):
         make_pad_scorer(ScorerOptions(settings=settings, channel="narrowband-16k", decide=True))
