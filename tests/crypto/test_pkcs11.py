@@ -200,3 +200,29 @@ def test_a_wrapped_key_is_bound_to_its_associated_data(softhsm, tmp_path):
         keyring.unwrap(kid, wrapped[:-1] + bytes([wrapped[-1] ^ 1]), b"aad-1")
     crypto = EnvelopeCrypto(keyring)
     assert crypto.decrypt_contact("t", "s", crypto.encrypt_contact("t", "s", "+8613800000000")) == "+8613800000000"
+
+
+OPENER = """
+import sys
+from services.common.config import Pkcs11Config
+from services.common.crypto.hsm import Pkcs11Token
+cfg = Pkcs11Config(module=sys.argv[1], token_label=sys.argv[2])
+for _ in range(int(sys.argv[3])):
+    token = Pkcs11Token(cfg)
+    token.session.close()
+print("opened")
+"""
+
+
+def test_replicas_opening_the_token_at_once_all_get_a_session(softhsm):
+    """Replicas start together: SoftHSM, reading its token files while another process logs in,
+    fails finding the token (GeneralError, or NoSuchToken that lasts until the library is
+    initialised again). Seen once in the replica test; here three processes open 60 sessions each
+    at once and every one must get all of them (before the fix this failed in every run; retrying
+    the lookup without initialising the library again, in 1 of 4 runs)."""
+    procs = [subprocess.Popen([sys.executable, "-c", OPENER, softhsm.module, TOKEN_LABEL, "60"], cwd=PROJECT_ROOT,
+                              env=dict(os.environ, **softhsm.env()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outcomes = [p.communicate(timeout=300) for p in procs]
+    for (out, err), p in zip(outcomes, procs):
+        assert p.returncode == 0 and out.strip() == "opened", err[-2000:]

@@ -87,35 +87,51 @@ class Pkcs11Token:
             lib = _libs.get(module) or _libs.setdefault(module, p11.lib(module))
         except (RuntimeError, OSError) as exc:
             raise KeyringError(f"keys.pkcs11.module {module}: cannot load the PKCS#11 library ({exc})") from None
-        try:
-            token = lib.get_token(token_label=cfg.token_label)
-        except (p11.exceptions.NoSuchToken, p11.exceptions.MultipleTokensReturned):
-            raise KeyringError(f"keys.pkcs11.token_label: no single token labelled {cfg.token_label!r} "
-                               f"in {module}") from None
-        self.session = self._open(token, pin, cfg)
+
+        def reload() -> None:
+            # SoftHSM lists its tokens when the library is initialised; a list read while another
+            # process wrote the token's files stays wrong (NoSuchToken on every later try) until it
+            # is initialised again, which ends every session of this process: only when it has none.
+            if not any(k[0] == module and not t.closed for k, t in _tokens.items()):
+                lib.reinitialize()
+
+        self.session = self._transient(lambda: self._open(lib.get_token(token_label=cfg.token_label), pin, cfg),
+                                       cfg, reload)
         self.p11 = p11
         self.prefix = cfg.label_prefix
         self.lock = threading.RLock()
         self.closed = False
 
     @staticmethod
-    def _open(token: Any, pin: str, cfg: Pkcs11Config, tries: int = 4) -> Any:
-        """A logged-in session. Transient token errors (a network HSM's hiccup, SoftHSM reading its
-        files while another process writes them) are retried a few times, then reported by name."""
+    def _open(token: Any, pin: str, cfg: Pkcs11Config) -> Any:
+        """A logged-in session."""
+        E = _pkcs11().exceptions
+        try:
+            return token.open(user_pin=pin, rw=True)
+        except E.UserAlreadyLoggedIn:  # login is per process: another session did it
+            return token.open(rw=True)
+        except E.PinIncorrect:
+            raise KeyringError(f"the PIN in ${cfg.pin_env} is not the user PIN of token {cfg.token_label!r}") from None
+
+    @staticmethod
+    def _transient(step: Callable[[], Any], cfg: Pkcs11Config, between: Callable[[], None], tries: int = 5) -> Any:
+        """``step()``, with transient token errors retried a few times, then reported by name: a
+        network HSM's hiccup, or SoftHSM reading its files while another process writes them, which
+        fails finding the token (GeneralError, even NoSuchToken) as well as opening a session."""
         E = _pkcs11().exceptions
         for attempt in range(tries):
             try:
-                try:
-                    return token.open(user_pin=pin, rw=True)
-                except E.UserAlreadyLoggedIn:  # login is per process: another session did it
-                    return token.open(rw=True)
-            except E.PinIncorrect:
-                raise KeyringError(f"the PIN in ${cfg.pin_env} is not the user PIN of token {cfg.token_label!r}") from None
+                return step()
             except E.PKCS11Error as exc:
-                if attempt + 1 == tries:
+                if attempt + 1 < tries:
+                    time.sleep(0.1 * 2**attempt)
+                    between()
+                elif isinstance(exc, (E.NoSuchToken, E.MultipleTokensReturned)):
+                    raise KeyringError(f"keys.pkcs11.token_label: no single token labelled {cfg.token_label!r} "
+                                       f"in {cfg.module}") from None
+                else:
                     raise KeyringError(f"token {cfg.token_label!r}: cannot open a session "
                                        f"({type(exc).__name__} {exc})") from None
-                time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")
 
     def label(self, what: str) -> str:
