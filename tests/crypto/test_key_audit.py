@@ -227,3 +227,18 @@ def test_migrate_audits_the_first_key_it_makes(deployment, backend):
     assert [(e, d["key_id"], d["purpose"], d["backend"]) for e, _, d in rows] == [
         ("keys.adding", primary, "init", backend_name(backend)), ("keys.added", primary, "init", backend_name(backend))]
     assert_no_key_material(settings, rows)
+
+
+def test_the_key_operations_log_refuses_a_subject(settings):
+    """It has no pseudonym key (it writes before the keyring exists): a subject id is refused, not
+    written in clear."""
+    from services.common.audit import AuditDataError, AuditLog
+
+    storage = open_storage(settings.storage_dsn)
+    try:
+        with pytest.raises(AuditDataError, match="without a subject"):
+            AuditLog.for_operations(settings, storage).append("keys.x", actor="cli:op", tenant_id="bank-a",
+                                                              subject_id="cust-1")
+        assert list(storage.audit.iter_records()) == []
+    finally:
+        storage.close()
