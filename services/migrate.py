@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from services.common.crypto import open_keyring
+    from services.commands.keys import ensure_keyring
     from services.common.crypto.backend import open_audit_signer
     from services.common.storage import open_storage
     from services.mfa import storage as mfa_storage
@@ -28,10 +28,10 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
             part.attach(storage)
         with storage.db.read() as s:
             rows = s.all("SELECT part, max(version) FROM schema_versions GROUP BY part ORDER BY part")
+        keyring, _ = ensure_keyring(settings, storage)  # a first KEK is audited like `keys init`'s
     finally:
         storage.close()
     version = ", ".join(f"{part} v{v}" for part, v in rows)
-    keyring = open_keyring(settings)
     keyring.pseudonym_key()
     signer = open_audit_signer(settings)
     SigningKeys.from_settings(settings)

@@ -1,17 +1,29 @@
-"""``biogate keys ...``: init, list, rotate, retire. Handlers take (settings, args), return an exit code."""
+"""``biogate keys ...``: init, list, rotate, rewrap, retire. Handlers take (settings, args), return an
+exit code. Every command that creates, moves to or removes a key writes audit records (actor
+``cli:<user>``, the backend, key ids, ciphers and counts; never key material)."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from services.common.crypto.errors import KeyInUseError, KeyringError, UnknownKeyError
-from services.common.crypto.keyring import LocalKeyring, open_keyring
-from services.common.crypto.rotation import key_usage, retire, rotate
+from services.common.crypto.errors import KeyInUseError, KeyringError, NoKeyringError, UnknownKeyError
+from services.common.crypto.keyring import Keyring, keyring_backend, open_keyring
+from services.common.crypto.rotation import (
+    KeyAudit,
+    RewrapReport,
+    create_keyring,
+    key_usage,
+    retire,
+    rewrap_all,
+    rotate,
+)
 
 if TYPE_CHECKING:
+    from services.common.config import CommonSettings
     from services.settings import Settings
     from services.common.storage.interfaces import Storage
 
@@ -31,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, help="records per batch (default: keys.rewrap_batch)")
     p.set_defaults(func=cmd_rotate)
 
+    p = sub.add_parser("rewrap", help="move records still under older keys to the primary (no new key)")
+    p.add_argument("--batch", type=int, help="records per batch (default: keys.rewrap_batch)")
+    p.set_defaults(func=cmd_rewrap)
+
     p = sub.add_parser("retire", help="remove an old key; refused while any record still uses it")
     p.add_argument("key_id")
     p.set_defaults(func=cmd_retire)
@@ -42,23 +58,43 @@ def _storage(settings: Settings) -> Storage:
     return open_storage(settings.storage_dsn, settings.storage)
 
 
-def _audit(settings: Settings, storage: Storage, keyring, event: str):
-    """A function writing the command's audit record (opened before the operation starts, so the
-    operation can call it inside its lock and transaction)."""
+def key_audit(settings: CommonSettings, storage: Storage) -> KeyAudit:
+    """A function writing one key-operation audit record (opened before the operation starts, so
+    the operation can call it inside its lock and transaction, and before the keyring exists)."""
     from services.common.audit import AuditLog
 
-    log = AuditLog.from_settings(settings, storage, keyring)
+    log = AuditLog.for_operations(settings, storage)
     actor = f"cli:{getpass.getuser()}"
-    return lambda details: log.append(event, actor=actor, tenant_id=None, details=details)
+    backend = keyring_backend(settings)
+
+    def audit(event: str, details: dict[str, Any]) -> None:
+        log.append(event, actor=actor, tenant_id=None, details={**details, "backend": backend})
+
+    return audit
+
+
+def ensure_keyring(settings: CommonSettings, storage: Storage) -> tuple[Keyring, bool]:
+    """The configured keyring, created (audited: ``keys.adding``, ``keys.added``) if there is
+    none; -> (keyring, created)."""
+    try:
+        return open_keyring(settings, create=False), False
+    except NoKeyringError:
+        return create_keyring(settings, key_audit(settings, storage)), True
 
 
 def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
-    existed = settings.keyring_file.exists()
-    keyring = open_keyring(settings)
+    storage = _storage(settings)
+    try:
+        keyring, created = ensure_keyring(settings, storage)
+    except KeyringError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        storage.close()
     primary = keyring.key_info(keyring.primary_key_id())
-    where = str(settings.keyring_file) if isinstance(keyring, LocalKeyring) else type(keyring).__name__
-    state = "exists" if existed or not isinstance(keyring, LocalKeyring) else "created"
-    print(f"keyring {where} {state}; primary key {primary.key_id} ({primary.cipher})")
+    backend = keyring_backend(settings)
+    where = str(settings.keyring_file) if backend == "file" else f"({backend} backend)"
+    print(f"keyring {where} {'created' if created else 'exists'}; primary key {primary.key_id} ({primary.cipher})")
     return 0
 
 
@@ -81,31 +117,36 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_rotate(settings: Settings, args: argparse.Namespace) -> int:
+    cipher = getattr(args, "cipher", None) or settings.keys.cipher
+    return _move_records(settings, args, "new primary key {key}; re-wrapped {counts}",
+                         lambda storage, keyring, batch, audit: rotate(storage, keyring, cipher, batch, audit))
+
+
+def cmd_rewrap(settings: Settings, args: argparse.Namespace) -> int:
+    return _move_records(settings, args, "re-wrapped {counts} to the primary key {key}",
+                         lambda storage, keyring, batch, audit: rewrap_all(storage, keyring, None, batch, audit))
+
+
+def _move_records(
+    settings: Settings,
+    args: argparse.Namespace,
+    summary: str,
+    operation: Callable[[Storage, Keyring, int, KeyAudit], RewrapReport],
+) -> int:
+    """Run a rotation or re-wrap, audited, and report it; ``summary`` names {key} and {counts}."""
     keyring = open_keyring(settings, create=False)
     storage = _storage(settings)
     try:
-        audit = _audit(settings, storage, keyring, "keys.rotate")
-        report = rotate(
-            storage,
-            keyring,
-            cipher=getattr(args, "cipher", None) or settings.keys.cipher,
-            batch=getattr(args, "batch", None) or settings.keys.rewrap_batch,
-            audit=lambda r: audit({
-                "new_key_id": r.target_key_id,
-                "templates_rewrapped": r.templates_rewrapped,
-                "phones_rewrapped": r.phones_rewrapped,
-                "failures": len(r.failures),
-            }),
-        )  # fmt: skip
+        batch = getattr(args, "batch", None) or settings.keys.rewrap_batch
+        report = operation(storage, keyring, batch, key_audit(settings, storage))
     except KeyringError as exc:  # another key operation in progress, a cipher the backend lacks
         print(f"refused: {exc}", file=sys.stderr)
         return 1
     finally:
         storage.close()
-    print(
-        f"new primary key {report.target_key_id}; re-wrapped {report.templates_rewrapped} templates "
-        f"and {report.phones_rewrapped} phone numbers ({report.conflicts} concurrent updates revisited)"
-    )
+    counts = f"{report.templates_rewrapped} templates and {report.phones_rewrapped} phone numbers"
+    print(summary.format(key=report.target_key_id, counts=counts)
+          + f" ({report.conflicts} concurrent updates revisited)")
     for name, error in report.failures.items():
         print(f"FAILED {name}: {error}", file=sys.stderr)
     return 0 if report.ok else 1
@@ -115,8 +156,8 @@ def cmd_retire(settings: Settings, args: argparse.Namespace) -> int:
     keyring = open_keyring(settings, create=False)
     storage = _storage(settings)
     try:
-        audit = _audit(settings, storage, keyring, "keys.retire")
-        info = retire(storage, keyring, args.key_id, audit=lambda i: audit({"key_id": i.key_id}))
+        audit = key_audit(settings, storage)
+        info = retire(storage, keyring, args.key_id, audit=lambda i: audit("keys.retire", {"key_id": i.key_id}))
     except (KeyInUseError, UnknownKeyError, KeyringError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1

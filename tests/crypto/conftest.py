@@ -32,8 +32,9 @@ class Backend:
         self.kind, self.keys_config, self.env, self.data_dir = kind, keys_config, env, data_dir
 
     def open(self, check_interval_s: float = 0):
-        """A keyring instance; a service's checks the file at its default interval (0.1 s) and
-        lists the token's keys at most once a second, an operator's command looks every time."""
+        """A keyring instance; every instance reads the primary afresh (one stat of the file, one
+        listing of the token's keys), other lookups of a service's are served from memory between
+        checks (the file every 0.1 s, the token once a second), an operator's command looks every time."""
         if self.kind == "file":
             return LocalKeyring(self.keys_config["keyring_file"], check_interval_s=check_interval_s)
         cfg = make_settings(self.data_dir, keys=self.keys_config).keys.pkcs11
@@ -46,3 +47,17 @@ def backend(request, tmp_path) -> Backend:
         return Backend("file", {"keyring_file": str(tmp_path / "keys" / "keyring.json")}, {}, tmp_path / "data")
     hsm = request.getfixturevalue("softhsm")
     return Backend("pkcs11", hsm.keys_config(), hsm.env(), tmp_path / "data")
+
+
+class Pinned:
+    """A keyring view whose primary is pinned to an older key: a service that sealed just before a
+    rotation added the new primary and commits afterwards."""
+
+    def __init__(self, keyring, key_id) -> None:
+        self._k, self._id = keyring, key_id
+
+    def __getattr__(self, name):
+        return getattr(self._k, name)
+
+    def primary_key_id(self) -> str:
+        return self._id

@@ -55,7 +55,7 @@ def test_keys_commands_end_to_end(settings, capsys):
 
     # Key operations are in the audit trail, and the trail verifies.
     events = [r.event_type for r in storage.audit.iter_records()]
-    assert events == ["keys.rotate", "keys.retire"]
+    assert events == ["keys.adding", "keys.added", "keys.adding", "keys.added", "keys.rotate", "keys.retire"]
     assert verify(storage.audit, AuditSigner.load(settings.audit_signing_key_file).public_key).ok
     storage.close()
 

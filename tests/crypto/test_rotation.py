@@ -16,6 +16,7 @@ from services.common.crypto import (
 )
 from services.common.crypto.rotation import key_usage, retire, rewrap_all, rotate
 from services.common.storage import TemplateRecord, open_storage
+from tests.crypto.conftest import Pinned
 
 
 @pytest.fixture
@@ -145,9 +146,9 @@ def test_rotation_while_services_read_and_write(storage, backend):
         report2 = rewrap_all(storage, admin, batch=5)
         stop_writing.set()
         writing.join(timeout=60)
-        # Anything a writer sealed under the old key just before it saw the new primary (the
-        # file looked at every 0.1 s, the token's keys listed at most once a second) is moved
-        # by another pass; then the old key is retired while the readers go on.
+        # Anything a writer sealed under the old key just before the new primary was added and
+        # committed after a pass had gone by is moved by another pass; then the old key is retired
+        # while the readers go on.
         final = rewrap_all(storage, admin)
         retire(storage, admin, old)
         retired_at.append(reads[0])
@@ -200,7 +201,7 @@ def test_compare_and_swap_never_loses_a_concurrent_enrolment(storage, tmp_path):
 
     # The racing write is sealed under the OLD key (a service that sampled the primary just
     # before the switch), so only the envelope comparison can tell it from the rotation's copy.
-    stale = EnvelopeCrypto(_Pinned(keyring, old))
+    stale = EnvelopeCrypto(Pinned(keyring, old))
     fresh = os.urandom(64)
 
     def race():
@@ -213,19 +214,6 @@ def test_compare_and_swap_never_loses_a_concurrent_enrolment(storage, tmp_path):
     assert racing.raced and report.conflicts == 1 and report.ok
     _check_all(storage, crypto, expected)  # the racing enrolment survived...
     assert set(key_usage(storage)) == {keyring.primary_key_id()}  # ...and was re-wrapped next pass
-
-
-class _Pinned:
-    """A keyring view whose primary is pinned to an older key."""
-
-    def __init__(self, keyring, key_id) -> None:
-        self._k, self._id = keyring, key_id
-
-    def __getattr__(self, name):
-        return getattr(self._k, name)
-
-    def primary_key_id(self) -> str:
-        return self._id
 
 
 def _put_env(storage, b, env) -> None:

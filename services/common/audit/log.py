@@ -26,7 +26,7 @@ class AuditLog:
         self,
         storage_audit: AuditRepository,
         signer: Signer,
-        pseudonymizer: Pseudonymizer,
+        pseudonymizer: Pseudonymizer | None,
         checkpoint_every: int = 100,
     ) -> None:
         if checkpoint_every < 1:
@@ -47,6 +47,14 @@ class AuditLog:
             settings.audit.checkpoint_every,
         )
 
+    @classmethod
+    def for_operations(cls, settings: CommonSettings, storage: Storage) -> AuditLog:
+        """A log of events without a subject (key operations), usable before the keyring exists:
+        the pseudonym key lives in the keyring. A subject id given to it is refused."""
+        from services.common.crypto.backend import open_audit_signer
+
+        return cls(storage.audit, open_audit_signer(settings), None, settings.audit.checkpoint_every)
+
     def append(
         self,
         event_type: str,
@@ -62,7 +70,11 @@ class AuditLog:
         for what, text in (("event_type", event_type), ("actor", actor), ("tenant_id", tenant_id)):
             check_text(what, text)
         details_json = check_details(details)
-        pseudonym = self._pseudonymize(tenant_id or "", subject_id) if subject_id else None
+        pseudonym = None
+        if subject_id:
+            if self._pseudonymize is None:
+                raise AuditDataError("this audit log writes events without a subject (no pseudonym key)")
+            pseudonym = self._pseudonymize(tenant_id or "", subject_id)
 
         def build(next_seq: int, prev_hash: str | None) -> AuditAppend:
             if (prev_hash is None) != (next_seq == 1):

@@ -39,7 +39,7 @@ def open_token_vault(settings: CommonSettings, keys_file: Path) -> SigningKeyVau
     return FileKeyVault(keys_file)
 
 
-def open_pkcs11_keyring(settings: CommonSettings, create: bool = True):
+def open_pkcs11_keyring(settings: CommonSettings, create: bool = True, first_key_id: str | None = None):
     from .hsm import Pkcs11Keyring
 
-    return Pkcs11Keyring(_token(settings), settings.keys.cipher, create)
+    return Pkcs11Keyring(_token(settings), settings.keys.cipher, create, first_key_id)

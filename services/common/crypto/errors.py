@@ -38,6 +38,10 @@ class KeyringError(Exception):
     """The keyring itself is unusable: unreadable file, bad JSON, a management call it refuses."""
 
 
+class NoKeyringError(KeyringError):
+    """The configured keyring (file or token keys) does not exist yet: `biogate keys init` makes it."""
+
+
 class KeyInUseError(KeyringError):
     """A key cannot be retired while records are still sealed under it."""
 

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .errors import KeyringError, UnknownKeyError, WrongKeyError
-from .keyring import KeyInfo, _new_key_id
+from .errors import KeyringError, NoKeyringError, UnknownKeyError, WrongKeyError
+from .keyring import KeyInfo, new_key_id
 from .signing import PublicKey, algorithm_of, jwt_kid, key_id
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ _KCV_MESSAGE = b"biogate-kek-check-v1"
 _PSEUDONYM_LABEL = b"biogate-pseudonym-key-v1"
 _CIPHER = "AES-256-GCM"
 _NONCE = 12
-_LIST_TTL_S = 1.0  # how long a listing of the token's keys is reused before asking the token again
+_LIST_TTL_S = 1.0  # how long a listing of the token's keys serves lookups of known ids (not the primary)
 
 
 def _pkcs11():
@@ -255,7 +255,8 @@ class Pkcs11Keyring:
     """A :class:`~services.common.crypto.keyring.Keyring` whose KEKs and pseudonym root key stay
     in the token; wrapping and unwrapping run inside it."""
 
-    def __init__(self, token: Pkcs11Token, cipher: str = _CIPHER, create: bool = True) -> None:
+    def __init__(self, token: Pkcs11Token, cipher: str = _CIPHER, create: bool = True,
+                 first_key_id: str | None = None) -> None:
         if cipher != _CIPHER:
             raise KeyringError(f"keys.cipher {cipher}: the PKCS#11 backend wraps with {_CIPHER} only")
         self.token = token
@@ -266,8 +267,8 @@ class Pkcs11Keyring:
         self._pseudonym: bytes | None = None
         if not self._list(force=True):
             if not create:
-                raise KeyringError(f"token has no {self._label!r} key-encryption key (run `biogate keys init`)")
-            self.add_key()
+                raise NoKeyringError(f"token has no {self._label!r} key-encryption key (run `biogate keys init`)")
+            self.add_key(key_id=first_key_id)
 
     def _list(self, force: bool = False) -> dict[str, Any]:
         now = time.monotonic()
@@ -300,7 +301,12 @@ class Pkcs11Keyring:
         raise AssertionError("unreachable")
 
     def primary_key_id(self) -> str:
-        keks = self._list()
+        # Listed afresh (one search in the token per seal): a seal under a primary another process
+        # replaced would leave a record the rotation may have finished with, and block `keys retire`.
+        return self._primary(self._list(force=True))
+
+    @staticmethod
+    def _primary(keks: dict[str, Any]) -> str:
         if not keks:
             raise KeyringError("the token holds no key-encryption key")
         return max(keks)
@@ -317,7 +323,7 @@ class Pkcs11Keyring:
 
     def key_info(self, key_id_: str) -> KeyInfo:
         self._kek(key_id_)
-        return KeyInfo(key_id_, _CIPHER, _created_of(key_id_), key_id_ == self.primary_key_id(),
+        return KeyInfo(key_id_, _CIPHER, _created_of(key_id_), key_id_ == self._primary(self._list()),
                        self._fingerprint(key_id_))
 
     def wrap(self, key_id_: str, data_key: bytes, aad: bytes) -> bytes:
@@ -355,10 +361,14 @@ class Pkcs11Keyring:
                 self._pseudonym = bytes(key.sign(_PSEUDONYM_LABEL, mechanism=t.p11.Mechanism.SHA256_HMAC))
         return self._pseudonym
 
-    def add_key(self, cipher: str | None = None) -> KeyInfo:
+    def add_key(self, cipher: str | None = None, key_id: str | None = None) -> KeyInfo:
         if cipher not in (None, _CIPHER):
             raise KeyringError(f"the PKCS#11 backend makes {_CIPHER} keys only, not {cipher}")
-        new_id = _new_key_id()
+        new_id = key_id or new_key_id()
+        if new_id in self._list(force=True):
+            raise KeyringError(f"key {new_id!r} exists already")
+        if self._keks and new_id < max(self._keks):
+            raise KeyringError(f"key {new_id!r} would not be the primary (the token's newest id is greater)")
         self.token.new_secret("aes", self._label, new_id.encode())
         self._list(force=True)
         return self.key_info(new_id)

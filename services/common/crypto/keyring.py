@@ -6,7 +6,8 @@ is the primary (the one new records are sealed under). Three implementations:
 * :class:`LocalKeyring` — a JSON file (mode 0600, created on first use at
   ``CommonSettings.keyring_file``). It re-reads the file when its mtime/inode/size change, so running
   services pick up a rotation done by ``biogate keys rotate`` in another process without a
-  restart.
+  restart: :meth:`~Keyring.primary_key_id` (asked once per seal) always looks at the file's stat,
+  other lookups at most every ``check_interval_s``.
 * :class:`StaticKeyring` — the same JSON from the ``BIOGATE_KEYRING_JSON`` environment variable
   (development, containers). Read-only: rotate by changing the variable and restarting.
 * :class:`~services.common.crypto.hsm.Pkcs11Keyring` — KEKs inside a PKCS#11 token
@@ -16,7 +17,9 @@ is the primary (the one new records are sealed under). Three implementations:
   satisfying :class:`Keyring`. The adapter keeps the KEKs inside the KMS and implements
   ``wrap``/``unwrap`` as the KMS's encrypt/decrypt calls (with ``aad`` as the encryption
   context); ``fingerprint`` may be ``b""`` when the KMS cannot expose a key check value;
-  ``add_key``/``remove_key`` may raise :class:`KeyringError` if keys are managed in the KMS.
+  ``add_key``/``remove_key`` may raise :class:`KeyringError` if keys are managed in the KMS;
+  ``add_key`` must create the key under the ``key_id`` it is given (the audit trail names that id
+  before the key exists), and ``primary_key_id`` must see a primary changed by another process.
 
 The pseudonym key (HMAC key for :class:`~services.common.privacy.Pseudonymizer`) lives in the
 same keyring but is *not* a KEK: ``keys rotate`` never changes it, because every pseudonym
@@ -46,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import aead
-from .errors import KeyringError, UnknownKeyError, WrongKeyError
+from .errors import KeyringError, NoKeyringError, UnknownKeyError, WrongKeyError
 
 if TYPE_CHECKING:
     from services.common.config import CommonSettings
@@ -68,7 +71,9 @@ class KeyInfo:
 
 @runtime_checkable
 class Keyring(Protocol):
-    def primary_key_id(self) -> str: ...
+    def primary_key_id(self) -> str:
+        """The primary as the key store holds it now, also when another process rotated."""
+        ...
 
     def keys(self) -> list[KeyInfo]: ...
 
@@ -84,8 +89,8 @@ class Keyring(Protocol):
 
     def pseudonym_key(self) -> bytes: ...
 
-    def add_key(self, cipher: str | None = None) -> KeyInfo:
-        """Create a KEK and make it the primary."""
+    def add_key(self, cipher: str | None = None, key_id: str | None = None) -> KeyInfo:
+        """Create a KEK (under ``key_id``, default a new one) and make it the primary."""
         ...
 
     def remove_key(self, key_id: str) -> None:
@@ -101,7 +106,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _new_key_id() -> str:
+def new_key_id() -> str:
     # Microseconds: the PKCS#11 keyring takes the greatest id as its primary, so a key made later
     # (a rotation in the same second as `keys init`) must sort after the earlier ones.
     return "k" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f") + "-" + secrets.token_hex(3)
@@ -132,8 +137,8 @@ class _KeyringData:
         self.pseudonym_key = pseudonym_key
 
     @classmethod
-    def new(cls, cipher: str) -> _KeyringData:
-        kek = _Kek(_new_key_id(), cipher, aead.new_key(cipher), _now())
+    def new(cls, cipher: str, key_id: str | None = None) -> _KeyringData:
+        kek = _Kek(key_id or new_key_id(), cipher, aead.new_key(cipher), _now())
         return cls(kek.key_id, {kek.key_id: kek}, secrets.token_bytes(32))
 
     @classmethod
@@ -218,7 +223,7 @@ class StaticKeyring:
     def pseudonym_key(self) -> bytes:
         return self._current().pseudonym_key
 
-    def add_key(self, cipher: str | None = None) -> KeyInfo:
+    def add_key(self, cipher: str | None = None, key_id: str | None = None) -> KeyInfo:
         raise KeyringError(f"the keyring from {self._source} is read-only")
 
     def remove_key(self, key_id: str) -> None:
@@ -232,9 +237,11 @@ class StaticKeyring:
 class LocalKeyring(StaticKeyring):
     """A keyring in a 0600 JSON file, created on first use, reloaded when the file changes.
 
-    The file's stat is checked at most every ``check_interval_s`` (0: on every call), so a
-    rotation made by another process is in use here within that time; an envelope under a key
-    id not yet seen makes it look at once (a record re-wrapped by that rotation).
+    The primary is read from the file as it is now (one stat per seal; the file is re-read when
+    it changed): a rotation made by another process seals the next record here under the new key.
+    Other lookups check the stat at most every ``check_interval_s`` (0: on every call); an
+    envelope under a key id not yet seen makes it look at once (a record re-wrapped by that
+    rotation).
     """
 
     def __init__(
@@ -243,6 +250,7 @@ class LocalKeyring(StaticKeyring):
         cipher: str = "AES-256-GCM",
         create: bool = True,
         check_interval_s: float = 0.1,
+        first_key_id: str | None = None,
     ) -> None:
         self.path = Path(path)
         self._interval = check_interval_s
@@ -252,10 +260,10 @@ class LocalKeyring(StaticKeyring):
         self._stamp: tuple[int, int, int] | None = None
         if not self.path.exists():
             if not create:
-                raise KeyringError(f"{self.path}: no keyring (run `biogate keys init`)")
+                raise NoKeyringError(f"{self.path}: no keyring (run `biogate keys init`)")
             with self._file_lock():
                 if not self.path.exists():
-                    self._write(_KeyringData.new(cipher))
+                    self._write(_KeyringData.new(cipher, first_key_id))
                     log.info("created keyring %s", self.path)
         self._data = self._load()
         self._default_cipher = cipher
@@ -289,6 +297,11 @@ class LocalKeyring(StaticKeyring):
                     self._data = self._load()
                     log.info("reloaded keyring %s (primary %s)", self.path, self._data.primary)
         return self._data
+
+    def primary_key_id(self) -> str:
+        # Not throttled: a seal under a primary another process replaced would leave a record that
+        # the rotation's passes may already have finished with, and block `keys retire`.
+        return self._current(force=True).primary
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -327,11 +340,13 @@ class LocalKeyring(StaticKeyring):
             self._write(data)
             self._data = self._load()
 
-    def add_key(self, cipher: str | None = None) -> KeyInfo:
+    def add_key(self, cipher: str | None = None, key_id: str | None = None) -> KeyInfo:
         cipher = cipher or self._default_cipher
-        kek = _Kek(_new_key_id(), cipher, aead.new_key(cipher), _now())
+        kek = _Kek(key_id or new_key_id(), cipher, aead.new_key(cipher), _now())
 
         def change(data: _KeyringData) -> None:
+            if kek.key_id in data.keks:
+                raise KeyringError(f"key {kek.key_id!r} exists already")
             data.keks[kek.key_id] = kek
             data.primary = kek.key_id
 
@@ -363,16 +378,26 @@ def load_kms(spec: str, settings: CommonSettings) -> Keyring:
     return keyring
 
 
-def open_keyring(settings: CommonSettings, create: bool = True) -> Keyring:
+def keyring_backend(settings: CommonSettings) -> str:
+    """Which key store :func:`open_keyring` opens: "pkcs11", "kms", "env" or "file"."""
+    if settings.keys.backend == "pkcs11":
+        return "pkcs11"
+    if settings.keys.kms:
+        return "kms"
+    return "env" if os.environ.get(ENV_VAR) else "file"
+
+
+def open_keyring(settings: CommonSettings, create: bool = True, first_key_id: str | None = None) -> Keyring:
     """The keyring the configuration names: the PKCS#11 token (keys.backend), a KMS adapter, else
-    $BIOGATE_KEYRING_JSON, else the file."""
+    $BIOGATE_KEYRING_JSON, else the file. ``create``: make the file or the token's first KEK (under
+    ``first_key_id``) when there is none; else :class:`NoKeyringError`."""
     if settings.keys.backend == "pkcs11":
         from .backend import open_pkcs11_keyring
 
-        return open_pkcs11_keyring(settings, create)
+        return open_pkcs11_keyring(settings, create, first_key_id)
     if settings.keys.kms:
         return load_kms(settings.keys.kms, settings)
     env = os.environ.get(ENV_VAR)
     if env:
         return StaticKeyring(env)
-    return LocalKeyring(settings.keyring_file, cipher=settings.keys.cipher, create=create)
+    return LocalKeyring(settings.keyring_file, cipher=settings.keys.cipher, create=create, first_key_id=first_key_id)

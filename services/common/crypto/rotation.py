@@ -1,11 +1,11 @@
 """KEK rotation and retirement while the services keep running.
 
-``rotate`` adds a new primary KEK (running services see it on their next seal: the file keyring
-reloads on change), then re-wraps every template and phone envelope still under an older KEK,
-batch by batch, each record by compare-and-swap on (key id, envelope bytes): an enrolment or
-phone change that lands in between wins, and its record is simply visited again if it is still
-under an old key. Old KEKs stay in the keyring for reading until ``retire`` removes one, which
-it refuses while any record still uses it.
+``rotate`` adds a new primary KEK (running services seal their next record under it: the keyring
+reads the primary from the file or the token on every seal), then re-wraps every template and
+phone envelope still under an older KEK, batch by batch, each record by compare-and-swap on (key
+id, envelope bytes): an enrolment or phone change that lands in between wins, and its record is
+simply visited again if it is still under an old key. Old KEKs stay in the keyring for reading
+until ``retire`` removes one, which it refuses while any record still uses it.
 
 Key operations on one database are serialised: ``rotate``, ``rewrap_all`` and ``retire`` each hold
 the database's key-operation lock (:func:`key_operation`) from start to end, across all their
@@ -15,6 +15,16 @@ keys and leave them under the key that is not the primary, and a ``retire`` of t
 rotation's key (no longer the primary, nothing under it yet) could destroy it just before that
 rotation swapped a batch of records to it. Running services never take the lock: they read,
 enrol and re-enrol throughout.
+
+Audit. The keyring is a file or a token, the audit trail is in the database: no transaction spans
+both, so a new key is audited *before* it exists. :func:`add_key` commits ``keys.adding`` (the
+new key's id, cipher, purpose) first, then creates the key under that id, then writes
+``keys.added``, or ``keys.add_failed`` when the keyring refused or failed. A process that dies in
+between leaves ``keys.adding`` without its outcome: the trail may name a key that was never made,
+but a key the trail does not name cannot exist. ``rotate`` then writes the re-wrap's outcome
+(``keys.rotate``, also when it is aborted by an error); a rotation killed mid-way leaves
+``keys.adding``/``keys.added`` with no ``keys.rotate`` after them. Records carry ids, ciphers,
+counts and error class names, never key material.
 """
 
 from __future__ import annotations
@@ -28,13 +38,15 @@ from typing import TYPE_CHECKING, Any
 
 from .envelope import EnvelopeCrypto
 from .errors import KeyInUseError, KeyOperationInProgressError, KeyringError, TemplateDecryptionError
-from .keyring import KeyInfo, Keyring
+from .keyring import KeyInfo, Keyring, new_key_id, open_keyring
 
 if TYPE_CHECKING:
+    from services.common.config import CommonSettings
     from services.common.storage.interfaces import Storage
 
 log = logging.getLogger(__name__)
 
+KeyAudit = Callable[[str, dict[str, Any]], None]  # (event type, details): writes one audit record
 _MAX_ROUNDS = 50  # passes over the remaining records; each pass must make progress
 KEY_OPERATION_LOCK = "biogate-key-operations"
 
@@ -69,11 +81,35 @@ class RewrapReport:
         return not self.failures
 
 
-def rewrap_all(storage: Storage, keyring: Keyring, target_key_id: str | None = None, batch: int = 200) -> RewrapReport:
+def rewrap_all(
+    storage: Storage,
+    keyring: Keyring,
+    target_key_id: str | None = None,
+    batch: int = 200,
+    audit: KeyAudit | None = None,
+) -> RewrapReport:
     """Re-wrap every envelope not under ``target_key_id`` (default: the primary) to it, holding
-    the key-operation lock."""
+    the key-operation lock; ``keys.rewrap`` (the outcome) is audited before the lock is let go."""
     with key_operation(storage, "rotate"):
-        return _rewrap_all(storage, keyring, target_key_id, batch)
+        target = target_key_id or keyring.primary_key_id()
+        try:
+            report = _rewrap_all(storage, keyring, target, batch)
+        except BaseException as exc:
+            _audit_failure(audit, "keys.rewrap", {"key_id": target, "outcome": "aborted"}, exc)
+            raise
+        if audit is not None:
+            audit("keys.rewrap", _outcome(report))
+        return report
+
+
+def _outcome(report: RewrapReport) -> dict[str, Any]:
+    return {
+        "key_id": report.target_key_id,
+        "outcome": "done" if report.ok else "failures",
+        "templates_rewrapped": report.templates_rewrapped,
+        "phones_rewrapped": report.phones_rewrapped,
+        "failures": len(report.failures),
+    }
 
 
 def _rewrap_all(storage: Storage, keyring: Keyring, target_key_id: str | None, batch: int) -> RewrapReport:
@@ -146,22 +182,74 @@ def _rewrap_one(crypto: EnvelopeCrypto, envelope: bytes, target: str, name: str,
         return None
 
 
+def add_key(
+    audit: KeyAudit | None,
+    purpose: str,
+    cipher: str | None,
+    create: Callable[[str], KeyInfo],
+) -> KeyInfo:
+    """``create(key_id)`` makes the new primary KEK; its audit records around it, the first one
+    committed before the key exists (see the module's docstring)."""
+    key_id = new_key_id()
+    if audit is not None:
+        audit("keys.adding", {"key_id": key_id, "cipher": cipher, "purpose": purpose})
+    try:
+        info = create(key_id)
+    except BaseException as exc:
+        _audit_failure(audit, "keys.add_failed", {"key_id": key_id, "purpose": purpose}, exc)
+        raise
+    if audit is not None:
+        audit("keys.added", {"key_id": info.key_id, "cipher": info.cipher, "purpose": purpose})
+    return info
+
+
+def _audit_failure(audit: KeyAudit | None, event: str, details: dict[str, Any], exc: BaseException) -> None:
+    """Record an aborted step; a record that cannot be written must not hide the error itself."""
+    if audit is None:
+        return
+    try:
+        audit(event, {**details, "error": type(exc).__name__})
+    except Exception as audit_exc:  # noqa: BLE001 - logged, the original error is raised
+        log.error("cannot write the audit record %s (%s) after %s", event, type(audit_exc).__name__, type(exc).__name__)
+
+
 def rotate(
     storage: Storage,
     keyring: Keyring,
     cipher: str | None = None,
     batch: int = 200,
-    audit: Callable[[RewrapReport], None] | None = None,
+    audit: KeyAudit | None = None,
 ) -> RewrapReport:
     """Add a new primary KEK and move every envelope to it, holding the key-operation lock
-    throughout; ``audit(report)`` (the audit record) is written before the lock is let go."""
+    throughout; the audit records (:func:`add_key`'s, then ``keys.rotate`` with the outcome) are
+    written before the lock is let go."""
     with key_operation(storage, "rotate"):
-        new = keyring.add_key(cipher)
+        new = add_key(audit, "rotate", cipher, lambda key_id: keyring.add_key(cipher, key_id=key_id))
         log.info("new primary key %s (%s)", new.key_id, new.cipher)
-        report = _rewrap_all(storage, keyring, new.key_id, batch)
+        try:
+            report = _rewrap_all(storage, keyring, new.key_id, batch)
+        except BaseException as exc:
+            _audit_failure(audit, "keys.rotate", {"key_id": new.key_id, "outcome": "aborted"}, exc)
+            raise
         if audit is not None:
-            audit(report)
+            audit("keys.rotate", _outcome(report))
         return report
+
+
+def create_keyring(settings: CommonSettings, audit: KeyAudit) -> Keyring:
+    """Create the configured keyring (the file, or the token's first KEK) with :func:`add_key`'s
+    audit records; KeyringError when another process created it meanwhile (audited as failed)."""
+    made: list[Keyring] = []
+
+    def create(key_id: str) -> KeyInfo:
+        keyring = open_keyring(settings, create=True, first_key_id=key_id)
+        if keyring.primary_key_id() != key_id:
+            raise KeyringError("another process created the keyring meanwhile; nothing was added")
+        made.append(keyring)
+        return keyring.key_info(key_id)
+
+    add_key(audit, "init", settings.keys.cipher, create)
+    return made[0]
 
 
 def key_usage(storage: Storage) -> Counter[str]:
@@ -183,9 +271,18 @@ def retire(
     with key_operation(storage, "retire"):
         info = keyring.key_info(key_id)  # UnknownKeyError for a wrong id
         with storage.transaction():
-            in_use = key_usage(storage)[key_id]
-            if in_use:
-                raise KeyInUseError(f"key {key_id!r} still wraps {in_use} record(s); run `biogate keys rotate` first")
+            templates = storage.templates.count_by_key().get(key_id, 0)
+            phones = storage.subjects.count_phones_by_key().get(key_id, 0)
+            if templates or phones:
+                in_use = f"key {key_id!r} still wraps {templates + phones} record(s)"
+                if key_id == keyring.primary_key_id():
+                    raise KeyInUseError(f"{in_use}; run `biogate keys rotate` first")
+                raise KeyInUseError(
+                    f"{in_use} ({templates} templates, {phones} phone numbers) that no rotation moved: written "
+                    "under it after the rotation's last pass (sealed just before the new primary was added), or "
+                    "not re-wrappable (`keys rotate` listed those as FAILED); run `biogate keys rewrap` to move "
+                    "them to the primary, then retire again"
+                )
             if key_id == keyring.primary_key_id():
                 raise KeyringError(f"key {key_id!r} is the primary; rotate before retiring it")
             if audit is not None:
