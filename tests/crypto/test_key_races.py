@@ -236,3 +236,18 @@ def test_retire_writes_its_audit_record_only_with_the_removal(stores, tmp_path):
     assert old in {k.key_id for k in LocalKeyring(tmp_path / "keyring.json").keys()}
     retire(st, file_keyring, old, audit=record)
     assert [(r.event_type, json.loads(r.details)) for r in st.audit.iter_records()] == [("keys.retire", {"key_id": old})]
+
+
+def test_a_key_operation_that_ended_lets_the_next_one_in_at_once(storage_dsn):
+    """An operator's rotate followed at once by retire (or a script doing both) must find the lock
+    free. On PostgreSQL the session advisory lock used to be left to the closing connection, which
+    releases it only when the server's backend has exited, after close() returned: the next
+    operation, on another connection, then failed now and then with "another key operation is in
+    progress" (seen in test_rotation). 200 back-to-back operations, each on a connection of its own."""
+    storage = open_storage(storage_dsn)
+    try:
+        for i in range(200):
+            with key_operation(storage, "rotate" if i % 2 else "retire"):
+                pass
+    finally:
+        storage.close()

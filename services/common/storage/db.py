@@ -8,6 +8,7 @@ repository call made inside it joins it instead of opening its own.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import fcntl
 import functools
@@ -355,9 +356,15 @@ class PostgresDatabase(Database):
                 who = (f"{row[0] or 'a connection'} from {row[1] or 'a local socket'}, since "
                        f"{row[2].astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC") if row else "another connection"
                 raise LockHeldError(name, who)
-            yield  # unlocked when the connection closes, whatever happens here
+            try:
+                yield
+            finally:
+                # Closing the connection alone releases the lock only when the server's backend
+                # has exited, after close() returns: the next key operation would find it held.
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("SELECT pg_advisory_unlock(hashtext(current_schema()), hashtext(%s))", (name,))
         finally:
-            conn.close()
+            conn.close()  # releases it in any case, if the unlock above could not run
 
     def has_table(self, session: Session, name: str) -> bool:
         return session.one("SELECT to_regclass(?) IS NOT NULL", (name,))[0]
