@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import threading
 import time
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.errors import details_of
@@ -96,15 +98,34 @@ def caller(services):
     return ref, answer
 
 
+def errors_logged(caplog) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def wait_for(condition, what: str, limit_s: float = 60) -> None:
+    """Polls ``condition`` until it holds; fails (it does not time anything) after ``limit_s``."""
+    end = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < end, f"{what} did not happen within {limit_s} s"
+        time.sleep(0.02)
+
+
+def ended(caplog, rpc: str, code: str) -> bool:
+    """The interceptor has logged ``rpc``'s end with ``code`` (its last act on the call)."""
+    return any(r.getMessage() == "rpc" and getattr(r, "rpc", None) == rpc and getattr(r, "code", None) == code
+               for r in caplog.records)
+
+
 def stalled(messages, release: threading.Event):
     """``messages``, then silence: the IVR stops sending without closing the stream."""
     yield from messages
     release.wait(60)
 
 
-def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(services, caller):
+def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(services, caller, caplog):
     world = services
     ref, answer = caller
+    caplog.set_level(logging.INFO)
     s = world.start_ivr(ref)
     audio, nonce = answer(s)
     some = list(chunks(audio))[:5]
@@ -146,6 +167,8 @@ def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(servic
     (record,) = after[3]
     assert record["factor"] == "voice" and record["passed"] and record["binding"] == "terminal"
     assert record["via"] == "stream" and record["terminal"] == "ivr-platform"
+    # the caller's faults above (operators page on ERROR) and the normal end: nothing at ERROR
+    assert errors_logged(caplog) == []
     assert world.otp(s, stub=world.ivr).result.passed
     d = world.decide(s, stub=world.ivr)
     assert d.outcome == F.OUTCOME_ALLOW and set(d.amr) >= {"vbm", "sms"}, d
@@ -154,6 +177,61 @@ def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(servic
     s2 = world.start_ivr(ref)
     code, _ = refused(world, [header(s2, nonce), *chunks(audio)])
     assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_an_ivr_that_hangs_up_mid_stream_ends_both_calls_with_nothing_logged_at_error(services, caller, caplog):
+    """The IVR cancels while the voice service hears the stream: the MFA's call and its call to
+    the voice service end CANCELLED, nothing is written, and nothing is logged at ERROR."""
+    world = services
+    ref, answer = caller
+    s = world.start_ivr(ref)
+    audio, nonce = answer(s)
+    before = written(world, s)
+    caplog.set_level(logging.INFO)
+    release = threading.Event()
+    call = world.ivr.StreamVoiceFactor.future(stalled([header(s, nonce), *list(chunks(audio))[:25]], release),
+                                              timeout=120)
+    try:
+        wait_for(lambda: (REGISTRY.get_sample_value("biogate_rpc_in_flight", {"service": "voice"}) or 0) > 0,
+                 "the MFA's stream to the voice service")
+        call.cancel()
+        wait_for(lambda: ended(caplog, "StreamVoiceFactor", "CANCELLED") and ended(caplog, "StreamVerify", "CANCELLED"),
+                 "the end of both calls")
+    finally:
+        release.set()
+    assert errors_logged(caplog) == []
+    assert written(world, s) == before
+
+
+def test_a_fault_of_the_mfa_itself_mid_stream_is_still_logged_at_error(services, caller, caplog, monkeypatch):
+    """Not the caller's doing: INTERNAL to the IVR, one ERROR record (the interceptor's, with the
+    fault), the call to the voice service cancelled rather than ended, so nothing is decided."""
+    from services.mfa import service
+
+    world = services
+    ref, answer = caller
+    s = world.start_ivr(ref)
+    audio, nonce = answer(s)
+    before = written(world, s)
+
+    real = service.stream_chunks
+
+    def faulty(messages, rate, cfg):
+        for n, chunk in enumerate(real(messages, rate, cfg)):
+            if n == 10:
+                raise RuntimeError("a fault of the MFA's own code")
+            yield chunk
+
+    monkeypatch.setattr(service, "stream_chunks", faulty)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(grpc.RpcError) as err:
+        stream(world, [header(s, nonce), *chunks(audio)])
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    wait_for(lambda: ended(caplog, "StreamVerify", "CANCELLED"), "the end of the voice service's call")
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [(r.name, r.getMessage(), r.exc_info[0]) for r in logged] == [
+        ("biogate.rpc", "unhandled error", RuntimeError)], errors_logged(caplog)
+    assert written(world, s) == before
 
 
 def test_a_stream_for_another_tenant_s_session_is_refused_before_anything_is_written(services, caller):
