@@ -300,3 +300,36 @@ def test_the_sdk_streams_the_ivr_s_voice_factor(services, caller):
         r = s.stream_terminal_voice((audio[i:i + 4 * CHUNK] for i in range(0, len(audio), 4 * CHUNK)),
                                     challenge.challenge.nonce)  # 80 ms chunks
         assert r.result.passed and r.result.binding == "terminal", r
+
+
+def test_the_callers_chunks_go_on_to_the_voice_service_in_blocks_of_at_most_the_hold():
+    from services.mfa.factors.voice import held
+
+    audio = bytes(range(256)) * 20  # 640 ms of mu-law
+    parts = [audio[i:i + CHUNK] for i in range(0, len(audio), CHUNK)]
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    def real_time(chunks, step_s: float):
+        for c in chunks:
+            yield c
+            now[0] += step_s
+
+    blocks = list(held(real_time(parts, 0.02), 8000, 0.2, clock))
+    assert [len(b) for b in blocks] == [1600, 1600, 1600, 320] and b"".join(blocks) == audio
+    assert list(held(iter(parts), 8000, 0.0, clock)) == parts  # no hold: each chunk as it came
+    # a caller slower than real time: the block goes on with the first chunk that comes after the
+    # hold, not once it is full
+    assert [len(b) for b in held(real_time(parts[:5], 0.15), 8000, 0.2, clock)] == [480, 320]
+
+    def refused_after(n: int):
+        yield from parts[:n]
+        raise ValueError("the caller's stream broke a limit")
+
+    got = []
+    with pytest.raises(ValueError):
+        for b in held(refused_after(3), 8000, 0.2, clock):
+            got.append(b)
+    assert got == []  # raised at once, the held audio dropped with the stream
