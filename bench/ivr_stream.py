@@ -13,9 +13,11 @@ name; "native" for threads Python did not start: gRPC core's, the inference libr
 for threads that ended during the part, which /proc no longer lists: gRPC's per-call request
 threads).
 
-    .venv/bin/python -m bench.ivr_stream --rounds 6 [--threads]
+    .venv/bin/python -m bench.ivr_stream --rounds 6 [--threads] [--holds 0,0.2]
 
-BIOGATE_MFA__IVR_STREAM__MAX_HOLD_S=0 passes each chunk on as it arrives (no blocks).
+``--holds``: the streamed rounds alternate these mfa.ivr_stream.max_hold_s (the orchestrator's
+settings replaced between rounds; 0 passes each chunk on as it arrives), so that each way is
+measured under the same load: unary, stream with the first, with the second, unary, ...
 """
 
 from __future__ import annotations
@@ -73,24 +75,37 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", action="store_true", help="also the CPU of the whole factor by thread group")
+    ap.add_argument("--holds", default="", help="comma-separated mfa.ivr_stream.max_hold_s the stream rounds alternate")
     args = ap.parse_args(argv)
+    holds = [float(h) for h in args.holds.split(",") if h]
+    ways = ["unary"] + ([f"stream {h:g}" for h in holds] or ["stream"])
     principals = [
         {"name": "bank-backend", "roles": list(ROLES), "token_sha256": token_sha256(BANK_TOKEN)},
         {"name": "ivr-platform", "roles": ["orchestrator"], "token_sha256": token_sha256(IVR_TOKEN),
          "terminal": {"channel": "ivr"}}]
-    times: dict[str, list[tuple[float, float, float]]] = {"unary": [], "stream": []}
-    groups: dict[str, dict[str, list[float]]] = {"unary": defaultdict(list), "stream": defaultdict(list)}
+    times: dict[str, list[tuple[float, float, float]]] = {way: [] for way in ways}
+    groups: dict[str, dict[str, list[float]]] = {way: defaultdict(list) for way in ways}
     with tempfile.TemporaryDirectory() as tmp, running_services(Path(tmp), principals, BANK_TOKEN) as (bio, mfa):
         world = World(bio, mfa, TENANT, ivr_token=IVR_TOKEN)
-        print(f"mfa.ivr_stream.max_hold_s {mfa.running['mfa'].definition.service.settings.mfa.ivr_stream.max_hold_s:g}; "
+        orchestrator = mfa.running["mfa"].definition.service
+        settings = orchestrator.settings
+        print(f"mfa.ivr_stream.max_hold_s {settings.mfa.ivr_stream.max_hold_s:g}; "
               f"load average {Path('/proc/loadavg').read_text().strip()}", flush=True)
         ref = world.enrol("bench-caller", utterances=spoken_digits.enrolment(SPEAKER), phone="+8613900000501")
-        for n in range(2 * args.rounds):
-            way = "unary" if n % 2 == 0 else "stream"
-            s = world.start_ivr(ref)
-            challenge = world.voice_challenge(s, world.ivr)
-            audio = spoken_digits.heard_answer(world.voice_engine, challenge.digits, SPEAKER, random.Random(n),
-                                               subject=(ref.tenant_id, ref.subject_id), telephone=True)
+        for n in range(len(ways) * args.rounds):
+            way = ways[n % len(ways)]
+            if holds and way != "unary":
+                ivr = settings.mfa.ivr_stream.model_copy(update={"max_hold_s": float(way.split()[1])})
+                orchestrator.settings = settings.model_copy(
+                    update={"mfa": settings.mfa.model_copy(update={"ivr_stream": ivr})})
+            for attempt in range(5):  # a new challenge where no combination of takes was heard as its digits
+                s = world.start_ivr(ref)
+                challenge = world.voice_challenge(s, world.ivr)
+                audio = spoken_digits.heard_answer(world.voice_engine, challenge.digits, SPEAKER,
+                                                   random.Random(100 * n + attempt),
+                                                   subject=(ref.tenant_id, ref.subject_id), telephone=True)
+                if audio is not None:
+                    break
             assert audio is not None
             nonce = challenge.challenge.nonce
             threads_before = thread_cpu() if args.threads else {}
@@ -111,7 +126,7 @@ def main(argv=None) -> int:
                     groups[way][g].append(v)
             assert r.result.passed, r
             times[way].append((after - last, after_cpu - last_cpu, after_cpu - cpu))
-            print(f"{way:6s} audio {len(audio) / 8000:.2f} s  after last audio {1000 * (after - last):7.1f} ms  "
+            print(f"{way:10s} audio {len(audio) / 8000:.2f} s  after last audio {1000 * (after - last):7.1f} ms  "
                   f"CPU after last audio {1000 * (after_cpu - last_cpu):7.1f} ms  CPU in all {1000 * (after_cpu - cpu):7.1f} ms",
                   flush=True)
         world.close()
