@@ -168,8 +168,15 @@ class BiometricClient:
                 raise ServiceUnavailable(self.service, "circuit open")
             if deadline <= 0.05:
                 raise ServiceUnavailable(self.service, "no time left within the deadline")
+            call = None
             try:
-                reply = getattr(self._stub, method)(iter(source), timeout=deadline)
+                call = getattr(self._stub, method).future(iter(source), timeout=deadline)
+            finally:
+                source.started(call)
+            try:
+                reply = call.result()
+            except grpc.FutureCancelledError:  # only _Source cancels the call, once it kept its error
+                raise source.error or ServiceUnavailable(self.service, "stream cancelled") from None
             except grpc.RpcError as err:
                 if source.error is not None:
                     raise source.error from None
@@ -238,12 +245,22 @@ class BiometricClient:
 
 
 class _Source:
-    """A client stream's requests; keeps the exception producing them raised (grpc logs it and
-    cancels the call as UNKNOWN, which is not the service's failure)."""
+    """A client stream's requests. When producing them fails (mostly the MFA's own caller: a stream
+    over its limits, stalled or cancelled) the exception is kept for stream() to raise in the
+    handler, where the interceptor answers a refusal and logs a real fault at ERROR, and the call is
+    cancelled here. Raised into grpc's request thread instead, every refusal was logged there at
+    ERROR ("Exception iterating requests!"); and the iterator may not just end, which would
+    half-close the call and have the service decide on part of the audio."""
 
     def __init__(self, first: Any, rest: Iterator[Any]) -> None:
         self.first, self.rest = first, rest
         self.error: BaseException | None = None
+        self._call: grpc.Future | None = None
+        self._started = threading.Event()
+
+    def started(self, call: grpc.Future | None) -> None:
+        self._call = call
+        self._started.set()
 
     def __iter__(self) -> Iterator[Any]:
         yield self.first
@@ -251,7 +268,9 @@ class _Source:
             yield from self.rest
         except Exception as exc:  # not GeneratorExit: grpc dropping a stream it no longer needs is no failure
             self.error = exc
-            raise
+            self._started.wait()  # grpc may read on before future() has returned the call
+            if self._call is not None:
+                self._call.cancel()  # before the iterator ends: grpc then sends no half-close
 
 
 # The RPC each start-up check makes: one the orchestrator role is allowed, with an empty request.

@@ -110,6 +110,10 @@ class IvrStreamConfig(Section):
     max_chunk_s: float = Field(0.1, gt=0, le=1.0)  # one chunk's audio (20-100 ms is usual)
     # the whole stream's audio; spoken in real time it must end within server.rpc_timeout_s (30 s)
     max_audio_s: float = Field(20.0, gt=0, le=120.0)
+    # The caller's chunks go on to the voice service in blocks of this much audio: every message
+    # costs CPU in gRPC and in the voice service's stream reader and conditioner, whatever its size
+    # (bench/RESULTS.md). Also how long a real-time caller's chunk waits in the MFA; 0: no blocks.
+    max_hold_s: float = Field(0.2, ge=0, le=1.0)
 
 
 class MfaConfig(Section):

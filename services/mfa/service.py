@@ -24,7 +24,7 @@ from . import devices, metrics, requests
 from .binding import payee_object
 from .clients import BiometricClient, ServiceUnavailable, open_clients
 from .factors import BY_EVIDENCE, FACTORS, FactorContext
-from .factors.voice import StreamedVoice, stream_byte_rate, stream_chunks
+from .factors.voice import StreamedVoice, held, stream_byte_rate, stream_chunks
 from .fusion import Decision, FactorOutcome, decide, make_plan
 from .keys import derive, keyed_hash
 from .lockout import Lockouts
@@ -290,7 +290,8 @@ class Orchestrator:
     def submit_voice_stream(self, messages: Iterable, budget: float | None = None) -> mfa_pb2.SubmitFactorResponse:
         """StreamVoiceFactor: the voice factor of submit() with the audio streamed. The header is
         checked as VoiceEvidence is; the chunks are read (within mfa.ivr_stream's limits) while the
-        voice service hears them, so a stream refused midway has written nothing."""
+        voice service hears them, joined into blocks of up to mfa.ivr_stream.max_hold_s, so a stream
+        refused midway has written nothing."""
         stream = iter(messages)
         first = next(stream, None)
         if first is None or first.WhichOneof("part") != "header":
@@ -304,7 +305,8 @@ class Orchestrator:
         header = mfa_pb2.VoiceEvidence(audio=common_pb2.Audio(format=h.format), challenge_nonce=h.challenge_nonce)
         if h.HasField("binding"):
             header.binding.CopyFrom(h.binding)
-        evidence = StreamedVoice(header, stream_chunks(stream, rate, self.settings.mfa.ivr_stream))
+        cfg = self.settings.mfa.ivr_stream
+        evidence = StreamedVoice(header, held(stream_chunks(stream, rate, cfg), rate, cfg.max_hold_s))
         return self.submit_evidence(session, "voice", evidence, now, budget)[0]
 
     def submit_evidence(self, session: Session, name: str, evidence: Any, now: datetime,

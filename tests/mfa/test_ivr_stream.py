@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import threading
 import time
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.errors import details_of
@@ -96,15 +98,38 @@ def caller(services):
     return ref, answer
 
 
+def errors_logged(caplog) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def wait_for(condition, what: str, limit_s: float = 60) -> None:
+    """Polls ``condition`` until it holds; fails (it does not time anything) after ``limit_s``."""
+    end = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < end, f"{what} did not happen within {limit_s} s"
+        time.sleep(0.02)
+
+
+def voice_in_flight() -> float:
+    return REGISTRY.get_sample_value("biogate_rpc_in_flight", {"service": "voice"}) or 0
+
+
+def ended(caplog, rpc: str) -> str | None:
+    """The code ``rpc``'s end was logged with by the interceptor (its last act on the call)."""
+    codes = [getattr(r, "code", None) for r in caplog.records if r.getMessage() == "rpc" and getattr(r, "rpc", None) == rpc]
+    return codes[-1] if codes else None
+
+
 def stalled(messages, release: threading.Event):
     """``messages``, then silence: the IVR stops sending without closing the stream."""
     yield from messages
     release.wait(60)
 
 
-def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(services, caller):
+def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(services, caller, caplog):
     world = services
     ref, answer = caller
+    caplog.set_level(logging.INFO)
     s = world.start_ivr(ref)
     audio, nonce = answer(s)
     some = list(chunks(audio))[:5]
@@ -146,6 +171,8 @@ def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(servic
     (record,) = after[3]
     assert record["factor"] == "voice" and record["passed"] and record["binding"] == "terminal"
     assert record["via"] == "stream" and record["terminal"] == "ivr-platform"
+    # the caller's faults above (operators page on ERROR) and the normal end: nothing at ERROR
+    assert errors_logged(caplog) == []
     assert world.otp(s, stub=world.ivr).result.passed
     d = world.decide(s, stub=world.ivr)
     assert d.outcome == F.OUTCOME_ALLOW and set(d.amr) >= {"vbm", "sms"}, d
@@ -154,6 +181,63 @@ def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(servic
     s2 = world.start_ivr(ref)
     code, _ = refused(world, [header(s2, nonce), *chunks(audio)])
     assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_an_ivr_that_hangs_up_mid_stream_ends_both_calls_with_nothing_logged_at_error(services, caller, caplog):
+    """The IVR cancels while the voice service hears the stream: the MFA's call and its call to
+    the voice service end, nothing is written, and nothing is logged at ERROR."""
+    world = services
+    ref, answer = caller
+    s = world.start_ivr(ref)
+    audio, nonce = answer(s)
+    before = written(world, s)
+    caplog.set_level(logging.INFO)
+    wait_for(lambda: voice_in_flight() == 0, "the end of the earlier tests' calls to the voice service")
+    release = threading.Event()
+    call = world.ivr.StreamVoiceFactor.future(stalled([header(s, nonce), *list(chunks(audio))[:25]], release),
+                                              timeout=120)
+    try:
+        wait_for(lambda: voice_in_flight() > 0, "the MFA's stream to the voice service")
+        call.cancel()
+        wait_for(lambda: ended(caplog, "StreamVoiceFactor") and ended(caplog, "StreamVerify"), "the end of both calls")
+    finally:
+        release.set()
+    assert errors_logged(caplog) == []
+    # CANCELLED; or, where grpc's server sees the hang-up as the end of the stream (its pending read
+    # completes before the cancellation does), the voice service's refusal of the 0.5 s heard
+    assert ended(caplog, "StreamVoiceFactor") in ("CANCELLED", "FAILED_PRECONDITION")
+    assert written(world, s) == before
+
+
+def test_a_fault_of_the_mfa_itself_mid_stream_is_still_logged_at_error(services, caller, caplog, monkeypatch):
+    """Not the caller's doing: INTERNAL to the IVR, one ERROR record (the interceptor's, with the
+    fault), the call to the voice service cancelled, nothing written."""
+    from services.mfa import service
+
+    world = services
+    ref, answer = caller
+    s = world.start_ivr(ref)
+    audio, nonce = answer(s)
+    before = written(world, s)
+
+    real = service.stream_chunks
+
+    def faulty(messages, rate, cfg):
+        for n, chunk in enumerate(real(messages, rate, cfg)):
+            if n == 10:
+                raise RuntimeError("a fault of the MFA's own code")
+            yield chunk
+
+    monkeypatch.setattr(service, "stream_chunks", faulty)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(grpc.RpcError) as err:
+        stream(world, [header(s, nonce), *chunks(audio)])
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    wait_for(lambda: ended(caplog, "StreamVerify"), "the end of the voice service's call")
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [(r.name, r.getMessage(), r.exc_info[0]) for r in logged] == [
+        ("biogate.rpc", "unhandled error", RuntimeError)], errors_logged(caplog)
+    assert written(world, s) == before
 
 
 def test_a_stream_for_another_tenant_s_session_is_refused_before_anything_is_written(services, caller):
@@ -216,3 +300,36 @@ def test_the_sdk_streams_the_ivr_s_voice_factor(services, caller):
         r = s.stream_terminal_voice((audio[i:i + 4 * CHUNK] for i in range(0, len(audio), 4 * CHUNK)),
                                     challenge.challenge.nonce)  # 80 ms chunks
         assert r.result.passed and r.result.binding == "terminal", r
+
+
+def test_the_callers_chunks_go_on_to_the_voice_service_in_blocks_of_at_most_the_hold():
+    from services.mfa.factors.voice import held
+
+    audio = bytes(range(256)) * 20  # 640 ms of mu-law
+    parts = [audio[i:i + CHUNK] for i in range(0, len(audio), CHUNK)]
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    def real_time(chunks, step_s: float):
+        for c in chunks:
+            yield c
+            now[0] += step_s
+
+    blocks = list(held(real_time(parts, 0.02), 8000, 0.2, clock))
+    assert [len(b) for b in blocks] == [1600, 1600, 1600, 320] and b"".join(blocks) == audio
+    assert list(held(iter(parts), 8000, 0.0, clock)) == parts  # no hold: each chunk as it came
+    # a caller slower than real time: the block goes on with the first chunk that comes after the
+    # hold, not once it is full
+    assert [len(b) for b in held(real_time(parts[:5], 0.15), 8000, 0.2, clock)] == [480, 320]
+
+    def refused_after(n: int):
+        yield from parts[:n]
+        raise ValueError("the caller's stream broke a limit")
+
+    got = []
+    with pytest.raises(ValueError):
+        for b in held(refused_after(3), 8000, 0.2, clock):
+            got.append(b)
+    assert got == []  # raised at once, the held audio dropped with the stream

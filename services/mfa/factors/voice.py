@@ -5,11 +5,13 @@ veto.
 
 The IVR may stream the utterance instead (MfaService.StreamVoiceFactor): the evidence is then a
 :class:`StreamedVoice`, the same checks run on its header, and check() passes the chunks on to
-VoiceService.StreamVerify as they arrive instead of calling Verify with the whole recording."""
+VoiceService.StreamVerify as they arrive (joined into blocks of up to mfa.ivr_stream.max_hold_s)
+instead of calling Verify with the whole recording."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from services.common import errors
@@ -70,6 +72,27 @@ def stream_chunks(messages: Iterable, byte_rate: int, cfg: IvrStreamConfig) -> I
                 f"the stream carried more than {cfg.max_audio_s:g} s of audio ({max_total} bytes): end the stream "
                 "once the digits are spoken", "STREAM_TOO_LONG", chunk=f"at most {max_total} bytes in all")
         yield msg.chunk
+
+
+def held(chunks: Iterable[bytes], byte_rate: int, max_hold_s: float,
+         clock: Callable[[], float] = time.monotonic) -> Iterator[bytes]:
+    """``chunks`` joined into blocks for the voice service: a block goes on once it holds
+    ``max_hold_s`` of audio, or with the first chunk that arrives ``max_hold_s`` or more after the
+    block's first one (a caller slower than real time), and at the end of the stream. An error of
+    ``chunks`` is raised at once (the held audio is dropped with the stream)."""
+    block = byte_rate * max_hold_s
+    parts: list[bytes] = []
+    size, since = 0, 0.0
+    for chunk in chunks:
+        if not parts:
+            since = clock()
+        parts.append(chunk)
+        size += len(chunk)
+        if size >= block or clock() - since >= max_hold_s:
+            yield b"".join(parts)
+            parts, size = [], 0
+    if parts:
+        yield b"".join(parts)
 
 
 class VoiceFactor(BiometricFactor):

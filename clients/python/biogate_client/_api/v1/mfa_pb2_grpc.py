@@ -184,12 +184,13 @@ class MfaServiceServicer:
     def StreamVoiceFactor(self, request_iterator, context):
         """IVR: the caller's voice factor streamed as it is spoken, for a registered terminal of the ivr
         channel. The first message is the header (session, challenge nonce, raw audio format, terminal
-        binding), the following ones audio chunks of at most 100 ms; each chunk is passed on to the
-        voice service as it arrives. Checks, policy, lockout, audit and answer are SubmitFactor's with
-        VoiceEvidence. Refused before anything is written: a first message that is no header, or
-        another header (INVALID_ARGUMENT HEADER_REQUIRED, UNEXPECTED_HEADER), a chunk over 100 ms or
-        empty (CHUNK_SIZE), more audio than mfa.ivr_stream.max_audio_s (20 s; STREAM_TOO_LONG), a
-        pause between messages over mfa.ivr_stream.idle_timeout_s (2 s; DEADLINE_EXCEEDED STREAM_IDLE).
+        binding), the following ones audio chunks of at most 100 ms, passed on to the voice service as
+        they arrive in blocks of mfa.ivr_stream.max_hold_s (200 ms) of audio. Checks, policy, lockout,
+        audit and answer are SubmitFactor's with VoiceEvidence. Refused before anything is written: a
+        first message that is no header, or another header (INVALID_ARGUMENT HEADER_REQUIRED,
+        UNEXPECTED_HEADER), a chunk over 100 ms or empty (CHUNK_SIZE), more audio than
+        mfa.ivr_stream.max_audio_s (20 s; STREAM_TOO_LONG), a pause between messages over
+        mfa.ivr_stream.idle_timeout_s (2 s; DEADLINE_EXCEEDED STREAM_IDLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
