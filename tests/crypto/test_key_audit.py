@@ -293,3 +293,24 @@ def test_the_key_operations_log_refuses_a_subject(settings):
         assert list(storage.audit.iter_records()) == []
     finally:
         storage.close()
+
+
+def test_the_mfa_audits_a_token_key_it_rotates_to(deployment, backend):
+    """A decision-token key made while the MFA runs (rotation) is audited like the first one: the
+    attempt, then the key id it got, as service:mfa; the trail verifies."""
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+
+    settings = load_config(str(deployment))
+    rt = Runtime.open(settings, "mfa")
+    try:
+        orchestrator = Orchestrator(rt, clients={})
+        started = len(list(rt.storage.audit.iter_records()))
+        new_kid = orchestrator.signing.rotate()
+        orchestrator.close()
+    finally:
+        rt.close()
+    rows = trail(settings)[started:]
+    planned = {"key": "mfa-token-signing", "algorithm": "EdDSA", "purpose": "rotate", "backend": backend_name(backend)}
+    assert [(e, d) for e, _, d in rows] == [("keys.adding", planned), ("keys.added", {**planned, "key_id": new_kid})]
+    assert_no_key_material(settings, rows, actor="service:mfa")
