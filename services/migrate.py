@@ -15,8 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from services.commands.keys import ensure_keyring
+    from services.commands.keys import cli_actor
     from services.common.crypto.backend import open_audit_signer
+    from services.common.crypto.provision import ensure_keys, operations_audit
     from services.common.storage import open_storage
     from services.mfa import storage as mfa_storage
     from services.mfa.tokens import SigningKeys
@@ -28,13 +29,12 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
             part.attach(storage)
         with storage.db.read() as s:
             rows = s.all("SELECT part, max(version) FROM schema_versions GROUP BY part ORDER BY part")
-        keyring, _ = ensure_keyring(settings, storage)  # a first KEK is audited like `keys init`'s
+        keyring, _ = ensure_keys(settings, storage, cli_actor())  # each key made is audited
+        SigningKeys.from_settings(settings, audit=operations_audit(settings, storage, cli_actor()))
     finally:
         storage.close()
     version = ", ".join(f"{part} v{v}" for part, v in rows)
-    keyring.pseudonym_key()
-    signer = open_audit_signer(settings)
-    SigningKeys.from_settings(settings)
+    signer = open_audit_signer(settings, create=False)
     print(f"biogate migrate: {storage.dialect} schema {version}; keys ({settings.keys.backend} backend): "
           f"primary KEK {keyring.primary_key_id()}, audit key {signer.key_id}")
     return 0

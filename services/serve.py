@@ -87,7 +87,7 @@ def prepare(settings: Settings) -> None:
     from services.common.runtime import Runtime
 
     private_dir(settings.data_dir)
-    Runtime.open(settings).close()
+    Runtime.open(settings, "serve").close()
 
 
 def health_status(target: str, timeout: float = 1.0) -> str:

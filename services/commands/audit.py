@@ -11,6 +11,7 @@ from services.common.audit.anchor import DirectoryStore, anchor, anchored
 from services.common.audit.signing import load_public_key, public_key_pem
 from services.common.audit.verify import verify
 from services.common.crypto.backend import open_audit_signer
+from services.common.crypto.errors import NoKeyError
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -89,7 +90,11 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_export_public_key(settings: Settings, args: argparse.Namespace) -> int:
-    pem = public_key_pem(open_audit_signer(settings).public_key)
+    try:  # never made here: a key's creation is audited (`biogate migrate` or the first start makes it)
+        pem = public_key_pem(open_audit_signer(settings, create=False).public_key)
+    except NoKeyError as exc:
+        print(f"no audit signing key: {exc}", file=sys.stderr)
+        return 2
     out = getattr(args, "out", None)
     if out:
         Path(out).write_bytes(pem)

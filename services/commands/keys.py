@@ -8,19 +8,12 @@ import argparse
 import getpass
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from services.common.crypto.errors import KeyInUseError, KeyringError, NoKeyringError, UnknownKeyError
+from services.common.crypto.errors import KeyInUseError, KeyringError, UnknownKeyError
 from services.common.crypto.keyring import Keyring, keyring_backend, open_keyring
-from services.common.crypto.rotation import (
-    KeyAudit,
-    RewrapReport,
-    create_keyring,
-    key_usage,
-    retire,
-    rewrap_all,
-    rotate,
-)
+from services.common.crypto.provision import KeyAudit, ensure_keys, operations_audit
+from services.common.crypto.rotation import RewrapReport, key_usage, retire, rewrap_all, rotate
 
 if TYPE_CHECKING:
     from services.common.config import CommonSettings
@@ -58,34 +51,20 @@ def _storage(settings: Settings) -> Storage:
     return open_storage(settings.storage_dsn, settings.storage)
 
 
+def cli_actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
 def key_audit(settings: CommonSettings, storage: Storage) -> KeyAudit:
-    """A function writing one key-operation audit record (opened before the operation starts, so
-    the operation can call it inside its lock and transaction, and before the keyring exists)."""
-    from services.common.audit import AuditLog
-
-    log = AuditLog.for_operations(settings, storage)
-    actor = f"cli:{getpass.getuser()}"
-    backend = keyring_backend(settings)
-
-    def audit(event: str, details: dict[str, Any]) -> None:
-        log.append(event, actor=actor, tenant_id=None, details={**details, "backend": backend})
-
-    return audit
-
-
-def ensure_keyring(settings: CommonSettings, storage: Storage) -> tuple[Keyring, bool]:
-    """The configured keyring, created (audited: ``keys.adding``, ``keys.added``) if there is
-    none; -> (keyring, created)."""
-    try:
-        return open_keyring(settings, create=False), False
-    except NoKeyringError:
-        return create_keyring(settings, key_audit(settings, storage)), True
+    """A function writing one key-operation audit record as the CLI's user (opened before the
+    operation starts, so the operation can call it inside its lock and transaction)."""
+    return operations_audit(settings, storage, cli_actor())
 
 
 def cmd_init(settings: Settings, args: argparse.Namespace) -> int:
     storage = _storage(settings)
     try:
-        keyring, created = ensure_keyring(settings, storage)
+        keyring, created = ensure_keys(settings, storage, cli_actor())
     except KeyringError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from services.common.audit import AuditLog
 from services.common.config import CommonSettings
-from services.common.crypto import EnvelopeCrypto, Keyring, open_keyring
+from services.common.crypto import EnvelopeCrypto, Keyring
+from services.common.crypto.provision import KeyAudit, ensure_keys, key_audit
 from services.common.files import private_dir
 from services.common.models import ModelStore
 from services.common.privacy import Pseudonymizer
@@ -23,14 +24,21 @@ class Runtime:
     audit: AuditLog
     pseudonymize: Pseudonymizer
     models: ModelStore
+    actor: str  # "service:<name>": who the audit trail says made a key this process made
 
     @classmethod
-    def open(cls, settings: CommonSettings) -> "Runtime":
+    def open(cls, settings: CommonSettings, name: str = "biogate") -> "Runtime":
+        """``name``: the service (face, voice, mfa), named as the actor of the keys a first start makes."""
         private_dir(settings.data_dir)
         if settings.auth.dev_credentials and not settings.auth.principals:
             ensure_dev_credentials(settings)
         storage = open_storage(settings.storage_dsn, settings.storage)
-        keyring = open_keyring(settings)
+        actor = f"service:{name}"
+        try:
+            keyring, _ = ensure_keys(settings, storage, actor)  # a first start makes the keys, audited
+        except BaseException:
+            storage.close()
+            raise
         return cls(
             settings=settings,
             storage=storage,
@@ -39,7 +47,12 @@ class Runtime:
             audit=AuditLog.from_settings(settings, storage, keyring),
             pseudonymize=Pseudonymizer(keyring.pseudonym_key()),
             models=ModelStore(settings),
+            actor=actor,
         )
+
+    def key_audit(self) -> KeyAudit:
+        """Writes the records of a key this process makes while it runs (the MFA's token keys)."""
+        return key_audit(self.audit, self.settings, self.actor)
 
     def close(self) -> None:
         self.storage.close()

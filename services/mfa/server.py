@@ -104,7 +104,7 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
 
 
 def definition(settings: MfaSettings, clock: Callable[[], datetime] | None = None) -> ServiceDefinition:
-    rt = Runtime.open(settings)
+    rt = Runtime.open(settings, "mfa")
     orchestrator = Orchestrator(rt, clock=clock)
     try:
         check_credentials(orchestrator.clients)  # refuse to start with credentials face/voice refuse

@@ -93,7 +93,8 @@ class Orchestrator:
         self.outbox = WebhookOutbox(self.store, cfg.reviews.webhook, self.clock)
         self.reviews = ReviewQueue(self.store, rt.audit, self.sessions, self._sign, cfg.reviews, cfg.session_ttl_s,
                                    self.outbox, self.clock)
-        self.signing = SigningKeys.from_settings(settings, clock=lambda: self.clock().timestamp())
+        self.signing = SigningKeys.from_settings(settings, clock=lambda: self.clock().timestamp(),
+                                                 audit=rt.key_audit())
         self.tokens = TokenIssuer(self.signing, cfg.issuer, cfg.token_ttl_s)
         master = rt.keyring.pseudonym_key()
         self._device_key = derive(master, "device-fingerprint")

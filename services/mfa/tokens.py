@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import jwt
 
+from services.common.crypto.provision import KeyAudit, audited
 from services.common.crypto.signing import FileKeyVault, Signer, SigningKeyVault, b64url, public_jwk
 
 if TYPE_CHECKING:
@@ -48,36 +49,46 @@ class SigningKeys:
     """The rotating set of decision-token keys in a vault (a JSON file, or a PKCS#11 token)."""
 
     def __init__(self, vault: SigningKeyVault | Path, token_ttl_s: int, max_age_s: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, audit: KeyAudit | None = None) -> None:
         self.vault = FileKeyVault(vault) if isinstance(vault, Path) else vault
         self.token_ttl_s, self.max_age_s, self.clock = token_ttl_s, max_age_s, clock
+        self.audit = audit  # every key made is audited through it (None: a test's own vault)
         self._lock = threading.Lock()
         if not self.vault.entries():
             self.rotate()
 
     @classmethod
-    def from_settings(cls, settings: MfaSettings, clock: Callable[[], float] = time.time) -> SigningKeys:
+    def from_settings(cls, settings: MfaSettings, clock: Callable[[], float] = time.time,
+                      audit: KeyAudit | None = None) -> SigningKeys:
         from services.common.crypto.backend import open_token_vault
 
         cfg = settings.mfa
         keys_file = cfg.signing_keys_file or settings.data_dir / "keys" / "mfa-token-keys.json"
-        return cls(open_token_vault(settings, keys_file), cfg.token_ttl_s, cfg.signing_key_max_age_s, clock)
+        return cls(open_token_vault(settings, keys_file), cfg.token_ttl_s, cfg.signing_key_max_age_s, clock, audit)
 
     def _expired(self, entry: dict[str, Any], now: float) -> bool:
         return entry.get("retired") is not None and now - entry["retired"] > self.token_ttl_s + LEEWAY_S
 
     def rotate(self) -> str:
-        """A new signing key; the previous one only verifies from now on."""
+        """A new signing key; the previous one only verifies from now on. Audited: ``keys.adding``
+        before it is generated (its id derives from its public key, so ``keys.added`` names it)."""
         with self._lock, self.vault.exclusive():
             now = self.clock()
+            entries = self.vault.entries()
             keep: list[dict[str, Any]] = []
             drop: list[dict[str, Any]] = []
-            for k in self.vault.entries():
+            for k in entries:
                 if k.get("retired") is None:
                     k = {**k, "retired": now}
                 (drop if self._expired(k, now) else keep).append(k)
-            new = {**self.vault.generate(), "created": now, "retired": None}
-            self.vault.save([*keep, new])
+
+            def create() -> dict[str, Any]:
+                new = {**self.vault.generate(), "created": now, "retired": None}
+                self.vault.save([*keep, new])
+                return new
+
+            planned = {"key": "mfa-token-signing", "algorithm": "EdDSA", "purpose": "rotate" if entries else "init"}
+            new = audited(self.audit, [planned], create, lambda n: [{**planned, "key_id": n["kid"]}])
             for k in drop:
                 self.vault.destroy(k)
             return new["kid"]

@@ -8,7 +8,15 @@ from services.common.audit import AuditLog
 from services.commands import audit as audit_cli
 from services.settings import load_config
 from services.common.crypto import open_keyring
+from services.common.crypto.backend import open_audit_signer
 from services.common.storage import open_storage
+
+
+def _log(settings, storage) -> AuditLog:
+    """The keys made directly, unaudited: this file checks the chain and the commands over it, and
+    counts its records; tests/crypto/test_key_audit.py checks that the services audit key creation."""
+    open_audit_signer(settings)
+    return AuditLog.from_settings(settings, storage, open_keyring(settings))
 
 
 def _run(settings, argv) -> int:
@@ -29,11 +37,13 @@ def test_verify_export_and_tamper(cli_settings, attacker, tmp_path, capsys):
     assert "no public key" in capsys.readouterr().err
 
     pub = tmp_path / "audit.pub.pem"
-    assert _run(settings, ["audit", "export-public-key", "--out", str(pub)]) == 0
-    assert pub.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert _run(settings, ["audit", "export-public-key", "--out", str(pub)]) == 2  # it makes no key
+    assert "no audit signing key" in capsys.readouterr().err and not pub.exists()
 
     storage = open_storage(settings.storage_dsn)
-    log = AuditLog.from_settings(settings, storage, open_keyring(settings))
+    log = _log(settings, storage)
+    assert _run(settings, ["audit", "export-public-key", "--out", str(pub)]) == 0
+    assert pub.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
     for i in range(7):
         log.append("face.verify", "svc", "bank-a", f"cust-{i}", {"decision": "accept"})
 
@@ -70,7 +80,7 @@ def _enrolled_subject(settings, storage, log) -> None:
 def test_a_wiped_trail_fails_while_audited_data_remains(cli_settings, attacker, capsys):
     settings = cli_settings
     storage = open_storage(settings.storage_dsn)
-    log = AuditLog.from_settings(settings, storage, open_keyring(settings))
+    log = _log(settings, storage)
     assert _run(settings, ["audit", "verify"]) == 0  # a new database: nothing written, nothing to audit
     _enrolled_subject(settings, storage, log)
     assert _run(settings, ["audit", "verify"]) == 0
@@ -92,7 +102,7 @@ def test_anchors_are_write_once_and_expose_a_rollback_to_an_old_head_and_a_wipe(
 
     settings = cli_settings  # a checkpoint every 3 records
     storage = open_storage(settings.storage_dsn)
-    log = AuditLog.from_settings(settings, storage, open_keyring(settings))
+    log = _log(settings, storage)
     for i in range(7):
         log.append("face.verify", "svc", "bank-a", f"cust-{i}", {"decision": "accept"})
     old_head = storage.audit.head()

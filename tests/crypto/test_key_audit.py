@@ -25,9 +25,9 @@ from services.common.storage import TemplateRecord, open_storage
 from services.settings import load_config
 from tests.crypto.conftest import Pinned
 
-# Everything a key record may say: ids, ciphers, counts, outcomes, error class names.
-KEY_DETAILS = {"key_id", "cipher", "purpose", "backend", "outcome", "templates_rewrapped", "phones_rewrapped",
-               "failures", "error"}
+# Everything a key record may say: kinds, ids, ciphers and algorithms, counts, outcomes, error class names.
+KEY_DETAILS = {"key", "key_id", "cipher", "algorithm", "purpose", "backend", "outcome", "templates_rewrapped",
+               "phones_rewrapped", "failures", "error"}
 
 
 @pytest.fixture
@@ -67,9 +67,9 @@ def events(settings) -> list[tuple[str, dict]]:
     return [(event, details) for event, _, details in trail(settings)]
 
 
-def assert_no_key_material(settings, rows) -> None:
-    for event, actor, details in rows:
-        assert event.startswith("keys.") and actor.startswith("cli:"), (event, actor)
+def assert_no_key_material(settings, rows, actor: str = "cli:") -> None:
+    for event, who, details in rows:
+        assert event.startswith("keys.") and who.startswith(actor), (event, who)
         assert set(details) <= KEY_DETAILS, details
     path = settings.keyring_file
     if path.exists():  # the file backend: no key or pseudonym key in any encoding in the trail
@@ -100,6 +100,26 @@ def backend_name(backend) -> str:
     return "file" if backend.kind == "file" else "pkcs11"
 
 
+def first_keys(settings, backend, primary: str | None = None) -> list[tuple[str, dict]]:
+    """The records of a first start, `keys init` or `migrate` on an empty key store, in their order:
+    the audit signing key (made first; its record is the first it signs), then the first KEK, and
+    the pseudonym key (the file keyring's in the same write as the KEK; the token's an object of
+    its own). ``primary``: the first KEK, when a rotation has made another since."""
+    name = backend_name(backend)
+    signer = open_audit_signer(settings, create=False)
+    keyring = open_keyring(settings, create=False)
+    kek = {"key": "kek", "key_id": primary or keyring.primary_key_id(), "cipher": settings.keys.cipher, "purpose": "init",
+           "backend": name}
+    rows = [("keys.added", {"key": "audit-signing", "key_id": signer.key_id, "algorithm": "EdDSA", "purpose": "init",
+                            "backend": name})]
+    if backend.kind == "file":
+        pseudonym = {"key": "pseudonym", "purpose": "init", "backend": name}
+        return rows + [("keys.adding", kek), ("keys.adding", pseudonym), ("keys.added", kek), ("keys.added", pseudonym)]
+    pseudonym = {"key": "pseudonym", "key_id": keyring.pseudonym_key_id(), "algorithm": "HMAC-SHA256",
+                 "purpose": "init", "backend": name}
+    return rows + [("keys.adding", kek), ("keys.added", kek), ("keys.adding", pseudonym), ("keys.added", pseudonym)]
+
+
 def test_keys_init_audits_the_first_key_and_only_when_it_makes_one(deployment, backend, capsys):
     settings = load_config(str(deployment))
     assert keys(deployment, "init") == 0
@@ -109,11 +129,8 @@ def test_keys_init_audits_the_first_key_and_only_when_it_makes_one(deployment, b
     assert keys(deployment, "init") == 0  # the keyring exists: no key made, nothing to audit
     assert "exists" in capsys.readouterr().out
     rows = trail(settings)
-    detail = {"key_id": primary.key_id, "purpose": "init", "backend": backend_name(backend)}
-    assert [(event, details) for event, _, details in rows] == [
-        ("keys.adding", {**detail, "cipher": settings.keys.cipher}),
-        ("keys.added", {**detail, "cipher": primary.cipher}),
-    ]
+    assert primary.cipher == settings.keys.cipher
+    assert [(event, details) for event, _, details in rows] == first_keys(settings, backend)
     assert_no_key_material(settings, rows)
 
 
@@ -143,12 +160,13 @@ def test_a_rotation_killed_mid_way_has_audited_its_new_key_first(deployment, bac
         assert new != old and key_usage(storage) == {new: 2, old: 4}  # the first batch moved, then it died
     finally:
         storage.close()
-    detail = {"key_id": new, "purpose": "rotate", "backend": backend_name(backend)}
-    assert events(settings)[2:] == [("keys.adding", {**detail, "cipher": settings.keys.cipher}),
-                                    ("keys.added", {**detail, "cipher": settings.keys.cipher})]
+    detail = {"key": "kek", "key_id": new, "purpose": "rotate", "backend": backend_name(backend)}
+    started = len(first_keys(settings, backend))
+    assert events(settings)[started:] == [("keys.adding", {**detail, "cipher": settings.keys.cipher}),
+                                          ("keys.added", {**detail, "cipher": settings.keys.cipher})]
     # The next rotation finishes the job, and says so.
     assert keys(deployment, "rotate") == 0
-    assert [(e, d.get("outcome")) for e, d in events(settings)[4:]] == [
+    assert [(e, d.get("outcome")) for e, d in events(settings)[started + 2:]] == [
         ("keys.adding", None), ("keys.added", None), ("keys.rotate", "done")]
     assert_no_key_material(settings, trail(settings))
 
@@ -164,8 +182,12 @@ def test_a_key_the_keyring_refuses_to_add_is_audited_as_failed(storage_dsn, tmp_
     assert keys(config, "rotate") == 1
     assert "read-only" in capsys.readouterr().err
     rows = events(settings)
-    assert [event for event, _ in rows] == ["keys.adding", "keys.add_failed"]
-    assert rows[1][1] == {"key_id": rows[0][1]["key_id"], "purpose": "rotate", "backend": "env", "error": "KeyringError"}
+    signer = open_audit_signer(settings, create=False)
+    assert rows[0] == ("keys.added", {"key": "audit-signing", "key_id": signer.key_id, "algorithm": "EdDSA",
+                                      "purpose": "init", "backend": "env"})
+    assert [event for event, _ in rows[1:]] == ["keys.adding", "keys.add_failed"]
+    assert rows[2][1] == {"key": "kek", "key_id": rows[1][1]["key_id"], "cipher": settings.keys.cipher,
+                          "purpose": "rotate", "backend": "env", "error": "KeyringError"}
     assert len(open_keyring(settings).keys()) == 1
 
 
@@ -189,8 +211,10 @@ def test_a_running_service_seals_under_the_primary_another_process_rotated_to(de
     finally:
         storage.close()
     assert keys(deployment, "retire", old) == 0
-    assert [event for event, _ in events(settings)] == [
-        "keys.adding", "keys.added", "keys.adding", "keys.added", "keys.rotate", "keys.retire"]
+    started = first_keys(settings, backend, primary=old)
+    assert events(settings)[:len(started)] == started
+    assert [event for event, _ in events(settings)[len(started):]] == [
+        "keys.adding", "keys.added", "keys.rotate", "keys.retire"]
 
 
 def test_retire_says_why_a_key_is_still_in_use_and_rewrap_moves_it(deployment, capsys):
@@ -216,17 +240,44 @@ def test_retire_says_why_a_key_is_still_in_use_and_rewrap_moves_it(deployment, c
     assert_no_key_material(settings, rows)
 
 
-def test_migrate_audits_the_first_key_it_makes(deployment, backend):
+def mfa_token_key(settings, backend) -> list[tuple[str, dict]]:
+    from services.mfa.tokens import SigningKeys
+
+    planned = {"key": "mfa-token-signing", "algorithm": "EdDSA", "purpose": "init", "backend": backend_name(backend)}
+    [kid] = [k["kid"] for k in SigningKeys.from_settings(settings).vault.entries()]
+    return [("keys.adding", planned), ("keys.added", {**planned, "key_id": kid})]
+
+
+def test_migrate_audits_every_key_it_makes(deployment, backend):
     """`biogate migrate` (the deployment's Job) makes the keys when there are none, audited as
-    `keys init` is; run again it makes and audits nothing."""
+    `keys init` is, and the MFA's first decision-token key; run again it makes and audits nothing."""
     settings = load_config(str(deployment))
     assert biogate(["--config", str(deployment), "migrate"]) == 0
     assert biogate(["--config", str(deployment), "migrate"]) == 0
-    primary = open_keyring(settings, create=False).primary_key_id()
     rows = trail(settings)
-    assert [(e, d["key_id"], d["purpose"], d["backend"]) for e, _, d in rows] == [
-        ("keys.adding", primary, "init", backend_name(backend)), ("keys.added", primary, "init", backend_name(backend))]
+    assert [(e, d) for e, _, d in rows] == first_keys(settings, backend) + mfa_token_key(settings, backend)
     assert_no_key_material(settings, rows)
+
+
+def test_a_first_service_start_audits_every_key_it_makes(deployment, backend):
+    """The embedded-defaults start: no `migrate`, no `keys init`; the first service to start makes
+    the keys, each audited (actor service:<name>) before it exists where its id is chosen first, and
+    the trail verifies. The next start makes and audits nothing."""
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+
+    settings = load_config(str(deployment))
+    assert not settings.keyring_file.exists() and not settings.audit_signing_key_file.exists()
+    rt = Runtime.open(settings, "mfa")
+    try:
+        Orchestrator(rt, clients={}).close()
+    finally:
+        rt.close()
+    Runtime.open(settings, "face").close()
+    rows = trail(settings)
+    assert [(e, d) for e, _, d in rows] == first_keys(settings, backend) + mfa_token_key(settings, backend)
+    assert {actor for _, actor, _ in rows} == {"service:mfa"}
+    assert_no_key_material(settings, rows, actor="service:mfa")
 
 
 def test_the_key_operations_log_refuses_a_subject(settings):
@@ -237,8 +288,29 @@ def test_the_key_operations_log_refuses_a_subject(settings):
     storage = open_storage(settings.storage_dsn)
     try:
         with pytest.raises(AuditDataError, match="without a subject"):
-            AuditLog.for_operations(settings, storage).append("keys.x", actor="cli:op", tenant_id="bank-a",
+            AuditLog.for_operations(settings, storage, open_audit_signer(settings)).append("keys.x", actor="cli:op", tenant_id="bank-a",
                                                               subject_id="cust-1")
         assert list(storage.audit.iter_records()) == []
     finally:
         storage.close()
+
+
+def test_the_mfa_audits_a_token_key_it_rotates_to(deployment, backend):
+    """A decision-token key made while the MFA runs (rotation) is audited like the first one: the
+    attempt, then the key id it got, as service:mfa; the trail verifies."""
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+
+    settings = load_config(str(deployment))
+    rt = Runtime.open(settings, "mfa")
+    try:
+        orchestrator = Orchestrator(rt, clients={})
+        started = len(list(rt.storage.audit.iter_records()))
+        new_kid = orchestrator.signing.rotate()
+        orchestrator.close()
+    finally:
+        rt.close()
+    rows = trail(settings)[started:]
+    planned = {"key": "mfa-token-signing", "algorithm": "EdDSA", "purpose": "rotate", "backend": backend_name(backend)}
+    assert [(e, d) for e, _, d in rows] == [("keys.adding", planned), ("keys.added", {**planned, "key_id": new_kid})]
+    assert_no_key_material(settings, rows, actor="service:mfa")

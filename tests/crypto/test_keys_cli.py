@@ -1,6 +1,7 @@
 """`biogate keys ...` handlers, called as services/cli.py calls them."""
 
 import argparse
+import json
 
 import pytest
 
@@ -54,8 +55,11 @@ def test_keys_commands_end_to_end(settings, capsys):
     assert crypto.decrypt_template(b, rec.envelope) == b"template"
 
     # Key operations are in the audit trail, and the trail verifies.
-    events = [r.event_type for r in storage.audit.iter_records()]
-    assert events == ["keys.adding", "keys.added", "keys.adding", "keys.added", "keys.rotate", "keys.retire"]
+    events = [(r.event_type, json.loads(r.details).get("key")) for r in storage.audit.iter_records()]
+    assert events == [("keys.added", "audit-signing"),  # `keys init` on a new deployment makes every key
+                      ("keys.adding", "kek"), ("keys.adding", "pseudonym"), ("keys.added", "kek"),
+                      ("keys.added", "pseudonym"),
+                      ("keys.adding", "kek"), ("keys.added", "kek"), ("keys.rotate", None), ("keys.retire", None)]
     assert verify(storage.audit, AuditSigner.load(settings.audit_signing_key_file).public_key).ok
     storage.close()
 

@@ -4,6 +4,7 @@ the logs, the audit table or (for the phone and embedding) the database file in 
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 
@@ -91,8 +92,16 @@ def test_personal_data_never_reaches_logs_audit_or_database(services, captured_l
 
     rows = list(rt.storage.audit.iter_records())
     events = [r.event_type for r in rows]
-    assert events == ["consent.recorded", "contact.phone_set", "face.subject_deleted", "voice.subject_deleted",
-                      "subject.erased"]
+    # The first start made the keys (the serve supervisor's preparation, then the MFA its token key),
+    # each audited; then the flow's own events.
+    made = [(r.event_type, json.loads(r.details)["key"], r.actor) for r in rows if r.event_type.startswith("keys.")]
+    assert made == [("keys.added", "audit-signing", "service:serve"),
+                    ("keys.adding", "kek", "service:serve"), ("keys.adding", "pseudonym", "service:serve"),
+                    ("keys.added", "kek", "service:serve"), ("keys.added", "pseudonym", "service:serve"),
+                    ("keys.adding", "mfa-token-signing", "service:mfa"),
+                    ("keys.added", "mfa-token-signing", "service:mfa")]
+    assert events[len(made):] == ["consent.recorded", "contact.phone_set", "face.subject_deleted",
+                                  "voice.subject_deleted", "subject.erased"]
     audit_text = "\n".join(f"{r.actor} {r.tenant_id} {r.subject_pseudonym} {r.details}" for r in rows)
     assert "cust-0042" not in audit_text and secrets_in(audit_text) == []
     assert verify(rt.storage.audit, AuditSigner.load_or_create(services.settings.audit_signing_key_file).public_key).ok

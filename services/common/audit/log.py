@@ -42,18 +42,20 @@ class AuditLog:
 
         return cls(
             storage.audit,
-            open_audit_signer(settings),
+            open_audit_signer(settings, create=False),  # made, audited, by crypto.provision.ensure_keys
             Pseudonymizer(keyring.pseudonym_key()),
             settings.audit.checkpoint_every,
         )
 
     @classmethod
-    def for_operations(cls, settings: CommonSettings, storage: Storage) -> AuditLog:
+    def for_operations(cls, settings: CommonSettings, storage: Storage, signer: Signer | None = None) -> AuditLog:
         """A log of events without a subject (key operations), usable before the keyring exists:
-        the pseudonym key lives in the keyring. A subject id given to it is refused."""
+        the pseudonym key lives in the keyring. A subject id given to it is refused. ``signer``:
+        default the configured audit signing key, which must exist."""
         from services.common.crypto.backend import open_audit_signer
 
-        return cls(storage.audit, open_audit_signer(settings), None, settings.audit.checkpoint_every)
+        signer = signer or open_audit_signer(settings, create=False)
+        return cls(storage.audit, signer, None, settings.audit.checkpoint_every)
 
     def append(
         self,

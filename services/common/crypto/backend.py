@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import KeyCreatedElsewhereError, NoKeyError
 from .signing import FileKeyVault, FileSigner, Signer, SigningKeyVault
 
 if TYPE_CHECKING:
@@ -20,13 +21,31 @@ def _token(settings: CommonSettings):
 
 
 def open_audit_signer(settings: CommonSettings, create: bool = True) -> Signer:
-    """The key that signs the audit trail (created on first use when ``create``)."""
+    """The key that signs the audit trail (created on first use when ``create``, unaudited: the
+    key's creation is audited through services.common.crypto.provision; else NoKeyError)."""
     if settings.keys.backend == "pkcs11":
         from .hsm import audit_signer
 
         return audit_signer(_token(settings), create)
     path = settings.audit_signing_key_file
-    return FileSigner.load_or_create(path) if create else FileSigner.load(path)
+    if create:
+        return FileSigner.load_or_create(path)
+    try:
+        return FileSigner.load(path)
+    except FileNotFoundError:
+        raise NoKeyError(f"{path}: no audit signing key (run `biogate migrate`)") from None
+
+
+def create_audit_signer(settings: CommonSettings) -> Signer:
+    """Make the audit signing key; KeyCreatedElsewhereError when it exists already."""
+    if settings.keys.backend == "pkcs11":
+        from .hsm import create_audit_signer as create_in_token
+
+        return create_in_token(_token(settings))
+    try:
+        return FileSigner.create(settings.audit_signing_key_file)
+    except FileExistsError:
+        raise KeyCreatedElsewhereError(f"{settings.audit_signing_key_file} exists") from None
 
 
 def open_token_vault(settings: CommonSettings, keys_file: Path) -> SigningKeyVault:

@@ -38,8 +38,16 @@ class KeyringError(Exception):
     """The keyring itself is unusable: unreadable file, bad JSON, a management call it refuses."""
 
 
-class NoKeyringError(KeyringError):
+class NoKeyError(KeyringError):
+    """A key the configuration names (the audit signing key, the keyring) does not exist yet."""
+
+
+class NoKeyringError(NoKeyError):
     """The configured keyring (file or token keys) does not exist yet: `biogate keys init` makes it."""
+
+
+class KeyCreatedElsewhereError(KeyringError):
+    """Another process made the key this one set out to make; this one made none."""
 
 
 class KeyInUseError(KeyringError):

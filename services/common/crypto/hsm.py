@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .errors import KeyringError, NoKeyringError, UnknownKeyError, WrongKeyError
+from .errors import KeyCreatedElsewhereError, KeyringError, NoKeyError, NoKeyringError, UnknownKeyError, WrongKeyError
 from .keyring import KeyInfo, new_key_id
 from .signing import PublicKey, algorithm_of, jwt_kid, key_id
 
@@ -223,7 +223,7 @@ def _pair(token: Pkcs11Token, label: str, create: bool) -> tuple[Any, Any]:
     private = token.first_by_id(token.find(label=label, cls=C.PRIVATE_KEY))
     if private is None:
         if not create:
-            raise KeyringError(f"token has no key labelled {label!r} (run `biogate migrate`)")
+            raise NoKeyError(f"token has no key labelled {label!r} (run `biogate migrate`)")
         token.new_ed25519(label, secrets.token_bytes(8))
         private = token.first_by_id(token.find(label=label, cls=C.PRIVATE_KEY))
         if private is None:
@@ -238,6 +238,23 @@ def _pair(token: Pkcs11Token, label: str, create: bool) -> tuple[Any, Any]:
 def audit_signer(token: Pkcs11Token, create: bool = True) -> Pkcs11Signer:
     public, private = _pair(token, token.label("audit"), create)
     return Pkcs11Signer(token, private, token.public_key(public))
+
+
+def create_audit_signer(token: Pkcs11Token) -> Pkcs11Signer:
+    """Make the audit key pair; KeyCreatedElsewhereError when the token holds one already."""
+    label = token.label("audit")
+    if token.find(label=label, cls=token.p11.ObjectClass.PRIVATE_KEY):
+        raise KeyCreatedElsewhereError(f"token holds a key labelled {label!r} already")
+    mine = secrets.token_bytes(8)
+    token.new_ed25519(label, mine)
+    signer = audit_signer(token, create=False)
+    first = token.first_by_id(token.find(label=label, cls=token.p11.ObjectClass.PRIVATE_KEY))
+    with token.lock:
+        chosen = bytes(first[token.p11.Attribute.ID]) if first is not None else None
+    if chosen != mine:  # another process made one at the same moment; every process signs with the first
+        token.destroy_pair(mine)
+        raise KeyCreatedElsewhereError(f"another process made the key labelled {label!r} meanwhile")
+    return signer
 
 
 # -- template key-encryption keys --------------------------------------------------------------
@@ -347,16 +364,29 @@ class Pkcs11Keyring:
         except (E.GeneralError, E.EncryptedDataInvalid, E.EncryptedDataLenRange):
             raise WrongKeyError(f"the data key does not unwrap under key {key_id_!r}") from None
 
+    def _pseudonym_object(self) -> Any | None:
+        t = self.token
+        return t.first_by_id(t.find(label=t.label("pseudonym"), cls=t.p11.ObjectClass.SECRET_KEY))
+
+    def pseudonym_key_id(self) -> str | None:
+        """The token object id (hex) of the pseudonym root key, None when the token has none."""
+        key = self._pseudonym_object()
+        if key is None:
+            return None
+        with self.token.lock:
+            return bytes(key[self.token.p11.Attribute.ID]).hex()
+
+    def create_pseudonym_key(self, key_id_hex: str) -> None:
+        """Make the pseudonym root key under the object id ``key_id_hex`` (its creation is audited by
+        services.common.crypto.provision)."""
+        self.token.new_secret("hmac", self.token.label("pseudonym"), bytes.fromhex(key_id_hex))
+
     def pseudonym_key(self) -> bytes:
         if self._pseudonym is None:
             t = self.token
-            label = t.label("pseudonym")
-            key = t.first_by_id(t.find(label=label, cls=t.p11.ObjectClass.SECRET_KEY))
-            if key is None:
-                t.new_secret("hmac", label, secrets.token_bytes(8))
-                key = t.first_by_id(t.find(label=label, cls=t.p11.ObjectClass.SECRET_KEY))
-                if key is None:
-                    raise KeyringError(f"token did not keep the key labelled {label!r} it was asked to create")
+            key = self._pseudonym_object()
+            if key is None:  # made, audited, by services.common.crypto.provision.ensure_keys
+                raise NoKeyError(f"token has no key labelled {t.label('pseudonym')!r} (run `biogate migrate`)")
             with t.lock:
                 self._pseudonym = bytes(key.sign(_PSEUDONYM_LABEL, mechanism=t.p11.Mechanism.SHA256_HMAC))
         return self._pseudonym

@@ -17,11 +17,8 @@ rotation swapped a batch of records to it. Running services never take the lock:
 enrol and re-enrol throughout.
 
 Audit. The keyring is a file or a token, the audit trail is in the database: no transaction spans
-both, so a new key is audited *before* it exists. :func:`add_key` commits ``keys.adding`` (the
-new key's id, cipher, purpose) first, then creates the key under that id, then writes
-``keys.added``, or ``keys.add_failed`` when the keyring refused or failed. A process that dies in
-between leaves ``keys.adding`` without its outcome: the trail may name a key that was never made,
-but a key the trail does not name cannot exist. ``rotate`` then writes the re-wrap's outcome
+both, so a new key is audited *before* it exists (:mod:`.provision`: ``keys.adding``, then
+``keys.added`` or ``keys.add_failed``). ``rotate`` then writes the re-wrap's outcome
 (``keys.rotate``, also when it is aborted by an error); a rotation killed mid-way leaves
 ``keys.adding``/``keys.added`` with no ``keys.rotate`` after them. Records carry ids, ciphers,
 counts and error class names, never key material.
@@ -38,15 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 from .envelope import EnvelopeCrypto
 from .errors import KeyInUseError, KeyOperationInProgressError, KeyringError, TemplateDecryptionError
-from .keyring import KeyInfo, Keyring, new_key_id, open_keyring
+from .keyring import KeyInfo, Keyring
+from .provision import KeyAudit, add_kek, audit_failure
 
 if TYPE_CHECKING:
-    from services.common.config import CommonSettings
     from services.common.storage.interfaces import Storage
 
 log = logging.getLogger(__name__)
 
-KeyAudit = Callable[[str, dict[str, Any]], None]  # (event type, details): writes one audit record
 _MAX_ROUNDS = 50  # passes over the remaining records; each pass must make progress
 KEY_OPERATION_LOCK = "biogate-key-operations"
 
@@ -95,7 +91,7 @@ def rewrap_all(
         try:
             report = _rewrap_all(storage, keyring, target, batch)
         except BaseException as exc:
-            _audit_failure(audit, "keys.rewrap", {"key_id": target, "outcome": "aborted"}, exc)
+            audit_failure(audit, "keys.rewrap", {"key_id": target, "outcome": "aborted"}, exc)
             raise
         if audit is not None:
             audit("keys.rewrap", _outcome(report))
@@ -182,37 +178,6 @@ def _rewrap_one(crypto: EnvelopeCrypto, envelope: bytes, target: str, name: str,
         return None
 
 
-def add_key(
-    audit: KeyAudit | None,
-    purpose: str,
-    cipher: str | None,
-    create: Callable[[str], KeyInfo],
-) -> KeyInfo:
-    """``create(key_id)`` makes the new primary KEK; its audit records around it, the first one
-    committed before the key exists (see the module's docstring)."""
-    key_id = new_key_id()
-    if audit is not None:
-        audit("keys.adding", {"key_id": key_id, "cipher": cipher, "purpose": purpose})
-    try:
-        info = create(key_id)
-    except BaseException as exc:
-        _audit_failure(audit, "keys.add_failed", {"key_id": key_id, "purpose": purpose}, exc)
-        raise
-    if audit is not None:
-        audit("keys.added", {"key_id": info.key_id, "cipher": info.cipher, "purpose": purpose})
-    return info
-
-
-def _audit_failure(audit: KeyAudit | None, event: str, details: dict[str, Any], exc: BaseException) -> None:
-    """Record an aborted step; a record that cannot be written must not hide the error itself."""
-    if audit is None:
-        return
-    try:
-        audit(event, {**details, "error": type(exc).__name__})
-    except Exception as audit_exc:  # noqa: BLE001 - logged, the original error is raised
-        log.error("cannot write the audit record %s (%s) after %s", event, type(audit_exc).__name__, type(exc).__name__)
-
-
 def rotate(
     storage: Storage,
     keyring: Keyring,
@@ -221,35 +186,19 @@ def rotate(
     audit: KeyAudit | None = None,
 ) -> RewrapReport:
     """Add a new primary KEK and move every envelope to it, holding the key-operation lock
-    throughout; the audit records (:func:`add_key`'s, then ``keys.rotate`` with the outcome) are
+    throughout; the audit records (:func:`.provision.add_kek`'s, then ``keys.rotate`` with the outcome) are
     written before the lock is let go."""
     with key_operation(storage, "rotate"):
-        new = add_key(audit, "rotate", cipher, lambda key_id: keyring.add_key(cipher, key_id=key_id))
+        new = add_kek(audit, "rotate", cipher, lambda key_id: keyring.add_key(cipher, key_id=key_id))
         log.info("new primary key %s (%s)", new.key_id, new.cipher)
         try:
             report = _rewrap_all(storage, keyring, new.key_id, batch)
         except BaseException as exc:
-            _audit_failure(audit, "keys.rotate", {"key_id": new.key_id, "outcome": "aborted"}, exc)
+            audit_failure(audit, "keys.rotate", {"key_id": new.key_id, "outcome": "aborted"}, exc)
             raise
         if audit is not None:
             audit("keys.rotate", _outcome(report))
         return report
-
-
-def create_keyring(settings: CommonSettings, audit: KeyAudit) -> Keyring:
-    """Create the configured keyring (the file, or the token's first KEK) with :func:`add_key`'s
-    audit records; KeyringError when another process created it meanwhile (audited as failed)."""
-    made: list[Keyring] = []
-
-    def create(key_id: str) -> KeyInfo:
-        keyring = open_keyring(settings, create=True, first_key_id=key_id)
-        if keyring.primary_key_id() != key_id:
-            raise KeyringError("another process created the keyring meanwhile; nothing was added")
-        made.append(keyring)
-        return keyring.key_info(key_id)
-
-    add_key(audit, "init", settings.keys.cipher, create)
-    return made[0]
 
 
 def key_usage(storage: Storage) -> Counter[str]:

@@ -127,17 +127,22 @@ class FileSigner(KeySigner):
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike[str]) -> FileSigner:
+        try:
+            return cls.create(path)
+        except FileExistsError:  # made before, or by another process first: use theirs
+            return cls.load(path)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str]) -> FileSigner:
+        """A new key in a new file; FileExistsError (and no key made) when the file exists."""
         path = Path(path)
         if path.exists():
-            return cls.load(path)
+            raise FileExistsError(path)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it first: use theirs
-            return cls.load(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
             fh.flush()

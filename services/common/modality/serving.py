@@ -55,7 +55,7 @@ def definition(settings: CommonSettings, name: str, make_service: Callable[[Runt
                add_to_server: Callable[[object, grpc.Server], None]) -> ServiceDefinition:
     """The definition of service ``name``: ``make_service`` gets the process's runtime and checks the
     configuration (a wrong model id raises here, before the server starts)."""
-    rt = Runtime.open(settings)
+    rt = Runtime.open(settings, name)
     try:
         service = make_service(rt)
         handler = servicer(base, descriptor, service)
