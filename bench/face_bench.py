@@ -55,6 +55,23 @@ def trial_pairs() -> tuple[list[Path], list[tuple[int, int]]]:
     return [FIXTURES / p for p in images], pairs
 
 
+def enrol(svc: ServiceProcess, datas: list[bytes]):
+    """Consent and enrolment of subject s{i} with image ``datas[i]``: (channel, stub, metadata) for more calls."""
+    from services.common.storage import ConsentRecord, open_storage
+
+    storage = open_storage(svc.settings.storage_dsn, svc.settings.storage)
+    for i in range(len(datas)):
+        storage.subjects.record_consent(ConsentRecord(TENANT, f"s{i}", "biometric_verification", ("face",), "v1"))
+    storage.close()
+    channel = grpc.insecure_channel(svc.address)
+    stub = face_pb2_grpc.FaceServiceStub(channel)
+    md = (("authorization", f"Bearer {svc.token()}"),)
+    for i, d in enumerate(datas):
+        stub.Enroll(face_pb2.EnrollFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"s{i}"),
+                                               images=[common_pb2.Image(data=d)]), metadata=md, timeout=60)
+    return channel, stub, md
+
+
 # ---------------------------------------------------------------- load generator
 async def run_load(address: str, token: str, requests: list, concurrency: int, duration: float, max_requests: int):
     """``concurrency`` clients loop over ``requests`` until ``duration`` s or ``max_requests``."""
@@ -224,8 +241,6 @@ def naive_loop(store, probes: list[bytes], templates: list[np.ndarray], seconds:
 def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batching: str = "auto",
                    ceiling: ParallelRaw | None = None) -> tuple[float, float]:
     """One face service with ``workers`` processes: enrol, run every level into ``levels``; (peak RSS, start s)."""
-    from services.common.storage import ConsentRecord, open_storage
-
     with tempfile.TemporaryDirectory(prefix="face-bench-") as tmp:
         config: dict = {"server": {"workers": workers}, "face": {"micro_batching": batching}}
         if args.threads is not None:
@@ -236,16 +251,7 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batch
         try:
             svc.start()
             start_s = svc.start_s
-            storage = open_storage(svc.settings.storage_dsn, svc.settings.storage)
-            for i in range(len(images)):
-                storage.subjects.record_consent(ConsentRecord(TENANT, f"s{i}", "biometric_verification", ("face",), "v1"))
-            storage.close()
-            channel = grpc.insecure_channel(svc.address)
-            stub = face_pb2_grpc.FaceServiceStub(channel)
-            md = (("authorization", f"Bearer {svc.token()}"),)
-            for i, d in enumerate(datas):
-                stub.Enroll(face_pb2.EnrollFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"s{i}"),
-                                                       images=[common_pb2.Image(data=d)]), metadata=md, timeout=60)
+            channel, stub, md = enrol(svc, datas)
             # Liveness mode: the bona fide webcam frames of pad_face.csv against one enrolled frame
             # (the trial photos are prints and screens of public figures: passive liveness rejects most).
             live_frames = [p.read_bytes() for p in sorted((FIXTURES / "face/pad/live").glob("apfol_real_*"))]

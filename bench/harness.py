@@ -253,9 +253,8 @@ class ServiceProcess:
         from services.serve import health_status
 
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "--config", str(self.config_file), "serve", self.service],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.log_file, "w"))
+        self.proc = subprocess.Popen(self.command(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log_file, "w"), env=self.environment())
         while health_status(self.address) != "SERVING":
             if self.proc.poll() is not None or time.monotonic() - t0 > self.timeout_s:
                 self.stop()
@@ -263,6 +262,13 @@ class ServiceProcess:
             time.sleep(0.5)
         self.start_s = time.monotonic() - t0
         return self
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "services.cli", "--config", str(self.config_file), "serve", self.service]
+
+    def environment(self) -> dict[str, str] | None:
+        """The service's environment; None: this process's."""
+        return None
 
     def token(self, role: str = "dev-all") -> str:
         return dev_token(self.settings, role)

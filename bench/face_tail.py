@@ -1,0 +1,343 @@
+"""Where the face service's open-loop tail comes from (issue 13): one open loop at a share of the
+closed-loop rate, with every slow call laid beside what happened in the service at that moment.
+
+The service runs as in bench.face_bench (own process, default models, `serve face`), but started
+through this module's probe, which before the server starts records, on the one monotonic clock
+that the load generator reads too:
+  - every cyclic-GC collection (gc.callbacks): start, end, generation, collected objects;
+  - every model-work RPC (the interceptor's call): its x-request-id, when the handler thread took
+    it, how long it waited for an admission slot, when it finished, and the thread CPU time it
+    used (inline model runs are on that thread: wall >> CPU means it waited for a core or the GIL);
+  - every inline model call (services.common.batching.Inline): its thread, wall and CPU time.
+The load generator records each call's issue and answer times, its own GC collections, and a
+sampler thread reads /proc every 50 ms: the machine's busy CPU, the service's and its own, so
+that the rest is other processes'.
+
+For the slowest 1 % of calls it reports which overlap a GC collection (service or client), their
+admission wait against their handling time, their thread's CPU against wall time, and the CPU the
+others took meanwhile; the same for the median calls as the reference.
+
+    .venv/bin/python -m bench.face_tail [--duration 15] [--open-seconds 60] [--rate R] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import gc
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from bench.face_bench import TENANT, enrol, run_load, trial_pairs
+from bench.harness import ServiceProcess, cpu_seconds, pct, write_json
+from bench.loadgen import OPEN_LOOP_SHARE, run_open_loop
+from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
+
+PROBE_ENV = "BIOGATE_TAIL_PROBE"  # where the probed service writes its records at exit
+
+
+# ---------------------------------------------------------------- in the service process
+class GcLog:
+    """Each collection of this process: (start, end, generation, collected, frozen objects or -1),
+    perf_counter seconds."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, float, int, int, int]] = []
+        self._started: dict[int, float] = {}
+
+    def __call__(self, phase: str, info: dict) -> None:
+        tid = threading.get_ident()
+        if phase == "start":
+            self._started[tid] = time.perf_counter()
+        else:
+            # the frozen count costs a walk of the permanent generation: full collections only
+            self.events.append((self._started.pop(tid, float("nan")), time.perf_counter(), info["generation"],
+                                info["collected"], gc.get_freeze_count() if info["generation"] == 2 else -1))
+
+    def install(self) -> "GcLog":
+        gc.callbacks.append(self)
+        return self
+
+
+def probe_serve(argv: list[str]) -> int:
+    """`biogate ARGV` with the records above, written as JSON to $BIOGATE_TAIL_PROBE at exit."""
+    from services import cli
+    from services.common import batching, context
+    from services.common.server import interceptor
+    from services.common.storage import audit
+
+    out = os.environ[PROBE_ENV]
+    gc_log = GcLog().install()
+    calls: list[dict] = []
+    models: list[tuple[int, float, float, float]] = []
+    enter, admit, finish = interceptor._Call.__enter__, interceptor._Call.admit, interceptor._Call._finish
+    submit_many = batching.Inline.submit_many
+    append = audit.SqlAuditRepository.append
+    audits: list[tuple[int, float, float]] = []
+
+    def p_enter(self):
+        r = enter(self)
+        self._probe = {"rid": context.request_id.get(), "tid": threading.get_ident(), "enter": time.perf_counter(),
+                       "cpu0": time.thread_time()}
+        return r
+
+    def p_admit(self):
+        t = time.perf_counter()
+        try:
+            admit(self)
+        finally:
+            self._probe["admit"], self._probe["started"] = t, time.perf_counter()
+
+    def p_finish(self, code):
+        p = self._probe
+        p["finish"], p["cpu1"], p["code"] = time.perf_counter(), time.thread_time(), code.name
+        finish(self, code)
+        if self.queue is not None:
+            calls.append(p)
+
+    def p_submit_many(self, items, timeout=None):
+        t, c = time.perf_counter(), time.thread_time()
+        try:
+            return submit_many(self, items, timeout)
+        finally:
+            models.append((threading.get_ident(), t, time.perf_counter(), time.thread_time() - c))
+
+    def p_append(self, build):
+        t = time.perf_counter()
+        try:
+            return append(self, build)
+        finally:
+            audits.append((threading.get_ident(), t, time.perf_counter()))
+
+    audit.SqlAuditRepository.append = p_append  # type: ignore[method-assign]
+    interceptor._Call.__enter__, interceptor._Call.admit, interceptor._Call._finish = p_enter, p_admit, p_finish
+    batching.Inline.submit_many = p_submit_many  # type: ignore[method-assign]
+
+    def dump() -> None:
+        Path(out).write_text(json.dumps({"gc": gc_log.events, "calls": calls, "models": models, "audits": audits,
+                                         "gc_threshold": gc.get_threshold(), "gc_frozen": gc.get_freeze_count(),
+                                         "gc_tracked": len(gc.get_objects())}))
+
+    atexit.register(dump)
+    return cli.main(argv)
+
+
+class ProbedService(ServiceProcess):
+    """A ServiceProcess started through :func:`probe_serve`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.probe_file = self.dir / "probe.json"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bench.face_tail", "--probe-serve", *super().command()[3:]]
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, PROBE_ENV: str(self.probe_file)}
+
+    def records(self) -> dict:
+        self.stop()
+        return json.loads(self.probe_file.read_text())
+
+
+# ---------------------------------------------------------------- in the load generator
+class Sampler:
+    """Every ``interval_s``: busy jiffies of the machine (all cores), of the service, of this process."""
+
+    def __init__(self, service_pid: int, interval_s: float = 0.05) -> None:
+        self.pid, self.interval_s = service_pid, interval_s
+        self.rows: list[tuple[float, float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _busy() -> float:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        values = [int(v) for v in fields]
+        return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.rows.append((time.perf_counter(), self._busy(), cpu_seconds(self.pid), cpu_seconds(os.getpid())))
+
+    def start(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> "Sampler":
+        self._stop.set()
+        self._thread.join()
+        return self
+
+    def others_share(self, t0: float, t1: float) -> tuple[float, float, float]:
+        """Cores' worth used by (others, the service, the client) over the samples around [t0, t1]."""
+        rows = [r for r in self.rows if t0 - self.interval_s <= r[0] <= t1 + self.interval_s]
+        if len(rows) < 2:
+            return float("nan"), float("nan"), float("nan")
+        dt = rows[-1][0] - rows[0][0]
+        busy, svc, cli = (rows[-1][k] - rows[0][k] for k in (1, 2, 3))
+        return (busy - svc - cli) / dt, svc / dt, cli / dt
+
+
+async def open_loop(address: str, token: str, requests: list, connections: int, rate: float, duration: float):
+    """bench.face_bench's open loop, each call tagged with its index as x-request-id: (result, issue/answer times)."""
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(connections)]
+    stubs = [face_pb2_grpc.FaceServiceStub(c) for c in channels]
+    times: dict[int, tuple[float, float]] = {}
+
+    async def call(i: int, timeout: float):
+        t = time.perf_counter()
+        try:
+            return await stubs[i % connections].Verify(
+                requests[i % len(requests)], timeout=timeout,
+                metadata=(("authorization", f"Bearer {token}"), ("x-request-id", f"tail{i}")))
+        finally:
+            times[i] = (t, time.perf_counter())
+
+    try:
+        result = await run_open_loop(call, rate_per_s=rate, duration_s=duration, deadline_s=30.0,
+                                     max_requests=int(rate * duration) + 1)
+    finally:
+        for channel in channels:
+            await channel.close()
+    return result, times
+
+
+def overlaps(events, t0: float, t1: float) -> list:
+    return [e for e in events if e[0] < t1 and e[1] > t0]
+
+
+def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: list, sampler: Sampler,
+            sizes: list[int]) -> dict:
+    calls = {int(c["rid"][4:]): c for c in records["calls"] if str(c["rid"]).startswith("tail")}
+    rows = []
+    for i, (t0, t1) in times.items():
+        c = calls.get(i)
+        if c is None or c["code"] != "OK":
+            continue
+        svc_gc = overlaps(records["gc"], t0, t1)
+        cli_gc = overlaps(client_gc, t0, t1)
+        models = [m for m in records["models"] if m[0] == c["tid"] and c["enter"] <= m[1] <= c["finish"]]
+        appends = [a for a in records["audits"] if a[0] == c["tid"] and c["enter"] <= a[1] <= c["finish"]]
+        others, svc_cores, cli_cores = sampler.others_share(t0, t1)
+        rows.append({
+            "i": i, "probe_kb": sizes[i % len(sizes)] / 1024, "latency_ms": (t1 - t0) * 1000,
+            "before_handler_ms": (c["enter"] - t0) * 1000,  # client send, gRPC receive, thread pool dispatch
+            "admission_wait_ms": (c["started"] - c["admit"]) * 1000,
+            "handling_ms": (c["finish"] - c["started"]) * 1000,  # under the slot
+            "after_handler_ms": (t1 - c["finish"]) * 1000,  # response, gRPC, client wake-up
+            "thread_cpu_ms": (c["cpu1"] - c["cpu0"]) * 1000,
+            "model_wall_ms": sum(m[2] - m[1] for m in models) * 1000,
+            "model_cpu_ms": sum(m[3] for m in models) * 1000,
+            "audit_ms": sum(a[2] - a[1] for a in appends) * 1000,
+            "service_gc_ms": sum(min(e[1], t1) - max(e[0], t0) for e in svc_gc) * 1000,
+            "service_gc_gens": sorted({e[2] for e in svc_gc}),
+            "client_gc_ms": sum(min(e[1], t1) - max(e[0], t0) for e in cli_gc) * 1000,
+            "others_cores": others, "service_cores": svc_cores, "client_cores": cli_cores,
+        })
+    rows.sort(key=lambda r: r["latency_ms"])
+    n = len(rows)
+    slow = rows[int(n * 0.99):] if n else []
+    mid = rows[int(n * 0.45): int(n * 0.55)] if n else []
+
+    def summary(group: list[dict]) -> dict:
+        keys = ["probe_kb", "latency_ms", "before_handler_ms", "admission_wait_ms", "handling_ms", "after_handler_ms",
+                "thread_cpu_ms", "model_wall_ms", "model_cpu_ms", "audit_ms", "service_gc_ms", "client_gc_ms",
+                "others_cores", "service_cores", "client_cores"]
+        out: dict = {"calls": len(group)}
+        for k in keys:
+            out[k] = round(float(np.nanmedian([r[k] for r in group])), 2) if group else float("nan")
+        out["with_service_gc"] = sum(1 for r in group if r["service_gc_ms"] > 0)
+        out["with_service_gc2"] = sum(1 for r in group if 2 in r["service_gc_gens"])
+        out["with_client_gc"] = sum(1 for r in group if r["client_gc_ms"] > 0)
+        return out
+
+    window = (min(t for t, _ in times.values()), max(t for _, t in times.values())) if times else (0.0, 0.0)
+    gcs = overlaps(records["gc"], *window)  # the open loop's, not start-up's or enrolment's
+    by_gen = {g: [(e[1] - e[0]) * 1000 for e in gcs if e[2] == g] for g in (0, 1, 2)}
+    audit_ms = sorted((a[1] - a[0]) * 1000 for a in overlaps([a[1:] for a in records["audits"]], *window))
+    return {
+        "calls_ok": n,
+        "audit_appends": {"count": len(audit_ms), "p50_ms": round(float(np.median(audit_ms)), 2) if audit_ms else None,
+                          "p99_ms": round(float(np.percentile(audit_ms, 99)), 2) if audit_ms else None,
+                          "over_20ms": sum(1 for a in audit_ms if a > 20), "max_ms": round(max(audit_ms, default=0), 1)},
+        "p50_ms": round(pct([r["latency_ms"] / 1000 for r in rows], 50), 1),
+        "p99_ms": round(pct([r["latency_ms"] / 1000 for r in rows], 99), 1),
+        "service_gc": {f"gen{g}": {"count": len(v), "p50_ms": round(float(np.median(v)), 2) if v else None,
+                                   "max_ms": round(max(v), 2) if v else None, "total_ms": round(sum(v), 1)}
+                       for g, v in by_gen.items()},
+        "service_gc_threshold": records["gc_threshold"], "service_gc_frozen": records["gc_frozen"],
+        "service_gc_tracked_at_exit": records["gc_tracked"],
+        # (s from the open loop's start, ms, objects frozen then): start-up and enrolment are before 0
+        "service_gen2_s_ms_frozen": [(round(e[0] - window[0], 2), round((e[1] - e[0]) * 1000, 1), e[4])
+                                     for e in records["gc"] if e[2] == 2],
+        "client_gc": {"count": len(client_gc), "max_ms": round(max(((e[1] - e[0]) * 1000 for e in client_gc),
+                                                                   default=0.0), 2)},
+        "slowest_1pct": summary(slow), "median_band": summary(mid),
+        "slowest_rows": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in slow],
+    }
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--probe-serve":
+        return probe_serve(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=15.0, help="closed loop at concurrency 8 for the rate")
+    ap.add_argument("--rate", type=float, default=None, help="open-loop rate per s (default: 80 %% of the closed loop)")
+    ap.add_argument("--open-seconds", type=float, default=60.0)
+    ap.add_argument("--config", default="{}", help="service configuration overrides, JSON")
+    ap.add_argument("--json", default=None, help="write the full analysis here")
+    args = ap.parse_args()
+
+    print(f"load average before: {Path('/proc/loadavg').read_text().strip()}", flush=True)
+    images, pairs = trial_pairs()
+    datas = [p.read_bytes() for p in images]
+    requests = [face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"s{e}"),
+                                           image=common_pb2.Image(data=datas[p])) for e, p in pairs if e != 0]
+    with tempfile.TemporaryDirectory(prefix="face-tail-") as tmp:
+        svc = ProbedService("face", json.loads(args.config), data_dir=Path(tmp))
+        try:
+            svc.start()
+            channel, _, _ = enrol(svc, datas)
+            channel.close()
+            asyncio.run(run_load(svc.address, svc.token(), requests, 8, 2.0, 50))  # warm the path
+            rate = args.rate
+            if rate is None:
+                lat, wall, errs = asyncio.run(run_load(svc.address, svc.token(), requests, 8, args.duration, 5000))
+                rate = OPEN_LOOP_SHARE * len(lat) / wall
+                print(f"closed loop c=8: {len(lat) / wall:.1f}/s, p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms, "
+                      f"errors {errs}", flush=True)
+            client_gc = GcLog().install()
+            sampler = Sampler(svc.proc.pid).start()  # type: ignore[union-attr]
+            cpu0 = svc.cpu_seconds()
+            result, times = asyncio.run(open_loop(svc.address, svc.token(), requests, 8, rate, args.open_seconds))
+            svc_cpu = (svc.cpu_seconds() - cpu0) / max(1, len(result.outcomes))
+            sampler.stop()
+            gc.callbacks.remove(client_gc)
+            records = svc.records()
+        finally:
+            svc.stop()
+    report = analyse(times, records, client_gc.events, sampler, [len(r.image.data) for r in requests])
+    report.update({"rate_per_s": round(rate, 2), "open_seconds": args.open_seconds,
+                   "codes": dict(Counter(o.code for o in result.outcomes)),
+                   "tail_ratio": round(result.tail_ratio(), 2), "service_cpu_ms_per_call": round(svc_cpu * 1000, 2),
+                   "loadavg_after": Path("/proc/loadavg").read_text().strip()})
+    short = {k: v for k, v in report.items() if k != "slowest_rows"}
+    print(json.dumps(short, indent=1), flush=True)
+    write_json(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
