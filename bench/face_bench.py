@@ -37,7 +37,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.harness import FIXTURES, MODEL_CACHE, ROOT, ServiceProcess, command_line, parallel_rate, pct
+from bench.harness import FIXTURES, MODEL_CACHE, GcLog, ROOT, ServiceProcess, command_line, parallel_rate, pct
 from bench.loadgen import OPEN_LOOP_SHARE, open_loop_at_share, open_loop_line
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.settings import load_config
@@ -285,11 +285,16 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batch
                 if args.open_seconds > 0:  # at a share of the highest closed-loop level's throughput
                     top = max((lv for lv in levels if lv[0] == mode and lv[5] == label), key=lambda lv: lv[1])
                     cpu0 = svc.cpu_seconds()
-                    result = asyncio.run(run_open(svc.address, svc.token(), requests, max(args.concurrency),
-                                                 len(top[2]) / top[3], args.open_seconds))
+                    client_gc = GcLog().install()  # the load generator's own pauses delay sends and answers
+                    try:
+                        result = asyncio.run(run_open(svc.address, svc.token(), requests, max(args.concurrency),
+                                                     len(top[2]) / top[3], args.open_seconds))
+                    finally:
+                        client_gc.remove()
                     cpu = (svc.cpu_seconds() - cpu0) / max(1, len(result.outcomes))
                     print(f"workers {label} {mode} {open_loop_line(result)}, {OPEN_LOOP_SHARE:.0%} of concurrency "
-                          f"{top[1]}'s rate; service CPU {cpu * 1000:.1f} ms per request", flush=True)
+                          f"{top[1]}'s rate; service CPU {cpu * 1000:.1f} ms per request; load generator's GC "
+                          f"{client_gc.summary()}", flush=True)
             rss = svc.peak_rss_mb()
         finally:
             svc.stop()

@@ -17,7 +17,7 @@ For the slowest 1 % of calls it reports which overlap a GC collection (service o
 admission wait against their handling time, their thread's CPU against wall time, and the CPU the
 others took meanwhile; the same for the median calls as the reference.
 
-    .venv/bin/python -m bench.face_tail [--duration 15] [--open-seconds 60] [--rate R] [--json FILE]
+    .venv/bin/python -m bench.face_tail [--duration 15] [--open-seconds 60] [--rate R] [--raw-seconds 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.face_bench import TENANT, enrol, run_load, trial_pairs
-from bench.harness import ServiceProcess, cpu_seconds, pct, write_json
+from bench.face_bench import TENANT, ParallelRaw, enrol, run_load, trial_pairs
+from bench.harness import MODEL_CACHE, GcLog, ServiceProcess, cpu_seconds, pct, write_json
 from bench.loadgen import OPEN_LOOP_SHARE, run_open_loop
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 
@@ -47,28 +47,6 @@ PROBE_ENV = "BIOGATE_TAIL_PROBE"  # where the probed service writes its records 
 
 
 # ---------------------------------------------------------------- in the service process
-class GcLog:
-    """Each collection of this process: (start, end, generation, collected, frozen objects or -1),
-    perf_counter seconds."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[float, float, int, int, int]] = []
-        self._started: dict[int, float] = {}
-
-    def __call__(self, phase: str, info: dict) -> None:
-        tid = threading.get_ident()
-        if phase == "start":
-            self._started[tid] = time.perf_counter()
-        else:
-            # the frozen count costs a walk of the permanent generation: full collections only
-            self.events.append((self._started.pop(tid, float("nan")), time.perf_counter(), info["generation"],
-                                info["collected"], gc.get_freeze_count() if info["generation"] == 2 else -1))
-
-    def install(self) -> "GcLog":
-        gc.callbacks.append(self)
-        return self
-
-
 def probe_serve(argv: list[str]) -> int:
     """`biogate ARGV` with the records above, written as JSON to $BIOGATE_TAIL_PROBE at exit."""
     from services import cli
@@ -156,19 +134,20 @@ class Sampler:
 
     def __init__(self, service_pid: int, interval_s: float = 0.05) -> None:
         self.pid, self.interval_s = service_pid, interval_s
-        self.rows: list[tuple[float, float, float, float]] = []
+        self.rows: list[tuple[float, float, float, float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _busy() -> float:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        values = [int(v) for v in fields]
-        return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+    def _busy() -> tuple[float, float]:
+        """(busy, steal) seconds of all cores; busy less idle, iowait and steal (the hypervisor's other guests)."""
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+        return (sum(values[:8]) - values[3] - values[4] - values[7]) / tick, values[7] / tick
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.rows.append((time.perf_counter(), self._busy(), cpu_seconds(self.pid), cpu_seconds(os.getpid())))
+            self.rows.append((time.perf_counter(), *self._busy(), cpu_seconds(self.pid), cpu_seconds(os.getpid())))
 
     def start(self) -> "Sampler":
         self._thread.start()
@@ -179,14 +158,14 @@ class Sampler:
         self._thread.join()
         return self
 
-    def others_share(self, t0: float, t1: float) -> tuple[float, float, float]:
-        """Cores' worth used by (others, the service, the client) over the samples around [t0, t1]."""
+    def others_share(self, t0: float, t1: float) -> tuple[float, float, float, float]:
+        """Cores' worth used by (other processes, steal, the service, the client) over the samples around [t0, t1]."""
         rows = [r for r in self.rows if t0 - self.interval_s <= r[0] <= t1 + self.interval_s]
         if len(rows) < 2:
-            return float("nan"), float("nan"), float("nan")
+            return float("nan"), float("nan"), float("nan"), float("nan")
         dt = rows[-1][0] - rows[0][0]
-        busy, svc, cli = (rows[-1][k] - rows[0][k] for k in (1, 2, 3))
-        return (busy - svc - cli) / dt, svc / dt, cli / dt
+        busy, steal, svc, cli = (rows[-1][k] - rows[0][k] for k in (1, 2, 3, 4))
+        return (busy - svc - cli) / dt, steal / dt, svc / dt, cli / dt
 
 
 async def open_loop(address: str, token: str, requests: list, connections: int, rate: float, duration: float):
@@ -218,7 +197,7 @@ def overlaps(events, t0: float, t1: float) -> list:
     return [e for e in events if e[0] < t1 and e[1] > t0]
 
 
-def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: list, sampler: Sampler,
+def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: GcLog, sampler: Sampler,
             sizes: list[int]) -> dict:
     calls = {int(c["rid"][4:]): c for c in records["calls"] if str(c["rid"]).startswith("tail")}
     rows = []
@@ -227,10 +206,10 @@ def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: lis
         if c is None or c["code"] != "OK":
             continue
         svc_gc = overlaps(records["gc"], t0, t1)
-        cli_gc = overlaps(client_gc, t0, t1)
+        cli_gc = overlaps(client_gc.events, t0, t1)
         models = [m for m in records["models"] if m[0] == c["tid"] and c["enter"] <= m[1] <= c["finish"]]
         appends = [a for a in records["audits"] if a[0] == c["tid"] and c["enter"] <= a[1] <= c["finish"]]
-        others, svc_cores, cli_cores = sampler.others_share(t0, t1)
+        others, steal, svc_cores, cli_cores = sampler.others_share(t0, t1)
         rows.append({
             "i": i, "probe_kb": sizes[i % len(sizes)] / 1024, "latency_ms": (t1 - t0) * 1000,
             "before_handler_ms": (c["enter"] - t0) * 1000,  # client send, gRPC receive, thread pool dispatch
@@ -244,7 +223,8 @@ def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: lis
             "service_gc_ms": sum(min(e[1], t1) - max(e[0], t0) for e in svc_gc) * 1000,
             "service_gc_gens": sorted({e[2] for e in svc_gc}),
             "client_gc_ms": sum(min(e[1], t1) - max(e[0], t0) for e in cli_gc) * 1000,
-            "others_cores": others, "service_cores": svc_cores, "client_cores": cli_cores,
+            "others_cores": others, "steal_cores": steal, "service_cores": svc_cores, "client_cores": cli_cores,
+            "issued_s": t0,
         })
     rows.sort(key=lambda r: r["latency_ms"])
     n = len(rows)
@@ -254,7 +234,7 @@ def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: lis
     def summary(group: list[dict]) -> dict:
         keys = ["probe_kb", "latency_ms", "before_handler_ms", "admission_wait_ms", "handling_ms", "after_handler_ms",
                 "thread_cpu_ms", "model_wall_ms", "model_cpu_ms", "audit_ms", "service_gc_ms", "client_gc_ms",
-                "others_cores", "service_cores", "client_cores"]
+                "others_cores", "steal_cores", "service_cores", "client_cores"]
         out: dict = {"calls": len(group)}
         for k in keys:
             out[k] = round(float(np.nanmedian([r[k] for r in group])), 2) if group else float("nan")
@@ -266,6 +246,30 @@ def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: lis
     window = (min(t for t, _ in times.values()), max(t for _, t in times.values())) if times else (0.0, 0.0)
     gcs = overlaps(records["gc"], *window)  # the open loop's, not start-up's or enrolment's
     by_gen = {g: [(e[1] - e[0]) * 1000 for e in gcs if e[2] == g] for g in (0, 1, 2)}
+    episodes = []  # the slowest calls in bursts (< 1 s apart), and what came just before each burst's first call
+    for r in sorted(slow, key=lambda r: r["issued_s"]):
+        if episodes and r["issued_s"] - episodes[-1]["last"] < 1.0:
+            episodes[-1]["last"] = r["issued_s"]
+            episodes[-1]["calls"] += 1
+            continue
+        t = r["issued_s"]
+        before = [x for x in rows if t - 0.5 <= x["issued_s"] <= t]
+        others, steal, svc_cores, cli_cores = sampler.others_share(t - 0.5, t)
+        episodes.append({
+            "first": t, "last": t, "calls": 1,
+            "gc_before": [(round(e[0] - t, 3), round((e[1] - e[0]) * 1000, 1), e[2])
+                          for e in overlaps(records["gc"], t - 0.5, t + 0.2) if e[1] - e[0] > 0.002],
+            "client_gc_before": [(round(e[0] - t, 3), round((e[1] - e[0]) * 1000, 1), e[2])
+                                 for e in overlaps(client_gc.events, t - 0.5, t + 0.2) if e[1] - e[0] > 0.002],
+            "audits_over_10ms_before": [(round(a[1] - t, 3), round((a[2] - a[1]) * 1000, 1)) for a in records["audits"]
+                                        if t - 0.5 <= a[1] <= t + 0.2 and a[2] - a[1] > 0.01],
+            "handling_ms_max_before": round(max((x["handling_ms"] for x in before), default=float("nan")), 1),
+            "thread_cpu_ms_max_before": round(max((x["thread_cpu_ms"] for x in before), default=float("nan")), 1),
+            "cores_before": {"others": round(others, 2), "steal": round(steal, 2), "service": round(svc_cores, 2),
+                             "client": round(cli_cores, 2)},
+        })
+    for e in episodes:
+        e["first"], e["last"] = round(e["first"] - window[0], 2), round(e["last"] - window[0], 2)
     audit_ms = sorted((a[1] - a[0]) * 1000 for a in overlaps([a[1:] for a in records["audits"]], *window))
     return {
         "calls_ok": n,
@@ -282,9 +286,10 @@ def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: lis
         # (s from the open loop's start, ms, objects frozen then): start-up and enrolment are before 0
         "service_gen2_s_ms_frozen": [(round(e[0] - window[0], 2), round((e[1] - e[0]) * 1000, 1), e[4])
                                      for e in records["gc"] if e[2] == 2],
-        "client_gc": {"count": len(client_gc), "max_ms": round(max(((e[1] - e[0]) * 1000 for e in client_gc),
-                                                                   default=0.0), 2)},
-        "slowest_1pct": summary(slow), "median_band": summary(mid),
+        "client_gc": client_gc.summary(),
+        "slowest_1pct": summary(slow), "median_band": summary(mid), "episodes": episodes,
+        "rows": [[round(r["issued_s"] - window[0], 3), round(r["latency_ms"], 1), round(r["admission_wait_ms"], 1),
+                  round(r["handling_ms"], 1), round(r["thread_cpu_ms"], 1), round(r["audit_ms"], 1)] for r in rows],
         "slowest_rows": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in slow],
     }
 
@@ -296,6 +301,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=15.0, help="closed loop at concurrency 8 for the rate")
     ap.add_argument("--rate", type=float, default=None, help="open-loop rate per s (default: 80 %% of the closed loop)")
     ap.add_argument("--open-seconds", type=float, default=60.0)
+    ap.add_argument("--raw-seconds", type=float, default=0.0,
+                    help="as bench.face_bench: the raw models on every core in this process for this long between "
+                         "the closed and the open loop (the service idles; the load generator holds the models)")
     ap.add_argument("--config", default="{}", help="service configuration overrides, JSON")
     ap.add_argument("--json", default=None, help="write the full analysis here")
     args = ap.parse_args()
@@ -305,6 +313,13 @@ def main() -> int:
     datas = [p.read_bytes() for p in images]
     requests = [face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"s{e}"),
                                            image=common_pb2.Image(data=datas[p])) for e, p in pairs if e != 0]
+    ceiling = None
+    if args.raw_seconds > 0:
+        from services.common.models import ModelStore
+        from services.settings import load_config
+
+        store = ModelStore(load_config(None, models={"cache_dir": str(MODEL_CACHE)}))
+        ceiling = ParallelRaw(store, [datas[p] for _, p in pairs], False)
     with tempfile.TemporaryDirectory(prefix="face-tail-") as tmp:
         svc = ProbedService("face", json.loads(args.config), data_dir=Path(tmp))
         try:
@@ -318,22 +333,26 @@ def main() -> int:
                 rate = OPEN_LOOP_SHARE * len(lat) / wall
                 print(f"closed loop c=8: {len(lat) / wall:.1f}/s, p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms, "
                       f"errors {errs}", flush=True)
+            if ceiling is not None:
+                print(f"raw models on every core: {ceiling.rate(False, args.raw_seconds):.1f}/s", flush=True)
             client_gc = GcLog().install()
             sampler = Sampler(svc.proc.pid).start()  # type: ignore[union-attr]
             cpu0 = svc.cpu_seconds()
             result, times = asyncio.run(open_loop(svc.address, svc.token(), requests, 8, rate, args.open_seconds))
             svc_cpu = (svc.cpu_seconds() - cpu0) / max(1, len(result.outcomes))
             sampler.stop()
-            gc.callbacks.remove(client_gc)
+            client_gc.remove()
             records = svc.records()
         finally:
             svc.stop()
-    report = analyse(times, records, client_gc.events, sampler, [len(r.image.data) for r in requests])
+            if ceiling is not None:
+                ceiling.p.close()
+    report = analyse(times, records, client_gc, sampler, [len(r.image.data) for r in requests])
     report.update({"rate_per_s": round(rate, 2), "open_seconds": args.open_seconds,
                    "codes": dict(Counter(o.code for o in result.outcomes)),
                    "tail_ratio": round(result.tail_ratio(), 2), "service_cpu_ms_per_call": round(svc_cpu * 1000, 2),
                    "loadavg_after": Path("/proc/loadavg").read_text().strip()})
-    short = {k: v for k, v in report.items() if k != "slowest_rows"}
+    short = {k: v for k, v in report.items() if k not in ("slowest_rows", "rows")}
     print(json.dumps(short, indent=1), flush=True)
     write_json(args.json, report)
     return 0

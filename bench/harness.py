@@ -17,6 +17,7 @@ data directory and the repository's model cache, and is SERVING (grpc.health.v1)
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,39 @@ class ThreadSampler:
                 "runnable_max": int(r.max()), "samples": len(self.runnable),
                 "threads_using_cpu": self.busy_threads,
                 "cpu_s_by_thread": {k: round(v, 2) for k, v in self.cpu_by_name.items()}}
+
+
+class GcLog:
+    """Each collection of this process: (start, end, generation, collected, frozen objects or -1),
+    perf_counter seconds."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, float, int, int, int]] = []
+        self._started: dict[int, float] = {}
+
+    def __call__(self, phase: str, info: dict) -> None:
+        tid = threading.get_ident()
+        if phase == "start":
+            self._started[tid] = time.perf_counter()
+        else:
+            # the frozen count costs a walk of the permanent generation: full collections only
+            self.events.append((self._started.pop(tid, float("nan")), time.perf_counter(), info["generation"],
+                                info["collected"], gc.get_freeze_count() if info["generation"] == 2 else -1))
+
+    def install(self) -> "GcLog":
+        gc.callbacks.append(self)
+        return self
+
+    def remove(self) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self, since: float = float("-inf")) -> dict[str, dict[str, float]]:
+        """Per generation: collections that started after ``since``, their longest and total ms."""
+        out = {}
+        for g in (0, 1, 2):
+            ms = [(e[1] - e[0]) * 1000 for e in self.events if e[2] == g and e[0] >= since]
+            out[f"gen{g}"] = {"count": len(ms), "max_ms": round(max(ms, default=0.0), 1), "total_ms": round(sum(ms), 1)}
+        return out
 
 
 def parallel_rate(step, seconds: float, threads: int) -> float:
