@@ -38,10 +38,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.face_bench import TENANT, ParallelRaw, enrol, run_load, trial_pairs
+from bench.face_bench import ParallelRaw, enrol, plain_requests, run_load, trial_pairs
 from bench.harness import MODEL_CACHE, GcLog, ServiceProcess, cpu_seconds, pct, write_json
 from bench.loadgen import OPEN_LOOP_SHARE, run_open_loop
-from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
+from services.common.api.v1 import face_pb2_grpc
 
 PROBE_ENV = "BIOGATE_TAIL_PROBE"  # where the probed service writes its records at exit
 
@@ -51,7 +51,7 @@ def probe_serve(argv: list[str]) -> int:
     """`biogate ARGV` with the records above, written as JSON to $BIOGATE_TAIL_PROBE at exit."""
     from services import cli
     from services.common import batching, context
-    from services.common.server import interceptor
+    from services.common.server import bootstrap, interceptor
     from services.common.storage import audit
 
     out = os.environ[PROBE_ENV]
@@ -98,11 +98,24 @@ def probe_serve(argv: list[str]) -> int:
             audits.append((threading.get_ident(), t, time.perf_counter()))
 
     audit.SqlAuditRepository.append = p_append  # type: ignore[method-assign]
+    warm_up = bootstrap.RunningServer._warm_up
+    full: list[float] = []
+
+    def p_warm_up(self):
+        warm_up(self)
+        # What a full collection costs once serving (with or without the freeze): the pause a
+        # gen-2 collection would put on every thread; the second one walks the heap alone.
+        for _ in range(2):
+            t = time.perf_counter()
+            gc.collect()
+            full.append((time.perf_counter() - t) * 1000)
+
+    bootstrap.RunningServer._warm_up = p_warm_up  # type: ignore[method-assign]
     interceptor._Call.__enter__, interceptor._Call.admit, interceptor._Call._finish = p_enter, p_admit, p_finish
     batching.Inline.submit_many = p_submit_many  # type: ignore[method-assign]
 
     def dump() -> None:
-        Path(out).write_text(json.dumps({"gc": gc_log.events, "calls": calls, "models": models, "audits": audits,
+        Path(out).write_text(json.dumps({"gc": gc_log.events, "calls": calls, "models": models, "audits": audits, "full_collection_ms": full,
                                          "gc_threshold": gc.get_threshold(), "gc_frozen": gc.get_freeze_count(),
                                          "gc_tracked": len(gc.get_objects())}))
 
@@ -211,7 +224,7 @@ def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: GcL
         appends = [a for a in records["audits"] if a[0] == c["tid"] and c["enter"] <= a[1] <= c["finish"]]
         others, steal, svc_cores, cli_cores = sampler.others_share(t0, t1)
         rows.append({
-            "i": i, "probe_kb": sizes[i % len(sizes)] / 1024, "latency_ms": (t1 - t0) * 1000,
+            "i": i, "cycle_place": i % len(sizes), "probe_kb": sizes[i % len(sizes)] / 1024, "latency_ms": (t1 - t0) * 1000,
             "before_handler_ms": (c["enter"] - t0) * 1000,  # client send, gRPC receive, thread pool dispatch
             "admission_wait_ms": (c["started"] - c["admit"]) * 1000,
             "handling_ms": (c["finish"] - c["started"]) * 1000,  # under the slot
@@ -283,6 +296,7 @@ def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: GcL
                        for g, v in by_gen.items()},
         "service_gc_threshold": records["gc_threshold"], "service_gc_frozen": records["gc_frozen"],
         "service_gc_tracked_at_exit": records["gc_tracked"],
+        "service_full_collection_ms_once_serving": [round(ms, 1) for ms in records["full_collection_ms"]],
         # (s from the open loop's start, ms, objects frozen then): start-up and enrolment are before 0
         "service_gen2_s_ms_frozen": [(round(e[0] - window[0], 2), round((e[1] - e[0]) * 1000, 1), e[4])
                                      for e in records["gc"] if e[2] == 2],
@@ -304,6 +318,7 @@ def main() -> int:
     ap.add_argument("--raw-seconds", type=float, default=0.0,
                     help="as bench.face_bench: the raw models on every core in this process for this long between "
                          "the closed and the open loop (the service idles; the load generator holds the models)")
+    ap.add_argument("--order", choices=("file", "shuffled"), default="file", help="as bench.face_bench")
     ap.add_argument("--config", default="{}", help="service configuration overrides, JSON")
     ap.add_argument("--json", default=None, help="write the full analysis here")
     args = ap.parse_args()
@@ -311,8 +326,7 @@ def main() -> int:
     print(f"load average before: {Path('/proc/loadavg').read_text().strip()}", flush=True)
     images, pairs = trial_pairs()
     datas = [p.read_bytes() for p in images]
-    requests = [face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"s{e}"),
-                                           image=common_pb2.Image(data=datas[p])) for e, p in pairs if e != 0]
+    requests = plain_requests(datas, pairs, args.order)
     ceiling = None
     if args.raw_seconds > 0:
         from services.common.models import ModelStore
