@@ -137,11 +137,10 @@ class ThreadSampler:
 
 
 class GcLog:
-    """Each collection of this process: (start, end, generation, collected, frozen objects or -1),
-    perf_counter seconds."""
+    """Each collection of this process: (start, end, generation, collected), perf_counter seconds."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[float, float, int, int, int]] = []
+        self.events: list[tuple[float, float, int, int]] = []
         self._started: dict[int, float] = {}
 
     def __call__(self, phase: str, info: dict) -> None:
@@ -149,9 +148,8 @@ class GcLog:
         if phase == "start":
             self._started[tid] = time.perf_counter()
         else:
-            # the frozen count costs a walk of the permanent generation: full collections only
             self.events.append((self._started.pop(tid, float("nan")), time.perf_counter(), info["generation"],
-                                info["collected"], gc.get_freeze_count() if info["generation"] == 2 else -1))
+                                info["collected"]))
 
     def install(self) -> "GcLog":
         gc.callbacks.append(self)
