@@ -303,6 +303,11 @@ def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: GcL
         "service_gen2_s_ms": [(round(e[0] - window[0], 2), round((e[1] - e[0]) * 1000, 1))
                               for e in records["gc"] if e[2] == 2],
         "client_gc": client_gc.summary(),
+        # the cycle's 8 large photos (150-755 KB) against the rest: each call's own CPU and handling
+        "by_probe_size": {k: {"calls": len(g), "thread_cpu_ms_p50": round(float(np.median([r["thread_cpu_ms"] for r in g])), 1),
+                              "handling_ms_p50": round(float(np.median([r["handling_ms"] for r in g])), 1)}
+                          for k, g in (("over_150kb", [r for r in rows if r["probe_kb"] > 150]),
+                                       ("up_to_150kb", [r for r in rows if r["probe_kb"] <= 150])) if g},
         "slowest_1pct": summary(slow), "median_band": summary(mid), "episodes": episodes,
         "rows": [[round(r["issued_s"] - window[0], 3), round(r["latency_ms"], 1), round(r["admission_wait_ms"], 1),
                   round(r["handling_ms"], 1), round(r["thread_cpu_ms"], 1), round(r["audit_ms"], 1)] for r in rows],
