@@ -18,6 +18,7 @@ admission wait against their handling time, their thread's CPU against wall time
 others took meanwhile; the same for the median calls as the reference.
 
     .venv/bin/python -m bench.face_tail [--duration 15] [--open-seconds 60] [--rate R] [--raw-seconds 5] [--json FILE]
+    .venv/bin/python -m bench.face_tail --replay FILE.json...   (a 2-slot queue model of the probe order, below)
 """
 
 from __future__ import annotations
@@ -315,9 +316,38 @@ def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: GcL
     }
 
 
+def replay(files: list[str], share: float = OPEN_LOOP_SHARE, seconds: float = 60.0, servers: int = 2) -> dict:
+    """A model, not a measurement: each place of the probe cycle costs the median thread CPU its calls
+    had in file-order runs (``files``, this script's JSON), served first come first served by
+    ``servers`` slots that never slow each other, arriving at fixed intervals at ``share`` of that
+    capacity. What the cycle's order alone does to p99 / p50, without the machine's noise."""
+    cpu: dict[int, list[float]] = {}
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        for t, _lat, _wait, _handling, c, _audit in d["rows"]:
+            cpu.setdefault(round(t * d["rate_per_s"]) % 98, []).append(c)
+    costs = np.array([np.median(cpu[p]) for p in range(98)]) / 1000
+    out = {"cpu_ms_mean": round(float(costs.mean()) * 1000, 1)}
+    for name, s in (("file", costs), ("shuffled", costs[np.random.default_rng(0).permutation(98)]),
+                    ("every probe at the median", np.full(98, np.median(costs)))):
+        rate = share * servers / float(s.mean())
+        free, latencies = [0.0] * servers, []
+        for i in range(int(rate * seconds)):
+            k = min(range(servers), key=free.__getitem__)
+            free[k] = max(i / rate, free[k]) + s[i % 98]
+            latencies.append(free[k] - i / rate)
+        p50, p99 = pct(latencies, 50), pct(latencies, 99)
+        out[name] = {"rate_per_s": round(rate, 1), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
+                     "p99_over_p50": round(p99 / p50, 2)}
+    return out
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--probe-serve":
         return probe_serve(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--replay":
+        print(json.dumps(replay(sys.argv[2:]), indent=1))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=15.0, help="closed loop at concurrency 8 for the rate")
     ap.add_argument("--rate", type=float, default=None, help="open-loop rate per s (default: 80 %% of the closed loop)")
