@@ -8,16 +8,19 @@ that the load generator reads too:
   - every model-work RPC (the interceptor's call): its x-request-id, when the handler thread took
     it, how long it waited for an admission slot, when it finished, and the thread CPU time it
     used (inline model runs are on that thread: wall >> CPU means it waited for a core or the GIL);
-  - every inline model call (services.common.batching.Inline): its thread, wall and CPU time.
+  - every inline model call (services.common.batching.Inline) and audit append: thread, wall (and CPU) time;
+  - once SERVING, what two full collections cost and how many objects are frozen (server.gc_freeze_after_warm_up).
 The load generator records each call's issue and answer times, its own GC collections, and a
-sampler thread reads /proc every 50 ms: the machine's busy CPU, the service's and its own, so
-that the rest is other processes'.
+sampler thread reads /proc every 50 ms: the machine's busy CPU and steal, the service's and its
+own, so that the rest is other processes'.
 
 For the slowest 1 % of calls it reports which overlap a GC collection (service or client), their
-admission wait against their handling time, their thread's CPU against wall time, and the CPU the
-others took meanwhile; the same for the median calls as the reference.
+admission wait against their handling time, their thread's CPU against wall time, the CPU the
+others took meanwhile and their place in the cycle of probes (--order, as bench.face_bench); the
+same for the median calls as the reference; and the bursts they come in, with what preceded each.
 
-    .venv/bin/python -m bench.face_tail [--duration 15] [--open-seconds 60] [--rate R] [--raw-seconds 5] [--json FILE]
+    .venv/bin/python -m bench.face_tail [--duration 15] [--open-seconds 60] [--rate R] [--raw-seconds 5]
+        [--order file|shuffled] [--json FILE]
     .venv/bin/python -m bench.face_tail --replay FILE.json...   (a 2-slot queue model of the probe order, below)
 """
 
@@ -118,9 +121,9 @@ def probe_serve(argv: list[str]) -> int:
     batching.Inline.submit_many = p_submit_many  # type: ignore[method-assign]
 
     def dump() -> None:
-        Path(out).write_text(json.dumps({"gc": gc_log.events, "calls": calls, "models": models, "audits": audits, "full_collection_ms": full,
-                                         "gc_threshold": gc.get_threshold(), "gc_frozen": frozen,
-                                         "gc_tracked": len(gc.get_objects())}))
+        Path(out).write_text(json.dumps({"gc": gc_log.events, "calls": calls, "models": models, "audits": audits,
+                                         "full_collection_ms": full, "gc_threshold": gc.get_threshold(),
+                                         "gc_frozen": frozen, "gc_tracked": len(gc.get_objects())}))
 
     atexit.register(dump)
     return cli.main(argv)
