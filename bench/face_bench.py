@@ -37,7 +37,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.harness import FIXTURES, MODEL_CACHE, ROOT, ServiceProcess, command_line, parallel_rate, pct
+from bench.harness import FIXTURES, MODEL_CACHE, GcLog, ROOT, ServiceProcess, command_line, parallel_rate, pct
 from bench.loadgen import OPEN_LOOP_SHARE, open_loop_at_share, open_loop_line
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.settings import load_config
@@ -53,6 +53,35 @@ def trial_pairs() -> tuple[list[Path], list[tuple[int, int]]]:
     index = {p: i for i, p in enumerate(images)}
     pairs = [(index[r["enroll"]], index[r["probe"]]) for r in rows if r["target"] == "1"]
     return [FIXTURES / p for p in images], pairs
+
+
+def plain_requests(datas: list[bytes], pairs: list[tuple[int, int]], order: str = "file") -> list:
+    """Verify of each genuine pair (enrolled subject s{e}, probe image p), the load's cycle of requests.
+    "file": in trials_face.csv's file order, where the 8 large photos (150-755 KB, up to about twice the
+    CPU of a 15 KB probe) sit within 12 places of each other across the cycle's wrap, so that an open
+    loop offers them as one burst every cycle; "shuffled": one fixed permutation (seed 0)."""
+    requests = [face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"s{e}"),
+                                           image=common_pb2.Image(data=datas[p])) for e, p in pairs if e != 0]
+    if order == "shuffled":
+        requests = [requests[i] for i in np.random.default_rng(0).permutation(len(requests))]
+    return requests
+
+
+def enrol(svc: ServiceProcess, datas: list[bytes]):
+    """Consent and enrolment of subject s{i} with image ``datas[i]``: (channel, stub, metadata) for more calls."""
+    from services.common.storage import ConsentRecord, open_storage
+
+    storage = open_storage(svc.settings.storage_dsn, svc.settings.storage)
+    for i in range(len(datas)):
+        storage.subjects.record_consent(ConsentRecord(TENANT, f"s{i}", "biometric_verification", ("face",), "v1"))
+    storage.close()
+    channel = grpc.insecure_channel(svc.address)
+    stub = face_pb2_grpc.FaceServiceStub(channel)
+    md = (("authorization", f"Bearer {svc.token()}"),)
+    for i, d in enumerate(datas):
+        stub.Enroll(face_pb2.EnrollFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"s{i}"),
+                                               images=[common_pb2.Image(data=d)]), metadata=md, timeout=60)
+    return channel, stub, md
 
 
 # ---------------------------------------------------------------- load generator
@@ -224,8 +253,6 @@ def naive_loop(store, probes: list[bytes], templates: list[np.ndarray], seconds:
 def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batching: str = "auto",
                    ceiling: ParallelRaw | None = None) -> tuple[float, float]:
     """One face service with ``workers`` processes: enrol, run every level into ``levels``; (peak RSS, start s)."""
-    from services.common.storage import ConsentRecord, open_storage
-
     with tempfile.TemporaryDirectory(prefix="face-bench-") as tmp:
         config: dict = {"server": {"workers": workers}, "face": {"micro_batching": batching}}
         if args.threads is not None:
@@ -236,16 +263,7 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batch
         try:
             svc.start()
             start_s = svc.start_s
-            storage = open_storage(svc.settings.storage_dsn, svc.settings.storage)
-            for i in range(len(images)):
-                storage.subjects.record_consent(ConsentRecord(TENANT, f"s{i}", "biometric_verification", ("face",), "v1"))
-            storage.close()
-            channel = grpc.insecure_channel(svc.address)
-            stub = face_pb2_grpc.FaceServiceStub(channel)
-            md = (("authorization", f"Bearer {svc.token()}"),)
-            for i, d in enumerate(datas):
-                stub.Enroll(face_pb2.EnrollFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"s{i}"),
-                                                       images=[common_pb2.Image(data=d)]), metadata=md, timeout=60)
+            channel, stub, md = enrol(svc, datas)
             # Liveness mode: the bona fide webcam frames of pad_face.csv against one enrolled frame
             # (the trial photos are prints and screens of public figures: passive liveness rejects most).
             live_frames = [p.read_bytes() for p in sorted((FIXTURES / "face/pad/live").glob("apfol_real_*"))]
@@ -259,9 +277,7 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batch
                                                            image=common_pb2.Image(data=d), require_liveness=True)
                                 for d in live_frames]
                 else:
-                    requests = [face_pb2.VerifyFaceRequest(
-                        subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"s{e}"),
-                        image=common_pb2.Image(data=datas[p])) for e, p in pairs if e != 0]
+                    requests = plain_requests(datas, pairs, args.order)
                 for c in args.concurrency:
                     asyncio.run(run_load(svc.address, svc.token(), requests, c, 2.0, 50))  # warm the path
                     cpu0 = svc.cpu_seconds()
@@ -279,11 +295,16 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batch
                 if args.open_seconds > 0:  # at a share of the highest closed-loop level's throughput
                     top = max((lv for lv in levels if lv[0] == mode and lv[5] == label), key=lambda lv: lv[1])
                     cpu0 = svc.cpu_seconds()
-                    result = asyncio.run(run_open(svc.address, svc.token(), requests, max(args.concurrency),
-                                                 len(top[2]) / top[3], args.open_seconds))
+                    client_gc = GcLog().install()  # the load generator's own pauses delay sends and answers
+                    try:
+                        result = asyncio.run(run_open(svc.address, svc.token(), requests, max(args.concurrency),
+                                                     len(top[2]) / top[3], args.open_seconds))
+                    finally:
+                        client_gc.remove()
                     cpu = (svc.cpu_seconds() - cpu0) / max(1, len(result.outcomes))
                     print(f"workers {label} {mode} {open_loop_line(result)}, {OPEN_LOOP_SHARE:.0%} of concurrency "
-                          f"{top[1]}'s rate; service CPU {cpu * 1000:.1f} ms per request", flush=True)
+                          f"{top[1]}'s rate; service CPU {cpu * 1000:.1f} ms per request; load generator's GC "
+                          f"{client_gc.summary()}", flush=True)
             rss = svc.peak_rss_mb()
         finally:
             svc.stop()
@@ -309,6 +330,8 @@ def main() -> int:
                          "throughput for this long (issue 13's p99 <= 3 x p50); 0: not run")
     ap.add_argument("--batching", nargs="+", choices=("auto", "on", "off"), default=["auto"],
                     help="face.micro_batching of the service, one run each (with each --workers)")
+    ap.add_argument("--order", choices=("file", "shuffled"), default="file",
+                    help="plain mode's cycle of probes: trials_face.csv's order, or one fixed shuffle (seed 0)")
     ap.add_argument("--write-results", action="store_true", help="replace the Face section of bench/RESULTS.md")
     args = ap.parse_args()
 

@@ -17,6 +17,7 @@ data directory and the repository's model cache, and is SERVING (grpc.health.v1)
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,37 @@ class ThreadSampler:
                 "runnable_max": int(r.max()), "samples": len(self.runnable),
                 "threads_using_cpu": self.busy_threads,
                 "cpu_s_by_thread": {k: round(v, 2) for k, v in self.cpu_by_name.items()}}
+
+
+class GcLog:
+    """Each collection of this process: (start, end, generation, collected), perf_counter seconds."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, float, int, int]] = []
+        self._started: dict[int, float] = {}
+
+    def __call__(self, phase: str, info: dict) -> None:
+        tid = threading.get_ident()
+        if phase == "start":
+            self._started[tid] = time.perf_counter()
+        else:
+            self.events.append((self._started.pop(tid, float("nan")), time.perf_counter(), info["generation"],
+                                info["collected"]))
+
+    def install(self) -> "GcLog":
+        gc.callbacks.append(self)
+        return self
+
+    def remove(self) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self, since: float = float("-inf")) -> dict[str, dict[str, float]]:
+        """Per generation: collections that started after ``since``, their longest and total ms."""
+        out = {}
+        for g in (0, 1, 2):
+            ms = [(e[1] - e[0]) * 1000 for e in self.events if e[2] == g and e[0] >= since]
+            out[f"gen{g}"] = {"count": len(ms), "max_ms": round(max(ms, default=0.0), 1), "total_ms": round(sum(ms), 1)}
+        return out
 
 
 def parallel_rate(step, seconds: float, threads: int) -> float:
@@ -253,9 +286,8 @@ class ServiceProcess:
         from services.serve import health_status
 
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "--config", str(self.config_file), "serve", self.service],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.log_file, "w"))
+        self.proc = subprocess.Popen(self.command(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log_file, "w"), env=self.environment())
         while health_status(self.address) != "SERVING":
             if self.proc.poll() is not None or time.monotonic() - t0 > self.timeout_s:
                 self.stop()
@@ -263,6 +295,13 @@ class ServiceProcess:
             time.sleep(0.5)
         self.start_s = time.monotonic() - t0
         return self
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "services.cli", "--config", str(self.config_file), "serve", self.service]
+
+    def environment(self) -> dict[str, str] | None:
+        """The service's environment; None: this process's."""
+        return None
 
     def token(self, role: str = "dev-all") -> str:
         return dev_token(self.settings, role)
