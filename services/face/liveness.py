@@ -40,6 +40,9 @@ class LivenessModelSpec:
 
 def retinaface_box(face: Face, template_box: Sequence[float] = TEMPLATE_BOX) -> np.ndarray:
     """Axis-aligned box around ``template_box`` mapped from the template frame onto the image."""
+    # Not align.similarity_matrix (least squares, image -> template): this box follows the
+    # reference crop, a robust (LMEDS) fit from the template onto the image, and the threshold was
+    # calibrated on it.
     m, _ = cv2.estimateAffinePartial2D(arcface_dst, face.landmarks5.astype(np.float32), method=cv2.LMEDS)
     if m is None:
         return face.box.astype(np.float32)
