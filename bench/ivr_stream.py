@@ -51,6 +51,7 @@ def paced(session_id: str, nonce: str, audio: bytes, marks: dict[str, float]):
     for i in range(0, len(audio), CHUNK):
         yield F.StreamVoiceFactorRequest(chunk=audio[i:i + CHUNK])
         time.sleep(CHUNK / 8000)
+    yield F.StreamVoiceFactorRequest(end=F.StreamVoiceFactorRequest.End(audio_bytes=len(audio)))
     marks["cpu"], marks["t"] = time.process_time(), time.perf_counter()
 
 
