@@ -68,7 +68,7 @@ def stream_chunks(messages: Iterable, byte_rate: int, cfg: IvrStreamConfig) -> I
             check_end(msg.end, total, stream)
             return
         if msg.WhichOneof("part") != "chunk":
-            raise errors.invalid_argument(f"message {n + 1} is not an audio chunk: one header, then chunks only",
+            raise errors.invalid_argument(f"message {n + 1} is not an audio chunk: one header, the chunks, then the end message",
                                           "UNEXPECTED_HEADER", chunk="expected")
         if not 0 < len(msg.chunk) <= max_chunk:
             raise errors.invalid_argument(
