@@ -6,7 +6,8 @@ loopback (tests/mfa/world.py, in this process) with the default policy.
 Per round: an IVR session, its digit challenge and a genuine answer the recogniser hears
 (tests/mfa/spoken_digits.heard_answer, not timed; it only picks the takes, it measures no rate);
 then, timed, the factor. Unary: from the call to its answer (the upload happens after the caller
-stops). Streamed: from the last chunk handed to gRPC to the answer. Rounds alternate the two ways.
+stops). Streamed: from the end message (after the last chunk) handed to gRPC to the answer. Rounds
+alternate the two ways.
 Also the process CPU time of each timed part (the services run in this process) and, with
 ``--threads``, where it went: the CPU of each group of threads (Python threads by their pool's
 name; "native" for threads Python did not start: gRPC core's, the inference libraries'; "exited"
@@ -51,6 +52,7 @@ def paced(session_id: str, nonce: str, audio: bytes, marks: dict[str, float]):
     for i in range(0, len(audio), CHUNK):
         yield F.StreamVoiceFactorRequest(chunk=audio[i:i + CHUNK])
         time.sleep(CHUNK / 8000)
+    yield F.StreamVoiceFactorRequest(end=F.StreamVoiceFactorRequest.End(audio_bytes=len(audio)))
     marks["cpu"], marks["t"] = time.process_time(), time.perf_counter()
 
 

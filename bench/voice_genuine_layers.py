@@ -107,7 +107,8 @@ def run(stub, storage, consent, speakers: dict, channel: str, kind: str, tenant:
             else:
                 header = voice_pb2.StreamVerifyVoiceRequest.Header(subject=ref, format=fmt, channel=vchannel)
                 messages = [voice_pb2.StreamVerifyVoiceRequest(header=header)] + [
-                    voice_pb2.StreamVerifyVoiceRequest(chunk=raw[i : i + step]) for i in range(0, len(raw), step)]
+                    voice_pb2.StreamVerifyVoiceRequest(chunk=raw[i : i + step]) for i in range(0, len(raw), step)] + [
+                    voice_pb2.StreamVerifyVoiceRequest(end=voice_pb2.StreamVerifyVoiceRequest.End(audio_bytes=len(raw)))]
                 reply = stub.StreamVerify(iter(messages), timeout=300)
             audit = json.loads(storage.audit.last().details)
             result["verifications"] += 1

@@ -250,7 +250,8 @@ class _Source:
     handler, where the interceptor answers a refusal and logs a real fault at ERROR, and the call is
     cancelled here. Raised into grpc's request thread instead, every refusal was logged there at
     ERROR ("Exception iterating requests!"); and the iterator may not just end, which would
-    half-close the call and have the service decide on part of the audio."""
+    half-close the call (the voice service refuses a StreamVerify closed without its end message,
+    but a cancel is what the failure is)."""
 
     def __init__(self, first: Any, rest: Iterator[Any]) -> None:
         self.first, self.rest = first, rest

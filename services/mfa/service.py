@@ -292,7 +292,8 @@ class Orchestrator:
         """StreamVoiceFactor: the voice factor of submit() with the audio streamed. The header is
         checked as VoiceEvidence is; the chunks are read (within mfa.ivr_stream's limits) while the
         voice service hears them, joined into blocks of up to mfa.ivr_stream.max_hold_s, so a stream
-        refused midway has written nothing."""
+        refused midway has written nothing. Only the caller's end message ends the answer: a stream
+        closed without it (a hang-up) is refused CANCELLED, as is the call to the voice service."""
         stream = iter(messages)
         first = next(stream, None)
         if first is None or first.WhichOneof("part") != "header":

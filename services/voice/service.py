@@ -26,6 +26,7 @@ from services.common.modality.readiness import ReadinessGate
 from services.common.modality.reasons import entry, reason, refusal
 from services.common.modality.templates import Templates
 from services.common.runtime import Runtime
+from services.common.stream_end import check_end, hung_up
 from services.common.subjects import actor
 from services.common.validation import subject_ref
 
@@ -243,14 +244,24 @@ class VoiceService:
         eng = self.ready.get()
         if family_hint is not None:
             self._template(tenant, subject, family_hint)
+        received, complete = 0, False
         try:
             stream: VoiceStream = eng.pipeline.stream(fmt, "verify")
             for msg in requests:
-                if msg.WhichOneof("part") != "chunk":
+                part = msg.WhichOneof("part")
+                if part == "end":
+                    check_end(msg.end, received, requests)
+                    complete = True
+                    break
+                if part != "chunk":
                     raise refusal("UNEXPECTED_HEADER", fields={"chunk": "expected"})
+                received += len(msg.chunk)
                 # A challenge is decided on the whole answer: the digits may come after the target.
                 if stream.feed(msg.chunk) and nonce is None:
+                    complete = True
                     break
+            if not complete:
+                raise hung_up(received)
             context.admit()  # the models' work starts here, possibly before the client's stream ends
             prepared = stream.finish()
         except AudioError as err:

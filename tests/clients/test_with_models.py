@@ -99,7 +99,7 @@ def test_voice_from_the_command_line_and_ivr_audio_streamed_through_the_sdk(with
                                         subject=("cli-bank", "cli-voice-1"))
     assert answer is not None
     (tmp_path / "answer.wav").write_bytes(answer)
-    assert client_cli(["verify-voice", *common, "--subject", "cli-voice-1", "--nonce", challenge["challenge"]["nonce"],
+    assert client_cli(["verify-voice", *common, "--subject", "cli-voice-1", f"--nonce={challenge['challenge']['nonce']}",
                        str(tmp_path / "answer.wav")]) == 0
     assert capsys.readouterr().out.startswith("verify-voice: MATCH")
 

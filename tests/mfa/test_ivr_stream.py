@@ -1,8 +1,9 @@
 """The IVR's voice factor streamed (MfaService.StreamVoiceFactor) through real MFA and voice
 services on loopback: the caller's G.711 answer sent in 20 ms chunks as it is spoken passes as the
-unary SubmitFactor does; a stalled, oversized or malformed stream, and one for another tenant's
-session, are refused with their codes before anything is written (the MFA's session and audit
-trail, the voice service's audit trail, and the challenge, which stays unspent)."""
+unary SubmitFactor does; a stalled, oversized or malformed stream, one closed without its end
+message (a hang-up) or with a wrong one, and one for another tenant's session, are refused with
+their codes before anything is written (the MFA's session, audit trail and lockout counter, the
+voice service's audit trail, and the challenge, which stays unspent)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,18 @@ def header(s, nonce: str, fmt=MULAW, binding=None) -> F.StreamVoiceFactorRequest
         binding=binding or F.CaptureBinding(terminal=F.TerminalCapture())))
 
 
+def end(audio_bytes: int) -> F.StreamVoiceFactorRequest:
+    return F.StreamVoiceFactorRequest(end=F.StreamVoiceFactorRequest.End(audio_bytes=audio_bytes))
+
+
 def chunks(audio: bytes, size: int = CHUNK, paced: bool = False):
-    """The audio in chunks of ``size`` bytes; ``paced``: one chunk each 20 ms, as the caller speaks."""
+    """The audio in chunks of ``size`` bytes, then the end message; ``paced``: one chunk each 20 ms,
+    as the caller speaks."""
     for i in range(0, len(audio), size):
         yield F.StreamVoiceFactorRequest(chunk=audio[i:i + size])
         if paced:
             time.sleep(size / 8000)
+    yield end(len(audio))
 
 
 def stream(world, messages, timeout: float = 120):
@@ -70,14 +77,16 @@ def refused(world, messages) -> tuple[grpc.StatusCode, str]:
 
 def written(world, s) -> tuple:
     """What a refused stream must leave as it was: the session's factors, the audit trails'
-    lengths (MFA and voice) and the MFA's mfa.factor records of the session."""
+    lengths (MFA and voice), the MFA's mfa.factor records of the session and the failures its
+    subject's lockout counts."""
     orch = world.mfa.running["mfa"].definition.service
     voice_rt = world.bio.running["voice"].definition.service.rt
     session = orch.sessions.get(s.session_id)
     mfa_records = list(orch.rt.storage.audit.iter_records())
     factors = [json.loads(r.details) for r in mfa_records if r.event_type == "mfa.factor"]
+    lock = orch.lockouts.store.lockouts.get(session.tenant_id, "subject", session.subject_id)
     return (len(session.state.factors), len(mfa_records), len(list(voice_rt.storage.audit.iter_records())),
-            [f for f in factors if f["session_id"] == s.session_id])
+            [f for f in factors if f["session_id"] == s.session_id], 0 if lock is None else lock.cost)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +142,7 @@ def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(servic
     s = world.start_ivr(ref)
     audio, nonce = answer(s)
     some = list(chunks(audio))[:5]
+    sent = 5 * CHUNK
     before = written(world, s)
     assert before[3] == []
 
@@ -142,6 +152,14 @@ def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(servic
         grpc.StatusCode.INVALID_ARGUMENT, "HEADER_REQUIRED")
     assert refused(world, [header(s, nonce), *some, header(s, nonce)]) == (
         grpc.StatusCode.INVALID_ARGUMENT, "UNEXPECTED_HEADER")
+    # closed without the end message: the caller hung up (gRPC may show a cancel so), nothing decided
+    assert refused(world, [header(s, nonce), *some]) == (grpc.StatusCode.CANCELLED, "STREAM_NOT_ENDED")
+    whole = list(chunks(audio))[:-1]  # the whole answer, so that only the end message is wrong
+    assert refused(world, [header(s, nonce), *whole]) == (grpc.StatusCode.CANCELLED, "STREAM_NOT_ENDED")
+    assert refused(world, [header(s, nonce), *some, end(sent + 1)]) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "END_MISMATCH")
+    assert refused(world, [header(s, nonce), *whole, end(len(audio)), some[0]]) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "DATA_AFTER_END")
     assert refused(world, [header(s, nonce), *some, F.StreamVoiceFactorRequest(chunk=audio[:801])]) == (
         grpc.StatusCode.INVALID_ARGUMENT, "CHUNK_SIZE")  # over 100 ms of mu-law
     silence = F.StreamVoiceFactorRequest(chunk=b"\xff" * 800)
@@ -203,9 +221,10 @@ def test_an_ivr_that_hangs_up_mid_stream_ends_both_calls_with_nothing_logged_at_
     finally:
         release.set()
     assert errors_logged(caplog) == []
-    # CANCELLED; or, where grpc's server sees the hang-up as the end of the stream (its pending read
-    # completes before the cancellation does), the voice service's refusal of the 0.5 s heard
-    assert ended(caplog, "StreamVoiceFactor") in ("CANCELLED", "FAILED_PRECONDITION")
+    # CANCELLED, whether grpc's server sees the hang-up as such or as the end of the stream (its
+    # pending read completes before the cancellation does): no end message came, nothing is decided
+    assert ended(caplog, "StreamVoiceFactor") == "CANCELLED"
+    assert ended(caplog, "StreamVerify") == "CANCELLED"
     assert written(world, s) == before
 
 

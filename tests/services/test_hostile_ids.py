@@ -77,7 +77,8 @@ def stream(header_subject):
     header = voice_pb2.StreamVerifyVoiceRequest.Header(
         subject=header_subject, format=common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_MULAW))
     return iter([voice_pb2.StreamVerifyVoiceRequest(header=header),
-                 voice_pb2.StreamVerifyVoiceRequest(chunk=b"\xff" * 160)])
+                 voice_pb2.StreamVerifyVoiceRequest(chunk=b"\xff" * 160),
+                 voice_pb2.StreamVerifyVoiceRequest(end=voice_pb2.StreamVerifyVoiceRequest.End(audio_bytes=160))])
 
 
 # (service, rpc) -> {field: value -> request}; the session id is filled in by the test

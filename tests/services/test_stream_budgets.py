@@ -120,6 +120,7 @@ def test_a_stream_within_budget_still_reaches_the_service(voice):
         yield HEADER
         for _ in range(50):
             yield SILENCE_20MS
+        yield voice_pb2.StreamVerifyVoiceRequest(end=voice_pb2.StreamVerifyVoiceRequest.End(audio_bytes=50 * 160))
 
     code, reason = outcome(lambda: voice.StreamVerify(short(), timeout=30))
     assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)

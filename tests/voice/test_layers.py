@@ -140,7 +140,8 @@ def verify_as_caller(voice_service, ref, x, family: str):
     data = telephone.encode(x, 16000)
     header = voice_pb2.StreamVerifyVoiceRequest.Header(subject=ref, format=MULAW, channel=CHANNELS[family])
     return voice_service.stub.StreamVerify(iter([voice_pb2.StreamVerifyVoiceRequest(header=header)] + [
-        voice_pb2.StreamVerifyVoiceRequest(chunk=data[i : i + 160]) for i in range(0, len(data), 160)]))
+        voice_pb2.StreamVerifyVoiceRequest(chunk=data[i : i + 160]) for i in range(0, len(data), 160)] + [
+        voice_pb2.StreamVerifyVoiceRequest(end=voice_pb2.StreamVerifyVoiceRequest.End(audio_bytes=len(data)))]))
 
 
 def enrol_speaker(voice_service, voice_dir, name: str, family: str):

@@ -194,7 +194,9 @@ def test_stream_of_20ms_mulaw_chunks_decides_as_the_unary_call(voice_service, vo
         data = telephone.encode(x, 16000)
         header = voice_pb2.StreamVerifyVoiceRequest.Header(subject=ref(t1, s1), format=MULAW, channel=TEL)
         chunks = [voice_pb2.StreamVerifyVoiceRequest(chunk=data[i : i + 160]) for i in range(0, len(data), 160)]
-        streamed = voice_service.stub.StreamVerify(iter([voice_pb2.StreamVerifyVoiceRequest(header=header)] + chunks))
+        end = voice_pb2.StreamVerifyVoiceRequest(end=voice_pb2.StreamVerifyVoiceRequest.End(audio_bytes=len(data)))
+        streamed = voice_service.stub.StreamVerify(iter([voice_pb2.StreamVerifyVoiceRequest(header=header)] + chunks
+                                                        + [end]))
         consumed = int(round(streamed.quality.duration_s * 8000))
         assert consumed == len(data) or consumed % 160 == 0
         if consumed < len(data):  # answered early: just past the target
@@ -308,6 +310,44 @@ def test_digit_challenge(voice_service):
             dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=60)))
         r = verify(voice_service, tenant, subject, wav(_digits_audio(known)), nonce=ch.nonce)
         assert r.match and r.challenge_checked and r.challenge_passed and r.spoof_passed
+
+
+def test_a_stream_is_decided_only_at_its_end_message(voice_service):
+    """A challenge's answer streamed (20 ms LINEAR16 chunks, so nothing is decided before the
+    end): closed without the end message (a hang-up), with an end message counting other bytes,
+    or with a chunk after it, the stream is refused, nothing is audited and the challenge stays
+    unspent; the same answer with its end message is then decided and passes."""
+    tenant, subject = new_subject(voice_service, "tts")
+    sentences = ["Please verify my identity so that I can access my account today.",
+                 "Good morning, I need to change the address on my current account."]
+    enrol(voice_service, tenant, subject, [attacks.espeak(s, "en-us+klatt", speed=130) for s in sentences])
+    known = "305162"
+    ch = voice_service.rt.storage.challenges.create(ChallengeRecord(
+        tenant, subject, "voice_digits", {"digits": known}, dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=60)))
+    data = wav_bytes(_digits_audio(known), 16000, "PCM_16", "RAW")
+    header = voice_pb2.StreamVerifyVoiceRequest(header=voice_pb2.StreamVerifyVoiceRequest.Header(
+        subject=ref(tenant, subject), challenge_nonce=ch.nonce,
+        format=common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000)))
+    chunks = [voice_pb2.StreamVerifyVoiceRequest(chunk=data[i : i + 640]) for i in range(0, len(data), 640)]
+
+    def end(n: int) -> voice_pb2.StreamVerifyVoiceRequest:
+        return voice_pb2.StreamVerifyVoiceRequest(end=voice_pb2.StreamVerifyVoiceRequest.End(audio_bytes=n))
+
+    def audited() -> int:
+        return sum(1 for _ in voice_service.rt.storage.audit.iter_records())
+
+    before = audited()
+    for messages, expected in (
+            ([header, *chunks], (grpc.StatusCode.CANCELLED, "STREAM_NOT_ENDED")),
+            ([header, *chunks, end(len(data) - 1)], (grpc.StatusCode.INVALID_ARGUMENT, "END_MISMATCH")),
+            ([header, *chunks, end(len(data)), chunks[0]], (grpc.StatusCode.INVALID_ARGUMENT, "DATA_AFTER_END")),
+            ([header, *chunks, end(len(data)), end(len(data))], (grpc.StatusCode.INVALID_ARGUMENT, "DATA_AFTER_END"))):
+        assert status_of(lambda m=messages: voice_service.stub.StreamVerify(iter(m), timeout=60)) == expected
+        assert audited() == before
+    r = voice_service.stub.StreamVerify(iter([header, *chunks, end(len(data))]), timeout=60)
+    assert r.match and r.challenge_checked and r.challenge_passed, r
+    assert r.quality.duration_s == pytest.approx(len(data) / 32000, abs=0.01)  # decided on the whole answer
+    assert audited() == before + 1
 
 
 # -- bad inputs -------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ class BioGate:
                      encoding: common_pb2.AudioEncoding = common_pb2.AUDIO_ENCODING_MULAW, sample_rate_hz: int = 8000
                      ) -> voice_pb2.VerifyVoiceResponse:
         """Verification of IVR audio as it arrives: raw chunks (G.711 mu-law 8 kHz by default;
-        A-law or LINEAR16 with ``encoding``), the telephone channel."""
+        A-law or LINEAR16 with ``encoding``), the telephone channel; the end message, which lets
+        the answer be decided, is sent once ``chunks`` has ended."""
         header = voice_pb2.StreamVerifyVoiceRequest.Header(
             subject=subject_ref(tenant, subject), challenge_nonce=challenge_nonce,
             channel=voice_pb2.VOICE_CHANNEL_TELEPHONE,
@@ -158,8 +159,11 @@ class BioGate:
 
         def parts():
             yield voice_pb2.StreamVerifyVoiceRequest(header=header)
+            sent = 0
             for chunk in chunks:
+                sent += len(chunk)
                 yield voice_pb2.StreamVerifyVoiceRequest(chunk=chunk)
+            yield voice_pb2.StreamVerifyVoiceRequest(end=voice_pb2.StreamVerifyVoiceRequest.End(audio_bytes=sent))
 
         return self.call(self.voice.StreamVerify, parts())
 
@@ -315,7 +319,9 @@ class Session:
         """The IVR platform's voice factor streamed as the caller speaks (StreamVoiceFactor): raw
         ``chunks`` of at most 100 ms each (G.711 mu-law 8 kHz by default), sent as ``chunks``
         yields them; the MFA passes each on to the voice service at once. Keep them coming (a pause
-        over 2 s is refused) and end ``chunks`` when the caller has answered."""
+        over 2 s is refused) and end ``chunks`` when the caller has answered: only then is the end
+        message sent that lets the answer be decided. Where ``chunks`` raises (the caller hung up),
+        the call is cancelled without it and nothing is decided."""
         header = mfa_pb2.StreamVoiceFactorRequest.Header(
             session_id=self.id, challenge_nonce=nonce,
             format=common_pb2.AudioFormat(encoding=encoding, sample_rate_hz=sample_rate_hz),
@@ -323,8 +329,11 @@ class Session:
 
         def parts():
             yield mfa_pb2.StreamVoiceFactorRequest(header=header)
+            sent = 0
             for chunk in chunks:
+                sent += len(chunk)
                 yield mfa_pb2.StreamVoiceFactorRequest(chunk=chunk)
+            yield mfa_pb2.StreamVoiceFactorRequest(end=mfa_pb2.StreamVoiceFactorRequest.End(audio_bytes=sent))
 
         return self.client.call(self.client.mfa.StreamVoiceFactor, parts())
 

@@ -6,7 +6,8 @@ veto.
 The IVR may stream the utterance instead (MfaService.StreamVoiceFactor): the evidence is then a
 :class:`StreamedVoice`, the same checks run on its header, and check() passes the chunks on to
 VoiceService.StreamVerify as they arrive (joined into blocks of up to mfa.ivr_stream.max_hold_s)
-instead of calling Verify with the whole recording."""
+instead of calling Verify with the whole recording, and StreamVerify's end message only once the
+caller's own end message arrived: a caller who hangs up has the voice service decide nothing."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from services.common import errors
 from services.common.api.v1 import common_pb2, mfa_pb2, voice_pb2
+from services.common.stream_end import check_end, hung_up
 
 from ..config import IvrStreamConfig
 
@@ -55,12 +57,18 @@ def stream_byte_rate(fmt: common_pb2.AudioFormat) -> int:
 
 def stream_chunks(messages: Iterable, byte_rate: int, cfg: IvrStreamConfig) -> Iterator[bytes]:
     """The audio of a StreamVoiceFactor's messages after the header, within the stream's limits:
-    each chunk at most ``max_chunk_s`` of audio and not empty, all of them at most ``max_audio_s``."""
+    each chunk at most ``max_chunk_s`` of audio and not empty, all of them at most ``max_audio_s``.
+    Ends normally only at the caller's end message, once its count matched and the stream closed
+    after it; a stream closed without it is a hang-up (CANCELLED STREAM_NOT_ENDED)."""
     max_chunk, max_total = int(byte_rate * cfg.max_chunk_s), int(byte_rate * cfg.max_audio_s)
     total = 0
-    for n, msg in enumerate(messages, 1):
+    stream = iter(messages)
+    for n, msg in enumerate(stream, 1):
+        if msg.WhichOneof("part") == "end":
+            check_end(msg.end, total, stream)
+            return
         if msg.WhichOneof("part") != "chunk":
-            raise errors.invalid_argument(f"message {n + 1} is not an audio chunk: one header, then chunks only",
+            raise errors.invalid_argument(f"message {n + 1} is not an audio chunk: one header, the chunks, then the end message",
                                           "UNEXPECTED_HEADER", chunk="expected")
         if not 0 < len(msg.chunk) <= max_chunk:
             raise errors.invalid_argument(
@@ -72,6 +80,7 @@ def stream_chunks(messages: Iterable, byte_rate: int, cfg: IvrStreamConfig) -> I
                 f"the stream carried more than {cfg.max_audio_s:g} s of audio ({max_total} bytes): end the stream "
                 "once the digits are spoken", "STREAM_TOO_LONG", chunk=f"at most {max_total} bytes in all")
         yield msg.chunk
+    raise hung_up(total)
 
 
 def held(chunks: Iterable[bytes], byte_rate: int, max_hold_s: float,
@@ -93,6 +102,17 @@ def held(chunks: Iterable[bytes], byte_rate: int, max_hold_s: float,
             parts, size = [], 0
     if parts:
         yield b"".join(parts)
+
+
+def ended(chunks: Iterable[bytes]) -> Iterator[voice_pb2.StreamVerifyVoiceRequest]:
+    """StreamVerify's messages after the header: ``chunks``, then the end message, sent only once
+    ``chunks`` ended normally (the caller's own end message arrived); an error of ``chunks`` is
+    raised before it, so the voice service never decides on part of an answer."""
+    sent = 0
+    for chunk in chunks:
+        sent += len(chunk)
+        yield voice_pb2.StreamVerifyVoiceRequest(chunk=chunk)
+    yield voice_pb2.StreamVerifyVoiceRequest(end=voice_pb2.StreamVerifyVoiceRequest.End(audio_bytes=sent))
 
 
 class VoiceFactor(BiometricFactor):
@@ -124,8 +144,7 @@ class VoiceFactor(BiometricFactor):
         if isinstance(ev, StreamedVoice):
             header = voice_pb2.StreamVerifyVoiceRequest(header=voice_pb2.StreamVerifyVoiceRequest.Header(
                 subject=subject, format=ev.audio.format, channel=channel, challenge_nonce=ev.challenge_nonce))
-            r = ctx.clients["voice"].stream("StreamVerify", header, (
-                voice_pb2.StreamVerifyVoiceRequest(chunk=c) for c in ev.chunks), budget_s=ctx.budget_s)
+            r = ctx.clients["voice"].stream("StreamVerify", header, ended(ev.chunks), budget_s=ctx.budget_s)
             ctx.notes["audit"] = {"via": "stream"}
         else:
             r = ctx.clients["voice"].call("Verify", voice_pb2.VerifyVoiceRequest(

@@ -291,7 +291,7 @@ class SubmitFactorRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., face: _Optional[_Union[FaceEvidence, _Mapping]] = ..., voice: _Optional[_Union[VoiceEvidence, _Mapping]] = ..., otp: _Optional[_Union[OtpEvidence, _Mapping]] = ..., device: _Optional[_Union[DeviceProof, _Mapping]] = ...) -> None: ...
 
 class StreamVoiceFactorRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "end")
     class Header(_message.Message):
         __slots__ = ("session_id", "challenge_nonce", "format", "binding")
         SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -303,11 +303,18 @@ class StreamVoiceFactorRequest(_message.Message):
         format: _common_pb2.AudioFormat
         binding: CaptureBinding
         def __init__(self, session_id: _Optional[str] = ..., challenge_nonce: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.AudioFormat, _Mapping]] = ..., binding: _Optional[_Union[CaptureBinding, _Mapping]] = ...) -> None: ...
+    class End(_message.Message):
+        __slots__ = ("audio_bytes",)
+        AUDIO_BYTES_FIELD_NUMBER: _ClassVar[int]
+        audio_bytes: int
+        def __init__(self, audio_bytes: _Optional[int] = ...) -> None: ...
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     header: StreamVoiceFactorRequest.Header
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[StreamVoiceFactorRequest.Header, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    end: StreamVoiceFactorRequest.End
+    def __init__(self, header: _Optional[_Union[StreamVoiceFactorRequest.Header, _Mapping]] = ..., chunk: _Optional[bytes] = ..., end: _Optional[_Union[StreamVoiceFactorRequest.End, _Mapping]] = ...) -> None: ...
 
 class FactorResult(_message.Message):
     __slots__ = ("factor", "passed", "veto", "llr", "reasons", "target_fmr", "measured_fmr", "target_apcer", "measured_apcer", "binding")

@@ -190,7 +190,12 @@ class MfaServiceServicer:
         first message that is no header, or another header (INVALID_ARGUMENT HEADER_REQUIRED,
         UNEXPECTED_HEADER), a chunk over 100 ms or empty (CHUNK_SIZE), more audio than
         mfa.ivr_stream.max_audio_s (20 s; STREAM_TOO_LONG), a pause between messages over
-        mfa.ivr_stream.idle_timeout_s (2 s; DEADLINE_EXCEEDED STREAM_IDLE).
+        mfa.ivr_stream.idle_timeout_s (2 s; DEADLINE_EXCEEDED STREAM_IDLE), an end message whose
+        audio_bytes differ from the chunks' (END_MISMATCH) or a message after it (DATA_AFTER_END).
+        The answer ends with the end message: a stream closed without it is the caller hanging up
+        (gRPC may show a cancelled call as a closed stream), refused with CANCELLED STREAM_NOT_ENDED;
+        nothing is decided or written, the challenge stays unspent and no failed attempt counts.
+        The voice service is sent its own end message only once the caller's arrived.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -103,7 +103,7 @@ class VerifyVoiceResponse(_message.Message):
     def __init__(self, match: _Optional[bool] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., llr: _Optional[float] = ..., model_id: _Optional[str] = ..., spoof_checked: _Optional[bool] = ..., spoof_passed: _Optional[bool] = ..., challenge_passed: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., quality: _Optional[_Union[AudioQuality, _Mapping]] = ..., replay_checked: _Optional[bool] = ..., replay_passed: _Optional[bool] = ..., challenge_checked: _Optional[bool] = ..., target_fmr: _Optional[float] = ..., measured_fmr: _Optional[float] = ..., spoof_target_apcer: _Optional[float] = ..., spoof_measured_apcer: _Optional[float] = ...) -> None: ...
 
 class StreamVerifyVoiceRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "end")
     class Header(_message.Message):
         __slots__ = ("subject", "format", "channel", "challenge_nonce")
         SUBJECT_FIELD_NUMBER: _ClassVar[int]
@@ -115,11 +115,18 @@ class StreamVerifyVoiceRequest(_message.Message):
         channel: VoiceChannel
         challenge_nonce: str
         def __init__(self, subject: _Optional[_Union[_common_pb2.SubjectRef, _Mapping]] = ..., format: _Optional[_Union[_common_pb2.AudioFormat, _Mapping]] = ..., channel: _Optional[_Union[VoiceChannel, str]] = ..., challenge_nonce: _Optional[str] = ...) -> None: ...
+    class End(_message.Message):
+        __slots__ = ("audio_bytes",)
+        AUDIO_BYTES_FIELD_NUMBER: _ClassVar[int]
+        audio_bytes: int
+        def __init__(self, audio_bytes: _Optional[int] = ...) -> None: ...
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     header: StreamVerifyVoiceRequest.Header
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[StreamVerifyVoiceRequest.Header, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    end: StreamVerifyVoiceRequest.End
+    def __init__(self, header: _Optional[_Union[StreamVerifyVoiceRequest.Header, _Mapping]] = ..., chunk: _Optional[bytes] = ..., end: _Optional[_Union[StreamVerifyVoiceRequest.End, _Mapping]] = ...) -> None: ...
 
 class StartVoiceChallengeRequest(_message.Message):
     __slots__ = ("subject",)

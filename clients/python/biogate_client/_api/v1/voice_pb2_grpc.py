@@ -85,8 +85,12 @@ class VoiceServiceServicer:
 
     def StreamVerify(self, request_iterator, context):
         """IVR: the first message carries the header (subject, format, channel, nonce), the following
-        ones audio chunks of 20-100 ms. The result comes as soon as enough net speech has arrived, or
-        at the end of the stream.
+        ones audio chunks of 20-100 ms, the last the end message with the chunks' byte count. The
+        result comes at the end message; without a challenge, as soon as enough net speech has
+        arrived. A stream closed before either is a hang-up (gRPC may show a cancelled call as a
+        closed stream): CANCELLED STREAM_NOT_ENDED, nothing decided or written, the challenge unspent.
+        An end message whose count differs (END_MISMATCH), or a message after it (DATA_AFTER_END):
+        INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
