@@ -63,6 +63,9 @@ def test_subjects_appear_only_as_pseudonyms(storage, audit_log, pseudonymizer):
         {"x": float("nan")},
         {"x": object()},
         {"13800138000": True},
+        {"key_id": "13800138000"},  # a key id field is no hiding place
+        {"kid": "ed25519:4173006917545076 13800138000"},
+        {"note": "ed25519:4173006917545076"},  # our key-id form, but not under a key-id field
     ],
 )
 def test_personal_or_biometric_details_are_refused(storage, audit_log, details):
@@ -71,6 +74,15 @@ def test_personal_or_biometric_details_are_refused(storage, audit_log, details):
     with pytest.raises(AuditDataError):
         audit_log.append("face.verify", "svc", "bank-a", "cust-1", details)
     assert storage.audit.last() == before  # nothing written
+
+
+@pytest.mark.parametrize("key_id", ["ed25519:4173006917545076", "p256:8770745018065487", "8770745018065487",
+                                    "k20261206T091358123456-0a1b2c", "mfa-0123456789012345"])
+def test_our_key_ids_are_recorded_even_when_their_hex_is_all_decimal(audit_log, key_id):
+    """One fingerprint in ~1,500 is 16 decimal digits (seen in CI: the audit key's own record,
+    'ed25519:4173006917545076', refused a service's first start)."""
+    assert audit_log.append("keys.added", "service:face", None, details={"key": "audit-signing", "key_id": key_id})
+    assert audit_log.append("keys.added", "service:mfa", None, details={"kid": key_id})
 
 
 def test_actor_and_event_are_checked_too(audit_log):

@@ -40,7 +40,10 @@ def test_the_heap_is_frozen_once_serving_and_handed_back_on_stop(tmp_path):
         garbage.append(garbage)  # a cycle made after the freeze is still collected
         del garbage
         assert gc.collect() >= 1
-        assert gc.get_freeze_count() == frozen
+        # Still frozen, not frozen again: frozen objects that die meanwhile (other threads of the
+        # process) leave the permanent generation, so the count may fall a little, never rise
+        # (19 of 623,515 fell in one whole-suite run).
+        assert frozen // 2 < gc.get_freeze_count() <= frozen
     finally:
         server.stop(0)
     assert gc.get_freeze_count() == 0
