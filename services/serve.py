@@ -41,7 +41,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.service == "all":
         return supervise(settings, args.config)
     prepare(settings)
-    if settings.server.processes > 1:
+    if settings.server.processes(args.service) > 1:
         return run_workers(settings, args.service, serve_worker)
     serve_one(settings, args.service, None)
     return 0

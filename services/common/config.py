@@ -40,6 +40,7 @@ class Endpoint(Section):
     # probes, which can present neither a client certificate nor a token. None: none.
     health_port: int | None = None
     metrics_host: str = "127.0.0.1"  # the metrics' bind address, apart from the gRPC port's
+    workers: int | None = Field(None, ge=0, le=256)  # this service's processes; None: server.workers
 
 
 class TlsConfig(Section):
@@ -124,9 +125,10 @@ class ServerConfig(Section):
     gc_freeze_after_warm_up: bool = True
     admission: AdmissionConfig = AdmissionConfig()
 
-    @property
-    def processes(self) -> int:
-        return self.workers or usable_cores()
+    def processes(self, service: str) -> int:
+        """The processes serving ``service``: its endpoint's ``workers``, else ``server.workers`` (0: a core each)."""
+        own = getattr(self, service).workers
+        return (self.workers if own is None else own) or usable_cores()
 
     @property
     def rpc_threads(self) -> int:

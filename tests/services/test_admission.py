@@ -264,3 +264,13 @@ def test_a_call_waiting_for_a_token_still_leaves_at_its_deadline_or_when_cancell
     assert out2 and getattr(out2[0], "code", None) == grpc.StatusCode.CANCELLED and qb.queued == 0
     qa.release(held)
     assert qb.acquire("Verify", None).started is not None  # the token is free again
+
+
+def test_a_service_may_run_its_own_number_of_worker_processes():
+    from services.common.config import usable_cores
+
+    cfg = ServerConfig.model_validate({"workers": 1, "face": {"port": 1, "workers": 0}, "voice": {"port": 2, "workers": 3}})
+    assert (cfg.processes("face"), cfg.processes("voice"), cfg.processes("mfa")) == (usable_cores(), 3, 1)
+    assert ServerConfig.model_validate({"workers": 2}).processes("voice") == 2
+    with pytest.raises(ValidationError):
+        ServerConfig.model_validate({"face": {"port": 1, "workers": -1}})

@@ -1,5 +1,5 @@
-"""`biogate serve face` with server.workers 2: two processes on one port, each answering, SERVING
-once both are warm, the metrics endpoint counting the calls of both, both drained on SIGTERM."""
+"""`biogate serve face` with server.face.workers 2 (the service's own setting over server.workers):
+two processes on one port, each answering, SERVING once both are warm, the metrics endpoint counting the calls of both, both drained on SIGTERM."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_serve_face_with_two_workers_answers_from_both_and_drains_on_sigterm(tmp
     port, metrics_port = free_ports(2)
     data = tmp_path / "data"
     env = dict(os.environ, BIOGATE_DATA_DIR=str(data), BIOGATE_MODELS__CACHE_DIR=str(PROJECT_ROOT / "var" / "models"),
-               BIOGATE_SERVER__WORKERS="2", BIOGATE_SERVER__FACE__PORT=str(port),
+               BIOGATE_SERVER__FACE__WORKERS="2", BIOGATE_SERVER__FACE__PORT=str(port),
                BIOGATE_SERVER__FACE__METRICS_PORT=str(metrics_port))
     target = f"127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "face"], env=env, cwd=PROJECT_ROOT,

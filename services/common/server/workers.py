@@ -59,9 +59,9 @@ class Worker:
 
 
 def run_workers(settings, name: str, target: Callable[[Any, str, Worker], None]) -> int:
-    """Starts ``settings.server.processes`` processes running ``target(settings, name, worker)`` and
+    """Starts ``settings.server.processes(name)`` processes running ``target(settings, name, worker)`` and
     supervises them until SIGTERM/SIGINT or one exits; returns the highest exit status."""
-    count = settings.server.processes
+    count = settings.server.processes(name)
     ctx = multiprocessing.get_context("spawn")  # no forked copies of gRPC's or onnxruntime's threads
     ready, all_warm = ctx.Value("i", 0), ctx.Event()
     # The workers' admission queues share the cores (unless each process was given its own concurrency):
