@@ -83,13 +83,10 @@ class AdmissionConfig(Section):
     def slots(self) -> int:
         return self.concurrency or usable_cores()
 
-    def slots_per_process(self, processes: int, shared: bool = False) -> int:
-        """A process's slots when ``processes`` serve one port: every core when the processes share
-        them as tokens (``shared``), else a split of the cores (an explicit ``concurrency`` is each
-        process's own)."""
-        if self.concurrency or shared:
-            return self.slots
-        return max(1, -(-usable_cores() // processes))
+    def slots_per_process(self, processes: int) -> int:
+        """A process's share when ``processes`` serve one port: the cores are split between them
+        (an explicit ``concurrency`` is each process's own)."""
+        return self.concurrency or max(1, -(-usable_cores() // processes))
 
 
 # Worker threads beyond the admission queue's: cheap RPCs and refusals never wait for a thread held

@@ -209,63 +209,6 @@ def test_freed_memory_is_trimmed_once_per_burst_after_the_idle_time():
     assert not trimmer.check()  # no work since: once per burst
 
 
-def sibling_queues(cores: int = 2) -> tuple[AdmissionQueue, AdmissionQueue, Clock, object]:
-    """Two worker processes' queues on one port, sharing the cores as the worker group does (a
-    multiprocessing semaphore), each allowed every core."""
-    import multiprocessing
-
-    tokens = multiprocessing.get_context("spawn").BoundedSemaphore(cores)
-    clock = Clock()
-    return (AdmissionQueue("a", cores, 3, alpha=0.5, clock=clock, shared=tokens),
-            AdmissionQueue("b", cores, 3, alpha=0.5, clock=clock, shared=tokens), clock, tokens)
-
-
-def test_sibling_workers_share_the_cores_a_busy_one_uses_them_all_and_the_other_waits_for_a_token():
-    qa, qb, clock, tokens = sibling_queues()
-    a1, a2 = qa.acquire("Verify", None), qa.acquire("Verify", None)
-    assert qa.running == 2  # the worker whose connections bring the calls runs on both cores
-    t, out = queued_in_thread(qb, "Verify", None)
-    wait_until(lambda: qb.queued == 1, "the sibling's call queued")
-    t.join(0.2)
-    assert not out and qb.running == 0  # its own slots are free, but every core is busy
-    qa.release(a1)
-    t.join(10)
-    assert out and out[0].started is not None and qb.running == 1
-    qa.release(a2)
-    qb.release(out[0])
-    assert [tokens.acquire(False) for _ in range(3)] == [True, True, False]  # every token came back
-
-
-def test_a_call_waiting_for_a_token_still_leaves_at_its_deadline_or_when_cancelled():
-    qa, qb, clock, _tokens = sibling_queues(cores=1)
-    qb.observe("Verify", 0.0)
-    held = qa.acquire("Verify", None)
-    t, out = queued_in_thread(qb, "Verify", clock.now + 0.05)
-    wait_until(lambda: qb.queued == 1, "the call queued")
-    clock.now += 0.06
-    t.join(10)
-    assert out and getattr(out[0], "reason", None) == DEADLINE_UNREACHABLE and qb.queued == 0
-
-    gone = threading.Event()
-    out2: list = []
-
-    def run() -> None:
-        try:
-            out2.append(qb.acquire("Verify", None, cancelled=gone.is_set))
-        except Exception as exc:  # collected for the assertions
-            out2.append(exc)
-
-    t2 = threading.Thread(target=run, daemon=True)
-    t2.start()
-    wait_until(lambda: qb.queued == 1, "the second call queued")
-    gone.set()
-    qb.wake()
-    t2.join(10)
-    assert out2 and getattr(out2[0], "code", None) == grpc.StatusCode.CANCELLED and qb.queued == 0
-    qa.release(held)
-    assert qb.acquire("Verify", None).started is not None  # the token is free again
-
-
 def test_a_service_may_run_its_own_number_of_worker_processes():
     from services.common.config import usable_cores
 

@@ -22,12 +22,6 @@ alone misses its deadline, or leaves the queue late, whenever the calls run slow
 deadline comes so close that it could no longer finish leaves the queue with the same refusal
 (``DEADLINE_UNREACHABLE``) rather than start work nobody will read.
 
-When several worker processes serve one port (``server.workers``), the kernel spreads connections,
-not calls, over them, so one process may have calls queued while another's cores idle. Their queues
-then share the machine's cores as tokens (``shared``, a semaphore of the process group): each
-process may run up to every core's worth of calls, and a call starts only with a token, whichever
-process it landed on. A process's expected wait sees only its own calls.
-
 Which RPCs go through the queue is declared in the proto (``option (biogate.v1.model_work)``);
 the others (GetEnrollment, DeleteSubject, challenges, health, reflection) never wait behind it.
 """
@@ -39,7 +33,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import grpc
 
@@ -49,7 +43,6 @@ QUEUE_FULL = "QUEUE_FULL"
 DEADLINE_UNREACHABLE = "DEADLINE_UNREACHABLE"
 MIN_RETRY_S = 0.01
 SPREAD = 2.0  # mean deviations of service time a call's budget adds to the averages
-TOKEN_WAIT_S = 0.05  # the longest a queue head waits on the shared tokens before it looks at its call again
 
 
 @dataclass(eq=False)
@@ -60,14 +53,13 @@ class Slot:
     deadline: float | None
     started: float | None = None
     _released: bool = field(default=False, repr=False)
-    _token: bool = field(default=False, repr=False)  # holds one of the process group's shared core tokens
 
 
 class AdmissionQueue:
     """One service's bounded queue. ``clock`` is the monotonic clock deadlines are given on."""
 
     def __init__(self, service: str, concurrency: int, max_queue: int, *, alpha: float = 0.2,
-                 clock: Callable[[], float] = time.monotonic, shared: Any = None) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if concurrency < 1 or max_queue < 0 or not 0 < alpha <= 1:
             raise ValueError("concurrency >= 1, max_queue >= 0 and 0 < alpha <= 1 are required")
         self.service = service
@@ -75,7 +67,6 @@ class AdmissionQueue:
         self.max_queue = max_queue
         self.alpha = alpha
         self.clock = clock
-        self.shared = shared  # the worker group's core tokens (a multiprocessing semaphore), or None: alone
         self._lock = threading.Condition()
         self._running: list[Slot] = []
         self._queued: deque[Slot] = deque()
@@ -191,12 +182,6 @@ class AdmissionQueue:
                                               "the client cancelled the call while it was queued")
                 # Woken by every release; the deadline check needs a wake-up of its own.
                 timeout = None if deadline is None else max(deadline - self._budget(kind) - self.clock(), 0.0)
-                if self._waits_for_token(slot):
-                    # Only another process can free a token now, and it cannot notify this lock: the
-                    # head waits on the semaphore itself, in slices so that cancellation is seen.
-                    self._take_token(slot, TOKEN_WAIT_S if timeout is None else min(timeout, TOKEN_WAIT_S))
-                    if slot.started is not None or timeout != 0.0:
-                        continue
                 if timeout == 0.0 or not self._lock.wait(timeout):
                     now = self.clock()
                     if slot.started is None and deadline is not None and now + self._budget(kind) >= deadline:
@@ -211,38 +196,11 @@ class AdmissionQueue:
         with self._lock:
             self._lock.notify_all()
 
-    def _waits_for_token(self, slot: Slot) -> bool:
-        """``slot`` heads the queue and a slot of this process is free: only a shared token is missing."""
-        return (self.shared is not None and slot.started is None and bool(self._queued)
-                and self._queued[0] is slot and len(self._running) < self.concurrency)
-
-    def _take_token(self, slot: Slot, timeout: float) -> None:
-        """Waits up to ``timeout`` for a shared token outside the lock, and starts ``slot`` with it if
-        it still heads the queue (under the lock)."""
-        self._lock.release()
-        try:
-            got = self.shared.acquire(True, timeout)
-        finally:
-            self._lock.acquire()
-        if not got:
-            return
-        if self._waits_for_token(slot):
-            self._queued.popleft()
-            slot._token, slot.started = True, self.clock()
-            self._running.append(slot)
-            metrics.ADMISSION_QUEUED.labels(self.service).set(len(self._queued))
-            self._lock.notify_all()
-        else:
-            self.shared.release()
-
     def _start_heads(self, now: float) -> None:
         """Moves queued calls into free slots, in order of arrival (under the lock)."""
         started = False
         while self._queued and len(self._running) < self.concurrency:
-            if self.shared is not None and not self.shared.acquire(False):
-                break  # every core is busy with some process's calls: the head waits for a token
             head = self._queued.popleft()
-            head._token = self.shared is not None
             head.started = now
             self._running.append(head)
             started = True
@@ -257,8 +215,6 @@ class AdmissionQueue:
                 return
             slot._released = True
             self._running.remove(slot)
-            if slot._token:
-                self.shared.release()
             self.completed += 1
             self.last_activity = self.clock()
             if observe:

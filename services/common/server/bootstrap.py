@@ -59,7 +59,6 @@ class RunningServer:
         self.definition = definition
         self.worker = worker  # one of several processes on the port (`biogate serve`), or None: alone
         cfg = settings.server
-        cores = worker.cores if worker is not None else None  # core tokens shared with sibling workers
         self.interceptor = ServerInterceptor(
             definition.name,
             Authenticator.from_settings(settings),
@@ -70,10 +69,9 @@ class RunningServer:
             StreamLimits(cfg.stream_idle_timeout_s, cfg.stream_max_bytes),
             cfg.max_concurrent_rpcs,
             model_work_methods(definition.descriptors),
-            AdmissionQueue(definition.name, cfg.admission.slots_per_process(worker.count if worker else 1,
-                                                                            shared=cores is not None),
-                           cfg.admission.max_queue, alpha=cfg.admission.ewma_alpha,
-                           shared=cores) if cfg.admission.enabled else None,
+            AdmissionQueue(definition.name, cfg.admission.slots_per_process(worker.count if worker else 1),
+                           cfg.admission.max_queue,
+                           alpha=cfg.admission.ewma_alpha) if cfg.admission.enabled else None,
             worker=worker.label if worker is not None else None,
         )
         queue = self.interceptor.admission

@@ -41,7 +41,6 @@ class Worker:
     ready: Any  # multiprocessing Value('i'): how many workers are warm
     all_warm: Any  # multiprocessing Event: set by the parent once ``ready`` reaches ``count``
     metrics_dir: str | None = None  # the group's PROMETHEUS_MULTIPROC_DIR
-    cores: Any = None  # the group's shared core tokens (multiprocessing semaphore; admission.py), or None
 
     def wait_for_all(self, stopping: threading.Event) -> bool:
         """Counts this worker warm, then waits until every worker is (False: stopping first)."""
@@ -64,17 +63,13 @@ def run_workers(settings, name: str, target: Callable[[Any, str, Worker], None])
     count = settings.server.processes(name)
     ctx = multiprocessing.get_context("spawn")  # no forked copies of gRPC's or onnxruntime's threads
     ready, all_warm = ctx.Value("i", 0), ctx.Event()
-    # The workers' admission queues share the cores (unless each process was given its own concurrency):
-    # a worker whose connections bring more calls than its share uses the cores the others leave idle.
-    admission = settings.server.admission
-    cores = ctx.BoundedSemaphore(admission.slots) if admission.enabled and admission.concurrency is None else None
     # A fresh directory: files left by an earlier start would count its calls again. The spawned
     # workers read the variable when they import prometheus_client; this process records nothing.
     before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     metrics_dir = tempfile.mkdtemp(prefix=f"biogate-{name}-metrics-", dir=before)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        return _supervise(settings, name, target, ctx, ready, all_warm, count, metrics_dir, cores)
+        return _supervise(settings, name, target, ctx, ready, all_warm, count, metrics_dir)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         # a process started later must not write into the removed directory
@@ -85,9 +80,8 @@ def run_workers(settings, name: str, target: Callable[[Any, str, Worker], None])
 
 
 def _supervise(settings, name: str, target: Callable[[Any, str, Worker], None], ctx, ready, all_warm, count: int,
-               metrics_dir: str, cores: Any) -> int:
-    # A worker that dies holding core tokens takes them along; the group then stops as a whole (below).
-    procs = [ctx.Process(target=target, args=(settings, name, Worker(i, count, ready, all_warm, metrics_dir, cores)),
+               metrics_dir: str) -> int:
+    procs = [ctx.Process(target=target, args=(settings, name, Worker(i, count, ready, all_warm, metrics_dir)),
                          name=f"{name}-worker-{i}") for i in range(count)]
     stopping = threading.Event()
 
