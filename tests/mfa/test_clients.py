@@ -9,11 +9,14 @@ from concurrent import futures
 
 import grpc
 import pytest
+from pydantic import ValidationError
 
 from services.common import errors
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
+from services.common.config import usable_cores
 from services.mfa.config import ClientTarget
 from services.mfa.clients import BiometricClient, CircuitBreaker, ServiceUnavailable
+from services.settings import load_config
 
 
 class FakeClock:
@@ -167,3 +170,13 @@ def test_a_call_takes_the_least_busy_connection_the_next_in_turn_among_equals_an
     for stub in order[:3]:
         with pytest.raises(ValueError, match="closed channel"):
             stub.Verify(REQ, timeout=5)
+
+
+def test_connections_are_configured_bounded_and_default_to_four_per_usable_core(monkeypatch):
+    monkeypatch.setenv("BIOGATE_CLIENTS__VOICE__CONNECTIONS", "3")
+    settings = load_config(None)
+    assert settings.clients.voice.connection_count == 3
+    assert settings.clients.face.connections == 0 and settings.clients.face.connection_count == 4 * usable_cores()
+    for bad in (-1, 257):
+        with pytest.raises(ValidationError, match="connections"):
+            ClientTarget(connections=bad)
