@@ -24,9 +24,12 @@ def connect(
     key_file: Path | None = None,
     max_message_bytes: int = 16 * 1024 * 1024,
     tracer_provider: TracerProvider | None = None,
+    own_connection: bool = False,
 ) -> grpc.Channel:
     """A channel to ``target`` ("host:port"); TLS when ``ca_file`` is given, mTLS with a cert too;
-    a span per call with a ``tracer_provider`` (services/common/telemetry.py)."""
+    a span per call with a ``tracer_provider`` (services/common/telemetry.py); ``own_connection``:
+    see services/common/wire.py."""
     channel = wire.connect(target, token, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
-                           max_message_bytes=max_message_bytes, request_id=context.request_id.get)
+                           max_message_bytes=max_message_bytes, request_id=context.request_id.get,
+                           own_connection=own_connection)
     return telemetry.traced(channel, tracer_provider)

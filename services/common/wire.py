@@ -71,13 +71,20 @@ def connect(
     key_file: Path | None = None,
     max_message_bytes: int = 16 * 1024 * 1024,
     request_id: Callable[[], str | None] | None = None,
+    own_connection: bool = False,
 ) -> grpc.Channel:
     """A channel to ``target`` ("host:port"); TLS when ``ca_file`` is given, mTLS with a cert too.
-    ``request_id``: where the ``x-request-id`` of a call comes from (a new one per call without)."""
+    ``request_id``: where the ``x-request-id`` of a call comes from (a new one per call without).
+    ``own_connection``: a connection of this channel's own; without, grpc shares one between the
+    channels of a process with equal target and options (its global subchannel pool), and a
+    service running several worker processes on one port (SO_REUSEPORT) sees one connection, so
+    one worker, however many channels are opened."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     if ca_file:
         creds = grpc.ssl_channel_credentials(
             root_certificates=ca_file.read_bytes(),

@@ -4,6 +4,7 @@ switches the session to the policy's degraded mode instead of piling up calls.""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import random
@@ -115,10 +116,10 @@ class BiometricClient:
                  tracer_provider: TracerProvider | None = None) -> None:
         self.service, self.target, self.cfg = service, target, cfg
         self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s, service=service)
-        self._channel = connect(target, token, ca_file=cfg.ca_file, cert_file=cfg.cert_file,
-                                key_file=cfg.key_file, max_message_bytes=max_message_bytes,
-                                tracer_provider=tracer_provider)
-        self._stub = stub_class(self._channel)
+        self.connections = Connections([
+            connect(target, token, ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file,
+                    max_message_bytes=max_message_bytes, tracer_provider=tracer_provider, own_connection=True)
+            for _ in range(cfg.connection_count)], stub_class)
 
     @property
     def available(self) -> bool:
@@ -138,7 +139,8 @@ class BiometricClient:
                 if left <= 0.05:
                     raise ServiceUnavailable(self.service, "no time left within the deadline")
                 try:
-                    reply = getattr(self._stub, method)(request, timeout=left)
+                    with self.connections.take() as stub:
+                        reply = getattr(stub, method)(request, timeout=left)
                 except grpc.RpcError as err:
                     code = err.code()
                     self._raise_refusal(err)
@@ -168,13 +170,14 @@ class BiometricClient:
                 raise ServiceUnavailable(self.service, "circuit open")
             if deadline <= 0.05:
                 raise ServiceUnavailable(self.service, "no time left within the deadline")
-            call = None
             try:
-                call = getattr(self._stub, method).future(iter(source), timeout=deadline)
-            finally:
-                source.started(call)
-            try:
-                reply = call.result()
+                with self.connections.take() as stub:
+                    call = None
+                    try:
+                        call = getattr(stub, method).future(iter(source), timeout=deadline)
+                    finally:
+                        source.started(call)
+                    reply = call.result()
             except grpc.FutureCancelledError:  # only _Source cancels the call, once it kept its error
                 raise source.error or ServiceUnavailable(self.service, "stream cancelled") from None
             except grpc.RpcError as err:
@@ -228,7 +231,8 @@ class BiometricClient:
         ClientConfigError on UNAUTHENTICATED/PERMISSION_DENIED; an unreachable service is logged
         and left to the calls (it may start after the MFA)."""
         try:
-            getattr(self._stub, _PROBE[self.service][0])(_PROBE[self.service][1](), timeout=self.cfg.deadline_s)
+            with self.connections.take() as stub:
+                getattr(stub, _PROBE[self.service][0])(_PROBE[self.service][1](), timeout=self.cfg.deadline_s)
         except grpc.RpcError as err:
             code = err.code()
             if code in CREDENTIALS_REFUSED:
@@ -241,7 +245,40 @@ class BiometricClient:
                             extra={"service": self.service, "code": code.name})
 
     def close(self) -> None:
-        self._channel.close()
+        self.connections.close()
+
+
+class Connections:
+    """Channels to one target, each with a connection of its own (a multi-worker service's kernel
+    spreads connections, not calls, over its workers), and their stubs. A call takes the
+    connection with the fewest calls in flight, the next in turn among equals: sequential calls go
+    round all of them, and a worker that more connections landed on, so slower to answer, is given
+    fewer calls than plain turns would give it."""
+
+    def __init__(self, channels: list[grpc.Channel], stub_class: Callable[[grpc.Channel], Any]) -> None:
+        self.channels = channels
+        self._stubs = [stub_class(c) for c in channels]
+        self._in_flight = [0] * len(channels)
+        self._turn = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[Any]:
+        """A stub on the least busy connection, counted busy until the block ends."""
+        n = len(self._stubs)
+        with self._lock:
+            start, self._turn = self._turn, (self._turn + 1) % n
+            i = min(((start + k) % n for k in range(n)), key=self._in_flight.__getitem__)
+            self._in_flight[i] += 1
+        try:
+            yield self._stubs[i]
+        finally:
+            with self._lock:
+                self._in_flight[i] -= 1
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
 
 
 class _Source:

@@ -9,11 +9,14 @@ from concurrent import futures
 
 import grpc
 import pytest
+from pydantic import ValidationError
 
 from services.common import errors
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
+from services.common.config import usable_cores
 from services.mfa.config import ClientTarget
 from services.mfa.clients import BiometricClient, CircuitBreaker, ServiceUnavailable
+from services.settings import load_config
 
 
 class FakeClock:
@@ -128,8 +131,8 @@ def test_a_slow_service_costs_at_most_the_deadline(face_server):
 def test_a_dead_service_opens_the_circuit_and_later_calls_fail_fast(face_server):
     servicer, target = face_server
     servicer.script = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
-    c = client(target, retries=0, breaker_failures=2, breaker_reset_s=60)
-    for _ in range(2):
+    c = client(target, retries=0, breaker_failures=2, breaker_reset_s=60, connections=2)
+    for _ in range(2):  # on the two connections in turn: the breaker is the target's
         with pytest.raises(ServiceUnavailable):
             c.call("Verify", REQ, idempotent=True)
     assert not c.available and servicer.calls == 2
@@ -143,3 +146,37 @@ def test_an_exhausted_caller_deadline_is_not_extended(face_server):
     with pytest.raises(ServiceUnavailable) as err:
         client(target).call("Verify", REQ, idempotent=True, budget_s=0.0)
     assert "deadline" in err.value.why and servicer.calls == 0
+
+
+def test_a_call_takes_the_least_busy_connection_the_next_in_turn_among_equals_and_close_closes_all(face_server):
+    servicer, target = face_server
+    c = client(target, connections=3)
+    pool = c.connections
+    assert len(pool.channels) == 3
+    with pool.take() as a, pool.take() as b:
+        with pool.take() as third:
+            assert len({id(a), id(b), id(third)}) == 3
+        for _ in range(2):  # the one idle connection, whoever's turn it is
+            with pool.take() as again:
+                assert again is third
+    order = []
+    for _ in range(6):  # none busy: round all of them
+        with pool.take() as stub:
+            order.append(stub)
+            assert stub.Verify(REQ, timeout=5).match  # each its own working channel
+    assert len(set(map(id, order[:3]))) == 3 and order[3:] == order[:3]
+    assert c.call("Verify", REQ, idempotent=True).match and servicer.calls == 7
+    c.close()
+    for stub in order[:3]:
+        with pytest.raises(ValueError, match="closed channel"):
+            stub.Verify(REQ, timeout=5)
+
+
+def test_connections_are_configured_bounded_and_default_to_four_per_usable_core(monkeypatch):
+    monkeypatch.setenv("BIOGATE_CLIENTS__VOICE__CONNECTIONS", "3")
+    settings = load_config(None)
+    assert settings.clients.voice.connection_count == 3
+    assert settings.clients.face.connections == 0 and settings.clients.face.connection_count == 4 * usable_cores()
+    for bad in (-1, 257):
+        with pytest.raises(ValidationError, match="connections"):
+            ClientTarget(connections=bad)

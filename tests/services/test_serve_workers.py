@@ -3,6 +3,7 @@ two processes on one port, each answering, SERVING once both are warm, the metri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -11,13 +12,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.common import errors
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.common.config import PROJECT_ROOT
+from services.mfa.clients import BiometricClient
+from services.mfa.config import ClientTarget
 from services.serve import health_status
 from services.settings import load_config
 from tests.services.test_serve_cli import free_ports
@@ -48,7 +54,10 @@ def scrape(port: int) -> dict[str, list]:
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
-def test_serve_face_with_two_workers_answers_from_both_and_drains_on_sigterm(tmp_path):
+@contextlib.contextmanager
+def face_with_two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str, Path, int]]:
+    """`biogate serve face` with server.workers 2, both warm and SERVING: (process, target, data
+    dir, metrics port); SIGTERM on the way out."""
     port, metrics_port = free_ports(2)
     data = tmp_path / "data"
     env = dict(os.environ, BIOGATE_DATA_DIR=str(data), BIOGATE_MODELS__CACHE_DIR=str(PROJECT_ROOT / "var" / "models"),
@@ -57,7 +66,6 @@ def test_serve_face_with_two_workers_answers_from_both_and_drains_on_sigterm(tmp
     target = f"127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "face"], env=env, cwd=PROJECT_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    pids: set[str] = set()
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 300)
         assert ready, "no worker group became SERVING within 300 s"
@@ -67,7 +75,20 @@ def test_serve_face_with_two_workers_answers_from_both_and_drains_on_sigterm(tmp
         while health_status(target) != "SERVING" and time.monotonic() < deadline:
             time.sleep(0.05)
         assert health_status(target) == "SERVING"
-        token = json.loads(load_config(None, data_dir=str(data)).dev_credentials_file.read_text())["dev-all"]
+        yield proc, target, data, metrics_port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=90)
+
+
+def dev_token(data: Path, name: str) -> str:
+    return json.loads(load_config(None, data_dir=str(data)).dev_credentials_file.read_text())[name]
+
+
+def test_serve_face_with_two_workers_answers_from_both_and_drains_on_sigterm(tmp_path):
+    pids: set[str] = set()
+    with face_with_two_workers(tmp_path) as (proc, target, data, metrics_port):
+        token = dev_token(data, "dev-all")
         calls: dict[str, int] = {}
         for _ in range(60):
             pid = answering_worker(target, token)
@@ -84,12 +105,58 @@ def test_serve_face_with_two_workers_answers_from_both_and_drains_on_sigterm(tmp
         assert verifies[0].value == sum(calls.values()), (verifies, calls)
         assert [s.value for s in metrics["biogate_rpc_in_flight"] if s.labels["service"] == "face"] == [0.0]
         assert any("face_models" in s.labels for s in metrics["biogate_model_info"])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=90)
     assert proc.returncode == 0
     assert health_status(target) == "UNAVAILABLE"
     deadline = time.monotonic() + 5
     while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(Path(f"/proc/{p}").exists() for p in pids)
+
+
+def workers_reached(client: BiometricClient, calls: int = 20) -> set[str]:
+    """The x-biogate-worker of ``calls`` cheap calls (Verify without an image), each on the
+    connection the client gives its next call."""
+    request = face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id="t", subject_id="s"))
+    seen = set()
+    for _ in range(calls):
+        with client.connections.take() as stub:
+            try:
+                stub.Verify(request, timeout=30)
+                raise AssertionError("a Verify without an image was accepted")
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+                seen.add(dict(err.initial_metadata())["x-biogate-worker"])
+    return seen
+
+
+def test_the_mfa_client_spreads_its_calls_over_the_workers_by_opening_several_connections(tmp_path):
+    with face_with_two_workers(tmp_path) as (proc, target, data, _):
+        token = dev_token(data, "dev-orchestrator")
+
+        def client(connections: int) -> BiometricClient:
+            return BiometricClient("face", target, token, ClientTarget(connections=connections),
+                                   face_pb2_grpc.FaceServiceStub, 1 << 24)
+
+        one = client(1)
+        try:
+            assert len(workers_reached(one)) == 1  # one connection: one worker, however many calls
+        finally:
+            one.close()
+        # Sequential calls go round all 8 connections, and the kernel puts each on either worker
+        # at random: all on one of the two 1 time in 128, so fresh clients are tried up to 4 times
+        # (all failing about once in 3e8 runs).
+        seen: set[str] = set()
+        for _ in range(4):
+            eight = client(8)
+            try:
+                seen = workers_reached(eight)
+                with pytest.raises(errors.ServiceError) as refused:  # and the client's own calls take them
+                    eight.call("Verify", face_pb2.VerifyFaceRequest(), idempotent=True)
+                assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert eight.breaker.state == "closed"
+            finally:
+                eight.close()
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, f"8 connections reached one worker 4 times over: {seen}"
+        assert all(parent_of(int(p)) == proc.pid for p in seen)
