@@ -9,13 +9,18 @@ that sequence ``--rounds`` times over (A/B/A/B: drift in the shared machine's lo
 connections, not calls, over the workers).
 
     .venv/bin/python -m bench.client_connections [--workers 2] [--connections 1 8] [--rounds 2]
-        [--concurrency 8] [--duration 20]
+        [--concurrency 8] [--duration 20] [--open-seconds 0]
+
+With ``--open-seconds`` S each run is followed by issue 13's tail check through the same client: Verify
+issued at fixed intervals for S s at 80 % of that run's closed-loop rate, whatever the answers (a pool
+of threads sends them), each latency counted from its scheduled time.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
 from pathlib import Path
@@ -63,6 +68,36 @@ def load(svc: ServiceProcess, requests: list, connections: int, concurrency: int
     return latencies, wall, errors
 
 
+def open_load(svc: ServiceProcess, requests: list, connections: int, rate: float, duration: float) -> tuple:
+    """(latencies, errors by kind) of Verify issued every 1/``rate`` s for ``duration`` s."""
+    client = BiometricClient("face", svc.address, svc.token("dev-orchestrator"), ClientTarget(connections=connections),
+                             face_pb2_grpc.FaceServiceStub, 16 * 1024 * 1024)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def one(i: int, due: float) -> None:
+        try:
+            reply = client.call("Verify", requests[i % len(requests)], idempotent=False)
+            outcome = None if reply.match else "no_match"
+        except Exception as exc:  # counted and reported, whatever it is
+            outcome = type(exc).__name__
+        with lock:
+            if outcome is None:
+                latencies.append(time.perf_counter() - due)
+            else:
+                errors[outcome] = errors.get(outcome, 0) + 1
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        t0 = time.perf_counter()
+        for i in range(int(rate * duration)):
+            due = t0 + i / rate
+            time.sleep(max(0.0, due - time.perf_counter()))
+            pool.submit(one, i, due)
+    client.close()
+    return latencies, errors
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2, help="server.workers of the face service")
@@ -70,6 +105,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="times the --connections sequence is run")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per run")
+    ap.add_argument("--open-seconds", type=float, default=0.0, help="after each run, an open loop at 80 %% of its rate")
     args = ap.parse_args()
 
     images, pairs = trial_pairs()
@@ -94,6 +130,12 @@ def main() -> int:
                     print(f"round {r + 1} connections {n}: load {' '.join(loadavg)}; {len(lat)} ok in {wall:.1f} s = "
                           f"{len(lat) / wall:.1f}/s, p50 {pct(lat, 50):.1f} ms p99 {pct(lat, 99):.1f} ms, "
                           f"errors {errs}; workers' CPU s {' '.join(f'{u:.1f}' for u in used)}", flush=True)
+                    if args.open_seconds > 0:
+                        rate = 0.8 * len(lat) / wall
+                        olat, oerrs = open_load(svc, requests, n, rate, args.open_seconds)
+                        p50, p99 = pct(olat, 50), pct(olat, 99)
+                        print(f"  open loop at {rate:.1f}/s for {args.open_seconds:.0f} s: {len(olat)} ok, p50 {p50:.1f} ms "
+                              f"p99 {p99:.1f} ms, p99/p50 {p99 / p50:.2f}, errors {oerrs}", flush=True)
         finally:
             svc.stop()
     return 0

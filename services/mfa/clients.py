@@ -140,7 +140,12 @@ class BiometricClient:
                     raise ServiceUnavailable(self.service, "no time left within the deadline")
                 try:
                     with self.connections.take() as stub:
-                        reply = getattr(stub, method)(request, timeout=left)
+                        try:
+                            reply, call = getattr(stub, method).with_call(request, timeout=left)
+                        except grpc.RpcError as err:
+                            self.connections.answered(stub, err)
+                            raise
+                        self.connections.answered(stub, call)
                 except grpc.RpcError as err:
                     code = err.code()
                     self._raise_refusal(err)
@@ -178,6 +183,7 @@ class BiometricClient:
                     finally:
                         source.started(call)
                     reply = call.result()
+                    self.connections.answered(stub, call)
             except grpc.FutureCancelledError:  # only _Source cancels the call, once it kept its error
                 raise source.error or ServiceUnavailable(self.service, "stream cancelled") from None
             except grpc.RpcError as err:
@@ -250,25 +256,54 @@ class BiometricClient:
 
 class Connections:
     """Channels to one target, each with a connection of its own (a multi-worker service's kernel
-    spreads connections, not calls, over its workers), and their stubs. A call takes the
-    connection with the fewest calls in flight, the next in turn among equals: sequential calls go
-    round all of them, and a worker that more connections landed on, so slower to answer, is given
-    fewer calls than plain turns would give it."""
+    spreads connections, not calls, over its workers), and their stubs. A call takes a connection
+    to the least busy worker: once an answer named the worker a connection reached
+    (``x-biogate-worker``), the calls in flight on all connections to that worker count; before, the
+    connection's own. Among equals, the next in turn. Balancing connections alone left the worker
+    that more of them landed on with a queue while the other had a free core."""
 
     def __init__(self, channels: list[grpc.Channel], stub_class: Callable[[grpc.Channel], Any]) -> None:
         self.channels = channels
         self._stubs = [stub_class(c) for c in channels]
+        self._index = {id(stub): i for i, stub in enumerate(self._stubs)}
         self._in_flight = [0] * len(channels)
+        self._worker: list[str | None] = [None] * len(channels)
         self._turn = 0
         self._lock = threading.Lock()
 
+    def _load(self, i: int) -> int:
+        worker = self._worker[i]
+        if worker is None:
+            return self._in_flight[i]
+        return sum(f for f, w in zip(self._in_flight, self._worker, strict=True) if w == worker)
+
+    def answered(self, stub: Any, call: Any) -> None:
+        """Notes the worker that answered ``call`` (a finished call or an RpcError) on ``stub``'s connection."""
+        try:
+            worker = dict(call.initial_metadata() or ()).get("x-biogate-worker")
+        except Exception:  # a call that failed before any metadata arrived names no worker
+            return
+        if isinstance(worker, str):
+            with self._lock:
+                self._worker[self._index[id(stub)]] = worker
+
+    def worker_of(self, stub: Any) -> str | None:
+        """The worker ``stub``'s connection reached, once an answer on it named it."""
+        with self._lock:
+            return self._worker[self._index[id(stub)]]
+
+    def workers(self) -> set[str]:
+        """The workers the answers so far named."""
+        with self._lock:
+            return {w for w in self._worker if w is not None}
+
     @contextlib.contextmanager
     def take(self) -> Iterator[Any]:
-        """A stub on the least busy connection, counted busy until the block ends."""
+        """A stub on a connection to the least busy worker, counted busy until the block ends."""
         n = len(self._stubs)
         with self._lock:
             start, self._turn = self._turn, (self._turn + 1) % n
-            i = min(((start + k) % n for k in range(n)), key=self._in_flight.__getitem__)
+            i = min(((start + k) % n for k in range(n)), key=self._load)
             self._in_flight[i] += 1
         try:
             yield self._stubs[i]

@@ -160,3 +160,24 @@ def test_the_mfa_client_spreads_its_calls_over_the_workers_by_opening_several_co
                 break
         assert len(seen) == 2, f"8 connections reached one worker 4 times over: {seen}"
         assert all(parent_of(int(p)) == proc.pid for p in seen)
+
+        # Once answers named the workers, a call goes to the least busy worker, not just the least
+        # busy connection: with one call in flight, the next goes to the other worker, whichever
+        # idle connections of the busy one come first in turn.
+        # (Fresh clients until one has connections on both workers, as above.) Checked 8 times: going
+        # by connections alone, the second call's connection is on the busy worker 3 times in 7.
+        for _ in range(4):
+            pool = client(8)
+            for _ in range(16):
+                with pytest.raises(errors.ServiceError):
+                    pool.call("Verify", face_pb2.VerifyFaceRequest(), idempotent=False)
+            if pool.connections.workers() == seen:
+                break
+            pool.close()
+        try:
+            assert pool.connections.workers() == seen
+            for _ in range(8):
+                with pool.connections.take() as busy, pool.connections.take() as other:
+                    assert pool.connections.worker_of(busy) != pool.connections.worker_of(other)
+        finally:
+            pool.close()
