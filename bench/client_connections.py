@@ -19,6 +19,7 @@ of threads sends them), each latency counted from its scheduled time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 import threading
@@ -32,30 +33,40 @@ from services.mfa.clients import BiometricClient
 from services.mfa.config import ClientTarget
 
 
+class Tally:
+    """The MFA's client to the service, and what its Verify calls came to: latencies of the matches
+    (from the times given), errors by kind."""
+
+    def __init__(self, svc: ServiceProcess, connections: int) -> None:
+        self.client = BiometricClient("face", svc.address, svc.token("dev-orchestrator"),
+                                      ClientTarget(connections=connections), face_pb2_grpc.FaceServiceStub, 16 << 20)
+        self.latencies: list[float] = []
+        self.errors: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def verify(self, request, since: float) -> None:
+        try:
+            reply = self.client.call("Verify", request, idempotent=True)
+            outcome = None if reply.match else "no_match"
+        except Exception as exc:  # counted and reported, whatever it is
+            outcome = type(exc).__name__
+        with self._lock:
+            if outcome is None:
+                self.latencies.append(time.perf_counter() - since)
+            else:
+                self.errors[outcome] = self.errors.get(outcome, 0) + 1
+
+
 def load(svc: ServiceProcess, requests: list, connections: int, concurrency: int, duration: float) -> tuple:
     """(latencies, wall s, errors by kind) of ``concurrency`` threads calling Verify for ``duration`` s."""
-    client = BiometricClient("face", svc.address, svc.token("dev-orchestrator"), ClientTarget(connections=connections),
-                             face_pb2_grpc.FaceServiceStub, 16 * 1024 * 1024)
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    lock = threading.Lock()
+    tally = Tally(svc, connections)
     stop_at = time.monotonic() + duration
 
     def worker(k: int) -> None:
-        i = k
-        while time.monotonic() < stop_at:
-            t = time.perf_counter()
-            try:
-                reply = client.call("Verify", requests[i % len(requests)], idempotent=True)
-                outcome = None if reply.match else "no_match"
-            except Exception as exc:  # counted and reported, whatever it is
-                outcome = type(exc).__name__
-            with lock:
-                if outcome is None:
-                    latencies.append(time.perf_counter() - t)
-                else:
-                    errors[outcome] = errors.get(outcome, 0) + 1
-            i += concurrency
+        for i in itertools.count(k, concurrency):
+            if time.monotonic() >= stop_at:
+                return
+            tally.verify(requests[i % len(requests)], time.perf_counter())
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
     t0 = time.perf_counter()
@@ -64,38 +75,21 @@ def load(svc: ServiceProcess, requests: list, connections: int, concurrency: int
     for th in threads:
         th.join()
     wall = time.perf_counter() - t0
-    client.close()
-    return latencies, wall, errors
+    tally.client.close()
+    return tally.latencies, wall, tally.errors
 
 
 def open_load(svc: ServiceProcess, requests: list, connections: int, rate: float, duration: float) -> tuple:
     """(latencies, errors by kind) of Verify issued every 1/``rate`` s for ``duration`` s."""
-    client = BiometricClient("face", svc.address, svc.token("dev-orchestrator"), ClientTarget(connections=connections),
-                             face_pb2_grpc.FaceServiceStub, 16 * 1024 * 1024)
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def one(i: int, due: float) -> None:
-        try:
-            reply = client.call("Verify", requests[i % len(requests)], idempotent=False)
-            outcome = None if reply.match else "no_match"
-        except Exception as exc:  # counted and reported, whatever it is
-            outcome = type(exc).__name__
-        with lock:
-            if outcome is None:
-                latencies.append(time.perf_counter() - due)
-            else:
-                errors[outcome] = errors.get(outcome, 0) + 1
-
+    tally = Tally(svc, connections)
     with ThreadPoolExecutor(max_workers=64) as pool:
         t0 = time.perf_counter()
         for i in range(int(rate * duration)):
             due = t0 + i / rate
             time.sleep(max(0.0, due - time.perf_counter()))
-            pool.submit(one, i, due)
-    client.close()
-    return latencies, errors
+            pool.submit(tally.verify, requests[i % len(requests)], due)
+    tally.client.close()
+    return tally.latencies, tally.errors
 
 
 def main() -> int:
