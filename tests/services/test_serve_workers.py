@@ -8,6 +8,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,8 +30,15 @@ from services.settings import load_config
 from tests.services.test_serve_cli import free_ports
 
 
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+def pid_of(worker: str) -> int:
+    """The process id in an x-biogate-worker header (host/pid), checked to name this host."""
+    host, pid = worker.rsplit("/", 1)
+    assert host == socket.gethostname(), worker
+    return int(pid)
+
+
+def parent_of(worker: str) -> int:
+    return int(Path(f"/proc/{pid_of(worker)}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def answering_worker(target: str, token: str) -> str:
@@ -97,7 +105,7 @@ def test_serve_face_with_two_workers_answers_from_both_and_drains_on_sigterm(tmp
                 break
         pids = set(calls)
         assert len(pids) == 2, f"every connection reached the same worker: {pids}"
-        assert all(parent_of(int(p)) == proc.pid for p in pids)
+        assert all(parent_of(p) == proc.pid for p in pids)
         # The first worker serves the scrapes: it must count the calls that both answered.
         metrics = scrape(metrics_port)
         verifies = [s for s in metrics["biogate_rpc"] if s.name == "biogate_rpc_total" and s.labels["method"] == "Verify"]
@@ -108,9 +116,9 @@ def test_serve_face_with_two_workers_answers_from_both_and_drains_on_sigterm(tmp
     assert proc.returncode == 0
     assert health_status(target) == "UNAVAILABLE"
     deadline = time.monotonic() + 5
-    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+    while any(Path(f"/proc/{pid_of(p)}").exists() for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(Path(f"/proc/{p}").exists() for p in pids)
+    assert not any(Path(f"/proc/{pid_of(p)}").exists() for p in pids)
 
 
 def workers_reached(client: BiometricClient, calls: int = 20) -> set[str]:
@@ -159,7 +167,7 @@ def test_the_mfa_client_spreads_its_calls_over_the_workers_by_opening_several_co
             if len(seen) == 2:
                 break
         assert len(seen) == 2, f"8 connections reached one worker 4 times over: {seen}"
-        assert all(parent_of(int(p)) == proc.pid for p in seen)
+        assert all(parent_of(p) == proc.pid for p in seen)
 
         # Once answers named the workers, a call goes to the least busy worker, not just the least
         # busy connection: with one call in flight, the next goes to the other worker, whichever

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -53,8 +54,10 @@ class Worker:
 
     @property
     def label(self) -> str:
-        """What each response's ``x-biogate-worker`` header carries: the process that answered."""
-        return str(os.getpid())
+        """What each response's ``x-biogate-worker`` header carries: the process that answered, as
+        host/pid. The host name (a pod's name) keeps the workers of replicas apart, whose process ids
+        in their containers are alike, for a client that balances its calls by worker (the MFA's)."""
+        return f"{socket.gethostname()}/{os.getpid()}"
 
 
 def run_workers(settings, name: str, target: Callable[[Any, str, Worker], None]) -> int:
