@@ -8,6 +8,7 @@ network policies let only the MFA reach face and voice, and only the ingress the
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 
@@ -65,6 +66,16 @@ def container(objects, service) -> dict:
 def configuration(objects) -> Settings:
     (cm,) = [o for o in by_kind(objects, "ConfigMap").values() if o["metadata"]["name"].startswith("biogate-config")]
     return load_config(None, **yaml.safe_load(cm["data"]["biogate.yaml"]))
+
+
+def processes(c: dict, settings: Settings, service: str) -> int:
+    """The worker processes a service's pod runs, each loading its own models: server.<service>.workers,
+    else server.workers, from the container's environment over the configuration; 0: one per CPU of
+    the pod's limit (usable_cores reads the cgroup's quota)."""
+    env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+    own = env.get(f"BIOGATE_SERVER__{service.upper()}__WORKERS", getattr(settings.server, service).workers)
+    n = int(own if own is not None else env.get("BIOGATE_SERVER__WORKERS", settings.server.workers))
+    return n or math.ceil(float(c["resources"]["limits"]["cpu"]))
 
 
 def mib(quantity: str) -> float:
@@ -187,10 +198,13 @@ def test_every_environment_variable_names_a_setting_and_every_reference_exists(r
 
 def test_resources_cover_the_measured_peak_memory_and_gpus_are_scheduled(rendered):
     overlay, objects = rendered
+    settings = configuration(objects)
+    # CPU nodes run face as a worker per CPU (overlays/cpu/face-cpu.yaml); a GPU pod one process per GPU.
+    assert processes(container(objects, "face"), settings, "face") == (2 if overlay == "cpu" else 1)
     for name in SERVICES:
         c, pod = container(objects, name), deployment(objects, name)["spec"]["template"]["spec"]
         requests, limits = c["resources"]["requests"], c["resources"]["limits"]
-        peak = PEAK_RSS_MIB[overlay][name]
+        peak = PEAK_RSS_MIB[overlay][name] * processes(c, settings, name)
         assert mib(requests["memory"]) >= peak and mib(limits["memory"]) >= 1.25 * peak, (name, requests, limits)
         gpu = overlay == "gpu" and name != "mfa"
         assert ("nvidia.com/gpu" in limits) == gpu
