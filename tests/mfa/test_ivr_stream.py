@@ -180,6 +180,16 @@ def test_a_call_streamed_in_20_ms_chunks_passes_as_the_unary_voice_factor(servic
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert details_of(err.value)["reason"] == "STREAM_IDLE", err.value.details()
     assert written(world, s) == before
+    # the whole answer and its end message, but the stream held open: the end message is the last,
+    # which only the stream's close shows; the idle limit bounds the wait, and nothing is decided
+    release = threading.Event()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stream(world, stalled([header(s, nonce), *chunks(audio)], release))
+    finally:
+        release.set()
+    assert (err.value.code(), details_of(err.value)["reason"]) == (grpc.StatusCode.DEADLINE_EXCEEDED, "STREAM_IDLE")
+    assert written(world, s) == before
 
     r = stream(world, itertools.chain([header(s, nonce)], chunks(audio, paced=True)))  # as spoken, 20 ms a chunk
     assert r.result.passed and r.result.binding == "terminal" and r.result.llr > 0, r
