@@ -39,6 +39,7 @@ import numpy as np
 
 from bench.harness import FIXTURES, MODEL_CACHE, GcLog, ROOT, ServiceProcess, command_line, parallel_rate, pct
 from bench.loadgen import OPEN_LOOP_SHARE, open_loop_at_share, open_loop_line
+from services.mfa.clients import Connections
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.settings import load_config
 
@@ -125,16 +126,24 @@ async def run_load(address: str, token: str, requests: list, concurrency: int, d
 
 async def run_open(address: str, token: str, requests: list, connections: int, rate: float, duration: float):
     """Issue 13's tail check: Verify arriving at a fixed ``rate`` (bench.loadgen's open loop) over
-    ``connections`` connections, whatever the answers."""
+    ``connections`` connections, whatever the answers, each call on a connection of the least busy
+    worker as the MFA's client picks them (services/mfa/clients.py ``Connections``): with
+    ``server.workers`` > 1 calls sent round the connections in turn load the workers as unevenly as the
+    kernel spread the connections, which is not what the product's client does."""
     metadata = (("authorization", f"Bearer {token}"),)
     channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(connections)]
-    stubs = [face_pb2_grpc.FaceServiceStub(c) for c in channels]
+    pool = Connections(channels, face_pb2_grpc.FaceServiceStub)  # type: ignore[arg-type]  # only take() is used
+
+    async def verify(i: int, timeout: float):
+        with pool.take() as stub:
+            call = stub.Verify(requests[i % len(requests)], metadata=metadata, timeout=timeout)
+            reply = await call
+            pool.landed(stub, dict(await call.initial_metadata() or ()).get("x-biogate-worker"))
+            return reply
+
     try:
-        return await open_loop_at_share(
-            lambda i, timeout: stubs[i % connections].Verify(requests[i % len(requests)], metadata=metadata,
-                                                             timeout=timeout),
-            rate, duration_s=duration, deadline_s=30.0)
+        return await open_loop_at_share(verify, rate, duration_s=duration, deadline_s=30.0)
     finally:
         for channel in channels:
             await channel.close()

@@ -283,6 +283,11 @@ class Connections:
             worker = dict(call.initial_metadata() or ()).get("x-biogate-worker")
         except Exception:  # a call that failed before any metadata arrived names no worker
             return
+        self.landed(stub, worker)
+
+    def landed(self, stub: Any, worker: object) -> None:
+        """Notes ``worker`` (an answer's x-biogate-worker; None or absent: a single-process service)
+        as the one ``stub``'s connection reached."""
         if isinstance(worker, str):
             with self._lock:
                 self._worker[self._index[id(stub)]] = worker
