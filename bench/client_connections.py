@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.face_bench import enrol, plain_requests, trial_pairs

@@ -39,8 +39,8 @@ import numpy as np
 
 from bench.harness import FIXTURES, MODEL_CACHE, GcLog, ROOT, ServiceProcess, command_line, parallel_rate, pct
 from bench.loadgen import OPEN_LOOP_SHARE, open_loop_at_share, open_loop_line
-from services.mfa.clients import Connections
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
+from services.mfa.clients import Connections
 from services.settings import load_config
 
 TENANT = "bench"
