@@ -40,6 +40,20 @@ def admit() -> None:
         take()
 
 
+# Set with ``admission``: gives the current RPC's model-work slot back before the call ends.
+release: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("release", default=None)
+
+
+def done_with_models() -> None:
+    """Frees the current RPC's model-work slot (a no-op without one). A handler calls it when its model
+    work is over and what is left waits more than it computes (the audit record's fsync under the
+    database's write lock, the answer's send): holding the slot through that left a core idle while
+    the next call queued for it. The slot's service-time estimate then covers the model work alone."""
+    give = release.get()
+    if give is not None:
+        give()
+
+
 def time_left(default: float = 30.0) -> float:
     """Seconds left before the current RPC's deadline (``default`` outside an RPC)."""
     import time

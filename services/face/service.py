@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from services.common import errors, subjects
+from services.common import context, errors, subjects
 from services.common.api.v1 import common_pb2, face_pb2
 from services.face.config import FaceConfig, FaceTenantPolicy
 from services.common.metrics import observe_similarity
@@ -212,6 +212,7 @@ class FaceService:
         # A template lasts: each image is turned the way its face stands upright first (a face on its
         # side or upside down made a template that matched no upright photo).
         analyses = self._analyse_many(decoded, subject=self._subject_policy(tenant), upright=True)
+        context.done_with_models()
         qualities = [self._quality(i, a) for i, a in enumerate(analyses)]
         try:
             template, n_good = enrolment_template(analyses, self.model_id, self.same_person_floor())
@@ -252,6 +253,7 @@ class FaceService:
         template = self._template(tenant, subject)
         image = self._decode(data, "image")
         a = self._probe(image, template, threshold, want_live, self._subject_policy(tenant))
+        context.done_with_models()
         out = face_pb2.VerifyFaceResponse(
             model_id=self.model_id, threshold=threshold, liveness_checked=False, quality=self._quality(0, a)
         )
@@ -303,6 +305,7 @@ class FaceService:
             raise refusal(a.issues[0], f"no usable face: {', '.join(message(i) for i in a.issues)}",
                           fields={"image": ",".join(a.issues)})
         top, size = self.galleries.search(tenant, self.model_id, a.embeddings[self.model_id], k)
+        context.done_with_models()
         above = sum(s >= threshold for _, s in top)
         self.rt.audit.append("face.identified", actor(), tenant, None, {
             "model_id": self.model_id, "gallery_size": size, "top_k": k, "above_threshold": above,
@@ -322,6 +325,7 @@ class FaceService:
         a = self._pipeline().analyse_image(
             self._decode(data, "image"), liveness=True, embed=False, subject=self._subject_policy(tenant)
         )
+        context.done_with_models()
         if liveness_unanswerable(a):
             self.rt.audit.append("face.liveness_checked", actor(), tenant, None, {"live": False, "issues": list(a.issues)})
             return face_pb2.CheckLivenessResponse(live=False, reasons=[reason(i) for i in a.issues])
@@ -396,6 +400,7 @@ class FaceService:
             for f, d, a in zip(req.frames, datas, analyses)
         ]
         result = ch.evaluate(moves, frames, spent.issued_ago_ms, rules)
+        context.done_with_models()
         if not result.passed:
             metrics.LIVENESS_REFUSALS.labels("liveness_challenge").inc()
         out = face_pb2.SubmitLivenessChallengeResponse(model_id=self.model_id, reasons=[reason(r) for r in result.reasons],

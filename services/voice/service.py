@@ -192,6 +192,7 @@ class VoiceService:
             raise refusal(err.code, err.message, metadata=err.metadata) from None
         kept, refused, kept_speech = chosen.utterances, chosen.refused, chosen.net_speech_s
         template = enrolment.template_of(eng.embed(kept))
+        context.done_with_models()
         stored, _ = self.templates.enrol(
             tenant, subject, eng.model_id, template, channel=family, samples=len(kept),
             quality={"net_speech_s": round(kept_speech, 2), "utterances": len(kept)}, replace=request.replace,
@@ -288,6 +289,7 @@ class VoiceService:
         # The request is whole and valid: only now is the challenge spent.
         expected = str(self.challenges.consume(tenant, subject, nonce).payload["digits"]) if nonce else None
         decision = eng.decide(tenant, subject, template, prepared, family, target_fmr, synthetic_on, expected)
+        context.done_with_models()
         metrics.record_verification(decision)
         self.rt.audit.append("voice.verified", actor(), tenant, subject, {
             **decision.audit(), "via": via, "net_speech_s": round(prepared.net_speech_s, 2)})

@@ -84,3 +84,32 @@ def test_verify_under_concurrency_does_not_stall(face_service, face_dir):
           f"{rate:.1f}/s ({rate / single_rate:.2f} x)")
     assert p99 <= P99_OVER_SINGLE_P50 * single_p50
     assert rate >= MIN_THROUGHPUT_RATIO * single_rate
+
+
+def test_verify_gives_its_model_slot_back_before_the_audit_write(face_service, face_dir):
+    """A Verify whose audit record waits on the database (its write lock held here, as a concurrent
+    writer's fsync holds it) has already given its admission slot to the next call: the slot covers
+    model work, and a core left idle behind an fsync was the service's loss against the raw models."""
+    import sqlite3
+
+    s = face_service
+    enroll(s, "bank-c", "c-slot", (face_dir / OBAMA).read_bytes(), replace=True)
+    request = face_pb2.VerifyFaceRequest(subject=ref("bank-c", "c-slot"), image=img((face_dir / OBAMA2).read_bytes()))
+    queue = s.server.interceptor.admission
+    writer = sqlite3.connect(s.settings.sqlite_path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # the service's audit append now waits (busy timeout 10 s)
+        done_before = queue.completed
+        pending = s.stub.Verify.future(request, timeout=60)
+        for _ in range(800):
+            if queue.completed > done_before or pending.done():
+                break
+            time.sleep(0.01)
+        released = queue.completed == done_before + 1 and queue.running == 0
+        still_writing = not pending.done()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert pending.result(timeout=30).match
+    assert still_writing, "the Verify ended while the database was locked: it wrote no audit record"
+    assert released, "the slot was still held while the call waited to write its audit record"

@@ -171,3 +171,37 @@ def test_a_call_cancelled_while_queued_does_no_model_work(tmp_path):
         assert stub.Verify(verify_request(), timeout=10).match
         assert servicer.working.acquire(timeout=10)  # the third call's
         assert not servicer.working.acquire(timeout=0.5)  # and no other
+
+
+def test_a_handler_done_with_its_models_lets_the_next_call_in_before_it_ends(tmp_path):
+    after_models = threading.Event()  # the first call's remaining work (its audit write) waits on this
+
+    class Early(Probe):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def Verify(self, request, ctx):
+            self.calls += 1
+            if self.calls == 1:
+                context.done_with_models()
+                context.done_with_models()  # a second release is a no-op: the slot is not freed twice
+                self.working.release()
+                after_models.wait(30)
+                return voice_pb2.VerifyVoiceResponse(match=True)
+            return super().Verify(request, ctx)
+
+    servicer = Early()
+    with serving(tmp_path, servicer) as (stub, _, server):
+        first = stub.Verify.future(verify_request(), timeout=30)
+        assert servicer.working.acquire(timeout=10)
+        second = stub.Verify.future(verify_request(), timeout=30)  # no queue: admitted only if the slot is free
+        assert servicer.working.acquire(timeout=10)
+        assert server.interceptor.admission.running == 1
+        # the slot is the second call's: a third finds it taken (the first's release was not counted twice)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Verify(verify_request(), timeout=30)
+        assert details_of(err.value)["reason"] == QUEUE_FULL
+        servicer.release.set()
+        after_models.set()
+        assert first.result(timeout=10).match and second.result(timeout=10).match

@@ -12,8 +12,11 @@ look at the queue, when
 - the queue's expected wait plus the call's own expected service time exceeds the time left to its
   deadline (``DEADLINE_UNREACHABLE``): it would have missed the deadline anyway.
 
-The expected service time is an exponentially weighted moving average per RPC kind, measured
-under the slot (so it includes the contention of ``concurrency`` calls sharing the cores); the
+A call holds its slot from admission until its handler says its model work is over
+(``context.done_with_models``: before the audit record's write, whose fsync waits rather than
+computes) or until it ends. The expected service time is an exponentially weighted moving average per
+RPC kind, measured under the slot (so it includes the contention of ``concurrency`` calls sharing the
+cores); the
 expected wait is the work ahead (what is left of the running calls' estimates plus the queued
 calls' estimates) divided by ``concurrency``. A call is admitted on the expected wait plus its own
 average service time plus ``SPREAD`` mean deviations of the two together (the calls ahead's

@@ -233,7 +233,8 @@ class _Call:
         sent = meta.get("x-request-id", "")
         rid = request_id(sent if isinstance(sent, str) else "")  # bytes only for -bin keys
         self._tokens = (context.request_id.set(rid), context.principal.set(None), context.deadline.set(None),
-                        context.admission.set(self.admit if self.queue is not None else None))
+                        context.admission.set(self.admit if self.queue is not None else None),
+                        context.release.set(self.release if self.queue is not None else None))
         sent_back: tuple[tuple[str, str], ...] = (("x-request-id", rid),)
         if self.owner.worker is not None:
             sent_back += (("x-biogate-worker", self.owner.worker),)
@@ -261,6 +262,11 @@ class _Call:
                 self.queue.release(slot, observe=False)
                 raise errors.ServiceError(grpc.StatusCode.CANCELLED, "the client cancelled the call while it was queued")
             self.slot = slot
+
+    def release(self) -> None:
+        """Gives the model-work slot back (the queue ignores a second release: ``_finish`` calls it again)."""
+        if self.slot is not None:
+            self.queue.release(self.slot)  # type: ignore[union-attr]
 
     def check_request(self, request: Any) -> None:
         if isinstance(request, Malformed):
@@ -330,11 +336,12 @@ class _Call:
                 "principal": self.principal.name if self.principal else None,
             },
         )
-        rid, principal, deadline, admission = self._tokens
+        rid, principal, deadline, admission, release = self._tokens
         context.request_id.reset(rid)
         context.principal.reset(principal)
         context.deadline.reset(deadline)
         context.admission.reset(admission)
+        context.release.reset(release)
 
 
 @dataclass(frozen=True)
