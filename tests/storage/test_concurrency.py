@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -10,11 +12,13 @@ import pytest
 
 from services.common.storage import (
     AuditAppend,
+    AuditHead,
     AuditRow,
     ChallengeRecord,
     ChallengeUsedError,
     MigrationError,
     SqlStorage,
+    StorageError,
     TemplateRecord,
     open_storage,
 )
@@ -61,6 +65,102 @@ def test_audit_appends_from_threads_form_one_chain(storage: SqlStorage) -> None:
     rows = list(storage.audit.iter_records())
     assert [r.seq for r in rows] == list(range(1, THREADS * 5 + 1))
     assert all(r.prev_hash == (f"h{r.seq - 1}" if r.seq > 1 else None) for r in rows)
+
+
+def held_audit_lock(storage: SqlStorage):
+    """A thread holding the audit append lock (on SQLite the database's write lock) until the event is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with storage.db.transaction() as s:
+            storage.db.lock(s, "audit_append")
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(10)
+    return t, release
+
+
+def grouped_appends(storage: SqlStorage, builds: list) -> list[object]:
+    """The first append waits on the held lock; the rest queue behind it; then the lock goes."""
+    holder, release = held_audit_lock(storage)
+    results: list[object] = [None] * len(builds)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = storage.audit.append(builds[i])
+        except Exception as exc:  # collected for the assertions
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(0,))]
+    threads[0].start()
+    for _ in range(1000):  # the first is writing (blocked on the lock): the others must queue
+        if storage.audit._writing:
+            break
+        time.sleep(0.01)
+    threads += [threading.Thread(target=run, args=(i,)) for i in range(1, len(builds))]
+    for t in threads[1:]:
+        t.start()
+    for _ in range(1000):
+        if storage.audit.waiting == len(builds) - 1:
+            break
+        time.sleep(0.01)
+    queued = storage.audit.waiting
+    release.set()
+    holder.join(30)
+    for t in threads:
+        t.join(30)
+    assert queued == len(builds) - 1
+    return results
+
+
+def test_audit_appends_that_wait_are_written_together_in_one_transaction(storage: SqlStorage) -> None:
+    built_on: dict[int, int] = {}
+
+    def build(seq: int, prev: str | None) -> AuditAppend:
+        built_on[seq] = threading.get_ident()
+        return AuditAppend(AuditRow(seq, datetime.now(timezone.utc), "e", "a", T, None, "{}", prev, f"h{seq}"),
+                           AuditHead(seq, f"h{seq}", f"sig-{seq}".encode(), "k"))
+
+    results = grouped_appends(storage, [build] * THREADS)
+    rows = list(storage.audit.iter_records())
+    assert [r.seq for r in rows] == list(range(1, THREADS + 1))
+    assert all(r.prev_hash == (f"h{r.seq - 1}" if r.seq > 1 else None) for r in rows)
+    assert sorted(r.seq for r in results) == list(range(1, THREADS + 1))  # type: ignore[union-attr]
+    # the seven that queued were built by one thread, in one transaction (one commit, one fsync)
+    assert len({built_on[seq] for seq in range(2, THREADS + 1)}) == 1
+    assert storage.audit.head() == AuditHead(THREADS, f"h{THREADS}", f"sig-{THREADS}".encode(), "k")
+
+
+def test_a_failing_builder_in_a_group_fails_only_its_own_append(storage: SqlStorage) -> None:
+    def build(seq: int, prev: str | None) -> AuditAppend:
+        return AuditAppend(AuditRow(seq, datetime.now(timezone.utc), "e", "a", T, None, "{}", prev, f"h{seq}"))
+
+    def failing(seq: int, prev: str | None) -> AuditAppend:
+        raise RuntimeError("signer unavailable")
+
+    results = grouped_appends(storage, [build, build, failing, build, build])
+    assert isinstance(results[2], RuntimeError)
+    assert [type(r) for i, r in enumerate(results) if i != 2] == [AuditRow] * 4
+    rows = list(storage.audit.iter_records())
+    assert [r.seq for r in rows] == [1, 2, 3, 4]
+    assert all(r.prev_hash == (f"h{r.seq - 1}" if r.seq > 1 else None) for r in rows)
+
+
+def test_a_group_whose_transaction_fails_fails_every_append_in_it_and_the_next_succeeds(storage: SqlStorage) -> None:
+    def build(seq: int, prev: str | None) -> AuditAppend:
+        return AuditAppend(AuditRow(seq, datetime.now(timezone.utc), "e", "a", T, None, "{}", prev, f"h{seq}"))
+
+    def violating(seq: int, prev: str | None) -> AuditAppend:  # NOT NULL event_type: the insert fails
+        return AuditAppend(AuditRow(seq, datetime.now(timezone.utc), None, "a", T, None, "{}", prev, f"h{seq}"))  # type: ignore[arg-type]
+
+    results = grouped_appends(storage, [build, build, violating, build])
+    assert isinstance(results[0], AuditRow)  # the first wrote alone, before the others queued
+    assert all(isinstance(r, StorageError) for r in results[1:]), results
+    assert [r.seq for r in storage.audit.iter_records()] == [1]
+    assert storage.audit.append(build).seq == 2
 
 
 # --- migrations ----------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 class AuditLog:
-    """The one writer of audit records. Thread-safe: the storage serialises appends."""
+    """The one writer of audit records. Thread-safe: the storage serialises appends (and commits
+    those that wait for one another together)."""
 
     def __init__(
         self,

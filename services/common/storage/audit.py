@@ -3,40 +3,102 @@ builder; this module only guarantees that appends are serialised and written ato
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-from .db import Database
+from .db import Database, Session
+from .errors import StorageError
 from .interfaces import AuditAppend, AuditBuilder, AuditCheckpoint, AuditHead, AuditRow
 from .rows import columns, insert_sql, to_record, values
 
 
 class SqlAuditRepository:
+    """Appends made outside a write transaction are committed in groups: while one caller's
+    transaction writes, the appends that arrive meanwhile wait and go together, in arrival order, in
+    the next one (one pass of the audit lock, one commit and its fsync for them all). Each append
+    still returns only once its record is durable. Serialised one by one, an audit trail on a disk
+    whose fsync takes 5 ms (here) to 100 ms (a loaded volume) capped every service at 10-200
+    audited calls per second whatever its cores. An append inside a caller's transaction joins it:
+    the write and its record commit together."""
+
+    MAX_GROUP = 256
+
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._cv = threading.Condition()
+        self._waiting: list[_Pending] = []
+        self._writing = False
+
+    @property
+    def waiting(self) -> int:
+        """Appends queued behind the one being written."""
+        with self._cv:
+            return len(self._waiting)
 
     def append(self, build: AuditBuilder) -> AuditRow:
-        with self._db.transaction() as s:
-            self._db.lock(s, "audit_append")
-            last = s.one("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")
-            next_seq, prev_hash = (1, None) if last is None else (int(last[0]) + 1, last[1])
-            built = build(next_seq, prev_hash)
-            out = built if isinstance(built, AuditAppend) else AuditAppend(row=built)
-            if out.row.seq != next_seq or out.row.prev_hash != prev_hash:
-                raise ValueError(
-                    f"audit builder returned seq {out.row.seq} / prev_hash {out.row.prev_hash!r},"
-                    f" expected {next_seq} / {prev_hash!r}"
-                )
+        if self._db.in_transaction():
+            with self._db.transaction() as s:
+                only = _Pending(build)
+                self._write(s, [only])
+                return only.result()
+        mine = _Pending(build)
+        with self._cv:
+            self._waiting.append(mine)
+            while True:
+                while self._writing and not mine.done:
+                    self._cv.wait()
+                if mine.done:
+                    return mine.result()
+                # Nobody is writing: this caller writes what waits (its own record among them,
+                # unless more than a group waited ahead of it: then it writes again).
+                self._writing = True
+                group, self._waiting = self._waiting[: self.MAX_GROUP], self._waiting[self.MAX_GROUP :]
+                self._cv.release()
+                try:
+                    try:
+                        with self._db.transaction() as s:
+                            self._write(s, group)
+                    except BaseException as exc:  # noqa: BLE001 - every record of the group was lost with it
+                        for p in group:
+                            p.fail(exc, p is mine)
+                finally:
+                    self._cv.acquire()
+                    self._writing = False
+                    for p in group:
+                        p.done = True
+                    self._cv.notify_all()
+
+    def _write(self, s: Session, group: list[_Pending]) -> None:
+        self._db.lock(s, "audit_append")
+        last = s.one("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")
+        next_seq, prev_hash = (1, None) if last is None else (int(last[0]) + 1, last[1])
+        head = None
+        for p in group:
+            try:  # a builder's own failure is its caller's alone: the others' records go on
+                built = p.build(next_seq, prev_hash)
+                out = built if isinstance(built, AuditAppend) else AuditAppend(row=built)
+                if out.row.seq != next_seq or out.row.prev_hash != prev_hash:
+                    raise ValueError(
+                        f"audit builder returned seq {out.row.seq} / prev_hash {out.row.prev_hash!r},"
+                        f" expected {next_seq} / {prev_hash!r}"
+                    )
+            except Exception as exc:  # noqa: BLE001 - raised to the caller whose builder it was
+                p.error = exc
+                continue
             s.execute(insert_sql("audit_records", AuditRow), values(out.row))
             if out.checkpoint is not None:
                 s.execute(insert_sql("audit_checkpoints", AuditCheckpoint), values(out.checkpoint))
-            if out.head is not None:
-                s.execute(
-                    "INSERT INTO audit_head (id, seq, hash, signature, key_id) VALUES (1, ?, ?, ?, ?)"
-                    " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,"
-                    " signature = excluded.signature, key_id = excluded.key_id",
-                    values(out.head),
-                )
-        return out.row
+            head = out.head or head
+            p.row = out.row
+            next_seq, prev_hash = next_seq + 1, out.row.hash
+        if head is not None:  # the group's last signed head: the earlier ones are superseded in this commit
+            s.execute(
+                "INSERT INTO audit_head (id, seq, hash, signature, key_id) VALUES (1, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,"
+                " signature = excluded.signature, key_id = excluded.key_id",
+                values(head),
+            )
 
     def last(self) -> AuditRow | None:
         with self._db.read() as s:
@@ -65,3 +127,27 @@ class SqlAuditRepository:
             if len(rows) < batch:
                 return
             after = int(rows[-1][0])
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One caller's append: its builder, then its written row or the error that stopped it."""
+
+    build: AuditBuilder
+    row: AuditRow | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+    def fail(self, exc: BaseException, own: bool) -> None:
+        if self.error is None:
+            # Another caller's transaction failed: a StorageError of its own for this caller (one
+            # exception object raised in several threads would have its traceback rewritten by each).
+            self.error = exc if own or not isinstance(exc, StorageError) else StorageError(str(exc))
+            self.row = None
+
+    def result(self) -> AuditRow:
+        if self.error is not None:
+            raise self.error
+        if self.row is None:
+            raise StorageError("the audit record was not written")
+        return self.row

@@ -146,6 +146,10 @@ class Database(ABC):
             finally:
                 self._active.reset(token)
 
+    def in_transaction(self) -> bool:
+        """Whether this thread (or task) is inside a write transaction that repository calls join."""
+        return self._active.get() is not None
+
     def read(self) -> AbstractContextManager[Session]:
         return self.transaction(write=False)
 

@@ -276,7 +276,9 @@ AuditBuilder = Callable[[int, "str | None"], "AuditAppend | AuditRow"]
 class AuditRepository(Protocol):
     def append(self, build: AuditBuilder) -> AuditRow:
         """Serialised against every other append: build(next_seq, prev_hash) runs while the lock
-        is held and its row (plus optional head and checkpoint) is written in that transaction."""
+        is held (perhaps on another appending thread, whose transaction writes the appends that
+        waited for it together) and its row (plus optional head and checkpoint) is written in that
+        transaction; inside a caller's write transaction, in the caller's."""
 
     def last(self) -> AuditRow | None: ...
 
