@@ -134,6 +134,22 @@ def test_audit_appends_that_wait_are_written_together_in_one_transaction(storage
     assert storage.audit.head() == AuditHead(THREADS, f"h{THREADS}", f"sig-{THREADS}".encode(), "k")
 
 
+def test_a_group_signs_only_its_last_head(storage: SqlStorage) -> None:
+    signed: list[int] = []
+
+    def build(seq: int, prev: str | None) -> AuditAppend:
+        def sign() -> AuditHead:
+            signed.append(seq)
+            return AuditHead(seq, f"h{seq}", f"sig-{seq}".encode(), "k")
+
+        return AuditAppend(AuditRow(seq, datetime.now(timezone.utc), "e", "a", T, None, "{}", prev, f"h{seq}"),
+                           sign_head=sign)
+
+    grouped_appends(storage, [build] * 6)
+    assert signed == [1, 6]  # the first commit's head, then the group's last: not 2..5, superseded unread
+    assert storage.audit.head() == AuditHead(6, "h6", b"sig-6", "k")
+
+
 def test_a_failing_builder_in_a_group_fails_only_its_own_append(storage: SqlStorage) -> None:
     def build(seq: int, prev: str | None) -> AuditAppend:
         return AuditAppend(AuditRow(seq, datetime.now(timezone.utc), "e", "a", T, None, "{}", prev, f"h{seq}"))

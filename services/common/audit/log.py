@@ -85,13 +85,16 @@ class AuditLog:
             ts = datetime.now(timezone.utc)
             digest = record_hash(next_seq, ts, event_type, actor, tenant_id, pseudonym, details_json, prev_hash)
             row = AuditRow(next_seq, ts, event_type, actor, tenant_id, pseudonym, details_json, prev_hash, digest)
-            head = AuditHead(next_seq, digest, self._signer.sign(head_message(next_seq, digest)), self._signer.key_id)
+
+            def head() -> AuditHead:
+                return AuditHead(next_seq, digest, self._signer.sign(head_message(next_seq, digest)), self._signer.key_id)
+
             checkpoint = None
             if next_seq % self._every == 0:
                 checkpoint = AuditCheckpoint(
                     next_seq, digest, self._signer.sign(checkpoint_message(next_seq, digest, ts)), self._signer.key_id, ts
                 )
-            return AuditAppend(row, head=head, checkpoint=checkpoint)
+            return AuditAppend(row, checkpoint=checkpoint, sign_head=head)
 
         return self._repo.append(build)
 

@@ -89,10 +89,12 @@ class SqlAuditRepository:
             s.execute(insert_sql("audit_records", AuditRow), values(out.row))
             if out.checkpoint is not None:
                 s.execute(insert_sql("audit_checkpoints", AuditCheckpoint), values(out.checkpoint))
-            head = out.head or head
+            head = out.head or out.sign_head or head
             p.row = out.row
             next_seq, prev_hash = next_seq + 1, out.row.hash
-        if head is not None:  # the group's last signed head: the earlier ones are superseded in this commit
+        if head is not None:  # the group's last head: the earlier ones are superseded in this commit
+            if callable(head):
+                head = head()
             s.execute(
                 "INSERT INTO audit_head (id, seq, hash, signature, key_id) VALUES (1, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,"

@@ -121,11 +121,15 @@ class AuditHead:
 
 @dataclass(frozen=True)
 class AuditAppend:
-    """What an audit builder returns: the row, and optionally the new head and a checkpoint."""
+    """What an audit builder returns: the row, and optionally the new head and a checkpoint. The
+    head may be given as the function that signs it (``sign_head``): the storage calls it only for
+    the last record of a commit, whose head supersedes the others' in the same transaction (a
+    signature is a round trip to a network HSM, made while every other append waits)."""
 
     row: AuditRow
     head: AuditHead | None = None
     checkpoint: AuditCheckpoint | None = None
+    sign_head: Callable[[], AuditHead] | None = None
 
 
 @dataclass(frozen=True)
