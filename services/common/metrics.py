@@ -45,6 +45,11 @@ INFERENCE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+# The audit trail's grouped commits (services/common/storage/audit.py): records per transaction
+# outside callers' own transactions, i.e. how many appends waited for one another.
+AUDIT_GROUP = Histogram("biogate_audit_group_records", "Audit records committed together in one transaction",
+                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
 
 def observe_similarity(model: str, channel: str, score: float, matched: bool) -> None:
     SIMILARITY.labels(model, channel, "match" if matched else "no_match").observe(score)

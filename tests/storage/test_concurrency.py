@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common import metrics
 from services.common.storage import (
     AuditAppend,
     AuditHead,
@@ -124,6 +125,8 @@ def test_audit_appends_that_wait_are_written_together_in_one_transaction(storage
         return AuditAppend(AuditRow(seq, datetime.now(timezone.utc), "e", "a", T, None, "{}", prev, f"h{seq}"),
                            AuditHead(seq, f"h{seq}", f"sig-{seq}".encode(), "k"))
 
+    groups = metrics.AUDIT_GROUP.collect()[0]
+    count_before, sum_before = (next(s.value for s in groups.samples if s.name.endswith(k)) for k in ("_count", "_sum"))
     results = grouped_appends(storage, [build] * THREADS)
     rows = list(storage.audit.iter_records())
     assert [r.seq for r in rows] == list(range(1, THREADS + 1))
@@ -131,6 +134,9 @@ def test_audit_appends_that_wait_are_written_together_in_one_transaction(storage
     assert sorted(r.seq for r in results) == list(range(1, THREADS + 1))  # type: ignore[union-attr]
     # the seven that queued were built by one thread, in one transaction (one commit, one fsync)
     assert len({built_on[seq] for seq in range(2, THREADS + 1)}) == 1
+    groups = metrics.AUDIT_GROUP.collect()[0]  # two commits: the first alone, then the seven
+    assert next(s.value for s in groups.samples if s.name.endswith("_count")) == count_before + 2
+    assert next(s.value for s in groups.samples if s.name.endswith("_sum")) == sum_before + THREADS
     assert storage.audit.head() == AuditHead(THREADS, f"h{THREADS}", f"sig-{THREADS}".encode(), "k")
 
 

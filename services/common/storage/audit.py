@@ -7,6 +7,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from services.common import metrics
+
 from .db import Database, Session
 from .errors import StorageError
 from .interfaces import AuditAppend, AuditBuilder, AuditCheckpoint, AuditHead, AuditRow
@@ -60,6 +62,7 @@ class SqlAuditRepository:
                     try:
                         with self._db.transaction() as s:
                             self._write(s, group)
+                        metrics.AUDIT_GROUP.observe(len(group))
                     except BaseException as exc:  # noqa: BLE001 - every record of the group was lost with it
                         for p in group:
                             p.fail(exc, p is mine)
