@@ -29,6 +29,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.harness import pct
 from services.common.audit.log import AuditLog
 from services.common.audit.verify import verify
 from services.common.crypto.signing import KeySigner
@@ -48,11 +49,6 @@ class Counting(KeySigner):
     def sign(self, message: bytes) -> bytes:
         self.count += 1
         return super().sign(message)
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] * 1000 if xs else float("nan")
 
 
 def run(log: AuditLog, db, threads: int, seconds: float, one_by_one: bool) -> tuple[int, list[float]]:
