@@ -60,6 +60,9 @@ class FaceConfig(Section):
     batch_wait_ms: float = Field(2.0, ge=0, le=50)
     # "auto": micro-batched on an accelerator, inline on the CPU (FacePipelineConfig.batching).
     micro_batching: Literal["auto", "on", "off"] = "auto"
+    # "auto": the detector's canvas ends a margin past the image where the models run inline (the
+    # CPU), the model's full 640x640 where they are micro-batched (FacePipelineConfig.detector_canvas).
+    detector_canvas: Literal["auto", "full", "fitted"] = "auto"
     # The decoder of plain JPEGs' pixels after Pillow's checks (services/face/imaging.py): "auto" is
     # nvImageCodec's nvJPEG when the detector runs on CUDA and the package (extra gpu) loads, else OpenCV;
     # "nvimgcodec" requires the package (its CPU backend without CUDA). Every refusal is the same.

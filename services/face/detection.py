@@ -65,14 +65,20 @@ class Letterbox(Placement):
     canvas: np.ndarray
 
 
-def _place(image_bgr: np.ndarray, size: tuple[int, int], pad_ratio: float) -> tuple[np.ndarray, Placement]:
-    """The image as it goes on the canvas (shrunk to fit with its border, never enlarged) and where."""
-    h, w = image_bgr.shape[:2]
+def placed_size(shape: tuple[int, ...], size: tuple[int, int], pad_ratio: float) -> tuple[int, int, int]:
+    """(w, h, border) of an image of ``shape`` as it goes on a ``size`` canvas: shrunk to fit with its
+    border, never enlarged; the image's top left corner sits ``border`` pixels in on both axes."""
+    h, w = shape[:2]
     border = int(round(pad_ratio * max(h, w)))
     scale = min(1.0, size[0] / (w + 2 * border), size[1] / (h + 2 * border))
-    nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
-    pb = int(round(border * scale))
-    resized = image_bgr if scale == 1.0 else cv2.resize(image_bgr, (nw, nh), interpolation=cv2.INTER_AREA)
+    return max(1, int(round(w * scale))), max(1, int(round(h * scale))), int(round(border * scale))
+
+
+def _place(image_bgr: np.ndarray, size: tuple[int, int], pad_ratio: float) -> tuple[np.ndarray, Placement]:
+    """The image as it goes on the canvas and where."""
+    nw, nh, pb = placed_size(image_bgr.shape, size, pad_ratio)
+    h, w = image_bgr.shape[:2]
+    resized = image_bgr if (nw, nh) == (w, h) else cv2.resize(image_bgr, (nw, nh), interpolation=cv2.INTER_AREA)
     return resized, Placement(scale=nw / w, offset=(float(pb), float(pb)))
 
 
@@ -96,15 +102,16 @@ class CanvasBlob:
     Building a fresh 640x640 canvas, then its float32 NCHW copy, cost ~1.4 ms CPU per small selfie,
     more than the rest of the detector's pre- and post-processing together."""
 
-    def __init__(self, n: int, size: tuple[int, int]) -> None:
+    def __init__(self, n: int, size: tuple[int, int], full: tuple[int, int] | None = None) -> None:
         self.array = np.zeros((n, 3, size[1], size[0]), np.float32)
         self.size = size
+        self.full = full or size  # the canvas images are scaled for; ``size`` may end short of it
         self._dirty: list[tuple[int, int, int, int] | None] = [None] * n
 
     def place(self, j: int, image_bgr: np.ndarray, pad_ratio: float) -> Placement:
         """Item ``j`` becomes ``image_bgr`` letterboxed exactly as :func:`letterbox` does it."""
         self.clear(j)
-        resized, at = _place(image_bgr, self.size, pad_ratio)
+        resized, at = _place(image_bgr, self.full, pad_ratio)
         pb, nh, nw = int(at.offset[0]), resized.shape[0], resized.shape[1]
         for c in range(3):
             self.array[j, c, pb : pb + nh, pb : pb + nw] = resized[:, :, c]
@@ -128,7 +135,8 @@ class CanvasPool:
     """Reusable :class:`CanvasBlob`s, one taken per model call: as many are kept as calls ran at once
     (the admission slots on a CPU, or the analysis pool's threads for a request of many frames),
     and only for batches of up to ``max_pooled`` canvases: a request's one image. The four turns of
-    an upright search (~20 MB) and a GPU batcher's batches are built afresh, not held for good."""
+    an upright search (~20 MB), a GPU batcher's batches and canvases cut short of ``size`` (a fitted
+    canvas: many sizes, each small) are built afresh, not held for good."""
 
     def __init__(self, size: tuple[int, int], max_pooled: int = 1) -> None:
         self.size = size
@@ -137,9 +145,9 @@ class CanvasPool:
         self._lock = threading.Lock()
 
     @contextmanager
-    def take(self, n: int) -> Iterator[CanvasBlob]:
-        if n > self.max_pooled:
-            yield CanvasBlob(n, self.size)
+    def take(self, n: int, size: tuple[int, int] | None = None) -> Iterator[CanvasBlob]:
+        if n > self.max_pooled or (size is not None and size != self.size):
+            yield CanvasBlob(n, size or self.size, self.size)
             return
         with self._lock:
             free = self._free.setdefault(n, [])

@@ -76,6 +76,7 @@ def pipeline_config(
         liveness=liveness_specs(store, cfg.liveness if liveness is None else liveness),
         liveness_box=cfg.liveness_box,
         subject=subject_policy(cfg),
+        detector_canvas=cfg.detector_canvas,
     )
     return dataclasses.replace(config, **overrides) if overrides else config
 

@@ -67,6 +67,11 @@ class FacePipelineConfig:
     # Micro-batchers in front of the models: "auto" where the detector runs on an accelerator; on
     # the CPU each request runs the models on its own thread (services.common.batching.Inline).
     batching: Literal["auto", "on", "off"] = "auto"
+    # The detector's canvas: "fitted" ends each call's canvas a margin past its images (YuNet with
+    # symbolic height and width; same detections, less work for small images), "full" is always the
+    # model's 640x640; "auto" fits it where the models run inline, i.e. not micro-batched, so that an
+    # accelerator's batches keep one shape.
+    detector_canvas: Literal["auto", "full", "fitted"] = "auto"
     # The decoder of plain JPEGs' pixels (services/face/imaging.py, jpeg_decoder): "auto" is nvImageCodec's
     # nvJPEG where the detector runs on CUDA and the package loads, else OpenCV.
     jpeg_decoder: JpegDecoderChoice = "auto"
@@ -114,6 +119,12 @@ class FacePipeline:
         self.config = config
         self.detector = build_detector(config.detector, config.providers, config.threads)
         self.batching = config.batching == "on" or (config.batching == "auto" and self.detector.provider != CPU)
+        can_fit = getattr(self.detector, "can_fit_canvas", False)
+        if config.detector_canvas == "fitted" or (config.detector_canvas == "auto" and not self.batching and can_fit):
+            if not can_fit:
+                raise ValueError("face.detector_canvas 'fitted' needs a detector whose height and width are "
+                                 "symbolic (yunet-2023mar-batch)")
+            self.detector.fit_canvas = True  # type: ignore[attr-defined]
         self._jpeg, self.jpeg_decoder = jpeg_decoder(config.jpeg_decoder, self.detector.provider == CUDA)
         # A detector with a batch dimension (YuNet's batchable copy) is micro-batched as well.
         self._detect_batcher: MicroBatcher | Inline | None = None

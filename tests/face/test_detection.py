@@ -161,3 +161,68 @@ def test_only_single_canvases_are_pooled():
         assert again is not four  # an upright search's four turns are not held between calls
     with pool.take(1) as one, pool.take(1) as other:
         assert one is not other  # concurrent calls never share a canvas
+
+
+@pytest.fixture(scope="module")
+def yunet_dynamic(model_store, face_models):
+    """The shipped detector: YuNet with symbolic batch, height and width (manifest yunet-2023mar-batch)."""
+    from face_helpers import CPU
+    from services.face.yunet import YuNetDetector
+
+    return YuNetDetector(model_store.path("yunet-2023mar-batch"), providers=CPU)
+
+
+def test_a_fitted_canvas_detects_what_the_full_canvas_does(yunet_dynamic, fixtures_dir, verification_images):
+    """On the CPU the detector's canvas ends FIT_MARGIN pixels past the bordered image: every face,
+    box, landmark and score must stay as on the full 640x640 canvas (a margin of 64 px moved
+    landmarks by up to 8 px), for small probes, photos shrunk to fit, portrait and landscape."""
+    identities = sorted((fixtures_dir / "face" / "identities").glob("*/*.jpg"))[::12]
+    live = sorted((fixtures_dir / "face" / "pad").glob("*/*"))[::4]
+    images = [load_bgr(p) for p in [*verification_images, *identities, *live]]
+    images += [np.ascontiguousarray(images[0].transpose(1, 0, 2)), images[0][: images[0].shape[0] // 2]]
+    fitted_smaller = 0
+    for img in images:
+        yunet_dynamic.fit_canvas = False
+        full = yunet_dynamic.detect(img)
+        yunet_dynamic.fit_canvas = True
+        size = yunet_dynamic.canvas_size([img])
+        fitted_smaller += size[0] * size[1] < 640 * 640
+        fitted = yunet_dynamic.detect(img)
+        assert len(fitted) == len(full), (img.shape, size)
+        for a, b in zip(full, fitted):
+            assert np.abs(a.landmarks5 - b.landmarks5).max() < 0.01, (img.shape, size)
+            assert np.abs(a.box - b.box).max() < 0.01 and abs(a.score - b.score) < 1e-4, (img.shape, size)
+    yunet_dynamic.fit_canvas = False
+    assert fitted_smaller >= len(images) // 2  # the comparison ran on canvases that were cut short
+
+
+def test_the_fitted_canvas_is_the_full_one_cut_short(yunet_dynamic, face_dir):
+    """The fitted canvas holds the image at the full canvas's scale and place, rounded up to the
+    largest stride, never beyond the full canvas; a batch takes its largest image's."""
+    from services.face.detection import CanvasPool
+
+    small = load_bgr(face_dir / "bbt_raj" / "faceapi_raj1.png")  # 150 x 150
+    big = load_bgr(face_dir / "barack_obama" / "face_recognition_examples_obama.jpg")
+    yunet_dynamic.fit_canvas = True
+    try:
+        border = round(0.25 * 150)
+        side = -(-(150 + 2 * border + 128) // 32) * 32
+        assert yunet_dynamic.canvas_size([small]) == (side, side)
+        assert yunet_dynamic.canvas_size([big]) == (640, 640)
+        assert yunet_dynamic.canvas_size([small, big]) == (640, 640)
+    finally:
+        yunet_dynamic.fit_canvas = False
+    pool = CanvasPool((640, 640))
+    with pool.take(1, (side, side)) as blob:
+        blob.place(0, small, 0.25)
+        full = letterbox(small, (640, 640), 0.25).canvas.transpose(2, 0, 1).astype(np.float32)
+        assert blob.array.shape == (1, 3, side, side)
+        assert np.array_equal(blob.array[0], full[:, :side, :side]) and not full[:, side:, :].any()
+    with pool.take(1, (side, side)) as again:
+        assert again is not blob  # fitted canvases, of many sizes, are not held
+
+
+def test_a_fixed_size_detector_file_cannot_fit_its_canvas(yunet):
+    assert not yunet.can_fit_canvas
+    with pytest.raises(ValueError, match="fixed input size"):
+        yunet.fit_canvas = True

@@ -134,15 +134,20 @@ def test_batched_detector_in_the_pipeline(tmp_path, model_store, face_models, pi
         assert p._detect_batcher.items == len(data)
     finally:
         p.close()
+    with pytest.raises(ValueError, match="detector_canvas 'fitted' needs a detector whose height and width"):
+        FacePipeline(dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, path=dst), liveness=(),
+                                         detector_canvas="fitted"))
 
 
 def test_on_the_cpu_the_models_run_inline_with_the_batchers_results(pipeline, verification_images):
     import dataclasses
 
     assert not pipeline.batching and isinstance(pipeline._detect_batcher, Inline)  # "auto" on the CPU provider
+    assert pipeline.detector.fit_canvas  # inline: each canvas fitted to its image
     batched = FacePipeline(dataclasses.replace(pipeline.config, batching="on"))
     try:
         assert batched.batching and isinstance(batched._detect_batcher, MicroBatcher)
+        assert not batched.detector.fit_canvas  # batches keep the full canvas
         data = [x.read_bytes() for x in verification_images[:6]]
         out: list = [None] * len(data)
         threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, pipeline.analyse(data[i], liveness=True)))

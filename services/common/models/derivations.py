@@ -20,7 +20,10 @@ def onnx_batchable(src: Path, out: Path, params: dict[str, Any]) -> None:
     """Drop initializers from graph.input and give dim 0 of the named tensors a symbolic name.
 
     Old exporters list every weight as a graph input; ONNX Runtime then cannot fold them as
-    constants, and a fixed dim 0 of 1 forbids batches.
+    constants, and a fixed dim 0 of 1 forbids batches. ``dims`` ({tensor: {index: name}}) names
+    further dims, e.g. a fully convolutional detector's height and width (ONNX Runtime refuses an
+    input whose fixed dims differ) and the anchor counts of its outputs that follow from them;
+    the exporter's value_info, inferred for the fixed dims, then goes (ONNX Runtime infers it again).
     """
     import onnx
 
@@ -36,6 +39,14 @@ def onnx_batchable(src: Path, out: Path, params: dict[str, Any]) -> None:
         if tensor not in by_name:
             raise SourceUnavailable(f"onnx_batchable: {src.name} has no graph input/output {tensor!r}")
         _set_batch_dim(by_name[tensor], batch)
+    if params.get("dims"):
+        del graph.value_info[:]
+    for tensor, names in params.get("dims", {}).items():
+        if tensor not in by_name:
+            raise SourceUnavailable(f"onnx_batchable: {src.name} has no graph input/output {tensor!r}")
+        shape = by_name[tensor].type.tensor_type.shape
+        for index, name in names.items():
+            shape.dim[int(index)].dim_param = str(name)
     out.write_bytes(model.SerializeToString())
 
 
