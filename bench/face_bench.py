@@ -150,12 +150,22 @@ async def run_open(address: str, token: str, requests: list, connections: int, r
 
 
 # ---------------------------------------------------------------- in-process references
+def detector_input(det, image: np.ndarray) -> np.ndarray:
+    """The detector's network input for one image, on the canvas the service runs it on (full, or
+    fitted to the image: ``face.detector_canvas``)."""
+    from services.face.detection import CanvasBlob
+
+    size = det.canvas_size([image]) if hasattr(det, "canvas_size") else det.input_size
+    blob = CanvasBlob(1, size, det.input_size)
+    blob.place(0, image, det.pad_ratio)
+    return blob.array
+
+
 def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3,
                     cpu: dict[str, float] | None = None) -> dict[str, float]:
     """Median seconds per probe of the sessions alone (batch 1), on pre-made inputs; ``cpu`` gets
     the median CPU seconds of this thread (onnxruntime runs a 1-thread session on the caller's)."""
     from services.face.align import align_face
-    from services.face.detection import letterbox
     from services.face.imaging import decode_image
     from services.face.models import pipeline_config
     from services.face.pipeline import FacePipeline
@@ -166,7 +176,7 @@ def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3
     det = p.detector
     emb = next(iter(p.embedders.values()))
     images = [decode_image(b) for b in probes]
-    canvases = [letterbox(im, det.input_size, det.pad_ratio).canvas.transpose(2, 0, 1)[None].astype(np.float32) for im in images]
+    canvases = [detector_input(det, im) for im in images]
     faces = [det.detect(im)[0] for im in images]
     crops = [align_face(im, f)[None] for im, f in zip(images, faces)]
     live_crops = [p.liveness.crops(im, f) for im, f in zip(images, faces)] if liveness else []
@@ -198,7 +208,6 @@ class ParallelRaw:
 
     def __init__(self, store, probes: list[bytes], liveness: bool) -> None:
         from services.face.align import align_face
-        from services.face.detection import letterbox
         from services.face.imaging import decode_image
         from services.face.models import pipeline_config
         from services.face.pipeline import FacePipeline
@@ -209,8 +218,7 @@ class ParallelRaw:
         det = p.detector
         images = [decode_image(b) for b in probes]
         faces = [det.detect(im)[0] for im in images]
-        self.canvases = [letterbox(im, det.input_size, det.pad_ratio).canvas.transpose(2, 0, 1)[None].astype(np.float32)
-                         for im in images]
+        self.canvases = [detector_input(det, im) for im in images]
         self.crops = [align_face(im, f)[None] for im, f in zip(images, faces)]
         self.live_crops = [p.liveness.crops(im, f) for im, f in zip(images, faces)] if liveness else []
 

@@ -141,7 +141,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "var" / "eval" / "face-identities"))
     ap.add_argument("--write-manifest", action="store_true", help="write the record into models/manifest.yaml")
     a = ap.parse_args()
-    out = Path(a.out)
+    out = Path(a.out).resolve()  # a relative --out broke the subset step (its list file was read beside the fixtures)
     os.environ.setdefault("BIOGATE_LOGGING__LEVEL", "WARNING")
     os.environ.setdefault("BIOGATE_MODELS__CACHE_DIR", str(ROOT / "var" / "models"))
 
