@@ -24,6 +24,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.harness import pct
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.settings import load_config
 from services.mfa.binding import payload_digest, transaction_context
@@ -48,11 +49,6 @@ def signed(key, tenant: str, s, payloads=()) -> tuple[bytes, bytes]:
     context = transaction_context(session_id=s.session_id, nonce=s.nonce, tenant=tenant, action="login",
                                   evidence=[payload_digest(p) for p in payloads])
     return context, key.sign(context)
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
 def main() -> int:
@@ -143,13 +139,13 @@ def main() -> int:
     allowed = sum(o == F.OUTCOME_ALLOW for o in outcomes)
     backend = "PostgreSQL" if args.dsn else "SQLite (WAL, synchronous=FULL)"
     print(f"storage: {backend}; flows: {args.flows}; allowed: {allowed}")
-    print(f"orchestrator own work per decision: p50 {pct(own, 50) * 1000:.1f} ms, p99 {pct(own, 99) * 1000:.1f} ms, "
+    print(f"orchestrator own work per decision: p50 {pct(own, 50):.1f} ms, p99 {pct(own, 99):.1f} ms, "
           f"mean {statistics.mean(own) * 1000:.1f} ms")
     print(f"decisions per second (one thread, own work): {len(own) / sum(own):.1f}; wall incl. biometrics: "
           f"{args.flows / wall:.1f}/s")
     if image:
-        print(f"face service calls (Verify with passive liveness, loopback): p50 {pct(bio, 50) * 1000:.1f} ms, "
-              f"p99 {pct(bio, 99) * 1000:.1f} ms")
+        print(f"face service calls (Verify with passive liveness, loopback): p50 {pct(bio, 50):.1f} ms, "
+              f"p99 {pct(bio, 99):.1f} ms")
     else:
         print("biometric calls: none in this flow (device key + SMS OTP); measure them with --with-face")
 
@@ -236,8 +232,8 @@ def grpc_bench(settings, tenant, subject_ids, dev_ids, device, key, flows: int) 
             if i >= 10:
                 lat.append(time.perf_counter() - t0)
     server.stop(0)
-    print(f"over gRPC loopback (5 RPCs per decision): p50 {pct(lat, 50) * 1000:.1f} ms, "
-          f"p99 {pct(lat, 99) * 1000:.1f} ms, {len(lat) / sum(lat):.1f} decisions/s")
+    print(f"over gRPC loopback (5 RPCs per decision): p50 {pct(lat, 50):.1f} ms, "
+          f"p99 {pct(lat, 99):.1f} ms, {len(lat) / sum(lat):.1f} decisions/s")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def grouped_appends(storage: SqlStorage, builds: list) -> list[object]:
     threads = [threading.Thread(target=run, args=(0,))]
     threads[0].start()
     for _ in range(1000):  # the first is writing (blocked on the lock): the others must queue
-        if storage.audit._writing:
+        if storage.audit.writing:
             break
         time.sleep(0.01)
     threads += [threading.Thread(target=run, args=(i,)) for i in range(1, len(builds))]

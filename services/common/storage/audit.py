@@ -34,6 +34,12 @@ class SqlAuditRepository:
         self._writing = False
 
     @property
+    def writing(self) -> bool:
+        """Whether a group of appends is being written (its transaction open) now."""
+        with self._cv:
+            return self._writing
+
+    @property
     def waiting(self) -> int:
         """Appends queued behind the one being written."""
         with self._cv:
