@@ -259,8 +259,10 @@ class Connections:
     spreads connections, not calls, over its workers), and their stubs. A call takes a connection
     to the least busy worker: once an answer named the worker a connection reached
     (``x-biogate-worker``), the calls in flight on all connections to that worker count; before, the
-    connection's own. Among equals, the next in turn. Balancing connections alone left the worker
-    that more of them landed on with a queue while the other had a free core."""
+    connection's own. Among equals, the worker picked least recently (then the next connection in
+    turn). Balancing connections alone left the worker that more of them landed on with a queue
+    while the other had a free core; breaking ties by connection did the same whenever the load left
+    ties: with 6 of 8 connections on one worker it got 70-75 % of the calls of an open loop at 60 %."""
 
     def __init__(self, channels: list[grpc.Channel], stub_class: Callable[[grpc.Channel], Any]) -> None:
         self.channels = channels
@@ -269,13 +271,13 @@ class Connections:
         self._in_flight = [0] * len(channels)
         self._worker: list[str | None] = [None] * len(channels)
         self._turn = 0
+        self._picks = 0
+        self._picked: dict[object, int] = {}  # worker (or connection, before its worker is known) -> its last pick
         self._lock = threading.Lock()
 
-    def _load(self, i: int) -> int:
+    def _key(self, i: int) -> object:
         worker = self._worker[i]
-        if worker is None:
-            return self._in_flight[i]
-        return sum(f for f, w in zip(self._in_flight, self._worker, strict=True) if w == worker)
+        return i if worker is None else worker
 
     def answered(self, stub: Any, call: Any) -> None:
         """Notes the worker that answered ``call`` (a finished call or an RpcError) on ``stub``'s connection."""
@@ -308,7 +310,13 @@ class Connections:
         n = len(self._stubs)
         with self._lock:
             start, self._turn = self._turn, (self._turn + 1) % n
-            i = min(((start + k) % n for k in range(n)), key=self._load)
+            busy: dict[object, int] = {}
+            for j in range(n):
+                busy[self._key(j)] = busy.get(self._key(j), 0) + self._in_flight[j]
+            i = min(((start + k) % n for k in range(n)),
+                    key=lambda j: (busy[self._key(j)], self._picked.get(self._key(j), -1)))
+            self._picks += 1
+            self._picked[self._key(i)] = self._picks
             self._in_flight[i] += 1
         try:
             yield self._stubs[i]

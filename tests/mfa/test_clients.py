@@ -180,3 +180,32 @@ def test_connections_are_configured_bounded_and_default_to_four_per_usable_core(
     for bad in (-1, 257):
         with pytest.raises(ValidationError, match="connections"):
             ClientTarget(connections=bad)
+
+
+def test_calls_alternate_between_workers_whatever_their_share_of_the_connections():
+    """The kernel put 6 of 8 connections on one worker: calls that never overlap (an open loop at
+    low load, where every pick is a tie) must still go to the two workers in turn, not 6 : 2 as the
+    connections come in turn; with one call in flight the next goes to the other worker."""
+    from services.mfa.clients import Connections
+
+    channels = [grpc.insecure_channel("127.0.0.1:9") for _ in range(8)]  # never dialled: no call is made
+    pool = Connections(channels, face_pb2_grpc.FaceServiceStub)
+    try:
+        stubs = []
+        for _ in range(8):  # before answers name the workers, each connection counts as its own: all in turn
+            with pool.take() as stub:
+                stubs.append(stub)
+        assert len({id(s) for s in stubs}) == 8
+        for k, stub in enumerate(stubs):
+            pool.landed(stub, "w-a" if k < 6 else "w-b")
+        picks = []
+        for _ in range(40):
+            with pool.take() as stub:
+                picks.append(pool.worker_of(stub))
+        assert picks.count("w-a") == picks.count("w-b") == 20
+        assert all(a != b for a, b in zip(picks, picks[1:]))
+        for _ in range(8):
+            with pool.take() as busy, pool.take() as other:
+                assert pool.worker_of(busy) != pool.worker_of(other)
+    finally:
+        pool.close()
