@@ -226,3 +226,38 @@ def test_a_fixed_size_detector_file_cannot_fit_its_canvas(yunet):
     assert not yunet.can_fit_canvas
     with pytest.raises(ValueError, match="fixed input size"):
         yunet.fit_canvas = True
+
+
+def test_the_fitted_canvas_holds_on_pictures_the_margin_was_not_chosen_on(yunet_dynamic):
+    """FIT_MARGIN was chosen on the face fixtures; insightface's own sample group photo (not a fixture)
+    cut into tight and loose crops of every face at probe sizes must detect alike on both canvases."""
+    from pathlib import Path
+
+    import cv2
+    import insightface
+
+    group = cv2.imread(str(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"))
+    yunet_dynamic.fit_canvas = False
+    faces = yunet_dynamic.detect(group)
+    assert len(faces) >= 5
+    probes = []
+    for f in faces:
+        x1, y1, x2, y2 = f.box
+        for grow in (1.2, 1.8, 2.6):
+            cx, cy, r = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1) * grow / 2
+            crop = group[max(0, int(cy - r)):int(cy + r), max(0, int(cx - r)):int(cx + r)]
+            for side in (100, 180, 300):
+                s = side / max(crop.shape[:2])
+                probes.append(cv2.resize(crop, None, fx=s, fy=s, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR))
+    try:
+        for img in probes:
+            yunet_dynamic.fit_canvas = False
+            full = yunet_dynamic.detect(img)
+            yunet_dynamic.fit_canvas = True
+            assert yunet_dynamic.canvas_size([img]) != (640, 640)
+            fitted = yunet_dynamic.detect(img)
+            assert len(fitted) == len(full), img.shape
+            for a, b in zip(full, fitted):
+                assert np.abs(a.landmarks5 - b.landmarks5).max() < 0.01 and abs(a.score - b.score) < 1e-4, img.shape
+    finally:
+        yunet_dynamic.fit_canvas = False
