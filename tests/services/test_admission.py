@@ -116,6 +116,72 @@ def wait_until(predicate, what: str) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
+class Looks:
+    """A queued call's cancellation test that counts how often its own thread woke to ask it (the
+    queue's ``wake`` asks it too, from the thread that ends a call)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.cancelled = False
+        self.thread: threading.Thread | None = None
+
+    def __call__(self) -> bool:
+        if threading.current_thread() is self.thread:
+            self.n += 1
+        return self.cancelled
+
+
+def queued_looking(q: AdmissionQueue, looks: Looks) -> tuple[threading.Thread, list]:
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(q.acquire("Verify", None, cancelled=looks))
+        except Exception as exc:  # collected for the assertions
+            out.append(exc)
+
+    t = looks.thread = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_a_release_wakes_the_call_it_starts_and_no_other_queued_thread():
+    """Every queued thread woken by every release takes the GIL to look and sleep again: with 7 queued
+    calls a worker switched threads ~120 times per call (bench/RESULTS.md "OpenCV's thread pool")."""
+    q, _ = queue(concurrency=1, max_queue=5)
+    running = q.acquire("Verify", None)
+    looks = [Looks() for _ in range(4)]
+    calls = []
+    for k, look in enumerate(looks):
+        calls.append(queued_looking(q, look))
+        wait_until(lambda k=k: q.queued == k + 1, "the call queued")  # in this order
+    for t, out in calls:
+        q.release(running)
+        t.join(10)
+        running = out[0]
+        assert running.started is not None
+    q.release(running)
+    assert [look.n for look in looks] == [1, 1, 1, 1]  # asked once, on queueing; never woken before its start
+
+
+def test_a_cancelled_queued_call_is_woken_to_leave_and_the_others_sleep_on():
+    q, _ = queue(concurrency=1, max_queue=5)
+    running = q.acquire("Verify", None)
+    gone, stays = Looks(), Looks()
+    t1, out1 = queued_looking(q, gone)
+    t2, out2 = queued_looking(q, stays)
+    wait_until(lambda: q.queued == 2, "both calls queued")
+    q.wake()  # a call ended (its callback): nobody cancelled, nobody leaves
+    gone.cancelled = True
+    q.wake()
+    t1.join(10)
+    assert isinstance(out1[0], Exception) and out1[0].code == grpc.StatusCode.CANCELLED and q.queued == 1
+    q.release(running)
+    t2.join(10)
+    assert out2[0].started is not None
+    assert (gone.n, stays.n) == (2, 1)  # the cancelled call looked when woken; the other was never woken
+
+
 def test_a_call_the_queue_cannot_serve_before_its_deadline_is_refused_at_once_with_a_retry_hint():
     q, clock = queue(concurrency=1, max_queue=5)
     q.observe("Verify", 1.0)

@@ -56,6 +56,10 @@ class Slot:
     deadline: float | None
     started: float | None = None
     _released: bool = field(default=False, repr=False)
+    # The queued call's own wake-up (on the queue's lock) and its client's cancellation test: a start
+    # or a cancellation wakes the one call it concerns, not every queued thread to re-check and sleep.
+    _wakeup: threading.Condition | None = field(default=None, repr=False)
+    _cancelled: Callable[[], bool] | None = field(default=None, repr=False)
 
 
 class AdmissionQueue:
@@ -70,7 +74,7 @@ class AdmissionQueue:
         self.max_queue = max_queue
         self.alpha = alpha
         self.clock = clock
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._running: list[Slot] = []
         self._queued: deque[Slot] = deque()
         self._estimate_s: dict[str, float] = {}
@@ -162,7 +166,7 @@ class AdmissionQueue:
         with self._lock:
             now = self.clock()
             self.last_activity = now
-            slot = Slot(kind, deadline)
+            slot = Slot(kind, deadline, _wakeup=threading.Condition(self._lock), _cancelled=cancelled)
             wait = self._expected_wait(now)
             finish = self._finish_time(kind, now)
             own = finish - wait
@@ -180,24 +184,24 @@ class AdmissionQueue:
                 if cancelled is not None and cancelled():
                     self._queued.remove(slot)
                     metrics.ADMISSION_QUEUED.labels(self.service).set(len(self._queued))
-                    self._lock.notify_all()
                     raise errors.ServiceError(grpc.StatusCode.CANCELLED,
                                               "the client cancelled the call while it was queued")
-                # Woken by every release; the deadline check needs a wake-up of its own.
+                # Woken when started or cancelled; the deadline check needs a wake-up of its own.
                 timeout = None if deadline is None else max(deadline - self._budget(kind) - self.clock(), 0.0)
-                if timeout == 0.0 or not self._lock.wait(timeout):
+                if timeout == 0.0 or not slot._wakeup.wait(timeout):  # type: ignore[union-attr]
                     now = self.clock()
                     if slot.started is None and deadline is not None and now + self._budget(kind) >= deadline:
                         self._queued.remove(slot)
                         metrics.ADMISSION_QUEUED.labels(self.service).set(len(self._queued))
-                        self._lock.notify_all()
                         raise self._refuse(slot, DEADLINE_UNREACHABLE, self._expected_wait(now),
                                            self._budget(kind), deadline - now)
 
     def wake(self) -> None:
-        """Wakes the waiting calls to look again (e.g. when one's client cancels it)."""
+        """Wakes the queued calls whose clients cancelled them, to leave the queue (a call's end runs it)."""
         with self._lock:
-            self._lock.notify_all()
+            for slot in self._queued:
+                if slot._cancelled is not None and slot._wakeup is not None and slot._cancelled():
+                    slot._wakeup.notify()
 
     def _start_heads(self, now: float) -> None:
         """Moves queued calls into free slots, in order of arrival (under the lock)."""
@@ -206,10 +210,11 @@ class AdmissionQueue:
             head = self._queued.popleft()
             head.started = now
             self._running.append(head)
+            if head._wakeup is not None:
+                head._wakeup.notify()
             started = True
         if started:
             metrics.ADMISSION_QUEUED.labels(self.service).set(len(self._queued))
-            self._lock.notify_all()
 
     def release(self, slot: Slot, *, observe: bool = True) -> None:
         """Frees the slot; its service time feeds the kind's estimate unless ``observe`` is False."""
@@ -223,7 +228,6 @@ class AdmissionQueue:
             if observe:
                 self._observe(slot.kind, self.clock() - slot.started)
             self._start_heads(self.clock())
-            self._lock.notify_all()
 
     def _refuse(self, slot: Slot, reason: str, wait: float, own: float, left: float | None) -> errors.ServiceError:
         metrics.RPC_SHED.labels(self.service, slot.kind, reason).inc()
