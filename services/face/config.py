@@ -68,6 +68,10 @@ class FaceConfig(Section):
     # "nvimgcodec" requires the package (its CPU backend without CUDA). Every refusal is the same.
     jpeg_decoder: Literal["auto", "opencv", "nvimgcodec"] = "auto"
     intra_op_threads: int = Field(1, ge=0)  # per onnxruntime session; 0 = onnxruntime's default
+    # OpenCV's own pool (resize, warps, colour conversions) per process; 0 = OpenCV's default, a thread per
+    # core. One: the process model already puts a worker on each core, and the pool's idle threads spin
+    # (sched_yield) after every parallel call: bench/RESULTS.md "OpenCV's thread pool".
+    opencv_threads: int = Field(1, ge=0)
     calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
     gallery_check_s: float = Field(0.0, ge=0)  # template count check before Identify; 0: every time
     gallery_full_check_s: float = Field(10.0, ge=0)  # also the latest update (re-enrolments elsewhere)

@@ -13,6 +13,8 @@ import dataclasses
 import logging
 from typing import Sequence
 
+import cv2
+
 from services.face.config import FaceConfig, face_config
 from services.common.models import ModelStore
 from services.common.models.manifest import Manifest
@@ -87,6 +89,9 @@ def load_pipeline(store: ModelStore, cfg: FaceConfig, providers: Sequence[str], 
     A missing liveness model is not fatal: the service serves without liveness and says so in
     its health details; liveness requests then fail with LIVENESS_UNAVAILABLE."""
     fetch_verified(store, [cfg.detector, cfg.embedder])
+    if cfg.opencv_threads:
+        cv2.setNumThreads(cfg.opencv_threads)  # the process's, before the warm-up's first parallel call
+    details["opencv_threads"] = str(cv2.getNumThreads())
     liveness = list(cfg.liveness)
     if liveness:
         try:

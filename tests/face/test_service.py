@@ -397,4 +397,5 @@ def test_health_details_report_models_providers_and_calibration(face_service):
     assert d["provider.detector"] == "CPUExecutionProvider" and d["liveness"] == "available"
     assert d["jpeg_decoder"] == "opencv"  # face.jpeg_decoder auto, on the CPU
     assert d["detector_canvas"] == "fitted"  # face.detector_canvas auto, models inline on the CPU
+    assert d["opencv_threads"] == "1"  # face.opencv_threads: no pool threads spinning beside the worker
     assert "yunet-2023mar-batch" in d["models"] and "mobilefacenet-arcface-192d" in d["calibrated"]
