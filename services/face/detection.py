@@ -40,6 +40,10 @@ class Face:
 
 class Detector(Protocol):
     provider: str
+    # Whether the model's height and width are symbolic, so that a call's canvas may end a margin past a
+    # small image instead of at the full input size; ``fit_canvas`` turns that on (yunet.py).
+    can_fit_canvas: bool
+    fit_canvas: bool
 
     def detect(self, image_bgr: np.ndarray) -> list[Face]:
         """Faces found in ``image_bgr``, best score first."""

@@ -119,12 +119,12 @@ class FacePipeline:
         self.config = config
         self.detector = build_detector(config.detector, config.providers, config.threads)
         self.batching = config.batching == "on" or (config.batching == "auto" and self.detector.provider != CPU)
-        can_fit = getattr(self.detector, "can_fit_canvas", False)
+        can_fit = self.detector.can_fit_canvas
         if config.detector_canvas == "fitted" or (config.detector_canvas == "auto" and not self.batching and can_fit):
             if not can_fit:
                 raise ValueError("face.detector_canvas 'fitted' needs a detector whose height and width are "
                                  "symbolic (yunet-2023mar-batch)")
-            self.detector.fit_canvas = True  # type: ignore[attr-defined]
+            self.detector.fit_canvas = True
         self._jpeg, self.jpeg_decoder = jpeg_decoder(config.jpeg_decoder, self.detector.provider == CUDA)
         # A detector with a batch dimension (YuNet's batchable copy) is micro-batched as well.
         self._detect_batcher: MicroBatcher | Inline | None = None

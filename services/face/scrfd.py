@@ -17,6 +17,9 @@ from services.face.detection import Face, letterbox, nms, to_faces
 
 
 class ScrfdDetector:
+    can_fit_canvas = False  # insightface's SCRFD letterboxes to its input size
+    fit_canvas = False
+
     def __init__(
         self,
         model_path: str | os.PathLike[str],

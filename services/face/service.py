@@ -75,7 +75,7 @@ class FaceService:
         details["models"] = ",".join([cfg.detector, cfg.embedder, *(cfg.liveness if pipeline.liveness is not None else [])])
         details.update({f"provider.{k}": v for k, v in pipeline.providers.items()})
         details["jpeg_decoder"] = pipeline.jpeg_decoder
-        details["detector_canvas"] = "fitted" if getattr(pipeline.detector, "fit_canvas", False) else "full"
+        details["detector_canvas"] = "fitted" if pipeline.detector.fit_canvas else "full"
         details.setdefault("liveness", "available" if pipeline.liveness is not None else "not configured")
         calibrated = [m for m in (cfg.embedder, *cfg.liveness)
                       if self.calibrations.find(m, cfg.calibration_channel) is not None]
