@@ -320,7 +320,9 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batch
                         client_gc.remove()
                     cpu = (svc.cpu_seconds() - cpu0) / max(1, len(result.outcomes))
                     print(f"workers {label} {mode} {open_loop_line(result)}, {OPEN_LOOP_SHARE:.0%} of concurrency "
-                          f"{top[1]}'s rate; service CPU {cpu * 1000:.1f} ms per request; load generator's GC "
+                          f"{top[1]}'s rate; service CPU {cpu * 1000:.1f} ms per request, utilisation "
+                          f"{cpu * len(result.outcomes) / args.open_seconds / (os.cpu_count() or 1):.0%} of "
+                          f"{os.cpu_count()} cores (the tail follows it: bench/RESULTS.md); load generator's GC "
                           f"{client_gc.summary()}", flush=True)
             rss = svc.peak_rss_mb()
         finally:
