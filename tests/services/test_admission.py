@@ -146,8 +146,9 @@ def queued_looking(q: AdmissionQueue, looks: Looks) -> tuple[threading.Thread, l
 
 
 def test_a_release_wakes_the_call_it_starts_and_no_other_queued_thread():
-    """Every queued thread woken by every release takes the GIL to look and sleep again: with 7 queued
-    calls a worker switched threads ~120 times per call (bench/RESULTS.md "OpenCV's thread pool")."""
+    """Every queued thread woken by every release takes the GIL to look and sleep again: one process with
+    8 calls in flight on 2 slots switched threads 118 times per call (bench/RESULTS.md "OpenCV's thread
+    pool")."""
     q, _ = queue(concurrency=1, max_queue=5)
     running = q.acquire("Verify", None)
     looks = [Looks() for _ in range(4)]
