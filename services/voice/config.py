@@ -86,8 +86,15 @@ class VoiceConfig(Section):
     replay_store: str = "database"
     replay_key_prefix: str = "biogate:voice:replay"
     replay_retention_s: int = Field(30 * 86400, ge=60)
-    replay_max_per_subject: int = Field(100, ge=1)
-    replay_min_similarity: float = Field(0.55, gt=0, lt=1)  # envelope correlation (services/voice/replay.py)
+    # Each retained capture is one comparison: a fresh capture is refused as a replay with probability
+    # up to replay_max_per_subject x replay_target_fmr (20 x 5e-4 = 1 %). The old fixed cut 0.55 took
+    # 0.34-0.39 % of pairs of one person's different digit answers for replays: with 100 retained, an
+    # estimated ~30 % of a regular caller's answers (bench/RESULTS.md, "Replay cache calibrated").
+    replay_max_per_subject: int = Field(20, ge=1)
+    replay: str = "replay-envelope-v1"  # the manifest entry whose calibration gives the cache's threshold
+    # The cache's operating point: the rate at which one comparison of two different captures is taken
+    # for a replay; its threshold comes from the entry's calibration record (telephone-band channel).
+    replay_target_fmr: float = Field(5e-4, gt=0, lt=1)
     batch_max: int = Field(32, ge=1, le=256)
     batch_wait_ms: float = Field(2.0, ge=0, le=50)
     max_pad_ratio: float = Field(0.0, ge=0)  # > 0 pads unequal clips into one ECAPA batch (GPU)

@@ -112,8 +112,8 @@ class LayerResult:
     checked: bool
     passed: bool
     value: float | None = None  # the layer's score, for the audit
-    target: float | None = None  # an attack detector's operating point: target APCER
-    measured: float | None = None  # and the APCER its calibration measured at that threshold
+    target: float | None = None  # the layer's operating point: target APCER (replay: false-replay rate)
+    measured: float | None = None  # and the rate its calibration measured at that threshold
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,9 @@ class VoiceDecision:
                           **({} if self.synthetic.target is None else {"target_apcer": self.synthetic.target}),
                           **({} if self.synthetic.measured is None else {"measured_apcer": self.synthetic.measured})},
             "replay": {"checked": self.replay.checked, "passed": self.replay.passed,
-                       "similarity": round(float(self.replay.value or 0.0), 3)},
+                       "similarity": round(float(self.replay.value or 0.0), 3),
+                       **({} if self.replay.target is None else {"target_false_replay": self.replay.target}),
+                       **({} if self.replay.measured is None else {"measured_false_replay": self.replay.measured})},
             "challenge": {"checked": self.challenge.checked, "passed": self.challenge.passed,
                           "digit_errors": int(self.challenge.value or 0)},
         }
@@ -212,8 +214,8 @@ class VoiceEngine:
     # -- warm-up -------------------------------------------------------------------------------
 
     def check_calibrations(self) -> None:
-        """Every channel family has a supported threshold for the configured operating points (else
-        raises, naming the setting)."""
+        """Every channel family has a supported threshold for the configured operating points, and so
+        has the replay cache (else raises, naming the setting)."""
         for family in cohort_mod.FAMILIES:
             channel = self.calibration_channel(family)
             by_channel = family in self.cfg.target_fmr_by_channel
@@ -229,6 +231,11 @@ class VoiceEngine:
                     self.calibrations.threshold(model, channel, target, score)
                 except NotCalibrated as err:
                     raise NotCalibrated(f"{setting} = {target:g}: {err.message}", err.reason) from None
+        try:
+            self.calibrations.threshold(self.models.replay.id, replay.CHANNEL, self.cfg.replay_target_fmr, replay.SCORE)
+        except NotCalibrated as err:
+            raise NotCalibrated(f"voice.replay_target_fmr = {self.cfg.replay_target_fmr:g}: {err.message}",
+                                err.reason) from None
 
     def warmup(self) -> None:
         self.pipeline.warmup()
@@ -280,6 +287,15 @@ class VoiceEngine:
         measured = self.calibrations.measured(self.antispoof_id, channel, target, self.pad_score_names[family])
         return LayerResult(True, value >= threshold, value, target, measured)
 
+    def replay_check(self, tenant: str, subject: str, fp: replay.Fingerprint) -> LayerResult:
+        """value: the similarity to the subject's closest retained capture; a replay at or above the
+        calibrated threshold of voice.replay_target_fmr (target and measured: that false-replay rate)."""
+        target = self.cfg.replay_target_fmr
+        threshold = self.calibrations.threshold(self.models.replay.id, replay.CHANNEL, target, replay.SCORE)
+        measured = self.calibrations.measured(self.models.replay.id, replay.CHANNEL, target, replay.SCORE)
+        similarity = self.replay.best_match(tenant, subject, fp)
+        return LayerResult(True, similarity < threshold, similarity, target, measured)
+
     def challenge_check(self, prepared: PreparedAudio, expected: str | None) -> LayerResult:
         """value: the digits recognised wrongly. Unchecked (passed) without a challenge."""
         if expected is None:
@@ -296,8 +312,7 @@ class VoiceEngine:
         speaker = self.compare(template, self.embed([prepared])[0], family, target_fmr)
         synthetic = self.synthetic_check(prepared, family, synthetic_on)
         fp = replay.fingerprint(prepared.samples)
-        similarity = self.replay.best_match(tenant, subject, fp)
-        replayed = LayerResult(True, not self.replay.is_replay(similarity), similarity)
+        replayed = self.replay_check(tenant, subject, fp)
         challenge = self.challenge_check(prepared, expected_digits)
         decision = VoiceDecision(self.model_id, family, speaker, synthetic, replayed, challenge)
         if decision.match:

@@ -169,7 +169,7 @@ def local_engine(settings):
     cfg = settings.voice
     store = ModelStore(settings)
     cache = replay.ReplayCache(replay.MemoryReplayStore(cfg.replay_retention_s, cfg.replay_max_per_subject),
-                               cfg.replay_min_similarity, lambda _b, x: x, lambda _b, x: x, lambda _t, s: s)
+                               lambda _b, x: x, lambda _b, x: x, lambda _t, s: s)
     return VoiceEngine(settings, store, VoiceModels.choose(store.manifest, cfg), cache)
 
 

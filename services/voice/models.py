@@ -22,6 +22,7 @@ from .aasist import CPU_OPTIONS, AasistDetector, AasistOptions
 from .digits import DigitRecognizer
 from .ecapa import EcapaOnnx, export_onnx
 from .pipeline import VoicePipeline, VoicePipelineConfig
+from . import replay as replay_mod
 from .vad import SileroVad, VadParams
 
 # export.recipe of a manifest entry -> (the input file, the output path) -> writes the output
@@ -61,6 +62,13 @@ def _aasist(store: ModelStore, spec: ModelSpec, *, threads: int | None, device: 
                           max_windows=1, device=device, options=options)
 
 
+def _envelope_xcorr(spec: ModelSpec) -> Callable:
+    if spec.version != str(replay_mod.VERSION):
+        raise ModelChoiceError(f"voice.replay: {spec.id!r} is version {spec.version!r} of the fingerprint; this "
+                               f"service computes version {replay_mod.VERSION} (services/voice/replay.py)")
+    return replay_mod.fingerprint
+
+
 def _whisper_ct2(store: ModelStore, spec: ModelSpec, *, workers: int, threads: int) -> DigitRecognizer:
     return DigitRecognizer(store.path(spec.id).parent, workers, threads)
 
@@ -69,6 +77,7 @@ SPEAKER_EMBEDDERS = Router("speaker_embedder", "voice.embedder", {"ecapa-tdnn-sp
 VADS = Router("vad", "voice.vad", {"silero-vad": _silero})
 ANTISPOOF = Router("voice_antispoof", "voice.antispoof", {"aasist": _aasist})
 DIGIT_RECOGNIZERS = Router("digit_recognizer", "voice.digits", {"whisper-ct2": _whisper_ct2})
+REPLAY = Router("voice_replay", "voice.replay", {"envelope-xcorr": _envelope_xcorr})
 
 
 @dataclass(frozen=True)
@@ -79,16 +88,20 @@ class VoiceModels:
     vad: ModelSpec
     antispoof: ModelSpec | None
     digits: ModelSpec
+    replay: ModelSpec  # code in this repository, no files: the entry holds the cache's calibration
 
     @classmethod
     def choose(cls, manifest: Manifest, cfg: VoiceConfig) -> "VoiceModels":
         """Raises ModelChoiceError naming the setting and the id of a model the service cannot run."""
-        return cls(SPEAKER_EMBEDDERS.spec(manifest, cfg.embedder), VADS.spec(manifest, cfg.vad),
-                   ANTISPOOF.spec(manifest, cfg.antispoof) if cfg.antispoof else None,
-                   DIGIT_RECOGNIZERS.spec(manifest, cfg.digits))
+        chosen = cls(SPEAKER_EMBEDDERS.spec(manifest, cfg.embedder), VADS.spec(manifest, cfg.vad),
+                     ANTISPOOF.spec(manifest, cfg.antispoof) if cfg.antispoof else None,
+                     DIGIT_RECOGNIZERS.spec(manifest, cfg.digits), REPLAY.spec(manifest, cfg.replay))
+        REPLAY.builder(chosen.replay)(chosen.replay)  # the version check
+        return chosen
 
     @property
     def ids(self) -> list[str]:
+        """The models with files (the replay fingerprint is code)."""
         return [m.id for m in (self.embedder, self.vad, self.antispoof, self.digits) if m is not None]
 
     def fetch(self, store: ModelStore) -> None:

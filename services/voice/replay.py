@@ -49,6 +49,11 @@ BAND_HZ = (300.0, 3400.0)
 MIN_OVERLAP_FRAMES = 125  # 2 s
 SCALE = 32.0  # int8 quantisation of the z-scored values
 VERSION = 1
+# The manifest entry whose calibration record holds the threshold (bench/voice_replay_calibration.py),
+# the record's channel (every capture is fingerprinted in the telephone band) and the score it is for.
+MODEL_ID = "replay-envelope-v1"
+CHANNEL = "telephone-band"
+SCORE = f"envelope_xcorr_v{VERSION}"
 
 
 @lru_cache(maxsize=1)
@@ -261,7 +266,7 @@ def open_cache(rt: Runtime) -> ReplayCache:
     cfg = voice_config(rt.settings)
     store = open_store(cfg.replay_store, cfg.replay_retention_s, cfg.replay_max_per_subject,
                        cfg.replay_key_prefix, storage=rt.storage)
-    return ReplayCache(store, cfg.replay_min_similarity, rt.crypto.seal, rt.crypto.open, rt.pseudonymize)
+    return ReplayCache(store, rt.crypto.seal, rt.crypto.open, rt.pseudonymize)
 
 
 @dataclass(frozen=True)
@@ -278,9 +283,9 @@ class ReplayBinding:
 class ReplayCache:
     """Checks a capture against a subject's retained captures, and retains accepted ones."""
 
-    def __init__(self, store: ReplayStore, min_similarity: float, seal: Callable[[ReplayBinding, bytes], bytes],
+    def __init__(self, store: ReplayStore, seal: Callable[[ReplayBinding, bytes], bytes],
                  open_: Callable[[ReplayBinding, bytes], bytes], pseudonymize: Callable[[str, str], str]) -> None:
-        self.store, self.min_similarity = store, min_similarity
+        self.store = store
         self._seal, self._open, self._pseudonymize = seal, open_, pseudonymize
 
     def best_match(self, tenant: str, subject: str, fp: Fingerprint) -> float:
@@ -290,9 +295,6 @@ class ReplayCache:
         for record in self.store.recent(tenant, self._pseudonymize(tenant, subject)):
             best = max(best, similarity(fp, Fingerprint.from_bytes(self._open(binding, record))))
         return best
-
-    def is_replay(self, similarity_value: float) -> bool:
-        return similarity_value >= self.min_similarity
 
     def remember(self, tenant: str, subject: str, fp: Fingerprint) -> None:
         if fp.frames:

@@ -99,8 +99,7 @@ def heard_answer(engine, digits: str, speaker: str, rng: random.Random, tries: i
             heard = prepared(engine, audio, mulaw=telephone)
         except AudioError:  # too little speech found in these takes (LOW_NET_SPEECH): other takes
             continue
-        if subject is not None and engine.replay.is_replay(
-                engine.replay.best_match(*subject, replay.fingerprint(heard.samples))):
+        if subject is not None and not engine.replay_check(*subject, replay.fingerprint(heard.samples)).passed:
             continue
         if (engine.challenge_check(heard, expected).passed
                 and engine.synthetic_check(heard, heard.channel, True).passed):

@@ -28,7 +28,7 @@ def registry_model_ids() -> list[str]:
     manifest = load_manifest(MANIFEST)
     return [
         m.id for m in manifest.models
-        if all(any(s.kind in REGISTRY_KINDS for s in f.sources) for f in m.files)
+        if m.files and all(any(s.kind in REGISTRY_KINDS for s in f.sources) for f in m.files)
     ]
 
 

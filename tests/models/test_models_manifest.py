@@ -46,6 +46,7 @@ EXPECTED = {
     "aasist-l": "voice_antispoof",
     "silero-vad-v6": "vad",
     "whisper-tiny.en-ct2": "digit_recognizer",
+    "replay-envelope-v1": "voice_replay",
 }
 
 RECORD = {
@@ -123,6 +124,10 @@ def test_manifest_pins_every_sha256_of_models_md(shared_dir: Path):
         (lambda r: model(r, "sface-2021dec-batch").update(calibration={"mobile": {**RECORD, "trials": {"genuine": -1, "impostor": 5}}}),
          r"model 'sface-2021dec-batch' .* field 'calibration\.mobile\.trials\.genuine'"),
         (lambda r: r.update(version=2), r"manifest.yaml: field 'version': Input should be 1"),
+        (lambda r: model(r, "silero-vad-v6").update(files=[]),
+         r"model 'silero-vad-v6' .* Value error, a vad model needs at least one file"),
+        (lambda r: model(r, "replay-envelope-v1").update(files=copy.deepcopy(model(r, "silero-vad-v6")["files"])),
+         r"model 'replay-envelope-v1' .* Value error, a voice_replay model is this repository's code: it has no files"),
     ],
 )
 def test_validation_errors_name_the_model_and_field(mutate, expected):
@@ -301,8 +306,11 @@ def test_every_record_of_the_project_manifest_states_its_support_and_caps():
         for channel, rec in (m.get("calibration") or {}).items():
             pad = m["role"] in ("face_liveness", "voice_antispoof")
             assert rec["rate"] == ("APCER" if pad else "FMR"), (m["id"], channel)
-            assert (rec["llr"]["min_llr"], rec["llr"]["max_llr"]) == pytest.approx(
-                llr_caps(rec["trials"]["genuine"], rec["trials"]["impostor"]), abs=0.05)
+            if m["role"] == "voice_replay":  # a refusal, never evidence: no LLR map
+                assert "llr" not in rec
+            else:
+                assert (rec["llr"]["min_llr"], rec["llr"]["max_llr"]) == pytest.approx(
+                    llr_caps(rec["trials"]["genuine"], rec["trials"]["impostor"]), abs=0.05)
             for p in rec["operating_points"]:
                 assert {"trials", "supported"} <= set(p), (m["id"], channel, p)
                 seen[(m["id"], channel, p["target_fmr"])] = p["supported"]
@@ -312,3 +320,6 @@ def test_every_record_of_the_project_manifest_states_its_support_and_caps():
     assert ("aasist", "wideband", 0.01) not in seen
     assert seen[("ecapa-voxceleb", "wideband", 0.001)] and not seen[("ecapa-voxceleb", "telephony-8k", 0.0001)]
     assert seen[("mobilefacenet-arcface-192d", "default", 0.001)]
+    # The replay cache: 7,680 pairs of one speaker's answers support 5e-4, not 1e-4.
+    assert seen[("replay-envelope-v1", "telephone-band", 0.0005)]
+    assert not seen[("replay-envelope-v1", "telephone-band", 0.0001)]

@@ -101,7 +101,7 @@ def test_replay_cache_seals_what_it_stores(clips):
         sealed.append(binding.fields())
         return b"S" + data[::-1]
 
-    cache = replay.ReplayCache(replay.MemoryReplayStore(60, 10), 0.55, seal, lambda b, d: d[1:][::-1],
+    cache = replay.ReplayCache(replay.MemoryReplayStore(60, 10), seal, lambda b, d: d[1:][::-1],
                                lambda t, s: f"ps1_{t}{s}")
     fp = replay.fingerprint(clips[0])
     cache.remember("t", "s", fp)

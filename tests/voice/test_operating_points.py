@@ -34,6 +34,12 @@ def test_the_reader_refuses_unsupported_and_missing_points_with_their_reason():
     with pytest.raises(NotCalibrated) as err:
         cal.threshold("aasist", "wideband", 1e-2, "bonafide_log_odds@speech3s")
     assert err.value.reason == "OPERATING_POINT_MISSING"
+    # The replay cache: one speaker's 7,680 pairs of answers support 5e-4, not 1e-4.
+    assert 0 < cal.threshold("replay-envelope-v1", "telephone-band", 5e-4, "envelope_xcorr_v1") < 1
+    with pytest.raises(NotCalibrated) as err:
+        cal.threshold("replay-envelope-v1", "telephone-band", 1e-4, "envelope_xcorr_v1")
+    assert err.value.reason == "OPERATING_POINT_UNSUPPORTED"
+    assert "FMR 1e-4 needs >= 30,000 impostor trials, the calibration has 7,680" in str(err.value)
 
 
 def test_the_wideband_aasist_record_claims_what_unseen_espeak_voices_showed():
@@ -97,3 +103,45 @@ def test_verify_on_a_point_marked_unsupported_is_refused_over_grpc(voice_service
     assert details_of(err.value)["reason"] == "OPERATING_POINT_UNSUPPORTED"
     assert err.value.details().startswith(f"{MODEL} [wideband]: FMR 1e-3 was not reproduced on held-out speakers")
     assert verify(clips[3]).match
+
+
+def test_verify_is_refused_when_the_replay_caches_point_is_unsupported(voice_service, voice_dir):
+    """The replay cache's threshold is a calibrated point like the others: marked unsupported, a
+    Verify is refused (FAILED_PRECONDITION naming the entry, channel and target) before the capture is
+    retained, and the warm-up check names voice.replay_target_fmr."""
+    svc = voice_service
+    tenant, subject = "bank-a", "cust-" + uuid.uuid4().hex[:12].translate(str.maketrans("0123456789", "ghijklmnop"))
+    svc.consent(tenant, subject)
+    clips = [read(p) for p in sorted((voice_dir / "libri_1998").glob("*.wav"), key=lambda p: (-p.stat().st_size, p.name))]
+    ref = common_pb2.SubjectRef(tenant_id=tenant, subject_id=subject)
+    svc.stub.Enroll(voice_pb2.EnrollVoiceRequest(
+        subject=ref, utterances=[common_pb2.Audio(data=wav_bytes(x, 16000)) for x in clips[:2]]))
+    engine = svc.server.definition.service.engine
+    pseudonym = svc.rt.pseudonymize(tenant, subject)
+    retained = len(engine.replay.store.recent(tenant, pseudonym))
+
+    def verify(clip):
+        return svc.stub.Verify(voice_pb2.VerifyVoiceRequest(subject=ref, audio=common_pb2.Audio(data=wav_bytes(clip, 16000))))
+
+    replay_id, channel = "replay-envelope-v1", "telephone-band"
+    store = ModelStore(svc.settings)
+    original = store.calibration(replay_id, channel)
+    target = svc.settings.voice.replay_target_fmr
+    marked = original.model_dump(mode="json")
+    for p in marked["operating_points"]:
+        if p["target_fmr"] == target:
+            p |= {"supported": False, "why": "FMR 5e-4 was not reproduced on fluent digit answers"}
+    store.update_calibration(replay_id, channel, marked)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            verify(clips[2])
+        with pytest.raises(NotCalibrated, match=rf"^voice\.replay_target_fmr = 0\.0005: {replay_id} \[{channel}\]: FMR 5e-4"):
+            engine.check_calibrations()
+        assert len(engine.replay.store.recent(tenant, pseudonym)) == retained
+    finally:
+        store.update_calibration(replay_id, channel, original)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(err.value)["reason"] == "OPERATING_POINT_UNSUPPORTED"
+    assert err.value.details().startswith(f"{replay_id} [{channel}]: FMR 5e-4 was not reproduced")
+    reply = verify(clips[3])
+    assert reply.match and reply.replay_checked and reply.replay_passed

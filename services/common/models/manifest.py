@@ -13,8 +13,11 @@ from .errors import ManifestError, UnknownModelError
 
 Role = Literal[
     "face_detector", "face_embedder", "face_liveness", "speaker_embedder", "voice_antispoof", "vad",
-    "digit_recognizer",
+    "digit_recognizer", "voice_replay",
 ]
+# Roles whose code is this repository's own (version = the code's format version): an entry has no
+# files to fetch, but its calibration records live here like every model's.
+IN_CODE_ROLES = frozenset({"voice_replay"})
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _ID = r"^[a-z0-9][a-z0-9._-]*$"
 _FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -151,13 +154,17 @@ class ModelSpec(_Strict):
     main: str | None = None  # the file path(model_id) returns; default the first file
     config_file: str | None = None  # the file holding the network's configuration, when one does
     export: ExportSpec | None = None
-    files: list[ModelFile] = Field(min_length=1)
+    files: list[ModelFile] = []  # empty only for IN_CODE_ROLES
     preprocessing: Preprocessing = Preprocessing()
     calibration: dict[str, CalibrationRecord] = {}  # channel -> record
 
     @model_validator(mode="after")
     def _files_consistent(self) -> "ModelSpec":
         names = [f.name for f in self.files]
+        if not names and self.role not in IN_CODE_ROLES:
+            raise ValueError(f"a {self.role} model needs at least one file")
+        if names and self.role in IN_CODE_ROLES:
+            raise ValueError(f"a {self.role} model is this repository's code: it has no files")
         if dupes := _repeats(names):
             raise ValueError(f"file names repeat: {dupes}")
         for key, value in (("main", self.main), ("config_file", self.config_file),
@@ -182,6 +189,8 @@ class ModelSpec(_Strict):
 
     @property
     def main_file(self) -> ModelFile:
+        if not self.files:
+            raise UnknownModelError(f"model {self.id!r} has no files: its code is in this repository")
         return self.file(self.main) if self.main else self.files[0]
 
     def file(self, name: str) -> ModelFile:

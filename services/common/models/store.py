@@ -110,7 +110,7 @@ class ModelStore:
             else:
                 known = stamps.known_sha256(f.name, dest)
                 states[f.name] = "unverified" if known is None else "ready" if known == f.sha256 else "corrupt"
-        worst = max(states.values(), key=_SEVERITY.__getitem__)
+        worst: FileState = max(states.values(), key=_SEVERITY.__getitem__, default="ready")
         return ModelStatus(model_id=spec.id, state=worst, files=states)
 
     def verify(self, model_id: str | Iterable[str] | None = None) -> list[Problem]:
