@@ -3,6 +3,11 @@
 Callers block in :meth:`MicroBatcher.submit`; one worker thread gathers the queued items into a
 batch (at most ``max_batch``, waiting at most ``max_wait_ms`` after the first item for more) and
 calls ``fn`` once per batch. Shared by the face and voice services.
+
+A caller waits no longer than its RPC's deadline (``services.common.context.deadline``, when it runs
+inside one) nor its own ``timeout``: past that, its items that have not started are withdrawn (the
+worker skips them) and it gets DEADLINE_EXCEEDED, MODEL_QUEUE_DEADLINE, instead of holding its thread
+while a model's queue drains work nobody waits for.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Generic, Sequence, TypeVar
 
-from services.common import metrics
+import grpc
+
+from services.common import context, errors, metrics
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -42,6 +50,7 @@ class MicroBatcher(Generic[T, R]):
         self._fn = fn
         self._batch_size = metrics.BATCH_SIZE.labels(model or name)
         self._inference = metrics.INFERENCE_SECONDS.labels(model or name)
+        self.name = name
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -61,11 +70,24 @@ class MicroBatcher(Generic[T, R]):
         return fut
 
     def submit(self, item: T, timeout: float | None = None) -> R:
-        return self.submit_async(item).result(timeout)
+        return self.submit_many([item], timeout)[0]
 
     def submit_many(self, items: Sequence[T], timeout: float | None = None) -> list[R]:
+        """The items' results, waiting at most ``timeout`` seconds in all and never past the current
+        RPC's deadline (ServiceError DEADLINE_EXCEEDED; the items not started are withdrawn)."""
+        now = time.monotonic()
+        ends = [end for end in (None if timeout is None else now + timeout, context.deadline.get()) if end is not None]
+        end = min(ends) if ends else None
         futures = [self.submit_async(i) for i in items]
-        return [f.result(timeout) for f in futures]
+        try:
+            return [f.result(None if end is None else max(0.0, end - time.monotonic())) for f in futures]
+        except FutureTimeout:
+            for f in futures:
+                f.cancel()
+            raise errors.ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{self.name}: the model's queue did not reach this call before its deadline; retry later or with "
+                "a longer deadline", "MODEL_QUEUE_DEADLINE") from None
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Finish the queued items, then stop the worker."""

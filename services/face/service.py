@@ -12,8 +12,10 @@ Decisions use the calibrated threshold of the manifest; without one the service 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -167,7 +169,9 @@ class FaceService:
 
     def _analyse_many(self, images: Sequence[np.ndarray], **options) -> list[FaceAnalysis]:
         pipeline = self._pipeline()
-        futures = [self._pool.submit(pipeline.analyse_image, img, **options) for img in images]
+        # Each image's thread runs in a copy of this call's context: its model queues see the deadline.
+        futures = [self._pool.submit(contextvars.copy_context().run, partial(pipeline.analyse_image, img, **options))
+                   for img in images]
         return [f.result() for f in futures]
 
     def _probe(self, image: np.ndarray, template: np.ndarray, threshold: float, liveness: bool,

@@ -91,3 +91,39 @@ def test_inline_runs_on_the_callers_thread_in_chunks_and_reports_errors_through_
     assert b.items == 9 and b.batches == 5
     with pytest.raises(RuntimeError):
         Inline(lambda xs: [], max_batch=2).submit(1)
+
+
+def test_a_caller_past_its_rpc_deadline_is_refused_and_its_items_never_run():
+    """A call whose deadline passes while a model's queue is busy gets DEADLINE_EXCEEDED, and the
+    worker skips its items instead of running work nobody waits for (the worker is held by the
+    first item until the test lets it go, so the deadline passes first whatever the machine's speed)."""
+    import grpc
+
+    from services.common import context
+    from services.common.errors import ServiceError
+
+    gate, seen = threading.Event(), []
+
+    def fn(items):
+        seen.extend(items)
+        gate.wait(30)
+        return items
+
+    b = MicroBatcher(fn, max_batch=1, max_wait_ms=0)
+    first = b.submit_async(1)
+    for _ in range(2000):
+        if seen:
+            break
+        time.sleep(0.005)
+    token = context.deadline.set(time.monotonic() + 0.05)
+    try:
+        with pytest.raises(ServiceError) as err:
+            b.submit_many([2, 3])
+    finally:
+        context.deadline.reset(token)
+    gate.set()
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and err.value.reason == "MODEL_QUEUE_DEADLINE"
+    assert first.result(timeout=5) == 1
+    assert b.submit(4, timeout=5) == 4  # outside an RPC: no deadline but its own timeout
+    assert seen == [1, 4]
+    b.close()
