@@ -223,6 +223,7 @@ def test_a_records_own_refusal_passes_on_with_its_reason_and_message():
     ("voice", "embedder", "silero-vad-v6", "is a vad model, not a speaker_embedder"),
     ("voice", "vad", "ecapa-voxceleb", "is a speaker_embedder model, not a vad"),
     ("voice", "antispoof", "aasist-xl", "is not in the model manifest"),
+    ("voice", "replay", "silero-vad-v6", "is a vad model, not a voice_replay"),
 ])
 def test_a_wrong_model_id_fails_start_up_naming_the_setting_and_the_id(tmp_path, section, key, model_id, why):
     from services.serve import definition
@@ -231,6 +232,23 @@ def test_a_wrong_model_id_fails_start_up_naming_the_setting_and_the_id(tmp_path,
     bad = model_id[-1] if isinstance(model_id, list) else model_id
     with pytest.raises(ModelChoiceError, match=re.escape(f"{section}.{key}: {bad!r} {why}")):
         definition(settings, section)
+
+
+def test_a_replay_entry_of_another_fingerprint_version_fails_start_up():
+    """The manifest's replay entry holds the threshold of one fingerprint format: a record for another
+    version (a manifest copied from another release) is refused rather than applied to other numbers."""
+    from services.common.models.manifest import load_manifest
+    from services.voice.config import VoiceConfig
+    from services.voice.models import VoiceModels
+
+    manifest = load_manifest(PROJECT_ROOT / "models" / "manifest.yaml")
+    entry = manifest.model("replay-envelope-v1")
+    other = manifest.model_copy(update={"models": [m.model_copy(update={"version": "2"}) if m is entry else m
+                                                   for m in manifest.models]})
+    assert VoiceModels.choose(manifest, VoiceConfig()).replay.id == "replay-envelope-v1"
+    with pytest.raises(ModelChoiceError, match=re.escape("voice.replay: 'replay-envelope-v1' is version '2' of the "
+                                                         "fingerprint; this service computes version 1")):
+        VoiceModels.choose(other, VoiceConfig())
 
 
 def test_every_rpc_of_a_service_is_mapped_onto_its_service_object():
