@@ -7,7 +7,8 @@ calls ``fn`` once per batch. Shared by the face and voice services.
 A caller waits no longer than its RPC's deadline (``services.common.context.deadline``, when it runs
 inside one) nor its own ``timeout``: past that, its items that have not started are withdrawn (the
 worker skips them) and it gets DEADLINE_EXCEEDED, MODEL_QUEUE_DEADLINE, instead of holding its thread
-while a model's queue drains work nobody waits for.
+while a model's queue drains work nobody waits for. :class:`Inline` starts no model run past the
+deadline either.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ _STOP = object()
 
 class BatcherClosed(RuntimeError):
     pass
+
+
+def _too_late(name: str) -> errors.ServiceError:
+    return errors.ServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"{name}: the call's deadline passed before its model work was done; retry later or with a longer deadline",
+        "MODEL_QUEUE_DEADLINE")
 
 
 class MicroBatcher(Generic[T, R]):
@@ -84,10 +92,7 @@ class MicroBatcher(Generic[T, R]):
         except FutureTimeout:
             for f in futures:
                 f.cancel()
-            raise errors.ServiceError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"{self.name}: the model's queue did not reach this call before its deadline; retry later or with "
-                "a longer deadline", "MODEL_QUEUE_DEADLINE") from None
+            raise _too_late(self.name) from None
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Finish the queued items, then stop the worker."""
@@ -151,6 +156,7 @@ class Inline(Generic[T, R]):
         self._fn = fn
         self._batch_size = metrics.BATCH_SIZE.labels(model or name)
         self._inference = metrics.INFERENCE_SECONDS.labels(model or name)
+        self.name = name
         self.max_batch = max_batch
         self._count_lock = threading.Lock()
         self.batches = 0
@@ -168,8 +174,14 @@ class Inline(Generic[T, R]):
         return self.submit_many([item])[0]
 
     def submit_many(self, items: Sequence[T], timeout: float | None = None) -> list[R]:
+        """Runs ``fn`` here, chunk by chunk. A chunk running cannot be pre-empted (``timeout`` is not
+        applied), but none is started once the current RPC's deadline has passed (DEADLINE_EXCEEDED):
+        its client has gone, and the core is better spent on a call that still waits."""
         out: list[R] = []
+        deadline = context.deadline.get()
         for i in range(0, len(items), self.max_batch):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _too_late(self.name)
             chunk = list(items[i : i + self.max_batch])
             started = time.perf_counter()
             results = self._fn(chunk)

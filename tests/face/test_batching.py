@@ -127,3 +127,25 @@ def test_a_caller_past_its_rpc_deadline_is_refused_and_its_items_never_run():
     assert b.submit(4, timeout=5) == 4  # outside an RPC: no deadline but its own timeout
     assert seen == [1, 4]
     b.close()
+
+
+def test_inline_starts_no_model_run_past_the_rpc_deadline():
+    import grpc
+
+    from services.common import context
+    from services.common.errors import ServiceError
+
+    seen = []
+    b = Inline(lambda items: seen.extend(items) or items, max_batch=2)
+    token = context.deadline.set(time.monotonic() - 1.0)
+    try:
+        with pytest.raises(ServiceError) as err:
+            b.submit_many([1, 2, 3])
+    finally:
+        context.deadline.reset(token)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and seen == []
+    token = context.deadline.set(time.monotonic() + 600.0)
+    try:
+        assert b.submit_many([1, 2, 3]) == [1, 2, 3]
+    finally:
+        context.deadline.reset(token)
