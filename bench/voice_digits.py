@@ -93,23 +93,41 @@ def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
     return (y / np.sqrt(np.mean(y ** 2))).astype(np.float32)
 
 
+def answer_gaps(rng: np.random.Generator, n: int = N_DIGITS) -> list[float]:
+    """Seconds of silence before, between and after ``n`` spoken digits."""
+    return [rng.uniform(0.3, 0.8), *(rng.uniform(0.15, 0.4) for _ in range(n - 1)), rng.uniform(0.3, 0.8)]
+
+
+def faded(x: np.ndarray) -> np.ndarray:
+    """A copy of a take with 10 ms fades at both ends (no click where it meets the silence)."""
+    fade = np.minimum(1.0, np.arange(RATE // 100) / (RATE // 100)).astype(np.float32)
+    y = x.copy()
+    y[: len(fade)] *= fade
+    y[len(y) - len(fade):] *= fade[::-1]
+    return y
+
+
+def joined(speech: list[np.ndarray], gaps: list[float], rng: np.random.Generator) -> np.ndarray:
+    """Takes (already faded) between the gaps' silences, over a -55 dBFS noise floor: 8 kHz."""
+    parts = [np.zeros(int(gaps[0] * RATE), np.float32)]
+    for x, gap in zip(speech, gaps[1:]):
+        parts += [x, np.zeros(int(gap * RATE), np.float32)]
+    y = np.concatenate(parts)
+    return y + rng.normal(0.0, _db(FLOOR_DBFS), len(y)).astype(np.float32)
+
+
 def spoken_string(takes: Takes, speaker: str, rng: np.random.Generator, degraded: bool = False) -> tuple[str, np.ndarray]:
     """-> (the digits, their 8 kHz audio)"""
     digits = "".join(str(d) for d in rng.integers(0, 10, N_DIGITS))
-    fade = np.minimum(1.0, np.arange(RATE // 100) / (RATE // 100)).astype(np.float32)
-    gaps = [rng.uniform(0.3, 0.8), *(rng.uniform(0.15, 0.4) for _ in range(N_DIGITS - 1)), rng.uniform(0.3, 0.8)]
-    parts, speech = [np.zeros(int(gaps[0] * RATE), np.float32)], []
-    for i, d in enumerate(digits):
+    gaps = answer_gaps(rng)
+    speech = []
+    for d in digits:
         options = takes[(speaker, int(d))]
-        x = options[int(rng.integers(len(options)))].copy()
-        x[: len(fade)] *= fade
-        x[len(x) - len(fade):] *= fade[::-1]
+        x = faded(options[int(rng.integers(len(options)))])
         if degraded:
             x *= _db(rng.uniform(-3.0, 3.0))
         speech.append(x)
-        parts += [x, np.zeros(int(gaps[i + 1] * RATE), np.float32)]
-    y = np.concatenate(parts)
-    y += rng.normal(0.0, _db(FLOOR_DBFS), len(y)).astype(np.float32)
+    y = joined(speech, gaps, rng)
     if degraded:
         gain = _db(rng.uniform(-20.0, 0.0))
         speech_rms = gain * math.sqrt(float(np.mean(np.concatenate(speech) ** 2)))

@@ -87,9 +87,10 @@ class VoiceConfig(Section):
     replay_key_prefix: str = "biogate:voice:replay"
     replay_retention_s: int = Field(30 * 86400, ge=60)
     # Each retained capture is one comparison: a fresh capture is refused as a replay with probability
-    # up to replay_max_per_subject x replay_target_fmr (20 x 5e-4 = 1 %). The old fixed cut 0.55 took
-    # 0.34-0.39 % of pairs of one person's different digit answers for replays: with 100 retained, an
-    # estimated ~30 % of a regular caller's answers (bench/RESULTS.md, "Replay cache calibrated").
+    # up to replay_max_per_subject x the point's false-replay rate (20 x 5e-4 = 1 %; 20 x the held-out
+    # 9.1e-4 = 1.8 %). The old fixed cut 0.55 took 0.27-0.46 % of pairs of one person's different digit
+    # answers for replays: with 100 retained, an estimated ~30 % of a regular caller's answers
+    # (bench/RESULTS.md, "Replay cache calibrated").
     replay_max_per_subject: int = Field(20, ge=1)
     replay: str = "replay-envelope-v1"  # the manifest entry whose calibration gives the cache's threshold
     # The cache's operating point: the rate at which one comparison of two different captures is taken

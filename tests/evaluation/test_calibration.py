@@ -315,3 +315,20 @@ def test_a_record_cannot_cap_above_its_data():
     rec["llr"] |= {"max_llr": 1.0, "min_llr": -math.log(300 / 3) - 0.01}
     with pytest.raises(ValueError, match=r"min_llr must be at least -ln\(300 / 3\)"):
         CalibrationRecord.model_validate(rec)
+
+
+def test_fmr_groups_each_meet_the_target_and_each_need_the_trials_to_support_it():
+    """Impostor groups (rate FMR): the strictest group sets the threshold, as attack types do, but a
+    point is supported only when every group has ceil(3 / target) trials, not their pool."""
+    rng = np.random.default_rng(0)
+    big, small = rng.uniform(0, 0.5, 4000), rng.uniform(0, 0.9, 400)
+    record = cal.calibration_record(rng.uniform(0.8, 1, 200), {"big": big, "small": small}, target_fmrs=[1e-2, 1e-3],
+                                dataset="groups", llr_kind=None, rate="FMR")
+    assert record["rate"] == "FMR" and record["trials"]["impostor"] == 4400
+    by = {p["target_fmr"]: p for p in record["operating_points"]}
+    assert by[1e-2]["supported"] and by[1e-2]["threshold"] > 0.85  # the small group's, not the pool's
+    assert not by[1e-3]["supported"] and by[1e-3]["why"].startswith("small: FMR 1e-3 needs >= 3,000")
+    CalibrationRecord.model_validate(record)
+    pad = cal.calibration_record(rng.uniform(0.8, 1, 200), {"big": big, "small": small}, target_fmrs=[1e-3],
+                             dataset="attacks", llr_kind=None)
+    assert pad["rate"] == "APCER" and pad["operating_points"][0]["supported"]  # attack types pooled, as before

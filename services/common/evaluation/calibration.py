@@ -231,16 +231,20 @@ def calibration_record(
     prior: float = 0.5,
     genuine_failures: int = 0,
     date: _dt.date | None = None,
+    rate: str | None = None,
 ) -> dict[str, Any]:
     """Fit thresholds (and an LLR map unless ``llr_kind`` is None) into a manifest record.
 
-    ``impostor`` may map attack types to scores (PAD): the record's rate is then APCER. Failed
+    ``impostor`` may map attack types to scores (PAD): the record's rate is then APCER. With
+    ``rate="FMR"`` the mapping holds groups of impostor trials instead (e.g. read speech and digit
+    answers), each of which must meet the target: the strictest sets the threshold, as for attack
+    types, and a point is supported only when *every* group has the trials it needs. Failed
     genuine trials count in the FNMR reported for each operating point, not in the fits. Every
     point carries the trials it was measured on and whether they support its target; the LLR map
     carries the caps its trials support. Unsupported points are written too, marked: callers
     decide whether to keep them (``biogate calibrate`` refuses unless asked).
     """
-    rate = "APCER" if isinstance(impostor, Mapping) else "FMR"
+    rate = rate or ("APCER" if isinstance(impostor, Mapping) else "FMR")
     groups = impostor if isinstance(impostor, Mapping) else {"": impostor}
     g = as_scores(genuine, "genuine")
     arrays = {k: as_scores(v, f"impostor[{k!r}]" if k else "impostor") for k, v in groups.items()}
@@ -248,11 +252,15 @@ def calibration_record(
         raise ValueError("impostor: no attack types")
     pooled = np.concatenate(list(arrays.values()))
     trials = {"genuine": int(g.size + genuine_failures), "impostor": int(pooled.size)}
+    # APCER: attack types pooled for support (ISO/IEC 30107-3 practice); FMR groups: the smallest.
+    support_name, support_n = ("", pooled.size) if rate == "APCER" or len(arrays) == 1 else \
+        min(((k, a.size) for k, a in arrays.items()), key=lambda kv: kv[1])
     points = []
     for target, t in fit_thresholds(arrays, target_fmrs).items():
         fmr = max(float(np.count_nonzero(a >= t) / a.size) for a in arrays.values())
         fnmr = error_rates(g, pooled, t, genuine_failures).fnmr
-        why = support_gap(rate, target, trials["impostor"])
+        why = support_gap(rate, target, support_n)
+        why = f"{support_name}: {why}" if why and support_name else why
         points.append({"target_fmr": target, "threshold": t, "fmr": fmr, "fnmr": fnmr, "trials": dict(trials),
                        "supported": not why, **({"why": why} if why else {})})
     record: dict[str, Any] = {"dataset": dataset, "rate": rate, "trials": trials, "operating_points": points}
