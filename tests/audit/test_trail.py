@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from services.common.audit import AuditDataError, AuditSigner, verify
+from services.common.audit import AuditDataError, AuditIntegrityError, AuditSigner, verify
 from services.common.audit.chain import record_hash
 
 N = 12  # checkpoints at 5 and 10, head at 12
@@ -267,3 +267,51 @@ def test_signing_key_file(tmp_path):
     b = AuditSigner.load_or_create(path)
     assert a.key_id == b.key_id and a.key_id.startswith("ed25519:")
     assert a.public_key_pem().startswith(b"-----BEGIN PUBLIC KEY-----")
+
+
+def _forge_next(storage, attacker, details='{"decision":"accept","n":99}'):
+    """An attacker's record chained correctly after the last one: SHA-256 needs no key."""
+    last = storage.audit.last()
+    seq, ts = last.seq + 1, last.ts + timedelta(microseconds=1)
+    h = record_hash(seq, ts, "face.verify", "teller-app", "bank-a", None, details, last.hash)
+    attacker.execute(
+        "INSERT INTO audit_records (seq, ts, event_type, actor, tenant_id, subject_pseudonym, details, prev_hash, hash)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (seq, attacker.ts(ts), "face.verify", "teller-app", "bank-a", None, details, last.hash, h),
+    )
+    return seq, h
+
+
+def _append_is_refused(storage, audit_log, match):
+    before = storage.audit.last().seq
+    with pytest.raises(AuditIntegrityError, match=match):
+        audit_log.append("face.verify", actor="teller-app", tenant_id="bank-a", details={"decision": "accept"})
+    assert storage.audit.last().seq == before  # nothing written on top of the altered trail
+
+
+def test_a_record_forged_at_the_end_is_not_sealed_by_the_next_append(fill, storage, signer, audit_log, attacker):
+    """Without the check the service chains its next record onto the forgery and signs a head over
+    both: the forged record becomes indistinguishable from a genuine one."""
+    fill(audit_log, N)
+    seq, _ = _forge_next(storage, attacker)
+    _append_is_refused(storage, audit_log, f"seq {seq}.*not covered by the signed head")
+    assert "records after the signed head" in _problems_text(_verify(storage, signer))
+
+
+def test_a_truncated_trail_is_not_resealed_by_the_next_append(fill, storage, signer, audit_log, attacker):
+    fill(audit_log, N)
+    attacker.execute("DELETE FROM audit_checkpoints WHERE seq > 8")
+    attacker.execute("DELETE FROM audit_records WHERE seq > 8")
+    _append_is_refused(storage, audit_log, f"signed head is at seq {N}.*ends at seq 8")
+    assert "the last record(s) were dropped" in _problems_text(_verify(storage, signer))
+
+
+def test_a_head_moved_without_the_key_is_not_resealed(fill, storage, signer, audit_log, attacker):
+    fill(audit_log, N)
+    seq, h = _forge_next(storage, attacker)
+    attacker.execute("UPDATE audit_head SET seq = ?, hash = ?", (seq, h))  # the old signature stays
+    _append_is_refused(storage, audit_log, "signature")
+    attacker.execute("UPDATE audit_head SET key_id = ?", ("ed25519:0000000000000000",))
+    _append_is_refused(storage, audit_log, "signed with key")
+    attacker.execute("DELETE FROM audit_head")
+    _append_is_refused(storage, audit_log, "no signed head")

@@ -8,13 +8,14 @@
 
 from .chain import GENESIS_HASH
 from .guard import AuditDataError, check_details
-from .log import AuditLog
+from .log import AuditIntegrityError, AuditLog
 from .signing import AuditSigner, load_public_key
 from .verify import VerifyReport, verify
 
 __all__ = [
     "GENESIS_HASH",
     "AuditDataError",
+    "AuditIntegrityError",
     "AuditLog",
     "AuditSigner",
     "VerifyReport",

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from services.common.privacy import Pseudonymizer
 from services.common.storage.interfaces import AuditAppend, AuditCheckpoint, AuditHead, AuditRow
 
+from services.common.crypto.signing import verify_signature
+
 from .chain import checkpoint_message, head_message, record_hash
 from .guard import AuditDataError, check_details, check_text
 
@@ -17,6 +19,12 @@ if TYPE_CHECKING:
     from services.common.crypto.keyring import Keyring
     from services.common.crypto.signing import Signer
     from services.common.storage.interfaces import AuditRepository, Storage
+
+
+class AuditIntegrityError(RuntimeError):
+    """The trail in the database is not what its signed head says (records added, removed or the
+    head changed outside BioGate): nothing is appended on top of it until an operator has run
+    ``biogate audit verify`` and dealt with it."""
 
 
 class AuditLog:
@@ -96,7 +104,38 @@ class AuditLog:
                 )
             return AuditAppend(row, checkpoint=checkpoint, sign_head=head)
 
-        return self._repo.append(build)
+        return self._repo.append(build, self._check_tail)
+
+    def _check_tail(self, head: AuditHead | None, last_seq: int, last_hash: str | None) -> None:
+        """Refuses to chain onto records its signed head does not name: the next head's signature would
+        cover them, and a forged record (its hash needs no key) or a truncation would verify."""
+        if head is None:
+            if last_seq:
+                raise AuditIntegrityError(
+                    f"the audit trail ends at seq {last_seq} but has no signed head: it was altered outside "
+                    "BioGate; nothing is appended until `biogate audit verify` has been run and the trail restored"
+                )
+            return
+        where = f"the audit trail's signed head is at seq {head.seq}"
+        if head.seq != last_seq or head.hash != last_hash:
+            found = f"ends at seq {last_seq}" if head.seq > last_seq else (
+                f"seq {head.seq + 1}..{last_seq} are not covered by the signed head" if head.seq < last_seq
+                else "names another hash than the last record has")
+            raise AuditIntegrityError(
+                f"{where}, but the trail {found}: records were added or removed outside BioGate; nothing is "
+                "appended until `biogate audit verify` has been run and the trail restored"
+            )
+        if head.key_id != self._signer.key_id:
+            raise AuditIntegrityError(
+                f"{where}, signed with key {head.key_id!r}, not with this service's audit key "
+                f"{self._signer.key_id!r}: the head was replaced or the audit key changed; nothing is appended "
+                "until `biogate audit verify` has been run with the right public key"
+            )
+        if not verify_signature(self._signer.public_key, bytes(head.signature), head_message(head.seq, head.hash)):
+            raise AuditIntegrityError(
+                f"{where}, but its signature does not verify: the head was altered outside BioGate; nothing "
+                "is appended until `biogate audit verify` has been run and the trail restored"
+            )
 
 
-__all__ = ["AuditLog", "AuditDataError"]
+__all__ = ["AuditLog", "AuditDataError", "AuditIntegrityError"]

@@ -11,7 +11,7 @@ from services.common import metrics
 
 from .db import Database, Session
 from .errors import StorageError
-from .interfaces import AuditAppend, AuditBuilder, AuditCheckpoint, AuditHead, AuditRow
+from .interfaces import AuditAppend, AuditBuilder, AuditCheckpoint, AuditHead, AuditRow, AuditTailCheck
 from .rows import columns, insert_sql, to_record, values
 
 
@@ -45,13 +45,13 @@ class SqlAuditRepository:
         with self._cv:
             return len(self._waiting)
 
-    def append(self, build: AuditBuilder) -> AuditRow:
+    def append(self, build: AuditBuilder, check_tail: AuditTailCheck | None = None) -> AuditRow:
         if self._db.in_transaction():
             with self._db.transaction() as s:
-                only = _Pending(build)
+                only = _Pending(build, check_tail)
                 self._write(s, [only])
                 return only.result()
-        mine = _Pending(build)
+        mine = _Pending(build, check_tail)
         with self._cv:
             self._waiting.append(mine)
             while True:
@@ -83,8 +83,11 @@ class SqlAuditRepository:
         self._db.lock(s, "audit_append")
         last = s.one("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")
         next_seq, prev_hash = (1, None) if last is None else (int(last[0]) + 1, last[1])
+        self._check_tail(s, group, next_seq - 1, prev_hash)
         head = None
         for p in group:
+            if p.error is not None:
+                continue
             try:  # a builder's own failure is its caller's alone: the others' records go on
                 built = p.build(next_seq, prev_hash)
                 out = built if isinstance(built, AuditAppend) else AuditAppend(row=built)
@@ -111,6 +114,22 @@ class SqlAuditRepository:
                 " signature = excluded.signature, key_id = excluded.key_id",
                 values(head),
             )
+
+    def _check_tail(self, s: Session, group: list[_Pending], last_seq: int, last_hash: str | None) -> None:
+        """Each distinct check once per group (every log of a process shares it): the group is chained
+        onto the tail read here, the records after it onto the group's own."""
+        checks = {p.check_tail for p in group if p.check_tail is not None}
+        if not checks:
+            return
+        r = s.one(f"SELECT {columns(AuditHead)} FROM audit_head WHERE id = 1")
+        stored = to_record(AuditHead, r) if r else None
+        for check in checks:
+            try:
+                check(stored, last_seq, last_hash)
+            except Exception as exc:  # noqa: BLE001 - refused to the callers that asked for this check
+                for p in group:
+                    if p.check_tail == check:
+                        p.error = exc
 
     def last(self) -> AuditRow | None:
         with self._db.read() as s:
@@ -146,6 +165,7 @@ class _Pending:
     """One caller's append: its builder, then its written row or the error that stopped it."""
 
     build: AuditBuilder
+    check_tail: AuditTailCheck | None = None
     row: AuditRow | None = None
     error: BaseException | None = None
     done: bool = False

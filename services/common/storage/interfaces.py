@@ -275,14 +275,18 @@ class ChallengeRepository(Protocol):
 
 
 AuditBuilder = Callable[[int, "str | None"], "AuditAppend | AuditRow"]
+# check(head, last_seq, last_hash): the stored signed head and the last record (0, None: none),
+# read under the append lock; raises to refuse appending onto that tail.
+AuditTailCheck = Callable[["AuditHead | None", int, "str | None"], None]
 
 
 class AuditRepository(Protocol):
-    def append(self, build: AuditBuilder) -> AuditRow:
+    def append(self, build: AuditBuilder, check_tail: AuditTailCheck | None = None) -> AuditRow:
         """Serialised against every other append: build(next_seq, prev_hash) runs while the lock
         is held (perhaps on another appending thread, whose transaction writes the appends that
         waited for it together) and its row (plus optional head and checkpoint) is written in that
-        transaction; inside a caller's write transaction, in the caller's."""
+        transaction; inside a caller's write transaction, in the caller's. ``check_tail`` first
+        judges the tail the group is chained onto; what it raises is its caller's error."""
 
     def last(self) -> AuditRow | None: ...
 
