@@ -315,3 +315,30 @@ def test_a_head_moved_without_the_key_is_not_resealed(fill, storage, signer, aud
     _append_is_refused(storage, audit_log, "signed with key")
     attacker.execute("DELETE FROM audit_head")
     _append_is_refused(storage, audit_log, "no signed head")
+
+
+class _AppendsWhileVerifying:
+    """The storage's audit repository, with the services appending ``more`` records the moment
+    verify has read the record at ``seq``: what a verify run against a live database meets."""
+
+    def __init__(self, repo, seq, append):
+        self._repo, self._seq, self._append = repo, seq, append
+
+    def __getattr__(self, name):
+        return getattr(self._repo, name)
+
+    def iter_records(self, from_seq=1, batch=1000):
+        for row in self._repo.iter_records(from_seq, batch):
+            yield row
+            if row.seq == self._seq:
+                self._append()
+
+
+@pytest.mark.parametrize("batch", [4, 1000])
+def test_records_appended_while_verifying_are_no_tampering(fill, storage, signer, audit_log, batch):
+    fill(audit_log, N)
+    live = _AppendsWhileVerifying(storage.audit, N, lambda: fill(audit_log, 3))  # seq 15 has a checkpoint
+    report = verify(live, signer.public_key, checkpoint_every=5, batch=batch)
+    assert report.ok, report.render()
+    assert report.head_seq in (N, N + 3) and report.records_checked == report.head_seq
+    assert _verify(storage, signer, checkpoint_every=5).ok

@@ -6,6 +6,10 @@ dropped (the chain does not start at seq 1 from the genesis hash), the last reco
 appended without the key (the signed head no longer names the last record), and any head or
 checkpoint whose signature does not verify or that disagrees with the record it names.
 
+The services may keep appending while it runs: the head is read before the records it names, and a
+record past it makes verify read the head (and checkpoints) again, so only records that no signed
+head covers are reported, never ones committed during the walk.
+
 An empty trail is a failure while the database holds rows that are only ever written with an
 audit record (``data_rows``: templates, consents, phone numbers): wiping the records, the head and
 the checkpoints together leaves nothing to check a chain against, but not an empty trail.
@@ -31,7 +35,7 @@ from .chain import checkpoint_message, head_message, row_hash
 from .signing import key_map
 
 if TYPE_CHECKING:
-    from services.common.storage.interfaces import AuditRepository
+    from services.common.storage.interfaces import AuditCheckpoint, AuditRepository, AuditRow
 
 MAX_PROBLEMS = 1000  # beyond this the report only counts
 
@@ -91,34 +95,31 @@ def verify(
     """
     keys = key_map(public_key)
     report = VerifyReport()
-    checkpoints = {cp.seq: cp for cp in storage_audit.checkpoints()}
     external = dict(known_checkpoints)
+    # The head first, then the checkpoints: every record and checkpoint up to the head committed
+    # before it, so the walk below sees them all; records the services append meanwhile are past it.
+    head = storage_audit.head()
+    checkpoints = {cp.seq: cp for cp in storage_audit.checkpoints()}
     expected_seq, prev, last = 1, None, None  # the first record's prev_hash is NULL
+    uncovered = False  # a record past the head read after it: appended without the key; stop re-reading
 
-    for row in storage_audit.iter_records(from_seq=1, batch=batch):
-        report.records_checked += 1
-        if row.seq != expected_seq:
-            if last is None:
-                report.add(f"seq {row.seq}: the trail starts here; records 1..{row.seq - 1} were dropped")
-            elif row.seq > expected_seq:
-                report.add(f"seq {row.seq}: records {expected_seq}..{row.seq - 1} are missing (deleted)")
-            else:
-                report.add(f"seq {row.seq}: out of order after seq {last.seq}")
-        if row_hash(row) != row.hash:
-            report.add(f"seq {row.seq}: content does not match its hash (record modified)")
-        if row.prev_hash != prev:
-            report.add(
-                f"seq {row.seq}: prev_hash does not link to the previous record "
-                "(a record was deleted, inserted, reordered or modified)"
-            )
-        cp = checkpoints.get(row.seq)
-        if cp is None and checkpoint_every and row.seq % checkpoint_every == 0:
-            report.add(f"seq {row.seq}: its checkpoint is missing")
-        if cp is not None and cp.hash != row.hash:
-            report.add(f"seq {row.seq}: the checkpoint names another hash than the record has")
-        if row.seq in external and external[row.seq] != row.hash:
-            report.add(f"seq {row.seq}: does not match the externally kept checkpoint")
-        expected_seq, prev, last = row.seq + 1, row.hash, row
+    while True:
+        walked = False
+        for row in storage_audit.iter_records(from_seq=expected_seq, batch=batch):
+            walked = True
+            if not uncovered and row.seq > (head.seq if head else 0):
+                newer = storage_audit.head()  # appended while this walk ran, or forged
+                if newer is not None and newer.seq >= row.seq:
+                    head, checkpoints = newer, {cp.seq: cp for cp in storage_audit.checkpoints()}
+                else:
+                    uncovered = True
+            _check_record(report, row, expected_seq, prev, last, checkpoints, external, checkpoint_every)
+            expected_seq, prev, last = row.seq + 1, row.hash, row
+        # A head or checkpoint read during the walk's last batch names records committed after that
+        # batch was read: they are there now, unless the trail was cut.
+        wanted = max([head.seq if head else 0, *checkpoints])
+        if not walked or (last is not None and last.seq >= wanted):
+            break
 
     for seq, cp in sorted(checkpoints.items()):
         report.checkpoints_checked += 1
@@ -136,7 +137,6 @@ def verify(
         report.add("the trail is empty while the database holds " + ", ".join(f"{n} {what}" for what, n in held.items())
                    + ": every one was written with an audit record, so the trail was wiped")
 
-    head = storage_audit.head()
     report.head_seq = head.seq if head else None
     if head is None:
         if last is not None:
@@ -154,3 +154,37 @@ def verify(
     elif head.hash != last.hash:
         report.add(f"head seq {head.seq}: names another hash than the last record has")
     return report
+
+
+def _check_record(
+    report: VerifyReport,
+    row: AuditRow,
+    expected_seq: int,
+    prev: str | None,
+    last: AuditRow | None,
+    checkpoints: Mapping[int, AuditCheckpoint],
+    external: Mapping[int, str],
+    checkpoint_every: int | None,
+) -> None:
+    report.records_checked += 1
+    if row.seq != expected_seq:
+        if last is None:
+            report.add(f"seq {row.seq}: the trail starts here; records 1..{row.seq - 1} were dropped")
+        elif row.seq > expected_seq:
+            report.add(f"seq {row.seq}: records {expected_seq}..{row.seq - 1} are missing (deleted)")
+        else:
+            report.add(f"seq {row.seq}: out of order after seq {last.seq}")
+    if row_hash(row) != row.hash:
+        report.add(f"seq {row.seq}: content does not match its hash (record modified)")
+    if row.prev_hash != prev:
+        report.add(
+            f"seq {row.seq}: prev_hash does not link to the previous record "
+            "(a record was deleted, inserted, reordered or modified)"
+        )
+    cp = checkpoints.get(row.seq)
+    if cp is None and checkpoint_every and row.seq % checkpoint_every == 0:
+        report.add(f"seq {row.seq}: its checkpoint is missing")
+    if cp is not None and cp.hash != row.hash:
+        report.add(f"seq {row.seq}: the checkpoint names another hash than the record has")
+    if row.seq in external and external[row.seq] != row.hash:
+        report.add(f"seq {row.seq}: does not match the externally kept checkpoint")
