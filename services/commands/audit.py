@@ -12,6 +12,7 @@ from services.common.audit.signing import load_public_key, public_key_pem
 from services.common.audit.verify import verify
 from services.common.crypto.backend import open_audit_signer
 from services.common.crypto.errors import NoKeyError
+from services.common.crypto.signing import PublicKey
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -38,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "anchor", help="copy the signed checkpoints and head to a write-once directory (run it periodically)"
     )
     p.add_argument("--to", type=Path, required=True, help="the write-once directory (a WORM volume, another host)")
+    p.add_argument("--public-key", type=Path, help="PEM public key (default: from the signing key)")
     p.set_defaults(func=cmd_anchor)
 
     p = sub.add_parser("export-public-key", help="the PEM public key that verifies the trail")
@@ -65,14 +67,19 @@ def _read_checkpoints(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+def _public_key(settings: Settings, args: argparse.Namespace) -> PublicKey | None:
     key_file = getattr(args, "public_key", None)
     if key_file is not None:
-        public_key = load_public_key(Path(key_file).read_bytes())
-    elif settings.keys.backend == "pkcs11" or settings.audit_signing_key_file.exists():
-        public_key = open_audit_signer(settings, create=False).public_key
-    else:
-        print(f"no public key: pass --public-key or provide {settings.audit_signing_key_file}", file=sys.stderr)
+        return load_public_key(Path(key_file).read_bytes())
+    if settings.keys.backend == "pkcs11" or settings.audit_signing_key_file.exists():
+        return open_audit_signer(settings, create=False).public_key
+    print(f"no public key: pass --public-key or provide {settings.audit_signing_key_file}", file=sys.stderr)
+    return None
+
+
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    public_key = _public_key(settings, args)
+    if public_key is None:
         return 2
     every = getattr(args, "checkpoint_every", None)
     every = settings.audit.checkpoint_every if every is None else every
@@ -114,10 +121,15 @@ def cmd_export_checkpoints(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_anchor(settings: Settings, args: argparse.Namespace) -> int:
+    public_key = _public_key(settings, args)
+    if public_key is None:
+        return 2
     storage = _storage(settings)
     try:
-        written = anchor(storage.audit, DirectoryStore(args.to))
+        report = anchor(storage.audit, DirectoryStore(args.to), public_key)
     finally:
         storage.close()
-    print(f"anchored {len(written)} new object(s) in {args.to}" + "".join(f"\n  {n}" for n in written))
-    return 0
+    print(f"anchored {len(report.written)} new object(s) in {args.to}" + "".join(f"\n  {n}" for n in report.written))
+    for problem in report.problems:
+        print(f"  {problem}")
+    return 1 if report.problems else 0

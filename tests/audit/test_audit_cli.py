@@ -93,6 +93,22 @@ def test_a_wiped_trail_fails_while_audited_data_remains(cli_settings, attacker, 
     storage.close()
 
 
+def _seven_records(settings):
+    """(storage, log, the head of seq 7): the head an attacker keeps to roll back to."""
+    storage = open_storage(settings.storage_dsn)
+    log = _log(settings, storage)
+    for i in range(7):
+        log.append("face.verify", "svc", "bank-a", f"cust-{i}", {"decision": "accept"})
+    return storage, log, storage.audit.head()
+
+
+def _roll_back_to(attacker, head) -> None:
+    attacker.execute("DELETE FROM audit_checkpoints WHERE seq > ?", (head.seq,))
+    attacker.execute("DELETE FROM audit_records WHERE seq > ?", (head.seq,))
+    attacker.execute("UPDATE audit_head SET seq = ?, hash = ?, signature = ?, key_id = ?",
+                     (head.seq, head.hash, bytes(head.signature), head.key_id))
+
+
 def test_anchors_are_write_once_and_expose_a_rollback_to_an_old_head_and_a_wipe(cli_settings, attacker, tmp_path,
                                                                                  capsys):
     import os
@@ -101,11 +117,7 @@ def test_anchors_are_write_once_and_expose_a_rollback_to_an_old_head_and_a_wipe(
     from services.common.audit.anchor import DirectoryStore
 
     settings = cli_settings  # a checkpoint every 3 records
-    storage = open_storage(settings.storage_dsn)
-    log = _log(settings, storage)
-    for i in range(7):
-        log.append("face.verify", "svc", "bank-a", f"cust-{i}", {"decision": "accept"})
-    old_head = storage.audit.head()
+    storage, log, old_head = _seven_records(settings)
     anchors = tmp_path / "worm"
     assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 0
     names = sorted(os.listdir(anchors))
@@ -120,10 +132,7 @@ def test_anchors_are_write_once_and_expose_a_rollback_to_an_old_head_and_a_wipe(
     capsys.readouterr()
 
     # The attacker rolls the trail back to the head of seq 7 they kept: it verifies on its own...
-    attacker.execute("DELETE FROM audit_checkpoints WHERE seq > 7")
-    attacker.execute("DELETE FROM audit_records WHERE seq > 7")
-    attacker.execute("UPDATE audit_head SET seq = ?, hash = ?, signature = ?, key_id = ?",
-                     (old_head.seq, old_head.hash, bytes(old_head.signature), old_head.key_id))
+    _roll_back_to(attacker, old_head)
     assert _run(settings, ["audit", "verify"]) == 0
     # ...not against the anchors
     assert _run(settings, ["audit", "verify", "--anchors", str(anchors)]) == 1
@@ -131,4 +140,38 @@ def test_anchors_are_write_once_and_expose_a_rollback_to_an_old_head_and_a_wipe(
     for table in ("audit_head", "audit_checkpoints", "audit_records"):
         attacker.execute(f"DELETE FROM {table}")
     assert _run(settings, ["audit", "verify", "--anchors", str(anchors)]) == 1
+    storage.close()
+
+
+def test_anchoring_a_rolled_back_or_unsigned_trail_is_refused(cli_settings, attacker, tmp_path, capsys):
+    """`audit anchor` runs periodically: it is where a rollback shows first, and what it copies to
+    the write-once store can never be taken back, so it copies only what the audit key signed."""
+    import os
+
+    settings = cli_settings  # a checkpoint every 3 records
+    storage, log, old_head = _seven_records(settings)
+    for i in range(3):
+        log.append("face.verify", "svc", "bank-a", f"cust-{i}", {"decision": "reject"})
+    anchors = tmp_path / "worm"
+    assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 0
+    capsys.readouterr()
+
+    # Rolled back to the kept head of seq 7; the services go on appending onto it (it is genuinely signed).
+    _roll_back_to(attacker, old_head)
+    for i in range(4):
+        log.append("face.verify", "svc", "bank-a", f"cust-{i}", {"decision": "accept"})
+    names = set(os.listdir(anchors))
+    assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 1
+    out = capsys.readouterr().out
+    assert "checkpoint-000000000009.json: the database's checkpoint at seq 9 has another hash" in out
+    assert "head-000000000010.json" not in out  # the head moved on to 11: no anchor at seq 10 is compared
+    assert set(os.listdir(anchors)) - names == {"head-000000000011.json"}  # what is signed is still anchored
+
+    # A head the key did not sign is never anchored.
+    log.append("face.verify", "svc", "bank-a", "cust-9", {"decision": "accept"})
+    head = storage.audit.head()
+    attacker.execute("UPDATE audit_head SET signature = ?", (bytes(64),))
+    assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 1
+    assert f"head at seq {head.seq}: bad signature; not anchored" in capsys.readouterr().out
+    assert f"head-{head.seq:012d}.json" not in os.listdir(anchors)
     storage.close()

@@ -5,7 +5,9 @@ The trail's hash chain and signatures detect any change made without the signing
 someone who keeps an *older* signed head and truncates the trail back to it, nor someone who wipes
 records, head and checkpoints together. Both are visible against anchors: a trail that ends before
 the newest anchor, or does not hold the anchored hash at its seq, was cut
-(``verify(known_checkpoints=anchored(store))``).
+(``verify(known_checkpoints=anchored(store))``). :func:`anchor` copies only what the audit key
+signed, and reports an anchored seq whose hash the database now contradicts: a rollback shows at
+the next periodic anchoring, not only at the next audit.
 
 The store is the shape of S3 Object Lock in compliance mode: ``put`` creates an object under a new
 name and never overwrites one, objects are read back by name. :class:`DirectoryStore` is that shape
@@ -18,9 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+from services.common.crypto.signing import PublicKey, verify_signature
+
+from .chain import checkpoint_message, head_message
+from .signing import key_map
 
 if TYPE_CHECKING:
     from services.common.storage.interfaces import AuditRepository
@@ -74,21 +82,50 @@ def _name(kind: str, seq: int) -> str:
     return f"{_CHECKPOINT if kind == 'checkpoint' else _HEAD}{seq:012d}.json"
 
 
-def anchor(repo: AuditRepository, store: WriteOnceStore) -> list[str]:
-    """Copy the signed checkpoints not anchored yet, and the current signed head; -> names written."""
+@dataclass
+class AnchorReport:
+    written: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def anchor(
+    repo: AuditRepository, store: WriteOnceStore, public_key: PublicKey | Iterable[PublicKey]
+) -> AnchorReport:
+    """Copy the signed checkpoints not anchored yet, and the current signed head.
+
+    An anchor is never taken back, so only what ``public_key`` verifies is copied; and one already
+    anchored under the same seq with another hash means the trail was rolled back and went on (the
+    services append onto a genuinely signed older head): both are problems, the rest is copied.
+    """
+    keys = key_map(public_key)
     have = set(store.names())
-    items = [Anchor("checkpoint", cp.seq, cp.hash, cp.key_id, bytes(cp.signature).hex()) for cp in repo.checkpoints()]
+    items = [
+        (Anchor("checkpoint", cp.seq, cp.hash, cp.key_id, bytes(cp.signature).hex()),
+         checkpoint_message(cp.seq, cp.hash, cp.ts))
+        for cp in repo.checkpoints()
+    ]  # fmt: skip
     head = repo.head()
     if head is not None:
-        items.append(Anchor("head", head.seq, head.hash, head.key_id, bytes(head.signature).hex()))
-    written = []
-    for item in items:
+        items.append((Anchor("head", head.seq, head.hash, head.key_id, bytes(head.signature).hex()),
+                      head_message(head.seq, head.hash)))
+    report = AnchorReport()
+    for item, message in items:
         name = _name(item.kind, item.seq)
         if name in have:
+            if json.loads(store.get(name))["hash"] != item.hash:
+                report.problems.append(
+                    f"{name}: the database's {item.kind} at seq {item.seq} has another hash than the anchored "
+                    "one: the trail was rolled back and written on (run `biogate audit verify --anchors`)"
+                )
+            continue
+        key = keys.get(item.key_id)
+        if key is None or not verify_signature(key, bytes.fromhex(item.signature), message):
+            why = "signed with an unknown key" if key is None else "bad signature"
+            report.problems.append(f"{item.kind} at seq {item.seq}: {why}; not anchored")
             continue
         store.put(name, json.dumps(item.__dict__, sort_keys=True).encode())
-        written.append(name)
-    return written
+        report.written.append(name)
+    return report
 
 
 def anchored(store: WriteOnceStore) -> list[tuple[int, str]]:
