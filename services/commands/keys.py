@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -131,12 +132,26 @@ def _move_records(
     return 0 if report.ok else 1
 
 
+def _kept_elsewhere(settings: Settings, storage: Storage) -> Callable[[], dict[str, tuple[Counter[str], str]]]:
+    """Counts of the sealed data the services keep for a while and no rotation re-wraps, per key id
+    (the voice part attached, and so migrated, here: not inside retire's transaction)."""
+    voice = settings.voice
+    if voice.replay_store != "database":  # Redis or a process's memory: not counted here
+        return dict
+    from services.voice.replay import DatabaseReplayStore
+
+    store = DatabaseReplayStore(storage, voice.replay_retention_s, voice.replay_max_per_subject)
+    kept = f"voice.replay_retention_s ({voice.replay_retention_s} s) after each accepted capture"
+    return lambda: {"voice replay fingerprint": (store.key_usage(), kept)}
+
+
 def cmd_retire(settings: Settings, args: argparse.Namespace) -> int:
     keyring = open_keyring(settings, create=False)
     storage = _storage(settings)
     try:
         audit = key_audit(settings, storage)
-        info = retire(storage, keyring, args.key_id, audit=lambda i: audit("keys.retire", {"key_id": i.key_id}))
+        info = retire(storage, keyring, args.key_id, audit=lambda i: audit("keys.retire", {"key_id": i.key_id}),
+                      kept_elsewhere=_kept_elsewhere(settings, storage))
     except (KeyInUseError, UnknownKeyError, KeyringError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -219,6 +219,10 @@ class DatabaseReplayStore:
 
     def erase(self, tenant: str, pseudonym: str) -> int:
         return self.repo.erase(tenant, pseudonym)
+
+    def key_usage(self) -> Counter[str]:
+        """Retained fingerprints per key id they are sealed under (``keys retire`` counts them)."""
+        return self.repo.count_by_key(self.clock() - self.retention_s)
 
 
 class ReplayStoreError(ValueError):

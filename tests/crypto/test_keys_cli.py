@@ -84,3 +84,33 @@ def test_retire_unknown_key(settings, capsys):
 def test_subcommand_is_required():
     with pytest.raises(SystemExit):
         _parse(["keys"])
+
+
+def test_retire_is_refused_while_voice_replay_fingerprints_are_sealed_under_the_key(settings, capsys):
+    """The replay cache seals each accepted capture's fingerprint under the primary of the day and keeps
+    it voice.replay_retention_s; `keys rotate` re-wraps templates and phone numbers only. Retiring
+    the old key with such fingerprints left made every voice verification of those subjects fail
+    (the key is gone) until they expired."""
+    import numpy as np
+
+    from services.voice.replay import DatabaseReplayStore, Fingerprint, ReplayCache
+
+    assert _run(settings, ["keys", "init"]) == 0
+    keyring = open_keyring(settings)
+    first = keyring.primary_key_id()
+    crypto = EnvelopeCrypto(keyring)
+    storage = open_storage(settings.storage_dsn)
+    cache = ReplayCache(DatabaseReplayStore(storage, settings.voice.replay_retention_s, 20), crypto.seal, crypto.open,
+                        lambda tenant, subject: f"ps_{subject}")
+    fp = Fingerprint(np.random.default_rng(0).integers(-60, 60, (32, 200)).astype(np.int8))
+    cache.remember("bank-a", "cust-1", fp)
+    assert _run(settings, ["keys", "rotate"]) == 0
+    capsys.readouterr()
+
+    assert _run(settings, ["keys", "retire", first]) == 1
+    err = capsys.readouterr().err
+    assert f"key {first!r} still seals 1 voice replay fingerprint(s)" in err and "voice.replay_retention_s" in err
+    assert cache.best_match("bank-a", "cust-1", fp) > 0.99  # the voice service still reads them
+    cache.erase("bank-a", "cust-1")
+    assert _run(settings, ["keys", "retire", first]) == 0
+    storage.close()

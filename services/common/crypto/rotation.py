@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -208,10 +208,18 @@ def key_usage(storage: Storage) -> Counter[str]:
 
 
 def retire(
-    storage: Storage, keyring: Keyring, key_id: str, audit: Callable[[KeyInfo], None] | None = None
+    storage: Storage,
+    keyring: Keyring,
+    key_id: str,
+    audit: Callable[[KeyInfo], None] | None = None,
+    kept_elsewhere: Callable[[], Mapping[str, tuple[Counter[str], str]]] | None = None,
 ) -> KeyInfo:
     """Remove a KEK from the keyring; refuses while any record is still wrapped under it, and while
     another key operation (a rotation) runs.
+
+    ``kept_elsewhere``: sealed data a service keeps for a limited time and no rotation re-wraps
+    (voice replay fingerprints): {what: (count per key id, how long it is kept)}. Retiring the key
+    under which some still are would make the service fail on them until they expire.
 
     The count, ``audit(info)`` (the audit record) and the removal are one transaction: a removal
     that fails rolls the audit record back, and on SQLite no enrolment commits between the count
@@ -234,6 +242,12 @@ def retire(
                 )
             if key_id == keyring.primary_key_id():
                 raise KeyringError(f"key {key_id!r} is the primary; rotate before retiring it")
+            for what, (counts, kept) in (kept_elsewhere() if kept_elsewhere else {}).items():
+                if counts.get(key_id):
+                    raise KeyInUseError(
+                        f"key {key_id!r} still seals {counts[key_id]} {what}(s), kept {kept} and never "
+                        "re-wrapped: retire it once they have expired"
+                    )
             if audit is not None:
                 audit(info)
             keyring.remove_key(key_id)

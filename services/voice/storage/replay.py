@@ -3,6 +3,9 @@ pseudonymised subject, kept for a retention window and capped per subject."""
 
 from __future__ import annotations
 
+from collections import Counter
+
+from services.common.crypto import TemplateDecryptionError, envelope_key_id
 from services.common.storage.db import Database
 
 
@@ -33,6 +36,18 @@ class SqlReplayRepository:
                 (tenant_id, subject_key, tenant_id, subject_key, keep),
             )
             s.execute("DELETE FROM voice_replay WHERE accepted_at < ?", (expired_before,))
+
+    def count_by_key(self, since: float) -> Counter[str]:
+        """How many records accepted since ``since`` are sealed under each key id (from each envelope's
+        header; one that has none counts under "")."""
+        counts: Counter[str] = Counter()
+        with self._db.read() as s:
+            for (record,) in s.all("SELECT record FROM voice_replay WHERE accepted_at >= ?", (since,)):
+                try:
+                    counts[envelope_key_id(bytes(record))] += 1
+                except TemplateDecryptionError:
+                    counts[""] += 1
+        return counts
 
     def erase(self, tenant_id: str, subject_key: str) -> int:
         with self._db.transaction() as s:
