@@ -142,6 +142,41 @@ def test_a_tampered_or_expired_token_fails(signer):
         verify_token(old, jwks, "biogate-mfa", "bank")
 
 
+def _hs256_with(secret: bytes, kid: str, claims: dict) -> str:
+    """Algorithm confusion: an HMAC token whose secret is public (the JWK's x, the JWKS text)."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    signing_input = b64(json.dumps({"alg": "HS256", "kid": kid}).encode()) + "." + b64(json.dumps(claims).encode())
+    return signing_input + "." + b64(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())
+
+
+def test_algorithm_confusion_another_audience_or_issuer_and_an_unknown_kid_fail(signer):
+    keys, issuer, clock = signer
+    jwks = json.dumps(keys.jwks())
+    jwk = keys.jwks()["keys"][0]
+    token, _ = issuer.issue(CLAIMS)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    for secret in (jwk["x"].encode(), jwks.encode()):
+        with pytest.raises(jwt.InvalidAlgorithmError):
+            verify_token(_hs256_with(secret, jwk["kid"], claims), jwks, "biogate-mfa", "bank")
+    with pytest.raises(jwt.InvalidAudienceError):  # a token of another tenant
+        verify_token(token, jwks, "biogate-mfa", "bank-b")
+    with pytest.raises(jwt.InvalidIssuerError):
+        verify_token(token, jwks, "another-issuer", "bank")
+    other = SigningKeys(keys.vault.path.with_name("other.json"), 120, 86400, clock=clock)
+    with pytest.raises(jwt.InvalidKeyError):  # a kid the relying party's key set does not hold
+        verify_token(token, json.dumps(other.jwks()), "biogate-mfa", "bank")
+    es256 = jwt.encode({**claims, "exp": 2**40}, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
+                       headers={"kid": jwk["kid"]})
+    with pytest.raises(jwt.InvalidAlgorithmError):  # ES256 under an Ed25519 key's kid
+        verify_token(es256, jwks, "biogate-mfa", "bank")
+
+
 def test_rotation_keeps_unexpired_old_tokens_valid_then_drops_the_old_key(signer, tmp_path):
     keys, issuer, clock = signer
     now = clock.t
