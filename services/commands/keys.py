@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 from services.common.crypto.errors import KeyInUseError, KeyringError, UnknownKeyError
 from services.common.crypto.keyring import Keyring, keyring_backend, open_keyring
 from services.common.crypto.provision import KeyAudit, ensure_keys, operations_audit
-from services.common.crypto.rotation import RewrapReport, key_usage, retire, rewrap_all, rotate
+from services.common.crypto.rotation import RewrapReport, SealedTable, key_usage, retire, rewrap_all, rotate
 
 if TYPE_CHECKING:
+    from services.voice.replay import DatabaseReplayStore
     from services.common.config import CommonSettings
     from services.settings import Settings
     from services.common.storage.interfaces import Storage
@@ -99,49 +100,65 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_rotate(settings: Settings, args: argparse.Namespace) -> int:
     cipher = getattr(args, "cipher", None) or settings.keys.cipher
     return _move_records(settings, args, "new primary key {key}; re-wrapped {counts}",
-                         lambda storage, keyring, batch, audit: rotate(storage, keyring, cipher, batch, audit))
+                         lambda storage, keyring, batch, audit, tables: rotate(storage, keyring, cipher, batch, audit,
+                                                                               tables))
 
 
 def cmd_rewrap(settings: Settings, args: argparse.Namespace) -> int:
     return _move_records(settings, args, "re-wrapped {counts} to the primary key {key}",
-                         lambda storage, keyring, batch, audit: rewrap_all(storage, keyring, None, batch, audit))
+                         lambda storage, keyring, batch, audit, tables: rewrap_all(storage, keyring, None, batch,
+                                                                                   audit, tables))
 
 
 def _move_records(
     settings: Settings,
     args: argparse.Namespace,
     summary: str,
-    operation: Callable[[Storage, Keyring, int, KeyAudit], RewrapReport],
+    operation: Callable[[Storage, Keyring, int, KeyAudit, list[SealedTable]], RewrapReport],
 ) -> int:
     """Run a rotation or re-wrap, audited, and report it; ``summary`` names {key} and {counts}."""
     keyring = open_keyring(settings, create=False)
     storage = _storage(settings)
     try:
         batch = getattr(args, "batch", None) or settings.keys.rewrap_batch
-        report = operation(storage, keyring, batch, key_audit(settings, storage))
+        report = operation(storage, keyring, batch, key_audit(settings, storage), _sealed_tables(settings, storage))
     except KeyringError as exc:  # another key operation in progress, a cipher the backend lacks
         print(f"refused: {exc}", file=sys.stderr)
         return 1
     finally:
         storage.close()
-    counts = f"{report.templates_rewrapped} templates and {report.phones_rewrapped} phone numbers"
-    print(summary.format(key=report.target_key_id, counts=counts)
+    counts = [f"{report.templates_rewrapped} templates", f"{report.phones_rewrapped} phone numbers"]
+    counts += [f"{n} {what}(s)" for what, n in report.others_rewrapped.items() if n]
+    print(summary.format(key=report.target_key_id, counts=", ".join(counts[:-1]) + " and " + counts[-1])
           + f" ({report.conflicts} concurrent updates revisited)")
     for name, error in report.failures.items():
         print(f"FAILED {name}: {error}", file=sys.stderr)
     return 0 if report.ok else 1
 
 
-def _kept_elsewhere(settings: Settings, storage: Storage) -> Callable[[], dict[str, tuple[Counter[str], str]]]:
-    """Counts of the sealed data the services keep for a while and no rotation re-wraps, per key id
-    (the voice part attached, and so migrated, here: not inside retire's transaction)."""
+def _replay_store(settings: Settings, storage: Storage) -> DatabaseReplayStore | None:
+    """The voice replay cache's fingerprints in the database (Redis or a process's memory: None)."""
     voice = settings.voice
-    if voice.replay_store != "database":  # Redis or a process's memory: not counted here
-        return dict
+    if voice.replay_store != "database":
+        return None
     from services.voice.replay import DatabaseReplayStore
 
-    store = DatabaseReplayStore(storage, voice.replay_retention_s, voice.replay_max_per_subject)
-    kept = f"voice.replay_retention_s ({voice.replay_retention_s} s) after each accepted capture"
+    return DatabaseReplayStore(storage, voice.replay_retention_s, voice.replay_max_per_subject)
+
+
+def _sealed_tables(settings: Settings, storage: Storage) -> list[SealedTable]:
+    """What the services seal in tables of their own, for rotation to re-wrap."""
+    store = _replay_store(settings, storage)
+    return [store.sealed_table()] if store else []
+
+
+def _kept_elsewhere(settings: Settings, storage: Storage) -> Callable[[], dict[str, tuple[Counter[str], str]]]:
+    """Counts of the sealed data the services keep for a while outside templates and phones, per key
+    id (the voice part attached, and so migrated, here: not inside retire's transaction)."""
+    store = _replay_store(settings, storage)
+    if store is None:
+        return dict
+    kept = f"voice.replay_retention_s ({settings.voice.replay_retention_s} s) after each accepted capture"
     return lambda: {"voice replay fingerprint": (store.key_usage(), kept)}
 
 

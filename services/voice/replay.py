@@ -38,6 +38,7 @@ from scipy.signal import butter, fftconvolve, sosfiltfilt
 from .config import voice_config
 
 if TYPE_CHECKING:
+    from services.common.crypto.rotation import SealedTable
     from services.common.runtime import Runtime
     from services.common.storage import Storage
 
@@ -223,6 +224,13 @@ class DatabaseReplayStore:
     def key_usage(self) -> Counter[str]:
         """Retained fingerprints per key id they are sealed under (``keys retire`` counts them)."""
         return self.repo.count_by_key(self.clock() - self.retention_s)
+
+    def sealed_table(self) -> SealedTable:
+        """The fingerprints as ``keys rotate`` and ``keys rewrap`` re-wrap them."""
+        from services.common.crypto.rotation import SealedTable
+
+        return SealedTable("voice replay fingerprint", self.repo.iter_for_rewrap, lambda row: row.id,
+                           self.repo.replace_record)
 
 
 class ReplayStoreError(ValueError):

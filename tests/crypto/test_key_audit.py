@@ -27,7 +27,7 @@ from tests.crypto.conftest import Pinned
 
 # Everything a key record may say: kinds, ids, ciphers and algorithms, counts, outcomes, error class names.
 KEY_DETAILS = {"key", "key_id", "cipher", "algorithm", "purpose", "backend", "outcome", "templates_rewrapped",
-               "phones_rewrapped", "failures", "error"}
+               "phones_rewrapped", "others_rewrapped", "failures", "error"}
 
 
 @pytest.fixture

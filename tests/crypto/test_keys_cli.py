@@ -86,31 +86,39 @@ def test_subcommand_is_required():
         _parse(["keys"])
 
 
-def test_retire_is_refused_while_voice_replay_fingerprints_are_sealed_under_the_key(settings, capsys):
+def test_rotation_rewraps_voice_replay_fingerprints_and_retire_waits_for_any_left(settings, capsys):
     """The replay cache seals each accepted capture's fingerprint under the primary of the day and keeps
-    it voice.replay_retention_s; `keys rotate` re-wraps templates and phone numbers only. Retiring
-    the old key with such fingerprints left made every voice verification of those subjects fail
-    (the key is gone) until they expired."""
+    it voice.replay_retention_s. Rotation re-wrapped templates and phone numbers only, and retire
+    counted only those: retiring the old key made every voice verification of a subject with a
+    retained capture fail (the key gone) until the capture expired."""
     import numpy as np
 
     from services.voice.replay import DatabaseReplayStore, Fingerprint, ReplayCache
+    from tests.crypto.conftest import Pinned
 
     assert _run(settings, ["keys", "init"]) == 0
     keyring = open_keyring(settings)
     first = keyring.primary_key_id()
-    crypto = EnvelopeCrypto(keyring)
     storage = open_storage(settings.storage_dsn)
-    cache = ReplayCache(DatabaseReplayStore(storage, settings.voice.replay_retention_s, 20), crypto.seal, crypto.open,
-                        lambda tenant, subject: f"ps_{subject}")
-    fp = Fingerprint(np.random.default_rng(0).integers(-60, 60, (32, 200)).astype(np.int8))
-    cache.remember("bank-a", "cust-1", fp)
-    assert _run(settings, ["keys", "rotate"]) == 0
-    capsys.readouterr()
+    store = DatabaseReplayStore(storage, settings.voice.replay_retention_s, 20)
 
+    def cache(crypto):
+        return ReplayCache(store, crypto.seal, crypto.open, lambda tenant, subject: f"ps_{subject}")
+
+    fp = Fingerprint(np.random.default_rng(0).integers(-60, 60, (32, 200)).astype(np.int8))
+    cache(EnvelopeCrypto(keyring)).remember("bank-a", "cust-1", fp)
+    assert _run(settings, ["keys", "rotate"]) == 0
+    assert "0 templates, 0 phone numbers and 1 voice replay fingerprint(s)" in capsys.readouterr().out
+    new = open_keyring(settings).primary_key_id()
+    assert store.key_usage() == {new: 1}
+
+    # A capture accepted just before the rotation added the new primary, stored after its last pass.
+    cache(EnvelopeCrypto(Pinned(keyring, first))).remember("bank-a", "cust-2", fp)
     assert _run(settings, ["keys", "retire", first]) == 1
     err = capsys.readouterr().err
     assert f"key {first!r} still seals 1 voice replay fingerprint(s)" in err and "voice.replay_retention_s" in err
-    assert cache.best_match("bank-a", "cust-1", fp) > 0.99  # the voice service still reads them
-    cache.erase("bank-a", "cust-1")
+    assert _run(settings, ["keys", "rewrap"]) == 0
     assert _run(settings, ["keys", "retire", first]) == 0
+    for subject in ("cust-1", "cust-2"):  # the voice service still reads every one
+        assert cache(EnvelopeCrypto(open_keyring(settings))).best_match("bank-a", subject, fp) > 0.99
     storage.close()

@@ -2,7 +2,8 @@
 
 ``rotate`` adds a new primary KEK (running services seal their next record under it: the keyring
 reads the primary from the file or the token on every seal), then re-wraps every template and
-phone envelope still under an older KEK, batch by batch, each record by compare-and-swap on (key
+phone envelope (and those of the sealed tables the caller names: the voice replay fingerprints)
+still under an older KEK, batch by batch, each record by compare-and-swap on (key
 id, envelope bytes): an enrolment or phone change that lands in between wins, and its record is
 simply visited again if it is still under an old key. Old KEKs stay in the keyring for reading
 until ``retire`` removes one, which it refuses while any record still uses it.
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -64,11 +65,25 @@ def key_operation(storage: Storage, what: str) -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True)
+class SealedTable:
+    """Sealed data a service keeps in a table of its own, re-wrapped by rotation like the templates:
+    ``fetch(target, batch, after)`` the next records (each with ``.envelope``) not under ``target``
+    after the cursor (None: from the start), ``cursor(record)``, ``swap(record, envelope)`` a
+    compare-and-swap on the record's envelope."""
+
+    what: str  # singular: "voice replay fingerprint"
+    fetch: Callable[[str, int, Any], list[Any]]
+    cursor: Callable[[Any], Any]
+    swap: Callable[[Any, bytes], bool]
+
+
 @dataclass
 class RewrapReport:
     target_key_id: str
     templates_rewrapped: int = 0
     phones_rewrapped: int = 0
+    others_rewrapped: dict[str, int] = field(default_factory=dict)  # SealedTable.what -> count
     conflicts: int = 0  # compare-and-swap lost to a concurrent write (the record was revisited)
     failures: dict[str, str] = field(default_factory=dict)  # record -> error class; never silent
 
@@ -83,13 +98,14 @@ def rewrap_all(
     target_key_id: str | None = None,
     batch: int = 200,
     audit: KeyAudit | None = None,
+    tables: Sequence[SealedTable] = (),
 ) -> RewrapReport:
     """Re-wrap every envelope not under ``target_key_id`` (default: the primary) to it, holding
     the key-operation lock; ``keys.rewrap`` (the outcome) is audited before the lock is let go."""
     with key_operation(storage, "rotate"):
         target = target_key_id or keyring.primary_key_id()
         try:
-            report = _rewrap_all(storage, keyring, target, batch)
+            report = _rewrap_all(storage, keyring, target, batch, tables)
         except BaseException as exc:
             audit_failure(audit, "keys.rewrap", {"key_id": target, "outcome": "aborted"}, exc)
             raise
@@ -104,11 +120,14 @@ def _outcome(report: RewrapReport) -> dict[str, Any]:
         "outcome": "done" if report.ok else "failures",
         "templates_rewrapped": report.templates_rewrapped,
         "phones_rewrapped": report.phones_rewrapped,
+        **({"others_rewrapped": report.others_rewrapped} if report.others_rewrapped else {}),
         "failures": len(report.failures),
     }
 
 
-def _rewrap_all(storage: Storage, keyring: Keyring, target_key_id: str | None, batch: int) -> RewrapReport:
+def _rewrap_all(
+    storage: Storage, keyring: Keyring, target_key_id: str | None, batch: int, tables: Sequence[SealedTable] = ()
+) -> RewrapReport:
     crypto = EnvelopeCrypto(keyring)
     target = target_key_id or keyring.primary_key_id()
     report = RewrapReport(target)
@@ -129,6 +148,12 @@ def _rewrap_all(storage: Storage, keyring: Keyring, target_key_id: str | None, b
             r.tenant_id, r.subject_id, r.key_id, new, target, expected_envelope=r.envelope
         ),
     )  # fmt: skip
+    for t in tables:
+        report.others_rewrapped[t.what] = _rewrap_table(
+            crypto, target, report, storage.transaction,
+            fetch=lambda after, t=t: t.fetch(target, batch, after), cursor=t.cursor,  # type: ignore[misc]
+            name=lambda r, t=t: f"{t.what} {t.cursor(r)}", swap=t.swap,  # type: ignore[misc]
+        )  # fmt: skip
     log.info(
         "re-wrapped %d templates and %d phone numbers to %s (%d conflicts, %d failures)",
         report.templates_rewrapped, report.phones_rewrapped, target, report.conflicts, len(report.failures),
@@ -184,6 +209,7 @@ def rotate(
     cipher: str | None = None,
     batch: int = 200,
     audit: KeyAudit | None = None,
+    tables: Sequence[SealedTable] = (),
 ) -> RewrapReport:
     """Add a new primary KEK and move every envelope to it, holding the key-operation lock
     throughout; the audit records (:func:`.provision.add_kek`'s, then ``keys.rotate`` with the outcome) are
@@ -192,7 +218,7 @@ def rotate(
         new = add_kek(audit, "rotate", cipher, lambda key_id: keyring.add_key(cipher, key_id=key_id))
         log.info("new primary key %s (%s)", new.key_id, new.cipher)
         try:
-            report = _rewrap_all(storage, keyring, new.key_id, batch)
+            report = _rewrap_all(storage, keyring, new.key_id, batch, tables)
         except BaseException as exc:
             audit_failure(audit, "keys.rotate", {"key_id": new.key_id, "outcome": "aborted"}, exc)
             raise
@@ -245,8 +271,8 @@ def retire(
             for what, (counts, kept) in (kept_elsewhere() if kept_elsewhere else {}).items():
                 if counts.get(key_id):
                     raise KeyInUseError(
-                        f"key {key_id!r} still seals {counts[key_id]} {what}(s), kept {kept} and never "
-                        "re-wrapped: retire it once they have expired"
+                        f"key {key_id!r} still seals {counts[key_id]} {what}(s), kept {kept} and not "
+                        "re-wrapped since: run `biogate keys rewrap`, or retire it once they have expired"
                     )
             if audit is not None:
                 audit(info)

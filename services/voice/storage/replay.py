@@ -4,9 +4,15 @@ pseudonymised subject, kept for a retention window and capped per subject."""
 from __future__ import annotations
 
 from collections import Counter
+from typing import NamedTuple
 
 from services.common.crypto import TemplateDecryptionError, envelope_key_id
 from services.common.storage.db import Database
+
+
+class SealedRow(NamedTuple):
+    id: int
+    envelope: bytes  # the sealed fingerprint
 
 
 class SqlReplayRepository:
@@ -43,14 +49,37 @@ class SqlReplayRepository:
         counts: Counter[str] = Counter()
         with self._db.read() as s:
             for (record,) in s.all("SELECT record FROM voice_replay WHERE accepted_at >= ?", (since,)):
-                try:
-                    counts[envelope_key_id(bytes(record))] += 1
-                except TemplateDecryptionError:
-                    counts[""] += 1
+                counts[_key_id(bytes(record))] += 1
         return counts
+
+    def iter_for_rewrap(self, exclude_key_id: str, batch: int, after_id: int | None) -> list[SealedRow]:
+        """The next rows in id order after ``after_id`` whose envelope is not under
+        ``exclude_key_id`` (the key id is in each envelope's header, not in a column)."""
+        after = after_id or 0
+        while True:
+            with self._db.read() as s:
+                rows = [SealedRow(int(i), bytes(r)) for i, r in s.all(
+                    "SELECT id, record FROM voice_replay WHERE id > ? ORDER BY id LIMIT ?", (after, batch))]
+            todo = [row for row in rows if _key_id(row.envelope) != exclude_key_id]
+            if todo or len(rows) < batch:
+                return todo
+            after = rows[-1].id
+
+    def replace_record(self, row: SealedRow, record: bytes) -> bool:
+        """Compare-and-swap: the record of ``row`` replaced if it is still the one read."""
+        with self._db.transaction() as s:
+            return s.count("UPDATE voice_replay SET record = ? WHERE id = ? AND record = ?",
+                           (record, row.id, row.envelope)) == 1
 
     def erase(self, tenant_id: str, subject_key: str) -> int:
         with self._db.transaction() as s:
             return s.count(
                 "DELETE FROM voice_replay WHERE tenant_id = ? AND subject_key = ?", (tenant_id, subject_key)
             )
+
+
+def _key_id(record: bytes) -> str:
+    try:
+        return envelope_key_id(record)
+    except TemplateDecryptionError:
+        return ""
