@@ -144,6 +144,18 @@ def test_wrong_key_material_under_the_same_id(crypto, keyring, binding, cipher):
     assert envelope_key_id(env) in str(err)
 
 
+def test_key_id_pointed_at_another_key_of_the_keyring_is_tampering(crypto, keyring, binding):
+    """Not a wrong backup of the key (WrongKeyError sends the operator to their key material): the
+    envelope's own fingerprint names the keyring key that sealed it."""
+    env = crypto.encrypt_template(binding, TEMPLATE)
+    sealed_under = envelope_key_id(env)
+    other = keyring.add_key().key_id
+    assert len(other) == len(sealed_under)
+    swapped = env.replace(sealed_under.encode(), other.encode())
+    err = _raises_exactly(TamperedEnvelopeError, crypto.decrypt_template, binding, swapped)
+    assert "key id was altered" in str(err) and sealed_under in str(err)
+
+
 def test_errors_share_one_base():
     for cls in (UnknownKeyError, WrongKeyError, TamperedEnvelopeError, BindingMismatchError):
         assert issubclass(cls, TemplateDecryptionError)

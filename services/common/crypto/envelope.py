@@ -217,6 +217,12 @@ class EnvelopeCrypto:
             if same_material:
                 # The keyring's key is the one that sealed this: the header must have changed.
                 raise TamperedEnvelopeError("the envelope header or wrapped data key was altered") from None
+            sealer = self._key_with_fingerprint(p.fingerprint)
+            if sealer is not None:
+                raise TamperedEnvelopeError(
+                    f"the envelope's key id was altered: it names {p.key_id!r}, its fingerprint is that of "
+                    f"{sealer!r}"
+                ) from None
             raise WrongKeyError(
                 f"the keyring's key {p.key_id!r} is not the key this envelope was sealed with "
                 "(different key material under the same id)"
@@ -224,6 +230,13 @@ class EnvelopeCrypto:
         if info.fingerprint and not same_material:
             raise TamperedEnvelopeError("the envelope's key fingerprint was altered")
         return data_key
+
+    def _key_with_fingerprint(self, fp: bytes) -> str | None:
+        """The id of the keyring's key whose check value ``fp`` is (failures only: it lists the keys)."""
+        if not fp.strip(b"\0"):
+            return None  # written by a keyring that knows no check values
+        return next((k.key_id for k in self.keyring.keys() if k.fingerprint and hmac.compare_digest(k.fingerprint, fp)),
+                    None)
 
     # -- templates ----------------------------------------------------------------------------
 
