@@ -243,9 +243,10 @@ def retire(
     """Remove a KEK from the keyring; refuses while any record is still wrapped under it, and while
     another key operation (a rotation) runs.
 
-    ``kept_elsewhere``: sealed data a service keeps for a limited time and no rotation re-wraps
-    (voice replay fingerprints): {what: (count per key id, how long it is kept)}. Retiring the key
-    under which some still are would make the service fail on them until they expire.
+    ``kept_elsewhere``: sealed data a service keeps for a limited time outside templates and phones
+    (voice replay fingerprints; one stored after a rotation's last pass is still under the old key):
+    {what: (count per key id, how long it is kept)}. Retiring the key under which some still are
+    would make the service fail on them until they expire.
 
     The count, ``audit(info)`` (the audit record) and the removal are one transaction: a removal
     that fails rolls the audit record back, and on SQLite no enrolment commits between the count
