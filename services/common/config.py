@@ -146,7 +146,8 @@ class ServerConfig(Section):
 
 class Terminal(Section):
     """A registered terminal (a bank's kiosk, the IVR platform): the MFA trusts its captures as the
-    channel's on sessions of that channel only (capture binding kind "terminal")."""
+    channel's on sessions of that channel only (capture binding kind "terminal"). Whatever its roles,
+    it may call only the RPCs marked (biogate.v1.terminal), on sessions of its own channel."""
 
     channel: Literal["kiosk", "ivr"]
 
