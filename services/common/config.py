@@ -185,6 +185,13 @@ class Principal(Section):
             raise ValueError(f"tenants {bad!r}: a tenant id as the requests send it, or \"*\" for every tenant")
         return value
 
+    @model_validator(mode="after")
+    def _terminal_tenants(self) -> Principal:
+        if self.terminal is not None and "*" in self.tenants:
+            raise ValueError(f"principal '{self.name}' is a registered terminal: name the tenants (banks) it "
+                             "serves in its tenants, not every tenant (\"*\", the default)")
+        return self
+
     @field_validator("token_sha256")
     @classmethod
     def _digest(cls, value: str | None) -> str | None:

@@ -82,3 +82,14 @@ def test_a_token_digest_in_upper_case_is_the_same_digest(tmp_path):
     settings = load_config(None, data_dir=str(tmp_path),
                            auth={"principals": [_principal(token_sha256="AB" * 32)], "dev_credentials": False})
     assert settings.auth.principals[0].token_sha256 == "ab" * 32
+
+
+def test_a_terminal_names_the_tenants_it_serves(tmp_path):
+    # a kiosk's certificate lifted from one bank's branch must not act for every bank the deployment serves
+    for tenants in ({}, {"tenants": ["*"]}, {"tenants": ["bank-a", "*"]}):
+        with pytest.raises(ValidationError, match="terminal"):
+            load_config(None, data_dir=str(tmp_path), auth={"principals": [
+                _principal(terminal={"channel": "kiosk"}, **tenants)], "dev_credentials": False})
+    settings = load_config(None, data_dir=str(tmp_path), auth={"principals": [
+        _principal(terminal={"channel": "kiosk"}, tenants=["bank-a"])], "dev_credentials": False})
+    assert settings.auth.principals[0].tenants == ["bank-a"]

@@ -347,7 +347,7 @@ def test_a_registered_terminal_binds_captures_of_its_own_channel_only(tmp_path):
     (tmp_path / "pol").mkdir()
     principals = [
         {"name": "kiosk-7", "roles": ["orchestrator"], "token_sha256": token_sha256("tok-kiosk"),
-         "terminal": {"channel": "kiosk"}},
+         "tenants": ["bank-k"], "terminal": {"channel": "kiosk"}},
         {"name": "bank-backend", "roles": ["orchestrator", "enroller", "admin"], "token_sha256": token_sha256("tok-bank")}]
     settings = make_settings(tmp_path / "data", auth={"principals": principals, "dev_credentials": False},
                              mfa={"policy_dir": str(tmp_path / "pol")},
