@@ -1,4 +1,4 @@
-"""The one server interceptor: request id, authentication, role and tenant authorisation,
+"""The one server interceptor: request id, authentication, role, terminal and tenant authorisation,
 admission control of model work, error mapping, metrics and the access log, in that order, for
 every RPC but health checks."""
 
