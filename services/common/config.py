@@ -13,6 +13,7 @@ development credentials; a deployment overrides storage, keys and auth.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from services.common.validation import plain_identifier
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 
 Role = Literal["enroller", "verifier", "orchestrator", "admin", "auditor"]
 ServiceName = Literal["face", "voice", "mfa"]
@@ -146,7 +150,8 @@ class ServerConfig(Section):
 
 class Terminal(Section):
     """A registered terminal (a bank's kiosk, the IVR platform): the MFA trusts its captures as the
-    channel's on sessions of that channel only (capture binding kind "terminal")."""
+    channel's on sessions of that channel only (capture binding kind "terminal"). Whatever its roles,
+    it may call only the RPCs marked (biogate.v1.terminal), on sessions of its own channel."""
 
     channel: Literal["kiosk", "ivr"]
 
@@ -163,12 +168,59 @@ class Principal(Section):
     cert_subject: str | None = None
     terminal: Terminal | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # the actor of every audit record its calls write: the audit refuses personal data there
+        if not plain_identifier(value):
+            raise ValueError("a principal's name is 1-128 letters, digits and . _ : @ - (no spaces or control "
+                             "characters), and no e-mail address or phone number: the audit records it")
+        return value
+
+    @field_validator("tenants")
+    @classmethod
+    def _plain_tenants(cls, value: list[str]) -> list[str]:
+        bad = [t for t in value if t != "*" and not plain_identifier(t)]
+        if bad:
+            raise ValueError(f"tenants {bad!r}: a tenant id as the requests send it, or \"*\" for every tenant")
+        return value
+
+    @model_validator(mode="after")
+    def _terminal_tenants(self) -> Principal:
+        if self.terminal is not None and "*" in self.tenants:
+            raise ValueError(f"principal '{self.name}' is a registered terminal: name the tenants (banks) it "
+                             "serves in its tenants, not every tenant (\"*\", the default)")
+        return self
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256_HEX.match(value):
+            raise ValueError("token_sha256 is the SHA-256 of the token, 64 hex digits (never the token itself)")
+        return value.lower() if value is not None else None
+
 
 class AuthConfig(Section):
     principals: list[Principal] = []
     # With no principals configured, write development tokens (one per role) to
     # <data_dir>/dev-credentials.json and accept them. Turn off in production.
     dev_credentials: bool = True
+
+    @model_validator(mode="after")
+    def _one_principal_each(self) -> AuthConfig:
+        """A name, token or certificate of two principals: the audit could not tell them apart, or
+        the one read last would silently take the other's calls."""
+        for what, key in (("name", lambda p: p.name), ("token", lambda p: p.token_sha256),
+                          ("certificate", lambda p: p.cert_subject)):
+            seen: dict[str, str] = {}
+            for p in self.principals:
+                value = key(p)
+                if value is not None and value in seen:
+                    raise ValueError(f"principals '{seen[value]}' and '{p.name}' have the same {what}: each "
+                                     "caller needs its own")
+                if value is not None:
+                    seen[value] = p.name
+        return self
 
 
 class StorageConfig(Section):

@@ -30,6 +30,11 @@ def _personal(field: str, what: str) -> errors.ServiceError:
         PERSONAL, [(field, "looks like personal data")])
 
 
+def plain_identifier(value: str) -> bool:
+    """Whether ``value`` passes :func:`identifier` (for checks outside an RPC: the configuration)."""
+    return bool(_ID.match(value)) and not is_personal_data(value)
+
+
 def identifier(value: str, field: str) -> str:
     if not value:
         raise errors.ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is required", "INVALID_ARGUMENT",

@@ -4,7 +4,8 @@ Codes are at least 6 random digits from :mod:`secrets`, valid at most 10 minutes
 a bounded number of attempts. They are stored only as an HMAC keyed with a server key (a leaked
 table does not give the codes: 10^6 candidates are nothing to a plain hash). A new code replaces
 the session's previous one. Sending is limited by a resend cool-down per session and by fixed
-windows per phone number (keyed hash of the number) and per subject (the caller enforces the
+windows per phone number within the tenant (keyed hash of tenant and number: each bank's policy
+limits its own sends, and one bank cannot spend another's budget for a number) and per subject (the caller enforces the
 per-session resend cool-down on the session's own record, which is exact, unlike a window). The phone number is
 decrypted only to hand the message to the gateway.
 """
@@ -56,8 +57,8 @@ class OtpService:
     def code_hash(self, session_id: str, code: str) -> str:
         return keyed_hash(self._code_key, session_id, code)
 
-    def _phone_rate_key(self, phone: str) -> str:
-        return f"mfa:otp:phone:{keyed_hash(self._phone_key, phone)}"
+    def _phone_rate_key(self, tenant: str, phone: str) -> str:
+        return f"mfa:otp:phone:{keyed_hash(self._phone_key, tenant, phone)}"
 
     def _subject_rate_key(self, tenant: str, subject: str) -> str:
         return f"mfa:otp:subject:{self.rt.pseudonymize(tenant, subject)}"
@@ -67,7 +68,7 @@ class OtpService:
         keys = [self._subject_rate_key(tenant, subject)]
         stored = self.rt.storage.subjects.get_phone(tenant, subject)
         if stored is not None:
-            keys.append(self._phone_rate_key(self.rt.crypto.decrypt_contact(tenant, subject, stored[0])))
+            keys.append(self._phone_rate_key(tenant, self.rt.crypto.decrypt_contact(tenant, subject, stored[0])))
         return keys
 
     def send(self, cfg: OtpFactor, tenant: str, subject: str, session_id: str, now: datetime) -> Sent:
@@ -77,7 +78,7 @@ class OtpService:
         phone = self.rt.crypto.decrypt_contact(tenant, subject, stored[0])
         rl = self.rt.storage.rate_limits
         for key, window, what in (
-            (self._phone_rate_key(phone), cfg.per_phone, "this phone number"),
+            (self._phone_rate_key(tenant, phone), cfg.per_phone, "this phone number"),
             (self._subject_rate_key(tenant, subject), cfg.per_subject, "this subject"),
         ):
             ok, _ = rl.hit(key, window.window_s, window.limit, now)

@@ -36,7 +36,7 @@ from .registry import DeviceRegistry
 from .render import factor_result, factor_sets
 from .reviews import ReviewQueue
 from .risk import Place, RiskEngine, RiskSignals
-from .sessions import Session, Sessions
+from .sessions import Session, Sessions, terminal_may_serve
 from .push import PushGateway, open_push_gateway
 from .push.flow import PushConfirmations
 from .signals import apply_cooling_off, recent_changes
@@ -141,6 +141,7 @@ class Orchestrator:
         tenant, subject = subject_ref(req.subject)
         policy = self.policies.get(tenant)
         channel = requests.channel(req.channel)
+        terminal_may_serve(channel)
         action = requests.action(req.action, list(policy.actions))
         rule = policy.actions[action]
         amount = requests.amount(req, needs=bool(rule.amount_bands))

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import grpc
 
-from services.common import errors
+from services.common import context, errors
 from services.common.storage import ConcurrentUpdateError, NotFoundError
 
 from .state import SessionState
@@ -36,6 +36,17 @@ class Session:
     def of(cls, rec: AuthSessionRecord) -> Session:
         return cls(rec.id, rec.tenant_id, rec.subject_id, rec.expires_at, rec.version,
                    SessionState.from_json(dict(rec.state)))
+
+
+def terminal_may_serve(channel: str, callback_channel: str | None = None) -> None:
+    """Refuses a registered terminal a session of another channel than its own (the IVR platform
+    may also serve a session it calls the customer back for); any other caller passes."""
+    caller = context.principal.get()
+    if caller is not None and caller.terminal_channel is not None and caller.terminal_channel not in (
+            channel, callback_channel):
+        raise errors.permission_denied(
+            f"the caller is a registered {caller.terminal_channel} terminal, not one of the {channel} channel: "
+            "a terminal runs sessions of its own channel only", "TERMINAL_NOT_REGISTERED")
 
 
 class Sessions:
@@ -63,6 +74,7 @@ class Sessions:
         found = self.get(session_id)
         if found is None:
             raise errors.not_found("no such authentication session", "SESSION_NOT_FOUND")
+        terminal_may_serve(found.state.channel, found.state.callback_channel)
         if found.expires_at <= now:
             raise errors.failed_precondition("the authentication session expired; start a new one", "SESSION_EXPIRED")
         return found

@@ -23,7 +23,7 @@ BANK_TOKEN, IVR_TOKEN = "tok-bank-backend", "tok-ivr-platform"
 PRINCIPALS = [
     {"name": "bank-backend", "roles": list(ROLES), "token_sha256": token_sha256(BANK_TOKEN)},
     {"name": "ivr-platform", "roles": ["orchestrator"], "token_sha256": token_sha256(IVR_TOKEN),
-     "terminal": {"channel": "ivr"}},
+     "tenants": [TENANT], "terminal": {"channel": "ivr"}},
 ]
 # The customer whose face the attacks use: enrolled from photo 1, photo 2 is the customer's own
 # selfie, photo 3 is the one an attacker finds online.

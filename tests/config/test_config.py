@@ -47,3 +47,49 @@ def test_mistakes_in_the_file_are_refused(tmp_path, text):
     cfg.write_text(text)
     with pytest.raises((ValidationError, ValueError)):
         load_config(cfg)
+
+
+def _principal(**fields):
+    return {"name": "core-banking", "roles": ["orchestrator"], "token_sha256": "ab" * 32, **fields}
+
+
+@pytest.mark.parametrize("principal,field", [
+    # written verbatim into every audit record it makes: a second line, forged
+    (_principal(name="kiosk-7\n2026-01-01 INFO actor=security-operations"), "name"),
+    # the audit refuses it as personal data: every write of this caller failed INTERNAL
+    (_principal(name="ops@bank-a.example"), "name"),
+    (_principal(name=""), "name"),
+    (_principal(token_sha256="the-token-itself"), "token_sha256"),  # never matched any token
+    (_principal(tenants=["bank-a "]), "tenants"),
+], ids=["control characters", "e-mail", "empty", "token not a digest", "tenant with a space"])
+def test_a_principal_that_could_never_authenticate_or_be_audited_is_refused_at_load(tmp_path, principal, field):
+    with pytest.raises(ValidationError, match=field):
+        load_config(None, data_dir=str(tmp_path), auth={"principals": [principal], "dev_credentials": False})
+
+
+@pytest.mark.parametrize("second,what", [
+    (_principal(token_sha256="cd" * 32), "name"),  # one name, two callers: the audit cannot tell them apart
+    (_principal(name="other", roles=["admin"]), "token"),  # one token, two principals: the last silently won
+    (_principal(name="other", token_sha256=None, cert_subject="spiffe://bank/x"), "certificate"),
+], ids=["name", "token", "certificate"])
+def test_two_principals_sharing_a_name_token_or_certificate_are_refused(tmp_path, second, what):
+    first = _principal(cert_subject="spiffe://bank/x")
+    with pytest.raises(ValidationError, match=f"same {what}"):
+        load_config(None, data_dir=str(tmp_path), auth={"principals": [first, second], "dev_credentials": False})
+
+
+def test_a_token_digest_in_upper_case_is_the_same_digest(tmp_path):
+    settings = load_config(None, data_dir=str(tmp_path),
+                           auth={"principals": [_principal(token_sha256="AB" * 32)], "dev_credentials": False})
+    assert settings.auth.principals[0].token_sha256 == "ab" * 32
+
+
+def test_a_terminal_names_the_tenants_it_serves(tmp_path):
+    # a kiosk's certificate lifted from one bank's branch must not act for every bank the deployment serves
+    for tenants in ({}, {"tenants": ["*"]}, {"tenants": ["bank-a", "*"]}):
+        with pytest.raises(ValidationError, match="terminal"):
+            load_config(None, data_dir=str(tmp_path), auth={"principals": [
+                _principal(terminal={"channel": "kiosk"}, **tenants)], "dev_credentials": False})
+    settings = load_config(None, data_dir=str(tmp_path), auth={"principals": [
+        _principal(terminal={"channel": "kiosk"}, tenants=["bank-a"])], "dev_credentials": False})
+    assert settings.auth.principals[0].tenants == ["bank-a"]

@@ -347,7 +347,7 @@ def test_a_registered_terminal_binds_captures_of_its_own_channel_only(tmp_path):
     (tmp_path / "pol").mkdir()
     principals = [
         {"name": "kiosk-7", "roles": ["orchestrator"], "token_sha256": token_sha256("tok-kiosk"),
-         "terminal": {"channel": "kiosk"}},
+         "tenants": ["bank-k"], "terminal": {"channel": "kiosk"}},
         {"name": "bank-backend", "roles": ["orchestrator", "enroller", "admin"], "token_sha256": token_sha256("tok-bank")}]
     settings = make_settings(tmp_path / "data", auth={"principals": principals, "dev_credentials": False},
                              mfa={"policy_dir": str(tmp_path / "pol")},
@@ -371,7 +371,7 @@ def test_a_registered_terminal_binds_captures_of_its_own_channel_only(tmp_path):
             assert details_of(err.value)["reason"] == "TERMINAL_NOT_REGISTERED"
             app = App()
             req = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device)
-            on_app = kiosk.StartAuthentication(req)
+            on_app = bank.StartAuthentication(req)
             with pytest.raises(grpc.RpcError) as err:  # a kiosk's word counts on kiosk sessions only
                 kiosk.SubmitFactor(F.SubmitFactorRequest(session_id=on_app.session_id, face=face))
             assert details_of(err.value)["reason"] == "TERMINAL_NOT_REGISTERED"

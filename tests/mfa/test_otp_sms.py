@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from services.common.api.v1 import common_pb2, mfa_pb2
-from services.common.errors import ServiceError
+from services.common.errors import ServiceError, details_of
 from services.mfa import subjects
 from services.mfa.otp import new_code
 from services.mfa.sms import HttpSmsGateway, SmsError
@@ -247,3 +247,49 @@ def test_a_failed_send_is_unavailable_and_its_code_is_void(tmp_path, clock, fake
     finally:
         orch.close()
         rt.close()
+
+
+def test_one_bank_cannot_spend_another_banks_otp_budget_for_a_phone_number(tmp_path, clock):
+    """A caller of bank A registers bank B's customer's phone number on a subject of its own and
+    sends codes to it until the per-phone window is full: bank B's customer must still get a code
+    (and an erasure at bank A must not reset bank B's count)."""
+    from services.common.client import connect
+    from services.common.api.v1 import mfa_pb2_grpc
+    from services.common.server.auth import token_sha256
+    from services.common.server.bootstrap import RunningServer
+    from services.mfa.server import definition
+    from services.serve import prepare
+    from tests.conftest import make_settings
+    from tests.mfa.conftest import DEAD, OTP_POLICY, setup_subject
+
+    (tmp_path / "pol").mkdir()
+    for tenant in ("bank-a", "bank-b"):
+        (tmp_path / "pol" / f"{tenant}.yaml").write_text(OTP_POLICY)
+    principals = [{"name": f"{t}-app", "roles": ["orchestrator", "enroller"], "tenants": [t],
+                   "token_sha256": token_sha256(f"tok-{t}")} for t in ("bank-a", "bank-b")]
+    settings = make_settings(tmp_path / "data", auth={"principals": principals, "dev_credentials": False},
+                             mfa={"policy_dir": str(tmp_path / "pol"), "policy_check_s": 0},
+                             clients={"face": {"target": DEAD, "retries": 0}, "voice": {"target": DEAD, "retries": 0}})
+    prepare(settings)
+    clock.room_in_window(3600, 60)  # the per-phone limit (5) counts in hour-aligned windows; the clock stands still
+    running = RunningServer(settings, definition(settings, clock=clock), port=0).start()
+    try:
+        assert running.ready.wait(30)
+        with connect(running.address, "tok-bank-a") as ach, connect(running.address, "tok-bank-b") as bch:
+            a, b = mfa_pb2_grpc.MfaServiceStub(ach), mfa_pb2_grpc.MfaServiceStub(bch)
+
+            def send(stub, ref):
+                s = stub.StartAuthentication(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP,
+                                                                          action="login", device=App().device))
+                return stub.SendOtp(F.SendOtpRequest(session_id=s.session_id))
+
+            victim = setup_subject(b, common_pb2.SubjectRef(tenant_id="bank-b", subject_id="cust-victim"), PHONE)
+            decoy = setup_subject(a, common_pb2.SubjectRef(tenant_id="bank-a", subject_id="decoy-1"), PHONE)
+            for _ in range(5):
+                send(a, decoy)
+            with pytest.raises(grpc.RpcError) as err:  # bank A's own budget for the number is spent
+                send(a, decoy)
+            assert details_of(err.value)["reason"] == "OTP_RATE_LIMITED"
+            assert send(b, victim).masked_phone  # bank B's is not
+    finally:
+        running.stop(0)

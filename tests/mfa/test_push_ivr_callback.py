@@ -43,7 +43,7 @@ def env(tmp_path_factory):
     (root / "pol" / "cb-bank.yaml").write_text(POLICY)
     principals = [
         {"name": "ivr-platform", "roles": ["orchestrator"], "token_sha256": token_sha256("tok-ivr"),
-         "terminal": {"channel": "ivr"}},
+         "tenants": ["cb-bank"], "terminal": {"channel": "ivr"}},
         {"name": "bank-backend", "roles": ["orchestrator", "enroller", "admin"], "token_sha256": token_sha256("tok-bank")}]
     settings = make_settings(root / "data", auth={"principals": principals, "dev_credentials": False},
                              mfa={"policy_dir": str(root / "pol"), "policy_check_s": 0},

@@ -29,7 +29,7 @@ def services(tmp_path_factory):  # (named so that tests/conftest.py marks the mo
     principals = [
         {"name": "bank-backend", "roles": list(ROLES), "token_sha256": token_sha256(BANK_TOKEN)},
         {"name": "ivr-platform", "roles": ["orchestrator"], "token_sha256": token_sha256(IVR_TOKEN),
-         "terminal": {"channel": "ivr"}}]
+         "tenants": ["bank-callback"], "terminal": {"channel": "ivr"}}]
     with running_services(tmp_path_factory.mktemp("ivr-callback"), principals, BANK_TOKEN) as (bio, mfa):
         w = World(bio, mfa, "bank-callback", ivr_token=IVR_TOKEN)
         yield w

@@ -24,7 +24,7 @@ BANK_TOKEN, KIOSK_TOKEN, KIOSK_KEY = "tok-bank-backend", "tok-kiosk-7", "kiosk-7
 PRINCIPALS = [
     {"name": "bank-backend", "roles": list(ROLES), "token_sha256": token_sha256(BANK_TOKEN)},
     {"name": "kiosk-7", "roles": ["orchestrator"], "token_sha256": token_sha256(KIOSK_TOKEN),
-     "terminal": {"channel": "kiosk"}},
+     "tenants": [TENANT], "terminal": {"channel": "kiosk"}},
 ]
 AUTH = {"principals": PRINCIPALS, "dev_credentials": False}
 DEAD = "127.0.0.1:9"

@@ -28,7 +28,7 @@ from services.common.server.auth import Authenticator
 from services.common.server.memory import IdleTrimmer
 from services.common.server.admission import AdmissionQueue
 from services.common.server.interceptor import (ServerInterceptor, TenantLookup, model_work_methods, roles_by_method,
-                                                tenants_by_method)
+                                                tenants_by_method, terminal_methods)
 from services.common.server.streams import StreamLimits
 from services.common.server.workers import Worker
 
@@ -73,6 +73,7 @@ class RunningServer:
                            cfg.admission.max_queue,
                            alpha=cfg.admission.ewma_alpha) if cfg.admission.enabled else None,
             worker=worker.label if worker is not None else None,
+            terminal=terminal_methods(definition.descriptors),
         )
         queue = self.interceptor.admission
         self.trimmer = IdleTrimmer(queue, cfg.admission.trim_memory_idle_s) if queue is not None else None

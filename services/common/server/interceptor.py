@@ -1,4 +1,4 @@
-"""The one server interceptor: request id, authentication, role and tenant authorisation,
+"""The one server interceptor: request id, authentication, role, terminal and tenant authorisation,
 admission control of model work, error mapping, metrics and the access log, in that order, for
 every RPC but health checks."""
 
@@ -42,10 +42,19 @@ def roles_by_method(services: Iterable[ServiceDescriptor]) -> dict[str, frozense
     return table
 
 
+def _flagged(services: Iterable[ServiceDescriptor], option: Any) -> frozenset[str]:
+    return frozenset(f"/{service.full_name}/{method.name}" for service in services for method in service.methods
+                     if method.GetOptions().Extensions[option])
+
+
 def model_work_methods(services: Iterable[ServiceDescriptor]) -> frozenset[str]:
     """The methods whose `model_work` option is set: those admitted through the admission queue."""
-    return frozenset(f"/{service.full_name}/{method.name}" for service in services for method in service.methods
-                     if method.GetOptions().Extensions[common_pb2.model_work])  # type: ignore[index]
+    return _flagged(services, common_pb2.model_work)
+
+
+def terminal_methods(services: Iterable[ServiceDescriptor]) -> frozenset[str]:
+    """The methods whose `terminal` option is set: the only ones a registered terminal may call."""
+    return _flagged(services, common_pb2.terminal)
 
 
 TenantLookup = Callable[[str], "str | None"]  # an object's id -> its tenant; None: no such object
@@ -110,6 +119,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
         model_work: frozenset[str] = frozenset(),
         admission: AdmissionQueue | None = None,
         worker: str | None = None,  # the answering process, sent as x-biogate-worker when several serve
+        terminal: frozenset[str] = frozenset(),  # the methods open to a registered terminal
     ) -> None:
         self.service = service
         self.worker = worker
@@ -121,6 +131,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
         self.streams = streams
         self.model_work = model_work
         self.admission = admission
+        self.terminal = terminal
         self._readers = ThreadPoolExecutor(max_workers=stream_readers, thread_name_prefix=f"{service}-stream-read")
         missing = sorted({r.lookup for r in self.tenants.values() if r.lookup} - self.lookups.keys())
         if missing:
@@ -216,6 +227,10 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 f"caller '{principal.name}' lacks a role for {method}; allowed roles: {', '.join(sorted(allowed))}",
                 reason="ROLE_NOT_ALLOWED",
             )
+        if principal.terminal_channel is not None and method not in self.terminal:
+            raise errors.permission_denied(
+                f"caller '{principal.name}' is a registered {principal.terminal_channel} terminal, which runs "
+                f"its channel's sessions only; {method} is for the bank's own systems", reason="TERMINAL_NOT_ALLOWED")
         return principal
 
 

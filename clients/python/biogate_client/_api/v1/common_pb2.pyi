@@ -65,6 +65,8 @@ TENANT_FIELD_NUMBER: _ClassVar[int]
 tenant: _descriptor.FieldDescriptor
 MODEL_WORK_FIELD_NUMBER: _ClassVar[int]
 model_work: _descriptor.FieldDescriptor
+TERMINAL_FIELD_NUMBER: _ClassVar[int]
+terminal: _descriptor.FieldDescriptor
 
 class TenantSource(_message.Message):
     __slots__ = ("field", "lookup", "none")
