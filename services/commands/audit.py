@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.common.audit.anchor import DirectoryStore, anchor, anchored
+from services.common.audit.log import previous_audit_keys
 from services.common.audit.signing import load_public_key, public_key_pem
 from services.common.audit.verify import verify
 from services.common.crypto.backend import open_audit_signer
@@ -67,14 +68,17 @@ def _read_checkpoints(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def _public_key(settings: Settings, args: argparse.Namespace) -> PublicKey | None:
+def _public_key(settings: Settings, args: argparse.Namespace) -> list[PublicKey] | None:
+    """The audit key (``--public-key``, or the configured one) and ``audit.previous_public_keys``."""
     key_file = getattr(args, "public_key", None)
     if key_file is not None:
-        return load_public_key(Path(key_file).read_bytes())
-    if settings.keys.backend == "pkcs11" or settings.audit_signing_key_file.exists():
-        return open_audit_signer(settings, create=False).public_key
-    print(f"no public key: pass --public-key or provide {settings.audit_signing_key_file}", file=sys.stderr)
-    return None
+        key = load_public_key(Path(key_file).read_bytes())
+    elif settings.keys.backend == "pkcs11" or settings.audit_signing_key_file.exists():
+        key = open_audit_signer(settings, create=False).public_key
+    else:
+        print(f"no public key: pass --public-key or provide {settings.audit_signing_key_file}", file=sys.stderr)
+        return None
+    return [key, *previous_audit_keys(settings)]
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from services.common.audit import AuditDataError, AuditIntegrityError, AuditSigner, verify
+from services.common.audit import AuditDataError, AuditIntegrityError, AuditLog, AuditSigner, verify
 from services.common.audit.chain import record_hash
 
 N = 12  # checkpoints at 5 and 10, head at 12
@@ -342,3 +342,31 @@ def test_records_appended_while_verifying_are_no_tampering(fill, storage, signer
     assert report.ok, report.render()
     assert report.head_seq in (N, N + 3) and report.records_checked == report.head_seq
     assert _verify(storage, signer, checkpoint_every=5).ok
+
+
+def test_a_changed_audit_key_chains_on_only_once_the_earlier_public_key_is_listed(
+        fill, storage, signer, pseudonymizer, tmp_path):
+    """A lost key file or a move to the token changes the audit key: the new key must not sign a head
+    over a trail it cannot vouch for, until the operator lists the earlier key's public half (whose
+    signatures then check the old head), and verify needs both keys afterwards."""
+    fill(AuditLog(storage.audit, signer, pseudonymizer, checkpoint_every=5), N)
+    new = AuditSigner.load_or_create(tmp_path / "new" / "audit-ed25519.pem")
+    _append_is_refused(storage, AuditLog(storage.audit, new, pseudonymizer, checkpoint_every=5),
+                       "nor one of audit.previous_public_keys")
+    handed_over = AuditLog(storage.audit, new, pseudonymizer, checkpoint_every=5, previous_keys=[signer.public_key])
+    fill(handed_over, 3)
+    assert storage.audit.head().key_id == new.key_id
+    report = verify(storage.audit, [new.public_key, signer.public_key], checkpoint_every=5)
+    assert report.ok and report.head_seq == N + 3, report.render()
+    assert "signed with unknown key" in _problems_text(verify(storage.audit, new.public_key))
+
+
+def test_an_unreadable_previous_audit_key_names_the_setting(tmp_path):
+    from services.common.audit.log import previous_audit_keys
+    from services.common.config import CommonSettings
+
+    bad = tmp_path / "old.pem"
+    bad.write_text("not a key")
+    settings = CommonSettings(data_dir=tmp_path, audit={"previous_public_keys": [bad]})
+    with pytest.raises(ValueError, match="audit.previous_public_keys: .*old.pem"):
+        previous_audit_keys(settings)

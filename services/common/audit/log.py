@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from services.common.crypto.signing import PublicKey, load_public_key, verify_signature
 from services.common.privacy import Pseudonymizer
 from services.common.storage.interfaces import AuditAppend, AuditCheckpoint, AuditHead, AuditRow
 
-from services.common.crypto.signing import verify_signature
-
 from .chain import checkpoint_message, head_message, record_hash
 from .guard import AuditDataError, check_details, check_text
+from .signing import key_map
 
 if TYPE_CHECKING:
     from services.common.config import CommonSettings
@@ -37,6 +37,7 @@ class AuditLog:
         signer: Signer,
         pseudonymizer: Pseudonymizer | None,
         checkpoint_every: int = 100,
+        previous_keys: Iterable[PublicKey] = (),
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
@@ -44,6 +45,8 @@ class AuditLog:
         self._signer = signer
         self._pseudonymize = pseudonymizer
         self._every = checkpoint_every
+        # The keys a head may be signed with to be chained onto: this service's and earlier ones'.
+        self._head_keys = {**key_map(list(previous_keys)), signer.key_id: signer.public_key}
 
     @classmethod
     def from_settings(cls, settings: CommonSettings, storage: Storage, keyring: Keyring) -> AuditLog:
@@ -54,6 +57,7 @@ class AuditLog:
             open_audit_signer(settings, create=False),  # made, audited, by crypto.provision.ensure_keys
             Pseudonymizer(keyring.pseudonym_key()),
             settings.audit.checkpoint_every,
+            previous_audit_keys(settings),
         )
 
     @classmethod
@@ -64,7 +68,7 @@ class AuditLog:
         from services.common.crypto.backend import open_audit_signer
 
         signer = signer or open_audit_signer(settings, create=False)
-        return cls(storage.audit, signer, None, settings.audit.checkpoint_every)
+        return cls(storage.audit, signer, None, settings.audit.checkpoint_every, previous_audit_keys(settings))
 
     def append(
         self,
@@ -125,17 +129,32 @@ class AuditLog:
                 f"{where}, but the trail {found}: records were added or removed outside BioGate; nothing is "
                 "appended until `biogate audit verify` has been run and the trail restored"
             )
-        if head.key_id != self._signer.key_id:
+        key = self._head_keys.get(head.key_id)
+        if key is None:
             raise AuditIntegrityError(
-                f"{where}, signed with key {head.key_id!r}, not with this service's audit key "
-                f"{self._signer.key_id!r}: the head was replaced or the audit key changed; nothing is appended "
-                "until `biogate audit verify` has been run with the right public key"
+                f"{where}, signed with key {head.key_id!r}, neither this service's audit key "
+                f"{self._signer.key_id!r} nor one of audit.previous_public_keys: the head was replaced, or the "
+                "audit key changed; restore the key from its backup, or add the earlier key's public PEM (`biogate "
+                "audit export-public-key` before the change, or the anchors) to audit.previous_public_keys once "
+                "`biogate audit verify --public-key` with it passes"
             )
-        if not verify_signature(self._signer.public_key, bytes(head.signature), head_message(head.seq, head.hash)):
+        if not verify_signature(key, bytes(head.signature), head_message(head.seq, head.hash)):
             raise AuditIntegrityError(
                 f"{where}, but its signature does not verify: the head was altered outside BioGate; nothing "
                 "is appended until `biogate audit verify` has been run and the trail restored"
             )
 
 
-__all__ = ["AuditLog", "AuditDataError", "AuditIntegrityError"]
+def previous_audit_keys(settings: CommonSettings) -> list[PublicKey]:
+    """The public keys of ``audit.previous_public_keys``; a file that is no such key stops the start."""
+    keys = []
+    for path in settings.audit.previous_public_keys:
+        try:
+            keys.append(load_public_key(path.read_bytes()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"audit.previous_public_keys: {path} is not a readable Ed25519 or P-256 public key "
+                             f"PEM ({type(exc).__name__})") from None
+    return keys
+
+
+__all__ = ["AuditLog", "AuditDataError", "AuditIntegrityError", "previous_audit_keys"]
