@@ -74,24 +74,41 @@ class HttpConfig(Section):
     public_url: str = ""
 
 
-class ReviewWebhookConfig(Section):
-    """Where the bank hears of reviews opening and closing: HMAC-SHA256-signed POSTs from an outbox."""
+class WebhookTarget(Section):
+    """One receiver of review events: its URL and the HMAC key it checks their signatures with."""
 
     url: str = ""  # "" = no webhook; http(s)://
     secret: str = ""  # the HMAC key; set it from the environment (BIOGATE_MFA__REVIEWS__WEBHOOK__SECRET)
+
+    @model_validator(mode="after")
+    def _usable(self) -> WebhookTarget:
+        if self.url and not self.url.startswith(("https://", "http://")):
+            raise ValueError("the webhook url must be http(s)://")
+        if self.url and len(self.secret) < 16:
+            raise ValueError("the webhook secret must be set (16 characters or more) when the url is")
+        return self
+
+
+class ReviewWebhookConfig(WebhookTarget):
+    """Where the bank hears of reviews opening and closing: HMAC-SHA256-signed POSTs from an outbox.
+    ``url``/``secret`` serve every tenant not in ``tenants``; a deployment serving several banks
+    gives each its own receiver there, so that no bank hears of another's reviews or decisions."""
+
+    tenants: dict[str, WebhookTarget] = {}
     timeout_s: float = Field(5.0, gt=0, le=60)
     max_attempts: int = Field(8, ge=1, le=30)  # then the event is abandoned (an error log)
     backoff_s: float = Field(2.0, gt=0)  # before the second attempt, doubled for each one after
     backoff_max_s: float = Field(900.0, gt=0)
     keep_s: int = Field(7 * 86400, ge=3600)  # delivered and abandoned events are deleted after this
 
-    @model_validator(mode="after")
-    def _usable(self) -> ReviewWebhookConfig:
-        if self.url and not self.url.startswith(("https://", "http://")):
-            raise ValueError("mfa.reviews.webhook.url must be http(s)://")
-        if self.url and len(self.secret) < 16:
-            raise ValueError("mfa.reviews.webhook.secret must be set (16 characters or more) when the url is")
-        return self
+    def target(self, tenant: str) -> WebhookTarget | None:
+        """The receiver of ``tenant``'s events, None when it has none."""
+        own = self.tenants.get(tenant, self)
+        return own if own.url else None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.url) or any(t.url for t in self.tenants.values())
 
 
 class ReviewsConfig(Section):
@@ -138,7 +155,7 @@ class ClientTarget(Section):
     """A gRPC service the MFA orchestrator calls (face, voice)."""
 
     target: str = ""  # host:port; "" = this deployment's server.<service> endpoint
-    token: str = ""  # bearer token; "" = the development orchestrator token
+    token: str = ""  # bearer token of a principal with the service role; "" = the development one
     ca_file: Path | None = None
     cert_file: Path | None = None  # mTLS client certificate
     key_file: Path | None = None

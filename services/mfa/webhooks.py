@@ -58,11 +58,11 @@ class WebhookOutbox:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.cfg.url)
+        return self.cfg.configured
 
     def enqueue(self, tenant: str, event_type: str, data: dict[str, Any], now: datetime) -> WebhookEventRecord | None:
-        """Writes the event (in the caller's transaction, if any); None when no webhook is configured."""
-        if not self.enabled:
+        """Writes the event (in the caller's transaction, if any); None when the tenant has no webhook."""
+        if self.cfg.target(tenant) is None:
             return None
         event_id = "evt_" + uuid.uuid4().hex
         body = json.dumps({"id": event_id, "type": event_type, "created_at": now.isoformat(), "tenant_id": tenant,
@@ -96,11 +96,14 @@ class WebhookOutbox:
 
     def _post(self, rec: WebhookEventRecord, now: datetime) -> str:
         """"" when the receiver took the event (2xx), otherwise what went wrong."""
+        target = self.cfg.target(rec.tenant_id)
+        if target is None:
+            return "the tenant's webhook was removed from the configuration"
         body = rec.body.encode()
         headers = {"Content-Type": "application/json", "User-Agent": "BioGate-Webhooks/1", EVENT_HEADER: rec.id,
-                   SIGNATURE_HEADER: signature(self.cfg.secret, body, int(now.timestamp()))}
+                   SIGNATURE_HEADER: signature(target.secret, body, int(now.timestamp()))}
         try:  # one attempt: the outbox retries (a redirect too is a failed delivery)
-            post_once(self.cfg.url, body, headers, self.cfg.timeout_s)
+            post_once(target.url, body, headers, self.cfg.timeout_s)
             return ""
         except PostFailed as exc:
             return str(exc)

@@ -39,8 +39,8 @@ class Receiver:
     """The bank's webhook endpoint: verifies each request's signature against the test's clock;
     answers 500 to the first ``fail`` requests; holds requests while ``hold`` is set."""
 
-    def __init__(self, clock) -> None:
-        self.clock, self.fail, self.hold = clock, 0, threading.Event()
+    def __init__(self, clock, secret: str = SECRET) -> None:
+        self.clock, self.fail, self.hold, self.secret = clock, 0, threading.Event(), secret
         self.released = threading.Event()
         self.requests: list[dict] = []  # {"event", "verified", "status", "event_id"}
         self.changed = threading.Condition()
@@ -53,7 +53,7 @@ class Receiver:
                     receiver._record(None, body, self.headers, 0)
                     receiver.released.wait(WAIT_S)
                 try:
-                    webhooks.verify(SECRET, self.headers[webhooks.SIGNATURE_HEADER], body,
+                    webhooks.verify(receiver.secret, self.headers[webhooks.SIGNATURE_HEADER], body,
                                     receiver.clock().timestamp())
                     verified = True
                 except ValueError:
@@ -455,6 +455,34 @@ def test_bad_review_requests_are_refused_before_anything_is_written(served):
     assert admin.GetReview(F.GetReviewRequest(review_id=review_id)).review.status == "pending"
 
 
+def test_each_bank_hears_only_of_its_own_reviews(tmp_path, storage_dsn, clock, receiver):
+    """One URL served every tenant: in a deployment for several banks each bank's receiver was sent
+    the others' review events (their decisions' tokens included). A tenant with a receiver of its own
+    gets its events there, signed with its own secret; the others' go to the shared one."""
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+    from services.serve import prepare
+
+    other = Receiver(clock, secret="another-bank-webhook-secret")
+    try:
+        settings = review_settings(tmp_path, storage_dsn, receiver.url,
+                                   tenants={"bank-b": {"url": other.url, "secret": other.secret}})
+        prepare(settings)
+        rt = Runtime.open(settings)
+        o = Orchestrator(rt, clock=clock)
+        try:
+            mine = o.outbox.enqueue(TENANT, "review.opened", {"review_id": "rev_a"}, clock())
+            theirs = o.outbox.enqueue("bank-b", "review.opened", {"review_id": "rev_b"}, clock())
+            assert o.outbox.deliver_due() == 2
+        finally:
+            o.close()
+            rt.close()
+        assert [(r["event_id"], r["verified"]) for r in receiver.requests] == [(mine.id, True)]
+        assert [(r["event_id"], r["verified"]) for r in other.requests] == [(theirs.id, True)]
+    finally:
+        other.close()
+
+
 def test_a_webhook_without_its_secret_is_a_configuration_error(tmp_path):
     from pydantic import ValidationError
 
@@ -462,6 +490,8 @@ def test_a_webhook_without_its_secret_is_a_configuration_error(tmp_path):
         settings_for(tmp_path, "", reviews={"webhook": {"url": "https://bank.example/hooks"}})
     with pytest.raises(ValidationError, match="http"):
         settings_for(tmp_path, "", reviews={"webhook": {"url": "ftp://bank.example", "secret": SECRET}})
+    with pytest.raises(ValidationError, match="secret must be set"):
+        settings_for(tmp_path, "", reviews={"webhook": {"tenants": {"bank-b": {"url": "https://b.example/hooks"}}}})
 
 
 def test_reviews_stored_before_the_outcome_migration_keep_their_data(storage_dsn):
