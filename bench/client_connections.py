@@ -2,7 +2,7 @@
 
 `biogate serve face` with server.workers W (its own process, default models, a temporary data
 dir, face_bench's subjects enrolled); then, in this process, the MFA's own client
-(services/mfa/clients.py BiometricClient, orchestrator token) calls Verify with face_bench's plain
+(services/mfa/clients.py BiometricClient, service token) calls Verify with face_bench's plain
 requests from ``concurrency`` threads for ``duration`` s, once per entry of ``--connections`` and
 that sequence ``--rounds`` times over (A/B/A/B: drift in the shared machine's load hits both),
 /proc/loadavg printed before each run, each worker's CPU seconds after it (the kernel spreads
@@ -38,7 +38,7 @@ class Tally:
     (from the times given), errors by kind."""
 
     def __init__(self, svc: ServiceProcess, connections: int) -> None:
-        self.client = BiometricClient("face", svc.address, svc.token("dev-orchestrator"),
+        self.client = BiometricClient("face", svc.address, svc.token("dev-service"),
                                       ClientTarget(connections=connections), face_pb2_grpc.FaceServiceStub, 16 << 20)
         self.latencies: list[float] = []
         self.errors: dict[str, int] = {}

@@ -26,7 +26,7 @@ from services.common.validation import plain_identifier
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 
-Role = Literal["enroller", "verifier", "orchestrator", "admin", "auditor"]
+Role = Literal["enroller", "verifier", "orchestrator", "admin", "auditor", "service"]
 ServiceName = Literal["face", "voice", "mfa"]
 
 

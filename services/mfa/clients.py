@@ -245,7 +245,7 @@ class BiometricClient:
                 raise ClientConfigError(
                     f"the {self.service} service at {self.target} refuses this MFA's credentials ({code.name}: "
                     f"{err.details()}); set {self.settings_named()} to credentials of a principal with the "
-                    "orchestrator role for the tenants served") from None
+                    "service role for the tenants served") from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 log.warning("biometric service not reachable at start-up; credentials unchecked",
                             extra={"service": self.service, "code": code.name})
@@ -359,7 +359,7 @@ class _Source:
                 self._call.cancel()  # before the iterator ends: grpc then sends no half-close
 
 
-# The RPC each start-up check makes: one the orchestrator role is allowed, with an empty request.
+# The RPC each start-up check makes: one the service role is allowed, with an empty request.
 _PROBE = {"face": ("Verify", face_pb2.VerifyFaceRequest), "voice": ("Verify", voice_pb2.VerifyVoiceRequest)}
 
 
@@ -369,7 +369,7 @@ def _token(settings: MfaSettings, cfg: ClientTarget) -> str | None:
     if settings.auth.dev_credentials and not settings.auth.principals:
         from services.common.server.auth import ensure_dev_credentials
 
-        return ensure_dev_credentials(settings)["dev-orchestrator"]
+        return ensure_dev_credentials(settings)["dev-service"]
     return None
 
 

@@ -93,3 +93,19 @@ def test_a_terminal_names_the_tenants_it_serves(tmp_path):
     settings = load_config(None, data_dir=str(tmp_path), auth={"principals": [
         _principal(terminal={"channel": "kiosk"}, tenants=["bank-a"])], "dev_credentials": False})
     assert settings.auth.principals[0].tenants == ["bank-a"]
+
+
+def test_development_credentials_written_before_a_role_existed_gain_it_and_keep_the_others(tmp_path):
+    """var/dev-credentials.json from before the `service` role: the MFA's development client needs
+    that role's token, and every token already handed out stays valid."""
+    import json
+
+    from services.common.server.auth import ROLES, ensure_dev_credentials
+
+    settings = load_config(None, data_dir=str(tmp_path))
+    old = {f"dev-{r}": f"old-{r}" for r in ROLES if r != "service"} | {"dev-all": "old-all"}
+    settings.dev_credentials_file.parent.mkdir(parents=True, exist_ok=True)
+    settings.dev_credentials_file.write_text(json.dumps(old))
+    tokens = ensure_dev_credentials(settings)
+    assert tokens["dev-service"] and tokens.items() >= old.items()
+    assert json.loads(settings.dev_credentials_file.read_text()) == tokens == ensure_dev_credentials(settings)

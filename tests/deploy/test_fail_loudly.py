@@ -39,7 +39,9 @@ def client(face, token: str) -> BiometricClient:
 
 def test_refused_credentials_are_a_configuration_error_not_an_outage(face):
     dev = json.loads(face.settings.dev_credentials_file.read_text())
-    for token, code in (("not-a-known-token", "UNAUTHENTICATED"), (dev["dev-auditor"], "PERMISSION_DENIED")):
+    # the bank's own systems (orchestrator) call the MFA; only the MFA's role (service) calls face and voice
+    for token, code in (("not-a-known-token", "UNAUTHENTICATED"), (dev["dev-auditor"], "PERMISSION_DENIED"),
+                        (dev["dev-orchestrator"], "PERMISSION_DENIED")):
         c = client(face, token)
         before = refused_count(code)
         with pytest.raises(ServiceError) as err:
@@ -51,6 +53,6 @@ def test_refused_credentials_are_a_configuration_error_not_an_outage(face):
         with pytest.raises(ClientConfigError, match="clients.face.token"):
             c.check_credentials()
         c.close()
-    good = client(face, dev["dev-orchestrator"])
+    good = client(face, dev["dev-service"])
     good.check_credentials()  # accepted: the empty request is refused as INVALID_ARGUMENT, nothing written
     good.close()

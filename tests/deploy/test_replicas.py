@@ -57,7 +57,7 @@ class Cluster:
             "storage": {"dsn": pg_dsn, "pool_size": 4},
             "keys": hsm.keys_config(),
             "auth": {"dev_credentials": False, "principals": [{
-                "name": "tester", "roles": ["enroller", "verifier", "orchestrator", "admin", "auditor"],
+                "name": "tester", "roles": ["enroller", "verifier", "orchestrator", "admin", "auditor", "service"],
                 "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]},
             "models": {"cache_dir": str(PROJECT_ROOT / "var" / "models")},
             "face": {"liveness": []},

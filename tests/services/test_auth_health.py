@@ -95,6 +95,24 @@ def test_unauthenticated_calls_are_refused(harness, name, service, method):
             assert call(channel, service, method) == grpc.StatusCode.UNAUTHENTICATED
 
 
+# What the MFA calls on face and voice (its factors' verifications and challenges, the erasure it fans out).
+MFA_CALLS = {"face": {"Verify", "StartLivenessChallenge", "SubmitLivenessChallenge", "DeleteSubject"},
+             "voice": {"Verify", "StreamVerify", "StartVoiceChallenge", "DeleteSubject"}}
+
+
+@pytest.mark.parametrize("name", sorted(MFA_CALLS))
+def test_the_bank_systems_role_reaches_face_and_voice_only_through_the_mfa(harness, name):
+    """`orchestrator` (the bank's login and payment systems, and terminals) calls the MFA, whose policy
+    decides; only the MFA's own role, `service`, runs face and voice for it. When one role did both,
+    the bank's login system could erase templates (DeleteSubject) or search the gallery directly."""
+    service = DESCRIPTORS[name]
+    roles = roles_by_method([service])
+    assert {m.name for m in service.methods if "service" in roles[f"/{service.full_name}/{m.name}"]} == MFA_CALLS[name]
+    with connect(harness.running[name].address, ROLE_TOKENS["orchestrator"]) as channel:
+        for method in service.methods:
+            assert call(channel, service, method) == grpc.StatusCode.PERMISSION_DENIED, method.name
+
+
 @pytest.mark.parametrize("name,service,method", list(every_method()), ids=lambda v: getattr(v, "name", v))
 def test_wrong_role_is_permission_denied(harness, name, service, method):
     allowed = roles_by_method([service])[f"/{service.full_name}/{method.name}"]

@@ -139,7 +139,7 @@ def workers_reached(client: BiometricClient, calls: int = 20) -> set[str]:
 
 def test_the_mfa_client_spreads_its_calls_over_the_workers_by_opening_several_connections(tmp_path):
     with face_with_two_workers(tmp_path) as (proc, target, data, _):
-        token = dev_token(data, "dev-orchestrator")
+        token = dev_token(data, "dev-service")
 
         def client(connections: int) -> BiometricClient:
             return BiometricClient("face", target, token, ClientTarget(connections=connections),

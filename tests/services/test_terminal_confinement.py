@@ -35,7 +35,7 @@ def harness(tmp_path_factory):
     principals = [
         {"name": "kiosk-7", "roles": ["orchestrator"], "tenants": [TENANT], "token_sha256": token_sha256("tok-kiosk"),
          "terminal": {"channel": "kiosk"}},
-        {"name": "bank-backend", "roles": ["orchestrator", "enroller", "admin", "auditor"],
+        {"name": "bank-backend", "roles": ["orchestrator", "verifier", "enroller", "admin", "auditor"],
          "token_sha256": token_sha256("tok-bank")}]
     settings = make_settings(root / "data", auth={"principals": principals, "dev_credentials": False},
                              mfa={"policy_dir": str(root / "pol"), "policy_check_s": 0},

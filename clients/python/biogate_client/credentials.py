@@ -31,7 +31,7 @@ class Credentials:
 
 def dev_credentials(path: Path | str = DEV_CREDENTIALS, role: str = "dev-all") -> Credentials:
     """The development token of ``role`` (dev-enroller, dev-verifier, dev-orchestrator, dev-admin,
-    dev-auditor, dev-all) from the file a development server writes (var/dev-credentials.json)."""
+    dev-auditor, dev-service, dev-all) from the file a development server writes (var/dev-credentials.json)."""
     tokens = json.loads(Path(path).read_text())
     if role not in tokens:
         raise KeyError(f"{path} has no token for {role!r} (it has {', '.join(sorted(tokens))})")

@@ -14,6 +14,7 @@ then identifies the caller.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -29,7 +30,7 @@ from services.common import errors
 from services.common.config import CommonSettings
 from services.common.context import Principal
 
-ROLES = ("enroller", "verifier", "orchestrator", "admin", "auditor")
+ROLES = ("enroller", "verifier", "orchestrator", "admin", "auditor", "service")
 
 
 def token_sha256(token: str) -> str:
@@ -116,7 +117,8 @@ def ensure_dev_credentials(settings: CommonSettings) -> dict[str, str]:
     """Development tokens, one per role plus "dev-all", kept in <data_dir>/dev-credentials.json."""
     path: Path = settings.dev_credentials_file
     if path.exists():
-        return json.loads(path.read_text())
+        tokens = json.loads(path.read_text())
+        return tokens if all(f"dev-{role}" in tokens for role in ROLES) else _add_dev_roles(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens = {f"dev-{role}": secrets.token_urlsafe(32) for role in ROLES}
     tokens["dev-all"] = secrets.token_urlsafe(32)
@@ -133,3 +135,20 @@ def ensure_dev_credentials(settings: CommonSettings) -> dict[str, str]:
     finally:
         tmp.unlink()
     return tokens
+
+
+def _add_dev_roles(path: Path) -> dict[str, str]:
+    """A file written before a role existed gets that role's token; the others keep theirs. One
+    process at a time (a lock file beside it), and the file is replaced whole, never half-written."""
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tokens = json.loads(path.read_text())
+        missing = [role for role in ROLES if f"dev-{role}" not in tokens]
+        if missing:
+            tokens.update({f"dev-{role}": secrets.token_urlsafe(32) for role in missing})
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(tokens, fh, indent=2)
+            os.replace(tmp, path)
+        return tokens

@@ -20,6 +20,7 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_ORCHESTRATOR: _ClassVar[Role]
     ROLE_ADMIN: _ClassVar[Role]
     ROLE_AUDITOR: _ClassVar[Role]
+    ROLE_SERVICE: _ClassVar[Role]
 
 class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -47,6 +48,7 @@ ROLE_VERIFIER: Role
 ROLE_ORCHESTRATOR: Role
 ROLE_ADMIN: Role
 ROLE_AUDITOR: Role
+ROLE_SERVICE: Role
 MODALITY_UNSPECIFIED: Modality
 MODALITY_FACE: Modality
 MODALITY_VOICE: Modality
