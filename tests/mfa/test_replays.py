@@ -1,0 +1,61 @@
+"""Replays and races an attacker who controls a client can send: the same proof twice (one after
+the other, or released together on threads), through a real MFA server on loopback, on SQLite and
+on PostgreSQL. A proof counts once in its session; the copy is refused with a clear status and
+leaves nothing behind (no factor, no audit record, no lockout charge)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from services.common.api.v1 import mfa_pb2
+from services.common.errors import details_of
+from tests.conftest import race
+from tests.mfa.conftest import App, setup_subject, subject
+from tests.mfa.test_flows import bind, start
+from tests.mfa.test_lockout import audit_events
+
+F = mfa_pb2
+TENANT = "bind-bank"
+
+
+def stored_factors(orch_settings, session_id: str) -> list[tuple[str, bool]]:
+    from services.common.storage import open_storage
+    from services.mfa.state import SessionState
+    from services.mfa.storage import attach
+
+    store = open_storage(orch_settings.storage_dsn)
+    try:
+        st = SessionState.from_json(dict(attach(store).auth_sessions.get(session_id).state))
+    finally:
+        store.close()
+    return [(f.factor, f.passed) for f in st.factors]
+
+
+def factor_audits(settings, session_id: str) -> int:
+    return len([e for e in audit_events(settings, "mfa.factor") if e["session_id"] == session_id])
+
+
+def test_a_device_proof_counts_once_in_its_session_replayed_or_raced(stub, mfa_server):
+    settings = mfa_server.settings
+    ref = setup_subject(stub, subject(TENANT, "cust-replay-dev"))
+    app = bind(stub, settings, App(), ref=ref)
+
+    s = start(stub, app, ref=ref)
+    proof = app.proof(s)
+    assert stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=proof)).result.passed
+    with pytest.raises(grpc.RpcError) as err:  # the same signature again
+        stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=proof))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(err.value)["reason"] == "DEVICE_ALREADY_PROVEN"
+    assert stored_factors(settings, s.session_id) == [("device", True)]
+    assert factor_audits(settings, s.session_id) == 1
+
+    raced = start(stub, app, ref=ref)
+    proof = app.proof(raced)
+    results = race(2, lambda i: stub.SubmitFactor(F.SubmitFactorRequest(session_id=raced.session_id, device=proof)))
+    passed = [r for r in results if not isinstance(r, grpc.RpcError)]
+    refused = [details_of(r)["reason"] for r in results if isinstance(r, grpc.RpcError)]
+    assert len(passed) == 1 and passed[0].result.passed and refused == ["DEVICE_ALREADY_PROVEN"], results
+    assert stored_factors(settings, raced.session_id) == [("device", True)]
+    assert factor_audits(settings, raced.session_id) == 1
