@@ -5,13 +5,15 @@ leaves nothing behind (no factor, no audit record, no lockout charge)."""
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 
 from services.common.api.v1 import mfa_pb2
 from services.common.errors import details_of
 from tests.conftest import race
-from tests.mfa.conftest import App, setup_subject, subject
+from tests.mfa.conftest import App, outbox_codes, setup_subject, subject
 from tests.mfa.test_flows import bind, start
 from tests.mfa.test_lockout import audit_events
 
@@ -59,3 +61,24 @@ def test_a_device_proof_counts_once_in_its_session_replayed_or_raced(stub, mfa_s
     assert len(passed) == 1 and passed[0].result.passed and refused == ["DEVICE_ALREADY_PROVEN"], results
     assert stored_factors(settings, raced.session_id) == [("device", True)]
     assert factor_audits(settings, raced.session_id) == 1
+
+
+def test_of_two_codes_sent_concurrently_only_the_newest_works_and_once(orch, monkeypatch):
+    """Two SendOtp calls on one session (no resend cool-down in otp-bank) that both looked for the
+    previous code before either stored its own: both codes are stored live. Still only the
+    session's newest code may answer, once; the other never becomes usable."""
+    from tests.mfa.test_otp_sms import enrol, session, submit
+
+    s = session(orch, enrol(orch))
+    both_looked = threading.Barrier(2, timeout=30)
+    create = orch.store.otp.create
+
+    def create_after_both_looked(rec):
+        both_looked.wait()
+        return create(rec)
+    monkeypatch.setattr(orch.store.otp, "create", create_after_both_looked)
+    sent = race(2, lambda i: orch.send_otp(F.SendOtpRequest(session_id=s.session_id)))
+    assert not any(isinstance(r, Exception) for r in sent), sent
+    codes = outbox_codes(orch.rt.settings)[-2:]
+    answers = [submit(orch, s.session_id, code).result for code in codes + codes]
+    assert [a.passed for a in answers].count(True) == 1, [a.reasons[0].code for a in answers]

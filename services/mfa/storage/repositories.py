@@ -110,6 +110,10 @@ class SqlOtpRepository(Repository[OtpRecord]):
             "ORDER BY sent_at DESC, id LIMIT 1",
         )
 
+    def newest_for_session(self, session_id: str) -> OtpRecord | None:
+        """The session's newest OTP, live or not (two sent concurrently may both be unconsumed)."""
+        return self._select_one("session_id = ?", (session_id,), "ORDER BY sent_at DESC, id DESC LIMIT 1")
+
     def record_attempt(self, otp_id: str, now: datetime) -> OtpRecord | None:
         """Atomically spend one attempt; None when none is left, or it expired or was consumed."""
         with self._db.transaction() as s:
