@@ -36,7 +36,7 @@ from .registry import DeviceRegistry
 from .render import factor_result, factor_sets
 from .reviews import ReviewQueue
 from .risk import Place, RiskEngine, RiskSignals
-from .sessions import Session, Sessions, terminal_may_serve
+from .sessions import Session, Sessions, require_open, terminal_may_serve
 from .push import PushGateway, open_push_gateway
 from .push.flow import PushConfirmations
 from .signals import apply_cooling_off, recent_changes
@@ -332,8 +332,7 @@ class Orchestrator:
         recorded: list[FactorOutcome] = []
 
         def change(st: SessionState) -> None:
-            if st.decision is not None:
-                raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
+            require_open(st)
             factor.settle(ctx, st, evidence)
             outcomes = [outcome, *ctx.also]
             if bound is not None and bound.pending_key:

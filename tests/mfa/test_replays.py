@@ -82,3 +82,47 @@ def test_of_two_codes_sent_concurrently_only_the_newest_works_and_once(orch, mon
     codes = outbox_codes(orch.rt.settings)[-2:]
     answers = [submit(orch, s.session_id, code).result for code in codes + codes]
     assert [a.passed for a in answers].count(True) == 1, [a.reasons[0].code for a in answers]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def push_env(request, tmp_path_factory):
+    from tests.mfa.pushapp import push_server
+
+    with push_server(tmp_path_factory.mktemp(f"replays-push-{request.param}"), request.param) as running:
+        yield running
+
+
+def test_a_session_decided_while_its_push_goes_out_is_not_changed_by_the_fall_back(push_env):
+    """The push gateway fails after the confirmation was recorded; meanwhile the bank's Decide
+    allowed the session on its device key and SMS code. The fall-back must not rewrite the plan of
+    the decided session nor tell the client to carry on: it is refused SESSION_DECIDED."""
+    from services.mfa.push import PushError
+    from tests.mfa.pushapp import PushApp, customer, otp, start
+
+    harness, stub, orch = push_env
+    app = PushApp("inst-decided-push")
+    ref = customer(stub, harness.settings, "cust-decided-push", app)
+    s = start(stub, app, ref, action="change_phone")
+    assert stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s))).result.passed
+    assert otp(stub, harness.settings, s.session_id).result.passed
+    decided = []
+
+    class DecidedMeanwhile:
+        def send(self, token, data, ttl_s, collapse_key):
+            decided.append(stub.Decide(F.DecideRequest(session_id=s.session_id)))
+            raise PushError("the provider timed out")
+
+    saved, orch.push_gateway = orch.push_gateway, DecidedMeanwhile()
+    try:
+        before = orch.sessions.get(s.session_id)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SendPushConfirmation(F.SendPushConfirmationRequest(session_id=s.session_id))
+    finally:
+        orch.push_gateway = saved
+    assert decided[0].outcome == F.OUTCOME_ALLOW
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(err.value)["reason"] == "SESSION_DECIDED"
+    after = orch.sessions.get(s.session_id).state
+    assert after.plan == before.state.plan and after.decision.outcome == "allow"
+    assert not [r for r in orch.rt.storage.audit.iter_records()
+                if r.event_type == "mfa.push_fallback" and s.session_id in r.details]

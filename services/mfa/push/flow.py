@@ -42,7 +42,7 @@ from .. import requests
 from ..binding import canonical_json, payee_object
 from ..proofs import Refused, key_proof_shape
 from ..render import factor_sets
-from ..sessions import Session
+from ..sessions import Session, require_open
 from ..state import SessionState
 from .base import PushError
 from .confirmation import Confirmation, SealedFields, Shown, fetch_context
@@ -90,8 +90,7 @@ class PushConfirmations:
                "shown": conf.shown.to_json(), "sealed": base64.b64encode(sealed).decode()}
 
         def record(s: SessionState) -> None:
-            if s.decision is not None:
-                raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
+            require_open(s)
             if s.push_sends >= cfg.max_sends:
                 raise errors.ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                           f"{cfg.max_sends} confirmations were sent in this session", "PUSH_LIMIT")
@@ -125,6 +124,7 @@ class PushConfirmations:
         callback = "ivr" if cfg.ivr_callback and any("voice" in s for s in cfg.fallback) else None
 
         def change(s: SessionState) -> None:
+            require_open(s)  # decided while the push was going out: nothing is left to fall back for
             s.plan = s.plan.fall_back("push", cfg.fallback, policy, s.device_usable)
             s.push = None  # whatever was out never reached the app
             s.callback_channel = callback or s.callback_channel
