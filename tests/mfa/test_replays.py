@@ -126,3 +126,42 @@ def test_a_session_decided_while_its_push_goes_out_is_not_changed_by_the_fall_ba
     assert after.plan == before.state.plan and after.decision.outcome == "allow"
     assert not [r for r in orch.rt.storage.audit.iter_records()
                 if r.event_type == "mfa.push_fallback" and s.session_id in r.details]
+
+
+def test_a_lapsed_lock_forgotten_by_one_call_keeps_the_failure_another_charged_meanwhile(orch, clock, monkeypatch):
+    """A subject's lock has run out. One call (A StartAuthentication) reads the lapsed lock and is
+    about to forget it; meanwhile a wrong code of another call is charged to the fresh counter.
+    A's forgetting must not wipe that failure: else every burst of calls right after a lock
+    lapses evaluates more wrong guesses than the limit allows."""
+    from datetime import timedelta
+
+    from services.mfa.storage import LOCK_COST
+    from tests.mfa.test_otp_sms import enrol, session, submit
+
+    ref = enrol(orch, sid="cust-lapsed-lock")
+    s = session(orch, ref)
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    wrong = f"{(int(outbox_codes(orch.rt.settings)[-1]) + 1) % 10 ** 6:06d}"
+    lock_s = orch.policies.get(ref.tenant_id).lockout.subject_lock_s
+    orch.store.lockouts.record_failure(ref.tenant_id, "subject", ref.subject_id, ref.subject_id, LOCK_COST,
+                                       clock() - timedelta(seconds=lock_s + 1))
+    reached, go_on = threading.Event(), threading.Event()
+    reset = orch.store.lockouts.reset
+
+    def held_reset(*args, **kw):
+        if threading.current_thread() is other:
+            reached.set()
+            go_on.wait(30)
+        return reset(*args, **kw)
+    monkeypatch.setattr(orch.store.lockouts, "reset", held_reset)
+    other = threading.Thread(target=lambda: session(orch, ref))
+    other.start()
+    try:
+        assert reached.wait(30)
+        r = submit(orch, s.session_id, wrong)
+        assert not r.result.passed and r.result.reasons[0].code == "OTP_WRONG"
+    finally:
+        go_on.set()
+        other.join(30)
+    rec = orch.store.lockouts.get(ref.tenant_id, "subject", ref.subject_id)
+    assert rec is not None and rec.failures == 1 and rec.locked_at is None

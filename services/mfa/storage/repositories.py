@@ -308,13 +308,15 @@ class SqlLockoutRepository(Repository[LockoutRecord]):
                  tenant_id, scope, key),
             )
 
-    def reset(self, tenant_id: str, scope: str, key: str) -> bool:
-        """Forget the counter (a success)."""
+    def reset(self, tenant_id: str, scope: str, key: str, locked_at: datetime | None = None) -> bool:
+        """Forget the counter (a success); with ``locked_at``, only while it still holds that lock
+        (a lapsed lock, not the failures charged since another call forgot it)."""
+        where, params = "tenant_id = ? AND scope = ? AND key = ?", list[Any]([tenant_id, scope, key])
+        if locked_at is not None:
+            where += " AND locked_at = ?"
+            params.append(locked_at)
         with self._db.transaction() as s:
-            return s.count(
-                "DELETE FROM mfa_lockouts WHERE tenant_id = ? AND scope = ? AND key = ?",
-                (tenant_id, scope, key),
-            ) == 1
+            return s.count(f"DELETE FROM mfa_lockouts WHERE {where}", tuple(params)) == 1
 
 
 class SqlSubjectSignalRepository(Repository[SubjectSignalRecord]):
