@@ -113,6 +113,7 @@ class OtpService:
         left = spent.max_attempts - spent.attempts
         if hmac.compare_digest(spent.code_hash, self.code_hash(session_id, code)):
             if self.store.otp.consume(spent.id, now):
+                self.store.otp.void_session(session_id, now)  # a session's SMS code passes once
                 return Checked(True, left, "OTP_OK")
             return Checked(False, left, "OTP_EXPIRED_OR_USED")
         return Checked(False, left, "OTP_WRONG")

@@ -111,8 +111,21 @@ class SqlOtpRepository(Repository[OtpRecord]):
         )
 
     def newest_for_session(self, session_id: str) -> OtpRecord | None:
-        """The session's newest OTP, live or not (two sent concurrently may both be unconsumed)."""
-        return self._select_one("session_id = ?", (session_id,), "ORDER BY sent_at DESC, id DESC LIMIT 1")
+        """The session's newest OTP, live or not (two sent concurrently may both be unconsumed); of
+        two sent at the same instant, one still unconsumed with attempts left."""
+        return self._select_one(
+            "session_id = ?", (session_id,),
+            "ORDER BY sent_at DESC, CASE WHEN consumed_at IS NULL AND attempts < max_attempts THEN 0 ELSE 1 END,"
+            " id LIMIT 1",
+        )
+
+    def void_session(self, session_id: str, now: datetime) -> int:
+        """Mark every unconsumed OTP of the session used (one of them just passed)."""
+        with self._db.transaction() as s:
+            return s.count(
+                "UPDATE otp_challenges SET consumed_at = ? WHERE session_id = ? AND consumed_at IS NULL",
+                (now, session_id),
+            )
 
     def record_attempt(self, otp_id: str, now: datetime) -> OtpRecord | None:
         """Atomically spend one attempt; None when none is left, or it expired or was consumed."""
