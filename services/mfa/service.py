@@ -236,7 +236,11 @@ class Orchestrator:
                             session.state.device_usable)
         factor = FACTORS[name]
         ctx = self.factor_context(session, policy, now, budget)
-        claimed = self.sessions.mutate(session, lambda st: factor.claim(ctx, st)) if factor.claims else session
+
+        def claim(st: SessionState) -> None:
+            require_open(st)  # decided since it was loaded: nothing may be sent for it
+            factor.claim(ctx, st)
+        claimed = self.sessions.mutate(session, claim) if factor.claims else session
         try:
             issued = factor.start_challenge(ctx)
         except ServiceUnavailable as exc:
@@ -253,6 +257,7 @@ class Orchestrator:
                 nonce = issued.nonce
 
                 def record(st: SessionState) -> None:
+                    require_open(st)
                     st.challenges.setdefault(name, []).append(nonce)
                 self.sessions.mutate(claimed, record)
             if issued.audit:

@@ -165,3 +165,28 @@ def test_a_lapsed_lock_forgotten_by_one_call_keeps_the_failure_another_charged_m
         other.join(30)
     rec = orch.store.lockouts.get(ref.tenant_id, "subject", ref.subject_id)
     assert rec is not None and rec.failures == 1 and rec.locked_at is None
+
+
+def test_a_challenge_asked_as_the_session_is_decided_is_refused_and_sends_nothing(orch, monkeypatch):
+    """SendOtp found the session open, then the bank's Decide ended it before the code was claimed:
+    the claim is refused SESSION_DECIDED, no SMS goes out, the decided session is not changed."""
+    from services.common.errors import ServiceError
+    from tests.mfa.test_otp_sms import enrol, session, submit
+
+    s = session(orch, enrol(orch, sid="cust-late-otp"))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    assert submit(orch, s.session_id, outbox_codes(orch.rt.settings)[-1]).result.passed
+    check, decided = orch.lockouts.check, []
+
+    def decided_meanwhile(*args, **kw):
+        if not decided:
+            decided.append(orch.decide(F.DecideRequest(session_id=s.session_id)))
+        return check(*args, **kw)
+    monkeypatch.setattr(orch.lockouts, "check", decided_meanwhile)
+    before, sent = orch.sessions.get(s.session_id), len(outbox_codes(orch.rt.settings))
+    with pytest.raises(ServiceError) as err:
+        orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    assert decided[0].outcome == F.OUTCOME_ALLOW and err.value.reason == "SESSION_DECIDED"
+    assert len(outbox_codes(orch.rt.settings)) == sent
+    after = orch.sessions.get(s.session_id)
+    assert after.state.otp_sent_at == before.state.otp_sent_at and after.state.decision is not None
