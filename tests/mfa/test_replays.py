@@ -21,14 +21,16 @@ F = mfa_pb2
 TENANT = "bind-bank"
 
 
-def stored_factors(orch_settings, session_id: str) -> list[tuple[str, bool]]:
+def stored_factors(settings, session_id: str) -> list[tuple[str, bool]]:
     from services.common.storage import open_storage
     from services.mfa.state import SessionState
     from services.mfa.storage import attach
 
-    store = open_storage(orch_settings.storage_dsn)
+    store = open_storage(settings.storage_dsn)
     try:
-        st = SessionState.from_json(dict(attach(store).auth_sessions.get(session_id).state))
+        rec = attach(store).auth_sessions.get(session_id)
+        assert rec is not None
+        st = SessionState.from_json(dict(rec.state))
     finally:
         store.close()
     return [(f.factor, f.passed) for f in st.factors]
@@ -176,7 +178,7 @@ def test_a_challenge_asked_as_the_session_is_decided_is_refused_and_sends_nothin
     s = session(orch, enrol(orch, sid="cust-late-otp"))
     orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
     assert submit(orch, s.session_id, outbox_codes(orch.rt.settings)[-1]).result.passed
-    check, decided = orch.lockouts.check, []
+    check, decided = orch.lockouts.check, list[F.DecideResponse]()
 
     def decided_meanwhile(*args, **kw):
         if not decided:
@@ -190,3 +192,23 @@ def test_a_challenge_asked_as_the_session_is_decided_is_refused_and_sends_nothin
     assert len(outbox_codes(orch.rt.settings)) == sent
     after = orch.sessions.get(s.session_id)
     assert after.state.otp_sent_at == before.state.otp_sent_at and after.state.decision is not None
+
+
+def test_one_push_approval_sent_twice_at_once_counts_once(push_env):
+    """The app's signed approval, released twice together: one counts, the copy is refused
+    PUSH_ALREADY_ANSWERED in the compare-and-swap, with nothing written for it."""
+    from tests.mfa.pushapp import PushApp, customer, shown_fields
+    from tests.mfa.test_push import confirm, send, web_payment
+
+    harness, stub, orch = push_env
+    app = PushApp("inst-raced-approval")
+    ref = customer(stub, harness.settings, "cust-raced-approval", app)
+    s = web_payment(stub, app, ref)
+    sent = send(stub, s)
+    answer = app.answer(shown_fields(stub, harness.settings, app, sent.confirmation_id), sent.number)
+    results = race(2, lambda i: confirm(stub, s, answer))
+    passed = [r for r in results if not isinstance(r, grpc.RpcError)]
+    refused = [details_of(r)["reason"] for r in results if isinstance(r, grpc.RpcError)]
+    assert len(passed) == 1 and passed[0].result.passed and refused == ["PUSH_ALREADY_ANSWERED"], results
+    assert stored_factors(harness.settings, s.session_id) == [("push", True)]
+    assert factor_audits(harness.settings, s.session_id) == 1
