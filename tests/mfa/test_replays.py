@@ -5,6 +5,7 @@ leaves nothing behind (no factor, no audit record, no lockout charge)."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import grpc
@@ -212,3 +213,36 @@ def test_one_push_approval_sent_twice_at_once_counts_once(push_env):
     assert len(passed) == 1 and passed[0].result.passed and refused == ["PUSH_ALREADY_ANSWERED"], results
     assert stored_factors(harness.settings, s.session_id) == [("push", True)]
     assert factor_audits(harness.settings, s.session_id) == 1
+
+
+def test_a_deny_that_arrives_after_the_session_was_allowed_still_flags_the_fraud(push_env):
+    """The push is out; the session is allowed meanwhile on other factors (the device key and an
+    SMS code: a SIM swap). The customer's signed "not me" then comes too late to change the
+    decision, and is refused SESSION_DECIDED, but the fraud signal must not be lost: the subject
+    is flagged and the flag audited. A deny that is not the customer's (badly signed) flags nothing."""
+    from tests.mfa.pushapp import PushApp, customer, otp, shown_fields, start
+
+    harness, stub, orch = push_env
+    app = PushApp("inst-late-deny")
+    ref = customer(stub, harness.settings, "cust-late-deny", app)
+    s = start(stub, app, ref, action="change_phone")
+    sent = stub.SendPushConfirmation(F.SendPushConfirmationRequest(session_id=s.session_id))
+    fields = shown_fields(stub, harness.settings, app, sent.confirmation_id)
+    assert stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s))).result.passed
+    assert otp(stub, harness.settings, s.session_id).result.passed
+    assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW
+
+    forged = app.answer(fields, "", answer="deny")
+    forged.signature = PushApp("inst-late-thief").sign(forged.context)
+    for answer in (forged, app.answer(fields, "", answer="deny")):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ConfirmTransaction(F.ConfirmTransactionRequest(session_id=s.session_id, answer=answer))
+        assert details_of(err.value)["reason"] == "SESSION_DECIDED"
+        flag = orch.store.subject_signals.get(ref.tenant_id, ref.subject_id)
+        flagged = [r for r in orch.rt.storage.audit.iter_records()
+                   if r.event_type == "mfa.fraud_flagged" and s.session_id in r.details]
+        if answer is forged:
+            assert (flag is None or flag.flagged_at is None) and not flagged
+    assert flag is not None and flag.flagged_at is not None and flag.flag_reason == "PUSH_DENIED"
+    assert len(flagged) == 1 and json.loads(flagged[0].details)["after_decision"] == "allow"
+    assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW  # not changed
