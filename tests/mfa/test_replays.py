@@ -246,3 +246,25 @@ def test_a_deny_that_arrives_after_the_session_was_allowed_still_flags_the_fraud
     assert flag is not None and flag.flagged_at is not None and flag.flag_reason == "PUSH_DENIED"
     assert len(flagged) == 1 and json.loads(flagged[0].details)["after_decision"] == "allow"
     assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW  # not changed
+
+
+def test_a_p256_proof_re_encoded_or_malleated_is_still_the_same_proof(stub, mfa_server):
+    """An ECDSA signature has other byte forms that verify (raw r||s instead of DER, s replaced by
+    n - s): a copy in another form is the same proof of the same device over the same context."""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+    n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # the order of P-256
+    ref = setup_subject(stub, subject(TENANT, "cust-replay-p256"))
+    app = bind(stub, mfa_server.settings, App(ec=True), ref=ref)
+    s = start(stub, app, ref=ref)
+    proof = app.proof(s)
+    assert stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=proof)).result.passed
+    r_, s_ = decode_dss_signature(proof.signature)
+    copies = [F.DeviceProof(device_id=app.device_id, context=proof.context,
+                            signature=r_.to_bytes(32, "big") + s_.to_bytes(32, "big")),
+              F.DeviceProof(device_id=app.device_id, context=proof.context, signature=encode_dss_signature(r_, n - s_))]
+    for copy in copies:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=copy))
+        assert details_of(err.value)["reason"] == "DEVICE_ALREADY_PROVEN"
+    assert stored_factors(mfa_server.settings, s.session_id) == [("device", True)]
