@@ -90,7 +90,7 @@ class Lockouts:
         rec = self.store.lockouts.get(tenant, scope, key)
         state = _state(rec, p, self._lock_s(scope, p), now)
         if rec is not None and rec.locked_at is not None and not state.locked:
-            self.store.lockouts.reset(tenant, scope, key)
+            self.store.lockouts.reset(tenant, scope, key, rec.locked_at)
         return state
 
     def subject(self, tenant: str, subject: str, p: LockoutPolicy, now: datetime) -> State:

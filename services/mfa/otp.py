@@ -102,15 +102,18 @@ class OtpService:
         return Sent(mask_phone(phone), expires, now + timedelta(seconds=cfg.resend_cooldown_s))
 
     def check(self, session_id: str, code: str, now: datetime) -> Checked:
-        active = self.store.otp.get_active_for_session(session_id, now)
-        if active is None:
+        # Only the newest code answers: an older one that a concurrent send left unconsumed must
+        # not become usable once the newest is used up.
+        newest = self.store.otp.newest_for_session(session_id)
+        if newest is None:
             return Checked(False, 0, "OTP_EXPIRED_OR_USED")
-        spent = self.store.otp.record_attempt(active.id, now)
-        if spent is None:  # raced with another attempt for the last one, or expired meanwhile
+        spent = self.store.otp.record_attempt(newest.id, now)
+        if spent is None:  # used, expired, out of attempts, or raced with another attempt for the last one
             return Checked(False, 0, "OTP_EXPIRED_OR_USED")
         left = spent.max_attempts - spent.attempts
         if hmac.compare_digest(spent.code_hash, self.code_hash(session_id, code)):
             if self.store.otp.consume(spent.id, now):
+                self.store.otp.void_session(session_id, now)  # a session's SMS code passes once
                 return Checked(True, left, "OTP_OK")
             return Checked(False, left, "OTP_EXPIRED_OR_USED")
         return Checked(False, left, "OTP_WRONG")

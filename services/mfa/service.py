@@ -36,7 +36,7 @@ from .registry import DeviceRegistry
 from .render import factor_result, factor_sets
 from .reviews import ReviewQueue
 from .risk import Place, RiskEngine, RiskSignals
-from .sessions import Session, Sessions, terminal_may_serve
+from .sessions import Session, Sessions, require_open, terminal_may_serve
 from .push import PushGateway, open_push_gateway
 from .push.flow import PushConfirmations
 from .signals import apply_cooling_off, recent_changes
@@ -236,7 +236,11 @@ class Orchestrator:
                             session.state.device_usable)
         factor = FACTORS[name]
         ctx = self.factor_context(session, policy, now, budget)
-        claimed = self.sessions.mutate(session, lambda st: factor.claim(ctx, st)) if factor.claims else session
+
+        def claim(st: SessionState) -> None:
+            require_open(st)  # decided since it was loaded: nothing may be sent for it
+            factor.claim(ctx, st)
+        claimed = self.sessions.mutate(session, claim) if factor.claims else session
         try:
             issued = factor.start_challenge(ctx)
         except ServiceUnavailable as exc:
@@ -253,6 +257,7 @@ class Orchestrator:
                 nonce = issued.nonce
 
                 def record(st: SessionState) -> None:
+                    require_open(st)
                     st.challenges.setdefault(name, []).append(nonce)
                 self.sessions.mutate(claimed, record)
             if issued.audit:
@@ -332,8 +337,7 @@ class Orchestrator:
         recorded: list[FactorOutcome] = []
 
         def change(st: SessionState) -> None:
-            if st.decision is not None:
-                raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
+            require_open(st)
             factor.settle(ctx, st, evidence)
             outcomes = [outcome, *ctx.also]
             if bound is not None and bound.pending_key:

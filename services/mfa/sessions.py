@@ -21,6 +21,13 @@ SESSION_ID = re.compile(r"^ses_[0-9a-f]{32}$")
 CAS_RETRIES = 8
 
 
+def require_open(state: SessionState) -> None:
+    """Refuses a session that has a decision: checked on load and again in each compare-and-swap
+    that changes an open session, so that a decision taken meanwhile is never changed."""
+    if state.decision is not None:
+        raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
+
+
 @dataclass(frozen=True)
 class Session:
     """A stored session with its state parsed. Change the state only through Sessions.mutate."""
@@ -82,8 +89,7 @@ class Sessions:
     def open(self, session_id: str, now: datetime) -> Session:
         """A session that can still take factors (not yet finally decided)."""
         found = self.load(session_id, now)
-        if found.state.decision is not None:
-            raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
+        require_open(found.state)
         return found
 
     def mutate(self, session: Session, change: Callable[[SessionState], None],

@@ -40,9 +40,10 @@ from services.common.validation import identifier, subject_ref
 
 from .. import requests
 from ..binding import canonical_json, payee_object
+from ..factors import FACTORS
 from ..proofs import Refused, key_proof_shape
 from ..render import factor_sets
-from ..sessions import Session
+from ..sessions import Session, require_open
 from ..state import SessionState
 from .base import PushError
 from .confirmation import Confirmation, SealedFields, Shown, fetch_context
@@ -90,8 +91,7 @@ class PushConfirmations:
                "shown": conf.shown.to_json(), "sealed": base64.b64encode(sealed).decode()}
 
         def record(s: SessionState) -> None:
-            if s.decision is not None:
-                raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
+            require_open(s)
             if s.push_sends >= cfg.max_sends:
                 raise errors.ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                           f"{cfg.max_sends} confirmations were sent in this session", "PUSH_LIMIT")
@@ -125,6 +125,7 @@ class PushConfirmations:
         callback = "ivr" if cfg.ivr_callback and any("voice" in s for s in cfg.fallback) else None
 
         def change(s: SessionState) -> None:
+            require_open(s)  # decided while the push was going out: nothing is left to fall back for
             s.plan = s.plan.fall_back("push", cfg.fallback, policy, s.device_usable)
             s.push = None  # whatever was out never reached the app
             s.callback_channel = callback or s.callback_channel
@@ -180,10 +181,15 @@ class PushConfirmations:
     def confirm(self, req: mfa_pb2.ConfirmTransactionRequest, budget: float | None) -> mfa_pb2.ConfirmTransactionResponse:
         o = self.o
         now = o.clock()
-        session = o.sessions.open(req.session_id, now)
-        if not req.HasField("answer"):
-            raise errors.invalid_argument("answer is required", answer="missing")
-        response, outcome, session = o.submit_evidence(session, "push", req.answer, now, budget)
+        try:
+            session = o.sessions.open(req.session_id, now)
+            if not req.HasField("answer"):
+                raise errors.invalid_argument("answer is required", answer="missing")
+            response, outcome, session = o.submit_evidence(session, "push", req.answer, now, budget)
+        except errors.ServiceError as exc:
+            if exc.reason == "SESSION_DECIDED":
+                self._late_deny(req.session_id, req.answer, now)
+            raise
         out = mfa_pb2.ConfirmTransactionResponse(result=response.result, still_acceptable=response.still_acceptable,
                                                  attempts_left=response.attempts_left)
         if outcome.deny:
@@ -191,7 +197,23 @@ class PushConfirmations:
             out.decision.CopyFrom(o.decide(mfa_pb2.DecideRequest(session_id=session.id)))
         return out
 
-    def _flag(self, session: Session, answering_device: str, now) -> None:
+    def _late_deny(self, session_id: str, answer: mfa_pb2.PushAnswer, now: datetime) -> None:
+        """A customer's "not me" for the confirmation still out when the session was decided on
+        other factors: too late to change the decision, but the fraud signal is kept (the caller is
+        refused SESSION_DECIDED alike whether or not the answer held, so it reveals nothing)."""
+        o = self.o
+        session = o.sessions.load(session_id, now)
+        decision = session.state.decision
+        factor = FACTORS["push"]
+        ctx = o.factor_context(session, o.policies.get(session.tenant_id), now)
+        try:
+            factor.validate(ctx, answer)  # the confirmation out, unanswered, unexpired; well formed
+        except errors.ServiceError:
+            return
+        if decision is not None and factor.check(ctx, answer).deny:  # signed by the device it went to
+            self._flag(session, answer.device_id, now, after_decision=decision.outcome)
+
+    def _flag(self, session: Session, answering_device: str, now, after_decision: str = "") -> None:
         o, st = self.o, session.state
         with o.rt.storage.transaction():  # the flags and their audit record together
             o.store.subject_signals.flag(session.tenant_id, session.subject_id, "PUSH_DENIED", now)
@@ -200,7 +222,8 @@ class PushConfirmations:
             o.rt.audit.append("mfa.fraud_flagged", actor(), session.tenant_id, session.subject_id, {
                 "session_id": session.id, "reason": "PUSH_DENIED", "denied_on": answering_device,
                 "session_device": st.device.device_id or "", "session_device_state": st.device.state,
-                "session_device_fp": st.device.fp, "channel": st.channel, "request_id": st.request_id or ""})
+                "session_device_fp": st.device.fp, "channel": st.channel, "request_id": st.request_id or "",
+                **({"after_decision": after_decision} if after_decision else {})})
 
     # ------------------------------------------------------------------ tokens
     def set_token(self, req: mfa_pb2.SetPushTokenRequest) -> mfa_pb2.SetPushTokenResponse:

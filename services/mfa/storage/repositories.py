@@ -110,6 +110,23 @@ class SqlOtpRepository(Repository[OtpRecord]):
             "ORDER BY sent_at DESC, id LIMIT 1",
         )
 
+    def newest_for_session(self, session_id: str) -> OtpRecord | None:
+        """The session's newest OTP, live or not (two sent concurrently may both be unconsumed); of
+        two sent at the same instant, one still unconsumed with attempts left."""
+        return self._select_one(
+            "session_id = ?", (session_id,),
+            "ORDER BY sent_at DESC, CASE WHEN consumed_at IS NULL AND attempts < max_attempts THEN 0 ELSE 1 END,"
+            " id LIMIT 1",
+        )
+
+    def void_session(self, session_id: str, now: datetime) -> int:
+        """Mark every unconsumed OTP of the session used (one of them just passed)."""
+        with self._db.transaction() as s:
+            return s.count(
+                "UPDATE otp_challenges SET consumed_at = ? WHERE session_id = ? AND consumed_at IS NULL",
+                (now, session_id),
+            )
+
     def record_attempt(self, otp_id: str, now: datetime) -> OtpRecord | None:
         """Atomically spend one attempt; None when none is left, or it expired or was consumed."""
         with self._db.transaction() as s:
@@ -304,13 +321,15 @@ class SqlLockoutRepository(Repository[LockoutRecord]):
                  tenant_id, scope, key),
             )
 
-    def reset(self, tenant_id: str, scope: str, key: str) -> bool:
-        """Forget the counter (a success)."""
+    def reset(self, tenant_id: str, scope: str, key: str, locked_at: datetime | None = None) -> bool:
+        """Forget the counter (a success); with ``locked_at``, only while it still holds that lock
+        (a lapsed lock, not the failures charged since another call forgot it)."""
+        where, params = "tenant_id = ? AND scope = ? AND key = ?", list[Any]([tenant_id, scope, key])
+        if locked_at is not None:
+            where += " AND locked_at = ?"
+            params.append(locked_at)
         with self._db.transaction() as s:
-            return s.count(
-                "DELETE FROM mfa_lockouts WHERE tenant_id = ? AND scope = ? AND key = ?",
-                (tenant_id, scope, key),
-            ) == 1
+            return s.count(f"DELETE FROM mfa_lockouts WHERE {where}", tuple(params)) == 1
 
 
 class SqlSubjectSignalRepository(Repository[SubjectSignalRecord]):
