@@ -45,16 +45,18 @@ def test_a_browser_payment_is_confirmed_by_an_ivr_call_back_when_the_app_cannot_
                                        amount=F.Money(currency="CNY", amount_minor=100000), payee=PAYEE)
     s = world.mfa_stub.StartAuthentication(req)
 
+    for attempt in (lambda: world.voice_challenge(s, world.ivr),  # no call-back yet: a web session is not the IVR's
+                    lambda: world.submit(s, world.ivr, voice=world.ivr_voice(s, b"\0" * 16000, "any-nonce"))):
+        with pytest.raises(grpc.RpcError) as err:
+            attempt()
+        assert details_of(err.value)["reason"] == "TERMINAL_NOT_REGISTERED"
+
+    sent = world.mfa_stub.SendPushConfirmation(F.SendPushConfirmationRequest(session_id=s.session_id, payee=PAYEE))
+    assert not sent.sent and sent.reason.code == "NO_PUSH_DEVICE" and sent.ivr_callback
     challenge = world.voice_challenge(s, world.ivr)
     audio = spoken_digits.heard_answer(world.voice_engine, challenge.digits, SPEAKER, random.Random(7),
                                        subject=(ref.tenant_id, ref.subject_id), telephone=True)
     assert audio is not None
-    with pytest.raises(grpc.RpcError) as err:  # no call-back yet: a web session is not the IVR's
-        world.submit(s, world.ivr, voice=world.ivr_voice(s, audio, challenge.challenge.nonce))
-    assert details_of(err.value)["reason"] == "TERMINAL_NOT_REGISTERED"
-
-    sent = world.mfa_stub.SendPushConfirmation(F.SendPushConfirmationRequest(session_id=s.session_id, payee=PAYEE))
-    assert not sent.sent and sent.reason.code == "NO_PUSH_DEVICE" and sent.ivr_callback
     r = world.submit(s, world.ivr, voice=world.ivr_voice(s, audio, challenge.challenge.nonce)).result
     assert r.passed and r.binding == "terminal", r
     assert world.decide(s).outcome == F.OUTCOME_STEP_UP  # the SMS code too
