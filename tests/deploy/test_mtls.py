@@ -22,6 +22,7 @@ from tests.conftest import make_settings
 from tests.mfa.conftest import DEAD
 
 SPIFFE = "spiffe://bank-a.internal/ns/core-banking/sa/login"
+SPIFFE_MFA = "spiffe://bank-a.internal/ns/biogate/sa/biogate-mfa"
 TOKEN = "branch-onboarding-token-3b9f"
 SUBJECT = common_pb2.SubjectRef(tenant_id="bank-a", subject_id="cust-1")
 
@@ -34,6 +35,7 @@ def pki(tmp_path_factory):
         "ca": ca,
         "server": ca.server(),
         "spiffe": ca.issue("spiffe", "ignored-cn", uris=(SPIFFE,)),
+        "mfa": ca.issue("mfa", "ignored-cn", uris=(SPIFFE_MFA,)),
         "dns": ca.issue("dns", "ignored-cn", dns=("secops.bank-a.internal",)),
         "cn_only": ca.issue("cn", "legacy-batch.bank-a.internal"),
         # SANs present: its CN, although a principal's name, is no identity
@@ -55,6 +57,7 @@ def settings_for(tmp_path, pki, face_client=None):
             {"name": "core-banking-login", "roles": ["auditor", "orchestrator"], "tenants": ["bank-a"],
              "cert_subject": SPIFFE},
             {"name": "security-operations", "roles": ["auditor"], "cert_subject": "secops.bank-a.internal"},
+            {"name": "biogate-mfa", "roles": ["service"], "cert_subject": SPIFFE_MFA},
             {"name": "legacy-batch", "roles": ["auditor"], "cert_subject": "legacy-batch.bank-a.internal"},
             {"name": "branch-onboarding", "roles": ["enroller"], "tenants": ["bank-a"],
              "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()},
@@ -140,13 +143,14 @@ def test_mfa_refuses_to_start_when_a_biometric_service_refuses_its_credentials(p
     face.server.start()
     try:
         base = {"target": face.address, "ca_file": str(pki["ca"].cert_file), "retries": 0}
-        for who in ("member", "dns"):  # no principal; a principal without the orchestrator role
+        # no principal; a principal without the service role; the bank's login system (orchestrator)
+        for who in ("member", "dns", "spiffe"):
             client = {**base, "cert_file": str(pki[who].cert), "key_file": str(pki[who].key)}
             with pytest.raises(ClientConfigError) as err:
                 definition(settings_for(tmp_path / who, pki, client), "mfa")
             assert "clients.face.cert_file/clients.face.key_file" in str(err.value)
             assert "refuses this MFA's credentials" in str(err.value)
-        client = {**base, "cert_file": str(pki["spiffe"].cert), "key_file": str(pki["spiffe"].key)}
-        definition(settings_for(tmp_path / "good", pki, client), "mfa").close()  # an orchestrator: it starts
+        client = {**base, "cert_file": str(pki["mfa"].cert), "key_file": str(pki["mfa"].key)}
+        definition(settings_for(tmp_path / "good", pki, client), "mfa").close()  # the MFA's own: it starts
     finally:
         face.stop(grace=0)
