@@ -36,7 +36,7 @@ from .registry import DeviceRegistry
 from .render import factor_result, factor_sets
 from .reviews import ReviewQueue
 from .risk import Place, RiskEngine, RiskSignals
-from .sessions import Session, Sessions, require_open, terminal_may_serve
+from .sessions import Session, Sessions, require_open, require_room, terminal_may_serve
 from .push import PushGateway, open_push_gateway
 from .push.flow import PushConfirmations
 from .signals import apply_cooling_off, recent_changes
@@ -236,6 +236,10 @@ class Orchestrator:
                             session.state.device_usable)
         factor = FACTORS[name]
         ctx = self.factor_context(session, policy, now, budget)
+        biometric = name in MODALITIES.values()
+        limit = policy.session.max_biometric_challenges
+        if biometric:
+            require_room(len(session.state.challenges.get(name, [])), limit, f"{name} challenges")
 
         def claim(st: SessionState) -> None:
             require_open(st)  # decided since it was loaded: nothing may be sent for it
@@ -258,6 +262,8 @@ class Orchestrator:
 
                 def record(st: SessionState) -> None:
                     require_open(st)
+                    if biometric:
+                        require_room(len(st.challenges.get(name, [])), limit, f"{name} challenges")
                     st.challenges.setdefault(name, []).append(nonce)
                 self.sessions.mutate(claimed, record)
             if issued.audit:
@@ -323,6 +329,8 @@ class Orchestrator:
         policy = self._policy_of(session)
         self.require_acceptable(policy, session, name)
         st, tenant, subject = session.state, session.tenant_id, session.subject_id
+        limit = policy.session.max_submissions
+        require_room(st.submissions, limit, "factor submissions")
         self.lockouts.check(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
         factor = FACTORS[name]
         ctx = self.factor_context(session, policy, now, budget)
@@ -338,6 +346,8 @@ class Orchestrator:
 
         def change(st: SessionState) -> None:
             require_open(st)
+            require_room(st.submissions, limit, "factor submissions")
+            st.submissions += 1
             factor.settle(ctx, st, evidence)
             outcomes = [outcome, *ctx.also]
             if bound is not None and bound.pending_key:

@@ -28,6 +28,14 @@ def require_open(state: SessionState) -> None:
         raise errors.failed_precondition("the session has ended with a decision", "SESSION_DECIDED")
 
 
+def require_room(used: int, limit: int, what: str) -> None:
+    """Refuses a step past one of the session's limits (Policy.session): checked before the work and
+    again in the compare-and-swap that counts it, so that concurrent calls cannot pass it together."""
+    if used >= limit:
+        raise errors.failed_precondition(f"the session has taken its {limit} {what}; start a new session",
+                                         "SESSION_LIMIT_REACHED")
+
+
 @dataclass(frozen=True)
 class Session:
     """A stored session with its state parsed. Change the state only through Sessions.mutate."""

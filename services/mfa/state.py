@@ -94,6 +94,7 @@ class SessionState:
     push_sends: int = 0
     callback_channel: str | None = None  # "ivr": the push fallback's voice factor may come from the IVR platform
     proven_devices: list[str] = field(default_factory=list)  # proven by a DeviceProof: each counts once
+    submissions: int = 0  # factor evidence submitted, passed or not (Policy.session.max_submissions)
 
     @property
     def device_usable(self) -> bool:
@@ -119,7 +120,7 @@ class SessionState:
             out["payee"] = self.payee
         if self.pending_key:
             out["pending_key"] = self.pending_key
-        for name in ("request_id", "push", "push_sends", "callback_channel", "proven_devices"):
+        for name in ("request_id", "push", "push_sends", "callback_channel", "proven_devices", "submissions"):
             if getattr(self, name):
                 out[name] = getattr(self, name)
         return out
@@ -141,5 +142,5 @@ class SessionState:
             request_hash=d.get("request_hash"), bound_device_id=d.get("bound_device_id"),
             payee=d.get("payee"), pending_key=d.get("pending_key"), request_id=d.get("request_id"),
             push=d.get("push"), push_sends=int(d.get("push_sends", 0)), callback_channel=d.get("callback_channel"),
-            proven_devices=list(d.get("proven_devices") or []),
+            proven_devices=list(d.get("proven_devices") or []), submissions=int(d.get("submissions", 0)),
         )

@@ -100,6 +100,21 @@ def test_genuine_face_on_a_bound_device_is_allowed_and_the_token_verifies(world,
     assert face["apcer"] == r.target_apcer and face["apcer_measured"] == r.measured_apcer
 
 
+def test_a_session_hands_out_a_bounded_number_of_face_challenges(world, face_subject):
+    """Each StartBiometricChallenge asks the face service and grows the session: an attacker holding a
+    session could ask without end. The default policy allows 5 per modality; the sixth is refused
+    before the face service is asked, and the session keeps the five nonces it handed out."""
+    ref, app, _, _ = face_subject
+    s = world.start(ref, app)
+    ask = F.StartBiometricChallengeRequest(session_id=s.session_id, modality=common_pb2.MODALITY_FACE)
+    nonces = {world.mfa_stub.StartBiometricChallenge(ask).challenge.nonce for _ in range(5)}
+    assert len(nonces) == 5
+    with pytest.raises(grpc.RpcError) as err:
+        world.mfa_stub.StartBiometricChallenge(ask)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(err.value)["reason"] == "SESSION_LIMIT_REACHED" and "5 face challenges" in err.value.details()
+
+
 def test_an_impostor_face_is_denied(world, face_subject):
     ref, app, _, identity = face_subject
     s = world.start(ref, app)

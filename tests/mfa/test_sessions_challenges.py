@@ -132,3 +132,53 @@ def test_a_biometric_challenge_whose_service_is_down_degrades_the_session_like_s
     subjects_without_phone = start(orch, "bank-c")
     err = challenge(orch, "sms_otp", subjects_without_phone.session_id)
     assert err.reason == "NO_PHONE" and orch.sessions.get(subjects_without_phone.session_id).state.otp_sent_at is None
+
+
+def test_a_session_takes_a_bounded_number_of_submissions_passed_or_not(mfa_settings, clock):
+    """Passed attempts are not charged to the lockout, so only this bound stops a client from
+    resubmitting evidence (each a factor check, for a biometric the models) into one session: past
+    Policy.session.max_submissions even the right code is refused, before anything is written, and
+    two submissions racing for the last place get one."""
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+    from services.serve import prepare
+    from tests.conftest import race
+    from tests.mfa.conftest import OTP_POLICY
+    from tests.mfa.test_lockout import audit_events
+    from tests.mfa.test_otp_sms import enrol, session, submit
+
+    policy = (OTP_POLICY.replace("version: otp-test-1", "version: limit-test-1")  # failures are not what is tested
+              .replace("lockout: {max_failures: 5, delay_after: 3", "lockout: {max_failures: 20, delay_after: 20")
+              + "session: {max_submissions: 3}\n")
+    (mfa_settings.mfa.policy_dir / "limit-bank.yaml").write_text(policy)
+    prepare(mfa_settings)
+    rt = Runtime.open(mfa_settings)
+    orch = Orchestrator(rt, clock=clock)
+    try:
+        ref = enrol(orch, tenant="limit-bank")
+        s = session(orch, ref)
+        orch.send_otp(mfa_pb2.SendOtpRequest(session_id=s.session_id))
+        code = outbox_codes(mfa_settings)[-1]
+        wrong = "000000" if code != "000000" else "111111"
+        assert not submit(orch, s.session_id, wrong).result.passed
+        results = race(2, lambda i: submit(orch, s.session_id, wrong))  # both fit: 2 and 3 of 3
+        assert all(not isinstance(r, Exception) and not r.result.passed for r in results), results
+        factors = len(audit_events(mfa_settings, "mfa.factor"))
+        with pytest.raises(ServiceError) as err:
+            submit(orch, s.session_id, code)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and err.value.reason == "SESSION_LIMIT_REACHED"
+        assert "3 factor submissions" in err.value.message
+        assert len(audit_events(mfa_settings, "mfa.factor")) == factors
+        assert orch.sessions.get(s.session_id).state.submissions == 3
+
+        last = session(orch, ref)  # at 2 of 3, two at once: one gets the last place
+        orch.send_otp(mfa_pb2.SendOtpRequest(session_id=last.session_id))
+        for _ in range(2):
+            submit(orch, last.session_id, wrong)
+        results = race(2, lambda i: submit(orch, last.session_id, wrong))
+        refused = [r.reason for r in results if isinstance(r, ServiceError)]
+        assert refused == ["SESSION_LIMIT_REACHED"], results
+        assert orch.sessions.get(last.session_id).state.submissions == 3
+    finally:
+        orch.close()
+        rt.close()

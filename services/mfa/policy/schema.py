@@ -327,6 +327,16 @@ class CoolingOff(Strict):
     requirement: Requirement = Requirement(min_factors=2, min_independent=2, extra_evidence=3.0)
 
 
+class SessionLimits(Strict):
+    """What one session may take, passed attempts included (the lockout counts failures only): each
+    submission runs a factor's check (a biometric one the models) and grows the session's record,
+    each biometric challenge asks its service. Beyond them the caller starts a new session, which
+    the risk rules' velocity counts."""
+
+    max_submissions: int = Field(12, ge=1, le=100)
+    max_biometric_challenges: int = Field(5, ge=1, le=50)  # per modality
+
+
 class Policy(Strict):
     version: str = Field(min_length=1, max_length=64)
     description: str = ""
@@ -337,6 +347,7 @@ class Policy(Strict):
     lockout: Lockout = Lockout()
     binding: Binding = Binding()
     cooling_off: CoolingOff = CoolingOff()
+    session: SessionLimits = SessionLimits()
 
     def voice_challenge(self, action: str, channel: str) -> bool:
         """Whether the voice factor needs the digit challenge in a session of this action and channel."""
