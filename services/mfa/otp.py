@@ -16,6 +16,9 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
+
+from babel.numbers import format_currency, get_currency_precision
 
 from services.common import errors
 from services.common.privacy import mask_phone
@@ -71,7 +74,9 @@ class OtpService:
             keys.append(self._phone_rate_key(tenant, self.rt.crypto.decrypt_contact(tenant, subject, stored[0])))
         return keys
 
-    def send(self, cfg: OtpFactor, tenant: str, subject: str, session_id: str, now: datetime) -> Sent:
+    def send(self, cfg: OtpFactor, tenant: str, subject: str, session_id: str, now: datetime,
+             purpose: str = "") -> Sent:
+        """``purpose``: what the code authorises, in the text after the code (:func:`purpose`)."""
         stored = self.rt.storage.subjects.get_phone(tenant, subject)
         if stored is None:
             raise errors.failed_precondition("no phone number is registered for this subject", "NO_PHONE")
@@ -93,7 +98,8 @@ class OtpService:
         rec = self.store.otp.create(OtpRecord(session_id, tenant, subject, self.code_hash(session_id, code),
                                                    expires, cfg.max_attempts, sent_at=now))
         minutes = max(1, cfg.ttl_s // 60)
-        text = f"{code} is your verification code. Valid {minutes} min. Never share it, not even with bank staff."
+        text = (f"{code} is your {f'code for {purpose}' if purpose else 'verification code'}. Valid {minutes} min. "
+                "Never share it, not even with bank staff.")
         try:
             self.gateway.send(phone, text, idempotency_key=rec.id)
         except SmsError as exc:
@@ -117,3 +123,15 @@ class OtpService:
                 return Checked(True, left, "OTP_OK")
             return Checked(False, left, "OTP_EXPIRED_OR_USED")
         return Checked(False, left, "OTP_WRONG")
+
+
+def purpose(action: str, amount: tuple[str, int] | None, payee: dict[str, str] | None) -> str:
+    """The SMS's words for what its code authorises (PSD2 RTS art. 5: the payer is made aware of
+    the amount and the payee): "" for an action without an amount, else e.g. "payment of
+    CNY 4,900.00 to J. Smith (****1234)", the amount in its currency's minor units (CLDR)."""
+    if amount is None:
+        return ""
+    currency, minor = amount
+    value = Decimal(minor).scaleb(-get_currency_precision(currency))
+    text = f"{action.replace('_', ' ')} of {format_currency(value, currency, format='¤¤ #,##0.00', currency_digits=True, locale='en')}"
+    return text + (f" to {payee['name']} ({payee['account']})" if payee else "")

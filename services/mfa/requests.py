@@ -57,7 +57,8 @@ def amount(request: mfa_pb2.StartAuthenticationRequest, needs: bool) -> tuple[st
     return m.currency, m.amount_minor
 
 
-def payee(request: mfa_pb2.StartAuthenticationRequest | mfa_pb2.SendPushConfirmationRequest, needs: bool) -> tuple[str, str] | None:
+def payee(request: mfa_pb2.StartAuthenticationRequest | mfa_pb2.SendPushConfirmationRequest | mfa_pb2.SendOtpRequest,
+          needs: bool) -> tuple[str, str] | None:
     """(name, masked account) as the user is shown them; personal numbers are refused."""
     if not request.HasField("payee"):
         if needs:

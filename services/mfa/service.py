@@ -224,18 +224,23 @@ class Orchestrator:
             acceptable=factor_sets(st.plan.acceptable()), device_bound=st.device_usable)
 
     # ------------------------------------------------------------------ challenges
-    def challenge(self, name: str, session_id: str, budget: float | None = None) -> Any:
+    def challenge(self, name: str, session_id: str, budget: float | None = None,
+                  shown: mfa_pb2.SendOtpRequest | None = None) -> Any:
         """One path for every factor's challenge (SendOtp; StartBiometricChallenge for face and
         voice): the factor must be acceptable in the session, the subject and device not locked;
-        the factor claims what it needs in the session, issues, and the session keeps the nonce."""
+        the factor claims what it needs in the session, issues, and the session keeps the nonce.
+        ``shown``: a request naming the payee the user is shown (checked, then in ctx.notes)."""
         now = self.clock()
         session = self.sessions.open(session_id, now)
         policy = self._policy_of(session)
         self.require_acceptable(policy, session, name)
+        payee = self.payee_shown(shown, session, required=False) if shown is not None else None
         self.lockouts.check(session.tenant_id, session.subject_id, session.state.device.fp, policy.lockout, now,
                             session.state.device_usable)
         factor = FACTORS[name]
         ctx = self.factor_context(session, policy, now, budget)
+        if payee is not None:
+            ctx.notes["payee"] = payee
         biometric = name in MODALITIES.values()
         limit = policy.session.max_biometric_challenges
         if biometric:
@@ -278,7 +283,20 @@ class Orchestrator:
         return self.challenge(modality, req.session_id, budget)
 
     def send_otp(self, req: mfa_pb2.SendOtpRequest) -> mfa_pb2.SendOtpResponse:
-        return self.challenge("sms_otp", req.session_id)
+        return self.challenge("sms_otp", req.session_id, shown=req)
+
+    def payee_shown(self, req: mfa_pb2.SendOtpRequest | mfa_pb2.SendPushConfirmationRequest, session: Session,
+                    required: bool) -> dict[str, str] | None:
+        """The payee a request says the user is shown, checked against the session's keyed hash of
+        the one it started with (None: the request names none and need not)."""
+        if not (req.HasField("payee") or required):
+            return None
+        payee = requests.payee(req, needs=True)
+        assert payee is not None
+        shown = payee_object(*payee)
+        if self.proofs.payee_hash(session.tenant_id, shown) != session.state.payee:
+            raise errors.invalid_argument("payee is not the one this session was started with", payee="differs")
+        return shown
 
     def _degrade(self, session: Session, modality: str) -> Session:
         policy = self._policy_of(session)

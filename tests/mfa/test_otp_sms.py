@@ -137,6 +137,36 @@ def test_no_phone_is_a_failed_precondition_and_the_sink_masks_the_number(orch, c
     assert PHONE not in audit and "13800135678" not in audit and code not in audit and "cust-0001" not in audit
 
 
+def test_a_payments_code_names_its_amount_and_the_payee_shown(orch):
+    """PSD2 RTS art. 5: the payer is made aware of the amount and the payee the code authorises. The
+    text said "your verification code" whatever it authorised, so a code phished for a login (or
+    another payee) read the same as this payment's."""
+    def texts():
+        path = orch.rt.settings.data_dir / "sms-outbox.jsonl"
+        return [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
+
+    ref = enrol(orch)
+    payee = F.Payee(name="Li Lei", account_masked="6222 **** **** 1234")
+    pay = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="payment",
+                                                  device=App().device, payee=payee,
+                                                  amount=F.Money(currency="CNY", amount_minor=490000)))
+    other = F.Payee(name="Han Meimei", account_masked="6222 **** **** 9999")
+    with pytest.raises(ServiceError) as err:  # not the payee the session started with: nothing is sent
+        orch.send_otp(F.SendOtpRequest(session_id=pay.session_id, payee=other))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "payee is not the one" in err.value.message
+    assert not (orch.rt.settings.data_dir / "sms-outbox.jsonl").exists()
+    orch.send_otp(F.SendOtpRequest(session_id=pay.session_id, payee=payee))
+    code = outbox_codes(orch.rt.settings)[-1]
+    assert texts()[-1].startswith(f"{code} is your code for payment of CNY 4,900.00 to Li Lei (6222 **** **** 1234). ")
+    assert submit(orch, pay.session_id, code).result.passed
+    orch.send_otp(F.SendOtpRequest(session_id=orch.start(F.StartAuthenticationRequest(
+        subject=ref, channel=F.CHANNEL_APP, action="payment", device=App().device, payee=payee,
+        amount=F.Money(currency="JPY", amount_minor=4900))).session_id))  # no payee given: the amount alone
+    assert " is your code for payment of JPY 4,900. " in texts()[-1]
+    orch.send_otp(F.SendOtpRequest(session_id=session(orch, ref).session_id))
+    assert " is your verification code. " in texts()[-1]
+
+
 # --- the HTTP gateway against a local fake SMS API ---------------------------------------------
 
 class FakeGateway:

@@ -342,8 +342,10 @@ class Session:
         return self.submit(device=self._device().proof(self.id)).result
 
     def send_otp(self) -> mfa_pb2.SendOtpResponse:
-        """Sends the SMS code to the subject's phone (``masked_phone`` says where)."""
-        return self.client.call(self.client.mfa.SendOtp, mfa_pb2.SendOtpRequest(session_id=self.id))
+        """Sends the SMS code to the subject's phone (``masked_phone`` says where); for a payment the
+        text names the amount and the payee shown."""
+        return self.client.call(self.client.mfa.SendOtp, mfa_pb2.SendOtpRequest(session_id=self.id,
+                                                                               payee=self._payee()))
 
     def submit_otp(self, code: str) -> mfa_pb2.FactorResult:
         return self.submit(otp=mfa_pb2.OtpEvidence(code=code)).result
@@ -352,10 +354,12 @@ class Session:
         """Pushes this session's transaction to the customer's bound app. Show ``number`` on the
         bank's screen (the user types it in the app); when not ``sent``, ``acceptable`` lists the
         policy's fallback factors."""
-        payee = self.shown["payee"]
         return self.client.call(self.client.mfa.SendPushConfirmation, mfa_pb2.SendPushConfirmationRequest(
-            session_id=self.id,
-            payee=mfa_pb2.Payee(name=payee["name"], account_masked=payee["account"]) if payee else None))
+            session_id=self.id, payee=self._payee()))
+
+    def _payee(self) -> mfa_pb2.Payee | None:
+        payee = self.shown["payee"]
+        return mfa_pb2.Payee(name=payee["name"], account_masked=payee["account"]) if payee else None
 
     def decide(self) -> mfa_pb2.DecideResponse:
         """The signed decision: ``outcome``, ``token``, ``still_needed`` (STEP_UP), ``review_id``."""

@@ -12,6 +12,7 @@ from services.common.api.v1 import mfa_pb2
 from services.common.subjects import timestamp
 
 from ..fusion import FactorOutcome
+from ..otp import purpose
 from ..reasons import Reason
 from ..state import SessionState
 from .base import Challenge, Factor, FactorContext
@@ -43,7 +44,8 @@ class SmsOtpFactor(Factor):
 
     def issue(self, ctx: FactorContext) -> Challenge:
         cfg = ctx.policy.factors.sms_otp
-        sent = ctx.otp.send(cfg, ctx.tenant, ctx.subject, ctx.session_id, ctx.now)
+        what = purpose(ctx.state.action, ctx.state.amount, ctx.notes.get("payee"))
+        sent = ctx.otp.send(cfg, ctx.tenant, ctx.subject, ctx.session_id, ctx.now, purpose=what)
         return Challenge(
             mfa_pb2.SendOtpResponse(masked_phone=sent.masked_phone, expires_at=timestamp(sent.expires_at),
                                     resend_after=timestamp(sent.resend_after)),

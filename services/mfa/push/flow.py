@@ -38,8 +38,7 @@ from services.common.storage import new_id
 from services.common.subjects import actor, timestamp
 from services.common.validation import identifier, subject_ref
 
-from .. import requests
-from ..binding import canonical_json, payee_object
+from ..binding import canonical_json
 from ..factors import FACTORS
 from ..proofs import Refused, key_proof_shape
 from ..render import factor_sets
@@ -67,10 +66,7 @@ class PushConfirmations:
         policy = o.policies.get(session.tenant_id)
         o.require_acceptable(policy, session, "push")
         st, tenant, subject = session.state, session.tenant_id, session.subject_id
-        payee = requests.payee(req, needs=bool(st.payee)) if req.HasField("payee") or st.payee else None
-        shown_payee = payee_object(*payee) if payee else None
-        if shown_payee is not None and o.proofs.payee_hash(tenant, shown_payee) != st.payee:
-            raise errors.invalid_argument("payee is not the one this session was started with", payee="differs")
+        shown_payee = o.payee_shown(req, session, required=bool(st.payee))
         o.lockouts.check(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
         cfg = policy.factors.push
         if st.push_sends >= cfg.max_sends:

@@ -351,10 +351,12 @@ class SubmitFactorResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[FactorResult, _Mapping]] = ..., still_acceptable: _Optional[_Iterable[_Union[FactorSet, _Mapping]]] = ..., attempts_left: _Optional[int] = ...) -> None: ...
 
 class SendOtpRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "payee")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYEE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    payee: Payee
+    def __init__(self, session_id: _Optional[str] = ..., payee: _Optional[_Union[Payee, _Mapping]] = ...) -> None: ...
 
 class SendOtpResponse(_message.Message):
     __slots__ = ("masked_phone", "expires_at", "resend_after")
