@@ -370,3 +370,25 @@ def test_an_unreadable_previous_audit_key_names_the_setting(tmp_path):
     settings = CommonSettings(data_dir=tmp_path, audit={"previous_public_keys": [bad]})
     with pytest.raises(ValueError, match="audit.previous_public_keys: .*old.pem"):
         previous_audit_keys(settings)
+
+
+def test_a_record_whose_time_cannot_be_read_is_reported_not_a_crash(tmp_path, signer, pseudonymizer, fill):
+    """SQLite keeps the time as text: an attacker's unparseable value stopped verify with a traceback
+    instead of a report. (PostgreSQL's timestamptz cannot hold one.)"""
+    import sqlite3
+
+    from services.common.storage import open_storage
+
+    path = tmp_path / "audit.db"
+    storage = open_storage(f"sqlite:///{path}")
+    try:
+        fill(AuditLog(storage.audit, signer, pseudonymizer, checkpoint_every=5), N)
+        conn = sqlite3.connect(path)
+        conn.execute("DROP TRIGGER IF EXISTS audit_records_no_update")
+        conn.execute("UPDATE audit_records SET ts = 'yesterday' WHERE seq = 4")
+        conn.commit()
+        conn.close()
+        report = _verify(storage, signer)
+        assert not report.ok and "the record after seq 3 cannot be read" in _problems_text(report), report.render()
+    finally:
+        storage.close()

@@ -105,7 +105,17 @@ def verify(
 
     while True:
         walked = False
-        for row in storage_audit.iter_records(from_seq=expected_seq, batch=batch):
+        rows = storage_audit.iter_records(from_seq=expected_seq, batch=batch)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except (ValueError, TypeError, OverflowError) as exc:  # a column the database should never hold
+                report.head_seq = head.seq if head else None
+                report.add(f"the record after seq {expected_seq - 1} cannot be read ({type(exc).__name__}: {exc}): "
+                           "it was changed outside BioGate; the records after it were not checked")
+                return report
             walked = True
             if not uncovered and row.seq > (head.seq if head else 0):
                 newer = storage_audit.head()  # appended while this walk ran, or forged
