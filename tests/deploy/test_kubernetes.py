@@ -28,7 +28,7 @@ DEPLOYMENTS = (*SERVICES, "kiosk")  # the gRPC services and the kiosk gateway (H
 VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 # Provided by the bank's PKI / cert-manager (README, "Deploying"), never committed.
 EXTERNAL_SECRETS = {"biogate-tls", "biogate-mfa-client-tls", "biogate-kiosk-client-tls"}
-EXTERNAL_CLAIMS = {"biogate-models"}
+EXTERNAL_CLAIMS = {"biogate-models", "biogate-audit-anchors"}
 # Peak RSS measured per service (bench/RESULTS.md, "Peak memory" and "GPU (H100)"), in MiB.
 # The kiosk gateway's, by kiosk.http.max_frames (maximum-size frames held at once; bench/RESULTS.md,
 # "Kiosk gateway limits").
@@ -171,6 +171,7 @@ def test_every_environment_variable_names_a_setting_and_every_reference_exists(r
     settings = configuration(objects)
     pods = [d["spec"]["template"]["spec"] for d in by_kind(objects, "Deployment").values()]
     pods += [j["spec"]["template"]["spec"] for j in by_kind(objects, "Job").values()]
+    pods += [c["spec"]["jobTemplate"]["spec"]["template"]["spec"] for c in by_kind(objects, "CronJob").values()]
     assert names_a_setting("BIOGATE_VOICE__REPLAY_STORE") and not names_a_setting("BIOGATE_VOICE__REPLAY_STOR")
     for pod in pods:
         for c in pod["containers"]:
@@ -194,6 +195,21 @@ def test_every_environment_variable_names_a_setting_and_every_reference_exists(r
                 assert volume["persistentVolumeClaim"]["claimName"] in EXTERNAL_CLAIMS
     job = by_kind(objects, "Job")["biogate-migrate"]
     assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["biogate", "migrate"]
+
+
+def test_the_audit_trail_is_anchored_on_a_schedule_to_its_own_claim(rendered):
+    """Without anchors outside the database a rollback to an older signed head verifies; nothing ran
+    `biogate audit anchor` in a deployment."""
+    _, objects = rendered
+    cron = by_kind(objects, "CronJob")["biogate-audit-anchor"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert command[:3] == ["biogate", "audit", "anchor"] and command[3] == "--to"
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == command[4])
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["persistentVolumeClaim"]["claimName"] == "biogate-audit-anchors"
 
 
 def test_resources_cover_the_measured_peak_memory_and_gpus_are_scheduled(rendered):
