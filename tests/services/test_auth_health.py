@@ -10,7 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.common.api.v1 import common_pb2, face_pb2, mfa_pb2, voice_pb2
 from services.common.client import connect
 from services.common.errors import details_of
-from services.common.server.auth import ROLES, token_sha256
+from services.common.server.auth import ROLES, refuse_dev_credentials_off_loopback, token_sha256
 from services.common.server.interceptor import roles_by_method
 from tests.conftest import ServiceHarness, make_settings
 
@@ -165,3 +165,27 @@ def test_an_oversized_message_is_refused(harness):
         with pytest.raises(grpc.RpcError) as err:
             record(big)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize("host,refused", [("0.0.0.0", True), ("::", True), ("10.1.2.3", True),
+                                          ("mfa.bank-a.internal", True), ("127.0.0.1", False), ("localhost", False)])
+def test_development_credentials_never_serve_beyond_this_machine(tmp_path, host, refused):
+    """With no principals every role's token sits in a file, for any tenant: a server that others can
+    reach must name its principals. It refused nothing and listened wherever `host` said."""
+    from services.common.server.bootstrap import RunningServer
+    from services.mfa.server import definition
+
+    settings = make_settings(tmp_path / "data", server={"mfa": {"host": host, "port": 0}},
+                             clients={"face": {"target": "127.0.0.1:9"}, "voice": {"target": "127.0.0.1:9"}})
+    service = definition(settings)
+    try:
+        if refused:
+            with pytest.raises(ValueError, match=f"listens on {host}, beyond this machine, with development credentials"):
+                RunningServer(settings, service, port=0)
+        else:
+            RunningServer(settings, service, port=0).stop(grace=0)
+    finally:
+        service.close()
+    named = make_settings(tmp_path / "named", auth={"dev_credentials": False, "principals": [
+        {"name": "bank", "roles": ["orchestrator"], "token_sha256": token_sha256("t")}]})
+    refuse_dev_credentials_off_loopback(named, host, "the mfa service")  # principals named: anywhere

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import secrets
@@ -31,6 +32,21 @@ from services.common.config import CommonSettings
 from services.common.context import Principal
 
 ROLES = ("enroller", "verifier", "orchestrator", "admin", "auditor", "service")
+
+
+def refuse_dev_credentials_off_loopback(settings: CommonSettings, host: str, what: str) -> None:
+    """Development tokens (every role, every tenant, kept in a file) are for one machine: a server
+    reachable from others must name its principals."""
+    if settings.auth.principals or not settings.auth.dev_credentials:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{what} listens on {host}, beyond this machine, with development credentials (no "
+                         "auth.principals): configure auth.principals and set auth.dev_credentials false, or bind "
+                         "127.0.0.1")
 
 
 def token_sha256(token: str) -> str:

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import telemetry
 from services.common.config import CommonSettings
-from services.common.server.auth import Authenticator
+from services.common.server.auth import Authenticator, refuse_dev_credentials_off_loopback
 from services.common.server.memory import IdleTrimmer
 from services.common.server.admission import AdmissionQueue
 from services.common.server.interceptor import (ServerInterceptor, TenantLookup, model_work_methods, roles_by_method,
@@ -58,6 +58,8 @@ class RunningServer:
         self.settings = settings
         self.definition = definition
         self.worker = worker  # one of several processes on the port (`biogate serve`), or None: alone
+        refuse_dev_credentials_off_loopback(settings, settings.endpoint(definition.name).host,  # type: ignore[arg-type]
+                                            f"the {definition.name} service")
         cfg = settings.server
         self.interceptor = ServerInterceptor(
             definition.name,
