@@ -47,6 +47,8 @@ class AuditLog:
         self._every = checkpoint_every
         # The keys a head may be signed with to be chained onto: this service's and earlier ones'.
         self._head_keys = {**key_map(list(previous_keys)), signer.key_id: signer.public_key}
+        # The head this log last signed or verified: found unchanged, its signature needs no second check.
+        self._known_head: AuditHead | None = None
 
     @classmethod
     def from_settings(cls, settings: CommonSettings, storage: Storage, keyring: Keyring) -> AuditLog:
@@ -99,7 +101,10 @@ class AuditLog:
             row = AuditRow(next_seq, ts, event_type, actor, tenant_id, pseudonym, details_json, prev_hash, digest)
 
             def head() -> AuditHead:
-                return AuditHead(next_seq, digest, self._signer.sign(head_message(next_seq, digest)), self._signer.key_id)
+                signed = AuditHead(next_seq, digest, self._signer.sign(head_message(next_seq, digest)),
+                                   self._signer.key_id)
+                self._known_head = signed
+                return signed
 
             checkpoint = None
             if next_seq % self._every == 0:
@@ -129,6 +134,8 @@ class AuditLog:
                 f"{where}, but the trail {found}: records were added or removed outside BioGate; nothing is "
                 "appended until `biogate audit verify` has been run and the trail restored"
             )
+        if head == self._known_head:
+            return
         key = self._head_keys.get(head.key_id)
         if key is None:
             raise AuditIntegrityError(
@@ -143,6 +150,7 @@ class AuditLog:
                 f"{where}, but its signature does not verify: the head was altered outside BioGate; nothing "
                 "is appended until `biogate audit verify` has been run and the trail restored"
             )
+        self._known_head = head
 
 
 def previous_audit_keys(settings: CommonSettings) -> list[PublicKey]:
