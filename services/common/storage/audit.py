@@ -15,6 +15,11 @@ from .interfaces import AuditAppend, AuditBuilder, AuditCheckpoint, AuditHead, A
 from .rows import columns, insert_sql, to_record, values
 
 
+_TAIL = ("SELECT r.seq, r.hash, h.seq, h.hash, h.signature, h.key_id FROM (SELECT 1 AS one) AS o"
+         " LEFT JOIN (SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1) AS r ON 1 = 1"
+         " LEFT JOIN audit_head AS h ON h.id = 1")
+
+
 class SqlAuditRepository:
     """Appends made outside a write transaction are committed in groups: while one caller's
     transaction writes, the appends that arrive meanwhile wait and go together, in arrival order, in
@@ -81,9 +86,11 @@ class SqlAuditRepository:
 
     def _write(self, s: Session, group: list[_Pending]) -> None:
         self._db.lock(s, "audit_append")
-        last = s.one("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")
-        next_seq, prev_hash = (1, None) if last is None else (int(last[0]) + 1, last[1])
-        self._check_tail(s, group, next_seq - 1, prev_hash)
+        # The last record and the signed head in one round trip: it is made under the audit lock.
+        tail = s.one(_TAIL)
+        next_seq, prev_hash = (1, None) if tail[0] is None else (int(tail[0]) + 1, tail[1])
+        stored = None if tail[2] is None else to_record(AuditHead, tail[2:])
+        self._check_tail(group, stored, next_seq - 1, prev_hash)
         head = None
         for p in group:
             if p.error is not None:
@@ -115,14 +122,11 @@ class SqlAuditRepository:
                 values(head),
             )
 
-    def _check_tail(self, s: Session, group: list[_Pending], last_seq: int, last_hash: str | None) -> None:
+    @staticmethod
+    def _check_tail(group: list[_Pending], stored: AuditHead | None, last_seq: int, last_hash: str | None) -> None:
         """Each distinct check once per group (every log of a process shares it): the group is chained
         onto the tail read here, the records after it onto the group's own."""
         checks = {p.check_tail for p in group if p.check_tail is not None}
-        if not checks:
-            return
-        r = s.one(f"SELECT {columns(AuditHead)} FROM audit_head WHERE id = 1")
-        stored = to_record(AuditHead, r) if r else None
         for check in checks:
             try:
                 check(stored, last_seq, last_hash)
