@@ -140,10 +140,7 @@ def ensure_dev_credentials(settings: CommonSettings) -> dict[str, str]:
     tokens["dev-all"] = secrets.token_urlsafe(32)
     # Written to a temporary file, then linked into place: link() fails if another process got
     # there first, and a reader never sees a half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(tokens, fh, indent=2)
+    tmp = _written_beside(path, tokens)
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -162,9 +159,14 @@ def _add_dev_roles(path: Path) -> dict[str, str]:
         missing = [role for role in ROLES if f"dev-{role}" not in tokens]
         if missing:
             tokens.update({f"dev-{role}": secrets.token_urlsafe(32) for role in missing})
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(tokens, fh, indent=2)
-            os.replace(tmp, path)
+            os.replace(_written_beside(path, tokens), path)
         return tokens
+
+
+def _written_beside(path: Path, tokens: dict[str, str]) -> Path:
+    """``tokens`` in a temporary file next to ``path``, readable by this user only (to be moved in)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(tokens, fh, indent=2)
+    return tmp
