@@ -207,3 +207,37 @@ def test_a_template_written_while_the_check_runs_is_left_to_the_next_run(rt, cap
     assert report.ok and report.deferred == 1 and report.templates_checked == 1
     assert _check(rt, capsys)[0] == 0
 
+
+def test_an_erasure_racing_an_enrolment_leaves_the_trail_and_the_templates_agreeing(tmp_path, pg_dsn):
+    """PostgreSQL, read committed: an erasure whose DELETE ran while an enrolment of the same subject
+    was not yet committed missed that template, yet its audit record came after the enrolment's: the
+    trail said erased over a template that stayed. The erasure now waits for the enrolment."""
+    import threading
+    import time
+
+    import psycopg
+
+    rt = Runtime.open(make_settings(tmp_path / "data", storage={"dsn": pg_dsn}))
+    try:
+        rt.storage.subjects.record_consent(ConsentRecord(T, S, "biometric_verification", ("face",), "v1"))
+        envelope, key_id = Templates(rt, "face").vault.seal(T, S, "face-model", _vec(1))
+        erasure = threading.Thread(target=_erase, args=(rt, "face"))
+        with rt.storage.transaction():  # the enrolment, held open until the erasure waits on it
+            rt.storage.templates.put(TemplateRecord(T, S, "face", "face-model", "", envelope, key_id, 1))
+            rt.audit.append("face.enrolled", "service:face", T, S, {"model_id": "face-model",
+                                                                    "payload_digest": payload_digest(envelope)})
+            with rt.storage.db.transaction() as session:  # the enrolment's own connection
+                enrolling = session.one("SELECT pg_backend_pid()")[0]
+            erasure.start()
+            with psycopg.connect(pg_dsn, autocommit=True) as watch:
+                deadline = time.monotonic() + 60
+                while not watch.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                                        (enrolling,)).fetchone()[0]:
+                    assert time.monotonic() < deadline, "the erasure never reached the enrolment's locks"
+                    time.sleep(0.01)
+        erasure.join(60)
+        assert rt.storage.templates.list_for_subject(T, S) == []
+        report = check_templates(rt.storage, rt.audit._signer.public_key, rt.pseudonymize)
+        assert report.ok and not report.findings, report.render()
+    finally:
+        rt.close()

@@ -134,6 +134,13 @@ class SqlTemplateRepository(Repository[TemplateRecord]):
     ) -> list[TemplateRecord]:
         where, params = _subject_filter(tenant_id, subject_id, modality)
         with self._db.transaction() as s:
+            if self._db.dialect.name == "postgres":
+                # An enrolment of this subject not yet committed holds a key-share lock on the subject
+                # row (its template's foreign key): waiting for it here makes the DELETE see its row.
+                # Without it the DELETE missed that row, yet its audit record came after the
+                # enrolment's: a trail saying "erased" over a template that is there.
+                s.execute("SELECT 1 FROM subjects WHERE tenant_id = ? AND subject_id = ? FOR UPDATE",
+                          (tenant_id, subject_id))
             rows = s.all(f"DELETE FROM templates WHERE {where} RETURNING {self._cols}", params)
         return [to_record(TemplateRecord, r) for r in rows]
 
