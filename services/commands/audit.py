@@ -1,11 +1,12 @@
-"""``biogate audit ...``: verify, export-public-key, export-checkpoints, anchor."""
+"""``biogate audit ...``: verify, templates, export-public-key, export-checkpoints, anchor."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.common.audit.anchor import DirectoryStore, anchor, anchored
 from services.common.audit.log import previous_audit_keys
@@ -18,23 +19,26 @@ from services.common.crypto.signing import PublicKey
 if TYPE_CHECKING:
     from services.settings import Settings
 
+ATTEST_LOCK = "biogate-template-attestation"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     audit = subparsers.add_parser("audit", help="the tamper-evident audit trail")
     sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("verify", help="check the hash chain, checkpoints and signed head")
-    p.add_argument("--public-key", type=Path, help="PEM public key (default: from the signing key)")
-    p.add_argument(
-        "--checkpoints", type=Path,
-        help="file of 'SEQ HASH' lines kept outside the database (from export-checkpoints)",
-    )  # fmt: skip
-    p.add_argument(
-        "--checkpoint-every", type=int,
-        help="require a checkpoint at every multiple (default: audit.checkpoint_every; 0: off)",
-    )  # fmt: skip
-    p.add_argument("--anchors", type=Path, help="directory of write-once anchors written by `audit anchor`")
+    _verify_options(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "templates", help="verify the trail, then check every stored template is the one its latest audit record "
+                          "names (rollback, substitution, deletion outside BioGate)")
+    _verify_options(p)
+    p.add_argument("--attest-legacy", action="store_true",
+                   help="write an audit record naming each template enrolled before the trail named templates "
+                        "(run once after the upgrade, on a database you trust)")
+    p.add_argument("--batch", type=int, default=1000, help="templates and audit records per read (default 1000)")
+    p.set_defaults(func=cmd_templates)
 
     p = sub.add_parser(
         "anchor", help="copy the signed checkpoints and head to a write-once directory (run it periodically)"
@@ -51,6 +55,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export-checkpoints", help="'SEQ HASH' lines of the signed checkpoints, for WORM storage"
     )
     p.set_defaults(func=cmd_export_checkpoints)
+
+
+def _verify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--public-key", type=Path, help="PEM public key (default: from the signing key)")
+    p.add_argument(
+        "--checkpoints", type=Path,
+        help="file of 'SEQ HASH' lines kept outside the database (from export-checkpoints)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every", type=int,
+        help="require a checkpoint at every multiple (default: audit.checkpoint_every; 0: off)",
+    )  # fmt: skip
+    p.add_argument("--anchors", type=Path, help="directory of write-once anchors written by `audit anchor`")
+
+
+def _verify_kwargs(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoints kept outside the database and the checkpoint interval the options name."""
+    every = getattr(args, "checkpoint_every", None)
+    every = settings.audit.checkpoint_every if every is None else every
+    known = _read_checkpoints(args.checkpoints) if getattr(args, "checkpoints", None) else []
+    if getattr(args, "anchors", None):
+        known += anchored(DirectoryStore(args.anchors))
+    return {"known_checkpoints": known, "checkpoint_every": every or None}
 
 
 def _storage(settings: Settings):
@@ -85,18 +112,48 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     public_key = _public_key(settings, args)
     if public_key is None:
         return 2
-    every = getattr(args, "checkpoint_every", None)
-    every = settings.audit.checkpoint_every if every is None else every
-    known = _read_checkpoints(args.checkpoints) if getattr(args, "checkpoints", None) else []
-    if getattr(args, "anchors", None):
-        known += anchored(DirectoryStore(args.anchors))
+    options = _verify_kwargs(settings, args)
     storage = _storage(settings)
     try:
-        report = verify(storage.audit, public_key, known_checkpoints=known, checkpoint_every=every or None,
-                        data_rows=storage.audited_rows())
+        report = verify(storage.audit, public_key, data_rows=storage.audited_rows(), **options)
     finally:
         storage.close()
     print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_templates(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 1 on any finding or a trail that does not verify; unattested templates alone are no failure."""
+    from services.commands.keys import cli_actor
+    from services.common.audit.log import AuditLog
+    from services.common.audit.templates import attester, check_templates
+    from services.common.crypto.keyring import open_keyring
+    from services.common.privacy import Pseudonymizer
+    from services.common.storage.errors import LockHeldError
+
+    public_key = _public_key(settings, args)
+    if public_key is None:
+        return 2
+    options = _verify_kwargs(settings, args)
+    keyring = open_keyring(settings, create=False)  # the pseudonym key: the trail names subjects by pseudonym
+    storage = _storage(settings)
+    try:
+        with contextlib.ExitStack() as stack:
+            attest = None
+            if args.attest_legacy:
+                stack.enter_context(storage.exclusive(ATTEST_LOCK, "audit templates --attest-legacy"))
+                attest = attester(storage, AuditLog.from_settings(settings, storage, keyring), cli_actor())
+            report = check_templates(storage, public_key, Pseudonymizer(keyring.pseudonym_key()),
+                                     batch=max(1, args.batch), attest=attest, **options)
+    except LockHeldError as exc:
+        print(f"refused: another `audit templates --attest-legacy` runs ({exc.holder}); nothing was written",
+              file=sys.stderr)
+        return 1
+    finally:
+        storage.close()
+    print(report.render())
+    if args.attest_legacy and not report.chain.ok:
+        print("nothing attested: the trail did not verify", file=sys.stderr)
     return 0 if report.ok else 1
 
 

@@ -7,6 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import context
 from services.common.api.v1 import common_pb2
+from services.common.audit.templates import slot_details
 from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
 from services.common.storage.interfaces import Modality
@@ -55,10 +56,11 @@ def delete_modality(rt: Runtime, request: common_pb2.DeleteSubjectRequest, modal
     tenant, subject = subject_ref(request.subject)
     reason = identifier(request.reason, "reason") if request.reason else "unspecified"
     # One transaction: the erasure and its audit record land together or not at all.
+    # The record names each sealed template it deleted (what `biogate audit templates` checks against).
     with rt.storage.transaction():
-        deleted = rt.storage.templates.delete_for_subject(tenant, subject, modality)
-        row = rt.audit.append(
-            f"{modality}.subject_deleted", actor(), tenant, subject, {"templates_deleted": deleted, "reason": reason}
-        )
-    return common_pb2.DeleteSubjectResponse(templates_deleted=deleted, audit_record_id=str(row.seq))
+        deleted = rt.storage.templates.erase_for_subject(tenant, subject, modality)
+        row = rt.audit.append(f"{modality}.subject_deleted", actor(), tenant, subject, {
+            "templates_deleted": len(deleted), "reason": reason,
+            "deleted": [slot_details(r.model_id, r.channel, r.envelope) for r in deleted]})
+    return common_pb2.DeleteSubjectResponse(templates_deleted=len(deleted), audit_record_id=str(row.seq))
 

@@ -212,6 +212,18 @@ def test_the_audit_trail_is_anchored_on_a_schedule_to_its_own_claim(rendered):
     assert volume["persistentVolumeClaim"]["claimName"] == "biogate-audit-anchors"
 
 
+def test_the_templates_are_checked_against_the_audit_trail_on_a_schedule_and_never_attested(rendered):
+    """Without the check a template put back from before a re-enrolment verifies unnoticed; attesting
+    legacy templates is an operator's decision, never a schedule's."""
+    _, objects = rendered
+    cron = by_kind(objects, "CronJob")["biogate-audit-templates"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["biogate", "audit", "templates"]
+    assert {e["name"] for e in container["env"]} >= {"BIOGATE_STORAGE__DSN", "BIOGATE_PKCS11_PIN"}  # keys: pseudonyms
+
+
 def test_resources_cover_the_measured_peak_memory_and_gpus_are_scheduled(rendered):
     overlay, objects = rendered
     settings = configuration(objects)

@@ -25,7 +25,7 @@ takes those.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -85,13 +85,15 @@ def verify(
     checkpoint_every: int | None = None,
     batch: int = 1000,
     data_rows: Mapping[str, int] | None = None,
+    on_record: Callable[[AuditRow], None] | None = None,
 ) -> VerifyReport:
     """Walk the whole trail.
 
     ``known_checkpoints``: (seq, hash) pairs kept outside the database. ``checkpoint_every``:
     also require a checkpoint at every multiple of it (only if it never changed). ``data_rows``:
     counts of audited rows the database holds (``Storage.audited_rows``); any with an empty trail
-    is a failure.
+    is a failure. ``on_record``: called with each record walked, in order (one pass serves a
+    caller's own reading of the trail too).
     """
     keys = key_map(public_key)
     report = VerifyReport()
@@ -124,6 +126,8 @@ def verify(
                 else:
                     uncovered = True
             _check_record(report, row, expected_seq, prev, last, checkpoints, external, checkpoint_every)
+            if on_record is not None:
+                on_record(row)
             expected_seq, prev, last = row.seq + 1, row.hash, row
         # A head or checkpoint read during the walk's last batch names records committed after that
         # batch was read: they are there now, unless the trail was cut.

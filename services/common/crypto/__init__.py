@@ -10,7 +10,7 @@ Typical use in a service::
     template_bytes = crypto.decrypt_template(binding, record.envelope)  # raises on any mismatch
 """
 
-from .envelope import ContactBinding, EnvelopeCrypto, TemplateBinding, envelope_key_id
+from .envelope import ContactBinding, EnvelopeCrypto, TemplateBinding, envelope_key_id, payload_digest
 from .errors import (
     BindingMismatchError,
     KeyInUseError,
@@ -41,4 +41,5 @@ __all__ = [
     "WrongKeyError",
     "envelope_key_id",
     "open_keyring",
+    "payload_digest",
 ]

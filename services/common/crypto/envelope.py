@@ -260,6 +260,14 @@ def envelope_key_id(envelope: bytes) -> str:
     return _parse(envelope).key_id
 
 
+def payload_digest(envelope: bytes) -> str:
+    """Which sealed template an envelope holds: SHA-256 of its payload (nonce, ciphertext, tag), the
+    part a re-wrap keeps, so the digest survives key rotation. The payload is ciphertext under a
+    fresh data key and random nonce, so the digest says nothing of the template; the tag
+    authenticates the header, so no other envelope with this payload opens. No key needed."""
+    return hashlib.sha256(b"biogate-sealed-payload-v1\x00" + _parse(envelope).payload).hexdigest()
+
+
 def _differing(expected: dict[str, str], tags: list[bytes]) -> list[str]:
     if len(tags) != len(expected):
         return ["purpose"]
@@ -272,4 +280,5 @@ __all__ = [
     "TemplateBinding",
     "ContactBinding",
     "envelope_key_id",
+    "payload_digest",
 ]

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from services.common.audit.templates import slot_details
 from services.common.crypto import EnvelopeCrypto, TemplateBinding, envelope_key_id
 from services.common.runtime import Runtime
 from services.common.storage import AlreadyExistsError, TemplateRecord
@@ -134,6 +135,8 @@ class Templates:
               samples: int, quality: Mapping[str, Any], replace: bool,
               details: Mapping[str, Any]) -> tuple[TemplateRecord, bool]:
         """Seal and store the template; it and its ``<modality>.enrolled`` audit record commit together.
+        The record names the sealed payload's digest: which envelope is the slot's current one
+        (``biogate audit templates`` finds an older one put back).
         -> (the stored record, whether it is a new row rather than a replacement)"""
         envelope, key_id = self.vault.seal(tenant, subject, model_id, embedding, channel)
         record = TemplateRecord(tenant, subject, self.modality, model_id, channel, envelope, key_id, samples,
@@ -142,7 +145,7 @@ class Templates:
             with self.rt.storage.transaction():
                 stored = self.rt.storage.templates.put(record, replace=replace)
                 self.rt.audit.append(f"{self.modality}.enrolled", actor(), tenant, subject,
-                                     {"model_id": model_id, **({"channel": channel} if channel else {}), **details})
+                                     {**details, **slot_details(model_id, channel, envelope)})
         except AlreadyExistsError:
             raise self._already_enrolled(channel) from None
         return stored, stored.id == record.id

@@ -189,6 +189,17 @@ class TemplateRepository(Protocol):
         self, tenant_id: str, subject_id: str, modality: Modality | None = None
     ) -> int: ...
 
+    def erase_for_subject(
+        self, tenant_id: str, subject_id: str, modality: Modality | None = None
+    ) -> list[TemplateRecord]:
+        """Delete the subject's templates (of one modality); the records deleted."""
+
+    def iter_all(self, batch: int = 1000) -> Iterator[list[TemplateRecord]]:
+        """Every template, in batches of at most ``batch`` ordered by id (keyset pagination)."""
+
+    def get_for_update(self, id: str) -> TemplateRecord | None:
+        """The template of row ``id``, locked against other writers until the transaction ends."""
+
     def iter_for_rewrap(
         self, exclude_key_id: str, batch: int, after_id: str = ""
     ) -> list[TemplateRecord]:

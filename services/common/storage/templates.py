@@ -9,7 +9,7 @@ from typing import Any
 from .db import from_ts
 from .interfaces import Modality, TemplateRecord
 from .repository import Repository
-from .rows import insert_sql, values
+from .rows import insert_sql, to_record, values
 from .subjects import ensure_subject
 
 _KEY = "tenant_id = ? AND subject_id = ? AND modality = ? AND model_id = ? AND channel = ?"
@@ -62,9 +62,16 @@ class SqlTemplateRepository(Repository[TemplateRecord]):
         batch: int = 1000,
         consent: str | None = None,
     ) -> Iterator[list[TemplateRecord]]:
-        # Keyset pagination: each batch is one short indexed read, so neither memory nor a
-        # connection is held while the caller scores the batch.
         where, params = self._gallery(tenant_id, modality, model_id, channel, consent)
+        return self._pages(where, params, batch)
+
+    def iter_all(self, batch: int = 1000) -> Iterator[list[TemplateRecord]]:
+        """Every template, in batches ordered by id."""
+        return self._pages("1 = 1", (), batch)
+
+    def _pages(self, where: str, params: tuple[Any, ...], batch: int) -> Iterator[list[TemplateRecord]]:
+        # Keyset pagination: each batch is one short indexed read, so neither memory nor a
+        # connection is held while the caller works on the batch.
         after = ""
         while True:
             found = self._select(where + " AND id > ?", (*params, after, batch), "ORDER BY id LIMIT ?")
@@ -120,9 +127,30 @@ class SqlTemplateRepository(Repository[TemplateRecord]):
     def delete_for_subject(
         self, tenant_id: str, subject_id: str, modality: Modality | None = None
     ) -> int:
+        return len(self.erase_for_subject(tenant_id, subject_id, modality))
+
+    def erase_for_subject(
+        self, tenant_id: str, subject_id: str, modality: Modality | None = None
+    ) -> list[TemplateRecord]:
         where, params = _subject_filter(tenant_id, subject_id, modality)
         with self._db.transaction() as s:
-            return s.count(f"DELETE FROM templates WHERE {where}", params)
+            if self._db.dialect.name == "postgres":
+                # An enrolment of this subject not yet committed holds a key-share lock on the subject
+                # row (its template's foreign key): waiting for it here makes the DELETE see its row.
+                # Without it the DELETE missed that row, yet its audit record came after the
+                # enrolment's: a trail saying "erased" over a template that is there.
+                s.execute("SELECT 1 FROM subjects WHERE tenant_id = ? AND subject_id = ? FOR UPDATE",
+                          (tenant_id, subject_id))
+            rows = s.all(f"DELETE FROM templates WHERE {where} RETURNING {self._cols}", params)
+        return [to_record(TemplateRecord, r) for r in rows]
+
+    def get_for_update(self, id: str) -> TemplateRecord | None:
+        """The template of row ``id``, which no other transaction changes until this one ends (call it
+        inside ``Storage.transaction()``; SQLite's write transaction excludes every other writer)."""
+        lock = " FOR UPDATE" if self._db.dialect.name == "postgres" else ""
+        with self._db.transaction() as s:
+            row = s.one(f"SELECT {self._cols} FROM templates WHERE id = ?{lock}", (id,))
+        return to_record(TemplateRecord, row) if row else None
 
     def iter_for_rewrap(
         self, exclude_key_id: str, batch: int, after_id: str = ""
