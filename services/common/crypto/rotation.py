@@ -34,7 +34,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .envelope import EnvelopeCrypto
+from .envelope import EnvelopeCrypto, envelope_key_id
 from .errors import KeyInUseError, KeyOperationInProgressError, KeyringError, TemplateDecryptionError
 from .keyring import KeyInfo, Keyring
 from .provision import KeyAudit, add_kek, audit_failure
@@ -63,6 +63,15 @@ def key_operation(storage: Storage, what: str) -> Iterator[None]:
                 f"changed: run `keys {what}` again when it has finished"
             ) from None
         yield
+
+
+def sealed_key_id(envelope: bytes) -> str:
+    """The key id in a sealed record's header, for counting and re-wrapping records whose key id is in
+    no column; "" for one that is not an envelope (counted under no key, reported by the re-wrap)."""
+    try:
+        return envelope_key_id(envelope)
+    except TemplateDecryptionError:
+        return ""
 
 
 @dataclass(frozen=True)
