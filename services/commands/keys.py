@@ -150,13 +150,17 @@ def _sealed(settings: Settings, storage: Storage) -> list[_Sealed]:
     migrated, here: not inside retire's transaction)."""
     from services.mfa.push.sealed import SealedConfirmations
     from services.mfa.storage import attach as attach_mfa
+    from services.voice.replay import DatabaseReplayStore, RedisReplayStore, ReplayStoreError, open_store
 
     out = []
     voice = settings.voice
-    if voice.replay_store == "database":
-        from services.voice.replay import DatabaseReplayStore
-
-        replay = DatabaseReplayStore(storage, voice.replay_retention_s, voice.replay_max_per_subject)
+    try:
+        replay = open_store(voice.replay_store, voice.replay_retention_s, voice.replay_max_per_subject,
+                            voice.replay_key_prefix, storage=storage)
+    except ReplayStoreError as exc:  # an unreachable Redis: its fingerprints can be neither moved nor counted
+        raise KeyringError(f"{exc}; nothing was changed") from None
+    # A process's memory store is out of any command's reach (README, Key rotation).
+    if isinstance(replay, (DatabaseReplayStore, RedisReplayStore)):
         out.append(_Sealed(replay.sealed_table(), replay.key_usage,
                            f"voice.replay_retention_s ({voice.replay_retention_s} s) after each accepted capture"))
     push = SealedConfirmations(attach_mfa(storage))

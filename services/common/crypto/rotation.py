@@ -76,15 +76,17 @@ def sealed_key_id(envelope: bytes) -> str:
 
 @dataclass(frozen=True)
 class SealedTable:
-    """Sealed data a service keeps in a table of its own, re-wrapped by rotation like the templates:
-    ``fetch(target, batch, after)`` the next records (each with ``.envelope``) not under ``target``
-    after the cursor (None: from the start), ``cursor(record)``, ``swap(record, envelope)`` a
-    compare-and-swap on the record's envelope."""
+    """Sealed data a service keeps in a table (or another store) of its own, re-wrapped by rotation
+    like the templates: ``fetch(target, batch, after)`` the next records (each with ``.envelope``) not
+    under ``target`` after the cursor (None: from the start; an empty list: no more), ``cursor(record)``,
+    ``swap(record, envelope)`` a compare-and-swap on the record's envelope; ``name(record)`` how a
+    failure names it (default: its cursor, when that is unique per record)."""
 
     what: str  # singular: "voice replay fingerprint"
     fetch: Callable[[str, int, Any], list[Any]]
     cursor: Callable[[Any], Any]
     swap: Callable[[Any, bytes], bool]
+    name: Callable[[Any], str] | None = None
 
 
 @dataclass
@@ -161,7 +163,7 @@ def _rewrap_all(
         report.others_rewrapped[t.what] = _rewrap_table(
             crypto, target, report, storage.transaction,
             fetch=lambda after, t=t: t.fetch(target, batch, after), cursor=t.cursor,  # type: ignore[misc]
-            name=lambda r, t=t: f"{t.what} {t.cursor(r)}", swap=t.swap,  # type: ignore[misc]
+            name=lambda r, t=t: f"{t.what} {t.name(r) if t.name else t.cursor(r)}", swap=t.swap,  # type: ignore[misc]
         )  # fmt: skip
     log.info(
         "re-wrapped %d templates and %d phone numbers to %s (%d conflicts, %d failures)",
