@@ -22,6 +22,7 @@ process's memory.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -35,13 +36,17 @@ import soxr
 from numpy.typing import NDArray
 from scipy.signal import butter, fftconvolve, sosfiltfilt
 
+from services.common.crypto.errors import UnknownKeyError
 from services.common.crypto.rotation import SealedTable, sealed_key_id
 
 from .config import voice_config
+from .metrics import REPLAY_UNREADABLE
 
 if TYPE_CHECKING:
     from services.common.runtime import Runtime
     from services.common.storage import Storage
+
+log = logging.getLogger("biogate.voice.replay")
 
 RATE = 8000
 N_FFT = 256  # 32 ms at 8 kHz
@@ -369,11 +374,24 @@ class ReplayCache:
         self._seal, self._open, self._pseudonymize = seal, open_, pseudonymize
 
     def best_match(self, tenant: str, subject: str, fp: Fingerprint) -> float:
-        """The highest similarity of ``fp`` to the subject's retained captures (0.0 when none)."""
+        """The highest similarity of ``fp`` to the subject's retained captures (0.0 when none).
+
+        A record sealed under a key the keyring no longer holds is left out as if expired: `keys
+        retire` refuses while the database or Redis store holds any, but cannot see a process's
+        memory store (or a capture stored after it counted), and one such record must not fail every
+        verification of the subject until the retention ends. Any other envelope that does not open
+        (altered, bound to another subject) still fails the call."""
         binding = ReplayBinding(tenant, subject)
         best = 0.0
         for record in self.store.recent(tenant, self._pseudonymize(tenant, subject)):
-            best = max(best, similarity(fp, Fingerprint.from_bytes(self._open(binding, record))))
+            try:
+                opened = self._open(binding, record)
+            except UnknownKeyError as exc:
+                REPLAY_UNREADABLE.labels("key_retired").inc()
+                log.warning("a retained replay fingerprint is sealed under key %s, which the keyring no longer "
+                            "holds (retired): left out of the replay check as expired", exc.key_id)
+                continue
+            best = max(best, similarity(fp, Fingerprint.from_bytes(opened)))
         return best
 
     def remember(self, tenant: str, subject: str, fp: Fingerprint) -> None:

@@ -156,6 +156,44 @@ def test_rotation_rewraps_voice_replay_fingerprints_and_retire_waits_for_any_lef
     storage.close()
 
 
+def test_memory_replay_store_a_fingerprint_under_a_retired_key_is_dropped_as_expired(tmp_path, caplog):
+    """`keys retire` cannot see a voice process's memory (voice.replay_store: memory, development
+    only): a fingerprint sealed under the retired key made every voice verification of its subject
+    fail with INTERNAL (UnknownKeyError from the replay check) for voice.replay_retention_s. It is
+    now left out of the check as if expired, counted in a metric and logged without the subject;
+    any other envelope that does not open still fails loudly (tampering is not an expiry)."""
+    import numpy as np
+    from prometheus_client import REGISTRY
+
+    from services.common.crypto.errors import TamperedEnvelopeError
+    from services.voice.replay import Fingerprint, MemoryReplayStore, ReplayBinding, ReplayCache
+
+    keyring = LocalKeyring(tmp_path / "keyring.json")
+    first = keyring.primary_key_id()
+    store = MemoryReplayStore(3600, 20)
+    crypto = EnvelopeCrypto(keyring)
+    cache = ReplayCache(store, crypto.seal, crypto.open, lambda tenant, subject: f"ps_{subject}")
+    fp = Fingerprint(np.random.default_rng(0).integers(-60, 60, (32, 200)).astype(np.int8))
+    cache.remember("bank-a", "cust-1", fp)
+    keyring.add_key()
+    cache.remember("bank-a", "cust-1", fp)  # one under each key
+    keyring.remove_key(first)
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("biogate_voice_replay_records_unreadable_total",
+                                         {"reason": "key_retired"}) or 0.0
+
+    before = dropped()
+    assert cache.best_match("bank-a", "cust-1", fp) > 0.99  # the one under the new key still counts
+    assert dropped() == before + 1
+    assert "cust-1" not in caplog.text and "ps_cust-1" not in caplog.text
+    assert "retired" in caplog.text
+
+    store.add("bank-a", "ps_cust-9", crypto.seal(ReplayBinding("bank-a", "cust-9"), fp.to_bytes())[:-1] + b"\0")
+    with pytest.raises(TamperedEnvelopeError):
+        cache.best_match("bank-a", "cust-9", fp)
+
+
 @pytest.mark.parametrize("replay_settings", ["redis"], indirect=True)
 def test_a_redis_rewrap_never_brings_back_what_the_voice_service_trimmed_or_erased(replay_settings):
     """Each member is swapped by compare-and-swap in one script: a member the cap trimmed, or a
