@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.common.audit.anchor import DirectoryStore, anchor, anchored
+from services.common.audit.anchor import Anchored, DirectoryStore, anchor, anchored
 from services.common.audit.log import previous_audit_keys
 from services.common.audit.signing import load_public_key, public_key_pem
 from services.common.audit.verify import verify
@@ -88,14 +88,16 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     every = getattr(args, "checkpoint_every", None)
     every = settings.audit.checkpoint_every if every is None else every
     known = _read_checkpoints(args.checkpoints) if getattr(args, "checkpoints", None) else []
-    if getattr(args, "anchors", None):
-        known += anchored(DirectoryStore(args.anchors))
     storage = _storage(settings)
     try:
-        report = verify(storage.audit, public_key, known_checkpoints=known, checkpoint_every=every or None,
-                        data_rows=storage.audited_rows())
+        anchors = anchored(DirectoryStore(args.anchors), public_key, storage.audit) if getattr(
+            args, "anchors", None) else Anchored()
+        report = verify(storage.audit, public_key, known_checkpoints=known + anchors.checkpoints,
+                        checkpoint_every=every or None, data_rows=storage.audited_rows())
     finally:
         storage.close()
+    for problem in anchors.problems:  # the anchor store's, not the trail's: never taken as a rollback
+        report.add(problem)
     print(report.render())
     return 0 if report.ok else 1
 

@@ -88,14 +88,17 @@ def verify(
 ) -> VerifyReport:
     """Walk the whole trail.
 
-    ``known_checkpoints``: (seq, hash) pairs kept outside the database. ``checkpoint_every``:
+    ``known_checkpoints``: (seq, hash) pairs kept outside the database, authenticated by the caller
+    (:func:`.anchor.anchored` checks each anchor's signature). ``checkpoint_every``:
     also require a checkpoint at every multiple of it (only if it never changed). ``data_rows``:
     counts of audited rows the database holds (``Storage.audited_rows``); any with an empty trail
     is a failure.
     """
     keys = key_map(public_key)
     report = VerifyReport()
-    external = dict(known_checkpoints)
+    external: dict[int, set[str]] = {}  # every hash kept for a seq: two that differ cannot both match
+    for seq, hash_ in known_checkpoints:
+        external.setdefault(seq, set()).add(hash_)
     # The head first, then the checkpoints: every record and checkpoint up to the head committed
     # before it, so the walk below sees them all; records the services append meanwhile are past it.
     head = storage_audit.head()
@@ -173,7 +176,7 @@ def _check_record(
     prev: str | None,
     last: AuditRow | None,
     checkpoints: Mapping[int, AuditCheckpoint],
-    external: Mapping[int, str],
+    external: Mapping[int, set[str]],
     checkpoint_every: int | None,
 ) -> None:
     report.records_checked += 1
@@ -196,5 +199,5 @@ def _check_record(
         report.add(f"seq {row.seq}: its checkpoint is missing")
     if cp is not None and cp.hash != row.hash:
         report.add(f"seq {row.seq}: the checkpoint names another hash than the record has")
-    if row.seq in external and external[row.seq] != row.hash:
+    if row.seq in external and external[row.seq] != {row.hash}:
         report.add(f"seq {row.seq}: does not match the externally kept checkpoint")
