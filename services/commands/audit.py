@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.common.audit.anchor import DirectoryStore, anchor, anchored
+from services.common.audit.anchor import Anchored, DirectoryStore, anchor, anchored
 from services.common.audit.log import previous_audit_keys
 from services.common.audit.signing import load_public_key, public_key_pem
 from services.common.audit.verify import verify
@@ -17,6 +17,7 @@ from services.common.crypto.errors import NoKeyError
 from services.common.crypto.signing import PublicKey
 
 if TYPE_CHECKING:
+    from services.common.storage.interfaces import Storage
     from services.settings import Settings
 
 ATTEST_LOCK = "biogate-template-attestation"
@@ -70,14 +71,17 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchors", type=Path, help="directory of write-once anchors written by `audit anchor`")
 
 
-def _verify_kwargs(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    """The checkpoints kept outside the database and the checkpoint interval the options name."""
+def _verify_kwargs(settings: Settings, args: argparse.Namespace, public_key: list[PublicKey],
+                   storage: Storage) -> tuple[dict[str, Any], list[str]]:
+    """The checkpoints kept outside the database and the checkpoint interval the options name, and the
+    anchor store's own problems (an anchor the audit key did not sign: reported, never taken as a
+    checkpoint or a rollback)."""
     every = getattr(args, "checkpoint_every", None)
     every = settings.audit.checkpoint_every if every is None else every
     known = _read_checkpoints(args.checkpoints) if getattr(args, "checkpoints", None) else []
-    if getattr(args, "anchors", None):
-        known += anchored(DirectoryStore(args.anchors))
-    return {"known_checkpoints": known, "checkpoint_every": every or None}
+    anchors = anchored(DirectoryStore(args.anchors), public_key, storage.audit) if getattr(
+        args, "anchors", None) else Anchored()
+    return {"known_checkpoints": known + anchors.checkpoints, "checkpoint_every": every or None}, anchors.problems
 
 
 def _storage(settings: Settings):
@@ -112,12 +116,14 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     public_key = _public_key(settings, args)
     if public_key is None:
         return 2
-    options = _verify_kwargs(settings, args)
     storage = _storage(settings)
     try:
+        options, anchor_problems = _verify_kwargs(settings, args, public_key, storage)
         report = verify(storage.audit, public_key, data_rows=storage.audited_rows(), **options)
     finally:
         storage.close()
+    for problem in anchor_problems:
+        report.add(problem)
     print(report.render())
     return 0 if report.ok else 1
 
@@ -134,10 +140,10 @@ def cmd_templates(settings: Settings, args: argparse.Namespace) -> int:
     public_key = _public_key(settings, args)
     if public_key is None:
         return 2
-    options = _verify_kwargs(settings, args)
     keyring = open_keyring(settings, create=False)  # the pseudonym key: the trail names subjects by pseudonym
     storage = _storage(settings)
     try:
+        options, anchor_problems = _verify_kwargs(settings, args, public_key, storage)
         with contextlib.ExitStack() as stack:
             attest = None
             if args.attest_legacy:
@@ -151,6 +157,8 @@ def cmd_templates(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     finally:
         storage.close()
+    for problem in anchor_problems:
+        report.chain.add(problem)
     print(report.render())
     if args.attest_legacy and not report.chain.ok:
         print("nothing attested: the trail did not verify", file=sys.stderr)

@@ -9,6 +9,7 @@ import getpass
 import sys
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from services.common.crypto.errors import KeyInUseError, KeyringError, UnknownKeyError
@@ -17,7 +18,6 @@ from services.common.crypto.provision import KeyAudit, ensure_keys, operations_a
 from services.common.crypto.rotation import RewrapReport, SealedTable, key_usage, retire, rewrap_all, rotate
 
 if TYPE_CHECKING:
-    from services.voice.replay import DatabaseReplayStore
     from services.common.config import CommonSettings
     from services.settings import Settings
     from services.common.storage.interfaces import Storage
@@ -136,30 +136,49 @@ def _move_records(
     return 0 if report.ok else 1
 
 
-def _replay_store(settings: Settings, storage: Storage) -> DatabaseReplayStore | None:
-    """The voice replay cache's fingerprints in the database (Redis or a process's memory: None)."""
-    voice = settings.voice
-    if voice.replay_store != "database":
-        return None
-    from services.voice.replay import DatabaseReplayStore
+@dataclass(frozen=True)
+class _Sealed:
+    """Sealed data a service keeps in a store of its own: re-wrapped by rotation, counted by retire."""
 
-    return DatabaseReplayStore(storage, voice.replay_retention_s, voice.replay_max_per_subject)
+    table: SealedTable
+    usage: Callable[[], Counter[str]]  # records per key id
+    kept: str  # how long each is kept (retire's refusal says it)
+
+
+def _sealed(settings: Settings, storage: Storage) -> list[_Sealed]:
+    """What the services seal outside templates and phone numbers (each part attached, and so
+    migrated, here: not inside retire's transaction)."""
+    from services.mfa.push.sealed import SealedConfirmations
+    from services.mfa.storage import attach as attach_mfa
+    from services.voice.replay import DatabaseReplayStore, RedisReplayStore, ReplayStoreError, open_store
+
+    out = []
+    voice = settings.voice
+    try:
+        replay = open_store(voice.replay_store, voice.replay_retention_s, voice.replay_max_per_subject,
+                            voice.replay_key_prefix, storage=storage)
+    except ReplayStoreError as exc:  # an unreachable Redis: its fingerprints can be neither moved nor counted
+        raise KeyringError(f"{exc}; nothing was changed") from None
+    # A process's memory store is out of any command's reach (README, Key rotation).
+    if isinstance(replay, (DatabaseReplayStore, RedisReplayStore)):
+        out.append(_Sealed(replay.sealed_table(), replay.key_usage,
+                           f"voice.replay_retention_s ({voice.replay_retention_s} s) after each accepted capture"))
+    push = SealedConfirmations(attach_mfa(storage))
+    out.append(_Sealed(push.sealed_table(), push.key_usage,
+                       f"in their mfa sessions until answered or the session expires (mfa.session_ttl_s, "
+                       f"{settings.mfa.session_ttl_s} s, or while a review holds it)"))
+    return out
 
 
 def _sealed_tables(settings: Settings, storage: Storage) -> list[SealedTable]:
-    """What the services seal in tables of their own, for rotation to re-wrap."""
-    store = _replay_store(settings, storage)
-    return [store.sealed_table()] if store else []
+    """What the services seal in stores of their own, for rotation to re-wrap."""
+    return [s.table for s in _sealed(settings, storage)]
 
 
 def _kept_elsewhere(settings: Settings, storage: Storage) -> Callable[[], dict[str, tuple[Counter[str], str]]]:
-    """Counts of the sealed data the services keep for a while outside templates and phones, per key
-    id (the voice part attached, and so migrated, here: not inside retire's transaction)."""
-    store = _replay_store(settings, storage)
-    if store is None:
-        return dict
-    kept = f"voice.replay_retention_s ({settings.voice.replay_retention_s} s) after each accepted capture"
-    return lambda: {"voice replay fingerprint": (store.key_usage(), kept)}
+    """Counts of the sealed data the services keep outside templates and phones, per key id."""
+    sealed = _sealed(settings, storage)
+    return lambda: {s.table.what: (s.usage(), s.kept) for s in sealed}
 
 
 def cmd_retire(settings: Settings, args: argparse.Namespace) -> int:

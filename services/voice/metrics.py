@@ -13,6 +13,9 @@ SPOOF_REFUSALS = Counter("biogate_voice_spoof_refusals_total",
                          "Utterances AASIST refused as synthetic speech, by RPC and channel family", ["rpc", "channel"])
 REPLAY_REFUSALS = Counter("biogate_voice_replay_refusals_total",
                           "Verifications refused as a replay of an accepted capture, by channel family", ["channel"])
+REPLAY_UNREADABLE = Counter("biogate_voice_replay_records_unreadable_total",
+                            "Retained replay fingerprints left out of a replay check as expired, by reason "
+                            "(key_retired: sealed under a key the keyring no longer holds)", ["reason"])
 CHALLENGE_FAILURES = Counter("biogate_voice_challenge_failures_total",
                              "Verifications whose spoken digits did not answer the challenge, by channel family",
                              ["channel"])

@@ -22,6 +22,7 @@ process's memory.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -35,12 +36,17 @@ import soxr
 from numpy.typing import NDArray
 from scipy.signal import butter, fftconvolve, sosfiltfilt
 
+from services.common.crypto.errors import UnknownKeyError
+from services.common.crypto.rotation import SealedTable, sealed_key_id
+
 from .config import voice_config
+from .metrics import REPLAY_UNREADABLE
 
 if TYPE_CHECKING:
-    from services.common.crypto.rotation import SealedTable
     from services.common.runtime import Runtime
     from services.common.storage import Storage
+
+log = logging.getLogger("biogate.voice.replay")
 
 RATE = 8000
 N_FFT = 256  # 32 ms at 8 kHz
@@ -154,9 +160,34 @@ class MemoryReplayStore:
             return len(self._items.pop((tenant, pseudonym), []))
 
 
+@dataclass(frozen=True)
+class RedisSealed:
+    """One retained fingerprint of a Redis store, as rotation re-wraps it."""
+
+    key: bytes
+    member: bytes  # random id + envelope
+    envelope: bytes
+    resume: int  # the SCAN cursor after the page it was found in (_SCAN_DONE: the last page)
+
+
+_SCAN_DONE = -1
+# Rotation's compare-and-swap on one member: the new member is added (same score: same place in the
+# retention window and the cap) before the old one goes, so the set is never empty and keeps its expiry.
+_SWAP_MEMBER = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+redis.call('ZADD', KEYS[1], score, ARGV[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+"""
+
+
 class RedisReplayStore:
     """A sorted set per subject (score: time accepted), trimmed to the retention window and the
-    cap, with a key expiry of the retention: replicas share it, and nothing outlives the window."""
+    cap, with a key expiry of the retention: replicas share it, and nothing outlives the window.
+
+    Key rotation walks the sets under the store's prefix (SCAN) and re-wraps each member by a
+    compare-and-swap in one Lua script (:meth:`sealed_table`); retirement counts them (:meth:`key_usage`)."""
 
     PREFIX = "biogate:voice:replay"
     _ID = 16  # bytes of random id before each record: identical records stay distinct members
@@ -166,6 +197,7 @@ class RedisReplayStore:
         import redis
 
         self.client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._swap_member = self.client.register_script(_SWAP_MEMBER)
         self.retention_s, self.max_per_subject, self.clock, self.prefix = retention_s, max_per_subject, clock, prefix
 
     def key(self, tenant: str, pseudonym: str) -> str:
@@ -199,6 +231,49 @@ class RedisReplayStore:
         count, _ = pipe.execute()
         return int(count)
 
+    def _retained(self, cursor: int, count: int) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """One SCAN page of the store's sets: (the next cursor, 0 at the end; (set, member) of each
+        fingerprint still in the retention window)."""
+        cursor, found = self.client.scan(cursor, match=_glob_escape(self.prefix) + ":*", count=count)
+        keys = [k if isinstance(k, bytes) else k.encode() for k in found]
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zrangebyscore(key, self.clock() - self.retention_s, "+inf")
+        return int(cursor), [(key, member) for key, members in zip(keys, pipe.execute()) for member in members]
+
+    def key_usage(self, batch: int = 200) -> Counter[str]:
+        """Retained fingerprints per key id they are sealed under (``keys retire`` counts them)."""
+        counts: Counter[str] = Counter()
+        cursor = 0
+        while True:
+            cursor, found = self._retained(cursor, batch)
+            counts.update(sealed_key_id(member[self._ID :]) for _, member in found)
+            if not cursor:
+                return counts
+
+    def _for_rewrap(self, exclude_key_id: str, batch: int, after: int | None) -> list[RedisSealed]:
+        if after == _SCAN_DONE:
+            return []
+        cursor = after or 0
+        while True:  # pages of about ``batch`` fingerprints (each set holds up to the cap)
+            cursor, found = self._retained(cursor, max(1, batch // self.max_per_subject))
+            todo = [RedisSealed(key, member, member[self._ID :], cursor or _SCAN_DONE) for key, member in found
+                    if sealed_key_id(member[self._ID :]) != exclude_key_id]
+            if todo or not cursor:
+                return todo
+
+    def _swap(self, rec: RedisSealed, envelope: bytes) -> bool:
+        return bool(self._swap_member(keys=[rec.key], args=[rec.member, rec.member[: self._ID] + envelope]))
+
+    def sealed_table(self) -> SealedTable:
+        """The fingerprints as ``keys rotate`` and ``keys rewrap`` re-wrap them."""
+        return SealedTable("voice replay fingerprint", self._for_rewrap, lambda rec: rec.resume, self._swap,
+                           name=lambda rec: f"{rec.key.decode(errors='replace')} #{rec.member[: self._ID].hex()}")
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
 
 class DatabaseReplayStore:
     """A table of the service's storage (SQLite or PostgreSQL): replicas share it through the
@@ -227,8 +302,6 @@ class DatabaseReplayStore:
 
     def sealed_table(self) -> SealedTable:
         """The fingerprints as ``keys rotate`` and ``keys rewrap`` re-wrap them."""
-        from services.common.crypto.rotation import SealedTable
-
         return SealedTable("voice replay fingerprint", self.repo.iter_for_rewrap, lambda row: row.id,
                            self.repo.replace_record)
 
@@ -301,11 +374,24 @@ class ReplayCache:
         self._seal, self._open, self._pseudonymize = seal, open_, pseudonymize
 
     def best_match(self, tenant: str, subject: str, fp: Fingerprint) -> float:
-        """The highest similarity of ``fp`` to the subject's retained captures (0.0 when none)."""
+        """The highest similarity of ``fp`` to the subject's retained captures (0.0 when none).
+
+        A record sealed under a key the keyring no longer holds is left out as if expired: `keys
+        retire` refuses while the database or Redis store holds any, but cannot see a process's
+        memory store (or a capture stored after it counted), and one such record must not fail every
+        verification of the subject until the retention ends. Any other envelope that does not open
+        (altered, bound to another subject) still fails the call."""
         binding = ReplayBinding(tenant, subject)
         best = 0.0
         for record in self.store.recent(tenant, self._pseudonymize(tenant, subject)):
-            best = max(best, similarity(fp, Fingerprint.from_bytes(self._open(binding, record))))
+            try:
+                opened = self._open(binding, record)
+            except UnknownKeyError as exc:
+                REPLAY_UNREADABLE.labels("key_retired").inc()
+                log.warning("a retained replay fingerprint is sealed under key %s, which the keyring no longer "
+                            "holds (retired): left out of the replay check as expired", exc.key_id)
+                continue
+            best = max(best, similarity(fp, Fingerprint.from_bytes(opened)))
         return best
 
     def remember(self, tenant: str, subject: str, fp: Fingerprint) -> None:

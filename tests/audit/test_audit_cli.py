@@ -175,3 +175,101 @@ def test_anchoring_a_rolled_back_or_unsigned_trail_is_refused(cli_settings, atta
     assert f"head at seq {head.seq}: bad signature; not anchored" in capsys.readouterr().out
     assert f"head-{head.seq:012d}.json" not in os.listdir(anchors)
     storage.close()
+
+
+def _rewrite(anchors, name: str, **changed) -> None:
+    """Someone (or a storage fault) changes an anchor in the write-once store."""
+    import json
+    import os
+
+    path = anchors / name
+    doc = {**json.loads(path.read_bytes()), **changed}
+    os.chmod(path, 0o644)
+    path.write_text(json.dumps(doc))
+
+
+def _plant(anchors, name: str, doc: dict) -> None:
+    import json
+
+    (anchors / name).write_text(json.dumps(doc))
+
+
+def test_a_forged_or_corrupted_anchor_is_a_finding_of_its_own_not_a_rollback(cli_settings, tmp_path, capsys):
+    """Anchors were read back without their signatures checked: an anchor file changed in the store
+    made `audit verify --anchors` and `audit anchor` report a rollback of a trail nobody touched."""
+    settings = cli_settings  # a checkpoint every 3 records
+    storage, _, _ = _seven_records(settings)
+    anchors = tmp_path / "worm"
+    assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 0
+    capsys.readouterr()
+    _rewrite(anchors, "checkpoint-000000000006.json", hash="0" * 64)  # a forged hash under the old signature
+    _plant(anchors, "head-000000000005.json",  # an anchor nobody signed
+           {"kind": "head", "seq": 5, "hash": "1" * 64, "key_id": "ed25519-forged", "signature": "00" * 64})
+    _plant(anchors, "checkpoint-000000000003.json.bak", {})  # not an anchor's name: ignored
+
+    assert _run(settings, ["audit", "verify", "--anchors", str(anchors)]) == 1
+    out = capsys.readouterr().out
+    assert "does not match the externally kept checkpoint" not in out  # no rollback is claimed
+    assert "checkpoint-000000000006.json: bad signature; not the audit key's anchor (forged or corrupted)" in out
+    assert "head-000000000005.json: signed with unknown key 'ed25519-forged'" in out
+    assert "records, 2 checkpoints, head at seq 7" in out
+
+    assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 1
+    out = capsys.readouterr().out
+    assert "rolled back" not in out
+    assert "checkpoint-000000000006.json: bad signature; not the audit key's anchor (forged or corrupted)" in out
+    storage.close()
+
+
+def _anchored_then_rolled_back(settings, attacker, anchors, more: int, rewritten: int):
+    """Seven records and ``more``, anchored; then rolled back to seq 7 and ``rewritten`` records
+    appended by the services onto it (signed: the key signs what follows a genuine head)."""
+    storage, log, old_head = _seven_records(settings)
+    for i in range(more):
+        log.append("face.verify", "svc", "bank-a", f"cust-{i}", {"decision": "reject"})
+    assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 0
+    _roll_back_to(attacker, old_head)
+    for i in range(rewritten):
+        log.append("face.verify", "svc", "bank-a", f"cust-{i}", {"decision": "accept"})
+    return storage
+
+
+def test_a_forged_anchor_is_never_a_known_checkpoint(cli_settings, attacker, tmp_path, capsys):
+    """The attacker who rolled the trail back and let the services write on, and who can add a file
+    to the anchor store, adds one vouching for the rewritten seq: it must not be trusted."""
+    settings = cli_settings  # a checkpoint every 3 records
+    anchors = tmp_path / "worm"
+    storage = _anchored_then_rolled_back(settings, attacker, anchors, 2, 2)  # anchored: checkpoints 3, 6, 9; head 9
+    rewritten = storage.audit.head()
+    assert rewritten.seq == 9
+    import os
+
+    for name in ("checkpoint-000000000009.json", "head-000000000009.json"):  # the genuine ones go
+        os.chmod(anchors / name, 0o644)
+        (anchors / name).unlink()
+    _plant(anchors, "head-000000000009.json", {"kind": "head", "seq": 9, "hash": rewritten.hash,
+                                               "key_id": rewritten.key_id, "signature": "00" * 64})
+    capsys.readouterr()
+    assert _run(settings, ["audit", "verify", "--anchors", str(anchors)]) == 1
+    out = capsys.readouterr().out
+    assert "head-000000000009.json: bad signature; not the audit key's anchor (forged or corrupted)" in out
+    storage.close()
+
+
+def test_two_signed_anchors_at_one_seq_that_disagree_are_a_rollback(cli_settings, attacker, tmp_path, capsys):
+    """A rollback the services signed on can leave the key's signature on two hashes at one seq (the
+    old checkpoint anchored, then the new head): either one that differs from the trail is a finding,
+    whichever file is read last, and `audit anchor` never adds the contradicting one."""
+    import os
+
+    settings = cli_settings
+    anchors = tmp_path / "worm"
+    storage = _anchored_then_rolled_back(settings, attacker, anchors, 3, 2)  # anchored: checkpoints 3, 6, 9; head 10
+    capsys.readouterr()
+    assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 1
+    out = capsys.readouterr().out
+    assert "checkpoint-000000000009.json: the database's checkpoint at seq 9 has another hash" in out
+    assert "head-000000000009.json" not in os.listdir(anchors)  # the contradiction is not anchored
+    assert _run(settings, ["audit", "verify", "--anchors", str(anchors)]) == 1
+    assert "seq 9: does not match the externally kept checkpoint" in capsys.readouterr().out
+    storage.close()

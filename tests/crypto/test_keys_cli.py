@@ -86,31 +86,59 @@ def test_subcommand_is_required():
         _parse(["keys"])
 
 
-def test_rotation_rewraps_voice_replay_fingerprints_and_retire_waits_for_any_left(settings, capsys):
+@pytest.fixture(params=["database", "redis"])
+def replay_settings(request, tmp_path):
+    """Settings whose voice replay store is the database or the local Redis, under a key prefix of
+    this test's own (every key under it deleted afterwards)."""
+    import uuid
+
+    import redis
+
+    from tests.conftest import make_settings, require_redis
+
+    if request.param == "database":
+        yield make_settings(tmp_path / "data")
+        return
+    url = require_redis("redis://127.0.0.1:6379/0")
+    prefix = f"biogate-test:keys:{uuid.uuid4().hex[:10]}"
+    yield make_settings(tmp_path / "data", voice={"replay_store": url, "replay_key_prefix": prefix})
+    client = redis.Redis.from_url(url)
+    stale = list(client.scan_iter(f"{prefix}:*"))
+    if stale:
+        client.delete(*stale)
+
+
+def test_rotation_rewraps_voice_replay_fingerprints_and_retire_waits_for_any_left(replay_settings, capsys):
     """The replay cache seals each accepted capture's fingerprint under the primary of the day and keeps
     it voice.replay_retention_s. Rotation re-wrapped templates and phone numbers only, and retire
-    counted only those: retiring the old key made every voice verification of a subject with a
-    retained capture fail (the key gone) until the capture expired."""
+    counted only those (then the database store only, not Redis): retiring the old key made every
+    voice verification of a subject with a retained capture fail (the replay check raised
+    UnknownKeyError: INTERNAL for the customer) until the capture expired."""
     import numpy as np
 
-    from services.voice.replay import DatabaseReplayStore, Fingerprint, ReplayCache
+    from services.voice.replay import Fingerprint, ReplayCache, open_store
     from tests.crypto.conftest import Pinned
 
+    settings = replay_settings
+    voice = settings.voice
     assert _run(settings, ["keys", "init"]) == 0
     keyring = open_keyring(settings)
     first = keyring.primary_key_id()
     storage = open_storage(settings.storage_dsn)
-    store = DatabaseReplayStore(storage, settings.voice.replay_retention_s, 20)
+    store = open_store(voice.replay_store, voice.replay_retention_s, voice.replay_max_per_subject,
+                       voice.replay_key_prefix, storage=storage)
 
     def cache(crypto):
         return ReplayCache(store, crypto.seal, crypto.open, lambda tenant, subject: f"ps_{subject}")
 
     fp = Fingerprint(np.random.default_rng(0).integers(-60, 60, (32, 200)).astype(np.int8))
-    cache(EnvelopeCrypto(keyring)).remember("bank-a", "cust-1", fp)
-    assert _run(settings, ["keys", "rotate"]) == 0
-    assert "0 templates, 0 phone numbers and 1 voice replay fingerprint(s)" in capsys.readouterr().out
+    for subject in ("cust-1", "cust-1", "cust-3"):
+        cache(EnvelopeCrypto(keyring)).remember("bank-a", subject, fp)
+    capsys.readouterr()
+    assert _run(settings, ["keys", "rotate", "--batch", "1"]) == 0
+    assert "0 templates, 0 phone numbers and 3 voice replay fingerprint(s)" in capsys.readouterr().out
     new = open_keyring(settings).primary_key_id()
-    assert store.key_usage() == {new: 1}
+    assert store.key_usage() == {new: 3}
 
     # A capture accepted just before the rotation added the new primary, stored after its last pass.
     cache(EnvelopeCrypto(Pinned(keyring, first))).remember("bank-a", "cust-2", fp)
@@ -119,6 +147,102 @@ def test_rotation_rewraps_voice_replay_fingerprints_and_retire_waits_for_any_lef
     assert f"key {first!r} still seals 1 voice replay fingerprint(s)" in err and "voice.replay_retention_s" in err
     assert _run(settings, ["keys", "rewrap"]) == 0
     assert _run(settings, ["keys", "retire", first]) == 0
-    for subject in ("cust-1", "cust-2"):  # the voice service still reads every one
+    for subject in ("cust-1", "cust-2", "cust-3"):  # the voice service still reads every one
         assert cache(EnvelopeCrypto(open_keyring(settings))).best_match("bank-a", subject, fp) > 0.99
+    assert len(store.recent("bank-a", "ps_cust-1")) == 2  # none lost, none duplicated
+    if voice.replay_store != "database":
+        ttl = store.client.ttl(store.key("bank-a", "ps_cust-1"))
+        assert 0 < ttl <= voice.replay_retention_s + 1  # the re-wrap kept the expiry
     storage.close()
+
+
+def test_memory_replay_store_a_fingerprint_under_a_retired_key_is_dropped_as_expired(tmp_path, caplog):
+    """`keys retire` cannot see a voice process's memory (voice.replay_store: memory, development
+    only): a fingerprint sealed under the retired key made every voice verification of its subject
+    fail with INTERNAL (UnknownKeyError from the replay check) for voice.replay_retention_s. It is
+    now left out of the check as if expired, counted in a metric and logged without the subject;
+    any other envelope that does not open still fails loudly (tampering is not an expiry)."""
+    import numpy as np
+    from prometheus_client import REGISTRY
+
+    from services.common.crypto.errors import TamperedEnvelopeError
+    from services.voice.replay import Fingerprint, MemoryReplayStore, ReplayBinding, ReplayCache
+
+    keyring = LocalKeyring(tmp_path / "keyring.json")
+    first = keyring.primary_key_id()
+    store = MemoryReplayStore(3600, 20)
+    crypto = EnvelopeCrypto(keyring)
+    cache = ReplayCache(store, crypto.seal, crypto.open, lambda tenant, subject: f"ps_{subject}")
+    fp = Fingerprint(np.random.default_rng(0).integers(-60, 60, (32, 200)).astype(np.int8))
+    cache.remember("bank-a", "cust-1", fp)
+    keyring.add_key()
+    cache.remember("bank-a", "cust-1", fp)  # one under each key
+    keyring.remove_key(first)
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("biogate_voice_replay_records_unreadable_total",
+                                         {"reason": "key_retired"}) or 0.0
+
+    before = dropped()
+    assert cache.best_match("bank-a", "cust-1", fp) > 0.99  # the one under the new key still counts
+    assert dropped() == before + 1
+    assert "cust-1" not in caplog.text and "ps_cust-1" not in caplog.text
+    assert "retired" in caplog.text
+
+    store.add("bank-a", "ps_cust-9", crypto.seal(ReplayBinding("bank-a", "cust-9"), fp.to_bytes())[:-1] + b"\0")
+    with pytest.raises(TamperedEnvelopeError):
+        cache.best_match("bank-a", "cust-9", fp)
+
+
+@pytest.mark.parametrize("replay_settings", ["redis"], indirect=True)
+def test_a_redis_rewrap_never_brings_back_what_the_voice_service_trimmed_or_erased(replay_settings):
+    """Each member is swapped by compare-and-swap in one script: a member the cap trimmed, or a
+    subject erased, after the rotation read it stays gone (no set re-created without its expiry)."""
+    import numpy as np
+
+    from services.voice.replay import Fingerprint, ReplayCache, open_store
+
+    voice = replay_settings.voice
+    keyring = LocalKeyring(replay_settings.keyring_file)
+    store = open_store(voice.replay_store, voice.replay_retention_s, 2, voice.replay_key_prefix)
+    crypto = EnvelopeCrypto(keyring)
+    cache = ReplayCache(store, crypto.seal, crypto.open, lambda tenant, subject: f"ps_{subject}")
+    fp = Fingerprint(np.random.default_rng(0).integers(-60, 60, (32, 200)).astype(np.int8))
+    for subject in ("cust-1", "cust-1", "cust-2"):
+        cache.remember("bank-a", subject, fp)
+    table = store.sealed_table()
+    target = keyring.add_key().key_id
+    recs = table.fetch(target, 100, None)
+    assert len(recs) == 3 and table.fetch(target, 100, table.cursor(recs[-1])) == []
+    mine = [r for r in recs if r.key == store.key("bank-a", "ps_cust-1").encode()]
+    oldest = min(mine, key=lambda r: store.client.zscore(r.key, r.member))
+
+    cache.remember("bank-a", "cust-1", fp)  # the cap (2) trims the oldest
+    assert table.swap(oldest, crypto.rewrap(oldest.envelope, target)) is False
+    assert store.client.zcard(oldest.key) == 2
+
+    [other] = [r for r in recs if r.key == store.key("bank-a", "ps_cust-2").encode()]
+    cache.erase("bank-a", "cust-2")
+    assert table.swap(other, crypto.rewrap(other.envelope, target)) is False
+    assert not store.client.exists(other.key)
+
+    [kept] = [r for r in mine if r is not oldest]
+    assert table.swap(kept, crypto.rewrap(kept.envelope, target)) is True
+    assert store.client.ttl(kept.key) > 0 and store.client.zcard(kept.key) == 2
+    assert store.key_usage()[target] == 2  # the swapped one and the newest, sealed under the new primary
+
+
+def test_an_unreachable_redis_replay_store_refuses_key_operations_naming_the_setting(tmp_path, capsys):
+    """Its fingerprints can be neither re-wrapped nor counted: rotate and retire change nothing."""
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path / "data", voice={"replay_store": "redis://127.0.0.1:1/0"})
+    assert _run(settings, ["keys", "init"]) == 0
+    first = open_keyring(settings).primary_key_id()
+    capsys.readouterr()
+    for argv in (["rotate"], ["rewrap"], ["retire", first]):
+        assert _run(settings, ["keys", *argv]) == 1
+        err = capsys.readouterr().err
+        assert "voice.replay_store redis://127.0.0.1:1/0: Redis cannot be reached" in err
+        assert "nothing was changed" in err
+    assert [k.key_id for k in open_keyring(settings).keys()] == [first]

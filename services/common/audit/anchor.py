@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from services.common.crypto.signing import PublicKey, verify_signature
 
-from .chain import checkpoint_message, head_message
+from .chain import checkpoint_message, format_ts, head_message
 from .signing import key_map
 
 if TYPE_CHECKING:
@@ -76,10 +77,75 @@ class Anchor:
     hash: str
     key_id: str
     signature: str  # hex
+    ts: str = ""  # a checkpoint's time (format_ts), part of what the key signed; "" for a head
+
+    def message(self, ts: str | None = None) -> bytes:
+        """What the audit key signed (``ts``: a checkpoint's time when the anchor carries none)."""
+        if self.kind == "head":
+            return head_message(self.seq, self.hash)
+        return checkpoint_message(self.seq, self.hash, datetime.fromisoformat(ts or self.ts))
 
 
 def _name(kind: str, seq: int) -> str:
     return f"{_CHECKPOINT if kind == 'checkpoint' else _HEAD}{seq:012d}.json"
+
+
+def _is_anchor_name(name: str) -> bool:
+    return name.startswith((_CHECKPOINT, _HEAD)) and name.endswith(".json")
+
+
+class _Reader:
+    """Reads anchors back from the store and checks each against the audit public keys: an anchor
+    vouches for its (seq, hash) only if the key signed exactly that, under that object's name.
+
+    A checkpoint anchor written before anchors carried the checkpoint's time is checked with the
+    time of the database's checkpoint at its seq (the signature covers seq, hash and time, so a
+    wrong time only makes it fail); with that checkpoint gone it cannot be authenticated."""
+
+    def __init__(self, store: WriteOnceStore, keys: dict[str, PublicKey],
+                 repo: AuditRepository | None = None) -> None:
+        self.store, self.keys, self._repo = store, keys, repo
+        self._db_ts: dict[int, str] | None = None
+        self._read: dict[str, tuple[Anchor | None, str]] = {}
+
+    def read(self, name: str) -> tuple[Anchor | None, str]:
+        """(the anchor, "") when the audit key signed it, else (None, why not)."""
+        if name not in self._read:
+            self._read[name] = self._check(name)
+        return self._read[name]
+
+    def _check(self, name: str) -> tuple[Anchor | None, str]:
+        try:
+            doc = json.loads(self.store.get(name))
+            item = Anchor(str(doc["kind"]), int(doc["seq"]), str(doc["hash"]), str(doc["key_id"]),
+                          str(doc["signature"]), str(doc.get("ts", "")))
+            signature = bytes.fromhex(item.signature)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return None, f"unreadable ({type(exc).__name__})"
+        if item.kind not in ("checkpoint", "head") or _name(item.kind, item.seq) != name:
+            return None, f"names a {item.kind} at seq {item.seq}, not what its object name says"
+        key = self.keys.get(item.key_id)
+        if key is None:
+            return None, (f"signed with unknown key {item.key_id!r} (an earlier audit key belongs in "
+                          "audit.previous_public_keys)")
+        ts = item.ts or (self._checkpoint_ts().get(item.seq) if item.kind == "checkpoint" else None)
+        if item.kind == "checkpoint" and not ts:
+            return None, ("written without its checkpoint's time, and the database holds no checkpoint at "
+                          f"seq {item.seq} to take it from: cannot be authenticated")
+        try:
+            ok = verify_signature(key, signature, item.message(ts))
+        except ValueError:
+            ok = False
+        return (item, "") if ok else (None, "bad signature")
+
+    def _checkpoint_ts(self) -> dict[int, str]:
+        if self._db_ts is None:
+            self._db_ts = {cp.seq: format_ts(cp.ts) for cp in self._repo.checkpoints()} if self._repo else {}
+        return self._db_ts
+
+
+def _not_authentic(name: str, why: str) -> str:
+    return f"{name}: {why}; not the audit key's anchor (forged or corrupted), not used as a checkpoint"
 
 
 @dataclass
@@ -93,46 +159,76 @@ def anchor(
 ) -> AnchorReport:
     """Copy the signed checkpoints not anchored yet, and the current signed head.
 
-    An anchor is never taken back, so only what ``public_key`` verifies is copied; and one already
-    anchored under the same seq with another hash means the trail was rolled back and went on (the
-    services append onto a genuinely signed older head): both are problems, the rest is copied.
+    An anchor is never taken back, so only what ``public_key`` verifies is copied; one already
+    anchored at the same seq (either kind) whose hash the database now contradicts means the trail
+    was rolled back and went on (the services append onto a genuinely signed older head): that is a
+    problem, and the contradicting item is not anchored; an anchor in the store that the key did not
+    sign is a problem of its own (the store's, not the trail's). The rest is copied.
     """
     keys = key_map(public_key)
+    reader = _Reader(store, keys, repo)
     have = set(store.names())
     items = [
-        (Anchor("checkpoint", cp.seq, cp.hash, cp.key_id, bytes(cp.signature).hex()),
-         checkpoint_message(cp.seq, cp.hash, cp.ts))
+        (Anchor("checkpoint", cp.seq, cp.hash, cp.key_id, bytes(cp.signature).hex(), format_ts(cp.ts)))
         for cp in repo.checkpoints()
-    ]  # fmt: skip
+    ]
     head = repo.head()
     if head is not None:
-        items.append((Anchor("head", head.seq, head.hash, head.key_id, bytes(head.signature).hex()),
-                      head_message(head.seq, head.hash)))
+        items.append(Anchor("head", head.seq, head.hash, head.key_id, bytes(head.signature).hex()))
     report = AnchorReport()
-    for item, message in items:
+    for item in items:
         name = _name(item.kind, item.seq)
-        if name in have:
-            if json.loads(store.get(name))["hash"] != item.hash:
+        contradicted = False
+        for other in (n for n in (_name("checkpoint", item.seq), _name("head", item.seq)) if n in have):
+            found, why = reader.read(other)
+            if found is None:
+                problem = _not_authentic(other, why)
+                if problem not in report.problems:
+                    report.problems.append(problem)
+            elif found.hash != item.hash:
+                contradicted = True
                 report.problems.append(
-                    f"{name}: the database's {item.kind} at seq {item.seq} has another hash than the anchored "
+                    f"{other}: the database's {item.kind} at seq {item.seq} has another hash than the anchored "
                     "one: the trail was rolled back and written on (run `biogate audit verify --anchors`)"
                 )
+        if contradicted or name in have:
             continue
         key = keys.get(item.key_id)
-        if key is None or not verify_signature(key, bytes.fromhex(item.signature), message):
+        if key is None or not verify_signature(key, bytes.fromhex(item.signature), item.message()):
             why = "signed with an unknown key" if key is None else "bad signature"
             report.problems.append(f"{item.kind} at seq {item.seq}: {why}; not anchored")
             continue
-        store.put(name, json.dumps(item.__dict__, sort_keys=True).encode())
+        doc = dict(item.__dict__)
+        if not item.ts:
+            del doc["ts"]
+        store.put(name, json.dumps(doc, sort_keys=True).encode())
         report.written.append(name)
     return report
 
 
-def anchored(store: WriteOnceStore) -> list[tuple[int, str]]:
-    """(seq, hash) of every anchor, for ``verify(known_checkpoints=...)``."""
-    out = []
+@dataclass
+class Anchored:
+    """What the anchors vouch for: the (seq, hash) of each one the audit key signed, for
+    ``verify(known_checkpoints=...)``, and a problem for each one it did not."""
+
+    checkpoints: list[tuple[int, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def anchored(
+    store: WriteOnceStore, public_key: PublicKey | Iterable[PublicKey], repo: AuditRepository | None = None
+) -> Anchored:
+    """Every anchor in ``store``, each checked against the audit public key(s) (current and
+    ``audit.previous_public_keys``); ``repo``: the trail, for the time of a checkpoint anchored
+    without it."""
+    reader = _Reader(store, key_map(public_key), repo)
+    out = Anchored()
     for name in store.names():
-        if name.startswith((_CHECKPOINT, _HEAD)) and name.endswith(".json"):
-            item = json.loads(store.get(name))
-            out.append((int(item["seq"]), str(item["hash"])))
+        if not _is_anchor_name(name):
+            continue
+        found, why = reader.read(name)
+        if found is None:
+            out.problems.append(_not_authentic(name, why))
+        else:
+            out.checkpoints.append((found.seq, found.hash))
     return out

@@ -89,7 +89,8 @@ def verify(
 ) -> VerifyReport:
     """Walk the whole trail.
 
-    ``known_checkpoints``: (seq, hash) pairs kept outside the database. ``checkpoint_every``:
+    ``known_checkpoints``: (seq, hash) pairs kept outside the database, authenticated by the caller
+    (:func:`.anchor.anchored` checks each anchor's signature). ``checkpoint_every``:
     also require a checkpoint at every multiple of it (only if it never changed). ``data_rows``:
     counts of audited rows the database holds (``Storage.audited_rows``); any with an empty trail
     is a failure. ``on_record``: called with each record walked, in order (one pass serves a
@@ -97,7 +98,9 @@ def verify(
     """
     keys = key_map(public_key)
     report = VerifyReport()
-    external = dict(known_checkpoints)
+    external: dict[int, set[str]] = {}  # every hash kept for a seq: two that differ cannot both match
+    for seq, hash_ in known_checkpoints:
+        external.setdefault(seq, set()).add(hash_)
     # The head first, then the checkpoints: every record and checkpoint up to the head committed
     # before it, so the walk below sees them all; records the services append meanwhile are past it.
     head = storage_audit.head()
@@ -177,7 +180,7 @@ def _check_record(
     prev: str | None,
     last: AuditRow | None,
     checkpoints: Mapping[int, AuditCheckpoint],
-    external: Mapping[int, str],
+    external: Mapping[int, set[str]],
     checkpoint_every: int | None,
 ) -> None:
     report.records_checked += 1
@@ -200,5 +203,5 @@ def _check_record(
         report.add(f"seq {row.seq}: its checkpoint is missing")
     if cp is not None and cp.hash != row.hash:
         report.add(f"seq {row.seq}: the checkpoint names another hash than the record has")
-    if row.seq in external and external[row.seq] != row.hash:
+    if row.seq in external and external[row.seq] != {row.hash}:
         report.add(f"seq {row.seq}: does not match the externally kept checkpoint")

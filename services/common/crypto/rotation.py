@@ -34,7 +34,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .envelope import EnvelopeCrypto
+from .envelope import EnvelopeCrypto, envelope_key_id
 from .errors import KeyInUseError, KeyOperationInProgressError, KeyringError, TemplateDecryptionError
 from .keyring import KeyInfo, Keyring
 from .provision import KeyAudit, add_kek, audit_failure
@@ -65,17 +65,28 @@ def key_operation(storage: Storage, what: str) -> Iterator[None]:
         yield
 
 
+def sealed_key_id(envelope: bytes) -> str:
+    """The key id in a sealed record's header, for counting and re-wrapping records whose key id is in
+    no column; "" for one that is not an envelope (counted under no key, reported by the re-wrap)."""
+    try:
+        return envelope_key_id(envelope)
+    except TemplateDecryptionError:
+        return ""
+
+
 @dataclass(frozen=True)
 class SealedTable:
-    """Sealed data a service keeps in a table of its own, re-wrapped by rotation like the templates:
-    ``fetch(target, batch, after)`` the next records (each with ``.envelope``) not under ``target``
-    after the cursor (None: from the start), ``cursor(record)``, ``swap(record, envelope)`` a
-    compare-and-swap on the record's envelope."""
+    """Sealed data a service keeps in a table (or another store) of its own, re-wrapped by rotation
+    like the templates: ``fetch(target, batch, after)`` the next records (each with ``.envelope``) not
+    under ``target`` after the cursor (None: from the start; an empty list: no more), ``cursor(record)``,
+    ``swap(record, envelope)`` a compare-and-swap on the record's envelope; ``name(record)`` how a
+    failure names it (default: its cursor, when that is unique per record)."""
 
     what: str  # singular: "voice replay fingerprint"
     fetch: Callable[[str, int, Any], list[Any]]
     cursor: Callable[[Any], Any]
     swap: Callable[[Any, bytes], bool]
+    name: Callable[[Any], str] | None = None
 
 
 @dataclass
@@ -152,7 +163,7 @@ def _rewrap_all(
         report.others_rewrapped[t.what] = _rewrap_table(
             crypto, target, report, storage.transaction,
             fetch=lambda after, t=t: t.fetch(target, batch, after), cursor=t.cursor,  # type: ignore[misc]
-            name=lambda r, t=t: f"{t.what} {t.cursor(r)}", swap=t.swap,  # type: ignore[misc]
+            name=lambda r, t=t: f"{t.what} {t.name(r) if t.name else t.cursor(r)}", swap=t.swap,  # type: ignore[misc]
         )  # fmt: skip
     log.info(
         "re-wrapped %d templates and %d phone numbers to %s (%d conflicts, %d failures)",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import NamedTuple
 
-from services.common.crypto import TemplateDecryptionError, envelope_key_id
+from services.common.crypto.rotation import sealed_key_id as _key_id
 from services.common.storage.db import Database
 
 
@@ -76,10 +76,3 @@ class SqlReplayRepository:
             return s.count(
                 "DELETE FROM voice_replay WHERE tenant_id = ? AND subject_key = ?", (tenant_id, subject_key)
             )
-
-
-def _key_id(record: bytes) -> str:
-    try:
-        return envelope_key_id(record)
-    except TemplateDecryptionError:
-        return ""
