@@ -84,6 +84,8 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     storage = _storage(settings)
     try:
         usage = key_usage(storage)
+        for counts, _ in _kept_elsewhere(settings, storage)().values():  # what retire also waits for
+            usage.update(counts)
     finally:
         storage.close()
     print(f"{'KEY ID':<28} {'CIPHER':<12} {'CREATED':<21} {'PRIMARY':<8} RECORDS")

@@ -142,6 +142,10 @@ def test_rotation_rewraps_voice_replay_fingerprints_and_retire_waits_for_any_lef
 
     # A capture accepted just before the rotation added the new primary, stored after its last pass.
     cache(EnvelopeCrypto(Pinned(keyring, first))).remember("bank-a", "cust-2", fp)
+    capsys.readouterr()
+    assert _run(settings, ["keys", "list"]) == 0  # the records retire waits for are the ones listed
+    listed = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert listed == {first: "1", new: "3"}
     assert _run(settings, ["keys", "retire", first]) == 1
     err = capsys.readouterr().err
     assert f"key {first!r} still seals 1 voice replay fingerprint(s)" in err and "voice.replay_retention_s" in err
