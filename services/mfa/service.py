@@ -229,12 +229,13 @@ class Orchestrator:
         """One path for every factor's challenge (SendOtp; StartBiometricChallenge for face and
         voice): the factor must be acceptable in the session, the subject and device not locked;
         the factor claims what it needs in the session, issues, and the session keeps the nonce.
-        ``shown``: a request naming the payee the user is shown (checked, then in ctx.notes)."""
+        ``shown``: a request naming the payee the user is shown (checked, then in ctx.notes); it must
+        name it when the session has one."""
         now = self.clock()
         session = self.sessions.open(session_id, now)
         policy = self._policy_of(session)
         self.require_acceptable(policy, session, name)
-        payee = self.payee_shown(shown, session, required=False) if shown is not None else None
+        payee = self.payee_shown(shown, session) if shown is not None else None
         self.lockouts.check(session.tenant_id, session.subject_id, session.state.device.fp, policy.lockout, now,
                             session.state.device_usable)
         factor = FACTORS[name]
@@ -285,12 +286,21 @@ class Orchestrator:
     def send_otp(self, req: mfa_pb2.SendOtpRequest) -> mfa_pb2.SendOtpResponse:
         return self.challenge("sms_otp", req.session_id, shown=req)
 
-    def payee_shown(self, req: mfa_pb2.SendOtpRequest | mfa_pb2.SendPushConfirmationRequest, session: Session,
-                    required: bool) -> dict[str, str] | None:
+    def payee_shown(self, req: mfa_pb2.SendOtpRequest | mfa_pb2.SendPushConfirmationRequest,
+                    session: Session) -> dict[str, str] | None:
         """The payee a request says the user is shown, checked against the session's keyed hash of
-        the one it started with (None: the request names none and need not)."""
-        if not (req.HasField("payee") or required):
-            return None
+        the one it started with (None: the session has none and the request names none). A session
+        with a payee needs it named (PSD2 RTS art. 5, dynamic linking: the SMS or the app shows the
+        amount and the payee); the MFA keeps only the hash, so it cannot name the payee itself, and
+        no policy relaxes this (a tenant's action with ``payee: optional`` starts sessions without one)."""
+        if not req.HasField("payee"):
+            if not session.state.payee:
+                return None
+            raise errors.invalid_argument(
+                "payee is required: the session was started with a payee, which the SMS or the push names with "
+                "the amount (PSD2 dynamic linking); send payee (name, account_masked) as the user is shown it, "
+                "the same as in StartAuthentication",
+                "PAYEE_REQUIRED", payee="required: the session's payee")
         payee = requests.payee(req, needs=True)
         assert payee is not None
         shown = payee_object(*payee)

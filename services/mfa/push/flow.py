@@ -66,7 +66,7 @@ class PushConfirmations:
         policy = o.policies.get(session.tenant_id)
         o.require_acceptable(policy, session, "push")
         st, tenant, subject = session.state, session.tenant_id, session.subject_id
-        shown_payee = o.payee_shown(req, session, required=bool(st.payee))
+        shown_payee = o.payee_shown(req, session)
         o.lockouts.check(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
         cfg = policy.factors.push
         if st.push_sends >= cfg.max_sends:
