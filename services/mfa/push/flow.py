@@ -196,7 +196,9 @@ class PushConfirmations:
     def _late_deny(self, session_id: str, answer: mfa_pb2.PushAnswer, now: datetime) -> None:
         """A customer's "not me" for the confirmation still out when the session was decided on
         other factors: too late to change the decision, but the fraud signal is kept (the caller is
-        refused SESSION_DECIDED alike whether or not the answer held, so it reveals nothing)."""
+        refused SESSION_DECIDED alike whether or not the answer held, so it reveals nothing). The
+        confirmation is marked answered with the flag, in the session's compare-and-swap, so that
+        the same answer again (a retry, a replay, a copy raced with it) writes nothing more."""
         o = self.o
         session = o.sessions.load(session_id, now)
         decision = session.state.decision
@@ -206,12 +208,19 @@ class PushConfirmations:
             factor.validate(ctx, answer)  # the confirmation out, unanswered, unexpired; well formed
         except errors.ServiceError:
             return
-        if decision is not None and factor.check(ctx, answer).deny:  # signed by the device it went to
-            self._flag(session, answer.device_id, now, after_decision=decision.outcome)
+        if decision is None or not factor.check(ctx, answer).deny:  # signed by the device it went to
+            return
+        try:
+            with o.rt.storage.transaction():  # answered, flagged and audited together
+                session = o.sessions.mutate(session, lambda st: factor.settle(ctx, st, answer))
+                self._flag(session, answer.device_id, now, after_decision=decision.outcome)
+        except errors.ServiceError as exc:
+            if exc.reason != "PUSH_ALREADY_ANSWERED":  # a copy got there first: it flagged
+                raise
 
     def _flag(self, session: Session, answering_device: str, now, after_decision: str = "") -> None:
         o, st = self.o, session.state
-        with o.rt.storage.transaction():  # the flags and their audit record together
+        with o.rt.storage.transaction():  # the flags and their audit record together (or the caller's)
             o.store.subject_signals.flag(session.tenant_id, session.subject_id, "PUSH_DENIED", now)
             if st.device.device_id:
                 o.store.devices.flag(session.tenant_id, st.device.device_id, now)
