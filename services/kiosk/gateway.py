@@ -316,6 +316,7 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
 
     @app.post("/v1/sessions/{session_id}/otp/send", dependencies=auth, response_model=OtpSent)
     def send_otp(session_id: str) -> OtpSent:
+        # no payee: the kiosk opens logins only (start); the MFA refuses a payment's SMS without its payee
         r = stub.SendOtp(mfa_pb2.SendOtpRequest(session_id=session_id), timeout=deadline_s)
         return OtpSent(masked_phone=r.masked_phone)
 

@@ -16,7 +16,7 @@ import base64
 import hashlib
 from dataclasses import dataclass
 
-from services.common import context, errors
+from services.common import errors
 from services.common.api.v1 import mfa_pb2
 from services.mfa.config import WebAuthnConfig
 from services.common.validation import identifier
@@ -76,7 +76,7 @@ class Proofs:
             if binding.device_id or binding.public_key or binding.context:
                 raise errors.invalid_argument(f"a terminal {field} carries no device, key or context",
                                               **{f"{field.replace('.', '__')}": "terminal binding with other fields"})
-            caller = context.principal.get()
+            caller = fc.caller
             # the session's channel, or the IVR calling the customer back (push fallback)
             channels = {fc.state.channel, fc.state.callback_channel} - {None}
             if caller is None or caller.terminal_channel is None or caller.terminal_channel not in channels:
@@ -153,7 +153,7 @@ class Proofs:
         """Verifies a binding :meth:`shape` accepted; raises Refused."""
         which = binding.WhichOneof("proof")
         if which == "terminal":
-            caller = context.principal.get()
+            caller = fc.caller
             assert caller is not None
             return Proven("terminal", f"terminal:{caller.name}", terminal=caller.name)
         message = self._message(fc, binding.context, evidence, "CAPTURE")

@@ -17,6 +17,7 @@ from datetime import datetime
 from cryptography.hazmat.primitives import serialization
 
 from services.common import errors
+from services.common.context import Principal
 from services.common.api.v1 import mfa_pb2
 from services.mfa.config import WebAuthnConfig
 from services.common.runtime import Runtime
@@ -63,7 +64,8 @@ class DeviceRegistry:
                 "the subject has a bound device: binding another takes a session of the bind_device action "
                 "(confirmed on the bound device, or by the policy's fallback)", "BIND_DEVICE_ACTION_REQUIRED")
 
-    def registration_options(self, req: mfa_pb2.StartDeviceRegistrationRequest) -> mfa_pb2.StartDeviceRegistrationResponse:
+    def registration_options(self, req: mfa_pb2.StartDeviceRegistrationRequest,
+                             caller: Principal | None) -> mfa_pb2.StartDeviceRegistrationResponse:
         from webauthn import generate_registration_options, options_to_json
         from webauthn.helpers.cose import COSEAlgorithmIdentifier
         from webauthn.helpers.structs import (
@@ -72,7 +74,7 @@ class DeviceRegistry:
         )
 
         now = self.clock()
-        rec = self.sessions.load(req.session_id, now)
+        rec = self.sessions.load(req.session_id, now, caller)
         self._strong(rec, now)
         cfg = self.webauthn
         pseudonym = self.rt.pseudonymize(rec.tenant_id, rec.subject_id)  # never the bank's customer reference
@@ -91,9 +93,9 @@ class DeviceRegistry:
             supported_pub_key_algs=[COSEAlgorithmIdentifier.ECDSA_SHA_256, COSEAlgorithmIdentifier.EDDSA])
         return mfa_pb2.StartDeviceRegistrationResponse(options_json=options_to_json(options))
 
-    def register(self, req: mfa_pb2.RegisterDeviceRequest) -> mfa_pb2.RegisterDeviceResponse:
+    def register(self, req: mfa_pb2.RegisterDeviceRequest, caller: Principal | None) -> mfa_pb2.RegisterDeviceResponse:
         now = self.clock()
-        rec = self.sessions.load(req.session_id, now)
+        rec = self.sessions.load(req.session_id, now, caller)
         if devices.is_absent(req.device):
             raise errors.invalid_argument("device is required", device="required")
         device = devices.canonical(req.device, self._device_key, rec.tenant_id)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from services.common.api.v1 import mfa_pb2, mfa_pb2_grpc
+from services.common.context import Principal, principal
 from services.mfa.config import MfaSettings
 from services.common.runtime import Runtime
 from services.common.server.bootstrap import ServiceDefinition
@@ -17,6 +18,12 @@ from services.mfa.webhooks import Worker
 from services.mfa.wellknown import WellKnownServer
 
 
+def caller() -> Principal | None:
+    """The RPC's principal, as the server's interceptor authenticated it: the servicer hands it to
+    the orchestrator with the request, which reads no RPC state itself."""
+    return principal.get()
+
+
 class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
     def __init__(self, rt: Runtime, orchestrator: Orchestrator) -> None:
         self.rt = rt
@@ -24,44 +31,44 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
 
     # --- authentication sessions
     def StartAuthentication(self, request, context):
-        return self.mfa.start(request)
+        return self.mfa.start(request, caller=caller())
 
     def StartBiometricChallenge(self, request, context):
-        return self.mfa.start_challenge(request, budget_of(context))
+        return self.mfa.start_challenge(request, budget_of(context), caller=caller())
 
     def SubmitFactor(self, request, context):
-        return self.mfa.submit(request, budget_of(context))
+        return self.mfa.submit(request, budget_of(context), caller=caller())
 
     def StreamVoiceFactor(self, request_iterator, context):
         if isinstance(request_iterator, BoundedStream):  # the interceptor's budgets, with the IVR's idle limit
             request_iterator.tighten(self.mfa.settings.mfa.ivr_stream.idle_timeout_s)
-        return self.mfa.submit_voice_stream(request_iterator, budget_of(context))
+        return self.mfa.submit_voice_stream(request_iterator, budget_of(context), caller=caller())
 
     def SendOtp(self, request, context):
-        return self.mfa.send_otp(request)
+        return self.mfa.send_otp(request, caller=caller())
 
     def Decide(self, request, context):
-        return self.mfa.decide(request)
+        return self.mfa.decide(request, caller=caller())
 
     # --- push confirmation
     def SendPushConfirmation(self, request, context):
-        return self.mfa.send_push(request)
+        return self.mfa.send_push(request, caller=caller())
 
     def ConfirmTransaction(self, request, context):
-        return self.mfa.confirm_transaction(request, budget_of(context))
+        return self.mfa.confirm_transaction(request, budget_of(context), caller=caller())
 
     def GetPushConfirmation(self, request, context):
-        return self.mfa.get_push_confirmation(request)
+        return self.mfa.get_push_confirmation(request, caller=caller())
 
     def SetPushToken(self, request, context):
         return self.mfa.set_push_token(request)
 
     # --- devices
     def StartDeviceRegistration(self, request, context):
-        return self.mfa.start_device_registration(request)
+        return self.mfa.start_device_registration(request, caller=caller())
 
     def RegisterDevice(self, request, context):
-        return self.mfa.register_device(request)
+        return self.mfa.register_device(request, caller=caller())
 
     def ListDevices(self, request, context):
         return self.mfa.list_devices(request)

@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import context, errors
+from services.common.context import Principal
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.runtime import Runtime
 from services.common.storage import AlreadyExistsError, new_id
@@ -124,10 +125,10 @@ class Orchestrator:
     def _policy_of(self, session: Session) -> Policy:
         return self.policies.get(session.tenant_id)
 
-    def factor_context(self, session: Session, policy: Policy, now: datetime,
-                       budget: float | None = None) -> FactorContext:
+    def factor_context(self, session: Session, policy: Policy, now: datetime, budget: float | None = None,
+                       caller: Principal | None = None) -> FactorContext:
         return FactorContext(self.rt, self.store, policy, session.tenant_id, session.subject_id, session.id,
-                             session.state, now, self.clients, self.otp, budget, proofs=self.proofs)
+                             session.state, now, self.clients, self.otp, budget, proofs=self.proofs, caller=caller)
 
     @staticmethod
     def require_acceptable(policy: Policy, session: Session, name: str) -> None:
@@ -136,12 +137,15 @@ class Orchestrator:
                                              "FACTOR_NOT_ACCEPTABLE")
 
     # ------------------------------------------------------------------ start
-    def start(self, req: mfa_pb2.StartAuthenticationRequest) -> mfa_pb2.StartAuthenticationResponse:
+    def start(self, req: mfa_pb2.StartAuthenticationRequest, *,
+              caller: Principal | None = None) -> mfa_pb2.StartAuthenticationResponse:
+        """``caller``: the RPC's principal, which the servicer passes to every method here that
+        opens or touches a session (None: an in-process caller, e.g. a test or benchmark)."""
         now = self.clock()
         tenant, subject = subject_ref(req.subject)
         policy = self.policies.get(tenant)
         channel = requests.channel(req.channel)
-        terminal_may_serve(channel)
+        terminal_may_serve(caller, channel)
         action = requests.action(req.action, list(policy.actions))
         rule = policy.actions[action]
         amount = requests.amount(req, needs=bool(rule.amount_bands))
@@ -161,7 +165,7 @@ class Orchestrator:
             request_hash = keyed_hash(self._idem_key, req.SerializeToString(deterministic=True).hex())
             existing = self.sessions.get(session_id)
             if existing is not None:
-                return self._replay_start(existing, request_hash)
+                return self._replay_start(existing, request_hash, caller)
 
         fp = device.fingerprint if device else ""
         bound = self.store.devices.list_for_subject(tenant, subject)
@@ -206,13 +210,14 @@ class Orchestrator:
         except AlreadyExistsError:  # the same idempotency key, concurrently
             existing = self.sessions.get(session_id)
             assert existing is not None
-            return self._replay_start(existing, request_hash)
+            return self._replay_start(existing, request_hash, caller)
         return self._start_response(session)
 
-    def _replay_start(self, session: Session, request_hash: str | None) -> mfa_pb2.StartAuthenticationResponse:
+    def _replay_start(self, session: Session, request_hash: str | None,
+                      caller: Principal | None) -> mfa_pb2.StartAuthenticationResponse:
         if session.state.request_hash != request_hash:
             raise errors.already_exists("idempotency_key was used for a different request", "IDEMPOTENCY_KEY_REUSED")
-        self.sessions.load(session.id, self.clock())
+        self.sessions.load(session.id, self.clock(), caller)
         return self._start_response(session)
 
     def _start_response(self, session: Session) -> mfa_pb2.StartAuthenticationResponse:
@@ -225,20 +230,21 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ challenges
     def challenge(self, name: str, session_id: str, budget: float | None = None,
-                  shown: mfa_pb2.SendOtpRequest | None = None) -> Any:
+                  shown: mfa_pb2.SendOtpRequest | None = None, *, caller: Principal | None = None) -> Any:
         """One path for every factor's challenge (SendOtp; StartBiometricChallenge for face and
         voice): the factor must be acceptable in the session, the subject and device not locked;
         the factor claims what it needs in the session, issues, and the session keeps the nonce.
-        ``shown``: a request naming the payee the user is shown (checked, then in ctx.notes)."""
+        ``shown``: a request naming the payee the user is shown (checked, then in ctx.notes); it must
+        name it when the session has one."""
         now = self.clock()
-        session = self.sessions.open(session_id, now)
+        session = self.sessions.open(session_id, now, caller)
         policy = self._policy_of(session)
         self.require_acceptable(policy, session, name)
-        payee = self.payee_shown(shown, session, required=False) if shown is not None else None
+        payee = self.payee_shown(shown, session) if shown is not None else None
         self.lockouts.check(session.tenant_id, session.subject_id, session.state.device.fp, policy.lockout, now,
                             session.state.device_usable)
         factor = FACTORS[name]
-        ctx = self.factor_context(session, policy, now, budget)
+        ctx = self.factor_context(session, policy, now, budget, caller)
         if payee is not None:
             ctx.notes["payee"] = payee
         biometric = name in MODALITIES.values()
@@ -275,22 +281,32 @@ class Orchestrator:
                 self.rt.audit.append(issued.audit[0], actor(), session.tenant_id, session.subject_id, issued.audit[1])
         return issued.response
 
-    def start_challenge(self, req: mfa_pb2.StartBiometricChallengeRequest, budget: float | None = None):
+    def start_challenge(self, req: mfa_pb2.StartBiometricChallengeRequest, budget: float | None = None, *,
+                        caller: Principal | None = None):
         modality = MODALITIES.get(req.modality)
         if modality is None:
-            self.sessions.open(req.session_id, self.clock())  # a bad session id is refused first
+            self.sessions.open(req.session_id, self.clock(), caller)  # a bad session id is refused first
             raise errors.invalid_argument("modality must be face or voice", modality="unspecified")
-        return self.challenge(modality, req.session_id, budget)
+        return self.challenge(modality, req.session_id, budget, caller=caller)
 
-    def send_otp(self, req: mfa_pb2.SendOtpRequest) -> mfa_pb2.SendOtpResponse:
-        return self.challenge("sms_otp", req.session_id, shown=req)
+    def send_otp(self, req: mfa_pb2.SendOtpRequest, *, caller: Principal | None = None) -> mfa_pb2.SendOtpResponse:
+        return self.challenge("sms_otp", req.session_id, shown=req, caller=caller)
 
-    def payee_shown(self, req: mfa_pb2.SendOtpRequest | mfa_pb2.SendPushConfirmationRequest, session: Session,
-                    required: bool) -> dict[str, str] | None:
+    def payee_shown(self, req: mfa_pb2.SendOtpRequest | mfa_pb2.SendPushConfirmationRequest,
+                    session: Session) -> dict[str, str] | None:
         """The payee a request says the user is shown, checked against the session's keyed hash of
-        the one it started with (None: the request names none and need not)."""
-        if not (req.HasField("payee") or required):
-            return None
+        the one it started with (None: the session has none and the request names none). A session
+        with a payee needs it named (PSD2 RTS art. 5, dynamic linking: the SMS or the app shows the
+        amount and the payee); the MFA keeps only the hash, so it cannot name the payee itself, and
+        no policy relaxes this (a tenant's action with ``payee: optional`` starts sessions without one)."""
+        if not req.HasField("payee"):
+            if not session.state.payee:
+                return None
+            raise errors.invalid_argument(
+                "payee is required: the session was started with a payee, which the SMS or the push names with "
+                "the amount (PSD2 dynamic linking); send payee (name, account_masked) as the user is shown it, "
+                "the same as in StartAuthentication",
+                "PAYEE_REQUIRED", payee="required: the session's payee")
         payee = requests.payee(req, needs=True)
         assert payee is not None
         shown = payee_object(*payee)
@@ -306,19 +322,21 @@ class Orchestrator:
         return self.sessions.mutate(session, change)
 
     # ------------------------------------------------------------------ factors
-    def submit(self, req: mfa_pb2.SubmitFactorRequest, budget: float | None = None) -> mfa_pb2.SubmitFactorResponse:
+    def submit(self, req: mfa_pb2.SubmitFactorRequest, budget: float | None = None, *,
+               caller: Principal | None = None) -> mfa_pb2.SubmitFactorResponse:
         """Checks the evidence (nothing is written for bad input), charges the attempt to the
         lockout, evaluates it, then settles the charge, records the outcome and its audit record in
         one transaction, which refuses a session decided meanwhile (SESSION_DECIDED)."""
         now = self.clock()
-        session = self.sessions.open(req.session_id, now)
+        session = self.sessions.open(req.session_id, now, caller)
         which = req.WhichOneof("evidence")
         if which is None:
             raise errors.invalid_argument("one of face, voice, otp or device evidence is required", evidence="missing")
         name = BY_EVIDENCE[which]
-        return self.submit_evidence(session, name, getattr(req, which), now, budget)[0]
+        return self.submit_evidence(session, name, getattr(req, which), now, budget, caller)[0]
 
-    def submit_voice_stream(self, messages: Iterable, budget: float | None = None) -> mfa_pb2.SubmitFactorResponse:
+    def submit_voice_stream(self, messages: Iterable, budget: float | None = None, *,
+                            caller: Principal | None = None) -> mfa_pb2.SubmitFactorResponse:
         """StreamVoiceFactor: the voice factor of submit() with the audio streamed. The header is
         checked as VoiceEvidence is; the chunks are read (within mfa.ivr_stream's limits) while the
         voice service hears them, joined into blocks of up to mfa.ivr_stream.max_hold_s, so a stream
@@ -332,17 +350,17 @@ class Orchestrator:
                                           header="required first")
         h = first.header
         now = self.clock()
-        session = self.sessions.open(h.session_id, now)
+        session = self.sessions.open(h.session_id, now, caller)
         rate = stream_byte_rate(h.format)
         header = mfa_pb2.VoiceEvidence(audio=common_pb2.Audio(format=h.format), challenge_nonce=h.challenge_nonce)
         if h.HasField("binding"):
             header.binding.CopyFrom(h.binding)
         cfg = self.settings.mfa.ivr_stream
         evidence = StreamedVoice(header, held(stream_chunks(stream, rate, cfg), rate, cfg.max_hold_s))
-        return self.submit_evidence(session, "voice", evidence, now, budget)[0]
+        return self.submit_evidence(session, "voice", evidence, now, budget, caller)[0]
 
-    def submit_evidence(self, session: Session, name: str, evidence: Any, now: datetime,
-                        budget: float | None) -> tuple[mfa_pb2.SubmitFactorResponse, FactorOutcome, Session]:
+    def submit_evidence(self, session: Session, name: str, evidence: Any, now: datetime, budget: float | None,
+                        caller: Principal | None) -> tuple[mfa_pb2.SubmitFactorResponse, FactorOutcome, Session]:
         """submit() once the evidence's factor is known: (the response, the outcome, the session as stored)."""
         policy = self._policy_of(session)
         self.require_acceptable(policy, session, name)
@@ -351,7 +369,7 @@ class Orchestrator:
         require_room(st.submissions, limit, "factor submissions")
         self.lockouts.check(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
         factor = FACTORS[name]
-        ctx = self.factor_context(session, policy, now, budget)
+        ctx = self.factor_context(session, policy, now, budget, caller)
         factor.validate(ctx, evidence)
         attempt = self.lockouts.attempt(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
         try:
@@ -404,9 +422,9 @@ class Orchestrator:
                 outcome, session)
 
     # ------------------------------------------------------------------ decision
-    def decide(self, req: mfa_pb2.DecideRequest) -> mfa_pb2.DecideResponse:
+    def decide(self, req: mfa_pb2.DecideRequest, *, caller: Principal | None = None) -> mfa_pb2.DecideResponse:
         now = self.clock()
-        session = self.sessions.load(req.session_id, now)
+        session = self.sessions.load(req.session_id, now, caller)
         policy = self._policy_of(session)
         while True:
             if session.state.decision is not None:
@@ -450,7 +468,7 @@ class Orchestrator:
             except _AlreadyDecided as done:  # a concurrent Decide got there first
                 return self._decision_response(done.decision)
             except _Stale:
-                session = self.sessions.load(req.session_id, now)
+                session = self.sessions.load(req.session_id, now, caller)
                 continue
             metrics.record_decision(d.outcome, d.reasons)
             if review_id:
@@ -483,25 +501,29 @@ class Orchestrator:
             amr=stored.amr, review_id=stored.review_id, total_llr=stored.total)
 
     # ------------------------------------------------------------------ push confirmation
-    def send_push(self, req: mfa_pb2.SendPushConfirmationRequest) -> mfa_pb2.SendPushConfirmationResponse:
-        return self.push.send(req)
+    def send_push(self, req: mfa_pb2.SendPushConfirmationRequest, *,
+                  caller: Principal | None = None) -> mfa_pb2.SendPushConfirmationResponse:
+        return self.push.send(req, caller)
 
-    def confirm_transaction(self, req: mfa_pb2.ConfirmTransactionRequest,
-                            budget: float | None = None) -> mfa_pb2.ConfirmTransactionResponse:
-        return self.push.confirm(req, budget)
+    def confirm_transaction(self, req: mfa_pb2.ConfirmTransactionRequest, budget: float | None = None, *,
+                            caller: Principal | None = None) -> mfa_pb2.ConfirmTransactionResponse:
+        return self.push.confirm(req, budget, caller)
 
-    def get_push_confirmation(self, req: mfa_pb2.GetPushConfirmationRequest) -> mfa_pb2.GetPushConfirmationResponse:
-        return self.push.fetch(req)
+    def get_push_confirmation(self, req: mfa_pb2.GetPushConfirmationRequest, *,
+                              caller: Principal | None = None) -> mfa_pb2.GetPushConfirmationResponse:
+        return self.push.fetch(req, caller)
 
     def set_push_token(self, req: mfa_pb2.SetPushTokenRequest) -> mfa_pb2.SetPushTokenResponse:
         return self.push.set_token(req)
 
     # ------------------------------------------------------------------ devices
-    def start_device_registration(self, req: mfa_pb2.StartDeviceRegistrationRequest):
-        return self.registry.registration_options(req)
+    def start_device_registration(self, req: mfa_pb2.StartDeviceRegistrationRequest, *,
+                                  caller: Principal | None = None):
+        return self.registry.registration_options(req, caller)
 
-    def register_device(self, req: mfa_pb2.RegisterDeviceRequest) -> mfa_pb2.RegisterDeviceResponse:
-        return self.registry.register(req)
+    def register_device(self, req: mfa_pb2.RegisterDeviceRequest, *,
+                        caller: Principal | None = None) -> mfa_pb2.RegisterDeviceResponse:
+        return self.registry.register(req, caller)
 
     def list_devices(self, req: mfa_pb2.ListDevicesRequest) -> mfa_pb2.ListDevicesResponse:
         return self.registry.list(req)

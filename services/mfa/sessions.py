@@ -11,7 +11,8 @@ from datetime import datetime
 
 import grpc
 
-from services.common import context, errors
+from services.common import errors
+from services.common.context import Principal
 from services.common.storage import ConcurrentUpdateError, NotFoundError
 
 from .state import SessionState
@@ -53,10 +54,10 @@ class Session:
                    SessionState.from_json(dict(rec.state)))
 
 
-def terminal_may_serve(channel: str, callback_channel: str | None = None) -> None:
-    """Refuses a registered terminal a session of another channel than its own (the IVR platform
-    may also serve a session it calls the customer back for); any other caller passes."""
-    caller = context.principal.get()
+def terminal_may_serve(caller: Principal | None, channel: str, callback_channel: str | None = None) -> None:
+    """Refuses a registered terminal (``caller``, the RPC's principal) a session of another channel
+    than its own (the IVR platform may also serve a session it calls the customer back for); any
+    other caller passes, as does None (an in-process caller)."""
     if caller is not None and caller.terminal_channel is not None and caller.terminal_channel not in (
             channel, callback_channel):
         raise errors.permission_denied(
@@ -83,20 +84,21 @@ class Sessions:
         rec = self.repo.get(session_id) if SESSION_ID.match(session_id or "") else None
         return rec.tenant_id if rec is not None else None
 
-    def load(self, session_id: str, now: datetime, field: str = "session_id") -> Session:
+    def load(self, session_id: str, now: datetime, caller: Principal | None, field: str = "session_id") -> Session:
+        """A stored, unexpired session that ``caller`` (the RPC's principal) may serve."""
         if not SESSION_ID.match(session_id or ""):
             raise errors.invalid_argument(f"{field} is not a session id", **{field: "malformed"})
         found = self.get(session_id)
         if found is None:
             raise errors.not_found("no such authentication session", "SESSION_NOT_FOUND")
-        terminal_may_serve(found.state.channel, found.state.callback_channel)
+        terminal_may_serve(caller, found.state.channel, found.state.callback_channel)
         if found.expires_at <= now:
             raise errors.failed_precondition("the authentication session expired; start a new one", "SESSION_EXPIRED")
         return found
 
-    def open(self, session_id: str, now: datetime) -> Session:
+    def open(self, session_id: str, now: datetime, caller: Principal | None) -> Session:
         """A session that can still take factors (not yet finally decided)."""
-        found = self.load(session_id, now)
+        found = self.load(session_id, now, caller)
         require_open(found.state)
         return found
 

@@ -150,8 +150,9 @@ def start(stub, app, ref, action="login", amount=None, payee=None, channel=F.CHA
     return app.opened(req, stub.StartAuthentication(req, metadata=metadata))
 
 
-def otp(stub, settings, session_id):
-    stub.SendOtp(F.SendOtpRequest(session_id=session_id))
+def otp(stub, settings, session_id, payee=None):
+    """The SMS code sent and entered; ``payee``: the payment session's, which SendOtp names."""
+    stub.SendOtp(F.SendOtpRequest(session_id=session_id, payee=payee))
     return stub.SubmitFactor(F.SubmitFactorRequest(session_id=session_id, otp=F.OtpEvidence(code=outbox_codes(settings)[-1])))
 
 

@@ -12,7 +12,7 @@ from services.common.errors import details_of
 from services.mfa.config import MfaConfig
 from services.mfa.policy.loader import load_policy
 from services.mfa.policy.schema import BIOMETRIC
-from tests.mfa.pushapp import F, PushApp, customer, held_clock, otp, push_server, start
+from tests.mfa.pushapp import PAYEE, F, PushApp, customer, held_clock, otp, push_server, start
 
 ACCOUNT_CHANGES = ("change_phone", "reset_password", "bind_device", "change_limits")
 
@@ -46,7 +46,7 @@ def pay(stub, settings, app, ref):
     """A payment on the bound phone with its key and the SMS code: (risk reason codes, decision)."""
     s = start(stub, app, ref, action="payment", amount=50000)
     stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s)))
-    otp(stub, settings, s.session_id)
+    otp(stub, settings, s.session_id, payee=PAYEE)
     return [r.code for r in s.risk.reasons], stub.Decide(F.DecideRequest(session_id=s.session_id))
 
 

@@ -195,7 +195,7 @@ def test_a_payment_names_its_payee_signed_by_the_device_and_kept_only_as_a_keyed
     with pytest.raises(grpc.RpcError) as err:
         stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s, send_context=False)))
     assert details_of(err.value)["reason"] == "DEVICE_CONTEXT_REQUIRED"
-    otp_round(stub, mfa_server.settings, s.session_id)
+    otp_round(stub, mfa_server.settings, s.session_id, payee=PAYEE)
     d = stub.Decide(F.DecideRequest(session_id=s.session_id))
     assert d.outcome == F.OUTCOME_ALLOW
     claims = jwt.decode(d.token, options={"verify_signature": False})

@@ -30,8 +30,8 @@ def start(stub, app=None, action="login", ref=None, amount=None, text="", channe
     return app.opened(req, stub.StartAuthentication(req))
 
 
-def otp_round(stub, settings, session_id, wrong=False):
-    stub.SendOtp(F.SendOtpRequest(session_id=session_id))
+def otp_round(stub, settings, session_id, wrong=False, payee=None):
+    stub.SendOtp(F.SendOtpRequest(session_id=session_id, payee=payee))
     code = outbox_codes(settings)[-1]
     if wrong:
         code = f"{(int(code) + 1) % 10 ** len(code):0{len(code)}d}"

@@ -161,10 +161,41 @@ def test_a_payments_code_names_its_amount_and_the_payee_shown(orch):
     assert submit(orch, pay.session_id, code).result.passed
     orch.send_otp(F.SendOtpRequest(session_id=orch.start(F.StartAuthenticationRequest(
         subject=ref, channel=F.CHANNEL_APP, action="payment", device=App().device, payee=payee,
-        amount=F.Money(currency="JPY", amount_minor=4900))).session_id))  # no payee given: the amount alone
-    assert " is your code for payment of JPY 4,900. " in texts()[-1]
+        amount=F.Money(currency="JPY", amount_minor=4900))).session_id, payee=payee))
+    assert " is your code for payment of JPY 4,900 to Li Lei (6222 **** **** 1234). " in texts()[-1]
     orch.send_otp(F.SendOtpRequest(session_id=session(orch, ref).session_id))
     assert " is your verification code. " in texts()[-1]
+
+
+def test_a_payments_code_is_not_sent_without_the_payee(orch):
+    """PSD2 RTS art. 5 (dynamic linking): a code for a payment names the amount and the payee. SendOtp
+    without the payee sent "your code for payment of CNY 4,900.00" alone, the payee left out; now it
+    is refused, naming the field and what to send, before any SMS, code, cool-down or audit record."""
+    ref = enrol(orch)
+    payee = F.Payee(name="Li Lei", account_masked="6222 **** **** 1234")
+    pay = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="payment",
+                                                  device=App().device, payee=payee,
+                                                  amount=F.Money(currency="CNY", amount_minor=490000)))
+
+    def written():
+        with orch.rt.storage.db.read() as q:
+            return (q.all("SELECT COUNT(*) FROM otp_challenges")[0][0], q.all("SELECT COUNT(*) FROM audit_records")[0][0],
+                    orch.sessions.get(pay.session_id).version)
+    before = written()
+    with pytest.raises(ServiceError) as err:
+        orch.send_otp(F.SendOtpRequest(session_id=pay.session_id))
+    e = err.value
+    assert (e.code, e.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "PAYEE_REQUIRED")
+    assert [f for f, _ in e.field_violations] == ["payee"]
+    assert "payee" in e.message and "StartAuthentication" in e.message  # what to send: the payee it started with
+    assert not (orch.rt.settings.data_dir / "sms-outbox.jsonl").exists() and written() == before
+    orch.send_otp(F.SendOtpRequest(session_id=pay.session_id, payee=payee))  # named: sent
+    assert len(outbox_codes(orch.rt.settings)) == 1
+    # a login names no payee, and may not invent one
+    orch.send_otp(F.SendOtpRequest(session_id=session(orch, ref).session_id))
+    with pytest.raises(ServiceError) as err:
+        orch.send_otp(F.SendOtpRequest(session_id=session(orch, ref).session_id, payee=payee))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "payee is not the one" in err.value.message
 
 
 # --- the HTTP gateway against a local fake SMS API ---------------------------------------------

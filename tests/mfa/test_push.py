@@ -312,7 +312,7 @@ def test_a_push_gateway_outage_falls_back_to_the_policy_factors_never_to_an_allo
     with pytest.raises(grpc.RpcError) as err:  # the push no longer counts in this session
         send(stub, s)
     assert reason(err.value) == "FACTOR_NOT_ACCEPTABLE"
-    assert otp(stub, harness.settings, s.session_id).result.passed
+    assert otp(stub, harness.settings, s.session_id, payee=PAYEE).result.passed
     assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW
 
 

@@ -60,6 +60,6 @@ def test_a_browser_payment_is_confirmed_by_an_ivr_call_back_when_the_app_cannot_
     r = world.submit(s, world.ivr, voice=world.ivr_voice(s, audio, challenge.challenge.nonce)).result
     assert r.passed and r.binding == "terminal", r
     assert world.decide(s).outcome == F.OUTCOME_STEP_UP  # the SMS code too
-    assert world.otp(s).result.passed
+    assert world.otp(s, payee=PAYEE).result.passed
     d = world.decide(s)
     assert d.outcome == F.OUTCOME_ALLOW and set(d.amr) >= {"vbm", "sms"}, d

@@ -215,23 +215,32 @@ def test_one_push_approval_sent_twice_at_once_counts_once(push_env):
     assert factor_audits(harness.settings, s.session_id) == 1
 
 
-def test_a_deny_that_arrives_after_the_session_was_allowed_still_flags_the_fraud(push_env):
-    """The push is out; the session is allowed meanwhile on other factors (the device key and an
-    SMS code: a SIM swap). The customer's signed "not me" then comes too late to change the
-    decision, and is refused SESSION_DECIDED, but the fraud signal must not be lost: the subject
-    is flagged and the flag audited. A deny that is not the customer's (badly signed) flags nothing."""
+def allowed_with_push_out(push_env, name: str):
+    """A session allowed on the bound device's key and an SMS code while its push confirmation is
+    still out (a SIM swap): (the session, the customer's app, the subject, the fields it shows)."""
     from tests.mfa.pushapp import PushApp, customer, otp, shown_fields, start
 
-    harness, stub, orch = push_env
-    app = PushApp("inst-late-deny")
-    ref = customer(stub, harness.settings, "cust-late-deny", app)
+    harness, stub, _ = push_env
+    app = PushApp(f"inst-{name}")
+    ref = customer(stub, harness.settings, f"cust-{name}", app)
     s = start(stub, app, ref, action="change_phone")
     sent = stub.SendPushConfirmation(F.SendPushConfirmationRequest(session_id=s.session_id))
     fields = shown_fields(stub, harness.settings, app, sent.confirmation_id)
     assert stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s))).result.passed
     assert otp(stub, harness.settings, s.session_id).result.passed
     assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW
+    return s, app, ref, fields
 
+
+def test_a_deny_that_arrives_after_the_session_was_allowed_still_flags_the_fraud(push_env):
+    """The push is out; the session is allowed meanwhile on other factors (the device key and an
+    SMS code: a SIM swap). The customer's signed "not me" then comes too late to change the
+    decision, and is refused SESSION_DECIDED, but the fraud signal must not be lost: the subject
+    is flagged and the flag audited. A deny that is not the customer's (badly signed) flags nothing."""
+    from tests.mfa.pushapp import PushApp
+
+    _, stub, orch = push_env
+    s, app, ref, fields = allowed_with_push_out(push_env, "late-deny")
     forged = app.answer(fields, "", answer="deny")
     forged.signature = PushApp("inst-late-thief").sign(forged.context)
     for answer in (forged, app.answer(fields, "", answer="deny")):
@@ -246,6 +255,37 @@ def test_a_deny_that_arrives_after_the_session_was_allowed_still_flags_the_fraud
     assert flag is not None and flag.flagged_at is not None and flag.flag_reason == "PUSH_DENIED"
     assert len(flagged) == 1 and json.loads(flagged[0].details)["after_decision"] == "allow"
     assert stub.Decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW  # not changed
+
+
+def test_a_late_deny_sent_again_or_raced_is_audited_once(push_env):
+    """The customer's late "not me" is flagged and audited once. The same signed answer sent again
+    (an app retrying, an attacker replaying it) was flagged and audited again each time, growing the
+    audit trail without bound; now the copy is refused SESSION_DECIDED as before and writes nothing,
+    sent after the first or released together with it."""
+    _, stub, orch = push_env
+
+    def late_deny(name: str):
+        s, app, _, fields = allowed_with_push_out(push_env, name)
+        request = F.ConfirmTransactionRequest(session_id=s.session_id, answer=app.answer(fields, "", answer="deny"))
+        return s.session_id, lambda _=0: stub.ConfirmTransaction(request)
+
+    def audited(session_id: str = "") -> int:
+        return len([r for r in orch.rt.storage.audit.iter_records()
+                    if not session_id or (r.event_type == "mfa.fraud_flagged" and session_id in r.details)])
+
+    session_id, answer = late_deny("late-deny-again")
+    for sent in range(1, 4):
+        with pytest.raises(grpc.RpcError) as err:
+            answer()
+        assert details_of(err.value)["reason"] == "SESSION_DECIDED"
+        if sent == 1:
+            after_first = audited()
+    assert audited(session_id) == 1 and audited() == after_first
+
+    session_id, answer = late_deny("late-deny-raced")
+    results = race(3, answer)
+    assert all(isinstance(r, grpc.RpcError) and details_of(r)["reason"] == "SESSION_DECIDED" for r in results), results
+    assert audited(session_id) == 1
 
 
 def test_a_p256_proof_re_encoded_or_malleated_is_still_the_same_proof(stub, mfa_server):

@@ -114,6 +114,31 @@ def test_every_factor_challenge_is_refused_alike_for_a_locked_subject_and_an_una
         assert err.reason == "FACTOR_NOT_ACCEPTABLE" and f"{name} is not an acceptable factor" in err.message
 
 
+def test_the_orchestrator_confines_a_terminal_by_the_caller_it_is_given_not_by_rpc_state(orch):
+    """The servicer hands the RPC's principal to the orchestrator with the request; the session layer
+    reads no RPC state (Sessions.load read the principal from the RPC's context variable). A kiosk
+    terminal given as the caller is refused an app session's code and decision before anything is
+    sent; the bank's back end given as the caller passes, whatever principal the context holds."""
+    from services.common import context
+    from services.common.context import Principal
+
+    kiosk = Principal("kiosk-7", frozenset({"orchestrator"}), frozenset({"otp-bank"}), terminal_channel="kiosk")
+    bank = Principal("bank-backend", frozenset({"orchestrator"}), frozenset({"*"}))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref("otp-bank"), phone_e164=PHONE))
+    s = start(orch, "otp-bank")
+    for call in (lambda: orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=kiosk),
+                 lambda: orch.decide(F.DecideRequest(session_id=s.session_id), caller=kiosk)):
+        with pytest.raises(ServiceError) as err:
+            call()
+        assert (err.value.code, err.value.reason) == (grpc.StatusCode.PERMISSION_DENIED, "TERMINAL_NOT_REGISTERED")
+    assert outbox_codes(orch.rt.settings) == []
+    token = context.principal.set(kiosk)
+    try:
+        assert orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=bank).masked_phone
+    finally:
+        context.principal.reset(token)
+
+
 def test_a_biometric_challenge_whose_service_is_down_degrades_the_session_like_sms_fails_cleanly(orch, clock):
     subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref("bank-b"), phone_e164=PHONE))
     sessions = {name: start(orch, "bank-b") for name in ("face", "voice")}

@@ -98,6 +98,7 @@ class World:
         self.face = face_pb2_grpc.FaceServiceStub(self._channels[1])
         self.voice = voice_pb2_grpc.VoiceServiceStub(self._channels[2])
         self.ivr = None  # the IVR platform: a registered terminal of the ivr channel
+        self.payees: dict[str, F.Payee] = {}  # each payment session's payee, which SendOtp names (as the SDK)
         if ivr_token:
             self._channels.append(bio_channel(mfa, "mfa", ivr_token))
             self.ivr = mfa_pb2_grpc.MfaServiceStub(self._channels[-1])
@@ -132,7 +133,10 @@ class World:
         if amount is not None:
             req.amount.CopyFrom(F.Money(currency="CNY", amount_minor=amount))
             req.payee.CopyFrom(payee or PAYEE)
-        return app.opened(req, self.mfa_stub.StartAuthentication(req))
+        started = app.opened(req, self.mfa_stub.StartAuthentication(req))
+        if req.HasField("payee"):
+            self.payees[started.session_id] = req.payee
+        return started
 
     def start_ivr(self, ref, action="login"):
         """A call to the bank's IVR: the platform opens the session as the ivr terminal."""
@@ -172,9 +176,10 @@ class World:
     def voice_engine(self):
         return self.bio.running["voice"].definition.service.engine
 
-    def otp(self, s, wrong=False, stub=None):
+    def otp(self, s, wrong=False, stub=None, payee=None):
+        """The SMS code sent and entered; a payment's payee (``payee``, else the one start() gave) named."""
         stub = stub or self.mfa_stub
-        stub.SendOtp(F.SendOtpRequest(session_id=s.session_id))
+        stub.SendOtp(F.SendOtpRequest(session_id=s.session_id, payee=payee or self.payees.get(s.session_id)))
         code = outbox_codes(self.mfa.settings)[-1]
         if wrong:
             code = f"{(int(code) + 1) % 10 ** 6:06d}"

@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from services.common import errors
+from services.common.context import Principal
 from services.common.runtime import Runtime
 
 from ..clients import BiometricClient, ServiceUnavailable
@@ -55,6 +56,7 @@ class FactorContext:
     notes: dict[str, Any] = field(default_factory=dict)  # per-call facts a subclass reports (attempts left)
     proofs: Proofs | None = None  # capture bindings and device proofs
     also: list[FactorOutcome] = field(default_factory=list)  # further outcomes the evidence proved (a device key)
+    caller: Principal | None = None  # the RPC's principal (a registered terminal submits terminal captures)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from services.common import errors
+from services.common.context import Principal
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.storage import new_id
 from services.common.subjects import actor, timestamp
@@ -59,14 +60,15 @@ class PushConfirmations:
         self.o = orch
 
     # ------------------------------------------------------------------ send
-    def send(self, req: mfa_pb2.SendPushConfirmationRequest) -> mfa_pb2.SendPushConfirmationResponse:
+    def send(self, req: mfa_pb2.SendPushConfirmationRequest,
+             caller: Principal | None) -> mfa_pb2.SendPushConfirmationResponse:
         o = self.o
         now = o.clock()
-        session = o.sessions.open(req.session_id, now)
+        session = o.sessions.open(req.session_id, now, caller)
         policy = o.policies.get(session.tenant_id)
         o.require_acceptable(policy, session, "push")
         st, tenant, subject = session.state, session.tenant_id, session.subject_id
-        shown_payee = o.payee_shown(req, session, required=bool(st.payee))
+        shown_payee = o.payee_shown(req, session)
         o.lockouts.check(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
         cfg = policy.factors.push
         if st.push_sends >= cfg.max_sends:
@@ -135,20 +137,20 @@ class PushConfirmations:
             acceptable=factor_sets(session.state.plan.acceptable()), ivr_callback=bool(callback))
 
     # ------------------------------------------------------------------ the app reads it
-    def fetch(self, req: mfa_pb2.GetPushConfirmationRequest) -> mfa_pb2.GetPushConfirmationResponse:
+    def fetch(self, req: mfa_pb2.GetPushConfirmationRequest, caller: Principal | None) -> mfa_pb2.GetPushConfirmationResponse:
         o = self.o
         cid = identifier(req.confirmation_id, "confirmation_id")
         device_id = identifier(req.device_id, "device_id")
         key_proof_shape(req, "request")
         now = o.clock()
-        session = o.sessions.open(req.session_id, now)
+        session = o.sessions.open(req.session_id, now, caller)
         st, tenant, subject = session.state, session.tenant_id, session.subject_id
         push = st.push
         if push is None:
             raise errors.failed_precondition("no push confirmation is out in this session", "PUSH_NOT_SENT")
         if push["cid"] != cid:
             raise errors.failed_precondition("that confirmation is not the one out in this session", "PUSH_NOT_CURRENT")
-        ctx = o.factor_context(session, o.policies.get(tenant), now)
+        ctx = o.factor_context(session, o.policies.get(tenant), now, caller=caller)
         try:
             if device_id != push["device_id"]:
                 raise Refused("PUSH_WRONG_DEVICE", "the confirmation was sent to another bound device")
@@ -174,44 +176,54 @@ class PushConfirmations:
             "request_id": session.state.request_id or ""})
 
     # ------------------------------------------------------------------ answer
-    def confirm(self, req: mfa_pb2.ConfirmTransactionRequest, budget: float | None) -> mfa_pb2.ConfirmTransactionResponse:
+    def confirm(self, req: mfa_pb2.ConfirmTransactionRequest, budget: float | None,
+                caller: Principal | None) -> mfa_pb2.ConfirmTransactionResponse:
         o = self.o
         now = o.clock()
         try:
-            session = o.sessions.open(req.session_id, now)
+            session = o.sessions.open(req.session_id, now, caller)
             if not req.HasField("answer"):
                 raise errors.invalid_argument("answer is required", answer="missing")
-            response, outcome, session = o.submit_evidence(session, "push", req.answer, now, budget)
+            response, outcome, session = o.submit_evidence(session, "push", req.answer, now, budget, caller)
         except errors.ServiceError as exc:
             if exc.reason == "SESSION_DECIDED":
-                self._late_deny(req.session_id, req.answer, now)
+                self._late_deny(req.session_id, req.answer, now, caller)
             raise
         out = mfa_pb2.ConfirmTransactionResponse(result=response.result, still_acceptable=response.still_acceptable,
                                                  attempts_left=response.attempts_left)
         if outcome.deny:
             self._flag(session, req.answer.device_id, now)
-            out.decision.CopyFrom(o.decide(mfa_pb2.DecideRequest(session_id=session.id)))
+            out.decision.CopyFrom(o.decide(mfa_pb2.DecideRequest(session_id=session.id), caller=caller))
         return out
 
-    def _late_deny(self, session_id: str, answer: mfa_pb2.PushAnswer, now: datetime) -> None:
+    def _late_deny(self, session_id: str, answer: mfa_pb2.PushAnswer, now: datetime, caller: Principal | None) -> None:
         """A customer's "not me" for the confirmation still out when the session was decided on
         other factors: too late to change the decision, but the fraud signal is kept (the caller is
-        refused SESSION_DECIDED alike whether or not the answer held, so it reveals nothing)."""
+        refused SESSION_DECIDED alike whether or not the answer held, so it reveals nothing). The
+        confirmation is marked answered with the flag, in the session's compare-and-swap, so that
+        the same answer again (a retry, a replay, a copy raced with it) writes nothing more."""
         o = self.o
-        session = o.sessions.load(session_id, now)
+        session = o.sessions.load(session_id, now, caller)
         decision = session.state.decision
         factor = FACTORS["push"]
-        ctx = o.factor_context(session, o.policies.get(session.tenant_id), now)
+        ctx = o.factor_context(session, o.policies.get(session.tenant_id), now, caller=caller)
         try:
             factor.validate(ctx, answer)  # the confirmation out, unanswered, unexpired; well formed
         except errors.ServiceError:
             return
-        if decision is not None and factor.check(ctx, answer).deny:  # signed by the device it went to
-            self._flag(session, answer.device_id, now, after_decision=decision.outcome)
+        if decision is None or not factor.check(ctx, answer).deny:  # signed by the device it went to
+            return
+        try:
+            with o.rt.storage.transaction():  # answered, flagged and audited together
+                session = o.sessions.mutate(session, lambda st: factor.settle(ctx, st, answer))
+                self._flag(session, answer.device_id, now, after_decision=decision.outcome)
+        except errors.ServiceError as exc:
+            if exc.reason != "PUSH_ALREADY_ANSWERED":  # a copy got there first: it flagged
+                raise
 
     def _flag(self, session: Session, answering_device: str, now, after_decision: str = "") -> None:
         o, st = self.o, session.state
-        with o.rt.storage.transaction():  # the flags and their audit record together
+        with o.rt.storage.transaction():  # the flags and their audit record together (or the caller's)
             o.store.subject_signals.flag(session.tenant_id, session.subject_id, "PUSH_DENIED", now)
             if st.device.device_id:
                 o.store.devices.flag(session.tenant_id, st.device.device_id, now)
