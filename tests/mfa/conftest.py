@@ -32,6 +32,7 @@ actions:
     acceptable: [[sms_otp], [device]]
   payment:
     required: 3.0
+    payee: optional              # said outright: an action with amounts requires a payee by default
     acceptable: [[sms_otp], [device], [device, sms_otp]]
     amount_bands:
       CNY:

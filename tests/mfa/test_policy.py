@@ -100,6 +100,19 @@ def test_all_problems_are_reported_at_once_in_line_order():
     assert "line 4, column" in str(PolicyError("t.yaml", parse_error(text)))
 
 
+def test_an_action_with_amounts_requires_its_payee_unless_the_policy_says_otherwise():
+    """PSD2 dynamic linking: a payment action written without a `payee:` line let its sessions start,
+    and its SMS codes go out, with no payee at all. An action that carries amounts now requires one
+    by default; an action without amounts stays optional; `payee: optional` is said outright."""
+    bands = "    amount_bands:\n      CNY: [{up_to: null}]\n"
+    payment = "  payment:\n    required: 3.0\n    acceptable: [[sms_otp]]\n"
+    policy = parse_policy(MINIMAL + payment + bands)
+    assert policy.actions["payment"].payee == "required"
+    assert policy.actions["login"].payee == "optional"
+    relaxed = parse_policy(MINIMAL + payment + "    payee: optional\n" + bands)
+    assert relaxed.actions["payment"].payee == "optional"
+
+
 def parse_error(text):
     try:
         parse_policy(text)

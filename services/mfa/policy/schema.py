@@ -170,9 +170,18 @@ class ActionRule(Strict):
     # currency (ISO 4217, or "*" for any other) -> bands in increasing order of up_to
     amount_bands: dict[str, list[AmountBand]] = {}
     # The beneficiary the user is shown, signed in the transaction context: "required" refuses a
-    # StartAuthentication without one (payments: dynamic linking of amount and payee).
+    # StartAuthentication without one (payments: dynamic linking of amount and payee, PSD2 RTS art. 5).
+    # Unset: required where the action carries amounts, so a payment action written without the
+    # line still links its codes to a payee; an amount without a beneficiary says "optional".
     payee: Literal["required", "optional"] = "optional"
     voice_challenge: bool | None = None  # None: factors.voice.require_challenge
+
+    @model_validator(mode="before")
+    @classmethod
+    def _payee_default(cls, data):
+        if isinstance(data, dict) and "payee" not in data and data.get("amount_bands"):
+            return {**data, "payee": "required"}
+        return data
 
     @field_validator("acceptable")
     @classmethod
