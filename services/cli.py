@@ -1,4 +1,4 @@
-"""The `biogate` command line: serve, migrate, models, keys, audit, eval/calibrate, admin, kiosk and client."""
+"""The `biogate` command line: serve, migrate, models, keys, audit, purge, eval/calibrate, admin, kiosk and client."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "services.commands.models",
     "services.commands.keys",
     "services.commands.audit",
+    "services.commands.retention",
     "services.commands.evaluation",
     "services.admin",
     "services.commands.voice",

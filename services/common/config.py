@@ -273,6 +273,30 @@ class AuditConfig(Section):
     previous_public_keys: list[Path] = []
 
 
+class RetentionConfig(Section):
+    """How long rows outlive their use before `biogate purge` deletes them (GDPR art. 5(1)(e), PIPL
+    art. 19; README "Data retention"). Each period counts from the moment the row stopped being
+    needed: an expiry, the end of a window, a resolution, a revocation. The audit trail is never
+    purged (a hash chain: removing a record breaks every later one). The MFA's webhook events keep
+    mfa.reviews.webhook.keep_s, the voice replay fingerprints voice.replay_retention_s."""
+
+    # Liveness challenges (face, voice) and SMS codes past their expiry, rate-limit windows past
+    # their end: after the grace, an answer to one is refused as unknown rather than as expired.
+    challenges_s: int = Field(3600, ge=0)
+    otp_s: int = Field(3600, ge=0)
+    rate_limits_s: int = Field(3600, ge=0)
+    # Authentication sessions after they expire (or, with a review, after its resolution): what the
+    # bank's dispute and fraud teams read back. A session whose review is pending is always kept.
+    sessions_s: int = Field(30 * 86400, ge=0)
+    reviews_s: int = Field(180 * 86400, ge=0)  # resolved (or expired) human reviews after resolution
+    # A failure counter that holds no lock, untouched this long (an attacker's device fingerprint
+    # that never succeeds is otherwise kept forever); a counter that holds a lock is kept.
+    lockouts_s: int = Field(90 * 86400, ge=86400)
+    revoked_devices_s: int = Field(365 * 86400, ge=0)  # a device after its revocation
+    # Rows deleted per transaction: each batch holds its locks (SQLite: the write lock) only this long.
+    batch: int = Field(1000, ge=1, le=100_000)
+
+
 class ModelsConfig(Section):
     manifest: Path = PROJECT_ROOT / "models" / "manifest.yaml"
     cache_dir: Path | None = None  # default <data_dir>/models
@@ -325,6 +349,7 @@ class CommonSettings(BaseSettings):
     storage: StorageConfig = StorageConfig()
     keys: KeysConfig = KeysConfig()
     audit: AuditConfig = AuditConfig()
+    retention: RetentionConfig = RetentionConfig()
     models: ModelsConfig = ModelsConfig()
     logging: LoggingConfig = LoggingConfig()
     telemetry: TelemetryConfig = TelemetryConfig()

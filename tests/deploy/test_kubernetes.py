@@ -224,6 +224,20 @@ def test_the_templates_are_checked_against_the_audit_trail_on_a_schedule_and_nev
     assert {e["name"] for e in container["env"]} >= {"BIOGATE_STORAGE__DSN", "BIOGATE_PKCS11_PIN"}  # keys: pseudonyms
 
 
+def test_what_is_kept_past_its_retention_is_purged_on_a_schedule(rendered):
+    """Nothing ran the purges in a deployment: challenges, SMS codes, rate-limit windows and MFA
+    sessions grew forever (GDPR art. 5(1)(e))."""
+    _, objects = rendered
+    cron = by_kind(objects, "CronJob")["biogate-retention"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0 and job["activeDeadlineSeconds"] > 0
+    (container,) = job["template"]["spec"]["containers"]
+    assert container["command"] == ["biogate", "purge"]
+    # its audit record is signed with the audit key, in the token
+    assert {e["name"] for e in container["env"]} >= {"BIOGATE_STORAGE__DSN", "BIOGATE_PKCS11_PIN"}
+
+
 def test_resources_cover_the_measured_peak_memory_and_gpus_are_scheduled(rendered):
     overlay, objects = rendered
     settings = configuration(objects)

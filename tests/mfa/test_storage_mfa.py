@@ -221,14 +221,6 @@ def test_erasure_removes_mfa_rows_of_the_subject_only(shared, store: MfaStore) -
     assert store.erase_subject("bank", "c1") == MfaErasure(0, 0, 0, 0, 0, 0)
 
 
-def test_purge_expired_codes_and_sessions(store: MfaStore) -> None:
-    store.otp.create(OtpRecord("sess", T, "s1", "h", NOW))
-    store.otp.create(OtpRecord("sess", T, "s1", "h", NOW + timedelta(hours=1)))
-    store.auth_sessions.create(AuthSessionRecord(T, "s1", {}, NOW))
-    assert store.purge_expired(NOW) == 2
-    assert store.purge_expired(NOW) == 0
-
-
 def test_naive_datetimes_are_refused(store: MfaStore) -> None:
     with pytest.raises(ValueError, match="naive"):
         store.otp.create(OtpRecord("sess", T, "s1", "h", datetime(2031, 1, 1)))

@@ -441,15 +441,6 @@ def test_erase_subject_removes_the_shared_record_once_the_templates_are_gone(sto
     assert storage.erase_subject(T, "s1") == ErasureCounts(0, 0, False)
 
 
-def test_purge_expired(storage: SqlStorage) -> None:
-    storage.challenges.create(ChallengeRecord(T, "s1", "digits", {}, NOW - timedelta(seconds=1)))
-    storage.challenges.create(ChallengeRecord(T, "s1", "digits", {}, NOW + timedelta(seconds=1)))
-    storage.rate_limits.hit("k", 60, 5, NOW - timedelta(minutes=5))
-    storage.rate_limits.hit("k2", 60, 5, NOW)
-    assert storage.purge_expired(NOW) == 2
-    assert storage.purge_expired(NOW) == 0
-
-
 def test_naive_datetimes_are_refused(storage: SqlStorage) -> None:
     with pytest.raises(ValueError, match="naive"):
         storage.challenges.create(ChallengeRecord(T, "s1", "digits", {}, datetime(2031, 1, 1)))

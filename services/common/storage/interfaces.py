@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from .db import utcnow
 
 if TYPE_CHECKING:
+    from services.common.config import RetentionConfig
+
+    from .retention import Expiry
     from .storage import StoragePart
 
 Modality = Literal["face", "voice"]
@@ -338,8 +341,9 @@ class Storage(Protocol):
         while templates remain (the modality services erase those); a service erases its own
         tables' rows first, in the same transaction."""
 
-    def purge_expired(self, now: datetime | None = None) -> int:
-        """Delete expired challenges and rate-limit windows; returns rows deleted."""
+    def expiries(self, cfg: RetentionConfig, now: datetime | None = None) -> list[Expiry]:
+        """The shared tables' rows past their retention (challenges, rate-limit windows), for
+        :func:`~.retention.purge`."""
 
     def audited_rows(self) -> dict[str, int]:
         """Counts of the rows only ever written with an audit record (templates, consents, phone

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -18,11 +18,12 @@ from .errors import StillReferencedError, StorageError
 from .interfaces import ErasureCounts
 from .migrate import SchemaPart, migrate
 from .rate_limits import SqlRateLimitRepository
+from .retention import Expiry
 from .subjects import SqlSubjectRepository
 from .templates import SqlTemplateRepository
 
 if TYPE_CHECKING:
-    from services.common.config import StorageConfig
+    from services.common.config import RetentionConfig, StorageConfig
 
 P = TypeVar("P")
 
@@ -109,12 +110,16 @@ class SqlStorage:
                 "phone numbers": s.one("SELECT COUNT(*) FROM subjects WHERE phone_envelope IS NOT NULL")[0],
             }
 
-    def purge_expired(self, now: datetime | None = None) -> int:
+    def expiries(self, cfg: RetentionConfig, now: datetime | None = None) -> list[Expiry]:
+        """The shared tables' rows past their retention at ``now``: challenges and rate-limit
+        windows (the audit trail is never purged; subjects, consents and templates go with erasure)."""
         now = now or utcnow()
-        with self.db.transaction() as s:
-            n = s.count("DELETE FROM challenges WHERE expires_at <= ?", (now,))
-            n += s.count("DELETE FROM rate_limits WHERE window_end <= ?", (int(now.timestamp()),))
-        return n
+        return [
+            Expiry("challenges", "challenges", "expires_at <= ?", (now - timedelta(seconds=cfg.challenges_s),),
+                   key="nonce"),
+            Expiry("rate_limit_windows", "rate_limits", "window_end <= ?",
+                   (int(now.timestamp()) - cfg.rate_limits_s,), key="key"),
+        ]
 
     def close(self) -> None:
         self.db.close()

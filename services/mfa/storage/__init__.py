@@ -12,10 +12,12 @@ transactions, so that a session change and its audit record commit together:
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from services.common.storage import SchemaPart, Storage, StoragePart
 from services.common.storage.db import Database, utcnow
+from services.common.storage.retention import Expiry
 
 from .records import (
     AuthSessionRecord,
@@ -37,6 +39,9 @@ from .repositories import (
     SqlSubjectSignalRepository,
     SqlWebhookOutboxRepository,
 )
+
+if TYPE_CHECKING:
+    from services.common.config import RetentionConfig
 
 
 class MfaStore:
@@ -62,12 +67,32 @@ class MfaStore:
                 signals=self.subject_signals.delete_for_subject(tenant_id, subject_id),
             )
 
-    def purge_expired(self, now: datetime | None = None) -> int:
-        """Delete expired OTP codes and sessions; returns the rows deleted."""
+    def expiries(self, cfg: RetentionConfig, webhook_keep_s: int, now: datetime | None = None) -> list[Expiry]:
+        """The MFA's rows past their retention at ``now`` (services/common/storage/retention.py).
+        Bound devices, subject signals and lockout counters that hold a lock go with erasure."""
         now = now or utcnow()
-        with self.db.transaction() as s:
-            return sum(s.count(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
-                       for table in ("otp_challenges", "auth_sessions"))
+
+        def before(seconds: int) -> datetime:
+            return now - timedelta(seconds=seconds)
+
+        otp, sessions = before(cfg.otp_s), before(cfg.sessions_s)
+        return [
+            # A session's codes go together once all are past the grace: deleting the newest alone
+            # would let an older code sent with a longer lifetime answer again (otp.py, check).
+            Expiry("sms_codes", "otp_challenges",
+                   "expires_at <= ? AND NOT EXISTS (SELECT 1 FROM otp_challenges o"
+                   " WHERE o.session_id = otp_challenges.session_id AND o.expires_at > ?)", (otp, otp)),
+            # Kept while its review is pending, and for sessions_s after the review's resolution.
+            Expiry("auth_sessions", "auth_sessions",
+                   "expires_at <= ? AND NOT EXISTS (SELECT 1 FROM mfa_reviews r WHERE r.session_id ="
+                   " auth_sessions.id AND (r.status = 'pending' OR r.resolved_at > ?))", (sessions, sessions)),
+            Expiry("reviews", "mfa_reviews", "status <> 'pending' AND resolved_at <= ?", (before(cfg.reviews_s),)),
+            Expiry("webhook_events", "mfa_webhook_outbox", "next_attempt_at IS NULL AND created_at <= ?",
+                   (before(webhook_keep_s),)),
+            Expiry("lockout_counters", "mfa_lockouts", "locked_at IS NULL AND updated_at <= ?",
+                   (before(cfg.lockouts_s),), key="tenant_id, scope, key"),
+            Expiry("revoked_devices", "devices", "revoked_at <= ?", (before(cfg.revoked_devices_s),)),
+        ]
 
 
 PART = StoragePart(SchemaPart("mfa", __package__), MfaStore)

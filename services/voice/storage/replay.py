@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from services.common.crypto.rotation import sealed_key_id as _key_id
 from services.common.storage.db import Database
+from services.common.storage.retention import Expiry
 
 
 class SealedRow(NamedTuple):
@@ -70,6 +71,10 @@ class SqlReplayRepository:
         with self._db.transaction() as s:
             return s.count("UPDATE voice_replay SET record = ? WHERE id = ? AND record = ?",
                            (record, row.id, row.envelope)) == 1
+
+    def expiries(self, retention_s: float, now: float) -> list[Expiry]:
+        """Fingerprints past voice.replay_retention_s: add() drops them only when a capture is accepted."""
+        return [Expiry("replay_fingerprints", "voice_replay", "accepted_at < ?", (now - retention_s,))]
 
     def erase(self, tenant_id: str, subject_key: str) -> int:
         with self._db.transaction() as s:
