@@ -1,20 +1,23 @@
-"""``biogate audit ...``: verify, templates, export-public-key, export-checkpoints, anchor."""
+"""``biogate audit ...``: verify, templates, export-public-key, export-checkpoints, anchor, new-key, switch-key."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.common.audit.anchor import Anchored, DirectoryStore, anchor, anchored
+from services.common.audit.chain import checkpoint_message
+from services.common.audit.continuity import trail_keys
 from services.common.audit.log import previous_audit_keys
-from services.common.audit.signing import load_public_key, public_key_pem
+from services.common.audit.signing import key_map, load_public_key, public_key_pem
 from services.common.audit.verify import verify
 from services.common.crypto.backend import open_audit_signer
 from services.common.crypto.errors import NoKeyError
-from services.common.crypto.signing import PublicKey
+from services.common.crypto.signing import PublicKey, verify_signature
 
 if TYPE_CHECKING:
     from services.common.storage.interfaces import Storage
@@ -48,12 +51,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--public-key", type=Path, help="PEM public key (default: from the signing key)")
     p.set_defaults(func=cmd_anchor)
 
+    p = sub.add_parser(
+        "new-key", help="make the next audit signing key and introduce it in the trail, signed by the current key "
+                        "(every service trusts it from then on); then `audit switch-key`")
+    p.set_defaults(func=cmd_new_key)
+
+    p = sub.add_parser(
+        "switch-key", help="make the next audit key (introduced by `audit new-key`) the one processes sign with from "
+                           "their next start; restart the services, one by one, afterwards")
+    p.set_defaults(func=cmd_switch_key)
+
     p = sub.add_parser("export-public-key", help="the PEM public key that verifies the trail")
     p.add_argument("--out", type=Path, help="write here instead of standard output")
     p.set_defaults(func=cmd_export_public_key)
 
     p = sub.add_parser(
-        "export-checkpoints", help="'SEQ HASH' lines of the signed checkpoints, for WORM storage"
+        "export-checkpoints", help="'SEQ HASH TS KEY_ID SIGNATURE' lines of the signed checkpoints, for WORM storage"
     )
     p.set_defaults(func=cmd_export_checkpoints)
 
@@ -62,7 +75,8 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-key", type=Path, help="PEM public key (default: from the signing key)")
     p.add_argument(
         "--checkpoints", type=Path,
-        help="file of 'SEQ HASH' lines kept outside the database (from export-checkpoints)",
+        help="file of signed checkpoint lines kept outside the database (from export-checkpoints); a line whose "
+             "signature does not verify is a finding, never a checkpoint",
     )  # fmt: skip
     p.add_argument(
         "--checkpoint-every", type=int,
@@ -74,14 +88,21 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
 def _verify_kwargs(settings: Settings, args: argparse.Namespace, public_key: list[PublicKey],
                    storage: Storage) -> tuple[dict[str, Any], list[str]]:
     """The checkpoints kept outside the database and the checkpoint interval the options name, and the
-    anchor store's own problems (an anchor the audit key did not sign: reported, never taken as a
-    checkpoint or a rollback)."""
+    problems of what was kept (an anchor or a checkpoint line the audit key did not sign: reported,
+    never taken as a checkpoint or a rollback). Signed by a configured key or one the trail introduces."""
     every = getattr(args, "checkpoint_every", None)
     every = settings.audit.checkpoint_every if every is None else every
-    known = _read_checkpoints(args.checkpoints) if getattr(args, "checkpoints", None) else []
-    anchors = anchored(DirectoryStore(args.anchors), public_key, storage.audit) if getattr(
+    keys = _trusted(storage, public_key)
+    kept = _read_checkpoints(args.checkpoints, keys) if getattr(args, "checkpoints", None) else Anchored()
+    anchors = anchored(DirectoryStore(args.anchors), keys, storage.audit) if getattr(
         args, "anchors", None) else Anchored()
-    return {"known_checkpoints": known + anchors.checkpoints, "checkpoint_every": every or None}, anchors.problems
+    return ({"known_checkpoints": kept.checkpoints + anchors.checkpoints, "checkpoint_every": every or None},
+            kept.problems + anchors.problems)
+
+
+def _trusted(storage: Storage, configured: list[PublicKey]) -> list[PublicKey]:
+    """The configured audit keys and those the trail introduces."""
+    return list(trail_keys(storage.audit, configured).keys.values())
 
 
 def _storage(settings: Settings):
@@ -90,12 +111,36 @@ def _storage(settings: Settings):
     return open_storage(settings.storage_dsn, settings.storage)
 
 
-def _read_checkpoints(path: Path) -> list[tuple[int, str]]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            seq, hash_ = line.split()[:2]
-            out.append((int(seq), hash_))
+def _read_checkpoints(path: Path, keys: list[PublicKey]) -> Anchored:
+    """The lines of ``path`` (``export-checkpoints``: seq, hash, time, key id, signature) whose
+    signature verifies; each other line is a problem of its own. A line without a signature is one
+    too: `export-checkpoints` has always written it, and a bare 'SEQ HASH' is only as good as the place
+    it was kept, which verify cannot tell (an edited line would otherwise report truncation or a
+    rollback that never happened, or hide one)."""
+    by_id = key_map(keys)
+    out = Anchored()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        where = f"{path.name} line {n}"
+        parts = line.split()
+        if len(parts) != 5:
+            out.problems.append(f"{where}: not 'SEQ HASH TS KEY_ID SIGNATURE' as `audit export-checkpoints` writes "
+                                "it (unsigned); not used as a checkpoint")
+            continue
+        try:
+            seq, hash_, ts = int(parts[0]), parts[1], datetime.fromisoformat(parts[2])
+            message, signature = checkpoint_message(seq, hash_, ts), bytes.fromhex(parts[4])
+        except ValueError as exc:
+            out.problems.append(f"{where}: unreadable ({type(exc).__name__}); not used as a checkpoint")
+            continue
+        key = by_id.get(parts[3])
+        if key is None or not verify_signature(key, signature, message):
+            why = f"signed with unknown key {parts[3]!r}" if key is None else "bad signature"
+            out.problems.append(f"{where}: {why}; not the audit key's checkpoint (forged or corrupted), not used as "
+                                "a checkpoint")
+            continue
+        out.checkpoints.append((seq, hash_))
     return out
 
 
@@ -195,10 +240,84 @@ def cmd_anchor(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     storage = _storage(settings)
     try:
-        report = anchor(storage.audit, DirectoryStore(args.to), public_key)
+        report = anchor(storage.audit, DirectoryStore(args.to), _trusted(storage, public_key))
     finally:
         storage.close()
     print(f"anchored {len(report.written)} new object(s) in {args.to}" + "".join(f"\n  {n}" for n in report.written))
     for problem in report.problems:
         print(f"  {problem}")
     return 1 if report.problems else 0
+
+
+def cmd_new_key(settings: Settings, args: argparse.Namespace) -> int:
+    """Make the next audit key (audited like every key) and introduce it: one record, signed with a
+    checkpoint by the current key, carrying the new key's proof. Run again after a failure, it
+    introduces the next key it finds instead of making another."""
+    from services.commands.keys import cli_actor
+    from services.common.audit.continuity import INTRODUCED, introduction_details
+    from services.common.audit.log import AuditLog
+    from services.common.crypto.backend import create_audit_signer, open_next_audit_signer
+    from services.common.crypto.provision import audited, key_audit
+
+    try:
+        current = open_audit_signer(settings, create=False)
+    except NoKeyError as exc:
+        print(f"no audit signing key: {exc}", file=sys.stderr)
+        return 2
+    storage = _storage(settings)
+    try:
+        log = AuditLog.for_operations(settings, storage, current)
+        try:
+            nxt = open_next_audit_signer(settings)
+        except NoKeyError:
+            planned = {"key": "audit-signing", "algorithm": current.algorithm, "purpose": "rotate"}
+            nxt = audited(key_audit(log, settings, cli_actor()), [planned], lambda: create_audit_signer(settings, next_key=True),
+                          lambda made: [{**planned, "key_id": made.key_id, "algorithm": made.algorithm}])
+        trail = trail_keys(storage.audit, [current.public_key, *previous_audit_keys(settings)])
+        if nxt.key_id in trail.introduced_at:
+            print(f"the next audit key {nxt.key_id} was introduced at seq {trail.introduced_at[nxt.key_id]}; "
+                  "run `biogate audit switch-key`")
+            return 0
+        row = log.append(INTRODUCED, cli_actor(), None, details=introduction_details(nxt, current), checkpoint=True)
+    finally:
+        storage.close()
+    print(f"introduced the next audit key {nxt.key_id} at seq {row.seq}, vouched for by {current.key_id}; every "
+          "service now chains onto heads it signs. Next: `biogate audit switch-key`, then restart the services")
+    return 0
+
+
+def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
+    """Refused unless the trail introduces the next key: a head it signed would stop every service
+    that does not trust it."""
+    from services.commands.keys import cli_actor
+    from services.common.audit.log import AuditLog
+    from services.common.crypto.backend import open_next_audit_signer, switch_audit_signer
+    from services.common.crypto.provision import audit_failure, key_audit
+
+    try:
+        current = open_audit_signer(settings, create=False)
+        nxt = open_next_audit_signer(settings)
+    except NoKeyError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    storage = _storage(settings)
+    try:
+        trail = trail_keys(storage.audit, [current.public_key, *previous_audit_keys(settings)])
+        if nxt.key_id not in trail.introduced_at or nxt.key_id not in trail.keys:
+            print(f"refused: the trail does not introduce the next audit key {nxt.key_id}; run `biogate audit "
+                  "new-key` (it introduces the next key it finds); nothing was changed", file=sys.stderr)
+            return 1
+        audit = key_audit(AuditLog.for_operations(settings, storage, current), settings, cli_actor())
+        details = {"key": "audit-signing", "key_id": nxt.key_id, "replaces": {"key_id": current.key_id}}
+        audit("keys.switching", details)
+        try:
+            switch_audit_signer(settings)
+        except BaseException as exc:
+            audit_failure(audit, "keys.switch_failed", details, exc)
+            raise
+        audit("keys.switched", details)
+    finally:
+        storage.close()
+    print(f"the audit key is now {nxt.key_id} for every process that starts; restart the services one by one "
+          f"(those still running sign with {current.key_id} until then, and every one trusts both)")
+    return 0

@@ -267,8 +267,9 @@ class KeysConfig(Section):
 class AuditConfig(Section):
     checkpoint_every: int = Field(100, ge=1)  # records between Ed25519-signed checkpoints
     signing_key_file: Path | None = None  # default <data_dir>/keys/audit-ed25519.pem
-    # PEM public keys of audit signing keys this trail was signed with before the current one (a
-    # lost key file, a move to the token): the services chain onto a head one of them signed, and
+    # PEM public keys of audit signing keys this trail was signed with before the current one when
+    # it changed without `biogate audit new-key` (a lost key file, a move to the token; a key the
+    # trail introduces needs no listing): the services chain onto a head one of them signed, and
     # `biogate audit verify` accepts their signatures. List a key only after its trail verified.
     previous_public_keys: list[Path] = []
 

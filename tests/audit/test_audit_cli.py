@@ -273,3 +273,32 @@ def test_two_signed_anchors_at_one_seq_that_disagree_are_a_rollback(cli_settings
     assert _run(settings, ["audit", "verify", "--anchors", str(anchors)]) == 1
     assert "seq 9: does not match the externally kept checkpoint" in capsys.readouterr().out
     storage.close()
+
+
+def test_a_forged_checkpoint_line_is_a_finding_of_its_own_never_a_known_checkpoint(cli_settings, tmp_path, capsys):
+    """`verify --checkpoints` took every 'SEQ HASH' line on trust: a line edited (or added) in the
+    file reported a rollback or a truncation that never happened, and could stand in for a genuine one.
+    Each line's signature is checked now, as an anchor's is."""
+    settings = cli_settings  # a checkpoint every 3 records
+    storage, log, _ = _seven_records(settings)
+    assert _run(settings, ["audit", "export-checkpoints"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["3", "6"]
+    kept = tmp_path / "checkpoints.txt"
+    kept.write_text("\n".join(lines) + "\n")
+    assert _run(settings, ["audit", "verify", "--checkpoints", str(kept)]) == 0
+    capsys.readouterr()
+
+    seq, hash_, ts, key_id, signature = lines[1].split()
+    edited = f"{seq} {'0' * 64} {ts} {key_id} {signature}"  # the signature no longer covers it
+    beyond = f"40 {hash_} {ts} {key_id} {signature}"  # a checkpoint past the end: a truncation?
+    plain = f"{lines[0].split()[0]} {'1' * 64}"  # the bare form, which nothing authenticates
+    kept.write_text("\n".join([lines[0], edited, beyond, plain]) + "\n")
+    assert _run(settings, ["audit", "verify", "--checkpoints", str(kept)]) == 1
+    out = capsys.readouterr().out
+    assert "checkpoints.txt line 2: bad signature; not the audit key's checkpoint (forged or corrupted), not used as " \
+           "a checkpoint" in out
+    assert "checkpoints.txt line 3: bad signature" in out
+    assert "checkpoints.txt line 4: not 'SEQ HASH TS KEY_ID SIGNATURE'" in out
+    assert "externally kept checkpoint" not in out  # no rollback, no truncation: only the file's own findings
+    storage.close()

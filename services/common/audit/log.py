@@ -11,6 +11,7 @@ from services.common.privacy import Pseudonymizer
 from services.common.storage.interfaces import AuditAppend, AuditCheckpoint, AuditHead, AuditRow
 
 from .chain import checkpoint_message, head_message, record_hash
+from .continuity import trail_keys
 from .guard import AuditDataError, check_details, check_text
 from .signing import key_map
 
@@ -45,8 +46,10 @@ class AuditLog:
         self._signer = signer
         self._pseudonymize = pseudonymizer
         self._every = checkpoint_every
-        # The keys a head may be signed with to be chained onto: this service's and earlier ones'.
-        self._head_keys = {**key_map(list(previous_keys)), signer.key_id: signer.public_key}
+        # The keys a head may be signed with to be chained onto: this service's and earlier ones', and
+        # (looked up when a head names another) those the trail introduces (continuity.py).
+        self._configured = {**key_map(list(previous_keys)), signer.key_id: signer.public_key}
+        self._head_keys = dict(self._configured)
         # The head this log last signed or verified: found unchanged, its signature needs no second check.
         self._known_head: AuditHead | None = None
 
@@ -79,9 +82,11 @@ class AuditLog:
         tenant_id: str | None,
         subject_id: str | None = None,
         details: Mapping[str, Any] | None = None,
+        checkpoint: bool = False,
     ) -> AuditRow:
         """Write one event. Raises AuditDataError (and writes nothing) if it would carry
-        personal or biometric data; the subject id is stored only as its keyed pseudonym."""
+        personal or biometric data; the subject id is stored only as its keyed pseudonym.
+        ``checkpoint``: sign a checkpoint at this record whatever ``checkpoint_every`` says."""
         if not event_type:
             raise AuditDataError("event_type is required")
         for what, text in (("event_type", event_type), ("actor", actor), ("tenant_id", tenant_id)):
@@ -106,12 +111,12 @@ class AuditLog:
                 self._known_head = signed
                 return signed
 
-            checkpoint = None
-            if next_seq % self._every == 0:
-                checkpoint = AuditCheckpoint(
+            signed = None
+            if checkpoint or next_seq % self._every == 0:
+                signed = AuditCheckpoint(
                     next_seq, digest, self._signer.sign(checkpoint_message(next_seq, digest, ts)), self._signer.key_id, ts
                 )
-            return AuditAppend(row, checkpoint=checkpoint, sign_head=head)
+            return AuditAppend(row, checkpoint=signed, sign_head=head)
 
         return self._repo.append(build, self._check_tail)
 
@@ -137,13 +142,17 @@ class AuditLog:
         if head == self._known_head:
             return
         key = self._head_keys.get(head.key_id)
+        if key is None:  # a key changed by `biogate audit new-key`: the trail introduces it (runs once a key)
+            self._head_keys.update(trail_keys(self._repo, self._configured.values()).keys)
+            key = self._head_keys.get(head.key_id)
         if key is None:
             raise AuditIntegrityError(
                 f"{where}, signed with key {head.key_id!r}, neither this service's audit key "
-                f"{self._signer.key_id!r} nor one of audit.previous_public_keys: the head was replaced, or the "
-                "audit key changed; restore the key from its backup, or add the earlier key's public PEM (`biogate "
-                "audit export-public-key` before the change, or the anchors) to audit.previous_public_keys once "
-                "`biogate audit verify --public-key` with it passes"
+                f"{self._signer.key_id!r}, nor one of audit.previous_public_keys, nor a key the trail introduces "
+                "(`biogate audit new-key`): the head was replaced, or the audit key changed by hand; restore the key "
+                "from its backup, or add the earlier key's public PEM (`biogate audit export-public-key` before the "
+                "change, or the anchors) to audit.previous_public_keys once `biogate audit verify --public-key` with "
+                "it passes"
             )
         if not verify_signature(key, bytes(head.signature), head_message(head.seq, head.hash)):
             raise AuditIntegrityError(

@@ -21,6 +21,10 @@ checkpoint and the head outside the database, in storage its administrator canno
 (services/common/audit/anchor.py: write-once objects, `biogate audit anchor`), and compare: a
 trail that ends before the newest anchor was truncated. ``verify(..., known_checkpoints=...)``
 takes those.
+
+Keys: a signature counts when its key is configured (``public_key``) or linked to a configured key
+by introductions in the trail (continuity.py); a key that signs before its introduction, or without
+one once the trail introduces its keys, is reported.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import TYPE_CHECKING
 from services.common.crypto.signing import PublicKey, verify_signature
 
 from .chain import checkpoint_message, head_message, row_hash
-from .signing import key_map
+from .continuity import INTRODUCED, TrailKeys, trail_keys
 
 if TYPE_CHECKING:
     from services.common.storage.interfaces import AuditCheckpoint, AuditRepository, AuditRow
@@ -69,13 +73,28 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _signature_ok(keys: dict[str, PublicKey], key_id: str, signature: bytes, message: bytes) -> str | None:
-    key = keys.get(key_id)
+def _signature_ok(trail: TrailKeys, key_id: str, seq: int, signature: bytes, message: bytes) -> str | None:
+    key = trail.keys.get(key_id)
     if key is None:
-        return f"signed with unknown key {key_id!r}"
+        return f"signed with unknown key {key_id!r} (neither a configured audit key nor one the trail introduces)"
     if not verify_signature(key, bytes(signature), message):
         return "bad signature"
+    since = trail.introduced_at.get(key_id)
+    if since is not None and seq <= since:
+        return f"signed with key {key_id!r} before the trail introduced it (seq {since})"
     return None
+
+
+def _never_introduced(report: VerifyReport, trail: TrailKeys, first_signed: Mapping[str, int]) -> None:
+    """A key that signs only after the trail began introducing its keys, without an introduction of
+    its own, was changed by hand: nothing in the trail ties it to the key before it."""
+    if trail.first_introduction is None:
+        return  # a trail from before introductions: its keys are the configured ones
+    for kid, seq in sorted(first_signed.items(), key=lambda item: item[1]):
+        if kid not in trail.introduced_at and seq > trail.first_introduction:
+            report.add(f"seq {seq}: signed with key {kid!r}, which the trail never introduced (the trail introduces "
+                       f"its keys since seq {trail.first_introduction}; this key is trusted only because it is "
+                       "configured, not vouched for by the key before it)")
 
 
 def verify(
@@ -96,7 +115,6 @@ def verify(
     is a failure. ``on_record``: called with each record walked, in order (one pass serves a
     caller's own reading of the trail too).
     """
-    keys = key_map(public_key)
     report = VerifyReport()
     external: dict[int, set[str]] = {}  # every hash kept for a seq: two that differ cannot both match
     for seq, hash_ in known_checkpoints:
@@ -138,11 +156,18 @@ def verify(
         if not walked or (last is not None and last.seq >= wanted):
             break
 
+    # Read after the walk: every key whose head or checkpoint was read is introduced by now.
+    trail = trail_keys(storage_audit, public_key)
+    for problem in trail.problems:
+        report.add(problem)
+    first_signed: dict[str, int] = {}
     for seq, cp in sorted(checkpoints.items()):
         report.checkpoints_checked += 1
-        bad = _signature_ok(keys, cp.key_id, cp.signature, checkpoint_message(cp.seq, cp.hash, cp.ts))
+        bad = _signature_ok(trail, cp.key_id, seq, cp.signature, checkpoint_message(cp.seq, cp.hash, cp.ts))
         if bad:
             report.add(f"checkpoint seq {seq}: {bad}")
+        else:
+            first_signed.setdefault(cp.key_id, seq)
         if last is None or seq > last.seq:
             report.add(f"checkpoint seq {seq}: the record it signs is missing (trail truncated)")
     newest_external = max(external, default=0)
@@ -156,12 +181,16 @@ def verify(
 
     report.head_seq = head.seq if head else None
     if head is None:
+        _never_introduced(report, trail, first_signed)
         if last is not None:
             report.add(f"seq {last.seq}: there is no signed head")
         return report
-    bad = _signature_ok(keys, head.key_id, head.signature, head_message(head.seq, head.hash))
+    bad = _signature_ok(trail, head.key_id, head.seq, head.signature, head_message(head.seq, head.hash))
     if bad:
         report.add(f"head seq {head.seq}: {bad}")
+    else:
+        first_signed.setdefault(head.key_id, head.seq)
+    _never_introduced(report, trail, first_signed)
     if last is None:
         report.add(f"head seq {head.seq}: the trail is empty (all records dropped)")
     elif head.seq > last.seq:
@@ -203,5 +232,8 @@ def _check_record(
         report.add(f"seq {row.seq}: its checkpoint is missing")
     if cp is not None and cp.hash != row.hash:
         report.add(f"seq {row.seq}: the checkpoint names another hash than the record has")
+    if row.event_type == INTRODUCED and cp is None:
+        report.add(f"seq {row.seq}: {INTRODUCED} has no checkpoint: the key before it never vouched for it; it "
+                   "introduces no key")
     if row.seq in external and external[row.seq] != {row.hash}:
         report.add(f"seq {row.seq}: does not match the externally kept checkpoint")

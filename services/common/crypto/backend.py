@@ -4,6 +4,8 @@ default); ``pkcs11`` keeps them in the token of ``keys.pkcs11`` (:mod:`.hsm`).""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,16 +38,61 @@ def open_audit_signer(settings: CommonSettings, create: bool = True) -> Signer:
         raise NoKeyError(f"{path}: no audit signing key (run `biogate migrate`)") from None
 
 
-def create_audit_signer(settings: CommonSettings) -> Signer:
-    """Make the audit signing key; KeyCreatedElsewhereError when it exists already."""
+def create_audit_signer(settings: CommonSettings, next_key: bool = False) -> Signer:
+    """Make the audit signing key (``next_key``: the next one, `biogate audit new-key`);
+    KeyCreatedElsewhereError when it exists already."""
     if settings.keys.backend == "pkcs11":
         from .hsm import create_audit_signer as create_in_token
 
-        return create_in_token(_token(settings))
+        return create_in_token(_token(settings), which="audit-next" if next_key else "audit")
+    path = next_audit_key_file(settings) if next_key else settings.audit_signing_key_file
     try:
-        return FileSigner.create(settings.audit_signing_key_file)
+        return FileSigner.create(path)
     except FileExistsError:
-        raise KeyCreatedElsewhereError(f"{settings.audit_signing_key_file} exists") from None
+        raise KeyCreatedElsewhereError(f"{path} exists") from None
+
+
+def next_audit_key_file(settings: CommonSettings) -> Path:
+    """Where `biogate audit new-key` keeps the next audit key (file backend), beside the key."""
+    path = settings.audit_signing_key_file
+    return path.with_name(f"{path.stem}.next{path.suffix}")
+
+
+def open_next_audit_signer(settings: CommonSettings) -> Signer:
+    """The next audit key `biogate audit new-key` made; NoKeyError when there is none."""
+    if settings.keys.backend == "pkcs11":
+        from .hsm import audit_signer
+
+        return audit_signer(_token(settings), create=False, which="audit-next")
+    path = next_audit_key_file(settings)
+    try:
+        return FileSigner.load(path)
+    except FileNotFoundError:
+        raise NoKeyError(f"{path}: no next audit signing key (run `biogate audit new-key`)") from None
+
+
+def switch_audit_signer(settings: CommonSettings) -> None:
+    """Make the next audit key the audit key of every process that opens it from now on; the old
+    one is kept (file ``<name>.retired-<fingerprint>.pem``, token label ``...-audit-retired``):
+    processes started before keep signing with it until they restart."""
+    if settings.keys.backend == "pkcs11":
+        from .hsm import switch_audit_signer as switch_in_token
+
+        switch_in_token(_token(settings))
+        return
+    current, nxt = settings.audit_signing_key_file, next_audit_key_file(settings)
+    if not nxt.exists():
+        raise NoKeyError(f"{nxt}: no next audit signing key (run `biogate audit new-key`)")
+    fingerprint = FileSigner.load(current).key_id.split(":")[-1]
+    retired = current.with_name(f"{current.stem}.retired-{fingerprint}{current.suffix}")
+    with contextlib.suppress(FileExistsError):  # a switch that stopped after this step, run again
+        os.link(current, retired)
+    os.replace(nxt, current)  # one step: a process starting meanwhile finds the old key or the new one
+    fd = os.open(current.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_token_vault(settings: CommonSettings, keys_file: Path) -> SigningKeyVault:

@@ -235,19 +235,21 @@ def _pair(token: Pkcs11Token, label: str, create: bool) -> tuple[Any, Any]:
     return public[0], private
 
 
-def audit_signer(token: Pkcs11Token, create: bool = True) -> Pkcs11Signer:
-    public, private = _pair(token, token.label("audit"), create)
+def audit_signer(token: Pkcs11Token, create: bool = True, which: str = "audit") -> Pkcs11Signer:
+    """The audit signing key (``which``: ``audit``, or ``audit-next``, the key `biogate audit
+    new-key` made and `biogate audit switch-key` makes the audit key)."""
+    public, private = _pair(token, token.label(which), create)
     return Pkcs11Signer(token, private, token.public_key(public))
 
 
-def create_audit_signer(token: Pkcs11Token) -> Pkcs11Signer:
-    """Make the audit key pair; KeyCreatedElsewhereError when the token holds one already."""
-    label = token.label("audit")
+def create_audit_signer(token: Pkcs11Token, which: str = "audit") -> Pkcs11Signer:
+    """Make the audit key pair (or the next one); KeyCreatedElsewhereError when the token holds one already."""
+    label = token.label(which)
     if token.find(label=label, cls=token.p11.ObjectClass.PRIVATE_KEY):
         raise KeyCreatedElsewhereError(f"token holds a key labelled {label!r} already")
     mine = secrets.token_bytes(8)
     token.new_ed25519(label, mine)
-    signer = audit_signer(token, create=False)
+    signer = audit_signer(token, create=False, which=which)
     first = token.first_by_id(token.find(label=label, cls=token.p11.ObjectClass.PRIVATE_KEY))
     with token.lock:
         chosen = bytes(first[token.p11.Attribute.ID]) if first is not None else None
@@ -255,6 +257,33 @@ def create_audit_signer(token: Pkcs11Token) -> Pkcs11Signer:
         token.destroy_pair(mine)
         raise KeyCreatedElsewhereError(f"another process made the key labelled {label!r} meanwhile")
     return signer
+
+
+def switch_audit_signer(token: Pkcs11Token) -> None:
+    """Make the next audit key the audit key: relabel its objects ``audit``, then the old key's
+    ``audit-retired`` (kept: processes started before sign with it until they restart). In between
+    both are labelled ``audit`` and a process starting then takes either: both are trusted."""
+    C = token.p11.ObjectClass
+    nxt = token.first_by_id(token.find(label=token.label("audit-next"), cls=C.PRIVATE_KEY))
+    if nxt is None:
+        raise NoKeyError(f"token has no key labelled {token.label('audit-next')!r} (run `biogate audit new-key`)")
+    new_id = _object_id(token, nxt)
+    old_ids = {_object_id(token, o) for o in token.find(label=token.label("audit"), cls=C.PRIVATE_KEY)} - {new_id}
+    _relabel(token, "audit-next", new_id, "audit")
+    for old_id in sorted(old_ids):
+        _relabel(token, "audit", old_id, "audit-retired")
+
+
+def _object_id(token: Pkcs11Token, obj: Any) -> bytes:
+    with token.lock:
+        return bytes(obj[token.p11.Attribute.ID])
+
+
+def _relabel(token: Pkcs11Token, what: str, object_id: bytes, to: str) -> None:
+    """Relabel the objects (private and public key) ``what`` with ``object_id`` as ``to``."""
+    for obj in token.find(label=token.label(what), key_id=object_id):
+        with token.lock:
+            obj[token.p11.Attribute.LABEL] = token.label(to)
 
 
 # -- template key-encryption keys --------------------------------------------------------------

@@ -150,6 +150,16 @@ class SqlAuditRepository:
             rows = s.all(f"SELECT {columns(AuditCheckpoint)} FROM audit_checkpoints ORDER BY seq")
         return [to_record(AuditCheckpoint, r) for r in rows]
 
+    def checkpointed(self, event_type: str) -> list[tuple[AuditRow, AuditCheckpoint]]:
+        n = len(columns(AuditRow).split(","))
+        record = ", ".join(f"r.{c.strip()}" for c in columns(AuditRow).split(","))
+        checkpoint = ", ".join(f"c.{c.strip()}" for c in columns(AuditCheckpoint).split(","))
+        with self._db.read() as s:
+            rows = s.all(f"SELECT {record}, {checkpoint} FROM audit_checkpoints AS c"
+                         " JOIN audit_records AS r ON r.seq = c.seq WHERE r.event_type = ? ORDER BY c.seq",
+                         (event_type,))
+        return [(to_record(AuditRow, r[:n]), to_record(AuditCheckpoint, r[n:])) for r in rows]
+
     def iter_records(self, from_seq: int = 1, batch: int = 1000) -> Iterator[AuditRow]:
         after = from_seq - 1
         while True:

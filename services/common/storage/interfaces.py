@@ -308,6 +308,10 @@ class AuditRepository(Protocol):
 
     def checkpoints(self) -> list[AuditCheckpoint]: ...
 
+    def checkpointed(self, event_type: str) -> list[tuple[AuditRow, AuditCheckpoint]]:
+        """The records of ``event_type`` that have a checkpoint at their seq, each with it, in seq
+        order: one lookup per checkpoint, not a walk of the trail."""
+
     def iter_records(self, from_seq: int = 1, batch: int = 1000) -> Iterator[AuditRow]: ...
 
 

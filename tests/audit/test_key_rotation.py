@@ -1,0 +1,310 @@
+"""Rotating the audit signing key with the services writing throughout (`biogate audit new-key`,
+`switch-key`, then restarts one by one), and key continuity in the trail: each new key introduced
+by a record the key before it signed. Real SQLite and PostgreSQL, real key files and a SoftHSM2 token."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+
+import pytest
+
+from services.common.audit import AuditIntegrityError, AuditLog, AuditSigner, verify
+from services.common.audit.chain import checkpoint_message, head_message, record_hash
+from services.common.audit.continuity import INTRODUCED, trail_keys
+from services.common.crypto.backend import next_audit_key_file, open_audit_signer
+from services.common.crypto.signing import public_key_pem
+from services.common.storage import open_storage
+from services.settings import load_config
+from tests.audit.test_audit_cli import _run
+
+
+@pytest.fixture
+def settings(tmp_path, storage_dsn):
+    return load_config(None, data_dir=str(tmp_path / "data"), storage={"dsn": storage_dsn},
+                       audit={"checkpoint_every": 4})
+
+
+class Replica:
+    """One service process: its own storage connection and the audit key it opened at its start."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.storage = open_storage(settings.storage_dsn)
+        self.start()
+
+    def start(self) -> None:
+        self.log = AuditLog.for_operations(self.settings, self.storage)
+
+    @property
+    def key_id(self) -> str:
+        return self.log._signer.key_id
+
+    def write(self, n: int, heads: list) -> None:
+        for i in range(n):
+            self.log.append("face.verify", "svc", "bank-a", details={"decision": "accept", "n": i})
+            heads.append(self.storage.audit.head())
+
+    def close(self) -> None:
+        self.storage.close()
+
+
+def _events(storage) -> list[tuple[str, dict]]:
+    return [(r.event_type, json.loads(r.details)) for r in storage.audit.iter_records()]
+
+
+def test_two_replicas_keep_writing_while_the_audit_key_rotates(settings, capsys):
+    """A replica still on the old key meets heads the new key signed, and one on the new key heads
+    the old key signed, records interleaved: neither refuses (before, the old one failed closed on
+    the first head of the new key: every audited call stopped), and the trail verifies with either
+    key alone, every head's key introduced by the trail before it signed."""
+    old = open_audit_signer(settings)  # made at the first start
+    a, b = Replica(settings), Replica(settings)
+    heads: list = []
+    try:
+        a.write(3, heads)
+        b.write(3, heads)
+        assert _run(settings, ["audit", "new-key"]) == 0
+        assert "introduced the next audit key" in capsys.readouterr().out
+        new_id = open_audit_signer(settings, create=False).key_id
+        assert new_id == old.key_id  # made, introduced, not used yet
+        a.write(2, heads)
+        assert _run(settings, ["audit", "switch-key"]) == 0
+        new = open_audit_signer(settings, create=False)
+        assert new.key_id != old.key_id and not next_audit_key_file(settings).exists()
+        b.start()  # b restarts first: the new key
+        assert (a.key_id, b.key_id) == (old.key_id, new.key_id)
+        for _ in range(3):  # one by one: each chains onto the other's head
+            b.write(1, heads)
+            a.write(1, heads)
+        errors: list[BaseException] = []
+
+        def work(replica: Replica) -> None:
+            try:
+                replica.write(10, [])
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(r,)) for r in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        a.start()  # a restarts: every replica on the new key
+        a.write(2, heads)
+        assert a.key_id == new.key_id
+    finally:
+        a.close()
+        b.close()
+
+    storage = open_storage(settings.storage_dsn)
+    try:
+        trail = trail_keys(storage.audit, [new.public_key])
+        assert set(trail.keys) == {old.key_id, new.key_id} and trail.problems == []
+        introduced = trail.introduced_at[new.key_id]
+        assert {h.key_id for h in heads} == {old.key_id, new.key_id}
+        assert all(h.seq > introduced for h in heads if h.key_id == new.key_id)
+        assert {cp.key_id for cp in storage.audit.checkpoints()} == {old.key_id, new.key_id}
+        for configured in (new.public_key, old.public_key):  # no audit.previous_public_keys needed
+            report = verify(storage.audit, configured, checkpoint_every=4)
+            assert report.ok, report.render()
+        events = _events(storage)
+        key_events = [(e, d.get("key"), d.get("key_id")) for e, d in events if e.startswith(("keys.", "audit."))]
+        assert key_events == [("keys.adding", "audit-signing", None), ("keys.added", "audit-signing", new.key_id),
+                              (INTRODUCED, "audit-signing", new.key_id), ("keys.switching", "audit-signing", new.key_id),
+                              ("keys.switched", "audit-signing", new.key_id)]
+        intro = next(d for e, d in events if e == INTRODUCED)
+        assert intro["by"]["key_id"] == old.key_id and "PRIVATE" not in json.dumps(intro)
+    finally:
+        storage.close()
+    assert _run(settings, ["audit", "verify"]) == 0  # the configured key is the new one now
+    assert "audit trail: OK" in capsys.readouterr().out
+
+
+def test_switch_key_is_refused_until_the_trail_introduces_the_next_key(settings, capsys):
+    """A next key made but not introduced (new-key stopped between): switching would have the new key
+    sign heads no replica trusts. new-key run again introduces the key it finds, makes no other."""
+    from services.common.crypto.backend import create_audit_signer
+
+    open_audit_signer(settings)
+    assert _run(settings, ["audit", "switch-key"]) == 2
+    assert "no next audit signing key" in capsys.readouterr().err
+    made = create_audit_signer(settings, next_key=True)
+    assert _run(settings, ["audit", "switch-key"]) == 1
+    assert "does not introduce the next audit key" in capsys.readouterr().err
+    assert next_audit_key_file(settings).exists()  # nothing changed
+    assert _run(settings, ["audit", "new-key"]) == 0
+    assert f"introduced the next audit key {made.key_id}" in capsys.readouterr().out
+    assert _run(settings, ["audit", "new-key"]) == 0
+    assert "was introduced at seq" in capsys.readouterr().out
+    assert _run(settings, ["audit", "switch-key"]) == 0
+    assert open_audit_signer(settings, create=False).key_id == made.key_id
+
+
+def _forge(storage, attacker, event_type, details, checkpoint_by=None, head_by=None) -> int:
+    """An attacker's record chained after the last one (SHA-256 needs no key), with a checkpoint and
+    a head signed by keys of their own."""
+    last = storage.audit.last()
+    seq, ts = last.seq + 1, last.ts + timedelta(microseconds=1)
+    text = json.dumps(details, sort_keys=True, separators=(",", ":"))
+    h = record_hash(seq, ts, event_type, "cli:root", None, None, text, last.hash)
+    attacker.execute(
+        "INSERT INTO audit_records (seq, ts, event_type, actor, tenant_id, subject_pseudonym, details, prev_hash, hash)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (seq, attacker.ts(ts), event_type, "cli:root", None, None, text, last.hash, h))
+    if checkpoint_by is not None:
+        attacker.execute("INSERT INTO audit_checkpoints (seq, hash, signature, key_id, ts) VALUES (?, ?, ?, ?, ?)",
+                         (seq, h, checkpoint_by.sign(checkpoint_message(seq, h, ts)), checkpoint_by.key_id,
+                          attacker.ts(ts)))
+    if head_by is not None:
+        attacker.execute("UPDATE audit_head SET seq = ?, hash = ?, signature = ?, key_id = ?",
+                         (seq, h, head_by.sign(head_message(seq, h)), head_by.key_id))
+    return seq
+
+
+def test_an_introduction_needs_both_keys(settings, attacker, tmp_path):
+    """Someone who writes the database and holds a key of their own cannot make the services or verify
+    trust it: not by introducing it themselves (the current key's checkpoint is missing), nor by
+    claiming the current key as its successor (the current key's proof is missing)."""
+    from services.common.audit.continuity import introduction_details
+
+    current = open_audit_signer(settings)
+    replica = Replica(settings)
+    mine = AuditSigner.load_or_create(tmp_path / "attacker.pem")
+    try:
+        replica.write(3, [])
+        # 1. "current introduces mine", checkpoint and head signed by mine
+        seq = _forge(replica.storage, attacker, INTRODUCED, introduction_details(mine, current),
+                     checkpoint_by=mine, head_by=mine)
+        with pytest.raises(AuditIntegrityError, match="nor a key the trail introduces"):
+            replica.write(1, [])
+        report = verify(replica.storage.audit, current.public_key)
+        text = "\n".join(report.problems)
+        assert f"seq {seq}: {INTRODUCED} is not vouched for by {current.key_id!r}" in text, report.render()
+        assert f"head seq {seq}: signed with unknown key {mine.key_id!r}" in text
+    finally:
+        replica.close()
+
+
+def test_a_claimed_predecessor_without_the_successors_proof_is_not_trusted(settings, attacker, tmp_path):
+    from services.common.audit.continuity import introduction_details
+
+    current = open_audit_signer(settings)
+    replica = Replica(settings)
+    mine = AuditSigner.load_or_create(tmp_path / "attacker.pem")
+    try:
+        replica.write(3, [])
+        # 2. "mine introduces current": mine's checkpoint is genuine, the proof cannot be current's
+        details = introduction_details(mine, mine)
+        details.update(key_id=current.key_id, public_key=introduction_details(current, mine)["public_key"])
+        seq = _forge(replica.storage, attacker, INTRODUCED, details, checkpoint_by=mine, head_by=mine)
+        with pytest.raises(AuditIntegrityError, match="nor a key the trail introduces"):
+            replica.write(1, [])
+        text = "\n".join(verify(replica.storage.audit, current.public_key).problems)
+        assert f"seq {seq}: {INTRODUCED} carries no valid proof from {current.key_id!r} itself" in text
+        assert f"head seq {seq}: signed with unknown key {mine.key_id!r}" in text
+    finally:
+        replica.close()
+
+
+def test_a_key_the_trail_never_introduced_is_a_finding_of_its_own(settings, tmp_path, capsys):
+    """After a rotation through the trail, a key changed by hand (the earlier key listed in
+    audit.previous_public_keys, as before) signs heads the configuration accepts but nothing in the
+    trail vouches for: verify reports it, while the signatures themselves check."""
+    first = open_audit_signer(settings)
+    replica = Replica(settings)
+    try:
+        replica.write(2, [])
+        assert _run(settings, ["audit", "new-key"]) == 0
+        assert _run(settings, ["audit", "switch-key"]) == 0
+        second = open_audit_signer(settings, create=False)
+        replica.start()
+        replica.write(2, [])
+        swapped = AuditSigner.load_or_create(tmp_path / "hand-over.pem")  # the key file replaced by hand
+        pem = tmp_path / "second.pub.pem"
+        pem.write_bytes(public_key_pem(second.public_key))
+        handed = AuditLog(replica.storage.audit, swapped, None, 4, previous_keys=[second.public_key])
+        for i in range(5):
+            handed.append("face.verify", "svc", "bank-a", details={"n": i})
+        report = verify(replica.storage.audit, [swapped.public_key, second.public_key], checkpoint_every=4)
+        never = [p for p in report.problems if "which the trail never introduced" in p]
+        assert len(never) == 1 and swapped.key_id in never[0], report.render()
+        assert len(report.problems) == 1  # each signature verifies: this is the one finding
+        # the first key, though never introduced, is the trail's origin: no finding
+        assert not any(first.key_id in p for p in report.problems)
+    finally:
+        replica.close()
+
+
+def test_a_key_signing_before_the_trail_introduced_it_is_reported(settings, attacker, tmp_path):
+    """A key introduced at seq N vouches for nothing before N: a checkpoint of an earlier seq signed
+    with it was not signed when the trail says."""
+    open_audit_signer(settings)
+    replica = Replica(settings)
+    try:
+        replica.write(5, [])  # a checkpoint at seq 4
+        assert _run(settings, ["audit", "new-key"]) == 0
+        assert _run(settings, ["audit", "switch-key"]) == 0
+        new = open_audit_signer(settings, create=False)
+        replica.start()
+        replica.write(1, [])
+        cp = next(c for c in replica.storage.audit.checkpoints() if c.seq == 4)
+        attacker.execute("UPDATE audit_checkpoints SET signature = ?, key_id = ? WHERE seq = 4",
+                         (new.sign(checkpoint_message(cp.seq, cp.hash, cp.ts)), new.key_id))
+        introduced = trail_keys(replica.storage.audit, new.public_key).introduced_at[new.key_id]
+        text = "\n".join(verify(replica.storage.audit, new.public_key).problems)
+        assert f"checkpoint seq 4: signed with key {new.key_id!r} before the trail introduced it (seq {introduced})" \
+            in text
+    finally:
+        replica.close()
+
+
+def test_an_introduction_without_its_checkpoint_is_reported(settings, attacker, capsys):
+    open_audit_signer(settings)
+    replica = Replica(settings)
+    try:
+        replica.write(1, [])
+        assert _run(settings, ["audit", "new-key"]) == 0
+        seq = next(r.seq for r in replica.storage.audit.iter_records() if r.event_type == INTRODUCED)
+        attacker.execute("DELETE FROM audit_checkpoints WHERE seq = ?", (seq,))
+        text = "\n".join(verify(replica.storage.audit, open_audit_signer(settings).public_key).problems)
+        assert f"seq {seq}: {INTRODUCED} has no checkpoint" in text
+    finally:
+        replica.close()
+
+
+def test_the_audit_key_rotates_in_the_token(softhsm, tmp_path, capsys):
+    """keys.backend pkcs11: the next key is an object of the token (``-audit-next``), the switch
+    relabels it ``-audit`` and the old one ``-audit-retired`` (kept: a replica started before signs
+    with it until it restarts)."""
+    from services.common.crypto.hsm import open_token
+
+    keys = softhsm.keys_config()
+    settings = load_config(None, data_dir=str(tmp_path / "data"), keys=keys,
+                           storage={"dsn": f"sqlite:///{tmp_path / 'store.db'}"}, audit={"checkpoint_every": 4})
+    old = open_audit_signer(settings)
+    a, b = Replica(settings), Replica(settings)
+    try:
+        a.write(2, [])
+        assert _run(settings, ["audit", "new-key"]) == 0
+        assert _run(settings, ["audit", "switch-key"]) == 0
+        b.start()
+        assert (a.key_id, b.key_id) == (old.key_id, open_audit_signer(settings, create=False).key_id)
+        assert a.key_id != b.key_id
+        for _ in range(3):
+            a.write(1, [])
+            b.write(1, [])
+        assert _run(settings, ["audit", "verify"]) == 0
+        token = open_token(settings.keys.pkcs11)
+        C = token.p11.ObjectClass
+        labels = {}
+        for which in ("audit", "audit-next", "audit-retired"):
+            found = token.find(label=token.label(which), cls=C.PUBLIC_KEY)
+            labels[which] = {token.public_key(o).public_bytes_raw() for o in found}
+        assert labels == {"audit": {b.log._signer.public_key.public_bytes_raw()}, "audit-next": set(),
+                          "audit-retired": {old.public_key.public_bytes_raw()}}
+    finally:
+        a.close()
+        b.close()
