@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--to", type=Path, required=True, help="the write-once directory (a WORM volume, another host)")
     p.add_argument("--public-key", type=Path, help="PEM public key (default: from the signing key)")
+    _full_option(p)
     p.set_defaults(func=cmd_anchor)
 
     p = sub.add_parser(
@@ -83,6 +84,13 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
         help="require a checkpoint at every multiple (default: audit.checkpoint_every; 0: off)",
     )  # fmt: skip
     p.add_argument("--anchors", type=Path, help="directory of write-once anchors written by `audit anchor`")
+    _full_option(p)
+
+
+def _full_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--full-anchor-check", action="store_true",
+                   help="check the signature of every anchor, also of those the trail agrees with (by default "
+                        "those are sampled: they can neither show nor hide a rollback)")
 
 
 def _verify_kwargs(settings: Settings, args: argparse.Namespace, public_key: list[PublicKey],
@@ -94,7 +102,7 @@ def _verify_kwargs(settings: Settings, args: argparse.Namespace, public_key: lis
     every = settings.audit.checkpoint_every if every is None else every
     keys = _trusted(storage, public_key)
     kept = _read_checkpoints(args.checkpoints, keys) if getattr(args, "checkpoints", None) else Anchored()
-    anchors = anchored(DirectoryStore(args.anchors), keys, storage.audit) if getattr(
+    anchors = anchored(DirectoryStore(args.anchors), keys, storage.audit, full=getattr(args, "full_anchor_check", False)) if getattr(
         args, "anchors", None) else Anchored()
     return ({"known_checkpoints": kept.checkpoints + anchors.checkpoints, "checkpoint_every": every or None},
             kept.problems + anchors.problems)
@@ -240,7 +248,8 @@ def cmd_anchor(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     storage = _storage(settings)
     try:
-        report = anchor(storage.audit, DirectoryStore(args.to), _trusted(storage, public_key))
+        report = anchor(storage.audit, DirectoryStore(args.to), _trusted(storage, public_key),
+                        full=args.full_anchor_check)
     finally:
         storage.close()
     print(f"anchored {len(report.written)} new object(s) in {args.to}" + "".join(f"\n  {n}" for n in report.written))

@@ -64,3 +64,57 @@ def test_an_anchor_copied_under_another_seqs_name_vouches_for_nothing(storage, s
     assert [p.split(":")[0] for p in found.problems] == ["checkpoint-000000000007.json"]
     assert "names a checkpoint at seq 5" in found.problems[0]
     assert sorted(seq for seq, _ in found.checkpoints) == [5, 6]
+
+
+def _tamper(store_dir, name: str, **changed) -> None:
+    path = store_dir / name
+    doc = {**json.loads(path.read_bytes()), **changed}
+    os.chmod(path, 0o644)
+    path.write_text(json.dumps(doc))
+
+
+def test_reading_anchors_back_checks_only_the_signatures_that_decide_and_a_full_check_checks_all(
+        storage, signer, pseudonymizer, fill, tmp_path, attacker):
+    """A year of anchors is ~35,000 signatures to check on each `audit anchor` and `verify --anchors`
+    (seconds; bench/anchors.py): one the trail agrees with is left to a sample. What the anchors
+    prove stays: a forged anchor that would vouch for another hash, and a rollback, are caught with
+    no sample at all; a forged anchor that agrees with the trail, by a full check."""
+    worm = tmp_path / "worm"
+    store = DirectoryStore(worm)
+    log = AuditLog(storage.audit, signer, pseudonymizer, checkpoint_every=5)
+    fill(log, 11)
+    assert anchor(storage.audit, store, signer.public_key).problems == []
+    _tamper(worm, "checkpoint-000000000005.json", signature="00" * 64)  # agrees with the trail, not signed
+    _tamper(worm, "checkpoint-000000000010.json", hash="0" * 64)  # vouches for another hash
+    forged_head = {"kind": "head", "seq": 3, "hash": "1" * 64, "key_id": signer.key_id, "signature": "00" * 64}
+    (worm / "head-000000000003.json").write_text(json.dumps(forged_head))
+
+    fast = anchored(store, signer.public_key, storage.audit, sample=0)
+    assert [p.split(":")[0] for p in fast.problems] == ["checkpoint-000000000010.json", "head-000000000003.json"]
+    assert all("bad signature" in p for p in fast.problems)
+    assert sorted(seq for seq, _ in fast.checkpoints) == [5, 11]
+    full = anchored(store, signer.public_key, storage.audit, full=True)
+    assert [p.split(":")[0] for p in full.problems] == ["checkpoint-000000000005.json", "checkpoint-000000000010.json",
+                                                        "head-000000000003.json"]
+    assert sorted(seq for seq, _ in full.checkpoints) == [11]
+    report = anchor(storage.audit, store, signer.public_key, sample=0)
+    assert [p.split(":")[0] for p in report.problems] == ["checkpoint-000000000010.json"]
+    assert [p.split(":")[0] for p in anchor(storage.audit, store, signer.public_key, full=True).problems] == [
+        "checkpoint-000000000005.json", "checkpoint-000000000010.json"]
+
+    # Rolled back to seq 7 and written on: the anchors the trail now contradicts are authenticated and
+    # vouch for the old hashes, with no sample.
+    kept = storage.audit.hashes([11])[11]
+    attacker.execute("DELETE FROM audit_checkpoints WHERE seq > 7")
+    attacker.execute("DELETE FROM audit_records WHERE seq > 7")
+    attacker.execute("DELETE FROM audit_head")
+    found = anchored(store, signer.public_key, storage.audit, sample=0)
+    assert (11, kept) in found.checkpoints
+    assert not verify(storage.audit, signer.public_key, known_checkpoints=found.checkpoints).ok
+
+
+def test_the_hashes_of_the_records_at_given_seqs(storage, signer, pseudonymizer, fill):
+    fill(AuditLog(storage.audit, signer, pseudonymizer, checkpoint_every=5), 1200)
+    rows = {r.seq: r.hash for r in storage.audit.iter_records()}
+    wanted = [1, 600, 1200, 1201, 0, *range(2, 1100, 2)]  # more than one statement's worth
+    assert storage.audit.hashes(wanted) == {s: rows[s] for s in wanted if s in rows}

@@ -302,3 +302,25 @@ def test_a_forged_checkpoint_line_is_a_finding_of_its_own_never_a_known_checkpoi
     assert "checkpoints.txt line 4: not 'SEQ HASH TS KEY_ID SIGNATURE'" in out
     assert "externally kept checkpoint" not in out  # no rollback, no truncation: only the file's own findings
     storage.close()
+
+
+def test_a_full_anchor_check_finds_a_forged_anchor_the_trail_agrees_with(cli_settings, tmp_path, capsys,
+                                                                          monkeypatch):
+    """By default a run checks only a sample of the signatures of anchors the trail agrees with
+    (services/common/audit/anchor.py; here none): `--full-anchor-check` checks them all."""
+    from services.common.audit import anchor as anchor_module
+
+    settings = cli_settings  # a checkpoint every 3 records
+    storage, _, _ = _seven_records(settings)
+    anchors = tmp_path / "worm"
+    assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 0
+    _rewrite(anchors, "checkpoint-000000000003.json", signature="00" * 64)
+    monkeypatch.setattr(anchor_module, "SAMPLE", 0)
+    capsys.readouterr()
+    assert _run(settings, ["audit", "verify", "--anchors", str(anchors)]) == 0
+    assert _run(settings, ["audit", "anchor", "--to", str(anchors)]) == 0
+    assert "checkpoint-000000000003.json" not in capsys.readouterr().out
+    for command in (["verify", "--anchors"], ["anchor", "--to"]):
+        assert _run(settings, ["audit", *command, str(anchors), "--full-anchor-check"]) == 1
+        assert "checkpoint-000000000003.json: bad signature; not the audit key's anchor" in capsys.readouterr().out
+    storage.close()

@@ -4,7 +4,7 @@ builder; this module only guarantees that appends are serialised and written ato
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from services.common import metrics
@@ -159,6 +159,16 @@ class SqlAuditRepository:
                          " JOIN audit_records AS r ON r.seq = c.seq WHERE r.event_type = ? ORDER BY c.seq",
                          (event_type,))
         return [(to_record(AuditRow, r[:n]), to_record(AuditCheckpoint, r[n:])) for r in rows]
+
+    def hashes(self, seqs: Iterable[int]) -> dict[int, str]:
+        wanted, out = sorted(set(seqs)), dict[int, str]()
+        with self._db.read() as s:
+            for i in range(0, len(wanted), 500):
+                part = wanted[i : i + 500]
+                rows = s.all(f"SELECT seq, hash FROM audit_records WHERE seq IN ({', '.join('?' * len(part))})",
+                             tuple(part))
+                out.update((int(seq), str(h)) for seq, h in rows)
+        return out
 
     def iter_records(self, from_seq: int = 1, batch: int = 1000) -> Iterator[AuditRow]:
         after = from_seq - 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -311,6 +311,9 @@ class AuditRepository(Protocol):
     def checkpointed(self, event_type: str) -> list[tuple[AuditRow, AuditCheckpoint]]:
         """The records of ``event_type`` that have a checkpoint at their seq, each with it, in seq
         order: one lookup per checkpoint, not a walk of the trail."""
+
+    def hashes(self, seqs: Iterable[int]) -> dict[int, str]:
+        """The hash of the record at each of ``seqs`` the trail holds (point lookups)."""
 
     def iter_records(self, from_seq: int = 1, batch: int = 1000) -> Iterator[AuditRow]: ...
 
