@@ -20,7 +20,7 @@ head signed by any of them, ``biogate audit verify`` accepts their signatures. A
 claims to introduce a key but is not valid trusts nothing and is reported.
 
 Introductions are found without walking the trail: they are the records of their event type that
-have a checkpoint (``AuditRepository.checkpointed``, one lookup per checkpoint).
+have a checkpoint (``AuditRepository.checkpointed``: a partial index of them, one seek each).
 """
 
 from __future__ import annotations

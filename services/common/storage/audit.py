@@ -3,6 +3,7 @@ builder; this module only guarantees that appends are serialised and written ato
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -15,9 +16,22 @@ from .interfaces import AuditAppend, AuditBuilder, AuditCheckpoint, AuditHead, A
 from .rows import columns, insert_sql, to_record, values
 
 
+_EVENT_TYPE = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
 _TAIL = ("SELECT r.seq, r.hash, h.seq, h.hash, h.signature, h.key_id FROM (SELECT 1 AS one) AS o"
          " LEFT JOIN (SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1) AS r ON 1 = 1"
          " LEFT JOIN audit_head AS h ON h.id = 1")
+
+
+def checkpointed_sql(event_type: str) -> str:
+    """The records of ``event_type`` with a checkpoint at their seq, each with it. The event type is
+    written into the statement: a partial index (``audit_records_key_introduced``) serves a query
+    only where the planner sees its condition, and SQLite plans before it sees a bound value."""
+    if not _EVENT_TYPE.fullmatch(event_type):
+        raise ValueError(f"not an audit event type: {event_type!r}")
+    record = ", ".join(f"r.{c.strip()}" for c in columns(AuditRow).split(","))
+    checkpoint = ", ".join(f"c.{c.strip()}" for c in columns(AuditCheckpoint).split(","))
+    return (f"SELECT {record}, {checkpoint} FROM audit_checkpoints AS c"
+            f" JOIN audit_records AS r ON r.seq = c.seq WHERE r.event_type = '{event_type}' ORDER BY r.seq")
 
 
 class SqlAuditRepository:
@@ -152,12 +166,8 @@ class SqlAuditRepository:
 
     def checkpointed(self, event_type: str) -> list[tuple[AuditRow, AuditCheckpoint]]:
         n = len(columns(AuditRow).split(","))
-        record = ", ".join(f"r.{c.strip()}" for c in columns(AuditRow).split(","))
-        checkpoint = ", ".join(f"c.{c.strip()}" for c in columns(AuditCheckpoint).split(","))
         with self._db.read() as s:
-            rows = s.all(f"SELECT {record}, {checkpoint} FROM audit_checkpoints AS c"
-                         " JOIN audit_records AS r ON r.seq = c.seq WHERE r.event_type = ? ORDER BY c.seq",
-                         (event_type,))
+            rows = s.all(checkpointed_sql(event_type))
         return [(to_record(AuditRow, r[:n]), to_record(AuditCheckpoint, r[n:])) for r in rows]
 
     def hashes(self, seqs: Iterable[int]) -> dict[int, str]:

@@ -310,7 +310,8 @@ class AuditRepository(Protocol):
 
     def checkpointed(self, event_type: str) -> list[tuple[AuditRow, AuditCheckpoint]]:
         """The records of ``event_type`` that have a checkpoint at their seq, each with it, in seq
-        order: one lookup per checkpoint, not a walk of the trail."""
+        order, not a walk of the trail: for ``audit.key_introduced`` one index seek each (a partial
+        index), for another type one lookup per checkpoint."""
 
     def hashes(self, seqs: Iterable[int]) -> dict[int, str]:
         """The hash of the record at each of ``seqs`` the trail holds (point lookups)."""
