@@ -220,3 +220,25 @@ def test_sm4_keys_are_128_bit(tmp_path):
     assert len(base64.b64decode(doc["keys"][0]["material"])) == 16
     with pytest.raises(ValueError):
         aead.seal("SM4-GCM", bytes(32), b"x", b"")
+
+
+def test_the_key_id_from_the_header_alone_is_the_whole_envelopes(crypto, binding):
+    """Counting records per key from their first bytes and their size (a Redis member's header slice,
+    services/voice/replay.py) must agree with parsing the whole envelope, a malformed one included."""
+    from services.common.crypto.envelope import HEADER_MAX, header_key_id
+
+    env = crypto.encrypt_template(binding, TEMPLATE)
+    many_tags = bytearray(env)
+    many_tags[5 + 32] = 255  # a field count the header cannot hold
+    for whole in [env, *(env[:cut] for cut in range(0, 160)), env[:-len(TEMPLATE) - 17], b"XYZ" + env[3:],
+                  bytes(many_tags), env[:4] + b"\xff" + env[5:]]:
+        try:
+            expected = envelope_key_id(whole)
+        except TamperedEnvelopeError:
+            expected = None
+        for head in (whole[:HEADER_MAX], whole[: len(whole) - len(TEMPLATE)]):
+            try:
+                got = header_key_id(head, len(whole))
+            except TamperedEnvelopeError:
+                got = None
+            assert got == expected, (len(whole), len(head))

@@ -250,3 +250,41 @@ def test_an_unreachable_redis_replay_store_refuses_key_operations_naming_the_set
         assert "voice.replay_store redis://127.0.0.1:1/0: Redis cannot be reached" in err
         assert "nothing was changed" in err
     assert [k.key_id for k in open_keyring(settings).keys()] == [first]
+
+
+def test_redis_key_usage_reads_only_each_fingerprints_header_and_counts_a_malformed_one_under_no_key(tmp_path):
+    """`keys retire` counts the Redis fingerprints per key inside its database transaction: each
+    ~20 KB member was fetched whole to read the key id in its first ~100 bytes (100,000 retained
+    fingerprints: ~2 GB through Redis; bench/replay_key_usage.py). A member that is no envelope,
+    or whose header promises more than it holds, still counts under "" (`keys rewrap` reports it)."""
+    import uuid
+
+    from services.voice.replay import ReplayBinding, RedisReplayStore
+    from tests.conftest import require_redis
+
+    url = require_redis("redis://127.0.0.1:6379/0")
+    store = RedisReplayStore(url, 3600, 20, prefix=f"biogate-test:usage:{uuid.uuid4().hex[:10]}")
+    try:
+        keyring = LocalKeyring(tmp_path / "keyring.json")
+        crypto = EnvelopeCrypto(keyring)
+        first = keyring.primary_key_id()
+        sealed = [crypto.seal(ReplayBinding("bank-a", f"cust-{i}"), bytes(20_000)) for i in range(40)]
+        for i, envelope in enumerate(sealed):
+            store.add("bank-a", f"ps_{i % 7}", envelope)
+        store.add("bank-a", "ps_bad", b"not an envelope")
+        store.add("bank-a", "ps_bad", sealed[0][: len(sealed[0]) - 20_001])  # its payload one byte short of none
+        store.add("bank-a", "ps_bad", sealed[0][:60])  # cut inside the header
+        store.add("bank-a", "ps_bad", b"")
+
+        def sent() -> int:
+            return int(store.client.info("stats")["total_net_output_bytes"])
+
+        before = sent()
+        usage = store.key_usage(batch=3)
+        moved = sent() - before
+        assert usage == {first: 40, "": 4}
+        assert moved < 200_000, moved  # the members are 800 KB together; their headers ~5 KB
+    finally:
+        stale = list(store.client.scan_iter(f"{store.prefix}:*"))
+        if stale:
+            store.client.delete(*stale)

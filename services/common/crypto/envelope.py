@@ -109,39 +109,71 @@ class _Parsed:
     payload: bytes  # nonce || ciphertext || tag
 
 
-def _parse(envelope: bytes) -> _Parsed:
+@dataclass(frozen=True)
+class _Header:
+    cipher: str
+    aad_end: int
+    digest: bytes
+    tags: list[bytes]
+    key_id: str
+    fingerprint: bytes
+    wrapped_len: int
+    end: int  # where the wrapped key starts
+
+
+# Where the field count is, the bytes after the key id that the header holds, and the longest
+# header (every u8 count at its most): a store can slice a record's header without parsing it.
+FIELD_COUNT_AT = 5 + _DIGEST_BYTES
+KEY_ID_TAIL = _FP_BYTES + 2
+TAG_BYTES = _TAG_BYTES
+HEADER_MAX = FIELD_COUNT_AT + 1 + 255 * _TAG_BYTES + 1 + 255 + KEY_ID_TAIL
+
+
+def _header(data: bytes) -> _Header:
+    """The header at the start of ``data`` (the envelope, or at least its first bytes up to the
+    wrapped key)."""
     try:
-        if envelope[:3] != MAGIC:
+        if data[:3] != MAGIC:
             raise TamperedEnvelopeError("not a BioGate envelope (bad magic)")
-        version, cipher_id = envelope[3], envelope[4]
+        version, cipher_id = data[3], data[4]
         if version != VERSION:
             raise TamperedEnvelopeError(f"unsupported envelope version {version}")
         cipher = aead.CIPHER_BY_ID.get(cipher_id)
         if cipher is None:
             raise TamperedEnvelopeError(f"unknown cipher id {cipher_id}")
         pos = 5
-        digest = envelope[pos : pos + _DIGEST_BYTES]
+        digest = data[pos : pos + _DIGEST_BYTES]
         pos += _DIGEST_BYTES
-        n = envelope[pos]
+        n = data[pos]
         pos += 1
-        tags = [envelope[pos + i * _TAG_BYTES : pos + (i + 1) * _TAG_BYTES] for i in range(n)]
+        tags = [bytes(data[pos + i * _TAG_BYTES : pos + (i + 1) * _TAG_BYTES]) for i in range(n)]
         pos += n * _TAG_BYTES
-        aad = envelope[:pos]
-        klen = envelope[pos]
-        key_id = envelope[pos + 1 : pos + 1 + klen].decode("ascii")
+        aad_end = pos
+        klen = data[pos]
+        key_id = data[pos + 1 : pos + 1 + klen].decode("ascii")
         pos += 1 + klen
-        fp = envelope[pos : pos + _FP_BYTES]
+        fp = data[pos : pos + _FP_BYTES]
         pos += _FP_BYTES
-        (wlen,) = struct.unpack_from(">H", envelope, pos)
+        (wlen,) = struct.unpack_from(">H", data, pos)
         pos += 2
-        wrapped = envelope[pos : pos + wlen]
-        pos += wlen
-        payload = envelope[pos:]
     except (IndexError, struct.error, UnicodeDecodeError):
         raise TamperedEnvelopeError("truncated or malformed envelope header") from None
-    if len(wrapped) != wlen or len(payload) < aead.NONCE_BYTES + aead.TAG_BYTES or len(key_id) != klen:
+    if len(key_id) != klen:
         raise TamperedEnvelopeError("truncated envelope")
-    return _Parsed(cipher, bytes(aad), bytes(digest), tags, key_id, bytes(fp), bytes(wrapped), bytes(payload))
+    return _Header(cipher, aad_end, bytes(digest), tags, key_id, bytes(fp), wlen, pos)
+
+
+def _check_size(header: _Header, size: int) -> None:
+    if size < header.end + header.wrapped_len + aead.NONCE_BYTES + aead.TAG_BYTES:
+        raise TamperedEnvelopeError("truncated envelope")
+
+
+def _parse(envelope: bytes) -> _Parsed:
+    h = _header(envelope)
+    _check_size(h, len(envelope))
+    wrapped_end = h.end + h.wrapped_len
+    return _Parsed(h.cipher, bytes(envelope[: h.aad_end]), h.digest, h.tags, h.key_id, h.fingerprint,
+                   bytes(envelope[h.end : wrapped_end]), bytes(envelope[wrapped_end:]))
 
 
 def _key_part(key_id: str, fp: bytes, wrapped: bytes) -> bytes:
@@ -257,7 +289,16 @@ class EnvelopeCrypto:
 
 def envelope_key_id(envelope: bytes) -> str:
     """The id of the KEK an envelope's data key is wrapped under (no key needed)."""
-    return _parse(envelope).key_id
+    return header_key_id(envelope, len(envelope))
+
+
+def header_key_id(head: bytes, size: int) -> str:
+    """The key id of an envelope of ``size`` bytes from its first bytes: at least its header up to
+    the wrapped key (:data:`HEADER_MAX` bytes always are). TamperedEnvelopeError exactly where
+    parsing the whole envelope raises."""
+    h = _header(head)
+    _check_size(h, size)
+    return h.key_id
 
 
 def payload_digest(envelope: bytes) -> str:
@@ -280,5 +321,6 @@ __all__ = [
     "TemplateBinding",
     "ContactBinding",
     "envelope_key_id",
+    "header_key_id",
     "payload_digest",
 ]

@@ -34,7 +34,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .envelope import EnvelopeCrypto, envelope_key_id
+from .envelope import EnvelopeCrypto, header_key_id
 from .errors import KeyInUseError, KeyOperationInProgressError, KeyringError, TemplateDecryptionError
 from .keyring import KeyInfo, Keyring
 from .provision import KeyAudit, add_kek, audit_failure
@@ -65,11 +65,12 @@ def key_operation(storage: Storage, what: str) -> Iterator[None]:
         yield
 
 
-def sealed_key_id(envelope: bytes) -> str:
+def sealed_key_id(envelope: bytes, size: int | None = None) -> str:
     """The key id in a sealed record's header, for counting and re-wrapping records whose key id is in
-    no column; "" for one that is not an envelope (counted under no key, reported by the re-wrap)."""
+    no column; "" for one that is not an envelope (counted under no key, reported by the re-wrap).
+    ``size``: the record's, when ``envelope`` is only its first bytes (its header at least)."""
     try:
-        return envelope_key_id(envelope)
+        return header_key_id(envelope, len(envelope) if size is None else size)
     except TemplateDecryptionError:
         return ""
 
