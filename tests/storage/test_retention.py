@@ -16,7 +16,7 @@ import pytest
 from services.commands import retention as retention_cli
 from services.common.crypto.backend import open_audit_signer
 from services.common.storage import ChallengeRecord, SqlStorage, open_storage
-from services.common.storage.db import utcnow
+from services.common.storage.db import SqliteDatabase, utcnow
 from services.common.storage.retention import Expiry, purge
 from services.mfa.storage import AuthSessionRecord, DeviceRecord, OtpRecord, ReviewRecord, WebhookEventRecord
 from services.mfa.storage import attach as attach_mfa
@@ -252,3 +252,38 @@ def test_the_retention_section_is_typed():
         load_config(None, retention={"session_s": 86400})
     with pytest.raises(ValueError, match="batch"):
         load_config(None, retention={"batch": 0})
+
+
+class _CountingSqlite(SqliteDatabase):
+    """SQLite whose ``expired(keep)`` counts each row the purge's predicate looks at."""
+
+    looked = 0
+
+    def _connect(self):
+        conn = super()._connect()
+        conn.create_function("expired", 1, self._expired)
+        return conn
+
+    def _expired(self, keep: int) -> int:
+        self.looked += 1
+        return int(not keep)
+
+
+def test_each_batch_resumes_after_the_last_row_it_saw_instead_of_rewalking_the_kept_ones(tmp_path):
+    """Each batch's LIMIT walked the table from its start, past every row the predicate keeps (the
+    sessions under a pending review): 10,000 kept x 200 batches in bench/retention.py."""
+    db = _CountingSqlite(tmp_path / "t.db", 1, 10.0, "FULL")
+    try:
+        with db.transaction() as s:
+            s.execute("CREATE TABLE t (id TEXT PRIMARY KEY, at INTEGER NOT NULL, keep INTEGER NOT NULL)")
+            s.execute("CREATE INDEX t_at ON t (at)")
+            for i in range(600):  # the kept rows are the oldest: every batch's walk starts among them
+                s.execute("INSERT INTO t VALUES (?, ?, ?)", (f"r{i:04d}", i // 7, int(i < 100)))
+        e = Expiry("rows", "t", "at <= ? AND expired(keep)", (10_000,), order="at")
+        assert purge(db, [e], 10) == {"rows": 500}
+        # each row is looked at by one batch only: its choice, its DELETE's range and its re-check (6,100 before)
+        assert db.looked <= 3 * 600
+        with db.read() as s:
+            assert s.one("SELECT COUNT(*), MIN(keep) FROM t") == (100, 1)
+    finally:
+        db.close()

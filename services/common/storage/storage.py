@@ -116,9 +116,9 @@ class SqlStorage:
         now = now or utcnow()
         return [
             Expiry("challenges", "challenges", "expires_at <= ?", (now - timedelta(seconds=cfg.challenges_s),),
-                   key="nonce"),
+                   key="nonce", order="expires_at"),
             Expiry("rate_limit_windows", "rate_limits", "window_end <= ?",
-                   (int(now.timestamp()) - cfg.rate_limits_s,), key="key"),
+                   (int(now.timestamp()) - cfg.rate_limits_s,), key="key", order="window_end"),
         ]
 
     def close(self) -> None:

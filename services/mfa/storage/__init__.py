@@ -81,17 +81,21 @@ class MfaStore:
             # would let an older code sent with a longer lifetime answer again (otp.py, check).
             Expiry("sms_codes", "otp_challenges",
                    "expires_at <= ? AND NOT EXISTS (SELECT 1 FROM otp_challenges o"
-                   " WHERE o.session_id = otp_challenges.session_id AND o.expires_at > ?)", (otp, otp)),
+                   " WHERE o.session_id = otp_challenges.session_id AND o.expires_at > ?)", (otp, otp),
+                   order="expires_at"),
             # Kept while its review is pending, and for sessions_s after the review's resolution.
             Expiry("auth_sessions", "auth_sessions",
                    "expires_at <= ? AND NOT EXISTS (SELECT 1 FROM mfa_reviews r WHERE r.session_id ="
-                   " auth_sessions.id AND (r.status = 'pending' OR r.resolved_at > ?))", (sessions, sessions)),
-            Expiry("reviews", "mfa_reviews", "status <> 'pending' AND resolved_at <= ?", (before(cfg.reviews_s),)),
+                   " auth_sessions.id AND (r.status = 'pending' OR r.resolved_at > ?))", (sessions, sessions),
+                   order="expires_at"),
+            Expiry("reviews", "mfa_reviews", "status <> 'pending' AND resolved_at <= ?", (before(cfg.reviews_s),),
+                   order="resolved_at"),
             Expiry("webhook_events", "mfa_webhook_outbox", "next_attempt_at IS NULL AND created_at <= ?",
-                   (before(webhook_keep_s),)),
+                   (before(webhook_keep_s),), order="created_at"),
             Expiry("lockout_counters", "mfa_lockouts", "locked_at IS NULL AND updated_at <= ?",
-                   (before(cfg.lockouts_s),), key="tenant_id, scope, key"),
-            Expiry("revoked_devices", "devices", "revoked_at <= ?", (before(cfg.revoked_devices_s),)),
+                   (before(cfg.lockouts_s),), key="tenant_id, scope, key", order="updated_at"),
+            Expiry("revoked_devices", "devices", "revoked_at <= ?", (before(cfg.revoked_devices_s),),
+                   order="revoked_at"),
         ]
 
 

@@ -74,7 +74,8 @@ class SqlReplayRepository:
 
     def expiries(self, retention_s: float, now: float) -> list[Expiry]:
         """Fingerprints past voice.replay_retention_s: add() drops them only when a capture is accepted."""
-        return [Expiry("replay_fingerprints", "voice_replay", "accepted_at < ?", (now - retention_s,))]
+        return [Expiry("replay_fingerprints", "voice_replay", "accepted_at < ?", (now - retention_s,),
+                       order="accepted_at")]
 
     def erase(self, tenant_id: str, subject_key: str) -> int:
         with self._db.transaction() as s:

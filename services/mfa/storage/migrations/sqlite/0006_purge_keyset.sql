@@ -1,0 +1,4 @@
+-- BioGate MFA schema v6 (SQLite): nothing to change. `biogate purge` pages through expired rows by
+-- (expiry, rowid) (services/common/storage/retention.py), and an SQLite index on the expiry column
+-- (otp_challenges, auth_sessions, mfa_webhook_outbox) already holds the rowid. PostgreSQL's indexes gain the key in
+-- postgres/0006_purge_keyset.sql; this file keeps the two histories in step.

@@ -1,0 +1,4 @@
+-- BioGate voice schema v2 (SQLite): nothing to change. `biogate purge` pages through expired rows by
+-- (expiry, rowid) (services/common/storage/retention.py), and an SQLite index on the expiry column
+-- (voice_replay) already holds the rowid. PostgreSQL's indexes gain the key in
+-- postgres/0002_purge_keyset.sql; this file keeps the two histories in step.
