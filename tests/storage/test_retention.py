@@ -17,7 +17,7 @@ from services.commands import retention as retention_cli
 from services.common.crypto.backend import open_audit_signer
 from services.common.storage import ChallengeRecord, SqlStorage, open_storage
 from services.common.storage.db import SqliteDatabase, utcnow
-from services.common.storage.retention import Expiry, purge
+from services.common.storage.retention import Expiry, Pages, purge
 from services.mfa.storage import AuthSessionRecord, DeviceRecord, OtpRecord, ReviewRecord, WebhookEventRecord
 from services.mfa.storage import attach as attach_mfa
 from services.settings import load_config
@@ -287,3 +287,25 @@ def test_each_batch_resumes_after_the_last_row_it_saw_instead_of_rewalking_the_k
             assert s.one("SELECT COUNT(*), MIN(keep) FROM t") == (100, 1)
     finally:
         db.close()
+
+
+def test_every_kinds_batch_seeks_an_index_on_sqlite(tmp_path):
+    """`revoked_at`, `updated_at` and `resolved_at` had no index: each batch scanned (and sorted)
+    the whole table of devices, lockout counters or reviews. (SQLite's plans depend on the schema
+    alone; PostgreSQL's on its statistics, and are not asserted.)"""
+    settings = load_config(None, data_dir=str(tmp_path / "data"))
+    storage = open_storage(f"sqlite:///{tmp_path / 'plans.db'}")
+    try:
+        attach_mfa(storage), attach_voice(storage)
+        plans = {}
+        with storage.db.read() as s:
+            for e in retention_cli.expiries(settings, storage, NOW):
+                for q in Pages(e, "sqlite").queries():
+                    params = (*e.params, *[0] * (q.count("?") - len(e.params)))
+                    plans[(e.kind, q)] = [r[3] for r in s.all("EXPLAIN QUERY PLAN " + q, params)]
+        walks = {k: p for k, p in plans.items() if any(d.startswith(f"SCAN {k[1].split(' FROM ')[1].split()[0]}")
+                                                       or "TEMP B-TREE" in d for d in p)}
+        assert {kind for kind, _ in walks} == set(), walks
+        assert len({kind for kind, _ in plans}) == 9
+    finally:
+        storage.close()
