@@ -99,7 +99,7 @@ class ReviewWebhookConfig(WebhookTarget):
     max_attempts: int = Field(8, ge=1, le=30)  # then the event is abandoned (an error log)
     backoff_s: float = Field(2.0, gt=0)  # before the second attempt, doubled for each one after
     backoff_max_s: float = Field(900.0, gt=0)
-    keep_s: int = Field(7 * 86400, ge=3600)  # delivered and abandoned events are deleted after this
+    keep_s: int = Field(7 * 86400, ge=3600)  # delivered and abandoned events: `biogate purge` deletes them after this
 
     def target(self, tenant: str) -> WebhookTarget | None:
         """The receiver of ``tenant``'s events, None when it has none."""

@@ -110,6 +110,13 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
         return subjects.set_phone_number(self.rt, request, self.mfa.store, self.mfa.clock())
 
 
+def worker_tasks(orchestrator: Orchestrator) -> list[Callable[[], object]]:
+    """What the review worker runs each sweep: review expiry and webhook delivery. Delivered and
+    abandoned events are deleted by `biogate purge` alone (webhook_events): in batches, once per
+    database rather than by every replica each sweep, and counted in its audit record."""
+    return [orchestrator.reviews.expire_due, orchestrator.outbox.deliver_due]
+
+
 def definition(settings: MfaSettings, clock: Callable[[], datetime] | None = None) -> ServiceDefinition:
     rt = Runtime.open(settings, "mfa")
     orchestrator = Orchestrator(rt, clock=clock)
@@ -124,8 +131,7 @@ def definition(settings: MfaSettings, clock: Callable[[], datetime] | None = Non
     wellknown = WellKnownServer(cfg.http, orchestrator.signing, cfg.issuer) if cfg.http.enabled else None
     details: dict[str, str] = {}
     # review expiry and webhook delivery, off the RPC threads
-    worker = Worker([orchestrator.reviews.expire_due, orchestrator.outbox.deliver_due, orchestrator.outbox.prune],
-                    cfg.reviews.sweep_s, orchestrator.outbox).start()
+    worker = Worker(worker_tasks(orchestrator), cfg.reviews.sweep_s, orchestrator.outbox).start()
     orchestrator.reviews.notify = worker.wake
 
     def start() -> None:

@@ -112,9 +112,6 @@ class WebhookOutbox:
         due = self.repo.next_due()
         return None if due is None else max(0.0, (due - self.clock()).total_seconds())
 
-    def prune(self) -> int:
-        return self.repo.prune(self.clock() - timedelta(seconds=self.cfg.keep_s))
-
 
 class Worker:
     """A background thread running ``tasks`` every ``interval_s``, sooner when woken (an event was

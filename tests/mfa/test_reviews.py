@@ -374,7 +374,9 @@ def test_the_final_decisions_of_reviews_are_counted_as_coming_from_a_review(orch
 
 
 def test_webhook_deliveries_retry_with_backoff_then_give_up(tmp_path, storage_dsn, clock, receiver):
+    from services.commands import retention
     from services.common.runtime import Runtime
+    from services.mfa.server import worker_tasks
     from services.mfa.service import Orchestrator
     from services.serve import prepare
 
@@ -406,9 +408,14 @@ def test_webhook_deliveries_retry_with_backoff_then_give_up(tmp_path, storage_ds
         assert (rec.attempts, rec.next_attempt_at, rec.delivered_at, rec.last_error) == (3, None, None, "HTTP 500")
         clock.advance(3600)
         assert outbox.deliver_due() == 0 and len(receiver.requests) == 5
-        # delivered and abandoned events are deleted after mfa.reviews.webhook.keep_s
-        clock.advance(settings.mfa.reviews.webhook.keep_s)
-        assert outbox.prune() == 2 and o.store.webhooks.get(first.id) is None
+        # delivered and abandoned events are deleted after mfa.reviews.webhook.keep_s, by `biogate
+        # purge` alone: the review worker's own unbounded DELETE ran on every replica each sweep
+        clock.advance(settings.mfa.reviews.webhook.keep_s + 1)
+        for task in worker_tasks(o):
+            task()
+        assert o.store.webhooks.get(first.id) is not None and o.store.webhooks.get(gone.id) is not None
+        deleted = retention.run(settings, rt.storage, "cli:test", clock(), batch=1)
+        assert deleted["webhook_events"] == 2 and o.store.webhooks.get(first.id) is None
     finally:
         o.close()
         rt.close()

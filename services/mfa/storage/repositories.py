@@ -267,12 +267,6 @@ class SqlWebhookOutboxRepository(Repository[WebhookEventRecord]):
             (delivered_at, next_attempt_at, error, event_id, attempts),
         )
 
-    def prune(self, created_before: datetime) -> int:
-        """Delete delivered and abandoned events created before the given time."""
-        with self._db.transaction() as s:
-            return s.count("DELETE FROM mfa_webhook_outbox WHERE next_attempt_at IS NULL AND created_at < ?",
-                           (created_before,))
-
 
 class SqlLockoutRepository(Repository[LockoutRecord]):
     table = "mfa_lockouts"
