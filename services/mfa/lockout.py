@@ -47,6 +47,13 @@ class State:
 
 OPEN = State(False, 0.0, 0.0, 0)
 
+# The failure counters of devices bound to no one that a subject keeps, its newest ones: an attacker
+# who invents a fingerprint per lock of the subject would otherwise add a counter each time, and a
+# locked one is never purged (a device lock of 0 s lasts until an administrator unlocks). The one
+# given way is a fingerprint's that the attacker could as well replace by a new one; the subject's
+# counter, and those of the tenant's bound devices (the customer's own phone), are never dropped.
+DEVICE_COUNTERS_PER_SUBJECT = 10
+
 
 def _state(rec: LockoutRecord | None, p: LockoutPolicy, lock_s: int, now: datetime) -> State:
     if rec is None:
@@ -134,6 +141,8 @@ class Lockouts:
                 after = self.store.lockouts.record_failure(tenant, scope, key, subject, cost, now)
                 locked_now = after.locked_at is not None and not (before and before.locked_at is not None)
                 scopes.append((scope, key, before.last_failure_at if before else None, locked_now))
+                if scope == "device" and before is None:
+                    self.store.lockouts.trim_devices(tenant, subject, DEVICE_COUNTERS_PER_SUBJECT)
         return Attempt(tenant, subject, tuple(scopes), cost, now, bound)
 
     def settle(self, attempt: Attempt, outcome: FactorOutcome | None, p: LockoutPolicy, actor: str) -> State:
