@@ -1,4 +1,4 @@
--- BioGate shared schema v3 (SQLite): nothing to change. `biogate purge` pages through expired rows by
+-- BioGate shared schema v4 (SQLite): nothing to change. `biogate purge` pages through expired rows by
 -- (expiry, rowid) (services/common/storage/retention.py), and an SQLite index on the expiry column
 -- (challenges, rate_limits) already holds the rowid. PostgreSQL's indexes gain the key in
--- postgres/0003_purge_keyset.sql; this file keeps the two histories in step.
+-- postgres/0004_purge_keyset.sql; this file keeps the two histories in step.
