@@ -84,8 +84,9 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     storage = _storage(settings)
     try:
         usage = key_usage(storage)
-        for counts, _ in _kept_elsewhere(settings, storage)().values():  # what retire also waits for
-            usage.update(counts)
+        for kept in _kept_elsewhere(settings, storage):  # what retire also waits for
+            for counts, _ in kept().values():
+                usage.update(counts)
     finally:
         storage.close()
     print(f"{'KEY ID':<28} {'CIPHER':<12} {'CREATED':<21} {'PRIMARY':<8} RECORDS")
@@ -145,6 +146,7 @@ class _Sealed:
     table: SealedTable
     usage: Callable[[], Counter[str]]  # records per key id
     kept: str  # how long each is kept (retire's refusal says it)
+    in_database: bool = True  # False: counted by retire before its transaction (rotation.retire)
 
 
 def _sealed(settings: Settings, storage: Storage) -> list[_Sealed]:
@@ -164,7 +166,8 @@ def _sealed(settings: Settings, storage: Storage) -> list[_Sealed]:
     # A process's memory store is out of any command's reach (README, Key rotation).
     if isinstance(replay, (DatabaseReplayStore, RedisReplayStore)):
         out.append(_Sealed(replay.sealed_table(), replay.key_usage,
-                           f"voice.replay_retention_s ({voice.replay_retention_s} s) after each accepted capture"))
+                           f"voice.replay_retention_s ({voice.replay_retention_s} s) after each accepted capture",
+                           in_database=isinstance(replay, DatabaseReplayStore)))
     push = SealedConfirmations(attach_mfa(storage))
     out.append(_Sealed(push.sealed_table(), push.key_usage,
                        f"in their mfa sessions until answered or the session expires (mfa.session_ttl_s, "
@@ -177,10 +180,18 @@ def _sealed_tables(settings: Settings, storage: Storage) -> list[SealedTable]:
     return [s.table for s in _sealed(settings, storage)]
 
 
-def _kept_elsewhere(settings: Settings, storage: Storage) -> Callable[[], dict[str, tuple[Counter[str], str]]]:
-    """Counts of the sealed data the services keep outside templates and phones, per key id."""
+Kept = Callable[[], dict[str, tuple[Counter[str], str]]]
+
+
+def _kept_elsewhere(settings: Settings, storage: Storage) -> tuple[Kept, Kept]:
+    """Counts of the sealed data the services keep outside templates and phones, per key id: (those in
+    the database, those outside it)."""
     sealed = _sealed(settings, storage)
-    return lambda: {s.table.what: (s.usage(), s.kept) for s in sealed}
+
+    def counts(in_database: bool) -> Kept:
+        return lambda: {s.table.what: (s.usage(), s.kept) for s in sealed if s.in_database == in_database}
+
+    return counts(True), counts(False)
 
 
 def cmd_retire(settings: Settings, args: argparse.Namespace) -> int:
@@ -188,8 +199,9 @@ def cmd_retire(settings: Settings, args: argparse.Namespace) -> int:
     storage = _storage(settings)
     try:
         audit = key_audit(settings, storage)
+        in_database, outside = _kept_elsewhere(settings, storage)
         info = retire(storage, keyring, args.key_id, audit=lambda i: audit("keys.retire", {"key_id": i.key_id}),
-                      kept_elsewhere=_kept_elsewhere(settings, storage))
+                      kept_elsewhere=in_database, kept_outside=outside)
     except (KeyInUseError, UnknownKeyError, KeyringError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1

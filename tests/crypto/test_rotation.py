@@ -236,3 +236,45 @@ def test_a_damaged_record_is_reported_not_skipped_silently(storage, tmp_path):
     assert not report.ok and list(report.failures) == [f"template {rec.id}"]
     assert "TamperedEnvelopeError" in report.failures[f"template {rec.id}"]
     assert report.templates_rewrapped == 4
+
+
+def test_retire_counts_what_lies_outside_the_database_without_holding_its_write_lock(tmp_path):
+    """A Redis replay store's count takes seconds at a bank's size; counted inside retire's transaction it
+    held SQLite's single write lock all along, stalling every service's audited write. Data in the database
+    is still counted inside the transaction (no enrolment commits between the count and the removal)."""
+    import sqlite3
+    from collections import Counter
+
+    path = tmp_path / "biogate.sqlite"
+    storage = open_storage(f"sqlite:///{path}")
+    keyring = LocalKeyring(tmp_path / "keyring.json")
+    old = keyring.primary_key_id()
+    rotate(storage, keyring, cipher="AES-256-GCM", batch=4)
+
+    def write_lock_free() -> bool:
+        other = sqlite3.connect(path, timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            other.close()
+
+    seen = {}
+
+    def outside():
+        seen["outside"] = write_lock_free()
+        return {"voice replay fingerprint": (Counter({old: 2}), "a while")}
+
+    def inside():
+        seen["inside"] = write_lock_free()
+        return {}
+
+    with pytest.raises(KeyInUseError, match="still seals 2 voice replay fingerprint"):
+        retire(storage, keyring, old, kept_elsewhere=inside, kept_outside=outside)
+    assert seen == {"outside": True}  # refused before the transaction began
+    retire(storage, keyring, old, kept_elsewhere=inside, kept_outside=lambda: {})
+    assert seen == {"outside": True, "inside": False}
+    storage.close()

@@ -251,6 +251,7 @@ def retire(
     key_id: str,
     audit: Callable[[KeyInfo], None] | None = None,
     kept_elsewhere: Callable[[], Mapping[str, tuple[Counter[str], str]]] | None = None,
+    kept_outside: Callable[[], Mapping[str, tuple[Counter[str], str]]] | None = None,
 ) -> KeyInfo:
     """Remove a KEK from the keyring; refuses while any record is still wrapped under it, and while
     another key operation (a rotation) runs.
@@ -262,10 +263,14 @@ def retire(
 
     The count, ``audit(info)`` (the audit record) and the removal are one transaction: a removal
     that fails rolls the audit record back, and on SQLite no enrolment commits between the count
-    and the removal.
+    and the removal. ``kept_outside``: the same for data outside the database (a Redis replay store),
+    counted before that transaction: no database transaction covers it, and on SQLite holding the
+    write lock through a count of seconds would stall every service's audited write (a record stored
+    there under the key after the count is left out as expired by its service, never an error).
     """
     with key_operation(storage, "retire"):
         info = keyring.key_info(key_id)  # UnknownKeyError for a wrong id
+        _refuse_if_sealed(key_id, kept_outside)
         with storage.transaction():
             templates = storage.templates.count_by_key().get(key_id, 0)
             phones = storage.subjects.count_phones_by_key().get(key_id, 0)
@@ -281,13 +286,17 @@ def retire(
                 )
             if key_id == keyring.primary_key_id():
                 raise KeyringError(f"key {key_id!r} is the primary; rotate before retiring it")
-            for what, (counts, kept) in (kept_elsewhere() if kept_elsewhere else {}).items():
-                if counts.get(key_id):
-                    raise KeyInUseError(
-                        f"key {key_id!r} still seals {counts[key_id]} {what}(s), kept {kept} and not "
-                        "re-wrapped since: run `biogate keys rewrap`, or retire it once they have expired"
-                    )
+            _refuse_if_sealed(key_id, kept_elsewhere)
             if audit is not None:
                 audit(info)
             keyring.remove_key(key_id)
         return info
+
+
+def _refuse_if_sealed(key_id: str, kept: Callable[[], Mapping[str, tuple[Counter[str], str]]] | None) -> None:
+    for what, (counts, how_long) in (kept() if kept else {}).items():
+        if counts.get(key_id):
+            raise KeyInUseError(
+                f"key {key_id!r} still seals {counts[key_id]} {what}(s), kept {how_long} and not "
+                "re-wrapped since: run `biogate keys rewrap`, or retire it once they have expired"
+            )
