@@ -117,7 +117,7 @@ def test_the_rewrap_loses_to_the_mfa_writing_the_same_session_and_never_undoes_i
     table = confirmations.sealed_table()
     second = keyring.add_key()
 
-    [rec] = [r for r in table.fetch(second.key_id, 10, None) if r.session_id == s.session_id]
+    [rec] = [r for r in table.fetch(second.key_id, 10, None) if r.session.id == s.session_id]
     new_envelope = EnvelopeCrypto(keyring).rewrap(rec.envelope, second.key_id)
 
     def bump(st):

@@ -17,26 +17,24 @@ import base64
 import binascii
 import copy
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from services.common.crypto.rotation import SealedTable, sealed_key_id
 from services.common.storage import ConcurrentUpdateError, NotFoundError
 from services.common.storage.db import utcnow
 
 if TYPE_CHECKING:
-    from ..storage import MfaStore
+    from ..storage import AuthSessionRecord, MfaStore
 
 WHAT = "push confirmation"
 
 
 @dataclass(frozen=True)
 class SealedConfirmation:
-    session_id: str
-    version: int
-    state: Mapping[str, Any]
+    session: AuthSessionRecord  # as read: its version is the compare-and-swap's
     envelope: bytes
 
 
@@ -52,7 +50,7 @@ class SealedConfirmations:
             for row in rows:
                 push = row.state.get("push") or {}
                 if push.get("sealed"):
-                    found.append(SealedConfirmation(row.id, row.version, row.state, _decoded(push["sealed"])))
+                    found.append(SealedConfirmation(row, _decoded(push["sealed"])))
             yield found, len(rows) == batch
             if len(rows) < batch:
                 return
@@ -68,10 +66,10 @@ class SealedConfirmations:
 
     def swap(self, rec: SealedConfirmation, envelope: bytes) -> bool:
         """Compare-and-swap: the session's fields replaced if the session is still at the version read."""
-        state = copy.deepcopy(dict(rec.state))
+        state = copy.deepcopy(dict(rec.session.state))
         state["push"]["sealed"] = base64.b64encode(envelope).decode()
         try:
-            self.repo.update(rec.session_id, rec.version, state)
+            self.repo.update(rec.session.id, rec.session.version, state)
         except (ConcurrentUpdateError, NotFoundError):
             return False
         return True
@@ -82,7 +80,7 @@ class SealedConfirmations:
 
     def sealed_table(self) -> SealedTable:
         """The confirmations as ``keys rotate`` and ``keys rewrap`` re-wrap them."""
-        return SealedTable(WHAT, self.fetch, lambda rec: rec.session_id, self.swap)
+        return SealedTable(WHAT, self.fetch, lambda rec: rec.session.id, self.swap)
 
 
 def _decoded(text: str) -> bytes:
