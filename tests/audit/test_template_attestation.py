@@ -241,3 +241,26 @@ def test_an_erasure_racing_an_enrolment_leaves_the_trail_and_the_templates_agree
         assert report.ok and not report.findings, report.render()
     finally:
         rt.close()
+
+
+def test_a_trail_rolled_back_with_its_templates_is_reported_against_the_anchors(rt, attacker, tmp_path, capsys):
+    """A database writer restores an old backup of both the trail and the templates: each template is
+    the one its (rolled-back) latest record names and the old head verifies, so only the anchors written
+    meanwhile show it. The hourly CronJob passes --anchors (tests/deploy/test_kubernetes.py)."""
+    old = _enrol(rt, "face", 1)
+    backup_head = rt.storage.audit.head()
+    anchors = tmp_path / "worm"
+    new = _enrol(rt, "face", 2, replace=True)
+    assert audit_cli.cmd_anchor(rt.settings, argparse.Namespace(to=anchors, public_key=None,
+                                                               full_anchor_check=False)) == 0
+    assert _check(rt, capsys, "--anchors", str(anchors))[0] == 0
+    attacker.execute("DELETE FROM audit_checkpoints WHERE seq > ?", (backup_head.seq,))
+    attacker.execute("DELETE FROM audit_records WHERE seq > ?", (backup_head.seq,))
+    attacker.execute("UPDATE audit_head SET seq = ?, hash = ?, signature = ?, key_id = ?",
+                     (backup_head.seq, backup_head.hash, bytes(backup_head.signature), backup_head.key_id))
+    attacker.execute("UPDATE templates SET envelope = ? WHERE id = ?", (old.envelope, new.id))
+    code, out = _check(rt, capsys)
+    assert code == 0 and "audit trail: OK" in out  # consistent with each other: the trail alone cannot tell
+    code, out = _check(rt, capsys, "--anchors", str(anchors))
+    assert code == 1 and "audit trail: FAILED" in out
+    assert "an externally kept checkpoint is beyond the end of the trail (truncated)" in out

@@ -220,8 +220,23 @@ def test_the_templates_are_checked_against_the_audit_trail_on_a_schedule_and_nev
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["command"] == ["biogate", "audit", "templates"]
+    assert container["command"][:3] == ["biogate", "audit", "templates"]
+    assert "--attest-legacy" not in container["command"]
     assert {e["name"] for e in container["env"]} >= {"BIOGATE_STORAGE__DSN", "BIOGATE_PKCS11_PIN"}  # keys: pseudonyms
+
+
+def test_the_template_check_reads_the_anchors_and_cannot_write_them(rendered):
+    """Without the anchors a backup of the trail restored with its templates verifies and matches; the
+    check only reads them: the claim is mounted read-only (the anchor CronJob alone writes)."""
+    _, objects = rendered
+    pod = by_kind(objects, "CronJob")["biogate-audit-templates"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert "--anchors" in command, command
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == command[command.index("--anchors") + 1])
+    assert mount.get("readOnly") is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["persistentVolumeClaim"] == {"claimName": "biogate-audit-anchors", "readOnly": True}
 
 
 def test_what_is_kept_past_its_retention_is_purged_on_a_schedule(rendered):
