@@ -1,9 +1,12 @@
-"""``biogate audit ...``: verify, templates, export-public-key, export-checkpoints, anchor, new-key, switch-key."""
+"""``biogate audit ...``: verify, templates, export-public-key, export-checkpoints, anchor, new-key, switch-key,
+destroy-key."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -14,16 +17,18 @@ from services.common.audit.chain import checkpoint_message
 from services.common.audit.continuity import trail_keys
 from services.common.audit.log import previous_audit_keys
 from services.common.audit.signing import key_map, load_public_key, public_key_pem
-from services.common.audit.verify import verify
+from services.common.audit.verify import VerifyReport, verify
 from services.common.crypto.backend import open_audit_signer
 from services.common.crypto.errors import NoKeyError
-from services.common.crypto.signing import PublicKey, verify_signature
+from services.common.crypto.signing import PublicKey, Signer, verify_signature
 
 if TYPE_CHECKING:
     from services.common.storage.interfaces import Storage
     from services.settings import Settings
 
 ATTEST_LOCK = "biogate-template-attestation"
+KEY_LOCK = "biogate-audit-key"
+KEY_ID = re.compile(r"(?:ed25519|p256):[0-9a-f]{16}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,6 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "switch-key", help="make the next audit key (introduced by `audit new-key`) the one processes sign with from "
                            "their next start; restart the services, one by one, afterwards")
     p.set_defaults(func=cmd_switch_key)
+
+    p = sub.add_parser(
+        "destroy-key", help="destroy the private key of a retired audit signing key once every service signs with "
+                            "its successor (verify keeps its public key from the trail); audited")
+    p.add_argument("key_id", help="the retired key's id (ed25519:...), as the successor's audit.key_introduced "
+                                  "names it under by.key_id")
+    _verify_options(p)
+    p.set_defaults(func=cmd_destroy_key)
 
     p = sub.add_parser("export-public-key", help="the PEM public key that verifies the trail")
     p.add_argument("--out", type=Path, help="write here instead of standard output")
@@ -165,18 +178,25 @@ def _public_key(settings: Settings, args: argparse.Namespace) -> list[PublicKey]
     return [key, *previous_audit_keys(settings)]
 
 
+def _verified(settings: Settings, args: argparse.Namespace, public_key: list[PublicKey],
+              storage: Storage) -> VerifyReport:
+    """The trail checked as `audit verify` checks it, with the options it was given."""
+    options, anchor_problems = _verify_kwargs(settings, args, public_key, storage)
+    report = verify(storage.audit, public_key, data_rows=storage.audited_rows(), **options)
+    for problem in anchor_problems:
+        report.add(problem)
+    return report
+
+
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     public_key = _public_key(settings, args)
     if public_key is None:
         return 2
     storage = _storage(settings)
     try:
-        options, anchor_problems = _verify_kwargs(settings, args, public_key, storage)
-        report = verify(storage.audit, public_key, data_rows=storage.audited_rows(), **options)
+        report = _verified(settings, args, public_key, storage)
     finally:
         storage.close()
-    for problem in anchor_problems:
-        report.add(problem)
     print(report.render())
     return 0 if report.ok else 1
 
@@ -330,3 +350,108 @@ def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
     print(f"the audit key is now {nxt.key_id} for every process that starts; restart the services one by one "
           f"(those still running sign with {current.key_id} until then, and every one trusts both)")
     return 0
+
+
+def cmd_destroy_key(settings: Settings, args: argparse.Namespace) -> int:
+    """Refused, with nothing written, unless the key is retired here, the trail verifies and a valid
+    introduction in it shows the key vouched for its successor (so the trail holds its public key
+    and every signature it made stays checkable). The ``audit.key_destroyed`` record commits first,
+    with a checkpoint (anchored): a crash before the destruction leaves a record of a destruction
+    that did not happen, and the key, which a run again destroys; never a destroyed key the trail
+    does not name. A destruction that fails is recorded as ``audit.key_destroy_failed``."""
+    from services.common.crypto.backend import open_next_audit_signer
+    from services.common.storage.errors import LockHeldError
+
+    target = args.key_id
+    if not KEY_ID.fullmatch(target):
+        print(f"refused: {target!r} is not an audit key id (ed25519: or p256: and 16 hex digits, as `audit verify` "
+              "and the audit.key_introduced records name keys); nothing was changed", file=sys.stderr)
+        return 2
+    try:
+        current = open_audit_signer(settings, create=False)
+    except NoKeyError as exc:
+        print(f"no audit signing key: {exc}", file=sys.stderr)
+        return 2
+    nxt = None
+    with contextlib.suppress(NoKeyError):
+        nxt = open_next_audit_signer(settings)
+    if target in (current.key_id, nxt.key_id if nxt else None):
+        which = "the audit key every process signs with" if target == current.key_id else "the next audit key"
+        print(f"refused: {target} is {which}; only a key `biogate audit switch-key` retired can be destroyed "
+              "(new-key, switch-key, restart the services, then destroy-key); nothing was changed", file=sys.stderr)
+        return 1
+    public_key = _public_key(settings, args)
+    if public_key is None:
+        return 2
+    storage = _storage(settings)
+    try:
+        with storage.exclusive(KEY_LOCK, "audit destroy-key"):
+            refusal = _destroy_refusal(settings, args, storage, public_key, current, target)
+            if refusal:
+                print(f"refused: {refusal}; nothing was changed", file=sys.stderr)
+                return 1
+            return _destroy_recorded(settings, storage, current, target)
+    except LockHeldError as exc:
+        print(f"refused: another audit key operation runs ({exc.holder}); nothing was changed", file=sys.stderr)
+        return 1
+    finally:
+        storage.close()
+
+
+def _destroy_recorded(settings: Settings, storage: Storage, current: Signer, target: str) -> int:
+    """The record, then the destruction (cmd_destroy_key says why in this order)."""
+    from services.commands.keys import cli_actor
+    from services.common.audit.continuity import DESTROYED
+    from services.common.audit.log import AuditLog
+    from services.common.crypto.backend import AUDIT_KEY_DESTRUCTION, destroy_retired_audit_key
+    from services.common.crypto.provision import audit_failure
+
+    actor, log = cli_actor(), AuditLog.for_operations(settings, storage, current)
+
+    def failed(event: str, details: dict[str, Any]) -> None:
+        log.append(event, actor, None, details=details)
+
+    details = {"key": "audit-signing", "key_id": target, "backend": settings.keys.backend,
+               "how": AUDIT_KEY_DESTRUCTION[settings.keys.backend]}
+    seq = log.append(DESTROYED, actor, None, details=details, checkpoint=True).seq
+    try:
+        destroy_retired_audit_key(settings, target)
+    except Exception as exc:
+        audit_failure(failed, "audit.key_destroy_failed", details, exc)
+        print(f"failed: the trail records the destruction of {target} at seq {seq}, but it failed "
+              f"({type(exc).__name__}: {exc}); fix that and run `biogate audit destroy-key {target}` again",
+              file=sys.stderr)
+        return 1
+    print(f"destroyed the private key of the retired audit key {target} ({details['how']}), recorded at seq "
+          f"{seq}; verify keeps checking its signatures with the public key the trail holds. Destroy its "
+          "copies in backups too")
+    return 0
+
+
+def _destroy_refusal(settings: Settings, args: argparse.Namespace, storage: Storage, public_key: list[PublicKey],
+                     current: Signer, target: str) -> str | None:
+    """Why ``target`` must not be destroyed now, or None."""
+    from services.common.audit.continuity import DESTROYED, INTRODUCED
+    from services.common.crypto.backend import has_retired_audit_key, retired_audit_key_file
+
+    if not has_retired_audit_key(settings, target):
+        earlier = [row.seq for row, _ in storage.audit.checkpointed(DESTROYED)
+                   if json.loads(row.details).get("key_id") == target]
+        where = (f"no object labelled {settings.keys.pkcs11.label_prefix}-audit-retired with it in the token"
+                 if settings.keys.backend == "pkcs11" else f"no {retired_audit_key_file(settings, target)}")
+        why = (f"destroyed already ({DESTROYED} at seq {earlier[-1]})" if earlier else
+               "check the id (`biogate audit verify` names the keys that signed; the retired one is `by.key_id` of "
+               f"the {INTRODUCED} record of its successor)")
+        return f"the private key of {target} is not here ({where}): {why}"
+    trail = trail_keys(storage.audit, [current.public_key, *previous_audit_keys(settings)])
+    if target not in trail.keys or not any(link.by_key_id == target and link.key_id in trail.keys
+                                           for link in trail.links):
+        return (f"the trail holds no valid {INTRODUCED} in which {target} vouches for its successor: without it the "
+                "trail does not hold its public key, and what it signed could no longer be checked once it is gone "
+                "(run `biogate audit new-key` and `switch-key` with it as the audit key first)")
+    report = _verified(settings, args, public_key, storage)
+    if not report.ok:
+        print(report.render())
+        return ("the audit trail does not verify: its records may be evidence the key is needed for; run `biogate "
+                "audit verify` and deal with its findings first")
+    return None

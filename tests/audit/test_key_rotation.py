@@ -12,7 +12,7 @@ import pytest
 
 from services.common.audit import AuditIntegrityError, AuditLog, AuditSigner, verify
 from services.common.audit.chain import checkpoint_message, head_message, record_hash
-from services.common.audit.continuity import INTRODUCED, trail_keys
+from services.common.audit.continuity import DESTROYED, INTRODUCED, trail_keys
 from services.common.crypto.backend import next_audit_key_file, open_audit_signer
 from services.common.crypto.signing import public_key_pem
 from services.common.storage import open_storage
@@ -213,15 +213,8 @@ def test_a_key_the_trail_never_introduced_is_a_finding_of_its_own(settings, tmp_
     """After a rotation through the trail, a key changed by hand (the earlier key listed in
     audit.previous_public_keys, as before) signs heads the configuration accepts but nothing in the
     trail vouches for: verify reports it, while the signatures themselves check."""
-    first = open_audit_signer(settings)
-    replica = Replica(settings)
+    first, second, replica = _rotated(settings)
     try:
-        replica.write(2, [])
-        assert _run(settings, ["audit", "new-key"]) == 0
-        assert _run(settings, ["audit", "switch-key"]) == 0
-        second = open_audit_signer(settings, create=False)
-        replica.start()
-        replica.write(2, [])
         swapped = AuditSigner.load_or_create(tmp_path / "hand-over.pem")  # the key file replaced by hand
         pem = tmp_path / "second.pub.pem"
         pem.write_bytes(public_key_pem(second.public_key))
@@ -308,3 +301,128 @@ def test_the_audit_key_rotates_in_the_token(softhsm, tmp_path, capsys):
     finally:
         a.close()
         b.close()
+
+
+def _rotated(settings) -> tuple:
+    """(old, new, a replica restarted onto the new key): the state `audit destroy-key` is for."""
+    old = open_audit_signer(settings)
+    replica = Replica(settings)
+    replica.write(3, [])
+    assert _run(settings, ["audit", "new-key"]) == 0
+    assert _run(settings, ["audit", "switch-key"]) == 0
+    new = open_audit_signer(settings, create=False)
+    replica.start()
+    replica.write(2, [])
+    return old, new, replica
+
+
+def _destroyed_records(storage) -> list[tuple[int, dict]]:
+    return [(r.seq, json.loads(r.details)) for r in storage.audit.iter_records() if r.event_type == DESTROYED]
+
+
+def test_a_retired_key_file_is_destroyed_audited_and_what_it_signed_still_verifies(settings, capsys):
+    """Before, the retired key stayed in its file for good: whoever found it could sign heads and
+    checkpoints every verifier accepts. Now `audit destroy-key` destroys it once its successor signs,
+    with a record; the trail holds its public key, so verify and the services carry on."""
+    from services.common.crypto.backend import retired_audit_key_file
+
+    old, new, replica = _rotated(settings)
+    try:
+        retired = retired_audit_key_file(settings, old.key_id)
+        assert retired.exists()
+        capsys.readouterr()
+        assert _run(settings, ["audit", "destroy-key", new.key_id]) == 1  # the active key
+        assert "is the audit key every process signs with" in capsys.readouterr().err
+        assert _run(settings, ["audit", "destroy-key", "not-a-key"]) == 2
+        assert "is not an audit key id" in capsys.readouterr().err
+        records = replica.storage.audit.last().seq
+
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 0
+        assert f"destroyed the private key of the retired audit key {old.key_id}" in capsys.readouterr().out
+        assert not retired.exists() and open_audit_signer(settings, create=False).key_id == new.key_id
+        ((seq, details),) = _destroyed_records(replica.storage)
+        assert seq == records + 1 and details == {"key": "audit-signing", "key_id": old.key_id, "backend": "file",
+                                                  "how": "file: overwritten and unlinked"}
+        row = replica.storage.audit.last()
+        assert row.seq == seq and row.actor.startswith("cli:")
+        assert seq in {cp.seq for cp in replica.storage.audit.checkpoints()}  # signed, and anchored with the rest
+
+        replica.write(2, [])  # a running service chains on
+        Replica(settings).close()  # and one starts
+        assert _run(settings, ["audit", "verify"]) == 0
+        assert "audit trail: OK" in capsys.readouterr().out
+        for configured in (new.public_key, old.public_key):  # the old key's signatures, by its public key
+            assert verify(replica.storage.audit, configured, checkpoint_every=4).ok
+
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 1  # a second destroy
+        assert f"destroyed already ({DESTROYED} at seq {seq})" in capsys.readouterr().err
+        assert len(_destroyed_records(replica.storage)) == 1
+    finally:
+        replica.close()
+
+
+def test_destroy_key_is_refused_without_a_valid_introduction_or_on_a_trail_that_does_not_verify(
+        settings, attacker, capsys):
+    """Refused with nothing written or destroyed: a key whose successor's introduction is not valid
+    (then the trail does not hold its public key), and any key while the trail does not verify."""
+    from services.common.crypto.backend import retired_audit_key_file
+
+    old, new, replica = _rotated(settings)
+    try:
+        retired = retired_audit_key_file(settings, old.key_id)
+        introduced = trail_keys(replica.storage.audit, new.public_key).introduced_at[new.key_id]
+        cp = next(c for c in replica.storage.audit.checkpoints() if c.seq == introduced)
+        attacker.execute("DELETE FROM audit_checkpoints WHERE seq = ?", (introduced,))
+        last = replica.storage.audit.last().seq
+        capsys.readouterr()
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 1
+        err = capsys.readouterr().err
+        assert f"the trail holds no valid {INTRODUCED} in which {old.key_id} vouches for its successor" in err
+        assert "nothing was changed" in err and retired.exists() and replica.storage.audit.last().seq == last
+
+        attacker.execute("INSERT INTO audit_checkpoints (seq, hash, signature, key_id, ts) VALUES (?, ?, ?, ?, ?)",
+                         (cp.seq, cp.hash, bytes(cp.signature), cp.key_id, attacker.ts(cp.ts)))
+        attacker.execute("UPDATE audit_records SET actor = ? WHERE seq = 2", ("cli:someone-else",))
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 1
+        out, err = capsys.readouterr()
+        assert "seq 2: content does not match its hash" in out
+        assert "the audit trail does not verify" in err and "nothing was changed" in err
+        assert retired.exists() and replica.storage.audit.last().seq == last and not _destroyed_records(replica.storage)
+    finally:
+        replica.close()
+
+
+def test_a_retired_key_is_destroyed_in_the_token(softhsm, tmp_path, capsys):
+    """keys.backend pkcs11: the private object of the key labelled ``-audit-retired`` is destroyed;
+    its public object stays (it signs nothing). The services start and chain on, verify passes."""
+    from services.common.crypto.hsm import open_token
+
+    settings = load_config(None, data_dir=str(tmp_path / "data"), keys=softhsm.keys_config(),
+                           storage={"dsn": f"sqlite:///{tmp_path / 'store.db'}"}, audit={"checkpoint_every": 4})
+    old, new, replica = _rotated(settings)
+    try:
+        token = open_token(settings.keys.pkcs11)
+        C = token.p11.ObjectClass
+
+        def retired(cls) -> list:
+            return token.find(label=token.label("audit-retired"), cls=cls)
+
+        assert len(retired(C.PRIVATE_KEY)) == 1
+        capsys.readouterr()
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 0
+        assert retired(C.PRIVATE_KEY) == []
+        (public,) = retired(C.PUBLIC_KEY)
+        assert token.public_key(public).public_bytes_raw() == old.public_key.public_bytes_raw()
+        ((_, details),) = _destroyed_records(replica.storage)
+        assert details["backend"] == "pkcs11" and details["how"] == "pkcs11: private key object destroyed"
+        replica.write(2, [])
+        other = Replica(settings)
+        other.write(1, [])
+        other.close()
+        assert _run(settings, ["audit", "verify"]) == 0
+        capsys.readouterr()
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 1
+        assert "destroyed already" in capsys.readouterr().err
+        assert _run(settings, ["audit", "destroy-key", new.key_id]) == 1
+    finally:
+        replica.close()

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from services.common.storage.interfaces import AuditCheckpoint, AuditRepository, AuditRow
 
 INTRODUCED = "audit.key_introduced"
+DESTROYED = "audit.key_destroyed"  # `biogate audit destroy-key`: a retired key's private half destroyed
 
 
 def _der(public_key: PublicKey) -> str:
@@ -78,6 +79,7 @@ class TrailKeys:
     keys: dict[str, PublicKey]
     introduced_at: dict[str, int] = field(default_factory=dict)  # key id -> seq of its first valid introduction
     first_introduction: int | None = None
+    links: list[Introduction] = field(default_factory=list)  # the valid introductions, in seq order
     problems: list[str] = field(default_factory=list)  # records that claim an introduction but are not valid
 
 
@@ -113,7 +115,7 @@ def check_introduction(row: AuditRow, cp: AuditCheckpoint | None) -> Introductio
 def trail_keys(repo: AuditRepository, configured: PublicKey | Iterable[PublicKey]) -> TrailKeys:
     """``configured`` and every key linked to one of them by valid introductions in the trail."""
     out = TrailKeys(keys=key_map(configured))
-    links: list[Introduction] = []
+    links = out.links
     for row, cp in repo.checkpointed(INTRODUCED):
         found = check_introduction(row, cp)
         if isinstance(found, str):
@@ -133,4 +135,4 @@ def trail_keys(repo: AuditRepository, configured: PublicKey | Iterable[PublicKey
     return out
 
 
-__all__ = ["INTRODUCED", "Introduction", "TrailKeys", "check_introduction", "introduction_details", "trail_keys"]
+__all__ = ["DESTROYED", "INTRODUCED", "Introduction", "TrailKeys", "check_introduction", "introduction_details", "trail_keys"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,7 +75,8 @@ def open_next_audit_signer(settings: CommonSettings) -> Signer:
 def switch_audit_signer(settings: CommonSettings) -> None:
     """Make the next audit key the audit key of every process that opens it from now on; the old
     one is kept (file ``<name>.retired-<fingerprint>.pem``, token label ``...-audit-retired``):
-    processes started before keep signing with it until they restart."""
+    processes started before keep signing with it until they restart (then `biogate audit
+    destroy-key` destroys it)."""
     if settings.keys.backend == "pkcs11":
         from .hsm import switch_audit_signer as switch_in_token
 
@@ -83,12 +85,62 @@ def switch_audit_signer(settings: CommonSettings) -> None:
     current, nxt = settings.audit_signing_key_file, next_audit_key_file(settings)
     if not nxt.exists():
         raise NoKeyError(f"{nxt}: no next audit signing key (run `biogate audit new-key`)")
-    fingerprint = FileSigner.load(current).key_id.split(":")[-1]
-    retired = current.with_name(f"{current.stem}.retired-{fingerprint}{current.suffix}")
+    retired = retired_audit_key_file(settings, FileSigner.load(current).key_id)
     with contextlib.suppress(FileExistsError):  # a switch that stopped after this step, run again
         os.link(current, retired)
     os.replace(nxt, current)  # one step: a process starting meanwhile finds the old key or the new one
-    fd = os.open(current.parent, os.O_RDONLY)
+    _fsync_dir(current.parent)
+
+
+AUDIT_KEY_DESTRUCTION = {"file": "file: overwritten and unlinked", "pkcs11": "pkcs11: private key object destroyed"}
+
+
+def retired_audit_key_file(settings: CommonSettings, key_id: str) -> Path:
+    """Where `biogate audit switch-key` keeps the audit key ``key_id`` it replaced (file backend)."""
+    path = settings.audit_signing_key_file
+    return path.with_name(f"{path.stem}.retired-{key_id.split(':')[-1]}{path.suffix}")
+
+
+def has_retired_audit_key(settings: CommonSettings, key_id: str) -> bool:
+    """Whether the private key of the retired audit key ``key_id`` is still here."""
+    if settings.keys.backend == "pkcs11":
+        from .hsm import retired_audit_key
+
+        return retired_audit_key(_token(settings), key_id) is not None
+    path = retired_audit_key_file(settings, key_id)
+    try:
+        return FileSigner.load(path).key_id == key_id
+    except (FileNotFoundError, ValueError):  # ValueError: overwritten by a destruction that could not unlink it
+        return False
+
+
+def destroy_retired_audit_key(settings: CommonSettings, key_id: str) -> None:
+    """Destroy the private key of the retired audit key ``key_id`` (as :data:`AUDIT_KEY_DESTRUCTION`
+    says); NoKeyError when it is not here."""
+    if settings.keys.backend == "pkcs11":
+        from .hsm import destroy_retired_audit_key as destroy_in_token
+
+        destroy_in_token(_token(settings), key_id)
+        return
+    path = retired_audit_key_file(settings, key_id)
+    if not has_retired_audit_key(settings, key_id):
+        raise NoKeyError(f"{path}: no retired audit key {key_id}")
+    # Overwritten before the unlink so that no other hard link to it keeps the key; best effort
+    # still: a journaling or copy-on-write filesystem, or an SSD's wear levelling, may keep old blocks.
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        size, written = os.fstat(fd).st_size, 0
+        while written < size:
+            written += os.write(fd, secrets.token_bytes(size - written))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path.unlink()
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -274,6 +274,26 @@ def switch_audit_signer(token: Pkcs11Token) -> None:
         _relabel(token, "audit", old_id, "audit-retired")
 
 
+def retired_audit_key(token: Pkcs11Token, key_id_: str) -> Any | None:
+    """The private object of the retired audit key ``key_id_`` (labelled ``audit-retired``), or None."""
+    C = token.p11.ObjectClass
+    for private in token.find(label=token.label("audit-retired"), cls=C.PRIVATE_KEY):
+        public = token.find(key_id=_object_id(token, private), cls=C.PUBLIC_KEY)
+        if public and key_id(token.public_key(public[0])) == key_id_:
+            return private
+    return None
+
+
+def destroy_retired_audit_key(token: Pkcs11Token, key_id_: str) -> None:
+    """Destroy the retired audit key's private object. Its public object stays: it signs nothing,
+    and shows an operator listing the token which key the trail's older signatures are under."""
+    private = retired_audit_key(token, key_id_)
+    if private is None:
+        raise NoKeyError(f"token has no private key {key_id_} labelled {token.label('audit-retired')!r}")
+    with token.lock:
+        private.destroy()
+
+
 def _object_id(token: Pkcs11Token, obj: Any) -> bytes:
     with token.lock:
         return bytes(obj[token.p11.Attribute.ID])
