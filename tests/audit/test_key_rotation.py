@@ -426,3 +426,28 @@ def test_a_retired_key_is_destroyed_in_the_token(softhsm, tmp_path, capsys):
         assert _run(settings, ["audit", "destroy-key", new.key_id]) == 1
     finally:
         replica.close()
+
+
+def test_a_signature_by_a_key_after_its_recorded_destruction_is_reported(settings, capsys):
+    """A process never restarted onto the new key still holds the destroyed file key in memory and
+    signs with it; so would whoever kept a copy. Its signature checks, but comes after the trail
+    recorded the key destroyed: verify reports it (before, the trail verified)."""
+    open_audit_signer(settings)
+    stale = Replica(settings)  # started before the rotation, never restarted
+    stale.write(1, [])
+    old, _, replica = _rotated(settings)
+    try:
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 0
+        ((destroyed, _),) = _destroyed_records(replica.storage)
+        replica.write(1, [])
+        assert _run(settings, ["audit", "verify"]) == 0
+        stale.write(1, [])  # signs the head with the destroyed key
+        capsys.readouterr()
+        assert _run(settings, ["audit", "verify"]) == 1
+        head = replica.storage.audit.head()
+        assert head.key_id == old.key_id
+        assert (f"head seq {head.seq}: signed with key {old.key_id!r} after the trail recorded its destruction "
+                f"(seq {destroyed}): a copy of its private key survives") in capsys.readouterr().out
+    finally:
+        stale.close()
+        replica.close()

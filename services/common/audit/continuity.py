@@ -135,4 +135,21 @@ def trail_keys(repo: AuditRepository, configured: PublicKey | Iterable[PublicKey
     return out
 
 
-__all__ = ["DESTROYED", "INTRODUCED", "Introduction", "TrailKeys", "check_introduction", "introduction_details", "trail_keys"]
+def destroyed_at(repo: AuditRepository, trail: TrailKeys) -> dict[str, int]:
+    """Key id -> seq of the first ``audit.key_destroyed`` record naming it whose checkpoint a key of
+    ``trail`` signed (the record ``biogate audit destroy-key`` writes with one)."""
+    out: dict[str, int] = {}
+    for row, cp in repo.checkpointed(DESTROYED):
+        key = trail.keys.get(cp.key_id)
+        if key is None or row_hash(row) != row.hash or cp.hash != row.hash or not verify_signature(
+                key, bytes(cp.signature), checkpoint_message(cp.seq, cp.hash, cp.ts)):
+            continue  # the walk reports a record or checkpoint that is not what was signed
+        try:
+            out.setdefault(str(json.loads(row.details)["key_id"]), row.seq)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+__all__ = ["DESTROYED", "INTRODUCED", "Introduction", "TrailKeys", "check_introduction", "destroyed_at",
+           "introduction_details", "trail_keys"]

@@ -23,8 +23,8 @@ trail that ends before the newest anchor was truncated. ``verify(..., known_chec
 takes those.
 
 Keys: a signature counts when its key is configured (``public_key``) or linked to a configured key
-by introductions in the trail (continuity.py); a key that signs before its introduction, or without
-one once the trail introduces its keys, is reported.
+by introductions in the trail (continuity.py); a key that signs before its introduction, without
+one once the trail introduces its keys, or after the trail recorded its destruction, is reported.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from services.common.crypto.signing import PublicKey, verify_signature
 
 from .chain import checkpoint_message, head_message, row_hash
-from .continuity import INTRODUCED, TrailKeys, trail_keys
+from .continuity import INTRODUCED, TrailKeys, destroyed_at, trail_keys
 
 if TYPE_CHECKING:
     from services.common.storage.interfaces import AuditCheckpoint, AuditRepository, AuditRow
@@ -73,7 +73,8 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _signature_ok(trail: TrailKeys, key_id: str, seq: int, signature: bytes, message: bytes) -> str | None:
+def _signature_ok(trail: TrailKeys, destroyed: Mapping[str, int], key_id: str, seq: int, signature: bytes,
+                  message: bytes) -> str | None:
     key = trail.keys.get(key_id)
     if key is None:
         return f"signed with unknown key {key_id!r} (neither a configured audit key nor one the trail introduces)"
@@ -82,6 +83,10 @@ def _signature_ok(trail: TrailKeys, key_id: str, seq: int, signature: bytes, mes
     since = trail.introduced_at.get(key_id)
     if since is not None and seq <= since:
         return f"signed with key {key_id!r} before the trail introduced it (seq {since})"
+    gone = destroyed.get(key_id)
+    if gone is not None and seq > gone:
+        return (f"signed with key {key_id!r} after the trail recorded its destruction (seq {gone}): a copy of its "
+                "private key survives (a process not restarted onto its successor, a backup, a leak)")
     return None
 
 
@@ -160,10 +165,11 @@ def verify(
     trail = trail_keys(storage_audit, public_key)
     for problem in trail.problems:
         report.add(problem)
+    destroyed = destroyed_at(storage_audit, trail)
     first_signed: dict[str, int] = {}
     for seq, cp in sorted(checkpoints.items()):
         report.checkpoints_checked += 1
-        bad = _signature_ok(trail, cp.key_id, seq, cp.signature, checkpoint_message(cp.seq, cp.hash, cp.ts))
+        bad = _signature_ok(trail, destroyed, cp.key_id, seq, cp.signature, checkpoint_message(cp.seq, cp.hash, cp.ts))
         if bad:
             report.add(f"checkpoint seq {seq}: {bad}")
         else:
@@ -185,7 +191,7 @@ def verify(
         if last is not None:
             report.add(f"seq {last.seq}: there is no signed head")
         return report
-    bad = _signature_ok(trail, head.key_id, head.seq, head.signature, head_message(head.seq, head.hash))
+    bad = _signature_ok(trail, destroyed, head.key_id, head.seq, head.signature, head_message(head.seq, head.hash))
     if bad:
         report.add(f"head seq {head.seq}: {bad}")
     else:
