@@ -447,8 +447,9 @@ def _destroy_refusal(settings: Settings, args: argparse.Namespace, storage: Stor
     if target not in trail.keys or not any(link.by_key_id == target and link.key_id in trail.keys
                                            for link in trail.links):
         return (f"the trail holds no valid {INTRODUCED} in which {target} vouches for its successor: without it the "
-                "trail does not hold its public key, and what it signed could no longer be checked once it is gone "
-                "(run `biogate audit new-key` and `switch-key` with it as the audit key first)")
+                "trail does not hold its public key, and what it signed could no longer be checked once it is gone; "
+                "switch-key retires a key only once the trail introduces its successor, so `biogate audit verify` "
+                "shows what happened to that introduction")
     report = _verified(settings, args, public_key, storage)
     if not report.ok:
         print(report.render())
