@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from services.common.api.v1 import mfa_pb2, mfa_pb2_grpc
@@ -60,4 +61,26 @@ def test_the_mfa_survives_an_hsm_restart_and_outage(softhsm, tmp_path):
             assert audit_count(rt) == records + 1
     finally:
         rt.close()
+        harness.stop()
+
+
+def test_readiness_is_not_serving_only_while_the_token_cannot_be_reconnected(softhsm, tmp_path):
+    keys = softhsm.keys_config()
+    keys["pkcs11"].update(reconnect_interval_s=0, health_check_s=0.05)
+    harness = ServiceHarness(settings_for(tmp_path, keys=keys))
+    harness.start("mfa")
+    S = health_pb2.HealthCheckResponse
+    try:
+        with harness.channel("mfa") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            name = mfa_pb2.DESCRIPTOR.services_by_name["MfaService"].full_name
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=name), timeout=120)
+            assert next(watch).status == S.SERVING
+            with hsm_away(softhsm):
+                assert next(watch).status == S.NOT_SERVING  # no call came in: the check found it
+                # liveness: a restart would not bring the HSM back
+                assert health.Check(health_pb2.HealthCheckRequest(service="")).status == S.SERVING
+            assert next(watch).status == S.SERVING  # reconnected by the check, no restart
+            watch.cancel()
+    finally:
         harness.stop()

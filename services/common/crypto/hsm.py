@@ -223,6 +223,16 @@ class Pkcs11Token:
             with self.using():
                 return op()
 
+    def check(self) -> str:
+        """"" while the token answers (a search, reconnecting a lost session), else why it does not."""
+        try:
+            self.find(label=self.label("reachable"))
+        except TokenUnavailableError as exc:
+            return str(exc)
+        except self.p11.exceptions.PKCS11Error as exc:  # answering, but not as it should
+            return _unreachable(self.cfg, type(exc).__name__)
+        return ""
+
     def _reconnect(self) -> None:
         """Log in again (the caller holds the lock); TokenUnavailableError when the token does not answer."""
         if time.monotonic() < self._down_until:
