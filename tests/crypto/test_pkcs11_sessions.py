@@ -134,3 +134,10 @@ def test_the_library_restarted_by_the_test_is_the_one_the_backend_uses(softhsm, 
     restart_hsm(softhsm)
     with pytest.raises(pkcs11.exceptions.SessionHandleInvalid):
         list(session.get_objects({}))
+
+
+def test_a_token_whose_session_is_gone_closes(softhsm, tmp_path):
+    token = open_all(softhsm, tmp_path).token
+    restart_hsm(softhsm)
+    token.close()
+    assert token.closed

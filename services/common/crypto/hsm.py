@@ -269,7 +269,10 @@ class Pkcs11Token:
     def close(self) -> None:
         with self.lock:
             self.closed = True
-            self.session.close()
+            if self._lost or self._epoch != _epochs.get(self.module, 0):
+                return  # gone already; after a restart its handle may be another session's
+            with suppress(self.p11.exceptions.PKCS11Error):
+                self.session.close()
 
     # -- object creation -----------------------------------------------------------------------
 
