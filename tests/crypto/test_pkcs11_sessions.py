@@ -12,7 +12,7 @@ import pkcs11
 import pytest
 from prometheus_client import REGISTRY
 
-from services.common.crypto import EnvelopeCrypto, TemplateBinding
+from services.common.crypto import EnvelopeCrypto, TemplateBinding, envelope_key_id
 from services.common.crypto.errors import TokenUnavailableError
 from services.common.crypto.hsm import (
     Pkcs11Keyring,
@@ -23,6 +23,7 @@ from services.common.crypto.hsm import (
     open_token,
 )
 from services.common.crypto.signing import verify_signature
+from services.common.runtime import Runtime
 from tests.conftest import make_settings
 from tests.softhsm import PIN, TOKEN_LABEL, hsm_away, restart_hsm
 
@@ -141,3 +142,24 @@ def test_a_token_whose_session_is_gone_closes(softhsm, tmp_path):
     restart_hsm(softhsm)
     token.close()
     assert token.closed
+
+
+def test_a_write_whose_audit_record_cannot_be_signed_is_not_written(softhsm, tmp_path):
+    """The phone number is sealed while the token answers; the HSM goes away before the audit
+    record's signature: neither the number nor the record is written."""
+    keys = softhsm.keys_config()
+    keys["pkcs11"]["reconnect_interval_s"] = 0
+    rt = Runtime.open(make_settings(tmp_path / "data", keys=keys))
+    try:
+        envelope = rt.crypto.encrypt_contact("bank-a", "cust-1", "+8613800000001")
+        with rt.storage.db.read() as q:
+            records = q.one("SELECT COUNT(*) FROM audit_records")[0]
+        with hsm_away(softhsm), pytest.raises(TokenUnavailableError):
+            with rt.storage.transaction():
+                rt.storage.subjects.set_phone("bank-a", "cust-1", envelope, envelope_key_id(envelope))
+                rt.audit.append("contact.phone_set", "tester", "bank-a", "cust-1", {"changed": False})
+        assert rt.storage.subjects.get_phone("bank-a", "cust-1") is None
+        with rt.storage.db.read() as q:
+            assert q.one("SELECT COUNT(*) FROM audit_records")[0] == records
+    finally:
+        rt.close()
