@@ -12,6 +12,8 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,3 +59,27 @@ def softhsm_fixture(tmp_path_factory) -> SoftHsm:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def restart_hsm(hsm: SoftHsm) -> None:
+    """What an HSM restart, a failover or a token reset looks like to this process: the library
+    initialised again, every session it had gone (the backend's included: one library per process)."""
+    import pkcs11
+
+    pkcs11.lib(hsm.module).reinitialize()
+
+
+@contextmanager
+def hsm_away(hsm: SoftHsm) -> Iterator[None]:
+    """The token unreachable (restarted without it) until the block ends; then back, with every
+    object it held, as after a network HSM's outage."""
+    import pkcs11
+
+    (token,) = hsm.tokens.iterdir()  # the one token: a directory of SoftHSM's files
+    parked = hsm.tokens.parent / "token-away"
+    token.rename(parked)
+    try:
+        pkcs11.lib(hsm.module).reinitialize()
+        yield
+    finally:
+        parked.rename(token)

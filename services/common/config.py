@@ -241,6 +241,12 @@ class Pkcs11Config(Section):
     token_label: str = ""
     pin_env: str = "BIOGATE_PKCS11_PIN"  # the user PIN comes from this environment variable, never the YAML
     label_prefix: str = "biogate"  # prefix of the labels of the objects BioGate creates in the token
+    # After a failed reconnect (the token unreachable) calls fail at once for this long, not each
+    # waiting for its own tries: the first call after it tries again.
+    reconnect_interval_s: float = Field(1.0, ge=0)
+    # A serving process checks the token this often; while it cannot reconnect, the health of its
+    # services (readiness) is NOT_SERVING; the overall health (liveness) stays SERVING.
+    health_check_s: float = Field(5.0, gt=0)
 
 
 class KeysConfig(Section):

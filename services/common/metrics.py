@@ -45,6 +45,11 @@ INFERENCE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+# Sessions of the PKCS#11 token logged in again after one was lost (an HSM restart or failover, a
+# token reset): "ok", or "failed" when the token did not answer (its calls then fail UNAVAILABLE).
+PKCS11_RECONNECTS = Counter("biogate_pkcs11_reconnects_total", "Reconnects of the PKCS#11 token's session",
+                            ["outcome"])
+
 # The audit trail's grouped commits (services/common/storage/audit.py): records per transaction
 # outside callers' own transactions, i.e. how many appends waited for one another.
 AUDIT_GROUP = Histogram("biogate_audit_group_records", "Audit records committed together in one transaction",

@@ -122,6 +122,10 @@ def test_the_configuration_loads_and_ports_and_probes_match_it(rendered):
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == endpoint.health_port and set(c[probe]) - {"grpc"} <= {
                 "periodSeconds", "failureThreshold", "timeoutSeconds", "initialDelaySeconds"}
+        # readiness asks for the service by name (NOT_SERVING also while the HSM is unreachable), the
+        # others for the server ("": a restart would not bring an HSM back)
+        assert c["readinessProbe"]["grpc"]["service"] == f"biogate.v1.{name.capitalize()}Service"
+        assert "service" not in c["startupProbe"]["grpc"] and "service" not in c["livenessProbe"]["grpc"]
         service_ports = {p["name"]: p["port"] for p in services[f"biogate-{name}"]["spec"]["ports"]}
         assert service_ports == {"grpc": endpoint.port, "metrics": endpoint.metrics_port, **jwks}
         annotations = deployment(objects, name)["spec"]["template"]["metadata"]["annotations"]

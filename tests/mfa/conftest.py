@@ -77,7 +77,7 @@ lockout: {max_failures: 5, delay_after: 3, delay_s: 0.0}
 """
 
 
-def settings_for(tmp_path: Path, dsn: str = "", **mfa):
+def settings_for(tmp_path: Path, dsn: str = "", keys: dict | None = None, **mfa):
     policy_dir = tmp_path / "policies"
     policy_dir.mkdir(exist_ok=True)
     (policy_dir / "otp-bank.yaml").write_text(OTP_POLICY)
@@ -88,6 +88,7 @@ def settings_for(tmp_path: Path, dsn: str = "", **mfa):
         mfa={"policy_dir": str(policy_dir), "policy_check_s": 0, **mfa},
         clients={"face": {"target": DEAD, "deadline_s": 2, "retries": 0},
                  "voice": {"target": DEAD, "deadline_s": 2, "retries": 0}},
+        **({"keys": keys} if keys else {}),
     )
 
 

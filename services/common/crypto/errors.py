@@ -56,3 +56,12 @@ class KeyInUseError(KeyringError):
 
 class KeyOperationInProgressError(KeyringError):
     """Another rotation or retirement holds the database's key-operation lock; nothing was changed."""
+
+
+class TokenUnavailableError(KeyringError):
+    """The PKCS#11 token cannot be reached (the HSM restarting or failing over, the network to it
+    down, its PIN changed): nothing was done; the same call later may succeed (gRPC UNAVAILABLE)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

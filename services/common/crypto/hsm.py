@@ -26,23 +26,37 @@ The user PIN comes from the environment variable ``keys.pkcs11.pin_env``, never 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .errors import KeyCreatedElsewhereError, KeyringError, NoKeyError, NoKeyringError, UnknownKeyError, WrongKeyError
+from services.common import metrics
+
+from .errors import (
+    KeyCreatedElsewhereError,
+    KeyringError,
+    NoKeyError,
+    NoKeyringError,
+    TokenUnavailableError,
+    UnknownKeyError,
+    WrongKeyError,
+)
 from .keyring import KeyInfo, new_key_id
 from .signing import PublicKey, algorithm_of, jwt_kid, key_id
 
 if TYPE_CHECKING:
     from services.common.config import Pkcs11Config
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ED25519_OID = "1.3.101.112"
 _KCV_MESSAGE = b"biogate-kek-check-v1"
@@ -59,8 +73,14 @@ def _pkcs11():
 
 
 _libs: dict[str, Any] = {}
+_epochs: dict[str, int] = {}  # by module: how often this process initialised the library again
 _tokens: dict[tuple[str, str, str], Pkcs11Token] = {}
 _tokens_lock = threading.Lock()
+# Errors that mean the session itself is gone, not the operation refused: the HSM restarted or
+# failed over, the network to it broke, the token was reset (its login lost with it).
+_SESSION_LOST = ("SessionHandleInvalid", "SessionClosed", "DeviceRemoved", "DeviceError", "TokenNotPresent",
+                 "TokenNotRecognised", "UserNotLoggedIn")
+_RECONNECT_TRIES = 3
 
 
 def open_token(cfg: Pkcs11Config) -> Pkcs11Token:
@@ -73,9 +93,33 @@ def open_token(cfg: Pkcs11Config) -> Pkcs11Token:
         return token
 
 
+def _unreachable(cfg: Pkcs11Config, why: str) -> str:
+    return (f"the PKCS#11 token {cfg.token_label!r} is unreachable: {why}; check the HSM and the network to "
+            f"it (keys.pkcs11.module {cfg.module}); calls are refused until it answers, no restart needed")
+
+
+def _reinitialize(module: str) -> None:
+    """Initialise the library again: SoftHSM lists its tokens only then (a list read while another
+    process wrote the token's files, or while the token was away, stays wrong until then). It ends
+    every session of this process; each token opens its own again at its next use (the epoch)."""
+    with suppress(Exception):  # failing, the next login attempt says why
+        _libs[module].reinitialize()
+    _epochs[module] = _epochs.get(module, 0) + 1
+
+
+class _SessionLost(TokenUnavailableError):
+    """The session went away under an operation (which did not happen); the next use reconnects."""
+
+
 class Pkcs11Token:
     """One read-write user session on the token, shared by the keyring and the signers. Each
-    operation holds a lock: PKCS#11 allows one operation at a time per session."""
+    operation holds the session (:meth:`using`): PKCS#11 allows one operation at a time per session.
+
+    When the session is lost (an HSM restart or failover, a token reset) the next use logs in
+    again, once for every caller waiting (they wait on the lock), with a few tries; object handles
+    are per session, so holders of handles look them up again when :attr:`generation` changed.
+    While the token stays unreachable every use raises :class:`TokenUnavailableError`, at once for
+    ``keys.pkcs11.reconnect_interval_s`` after a failed reconnect."""
 
     def __init__(self, cfg: Pkcs11Config) -> None:
         p11 = _pkcs11()
@@ -84,23 +128,28 @@ class Pkcs11Token:
             raise KeyringError(f"keys.pkcs11.pin_env: set the environment variable {cfg.pin_env} to the token's user PIN")
         module = str(cfg.module)
         try:
-            lib = _libs.get(module) or _libs.setdefault(module, p11.lib(module))
+            if module not in _libs:
+                _libs[module] = p11.lib(module)
         except (RuntimeError, OSError) as exc:
             raise KeyringError(f"keys.pkcs11.module {module}: cannot load the PKCS#11 library ({exc})") from None
-
-        def reload() -> None:
-            # SoftHSM lists its tokens when the library is initialised; a list read while another
-            # process wrote the token's files stays wrong (NoSuchToken on every later try) until it
-            # is initialised again, which ends every session of this process: only when it has none.
-            if not any(k[0] == module and not t.closed for k, t in _tokens.items()):
-                lib.reinitialize()
-
-        self.session = self._transient(lambda: self._open(lib.get_token(token_label=cfg.token_label), pin, cfg),
-                                       cfg, reload)
+        self.cfg, self.module = cfg, module
         self.p11 = p11
         self.prefix = cfg.label_prefix
         self.lock = threading.RLock()
         self.closed = False
+        self.generation = 0  # bumped with every new session: handles of an older one are never used
+        self._depth = 0  # nested uses of the session by this thread (the lock is reentrant)
+        self._lost = False
+        self._down_until = 0.0
+        self._down_message = ""
+        self._lost_errors = tuple(getattr(p11.exceptions, name) for name in _SESSION_LOST)
+        self._epoch = _epochs.get(module, 0)
+        self.session = self._transient(self._login, cfg, lambda: _reinitialize(module))
+
+    def _login(self) -> Any:
+        self._epoch = _epochs.get(self.module, 0)
+        return self._open(_libs[self.module].get_token(token_label=self.cfg.token_label),
+                          os.environ.get(self.cfg.pin_env, ""), self.cfg)
 
     @staticmethod
     def _open(token: Any, pin: str, cfg: Pkcs11Config) -> Any:
@@ -114,10 +163,12 @@ class Pkcs11Token:
             raise KeyringError(f"the PIN in ${cfg.pin_env} is not the user PIN of token {cfg.token_label!r}") from None
 
     @staticmethod
-    def _transient(step: Callable[[], Any], cfg: Pkcs11Config, between: Callable[[], None], tries: int = 5) -> Any:
+    def _transient(step: Callable[[], Any], cfg: Pkcs11Config, between: Callable[[], None], tries: int = 5,
+                   unreachable: bool = False) -> Any:
         """``step()``, with transient token errors retried a few times, then reported by name: a
         network HSM's hiccup, or SoftHSM reading its files while another process writes them, which
-        fails finding the token (GeneralError, even NoSuchToken) as well as opening a session."""
+        fails finding the token (GeneralError, even NoSuchToken) as well as opening a session.
+        ``unreachable``: reconnecting a token that was working, reported as TokenUnavailableError."""
         E = _pkcs11().exceptions
         for attempt in range(tries):
             try:
@@ -126,6 +177,9 @@ class Pkcs11Token:
                 if attempt + 1 < tries:
                     time.sleep(0.1 * 2**attempt)
                     between()
+                elif unreachable:
+                    raise TokenUnavailableError(_unreachable(cfg, f"{type(exc).__name__} after {tries} tries"),
+                                                cfg.reconnect_interval_s) from None
                 elif isinstance(exc, (E.NoSuchToken, E.MultipleTokensReturned)):
                     raise KeyringError(f"keys.pkcs11.token_label: no single token labelled {cfg.token_label!r} "
                                        f"in {cfg.module}") from None
@@ -133,6 +187,73 @@ class Pkcs11Token:
                     raise KeyringError(f"token {cfg.token_label!r}: cannot open a session "
                                        f"({type(exc).__name__} {exc})") from None
         raise AssertionError("unreachable")
+
+    @contextmanager
+    def using(self) -> Iterator[None]:
+        """Holds the session for one operation, logging in again first when it was lost. An error
+        that shows the session gone is raised as :class:`TokenUnavailableError` (see :meth:`run`)."""
+        with self.lock:
+            if not self._depth and (self._lost or self._epoch != _epochs.get(self.module, 0)):
+                self._reconnect()
+            generation = self.generation
+            self._depth += 1
+            try:
+                yield
+            except self._lost_errors as exc:
+                if generation == self.generation:
+                    self._lost = True
+                raise _SessionLost(_unreachable(self.cfg, f"the session was lost ({type(exc).__name__})"),
+                                   self.cfg.reconnect_interval_s) from None
+            finally:
+                self._depth -= 1
+
+    def run(self, op: Callable[[], T]) -> T:
+        """``op()`` holding the session; once more after a reconnect when the session was lost under
+        it. Only for operations that may run twice (find, sign, encrypt, decrypt with the same
+        inputs), and that look their handles up by :attr:`generation`: creating or destroying
+        objects is not retried (whether it happened is unknown), its caller gets the error."""
+        with self.lock:
+            retry = not self._depth  # an operation inside another: the outer one retries, afresh
+            try:
+                with self.using():
+                    return op()
+            except _SessionLost:
+                if not retry:
+                    raise
+            with self.using():
+                return op()
+
+    def check(self) -> str:
+        """"" while the token answers (a search, reconnecting a lost session), else why it does not."""
+        try:
+            self.find(label=self.label("reachable"))
+        except TokenUnavailableError as exc:
+            return str(exc)
+        except self.p11.exceptions.PKCS11Error as exc:  # answering, but not as it should
+            return _unreachable(self.cfg, type(exc).__name__)
+        return ""
+
+    def _reconnect(self) -> None:
+        """Log in again (the caller holds the lock); TokenUnavailableError when the token does not answer."""
+        if time.monotonic() < self._down_until:
+            raise TokenUnavailableError(self._down_message, self.cfg.reconnect_interval_s)
+        # The old session is gone (not closed: after a restart its handle may be another session's).
+        self.generation += 1
+        self._lost = True
+        try:
+            self.session = self._transient(self._login, self.cfg, lambda: _reinitialize(self.module),
+                                           _RECONNECT_TRIES, unreachable=True)
+        except KeyringError as exc:  # no session; the PIN refused (named by its variable, never shown)
+            message = str(exc) if isinstance(exc, TokenUnavailableError) else _unreachable(self.cfg, str(exc))
+            self._down_until = time.monotonic() + self.cfg.reconnect_interval_s
+            self._down_message = message
+            metrics.PKCS11_RECONNECTS.labels("failed").inc()
+            log.error("PKCS#11 token %r: reconnecting failed: %s", self.cfg.token_label, message)
+            raise TokenUnavailableError(message, self.cfg.reconnect_interval_s) from None
+        self._lost = False
+        self._down_until = 0.0
+        metrics.PKCS11_RECONNECTS.labels("ok").inc()
+        log.warning("PKCS#11 token %r: the session was lost and is open again", self.cfg.token_label)
 
     def label(self, what: str) -> str:
         return f"{self.prefix}-{what}"
@@ -143,13 +264,15 @@ class Pkcs11Token:
         for attr, value in ((A.LABEL, label), (A.CLASS, cls), (A.ID, key_id)):
             if value is not None:
                 template[attr] = value
-        with self.lock:
-            return list(self.session.get_objects(template))
+        return self.run(lambda: list(self.session.get_objects(template)))
 
     def close(self) -> None:
         with self.lock:
             self.closed = True
-            self.session.close()
+            if self._lost or self._epoch != _epochs.get(self.module, 0):
+                return  # gone already; after a restart its handle may be another session's
+            with suppress(self.p11.exceptions.PKCS11Error):
+                self.session.close()
 
     # -- object creation -----------------------------------------------------------------------
 
@@ -163,10 +286,10 @@ class Pkcs11Token:
         if kind == "aes":
             template.update({A.ENCRYPT: True, A.DECRYPT: True, A.SIGN: True, A.VERIFY: False,
                              A.WRAP: False, A.UNWRAP: False})
-            with self.lock:
+            with self.using():
                 return self.session.generate_key(p11.KeyType.AES, 256, store=True, label=label, template=template)
         template.update({A.SIGN: True, A.VERIFY: False, A.ENCRYPT: False, A.DECRYPT: False})
-        with self.lock:
+        with self.using():
             return self.session.generate_key(p11.KeyType.GENERIC_SECRET, 256, store=True, label=label,
                                              template=template)
 
@@ -174,7 +297,7 @@ class Pkcs11Token:
         p11, A = self.p11, self.p11.Attribute
         from pkcs11.util.ec import encode_named_curve_parameters
 
-        with self.lock:
+        with self.using():
             params = self.session.create_domain_parameters(
                 p11.KeyType.EC_EDWARDS, {A.EC_PARAMS: encode_named_curve_parameters(_ED25519_OID)}, local=True)
             public, private = params.generate_keypair(
@@ -186,17 +309,17 @@ class Pkcs11Token:
     def public_key(self, public_obj: Any) -> PublicKey:
         from asn1crypto.core import OctetString
 
-        with self.lock:
+        with self.using():
             point = public_obj[self.p11.Attribute.EC_POINT]
         return Ed25519PublicKey.from_public_bytes(OctetString.load(point).native)
 
     def destroy_pair(self, key_id: bytes) -> None:
-        with self.lock:
+        with self.using():
             for obj in self.find(key_id=key_id):
                 obj.destroy()
 
     def first_by_id(self, objects: list[Any]) -> Any | None:
-        with self.lock:
+        with self.using():
             return min(objects, key=lambda o: bytes(o[self.p11.Attribute.ID]), default=None)
 
 
@@ -205,13 +328,25 @@ class Pkcs11Signer:
 
     def __init__(self, token: Pkcs11Token, private_obj: Any, public_key: PublicKey, kid: str | None = None) -> None:
         self._token, self._key = token, private_obj
+        with token.using():
+            self._object_id = bytes(private_obj[token.p11.Attribute.ID])
+            self._generation = token.generation
         self.public_key = public_key
         self.algorithm = algorithm_of(public_key)
         self.key_id = kid or key_id(public_key)
 
+    def _private(self) -> Any:
+        """The private key's handle in the token's current session (looked up by its CKA_ID)."""
+        if self._generation != self._token.generation:
+            found = self._token.find(key_id=self._object_id, cls=self._token.p11.ObjectClass.PRIVATE_KEY)
+            if not found:
+                raise KeyringError(f"token key {self.key_id!r} is gone")
+            self._key, self._generation = found[0], self._token.generation
+        return self._key
+
     def sign(self, message: bytes) -> bytes:
-        with self._token.lock:
-            return bytes(self._key.sign(message, mechanism=self._token.p11.Mechanism.EDDSA))
+        eddsa = self._token.p11.Mechanism.EDDSA
+        return self._token.run(lambda: bytes(self._private().sign(message, mechanism=eddsa)))
 
     def __repr__(self) -> str:
         return f"Pkcs11Signer({self.key_id})"
@@ -251,7 +386,7 @@ def create_audit_signer(token: Pkcs11Token, which: str = "audit") -> Pkcs11Signe
     token.new_ed25519(label, mine)
     signer = audit_signer(token, create=False, which=which)
     first = token.first_by_id(token.find(label=label, cls=token.p11.ObjectClass.PRIVATE_KEY))
-    with token.lock:
+    with token.using():
         chosen = bytes(first[token.p11.Attribute.ID]) if first is not None else None
     if chosen != mine:  # another process made one at the same moment; every process signs with the first
         token.destroy_pair(mine)
@@ -295,14 +430,14 @@ def destroy_retired_audit_key(token: Pkcs11Token, key_id_: str) -> None:
 
 
 def _object_id(token: Pkcs11Token, obj: Any) -> bytes:
-    with token.lock:
+    with token.using():
         return bytes(obj[token.p11.Attribute.ID])
 
 
 def _relabel(token: Pkcs11Token, what: str, object_id: bytes, to: str) -> None:
     """Relabel the objects (private and public key) ``what`` with ``object_id`` as ``to``."""
     for obj in token.find(label=token.label(what), key_id=object_id):
-        with token.lock:
+        with token.using():
             obj[token.p11.Attribute.LABEL] = token.label(to)
 
 
@@ -329,6 +464,7 @@ class Pkcs11Keyring:
         self._label = token.label("kek")
         self._keks: dict[str, Any] = {}
         self._listed_at = -1e9
+        self._generation = token.generation
         self._fingerprints: dict[str, bytes] = {}
         self._pseudonym: bytes | None = None
         if not self._list(force=True):
@@ -338,11 +474,14 @@ class Pkcs11Keyring:
 
     def _list(self, force: bool = False) -> dict[str, Any]:
         now = time.monotonic()
-        if force or now - self._listed_at > _LIST_TTL_S:
+        if force or now - self._listed_at > _LIST_TTL_S or self._generation != self.token.generation:
             C, A = self.token.p11.ObjectClass, self.token.p11.Attribute
-            objects = self.token.find(label=self._label, cls=C.SECRET_KEY)
-            with self.token.lock:
-                self._keks = {bytes(o[A.ID]).decode(): o for o in objects}
+
+            def listing() -> tuple[dict[str, Any], int]:
+                objects = self.token.find(label=self._label, cls=C.SECRET_KEY)
+                return {bytes(o[A.ID]).decode(): o for o in objects}, self.token.generation
+
+            self._keks, self._generation = self.token.run(listing)
             self._listed_at = now
         return self._keks
 
@@ -356,10 +495,8 @@ class Pkcs11Keyring:
         """``use(kek)`` under the token's lock; once more after a fresh listing when the handle went
         stale (another process or keyring instance retired or re-created keys)."""
         for attempt in (0, 1):
-            kek = self._kek(key_id_)
             try:
-                with self.token.lock:
-                    return bytes(use(kek))
+                return self.token.run(lambda: bytes(use(self._kek(key_id_))))
             except self.token.p11.exceptions.ObjectHandleInvalid:
                 if attempt:
                     raise
@@ -422,7 +559,7 @@ class Pkcs11Keyring:
         key = self._pseudonym_object()
         if key is None:
             return None
-        with self.token.lock:
+        with self.token.using():
             return bytes(key[self.token.p11.Attribute.ID]).hex()
 
     def create_pseudonym_key(self, key_id_hex: str) -> None:
@@ -433,11 +570,14 @@ class Pkcs11Keyring:
     def pseudonym_key(self) -> bytes:
         if self._pseudonym is None:
             t = self.token
-            key = self._pseudonym_object()
-            if key is None:  # made, audited, by services.common.crypto.provision.ensure_keys
-                raise NoKeyError(f"token has no key labelled {t.label('pseudonym')!r} (run `biogate migrate`)")
-            with t.lock:
-                self._pseudonym = bytes(key.sign(_PSEUDONYM_LABEL, mechanism=t.p11.Mechanism.SHA256_HMAC))
+
+            def derive() -> bytes:
+                key = self._pseudonym_object()
+                if key is None:  # made, audited, by services.common.crypto.provision.ensure_keys
+                    raise NoKeyError(f"token has no key labelled {t.label('pseudonym')!r} (run `biogate migrate`)")
+                return bytes(key.sign(_PSEUDONYM_LABEL, mechanism=t.p11.Mechanism.SHA256_HMAC))
+
+            self._pseudonym = t.run(derive)
         return self._pseudonym
 
     def add_key(self, cipher: str | None = None, key_id: str | None = None) -> KeyInfo:
@@ -456,7 +596,7 @@ class Pkcs11Keyring:
         kek = self._kek(key_id_)
         if key_id_ == self.primary_key_id():
             raise KeyringError(f"key {key_id_!r} is the primary; rotate before retiring it")
-        with self.token.lock:
+        with self.token.using():
             kek.destroy()
         self._fingerprints.pop(key_id_, None)
         self._list(force=True)
@@ -475,13 +615,15 @@ class Pkcs11KeyVault:
         self._lock = threading.Lock()
         self._signers: dict[str, Pkcs11Signer] = {}
 
-    def _privates(self) -> Iterator[tuple[Any, dict[str, Any]]]:
+    def _privates(self) -> list[tuple[Any, dict[str, Any]]]:
         C, A = self.token.p11.ObjectClass, self.token.p11.Attribute
-        for obj in self.token.find(cls=C.PRIVATE_KEY):
-            with self.token.lock:
-                label = obj[A.LABEL]
-            if label.startswith(self._label + " "):
-                yield obj, json.loads(label[len(self._label) + 1:])
+
+        def read() -> list[tuple[Any, dict[str, Any]]]:
+            labelled = [(obj, obj[A.LABEL]) for obj in self.token.find(cls=C.PRIVATE_KEY)]
+            return [(obj, json.loads(label[len(self._label) + 1:])) for obj, label in labelled
+                    if label.startswith(self._label + " ")]
+
+        return self.token.run(read)
 
     def entries(self) -> list[dict[str, Any]]:
         saved = [meta for _, meta in self._privates() if meta.get("created") is not None]  # not mid-rotation
@@ -498,7 +640,7 @@ class Pkcs11KeyVault:
         for obj, meta in self._privates():
             entry = wanted.get(meta["kid"])
             if entry is not None and entry != meta:
-                with self.token.lock:
+                with self.token.using():
                     obj[A.LABEL] = self._label + " " + json.dumps(entry, sort_keys=True)
 
     def generate(self) -> dict[str, Any]:
@@ -507,7 +649,7 @@ class Pkcs11KeyVault:
         kid = jwt_kid(self.token.public_key(public))
         entry = {"kid": kid, "created": None, "retired": None}
         A = self.token.p11.Attribute
-        with self.token.lock:
+        with self.token.using():
             for obj in (public, private):
                 obj[A.ID] = kid.encode()
             private[A.LABEL] = self._label + " " + json.dumps(entry, sort_keys=True)

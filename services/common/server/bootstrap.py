@@ -2,7 +2,9 @@
 
 Health (grpc.health.v1) reports NOT_SERVING until the service's warm-up (model loading and a first
 inference) has succeeded, then SERVING; on SIGTERM it turns NOT_SERVING again and the server drains
-in-flight RPCs for ``server.drain_seconds`` before it stops. Server reflection, message-size limits,
+in-flight RPCs for ``server.drain_seconds`` before it stops. With the keys in a PKCS#11 token, the
+health of the service's own names (readiness) is NOT_SERVING while the token cannot be reconnected;
+the overall health (liveness) stays SERVING: a restart would not bring the HSM back. Server reflection, message-size limits,
 a bound on concurrent RPCs, TLS/mTLS and the interceptor (authentication, authorisation, metrics,
 logs) come from the one configuration.
 """
@@ -126,8 +128,9 @@ class RunningServer:
         self._stopping = threading.Event()
         self.ready = threading.Event()
 
-    def _set_status(self, status: int) -> None:
-        self.health.set("", status)
+    def _set_status(self, status: int, overall: bool = True) -> None:
+        if overall:
+            self.health.set("", status)
         for d in self.definition.descriptors:
             self.health.set(d.full_name, status)
 
@@ -165,7 +168,30 @@ class RunningServer:
                 self._set_status(health_pb2.HealthCheckResponse.SERVING)
                 self.ready.set()
                 log.info("serving", extra={"service": self.definition.name, **self.definition.details})
+                if self.settings.keys.backend == "pkcs11":
+                    self._watch_key_store()
             return
+
+    def _watch_key_store(self) -> None:
+        """Checks the token every ``keys.pkcs11.health_check_s`` (a lost session is reconnected by
+        the check itself, also when no calls come in), its outcome the services' health."""
+        from services.common.crypto.hsm import open_token
+
+        cfg = self.settings.keys.pkcs11
+        token = open_token(cfg)
+        serving = True
+        while not self._stopping.wait(cfg.health_check_s):
+            problem = token.check()
+            if self._stopping.is_set() or serving != bool(problem):
+                continue
+            serving = not problem
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            self._set_status(status, overall=False)
+            if serving:
+                log.warning("the PKCS#11 token answers again; SERVING", extra={"service": self.definition.name})
+            else:
+                log.error("NOT_SERVING while the PKCS#11 token is unreachable",
+                          extra={"service": self.definition.name, "error": problem})
 
     def stop(self, grace: float | None = None) -> None:
         """Turns health NOT_SERVING, lets in-flight RPCs finish, then stops."""

@@ -17,6 +17,7 @@ from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 
 from services.common import context, errors, metrics, telemetry
 from services.common.api.v1 import common_pb2
+from services.common.crypto.errors import TokenUnavailableError
 from services.common.privacy import is_personal_data
 from services.common.server.admission import AdmissionQueue, Slot
 from services.common.server.auth import Authenticator
@@ -318,6 +319,9 @@ class _Call:
             if isinstance(exc, grpc.RpcError) and not self.ctx.is_active():
                 code = grpc.StatusCode.CANCELLED  # the client went away (mid-stream): nobody to answer
                 return False
+            if isinstance(exc, TokenUnavailableError):  # the HSM restarting or away: worth a retry, no restart
+                exc = errors.ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc), "KEY_STORE_UNAVAILABLE",
+                                          retry_delay_s=max(exc.retry_after_s, 1.0))
             if isinstance(exc, errors.ServiceError):
                 code = exc.code
                 self.ctx.abort_with_status(exc.to_status())

@@ -1,0 +1,86 @@
+"""The MFA service with its keys in a real SoftHSM2 token, through gRPC, while the HSM restarts and
+while it is away: a restart costs one reconnect and no error; an absent token answers UNAVAILABLE
+naming it, writes nothing, and serves again when it is back, without a restart."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+
+from services.common.api.v1 import mfa_pb2, mfa_pb2_grpc
+from services.common.errors import details_of
+from services.common.runtime import Runtime
+from tests.conftest import ServiceHarness
+from tests.mfa.conftest import settings_for, setup_subject, subject
+from tests.softhsm import PIN, TOKEN_LABEL, hsm_away, restart_hsm
+
+
+def reconnects(outcome: str) -> float:
+    return REGISTRY.get_sample_value("biogate_pkcs11_reconnects_total", {"outcome": outcome}) or 0.0
+
+
+def audit_count(rt: Runtime) -> int:
+    with rt.storage.db.read() as q:
+        return q.one("SELECT COUNT(*) FROM audit_records")[0]
+
+
+def test_the_mfa_survives_an_hsm_restart_and_outage(softhsm, tmp_path):
+    keys = softhsm.keys_config()
+    keys["pkcs11"]["reconnect_interval_s"] = 0
+    settings = settings_for(tmp_path, keys=keys)
+    harness = ServiceHarness(settings)
+    harness.start("mfa")
+    rt = Runtime.open(settings)
+    try:
+        with harness.channel("mfa") as channel:
+            call = mfa_pb2_grpc.MfaServiceStub(channel)
+            ref = setup_subject(call, subject(sid="cust-hsm-1"), phone="+8613800000001")
+
+            ok = reconnects("ok")
+            restart_hsm(softhsm)  # the seal and the audit record's signature both need the token
+            setup_subject(call, subject(sid="cust-hsm-2"), phone="+8613800000002")
+            assert reconnects("ok") == ok + 1
+
+            records = audit_count(rt)
+            with hsm_away(softhsm):
+                with pytest.raises(grpc.RpcError) as err:
+                    call.SetPhoneNumber(mfa_pb2.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800000009"))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            message = err.value.details()
+            assert f"the PKCS#11 token {TOKEN_LABEL!r} is unreachable" in message and PIN not in message
+            info = details_of(err.value)
+            assert info["reason"] == "KEY_STORE_UNAVAILABLE" and info["retry_delay_s"] >= 1
+            assert audit_count(rt) == records  # nothing written: no number, no audit record
+
+            # back: served again by the same process
+            call.SetPhoneNumber(mfa_pb2.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800000009"))
+            envelope, _ = rt.storage.subjects.get_phone(ref.tenant_id, ref.subject_id)
+            assert rt.crypto.decrypt_contact(ref.tenant_id, ref.subject_id, envelope) == "+8613800000009"
+            assert audit_count(rt) == records + 1
+    finally:
+        rt.close()
+        harness.stop()
+
+
+def test_readiness_is_not_serving_only_while_the_token_cannot_be_reconnected(softhsm, tmp_path):
+    keys = softhsm.keys_config()
+    keys["pkcs11"].update(reconnect_interval_s=0, health_check_s=0.05)
+    harness = ServiceHarness(settings_for(tmp_path, keys=keys))
+    harness.start("mfa")
+    S = health_pb2.HealthCheckResponse
+    try:
+        with harness.channel("mfa") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            name = mfa_pb2.DESCRIPTOR.services_by_name["MfaService"].full_name
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=name), timeout=120)
+            assert next(watch).status == S.SERVING
+            with hsm_away(softhsm):
+                assert next(watch).status == S.NOT_SERVING  # no call came in: the check found it
+                # liveness: a restart would not bring the HSM back
+                assert health.Check(health_pb2.HealthCheckRequest(service="")).status == S.SERVING
+            assert next(watch).status == S.SERVING  # reconnected by the check, no restart
+            watch.cancel()
+    finally:
+        harness.stop()
