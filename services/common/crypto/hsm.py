@@ -425,7 +425,7 @@ def destroy_retired_audit_key(token: Pkcs11Token, key_id_: str) -> None:
     private = retired_audit_key(token, key_id_)
     if private is None:
         raise NoKeyError(f"token has no private key {key_id_} labelled {token.label('audit-retired')!r}")
-    with token.lock:
+    with token.using():  # not retried: whether a destruction under a lost session happened is unknown
         private.destroy()
 
 
