@@ -29,6 +29,7 @@ from services.common.api.v1 import common_pb2, mfa_pb2
 from services.settings import load_config
 from services.mfa.binding import payload_digest, transaction_context
 from services.mfa.storage import DeviceRecord
+from services.common.context import SYSTEM
 
 F = mfa_pb2
 POLICY = """\
@@ -89,7 +90,7 @@ def main() -> int:
     dev_ids = {}
     for sid in subject_ids:
         ref = common_pb2.SubjectRef(tenant_id=tenant, subject_id=sid)
-        subjects.set_phone_number(rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
+        subjects.set_phone_number(rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"), caller=SYSTEM)
         if face_server:
             enrol_face(settings, face_server.address, ref, face_images[0])
         canon = devices.canonical(device, orch._device_key, tenant)
@@ -105,22 +106,22 @@ def main() -> int:
         s = orch.start(F.StartAuthenticationRequest(
             subject=common_pb2.SubjectRef(tenant_id=tenant, subject_id=sid), channel=F.CHANNEL_APP,
             action="login", device=device,
-            context=F.ContextSignals(country="CN", conversation_text="我想查询余额" if i % 2 else "")))
+            context=F.ContextSignals(country="CN", conversation_text="我想查询余额" if i % 2 else "")), caller=SYSTEM)
         if image:
             context, signature = signed(key, tenant, s, [image])
             orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=F.FaceEvidence(
                 image=common_pb2.Image(data=image), binding=F.CaptureBinding(
-                    device_id=dev_ids[sid], signature=signature, context=context))))
+                    device_id=dev_ids[sid], signature=signature, context=context))), caller=SYSTEM)
         else:
             context, signature = signed(key, tenant, s)
             orch.submit(F.SubmitFactorRequest(session_id=s.session_id, device=F.DeviceProof(
-                device_id=dev_ids[sid], signature=signature, context=context)))
-            orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+                device_id=dev_ids[sid], signature=signature, context=context)), caller=SYSTEM)
+            orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
             with open(outbox, "rb") as fh:
                 fh.seek(max(0, outbox.stat().st_size - 400))
                 code = fh.read().decode(errors="ignore").strip().splitlines()[-1].split('"text": "')[1][:6]
-            orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=code)))
-        d = orch.decide(F.DecideRequest(session_id=s.session_id))
+            orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=code)), caller=SYSTEM)
+        d = orch.decide(F.DecideRequest(session_id=s.session_id), caller=SYSTEM)
         total = time.perf_counter() - t0
         bio = clients_mod.biometric_seconds.get()
         clients_mod.biometric_seconds.reset(token)
@@ -193,7 +194,7 @@ def enrol_face(settings, address, ref, image: bytes) -> None:
     rt = Runtime.open(settings)
     subjects.record_consent(rt, common_pb2.RecordConsentRequest(consent=common_pb2.Consent(
         subject=ref, purpose=common_pb2.CONSENT_PURPOSE_BIOMETRIC_VERIFICATION,
-        modalities=[common_pb2.MODALITY_FACE], granted=True, policy_version="bench")))
+        modalities=[common_pb2.MODALITY_FACE], granted=True, policy_version="bench")), caller=SYSTEM)
     rt.close()
     token = json.loads(settings.dev_credentials_file.read_text())["dev-enroller"]
     with connect(address, token) as ch:

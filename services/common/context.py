@@ -18,8 +18,23 @@ class Principal:
         return "*" in self.tenants or tenant_id in self.tenants
 
 
+# The caller of a service object called in-process rather than over RPC (a CLI command, a worker, a
+# benchmark, a test): no terminal to confine, every tenant; audit records name it "system".
+SYSTEM = Principal("system", frozenset(), frozenset({"*"}))
+
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# Set by the interceptor once it authenticated the call; read by a servicer once (caller()) and
+# handed on as a parameter, never read deeper down where a thread or callback may not see it.
 principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
+
+
+def caller() -> Principal:
+    """The current RPC's principal, for a servicer to pass to the service with the request. Raises
+    outside an authenticated RPC, rather than letting a call go on as nobody."""
+    found = principal.get()
+    if found is None:
+        raise RuntimeError("no authenticated principal: a servicer ran outside the server's interceptor")
+    return found
 
 # Monotonic time by which the current RPC must answer: the client's deadline, capped by the
 # server's `server.rpc_timeout_s`. Handlers pass what is left to downstream calls and batchers.

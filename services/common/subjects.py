@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common import context
 from services.common.api.v1 import common_pb2
+from services.common.context import Principal
 from services.common.audit.templates import slot_details
 from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
@@ -19,11 +19,6 @@ IDENTIFICATION = "biometric_identification"  # inclusion in 1:N galleries
 
 MODALITY_NAMES: dict[common_pb2.Modality, Modality] = {common_pb2.MODALITY_FACE: "face", common_pb2.MODALITY_VOICE: "voice"}
 MODALITY_ENUMS = {v: k for k, v in MODALITY_NAMES.items()}
-
-
-def actor() -> str:
-    principal = context.principal.get()
-    return principal.name if principal else "system"
 
 
 def timestamp(value) -> Timestamp:
@@ -52,14 +47,15 @@ def get_enrollment(rt: Runtime, request: common_pb2.GetEnrollmentRequest, modali
     return common_pb2.GetEnrollmentResponse(templates=[template_info(r, active) for r in records])
 
 
-def delete_modality(rt: Runtime, request: common_pb2.DeleteSubjectRequest, modality: Modality) -> common_pb2.DeleteSubjectResponse:
+def delete_modality(rt: Runtime, request: common_pb2.DeleteSubjectRequest, modality: Modality,
+                    caller: Principal) -> common_pb2.DeleteSubjectResponse:
     tenant, subject = subject_ref(request.subject)
     reason = identifier(request.reason, "reason") if request.reason else "unspecified"
     # One transaction: the erasure and its audit record land together or not at all.
     # The record names each sealed template it deleted (what `biogate audit templates` checks against).
     with rt.storage.transaction():
         deleted = rt.storage.templates.erase_for_subject(tenant, subject, modality)
-        row = rt.audit.append(f"{modality}.subject_deleted", actor(), tenant, subject, {
+        row = rt.audit.append(f"{modality}.subject_deleted", caller.name, tenant, subject, {
             "templates_deleted": len(deleted), "reason": reason,
             "deleted": [slot_details(r.model_id, r.channel, r.envelope) for r in deleted]})
     return common_pb2.DeleteSubjectResponse(templates_deleted=len(deleted), audit_record_id=str(row.seq))

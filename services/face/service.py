@@ -22,6 +22,7 @@ import numpy as np
 
 from services.common import context, errors, subjects
 from services.common.api.v1 import common_pb2, face_pb2
+from services.common.context import Principal
 from services.face.config import FaceConfig, FaceTenantPolicy
 from services.common.metrics import observe_similarity
 from services.common.modality.calibration import Calibrations, NotCalibrated
@@ -31,7 +32,7 @@ from services.common.modality.readiness import ReadinessGate
 from services.common.modality.reasons import message, reason, refusal
 from services.common.modality.templates import Templates, TemplateVault
 from services.common.runtime import Runtime
-from services.common.subjects import actor, template_info
+from services.common.subjects import template_info
 from services.common.validation import identifier, subject_ref
 from services.face import challenge as ch
 from services.face import metrics
@@ -202,7 +203,7 @@ class FaceService:
         return q
 
     # ------------------------------------------------------------------ Enroll
-    def enroll(self, req: face_pb2.EnrollFaceRequest) -> face_pb2.EnrollFaceResponse:
+    def enroll(self, req: face_pb2.EnrollFaceRequest, *, caller: Principal) -> face_pb2.EnrollFaceResponse:
         tenant, subject = subject_ref(req.subject)
         if not req.images:
             raise refusal("INVALID_ARGUMENT", "at least one image is required", fields={"images": "required"})
@@ -234,7 +235,7 @@ class FaceService:
         stored, new = self.templates.enrol(
             tenant, subject, self.model_id, template, samples=n_good, quality=quality_summary, replace=req.replace,
             details={"samples": n_good, "submitted": len(analyses), "replace": bool(req.replace),
-                     **({"turned_upright": rotated} if rotated else {})})
+                     **({"turned_upright": rotated} if rotated else {})}, caller=caller)
         self.galleries.enrolled(tenant, self.model_id, subject, stored.updated_at, template, new=new)
         active = {m.id for m in self.rt.models.manifest.models if m.active}
         return face_pb2.EnrollFaceResponse(template=template_info(stored, active), images=qualities)
@@ -248,7 +249,7 @@ class FaceService:
             return None
 
     # ------------------------------------------------------------------ Verify
-    def verify(self, req: face_pb2.VerifyFaceRequest) -> face_pb2.VerifyFaceResponse:
+    def verify(self, req: face_pb2.VerifyFaceRequest, *, caller: Principal) -> face_pb2.VerifyFaceResponse:
         tenant, subject = subject_ref(req.subject)
         data = self._image_bytes(req.image, "image")
         self._pipeline()
@@ -290,11 +291,11 @@ class FaceService:
             details.update(score=round(score, 4), llr=None if llr is None else round(llr, 3), match=out.match,
                            live=out.live)
         self._operating_points(out, tenant, out.liveness_checked)
-        self.rt.audit.append("face.verified", actor(), tenant, subject, details)
+        self.rt.audit.append("face.verified", caller.name, tenant, subject, details)
         return out
 
     # ------------------------------------------------------------------ Identify
-    def identify(self, req: face_pb2.IdentifyFaceRequest) -> face_pb2.IdentifyFaceResponse:
+    def identify(self, req: face_pb2.IdentifyFaceRequest, *, caller: Principal) -> face_pb2.IdentifyFaceResponse:
         tenant = identifier(req.tenant_id, "tenant_id")
         k = req.top_k or 5
         if not 1 <= k <= self.cfg.identify_max_k:
@@ -312,7 +313,7 @@ class FaceService:
         top, size = self.galleries.search(tenant, self.model_id, a.embeddings[self.model_id], k)
         context.done_with_models()
         above = sum(s >= threshold for _, s in top)
-        self.rt.audit.append("face.identified", actor(), tenant, None, {
+        self.rt.audit.append("face.identified", caller.name, tenant, None, {
             "model_id": self.model_id, "gallery_size": size, "top_k": k, "above_threshold": above,
             "top_score": round(top[0][1], 4) if top else None, "threshold": round(threshold, 4),
         })
@@ -323,7 +324,7 @@ class FaceService:
         )
 
     # ------------------------------------------------------------------ passive liveness
-    def check_liveness(self, req: face_pb2.CheckLivenessRequest) -> face_pb2.CheckLivenessResponse:
+    def check_liveness(self, req: face_pb2.CheckLivenessRequest, *, caller: Principal) -> face_pb2.CheckLivenessResponse:
         tenant = identifier(req.tenant_id, "tenant_id")
         data = self._image_bytes(req.image, "image")
         threshold = self.live_threshold()
@@ -332,25 +333,25 @@ class FaceService:
         )
         context.done_with_models()
         if liveness_unanswerable(a):
-            self.rt.audit.append("face.liveness_checked", actor(), tenant, None, {"live": False, "issues": list(a.issues)})
+            self.rt.audit.append("face.liveness_checked", caller.name, tenant, None, {"live": False, "issues": list(a.issues)})
             return face_pb2.CheckLivenessResponse(live=False, reasons=[reason(i) for i in a.issues])
         if a.liveness is None:
             raise RuntimeError("liveness was requested but not measured")
         live = a.liveness >= threshold
         if not live:
             metrics.LIVENESS_REFUSALS.labels("check_liveness").inc()
-        self.rt.audit.append("face.liveness_checked", actor(), tenant, None, {
+        self.rt.audit.append("face.liveness_checked", caller.name, tenant, None, {
             "live": live, "live_score": round(a.liveness, 4), "live_threshold": round(threshold, 4),
         })
         return face_pb2.CheckLivenessResponse(live=live, reasons=[] if live else [reason("LIVENESS_FAILED")])
 
     # ------------------------------------------------------------------ active liveness
-    def start_liveness_challenge(self, req: face_pb2.StartLivenessChallengeRequest) -> face_pb2.StartLivenessChallengeResponse:
+    def start_liveness_challenge(self, req: face_pb2.StartLivenessChallengeRequest, *, caller: Principal) -> face_pb2.StartLivenessChallengeResponse:
         tenant, subject = subject_ref(req.subject)
         self.live_threshold()
         c = self.cfg.challenge
         moves = ch.random_moves(c.moves)
-        rec = self.challenges.issue(tenant, subject, {"moves": moves}, c.ttl_s, {"moves": len(moves)})
+        rec = self.challenges.issue(tenant, subject, {"moves": moves}, c.ttl_s, {"moves": len(moves)}, caller)
         return face_pb2.StartLivenessChallengeResponse(
             challenge=common_pb2.Challenge(nonce=rec.nonce, expires_at=subjects.timestamp(rec.expires_at)),
             moves=[MOVE_ENUMS[m] for m in moves],
@@ -376,7 +377,7 @@ class FaceService:
             identity_min_cosine=identity, live_threshold=self.live_threshold(),
         )
 
-    def submit_liveness_challenge(self, req: face_pb2.SubmitLivenessChallengeRequest) -> face_pb2.SubmitLivenessChallengeResponse:
+    def submit_liveness_challenge(self, req: face_pb2.SubmitLivenessChallengeRequest, *, caller: Principal) -> face_pb2.SubmitLivenessChallengeResponse:
         tenant, subject = subject_ref(req.subject)
         nonce = nonce_field(req.nonce, "nonce", required=True)
         c = self.cfg.challenge
@@ -388,7 +389,7 @@ class FaceService:
         rules = self._rules()
         threshold = self.threshold(tenant) if req.verify_subject else None
         images = [self._decode(d, f"frames[{i}].image") for i, d in enumerate(datas)]
-        spent = self.challenges.consume(tenant, subject, nonce)
+        spent = self.challenges.consume(tenant, subject, nonce, caller)
         moves = spent.payload["moves"]
         if len(req.frames) < self._min_frames(len(moves)):
             raise refusal("INVALID_ARGUMENT", f"at least {self._min_frames(len(moves))} frames", fields={"frames": "too few"})
@@ -437,15 +438,15 @@ class FaceService:
                            threshold=round(threshold, 4))
         out.passed = passed
         details["passed"] = passed
-        self.rt.audit.append("face.challenge_submitted", actor(), tenant, subject, details)
+        self.rt.audit.append("face.challenge_submitted", caller.name, tenant, subject, details)
         return out
 
     # ------------------------------------------------------------------ enrolment info and erasure
-    def get_enrollment(self, req: common_pb2.GetEnrollmentRequest) -> common_pb2.GetEnrollmentResponse:
+    def get_enrollment(self, req: common_pb2.GetEnrollmentRequest, *, caller: Principal) -> common_pb2.GetEnrollmentResponse:
         return subjects.get_enrollment(self.rt, req, "face")
 
-    def delete_subject(self, req: common_pb2.DeleteSubjectRequest) -> common_pb2.DeleteSubjectResponse:
-        response = subjects.delete_modality(self.rt, req, "face")
+    def delete_subject(self, req: common_pb2.DeleteSubjectRequest, *, caller: Principal) -> common_pb2.DeleteSubjectResponse:
+        response = subjects.delete_modality(self.rt, req, "face", caller)
         self.galleries.deleted(req.subject.tenant_id, req.subject.subject_id)
         return response
 

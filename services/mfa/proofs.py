@@ -79,7 +79,7 @@ class Proofs:
             caller = fc.caller
             # the session's channel, or the IVR calling the customer back (push fallback)
             channels = {fc.state.channel, fc.state.callback_channel} - {None}
-            if caller is None or caller.terminal_channel is None or caller.terminal_channel not in channels:
+            if caller.terminal_channel is None or caller.terminal_channel not in channels:
                 raise errors.permission_denied(
                     f"the caller is not a registered terminal of the {fc.state.channel} channel: sign the capture "
                     "with the device key", "TERMINAL_NOT_REGISTERED")
@@ -154,7 +154,6 @@ class Proofs:
         which = binding.WhichOneof("proof")
         if which == "terminal":
             caller = fc.caller
-            assert caller is not None
             return Proven("terminal", f"terminal:{caller.name}", terminal=caller.name)
         message = self._message(fc, binding.context, evidence, "CAPTURE")
         if binding.public_key:

@@ -22,7 +22,7 @@ from services.common.api.v1 import mfa_pb2
 from services.mfa.config import WebAuthnConfig
 from services.common.runtime import Runtime
 from services.common.storage import AlreadyExistsError, new_id
-from services.common.subjects import actor, timestamp
+from services.common.subjects import timestamp
 from services.common.validation import identifier, subject_ref
 
 from . import devices, requests
@@ -65,7 +65,7 @@ class DeviceRegistry:
                 "(confirmed on the bound device, or by the policy's fallback)", "BIND_DEVICE_ACTION_REQUIRED")
 
     def registration_options(self, req: mfa_pb2.StartDeviceRegistrationRequest,
-                             caller: Principal | None) -> mfa_pb2.StartDeviceRegistrationResponse:
+                             caller: Principal) -> mfa_pb2.StartDeviceRegistrationResponse:
         from webauthn import generate_registration_options, options_to_json
         from webauthn.helpers.cose import COSEAlgorithmIdentifier
         from webauthn.helpers.structs import (
@@ -93,7 +93,7 @@ class DeviceRegistry:
             supported_pub_key_algs=[COSEAlgorithmIdentifier.ECDSA_SHA_256, COSEAlgorithmIdentifier.EDDSA])
         return mfa_pb2.StartDeviceRegistrationResponse(options_json=options_to_json(options))
 
-    def register(self, req: mfa_pb2.RegisterDeviceRequest, caller: Principal | None) -> mfa_pb2.RegisterDeviceResponse:
+    def register(self, req: mfa_pb2.RegisterDeviceRequest, caller: Principal) -> mfa_pb2.RegisterDeviceResponse:
         now = self.clock()
         rec = self.sessions.load(req.session_id, now, caller)
         if devices.is_absent(req.device):
@@ -135,7 +135,7 @@ class DeviceRegistry:
                     sign_count=credential.get("sign_count", 0)))
             except AlreadyExistsError:
                 raise errors.already_exists("this device or credential is already bound", "DEVICE_ALREADY_BOUND") from None
-            self.rt.audit.append("mfa.device_bound", actor(), rec.tenant_id, rec.subject_id, {
+            self.rt.audit.append("mfa.device_bound", caller.name, rec.tenant_id, rec.subject_id, {
                 "session_id": rec.id, "device_id": device_id, "platform": device.platform,
                 "kind": credential.get("kind", "key"), **({"attestation": credential["fmt"]} if "fmt" in credential else {})})
         return mfa_pb2.RegisterDeviceResponse(device_id=device_id)
@@ -171,7 +171,7 @@ class DeviceRegistry:
                                 revoked=d.revoked_at is not None, kind=d.kind)
             for d in self.store.devices.list_for_subject(tenant, subject, include_revoked=True)])
 
-    def revoke(self, req: mfa_pb2.RevokeDeviceRequest) -> mfa_pb2.RevokeDeviceResponse:
+    def revoke(self, req: mfa_pb2.RevokeDeviceRequest, caller: Principal) -> mfa_pb2.RevokeDeviceResponse:
         tenant, subject = subject_ref(req.subject)
         device_id = identifier(req.device_id, "device_id")
         rec = self.store.devices.get(tenant, device_id)
@@ -179,7 +179,7 @@ class DeviceRegistry:
             raise errors.not_found("the subject has no device with that id", "DEVICE_NOT_FOUND")
         with self.rt.storage.transaction():  # the revocation and its audit record, or neither
             if self.store.devices.revoke(tenant, device_id, self.clock()):
-                self.rt.audit.append("mfa.device_revoked", actor(), tenant, subject, {"device_id": device_id})
+                self.rt.audit.append("mfa.device_revoked", caller.name, tenant, subject, {"device_id": device_id})
         return mfa_pb2.RevokeDeviceResponse()
 
 

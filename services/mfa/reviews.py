@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.common import errors
+from services.common import context, errors
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.audit import AuditLog
 from services.common.privacy import redact
@@ -41,7 +41,7 @@ log = logging.getLogger("biogate.mfa.reviews")
 STATUSES = ("pending", "approved", "rejected", "expired")
 MAX_PAGE = 100
 MAX_NOTE = 1000
-SYSTEM = "system"  # the actor of an expiry
+SYSTEM = context.SYSTEM.name  # the actor of an expiry
 OUTCOME_OF = {"approved": "allow", "rejected": "deny", "expired": "deny"}
 CLOSING_REASON = {
     "approved": Reason("REVIEW_APPROVED", "a reviewer approved the session"),

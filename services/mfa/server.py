@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from services.common.api.v1 import mfa_pb2, mfa_pb2_grpc
-from services.common.context import Principal, principal
+from services.common.context import caller
 from services.mfa.config import MfaSettings
 from services.common.runtime import Runtime
 from services.common.server.bootstrap import ServiceDefinition
@@ -18,13 +18,9 @@ from services.mfa.webhooks import Worker
 from services.mfa.wellknown import WellKnownServer
 
 
-def caller() -> Principal | None:
-    """The RPC's principal, as the server's interceptor authenticated it: the servicer hands it to
-    the orchestrator with the request, which reads no RPC state itself."""
-    return principal.get()
-
-
 class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
+    # Each RPC hands the orchestrator its principal (caller()), which decides and audits with it and
+    # reads no RPC state itself.
     def __init__(self, rt: Runtime, orchestrator: Orchestrator) -> None:
         self.rt = rt
         self.mfa = orchestrator
@@ -61,7 +57,7 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
         return self.mfa.get_push_confirmation(request, caller=caller())
 
     def SetPushToken(self, request, context):
-        return self.mfa.set_push_token(request)
+        return self.mfa.set_push_token(request, caller=caller())
 
     # --- devices
     def StartDeviceRegistration(self, request, context):
@@ -74,17 +70,17 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
         return self.mfa.list_devices(request)
 
     def RevokeDevice(self, request, context):
-        return self.mfa.revoke_device(request)
+        return self.mfa.revoke_device(request, caller=caller())
 
     # --- administration
     def UnlockSubject(self, request, context):
-        return self.mfa.unlock(request)
+        return self.mfa.unlock(request, caller=caller())
 
     def ListReviews(self, request, context):
         return self.mfa.list_reviews(request)
 
     def ResolveReview(self, request, context):
-        return self.mfa.resolve_review(request)
+        return self.mfa.resolve_review(request, caller=caller())
 
     def GetReview(self, request, context):
         return self.mfa.get_review(request)
@@ -94,20 +90,20 @@ class MfaServicer(mfa_pb2_grpc.MfaServiceServicer):
 
     # --- consent, contact and erasure
     def RecordConsent(self, request, context):
-        return subjects.record_consent(self.rt, request)
+        return subjects.record_consent(self.rt, request, caller=caller())
 
     def WithdrawConsent(self, request, context):
-        return subjects.withdraw_consent(self.rt, request)
+        return subjects.withdraw_consent(self.rt, request, caller=caller())
 
     def GetConsent(self, request, context):
         return subjects.get_consent(self.rt, request)
 
     def DeleteSubject(self, request, context):
         return subjects.delete_subject(self.rt, self.mfa.store, self.mfa.clients, request, budget_of(context),
-                                       self.mfa.rate_limit_keys)
+                                       self.mfa.rate_limit_keys, caller=caller())
 
     def SetPhoneNumber(self, request, context):
-        return subjects.set_phone_number(self.rt, request, self.mfa.store, self.mfa.clock())
+        return subjects.set_phone_number(self.rt, request, self.mfa.store, self.mfa.clock(), caller=caller())
 
 
 def worker_tasks(orchestrator: Orchestrator) -> list[Callable[[], object]]:

@@ -18,7 +18,7 @@ from services.common.context import Principal
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.runtime import Runtime
 from services.common.storage import AlreadyExistsError, new_id
-from services.common.subjects import actor, timestamp
+from services.common.subjects import timestamp
 from services.common.validation import identifier, subject_ref
 
 from . import devices, metrics, requests
@@ -125,8 +125,8 @@ class Orchestrator:
     def _policy_of(self, session: Session) -> Policy:
         return self.policies.get(session.tenant_id)
 
-    def factor_context(self, session: Session, policy: Policy, now: datetime, budget: float | None = None,
-                       caller: Principal | None = None) -> FactorContext:
+    def factor_context(self, session: Session, policy: Policy, now: datetime, budget: float | None = None, *,
+                       caller: Principal) -> FactorContext:
         return FactorContext(self.rt, self.store, policy, session.tenant_id, session.subject_id, session.id,
                              session.state, now, self.clients, self.otp, budget, proofs=self.proofs, caller=caller)
 
@@ -138,9 +138,10 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ start
     def start(self, req: mfa_pb2.StartAuthenticationRequest, *,
-              caller: Principal | None = None) -> mfa_pb2.StartAuthenticationResponse:
+              caller: Principal) -> mfa_pb2.StartAuthenticationResponse:
         """``caller``: the RPC's principal, which the servicer passes to every method here that
-        opens or touches a session (None: an in-process caller, e.g. a test or benchmark)."""
+        opens or touches a session or writes an audit record (context.SYSTEM: an in-process caller,
+        e.g. a test or benchmark)."""
         now = self.clock()
         tenant, subject = subject_ref(req.subject)
         policy = self.policies.get(tenant)
@@ -201,7 +202,7 @@ class Orchestrator:
         try:
             with self.rt.storage.transaction():  # the session and its audit record, or neither
                 session = self.sessions.create(tenant, subject, st, expires, session_id, now)
-                self.rt.audit.append("mfa.session_started", actor(), tenant, subject, {
+                self.rt.audit.append("mfa.session_started", caller.name, tenant, subject, {
                     "session_id": session.id, "action": action, "channel": channel, "risk_level": risk.level,
                     "risk_score": round(risk.score, 1), "risk_reasons": [r.code for r in risk.reasons],
                     "device_state": st.device.state, "policy_version": policy.version,
@@ -214,7 +215,7 @@ class Orchestrator:
         return self._start_response(session)
 
     def _replay_start(self, session: Session, request_hash: str | None,
-                      caller: Principal | None) -> mfa_pb2.StartAuthenticationResponse:
+                      caller: Principal) -> mfa_pb2.StartAuthenticationResponse:
         if session.state.request_hash != request_hash:
             raise errors.already_exists("idempotency_key was used for a different request", "IDEMPOTENCY_KEY_REUSED")
         self.sessions.load(session.id, self.clock(), caller)
@@ -230,7 +231,7 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ challenges
     def challenge(self, name: str, session_id: str, budget: float | None = None,
-                  shown: mfa_pb2.SendOtpRequest | None = None, *, caller: Principal | None = None) -> Any:
+                  shown: mfa_pb2.SendOtpRequest | None = None, *, caller: Principal) -> Any:
         """One path for every factor's challenge (SendOtp; StartBiometricChallenge for face and
         voice): the factor must be acceptable in the session, the subject and device not locked;
         the factor claims what it needs in the session, issues, and the session keeps the nonce.
@@ -244,7 +245,7 @@ class Orchestrator:
         self.lockouts.check(session.tenant_id, session.subject_id, session.state.device.fp, policy.lockout, now,
                             session.state.device_usable)
         factor = FACTORS[name]
-        ctx = self.factor_context(session, policy, now, budget, caller)
+        ctx = self.factor_context(session, policy, now, budget, caller=caller)
         if payee is not None:
             ctx.notes["payee"] = payee
         biometric = name in MODALITIES.values()
@@ -278,18 +279,18 @@ class Orchestrator:
                     st.challenges.setdefault(name, []).append(nonce)
                 self.sessions.mutate(claimed, record)
             if issued.audit:
-                self.rt.audit.append(issued.audit[0], actor(), session.tenant_id, session.subject_id, issued.audit[1])
+                self.rt.audit.append(issued.audit[0], caller.name, session.tenant_id, session.subject_id, issued.audit[1])
         return issued.response
 
     def start_challenge(self, req: mfa_pb2.StartBiometricChallengeRequest, budget: float | None = None, *,
-                        caller: Principal | None = None):
+                        caller: Principal):
         modality = MODALITIES.get(req.modality)
         if modality is None:
             self.sessions.open(req.session_id, self.clock(), caller)  # a bad session id is refused first
             raise errors.invalid_argument("modality must be face or voice", modality="unspecified")
         return self.challenge(modality, req.session_id, budget, caller=caller)
 
-    def send_otp(self, req: mfa_pb2.SendOtpRequest, *, caller: Principal | None = None) -> mfa_pb2.SendOtpResponse:
+    def send_otp(self, req: mfa_pb2.SendOtpRequest, *, caller: Principal) -> mfa_pb2.SendOtpResponse:
         return self.challenge("sms_otp", req.session_id, shown=req, caller=caller)
 
     def payee_shown(self, req: mfa_pb2.SendOtpRequest | mfa_pb2.SendPushConfirmationRequest,
@@ -323,7 +324,7 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ factors
     def submit(self, req: mfa_pb2.SubmitFactorRequest, budget: float | None = None, *,
-               caller: Principal | None = None) -> mfa_pb2.SubmitFactorResponse:
+               caller: Principal) -> mfa_pb2.SubmitFactorResponse:
         """Checks the evidence (nothing is written for bad input), charges the attempt to the
         lockout, evaluates it, then settles the charge, records the outcome and its audit record in
         one transaction, which refuses a session decided meanwhile (SESSION_DECIDED)."""
@@ -336,7 +337,7 @@ class Orchestrator:
         return self.submit_evidence(session, name, getattr(req, which), now, budget, caller)[0]
 
     def submit_voice_stream(self, messages: Iterable, budget: float | None = None, *,
-                            caller: Principal | None = None) -> mfa_pb2.SubmitFactorResponse:
+                            caller: Principal) -> mfa_pb2.SubmitFactorResponse:
         """StreamVoiceFactor: the voice factor of submit() with the audio streamed. The header is
         checked as VoiceEvidence is; the chunks are read (within mfa.ivr_stream's limits) while the
         voice service hears them, joined into blocks of up to mfa.ivr_stream.max_hold_s, so a stream
@@ -360,7 +361,7 @@ class Orchestrator:
         return self.submit_evidence(session, "voice", evidence, now, budget, caller)[0]
 
     def submit_evidence(self, session: Session, name: str, evidence: Any, now: datetime, budget: float | None,
-                        caller: Principal | None) -> tuple[mfa_pb2.SubmitFactorResponse, FactorOutcome, Session]:
+                        caller: Principal) -> tuple[mfa_pb2.SubmitFactorResponse, FactorOutcome, Session]:
         """submit() once the evidence's factor is known: (the response, the outcome, the session as stored)."""
         policy = self._policy_of(session)
         self.require_acceptable(policy, session, name)
@@ -369,7 +370,7 @@ class Orchestrator:
         require_room(st.submissions, limit, "factor submissions")
         self.lockouts.check(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
         factor = FACTORS[name]
-        ctx = self.factor_context(session, policy, now, budget, caller)
+        ctx = self.factor_context(session, policy, now, budget, caller=caller)
         factor.validate(ctx, evidence)
         attempt = self.lockouts.attempt(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
         try:
@@ -401,8 +402,8 @@ class Orchestrator:
             # chain (as every writer takes them), so that concurrent submissions cannot deadlock
             with self.rt.storage.transaction():
                 session = self.sessions.mutate(session, change)
-                left = self.lockouts.settle(attempt, outcome, policy.lockout, actor()).attempts_left
-                self.rt.audit.append("mfa.factor", actor(), tenant, subject, {
+                left = self.lockouts.settle(attempt, outcome, policy.lockout, caller.name).attempts_left
+                self.rt.audit.append("mfa.factor", caller.name, tenant, subject, {
                     "session_id": session.id, "factor": name, "passed": outcome.passed, "veto": outcome.veto,
                     "llr": round(outcome.llr, 3), "unavailable": outcome.unavailable,
                     "reasons": [r.code for r in outcome.reasons], "binding": outcome.binding,
@@ -422,7 +423,7 @@ class Orchestrator:
                 outcome, session)
 
     # ------------------------------------------------------------------ decision
-    def decide(self, req: mfa_pb2.DecideRequest, *, caller: Principal | None = None) -> mfa_pb2.DecideResponse:
+    def decide(self, req: mfa_pb2.DecideRequest, *, caller: Principal) -> mfa_pb2.DecideResponse:
         now = self.clock()
         session = self.sessions.load(req.session_id, now, caller)
         policy = self._policy_of(session)
@@ -461,7 +462,7 @@ class Orchestrator:
                         if st.place and st.place[0]:
                             self.store.subject_signals.put(SubjectSignalRecord(
                                 session.tenant_id, session.subject_id, st.place[0], st.place[1], st.place[2], now))
-                    self.rt.audit.append("mfa.decision", actor(), session.tenant_id, session.subject_id, {
+                    self.rt.audit.append("mfa.decision", caller.name, session.tenant_id, session.subject_id, {
                         "session_id": session.id, "outcome": d.outcome, "reasons": [r.code for r in d.reasons],
                         "total_llr": d.total, "acr": d.acr, "amr": list(d.amr), "review_id": review_id,
                         "action": st.action, "policy_version": st.policy_version})
@@ -502,51 +503,53 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ push confirmation
     def send_push(self, req: mfa_pb2.SendPushConfirmationRequest, *,
-                  caller: Principal | None = None) -> mfa_pb2.SendPushConfirmationResponse:
+                  caller: Principal) -> mfa_pb2.SendPushConfirmationResponse:
         return self.push.send(req, caller)
 
     def confirm_transaction(self, req: mfa_pb2.ConfirmTransactionRequest, budget: float | None = None, *,
-                            caller: Principal | None = None) -> mfa_pb2.ConfirmTransactionResponse:
+                            caller: Principal) -> mfa_pb2.ConfirmTransactionResponse:
         return self.push.confirm(req, budget, caller)
 
     def get_push_confirmation(self, req: mfa_pb2.GetPushConfirmationRequest, *,
-                              caller: Principal | None = None) -> mfa_pb2.GetPushConfirmationResponse:
+                              caller: Principal) -> mfa_pb2.GetPushConfirmationResponse:
         return self.push.fetch(req, caller)
 
-    def set_push_token(self, req: mfa_pb2.SetPushTokenRequest) -> mfa_pb2.SetPushTokenResponse:
-        return self.push.set_token(req)
+    def set_push_token(self, req: mfa_pb2.SetPushTokenRequest, *,
+                       caller: Principal) -> mfa_pb2.SetPushTokenResponse:
+        return self.push.set_token(req, caller)
 
     # ------------------------------------------------------------------ devices
     def start_device_registration(self, req: mfa_pb2.StartDeviceRegistrationRequest, *,
-                                  caller: Principal | None = None):
+                                  caller: Principal):
         return self.registry.registration_options(req, caller)
 
     def register_device(self, req: mfa_pb2.RegisterDeviceRequest, *,
-                        caller: Principal | None = None) -> mfa_pb2.RegisterDeviceResponse:
+                        caller: Principal) -> mfa_pb2.RegisterDeviceResponse:
         return self.registry.register(req, caller)
 
     def list_devices(self, req: mfa_pb2.ListDevicesRequest) -> mfa_pb2.ListDevicesResponse:
         return self.registry.list(req)
 
-    def revoke_device(self, req: mfa_pb2.RevokeDeviceRequest) -> mfa_pb2.RevokeDeviceResponse:
-        return self.registry.revoke(req)
+    def revoke_device(self, req: mfa_pb2.RevokeDeviceRequest, *, caller: Principal) -> mfa_pb2.RevokeDeviceResponse:
+        return self.registry.revoke(req, caller)
 
     # ------------------------------------------------------------------ administration
-    def unlock(self, req: mfa_pb2.UnlockSubjectRequest) -> mfa_pb2.UnlockSubjectResponse:
+    def unlock(self, req: mfa_pb2.UnlockSubjectRequest, *, caller: Principal) -> mfa_pb2.UnlockSubjectResponse:
         tenant, subject = subject_ref(req.subject)
         reason = requests.label(req.reason, "reason") if req.reason else "unspecified"
         with self.rt.storage.transaction():  # the unlock and its audit record, or neither
             was_locked = self.lockouts.unlock(tenant, subject)
-            self.rt.audit.append("mfa.subject_unlocked", actor(), tenant, subject,
+            self.rt.audit.append("mfa.subject_unlocked", caller.name, tenant, subject,
                                  {"reason": reason, "had_failures": was_locked})
         return mfa_pb2.UnlockSubjectResponse()
 
     def list_reviews(self, req: mfa_pb2.ListReviewsRequest) -> mfa_pb2.ListReviewsResponse:
         return self.reviews.list(req)
 
-    def resolve_review(self, req: mfa_pb2.ResolveReviewRequest) -> mfa_pb2.ResolveReviewResponse:
+    def resolve_review(self, req: mfa_pb2.ResolveReviewRequest, *,
+                       caller: Principal) -> mfa_pb2.ResolveReviewResponse:
         # the server checked the caller may act for the review's tenant
-        rec, decision = self.reviews.resolve(req.review_id, req.approve, req.note, actor())
+        rec, decision = self.reviews.resolve(req.review_id, req.approve, req.note, caller.name)
         return mfa_pb2.ResolveReviewResponse(review=self.reviews.proto(rec), decision=self._decision_response(decision))
 
     def get_review(self, req: mfa_pb2.GetReviewRequest) -> mfa_pb2.GetReviewResponse:

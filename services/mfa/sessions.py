@@ -54,11 +54,11 @@ class Session:
                    SessionState.from_json(dict(rec.state)))
 
 
-def terminal_may_serve(caller: Principal | None, channel: str, callback_channel: str | None = None) -> None:
+def terminal_may_serve(caller: Principal, channel: str, callback_channel: str | None = None) -> None:
     """Refuses a registered terminal (``caller``, the RPC's principal) a session of another channel
     than its own (the IVR platform may also serve a session it calls the customer back for); any
-    other caller passes, as does None (an in-process caller)."""
-    if caller is not None and caller.terminal_channel is not None and caller.terminal_channel not in (
+    other caller passes (context.SYSTEM, an in-process caller, is no terminal)."""
+    if caller.terminal_channel is not None and caller.terminal_channel not in (
             channel, callback_channel):
         raise errors.permission_denied(
             f"the caller is a registered {caller.terminal_channel} terminal, not one of the {channel} channel: "
@@ -84,7 +84,7 @@ class Sessions:
         rec = self.repo.get(session_id) if SESSION_ID.match(session_id or "") else None
         return rec.tenant_id if rec is not None else None
 
-    def load(self, session_id: str, now: datetime, caller: Principal | None, field: str = "session_id") -> Session:
+    def load(self, session_id: str, now: datetime, caller: Principal, field: str = "session_id") -> Session:
         """A stored, unexpired session that ``caller`` (the RPC's principal) may serve."""
         if not SESSION_ID.match(session_id or ""):
             raise errors.invalid_argument(f"{field} is not a session id", **{field: "malformed"})
@@ -96,7 +96,7 @@ class Sessions:
             raise errors.failed_precondition("the authentication session expired; start a new one", "SESSION_EXPIRED")
         return found
 
-    def open(self, session_id: str, now: datetime, caller: Principal | None) -> Session:
+    def open(self, session_id: str, now: datetime, caller: Principal) -> Session:
         """A session that can still take factors (not yet finally decided)."""
         found = self.load(session_id, now, caller)
         require_open(found.state)

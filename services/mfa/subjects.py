@@ -10,11 +10,12 @@ import grpc
 
 from services.common import errors
 from services.common.api.v1 import common_pb2, mfa_pb2
+from services.common.context import Principal
 from services.common.crypto import envelope_key_id
 from services.common.privacy import mask_phone
 from services.common.runtime import Runtime
 from services.common.storage import ConsentRecord, StillReferencedError
-from services.common.subjects import MODALITY_ENUMS, MODALITY_NAMES, actor, timestamp
+from services.common.subjects import MODALITY_ENUMS, MODALITY_NAMES, timestamp
 from services.common.validation import identifier, label, subject_ref
 
 from .clients import BiometricClient, ServiceUnavailable
@@ -43,7 +44,8 @@ def _to_proto(rec: ConsentRecord) -> common_pb2.Consent:
     )
 
 
-def record_consent(rt: Runtime, request: common_pb2.RecordConsentRequest) -> common_pb2.RecordConsentResponse:
+def record_consent(rt: Runtime, request: common_pb2.RecordConsentRequest, *,
+                   caller: Principal) -> common_pb2.RecordConsentResponse:
     c = request.consent
     tenant, subject = subject_ref(c.subject, "consent.subject")
     purpose = _purpose(c.purpose, "consent.purpose")
@@ -59,19 +61,20 @@ def record_consent(rt: Runtime, request: common_pb2.RecordConsentRequest) -> com
         rec = rt.storage.subjects.record_consent(
             ConsentRecord(tenant, subject, purpose, modalities, policy, evidence_ref=evidence)
         )
-        rt.audit.append("consent.recorded", actor(), tenant, subject,
+        rt.audit.append("consent.recorded", caller.name, tenant, subject,
                         {"purpose": purpose, "modalities": list(modalities), "policy_version": policy})
     return common_pb2.RecordConsentResponse(consent=_to_proto(rec))
 
 
-def withdraw_consent(rt: Runtime, request: common_pb2.WithdrawConsentRequest) -> common_pb2.WithdrawConsentResponse:
+def withdraw_consent(rt: Runtime, request: common_pb2.WithdrawConsentRequest, *,
+                     caller: Principal) -> common_pb2.WithdrawConsentResponse:
     tenant, subject = subject_ref(request.subject)
     purpose = _purpose(request.purpose, "purpose")
     with rt.storage.transaction():  # the withdrawal and its audit record, or neither
         rec = rt.storage.subjects.withdraw_consent(tenant, subject, purpose)
         if rec is None:
             raise errors.not_found("no consent of that purpose is recorded for this subject", reason="NO_CONSENT")
-        rt.audit.append("consent.withdrawn", actor(), tenant, subject, {"purpose": purpose})
+        rt.audit.append("consent.withdrawn", caller.name, tenant, subject, {"purpose": purpose})
     return common_pb2.WithdrawConsentResponse(consent=_to_proto(rec))
 
 
@@ -82,7 +85,7 @@ def get_consent(rt: Runtime, request: common_pb2.GetConsentRequest) -> common_pb
 
 def delete_subject(rt: Runtime, store: MfaStore, clients: dict[str, BiometricClient],
                    request: common_pb2.DeleteSubjectRequest, budget: float | None,
-                   rate_keys: Callable[[str, str], list[str]]) -> common_pb2.DeleteSubjectResponse:
+                   rate_keys: Callable[[str, str], list[str]], *, caller: Principal) -> common_pb2.DeleteSubjectResponse:
     """Erases the subject in every modality. The face and voice services erase their templates
     through their own DeleteSubject (each with its audit record); then, in one transaction with the
     audit record, the MFA erases its own rows (devices, OTP state, sessions, reviews, lockouts,
@@ -112,7 +115,7 @@ def delete_subject(rt: Runtime, store: MfaStore, clients: dict[str, BiometricCli
             counters = sum(rt.storage.rate_limits.reset(key) for key in rate_keys(tenant, subject))
             own = store.erase_subject(tenant, subject)
             shared = rt.storage.erase_subject(tenant, subject)
-            row = rt.audit.append("subject.erased", actor(), tenant, subject, {
+            row = rt.audit.append("subject.erased", caller.name, tenant, subject, {
                 "reason": reason, "templates": sum(templates.values()), "devices": own.devices,
                 "otp_challenges": own.otp, "sessions": own.sessions, "consents": shared.consents,
                 "contact_erased": shared.contact_erased, "rate_counters": counters,
@@ -127,7 +130,7 @@ def delete_subject(rt: Runtime, store: MfaStore, clients: dict[str, BiometricCli
 
 
 def set_phone_number(rt: Runtime, request: mfa_pb2.SetPhoneNumberRequest, store: MfaStore | None = None,
-                     now: datetime | None = None) -> mfa_pb2.SetPhoneNumberResponse:
+                     now: datetime | None = None, *, caller: Principal) -> mfa_pb2.SetPhoneNumberResponse:
     """A number replacing another one starts the SIM-swap cooling-off (the subject's signals)."""
     tenant, subject = subject_ref(request.subject)
     phone = request.phone_e164.replace(" ", "")
@@ -141,5 +144,5 @@ def set_phone_number(rt: Runtime, request: mfa_pb2.SetPhoneNumberRequest, store:
         rt.storage.subjects.set_phone(tenant, subject, envelope, envelope_key_id(envelope))
         if changed and store is not None:
             store.subject_signals.phone_changed(tenant, subject, now or datetime.now(timezone.utc))
-        rt.audit.append("contact.phone_set", actor(), tenant, subject, {"changed": changed})
+        rt.audit.append("contact.phone_set", caller.name, tenant, subject, {"changed": changed})
     return mfa_pb2.SetPhoneNumberResponse(masked_phone=mask_phone(phone))

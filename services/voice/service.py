@@ -21,13 +21,13 @@ import numpy as np
 
 from services.common import context, errors, subjects
 from services.common.api.v1 import common_pb2, voice_pb2
+from services.common.context import Principal
 from services.common.modality.challenges import Challenges, nonce_field
 from services.common.modality.readiness import ReadinessGate
 from services.common.modality.reasons import entry, reason, refusal
 from services.common.modality.templates import Templates
 from services.common.runtime import Runtime
 from services.common.stream_end import check_end, hung_up
-from services.common.subjects import actor
 from services.common.validation import subject_ref
 
 from . import enrolment, metrics, replay
@@ -138,16 +138,16 @@ class VoiceService:
 
     # -- RPCs ----------------------------------------------------------------------------------
 
-    def start_voice_challenge(self, request: voice_pb2.StartVoiceChallengeRequest) -> voice_pb2.StartVoiceChallengeResponse:
+    def start_voice_challenge(self, request: voice_pb2.StartVoiceChallengeRequest, *, caller: Principal) -> voice_pb2.StartVoiceChallengeResponse:
         tenant, subject = subject_ref(request.subject)
         digits = "".join(secrets.choice("0123456789") for _ in range(self.cfg.challenge_digits))
         rec = self.challenges.issue(tenant, subject, {"digits": digits}, self.cfg.challenge_ttl_s,
-                                    {"digits_count": len(digits)})
+                                    {"digits_count": len(digits)}, caller)
         return voice_pb2.StartVoiceChallengeResponse(
             challenge=common_pb2.Challenge(nonce=rec.nonce, expires_at=subjects.timestamp(rec.expires_at)),
             digits=" ".join(digits))
 
-    def enroll(self, request: voice_pb2.EnrollVoiceRequest) -> voice_pb2.EnrollVoiceResponse:
+    def enroll(self, request: voice_pb2.EnrollVoiceRequest, *, caller: Principal) -> voice_pb2.EnrollVoiceResponse:
         tenant, subject = subject_ref(request.subject)
         n = len(request.utterances)
         if not self.cfg.min_utterances <= n <= self.cfg.max_utterances:
@@ -186,7 +186,7 @@ class VoiceService:
         try:
             chosen = enrolment.keep_passing(prepared, layers, self.cfg)
         except enrolment.EnrolmentRefused as err:
-            self.rt.audit.append("voice.enrol_refused", actor(), tenant, subject, {
+            self.rt.audit.append("voice.enrol_refused", caller.name, tenant, subject, {
                 "reason": err.code, "channel": family, "refused_utterances": err.refused,
                 "synthetic_scores": scores})
             raise refusal(err.code, err.message, metadata=err.metadata) from None
@@ -197,7 +197,8 @@ class VoiceService:
             tenant, subject, eng.model_id, template, channel=family, samples=len(kept),
             quality={"net_speech_s": round(kept_speech, 2), "utterances": len(kept)}, replace=request.replace,
             details={"utterances": len(kept), "net_speech_s": round(kept_speech, 2), "replace": bool(request.replace),
-                     "refused_utterances": refused, **({"synthetic_scores": scores} if refused else {})})
+                     "refused_utterances": refused, **({"synthetic_scores": scores} if refused else {})},
+            caller=caller)
         for p in kept:
             eng.replay.remember(tenant, subject, replay.fingerprint(p.samples))
         active = {m.id for m in self.rt.models.manifest.models if m.active}
@@ -211,7 +212,7 @@ class VoiceService:
             qualities.append(q)
         return voice_pb2.EnrollVoiceResponse(template=subjects.template_info(stored, active), utterances=qualities)
 
-    def verify(self, request: voice_pb2.VerifyVoiceRequest) -> voice_pb2.VerifyVoiceResponse:
+    def verify(self, request: voice_pb2.VerifyVoiceRequest, *, caller: Principal) -> voice_pb2.VerifyVoiceResponse:
         tenant, subject = subject_ref(request.subject)
         family_hint = self._family(request.channel, None) if request.channel else None
         nonce = nonce_field(request.challenge_nonce, "challenge_nonce", required=False)
@@ -226,9 +227,9 @@ class VoiceService:
             prepared = eng.pipeline.prepare(request.audio.data, fmt, "verify")
         except AudioError as err:
             raise audio_error(err, "audio") from None
-        return self._decide(tenant, subject, prepared, request.channel, nonce, "unary")
+        return self._decide(tenant, subject, prepared, request.channel, nonce, "unary", caller)
 
-    def stream_verify(self, request_iterator: Iterable) -> voice_pb2.VerifyVoiceResponse:
+    def stream_verify(self, request_iterator: Iterable, *, caller: Principal) -> voice_pb2.VerifyVoiceResponse:
         requests: Iterator = iter(request_iterator)
         first = next(requests, None)
         if first is None or first.WhichOneof("part") != "header":
@@ -267,31 +268,31 @@ class VoiceService:
             prepared = stream.finish()
         except AudioError as err:
             raise audio_error(err, "chunk") from None
-        return self._decide(tenant, subject, prepared, h.channel, nonce, "stream")
+        return self._decide(tenant, subject, prepared, h.channel, nonce, "stream", caller)
 
-    def get_enrollment(self, request: common_pb2.GetEnrollmentRequest) -> common_pb2.GetEnrollmentResponse:
+    def get_enrollment(self, request: common_pb2.GetEnrollmentRequest, *, caller: Principal) -> common_pb2.GetEnrollmentResponse:
         return subjects.get_enrollment(self.rt, request, "voice")
 
-    def delete_subject(self, request: common_pb2.DeleteSubjectRequest) -> common_pb2.DeleteSubjectResponse:
+    def delete_subject(self, request: common_pb2.DeleteSubjectRequest, *, caller: Principal) -> common_pb2.DeleteSubjectResponse:
         with self.rt.storage.transaction():  # the database replay store erases in the same transaction
-            response = subjects.delete_modality(self.rt, request, "voice")
+            response = subjects.delete_modality(self.rt, request, "voice", caller)
             self.replay.erase(*subject_ref(request.subject))
         return response
 
     # -- the decision --------------------------------------------------------------------------
 
     def _decide(self, tenant: str, subject: str, prepared: PreparedAudio, channel: int, nonce: str | None,
-                via: str) -> voice_pb2.VerifyVoiceResponse:
+                via: str, caller: Principal) -> voice_pb2.VerifyVoiceResponse:
         eng = self.ready.get()
         family = self._family(channel, prepared)
         template = self._template(tenant, subject, family)
         target_fmr, synthetic_on = self._policy(tenant, family)
         # The request is whole and valid: only now is the challenge spent.
-        expected = str(self.challenges.consume(tenant, subject, nonce).payload["digits"]) if nonce else None
+        expected = str(self.challenges.consume(tenant, subject, nonce, caller).payload["digits"]) if nonce else None
         decision = eng.decide(tenant, subject, template, prepared, family, target_fmr, synthetic_on, expected)
         context.done_with_models()
         metrics.record_verification(decision)
-        self.rt.audit.append("voice.verified", actor(), tenant, subject, {
+        self.rt.audit.append("voice.verified", caller.name, tenant, subject, {
             **decision.audit(), "via": via, "net_speech_s": round(prepared.net_speech_s, 2)})
         return self._response(decision, prepared)
 

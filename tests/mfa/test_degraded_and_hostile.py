@@ -10,6 +10,7 @@ from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.errors import ServiceError, details_of
 from services.mfa import devices, subjects
 from services.mfa.storage import DeviceRecord
+from services.common.context import SYSTEM
 from tests.mfa.conftest import App, outbox_codes, setup_subject, subject
 
 F = mfa_pb2
@@ -26,17 +27,17 @@ def bound_app(orch, ref):
 
 def test_face_down_gives_review_with_otp_and_bound_device_never_allow(orch):
     ref = common_pb2.SubjectRef(tenant_id="bank-a", subject_id="cust-42")
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"), caller=SYSTEM)
     app = bound_app(orch, ref)
     req = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device)
-    s = app.opened(req, orch.start(req))
+    s = app.opened(req, orch.start(req, caller=SYSTEM))
     assert s.device_bound
-    r = orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=app.face(s, b"jpeg")))
+    r = orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=app.face(s, b"jpeg")), caller=SYSTEM)
     assert r.result.reasons[0].code == "FACE_SERVICE_UNAVAILABLE" and not r.result.passed
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
-    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
-    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s)))
-    d = orch.decide(F.DecideRequest(session_id=s.session_id))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])), caller=SYSTEM)
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s)), caller=SYSTEM)
+    d = orch.decide(F.DecideRequest(session_id=s.session_id), caller=SYSTEM)
     assert d.outcome == F.OUTCOME_REVIEW and "DEGRADED_MODE" in [x.code for x in d.reasons] and d.review_id
 
 
@@ -45,10 +46,10 @@ def test_an_open_circuit_plans_degraded_mode_from_the_start(orch):
     app = bound_app(orch, ref)
     for _ in range(orch.rt.settings.clients.face.breaker_failures):
         req = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device)
-        s = app.opened(req, orch.start(req))
-        orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=app.face(s, b"x")))
+        s = app.opened(req, orch.start(req, caller=SYSTEM))
+        orch.submit(F.SubmitFactorRequest(session_id=s.session_id, face=app.face(s, b"x")), caller=SYSTEM)
     assert not orch.clients["face"].available
-    s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device))
+    s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device), caller=SYSTEM)
     acceptable = [sorted(F.FactorType.Name(f) for f in fs.factors) for fs in s.acceptable]
     assert ["FACTOR_TYPE_DEVICE", "FACTOR_TYPE_SMS_OTP"] in acceptable
     assert not any("FACTOR_TYPE_FACE" in fs for fs in acceptable)
@@ -239,12 +240,12 @@ def test_a_decision_reached_concurrently_is_taken_once(orch):
     import threading
 
     ref = common_pb2.SubjectRef(tenant_id="otp-bank", subject_id="cust-77")
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
-    s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=App().device))
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
-    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"), caller=SYSTEM)
+    s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=App().device), caller=SYSTEM)
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])), caller=SYSTEM)
     tokens = []
-    threads = [threading.Thread(target=lambda: tokens.append(orch.decide(F.DecideRequest(session_id=s.session_id)).token))
+    threads = [threading.Thread(target=lambda: tokens.append(orch.decide(F.DecideRequest(session_id=s.session_id), caller=SYSTEM).token))
                for _ in range(6)]
     for t in threads:
         t.start()
@@ -257,7 +258,7 @@ def test_a_decision_reached_concurrently_is_taken_once(orch):
 
 def test_errors_are_service_errors_in_process(orch):
     with pytest.raises(ServiceError):
-        orch.decide(F.DecideRequest(session_id="nope"))
+        orch.decide(F.DecideRequest(session_id="nope"), caller=SYSTEM)
 
 
 def test_delete_subject_with_the_biometric_services_down_names_them_and_erases_nothing(orch):
@@ -265,12 +266,12 @@ def test_delete_subject_with_the_biometric_services_down_names_them_and_erases_n
     ref = common_pb2.SubjectRef(tenant_id="bank-a", subject_id="cust-77")
     subjects.record_consent(orch.rt, common_pb2.RecordConsentRequest(consent=common_pb2.Consent(
         subject=ref, purpose=common_pb2.CONSENT_PURPOSE_BIOMETRIC_VERIFICATION,
-        modalities=[common_pb2.MODALITY_FACE], granted=True, policy_version="privacy-2025-01")))
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
+        modalities=[common_pb2.MODALITY_FACE], granted=True, policy_version="privacy-2025-01")), caller=SYSTEM)
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"), caller=SYSTEM)
     app = bound_app(orch, ref)
     with pytest.raises(ServiceError) as err:
         subjects.delete_subject(orch.rt, orch.store, orch.clients, common_pb2.DeleteSubjectRequest(subject=ref), None,
-                                orch.rate_limit_keys)
+                                orch.rate_limit_keys, caller=SYSTEM)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     assert err.value.reason == "FACE_AND_VOICE_SERVICE_UNAVAILABLE"
     assert "the face service" in err.value.message and "the voice service" in err.value.message

@@ -12,6 +12,7 @@ import pytest
 
 from services.common.api.v1 import mfa_pb2
 from services.common.errors import ServiceError, details_of
+from services.common.context import SYSTEM
 from tests.conftest import race
 from tests.mfa.conftest import App, outbox_codes, phone_device, setup_subject, subject
 from tests.mfa.test_flows import bind, otp_round, start
@@ -102,20 +103,20 @@ def test_a_locked_subject_on_a_bound_device_must_prove_the_key_before_a_decision
     from services.mfa import subjects
 
     ref = subject(TENANT, "cust-claim")
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"), caller=SYSTEM)
     app = _bound_in_process(orch, ref)
     orch.store.lockouts.record_failure(TENANT, "subject", ref.subject_id, ref.subject_id, 1000)
     req = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=app.device)
-    s = app.opened(req, orch.start(req))  # not refused: it claims the bound device
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
-    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
-    d = orch.decide(F.DecideRequest(session_id=s.session_id))
+    s = app.opened(req, orch.start(req, caller=SYSTEM))  # not refused: it claims the bound device
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])), caller=SYSTEM)
+    d = orch.decide(F.DecideRequest(session_id=s.session_id), caller=SYSTEM)
     assert d.outcome == F.OUTCOME_DENY and d.reasons[0].code == "SUBJECT_LOCKED"
-    s = app.opened(req, orch.start(req))  # the same, and the bound key proven
-    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s)))
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
-    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
-    assert orch.decide(F.DecideRequest(session_id=s.session_id)).outcome == F.OUTCOME_ALLOW
+    s = app.opened(req, orch.start(req, caller=SYSTEM))  # the same, and the bound key proven
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s)), caller=SYSTEM)
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
+    orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])), caller=SYSTEM)
+    assert orch.decide(F.DecideRequest(session_id=s.session_id), caller=SYSTEM).outcome == F.OUTCOME_ALLOW
 
 
 def _bound_in_process(orch, ref):
@@ -144,15 +145,15 @@ def test_delays_grow_then_the_lock_is_bounded_and_an_admin_may_lift_it_sooner(or
 
     (orch.policies.policy_dir / "lock-bank.yaml").write_text(LOCK_POLICY)
     ref = subject("lock-bank", "cust-slow")
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"), caller=SYSTEM)
     req = F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login", device=App().device)
-    s = orch.start(req)
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    s = orch.start(req, caller=SYSTEM)
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     wrong = f"{(int(outbox_codes(orch.rt.settings)[-1]) + 1) % 10 ** 6:06d}"
 
     def attempt():
         try:
-            return orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=wrong)))
+            return orch.submit(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=wrong)), caller=SYSTEM)
         except ServiceError as err:
             return err
 
@@ -172,19 +173,19 @@ def test_delays_grow_then_the_lock_is_bounded_and_an_admin_may_lift_it_sooner(or
     for wait, locked in ((890, True), (20, False)):  # the subject's lock lasts subject_lock_s (900 s)
         clock.advance(wait)
         try:
-            orch.start(elsewhere)
+            orch.start(elsewhere, caller=SYSTEM)
             assert not locked
         except ServiceError as exc:
             assert locked and exc.reason == "SUBJECT_LOCKED"
     with pytest.raises(ServiceError) as locked:  # the device the failures came from: device_lock_s (3600 s)
-        orch.start(req)
+        orch.start(req, caller=SYSTEM)
     assert locked.value.reason == "DEVICE_LOCKED"
     orch.store.lockouts.record_failure("lock-bank", "subject", ref.subject_id, ref.subject_id, 1000, clock())
     with pytest.raises(ServiceError) as locked:
-        orch.start(elsewhere)
+        orch.start(elsewhere, caller=SYSTEM)
     assert locked.value.reason == "SUBJECT_LOCKED"
-    orch.unlock(F.UnlockSubjectRequest(subject=ref, reason="identity-verified"))  # the subject and its devices
-    assert orch.start(elsewhere).session_id and orch.start(req).session_id
+    orch.unlock(F.UnlockSubjectRequest(subject=ref, reason="identity-verified"), caller=SYSTEM)  # the subject and its devices
+    assert orch.start(elsewhere, caller=SYSTEM).session_id and orch.start(req, caller=SYSTEM).session_id
 
 
 def test_a_factor_racing_the_decision_is_in_it_or_refused_never_after_it(stub, mfa_server):
@@ -240,9 +241,9 @@ def test_an_admin_change_whose_audit_record_fails_is_not_made(orch, change, monk
     monkeypatch.setattr(orch.rt.audit, "append", audit_down)
     with pytest.raises(RuntimeError):
         if change == "unlock":
-            orch.unlock(F.UnlockSubjectRequest(subject=ref, reason="identity-verified"))
+            orch.unlock(F.UnlockSubjectRequest(subject=ref, reason="identity-verified"), caller=SYSTEM)
         else:
-            orch.revoke_device(F.RevokeDeviceRequest(subject=ref, device_id=app.device_id))
+            orch.revoke_device(F.RevokeDeviceRequest(subject=ref, device_id=app.device_id), caller=SYSTEM)
     assert orch.store.lockouts.get("lock-bank", "subject", ref.subject_id) is not None
     assert orch.store.devices.get("lock-bank", app.device_id).revoked_at is None
 

@@ -17,6 +17,7 @@ from services.common.errors import ServiceError, details_of
 from services.mfa import subjects
 from services.mfa.otp import new_code
 from services.mfa.sms import HttpSmsGateway, SmsError
+from services.common.context import SYSTEM
 from tests.mfa.conftest import App, outbox_codes
 
 F = mfa_pb2
@@ -25,17 +26,17 @@ PHONE = "+8613800135678"
 
 def enrol(orch, tenant="otp-bank", sid="cust-0001", phone=PHONE):
     ref = common_pb2.SubjectRef(tenant_id=tenant, subject_id=sid)
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=phone))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=phone), caller=SYSTEM)
     return ref
 
 
 def session(orch, ref):
     return orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login",
-                                                   device=App().device))
+                                                   device=App().device), caller=SYSTEM)
 
 
 def submit(orch, sid, code):
-    return orch.submit(F.SubmitFactorRequest(session_id=sid, otp=F.OtpEvidence(code=code)))
+    return orch.submit(F.SubmitFactorRequest(session_id=sid, otp=F.OtpEvidence(code=code)), caller=SYSTEM)
 
 
 def test_codes_are_six_random_digits():
@@ -48,7 +49,7 @@ def test_codes_are_six_random_digits():
 def test_the_code_is_stored_keyed_hashed_and_works_once(orch):
     ref = enrol(orch)
     s = session(orch, ref)
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     code = outbox_codes(orch.rt.settings)[-1]
     with orch.rt.storage.db.read() as q:
         rows = q.all("SELECT code_hash FROM otp_challenges")
@@ -63,7 +64,7 @@ def test_the_code_is_stored_keyed_hashed_and_works_once(orch):
 def test_the_code_expires(orch, clock):
     ref = enrol(orch)
     s = session(orch, ref)
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     code = outbox_codes(orch.rt.settings)[-1]
     clock.advance(orch.policies.get("otp-bank").factors.sms_otp.ttl_s + 1)
     r = submit(orch, s.session_id, code)
@@ -73,9 +74,9 @@ def test_the_code_expires(orch, clock):
 def test_a_new_code_replaces_the_previous_one(orch):
     ref = enrol(orch)
     s = session(orch, ref)
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     first = outbox_codes(orch.rt.settings)[-1]
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     second = outbox_codes(orch.rt.settings)[-1]
     if first != second:
         assert not submit(orch, s.session_id, first).result.passed
@@ -94,24 +95,24 @@ def test_resend_cool_down_and_rate_limits(tmp_path, clock):
         ref = enrol(orch, "bank-a", "cust-1")
         s = session(orch, ref)
         clock.room_in_window(3600, 6 * 31 + 60)  # the per-phone limit counts in hour-aligned windows
-        sent = orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+        sent = orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
         assert sent.resend_after.seconds - sent.expires_at.seconds == 30 - 300
         with pytest.raises(ServiceError) as err:
-            orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+            orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.reason == "OTP_COOLDOWN"
         assert int(err.value.metadata["retry_after_s"]) <= 30
         for _ in range(4):
             clock.advance(31)
-            orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+            orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
         clock.advance(31)
         with pytest.raises(ServiceError) as err:  # 5 per phone per hour
-            orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+            orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.reason == "OTP_RATE_LIMITED"
         # another subject with the same phone number shares the phone's budget
         other = enrol(orch, "bank-a", "cust-2")
         s2 = session(orch, other)
         with pytest.raises(ServiceError) as err:
-            orch.send_otp(F.SendOtpRequest(session_id=s2.session_id))
+            orch.send_otp(F.SendOtpRequest(session_id=s2.session_id), caller=SYSTEM)
         assert err.value.reason == "OTP_RATE_LIMITED" and "phone" in err.value.message
     finally:
         orch.close()
@@ -122,12 +123,12 @@ def test_no_phone_is_a_failed_precondition_and_the_sink_masks_the_number(orch, c
     ref = common_pb2.SubjectRef(tenant_id="otp-bank", subject_id="cust-nophone")
     s = session(orch, ref)
     with pytest.raises(ServiceError) as err:
-        orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+        orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     assert err.value.reason == "NO_PHONE"
     ref = enrol(orch)
     s = session(orch, ref)
     caplog.set_level("DEBUG")
-    assert orch.send_otp(F.SendOtpRequest(session_id=s.session_id)).masked_phone == "+86 *** **** 5678"
+    assert orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM).masked_phone == "+86 *** **** 5678"
     outbox = (orch.rt.settings.data_dir / "sms-outbox.jsonl").read_text()
     assert PHONE not in outbox and "+86 *** **** 5678" in outbox
     code = outbox_codes(orch.rt.settings)[-1]
@@ -149,21 +150,21 @@ def test_a_payments_code_names_its_amount_and_the_payee_shown(orch):
     payee = F.Payee(name="Li Lei", account_masked="6222 **** **** 1234")
     pay = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="payment",
                                                   device=App().device, payee=payee,
-                                                  amount=F.Money(currency="CNY", amount_minor=490000)))
+                                                  amount=F.Money(currency="CNY", amount_minor=490000)), caller=SYSTEM)
     other = F.Payee(name="Han Meimei", account_masked="6222 **** **** 9999")
     with pytest.raises(ServiceError) as err:  # not the payee the session started with: nothing is sent
-        orch.send_otp(F.SendOtpRequest(session_id=pay.session_id, payee=other))
+        orch.send_otp(F.SendOtpRequest(session_id=pay.session_id, payee=other), caller=SYSTEM)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "payee is not the one" in err.value.message
     assert not (orch.rt.settings.data_dir / "sms-outbox.jsonl").exists()
-    orch.send_otp(F.SendOtpRequest(session_id=pay.session_id, payee=payee))
+    orch.send_otp(F.SendOtpRequest(session_id=pay.session_id, payee=payee), caller=SYSTEM)
     code = outbox_codes(orch.rt.settings)[-1]
     assert texts()[-1].startswith(f"{code} is your code for payment of CNY 4,900.00 to Li Lei (6222 **** **** 1234). ")
     assert submit(orch, pay.session_id, code).result.passed
     orch.send_otp(F.SendOtpRequest(session_id=orch.start(F.StartAuthenticationRequest(
         subject=ref, channel=F.CHANNEL_APP, action="payment", device=App().device, payee=payee,
-        amount=F.Money(currency="JPY", amount_minor=4900))).session_id, payee=payee))
+        amount=F.Money(currency="JPY", amount_minor=4900)), caller=SYSTEM).session_id, payee=payee), caller=SYSTEM)
     assert " is your code for payment of JPY 4,900 to Li Lei (6222 **** **** 1234). " in texts()[-1]
-    orch.send_otp(F.SendOtpRequest(session_id=session(orch, ref).session_id))
+    orch.send_otp(F.SendOtpRequest(session_id=session(orch, ref).session_id), caller=SYSTEM)
     assert " is your verification code. " in texts()[-1]
 
 
@@ -175,7 +176,7 @@ def test_a_payments_code_is_not_sent_without_the_payee(orch):
     payee = F.Payee(name="Li Lei", account_masked="6222 **** **** 1234")
     pay = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="payment",
                                                   device=App().device, payee=payee,
-                                                  amount=F.Money(currency="CNY", amount_minor=490000)))
+                                                  amount=F.Money(currency="CNY", amount_minor=490000)), caller=SYSTEM)
 
     def written():
         with orch.rt.storage.db.read() as q:
@@ -183,18 +184,18 @@ def test_a_payments_code_is_not_sent_without_the_payee(orch):
                     orch.sessions.get(pay.session_id).version)
     before = written()
     with pytest.raises(ServiceError) as err:
-        orch.send_otp(F.SendOtpRequest(session_id=pay.session_id))
+        orch.send_otp(F.SendOtpRequest(session_id=pay.session_id), caller=SYSTEM)
     e = err.value
     assert (e.code, e.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "PAYEE_REQUIRED")
     assert [f for f, _ in e.field_violations] == ["payee"]
     assert "payee" in e.message and "StartAuthentication" in e.message  # what to send: the payee it started with
     assert not (orch.rt.settings.data_dir / "sms-outbox.jsonl").exists() and written() == before
-    orch.send_otp(F.SendOtpRequest(session_id=pay.session_id, payee=payee))  # named: sent
+    orch.send_otp(F.SendOtpRequest(session_id=pay.session_id, payee=payee), caller=SYSTEM)  # named: sent
     assert len(outbox_codes(orch.rt.settings)) == 1
     # a login names no payee, and may not invent one
-    orch.send_otp(F.SendOtpRequest(session_id=session(orch, ref).session_id))
+    orch.send_otp(F.SendOtpRequest(session_id=session(orch, ref).session_id), caller=SYSTEM)
     with pytest.raises(ServiceError) as err:
-        orch.send_otp(F.SendOtpRequest(session_id=session(orch, ref).session_id, payee=payee))
+        orch.send_otp(F.SendOtpRequest(session_id=session(orch, ref).session_id, payee=payee), caller=SYSTEM)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "payee is not the one" in err.value.message
 
 
@@ -294,14 +295,14 @@ def test_a_failed_send_is_unavailable_and_its_code_is_void(tmp_path, clock, fake
         s = session(orch, ref)
         fake.script = [500, 500]
         with pytest.raises(ServiceError) as err:
-            orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+            orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.reason == "SMS_GATEWAY_FAILED"
         code = re.match(r"\d+", fake.requests[-1]["body"]["text"]).group()
         with pytest.raises(ServiceError) as err:  # never delivered: never usable
             submit(orch, s.session_id, code)
         assert err.value.reason == "OTP_NOT_SENT"
         assert orch.store.otp.get_active_for_session(s.session_id, clock()) is None
-        sent = orch.send_otp(F.SendOtpRequest(session_id=s.session_id))  # no cool-down was spent
+        sent = orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)  # no cool-down was spent
         assert sent.masked_phone
         code = re.match(r"\d+", fake.requests[-1]["body"]["text"]).group()
         assert submit(orch, s.session_id, code).result.passed

@@ -13,6 +13,7 @@ import pytest
 
 from services.common.api.v1 import mfa_pb2
 from services.common.errors import details_of
+from services.common.context import SYSTEM
 from tests.conftest import race
 from tests.mfa.conftest import App, outbox_codes, setup_subject, subject
 from tests.mfa.test_flows import bind, start
@@ -80,7 +81,7 @@ def test_of_two_codes_sent_concurrently_only_the_newest_works_and_once(orch, mon
         both_looked.wait()
         return create(rec)
     monkeypatch.setattr(orch.store.otp, "create", create_after_both_looked)
-    sent = race(2, lambda i: orch.send_otp(F.SendOtpRequest(session_id=s.session_id)))
+    sent = race(2, lambda i: orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM))
     assert not any(isinstance(r, Exception) for r in sent), sent
     codes = outbox_codes(orch.rt.settings)[-2:]
     answers = [submit(orch, s.session_id, code).result for code in codes + codes]
@@ -143,7 +144,7 @@ def test_a_lapsed_lock_forgotten_by_one_call_keeps_the_failure_another_charged_m
 
     ref = enrol(orch, sid="cust-lapsed-lock")
     s = session(orch, ref)
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     wrong = f"{(int(outbox_codes(orch.rt.settings)[-1]) + 1) % 10 ** 6:06d}"
     lock_s = orch.policies.get(ref.tenant_id).lockout.subject_lock_s
     orch.store.lockouts.record_failure(ref.tenant_id, "subject", ref.subject_id, ref.subject_id, LOCK_COST,
@@ -177,18 +178,18 @@ def test_a_challenge_asked_as_the_session_is_decided_is_refused_and_sends_nothin
     from tests.mfa.test_otp_sms import enrol, session, submit
 
     s = session(orch, enrol(orch, sid="cust-late-otp"))
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     assert submit(orch, s.session_id, outbox_codes(orch.rt.settings)[-1]).result.passed
     check, decided = orch.lockouts.check, list[F.DecideResponse]()
 
     def decided_meanwhile(*args, **kw):
         if not decided:
-            decided.append(orch.decide(F.DecideRequest(session_id=s.session_id)))
+            decided.append(orch.decide(F.DecideRequest(session_id=s.session_id), caller=SYSTEM))
         return check(*args, **kw)
     monkeypatch.setattr(orch.lockouts, "check", decided_meanwhile)
     before, sent = orch.sessions.get(s.session_id), len(outbox_codes(orch.rt.settings))
     with pytest.raises(ServiceError) as err:
-        orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+        orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     assert decided[0].outcome == F.OUTCOME_ALLOW and err.value.reason == "SESSION_DECIDED"
     assert len(outbox_codes(orch.rt.settings)) == sent
     after = orch.sessions.get(s.session_id)

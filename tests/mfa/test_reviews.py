@@ -17,6 +17,7 @@ from services.common.client import connect
 from services.common.errors import details_of
 from services.mfa import webhooks
 from services.mfa.tokens import verify_token
+from services.common.context import SYSTEM
 from tests.mfa.conftest import OTP_POLICY, App, outbox_codes, settings_for, setup_subject, subject
 
 F = mfa_pb2
@@ -318,11 +319,11 @@ def review_in_process(orch, ref) -> tuple[str, str]:
     """A login a fraud-script phrase sends to review, on an in-process orchestrator: (session, review)."""
     s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login",
                                                 device=App().device,
-                                                context=F.ContextSignals(conversation_text="AnyDesk please")))
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+                                                context=F.ContextSignals(conversation_text="AnyDesk please")), caller=SYSTEM)
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     orch.submit(F.SubmitFactorRequest(session_id=s.session_id,
-                                      otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
-    return s.session_id, orch.decide(F.DecideRequest(session_id=s.session_id)).review_id
+                                      otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])), caller=SYSTEM)
+    return s.session_id, orch.decide(F.DecideRequest(session_id=s.session_id), caller=SYSTEM).review_id
 
 
 def test_the_sweep_expires_overdue_cases_without_a_caller(orch, clock, tmp_path):
@@ -330,7 +331,7 @@ def test_the_sweep_expires_overdue_cases_without_a_caller(orch, clock, tmp_path)
 
     with_review_tenant(tmp_path)
     ref = common_pb2.SubjectRef(tenant_id=TENANT, subject_id="cust-sweep")
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE), caller=SYSTEM)
     ids = []
     for _ in range(2):
         ids.append(review_in_process(orch, ref))
@@ -353,7 +354,7 @@ def test_the_final_decisions_of_reviews_are_counted_as_coming_from_a_review(orch
     with_review_tenant(tmp_path)
     refs = [common_pb2.SubjectRef(tenant_id=TENANT, subject_id=f"cust-counted-{i}") for i in range(3)]
     for ref in refs:
-        subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE))
+        subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE), caller=SYSTEM)
     opened = Counted("biogate_mfa_decisions_total", outcome="review", source="decide")
     final = {(o, src): Counted("biogate_mfa_decisions_total", outcome=o, source=src)
              for o in ("allow", "deny") for src in ("decide", "review")}
@@ -366,7 +367,7 @@ def test_the_final_decisions_of_reviews_are_counted_as_coming_from_a_review(orch
     orch.reviews.resolve(reject, False, "", "admin-1")
     clock.advance(orch.settings.mfa.reviews.ttl_s)
     assert orch.reviews.expire_due() == 1 and orch.store.reviews.get(expire).status == "expired"
-    orch.decide(F.DecideRequest(session_id=cases[0][0]))  # reading the final decision is no new one
+    orch.decide(F.DecideRequest(session_id=cases[0][0]), caller=SYSTEM)  # reading the final decision is no new one
     assert opened.delta == 3
     assert {k: c.delta for k, c in final.items()} == {
         ("allow", "decide"): 0, ("allow", "review"): 1, ("deny", "decide"): 0, ("deny", "review"): 2}
@@ -541,7 +542,7 @@ def test_an_event_committed_before_a_crash_is_delivered_by_the_next_process(tmp_
     rt = Runtime.open(settings)
     o = Orchestrator(rt, clock=clock)  # a process without its worker: it ends before delivering
     ref = common_pb2.SubjectRef(tenant_id=TENANT, subject_id="cust-crash")
-    subjects.set_phone_number(rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE))
+    subjects.set_phone_number(rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE), caller=SYSTEM)
     _, review_id = review_in_process(o, ref)
     o.close()
     rt.close()
@@ -562,18 +563,18 @@ def test_the_case_states_the_operating_point_that_decided_each_biometric(orch, t
 
     with_review_tenant(tmp_path)
     ref = common_pb2.SubjectRef(tenant_id=TENANT, subject_id="cust-op")
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref, phone_e164=PHONE), caller=SYSTEM)
     s = orch.start(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_APP, action="login",
                                                 device=App().device,
-                                                context=F.ContextSignals(conversation_text="AnyDesk please")))
+                                                context=F.ContextSignals(conversation_text="AnyDesk please")), caller=SYSTEM)
     face = FactorOutcome("face", True, llr=4.25, liveness=True, reasons=(Reason("LIVENESS_PASSED", "passive"),),
                          binding="new_device", target_fmr=1e-4, measured_fmr=8.2e-5, target_apcer=0.05,
                          measured_apcer=0.081)
     orch.sessions.mutate(orch.sessions.get(s.session_id), lambda st: st.factors.append(face))
-    orch.send_otp(F.SendOtpRequest(session_id=s.session_id))
+    orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     orch.submit(F.SubmitFactorRequest(session_id=s.session_id,
-                                      otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
-    d = orch.decide(F.DecideRequest(session_id=s.session_id))
+                                      otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])), caller=SYSTEM)
+    d = orch.decide(F.DecideRequest(session_id=s.session_id), caller=SYSTEM)
     assert d.outcome == F.OUTCOME_REVIEW, d
     case = orch.get_review(F.GetReviewRequest(review_id=d.review_id))
     first, otp = case.factors

@@ -4,12 +4,15 @@ and PostgreSQL. With the real face and voice services: tests/mfa/test_e2e.py."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import grpc
 import pytest
 
+from services.common import context
 from services.common.api.v1 import common_pb2, mfa_pb2
+from services.common.context import SYSTEM, Principal
 from services.common.errors import ServiceError
 from services.mfa import subjects
 from services.mfa.state import SessionState
@@ -50,7 +53,7 @@ def store_old(orch, clock, state, session_id=SID):
 
 
 def test_a_session_stored_as_the_untyped_dict_loads_and_carries_on(orch, clock):
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref(), phone_e164=PHONE))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref(), phone_e164=PHONE), caller=SYSTEM)
     store_old(orch, clock, OLD_STATE)
     parsed = orch.sessions.get(SID).state
     assert parsed.plan.sets == (("sms_otp",), ("device",)) and parsed.place == ("CN", 31.23, 121.47)
@@ -58,10 +61,10 @@ def test_a_session_stored_as_the_untyped_dict_loads_and_carries_on(orch, clock):
     again = parsed.to_json()  # the same shape is written back: an older release reads it
     assert again == {**OLD_STATE, "factors": [{**OLD_STATE["factors"][0], "c": False}]}
 
-    orch.send_otp(F.SendOtpRequest(session_id=SID))
-    r = orch.submit(F.SubmitFactorRequest(session_id=SID, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])))
+    orch.send_otp(F.SendOtpRequest(session_id=SID), caller=SYSTEM)
+    r = orch.submit(F.SubmitFactorRequest(session_id=SID, otp=F.OtpEvidence(code=outbox_codes(orch.rt.settings)[-1])), caller=SYSTEM)
     assert r.result.passed
-    d = orch.decide(F.DecideRequest(session_id=SID))
+    d = orch.decide(F.DecideRequest(session_id=SID), caller=SYSTEM)
     assert d.outcome == F.OUTCOME_ALLOW and d.total_llr == 3.0
     stored = dict(orch.store.auth_sessions.get(SID).state)
     # what a submission adds (the session's count of them) is a key an older release's from_json skips
@@ -73,32 +76,32 @@ def test_a_session_stored_as_the_untyped_dict_loads_and_carries_on(orch, clock):
 
 def test_an_old_decided_session_answers_its_decision_and_refuses_more_factors(orch, clock):
     store_old(orch, clock, {**OLD_STATE, "decision": OLD_DECISION, "otp_sent_at": "2031-05-04T11:59:00+00:00"})
-    d = orch.decide(F.DecideRequest(session_id=SID))
+    d = orch.decide(F.DecideRequest(session_id=SID), caller=SYSTEM)
     assert (d.outcome, d.token, d.acr, list(d.amr)) == (F.OUTCOME_ALLOW, OLD_DECISION["token"], "aal1", ["sms"])
     with pytest.raises(ServiceError) as err:
-        orch.send_otp(F.SendOtpRequest(session_id=SID))
+        orch.send_otp(F.SendOtpRequest(session_id=SID), caller=SYSTEM)
     assert err.value.reason == "SESSION_DECIDED"
     assert SessionState.from_json(dict(orch.store.auth_sessions.get(SID).state)).decision.at.minute == 0
 
 
 def start(orch, tenant, channel=F.CHANNEL_APP):
     return orch.start(F.StartAuthenticationRequest(subject=ref(tenant), channel=channel, action="login",
-                                                   device=App().device))
+                                                   device=App().device), caller=SYSTEM)
 
 
 def challenge(orch, name, session_id):
     try:
         if name == "sms_otp":
-            return orch.send_otp(F.SendOtpRequest(session_id=session_id))
+            return orch.send_otp(F.SendOtpRequest(session_id=session_id), caller=SYSTEM)
         modality = {"face": common_pb2.MODALITY_FACE, "voice": common_pb2.MODALITY_VOICE}[name]
-        return orch.start_challenge(F.StartBiometricChallengeRequest(session_id=session_id, modality=modality))
+        return orch.start_challenge(F.StartBiometricChallengeRequest(session_id=session_id, modality=modality), caller=SYSTEM)
     except ServiceError as err:
         return err
 
 
 def test_every_factor_challenge_is_refused_alike_for_a_locked_subject_and_an_unacceptable_factor(orch):
     """One path: the same checks, in the same order, before any factor issues anything."""
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref("bank-b"), phone_e164=PHONE))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref("bank-b"), phone_e164=PHONE), caller=SYSTEM)
     s = start(orch, "bank-b")  # the default policy: face, voice and SMS OTP all acceptable
     orch.store.lockouts.record_failure("bank-b", "subject", "cust-0001", "cust-0001", 1000)
     face_calls = orch.clients["face"].breaker._failures
@@ -119,12 +122,9 @@ def test_the_orchestrator_confines_a_terminal_by_the_caller_it_is_given_not_by_r
     reads no RPC state (Sessions.load read the principal from the RPC's context variable). A kiosk
     terminal given as the caller is refused an app session's code and decision before anything is
     sent; the bank's back end given as the caller passes, whatever principal the context holds."""
-    from services.common import context
-    from services.common.context import Principal
-
     kiosk = Principal("kiosk-7", frozenset({"orchestrator"}), frozenset({"otp-bank"}), terminal_channel="kiosk")
     bank = Principal("bank-backend", frozenset({"orchestrator"}), frozenset({"*"}))
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref("otp-bank"), phone_e164=PHONE))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref("otp-bank"), phone_e164=PHONE), caller=SYSTEM)
     s = start(orch, "otp-bank")
     for call in (lambda: orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=kiosk),
                  lambda: orch.decide(F.DecideRequest(session_id=s.session_id), caller=kiosk)):
@@ -137,10 +137,30 @@ def test_the_orchestrator_confines_a_terminal_by_the_caller_it_is_given_not_by_r
         assert orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=bank).masked_phone
     finally:
         context.principal.reset(token)
+    # and the audit record names the caller it was given, not the principal the context holds
+    assert [r.actor for r in orch.rt.storage.audit.iter_records() if r.event_type == "mfa.otp_sent"] == ["bank-backend"]
+
+
+def test_an_audited_write_off_the_rpc_thread_names_the_caller_it_is_given(orch):
+    """Work handed to an executor or a callback runs without the RPC's context: an audit record
+    written there named "system" (the actor was read from the RPC's context variable) instead of
+    the real caller. The caller is a parameter, so the record names it on any thread."""
+    bank = Principal("bank-backend", frozenset({"orchestrator"}), frozenset({"*"}))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref("otp-bank"), phone_e164=PHONE), caller=SYSTEM)
+    s = start(orch, "otp-bank")
+    token = context.principal.set(bank)  # as in the RPC's own thread
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:  # a plain executor: the context does not follow
+            assert pool.submit(orch.send_otp, F.SendOtpRequest(session_id=s.session_id), caller=bank).result()
+    finally:
+        context.principal.reset(token)
+    actors = {r.event_type: r.actor for r in orch.rt.storage.audit.iter_records()}
+    assert actors["mfa.otp_sent"] == "bank-backend"
+    assert actors["mfa.session_started"] == actors["contact.phone_set"] == "system"  # SYSTEM: in-process
 
 
 def test_a_biometric_challenge_whose_service_is_down_degrades_the_session_like_sms_fails_cleanly(orch, clock):
-    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref("bank-b"), phone_e164=PHONE))
+    subjects.set_phone_number(orch.rt, F.SetPhoneNumberRequest(subject=ref("bank-b"), phone_e164=PHONE), caller=SYSTEM)
     sessions = {name: start(orch, "bank-b") for name in ("face", "voice")}
     for name, s in sessions.items():
         err = challenge(orch, name, s.session_id)
@@ -184,7 +204,7 @@ def test_a_session_takes_a_bounded_number_of_submissions_passed_or_not(mfa_setti
     try:
         ref = enrol(orch, tenant="limit-bank")
         s = session(orch, ref)
-        orch.send_otp(mfa_pb2.SendOtpRequest(session_id=s.session_id))
+        orch.send_otp(mfa_pb2.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
         code = outbox_codes(mfa_settings)[-1]
         wrong = "000000" if code != "000000" else "111111"
         assert not submit(orch, s.session_id, wrong).result.passed
@@ -199,7 +219,7 @@ def test_a_session_takes_a_bounded_number_of_submissions_passed_or_not(mfa_setti
         assert orch.sessions.get(s.session_id).state.submissions == 3
 
         last = session(orch, ref)  # at 2 of 3, two at once: one gets the last place
-        orch.send_otp(mfa_pb2.SendOtpRequest(session_id=last.session_id))
+        orch.send_otp(mfa_pb2.SendOtpRequest(session_id=last.session_id), caller=SYSTEM)
         for _ in range(2):
             submit(orch, last.session_id, wrong)
         results = race(2, lambda i: submit(orch, last.session_id, wrong))

@@ -17,6 +17,7 @@ from services.mfa import subjects
 from services.mfa.clients import CircuitBreaker
 from services.voice.engine import LayerResult, SpeakerResult, VoiceDecision
 from services.voice.metrics import record_verification
+from services.common.context import SYSTEM
 from tests.mfa.conftest import App, Clock, outbox_codes, settings_for
 from tests.ops.samples import Counted, value
 
@@ -38,22 +39,22 @@ def orch(tmp_path):
 
 def test_decisions_and_factor_outcomes_are_counted_once_each(orch):
     ref = common_pb2.SubjectRef(tenant_id="otp-bank", subject_id="cust-ops-1")
-    subjects.set_phone_number(orch.rt, mfa_pb2.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"))
+    subjects.set_phone_number(orch.rt, mfa_pb2.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800135678"), caller=SYSTEM)
     s = orch.start(mfa_pb2.StartAuthenticationRequest(subject=ref, channel=mfa_pb2.CHANNEL_APP, action="login",
-                                                      device=App().device))
+                                                      device=App().device), caller=SYSTEM)
     failed = Counted("biogate_mfa_factor_outcomes_total", factor="sms_otp", result="failed")
     passed = Counted("biogate_mfa_factor_outcomes_total", factor="sms_otp", result="passed")
     step_up = Counted("biogate_mfa_decisions_total", outcome="step_up", source="decide")
     allowed = Counted("biogate_mfa_decisions_total", outcome="allow", source="decide")
 
-    assert orch.decide(mfa_pb2.DecideRequest(session_id=s.session_id)).outcome == mfa_pb2.OUTCOME_STEP_UP
-    orch.send_otp(mfa_pb2.SendOtpRequest(session_id=s.session_id))
+    assert orch.decide(mfa_pb2.DecideRequest(session_id=s.session_id), caller=SYSTEM).outcome == mfa_pb2.OUTCOME_STEP_UP
+    orch.send_otp(mfa_pb2.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
     code = outbox_codes(orch.rt.settings)[-1]
     wrong = f"{(int(code) + 1) % 10**6:06d}"
-    assert not orch.submit(mfa_pb2.SubmitFactorRequest(session_id=s.session_id, otp=mfa_pb2.OtpEvidence(code=wrong))).result.passed
-    assert orch.submit(mfa_pb2.SubmitFactorRequest(session_id=s.session_id, otp=mfa_pb2.OtpEvidence(code=code))).result.passed
-    assert orch.decide(mfa_pb2.DecideRequest(session_id=s.session_id)).outcome == mfa_pb2.OUTCOME_ALLOW
-    assert orch.decide(mfa_pb2.DecideRequest(session_id=s.session_id)).outcome == mfa_pb2.OUTCOME_ALLOW  # replayed
+    assert not orch.submit(mfa_pb2.SubmitFactorRequest(session_id=s.session_id, otp=mfa_pb2.OtpEvidence(code=wrong)), caller=SYSTEM).result.passed
+    assert orch.submit(mfa_pb2.SubmitFactorRequest(session_id=s.session_id, otp=mfa_pb2.OtpEvidence(code=code)), caller=SYSTEM).result.passed
+    assert orch.decide(mfa_pb2.DecideRequest(session_id=s.session_id), caller=SYSTEM).outcome == mfa_pb2.OUTCOME_ALLOW
+    assert orch.decide(mfa_pb2.DecideRequest(session_id=s.session_id), caller=SYSTEM).outcome == mfa_pb2.OUTCOME_ALLOW  # replayed
 
     assert (failed.delta, passed.delta, step_up.delta, allowed.delta) == (1, 1, 1, 1)
 

@@ -18,6 +18,7 @@ import pytest
 from services.common.audit import AuditDataError
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc, voice_pb2, voice_pb2_grpc
 from services.common.config import PROJECT_ROOT
+from services.common.context import SYSTEM
 from services.common.crypto import TemplateBinding
 from services.common.errors import ServiceError, details_of
 from services.common.modality import reasons
@@ -154,7 +155,7 @@ def test_one_lookup_and_one_enrolment_path(rt):
     t = Templates(rt, "voice")
     v = np.ones(4, np.float32) / 2
     assert _refused(lambda: t.for_verification("t", "s", "m", "wideband")) == (grpc.StatusCode.NOT_FOUND, "NOT_ENROLLED")
-    stored, new = t.enrol("t", "s", "m", v, channel="wideband", samples=1, quality={}, replace=False, details={})
+    stored, new = t.enrol("t", "s", "m", v, channel="wideband", samples=1, quality={}, replace=False, details={}, caller=SYSTEM)
     assert new and stored.model_id == "m"
     assert _refused(lambda: t.for_verification("t", "s", "m", "wideband")) == (grpc.StatusCode.FAILED_PRECONDITION,
                                                                                "NO_CONSENT")
@@ -165,13 +166,13 @@ def test_one_lookup_and_one_enrolment_path(rt):
     assert _refused(lambda: t.for_verification("t", "s", "m2", "telephone"))[1] == "NOT_ENROLLED"
     events = len(list(rt.storage.audit.iter_records()))
     assert _refused(lambda: t.enrol("t", "s", "m", v, channel="wideband", samples=1, quality={}, replace=False,
-                                    details={})) == (grpc.StatusCode.ALREADY_EXISTS, "ALREADY_ENROLLED")
-    _, new = t.enrol("t", "s", "m", v, channel="wideband", samples=2, quality={}, replace=True, details={})
+                                    details={}, caller=SYSTEM)) == (grpc.StatusCode.ALREADY_EXISTS, "ALREADY_ENROLLED")
+    _, new = t.enrol("t", "s", "m", v, channel="wideband", samples=2, quality={}, replace=True, details={}, caller=SYSTEM)
     assert not new and len(list(rt.storage.audit.iter_records())) == events + 1
     # The template and its audit record commit together: a refused audit record stores nothing.
     with pytest.raises(AuditDataError):
         t.enrol("t", "s3", "m", v, channel="wideband", samples=1, quality={}, replace=False,
-                details={"note": "+8613812345678"})
+                details={"note": "+8613812345678"}, caller=SYSTEM)
     assert not rt.storage.templates.list_for_subject("t", "s3")
 
 
@@ -268,6 +269,15 @@ def test_every_rpc_of_a_service_is_mapped_onto_its_service_object():
 
     with pytest.raises(ValueError, match="Identify"):
         servicer(face_pb2_grpc.FaceServiceServicer, face_pb2.DESCRIPTOR.services_by_name["FaceService"], Partial())
+
+    # Every method takes the RPC's principal: one that could not be handed it is refused at wiring.
+    class Blind(FaceService):
+        def identify(self, req):  # type: ignore[override]
+            return req
+
+    with pytest.raises(ValueError, match=r"\['Identify'\].*caller"):
+        servicer(face_pb2_grpc.FaceServiceServicer, face_pb2.DESCRIPTOR.services_by_name["FaceService"],
+                 Blind.__new__(Blind))
 
 
 # ---------------------------------------------------------------- readiness, over gRPC

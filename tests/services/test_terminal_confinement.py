@@ -7,11 +7,12 @@ decide sessions of the app or web channels. Real services on loopback, every RPC
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import grpc
 import pytest
 
-from services.common.api.v1 import mfa_pb2, mfa_pb2_grpc
+from services.common.api.v1 import common_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2_grpc
 from services.common.client import connect
 from services.common.errors import details_of
 from services.common.server.auth import token_sha256
@@ -69,13 +70,19 @@ def test_a_terminal_is_refused_every_rpc_but_its_channel_sessions(harness, name,
         assert call(channel, service, method) not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
 
 
-def test_a_terminal_opens_decides_and_takes_factors_of_sessions_of_its_own_channel(harness):
+@contextmanager
+def kiosk_session(harness, subject_id: str):
+    """The kiosk's MFA stub, a subject the bank's back end set up (consent, phone), and a kiosk session of it."""
     with connect(harness.running["mfa"].address, "tok-kiosk") as kch, \
             connect(harness.running["mfa"].address, "tok-bank") as bch:
-        kiosk, bank = mfa_pb2_grpc.MfaServiceStub(kch), mfa_pb2_grpc.MfaServiceStub(bch)
-        ref = setup_subject(bank, subject(TENANT, "cust-kiosk-own"))
-        s = kiosk.StartAuthentication(mfa_pb2.StartAuthenticationRequest(subject=ref, channel=mfa_pb2.CHANNEL_KIOSK,
-                                                                         action="login"))
+        kiosk = mfa_pb2_grpc.MfaServiceStub(kch)
+        ref = setup_subject(mfa_pb2_grpc.MfaServiceStub(bch), subject(TENANT, subject_id))
+        yield kiosk, ref, kiosk.StartAuthentication(mfa_pb2.StartAuthenticationRequest(
+            subject=ref, channel=mfa_pb2.CHANNEL_KIOSK, action="login"))
+
+
+def test_a_terminal_opens_decides_and_takes_factors_of_sessions_of_its_own_channel(harness):
+    with kiosk_session(harness, "cust-kiosk-own") as (kiosk, _, s):
         assert kiosk.SendOtp(mfa_pb2.SendOtpRequest(session_id=s.session_id)).masked_phone
         assert kiosk.Decide(mfa_pb2.DecideRequest(session_id=s.session_id)).outcome == mfa_pb2.OUTCOME_STEP_UP
 
@@ -107,3 +114,22 @@ def test_a_terminal_cannot_open_or_touch_sessions_of_another_channel(harness):
         assert audit_events(settings) == before  # no code sent, no attempt counted
         # the bank's own session goes on untouched
         assert bank.SendOtp(mfa_pb2.SendOtpRequest(session_id=app.session_id)).masked_phone
+
+
+def test_audit_records_name_the_principal_the_rpc_authenticated(harness):
+    """Each servicer reads the RPC's principal once and hands it to the code that writes: the MFA's,
+    the face service's and the voice service's audit records name the caller that authenticated."""
+    since = len(audit_events(harness.settings))
+    with kiosk_session(harness, "cust-audit-actor") as (kiosk, ref, s):
+        kiosk.SendOtp(mfa_pb2.SendOtpRequest(session_id=s.session_id))
+    for name, stub in (("face", face_pb2_grpc.FaceServiceStub), ("voice", voice_pb2_grpc.VoiceServiceStub)):
+        with connect(harness.running[name].address, "tok-bank") as channel:
+            stub(channel).DeleteSubject(common_pb2.DeleteSubjectRequest(subject=ref, reason="closed"))
+    store = open_storage(harness.settings.storage_dsn)
+    try:
+        actors = [(r.event_type, r.actor) for r in list(store.audit.iter_records())[since:]]
+    finally:
+        store.close()
+    assert dict(actors) == {"consent.recorded": "bank-backend", "contact.phone_set": "bank-backend",
+                      "mfa.session_started": "kiosk-7", "mfa.otp_sent": "kiosk-7",
+                      "face.subject_deleted": "bank-backend", "voice.subject_deleted": "bank-backend"}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Mapping, overload
 
+from services.common.context import Principal
 from services.common.runtime import Runtime
 from services.common.storage import (
     ChallengeExpiredError,
@@ -22,7 +23,6 @@ from services.common.storage import (
     ChallengeUsedError,
 )
 from services.common.storage.db import utcnow
-from services.common.subjects import actor
 
 from .reasons import refusal
 
@@ -62,22 +62,22 @@ class Challenges:
         self.rt, self.modality, self.kind = rt, modality, kind
 
     def issue(self, tenant: str, subject: str, payload: Mapping[str, Any], ttl_s: int,
-              details: Mapping[str, Any]) -> ChallengeRecord:
+              details: Mapping[str, Any], caller: Principal) -> ChallengeRecord:
         now = utcnow()
         with self.rt.storage.transaction():  # the challenge and its audit record, or neither
             rec = self.rt.storage.challenges.create(ChallengeRecord(
                 tenant, subject, self.kind, {**payload, "issued_at": now.isoformat()},
                 expires_at=now + timedelta(seconds=ttl_s), created_at=now))
-            self.rt.audit.append(f"{self.modality}.challenge_started", actor(), tenant, subject,
+            self.rt.audit.append(f"{self.modality}.challenge_started", caller.name, tenant, subject,
                                  {**details, "ttl_s": ttl_s})
         return rec
 
-    def consume(self, tenant: str, subject: str, nonce: str) -> Spent:
+    def consume(self, tenant: str, subject: str, nonce: str, caller: Principal) -> Spent:
         try:
             payload = dict(self.rt.storage.challenges.consume(nonce, tenant, subject, self.kind))
         except tuple(e for e, _ in _ERRORS) as err:
             code = next(c for e, c in _ERRORS if isinstance(err, e))
-            self.rt.audit.append(f"{self.modality}.challenge_refused", actor(), tenant, subject, {"reason": code})
+            self.rt.audit.append(f"{self.modality}.challenge_refused", caller.name, tenant, subject, {"reason": code})
             raise refusal(code) from None
         issued = payload.get("issued_at")
         ago = (utcnow() - datetime.fromisoformat(issued)).total_seconds() * 1000.0 if issued else 0.0

@@ -8,6 +8,7 @@ The service object (services/<modality>/service.py) carries the RPC semantics; i
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Callable, Protocol
 
@@ -15,6 +16,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from services.common.config import CommonSettings
+from services.common.context import caller
 from services.common.metrics import MODEL_INFO
 from services.common.runtime import Runtime
 from services.common.server.bootstrap import ServiceDefinition
@@ -35,14 +37,20 @@ def method_name(rpc: str) -> str:
 
 def servicer(base: type, descriptor: ServiceDescriptor, service: object) -> object:
     """An instance of the generated servicer class ``base`` whose every RPC hands its request (or
-    request iterator) to the service method of the same name and returns what that returns."""
+    request iterator) and the RPC's principal (``caller=``) to the service method of the same name
+    and returns what that returns."""
     missing = [m.name for m in descriptor.methods if not callable(getattr(service, method_name(m.name), None))]
     if missing:
         raise ValueError(f"{type(service).__name__} has no method for the RPCs {missing} of {descriptor.full_name}")
+    blind = [m.name for m in descriptor.methods
+             if "caller" not in inspect.signature(getattr(service, method_name(m.name))).parameters]
+    if blind:
+        raise ValueError(f"{type(service).__name__}'s methods for the RPCs {blind} of {descriptor.full_name} take no "
+                         "caller: each takes the RPC's principal as the keyword argument caller")
 
     def bound(method: Callable) -> Callable:
         def rpc(self, request, context):
-            return method(request)
+            return method(request, caller=caller())
 
         return rpc
 

@@ -22,10 +22,11 @@ import numpy as np
 
 from services.common.audit.templates import slot_details
 from services.common.crypto import EnvelopeCrypto, TemplateBinding, envelope_key_id
+from services.common.context import Principal
 from services.common.runtime import Runtime
 from services.common.storage import AlreadyExistsError, TemplateRecord
 from services.common.storage.interfaces import Modality
-from services.common.subjects import VERIFICATION, actor
+from services.common.subjects import VERIFICATION
 
 from .reasons import refusal
 
@@ -133,7 +134,7 @@ class Templates:
 
     def enrol(self, tenant: str, subject: str, model_id: str, embedding: np.ndarray, *, channel: str = "",
               samples: int, quality: Mapping[str, Any], replace: bool,
-              details: Mapping[str, Any]) -> tuple[TemplateRecord, bool]:
+              details: Mapping[str, Any], caller: Principal) -> tuple[TemplateRecord, bool]:
         """Seal and store the template; it and its ``<modality>.enrolled`` audit record commit together.
         The record names the sealed payload's digest: which envelope is the slot's current one
         (``biogate audit templates`` finds an older one put back).
@@ -144,7 +145,7 @@ class Templates:
         try:
             with self.rt.storage.transaction():
                 stored = self.rt.storage.templates.put(record, replace=replace)
-                self.rt.audit.append(f"{self.modality}.enrolled", actor(), tenant, subject,
+                self.rt.audit.append(f"{self.modality}.enrolled", caller.name, tenant, subject,
                                      {**details, **slot_details(model_id, channel, envelope)})
         except AlreadyExistsError:
             raise self._already_enrolled(channel) from None

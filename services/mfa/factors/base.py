@@ -56,7 +56,7 @@ class FactorContext:
     notes: dict[str, Any] = field(default_factory=dict)  # per-call facts a subclass reports (attempts left)
     proofs: Proofs | None = None  # capture bindings and device proofs
     also: list[FactorOutcome] = field(default_factory=list)  # further outcomes the evidence proved (a device key)
-    caller: Principal | None = None  # the RPC's principal (a registered terminal submits terminal captures)
+    caller: Principal = field(kw_only=True)  # the RPC's principal (a registered terminal submits terminal captures)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from services.common import errors
 from services.common.context import Principal
 from services.common.api.v1 import common_pb2, mfa_pb2
 from services.common.storage import new_id
-from services.common.subjects import actor, timestamp
+from services.common.subjects import timestamp
 from services.common.validation import identifier, subject_ref
 
 from ..binding import canonical_json
@@ -61,7 +61,7 @@ class PushConfirmations:
 
     # ------------------------------------------------------------------ send
     def send(self, req: mfa_pb2.SendPushConfirmationRequest,
-             caller: Principal | None) -> mfa_pb2.SendPushConfirmationResponse:
+             caller: Principal) -> mfa_pb2.SendPushConfirmationResponse:
         o = self.o
         now = o.clock()
         session = o.sessions.open(req.session_id, now, caller)
@@ -77,7 +77,7 @@ class PushConfirmations:
                                       "PUSH_LIMIT")
         target = self._device(tenant, subject)
         if target is None:
-            return self._fall_back(session, "NO_PUSH_DEVICE", "no bound device of the subject can receive a push")
+            return self._fall_back(session, "NO_PUSH_DEVICE", "no bound device of the subject can receive a push", caller)
         expires = now + timedelta(seconds=cfg.ttl_s)
         conf = Confirmation(
             "pc_" + new_id(), session.id, st.nonce, tenant, st.action, st.amount, shown_payee,
@@ -96,7 +96,7 @@ class PushConfirmations:
             s.push, s.push_sends = dict(out), s.push_sends + 1
         with o.rt.storage.transaction():  # kept before it leaves: an answer always finds it
             session = o.sessions.mutate(session, record)
-            o.rt.audit.append("mfa.push_sent", actor(), tenant, subject, {
+            o.rt.audit.append("mfa.push_sent", caller.name, tenant, subject, {
                 "session_id": session.id, "confirmation_id": conf.confirmation_id, "device_id": target.id,
                 "expires_at": conf.expires, "request_id": st.request_id or ""})
         assert target.push_token is not None
@@ -106,7 +106,7 @@ class PushConfirmations:
         except PushError as exc:
             log.warning("push gateway failed", extra={"session_id": session.id, "request_id": st.request_id,
                                                       "error": str(exc)})
-            return self._fall_back(session, "PUSH_UNAVAILABLE", f"the push gateway failed: {exc}")
+            return self._fall_back(session, "PUSH_UNAVAILABLE", f"the push gateway failed: {exc}", caller)
         return mfa_pb2.SendPushConfirmationResponse(
             sent=True, confirmation_id=conf.confirmation_id, number=number, expires_at=timestamp(expires),
             device_id=target.id)
@@ -116,7 +116,8 @@ class PushConfirmations:
                   if d.push_token and d.flagged_at is None and d.public_key]
         return max(usable, key=lambda d: (d.last_seen_at or d.bound_at, d.bound_at), default=None)
 
-    def _fall_back(self, session: Session, code: str, why: str) -> mfa_pb2.SendPushConfirmationResponse:
+    def _fall_back(self, session: Session, code: str, why: str,
+                   caller: Principal) -> mfa_pb2.SendPushConfirmationResponse:
         o = self.o
         policy = o.policies.get(session.tenant_id)
         cfg = policy.factors.push
@@ -129,7 +130,7 @@ class PushConfirmations:
             s.callback_channel = callback or s.callback_channel
         with o.rt.storage.transaction():
             session = o.sessions.mutate(session, change)
-            o.rt.audit.append("mfa.push_fallback", actor(), session.tenant_id, session.subject_id, {
+            o.rt.audit.append("mfa.push_fallback", caller.name, session.tenant_id, session.subject_id, {
                 "session_id": session.id, "reason": code, "sets": [list(s) for s in session.state.plan.acceptable()],
                 "ivr_callback": bool(callback), "request_id": session.state.request_id or ""})
         return mfa_pb2.SendPushConfirmationResponse(
@@ -137,7 +138,7 @@ class PushConfirmations:
             acceptable=factor_sets(session.state.plan.acceptable()), ivr_callback=bool(callback))
 
     # ------------------------------------------------------------------ the app reads it
-    def fetch(self, req: mfa_pb2.GetPushConfirmationRequest, caller: Principal | None) -> mfa_pb2.GetPushConfirmationResponse:
+    def fetch(self, req: mfa_pb2.GetPushConfirmationRequest, caller: Principal) -> mfa_pb2.GetPushConfirmationResponse:
         o = self.o
         cid = identifier(req.confirmation_id, "confirmation_id")
         device_id = identifier(req.device_id, "device_id")
@@ -158,7 +159,7 @@ class PushConfirmations:
             o.proofs.verify(ctx, rec, req.signature, req.webauthn if req.HasField("webauthn") else None,
                             fetch_context(session.id, cid, device_id), "PUSH")
         except Refused as refused:
-            self._audit_fetch(session, cid, device_id, refused.reason.code)
+            self._audit_fetch(session, cid, device_id, refused.reason.code, caller)
             raise errors.permission_denied(refused.reason.message, refused.reason.code) from None
         if push.get("answered"):
             raise errors.failed_precondition("this confirmation was answered already", "PUSH_ALREADY_ANSWERED")
@@ -167,17 +168,17 @@ class PushConfirmations:
         if now >= datetime.fromisoformat(push["exp"]):
             raise errors.failed_precondition("the confirmation expired; the bank may send a new one", "PUSH_EXPIRED")
         fields = o.rt.crypto.open(SealedFields(tenant, subject, cid), base64.b64decode(push["sealed"]))
-        self._audit_fetch(session, cid, device_id, "")
+        self._audit_fetch(session, cid, device_id, "", caller)
         return mfa_pb2.GetPushConfirmationResponse(fields=fields, expires_at=timestamp(datetime.fromisoformat(push["exp"])))
 
-    def _audit_fetch(self, session: Session, cid: str, device_id: str, refused: str) -> None:
-        self.o.rt.audit.append("mfa.push_fetched", actor(), session.tenant_id, session.subject_id, {
+    def _audit_fetch(self, session: Session, cid: str, device_id: str, refused: str, caller: Principal) -> None:
+        self.o.rt.audit.append("mfa.push_fetched", caller.name, session.tenant_id, session.subject_id, {
             "session_id": session.id, "confirmation_id": cid, "device_id": device_id, "refused": refused,
             "request_id": session.state.request_id or ""})
 
     # ------------------------------------------------------------------ answer
     def confirm(self, req: mfa_pb2.ConfirmTransactionRequest, budget: float | None,
-                caller: Principal | None) -> mfa_pb2.ConfirmTransactionResponse:
+                caller: Principal) -> mfa_pb2.ConfirmTransactionResponse:
         o = self.o
         now = o.clock()
         try:
@@ -192,11 +193,11 @@ class PushConfirmations:
         out = mfa_pb2.ConfirmTransactionResponse(result=response.result, still_acceptable=response.still_acceptable,
                                                  attempts_left=response.attempts_left)
         if outcome.deny:
-            self._flag(session, req.answer.device_id, now)
+            self._flag(session, req.answer.device_id, now, caller)
             out.decision.CopyFrom(o.decide(mfa_pb2.DecideRequest(session_id=session.id), caller=caller))
         return out
 
-    def _late_deny(self, session_id: str, answer: mfa_pb2.PushAnswer, now: datetime, caller: Principal | None) -> None:
+    def _late_deny(self, session_id: str, answer: mfa_pb2.PushAnswer, now: datetime, caller: Principal) -> None:
         """A customer's "not me" for the confirmation still out when the session was decided on
         other factors: too late to change the decision, but the fraud signal is kept (the caller is
         refused SESSION_DECIDED alike whether or not the answer held, so it reveals nothing). The
@@ -216,25 +217,25 @@ class PushConfirmations:
         try:
             with o.rt.storage.transaction():  # answered, flagged and audited together
                 session = o.sessions.mutate(session, lambda st: factor.settle(ctx, st, answer))
-                self._flag(session, answer.device_id, now, after_decision=decision.outcome)
+                self._flag(session, answer.device_id, now, caller, after_decision=decision.outcome)
         except errors.ServiceError as exc:
             if exc.reason != "PUSH_ALREADY_ANSWERED":  # a copy got there first: it flagged
                 raise
 
-    def _flag(self, session: Session, answering_device: str, now, after_decision: str = "") -> None:
+    def _flag(self, session: Session, answering_device: str, now, caller: Principal, after_decision: str = "") -> None:
         o, st = self.o, session.state
         with o.rt.storage.transaction():  # the flags and their audit record together (or the caller's)
             o.store.subject_signals.flag(session.tenant_id, session.subject_id, "PUSH_DENIED", now)
             if st.device.device_id:
                 o.store.devices.flag(session.tenant_id, st.device.device_id, now)
-            o.rt.audit.append("mfa.fraud_flagged", actor(), session.tenant_id, session.subject_id, {
+            o.rt.audit.append("mfa.fraud_flagged", caller.name, session.tenant_id, session.subject_id, {
                 "session_id": session.id, "reason": "PUSH_DENIED", "denied_on": answering_device,
                 "session_device": st.device.device_id or "", "session_device_state": st.device.state,
                 "session_device_fp": st.device.fp, "channel": st.channel, "request_id": st.request_id or "",
                 **({"after_decision": after_decision} if after_decision else {})})
 
     # ------------------------------------------------------------------ tokens
-    def set_token(self, req: mfa_pb2.SetPushTokenRequest) -> mfa_pb2.SetPushTokenResponse:
+    def set_token(self, req: mfa_pb2.SetPushTokenRequest, caller: Principal) -> mfa_pb2.SetPushTokenResponse:
         o = self.o
         tenant, subject = subject_ref(req.subject)
         device_id = identifier(req.device_id, "device_id")
@@ -247,6 +248,6 @@ class PushConfirmations:
             raise errors.not_found("the subject has no bound device with that id", "DEVICE_NOT_FOUND")
         with o.rt.storage.transaction():
             o.store.devices.set_push_token(tenant, device_id, token or None)
-            o.rt.audit.append("mfa.push_token_set", actor(), tenant, subject,
+            o.rt.audit.append("mfa.push_token_set", caller.name, tenant, subject,
                               {"device_id": device_id, "cleared": not token})
         return mfa_pb2.SetPushTokenResponse()
