@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.api.v1 import common_pb2
+from services.common.context import SYSTEM
 from services.common.modality.templates import Templates
 from services.common.runtime import Runtime
 from services.common.storage import ConsentRecord
@@ -60,13 +61,14 @@ def populate(data_dir: Path, dsn: str, n: int) -> None:
             for again in range(2 if subject % 10 == 1 else 1):
                 v = rng.normal(size=512 if t is face else 192).astype(np.float32)
                 t.enrol("bank-a", sid, f"{t.modality}-model", v / np.linalg.norm(v), channel=channel, samples=3,
-                        quality={}, replace=bool(again), details={"samples": 3})
+                        quality={}, replace=bool(again), details={"samples": 3}, caller=SYSTEM)
             made += 1
             for _ in range(2):
                 rt.audit.append(f"{t.modality}.verified", "service:bench", "bank-a", sid, {"decision": "accept"})
         if subject % 50 == 49:
             delete_modality(rt, common_pb2.DeleteSubjectRequest(
-                subject=common_pb2.SubjectRef(tenant_id="bank-a", subject_id=sid), reason="bench"), kinds[0][0].modality)
+                subject=common_pb2.SubjectRef(tenant_id="bank-a", subject_id=sid), reason="bench"), kinds[0][0].modality,
+                            caller=SYSTEM)
             made -= len(kinds)
         subject += 1
     rows = rt.storage.audited_rows()["templates"]

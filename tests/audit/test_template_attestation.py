@@ -16,6 +16,7 @@ from services.commands import audit as audit_cli
 from services.common.api.v1 import common_pb2
 from services.common.audit.templates import check_templates
 from services.common.crypto import payload_digest
+from services.common.context import SYSTEM
 from services.common.crypto.rotation import rotate
 from services.common.modality.templates import Templates
 from services.common.runtime import Runtime
@@ -41,13 +42,14 @@ def _vec(seed: int) -> np.ndarray:
 
 def _enrol(rt, modality: str, seed: int, subject: str = S, channel: str = "", replace: bool = False):
     stored, _ = Templates(rt, modality).enrol(T, subject, f"{modality}-model", _vec(seed), channel=channel, samples=1,
-                                              quality={}, replace=replace, details={"replace": replace})
+                                              quality={}, replace=replace, details={"replace": replace},
+                                              caller=SYSTEM)
     return stored
 
 
 def _erase(rt, modality: str, subject: str = S) -> None:
     delete_modality(rt, common_pb2.DeleteSubjectRequest(
-        subject=common_pb2.SubjectRef(tenant_id=T, subject_id=subject), reason="customer_request"), modality)
+        subject=common_pb2.SubjectRef(tenant_id=T, subject_id=subject), reason="customer_request"), modality, caller=SYSTEM)
 
 
 def _check(rt, capsys, *options: str) -> tuple[int, str]:
