@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -174,7 +175,7 @@ def pg_database_dsn():
     with psycopg.connect(PG_BASE_DSN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield psycopg.conninfo.make_conninfo(PG_BASE_DSN, dbname=name)
+        yield urlsplit(PG_BASE_DSN)._replace(path=f"/{name}").geturl()
     finally:
         with psycopg.connect(PG_BASE_DSN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

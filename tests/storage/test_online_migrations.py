@@ -16,9 +16,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from services.common.storage import MigrationError, StorageError
+from services.common.config import PROJECT_ROOT
+from services.common.storage import MigrationError, StorageError, open_storage
 from services.common.storage.db import PostgresDatabase
 from services.common.storage.migrate import SchemaPart, load_migrations, migrate, statements
+from services.mfa.storage import PART as MFA
 
 TABLE = "CREATE TABLE ledger (id BIGSERIAL PRIMARY KEY, v INTEGER NOT NULL);\n"
 ONLINE = "-- biogate: no-transaction\n"
@@ -234,3 +236,49 @@ def test_statements_split_outside_quotes_and_comments() -> None:
     assert statements(sql) == ["INSERT INTO t VALUES ('a;b', \"c;\")", "SELECT 1"]
     with pytest.raises(MigrationError, match="dollar-quoted"):
         statements("DO $$ BEGIN END $$;")
+
+
+def readme_prebuilt_indexes() -> list[str]:
+    """The statements README gives an operator to build the shipped files' indexes beforehand."""
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("**Upgrading a large PostgreSQL database.**"):]
+    block = section[section.index("```sql"):section.index("```", section.index("```sql") + 6)]
+    return [ln for ln in block.splitlines() if ln.startswith("CREATE INDEX CONCURRENTLY")]
+
+
+def test_the_shipped_migrations_keep_the_indexes_readme_builds_beforehand(pg_database_dsn) -> None:
+    st = open_storage(pg_database_dsn)
+    st.attach(MFA)
+    # Back to a database at shared v1 and mfa v6 (with v4 and v6 applied, which re-run otherwise).
+    with st.db.transaction() as s:
+        s.execute("DELETE FROM schema_versions WHERE (part = 'shared' AND version IN (2, 3))"
+                  " OR (part = 'mfa' AND version IN (7, 8))")
+        s.script("DROP INDEX consents_recorded, consents_withdrawn, audit_records_key_introduced, mfa_reviews_resolved,"
+                 " mfa_lockouts_updated, devices_revoked, mfa_webhook_outbox_settled, devices_bound_fingerprint,"
+                 " mfa_webhook_outbox_due;"
+                 " CREATE INDEX mfa_webhook_outbox_created ON mfa_webhook_outbox (created_at, id);"
+                 " CREATE INDEX mfa_webhook_outbox_due ON mfa_webhook_outbox (next_attempt_at);")
+    prebuilt = readme_prebuilt_indexes()
+    assert len(prebuilt) == 8
+    with psycopg.connect(pg_database_dsn, autocommit=True) as operator:
+        for stmt in prebuilt:
+            operator.execute(stmt)
+        built = dict(operator.execute("SELECT relname, oid FROM pg_class WHERE relkind = 'i'").fetchall())
+    assert migrate(st.db) == [2, 3]
+    assert migrate(st.db, MFA.schema) == [7, 8]
+    with st.db.read() as s:
+        after = dict(s.all("SELECT relname, oid FROM pg_class WHERE relkind = 'i'"))
+    names = [statements(stmt)[0].split()[6] for stmt in prebuilt]
+    assert {n: after[n] for n in names} == {n: built[n] for n in names}  # kept, not built again
+    st.close()
+
+
+def test_an_invalid_index_built_beforehand_is_refused_with_what_to_do(db, part, pg_database_dsn) -> None:
+    part.add("0001_ledger.sql", TABLE + "INSERT INTO ledger (v) VALUES (7), (7);\n")
+    migrate(db, part.schema)
+    with psycopg.connect(pg_database_dsn, autocommit=True) as operator, pytest.raises(psycopg.errors.UniqueViolation):
+        operator.execute("CREATE UNIQUE INDEX CONCURRENTLY ledger_v ON ledger (v)")
+    part.add("0002_ledger_v.sql", "CREATE UNIQUE INDEX ledger_v ON ledger (v);\n")
+    with pytest.raises(MigrationError, match="ledger_v built beforehand is INVALID.*DROP INDEX CONCURRENTLY ledger_v"):
+        migrate(db, part.schema)
+    assert versions(db) == [1]

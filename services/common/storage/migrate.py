@@ -4,8 +4,9 @@ The shared tables (this package) and each service's own tables (a :class:`Schema
 attaches to the storage) have their own files, ``<package>/migrations/<dialect>/NNNN_name.sql``
 numbered 0001.. without gaps, recorded in ``schema_versions`` by (part, version) with the file's
 SHA-256; an applied file that was edited afterwards is refused. A part's pending files are applied
-in one transaction under the migration lock (PostgreSQL advisory lock; SQLite BEGIN IMMEDIATE), so
-processes opening the same database at once apply each file exactly once.
+in one transaction (but for the PostgreSQL files below) under the migration lock (PostgreSQL advisory
+lock; SQLite BEGIN IMMEDIATE), so processes opening the same database at once apply each file
+exactly once.
 
 A PostgreSQL file whose header has the line ``-- biogate: no-transaction`` runs outside any
 transaction, one statement at a time, each committing on its own: what ``CREATE INDEX
@@ -17,6 +18,11 @@ whole: its statements must be re-runnable (``CREATE INDEX CONCURRENTLY IF NOT EX
 loader requires, ``DROP INDEX CONCURRENTLY IF EXISTS``); the INVALID index a failed concurrent
 build leaves behind is dropped before the statement that builds it runs again. SQLite files always
 run in the part's one transaction.
+
+The PostgreSQL files that shipped before the directive build their indexes with a plain ``CREATE
+INDEX``; they may not change, so an operator can build such an index beforehand with ``CREATE
+INDEX CONCURRENTLY`` under the same name: a valid index of that name on that table is kept, and
+the statement skipped (README, "Upgrading a large PostgreSQL database").
 
 Databases created before the schema was split into parts recorded one history of one set of files
 in ``schema_migrations``. A file whose header has the line ``-- legacy: NNNN_name`` holds (part
@@ -40,6 +46,7 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _LEGACY = re.compile(r"^-- legacy: (\d{4})_([a-z0-9_]+)\s*$", re.MULTILINE)
 _NO_TRANSACTION = re.compile(r"^-- biogate: no-transaction\s*$", re.MULTILINE)
+_PLAIN_INDEX = re.compile(r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+(\w+)\s+ON\s+(?:ONLY\s+)?(\w+)\b", re.IGNORECASE)
 _CONCURRENT_INDEX = re.compile(
     r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(IF\s+NOT\s+EXISTS\s+)?(\w+)", re.IGNORECASE
 )
@@ -178,9 +185,31 @@ def _record(s: Session, part: SchemaPart, mig: Migration) -> None:
     )
 
 
+def _prebuilt(s: Session, stmt: str, what: str) -> bool:
+    """Whether ``stmt`` is a plain CREATE INDEX whose index an operator built beforehand, valid and
+    on the same table (README, "Upgrading a large PostgreSQL database")."""
+    m = _PLAIN_INDEX.match(stmt)
+    if m is None:
+        return False
+    found = s.one("SELECT i.indisvalid, i.indrelid = to_regclass(?), pg_get_indexdef(i.indexrelid) FROM pg_index i"
+                  " WHERE i.indexrelid = to_regclass(?)", (m.group(2), m.group(1)))
+    if found is None or not found[1]:
+        return False  # none, or one on another table: the statement says what is wrong
+    if not found[0]:
+        raise MigrationError(f"{what}: the index {m.group(1)} built beforehand is INVALID (its concurrent build "
+                             f"failed): DROP INDEX CONCURRENTLY {m.group(1)}, then build it again or let the "
+                             "migration build it")
+    log.warning("%s: keeping the index built beforehand: %s", what, found[2])
+    return True
+
+
 def _apply(s: Session, part: SchemaPart, mig: Migration, adopt: bool, done: list[int], adopted: list[int]) -> None:
     """Run a transactional file in ``s`` (or only record it, adopted from the legacy history)."""
-    if not adopt:
+    if not adopt and s.dialect.name == "postgres" and "$" not in mig.sql:
+        for stmt in statements(mig.sql):
+            if not _prebuilt(s, stmt, f"{part.name} migration {mig.version:04d}_{mig.name}"):
+                s.script(stmt)
+    elif not adopt:
         s.script(mig.sql)
     _record(s, part, mig)
     done.append(mig.version)
@@ -199,7 +228,7 @@ def _run_outside_transaction(held: HeldConnection, mig: Migration) -> None:
                     log.warning("dropping the index %s that an earlier failed concurrent build left INVALID",
                                 m.group(2))
                     s.execute(f"DROP INDEX CONCURRENTLY {m.group(2)}")
-            s.execute(stmt)
+            s.script(stmt)
 
 
 def _migrate_postgres(db: PostgresDatabase, part: SchemaPart, migrations: list[Migration]
