@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -59,7 +60,7 @@ def pytest_collection_modifyitems(config, items) -> None:
         where = Path(str(item.fspath)).relative_to(here).as_posix()
         if names & MODEL_FIXTURES or where.startswith(MODEL_PATHS):
             item.add_marker(pytest.mark.models)
-        if "pg_dsn" in names or "[postgres" in item.nodeid:
+        if names & {"pg_dsn", "pg_database_dsn"} or "[postgres" in item.nodeid:
             item.add_marker(pytest.mark.postgres)
 
 
@@ -161,6 +162,23 @@ def pg_dsn():
     """A DSN whose search_path is a fresh schema, dropped afterwards."""
     with _fresh_schema() as dsn:
         yield dsn
+
+
+@pytest.fixture
+def pg_database_dsn():
+    """A DSN of a fresh database, dropped afterwards: for what PostgreSQL scopes to a whole database
+    (CREATE INDEX CONCURRENTLY waits for every older transaction in it, whatever its schema)."""
+    import psycopg
+
+    require(_pg_available(), f"PostgreSQL at {PG_BASE_DSN}")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_BASE_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlsplit(PG_BASE_DSN)._replace(path=f"/{name}").geturl()
+    finally:
+        with psycopg.connect(PG_BASE_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -47,14 +47,6 @@ class State:
 
 OPEN = State(False, 0.0, 0.0, 0)
 
-# The failure counters of devices bound to no one that a subject keeps, its newest ones: an attacker
-# who invents a fingerprint per lock of the subject would otherwise add a counter each time, and a
-# locked one is never purged (a device lock of 0 s lasts until an administrator unlocks). The one
-# given way is a fingerprint's that the attacker could as well replace by a new one; the subject's
-# counter, and those of the tenant's bound devices (the customer's own phone), are never dropped.
-DEVICE_COUNTERS_PER_SUBJECT = 10
-
-
 def _state(rec: LockoutRecord | None, p: LockoutPolicy, lock_s: int, now: datetime) -> State:
     if rec is None:
         return State(False, 0.0, 0.0, p.max_failures)
@@ -127,9 +119,10 @@ class Lockouts:
         return s
 
     def attempt(self, tenant: str, subject: str, source: str, p: LockoutPolicy, now: datetime,
-                bound: bool) -> Attempt:
+                bound: bool, actor: str) -> Attempt:
         """Check and charge one full-cost failure in one transaction under the subject's lock, so
-        that concurrent attempts see each other's charge."""
+        that concurrent attempts see each other's charge. A new device counter beyond the policy's
+        ``device_counters_per_subject`` drops the oldest, audited in the same transaction."""
         cost = math.ceil(LOCK_COST / p.max_failures)
         db = self.store.db
         with db.transaction() as s:
@@ -142,7 +135,10 @@ class Lockouts:
                 locked_now = after.locked_at is not None and not (before and before.locked_at is not None)
                 scopes.append((scope, key, before.last_failure_at if before else None, locked_now))
                 if scope == "device" and before is None:
-                    self.store.lockouts.trim_devices(tenant, subject, DEVICE_COUNTERS_PER_SUBJECT)
+                    dropped, locked = self.store.lockouts.trim_devices(tenant, subject, p.device_counters_per_subject)
+                    if dropped:
+                        self.audit.append("mfa.device_counters_dropped", actor, tenant, subject,
+                                          {"dropped": dropped, "locked": locked, "kept": p.device_counters_per_subject})
         return Attempt(tenant, subject, tuple(scopes), cost, now, bound)
 
     def settle(self, attempt: Attempt, outcome: FactorOutcome | None, p: LockoutPolicy, actor: str) -> State:

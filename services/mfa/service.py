@@ -372,7 +372,7 @@ class Orchestrator:
         factor = FACTORS[name]
         ctx = self.factor_context(session, policy, now, budget, caller=caller)
         factor.validate(ctx, evidence)
-        attempt = self.lockouts.attempt(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable)
+        attempt = self.lockouts.attempt(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable, actor())
         try:
             outcome = factor.evaluate(ctx, evidence)
         except BaseException:

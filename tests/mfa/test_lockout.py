@@ -248,40 +248,52 @@ def test_an_admin_change_whose_audit_record_fails_is_not_made(orch, change, monk
     assert orch.store.devices.get("lock-bank", app.device_id).revoked_at is None
 
 
-def test_invented_device_fingerprints_keep_a_bounded_number_of_counters_never_the_customers_phone(storage_dsn):
+def test_invented_device_fingerprints_keep_a_bounded_number_of_counters_never_the_customers_phone(
+        storage_dsn, tmp_path):
     """A device's lock of 0 s lasts until an administrator unlocks, and a locked counter is never
     purged: a fingerprint per lock of the subject added a row forever. The subject's own counter
-    and the counter of a device bound to it are never what gives way."""
+    and the counter of a device bound to it are never what gives way, and each counter that does
+    is audited with the charge that dropped it (it is evidence: a locked device forgotten)."""
     from datetime import datetime, timedelta, timezone
 
+    from services.common.audit import AuditLog, AuditSigner
+    from services.common.privacy import Pseudonymizer
     from services.common.storage import open_storage
-    from services.mfa.lockout import DEVICE_COUNTERS_PER_SUBJECT, Lockouts
+    from services.mfa.lockout import Lockouts
     from services.mfa.policy.schema import Lockout
     from services.mfa.storage import DeviceRecord, attach
 
     storage = open_storage(storage_dsn)
     try:
         store = attach(storage)
-        lockouts = Lockouts(store, None)
-        p = Lockout(max_failures=5, delay_after=3, delay_s=0, subject_lock_s=60, device_lock_s=0)
+        audit = AuditLog(storage.audit, AuditSigner.load_or_create(tmp_path / "audit.pem"), Pseudonymizer(b"p" * 32))
+        lockouts = Lockouts(store, audit)
+        cap = 4
+        p = Lockout(max_failures=5, delay_after=3, delay_s=0, subject_lock_s=60, device_lock_s=0,
+                    device_counters_per_subject=cap)
         now = datetime(2031, 5, 4, tzinfo=timezone.utc)
         store.devices.add(DeviceRecord("bank-a", "cust", "fp-phone"))
         for _ in range(5):  # a thief locks the customer's phone
             now += timedelta(seconds=1)
-            lockouts.attempt("bank-a", "cust", "fp-phone", p, now, bound=True)
-        for n in range(3 * DEVICE_COUNTERS_PER_SUBJECT):  # then invents devices, waiting out each subject lock
+            lockouts.attempt("bank-a", "cust", "fp-phone", p, now, True, "mfa-test")
+        for n in range(3 * cap):  # then invents devices, waiting out each subject lock
             for _ in range(5):
                 now += timedelta(seconds=61)
-                lockouts.attempt("bank-a", "cust", f"fp-invented-{n}", p, now, bound=False)
+                lockouts.attempt("bank-a", "cust", f"fp-invented-{n}", p, now, False, "mfa-test")
         with storage.db.read() as s:
             rows = s.one("SELECT COUNT(*) FROM mfa_lockouts WHERE scope = 'device' AND subject_id = 'cust'")[0]
-        assert rows == DEVICE_COUNTERS_PER_SUBJECT + 1  # the newest invented ones, and the phone
+        assert rows == cap + 1  # the newest invented ones, and the phone
         with pytest.raises(ServiceError, match="device is locked"):
             lockouts.check("bank-a", "cust", "fp-phone", p, now, bound=True)
         with pytest.raises(ServiceError, match="subject is locked"):  # the last invented device's 5th failure
             lockouts.check("bank-a", "cust", "fp-invented-new", p, now, bound=False)
         with pytest.raises(ServiceError, match="device is locked"):
-            lockouts.check("bank-a", "cust", f"fp-invented-{3 * DEVICE_COUNTERS_PER_SUBJECT - 1}", p,
-                           now + timedelta(seconds=61), bound=False)
+            lockouts.check("bank-a", "cust", f"fp-invented-{3 * cap - 1}", p, now + timedelta(seconds=61), bound=False)
+        dropped = [r for r in storage.audit.iter_records() if r.event_type == "mfa.device_counters_dropped"]
+        # Each new invented device beyond the cap dropped the oldest one, locked.
+        assert [json.loads(r.details) for r in dropped] == [{"dropped": 1, "locked": 1, "kept": cap}] * (2 * cap)
+        assert {(r.actor, r.tenant_id, r.subject_pseudonym) for r in dropped} == {
+            ("mfa-test", "bank-a", Pseudonymizer(b"p" * 32).pseudonymize("bank-a", "cust"))}
     finally:
         storage.close()
+

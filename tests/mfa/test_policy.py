@@ -92,6 +92,14 @@ def test_a_policy_naming_calibration_channels_or_a_guessed_llr_is_refused_with_t
         PolicyStore(tmp_path / "default.yaml", None)
 
 
+def test_the_device_counters_a_subject_keeps_are_policy_at_least_one():
+    assert parse_policy(MINIMAL, "t.yaml").lockout.device_counters_per_subject == 10
+    assert parse_policy(MINIMAL + "lockout: {device_counters_per_subject: 3}\n", "t.yaml").lockout \
+        .device_counters_per_subject == 3
+    assert [p[1] for p in problems(MINIMAL + "lockout: {device_counters_per_subject: 0}\n")] == [
+        "lockout.device_counters_per_subject"]
+
+
 def test_all_problems_are_reported_at_once_in_line_order():
     text = MINIMAL.replace("required: 6.0", "required: 0") + "lockout: {max_failures: 0, delay_s: -1}\n"
     found = problems(text)

@@ -13,6 +13,7 @@ import contextvars
 import fcntl
 import functools
 import json
+import logging
 import os
 import queue
 import socket
@@ -28,6 +29,8 @@ from typing import Any
 from services.common.files import private_file
 
 from .errors import LockHeldError, StorageError
+
+log = logging.getLogger(__name__)
 
 # SQLite has no timestamp type: UTC text of fixed width, so that text order is time order.
 _SQLITE_TS = "%Y-%m-%d %H:%M:%S.%f+00:00"
@@ -290,6 +293,27 @@ class SqliteDatabase(Database):
                 return
 
 
+_LOCK_CHANNEL = "biogate_lock_released"
+
+
+class HeldConnection:
+    """A PostgreSQL connection holding a lock of :meth:`PostgresDatabase.held`."""
+
+    def __init__(self, db: PostgresDatabase, conn: Any) -> None:
+        self._db, self._conn = db, conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self._db._mapped_errors(), self._conn.transaction():
+            yield Session(self._conn, self._db.dialect)
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Session]:
+        """Each statement run on the session commits on its own (what CREATE INDEX CONCURRENTLY needs)."""
+        with self._db._mapped_errors():
+            yield Session(self._conn, self._db.dialect)
+
+
 class PostgresDatabase(Database):
     dialect = POSTGRES
 
@@ -317,10 +341,9 @@ class PostgresDatabase(Database):
             raise StorageError(f"cannot connect to PostgreSQL: {exc}") from exc
 
     @contextmanager
-    def _begin(self, write: bool) -> Iterator[Session]:
+    def _mapped_errors(self) -> Iterator[None]:
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                yield Session(conn, self.dialect)
+            yield
         except self._errors as exc:
             # Only the primary message, and no chained cause: the DETAIL of a constraint error
             # quotes the row's values (subject ids, envelopes), which must not reach the logs.
@@ -329,14 +352,40 @@ class PostgresDatabase(Database):
             sqlstate = getattr(exc, "sqlstate", None) or "-"
             raise StorageError(f"PostgreSQL error {sqlstate}: {message}") from None
 
+    @contextmanager
+    def _begin(self, write: bool) -> Iterator[Session]:
+        with self._mapped_errors(), self._pool.connection() as conn, conn.transaction():
+            yield Session(conn, self.dialect)
+
     def lock(self, session: Session, name: str) -> None:
         # Keyed by schema too, so that separate schemas (tests, tenants) never wait on each other.
         session.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()), hashtext(?))", (name,))
 
+    def _try_lock(self, conn: Any, name: str) -> str | None:
+        """Take the session advisory lock ``name`` on ``conn`` (keyed like lock()) if it is free:
+        None, or who holds it."""
+        import psycopg
+
+        try:
+            got = conn.execute("SELECT pg_try_advisory_lock(hashtext(current_schema()), hashtext(%s))",
+                               (name,)).fetchone()
+            row = None if got and got[0] else conn.execute(
+                "SELECT a.application_name, a.client_addr, a.backend_start FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                "AND l.objsubid = 2 AND l.classid = hashtext(current_schema())::oid "
+                "AND l.objid = hashtext(%s)::oid", (name,)).fetchone()
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL error {getattr(exc, 'sqlstate', None) or '-'} "
+                               f"taking the lock {name!r}") from None
+        if got and got[0]:
+            return None
+        return (f"{row[0] or 'a connection'} from {row[1] or 'a local socket'}, since "
+                f"{row[2].astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC") if row else "another connection"
+
     @contextmanager
-    def _exclusive(self, name: str, holder: str) -> Iterator[None]:
+    def _locked_connection(self, name: str, holder: str, wait: bool) -> Iterator[Any]:
         # A session advisory lock on a connection of its own (not the pool's: it outlives
-        # transactions), keyed like lock(); the holder's description is its application_name.
+        # transactions); the holder's description is its application_name.
         import psycopg
 
         try:
@@ -345,30 +394,46 @@ class PostgresDatabase(Database):
         except psycopg.Error as exc:
             raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}") from None
         try:
+            if wait:
+                # Not pg_advisory_lock(): a backend waiting in it holds a snapshot, which a CREATE
+                # INDEX CONCURRENTLY of the holder waits for, a deadlock. An idle listener holds none;
+                # the holder notifies on release, and a holder that died notifies no one (the timeout).
+                with self._mapped_errors():
+                    conn.execute(f"LISTEN {_LOCK_CHANNEL}")
+                    who = self._try_lock(conn, name)
+                    if who is not None:
+                        log.info("waiting for the lock %r, held by %s", name, who)
+                    while who is not None:
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            pass
+                        who = self._try_lock(conn, name)
+            else:
+                who = self._try_lock(conn, name)
+                if who is not None:
+                    raise LockHeldError(name, who)
             try:
-                got = conn.execute("SELECT pg_try_advisory_lock(hashtext(current_schema()), hashtext(%s))",
-                                   (name,)).fetchone()
-                row = None if got and got[0] else conn.execute(
-                    "SELECT a.application_name, a.client_addr, a.backend_start FROM pg_locks l "
-                    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-                    "AND l.objsubid = 2 AND l.classid = hashtext(current_schema())::oid "
-                    "AND l.objid = hashtext(%s)::oid", (name,)).fetchone()
-            except psycopg.Error as exc:
-                raise StorageError(f"PostgreSQL error {getattr(exc, 'sqlstate', None) or '-'} "
-                                   f"taking the lock {name!r}") from None
-            if not (got and got[0]):
-                who = (f"{row[0] or 'a connection'} from {row[1] or 'a local socket'}, since "
-                       f"{row[2].astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC") if row else "another connection"
-                raise LockHeldError(name, who)
-            try:
-                yield
+                yield conn
             finally:
                 # Closing the connection alone releases the lock only when the server's backend
                 # has exited, after close() returns: the next key operation would find it held.
                 with contextlib.suppress(psycopg.Error):
                     conn.execute("SELECT pg_advisory_unlock(hashtext(current_schema()), hashtext(%s))", (name,))
+                    conn.execute("SELECT pg_notify(%s, '')", (_LOCK_CHANNEL,))
         finally:
             conn.close()  # releases it in any case, if the unlock above could not run
+
+    @contextmanager
+    def _exclusive(self, name: str, holder: str) -> Iterator[None]:
+        with self._locked_connection(name, holder, wait=False):
+            yield
+
+    @contextmanager
+    def held(self, name: str, what: str) -> Iterator[HeldConnection]:
+        """A connection of its own holding the lock ``name`` (waiting for it without holding a
+        snapshot) for the whole block, across its transactions and statements run outside any."""
+        with self._locked_connection(name, f"{what}, pid {os.getpid()} on {socket.gethostname()}",
+                                     wait=True) as conn:
+            yield HeldConnection(self, conn)
 
     def has_table(self, session: Session, name: str) -> bool:
         return session.one("SELECT to_regclass(?) IS NOT NULL", (name,))[0]

@@ -4,8 +4,25 @@ The shared tables (this package) and each service's own tables (a :class:`Schema
 attaches to the storage) have their own files, ``<package>/migrations/<dialect>/NNNN_name.sql``
 numbered 0001.. without gaps, recorded in ``schema_versions`` by (part, version) with the file's
 SHA-256; an applied file that was edited afterwards is refused. A part's pending files are applied
-in one transaction that first takes the migration lock (PostgreSQL advisory lock; SQLite BEGIN
-IMMEDIATE), so processes opening the same database at once apply each file exactly once.
+in one transaction (but for the PostgreSQL files below) under the migration lock (PostgreSQL advisory
+lock; SQLite BEGIN IMMEDIATE), so processes opening the same database at once apply each file
+exactly once.
+
+A PostgreSQL file whose header has the line ``-- biogate: no-transaction`` runs outside any
+transaction, one statement at a time, each committing on its own: what ``CREATE INDEX
+CONCURRENTLY`` needs, which builds an index on a live table without holding its writers (a plain
+``CREATE INDEX`` holds every INSERT, UPDATE and DELETE on the table until it is built). PostgreSQL
+migrations therefore run on a connection holding the migration lock as a session advisory lock, and
+record such a file once all its statements have succeeded. A file that failed part way is run again
+whole: its statements must be re-runnable (``CREATE INDEX CONCURRENTLY IF NOT EXISTS``, which the
+loader requires, ``DROP INDEX CONCURRENTLY IF EXISTS``); the INVALID index a failed concurrent
+build leaves behind is dropped before the statement that builds it runs again. SQLite files always
+run in the part's one transaction.
+
+The PostgreSQL files that shipped before the directive build their indexes with a plain ``CREATE
+INDEX``; they may not change, so an operator can build such an index beforehand with ``CREATE
+INDEX CONCURRENTLY`` under the same name: a valid index of that name on that table is kept, and
+the statement skipped (README, "Upgrading a large PostgreSQL database").
 
 Databases created before the schema was split into parts recorded one history of one set of files
 in ``schema_migrations``. A file whose header has the line ``-- legacy: NNNN_name`` holds (part
@@ -21,13 +38,18 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from .db import Database, Session, utcnow
+from .db import Database, HeldConnection, PostgresDatabase, Session, utcnow
 from .errors import MigrationError
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _LEGACY = re.compile(r"^-- legacy: (\d{4})_([a-z0-9_]+)\s*$", re.MULTILINE)
+_NO_TRANSACTION = re.compile(r"^-- biogate: no-transaction\s*$", re.MULTILINE)
+_PLAIN_INDEX = re.compile(r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+(\w+)\s+ON\s+(?:ONLY\s+)?(\w+)\b", re.IGNORECASE)
+_CONCURRENT_INDEX = re.compile(
+    r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(IF\s+NOT\s+EXISTS\s+)?(\w+)", re.IGNORECASE
+)
 HISTORY = "schema_versions"
 LEGACY_HISTORY = "schema_migrations"
 
@@ -59,6 +81,54 @@ class Migration:
         m = _LEGACY.search(self.sql)
         return (int(m.group(1)), m.group(2)) if m else None
 
+    @property
+    def transactional(self) -> bool:
+        return _NO_TRANSACTION.search(self.sql) is None
+
+
+def statements(sql: str) -> list[str]:
+    """The file's statements, without comments: split at each ``;`` outside quotes."""
+    found, stmt, quote, i = [], "", "", 0
+    while i < len(sql):
+        c = sql[i]
+        if quote:
+            stmt += c
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            stmt, quote = stmt + c, c
+        elif sql.startswith("--", i):
+            i = sql.find("\n", i)
+            if i < 0:
+                break
+            continue
+        elif c == "$":
+            raise MigrationError("a statement-by-statement migration cannot hold dollar-quoted text")
+        elif c == ";":
+            found.append(stmt.strip())
+            stmt = ""
+        else:
+            stmt += c
+        i += 1
+    if quote or stmt.strip():
+        raise MigrationError(f"unterminated SQL statement in migration: {stmt.strip()[:80]!r}")
+    return [st for st in found if st]
+
+
+def _check(mig: Migration, dialect: str, part: SchemaPart) -> None:
+    what = f"{part.name} migration {mig.version:04d}_{mig.name} ({dialect})"
+    if mig.transactional:
+        return
+    if dialect != "postgres":
+        raise MigrationError(f"{what}: only PostgreSQL files may run outside a transaction; remove the "
+                             "'-- biogate: no-transaction' line")
+    if mig.legacy is not None:
+        raise MigrationError(f"{what}: a file adopted from the legacy history runs in a transaction")
+    for stmt in statements(mig.sql):
+        m = _CONCURRENT_INDEX.match(stmt)
+        if m and not m.group(1):
+            raise MigrationError(f"{what}: write CREATE INDEX CONCURRENTLY IF NOT EXISTS {m.group(2)}, so that "
+                                 "a run again after a failure skips the indexes it had built")
+
 
 def load_migrations(dialect: str, part: SchemaPart = SHARED) -> list[Migration]:
     folder = resources.files(part.package).joinpath("migrations", dialect)
@@ -68,6 +138,8 @@ def load_migrations(dialect: str, part: SchemaPart = SHARED) -> list[Migration]:
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
     found.sort(key=lambda mig: mig.version)
+    for mig in found:
+        _check(mig, dialect, part)
     versions = [mig.version for mig in found]
     if not found or versions != list(range(1, len(found) + 1)):
         raise MigrationError(
@@ -82,37 +154,118 @@ def _legacy_history(db: Database, s: Session) -> set[tuple[int, str]]:
     return {(int(v), str(n)) for v, n in s.all(f"SELECT version, name FROM {LEGACY_HISTORY}")}
 
 
+def _pending(db: Database, s: Session, part: SchemaPart, migrations: list[Migration]
+             ) -> list[tuple[Migration, bool]]:
+    """The part's migrations not applied yet, each with whether the legacy history holds it."""
+    s.execute(
+        f"CREATE TABLE IF NOT EXISTS {HISTORY} ("
+        " part TEXT NOT NULL, version INTEGER NOT NULL, name TEXT NOT NULL,"
+        " checksum TEXT NOT NULL, applied_at TEXT NOT NULL, PRIMARY KEY (part, version))"
+    )
+    applied = dict(s.all(f"SELECT version, checksum FROM {HISTORY} WHERE part = ?", (part.name,)))
+    legacy: set[tuple[int, str]] | None = None
+    pending = []
+    for mig in migrations:
+        if mig.version in applied:
+            if applied[mig.version] != mig.checksum:
+                raise MigrationError(
+                    f"{part.name} migration {mig.version:04d}_{mig.name} was changed after it was applied"
+                )
+            continue
+        if mig.legacy is not None:
+            legacy = _legacy_history(db, s) if legacy is None else legacy
+        pending.append((mig, legacy is not None and mig.legacy in legacy))
+    return pending
+
+
+def _record(s: Session, part: SchemaPart, mig: Migration) -> None:
+    s.execute(
+        f"INSERT INTO {HISTORY} (part, version, name, checksum, applied_at) VALUES (?, ?, ?, ?, ?)",
+        (part.name, mig.version, mig.name, mig.checksum, utcnow().isoformat()),
+    )
+
+
+def _prebuilt(s: Session, stmt: str, what: str) -> bool:
+    """Whether ``stmt`` is a plain CREATE INDEX whose index an operator built beforehand, valid and
+    on the same table (README, "Upgrading a large PostgreSQL database")."""
+    m = _PLAIN_INDEX.match(stmt)
+    if m is None:
+        return False
+    found = s.one("SELECT i.indisvalid, i.indrelid = to_regclass(?), pg_get_indexdef(i.indexrelid) FROM pg_index i"
+                  " WHERE i.indexrelid = to_regclass(?)", (m.group(2), m.group(1)))
+    if found is None or not found[1]:
+        return False  # none, or one on another table: the statement says what is wrong
+    if not found[0]:
+        raise MigrationError(f"{what}: the index {m.group(1)} built beforehand is INVALID (its concurrent build "
+                             f"failed): DROP INDEX CONCURRENTLY {m.group(1)}, then build it again or let the "
+                             "migration build it")
+    log.warning("%s: keeping the index built beforehand: %s", what, found[2])
+    return True
+
+
+def _apply(s: Session, part: SchemaPart, mig: Migration, adopt: bool, done: list[int], adopted: list[int]) -> None:
+    """Run a transactional file in ``s`` (or only record it, adopted from the legacy history)."""
+    if not adopt and s.dialect.name == "postgres" and "$" not in mig.sql:
+        for stmt in statements(mig.sql):
+            if not _prebuilt(s, stmt, f"{part.name} migration {mig.version:04d}_{mig.name}"):
+                s.script(stmt)
+    elif not adopt:
+        s.script(mig.sql)
+    _record(s, part, mig)
+    done.append(mig.version)
+    if adopt:
+        adopted.append(mig.version)
+
+
+def _run_outside_transaction(held: HeldConnection, mig: Migration) -> None:
+    with held.autocommit() as s:
+        for stmt in statements(mig.sql):
+            m = _CONCURRENT_INDEX.match(stmt)
+            if m:
+                valid = s.one("SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(?)",
+                              (m.group(2),))
+                if valid is not None and not valid[0]:
+                    log.warning("dropping the index %s that an earlier failed concurrent build left INVALID",
+                                m.group(2))
+                    s.execute(f"DROP INDEX CONCURRENTLY {m.group(2)}")
+            s.script(stmt)
+
+
+def _migrate_postgres(db: PostgresDatabase, part: SchemaPart, migrations: list[Migration]
+                      ) -> tuple[list[int], list[int]]:
+    done: list[int] = []
+    adopted: list[int] = []
+    with db.held(HISTORY, "schema migrations") as held:
+        with held.transaction() as s:
+            pending = _pending(db, s, part, migrations)
+        while pending:
+            if not pending[0][0].transactional:
+                mig, _ = pending.pop(0)
+                if db.in_transaction():  # the build would wait for the caller's own transaction, forever
+                    raise MigrationError(f"{part.name} migration {mig.version:04d}_{mig.name} runs outside any "
+                                         "transaction: apply it with `biogate migrate`, not inside one")
+                _run_outside_transaction(held, mig)
+                with held.transaction() as s:
+                    _record(s, part, mig)
+                done.append(mig.version)
+                continue
+            with held.transaction() as s:  # the transactional files up to the next one that is not, together
+                while pending and pending[0][0].transactional:
+                    _apply(s, part, *pending.pop(0), done, adopted)
+    return done, adopted
+
+
 def migrate(db: Database, part: SchemaPart = SHARED) -> list[int]:
     """Apply the part's pending migrations; returns the versions applied (or adopted) by this call."""
     migrations = load_migrations(db.dialect.name, part)
-    with db.transaction() as s:
-        db.lock(s, HISTORY)
-        s.execute(
-            f"CREATE TABLE IF NOT EXISTS {HISTORY} ("
-            " part TEXT NOT NULL, version INTEGER NOT NULL, name TEXT NOT NULL,"
-            " checksum TEXT NOT NULL, applied_at TEXT NOT NULL, PRIMARY KEY (part, version))"
-        )
-        applied = dict(s.all(f"SELECT version, checksum FROM {HISTORY} WHERE part = ?", (part.name,)))
-        legacy: set[tuple[int, str]] | None = None
+    if isinstance(db, PostgresDatabase):
+        done, adopted = _migrate_postgres(db, part, migrations)
+    else:
         done, adopted = [], []
-        for mig in migrations:
-            if mig.version in applied:
-                if applied[mig.version] != mig.checksum:
-                    raise MigrationError(
-                        f"{part.name} migration {mig.version:04d}_{mig.name} was changed after it was applied"
-                    )
-                continue
-            if mig.legacy is not None:
-                legacy = _legacy_history(db, s) if legacy is None else legacy
-            if legacy and mig.legacy in legacy:
-                adopted.append(mig.version)
-            else:
-                s.script(mig.sql)
-            s.execute(
-                f"INSERT INTO {HISTORY} (part, version, name, checksum, applied_at) VALUES (?, ?, ?, ?, ?)",
-                (part.name, mig.version, mig.name, mig.checksum, utcnow().isoformat()),
-            )
-            done.append(mig.version)
+        with db.transaction() as s:
+            db.lock(s, HISTORY)
+            for mig, adopt in _pending(db, s, part, migrations):
+                _apply(s, part, mig, adopt, done, adopted)
     if done:
         log.info("schema migrations of %s: %s (recorded from the legacy history: %s; %s)",
                  part.name, done, adopted, db.dialect.name)

@@ -307,6 +307,12 @@ class Lockout(Strict):
     # for a subject id lock its owner out: allowed, never the default.
     subject_lock_s: int = Field(900, ge=0)
     device_lock_s: int = Field(3600, ge=0)
+    # The failure counters of devices bound to no one that a subject keeps, its newest ones: an
+    # attacker who invents a fingerprint per lock of the subject would otherwise add a counter each
+    # time, and a locked one is never purged (a device lock of 0 s lasts until an administrator
+    # unlocks). Each one dropped is audited (mfa.device_counters_dropped); the subject's counter, and
+    # those of the tenant's bound devices (the customer's own phone), are never dropped.
+    device_counters_per_subject: int = Field(10, ge=1)
 
 
 class Binding(Strict):

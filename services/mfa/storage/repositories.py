@@ -319,19 +319,20 @@ class SqlLockoutRepository(Repository[LockoutRecord]):
                  tenant_id, scope, key),
             )
 
-    def trim_devices(self, tenant_id: str, subject_id: str, keep: int) -> int:
+    def trim_devices(self, tenant_id: str, subject_id: str, keep: int) -> tuple[int, int]:
         """Forget the device counters whose latest failure was the subject's beyond its ``keep``
         newest, except those of devices bound in the tenant (to anyone: a counter moves to the
-        subject of its latest failure)."""
+        subject of its latest failure) -> (how many were forgotten, how many of those were locked)."""
         with self._db.transaction() as s:
-            return s.count(
+            rows = s.all(
                 "DELETE FROM mfa_lockouts WHERE tenant_id = ? AND scope = 'device' AND subject_id = ?"
                 " AND NOT EXISTS (SELECT 1 FROM devices d WHERE d.tenant_id = mfa_lockouts.tenant_id"
                 " AND d.fingerprint = mfa_lockouts.key AND d.revoked_at IS NULL)"
                 " AND key NOT IN (SELECT l.key FROM mfa_lockouts l WHERE l.tenant_id = ? AND l.scope = 'device'"
-                " AND l.subject_id = ? ORDER BY l.updated_at DESC, l.key LIMIT ?)",
+                " AND l.subject_id = ? ORDER BY l.updated_at DESC, l.key LIMIT ?) RETURNING locked_at",
                 (tenant_id, subject_id, tenant_id, subject_id, keep),
             )
+            return len(rows), sum(locked_at is not None for (locked_at,) in rows)
 
     def reset(self, tenant_id: str, scope: str, key: str, locked_at: datetime | None = None) -> bool:
         """Forget the counter (a success); with ``locked_at``, only while it still holds that lock
