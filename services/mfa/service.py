@@ -372,7 +372,8 @@ class Orchestrator:
         factor = FACTORS[name]
         ctx = self.factor_context(session, policy, now, budget, caller=caller)
         factor.validate(ctx, evidence)
-        attempt = self.lockouts.attempt(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable, actor())
+        attempt = self.lockouts.attempt(tenant, subject, st.device.fp, policy.lockout, now, st.device_usable,
+                                          caller.name)
         try:
             outcome = factor.evaluate(ctx, evidence)
         except BaseException:
