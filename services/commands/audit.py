@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -294,7 +295,8 @@ def cmd_new_key(settings: Settings, args: argparse.Namespace) -> int:
         print(f"no audit signing key: {exc}", file=sys.stderr)
         return 2
     storage = _storage(settings)
-    try:
+
+    def introduce() -> int:
         log = AuditLog.for_operations(settings, storage, current)
         try:
             nxt = open_next_audit_signer(settings)
@@ -308,11 +310,14 @@ def cmd_new_key(settings: Settings, args: argparse.Namespace) -> int:
                   "run `biogate audit switch-key`")
             return 0
         row = log.append(INTRODUCED, cli_actor(), None, details=introduction_details(nxt, current), checkpoint=True)
+        print(f"introduced the next audit key {nxt.key_id} at seq {row.seq}, vouched for by {current.key_id}; every "
+              "service now chains onto heads it signs. Next: `biogate audit switch-key`, then restart the services")
+        return 0
+
+    try:
+        return _under_key_lock(storage, "audit new-key", introduce)
     finally:
         storage.close()
-    print(f"introduced the next audit key {nxt.key_id} at seq {row.seq}, vouched for by {current.key_id}; every "
-          "service now chains onto heads it signs. Next: `biogate audit switch-key`, then restart the services")
-    return 0
 
 
 def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
@@ -330,7 +335,8 @@ def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
     storage = _storage(settings)
-    try:
+
+    def switch() -> int:
         trail = trail_keys(storage.audit, [current.public_key, *previous_audit_keys(settings)])
         if nxt.key_id not in trail.introduced_at or nxt.key_id not in trail.keys:
             print(f"refused: the trail does not introduce the next audit key {nxt.key_id}; run `biogate audit "
@@ -345,11 +351,14 @@ def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
             audit_failure(audit, "keys.switch_failed", details, exc)
             raise
         audit("keys.switched", details)
+        print(f"the audit key is now {nxt.key_id} for every process that starts; restart the services one by one "
+              f"(those still running sign with {current.key_id} until then, and every one trusts both)")
+        return 0
+
+    try:
+        return _under_key_lock(storage, "audit switch-key", switch)
     finally:
         storage.close()
-    print(f"the audit key is now {nxt.key_id} for every process that starts; restart the services one by one "
-          f"(those still running sign with {current.key_id} until then, and every one trusts both)")
-    return 0
 
 
 def cmd_destroy_key(settings: Settings, args: argparse.Namespace) -> int:
@@ -360,7 +369,6 @@ def cmd_destroy_key(settings: Settings, args: argparse.Namespace) -> int:
     that did not happen, and the key, which a run again destroys; never a destroyed key the trail
     does not name. A destruction that fails is recorded as ``audit.key_destroy_failed``."""
     from services.common.crypto.backend import open_next_audit_signer
-    from services.common.storage.errors import LockHeldError
 
     target = args.key_id
     if not KEY_ID.fullmatch(target):
@@ -384,18 +392,34 @@ def cmd_destroy_key(settings: Settings, args: argparse.Namespace) -> int:
     if public_key is None:
         return 2
     storage = _storage(settings)
+
+    def destroy() -> int:
+        refusal = _destroy_refusal(settings, args, storage, public_key, current, target)
+        if refusal:
+            print(f"refused: {refusal}; nothing was changed", file=sys.stderr)
+            return 1
+        return _destroy_recorded(settings, storage, current, target)
+
     try:
-        with storage.exclusive(KEY_LOCK, "audit destroy-key"):
-            refusal = _destroy_refusal(settings, args, storage, public_key, current, target)
-            if refusal:
-                print(f"refused: {refusal}; nothing was changed", file=sys.stderr)
-                return 1
-            return _destroy_recorded(settings, storage, current, target)
-    except LockHeldError as exc:
-        print(f"refused: another audit key operation runs ({exc.holder}); nothing was changed", file=sys.stderr)
-        return 1
+        return _under_key_lock(storage, "audit destroy-key", destroy)
     finally:
         storage.close()
+
+
+def _under_key_lock(storage: Storage, what: str, operation: Callable[[], int]) -> int:
+    """``operation()`` holding KEY_LOCK, so that new-key, switch-key and destroy-key never interleave
+    (a switch retiring the key a destruction is checking, two new-keys each making a key); refused,
+    before anything is read or written, while another holds it."""
+    from services.common.storage.errors import LockHeldError
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(storage.exclusive(KEY_LOCK, what))
+        except LockHeldError as exc:
+            print(f"refused: another audit key operation runs ({exc.holder}); nothing was changed", file=sys.stderr)
+            return 1
+        return operation()
+    raise AssertionError("unreachable")
 
 
 def _destroy_recorded(settings: Settings, storage: Storage, current: Signer, target: str) -> int:

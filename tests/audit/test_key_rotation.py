@@ -13,7 +13,7 @@ import pytest
 from services.common.audit import AuditIntegrityError, AuditLog, AuditSigner, verify
 from services.common.audit.chain import checkpoint_message, head_message, record_hash
 from services.common.audit.continuity import DESTROYED, INTRODUCED, trail_keys
-from services.common.crypto.backend import next_audit_key_file, open_audit_signer
+from services.common.crypto.backend import next_audit_key_file, open_audit_signer, open_next_audit_signer
 from services.common.crypto.signing import public_key_pem
 from services.common.storage import open_storage
 from services.settings import load_config
@@ -450,4 +450,35 @@ def test_a_signature_by_a_key_after_its_recorded_destruction_is_reported(setting
                 f"(seq {destroyed}): a copy of its private key survives") in capsys.readouterr().out
     finally:
         stale.close()
+        replica.close()
+
+
+def test_every_audit_key_operation_is_refused_while_another_holds_the_key_lock(settings, capsys):
+    """new-key, switch-key and destroy-key take one lock: before, only destroy-key did, so a
+    switch-key could retire the key a destroy-key was checking, or two new-keys each make a key.
+    Held by another connection (another operator's command), each is refused with nothing changed."""
+    from services.commands.audit import KEY_LOCK
+    from services.common.crypto.backend import retired_audit_key_file
+
+    old, new, replica = _rotated(settings)
+    assert _run(settings, ["audit", "new-key"]) == 0  # a next key to switch to
+    nxt = open_next_audit_signer(settings)
+    other = open_storage(settings.storage_dsn)
+    try:
+        last = replica.storage.audit.last().seq
+        capsys.readouterr()
+        with other.exclusive(KEY_LOCK, "another operator's audit destroy-key"):
+            for argv in (["new-key"], ["switch-key"], ["destroy-key", old.key_id]):
+                assert _run(settings, ["audit", *argv]) == 1, argv
+                err = capsys.readouterr().err
+                assert "refused: another audit key operation runs" in err
+                assert "another operator's audit destroy-key" in err and "nothing was changed" in err
+            assert open_next_audit_signer(settings).key_id == nxt.key_id
+            assert open_audit_signer(settings, create=False).key_id == new.key_id
+            assert retired_audit_key_file(settings, old.key_id).exists()
+            assert replica.storage.audit.last().seq == last
+        assert _run(settings, ["audit", "switch-key"]) == 0  # once the lock is free
+        assert open_audit_signer(settings, create=False).key_id == nxt.key_id
+    finally:
+        other.close()
         replica.close()
