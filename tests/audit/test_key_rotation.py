@@ -5,6 +5,7 @@ by a record the key before it signed. Real SQLite and PostgreSQL, real key files
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from datetime import timedelta
 
@@ -424,6 +425,39 @@ def test_a_retired_key_is_destroyed_in_the_token(softhsm, tmp_path, capsys):
         assert _run(settings, ["audit", "destroy-key", old.key_id]) == 1
         assert "destroyed already" in capsys.readouterr().err
         assert _run(settings, ["audit", "destroy-key", new.key_id]) == 1
+    finally:
+        replica.close()
+
+
+def test_a_destruction_that_fails_is_recorded_and_a_run_after_the_cause_is_fixed_destroys_the_key(settings, capsys):
+    """A real failure, no mock: the retired key file marked immutable (chattr +i, as a hardening or
+    backup tool may leave it) reads, so every refusal check passes, but cannot be opened for
+    writing, even by root. The destruction's record is committed first, then the failure's; the
+    command exits 1 saying what to do; once the file is mutable again a second run destroys it."""
+    from services.common.crypto.backend import retired_audit_key_file
+
+    old, _, replica = _rotated(settings)
+    retired = retired_audit_key_file(settings, old.key_id)
+    subprocess.run(["chattr", "+i", str(retired)], check=True)
+    try:
+        capsys.readouterr()
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 1
+        err = capsys.readouterr().err
+        ((seq, details),) = _destroyed_records(replica.storage)
+        assert (f"failed: the trail records the destruction of {old.key_id} at seq {seq}, but it failed "
+                "(PermissionError") in err
+        assert f"fix that and run `biogate audit destroy-key {old.key_id}` again" in err
+        failure = replica.storage.audit.last()
+        assert failure.seq == seq + 1 and failure.event_type == "audit.key_destroy_failed"
+        assert json.loads(failure.details) == {**details, "error": "PermissionError"}
+        assert retired.exists() and open_audit_signer(settings, create=False).key_id != old.key_id
+    finally:
+        subprocess.run(["chattr", "-i", str(retired)], check=True)
+    try:
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 0
+        assert not retired.exists()
+        assert [s for s, _ in _destroyed_records(replica.storage)] == [seq, seq + 2]
+        assert _run(settings, ["audit", "verify"]) == 0
     finally:
         replica.close()
 
