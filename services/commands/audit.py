@@ -9,11 +9,11 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.common.audit.anchor import Anchored, DirectoryStore, anchor, anchored
+from services.common.audit.anchor import Anchored, DirectoryStore, anchor, anchored, unanchored
 from services.common.audit.chain import checkpoint_message
 from services.common.audit.continuity import trail_keys
 from services.common.audit.log import previous_audit_keys
@@ -116,10 +116,38 @@ def _verify_kwargs(settings: Settings, args: argparse.Namespace, public_key: lis
     every = settings.audit.checkpoint_every if every is None else every
     keys = _trusted(storage, public_key)
     kept = _read_checkpoints(args.checkpoints, keys) if getattr(args, "checkpoints", None) else Anchored()
-    anchors = anchored(DirectoryStore(args.anchors), keys, storage.audit, full=getattr(args, "full_anchor_check", False)) if getattr(
-        args, "anchors", None) else Anchored()
+    anchors = Anchored()
+    if getattr(args, "anchors", None):
+        anchors = anchored(DirectoryStore(args.anchors), keys, storage.audit,
+                           full=getattr(args, "full_anchor_check", False))
+        anchors.problems.extend(_unanchored(settings, args.anchors, storage, anchors))
     return ({"known_checkpoints": kept.checkpoints + anchors.checkpoints, "checkpoint_every": every or None},
             kept.problems + anchors.problems)
+
+
+def _unanchored(settings: Settings, path: Path, storage: Storage, found: Anchored) -> list[str]:
+    """The finding when a checkpoint older than audit.anchor_max_age_s is not anchored in ``path``."""
+    max_age = settings.audit.anchor_max_age_s
+    cp = unanchored(storage.audit.checkpoints(), found, max_age, datetime.now(timezone.utc))
+    if cp is None:
+        return []
+    newest = max((seq for seq, _ in found.checkpoints), default=0)
+    where = f"the newest anchor is at seq {newest}" if newest else "the directory holds no anchor of this trail"
+    return [f"{path}: no anchor reaches the checkpoint at seq {cp.seq} of {cp.ts.isoformat()}, older than "
+            f"audit.anchor_max_age_s ({max_age} s); {where}: `biogate audit anchor --to` does not write here (the "
+            "wrong or an empty volume mounted, or the anchor CronJob failing or stopped), and a rollback or "
+            "truncation since the newest anchor would go unseen"]
+
+
+def _no_anchors_directory(args: argparse.Namespace) -> bool:
+    """Whether ``--anchors`` names no directory (said on stderr): checking against it would check nothing."""
+    path = getattr(args, "anchors", None)
+    if path is None or path.is_dir():
+        return False
+    why = "not a directory" if path.exists() else "no such directory"
+    print(f"--anchors {path}: {why}; pass the directory `biogate audit anchor --to` writes (in Kubernetes the "
+          "claim biogate-audit-anchors, mounted there); nothing was checked", file=sys.stderr)
+    return True
 
 
 def _trusted(storage: Storage, configured: list[PublicKey]) -> list[PublicKey]:
@@ -190,6 +218,8 @@ def _verified(settings: Settings, args: argparse.Namespace, public_key: list[Pub
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    if _no_anchors_directory(args):
+        return 2
     public_key = _public_key(settings, args)
     if public_key is None:
         return 2
@@ -211,6 +241,8 @@ def cmd_templates(settings: Settings, args: argparse.Namespace) -> int:
     from services.common.privacy import Pseudonymizer
     from services.common.storage.errors import LockHeldError
 
+    if _no_anchors_directory(args):
+        return 2
     public_key = _public_key(settings, args)
     if public_key is None:
         return 2
@@ -374,6 +406,8 @@ def cmd_destroy_key(settings: Settings, args: argparse.Namespace) -> int:
     if not KEY_ID.fullmatch(target):
         print(f"refused: {target!r} is not an audit key id (ed25519: or p256: and 16 hex digits, as `audit verify` "
               "and the audit.key_introduced records name keys); nothing was changed", file=sys.stderr)
+        return 2
+    if _no_anchors_directory(args):
         return 2
     try:
         current = open_audit_signer(settings, create=False)
