@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -83,3 +84,34 @@ def hsm_away(hsm: SoftHsm) -> Iterator[None]:
         yield
     finally:
         parked.rename(token)
+
+
+def objects(hsm: SoftHsm) -> set[Path]:
+    """The token's object files (one per object; SoftHSM encrypts a private object's attributes in it)."""
+    return set(hsm.tokens.glob("*/*.object"))
+
+
+def corrupt_key_value(path: Path) -> None:
+    """What a failing HSM's key storage looks like: the stored (encrypted) CKA_VALUE of the object
+    in ``path`` cut to a length no AES-CBC ciphertext has, so SoftHSM cannot decrypt it and every
+    operation with the key fails (GeneralError); its generation counter moved on, so sessions that
+    hold the object read it again. The file format: an 8-byte generation, then attributes, each
+    type, kind and value (kind 1 a byte, 2 an 8-byte number, 3 a length and bytes, 4 a length and
+    8-byte mechanisms), all numbers big-endian."""
+    data = path.read_bytes()
+    at = 8
+    while at < len(data):
+        attr, kind = struct.unpack(">QQ", data[at:at + 16])
+        at += 16
+        if kind in (1, 2):
+            at += 1 if kind == 1 else 8
+            continue
+        assert kind in (3, 4), f"{path.name}: attribute kind {kind} at {at - 16} is not one this reader knows"
+        (n,) = struct.unpack(">Q", data[at:at + 8])
+        if attr == 0x11:  # CKA_VALUE
+            generation = struct.unpack(">Q", data[:8])[0] + 1
+            path.write_bytes(struct.pack(">Q", generation) + data[8:at] + struct.pack(">Q", 37)
+                             + data[at + 8:at + 8 + 37] + data[at + 8 + n:])
+            return
+        at += 8 + (n if kind == 3 else 8 * n)
+    raise AssertionError(f"{path.name}: no CKA_VALUE")

@@ -8,11 +8,12 @@ import contextlib
 import json
 import re
 import sys
-from datetime import datetime
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.common.audit.anchor import Anchored, DirectoryStore, anchor, anchored
+from services.common.audit.anchor import Anchored, DirectoryStore, anchor, anchored, unanchored
 from services.common.audit.chain import checkpoint_message
 from services.common.audit.continuity import trail_keys
 from services.common.audit.log import previous_audit_keys
@@ -115,10 +116,38 @@ def _verify_kwargs(settings: Settings, args: argparse.Namespace, public_key: lis
     every = settings.audit.checkpoint_every if every is None else every
     keys = _trusted(storage, public_key)
     kept = _read_checkpoints(args.checkpoints, keys) if getattr(args, "checkpoints", None) else Anchored()
-    anchors = anchored(DirectoryStore(args.anchors), keys, storage.audit, full=getattr(args, "full_anchor_check", False)) if getattr(
-        args, "anchors", None) else Anchored()
+    anchors = Anchored()
+    if getattr(args, "anchors", None):
+        anchors = anchored(DirectoryStore(args.anchors), keys, storage.audit,
+                           full=getattr(args, "full_anchor_check", False))
+        anchors.problems.extend(_unanchored(settings, args.anchors, storage, anchors))
     return ({"known_checkpoints": kept.checkpoints + anchors.checkpoints, "checkpoint_every": every or None},
             kept.problems + anchors.problems)
+
+
+def _unanchored(settings: Settings, path: Path, storage: Storage, found: Anchored) -> list[str]:
+    """The finding when a checkpoint older than audit.anchor_max_age_s is not anchored in ``path``."""
+    max_age = settings.audit.anchor_max_age_s
+    cp = unanchored(storage.audit.checkpoints(), found, max_age, datetime.now(timezone.utc))
+    if cp is None:
+        return []
+    newest = max((seq for seq, _ in found.checkpoints), default=0)
+    where = f"the newest anchor is at seq {newest}" if newest else "the directory holds no anchor of this trail"
+    return [f"{path}: no anchor reaches the checkpoint at seq {cp.seq} of {cp.ts.isoformat()}, older than "
+            f"audit.anchor_max_age_s ({max_age} s); {where}: `biogate audit anchor --to` does not write here (the "
+            "wrong or an empty volume mounted, or the anchor CronJob failing or stopped), and a rollback or "
+            "truncation since the newest anchor would go unseen"]
+
+
+def _no_anchors_directory(args: argparse.Namespace) -> bool:
+    """Whether ``--anchors`` names no directory (said on stderr): checking against it would check nothing."""
+    path = getattr(args, "anchors", None)
+    if path is None or path.is_dir():
+        return False
+    why = "not a directory" if path.exists() else "no such directory"
+    print(f"--anchors {path}: {why}; pass the directory `biogate audit anchor --to` writes (in Kubernetes the "
+          "claim biogate-audit-anchors, mounted there); nothing was checked", file=sys.stderr)
+    return True
 
 
 def _trusted(storage: Storage, configured: list[PublicKey]) -> list[PublicKey]:
@@ -189,6 +218,8 @@ def _verified(settings: Settings, args: argparse.Namespace, public_key: list[Pub
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    if _no_anchors_directory(args):
+        return 2
     public_key = _public_key(settings, args)
     if public_key is None:
         return 2
@@ -210,6 +241,8 @@ def cmd_templates(settings: Settings, args: argparse.Namespace) -> int:
     from services.common.privacy import Pseudonymizer
     from services.common.storage.errors import LockHeldError
 
+    if _no_anchors_directory(args):
+        return 2
     public_key = _public_key(settings, args)
     if public_key is None:
         return 2
@@ -294,7 +327,8 @@ def cmd_new_key(settings: Settings, args: argparse.Namespace) -> int:
         print(f"no audit signing key: {exc}", file=sys.stderr)
         return 2
     storage = _storage(settings)
-    try:
+
+    def introduce() -> int:
         log = AuditLog.for_operations(settings, storage, current)
         try:
             nxt = open_next_audit_signer(settings)
@@ -308,11 +342,14 @@ def cmd_new_key(settings: Settings, args: argparse.Namespace) -> int:
                   "run `biogate audit switch-key`")
             return 0
         row = log.append(INTRODUCED, cli_actor(), None, details=introduction_details(nxt, current), checkpoint=True)
+        print(f"introduced the next audit key {nxt.key_id} at seq {row.seq}, vouched for by {current.key_id}; every "
+              "service now chains onto heads it signs. Next: `biogate audit switch-key`, then restart the services")
+        return 0
+
+    try:
+        return _under_key_lock(storage, "audit new-key", introduce)
     finally:
         storage.close()
-    print(f"introduced the next audit key {nxt.key_id} at seq {row.seq}, vouched for by {current.key_id}; every "
-          "service now chains onto heads it signs. Next: `biogate audit switch-key`, then restart the services")
-    return 0
 
 
 def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
@@ -330,7 +367,8 @@ def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
     storage = _storage(settings)
-    try:
+
+    def switch() -> int:
         trail = trail_keys(storage.audit, [current.public_key, *previous_audit_keys(settings)])
         if nxt.key_id not in trail.introduced_at or nxt.key_id not in trail.keys:
             print(f"refused: the trail does not introduce the next audit key {nxt.key_id}; run `biogate audit "
@@ -345,11 +383,14 @@ def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
             audit_failure(audit, "keys.switch_failed", details, exc)
             raise
         audit("keys.switched", details)
+        print(f"the audit key is now {nxt.key_id} for every process that starts; restart the services one by one "
+              f"(those still running sign with {current.key_id} until then, and every one trusts both)")
+        return 0
+
+    try:
+        return _under_key_lock(storage, "audit switch-key", switch)
     finally:
         storage.close()
-    print(f"the audit key is now {nxt.key_id} for every process that starts; restart the services one by one "
-          f"(those still running sign with {current.key_id} until then, and every one trusts both)")
-    return 0
 
 
 def cmd_destroy_key(settings: Settings, args: argparse.Namespace) -> int:
@@ -360,12 +401,13 @@ def cmd_destroy_key(settings: Settings, args: argparse.Namespace) -> int:
     that did not happen, and the key, which a run again destroys; never a destroyed key the trail
     does not name. A destruction that fails is recorded as ``audit.key_destroy_failed``."""
     from services.common.crypto.backend import open_next_audit_signer
-    from services.common.storage.errors import LockHeldError
 
     target = args.key_id
     if not KEY_ID.fullmatch(target):
         print(f"refused: {target!r} is not an audit key id (ed25519: or p256: and 16 hex digits, as `audit verify` "
               "and the audit.key_introduced records name keys); nothing was changed", file=sys.stderr)
+        return 2
+    if _no_anchors_directory(args):
         return 2
     try:
         current = open_audit_signer(settings, create=False)
@@ -384,18 +426,34 @@ def cmd_destroy_key(settings: Settings, args: argparse.Namespace) -> int:
     if public_key is None:
         return 2
     storage = _storage(settings)
+
+    def destroy() -> int:
+        refusal = _destroy_refusal(settings, args, storage, public_key, current, target)
+        if refusal:
+            print(f"refused: {refusal}; nothing was changed", file=sys.stderr)
+            return 1
+        return _destroy_recorded(settings, storage, current, target)
+
     try:
-        with storage.exclusive(KEY_LOCK, "audit destroy-key"):
-            refusal = _destroy_refusal(settings, args, storage, public_key, current, target)
-            if refusal:
-                print(f"refused: {refusal}; nothing was changed", file=sys.stderr)
-                return 1
-            return _destroy_recorded(settings, storage, current, target)
-    except LockHeldError as exc:
-        print(f"refused: another audit key operation runs ({exc.holder}); nothing was changed", file=sys.stderr)
-        return 1
+        return _under_key_lock(storage, "audit destroy-key", destroy)
     finally:
         storage.close()
+
+
+def _under_key_lock(storage: Storage, what: str, operation: Callable[[], int]) -> int:
+    """``operation()`` holding KEY_LOCK, so that new-key, switch-key and destroy-key never interleave
+    (a switch retiring the key a destruction is checking, two new-keys each making a key); refused,
+    before anything is read or written, while another holds it."""
+    from services.common.storage.errors import LockHeldError
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(storage.exclusive(KEY_LOCK, what))
+        except LockHeldError as exc:
+            print(f"refused: another audit key operation runs ({exc.holder}); nothing was changed", file=sys.stderr)
+            return 1
+        return operation()
+    raise AssertionError("unreachable")
 
 
 def _destroy_recorded(settings: Settings, storage: Storage, current: Signer, target: str) -> int:

@@ -272,6 +272,11 @@ class KeysConfig(Section):
 
 class AuditConfig(Section):
     checkpoint_every: int = Field(100, ge=1)  # records between Ed25519-signed checkpoints
+    # A checkpoint older than this that no anchor reaches is a finding of `audit verify --anchors`
+    # (and templates, destroy-key): the anchors directory is not being written (the wrong or an
+    # empty volume mounted, the anchor CronJob failing). Four runs of the 15-minute CronJob; a
+    # younger checkpoint is not, so a fresh deployment passes before its first anchor run.
+    anchor_max_age_s: int = Field(3600, ge=0)
     signing_key_file: Path | None = None  # default <data_dir>/keys/audit-ed25519.pem
     # PEM public keys of audit signing keys this trail was signed with before the current one when
     # it changed without `biogate audit new-key` (a lost key file, a move to the token; a key the

@@ -143,6 +143,46 @@ def test_anchors_are_write_once_and_expose_a_rollback_to_an_old_head_and_a_wipe(
     storage.close()
 
 
+def test_an_anchors_directory_that_is_missing_or_not_written_to_is_no_pass(cli_settings, storage_dsn, tmp_path,
+                                                                           capsys):
+    """Before, `--anchors DIR` naming a missing directory, or one that holds no anchor, checked
+    nothing and passed: a CronJob mounting the wrong or an empty claim would pass for ever, and a
+    rollback with it. A missing directory is a usage error; a checkpoint older than
+    audit.anchor_max_age_s that no anchor reaches is a finding, a fresh one (the first anchor run
+    still to come) is not."""
+    settings = cli_settings  # a checkpoint every 3 records
+    storage, log, _ = _seven_records(settings)  # checkpoints at 3 and 6, head at 7
+    missing = tmp_path / "not-mounted"
+    last = storage.audit.last().seq
+    for argv in (["verify"], ["templates", "--attest-legacy"], ["destroy-key", "ed25519:0123456789abcdef"]):
+        assert _run(settings, ["audit", *argv, "--anchors", str(missing)]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"--anchors {missing}: no such directory" in err and "nothing was checked" in err
+    assert not missing.exists() and storage.audit.last().seq == last
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run(settings, ["audit", "verify", "--anchors", str(empty)]) == 0  # checkpoints younger than an hour
+    capsys.readouterr()
+    aged = load_config(None, data_dir=str(settings.data_dir), storage={"dsn": storage_dsn},
+                       audit={"checkpoint_every": 3, "anchor_max_age_s": 0})  # as if they were older
+    for argv in (["verify"], ["templates"]):
+        assert _run(aged, ["audit", *argv, "--anchors", str(empty)]) == 1, argv
+        out = capsys.readouterr().out
+        assert f"{empty}: no anchor reaches the checkpoint at seq 6" in out
+        assert "the directory holds no anchor of this trail" in out
+
+    assert _run(aged, ["audit", "anchor", "--to", str(empty)]) == 0
+    assert _run(aged, ["audit", "verify", "--anchors", str(empty)]) == 0
+    for i in range(3):  # the anchor runs stop: the checkpoint at seq 9 is never anchored
+        log.append("face.verify", "svc", "bank-a", f"cust-{i}", {"decision": "reject"})
+    capsys.readouterr()
+    assert _run(aged, ["audit", "verify", "--anchors", str(empty)]) == 1
+    out = capsys.readouterr().out
+    assert f"{empty}: no anchor reaches the checkpoint at seq 9" in out and "the newest anchor is at seq 7" in out
+    storage.close()
+
+
 def test_anchoring_a_rolled_back_or_unsigned_trail_is_refused(cli_settings, attacker, tmp_path, capsys):
     """`audit anchor` runs periodically: it is where a rollback shows first, and what it copies to
     the write-once store can never be taken back, so it copies only what the audit key signed."""

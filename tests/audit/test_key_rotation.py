@@ -5,6 +5,7 @@ by a record the key before it signed. Real SQLite and PostgreSQL, real key files
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from datetime import timedelta
 
@@ -13,7 +14,7 @@ import pytest
 from services.common.audit import AuditIntegrityError, AuditLog, AuditSigner, verify
 from services.common.audit.chain import checkpoint_message, head_message, record_hash
 from services.common.audit.continuity import DESTROYED, INTRODUCED, trail_keys
-from services.common.crypto.backend import next_audit_key_file, open_audit_signer
+from services.common.crypto.backend import next_audit_key_file, open_audit_signer, open_next_audit_signer
 from services.common.crypto.signing import public_key_pem
 from services.common.storage import open_storage
 from services.settings import load_config
@@ -428,6 +429,39 @@ def test_a_retired_key_is_destroyed_in_the_token(softhsm, tmp_path, capsys):
         replica.close()
 
 
+def test_a_destruction_that_fails_is_recorded_and_a_run_after_the_cause_is_fixed_destroys_the_key(settings, capsys):
+    """A real failure, no mock: the retired key file marked immutable (chattr +i, as a hardening or
+    backup tool may leave it) reads, so every refusal check passes, but cannot be opened for
+    writing, even by root. The destruction's record is committed first, then the failure's; the
+    command exits 1 saying what to do; once the file is mutable again a second run destroys it."""
+    from services.common.crypto.backend import retired_audit_key_file
+
+    old, _, replica = _rotated(settings)
+    retired = retired_audit_key_file(settings, old.key_id)
+    subprocess.run(["chattr", "+i", str(retired)], check=True)
+    try:
+        capsys.readouterr()
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 1
+        err = capsys.readouterr().err
+        ((seq, details),) = _destroyed_records(replica.storage)
+        assert (f"failed: the trail records the destruction of {old.key_id} at seq {seq}, but it failed "
+                "(PermissionError") in err
+        assert f"fix that and run `biogate audit destroy-key {old.key_id}` again" in err
+        failure = replica.storage.audit.last()
+        assert failure.seq == seq + 1 and failure.event_type == "audit.key_destroy_failed"
+        assert json.loads(failure.details) == {**details, "error": "PermissionError"}
+        assert retired.exists() and open_audit_signer(settings, create=False).key_id != old.key_id
+    finally:
+        subprocess.run(["chattr", "-i", str(retired)], check=True)
+    try:
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 0
+        assert not retired.exists()
+        assert [s for s, _ in _destroyed_records(replica.storage)] == [seq, seq + 2]
+        assert _run(settings, ["audit", "verify"]) == 0
+    finally:
+        replica.close()
+
+
 def test_a_signature_by_a_key_after_its_recorded_destruction_is_reported(settings, capsys):
     """A process never restarted onto the new key still holds the destroyed file key in memory and
     signs with it; so would whoever kept a copy. Its signature checks, but comes after the trail
@@ -450,4 +484,35 @@ def test_a_signature_by_a_key_after_its_recorded_destruction_is_reported(setting
                 f"(seq {destroyed}): a copy of its private key survives") in capsys.readouterr().out
     finally:
         stale.close()
+        replica.close()
+
+
+def test_every_audit_key_operation_is_refused_while_another_holds_the_key_lock(settings, capsys):
+    """new-key, switch-key and destroy-key take one lock: before, only destroy-key did, so a
+    switch-key could retire the key a destroy-key was checking, or two new-keys each make a key.
+    Held by another connection (another operator's command), each is refused with nothing changed."""
+    from services.commands.audit import KEY_LOCK
+    from services.common.crypto.backend import retired_audit_key_file
+
+    old, new, replica = _rotated(settings)
+    assert _run(settings, ["audit", "new-key"]) == 0  # a next key to switch to
+    nxt = open_next_audit_signer(settings)
+    other = open_storage(settings.storage_dsn)
+    try:
+        last = replica.storage.audit.last().seq
+        capsys.readouterr()
+        with other.exclusive(KEY_LOCK, "another operator's audit destroy-key"):
+            for argv in (["new-key"], ["switch-key"], ["destroy-key", old.key_id]):
+                assert _run(settings, ["audit", *argv]) == 1, argv
+                err = capsys.readouterr().err
+                assert "refused: another audit key operation runs" in err
+                assert "another operator's audit destroy-key" in err and "nothing was changed" in err
+            assert open_next_audit_signer(settings).key_id == nxt.key_id
+            assert open_audit_signer(settings, create=False).key_id == new.key_id
+            assert retired_audit_key_file(settings, old.key_id).exists()
+            assert replica.storage.audit.last().seq == last
+        assert _run(settings, ["audit", "switch-key"]) == 0  # once the lock is free
+        assert open_audit_signer(settings, create=False).key_id == nxt.key_id
+    finally:
+        other.close()
         replica.close()

@@ -33,7 +33,7 @@ from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
 from services.mfa.tokens import SigningKeys, TokenIssuer, verify_token
 from tests.conftest import make_settings
-from tests.softhsm import PIN, TOKEN_LABEL
+from tests.softhsm import PIN, TOKEN_LABEL, corrupt_key_value, objects
 
 CLAIMS = {"aud": "bank-a", "sub": "ps1_x", "sid": "ses_1", "decision": "allow", "amr": ["face"], "acr": "aal2"}
 KEY_FILE_NAMES = {"keyring.json", "audit-ed25519.pem", "mfa-token-keys.json"}
@@ -201,6 +201,39 @@ def test_a_wrapped_key_is_bound_to_its_associated_data(softhsm, tmp_path):
         keyring.unwrap(kid, wrapped[:-1] + bytes([wrapped[-1] ^ 1]), b"aad-1")
     crypto = EnvelopeCrypto(keyring)
     assert crypto.decrypt_contact("t", "s", crypto.encrypt_contact("t", "s", "+8613800000000")) == "+8613800000000"
+
+
+def test_an_hsm_fault_while_unwrapping_is_unavailable_not_a_wrong_key(softhsm, tmp_path):
+    """SoftHSM2 answers a GCM tag that does not verify with GeneralError (measured: a flipped tag,
+    other associated data, a truncated ciphertext), the code a failing device gives too, and every
+    GeneralError was reported as WrongKeyError: an HSM fault looked like data sealed under another
+    key, or tampered with. Now the key's test encryption tells them apart: with the key's storage in
+    the token corrupted (every operation with it fails), an unwrap is TokenUnavailableError (gRPC
+    UNAVAILABLE), naming the fault; a tampered wrapped key on the working token stays WrongKeyError."""
+    from services.common.crypto import WrongKeyError
+    from services.common.crypto.errors import TokenUnavailableError
+
+    before = objects(softhsm)
+    keyring = open_keyring(make_settings(tmp_path / "data", keys=softhsm.keys_config()))
+    (kek,) = objects(softhsm) - before
+    kid = keyring.primary_key_id()
+    crypto = EnvelopeCrypto(keyring)
+    sealed = crypto.encrypt_contact("t", "s", "+8613800000000")
+    wrapped = keyring.wrap(kid, b"k" * 32, b"aad")
+    with pytest.raises(WrongKeyError):
+        keyring.unwrap(kid, wrapped[:-1] + bytes([wrapped[-1] ^ 1]), b"aad")
+
+    corrupt_key_value(kek)
+    try:
+        fault = (rf"failed: unwrapping under key {kid!r} \(GeneralError\), and the key fails a test encryption "
+                 r"too \(GeneralError\); an HSM fault, not the data")
+        with pytest.raises(TokenUnavailableError, match=fault):
+            keyring.unwrap(kid, wrapped, b"aad")
+        with pytest.raises(TokenUnavailableError):
+            crypto.decrypt_contact("t", "s", sealed)
+    finally:
+        with keyring.token.using():
+            keyring._kek(kid).destroy()
 
 
 OPENER = """

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import os
 import random
-from datetime import datetime
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -33,7 +33,7 @@ from .chain import checkpoint_message, format_ts, head_message
 from .signing import key_map
 
 if TYPE_CHECKING:
-    from services.common.storage.interfaces import AuditRepository
+    from services.common.storage.interfaces import AuditCheckpoint, AuditRepository
 
 _CHECKPOINT, _HEAD = "checkpoint-", "head-"
 # Anchors the trail agrees with whose signatures one run checks, chosen at random: a forged one is
@@ -271,3 +271,15 @@ def anchored(
         else:
             out.checkpoints.append((found.seq, found.hash))
     return out
+
+
+def unanchored(checkpoints: Iterable[AuditCheckpoint], found: Anchored, max_age_s: float,
+               now: datetime) -> AuditCheckpoint | None:
+    """The newest checkpoint at least ``max_age_s`` old that no anchor in ``found`` reaches (none at
+    its seq or beyond), or None. Anchors are written every few minutes: one missing that long means
+    the store read is not the one `audit anchor` writes to, or that it stopped, and then a rollback
+    or a truncation since the newest anchor goes unseen."""
+    newest = max((seq for seq, _ in found.checkpoints), default=0)
+    due = now - timedelta(seconds=max_age_s)
+    last = max((cp for cp in checkpoints if cp.ts <= due), key=lambda cp: cp.seq, default=None)
+    return last if last is not None and last.seq > newest else None
