@@ -229,6 +229,28 @@ def test_the_loader_refuses_what_cannot_run_outside_a_transaction(part) -> None:
     part.add("0001_ledger.sql", ONLINE + "CREATE INDEX CONCURRENTLY IF NOT EXISTS ledger_v ON ledger (v)\n")
     with pytest.raises(MigrationError, match="unterminated SQL statement"):
         load_migrations("postgres", part.schema)
+    part.add("0001_ledger.sql", ONLINE + "DROP INDEX CONCURRENTLY ledger_v;\n")
+    with pytest.raises(MigrationError, match="IF EXISTS ledger_v"):
+        load_migrations("postgres", part.schema)
+    # A statement the directive would commit on its own, and a second run would not skip.
+    for stmt in ("ALTER TABLE ledger ADD COLUMN w INTEGER", "CREATE INDEX ledger_v ON ledger (v)",
+                 "INSERT INTO ledger (v) VALUES (1)", "DROP INDEX CONCURRENTLY IF EXISTS ledger_v, ledger_w"):
+        part.add("0001_ledger.sql", f"{ONLINE}{stmt};\n")
+        with pytest.raises(MigrationError, match="must be re-runnable.*in a file without the directive"):
+            load_migrations("postgres", part.schema)
+
+
+def test_a_no_transaction_file_replaces_an_index_and_runs_again_safely(db, part) -> None:
+    part.add("0001_ledger.sql", TABLE + "CREATE INDEX ledger_old ON ledger (v);\n")
+    migrate(db, part.schema)
+    part.add("0002_ledger_v_id.sql", ONLINE + "CREATE INDEX CONCURRENTLY IF NOT EXISTS ledger_v_id ON ledger (v, id);\n"
+             "DROP INDEX CONCURRENTLY IF EXISTS ledger_old;\n")
+    assert migrate(db, part.schema) == [2]
+    assert index_valid(db, "ledger_old") is None and index_valid(db, "ledger_v_id") is True
+    with db.transaction() as s:  # as if the run had failed after its last statement
+        s.execute("DELETE FROM schema_versions WHERE part = 'online' AND version = 2")
+    assert migrate(db, part.schema) == [2]
+    assert index_valid(db, "ledger_old") is None and index_valid(db, "ledger_v_id") is True
 
 
 def test_statements_split_outside_quotes_and_comments() -> None:
