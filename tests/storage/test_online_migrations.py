@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -217,6 +219,42 @@ def test_a_migrator_waiting_for_the_lock_does_not_deadlock_a_concurrent_build(db
     other.close()
     assert out1 == {"result": [2]} and out2 == {"result": []}
     assert index_valid(db, "ledger_v") is True
+
+
+def test_a_migrator_killed_mid_build_leaves_the_build_to_finish_and_the_next_one_to_record_it(
+        db, part, pg_database_dsn, monitor, open_writer) -> None:
+    """What the migrate Job's deadline does to a long build (README, "Kubernetes"): the server goes
+    on building after the process is killed (it reads from the client only once the build is done),
+    holding the migration lock; the next migrator waits for it and keeps the index built."""
+    part.add("0001_ledger.sql", TABLE)
+    migrate(db, part.schema)
+    part.add("0002_ledger_v.sql", ONLINE + "CREATE INDEX CONCURRENTLY IF NOT EXISTS ledger_v ON ledger (v);\n")
+    first = open_writer()
+    code = ("import sys; from services.common.storage.db import PostgresDatabase;"
+            " from services.common.storage.migrate import SchemaPart, migrate;"
+            f" sys.path.insert(0, {str(part.folder.parent.parent)!r});"
+            f" migrate(PostgresDatabase(sys.argv[1], 2, 10.0), SchemaPart('online', {part.schema.package!r}))")
+    killed = subprocess.Popen([sys.executable, "-c", code, pg_database_dsn], cwd=PROJECT_ROOT)
+    try:
+        (orphan,) = wait_for(monitor, "SELECT pid FROM pg_stat_activity WHERE application_name LIKE"
+                             " 'biogate schema migrations, pid %%' AND %s = ANY(pg_blocking_pids(pid))",
+                             (first.info.backend_pid,), "the build waiting for the open writer")[0]
+    finally:
+        killed.kill()
+        killed.wait()
+    built = monitor.execute("SELECT to_regclass('ledger_v')::oid").fetchone()[0]
+    t, out = in_thread(lambda: migrate(db, part.schema))
+    wait_for(monitor, "SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND state = 'idle'"
+             " AND (query LIKE '%%pg_try_advisory_lock%%' OR query LIKE '%%pg_locks%%')",
+             (MIGRATOR,), "the next migrator waiting for the lock")
+    assert monitor.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (orphan,)).fetchone() == ("active",)
+    first.commit()
+    first.close()
+    t.join(120)
+    assert out == {"result": [2]} and versions(db) == [1, 2]
+    assert index_valid(db, "ledger_v") is True
+    with db.read() as s:
+        assert s.one("SELECT to_regclass('ledger_v')::oid")[0] == built  # the orphan's build, kept
 
 
 def test_the_loader_refuses_what_cannot_run_outside_a_transaction(part) -> None:
