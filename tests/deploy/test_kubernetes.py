@@ -9,6 +9,7 @@ network policies let only the MFA reach face and voice, and only the ingress the
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 
@@ -199,6 +200,21 @@ def test_every_environment_variable_names_a_setting_and_every_reference_exists(r
                 assert volume["persistentVolumeClaim"]["claimName"] in EXTERNAL_CLAIMS
     job = by_kind(objects, "Job")["biogate-migrate"]
     assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["biogate", "migrate"]
+
+
+def test_the_migrate_job_outlasts_a_long_index_build_and_readme_waits_as_long(rendered):
+    """A concurrent index build on a large table takes as long as it takes (README, "Upgrading a
+    large PostgreSQL database"): the Job's deadline is a backstop, retries are safe (every file is
+    re-runnable), and README's `kubectl wait` gives up no sooner than the Job does."""
+    _, objects = rendered
+    job = by_kind(objects, "Job")["biogate-migrate"]["spec"]
+    assert job["activeDeadlineSeconds"] == 6 * 3600
+    assert job["backoffLimit"] == 3
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    (wait,) = re.findall(r"^kubectl -n biogate wait --for=condition=complete job/biogate-migrate --timeout=(\d+)([smh])$",
+                         readme, re.MULTILINE)
+    assert int(wait[0]) * {"s": 1, "m": 60, "h": 3600}[wait[1]] == job["activeDeadlineSeconds"]
+    assert "The Job's deadline (`activeDeadlineSeconds`) is 6 hours" in readme
 
 
 def test_the_audit_trail_is_anchored_on_a_schedule_to_its_own_claim(rendered):

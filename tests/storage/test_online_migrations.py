@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -219,6 +221,42 @@ def test_a_migrator_waiting_for_the_lock_does_not_deadlock_a_concurrent_build(db
     assert index_valid(db, "ledger_v") is True
 
 
+def test_a_migrator_killed_mid_build_leaves_the_build_to_finish_and_the_next_one_to_record_it(
+        db, part, pg_database_dsn, monitor, open_writer) -> None:
+    """What the migrate Job's deadline does to a long build (README, "Kubernetes"): the server goes
+    on building after the process is killed (it reads from the client only once the build is done),
+    holding the migration lock; the next migrator waits for it and keeps the index built."""
+    part.add("0001_ledger.sql", TABLE)
+    migrate(db, part.schema)
+    part.add("0002_ledger_v.sql", ONLINE + "CREATE INDEX CONCURRENTLY IF NOT EXISTS ledger_v ON ledger (v);\n")
+    first = open_writer()
+    code = ("import sys; from services.common.storage.db import PostgresDatabase;"
+            " from services.common.storage.migrate import SchemaPart, migrate;"
+            f" sys.path.insert(0, {str(part.folder.parent.parent)!r});"
+            f" migrate(PostgresDatabase(sys.argv[1], 2, 10.0), SchemaPart('online', {part.schema.package!r}))")
+    killed = subprocess.Popen([sys.executable, "-c", code, pg_database_dsn], cwd=PROJECT_ROOT)
+    try:
+        (orphan,) = wait_for(monitor, "SELECT pid FROM pg_stat_activity WHERE application_name LIKE"
+                             " 'biogate schema migrations, pid %%' AND %s = ANY(pg_blocking_pids(pid))",
+                             (first.info.backend_pid,), "the build waiting for the open writer")[0]
+    finally:
+        killed.kill()
+        killed.wait()
+    built = monitor.execute("SELECT to_regclass('ledger_v')::oid").fetchone()[0]
+    t, out = in_thread(lambda: migrate(db, part.schema))
+    wait_for(monitor, "SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND state = 'idle'"
+             " AND (query LIKE '%%pg_try_advisory_lock%%' OR query LIKE '%%pg_locks%%')",
+             (MIGRATOR,), "the next migrator waiting for the lock")
+    assert monitor.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (orphan,)).fetchone() == ("active",)
+    first.commit()
+    first.close()
+    t.join(120)
+    assert out == {"result": [2]} and versions(db) == [1, 2]
+    assert index_valid(db, "ledger_v") is True
+    with db.read() as s:
+        assert s.one("SELECT to_regclass('ledger_v')::oid")[0] == built  # the orphan's build, kept
+
+
 def test_the_loader_refuses_what_cannot_run_outside_a_transaction(part) -> None:
     part.add("0001_ledger.sql", ONLINE + TABLE, dialect="sqlite")
     with pytest.raises(MigrationError, match="only PostgreSQL files may run outside a transaction"):
@@ -229,6 +267,28 @@ def test_the_loader_refuses_what_cannot_run_outside_a_transaction(part) -> None:
     part.add("0001_ledger.sql", ONLINE + "CREATE INDEX CONCURRENTLY IF NOT EXISTS ledger_v ON ledger (v)\n")
     with pytest.raises(MigrationError, match="unterminated SQL statement"):
         load_migrations("postgres", part.schema)
+    part.add("0001_ledger.sql", ONLINE + "DROP INDEX CONCURRENTLY ledger_v;\n")
+    with pytest.raises(MigrationError, match="IF EXISTS ledger_v"):
+        load_migrations("postgres", part.schema)
+    # A statement the directive would commit on its own, and a second run would not skip.
+    for stmt in ("ALTER TABLE ledger ADD COLUMN w INTEGER", "CREATE INDEX ledger_v ON ledger (v)",
+                 "INSERT INTO ledger (v) VALUES (1)", "DROP INDEX CONCURRENTLY IF EXISTS ledger_v, ledger_w"):
+        part.add("0001_ledger.sql", f"{ONLINE}{stmt};\n")
+        with pytest.raises(MigrationError, match="must be re-runnable.*in a file without the directive"):
+            load_migrations("postgres", part.schema)
+
+
+def test_a_no_transaction_file_replaces_an_index_and_runs_again_safely(db, part) -> None:
+    part.add("0001_ledger.sql", TABLE + "CREATE INDEX ledger_old ON ledger (v);\n")
+    migrate(db, part.schema)
+    part.add("0002_ledger_v_id.sql", ONLINE + "CREATE INDEX CONCURRENTLY IF NOT EXISTS ledger_v_id ON ledger (v, id);\n"
+             "DROP INDEX CONCURRENTLY IF EXISTS ledger_old;\n")
+    assert migrate(db, part.schema) == [2]
+    assert index_valid(db, "ledger_old") is None and index_valid(db, "ledger_v_id") is True
+    with db.transaction() as s:  # as if the run had failed after its last statement
+        s.execute("DELETE FROM schema_versions WHERE part = 'online' AND version = 2")
+    assert migrate(db, part.schema) == [2]
+    assert index_valid(db, "ledger_old") is None and index_valid(db, "ledger_v_id") is True
 
 
 def test_statements_split_outside_quotes_and_comments() -> None:

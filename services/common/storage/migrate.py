@@ -14,8 +14,8 @@ CONCURRENTLY`` needs, which builds an index on a live table without holding its 
 ``CREATE INDEX`` holds every INSERT, UPDATE and DELETE on the table until it is built). PostgreSQL
 migrations therefore run on a connection holding the migration lock as a session advisory lock, and
 record such a file once all its statements have succeeded. A file that failed part way is run again
-whole: its statements must be re-runnable (``CREATE INDEX CONCURRENTLY IF NOT EXISTS``, which the
-loader requires, ``DROP INDEX CONCURRENTLY IF EXISTS``); the INVALID index a failed concurrent
+whole: the loader allows only statements that are re-runnable (``CREATE INDEX CONCURRENTLY IF NOT
+EXISTS``, ``DROP INDEX CONCURRENTLY IF EXISTS``); the INVALID index a failed concurrent
 build leaves behind is dropped before the statement that builds it runs again. SQLite files always
 run in the part's one transaction.
 
@@ -50,6 +50,7 @@ _PLAIN_INDEX = re.compile(r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+(\w+)\s+ON\s+(?:ONLY
 _CONCURRENT_INDEX = re.compile(
     r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(IF\s+NOT\s+EXISTS\s+)?(\w+)", re.IGNORECASE
 )
+_CONCURRENT_DROP = re.compile(r"^DROP\s+INDEX\s+CONCURRENTLY\s+(IF\s+EXISTS\s+)?(\w+)$", re.IGNORECASE)
 HISTORY = "schema_versions"
 LEGACY_HISTORY = "schema_migrations"
 
@@ -128,6 +129,15 @@ def _check(mig: Migration, dialect: str, part: SchemaPart) -> None:
         if m and not m.group(1):
             raise MigrationError(f"{what}: write CREATE INDEX CONCURRENTLY IF NOT EXISTS {m.group(2)}, so that "
                                  "a run again after a failure skips the indexes it had built")
+        d = _CONCURRENT_DROP.match(stmt)
+        if d and not d.group(1):
+            raise MigrationError(f"{what}: write DROP INDEX CONCURRENTLY IF EXISTS {d.group(2)}, so that "
+                                 "a run again after a failure skips the indexes it had dropped")
+        if not m and not d:
+            raise MigrationError(
+                f"{what}: a file that runs outside a transaction is run again whole after a failure, so each of "
+                "its statements must be re-runnable: CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS, or DROP "
+                f"INDEX CONCURRENTLY IF EXISTS of one index; put {stmt[:80]!r} in a file without the directive")
 
 
 def load_migrations(dialect: str, part: SchemaPart = SHARED) -> list[Migration]:
