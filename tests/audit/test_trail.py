@@ -394,21 +394,23 @@ def test_a_record_whose_time_cannot_be_read_is_reported_not_a_crash(tmp_path, si
         storage.close()
 
 
-def test_the_key_introductions_are_found_through_an_index_not_a_scan_of_the_trail(storage, audit_log, fill):
+@pytest.mark.parametrize("event_type, index", [("audit.key_introduced", "audit_records_key_introduced"),
+                                               ("audit.key_destroyed", "audit_records_key_destroyed")])
+def test_the_key_introductions_are_found_through_an_index_not_a_scan_of_the_trail(storage, audit_log, fill,
+                                                                                   event_type, index):
     """A service looks the introductions up under the audit lock the first time it meets a head signed
     by a new key: on a year's trail (1,000,000 records) PostgreSQL scanned every record (~0.1 s of
     every append stalled) and SQLite every checkpoint (bench/audit_keys.py). The plan must use the
     partial index of the introductions (PostgreSQL told not to scan: a test table is small enough
-    that it would)."""
-    from services.common.audit.continuity import INTRODUCED
+    that it would). So must the destructions, which every service looks up each audit.key_check_s."""
     from services.common.storage.audit import checkpointed_sql
 
     fill(audit_log, 12)
     db = storage.audit._db
     with db.read() as s:
         if s.dialect.sql("?") == "?":
-            plan = " | ".join(str(r[-1]) for r in s.all("EXPLAIN QUERY PLAN " + checkpointed_sql(INTRODUCED)))
+            plan = " | ".join(str(r[-1]) for r in s.all("EXPLAIN QUERY PLAN " + checkpointed_sql(event_type)))
         else:
             s.execute("SET LOCAL enable_seqscan = off")
-            plan = " | ".join(str(r[0]) for r in s.all("EXPLAIN " + checkpointed_sql(INTRODUCED)))
-    assert "audit_records_key_introduced" in plan, plan
+            plan = " | ".join(str(r[0]) for r in s.all("EXPLAIN " + checkpointed_sql(event_type)))
+    assert index in plan, plan

@@ -24,8 +24,9 @@ _TAIL = ("SELECT r.seq, r.hash, h.seq, h.hash, h.signature, h.key_id FROM (SELEC
 
 def checkpointed_sql(event_type: str) -> str:
     """The records of ``event_type`` with a checkpoint at their seq, each with it. The event type is
-    written into the statement: a partial index (``audit_records_key_introduced``) serves a query
-    only where the planner sees its condition, and SQLite plans before it sees a bound value."""
+    written into the statement: a partial index (``audit_records_key_introduced``, ``_key_destroyed``)
+    serves a query only where the planner sees its condition, and SQLite plans before it sees a bound
+    value."""
     if not _EVENT_TYPE.fullmatch(event_type):
         raise ValueError(f"not an audit event type: {event_type!r}")
     record = ", ".join(f"r.{c.strip()}" for c in columns(AuditRow).split(","))
