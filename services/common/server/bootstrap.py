@@ -2,9 +2,12 @@
 
 Health (grpc.health.v1) reports NOT_SERVING until the service's warm-up (model loading and a first
 inference) has succeeded, then SERVING; on SIGTERM it turns NOT_SERVING again and the server drains
-in-flight RPCs for ``server.drain_seconds`` before it stops. With the keys in a PKCS#11 token, the
-health of the service's own names (readiness) is NOT_SERVING while the token cannot be reconnected;
-the overall health (liveness) stays SERVING: a restart would not bring the HSM back. Server reflection, message-size limits,
+in-flight RPCs for ``server.drain_seconds`` before it stops. After the warm-up, the health of the
+service's own names (readiness) is NOT_SERVING while one of its :class:`ReadinessCheck` finds a
+problem: with the keys in a PKCS#11 token, while the token cannot be reconnected; and once the audit
+key this process signs with was destroyed (``biogate audit destroy-key``), until it is restarted.
+The overall health (liveness) stays SERVING: a restart would not bring the HSM back, and a
+replica to restart is the operator's call (the alert says which). Server reflection, message-size limits,
 a bound on concurrent RPCs, TLS/mTLS and the interceptor (authentication, authorisation, metrics,
 logs) come from the one configuration.
 """
@@ -39,6 +42,16 @@ log = logging.getLogger("biogate.server")
 WARM_UP_RETRY_S = 30.0
 
 
+@dataclass(frozen=True)
+class ReadinessCheck:
+    """A condition of the readiness, checked every ``every_s`` once the service serves, also when
+    no calls come in: ``check()`` -> why the service cannot serve now, or None."""
+
+    what: str  # names the condition in the logs
+    every_s: float
+    check: Callable[[], str | None]
+
+
 @dataclass
 class ServiceDefinition:
     """What a service hands to the bootstrap."""
@@ -52,6 +65,7 @@ class ServiceDefinition:
     # the objects the RPCs' `tenant` options name by id ("session", "review") -> their tenant
     tenant_lookups: dict[str, TenantLookup] = field(default_factory=dict)
     details: dict[str, str] = field(default_factory=dict)  # filled by warm_up: models, providers
+    readiness: list[ReadinessCheck] = field(default_factory=list)  # besides the PKCS#11 token's
 
 
 class RunningServer:
@@ -127,6 +141,8 @@ class RunningServer:
             self.health_address = f"{endpoint.host}:{bound}"
         self._stopping = threading.Event()
         self.ready = threading.Event()
+        self._readiness_lock = threading.Lock()
+        self._not_ready: dict[str, str] = {}  # ReadinessCheck.what -> the problem it found
 
     def _set_status(self, status: int, overall: bool = True) -> None:
         if overall:
@@ -168,30 +184,49 @@ class RunningServer:
                 self._set_status(health_pb2.HealthCheckResponse.SERVING)
                 self.ready.set()
                 log.info("serving", extra={"service": self.definition.name, **self.definition.details})
-                if self.settings.keys.backend == "pkcs11":
-                    self._watch_key_store()
+                for check in self._readiness_checks():
+                    threading.Thread(target=self._watch, args=(check,), name=f"{self.definition.name}-readiness",
+                                     daemon=True).start()
             return
 
-    def _watch_key_store(self) -> None:
-        """Checks the token every ``keys.pkcs11.health_check_s`` (a lost session is reconnected by
-        the check itself, also when no calls come in), its outcome the services' health."""
-        from services.common.crypto.hsm import open_token
+    def _readiness_checks(self) -> list[ReadinessCheck]:
+        checks = list(self.definition.readiness)
+        if self.settings.keys.backend == "pkcs11":
+            from services.common.crypto.hsm import open_token
 
-        cfg = self.settings.keys.pkcs11
-        token = open_token(cfg)
-        serving = True
-        while not self._stopping.wait(cfg.health_check_s):
-            problem = token.check()
-            if self._stopping.is_set() or serving != bool(problem):
+            cfg = self.settings.keys.pkcs11
+            # A lost session is reconnected by the check itself.
+            checks.append(ReadinessCheck("the PKCS#11 token", cfg.health_check_s, open_token(cfg).check))
+        return checks
+
+    def _watch(self, check: ReadinessCheck) -> None:
+        while not self._stopping.wait(check.every_s):
+            try:
+                problem = check.check()
+            except Exception as exc:  # noqa: BLE001 - the check could not tell: the readiness stays as it was
+                log.warning("readiness check failed", extra={"service": self.definition.name, "check": check.what,
+                                                             "error": f"{type(exc).__name__}: {exc}"})
                 continue
-            serving = not problem
-            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-            self._set_status(status, overall=False)
-            if serving:
-                log.warning("the PKCS#11 token answers again; SERVING", extra={"service": self.definition.name})
+            if not self._stopping.is_set():
+                self._set_readiness(check.what, problem)
+
+    def _set_readiness(self, what: str, problem: str | None) -> None:
+        """The readiness is SERVING while no check finds a problem."""
+        with self._readiness_lock:
+            if bool(problem) == (what in self._not_ready):
+                return
+            if problem:
+                self._not_ready[what] = problem
             else:
-                log.error("NOT_SERVING while the PKCS#11 token is unreachable",
-                          extra={"service": self.definition.name, "error": problem})
+                del self._not_ready[what]
+            still = sorted(self._not_ready)
+            S = health_pb2.HealthCheckResponse
+            self._set_status(S.NOT_SERVING if still else S.SERVING, overall=False)
+        if problem:
+            log.error("NOT_SERVING", extra={"service": self.definition.name, "check": what, "error": problem})
+        else:
+            log.warning("resolved" if still else "SERVING again",
+                        extra={"service": self.definition.name, "check": what, "not_serving_for": still})
 
     def stop(self, grace: float | None = None) -> None:
         """Turns health NOT_SERVING, lets in-flight RPCs finish, then stops."""
