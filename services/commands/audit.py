@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import re
 import sys
 from collections.abc import Callable
@@ -489,12 +488,11 @@ def _destroy_recorded(settings: Settings, storage: Storage, current: Signer, tar
 def _destroy_refusal(settings: Settings, args: argparse.Namespace, storage: Storage, public_key: list[PublicKey],
                      current: Signer, target: str) -> str | None:
     """Why ``target`` must not be destroyed now, or None."""
-    from services.common.audit.continuity import DESTROYED, INTRODUCED
+    from services.common.audit.continuity import DESTROYED, INTRODUCED, destroyed_key
     from services.common.crypto.backend import has_retired_audit_key, retired_audit_key_file
 
     if not has_retired_audit_key(settings, target):
-        earlier = [row.seq for row, _ in storage.audit.checkpointed(DESTROYED)
-                   if json.loads(row.details).get("key_id") == target]
+        earlier = [row.seq for row, _ in storage.audit.checkpointed(DESTROYED) if destroyed_key(row) == target]
         where = (f"no object labelled {settings.keys.pkcs11.label_prefix}-audit-retired with it in the token"
                  if settings.keys.backend == "pkcs11" else f"no {retired_audit_key_file(settings, target)}")
         why = (f"destroyed already ({DESTROYED} at seq {earlier[-1]})" if earlier else

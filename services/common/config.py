@@ -283,6 +283,11 @@ class AuditConfig(Section):
     # trail introduces needs no listing): the services chain onto a head one of them signed, and
     # `biogate audit verify` accepts their signatures. List a key only after its trail verified.
     previous_public_keys: list[Path] = []
+    # How often a service looks for an `audit.key_destroyed` record naming the key it signs with (one
+    # index seek): found, it refuses every audited write and its readiness turns NOT_SERVING until it
+    # is restarted onto the current key. The longest a process not restarted after `audit switch-key`
+    # signs with a key `audit destroy-key` destroyed (verify reports such signatures).
+    key_check_s: float = Field(30.0, gt=0)
 
 
 class RetentionConfig(Section):

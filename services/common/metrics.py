@@ -56,6 +56,17 @@ AUDIT_GROUP = Histogram("biogate_audit_group_records", "Audit records committed 
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
 
+# Audited writes refused because the trail records the destruction of the key this process signs
+# with (services/common/audit/log.py): a process not restarted after `biogate audit switch-key`.
+AUDIT_DESTROYED_KEY_REFUSALS = Counter(
+    "biogate_audit_destroyed_key_refusals_total",
+    "Audited writes refused: the audit key this process signs with was destroyed (restart it)")
+# 1 from then on, in each such process: one routed around (NOT_SERVING) gets no calls to refuse.
+AUDIT_KEY_DESTROYED = Gauge("biogate_audit_key_destroyed",
+                            "1 while the audit key this process signs with was destroyed (restart it)",
+                            multiprocess_mode="livemax")
+
+
 def observe_similarity(model: str, channel: str, score: float, matched: bool) -> None:
     SIMILARITY.labels(model, channel, "match" if matched else "no_match").observe(score)
 

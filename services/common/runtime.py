@@ -12,6 +12,7 @@ from services.common.files import private_dir
 from services.common.models import ModelStore
 from services.common.privacy import Pseudonymizer
 from services.common.server.auth import ensure_dev_credentials
+from services.common.server.bootstrap import ReadinessCheck
 from services.common.storage import Storage, open_storage
 
 
@@ -53,6 +54,11 @@ class Runtime:
     def key_audit(self) -> KeyAudit:
         """Writes the records of a key this process makes while it runs (the MFA's token keys)."""
         return key_audit(self.audit, self.settings, self.actor)
+
+    def readiness(self) -> list[ReadinessCheck]:
+        """What the server checks besides the calls: the audit key this process signs with is not
+        destroyed (one at its start may be, later: `biogate audit destroy-key` after switch-key)."""
+        return [ReadinessCheck("the audit signing key", self.settings.audit.key_check_s, self.audit.check_key)]
 
     def close(self) -> None:
         self.storage.close()

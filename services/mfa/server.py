@@ -150,6 +150,7 @@ def definition(settings: MfaSettings, clock: Callable[[], datetime] | None = Non
         close=close,
         details=details,
         tenant_lookups={"session": orchestrator.sessions.tenant_of, "review": orchestrator.reviews.tenant_of},
+        readiness=rt.readiness(),
     )
     result.service = orchestrator  # type: ignore[attr-defined]  # tests and benchmarks reach the orchestrator through it
     return result

@@ -516,3 +516,63 @@ def test_every_audit_key_operation_is_refused_while_another_holds_the_key_lock(s
     finally:
         other.close()
         replica.close()
+
+
+def test_a_replica_still_on_a_destroyed_key_refuses_to_sign_once_its_check_finds_the_destruction(settings, capsys):
+    """A process started before the switch and never restarted holds the destroyed file key in memory.
+    Before, it signed on with it and only `audit verify` noticed, afterwards. Now its key check (the
+    server runs it every audit.key_check_s) finds the signed `audit.key_destroyed` record, and every
+    later append is refused, with nothing written; a replica on the new key is not affected, and the
+    trail verifies: nothing was signed by the key after its destruction."""
+    from services.common import metrics
+    from services.common.audit import AuditKeyDestroyedError
+
+    open_audit_signer(settings)
+    stale = Replica(settings)  # started before the rotation, never restarted
+    stale.write(1, [])
+    old, new, replica = _rotated(settings)
+    try:
+        assert stale.log.check_key() is None  # retired, not destroyed yet: it may sign on
+        stale.write(1, [])
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 0
+        ((destroyed, _),) = _destroyed_records(replica.storage)
+        assert replica.log.check_key() is None
+        problem = stale.log.check_key()
+        assert problem == (f"the audit key {old.key_id} this process signs with was destroyed at seq {destroyed} "
+                           "(biogate audit destroy-key); restart this process to load the current key")
+        last, refused = replica.storage.audit.last(), metrics.AUDIT_DESTROYED_KEY_REFUSALS._value.get()
+        with pytest.raises(AuditKeyDestroyedError) as err:
+            stale.write(1, [])
+        assert str(err.value) == problem
+        assert replica.storage.audit.last() == last and replica.storage.audit.head().seq == last.seq  # nothing written
+        assert metrics.AUDIT_DESTROYED_KEY_REFUSALS._value.get() == refused + 1
+        assert stale.log.check_key() == problem  # for good: only a restart loads another key
+        assert metrics.AUDIT_KEY_DESTROYED._value.get() == 1
+        replica.write(2, [])  # the replica on the new key is unaffected
+        assert replica.storage.audit.head().key_id == new.key_id
+        capsys.readouterr()
+        assert _run(settings, ["audit", "verify"]) == 0, capsys.readouterr().out
+        stale.start()  # restarted: the current key
+        assert stale.key_id == new.key_id and stale.log.check_key() is None
+        stale.write(1, [])
+    finally:
+        stale.close()
+        replica.close()
+
+
+def test_a_destruction_record_no_trusted_key_signed_stops_no_replica(settings, attacker, tmp_path):
+    """Someone who can write the database but holds no audit key forges an `audit.key_destroyed`
+    record naming the current key, with a checkpoint and head of their own key: the services' key
+    check believes only a record whose checkpoint a key the trail trusts signed, so it takes no
+    replica down (the forged head stops appends anyway, until verify has been run: the integrity check)."""
+    open_audit_signer(settings)
+    replica = Replica(settings)
+    try:
+        replica.write(2, [])
+        forger = AuditSigner.load_or_create(tmp_path / "attacker.pem")
+        _forge(replica.storage, attacker, DESTROYED, {"key": "audit-signing", "key_id": replica.key_id},
+               checkpoint_by=forger)
+        assert len(_destroyed_records(replica.storage)) == 1
+        assert replica.log.check_key() is None
+    finally:
+        replica.close()

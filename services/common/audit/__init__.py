@@ -8,7 +8,7 @@
 
 from .chain import GENESIS_HASH
 from .guard import AuditDataError, check_details
-from .log import AuditIntegrityError, AuditLog
+from .log import AuditIntegrityError, AuditKeyDestroyedError, AuditLog
 from .signing import AuditSigner, load_public_key
 from .verify import VerifyReport, verify
 
@@ -16,6 +16,7 @@ __all__ = [
     "GENESIS_HASH",
     "AuditDataError",
     "AuditIntegrityError",
+    "AuditKeyDestroyedError",
     "AuditLog",
     "AuditSigner",
     "VerifyReport",

@@ -144,12 +144,19 @@ def destroyed_at(repo: AuditRepository, trail: TrailKeys) -> dict[str, int]:
         if key is None or row_hash(row) != row.hash or cp.hash != row.hash or not verify_signature(
                 key, bytes(cp.signature), checkpoint_message(cp.seq, cp.hash, cp.ts)):
             continue  # the walk reports a record or checkpoint that is not what was signed
-        try:
-            out.setdefault(str(json.loads(row.details)["key_id"]), row.seq)
-        except (ValueError, KeyError, TypeError):
-            continue
+        named = destroyed_key(row)
+        if named is not None:
+            out.setdefault(named, row.seq)
     return out
 
 
-__all__ = ["DESTROYED", "INTRODUCED", "Introduction", "TrailKeys", "check_introduction", "destroyed_at",
+def destroyed_key(row: AuditRow) -> str | None:
+    """The key id an ``audit.key_destroyed`` record names, or None where it names none."""
+    try:
+        return str(json.loads(row.details)["key_id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+__all__ = ["DESTROYED", "INTRODUCED", "Introduction", "TrailKeys", "check_introduction", "destroyed_at", "destroyed_key",
            "introduction_details", "trail_keys"]

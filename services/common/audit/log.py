@@ -6,12 +6,13 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from services.common import metrics
 from services.common.crypto.signing import PublicKey, load_public_key, verify_signature
 from services.common.privacy import Pseudonymizer
 from services.common.storage.interfaces import AuditAppend, AuditCheckpoint, AuditHead, AuditRow
 
 from .chain import checkpoint_message, head_message, record_hash
-from .continuity import trail_keys
+from .continuity import DESTROYED, destroyed_at, destroyed_key, trail_keys
 from .guard import AuditDataError, check_details, check_text
 from .signing import key_map
 
@@ -26,6 +27,12 @@ class AuditIntegrityError(RuntimeError):
     """The trail in the database is not what its signed head says (records added, removed or the
     head changed outside BioGate): nothing is appended on top of it until an operator has run
     ``biogate audit verify`` and dealt with it."""
+
+
+class AuditKeyDestroyedError(RuntimeError):
+    """The trail records the destruction of the key this process signs with: it still holds the
+    key in memory (started before `biogate audit switch-key`), but a signature by it after its
+    recorded destruction is a finding of `biogate audit verify`. Nothing is appended until restarted."""
 
 
 class AuditLog:
@@ -52,6 +59,7 @@ class AuditLog:
         self._head_keys = dict(self._configured)
         # The head this log last signed or verified: found unchanged, its signature needs no second check.
         self._known_head: AuditHead | None = None
+        self._destroyed: str | None = None  # why every append is refused: check_key() found the key destroyed
 
     @classmethod
     def from_settings(cls, settings: CommonSettings, storage: Storage, keyring: Keyring) -> AuditLog:
@@ -87,6 +95,9 @@ class AuditLog:
         """Write one event. Raises AuditDataError (and writes nothing) if it would carry
         personal or biometric data; the subject id is stored only as its keyed pseudonym.
         ``checkpoint``: sign a checkpoint at this record whatever ``checkpoint_every`` says."""
+        if self._destroyed is not None:
+            metrics.AUDIT_DESTROYED_KEY_REFUSALS.inc()
+            raise AuditKeyDestroyedError(self._destroyed)
         if not event_type:
             raise AuditDataError("event_type is required")
         for what, text in (("event_type", event_type), ("actor", actor), ("tenant_id", tenant_id)):
@@ -119,6 +130,24 @@ class AuditLog:
             return AuditAppend(row, checkpoint=signed, sign_head=head)
 
         return self._repo.append(build, self._check_tail)
+
+    def check_key(self) -> str | None:
+        """Why this log refuses every append from now on, or None: the trail records the destruction
+        of the key it signs with. Run every ``audit.key_check_s`` by the server. One seek of the
+        partial index of the ``audit.key_destroyed`` records; a record is believed only when a key
+        the trail trusts signed its checkpoint (as `audit verify` does), so that a row written into
+        the database by someone without an audit key cannot stop the services."""
+        if self._destroyed is not None:
+            return self._destroyed
+        mine = self._signer.key_id
+        if not any(destroyed_key(row) == mine for row, _ in self._repo.checkpointed(DESTROYED)):
+            return None
+        seq = destroyed_at(self._repo, trail_keys(self._repo, self._configured.values())).get(mine)
+        if seq is not None:
+            self._destroyed = (f"the audit key {mine} this process signs with was destroyed at seq {seq} (biogate "
+                               "audit destroy-key); restart this process to load the current key")
+            metrics.AUDIT_KEY_DESTROYED.set(1)
+        return self._destroyed
 
     def _check_tail(self, head: AuditHead | None, last_seq: int, last_hash: str | None) -> None:
         """Refuses to chain onto records its signed head does not name: the next head's signature would
@@ -174,4 +203,4 @@ def previous_audit_keys(settings: CommonSettings) -> list[PublicKey]:
     return keys
 
 
-__all__ = ["AuditLog", "AuditDataError", "AuditIntegrityError", "previous_audit_keys"]
+__all__ = ["AuditLog", "AuditDataError", "AuditKeyDestroyedError", "AuditIntegrityError", "previous_audit_keys"]

@@ -76,7 +76,8 @@ def definition(settings: CommonSettings, name: str, make_service: Callable[[Runt
         service.rt.close()
 
     result = ServiceDefinition(name=name, descriptors=[descriptor],
-                               register=lambda server: add_to_server(handler, server), close=close)
+                               register=lambda server: add_to_server(handler, server), close=close,
+                               readiness=rt.readiness())
 
     def warm_up() -> None:
         details = service.warm_up()

@@ -17,6 +17,7 @@ from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 
 from services.common import context, errors, metrics, telemetry
 from services.common.api.v1 import common_pb2
+from services.common.audit.log import AuditKeyDestroyedError
 from services.common.crypto.errors import TokenUnavailableError
 from services.common.privacy import is_personal_data
 from services.common.server.admission import AdmissionQueue, Slot
@@ -322,6 +323,8 @@ class _Call:
             if isinstance(exc, TokenUnavailableError):  # the HSM restarting or away: worth a retry, no restart
                 exc = errors.ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc), "KEY_STORE_UNAVAILABLE",
                                           retry_delay_s=max(exc.retry_after_s, 1.0))
+            if isinstance(exc, AuditKeyDestroyedError):  # this replica alone: another one serves the call
+                exc = errors.ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc), "AUDIT_KEY_DESTROYED")
             if isinstance(exc, errors.ServiceError):
                 code = exc.code
                 self.ctx.abort_with_status(exc.to_status())
