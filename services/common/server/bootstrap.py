@@ -215,13 +215,15 @@ class RunningServer:
         with self._readiness_lock:
             if bool(problem) == (what in self._not_ready):
                 return
+            was_ready = not self._not_ready
             if problem:
                 self._not_ready[what] = problem
             else:
                 del self._not_ready[what]
             still = sorted(self._not_ready)
-            S = health_pb2.HealthCheckResponse
-            self._set_status(S.NOT_SERVING if still else S.SERVING, overall=False)
+            if was_ready != (not still):  # a watcher is sent every status set, changed or not
+                S = health_pb2.HealthCheckResponse
+                self._set_status(S.NOT_SERVING if still else S.SERVING, overall=False)
         if problem:
             log.error("NOT_SERVING", extra={"service": self.definition.name, "check": what, "error": problem})
         else:
