@@ -6,6 +6,7 @@ tests' too) with a schema part of its own, in a package written to tmp_path."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -345,10 +346,11 @@ def test_an_invalid_index_built_beforehand_is_refused_with_what_to_do(db, part, 
     assert versions(db) == [1]
 
 
-def test_a_start_gives_up_waiting_for_the_migration_lock_and_names_its_holder(pg_database_dsn) -> None:
+def test_a_start_gives_up_waiting_for_the_migration_lock_and_names_its_holder(pg_database_dsn, caplog) -> None:
     """A new replica started while `biogate migrate` builds an index exits saying why, instead of
     hanging until its startup probe kills it."""
     config = StorageConfig(migration_lock_wait_s=0.05)
+    caplog.set_level(logging.WARNING, logger="services.common.storage.db")
     with psycopg.connect(pg_database_dsn, autocommit=True, application_name="biogate migrate Job") as holder:
         holder.execute("SELECT pg_advisory_lock(hashtext(current_schema()), hashtext('schema_versions'))")
         with pytest.raises(MigrationError, match=r"waited 0.05 s for the schema migration lock of shared, held by "
@@ -356,6 +358,8 @@ def test_a_start_gives_up_waiting_for_the_migration_lock_and_names_its_holder(pg
                            r"raise storage.migration_lock_wait_s"):
             open_storage(pg_database_dsn, config)
         assert holder.execute("SELECT to_regclass('schema_versions')").fetchone() == (None,)  # nothing ran
+        waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for the lock")]
+        assert len(waits) == 1 and "held by biogate migrate Job" in waits[0] and "at most 0.05 s" in waits[0]
         holder.execute("SELECT pg_advisory_unlock(hashtext(current_schema()), hashtext('schema_versions'))")
     with open_storage(pg_database_dsn, config) as st, st.db.read() as s:
         assert s.one("SELECT count(*) FROM schema_versions WHERE part = 'shared'")[0] > 0
