@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,17 +114,21 @@ class _Reader:
     reported as a rollback or taken as a checkpoint."""
 
     def __init__(self, store: WriteOnceStore, keys: dict[str, PublicKey],
-                 repo: AuditRepository | None = None, sample: float = 1.0) -> None:
+                 repo: AuditRepository | None = None, sample: float = 1.0, remember: bool = True) -> None:
         self.store, self.keys, self._repo, self._sample = store, keys, repo, sample
+        self._remember = remember  # keep each parsed anchor for the next parse() of its name
         self._db_ts: dict[int, str] | None = None
         self._parsed: dict[str, tuple[Anchor | None, str]] = {}
         self._verified: dict[str, str] = {}
 
     def parse(self, name: str) -> tuple[Anchor | None, str]:
         """The anchor as its object reads, before its signature is checked, or (None, why not)."""
-        if name not in self._parsed:
-            self._parsed[name] = self._parse(name)
-        return self._parsed[name]
+        if name in self._parsed:
+            return self._parsed[name]
+        found = self._parse(name)
+        if self._remember:
+            self._parsed[name] = found
+        return found
 
     def read(self, name: str, trail_hash: str | None = None) -> tuple[Anchor | None, str]:
         """(the anchor, "") when the audit key signed it or the trail holds its hash (``trail_hash``:
@@ -200,16 +204,10 @@ def anchor(
     """
     keys = key_map(public_key)
     have = set(store.names())
-    reader = _Reader(store, keys, repo, _share(full, sample, len(have)))
-    items = [
-        (Anchor("checkpoint", cp.seq, cp.hash, cp.key_id, bytes(cp.signature).hex(), format_ts(cp.ts)))
-        for cp in repo.checkpoints()
-    ]
-    head = repo.head()
-    if head is not None:
-        items.append(Anchor("head", head.seq, head.hash, head.key_id, bytes(head.signature).hex()))
+    # Each object is compared once (the head's seq twice): not worth holding a store's worth of them.
+    reader = _Reader(store, keys, repo, _share(full, sample, len(have)), remember=False)
     report = AnchorReport()
-    for item in items:
+    for item in _signed(repo):
         name = _name(item.kind, item.seq)
         contradicted = False
         for other in (n for n in (_name("checkpoint", item.seq), _name("head", item.seq)) if n in have):
@@ -237,6 +235,16 @@ def anchor(
         store.put(name, json.dumps(doc, sort_keys=True).encode())
         report.written.append(name)
     return report
+
+
+def _signed(repo: AuditRepository) -> Iterator[Anchor]:
+    """The trail's checkpoints, read a batch at a time (a multi-year trail holds hundreds of
+    thousands), then its head."""
+    for cp in repo.iter_checkpoints():
+        yield Anchor("checkpoint", cp.seq, cp.hash, cp.key_id, bytes(cp.signature).hex(), format_ts(cp.ts))
+    head = repo.head()
+    if head is not None:
+        yield Anchor("head", head.seq, head.hash, head.key_id, bytes(head.signature).hex())
 
 
 @dataclass
@@ -273,13 +281,11 @@ def anchored(
     return out
 
 
-def unanchored(checkpoints: Iterable[AuditCheckpoint], found: Anchored, max_age_s: float,
-               now: datetime) -> AuditCheckpoint | None:
+def unanchored(repo: AuditRepository, found: Anchored, max_age_s: float, now: datetime) -> AuditCheckpoint | None:
     """The newest checkpoint at least ``max_age_s`` old that no anchor in ``found`` reaches (none at
     its seq or beyond), or None. Anchors are written every few minutes: one missing that long means
     the store read is not the one `audit anchor` writes to, or that it stopped, and then a rollback
     or a truncation since the newest anchor goes unseen."""
     newest = max((seq for seq, _ in found.checkpoints), default=0)
-    due = now - timedelta(seconds=max_age_s)
-    last = max((cp for cp in checkpoints if cp.ts <= due), key=lambda cp: cp.seq, default=None)
+    last = repo.checkpoint_before(now - timedelta(seconds=max_age_s))
     return last if last is not None and last.seq > newest else None
