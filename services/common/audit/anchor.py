@@ -98,6 +98,12 @@ def _is_anchor_name(name: str) -> bool:
     return name.startswith((_CHECKPOINT, _HEAD)) and name.endswith(".json")
 
 
+def _seq(name: str) -> int | None:
+    """The seq an anchor's object name gives, or None."""
+    digits = name.removesuffix(".json").rsplit("-", 1)[-1]
+    return int(digits) if digits.isdigit() else None
+
+
 class _Reader:
     """Reads anchors back from the store and checks each against the audit public keys: an anchor
     vouches for its (seq, hash) only if the key signed exactly that, under that object's name.
@@ -114,26 +120,15 @@ class _Reader:
     reported as a rollback or taken as a checkpoint."""
 
     def __init__(self, store: WriteOnceStore, keys: dict[str, PublicKey],
-                 repo: AuditRepository | None = None, sample: float = 1.0, remember: bool = True) -> None:
+                 repo: AuditRepository | None = None, sample: float = 1.0) -> None:
         self.store, self.keys, self._repo, self._sample = store, keys, repo, sample
-        self._remember = remember  # keep each parsed anchor for the next parse() of its name
         self._db_ts: dict[int, str] | None = None
-        self._parsed: dict[str, tuple[Anchor | None, str]] = {}
         self._verified: dict[str, str] = {}
-
-    def parse(self, name: str) -> tuple[Anchor | None, str]:
-        """The anchor as its object reads, before its signature is checked, or (None, why not)."""
-        if name in self._parsed:
-            return self._parsed[name]
-        found = self._parse(name)
-        if self._remember:
-            self._parsed[name] = found
-        return found
 
     def read(self, name: str, trail_hash: str | None = None) -> tuple[Anchor | None, str]:
         """(the anchor, "") when the audit key signed it or the trail holds its hash (``trail_hash``:
         the trail's hash at its seq) and it was not sampled; else (None, why not)."""
-        item, why = self.parse(name)
+        item, why = self._parse(name)
         if item is None or (item.hash == trail_hash and self._sample < 1.0 and random.random() >= self._sample):
             return item, why
         if name not in self._verified:
@@ -142,6 +137,9 @@ class _Reader:
         return (None, why) if why else (item, "")
 
     def _parse(self, name: str) -> tuple[Anchor | None, str]:
+        """The anchor as its object reads, before its signature is checked, or (None, why not).
+        Not kept: a run reads each object once (the head's seq twice), a store holds hundreds of
+        thousands."""
         try:
             doc = json.loads(self.store.get(name))
             item = Anchor(str(doc["kind"]), int(doc["seq"]), str(doc["hash"]), str(doc["key_id"]),
@@ -204,8 +202,7 @@ def anchor(
     """
     keys = key_map(public_key)
     have = set(store.names())
-    # Each object is compared once (the head's seq twice): not worth holding a store's worth of them.
-    reader = _Reader(store, keys, repo, _share(full, sample, len(have)), remember=False)
+    reader = _Reader(store, keys, repo, _share(full, sample, len(have)))
     report = AnchorReport()
     for item in _signed(repo):
         name = _name(item.kind, item.seq)
@@ -269,11 +266,11 @@ def anchored(
     reader = _Reader(store, key_map(public_key), repo, _share(full or repo is None, sample, len(names)))
     trail: dict[int, str] = {}
     if repo is not None and not full:
-        trail = repo.hashes(item.seq for item, _ in map(reader.parse, names) if item is not None)
+        # By the seq in each name, not read from the object first: one that names another is not authentic.
+        trail = repo.hashes(seq for seq in map(_seq, names) if seq is not None)
     out = Anchored()
     for name in names:
-        item, _ = reader.parse(name)
-        found, why = reader.read(name, trail.get(item.seq) if item is not None else None)
+        found, why = reader.read(name, trail.get(_seq(name) or 0))
         if found is None:
             out.problems.append(_not_authentic(name, why))
         else:
