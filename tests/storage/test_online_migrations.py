@@ -401,3 +401,20 @@ def test_a_concurrent_build_waits_for_older_transactions_past_the_lock_timeout(d
     first.close()
     t.join(120)
     assert out == {"result": [2]} and index_valid(db, "ledger_v") is True
+
+
+def test_biogate_migrate_waits_as_long_as_its_flag_says(pg_database_dsn, tmp_path, capsys) -> None:
+    from services.cli import main as biogate
+
+    config = tmp_path / "biogate.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nstorage:\n  dsn: {pg_database_dsn}\n")
+    assert biogate(["--config", str(config), "migrate", "--lock-wait-s", "-1"]) == 1
+    assert "--lock-wait-s must be 0 (without limit) or more, not -1" in capsys.readouterr().err
+    with psycopg.connect(pg_database_dsn, autocommit=True, application_name="another migrate") as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext(current_schema()), hashtext('schema_versions'))")
+        assert biogate(["--config", str(config), "migrate", "--lock-wait-s", "0.05"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("waiting for the lock") == 1  # the log, before the one line of the error
+    assert err.splitlines()[-1].startswith("biogate migrate: waited 0.05 s for the schema migration lock of shared, "
+                                           "held by another migrate from ")
+    assert "raise storage.migration_lock_wait_s" in err.splitlines()[-1]
