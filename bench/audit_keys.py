@@ -40,7 +40,7 @@ PG = os.environ.get("BIOGATE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/te
 EVERY = 100
 
 
-def populate(storage, signer, n: int) -> None:
+def populate(storage, signer, n: int, every: int = EVERY) -> None:
     db = storage.audit._db
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     prev = None
@@ -59,7 +59,7 @@ def populate(storage, signer, n: int) -> None:
             pseudonym = f"{seq % 50000:064x}"
             h = record_hash(seq, ts, "face.verified", "service:face", "bank-a", pseudonym, details, prev)
             rows.append(AuditRow(seq, ts, "face.verified", "service:face", "bank-a", pseudonym, details, prev, h))
-            if seq % EVERY == 0:
+            if seq % every == 0:
                 cps.append(AuditCheckpoint(seq, h, signer.sign(checkpoint_message(seq, h, ts)), signer.key_id, ts))
             prev = h
             if len(rows) == 20000:

@@ -11,6 +11,9 @@ from services.settings import Settings
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("migrate", help="apply pending schema migrations and create missing keys, then exit")
+    p.add_argument("--lock-wait-s", type=float, default=0.0, metavar="S",
+                   help="give up after waiting S seconds for the migration lock another process holds "
+                        "(default 0: wait without limit; services wait storage.migration_lock_wait_s)")
     p.set_defaults(func=cmd_migrate)
 
 
@@ -23,7 +26,10 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from services.mfa.tokens import SigningKeys
     from services.voice import storage as voice_storage
 
-    storage = open_storage(settings.storage_dsn, settings.storage)  # applies what is pending, under a lock
+    if args.lock_wait_s < 0:
+        raise ValueError(f"--lock-wait-s must be 0 (without limit) or more, not {args.lock_wait_s:g}")
+    config = settings.storage.model_copy(update={"migration_lock_wait_s": args.lock_wait_s})
+    storage = open_storage(settings.storage_dsn, config)  # applies what is pending, under a lock
     try:
         for part in (mfa_storage, voice_storage):  # each service's own tables
             part.attach(storage)

@@ -127,7 +127,7 @@ def _verify_kwargs(settings: Settings, args: argparse.Namespace, public_key: lis
 def _unanchored(settings: Settings, path: Path, storage: Storage, found: Anchored) -> list[str]:
     """The finding when a checkpoint older than audit.anchor_max_age_s is not anchored in ``path``."""
     max_age = settings.audit.anchor_max_age_s
-    cp = unanchored(storage.audit.checkpoints(), found, max_age, datetime.now(timezone.utc))
+    cp = unanchored(storage.audit, found, max_age, datetime.now(timezone.utc))
     if cp is None:
         return []
     newest = max((seq for seq, _ in found.checkpoints), default=0)

@@ -232,6 +232,14 @@ class StorageConfig(Section):
     timeout_s: float = Field(10.0, gt=0)
     # FULL: a committed transaction survives power loss, not only a process crash.
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # PostgreSQL: how long a start waits for the schema migration lock (held by `biogate migrate`
+    # or another replica migrating) before it exits naming the holder; 0: without limit (what
+    # `biogate migrate` does unless given --lock-wait-s). Under the services' startup probes.
+    migration_lock_wait_s: float = Field(60.0, ge=0)
+    # PostgreSQL: lock_timeout of the migrations' transactional statements, so that an ALTER TABLE
+    # queued behind a long query fails (nothing applied, to be run again) rather than holding every
+    # later query of the table behind it; 0: none. Concurrent index builds wait without it.
+    migration_lock_timeout_s: float = Field(5.0, ge=0)
 
 
 class Pkcs11Config(Section):

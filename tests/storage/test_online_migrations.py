@@ -6,6 +6,7 @@ tests' too) with a schema part of its own, in a package written to tmp_path."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -21,7 +22,8 @@ import pytest
 from services.common.config import PROJECT_ROOT
 from services.common.storage import MigrationError, StorageError, open_storage
 from services.common.storage.db import PostgresDatabase
-from services.common.storage.migrate import SchemaPart, load_migrations, migrate, statements
+from services.common.config import StorageConfig
+from services.common.storage.migrate import MigrationLimits, SchemaPart, load_migrations, migrate, statements
 from services.mfa.storage import PART as MFA
 
 TABLE = "CREATE TABLE ledger (id BIGSERIAL PRIMARY KEY, v INTEGER NOT NULL);\n"
@@ -342,3 +344,77 @@ def test_an_invalid_index_built_beforehand_is_refused_with_what_to_do(db, part, 
     with pytest.raises(MigrationError, match="ledger_v built beforehand is INVALID.*DROP INDEX CONCURRENTLY ledger_v"):
         migrate(db, part.schema)
     assert versions(db) == [1]
+
+
+def test_a_start_gives_up_waiting_for_the_migration_lock_and_names_its_holder(pg_database_dsn, caplog) -> None:
+    """A new replica started while `biogate migrate` builds an index exits saying why, instead of
+    hanging until its startup probe kills it."""
+    config = StorageConfig(migration_lock_wait_s=0.05)
+    caplog.set_level(logging.WARNING, logger="services.common.storage.db")
+    with psycopg.connect(pg_database_dsn, autocommit=True, application_name="biogate migrate Job") as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext(current_schema()), hashtext('schema_versions'))")
+        with pytest.raises(MigrationError, match=r"waited 0.05 s for the schema migration lock of shared, held by "
+                           r"biogate migrate Job from .* since .* UTC: another process is migrating this database.*"
+                           r"raise storage.migration_lock_wait_s"):
+            open_storage(pg_database_dsn, config)
+        assert holder.execute("SELECT to_regclass('schema_versions')").fetchone() == (None,)  # nothing ran
+        waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for the lock")]
+        assert len(waits) == 1 and "held by biogate migrate Job" in waits[0] and "at most 0.05 s" in waits[0]
+        holder.execute("SELECT pg_advisory_unlock(hashtext(current_schema()), hashtext('schema_versions'))")
+    with open_storage(pg_database_dsn, config) as st, st.db.read() as s:
+        assert s.one("SELECT count(*) FROM schema_versions WHERE part = 'shared'")[0] > 0
+
+
+def test_a_migration_queued_behind_a_long_transaction_fails_fast_and_runs_again(db, part, open_writer) -> None:
+    """An ALTER TABLE waiting for its ACCESS EXCLUSIVE lock holds every later query of the table
+    behind it: with lock_timeout it gives up, applying nothing, and runs again once the table is free."""
+    part.add("0001_ledger.sql", TABLE)
+    migrate(db, part.schema)
+    part.add("0002_ledger_w.sql", "ALTER TABLE ledger ADD COLUMN w INTEGER;\n")
+    part.add("0003_ledger_x.sql", "ALTER TABLE ledger ADD COLUMN x INTEGER;\n")
+    writer = open_writer()  # its ROW EXCLUSIVE lock, held until it commits
+    with pytest.raises(MigrationError, match=r"migration 0002_ledger_w waited more than 0.2 s \(storage.migration_lock"
+                       r"_timeout_s\) for a lock on a table it changes.*nothing of 0002 was applied: run `biogate "
+                       r"migrate` again in a quieter moment, or raise storage.migration_lock_timeout_s"):
+        migrate(db, part.schema, MigrationLimits(lock_timeout_s=0.2))
+    assert versions(db) == [1]
+    writer.commit()
+    assert migrate(db, part.schema, MigrationLimits(lock_timeout_s=0.2)) == [2, 3]
+    with db.read() as s:
+        assert s.one("SELECT count(*) FROM information_schema.columns WHERE table_name = 'ledger'"
+                     " AND column_name IN ('w', 'x') AND table_schema = current_schema()")[0] == 2
+
+
+def test_a_concurrent_build_waits_for_older_transactions_past_the_lock_timeout(db, part, monitor, open_writer) -> None:
+    """lock_timeout would cancel a concurrent build's wait for older transactions, which is its design
+    (its own lock lets the table's reads and writes through): the no-transaction files run without it."""
+    part.add("0001_ledger.sql", TABLE)
+    migrate(db, part.schema)
+    part.add("0002_ledger_v.sql", ONLINE + "CREATE INDEX CONCURRENTLY IF NOT EXISTS ledger_v ON ledger (v);\n")
+    first = open_writer()
+    t, out = in_thread(lambda: migrate(db, part.schema, MigrationLimits(lock_timeout_s=0.05)))
+    migrator = blocked_by(monitor, first.info.backend_pid, MIGRATOR)
+    wait_for(monitor, "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'"
+             " AND clock_timestamp() - query_start > interval '0.5 s'", (migrator,), "the build waiting past 0.05 s")
+    assert t.is_alive() and versions(db) == [1]
+    first.commit()
+    first.close()
+    t.join(120)
+    assert out == {"result": [2]} and index_valid(db, "ledger_v") is True
+
+
+def test_biogate_migrate_waits_as_long_as_its_flag_says(pg_database_dsn, tmp_path, capsys) -> None:
+    from services.cli import main as biogate
+
+    config = tmp_path / "biogate.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nstorage:\n  dsn: {pg_database_dsn}\n")
+    assert biogate(["--config", str(config), "migrate", "--lock-wait-s", "-1"]) == 1
+    assert "--lock-wait-s must be 0 (without limit) or more, not -1" in capsys.readouterr().err
+    with psycopg.connect(pg_database_dsn, autocommit=True, application_name="another migrate") as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext(current_schema()), hashtext('schema_versions'))")
+        assert biogate(["--config", str(config), "migrate", "--lock-wait-s", "0.05"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("waiting for the lock") == 1  # the log, before the one line of the error
+    assert err.splitlines()[-1].startswith("biogate migrate: waited 0.05 s for the schema migration lock of shared, "
+                                           "held by another migrate from ")
+    assert "raise storage.migration_lock_wait_s" in err.splitlines()[-1]

@@ -339,6 +339,29 @@ def chain_builder(event: str, sign_every: int = 3):
     return build
 
 
+def test_audit_checkpoints_read_in_batches_and_the_newest_one_by_time(storage: SqlStorage) -> None:
+    """What the anchor checks read instead of every checkpoint: the times of checkpoints need not
+    follow their seqs (replicas' clocks differ), and the one by time is the highest seq at or before it."""
+    at = {3: 50, 6: 10, 9: 30, 12: 40}
+
+    def skewed(seq: int, prev: str | None) -> AuditAppend:
+        a = chain_builder("skew")(seq, prev)
+        return a if a.checkpoint is None else replace(a, checkpoint=replace(a.checkpoint, ts=NOW + timedelta(seconds=at[seq])))
+
+    assert list(storage.audit.iter_checkpoints()) == [] and storage.audit.checkpoint_before(NOW) is None
+    for _ in range(13):
+        storage.audit.append(skewed)
+    every = storage.audit.checkpoints()
+    assert [c.seq for c in every] == [3, 6, 9, 12]
+    assert list(storage.audit.iter_checkpoints(batch=1)) == every
+    assert list(storage.audit.iter_checkpoints(after_seq=3, batch=2)) == every[1:]
+    assert list(storage.audit.iter_checkpoints(after_seq=12)) == []
+    for s in (9, 10, 29, 30, 39, 40, 49, 50, 60):
+        due = NOW + timedelta(seconds=s)
+        newest = max((c for c in every if c.ts <= due), key=lambda c: c.seq, default=None)
+        assert storage.audit.checkpoint_before(due) == newest, s
+
+
 def test_audit_append_and_read(storage: SqlStorage) -> None:
     assert storage.audit.last() is None and storage.audit.head() is None
     assert list(storage.audit.iter_records()) == [] and storage.audit.checkpoints() == []

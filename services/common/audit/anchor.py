@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +98,12 @@ def _is_anchor_name(name: str) -> bool:
     return name.startswith((_CHECKPOINT, _HEAD)) and name.endswith(".json")
 
 
+def _seq(name: str) -> int | None:
+    """The seq an anchor's object name gives, or None."""
+    digits = name.removesuffix(".json").rsplit("-", 1)[-1]
+    return int(digits) if digits.isdigit() else None
+
+
 class _Reader:
     """Reads anchors back from the store and checks each against the audit public keys: an anchor
     vouches for its (seq, hash) only if the key signed exactly that, under that object's name.
@@ -117,19 +123,12 @@ class _Reader:
                  repo: AuditRepository | None = None, sample: float = 1.0) -> None:
         self.store, self.keys, self._repo, self._sample = store, keys, repo, sample
         self._db_ts: dict[int, str] | None = None
-        self._parsed: dict[str, tuple[Anchor | None, str]] = {}
         self._verified: dict[str, str] = {}
-
-    def parse(self, name: str) -> tuple[Anchor | None, str]:
-        """The anchor as its object reads, before its signature is checked, or (None, why not)."""
-        if name not in self._parsed:
-            self._parsed[name] = self._parse(name)
-        return self._parsed[name]
 
     def read(self, name: str, trail_hash: str | None = None) -> tuple[Anchor | None, str]:
         """(the anchor, "") when the audit key signed it or the trail holds its hash (``trail_hash``:
         the trail's hash at its seq) and it was not sampled; else (None, why not)."""
-        item, why = self.parse(name)
+        item, why = self._parse(name)
         if item is None or (item.hash == trail_hash and self._sample < 1.0 and random.random() >= self._sample):
             return item, why
         if name not in self._verified:
@@ -138,6 +137,9 @@ class _Reader:
         return (None, why) if why else (item, "")
 
     def _parse(self, name: str) -> tuple[Anchor | None, str]:
+        """The anchor as its object reads, before its signature is checked, or (None, why not).
+        Not kept: a run reads each object once (the head's seq twice), a store holds hundreds of
+        thousands."""
         try:
             doc = json.loads(self.store.get(name))
             item = Anchor(str(doc["kind"]), int(doc["seq"]), str(doc["hash"]), str(doc["key_id"]),
@@ -201,15 +203,8 @@ def anchor(
     keys = key_map(public_key)
     have = set(store.names())
     reader = _Reader(store, keys, repo, _share(full, sample, len(have)))
-    items = [
-        (Anchor("checkpoint", cp.seq, cp.hash, cp.key_id, bytes(cp.signature).hex(), format_ts(cp.ts)))
-        for cp in repo.checkpoints()
-    ]
-    head = repo.head()
-    if head is not None:
-        items.append(Anchor("head", head.seq, head.hash, head.key_id, bytes(head.signature).hex()))
     report = AnchorReport()
-    for item in items:
+    for item in _signed(repo):
         name = _name(item.kind, item.seq)
         contradicted = False
         for other in (n for n in (_name("checkpoint", item.seq), _name("head", item.seq)) if n in have):
@@ -239,6 +234,16 @@ def anchor(
     return report
 
 
+def _signed(repo: AuditRepository) -> Iterator[Anchor]:
+    """The trail's checkpoints, read a batch at a time (a multi-year trail holds hundreds of
+    thousands), then its head."""
+    for cp in repo.iter_checkpoints():
+        yield Anchor("checkpoint", cp.seq, cp.hash, cp.key_id, bytes(cp.signature).hex(), format_ts(cp.ts))
+    head = repo.head()
+    if head is not None:
+        yield Anchor("head", head.seq, head.hash, head.key_id, bytes(head.signature).hex())
+
+
 @dataclass
 class Anchored:
     """What the anchors vouch for: the (seq, hash) of each one the audit key signed, for
@@ -261,11 +266,11 @@ def anchored(
     reader = _Reader(store, key_map(public_key), repo, _share(full or repo is None, sample, len(names)))
     trail: dict[int, str] = {}
     if repo is not None and not full:
-        trail = repo.hashes(item.seq for item, _ in map(reader.parse, names) if item is not None)
+        # By the seq in each name, not read from the object first: one that names another is not authentic.
+        trail = repo.hashes(seq for seq in map(_seq, names) if seq is not None)
     out = Anchored()
     for name in names:
-        item, _ = reader.parse(name)
-        found, why = reader.read(name, trail.get(item.seq) if item is not None else None)
+        found, why = reader.read(name, trail.get(_seq(name) or 0))
         if found is None:
             out.problems.append(_not_authentic(name, why))
         else:
@@ -273,13 +278,11 @@ def anchored(
     return out
 
 
-def unanchored(checkpoints: Iterable[AuditCheckpoint], found: Anchored, max_age_s: float,
-               now: datetime) -> AuditCheckpoint | None:
+def unanchored(repo: AuditRepository, found: Anchored, max_age_s: float, now: datetime) -> AuditCheckpoint | None:
     """The newest checkpoint at least ``max_age_s`` old that no anchor in ``found`` reaches (none at
     its seq or beyond), or None. Anchors are written every few minutes: one missing that long means
     the store read is not the one `audit anchor` writes to, or that it stopped, and then a rollback
     or a truncation since the newest anchor goes unseen."""
     newest = max((seq for seq, _ in found.checkpoints), default=0)
-    due = now - timedelta(seconds=max_age_s)
-    last = max((cp for cp in checkpoints if cp.ts <= due), key=lambda cp: cp.seq, default=None)
+    last = repo.checkpoint_before(now - timedelta(seconds=max_age_s))
     return last if last is not None and last.seq > newest else None

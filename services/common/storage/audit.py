@@ -7,6 +7,8 @@ import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
 
 from services.common import metrics
 
@@ -16,6 +18,7 @@ from .interfaces import AuditAppend, AuditBuilder, AuditCheckpoint, AuditHead, A
 from .rows import columns, insert_sql, to_record, values
 
 
+_R = TypeVar("_R", AuditRow, AuditCheckpoint)
 _EVENT_TYPE = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
 _TAIL = ("SELECT r.seq, r.hash, h.seq, h.hash, h.signature, h.key_id FROM (SELECT 1 AS one) AS o"
          " LEFT JOIN (SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1) AS r ON 1 = 1"
@@ -165,6 +168,16 @@ class SqlAuditRepository:
             rows = s.all(f"SELECT {columns(AuditCheckpoint)} FROM audit_checkpoints ORDER BY seq")
         return [to_record(AuditCheckpoint, r) for r in rows]
 
+    def iter_checkpoints(self, after_seq: int = 0, batch: int = 1000) -> Iterator[AuditCheckpoint]:
+        return self._walk(AuditCheckpoint, "audit_checkpoints", after_seq, batch)
+
+    def checkpoint_before(self, ts: datetime) -> AuditCheckpoint | None:
+        # The primary key read backwards to the first match: the checkpoints younger than ``ts``.
+        with self._db.read() as s:
+            r = s.one(f"SELECT {columns(AuditCheckpoint)} FROM audit_checkpoints WHERE ts <= ?"
+                      " ORDER BY seq DESC LIMIT 1", (ts,))
+        return to_record(AuditCheckpoint, r) if r else None
+
     def checkpointed(self, event_type: str) -> list[tuple[AuditRow, AuditCheckpoint]]:
         n = len(columns(AuditRow).split(","))
         with self._db.read() as s:
@@ -182,14 +195,15 @@ class SqlAuditRepository:
         return out
 
     def iter_records(self, from_seq: int = 1, batch: int = 1000) -> Iterator[AuditRow]:
-        after = from_seq - 1
+        return self._walk(AuditRow, "audit_records", from_seq - 1, batch)
+
+    def _walk(self, cls: type[_R], table: str, after: int, batch: int) -> Iterator[_R]:
+        """The table's rows after seq ``after`` in seq order, ``batch`` at a time (a read each)."""
         while True:
             with self._db.read() as s:
-                rows = s.all(
-                    f"SELECT {columns(AuditRow)} FROM audit_records WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (after, batch),
-                )
-            yield from (to_record(AuditRow, r) for r in rows)
+                rows = s.all(f"SELECT {columns(cls)} FROM {table} WHERE seq > ? ORDER BY seq LIMIT ?",  # type: ignore[arg-type]  # mypy: a class is not Hashable
+                             (after, batch))
+            yield from (to_record(cls, r) for r in rows)
             if len(rows) < batch:
                 return
             after = int(rows[-1][0])

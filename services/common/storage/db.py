@@ -19,6 +19,7 @@ import queue
 import socket
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -350,7 +351,9 @@ class PostgresDatabase(Database):
             diag = getattr(exc, "diag", None)
             message = (diag and diag.message_primary) or type(exc).__name__
             sqlstate = getattr(exc, "sqlstate", None) or "-"
-            raise StorageError(f"PostgreSQL error {sqlstate}: {message}") from None
+            error = StorageError(f"PostgreSQL error {sqlstate}: {message}")
+            error.sqlstate = getattr(exc, "sqlstate", None)
+            raise error from None
 
     @contextmanager
     def _begin(self, write: bool) -> Iterator[Session]:
@@ -383,7 +386,7 @@ class PostgresDatabase(Database):
                 f"{row[2].astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC") if row else "another connection"
 
     @contextmanager
-    def _locked_connection(self, name: str, holder: str, wait: bool) -> Iterator[Any]:
+    def _locked_connection(self, name: str, holder: str, wait: bool, wait_s: float = 0) -> Iterator[Any]:
         # A session advisory lock on a connection of its own (not the pool's: it outlives
         # transactions); the holder's description is its application_name.
         import psycopg
@@ -402,9 +405,14 @@ class PostgresDatabase(Database):
                     conn.execute(f"LISTEN {_LOCK_CHANNEL}")
                     who = self._try_lock(conn, name)
                     if who is not None:
-                        log.info("waiting for the lock %r, held by %s", name, who)
+                        log.warning("waiting for the lock %r, held by %s (%s)", name, who,
+                                    f"for at most {wait_s:g} s" if wait_s else "without limit")
+                    deadline = time.monotonic() + wait_s
                     while who is not None:
-                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                        left = deadline - time.monotonic() if wait_s else 1.0
+                        if left <= 0:
+                            raise LockHeldError(name, who)
+                        for _ in conn.notifies(timeout=min(1.0, left), stop_after=1):
                             pass
                         who = self._try_lock(conn, name)
             else:
@@ -428,11 +436,12 @@ class PostgresDatabase(Database):
             yield
 
     @contextmanager
-    def held(self, name: str, what: str) -> Iterator[HeldConnection]:
+    def held(self, name: str, what: str, wait_s: float = 0) -> Iterator[HeldConnection]:
         """A connection of its own holding the lock ``name`` (waiting for it without holding a
-        snapshot) for the whole block, across its transactions and statements run outside any."""
+        snapshot) for the whole block, across its transactions and statements run outside any.
+        Waits at most ``wait_s`` (0: without limit), then raises :class:`LockHeldError`."""
         with self._locked_connection(name, f"{what}, pid {os.getpid()} on {socket.gethostname()}",
-                                     wait=True) as conn:
+                                     wait=True, wait_s=wait_s) as conn:
             yield HeldConnection(self, conn)
 
     def has_table(self, session: Session, name: str) -> bool:

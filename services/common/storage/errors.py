@@ -6,6 +6,8 @@ from __future__ import annotations
 class StorageError(Exception):
     """Base class; also raised for a database that cannot be opened or reached."""
 
+    sqlstate: str | None = None  # PostgreSQL's error code, where the server raised it
+
 
 class AlreadyExistsError(StorageError):
     """An insert hit an existing row (same unique key) and replacing was not asked for."""

@@ -308,6 +308,13 @@ class AuditRepository(Protocol):
 
     def checkpoints(self) -> list[AuditCheckpoint]: ...
 
+    def iter_checkpoints(self, after_seq: int = 0, batch: int = 1000) -> Iterator[AuditCheckpoint]:
+        """The checkpoints after ``after_seq`` in seq order, read ``batch`` at a time."""
+
+    def checkpoint_before(self, ts: datetime) -> AuditCheckpoint | None:
+        """The checkpoint of the highest seq whose time is ``ts`` or earlier (times need not follow
+        seq: replicas' clocks differ), or None."""
+
     def checkpointed(self, event_type: str) -> list[tuple[AuditRow, AuditCheckpoint]]:
         """The records of ``event_type`` that have a checkpoint at their seq, each with it, in seq
         order, not a walk of the trail: for ``audit.key_introduced`` one index seek each (a partial

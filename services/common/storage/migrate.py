@@ -35,11 +35,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 
 from .db import Database, HeldConnection, PostgresDatabase, Session, utcnow
-from .errors import MigrationError
+from .errors import LockHeldError, MigrationError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,18 @@ class SchemaPart:
 
 
 SHARED = SchemaPart("shared", __package__)
+
+
+@dataclass(frozen=True)
+class MigrationLimits:
+    """How long PostgreSQL migrations wait (``storage.migration_lock_wait_s`` and
+    ``storage.migration_lock_timeout_s``); 0: without limit."""
+
+    lock_wait_s: float = 0.0  # for the migration lock, held by another migrator
+    lock_timeout_s: float = 0.0  # lock_timeout of the transactional files' statements
+
+
+UNLIMITED = MigrationLimits()
 
 
 @dataclass(frozen=True)
@@ -241,35 +255,74 @@ def _run_outside_transaction(held: HeldConnection, mig: Migration) -> None:
             s.script(stmt)
 
 
-def _migrate_postgres(db: PostgresDatabase, part: SchemaPart, migrations: list[Migration]
-                      ) -> tuple[list[int], list[int]]:
+@contextmanager
+def _bounded(held: HeldConnection, limits: MigrationLimits) -> Iterator[Session]:
+    """A transaction whose statements wait at most ``limits.lock_timeout_s`` for a table's lock: an
+    ALTER TABLE queued behind a long query would hold every later query of the table behind it."""
+    with held.transaction() as s:
+        if limits.lock_timeout_s:
+            s.execute("SELECT set_config('lock_timeout', ?, true)", (f"{max(1, round(limits.lock_timeout_s * 1000))}ms",))
+        yield s
+
+
+def _migrate_held(db: PostgresDatabase, held: HeldConnection, part: SchemaPart, migrations: list[Migration],
+                  limits: MigrationLimits) -> tuple[list[int], list[int]]:
     done: list[int] = []
     adopted: list[int] = []
-    with db.held(HISTORY, "schema migrations") as held:
-        with held.transaction() as s:
-            pending = _pending(db, s, part, migrations)
-        while pending:
-            if not pending[0][0].transactional:
-                mig, _ = pending.pop(0)
-                if db.in_transaction():  # the build would wait for the caller's own transaction, forever
-                    raise MigrationError(f"{part.name} migration {mig.version:04d}_{mig.name} runs outside any "
-                                         "transaction: apply it with `biogate migrate`, not inside one")
-                _run_outside_transaction(held, mig)
-                with held.transaction() as s:
-                    _record(s, part, mig)
-                done.append(mig.version)
-                continue
-            with held.transaction() as s:  # the transactional files up to the next one that is not, together
+    with _bounded(held, limits) as s:
+        pending = _pending(db, s, part, migrations)
+    while pending:
+        if not pending[0][0].transactional:
+            mig, _ = pending.pop(0)
+            if db.in_transaction():  # the build would wait for the caller's own transaction, forever
+                raise MigrationError(f"{part.name} migration {mig.version:04d}_{mig.name} runs outside any "
+                                     "transaction: apply it with `biogate migrate`, not inside one")
+            # Without lock_timeout: a concurrent build waits for older transactions by design, and
+            # its SHARE UPDATE EXCLUSIVE lock lets the table's reads and writes through meanwhile.
+            _run_outside_transaction(held, mig)
+            with _bounded(held, limits) as s:
+                _record(s, part, mig)
+            done.append(mig.version)
+            continue
+        batch: list[Migration] = []
+        try:
+            with _bounded(held, limits) as s:  # the transactional files up to the next one that is not, together
                 while pending and pending[0][0].transactional:
+                    batch.append(pending[0][0])
                     _apply(s, part, *pending.pop(0), done, adopted)
+        except StorageError as exc:
+            if exc.sqlstate != "55P03" or not batch:
+                raise
+            mig = batch[-1]
+            raise MigrationError(
+                f"{part.name} migration {mig.version:04d}_{mig.name} waited more than {limits.lock_timeout_s:g} s "
+                "(storage.migration_lock_timeout_s) for a lock on a table it changes, held by a long query or "
+                f"transaction; nothing of {', '.join(f'{m.version:04d}' for m in batch)} was applied: run "
+                "`biogate migrate` again in a quieter moment, or raise storage.migration_lock_timeout_s"
+            ) from None
     return done, adopted
 
 
-def migrate(db: Database, part: SchemaPart = SHARED) -> list[int]:
-    """Apply the part's pending migrations; returns the versions applied (or adopted) by this call."""
+def _migrate_postgres(db: PostgresDatabase, part: SchemaPart, migrations: list[Migration],
+                      limits: MigrationLimits) -> tuple[list[int], list[int]]:
+    try:
+        with db.held(HISTORY, "schema migrations", limits.lock_wait_s) as held:
+            return _migrate_held(db, held, part, migrations, limits)
+    except LockHeldError as exc:
+        raise MigrationError(
+            f"waited {limits.lock_wait_s:g} s for the schema migration lock of {part.name}, held by {exc.holder}: "
+            "another process is migrating this database (an index build on a large table can take hours); "
+            "start again once it is done (`biogate migrate`, the migrate Job), or raise "
+            "storage.migration_lock_wait_s (0: wait without limit)"
+        ) from None
+
+
+def migrate(db: Database, part: SchemaPart = SHARED, limits: MigrationLimits = UNLIMITED) -> list[int]:
+    """Apply the part's pending migrations; returns the versions applied (or adopted) by this call.
+    ``limits`` bound the waits on PostgreSQL (SQLite waits for its write lock ``storage.timeout_s``)."""
     migrations = load_migrations(db.dialect.name, part)
     if isinstance(db, PostgresDatabase):
-        done, adopted = _migrate_postgres(db, part, migrations)
+        done, adopted = _migrate_postgres(db, part, migrations, limits)
     else:
         done, adopted = [], []
         with db.transaction() as s:

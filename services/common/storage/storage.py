@@ -16,7 +16,7 @@ from .challenges import SqlChallengeRepository
 from .db import Database, PostgresDatabase, SqliteDatabase, utcnow
 from .errors import StillReferencedError, StorageError
 from .interfaces import ErasureCounts
-from .migrate import SchemaPart, migrate
+from .migrate import UNLIMITED, MigrationLimits, SchemaPart, migrate
 from .rate_limits import SqlRateLimitRepository
 from .retention import Expiry
 from .subjects import SqlSubjectRepository
@@ -38,8 +38,9 @@ class StoragePart(Generic[P]):
 
 
 class SqlStorage:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, limits: MigrationLimits = UNLIMITED) -> None:
         self.db = db
+        self._limits = limits
         self.templates = SqlTemplateRepository(db)
         self.subjects = SqlSubjectRepository(db)
         self.rate_limits = SqlRateLimitRepository(db)
@@ -53,7 +54,7 @@ class SqlStorage:
         with self._parts_lock:
             found = self._parts.get(part.schema.name)
             if found is None:
-                migrate(self.db, part.schema)
+                migrate(self.db, part.schema, self._limits)
                 found = self._parts[part.schema.name] = part.open(self.db)
             return found
 
@@ -134,7 +135,8 @@ class SqlStorage:
 def open_storage(dsn: str, config: StorageConfig | None = None) -> SqlStorage:
     """Open (and migrate) the storage named by ``dsn``: ``sqlite:///<path>`` or ``postgresql://...``.
 
-    ``config`` supplies pool size and timeouts (``Settings.storage``); defaults otherwise.
+    ``config`` supplies pool size and timeouts (``Settings.storage``); defaults otherwise, and
+    migrations that wait without limit.
     """
     pool_size = config.pool_size if config else 8
     timeout_s = config.timeout_s if config else 10.0
@@ -148,9 +150,10 @@ def open_storage(dsn: str, config: StorageConfig | None = None) -> SqlStorage:
         db = PostgresDatabase(dsn, pool_size, timeout_s)
     else:
         raise StorageError("storage DSN must start with sqlite:/// or postgresql://")
+    limits = MigrationLimits(config.migration_lock_wait_s, config.migration_lock_timeout_s) if config else UNLIMITED
     try:
-        migrate(db)
+        migrate(db, limits=limits)
     except BaseException:
         db.close()
         raise
-    return SqlStorage(db)
+    return SqlStorage(db, limits)
