@@ -225,6 +225,24 @@ def test_missing_checkpoint(fill, storage, signer, audit_log, attacker):
     assert "seq 5: its checkpoint is missing" in _problems_text(_verify(storage, signer, checkpoint_every=5))
 
 
+def test_checkpoints_are_read_a_batch_at_a_time(fill, storage, signer, audit_log, attacker, monkeypatch):
+    """A multi-year trail has millions of checkpoints: verify pages through them beside the records,
+    and finds the same problems whichever batch falls on which checkpoint."""
+    fill(audit_log, N)
+    attacker.execute("DELETE FROM audit_records WHERE seq = 7")
+    attacker.execute("UPDATE audit_checkpoints SET hash = ? WHERE seq = 5", ("a" * 64,))
+    attacker.execute("DELETE FROM audit_records WHERE seq > 10")
+    whole = _verify(storage, signer, checkpoint_every=5).render()
+
+    def everything():
+        raise AssertionError("every checkpoint read at once")
+
+    monkeypatch.setattr(storage.audit, "checkpoints", everything)
+    for batch in (1, 2, 3):
+        assert _verify(storage, signer, checkpoint_every=5, batch=batch).render() == whole
+    assert "seq 5: the checkpoint names another hash" in whole and "seq 8: records 7..7 are missing" in whole
+
+
 def test_bad_head_signature(fill, storage, signer, audit_log, attacker):
     fill(audit_log, N)
     head = storage.audit.head()

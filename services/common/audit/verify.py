@@ -29,8 +29,10 @@ one once the trail introduces its keys, or after the trail recorded its destruct
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import takewhile
 from typing import TYPE_CHECKING
 
 from services.common.crypto.signing import PublicKey, verify_signature
@@ -102,6 +104,45 @@ def _never_introduced(report: VerifyReport, trail: TrailKeys, first_signed: Mapp
                        "configured, not vouched for by the key before it)")
 
 
+class _Checkpoints:
+    """The checkpoints in seq order, read a batch at a time as the walk reaches their records (a
+    multi-year trail has millions: never all in memory). Those read ahead of the walk wait here."""
+
+    def __init__(self, repo: AuditRepository, batch: int) -> None:
+        self._repo, self._batch = repo, batch
+        self._rows: Iterator[AuditCheckpoint] = repo.iter_checkpoints(0, batch)
+        self._ahead: deque[AuditCheckpoint] = deque()
+        self.newest_seq = 0  # the highest seq read
+
+    def _read(self) -> bool:
+        cp = next(self._rows, None)
+        if cp is None:
+            return False
+        self._ahead.append(cp)
+        self.newest_seq = cp.seq
+        return True
+
+    def at(self, seq: int) -> AuditCheckpoint | None:
+        """The checkpoint at ``seq``, if any; those before it are passed (the walk asks in seq order)."""
+        while self._ahead or self._read():
+            if self._ahead[0].seq > seq:
+                return None
+            cp = self._ahead.popleft()
+            if cp.seq == seq:
+                return cp
+        return None
+
+    def newest(self) -> int:
+        """The highest seq of a checkpoint, reading to the end."""
+        while self._read():
+            pass
+        return self.newest_seq
+
+    def reread(self) -> None:
+        """Also see the checkpoints committed since the end was read (a newer head was read)."""
+        self._rows = self._repo.iter_checkpoints(self.newest_seq, self._batch)
+
+
 def verify(
     storage_audit: AuditRepository,
     public_key: PublicKey | Iterable[PublicKey],
@@ -127,7 +168,7 @@ def verify(
     # The head first, then the checkpoints: every record and checkpoint up to the head committed
     # before it, so the walk below sees them all; records the services append meanwhile are past it.
     head = storage_audit.head()
-    checkpoints = {cp.seq: cp for cp in storage_audit.checkpoints()}
+    checkpoints = _Checkpoints(storage_audit, batch)
     expected_seq, prev, last = 1, None, None  # the first record's prev_hash is NULL
     uncovered = False  # a record past the head read after it: appended without the key; stop re-reading
 
@@ -148,16 +189,17 @@ def verify(
             if not uncovered and row.seq > (head.seq if head else 0):
                 newer = storage_audit.head()  # appended while this walk ran, or forged
                 if newer is not None and newer.seq >= row.seq:
-                    head, checkpoints = newer, {cp.seq: cp for cp in storage_audit.checkpoints()}
+                    head = newer
+                    checkpoints.reread()
                 else:
                     uncovered = True
-            _check_record(report, row, expected_seq, prev, last, checkpoints, external, checkpoint_every)
+            _check_record(report, row, expected_seq, prev, last, checkpoints.at(row.seq), external, checkpoint_every)
             if on_record is not None:
                 on_record(row)
             expected_seq, prev, last = row.seq + 1, row.hash, row
         # A head or checkpoint read during the walk's last batch names records committed after that
         # batch was read: they are there now, unless the trail was cut.
-        wanted = max([head.seq if head else 0, *checkpoints])
+        wanted = max(head.seq if head else 0, checkpoints.newest())
         if not walked or (last is not None and last.seq >= wanted):
             break
 
@@ -167,7 +209,10 @@ def verify(
         report.add(problem)
     destroyed = destroyed_at(storage_audit, trail)
     first_signed: dict[str, int] = {}
-    for seq, cp in sorted(checkpoints.items()):
+    # Read again, a batch at a time: the keys to check them with are known only after the walk. Up to
+    # the newest the walk read: those committed since belong to records it did not walk.
+    for cp in takewhile(lambda c: c.seq <= checkpoints.newest_seq, storage_audit.iter_checkpoints(0, batch)):
+        seq = cp.seq
         report.checkpoints_checked += 1
         bad = _signature_ok(trail, destroyed, cp.key_id, seq, cp.signature, checkpoint_message(cp.seq, cp.hash, cp.ts))
         if bad:
@@ -214,7 +259,7 @@ def _check_record(
     expected_seq: int,
     prev: str | None,
     last: AuditRow | None,
-    checkpoints: Mapping[int, AuditCheckpoint],
+    cp: AuditCheckpoint | None,
     external: Mapping[int, set[str]],
     checkpoint_every: int | None,
 ) -> None:
@@ -233,7 +278,6 @@ def _check_record(
             f"seq {row.seq}: prev_hash does not link to the previous record "
             "(a record was deleted, inserted, reordered or modified)"
         )
-    cp = checkpoints.get(row.seq)
     if cp is None and checkpoint_every and row.seq % checkpoint_every == 0:
         report.add(f"seq {row.seq}: its checkpoint is missing")
     if cp is not None and cp.hash != row.hash:
