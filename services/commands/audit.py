@@ -287,7 +287,7 @@ def cmd_export_public_key(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_export_checkpoints(settings: Settings, args: argparse.Namespace) -> int:
     storage = _storage(settings)
     try:
-        for cp in storage.audit.checkpoints():
+        for cp in storage.audit.iter_checkpoints():
             print(f"{cp.seq} {cp.hash} {cp.ts.isoformat()} {cp.key_id} {cp.signature.hex()}")
     finally:
         storage.close()

@@ -315,6 +315,22 @@ def test_two_signed_anchors_at_one_seq_that_disagree_are_a_rollback(cli_settings
     storage.close()
 
 
+def test_export_checkpoints_and_verify_never_read_every_checkpoint_at_once(cli_settings, capsys, monkeypatch):
+    """A multi-year trail has millions of checkpoints: both commands read them a batch at a time."""
+    settings = cli_settings  # a checkpoint every 3 records
+    storage, _, _ = _seven_records(settings)
+
+    def everything(self):
+        raise AssertionError("every checkpoint read at once")
+
+    monkeypatch.setattr(type(storage.audit), "checkpoints", everything)
+    storage.close()
+    assert _run(settings, ["audit", "export-checkpoints"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["3", "6"]
+    assert _run(settings, ["audit", "verify"]) == 0
+    assert "audit trail: OK; 7 records, 2 checkpoints, head at seq 7" in capsys.readouterr().out
+
+
 def test_a_forged_checkpoint_line_is_a_finding_of_its_own_never_a_known_checkpoint(cli_settings, tmp_path, capsys):
     """`verify --checkpoints` took every 'SEQ HASH' line on trust: a line edited (or added) in the
     file reported a rollback or a truncation that never happened, and could stand in for a genuine one.
