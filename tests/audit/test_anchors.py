@@ -53,6 +53,27 @@ def test_anchors_of_an_earlier_audit_key_and_from_before_the_checkpoint_time_was
                for p in anchored(store, keys).problems)
 
 
+def test_a_legacy_anchors_time_is_read_from_its_one_checkpoint(storage, signer, pseudonymizer, fill, tmp_path,
+                                                               attacker, monkeypatch):
+    """A multi-year trail has millions of checkpoints: an anchor without its time reads the one it needs."""
+    worm = tmp_path / "worm"
+    store = DirectoryStore(worm)
+    fill(AuditLog(storage.audit, signer, pseudonymizer, checkpoint_every=5), 11)
+    assert anchor(storage.audit, store, signer.public_key).problems == []
+    _legacy(worm, "checkpoint-000000000005.json")
+    _legacy(worm, "checkpoint-000000000010.json")
+
+    def everything():
+        raise AssertionError("every checkpoint read at once")
+
+    monkeypatch.setattr(storage.audit, "checkpoints", everything)
+    found = anchored(store, signer.public_key, storage.audit, full=True)
+    assert found.problems == [] and sorted(seq for seq, _ in found.checkpoints) == [5, 10, 11]
+    attacker.execute("DELETE FROM audit_checkpoints WHERE seq = 5")  # the next one is not its time
+    assert [p.split(":")[0] for p in anchored(store, signer.public_key, storage.audit).problems] == [
+        "checkpoint-000000000005.json"]
+
+
 def test_an_anchor_copied_under_another_seqs_name_vouches_for_nothing(storage, signer, pseudonymizer, fill,
                                                                       tmp_path):
     worm = tmp_path / "worm"

@@ -122,7 +122,6 @@ class _Reader:
     def __init__(self, store: WriteOnceStore, keys: dict[str, PublicKey],
                  repo: AuditRepository | None = None, sample: float = 1.0) -> None:
         self.store, self.keys, self._repo, self._sample = store, keys, repo, sample
-        self._db_ts: dict[int, str] | None = None
         self._verified: dict[str, str] = {}
 
     def read(self, name: str, trail_hash: str | None = None) -> tuple[Anchor | None, str]:
@@ -152,24 +151,24 @@ class _Reader:
         if item.key_id not in self.keys:
             return None, (f"signed with unknown key {item.key_id!r} (an earlier audit key belongs in "
                           "audit.previous_public_keys)")
-        if item.kind == "checkpoint" and not (item.ts or self._checkpoint_ts().get(item.seq)):
+        if item.kind == "checkpoint" and not (item.ts or self._checkpoint_ts(item.seq)):
             return None, ("written without its checkpoint's time, and the database holds no checkpoint at "
                           f"seq {item.seq} to take it from: cannot be authenticated")
         return item, ""
 
     def _signature(self, item: Anchor) -> str:
         """"" when the key signed ``item``, else why not."""
-        ts = item.ts or (self._checkpoint_ts().get(item.seq) if item.kind == "checkpoint" else None)
+        ts = item.ts or (self._checkpoint_ts(item.seq) if item.kind == "checkpoint" else None)
         try:
             ok = verify_signature(self.keys[item.key_id], bytes.fromhex(item.signature), item.message(ts))
         except ValueError:
             ok = False
         return "" if ok else "bad signature"
 
-    def _checkpoint_ts(self) -> dict[int, str]:
-        if self._db_ts is None:
-            self._db_ts = {cp.seq: format_ts(cp.ts) for cp in self._repo.checkpoints()} if self._repo else {}
-        return self._db_ts
+    def _checkpoint_ts(self, seq: int) -> str | None:
+        """The time of the database's checkpoint at ``seq``: one row by the primary key, not them all."""
+        cp = next(self._repo.iter_checkpoints(seq - 1, 1), None) if self._repo else None
+        return format_ts(cp.ts) if cp is not None and cp.seq == seq else None
 
 
 def _not_authentic(name: str, why: str) -> str:
