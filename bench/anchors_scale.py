@@ -5,6 +5,7 @@ checkpoint older than ``audit.anchor_max_age_s`` is anchored, ``_unanchored``) d
 of the trail.
 
     .venv/bin/python -m bench.anchors_scale [--checkpoints 200000] [--backends sqlite postgres] [--rounds 3]
+        [--arms open verify anchor walk export] [--baseline DIR]
 
 The trail: ``--checkpoints`` records, each with a checkpoint, chained with the real hash and signed
 with the real Ed25519 key, written in bulk (``bench.audit_keys.populate``) into SQLite in a temporary
@@ -12,12 +13,17 @@ directory under var/ or the local PostgreSQL in a schema of its own (dropped aft
 by the real ``anchor()`` into a ``DirectoryStore`` (created without fsync, to make it in minutes).
 Each run is a process of its own (``--child``), after one new record to anchor: the time of the
 work once the storage is open, and the process's peak RSS (``VmHWM``), beside that of a process
-that only opens the storage.
+that only opens the storage. ``walk``: ``verify()``, the walk of the whole trail that ``biogate audit
+verify`` does; ``export``: ``biogate audit export-checkpoints`` (its output discarded).
+``--baseline DIR``: also run each arm with the code of another checkout (``git archive REV | tar -x
+-C DIR``), alternating with this one's, to compare a change on the same machine at the same time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,6 +40,8 @@ from services.common.audit.anchor import DirectoryStore, anchor, anchored
 from services.common.privacy import Pseudonymizer
 from services.common.config import StorageConfig
 from services.common.storage import open_storage
+from services.common.audit import verify as verify_trail
+from services.commands import audit as audit_cli
 from services.commands.audit import _unanchored
 from services.settings import Settings
 
@@ -55,6 +63,13 @@ def child(arm: str, dsn: str, path: str, key: str) -> None:
     if arm == "verify":
         found = anchored(store, public_key, storage.audit)
         problems = found.problems + _unanchored(Settings(), Path(path), storage, found)
+    elif arm == "walk":
+        problems = verify_trail(storage.audit, public_key).problems
+    elif arm == "export":
+        audit_cli._storage = lambda settings: storage  # type: ignore[assignment]  # the bench's storage, not the settings'
+        with open(os.devnull, "w") as out, contextlib.redirect_stdout(out):
+            problems = [] if audit_cli.cmd_export_checkpoints(Settings(), argparse.Namespace()) == 0 else ["failed"]
+        storage = open_storage(dsn)  # the command closed its own
     elif arm == "anchor":
         problems = anchor(storage.audit, store, public_key).problems
     else:  # "open": the process alone, the baseline of the peak RSS
@@ -66,10 +81,10 @@ def child(arm: str, dsn: str, path: str, key: str) -> None:
     print(secs, len(problems), hwm)
 
 
-def in_child(arm: str, dsn: str, path: Path, key: Path) -> tuple[float, int]:
-    """(seconds, peak RSS in MB of the whole process) of one run of ``arm``."""
-    proc = subprocess.Popen([sys.executable, "-m", "bench.anchors_scale", "--child", arm, dsn, str(path), str(key)],
-                            stdout=subprocess.PIPE, text=True)
+def in_child(arm: str, dsn: str, path: Path, key: Path, code: Path) -> tuple[float, int]:
+    """(seconds, peak RSS in MB of the whole process) of one run of ``arm`` with the code under ``code``."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", arm, dsn, str(path), str(key)],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(code)})
     out = proc.stdout.read() if proc.stdout else ""
     status = proc.wait()
     secs, problems, hwm_kb = out.split()
@@ -77,7 +92,12 @@ def in_child(arm: str, dsn: str, path: Path, key: Path) -> tuple[float, int]:
     return float(secs), int(hwm_kb) // 1024
 
 
-def run(backend: str, n: int, rounds: int, tmp: Path) -> None:
+ARMS = {"open": "process alone (open storage)", "verify": "verify --anchors (anchored + _unanchored)",
+        "anchor": "anchor (the CronJob)", "walk": "verify() (the walk of the trail)",
+        "export": "export-checkpoints"}
+
+
+def run(backend: str, n: int, rounds: int, tmp: Path, arms: list[str], baseline: Path | None) -> None:
     schema = f"bench_anchors_{uuid.uuid4().hex[:8]}"
     dsn = (f"sqlite:///{tmp}/bench.db" if backend == "sqlite"
            else f"{PG}?options=-csearch_path%3D{schema}")
@@ -92,23 +112,25 @@ def run(backend: str, n: int, rounds: int, tmp: Path) -> None:
         made = time.perf_counter() - t
         path = tmp / f"worm-{backend}"
         path.mkdir()
-        first = anchor(storage.audit, _Unsynced(path), signer.public_key)
+        written = len(anchor(storage.audit, _Unsynced(path), signer.public_key).written) if (
+            {"verify", "anchor"} & set(arms)) else 0
         store = DirectoryStore(path)
-        print(f"{backend}: {n} records and checkpoints in {made:.0f} s, {len(first.written)} anchors in "
+        print(f"{backend}: {n} records and checkpoints in {made:.0f} s, {written} anchors in "
               f"{time.perf_counter() - t - made:.0f} s")
         log = AuditLog(storage.audit, signer, Pseudonymizer(b"p" * 32), checkpoint_every=1)
 
         key = tmp / f"audit-{backend}.pem"
-        arms = {"process alone (open storage)": "open", "verify --anchors (anchored + _unanchored)": "verify",
-                "anchor (the CronJob)": "anchor"}
-        for name, arm in arms.items():
-            runs = []
+        codes = {"": Path.cwd()} | ({" (baseline)": baseline} if baseline else {})
+        for arm in arms:
+            runs: dict[str, list[tuple[float, int]]] = {label: [] for label in codes}
             for _ in range(rounds):
                 log.append("face.verified", "service:bench", "bank-a", "s1", {"decision": "accept"})
-                runs.append(in_child(arm, dsn, path, key))
-            secs, rss = [s for s, _ in runs], [m for _, m in runs]
-            print(f"{backend} {name}: {min(secs):.2f}-{max(secs):.2f} s, peak RSS {min(rss)}-{max(rss)} MB "
-                  f"over {rounds} runs ({len(store.names())} objects)")
+                for label, code in codes.items():
+                    runs[label].append(in_child(arm, dsn, path, key, code))
+            for label, done in runs.items():
+                secs, rss = [s for s, _ in done], [m for _, m in done]
+                print(f"{backend} {ARMS[arm]}{label}: {min(secs):.2f}-{max(secs):.2f} s, peak RSS {min(rss)}-{max(rss)} "
+                      f"MB over {rounds} runs ({len(store.names())} objects)")
     finally:
         storage.close()
         if backend == "postgres":
@@ -122,6 +144,8 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=int, default=200000)
     ap.add_argument("--backends", nargs="+", default=["sqlite", "postgres"])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=["open", "verify", "anchor"])
+    ap.add_argument("--baseline", type=Path, help="another checkout's code to run each arm with too, alternating")
     a = ap.parse_args()
     if a.child:
         child(*a.child)
@@ -130,7 +154,7 @@ def main() -> None:
     print(f"now {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, audit.anchor_max_age_s {settings.audit.anchor_max_age_s}")
     for backend in a.backends:
         with tempfile.TemporaryDirectory(dir=Path.cwd() / "var") as tmp:
-            run(backend, a.checkpoints, a.rounds, Path(tmp))
+            run(backend, a.checkpoints, a.rounds, Path(tmp), a.arms, a.baseline.resolve() if a.baseline else None)
 
 
 if __name__ == "__main__":
