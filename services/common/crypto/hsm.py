@@ -548,15 +548,13 @@ class Pkcs11Keyring:
                                                                     mechanism_param=GCMParams(nonce, aad, 128)))
 
     def unwrap(self, key_id_: str, wrapped: bytes, aad: bytes) -> bytes:
-        from pkcs11.mechanisms import GCMParams
 
         if len(wrapped) <= _NONCE + 16:
             self._kek(key_id_)
             raise WrongKeyError(f"the wrapped data key is too short for key {key_id_!r}")
-        E, gcm = self.token.p11.exceptions, self.token.p11.Mechanism.AES_GCM
+        E = self.token.p11.exceptions
         try:
-            return self._with_kek(key_id_, lambda k: k.decrypt(wrapped[_NONCE:], mechanism=gcm,
-                                                                mechanism_param=GCMParams(wrapped[:_NONCE], aad, 128)))
+            return self._decrypt(key_id_, wrapped, aad)
         except (E.EncryptedDataInvalid, E.EncryptedDataLenRange):
             raise WrongKeyError(f"the data key does not unwrap under key {key_id_!r}") from None
         except E.GeneralError:
@@ -574,14 +572,18 @@ class Pkcs11Keyring:
                                                                 f"({type(exc).__name__})"),
                                         self.token.cfg.reconnect_interval_s) from None
 
-    def _kek_fault(self, key_id_: str) -> str:
-        """"" when the key encrypts a test message and decrypts it back in the token, else why not."""
+    def _decrypt(self, key_id_: str, wrapped: bytes, aad: bytes) -> bytes:
+        """What :meth:`wrap` sealed, opened in the token (PKCS#11 errors as the token raised them)."""
         from pkcs11.mechanisms import GCMParams
 
-        gcm, params = self.token.p11.Mechanism.AES_GCM, GCMParams(secrets.token_bytes(_NONCE), _KCV_MESSAGE, 128)
+        gcm = self.token.p11.Mechanism.AES_GCM
+        return self._with_kek(key_id_, lambda k: k.decrypt(wrapped[_NONCE:], mechanism=gcm,
+                                                            mechanism_param=GCMParams(wrapped[:_NONCE], aad, 128)))
+
+    def _kek_fault(self, key_id_: str) -> str:
+        """"" when the key wraps a test message and opens it again in the token, else why not."""
         try:
-            back = self._with_kek(key_id_, lambda k: k.decrypt(k.encrypt(_KCV_MESSAGE, mechanism=gcm, mechanism_param=params),
-                                                               mechanism=gcm, mechanism_param=params))
+            back = self._decrypt(key_id_, self.wrap(key_id_, _KCV_MESSAGE, _KCV_MESSAGE), _KCV_MESSAGE)
         except self.token.p11.exceptions.PKCS11Error as exc:
             return type(exc).__name__
         return "" if back == _KCV_MESSAGE else "it decrypted to other bytes"
