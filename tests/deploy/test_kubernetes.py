@@ -346,3 +346,72 @@ def test_the_prometheus_scrape_job_keeps_the_annotated_pods(rendered):
     for name in DEPLOYMENTS:
         annotations = deployment(objects, name)["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == keep[0]["regex"]
+
+
+def cron_interval_s(schedule: str) -> int:
+    """The longest time between two runs of a cron schedule, in seconds. The forms a schedule here
+    uses: minute and hour fields of *, */N, A, A-B, A-B/N and lists of them; every day."""
+    fields = schedule.split()
+    assert len(fields) == 5 and fields[2:] == ["*", "*", "*"], f"{schedule!r}: a daily schedule is all this reads"
+
+    def values(field: str, top: int) -> set[int]:
+        out: set[int] = set()
+        for part in field.split(","):
+            span, _, step = part.partition("/")
+            lo, hi = (0, top) if span == "*" else (int(span.split("-")[0]), int(span.split("-")[-1]))
+            if not step and "-" not in span and span != "*":
+                hi = lo
+            out.update(range(lo, hi + 1, int(step or 1)))
+        assert out and max(out) <= top, f"{schedule!r}: {field!r} out of range"
+        return out
+
+    runs = sorted(h * 60 + m for h in values(fields[1], 23) for m in values(fields[0], 59))
+    gaps = [b - a for a, b in zip(runs, runs[1:])] + [runs[0] + 24 * 60 - runs[-1]]
+    return max(gaps) * 60
+
+
+def test_the_cron_reading_knows_the_forms_used():
+    assert cron_interval_s("*/15 * * * *") == 900
+    assert cron_interval_s("40 * * * *") == 3600
+    assert cron_interval_s("5,50 * * * *") == 45 * 60
+    assert cron_interval_s("0 */6 * * *") == 6 * 3600
+    assert cron_interval_s("0 1-3 * * *") == 22 * 3600
+
+
+def env_value(c: dict, variable: str) -> str | None:
+    return next((e["value"] for e in c.get("env", []) if e["name"] == variable and "value" in e), None)
+
+
+def configured_containers(objects) -> list[tuple[str, dict]]:
+    """Every container that reads the ConfigMap's configuration (BIOGATE_CONFIG), by workload."""
+    out = []
+    for o in objects:
+        spec = o.get("spec", {})
+        pod = (spec.get("jobTemplate", {}).get("spec", spec)).get("template", {}).get("spec", {})
+        out += [(o["metadata"]["name"], c) for c in pod.get("containers", []) if env_value(c, "BIOGATE_CONFIG")]
+    return out
+
+
+def test_the_anchor_cronjob_runs_well_within_the_age_verify_allows_an_unanchored_checkpoint(rendered):
+    """A checkpoint waits for the anchor run after the one that missed it: at most the schedule's
+    longest interval, plus the start's allowed lateness (startingDeadlineSeconds), plus the run
+    itself (activeDeadlineSeconds: without one a hung run, concurrencyPolicy Forbid, stops every
+    later run). All of it must stay within audit.anchor_max_age_s, as each process that checks
+    anchors reads it, or every `audit verify --anchors` and the template check report a stale
+    anchor; and with room for one failed run on top."""
+    _, objects = rendered
+    settings = configuration(objects)
+    cron = by_kind(objects, "CronJob")["biogate-audit-anchor"]["spec"]
+    interval = cron_interval_s(cron["schedule"])
+    deadline = cron["jobTemplate"]["spec"].get("activeDeadlineSeconds")
+    assert deadline and deadline < interval, "the anchor Job needs an activeDeadlineSeconds below its interval"
+    worst = interval + cron.get("startingDeadlineSeconds", 0) + deadline
+    checked = 0
+    for workload, c in configured_containers(objects):
+        own = env_value(c, "BIOGATE_AUDIT__ANCHOR_MAX_AGE_S")
+        max_age = int(own) if own is not None else settings.audit.anchor_max_age_s
+        assert max_age > 0 and worst + interval <= max_age, (
+            f"{workload}: audit.anchor_max_age_s {max_age} s; the anchor CronJob ({cron['schedule']!r}, deadline "
+            f"{deadline} s) leaves a checkpoint unanchored up to {worst} s, {worst + interval} s after one failed run")
+        checked += 1
+    assert checked >= len(DEPLOYMENTS) + 2  # the services, the kiosk gateway, both audit CronJobs
