@@ -415,3 +415,53 @@ def test_the_anchor_cronjob_runs_well_within_the_age_verify_allows_an_unanchored
             f"{deadline} s) leaves a checkpoint unanchored up to {worst} s, {worst + interval} s after one failed run")
         checked += 1
     assert checked >= len(DEPLOYMENTS) + 2  # the services, the kiosk gateway, both audit CronJobs
+
+
+def cores(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+@pytest.mark.parametrize("name", ("face", "voice"))
+def test_the_autoscaler_the_cpu_reservation_and_the_worker_processes_agree(rendered, name):
+    """A pod's worker processes (server.workers 0: one per CPU) and their admission slots
+    (usable_cores: the cgroup's quota) are sized on its CPU limit; the scheduler reserves its
+    request, and the HorizontalPodAutoscaler's utilisation is usage over the request. With a request
+    below the limit the workers share fewer cores than they admit calls for on a busy node, and the
+    70 % target is reached at a fraction of what the pod serves: request, limit and workers agree."""
+    overlay, objects = rendered
+    settings = configuration(objects)
+    c = container(objects, name)
+    requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+    assert cores(requests["cpu"]) == cores(limits["cpu"]), (overlay, name, requests, limits)
+    cpus = cores(limits["cpu"])
+    assert cpus == int(cpus) >= 1  # whole cores: usable_cores rounds a fraction up
+    workers = processes(c, settings, name)
+    assert 1 <= workers <= cpus
+    if workers > 1:  # a worker per CPU (overlays/cpu/face-cpu.yaml): every core has its process
+        assert workers == cpus
+    (metric,) = by_kind(objects, "HorizontalPodAutoscaler")[f"biogate-{name}"]["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    target = metric["resource"]["target"]
+    # a pod never uses more than its limit: a target at or above limit/request never scales out
+    assert target["type"] == "Utilization" and 50 <= target["averageUtilization"] < 100 * cpus / cores(requests["cpu"])
+    # every worker loads its models (in parallel) before any turns SERVING (services/common/server/workers.py):
+    # the startup probe allows the model loading, readiness asks for the service by name
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert c["readinessProbe"]["grpc"] == {"port": settings.endpoint(name).health_port,
+                                           "service": f"biogate.v1.{name.capitalize()}Service"}
+
+
+def test_the_voice_digit_recognisers_serve_every_admitted_call_on_cpu_nodes():
+    """voice.inference_workers is the number of digit recognisers (Whisper replicas, on the CPU
+    wherever ECAPA and AASIST run) and, where those are micro-batched (an accelerator), of batchers
+    per model. On CPU nodes a process admits a call per CPU of its share (admission.slots_per_process):
+    fewer recognisers than that, and admitted calls queue for one (~130 ms of CPU each, bench/RESULTS.md)."""
+    objects = render("cpu")
+    settings = configuration(objects)
+    c = container(objects, "voice")
+    own = env_value(c, "BIOGATE_VOICE__INFERENCE_WORKERS")
+    recognisers = int(own) if own is not None else settings.voice.inference_workers
+    cpus, workers = cores(c["resources"]["limits"]["cpu"]), processes(c, settings, "voice")
+    slots = settings.server.admission.concurrency or math.ceil(cpus / workers)
+    assert recognisers >= slots, (recognisers, slots)
