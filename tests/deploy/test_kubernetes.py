@@ -465,3 +465,17 @@ def test_the_voice_digit_recognisers_serve_every_admitted_call_on_cpu_nodes():
     cpus, workers = cores(c["resources"]["limits"]["cpu"]), processes(c, settings, "voice")
     slots = settings.server.admission.concurrency or math.ceil(cpus / workers)
     assert recognisers >= slots, (recognisers, slots)
+
+
+def test_a_start_waiting_for_the_migration_lock_gives_up_within_the_startup_probe(rendered):
+    """A new pod waits for `biogate migrate` (the Job) at most storage.migration_lock_wait_s, then
+    exits naming the holder; past the startup probe's budget the kubelet would kill it first,
+    silently, and 0 (no limit) would never say whom it waits for."""
+    _, objects = rendered
+    settings = configuration(objects)
+    for name in SERVICES:
+        c = container(objects, name)
+        own = env_value(c, "BIOGATE_STORAGE__MIGRATION_LOCK_WAIT_S")
+        wait = float(own) if own is not None else settings.storage.migration_lock_wait_s
+        startup = c["startupProbe"]
+        assert 0 < wait < startup["periodSeconds"] * startup["failureThreshold"], (name, wait, startup)
