@@ -479,3 +479,21 @@ def test_a_start_waiting_for_the_migration_lock_gives_up_within_the_startup_prob
         wait = float(own) if own is not None else settings.storage.migration_lock_wait_s
         startup = c["startupProbe"]
         assert 0 < wait < startup["periodSeconds"] * startup["failureThreshold"], (name, wait, startup)
+
+
+def test_every_cronjob_bounds_its_runs_and_its_late_starts(rendered):
+    """With concurrencyPolicy Forbid a run that hangs holds off every later one unless the Job has a
+    deadline; and a CronJob that has missed more than 100 schedules with no startingDeadlineSeconds
+    stops starting altogether (the controller gives up), silently. A long run (a first purge of a
+    backlog) may skip schedules, but it ends."""
+    _, objects = rendered
+    crons = by_kind(objects, "CronJob")
+    assert len(crons) >= 3, sorted(crons)
+    for name, cron in crons.items():
+        spec = cron["spec"]
+        interval = cron_interval_s(spec["schedule"])
+        assert spec.get("concurrencyPolicy") == "Forbid", name
+        late = spec.get("startingDeadlineSeconds")
+        assert late and 0 < late < interval, f"{name}: startingDeadlineSeconds {late} (interval {interval} s)"
+        deadline = spec["jobTemplate"]["spec"].get("activeDeadlineSeconds")
+        assert deadline and 0 < deadline <= 4 * 3600, f"{name}: activeDeadlineSeconds {deadline}"
