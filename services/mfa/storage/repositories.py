@@ -156,9 +156,9 @@ class SqlAuthSessionRepository(Repository[AuthSessionRecord]):
     def get(self, session_id: str) -> AuthSessionRecord | None:
         return self._select_one("id = ?", (session_id,))
 
-    def live_after(self, after_id: str, batch: int, now: datetime) -> builtins.list[AuthSessionRecord]:
-        """The next ``batch`` sessions not expired at ``now``, in id order after ``after_id``."""
-        return self._select("id > ? AND expires_at > ?", (after_id, now), f"ORDER BY id LIMIT {int(batch)}")
+    def page_after(self, after_id: str, batch: int) -> builtins.list[AuthSessionRecord]:
+        """The next ``batch`` stored sessions, expired or not, in id order after ``after_id``."""
+        return self._select("id > ?", (after_id,), f"ORDER BY id LIMIT {int(batch)}")
 
     def update(
         self,
