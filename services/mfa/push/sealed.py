@@ -44,7 +44,7 @@ class SealedConfirmations:
     def _pages(self, batch: int, after: str) -> Iterator[tuple[list[SealedConfirmation], bool]]:
         """(the sealed confirmations of a page of stored sessions, whether more pages follow)."""
         while True:
-            rows = self.repo.page_after(after, batch)
+            rows = self.repo.sealed_after(after, batch)
             found = []
             for row in rows:
                 push = row.state.get("push") or {}
