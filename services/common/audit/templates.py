@@ -21,7 +21,8 @@ whose latest record predates the digests are "unattested", not findings: their r
 told; ``attest`` writes one ``template_attested`` record for each, naming the payload stored now.
 
 The services keep writing while it runs: a slot that a record after the walk's end touches is
-"written while checking" and left to the next run rather than reported.
+"written while checking" and left to the next run rather than reported, once those records are
+checked as the walk's were (:func:`~.verify.verify_after`); one that fails defers nothing.
 """
 
 from __future__ import annotations
