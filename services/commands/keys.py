@@ -170,8 +170,9 @@ def _sealed(settings: Settings, storage: Storage) -> list[_Sealed]:
                            in_database=isinstance(replay, DatabaseReplayStore)))
     push = SealedConfirmations(attach_mfa(storage))
     out.append(_Sealed(push.sealed_table(), push.key_usage,
-                       f"in their mfa sessions until answered or the session expires (mfa.session_ttl_s, "
-                       f"{settings.mfa.session_ttl_s} s, or while a review holds it)"))
+                       f"in their mfa sessions until answered, or until `biogate purge` deletes the session "
+                       f"(retention.sessions_s, {settings.retention.sessions_s} s after it expires, or while a "
+                       f"review holds it)"))
     return out
 
 

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
 
 from services.common.audit import AuditLog, AuditSigner
+from services.common.audit.chain import record_hash
 from services.common.privacy import Pseudonymizer
 from services.common.storage import open_storage
 
@@ -37,6 +38,18 @@ class Attacker:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 conn.execute("SET session_replication_role = replica")  # no triggers, no FKs
                 conn.execute(sql.replace("?", "%s"), params)
+
+    def forge(self, storage, event_type: str, actor: str, tenant_id: str | None, pseudonym: str | None,
+              details: str) -> tuple[int, str, datetime]:
+        """A record chained correctly after the last one (SHA-256 needs no key): (seq, hash, ts)."""
+        last = storage.audit.last()
+        seq, ts = last.seq + 1, last.ts + timedelta(microseconds=1)
+        h = record_hash(seq, ts, event_type, actor, tenant_id, pseudonym, details, last.hash)
+        self.execute(
+            "INSERT INTO audit_records (seq, ts, event_type, actor, tenant_id, subject_pseudonym, details, prev_hash,"
+            " hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, self.ts(ts), event_type, actor, tenant_id, pseudonym, details, last.hash, h))
+        return seq, h, ts
 
     def ts(self, dt: datetime):
         """A timestamp value as the column stores it."""

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-from datetime import timedelta
 
 import pytest
 
 from services.common.audit import AuditIntegrityError, AuditLog, AuditSigner, verify
-from services.common.audit.chain import checkpoint_message, head_message, record_hash
+from services.common.audit.chain import checkpoint_message, head_message
 from services.common.audit.continuity import DESTROYED, INTRODUCED, trail_keys
 from services.common.crypto.backend import next_audit_key_file, open_audit_signer, open_next_audit_signer
 from services.common.crypto.signing import public_key_pem
@@ -147,14 +146,8 @@ def test_switch_key_is_refused_until_the_trail_introduces_the_next_key(settings,
 def _forge(storage, attacker, event_type, details, checkpoint_by=None, head_by=None) -> int:
     """An attacker's record chained after the last one (SHA-256 needs no key), with a checkpoint and
     a head signed by keys of their own."""
-    last = storage.audit.last()
-    seq, ts = last.seq + 1, last.ts + timedelta(microseconds=1)
     text = json.dumps(details, sort_keys=True, separators=(",", ":"))
-    h = record_hash(seq, ts, event_type, "cli:root", None, None, text, last.hash)
-    attacker.execute(
-        "INSERT INTO audit_records (seq, ts, event_type, actor, tenant_id, subject_pseudonym, details, prev_hash, hash)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (seq, attacker.ts(ts), event_type, "cli:root", None, None, text, last.hash, h))
+    seq, h, ts = attacker.forge(storage, event_type, "cli:root", None, None, text)
     if checkpoint_by is not None:
         attacker.execute("INSERT INTO audit_checkpoints (seq, hash, signature, key_id, ts) VALUES (?, ?, ?, ?, ?)",
                          (seq, h, checkpoint_by.sign(checkpoint_message(seq, h, ts)), checkpoint_by.key_id,

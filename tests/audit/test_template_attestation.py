@@ -210,6 +210,71 @@ def test_a_template_written_while_the_check_runs_is_left_to_the_next_run(rt, cap
     assert _check(rt, capsys)[0] == 0
 
 
+def _after_the_walk(rt, act):
+    """Runs ``act`` between the check's walk of the trail and its pass over the templates."""
+    templates = rt.storage.templates
+    walk = templates.iter_all
+
+    def acted(batch: int = 1000):
+        act()
+        return walk(batch)
+
+    templates.iter_all = acted  # type: ignore[method-assign]
+    try:
+        return check_templates(rt.storage, rt.audit._signer.public_key, rt.pseudonymize)
+    finally:
+        del templates.iter_all
+
+
+def _rolled_back(rt, attacker):
+    old = _enrol(rt, "face", 1)
+    new = _enrol(rt, "face", 2, replace=True)
+    attacker.execute("UPDATE templates SET envelope = ? WHERE id = ?", (old.envelope, new.id))
+    return old
+
+
+def test_a_record_forged_after_the_walk_defers_no_finding(rt, attacker):
+    """The records after the walk decide which findings are left to the next run, and were read
+    unchecked: a record chained on by hand (SHA-256 needs no key), naming the rolled-back slot, made
+    the check pass (1 "written while checking", the rollback unreported)."""
+    old = _rolled_back(rt, attacker)
+    details = json.dumps({"model_id": "face-model", "payload_digest": payload_digest(old.envelope)},
+                         sort_keys=True, separators=(",", ":"))
+    report = _after_the_walk(rt, lambda: attacker.forge(rt.storage, "face.enrolled", "face-service", T,
+                                                        rt.pseudonymize(T, S), details))
+    assert not report.ok and report.deferred == 0
+    assert [f.kind for f in report.findings] == ["rolled-back"]
+    assert any("records after the signed head" in p for p in report.chain.problems), report.chain.problems
+
+
+def test_a_record_altered_after_the_walk_defers_no_finding(rt, attacker):
+    """A record a service appended during the check, then altered to name the rolled-back slot."""
+    _rolled_back(rt, attacker)
+
+    def enrol_then_alter():
+        _enrol(rt, "voice", 3, channel="telephone")
+        attacker.execute("UPDATE audit_records SET event_type = 'face.enrolled', details = ? WHERE seq = ?",
+                         (json.dumps({"model_id": "face-model", "payload_digest": "0" * 64}),
+                          rt.storage.audit.last().seq))
+    report = _after_the_walk(rt, enrol_then_alter)
+    assert not report.ok and report.deferred == 0
+    assert "rolled-back" in [f.kind for f in report.findings]
+    assert any("content does not match its hash" in p for p in report.chain.problems), report.chain.problems
+
+
+def test_a_record_deleted_after_the_walk_is_reported(rt, attacker):
+    """A re-enrolment during the check whose record was then deleted: its template is reported and
+    so is the trail, which now ends before its signed head."""
+    _enrol(rt, "face", 1)
+
+    def re_enrol_then_delete():
+        _enrol(rt, "face", 2, replace=True)
+        attacker.execute("DELETE FROM audit_records WHERE seq = ?", (rt.storage.audit.last().seq,))
+    report = _after_the_walk(rt, re_enrol_then_delete)
+    assert not report.ok and report.deferred == 0
+    assert any("dropped" in p for p in report.chain.problems), report.chain.problems
+
+
 def test_an_erasure_racing_an_enrolment_leaves_the_trail_and_the_templates_agreeing(tmp_path, pg_dsn):
     """PostgreSQL, read committed: an erasure whose DELETE ran while an enrolment of the same subject
     was not yet committed missed that template, yet its audit record came after the enrolment's: the

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.common.audit import AuditDataError, AuditIntegrityError, AuditLog, AuditSigner, verify
 from services.common.audit.chain import record_hash
+from services.common.audit.verify import verify_after
 
 N = 12  # checkpoints at 5 and 10, head at 12
 
@@ -289,14 +290,7 @@ def test_signing_key_file(tmp_path):
 
 def _forge_next(storage, attacker, details='{"decision":"accept","n":99}'):
     """An attacker's record chained correctly after the last one: SHA-256 needs no key."""
-    last = storage.audit.last()
-    seq, ts = last.seq + 1, last.ts + timedelta(microseconds=1)
-    h = record_hash(seq, ts, "face.verify", "teller-app", "bank-a", None, details, last.hash)
-    attacker.execute(
-        "INSERT INTO audit_records (seq, ts, event_type, actor, tenant_id, subject_pseudonym, details, prev_hash, hash)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (seq, attacker.ts(ts), "face.verify", "teller-app", "bank-a", None, details, last.hash, h),
-    )
+    seq, h, _ = attacker.forge(storage, "face.verify", "teller-app", "bank-a", None, details)
     return seq, h
 
 
@@ -360,6 +354,25 @@ def test_records_appended_while_verifying_are_no_tampering(fill, storage, signer
     assert report.ok, report.render()
     assert report.head_seq in (N, N + 3) and report.records_checked == report.head_seq
     assert _verify(storage, signer, checkpoint_every=5).ok
+
+
+def test_records_appended_after_a_walk_are_checked_up_to_the_head_read_after_them(fill, storage, signer, audit_log,
+                                                                                  attacker):
+    """verify_after (what `audit templates` judges its "written while checking" by): the records since
+    the walk, those appended while it reads them included, link on and end at a signed head."""
+    seen = []
+    assert verify_after(storage.audit, signer.public_key, None, seen.append).ok and not seen  # empty trail
+    fill(audit_log, 2)
+    walked = storage.audit.last()
+    fill(audit_log, 2)
+    live = _AppendsWhileVerifying(storage.audit, 4, lambda: fill(audit_log, 3))
+    report = verify_after(live, signer.public_key, walked, seen.append)
+    assert report.ok, report.render()
+    assert [r.seq for r in seen] == [3, 4, 5, 6, 7] and report.head_seq == 7
+    seen.clear()
+    assert verify_after(storage.audit, signer.public_key, None, seen.append).ok and len(seen) == 7
+    attacker.execute("DELETE FROM audit_head")
+    assert "seq 7: there is no signed head" in verify_after(storage.audit, signer.public_key, walked, seen.append).problems
 
 
 def test_a_changed_audit_key_chains_on_only_once_the_earlier_public_key_is_listed(

@@ -1,8 +1,8 @@
 """Push confirmations sealed in MFA sessions across `biogate keys rotate|rewrap|retire`, with a real
 MFA server on loopback (SQLite and PostgreSQL): the fields a pending confirmation shows are sealed
 under the primary of the moment and kept in the session's state until they are answered; rotation
-re-wraps them by compare-and-swap on the session row, and retire refuses while any live session
-still holds some under the key."""
+re-wraps them by compare-and-swap on the session row, and retire refuses while any stored session
+(an expired one too, kept until `biogate purge`) still holds some under the key."""
 
 from __future__ import annotations
 
@@ -74,9 +74,12 @@ def test_a_pending_confirmation_survives_rotate_and_retire_of_the_old_key(env, c
     assert r.result.passed
 
 
-def test_retire_refuses_while_a_live_session_holds_fields_sealed_under_the_key(env, capsys):
+@pytest.mark.parametrize("expired", [False, True], ids=["live", "expired"])
+def test_retire_refuses_while_a_session_holds_fields_sealed_under_the_key(env, capsys, expired):
     """A confirmation sealed just before the rotation added the new primary and stored after its last
-    pass stays under the old key: retire counts it and refuses, `keys rewrap` moves it."""
+    pass stays under the old key: retire counts it and refuses with nothing changed, `keys rewrap`
+    moves it. An expired session's too (it was neither counted nor moved: its row, kept until
+    `biogate purge`, was left under a retired key)."""
     harness, stub, orch = env
     settings = harness.settings
     app, s, sent = pending(stub, settings, "cust-late")
@@ -91,10 +94,13 @@ def test_retire_refuses_while_a_live_session_holds_fields_sealed_under_the_key(e
     def store_late(st):
         st.push["sealed"] = base64.b64encode(late).decode()
     orch.sessions.mutate(orch.sessions.get(s.session_id), store_late)
+    if expired:
+        expire(orch, s.session_id)
 
     assert keys(settings, "retire", first) == 1
     err = capsys.readouterr().err
-    assert f"key {first!r} still seals 1 push confirmation(s)" in err and "mfa" in err
+    assert f"key {first!r} still seals 1 push confirmation(s)" in err and "biogate purge" in err
+    assert first in [k.key_id for k in open_keyring(settings).keys()]
     assert keys(settings, "rewrap") == 0
     assert "1 push confirmation(s)" in capsys.readouterr().out
     assert keys(settings, "retire", first) == 0
@@ -150,3 +156,33 @@ def test_the_rewrap_loses_to_the_mfa_writing_the_same_session_and_never_undoes_i
     assert final.state.push_sends == 2 + len(writes)
     assert envelope_key_id(sealed_of(orch, s.session_id)) == second.key_id
     assert confirmations.key_usage().get(second.key_id, 0) >= 1 and first not in confirmations.key_usage()
+
+
+def expire(orch, session_id) -> None:
+    """The session's lifetime over (its row kept until `biogate purge`, retention.sessions_s later)."""
+    from datetime import timedelta
+
+    from services.common.storage.db import utcnow
+
+    rec = orch.store.auth_sessions.get(session_id)
+    orch.store.auth_sessions.update(session_id, rec.version, dict(rec.state), utcnow() - timedelta(seconds=1))
+
+
+def test_rotate_and_retire_leave_no_expired_session_with_fields_the_keyring_cannot_open(env, capsys):
+    """Rotation re-wrapped the sealed fields of live sessions only and retire counted only those: an
+    unanswered confirmation whose session had expired (kept for retention.sessions_s until `biogate
+    purge`) kept its fields under the old key, and retire removed that key claiming success, leaving
+    rows in the database that no key in the keyring opens."""
+    harness, stub, orch = env
+    settings = harness.settings
+    _, s, sent = pending(stub, settings, "cust-expired")
+    expire(orch, s.session_id)
+    first = open_keyring(settings).primary_key_id()
+
+    assert keys(settings, "rotate") == 0
+    assert "1 push confirmation(s)" in capsys.readouterr().out
+    assert keys(settings, "retire", first) == 0, capsys.readouterr().err
+    crypto = EnvelopeCrypto(open_keyring(settings))
+    assert b"Li Lei" in crypto.open(SealedFields("push-bank", "cust-expired", sent.confirmation_id),
+                                    sealed_of(orch, s.session_id))
+

@@ -21,7 +21,8 @@ whose latest record predates the digests are "unattested", not findings: their r
 told; ``attest`` writes one ``template_attested`` record for each, naming the payload stored now.
 
 The services keep writing while it runs: a slot that a record after the walk's end touches is
-"written while checking" and left to the next run rather than reported.
+"written while checking" and left to the next run rather than reported, once those records are
+checked as the walk's were (:func:`~.verify.verify_after`); one that fails defers nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from services.common.crypto.envelope import payload_digest
 from services.common.crypto.errors import TamperedEnvelopeError
 
-from .verify import MAX_PROBLEMS, VerifyReport, verify
+from .verify import MAX_PROBLEMS, VerifyReport, verify, verify_after
 
 if TYPE_CHECKING:
     from services.common.crypto.signing import PublicKey
@@ -135,10 +136,10 @@ class _Slots:
         )
         self._writes: list[tuple[Any, ...]] = []
         self._erasures: list[tuple[Any, ...]] = []
-        self.last_seq = 0
+        self.last: AuditRow | None = None  # the walk's last record
 
     def record(self, row: AuditRow) -> None:
-        self.last_seq = row.seq
+        self.last = row
         change = _slot_change(row)
         if change is None:
             return
@@ -239,7 +240,7 @@ def check_templates(
         suspects += [Finding("missing", slot, None, f"the audit record at seq {seq} left it holding a template, and "
                                                     "none is stored: deleted outside BioGate")
                      for slot, seq in slots.unseen_live()]
-        touched = _touched_after(storage, slots.last_seq, batch)
+        touched = _touched_after(storage, public_key, slots.last, chain, batch)
         for finding in suspects:
             if finding.slot in touched or finding.slot[:3] in touched:
                 report.deferred += 1
@@ -275,14 +276,22 @@ def _judge(slots: _Slots, slot: Slot, rec: TemplateRecord) -> Finding | None:
     return None
 
 
-def _touched_after(storage: Storage, last_seq: int, batch: int) -> set[tuple[str, ...]]:
-    """The slots, and the (tenant, pseudonym, modality) erased, of the records appended after the walk."""
+def _touched_after(storage: Storage, public_key: PublicKey | Iterable[PublicKey], walked: AuditRow | None,
+                   chain: VerifyReport, batch: int) -> set[tuple[str, ...]]:
+    """The slots, and the (tenant, pseudonym, modality) erased, of the records appended after the walk,
+    checked as the walk's were (:func:`verify_after`): a record that fails (forged, altered, or one of
+    them deleted) is the chain's problem, and then none of them defers a finding."""
     touched = set()
-    for row in storage.audit.iter_records(from_seq=last_seq + 1, batch=batch):
+
+    def record(row: AuditRow) -> None:
         change = _slot_change(row)
         if change is not None:
             touched.add(change[1])
-    return touched
+
+    after = verify_after(storage.audit, public_key, walked, record, batch)
+    for problem in after.problems:
+        chain.add(f"appended while checking: {problem}")
+    return touched if after.ok else set()
 
 
 def attester(storage: Storage, log: AuditLog, actor: str) -> Callable[[list[TemplateRecord]], set[str]]:

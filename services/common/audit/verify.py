@@ -41,7 +41,7 @@ from .chain import checkpoint_message, head_message, row_hash
 from .continuity import INTRODUCED, TrailKeys, destroyed_at, trail_keys
 
 if TYPE_CHECKING:
-    from services.common.storage.interfaces import AuditCheckpoint, AuditRepository, AuditRow
+    from services.common.storage.interfaces import AuditCheckpoint, AuditHead, AuditRepository, AuditRow
 
 MAX_PROBLEMS = 1000  # beyond this the report only counts
 
@@ -231,18 +231,24 @@ def verify(
                    + ": every one was written with an audit record, so the trail was wiped")
 
     report.head_seq = head.seq if head else None
+    if head is not None:
+        bad = _signature_ok(trail, destroyed, head.key_id, head.seq, head.signature,
+                            head_message(head.seq, head.hash))
+        if bad:
+            report.add(f"head seq {head.seq}: {bad}")
+        else:
+            first_signed.setdefault(head.key_id, head.seq)
+    _never_introduced(report, trail, first_signed)
+    _check_end(report, head, last)
+    return report
+
+
+def _check_end(report: VerifyReport, head: AuditHead | None, last: AuditRow | None) -> None:
+    """The signed head names the last record: none dropped after it, none appended without the key."""
     if head is None:
-        _never_introduced(report, trail, first_signed)
         if last is not None:
             report.add(f"seq {last.seq}: there is no signed head")
-        return report
-    bad = _signature_ok(trail, destroyed, head.key_id, head.seq, head.signature, head_message(head.seq, head.hash))
-    if bad:
-        report.add(f"head seq {head.seq}: {bad}")
-    else:
-        first_signed.setdefault(head.key_id, head.seq)
-    _never_introduced(report, trail, first_signed)
-    if last is None:
+    elif last is None:
         report.add(f"head seq {head.seq}: the trail is empty (all records dropped)")
     elif head.seq > last.seq:
         report.add(f"head seq {head.seq}: the trail ends at seq {last.seq}; the last record(s) were dropped")
@@ -250,6 +256,53 @@ def verify(
         report.add(f"seq {head.seq + 1}..{last.seq}: records after the signed head (appended without the key)")
     elif head.hash != last.hash:
         report.add(f"head seq {head.seq}: names another hash than the last record has")
+
+
+def verify_after(
+    storage_audit: AuditRepository,
+    public_key: PublicKey | Iterable[PublicKey],
+    walked: AuditRow | None,
+    on_record: Callable[[AuditRow], None],
+    batch: int = 1000,
+) -> VerifyReport:
+    """Check the records appended since a walk of :func:`verify` that ended at ``walked`` (None: an
+    empty trail), handing each to ``on_record``: each links onto the one before as the walk's did, and
+    the signed head, read after them, names the last (its signature checked as ``verify`` checks it).
+    For a caller that judges something by what the services wrote while it worked (`audit templates`
+    leaves a slot those records touch to its next run): records no signed head covers (forged), or
+    altered or deleted since they were appended, are problems here, never a reason to look away.
+    Checkpoints among them are left to the next ``verify``."""
+    report = VerifyReport()
+    expected, prev, last = (walked.seq + 1, walked.hash, walked) if walked else (1, None, None)
+    head = None
+    # The head is committed with the records it names: read after the records, it covers every one a
+    # service appended; one it does not cover was written without the key. A head that moved on
+    # meanwhile names records appended since the first read: read up to it.
+    for _ in range(2):
+        try:
+            for row in storage_audit.iter_records(from_seq=expected, batch=batch):
+                if head is not None and row.seq > head.seq:
+                    break
+                _check_record(report, row, expected, prev, last, None, {}, None)
+                on_record(row)
+                expected, prev, last = row.seq + 1, row.hash, row
+        except (ValueError, TypeError, OverflowError) as exc:  # a column the database should never hold
+            report.add(f"the record after seq {expected - 1} cannot be read ({type(exc).__name__}: {exc}): "
+                       "it was changed outside BioGate")
+            return report
+        if head is not None:
+            break
+        head = storage_audit.head()
+        if head is None or head.seq <= (last.seq if last else 0):
+            break
+    report.head_seq = head.seq if head else None
+    if head is not None:
+        trail = trail_keys(storage_audit, public_key)
+        bad = _signature_ok(trail, destroyed_at(storage_audit, trail), head.key_id, head.seq, head.signature,
+                            head_message(head.seq, head.hash))
+        if bad:
+            report.add(f"head seq {head.seq}: {bad}")
+    _check_end(report, head, last)
     return report
 
 

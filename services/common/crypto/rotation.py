@@ -298,5 +298,5 @@ def _refuse_if_sealed(key_id: str, kept: Callable[[], Mapping[str, tuple[Counter
         if counts.get(key_id):
             raise KeyInUseError(
                 f"key {key_id!r} still seals {counts[key_id]} {what}(s), kept {how_long} and not "
-                "re-wrapped since: run `biogate keys rewrap`, or retire it once they have expired"
+                "re-wrapped since: run `biogate keys rewrap`, or retire it once they are gone"
             )

@@ -2,9 +2,10 @@
 retirement counts them (services/common/crypto/rotation.py, `biogate keys`).
 
 A confirmation's fields are sealed under the primary of the moment and kept, base64, in its
-session's state (``push.sealed``) until they are answered. A session is read only until it expires
-(after that every call on it is refused before its state is opened), so the live sessions are the
-ones re-wrapped and counted: fields left in an expired one under a retired key are never read.
+session's state (``push.sealed``) until they are answered. Every stored session's fields are
+re-wrapped and counted, the expired ones' too: an expired session is kept (retention.sessions_s, and
+while a review holds it) until `biogate purge` deletes it, and no row the keyring can no longer open
+is left behind a `keys retire` that claims success.
 A re-wrap is a compare-and-swap on the session row's version, as every write of the MFA's is: when
 the MFA changes the session in between, its write stands and the re-wrap's swap fails (the next pass
 sees the session as it is now); when the re-wrap lands first, the MFA's compare-and-swap fails and
@@ -17,14 +18,12 @@ import base64
 import binascii
 import copy
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING
 
 from services.common.crypto.rotation import SealedTable, sealed_key_id
 from services.common.storage import ConcurrentUpdateError, NotFoundError
-from services.common.storage.db import utcnow
 
 if TYPE_CHECKING:
     from ..storage import AuthSessionRecord, MfaStore
@@ -39,13 +38,13 @@ class SealedConfirmation:
 
 
 class SealedConfirmations:
-    def __init__(self, store: MfaStore, clock: Callable[[], datetime] = utcnow) -> None:
-        self.repo, self.clock = store.auth_sessions, clock
+    def __init__(self, store: MfaStore) -> None:
+        self.repo = store.auth_sessions
 
     def _pages(self, batch: int, after: str) -> Iterator[tuple[list[SealedConfirmation], bool]]:
-        """(the sealed confirmations of a page of live sessions, whether more pages follow)."""
+        """(the sealed confirmations of a page of stored sessions, whether more pages follow)."""
         while True:
-            rows = self.repo.live_after(after, batch, self.clock())
+            rows = self.repo.sealed_after(after, batch)
             found = []
             for row in rows:
                 push = row.state.get("push") or {}
@@ -75,7 +74,7 @@ class SealedConfirmations:
         return True
 
     def key_usage(self, batch: int = 500) -> Counter[str]:
-        """Sealed confirmations in live sessions per key id (``keys retire`` counts them)."""
+        """Sealed confirmations in stored sessions (expired ones too) per key id (``keys retire`` counts them)."""
         return Counter(sealed_key_id(c.envelope) for found, _ in self._pages(batch, "") for c in found)
 
     def sealed_table(self) -> SealedTable:

@@ -156,9 +156,13 @@ class SqlAuthSessionRepository(Repository[AuthSessionRecord]):
     def get(self, session_id: str) -> AuthSessionRecord | None:
         return self._select_one("id = ?", (session_id,))
 
-    def live_after(self, after_id: str, batch: int, now: datetime) -> builtins.list[AuthSessionRecord]:
-        """The next ``batch`` sessions not expired at ``now``, in id order after ``after_id``."""
-        return self._select("id > ? AND expires_at > ?", (after_id, now), f"ORDER BY id LIMIT {int(batch)}")
+    def sealed_after(self, after_id: str, batch: int) -> builtins.list[AuthSessionRecord]:
+        """The next ``batch`` stored sessions, expired or not, holding a push confirmation's sealed
+        fields, in id order after ``after_id`` (the database picks them: no other session's state is
+        sent and parsed)."""
+        sealed = ("json_extract(state, '$.push.sealed') IS NOT NULL" if self._db.dialect.name == "sqlite"
+                  else "state -> 'push' ->> 'sealed' IS NOT NULL")
+        return self._select(f"id > ? AND {sealed}", (after_id,), f"ORDER BY id LIMIT {int(batch)}")
 
     def update(
         self,
