@@ -233,6 +233,18 @@ class Pkcs11Token:
             with self.using():
                 return op()
 
+    @contextmanager
+    def same_session(self) -> Iterator[None]:
+        """Holds the session for an operation that looks objects up and then changes or destroys
+        them: handles are per session, and one looked up before a reconnect names another object of
+        the new session (measured on SoftHSM2: a destruction took another key). A session lost
+        before the block is logged in again first (a search tells); an error in it is not retried
+        (whether a change under a lost session happened is unknown): the caller runs it again."""
+        with self.lock:
+            self.find(label=self.label("reachable"))
+            with self.using():
+                yield
+
     def check(self) -> str:
         """"" while the token answers (a search, reconnecting a lost session), else why it does not."""
         try:
@@ -324,7 +336,7 @@ class Pkcs11Token:
         return Ed25519PublicKey.from_public_bytes(OctetString.load(point).native)
 
     def destroy_pair(self, key_id: bytes) -> None:
-        with self.using():
+        with self.same_session():
             for obj in self.find(key_id=key_id):
                 obj.destroy()
 
@@ -409,14 +421,15 @@ def switch_audit_signer(token: Pkcs11Token) -> None:
     ``audit-retired`` (kept: processes started before sign with it until they restart). In between
     both are labelled ``audit`` and a process starting then takes either: both are trusted."""
     C = token.p11.ObjectClass
-    nxt = token.first_by_id(token.find(label=token.label("audit-next"), cls=C.PRIVATE_KEY))
-    if nxt is None:
-        raise NoKeyError(f"token has no key labelled {token.label('audit-next')!r} (run `biogate audit new-key`)")
-    new_id = _object_id(token, nxt)
-    old_ids = {_object_id(token, o) for o in token.find(label=token.label("audit"), cls=C.PRIVATE_KEY)} - {new_id}
-    _relabel(token, "audit-next", new_id, "audit")
-    for old_id in sorted(old_ids):
-        _relabel(token, "audit", old_id, "audit-retired")
+    with token.same_session():
+        nxt = token.first_by_id(token.find(label=token.label("audit-next"), cls=C.PRIVATE_KEY))
+        if nxt is None:
+            raise NoKeyError(f"token has no key labelled {token.label('audit-next')!r} (run `biogate audit new-key`)")
+        new_id = _object_id(token, nxt)
+        old_ids = {_object_id(token, o) for o in token.find(label=token.label("audit"), cls=C.PRIVATE_KEY)} - {new_id}
+        _relabel(token, "audit-next", new_id, "audit")
+        for old_id in sorted(old_ids):
+            _relabel(token, "audit", old_id, "audit-retired")
 
 
 def retired_audit_key(token: Pkcs11Token, key_id_: str) -> Any | None:
@@ -432,10 +445,10 @@ def retired_audit_key(token: Pkcs11Token, key_id_: str) -> Any | None:
 def destroy_retired_audit_key(token: Pkcs11Token, key_id_: str) -> None:
     """Destroy the retired audit key's private object. Its public object stays: it signs nothing,
     and shows an operator listing the token which key the trail's older signatures are under."""
-    private = retired_audit_key(token, key_id_)
-    if private is None:
-        raise NoKeyError(f"token has no private key {key_id_} labelled {token.label('audit-retired')!r}")
-    with token.using():  # not retried: whether a destruction under a lost session happened is unknown
+    with token.same_session():
+        private = retired_audit_key(token, key_id_)
+        if private is None:
+            raise NoKeyError(f"token has no private key {key_id_} labelled {token.label('audit-retired')!r}")
         private.destroy()
 
 
@@ -631,10 +644,10 @@ class Pkcs11Keyring:
         return self.key_info(new_id)
 
     def remove_key(self, key_id_: str) -> None:
-        kek = self._kek(key_id_)
-        if key_id_ == self.primary_key_id():
-            raise KeyringError(f"key {key_id_!r} is the primary; rotate before retiring it")
-        with self.token.using():
+        with self.token.same_session():
+            kek = self._kek(key_id_)
+            if key_id_ == self.primary_key_id():
+                raise KeyringError(f"key {key_id_!r} is the primary; rotate before retiring it")
             kek.destroy()
         self._fingerprints.pop(key_id_, None)
         self._list(force=True)
@@ -675,19 +688,19 @@ class Pkcs11KeyVault:
     def save(self, entries: list[dict[str, Any]]) -> None:
         wanted = {e["kid"]: e for e in entries}
         A = self.token.p11.Attribute
-        for obj, meta in self._privates():
-            entry = wanted.get(meta["kid"])
-            if entry is not None and entry != meta:
-                with self.token.using():
+        with self.token.same_session():
+            for obj, meta in self._privates():
+                entry = wanted.get(meta["kid"])
+                if entry is not None and entry != meta:
                     obj[A.LABEL] = self._label + " " + json.dumps(entry, sort_keys=True)
 
     def generate(self) -> dict[str, Any]:
         pending = self.token.label("mfa-jwt-pending")
-        public, private = self.token.new_ed25519(pending, secrets.token_bytes(8))
-        kid = jwt_kid(self.token.public_key(public))
-        entry = {"kid": kid, "created": None, "retired": None}
         A = self.token.p11.Attribute
-        with self.token.using():
+        with self.token.same_session():
+            public, private = self.token.new_ed25519(pending, secrets.token_bytes(8))
+            kid = jwt_kid(self.token.public_key(public))
+            entry = {"kid": kid, "created": None, "retired": None}
             for obj in (public, private):
                 obj[A.ID] = kid.encode()
             private[A.LABEL] = self._label + " " + json.dumps(entry, sort_keys=True)
