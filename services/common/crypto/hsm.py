@@ -45,6 +45,7 @@ from .errors import (
     KeyringError,
     NoKeyError,
     NoKeyringError,
+    TokenKeyInvalidError,
     TokenUnavailableError,
     UnknownKeyError,
     WrongKeyError,
@@ -86,6 +87,21 @@ _RECONNECT_TRIES = 3
 def _device_faults(E: Any) -> tuple[type[Exception], ...]:
     """Errors by which a token that answers says it failed an operation, whatever its inputs."""
     return (E.DeviceMemory, E.HostMemory, E.FunctionFailed, E.FunctionCancelled)
+
+
+def _key_faults(E: Any) -> tuple[type[Exception], ...]:
+    """Errors by which a token that answers refuses a key for an operation it was made for: its type
+    or size is not that of the key BioGate made (the object replaced or edited)."""
+    return (E.KeyTypeInconsistent, E.KeySizeRange, E.KeyIndigestible)
+
+
+def _key_failed(cfg: Pkcs11Config, kind: str, key: str, why: str) -> TokenKeyInvalidError:
+    """A key of the token that answers fails (counted by ``kind``, logged): never retryable."""
+    metrics.PKCS11_KEY_FAILURES.labels(kind).inc()
+    message = (f"the {key} in the PKCS#11 token {cfg.token_label!r} fails: {why}; the token answers, so retrying "
+               "does not help: check the key's object in the HSM (restore it from the HSM's backup)")
+    log.error("PKCS#11 token %r: %s", cfg.token_label, message)
+    return TokenKeyInvalidError(message)
 
 
 def _faulty(cfg: Pkcs11Config, why: str) -> str:
@@ -514,17 +530,33 @@ class Pkcs11Keyring:
             raise UnknownKeyError(key_id_)
         return kek
 
-    def _with_kek(self, key_id_: str, use: Callable[[Any], bytes]) -> bytes:
+    def _with_kek(self, key_id_: str, what: str, use: Callable[[Any], bytes]) -> bytes:
         """``use(kek)`` under the token's lock; once more after a fresh listing when the handle went
-        stale (another process or keyring instance retired or re-created keys)."""
+        stale (another process or keyring instance retired or re-created keys). A key that is not
+        the one BioGate made (not allowed to encrypt, decrypt and sign; not AES) is TokenKeyInvalidError."""
+        E = self.token.p11.exceptions
         for attempt in (0, 1):
             try:
-                return self.token.run(lambda: bytes(use(self._kek(key_id_))))
-            except self.token.p11.exceptions.ObjectHandleInvalid:
+                return self.token.run(lambda: bytes(use(self._usable(key_id_, what))))
+            except E.ObjectHandleInvalid:
                 if attempt:
                     raise
                 self._list(force=True)
+            except _key_faults(E) as exc:
+                raise self._invalid(key_id_, f"{what} ({type(exc).__name__})") from None
         raise AssertionError("unreachable")
+
+    def _usable(self, key_id_: str, what: str) -> Any:
+        kek = self._kek(key_id_)
+        types = self.token.p11.types
+        denied = [use for use, mixin in (("encrypt", types.EncryptMixin), ("decrypt", types.DecryptMixin),
+                                         ("sign", types.SignMixin)) if not isinstance(kek, mixin)]
+        if denied:  # python-pkcs11 gives an object only the uses its attributes allow
+            raise self._invalid(key_id_, f"{what} (its attributes do not allow it to {', '.join(denied)})")
+        return kek
+
+    def _invalid(self, key_id_: str, why: str) -> TokenKeyInvalidError:
+        return _key_failed(self.token.cfg, "kek", f"key-encryption key {key_id_!r} (label {self._label!r})", why)
 
     def primary_key_id(self) -> str:
         # Listed afresh (one search in the token per seal): a seal under a primary another process
@@ -541,7 +573,9 @@ class Pkcs11Keyring:
         fp = self._fingerprints.get(key_id_)
         if fp is None:
             cmac = self.token.p11.Mechanism.AES_CMAC
-            fp = self._fingerprints[key_id_] = self._with_kek(key_id_, lambda k: k.sign(_KCV_MESSAGE, mechanism=cmac))[:8]
+            what = "computing its check value"
+            fp = self._fingerprints[key_id_] = self._answered(key_id_, what, lambda: self._with_kek(
+                key_id_, what, lambda k: k.sign(_KCV_MESSAGE, mechanism=cmac)))[:8]
         return fp
 
     def keys(self) -> list[KeyInfo]:
@@ -553,12 +587,28 @@ class Pkcs11Keyring:
                        self._fingerprint(key_id_))
 
     def wrap(self, key_id_: str, data_key: bytes, aad: bytes) -> bytes:
+        return self._answered(key_id_, "encrypting", lambda: self._encrypt(key_id_, data_key, aad))
+
+    def _answered(self, key_id_: str, what: str, op: Callable[[], bytes]) -> bytes:
+        """``op()``, an operation under the key that no input makes fail (encrypting, the check
+        value), with the token's failures told apart: GeneralError is the key's, never retryable;
+        a device's fault is the token's (TokenUnavailableError)."""
+        E = self.token.p11.exceptions
+        try:
+            return op()
+        except E.GeneralError:
+            raise self._invalid(key_id_, f"{what} (GeneralError)") from None
+        except _device_faults(E) as exc:
+            raise self._device_fault(key_id_, what, exc) from None
+
+    def _encrypt(self, key_id_: str, data_key: bytes, aad: bytes) -> bytes:
+        """``data_key`` sealed in the token (PKCS#11 errors as the token raised them)."""
         from pkcs11.mechanisms import GCMParams
 
         nonce = secrets.token_bytes(_NONCE)
         gcm = self.token.p11.Mechanism.AES_GCM
-        return nonce + self._with_kek(key_id_, lambda k: k.encrypt(data_key, mechanism=gcm,
-                                                                    mechanism_param=GCMParams(nonce, aad, 128)))
+        return nonce + self._with_kek(key_id_, "encrypting", lambda k: k.encrypt(
+            data_key, mechanism=gcm, mechanism_param=GCMParams(nonce, aad, 128)))
 
     def unwrap(self, key_id_: str, wrapped: bytes, aad: bytes) -> bytes:
 
@@ -575,29 +625,32 @@ class Pkcs11Keyring:
             # answers a GCM tag that does not verify with CKR_GENERAL_ERROR, as a failing device does.
             fault = self._kek_fault(key_id_)
             if fault:
-                raise TokenUnavailableError(
-                    _faulty(self.token.cfg, f"unwrapping under key {key_id_!r} (GeneralError), and the key fails a "
-                                            f"test encryption too ({fault})"),
-                    self.token.cfg.reconnect_interval_s) from None
+                raise self._invalid(key_id_, f"unwrapping (GeneralError), and a test encryption too ({fault})") from None
             raise WrongKeyError(f"the data key does not unwrap under key {key_id_!r}") from None
         except _device_faults(E) as exc:
-            raise TokenUnavailableError(_faulty(self.token.cfg, f"unwrapping under key {key_id_!r} "
-                                                                f"({type(exc).__name__})"),
-                                        self.token.cfg.reconnect_interval_s) from None
+            raise self._device_fault(key_id_, "unwrapping", exc) from None
+
+    def _device_fault(self, key_id_: str, what: str, exc: Exception) -> TokenUnavailableError:
+        return TokenUnavailableError(_faulty(self.token.cfg, f"{what} under key {key_id_!r} ({type(exc).__name__})"),
+                                     self.token.cfg.reconnect_interval_s)
 
     def _decrypt(self, key_id_: str, wrapped: bytes, aad: bytes) -> bytes:
         """What :meth:`wrap` sealed, opened in the token (PKCS#11 errors as the token raised them)."""
         from pkcs11.mechanisms import GCMParams
 
         gcm = self.token.p11.Mechanism.AES_GCM
-        return self._with_kek(key_id_, lambda k: k.decrypt(wrapped[_NONCE:], mechanism=gcm,
-                                                            mechanism_param=GCMParams(wrapped[:_NONCE], aad, 128)))
+        return self._with_kek(key_id_, "unwrapping", lambda k: k.decrypt(
+            wrapped[_NONCE:], mechanism=gcm, mechanism_param=GCMParams(wrapped[:_NONCE], aad, 128)))
 
     def _kek_fault(self, key_id_: str) -> str:
-        """"" when the key wraps a test message and opens it again in the token, else why not."""
+        """"" when the key wraps a test message and opens it again in the token, else what the key
+        did; a device's fault (the token failing, not the key) is TokenUnavailableError."""
+        E = self.token.p11.exceptions
         try:
-            back = self._decrypt(key_id_, self.wrap(key_id_, _KCV_MESSAGE, _KCV_MESSAGE), _KCV_MESSAGE)
-        except self.token.p11.exceptions.PKCS11Error as exc:
+            back = self._decrypt(key_id_, self._encrypt(key_id_, _KCV_MESSAGE, _KCV_MESSAGE), _KCV_MESSAGE)
+        except _device_faults(E) as exc:
+            raise self._device_fault(key_id_, "a test encryption", exc) from None
+        except E.PKCS11Error as exc:
             return type(exc).__name__
         return "" if back == _KCV_MESSAGE else "it decrypted to other bytes"
 
