@@ -33,7 +33,7 @@ from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
 from services.mfa.tokens import SigningKeys, TokenIssuer, verify_token
 from tests.conftest import make_settings
-from tests.softhsm import PIN, TOKEN_LABEL, corrupt_key_value, objects
+from tests.softhsm import PIN, TOKEN_LABEL, corrupt_key_value, object_class, objects
 
 CLAIMS = {"aud": "bank-a", "sub": "ps1_x", "sid": "ses_1", "decision": "allow", "amr": ["face"], "acr": "aal2"}
 KEY_FILE_NAMES = {"keyring.json", "audit-ed25519.pem", "mfa-token-keys.json"}
@@ -283,6 +283,30 @@ def test_a_key_of_the_wrong_type_or_attributes_is_invalid_not_an_unhandled_error
     finally:
         with t.using():
             keyring._kek(kid).destroy()
+
+
+def test_a_signing_key_failing_in_a_token_that_answers_is_invalid(softhsm, tmp_path):
+    """The audit signing key's stored value unreadable in the token that answers: before, every
+    audited call failed with the token's GeneralError unhandled (INTERNAL); now TokenKeyInvalidError
+    names the key (KEY_STORE_KEY_INVALID), counted under "signing"."""
+    from services.common.crypto.errors import TokenKeyInvalidError
+    from services.common.crypto.hsm import audit_signer, open_token
+
+    token = open_token(make_settings(tmp_path / "data", keys=softhsm.keys_config()).keys.pkcs11)
+    before = objects(softhsm)
+    signer = audit_signer(token)
+    assert signer.sign(b"head")
+    new = objects(softhsm) - before
+    (private,) = [path for path in new if object_class(path) == 3]  # CKO_PRIVATE_KEY
+    corrupt_key_value(private)
+    try:
+        failures = key_failures("signing")
+        with pytest.raises(TokenKeyInvalidError, match=rf"the signing key {signer.key_id!r} .* fails: signing "
+                                                      r"\(GeneralError\); the token answers"):
+            signer.sign(b"head")
+        assert key_failures("signing") == failures + 1
+    finally:
+        token.destroy_pair(signer._object_id)
 
 
 OPENER = """

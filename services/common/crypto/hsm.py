@@ -104,9 +104,21 @@ def _key_failed(cfg: Pkcs11Config, kind: str, key: str, why: str) -> TokenKeyInv
     return TokenKeyInvalidError(message)
 
 
-def _faulty(cfg: Pkcs11Config, why: str) -> str:
-    return (f"the PKCS#11 token {cfg.token_label!r} failed: {why}; an HSM fault, not the data: check the HSM "
-            "(its logs, its key storage); calls are refused until it works, no restart needed")
+def _denied(obj: Any, uses: tuple[str, ...]) -> str:
+    """"" when the object's attributes allow each of ``uses`` ("encrypt", "decrypt", "sign"), else
+    which they do not (python-pkcs11 gives an object only the methods its attributes allow)."""
+    import pkcs11.types as types
+
+    mixins = {"encrypt": types.EncryptMixin, "decrypt": types.DecryptMixin, "sign": types.SignMixin}
+    denied = [use for use in uses if not isinstance(obj, mixins[use])]
+    return f"its attributes do not allow it to {', '.join(denied)}" if denied else ""
+
+
+def _faulty(cfg: Pkcs11Config, why: str) -> TokenUnavailableError:
+    """The token failed an operation (a device's fault, not the key's): retryable."""
+    return TokenUnavailableError(
+        f"the PKCS#11 token {cfg.token_label!r} failed: {why}; an HSM fault, not the data: check the HSM (its "
+        "logs, its key storage); calls are refused until it works, no restart needed", cfg.reconnect_interval_s)
 
 
 def open_token(cfg: Pkcs11Config) -> Pkcs11Token:
@@ -383,8 +395,24 @@ class Pkcs11Signer:
         return self._key
 
     def sign(self, message: bytes) -> bytes:
-        eddsa = self._token.p11.Mechanism.EDDSA
-        return self._token.run(lambda: bytes(self._private().sign(message, mechanism=eddsa)))
+        eddsa, E = self._token.p11.Mechanism.EDDSA, self._token.p11.exceptions
+        try:
+            return self._token.run(lambda: bytes(self._usable().sign(message, mechanism=eddsa)))
+        except (E.GeneralError, *_key_faults(E)) as exc:  # no message makes signing fail: the key's
+            raise self._invalid(f"signing ({type(exc).__name__})") from None
+        except _device_faults(E) as exc:
+            raise _faulty(self._token.cfg, f"signing with key {self.key_id!r} ({type(exc).__name__})") from None
+
+    def _usable(self) -> Any:
+        key = self._private()
+        denied = _denied(key, ("sign",))
+        if denied:
+            raise self._invalid(f"signing ({denied})")
+        return key
+
+    def _invalid(self, why: str) -> TokenKeyInvalidError:
+        return _key_failed(self._token.cfg, "signing", f"signing key {self.key_id!r} (object id "
+                                                       f"{self._object_id.hex()})", why)
 
     def __repr__(self) -> str:
         return f"Pkcs11Signer({self.key_id})"
@@ -548,11 +576,9 @@ class Pkcs11Keyring:
 
     def _usable(self, key_id_: str, what: str) -> Any:
         kek = self._kek(key_id_)
-        types = self.token.p11.types
-        denied = [use for use, mixin in (("encrypt", types.EncryptMixin), ("decrypt", types.DecryptMixin),
-                                         ("sign", types.SignMixin)) if not isinstance(kek, mixin)]
-        if denied:  # python-pkcs11 gives an object only the uses its attributes allow
-            raise self._invalid(key_id_, f"{what} (its attributes do not allow it to {', '.join(denied)})")
+        denied = _denied(kek, ("encrypt", "decrypt", "sign"))
+        if denied:
+            raise self._invalid(key_id_, f"{what} ({denied})")
         return kek
 
     def _invalid(self, key_id_: str, why: str) -> TokenKeyInvalidError:
@@ -631,8 +657,7 @@ class Pkcs11Keyring:
             raise self._device_fault(key_id_, "unwrapping", exc) from None
 
     def _device_fault(self, key_id_: str, what: str, exc: Exception) -> TokenUnavailableError:
-        return TokenUnavailableError(_faulty(self.token.cfg, f"{what} under key {key_id_!r} ({type(exc).__name__})"),
-                                     self.token.cfg.reconnect_interval_s)
+        return _faulty(self.token.cfg, f"{what} under key {key_id_!r} ({type(exc).__name__})")
 
     def _decrypt(self, key_id_: str, wrapped: bytes, aad: bytes) -> bytes:
         """What :meth:`wrap` sealed, opened in the token (PKCS#11 errors as the token raised them)."""
