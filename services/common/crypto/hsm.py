@@ -561,7 +561,8 @@ class Pkcs11Keyring:
     def _with_kek(self, key_id_: str, what: str, use: Callable[[Any], bytes]) -> bytes:
         """``use(kek)`` under the token's lock; once more after a fresh listing when the handle went
         stale (another process or keyring instance retired or re-created keys). A key that is not
-        the one BioGate made (not allowed to encrypt, decrypt and sign; not AES) is TokenKeyInvalidError."""
+        the one BioGate made (its attributes not allowing it to encrypt, decrypt and sign, or the
+        token refusing its type or size) is TokenKeyInvalidError."""
         E = self.token.p11.exceptions
         for attempt in (0, 1):
             try:
