@@ -91,27 +91,43 @@ def objects(hsm: SoftHsm) -> set[Path]:
     return set(hsm.tokens.glob("*/*.object"))
 
 
-def corrupt_key_value(path: Path) -> None:
-    """What a failing HSM's key storage looks like: the stored (encrypted) CKA_VALUE of the object
-    in ``path`` cut to a length no AES-CBC ciphertext has, so SoftHSM cannot decrypt it and every
-    operation with the key fails (GeneralError); its generation counter moved on, so sessions that
-    hold the object read it again. The file format: an 8-byte generation, then attributes, each
-    type, kind and value (kind 1 a byte, 2 an 8-byte number, 3 a length and bytes, 4 a length and
-    8-byte mechanisms), all numbers big-endian."""
-    data = path.read_bytes()
+def _attributes(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(type, kind, offset of its value, length) of each attribute of an object file: an 8-byte
+    generation, then attributes, each type, kind and value (kind 1 a byte, 2 an 8-byte number, 3 a
+    length and bytes, 4 a length and 8-byte mechanisms), all numbers big-endian."""
     at = 8
     while at < len(data):
         attr, kind = struct.unpack(">QQ", data[at:at + 16])
         at += 16
         if kind in (1, 2):
+            yield attr, kind, at, 1 if kind == 1 else 8
             at += 1 if kind == 1 else 8
             continue
-        assert kind in (3, 4), f"{path.name}: attribute kind {kind} at {at - 16} is not one this reader knows"
+        assert kind in (3, 4), f"attribute kind {kind} at {at - 16} is not one this reader knows"
         (n,) = struct.unpack(">Q", data[at:at + 8])
-        if attr == 0x11:  # CKA_VALUE
+        yield attr, kind, at, n
+        at += 8 + (n if kind == 3 else 8 * n)
+
+
+def object_class(path: Path) -> int:
+    """The CKA_CLASS of the object in ``path`` (3: a private key, 2: a public key, 4: a secret key)."""
+    data = path.read_bytes()
+    for attr, kind, at, _ in _attributes(data):
+        if attr == 0x0 and kind == 2:
+            return int(struct.unpack(">Q", data[at:at + 8])[0])
+    raise AssertionError(f"{path.name}: no CKA_CLASS")
+
+
+def corrupt_key_value(path: Path) -> None:
+    """What a failing HSM's key storage looks like: the stored (encrypted) CKA_VALUE of the object
+    in ``path`` cut to a length no AES-CBC ciphertext has, so SoftHSM cannot decrypt it and every
+    operation with the key fails (GeneralError); its generation counter moved on, so sessions that
+    hold the object read it again."""
+    data = path.read_bytes()
+    for attr, kind, at, n in _attributes(data):
+        if attr == 0x11 and kind == 3:  # CKA_VALUE
             generation = struct.unpack(">Q", data[:8])[0] + 1
             path.write_bytes(struct.pack(">Q", generation) + data[8:at] + struct.pack(">Q", 37)
                              + data[at + 8:at + 8 + 37] + data[at + 8 + n:])
             return
-        at += 8 + (n if kind == 3 else 8 * n)
     raise AssertionError(f"{path.name}: no CKA_VALUE")

@@ -320,14 +320,7 @@ def cmd_new_key(settings: Settings, args: argparse.Namespace) -> int:
     from services.common.crypto.backend import create_audit_signer, open_next_audit_signer
     from services.common.crypto.provision import audited, key_audit
 
-    try:
-        current = open_audit_signer(settings, create=False)
-    except NoKeyError as exc:
-        print(f"no audit signing key: {exc}", file=sys.stderr)
-        return 2
-    storage = _storage(settings)
-
-    def introduce() -> int:
+    def introduce(storage: Storage, current: Signer) -> int:
         log = AuditLog.for_operations(settings, storage, current)
         try:
             nxt = open_next_audit_signer(settings)
@@ -345,10 +338,7 @@ def cmd_new_key(settings: Settings, args: argparse.Namespace) -> int:
               "service now chains onto heads it signs. Next: `biogate audit switch-key`, then restart the services")
         return 0
 
-    try:
-        return _under_key_lock(storage, "audit new-key", introduce)
-    finally:
-        storage.close()
+    return _key_operation(settings, "audit new-key", introduce)
 
 
 def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
@@ -359,15 +349,12 @@ def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
     from services.common.crypto.backend import open_next_audit_signer, switch_audit_signer
     from services.common.crypto.provision import audit_failure, key_audit
 
-    try:
-        current = open_audit_signer(settings, create=False)
-        nxt = open_next_audit_signer(settings)
-    except NoKeyError as exc:
-        print(f"refused: {exc}", file=sys.stderr)
-        return 2
-    storage = _storage(settings)
-
-    def switch() -> int:
+    def switch(storage: Storage, current: Signer) -> int:
+        try:
+            nxt = open_next_audit_signer(settings)
+        except NoKeyError as exc:  # also what a second run finds after another operator's switch
+            print(f"refused: {exc}; the audit key is {current.key_id}; nothing was changed", file=sys.stderr)
+            return 2
         trail = trail_keys(storage.audit, [current.public_key, *previous_audit_keys(settings)])
         if nxt.key_id not in trail.introduced_at or nxt.key_id not in trail.keys:
             print(f"refused: the trail does not introduce the next audit key {nxt.key_id}; run `biogate audit "
@@ -386,10 +373,7 @@ def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
               f"(those still running sign with {current.key_id} until then, and every one trusts both)")
         return 0
 
-    try:
-        return _under_key_lock(storage, "audit switch-key", switch)
-    finally:
-        storage.close()
+    return _key_operation(settings, "audit switch-key", switch)
 
 
 def cmd_destroy_key(settings: Settings, args: argparse.Namespace) -> int:
@@ -408,33 +392,45 @@ def cmd_destroy_key(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     if _no_anchors_directory(args):
         return 2
-    try:
-        current = open_audit_signer(settings, create=False)
-    except NoKeyError as exc:
-        print(f"no audit signing key: {exc}", file=sys.stderr)
-        return 2
-    nxt = None
-    with contextlib.suppress(NoKeyError):
-        nxt = open_next_audit_signer(settings)
-    if target in (current.key_id, nxt.key_id if nxt else None):
-        which = "the audit key every process signs with" if target == current.key_id else "the next audit key"
-        print(f"refused: {target} is {which}; only a key `biogate audit switch-key` retired can be destroyed "
-              "(new-key, switch-key, restart the services, then destroy-key); nothing was changed", file=sys.stderr)
-        return 1
-    public_key = _public_key(settings, args)
-    if public_key is None:
-        return 2
-    storage = _storage(settings)
 
-    def destroy() -> int:
+    def destroy(storage: Storage, current: Signer) -> int:
+        nxt = None
+        with contextlib.suppress(NoKeyError):
+            nxt = open_next_audit_signer(settings)
+        if target in (current.key_id, nxt.key_id if nxt else None):
+            which = "the audit key every process signs with" if target == current.key_id else "the next audit key"
+            print(f"refused: {target} is {which}; only a key `biogate audit switch-key` retired can be destroyed "
+                  "(new-key, switch-key, restart the services, then destroy-key); nothing was changed", file=sys.stderr)
+            return 1
+        public_key = _public_key(settings, args)
+        if public_key is None:
+            return 2
         refusal = _destroy_refusal(settings, args, storage, public_key, current, target)
         if refusal:
             print(f"refused: {refusal}; nothing was changed", file=sys.stderr)
             return 1
         return _destroy_recorded(settings, storage, current, target)
 
+    return _key_operation(settings, "audit destroy-key", destroy)
+
+
+def _key_operation(settings: Settings, what: str, operation: Callable[[Storage, Signer], int]) -> int:
+    """``operation(storage, the current audit key)`` holding KEY_LOCK, the key opened under the lock,
+    as every key the operation opens: keys opened before it would be those from before another
+    operator's new-key or switch-key that held the lock meanwhile (a switch of keys switched
+    already, a key introduced by the retired one)."""
+    storage = _storage(settings)
+
+    def locked() -> int:
+        try:
+            current = open_audit_signer(settings, create=False)
+        except NoKeyError as exc:
+            print(f"no audit signing key: {exc}; nothing was changed", file=sys.stderr)
+            return 2
+        return operation(storage, current)
+
     try:
-        return _under_key_lock(storage, "audit destroy-key", destroy)
+        return _under_key_lock(storage, what, locked)
     finally:
         storage.close()
 

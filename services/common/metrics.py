@@ -49,6 +49,13 @@ INFERENCE_SECONDS = Histogram(
 # token reset): "ok", or "failed" when the token did not answer (its calls then fail UNAVAILABLE).
 PKCS11_RECONNECTS = Counter("biogate_pkcs11_reconnects_total", "Reconnects of the PKCS#11 token's session",
                             ["outcome"])
+# Operations refused because a key of the token fails while the token answers (its stored value
+# unreadable, its type or attributes not those BioGate made), by key ("kek": a template
+# key-encryption key, "signing": the audit or an MFA decision-token key): FAILED_PRECONDITION
+# KEY_STORE_KEY_INVALID, never retryable, unlike the reconnects above.
+PKCS11_KEY_FAILURES = Counter("biogate_pkcs11_key_failures_total",
+                              "Operations refused because a key of the PKCS#11 token fails while the token answers",
+                              ["key"])
 
 # The audit trail's grouped commits (services/common/storage/audit.py): records per transaction
 # outside callers' own transactions, i.e. how many appends waited for one another.

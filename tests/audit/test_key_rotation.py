@@ -511,6 +511,107 @@ def test_every_audit_key_operation_is_refused_while_another_holds_the_key_lock(s
         replica.close()
 
 
+def _another_operator_runs_first(monkeypatch, settings, capsys, argv: list[str]) -> dict:
+    """The next key command loads whatever it loads before the key lock; then another operator's
+    ``argv`` runs whole (taking and releasing the lock); then the first takes the lock: two operators,
+    or a retried Job, a moment apart. What the other one printed and returned is in the dict."""
+    from services.commands import audit as audit_cli
+
+    real, other = audit_cli._under_key_lock, {}
+
+    def late(storage, what, operation):
+        monkeypatch.setattr(audit_cli, "_under_key_lock", real)
+        capsys.readouterr()
+        other["rc"] = _run(settings, ["audit", *argv])
+        other["out"], other["err"] = capsys.readouterr()
+        return real(storage, what, operation)
+
+    monkeypatch.setattr(audit_cli, "_under_key_lock", late)
+    return other
+
+
+def test_a_second_switch_key_acts_on_the_key_state_after_the_first(settings, capsys, monkeypatch):
+    """Before, switch-key opened the current and the next key before the lock: run again while another
+    switched, it audited a switch of keys already switched, signed by the retired key, and failed with
+    a traceback. Now it reads the keys under the lock: refused, nothing written, the trail verifies."""
+    old, new, replica = _rotated(settings)
+    try:
+        assert _run(settings, ["audit", "new-key"]) == 0
+        nxt = open_next_audit_signer(settings)
+        other = _another_operator_runs_first(monkeypatch, settings, capsys, ["switch-key"])
+        assert _run(settings, ["audit", "switch-key"]) == 2
+        assert other["rc"] == 0 and f"the audit key is now {nxt.key_id}" in other["out"]
+        err = capsys.readouterr().err
+        assert "refused: " in err and "no next audit signing key" in err and "nothing was changed" in err
+        assert open_audit_signer(settings, create=False).key_id == nxt.key_id
+        switches = [(e, d["key_id"], d["replaces"]["key_id"]) for e, d in _events(replica.storage)
+                    if e.startswith("keys.switch")]
+        assert switches[-2:] == [("keys.switching", nxt.key_id, new.key_id), ("keys.switched", nxt.key_id, new.key_id)]
+        assert len(switches) == 4  # the first rotation's two and the other operator's two
+        assert _run(settings, ["audit", "verify"]) == 0
+    finally:
+        replica.close()
+
+
+def test_a_new_key_run_while_another_switches_introduces_its_key_by_the_key_now_current(
+        settings, capsys, monkeypatch):
+    """Before, new-key opened the current key before the lock: after another operator's switch it made
+    the next key and had the retired key vouch for it and sign the introduction. Now the key the
+    switch made current introduces it."""
+    old, new, replica = _rotated(settings)
+    try:
+        assert _run(settings, ["audit", "new-key"]) == 0
+        nxt = open_next_audit_signer(settings)
+        other = _another_operator_runs_first(monkeypatch, settings, capsys, ["switch-key"])
+        assert _run(settings, ["audit", "new-key"]) == 0
+        assert other["rc"] == 0
+        made = open_next_audit_signer(settings)
+        assert made.key_id not in (new.key_id, nxt.key_id)
+        out = capsys.readouterr().out
+        assert f"introduced the next audit key {made.key_id} at seq" in out and f"vouched for by {nxt.key_id}" in out
+        intro = [d for e, d in _events(replica.storage) if e == INTRODUCED][-1]
+        assert intro["key_id"] == made.key_id and intro["by"]["key_id"] == nxt.key_id
+        last = replica.storage.audit.last().seq
+        assert {cp.key_id for cp in replica.storage.audit.checkpoints() if cp.seq == last} == {nxt.key_id}
+        assert _run(settings, ["audit", "switch-key"]) == 0
+        assert _run(settings, ["audit", "verify"]) == 0
+    finally:
+        replica.close()
+
+
+def test_a_destroy_key_run_while_another_switches_signs_its_record_with_the_key_now_current(
+        settings, capsys, monkeypatch):
+    """Before, destroy-key opened the current key before the lock and signed the destruction's record
+    and checkpoint with it, though another operator's switch had retired it meanwhile."""
+    old, new, replica = _rotated(settings)
+    try:
+        assert _run(settings, ["audit", "new-key"]) == 0
+        nxt = open_next_audit_signer(settings)
+        other = _another_operator_runs_first(monkeypatch, settings, capsys, ["switch-key"])
+        assert _run(settings, ["audit", "destroy-key", old.key_id]) == 0
+        assert other["rc"] == 0
+        ((seq, _),) = _destroyed_records(replica.storage)
+        assert {cp.key_id for cp in replica.storage.audit.checkpoints() if cp.seq == seq} == {nxt.key_id}
+        assert _run(settings, ["audit", "verify"]) == 0
+    finally:
+        replica.close()
+
+
+def test_a_destroy_key_of_the_key_another_operator_just_retired_sees_it_retired(settings, capsys, monkeypatch):
+    """Before, destroy-key read which key is current before the lock and refused the key another
+    operator's switch had retired meanwhile as 'the audit key every process signs with'. Now what it
+    says is what the token or the files hold once it has the lock."""
+    old, new, replica = _rotated(settings)
+    try:
+        assert _run(settings, ["audit", "new-key"]) == 0
+        other = _another_operator_runs_first(monkeypatch, settings, capsys, ["switch-key"])
+        assert _run(settings, ["audit", "destroy-key", new.key_id]) == 0
+        assert other["rc"] == 0
+        assert f"destroyed the private key of the retired audit key {new.key_id}" in capsys.readouterr().out
+    finally:
+        replica.close()
+
+
 def test_a_replica_still_on_a_destroyed_key_refuses_to_sign_once_its_check_finds_the_destruction(settings, capsys):
     """A process started before the switch and never restarted holds the destroyed file key in memory.
     Before, it signed on with it and only `audit verify` noticed, afterwards. Now its key check (the

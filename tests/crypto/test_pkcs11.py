@@ -33,7 +33,7 @@ from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
 from services.mfa.tokens import SigningKeys, TokenIssuer, verify_token
 from tests.conftest import make_settings
-from tests.softhsm import PIN, TOKEN_LABEL, corrupt_key_value, objects
+from tests.softhsm import PIN, TOKEN_LABEL, corrupt_key_value, object_class, objects
 
 CLAIMS = {"aud": "bank-a", "sub": "ps1_x", "sid": "ses_1", "decision": "allow", "amr": ["face"], "acr": "aal2"}
 KEY_FILE_NAMES = {"keyring.json", "audit-ed25519.pem", "mfa-token-keys.json"}
@@ -203,18 +203,26 @@ def test_a_wrapped_key_is_bound_to_its_associated_data(softhsm, tmp_path):
     assert crypto.decrypt_contact("t", "s", crypto.encrypt_contact("t", "s", "+8613800000000")) == "+8613800000000"
 
 
-def test_an_hsm_fault_while_unwrapping_is_unavailable_not_a_wrong_key(softhsm, tmp_path):
+def key_failures(key: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("biogate_pkcs11_key_failures_total", {"key": key}) or 0.0
+
+
+def test_a_key_failing_in_a_token_that_answers_is_invalid_not_unavailable(softhsm, tmp_path):
     """SoftHSM2 answers a GCM tag that does not verify with GeneralError (measured: a flipped tag,
-    other associated data, a truncated ciphertext), the code a failing device gives too, and every
-    GeneralError was reported as WrongKeyError: an HSM fault looked like data sealed under another
-    key, or tampered with. Now the key's test encryption tells them apart: with the key's storage in
-    the token corrupted (every operation with it fails), an unwrap is TokenUnavailableError (gRPC
-    UNAVAILABLE), naming the fault; a tampered wrapped key on the working token stays WrongKeyError."""
+    other associated data, a truncated ciphertext), the code a failing device gives too, so on that
+    error the key's test encryption tells a failing key from a tampered envelope. Before, a key whose
+    storage in the token is corrupted (every operation with it fails, the token answering) was
+    TokenUnavailableError, UNAVAILABLE: clients retried what never works, and the alert said the HSM
+    was unreachable. Now it is TokenKeyInvalidError naming the key (KEY_STORE_KEY_INVALID), counted
+    apart; a tampered wrapped key on the working token stays WrongKeyError."""
     from services.common.crypto import WrongKeyError
-    from services.common.crypto.errors import TokenUnavailableError
+    from services.common.crypto.errors import TokenKeyInvalidError, TokenUnavailableError
 
     before = objects(softhsm)
-    keyring = open_keyring(make_settings(tmp_path / "data", keys=softhsm.keys_config()))
+    keys = softhsm.keys_config()
+    keyring = open_keyring(make_settings(tmp_path / "data", keys=keys))
     (kek,) = objects(softhsm) - before
     kid = keyring.primary_key_id()
     crypto = EnvelopeCrypto(keyring)
@@ -225,15 +233,80 @@ def test_an_hsm_fault_while_unwrapping_is_unavailable_not_a_wrong_key(softhsm, t
 
     corrupt_key_value(kek)
     try:
-        fault = (rf"failed: unwrapping under key {kid!r} \(GeneralError\), and the key fails a test encryption "
-                 r"too \(GeneralError\); an HSM fault, not the data")
-        with pytest.raises(TokenUnavailableError, match=fault):
+        failures = key_failures("kek")
+        label = f"{keys['pkcs11']['label_prefix']}-kek"
+        with pytest.raises(TokenKeyInvalidError) as err:
             keyring.unwrap(kid, wrapped, b"aad")
-        with pytest.raises(TokenUnavailableError):
+        assert not isinstance(err.value, TokenUnavailableError)
+        message = str(err.value)
+        assert (f"key-encryption key {kid!r} (label {label!r}) in the PKCS#11 token {TOKEN_LABEL!r} fails: unwrapping "
+                "(GeneralError), and a test encryption too (GeneralError)") in message
+        assert "retrying does not help" in message and PIN not in message
+        with pytest.raises(TokenKeyInvalidError):
             crypto.decrypt_contact("t", "s", sealed)
+        with pytest.raises(TokenKeyInvalidError, match=r"fails: encrypting \(GeneralError\)"):
+            crypto.encrypt_contact("t", "s", "+8613800000001")
+        assert key_failures("kek") == failures + 3
     finally:
         with keyring.token.using():
             keyring._kek(kid).destroy()
+
+
+@pytest.mark.parametrize("impostor", ["no-decrypt", "generic-secret"])
+def test_a_key_of_the_wrong_type_or_attributes_is_invalid_not_an_unhandled_error(softhsm, tmp_path, impostor):
+    """The key-encryption key replaced in the token (same label and id) by one whose attributes do
+    not let it encrypt or decrypt, or by one that is no AES key: before, python-pkcs11's missing
+    method (AttributeError) or the token's refusal (KeyTypeInconsistent) escaped as an unhandled
+    error (gRPC INTERNAL, 'quote request id'); now it is TokenKeyInvalidError naming the key and why."""
+    from services.common.crypto.errors import TokenKeyInvalidError
+
+    keyring = open_keyring(make_settings(tmp_path / "data", keys=softhsm.keys_config()))
+    kid = keyring.primary_key_id()
+    wrapped = keyring.wrap(kid, b"k" * 32, b"aad")
+    t, A = keyring.token, Attribute
+    with t.using():
+        keyring._kek(kid).destroy()
+        common = {A.TOKEN: True, A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False, A.ID: kid.encode()}
+        if impostor == "no-decrypt":
+            t.session.generate_key(pkcs11.KeyType.AES, 256, store=True, label=keyring._label,
+                                   template={**common, A.ENCRYPT: False, A.DECRYPT: False, A.SIGN: True})
+        else:
+            t.session.generate_key(pkcs11.KeyType.GENERIC_SECRET, 256, store=True, label=keyring._label,
+                                   template={**common, A.ENCRYPT: True, A.DECRYPT: True, A.SIGN: True})
+    try:
+        refused = ("its attributes do not allow it to encrypt, decrypt" if impostor == "no-decrypt"
+                   else "KeyTypeInconsistent")
+        with pytest.raises(TokenKeyInvalidError, match=rf"{kid!r} .* fails: unwrapping \({refused}\)"):
+            keyring.unwrap(kid, wrapped, b"aad")
+        with pytest.raises(TokenKeyInvalidError, match=rf"{kid!r} .* fails: encrypting \({refused}\)"):
+            keyring.wrap(kid, b"k" * 32, b"aad")
+    finally:
+        with t.using():
+            keyring._kek(kid).destroy()
+
+
+def test_a_signing_key_failing_in_a_token_that_answers_is_invalid(softhsm, tmp_path):
+    """The audit signing key's stored value unreadable in the token that answers: before, every
+    audited call failed with the token's GeneralError unhandled (INTERNAL); now TokenKeyInvalidError
+    names the key (KEY_STORE_KEY_INVALID), counted under "signing"."""
+    from services.common.crypto.errors import TokenKeyInvalidError
+    from services.common.crypto.hsm import audit_signer, open_token
+
+    token = open_token(make_settings(tmp_path / "data", keys=softhsm.keys_config()).keys.pkcs11)
+    before = objects(softhsm)
+    signer = audit_signer(token)
+    assert signer.sign(b"head")
+    new = objects(softhsm) - before
+    (private,) = [path for path in new if object_class(path) == 3]  # CKO_PRIVATE_KEY
+    corrupt_key_value(private)
+    try:
+        failures = key_failures("signing")
+        with pytest.raises(TokenKeyInvalidError, match=rf"the signing key {signer.key_id!r} .* fails: signing "
+                                                      r"\(GeneralError\); the token answers"):
+            signer.sign(b"head")
+        assert key_failures("signing") == failures + 1
+    finally:
+        token.destroy_pair(signer._object_id)
 
 
 OPENER = """

@@ -5,6 +5,7 @@ to the client: the library initialised again, every session handle gone."""
 from __future__ import annotations
 
 import threading
+from contextlib import suppress
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common.crypto import EnvelopeCrypto, TemplateBinding, envelope_key_id
+from services.common.crypto import hsm
 from services.common.crypto.errors import TokenUnavailableError
 from services.common.crypto.hsm import (
     Pkcs11Keyring,
@@ -20,7 +22,9 @@ from services.common.crypto.hsm import (
     Pkcs11Signer,
     Pkcs11Token,
     audit_signer,
+    create_audit_signer,
     open_token,
+    switch_audit_signer,
 )
 from services.common.crypto.signing import verify_signature
 from services.common.runtime import Runtime
@@ -163,3 +167,118 @@ def test_a_write_whose_audit_record_cannot_be_signed_is_not_written(softhsm, tmp
             assert q.one("SELECT COUNT(*) FROM audit_records")[0] == records
     finally:
         rt.close()
+
+
+def _reconnected_after(monkeypatch, softhsm, owner, name: str, meanwhile) -> None:
+    """The next call of ``owner.name`` (a lookup) returns its handles; then the HSM restarts and
+    ``meanwhile()``, another call on the token, logs in again where it can, before its caller uses
+    them. Object handles are numbered afresh in the new session: one kept from before names another
+    object there."""
+    real = getattr(owner, name)
+
+    def lookup(*args, **kwargs):
+        monkeypatch.setattr(owner, name, real)
+        found = real(*args, **kwargs)
+        restart_hsm(softhsm)
+        with suppress(TokenUnavailableError):  # where the caller holds the session, it cannot
+            meanwhile()
+        return found
+
+    monkeypatch.setattr(owner, name, lookup)
+
+
+def _fresh_session(softhsm, token: Pkcs11Token) -> None:
+    """The HSM restarted and the session open again, no object looked up in it yet: handles are
+    numbered by the order of the lookups that follow, whatever earlier tests looked up."""
+    restart_hsm(softhsm)
+    assert token.find(label=token.label("no-such-object")) == []
+
+
+def _private_ids(token: Pkcs11Token) -> set[bytes]:
+    A = token.p11.Attribute
+    return token.run(lambda: {bytes(o[A.ID]) for o in token.find(cls=token.p11.ObjectClass.PRIVATE_KEY)})
+
+
+def test_a_reconnect_between_looking_a_retired_audit_key_up_and_destroying_it_destroys_no_other_key(
+        softhsm, tmp_path, monkeypatch):
+    """Before, destroy-key looked the retired key's object up outside the session it destroyed it in:
+    after a reconnect in between (another thread's signature) its handle named another object of the
+    new session, and the MFA's decision-token key was destroyed instead (measured on SoftHSM2). Now
+    the lookup and the destruction hold one session: the destruction fails retryable, destroys
+    nothing, and a run again destroys the retired key."""
+    k = open_all(softhsm, tmp_path)
+    create_audit_signer(k.token, which="audit-next")
+    switch_audit_signer(k.token)
+    retired = k.signer
+    current = audit_signer(k.token, create=False)
+    before = _private_ids(k.token)
+    _fresh_session(softhsm, k.token)
+    _reconnected_after(monkeypatch, softhsm, hsm, "retired_audit_key",
+                       lambda: (current.sign(b"head"), k.jwt_signer.sign(b"claims"),
+                                k.crypto.decrypt_template(BINDING, k.sealed)))
+    with suppress(TokenUnavailableError):
+        hsm.destroy_retired_audit_key(k.token, retired.key_id)
+    left = _private_ids(k.token)
+    assert before - left <= {retired._object_id}
+    hsm.destroy_retired_audit_key(k.token, retired.key_id)  # once more, as the command says
+    assert _private_ids(k.token) == before - {retired._object_id}
+    assert verify_signature(current.public_key, current.sign(b"head"), b"head")
+    assert verify_signature(k.jwt_signer.public_key, k.jwt_signer.sign(b"claims"), b"claims")
+    assert k.crypto.decrypt_template(BINDING, k.sealed) == b"template"
+
+
+def test_a_reconnect_between_looking_a_retired_kek_up_and_destroying_it_destroys_no_other_key(
+        softhsm, tmp_path, monkeypatch):
+    """`keys retire` on the token: the same, for a key-encryption key the keyring looked up."""
+    k = open_all(softhsm, tmp_path)
+    old = k.keyring.primary_key_id()
+    k.keyring.add_key()
+    before = _private_ids(k.token)
+    secrets_before = k.token.run(lambda: {bytes(o[k.token.p11.Attribute.ID])
+                                          for o in k.token.find(cls=k.token.p11.ObjectClass.SECRET_KEY)})
+    _fresh_session(softhsm, k.token)
+    _reconnected_after(monkeypatch, softhsm, k.keyring, "_kek",
+                       lambda: (k.signer.sign(b"head"), k.jwt_signer.sign(b"claims")))
+    with suppress(TokenUnavailableError):
+        k.keyring.remove_key(old)
+    assert _private_ids(k.token) == before
+    secrets_left = k.token.run(lambda: {bytes(o[k.token.p11.Attribute.ID])
+                                        for o in k.token.find(cls=k.token.p11.ObjectClass.SECRET_KEY)})
+    assert secrets_before - secrets_left <= {old.encode()}
+    assert verify_signature(k.signer.public_key, k.signer.sign(b"head"), b"head")
+    assert verify_signature(k.jwt_signer.public_key, k.jwt_signer.sign(b"claims"), b"claims")
+
+
+def test_a_reconnect_in_the_middle_of_switching_the_audit_key_relabels_no_other_key(
+        softhsm, tmp_path, monkeypatch):
+    """switch-key relabels the objects it looked up. Before, a reconnect between a lookup and the use
+    of its handle read the next key's id from another object of the new session (the audit key's):
+    the switch returned having relabelled nothing, and the command audited `keys.switched`. Now the
+    switch holds one session: it fails retryable or switches, and relabels no other object."""
+    k = open_all(softhsm, tmp_path)
+    nxt = create_audit_signer(k.token, which="audit-next")
+    A = k.token.p11.Attribute
+
+    def labels() -> dict[tuple[bytes, int], str]:
+        return k.token.run(lambda: {(bytes(o[A.ID]), int(o[A.CLASS])): o[A.LABEL] for o in k.token.find()})
+
+    before = labels()
+    _fresh_session(softhsm, k.token)
+    _reconnected_after(monkeypatch, softhsm, k.token, "find",
+                       lambda: (k.signer.sign(b"head"), k.jwt_signer.sign(b"claims")))
+    try:
+        switch_audit_signer(k.token)
+        switched = True
+    except TokenUnavailableError:
+        switched = False
+
+    def changed() -> set[bytes]:
+        return {i for (i, c), label in labels().items() if before[i, c] != label}
+
+    assert changed() <= {k.signer._object_id, nxt._object_id}
+    if switched:  # a switch that returns switched the keys
+        assert audit_signer(k.token, create=False).key_id == nxt.key_id
+    else:
+        switch_audit_signer(k.token)  # once more, as the command says
+    assert audit_signer(k.token, create=False).key_id == nxt.key_id
+    assert changed() == {k.signer._object_id, nxt._object_id}

@@ -149,6 +149,7 @@ def test_the_alerts_cover_the_operational_risks(rules):
     assert any("RESOURCE_EXHAUSTED" in exprs[a] for a in alerting_on("biogate_rpc_total"))
     assert any("histogram_quantile(0.99" in exprs[a] for a in alerting_on("biogate_rpc_seconds_bucket"))
     assert any('outcome="failed"' in exprs[a] for a in alerting_on("biogate_pkcs11_reconnects_total"))
+    assert alerting_on("biogate_pkcs11_key_failures_total")
 
 
 def test_the_dashboard_is_well_formed(dashboard):

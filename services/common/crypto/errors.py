@@ -65,3 +65,9 @@ class TokenUnavailableError(KeyringError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class TokenKeyInvalidError(KeyringError):
+    """The PKCS#11 token answers, but a key in it fails: its stored value is unreadable, or its type
+    or attributes are not those of the key BioGate made (replaced, edited). Retrying never helps:
+    the key must be restored from the HSM's backup (gRPC FAILED_PRECONDITION, KEY_STORE_KEY_INVALID)."""

@@ -45,6 +45,7 @@ from .errors import (
     KeyringError,
     NoKeyError,
     NoKeyringError,
+    TokenKeyInvalidError,
     TokenUnavailableError,
     UnknownKeyError,
     WrongKeyError,
@@ -88,9 +89,36 @@ def _device_faults(E: Any) -> tuple[type[Exception], ...]:
     return (E.DeviceMemory, E.HostMemory, E.FunctionFailed, E.FunctionCancelled)
 
 
-def _faulty(cfg: Pkcs11Config, why: str) -> str:
-    return (f"the PKCS#11 token {cfg.token_label!r} failed: {why}; an HSM fault, not the data: check the HSM "
-            "(its logs, its key storage); calls are refused until it works, no restart needed")
+def _key_faults(E: Any) -> tuple[type[Exception], ...]:
+    """Errors by which a token that answers refuses a key for an operation it was made for: its type
+    or size is not that of the key BioGate made (the object replaced or edited)."""
+    return (E.KeyTypeInconsistent, E.KeySizeRange, E.KeyIndigestible)
+
+
+def _key_failed(cfg: Pkcs11Config, kind: str, key: str, why: str) -> TokenKeyInvalidError:
+    """A key of the token that answers fails (counted by ``kind``, logged): never retryable."""
+    metrics.PKCS11_KEY_FAILURES.labels(kind).inc()
+    message = (f"the {key} in the PKCS#11 token {cfg.token_label!r} fails: {why}; the token answers, so retrying "
+               "does not help: check the key's object in the HSM (restore it from the HSM's backup)")
+    log.error("PKCS#11 token %r: %s", cfg.token_label, message)
+    return TokenKeyInvalidError(message)
+
+
+def _denied(obj: Any, uses: tuple[str, ...]) -> str:
+    """"" when the object's attributes allow each of ``uses`` ("encrypt", "decrypt", "sign"), else
+    which they do not (python-pkcs11 gives an object only the methods its attributes allow)."""
+    import pkcs11.types as types
+
+    mixins = {"encrypt": types.EncryptMixin, "decrypt": types.DecryptMixin, "sign": types.SignMixin}
+    denied = [use for use in uses if not isinstance(obj, mixins[use])]
+    return f"its attributes do not allow it to {', '.join(denied)}" if denied else ""
+
+
+def _faulty(cfg: Pkcs11Config, why: str) -> TokenUnavailableError:
+    """The token failed an operation (a device's fault, not the key's): retryable."""
+    return TokenUnavailableError(
+        f"the PKCS#11 token {cfg.token_label!r} failed: {why}; an HSM fault, not the data: check the HSM (its "
+        "logs, its key storage); calls are refused until it works, no restart needed", cfg.reconnect_interval_s)
 
 
 def open_token(cfg: Pkcs11Config) -> Pkcs11Token:
@@ -233,6 +261,18 @@ class Pkcs11Token:
             with self.using():
                 return op()
 
+    @contextmanager
+    def same_session(self) -> Iterator[None]:
+        """Holds the session for an operation that looks objects up and then changes or destroys
+        them: handles are per session, and one looked up before a reconnect names another object of
+        the new session (measured on SoftHSM2: a destruction took another key). A session lost
+        before the block is logged in again first (a search tells); an error in it is not retried
+        (whether a change under a lost session happened is unknown): the caller runs it again."""
+        with self.lock:
+            self.find(label=self.label("reachable"))
+            with self.using():
+                yield
+
     def check(self) -> str:
         """"" while the token answers (a search, reconnecting a lost session), else why it does not."""
         try:
@@ -324,7 +364,7 @@ class Pkcs11Token:
         return Ed25519PublicKey.from_public_bytes(OctetString.load(point).native)
 
     def destroy_pair(self, key_id: bytes) -> None:
-        with self.using():
+        with self.same_session():
             for obj in self.find(key_id=key_id):
                 obj.destroy()
 
@@ -355,8 +395,24 @@ class Pkcs11Signer:
         return self._key
 
     def sign(self, message: bytes) -> bytes:
-        eddsa = self._token.p11.Mechanism.EDDSA
-        return self._token.run(lambda: bytes(self._private().sign(message, mechanism=eddsa)))
+        eddsa, E = self._token.p11.Mechanism.EDDSA, self._token.p11.exceptions
+        try:
+            return self._token.run(lambda: bytes(self._usable().sign(message, mechanism=eddsa)))
+        except (E.GeneralError, *_key_faults(E)) as exc:  # no message makes signing fail: the key's
+            raise self._invalid(f"signing ({type(exc).__name__})") from None
+        except _device_faults(E) as exc:
+            raise _faulty(self._token.cfg, f"signing with key {self.key_id!r} ({type(exc).__name__})") from None
+
+    def _usable(self) -> Any:
+        key = self._private()
+        denied = _denied(key, ("sign",))
+        if denied:
+            raise self._invalid(f"signing ({denied})")
+        return key
+
+    def _invalid(self, why: str) -> TokenKeyInvalidError:
+        return _key_failed(self._token.cfg, "signing", f"signing key {self.key_id!r} (object id "
+                                                       f"{self._object_id.hex()})", why)
 
     def __repr__(self) -> str:
         return f"Pkcs11Signer({self.key_id})"
@@ -409,14 +465,15 @@ def switch_audit_signer(token: Pkcs11Token) -> None:
     ``audit-retired`` (kept: processes started before sign with it until they restart). In between
     both are labelled ``audit`` and a process starting then takes either: both are trusted."""
     C = token.p11.ObjectClass
-    nxt = token.first_by_id(token.find(label=token.label("audit-next"), cls=C.PRIVATE_KEY))
-    if nxt is None:
-        raise NoKeyError(f"token has no key labelled {token.label('audit-next')!r} (run `biogate audit new-key`)")
-    new_id = _object_id(token, nxt)
-    old_ids = {_object_id(token, o) for o in token.find(label=token.label("audit"), cls=C.PRIVATE_KEY)} - {new_id}
-    _relabel(token, "audit-next", new_id, "audit")
-    for old_id in sorted(old_ids):
-        _relabel(token, "audit", old_id, "audit-retired")
+    with token.same_session():
+        nxt = token.first_by_id(token.find(label=token.label("audit-next"), cls=C.PRIVATE_KEY))
+        if nxt is None:
+            raise NoKeyError(f"token has no key labelled {token.label('audit-next')!r} (run `biogate audit new-key`)")
+        new_id = _object_id(token, nxt)
+        old_ids = {_object_id(token, o) for o in token.find(label=token.label("audit"), cls=C.PRIVATE_KEY)} - {new_id}
+        _relabel(token, "audit-next", new_id, "audit")
+        for old_id in sorted(old_ids):
+            _relabel(token, "audit", old_id, "audit-retired")
 
 
 def retired_audit_key(token: Pkcs11Token, key_id_: str) -> Any | None:
@@ -432,10 +489,10 @@ def retired_audit_key(token: Pkcs11Token, key_id_: str) -> Any | None:
 def destroy_retired_audit_key(token: Pkcs11Token, key_id_: str) -> None:
     """Destroy the retired audit key's private object. Its public object stays: it signs nothing,
     and shows an operator listing the token which key the trail's older signatures are under."""
-    private = retired_audit_key(token, key_id_)
-    if private is None:
-        raise NoKeyError(f"token has no private key {key_id_} labelled {token.label('audit-retired')!r}")
-    with token.using():  # not retried: whether a destruction under a lost session happened is unknown
+    with token.same_session():
+        private = retired_audit_key(token, key_id_)
+        if private is None:
+            raise NoKeyError(f"token has no private key {key_id_} labelled {token.label('audit-retired')!r}")
         private.destroy()
 
 
@@ -501,17 +558,32 @@ class Pkcs11Keyring:
             raise UnknownKeyError(key_id_)
         return kek
 
-    def _with_kek(self, key_id_: str, use: Callable[[Any], bytes]) -> bytes:
+    def _with_kek(self, key_id_: str, what: str, use: Callable[[Any], bytes]) -> bytes:
         """``use(kek)`` under the token's lock; once more after a fresh listing when the handle went
-        stale (another process or keyring instance retired or re-created keys)."""
+        stale (another process or keyring instance retired or re-created keys). A key that is not
+        the one BioGate made (its attributes not allowing it to encrypt, decrypt and sign, or the
+        token refusing its type or size) is TokenKeyInvalidError."""
+        E = self.token.p11.exceptions
         for attempt in (0, 1):
             try:
-                return self.token.run(lambda: bytes(use(self._kek(key_id_))))
-            except self.token.p11.exceptions.ObjectHandleInvalid:
+                return self.token.run(lambda: bytes(use(self._usable(key_id_, what))))
+            except E.ObjectHandleInvalid:
                 if attempt:
                     raise
                 self._list(force=True)
+            except _key_faults(E) as exc:
+                raise self._invalid(key_id_, f"{what} ({type(exc).__name__})") from None
         raise AssertionError("unreachable")
+
+    def _usable(self, key_id_: str, what: str) -> Any:
+        kek = self._kek(key_id_)
+        denied = _denied(kek, ("encrypt", "decrypt", "sign"))
+        if denied:
+            raise self._invalid(key_id_, f"{what} ({denied})")
+        return kek
+
+    def _invalid(self, key_id_: str, why: str) -> TokenKeyInvalidError:
+        return _key_failed(self.token.cfg, "kek", f"key-encryption key {key_id_!r} (label {self._label!r})", why)
 
     def primary_key_id(self) -> str:
         # Listed afresh (one search in the token per seal): a seal under a primary another process
@@ -528,7 +600,9 @@ class Pkcs11Keyring:
         fp = self._fingerprints.get(key_id_)
         if fp is None:
             cmac = self.token.p11.Mechanism.AES_CMAC
-            fp = self._fingerprints[key_id_] = self._with_kek(key_id_, lambda k: k.sign(_KCV_MESSAGE, mechanism=cmac))[:8]
+            what = "computing its check value"
+            fp = self._fingerprints[key_id_] = self._answered(key_id_, what, lambda: self._with_kek(
+                key_id_, what, lambda k: k.sign(_KCV_MESSAGE, mechanism=cmac)))[:8]
         return fp
 
     def keys(self) -> list[KeyInfo]:
@@ -540,12 +614,28 @@ class Pkcs11Keyring:
                        self._fingerprint(key_id_))
 
     def wrap(self, key_id_: str, data_key: bytes, aad: bytes) -> bytes:
+        return self._answered(key_id_, "encrypting", lambda: self._encrypt(key_id_, data_key, aad))
+
+    def _answered(self, key_id_: str, what: str, op: Callable[[], bytes]) -> bytes:
+        """``op()``, an operation under the key that no input makes fail (encrypting, the check
+        value), with the token's failures told apart: GeneralError is the key's, never retryable;
+        a device's fault is the token's (TokenUnavailableError)."""
+        E = self.token.p11.exceptions
+        try:
+            return op()
+        except E.GeneralError:
+            raise self._invalid(key_id_, f"{what} (GeneralError)") from None
+        except _device_faults(E) as exc:
+            raise self._device_fault(key_id_, what, exc) from None
+
+    def _encrypt(self, key_id_: str, data_key: bytes, aad: bytes) -> bytes:
+        """``data_key`` sealed in the token (PKCS#11 errors as the token raised them)."""
         from pkcs11.mechanisms import GCMParams
 
         nonce = secrets.token_bytes(_NONCE)
         gcm = self.token.p11.Mechanism.AES_GCM
-        return nonce + self._with_kek(key_id_, lambda k: k.encrypt(data_key, mechanism=gcm,
-                                                                    mechanism_param=GCMParams(nonce, aad, 128)))
+        return nonce + self._with_kek(key_id_, "encrypting", lambda k: k.encrypt(
+            data_key, mechanism=gcm, mechanism_param=GCMParams(nonce, aad, 128)))
 
     def unwrap(self, key_id_: str, wrapped: bytes, aad: bytes) -> bytes:
 
@@ -562,29 +652,31 @@ class Pkcs11Keyring:
             # answers a GCM tag that does not verify with CKR_GENERAL_ERROR, as a failing device does.
             fault = self._kek_fault(key_id_)
             if fault:
-                raise TokenUnavailableError(
-                    _faulty(self.token.cfg, f"unwrapping under key {key_id_!r} (GeneralError), and the key fails a "
-                                            f"test encryption too ({fault})"),
-                    self.token.cfg.reconnect_interval_s) from None
+                raise self._invalid(key_id_, f"unwrapping (GeneralError), and a test encryption too ({fault})") from None
             raise WrongKeyError(f"the data key does not unwrap under key {key_id_!r}") from None
         except _device_faults(E) as exc:
-            raise TokenUnavailableError(_faulty(self.token.cfg, f"unwrapping under key {key_id_!r} "
-                                                                f"({type(exc).__name__})"),
-                                        self.token.cfg.reconnect_interval_s) from None
+            raise self._device_fault(key_id_, "unwrapping", exc) from None
+
+    def _device_fault(self, key_id_: str, what: str, exc: Exception) -> TokenUnavailableError:
+        return _faulty(self.token.cfg, f"{what} under key {key_id_!r} ({type(exc).__name__})")
 
     def _decrypt(self, key_id_: str, wrapped: bytes, aad: bytes) -> bytes:
         """What :meth:`wrap` sealed, opened in the token (PKCS#11 errors as the token raised them)."""
         from pkcs11.mechanisms import GCMParams
 
         gcm = self.token.p11.Mechanism.AES_GCM
-        return self._with_kek(key_id_, lambda k: k.decrypt(wrapped[_NONCE:], mechanism=gcm,
-                                                            mechanism_param=GCMParams(wrapped[:_NONCE], aad, 128)))
+        return self._with_kek(key_id_, "unwrapping", lambda k: k.decrypt(
+            wrapped[_NONCE:], mechanism=gcm, mechanism_param=GCMParams(wrapped[:_NONCE], aad, 128)))
 
     def _kek_fault(self, key_id_: str) -> str:
-        """"" when the key wraps a test message and opens it again in the token, else why not."""
+        """"" when the key wraps a test message and opens it again in the token, else what the key
+        did; a device's fault (the token failing, not the key) is TokenUnavailableError."""
+        E = self.token.p11.exceptions
         try:
-            back = self._decrypt(key_id_, self.wrap(key_id_, _KCV_MESSAGE, _KCV_MESSAGE), _KCV_MESSAGE)
-        except self.token.p11.exceptions.PKCS11Error as exc:
+            back = self._decrypt(key_id_, self._encrypt(key_id_, _KCV_MESSAGE, _KCV_MESSAGE), _KCV_MESSAGE)
+        except _device_faults(E) as exc:
+            raise self._device_fault(key_id_, "a test encryption", exc) from None
+        except E.PKCS11Error as exc:
             return type(exc).__name__
         return "" if back == _KCV_MESSAGE else "it decrypted to other bytes"
 
@@ -631,10 +723,10 @@ class Pkcs11Keyring:
         return self.key_info(new_id)
 
     def remove_key(self, key_id_: str) -> None:
-        kek = self._kek(key_id_)
-        if key_id_ == self.primary_key_id():
-            raise KeyringError(f"key {key_id_!r} is the primary; rotate before retiring it")
-        with self.token.using():
+        with self.token.same_session():
+            kek = self._kek(key_id_)
+            if key_id_ == self.primary_key_id():
+                raise KeyringError(f"key {key_id_!r} is the primary; rotate before retiring it")
             kek.destroy()
         self._fingerprints.pop(key_id_, None)
         self._list(force=True)
@@ -675,19 +767,19 @@ class Pkcs11KeyVault:
     def save(self, entries: list[dict[str, Any]]) -> None:
         wanted = {e["kid"]: e for e in entries}
         A = self.token.p11.Attribute
-        for obj, meta in self._privates():
-            entry = wanted.get(meta["kid"])
-            if entry is not None and entry != meta:
-                with self.token.using():
+        with self.token.same_session():
+            for obj, meta in self._privates():
+                entry = wanted.get(meta["kid"])
+                if entry is not None and entry != meta:
                     obj[A.LABEL] = self._label + " " + json.dumps(entry, sort_keys=True)
 
     def generate(self) -> dict[str, Any]:
         pending = self.token.label("mfa-jwt-pending")
-        public, private = self.token.new_ed25519(pending, secrets.token_bytes(8))
-        kid = jwt_kid(self.token.public_key(public))
-        entry = {"kid": kid, "created": None, "retired": None}
         A = self.token.p11.Attribute
-        with self.token.using():
+        with self.token.same_session():
+            public, private = self.token.new_ed25519(pending, secrets.token_bytes(8))
+            kid = jwt_kid(self.token.public_key(public))
+            entry = {"kid": kid, "created": None, "retired": None}
             for obj in (public, private):
                 obj[A.ID] = kid.encode()
             private[A.LABEL] = self._label + " " + json.dumps(entry, sort_keys=True)

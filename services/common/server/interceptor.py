@@ -18,7 +18,7 @@ from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 from services.common import context, errors, metrics, telemetry
 from services.common.api.v1 import common_pb2
 from services.common.audit.log import AuditKeyDestroyedError
-from services.common.crypto.errors import TokenUnavailableError
+from services.common.crypto.errors import TokenKeyInvalidError, TokenUnavailableError
 from services.common.privacy import is_personal_data
 from services.common.server.admission import AdmissionQueue, Slot
 from services.common.server.auth import Authenticator
@@ -323,6 +323,8 @@ class _Call:
             if isinstance(exc, TokenUnavailableError):  # the HSM restarting or away: worth a retry, no restart
                 exc = errors.ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc), "KEY_STORE_UNAVAILABLE",
                                           retry_delay_s=max(exc.retry_after_s, 1.0))
+            if isinstance(exc, TokenKeyInvalidError):  # the HSM answers, its key fails: a retry never helps
+                exc = errors.ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(exc), "KEY_STORE_KEY_INVALID")
             if isinstance(exc, AuditKeyDestroyedError):  # this replica alone: another one serves the call
                 exc = errors.ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc), "AUDIT_KEY_DESTROYED")
             if isinstance(exc, errors.ServiceError):
