@@ -122,7 +122,12 @@ class VoiceConfig(Section):
     # calls (admission.concurrency = cores), batch 1 whatever the concurrency, no hand-offs between
     # threads (bench/RESULTS.md, issue 13, voice on the CPU).
     micro_batching: Literal["auto", "on", "off"] = "auto"
-    inference_workers: int = Field(2, ge=1, le=64)  # micro-batchers per batched model, recogniser replicas
+    inference_workers: int = Field(2, ge=1, le=64)  # micro-batchers per batched model (where micro-batched)
+    # Digit recognisers: CTranslate2 workers sharing one copy of Whisper's weights, on the CPU wherever
+    # ECAPA and AASIST run, ~50 MB of working memory each. Fewer than the calls a process admits at a
+    # time, and admitted calls queue for one (~200 ms of CPU each). None: one per admitted call, at
+    # most DIGIT_RECOGNISERS_MAX (see digit_recognisers()).
+    digit_recognisers: int | None = Field(None, ge=1, le=64)
     intra_op_threads: int = Field(1, ge=0)  # per model call (torch and ONNX Runtime); 0: their default
     calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
     tenants: dict[str, VoiceTenantPolicy] = {}
@@ -137,3 +142,20 @@ class VoiceSettings(CommonSettings):
 def voice_config(settings: CommonSettings) -> VoiceConfig:
     """The voice section of a process's settings tree (the defaults where the tree has none)."""
     return settings.voice if isinstance(settings, VoiceSettings) else VoiceConfig()
+
+
+# The default's cap: one process on 16 cores would admit 16 calls, and 16 recognisers would take the
+# voice process from ~1.7 GB to ~2.4 GB (bench/RESULTS.md, "Voice digit recognisers: count and
+# memory"); 4 keep it under 2 GB, and serve 4 / 0.2 s = 20 recognitions/s, more than such a process
+# verifies with AASIST on. Past 4 admitted calls, an explicit voice.digit_recognisers says it is meant.
+DIGIT_RECOGNISERS_MAX = 4
+
+
+def digit_recognisers(settings: CommonSettings) -> int:
+    """voice.digit_recognisers, or (None) as many as a voice process admits calls at a time, at most
+    DIGIT_RECOGNISERS_MAX."""
+    own = voice_config(settings).digit_recognisers
+    if own is not None:
+        return own
+    server = settings.server
+    return min(DIGIT_RECOGNISERS_MAX, server.admission.slots_per_process(server.processes("voice")))

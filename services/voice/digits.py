@@ -81,7 +81,8 @@ def digit_errors(heard: str, expected: str) -> int:
 
 
 class DigitRecognizer:
-    """Thread-safe: CTranslate2 queues concurrent calls onto ``workers`` model replicas."""
+    """Thread-safe: CTranslate2 queues concurrent calls onto ``workers`` model replicas, which share
+    one copy of the weights (bench/RESULTS.md, "Voice digit recognisers: count and memory")."""
 
     def __init__(self, model_dir: Path, workers: int = 2, threads: int = 1, compute_type: str = "int8") -> None:
         import ctranslate2
@@ -92,6 +93,11 @@ class DigitRecognizer:
         vocab = (Path(model_dir) / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
         allowed = {i for i, token in enumerate(vocab) if _DIGIT_TOKEN.fullmatch(token) or token == END_OF_TEXT}
         self._suppress = [i for i in range(len(vocab)) if i not in allowed]
+
+    @property
+    def workers(self) -> int:
+        """The model replicas that recognise at once (one copy of the weights, working memory each)."""
+        return int(self.model.num_workers)
 
     def recognise(self, samples: NDArray[np.float32], n: int) -> str:
         """The first ``n`` digits heard in 16 kHz mono audio, e.g. "471928" (fewer when fewer are heard).

@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from services.common.batching import Inline, MicroBatcher
 from services.common.config import CommonSettings
 from services.common.metrics import INFERENCE_SECONDS, observe_similarity
-from services.voice.config import ChannelFamily, VoiceConfig, voice_config
+from services.voice.config import ChannelFamily, VoiceConfig, digit_recognisers, voice_config
 from services.common.modality.calibration import Calibrations, NotCalibrated
 from services.common.models import ModelStore
 
@@ -203,7 +203,8 @@ class VoiceEngine:
             self.synthetic_batcher = self._batcher(self.synthetic["wideband"].score_windows, cfg.antispoof_batch_max,
                                                    "voice-aasist", detector.device.type != "cpu")
         self.pad_score_names = {f: pad_score_name(antispoof_window_s(cfg, f), antispoof_cut(cfg, f)) for f in cohort_mod.FAMILIES}
-        self.digits = models.digit_recognizer(store, workers=cfg.inference_workers, threads=cfg.intra_op_threads or 1)
+        self.digits = models.digit_recognizer(store, workers=digit_recognisers(settings),
+                                              threads=cfg.intra_op_threads or 1)
         self.replay = replay_cache
 
     def _batcher(self, fn, max_batch: int, name: str, accelerated: bool) -> BatcherPool | Inline:

@@ -9,6 +9,7 @@ network policies let only the MFA reach face and voice, and only the ingress the
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -16,8 +17,10 @@ import subprocess
 import kubernetes_validate
 import pytest
 import yaml
+from services.common import config as common_config
 from services.common.config import PROJECT_ROOT
 from services.settings import Settings, load_config
+from services.voice.config import digit_recognisers
 from tests.deploy.config_paths import names_a_setting
 
 K8S = PROJECT_ROOT / "deploy" / "k8s"
@@ -452,19 +455,26 @@ def test_the_autoscaler_the_cpu_reservation_and_the_worker_processes_agree(rende
                                            "service": f"biogate.v1.{name.capitalize()}Service"}
 
 
-def test_the_voice_digit_recognisers_serve_every_admitted_call_on_cpu_nodes():
-    """voice.inference_workers is the number of digit recognisers (Whisper replicas, on the CPU
-    wherever ECAPA and AASIST run) and, where those are micro-batched (an accelerator), of batchers
-    per model. On CPU nodes a process admits a call per CPU of its share (admission.slots_per_process):
-    fewer recognisers than that, and admitted calls queue for one (~130 ms of CPU each, bench/RESULTS.md)."""
-    objects = render("cpu")
-    settings = configuration(objects)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_voice_digit_recognisers_serve_every_admitted_call(overlay, monkeypatch):
+    """voice.digit_recognisers (Whisper replicas, on the CPU wherever ECAPA and AASIST run) is sized
+    apart from voice.inference_workers (the micro-batchers per model on an accelerator: one on the
+    GPU overlay): a process admits a call per CPU of its share (admission.slots_per_process), and
+    with fewer recognisers admitted calls queue for one (~200 ms of CPU each, bench/RESULTS.md).
+    The count is the service's own digit_recognisers() on the settings the pod's process reads: the
+    ConfigMap, the container's environment over it, the CPU limit as its usable cores."""
+    objects = render(overlay)
     c = container(objects, "voice")
-    own = env_value(c, "BIOGATE_VOICE__INFERENCE_WORKERS")
-    recognisers = int(own) if own is not None else settings.voice.inference_workers
-    cpus, workers = cores(c["resources"]["limits"]["cpu"]), processes(c, settings, "voice")
-    slots = settings.server.admission.concurrency or math.ceil(cpus / workers)
-    assert recognisers >= slots, (recognisers, slots)
+    cpus = math.ceil(cores(c["resources"]["limits"]["cpu"]))
+    for name in [n for n in os.environ if n.startswith("BIOGATE_")]:
+        monkeypatch.delenv(name)
+    for e in c.get("env", []):
+        if "value" in e and e["name"] != "BIOGATE_CONFIG":  # the ConfigMap is read below
+            monkeypatch.setenv(e["name"], e["value"])
+    monkeypatch.setattr(common_config, "usable_cores", lambda: cpus)  # the cgroup's quota in the pod
+    settings = configuration(objects)
+    slots = settings.server.admission.concurrency or math.ceil(cpus / processes(c, settings, "voice"))
+    assert digit_recognisers(settings) >= slots, (overlay, digit_recognisers(settings), slots)
 
 
 def test_a_start_waiting_for_the_migration_lock_gives_up_within_the_startup_probe(rendered):
