@@ -146,8 +146,8 @@ def voice_config(settings: CommonSettings) -> VoiceConfig:
 
 # The default's cap: one process on 16 cores would admit 16 calls, and 16 recognisers would take the
 # voice process from ~1.7 GB to ~2.4 GB (bench/RESULTS.md, "Voice digit recognisers: count and
-# memory"); 4 keep it under 2 GB, and serve 4 / 0.2 s = 20 recognitions/s, more than such a process
-# verifies with AASIST on. Past 4 admitted calls, an explicit voice.digit_recognisers says it is meant.
+# memory"); 4 add ~100 MB to the 2-CPU pod's 2. At ~200 of a challenge Verify's ~930 ms of CPU, 16
+# busy calls keep ~3.4 recognising on average: with many more slots, set it explicitly (~50 MB each).
 DIGIT_RECOGNISERS_MAX = 4
 
 
