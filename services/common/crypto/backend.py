@@ -104,9 +104,9 @@ def retired_audit_key_file(settings: CommonSettings, key_id: str) -> Path:
 def has_retired_audit_key(settings: CommonSettings, key_id: str) -> bool:
     """Whether the private key of the retired audit key ``key_id`` is still here."""
     if settings.keys.backend == "pkcs11":
-        from .hsm import retired_audit_key
+        from .hsm import has_retired_audit_key as in_token
 
-        return retired_audit_key(_token(settings), key_id) is not None
+        return in_token(_token(settings), key_id)
     path = retired_audit_key_file(settings, key_id)
     try:
         return FileSigner.load(path).key_id == key_id
