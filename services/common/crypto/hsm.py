@@ -476,19 +476,41 @@ def create_audit_signer(token: Pkcs11Token, which: str = "audit") -> Pkcs11Signe
     return signer
 
 
-def switch_audit_signer(token: Pkcs11Token) -> None:
-    """Make the next audit key the audit key: relabel its objects ``audit``, then the old key's
-    ``audit-retired`` (kept: processes started before sign with it until they restart). In between
-    both are labelled ``audit`` and a process starting then takes either: both are trusted."""
+def switch_audit_signer(token: Pkcs11Token, to: str | None = None) -> None:
+    """Make the next audit key (``to``, its key id, else the one labelled ``audit-next``) the audit
+    key: relabel its objects ``audit``, then the old key's ``audit-retired`` (kept: processes started
+    before sign with it until they restart). In between both are labelled ``audit`` and a process
+    starting then takes either: both are trusted. Each pair's public object is relabelled before its
+    private one, so a switch interrupted anywhere leaves the next key's private object labelled
+    ``audit-next`` (a run again switches) or two private keys labelled ``audit``: then ``to``, the key
+    the trail introduced by the other (:func:`audit_signers`), finishes the switch."""
     C = token.p11.ObjectClass
     with token.same_session():
-        new_id = token.first_id(token.label("audit-next"), C.PRIVATE_KEY)
+        if to is None:
+            new_id = token.first_id(token.label("audit-next"), C.PRIVATE_KEY)
+        else:
+            found = _private_of(token, "audit-next", to) or _private_of(token, "audit", to)
+            new_id = None if found is None else _object_id(token, found)
         if new_id is None:
-            raise NoKeyError(f"token has no key labelled {token.label('audit-next')!r} (run `biogate audit new-key`)")
-        old_ids = {_object_id(token, o) for o in token.find(label=token.label("audit"), cls=C.PRIVATE_KEY)} - {new_id}
+            which = f"key {to} labelled {token.label('audit-next')!r} or {token.label('audit')!r}" if to else \
+                f"key labelled {token.label('audit-next')!r}"
+            raise NoKeyError(f"token has no {which} (run `biogate audit new-key`)")
+        old_ids = {_object_id(token, o) for o in token.find(label=token.label("audit"))} - {new_id}
         _relabel(token, "audit-next", new_id, "audit")
         for old_id in sorted(old_ids):
             _relabel(token, "audit", old_id, "audit-retired")
+
+
+def audit_signers(token: Pkcs11Token) -> list[Pkcs11Signer]:
+    """Every key whose private object is labelled ``audit``: one, or two after a switch interrupted
+    midway (:func:`switch_audit_signer`)."""
+    C, A = token.p11.ObjectClass, token.p11.Attribute
+
+    def read() -> list[tuple[bytes, PublicKey]]:
+        ids = sorted(bytes(o[A.ID]) for o in token.find(label=token.label("audit"), cls=C.PRIVATE_KEY))
+        return [(i, _public_of(token, i, token.label("audit"))) for i in ids]
+
+    return [Pkcs11Signer(token, i, public) for i, public in token.run(read)]
 
 
 def retired_audit_key(token: Pkcs11Token, key_id_: str) -> Any | None:
@@ -528,10 +550,18 @@ def _object_id(token: Pkcs11Token, obj: Any) -> bytes:
 
 
 def _relabel(token: Pkcs11Token, what: str, object_id: bytes, to: str) -> None:
-    """Relabel the objects (private and public key) ``what`` with ``object_id`` as ``to``."""
-    for obj in token.find(label=token.label(what), key_id=object_id):
-        with token.using():
-            obj[token.p11.Attribute.LABEL] = token.label(to)
+    """Relabel the objects ``what`` with ``object_id`` as ``to``: the public key, then the private
+    key (processes look the private one up by label: it moves last)."""
+    C = token.p11.ObjectClass
+    for cls in (C.PUBLIC_KEY, C.PRIVATE_KEY):
+        for obj in token.find(label=token.label(what), key_id=object_id, cls=cls):
+            _set_label(token, obj, token.label(to))
+
+
+def _set_label(token: Pkcs11Token, obj: Any, label: str) -> None:
+    """One write to the token (apart, so that tests interrupt a switch between any two)."""
+    with token.using():
+        obj[token.p11.Attribute.LABEL] = label
 
 
 # -- template key-encryption keys --------------------------------------------------------------
