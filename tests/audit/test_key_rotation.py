@@ -748,3 +748,28 @@ def test_a_switch_interrupted_between_its_token_writes_is_finished_by_a_run_agai
         assert _run(settings, ["audit", "verify"]) == 0
     finally:
         replica.close()
+
+
+def test_two_keys_labelled_the_audit_key_that_the_trail_does_not_link_are_not_switched(softhsm, tmp_path, capsys):
+    """A token with two keys labelled ``-audit`` and no introduction of one by the other (no switch
+    of switch-key's): the run is refused, naming both keys, with nothing relabelled or recorded."""
+    from services.common.crypto import hsm
+
+    settings = load_config(None, data_dir=str(tmp_path / "data"), keys=softhsm.keys_config(),
+                           storage={"dsn": f"sqlite:///{tmp_path / 'store.db'}"}, audit={"checkpoint_every": 4})
+    old = open_audit_signer(settings)
+    token = hsm.open_token(settings.keys.pkcs11)
+    stray = hsm.create_audit_signer(token, which="audit-next")  # never introduced
+    hsm._relabel(token, "audit-next", stray._object_id, "audit")
+    labels = _token_labels(settings)
+    storage = open_storage(settings.storage_dsn)
+    try:
+        records = len(_events(storage))
+        assert _run(settings, ["audit", "switch-key"]) == 2
+        err = capsys.readouterr().err
+        assert "refused: " in err and "nothing was changed" in err
+        assert f"the token labels 2 keys the audit key, {', '.join(sorted([old.key_id, stray.key_id]))}" in err
+        assert "introduces none of them by another" in err
+        assert _token_labels(settings) == labels and len(_events(storage)) == records
+    finally:
+        storage.close()
