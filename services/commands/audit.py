@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.common.audit.anchor import Anchored, DirectoryStore, anchor, anchored, unanchored
 from services.common.audit.chain import checkpoint_message
-from services.common.audit.continuity import trail_keys
+from services.common.audit.continuity import TrailKeys, trail_keys
 from services.common.audit.log import previous_audit_keys
 from services.common.audit.signing import key_map, load_public_key, public_key_pem
 from services.common.audit.verify import VerifyReport, verify
@@ -343,37 +343,61 @@ def cmd_new_key(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_switch_key(settings: Settings, args: argparse.Namespace) -> int:
     """Refused unless the trail introduces the next key: a head it signed would stop every service
-    that does not trust it."""
+    that does not trust it. A switch that stopped midway in the token (two keys labelled the audit
+    key, none the next) is finished: the key the trail introduced by the other is the next one."""
     from services.commands.keys import cli_actor
     from services.common.audit.log import AuditLog
     from services.common.crypto.backend import open_next_audit_signer, switch_audit_signer
     from services.common.crypto.provision import audit_failure, key_audit
 
     def switch(storage: Storage, current: Signer) -> int:
-        try:
-            nxt = open_next_audit_signer(settings)
-        except NoKeyError as exc:  # also what a second run finds after another operator's switch
-            print(f"refused: {exc}; the audit key is {current.key_id}; nothing was changed", file=sys.stderr)
-            return 2
         trail = trail_keys(storage.audit, [current.public_key, *previous_audit_keys(settings)])
+        details: dict[str, Any] = {"key": "audit-signing"}
+        try:
+            nxt, replaced = open_next_audit_signer(settings), current.key_id
+        except NoKeyError as exc:  # also what a second run finds after another operator's switch
+            half = _half_switched(settings, trail)
+            if isinstance(half, str):
+                print(f"refused: {exc}; the audit key is {current.key_id}{half}; nothing was changed", file=sys.stderr)
+                return 2
+            nxt, replaced = half
+            details["finishing"] = True
+            print(f"finishing the switch to the audit key {nxt.key_id} that stopped midway (the token labels it and "
+                  f"{replaced} as the audit key)")
         if nxt.key_id not in trail.introduced_at or nxt.key_id not in trail.keys:
             print(f"refused: the trail does not introduce the next audit key {nxt.key_id}; run `biogate audit "
                   "new-key` (it introduces the next key it finds); nothing was changed", file=sys.stderr)
             return 1
         audit = key_audit(AuditLog.for_operations(settings, storage, current), settings, cli_actor())
-        details = {"key": "audit-signing", "key_id": nxt.key_id, "replaces": {"key_id": current.key_id}}
+        details.update({"key_id": nxt.key_id, "replaces": {"key_id": replaced}})
         audit("keys.switching", details)
         try:
-            switch_audit_signer(settings)
+            switch_audit_signer(settings, nxt.key_id)
         except BaseException as exc:
             audit_failure(audit, "keys.switch_failed", details, exc)
             raise
         audit("keys.switched", details)
         print(f"the audit key is now {nxt.key_id} for every process that starts; restart the services one by one "
-              f"(those still running sign with {current.key_id} until then, and every one trusts both)")
+              f"(those still running sign with {replaced} until then, and every one trusts both)")
         return 0
 
     return _key_operation(settings, "audit switch-key", switch)
+
+
+def _half_switched(settings: Settings, trail: TrailKeys) -> tuple[Signer, str] | str:
+    """(the next key, the one it replaces) of a switch that stopped between its writes to the token,
+    when the trail introduces one of the keys labelled the audit key by another; else what to add to
+    the refusal."""
+    from services.common.crypto.backend import audit_signers
+
+    keys = {signer.key_id: signer for signer in audit_signers(settings)}
+    if len(keys) < 2:
+        return ""
+    for link in reversed(trail.links):
+        if link.key_id in keys and link.by_key_id in keys:
+            return keys[link.key_id], link.by_key_id
+    return (f" (the token labels {len(keys)} keys the audit key, {', '.join(sorted(keys))}, and the trail introduces "
+            "none of them by another: `biogate audit verify` names the keys the trail trusts)")
 
 
 def cmd_destroy_key(settings: Settings, args: argparse.Namespace) -> int:

@@ -51,7 +51,8 @@ PKCS11_RECONNECTS = Counter("biogate_pkcs11_reconnects_total", "Reconnects of th
                             ["outcome"])
 # Operations refused because a key of the token fails while the token answers (its stored value
 # unreadable, its type or attributes not those BioGate made), by key ("kek": a template
-# key-encryption key, "signing": the audit or an MFA decision-token key): FAILED_PRECONDITION
+# key-encryption key, "signing": the audit or an MFA decision-token key, "pseudonym": the
+# pseudonym root key): FAILED_PRECONDITION
 # KEY_STORE_KEY_INVALID, never retryable, unlike the reconnects above.
 PKCS11_KEY_FAILURES = Counter("biogate_pkcs11_key_failures_total",
                               "Operations refused because a key of the PKCS#11 token fails while the token answers",

@@ -670,3 +670,106 @@ def test_a_destruction_record_no_trusted_key_signed_stops_no_replica(settings, a
         assert replica.log.check_key() is None
     finally:
         replica.close()
+
+
+class Interrupted(BaseException):
+    """The switch-key process dying midway (as a kill would; the command lets it through)."""
+
+
+def _token_labels(settings) -> dict[str, set[bytes]]:
+    """The public keys (raw) of the objects, private and public, labelled each audit key label."""
+    from services.common.crypto.hsm import open_token
+
+    token = open_token(settings.keys.pkcs11)
+    C, A = token.p11.ObjectClass, token.p11.Attribute
+
+    def read() -> dict[str, set[bytes]]:
+        out: dict[str, set[bytes]] = {}
+        for which in ("audit", "audit-next", "audit-retired"):
+            for obj in token.find(label=token.label(which)):
+                (public,) = token.find(key_id=bytes(obj[A.ID]), cls=C.PUBLIC_KEY)
+                kind = "private" if int(obj[A.CLASS]) == int(C.PRIVATE_KEY) else "public"
+                out.setdefault(f"{which} {kind}", set()).add(token.public_key(public).public_bytes_raw())
+        return out
+
+    return token.run(read)
+
+
+@pytest.mark.parametrize("writes", [1, 2, 3])
+def test_a_switch_interrupted_between_its_token_writes_is_finished_by_a_run_again(softhsm, tmp_path, capsys,
+                                                                                    monkeypatch, writes):
+    """switch-key relabels the next key ``-audit`` (its public object, then its private one), then
+    the old one ``-audit-retired`` (the same). Before, interrupted between the two keys, a run again
+    found no ``-audit-next`` key and refused ("no next audit signing key"), two keys labelled
+    ``-audit`` left and no way on. Now, interrupted after any of its writes, a run again finishes the
+    switch, audited; a replica started in between signs with either key and the trail verifies."""
+    from services.common.crypto import hsm
+
+    settings = load_config(None, data_dir=str(tmp_path / "data"), keys=softhsm.keys_config(),
+                           storage={"dsn": f"sqlite:///{tmp_path / 'store.db'}"}, audit={"checkpoint_every": 4})
+    old = open_audit_signer(settings)
+    replica = Replica(settings)
+    try:
+        replica.write(2, [])
+        assert _run(settings, ["audit", "new-key"]) == 0
+        nxt = open_next_audit_signer(settings)
+        real, done = hsm._set_label, []
+
+        def set_label(*args):
+            if len(done) == writes:
+                raise Interrupted()
+            real(*args)
+            done.append(args)
+
+        monkeypatch.setattr(hsm, "_set_label", set_label)
+        with pytest.raises(Interrupted):
+            _run(settings, ["audit", "switch-key"])
+        monkeypatch.setattr(hsm, "_set_label", real)
+        capsys.readouterr()
+        replica.start()  # a process starting meanwhile takes either key: both are trusted
+        assert replica.key_id in (old.key_id, nxt.key_id)
+        replica.write(1, [])
+
+        assert _run(settings, ["audit", "switch-key"]) == 0
+        assert f"the audit key is now {nxt.key_id}" in capsys.readouterr().out
+        assert open_audit_signer(settings, create=False).key_id == nxt.key_id
+        new_raw, old_raw = nxt.public_key.public_bytes_raw(), old.public_key.public_bytes_raw()
+        assert _token_labels(settings) == {"audit private": {new_raw}, "audit public": {new_raw},
+                                           "audit-retired private": {old_raw}, "audit-retired public": {old_raw}}
+        switches = [(e, d["key_id"], d["replaces"]["key_id"], d.get("finishing", False))
+                    for e, d in _events(replica.storage) if e.startswith("keys.switch")]
+        finishing = writes >= 2  # the next key's private object relabelled: none is labelled -audit-next
+        assert switches == [("keys.switching", nxt.key_id, old.key_id, False),
+                            ("keys.switch_failed", nxt.key_id, old.key_id, False),
+                            ("keys.switching", nxt.key_id, old.key_id, finishing),
+                            ("keys.switched", nxt.key_id, old.key_id, finishing)]
+        replica.start()
+        replica.write(2, [])
+        assert _run(settings, ["audit", "verify"]) == 0
+    finally:
+        replica.close()
+
+
+def test_two_keys_labelled_the_audit_key_that_the_trail_does_not_link_are_not_switched(softhsm, tmp_path, capsys):
+    """A token with two keys labelled ``-audit`` and no introduction of one by the other (no switch
+    of switch-key's): the run is refused, naming both keys, with nothing relabelled or recorded."""
+    from services.common.crypto import hsm
+
+    settings = load_config(None, data_dir=str(tmp_path / "data"), keys=softhsm.keys_config(),
+                           storage={"dsn": f"sqlite:///{tmp_path / 'store.db'}"}, audit={"checkpoint_every": 4})
+    old = open_audit_signer(settings)
+    token = hsm.open_token(settings.keys.pkcs11)
+    stray = hsm.create_audit_signer(token, which="audit-next")  # never introduced
+    hsm._relabel(token, "audit-next", stray._object_id, "audit")
+    labels = _token_labels(settings)
+    storage = open_storage(settings.storage_dsn)
+    try:
+        records = len(_events(storage))
+        assert _run(settings, ["audit", "switch-key"]) == 2
+        err = capsys.readouterr().err
+        assert "refused: " in err and "nothing was changed" in err
+        assert f"the token labels 2 keys the audit key, {', '.join(sorted([old.key_id, stray.key_id]))}" in err
+        assert "introduces none of them by another" in err
+        assert _token_labels(settings) == labels and len(_events(storage)) == records
+    finally:
+        storage.close()

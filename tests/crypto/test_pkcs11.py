@@ -333,3 +333,41 @@ def test_replicas_opening_the_token_at_once_all_get_a_session(softhsm):
     outcomes = [p.communicate(timeout=300) for p in procs]
     for (out, err), p in zip(outcomes, procs):
         assert p.returncode == 0 and out.strip() == "opened", err[-2000:]
+
+
+def test_the_pseudonym_key_failing_in_a_token_that_answers_is_invalid_and_an_away_token_unavailable(
+        softhsm, tmp_path):
+    """The pseudonym root key's stored value unreadable in the token that answers: before, its
+    derivation raised the token's GeneralError unhandled (INTERNAL at the services' start or call);
+    now TokenKeyInvalidError names the key (KEY_STORE_KEY_INVALID), counted under "pseudonym". A
+    token that does not answer is TokenUnavailableError (retryable), and a keyring that derived the
+    key before keeps it."""
+    from services.common.crypto.errors import TokenKeyInvalidError, TokenUnavailableError
+    from services.common.crypto.hsm import Pkcs11Keyring, open_token
+    from tests.softhsm import hsm_away
+
+    keys = softhsm.keys_config()
+    cfg = make_settings(tmp_path / "data", keys=keys).keys.pkcs11.model_copy(update={"reconnect_interval_s": 0})
+    token = open_token(cfg)
+    keyring = Pkcs11Keyring(token)
+    before = objects(softhsm)
+    keyring.create_pseudonym_key("a7" * 8)
+    (path,) = objects(softhsm) - before
+    derived = keyring.pseudonym_key()
+    with hsm_away(softhsm):
+        with pytest.raises(TokenUnavailableError, match="is unreachable"):
+            Pkcs11Keyring(token, create=False).pseudonym_key()
+    corrupt_key_value(path)
+    try:
+        failures = key_failures("pseudonym")
+        label = f"{keys['pkcs11']['label_prefix']}-pseudonym"
+        with pytest.raises(TokenKeyInvalidError) as err:
+            Pkcs11Keyring(token, create=False).pseudonym_key()
+        assert not isinstance(err.value, TokenUnavailableError)
+        assert (f"the pseudonym root key (label {label!r}) in the PKCS#11 token {TOKEN_LABEL!r} fails: deriving the "
+                "pseudonym key (GeneralError); the token answers") in str(err.value)
+        assert key_failures("pseudonym") == failures + 1
+        assert keyring.pseudonym_key() == derived
+    finally:
+        with token.using():
+            token.first(token.label("pseudonym"), ObjectClass.SECRET_KEY).destroy()

@@ -282,3 +282,46 @@ def test_a_reconnect_in_the_middle_of_switching_the_audit_key_relabels_no_other_
         switch_audit_signer(k.token)  # once more, as the command says
     assert audit_signer(k.token, create=False).key_id == nxt.key_id
     assert changed() == {k.signer._object_id, nxt._object_id}
+
+
+def test_a_reconnect_between_looking_the_audit_key_up_and_reading_it_opens_the_audit_key(
+        softhsm, tmp_path, monkeypatch):
+    """Before, the audit key's lookup, the read of its id and the lookup of its public key were
+    separate calls on the token: after a reconnect between them the handle named another object of
+    the new session (the MFA's decision-token key, measured on SoftHSM2), and the audit signer signed
+    with that key under its id. Now the lookup and the reads hold one session."""
+    k = open_all(softhsm, tmp_path)
+    _fresh_session(softhsm, k.token)
+    _reconnected_after(monkeypatch, softhsm, k.token, "find",
+                       lambda: (k.jwt_signer.sign(b"claims"), k.crypto.decrypt_template(BINDING, k.sealed)))
+    signer = audit_signer(k.token, create=False)
+    assert signer.key_id == k.signer.key_id and signer._object_id == k.signer._object_id
+    assert verify_signature(k.signer.public_key, signer.sign(b"head"), b"head")
+
+
+def test_a_reconnect_between_looking_a_decision_token_key_up_and_signing_signs_with_that_key(
+        softhsm, tmp_path, monkeypatch):
+    """The MFA's vault looked a key's private object up, then its public one, in separate calls, and
+    the signer kept the private handle as one of the session after the reconnect: it signed with the
+    audit key under the decision-token key's kid (measured on SoftHSM2)."""
+    k = open_all(softhsm, tmp_path)
+    entry = {"kid": k.jwt_signer.key_id, "created": None, "retired": None}
+    _fresh_session(softhsm, k.token)
+    _reconnected_after(monkeypatch, softhsm, k.token, "find",
+                       lambda: (k.signer.sign(b"head"), k.crypto.decrypt_template(BINDING, k.sealed)))
+    signer = Pkcs11KeyVault(k.token).signer(entry)
+    assert signer.public_key.public_bytes_raw() == k.jwt_signer.public_key.public_bytes_raw()
+    assert verify_signature(k.jwt_signer.public_key, signer.sign(b"claims"), b"claims")
+
+
+def test_a_reconnect_between_looking_the_pseudonym_key_up_and_reading_its_id_reads_its_id(
+        softhsm, tmp_path, monkeypatch):
+    """pseudonym_key_id() read the id of a handle looked up in an earlier call: after a reconnect in
+    between, another object's (the audit key's), and `biogate migrate` would take the pseudonym key
+    for made when it is not, or audit another id."""
+    k = open_all(softhsm, tmp_path)
+    k.keyring.create_pseudonym_key("5e" * 8)
+    _fresh_session(softhsm, k.token)
+    _reconnected_after(monkeypatch, softhsm, k.token, "find",
+                       lambda: (k.signer.sign(b"head"), k.jwt_signer.sign(b"claims")))
+    assert k.keyring.pseudonym_key_id() == "5e" * 8

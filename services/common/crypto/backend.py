@@ -72,15 +72,16 @@ def open_next_audit_signer(settings: CommonSettings) -> Signer:
         raise NoKeyError(f"{path}: no next audit signing key (run `biogate audit new-key`)") from None
 
 
-def switch_audit_signer(settings: CommonSettings) -> None:
+def switch_audit_signer(settings: CommonSettings, to: str | None = None) -> None:
     """Make the next audit key the audit key of every process that opens it from now on; the old
     one is kept (file ``<name>.retired-<fingerprint>.pem``, token label ``...-audit-retired``):
     processes started before keep signing with it until they restart (then `biogate audit
-    destroy-key` destroys it)."""
+    destroy-key` destroys it). ``to``: the next key's id, which finishes a switch interrupted in the
+    token (:func:`audit_signers`); the file backend's switch, run again, finishes without it."""
     if settings.keys.backend == "pkcs11":
         from .hsm import switch_audit_signer as switch_in_token
 
-        switch_in_token(_token(settings))
+        switch_in_token(_token(settings), to)
         return
     current, nxt = settings.audit_signing_key_file, next_audit_key_file(settings)
     if not nxt.exists():
@@ -90,6 +91,17 @@ def switch_audit_signer(settings: CommonSettings) -> None:
         os.link(current, retired)
     os.replace(nxt, current)  # one step: a process starting meanwhile finds the old key or the new one
     _fsync_dir(current.parent)
+
+
+def audit_signers(settings: CommonSettings) -> list[Signer]:
+    """Every key that is the audit key now: one; two in the token after a switch interrupted between
+    its writes (both trusted, a process starting takes either), which `biogate audit switch-key`
+    finishes."""
+    if settings.keys.backend == "pkcs11":
+        from .hsm import audit_signers as in_token
+
+        return list(in_token(_token(settings)))
+    return [open_audit_signer(settings, create=False)]
 
 
 AUDIT_KEY_DESTRUCTION = {"file": "file: overwritten and unlinked", "pkcs11": "pkcs11: private key object destroyed"}
@@ -104,9 +116,9 @@ def retired_audit_key_file(settings: CommonSettings, key_id: str) -> Path:
 def has_retired_audit_key(settings: CommonSettings, key_id: str) -> bool:
     """Whether the private key of the retired audit key ``key_id`` is still here."""
     if settings.keys.backend == "pkcs11":
-        from .hsm import retired_audit_key
+        from .hsm import has_retired_audit_key as in_token
 
-        return retired_audit_key(_token(settings), key_id) is not None
+        return in_token(_token(settings), key_id)
     path = retired_audit_key_file(settings, key_id)
     try:
         return FileSigner.load(path).key_id == key_id

@@ -368,26 +368,37 @@ class Pkcs11Token:
             for obj in self.find(key_id=key_id):
                 obj.destroy()
 
-    def first_by_id(self, objects: list[Any]) -> Any | None:
+    def first(self, label: str, cls: Any) -> Any | None:
+        """Of the objects labelled ``label`` of class ``cls``, the one with the lowest CKA_ID (the one
+        every process takes where several were made at once), or None. Its handle names that object
+        only in the session that found it: call it inside :meth:`run` or :meth:`same_session`, and
+        let no handle out (:meth:`first_id` reads the id)."""
+        A = self.p11.Attribute
         with self.using():
-            return min(objects, key=lambda o: bytes(o[self.p11.Attribute.ID]), default=None)
+            return min(self.find(label=label, cls=cls), key=lambda o: bytes(o[A.ID]), default=None)
+
+    def first_id(self, label: str, cls: Any) -> bytes | None:
+        """The CKA_ID of :meth:`first`, read in the session that found it."""
+        A = self.p11.Attribute
+        return self.run(lambda: None if (found := self.first(label, cls)) is None else bytes(found[A.ID]))
 
 
 class Pkcs11Signer:
-    """A :class:`~services.common.crypto.signing.Signer` whose private key is in the token."""
+    """A :class:`~services.common.crypto.signing.Signer` whose private key is in the token, named by
+    its CKA_ID: its handle is looked up in the session each signature runs in, never taken from
+    the caller (a handle looked up in an earlier call may name another object after a reconnect)."""
 
-    def __init__(self, token: Pkcs11Token, private_obj: Any, public_key: PublicKey, kid: str | None = None) -> None:
-        self._token, self._key = token, private_obj
-        with token.using():
-            self._object_id = bytes(private_obj[token.p11.Attribute.ID])
-            self._generation = token.generation
+    def __init__(self, token: Pkcs11Token, object_id: bytes, public_key: PublicKey, kid: str | None = None) -> None:
+        self._token, self._object_id = token, object_id
+        self._key: Any = None
+        self._generation = -1
         self.public_key = public_key
         self.algorithm = algorithm_of(public_key)
         self.key_id = kid or key_id(public_key)
 
     def _private(self) -> Any:
         """The private key's handle in the token's current session (looked up by its CKA_ID)."""
-        if self._generation != self._token.generation:
+        if self._key is None or self._generation != self._token.generation:
             found = self._token.find(key_id=self._object_id, cls=self._token.p11.ObjectClass.PRIVATE_KEY)
             if not found:
                 raise KeyringError(f"token key {self.key_id!r} is gone")
@@ -418,29 +429,37 @@ class Pkcs11Signer:
         return f"Pkcs11Signer({self.key_id})"
 
 
-def _pair(token: Pkcs11Token, label: str, create: bool) -> tuple[Any, Any]:
-    """The (public, private) objects of the single-instance key pair labelled ``label``."""
+def _pair(token: Pkcs11Token, label: str, create: bool) -> tuple[bytes, PublicKey]:
+    """The private key's CKA_ID and the public key of the single-instance key pair labelled ``label``."""
     C = token.p11.ObjectClass
-    private = token.first_by_id(token.find(label=label, cls=C.PRIVATE_KEY))
-    if private is None:
+
+    def read() -> tuple[bytes, PublicKey] | None:
+        private_id = token.first_id(label, C.PRIVATE_KEY)
+        return None if private_id is None else (private_id, _public_of(token, private_id, label))
+
+    found = token.run(read)
+    if found is None:
         if not create:
             raise NoKeyError(f"token has no key labelled {label!r} (run `biogate migrate`)")
         token.new_ed25519(label, secrets.token_bytes(8))
-        private = token.first_by_id(token.find(label=label, cls=C.PRIVATE_KEY))
-        if private is None:
+        found = token.run(read)
+        if found is None:
             raise KeyringError(f"token did not keep the key labelled {label!r} it was asked to create")
-    kid = bytes(private[token.p11.Attribute.ID])
-    public = token.find(key_id=kid, cls=C.PUBLIC_KEY)
+    return found
+
+
+def _public_of(token: Pkcs11Token, object_id: bytes, what: str) -> PublicKey:
+    """The public key of the pair ``object_id`` (inside the session of the caller's lookup)."""
+    public = token.find(key_id=object_id, cls=token.p11.ObjectClass.PUBLIC_KEY)
     if not public:
-        raise KeyringError(f"token key {label!r} has no public key object")
-    return public[0], private
+        raise KeyringError(f"token key {what!r} has no public key object")
+    return token.public_key(public[0])
 
 
 def audit_signer(token: Pkcs11Token, create: bool = True, which: str = "audit") -> Pkcs11Signer:
     """The audit signing key (``which``: ``audit``, or ``audit-next``, the key `biogate audit
     new-key` made and `biogate audit switch-key` makes the audit key)."""
-    public, private = _pair(token, token.label(which), create)
-    return Pkcs11Signer(token, private, token.public_key(public))
+    return Pkcs11Signer(token, *_pair(token, token.label(which), create))
 
 
 def create_audit_signer(token: Pkcs11Token, which: str = "audit") -> Pkcs11Signer:
@@ -451,35 +470,64 @@ def create_audit_signer(token: Pkcs11Token, which: str = "audit") -> Pkcs11Signe
     mine = secrets.token_bytes(8)
     token.new_ed25519(label, mine)
     signer = audit_signer(token, create=False, which=which)
-    first = token.first_by_id(token.find(label=label, cls=token.p11.ObjectClass.PRIVATE_KEY))
-    with token.using():
-        chosen = bytes(first[token.p11.Attribute.ID]) if first is not None else None
-    if chosen != mine:  # another process made one at the same moment; every process signs with the first
+    if signer._object_id != mine:  # another process made one at the same moment; every process signs with the first
         token.destroy_pair(mine)
         raise KeyCreatedElsewhereError(f"another process made the key labelled {label!r} meanwhile")
     return signer
 
 
-def switch_audit_signer(token: Pkcs11Token) -> None:
-    """Make the next audit key the audit key: relabel its objects ``audit``, then the old key's
-    ``audit-retired`` (kept: processes started before sign with it until they restart). In between
-    both are labelled ``audit`` and a process starting then takes either: both are trusted."""
+def switch_audit_signer(token: Pkcs11Token, to: str | None = None) -> None:
+    """Make the next audit key (``to``, its key id, else the one labelled ``audit-next``) the audit
+    key: relabel its objects ``audit``, then the old key's ``audit-retired`` (kept: processes started
+    before sign with it until they restart). In between both are labelled ``audit`` and a process
+    starting then takes either: both are trusted. Each pair's public object is relabelled before its
+    private one, so a switch interrupted anywhere leaves the next key's private object labelled
+    ``audit-next`` (a run again switches) or two private keys labelled ``audit``: then ``to``, the key
+    the trail introduced by the other (:func:`audit_signers`), finishes the switch."""
     C = token.p11.ObjectClass
     with token.same_session():
-        nxt = token.first_by_id(token.find(label=token.label("audit-next"), cls=C.PRIVATE_KEY))
-        if nxt is None:
-            raise NoKeyError(f"token has no key labelled {token.label('audit-next')!r} (run `biogate audit new-key`)")
-        new_id = _object_id(token, nxt)
-        old_ids = {_object_id(token, o) for o in token.find(label=token.label("audit"), cls=C.PRIVATE_KEY)} - {new_id}
+        if to is None:
+            new_id = token.first_id(token.label("audit-next"), C.PRIVATE_KEY)
+        else:
+            found = _private_of(token, "audit-next", to) or _private_of(token, "audit", to)
+            new_id = None if found is None else _object_id(token, found)
+        if new_id is None:
+            which = f"key {to} labelled {token.label('audit-next')!r} or {token.label('audit')!r}" if to else \
+                f"key labelled {token.label('audit-next')!r}"
+            raise NoKeyError(f"token has no {which} (run `biogate audit new-key`)")
+        old_ids = {_object_id(token, o) for o in token.find(label=token.label("audit"))} - {new_id}
         _relabel(token, "audit-next", new_id, "audit")
         for old_id in sorted(old_ids):
             _relabel(token, "audit", old_id, "audit-retired")
 
 
+def audit_signers(token: Pkcs11Token) -> list[Pkcs11Signer]:
+    """Every key whose private object is labelled ``audit``: one, or two after a switch interrupted
+    midway (:func:`switch_audit_signer`)."""
+    C, A = token.p11.ObjectClass, token.p11.Attribute
+
+    def read() -> list[tuple[bytes, PublicKey]]:
+        ids = sorted(bytes(o[A.ID]) for o in token.find(label=token.label("audit"), cls=C.PRIVATE_KEY))
+        return [(i, _public_of(token, i, token.label("audit"))) for i in ids]
+
+    return [Pkcs11Signer(token, i, public) for i, public in token.run(read)]
+
+
 def retired_audit_key(token: Pkcs11Token, key_id_: str) -> Any | None:
-    """The private object of the retired audit key ``key_id_`` (labelled ``audit-retired``), or None."""
+    """The private object of the retired audit key ``key_id_`` (labelled ``audit-retired``), or None;
+    a handle of the caller's session (:meth:`Pkcs11Token.same_session`)."""
+    return _private_of(token, "audit-retired", key_id_)
+
+
+def has_retired_audit_key(token: Pkcs11Token, key_id_: str) -> bool:
+    return token.run(lambda: retired_audit_key(token, key_id_) is not None)
+
+
+def _private_of(token: Pkcs11Token, which: str, key_id_: str) -> Any | None:
+    """The private object labelled ``which`` whose public key is ``key_id_``, or None (a handle of
+    the caller's session)."""
     C = token.p11.ObjectClass
-    for private in token.find(label=token.label("audit-retired"), cls=C.PRIVATE_KEY):
+    for private in token.find(label=token.label(which), cls=C.PRIVATE_KEY):
         public = token.find(key_id=_object_id(token, private), cls=C.PUBLIC_KEY)
         if public and key_id(token.public_key(public[0])) == key_id_:
             return private
@@ -502,10 +550,18 @@ def _object_id(token: Pkcs11Token, obj: Any) -> bytes:
 
 
 def _relabel(token: Pkcs11Token, what: str, object_id: bytes, to: str) -> None:
-    """Relabel the objects (private and public key) ``what`` with ``object_id`` as ``to``."""
-    for obj in token.find(label=token.label(what), key_id=object_id):
-        with token.using():
-            obj[token.p11.Attribute.LABEL] = token.label(to)
+    """Relabel the objects ``what`` with ``object_id`` as ``to``: the public key, then the private
+    key (processes look the private one up by label: it moves last)."""
+    C = token.p11.ObjectClass
+    for cls in (C.PUBLIC_KEY, C.PRIVATE_KEY):
+        for obj in token.find(label=token.label(what), key_id=object_id, cls=cls):
+            _set_label(token, obj, token.label(to))
+
+
+def _set_label(token: Pkcs11Token, obj: Any, label: str) -> None:
+    """One write to the token (apart, so that tests interrupt a switch between any two)."""
+    with token.using():
+        obj[token.p11.Attribute.LABEL] = label
 
 
 # -- template key-encryption keys --------------------------------------------------------------
@@ -680,17 +736,10 @@ class Pkcs11Keyring:
             return type(exc).__name__
         return "" if back == _KCV_MESSAGE else "it decrypted to other bytes"
 
-    def _pseudonym_object(self) -> Any | None:
-        t = self.token
-        return t.first_by_id(t.find(label=t.label("pseudonym"), cls=t.p11.ObjectClass.SECRET_KEY))
-
     def pseudonym_key_id(self) -> str | None:
         """The token object id (hex) of the pseudonym root key, None when the token has none."""
-        key = self._pseudonym_object()
-        if key is None:
-            return None
-        with self.token.using():
-            return bytes(key[self.token.p11.Attribute.ID]).hex()
+        found = self.token.first_id(self.token.label("pseudonym"), self.token.p11.ObjectClass.SECRET_KEY)
+        return None if found is None else found.hex()
 
     def create_pseudonym_key(self, key_id_hex: str) -> None:
         """Make the pseudonym root key under the object id ``key_id_hex`` (its creation is audited by
@@ -698,17 +747,33 @@ class Pkcs11Keyring:
         self.token.new_secret("hmac", self.token.label("pseudonym"), bytes.fromhex(key_id_hex))
 
     def pseudonym_key(self) -> bytes:
+        """The pseudonym key, derived in the token once. No input makes the derivation fail: a
+        GeneralError or a refused key type is the key's (TokenKeyInvalidError), a device's fault the
+        token's (TokenUnavailableError, as is a token that does not answer)."""
         if self._pseudonym is None:
-            t = self.token
+            t, E = self.token, self.token.p11.exceptions
+            label = t.label("pseudonym")
 
             def derive() -> bytes:
-                key = self._pseudonym_object()
+                key = t.first(label, t.p11.ObjectClass.SECRET_KEY)
                 if key is None:  # made, audited, by services.common.crypto.provision.ensure_keys
-                    raise NoKeyError(f"token has no key labelled {t.label('pseudonym')!r} (run `biogate migrate`)")
+                    raise NoKeyError(f"token has no key labelled {label!r} (run `biogate migrate`)")
+                denied = _denied(key, ("sign",))
+                if denied:
+                    raise self._pseudonym_invalid(label, denied)
                 return bytes(key.sign(_PSEUDONYM_LABEL, mechanism=t.p11.Mechanism.SHA256_HMAC))
 
-            self._pseudonym = t.run(derive)
+            try:
+                self._pseudonym = t.run(derive)
+            except (E.GeneralError, *_key_faults(E)) as exc:
+                raise self._pseudonym_invalid(label, type(exc).__name__) from None
+            except _device_faults(E) as exc:
+                raise _faulty(t.cfg, f"deriving the pseudonym key ({type(exc).__name__})") from None
         return self._pseudonym
+
+    def _pseudonym_invalid(self, label: str, why: str) -> TokenKeyInvalidError:
+        return _key_failed(self.token.cfg, "pseudonym", f"pseudonym root key (label {label!r})",
+                           f"deriving the pseudonym key ({why})")
 
     def add_key(self, cipher: str | None = None, key_id: str | None = None) -> KeyInfo:
         if cipher not in (None, _CIPHER):
@@ -789,12 +854,14 @@ class Pkcs11KeyVault:
         kid = entry["kid"]
         hit = self._signers.get(kid)
         if hit is None:
-            C = self.token.p11.ObjectClass
-            private = self.token.find(key_id=kid.encode(), cls=C.PRIVATE_KEY)
-            public = self.token.find(key_id=kid.encode(), cls=C.PUBLIC_KEY)
-            if not private or not public:
-                raise KeyringError(f"token key {kid!r} is gone")
-            hit = self._signers[kid] = Pkcs11Signer(self.token, private[0], self.token.public_key(public[0]), kid)
+            C, t = self.token.p11.ObjectClass, self.token
+
+            def read() -> PublicKey:
+                if not t.find(key_id=kid.encode(), cls=C.PRIVATE_KEY):
+                    raise KeyringError(f"token key {kid!r} is gone")
+                return _public_of(t, kid.encode(), kid)
+
+            hit = self._signers[kid] = Pkcs11Signer(t, kid.encode(), t.run(read), kid)
         return hit
 
     def destroy(self, entry: dict[str, Any]) -> None:
