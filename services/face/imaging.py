@@ -280,7 +280,7 @@ def _bound_jpeg(im: Image.Image, data: bytes, limits: DecodeLimits) -> JpegStruc
         raise ImageDecodeError(DecodeErrorCode.IMAGE_TOO_LARGE, f"{width}x{height} {kind} > {limit} pixels")
     scale = next(k for k in (2, 4, 8) if math.ceil(width / k) * math.ceil(height / k) <= limits.max_pixels
                  or k == 8)
-    im.draft(im.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+    im.draft(im.mode, (width // scale, height // scale))  # Pillow's draft takes the scale from whole quotients
     if im.size[0] * im.size[1] > limits.max_pixels:
         raise ImageDecodeError(DecodeErrorCode.IMAGE_TOO_LARGE, f"{width}x{height} > {limits.max_pixels} pixels")
     return structure

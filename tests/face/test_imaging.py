@@ -189,3 +189,10 @@ def test_a_jpeg_cut_anywhere_in_its_scan_is_refused(face_dir):
     for cut in (0.5, 0.9, 0.99):
         assert _code(data[: int(len(data) * cut)]) is DecodeErrorCode.TRUNCATED_IMAGE
     assert _code(data[:-2]) is DecodeErrorCode.TRUNCATED_IMAGE  # all but the end marker
+
+
+def test_a_large_baseline_jpeg_of_odd_sides_is_decoded_scaled_down_too():
+    """Pillow's draft picks the scale from whole quotients: asked for the rounded-up 1/2 size of a
+    5001 px side (2501), it kept the full size, and a 20 MP photo was refused as too large."""
+    out = decode_image(_encode(Image.new("RGB", (5001, 4001), (10, 200, 30)), "JPEG"))
+    assert out.shape == (2001, 2501, 3)
