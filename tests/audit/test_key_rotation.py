@@ -296,9 +296,9 @@ def test_the_audit_key_rotates_in_the_token(softhsm, tmp_path, capsys):
         labels = {}
         for which in ("audit", "audit-next", "audit-retired"):
             found = token.find(label=token.label(which), cls=C.PUBLIC_KEY)
-            labels[which] = {token.public_key(o).public_bytes_raw() for o in found}
-        assert labels == {"audit": {b.log._signer.public_key.public_bytes_raw()}, "audit-next": set(),
-                          "audit-retired": {old.public_key.public_bytes_raw()}}
+            labels[which] = {public_key_pem(token.public_key(o)) for o in found}
+        assert labels == {"audit": {public_key_pem(b.log._signer.public_key)}, "audit-next": set(),
+                          "audit-retired": {public_key_pem(old.public_key)}}
     finally:
         a.close()
         b.close()
@@ -413,7 +413,7 @@ def test_a_retired_key_is_destroyed_in_the_token(softhsm, tmp_path, capsys):
         assert _run(settings, ["audit", "destroy-key", old.key_id]) == 0
         assert retired(C.PRIVATE_KEY) == []
         (public,) = retired(C.PUBLIC_KEY)
-        assert token.public_key(public).public_bytes_raw() == old.public_key.public_bytes_raw()
+        assert public_key_pem(token.public_key(public)) == public_key_pem(old.public_key)
         ((_, details),) = _destroyed_records(replica.storage)
         assert details["backend"] == "pkcs11" and details["how"] == "pkcs11: private key object destroyed"
         replica.write(2, [])
