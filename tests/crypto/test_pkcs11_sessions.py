@@ -24,6 +24,7 @@ from services.common.crypto.hsm import (
 )
 from services.common.crypto.signing import verify_signature
 from services.common.runtime import Runtime
+from services.common.storage import SqlStorage
 from tests.conftest import make_settings
 from tests.softhsm import PIN, TOKEN_LABEL, hsm_away, restart_hsm
 
@@ -152,6 +153,7 @@ def test_a_write_whose_audit_record_cannot_be_signed_is_not_written(softhsm, tmp
     rt = Runtime.open(make_settings(tmp_path / "data", keys=keys))
     try:
         envelope = rt.crypto.encrypt_contact("bank-a", "cust-1", "+8613800000001")
+        assert isinstance(rt.storage, SqlStorage)
         with rt.storage.db.read() as q:
             records = q.one("SELECT COUNT(*) FROM audit_records")[0]
         with hsm_away(softhsm), pytest.raises(TokenUnavailableError):
