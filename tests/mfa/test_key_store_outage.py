@@ -4,6 +4,8 @@ naming it, writes nothing, and serves again when it is back, without a restart."
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,7 +14,8 @@ from prometheus_client import REGISTRY
 from services.common.api.v1 import mfa_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
 from services.common.runtime import Runtime
-from tests.conftest import ServiceHarness
+from services.common.storage import SqlStorage
+from tests.conftest import ServiceHarness, present
 from tests.mfa.conftest import settings_for, setup_subject, subject
 from tests.softhsm import PIN, TOKEN_LABEL, hsm_away, restart_hsm
 
@@ -22,6 +25,7 @@ def reconnects(outcome: str) -> float:
 
 
 def audit_count(rt: Runtime) -> int:
+    assert isinstance(rt.storage, SqlStorage)
     with rt.storage.db.read() as q:
         return q.one("SELECT COUNT(*) FROM audit_records")[0]
 
@@ -48,7 +52,7 @@ def test_the_mfa_survives_an_hsm_restart_and_outage(softhsm, tmp_path):
                 with pytest.raises(grpc.RpcError) as err:
                     call.SetPhoneNumber(mfa_pb2.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800000009"))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            message = err.value.details()
+            message = err.value.details() or ""
             assert f"the PKCS#11 token {TOKEN_LABEL!r} is unreachable" in message and PIN not in message
             info = details_of(err.value)
             assert info["reason"] == "KEY_STORE_UNAVAILABLE" and info["retry_delay_s"] >= 1
@@ -56,7 +60,7 @@ def test_the_mfa_survives_an_hsm_restart_and_outage(softhsm, tmp_path):
 
             # back: served again by the same process
             call.SetPhoneNumber(mfa_pb2.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800000009"))
-            envelope, _ = rt.storage.subjects.get_phone(ref.tenant_id, ref.subject_id)
+            envelope, _ = present(rt.storage.subjects.get_phone(ref.tenant_id, ref.subject_id))
             assert rt.crypto.decrypt_contact(ref.tenant_id, ref.subject_id, envelope) == "+8613800000009"
             assert audit_count(rt) == records + 1
     finally:
@@ -72,7 +76,7 @@ def test_readiness_is_not_serving_only_while_the_token_cannot_be_reconnected(sof
     S = health_pb2.HealthCheckResponse
     try:
         with harness.channel("mfa") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
+            health: Any = health_pb2_grpc.HealthStub(channel)  # its stubs declare none of its methods
             name = mfa_pb2.DESCRIPTOR.services_by_name["MfaService"].full_name
             watch = health.Watch(health_pb2.HealthCheckRequest(service=name), timeout=120)
             assert next(watch).status == S.SERVING
