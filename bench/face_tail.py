@@ -118,7 +118,7 @@ def probe_serve(argv: list[str]) -> int:
         frozen.append(gc.get_freeze_count())
 
     bootstrap.RunningServer._warm_up = p_warm_up  # type: ignore[method-assign]
-    interceptor._Call.__enter__, interceptor._Call.admit, interceptor._Call._finish = p_enter, p_admit, p_finish  # type: ignore[method-assign]
+    interceptor._Call.__enter__, interceptor._Call.admit, interceptor._Call._finish = p_enter, p_admit, p_finish  # type: ignore[method-assign]  # the probes
     batching.Inline.submit_many = p_submit_many  # type: ignore[method-assign]
 
     def dump() -> None:
