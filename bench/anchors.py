@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from services.common.audit import AuditLog, AuditSigner
 from services.common.audit.anchor import DirectoryStore, anchor, anchored
@@ -43,7 +45,7 @@ def main() -> None:
         store = DirectoryStore(Path(tmp) / "worm")
         first = anchor(storage.audit, store, signer.public_key)
         print(f"made {a.anchors} records and {len(first.written)} anchors in {time.perf_counter() - t:.0f} s")
-        arms = {
+        arms: dict[str, Callable[[], Any]] = {
             "anchored (verify --anchors)": lambda: anchored(store, signer.public_key, storage.audit),
             "anchored full": lambda: anchored(store, signer.public_key, storage.audit, full=True),
             "anchor (the CronJob)": lambda: anchor(storage.audit, store, signer.public_key),

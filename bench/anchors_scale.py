@@ -66,7 +66,7 @@ def child(arm: str, dsn: str, path: str, key: str) -> None:
     elif arm == "walk":
         problems = verify_trail(storage.audit, public_key).problems
     elif arm == "export":
-        audit_cli._storage = lambda settings: storage  # type: ignore[assignment]  # the bench's storage, not the settings'
+        audit_cli._storage = lambda settings: storage  # the bench's storage, not the settings'
         with open(os.devnull, "w") as out, contextlib.redirect_stdout(out):
             problems = [] if audit_cli.cmd_export_checkpoints(Settings(), argparse.Namespace()) == 0 else ["failed"]
         storage = open_storage(dsn)  # the command closed its own

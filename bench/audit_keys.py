@@ -44,7 +44,8 @@ def populate(storage, signer, n: int, every: int = EVERY) -> None:
     db = storage.audit._db
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     prev = None
-    rows, cps = [], []
+    rows: list[AuditRow] = []
+    cps: list[AuditCheckpoint] = []
     with db.transaction() as s:
         def flush() -> None:
             for table, cls, items in (("audit_records", AuditRow, rows), ("audit_checkpoints", AuditCheckpoint, cps)):
@@ -65,6 +66,7 @@ def populate(storage, signer, n: int, every: int = EVERY) -> None:
             if len(rows) == 20000:
                 flush()
         flush()
+        assert prev is not None
         s.execute("INSERT INTO audit_head (id, seq, hash, signature, key_id) VALUES (1, ?, ?, ?, ?)",
                   values(AuditHead(n, prev, signer.sign(head_message(n, prev)), signer.key_id)))
 
@@ -101,7 +103,9 @@ def one(backend: str, n: int, rounds: int, tmp: Path) -> None:
                 c.execute("ANALYZE")  # as autovacuum would have by then
         print(f"{backend}: {n:,} records, {n // EVERY:,} checkpoints made in {time.perf_counter() - t:.0f} s")
         print("  plan: " + " | ".join(plan(storage)))
-        lookups, firsts, seconds = [], [], []
+        lookups: list[float] = []
+        firsts: list[float] = []
+        seconds: list[float] = []
         for _ in range(rounds):
             switched.append("face.verified", "svc", "bank-a")  # the head is the new key's again
             t = time.perf_counter()

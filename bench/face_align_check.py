@@ -39,11 +39,11 @@ ARMS = {"norm_crop": old_align, "closed form": align.align_face}
 def analyse_all(p: FacePipeline, images: dict[str, np.ndarray]) -> dict[str, dict]:
     out = {}
     for arm, fn in ARMS.items():
-        pipeline_module.align_face = fn  # type: ignore[attr-defined]
+        pipeline_module.align_face = fn
         c = time.process_time()
         out[arm] = {k: (p.analyse_image(im, liveness=True), p.analyse_image(im, upright=True)) for k, im in images.items()}
         print(f"{arm}: {len(images)} images analysed twice in {time.process_time() - c:.1f} CPU s", flush=True)
-    pipeline_module.align_face = align.align_face  # type: ignore[attr-defined]
+    pipeline_module.align_face = align.align_face
     return out
 
 
@@ -99,7 +99,10 @@ def main() -> None:
         except NotCalibrated:
             pass
     for arm, r in res.items():
-        gen, imp, fail, decisions, scores = [], [], 0, [], []
+        gen: list[float] = []
+        imp: list[float] = []
+        decisions: list[tuple[bool, ...] | None] = []
+        fail, scores = 0, []
         for row in rows:
             e, q = r[row["enroll"]][1], r[row["probe"]][0]  # enrolment turns upright; a probe is plain
             if not (e.accepted and q.accepted):

@@ -13,7 +13,10 @@ import json
 import statistics
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +27,7 @@ from services.common.evaluation.trials import read_pad, read_trials
 from services.common.models import ModelStore, ModelUnavailableError
 from services.face import liveness as lv
 from services.face.align import align_face
+from services.face.config import FaceSettings
 from services.face.evaluation import FaceVerificationScorer
 from services.face.imaging import decode_image
 from services.face.models import detector_config, embedder_config, liveness_specs
@@ -85,6 +89,7 @@ def verification(store: ModelStore, pads: list[float], detectors) -> list[dict]:
 
 def pad_variants(store: ModelStore, detectors) -> list[dict]:
     samples = read_pad(FIXTURES / "pad_face.csv", FIXTURES)
+    assert isinstance(store.settings, FaceSettings)
     specs = liveness_specs(store, store.settings.face.liveness)
     live = lv.PassiveLiveness(specs)
     images = [decode_image(s.path.read_bytes()) for s in samples]
@@ -140,27 +145,29 @@ def latency(store: ModelStore, n: int) -> list[dict]:
                 "face/verification/bbt_amy/faceapi_amy1.png"):
         data = (FIXTURES / rel).read_bytes()
         img = decode_image(data)
-        stages = {"decode": lambda data=data: decode_image(data)}
+        stages: dict[str, Callable[[], Any]] = {"decode": partial(decode_image, data)}
         face = None
         for det in ("yunet-2023mar", "scrfd-500m"):
             d = build_detector(detector_config(store, det), cpu)
-            stages[f"detect {det}"] = lambda d=d, img=img: d.detect(img)
+            stages[f"detect {det}"] = partial(d.detect, img)
             face = face or max(d.detect(img), key=lambda f: f.size)
+        assert face is not None
         aligned = align_face(img, face)
-        stages["align"] = lambda img=img, face=face: align_face(img, face)
-        stages["quality"] = lambda img=img, face=face, aligned=aligned: assess(img.shape, face, aligned)
+        stages["align"] = partial(align_face, img, face)
+        stages["quality"] = partial(assess, img.shape, face, aligned)
         from services.face.pipeline import build_embedder
 
         for label, eid in EMBEDDERS.items():
             e = build_embedder(embedder_config(store, eid), cpu)
-            stages[f"embed {label}"] = lambda e=e, aligned=aligned: e.embed(aligned[None])
+            stages[f"embed {label}"] = partial(e.embed, aligned[None])
+        assert isinstance(store.settings, FaceSettings)
         live = lv.PassiveLiveness(liveness_specs(store, store.settings.face.liveness), providers=cpu)
-        stages["liveness (2 models)"] = lambda live=live, img=img, face=face: live.score(img, face)
+        stages["liveness (2 models)"] = partial(live.score, img, face)
         from services.face.models import pipeline_config
 
         p = FacePipeline(pipeline_config(store, providers=cpu))
-        stages["pipeline analyse (default, no liveness)"] = lambda p=p, data=data: p.analyse(data)
-        stages["pipeline analyse (default + liveness)"] = lambda p=p, data=data: p.analyse(data, liveness=True)
+        stages["pipeline analyse (default, no liveness)"] = partial(p.analyse, data)
+        stages["pipeline analyse (default + liveness)"] = partial(p.analyse, data, liveness=True)
         for name, fn in stages.items():
             rows.append({"image": f"{rel.split('/')[-1]} {img.shape[1]}x{img.shape[0]}", "stage": name, "ms": _ms(fn, n)})
             print(f"{rows[-1]['image']:60s} {name:42s} {rows[-1]['ms']:7.2f} ms", flush=True)

@@ -121,6 +121,7 @@ def size_curve(pipeline: FacePipeline, part: list, thresholds: dict[float, float
         image = pipeline.decode(e.path.read_bytes())
         a = pipeline.analyse_image(image)
         if a.embeddings:
+            assert a.quality is not None
             full[e.path] = a.embeddings[MODEL]
             eyes[e.path] = a.quality.frontal_eye_distance_px  # the size the gate measures
             images[e.path] = image
@@ -140,7 +141,9 @@ def size_curve(pipeline: FacePipeline, part: list, thresholds: dict[float, float
                 probes[p] = a.embeddings[MODEL]
             else:
                 failed += 1
-        gen, imp, gen_failed = [], [], 0
+        gen: list[float] = []
+        imp: list[float] = []
+        gen_failed = 0
         for i, e in enumerate(paths):
             for p in paths:
                 if p == e or (d is not None and eyes[p] < d):

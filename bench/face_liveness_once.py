@@ -49,7 +49,9 @@ def main() -> None:
                            models={"cache_dir": str(PROJECT_ROOT / "var" / "models")})
     store = ModelStore(settings)
     target = settings.face.target_fmr
-    [point] = [p for p in store.calibration(EMBEDDER, "default").operating_points if p.target_fmr == target]
+    calibration = store.calibration(EMBEDDER, "default")
+    assert calibration is not None
+    [point] = [p for p in calibration.operating_points if p.target_fmr == target]
     pipeline = FacePipeline(pipeline_config(store, providers=("CPUExecutionProvider",)))
     service = SimpleNamespace(_pipeline=lambda: pipeline, model_id=EMBEDDER)  # FaceService._probe's needs
     calls: list[int] = []
@@ -85,9 +87,9 @@ def main() -> None:
     print("| trials | probe analysis | runs | liveness inferences per probe: mean (max) | p50 ms | p90 ms |")
     print("|---|---|---|---|---|---|")
     for (kind, way), s in sorted(stats.items(), key=lambda kv: (kv[0][0], kv[0][1] != "before")):
-        ms = sorted(s["ms"])
-        print(f"| {kind} | {way} | {len(ms)} | {statistics.mean(s['inferences']):.2f} ({max(s['inferences']):.0f}) "
-              f"| {statistics.median(ms):.1f} | {ms[int(0.9 * (len(ms) - 1))]:.1f} |")
+        times = sorted(s["ms"])
+        print(f"| {kind} | {way} | {len(times)} | {statistics.mean(s['inferences']):.2f} ({max(s['inferences']):.0f}) "
+              f"| {statistics.median(times):.1f} | {times[int(0.9 * (len(times) - 1))]:.1f} |")
 
 
 if __name__ == "__main__":

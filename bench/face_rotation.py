@@ -15,6 +15,7 @@ import csv
 import math
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ def main() -> None:
     else:
         rows = list(csv.DictReader(open(FIXTURES / "trials_face.csv", newline="")))
         paths = sorted({FIXTURES / r[k] for r in rows for k in ("enroll", "probe")})[:: args.every]
-    out = {k: {"n": 0, "plain_face": 0, "plain_axis": [], "plain_scores": [], "found": 0, "scores": []}
+    out: dict[int, dict[str, Any]] = {k: {"n": 0, "plain_face": 0, "plain_axis": [], "plain_scores": [], "found": 0, "scores": []}
            for k in (90, 180, 270)}
     t_plain = t_upright = 0.0
     for path in paths:

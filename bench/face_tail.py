@@ -38,6 +38,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -94,10 +95,10 @@ def probe_serve(argv: list[str]) -> int:
         finally:
             models.append((threading.get_ident(), t, time.perf_counter(), time.thread_time() - c))
 
-    def p_append(self, build):
+    def p_append(self, build, check_tail=None):
         t = time.perf_counter()
         try:
-            return append(self, build)
+            return append(self, build, check_tail)
         finally:
             audits.append((threading.get_ident(), t, time.perf_counter()))
 
@@ -117,7 +118,7 @@ def probe_serve(argv: list[str]) -> int:
         frozen.append(gc.get_freeze_count())
 
     bootstrap.RunningServer._warm_up = p_warm_up  # type: ignore[method-assign]
-    interceptor._Call.__enter__, interceptor._Call.admit, interceptor._Call._finish = p_enter, p_admit, p_finish
+    interceptor._Call.__enter__, interceptor._Call.admit, interceptor._Call._finish = p_enter, p_admit, p_finish  # type: ignore[method-assign]  # the probes
     batching.Inline.submit_many = p_submit_many  # type: ignore[method-assign]
 
     def dump() -> None:
@@ -265,7 +266,7 @@ def analyse(times: dict[int, tuple[float, float]], records: dict, client_gc: GcL
     window = (min(t for t, _ in times.values()), max(t for _, t in times.values())) if times else (0.0, 0.0)
     gcs = overlaps(records["gc"], *window)  # the open loop's, not start-up's or enrolment's
     by_gen = {g: [(e[1] - e[0]) * 1000 for e in gcs if e[2] == g] for g in (0, 1, 2)}
-    episodes = []  # the slowest calls in bursts (< 1 s apart), and what came just before each burst's first call
+    episodes: list[dict] = []  # the slowest calls in bursts (< 1 s apart), and what came just before each burst's first call
     for r in sorted(slow, key=lambda r: r["issued_s"]):
         if episodes and r["issued_s"] - episodes[-1]["last"] < 1.0:
             episodes[-1]["last"] = r["issued_s"]
@@ -330,7 +331,7 @@ def replay(files: list[str], share: float = OPEN_LOOP_SHARE, seconds: float = 60
         for t, _lat, _wait, _handling, c, _audit in d["rows"]:
             cpu.setdefault(round(t * d["rate_per_s"]) % 98, []).append(c)
     costs = np.array([np.median(cpu[p]) for p in range(98)]) / 1000
-    out = {"cpu_ms_mean": round(float(costs.mean()) * 1000, 1)}
+    out: dict[str, Any] = {"cpu_ms_mean": round(float(costs.mean()) * 1000, 1)}
     for name, s in (("file", costs), ("shuffled", costs[np.random.default_rng(0).permutation(98)]),
                     ("every probe at the median", np.full(98, np.median(costs)))):
         rate = share * servers / float(s.mean())

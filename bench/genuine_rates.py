@@ -46,8 +46,6 @@ from pathlib import Path
 import grpc
 
 from bench.harness import FIXTURES, ServiceProcess, command_line, machine, machine_line, write_json
-from biogate_client import Device as App
-from biogate_client import device_info
 from services.common.api.v1 import (
     common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc,
 )
@@ -56,6 +54,7 @@ from services.common.errors import details_of
 from services.common.evaluation.metrics import binomial_ci
 from services.common.server.auth import ROLES, token_sha256
 from tests.mfa import spoken_digits
+from tests.mfa.conftest import App, phone_device
 
 F = mfa_pb2
 TENANT = "bench-genuine"
@@ -69,8 +68,7 @@ IDENTITIES = FIXTURES / "face" / "identities"
 
 def phone(install: str) -> mfa_pb2.DeviceInfo:
     """A customer's phone as its app reports it (the install id differs per customer)."""
-    return device_info(install, os_version="14.2", model="Pixel 8", app_version="5.1.0", locale="zh_CN",
-                       timezone="Asia/Shanghai", screen_width=1080, screen_height=2400)
+    return phone_device(install)  # an Android phone in Shanghai, as the MFA tests' customers
 
 
 class Flows:
@@ -135,7 +133,8 @@ def attempt(run) -> dict:
 
 # ---------------------------------------------------------------------------------------- face
 def face_app(flows: Flows, identities: list[Path], log) -> dict:
-    attempts, setup = [], Counter()
+    attempts: list[dict] = []
+    setup: Counter[str] = Counter()
     for person in identities:
         photos = sorted(person.glob("*.jpg"))
         ref = flows.subject(f"face-{person.name}")
@@ -230,7 +229,7 @@ def summary(attempts: list[dict]) -> dict:
         lo, hi = binomial_ci(n - allowed, n)
         out.update(rate=allowed / n, ci95=(1 - hi, 1 - lo),
                    refused_by=dict(Counter(a["refused_by"] for a in attempts if not a["allow"]).most_common()))
-    by_who = defaultdict(lambda: [0, 0])
+    by_who: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0])
     for a in attempts:
         who = a["who"].split("-")[0] if "channel" in a else "all"
         by_who[who][0] += a["allow"]

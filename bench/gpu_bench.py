@@ -48,7 +48,7 @@ import numpy as np
 
 from bench import face_bench, voice_bench
 from bench.harness import MODEL_CACHE as CACHE
-from bench.harness import ServiceProcess, peak_rss_mb
+from bench.harness import ServiceProcess
 from services.settings import load_config
 
 GPU_ENV = {
@@ -111,6 +111,7 @@ def part_raw(batch: int) -> dict:
     from services.face.imaging import decode_image
     from services.face.models import pipeline_config as face_pipeline_config
     from services.face.pipeline import FacePipeline
+    from services.face.yunet import YuNetDetector
     from services.voice.aasist import AasistDetector, torch_device
     from services.voice.evaluation import pipeline_from_settings
 
@@ -140,6 +141,7 @@ def part_raw(batch: int) -> dict:
     p = FacePipeline(face_pipeline_config(store, detector="yunet-2023mar-batch", providers=providers, threads=None,
                                           liveness=("minifasnet-v2-2.7", "minifasnet-v1se-4.0")))
     det_f = p.detector
+    assert isinstance(det_f, YuNetDetector)  # yunet-2023mar-batch
     out["face_provider"] = det_f.model.provider
     ims = [decode_image(f.read_bytes()) for f in images[:16]]
     canvas = letterbox(ims[0], det_f.input_size, det_f.pad_ratio).canvas.transpose(2, 0, 1)[None].astype(np.float32)
@@ -155,10 +157,12 @@ def part_raw(batch: int) -> dict:
     emb = next(iter(p.embedders.values()))
     e1 = timed(lambda: emb.embed(crops[:1]), 20)
     eb = timed(lambda: emb.embed(crops), 5)
-    live = [p.liveness.crops(im, f) for im, f in zip(ims, faces)]
+    liveness = p.liveness
+    assert liveness is not None
+    live = [liveness.crops(im, f) for im, f in zip(ims, faces)]
     live = (live * (batch // len(live) + 1))[:batch]
-    l1 = timed(lambda: p.liveness.score_crops(live[:1]), 20)
-    lb = timed(lambda: p.liveness.score_crops(live), 5)
+    l1 = timed(lambda: liveness.score_crops(live[:1]), 20)
+    lb = timed(lambda: liveness.score_crops(live), 5)
     p.close()
     for name, one, many_s in (("yunet_640", d1, db), ("mobilefacenet", e1, eb), ("minifasnet_pair", l1, lb)):
         out[name] = {"batch1_ms": round(1000 * one, 2), f"batch{batch}_ms_per_item": round(1000 * many_s / batch, 3),
@@ -313,7 +317,8 @@ def part_voice(levels: list[int], duration: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu-voice-") as tmpdir:
         tmp = Path(tmpdir)
         t = time.perf_counter()
-        proc, target, _ = voice_bench.start_service(tmp, f"biogate-gpu-bench:{os.getpid()}")
+        svc = voice_bench.start_service(tmp, f"biogate-gpu-bench:{os.getpid()}")
+        target = svc.address
         try:
             start_s = time.perf_counter() - t
             settings = load_config(tmp / "config.yaml")
@@ -350,10 +355,9 @@ def part_voice(levels: list[int], duration: float) -> dict:
                                                        100000))
                     print(json.dumps(run), flush=True)
                     runs.append(run)
-            rss = peak_rss_mb(proc.pid)
+            rss = svc.peak_rss_mb()
         finally:
-            proc.terminate()
-            proc.wait(30)
+            svc.stop()
     return {"start_to_serving_s": round(start_s, 1), "peak_rss_mb": round(rss), "runs": runs, "env": GPU_ENV}
 
 
@@ -367,7 +371,7 @@ def part_jpeg(batch: int, seconds: float) -> dict:
     decoders: dict = {"opencv": opencv_jpeg}
     for backend in ("cpu", "gpu"):
         try:
-            decoders[f"nvimgcodec-{backend}"] = NvImageCodecJpeg(backend)  # type: ignore[arg-type]
+            decoders[f"nvimgcodec-{backend}"] = NvImageCodecJpeg(backend)
         except (ImportError, RuntimeError) as exc:
             out[f"nvimgcodec-{backend}"] = f"unavailable: {str(exc)[:200]}"
     reference = [opencv_jpeg(d) for d in datas]

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     holds = [float(h) for h in args.holds.split(",") if h]
     ways = ["unary"] + ([f"stream {h:g}" for h in holds] or ["stream"])
-    principals = [
+    principals: list[dict] = [
         {"name": "bank-backend", "roles": list(ROLES), "token_sha256": token_sha256(BANK_TOKEN)},
         {"name": "ivr-platform", "roles": ["orchestrator"], "token_sha256": token_sha256(IVR_TOKEN),
          "terminal": {"channel": "ivr"}}]
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
             else:
                 marks: dict[str, float] = {}
                 cpu = time.process_time()
+                assert world.ivr is not None
                 r = world.ivr.StreamVoiceFactor(paced(s.session_id, nonce, audio, marks), timeout=120)
                 last_cpu, last = marks["cpu"], marks["t"]
             after, after_cpu = time.perf_counter(), time.process_time()

@@ -39,6 +39,7 @@ import numpy as np
 from bench.harness import FIXTURES, ServiceProcess, command_line, machine, machine_line, replace_section, write_json
 from bench.loadgen import aio_channel, run_load, run_open_loop
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc, voice_pb2, voice_pb2_grpc
+from services.common.storage.interfaces import Modality
 
 TENANT = "bench"
 IDLE_AFTER_S = 10.0
@@ -72,7 +73,7 @@ class RssSampler:
         self._thread.join(5)
 
 
-def _consent(svc: ServiceProcess, subjects: list[str], modality: str) -> None:
+def _consent(svc: ServiceProcess, subjects: list[str], modality: Modality) -> None:
     from services.common.storage import ConsentRecord, open_storage
 
     settings = svc.settings
@@ -169,7 +170,7 @@ async def _cheap_probes(svc: ServiceProcess, stub, cheap: Call, stop: asyncio.Ev
     lat: dict[str, list[float]] = {"GetEnrollment": [], "Health": []}
     failed: dict[str, int] = {"GetEnrollment": 0, "Health": 0}
     async with grpc.aio.insecure_channel(svc.address) as plain:
-        health = health_pb2_grpc.HealthStub(plain)
+        health: Any = health_pb2_grpc.HealthStub(plain)  # its stubs declare none of its methods
         i = 0
         while not stop.is_set():
             for name, call in (("GetEnrollment", lambda i=i: cheap(stub, i, timeout_s)),

@@ -102,7 +102,7 @@ def main() -> int:
         stub.SetPushToken(F.SetPushTokenRequest(subject=ref, device_id=device_id, push_token="bench-fcm-token"))
         outbox = Outbox(tmp / "push.jsonl")
 
-        def round_trip() -> tuple[float, float, float, float, int]:
+        def round_trip() -> tuple[float, float, float, float, int, float]:
             s = stub.StartAuthentication(F.StartAuthenticationRequest(
                 subject=ref, channel=F.CHANNEL_WEB, action="payment", device=web, payee=PAYEE,
                 amount=F.Money(currency="CNY", amount_minor=120000)))

@@ -36,7 +36,8 @@ STATE = {"nonce": "n" * 32, "action": "payment", "factors": [{"kind": "face", "r
 
 def fill(storage, n: int, now) -> None:
     expired, live = now - timedelta(days=400), now + timedelta(minutes=10)
-    rows, reviews = [], []
+    rows: list[tuple] = []
+    reviews: list[tuple] = []
     for i in range(n + 1000):
         sid = uuid.uuid4().hex
         rows.append((sid, "bank-a", f"c{i}", to_json(STATE), expired, expired if i < n else live, 3))

@@ -44,8 +44,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 import soundfile as sf
 import soxr
 
@@ -135,7 +137,7 @@ def spoken_string(takes: Takes, speaker: str, rng: np.random.Generator, degraded
     return digits, y.astype(np.float32)
 
 
-def through_channel(x8k: np.ndarray, channel: str, law: str = "mulaw") -> np.ndarray:
+def through_channel(x8k: np.ndarray, channel: str, law: telephone.Law = "mulaw") -> np.ndarray:
     """The 16 kHz samples the service recognises for a caller's string on ``channel``."""
     x16 = soxr.resample(x8k, RATE, 16000, quality="HQ").astype(np.float32)
     if channel == "wideband":
@@ -230,7 +232,7 @@ class PocketSphinx:
         model = Path(pocketsphinx.get_model_path()) / "en-us"
         self.config = dict(hmm=str(model / "en-us"), dict=str(model / "cmudict-en-us.dict"), samprate=16000,
                            loglevel="FATAL", **settings)
-        self.decoders: dict[int, object] = {}
+        self.decoders: dict[int, Any] = {}  # pocketsphinx Decoders
         self.value = {w: str(i) for i, w in enumerate(WORDS)} | {"oh": "0"}
 
     def recognise(self, samples: np.ndarray, n: int) -> str:
@@ -283,7 +285,11 @@ def model_dir() -> Path:
     return store.path(model_id, "model.bin").parent
 
 
-def candidates(names: Iterable[str]) -> dict[str, Callable[[], object]]:
+class Recogniser(Protocol):
+    def recognise(self, samples: NDArray[np.float32], n: int) -> str: ...
+
+
+def candidates(names: Iterable[str]) -> dict[str, Callable[[], Recogniser]]:
     rec: list[DigitRecognizer] = []
 
     def whisper() -> DigitRecognizer:
@@ -291,7 +297,7 @@ def candidates(names: Iterable[str]) -> dict[str, Callable[[], object]]:
             rec.append(DigitRecognizer(model_dir(), workers=1, threads=1))
         return rec[0]
 
-    factories = {
+    factories: dict[str, Callable[[], Recogniser]] = {
         "pocketsphinx-jsgf": lambda: PocketSphinx(lw=2.0, silprob=0.1, fwdflat=False, bestpath=False),
         "pocketsphinx-jsgf-defaults": lambda: PocketSphinx(),
         "whisper-tiny.en-text-30s": lambda: WhisperVariant(whisper(), digits_only=False),

@@ -47,7 +47,9 @@ def eer_for(pipeline: VoicePipeline, channel: str) -> dict:
     tel, crop = parse_channel(channel)
     scorer = VoiceVerificationScorer(pipeline, tel, crop)
     trials = read_trials(FIXTURES / "trials_voice.csv", FIXTURES)
-    gen, imp, gen_fail, imp_fail = [], [], 0, 0
+    gen: list[float] = []
+    imp: list[float] = []
+    gen_fail = imp_fail = 0
     for t in trials:
         h = scorer.enroll(list(t.enroll))
         s = h if not isinstance(h, np.ndarray) else scorer.score(h, t.probe)

@@ -124,7 +124,7 @@ def vad_study(vad_path: Path, files: list[Path], audio: dict[Path, np.ndarray], 
             ", or as is" if as_is_too else "")
         vad = SileroVad(vad_path, VadParams(level_target_dbfs=target, max_gain_db=gain, release_db_per_s=release,
                                             as_is_too=as_is_too))
-        rows = {}
+        rows: dict[str, list[tuple[str, float]]] = {}
         for i, f in enumerate(files):
             for cond, x in conditions(audio[f], i).items():
                 rows.setdefault(cond, []).append((f.parent.name, vad(x).speech_s))
@@ -189,7 +189,8 @@ def duration_study(settings, files: list[Path], audio: dict[Path, np.ndarray]) -
     for key, enrolled_set, probe_set in combos:
         res = {}
         for part in ("even", "odd"):
-            gen, imp = [], []
+            gen: list[float] = []
+            imp: list[float] = []
             for a in files:
                 for b in files:
                     if a == b or (a.parent.name in even) != (part == "even") or \

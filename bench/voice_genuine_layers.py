@@ -30,6 +30,7 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -80,7 +81,7 @@ def run(stub, storage, consent, speakers: dict, channel: str, kind: str, tenant:
     from services.common.api.v1 import common_pb2, voice_pb2
 
     vchannel = voice_pb2.VOICE_CHANNEL_TELEPHONE if channel == "telephone" else voice_pb2.VOICE_CHANNEL_WIDEBAND
-    result = {"channel": channel, "probes": kind, "verifications": 0, "accepted": 0, "refused": [],
+    result: dict[str, Any] = {"channel": channel, "probes": kind, "verifications": 0, "accepted": 0, "refused": [],
               "enrolments": 0, "utterances_left_out": [], "enrolments_refused": [], "records": []}
     for name, (paths, xs) in speakers.items():
         subject = f"gl-{kind}-{channel}-{name.replace('_', '-')}-{uuid.uuid4().hex[:6]}"
@@ -150,7 +151,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         os.environ.update(ENROL_MINIMUMS)
-        proc, target, _ = voice_bench.start_service(tmp, prefix)
+        svc = voice_bench.start_service(tmp, prefix)
+        target = svc.address
         try:
             from services.common.api.v1 import voice_pb2_grpc
             from services.common.client import connect
@@ -171,8 +173,7 @@ def main() -> int:
                     print(json.dumps({k: v for k, v in r.items() if k != "records"}), flush=True)
                     report["runs"].append(r)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            svc.stop()
             drop_replay_keys(load_config(tmp / "config.yaml").voice.replay_store, prefix)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -23,6 +24,9 @@ from services.settings import Settings, load_config
 # fixture got its own) made a second token directory the in-process library never saw, while
 # child processes, given the new $SOFTHSM2_CONF, saw only that one.
 from tests.softhsm import softhsm_fixture  # noqa: F401  (fixture)
+
+if TYPE_CHECKING:
+    from services.common.server.bootstrap import RunningServer
 
 SHARED = PROJECT_ROOT.parent / "shared"
 PG_BASE_DSN = os.environ.get("BIOGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -64,10 +68,19 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.postgres)
 
 
-def race(n: int, work: Callable[[int], object]) -> list[object]:
+R = TypeVar("R")
+
+
+def present(value: R | None) -> R:
+    """``value``, asserted there: a lookup the test expects to find something."""
+    assert value is not None
+    return value
+
+
+def race(n: int, work: Callable[[int], R]) -> list[R | Exception | None]:
     """Run work(i) on n threads released together; each result or raised exception, in order."""
     start = threading.Barrier(n)
-    results: list[object] = [None] * n
+    results: list[R | Exception | None] = [None] * n
 
     def run(i: int) -> None:
         start.wait()
@@ -271,7 +284,7 @@ class ServiceHarness:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.running = {}
+        self.running: dict[str, RunningServer] = {}
 
     def start(self, name: str, timeout: float = 300.0):
         from services.common.server.bootstrap import RunningServer

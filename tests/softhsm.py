@@ -41,7 +41,7 @@ class SoftHsm:
 
 
 @pytest.fixture(scope="session", name="softhsm")
-def softhsm_fixture(tmp_path_factory) -> SoftHsm:
+def softhsm_fixture(tmp_path_factory) -> Iterator[SoftHsm]:
     module = next((m for m in MODULE_CANDIDATES if Path(m).exists()), None)
     assert module and shutil.which("softhsm2-util"), "SoftHSM2 is missing: run scripts/setup.sh (Debian softhsm2)"
     root = tmp_path_factory.mktemp("softhsm")

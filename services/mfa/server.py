@@ -152,5 +152,5 @@ def definition(settings: MfaSettings, clock: Callable[[], datetime] | None = Non
         tenant_lookups={"session": orchestrator.sessions.tenant_of, "review": orchestrator.reviews.tenant_of},
         readiness=rt.readiness(),
     )
-    result.service = orchestrator  # type: ignore[attr-defined]  # tests and benchmarks reach the orchestrator through it
+    result.service = orchestrator
     return result

@@ -76,7 +76,7 @@ def _service_with(option_field: str | None):
     method = fdp.service.add(name="Svc").method.add(name="Do", input_type=f".test.{name}.Req",
                                                     output_type=f".test.{name}.Req")
     if option_field is not None:
-        method.options.Extensions[common_pb2.tenant].field = option_field
+        method.options.Extensions[common_pb2.tenant].field = option_field  # type: ignore[index,assignment]  # protoc types extensions as FieldDescriptor
     return descriptor_pool.Default().AddSerializedFile(fdp.SerializeToString()).services_by_name["Svc"]
 
 

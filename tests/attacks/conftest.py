@@ -20,7 +20,7 @@ from tests.mfa.world import FIX, World, running_services
 
 TENANT = "bank-attacks"
 BANK_TOKEN, IVR_TOKEN = "tok-bank-backend", "tok-ivr-platform"
-PRINCIPALS = [
+PRINCIPALS: list[dict] = [
     {"name": "bank-backend", "roles": list(ROLES), "token_sha256": token_sha256(BANK_TOKEN)},
     {"name": "ivr-platform", "roles": ["orchestrator"], "token_sha256": token_sha256(IVR_TOKEN),
      "tenants": [TENANT], "terminal": {"channel": "ivr"}},

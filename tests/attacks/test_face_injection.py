@@ -102,7 +102,7 @@ def burst_pool(world):
     face_tests = str(Path(__file__).parents[1] / "face")  # challenge_frames imports its helpers by name
     if face_tests not in sys.path:
         sys.path.insert(0, face_tests)
-    from tests.face import challenge_frames
+    import challenge_frames
 
     face = world.bio.running["face"].definition.service
     pool = challenge_frames.measure_pool(face.pipeline, sorted((FIX / "face/pad/live").glob("apfol_real_*")))

@@ -30,7 +30,7 @@ def test_an_attacker_without_the_device_cannot_lock_the_customer_out_of_the_boun
     assert d.outcome == F.OUTCOME_DENY and d.reasons[0].code == "SUBJECT_LOCKED", d
     with pytest.raises(grpc.RpcError) as err:  # the attacker's next device: the subject is locked
         world.start(ref, App(phone_device(install="attacker-lock-2")))
-    assert details_of(err.value)["reason"] == "SUBJECT_LOCKED" and "bound device" in err.value.details()
+    assert details_of(err.value)["reason"] == "SUBJECT_LOCKED" and "bound device" in (err.value.details() or "")
 
     # The customer, on the bound phone, signs a selfie: the phone's key proves the device, the
     # failures only raised the risk.

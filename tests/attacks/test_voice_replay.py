@@ -162,8 +162,9 @@ def test_espeak_speech_saying_the_asked_digits_is_refused(world, espeak_targets,
     from services.common.models import ModelStore
 
     settings = world.bio.settings
-    claim = ModelStore(settings).calibration("aasist", "telephony-8k" if channel == "ivr" else "wideband").claim(
-        settings.voice.antispoof_target_apcer)
+    record = ModelStore(settings).calibration("aasist", "telephony-8k" if channel == "ivr" else "wideband")
+    assert record is not None
+    claim = record.claim(settings.voice.antispoof_target_apcer)
     assert r.HasField("measured_apcer") and r.measured_apcer == pytest.approx(claim.rate), r
     assert claim.source == "held_out" and claim.consistent is False
     world.otp(s, stub=stub)

@@ -35,9 +35,9 @@ class Attacker:
             finally:
                 conn.close()
         else:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                conn.execute("SET session_replication_role = replica")  # no triggers, no FKs
-                conn.execute(sql.replace("?", "%s"), params)
+            with psycopg.connect(self.dsn, autocommit=True) as pg:
+                pg.execute("SET session_replication_role = replica")  # no triggers, no FKs
+                pg.execute(sql.replace("?", "%s"), params)
 
     def forge(self, storage, event_type: str, actor: str, tenant_id: str | None, pseudonym: str | None,
               details: str) -> tuple[int, str, datetime]:

@@ -14,7 +14,7 @@ from services.common.audit import AuditIntegrityError, AuditLog, AuditSigner, ve
 from services.common.audit.chain import checkpoint_message, head_message
 from services.common.audit.continuity import DESTROYED, INTRODUCED, trail_keys
 from services.common.crypto.backend import next_audit_key_file, open_audit_signer, open_next_audit_signer
-from services.common.crypto.signing import public_key_pem
+from services.common.crypto.signing import public_key_pem, raw_public_bytes
 from services.common.storage import open_storage
 from services.settings import load_config
 from tests.audit.test_audit_cli import _run
@@ -289,9 +289,9 @@ def test_the_audit_key_rotates_in_the_token(softhsm, tmp_path, capsys):
         labels = {}
         for which in ("audit", "audit-next", "audit-retired"):
             found = token.find(label=token.label(which), cls=C.PUBLIC_KEY)
-            labels[which] = {token.public_key(o).public_bytes_raw() for o in found}
-        assert labels == {"audit": {b.log._signer.public_key.public_bytes_raw()}, "audit-next": set(),
-                          "audit-retired": {old.public_key.public_bytes_raw()}}
+            labels[which] = {public_key_pem(token.public_key(o)) for o in found}
+        assert labels == {"audit": {public_key_pem(b.log._signer.public_key)}, "audit-next": set(),
+                          "audit-retired": {public_key_pem(old.public_key)}}
     finally:
         a.close()
         b.close()
@@ -406,7 +406,7 @@ def test_a_retired_key_is_destroyed_in_the_token(softhsm, tmp_path, capsys):
         assert _run(settings, ["audit", "destroy-key", old.key_id]) == 0
         assert retired(C.PRIVATE_KEY) == []
         (public,) = retired(C.PUBLIC_KEY)
-        assert token.public_key(public).public_bytes_raw() == old.public_key.public_bytes_raw()
+        assert public_key_pem(token.public_key(public)) == public_key_pem(old.public_key)
         ((_, details),) = _destroyed_records(replica.storage)
         assert details["backend"] == "pkcs11" and details["how"] == "pkcs11: private key object destroyed"
         replica.write(2, [])
@@ -689,7 +689,7 @@ def _token_labels(settings) -> dict[str, set[bytes]]:
             for obj in token.find(label=token.label(which)):
                 (public,) = token.find(key_id=bytes(obj[A.ID]), cls=C.PUBLIC_KEY)
                 kind = "private" if int(obj[A.CLASS]) == int(C.PRIVATE_KEY) else "public"
-                out.setdefault(f"{which} {kind}", set()).add(token.public_key(public).public_bytes_raw())
+                out.setdefault(f"{which} {kind}", set()).add(raw_public_bytes(token.public_key(public)))
         return out
 
     return token.run(read)
@@ -713,7 +713,7 @@ def test_a_switch_interrupted_between_its_token_writes_is_finished_by_a_run_agai
         replica.write(2, [])
         assert _run(settings, ["audit", "new-key"]) == 0
         nxt = open_next_audit_signer(settings)
-        real, done = hsm._set_label, []
+        real, done = hsm._set_label, list[object]()
 
         def set_label(*args):
             if len(done) == writes:
@@ -733,7 +733,7 @@ def test_a_switch_interrupted_between_its_token_writes_is_finished_by_a_run_agai
         assert _run(settings, ["audit", "switch-key"]) == 0
         assert f"the audit key is now {nxt.key_id}" in capsys.readouterr().out
         assert open_audit_signer(settings, create=False).key_id == nxt.key_id
-        new_raw, old_raw = nxt.public_key.public_bytes_raw(), old.public_key.public_bytes_raw()
+        new_raw, old_raw = raw_public_bytes(nxt.public_key), raw_public_bytes(old.public_key)
         assert _token_labels(settings) == {"audit private": {new_raw}, "audit public": {new_raw},
                                            "audit-retired private": {old_raw}, "audit-retired public": {old_raw}}
         switches = [(e, d["key_id"], d["replaces"]["key_id"], d.get("finishing", False))

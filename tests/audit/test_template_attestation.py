@@ -20,7 +20,8 @@ from services.common.context import SYSTEM
 from services.common.crypto.rotation import rotate
 from services.common.modality.templates import Templates
 from services.common.runtime import Runtime
-from services.common.storage import ConsentRecord, TemplateRecord
+from services.common.storage import ConsentRecord, SqlStorage, TemplateRecord
+from services.common.storage.interfaces import Modality
 from services.common.subjects import delete_modality
 from tests.conftest import make_settings
 
@@ -40,14 +41,14 @@ def _vec(seed: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _enrol(rt, modality: str, seed: int, subject: str = S, channel: str = "", replace: bool = False):
+def _enrol(rt, modality: Modality, seed: int, subject: str = S, channel: str = "", replace: bool = False):
     stored, _ = Templates(rt, modality).enrol(T, subject, f"{modality}-model", _vec(seed), channel=channel, samples=1,
                                               quality={}, replace=replace, details={"replace": replace},
                                               caller=SYSTEM)
     return stored
 
 
-def _erase(rt, modality: str, subject: str = S) -> None:
+def _erase(rt, modality: Modality, subject: str = S) -> None:
     delete_modality(rt, common_pb2.DeleteSubjectRequest(
         subject=common_pb2.SubjectRef(tenant_id=T, subject_id=subject), reason="customer_request"), modality, caller=SYSTEM)
 
@@ -201,7 +202,7 @@ def test_a_template_written_while_the_check_runs_is_left_to_the_next_run(rt, cap
         _erase(rt, "voice")
         return walk(batch)
 
-    templates.iter_all = re_enrolled_after_the_trail_was_read  # type: ignore[method-assign]
+    templates.iter_all = re_enrolled_after_the_trail_was_read
     try:
         report = check_templates(rt.storage, rt.audit._signer.public_key, rt.pseudonymize)
     finally:
@@ -219,7 +220,7 @@ def _after_the_walk(rt, act):
         act()
         return walk(batch)
 
-    templates.iter_all = acted  # type: ignore[method-assign]
+    templates.iter_all = acted
     try:
         return check_templates(rt.storage, rt.audit._signer.public_key, rt.pseudonymize)
     finally:
@@ -293,13 +294,16 @@ def test_an_erasure_racing_an_enrolment_leaves_the_trail_and_the_templates_agree
             rt.storage.templates.put(TemplateRecord(T, S, "face", "face-model", "", envelope, key_id, 1))
             rt.audit.append("face.enrolled", "service:face", T, S, {"model_id": "face-model",
                                                                     "payload_digest": payload_digest(envelope)})
+            assert isinstance(rt.storage, SqlStorage)
             with rt.storage.db.transaction() as session:  # the enrolment's own connection
-                enrolling = session.one("SELECT pg_backend_pid()")[0]
+                pid = session.one("SELECT pg_backend_pid()")
+                assert pid is not None
+                enrolling = pid[0]
             erasure.start()
             with psycopg.connect(pg_dsn, autocommit=True) as watch:
                 deadline = time.monotonic() + 60
                 while not watch.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
-                                        (enrolling,)).fetchone()[0]:
+                                        (enrolling,)).fetchone()[0]:  # type: ignore[index]  # COUNT(*): one row
                     assert time.monotonic() < deadline, "the erasure never reached the enrolment's locks"
                     time.sleep(0.01)
         erasure.join(60)

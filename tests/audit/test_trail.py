@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from services.common.audit import AuditDataError, AuditIntegrityError, AuditLog, AuditSigner, verify
 from services.common.audit.chain import record_hash
 from services.common.audit.verify import verify_after
+from services.common.storage.interfaces import AuditRow
 
 N = 12  # checkpoints at 5 and 10, head at 12
 
@@ -360,7 +361,7 @@ def test_records_appended_after_a_walk_are_checked_up_to_the_head_read_after_the
                                                                                   attacker):
     """verify_after (what `audit templates` judges its "written while checking" by): the records since
     the walk, those appended while it reads them included, link on and end at a signed head."""
-    seen = []
+    seen: list[AuditRow] = []
     assert verify_after(storage.audit, signer.public_key, None, seen.append).ok and not seen  # empty trail
     fill(audit_log, 2)
     walked = storage.audit.last()

@@ -23,9 +23,10 @@ def test_the_run_stops_at_its_request_budget_and_counts_errors(services):
     async def main():
         async with aio_channel(server.address, None) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            ok = await run_load(lambda: health.Check(health_pb2.HealthCheckRequest()), concurrency=4,
+            ok = await run_load(lambda: health.Check(health_pb2.HealthCheckRequest()),  # type: ignore[attr-defined]  # stubs lack it
+                                 concurrency=4,
                                 duration_s=30, max_requests=50)
-            bad = await run_load(lambda: health.Check(health_pb2.HealthCheckRequest(service="nope")),
+            bad = await run_load(lambda: health.Check(health_pb2.HealthCheckRequest(service="nope")),  # type: ignore[attr-defined]  # stubs lack it
                                  concurrency=2, duration_s=30, max_requests=10)
         return ok, bad
 

@@ -69,6 +69,7 @@ def test_a_token_verifies_against_the_mfa_s_jwks_over_http_or_a_jwks_given_as_te
     jwks = mfa_only.client.signing_keys()
     assert mfa_only.client.verify_token(d.token, "otp-bank", jwks=json.dumps(jwks))["decision"] == "allow"
     other_kid = {"keys": [{**k, "kid": k["kid"] + "-other"} for k in jwks["keys"]]}
+    unknown: dict[str, list]
     for unknown in (other_kid, {"keys": []}):
         with pytest.raises(jwt.InvalidKeyError):
             mfa_only.client.verify_token(d.token, "otp-bank", jwks=unknown)

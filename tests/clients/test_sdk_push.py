@@ -74,9 +74,9 @@ def test_the_app_confirms_a_web_payment_with_the_number_on_the_screen(env):
     assert s.decide().outcome != OUTCOME_ALLOW
 
     sent = s.send_push()  # a refused answer used the confirmation up: a new one, with a new number
-    with pytest.raises(FailedPrecondition) as err:  # the used-up one is no longer read
+    with pytest.raises(FailedPrecondition) as used_up:  # the used-up one is no longer read
         bg.get_push_confirmation(phone.push_fetch(push))
-    assert err.value.reason == "PUSH_NOT_CURRENT"
+    assert used_up.value.reason == "PUSH_NOT_CURRENT"
     push = dev_push(data_dir / "push-outbox.jsonl", sent.confirmation_id)
     shown = phone.confirmation(bg.get_push_confirmation(phone.push_fetch(push)))
     answer = phone.answer_push(shown, "approve", sent.number)

@@ -23,6 +23,7 @@ from services.common.crypto.keyring import ENV_VAR, LocalKeyring
 from services.common.crypto.rotation import key_usage
 from services.common.storage import TemplateRecord, open_storage
 from services.settings import load_config
+from tests.conftest import present
 from tests.crypto.conftest import Pinned
 
 # Everything a key record may say: kinds, ids, ciphers and algorithms, counts, outcomes, error class names.
@@ -115,7 +116,8 @@ def first_keys(settings, backend, primary: str | None = None) -> list[tuple[str,
     if backend.kind == "file":
         pseudonym = {"key": "pseudonym", "purpose": "init", "backend": name}
         return rows + [("keys.adding", kek), ("keys.adding", pseudonym), ("keys.added", kek), ("keys.added", pseudonym)]
-    pseudonym = {"key": "pseudonym", "key_id": keyring.pseudonym_key_id(), "algorithm": "HMAC-SHA256",
+    assert isinstance(keyring, hsm.Pkcs11Keyring)
+    pseudonym = {"key": "pseudonym", "key_id": present(keyring.pseudonym_key_id()), "algorithm": "HMAC-SHA256",
                  "purpose": "init", "backend": name}
     return rows + [("keys.adding", kek), ("keys.added", kek), ("keys.adding", pseudonym), ("keys.added", pseudonym)]
 
@@ -207,7 +209,7 @@ def test_a_running_service_seals_under_the_primary_another_process_rotated_to(de
         new = enrol(storage, service, "cust-2")  # no restart, no reload call
         assert new != old and key_usage(storage) == {new: 2}
         assert service.decrypt_template(TemplateBinding("bank-a", "cust-1", "face", "arcface-r100"),
-                                        storage.templates.get("bank-a", "cust-1", "face", "arcface-r100").envelope)
+                                        present(storage.templates.get("bank-a", "cust-1", "face", "arcface-r100")).envelope)
     finally:
         storage.close()
     assert keys(deployment, "retire", old) == 0

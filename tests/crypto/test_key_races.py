@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import yaml
@@ -30,6 +31,8 @@ from services.common.crypto.rotation import key_operation, key_usage, retire, ro
 from services.common.storage import open_storage
 from tests.crypto.conftest import Backend
 from tests.crypto.test_rotation import _check_all, _seed
+
+R = TypeVar("R")
 
 
 class _Hooked:
@@ -49,7 +52,7 @@ class _Hooked:
         return self._storage.transaction()
 
 
-def _attempt(work: Callable[[], object]) -> object:
+def _attempt(work: Callable[[], R]) -> R | Exception:
     try:
         return work()
     except Exception as exc:  # the outcome the assertions look at

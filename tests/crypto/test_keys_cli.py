@@ -9,6 +9,7 @@ from services.common.audit import AuditSigner, verify
 from services.common.crypto import EnvelopeCrypto, LocalKeyring, TemplateBinding, envelope_key_id, open_keyring
 from services.commands import keys as keys_cli
 from services.common.storage import TemplateRecord, open_storage
+from tests.conftest import present
 
 
 def _parse(argv):
@@ -51,7 +52,7 @@ def test_keys_commands_end_to_end(settings, capsys):
 
     assert _run(settings, ["keys", "retire", first]) == 0
     assert f"retired key {first}" in capsys.readouterr().out
-    rec = storage.templates.get("bank-a", "cust-1", "face", "arcface-r100")
+    rec = present(storage.templates.get("bank-a", "cust-1", "face", "arcface-r100"))
     assert crypto.decrypt_template(b, rec.envelope) == b"template"
 
     # Key operations are in the audit trail, and the trail verifies.
@@ -116,7 +117,7 @@ def test_rotation_rewraps_voice_replay_fingerprints_and_retire_waits_for_any_lef
     UnknownKeyError: INTERNAL for the customer) until the capture expired."""
     import numpy as np
 
-    from services.voice.replay import Fingerprint, ReplayCache, open_store
+    from services.voice.replay import DatabaseReplayStore, Fingerprint, RedisReplayStore, ReplayCache, open_store
     from tests.crypto.conftest import Pinned
 
     settings = replay_settings
@@ -127,6 +128,7 @@ def test_rotation_rewraps_voice_replay_fingerprints_and_retire_waits_for_any_lef
     storage = open_storage(settings.storage_dsn)
     store = open_store(voice.replay_store, voice.replay_retention_s, voice.replay_max_per_subject,
                        voice.replay_key_prefix, storage=storage)
+    assert isinstance(store, (RedisReplayStore, DatabaseReplayStore))
 
     def cache(crypto):
         return ReplayCache(store, crypto.seal, crypto.open, lambda tenant, subject: f"ps_{subject}")
@@ -155,6 +157,7 @@ def test_rotation_rewraps_voice_replay_fingerprints_and_retire_waits_for_any_lef
         assert cache(EnvelopeCrypto(open_keyring(settings))).best_match("bank-a", subject, fp) > 0.99
     assert len(store.recent("bank-a", "ps_cust-1")) == 2  # none lost, none duplicated
     if voice.replay_store != "database":
+        assert isinstance(store, RedisReplayStore)
         ttl = store.client.ttl(store.key("bank-a", "ps_cust-1"))
         assert 0 < ttl <= voice.replay_retention_s + 1  # the re-wrap kept the expiry
     storage.close()
@@ -204,11 +207,12 @@ def test_a_redis_rewrap_never_brings_back_what_the_voice_service_trimmed_or_eras
     subject erased, after the rotation read it stays gone (no set re-created without its expiry)."""
     import numpy as np
 
-    from services.voice.replay import Fingerprint, ReplayCache, open_store
+    from services.voice.replay import Fingerprint, RedisReplayStore, ReplayCache, open_store
 
     voice = replay_settings.voice
     keyring = LocalKeyring(replay_settings.keyring_file)
     store = open_store(voice.replay_store, voice.replay_retention_s, 2, voice.replay_key_prefix)
+    assert isinstance(store, RedisReplayStore)
     crypto = EnvelopeCrypto(keyring)
     cache = ReplayCache(store, crypto.seal, crypto.open, lambda tenant, subject: f"ps_{subject}")
     fp = Fingerprint(np.random.default_rng(0).integers(-60, 60, (32, 200)).astype(np.int8))
@@ -219,7 +223,7 @@ def test_a_redis_rewrap_never_brings_back_what_the_voice_service_trimmed_or_eras
     recs = table.fetch(target, 100, None)
     assert len(recs) == 3 and table.fetch(target, 100, table.cursor(recs[-1])) == []
     mine = [r for r in recs if r.key == store.key("bank-a", "ps_cust-1").encode()]
-    oldest = min(mine, key=lambda r: store.client.zscore(r.key, r.member))
+    oldest = min(mine, key=lambda r: present(store.client.zscore(r.key, r.member)))
 
     cache.remember("bank-a", "cust-1", fp)  # the cap (2) trims the oldest
     assert table.swap(oldest, crypto.rewrap(oldest.envelope, target)) is False

@@ -29,17 +29,18 @@ from services.common.crypto import (
     open_keyring,
 )
 from services.common.crypto.backend import open_audit_signer
+from services.common.crypto.hsm import Pkcs11Keyring
 from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
 from services.mfa.tokens import SigningKeys, TokenIssuer, verify_token
-from tests.conftest import make_settings
+from tests.conftest import make_settings, present
 from tests.softhsm import PIN, TOKEN_LABEL, corrupt_key_value, object_class, objects
 
 CLAIMS = {"aud": "bank-a", "sub": "ps1_x", "sid": "ses_1", "decision": "allow", "amr": ["face"], "acr": "aal2"}
 KEY_FILE_NAMES = {"keyring.json", "audit-ed25519.pem", "mfa-token-keys.json"}
 
 
-def token_objects(hsm, prefix: str) -> list:
+def token_objects(hsm, prefix: str) -> tuple[pkcs11.Session, list]:
     """Every object the backend made under ``prefix``, through a session of the test's own."""
     token = pkcs11.lib(hsm.module).get_token(token_label=TOKEN_LABEL)
     try:
@@ -69,7 +70,7 @@ def test_keys_stay_in_the_token_for_templates_audit_and_tokens(softhsm, tmp_path
         envelope = rt.crypto.encrypt_template(binding, b"\x01\x02template")
         rt.storage.templates.put(TemplateRecord("bank-a", "cust-1", "face", "mobilefacenet-arcface-192d", "",
                                                 envelope, envelope_key_id(envelope), 1))
-        stored = rt.storage.templates.get("bank-a", "cust-1", "face", "mobilefacenet-arcface-192d")
+        stored = present(rt.storage.templates.get("bank-a", "cust-1", "face", "mobilefacenet-arcface-192d"))
         assert rt.crypto.decrypt_template(binding, stored.envelope) == b"\x01\x02template"
         with pytest.raises(BindingMismatchError):
             rt.crypto.decrypt_template(TemplateBinding("bank-a", "cust-2", "face", "mobilefacenet-arcface-192d"),
@@ -134,10 +135,11 @@ def test_rotation_and_retirement_through_the_cli_and_a_second_process(softhsm, t
         assert "makes AES-256-GCM keys only" in capsys.readouterr().err
         assert biogate(["--config", str(config), "keys", "rotate"]) == 0
         assert "1 templates" in capsys.readouterr().out
+        assert isinstance(rt.keyring, Pkcs11Keyring)
         rt.keyring._list(force=True)  # another process rotated; this one would look within a second anyway
         second = rt.keyring.primary_key_id()
         assert second != first
-        rec = rt.storage.templates.get("bank-a", "cust-9", "voice", "ecapa-voxceleb", "telephone")
+        rec = present(rt.storage.templates.get("bank-a", "cust-9", "voice", "ecapa-voxceleb", "telephone"))
         assert envelope_key_id(rec.envelope) == second
         assert biogate(["--config", str(config), "keys", "retire", first]) == 0
         assert rt.crypto.decrypt_template(binding, rec.envelope) == b"voiceprint"
@@ -190,6 +192,7 @@ def test_configuration_mistakes_name_the_setting(softhsm, tmp_path, monkeypatch)
 
 def test_a_wrapped_key_is_bound_to_its_associated_data(softhsm, tmp_path):
     keyring = open_keyring(make_settings(tmp_path / "data", keys=softhsm.keys_config()))
+    assert isinstance(keyring, Pkcs11Keyring)
     kid = keyring.primary_key_id()
     wrapped = keyring.wrap(kid, b"k" * 32, b"aad-1")
     assert keyring.unwrap(kid, wrapped, b"aad-1") == b"k" * 32
@@ -248,6 +251,7 @@ def test_a_key_failing_in_a_token_that_answers_is_invalid_not_unavailable(sofths
             crypto.encrypt_contact("t", "s", "+8613800000001")
         assert key_failures("kek") == failures + 3
     finally:
+        assert isinstance(keyring, Pkcs11Keyring)
         with keyring.token.using():
             keyring._kek(kid).destroy()
 
@@ -261,6 +265,7 @@ def test_a_key_of_the_wrong_type_or_attributes_is_invalid_not_an_unhandled_error
     from services.common.crypto.errors import TokenKeyInvalidError
 
     keyring = open_keyring(make_settings(tmp_path / "data", keys=softhsm.keys_config()))
+    assert isinstance(keyring, Pkcs11Keyring)
     kid = keyring.primary_key_id()
     wrapped = keyring.wrap(kid, b"k" * 32, b"aad")
     t, A = keyring.token, Attribute
@@ -370,4 +375,4 @@ def test_the_pseudonym_key_failing_in_a_token_that_answers_is_invalid_and_an_awa
         assert keyring.pseudonym_key() == derived
     finally:
         with token.using():
-            token.first(token.label("pseudonym"), ObjectClass.SECRET_KEY).destroy()
+            present(token.first(token.label("pseudonym"), ObjectClass.SECRET_KEY)).destroy()

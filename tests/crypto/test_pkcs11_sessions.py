@@ -26,8 +26,9 @@ from services.common.crypto.hsm import (
     open_token,
     switch_audit_signer,
 )
-from services.common.crypto.signing import verify_signature
+from services.common.crypto.signing import raw_public_bytes, verify_signature
 from services.common.runtime import Runtime
+from services.common.storage import SqlStorage
 from tests.conftest import make_settings
 from tests.softhsm import PIN, TOKEN_LABEL, hsm_away, restart_hsm
 
@@ -156,6 +157,7 @@ def test_a_write_whose_audit_record_cannot_be_signed_is_not_written(softhsm, tmp
     rt = Runtime.open(make_settings(tmp_path / "data", keys=keys))
     try:
         envelope = rt.crypto.encrypt_contact("bank-a", "cust-1", "+8613800000001")
+        assert isinstance(rt.storage, SqlStorage)
         with rt.storage.db.read() as q:
             records = q.one("SELECT COUNT(*) FROM audit_records")[0]
         with hsm_away(softhsm), pytest.raises(TokenUnavailableError):
@@ -310,7 +312,7 @@ def test_a_reconnect_between_looking_a_decision_token_key_up_and_signing_signs_w
     _reconnected_after(monkeypatch, softhsm, k.token, "find",
                        lambda: (k.signer.sign(b"head"), k.crypto.decrypt_template(BINDING, k.sealed)))
     signer = Pkcs11KeyVault(k.token).signer(entry)
-    assert signer.public_key.public_bytes_raw() == k.jwt_signer.public_key.public_bytes_raw()
+    assert raw_public_bytes(signer.public_key) == raw_public_bytes(k.jwt_signer.public_key)
     assert verify_signature(k.jwt_signer.public_key, signer.sign(b"claims"), b"claims")
 
 

@@ -3,6 +3,7 @@
 import os
 import random
 import threading
+from typing import cast
 
 import pytest
 
@@ -16,6 +17,7 @@ from services.common.crypto import (
 )
 from services.common.crypto.rotation import key_usage, retire, rewrap_all, rotate
 from services.common.storage import TemplateRecord, open_storage
+from services.common.storage.interfaces import Modality
 from tests.crypto.conftest import Pinned
 
 
@@ -35,7 +37,7 @@ def _binding(i: int) -> TemplateBinding:
 def _put(storage, crypto, b: TemplateBinding, content: bytes, replace: bool = False) -> None:
     env = crypto.encrypt_template(b, content)
     storage.templates.put(
-        TemplateRecord(b.tenant_id, b.subject_id, b.modality, b.model_id, b.channel, env, envelope_key_id(env), 3),
+        TemplateRecord(b.tenant_id, b.subject_id, cast(Modality, b.modality), b.model_id, b.channel, env, envelope_key_id(env), 3),
         replace=replace,
     )
 
@@ -46,7 +48,7 @@ def _read(storage, crypto, b: TemplateBinding) -> bytes:
 
 
 def _seed(storage, crypto, n: int) -> dict:
-    expected = {}
+    expected: dict = {}
     for i in range(n):
         b = _binding(i)
         expected[b] = os.urandom(64)
@@ -210,7 +212,7 @@ def test_compare_and_swap_never_loses_a_concurrent_enrolment(storage, tmp_path):
 
     racing = _RacingTemplates(storage.templates, race)
     keyring.add_key()
-    report = rewrap_all(_StorageView(storage, racing), keyring, batch=100)
+    report = rewrap_all(_StorageView(storage, racing), keyring, batch=100)  # type: ignore[arg-type]  # the parts it uses
     assert racing.raced and report.conflicts == 1 and report.ok
     _check_all(storage, crypto, expected)  # the racing enrolment survived...
     assert set(key_usage(storage)) == {keyring.primary_key_id()}  # ...and was re-wrapped next pass
@@ -218,7 +220,7 @@ def test_compare_and_swap_never_loses_a_concurrent_enrolment(storage, tmp_path):
 
 def _put_env(storage, b, env) -> None:
     storage.templates.put(
-        TemplateRecord(b.tenant_id, b.subject_id, b.modality, b.model_id, b.channel, env, envelope_key_id(env), 3),
+        TemplateRecord(b.tenant_id, b.subject_id, cast(Modality, b.modality), b.model_id, b.channel, env, envelope_key_id(env), 3),
         replace=True,
     )
 

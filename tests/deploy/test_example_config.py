@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import grpc
 import yaml
@@ -97,7 +98,7 @@ def adapt(tmp_path, pg_dsn, hsm, pki, sms_url) -> tuple[dict, dict]:
 def health(address: str) -> str:
     with grpc.insecure_channel(address) as ch:
         try:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)  # type: ignore[attr-defined]  # stubs lack it
         except grpc.RpcError as err:
             return err.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -123,7 +124,7 @@ def genuine_face_pair(fixtures_dir):
 
 def test_the_example_configuration_starts_and_logs_a_customer_in(tmp_path, pg_dsn, softhsm, fixtures_dir):
     ca = TestCa(tmp_path / "pki")
-    pki = {"ca": ca, "server": ca.server(),
+    pki: dict[str, Any] = {"ca": ca, "server": ca.server(),
            "mfa": ca.issue("mfa", "mfa", uris=("spiffe://bank-a.internal/ns/biogate/sa/biogate-mfa",)),
            "login": ca.issue("login", "login", uris=("spiffe://bank-a.internal/ns/core-banking/sa/login",)),
            "teller": ca.issue("teller", "teller", dns=("teller-ws-17.bank-a.internal",))}  # no principal of its own
@@ -143,7 +144,7 @@ def test_the_example_configuration_starts_and_logs_a_customer_in(tmp_path, pg_ds
             with open(log, "w") as fh:
                 procs[name] = subprocess.Popen([*base, "serve", name], env=env, cwd=PROJECT_ROOT,
                                                stdout=subprocess.DEVNULL, stderr=fh)
-            procs[name].log = log
+            procs[name].log = log  # type: ignore[attr-defined]  # read by wait_serving when it exits
 
         serve("face")
         serve("voice")

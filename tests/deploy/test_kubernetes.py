@@ -18,14 +18,14 @@ import kubernetes_validate
 import pytest
 import yaml
 from services.common import config as common_config
-from services.common.config import PROJECT_ROOT
+from services.common.config import PROJECT_ROOT, ServiceName
 from services.settings import Settings, load_config
 from services.voice.config import digit_recognisers
 from tests.deploy.config_paths import names_a_setting
 
 K8S = PROJECT_ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
-SERVICES = ("face", "voice", "mfa")
+SERVICES: tuple[ServiceName, ...] = ("face", "voice", "mfa")
 DEPLOYMENTS = (*SERVICES, "kiosk")  # the gRPC services and the kiosk gateway (HTTP)
 # Versions a bank runs: the oldest supported (native gRPC probes and the preStop sleep action need
 # 1.30) and the newest schema shipped.
@@ -135,7 +135,8 @@ def test_the_configuration_loads_and_ports_and_probes_match_it(rendered):
         annotations = deployment(objects, name)["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(endpoint.metrics_port)
     # the MFA reaches face and voice by their Services, on their gRPC ports, with its own certificate
-    for name in ("face", "voice"):
+    biometric: tuple[ServiceName, ...] = ("face", "voice")
+    for name in biometric:
         host, port = getattr(settings.clients, name).target.split(":")
         assert host.split(".")[0] == f"biogate-{name}" and int(port) == settings.endpoint(name).port
         assert getattr(settings.clients, name).cert_file is not None
@@ -169,7 +170,7 @@ def test_the_kiosk_gateway_serves_its_configured_ports_and_calls_the_mfa_as_its_
     assert kiosk.cert_file is not None and kiosk.ca_file is not None and kiosk.tenant
     pod = deployment(objects, "kiosk")["spec"]["template"]["spec"]
     (principal,) = [p for p in settings.auth.principals if p.terminal is not None]
-    assert principal.terminal.channel == "kiosk" and principal.tenants == [kiosk.tenant]
+    assert principal.terminal is not None and principal.terminal.channel == "kiosk" and principal.tenants == [kiosk.tenant]
     assert principal.cert_subject == f"spiffe://bank-a.internal/ns/biogate/sa/{pod['serviceAccountName']}"
 
 
@@ -299,10 +300,10 @@ def test_resources_cover_the_measured_peak_memory_and_gpus_are_scheduled(rendere
     requests, limits = c["resources"]["requests"], c["resources"]["limits"]
     assert mib(requests["memory"]) >= peak and mib(limits["memory"]) >= 1.25 * peak and "nvidia.com/gpu" not in limits
     hpas, pdbs = by_kind(objects, "HorizontalPodAutoscaler"), by_kind(objects, "PodDisruptionBudget")
-    for name in DEPLOYMENTS:
-        assert hpas[f"biogate-{name}"]["spec"]["scaleTargetRef"]["name"] == f"biogate-{name}"
-        assert hpas[f"biogate-{name}"]["spec"]["minReplicas"] >= 2
-        assert pdbs[f"biogate-{name}"]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": f"biogate-{name}"}
+    for deployed in DEPLOYMENTS:
+        assert hpas[f"biogate-{deployed}"]["spec"]["scaleTargetRef"]["name"] == f"biogate-{deployed}"
+        assert hpas[f"biogate-{deployed}"]["spec"]["minReplicas"] >= 2
+        assert pdbs[f"biogate-{deployed}"]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": f"biogate-{deployed}"}
 
 
 def test_only_the_mfa_reaches_face_and_voice_and_only_the_bank_reaches_the_mfa(rendered):
@@ -336,6 +337,7 @@ def test_only_the_mfa_reaches_face_and_voice_and_only_the_bank_reaches_the_mfa(r
     metrics_ports = {name: settings.endpoint(name).metrics_port for name in SERVICES} | {
         "kiosk": settings.kiosk.metrics_port}
     for name, port in metrics_ports.items():
+        assert port is not None, name
         assert sources(name, port) == [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 

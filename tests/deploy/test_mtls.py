@@ -82,6 +82,7 @@ def server(request, tmp_path_factory, pki):
     settings = settings_for(tmp_path_factory.mktemp(request.param), pki)
     running = RunningServer(settings, definition(settings, request.param))
     running.server.start()  # authentication needs no models; the warm-up is not started
+    assert running.health_server is not None
     running.health_server.start()
     yield request.param, running
     running.stop(grace=0)
@@ -126,14 +127,14 @@ def test_a_token_on_an_mtls_connection_must_belong_to_the_certificates_principal
 def test_health_answers_in_plaintext_on_the_health_port_only(pki, server):
     _, running = server
     with grpc.insecure_channel(running.health_address) as ch:
-        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)  # type: ignore[attr-defined]  # stubs lack it
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING  # the models were never loaded
         with pytest.raises(grpc.RpcError) as err:
             CALLS[server[0]](ch)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # nothing but health there
     with grpc.insecure_channel(running.address) as ch:  # the service port speaks TLS only
         with pytest.raises(grpc.RpcError) as err:
-            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)  # type: ignore[attr-defined]  # stubs lack it
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

@@ -33,6 +33,7 @@ from services.common.config import PROJECT_ROOT
 from services.common.errors import details_of
 from services.common.storage import open_storage
 from services.mfa import storage as mfa_storage
+from tests.conftest import present
 from tests.deploy.test_example_config import health
 from tests.mfa.conftest import OTP_POLICY, phone_device
 from tests.services.test_serve_cli import free_ports
@@ -312,14 +313,14 @@ def test_two_replicas_of_each_service_share_one_database_one_redis_and_one_token
     with open_storage(cluster.dsn) as storage:  # the shared counters themselves
         with storage.db.read() as q:
             attempts = q.one("SELECT attempts FROM otp_challenges WHERE session_id = ?", (s.session_id,))[0]
-        failures = mfa_storage.attach(storage).lockouts.get(OTP_TENANT, "subject", "lockout").failures
+        failures = present(mfa_storage.attach(storage).lockouts.get(OTP_TENANT, "subject", "lockout")).failures
     assert attempts == 5, results  # every guess charged, on either replica
     assert failures == len(answered), results  # every answered failure counted once (an ABORTED one rolled back)
     if failures == 5:
         for replica in "ab":
-            with pytest.raises(grpc.RpcError) as err:
+            with pytest.raises(grpc.RpcError) as locked:
                 start(replica, r)
-            assert details_of(err.value)["reason"] == "SUBJECT_LOCKED", results
+            assert details_of(locked.value)["reason"] == "SUBJECT_LOCKED", results
 
     # a session carried on after its replica was killed: the OTP it sent is not lost
     r = setup("survivor")

@@ -200,9 +200,10 @@ def test_calibration_record_matches_the_manifest_schema():
     with pytest.raises(OperatingPointError, match="FMR 1e-3 needs >= 3,000") as err:
         parsed.threshold(1e-3)
     assert err.value.reason == "OPERATING_POINT_UNSUPPORTED"
-    assert parsed.llr.llr(0.3) == pytest.approx(cal.apply_llr(rec, 0.3))
+    assert parsed.llr is not None and parsed.llr.llr(0.3) == pytest.approx(cal.apply_llr(rec, 0.3))
     pav = cal.calibration_record(g, i, target_fmrs=[1e-2], dataset="s", llr_kind="pav")
-    assert CalibrationRecord.model_validate(pav).llr.llr(0.3) == pytest.approx(
+    pav_llr = CalibrationRecord.model_validate(pav).llr
+    assert pav_llr is not None and pav_llr.llr(0.3) == pytest.approx(
         cal.apply_llr(pav, 0.3)
     )
     with pytest.raises(KeyError, match="0.01, 0.001"):
@@ -287,7 +288,9 @@ def test_llr_never_exceeds_what_the_trials_support_even_on_separable_scores(kind
     g, i = separable(n_gen, n_imp)
     rec = cal.calibration_record(g, i, target_fmrs=[0.5], dataset="x", llr_kind=kind)
     grid = np.linspace(-5.0, 5.0, 2001)
-    for llr in (cal.apply_llr(rec, grid), CalibrationRecord.model_validate(rec).llr.llr(grid)):
+    stored = CalibrationRecord.model_validate(rec).llr
+    assert stored is not None
+    for llr in (cal.apply_llr(rec, grid), stored.llr(grid)):
         assert llr.max() == pytest.approx(math.log(n_imp / 3))  # reached: the classes are separable
         assert llr.min() == pytest.approx(-math.log(n_gen / 3))
         assert np.all(np.diff(llr) >= 0)

@@ -23,6 +23,7 @@ from services.common.evaluation.scorers import (
     unregister_scorer,
 )
 from services.common.models.store import ModelStore
+from tests.conftest import present
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -52,7 +53,7 @@ def synthetic_scorers(monkeypatch: pytest.MonkeyPatch):
 def test_scorer_lookup_imports_the_table_entry_lazily(settings, synthetic_scorers):
     assert get_scorer_factory("face", "verification") is None
     scorer = cli.load_scorer("face", "verification", ScorerOptions(settings, channel="selfie"))
-    assert isinstance(scorer, EmbeddingScorer) and scorer.options.channel == "selfie"
+    assert isinstance(scorer, EmbeddingScorer) and present(scorer.options).channel == "selfie"
     assert get_scorer_factory("face", "verification") is not None  # registered on first use
 
 
@@ -98,7 +99,7 @@ def test_eval_then_calibrate_into_the_manifest(settings, synthetic_scorers, tmp_
 
     stored = ModelStore(settings).model(model_id).calibration["selfie"]
     assert stored.threshold(0.01) == threshold_for(record, 0.01)
-    assert stored.llr.llr(0.4) == pytest.approx(apply_llr(record, 0.4))
+    assert stored.llr is not None and stored.llr.llr(0.4) == pytest.approx(apply_llr(record, 0.4))
     on_disk = yaml.safe_load(Path(settings.models.manifest).read_text())
     (entry,) = [m for m in on_disk["models"] if m["id"] == model_id]
     assert entry["calibration"]["selfie"]["operating_points"][0]["target_fmr"] == 0.01
@@ -201,7 +202,7 @@ def test_calibrate_refusing_an_unsupported_target_exits_non_zero_and_leaves_the_
     assert main([*argv, "--keep-unsupported"]) == 0
     stored = ModelStore(settings).model(model_id).calibration["selfie"]
     assert [(p.target_fmr, p.supported) for p in stored.operating_points] == [(0.01, True), (0.001, False)]
-    assert stored.point(0.001).trials.impostor == 700
+    assert present(stored.point(0.001)).trials.impostor == 700
 
 
 def test_eval_all_pairs_of_a_people_list_split_by_name_parity(settings, synthetic_scorers, tmp_path: Path):

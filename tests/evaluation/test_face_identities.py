@@ -17,6 +17,7 @@ from services.commands import evaluation as cli
 from services.common.evaluation.trials import all_pairs, read_people, split_people
 from services.common.models import load_manifest
 from services.common.models.calibration import llr_caps
+from tests.conftest import present
 
 pytestmark = pytest.mark.eval  # evaluation-grade: a whole fixture list through the models
 
@@ -46,10 +47,10 @@ def test_the_split_is_people_disjoint_and_fixed_by_name(people):
 def test_the_manifest_record_is_supported_at_1e3_and_names_its_data_and_check():
     record = load_manifest(PROJECT_ROOT / "models" / "manifest.yaml").model(MODEL).calibration["default"]
     assert "fixtures/face/identities" in record.dataset and "even positions" in record.dataset
-    p2, p3, p4 = (record.point(t) for t in (1e-2, 1e-3, 1e-4))
+    p2, p3, p4 = (present(record.point(t)) for t in (1e-2, 1e-3, 1e-4))
     assert p3.supported and p3.trials.impostor >= 3000 and p2.supported
     assert p4.supported == (p4.trials.impostor >= 30000)
-    assert not p4.supported and "needs >= 30,000 impostor trials" in p4.why
+    assert not p4.supported and "needs >= 30,000 impostor trials" in present(p4.why)
     assert record.trials.impostor == p3.trials.impostor  # every point measured on all scored impostor pairs
     assert "odd positions" in record.notes and "Held-out check" in record.notes
     assert "1e-3: FMR " in record.notes and "95 % CI" in record.notes
@@ -61,10 +62,10 @@ def test_the_manifest_record_is_supported_at_1e3_and_names_its_data_and_check():
     # The service's default point is the one whose held-out FMR reaches down to 1e-3 (3e-4).
     from services.face.config import FaceConfig
 
-    default = record.point(FaceConfig().target_fmr)
-    assert default.supported and default.held_out.fmr_ci95[0] <= 1e-3
+    default = present(record.point(FaceConfig().target_fmr))
+    assert default.supported and present(default.held_out).fmr_ci95[0] <= 1e-3
     lo, hi = llr_caps(record.trials.genuine, record.trials.impostor)
-    assert record.llr.max_llr <= hi and record.llr.min_llr >= lo
+    assert record.llr is not None and present(record.llr.max_llr) <= hi and present(record.llr.min_llr) >= lo
 
 
 def test_the_held_out_check_reproduces_on_a_subset(tmp_path: Path, fixtures_dir: Path):

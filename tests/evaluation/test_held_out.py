@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from evaluation_synthetic import build_world
@@ -13,6 +14,7 @@ from test_cli import parse, settings, synthetic_scorers  # noqa: F401 - fixtures
 
 from services.common.models.calibration import CalibrationRecord, OperatingPointError
 from services.common.models.store import ModelStore
+from tests.conftest import present
 
 
 def test_calibrate_with_a_held_out_check_and_the_claim_it_gives(settings, synthetic_scorers, tmp_path: Path):  # noqa: F811
@@ -35,7 +37,7 @@ def test_calibrate_with_a_held_out_check_and_the_claim_it_gives(settings, synthe
     assert args.func(settings, args) == 0
     record = ModelStore(settings).model(model_id).calibration["synthetic"]
     for measured in check["calibrated_points"]:
-        point = record.point(measured["target_fmr"])
+        point = present(record.point(measured["target_fmr"]))
         h = point.held_out
         assert h is not None and "odd positions" in h.dataset
         assert (h.trials.impostor, h.trials.genuine) == (measured["fmr"]["trials"], measured["fnmr"]["trials"])
@@ -49,9 +51,9 @@ def test_calibrate_with_a_held_out_check_and_the_claim_it_gives(settings, synthe
     # Without a check the claim is the calibration's own measurement, bounded below by 3/N.
     bare = CalibrationRecord.model_validate(json.loads((tmp_path / "record.json").read_text()))
     c = bare.claim(0.01)
-    p = bare.point(0.01)
+    p = present(bare.point(0.01))
     assert (c.source, c.rate, c.consistent) == ("calibration", p.fmr, None)
-    assert c.upper95 == max(p.fmr, 3 / p.trials.impostor)
+    assert c.upper95 == max(present(p.fmr), 3 / p.trials.impostor)
     with pytest.raises(OperatingPointError):
         bare.claim(0.2)
 
@@ -74,12 +76,12 @@ def test_calibrate_with_a_held_out_check_and_the_claim_it_gives(settings, synthe
                   "--channel", "synthetic", "--notes", "re-checked on other people"])
     assert args.func(settings, args) == 0
     after = ModelStore(settings).model(model_id).calibration["synthetic"]
-    assert after.point(0.05).held_out is not None and after.notes == "re-checked on other people" != before.notes
+    assert present(after.point(0.05)).held_out is not None and after.notes == "re-checked on other people" != before.notes
     assert [p.threshold for p in after.operating_points] == [p.threshold for p in before.operating_points]
 
 
 def test_an_inconsistent_flag_is_refused():
-    point = {"target_fmr": 0.001, "threshold": 0.4, "fmr": 0.001, "fnmr": 0.1, "supported": True,
+    point: dict[str, Any] = {"target_fmr": 0.001, "threshold": 0.4, "fmr": 0.001, "fnmr": 0.1, "supported": True,
              "trials": {"genuine": 300, "impostor": 30000},
              "held_out": {"dataset": "other people", "trials": {"genuine": 300, "impostor": 24000}, "fmr": 0.0027,
                           "fmr_ci95": [0.0021, 0.0034], "fnmr": 0.11, "consistent": True}}
@@ -101,7 +103,7 @@ def test_services_ask_the_claim_through_their_calibrations():
     cal = Calibrations(PROJECT_ROOT / "models" / "manifest.yaml")
     target = FaceConfig().target_fmr
     claim = cal.claim("mobilefacenet-arcface-192d", "default", target, "cosine")
-    point = cal.record("mobilefacenet-arcface-192d", "default").point(target)
-    assert claim.source == "held_out" and claim.rate == point.held_out.fmr > target
+    point = present(cal.record("mobilefacenet-arcface-192d", "default").point(target))
+    assert claim.source == "held_out" and claim.rate == present(point.held_out).fmr > target
     with pytest.raises(NotCalibrated):
         cal.claim("mobilefacenet-arcface-192d", "default", 0.123, "cosine")

@@ -41,7 +41,7 @@ def warp(image: np.ndarray, seed: int) -> np.ndarray:
     """A small in-plane rotation, scale and shift: a new image, the same head pose."""
     rng = np.random.default_rng(seed)
     h, w = image.shape[:2]
-    m = cv2.getRotationMatrix2D((w / 2, h / 2), float(rng.uniform(-3, 3)), float(rng.uniform(0.98, 1.02)))
+    m = np.asarray(cv2.getRotationMatrix2D((w / 2, h / 2), float(rng.uniform(-3, 3)), float(rng.uniform(0.98, 1.02))), np.float64)
     m[:, 2] += rng.uniform(-2, 2, 2)
     return cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REPLICATE)
 

@@ -46,7 +46,9 @@ def many_scan_jpeg(w: int = 2000, h: int = 2000, repeats: int = 200) -> bytes:
     Image.new("RGB", (w, h), (120, 130, 140)).save(buf, "JPEG", progressive=True, quality=90)
     data = buf.getvalue()
     last = data.rfind(b"\xff\xda")
-    end = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])").search(data, last + 2).start()
+    marker = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])").search(data, last + 2)
+    assert marker is not None
+    end = marker.start()
     return data[:end] + data[last:end] * repeats + data[end:]
 
 

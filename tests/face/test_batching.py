@@ -39,7 +39,7 @@ def test_concurrent_callers_get_their_own_results_in_batches():
 
 
 def test_submit_many_keeps_order():
-    b = MicroBatcher(lambda xs: [str(x) for x in xs], max_batch=3, max_wait_ms=1)
+    b: MicroBatcher[int, str] = MicroBatcher(lambda xs: [str(x) for x in xs], max_batch=3, max_wait_ms=1)
     assert b.submit_many(list(range(10))) == [str(i) for i in range(10)]
     b.close()
 
@@ -57,14 +57,18 @@ def test_errors_reach_every_caller_of_the_batch_and_the_worker_survives():
 
 
 def test_wrong_result_count_is_an_error():
-    b = MicroBatcher(lambda xs: [], max_batch=2)
+    b: MicroBatcher[int, int] = MicroBatcher(lambda xs: [], max_batch=2)
     with pytest.raises(RuntimeError):
         b.submit(1, timeout=5)
     b.close()
 
 
 def test_close_finishes_queued_items_then_refuses():
-    b = MicroBatcher(lambda xs: (time.sleep(0.01), xs)[1], max_batch=2, max_wait_ms=0)
+    def slow(xs: list[int]) -> list[int]:
+        time.sleep(0.01)
+        return xs
+
+    b = MicroBatcher(slow, max_batch=2, max_wait_ms=0)
     futures = [b.submit_async(i) for i in range(6)]
     b.close()
     assert [f.result(timeout=1) for f in futures] == list(range(6))
@@ -90,7 +94,7 @@ def test_inline_runs_on_the_callers_thread_in_chunks_and_reports_errors_through_
         failed.result()
     assert b.items == 9 and b.batches == 5
     with pytest.raises(RuntimeError):
-        Inline(lambda xs: [], max_batch=2).submit(1)
+        Inline[int, int](lambda xs: [], max_batch=2).submit(1)
 
 
 def test_a_caller_past_its_rpc_deadline_is_refused_and_its_items_never_run():
@@ -135,8 +139,13 @@ def test_inline_starts_no_model_run_past_the_rpc_deadline():
     from services.common import context
     from services.common.errors import ServiceError
 
-    seen = []
-    b = Inline(lambda items: seen.extend(items) or items, max_batch=2)
+    seen: list[int] = []
+
+    def record(items: list[int]) -> list[int]:
+        seen.extend(items)
+        return items
+
+    b = Inline(record, max_batch=2)
     token = context.deadline.set(time.monotonic() - 1.0)
     try:
         with pytest.raises(ServiceError) as err:

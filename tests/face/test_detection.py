@@ -74,7 +74,7 @@ def test_small_background_face_is_tolerated(yunet, face_dir):
     faces = yunet.detect(img)
     assert len(faces) == 2
     choice = choose_subject(faces, img.shape)
-    assert choice.issue is None and choice.face.size == max(f.size for f in faces)
+    assert choice.issue is None and choice.face is not None and choice.face.size == max(f.size for f in faces)
 
 
 def test_no_face_issue():
@@ -119,12 +119,16 @@ def test_a_far_blurrier_second_face_is_no_rival(yunet, face_dir):
         img = np.hstack([a, np.zeros((150, 60, 3), np.uint8), second])
         faces = yunet.detect(img)
         assert len(faces) == 2
-        choice = choose_subject(faces, img.shape, SubjectPolicy(), lambda f, img=img: sharpness(align_face(img, f)))
+
+        def measure(f, img: np.ndarray = img) -> float:
+            return sharpness(align_face(img, f))
+
+        choice = choose_subject(faces, img.shape, SubjectPolicy(), measure)
         assert choice.issue is expected
         # Without the sharpness measure (or with the rule off) both are rivals by size.
         assert choose_subject(faces, img.shape).issue is SubjectIssue.MULTIPLE_FACES
         assert choose_subject(faces, img.shape, SubjectPolicy(rival_min_sharpness_ratio=0.0),
-                              lambda f, img=img: sharpness(align_face(img, f))).issue is SubjectIssue.MULTIPLE_FACES
+                              measure).issue is SubjectIssue.MULTIPLE_FACES
 
 
 def test_a_reused_canvas_blob_holds_exactly_the_letterboxed_image(face_dir):
@@ -237,6 +241,7 @@ def test_the_fitted_canvas_holds_on_pictures_the_margin_was_not_chosen_on(yunet_
     import insightface
 
     group = cv2.imread(str(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"))
+    assert group is not None
     yunet_dynamic.fit_canvas = False
     faces = yunet_dynamic.detect(group)
     assert len(faces) >= 5

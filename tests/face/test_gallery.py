@@ -123,11 +123,13 @@ def test_top_k_is_exact_at_100k_and_follows_other_processes(big_gallery):
     consent(storage, "s-quiet", VERIFICATION)
     galleries.search("bank-big", MODEL, probe, 1)
     resyncs = galleries.resyncs
-    rec = storage.templates.put(TemplateRecord("bank-big", "s-new", "face", MODEL, "", *vault.seal("bank-big", "s-new", MODEL, -probe), 1))
+    envelope, key_id = vault.seal("bank-big", "s-new", MODEL, -probe)
+    rec = storage.templates.put(TemplateRecord("bank-big", "s-new", "face", MODEL, "", envelope, key_id, 1))
     galleries.enrolled("bank-big", MODEL, "s-new", rec.updated_at, -probe, new=True)
     top, size = galleries.search("bank-big", MODEL, -probe, 1)
     assert size == n_id - 1 and top[0][0] == "s-new" and galleries.resyncs == resyncs
-    rec = storage.templates.put(TemplateRecord("bank-big", "s-quiet", "face", MODEL, "", *vault.seal("bank-big", "s-quiet", MODEL, probe), 1))
+    envelope, key_id = vault.seal("bank-big", "s-quiet", MODEL, probe)
+    rec = storage.templates.put(TemplateRecord("bank-big", "s-quiet", "face", MODEL, "", envelope, key_id, 1))
     galleries.enrolled("bank-big", MODEL, "s-quiet", rec.updated_at, probe, new=True)
     top, size = galleries.search("bank-big", MODEL, probe, 3)
     assert size == n_id - 1 and "s-quiet" not in [s for s, _ in top] and galleries.resyncs == resyncs

@@ -158,9 +158,14 @@ def test_every_fixture_jpeg_decodes_to_pillows_pixels(fixtures_dir, monkeypatch)
     on every JPEG of the fixtures (verification photos, webcam frames, attack prints and screens)."""
     import cv2
 
-    calls = []
+    calls: list[int] = []
     imdecode = cv2.imdecode
-    monkeypatch.setattr(cv2, "imdecode", lambda *a: calls.append(1) or imdecode(*a))
+
+    def counted(*a):
+        calls.append(1)
+        return imdecode(*a)
+
+    monkeypatch.setattr(cv2, "imdecode", counted)
     paths = sorted(p for p in (fixtures_dir / "face").rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
     assert len(paths) >= 50
     turned = 0

@@ -39,7 +39,8 @@ def _identity_scores(store: ModelStore, fixtures_dir) -> tuple[np.ndarray, np.nd
         embedded = [(who, e[SFACE]) for who, p in photos if isinstance(e := scorer.embeddings(p), dict)]
     finally:
         pipeline.close()
-    genuine, impostor = [], []
+    genuine: list[float] = []
+    impostor: list[float] = []
     for (a, x), (b, y) in itertools.combinations(embedded, 2):
         (genuine if a == b else impostor).append(float(x @ y))
     return np.array(genuine), np.array(impostor)

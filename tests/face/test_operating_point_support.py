@@ -15,6 +15,7 @@ from services.common.config import PROJECT_ROOT
 from services.common.errors import details_of
 from services.common.models import ModelStore
 from services.common.storage import ConsentRecord
+from tests.conftest import present
 
 OBAMA = "barack_obama/face_recognition_examples_obama.jpg"
 OBAMA2 = "barack_obama/face_recognition_examples_obama2.jpg"
@@ -58,7 +59,7 @@ def _verified_events(server) -> int:
 
 def test_a_tenant_on_an_unsupported_point_is_refused_over_grpc(service, face_dir):
     _, server, stub = service
-    record = ModelStore(server.settings).calibration(MODEL, "default")
+    record = present(ModelStore(server.settings).calibration(MODEL, "default"))
     point = record.point(1e-4)
     assert point is not None and not point.supported  # the premise: the manifest marks 1e-4 unsupported
     for tenant in ("bank-strict", "bank-default"):
@@ -69,7 +70,7 @@ def test_a_tenant_on_an_unsupported_point_is_refused_over_grpc(service, face_dir
         _verify(stub, "bank-strict", "c-obama", (face_dir / OBAMA2).read_bytes())
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert details_of(err.value)["reason"] == "OPERATING_POINT_UNSUPPORTED"
-    message = err.value.details()
+    message = err.value.details() or ""
     assert f"{MODEL} [default]: FMR 1e-4 needs >= 30,000 impostor trials" in message, message
     assert f"the calibration has {point.trials.impostor:,}" in message and "choose 3e-4" in message
     assert _verified_events(server) == before  # refused before anything was written
@@ -87,7 +88,7 @@ def test_a_tenant_on_a_point_the_calibration_lacks_is_refused(service, face_dir)
         _verify(stub, "bank-odd", "c-obama", (face_dir / OBAMA2).read_bytes())
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert details_of(err.value)["reason"] == "OPERATING_POINT_MISSING"
-    assert f"{MODEL} [default]: no operating point for FMR 5e-3" in err.value.details()
+    assert f"{MODEL} [default]: no operating point for FMR 5e-3" in (err.value.details() or "")
 
 
 @pytest.mark.parametrize("face, expected", [

@@ -25,8 +25,9 @@ def test_pack_is_read_with_insightface_conventions(pack_root):
     from insightface.app import FaceAnalysis
 
     pack = load_pack("testpack", root=pack_root)
-    assert pack.detector.architecture == "scrfd" and pack.detector.path.endswith("det_500m.onnx")
-    assert pack.recogniser.architecture == "arcface-onnx" and pack.recogniser.path.endswith("w600k_mbf.onnx")
+    assert pack.detector.architecture == "scrfd" and str(pack.detector.path).endswith("det_500m.onnx")
+    assert pack.recogniser is not None
+    assert pack.recogniser.architecture == "arcface-onnx" and str(pack.recogniser.path).endswith("w600k_mbf.onnx")
     # the same pack loads in insightface's own FaceAnalysis, with the same roles and normalisation
     fa = FaceAnalysis(name="testpack", root=str(pack_root), providers=list(CPU))
     assert set(fa.models) == {"detection", "recognition"}
@@ -45,6 +46,7 @@ def test_missing_pack_or_detector(tmp_path):
 
 def test_pipeline_from_pack_verifies(pack_root, face_dir):
     pack = load_pack("testpack", root=pack_root)
+    assert pack.recogniser is not None
     p = FacePipeline(FacePipelineConfig(detector=pack.detector, embedders=(pack.recogniser,), providers=CPU))
     try:
         name = pack.recogniser.name

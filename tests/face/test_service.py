@@ -17,11 +17,12 @@ from services.common.evaluation import metrics
 from services.commands.evaluation import load_scorer
 from services.common.evaluation.report import pad_report
 from services.common.evaluation.runner import run_pad, run_verification
-from services.common.evaluation.scorers import ScorerOptions
+from services.common.evaluation.scorers import PadScorer, ScorerOptions, VerificationScorer
 from services.common.evaluation.trials import read_pad, read_trials
 from services.common.models import ModelStore
 from services.common.storage import TemplateRecord, open_storage
 from services.common.subjects import IDENTIFICATION
+from tests.conftest import present
 
 OBAMA = "barack_obama/face_recognition_examples_obama.jpg"
 OBAMA2 = "barack_obama/face_recognition_examples_obama2.jpg"
@@ -71,6 +72,7 @@ def test_every_trial_image_enrols_and_the_service_evaluation_meets_the_eer(face_
         assert r.template.samples == 1 and r.images[0].accepted, p
 
     scorer = load_scorer("face", "verification", ScorerOptions(face_service.settings, target=face_service.address))
+    assert isinstance(scorer, VerificationScorer)
     run = run_verification(scorer, read_trials(fixtures_dir / "trials_face.csv", fixtures_dir))
     assert run.fte.failures == 0 and run.fta.failures == 0
     eer = metrics.eer(run.genuine, run.impostor)
@@ -82,19 +84,20 @@ def test_passive_liveness_through_the_service_at_the_calibrated_threshold(face_s
     import services.face.remote  # noqa: F401
 
     scorer = load_scorer("face", "pad", ScorerOptions(face_service.settings, target=face_service.address))
+    assert isinstance(scorer, PadScorer)
     run = run_pad(scorer, read_pad(fixtures_dir / "pad_face.csv", fixtures_dir))
     assert not run.has_scores  # CheckLiveness answers live or not: decisions only, no EER from them
     decided = [r for r in run.results if r.decision is not None]
-    bona = np.array([not r.decision.accepted for r in decided if r.sample.bonafide])
-    attacks = np.array([r.decision.accepted for r in decided if not r.sample.bonafide])
+    bona = np.array([not present(r.decision).accepted for r in decided if r.sample.bonafide])
+    attacks = np.array([present(r.decision).accepted for r in decided if not r.sample.bonafide])
     apcer, bpcer = float(attacks.mean()), float(bona.mean())
     print(f"service liveness decision: APCER {apcer:.4f} ({len(attacks)} attacks), BPCER {bpcer:.4f} ({len(bona)} bona fide)")
     report = pad_report(run, config={})
     assert report["eer"] is None and report["decisions"]["bpcer"]["rate"] == pytest.approx(bpcer)
-    cal = ModelStore(face_service.settings).calibration("minifasnet-v2-2.7", "default")
+    cal = present(ModelStore(face_service.settings).calibration("minifasnet-v2-2.7", "default"))
     point = next(p for p in cal.operating_points if p.target_fmr == 0.05)
     # The service's decision reproduces the calibration's operating point on the same set.
-    assert abs(apcer - point.fmr) < 0.02 and abs(bpcer - point.fnmr) < 0.02
+    assert abs(apcer - present(point.fmr)) < 0.02 and abs(bpcer - present(point.fnmr)) < 0.02
 
 
 # ---------------------------------------------------------------- verification
@@ -104,10 +107,10 @@ def test_verify_uses_the_calibrated_threshold_and_follows_a_recalibration(face_s
     genuine = verify(s, "bank-v", "c-obama", (face_dir / OBAMA2).read_bytes())
     impostor = verify(s, "bank-v", "c-obama", (face_dir / BIDEN).read_bytes())
     store = ModelStore(s.settings)
-    record = store.calibration("mobilefacenet-arcface-192d", "default")
+    record = present(store.calibration("mobilefacenet-arcface-192d", "default"))
     assert genuine.threshold == pytest.approx(record.threshold(s.settings.face.target_fmr), abs=1e-6)
     assert genuine.match and not impostor.match and genuine.score > genuine.threshold > impostor.score
-    assert genuine.llr == pytest.approx(float(record.llr.llr(genuine.score)), rel=1e-4)
+    assert record.llr is not None and genuine.llr == pytest.approx(float(record.llr.llr(genuine.score)), rel=1e-4)
     assert genuine.model_id == "mobilefacenet-arcface-192d" and genuine.quality.accepted
     # The operating point that decided, with the FMR its calibration measured there; no liveness ran.
     # The FMR stated is the held-out check's where the point has one, else the calibration's own.
@@ -148,7 +151,7 @@ def test_verify_with_liveness(face_service, face_dir, fixtures_dir):
     enroll(s, "bank-v", "c-live", live)
     ok = verify(s, "bank-v", "c-live", live, live=True)
     assert ok.liveness_checked and ok.live and ok.match
-    pad = ModelStore(s.settings).calibration("minifasnet-v2-2.7", "default")
+    pad = present(ModelStore(s.settings).calibration("minifasnet-v2-2.7", "default"))
     (point,) = [p for p in pad.operating_points if p.target_fmr == s.settings.face.liveness_target_apcer]
     assert ok.liveness_target_apcer == pytest.approx(s.settings.face.liveness_target_apcer)
     assert ok.liveness_measured_apcer == pytest.approx(point.fmr)

@@ -4,8 +4,10 @@ MFA server on loopback; helpers that play the bank's back end and the customer's
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -163,8 +165,19 @@ class App(Device):
     """The customer's app: the client SDK's device (its key, what each session showed the user, and
     signatures over those sessions' transaction contexts), reporting :func:`phone_device` by default."""
 
+    if TYPE_CHECKING:
+        # The SDK types its messages by its own copy of the generated stubs; at runtime they are the
+        # services' very classes (one descriptor pool), and the tests hand them to the services' requests.
+        device: Any
+
+        def opened(self, request: Any, response: Any) -> Any: ...
+        def proof(self, session, send_context: bool = True) -> Any: ...
+        def binding(self, session, payloads: Sequence[bytes], send_context: bool = True) -> Any: ...
+        def face(self, session, image: bytes, **kw) -> Any: ...
+        def voice(self, session, audio: bytes, nonce: str = "") -> Any: ...
+
     def __init__(self, device: mfa_pb2.DeviceInfo | None = None, ec: bool = False) -> None:
-        super().__init__(device or phone_device(), ec)
+        super().__init__(device or phone_device(), ec)  # type: ignore[arg-type]  # the same class, see above
 
 
 def outbox_codes(settings) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from concurrent import futures
+from typing import Any
 
 import grpc
 import pytest
@@ -53,7 +54,7 @@ class ScriptedFace(face_pb2_grpc.FaceServiceServicer):
 
     def Verify(self, request, context):
         self.calls += 1
-        step = self.script.pop(0) if self.script else "ok"
+        step: Any = self.script.pop(0) if self.script else "ok"
         if step == "slow":
             time.sleep(1.0)
         elif step == "shed":  # what the service's admission control answers (services/common/server)

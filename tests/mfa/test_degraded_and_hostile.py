@@ -3,6 +3,8 @@ inputs: each gets a clear status, and nothing stored is changed by it."""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import grpc
 import pytest
 
@@ -207,7 +209,7 @@ def test_a_tenant_bound_caller_cannot_touch_another_tenants_session_or_review(tm
             review = attach(storage).reviews.create(ReviewRecord("otp-bank", "cust-0001", theirs.session_id, "login", ()))
         finally:
             storage.close()
-        calls = [("Decide", F.DecideRequest), ("SendOtp", F.SendOtpRequest),
+        calls: list[tuple[str, Callable[..., Any]]] = [("Decide", F.DecideRequest), ("SendOtp", F.SendOtpRequest),
                  ("StartBiometricChallenge", lambda session_id: F.StartBiometricChallengeRequest(
                      session_id=session_id, modality=common_pb2.MODALITY_FACE)),
                  ("SubmitFactor", lambda session_id: F.SubmitFactorRequest(

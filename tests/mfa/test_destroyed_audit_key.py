@@ -6,6 +6,8 @@ replica on the new key serves on. Real SQLite and PostgreSQL, the CLI's own comm
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,7 +18,7 @@ from services.common.crypto.backend import open_audit_signer
 from services.common.errors import details_of
 from services.common.storage import open_storage
 from tests.audit.test_audit_cli import _run
-from tests.conftest import ServiceHarness
+from tests.conftest import ServiceHarness, present
 from tests.mfa.conftest import settings_for, setup_subject, subject
 
 S = health_pb2.HealthCheckResponse
@@ -38,17 +40,17 @@ def test_a_replica_on_a_destroyed_audit_key_turns_not_serving_and_refuses_audite
         old = open_audit_signer(settings, create=False).key_id
         with stale.channel("mfa") as channel:
             call = mfa_pb2_grpc.MfaServiceStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
+            health: Any = health_pb2_grpc.HealthStub(channel)  # its stubs declare none of its methods
             ref = setup_subject(call, subject(sid="cust-stale-1"), phone="+8613800000001")
             watch = health.Watch(health_pb2.HealthCheckRequest(service=NAME), timeout=120)
             assert next(watch).status == S.SERVING
             assert _run(settings, ["audit", "new-key"]) == 0
             assert _run(settings, ["audit", "switch-key"]) == 0
             call.SetPhoneNumber(mfa_pb2.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800000002"))  # retired
-            assert storage.audit.head().key_id == old
+            assert present(storage.audit.head()).key_id == old
 
             assert _run(settings, ["audit", "destroy-key", old]) == 0
-            destroyed = storage.audit.last().seq
+            destroyed = present(storage.audit.last()).seq
             assert next(watch).status == S.NOT_SERVING  # no call came in: the check found it
             assert health.Check(health_pb2.HealthCheckRequest(service="")).status == S.SERVING  # liveness
 
@@ -73,7 +75,7 @@ def test_a_replica_on_a_destroyed_audit_key_turns_not_serving_and_refuses_audite
         with current.channel("mfa") as channel:
             mfa_pb2_grpc.MfaServiceStub(channel).SetPhoneNumber(
                 mfa_pb2.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800000009"))
-        assert storage.audit.last().seq == records.seq + 1 and storage.audit.head().key_id != old
+        assert present(storage.audit.last()).seq == present(records).seq + 1 and present(storage.audit.head()).key_id != old
         capsys.readouterr()
         assert _run(settings, ["audit", "verify"]) == 0, capsys.readouterr().out  # nothing signed by old after seq
     finally:

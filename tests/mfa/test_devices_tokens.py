@@ -136,7 +136,7 @@ def test_a_tampered_or_expired_token_fails(signer):
         verify_token(jwt.encode({**CLAIMS, "exp": 2**40, "iat": 1}, other, algorithm="EdDSA",
                                 headers={"kid": keys.jwks()["keys"][0]["kid"]}), jwks, "biogate-mfa", "bank")
     with pytest.raises(jwt.InvalidTokenError):  # alg=none
-        verify_token(jwt.encode({**CLAIMS, "exp": 2**40, "iat": 1}, None, algorithm="none"), jwks, "biogate-mfa", "bank")
+        verify_token(jwt.encode({**CLAIMS, "exp": 2**40, "iat": 1}, None, algorithm="none"), jwks, "biogate-mfa", "bank")  # type: ignore[arg-type]  # alg none: no key
     old, _ = issuer.issue(CLAIMS, now=clock() - 1000)
     with pytest.raises(jwt.ExpiredSignatureError):
         verify_token(old, jwks, "biogate-mfa", "bank")

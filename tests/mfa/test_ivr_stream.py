@@ -35,7 +35,7 @@ MULAW = common_pb2.AudioFormat(encoding=common_pb2.AUDIO_ENCODING_MULAW, sample_
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):  # (named so that tests/conftest.py marks the module as loading models)
-    principals = [
+    principals: list[dict] = [
         {"name": "bank-backend", "roles": list(ROLES), "token_sha256": token_sha256(BANK_TOKEN)},
         {"name": "ivr-platform", "roles": ["orchestrator"], "token_sha256": token_sha256(IVR_TOKEN),
          "tenants": [TENANT], "terminal": {"channel": "ivr"}}]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import pytest
@@ -15,7 +16,8 @@ from prometheus_client import REGISTRY
 from services.common.api.v1 import mfa_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
 from services.common.runtime import Runtime
-from tests.conftest import ServiceHarness
+from services.common.storage import SqlStorage
+from tests.conftest import ServiceHarness, present
 from tests.mfa.conftest import settings_for, setup_subject, subject
 from tests.softhsm import PIN, TOKEN_LABEL, hsm_away, restart_hsm
 
@@ -25,6 +27,7 @@ def reconnects(outcome: str) -> float:
 
 
 def audit_count(rt: Runtime) -> int:
+    assert isinstance(rt.storage, SqlStorage)
     with rt.storage.db.read() as q:
         return q.one("SELECT COUNT(*) FROM audit_records")[0]
 
@@ -60,7 +63,7 @@ def test_the_mfa_survives_an_hsm_restart_and_outage(softhsm, tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 call.SetPhoneNumber(mfa_pb2.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800000009"))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        message = err.value.details()
+        message = err.value.details() or ""
         assert f"the PKCS#11 token {TOKEN_LABEL!r} is unreachable" in message and PIN not in message
         info = details_of(err.value)
         assert info["reason"] == "KEY_STORE_UNAVAILABLE" and info["retry_delay_s"] >= 1
@@ -68,7 +71,7 @@ def test_the_mfa_survives_an_hsm_restart_and_outage(softhsm, tmp_path):
 
         # back: served again by the same process
         call.SetPhoneNumber(mfa_pb2.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800000009"))
-        envelope, _ = rt.storage.subjects.get_phone(ref.tenant_id, ref.subject_id)
+        envelope, _ = present(rt.storage.subjects.get_phone(ref.tenant_id, ref.subject_id))
         assert rt.crypto.decrypt_contact(ref.tenant_id, ref.subject_id, envelope) == "+8613800000009"
         assert audit_count(rt) == records + 1
 
@@ -81,7 +84,7 @@ def test_readiness_is_not_serving_only_while_the_token_cannot_be_reconnected(sof
     S = health_pb2.HealthCheckResponse
     try:
         with harness.channel("mfa") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
+            health: Any = health_pb2_grpc.HealthStub(channel)  # its stubs declare none of its methods
             name = mfa_pb2.DESCRIPTOR.services_by_name["MfaService"].full_name
             watch = health.Watch(health_pb2.HealthCheckRequest(service=name), timeout=120)
             assert next(watch).status == S.SERVING
@@ -103,12 +106,14 @@ def test_a_key_that_fails_while_the_token_answers_is_failed_precondition_not_una
     hint, naming the key (never its material), with nothing written; the token unreachable stays
     UNAVAILABLE (above)."""
     from services.common.crypto import open_keyring
+    from services.common.crypto.hsm import Pkcs11Keyring
     from tests.softhsm import corrupt_key_value, objects
 
     with mfa_on_the_token(softhsm, tmp_path) as (call, rt):
         ref = setup_subject(call, subject(sid="cust-kek-1"), phone="+8613800000001")
         before = objects(softhsm)
         keyring = open_keyring(rt.settings)
+        assert isinstance(keyring, Pkcs11Keyring)
         kid = keyring.add_key().key_id  # the primary: the next number is sealed under it
         (kek,) = objects(softhsm) - before
         corrupt_key_value(kek)
@@ -118,14 +123,14 @@ def test_a_key_that_fails_while_the_token_answers_is_failed_precondition_not_una
             with pytest.raises(grpc.RpcError) as err:
                 call.SetPhoneNumber(mfa_pb2.SetPhoneNumberRequest(subject=ref, phone_e164="+8613800000009"))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            message = err.value.details()
+            message = err.value.details() or ""
             assert f"the key-encryption key {kid!r}" in message and "retrying does not help" in message
             assert PIN not in message and "+86138" not in message
             info = details_of(err.value)
             assert info["reason"] == "KEY_STORE_KEY_INVALID" and info["retry_delay_s"] is None
             assert REGISTRY.get_sample_value("biogate_pkcs11_key_failures_total", {"key": "kek"}) == failures + 1
             assert audit_count(rt) == records  # nothing written: no number, no audit record
-            envelope, _ = rt.storage.subjects.get_phone(ref.tenant_id, ref.subject_id)
+            envelope, _ = present(rt.storage.subjects.get_phone(ref.tenant_id, ref.subject_id))
             assert rt.crypto.decrypt_contact(ref.tenant_id, ref.subject_id, envelope) == "+8613800000001"
         finally:
             with keyring.token.using():

@@ -11,6 +11,7 @@ import yaml
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2
 from services.common.config import PROJECT_ROOT
 from services.mfa.factors import FACTORS
+from services.mfa.factors.biometric import BiometricFactor
 from services.mfa.policy import load_policy
 from tests.conftest import SHARED, ServiceHarness, make_settings, require
 from tests.mfa.conftest import App, outbox_codes
@@ -26,16 +27,20 @@ POLICY = load_policy(PROJECT_ROOT / "services" / "mfa" / "policies" / "default.y
     face_pb2.VerifyFaceResponse(match=True, score=0.9, llr=float("nan")),
 ], ids=["face", "face-challenge", "voice", "not-a-number"])
 def test_a_response_without_an_llr_is_no_evidence(response):
-    reasons = []
-    assert FACTORS["face"].evidence(POLICY.factors.face, response, reasons) == 0.0
+    reasons: list = []
+    face = FACTORS["face"]
+    assert isinstance(face, BiometricFactor)
+    assert face.evidence(POLICY.factors.face, response, reasons) == 0.0
     assert [r.code for r in reasons] == ["LLR_UNAVAILABLE"]
 
 
 @pytest.mark.parametrize("llr,expected", [(0.0, 0.0), (4.5, 4.5), (-2.0, -2.0), (80.0, 10.0), (-80.0, -10.0)])
 def test_a_calibrated_llr_counts_as_given_within_the_cap(llr, expected):
-    reasons = []
+    reasons: list = []
     response = voice_pb2.VerifyVoiceResponse(match=llr > 0, llr=llr)
-    assert FACTORS["voice"].evidence(POLICY.factors.voice, response, reasons) == expected and reasons == []
+    voice = FACTORS["voice"]
+    assert isinstance(voice, BiometricFactor)
+    assert voice.evidence(POLICY.factors.voice, response, reasons) == expected and reasons == []
 
 
 def _manifest_without_llr_map(tmp_path, model_id: str):

@@ -6,6 +6,7 @@ refused in the transaction that checks it."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from services.common.api.v1 import mfa_pb2
 from services.common.errors import ServiceError, details_of
 from services.common.context import SYSTEM
-from tests.conftest import race
+from tests.conftest import present, race
 from tests.mfa.conftest import App, outbox_codes, phone_device, setup_subject, subject
 from tests.mfa.test_flows import bind, otp_round, start
 
@@ -83,7 +84,7 @@ def test_failures_from_elsewhere_lock_the_subject_but_not_the_customer_on_the_bo
         stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=wrong)))
     with pytest.raises(grpc.RpcError) as err:
         start(stub, App(phone_device(install="attacker-2")), ref=ref)  # another device of the attacker
-    assert details_of(err.value)["reason"] == "SUBJECT_LOCKED" and "bound device" in err.value.details()
+    assert details_of(err.value)["reason"] == "SUBJECT_LOCKED" and "bound device" in (err.value.details() or "")
     # The customer on their bound phone is not locked out: the failures raised the risk (a second
     # factor), and the ALLOW clears the counters.
     mine = start(stub, app, ref=ref)
@@ -177,13 +178,13 @@ def test_delays_grow_then_the_lock_is_bounded_and_an_admin_may_lift_it_sooner(or
             assert not locked
         except ServiceError as exc:
             assert locked and exc.reason == "SUBJECT_LOCKED"
-    with pytest.raises(ServiceError) as locked:  # the device the failures came from: device_lock_s (3600 s)
+    with pytest.raises(ServiceError) as refused:  # the device the failures came from: device_lock_s (3600 s)
         orch.start(req, caller=SYSTEM)
-    assert locked.value.reason == "DEVICE_LOCKED"
+    assert refused.value.reason == "DEVICE_LOCKED"
     orch.store.lockouts.record_failure("lock-bank", "subject", ref.subject_id, ref.subject_id, 1000, clock())
-    with pytest.raises(ServiceError) as locked:
+    with pytest.raises(ServiceError) as refused:
         orch.start(elsewhere, caller=SYSTEM)
-    assert locked.value.reason == "SUBJECT_LOCKED"
+    assert refused.value.reason == "SUBJECT_LOCKED"
     orch.unlock(F.UnlockSubjectRequest(subject=ref, reason="identity-verified"), caller=SYSTEM)  # the subject and its devices
     assert orch.start(elsewhere, caller=SYSTEM).session_id and orch.start(req, caller=SYSTEM).session_id
 
@@ -208,12 +209,17 @@ def test_a_factor_racing_the_decision_is_in_it_or_refused_never_after_it(stub, m
             assert stub.SubmitFactor(F.SubmitFactorRequest(session_id=s.session_id, device=app.proof(s))).result.passed
             stub.SendOtp(F.SendOtpRequest(session_id=s.session_id))
             code = outbox_codes(settings)[-1]
-            work = [lambda s=s: stub.Decide(F.DecideRequest(session_id=s.session_id)),
-                    lambda s=s, code=code: stub.SubmitFactor(
-                        F.SubmitFactorRequest(session_id=s.session_id, otp=F.OtpEvidence(code=code)))]
-            decided, submitted = race(2, lambda i, work=work: work[i]())
+
+            def call(i: int, session_id: str = s.session_id, code: str = code) -> Any:
+                if i == 0:
+                    return stub.Decide(F.DecideRequest(session_id=session_id))
+                return stub.SubmitFactor(F.SubmitFactorRequest(session_id=session_id, otp=F.OtpEvidence(code=code)))
+
+            decided, submitted = race(2, call)
+            assert decided is not None and not isinstance(decided, Exception), decided
             assert decided.outcome == F.OUTCOME_ALLOW
-            st = SessionState.from_json(dict(attach(store).auth_sessions.get(s.session_id).state))
+            st = SessionState.from_json(dict(present(attach(store).auth_sessions.get(s.session_id)).state))
+            assert st.decision is not None
             again = decide(st.plan, st.factors)
             assert (list(again.amr), again.total) == (list(st.decision.amr), st.decision.total)
             if isinstance(submitted, grpc.RpcError):

@@ -18,6 +18,7 @@ from services.mfa import subjects
 from services.mfa.otp import new_code
 from services.mfa.sms import HttpSmsGateway, SmsError
 from services.common.context import SYSTEM
+from tests.conftest import present
 from tests.mfa.conftest import App, outbox_codes
 
 F = mfa_pb2
@@ -297,14 +298,14 @@ def test_a_failed_send_is_unavailable_and_its_code_is_void(tmp_path, clock, fake
         with pytest.raises(ServiceError) as err:
             orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.reason == "SMS_GATEWAY_FAILED"
-        code = re.match(r"\d+", fake.requests[-1]["body"]["text"]).group()
+        code = present(re.match(r"\d+", fake.requests[-1]["body"]["text"])).group()
         with pytest.raises(ServiceError) as err:  # never delivered: never usable
             submit(orch, s.session_id, code)
         assert err.value.reason == "OTP_NOT_SENT"
         assert orch.store.otp.get_active_for_session(s.session_id, clock()) is None
         sent = orch.send_otp(F.SendOtpRequest(session_id=s.session_id), caller=SYSTEM)  # no cool-down was spent
         assert sent.masked_phone
-        code = re.match(r"\d+", fake.requests[-1]["body"]["text"]).group()
+        code = present(re.match(r"\d+", fake.requests[-1]["body"]["text"])).group()
         assert submit(orch, s.session_id, code).result.passed
     finally:
         orch.close()

@@ -12,6 +12,7 @@ import pytest
 from services.common.config import PROJECT_ROOT
 from services.common.errors import ServiceError
 from services.mfa.policy import PolicyError, PolicyStore, load_policy, parse_policy
+from tests.conftest import present
 
 DEFAULT = PROJECT_ROOT / "services" / "mfa" / "policies" / "default.yaml"
 
@@ -32,7 +33,7 @@ def problems(text: str) -> list[tuple[int, str, str]]:
 
 def test_the_shipped_default_policy_is_valid_and_ships_fraud_phrases_in_both_languages():
     policy = load_policy(DEFAULT)
-    phrases = policy.risk.rules.fraud_phrases.phrases
+    phrases = present(policy.risk.rules.fraud_phrases).phrases
     assert {"代操作", "紧急转账", "安全账户"} <= set(phrases["zh"])
     assert {"safe account", "remote access", "AnyDesk"} <= set(phrases["en"])
     assert policy.factors.sms_otp.digits >= 6 and policy.factors.sms_otp.ttl_s <= 600

@@ -26,7 +26,7 @@ SPEAKER = "george"
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):  # (named so that tests/conftest.py marks the module as loading models)
-    principals = [
+    principals: list[dict] = [
         {"name": "bank-backend", "roles": list(ROLES), "token_sha256": token_sha256(BANK_TOKEN)},
         {"name": "ivr-platform", "roles": ["orchestrator"], "token_sha256": token_sha256(IVR_TOKEN),
          "tenants": ["bank-callback"], "terminal": {"channel": "ivr"}}]

@@ -136,7 +136,8 @@ def test_the_rewrap_loses_to_the_mfa_writing_the_same_session_and_never_undoes_i
 
     # Both at once, many times: every one of the MFA's writes is kept, and the rewrap ends with the
     # session's fields under the target.
-    writes, stop = [], threading.Event()
+    writes: list = []
+    stop = threading.Event()
 
     def mfa():
         while not stop.is_set() or len(writes) < 20:

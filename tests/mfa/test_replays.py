@@ -62,7 +62,8 @@ def test_a_device_proof_counts_once_in_its_session_replayed_or_raced(stub, mfa_s
     results = race(2, lambda i: stub.SubmitFactor(F.SubmitFactorRequest(session_id=raced.session_id, device=proof)))
     passed = [r for r in results if not isinstance(r, grpc.RpcError)]
     refused = [details_of(r)["reason"] for r in results if isinstance(r, grpc.RpcError)]
-    assert len(passed) == 1 and passed[0].result.passed and refused == ["DEVICE_ALREADY_PROVEN"], results
+    assert len(passed) == 1 and isinstance(passed[0], F.SubmitFactorResponse) and passed[0].result.passed, results
+    assert refused == ["DEVICE_ALREADY_PROVEN"], results
     assert stored_factors(settings, raced.session_id) == [("device", True)]
     assert factor_audits(settings, raced.session_id) == 1
 
@@ -211,7 +212,8 @@ def test_one_push_approval_sent_twice_at_once_counts_once(push_env):
     results = race(2, lambda i: confirm(stub, s, answer))
     passed = [r for r in results if not isinstance(r, grpc.RpcError)]
     refused = [details_of(r)["reason"] for r in results if isinstance(r, grpc.RpcError)]
-    assert len(passed) == 1 and passed[0].result.passed and refused == ["PUSH_ALREADY_ANSWERED"], results
+    assert len(passed) == 1 and isinstance(passed[0], F.ConfirmTransactionResponse) and passed[0].result.passed, results
+    assert refused == ["PUSH_ALREADY_ANSWERED"], results
     assert stored_factors(harness.settings, s.session_id) == [("push", True)]
     assert factor_audits(harness.settings, s.session_id) == 1
 

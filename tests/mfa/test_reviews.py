@@ -18,6 +18,7 @@ from services.common.errors import details_of
 from services.mfa import webhooks
 from services.mfa.tokens import verify_token
 from services.common.context import SYSTEM
+from tests.conftest import present
 from tests.mfa.conftest import OTP_POLICY, App, outbox_codes, settings_for, setup_subject, subject
 
 F = mfa_pb2
@@ -267,7 +268,7 @@ def test_two_reviewers_racing_one_wins_and_the_other_is_told(served, receiver):
         [(winner, answer)] = won.items()
         [(loser, err)] = lost.items()
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and reason(err) == "REVIEW_ALREADY_RESOLVED"
-        assert f"already {answer.review.status} by {winner}" in err.details()
+        assert f"already {answer.review.status} by {winner}" in (err.details() or "")
         expected = F.OUTCOME_ALLOW if winner == "dev-admin" else F.OUTCOME_DENY
         assert answer.decision.outcome == expected
         assert stubs["dev-all"].Decide(F.DecideRequest(session_id=session_id)).outcome == expected
@@ -377,6 +378,7 @@ def test_the_final_decisions_of_reviews_are_counted_as_coming_from_a_review(orch
 def test_webhook_deliveries_retry_with_backoff_then_give_up(tmp_path, storage_dsn, clock, receiver):
     from services.commands import retention
     from services.common.runtime import Runtime
+    from services.common.storage import SqlStorage
     from services.mfa.server import worker_tasks
     from services.mfa.service import Orchestrator
     from services.serve import prepare
@@ -387,25 +389,25 @@ def test_webhook_deliveries_retry_with_backoff_then_give_up(tmp_path, storage_ds
     o = Orchestrator(rt, clock=clock)
     try:
         outbox = o.outbox
-        first = outbox.enqueue(TENANT, "review.opened", {"review_id": "rev_1"}, clock())
+        first = present(outbox.enqueue(TENANT, "review.opened", {"review_id": "rev_1"}, clock()))
         receiver.fail = 1
         assert outbox.deliver_due() == 0  # refused (500): retried after the backoff, not before
-        assert o.store.webhooks.get(first.id).attempts == 1
+        assert present(o.store.webhooks.get(first.id)).attempts == 1
         clock.advance(4.9)
         assert outbox.deliver_due() == 0 and len(receiver.requests) == 1
         clock.advance(0.1)
         assert outbox.deliver_due() == 1
-        rec = o.store.webhooks.get(first.id)
+        rec = present(o.store.webhooks.get(first.id))
         assert rec.delivered_at == clock() and rec.next_attempt_at is None and rec.attempts == 2
         assert [r["event_id"] for r in receiver.requests] == [first.id, first.id]  # the same event, redelivered
         assert all(r["verified"] for r in receiver.requests)
 
         receiver.fail = 100  # a receiver that never takes it: 3 attempts, 5 s then 10 s apart, then abandoned
-        gone = outbox.enqueue(TENANT, "review.closed", {"review_id": "rev_2"}, clock())
+        gone = present(outbox.enqueue(TENANT, "review.closed", {"review_id": "rev_2"}, clock()))
         for wait in (0, 5, 10):
             clock.advance(wait)
             outbox.deliver_due()
-        rec = o.store.webhooks.get(gone.id)
+        rec = present(o.store.webhooks.get(gone.id))
         assert (rec.attempts, rec.next_attempt_at, rec.delivered_at, rec.last_error) == (3, None, None, "HTTP 500")
         clock.advance(3600)
         assert outbox.deliver_due() == 0 and len(receiver.requests) == 5
@@ -415,6 +417,7 @@ def test_webhook_deliveries_retry_with_backoff_then_give_up(tmp_path, storage_ds
         for task in worker_tasks(o):
             task()
         assert o.store.webhooks.get(first.id) is not None and o.store.webhooks.get(gone.id) is not None
+        assert isinstance(rt.storage, SqlStorage)
         deleted = retention.run(settings, rt.storage, "cli:test", clock(), batch=1)
         assert deleted["webhook_events"] == 2 and o.store.webhooks.get(first.id) is None
     finally:
@@ -479,8 +482,8 @@ def test_each_bank_hears_only_of_its_own_reviews(tmp_path, storage_dsn, clock, r
         rt = Runtime.open(settings)
         o = Orchestrator(rt, clock=clock)
         try:
-            mine = o.outbox.enqueue(TENANT, "review.opened", {"review_id": "rev_a"}, clock())
-            theirs = o.outbox.enqueue("bank-b", "review.opened", {"review_id": "rev_b"}, clock())
+            mine = present(o.outbox.enqueue(TENANT, "review.opened", {"review_id": "rev_a"}, clock()))
+            theirs = present(o.outbox.enqueue("bank-b", "review.opened", {"review_id": "rev_b"}, clock()))
             assert o.outbox.deliver_due() == 2
         finally:
             o.close()
@@ -520,11 +523,11 @@ def test_reviews_stored_before_the_outcome_migration_keep_their_data(storage_dsn
                       " created_at, resolved_at, resolved_by, note) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, NULL, '', '')",
                       ("rev_old", TENANT, "c1", "ses_old", "payment", [["RISK_REVIEW", "risk"]], opened))
         store = attach(st)
-        old = store.reviews.get("rev_old")
+        old = present(store.reviews.get("rev_old"))
         assert (old.status, old.created_at, old.reasons, old.session_id) == (
             "pending", opened, (["RISK_REVIEW", "risk"],), "ses_old")
         assert [r.id for r in store.reviews.overdue(opened, 10)] == ["rev_old"]
-        assert store.reviews.resolve("rev_old", "expired", "system", "", opened).status == "expired"
+        assert present(store.reviews.resolve("rev_old", "expired", "system", "", opened)).status == "expired"
     finally:
         st.close()
 
@@ -595,7 +598,7 @@ def test_replicas_sharing_the_outbox_deliver_each_event_once(tmp_path, storage_d
     prepare(settings)
     replicas = [Orchestrator(Runtime.open(settings), clock=clock) for _ in range(2)]
     try:
-        sent = [replicas[0].outbox.enqueue(TENANT, "review.opened", {"review_id": f"rev_{i}"}, clock()).id
+        sent = [present(replicas[0].outbox.enqueue(TENANT, "review.opened", {"review_id": f"rev_{i}"}, clock())).id
                 for i in range(6)]
         barrier = threading.Barrier(2)
 

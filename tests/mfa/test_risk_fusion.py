@@ -11,6 +11,7 @@ from services.mfa.fusion import FactorOutcome, decide, make_plan
 from services.mfa.policy import load_policy
 from services.mfa.reasons import Reason
 from services.mfa.risk import PhraseMatcher, Place, RiskEngine, RiskSignals
+from tests.conftest import present
 
 POLICY = load_policy(PROJECT_ROOT / "services" / "mfa" / "policies" / "default.yaml")
 NOW = datetime(2025, 3, 1, 12, tzinfo=timezone.utc)
@@ -35,13 +36,13 @@ def codes(a):
     ("Sir, YOUR account has been   compromised!", "your account has been compromised"),
 ])
 def test_fraud_phrases_match_across_case_width_and_spacing(text, hit):
-    found = [p for _, p in PhraseMatcher(POLICY.risk.rules.fraud_phrases.phrases).find(text)]
+    found = [p for _, p in PhraseMatcher(present(POLICY.risk.rules.fraud_phrases).phrases).find(text)]
     assert hit in found
 
 
 @pytest.mark.parametrize("text", ["my accountant's safe", "remote accessories shop", "查询余额", ""])
 def test_ordinary_text_is_not_flagged(text):
-    assert PhraseMatcher(POLICY.risk.rules.fraud_phrases.phrases).find(text) == []
+    assert PhraseMatcher(present(POLICY.risk.rules.fraud_phrases).phrases).find(text) == []
 
 
 def test_fraud_phrase_raises_risk_and_forces_review():

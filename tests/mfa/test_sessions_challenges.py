@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import pytest
@@ -17,6 +18,7 @@ from services.common.errors import ServiceError
 from services.mfa import subjects
 from services.mfa.state import SessionState
 from services.mfa.storage import AuthSessionRecord
+from tests.conftest import present
 from tests.mfa.conftest import App, outbox_codes
 
 F = mfa_pb2
@@ -26,7 +28,7 @@ PHONE = "+8613800135678"
 # A session as the orchestrator stored it while its state was a free-form dict: written out here,
 # not made by the code under test. A wrong OTP already counted (a factor entry of that time has no
 # "c" key), the client's place kept for the decision.
-OLD_STATE = {
+OLD_STATE: dict[str, Any] = {
     "channel": "app", "action": "login", "amount": None,
     "device": {"fp": "dfp-0123", "state": "unbound", "device_id": None},
     "nonce": "n0nce-0f-the-old-session", "policy_version": "otp-test-1",
@@ -81,7 +83,7 @@ def test_an_old_decided_session_answers_its_decision_and_refuses_more_factors(or
     with pytest.raises(ServiceError) as err:
         orch.send_otp(F.SendOtpRequest(session_id=SID), caller=SYSTEM)
     assert err.value.reason == "SESSION_DECIDED"
-    assert SessionState.from_json(dict(orch.store.auth_sessions.get(SID).state)).decision.at.minute == 0
+    assert present(SessionState.from_json(dict(orch.store.auth_sessions.get(SID).state)).decision).at.minute == 0
 
 
 def start(orch, tenant, channel=F.CHANNEL_APP):
@@ -209,14 +211,14 @@ def test_a_session_takes_a_bounded_number_of_submissions_passed_or_not(mfa_setti
         wrong = "000000" if code != "000000" else "111111"
         assert not submit(orch, s.session_id, wrong).result.passed
         results = race(2, lambda i: submit(orch, s.session_id, wrong))  # both fit: 2 and 3 of 3
-        assert all(not isinstance(r, Exception) and not r.result.passed for r in results), results
+        assert all(r is not None and not isinstance(r, Exception) and not r.result.passed for r in results), results
         factors = len(audit_events(mfa_settings, "mfa.factor"))
         with pytest.raises(ServiceError) as err:
             submit(orch, s.session_id, code)
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and err.value.reason == "SESSION_LIMIT_REACHED"
         assert "3 factor submissions" in err.value.message
         assert len(audit_events(mfa_settings, "mfa.factor")) == factors
-        assert orch.sessions.get(s.session_id).state.submissions == 3
+        assert present(orch.sessions.get(s.session_id)).state.submissions == 3
 
         last = session(orch, ref)  # at 2 of 3, two at once: one gets the last place
         orch.send_otp(mfa_pb2.SendOtpRequest(session_id=last.session_id), caller=SYSTEM)
@@ -225,7 +227,7 @@ def test_a_session_takes_a_bounded_number_of_submissions_passed_or_not(mfa_setti
         results = race(2, lambda i: submit(orch, last.session_id, wrong))
         refused = [r.reason for r in results if isinstance(r, ServiceError)]
         assert refused == ["SESSION_LIMIT_REACHED"], results
-        assert orch.sessions.get(last.session_id).state.submissions == 3
+        assert present(orch.sessions.get(last.session_id)).state.submissions == 3
     finally:
         orch.close()
         rt.close()

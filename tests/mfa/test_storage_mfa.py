@@ -28,7 +28,7 @@ from services.mfa.storage import (
     SubjectSignalRecord,
     attach,
 )
-from tests.conftest import create_legacy_database, race, schema_of
+from tests.conftest import create_legacy_database, present, race, schema_of
 
 T = "bank-a"
 NOW = datetime(2031, 5, 4, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -64,12 +64,12 @@ def test_devices_lifecycle(store: MfaStore) -> None:
     assert [d.id for d in store.devices.list_for_subject(T, "s1")] == [dev.id, other.id]
 
     assert store.devices.touch(T, dev.id, now=NOW + timedelta(hours=1))
-    assert store.devices.get(T, dev.id).last_seen_at == NOW + timedelta(hours=1)
+    assert present(store.devices.get(T, dev.id)).last_seen_at == NOW + timedelta(hours=1)
     assert not store.devices.touch(T, "missing")
     assert store.devices.revoke(T, dev.id, now=NOW + timedelta(hours=2))
     assert not store.devices.revoke(T, dev.id)  # already revoked
     assert not store.devices.touch(T, dev.id)
-    assert store.devices.get(T, dev.id).revoked_at == NOW + timedelta(hours=2)
+    assert present(store.devices.get(T, dev.id)).revoked_at == NOW + timedelta(hours=2)
     assert store.devices.get_by_fingerprint(T, "s1", "fp-abc") is None
     assert [d.id for d in store.devices.list_for_subject(T, "s1")] == [other.id]
     assert len(store.devices.list_for_subject(T, "s1", include_revoked=True)) == 2
@@ -98,14 +98,14 @@ def test_otp_attempts_consume_and_expiry(store: MfaStore) -> None:
     assert store.otp.get_active_for_session("sess-2", NOW) is None
 
     t = NOW + timedelta(minutes=1)
-    assert [store.otp.record_attempt(new.id, t).attempts for _ in range(3)] == [1, 2, 3]
+    assert [present(store.otp.record_attempt(new.id, t)).attempts for _ in range(3)] == [1, 2, 3]
     assert store.otp.record_attempt(new.id, t) is None  # budget spent
-    assert store.otp.get(new.id).attempts == 3
+    assert present(store.otp.get(new.id)).attempts == 3
     assert store.otp.get_active_for_session("sess-1", t) == old  # the exhausted one is skipped
 
     assert store.otp.consume(old.id, t) is True
     assert store.otp.consume(old.id, t) is False
-    assert store.otp.get(old.id).consumed_at == t
+    assert present(store.otp.get(old.id)).consumed_at == t
     assert store.otp.record_attempt(old.id, t) is None
     assert store.otp.get_active_for_session("sess-1", t) is None
 
@@ -157,8 +157,9 @@ def test_otp_attempt_budget_holds_under_concurrency(store: MfaStore) -> None:
     now = datetime.now(timezone.utc)
     otp = store.otp.create(OtpRecord("sess", T, "s1", "h", now + timedelta(minutes=5), max_attempts=3))
     results = race(THREADS, lambda i: store.otp.record_attempt(otp.id, now))
-    assert sorted(r.attempts for r in results if r is not None) == [1, 2, 3]
-    assert store.otp.get(otp.id).attempts == 3
+    assert all(r is None or isinstance(r, OtpRecord) for r in results), results
+    assert sorted(r.attempts for r in results if isinstance(r, OtpRecord)) == [1, 2, 3]
+    assert present(store.otp.get(otp.id)).attempts == 3
 
 
 # --- review queue, lockouts, signals -------------------------------------------------------------
@@ -176,10 +177,10 @@ def test_review_queue_pages_and_resolves_once(store: MfaStore) -> None:
     page3 = store.reviews.list("bank", "pending", 2, after=(page2[-1].created_at, page2[-1].id))
     assert [r.id for r in page1 + page2 + page3] == [r.id for r in made]
     assert page1[0].reasons == (["FRAUD_SCRIPT_PHRASE", "m"],)
-    done = store.reviews.resolve(made[0].id, "approved", "admin-1", "ok")
+    done = present(store.reviews.resolve(made[0].id, "approved", "admin-1", "ok"))
     assert done.status == "approved" and done.resolved_by == "admin-1" and done.resolved_at
     assert store.reviews.resolve(made[0].id, "rejected", "admin-2", "") is None  # only once
-    assert store.reviews.get(made[0].id).status == "approved"
+    assert present(store.reviews.get(made[0].id)).status == "approved"
     assert store.reviews.list("other", "pending", 10) == []
 
 
@@ -206,7 +207,7 @@ def test_erasure_removes_mfa_rows_of_the_subject_only(shared, store: MfaStore) -
     store.lockouts.record_failure("bank", "device", "fp9", "", 200)
     store.subject_signals.put(SubjectSignalRecord("bank", "c1", "CN", 31.2, 121.5))
     store.subject_signals.put(SubjectSignalRecord("bank", "c1", "DE"))
-    assert store.subject_signals.get("bank", "c1").country == "DE"
+    assert present(store.subject_signals.get("bank", "c1")).country == "DE"
     assert store.erase_subject("bank", "c1") == MfaErasure(devices=1, otp=1, sessions=1, reviews=1, lockouts=1,
                                                            signals=1)
     assert [r.subject_id for r in store.reviews.list("bank", "pending", 10)] == ["c2"]
@@ -258,7 +259,7 @@ def test_a_database_created_before_the_split_migrates_forward_with_its_data(stor
                       " bound_at) VALUES ('dev_1', ?, 'c1', 'fp', ?, 'phone', 'android', ?)", (T, {}, NOW))
         store = attach(legacy)
         assert versions(legacy, "shared") == [1, 2, 3, 4, 5] and versions(legacy, "mfa") == [1, 2, 3, 4, 5, 6, 7, 8]
-        assert store.devices.get(T, "dev_1").fingerprint == "fp"
+        assert present(store.devices.get(T, "dev_1")).fingerprint == "fp"
         store.reviews.create(ReviewRecord(T, "c1", "ses_x", "login", ()))
         fresh = open_storage(other_storage_dsn)
         try:

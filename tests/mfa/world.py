@@ -21,7 +21,7 @@ from services.common.api.v1 import (
     common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc, voice_pb2, voice_pb2_grpc,
 )
 from services.common.errors import details_of
-from tests.conftest import SHARED, ServiceHarness, make_settings, require
+from tests.conftest import SHARED, ServiceHarness, make_settings, present, require
 from tests.mfa.conftest import outbox_codes
 
 F = mfa_pb2
@@ -32,6 +32,14 @@ PAYEE = F.Payee(name="Li Lei", account_masked="6222 **** **** 1234")
 def rows(name: str) -> list[dict]:
     with open(FIX / name, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+class Services(ServiceHarness):
+    """A harness whose callers present ``token`` (empty: the development tokens); ``face_ok`` and
+    ``voice_ok``: that service is SERVING with its Verify RPC."""
+
+    token = ""
+    face_ok = voice_ok = False
 
 
 def _implemented(call) -> bool:
@@ -48,7 +56,7 @@ def running_services(data: Path, principals: list[dict] | None = None, service_t
     SERVING with their Verify RPC) and of the MFA that calls them."""
     require((FIX / "trials_face.csv").is_file(), f"the fixtures in {FIX}")
     auth = {"auth": {"principals": principals, "dev_credentials": False}} if principals else {}
-    bio = ServiceHarness(make_settings(data, **auth))
+    bio = Services(make_settings(data, **auth))
     bio.token = service_token
     try:
         bio.face_ok = bio.voice_ok = False
@@ -67,7 +75,7 @@ def running_services(data: Path, principals: list[dict] | None = None, service_t
 
         clients = {name: {"target": target(name), "breaker_failures": 3, "breaker_reset_s": 2, "token": service_token}
                    for name in ("face", "voice")}
-        mfa = ServiceHarness(make_settings(data, clients=clients, **auth))
+        mfa = Services(make_settings(data, clients=clients, **auth))
         mfa.token = service_token
         mfa.start("mfa")
         try:
@@ -140,6 +148,7 @@ class World:
 
     def start_ivr(self, ref, action="login"):
         """A call to the bank's IVR: the platform opens the session as the ivr terminal."""
+        assert self.ivr is not None, "a world with an IVR terminal (ivr_token)"
         return self.ivr.StartAuthentication(F.StartAuthenticationRequest(subject=ref, channel=F.CHANNEL_IVR,
                                                                          action=action))
 
@@ -164,7 +173,7 @@ class World:
             except grpc.RpcError as err:
                 if details_of(err)["reason"] != "THROTTLED":
                     raise
-                time.sleep(int(re.search(r"in (\d+) s", err.details()).group(1)))
+                time.sleep(int(present(re.search(r"in (\d+) s", err.details() or "")).group(1)))
 
     def ivr_voice(self, s, mulaw: bytes, nonce: str = "") -> F.VoiceEvidence:
         """What the IVR platform sends: the caller's G.711 mu-law audio, captured by the terminal."""

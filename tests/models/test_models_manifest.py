@@ -7,6 +7,7 @@ import datetime as dt
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ EXPECTED = {
     "replay-envelope-v1": "voice_replay",
 }
 
-RECORD = {
+RECORD: dict[str, Any] = {
     "dataset": "fixtures/faces v1",
     "trials": {"genuine": 1200, "impostor": 71000},
     "operating_points": [
@@ -171,11 +172,11 @@ def test_calibration_record_maps_and_thresholds():
     with pytest.raises(OperatingPointError, match="no operating point for FMR 1e-2 .calibrated: 1e-3, 1e-4.") as err:
         record.threshold(0.01)
     assert err.value.reason == "OPERATING_POINT_MISSING"
-    assert np.allclose(record.llr.llr([0.0, 0.4]), [-5.0, 0.0])
+    assert record.llr is not None and np.allclose(record.llr.llr(np.array([0.0, 0.4])), [-5.0, 0.0])
     pav = CalibrationRecord.model_validate(
         {**RECORD, "llr": {"kind": "pav", "scores": [0.0, 0.5, 1.0], "llrs": [-4.0, 0.0, 4.0]}}
     ).llr
-    assert np.allclose(pav.llr([-1.0, 0.25, 0.75, 2.0]), [-4.0, -2.0, 2.0, 4.0])
+    assert pav is not None and np.allclose(pav.llr(np.array([-1.0, 0.25, 0.75, 2.0])), [-4.0, -2.0, 2.0, 4.0])
     with pytest.raises(ValidationError, match="repeat a target_fmr"):
         CalibrationRecord.model_validate({**RECORD, "operating_points": [RECORD["operating_points"][0]] * 2})
     with pytest.raises(ValidationError, match="scores has 2 points but llrs has 3"):
@@ -280,9 +281,11 @@ def test_old_records_load_with_their_points_marked_and_their_llrs_capped():
     assert p2.trials == p3.trials == record.trials  # measured on all of the record's trials
     assert (p2.supported, p2.why) == (True, None)
     assert (p3.supported, p3.why) == (False, "FMR 1e-3 needs >= 3,000 impostor trials, the calibration has 1,791")
-    assert (record.llr.min_llr, record.llr.max_llr) == llr_caps(100, 1791)
-    assert record.llr.llr(0.9) == pytest.approx(np.log(1791 / 3))  # 30.3 uncapped
-    assert record.llr.llr(0.0) == pytest.approx(-np.log(100 / 3))
+    llr = record.llr
+    assert llr is not None
+    assert (llr.min_llr, llr.max_llr) == llr_caps(100, 1791)
+    assert llr.llr(0.9) == pytest.approx(np.log(1791 / 3))  # 30.3 uncapped
+    assert llr.llr(0.0) == pytest.approx(-np.log(100 / 3))
     assert record.threshold(0.01, model="m", channel="c") == 0.3456
     with pytest.raises(OperatingPointError) as err:
         record.threshold(0.001, model="mobilefacenet-arcface-192d", channel="default")

@@ -4,13 +4,18 @@ ECAPA, AASIST and the digit recogniser."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from services.common.api.v1 import common_pb2, voice_pb2, voice_pb2_grpc
 from services.common.storage import ConsentRecord
 from tests.conftest import make_settings
 from tests.ops.samples import Counted
-from tests.voice.voice_audio import read, wav_bytes
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "voice"))  # as tests/voice's conftest: its helpers by name
+from voice_audio import read, wav_bytes  # noqa: E402
 
 TENANT = "ops-bank"  # text-independent; the default tenant policy keeps the digit challenge
 

@@ -5,7 +5,7 @@ and random bytes; unknown enum values, extreme and non-finite numbers."""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -40,6 +40,7 @@ def scalar(field: FieldDescriptor, pools: Mapping[str, Sequence[str]], payloads:
     if t == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if t == FieldDescriptor.TYPE_ENUM:
+        assert field.enum_type is not None
         values = [v.number for v in field.enum_type.values]
         return st.one_of([st.sampled_from(values)] * 3 + [st.integers(-3, 40)])  # proto3 enums are open
     if t in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
@@ -91,7 +92,7 @@ def messages(descriptor: Descriptor, pools: Mapping[str, Sequence[str]], payload
     # A oneof takes one member (or none); any other field is set or not.
     plain = {f.name: st.one_of([field_values(f)] * 3 + [st.none()]) for f in descriptor.fields
              if f.containing_oneof is None or f.containing_oneof.name.startswith("_")}
-    oneofs = [st.one_of(st.just({}), *[field_values(f).map(lambda v, n=f.name: {n: v}) for f in o.fields])
+    oneofs = [st.one_of(st.just({}), *[field_values(f).map(lambda v, n=f.name: {n: v}) for f in o.fields])  # type: ignore[misc]  # a lambda with a default
               for o in descriptor.oneofs if not o.name.startswith("_")]
     return st.tuples(st.fixed_dictionaries(plain), *oneofs).map(
         lambda parts: build({k: v for part in parts for k, v in part.items()}))
@@ -106,7 +107,7 @@ def _field_strategy(field: FieldDescriptor, pools, payloads) -> st.SearchStrateg
     return st.lists(one, max_size=3) if field.is_repeated else one
 
 
-def valid(descriptor: Descriptor, pools: Mapping[str, Sequence[str]], blobs: Mapping[str, object],
+def valid(descriptor: Descriptor, pools: Mapping[str, Sequence[str]], blobs: Mapping[str, Any],
           choice: Mapping[str, str] | None = None, depth: int = 0):
     """A request as a well-behaved client writes it: the test's real ids, flags on, the first
     meaningful enum value; ``blobs`` give what a field holds instead ("Image.data": a photo, or for
@@ -139,8 +140,12 @@ def valid(descriptor: Descriptor, pools: Mapping[str, Sequence[str]], blobs: Map
         elif field.type == FieldDescriptor.TYPE_BOOL and not field.is_repeated:
             setattr(msg, field.name, True)
         elif field.type == FieldDescriptor.TYPE_ENUM:
+            assert field.enum_type is not None
             numbers = [v.number for v in field.enum_type.values if v.number][:1]
-            target.extend(numbers) if field.is_repeated else numbers and setattr(msg, field.name, numbers[0])
+            if field.is_repeated:
+                target.extend(numbers)
+            elif numbers:
+                setattr(msg, field.name, numbers[0])
     return msg
 
 
@@ -180,7 +185,7 @@ def _mutate(base, mutations) -> object:
 
 
 def requests(descriptor: Descriptor, pools: Mapping[str, Sequence[str]], payloads: Sequence[bytes],
-             blobs: Mapping[str, object]) -> st.SearchStrategy:
+             blobs: Mapping[str, Any]) -> st.SearchStrategy:
     """Mostly a well-behaved request with up to three fields made hostile (unset, or any value a
     hostile caller sends), so that requests reach decoding, models and storage; one in four wholly
     generated."""
@@ -191,7 +196,7 @@ def requests(descriptor: Descriptor, pools: Mapping[str, Sequence[str]], payload
     if not paths:
         return st.just(bases[0])
     mutation = st.sampled_from(paths).flatmap(
-        lambda p: st.one_of(st.none(), _field_strategy(p[-1], pools, payloads)).map(lambda v, p=p: (p, v)))
+        lambda p: st.one_of(st.none(), _field_strategy(p[-1], pools, payloads)).map(lambda v, p=p: (p, v)))  # type: ignore[misc]  # a lambda with a default
     count = st.sampled_from((0, 0, 1, 1, 1, 2, 3))  # a third of them untouched, most with one bad field
     mutated = st.builds(_mutate, st.sampled_from(bases),
                         count.flatmap(lambda n: st.lists(mutation, min_size=n, max_size=n)))

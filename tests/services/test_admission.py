@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.common.config import ServerConfig
+from services.common.errors import ServiceError
 from services.common.server.admission import DEADLINE_UNREACHABLE, QUEUE_FULL, AdmissionQueue
 
 
@@ -176,7 +177,7 @@ def test_a_cancelled_queued_call_is_woken_to_leave_and_the_others_sleep_on():
     gone.cancelled = True
     q.wake()
     t1.join(10)
-    assert isinstance(out1[0], Exception) and out1[0].code == grpc.StatusCode.CANCELLED and q.queued == 1
+    assert isinstance(out1[0], ServiceError) and out1[0].code == grpc.StatusCode.CANCELLED and q.queued == 1
     q.release(running)
     t2.join(10)
     assert out2[0].started is not None

@@ -70,11 +70,11 @@ def every_method():
 def test_health_is_serving_and_reflection_lists_the_service(harness, name):
     address = harness.running[name].address
     with grpc.insecure_channel(address) as channel:  # health needs no credentials
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=DESCRIPTORS[name].full_name))
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=DESCRIPTORS[name].full_name))  # type: ignore[attr-defined]  # stubs lack it
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     with connect(address, ROLE_TOKENS["auditor"]) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))  # type: ignore[operator]  # stubs lack it
         listed = {s.name for r in replies for s in r.list_services_response.service}
     assert DESCRIPTORS[name].full_name in listed and "grpc.health.v1.Health" in listed
 
@@ -84,7 +84,7 @@ def test_reflection_needs_credentials(harness, name):
     with connect(harness.running[name].address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))  # type: ignore[operator]  # stubs lack it
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 

@@ -35,7 +35,7 @@ def tables(storage) -> dict[str, list[str]]:
         if storage.dialect == "sqlite":
             names = [r[0] for r in s.all("SELECT name FROM sqlite_master WHERE type = 'table'"
                                          " AND name NOT LIKE 'sqlite_%'")]
-            out = {}
+            out: dict[str, list[str]] = {}
             for name in names:
                 assert IDENT.match(name)
                 cols = s.all(f"PRAGMA table_info({name})")
@@ -43,7 +43,7 @@ def tables(storage) -> dict[str, list[str]]:
             return out
         rows = s.all("SELECT table_name, column_name FROM information_schema.columns WHERE table_schema ="
                      " current_schema() AND data_type IN ('text', 'character varying')")
-    out: dict[str, list[str]] = {}
+    out = {}
     for table, column in rows:
         out.setdefault(table, []).append(column)
     return out
@@ -51,7 +51,7 @@ def tables(storage) -> dict[str, list[str]]:
 
 def rows_naming(storage, needles: list[str]) -> dict[str, int]:
     """table -> rows with a text column holding one of ``needles`` (whole or inside a key)."""
-    found = {}
+    found: dict[str, int] = {}
     with storage.db.read() as s:
         for table, columns in tables(storage).items():
             if table.startswith("audit") or table.startswith("schema_"):

@@ -9,7 +9,7 @@ Erasure works for any valid subject, digits in its ids included.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 import pytest
@@ -43,7 +43,7 @@ def stack(tmp_path_factory):
                                      clients={"face": {"target": face.address}, "voice": {"target": voice.address}})
     harness.start("mfa")
     channels = {name: harness.channel(name) for name in ("face", "voice", "mfa")}
-    stubs = {"face": face_pb2_grpc.FaceServiceStub(channels["face"]),
+    stubs: dict[str, Any] = {"face": face_pb2_grpc.FaceServiceStub(channels["face"]),
              "voice": voice_pb2_grpc.VoiceServiceStub(channels["voice"]),
              "mfa": mfa_pb2_grpc.MfaServiceStub(channels["mfa"])}
     session = stubs["mfa"].StartAuthentication(mfa_pb2.StartAuthenticationRequest(

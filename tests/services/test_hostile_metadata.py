@@ -49,6 +49,7 @@ def unlock(server, metadata):
         try:
             _, call = stub.UnlockSubject.with_call(request, metadata=metadata, timeout=10)
         except grpc.RpcError as err:
+            assert isinstance(err, grpc.Call)
             return err.code(), details_of(err)["reason"], dict(err.initial_metadata() or ())
         return grpc.StatusCode.OK, "", dict(call.initial_metadata())
 
@@ -103,8 +104,8 @@ def test_a_plain_request_id_is_kept(server, logs):
 def test_bytes_that_are_no_protobuf_message_are_invalid_argument_not_internal(server, garbage):
     running, tokens = server
     with grpc.insecure_channel(running.address) as channel:
-        raw = channel.unary_unary("/biogate.v1.MfaService/UnlockSubject")  # bytes in, bytes out
+        raw: grpc.UnaryUnaryMultiCallable = channel.unary_unary("/biogate.v1.MfaService/UnlockSubject")  # bytes in, bytes out
         with pytest.raises(grpc.RpcError) as err:
-            raw(garbage, metadata=[("authorization", f"Bearer {tokens['dev-admin']}")], timeout=10)
+            raw(garbage, metadata=(("authorization", f"Bearer {tokens['dev-admin']}"),), timeout=10)
     assert (err.value.code(), details_of(err.value)["reason"]) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
-    assert "UnlockSubjectRequest" in err.value.details()
+    assert "UnlockSubjectRequest" in (err.value.details() or "")

@@ -293,7 +293,7 @@ def test_both_services_answer_models_loading_until_warm(tmp_path, fixtures_dir):
     try:
         for name in ("face", "voice"):
             d = definition(settings, name)
-            d.warm_up = release.wait  # the models never load during this test
+            d.warm_up = release.wait  # type: ignore[assignment]  # the models never load during this test
             harness.running[name] = RunningServer(settings, d, port=0).start()
         face = face_pb2_grpc.FaceServiceStub(harness.channel("face"))
         voice = voice_pb2_grpc.VoiceServiceStub(harness.channel("voice"))
@@ -311,7 +311,7 @@ def test_both_services_answer_models_loading_until_warm(tmp_path, fixtures_dir):
             with pytest.raises(grpc.RpcError) as info:
                 call()
             assert (info.value.code(), details_of(info.value)["reason"]) == (grpc.StatusCode.UNAVAILABLE, "MODELS_LOADING")
-            assert "still loading" in info.value.details()
+            assert "still loading" in (info.value.details() or "")
     finally:
         harness.stop()
         release.set()

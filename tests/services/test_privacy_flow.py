@@ -18,7 +18,7 @@ from services.common.crypto import TemplateBinding, envelope_key_id
 from services.common.errors import details_of
 from services.common.runtime import Runtime
 from services.common.storage import TemplateRecord
-from tests.conftest import make_settings
+from tests.conftest import make_settings, present
 
 PHONE = "+8613812345678"
 PHONE_LOCAL = "13812345678"
@@ -69,8 +69,8 @@ def test_personal_data_never_reaches_logs_audit_or_database(services, captured_l
     rt.storage.templates.put(TemplateRecord("bank-a", "cust-0042", "face", "sface-2021dec", "", envelope,
                                             envelope_key_id(envelope), samples=1))
     logging.getLogger("biogate.test").info(f"enrolled {PHONE} id {ID_NUMBER}", extra={"embedding": EMBEDDING, "phone": PHONE})
-    restored = np.frombuffer(rt.crypto.decrypt_template(binding, rt.storage.templates.get(
-        "bank-a", "cust-0042", "face", "sface-2021dec").envelope), dtype=np.float32)
+    restored = np.frombuffer(rt.crypto.decrypt_template(binding, present(rt.storage.templates.get(
+        "bank-a", "cust-0042", "face", "sface-2021dec")).envelope), dtype=np.float32)
     assert np.array_equal(restored, EMBEDDING)
 
     with services.channel("face", "dev-all") as channel:

@@ -5,6 +5,7 @@ fine again must not turn the readiness SERVING while the other still fails."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -20,6 +21,8 @@ NAME = mfa_pb2.DESCRIPTOR.services_by_name["MfaService"].full_name
 class Condition:
     """A check's outcome, set by the test; ``ran_twice()`` waits until the check has run twice since
     the last change, so that the server has acted on the outcome of the first of those runs."""
+
+    problem: str | None
 
     def __init__(self, what: str) -> None:
         self.what, self.problem, self._runs = what, None, 0
@@ -55,7 +58,7 @@ def test_readiness_is_serving_only_while_no_check_finds_a_problem(tmp_path):
     try:
         assert server.ready.wait(30)
         with connect(server.address, None) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
+            health: Any = health_pb2_grpc.HealthStub(channel)  # its stubs declare none of its methods
             watch = health.Watch(health_pb2.HealthCheckRequest(service=NAME), timeout=60)
             assert next(watch).status == S.SERVING
             token_check.set("the token is away")

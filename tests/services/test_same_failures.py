@@ -14,6 +14,7 @@ from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc, voice_pb
 from services.common.errors import details_of
 from services.common.storage import ChallengeRecord, ConsentRecord, TemplateRecord
 from services.common.storage.db import utcnow
+from services.common.storage.interfaces import Modality
 from services.face.service import CHALLENGE_KIND as FACE_KIND
 from services.voice.service import CHALLENGE_KIND as VOICE_KIND
 from tests.conftest import ServiceHarness, make_settings
@@ -61,7 +62,7 @@ class Both:
     def issue(self, subject: str, expires_in_s: float = 60.0) -> tuple[str, str]:
         """A face and a voice challenge for ``subject``, made in storage as the services make them."""
         now = utcnow()
-        payloads = {FACE_KIND: {"moves": ["TURN_LEFT", "TURN_RIGHT", "LOOK_UP"]}, VOICE_KIND: {"digits": "305162"}}
+        payloads: dict[str, dict] = {FACE_KIND: {"moves": ["TURN_LEFT", "TURN_RIGHT", "LOOK_UP"]}, VOICE_KIND: {"digits": "305162"}}
         nonces = [self.storage.challenges.create(ChallengeRecord(
             TENANT, subject, kind, {**payload, "issued_at": now.isoformat()},
             expires_at=now + timedelta(seconds=expires_in_s), created_at=now)).nonce for kind, payload in payloads.items()]
@@ -105,7 +106,8 @@ def test_consent_and_templates(both):
     same(both.enrol("cust-both"), (grpc.StatusCode.ALREADY_EXISTS, "ALREADY_ENROLLED"))
     # A template of a model the services no longer run: re-enrolment is explicit, for both.
     both.consent("cust-old")
-    for modality, channel, dim in (("face", "", 128), ("voice", "wideband", 192)):
+    cases: tuple[tuple[Modality, str, int], ...] = (("face", "", 128), ("voice", "wideband", 192))
+    for modality, channel, dim in cases:
         service = both.harness.running[modality].definition.service
         envelope, key_id = service.templates.vault.seal(TENANT, "cust-old", "retired-model", np.ones(dim, np.float32),
                                                         channel)

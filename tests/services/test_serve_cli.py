@@ -35,7 +35,8 @@ def test_serve_all_brings_up_three_serving_services_and_drains_on_sigterm(tmp_pa
         targets[name] = f"127.0.0.1:{ports[i]}"
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "all"], env=env, cwd=PROJECT_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    printed = []
+    printed: list[str] = []
+    assert proc.stdout is not None
     try:
         deadline = time.monotonic() + 240
         while len(printed) < len(SERVICES) and time.monotonic() < deadline:

@@ -51,7 +51,7 @@ def answering_worker(target: str, token: str) -> str:
             stub.Verify(request, metadata=(("authorization", f"Bearer {token}"),), timeout=30)
             raise AssertionError("a Verify without an image was accepted")
         except grpc.RpcError as err:
-            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+            assert isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
             return dict(err.initial_metadata())["x-biogate-worker"]
 
 
@@ -74,6 +74,7 @@ def face_with_two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, st
     target = f"127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "face"], env=env, cwd=PROJECT_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 300)
         assert ready, "no worker group became SERVING within 300 s"
@@ -125,14 +126,14 @@ def workers_reached(client: BiometricClient, calls: int = 20) -> set[str]:
     """The x-biogate-worker of ``calls`` cheap calls (Verify without an image), each on the
     connection the client gives its next call."""
     request = face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id="t", subject_id="s"))
-    seen = set()
+    seen: set[str] = set()
     for _ in range(calls):
         with client.connections.take() as stub:
             try:
                 stub.Verify(request, timeout=30)
                 raise AssertionError("a Verify without an image was accepted")
             except grpc.RpcError as err:
-                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+                assert isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
                 seen.add(dict(err.initial_metadata())["x-biogate-worker"])
     return seen
 

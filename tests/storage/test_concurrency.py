@@ -35,7 +35,11 @@ def test_challenge_consumed_by_exactly_one_thread(storage: SqlStorage) -> None:
         ch = storage.challenges.create(
             ChallengeRecord(T, "s1", "liveness", {"k": 1}, datetime.now(timezone.utc) + timedelta(minutes=1))
         )
-        results = race(THREADS, lambda i, ch=ch: storage.challenges.consume(ch.nonce, T, "s1", "liveness"))
+
+        def consume(i: int, nonce: str = ch.nonce) -> object:
+            return storage.challenges.consume(nonce, T, "s1", "liveness")
+
+        results = race(THREADS, consume)
         assert sum(r == {"k": 1} for r in results) == 1, results
         assert sum(isinstance(r, ChallengeUsedError) for r in results) == THREADS - 1, results
 
@@ -55,7 +59,7 @@ def test_envelope_swap_has_one_winner(storage: SqlStorage) -> None:
     assert results.count(True) == 1 and results.count(False) == THREADS - 1
     winner = results.index(True)
     got = storage.templates.get(T, "s1", "face", "m")
-    assert (got.envelope, got.key_id) == (f"e{winner}".encode(), f"k2-{winner}")
+    assert got is not None and (got.envelope, got.key_id) == (f"e{winner}".encode(), f"k2-{winner}")
 
 
 def test_audit_appends_from_threads_form_one_chain(storage: SqlStorage) -> None:
@@ -84,10 +88,10 @@ def held_audit_lock(storage: SqlStorage):
     return t, release
 
 
-def grouped_appends(storage: SqlStorage, builds: list) -> list[object]:
+def grouped_appends(storage: SqlStorage, builds: list) -> list[AuditRow | Exception | None]:
     """The first append waits on the held lock; the rest queue behind it; then the lock goes."""
     holder, release = held_audit_lock(storage)
-    results: list[object] = [None] * len(builds)
+    results: list[AuditRow | Exception | None] = [None] * len(builds)
 
     def run(i: int) -> None:
         try:
@@ -125,7 +129,7 @@ def test_audit_appends_that_wait_are_written_together_in_one_transaction(storage
         return AuditAppend(AuditRow(seq, datetime.now(timezone.utc), "e", "a", T, None, "{}", prev, f"h{seq}"),
                            AuditHead(seq, f"h{seq}", f"sig-{seq}".encode(), "k"))
 
-    groups = metrics.AUDIT_GROUP.collect()[0]
+    groups = list(metrics.AUDIT_GROUP.collect())[0]
     count_before, sum_before = (next(s.value for s in groups.samples if s.name.endswith(k)) for k in ("_count", "_sum"))
     results = grouped_appends(storage, [build] * THREADS)
     rows = list(storage.audit.iter_records())
@@ -134,7 +138,7 @@ def test_audit_appends_that_wait_are_written_together_in_one_transaction(storage
     assert sorted(r.seq for r in results) == list(range(1, THREADS + 1))  # type: ignore[union-attr]
     # the seven that queued were built by one thread, in one transaction (one commit, one fsync)
     assert len({built_on[seq] for seq in range(2, THREADS + 1)}) == 1
-    groups = metrics.AUDIT_GROUP.collect()[0]  # two commits: the first alone, then the seven
+    groups = list(metrics.AUDIT_GROUP.collect())[0]  # two commits: the first alone, then the seven
     assert next(s.value for s in groups.samples if s.name.endswith("_count")) == count_before + 2
     assert next(s.value for s in groups.samples if s.name.endswith("_sum")) == sum_before + THREADS
     assert storage.audit.head() == AuditHead(THREADS, f"h{THREADS}", f"sig-{THREADS}".encode(), "k")

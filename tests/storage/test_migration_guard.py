@@ -329,7 +329,7 @@ def test_comments_and_function_bodies_are_not_statements() -> None:
 def test_the_guard_reads_every_shipped_file_and_finds_what_readme_warns_of() -> None:
     """Below the versions it checks, what the guard finds is what README, "Upgrading a large
     PostgreSQL database", tells an operator about."""
-    found = {}
+    found: dict[str, list[str]] = {}
     for part in PARTS:
         migrations = load_migrations("postgres", part)
         for i, mig in enumerate(migrations):

@@ -325,7 +325,7 @@ def test_the_shipped_migrations_keep_the_indexes_readme_builds_beforehand(pg_dat
     with psycopg.connect(pg_database_dsn, autocommit=True) as operator:
         for stmt in prebuilt:
             operator.execute(stmt)
-        built = dict(operator.execute("SELECT relname, oid FROM pg_class WHERE relkind = 'i'").fetchall())
+        built: dict[str, int] = dict(operator.execute("SELECT relname, oid FROM pg_class WHERE relkind = 'i'").fetchall())
     assert migrate(st.db) == [2, 3]
     assert migrate(st.db, MFA.schema) == [7, 8]
     with st.db.read() as s:

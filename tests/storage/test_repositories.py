@@ -28,12 +28,14 @@ from services.common.storage import (
     StorageError,
     TemplateRecord,
 )
+from services.common.storage.interfaces import Modality
+from tests.conftest import present
 
 T = "bank-a"
 NOW = datetime(2031, 5, 4, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
 
-def template(subject: str = "s1", modality: str = "face", channel: str = "", model: str = "m1",
+def template(subject: str = "s1", modality: Modality = "face", channel: str = "", model: str = "m1",
              envelope: bytes = b"env-1", key_id: str = "k1", tenant: str = T) -> TemplateRecord:
     return TemplateRecord(tenant, subject, modality, model, channel, envelope, key_id, 3, {"q": 0.9})
 
@@ -62,7 +64,7 @@ def test_template_put_existing_raises_unless_replace(storage: SqlStorage) -> Non
     first = storage.templates.put(template(envelope=b"old"))
     with pytest.raises(AlreadyExistsError):
         storage.templates.put(template(envelope=b"new"))
-    assert storage.templates.get(T, "s1", "face", "m1").envelope == b"old"
+    assert present(storage.templates.get(T, "s1", "face", "m1")).envelope == b"old"
 
     later = TemplateRecord(T, "s1", "face", "m1", "", b"new", "k2", 7, {"q": 1},
                            updated_at=first.updated_at + timedelta(seconds=5))
@@ -194,9 +196,9 @@ def test_template_rewrap_compare_and_swap(storage: SqlStorage) -> None:
     # A concurrent re-enrolment under the new key is never overwritten by a late rewrap.
     storage.templates.put(template(subject="s1", envelope=b"re-enrolled", key_id="k2"), replace=True)
     assert storage.templates.replace_envelope(r1.id, "k1", b"e1-k2", "k2") is False
-    got = storage.templates.get(T, "s0", "face", "m1")
+    got = present(storage.templates.get(T, "s0", "face", "m1"))
     assert (got.envelope, got.key_id, got.updated_at) == (b"e0-k2", "k2", r0.updated_at)
-    assert storage.templates.get(T, "s1", "face", "m1").envelope == b"re-enrolled"
+    assert present(storage.templates.get(T, "s1", "face", "m1")).envelope == b"re-enrolled"
     assert len(storage.templates.iter_for_rewrap("k2", batch=100)) == 3
 
 
@@ -223,7 +225,7 @@ def test_consent_withdraw_and_grant_again(storage: SqlStorage) -> None:
     assert withdrawn is not None and not withdrawn.granted and withdrawn.withdrawn_at == NOW
     assert not storage.subjects.has_active_consent(T, "s1", "biometric_verification", "face")
     again = storage.subjects.withdraw_consent(T, "s1", "biometric_verification", now=NOW + timedelta(days=1))
-    assert again.withdrawn_at == NOW  # the first withdrawal time is kept
+    assert present(again).withdrawn_at == NOW  # the first withdrawal time is kept
     assert storage.subjects.withdraw_consent(T, "s1", "other_purpose") is None
 
     regranted = storage.subjects.record_consent(consent(modalities=("voice",)))
@@ -382,7 +384,7 @@ def test_audit_append_and_read(storage: SqlStorage) -> None:
     assert storage.audit.head() == AuditHead(7, rows[-1].hash, b"sig-7", "audit-k1")
     # A builder may return a bare row: no head or checkpoint change.
     bare = storage.audit.append(lambda seq, prev: chain_builder("x")(seq, prev).row)
-    assert bare.seq == 8 and storage.audit.head().seq == 7
+    assert bare.seq == 8 and present(storage.audit.head()).seq == 7
 
 
 def test_audit_rejects_a_wrong_row_and_rolls_back(storage: SqlStorage) -> None:
@@ -409,7 +411,7 @@ def test_audit_records_are_append_only(storage: SqlStorage) -> None:
         with pytest.raises(StorageError, match="append-only"):
             with storage.db.transaction() as s:
                 s.execute(stmt)
-    assert storage.audit.last().actor == "tester"
+    assert present(storage.audit.last()).actor == "tester"
 
 
 # --- transactions, erasure, housekeeping ---------------------------------------------------------

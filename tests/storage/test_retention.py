@@ -22,6 +22,7 @@ from services.mfa.storage import AuthSessionRecord, DeviceRecord, OtpRecord, Rev
 from services.mfa.storage import attach as attach_mfa
 from services.settings import load_config
 from services.voice.storage import attach as attach_voice
+from tests.conftest import present
 
 T = "bank-a"
 NOW = datetime(2031, 5, 4, 12, 0, 0, tzinfo=timezone.utc)
@@ -153,7 +154,7 @@ def test_a_sessions_sms_codes_go_together_once_every_one_is_past_its_grace(setti
     mfa.otp.create(OtpRecord("sess", T, "s1", "older", NOW + 10 * HOUR, sent_at=NOW - HOUR))
     mfa.otp.create(OtpRecord("sess", T, "s1", "newest", NOW - grace - HOUR, sent_at=NOW - HOUR + timedelta(seconds=1)))
     assert retention_cli.run(settings, storage, "cli:test", NOW)["sms_codes"] == 0
-    assert mfa.otp.newest_for_session("sess").code_hash == "newest"
+    assert present(mfa.otp.newest_for_session("sess")).code_hash == "newest"
     assert retention_cli.run(settings, storage, "cli:test", NOW + 11 * HOUR + grace)["sms_codes"] == 2
 
 
@@ -241,7 +242,7 @@ def test_a_session_made_live_while_the_purge_picked_it_is_kept(tmp_path, pg_dsn)
         purger.join()
     try:
         assert result["auth_sessions"] == 0
-        assert mfa.auth_sessions.get(sid).expires_at == NOW + HOUR
+        assert present(mfa.auth_sessions.get(sid)).expires_at == NOW + HOUR
     finally:
         storage.close()
 

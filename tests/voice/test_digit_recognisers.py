@@ -26,7 +26,7 @@ def digits_service(tmp_path_factory, voice_models, fixtures_dir):
     """A voice service with RECOGNISERS recognisers, one batcher per model and RECOGNISERS + 1
     admission slots (this machine's cores would admit 2); tenant "digits" without AASIST (the
     speaker and replay layers stay; the challenge is required)."""
-    from conftest import VoiceServiceUnderTest
+    from tests.voice.conftest import VoiceServiceUnderTest
     from tests.conftest import ServiceHarness, make_settings
 
     root = tmp_path_factory.mktemp("voice-digits")
@@ -43,7 +43,7 @@ def digits_service(tmp_path_factory, voice_models, fixtures_dir):
 def test_a_service_runs_its_configured_recognisers_and_they_hear_alike_at_once(digits_service, fixtures_dir):
     from services.common.api.v1 import voice_pb2
     from services.common.storage import ChallengeRecord, open_storage
-    from test_service import enrol, new_subject, verify, wav
+    from tests.voice.test_service import enrol, new_subject, verify, wav
 
     svc = digits_service
     assert svc.engine.digits.workers == RECOGNISERS

@@ -6,6 +6,7 @@ test_digits.py."""
 from __future__ import annotations
 
 import uuid
+from typing import cast
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from services.common.api.v1 import common_pb2, voice_pb2
 from services.voice import attacks, replay, telephone
 from services.voice.antispoof import speech_window
 from services.voice.cohort import Cohort, CohortError, SNorm
+from services.voice.config import ChannelFamily
 from voice_audio import read, wav_bytes
 
 
@@ -164,7 +166,8 @@ def test_genuine_fixture_speech_passes_every_layer(voice_service, voice_dir, fam
 
     from services.common.errors import details_of
 
-    outcomes, refusals = [], []
+    outcomes: list[bool] = []
+    refusals: list[tuple] = []
     for name in sorted(p.name for p in voice_dir.iterdir() if p.is_dir()):
         try:
             ref, probes = enrol_speaker(voice_service, voice_dir, name, family)
@@ -236,7 +239,8 @@ def test_calibration_must_be_for_the_score_the_service_computes():
 
     cal = Calibrations(PROJECT_ROOT / "models" / "manifest.yaml")
     cfg = VoiceConfig()
-    for family, channel in cfg.calibration_channels.items():
+    for key, channel in cfg.calibration_channels.items():
+        family = cast(ChannelFamily, key)  # the configuration's keys are the channel families
         assert 0 < cal.threshold("ecapa-voxceleb", channel, channel_target_fmr(cfg, family), "cosine") < 1
         score = pad_score_name(antispoof_window_s(cfg, family), antispoof_cut(cfg, family))
         assert cal.threshold("aasist", channel, cfg.antispoof_target_apcer, score) < 0

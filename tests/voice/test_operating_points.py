@@ -14,6 +14,7 @@ from services.common.config import PROJECT_ROOT
 from services.common.errors import details_of
 from services.common.models import ModelStore
 from services.common.modality.calibration import Calibrations, NotCalibrated
+from tests.conftest import present
 from voice_audio import read, wav_bytes
 
 MODEL = "ecapa-voxceleb"
@@ -84,7 +85,7 @@ def test_verify_on_a_point_marked_unsupported_is_refused_over_grpc(voice_service
             subject=ref, audio=common_pb2.Audio(data=wav_bytes(clip, 16000)), channel=wb))
 
     store = ModelStore(svc.settings)
-    original = store.calibration(MODEL, "wideband")
+    original = present(store.calibration(MODEL, "wideband"))
     target = svc.settings.voice.target_fmr
     marked = original.model_dump(mode="json")
     for p in marked["operating_points"]:
@@ -101,7 +102,7 @@ def test_verify_on_a_point_marked_unsupported_is_refused_over_grpc(voice_service
         store.update_calibration(MODEL, "wideband", original)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert details_of(err.value)["reason"] == "OPERATING_POINT_UNSUPPORTED"
-    assert err.value.details().startswith(f"{MODEL} [wideband]: FMR 1e-3 was not reproduced on held-out speakers")
+    assert (err.value.details() or "").startswith(f"{MODEL} [wideband]: FMR 1e-3 was not reproduced on held-out speakers")
     assert verify(clips[3]).match
 
 
@@ -125,7 +126,7 @@ def test_verify_is_refused_when_the_replay_caches_point_is_unsupported(voice_ser
 
     replay_id, channel = "replay-envelope-v1", "telephone-band"
     store = ModelStore(svc.settings)
-    original = store.calibration(replay_id, channel)
+    original = present(store.calibration(replay_id, channel))
     target = svc.settings.voice.replay_target_fmr
     marked = original.model_dump(mode="json")
     for p in marked["operating_points"]:
@@ -142,6 +143,6 @@ def test_verify_is_refused_when_the_replay_caches_point_is_unsupported(voice_ser
         store.update_calibration(replay_id, channel, original)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert details_of(err.value)["reason"] == "OPERATING_POINT_UNSUPPORTED"
-    assert err.value.details().startswith(f"{replay_id} [{channel}]: FMR 5e-4 was not reproduced")
+    assert (err.value.details() or "").startswith(f"{replay_id} [{channel}]: FMR 5e-4 was not reproduced")
     reply = verify(clips[3])
     assert reply.match and reply.replay_checked and reply.replay_passed

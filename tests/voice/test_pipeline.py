@@ -82,7 +82,7 @@ def test_too_little_speech_reports_the_measured_seconds(pipeline, speech):
         pipeline.analyse(wav_bytes(x, 16000))
     err = info.value
     assert err.code is ErrorCode.LOW_NET_SPEECH and err.status == "FAILED_PRECONDITION"
-    assert 0.2 < err.details["net_speech_s"] < pipeline.config.min_net_speech_verify_s
+    assert 0.2 < float(err.details["net_speech_s"]) < pipeline.config.min_net_speech_verify_s
     assert f"{err.details['net_speech_s']:.2f} s" in err.message
 
 

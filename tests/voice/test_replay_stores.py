@@ -89,6 +89,7 @@ def left_behind(settings, cache: replay.ReplayCache, tenant: str, pseudonym: str
                          (tenant, pseudonym))[0]
     if isinstance(store, replay.RedisReplayStore):
         return int(store.client.exists(store.key(tenant, pseudonym)))
+    assert isinstance(store, replay.MemoryReplayStore)
     return len(store._items.get((tenant, pseudonym), []))
 
 

@@ -16,6 +16,7 @@ from services.common.errors import details_of
 from services.common.storage import ChallengeRecord
 from services.voice import attacks, telephone
 from services.voice.digits import WORDS
+from tests.conftest import present
 from voice_audio import read, tone, wav_bytes
 
 WB = voice_pb2.VOICE_CHANNEL_WIDEBAND
@@ -106,7 +107,7 @@ def test_enrol_refuses_too_little_net_speech_with_the_measured_seconds(voice_ser
         enrol(voice_service, tenant, subject, [short])
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert details_of(info.value)["reason"] in ("LOW_NET_SPEECH", "NO_SPEECH")
-    assert "net speech" in info.value.details() and _nothing_stored(voice_service, tenant, subject)
+    assert "net speech" in (info.value.details() or "") and _nothing_stored(voice_service, tenant, subject)
 
 
 # -- verification -----------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def _claim(svc, model_id: str, channel: str, target: float):
     """What the manifest's record lets a decision at ``target`` claim (held-out where checked)."""
     from services.common.models.store import ModelStore
 
-    return ModelStore(svc.settings).calibration(model_id, channel).claim(target)
+    return present(ModelStore(svc.settings).calibration(model_id, channel)).claim(target)
 
 
 def _last_audit(service, event: str) -> dict:
@@ -164,7 +165,7 @@ def test_calibration_change_moves_the_decision(voice_service, speaker):
     tenant, subject, rest = speaker
     store = ModelStore(voice_service.settings)
     model, target = "ecapa-voxceleb", voice_service.settings.voice.target_fmr
-    original = store.calibration(model, "wideband")
+    original = present(store.calibration(model, "wideband"))
     raised = original.model_dump(mode="json")
     for point in raised["operating_points"]:
         if point["target_fmr"] == target:
@@ -434,7 +435,7 @@ def test_a_tenant_that_requires_the_digit_challenge_refuses_verification_without
         verify(voice_service, "bank-strict", "cust-never-asked", not_audio)
     assert (info.value.code(), details_of(info.value)["reason"]) == (grpc.StatusCode.FAILED_PRECONDITION,
                                                                      "CHALLENGE_REQUIRED")
-    assert "challenge_nonce" in details_of(info.value)["fields"] and "StartVoiceChallenge" in info.value.details()
+    assert "challenge_nonce" in details_of(info.value)["fields"] and "StartVoiceChallenge" in (info.value.details() or "")
     header = voice_pb2.StreamVerifyVoiceRequest.Header(subject=ref("bank-strict", "cust-never-asked"), format=MULAW)
     with pytest.raises(grpc.RpcError) as info:
         voice_service.stub.StreamVerify(iter([voice_pb2.StreamVerifyVoiceRequest(header=header),

@@ -19,7 +19,9 @@ from services.common.evaluation import metrics
 from services.common.evaluation.runner import run_verification
 from services.common.evaluation.trials import read_trials
 from services.voice.engine import channel_target_fmr
+from services.voice.config import ChannelFamily
 from services.voice.remote_eval import RemoteVoiceScorer, subject_for
+from tests.conftest import present
 
 pytestmark = pytest.mark.eval  # evaluation-grade: a whole fixture list through the models
 
@@ -51,13 +53,13 @@ def test_service_eer_on_trials_voice(service_run, voice_service):
     # The report's decisions say the same as the responses (every layer, not the score alone).
     from services.common.evaluation.decisions import verification_decisions
 
-    decided = verification_decisions(run)
+    decided = present(verification_decisions(run))
     assert decided["fmr"]["errors"] == sum(o.match for t, o in outcomes.items() if not t.target)
     assert decided["targets"]["accepted"] == sum(o.match for t, o in outcomes.items() if t.target)
     # The service's own decisions at its calibrated threshold: FMR 1e-3 on all pairs (wideband),
     # 1e-2 (telephone, voice.target_fmr_by_channel). False matches within the 99.5 % binomial
     # bound of the channel's target (2 of 218 at 1e-3, 6 at 1e-2).
-    family = "telephone" if channel.startswith("telephony") else "wideband"
+    family: ChannelFamily = "telephone" if channel.startswith("telephony") else "wideband"
     target = channel_target_fmr(voice_service.settings.voice, family)
     false_matches = sum(o.match for t, o in outcomes.items() if not t.target)
     genuine_accepted = np.mean([o.match for t, o in outcomes.items() if t.target])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -45,7 +46,7 @@ class KioskStack:
             self.bank = mfa_pb2_grpc.MfaServiceStub(self._bank_channel)
             # every test's calls come from 127.0.0.1: the rate limit (tested in test_gateway_limits) is
             # set far above what a module sends
-            kiosk = {"tenant": TENANT, "mfa_target": self.mfa.running["mfa"].address, "mfa_token": mfa_token,
+            kiosk: dict[str, Any] = {"tenant": TENANT, "mfa_target": self.mfa.running["mfa"].address, "mfa_token": mfa_token,
                      "client_key_sha256": hashlib.sha256(KIOSK_KEY.encode()).hexdigest(),
                      "rate_limit": {"capacity": 10_000}}
             self.gateway = KioskServer(make_settings(data / "kiosk", kiosk=kiosk), kiosk["client_key_sha256"],
@@ -80,7 +81,8 @@ class KioskStack:
 def write_y4m(path: Path, images: list[Path], repeat: int = 3) -> Path:
     """A YUV4MPEG2 (4:2:0) video of the images, each shown ``repeat`` frames, at the first one's size
     (even width and height), for Chromium's --use-file-for-fake-video-capture."""
-    frames = [cv2.imread(str(p)) for p in images]
+    frames = [bgr for p in images if (bgr := cv2.imread(str(p))) is not None]
+    assert len(frames) == len(images), images  # each one read
     h, w = (d - d % 2 for d in frames[0].shape[:2])
     with open(path, "wb") as fh:
         fh.write(f"YUV4MPEG2 W{w} H{h} F10:1 Ip A1:1 C420jpeg\n".encode())

@@ -54,6 +54,7 @@ def request(url: str, path: str = "/v1/sessions", source: str = "127.0.0.1",
             headers: dict[str, str] | None = None, method: str = "POST") -> tuple[int, dict, dict[str, str]]:
     """``method`` ``path`` from ``source``; a POST carries no kiosk key (401 once past the rate limit)."""
     where = urllib.parse.urlsplit(url)
+    assert where.hostname, url
     conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30, source_address=(source, 0))
     try:
         conn.request(method, path, body=b'{"customer": "c-1"}' if method == "POST" else None, headers={"Content-Type": "application/json",
@@ -265,6 +266,7 @@ def test_frames_beyond_max_frames_are_answered_503_at_once_and_other_calls_go_on
 
     def post_frame(url: str) -> tuple[int, dict, dict[str, str]]:
         where = urllib.parse.urlsplit(url)
+        assert where.hostname, url
         conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
         try:
             conn.request("POST", face, body=frame, headers={"Content-Type": "application/json", **auth})

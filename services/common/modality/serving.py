@@ -85,7 +85,7 @@ def definition(settings: CommonSettings, name: str, make_service: Callable[[Runt
         MODEL_INFO.info({f"{name}_{_label(k)}": v for k, v in details.items()})
 
     result.warm_up = warm_up
-    result.service = service  # type: ignore[attr-defined]  # tests and benchmarks reach the service through it
+    result.service = service
     return result
 
 

@@ -20,7 +20,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -66,6 +66,7 @@ class ServiceDefinition:
     tenant_lookups: dict[str, TenantLookup] = field(default_factory=dict)
     details: dict[str, str] = field(default_factory=dict)  # filled by warm_up: models, providers
     readiness: list[ReadinessCheck] = field(default_factory=list)  # besides the PKCS#11 token's
+    service: Any = None  # the modality service or the MFA orchestrator: tests and benchmarks reach it here
 
 
 class RunningServer:
