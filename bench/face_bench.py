@@ -169,17 +169,20 @@ def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3
     from services.face.imaging import decode_image
     from services.face.models import pipeline_config
     from services.face.pipeline import FacePipeline
+    from services.face.yunet import YuNetDetector
 
     cfg = pipeline_config(store, detector="yunet-2023mar-batch", providers=("CPUExecutionProvider",), threads=1,
                           liveness=() if not liveness else ("minifasnet-v2-2.7", "minifasnet-v1se-4.0"))
     p = FacePipeline(cfg)
-    det = p.detector
+    det, live = p.detector, p.liveness
+    assert isinstance(det, YuNetDetector)  # the detector named above; its session is timed alone
+    assert live is not None or not liveness
     emb = next(iter(p.embedders.values()))
     images = [decode_image(b) for b in probes]
     canvases = [detector_input(det, im) for im in images]
     faces = [det.detect(im)[0] for im in images]
     crops = [align_face(im, f)[None] for im, f in zip(images, faces)]
-    live_crops = [p.liveness.crops(im, f) for im, f in zip(images, faces)] if liveness else []
+    live_crops = [live.crops(im, f) for im, f in zip(images, faces)] if live is not None else []
     out: dict[str, list[float]] = {"detector": [], "embedder": [], "liveness": []}
     cpu_out: dict[str, list[float]] = {k: [] for k in out}
 
@@ -193,8 +196,8 @@ def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3
         for i in range(len(images)):
             timed("detector", lambda i=i: det.model.session.run(det._outputs, {det._input: canvases[i]}))
             timed("embedder", lambda i=i: emb.embed(crops[i]))
-            if liveness:
-                timed("liveness", lambda i=i: p.liveness.score_crops([live_crops[i]]))
+            if live is not None:
+                timed("liveness", lambda i=i: live.score_crops([live_crops[i]]))
     p.close()
     if cpu is not None:
         cpu.update({k: statistics.median(v) for k, v in cpu_out.items() if v})
@@ -211,20 +214,24 @@ class ParallelRaw:
         from services.face.imaging import decode_image
         from services.face.models import pipeline_config
         from services.face.pipeline import FacePipeline
+        from services.face.yunet import YuNetDetector
 
         cfg = pipeline_config(store, detector="yunet-2023mar-batch", providers=("CPUExecutionProvider",), threads=1,
                               liveness=() if not liveness else ("minifasnet-v2-2.7", "minifasnet-v1se-4.0"))
         self.p = p = FacePipeline(cfg)
-        det = p.detector
+        det, live = p.detector, p.liveness
+        assert isinstance(det, YuNetDetector)  # the detector named above; its session is timed alone
+        assert live is not None or not liveness
+        self.det = det
         images = [decode_image(b) for b in probes]
         faces = [det.detect(im)[0] for im in images]
         self.canvases = [detector_input(det, im) for im in images]
         self.crops = [align_face(im, f)[None] for im, f in zip(images, faces)]
-        self.live_crops = [p.liveness.crops(im, f) for im, f in zip(images, faces)] if liveness else []
+        self.live_crops = [live.crops(im, f) for im, f in zip(images, faces)] if live is not None else []
 
     def rate(self, liveness: bool, seconds: float) -> float:
         """Verifications' worth of raw model runs per second on ``os.cpu_count()`` threads."""
-        det, emb = self.p.detector, next(iter(self.p.embedders.values()))
+        det, emb = self.det, next(iter(self.p.embedders.values()))
 
         def step(i: int) -> None:
             j = i % len(self.canvases)
@@ -253,6 +260,7 @@ def naive_loop(store, probes: list[bytes], templates: list[np.ndarray], seconds:
     while time.monotonic() < end:
         t = time.perf_counter()
         img = cv2.imdecode(np.frombuffer(probes[i % len(probes)], np.uint8), cv2.IMREAD_COLOR)
+        assert img is not None  # the probes decode in the service too
         h, w = img.shape[:2]
         det.setInputSize((w, h))
         _, faces = det.detect(img)

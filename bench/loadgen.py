@@ -117,7 +117,9 @@ def aio_channel(target: str, token: str | None, max_message_bytes: int = 16 * 10
             return await continuation(_with_token(details), request_iterator)
 
     def _with_token(details):
-        metadata = list(details.metadata or []) + ([("authorization", f"Bearer {token}")] if token else [])
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        if token:
+            metadata.add("authorization", f"Bearer {token}")
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                           details.wait_for_ready)
 
