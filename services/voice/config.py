@@ -51,7 +51,7 @@ class VoiceConfig(Section):
     target_fmr_by_channel: dict[ChannelFamily, Annotated[float, Field(gt=0, lt=1)]] = {
         "telephone": 1e-2}
     # Calibration channel of the manifest for each template channel family.
-    calibration_channels: dict[str, str] = {"wideband": "wideband", "telephone": "telephony-8k"}
+    calibration_channels: dict[ChannelFamily, str] = {"wideband": "wideband", "telephone": "telephony-8k"}
     # "asnorm": adaptive s-norm against the cohort (re-calibrate after turning it on). Off by
     # default: the obtainable cohort (14 clips, ~7 speakers) raised the fixtures' EER (RESULTS.md).
     score_normalisation: Literal["none", "asnorm"] = "none"

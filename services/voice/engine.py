@@ -262,13 +262,13 @@ class VoiceEngine:
 
     # -- scoring -------------------------------------------------------------------------------
 
-    def calibration_channel(self, family: str) -> str:
+    def calibration_channel(self, family: ChannelFamily) -> str:
         return self.cfg.calibration_channels.get(family, family)
 
     def embed(self, prepared: list[PreparedAudio]) -> list[FloatArray]:
         return self.embed_batcher.submit_many(prepared, timeout=60.0)
 
-    def compare(self, template: FloatArray, probe: FloatArray, family: str, target_fmr: float) -> SpeakerResult:
+    def compare(self, template: FloatArray, probe: FloatArray, family: ChannelFamily, target_fmr: float) -> SpeakerResult:
         cosine = float(np.dot(template, probe))
         snorm = self.snorm.get(family)
         score = cosine if snorm is None else float(snorm.normalise(cosine, template, probe)[0])

@@ -49,6 +49,14 @@ def test_mistakes_in_the_file_are_refused(tmp_path, text):
         load_config(cfg)
 
 
+def test_a_calibration_channel_for_no_channel_family_is_refused_at_load_with_the_field_named(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    # a template's family is wideband or telephone: a "mobile" entry was never looked up
+    cfg.write_text("voice:\n  calibration_channels: {wideband: wideband, mobile: mobile-16k}\n")
+    with pytest.raises(ValidationError, match=r"voice\.calibration_channels\.mobile"):
+        load_config(cfg, data_dir=str(tmp_path))
+
+
 def _principal(**fields):
     return {"name": "core-banking", "roles": ["orchestrator"], "token_sha256": "ab" * 32, **fields}
 

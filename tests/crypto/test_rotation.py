@@ -3,7 +3,6 @@
 import os
 import random
 import threading
-from typing import cast
 
 import pytest
 
@@ -17,7 +16,6 @@ from services.common.crypto import (
 )
 from services.common.crypto.rotation import key_usage, retire, rewrap_all, rotate
 from services.common.storage import TemplateRecord, open_storage
-from services.common.storage.interfaces import Modality
 from tests.crypto.conftest import Pinned
 
 
@@ -37,7 +35,7 @@ def _binding(i: int) -> TemplateBinding:
 def _put(storage, crypto, b: TemplateBinding, content: bytes, replace: bool = False) -> None:
     env = crypto.encrypt_template(b, content)
     storage.templates.put(
-        TemplateRecord(b.tenant_id, b.subject_id, cast(Modality, b.modality), b.model_id, b.channel, env, envelope_key_id(env), 3),
+        TemplateRecord(b.tenant_id, b.subject_id, b.modality, b.model_id, b.channel, env, envelope_key_id(env), 3),
         replace=replace,
     )
 
@@ -220,7 +218,7 @@ def test_compare_and_swap_never_loses_a_concurrent_enrolment(storage, tmp_path):
 
 def _put_env(storage, b, env) -> None:
     storage.templates.put(
-        TemplateRecord(b.tenant_id, b.subject_id, cast(Modality, b.modality), b.model_id, b.channel, env, envelope_key_id(env), 3),
+        TemplateRecord(b.tenant_id, b.subject_id, b.modality, b.model_id, b.channel, env, envelope_key_id(env), 3),
         replace=True,
     )
 

@@ -27,11 +27,14 @@ import hashlib
 import hmac
 import struct
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import aead
 from .errors import BindingMismatchError, TamperedEnvelopeError, WrongKeyError
 from .keyring import Keyring
+
+if TYPE_CHECKING:
+    from services.common.storage.interfaces import Modality
 
 MAGIC = b"BGE"
 VERSION = 1
@@ -47,7 +50,7 @@ class TemplateBinding:
 
     tenant_id: str
     subject_id: str
-    modality: str  # "face" | "voice"
+    modality: Modality
     model_id: str
     channel: str = ""  # voice: "wideband" | "telephone"; face: ""
 
