@@ -11,11 +11,13 @@ import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, overload
 from urllib.parse import urlsplit
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from services.common.config import PROJECT_ROOT
 from services.settings import Settings, load_config
@@ -95,6 +97,34 @@ def race(n: int, work: Callable[[int], R]) -> list[R | Exception | None]:
     for t in threads:
         t.join(60)
     return results
+
+
+# grpc_health's and grpc_reflection's type stubs declare none of their stubs' methods: the same
+# calls, typed, on the services' descriptors.
+_HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name
+
+
+@overload
+def health_check(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable[
+        health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]: ...
+@overload
+def health_check(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable[
+        health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]: ...
+def health_check(channel: grpc.Channel | grpc.aio.Channel) -> (
+        grpc.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
+        | grpc.aio.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]):
+    """grpc.health.v1.Health/Check on ``channel``."""
+    return channel.unary_unary(f"/{_HEALTH}/Check", request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                               response_deserializer=health_pb2.HealthCheckResponse.FromString)
+
+
+def reflection_info(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable[
+        reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse]:
+    """grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo on ``channel``."""
+    return channel.stream_stream(f"/{_REFLECTION}/ServerReflectionInfo",
+                                 request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                 response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
 
 
 def require(condition: bool, what: str) -> None:

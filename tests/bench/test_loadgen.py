@@ -2,10 +2,11 @@ import asyncio
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from bench.harness import peak_rss_mb
 from bench.loadgen import aio_channel, assert_loopback, run_load
+from tests.conftest import health_check
 
 
 def test_only_loopback_targets_are_allowed():
@@ -22,11 +23,11 @@ def test_the_run_stops_at_its_request_budget_and_counts_errors(services):
 
     async def main():
         async with aio_channel(server.address, None) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            ok = await run_load(lambda: health.Check(health_pb2.HealthCheckRequest()),  # type: ignore[attr-defined]  # stubs lack it
+            health = health_check(channel)
+            ok = await run_load(lambda: health(health_pb2.HealthCheckRequest()),
                                  concurrency=4,
                                 duration_s=30, max_requests=50)
-            bad = await run_load(lambda: health.Check(health_pb2.HealthCheckRequest(service="nope")),  # type: ignore[attr-defined]  # stubs lack it
+            bad = await run_load(lambda: health(health_pb2.HealthCheckRequest(service="nope")),
                                  concurrency=2, duration_s=30, max_requests=10)
         return ok, bad
 

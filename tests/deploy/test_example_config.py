@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc, mfa_pb2, mfa_pb2_grpc
 from services.common.client import connect
@@ -30,6 +30,7 @@ from services.common.config import PROJECT_ROOT
 from services.settings import load_config
 from services.mfa.tokens import verify_token
 from tests.certs import TestCa
+from tests.conftest import health_check
 from tests.mfa.conftest import App
 from tests.mfa.pushapp import service_account_key
 from tests.services.test_serve_cli import free_ports
@@ -98,7 +99,7 @@ def adapt(tmp_path, pg_dsn, hsm, pki, sms_url) -> tuple[dict, dict]:
 def health(address: str) -> str:
     with grpc.insecure_channel(address) as ch:
         try:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)  # type: ignore[attr-defined]  # stubs lack it
+            reply = health_check(ch)(health_pb2.HealthCheckRequest(), timeout=2)
         except grpc.RpcError as err:
             return err.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -9,7 +9,7 @@ import hashlib
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from services.common.api.v1 import common_pb2, face_pb2_grpc, mfa_pb2_grpc, voice_pb2_grpc
 from services.common.client import connect
@@ -18,7 +18,7 @@ from services.common.server.bootstrap import RunningServer
 from services.mfa.clients import ClientConfigError
 from services.serve import definition
 from tests.certs import TestCa
-from tests.conftest import make_settings
+from tests.conftest import health_check, make_settings
 from tests.mfa.conftest import DEAD
 
 SPIFFE = "spiffe://bank-a.internal/ns/core-banking/sa/login"
@@ -127,14 +127,14 @@ def test_a_token_on_an_mtls_connection_must_belong_to_the_certificates_principal
 def test_health_answers_in_plaintext_on_the_health_port_only(pki, server):
     _, running = server
     with grpc.insecure_channel(running.health_address) as ch:
-        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)  # type: ignore[attr-defined]  # stubs lack it
+        reply = health_check(ch)(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING  # the models were never loaded
         with pytest.raises(grpc.RpcError) as err:
             CALLS[server[0]](ch)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # nothing but health there
     with grpc.insecure_channel(running.address) as ch:  # the service port speaks TLS only
         with pytest.raises(grpc.RpcError) as err:
-            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)  # type: ignore[attr-defined]  # stubs lack it
+            health_check(ch)(health_pb2.HealthCheckRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from services.common.api.v1 import common_pb2, face_pb2, mfa_pb2, voice_pb2
 from services.common.client import connect
 from services.common.errors import details_of
 from services.common.server.auth import ROLES, refuse_dev_credentials_off_loopback, token_sha256
 from services.common.server.interceptor import roles_by_method
-from tests.conftest import ServiceHarness, make_settings
+from tests.conftest import ServiceHarness, health_check, make_settings, reflection_info
 
 DESCRIPTORS = {
     "face": face_pb2.DESCRIPTOR.services_by_name["FaceService"],
@@ -70,11 +70,10 @@ def every_method():
 def test_health_is_serving_and_reflection_lists_the_service(harness, name):
     address = harness.running[name].address
     with grpc.insecure_channel(address) as channel:  # health needs no credentials
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=DESCRIPTORS[name].full_name))  # type: ignore[attr-defined]  # stubs lack it
+        reply = health_check(channel)(health_pb2.HealthCheckRequest(service=DESCRIPTORS[name].full_name))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     with connect(address, ROLE_TOKENS["auditor"]) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))  # type: ignore[operator]  # stubs lack it
+        replies = reflection_info(channel)(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         listed = {s.name for r in replies for s in r.list_services_response.service}
     assert DESCRIPTORS[name].full_name in listed and "grpc.health.v1.Health" in listed
 
@@ -82,9 +81,8 @@ def test_health_is_serving_and_reflection_lists_the_service(harness, name):
 @pytest.mark.parametrize("name", list(DESCRIPTORS))
 def test_reflection_needs_credentials(harness, name):
     with connect(harness.running[name].address) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))  # type: ignore[operator]  # stubs lack it
+            list(reflection_info(channel)(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
