@@ -13,6 +13,7 @@ import re
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from services.common.api.v1 import common_pb2, face_pb2, mfa_pb2, mfa_pb2_grpc
@@ -140,6 +141,24 @@ def test_a_spoof_frame_is_denied_by_the_veto(world, face_subject):
     assert r.result.veto and not r.result.passed
     d = world.decide(s)
     assert d.outcome == F.OUTCOME_DENY and d.reasons[0].code == "VETO"
+    # the factor and the face service both say LIVENESS_FAILED: one reason to the relying party
+    for reasons in (r.result.reasons, d.reasons):
+        codes = [x.code for x in reasons]
+        assert codes.count("LIVENESS_FAILED") == 1 and len(set(codes)) == len(codes), codes
+
+
+def test_an_unusable_capture_names_the_face_services_issue_once(world, face_subject):
+    """The face service reports a refused image's issue in its quality and in its reasons; the
+    factor puts CAPTURE_REJECTED before them."""
+    import cv2
+
+    ref, app, _, _ = face_subject
+    ok, blank = cv2.imencode(".png", np.full((240, 240, 3), 120, np.uint8))
+    assert ok
+    s = world.start(ref, app)
+    r = world.submit(s, face=app.face(s, blank.tobytes()))
+    assert not r.result.passed and not r.result.veto
+    assert [x.code for x in r.result.reasons] == ["CAPTURE_REJECTED", "NO_FACE"], r.result.reasons
 
 
 def test_a_payment_above_the_amount_band_requires_a_second_independent_factor(world, face_subject):
