@@ -77,12 +77,14 @@ def verify_request(tenant: str, subjects: list[str], probes: list[list[bytes]], 
 
 
 async def load(target: str, token: str, tenant: str, subjects: list[str], probes: list[list[bytes]],
-               concurrency: int, duration_s: float, max_requests: int, rate: float | None = None) -> dict:
+               concurrency: int, duration_s: float, max_requests: int, rate: float | None = None,
+               send=None) -> dict:
     """Closed loop (``rate`` None): ``concurrency`` clients, each sending its next request when the
     last is answered. Open loop: :func:`bench.loadgen.run_open_loop`, requests started at fixed
     intervals of ``rate`` per second whatever is still outstanding, so that queueing shows in the
     latencies (issue 13's p99/p50 at 80 % of the closed loop's throughput, as face_bench measures
-    it); ``concurrency`` then only sets the connections."""
+    it); ``concurrency`` then only sets the connections. ``send(stub, k, metadata, timeout)``: the
+    k-th request's calls instead of a Verify of :func:`verify_request` (awaitable; -> the Verify reply)."""
     import grpc
 
     from services.common.api.v1 import voice_pb2_grpc
@@ -101,8 +103,9 @@ async def load(target: str, token: str, tenant: str, subjects: list[str], probes
     async def timed(k: int, timeout: float) -> None:
         nonlocal matches
         t = time.perf_counter()
-        reply = await stubs[k % len(stubs)].Verify(verify_request(tenant, subjects, probes, k), metadata=meta,
-                                                   timeout=timeout)
+        stub = stubs[k % len(stubs)]
+        reply = await (send(stub, k, meta, timeout) if send else
+                       stub.Verify(verify_request(tenant, subjects, probes, k), metadata=meta, timeout=timeout))
         matches += reply.match
         latencies.append(time.perf_counter() - t)
 
@@ -182,7 +185,7 @@ class RawModels:
         self.probes, self.fmt = probes, AudioFormat(Encoding.LINEAR16, 16000)
         self.verify(probes[0], None)  # lazy initialisation out of the figures
 
-    def verify(self, data: bytes, cpu: dict[str, list[float]] | None, aasist: bool = True) -> None:
+    def verify(self, data: bytes, cpu: dict[str, list[float]] | None, aasist: bool = True):
         from services.voice import replay
 
         def timed(stage: str, fn):
@@ -197,6 +200,7 @@ class RawModels:
         if aasist:
             timed("aasist", lambda: self.det.score_windows([self.det.window_of(prepared)]))
         timed("fingerprint", lambda: replay.fingerprint(prepared.samples))
+        return prepared
 
     def cpu_ms(self, n: int) -> dict[str, float]:
         """Median thread CPU milliseconds per stage over ``n`` probes, one after another."""
@@ -325,13 +329,18 @@ def serve_arm(args, arm: str, audio: dict[str, list[np.ndarray]]) -> tuple[list[
             rss = svc.peak_rss_mb()
         finally:
             svc.stop()
-            import redis
-
-            client = redis.Redis.from_url(svc.config.get("voice", {}).get("replay_store", "redis://127.0.0.1:6379/0"))
-            keys = list(client.scan_iter(f"{prefix}:*"))
-            if keys:
-                client.delete(*keys)
+            drop_replay_keys(svc, prefix)
     return levels, rss
+
+
+def drop_replay_keys(svc: ServiceProcess, prefix: str) -> None:
+    """The bench service's replay fingerprints out of Redis."""
+    import redis
+
+    client = redis.Redis.from_url(svc.config.get("voice", {}).get("replay_store", "redis://127.0.0.1:6379/0"))
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
 
 
 def main() -> int:
