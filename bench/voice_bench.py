@@ -167,7 +167,7 @@ class RawModels:
     its Fbank, AASIST on the wideband window, the replay fingerprint; batch 1, torch and ONNX Runtime
     at one intra-op thread (the service's CPU defaults)."""
 
-    STAGES = ("decode_vad", "ecapa", "aasist", "fingerprint")
+    STAGES: tuple[str, ...] = ("decode_vad", "ecapa", "aasist", "fingerprint")
 
     def __init__(self, probes: list[bytes]) -> None:
         from services.common.models import ModelStore
