@@ -8,7 +8,8 @@ unset, i.e. min(4, N)) it starts a real `biogate serve voice` process (CPU defau
 process) with ``server.admission.concurrency: N``, so that N calls run the models at once as on an
 N-core machine (the CPU time of this machine is shared between them: only memory is measured). It
 enrols the fixture speakers, then sends ``--rounds`` bursts of N concurrent Verifies with every layer
-(3 s clips, tenant "bench" without the digit challenge, as bench/voice_bench.py). Meanwhile it reads
+(3 s clips, tenant "bench" without the digit challenge, as bench/voice_bench.py; with ``--challenge``
+each with one, which the clips fail, so that the Whisper digit recognisers run too). Meanwhile it reads
 the service's metrics every 20 ms: the most AASIST runs and model runs (ECAPA + AASIST) under way at
 once (``biogate_model_runs_in_flight``), the most calls waiting for the bound
 (``biogate_model_runs_waiting``); at the end the process's peak RSS (VmHWM), and its RSS once
@@ -20,8 +21,8 @@ arena cap to 2 itself (services/voice/server.py), on a 16-core machine as here.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
+import asyncio
 import json
 import os
 import tempfile
@@ -85,7 +86,8 @@ class MetricsSampler:
         self._thread.join()
 
 
-async def burst(target: str, token: str, subjects: list[str], probes: list[list[bytes]], n: int, first: int) -> dict:
+async def burst(target: str, token: str, subjects: list[str], probes: list[list[bytes]], n: int, first: int,
+                nonce=None) -> dict:
     import grpc
 
     from services.common.api.v1 import voice_pb2_grpc
@@ -96,8 +98,11 @@ async def burst(target: str, token: str, subjects: list[str], probes: list[list[
 
     async def one(k: int) -> None:
         try:
-            reply = await voice_pb2_grpc.VoiceServiceStub(channels[k - first]).Verify(
-                verify_request("bench", subjects, probes, k), metadata=meta, timeout=300)
+            request = verify_request("bench", subjects, probes, k)
+            if nonce is not None:
+                request.challenge_nonce = nonce(request.subject.subject_id)
+            reply = await voice_pb2_grpc.VoiceServiceStub(channels[k - first]).Verify(request, metadata=meta,
+                                                                                      timeout=300)
             out["ok"] += 1
             out["matches"] += reply.match
         except grpc.aio.AioRpcError as err:
@@ -112,13 +117,13 @@ async def burst(target: str, token: str, subjects: list[str], probes: list[list[
 
 
 def measure(n: int, limit: int | None, rounds: int, env: dict[str, str], audio: dict,
-            voice: dict | None = None) -> dict:
+            voice: dict | None = None, challenge: bool = False) -> dict:
     import grpc
     import redis
 
     from services.common.api.v1 import common_pb2, voice_pb2, voice_pb2_grpc
     from services.common.client import connect
-    from services.common.storage import ConsentRecord, open_storage
+    from services.common.storage import ChallengeRecord, ConsentRecord, open_storage
     from services.settings import load_config
 
     prefix = f"biogate-bench:{uuid.uuid4().hex[:8]}"
@@ -129,7 +134,7 @@ def measure(n: int, limit: int | None, rounds: int, env: dict[str, str], audio: 
                              "admission": {"concurrency": n, "max_queue": n}},
                   "voice": {"replay_store": "redis://127.0.0.1:6379/0", "replay_key_prefix": prefix,
                             "max_inline_model_runs": limit, **(voice or {}),
-                            "tenants": {"bench": {"require_challenge": False}}}}
+                            "tenants": {"bench": {"require_challenge": not challenge}}}}
         svc = MemoryService("voice", config, data_dir=tmp, env=env).start()
         try:
             settings = load_config(svc.config_file)
@@ -152,10 +157,18 @@ def measure(n: int, limit: int | None, rounds: int, env: dict[str, str], audio: 
             after_enrol = svc.peak_rss_mb()
             results = []
             t0 = time.perf_counter()
+            def nonce(subject: str) -> str:
+                """A digit challenge's nonce: the clips say other words, so it fails, but the
+                recognisers run on every Verify as on a bank's."""
+                return storage.challenges.create(ChallengeRecord(
+                    "bench", subject, "voice_digits", {"digits": "123456"},
+                    dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=600))).nonce
+
             with MetricsSampler(metrics_port) as sampler:
                 by_round = []
                 for r in range(rounds):
-                    results.append(asyncio.run(burst(svc.address, token, subjects, probes, n, r * n)))
+                    results.append(asyncio.run(burst(svc.address, token, subjects, probes, n, r * n,
+                                                     nonce if challenge else None)))
                     by_round.append(round(svc.peak_rss_mb()))
             wall = time.perf_counter() - t0
             time.sleep(settings.server.admission.trim_memory_idle_s + 3.0)  # the idle trimmer's turn
@@ -164,7 +177,7 @@ def measure(n: int, limit: int | None, rounds: int, env: dict[str, str], audio: 
             for res in results:
                 for code, c in res["errors"].items():
                     errors[code] = errors.get(code, 0) + c
-            return {"concurrency": n, "limit": limit, "env": " ".join(f"{k}={v}" for k, v in env.items()),
+            return {"concurrency": n, "limit": limit, "challenge": challenge, "env": " ".join(f"{k}={v}" for k, v in env.items()),
                     "voice": voice or {}, "rounds": rounds,
                     "verifies": sum(r["ok"] for r in results), "matches": sum(r["matches"] for r in results),
                     "errors": errors, "wall_s": round(wall, 1),
@@ -211,6 +224,7 @@ def main() -> int:
     ap.add_argument("--env", nargs="*", default=[], help="more KEY=VALUE of the service's environment")
     ap.add_argument("--voice", type=json.loads, default=None, help="voice settings over the defaults (JSON)")
     ap.add_argument("--speakers", type=int, default=8)
+    ap.add_argument("--challenge", action="store_true", help="every Verify with a digit challenge (Whisper runs)")
     ap.add_argument("--json", type=Path, default=None, help="append each row to this JSON-lines file")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
@@ -222,7 +236,7 @@ def main() -> int:
         for lim in args.limit:
             limit = None if lim == "default" else int(lim)
             env = dict(e.split("=", 1) for e in args.env)
-            row = measure(n, limit, args.rounds, env, audio, args.voice)
+            row = measure(n, limit, args.rounds, env, audio, args.voice, args.challenge)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:
@@ -230,7 +244,7 @@ def main() -> int:
                     f.write(json.dumps(row) + "\n")
     print(table(rows))
     if args.write_results:
-        replace_section(HEADING, f"({dt.date.today()}, {machine_line()}; `{command_line()}`)\n\n{table(rows)}\n")
+        replace_section(HEADING, f"## {HEADING}\n\n({machine_line()}; `{command_line()}`)\n\n{table(rows)}\n")
     return 0
 
 
