@@ -168,8 +168,9 @@ def digit_recognisers(settings: CommonSettings) -> int:
 
 
 # The default's cap, for memory: one process with 16 admitted calls ran 16 AASIST windows at once and
-# peaked at 4.0 GB; on 4 threads of their own its 16 calls peaked at ~1.6 GB, on 2 at 1.4 GB
-# (bench/RESULTS.md, "Voice memory against admitted calls"; limit 2 GB per process).
+# peaked at 4.0 GB; with the runs on 4 threads of their own its 16 calls peaked at 1.6-1.8 GB (digit
+# challenges included), on 2 at 1.4 GB (bench/RESULTS.md, "Voice memory against admitted calls";
+# limit 2 GB per process).
 INLINE_MODEL_RUNS_MAX = 4
 
 
