@@ -46,3 +46,21 @@ def test_mypy_finds_nothing() -> None:
                if not excluded.search(p.relative_to(ROOT).as_posix())})
     assert int(m.group(1)) >= own, \
         f"mypy checked {m.group(1)} files; services/, tests/ and bench/ have {own} modules of their own"
+
+
+def test_no_test_imports_a_module_whose_bare_name_several_test_directories_hold() -> None:
+    """tests/face, tests/voice and tests/evaluation each put their directory on sys.path, so a bare
+    ``import conftest`` or ``from test_service import ...`` reaches whichever of their files of that
+    name was imported first in the run: one order passes, the whole suite's order fails
+    (ImportError, or another directory's helper). Such a module is imported by its package path."""
+    dirs = [ROOT / "tests" / d for d in ("face", "voice", "evaluation", "services")]
+    names: dict[str, int] = {}
+    for d in dirs:
+        for p in d.glob("*.py"):
+            names[p.stem] = names.get(p.stem, 0) + 1
+    shared = {n for n, count in names.items() if count > 1}
+    assert "conftest" in shared and "test_service" in shared, sorted(shared)
+    bare = re.compile(rf"^\s*(?:from\s+({'|'.join(sorted(shared))})\s+import|import\s+({'|'.join(sorted(shared))})\b)", re.M)
+    found = [f"{p.relative_to(ROOT)}: {m.group(0).strip()}" for p in (ROOT / "tests").rglob("*.py")
+             for m in bare.finditer(p.read_text())]
+    assert not found, "import these by their package path (tests.voice.conftest, ...):\n" + "\n".join(found)

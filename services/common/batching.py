@@ -13,11 +13,12 @@ deadline either.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -145,15 +146,83 @@ class MicroBatcher(Generic[T, R]):
             f.set_result(r)
 
 
+class RunLimit:
+    """At most ``limit`` model runs at a time among the :class:`Inline` runners sharing it (None: no
+    bound; the admitted calls are then the only bound). A memory bound: on the CPU each run holds its
+    activations while it lasts (AASIST ~170 MB a window), and a process admits as many calls as it has
+    cores. Bounded, the runs go to ``limit`` threads of its own rather than the callers' threads: a
+    thread that has run a model keeps what torch and glibc hold per thread (arenas, kernel scratch
+    space), so runs spread over many request threads cost memory with each new thread even at a few
+    at a time (bench/RESULTS.md, "Voice memory against admitted calls"). A call beyond the bound waits
+    for a run to end (it is admitted already, and is not refused), but none is started past its RPC's
+    deadline (DEADLINE_EXCEEDED, MODEL_QUEUE_DEADLINE); a run started is not pre-empted."""
+
+    def __init__(self, limit: int | None, name: str) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be >= 1 or None")
+        self.limit = limit
+        self._pool = None if limit is None else ThreadPoolExecutor(limit, thread_name_prefix=f"{name}-model")
+        self._waiting = metrics.MODEL_RUNS_WAITING.labels(name)
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most_running = 0  # the most runs seen at once, for tests and benches
+        self.waiting = 0
+
+    def _count(self, running: int = 0, waiting: int = 0) -> None:
+        with self._lock:
+            self.running += running
+            self.most_running = max(self.most_running, self.running)
+            self.waiting += waiting
+        if waiting:
+            self._waiting.inc(waiting)
+
+    def _run(self, fn: Callable[[list[T]], Sequence[R]], chunk: list[T]) -> Sequence[R]:
+        self._count(running=1)
+        try:
+            return fn(chunk)
+        finally:
+            self._count(running=-1)
+
+    def _start(self, ctx: contextvars.Context, fn: Callable[[list[T]], Sequence[R]], chunk: list[T]) -> Sequence[R]:
+        self._count(waiting=-1)
+        return ctx.run(self._run, fn, chunk)
+
+    def call(self, caller: str, fn: Callable[[list[T]], Sequence[R]], chunk: list[T]) -> Sequence[R]:
+        """``fn(chunk)``: here without a bound, else on one of the bound's threads."""
+        if self._pool is None:
+            return self._run(fn, chunk)
+        self._count(waiting=1)
+        try:
+            fut = self._pool.submit(self._start, contextvars.copy_context(), fn, chunk)
+        except RuntimeError:  # shut down
+            self._count(waiting=-1)
+            raise BatcherClosed("the model runs' bound is closed") from None
+        deadline = context.deadline.get()
+        try:
+            return fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            if fut.cancel():
+                self._count(waiting=-1)
+                raise _too_late(caller) from None
+            return fut.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
 class Inline(Generic[T, R]):
-    """A :class:`MicroBatcher`'s interface, calling ``fn`` on the caller's thread: on a CPU a batch
-    costs about the items' time one by one, while the batcher's one thread holds a model to one core
-    and hands every item between threads; inline, concurrent callers (as many as the admission
-    slots, i.e. the cores) run the model side by side on their own threads."""
+    """A :class:`MicroBatcher`'s interface, calling ``fn`` on the caller's thread (or, under a bounded
+    :class:`RunLimit`, one of its threads): on a CPU a batch costs about the items' time one by one,
+    while the batcher's one thread holds a model to one core and hands every item between threads;
+    inline, concurrent callers (as many as the admission slots, i.e. the cores, or the bound) run the
+    model side by side, each item in the chunks its caller sent."""
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch: int = 32, name: str = "inline",
-                 model: str | None = None) -> None:
+                 model: str | None = None, limit: RunLimit | None = None) -> None:
         self._fn = fn
+        self._limit = limit or RunLimit(None, model or name)
+        self._in_flight = metrics.MODEL_RUNS_IN_FLIGHT.labels(model or name)
         self._batch_size = metrics.BATCH_SIZE.labels(model or name)
         self._inference = metrics.INFERENCE_SECONDS.labels(model or name)
         self.name = name
@@ -161,6 +230,13 @@ class Inline(Generic[T, R]):
         self._count_lock = threading.Lock()
         self.batches = 0
         self.items = 0
+
+    def _timed(self, chunk: list[T]) -> Sequence[R]:
+        with self._in_flight.track_inprogress():
+            started = time.perf_counter()
+            results = self._fn(chunk)
+            self._inference.observe(time.perf_counter() - started)
+        return results
 
     def submit_async(self, item: T) -> Future:
         fut: Future = Future()
@@ -174,18 +250,17 @@ class Inline(Generic[T, R]):
         return self.submit_many([item])[0]
 
     def submit_many(self, items: Sequence[T], timeout: float | None = None) -> list[R]:
-        """Runs ``fn`` here, chunk by chunk. A chunk running cannot be pre-empted (``timeout`` is not
-        applied), but none is started once the current RPC's deadline has passed (DEADLINE_EXCEEDED):
-        its client has gone, and the core is better spent on a call that still waits."""
+        """Runs ``fn`` here, chunk by chunk, each within the shared :class:`RunLimit`. A chunk running
+        cannot be pre-empted (``timeout`` is not applied), but none is started once the current RPC's
+        deadline has passed (DEADLINE_EXCEEDED): its client has gone, and the core is better spent on
+        a call that still waits."""
         out: list[R] = []
         deadline = context.deadline.get()
         for i in range(0, len(items), self.max_batch):
             if deadline is not None and time.monotonic() >= deadline:
                 raise _too_late(self.name)
             chunk = list(items[i : i + self.max_batch])
-            started = time.perf_counter()
-            results = self._fn(chunk)
-            self._inference.observe(time.perf_counter() - started)
+            results = self._limit.call(self.name, self._timed, chunk)
             self._batch_size.observe(len(chunk))
             if len(results) != len(chunk):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(chunk)} items")

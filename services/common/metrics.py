@@ -40,6 +40,13 @@ SIMILARITY = Histogram("biogate_similarity_score", "Raw cosine similarity of 1:1
 # The micro-batchers (services/common/batching.py) and the models run outside them, by model.
 BATCH_SIZE = Histogram("biogate_batch_size", "Items per model call of a micro-batcher", ["model"],
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+# Model runs on request threads (services/common/batching.py Inline): those under way, by model, and
+# the admitted calls waiting for a run to finish because the process's bound on runs at a time (a
+# memory bound: each run holds its activations, e.g. voice.max_inline_model_runs) is reached.
+MODEL_RUNS_IN_FLIGHT = Gauge("biogate_model_runs_in_flight", "Inline model runs under way", ["model"],
+                             multiprocess_mode="livesum")
+MODEL_RUNS_WAITING = Gauge("biogate_model_runs_waiting", "Admitted calls waiting for the bound on inline model runs",
+                           ["limit"], multiprocess_mode="livesum")
 INFERENCE_SECONDS = Histogram(
     "biogate_inference_seconds", "Time of one model call (a whole batch)", ["model"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),

@@ -122,6 +122,12 @@ class VoiceConfig(Section):
     # calls (admission.concurrency = cores), batch 1 whatever the concurrency, no hand-offs between
     # threads (bench/RESULTS.md, issue 13, voice on the CPU).
     micro_batching: Literal["auto", "on", "off"] = "auto"
+    # ECAPA and AASIST runs at a time where they run inline (micro_batching "auto" on the CPU), on as
+    # many threads of their own: each run holds ~170 MB (AASIST) while it lasts, and each thread that
+    # ran one keeps its own share, so admitted calls beyond it wait for a run to end (metric
+    # biogate_model_runs_waiting). None: one per call the process admits, at most INLINE_MODEL_RUNS_MAX
+    # (see inline_model_runs()). More cores per process than that: run more processes (server.workers).
+    max_inline_model_runs: int | None = Field(None, ge=1, le=256)
     inference_workers: int = Field(2, ge=1, le=64)  # micro-batchers per batched model (where micro-batched)
     # Digit recognisers: CTranslate2 workers sharing one copy of Whisper's weights, on the CPU wherever
     # ECAPA and AASIST run, ~50 MB of working memory each. Fewer than the calls a process admits at a
@@ -159,3 +165,20 @@ def digit_recognisers(settings: CommonSettings) -> int:
         return own
     server = settings.server
     return min(DIGIT_RECOGNISERS_MAX, server.admission.slots_per_process(server.processes("voice")))
+
+
+# The default's cap, for memory: one process with 16 admitted calls ran 16 AASIST windows at once and
+# peaked at 4.0 GB; with the runs on 4 threads of their own its 16 calls peaked at 1.6-1.8 GB (digit
+# challenges included), on 2 at 1.4 GB (bench/RESULTS.md, "Voice memory against admitted calls";
+# limit 2 GB per process).
+INLINE_MODEL_RUNS_MAX = 4
+
+
+def inline_model_runs(settings: CommonSettings) -> int:
+    """voice.max_inline_model_runs, or (None) as many as a voice process admits calls at a time, at
+    most INLINE_MODEL_RUNS_MAX."""
+    own = voice_config(settings).max_inline_model_runs
+    if own is not None:
+        return own
+    server = settings.server
+    return min(INLINE_MODEL_RUNS_MAX, server.admission.slots_per_process(server.processes("voice")))

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from services.common.batching import Inline, MicroBatcher
+from services.common.batching import Inline, MicroBatcher, RunLimit
 from services.common.config import CommonSettings
 from services.common.metrics import INFERENCE_SECONDS, observe_similarity
-from services.voice.config import ChannelFamily, VoiceConfig, digit_recognisers, voice_config
+from services.voice.config import ChannelFamily, VoiceConfig, digit_recognisers, inline_model_runs, voice_config
 from services.common.modality.calibration import Calibrations, NotCalibrated
 from services.common.models import ModelStore
 
@@ -189,6 +189,7 @@ class VoiceEngine:
             self.snorm = {f: cohort_mod.SNorm(self.cohort.family(f), cfg.snorm_top_k) for f in cohort_mod.FAMILIES}
         self.score_name = cohort_mod.score_name(self.cohort, cfg.snorm_top_k)
         self.calibrations = Calibrations(settings.models.manifest, cfg.calibration_check_s)
+        self.run_limit = RunLimit(inline_model_runs(settings), "voice")  # shared by ECAPA and AASIST inline
         self.embed_batcher = self._batcher(lambda items: list(self.pipeline.embed(items)), cfg.batch_max,
                                            "voice-ecapa", self.pipeline.provider != "CPUExecutionProvider")
         # Per channel family: the AASIST window (one network for all) and the score it calibrates.
@@ -210,7 +211,7 @@ class VoiceEngine:
     def _batcher(self, fn, max_batch: int, name: str, accelerated: bool) -> BatcherPool | Inline:
         if self.cfg.micro_batching == "on" or (self.cfg.micro_batching == "auto" and accelerated):
             return BatcherPool(fn, self.cfg.inference_workers, max_batch, self.cfg.batch_wait_ms, name)
-        return Inline(fn, max_batch=max_batch, name=name, model=name)
+        return Inline(fn, max_batch=max_batch, name=name, model=name, limit=self.run_limit)
 
     # -- warm-up -------------------------------------------------------------------------------
 
@@ -259,6 +260,7 @@ class VoiceEngine:
         self.embed_batcher.close()
         if self.synthetic_batcher is not None:
             self.synthetic_batcher.close()
+        self.run_limit.close()
 
     # -- scoring -------------------------------------------------------------------------------
 

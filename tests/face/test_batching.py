@@ -158,3 +158,67 @@ def test_inline_starts_no_model_run_past_the_rpc_deadline():
         assert b.submit_many([1, 2, 3]) == [1, 2, 3]
     finally:
         context.deadline.reset(token)
+
+
+def test_inline_runners_sharing_a_run_limit_run_no_more_at_once_on_its_threads_and_the_rest_wait():
+    """Two models' inline runners under one bound of 2: six concurrent callers, held inside the model
+    until the test lets them go, run 2 at a time on the bound's own two threads; the other 4 wait
+    (the waiting gauge says so) and then run, every caller getting its own result; a waiting caller
+    whose RPC deadline passes gets DEADLINE_EXCEEDED and its item never runs."""
+    import grpc
+
+    from services.common import context, metrics
+    from services.common.batching import RunLimit
+    from services.common.errors import ServiceError
+
+    limit = RunLimit(2, "test-bound")
+    waiting = metrics.MODEL_RUNS_WAITING.labels("test-bound")
+    go, lock = threading.Event(), threading.Lock()
+    inside = {"now": 0, "most": 0}
+    ran: list[tuple[str, int]] = []
+
+    def fn(items):
+        with lock:
+            inside["now"] += 1
+            inside["most"] = max(inside["most"], inside["now"])
+            ran.extend((threading.current_thread().name, x) for x in items)
+        go.wait(30)
+        with lock:
+            inside["now"] -= 1
+        return [x * 10 for x in items]
+
+    runners = [Inline(fn, max_batch=1, name=f"m{i}", limit=limit) for i in range(2)]
+    results: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, runners[i % 2].submit_many([i])))
+               for i in range(6)]
+    for t in threads:
+        t.start()
+    for _ in range(2000):
+        if inside["now"] == 2 and waiting._value.get() == 4:
+            break
+        time.sleep(0.005)
+    assert inside["now"] == 2 and waiting._value.get() == 4 and limit.running == 2 and limit.waiting == 4
+    token = context.deadline.set(time.monotonic() + 0.05)
+    try:
+        with pytest.raises(ServiceError) as err:
+            runners[0].submit_many([99])
+    finally:
+        context.deadline.reset(token)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    go.set()
+    for t in threads:
+        t.join(30)
+    assert results == {i: [i * 10] for i in range(6)}
+    assert sorted(x for _, x in ran) == list(range(6))  # 99 never ran
+    assert len({name for name, _ in ran}) == 2 and all(name.startswith("test-bound-model") for name, _ in ran)
+    assert inside["most"] == 2 and limit.most_running == 2 and waiting._value.get() == 0 and limit.waiting == 0
+    limit.close()
+    unbounded = RunLimit(None, "test-unbounded")
+    here: list[str] = []
+
+    def where(xs: list[int]) -> list[int]:
+        here.append(threading.current_thread().name)
+        return xs
+
+    assert Inline(where, limit=unbounded).submit_many([1, 2]) == [1, 2]
+    assert here == [threading.current_thread().name] and unbounded.most_running == 1

@@ -16,7 +16,7 @@ import time
 
 from services.common.api.v1 import face_pb2
 
-from test_service import OBAMA, OBAMA2, enroll, img, ref
+from tests.face.test_service import OBAMA, OBAMA2, enroll, img, ref
 
 CONCURRENCY = 8
 PER_CLIENT = 5

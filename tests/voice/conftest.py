@@ -78,6 +78,32 @@ class VoiceServiceUnderTest:
             ConsentRecord(tenant, subject, "biometric_verification", ("voice",), "v1", "test"))
 
 
+def own_voice_service(tmp_path_factory, name: str, server: dict | None = None, voice: dict | None = None):
+    """A voice service of a test module's own (a generator for a module fixture): ``server`` and
+    ``voice`` settings over make_settings', enrolment from 1 s of net speech."""
+    from tests.conftest import ServiceHarness, make_settings
+
+    settings = make_settings(tmp_path_factory.mktemp(name) / "data", server=server or {}, voice={
+        "min_net_speech_enroll_s": 1.0, "min_total_net_speech_enroll_s": 1.0, **(voice or {})})
+    harness = ServiceHarness(settings)
+    server_ = harness.start("voice")
+    yield VoiceServiceUnderTest(harness, server_)
+    harness.stop()
+
+
+def audited_verifications(svc) -> list[dict]:
+    """The details of the service's voice.verified audit records, oldest first."""
+    import json
+
+    from services.common.storage import open_storage
+
+    store = open_storage(svc.settings.storage_dsn)
+    try:
+        return [json.loads(a.details) for a in store.audit.iter_records() if a.event_type == "voice.verified"]
+    finally:
+        store.close()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The local Redis (every machine of the project has one); required in CI."""

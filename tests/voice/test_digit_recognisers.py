@@ -9,7 +9,6 @@ service on loopback started with more recognisers and admission slots than one.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -26,23 +25,16 @@ def digits_service(tmp_path_factory, voice_models, fixtures_dir):
     """A voice service with RECOGNISERS recognisers, one batcher per model and RECOGNISERS + 1
     admission slots (this machine's cores would admit 2); tenant "digits" without AASIST (the
     speaker and replay layers stay; the challenge is required)."""
-    from tests.voice.conftest import VoiceServiceUnderTest
-    from tests.conftest import ServiceHarness, make_settings
+    from tests.voice.conftest import own_voice_service
 
-    root = tmp_path_factory.mktemp("voice-digits")
-    settings = make_settings(root / "data", server={"admission": {"concurrency": RECOGNISERS + 1}}, voice={
-        "digit_recognisers": RECOGNISERS, "inference_workers": 1,
-        "min_net_speech_enroll_s": 1.0, "min_total_net_speech_enroll_s": 1.0,
-        "tenants": {"digits": {"synthetic_speech_check": False}}})
-    harness = ServiceHarness(settings)
-    server = harness.start("voice")
-    yield VoiceServiceUnderTest(harness, server)
-    harness.stop()
+    yield from own_voice_service(tmp_path_factory, "voice-digits", {"admission": {"concurrency": RECOGNISERS + 1}}, {
+        "digit_recognisers": RECOGNISERS, "inference_workers": 1, "tenants": {"digits": {"synthetic_speech_check": False}}})
 
 
 def test_a_service_runs_its_configured_recognisers_and_they_hear_alike_at_once(digits_service, fixtures_dir):
     from services.common.api.v1 import voice_pb2
-    from services.common.storage import ChallengeRecord, open_storage
+    from services.common.storage import ChallengeRecord
+    from tests.voice.conftest import audited_verifications
     from tests.voice.test_service import enrol, new_subject, verify, wav
 
     svc = digits_service
@@ -59,11 +51,7 @@ def test_a_service_runs_its_configured_recognisers_and_they_hear_alike_at_once(d
         return verify(svc, tenant, subject, wav(r.samples), nonce=ch.nonce)
 
     def audited() -> list[dict]:
-        store = open_storage(svc.settings.storage_dsn)
-        try:
-            return [json.loads(a.details) for a in store.audit.iter_records() if a.event_type == "voice.verified"]
-        finally:
-            store.close()
+        return audited_verifications(svc)
 
     def heard(send) -> list[tuple[bool, bool, int]]:
         """Per recording: the challenge checked and passed, and the digits heard wrongly (from the
