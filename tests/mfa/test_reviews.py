@@ -494,6 +494,54 @@ def test_each_bank_hears_only_of_its_own_reviews(tmp_path, storage_dsn, clock, r
         other.close()
 
 
+def test_a_bank_whose_receiver_answers_garbage_holds_up_no_other_banks_events(tmp_path, storage_dsn, clock, receiver):
+    """A receiver answering what is not HTTP made http.client's exception escape the worker's pass:
+    the other banks' events behind it waited, and its own was never settled (retried for ever, no
+    "abandoned" error). It is a failed attempt like any other."""
+    import socket
+
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+    from services.serve import prepare
+
+    garbage = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = garbage.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{garbage.getsockname()[1]}/hook"
+        settings = review_settings(tmp_path, storage_dsn, receiver.url,
+                                   tenants={"bank-b": {"url": url, "secret": "another-bank-webhook-secret"}})
+        prepare(settings)
+        rt = Runtime.open(settings)
+        o = Orchestrator(rt, clock=clock)
+        try:
+            theirs = present(o.outbox.enqueue("bank-b", "review.opened", {"review_id": "rev_b"}, clock()))
+            clock.advance(0.001)
+            mine = present(o.outbox.enqueue(TENANT, "review.opened", {"review_id": "rev_a"}, clock()))
+            assert o.outbox.deliver_due() == 1
+            assert [r["event_id"] for r in receiver.requests] == [mine.id]
+            for wait in (5, 10):
+                clock.advance(wait)
+                o.outbox.deliver_due()
+            rec = present(o.store.webhooks.get(theirs.id))
+            assert (rec.attempts, rec.next_attempt_at, rec.delivered_at, rec.last_error) == \
+                (3, None, None, "BadStatusLine")
+        finally:
+            o.close()
+            rt.close()
+    finally:
+        garbage.close()
+
+
 def test_a_webhook_without_its_secret_is_a_configuration_error(tmp_path):
     from pydantic import ValidationError
 
