@@ -447,6 +447,10 @@ def test_signatures_are_checked_over_the_exact_body_and_time():
             webhooks.verify(bad_secret, header, bad_body, now)
     with pytest.raises(ValueError, match="malformed"):
         webhooks.verify(SECRET, "v1=abc", body, 1_700_000_000)
+    # what anyone can send the bank's receiver: a non-ASCII signature was a TypeError out of
+    # hmac.compare_digest (a 500 where the receiver answers ValueError with 400)
+    with pytest.raises(ValueError, match="does not match"):
+        webhooks.verify(SECRET, "t=1700000000,v1=\u00e9\udcff", body, 1_700_000_000)
 
 
 def test_bad_review_requests_are_refused_before_anything_is_written(served):
