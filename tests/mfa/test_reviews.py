@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
@@ -544,6 +545,58 @@ def test_a_bank_whose_receiver_answers_garbage_holds_up_no_other_banks_events(tm
             rt.close()
     finally:
         garbage.close()
+
+
+def test_a_bank_whose_receiver_never_answers_delays_other_banks_by_one_timeout_a_pass(tmp_path, storage_dsn, clock,
+                                                                                      receiver):
+    """The worker every bank shares waited out the timeout for each of a silent receiver's events
+    before it reached another bank's: 50 events due, 50 timeouts (over 4 minutes at the default 5 s).
+    The rest of a receiver's events after one that got no answer fail alike at once, unsent (what
+    trying each would have given), and go on to their own backoff."""
+    import socket
+
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+    from services.serve import prepare
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def hold() -> None:
+        while True:
+            try:
+                held.append(silent.accept()[0])  # read nothing, answer nothing
+            except OSError:
+                return
+    threading.Thread(target=hold, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+        settings = review_settings(tmp_path, storage_dsn, receiver.url, timeout_s=0.5,
+                                   tenants={"bank-b": {"url": url, "secret": "another-bank-webhook-secret"}})
+        prepare(settings)
+        rt = Runtime.open(settings)
+        o = Orchestrator(rt, clock=clock)
+        try:
+            theirs = []
+            for i in range(4):
+                theirs.append(present(o.outbox.enqueue("bank-b", "review.opened", {"review_id": f"rev_{i}"}, clock())))
+                clock.advance(0.001)
+            mine = present(o.outbox.enqueue(TENANT, "review.opened", {"review_id": "rev_a"}, clock()))
+            assert o.outbox.deliver_due() == 1
+            assert [r["event_id"] for r in receiver.requests] == [mine.id]
+            assert len(held) == 1  # one attempt waited out, not four
+            recs = [present(o.store.webhooks.get(e.id)) for e in theirs]
+            assert [r.last_error for r in recs] == ["TimeoutError"] + \
+                ["not sent: TimeoutError on an earlier event this pass"] * 3
+            assert {r.attempts for r in recs} == {1}
+            assert {r.next_attempt_at for r in recs} == {clock() + timedelta(seconds=5)}
+        finally:
+            o.close()
+            rt.close()
+    finally:
+        silent.close()
+        for conn in held:
+            conn.close()
 
 
 def test_a_webhook_without_its_secret_is_a_configuration_error(tmp_path):
