@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from services.mfa import outbound
 from services.mfa.outbound import MAX_REPLY, PostFailed, post_once
 from services.mfa.sms import HttpSmsGateway, SmsError
 
@@ -205,6 +206,7 @@ def test_a_redirect_is_refused_and_the_credentials_never_reach_its_target(status
 
 
 def self_signed(tmp_path: Path) -> ssl.SSLContext:
+    """A server context for 127.0.0.1 whose certificate (tmp_path/cert.pem) no CA vouches for."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = dt.datetime.now(dt.timezone.utc)
@@ -240,3 +242,48 @@ def test_a_header_value_with_a_line_break_is_refused_before_anything_is_sent(ser
     with pytest.raises(PostFailed):
         post_once(srv.url, b"{}", {"Idempotency-Key": "k\r\nX-Injected: 1"}, 2.0)
     assert srv.connections == 0
+
+
+def test_over_tls_a_vouched_for_endpoint_answers_and_a_trickling_one_is_cut_off(tmp_path, monkeypatch):
+    """The same bound through TLS (the deadline watches a duplicate of the socket TLS wraps), with the
+    test's certificate trusted as a bank's private CA would be."""
+    server_ctx = self_signed(tmp_path)
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    monkeypatch.setattr(outbound, "_TLS", client_ctx)
+    stop = threading.Event()
+    trickling = [False]
+
+    def answer(conn: socket.socket) -> None:
+        if trickling[0]:
+            trickle(stop, b"HTTP/1.1 200 OK\r\nContent-Length: 60000\r\n\r\n")(conn)
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"id\": \"m\"}")
+
+    plain = socket.create_server(("127.0.0.1", 0))
+    port = plain.getsockname()[1]
+
+    def serve_tls() -> None:
+        while True:
+            try:
+                conn, _ = plain.accept()
+            except OSError:
+                return
+
+            def one(conn: socket.socket = conn) -> None:
+                try:
+                    with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(65536)
+                        answer(tls)
+                except OSError:
+                    pass
+            threading.Thread(target=one, daemon=True).start()
+    threading.Thread(target=serve_tls, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{port}/hook"
+        assert post_once(url, b"{}", {}, 5.0) == b'{"id": "m"}'
+        trickling[0] = True
+        exc = finishes(lambda: post_once(url, b"{}", {}, 0.5))
+        assert isinstance(exc, PostFailed) and str(exc) == "TimeoutError"
+    finally:
+        stop.set()
+        plain.close()
