@@ -21,46 +21,7 @@ from cryptography.x509.oid import NameOID
 from services.mfa import outbound
 from services.mfa.outbound import MAX_REPLY, PostFailed, post_once
 from services.mfa.sms import HttpSmsGateway, SmsError
-
-
-class RawServer:
-    """A loopback TCP server; each connection's request head is read, then ``answer(conn)`` runs."""
-
-    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
-        self.answer = answer
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-        self.done = threading.Event()
-        self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while not self.done.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5)
-            try:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    head += chunk
-                self.answer(conn)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.done.set()
-        self.sock.close()
+from tests.mfa.hostile import RawServer
 
 
 @pytest.fixture
@@ -259,31 +220,13 @@ def test_over_tls_a_vouched_for_endpoint_answers_and_a_trickling_one_is_cut_off(
         else:
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"id\": \"m\"}")
 
-    plain = socket.create_server(("127.0.0.1", 0))
-    port = plain.getsockname()[1]
-
-    def serve_tls() -> None:
-        while True:
-            try:
-                conn, _ = plain.accept()
-            except OSError:
-                return
-
-            def one(conn: socket.socket = conn) -> None:
-                try:
-                    with server_ctx.wrap_socket(conn, server_side=True) as tls:
-                        tls.recv(65536)
-                        answer(tls)
-                except OSError:
-                    pass
-            threading.Thread(target=one, daemon=True).start()
-    threading.Thread(target=serve_tls, daemon=True).start()
+    srv = RawServer(answer, tls=server_ctx)
     try:
-        url = f"https://127.0.0.1:{port}/hook"
+        url = srv.url
         assert post_once(url, b"{}", {}, 5.0) == b'{"id": "m"}'
         trickling[0] = True
         exc = finishes(lambda: post_once(url, b"{}", {}, 0.5))
         assert isinstance(exc, PostFailed) and str(exc) == "TimeoutError"
     finally:
         stop.set()
-        plain.close()
+        srv.close()

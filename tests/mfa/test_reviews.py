@@ -21,6 +21,7 @@ from services.mfa.tokens import verify_token
 from services.common.context import SYSTEM
 from tests.conftest import present
 from tests.mfa.conftest import OTP_POLICY, App, outbox_codes, settings_for, setup_subject, subject
+from tests.mfa.hostile import RawServer
 
 F = mfa_pb2
 SECRET = "whsec-test-0123456789abcdef"
@@ -503,26 +504,13 @@ def test_a_bank_whose_receiver_answers_garbage_holds_up_no_other_banks_events(tm
     """A receiver answering what is not HTTP made http.client's exception escape the worker's pass:
     the other banks' events behind it waited, and its own was never settled (retried for ever, no
     "abandoned" error). It is a failed attempt like any other."""
-    import socket
-
     from services.common.runtime import Runtime
     from services.mfa.service import Orchestrator
     from services.serve import prepare
 
-    garbage = socket.create_server(("127.0.0.1", 0))
-
-    def answer() -> None:
-        while True:
-            try:
-                conn, _ = garbage.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-    threading.Thread(target=answer, daemon=True).start()
+    garbage = RawServer(lambda conn: conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"))
     try:
-        url = f"http://127.0.0.1:{garbage.getsockname()[1]}/hook"
+        url = garbage.url
         settings = review_settings(tmp_path, storage_dsn, receiver.url,
                                    tenants={"bank-b": {"url": url, "secret": "another-bank-webhook-secret"}})
         prepare(settings)
@@ -553,24 +541,13 @@ def test_a_bank_whose_receiver_never_answers_delays_other_banks_by_one_timeout_a
     before it reached another bank's: 50 events due, 50 timeouts (over 4 minutes at the default 5 s).
     The rest of a receiver's events after one that got no answer fail alike at once, unsent (what
     trying each would have given), and go on to their own backoff."""
-    import socket
-
     from services.common.runtime import Runtime
     from services.mfa.service import Orchestrator
     from services.serve import prepare
 
-    silent = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def hold() -> None:
-        while True:
-            try:
-                held.append(silent.accept()[0])  # read nothing, answer nothing
-            except OSError:
-                return
-    threading.Thread(target=hold, daemon=True).start()
+    silent = RawServer(lambda conn: silent.done.wait(30))  # reads the request, answers nothing
     try:
-        url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+        url = silent.url
         settings = review_settings(tmp_path, storage_dsn, receiver.url, timeout_s=0.5,
                                    tenants={"bank-b": {"url": url, "secret": "another-bank-webhook-secret"}})
         prepare(settings)
@@ -584,7 +561,7 @@ def test_a_bank_whose_receiver_never_answers_delays_other_banks_by_one_timeout_a
             mine = present(o.outbox.enqueue(TENANT, "review.opened", {"review_id": "rev_a"}, clock()))
             assert o.outbox.deliver_due() == 1
             assert [r["event_id"] for r in receiver.requests] == [mine.id]
-            assert len(held) == 1  # one attempt waited out, not four
+            assert silent.connections == 1  # one attempt waited out, not four
             recs = [present(o.store.webhooks.get(e.id)) for e in theirs]
             assert [r.last_error for r in recs] == ["TimeoutError"] + \
                 ["not sent: TimeoutError on an earlier event this pass"] * 3
@@ -595,8 +572,6 @@ def test_a_bank_whose_receiver_never_answers_delays_other_banks_by_one_timeout_a
             rt.close()
     finally:
         silent.close()
-        for conn in held:
-            conn.close()
 
 
 def test_a_webhook_without_its_secret_is_a_configuration_error(tmp_path):
