@@ -4,6 +4,7 @@ fixed sets (services, RPCs, models, channels, reason codes), never ids or person
 
 from __future__ import annotations
 
+import socket
 import threading
 from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -86,7 +87,34 @@ def observe_similarity(model: str, channel: str, score: float, matched: bool) ->
     SIMILARITY.labels(model, channel, "match" if matched else "no_match").observe(score)
 
 
-class _QuietHandler(WSGIRequestHandler):
+# The longest a connection to one of the small stdlib HTTP endpoints (these metrics, the MFA's JWKS)
+# is held, request and answer together: each connection has a thread of its own, and a client
+# sending a byte now and then (or nothing) held it for ever.
+CONNECTION_S = 30.0
+
+
+class QuietHandler(WSGIRequestHandler):
+    """wsgiref's handler (one request a connection), unlogged, each connection held CONNECTION_S at
+    most: every read and write under that timeout, and the connection shut down when it has passed."""
+
+    timeout = CONNECTION_S
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(CONNECTION_S, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
     def log_message(self, format, *args):  # noqa: A002 - scrapes are not worth a log line each
         pass
 
@@ -101,7 +129,7 @@ def serve_metrics(host: str, port: int, accept: Callable[[str], bool] | None = N
     app = make_wsgi_app(multiprocess_registry(multiprocess_dir)) if multiprocess_dir else make_wsgi_app()
     if accept is not None:
         app = _guarded(app, accept)
-    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from services.common.config import CommonSettings, Section
 
@@ -79,10 +80,26 @@ class KioskConfig(Section):
     # Proxies (addresses or CIDRs) whose X-Forwarded-For names the client (its last entry): the
     # rate limit's address bucket is then the client's, not the proxy's. Empty: the peer address,
     # and the header is ignored (uvicorn alone would trust it from 127.0.0.1, where the kiosk's page
-    # could set it).
+    # could set it). Never '*' or a /0 (refused at load): the client would name itself.
     forwarded_allow_ips: list[str] = []
     rate_limit: RateLimitConfig = RateLimitConfig()
     http: HttpLimitsConfig = HttpLimitsConfig()
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _named_proxies(cls, entries: list[str]) -> list[str]:
+        """Addresses or CIDRs, none covering every address: uvicorn then takes the leftmost
+        X-Forwarded-For entry (the client's own writing) and any client picks its own bucket."""
+        for entry in entries:
+            try:
+                net = ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"kiosk.forwarded_allow_ips: {entry!r} is not an address or CIDR; name the "
+                                 "proxies' addresses (10.244.0.0/16), never '*'") from None
+            if net.prefixlen == 0:
+                raise ValueError(f"kiosk.forwarded_allow_ips: {entry!r} trusts every address, so any client could "
+                                 "name itself in X-Forwarded-For; name the proxies' addresses")
+        return entries
 
 
 class KioskSettings(CommonSettings):

@@ -1,12 +1,21 @@
 """Outbound HTTP POSTs to providers and the bank (SMS gateway, FCM, review webhooks): one request
 (:func:`post_once`, redirects refused: urllib would replay a POST as a bodiless GET), and a JSON POST
-with bounded retries (:func:`post_json`): timeouts, connection errors, 429 and 5xx are retried with
-exponential back-off; other 4xx are not (the request itself is refused)."""
+with bounded retries (:func:`post_json`): timeouts, connection errors, answers that are not HTTP,
+429 and 5xx are retried with exponential back-off; other 4xx are not (the request itself is refused).
+
+An attempt's ``timeout_s`` bounds all of it (connecting, sending, the answer's head and body), not
+each socket operation: a receiver trickling its answer a byte at a time, each within the socket's
+timeout, would otherwise hold the caller (an RPC's thread, the webhook worker every tenant shares)
+for as long as it likes."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import socket
+import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 MAX_REPLY = 65536
+_TLS = ssl.create_default_context()  # the system's CAs, the host name checked
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -21,7 +31,74 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+class _Deadline:
+    """Shuts the attempt's connection down ``seconds`` after it began: whatever the connection is
+    then waiting for fails at once. It watches a duplicate of the socket (one connection, its own
+    descriptor: TLS wrapping detaches the original, and the duplicate is never another socket's)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+            self._socks.clear()
+
+    def create_connection(self, *args: Any, **kwargs: Any) -> socket.socket:
+        sock = socket.create_connection(*args, **kwargs)
+        with self._lock:
+            self._socks.append(sock.dup())
+            if self.expired:
+                self._shut(self._socks[-1])
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._socks:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """urllib's opener (TLS verified, proxies from the environment), without
+    redirects, its connections opened through ``deadline``."""
+
+    class Http(http.client.HTTPConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = deadline.create_connection
+
+    class Https(http.client.HTTPSConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = deadline.create_connection
+
+    class HttpHandler(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(Http, req)
+
+    class HttpsHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(Https, req, context=_TLS)
+
+    return urllib.request.build_opener(_NoRedirects, HttpHandler, HttpsHandler)
 
 
 class PostFailed(Exception):
@@ -33,15 +110,23 @@ class PostFailed(Exception):
 
 
 def post_once(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> bytes:
-    """The reply's body (at most MAX_REPLY bytes) of a 2xx answer; raises PostFailed otherwise."""
+    """The reply's body (at most MAX_REPLY bytes) of a 2xx answer within ``timeout_s`` in all;
+    raises PostFailed otherwise."""
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with _OPENER.open(request, timeout=timeout_s) as resp:
-            return bytes(resp.read(MAX_REPLY))
-    except urllib.error.HTTPError as exc:
-        raise PostFailed(f"HTTP {exc.code}", exc.code >= 500 or exc.code == 429) from None
-    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
-        raise PostFailed(type(getattr(exc, "reason", exc)).__name__, True) from None
+    with _Deadline(timeout_s) as deadline:
+        try:
+            with _opener(deadline).open(request, timeout=timeout_s) as resp:
+                reply = bytes(resp.read(MAX_REPLY))
+        except urllib.error.HTTPError as exc:
+            raise PostFailed(f"HTTP {exc.code}", exc.code >= 500 or exc.code == 429) from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            # HTTPException: an answer that is not HTTP (a bad status line, too many or too long
+            # headers, a broken chunk), worth another try like a dropped connection
+            raise PostFailed("TimeoutError" if deadline.expired else type(getattr(exc, "reason", exc)).__name__,
+                             True) from None
+        if deadline.expired:  # cut off mid-body: what was read is not the answer
+            raise PostFailed("TimeoutError", True)
+        return reply
 
 
 def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout_s: float, retries: int, backoff_s: float,

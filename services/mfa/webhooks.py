@@ -48,7 +48,8 @@ def verify(secret: str, header: str, body: bytes, now: float, tolerance_s: float
     if abs(now - t) > tolerance_s:
         raise ValueError("the signature's timestamp is outside the tolerance")
     expected = signature(secret, body, t).split(",", 1)[1][len("v1="):]
-    if not hmac.compare_digest(expected, parts.get("v1", "")):
+    given = parts.get("v1", "").encode("utf-8", "replace")  # bytes: compare_digest refuses non-ASCII str
+    if not hmac.compare_digest(expected.encode(), given):
         raise ValueError("the signature does not match the body")
 
 
@@ -76,11 +77,20 @@ class WebhookOutbox:
         """One pass over the events due now; returns how many were delivered."""
         now = self.clock()
         delivered = 0
+        # Receivers that gave no answer this pass (a timeout, a refused connection): their other
+        # events fail alike, unsent, rather than each waiting out the timeout on the one worker
+        # every bank shares. An HTTP answer, even a 5xx, came quickly: the next event is tried.
+        silent: dict[str, str] = {}
         for rec in self.repo.due(now, BATCH):
             claimed = self.repo.claim(rec, now + timedelta(seconds=self.cfg.timeout_s * 2 + 30))
             if claimed is None:
                 continue  # another replica's worker has it
-            error = self._post(claimed, now)
+            target = self.cfg.target(claimed.tenant_id)
+            error = silent.get(target.url, "") if target is not None else ""
+            if not error:
+                error = self._post(claimed, now)
+                if error and target is not None and not error.startswith("HTTP "):
+                    silent[target.url] = f"not sent: {error} on an earlier event this pass"
             if not error:
                 self.repo.settle(claimed.id, claimed.attempts, now, None, "")
                 delivered += 1

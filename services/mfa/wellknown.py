@@ -4,8 +4,9 @@ OpenID-style discovery document naming the issuer, the JWKS URL and the algorith
 relying party verifies a decision token with a stock JWT library and a URL (e.g. PyJWT's
 ``PyJWKClient``) instead of an authenticated gRPC call.
 
-Public data only, read-only, no credentials: a threaded stdlib WSGI server (as the metrics endpoint),
-because two small JSON documents need no web framework inside the gRPC process. It starts and stops
+Public data only, read-only, no credentials: a threaded stdlib WSGI server (as the metrics endpoint,
+with its handler: a connection held metrics.CONNECTION_S at most), because two small JSON documents
+need no web framework inside the gRPC process. It starts and stops
 with the MFA service (ServiceDefinition.start / close).
 """
 
@@ -15,10 +16,11 @@ import json
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.simple_server import make_server
 
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from services.common.metrics import QuietHandler
 from services.mfa.config import HttpConfig
 from services.mfa.tokens import ALGORITHMS, SigningKeys
 
@@ -27,11 +29,6 @@ DISCOVERY_PATH = "/.well-known/openid-configuration"
 # Relying parties cache the key set; a rotated key is published at once and the old one kept until
 # its tokens expire (tokens.py), so a short cache lifetime is enough.
 CACHE_S = 300
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - key fetches are not worth a log line each
-        pass
 
 
 def discovery(issuer: str, base_url: str, algorithms: Iterable[str]) -> dict[str, Any]:
@@ -89,7 +86,7 @@ class WellKnownServer:
         try:
             self._server = make_server(self.cfg.host, self.cfg.port, wsgi_app(self.keys, self.issuer,
                                                                               lambda: self.base_url),
-                                       ThreadingWSGIServer, handler_class=_QuietHandler)
+                                       ThreadingWSGIServer, handler_class=QuietHandler)
         except OSError as exc:
             raise OSError(f"cannot listen on {self.cfg.host}:{self.cfg.port} for the MFA's JWKS endpoint "
                           f"(mfa.http.port; port in use?): {exc.strerror}") from None

@@ -159,3 +159,44 @@ def test_behind_a_proxy_the_discovery_names_the_public_url():
 
     server = WellKnownServer(HttpConfig(public_url="https://mfa.bank-a.example/"), None, "iss")  # type: ignore[arg-type]
     assert discovery("iss", server.base_url, ALGORITHMS)["jwks_uri"] == "https://mfa.bank-a.example/.well-known/jwks.json"
+
+
+def trickled_until_closed(url: str, liveness_s: float = 30.0) -> bool:
+    """Whether the server closed a connection that sends a request head a byte at a time (each byte
+    well inside any per-read timeout) before ``liveness_s``; False: it was still held."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=5) as sock:
+        sock.sendall(b"GET " + where.path.encode() + b" HTTP/1.1\r\nX-Slow: ")
+        sock.settimeout(0.1)
+        give_up = time.monotonic() + liveness_s
+        while time.monotonic() < give_up:
+            try:
+                sock.sendall(b"a")
+                if sock.recv(4096) == b"":
+                    return True
+            except TimeoutError:
+                continue
+            except OSError:  # reset: closed too
+                return True
+    return False
+
+
+def test_slow_clients_are_cut_off_by_the_jwks_and_metrics_endpoints(mfa, monkeypatch):
+    """Both are stdlib threaded servers: a thread per connection, held for as long as a client kept
+    sending a byte now and then (or nothing at all): enough connections took every thread the
+    process could start. Each connection is now held CONNECTION_S in all."""
+    from services.common import metrics
+
+    monkeypatch.setattr(metrics, "CONNECTION_S", 1.0, raising=False)
+    server = metrics.serve_metrics("127.0.0.1", 0)
+    try:
+        assert trickled_until_closed(base_url(mfa) + "/.well-known/jwks.json")
+        assert trickled_until_closed(f"http://127.0.0.1:{server.server_port}/metrics")
+        assert get(base_url(mfa) + "/.well-known/jwks.json")[0] == 200  # a prompt client is served as before
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
@@ -20,6 +21,7 @@ from services.mfa.tokens import verify_token
 from services.common.context import SYSTEM
 from tests.conftest import present
 from tests.mfa.conftest import OTP_POLICY, App, outbox_codes, settings_for, setup_subject, subject
+from tests.mfa.hostile import RawServer
 
 F = mfa_pb2
 SECRET = "whsec-test-0123456789abcdef"
@@ -447,6 +449,10 @@ def test_signatures_are_checked_over_the_exact_body_and_time():
             webhooks.verify(bad_secret, header, bad_body, now)
     with pytest.raises(ValueError, match="malformed"):
         webhooks.verify(SECRET, "v1=abc", body, 1_700_000_000)
+    # what anyone can send the bank's receiver: a non-ASCII signature was a TypeError out of
+    # hmac.compare_digest (a 500 where the receiver answers ValueError with 400)
+    with pytest.raises(ValueError, match="does not match"):
+        webhooks.verify(SECRET, "t=1700000000,v1=\u00e9\udcff", body, 1_700_000_000)
 
 
 def test_bad_review_requests_are_refused_before_anything_is_written(served):
@@ -492,6 +498,80 @@ def test_each_bank_hears_only_of_its_own_reviews(tmp_path, storage_dsn, clock, r
         assert [(r["event_id"], r["verified"]) for r in other.requests] == [(theirs.id, True)]
     finally:
         other.close()
+
+
+def test_a_bank_whose_receiver_answers_garbage_holds_up_no_other_banks_events(tmp_path, storage_dsn, clock, receiver):
+    """A receiver answering what is not HTTP made http.client's exception escape the worker's pass:
+    the other banks' events behind it waited, and its own was never settled (retried for ever, no
+    "abandoned" error). It is a failed attempt like any other."""
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+    from services.serve import prepare
+
+    garbage = RawServer(lambda conn: conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"))
+    try:
+        url = garbage.url
+        settings = review_settings(tmp_path, storage_dsn, receiver.url,
+                                   tenants={"bank-b": {"url": url, "secret": "another-bank-webhook-secret"}})
+        prepare(settings)
+        rt = Runtime.open(settings)
+        o = Orchestrator(rt, clock=clock)
+        try:
+            theirs = present(o.outbox.enqueue("bank-b", "review.opened", {"review_id": "rev_b"}, clock()))
+            clock.advance(0.001)
+            mine = present(o.outbox.enqueue(TENANT, "review.opened", {"review_id": "rev_a"}, clock()))
+            assert o.outbox.deliver_due() == 1
+            assert [r["event_id"] for r in receiver.requests] == [mine.id]
+            for wait in (5, 10):
+                clock.advance(wait)
+                o.outbox.deliver_due()
+            rec = present(o.store.webhooks.get(theirs.id))
+            assert (rec.attempts, rec.next_attempt_at, rec.delivered_at, rec.last_error) == \
+                (3, None, None, "BadStatusLine")
+        finally:
+            o.close()
+            rt.close()
+    finally:
+        garbage.close()
+
+
+def test_a_bank_whose_receiver_never_answers_delays_other_banks_by_one_timeout_a_pass(tmp_path, storage_dsn, clock,
+                                                                                      receiver):
+    """The worker every bank shares waited out the timeout for each of a silent receiver's events
+    before it reached another bank's: 50 events due, 50 timeouts (over 4 minutes at the default 5 s).
+    The rest of a receiver's events after one that got no answer fail alike at once, unsent (what
+    trying each would have given), and go on to their own backoff."""
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+    from services.serve import prepare
+
+    silent = RawServer(lambda conn: silent.done.wait(30))  # reads the request, answers nothing
+    try:
+        url = silent.url
+        settings = review_settings(tmp_path, storage_dsn, receiver.url, timeout_s=0.5,
+                                   tenants={"bank-b": {"url": url, "secret": "another-bank-webhook-secret"}})
+        prepare(settings)
+        rt = Runtime.open(settings)
+        o = Orchestrator(rt, clock=clock)
+        try:
+            theirs = []
+            for i in range(4):
+                theirs.append(present(o.outbox.enqueue("bank-b", "review.opened", {"review_id": f"rev_{i}"}, clock())))
+                clock.advance(0.001)
+            mine = present(o.outbox.enqueue(TENANT, "review.opened", {"review_id": "rev_a"}, clock()))
+            assert o.outbox.deliver_due() == 1
+            assert [r["event_id"] for r in receiver.requests] == [mine.id]
+            assert silent.connections == 1  # one attempt waited out, not four
+            recs = [present(o.store.webhooks.get(e.id)) for e in theirs]
+            assert [r.last_error for r in recs] == ["TimeoutError"] + \
+                ["not sent: TimeoutError on an earlier event this pass"] * 3
+            assert {r.attempts for r in recs} == {1}
+            assert {r.next_attempt_at for r in recs} == {clock() + timedelta(seconds=5)}
+        finally:
+            o.close()
+            rt.close()
+    finally:
+        silent.close()
 
 
 def test_a_webhook_without_its_secret_is_a_configuration_error(tmp_path):

@@ -258,6 +258,16 @@ def test_x_forwarded_for_names_the_client_only_from_a_configured_proxy(tmp_path)
         assert untrusted == [401, 429, 429]  # from elsewhere the header is ignored
 
 
+@pytest.mark.parametrize("trusted", [["*"], ["0.0.0.0/0"], ["10.244.0.0/16", "::/0"], ["ingress-nginx"]])
+def test_a_proxy_list_that_trusts_every_address_is_refused_at_load(tmp_path, trusted):
+    """With "*" (uvicorn's "trust everything", the usual advice behind a proxy) or a /0, uvicorn takes
+    the leftmost X-Forwarded-For entry, which the client writes: each request made up an address and
+    had a fresh bucket (the rate limit was off). A name is not an address uvicorn can match."""
+    with pytest.raises(ValueError, match="forwarded_allow_ips") as err:
+        make_settings(tmp_path, kiosk={"tenant": "bank-k", "mfa_token": "tok", "forwarded_allow_ips": trusted})
+    assert "address or CIDR" in str(err.value) or "every address" in str(err.value)
+
+
 def test_frames_beyond_max_frames_are_answered_503_at_once_and_other_calls_go_on(tmp_path):
     """Each frame held costs up to about 30 MiB: a frame still arriving holds the only slot."""
     before = metric("biogate_kiosk_frames_busy_total")
