@@ -181,6 +181,25 @@ class BodyLimit:
         await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
+class NoSniff:
+    """Every answer, refusals by the other layers included, tells the browser to take its
+    Content-Type as given: a JSON error echoing input is never run as a script or a page."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def marked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
+            await send(message)
+
+        return await self.app(scope, receive, marked)
+
+
 class FrameSlots:
     """At most ``max_frames`` face frames (requests to .../face) read and handled at once: each holds
     its body, its decoded image and the MFA request, about 30 MiB at the largest (bench/RESULTS.md,
@@ -257,6 +276,7 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
         app.add_middleware(FrameSlots, max_frames=max_frames)
     if limiter is not None and limiter.cfg.enabled:
         app.add_middleware(RateLimit, limiter=limiter)  # added last: runs first
+    app.add_middleware(NoSniff)  # outermost: its header is on every answer, the others' refusals too
     def kiosk(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         digest = hashlib.sha256(creds.credentials.encode()).hexdigest() if creds is not None else ""
         if not hmac.compare_digest(digest, client_key_sha256):

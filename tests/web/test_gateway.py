@@ -39,9 +39,11 @@ def test_every_api_call_needs_the_kiosks_key(stack):
     for key in (None, "another-key", KIOSK_KEY[:-1]):
         status, body, headers = call(stack.url + "/v1/sessions", {"customer": "cust-1"}, key=key)
         assert status == 401 and body["reason"] == "KIOSK_KEY_REQUIRED" and headers["www-authenticate"] == "Bearer"
+        assert headers["x-content-type-options"] == "nosniff"
     # the page itself is public (it holds no secret) and loads nothing from elsewhere
     with urllib.request.urlopen(stack.url + "/", timeout=10) as r:
         assert "default-src 'self'" in r.headers["Content-Security-Policy"] and b"kiosk.js" in r.read()
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_the_openapi_document_describes_the_flow_and_its_authentication(stack):

@@ -74,6 +74,7 @@ def test_a_client_over_its_bucket_gets_429_with_retry_after_until_it_refills(tmp
         assert [request(gw.url)[0] for _ in range(3)] == [401] * 3  # the burst, then the key is checked
         status, body, headers = request(gw.url)
         assert (status, body["reason"], headers["retry-after"]) == (429, "RATE_LIMITED", "2")  # 1 token at 0.5/s
+        assert headers["x-content-type-options"] == "nosniff"  # the outermost layer marks the limiter's refusal too
         assert headers["connection"] == "close"
         assert request(gw.url, "/")[0] == 429  # the page too: every request takes a token
         clock.now += 1.5
