@@ -55,7 +55,7 @@ def test_a_call_is_admitted_on_the_average_plus_two_mean_deviations():
     assert q.budget("Verify") == pytest.approx(1.0)  # one sample: no spread known yet
     q.observe("Verify", 2.0)  # mean 1.5, mean deviation 0.5
     assert (q.estimate("Verify"), q.budget("Verify")) == (pytest.approx(1.5), pytest.approx(2.5))
-    assert q.budget("Identify") == pytest.approx(2.5)  # no samples: the largest budget known
+    assert q.budget("Identify") == 0.0  # no samples: unknown, not another kind's
 
 
 def test_the_spread_of_the_calls_ahead_and_of_the_call_itself_is_budgeted_too():
@@ -74,12 +74,55 @@ def test_the_spread_of_the_calls_ahead_and_of_the_call_itself_is_budgeted_too():
     assert out[0].started is not None
 
 
-def test_a_kind_without_samples_is_estimated_at_the_slowest_known():
-    q, _ = queue()
+def test_a_kind_without_samples_counts_nothing_in_the_work_ahead():
+    q, _ = queue(concurrency=1)
     q.observe("Verify", 0.2)
     q.observe("Enroll", 0.9)
-    assert q.estimate("Identify") == pytest.approx(0.9)
-    assert AdmissionQueue("t", 1, 1).estimate("Verify") == 0.0
+    assert q.estimate("Identify") == 0.0
+    q.acquire("Identify", None)
+    assert q.expected_wait() == 0.0 and q.finish_time("Verify") == pytest.approx(0.2)
+
+
+def test_a_kind_without_samples_is_not_refused_on_another_kinds_service_time():
+    """bench/RESULTS.md "Voice with the digit challenge on", run 2: eight Enrolls (~12 s each under
+    load) and then Verify (~4 s): until the first Verify ended, the Verify calls beyond the free slots
+    were budgeted at Enroll's time and refused DEADLINE_UNREACHABLE (195 of 200 in a rerun) though each
+    was answered in under 9 s."""
+    q, clock = queue(concurrency=2, max_queue=8, alpha=0.2)
+    for seconds in (12.7, 12.1, 11.3, 12.5, 13.4, 13.9, 12.2, 8.9):  # that rerun's Enrolls
+        q.observe("Enroll", seconds)
+    assert (q.estimate("Enroll"), q.budget("Enroll")) == (pytest.approx(11.9, abs=0.05), pytest.approx(14.5, abs=0.05))
+    q.acquire("Verify", None)
+    q.acquire("Verify", None)
+    t, out = queued_in_thread(q, "Verify", None)
+    wait_until(lambda: q.queued == 1, "the third call queued")
+    clock.now += 3.0
+    t2, out2 = queued_in_thread(q, "Verify", clock.now + 30.0)  # the server's rpc_timeout_s
+    wait_until(lambda: q.queued == 2 or bool(out2), "the fourth call queued or refused")
+    assert not out2 or not isinstance(out2[0], ServiceError), out2[0]
+
+
+def test_a_kind_without_samples_is_admitted_on_an_idle_queue_whatever_the_other_kinds_take():
+    """Refused on a borrowed estimate, a kind never runs, so never gets a sample of its own: refused forever."""
+    q, clock = queue(concurrency=2, max_queue=8)
+    q.observe("Enroll", 40.0)
+    slot = q.acquire("Verify", clock.now + 30.0)
+    assert slot.started == clock.now
+
+
+def test_a_queued_call_leaves_as_soon_as_its_kinds_first_sample_says_it_cannot_finish():
+    q, clock = queue(concurrency=1, max_queue=3)
+    running = q.acquire("Verify", None)
+    t1, out1 = queued_in_thread(q, "Verify", None)
+    wait_until(lambda: q.queued == 1, "the first call queued")
+    t2, out2 = queued_in_thread(q, "Verify", clock.now + 1000.0)
+    wait_until(lambda: q.queued == 2, "the second call queued")
+    clock.now += 600.0  # the first sample: 600 s; the second queued call could no longer finish
+    q.release(running)
+    t2.join(10)  # not its real-time wake-up, 400 s on
+    assert out2 and getattr(out2[0], "reason", None) == DEADLINE_UNREACHABLE and q.queued == 0
+    t1.join(10)
+    assert out1[0].started is not None
 
 
 def test_the_expected_wait_is_the_work_ahead_over_the_slots():

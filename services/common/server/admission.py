@@ -18,7 +18,12 @@ computes) or until it ends. The expected service time is an exponentially weight
 RPC kind, measured under the slot (so it includes the contention of ``concurrency`` calls sharing the
 cores); the
 expected wait is the work ahead (what is left of the running calls' estimates plus the queued
-calls' estimates) divided by ``concurrency``. A call is admitted on the expected wait plus its own
+calls' estimates) divided by ``concurrency``. A kind the queue has not yet measured counts
+nothing, in its own call's budget and in the work ahead of others: borrowing another kind's time
+refused, after eight voice Enrolls of ~12 s, the Verify calls beyond the free slots until the first
+Verify (~4 s) ended, and a kind whose borrowed budget exceeds every deadline would never run to get a
+sample of its own. Such a call queues, and leaves the queue as soon as its kind's first sample says it
+can no longer finish. A call is admitted on the expected wait plus its own
 average service time plus ``SPREAD`` mean deviations of the two together (the calls ahead's
 deviations add as variances; as TCP budgets a round trip, RFC 6298): a call admitted on averages
 alone misses its deadline, or leaves the queue late, whenever the calls run slower than average. A queued call whose
@@ -85,15 +90,12 @@ class AdmissionQueue:
     # --- estimates ------------------------------------------------------------------------
 
     def estimate(self, kind: str) -> float:
-        """Expected service time of ``kind``; before its first sample, the largest of the others'."""
+        """Expected service time of ``kind``; 0 before its first sample (unknown: not held against it)."""
         with self._lock:
             return self._estimate(kind)
 
     def _estimate(self, kind: str) -> float:
-        est = self._estimate_s.get(kind)
-        if est is None:
-            est = max(self._estimate_s.values(), default=0.0)
-        return est
+        return self._estimate_s.get(kind, 0.0)
 
     def budget(self, kind: str) -> float:
         """The service time a call of ``kind`` is admitted on: the average plus SPREAD mean deviations."""
@@ -101,13 +103,10 @@ class AdmissionQueue:
             return self._budget(kind)
 
     def _budget(self, kind: str) -> float:
-        if kind not in self._estimate_s:
-            return max((self._budget(k) for k in self._estimate_s), default=0.0)
-        return self._estimate_s[kind] + SPREAD * self._deviation_s[kind]
+        return self._estimate(kind) + SPREAD * self._deviation(kind)
 
     def _deviation(self, kind: str) -> float:
-        dev = self._deviation_s.get(kind)
-        return max(self._deviation_s.values(), default=0.0) if dev is None else dev
+        return self._deviation_s.get(kind, 0.0)
 
     def finish_time(self, kind: str) -> float:
         """Seconds in which a call of ``kind`` arriving now is budgeted to be answered."""
@@ -130,6 +129,10 @@ class AdmissionQueue:
         old = self._estimate_s.get(kind)
         if old is None:
             self._estimate_s[kind], self._deviation_s[kind] = seconds, 0.0
+            # Its queued calls sleep till their deadline (nothing was budgeted): now they can judge.
+            for slot in self._queued:
+                if slot.kind == kind and slot.deadline is not None and slot._wakeup is not None:
+                    slot._wakeup.notify()
             return
         dev = self._deviation_s[kind]
         self._deviation_s[kind] = dev + self.alpha * (abs(seconds - old) - dev)
