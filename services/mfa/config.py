@@ -3,8 +3,10 @@ services/settings.py), and the part of the tree the MFA service reads."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
@@ -149,6 +151,34 @@ class MfaConfig(Section):
     http: HttpConfig = HttpConfig()
     reviews: ReviewsConfig = ReviewsConfig()
     ivr_stream: IvrStreamConfig = IvrStreamConfig()
+    # http:// to a host other than this machine's loopback would carry the SMS vendor's token, phone
+    # numbers and codes, and the signed decisions of webhook bodies, in clear. A deployment whose
+    # network encrypts that hop beneath (a service mesh's mTLS sidecar) says so here.
+    allow_plain_http: bool = False
+
+    @model_validator(mode="after")
+    def _encrypted_off_this_host(self) -> MfaConfig:
+        if self.allow_plain_http:
+            return self
+        hook = self.reviews.webhook
+        urls = {"mfa.sms.http_url": self.sms.http_url, "mfa.push.fcm_base_url": self.push.fcm_base_url,
+                "mfa.reviews.webhook.url": hook.url,
+                **{f"mfa.reviews.webhook.tenants.{t}.url": w.url for t, w in hook.tenants.items()}}
+        for field, url in urls.items():
+            parts = urlsplit(url)
+            if url and parts.scheme != "https" and not _loopback(parts.hostname or ""):
+                raise ValueError(f"{field} sends in clear to {parts.hostname!r}: use https://, or set "
+                                 "mfa.allow_plain_http: true where the network encrypts that hop itself")
+        return self
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ClientTarget(Section):

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -117,3 +119,25 @@ def test_development_credentials_written_before_a_role_existed_gain_it_and_keep_
     tokens = ensure_dev_credentials(settings)
     assert tokens["dev-service"] and tokens.items() >= old.items()
     assert json.loads(settings.dev_credentials_file.read_text()) == tokens == ensure_dev_credentials(settings)
+
+
+@pytest.mark.parametrize("section,field", [
+    ("mfa:\n  sms: {gateway: http, http_url: 'http://sms.vendor.example/send'}\n", "mfa.sms.http_url"),
+    ("mfa:\n  push: {fcm_base_url: 'http://fcm.googleapis.com'}\n", "mfa.push.fcm_base_url"),
+    ("mfa:\n  reviews: {webhook: {url: 'http://10.0.0.7/hook', secret: 'sixteen-chars-ok'}}\n", "mfa.reviews.webhook.url"),
+    ("mfa:\n  reviews: {webhook: {tenants: {bank-a: {url: 'http://hooks.bank-a.example/biogate', "
+     "secret: 'sixteen-chars-ok'}}}}\n", "mfa.reviews.webhook.tenants.bank-a.url"),
+])
+def test_an_outbound_url_in_clear_off_this_host_is_refused_at_load(tmp_path, section, field):
+    """The SMS vendor's token, phone numbers and codes, and webhook bodies with signed decisions, would
+    cross the network in clear; loopback (a local relay or a test double) and an explicit opt-in pass."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(section)
+    with pytest.raises(ValidationError, match=rf"{re.escape(field)} sends in clear"):
+        load_config(cfg, data_dir=str(tmp_path))
+    cfg.write_text(section.replace("mfa:\n", "mfa:\n  allow_plain_http: true\n", 1))
+    load_config(cfg, data_dir=str(tmp_path))
+    local = section.replace("sms.vendor.example", "127.0.0.1:8080").replace("fcm.googleapis.com", "[::1]:9000")
+    local = local.replace("10.0.0.7", "localhost").replace("hooks.bank-a.example", "127.0.0.1")
+    cfg.write_text(local)
+    load_config(cfg, data_dir=str(tmp_path))
