@@ -12,6 +12,7 @@ development credentials; a deployment overrides storage, keys and auth.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -53,6 +54,16 @@ class TlsConfig(Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     client_ca_file: Path | None = None
+
+
+def loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address, as a URL or a bind setting gives it) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

@@ -3,14 +3,13 @@ services/settings.py), and the part of the tree the MFA service reads."""
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
-from services.common.config import CommonSettings, Section, usable_cores
+from services.common.config import CommonSettings, Section, loopback_host, usable_cores
 
 
 class SmsConfig(Section):
@@ -166,19 +165,10 @@ class MfaConfig(Section):
                 **{f"mfa.reviews.webhook.tenants.{t}.url": w.url for t, w in hook.tenants.items()}}
         for field, url in urls.items():
             parts = urlsplit(url)
-            if url and parts.scheme != "https" and not _loopback(parts.hostname or ""):
+            if url and parts.scheme != "https" and not loopback_host(parts.hostname or ""):
                 raise ValueError(f"{field} sends in clear to {parts.hostname!r}: use https://, or set "
                                  "mfa.allow_plain_http: true where the network encrypts that hop itself")
         return self
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ClientTarget(Section):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import hmac
-import ipaddress
 import json
 import os
 import secrets
@@ -28,7 +27,7 @@ import grpc
 from cryptography import x509
 
 from services.common import errors
-from services.common.config import CommonSettings
+from services.common.config import CommonSettings, loopback_host
 from services.common.context import Principal
 
 ROLES = ("enroller", "verifier", "orchestrator", "admin", "auditor", "service")
@@ -39,11 +38,7 @@ def refuse_dev_credentials_off_loopback(settings: CommonSettings, host: str, wha
     reachable from others must name its principals."""
     if settings.auth.principals or not settings.auth.dev_credentials:
         return
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not loopback_host(host):
         raise ValueError(f"{what} listens on {host}, beyond this machine, with development credentials (no "
                          "auth.principals): configure auth.principals and set auth.dev_credentials false, or bind "
                          "127.0.0.1")
