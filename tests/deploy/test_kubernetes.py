@@ -144,6 +144,13 @@ def test_the_configuration_loads_and_ports_and_probes_match_it(rendered):
     assert settings.keys.backend == "pkcs11" and settings.voice.replay_store == "database"
 
 
+def test_pods_never_download_models_at_run_time(rendered):
+    """The images hold the registry models (Dockerfile: `biogate models fetch` at build); a pod
+    reaching a public package index at start would run unreviewed files on a bank's nodes."""
+    _, objects = rendered
+    assert configuration(objects).models.allow_registries is False
+
+
 def test_the_kiosk_gateway_serves_its_configured_ports_and_calls_the_mfa_as_its_terminal(rendered):
     _, objects = rendered
     settings = configuration(objects)
