@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
@@ -296,11 +297,21 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
         headers = {"Retry-After": str(max(1, round(info["retry_delay_s"])))} if info["retry_delay_s"] else None
         return JSONResponse(body.model_dump(), status_code=HTTP_OF.get(code, 500), headers=headers)
 
-    @app.exception_handler(HTTPException)
-    def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # the routing's 404 and 405 too, not only the gateway's own
+    def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail: Any = exc.detail
-        body = detail if isinstance(detail, dict) else {"reason": "HTTP_ERROR", "message": str(detail)}
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        if isinstance(detail, dict):
+            body = ErrorOut(**detail)
+        elif exc.status_code == 404:
+            body = ErrorOut(reason="NOT_FOUND", message="nothing is served at this path: the API is under /v1 "
+                            "(described at /openapi.json), the kiosk page at /")
+        elif exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            body = ErrorOut(reason="METHOD_NOT_ALLOWED", message=f"{request.method} is not served at this path: "
+                            f"use {allow}")
+        else:
+            body = ErrorOut(reason="HTTP_ERROR", message=str(detail))
+        return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -353,20 +364,20 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
         return DecisionOut(outcome=OUTCOMES[r.outcome], reasons=_reasons(r.reasons),
                            still_needed=_sets(r.still_needed), token=r.token)
 
-    @app.get(HEALTH, include_in_schema=False)
+    @app.api_route(HEALTH, methods=["GET", "HEAD"], include_in_schema=False)
     def health() -> dict[str, str]:
         """The probes' answer: the gateway serves HTTP (it says nothing of the MFA behind it)."""
         return {"status": "serving"}
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
-    @app.get("/kiosk.js", include_in_schema=False)
+    @app.api_route("/kiosk.js", methods=["GET", "HEAD"], include_in_schema=False)
     def script() -> FileResponse:
         return FileResponse(STATIC / "kiosk.js", media_type="text/javascript", headers=PAGE_HEADERS)
 
-    @app.get("/kiosk.css", include_in_schema=False)
+    @app.api_route("/kiosk.css", methods=["GET", "HEAD"], include_in_schema=False)
     def style() -> FileResponse:
         return FileResponse(STATIC / "kiosk.css", media_type="text/css", headers=PAGE_HEADERS)
 

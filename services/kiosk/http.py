@@ -8,13 +8,15 @@
   still arrives, until the client closes or ``linger_s`` passes. Closing a socket with unread bytes
   makes the kernel reset the connection, and the client, still sending, then got the reset instead
   of the answer;
-- ``max_connections`` held at once (uvicorn's limit: a request beyond them is answered 503).
+- ``max_connections`` held at once (uvicorn's limit: a request beyond them is answered 503);
+- the answers written here (408, 400 for what h11 cannot parse) are the gateway's JSON errors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -24,11 +26,12 @@ from services.kiosk.config import HttpLimitsConfig
 from services.kiosk.metrics import CONNECTIONS_CLOSED
 
 
-def _timeout_answer(what: str) -> bytes:
-    body = json.dumps({"reason": "REQUEST_TIMEOUT", "message": f"the request's {what} did not arrive in time",
-                       "fields": {}}).encode()
-    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+def closing_answer(status: HTTPStatus, reason: str, message: str) -> bytes:
+    """The gateway's JSON error as the connection writes it itself, closing the connection."""
+    body = json.dumps({"reason": reason, "message": message, "fields": {}}).encode()
+    return (f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
+            f"x-content-type-options: nosniff\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+            ).encode() + body
 
 
 class _LingeringTransport:
@@ -91,6 +94,12 @@ class GuardedH11Protocol(H11Protocol):
         self._cancel()
         super().connection_lost(exc)
 
+    def send_400_response(self, msg: str) -> None:
+        """What h11 cannot parse: the gateway's JSON error (uvicorn's is plain text)."""
+        self._real.write(closing_answer(HTTPStatus.BAD_REQUEST, "MALFORMED_REQUEST",
+                                        "the request is not HTTP/1.1 the gateway can read"))
+        self.transport.close()
+
     # eof_received (H11Protocol's) returns None: when the client closes its side, lingering or not,
     # asyncio closes the transport.
 
@@ -120,7 +129,8 @@ class GuardedH11Protocol(H11Protocol):
         CONNECTIONS_CLOSED.labels(f"{phase}_timeout").inc()
         cycle = self.cycle if phase == "body" else None  # a head's cycle is the previous request's
         if cycle is None or not cycle.response_started:
-            self._real.write(_timeout_answer(phase))
+            self._real.write(closing_answer(HTTPStatus.REQUEST_TIMEOUT, "REQUEST_TIMEOUT",
+                                            f"the request's {phase} did not arrive in time"))
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's receive() answers http.disconnect
             cycle.message_event.set()

@@ -209,6 +209,7 @@ def test_slow_and_silent_clients_are_answered_408_and_closed(tmp_path):
             sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: kiosk\r\n")  # and no more
             answer = read_all(sock)
         assert answer.startswith(b"HTTP/1.1 408 ") and b'"REQUEST_TIMEOUT"' in answer
+        assert b"x-content-type-options: nosniff" in answer.lower()  # written by the connection, marked too
         with raw(gw.url) as sock:  # nothing at all
             assert read_all(sock).startswith(b"HTTP/1.1 408 ")
         with raw(gw.url) as sock:
