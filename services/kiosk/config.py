@@ -32,6 +32,10 @@ class RateLimitConfig(Section):
     device_header: str = ""
     max_clients: int = Field(10_000, ge=1)
     key_prefix: str = "biogate:kiosk:ratelimit"
+    # An IPv6 client's address bucket is its network of this many leading bits, not its one address:
+    # a home line or a server holds a /64 (often a /56 or /48) and would have a fresh bucket for each
+    # address it picks. IPv4 clients (an IPv4-mapped IPv6 address included) have one per address.
+    ipv6_prefix_length: int = Field(64, ge=32, le=128)
 
 
 class HttpLimitsConfig(Section):

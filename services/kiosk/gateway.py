@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
 from services.kiosk.metrics import FRAMES_BUSY, RATE_LIMITED
-from services.kiosk.ratelimit import RateLimiter, retry_after
+from services.kiosk.ratelimit import RateLimiter, address_key, retry_after
 
 STATIC = Path(__file__).resolve().parent / "static"
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
@@ -238,12 +238,14 @@ class RateLimit:
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], limiter: RateLimiter) -> None:
         self.app, self.limiter = app, limiter
         self.device_header = limiter.cfg.device_header.lower().encode("latin-1")
+        self.ipv6_prefix_length = limiter.cfg.ipv6_prefix_length
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == HEALTH:  # the kubelet's probes come from the node
             return await self.app(scope, receive, send)
         client = scope.get("client")
-        keys, kinds = [f"address:{client[0] if client else 'unknown'}"], ["address"]
+        address = address_key(client[0], self.ipv6_prefix_length) if client else "unknown"
+        keys, kinds = [f"address:{address}"], ["address"]
         device = dict(scope["headers"]).get(self.device_header, b"") if self.device_header else b""
         if device:
             keys.append("device:" + device.decode("latin-1")[:128])

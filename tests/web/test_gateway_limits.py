@@ -307,3 +307,21 @@ def test_frames_beyond_max_frames_are_answered_503_at_once_and_other_calls_go_on
             time.sleep(0.1)
         assert (status, body["reason"]) == (503, "UNAVAILABLE")  # read, decoded, and sent to the (dead) MFA
     assert metric("biogate_kiosk_frames_busy_total") - before >= 1
+
+
+def test_an_ipv6_client_has_a_bucket_per_64_and_an_ipv4_mapped_one_its_ipv4_bucket(tmp_path):
+    """A bucket per IPv6 address gave a host holding a /64 (any home line) 2^64 buckets."""
+    limits = {"capacity": 1, "refill_per_s": 0.01}
+    with gateway(tmp_path / "a", rate_limit=limits, forwarded_allow_ips=["127.0.0.1/32"]) as gw:
+        def via(client: str) -> int:
+            return request(gw.url, headers={"X-Forwarded-For": client})[0]
+        assert via("2001:db8:1:2::1") == 401
+        assert via("2001:db8:1:2:ffff:ffff:ffff:fffe") == 429  # the same /64
+        assert via("2001:db8:1:3::1") == 401  # the next /64
+        assert via("10.0.0.7") == 401
+        assert via("::ffff:10.0.0.7") == 429  # an IPv4 client seen through an IPv6 socket
+        assert via("10.0.0.8") == 401  # IPv4: each address its own bucket
+    with gateway(tmp_path / "b", rate_limit={**limits, "ipv6_prefix_length": 48},
+                 forwarded_allow_ips=["127.0.0.1/32"]) as gw:
+        assert [request(gw.url, headers={"X-Forwarded-For": c})[0] for c in
+                ("2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:2::1")] == [401, 429, 401]
