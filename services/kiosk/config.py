@@ -55,6 +55,12 @@ class HttpLimitsConfig(Section):
     linger_s: float = Field(5.0, gt=0)
     # Connections held at once; a request beyond them is answered 503.
     max_connections: int = Field(64, ge=1)
+    # Connections one client address holds at once (an IPv6 client: its network of
+    # rate_limit.ipv6_prefix_length bits); one more is answered 503 TOO_MANY_CONNECTIONS and closed
+    # at once, so one client cannot take all of max_connections. The address is the connection's
+    # peer: behind a proxy (forwarded_allow_ips) it is the proxy's, and every client behind it
+    # shares the cap; there set it to max_connections or more.
+    max_connections_per_ip: int = Field(32, ge=1)
     # Face frames read and handled at once (about 30 MiB each at the largest; bench/RESULTS.md,
     # "Kiosk gateway limits"); one more is answered 503 FRAMES_BUSY with Retry-After. A kiosk sends
     # one at a time.

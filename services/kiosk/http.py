@@ -9,7 +9,9 @@
   makes the kernel reset the connection, and the client, still sending, then got the reset instead
   of the answer;
 - ``max_connections`` held at once (uvicorn's limit: a request beyond them is answered 503);
-- the answers written here (408, 400 for what h11 cannot parse) are the gateway's JSON errors.
+- ``max_connections_per_ip`` held by one client address (ratelimit.address_key: an IPv6 client by
+  its network): one more is answered 503 and closed as it is accepted, before anything is read;
+- the answers written here (408, 503, 400 for what h11 cannot parse) are the gateway's JSON errors.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import json
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.utils import get_remote_addr
 
 from services.kiosk.config import HttpLimitsConfig
-from services.kiosk.metrics import CONNECTIONS_CLOSED
+from services.kiosk.metrics import CONNECTIONS_CLOSED, CONNECTIONS_REFUSED
+from services.kiosk.ratelimit import address_key
 
 
 def closing_answer(status: HTTPStatus, reason: str, message: str) -> bytes:
@@ -57,17 +61,30 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the limits of ``limits`` (set on a subclass: protocol_class)."""
 
     limits: HttpLimitsConfig = HttpLimitsConfig()
+    ipv6_prefix_length: int = 64
+    held: ClassVar[dict[str, int]] = {}  # client address (address_key) -> its connections: one server's
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._real = transport
         self._timer: asyncio.TimerHandle | None = None
         self._phase = ""
         self.lingering = self._lost = False
+        peer = get_remote_addr(transport)
+        self._address = address_key(peer[0], self.ipv6_prefix_length) if peer else ""
+        self._refused = self.held.get(self._address, 0) >= self.limits.max_connections_per_ip
+        if self._refused:
+            CONNECTIONS_REFUSED.labels("per_address").inc()
+            transport.write(closing_answer(HTTPStatus.SERVICE_UNAVAILABLE, "TOO_MANY_CONNECTIONS",
+                                           "this address holds too many connections to the gateway already: "
+                                           "close some, or reuse them"))
+            transport.close()  # at once: nothing of the client's is read or held
+            return
+        self.held[self._address] = self.held.get(self._address, 0) + 1
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._arm("head", self.limits.head_timeout_s)
 
     def data_received(self, data: bytes) -> None:
-        if self.lingering:
+        if self.lingering or self._refused:
             return  # the answer is out; what still arrives is dropped
         if self._timer is None and self.conn.their_state is h11.IDLE:
             self._arm("head", self.limits.head_timeout_s)  # the first bytes of a next request
@@ -90,8 +107,14 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel()  # the request is in: the app answers it
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return  # never counted, never handed to uvicorn
         self._lost = True
         self._cancel()
+        if self.held[self._address] > 1:
+            self.held[self._address] -= 1
+        else:
+            del self.held[self._address]
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -148,5 +171,7 @@ class GuardedH11Protocol(H11Protocol):
         self._arm("linger", self.limits.linger_s)
 
 
-def protocol_class(limits: HttpLimitsConfig) -> type[GuardedH11Protocol]:
-    return type("KioskH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+def protocol_class(limits: HttpLimitsConfig, ipv6_prefix_length: int) -> type[GuardedH11Protocol]:
+    """A server's protocol: its limits, and its own count of each address's connections."""
+    return type("KioskH11Protocol", (GuardedH11Protocol,),
+                {"limits": limits, "ipv6_prefix_length": ipv6_prefix_length, "held": {}})

@@ -71,7 +71,7 @@ class KioskServer:
         limits = cfg.http
         self.server = uvicorn.Server(uvicorn.Config(
             app, host=cfg.host, port=cfg.port if port is None else port, log_config=None, access_log=False,
-            lifespan="off", http=protocol_class(limits), server_header=False,
+            lifespan="off", http=protocol_class(limits, cfg.rate_limit.ipv6_prefix_length), server_header=False,
             timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
             limit_concurrency=limits.max_connections + 1,  # uvicorn counts the new connection too
             proxy_headers=bool(cfg.forwarded_allow_ips), forwarded_allow_ips=cfg.forwarded_allow_ips or None))

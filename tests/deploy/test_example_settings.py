@@ -38,7 +38,7 @@ NOT_SHOWN: dict[str, str] = {
     "kiosk.deadline_s kiosk.max_image_bytes kiosk.metrics_port kiosk.metrics_host kiosk.forwarded_allow_ips "
     "kiosk.rate_limit.enabled kiosk.rate_limit.store kiosk.rate_limit.capacity kiosk.rate_limit.refill_per_s "
     "kiosk.rate_limit.device_header kiosk.rate_limit.max_clients kiosk.rate_limit.key_prefix "
-    "kiosk.rate_limit.ipv6_prefix_length "
+    "kiosk.rate_limit.ipv6_prefix_length kiosk.http.max_connections_per_ip "
     "kiosk.http.head_timeout_s kiosk.http.body_timeout_s kiosk.http.keep_alive_s kiosk.http.linger_s "
     "kiosk.http.max_connections kiosk.http.max_frames": "the kiosk gateway: deploy/k8s/base/biogate.yaml",
     # models, operating points and their tuning: calibrated or measured (bench/RESULTS.md), each

@@ -159,6 +159,9 @@ def test_the_kiosk_gateway_serves_its_configured_ports_and_calls_the_mfa_as_its_
 
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"] == {"path": HEALTH, "port": kiosk.port}
+    # the peer of every connection is the ingress controller: a cap per address below the total
+    # would refuse the kiosks' requests under load
+    assert kiosk.http.max_connections_per_ip >= kiosk.http.max_connections
     assert c["securityContext"] == container(objects, "mfa")["securityContext"]
     assert deployment(objects, "kiosk")["spec"]["template"]["spec"]["securityContext"] == \
         deployment(objects, "mfa")["spec"]["template"]["spec"]["securityContext"]

@@ -309,6 +309,37 @@ def test_frames_beyond_max_frames_are_answered_503_at_once_and_other_calls_go_on
     assert metric("biogate_kiosk_frames_busy_total") - before >= 1
 
 
+def test_one_address_holds_at_most_max_connections_per_ip_and_the_excess_is_refused_at_once(tmp_path):
+    """One client opened connections up to max_connections (64) and every other client got 503."""
+    before = metric("biogate_kiosk_connections_refused_total", reason="per_address")
+    with gateway(tmp_path, http={"max_connections_per_ip": 2, "head_timeout_s": 600}) as gw:
+        held = [raw(gw.url), raw(gw.url)]
+        try:
+            with raw(gw.url) as third:  # it sends nothing: the refusal comes without a request
+                answer = read_all(third)
+            head, _, data = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower()
+            assert b"x-content-type-options: nosniff" in head.lower()
+            assert json.loads(data)["reason"] == "TOO_MANY_CONNECTIONS"
+            assert "max_connections_per_ip" not in json.loads(data)["message"]  # a client's message, not the setting
+            assert request(gw.url, "/kiosk.css", source="127.0.0.2", method="GET")[0] == 200  # another address
+        finally:
+            for sock in held:
+                sock.close()
+        refused = 1
+        for _ in range(100):  # the gateway sees the closes on its own loop
+            try:
+                if request(gw.url, "/kiosk.css", method="GET")[0] == 200:
+                    break
+            except ConnectionError:  # refused: closed before the request was read
+                pass
+            refused += 1
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the address's connections were never released")
+    assert metric("biogate_kiosk_connections_refused_total", reason="per_address") - before == refused
+
+
 def test_an_ipv6_client_has_a_bucket_per_64_and_an_ipv4_mapped_one_its_ipv4_bucket(tmp_path):
     """A bucket per IPv6 address gave a host holding a /64 (any home line) 2^64 buckets."""
     limits = {"capacity": 1, "refill_per_s": 0.01}
