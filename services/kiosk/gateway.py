@@ -20,7 +20,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,12 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
+from services.kiosk.config import KioskConfig, host_name
 from services.kiosk.metrics import FRAMES_BUSY, RATE_LIMITED
 from services.kiosk.ratelimit import RateLimiter, address_key, retry_after
 
 STATIC = Path(__file__).resolve().parent / "static"
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
-HEALTH = "/healthz"  # the kubelet's probes: no key, no rate limit
+HEALTH = "/healthz"  # the kubelet's probes: no key, no rate limit, any Host
 SMALL_BODY = 16 * 1024  # every request but a face frame: an id, a code, or nothing
 JSON_SLACK = 1024  # what {"image_b64": ""} and its whitespace add to a frame's base64
 
@@ -201,6 +202,29 @@ class NoSniff:
         return await self.app(scope, receive, marked)
 
 
+class AllowedHosts:
+    """Refuses a request whose Host is none of ``hosts`` (kiosk.allowed_hosts, as host_name gives
+    them) with 421 HOST_NOT_ALLOWED before anything else reads it: a page whose own name was
+    re-pointed at the gateway's address (DNS rebinding) is the same origin as the gateway to the
+    browser, and its requests still name it. Not Starlette's TrustedHostMiddleware: it answers
+    plain text, not the gateway's error."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], hosts: Collection[str]) -> None:
+        self.app, self.hosts = app, frozenset(hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == HEALTH:  # the probes name the pod's address
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if host_name(host) in self.hosts:
+            return await self.app(scope, receive, send)
+        body = {"reason": "HOST_NOT_ALLOWED", "fields": {},
+                "message": f"this gateway does not answer for the host {host[:100]!r}: open it by one of its "
+                           "names (kiosk.allowed_hosts)"}
+        await JSONResponse(body, status_code=421, headers={"Connection": "close"})(scope, receive, send)
+        return None
+
+
 class FrameSlots:
     """At most ``max_frames`` face frames (requests to .../face) read and handled at once: each holds
     its body, its decoded image and the MFA request, about 30 MiB at the largest (bench/RESULTS.md,
@@ -264,8 +288,10 @@ class RateLimit:
 
 def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256: str, deadline_s: float = 60.0,
                max_image_bytes: int = 4 * 1024 * 1024, limiter: RateLimiter | None = None,
-               max_frames: int | None = None) -> FastAPI:
-    """The gateway's app: ``stub`` reaches the MFA with the kiosk terminal's credentials."""
+               max_frames: int | None = None,
+               allowed_hosts: Collection[str] = KioskConfig().allowed_hosts) -> FastAPI:
+    """The gateway's app: ``stub`` reaches the MFA with the kiosk terminal's credentials; it answers
+    requests naming ``allowed_hosts`` (as kiosk.allowed_hosts holds them)."""
     if not tenant:
         raise ValueError("kiosk.tenant: the bank whose customers this kiosk serves is not set")
     if len(client_key_sha256) != 64:
@@ -278,7 +304,8 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
     if max_frames is not None:
         app.add_middleware(FrameSlots, max_frames=max_frames)
     if limiter is not None and limiter.cfg.enabled:
-        app.add_middleware(RateLimit, limiter=limiter)  # added last: runs first
+        app.add_middleware(RateLimit, limiter=limiter)
+    app.add_middleware(AllowedHosts, hosts=allowed_hosts)  # a rebinding page's requests take no token
     app.add_middleware(NoSniff)  # outermost: its header is on every answer, the others' refusals too
     def kiosk(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         digest = hashlib.sha256(creds.credentials.encode()).hexdigest() if creds is not None else ""

@@ -64,7 +64,7 @@ class KioskServer:
                                              cert_file=cfg.cert_file, key_file=cfg.key_file)
         try:
             app = create_app(mfa_pb2_grpc.MfaServiceStub(self.channel), cfg.tenant, digest, cfg.deadline_s,
-                             cfg.max_image_bytes, limiter, cfg.http.max_frames)
+                             cfg.max_image_bytes, limiter, cfg.http.max_frames, cfg.allowed_hosts)
         except ValueError:
             self.channel.close()
             raise
