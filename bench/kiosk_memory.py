@@ -41,6 +41,7 @@ def main() -> None:
                BIOGATE_KIOSK__MFA_TOKEN="t", BIOGATE_KIOSK__MFA_TARGET="127.0.0.1:9", BIOGATE_KIOSK__PORT="0",
                BIOGATE_KIOSK__RATE_LIMIT__ENABLED="false",
                BIOGATE_KIOSK__HTTP__MAX_CONNECTIONS=str(max(64, args.concurrent)),
+               BIOGATE_KIOSK__HTTP__MAX_CONNECTIONS_PER_IP=str(max(64, args.concurrent)),  # one client here
                BIOGATE_KIOSK__HTTP__MAX_FRAMES=str(args.concurrent))
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "kiosk"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
 from services.common.config import CommonSettings, Section
+
+
+_HOST = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9.])?))(?::[0-9]{1,5})?")
+
+
+def host_name(host: str) -> str | None:
+    """The host a Host header (or a URL's authority without user) names, as kiosk.allowed_hosts
+    holds it: lower case, without port or trailing dot, an IPv6 address compressed and without its
+    brackets; None when it is not a host name or address."""
+    found = _HOST.fullmatch(host)
+    if found is None:
+        return None
+    if found["ipv6"] is not None:
+        try:
+            return str(ipaddress.IPv6Address(found["ipv6"]))
+        except ValueError:
+            return None
+    return found["name"].lower().rstrip(".")
 
 
 class RateLimitConfig(Section):
@@ -32,6 +51,10 @@ class RateLimitConfig(Section):
     device_header: str = ""
     max_clients: int = Field(10_000, ge=1)
     key_prefix: str = "biogate:kiosk:ratelimit"
+    # An IPv6 client's address bucket is its network of this many leading bits, not its one address:
+    # a home line or a server holds a /64 (often a /56 or /48) and would have a fresh bucket for each
+    # address it picks. IPv4 clients (an IPv4-mapped IPv6 address included) have one per address.
+    ipv6_prefix_length: int = Field(64, ge=32, le=128)
 
 
 class HttpLimitsConfig(Section):
@@ -51,6 +74,12 @@ class HttpLimitsConfig(Section):
     linger_s: float = Field(5.0, gt=0)
     # Connections held at once; a request beyond them is answered 503.
     max_connections: int = Field(64, ge=1)
+    # Connections one client address holds at once (an IPv6 client: its network of
+    # rate_limit.ipv6_prefix_length bits); one more is answered 503 TOO_MANY_CONNECTIONS and closed
+    # at once, so one client cannot take all of max_connections. The address is the connection's
+    # peer: behind a proxy (forwarded_allow_ips) it is the proxy's, and every client behind it
+    # shares the cap; there set it to max_connections or more.
+    max_connections_per_ip: int = Field(32, ge=1)
     # Face frames read and handled at once (about 30 MiB each at the largest; bench/RESULTS.md,
     # "Kiosk gateway limits"); one more is answered 503 FRAMES_BUSY with Retry-After. A kiosk sends
     # one at a time.
@@ -62,6 +91,12 @@ class KioskConfig(Section):
     (a principal with ``terminal: {channel: kiosk}``), and its browser authenticates to it with a key."""
 
     host: str = "127.0.0.1"  # the kiosk's own browser: loopback
+    # The names (or addresses) clients reach the gateway by, as the Host header gives them, without
+    # port; a request naming another is refused 421 HOST_NOT_ALLOWED before anything reads it, so a
+    # page whose own name was re-pointed at the gateway's address (DNS rebinding) cannot use it from
+    # the kiosk's browser. The default: this machine's loopback names; a deployment reached by
+    # other names sets them. Never '*' (refused at load). /healthz answers whatever Host names.
+    allowed_hosts: list[str] = ["127.0.0.1", "localhost", "::1"]
     port: int = Field(8090, ge=0, le=65535)
     tenant: str = ""  # the bank whose customers this kiosk serves (required)
     mfa_target: str = ""  # host:port; "" = this deployment's server.mfa endpoint
@@ -84,6 +119,30 @@ class KioskConfig(Section):
     forwarded_allow_ips: list[str] = []
     rate_limit: RateLimitConfig = RateLimitConfig()
     http: HttpLimitsConfig = HttpLimitsConfig()
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _named_hosts(cls, entries: list[str]) -> list[str]:
+        if not entries:
+            raise ValueError("kiosk.allowed_hosts: no host name, so every request would be refused; name the "
+                             "hosts clients reach the gateway by (kiosk.bank-a.internal)")
+        names = []
+        for entry in entries:
+            if entry.strip() == "*":
+                raise ValueError("kiosk.allowed_hosts: '*' answers every name, a page of any domain re-pointed "
+                                 "at the gateway's address too (DNS rebinding); name the hosts clients use")
+            bare = entry.strip().removeprefix("[").removesuffix("]")
+            try:
+                names.append(str(ipaddress.ip_address(bare)))
+                continue
+            except ValueError:
+                pass
+            name = host_name(entry.strip())
+            if name is None or ":" in entry:
+                raise ValueError(f"kiosk.allowed_hosts: {entry!r} is not a host name or address; name it as a "
+                                 "URL does, without scheme or port (kiosk.bank-a.internal)")
+            names.append(name)
+        return names
 
     @field_validator("forwarded_allow_ips")
     @classmethod

@@ -20,7 +20,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,16 +30,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
+from services.kiosk.config import KioskConfig, host_name
 from services.kiosk.metrics import FRAMES_BUSY, RATE_LIMITED
-from services.kiosk.ratelimit import RateLimiter, retry_after
+from services.kiosk.ratelimit import RateLimiter, address_key, retry_after
 
 STATIC = Path(__file__).resolve().parent / "static"
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
-HEALTH = "/healthz"  # the kubelet's probes: no key, no rate limit
+HEALTH = "/healthz"  # the kubelet's probes: no key, no rate limit, any Host
 SMALL_BODY = 16 * 1024  # every request but a face frame: an id, a code, or nothing
 JSON_SLACK = 1024  # what {"image_b64": ""} and its whitespace add to a frame's base64
 
@@ -200,6 +202,29 @@ class NoSniff:
         return await self.app(scope, receive, marked)
 
 
+class AllowedHosts:
+    """Refuses a request whose Host is none of ``hosts`` (kiosk.allowed_hosts, as host_name gives
+    them) with 421 HOST_NOT_ALLOWED before anything else reads it: a page whose own name was
+    re-pointed at the gateway's address (DNS rebinding) is the same origin as the gateway to the
+    browser, and its requests still name it. Not Starlette's TrustedHostMiddleware: it answers
+    plain text, not the gateway's error."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], hosts: Collection[str]) -> None:
+        self.app, self.hosts = app, frozenset(hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == HEALTH:  # the probes name the pod's address
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if host_name(host) in self.hosts:
+            return await self.app(scope, receive, send)
+        body = {"reason": "HOST_NOT_ALLOWED", "fields": {},
+                "message": f"this gateway does not answer for the host {host[:100]!r}: open it by one of its "
+                           "names (kiosk.allowed_hosts)"}
+        await JSONResponse(body, status_code=421, headers={"Connection": "close"})(scope, receive, send)
+        return None
+
+
 class FrameSlots:
     """At most ``max_frames`` face frames (requests to .../face) read and handled at once: each holds
     its body, its decoded image and the MFA request, about 30 MiB at the largest (bench/RESULTS.md,
@@ -237,12 +262,14 @@ class RateLimit:
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], limiter: RateLimiter) -> None:
         self.app, self.limiter = app, limiter
         self.device_header = limiter.cfg.device_header.lower().encode("latin-1")
+        self.ipv6_prefix_length = limiter.cfg.ipv6_prefix_length
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == HEALTH:  # the kubelet's probes come from the node
             return await self.app(scope, receive, send)
         client = scope.get("client")
-        keys, kinds = [f"address:{client[0] if client else 'unknown'}"], ["address"]
+        address = address_key(client[0], self.ipv6_prefix_length) if client else "unknown"
+        keys, kinds = [f"address:{address}"], ["address"]
         device = dict(scope["headers"]).get(self.device_header, b"") if self.device_header else b""
         if device:
             keys.append("device:" + device.decode("latin-1")[:128])
@@ -261,8 +288,10 @@ class RateLimit:
 
 def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256: str, deadline_s: float = 60.0,
                max_image_bytes: int = 4 * 1024 * 1024, limiter: RateLimiter | None = None,
-               max_frames: int | None = None) -> FastAPI:
-    """The gateway's app: ``stub`` reaches the MFA with the kiosk terminal's credentials."""
+               max_frames: int | None = None,
+               allowed_hosts: Collection[str] = KioskConfig().allowed_hosts) -> FastAPI:
+    """The gateway's app: ``stub`` reaches the MFA with the kiosk terminal's credentials; it answers
+    requests naming ``allowed_hosts`` (as kiosk.allowed_hosts holds them)."""
     if not tenant:
         raise ValueError("kiosk.tenant: the bank whose customers this kiosk serves is not set")
     if len(client_key_sha256) != 64:
@@ -275,7 +304,8 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
     if max_frames is not None:
         app.add_middleware(FrameSlots, max_frames=max_frames)
     if limiter is not None and limiter.cfg.enabled:
-        app.add_middleware(RateLimit, limiter=limiter)  # added last: runs first
+        app.add_middleware(RateLimit, limiter=limiter)
+    app.add_middleware(AllowedHosts, hosts=allowed_hosts)  # a rebinding page's requests take no token
     app.add_middleware(NoSniff)  # outermost: its header is on every answer, the others' refusals too
     def kiosk(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         digest = hashlib.sha256(creds.credentials.encode()).hexdigest() if creds is not None else ""
@@ -296,11 +326,21 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
         headers = {"Retry-After": str(max(1, round(info["retry_delay_s"])))} if info["retry_delay_s"] else None
         return JSONResponse(body.model_dump(), status_code=HTTP_OF.get(code, 500), headers=headers)
 
-    @app.exception_handler(HTTPException)
-    def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # the routing's 404 and 405 too, not only the gateway's own
+    def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail: Any = exc.detail
-        body = detail if isinstance(detail, dict) else {"reason": "HTTP_ERROR", "message": str(detail)}
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        if isinstance(detail, dict):
+            body = ErrorOut(**detail)
+        elif exc.status_code == 404:
+            body = ErrorOut(reason="NOT_FOUND", message="nothing is served at this path: the API is under /v1 "
+                            "(described at /openapi.json), the kiosk page at /")
+        elif exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            body = ErrorOut(reason="METHOD_NOT_ALLOWED", message=f"{request.method} is not served at this path: "
+                            f"use {allow}")
+        else:
+            body = ErrorOut(reason="HTTP_ERROR", message=str(detail))
+        return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -353,20 +393,20 @@ def create_app(stub: mfa_pb2_grpc.MfaServiceStub, tenant: str, client_key_sha256
         return DecisionOut(outcome=OUTCOMES[r.outcome], reasons=_reasons(r.reasons),
                            still_needed=_sets(r.still_needed), token=r.token)
 
-    @app.get(HEALTH, include_in_schema=False)
+    @app.api_route(HEALTH, methods=["GET", "HEAD"], include_in_schema=False)
     def health() -> dict[str, str]:
         """The probes' answer: the gateway serves HTTP (it says nothing of the MFA behind it)."""
         return {"status": "serving"}
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
-    @app.get("/kiosk.js", include_in_schema=False)
+    @app.api_route("/kiosk.js", methods=["GET", "HEAD"], include_in_schema=False)
     def script() -> FileResponse:
         return FileResponse(STATIC / "kiosk.js", media_type="text/javascript", headers=PAGE_HEADERS)
 
-    @app.get("/kiosk.css", include_in_schema=False)
+    @app.api_route("/kiosk.css", methods=["GET", "HEAD"], include_in_schema=False)
     def style() -> FileResponse:
         return FileResponse(STATIC / "kiosk.css", media_type="text/css", headers=PAGE_HEADERS)
 

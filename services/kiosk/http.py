@@ -8,27 +8,34 @@
   still arrives, until the client closes or ``linger_s`` passes. Closing a socket with unread bytes
   makes the kernel reset the connection, and the client, still sending, then got the reset instead
   of the answer;
-- ``max_connections`` held at once (uvicorn's limit: a request beyond them is answered 503).
+- ``max_connections`` held at once (uvicorn's limit: a request beyond them is answered 503);
+- ``max_connections_per_ip`` held by one client address (ratelimit.address_key: an IPv6 client by
+  its network): one more is answered 503 and closed as it is accepted, before anything is read;
+- the answers written here (408, 503, 400 for what h11 cannot parse) are the gateway's JSON errors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from http import HTTPStatus
+from typing import Any, ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.utils import get_remote_addr
 
 from services.kiosk.config import HttpLimitsConfig
-from services.kiosk.metrics import CONNECTIONS_CLOSED
+from services.kiosk.metrics import CONNECTIONS_CLOSED, CONNECTIONS_REFUSED
+from services.kiosk.ratelimit import address_key
 
 
-def _timeout_answer(what: str) -> bytes:
-    body = json.dumps({"reason": "REQUEST_TIMEOUT", "message": f"the request's {what} did not arrive in time",
-                       "fields": {}}).encode()
-    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+def closing_answer(status: HTTPStatus, reason: str, message: str) -> bytes:
+    """The gateway's JSON error as the connection writes it itself, closing the connection."""
+    body = json.dumps({"reason": reason, "message": message, "fields": {}}).encode()
+    return (f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
+            f"x-content-type-options: nosniff\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+            ).encode() + body
 
 
 class _LingeringTransport:
@@ -54,17 +61,30 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the limits of ``limits`` (set on a subclass: protocol_class)."""
 
     limits: HttpLimitsConfig = HttpLimitsConfig()
+    ipv6_prefix_length: int = 64
+    held: ClassVar[dict[str, int]] = {}  # client address (address_key) -> its connections: one server's
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._real = transport
         self._timer: asyncio.TimerHandle | None = None
         self._phase = ""
         self.lingering = self._lost = False
+        peer = get_remote_addr(transport)
+        self._address = address_key(peer[0], self.ipv6_prefix_length) if peer else ""
+        self._refused = self.held.get(self._address, 0) >= self.limits.max_connections_per_ip
+        if self._refused:
+            CONNECTIONS_REFUSED.labels("per_address").inc()
+            transport.write(closing_answer(HTTPStatus.SERVICE_UNAVAILABLE, "TOO_MANY_CONNECTIONS",
+                                           "this address holds too many connections to the gateway already: "
+                                           "close some, or reuse them"))
+            transport.close()  # at once: nothing of the client's is read or held
+            return
+        self.held[self._address] = self.held.get(self._address, 0) + 1
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._arm("head", self.limits.head_timeout_s)
 
     def data_received(self, data: bytes) -> None:
-        if self.lingering:
+        if self.lingering or self._refused:
             return  # the answer is out; what still arrives is dropped
         if self._timer is None and self.conn.their_state is h11.IDLE:
             self._arm("head", self.limits.head_timeout_s)  # the first bytes of a next request
@@ -87,9 +107,21 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel()  # the request is in: the app answers it
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return  # never counted, never handed to uvicorn
         self._lost = True
         self._cancel()
+        if self.held[self._address] > 1:
+            self.held[self._address] -= 1
+        else:
+            del self.held[self._address]
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """What h11 cannot parse: the gateway's JSON error (uvicorn's is plain text)."""
+        self._real.write(closing_answer(HTTPStatus.BAD_REQUEST, "MALFORMED_REQUEST",
+                                        "the request is not HTTP/1.1 the gateway can read"))
+        self.transport.close()
 
     # eof_received (H11Protocol's) returns None: when the client closes its side, lingering or not,
     # asyncio closes the transport.
@@ -120,7 +152,8 @@ class GuardedH11Protocol(H11Protocol):
         CONNECTIONS_CLOSED.labels(f"{phase}_timeout").inc()
         cycle = self.cycle if phase == "body" else None  # a head's cycle is the previous request's
         if cycle is None or not cycle.response_started:
-            self._real.write(_timeout_answer(phase))
+            self._real.write(closing_answer(HTTPStatus.REQUEST_TIMEOUT, "REQUEST_TIMEOUT",
+                                            f"the request's {phase} did not arrive in time"))
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's receive() answers http.disconnect
             cycle.message_event.set()
@@ -138,5 +171,7 @@ class GuardedH11Protocol(H11Protocol):
         self._arm("linger", self.limits.linger_s)
 
 
-def protocol_class(limits: HttpLimitsConfig) -> type[GuardedH11Protocol]:
-    return type("KioskH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+def protocol_class(limits: HttpLimitsConfig, ipv6_prefix_length: int) -> type[GuardedH11Protocol]:
+    """A server's protocol: its limits, and its own count of each address's connections."""
+    return type("KioskH11Protocol", (GuardedH11Protocol,),
+                {"limits": limits, "ipv6_prefix_length": ipv6_prefix_length, "held": {}})

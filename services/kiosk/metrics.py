@@ -1,6 +1,6 @@
 """The kiosk gateway's metrics (served on kiosk.metrics_port): requests refused by the per-client
-rate limit, rate-limit store failures, frames refused while max_frames were held, and connections
-closed by the gateway's HTTP limits."""
+rate limit, rate-limit store failures, frames refused while max_frames were held, connections
+closed by the gateway's HTTP limits, and connections refused as they were accepted."""
 
 from __future__ import annotations
 
@@ -18,3 +18,6 @@ CONNECTIONS_CLOSED = Counter("biogate_kiosk_connections_closed_total",
                              "Connections the gateway closed by its HTTP limits (head_timeout, body_timeout: 408; "
                              "lingering: closed after an answer while the request body was still coming)",
                              ["reason"])
+CONNECTIONS_REFUSED = Counter("biogate_kiosk_connections_refused_total",
+                              "Connections answered 503 and closed as they were accepted (per_address: the "
+                              "client address held kiosk.http.max_connections_per_ip already)", ["reason"])

@@ -5,6 +5,7 @@ seconds until the emptiest bucket holds a token again."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import threading
 import time
@@ -14,6 +15,21 @@ from dataclasses import dataclass
 
 from services.kiosk.config import RateLimitConfig
 from services.kiosk.metrics import RATE_LIMIT_STORE_ERRORS
+
+
+def address_key(host: str, ipv6_prefix_length: int) -> str:
+    """The client an address stands for: an IPv4 address itself (also written IPv4-mapped in IPv6),
+    an IPv6 address its network of ``ipv6_prefix_length`` bits (a host holds a whole /64 or more,
+    and would pick a fresh address for each bucket); anything else (no address) as given."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, ipv6_prefix_length), strict=False))
+    return str(address)
 
 
 @dataclass(frozen=True)

@@ -64,14 +64,15 @@ class KioskServer:
                                              cert_file=cfg.cert_file, key_file=cfg.key_file)
         try:
             app = create_app(mfa_pb2_grpc.MfaServiceStub(self.channel), cfg.tenant, digest, cfg.deadline_s,
-                             cfg.max_image_bytes, limiter, cfg.http.max_frames)
+                             cfg.max_image_bytes, limiter, cfg.http.max_frames, cfg.allowed_hosts)
         except ValueError:
             self.channel.close()
             raise
         limits = cfg.http
         self.server = uvicorn.Server(uvicorn.Config(
             app, host=cfg.host, port=cfg.port if port is None else port, log_config=None, access_log=False,
-            lifespan="off", http=protocol_class(limits), timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
+            lifespan="off", http=protocol_class(limits, cfg.rate_limit.ipv6_prefix_length), server_header=False,
+            timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
             limit_concurrency=limits.max_connections + 1,  # uvicorn counts the new connection too
             proxy_headers=bool(cfg.forwarded_allow_ips), forwarded_allow_ips=cfg.forwarded_allow_ips or None))
         self._thread = threading.Thread(target=self.server.run, name="kiosk-http", daemon=True)

@@ -34,10 +34,11 @@ NOT_SHOWN: dict[str, str] = {
     "server.admission.concurrency server.admission.ewma_alpha keys.pkcs11.label_prefix":
         "derived or internal: the defaults fit (comments beside server.workers and admission in the example)",
     # the kiosk gateway's section: deploy/k8s/base/biogate.yaml configures it (README, "Kiosk")
-    "kiosk.host kiosk.port kiosk.tenant kiosk.mfa_target kiosk.ca_file kiosk.cert_file kiosk.key_file "
+    "kiosk.host kiosk.allowed_hosts kiosk.port kiosk.tenant kiosk.mfa_target kiosk.ca_file kiosk.cert_file kiosk.key_file "
     "kiosk.deadline_s kiosk.max_image_bytes kiosk.metrics_port kiosk.metrics_host kiosk.forwarded_allow_ips "
     "kiosk.rate_limit.enabled kiosk.rate_limit.store kiosk.rate_limit.capacity kiosk.rate_limit.refill_per_s "
     "kiosk.rate_limit.device_header kiosk.rate_limit.max_clients kiosk.rate_limit.key_prefix "
+    "kiosk.rate_limit.ipv6_prefix_length kiosk.http.max_connections_per_ip "
     "kiosk.http.head_timeout_s kiosk.http.body_timeout_s kiosk.http.keep_alive_s kiosk.http.linger_s "
     "kiosk.http.max_connections kiosk.http.max_frames": "the kiosk gateway: deploy/k8s/base/biogate.yaml",
     # models, operating points and their tuning: calibrated or measured (bench/RESULTS.md), each

@@ -165,7 +165,15 @@ def test_the_kiosk_gateway_serves_its_configured_ports_and_calls_the_mfa_as_its_
     from services.kiosk.gateway import HEALTH
 
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"] == {"path": HEALTH, "port": kiosk.port}
+        assert c[probe]["httpGet"] == {"path": HEALTH, "port": kiosk.port}  # answered whatever Host names
+    # the names the kiosks reach it by (the ingress keeps their Host), not the loopback defaults: any
+    # other name is refused (DNS rebinding)
+    from services.common.config import loopback_host
+
+    assert kiosk.allowed_hosts and not any(loopback_host(h) for h in kiosk.allowed_hosts)
+    # the peer of every connection is the ingress controller: a cap per address below the total
+    # would refuse the kiosks' requests under load
+    assert kiosk.http.max_connections_per_ip >= kiosk.http.max_connections
     assert c["securityContext"] == container(objects, "mfa")["securityContext"]
     assert deployment(objects, "kiosk")["spec"]["template"]["spec"]["securityContext"] == \
         deployment(objects, "mfa")["spec"]["template"]["spec"]["securityContext"]

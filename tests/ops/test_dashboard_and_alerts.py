@@ -16,7 +16,8 @@ from services.common.config import PROJECT_ROOT
 
 DASHBOARD = PROJECT_ROOT / "deploy" / "grafana" / "biogate-dashboard.json"
 ALERTS = PROJECT_ROOT / "deploy" / "prometheus" / "alerts.yaml"
-METRIC_MODULES = ("services.common.metrics", "services.face.metrics", "services.voice.metrics", "services.mfa.metrics")
+METRIC_MODULES = ("services.common.metrics", "services.face.metrics", "services.voice.metrics", "services.mfa.metrics",
+                  "services.kiosk.metrics")
 
 # PromQL's functions, aggregations and keywords: every other identifier left in an expression,
 # once strings, label matchers, grouping lists, ranges and offsets are removed, is a metric name.

@@ -4,6 +4,7 @@ kiosk's key, the generated OpenAPI document, input checks, and the MFA's rules p
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import socket
 import urllib.error
@@ -179,3 +180,44 @@ def test_biogate_kiosk_serves_the_page_and_the_api_until_sigterm(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def plain(url: str, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+    where = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname or "", where.port, timeout=30)
+    try:
+        conn.request(method, path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read(), {k.lower(): v for k, v in r.getheaders()}
+    finally:
+        conn.close()
+
+
+def test_unknown_paths_and_methods_answer_the_gateways_json_error(stack):
+    """FastAPI's own 404 and 405 were {"detail": ...}, not the gateway's {reason, message, fields};
+    every answer named the server (uvicorn), and HEAD on the page was 405."""
+    for method, path, status, reason, allow in (
+            ("GET", "/nope", 404, "NOT_FOUND", None), ("POST", "/v1/sessions/ses_x/nope", 404, "NOT_FOUND", None),
+            ("GET", "/v1/sessions", 405, "METHOD_NOT_ALLOWED", "POST"), ("DELETE", "/", 405, "METHOD_NOT_ALLOWED", "GET, HEAD"),
+            ("OPTIONS", "/v1/sessions", 405, "METHOD_NOT_ALLOWED", "POST")):  # no CORS: a preflight fails
+        got, data, headers = plain(stack.url, method, path)
+        body = json.loads(data)
+        assert (got, body["reason"], set(body)) == (status, reason, {"reason", "message", "fields"}), (method, path)
+        assert headers["content-type"] == "application/json" and headers["x-content-type-options"] == "nosniff"
+        assert "server" not in headers and "access-control-allow-origin" not in headers
+        if allow:
+            assert set(headers["allow"].split(", ")) == set(allow.split(", "))  # in a set's order
+            assert f"use {headers['allow']}" in body["message"]
+        else:
+            assert "/openapi.json" in body["message"]
+    for path, media in (("/", "text/html"), ("/kiosk.js", "text/javascript"), ("/healthz", "application/json")):
+        got, data, headers = plain(stack.url, "HEAD", path)
+        assert (got, data) == (200, b"") and headers["content-type"].startswith(media), path
+    # what h11 cannot parse: uvicorn's plain text 400 before, the same JSON shape now
+    where = urllib.parse.urlsplit(stack.url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, data = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"x-content-type-options: nosniff" in head.lower()
+    assert json.loads(data)["reason"] == "MALFORMED_REQUEST" and b"server:" not in head.lower()

@@ -187,7 +187,7 @@ def test_a_refused_upload_still_being_sent_gets_its_answer_not_a_reset(tmp_path)
     Now it shuts its sending side and drops what still arrives until the client closes."""
     before = metric("biogate_kiosk_connections_closed_total", reason="lingering")
     with gateway(tmp_path) as gw, raw(gw.url) as sock:
-        sock.sendall(f"POST /v1/sessions/ses_x/face HTTP/1.1\r\nHost: kiosk\r\nAuthorization: Bearer {KIOSK_KEY}\r\n"
+        sock.sendall(f"POST /v1/sessions/ses_x/face HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KIOSK_KEY}\r\n"
                      f"Content-Type: application/json\r\nContent-Length: {100 * 2**20}\r\n\r\n".encode())
         for _ in range(128):
             sock.sendall(b"A" * 65536)  # 8 MB, after the answer was sent
@@ -206,23 +206,24 @@ def test_slow_and_silent_clients_are_answered_408_and_closed(tmp_path):
     limits = {"head_timeout_s": 0.5, "body_timeout_s": 0.5, "keep_alive_s": 0.5}
     with gateway(tmp_path, http=limits) as gw:
         with raw(gw.url) as sock:
-            sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: kiosk\r\n")  # and no more
+            sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and no more
             answer = read_all(sock)
         assert answer.startswith(b"HTTP/1.1 408 ") and b'"REQUEST_TIMEOUT"' in answer
+        assert b"x-content-type-options: nosniff" in answer.lower()  # written by the connection, marked too
         with raw(gw.url) as sock:  # nothing at all
             assert read_all(sock).startswith(b"HTTP/1.1 408 ")
         with raw(gw.url) as sock:
-            sock.sendall(f"POST /v1/sessions HTTP/1.1\r\nHost: kiosk\r\nAuthorization: Bearer {KIOSK_KEY}\r\n"
+            sock.sendall(f"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KIOSK_KEY}\r\n"
                          "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"cus".encode())
             answer = read_all(sock)
         assert answer.startswith(b"HTTP/1.1 408 ") and b"body did not arrive" in answer
         with raw(gw.url) as sock:  # one whole request, then silence: answered, then closed after keep_alive_s
-            sock.sendall(b"GET /kiosk.css HTTP/1.1\r\nHost: kiosk\r\n\r\n")
+            sock.sendall(b"GET /kiosk.css HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             answer = read_all(sock)
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1") == 1
         with raw(gw.url) as sock:  # a whole request and, in the same packet, a body that stops coming
-            sock.sendall(b"GET /kiosk.css HTTP/1.1\r\nHost: kiosk\r\n\r\n"
-                         b"POST /v1/sessions HTTP/1.1\r\nHost: kiosk\r\nContent-Length: 100\r\n\r\n{")
+            sock.sendall(b"GET /kiosk.css HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                         b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
             answer = read_all(sock)
         assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in answer
     assert metric("biogate_kiosk_connections_closed_total", reason="head_timeout") - head_before == 2
@@ -290,7 +291,7 @@ def test_frames_beyond_max_frames_are_answered_503_at_once_and_other_calls_go_on
     # holder's head that the default 20 calls ran out and the retries were refused 429 RATE_LIMITED.
     with gateway(tmp_path, http={"max_frames": 1}, rate_limit={"capacity": 1000}) as gw:
         with raw(gw.url) as holder:
-            holder.sendall(f"POST {face} HTTP/1.1\r\nHost: kiosk\r\nAuthorization: Bearer {KIOSK_KEY}\r\n"
+            holder.sendall(f"POST {face} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KIOSK_KEY}\r\n"
                            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode())
             for _ in range(100):  # until the gateway has read the holder's head
                 status, body, headers = post_frame(gw.url)
@@ -306,3 +307,84 @@ def test_frames_beyond_max_frames_are_answered_503_at_once_and_other_calls_go_on
             time.sleep(0.1)
         assert (status, body["reason"]) == (503, "UNAVAILABLE")  # read, decoded, and sent to the (dead) MFA
     assert metric("biogate_kiosk_frames_busy_total") - before >= 1
+
+
+def test_a_request_naming_another_host_is_refused_before_any_handler(tmp_path):
+    """DNS rebinding: a page of evil.example, its name re-pointed at the gateway's address, calls the
+    gateway from the kiosk's browser as its own origin. Its requests name evil.example in Host, and
+    the gateway answered them (the page too, and the API to whoever held the key)."""
+    with gateway(tmp_path / "a", rate_limit={"capacity": 1000}) as gw:
+        port = urllib.parse.urlsplit(gw.url).port
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.nip.io", "[::2]", "kiosk@127.0.0.1", ""):
+            for path, method in (("/v1/sessions", "POST"), ("/", "GET"), ("/openapi.json", "GET")):
+                status, body, headers = request(gw.url, path, headers={"Host": host}, method=method)
+                assert (status, body["reason"]) == (421, "HOST_NOT_ALLOWED"), (host, path)
+                assert "kiosk.allowed_hosts" in body["message"] and headers["x-content-type-options"] == "nosniff"
+        # the defaults: this machine's loopback names, on any port, in any case
+        for host in ("127.0.0.1", f"localhost:{port}", f"[::1]:{port}", "LocalHost", "localhost."):
+            assert request(gw.url, headers={"Host": host})[0] == 401, host
+        # the kubelet's probes name the pod's address
+        assert request(gw.url, "/healthz", headers={"Host": f"10.244.1.7:{port}"}, method="GET")[0] == 200
+    with gateway(tmp_path / "b", allowed_hosts=["kiosk.bank-a.internal", "10.1.2.3"]) as gw:
+        assert request(gw.url, headers={"Host": "kiosk.bank-a.internal"})[0] == 401
+        assert request(gw.url, headers={"Host": "10.1.2.3:443"})[0] == 401
+        assert request(gw.url, headers={"Host": "127.0.0.1"})[0] == 421  # configured names replace the defaults
+
+
+@pytest.mark.parametrize("hosts,why", [
+    (["*"], "answers every name"), (["kiosk.bank-a.internal", "*"], "answers every name"),
+    (["https://kiosk.bank-a.internal"], "host name or address"), (["kiosk.bank-a.internal:443"], "host name or address"),
+    ([], "no host name")])
+def test_an_allowed_hosts_list_that_defends_nothing_or_names_no_host_is_refused_at_load(tmp_path, hosts, why):
+    with pytest.raises(ValueError, match="kiosk.allowed_hosts") as err:
+        make_settings(tmp_path, kiosk={"tenant": "bank-k", "mfa_token": "tok", "allowed_hosts": hosts})
+    assert why in str(err.value)
+
+
+def test_one_address_holds_at_most_max_connections_per_ip_and_the_excess_is_refused_at_once(tmp_path):
+    """One client opened connections up to max_connections (64) and every other client got 503."""
+    before = metric("biogate_kiosk_connections_refused_total", reason="per_address")
+    with gateway(tmp_path, http={"max_connections_per_ip": 2, "head_timeout_s": 600}) as gw:
+        held = [raw(gw.url), raw(gw.url)]
+        try:
+            with raw(gw.url) as third:  # it sends nothing: the refusal comes without a request
+                answer = read_all(third)
+            head, _, data = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower()
+            assert b"x-content-type-options: nosniff" in head.lower()
+            assert json.loads(data)["reason"] == "TOO_MANY_CONNECTIONS"
+            assert "max_connections_per_ip" not in json.loads(data)["message"]  # a client's message, not the setting
+            assert request(gw.url, "/kiosk.css", source="127.0.0.2", method="GET")[0] == 200  # another address
+        finally:
+            for sock in held:
+                sock.close()
+        refused = 1
+        for _ in range(100):  # the gateway sees the closes on its own loop
+            try:
+                if request(gw.url, "/kiosk.css", method="GET")[0] == 200:
+                    break
+            except ConnectionError:  # refused: closed before the request was read
+                pass
+            refused += 1
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the address's connections were never released")
+    assert metric("biogate_kiosk_connections_refused_total", reason="per_address") - before == refused
+
+
+def test_an_ipv6_client_has_a_bucket_per_64_and_an_ipv4_mapped_one_its_ipv4_bucket(tmp_path):
+    """A bucket per IPv6 address gave a host holding a /64 (any home line) 2^64 buckets."""
+    limits = {"capacity": 1, "refill_per_s": 0.01}
+    with gateway(tmp_path / "a", rate_limit=limits, forwarded_allow_ips=["127.0.0.1/32"]) as gw:
+        def via(client: str) -> int:
+            return request(gw.url, headers={"X-Forwarded-For": client})[0]
+        assert via("2001:db8:1:2::1") == 401
+        assert via("2001:db8:1:2:ffff:ffff:ffff:fffe") == 429  # the same /64
+        assert via("2001:db8:1:3::1") == 401  # the next /64
+        assert via("10.0.0.7") == 401
+        assert via("::ffff:10.0.0.7") == 429  # an IPv4 client seen through an IPv6 socket
+        assert via("10.0.0.8") == 401  # IPv4: each address its own bucket
+    with gateway(tmp_path / "b", rate_limit={**limits, "ipv6_prefix_length": 48},
+                 forwarded_allow_ips=["127.0.0.1/32"]) as gw:
+        assert [request(gw.url, headers={"X-Forwarded-For": c})[0] for c in
+                ("2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:2::1")] == [401, 429, 401]
