@@ -3,16 +3,18 @@
 with bounded retries (:func:`post_json`): timeouts, connection errors, answers that are not HTTP,
 429 and 5xx are retried with exponential back-off; other 4xx are not (the request itself is refused).
 
-An attempt's ``timeout_s`` bounds all of it (connecting, sending, the answer's head and body), not
-each socket operation: a receiver trickling its answer a byte at a time, each within the socket's
+An attempt's ``timeout_s`` bounds all of it (resolving the host name, connecting, sending, the
+answer's head and body), not each socket operation: a receiver trickling its answer a byte at a time, each within the socket's
 timeout, would otherwise hold the caller (an RPC's thread, the webhook worker every tenant shares)
 for as long as it likes."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import json
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -34,10 +36,16 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 class _Deadline:
     """Shuts the attempt's connection down ``seconds`` after it began: whatever the connection is
     then waiting for fails at once. It watches a duplicate of the socket (one connection, its own
-    descriptor: TLS wrapping detaches the original, and the duplicate is never another socket's)."""
+    descriptor: TLS wrapping detaches the original, and the duplicate is never another socket's).
+
+    The host name is resolved here too, within what is left of the deadline: getaddrinfo cannot be
+    interrupted, so it runs on one of a few resolver threads, and a resolver that hangs holds that
+    thread, never the caller. The connection is then made to the addresses found; the TLS layer
+    above still sends the host name (SNI) and checks the certificate against it."""
 
     def __init__(self, seconds: float) -> None:
         self.expired = False
+        self._ends = time.monotonic() + seconds
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
@@ -54,13 +62,43 @@ class _Deadline:
                 sock.close()
             self._socks.clear()
 
-    def create_connection(self, *args: Any, **kwargs: Any) -> socket.socket:
-        sock = socket.create_connection(*args, **kwargs)
-        with self._lock:
-            self._socks.append(sock.dup())
-            if self.expired:
-                self._shut(self._socks[-1])
-        return sock
+    def left(self) -> float:
+        left = self._ends - time.monotonic()
+        if left <= 0 or self.expired:
+            raise TimeoutError("the attempt's deadline passed")
+        return left
+
+    def create_connection(self, address: tuple[str, int], timeout: object = None,
+                          source_address: tuple[str, int] | None = None) -> socket.socket:
+        """socket.create_connection, its name resolution and connecting bounded by the deadline."""
+        host, port = address
+        per_read = timeout if isinstance(timeout, (int, float)) else None  # or socket's default sentinel
+        wait = self.left()
+        lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        try:
+            addresses = lookup.result(timeout=wait)
+        except concurrent.futures.TimeoutError:
+            lookup.cancel()  # still queued behind hung lookups: it never starts
+            raise TimeoutError("name resolution outlasted the attempt's deadline") from None
+        error: OSError = OSError("the host name resolved to no address")
+        for family, kind, proto, _, sockaddr in addresses:  # each in turn, as socket.create_connection
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(min(self.left(), per_read or math.inf))
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            sock.settimeout(per_read)
+            with self._lock:
+                self._socks.append(sock.dup())
+                if self.expired:
+                    self._shut(self._socks[-1])
+            return sock
+        raise error
 
     def _expire(self) -> None:
         with self._lock:
@@ -76,29 +114,47 @@ class _Deadline:
             pass
 
 
+# A few lookups at a time for the whole process: a resolver that hangs ties up these threads (each
+# caller still gives up at its deadline), not one more thread per attempt.
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="outbound-resolve")
+
+
+class _Http(http.client.HTTPConnection):
+    def __init__(self, *args: Any, deadline: _Deadline | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if deadline is not None:
+            self._create_connection = deadline.create_connection
+
+
+class _Https(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, deadline: _Deadline | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if deadline is not None:
+            self._create_connection = deadline.create_connection
+
+
+class _HttpHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_Http, req, deadline=self.deadline)
+
+
+class _HttpsHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__(context=_TLS)
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_Https, req, context=_TLS, deadline=self.deadline)
+
+
 def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
     """urllib's opener (TLS verified, proxies from the environment), without
     redirects, its connections opened through ``deadline``."""
-
-    class Http(http.client.HTTPConnection):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._create_connection = deadline.create_connection
-
-    class Https(http.client.HTTPSConnection):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._create_connection = deadline.create_connection
-
-    class HttpHandler(urllib.request.HTTPHandler):
-        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-            return self.do_open(Http, req)
-
-    class HttpsHandler(urllib.request.HTTPSHandler):
-        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-            return self.do_open(Https, req, context=_TLS)
-
-    return urllib.request.build_opener(_NoRedirects, HttpHandler, HttpsHandler)
+    return urllib.request.build_opener(_NoRedirects, _HttpHandler(deadline), _HttpsHandler(deadline))
 
 
 class PostFailed(Exception):
