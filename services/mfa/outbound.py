@@ -168,13 +168,25 @@ class PostFailed(Exception):
 def post_once(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> bytes:
     """The reply's body (at most MAX_REPLY bytes) of a 2xx answer within ``timeout_s`` in all;
     raises PostFailed otherwise."""
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    return request_once(url, body, headers, timeout_s)[2]
+
+
+def request_once(url: str, body: bytes | None, headers: dict[str, str], timeout_s: float, method: str = "POST",
+                 error_bodies: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body of at most MAX_REPLY bytes) of the answer within ``timeout_s`` in all.
+    A status other than 2xx raises PostFailed, unless ``error_bodies`` (a client reading the
+    error's body, like google-auth's token request): then it is answered too."""
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
     with _Deadline(timeout_s) as deadline:
         try:
-            with _opener(deadline).open(request, timeout=timeout_s) as resp:
-                reply = bytes(resp.read(MAX_REPLY))
-        except urllib.error.HTTPError as exc:
-            raise PostFailed(f"HTTP {exc.code}", exc.code >= 500 or exc.code == 429) from None
+            try:
+                with _opener(deadline).open(request, timeout=timeout_s) as resp:
+                    answer = resp.status, dict(resp.headers.items()), bytes(resp.read(MAX_REPLY))
+            except urllib.error.HTTPError as exc:
+                if not error_bodies:
+                    raise PostFailed(f"HTTP {exc.code}", exc.code >= 500 or exc.code == 429) from None
+                with exc:
+                    answer = exc.code, dict(exc.headers.items()), bytes(exc.read(MAX_REPLY))
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             # HTTPException: an answer that is not HTTP (a bad status line, too many or too long
             # headers, a broken chunk), worth another try like a dropped connection
@@ -182,7 +194,7 @@ def post_once(url: str, body: bytes, headers: dict[str, str], timeout_s: float) 
                              True) from None
         if deadline.expired:  # cut off mid-body: what was read is not the answer
             raise PostFailed("TimeoutError", True)
-        return reply
+        return answer
 
 
 def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout_s: float, retries: int, backoff_s: float,

@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from services.mfa import outbound
 from services.mfa.outbound import MAX_REPLY, PostFailed, post_once
 from services.mfa.sms import HttpSmsGateway, SmsError
-from tests.mfa.hostile import RawServer
+from tests.mfa.hostile import RawServer, finishes, trickle
 
 
 @pytest.fixture
@@ -37,33 +37,7 @@ def serve() -> Iterator[Callable[[Callable[[socket.socket], None]], RawServer]]:
         s.close()
 
 
-def finishes(call: Callable[[], object], within_s: float = 30.0) -> BaseException | None:
-    """What ``call`` raised (None: it returned); fails the test when it is still running after
-    ``within_s`` (a generous liveness bound, not a timing: the hostile server never stops)."""
-    box: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-            box.append(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            box.append(exc)
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(within_s)
-    assert box, "the POST was still held by the server"
-    return box[0]
-
-
 # --- a receiver trickling its answer must not hold the caller's thread for ever -------------------
-
-def trickle(stop: threading.Event, what: bytes) -> Callable[[socket.socket], None]:
-    def answer(conn: socket.socket) -> None:
-        conn.sendall(what)
-        while not stop.wait(0.05):  # one byte at a time, each well inside the socket timeout
-            conn.sendall(b"a")
-    return answer
-
 
 @pytest.mark.parametrize("where", ["head", "body"])
 def test_a_receiver_trickling_its_answer_is_cut_off_by_the_timeout(serve, where):
