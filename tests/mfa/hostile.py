@@ -79,7 +79,7 @@ def finishes(call: Callable[[], object], within_s: float = 30.0) -> BaseExceptio
     t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(within_s)
-    assert box, "the POST was still held by the server"
+    assert box, "the call was still held by the server"
     return box[0]
 
 

@@ -1,4 +1,4 @@
-"""Outbound POSTs (services/mfa/outbound.py: SMS gateway, FCM, the bank's webhooks) against hostile
+"""Outbound POSTs (services/common/outbound.py: SMS gateway, FCM, the bank's webhooks) against hostile
 receivers on loopback: raw sockets answering what a broken or malicious endpoint would, a slow one,
 a redirecting one, and TLS with a certificate nobody vouches for."""
 
@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from services.mfa import outbound
-from services.mfa.outbound import MAX_REPLY, PostFailed, post_once
+from services.common import outbound
+from services.common.outbound import MAX_REPLY, PostFailed, post_once
 from services.mfa.sms import HttpSmsGateway, SmsError
 from tests.mfa.hostile import RawServer, finishes, trickle
 

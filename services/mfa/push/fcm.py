@@ -22,7 +22,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..outbound import PostFailed, post_json, request_once
+from services.common.outbound import PostFailed, post_json, request_once
 from .base import PushError
 
 log = logging.getLogger("biogate.mfa.push")
@@ -36,7 +36,7 @@ class _Answer:  # google.auth.transport.Response's three properties
 
 
 def _bounded_transport(timeout_s: float) -> Callable[..., _Answer]:
-    """google-auth's HTTP transport (the token request) through services/mfa/outbound.py:
+    """google-auth's HTTP transport (the token request) through services/common/outbound.py:
     ``timeout_s`` bounds the whole request. requests, google-auth's own transport, applies a timeout
     to each socket operation: a token endpoint trickling its answer held the customer's RPC."""
     import google.auth.exceptions

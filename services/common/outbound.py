@@ -1,28 +1,31 @@
-"""Outbound HTTP POSTs to providers and the bank (SMS gateway, FCM, review webhooks): one request
-(:func:`post_once`, redirects refused: urllib would replay a POST as a bodiless GET), and a JSON POST
-with bounded retries (:func:`post_json`): timeouts, connection errors, answers that are not HTTP,
-429 and 5xx are retried with exponential back-off; other 4xx are not (the request itself is refused).
+"""Outbound HTTP to providers and the bank (SMS gateway, FCM, review webhooks), and model
+downloads: one POST (:func:`post_once`, redirects refused: urllib would replay a POST as a bodiless
+GET), a JSON POST with bounded retries (:func:`post_json`): timeouts, connection errors, answers that
+are not HTTP, 429 and 5xx are retried with exponential back-off; other 4xx are not (the request itself
+is refused); and a GET written to a file (:func:`download`, redirects followed).
 
 An attempt's ``timeout_s`` bounds all of it (resolving the host name, connecting, sending, the
-answer's head and body), not each socket operation: a receiver trickling its answer a byte at a time, each within the socket's
-timeout, would otherwise hold the caller (an RPC's thread, the webhook worker every tenant shares)
-for as long as it likes."""
+answer's head and body), not each socket operation: a receiver trickling its answer a byte at a
+time, each within the socket's timeout, would otherwise hold the caller (an RPC's thread, the
+webhook worker every tenant shares, a model fetch) for as long as it likes."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import logging
 import math
+import shutil
 import socket
 import ssl
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 MAX_REPLY = 65536
 _TLS = ssl.create_default_context()  # the system's CAs, the host name checked
@@ -151,14 +154,15 @@ class _HttpsHandler(urllib.request.HTTPSHandler):
         return self.do_open(_Https, req, context=_TLS, deadline=self.deadline)
 
 
-def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
-    """urllib's opener (TLS verified, proxies from the environment), without
-    redirects, its connections opened through ``deadline``."""
-    return urllib.request.build_opener(_NoRedirects, _HttpHandler(deadline), _HttpsHandler(deadline))
+def _opener(deadline: _Deadline, redirects: bool = False) -> urllib.request.OpenerDirector:
+    """urllib's opener (TLS verified, proxies from the environment), without redirects unless
+    ``redirects``, its connections opened through ``deadline``."""
+    refused = [] if redirects else [_NoRedirects]
+    return urllib.request.build_opener(*refused, _HttpHandler(deadline), _HttpsHandler(deadline))
 
 
 class PostFailed(Exception):
-    """What went wrong (``HTTP 503``, ``TimeoutError``...), and whether a retry may succeed."""
+    """A request's failure (a POST's or a download's): what went wrong (``HTTP 503``, ``TimeoutError``...), and whether a retry may succeed."""
 
     def __init__(self, message: str, transient: bool) -> None:
         super().__init__(message)
@@ -177,24 +181,42 @@ def request_once(url: str, body: bytes | None, headers: dict[str, str], timeout_
     A status other than 2xx raises PostFailed, unless ``error_bodies`` (a client reading the
     error's body, like google-auth's token request): then it is answered too."""
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
-    with _Deadline(timeout_s) as deadline:
+    with _Deadline(timeout_s) as deadline, _failures(deadline):
         try:
-            try:
-                with _opener(deadline).open(request, timeout=timeout_s) as resp:
-                    answer = resp.status, dict(resp.headers.items()), bytes(resp.read(MAX_REPLY))
-            except urllib.error.HTTPError as exc:
-                if not error_bodies:
-                    raise PostFailed(f"HTTP {exc.code}", exc.code >= 500 or exc.code == 429) from None
-                with exc:
-                    answer = exc.code, dict(exc.headers.items()), bytes(exc.read(MAX_REPLY))
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            # HTTPException: an answer that is not HTTP (a bad status line, too many or too long
-            # headers, a broken chunk), worth another try like a dropped connection
-            raise PostFailed("TimeoutError" if deadline.expired else type(getattr(exc, "reason", exc)).__name__,
-                             True) from None
-        if deadline.expired:  # cut off mid-body: what was read is not the answer
-            raise PostFailed("TimeoutError", True)
-        return answer
+            with _opener(deadline).open(request, timeout=timeout_s) as resp:
+                answer = resp.status, dict(resp.headers.items()), bytes(resp.read(MAX_REPLY))
+        except urllib.error.HTTPError as exc:
+            if not error_bodies:
+                raise
+            with exc:
+                answer = exc.code, dict(exc.headers.items()), bytes(exc.read(MAX_REPLY))
+    return answer
+
+
+def download(url: str, out: BinaryIO, timeout_s: float) -> None:
+    """GET ``url`` (redirects followed) into ``out`` within ``timeout_s`` in all; PostFailed otherwise,
+    part of the body perhaps written."""
+    request = urllib.request.Request(url, method="GET")
+    with _Deadline(timeout_s) as deadline, _failures(deadline), \
+            _opener(deadline, redirects=True).open(request, timeout=timeout_s) as resp:
+        shutil.copyfileobj(resp, out, 1 << 20)
+
+
+@contextlib.contextmanager
+def _failures(deadline: _Deadline) -> Iterator[None]:
+    """What fails in the block as PostFailed; a block the deadline cut short fails too, as what was
+    read by then is not the answer."""
+    try:
+        yield
+    except urllib.error.HTTPError as exc:
+        raise PostFailed(f"HTTP {exc.code}", exc.code >= 500 or exc.code == 429) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        # HTTPException: an answer that is not HTTP (a bad status line, too many or too long
+        # headers, a broken chunk), worth another try like a dropped connection
+        raise PostFailed("TimeoutError" if deadline.expired else type(getattr(exc, "reason", exc)).__name__,
+                         True) from None
+    if deadline.expired:
+        raise PostFailed("TimeoutError", True)
 
 
 def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout_s: float, retries: int, backoff_s: float,
