@@ -118,7 +118,8 @@ class _Deadline:
 
 
 # A few lookups at a time for the whole process: a resolver that hangs ties up these threads (each
-# caller still gives up at its deadline), not one more thread per attempt.
+# caller still gives up at its deadline), not one more thread per attempt. The interpreter's exit
+# waits for a lookup under way, which the system resolver's own timeouts end (resolv.conf).
 _RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="outbound-resolve")
 
 
