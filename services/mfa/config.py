@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from services.common.config import CommonSettings, Section, loopback_host, usable_cores
 
@@ -21,7 +21,7 @@ class SmsConfig(Section):
     http_url: str = ""  # POST {"to", "text", "sender"} as JSON
     http_token: str = ""  # sent as "Authorization: Bearer ..."; set it from the environment
     sender: str = "BioGate"
-    timeout_s: float = Field(5.0, gt=0)  # each attempt in all (services/mfa/outbound.py)
+    timeout_s: float = Field(5.0, gt=0)  # each attempt in all (services/common/outbound.py)
     retries: int = Field(2, ge=0, le=5)  # after a timeout or a 5xx, with an idempotency key
     backoff_s: float = Field(0.5, ge=0)
 
@@ -76,18 +76,46 @@ class HttpConfig(Section):
 
 
 class WebhookTarget(Section):
-    """One receiver of review events: its URL and the HMAC key it checks their signatures with."""
+    """One receiver of review events: its URL and the HMAC keys its events are signed with."""
 
     url: str = ""  # "" = no webhook; http(s)://
-    secret: str = ""  # the HMAC key; set it from the environment (BIOGATE_MFA__REVIEWS__WEBHOOK__SECRET)
+    # The active keys, newest first: each request carries one signature per key, so a receiver
+    # switches to a new key at its own pace; the old one is removed once it has. From the
+    # environment, as JSON: BIOGATE_MFA__REVIEWS__WEBHOOK__SECRETS='["<new>", "<old>"]'.
+    secrets: list[SecretStr] | None = None
+    # One key, as before rotation was possible (BIOGATE_MFA__REVIEWS__WEBHOOK__SECRET): a list of one.
+    secret: SecretStr | None = None
 
     @model_validator(mode="after")
     def _usable(self) -> WebhookTarget:
         if self.url and not self.url.startswith(("https://", "http://")):
             raise ValueError("the webhook url must be http(s)://")
-        if self.url and len(self.secret) < 16:
-            raise ValueError("the webhook secret must be set (16 characters or more) when the url is")
+        if self.secret is not None and self.secrets is not None:
+            raise ValueError("set the webhook's secrets (newest first) or its one secret, not both: "
+                             "move the secret into secrets")
+        if self.secrets is not None and not self.secrets:
+            raise ValueError("the webhook's secrets list is empty: name the active secrets, newest first")
+        keys = self.active_secrets
+        for i, key in enumerate(keys):
+            if not key:
+                raise ValueError(f"webhook secret #{i + 1} (newest first) is empty")
+            if len(key) < 16:
+                raise ValueError(f"webhook secret #{i + 1} (newest first) is shorter than 16 characters")
+            if key in keys[:i]:
+                raise ValueError(f"webhook secret #{i + 1} (newest first) repeats an earlier one")
+        if self.url and not keys:
+            raise ValueError("the webhook secret must be set (16 characters or more) when the url is: "
+                             "secrets, newest first")
         return self
+
+    @property
+    def active_secrets(self) -> list[str]:
+        """The HMAC keys requests are signed with, newest first."""
+        if self.secrets is not None:
+            return [key.get_secret_value() for key in self.secrets]
+        if self.secret is not None and self.secret.get_secret_value():
+            return [self.secret.get_secret_value()]
+        return []
 
 
 class ReviewWebhookConfig(WebhookTarget):

@@ -3,10 +3,13 @@ report (a crash loses none), delivered by a background worker as HMAC-SHA256-sig
 retried with exponential backoff up to a bounded number of attempts (at least once: receivers
 deduplicate by the event id).
 
-Each request carries ``BioGate-Event-Id`` and ``BioGate-Signature: t=<unix time>,v1=<hex>``, the
-HMAC-SHA256 under the shared secret of ``<t>.<body>`` (the scheme of Stripe's webhooks): the
-receiver recomputes it over the raw body, compares in constant time, and refuses a timestamp
-outside its tolerance (replays). :func:`verify` does exactly that.
+Each request carries ``BioGate-Event-Id`` and ``BioGate-Signature: t=<unix time>,v1=<hex>[,v1=<hex>...]``:
+one HMAC-SHA256 of ``<t>.<body>`` per active secret, newest first (the scheme of Stripe's webhooks
+and Standard Webhooks). While a secret is being rotated both the new and the old one sign, so the
+receiver moves to the new one when it is ready; once the old one is removed from the configuration
+its signature is no longer sent. The receiver recomputes the HMAC over the raw body under each
+secret it knows, accepts when any of them equals any ``v1`` given (compared in constant time), and
+refuses a timestamp outside its tolerance (replays). :func:`verify` does exactly that.
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from .config import ReviewWebhookConfig
-from .outbound import PostFailed, post_once
+from services.common.outbound import PostFailed, post_once
 from .storage import MfaStore, WebhookEventRecord
 
 log = logging.getLogger("biogate.mfa.webhooks")
@@ -33,23 +37,47 @@ TOLERANCE_S = 300
 BATCH = 50
 
 
-def signature(secret: str, body: bytes, t: int) -> str:
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
 
-def verify(secret: str, header: str, body: bytes, now: float, tolerance_s: float = TOLERANCE_S) -> None:
-    """What a receiver does with a request; raises ValueError saying what is wrong."""
-    try:
-        parts = dict(p.split("=", 1) for p in header.split(","))
-        t = int(parts["t"])
-    except (KeyError, ValueError):
-        raise ValueError(f"malformed {SIGNATURE_HEADER} header") from None
-    if abs(now - t) > tolerance_s:
+def _keys(secrets: str | Sequence[str]) -> list[str]:
+    return [secrets] if isinstance(secrets, str) else list(secrets)
+
+
+def _mac(secret: str, body: bytes, t: int) -> str:
+    return hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def signature(secrets: str | Sequence[str], body: bytes, t: int) -> str:
+    """The header's value: one v1 per secret (newest first), all over ``<t>.<body>``."""
+    return ",".join([f"t={t}", *(f"v1={_mac(key, body, t)}" for key in _keys(secrets))])
+
+
+def verify(secrets: str | Sequence[str], header: str, body: bytes, now: float,
+           tolerance_s: float = TOLERANCE_S) -> None:
+    """What a receiver does with a request, knowing one secret or several (while it rotates its
+    own): passes when any v1 of ``header`` is the HMAC under any of ``secrets``; raises ValueError
+    saying what is wrong. Schemes other than v1 are ignored, as new ones may be added."""
+    t, given = None, []
+    for part in header.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or (key == "t" and t is not None):
+            raise ValueError(f"malformed {SIGNATURE_HEADER} header")
+        if key == "t":
+            t = value
+        elif key == "v1":
+            given.append(value.encode("utf-8", "replace"))  # bytes: compare_digest refuses non-ASCII str
+    if t is None or not _TIMESTAMP.fullmatch(t) or not given:
+        raise ValueError(f"malformed {SIGNATURE_HEADER} header")
+    if abs(now - int(t)) > tolerance_s:
         raise ValueError("the signature's timestamp is outside the tolerance")
-    expected = signature(secret, body, t).split(",", 1)[1][len("v1="):]
-    given = parts.get("v1", "").encode("utf-8", "replace")  # bytes: compare_digest refuses non-ASCII str
-    if not hmac.compare_digest(expected.encode(), given):
+    keys = _keys(secrets)
+    if not keys or not all(keys):
+        raise ValueError("no secret to check the signature with")
+    expected = [_mac(key, body, int(t)).encode() for key in keys]
+    # every pair compared, none skipped on a match: the time taken says nothing of which one matched
+    matched = [hmac.compare_digest(e, g) for e in expected for g in given]
+    if not any(matched):
         raise ValueError("the signature does not match the body")
 
 
@@ -111,7 +139,7 @@ class WebhookOutbox:
             return "the tenant's webhook was removed from the configuration"
         body = rec.body.encode()
         headers = {"Content-Type": "application/json", "User-Agent": "BioGate-Webhooks/1", EVENT_HEADER: rec.id,
-                   SIGNATURE_HEADER: signature(target.secret, body, int(now.timestamp()))}
+                   SIGNATURE_HEADER: signature(target.active_secrets, body, int(now.timestamp()))}
         try:  # one attempt: the outbox retries (a redirect too is a failed delivery)
             post_once(target.url, body, headers, self.cfg.timeout_s)
             return ""

@@ -21,7 +21,8 @@ NOT_SHOWN: dict[str, str] = {
     "storage.sqlite_synchronous keys.keyring_file keys.kms audit.signing_key_file mfa.signing_keys_file":
         "file-backend or SQLite only",
     # secrets come from the environment (the file's header), never the YAML
-    "mfa.sms.http_token mfa.push.fcm_access_token mfa.reviews.webhook.secret kiosk.mfa_token kiosk.client_key_sha256 "
+    "mfa.sms.http_token mfa.push.fcm_access_token mfa.reviews.webhook.secret mfa.reviews.webhook.secrets "
+    "kiosk.mfa_token kiosk.client_key_sha256 "
     "clients.face.token clients.voice.token": "secrets: from the environment",
     # the development gateways' sinks and a test double's address
     "mfa.sms.outbox_file mfa.push.outbox_file mfa.push.fcm_base_url": "development or test only",

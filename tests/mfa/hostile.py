@@ -1,6 +1,7 @@
 """Hostile HTTP endpoints on loopback for the outbound POSTs' tests (SMS gateway, FCM, webhooks): a
 raw TCP (or TLS) server that reads each request (head and body) and then runs ``answer(conn)``, whatever a
-broken or malicious receiver would send, or nothing at all."""
+broken or malicious receiver would send, or nothing at all; ``trickle``, an answer sent a byte at a time;
+``finishes``, a bounded wait for a call such a server might hold."""
 
 from __future__ import annotations
 
@@ -62,3 +63,29 @@ class RawServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def finishes(call: Callable[[], object], within_s: float = 30.0) -> BaseException | None:
+    """What ``call`` raised (None: it returned); fails the test when it is still running after
+    ``within_s`` (a generous liveness bound, not a timing: the hostile server never stops)."""
+    box: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            box.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box.append(exc)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(within_s)
+    assert box, "the call was still held by the server"
+    return box[0]
+
+
+def trickle(stop: threading.Event, what: bytes) -> Callable[[socket.socket], None]:
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(what)
+        while not stop.wait(0.05):  # one byte at a time, each well inside the socket timeout
+            conn.sendall(b"a")
+    return answer

@@ -1,10 +1,11 @@
-"""Outbound POSTs (services/mfa/outbound.py: SMS gateway, FCM, the bank's webhooks) against hostile
+"""Outbound POSTs (services/common/outbound.py: SMS gateway, FCM, the bank's webhooks) against hostile
 receivers on loopback: raw sockets answering what a broken or malicious endpoint would, a slow one,
 a redirecting one, and TLS with a certificate nobody vouches for."""
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import socket
 import ssl
 import threading
@@ -18,10 +19,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from services.mfa import outbound
-from services.mfa.outbound import MAX_REPLY, PostFailed, post_once
+from services.common import outbound
+from services.common.outbound import MAX_REPLY, PostFailed, post_once
 from services.mfa.sms import HttpSmsGateway, SmsError
-from tests.mfa.hostile import RawServer
+from tests.mfa.hostile import RawServer, finishes, trickle
 
 
 @pytest.fixture
@@ -36,33 +37,7 @@ def serve() -> Iterator[Callable[[Callable[[socket.socket], None]], RawServer]]:
         s.close()
 
 
-def finishes(call: Callable[[], object], within_s: float = 30.0) -> BaseException | None:
-    """What ``call`` raised (None: it returned); fails the test when it is still running after
-    ``within_s`` (a generous liveness bound, not a timing: the hostile server never stops)."""
-    box: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-            box.append(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            box.append(exc)
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(within_s)
-    assert box, "the POST was still held by the server"
-    return box[0]
-
-
 # --- a receiver trickling its answer must not hold the caller's thread for ever -------------------
-
-def trickle(stop: threading.Event, what: bytes) -> Callable[[socket.socket], None]:
-    def answer(conn: socket.socket) -> None:
-        conn.sendall(what)
-        while not stop.wait(0.05):  # one byte at a time, each well inside the socket timeout
-            conn.sendall(b"a")
-    return answer
-
 
 @pytest.mark.parametrize("where", ["head", "body"])
 def test_a_receiver_trickling_its_answer_is_cut_off_by_the_timeout(serve, where):
@@ -166,16 +141,17 @@ def test_a_redirect_is_refused_and_the_credentials_never_reach_its_target(status
         bouncer.close()
 
 
-def self_signed(tmp_path: Path) -> ssl.SSLContext:
-    """A server context for 127.0.0.1 whose certificate (tmp_path/cert.pem) no CA vouches for."""
+def self_signed(tmp_path: Path, dns_name: str | None = None) -> ssl.SSLContext:
+    """A server context for 127.0.0.1 (or ``dns_name``) whose certificate (tmp_path/cert.pem) no CA
+    vouches for."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name or "127.0.0.1")])
+    alt = x509.DNSName(dns_name) if dns_name else x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
     now = dt.datetime.now(dt.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(__import__("ipaddress").ip_address(
-                "127.0.0.1"))]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
             .sign(key, hashes.SHA256()))
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
@@ -230,3 +206,69 @@ def test_over_tls_a_vouched_for_endpoint_answers_and_a_trickling_one_is_cut_off(
     finally:
         stop.set()
         srv.close()
+
+
+# --- name resolution is inside the attempt's deadline, and TLS still checks the host name -----------
+
+@pytest.fixture
+def resolver(monkeypatch) -> Iterator[dict[str, str | None]]:
+    """socket.getaddrinfo (the boundary where Python meets the system's resolver; no slow DNS server
+    can be made on loopback without changing the machine's resolv.conf) with test host names: one
+    mapped to an address, or to None, a lookup that hangs until the test ends. Other names go to the
+    real resolver."""
+    names: dict[str, str | None] = {}
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in names:
+            return real(host, port, *args, **kwargs)
+        address = names[host]
+        if address is None:
+            release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(address, port, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield names
+    release.set()
+
+
+def test_a_resolver_that_hangs_is_cut_off_by_the_attempts_timeout(serve, resolver):
+    """getaddrinfo ran inside socket.create_connection, before the deadline watched anything: a hung
+    resolver held the caller (an RPC's thread, the webhook worker) for as long as it hung."""
+    resolver["hooks.bank-a.test"] = None
+    srv = serve(lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"))
+    url = f"http://hooks.bank-a.test:{srv.port}/hook"
+    for _ in range(6):  # more than the resolver threads: the later lookups queue, and give up alike
+        exc = finishes(lambda: post_once(url, b"{}", {}, 0.3), within_s=20)
+        assert isinstance(exc, PostFailed) and exc.transient and str(exc) == "TimeoutError", repr(exc)
+    assert srv.connections == 0
+
+
+def test_a_resolved_name_is_connected_to_and_tls_checks_the_name_not_the_address(tmp_path, monkeypatch, resolver):
+    """The connection goes to the address resolved, while the TLS layer still sends the host name
+    and checks the certificate against it: one for another name is refused."""
+    resolver["hooks.bank-a.test"] = resolver["other.bank-a.test"] = "127.0.0.1"
+    server_ctx = self_signed(tmp_path, "hooks.bank-a.test")
+    monkeypatch.setattr(outbound, "_TLS", ssl.create_default_context(cafile=str(tmp_path / "cert.pem")))
+    names: list[str | None] = []
+    server_ctx.sni_callback = lambda sock, name, ctx: names.append(name)
+    srv = RawServer(lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"), tls=server_ctx)
+    try:
+        assert post_once(f"https://hooks.bank-a.test:{srv.port}/hook", b"{}", {}, 5.0) == b"{}"
+        assert names == ["hooks.bank-a.test"]
+        with pytest.raises(PostFailed) as err:
+            post_once(f"https://other.bank-a.test:{srv.port}/hook", b"{}", {}, 5.0)
+        assert err.value.transient and str(err.value) == "SSLCertVerificationError"
+    finally:
+        srv.close()
+
+
+def test_the_openers_classes_are_made_once_not_on_every_attempt():
+    """Four classes (two connections, two handlers) were defined on every attempt: a type object,
+    its method cache and a urllib handler class more per POST, kept until the garbage collector's
+    cycle pass (a class refers to itself through its MRO)."""
+    def kinds() -> set[type]:
+        with outbound._Deadline(1.0) as deadline:
+            return {type(h) for h in vars(outbound._opener(deadline))["handlers"]}
+    assert kinds() == kinds()

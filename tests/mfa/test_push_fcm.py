@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.mfa.push import FcmPushGateway, PushError, open_push_gateway
 from tests.conftest import make_settings
+from tests.mfa.hostile import RawServer, finishes, trickle
 from tests.mfa.pushapp import FcmServer, fcm_problems, service_account_key
 
 DATA = {"type": "biogate.confirm", "cid": "pc_1", "sid": "ses_1", "request_id": "req-1"}  # ids only
@@ -159,6 +160,25 @@ def test_a_refused_service_account_is_a_push_outage_and_fcm_never_sees_a_request
     with pytest.raises(PushError, match="access token"):
         gw.send("fcm-token-1", DATA, 30, "pc_1")
     assert fcm.requests == [] and len(endpoint.grants) == 1
+
+
+def test_a_token_endpoint_trickling_its_answer_is_cut_off_by_the_push_timeout(tmp_path, fcm):
+    """google-auth's token request went through requests, whose timeout bounds each socket
+    operation: a token endpoint answering a byte at a time held the customer's RPC (and the token
+    lock every other push waits on) for as long as it trickled. The push timeout bounds it all."""
+    stop = threading.Event()
+    endpoint = RawServer(trickle(stop, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: "))
+    try:
+        key_file = service_account_key(tmp_path / "fcm-sa.json", endpoint.url)
+        gw = open_push_gateway(make_settings(tmp_path / "data", mfa={"push": {
+            "gateway": "fcm", "fcm_project": "bank-app", "fcm_base_url": fcm.url, "timeout_s": 0.5,
+            "fcm_service_account_file": str(key_file)}}))
+        exc = finishes(lambda: gw.send("fcm-token-1", DATA, 30, "pc_1"), within_s=20)
+    finally:
+        stop.set()
+        endpoint.close()
+    assert isinstance(exc, PushError) and "access token" in str(exc), repr(exc)
+    assert endpoint.connections == 1 and fcm.requests == []
 
 
 def test_an_fcm_gateway_without_credentials_is_refused_at_load(tmp_path):

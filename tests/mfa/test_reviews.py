@@ -43,7 +43,7 @@ class Receiver:
     """The bank's webhook endpoint: verifies each request's signature against the test's clock;
     answers 500 to the first ``fail`` requests; holds requests while ``hold`` is set."""
 
-    def __init__(self, clock, secret: str = SECRET) -> None:
+    def __init__(self, clock, secret: str | list[str] = SECRET) -> None:
         self.clock, self.fail, self.hold, self.secret = clock, 0, threading.Event(), secret
         self.released = threading.Event()
         self.requests: list[dict] = []  # {"event", "verified", "status", "event_id"}
@@ -453,6 +453,105 @@ def test_signatures_are_checked_over_the_exact_body_and_time():
     # hmac.compare_digest (a 500 where the receiver answers ValueError with 400)
     with pytest.raises(ValueError, match="does not match"):
         webhooks.verify(SECRET, "t=1700000000,v1=\u00e9\udcff", body, 1_700_000_000)
+
+
+NEW, OLD = "whsec-new-0123456789abcdef", "whsec-old-0123456789abcdef"
+
+
+def test_a_header_signed_under_several_secrets_passes_a_receiver_knowing_any_one_of_them():
+    """verify() read the header through dict(), which kept only the last v1: a receiver knowing only
+    the newest of two active secrets refused every request while the old one still signed too."""
+    body, t = b'{"id":"evt_1","type":"review.opened"}', 1_700_000_000
+    header = webhooks.signature([NEW, OLD], body, t)
+    assert header.split(",") == [f"t={t}", webhooks.signature(NEW, body, t).split(",")[1],
+                                 webhooks.signature(OLD, body, t).split(",")[1]]
+    for knows in (NEW, OLD, [NEW], [OLD], [OLD, NEW], ["another-secret-0123", NEW]):
+        webhooks.verify(knows, header, body, t + 10)
+    webhooks.verify(NEW, f"{header},v0=ignored,v2=a-future-scheme", body, t)
+    for knows in ("another-secret-0123", ["another-secret-0123", "and-another-one-0123"]):
+        with pytest.raises(ValueError, match="does not match"):
+            webhooks.verify(knows, header, body, t)
+    with pytest.raises(ValueError, match="does not match"):
+        webhooks.verify([NEW, OLD], header, body + b" ", t)
+    with pytest.raises(ValueError, match="outside the tolerance"):
+        webhooks.verify([NEW, OLD], header, body, t + 301)
+    with pytest.raises(ValueError, match="no secret"):
+        webhooks.verify([], header, body, t)
+    sig = header.split(",")[1]
+    for malformed in (f"t={t}", f"t={t},v1", f"t={t},t={t},{sig}", f"{sig},{sig}", f"t=+{t},{sig}", f"t= {t},{sig}",
+                      f"t={t}.5,{sig}", "t=\uff11\uff17\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff10," + sig, ""):
+        with pytest.raises(ValueError, match="malformed"):
+            webhooks.verify([NEW, OLD], malformed, body, t)
+    with pytest.raises(ValueError, match="does not match"):
+        webhooks.verify([NEW, OLD], f"t={t},v1=\u00e9\udcff,v1=\u00e9", body, t)
+
+
+def test_a_secret_is_rotated_without_a_receiver_refusing_a_request(tmp_path, storage_dsn, clock):
+    """One shared secret: rotating it broke the bank's receiver until both sides switched at once.
+    With the new secret listed before the old one, a receiver still knowing only the old one and a
+    receiver that already moved to the new one both accept; once the old one is removed from the
+    configuration, a receiver left on it refuses (it must have moved by then)."""
+    from services.common.runtime import Runtime
+    from services.mfa.service import Orchestrator
+    from services.serve import prepare
+
+    on_old, on_new, on_both = Receiver(clock, secret=OLD), Receiver(clock, secret=NEW), Receiver(clock, [NEW, OLD])
+    receivers = {TENANT: on_old, "bank-b": on_new, "bank-c": on_both}
+
+    def deliver(secrets: list[str], phase: str) -> dict[str, bool]:
+        settings = review_settings(tmp_path, storage_dsn, on_old.url, secret=None, secrets=secrets, tenants={
+            "bank-b": {"url": on_new.url, "secrets": secrets}, "bank-c": {"url": on_both.url, "secrets": secrets}})
+        prepare(settings)
+        rt = Runtime.open(settings)
+        o = Orchestrator(rt, clock=clock)
+        try:
+            for tenant in receivers:
+                present(o.outbox.enqueue(tenant, "review.opened", {"review_id": f"rev_{phase}"}, clock()))
+            assert o.outbox.deliver_due() == 3
+        finally:
+            o.close()
+            rt.close()
+        return {t: r.requests[-1]["verified"] for t, r in receivers.items()}
+
+    try:
+        assert deliver([NEW, OLD], "rotating") == {TENANT: True, "bank-b": True, "bank-c": True}
+        assert deliver([NEW], "rotated") == {TENANT: False, "bank-b": True, "bank-c": True}
+        assert [len(r.requests) for r in receivers.values()] == [2, 2, 2]
+    finally:
+        for r in receivers.values():
+            r.close()
+
+
+def test_webhook_secrets_are_checked_at_load_and_kept_out_of_reprs(tmp_path, monkeypatch):
+    """The one secret was a plain string: the settings' repr (an exception's locals, a debug log of
+    the configuration) showed it. A list of secrets that cannot sign (empty, an empty or short one,
+    one repeated) is refused at load, naming the setting, never showing a secret."""
+    from pydantic import ValidationError
+
+    hook = {"url": "https://risk-ops.bank-a.example/hooks"}
+    def shown(settings) -> list[str]:
+        return [repr(settings), str(settings), settings.model_dump_json(), repr(settings.mfa.reviews.webhook)]
+
+    settings = settings_for(tmp_path, "", reviews={"webhook": {**hook, "secret": OLD}})
+    assert all(OLD[6:] not in text for text in shown(settings))
+    assert settings.mfa.reviews.webhook.active_secrets == [OLD]  # the one secret of before: a list of one
+    settings = settings_for(tmp_path, "", reviews={"webhook": {**hook, "secrets": [NEW, OLD],
+                                                               "tenants": {"bank-b": {**hook, "secret": OLD}}}})
+    assert settings.mfa.reviews.webhook.active_secrets == [NEW, OLD]
+    assert all(NEW[6:] not in text and OLD[6:] not in text for text in shown(settings))
+    for secrets, message in (([], "secrets list is empty"), ([NEW, ""], "secret #2 .* is empty"),
+                             ([NEW, "short-secret"], "secret #2 .* shorter than 16"),
+                             ([NEW, OLD, NEW], "secret #3 .* repeats an earlier one")):
+        with pytest.raises(ValidationError, match=message) as err:
+            settings_for(tmp_path, "", reviews={"webhook": {**hook, "secrets": secrets}})
+        assert NEW[6:] not in str(err.value) and "webhook" in str(err.value)
+    with pytest.raises(ValidationError, match="not both") as err:
+        settings_for(tmp_path, "", reviews={"webhook": {"tenants": {"bank-b": {**hook, "secret": OLD,
+                                                                                "secrets": [NEW]}}}})
+    assert "tenants.bank-b" in str(err.value) and OLD[6:] not in str(err.value)
+    # from the environment, as the example configuration says: a JSON list
+    monkeypatch.setenv("BIOGATE_MFA__REVIEWS__WEBHOOK__SECRETS", f'["{NEW}", "{OLD}"]')
+    assert settings_for(tmp_path, "", reviews={"webhook": hook}).mfa.reviews.webhook.active_secrets == [NEW, OLD]
 
 
 def test_bad_review_requests_are_refused_before_anything_is_written(served):

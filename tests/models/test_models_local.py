@@ -14,6 +14,7 @@ import pytest
 from services.common.models import FetchError, ModelStore, ModelUnavailableError
 from services.common.models.manifest import parse_manifest
 from tests.conftest import present
+from tests.mfa.hostile import RawServer, finishes, trickle
 
 LOCAL_ONLY = ["scrfd-500m", "scrfd-2.5g", "minifasnet-v2-2.7", "minifasnet-v1se-4.0", "aasist-l"]
 
@@ -122,5 +123,32 @@ def test_url_sources_need_allow_network(tmp_path: Path, store_settings, shared_m
 
     broken = ModelStore(store_settings(tmp_path / "c", allow_network=True),
                         manifest=_url_manifest(f"{base}/absent.conf", "0" * 64, 10))
-    with pytest.raises(FetchError, match=r"download of .*/absent.conf failed: HTTP Error 404"):
+    with pytest.raises(FetchError, match=r"download of .*/absent.conf failed: HTTP 404"):
         broken.fetch()
+
+
+def test_a_url_download_is_bounded_in_all_by_fetch_timeout_s(tmp_path: Path, store_settings, http_root):
+    """models.fetch_timeout_s said it bounded one URL download, but urlopen's timeout bounds each
+    socket read: a server sending a byte at a time held `biogate models fetch` (and the fetch lock
+    other processes wait on) for as long as it liked. A redirect is still followed."""
+    root, base = http_root
+    data = b"[model]\nlayers = 2\n"
+    (root / "tiny.conf").write_bytes(data)
+    stop = threading.Event()
+    moved = RawServer(lambda conn: conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: {base}/tiny.conf\r\n"
+                                                "Content-Length: 0\r\n\r\n".encode()))
+    slow = RawServer(trickle(stop, b"HTTP/1.1 200 OK\r\nContent-Length: 60000\r\n\r\n"))
+    try:
+        store = ModelStore(store_settings(tmp_path / "a", allow_network=True),
+                           manifest=_url_manifest(moved.url, hashlib.sha256(data).hexdigest(), len(data)))
+        assert [r.action for r in store.fetch()] == ["fetched"]
+        assert store.path("aasist-l-conf").read_bytes() == data
+        store = ModelStore(store_settings(tmp_path / "b", allow_network=True, fetch_timeout_s=0.5),
+                           manifest=_url_manifest(slow.url, "0" * 64, 60000))
+        exc = finishes(store.fetch, within_s=20)
+    finally:
+        stop.set()
+        moved.close()
+        slow.close()
+    assert isinstance(exc, FetchError) and "failed: TimeoutError" in str(exc), repr(exc)
+    assert list(store.cache_dir.rglob("*.part")) == []

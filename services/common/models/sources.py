@@ -10,12 +10,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..outbound import PostFailed, download
 from . import derivations
 from .errors import SourceUnavailable
 from .manifest import DerivedSource, LocalDirSource, NpmTarballSource, PypiWheelSource, Source, UrlSource
@@ -155,10 +155,10 @@ def local_dir(src: LocalDirSource, out: Path, ctx: SourceContext, refresh: bool 
 def url(src: UrlSource, out: Path, ctx: SourceContext, refresh: bool = False) -> None:
     if not ctx.allow_network:
         raise SourceUnavailable("URL downloads are off (Settings.models.allow_network)")
-    try:
-        with urllib.request.urlopen(src.url, timeout=ctx.timeout_s) as resp:
-            _copy_stream(resp, out)
-    except OSError as err:  # URLError, HTTPError and socket errors are all OSErrors
+    try:  # fetch_timeout_s bounds the whole download, not each read: a server trickling it is cut off
+        with open(out, "wb") as fh:
+            download(src.url, fh, ctx.timeout_s)
+    except PostFailed as err:
         raise SourceUnavailable(f"download of {src.url} failed: {err}") from None
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..outbound import post_json
+from services.common.outbound import PostFailed, post_json, request_once
 from .base import PushError
 
 log = logging.getLogger("biogate.mfa.push")
@@ -30,26 +30,41 @@ log = logging.getLogger("biogate.mfa.push")
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 
 
+class _Answer:  # google.auth.transport.Response's three properties
+    def __init__(self, status: int, headers: dict[str, str], data: bytes) -> None:
+        self.status, self.headers, self.data = status, headers, data
+
+
+def _bounded_transport(timeout_s: float) -> Callable[..., _Answer]:
+    """google-auth's HTTP transport (the token request) through services/common/outbound.py:
+    ``timeout_s`` bounds the whole request. requests, google-auth's own transport, applies a timeout
+    to each socket operation: a token endpoint trickling its answer held the customer's RPC."""
+    import google.auth.exceptions
+
+    def request(url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None,
+                timeout: float | None = None, **kwargs: object) -> _Answer:
+        try:
+            return _Answer(*request_once(url, body, dict(headers or {}), timeout_s, method, error_bodies=True))
+        except PostFailed as exc:
+            raise google.auth.exceptions.TransportError(str(exc)) from None
+    return request
+
+
 def service_account_tokens(key_file: Path, timeout_s: float) -> Callable[[], str]:
     """Access tokens of the service account in ``key_file`` (Google's JSON key), cached until
     google-auth judges them close to expiry, then refreshed at the key's ``token_uri``."""
     import google.auth.exceptions
-    from google.auth.transport.requests import Request
     from google.oauth2 import service_account
 
     creds = service_account.Credentials.from_service_account_file(str(key_file), scopes=[FCM_SCOPE])
     lock = threading.Lock()
-
-    class _Bounded(Request):  # google-auth's default wait is 120 s; the customer is waiting
-        def __call__(self, *args, **kwargs):
-            kwargs["timeout"] = timeout_s
-            return super().__call__(*args, **kwargs)
+    transport = _bounded_transport(timeout_s)
 
     def token() -> str:
         with lock:
             if not creds.valid:
                 try:
-                    creds.refresh(_Bounded())
+                    creds.refresh(transport)
                 except google.auth.exceptions.GoogleAuthError as exc:
                     raise PushError(f"FCM access token refused or unreachable: {type(exc).__name__}") from None
             return str(creds.token)

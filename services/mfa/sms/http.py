@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import logging
 
+from services.common.outbound import post_json
 from services.common.privacy import mask_phone
 
-from ..outbound import post_json
 from .base import SmsError
 
 log = logging.getLogger("biogate.mfa.sms")
