@@ -74,6 +74,24 @@ def test_the_spread_of_the_calls_ahead_and_of_the_call_itself_is_budgeted_too():
     assert out[0].started is not None
 
 
+def test_the_spread_of_the_work_ahead_is_shared_over_the_slots_as_its_average_is():
+    """The wait is the work ahead over ``concurrency`` slots, so its variance is the calls ahead's
+    variances over concurrency squared (Var(S/c) = Var(S)/c^2), not over concurrency."""
+    q, clock = queue(concurrency=2, max_queue=5, alpha=0.5)
+    q.observe("Verify", 1.0)
+    q.observe("Verify", 2.0)  # mean 1.5, mean deviation 0.5
+    running = [q.acquire("Verify", None) for _ in range(2)]
+    # 3.0 s ahead over 2 slots + 1.5 s of its own, and 2 x sqrt(0.5^2 + 2 x 0.5^2 / 2^2) of spread:
+    # 4.22 s (4.41 s with the variances over 2)
+    assert q.finish_time("Verify") == pytest.approx(3.0 + 2 * math.sqrt(0.25 + 0.5 / 4))
+    t, out = queued_in_thread(q, "Verify", clock.now + 4.3)
+    wait_until(lambda: q.queued == 1 or bool(out), "the call queued or refused")
+    assert not out, out[0]
+    q.release(running[0])
+    t.join(10)
+    assert out[0].started is not None
+
+
 def test_a_kind_without_samples_counts_nothing_in_the_work_ahead():
     q, _ = queue(concurrency=1)
     q.observe("Verify", 0.2)

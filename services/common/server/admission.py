@@ -25,7 +25,8 @@ Verify (~4 s) ended, and a kind whose borrowed budget exceeds every deadline wou
 sample of its own. Such a call queues, and leaves the queue as soon as its kind's first sample says it
 can no longer finish. A call is admitted on the expected wait plus its own
 average service time plus ``SPREAD`` mean deviations of the two together (the calls ahead's
-deviations add as variances; as TCP budgets a round trip, RFC 6298): a call admitted on averages
+deviations add as variances, and as their work is shared over ``concurrency`` slots its variance
+is over ``concurrency`` squared; as TCP budgets a round trip, RFC 6298): a call admitted on averages
 alone misses its deadline, or leaves the queue late, whenever the calls run slower than average. A queued call whose
 deadline comes so close that it could no longer finish leaves the queue with the same refusal
 (``DEADLINE_UNREACHABLE``) rather than start work nobody will read.
@@ -118,7 +119,7 @@ class AdmissionQueue:
         spread_sq = self._deviation(kind) ** 2
         if wait > 0:
             ahead = [*self._running, *self._queued]
-            spread_sq += sum(self._deviation(s.kind) ** 2 for s in ahead) / self.concurrency
+            spread_sq += sum(self._deviation(s.kind) ** 2 for s in ahead) / self.concurrency ** 2
         return wait + self._estimate(kind) + SPREAD * math.sqrt(spread_sq)
 
     def observe(self, kind: str, seconds: float) -> None:
