@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 
 from bench.harness import FIXTURES, MODEL_CACHE, GcLog, ROOT, ServiceProcess, command_line, parallel_rate, pct
-from bench.loadgen import OPEN_LOOP_SHARE, open_loop_at_share, open_loop_line
+from bench.loadgen import OPEN_LOOP_SHARE, LoadResult, RequestBudget, open_loop_at_share, open_loop_line
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.mfa.clients import Connections
 from services.settings import load_config
@@ -86,42 +86,42 @@ def enrol(svc: ServiceProcess, datas: list[bytes]):
 
 
 # ---------------------------------------------------------------- load generator
-async def run_load(address: str, token: str, requests: list, concurrency: int, duration: float, max_requests: int):
-    """``concurrency`` clients loop over ``requests`` until ``duration`` s or ``max_requests``."""
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
+async def run_load(address: str, token: str, requests: list, concurrency: int, duration: float,
+                   max_requests: int) -> LoadResult:
+    """``concurrency`` clients loop over ``requests`` until ``duration`` s or ``max_requests`` answered
+    calls (the refused ones counted apart: :class:`bench.loadgen.RequestBudget`)."""
+    budget = RequestBudget(max_requests, duration)
+    result = LoadResult(concurrency=concurrency, refused=budget.refused)
     metadata = (("authorization", f"Bearer {token}"),)
-    stop_at = time.monotonic() + duration
-    issued = 0
     # A connection per client: with server.workers > 1 the kernel spreads connections, not calls.
     channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(concurrency)]
     try:
         async def client(k: int) -> None:
-            nonlocal issued
             stub = face_pb2_grpc.FaceServiceStub(channels[k])
             i = k
-            while time.monotonic() < stop_at and issued < max_requests:
-                issued += 1
+            while budget.take():
                 req = requests[i % len(requests)]
                 i += concurrency
                 t = time.perf_counter()
                 try:
                     r = await stub.Verify(req, metadata=metadata, timeout=30)
                     if not r.match:  # a decision all the same: counted, and reported
-                        errors["no_match"] = errors.get("no_match", 0) + 1
+                        result.errors["no_match"] += 1
                 except grpc.aio.AioRpcError as e:
-                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                    if not budget.done(e):
+                        result.errors[e.code().name] += 1
                     continue
-                latencies.append(time.perf_counter() - t)
+                budget.done()
+                result.latencies_s.append(time.perf_counter() - t)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(concurrency)))
-        wall = time.perf_counter() - t0
+        result.wall_s = time.perf_counter() - t0
     finally:
         for channel in channels:
             await channel.close()
-    return latencies, wall, errors
+    return result
 
 
 async def run_open(address: str, token: str, requests: list, connections: int, rate: float, duration: float):
@@ -306,16 +306,16 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batch
                 for c in args.concurrency:
                     asyncio.run(run_load(svc.address, svc.token(), requests, c, 2.0, 50))  # warm the path
                     cpu0 = svc.cpu_seconds()
-                    lat, wall, errs = asyncio.run(
-                        run_load(svc.address, svc.token(), requests, c, args.duration, args.max_requests))
-                    cpu = (svc.cpu_seconds() - cpu0) / max(1, len(lat) + sum(errs.values()))
-                    levels.append((mode, c, lat, wall, errs, label, cpu))
+                    run = asyncio.run(run_load(svc.address, svc.token(), requests, c, args.duration, args.max_requests))
+                    lat, wall, errs = run.latencies_s, run.wall_s, run.errors
+                    cpu = (svc.cpu_seconds() - cpu0) / max(1, len(lat) + sum(errs.values()) + sum(run.refused.values()))
+                    levels.append((mode, c, lat, wall, run, label, cpu))
                     raw_rate = ceiling.rate(mode == "liveness", args.raw_seconds) if ceiling is not None else float("nan")
                     print(f"workers {label} {mode} concurrency {c}: {len(lat)} ok in {wall:.1f} s = {len(lat) / wall:.1f}/s, "
                           f"p50 {pct(lat, 50):.1f} ms p95 {pct(lat, 95):.1f} ms p99 {pct(lat, 99):.1f} ms, "
                           f"service CPU {cpu * 1000:.1f} ms per request, utilisation "
                           f"{cpu * len(lat) / wall / (os.cpu_count() or 1):.0%} of {os.cpu_count()} cores, "
-                          f"errors {errs}; raw models on {os.cpu_count()} threads right after: {raw_rate:.1f}/s, "
+                          f"errors {dict(errs)}, refused {dict(run.refused)}; raw models on {os.cpu_count()} threads right after: {raw_rate:.1f}/s, "
                           f"service {len(lat) / wall / raw_rate:.0%} of it", flush=True)
                 if args.open_seconds > 0:  # at a share of the highest closed-loop level's throughput
                     top = max((lv for lv in levels if lv[0] == mode and lv[5] == label), key=lambda lv: lv[1])
@@ -345,7 +345,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--max-requests", type=int, default=5000, help="per level: the load stops at this")
+    ap.add_argument("--max-requests", type=int, default=5000,
+                    help="per level: the load stops at this many answered calls (refusals counted apart)")
     ap.add_argument("--modes", nargs="+", choices=("plain", "liveness"), default=["plain", "liveness"],
                     help="Verify without / with require_liveness")
     ap.add_argument("--threads", type=int, default=None, help="face.intra_op_threads of the service")
@@ -385,7 +386,7 @@ def main() -> int:
           ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in raw.items()) + "; CPU time " +
           ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in raw_cpu.items()), flush=True)
     cpu_total = {"plain": raw_cpu["detector"] + raw_cpu["embedder"], "liveness": sum(raw_cpu.values())}
-    for mode, c, lat, wall, _errs, label, cpu in levels:
+    for mode, c, lat, wall, _run, label, cpu in levels:
         print(f"workers {label} {mode} concurrency {c}: raw model CPU / service CPU per request "
               f"{cpu_total[mode] / cpu:.0%}; of the 2-core ceiling {(len(lat) / wall) * raw_total[mode] / (os.cpu_count() or 1):.0%}",
               flush=True)
@@ -416,8 +417,9 @@ def write_results(args, levels, raw, raw_total, naive_rps, naive_lat, rss, start
     rows = "\n".join(
         f"| {mode} | {workers} | {c} | {len(lat)} | {len(lat) / wall:.1f} | {pct(lat, 50):.1f} | {pct(lat, 95):.1f} "
         f"| {pct(lat, 99):.1f} | {raw_total[mode] * 1000:.1f} | {pct(lat, 50) / (raw_total[mode] * 1000):.2f}x "
-        f"| {(len(lat) / wall) * raw_total[mode]:.2f} | {sum(errs.values())} |"
-        for mode, c, lat, wall, errs, workers, _cpu in levels
+        f"| {(len(lat) / wall) * raw_total[mode]:.2f} | {sum(run.errors.values())}"
+        f"{f' (+{sum(run.refused.values())} refused)' if run.refused else ''} |"
+        for mode, c, lat, wall, run, workers, _cpu in levels
     )
     section = f"""## Face
 

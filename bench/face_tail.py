@@ -384,10 +384,11 @@ def main() -> int:
             asyncio.run(run_load(svc.address, svc.token(), requests, 8, 2.0, 50))  # warm the path
             rate = args.rate
             if rate is None:
-                lat, wall, errs = asyncio.run(run_load(svc.address, svc.token(), requests, 8, args.duration, 5000))
+                run = asyncio.run(run_load(svc.address, svc.token(), requests, 8, args.duration, 5000))
+                lat, wall = run.latencies_s, run.wall_s
                 rate = OPEN_LOOP_SHARE * len(lat) / wall
                 print(f"closed loop c=8: {len(lat) / wall:.1f}/s, p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms, "
-                      f"errors {errs}", flush=True)
+                      f"errors {dict(run.errors)}, refused {dict(run.refused)}", flush=True)
             if ceiling is not None:
                 print(f"raw models on every core: {ceiling.rate(False, args.raw_seconds):.1f}/s", flush=True)
             client_gc = GcLog().install()

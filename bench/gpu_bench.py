@@ -291,9 +291,9 @@ def part_face(levels: list[int], duration: float, liveness: bool) -> dict:
                         for e, p in pairs]
             for c in levels:
                 asyncio.run(face_bench.run_load(svc.address, svc.token(), requests, c, 2.0, 200))
-                lat, wall, errs = asyncio.run(face_bench.run_load(svc.address, svc.token(), requests, c, duration,
-                                                                  100000))
-                runs.append(summarise(lat, wall, errs, concurrency=c, liveness=liveness))
+                run = asyncio.run(face_bench.run_load(svc.address, svc.token(), requests, c, duration, 100000))
+                runs.append(summarise(run.latencies_s, run.wall_s, dict(run.errors), concurrency=c, liveness=liveness,
+                                      refused=dict(run.refused)))
                 print(json.dumps(runs[-1]), flush=True)
             rss = svc.peak_rss_mb()
         finally:

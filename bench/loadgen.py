@@ -6,8 +6,10 @@
 
 ``call`` is an async function making one request (e.g. ``lambda: stub.Verify(req)`` on a
 ``grpc.aio`` channel). The run stops at whichever comes first of ``duration_s`` and
-``max_requests``, so it can never run away; a failed call is counted and its status recorded, not
-retried. Only loopback targets are allowed (the benchmarks never load anything but this machine).
+``max_requests`` answered calls, so it can never run away; a failed call is counted and its status
+recorded, not retried, and a call refused at once (RESOURCE_EXHAUSTED) is counted apart, by reason
+(:class:`RequestBudget`). Only loopback targets are allowed (the benchmarks never load anything but
+this machine).
 """
 
 from __future__ import annotations
@@ -34,10 +36,42 @@ def assert_loopback(target: str) -> None:
         raise ValueError(f"benchmarks only target loopback addresses, not {target}")
 
 
+class RequestBudget:
+    """A closed loop's budget: ``max_requests`` answered calls within ``duration_s``. A call refused at
+    once (RESOURCE_EXHAUSTED: admission, a rate limit) gives its place back and is counted apart, by
+    reason: counted as a request, a loop that re-sends refusals at once spent its budget on them and
+    ended early (bench/RESULTS.md, issue 13: 172 refusals and 22 answers in a level of 200)."""
+
+    def __init__(self, max_requests: int, duration_s: float, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.max_requests, self.clock = max_requests, clock
+        self.stop_at = clock() + duration_s
+        self.answered = self.in_flight = 0
+        self.refused: Counter = Counter()
+
+    def take(self) -> bool:
+        """A place for the next call, or False when the time is up or the answers due are all sent for."""
+        if self.clock() >= self.stop_at or self.answered + self.in_flight >= self.max_requests:
+            return False
+        self.in_flight += 1
+        return True
+
+    def done(self, err: grpc.aio.AioRpcError | None = None) -> bool:
+        """The call took ended (``err`` None: answered); True when it was refused, so not an answer."""
+        from services.common.errors import details_of
+
+        self.in_flight -= 1
+        if err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.refused[details_of(err).get("reason") or "RESOURCE_EXHAUSTED"] += 1
+            return True
+        self.answered += 1
+        return False
+
+
 @dataclass
 class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
-    errors: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)  # answered with another status, by code
+    refused: Counter = field(default_factory=Counter)  # RESOURCE_EXHAUSTED, by reason: not requests
     wall_s: float = 0.0
     concurrency: int = 0
 
@@ -56,6 +90,7 @@ class LoadResult:
         return {
             "requests_ok": self.ok,
             "errors": dict(self.errors),
+            "refused": dict(self.refused),
             "concurrency": self.concurrency,
             "wall_s": round(self.wall_s, 3),
             "throughput_per_s": round(self.throughput, 2),
@@ -66,7 +101,8 @@ class LoadResult:
 
     def summary(self) -> str:
         d = self.as_dict()
-        return (f"{d['requests_ok']} ok, {sum(self.errors.values())} errors, c={self.concurrency}: "
+        return (f"{d['requests_ok']} ok, {sum(self.errors.values())} errors, {sum(self.refused.values())} refused, "
+                f"c={self.concurrency}: "
                 f"{d['throughput_per_s']}/s, p50 {d['p50_ms']} ms, p95 {d['p95_ms']} ms, p99 {d['p99_ms']} ms")
 
 
@@ -78,25 +114,24 @@ async def run_load(
     max_requests: int,
     warmup_requests: int = 0,
 ) -> LoadResult:
-    """Runs ``call`` from ``concurrency`` workers until the time or request budget is spent."""
+    """Runs ``call`` from ``concurrency`` workers until the time or request budget (answered calls) is spent."""
     if concurrency < 1 or duration_s <= 0 or max_requests < 1:
         raise ValueError("concurrency, duration_s and max_requests must be positive")
     for _ in range(warmup_requests):
         await call()
-    result = LoadResult(concurrency=concurrency)
-    issued = 0
-    deadline = time.perf_counter() + duration_s
+    budget = RequestBudget(max_requests, duration_s)
+    result = LoadResult(concurrency=concurrency, refused=budget.refused)
 
     async def worker() -> None:
-        nonlocal issued
-        while issued < max_requests and time.perf_counter() < deadline:
-            issued += 1
+        while budget.take():
             start = time.perf_counter()
             try:
                 await call()
             except grpc.aio.AioRpcError as err:
-                result.errors[err.code().name] += 1
+                if not budget.done(err):
+                    result.errors[err.code().name] += 1
                 continue
+            budget.done()
             result.latencies_s.append(time.perf_counter() - start)
 
     start = time.perf_counter()

@@ -5,8 +5,8 @@
 
 Per arm (a named set of voice settings, ARMS) it starts a real `biogate serve voice` process
 (default models, a temporary data dir), enrols the fixture speakers, then drives Verify with a
-bounded, self-stopping async load generator (grpc.aio; stops at --duration or --max-requests,
-whichever comes first): tenant "bench" with every layer, tenant "bench-nosynth" without AASIST,
+bounded, self-stopping async load generator (grpc.aio; stops at --duration or --max-requests
+answered calls, whichever comes first; refusals, RESOURCE_EXHAUSTED, are counted apart): tenant "bench" with every layer, tenant "bench-nosynth" without AASIST,
 each closed loop at --concurrency and then open loop at --open-loop x that throughput (issue 13's
 p99/p50). Each level records what the load of other jobs cannot inflate: the service's CPU time per
 verification, its core utilisation and its runnable threads (/proc, bench.harness.ThreadSampler).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import itertools
 import json
 import statistics
 import os
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ import soundfile as sf
 from bench.harness import FIXTURES as ALL_FIXTURES
 from bench.harness import (RESULTS, ROOT, ServiceProcess, ThreadSampler, child_pids, command_line, parallel_rate, pct,
                            replace_section)
-from bench.loadgen import run_open_loop
+from bench.loadgen import RequestBudget, run_open_loop
 from services.common.config import usable_cores
 from services.settings import load_config
 
@@ -90,10 +92,10 @@ async def load(target: str, token: str, tenant: str, subjects: list[str], probes
     from services.common.api.v1 import voice_pb2_grpc
 
     latencies: list[float] = []
-    errors: dict[str, int] = {}
+    errors: dict[str, int] = {}  # answered with another status, by code
+    budget = RequestBudget(max_requests, duration_s)  # closed loop: answered calls
+    refused = budget.refused  # RESOURCE_EXHAUSTED, by reason: not requests
     matches = 0
-    issued = 0
-    stop_at = time.monotonic() + duration_s
     # A connection per client: with server.workers > 1 the kernel spreads connections, not calls.
     channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(concurrency)]
@@ -109,29 +111,30 @@ async def load(target: str, token: str, tenant: str, subjects: list[str], probes
         matches += reply.match
         latencies.append(time.perf_counter() - t)
 
-    async def one(k: int) -> None:
-        try:
-            await timed(k, 60)
-        except grpc.aio.AioRpcError as err:
-            errors[err.code().name] = errors.get(err.code().name, 0) + 1
-
-    async def client() -> None:
-        nonlocal issued
-        while time.monotonic() < stop_at and issued < max_requests:
-            issued += 1
-            await one(issued - 1)
+    async def client(sent: Iterator[int]) -> None:
+        while budget.take():
+            try:
+                await timed(next(sent), 60)
+            except grpc.aio.AioRpcError as err:
+                if not budget.done(err):
+                    errors[err.code().name] = errors.get(err.code().name, 0) + 1
+                continue
+            budget.done()
 
     async def open_loop(per_s: float) -> None:
         result = await run_open_loop(timed, rate_per_s=per_s, duration_s=duration_s, deadline_s=60,
                                      max_requests=max_requests)
         for o in result.outcomes:
-            if o.code != "OK":
+            if o.code == "RESOURCE_EXHAUSTED":
+                refused[o.reason or o.code] += 1
+            elif o.code != "OK":
                 errors[o.code] = errors.get(o.code, 0) + 1
 
     try:
         t0 = time.perf_counter()
         if rate is None:
-            await asyncio.gather(*(client() for _ in range(concurrency)))
+            sent = itertools.count()
+            await asyncio.gather(*(client(sent) for _ in range(concurrency)))
         else:
             await open_loop(rate)
         wall = time.perf_counter() - t0
@@ -139,7 +142,7 @@ async def load(target: str, token: str, tenant: str, subjects: list[str], probes
         for channel in channels:
             await channel.close()
     return {"tenant": tenant, "concurrency": concurrency, "offered_rps": rate, "requests": len(latencies),
-            "errors": errors, "wall_s": round(wall, 2), "throughput_rps": round(len(latencies) / wall, 3),
+            "errors": errors, "refused": dict(refused), "wall_s": round(wall, 2), "throughput_rps": round(len(latencies) / wall, 3),
             "p50_ms": round(pct(latencies, 50), 1), "p95_ms": round(pct(latencies, 95), 1),
             "p99_ms": round(pct(latencies, 99), 1),
             "mean_ms": round(1000 * float(np.mean(latencies)), 1) if latencies else float("nan"),
@@ -155,7 +158,7 @@ def measured_level(svc: ServiceProcess, *args, **kwargs) -> dict:
     run = asyncio.run(load(*args, **kwargs))
     sampler.stop()
     cpu = svc.cpu_seconds() - cpu0
-    done = run["requests"] + sum(run["errors"].values())
+    done = run["requests"] + sum(run["errors"].values()) + sum(run["refused"].values())
     cores = usable_cores()
     run.update({"service_cpu_ms": round(1000 * cpu / max(1, done), 1),
                 "utilisation": round(cpu / (run["wall_s"] * cores), 3), "cores": cores, **sampler.summary(cores)})
@@ -347,7 +350,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--duration", type=float, default=40.0)
-    ap.add_argument("--max-requests", type=int, default=400)
+    ap.add_argument("--max-requests", type=int, default=400,
+                    help="per level: a closed loop stops at this many answered calls (refusals counted apart), "
+                         "an open loop at this many issued")
     ap.add_argument("--raw-clips", type=int, default=24, help="probes timed by the raw models, one after another")
     ap.add_argument("--raw-seconds", type=float, default=20.0,
                     help="the raw models on one thread per core for this long (the ceiling); 0: not run")

@@ -166,10 +166,10 @@ def challenge_arm(args, answers: Answers) -> tuple[list[dict], float, list[bytes
                 level_outcomes.clear()
                 run = voice_bench.measured_level(svc, svc.address, token, TENANT, [], [], args.concurrency,
                                                  duration, max_requests, rate=rate, send=calls)
-                refused = sum(run["errors"].values())
-                if refused and run["requests"]:  # refusals (admission's) cost next to nothing: CPU per decided call
+                failed = sum(run["errors"].values()) + sum(run["refused"].values())
+                if failed and run["requests"]:  # refusals (admission's) cost next to nothing: CPU per decided call
                     run["service_cpu_ms_all_calls"] = run["service_cpu_ms"]
-                    run["service_cpu_ms"] = round(run["service_cpu_ms"] * (run["requests"] + refused) / run["requests"], 1)
+                    run["service_cpu_ms"] = round(run["service_cpu_ms"] * (run["requests"] + failed) / run["requests"], 1)
                 levels.append({"arm": arm, "loop": loop, **run, "outcomes": dict(level_outcomes)})
                 outcomes.update(level_outcomes)
                 print(json.dumps(levels[-1]), flush=True)
@@ -200,7 +200,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--duration", type=float, default=40.0)
-    ap.add_argument("--max-requests", type=int, default=200)
+    ap.add_argument("--max-requests", type=int, default=200,
+                    help="per closed-loop level: it stops at this many answered calls (refusals counted apart)")
     ap.add_argument("--open-loop", type=float, default=0.8)
     ap.add_argument("--subjects", type=int, default=4, help="subject ids enrolled per speaker")
     ap.add_argument("--raw-clips", type=int, default=12, help="inputs timed by the raw models, one after another")
@@ -261,7 +262,8 @@ def table(report: dict) -> str:
     for r in report["runs"]:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(r.get("outcomes", {}).items(), key=lambda kv: -kv[1]))
         if not outcomes:
-            outcomes = f"{r['matches']} matches" + (f", errors {r['errors']}" if r["errors"] else "")
+            outcomes = (f"{r['matches']} matches" + (f", errors {r['errors']}" if r["errors"] else "")
+                        + (f", refused {r['refused']}" if r.get("refused") else ""))
         rows.append(f"| {r['arm']} | {r['loop']} | {r['requests']} | {r['throughput_rps']:.2f} | {r['p50_ms']:.0f} | "
                     f"{r['p99_ms']:.0f} | {r['p99_ms'] / r['p50_ms']:.2f} | {r['service_cpu_ms']:.0f} | "
                     f"{r.get('raw_cpu_ms', float('nan')):.0f} | {r.get('raw_over_service_cpu') or float('nan'):.0%} | "

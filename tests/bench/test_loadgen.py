@@ -36,6 +36,116 @@ def test_the_run_stops_at_its_request_budget_and_counts_errors(services):
     assert bad.ok == 0 and bad.errors == {grpc.StatusCode.NOT_FOUND.name: 10}
 
 
+def refused_call(reason: str = "QUEUE_FULL") -> grpc.aio.AioRpcError:
+    from services.common.errors import resource_exhausted
+
+    refusal = resource_exhausted("busy", reason)
+    refusal.retry_delay_s = 0.25
+    status = refusal.to_status()
+    return grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata),
+                                status.details)
+
+
+def test_refusals_are_counted_apart_and_do_not_spend_the_request_budget():
+    """bench/RESULTS.md (issue 13): a closed loop that re-sent each admission refusal at once ended its
+    level of 200 requests after 172 refusals and 22 answers. The budget is of answered calls; the
+    refusals are reported apart, by reason."""
+    calls = {"n": 0}
+
+    async def call():
+        calls["n"] += 1
+        n = calls["n"]
+        await asyncio.sleep(0)
+        if n <= 30:
+            raise refused_call()
+        if n % 7 == 0:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), "bad")
+
+    result = asyncio.run(run_load(call, concurrency=4, duration_s=30, max_requests=20))
+    assert result.ok + sum(result.errors.values()) == 20 and calls["n"] == 50
+    assert result.refused == {"QUEUE_FULL": 30} and set(result.errors) == {"INVALID_ARGUMENT"}
+    d = result.as_dict()
+    assert d["refused"] == {"QUEUE_FULL": 30} and "RESOURCE_EXHAUSTED" not in d["errors"]
+    assert "30 refused" in result.summary()
+
+
+def test_the_budget_gives_a_refused_calls_place_back_and_stops_at_its_time():
+    from bench.loadgen import RequestBudget
+
+    now = [0.0]
+    budget = RequestBudget(2, 10.0, clock=lambda: now[0])
+    assert budget.take() and budget.take() and not budget.take()  # two in flight: the answers due are sent for
+    assert budget.done(refused_call("DEADLINE_UNREACHABLE")) and budget.take()  # its place back
+    assert not budget.done() and not budget.done() and not budget.take()
+    assert (budget.answered, budget.in_flight, dict(budget.refused)) == (2, 0, {"DEADLINE_UNREACHABLE": 1})
+    budget = RequestBudget(5, 10.0, clock=lambda: now[0])
+    now[0] = 10.0
+    assert not budget.take()
+
+
+class Refusing:
+    """A loopback gRPC server's Verify (face and voice) that refuses the first ``refusals`` calls with
+    admission's RESOURCE_EXHAUSTED and answers the rest."""
+
+    def __init__(self, refusals: int) -> None:
+        self.left, self.calls = refusals, 0
+
+    async def answer(self, reply, context):
+        self.calls += 1
+        if self.left:
+            self.left -= 1
+            from services.common.errors import resource_exhausted
+
+            status = resource_exhausted("busy", "DEADLINE_UNREACHABLE").to_status()
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        return reply
+
+
+async def serving(refusing: Refusing) -> tuple[grpc.aio.Server, str]:
+    from services.common.api.v1 import face_pb2, face_pb2_grpc, voice_pb2, voice_pb2_grpc
+
+    class Face(face_pb2_grpc.FaceServiceServicer):
+        async def Verify(self, request, context):
+            return await refusing.answer(face_pb2.VerifyFaceResponse(match=True), context)
+
+    class Voice(voice_pb2_grpc.VoiceServiceServicer):
+        async def Verify(self, request, context):
+            return await refusing.answer(voice_pb2.VerifyVoiceResponse(match=True), context)
+
+    server = grpc.aio.server()
+    face_pb2_grpc.add_FaceServiceServicer_to_server(Face(), server)
+    voice_pb2_grpc.add_VoiceServiceServicer_to_server(Voice(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_the_face_and_voice_benches_count_answered_calls_and_refusals_apart():
+    from bench import face_bench, voice_bench
+    from services.common.api.v1 import face_pb2, voice_pb2
+
+    async def main():
+        face, voice = Refusing(12), Refusing(12)
+        server, address = await serving(face)
+        try:
+            face_run = await face_bench.run_load(address, "t", [face_pb2.VerifyFaceRequest()], 3, 30.0, 10)
+            server2, address2 = await serving(voice)
+            try:
+                voice_run = await voice_bench.load(address2, "t", "bank-a", [], [], 3, 30.0, 10,
+                                                   send=lambda stub, k, meta, timeout: stub.Verify(
+                                                       voice_pb2.VerifyVoiceRequest(), metadata=meta, timeout=timeout))
+            finally:
+                await server2.stop(None)
+        finally:
+            await server.stop(None)
+        return face_run, voice_run, voice.calls
+
+    face_run, voice_run, voice_calls = asyncio.run(main())
+    assert face_run.ok == 10 and not face_run.errors and face_run.refused == {"DEADLINE_UNREACHABLE": 12}
+    assert (voice_run["requests"], voice_run["errors"], voice_run["refused"]) == (10, {}, {"DEADLINE_UNREACHABLE": 12})
+    assert voice_calls == 22 and voice_run["matches"] == 10
+
+
 def test_the_run_stops_at_its_time_budget():
     async def slow():
         await asyncio.sleep(0.05)
@@ -52,17 +162,11 @@ def test_peak_rss_reads_proc():
 
 def test_the_open_loop_issues_at_its_rate_whatever_the_answers_and_records_each_outcome():
     from bench.loadgen import run_open_loop
-    from services.common.errors import resource_exhausted
-
-    refusal = resource_exhausted("busy", "QUEUE_FULL")
-    refusal.retry_delay_s = 0.25
-    status = refusal.to_status()
 
     async def call(i: int, timeout: float):
         assert timeout == 2.0
         if i % 2:
-            raise grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata),
-                                       status.details)
+            raise refused_call()
         await asyncio.sleep(0.5)  # slower than the issue interval: the loop does not wait for it
 
     result = asyncio.run(run_open_loop(call, rate_per_s=40, duration_s=0.5, deadline_s=2.0, max_requests=1000))

@@ -247,7 +247,8 @@ def test_a_key_failing_in_a_token_that_answers_is_invalid_not_unavailable(sofths
         assert "retrying does not help" in message and PIN not in message
         with pytest.raises(TokenKeyInvalidError):
             crypto.decrypt_contact("t", "s", sealed)
-        with pytest.raises(TokenKeyInvalidError, match=r"fails: encrypting \(GeneralError\)"):
+        with pytest.raises(TokenKeyInvalidError, match=r"fails: encrypting \(GeneralError\), and a test encryption "
+                                                       r"too \(GeneralError\)"):
             crypto.encrypt_contact("t", "s", "+8613800000001")
         assert key_failures("kek") == failures + 3
     finally:
@@ -307,11 +308,111 @@ def test_a_signing_key_failing_in_a_token_that_answers_is_invalid(softhsm, tmp_p
     try:
         failures = key_failures("signing")
         with pytest.raises(TokenKeyInvalidError, match=rf"the signing key {signer.key_id!r} .* fails: signing "
-                                                      r"\(GeneralError\); the token answers"):
+                                                      r"\(GeneralError\), and a test signature too \(GeneralError\); "
+                                                      "the token answers"):
             signer.sign(b"head")
         assert key_failures("signing") == failures + 1
     finally:
         token.destroy_pair(signer._object_id)
+
+
+class FailsOnce(pkcs11.types.SignMixin, pkcs11.types.EncryptMixin, pkcs11.types.DecryptMixin):
+    """A key object of the token whose ``method`` fails once with GeneralError, as a device's passing
+    fault does (the key itself sound); every other use runs in the token."""
+
+    def __init__(self, key, method: str) -> None:
+        self.key, self.method, self.failed = key, method, 0
+
+    def _use(self, method: str, *args, **kwargs):
+        if method == self.method and not self.failed:
+            self.failed += 1
+            raise pkcs11.exceptions.GeneralError()
+        return getattr(self.key, method)(*args, **kwargs)
+
+    def sign(self, *args, **kwargs):
+        return self._use("sign", *args, **kwargs)
+
+    def encrypt(self, *args, **kwargs):
+        return self._use("encrypt", *args, **kwargs)
+
+    def decrypt(self, *args, **kwargs):
+        return self._use("decrypt", *args, **kwargs)
+
+
+def test_a_signing_failure_a_test_signature_does_not_repeat_is_the_devices_and_retryable(softhsm, tmp_path,
+                                                                                          monkeypatch):
+    """GeneralError is what a failing key gives and what a device's passing fault gives: before, every
+    one was the key's (TokenKeyInvalidError, KEY_STORE_KEY_INVALID, never retried). Now a test signature
+    with the same key tells them apart: it passed, so the device failed (TokenUnavailableError,
+    UNAVAILABLE with a retry hint), no key failure is counted, and the retried signature verifies."""
+    from services.common.crypto.errors import TokenKeyInvalidError, TokenUnavailableError
+    from services.common.crypto.hsm import audit_signer, open_token
+    from services.common.crypto.signing import verify_signature
+
+    token = open_token(make_settings(tmp_path / "data", keys=softhsm.keys_config()).keys.pkcs11)
+    signer = audit_signer(token)
+    try:
+        flaky = FailsOnce(signer._private(), "sign")
+        monkeypatch.setattr(signer, "_private", lambda: flaky)
+        failures = key_failures("signing")
+        with pytest.raises(TokenUnavailableError, match=rf"signing with key {signer.key_id!r} \(GeneralError; a test "
+                                                       r"signature with it passed\)") as err:
+            signer.sign(b"head")
+        assert not isinstance(err.value, TokenKeyInvalidError) and err.value.retry_after_s is not None
+        assert flaky.failed == 1 and key_failures("signing") == failures
+        assert verify_signature(signer.public_key, signer.sign(b"head"), b"head")
+    finally:
+        token.destroy_pair(signer._object_id)
+
+
+def test_an_encryption_failure_a_test_encryption_does_not_repeat_is_the_devices(softhsm, tmp_path, monkeypatch):
+    """Sealing a data key under the key-encryption key: a GeneralError the key's test encryption does
+    not repeat is the device's (retryable), as unwrapping already told them apart."""
+    from services.common.crypto.errors import TokenKeyInvalidError, TokenUnavailableError
+
+    keyring = open_keyring(make_settings(tmp_path / "data", keys=softhsm.keys_config()))
+    assert isinstance(keyring, Pkcs11Keyring)
+    kid = keyring.primary_key_id()
+    flaky = FailsOnce(keyring._kek(kid), "encrypt")
+    monkeypatch.setattr(keyring, "_kek", lambda key_id_: flaky)
+    failures = key_failures("kek")
+    with pytest.raises(TokenUnavailableError, match=rf"encrypting under key {kid!r} \(GeneralError; a test "
+                                                   r"encryption with it passed\)") as err:
+        keyring.wrap(kid, b"k" * 32, b"aad")
+    assert not isinstance(err.value, TokenKeyInvalidError)
+    assert flaky.failed == 1 and key_failures("kek") == failures
+    assert keyring.unwrap(kid, keyring.wrap(kid, b"k" * 32, b"aad"), b"aad") == b"k" * 32
+
+
+def test_a_pseudonym_derivation_failing_once_takes_the_second_derivation(softhsm, tmp_path, monkeypatch):
+    """The derivation's input is fixed, so a second derivation is its probe: after a GeneralError it
+    passed, so the device failed once and its key is the pseudonym key (before: the key's fault,
+    KEY_STORE_KEY_INVALID at the service's start)."""
+    from services.common.crypto.hsm import open_token
+
+    token = open_token(make_settings(tmp_path / "data", keys=softhsm.keys_config()).keys.pkcs11)
+    keyring = Pkcs11Keyring(token)
+    keyring.create_pseudonym_key("b8" * 8)
+    try:
+        derived = Pkcs11Keyring(token, create=False).pseudonym_key()
+        first, label = token.first, token.label("pseudonym")
+        flaky: list[FailsOnce] = []
+
+        def failing_once(label_: str, cls):
+            key = first(label_, cls)
+            if label_ == label and key is not None:
+                flaky.append(flaky[0] if flaky else FailsOnce(key, "sign"))
+                return flaky[-1]
+            return key
+
+        monkeypatch.setattr(token, "first", failing_once)
+        failures = key_failures("pseudonym")
+        assert keyring.pseudonym_key() == derived
+        assert flaky and flaky[0].failed == 1 and key_failures("pseudonym") == failures
+    finally:
+        monkeypatch.undo()
+        with token.using():
+            present(token.first(token.label("pseudonym"), ObjectClass.SECRET_KEY)).destroy()
 
 
 OPENER = """
@@ -370,7 +471,8 @@ def test_the_pseudonym_key_failing_in_a_token_that_answers_is_invalid_and_an_awa
             Pkcs11Keyring(token, create=False).pseudonym_key()
         assert not isinstance(err.value, TokenUnavailableError)
         assert (f"the pseudonym root key (label {label!r}) in the PKCS#11 token {TOKEN_LABEL!r} fails: deriving the "
-                "pseudonym key (GeneralError); the token answers") in str(err.value)
+                "pseudonym key (GeneralError, and a second derivation too (GeneralError)); the token answers"
+                ) in str(err.value)
         assert key_failures("pseudonym") == failures + 1
         assert keyring.pseudonym_key() == derived
     finally:

@@ -74,6 +74,24 @@ def test_the_spread_of_the_calls_ahead_and_of_the_call_itself_is_budgeted_too():
     assert out[0].started is not None
 
 
+def test_the_spread_of_the_work_ahead_is_shared_over_the_slots_as_its_average_is():
+    """The wait is the work ahead over ``concurrency`` slots, so its variance is the calls ahead's
+    variances over concurrency squared (Var(S/c) = Var(S)/c^2), not over concurrency."""
+    q, clock = queue(concurrency=2, max_queue=5, alpha=0.5)
+    q.observe("Verify", 1.0)
+    q.observe("Verify", 2.0)  # mean 1.5, mean deviation 0.5
+    running = [q.acquire("Verify", None) for _ in range(2)]
+    # 3.0 s ahead over 2 slots + 1.5 s of its own, and 2 x sqrt(0.5^2 + 2 x 0.5^2 / 2^2) of spread:
+    # 4.22 s (4.41 s with the variances over 2)
+    assert q.finish_time("Verify") == pytest.approx(3.0 + 2 * math.sqrt(0.25 + 0.5 / 4))
+    t, out = queued_in_thread(q, "Verify", clock.now + 4.3)
+    wait_until(lambda: q.queued == 1 or bool(out), "the call queued or refused")
+    assert not out, out[0]
+    q.release(running[0])
+    t.join(10)
+    assert out[0].started is not None
+
+
 def test_a_kind_without_samples_counts_nothing_in_the_work_ahead():
     q, _ = queue(concurrency=1)
     q.observe("Verify", 0.2)
@@ -110,15 +128,41 @@ def test_a_kind_without_samples_is_admitted_on_an_idle_queue_whatever_the_other_
     assert slot.started == clock.now
 
 
+def test_a_burst_of_a_kind_without_samples_is_bounded_till_its_first_sample():
+    """Counting nothing, every call of a never-measured kind would be taken while the queue has room:
+    two rounds of the slots run or queue, the rest are refused as a full queue is, with a retry hint."""
+    q, clock = queue(concurrency=2, max_queue=8)
+    running = [q.acquire("Identify", None) for _ in range(2)]
+    waiting = [queued_in_thread(q, "Identify", None) for _ in range(2)]
+    wait_until(lambda: q.queued == 2, "two calls queued")
+    clock.now += 3.0
+    burst = [queued_in_thread(q, "Identify", clock.now + 60.0) for _ in range(3)]
+    wait_until(lambda: all(out for _, out in burst), "the burst answered")
+    for _, (err,) in burst:
+        assert isinstance(err, ServiceError), err
+        assert (err.code, err.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, QUEUE_FULL)
+        assert err.retry_delay_s == pytest.approx(3.0)  # its oldest call has run 3 s and not ended
+        assert "Identify calls running or queued and no measure" in err.message
+    assert (q.running, q.queued) == (2, 2)  # nothing was queued for them
+    q.observe("Verify", 0.5)
+    more = queued_in_thread(q, "Verify", None)  # a measured kind still queues behind them
+    wait_until(lambda: q.queued == 3, "the Verify call queued")
+    q.release(running[0])  # the first sample: 3 s
+    waiting[0][0].join(10)
+    later = [queued_in_thread(q, "Identify", None) for _ in range(2)]
+    wait_until(lambda: q.queued == 4, "the Identify calls queued once measured")
+    assert all(not out for _, out in later) and not more[1]
+
+
 def test_a_queued_call_leaves_as_soon_as_its_kinds_first_sample_says_it_cannot_finish():
-    q, clock = queue(concurrency=1, max_queue=3)
-    running = q.acquire("Verify", None)
+    q, clock = queue(concurrency=2, max_queue=3)
+    running = [q.acquire("Verify", None) for _ in range(2)]
     t1, out1 = queued_in_thread(q, "Verify", None)
     wait_until(lambda: q.queued == 1, "the first call queued")
     t2, out2 = queued_in_thread(q, "Verify", clock.now + 1000.0)
     wait_until(lambda: q.queued == 2, "the second call queued")
     clock.now += 600.0  # the first sample: 600 s; the second queued call could no longer finish
-    q.release(running)
+    q.release(running[0])
     t2.join(10)  # not its real-time wake-up, 400 s on
     assert out2 and getattr(out2[0], "reason", None) == DEADLINE_UNREACHABLE and q.queued == 0
     t1.join(10)
@@ -194,6 +238,7 @@ def test_a_release_wakes_the_call_it_starts_and_no_other_queued_thread():
     8 calls in flight on 2 slots switched threads 118 times per call (bench/RESULTS.md "OpenCV's thread
     pool")."""
     q, _ = queue(concurrency=1, max_queue=5)
+    q.observe("Verify", 0.1)  # measured: more than two calls of it may wait
     running = q.acquire("Verify", None)
     looks = [Looks() for _ in range(4)]
     calls = []
@@ -211,6 +256,7 @@ def test_a_release_wakes_the_call_it_starts_and_no_other_queued_thread():
 
 def test_a_cancelled_queued_call_is_woken_to_leave_and_the_others_sleep_on():
     q, _ = queue(concurrency=1, max_queue=5)
+    q.observe("Verify", 0.1)  # measured: more than two calls of it may wait
     running = q.acquire("Verify", None)
     gone, stays = Looks(), Looks()
     t1, out1 = queued_looking(q, gone)

@@ -28,7 +28,7 @@ def run(fixtures_dir):
 
 
 def test_four_times_the_sustained_rate_still_passes_most_of_that_rate_within_the_deadline(run):
-    assert run["base"]["rate_per_s"] > 0 and not run["base"]["errors"]
+    assert run["base"]["rate_per_s"] > 0 and not run["base"]["errors"] and not run["base"]["refused"]
     over = run["over"]
     assert over["offered_per_s"] >= 3.5 * run["base"]["rate_per_s"]
     # The acceptance target is 90 % (bench/RESULTS.md, 40 s runs). These short runs on 2 shared cores,

@@ -61,6 +61,7 @@ T = TypeVar("T")
 
 _ED25519_OID = "1.3.101.112"
 _KCV_MESSAGE = b"biogate-kek-check-v1"
+_SIGNING_CHECK = b"biogate-signing-check-v1"
 _PSEUDONYM_LABEL = b"biogate-pseudonym-key-v1"
 _CIPHER = "AES-256-GCM"
 _NONCE = 12
@@ -112,6 +113,20 @@ def _denied(obj: Any, uses: tuple[str, ...]) -> str:
     mixins = {"encrypt": types.EncryptMixin, "decrypt": types.DecryptMixin, "sign": types.SignMixin}
     denied = [use for use in uses if not isinstance(obj, mixins[use])]
     return f"its attributes do not allow it to {', '.join(denied)}" if denied else ""
+
+
+def _probed(E: Any, probe: Callable[[], object], faulty: Callable[[Exception], TokenUnavailableError]) -> str:
+    """After a GeneralError from an operation no input makes fail, which a failing key and a device's
+    passing fault both give: "" when ``probe`` (the operation with the same key on fixed input)
+    succeeds, so the failure was the device's, else what the probe raised (the key's). A device's
+    fault in the probe is raised as ``faulty(exc)``."""
+    try:
+        probe()
+    except _device_faults(E) as exc:
+        raise faulty(exc) from None
+    except E.PKCS11Error as exc:
+        return type(exc).__name__
+    return ""
 
 
 def _faulty(cfg: Pkcs11Config, why: str) -> TokenUnavailableError:
@@ -406,13 +421,26 @@ class Pkcs11Signer:
         return self._key
 
     def sign(self, message: bytes) -> bytes:
-        eddsa, E = self._token.p11.Mechanism.EDDSA, self._token.p11.exceptions
+        E = self._token.p11.exceptions
         try:
-            return self._token.run(lambda: bytes(self._usable().sign(message, mechanism=eddsa)))
-        except (E.GeneralError, *_key_faults(E)) as exc:  # no message makes signing fail: the key's
+            return self._signed(message)
+        except E.GeneralError:  # no message makes signing fail: the key's, or the device's passing fault
+            fault = _probed(E, lambda: self._signed(_SIGNING_CHECK), lambda exc: self._faulty("a test signature", exc))
+        except _key_faults(E) as exc:
             raise self._invalid(f"signing ({type(exc).__name__})") from None
         except _device_faults(E) as exc:
-            raise _faulty(self._token.cfg, f"signing with key {self.key_id!r} ({type(exc).__name__})") from None
+            raise self._faulty("signing", exc) from None
+        if fault:
+            raise self._invalid(f"signing (GeneralError), and a test signature too ({fault})")
+        raise _faulty(self._token.cfg, f"signing with key {self.key_id!r} (GeneralError; a test signature with "
+                                       "it passed)")
+
+    def _signed(self, message: bytes) -> bytes:
+        eddsa = self._token.p11.Mechanism.EDDSA
+        return self._token.run(lambda: bytes(self._usable().sign(message, mechanism=eddsa)))
+
+    def _faulty(self, what: str, exc: Exception) -> TokenUnavailableError:
+        return _faulty(self._token.cfg, f"{what} with key {self.key_id!r} ({type(exc).__name__})")
 
     def _usable(self) -> Any:
         key = self._private()
@@ -674,15 +702,19 @@ class Pkcs11Keyring:
 
     def _answered(self, key_id_: str, what: str, op: Callable[[], bytes]) -> bytes:
         """``op()``, an operation under the key that no input makes fail (encrypting, the check
-        value), with the token's failures told apart: GeneralError is the key's, never retryable;
-        a device's fault is the token's (TokenUnavailableError)."""
+        value), with the token's failures told apart: GeneralError is the key's, never retryable,
+        when a test encryption with it fails too, else the device's passing fault; a device's fault
+        is the token's (TokenUnavailableError)."""
         E = self.token.p11.exceptions
         try:
             return op()
         except E.GeneralError:
-            raise self._invalid(key_id_, f"{what} (GeneralError)") from None
+            fault = self._kek_fault(key_id_)
         except _device_faults(E) as exc:
             raise self._device_fault(key_id_, what, exc) from None
+        if fault:
+            raise self._invalid(key_id_, f"{what} (GeneralError), and a test encryption too ({fault})")
+        raise _faulty(self.token.cfg, f"{what} under key {key_id_!r} (GeneralError; a test encryption with it passed)")
 
     def _encrypt(self, key_id_: str, data_key: bytes, aad: bytes) -> bytes:
         """``data_key`` sealed in the token (PKCS#11 errors as the token raised them)."""
@@ -727,14 +759,11 @@ class Pkcs11Keyring:
     def _kek_fault(self, key_id_: str) -> str:
         """"" when the key wraps a test message and opens it again in the token, else what the key
         did; a device's fault (the token failing, not the key) is TokenUnavailableError."""
-        E = self.token.p11.exceptions
-        try:
-            back = self._decrypt(key_id_, self._encrypt(key_id_, _KCV_MESSAGE, _KCV_MESSAGE), _KCV_MESSAGE)
-        except _device_faults(E) as exc:
-            raise self._device_fault(key_id_, "a test encryption", exc) from None
-        except E.PKCS11Error as exc:
-            return type(exc).__name__
-        return "" if back == _KCV_MESSAGE else "it decrypted to other bytes"
+        back: list[bytes] = []
+        fault = _probed(self.token.p11.exceptions, lambda: back.append(self._decrypt(
+            key_id_, self._encrypt(key_id_, _KCV_MESSAGE, _KCV_MESSAGE), _KCV_MESSAGE)),
+            lambda exc: self._device_fault(key_id_, "a test encryption", exc))
+        return fault or ("" if back[0] == _KCV_MESSAGE else "it decrypted to other bytes")
 
     def pseudonym_key_id(self) -> str | None:
         """The token object id (hex) of the pseudonym root key, None when the token has none."""
@@ -748,8 +777,10 @@ class Pkcs11Keyring:
 
     def pseudonym_key(self) -> bytes:
         """The pseudonym key, derived in the token once. No input makes the derivation fail: a
-        GeneralError or a refused key type is the key's (TokenKeyInvalidError), a device's fault the
-        token's (TokenUnavailableError, as is a token that does not answer)."""
+        refused key type is the key's (TokenKeyInvalidError), a device's fault the token's
+        (TokenUnavailableError, as is a token that does not answer), and a GeneralError either: a
+        second derivation tells them apart (its input is fixed, so it is its own probe, and when it
+        succeeds its key is the one)."""
         if self._pseudonym is None:
             t, E = self.token, self.token.p11.exceptions
             label = t.label("pseudonym")
@@ -763,12 +794,23 @@ class Pkcs11Keyring:
                     raise self._pseudonym_invalid(label, denied)
                 return bytes(key.sign(_PSEUDONYM_LABEL, mechanism=t.p11.Mechanism.SHA256_HMAC))
 
+            def faulty(exc: Exception) -> TokenUnavailableError:
+                return _faulty(t.cfg, f"deriving the pseudonym key ({type(exc).__name__})")
+
+            derived: list[bytes] = []
             try:
                 self._pseudonym = t.run(derive)
-            except (E.GeneralError, *_key_faults(E)) as exc:
+            except E.GeneralError:
+                fault = _probed(E, lambda: derived.append(t.run(derive)), faulty)
+                if fault:
+                    raise self._pseudonym_invalid(label, f"GeneralError, and a second derivation too ({fault})") from None
+                log.warning("PKCS#11 token %r failed deriving the pseudonym key once (GeneralError); the second "
+                            "derivation passed", t.cfg.token_label)
+                self._pseudonym = derived[0]
+            except _key_faults(E) as exc:
                 raise self._pseudonym_invalid(label, type(exc).__name__) from None
             except _device_faults(E) as exc:
-                raise _faulty(t.cfg, f"deriving the pseudonym key ({type(exc).__name__})") from None
+                raise faulty(exc) from None
         return self._pseudonym
 
     def _pseudonym_invalid(self, label: str, why: str) -> TokenKeyInvalidError:

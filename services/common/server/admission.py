@@ -23,9 +23,12 @@ nothing, in its own call's budget and in the work ahead of others: borrowing ano
 refused, after eight voice Enrolls of ~12 s, the Verify calls beyond the free slots until the first
 Verify (~4 s) ended, and a kind whose borrowed budget exceeds every deadline would never run to get a
 sample of its own. Such a call queues, and leaves the queue as soon as its kind's first sample says it
-can no longer finish. A call is admitted on the expected wait plus its own
+can no longer finish; but counting nothing, a burst of it would all be taken, so until that sample at
+most ``UNMEASURED_ROUNDS`` x ``concurrency`` calls of the kind run or queue (a round in the slots
+and one to follow them) and the rest are refused (``QUEUE_FULL``). A call is admitted on the expected wait plus its own
 average service time plus ``SPREAD`` mean deviations of the two together (the calls ahead's
-deviations add as variances; as TCP budgets a round trip, RFC 6298): a call admitted on averages
+deviations add as variances, and as their work is shared over ``concurrency`` slots its variance
+is over ``concurrency`` squared; as TCP budgets a round trip, RFC 6298): a call admitted on averages
 alone misses its deadline, or leaves the queue late, whenever the calls run slower than average. A queued call whose
 deadline comes so close that it could no longer finish leaves the queue with the same refusal
 (``DEADLINE_UNREACHABLE``) rather than start work nobody will read.
@@ -51,6 +54,7 @@ QUEUE_FULL = "QUEUE_FULL"
 DEADLINE_UNREACHABLE = "DEADLINE_UNREACHABLE"
 MIN_RETRY_S = 0.01
 SPREAD = 2.0  # mean deviations of service time a call's budget adds to the averages
+UNMEASURED_ROUNDS = 2  # x concurrency: the calls of a kind without a sample that may run or queue
 
 
 @dataclass(eq=False)
@@ -118,7 +122,7 @@ class AdmissionQueue:
         spread_sq = self._deviation(kind) ** 2
         if wait > 0:
             ahead = [*self._running, *self._queued]
-            spread_sq += sum(self._deviation(s.kind) ** 2 for s in ahead) / self.concurrency
+            spread_sq += sum(self._deviation(s.kind) ** 2 for s in ahead) / self.concurrency ** 2
         return wait + self._estimate(kind) + SPREAD * math.sqrt(spread_sq)
 
     def observe(self, kind: str, seconds: float) -> None:
@@ -178,6 +182,13 @@ class AdmissionQueue:
             busy = len(self._running) >= self.concurrency or bool(self._queued)
             if busy and len(self._queued) >= self.max_queue:
                 raise self._refuse(slot, QUEUE_FULL, wait, own, None if deadline is None else deadline - now)
+            if kind not in self._estimate_s:
+                mine = [s for s in (*self._running, *self._queued) if s.kind == kind]
+                if len(mine) >= UNMEASURED_ROUNDS * self.concurrency:
+                    # No sample to go on: its oldest call has run this long without ending, as long again.
+                    ran = max((now - s.started for s in mine if s.started is not None), default=0.0)
+                    raise self._refuse(slot, QUEUE_FULL, wait, own, None if deadline is None else deadline - now,
+                                       unmeasured=len(mine), retry=ran)
             self._queued.append(slot)
             metrics.ADMISSION_QUEUED.labels(self.service).set(len(self._queued))
             while True:
@@ -232,10 +243,14 @@ class AdmissionQueue:
                 self._observe(slot.kind, self.clock() - slot.started)
             self._start_heads(self.clock())
 
-    def _refuse(self, slot: Slot, reason: str, wait: float, own: float, left: float | None) -> errors.ServiceError:
+    def _refuse(self, slot: Slot, reason: str, wait: float, own: float, left: float | None, *,
+                unmeasured: int = 0, retry: float = 0.0) -> errors.ServiceError:
         metrics.RPC_SHED.labels(self.service, slot.kind, reason).inc()
-        retry = max(wait, own, MIN_RETRY_S)
-        if reason == QUEUE_FULL:
+        retry = max(wait, own, retry, MIN_RETRY_S)
+        if unmeasured:
+            message = (f"the {self.service} service has {unmeasured} {slot.kind} calls running or queued and no "
+                       f"measure of their time yet: retry after {retry:.2f} s, when the first has ended")
+        elif reason == QUEUE_FULL:
             message = (f"the {self.service} service is at capacity ({self.concurrency} running, "
                        f"{len(self._queued)} queued): retry after {retry:.2f} s, or spread the load")
         else:
