@@ -3,82 +3,29 @@ report (a crash loses none), delivered by a background worker as HMAC-SHA256-sig
 retried with exponential backoff up to a bounded number of attempts (at least once: receivers
 deduplicate by the event id).
 
-Each request carries ``BioGate-Event-Id`` and ``BioGate-Signature: t=<unix time>,v1=<hex>[,v1=<hex>...]``:
-one HMAC-SHA256 of ``<t>.<body>`` per active secret, newest first (the scheme of Stripe's webhooks
-and Standard Webhooks). While a secret is being rotated both the new and the old one sign, so the
-receiver moves to the new one when it is ready; once the old one is removed from the configuration
-its signature is no longer sent. The receiver recomputes the HMAC over the raw body under each
-secret it knows, accepts when any of them equals any ``v1`` given (compared in constant time), and
-refuses a timestamp outside its tolerance (replays). :func:`verify` does exactly that.
+Each request carries ``BioGate-Event-Id`` and a ``BioGate-Signature`` over the body under every
+active secret: services/common/webhook_signature.py, which the client SDK gets too
+(``biogate_client.webhooks``), so that the bank's receiver checks with the code that signs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
-import re
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from .config import ReviewWebhookConfig
 from services.common.outbound import PostFailed, post_once
+from services.common.webhook_signature import EVENT_HEADER, SIGNATURE_HEADER, signature
 from .storage import MfaStore, WebhookEventRecord
 
 log = logging.getLogger("biogate.mfa.webhooks")
 
-SIGNATURE_HEADER = "BioGate-Signature"
-EVENT_HEADER = "BioGate-Event-Id"
-TOLERANCE_S = 300
 BATCH = 50
-
-
-_TIMESTAMP = re.compile(r"[0-9]{1,12}")
-
-
-def _keys(secrets: str | Sequence[str]) -> list[str]:
-    return [secrets] if isinstance(secrets, str) else list(secrets)
-
-
-def _mac(secret: str, body: bytes, t: int) -> str:
-    return hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-
-
-def signature(secrets: str | Sequence[str], body: bytes, t: int) -> str:
-    """The header's value: one v1 per secret (newest first), all over ``<t>.<body>``."""
-    return ",".join([f"t={t}", *(f"v1={_mac(key, body, t)}" for key in _keys(secrets))])
-
-
-def verify(secrets: str | Sequence[str], header: str, body: bytes, now: float,
-           tolerance_s: float = TOLERANCE_S) -> None:
-    """What a receiver does with a request, knowing one secret or several (while it rotates its
-    own): passes when any v1 of ``header`` is the HMAC under any of ``secrets``; raises ValueError
-    saying what is wrong. Schemes other than v1 are ignored, as new ones may be added."""
-    t, given = None, []
-    for part in header.split(","):
-        key, eq, value = part.partition("=")
-        if not eq or (key == "t" and t is not None):
-            raise ValueError(f"malformed {SIGNATURE_HEADER} header")
-        if key == "t":
-            t = value
-        elif key == "v1":
-            given.append(value.encode("utf-8", "replace"))  # bytes: compare_digest refuses non-ASCII str
-    if t is None or not _TIMESTAMP.fullmatch(t) or not given:
-        raise ValueError(f"malformed {SIGNATURE_HEADER} header")
-    if abs(now - int(t)) > tolerance_s:
-        raise ValueError("the signature's timestamp is outside the tolerance")
-    keys = _keys(secrets)
-    if not keys or not all(keys):
-        raise ValueError("no secret to check the signature with")
-    expected = [_mac(key, body, int(t)).encode() for key in keys]
-    # every pair compared, none skipped on a match: the time taken says nothing of which one matched
-    matched = [hmac.compare_digest(e, g) for e in expected for g in given]
-    if not any(matched):
-        raise ValueError("the signature does not match the body")
 
 
 class WebhookOutbox:

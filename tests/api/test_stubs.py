@@ -96,18 +96,20 @@ def test_a_declared_lookup_the_service_does_not_provide_stops_the_server(tmp_pat
         ServerInterceptor("mfa", auth, roles_by_method(mfa), 30.0, tenants_by_method(mfa), {})
 
 
-def test_the_sdk_s_stubs_and_wire_module_match_the_protos_and_services_common_wire():
+def test_the_sdk_s_stubs_and_shared_modules_match_the_protos_and_their_sources_in_services_common():
+    assert set(generate.SHARED) == {"wire.py", "webhook_signature.py"}
     assert generate.stale_sdk_files() == [], "run: python -m services.common.api.generate"
 
 
-def test_a_hand_edited_sdk_wire_module_is_stale(tmp_path):
+@pytest.mark.parametrize("name", sorted(generate.SHARED))
+def test_a_hand_edited_sdk_copy_of_a_shared_module_is_stale(tmp_path, name):
     sdk = tmp_path / "_api"
     shutil.copytree(generate.SDK_DIR, sdk, ignore=shutil.ignore_patterns("__pycache__"))
-    (sdk / "wire.py").write_text((sdk / "wire.py").read_text().replace("16 * 1024 * 1024", "4 * 1024 * 1024"))
-    assert generate.stale_sdk_files(sdk_dir=sdk) == ["wire.py"]
-    edited = tmp_path / "wire.py"  # and the copy follows its source
-    edited.write_text(generate.WIRE.read_text() + "\n# edited\n")
-    assert generate.stale_sdk_files(wire=edited) == ["wire.py"]
+    (sdk / name).write_text((sdk / name).read_text() + "\n# edited in the SDK\n")
+    assert generate.stale_sdk_files(sdk_dir=sdk) == [name]
+    edited = tmp_path / name  # and the copy follows its source
+    edited.write_text(generate.SHARED[name].read_text() + "\n# edited\n")
+    assert generate.stale_sdk_files(shared={**generate.SHARED, name: edited}) == [name]
 
 
 def test_the_server_s_and_the_sdk_s_stubs_in_one_process_share_descriptors_and_classes():

@@ -16,7 +16,7 @@ import pytest
 from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
 from services.common.client import connect
 from services.common.errors import details_of
-from services.mfa import webhooks
+from services.common import webhook_signature
 from services.mfa.tokens import verify_token
 from services.common.context import SYSTEM
 from tests.conftest import present
@@ -57,7 +57,7 @@ class Receiver:
                     receiver._record(None, body, self.headers, 0)
                     receiver.released.wait(WAIT_S)
                 try:
-                    webhooks.verify(receiver.secret, self.headers[webhooks.SIGNATURE_HEADER], body,
+                    webhook_signature.verify(receiver.secret, self.headers[webhook_signature.SIGNATURE_HEADER], body,
                                     receiver.clock().timestamp())
                     verified = True
                 except ValueError:
@@ -77,7 +77,7 @@ class Receiver:
     def _record(self, verified, body: bytes, headers, status: int) -> None:
         with self.changed:
             self.requests.append({"event": json.loads(body), "verified": verified, "status": status,
-                                  "event_id": headers[webhooks.EVENT_HEADER], "raw": body})
+                                  "event_id": headers[webhook_signature.EVENT_HEADER], "raw": body})
             self.changed.notify_all()
 
     def delivered(self) -> list[dict]:
@@ -441,18 +441,18 @@ def test_a_slow_webhook_never_holds_the_resolution(served, receiver):
 
 def test_signatures_are_checked_over_the_exact_body_and_time():
     body = b'{"id":"evt_1","type":"review.opened"}'
-    header = webhooks.signature(SECRET, body, 1_700_000_000)
-    webhooks.verify(SECRET, header, body, 1_700_000_100)
+    header = webhook_signature.signature(SECRET, body, 1_700_000_000)
+    webhook_signature.verify(SECRET, header, body, 1_700_000_100)
     for bad_secret, bad_body, now in ((SECRET, body + b" ", 1_700_000_000), ("another-secret-0123", body, 1_700_000_000),
                                       (SECRET, body, 1_700_000_000 + 301)):
         with pytest.raises(ValueError):
-            webhooks.verify(bad_secret, header, bad_body, now)
+            webhook_signature.verify(bad_secret, header, bad_body, now)
     with pytest.raises(ValueError, match="malformed"):
-        webhooks.verify(SECRET, "v1=abc", body, 1_700_000_000)
+        webhook_signature.verify(SECRET, "v1=abc", body, 1_700_000_000)
     # what anyone can send the bank's receiver: a non-ASCII signature was a TypeError out of
     # hmac.compare_digest (a 500 where the receiver answers ValueError with 400)
     with pytest.raises(ValueError, match="does not match"):
-        webhooks.verify(SECRET, "t=1700000000,v1=\u00e9\udcff", body, 1_700_000_000)
+        webhook_signature.verify(SECRET, "t=1700000000,v1=\u00e9\udcff", body, 1_700_000_000)
 
 
 NEW, OLD = "whsec-new-0123456789abcdef", "whsec-old-0123456789abcdef"
@@ -462,28 +462,28 @@ def test_a_header_signed_under_several_secrets_passes_a_receiver_knowing_any_one
     """verify() read the header through dict(), which kept only the last v1: a receiver knowing only
     the newest of two active secrets refused every request while the old one still signed too."""
     body, t = b'{"id":"evt_1","type":"review.opened"}', 1_700_000_000
-    header = webhooks.signature([NEW, OLD], body, t)
-    assert header.split(",") == [f"t={t}", webhooks.signature(NEW, body, t).split(",")[1],
-                                 webhooks.signature(OLD, body, t).split(",")[1]]
+    header = webhook_signature.signature([NEW, OLD], body, t)
+    assert header.split(",") == [f"t={t}", webhook_signature.signature(NEW, body, t).split(",")[1],
+                                 webhook_signature.signature(OLD, body, t).split(",")[1]]
     for knows in (NEW, OLD, [NEW], [OLD], [OLD, NEW], ["another-secret-0123", NEW]):
-        webhooks.verify(knows, header, body, t + 10)
-    webhooks.verify(NEW, f"{header},v0=ignored,v2=a-future-scheme", body, t)
+        webhook_signature.verify(knows, header, body, t + 10)
+    webhook_signature.verify(NEW, f"{header},v0=ignored,v2=a-future-scheme", body, t)
     for knows in ("another-secret-0123", ["another-secret-0123", "and-another-one-0123"]):
         with pytest.raises(ValueError, match="does not match"):
-            webhooks.verify(knows, header, body, t)
+            webhook_signature.verify(knows, header, body, t)
     with pytest.raises(ValueError, match="does not match"):
-        webhooks.verify([NEW, OLD], header, body + b" ", t)
+        webhook_signature.verify([NEW, OLD], header, body + b" ", t)
     with pytest.raises(ValueError, match="outside the tolerance"):
-        webhooks.verify([NEW, OLD], header, body, t + 301)
+        webhook_signature.verify([NEW, OLD], header, body, t + 301)
     with pytest.raises(ValueError, match="no secret"):
-        webhooks.verify([], header, body, t)
+        webhook_signature.verify([], header, body, t)
     sig = header.split(",")[1]
     for malformed in (f"t={t}", f"t={t},v1", f"t={t},t={t},{sig}", f"{sig},{sig}", f"t=+{t},{sig}", f"t= {t},{sig}",
                       f"t={t}.5,{sig}", "t=\uff11\uff17\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff10," + sig, ""):
         with pytest.raises(ValueError, match="malformed"):
-            webhooks.verify([NEW, OLD], malformed, body, t)
+            webhook_signature.verify([NEW, OLD], malformed, body, t)
     with pytest.raises(ValueError, match="does not match"):
-        webhooks.verify([NEW, OLD], f"t={t},v1=\u00e9\udcff,v1=\u00e9", body, t)
+        webhook_signature.verify([NEW, OLD], f"t={t},v1=\u00e9\udcff,v1=\u00e9", body, t)
 
 
 def test_a_secret_is_rotated_without_a_receiver_refusing_a_request(tmp_path, storage_dsn, clock):
