@@ -12,20 +12,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+from services.common import webhook_signature
 from tests.test_architecture import imports_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SDK = ROOT / "clients" / "python"
 
 # Run by the fresh environment's interpreter with -I (no PYTHONPATH, no user site, not the
-# working directory): argv = MFA address, dev-all token, SMS outbox.
+# working directory): argv = MFA address, dev-all token, SMS outbox, a webhook signed by the
+# server's code ({"secret", "header", "body", "t"}).
 CHILD = r'''
 import importlib.metadata
 import importlib.util
 import json
 import sys
 
-address, token, outbox = sys.argv[1:4]
+address, token, outbox, hook = sys.argv[1:5]
 absent = [m for m in ("services", "torch", "onnxruntime", "cv2", "speechbrain") if importlib.util.find_spec(m)]
 try:
     importlib.metadata.distribution("biogate")
@@ -34,7 +36,15 @@ except importlib.metadata.PackageNotFoundError:
     server_installed = False
 
 import biogate_client
-from biogate_client import BioGate, Credentials, Device, InvalidArgument, dev_otp, outcome_name
+from biogate_client import BioGate, Credentials, Device, InvalidArgument, dev_otp, outcome_name, webhooks
+
+hook = json.loads(hook)
+webhooks.verify(["whsec-unknown-0123456789", hook["secret"]], hook["header"], hook["body"].encode(), hook["t"] + 5)
+try:
+    webhooks.verify(hook["secret"], hook["header"], hook["body"].encode() + b" ", hook["t"])
+    tampered = None
+except ValueError as e:
+    tampered = str(e)
 
 bg = BioGate(mfa=address, face="127.0.0.1:9", voice="127.0.0.1:9", credentials=Credentials(token=token), timeout=30)
 bg.record_consent("otp-bank", "sdk-fresh-0001")
@@ -57,7 +67,8 @@ print(json.dumps({
     "present": absent, "server_installed": server_installed, "sdk_file": biogate_client.__file__,
     "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("services", "torch", "onnxruntime")),
     "passed": passed, "outcome": outcome_name(d.outcome), "session_id": s.id, "claims": claims,
-    "refusals": refusals,
+    "refusals": refusals, "webhook_headers": [webhooks.SIGNATURE_HEADER, webhooks.EVENT_HEADER],
+    "tampered": tampered,
 }))
 '''
 
@@ -79,7 +90,11 @@ def test_the_sdk_installs_alone_and_logs_in_against_a_real_mfa(mfa_only, tmp_pat
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     token = json.loads(Path(mfa_only.settings.dev_credentials_file).read_text())["dev-all"]
-    run = subprocess.run([str(python), "-I", str(script), mfa_only.address, token, str(mfa_only.outbox)],
+    secret, body, t = "whsec-sample-0123456789", '{"id":"evt_1","type":"review.opened"}', 1_700_000_000
+    hook = {"secret": secret, "body": body, "t": t,
+            "header": webhook_signature.signature(["whsec-new-0123456789", secret], body.encode(), t)}
+    run = subprocess.run([str(python), "-I", str(script), mfa_only.address, token, str(mfa_only.outbox),
+                          json.dumps(hook)],
                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
@@ -90,6 +105,8 @@ def test_the_sdk_installs_alone_and_logs_in_against_a_real_mfa(mfa_only, tmp_pat
     consent, phone = out["refusals"]
     assert consent is not None and consent["reason"] == "PERSONAL_NUMBER_AS_ID", consent
     assert phone is not None and phone["fields"] and phone["reason"], phone
+    assert out["webhook_headers"] == [webhook_signature.SIGNATURE_HEADER, webhook_signature.EVENT_HEADER]
+    assert out["tampered"] == "the signature does not match the body"
 
 
 def _sdk_imports(root: Path) -> list[str]:
@@ -97,12 +114,18 @@ def _sdk_imports(root: Path) -> list[str]:
             for line, target in imports_of(p) if target.split(".")[0] == "services"]
 
 
-def test_no_sdk_module_imports_the_server_and_the_shared_wire_imports_neither_side():
+def _import_roots(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return roots | {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+
+def test_no_sdk_module_imports_the_server_and_the_shared_modules_import_neither_side():
     assert _sdk_imports(SDK / "biogate_client") == []
-    wire = ast.parse((ROOT / "services" / "common" / "wire.py").read_text())
-    roots = {a.name.split(".")[0] for n in ast.walk(wire) if isinstance(n, ast.Import) for a in n.names}
-    roots |= {(n.module or "").split(".")[0] for n in ast.walk(wire) if isinstance(n, ast.ImportFrom)}
-    assert roots <= {"__future__", "uuid", "collections", "pathlib", "typing", "grpc", "google", "grpc_status"}, roots
+    wire = _import_roots(ROOT / "services" / "common" / "wire.py")
+    assert wire <= {"__future__", "uuid", "collections", "pathlib", "typing", "grpc", "google", "grpc_status"}, wire
+    signing = _import_roots(ROOT / "services" / "common" / "webhook_signature.py")  # the standard library only
+    assert signing <= {"__future__", "hashlib", "hmac", "re", "collections"}, signing
 
 
 def test_the_sdk_import_check_catches_a_server_import():

@@ -40,13 +40,14 @@ def with_review_tenant(tmp_path) -> None:
 
 
 class Receiver:
-    """The bank's webhook endpoint: verifies each request's signature against the test's clock;
-    answers 500 to the first ``fail`` requests; holds requests while ``hold`` is set."""
+    """The bank's webhook endpoint: verifies each request's signature against the test's clock
+    with ``verify`` (the client SDK's in tests/mfa/test_sdk_webhooks.py); answers 500 to the first
+    ``fail`` requests; holds requests while ``hold`` is set."""
 
-    def __init__(self, clock, secret: str | list[str] = SECRET) -> None:
-        self.clock, self.fail, self.hold, self.secret = clock, 0, threading.Event(), secret
+    def __init__(self, clock, secret: str | list[str] = SECRET, verify=webhook_signature.verify) -> None:
+        self.clock, self.fail, self.hold, self.secret, self.verify = clock, 0, threading.Event(), secret, verify
         self.released = threading.Event()
-        self.requests: list[dict] = []  # {"event", "verified", "status", "event_id"}
+        self.requests: list[dict] = []  # {"event", "verified", "status", "event_id", "raw", "signature"}
         self.changed = threading.Condition()
         receiver = self
 
@@ -57,7 +58,7 @@ class Receiver:
                     receiver._record(None, body, self.headers, 0)
                     receiver.released.wait(WAIT_S)
                 try:
-                    webhook_signature.verify(receiver.secret, self.headers[webhook_signature.SIGNATURE_HEADER], body,
+                    receiver.verify(receiver.secret, self.headers[webhook_signature.SIGNATURE_HEADER], body,
                                     receiver.clock().timestamp())
                     verified = True
                 except ValueError:
@@ -77,7 +78,8 @@ class Receiver:
     def _record(self, verified, body: bytes, headers, status: int) -> None:
         with self.changed:
             self.requests.append({"event": json.loads(body), "verified": verified, "status": status,
-                                  "event_id": headers[webhook_signature.EVENT_HEADER], "raw": body})
+                                  "event_id": headers[webhook_signature.EVENT_HEADER], "raw": body,
+                                  "signature": headers[webhook_signature.SIGNATURE_HEADER]})
             self.changed.notify_all()
 
     def delivered(self) -> list[dict]:
