@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from babel.numbers import is_currency
@@ -46,9 +47,12 @@ def action(value: str, known: list[str]) -> str:
     return value
 
 
-def amount(request: mfa_pb2.StartAuthenticationRequest, needs: bool) -> tuple[str, int] | None:
+def amount(request: mfa_pb2.StartAuthenticationRequest, bands: Collection[str]) -> tuple[str, int] | None:
+    """``bands``: the currencies the action's amount bands name ("*": every other one); an action
+    with bands needs an amount, in a currency they cover: one past them all would be waved through
+    on the action's base requirement, however large."""
     if not request.HasField("amount"):
-        if needs:
+        if bands:
             raise errors.invalid_argument("this action needs an amount", amount="required")
         return None
     m = request.amount
@@ -57,6 +61,11 @@ def amount(request: mfa_pb2.StartAuthenticationRequest, needs: bool) -> tuple[st
     if not is_currency(m.currency):
         raise errors.invalid_argument("amount.currency must be an ISO 4217 code, e.g. CNY",
                                       amount__currency="not ISO 4217")
+    if bands and m.currency not in bands and "*" not in bands:
+        raise errors.invalid_argument(
+            f"the policy's amount bands for this action cover {', '.join(sorted(bands))}, not {m.currency}: "
+            "pay in one of those, or have the policy name this currency or a '*' band",
+            reason="CURRENCY_NOT_IN_POLICY", amount__currency="not in the action's amount bands")
     if not 0 <= m.amount_minor <= MAX_AMOUNT_MINOR:
         raise errors.invalid_argument("amount.amount_minor out of range", amount__amount_minor="negative or too large")
     return m.currency, m.amount_minor

@@ -65,3 +65,15 @@ def test_a_phone_number_that_is_not_plain_e164_is_refused(stub, phone):
         stub.SetPhoneNumber(F.SetPhoneNumberRequest(subject=subject(), phone_e164=phone))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "phone_e164" in details_of(err.value)["fields"]
+
+
+def test_a_currency_the_actions_amount_bands_do_not_cover_is_refused_not_waved_through(stub):
+    """otp-bank bands payments in CNY only, with no "*" band for the rest: a USD 100 000.00 payment
+    fell past every band and started a session one SMS code allowed. A currency the bands do not
+    name, nor a "*" band, is refused saying so (the policy's author adds its bands, or "*")."""
+    with pytest.raises(grpc.RpcError) as err:
+        stub.StartAuthentication(payment("USD"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = details_of(err.value)
+    assert details["reason"] == "CURRENCY_NOT_IN_POLICY" and "amount.currency" in details["fields"]
+    assert "CNY" in (err.value.details() or "")
