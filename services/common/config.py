@@ -333,6 +333,17 @@ class RetentionConfig(Section):
     batch: int = Field(1000, ge=1, le=100_000)
 
 
+class VerifyLimit(Section):
+    """Failed verifications of one subject per fixed window in the face or voice service, whoever
+    asks: a bank's verifier, or the MFA (whose lockout sees its own sessions only). Each costs a
+    guess and a score to climb by; a match gives its charge back. Past the limit a Verify is refused
+    RESOURCE_EXHAUSTED VERIFY_LIMITED until the window ends. 0 failures: no limit (an evaluation
+    tenant's impostor trials)."""
+
+    failures: int = Field(20, ge=0)
+    window_s: int = Field(3600, ge=60)
+
+
 class ModelsConfig(Section):
     manifest: Path = PROJECT_ROOT / "models" / "manifest.yaml"
     cache_dir: Path | None = None  # default <data_dir>/models

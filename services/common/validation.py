@@ -17,7 +17,7 @@ from services.common import errors
 from services.common.api.v1 import common_pb2
 from services.common.privacy import is_personal_data
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # fullmatch: "$" also matches before a final "\n"
 PERSONAL = "PERSONAL_NUMBER_AS_ID"
 
 
@@ -32,14 +32,14 @@ def _personal(field: str, what: str) -> errors.ServiceError:
 
 def plain_identifier(value: str) -> bool:
     """Whether ``value`` passes :func:`identifier` (for checks outside an RPC: the configuration)."""
-    return bool(_ID.match(value)) and not is_personal_data(value)
+    return bool(_ID.fullmatch(value)) and not is_personal_data(value)
 
 
 def identifier(value: str, field: str) -> str:
     if not value:
         raise errors.ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is required", "INVALID_ARGUMENT",
                                   [(field, "required")])
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise errors.ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"{field} must be 1-128 characters of letters, digits and . _ : @ -",
                                   "INVALID_ARGUMENT", [(field, "bad characters or length")])

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from services.common.config import CommonSettings, Section
+from services.common.config import CommonSettings, Section, VerifyLimit
 
 
 class FaceTenantPolicy(Section):
@@ -16,6 +16,7 @@ class FaceTenantPolicy(Section):
     target_fmr: float | None = Field(None, gt=0, lt=1)  # must be a calibrated operating point
     second_face_ratio: float | None = Field(None, gt=0)  # >= 1 never refuses a second face
     require_liveness: bool = False  # every Verify of the tenant also runs passive liveness
+    verify_limit: VerifyLimit | None = None  # None: the service's
 
 
 class FaceChallengeConfig(Section):
@@ -76,6 +77,7 @@ class FaceConfig(Section):
     gallery_check_s: float = Field(0.0, ge=0)  # template count check before Identify; 0: every time
     gallery_full_check_s: float = Field(10.0, ge=0)  # also the latest update (re-enrolments elsewhere)
     challenge: FaceChallengeConfig = FaceChallengeConfig()
+    verify_limit: VerifyLimit = VerifyLimit()  # per subject; a tenant's own overrides it
 
 
 class FaceSettings(CommonSettings):

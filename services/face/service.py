@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from typing import Sequence
 
@@ -25,6 +26,7 @@ from services.common.api.v1 import common_pb2, face_pb2
 from services.common.context import Principal
 from services.face.config import FaceConfig, FaceTenantPolicy
 from services.common.metrics import observe_similarity
+from services.common.modality.attempts import Attempt, VerifyLimiter
 from services.common.modality.calibration import Calibrations, NotCalibrated
 from services.common.models.calibration import UNSUPPORTED
 from services.common.modality.challenges import Challenges, nonce_field
@@ -64,6 +66,7 @@ class FaceService:
         self.templates = Templates(rt, "face")
         self.calibrations = Calibrations(rt.settings.models.manifest, cfg.calibration_check_s)
         self.challenges = Challenges(rt, "face", CHALLENGE_KIND)
+        self.attempts = VerifyLimiter(rt, "face", self.cfg.verify_limit, self.cfg.tenants)
         self.ready: ReadinessGate[FacePipeline] = ReadinessGate("face")
         self.galleries = Galleries(rt.storage, self.vault, cfg.gallery_check_s, cfg.gallery_full_check_s)
         # Frames and images of one request are analysed concurrently so that they share batches.
@@ -258,7 +261,14 @@ class FaceService:
         live_threshold = self.live_threshold() if want_live else None
         template = self._template(tenant, subject)
         image = self._decode(data, "image")
-        a = self._probe(image, template, threshold, want_live, self._subject_policy(tenant))
+        with self.attempts.attempt(tenant, subject) as attempt:
+            a = self._probe(image, template, threshold, want_live, self._subject_policy(tenant))
+            out = self._verified(a, template, threshold, want_live, live_threshold, tenant, subject, caller)
+            attempt.failed = out.quality.accepted and not out.match
+        return out
+
+    def _verified(self, a: FaceAnalysis, template: np.ndarray, threshold: float, want_live: bool, live_threshold: float | None,
+                  tenant: str, subject: str, caller: Principal) -> face_pb2.VerifyFaceResponse:
         context.done_with_models()
         out = face_pb2.VerifyFaceResponse(
             model_id=self.model_id, threshold=threshold, liveness_checked=False, quality=self._quality(0, a)
@@ -389,64 +399,70 @@ class FaceService:
         rules = self._rules()
         threshold = self.threshold(tenant) if req.verify_subject else None
         images = [self._decode(d, f"frames[{i}].image") for i, d in enumerate(datas)]
-        spent = self.challenges.consume(tenant, subject, nonce, caller)
-        moves = spent.payload["moves"]
-        if len(req.frames) < self._min_frames(len(moves)):
-            raise refusal("INVALID_ARGUMENT", f"at least {self._min_frames(len(moves))} frames", fields={"frames": "too few"})
-        analyses = self._analyse_many(images, liveness=True, enforce_quality=False, subject=self._subject_policy(tenant))
-        frames = [
-            ch.FrameObservation(
-                capture_time_ms=f.capture_time_ms,
-                digest=ch.frame_digest(d),
-                yaw=a.quality.yaw_deg if a.quality is not None and a.embeddings else None,
-                pitch=a.quality.pitch_deg if a.quality is not None and a.embeddings else None,
-                live=a.liveness,
-                embedding=a.embeddings.get(self.model_id),
-            )
-            for f, d, a in zip(req.frames, datas, analyses)
-        ]
-        result = ch.evaluate(moves, frames, spent.issued_ago_ms, rules)
-        context.done_with_models()
-        if not result.passed:
-            metrics.LIVENESS_REFUSALS.labels("liveness_challenge").inc()
-        out = face_pb2.SubmitLivenessChallengeResponse(model_id=self.model_id, reasons=[reason(r) for r in result.reasons],
-                                                       challenge_passed=result.passed)
-        self._operating_points(out, tenant if req.verify_subject else None, True)
-        details = {"model_id": self.model_id, "challenge_passed": result.passed, "reasons": list(result.reasons),
-                   **result.details}
-        passed = result.passed
-        if threshold is not None:  # verify_subject
-            match, score, llr = False, None, None
-            try:
-                template = self._template(tenant, subject)
-            except errors.ServiceError as err:
-                out.reasons.append(reason(err.reason))
-            else:
-                if result.embedding is not None:
-                    score = float(np.dot(template, result.embedding))
-                    match = score >= threshold
-                    observe_similarity(self.model_id, self.cfg.calibration_channel, score, match)
-                    out.score = score
-                    llr = self._llr(score)
-                    if llr is not None:
-                        out.llr = llr
-                    if not match:
-                        out.reasons.append(reason("NO_MATCH"))
-            out.match = match
-            passed = passed and match
-            details.update(match=match, score=round(score, 4) if score is not None else None,
-                           threshold=round(threshold, 4))
-        out.passed = passed
-        details["passed"] = passed
-        self.rt.audit.append("face.challenge_submitted", caller.name, tenant, subject, details)
-        return out
+        # a comparison with the subject's template is charged (attempts.py); a bare liveness check is not
+        with self.attempts.attempt(tenant, subject) if req.verify_subject else nullcontext(Attempt()) as attempt:
+            spent = self.challenges.consume(tenant, subject, nonce, caller)
+            moves = spent.payload["moves"]
+            if len(req.frames) < self._min_frames(len(moves)):
+                raise refusal("INVALID_ARGUMENT", f"at least {self._min_frames(len(moves))} frames", fields={"frames": "too few"})
+            analyses = self._analyse_many(images, liveness=True, enforce_quality=False, subject=self._subject_policy(tenant))
+            frames = [
+                ch.FrameObservation(
+                    capture_time_ms=f.capture_time_ms,
+                    digest=ch.frame_digest(d),
+                    yaw=a.quality.yaw_deg if a.quality is not None and a.embeddings else None,
+                    pitch=a.quality.pitch_deg if a.quality is not None and a.embeddings else None,
+                    live=a.liveness,
+                    embedding=a.embeddings.get(self.model_id),
+                )
+                for f, d, a in zip(req.frames, datas, analyses)
+            ]
+            result = ch.evaluate(moves, frames, spent.issued_ago_ms, rules)
+            context.done_with_models()
+            if not result.passed:
+                metrics.LIVENESS_REFUSALS.labels("liveness_challenge").inc()
+            out = face_pb2.SubmitLivenessChallengeResponse(model_id=self.model_id, reasons=[reason(r) for r in result.reasons],
+                                                           challenge_passed=result.passed)
+            self._operating_points(out, tenant if req.verify_subject else None, True)
+            details = {"model_id": self.model_id, "challenge_passed": result.passed, "reasons": list(result.reasons),
+                       **result.details}
+            passed = result.passed
+            score: float | None = None
+            if threshold is not None:  # verify_subject
+                match, llr = False, None
+                try:
+                    template = self._template(tenant, subject)
+                except errors.ServiceError as err:
+                    out.reasons.append(reason(err.reason))
+                else:
+                    if result.embedding is not None:
+                        score = float(np.dot(template, result.embedding))
+                        match = score >= threshold
+                        observe_similarity(self.model_id, self.cfg.calibration_channel, score, match)
+                        out.score = score
+                        llr = self._llr(score)
+                        if llr is not None:
+                            out.llr = llr
+                        if not match:
+                            out.reasons.append(reason("NO_MATCH"))
+                out.match = match
+                passed = passed and match
+                details.update(match=match, score=round(score, 4) if score is not None else None,
+                               threshold=round(threshold, 4))
+            out.passed = passed
+            details["passed"] = passed
+            self.rt.audit.append("face.challenge_submitted", caller.name, tenant, subject, details)
+            attempt.failed = score is not None and not passed
+            return out
 
     # ------------------------------------------------------------------ enrolment info and erasure
     def get_enrollment(self, req: common_pb2.GetEnrollmentRequest, *, caller: Principal) -> common_pb2.GetEnrollmentResponse:
         return subjects.get_enrollment(self.rt, req, "face")
 
     def delete_subject(self, req: common_pb2.DeleteSubjectRequest, *, caller: Principal) -> common_pb2.DeleteSubjectResponse:
-        response = subjects.delete_modality(self.rt, req, "face", caller)
+        with self.rt.storage.transaction():  # the failure counter goes with the templates
+            response = subjects.delete_modality(self.rt, req, "face", caller)
+            self.attempts.erase(*subject_ref(req.subject))
         self.galleries.deleted(req.subject.tenant_id, req.subject.subject_id)
         return response
 

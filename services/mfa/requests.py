@@ -6,7 +6,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
+
+from babel.numbers import is_currency
 
 from services.common import errors, validation
 from services.common.api.v1 import mfa_pb2
@@ -14,9 +17,9 @@ from services.common.privacy import is_personal_data
 
 from .risk import MAX_CONVERSATION_CHARS, Place
 
-_ACTION = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_COUNTRY = re.compile(r"^[A-Z]{2}$")
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
+# whole values (fullmatch): "$" also matches before a final "\n"
+_ACTION = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_COUNTRY = re.compile(r"[A-Z]{2}")
 MAX_AMOUNT_MINOR = 10 ** 15
 MAX_LABEL = 64
 MAX_PAYEE_NAME = 128
@@ -36,7 +39,7 @@ def channel(value: int) -> str:
 
 
 def action(value: str, known: list[str]) -> str:
-    if not _ACTION.match(value or ""):
+    if not _ACTION.fullmatch(value or ""):
         raise errors.invalid_argument("action must be lower_snake_case, e.g. login or payment", action="malformed")
     if value not in known:
         raise errors.invalid_argument(f"action {value!r} is not in the policy; known: {', '.join(sorted(known))}",
@@ -44,14 +47,25 @@ def action(value: str, known: list[str]) -> str:
     return value
 
 
-def amount(request: mfa_pb2.StartAuthenticationRequest, needs: bool) -> tuple[str, int] | None:
+def amount(request: mfa_pb2.StartAuthenticationRequest, bands: Collection[str]) -> tuple[str, int] | None:
+    """``bands``: the currencies the action's amount bands name ("*": every other one); an action
+    with bands needs an amount, in a currency they cover: one past them all would be waved through
+    on the action's base requirement, however large."""
     if not request.HasField("amount"):
-        if needs:
+        if bands:
             raise errors.invalid_argument("this action needs an amount", amount="required")
         return None
     m = request.amount
-    if not _CURRENCY.match(m.currency):
-        raise errors.invalid_argument("amount.currency must be an ISO 4217 code", amount__currency="not ISO 4217")
+    # a code CLDR knows, not merely three letters: the policy's amount bands are per currency, and one
+    # they do not name (e.g. "CNY\n") would fall past the bands of the currency it is taken for
+    if not is_currency(m.currency):
+        raise errors.invalid_argument("amount.currency must be an ISO 4217 code, e.g. CNY",
+                                      amount__currency="not ISO 4217")
+    if bands and m.currency not in bands and "*" not in bands:
+        raise errors.invalid_argument(
+            f"the policy's amount bands for this action cover {', '.join(sorted(bands))}, not {m.currency}: "
+            "pay in one of those, or have the policy name this currency or a '*' band",
+            reason="CURRENCY_NOT_IN_POLICY", amount__currency="not in the action's amount bands")
     if not 0 <= m.amount_minor <= MAX_AMOUNT_MINOR:
         raise errors.invalid_argument("amount.amount_minor out of range", amount__amount_minor="negative or too large")
     return m.currency, m.amount_minor
@@ -85,7 +99,7 @@ def context_signals(ctx: mfa_pb2.ContextSignals, now) -> Context:
         except ValueError:
             raise errors.invalid_argument("context.ip_address is not an IP address",
                                           context__ip_address="malformed") from None
-    if ctx.country and not _COUNTRY.match(ctx.country):
+    if ctx.country and not _COUNTRY.fullmatch(ctx.country):
         raise errors.invalid_argument("context.country must be ISO 3166-1 alpha-2", context__country="malformed")
     if len(ctx.region) > 64:
         raise errors.invalid_argument("context.region is too long", context__region="too long")

@@ -149,7 +149,7 @@ class Orchestrator:
         terminal_may_serve(caller, channel)
         action = requests.action(req.action, list(policy.actions))
         rule = policy.actions[action]
-        amount = requests.amount(req, needs=bool(rule.amount_bands))
+        amount = requests.amount(req, rule.amount_bands.keys())
         payee = requests.payee(req, needs=rule.payee == "required")
         signals = requests.context_signals(req.context, now)
         if devices.is_absent(req.device):

@@ -18,7 +18,7 @@ from services.common.storage import ConcurrentUpdateError, NotFoundError
 from .state import SessionState
 from .storage import AuthSessionRecord, MfaStore
 
-SESSION_ID = re.compile(r"^ses_[0-9a-f]{32}$")
+SESSION_ID = re.compile(r"ses_[0-9a-f]{32}")  # fullmatch
 CAS_RETRIES = 8
 
 
@@ -81,12 +81,12 @@ class Sessions:
 
     def tenant_of(self, session_id: str) -> str | None:
         """For the server's tenant check: the session's tenant, None for no such session."""
-        rec = self.repo.get(session_id) if SESSION_ID.match(session_id or "") else None
+        rec = self.repo.get(session_id) if SESSION_ID.fullmatch(session_id or "") else None
         return rec.tenant_id if rec is not None else None
 
     def load(self, session_id: str, now: datetime, caller: Principal, field: str = "session_id") -> Session:
         """A stored, unexpired session that ``caller`` (the RPC's principal) may serve."""
-        if not SESSION_ID.match(session_id or ""):
+        if not SESSION_ID.fullmatch(session_id or ""):
             raise errors.invalid_argument(f"{field} is not a session id", **{field: "malformed"})
         found = self.get(session_id)
         if found is None:

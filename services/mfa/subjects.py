@@ -22,7 +22,7 @@ from .clients import BiometricClient, ServiceUnavailable
 from .storage import MfaStore
 
 ERASED_BY = ("face", "voice")  # the services holding templates, each erasing its own
-_E164 = re.compile(r"^\+[1-9]\d{7,14}$")
+_E164 = re.compile(r"\+[1-9][0-9]{7,14}")  # fullmatch, ASCII digits: \d takes any script's
 
 
 def _purpose(value: int, field: str) -> str:
@@ -134,7 +134,7 @@ def set_phone_number(rt: Runtime, request: mfa_pb2.SetPhoneNumberRequest, store:
     """A number replacing another one starts the SIM-swap cooling-off (the subject's signals)."""
     tenant, subject = subject_ref(request.subject)
     phone = request.phone_e164.replace(" ", "")
-    if not _E164.match(phone):
+    if not _E164.fullmatch(phone):
         raise errors.invalid_argument("phone_e164 must be an E.164 number such as +8613812345678",
                                       phone_e164="not E.164")
     envelope = rt.crypto.encrypt_contact(tenant, subject, phone)

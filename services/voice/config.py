@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from services.common.config import CommonSettings, Section
+from services.common.config import CommonSettings, Section, VerifyLimit
 
 ChannelFamily = Literal["wideband", "telephone"]  # a template's channel family
 
@@ -21,6 +21,7 @@ class VoiceTenantPolicy(Section):
     # None: the service's require_challenge. False: a Verify without a digit challenge is decided
     # text-independently (evaluation tenants; a replayed recording is then only met by the replay cache).
     require_challenge: bool | None = None
+    verify_limit: VerifyLimit | None = None  # None: the service's
 
 
 class VoiceConfig(Section):
@@ -136,6 +137,7 @@ class VoiceConfig(Section):
     digit_recognisers: int | None = Field(None, ge=1, le=64)
     intra_op_threads: int = Field(1, ge=0)  # per model call (torch and ONNX Runtime); 0: their default
     calibration_check_s: float = Field(1.0, ge=0)  # how often the manifest's mtime is looked at
+    verify_limit: VerifyLimit = VerifyLimit()  # per subject; a tenant's own overrides it
     tenants: dict[str, VoiceTenantPolicy] = {}
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from services.common import context, errors, subjects
 from services.common.api.v1 import common_pb2, voice_pb2
 from services.common.context import Principal
+from services.common.modality.attempts import VerifyLimiter
 from services.common.modality.challenges import Challenges, nonce_field
 from services.common.modality.readiness import ReadinessGate
 from services.common.modality.reasons import entry, reason, refusal
@@ -81,6 +82,7 @@ class VoiceService:
         self.models = VoiceModels.choose(rt.models.manifest, self.cfg)  # a wrong model id fails start-up
         self.templates = Templates(rt, "voice")
         self.challenges = Challenges(rt, "voice", CHALLENGE_KIND)
+        self.attempts = VerifyLimiter(rt, "voice", self.cfg.verify_limit, self.cfg.tenants)
         self.ready: ReadinessGate[VoiceEngine] = ReadinessGate("voice")
         self._loaded: VoiceEngine | None = None  # kept across warm-up retries (a calibration may come later)
         self.replay = replay.open_cache(rt)  # before the models: erasure and a bad store need none
@@ -277,6 +279,7 @@ class VoiceService:
         with self.rt.storage.transaction():  # the database replay store erases in the same transaction
             response = subjects.delete_modality(self.rt, request, "voice", caller)
             self.replay.erase(*subject_ref(request.subject))
+            self.attempts.erase(*subject_ref(request.subject))
         return response
 
     # -- the decision --------------------------------------------------------------------------
@@ -287,13 +290,15 @@ class VoiceService:
         family = self._family(channel, prepared)
         template = self._template(tenant, subject, family)
         target_fmr, synthetic_on = self._policy(tenant, family)
-        # The request is whole and valid: only now is the challenge spent.
-        expected = str(self.challenges.consume(tenant, subject, nonce, caller).payload["digits"]) if nonce else None
-        decision = eng.decide(tenant, subject, template, prepared, family, target_fmr, synthetic_on, expected)
-        context.done_with_models()
-        metrics.record_verification(decision)
-        self.rt.audit.append("voice.verified", caller.name, tenant, subject, {
-            **decision.audit(), "via": via, "net_speech_s": round(prepared.net_speech_s, 2)})
+        # The request is whole and valid: only now is a failure charged (attempts.py) and the challenge spent.
+        with self.attempts.attempt(tenant, subject) as attempt:
+            expected = str(self.challenges.consume(tenant, subject, nonce, caller).payload["digits"]) if nonce else None
+            decision = eng.decide(tenant, subject, template, prepared, family, target_fmr, synthetic_on, expected)
+            context.done_with_models()
+            metrics.record_verification(decision)
+            self.rt.audit.append("voice.verified", caller.name, tenant, subject, {
+                **decision.audit(), "via": via, "net_speech_s": round(prepared.net_speech_s, 2)})
+            attempt.failed = not decision.match
         return self._response(decision, prepared)
 
     @staticmethod

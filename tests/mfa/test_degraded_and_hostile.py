@@ -214,7 +214,13 @@ def test_a_tenant_bound_caller_cannot_touch_another_tenants_session_or_review(tm
                      session_id=session_id, modality=common_pb2.MODALITY_FACE)),
                  ("SubmitFactor", lambda session_id: F.SubmitFactorRequest(
                      session_id=session_id, otp=F.OtpEvidence(code="123456"))),
-                 ("RegisterDevice", lambda session_id: F.RegisterDeviceRequest(session_id=session_id))]
+                 ("RegisterDevice", lambda session_id: F.RegisterDeviceRequest(session_id=session_id)),
+                 ("StartDeviceRegistration", F.StartDeviceRegistrationRequest),
+                 ("SendPushConfirmation", F.SendPushConfirmationRequest),
+                 ("GetPushConfirmation", lambda session_id: F.GetPushConfirmationRequest(
+                     session_id=session_id, confirmation_id="pc_x", device_id="dev_x", signature=b"s")),
+                 ("ConfirmTransaction", lambda session_id: F.ConfirmTransactionRequest(
+                     session_id=session_id, answer=F.PushAnswer(confirmation_id="pc_x", device_id="dev_x")))]
         with connect(h.running["mfa"].address, "tok-a") as ch:
             stub = mfa_pb2_grpc.MfaServiceStub(ch)
             for method, make in calls:

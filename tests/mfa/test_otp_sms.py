@@ -19,7 +19,7 @@ from services.mfa.otp import new_code
 from services.mfa.sms import HttpSmsGateway, SmsError
 from services.common.context import SYSTEM
 from tests.conftest import present
-from tests.mfa.conftest import App, outbox_codes
+from tests.mfa.conftest import OTP_POLICY, App, outbox_codes
 
 F = mfa_pb2
 PHONE = "+8613800135678"
@@ -161,8 +161,10 @@ def test_a_payments_code_names_its_amount_and_the_payee_shown(orch):
     code = outbox_codes(orch.rt.settings)[-1]
     assert texts()[-1].startswith(f"{code} is your code for payment of CNY 4,900.00 to Li Lei (6222 **** **** 1234). ")
     assert submit(orch, pay.session_id, code).result.passed
+    # a bank banding yen payments (otp-bank's bands cover CNY only, so it takes none)
+    (orch.settings.mfa.policy_dir / "yen-bank.yaml").write_text(OTP_POLICY.replace("CNY:", "JPY:"))
     orch.send_otp(F.SendOtpRequest(session_id=orch.start(F.StartAuthenticationRequest(
-        subject=ref, channel=F.CHANNEL_APP, action="payment", device=App().device, payee=payee,
+        subject=enrol(orch, "yen-bank"), channel=F.CHANNEL_APP, action="payment", device=App().device, payee=payee,
         amount=F.Money(currency="JPY", amount_minor=4900)), caller=SYSTEM).session_id, payee=payee), caller=SYSTEM)
     assert " is your code for payment of JPY 4,900 to Li Lei (6222 **** **** 1234). " in texts()[-1]
     orch.send_otp(F.SendOtpRequest(session_id=session(orch, ref).session_id), caller=SYSTEM)

@@ -74,6 +74,8 @@ CATALOGUE: Mapping[str, Entry] = MappingProxyType({
     "NOT_ENROLLED": Entry(grpc.StatusCode.NOT_FOUND, "the subject has no template; enrol first"),
     "ALREADY_ENROLLED": Entry(grpc.StatusCode.ALREADY_EXISTS, "the subject already has a template; set replace to re-enrol"),
     "TEMPLATE_MODEL_INACTIVE": Entry(_PRECONDITION, "the subject's template was made with a model this service no longer uses; re-enrol"),
+    # -- failed verifications per subject (attempts.py)
+    "VERIFY_LIMITED": Entry(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many failed verifications of this subject; try again later"),
     # -- challenges (services/common/modality/challenges.py)
     "CHALLENGE_NOT_FOUND": Entry(grpc.StatusCode.NOT_FOUND, "unknown challenge nonce"),
     "CHALLENGE_EXPIRED": Entry(_PRECONDITION, "the challenge has expired; start a new one"),

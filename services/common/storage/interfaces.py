@@ -273,6 +273,9 @@ class RateLimitRepository(Protocol):
     ) -> tuple[bool, int]:
         """Count one event in key's current fixed window: (count <= limit, count)."""
 
+    def refund(self, key: str, window_s: int, at: datetime) -> None:
+        """Take back one event counted at ``at``, if its window is still the current one."""
+
     def reset(self, key: str) -> bool: ...
 
 

@@ -35,6 +35,13 @@ class SqlRateLimitRepository:
             )[0]
         return count <= limit, count
 
+    def refund(self, key: str, window_s: int, at: datetime) -> None:
+        """Takes back one hit made at ``at``, while its window is still the current one."""
+        epoch = int(at.timestamp())
+        with self._db.transaction() as s:
+            s.execute("UPDATE rate_limits SET count = count - 1 WHERE key = ? AND window_start = ? AND count > 0",
+                      (key, epoch - epoch % window_s))
+
     def reset(self, key: str) -> bool:
         with self._db.transaction() as s:
             return s.count("DELETE FROM rate_limits WHERE key = ?", (key,)) == 1

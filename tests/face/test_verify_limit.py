@@ -1,0 +1,59 @@
+"""Red-team pass: a verifier's credential could call FaceService.Verify on one subject without end,
+each answer a score to climb by (the MFA's lockout sees its own sessions only). Failed
+verifications of a subject are now bounded per window (face.verify_limit); a match gives its charge
+back, another subject is not touched, and erasure forgets the counter. Real models, a real server."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
+from services.common.errors import details_of
+from tests.face.test_service import BIDEN, OBAMA, OBAMA2, img, ref
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, face_models):
+    from tests.conftest import ServiceHarness, make_settings
+
+    settings = make_settings(tmp_path_factory.mktemp("face-limit") / "data",
+                             face={"verify_limit": {"failures": 2, "window_s": 3600}})
+    harness = ServiceHarness(settings)
+    server = harness.start("face")
+    with harness.channel("face", "dev-all") as channel:
+        yield face_pb2_grpc.FaceServiceStub(channel), server.definition.service
+    harness.stop()
+
+
+def enrol(stub, service, subject: str, data: bytes) -> None:
+    from services.common.storage import ConsentRecord
+
+    service.rt.storage.subjects.record_consent(
+        ConsentRecord("bank-v", subject, "biometric_verification", ("face",), "v1", "test"))
+    stub.Enroll(face_pb2.EnrollFaceRequest(subject=ref("bank-v", subject), images=[img(data)], replace=True))
+
+
+def test_failed_verifications_of_a_subject_are_bounded_and_a_match_costs_nothing(limited, face_dir):
+    stub, service = limited
+    obama, obama2, biden = ((face_dir / p).read_bytes() for p in (OBAMA, OBAMA2, BIDEN))
+    enrol(stub, service, "v-1", obama)
+    enrol(stub, service, "v-2", obama)
+
+    def verify(subject: str, data: bytes) -> face_pb2.VerifyFaceResponse:
+        return stub.Verify(face_pb2.VerifyFaceRequest(subject=ref("bank-v", subject), image=img(data)))
+
+    for _ in range(3):  # matches give their charge back
+        assert verify("v-1", obama2).match
+    assert not verify("v-1", biden).match and not verify("v-1", biden).match  # the two failures allowed
+    for probe in (biden, obama2):  # then nothing is compared, a genuine probe included
+        with pytest.raises(grpc.RpcError) as err:
+            verify("v-1", probe)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = details_of(err.value)
+        assert details["reason"] == "VERIFY_LIMITED" and int(details["metadata"]["retry_after_s"]) > 0
+    assert verify("v-2", obama2).match  # another subject is not touched
+
+    stub.DeleteSubject(common_pb2.DeleteSubjectRequest(subject=ref("bank-v", "v-1"), reason="test"))
+    enrol(stub, service, "v-1", obama)
+    assert verify("v-1", obama2).match  # the erasure forgot the counter with the templates
