@@ -336,7 +336,7 @@ class RetentionConfig(Section):
 class VerifyLimit(Section):
     """Failed verifications of one subject per fixed window in the face or voice service, whoever
     asks: a bank's verifier, or the MFA (whose lockout sees its own sessions only). Each costs a
-    guess and a score to climb by; a match gives its charge back. Past the limit a Verify is refused
+    guess and a score to climb by; a match counts nothing. Past the limit a Verify is refused
     RESOURCE_EXHAUSTED VERIFY_LIMITED until the window ends. 0 failures: no limit (an evaluation
     tenant's impostor trials)."""
 

@@ -399,7 +399,7 @@ class FaceService:
         rules = self._rules()
         threshold = self.threshold(tenant) if req.verify_subject else None
         images = [self._decode(d, f"frames[{i}].image") for i, d in enumerate(datas)]
-        # a comparison with the subject's template is charged (attempts.py); a bare liveness check is not
+        # a comparison with the subject's template is bounded (attempts.py); a bare liveness check is not
         with self.attempts.attempt(tenant, subject) if req.verify_subject else nullcontext(Attempt()) as attempt:
             spent = self.challenges.consume(tenant, subject, nonce, caller)
             moves = spent.payload["moves"]

@@ -290,7 +290,7 @@ class VoiceService:
         family = self._family(channel, prepared)
         template = self._template(tenant, subject, family)
         target_fmr, synthetic_on = self._policy(tenant, family)
-        # The request is whole and valid: only now is a failure charged (attempts.py) and the challenge spent.
+        # The request is whole and valid: only now is the attempt bounded (attempts.py) and the challenge spent.
         with self.attempts.attempt(tenant, subject) as attempt:
             expected = str(self.challenges.consume(tenant, subject, nonce, caller).payload["digits"]) if nonce else None
             decision = eng.decide(tenant, subject, template, prepared, family, target_fmr, synthetic_on, expected)

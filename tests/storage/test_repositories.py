@@ -300,20 +300,18 @@ def test_rate_limit_fixed_window(storage: SqlStorage) -> None:
         storage.rate_limits.hit("otp:s1", 0, 3)
 
 
-def test_a_rate_limit_hit_is_taken_back_in_its_own_window_only(storage: SqlStorage) -> None:
-    """What a match gives back (services/common/modality/attempts.py): one hit, never below zero,
-    and not once its window has given way to the next."""
+def test_a_rate_limit_count_is_read_in_the_current_window_only(storage: SqlStorage) -> None:
+    """What Verify reads before comparing (services/common/modality/attempts.py): the current
+    window's hits, 0 for a key never hit or hit only in an earlier window, and reading counts none."""
     base = datetime(2031, 5, 4, 12, 0, 0, tzinfo=timezone.utc)
+    assert storage.rate_limits.count("face:verify:p", 60, base) == 0
     storage.rate_limits.hit("face:verify:p", 60, 2, base)
     storage.rate_limits.hit("face:verify:p", 60, 2, base + timedelta(seconds=1))
-    storage.rate_limits.refund("face:verify:p", 60, base + timedelta(seconds=1))
-    assert storage.rate_limits.hit("face:verify:p", 60, 2, base + timedelta(seconds=2)) == (True, 2)
-    for _ in range(3):
-        storage.rate_limits.refund("face:verify:p", 60, base)
-    assert storage.rate_limits.hit("face:verify:p", 60, 2, base + timedelta(seconds=3)) == (True, 1)
-    storage.rate_limits.hit("face:verify:p", 60, 2, base + timedelta(seconds=60))  # the next window
-    storage.rate_limits.refund("face:verify:p", 60, base)  # a charge of the window before: nothing
-    assert storage.rate_limits.hit("face:verify:p", 60, 2, base + timedelta(seconds=61)) == (True, 2)
+    assert storage.rate_limits.count("face:verify:p", 60, base + timedelta(seconds=2)) == 2
+    assert storage.rate_limits.count("face:verify:p", 60, base + timedelta(seconds=2)) == 2
+    assert storage.rate_limits.count("face:verify:q", 60, base + timedelta(seconds=2)) == 0
+    assert storage.rate_limits.count("face:verify:p", 60, base + timedelta(seconds=60)) == 0  # the next window
+    assert storage.rate_limits.hit("face:verify:p", 60, 2, base + timedelta(seconds=61)) == (True, 1)
 
 
 # --- challenges ----------------------------------------------------------------------------------

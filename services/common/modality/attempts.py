@@ -2,16 +2,21 @@
 and voice services: a bound on guesses and on climbing the score that every Verify answers with,
 for any caller, the MFA's lockout seeing its own sessions only.
 
-An attempt is charged before the comparison, by the one atomic upsert of the rate-limit window, so
-that concurrent attempts see each other's charge; unless the service marks it failed (a comparison
-that did not match, a spoof), it is given back: a match, a capture with nothing to compare, an
-error. Only a request that is whole and valid is charged (bad input never counts). The counter is
-keyed by the subject's pseudonym and erased with the subject.
+Before the comparison the window's failures are read, with this process's attempts on the subject
+still running counted as failures; only a comparison that did not match (or a spoof) writes one. A
+genuine Verify thus adds a read and no write (two write transactions per call would serialise every
+Verify behind SQLite's write lock). Other processes and replicas see an attempt once it has failed,
+so at most ``MAX_IN_FLIGHT`` attempts per subject per process run past the bound at once; a
+subject's concurrent attempts beyond that are refused. Only a request that is whole and valid is
+counted (bad input never is). The counter is keyed by the subject's pseudonym and erased with the
+subject.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +28,8 @@ from services.common.storage.db import utcnow
 
 from .reasons import refusal
 
+MAX_IN_FLIGHT = 2  # a subject's attempts running at once in one process (a person verifies one at a time)
+
 
 class TenantPolicy(Protocol):
     @property
@@ -31,12 +38,14 @@ class TenantPolicy(Protocol):
 
 @dataclass
 class Attempt:
-    failed: bool = False  # set by the service once a comparison did not match: the charge is kept
+    failed: bool = False  # set by the service once a comparison did not match: a failure is counted
 
 
 class VerifyLimiter:
     def __init__(self, rt: Runtime, modality: str, default: VerifyLimit, tenants: Mapping[str, TenantPolicy]) -> None:
         self.rt, self.modality, self.default, self.tenants = rt, modality, default, tenants
+        self._lock = threading.Lock()
+        self._running: Counter[str] = Counter()
 
     def key(self, tenant: str, subject: str) -> str:
         return f"{self.modality}:verify:{self.rt.pseudonymize(tenant, subject)}"
@@ -47,25 +56,34 @@ class VerifyLimiter:
 
     @contextmanager
     def attempt(self, tenant: str, subject: str) -> Iterator[Attempt]:
-        """Charges one failure, refused RESOURCE_EXHAUSTED VERIFY_LIMITED past the limit; gives it
-        back on leaving unless the attempt was marked failed."""
+        """Refused RESOURCE_EXHAUSTED VERIFY_LIMITED when the subject's failures in the window, with
+        its attempts running here, reach the limit; counts a failure if the attempt is marked failed."""
         limit = self.limit(tenant)
         if not limit.failures:
             yield Attempt()
             return
         now = utcnow()
         key = self.key(tenant, subject)
-        ok, _ = self.rt.storage.rate_limits.hit(key, limit.window_s, limit.failures, now)
-        if not ok:
-            wait = max(1, math.ceil(limit.window_s - now.timestamp() % limit.window_s))
-            raise refusal("VERIFY_LIMITED", f"{limit.failures} failed verifications of this subject within "
-                          f"{limit.window_s} s: try again in {wait} s", metadata={"retry_after_s": str(wait)})
-        attempt = Attempt()
+        with self._lock:
+            running = self._running[key]
+            if running >= MAX_IN_FLIGHT:
+                raise refusal("VERIFY_LIMITED", f"{running} verifications of this subject are running: retry "
+                              "when they have answered", metadata={"retry_after_s": "1"})
+            self._running[key] += 1
         try:
+            if self.rt.storage.rate_limits.count(key, limit.window_s, now) + running >= limit.failures:
+                wait = max(1, math.ceil(limit.window_s - now.timestamp() % limit.window_s))
+                raise refusal("VERIFY_LIMITED", f"{limit.failures} failed verifications of this subject within "
+                              f"{limit.window_s} s: try again in {wait} s", metadata={"retry_after_s": str(wait)})
+            attempt = Attempt()
             yield attempt
+            if attempt.failed:
+                self.rt.storage.rate_limits.hit(key, limit.window_s, limit.failures, now)
         finally:
-            if not attempt.failed:
-                self.rt.storage.rate_limits.refund(key, limit.window_s, now)
+            with self._lock:
+                self._running[key] -= 1
+                if not self._running[key]:
+                    del self._running[key]
 
     def erase(self, tenant: str, subject: str) -> None:
         """With the subject's erasure: its counter is kept under its pseudonym."""

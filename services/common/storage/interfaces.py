@@ -273,8 +273,8 @@ class RateLimitRepository(Protocol):
     ) -> tuple[bool, int]:
         """Count one event in key's current fixed window: (count <= limit, count)."""
 
-    def refund(self, key: str, window_s: int, at: datetime) -> None:
-        """Take back one event counted at ``at``, if its window is still the current one."""
+    def count(self, key: str, window_s: int, now: datetime | None = None) -> int:
+        """Events counted in key's current fixed window, without counting one."""
 
     def reset(self, key: str) -> bool: ...
 

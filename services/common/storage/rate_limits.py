@@ -35,12 +35,13 @@ class SqlRateLimitRepository:
             )[0]
         return count <= limit, count
 
-    def refund(self, key: str, window_s: int, at: datetime) -> None:
-        """Takes back one hit made at ``at``, while its window is still the current one."""
-        epoch = int(at.timestamp())
-        with self._db.transaction() as s:
-            s.execute("UPDATE rate_limits SET count = count - 1 WHERE key = ? AND window_start = ? AND count > 0",
-                      (key, epoch - epoch % window_s))
+    def count(self, key: str, window_s: int, now: datetime | None = None) -> int:
+        """Events counted in key's current fixed window (a read: no write lock taken)."""
+        epoch = int((now or utcnow()).timestamp())
+        with self._db.transaction(write=False) as s:
+            row = s.one("SELECT count FROM rate_limits WHERE key = ? AND window_start >= ?",
+                        (key, epoch - epoch % window_s))
+        return int(row[0]) if row else 0
 
     def reset(self, key: str) -> bool:
         with self._db.transaction() as s:
