@@ -129,4 +129,4 @@ class Calibrations:
     def llr(self, model_id: str, channel: str, value: float, score: str | None = None) -> float | None:
         """Natural-log LLR of ``value``; None (no evidence claimed) when the record has no LLR map."""
         rec = self.record(model_id, channel, score)
-        return None if rec.llr is None else float(rec.llr.llr(value))
+        return None if rec.llr is None else rec.llr.one(value)
