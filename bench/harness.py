@@ -250,8 +250,9 @@ class ServiceProcess:
     """One BioGate service in its own process, on free loopback ports, until ``stop``."""
 
     def __init__(self, service: str, config: dict[str, Any] | None = None, *, data_dir: Path | None = None,
-                 log_level: str = "WARNING", timeout_s: float = 600.0) -> None:
+                 log_level: str = "WARNING", timeout_s: float = 600.0, root: Path = ROOT) -> None:
         self.service = service
+        self.root = root  # the source tree it runs (another worktree: a base to compare against)
         self._tmp = None if data_dir is not None else tempfile.TemporaryDirectory(prefix=f"bench-{service}-")
         self.dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
         self.port = free_port()
@@ -286,7 +287,7 @@ class ServiceProcess:
         from services.serve import health_status
 
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.command(), cwd=ROOT, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.command(), cwd=self.root, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log_file, "w"), env=self.environment())
         while health_status(self.address) != "SERVING":
             if self.proc.poll() is not None or time.monotonic() - t0 > self.timeout_s:

@@ -56,6 +56,7 @@ MOVE_ENUMS = {
 }
 EMBEDDER_SCORE = "cosine"  # what the embedders' calibration records must be fitted on
 LIVENESS_SCORE = "p_bonafide"  # the ensemble's mean live probability
+_NO_OVERRIDES = FaceTenantPolicy()  # a tenant's policy without its own section (read, never changed)
 
 
 class FaceService:
@@ -104,7 +105,7 @@ class FaceService:
         return self.ready.value
 
     def policy(self, tenant: str) -> FaceTenantPolicy:
-        return self.cfg.tenants.get(tenant) or FaceTenantPolicy()
+        return self.cfg.tenants.get(tenant) or _NO_OVERRIDES
 
     def _subject_policy(self, tenant: str) -> SubjectPolicy:
         return subject_policy(self.cfg, tenant)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from services.common.evaluation import calibration as cal
-from services.common.models.calibration import CalibrationRecord, OperatingPointError, llr_caps, trials_needed
+from services.common.models.calibration import (CalibrationRecord, LogisticLLR, OperatingPointError, PavLLR, llr_caps,
+                                                trials_needed)
 
 LOG2 = math.log(2.0)
 
@@ -133,6 +134,18 @@ def test_apply_llr_hand_cases():
         cal.apply_llr({"kind": "spline"}, 0.5)
     with pytest.raises(ValueError, match="ascending"):
         cal.apply_llr({"kind": "pav", "scores": [1.0, 0.0], "llrs": [0.0, 1.0]}, 0.5)
+
+
+@pytest.mark.parametrize("caps", [(None, None), (-2.5, 3.25)])
+def test_one_score_s_llr_is_the_array_path_s_value_bit_for_bit(caps):
+    """A service's decision takes the scalar path (`one`); the evaluation the array one: the same numbers."""
+    rng = np.random.default_rng(11)
+    scores = np.concatenate([rng.uniform(-1.0, 1.0, 5000), [-1.0, 0.0, 1.0, 0.3377, 1e-300, -0.0]])
+    maps: list[LogisticLLR | PavLLR] = [LogisticLLR(a=9.73, b=-3.41, min_llr=caps[0], max_llr=caps[1]),
+            PavLLR(scores=[-0.2, 0.1, 0.4, 0.7], llrs=[-2.0, -0.5, 1.0, 2.5], min_llr=caps[0], max_llr=caps[1])]
+    for m in maps:
+        assert [m.one(float(s)) for s in scores] == m.llr(scores).tolist()
+        assert math.isnan(m.one(math.nan)) and math.isnan(float(m.llr(math.nan)))
 
 
 def test_fit_llr_rejects_unknown_kind():

@@ -8,8 +8,10 @@ import json
 import grpc
 import pytest
 
+from services.common import metrics
 from services.common.api.v1 import common_pb2, mfa_pb2, mfa_pb2_grpc
 from services.common.errors import details_of
+from services.common.server import interceptor as interceptor_module
 from services.common.server.bootstrap import RunningServer, ServiceDefinition
 from tests.conftest import make_settings
 
@@ -109,3 +111,36 @@ def test_bytes_that_are_no_protobuf_message_are_invalid_argument_not_internal(se
             raw(garbage, metadata=(("authorization", f"Bearer {tokens['dev-admin']}"),), timeout=10)
     assert (err.value.code(), details_of(err.value)["reason"]) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
     assert "UnlockSubjectRequest" in (err.value.details() or "")
+
+
+# The interceptor builds each method's wrapped handler once, not on every call (issue 13: the rebuild was
+# part of the service's CPU outside the models); the checks it wraps still run on every call.
+def _total(method: str, code: str) -> float:
+    return metrics.RPC_TOTAL.labels("mfa", method, code)._value.get()
+
+
+def test_each_method_s_handler_is_wrapped_once_and_every_call_still_checked(server, monkeypatch):
+    running, tokens = server
+    built: list[object] = []
+    real = grpc.unary_unary_rpc_method_handler
+
+    def counting(*args, **kwargs):
+        built.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(interceptor_module.grpc, "unary_unary_rpc_method_handler", counting)
+    ok, denied = _total("UnlockSubject", "OK"), _total("UnlockSubject", "PERMISSION_DENIED")
+    unlock = mfa_pb2.UnlockSubjectRequest(subject=common_pb2.SubjectRef(tenant_id="bank-a", subject_id="c-1"))
+    with grpc.insecure_channel(running.address) as channel:
+        stub = mfa_pb2_grpc.MfaServiceStub(channel)
+        for _ in range(3):
+            stub.UnlockSubject(unlock, metadata=[("authorization", f"Bearer {tokens['dev-admin']}")], timeout=10)
+            with pytest.raises(grpc.RpcError) as refused:  # the role check runs on every call
+                stub.UnlockSubject(unlock, metadata=[("authorization", f"Bearer {tokens['dev-enroller']}")],
+                                   timeout=10)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            stub.GetSigningKeys(mfa_pb2.GetSigningKeysRequest(),
+                                metadata=[("authorization", f"Bearer {tokens['dev-verifier']}")], timeout=10)
+    # One wrapped handler per method (at most: an earlier test of this module may have built one).
+    assert len(built) <= 2
+    assert (_total("UnlockSubject", "OK") - ok, _total("UnlockSubject", "PERMISSION_DENIED") - denied) == (3, 3)

@@ -203,6 +203,24 @@ def test_calibration_reader_follows_the_file_and_claims_no_evidence_without_an_l
         cal.threshold(model, "default", 0.2)
 
 
+def test_a_threshold_looked_up_again_follows_a_recalibration(manifest_copy):
+    """Thresholds and claims are remembered per loaded manifest: a `biogate calibrate` that moves a
+    point must move the next decision, not one after a restart."""
+    path, store = manifest_copy
+    cal = Calibrations(path, check_s=0.0)
+    model = "mobilefacenet-arcface-192d"
+    record = store.calibration(model, "default")
+    before = cal.threshold(model, "default", 1e-3, "cosine"), cal.measured(model, "default", 1e-3, "cosine")
+    assert before == (cal.threshold(model, "default", 1e-3, "cosine"), cal.measured(model, "default", 1e-3, "cosine"))
+    moved = [p.model_copy(update={"threshold": p.threshold + 0.01}) if p.target_fmr == 1e-3 else p
+             for p in record.operating_points]
+    store.update_calibration(model, "default", record.model_copy(update={"operating_points": moved}))
+    assert cal.threshold(model, "default", 1e-3, "cosine") == pytest.approx(before[0] + 0.01)
+    store.update_calibration(model, "default", None)  # and a removed record refuses at once
+    assert _refused(lambda: cal.threshold(model, "default", 1e-3, "cosine")) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "MODEL_NOT_CALIBRATED")
+
+
 def test_a_records_own_refusal_passes_on_with_its_reason_and_message():
     class Unsupported(LookupError):
         reason = "OPERATING_POINT_UNSUPPORTED"

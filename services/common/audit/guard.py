@@ -13,6 +13,7 @@ decisions, scores, reasons, ids of models and requests. Refused, with :class:`Au
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -104,6 +105,7 @@ def _check(value: Any, path: str, depth: int) -> None:
         raise AuditDataError(f"{path}: {type(value).__name__} is not plain JSON")
 
 
+@functools.lru_cache(maxsize=1024)  # the keys are the code's own, a few dozen; a refused one is not kept
 def _check_key(key: str, path: str) -> None:
     norm = _KEY_CHARS.sub("", key.lower())
     if norm.startswith("masked"):

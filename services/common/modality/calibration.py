@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import grpc
 
@@ -48,14 +49,16 @@ class Calibrations:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._checked = -float("inf")
-        self._records: dict[tuple[str, str], CalibrationRecord] = {}
+        # The records, and what was looked up in them (thresholds, claims: several per decision), replaced
+        # together, so that an answer worked out from records being replaced never outlives them.
+        self._loaded: tuple[dict[tuple[str, str], CalibrationRecord], dict[tuple, Any]] = ({}, {})
 
-    def _records_now(self) -> dict[tuple[str, str], CalibrationRecord]:
+    def _now(self) -> tuple[dict[tuple[str, str], CalibrationRecord], dict[tuple, Any]]:
         if self._stamp is not None and time.monotonic() - self._checked < self.check_s:
-            return self._records
+            return self._loaded
         with self._lock:  # one reader at a time; the others wait rather than see a half-loaded state
             if self._stamp is not None and time.monotonic() - self._checked < self.check_s:
-                return self._records
+                return self._loaded
             st = self.path.stat()
             stamp = (st.st_mtime_ns, st.st_size)
             if stamp != self._stamp:
@@ -65,17 +68,29 @@ class Calibrations:
                     if self._stamp is None:
                         raise
                     log.warning("manifest unreadable; keeping the previous calibrations", exc_info=True)
-                    return self._records
-                self._records = {(m.id, ch): rec for m in manifest.models for ch, rec in m.calibration.items()}
+                    return self._loaded
+                self._loaded = ({(m.id, ch): rec for m in manifest.models for ch, rec in m.calibration.items()}, {})
                 self._stamp = stamp
             self._checked = time.monotonic()
-        return self._records
+        return self._loaded
+
+    def _remembered(self, key: tuple, work_out: Callable[[dict[tuple[str, str], CalibrationRecord]], Any]) -> Any:
+        """``work_out(records)``, once per loaded records (a refusal is raised again each time)."""
+        records, known = self._now()
+        if key not in known:
+            known[key] = work_out(records)
+        return known[key]
 
     def find(self, model_id: str, channel: str) -> CalibrationRecord | None:
-        return self._records_now().get((model_id, channel))
+        return self._now()[0].get((model_id, channel))
 
     def record(self, model_id: str, channel: str, score: str | None = None) -> CalibrationRecord:
-        rec = self.find(model_id, channel)
+        return self._remembered(("record", model_id, channel, score),
+                                lambda records: self._record(records, model_id, channel, score))
+
+    def _record(self, records: dict[tuple[str, str], CalibrationRecord], model_id: str, channel: str,
+                score: str | None) -> CalibrationRecord:
+        rec = records.get((model_id, channel))
         if rec is None:
             raise NotCalibrated(f"model {model_id} has no calibration for channel {channel!r} in {self.path.name}; "
                                 f"run `biogate eval` and `biogate calibrate --model {model_id} --channel {channel}`")
@@ -85,20 +100,26 @@ class Calibrations:
         return rec
 
     def threshold(self, model_id: str, channel: str, target: float, score: str | None = None) -> float:
-        rec = self.record(model_id, channel, score)
-        try:
-            return float(rec.threshold(target, model=model_id, channel=channel))
-        except LookupError as err:
-            raise not_calibrated(err, model_id, channel) from None
+        def work_out(records: dict[tuple[str, str], CalibrationRecord]) -> float:
+            rec = self._record(records, model_id, channel, score)
+            try:
+                return float(rec.threshold(target, model=model_id, channel=channel))
+            except LookupError as err:
+                raise not_calibrated(err, model_id, channel) from None
+
+        return self._remembered(("threshold", model_id, channel, target, score), work_out)
 
     def claim(self, model_id: str, channel: str, target: float, score: str | None = None) -> Claim:
         """What a decision at the point for ``target`` can truthfully claim (the held-out FMR or
         APCER when the point has a check): CalibrationRecord.claim, for a service's responses."""
-        rec = self.record(model_id, channel, score)
-        try:
-            return rec.claim(target)
-        except LookupError as err:
-            raise not_calibrated(err, model_id, channel) from None
+        def work_out(records: dict[tuple[str, str], CalibrationRecord]) -> Claim:
+            rec = self._record(records, model_id, channel, score)
+            try:
+                return rec.claim(target)
+            except LookupError as err:
+                raise not_calibrated(err, model_id, channel) from None
+
+        return self._remembered(("claim", model_id, channel, target, score), work_out)
 
     def measured(self, model_id: str, channel: str, target: float, score: str | None = None) -> float:
         """The error rate a decision at the point for ``target`` states in responses: the held-out
@@ -108,4 +129,4 @@ class Calibrations:
     def llr(self, model_id: str, channel: str, value: float, score: str | None = None) -> float | None:
         """Natural-log LLR of ``value``; None (no evidence claimed) when the record has no LLR map."""
         rec = self.record(model_id, channel, score)
-        return None if rec.llr is None else float(rec.llr.llr(value))
+        return None if rec.llr is None else rec.llr.one(value)

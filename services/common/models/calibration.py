@@ -150,6 +150,13 @@ class LogisticLLR(_Strict):
     def llr(self, score: np.ndarray | float) -> np.ndarray:
         return _clipped(self.a * np.asarray(score, dtype=np.float64) + self.b, self.min_llr, self.max_llr)
 
+    def one(self, score: float) -> float:
+        """:meth:`llr` of one score, in Python floats: the same float64 operations, the same value, without
+        numpy's per-call cost on a 0-d array (a service's every decision)."""
+        lo = -math.inf if self.min_llr is None else self.min_llr
+        hi = math.inf if self.max_llr is None else self.max_llr
+        return min(max(self.a * float(score) + self.b, lo), hi)
+
 
 class PavLLR(_Strict):
     """Pool-adjacent-violators calibration: piecewise-linear between the table's points, flat
@@ -174,6 +181,9 @@ class PavLLR(_Strict):
     def llr(self, score: np.ndarray | float) -> np.ndarray:
         llr = np.interp(np.asarray(score, dtype=np.float64), self.scores, self.llrs)
         return _clipped(llr, self.min_llr, self.max_llr)
+
+    def one(self, score: float) -> float:
+        return float(self.llr(score))
 
 
 LLRMap = Annotated[Union[LogisticLLR, PavLLR], Field(discriminator="kind")]

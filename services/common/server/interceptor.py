@@ -107,6 +107,20 @@ def tenants_by_method(services: Iterable[ServiceDescriptor]) -> dict[str, Tenant
     return table
 
 
+@dataclass(frozen=True)
+class _Method:
+    """What the interceptor knows of one RPC method before any call to it: worked out once."""
+
+    name: str  # "/pkg.Service/Method"
+    short: str  # "Method", the metrics' and logs' label
+    queue: AdmissionQueue | None  # its admission queue, for a model-work method
+    tenant: TenantRule | None
+    any_role: bool  # open to any authenticated caller (reflection)
+    allowed: frozenset[str] | None  # the roles it is open to; None: no role
+    terminal: bool  # open to a registered terminal
+    seconds: Any  # its RPC_SECONDS child
+
+
 class ServerInterceptor(grpc.ServerInterceptor):
     def __init__(
         self,
@@ -138,43 +152,58 @@ class ServerInterceptor(grpc.ServerInterceptor):
         missing = sorted({r.lookup for r in self.tenants.values() if r.lookup} - self.lookups.keys())
         if missing:
             raise ValueError(f"the {service} service declares tenant lookups it does not provide: {', '.join(missing)}")
+        # Per method: the servicer's handler and the wrapped one made of it, built on its first call.
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
+        self._in_flight = metrics.RPC_IN_FLIGHT.labels(service)
+        self._totals: dict[tuple[str, grpc.StatusCode], Any] = {}  # RPC_TOTAL's children by (method, code)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(UNAUTHENTICATED_PREFIXES):
             return handler
+        known = self._wrapped.get(method)
+        if known is None or known[0] is not handler:
+            known = self._wrapped[method] = (handler, self._wrap(self._method(method), handler))
+        return known[1]
+
+    def _method(self, method: str) -> _Method:
         short = method.rsplit("/", 1)[-1]
+        return _Method(method, short, self.admission if method in self.model_work else None,
+                       self.tenants.get(method), method.startswith(ANY_ROLE_PREFIXES), self.roles.get(method),
+                       method in self.terminal, metrics.RPC_SECONDS.labels(self.service, short))
+
+    def _wrap(self, m: _Method, handler: Any) -> grpc.RpcMethodHandler:  # the servicer's: a _RpcMethodHandler tuple
         handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, short, handler.unary_unary),
+                self._unary(m, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._stream_in(method, short, handler.stream_unary),
+                self._stream_in(m, handler.stream_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream_out(method, short, handler.unary_stream, unary_in=True),
+                self._stream_out(m, handler.unary_stream, unary_in=True),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._stream_out(method, short, handler.stream_stream, unary_in=False),
+            self._stream_out(m, handler.stream_stream, unary_in=False),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
     # --- wrappers -------------------------------------------------------------------------
 
-    def _unary(self, method: str, short: str, behavior: Callable) -> Callable:
+    def _unary(self, m: _Method, behavior: Callable) -> Callable:
         def wrapped(request, ctx):
-            with _Call(self, method, short, ctx) as call:
+            with _Call(self, m, ctx) as call:
                 call.authorise()
                 call.check_request(request)
                 call.admit()
@@ -183,18 +212,18 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
         return wrapped
 
-    def _stream_in(self, method: str, short: str, behavior: Callable) -> Callable:
+    def _stream_in(self, m: _Method, behavior: Callable) -> Callable:
         def wrapped(request_iterator, ctx):
-            with _Call(self, method, short, ctx) as call:
+            with _Call(self, m, ctx) as call:
                 call.authorise()
                 return behavior(call.checked_stream(request_iterator), ctx)
             return None
 
         return wrapped
 
-    def _stream_out(self, method: str, short: str, behavior: Callable, unary_in: bool) -> Callable:
+    def _stream_out(self, m: _Method, behavior: Callable, unary_in: bool) -> Callable:
         def wrapped(request, ctx):
-            with _Call(self, method, short, ctx) as call:
+            with _Call(self, m, ctx) as call:
                 call.authorise()
                 if unary_in:
                     call.check_request(request)
@@ -208,8 +237,15 @@ class ServerInterceptor(grpc.ServerInterceptor):
     def close(self) -> None:
         self._readers.shutdown(wait=False, cancel_futures=True)
 
-    def authorise(self, method: str, ctx: grpc.ServicerContext) -> context.Principal:
-        if sum(1 for key, _ in ctx.invocation_metadata() or () if key == "authorization") > 1:
+    def total(self, short: str, code: grpc.StatusCode) -> Any:
+        """RPC_TOTAL's child for the method and status code."""
+        child = self._totals.get((short, code))
+        if child is None:
+            child = self._totals[(short, code)] = metrics.RPC_TOTAL.labels(self.service, short, code.name)
+        return child
+
+    def authorise(self, m: _Method, ctx: grpc.ServicerContext, authorization_headers: int) -> context.Principal:
+        if authorization_headers > 1:
             # Which one counts would be up to whoever reads the metadata last: refuse them all.
             raise errors.unauthenticated("more than one 'authorization' header: send exactly one",
                                          reason="DUPLICATE_CREDENTIALS")
@@ -219,35 +255,40 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 "missing or unknown credentials: send 'authorization: Bearer <token>' metadata "
                 "or a client certificate the server knows"
             )
-        if method.startswith(ANY_ROLE_PREFIXES):
+        if m.any_role:
             return principal
-        allowed = self.roles.get(method)
-        if allowed is None:
-            raise errors.permission_denied(f"{method} is not open to any role")
-        if not principal.roles & allowed:
+        if m.allowed is None:
+            raise errors.permission_denied(f"{m.name} is not open to any role")
+        if not principal.roles & m.allowed:
             raise errors.permission_denied(
-                f"caller '{principal.name}' lacks a role for {method}; allowed roles: {', '.join(sorted(allowed))}",
+                f"caller '{principal.name}' lacks a role for {m.name}; allowed roles: {', '.join(sorted(m.allowed))}",
                 reason="ROLE_NOT_ALLOWED",
             )
-        if principal.terminal_channel is not None and method not in self.terminal:
+        if principal.terminal_channel is not None and not m.terminal:
             raise errors.permission_denied(
                 f"caller '{principal.name}' is a registered {principal.terminal_channel} terminal, which runs "
-                f"its channel's sessions only; {method} is for the bank's own systems", reason="TERMINAL_NOT_ALLOWED")
+                f"its channel's sessions only; {m.name} is for the bank's own systems", reason="TERMINAL_NOT_ALLOWED")
         return principal
 
 
 class _Call:
     """One RPC's bookkeeping; as a context manager it maps exceptions to statuses."""
 
-    def __init__(self, owner: ServerInterceptor, method: str, short: str, ctx: grpc.ServicerContext) -> None:
-        self.owner, self.method, self.short, self.ctx = owner, method, short, ctx
+    def __init__(self, owner: ServerInterceptor, m: _Method, ctx: grpc.ServicerContext) -> None:
+        self.owner, self.m, self.ctx = owner, m, ctx
+        self.method, self.short = m.name, m.short
         self.principal: context.Principal | None = None
-        self.queue = owner.admission if method in owner.model_work else None
+        self.queue = m.queue
         self.slot: Slot | None = None
+        self.authorization_headers = 0
 
     def __enter__(self) -> "_Call":
-        meta = dict(self.ctx.invocation_metadata())
-        sent = meta.get("x-request-id", "")
+        sent: str | bytes = ""
+        for key, value in self.ctx.invocation_metadata() or ():
+            if key == "x-request-id":
+                sent = value  # the last one, as a dict of the metadata would keep
+            elif key == "authorization":
+                self.authorization_headers += 1
         rid = request_id(sent if isinstance(sent, str) else "")  # bytes only for -bin keys
         self._tokens = (context.request_id.set(rid), context.principal.set(None), context.deadline.set(None),
                         context.admission.set(self.admit if self.queue is not None else None),
@@ -257,7 +298,7 @@ class _Call:
             sent_back += (("x-biogate-worker", self.owner.worker),)
         self.ctx.send_initial_metadata(sent_back)
         self.start = time.perf_counter()
-        metrics.RPC_IN_FLIGHT.labels(self.owner.service).inc()
+        self.owner._in_flight.inc()
         return self
 
     def authorise(self) -> None:
@@ -266,7 +307,7 @@ class _Call:
             raise errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline expired before handling")
         budget = self.owner.rpc_timeout_s if remaining is None else min(remaining, self.owner.rpc_timeout_s)
         context.deadline.set(time.monotonic() + budget)
-        self.principal = self.owner.authorise(self.method, self.ctx)
+        self.principal = self.owner.authorise(self.m, self.ctx, self.authorization_headers)
         context.principal.set(self.principal)
 
     def admit(self) -> None:
@@ -292,7 +333,7 @@ class _Call:
         self.check_tenant(request)
 
     def check_tenant(self, request: Any) -> None:
-        rule = self.owner.tenants.get(self.method)
+        rule = self.m.tenant
         if rule is None or rule.none or self.principal is None or "*" in self.principal.tenants:
             return  # an RPC on no tenant's data, or a caller of every tenant: nothing to look up
         value = rule.value(request)
@@ -346,10 +387,9 @@ class _Call:
         if self.slot is not None:
             self.queue.release(self.slot)  # type: ignore[union-attr]
         elapsed = time.perf_counter() - self.start
-        service = self.owner.service
-        metrics.RPC_IN_FLIGHT.labels(service).dec()
-        metrics.RPC_TOTAL.labels(service, self.short, code.name).inc()
-        metrics.RPC_SECONDS.labels(service, self.short).observe(elapsed)
+        self.owner._in_flight.dec()
+        self.owner.total(self.short, code).inc()
+        self.m.seconds.observe(elapsed)
         telemetry.record_status(code)
         log.info(
             "rpc",
