@@ -49,32 +49,39 @@ def test_an_otp_login_through_the_sdk_is_allowed_and_its_token_verifies(mfa_only
     claims = mfa_only.client.verify_token(d.token, "otp-bank", session_id=s.id)
     assert claims["sid"] == s.id and claims["aud"] == "otp-bank" and claims["decision"] == "allow"
     with pytest.raises(jwt.InvalidAudienceError):
-        mfa_only.client.verify_token(d.token, "bind-bank")
+        mfa_only.client.verify_token(d.token, "bind-bank", s.id)
     with pytest.raises(jwt.InvalidTokenError):
         mfa_only.client.verify_token(d.token, "otp-bank", session_id="another-session")
+    with pytest.raises(jwt.InvalidTokenError, match="decides another session"):
+        mfa_only.client.verify_token(d.token, "otp-bank", "")
+    assert mfa_only.client.verify_token(d.token, "otp-bank", s.id, action="login")["act"] == "login"
+    with pytest.raises(jwt.InvalidTokenError, match="not 'payment'"):  # a login's ALLOW is no payment's
+        mfa_only.client.verify_token(d.token, "otp-bank", s.id, action="payment")
+    with pytest.raises(jwt.InvalidTokenError, match="another amount"):
+        mfa_only.client.verify_token(d.token, "otp-bank", s.id, amount=("CNY", 100))
     head, body, sig = d.token.split(".")
     forged = json.loads(jwt.utils.base64url_decode(body))
     forged["decision"] = "deny"
     tampered = ".".join([head, jwt.utils.base64url_encode(json.dumps(forged).encode()).decode(), sig])
     with pytest.raises(jwt.InvalidSignatureError):
-        mfa_only.client.verify_token(tampered, "otp-bank")
+        mfa_only.client.verify_token(tampered, "otp-bank", s.id)
 
 
 def test_a_token_verifies_against_the_mfa_s_jwks_over_http_or_a_jwks_given_as_text(mfa_only):
     sid = customer(mfa_only)
-    _, d = otp_login(mfa_only, "otp-bank", sid, Device())
+    s, d = otp_login(mfa_only, "otp-bank", sid, Device())
     url = mfa_only.harness.running["mfa"].definition.details["jwks_uri"]  # the MFA's /.well-known/jwks.json
     assert url.startswith("http://127.0.0.1:") and url.endswith("/.well-known/jwks.json")
-    assert mfa_only.client.verify_token(d.token, "otp-bank", jwks=url)["decision"] == "allow"
+    assert mfa_only.client.verify_token(d.token, "otp-bank", s.id, jwks=url)["decision"] == "allow"
     jwks = mfa_only.client.signing_keys()
-    assert mfa_only.client.verify_token(d.token, "otp-bank", jwks=json.dumps(jwks))["decision"] == "allow"
+    assert mfa_only.client.verify_token(d.token, "otp-bank", s.id, jwks=json.dumps(jwks))["decision"] == "allow"
     other_kid = {"keys": [{**k, "kid": k["kid"] + "-other"} for k in jwks["keys"]]}
     unknown: dict[str, list]
     for unknown in (other_kid, {"keys": []}):
         with pytest.raises(jwt.InvalidKeyError):
-            mfa_only.client.verify_token(d.token, "otp-bank", jwks=unknown)
+            mfa_only.client.verify_token(d.token, "otp-bank", s.id, jwks=unknown)
     with pytest.raises(jwt.InvalidIssuerError):
-        mfa_only.client.verify_token(d.token, "otp-bank", issuer="another-mfa")
+        mfa_only.client.verify_token(d.token, "otp-bank", s.id, issuer="another-mfa")
 
 
 def test_a_device_bound_after_a_login_proves_itself_in_the_next_session(mfa_only):
@@ -194,13 +201,13 @@ def test_a_correctly_signed_token_that_is_not_an_allow_is_refused():
     for decision, ok in (("allow", True), ("deny", False), ("review", False)):
         token = jwt.encode({**claims, "decision": decision}, key, algorithm="EdDSA", headers={"kid": "k1"})
         if ok:
-            assert verify_decision(token, {"keys": [jwk]}, tenant="bank-a")["decision"] == "allow"
+            assert verify_decision(token, {"keys": [jwk]}, tenant="bank-a", session_id="ses_1")["decision"] == "allow"
         else:
             with pytest.raises(jwt.InvalidTokenError, match="not 'allow'"):
-                verify_decision(token, {"keys": [jwk]}, tenant="bank-a")
+                verify_decision(token, {"keys": [jwk]}, tenant="bank-a", session_id="ses_1")
     hs256 = jwt.encode({**claims, "decision": "allow"}, "secret" * 6, algorithm="HS256", headers={"kid": "k1"})
     with pytest.raises(jwt.InvalidAlgorithmError):
-        verify_decision(hs256, {"keys": [jwk]}, tenant="bank-a")
+        verify_decision(hs256, {"keys": [jwk]}, tenant="bank-a", session_id="ses_1")
 
 
 def test_the_readme_shows_the_login_example_the_tests_run():

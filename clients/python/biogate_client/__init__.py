@@ -4,7 +4,7 @@
     bg = BioGate.development()                      # 127.0.0.1:50051-50053, var/dev-credentials.json
     s = bg.start("bank-a", "cust-1", Device())      # the customer's app signs its captures
     s.submit_face(selfie); s.send_otp(); s.submit_otp(code)
-    claims = bg.verify_token(s.decide().token, "bank-a")
+    claims = bg.verify_token(s.decide().token, "bank-a", s.id)
 """
 
 from .client import BioGate, Session, outcome_name, subject_ref

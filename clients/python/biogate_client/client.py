@@ -197,14 +197,16 @@ class BioGate:
             self._jwks = json.loads(self.call(self.mfa.GetSigningKeys, mfa_pb2.GetSigningKeysRequest()).jwks_json)
         return self._jwks
 
-    def verify_token(self, token: str, tenant: str, session_id: str | None = None,
-                     jwks: dict | str | None = None, issuer: str = ISSUER) -> dict[str, Any]:
+    def verify_token(self, token: str, tenant: str, session_id: str, *, action: str | None = None,
+                     amount: tuple[str, int] | None = None, jwks: dict | str | None = None,
+                     issuer: str = ISSUER) -> dict[str, Any]:
         """The claims of an ALLOW's token, verified against ``jwks`` (a dict, JSON text or a URL
         such as the MFA's /.well-known/jwks.json) or else the keys from GetSigningKeys (fetched
         again once if the token names a key not cached: a rotation). ``issuer``: the
         deployment's ``mfa.issuer``."""
         def check(keys: dict | str) -> dict[str, Any]:
-            return verify_decision(token, keys, tenant=tenant, session_id=session_id, issuer=issuer)
+            return verify_decision(token, keys, tenant=tenant, session_id=session_id, issuer=issuer, action=action,
+                                   amount=amount)
 
         if jwks is not None:
             return check(jwks)

@@ -24,12 +24,14 @@ def load_jwks(source: dict | str) -> dict[str, Any]:
     return json.loads(source)
 
 
-def verify_decision(token: str, jwks: dict | str, *, tenant: str, issuer: str = ISSUER,
-                    session_id: str | None = None) -> dict[str, Any]:
+def verify_decision(token: str, jwks: dict | str, *, tenant: str, session_id: str, issuer: str = ISSUER,
+                    action: str | None = None, amount: tuple[str, int] | None = None) -> dict[str, Any]:
     """The claims of a decision token after checking its signature (the key named by ``kid``),
     algorithm (EdDSA or ES256 only, matching the key), issuer (``mfa.issuer`` of the deployment),
-    audience (the tenant), expiry, that it is an ALLOW (the MFA signs nothing else) and, with
-    ``session_id``, that it decides that session. Raises ``jwt.InvalidTokenError``."""
+    audience (the tenant), expiry, that it is an ALLOW (the MFA signs nothing else), that it decides
+    ``session_id`` (required: any other ALLOW of the tenant, a login's for a payment, would pass
+    without it) and, given them, the ``action`` and ``amount`` (currency, minor units) the relying
+    party is about to carry out. Raises ``jwt.InvalidTokenError``."""
     header = jwt.get_unverified_header(token)
     if header.get("alg") not in ALGORITHMS:
         raise jwt.InvalidAlgorithmError(f"algorithm {header.get('alg')!r} is not allowed")
@@ -44,6 +46,10 @@ def verify_decision(token: str, jwks: dict | str, *, tenant: str, issuer: str = 
                         options={"require": ["exp", "iat", "iss", "aud", "sid"]})
     if claims.get("decision") != "allow":
         raise jwt.InvalidTokenError(f"the token's decision is {claims.get('decision')!r}, not 'allow'")
-    if session_id is not None and claims["sid"] != session_id:
+    if not session_id or claims["sid"] != session_id:
         raise jwt.InvalidTokenError("the token decides another session")
+    if action is not None and claims.get("act") != action:
+        raise jwt.InvalidTokenError(f"the token allows {claims.get('act')!r}, not {action!r}")
+    if amount is not None and claims.get("amt") != {"cur": amount[0], "minor": amount[1]}:
+        raise jwt.InvalidTokenError("the token allows another amount")
     return claims
