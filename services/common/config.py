@@ -206,7 +206,7 @@ class Principal(Section):
     @field_validator("token_sha256")
     @classmethod
     def _digest(cls, value: str | None) -> str | None:
-        if value is not None and not _SHA256_HEX.match(value):
+        if value is not None and not _SHA256_HEX.fullmatch(value):
             raise ValueError("token_sha256 is the SHA-256 of the token, 64 hex digits (never the token itself)")
         return value.lower() if value is not None else None
 

@@ -70,8 +70,9 @@ def _principal(**fields):
     (_principal(name="ops@bank-a.example"), "name"),
     (_principal(name=""), "name"),
     (_principal(token_sha256="the-token-itself"), "token_sha256"),  # never matched any token
+    (_principal(token_sha256="ab" * 32 + "\n"), "token_sha256"),  # "$" let a final newline by
     (_principal(tenants=["bank-a "]), "tenants"),
-], ids=["control characters", "e-mail", "empty", "token not a digest", "tenant with a space"])
+], ids=["control characters", "e-mail", "empty", "token not a digest", "digest and a newline", "tenant with a space"])
 def test_a_principal_that_could_never_authenticate_or_be_audited_is_refused_at_load(tmp_path, principal, field):
     with pytest.raises(ValidationError, match=field):
         load_config(None, data_dir=str(tmp_path), auth={"principals": [principal], "dev_credentials": False})

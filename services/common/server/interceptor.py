@@ -27,7 +27,7 @@ from services.common.server.streams import BoundedStream, StreamLimits
 log = logging.getLogger("biogate.rpc")
 
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # fullmatch: "$" would let a final newline by
 # Reflection is open to any authenticated caller, whatever its roles.
 ANY_ROLE_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 
@@ -438,7 +438,7 @@ def request_id(sent: str) -> str:
     """The caller's x-request-id when it is a plain token (1-64 letters, digits and . _ : -) that
     holds no personal data; otherwise a generated one. A trace id is not worth failing a call
     for: the id used is returned in the response metadata, and it is what the logs carry."""
-    if _REQUEST_ID.match(sent) and not is_personal_data(sent):
+    if _REQUEST_ID.fullmatch(sent) and not is_personal_data(sent):
         return sent
     return uuid.uuid4().hex
 

@@ -158,7 +158,7 @@ def load_migrations(dialect: str, part: SchemaPart = SHARED) -> list[Migration]:
     folder = resources.files(part.package).joinpath("migrations", dialect)
     found = []
     for entry in folder.iterdir():
-        m = _NAME.match(entry.name)
+        m = _NAME.fullmatch(entry.name)
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
     found.sort(key=lambda mig: mig.version)
