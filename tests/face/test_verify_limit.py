@@ -11,6 +11,7 @@ import pytest
 from services.common.api.v1 import common_pb2, face_pb2, face_pb2_grpc
 from services.common.errors import details_of
 from tests.face.test_service import BIDEN, OBAMA, OBAMA2, img, ref
+from tests.ops.samples import Counted
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,8 @@ def limited(tmp_path_factory, face_models):
     from tests.conftest import ServiceHarness, make_settings
 
     settings = make_settings(tmp_path_factory.mktemp("face-limit") / "data",
-                             face={"verify_limit": {"failures": 2, "window_s": 3600}})
+                             face={"verify_limit": {"failures": 2, "window_s": 3600},
+                                   "tenants": {"bank-eval": {"verify_limit": {"failures": 0}}}})
     harness = ServiceHarness(settings)
     server = harness.start("face")
     with harness.channel("face", "dev-all") as channel:
@@ -26,12 +28,12 @@ def limited(tmp_path_factory, face_models):
     harness.stop()
 
 
-def enrol(stub, service, subject: str, data: bytes) -> None:
+def enrol(stub, service, subject: str, data: bytes, tenant: str = "bank-v") -> None:
     from services.common.storage import ConsentRecord
 
     service.rt.storage.subjects.record_consent(
-        ConsentRecord("bank-v", subject, "biometric_verification", ("face",), "v1", "test"))
-    stub.Enroll(face_pb2.EnrollFaceRequest(subject=ref("bank-v", subject), images=[img(data)], replace=True))
+        ConsentRecord(tenant, subject, "biometric_verification", ("face",), "v1", "test"))
+    stub.Enroll(face_pb2.EnrollFaceRequest(subject=ref(tenant, subject), images=[img(data)], replace=True))
 
 
 def test_failed_verifications_of_a_subject_are_bounded_and_a_match_costs_nothing(limited, face_dir):
@@ -57,3 +59,30 @@ def test_failed_verifications_of_a_subject_are_bounded_and_a_match_costs_nothing
     stub.DeleteSubject(common_pb2.DeleteSubjectRequest(subject=ref("bank-v", "v-1"), reason="test"))
     enrol(stub, service, "v-1", obama)
     assert verify("v-1", obama2).match  # the erasure forgot the counter with the templates
+
+
+def test_failures_and_refusals_are_counted_for_the_operators(limited, face_dir):
+    """The metrics the spraying and guessing alerts read (deploy/prometheus/alerts.yaml): every
+    failed comparison charged to a subject, and each refusal by the limit; a tenant without a limit
+    (the evaluation tenant's impostor trials) is left out."""
+    stub, service = limited
+    obama, obama2, biden = ((face_dir / p).read_bytes() for p in (OBAMA, OBAMA2, BIDEN))
+    enrol(stub, service, "m-1", obama)
+    enrol(stub, service, "m-1", obama, tenant="bank-eval")
+    failed = Counted("biogate_verify_failures_total", modality="face")
+    limited_ = Counted("biogate_verify_limited_total", modality="face", cause="failures")
+
+    def verify(tenant: str, data: bytes) -> face_pb2.VerifyFaceResponse:
+        return stub.Verify(face_pb2.VerifyFaceRequest(subject=ref(tenant, "m-1"), image=img(data)))
+
+    assert verify("bank-v", obama2).match and failed.delta == 0  # a match is no failure
+    assert not verify("bank-v", biden).match and not verify("bank-v", biden).match
+    assert (failed.delta, limited_.delta) == (2, 0)
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as err:
+            verify("bank-v", obama2)
+        assert details_of(err.value)["reason"] == "VERIFY_LIMITED"
+    assert (failed.delta, limited_.delta) == (2, 2)  # refused before any comparison: no failure
+    for _ in range(3):
+        assert not verify("bank-eval", biden).match
+    assert (failed.delta, limited_.delta) == (2, 2)

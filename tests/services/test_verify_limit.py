@@ -15,6 +15,7 @@ from services.common.errors import ServiceError
 from services.common.modality.attempts import MAX_IN_FLIGHT, VerifyLimiter
 from services.common.runtime import Runtime
 from tests.conftest import make_settings
+from tests.ops.samples import Counted
 
 
 @pytest.fixture()
@@ -52,7 +53,9 @@ def test_attempts_running_at_once_count_and_a_burst_is_refused(limiter):
     with ExitStack() as running:  # two more running: with the one failure they reach the bound of 3
         for _ in range(MAX_IN_FLIGHT):
             running.enter_context(limiter.attempt("bank-a", "s-1"))
+        in_flight = Counted("biogate_verify_limited_total", modality="face", cause="in_flight")
         assert "running" in refused(limiter, "s-1").message
+        assert in_flight.delta == 1
     with limiter.attempt("bank-a", "s-1"):  # they answered (matches): room again
         pass
     assert limiter.rt.storage.rate_limits.count(limiter.key("bank-a", "s-1"), 3600) == 1

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from services.common.errors import details_of
+from tests.ops.samples import Counted
 from tests.voice.conftest import own_voice_service
 from tests.voice.test_service import enrol, files, new_subject, verify, wav
 from voice_audio import read
@@ -33,3 +34,19 @@ def test_failed_verifications_of_a_subject_are_bounded(limited, voice_dir):
             verify(limited, tenant, subject, wav(clip))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert details_of(err.value)["reason"] == "VERIFY_LIMITED"
+
+
+def test_failures_and_refusals_are_counted_for_the_operators(limited, voice_dir):
+    """The metrics the spraying and guessing alerts read (deploy/prometheus/alerts.yaml)."""
+    genuine = [read(p) for p in files(voice_dir, "libri_1688")]
+    other = read(files(voice_dir, "libri_2414")[0])
+    tenant, subject = new_subject(limited)
+    enrol(limited, tenant, subject, genuine[:2])
+    failed = Counted("biogate_verify_failures_total", modality="voice")
+    refused = Counted("biogate_verify_limited_total", modality="voice", cause="failures")
+    assert not verify(limited, tenant, subject, wav(other)).match
+    assert (failed.delta, refused.delta) == (1, 0)
+    with pytest.raises(grpc.RpcError) as err:
+        verify(limited, tenant, subject, wav(other))
+    assert details_of(err.value)["reason"] == "VERIFY_LIMITED"
+    assert (failed.delta, refused.delta) == (1, 1)

@@ -9,7 +9,9 @@ Verify behind SQLite's write lock). Other processes and replicas see an attempt 
 so at most ``MAX_IN_FLIGHT`` attempts per subject per process run past the bound at once; a
 subject's concurrent attempts beyond that are refused. Only a request that is whole and valid is
 counted (bad input never is). The counter is keyed by the subject's pseudonym and erased with the
-subject.
+subject. Operators see the failures charged and the refusals (services/common/metrics.py
+VERIFY_FAILURES, VERIFY_LIMITED); a tenant without a limit (the evaluation tenant's impostor trials
+by the thousand) is in neither.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.common import metrics
 from services.common.config import VerifyLimit
 from services.common.runtime import Runtime
 from services.common.storage.db import utcnow
@@ -46,6 +49,9 @@ class VerifyLimiter:
         self.rt, self.modality, self.default, self.tenants = rt, modality, default, tenants
         self._lock = threading.Lock()
         self._running: Counter[str] = Counter()
+        # bound now: a series that first appears at 1 shows Prometheus no increase
+        self._failed = metrics.VERIFY_FAILURES.labels(modality)
+        self._limited = {cause: metrics.VERIFY_LIMITED.labels(modality, cause) for cause in ("failures", "in_flight")}
 
     def key(self, tenant: str, subject: str) -> str:
         return f"{self.modality}:verify:{self.rt.pseudonymize(tenant, subject)}"
@@ -67,17 +73,20 @@ class VerifyLimiter:
         with self._lock:
             running = self._running[key]
             if running >= MAX_IN_FLIGHT:
+                self._limited["in_flight"].inc()
                 raise refusal("VERIFY_LIMITED", f"{running} verifications of this subject are running: retry "
                               "when they have answered", metadata={"retry_after_s": "1"})
             self._running[key] += 1
         try:
             if self.rt.storage.rate_limits.count(key, limit.window_s, now) + running >= limit.failures:
                 wait = max(1, math.ceil(limit.window_s - now.timestamp() % limit.window_s))
+                self._limited["failures"].inc()
                 raise refusal("VERIFY_LIMITED", f"{limit.failures} failed verifications of this subject within "
                               f"{limit.window_s} s: try again in {wait} s", metadata={"retry_after_s": str(wait)})
             attempt = Attempt()
             yield attempt
             if attempt.failed:
+                self._failed.inc()
                 self.rt.storage.rate_limits.hit(key, limit.window_s, limit.failures, now)
         finally:
             with self._lock:
