@@ -99,6 +99,47 @@ def race(n: int, work: Callable[[int], R]) -> list[R | Exception | None]:
     return results
 
 
+def side_by_side(first: Callable[[], R], second: Callable[[], R]) -> tuple[R, R]:
+    """first() and second() at once (second on a thread of its own), each running its calls in its
+    own order: a local evaluation and the same one through a service, whose models run one thread
+    per call, each alone leaving a core of the machine idle."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(second)
+        return first(), later.result()
+
+
+class Prefetched:
+    """A verification scorer's answers to ``trials``, made ``workers`` calls at a time (every
+    distinct enrolment, then every probe against its enrolment), for run_verification to read in its
+    own order: a service whose models run one thread per call, called one call at a time, leaves a
+    core idle. Only for a scorer whose answers do not depend on the order of its calls."""
+
+    def __init__(self, scorer, trials, workers: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from services.common.evaluation.scorers import Failure
+
+        self.score_name = scorer.score_name
+        enrolments = list(dict.fromkeys(tuple(t.enroll) for t in trials))
+        with ThreadPoolExecutor(workers) as pool:
+            self._handles = dict(zip(enrolments, pool.map(lambda e: scorer.enroll(list(e)), enrolments)))
+            pairs = list(dict.fromkeys((tuple(t.enroll), t.probe) for t in trials
+                                       if not isinstance(self._handles[tuple(t.enroll)], Failure)))
+            self._scores = dict(zip(pairs, pool.map(lambda ep: scorer.score(self._handles[ep[0]], ep[1]), pairs)))
+
+    def enroll(self, paths):
+        """The enrolment's failure, or its key as the handle."""
+        from services.common.evaluation.scorers import Failure
+
+        handle = self._handles[tuple(paths)]
+        return handle if isinstance(handle, Failure) else tuple(paths)
+
+    def score(self, handle, probe):
+        return self._scores[(handle, probe)]
+
+
 # grpc_health's and grpc_reflection's type stubs declare none of their stubs' methods: the same
 # calls, typed, on the services' descriptors.
 _HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

@@ -227,3 +227,18 @@ def test_eval_all_pairs_of_a_people_list_split_by_name_parity(settings, syntheti
     args = parse(["eval", "--modality", "face", "--people", "odd", "--fixtures", str(world)])
     with pytest.raises(ValueError, match="--people splits an --all-pairs list"):
         args.func(settings, args)
+
+
+def test_a_command_other_than_eval_does_not_load_the_plotting_libraries():
+    """matplotlib and scipy.stats (about 2 s of CPU at import) load only when a report is written:
+    every `biogate` command builds the whole parser, the eval command's included, and the suite
+    and the operators start it many times (services, keys, migrations)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from services.cli import build_parser; build_parser().parse_args(['keys', 'list']); "
+            "print(sorted(m for m in ('matplotlib', 'scipy.stats') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         timeout=120, env={"PYTHONPATH": str(PROJECT_ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

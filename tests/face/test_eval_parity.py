@@ -26,7 +26,7 @@ from services.common.evaluation.scorers import ScorerOptions
 from services.common.evaluation.trials import VerificationTrial, all_pairs, read_pad, read_people, read_trials
 from services.face.evaluation import make_pad_scorer, make_verification_scorer
 from services.face.remote import RemoteFacePadScorer, RemoteFaceVerificationScorer
-from tests.conftest import present
+from tests.conftest import Prefetched, present, side_by_side
 
 pytestmark = pytest.mark.eval  # evaluation-grade: a whole fixture list through the models
 
@@ -82,8 +82,8 @@ def test_verification_decisions_are_the_same_locally_and_through_the_service(opt
     people = [e for e in read_people(fixtures_dir / "face" / "identities" / "SOURCES.csv", "face")
               if e.identity in PEOPLE]
     trials += all_pairs(people, "face") + small_face_trials(fixtures_dir, tmp_path)
-    local = run_verification(make_verification_scorer(ScorerOptions(settings=options.settings)), trials)
-    remote = run_verification(RemoteFaceVerificationScorer(options), trials)
+    local, remote = side_by_side(lambda: run_verification(make_verification_scorer(ScorerOptions(settings=options.settings)), trials),
+                                 lambda: run_verification(Prefetched(RemoteFaceVerificationScorer(options), trials), trials))
     assert _same(local, remote) == []
     # The comparison set exercises every path: refused enrolments and probes, accepted and refused trials.
     reasons = local.failure_reasons
@@ -96,8 +96,8 @@ def test_verification_decisions_are_the_same_locally_and_through_the_service(opt
 
 def test_liveness_decisions_are_the_same_locally_and_through_the_service(options, fixtures_dir):
     samples = read_pad(fixtures_dir / "pad_face.csv", fixtures_dir)
-    local = run_pad(make_pad_scorer(ScorerOptions(settings=options.settings)), samples)
-    remote = run_pad(RemoteFacePadScorer(options), samples)
+    local, remote = side_by_side(lambda: run_pad(make_pad_scorer(ScorerOptions(settings=options.settings)), samples),
+                                 lambda: run_pad(RemoteFacePadScorer(options), samples))
     diffs = [f"{a.sample.path.name}: local {_outcome(a)}, service {_outcome(b)}"
              for a, b in zip(local.results, remote.results) if _outcome(a) != _outcome(b)]
     assert diffs == []

@@ -22,7 +22,7 @@ from services.common.evaluation.trials import read_pad, read_trials
 from services.common.models import ModelStore
 from services.common.storage import TemplateRecord, open_storage
 from services.common.subjects import IDENTIFICATION
-from tests.conftest import present
+from tests.conftest import Prefetched, present
 
 OBAMA = "barack_obama/face_recognition_examples_obama.jpg"
 OBAMA2 = "barack_obama/face_recognition_examples_obama2.jpg"
@@ -73,7 +73,8 @@ def test_every_trial_image_enrols_and_the_service_evaluation_meets_the_eer(face_
 
     scorer = load_scorer("face", "verification", ScorerOptions(face_service.settings, target=face_service.address))
     assert isinstance(scorer, VerificationScorer)
-    run = run_verification(scorer, read_trials(fixtures_dir / "trials_face.csv", fixtures_dir))
+    trials = read_trials(fixtures_dir / "trials_face.csv", fixtures_dir)
+    run = run_verification(Prefetched(scorer, trials), trials)
     assert run.fte.failures == 0 and run.fta.failures == 0
     eer = metrics.eer(run.genuine, run.impostor)
     print(f"service EER {eer.eer:.4f} on {len(run.genuine)} genuine / {len(run.impostor)} impostor trials")

@@ -26,7 +26,7 @@ from services.common.evaluation.runner import run_verification
 from services.common.evaluation.trials import read_trials
 from services.voice.evaluation import VoiceDecisionScorer, local_engine
 from services.voice.remote_eval import RemoteVoiceScorer
-from tests.conftest import present
+from tests.conftest import present, side_by_side
 
 pytestmark = pytest.mark.eval  # evaluation-grade: a whole fixture list through the models
 
@@ -60,10 +60,10 @@ def test_voice_decisions_are_the_same_locally_and_through_the_service(voice_serv
     settings = voice_service.settings
     remote = RemoteVoiceScorer(voice_pb2_grpc.VoiceServiceStub(voice_service.channel), voice_service.consent,
                                "wideband", "eval-parity")
-    remote_run = run_verification(remote, trials)
     local = VoiceDecisionScorer(local_engine(settings), settings, "wideband", "eval-parity")
     try:
-        local_run = run_verification(local, trials)
+        local_run, remote_run = side_by_side(lambda: run_verification(local, trials),
+                                             lambda: run_verification(remote, trials))
     finally:
         local.close()
     diffs = []

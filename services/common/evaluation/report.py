@@ -19,7 +19,6 @@ import numpy as np
 from . import calibration as cal
 from . import decisions as dec
 from . import metrics as m
-from .plots import MarkedPoint, plot_det, plot_histograms
 from .runner import PadRun, VerificationRun
 
 REPORT_FILE = "report.json"
@@ -388,6 +387,8 @@ def write_verification_outputs(
     root: str | Path | None = None,
 ) -> dict[str, Path]:
     """report.json, per_trial.csv, and with scores scores.json, det.png and histogram.png in ``out_dir``."""
+    from .plots import MarkedPoint, plot_det, plot_histograms  # matplotlib: only when reporting
+
     out = Path(out_dir)
     op = report["operating_point"]
     files = {"per_trial": write_per_trial(run, out / PER_TRIAL_FILE, root)}
@@ -416,6 +417,8 @@ def write_pad_outputs(
 ) -> dict[str, Path]:
     """report.json, per_trial.csv, and with scores scores.json, histogram.png and (with attacks)
     det.png in ``out_dir``."""
+    from .plots import MarkedPoint, plot_det, plot_histograms  # matplotlib: only when reporting
+
     out = Path(out_dir)
     op = report["operating_point"]
     files = {"per_trial": write_per_trial(run, out / PER_TRIAL_FILE, root)}
