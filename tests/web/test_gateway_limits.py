@@ -293,14 +293,14 @@ def test_frames_beyond_max_frames_are_answered_503_at_once_and_other_calls_go_on
         with raw(gw.url) as holder:
             holder.sendall(f"POST {face} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KIOSK_KEY}\r\n"
                            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode())
-            for _ in range(100):  # until the gateway has read the holder's head
+            for _ in range(600):  # until the gateway has read the holder's head (seconds on a loaded machine)
                 status, body, headers = post_frame(gw.url)
                 if body["reason"] == "FRAMES_BUSY":
                     break
                 time.sleep(0.1)
-            assert (status, body["reason"], headers["retry-after"]) == (503, "FRAMES_BUSY", "1")
+            assert (status, body["reason"], headers.get("retry-after")) == (503, "FRAMES_BUSY", "1"), body
             assert request(gw.url)[0] == 401  # calls other than a frame are not held back
-        for _ in range(100):  # the holder went away: its slot is free once the gateway sees it
+        for _ in range(600):  # the holder went away: its slot is free once the gateway sees it
             status, body, _ = post_frame(gw.url)
             if body["reason"] != "FRAMES_BUSY":
                 break
