@@ -85,8 +85,8 @@ AUDIT_KEY_DESTROYED = Gauge("biogate_audit_key_destroyed",
 
 # Verifications bounded by verify_limit (services/common/modality/attempts.py), by modality: those
 # counted as failures (the comparison did not match, or liveness, spoof, replay or challenge refused
-# it), and those refused VERIFY_LIMITED, by cause ("failures": the subject's failures in the window
-# reached the limit; "in_flight": too many of its attempts running at once). A tenant without a
+# it), and those refused VERIFY_LIMITED (the subject's failures in the window, with its attempts still
+# running in the process, reached the limit). A tenant without a
 # limit (evaluation trials, impostors by the thousand) is in neither. Neither tenant nor caller is
 # a label (no metric here carries one): a credential spraying a tenant's subjects shows as a
 # failure share of Verify's answers (biogate_rpc_total).
@@ -94,8 +94,8 @@ VERIFY_FAILURES = Counter("biogate_verify_failures_total",
                           "1:1 verifications counted as failures of the subject (no match, or refused as an attack)",
                           ["modality"])
 VERIFY_LIMITED = Counter("biogate_verify_limited_total",
-                         "Verifications refused VERIFY_LIMITED by the subject's bound on failures, by cause",
-                         ["modality", "cause"])
+                         "Verifications refused VERIFY_LIMITED by the subject's bound on failures",
+                         ["modality"])
 
 
 def observe_similarity(model: str, channel: str, score: float, matched: bool) -> None:

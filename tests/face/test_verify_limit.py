@@ -70,7 +70,7 @@ def test_failures_and_refusals_are_counted_for_the_operators(limited, face_dir):
     enrol(stub, service, "m-1", obama)
     enrol(stub, service, "m-1", obama, tenant="bank-eval")
     failed = Counted("biogate_verify_failures_total", modality="face")
-    limited_ = Counted("biogate_verify_limited_total", modality="face", cause="failures")
+    limited_ = Counted("biogate_verify_limited_total", modality="face")
 
     def verify(tenant: str, data: bytes) -> face_pb2.VerifyFaceResponse:
         return stub.Verify(face_pb2.VerifyFaceRequest(subject=ref(tenant, "m-1"), image=img(data)))

@@ -1,7 +1,8 @@
 """The per-subject bound on failed verifications (services/common/modality/attempts.py) on a real
-runtime and database, without models: a genuine attempt writes nothing, a failure is counted, the
-subject's attempts running at once count as failures, and a burst of them is refused past
-MAX_IN_FLIGHT (other processes only see an attempt once it has failed)."""
+runtime and database, without models: a genuine attempt writes nothing, a failure is counted, and
+the subject's attempts still running count as failures, so a burst in one process cannot pass the
+bound while concurrent attempts below it are not refused (other processes see an attempt once it
+has failed)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from services.common.config import VerifyLimit
 from services.common.errors import ServiceError
-from services.common.modality.attempts import MAX_IN_FLIGHT, VerifyLimiter
+from services.common.modality.attempts import VerifyLimiter
 from services.common.runtime import Runtime
 from tests.conftest import make_settings
 from tests.ops.samples import Counted
@@ -47,15 +48,15 @@ def test_matches_write_nothing_and_failures_reach_the_bound(limiter):
         pass
 
 
-def test_attempts_running_at_once_count_and_a_burst_is_refused(limiter):
+def test_attempts_running_at_once_count_toward_the_bound_and_only_up_to_it(limiter):
     with limiter.attempt("bank-a", "s-1") as attempt:
         attempt.failed = True
-    with ExitStack() as running:  # two more running: with the one failure they reach the bound of 3
-        for _ in range(MAX_IN_FLIGHT):
+    with ExitStack() as running:  # one failure and two running reach the bound of 3: a third is refused
+        for _ in range(2):
             running.enter_context(limiter.attempt("bank-a", "s-1"))
-        in_flight = Counted("biogate_verify_limited_total", modality="face", cause="in_flight")
-        assert "running" in refused(limiter, "s-1").message
-        assert in_flight.delta == 1
+        refusals = Counted("biogate_verify_limited_total", modality="face")
+        assert "still running" in refused(limiter, "s-1").message
+        assert refusals.delta == 1
     with limiter.attempt("bank-a", "s-1"):  # they answered (matches): room again
         pass
     assert limiter.rt.storage.rate_limits.count(limiter.key("bank-a", "s-1"), 3600) == 1

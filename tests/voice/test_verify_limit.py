@@ -43,7 +43,7 @@ def test_failures_and_refusals_are_counted_for_the_operators(limited, voice_dir)
     tenant, subject = new_subject(limited)
     enrol(limited, tenant, subject, genuine[:2])
     failed = Counted("biogate_verify_failures_total", modality="voice")
-    refused = Counted("biogate_verify_limited_total", modality="voice", cause="failures")
+    refused = Counted("biogate_verify_limited_total", modality="voice")
     assert not verify(limited, tenant, subject, wav(other)).match
     assert (failed.delta, refused.delta) == (1, 0)
     with pytest.raises(grpc.RpcError) as err:
