@@ -71,6 +71,7 @@ class RequestBudget:
 class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)  # answered with another status, by code
+    not_matched: int = 0  # answered OK with a "no match" decision: in latencies_s, not an error
     refused: Counter = field(default_factory=Counter)  # RESOURCE_EXHAUSTED, by reason: not requests
     wall_s: float = 0.0
     concurrency: int = 0
@@ -90,6 +91,7 @@ class LoadResult:
         return {
             "requests_ok": self.ok,
             "errors": dict(self.errors),
+            "not_matched": self.not_matched,
             "refused": dict(self.refused),
             "concurrency": self.concurrency,
             "wall_s": round(self.wall_s, 3),
