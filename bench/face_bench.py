@@ -114,7 +114,9 @@ async def run_load(address: str, token: str, requests: list, concurrency: int, d
                     if not r.match:  # a decision all the same: counted, and reported
                         result.not_matched += 1
                 except grpc.aio.AioRpcError as e:
-                    if not budget.done(e):
+                    if budget.done(e):
+                        await budget.back_off(e)
+                    else:
                         result.errors[e.code().name] += 1
                     continue
                 budget.done()

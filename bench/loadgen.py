@@ -42,8 +42,9 @@ class RequestBudget:
     reason: counted as a request, a loop that re-sends refusals at once spent its budget on them and
     ended early (bench/RESULTS.md, issue 13: 172 refusals and 22 answers in a level of 200)."""
 
-    def __init__(self, max_requests: int, duration_s: float, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.max_requests, self.clock = max_requests, clock
+    def __init__(self, max_requests: int, duration_s: float, clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+        self.max_requests, self.clock, self.sleep = max_requests, clock, sleep
         self.stop_at = clock() + duration_s
         self.answered = self.in_flight = 0
         self.refused: Counter = Counter()
@@ -65,6 +66,14 @@ class RequestBudget:
             return True
         self.answered += 1
         return False
+
+    async def back_off(self, err: grpc.aio.AioRpcError) -> None:
+        """Waits out a refusal's retry hint (google.rpc.RetryInfo), as a client that honours it does, at
+        most until the time is up: re-sent at once, a refused call only adds to the load that refused it."""
+        from services.common.errors import details_of
+
+        delay = details_of(err).get("retry_delay_s") or 0.0
+        await self.sleep(max(0.0, min(delay, self.stop_at - self.clock())))
 
 
 @dataclass
@@ -115,13 +124,14 @@ async def run_load(
     duration_s: float,
     max_requests: int,
     warmup_requests: int = 0,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
 ) -> LoadResult:
     """Runs ``call`` from ``concurrency`` workers until the time or request budget (answered calls) is spent."""
     if concurrency < 1 or duration_s <= 0 or max_requests < 1:
         raise ValueError("concurrency, duration_s and max_requests must be positive")
     for _ in range(warmup_requests):
         await call()
-    budget = RequestBudget(max_requests, duration_s)
+    budget = RequestBudget(max_requests, duration_s, sleep=sleep)
     result = LoadResult(concurrency=concurrency, refused=budget.refused)
 
     async def worker() -> None:
@@ -130,7 +140,9 @@ async def run_load(
             try:
                 await call()
             except grpc.aio.AioRpcError as err:
-                if not budget.done(err):
+                if budget.done(err):
+                    await budget.back_off(err)
+                else:
                     result.errors[err.code().name] += 1
                 continue
             budget.done()

@@ -116,7 +116,9 @@ async def load(target: str, token: str, tenant: str, subjects: list[str], probes
             try:
                 await timed(next(sent), 60)
             except grpc.aio.AioRpcError as err:
-                if not budget.done(err):
+                if budget.done(err):
+                    await budget.back_off(err)
+                else:
                     errors[err.code().name] = errors.get(err.code().name, 0) + 1
                 continue
             budget.done()

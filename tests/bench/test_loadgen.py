@@ -61,7 +61,13 @@ def test_refusals_are_counted_apart_and_do_not_spend_the_request_budget():
         if n % 7 == 0:
             raise grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), "bad")
 
-    result = asyncio.run(run_load(call, concurrency=4, duration_s=30, max_requests=20))
+    waits: list[float] = []
+
+    async def sleep(s: float) -> None:
+        waits.append(s)
+
+    result = asyncio.run(run_load(call, concurrency=4, duration_s=30, max_requests=20, sleep=sleep))
+    assert waits == [0.25] * 30  # each refusal's retry hint waited out before the next call, as a client does
     assert result.ok + sum(result.errors.values()) == 20 and calls["n"] == 50
     assert result.refused == {"QUEUE_FULL": 30} and set(result.errors) == {"INVALID_ARGUMENT"}
     d = result.as_dict()
@@ -81,6 +87,22 @@ def test_the_budget_gives_a_refused_calls_place_back_and_stops_at_its_time():
     budget = RequestBudget(5, 10.0, clock=lambda: now[0])
     now[0] = 10.0
     assert not budget.take()
+
+
+def test_a_refusals_wait_ends_with_the_budgets_time():
+    from bench.loadgen import RequestBudget
+
+    now, waits = [0.0], []
+
+    async def sleep(s: float) -> None:
+        waits.append(s)
+
+    budget = RequestBudget(5, 10.0, clock=lambda: now[0], sleep=sleep)
+    now[0] = 9.9
+    asyncio.run(budget.back_off(refused_call()))  # hint 0.25 s, 0.1 s left
+    now[0] = 11.0
+    asyncio.run(budget.back_off(refused_call()))
+    assert waits == pytest.approx([0.1, 0.0])
 
 
 class Refusing:
