@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, model_validator
 
 from services.common.config import CommonSettings, Section, loopback_host, usable_cores
+from services.common.webhook_signature import MAX_SIGNATURES
 
 
 class SmsConfig(Section):
@@ -95,6 +96,9 @@ class WebhookTarget(Section):
                              "move the secret into secrets")
         if self.secrets is not None and not self.secrets:
             raise ValueError("the webhook's secrets list is empty: name the active secrets, newest first")
+        if self.secrets is not None and len(self.secrets) > MAX_SIGNATURES:
+            raise ValueError(f"{len(self.secrets)} webhook secrets; at most {MAX_SIGNATURES} (receivers refuse more "
+                             "signatures): remove the keys every receiver has moved off")
         keys = self.active_secrets
         for i, key in enumerate(keys):
             if not key:

@@ -543,7 +543,8 @@ def test_webhook_secrets_are_checked_at_load_and_kept_out_of_reprs(tmp_path, mon
     assert all(NEW[6:] not in text and OLD[6:] not in text for text in shown(settings))
     for secrets, message in (([], "secrets list is empty"), ([NEW, ""], "secret #2 .* is empty"),
                              ([NEW, "short-secret"], "secret #2 .* shorter than 16"),
-                             ([NEW, OLD, NEW], "secret #3 .* repeats an earlier one")):
+                             ([NEW, OLD, NEW], "secret #3 .* repeats an earlier one"),
+                             ([f"{NEW}-{i}" for i in range(9)], "9 webhook secrets; at most 8")):
         with pytest.raises(ValidationError, match=message) as err:
             settings_for(tmp_path, "", reviews={"webhook": {**hook, "secrets": secrets}})
         assert NEW[6:] not in str(err.value) and "webhook" in str(err.value)

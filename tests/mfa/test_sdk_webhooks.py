@@ -60,6 +60,11 @@ def test_the_sdk_accepts_what_the_mfa_outbox_signs_and_refuses_it_altered_or_sta
         sdk_webhooks.verify([NEW, OLD], header, body, now + sdk_webhooks.TOLERANCE_S + 1)
     with pytest.raises(ValueError, match="does not match"):
         sdk_webhooks.verify("whsec-another-0123456789", header, body, now)
+    # a header padded with signatures is refused before any is computed, the good one among them or not
+    padded = ",".join([header, *[f"v1={'0' * 64}"] * (sdk_webhooks.MAX_SIGNATURES - 1)])
+    with pytest.raises(ValueError, match=f"{sdk_webhooks.MAX_SIGNATURES + 1} v1 signatures"):
+        sdk_webhooks.verify([NEW, OLD], padded, body, now)
+    sdk_webhooks.verify(NEW, ",".join(padded.split(",")[:-1]), body, now)  # as many as allowed: checked
 
 
 def load_example() -> ModuleType:

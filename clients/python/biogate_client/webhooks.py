@@ -10,6 +10,6 @@ The code is the MFA's own (biogate_client/_api/webhook_signature.py is generated
 services/common/webhook_signature.py), so the receiver checks exactly what the sender signs.
 """
 
-from ._api.webhook_signature import EVENT_HEADER, SIGNATURE_HEADER, TOLERANCE_S, signature, verify
+from ._api.webhook_signature import EVENT_HEADER, MAX_SIGNATURES, SIGNATURE_HEADER, TOLERANCE_S, signature, verify
 
-__all__ = ["EVENT_HEADER", "SIGNATURE_HEADER", "TOLERANCE_S", "signature", "verify"]
+__all__ = ["EVENT_HEADER", "MAX_SIGNATURES", "SIGNATURE_HEADER", "TOLERANCE_S", "signature", "verify"]

@@ -25,6 +25,9 @@ from collections.abc import Sequence
 SIGNATURE_HEADER = "BioGate-Signature"
 EVENT_HEADER = "BioGate-Event-Id"
 TOLERANCE_S = 300
+# A header naming more signatures than any sender rotating its keys needs is refused before any HMAC is
+# computed: each one costs the receiver a comparison with every secret it knows.
+MAX_SIGNATURES = 8
 
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
@@ -58,6 +61,8 @@ def verify(secrets: str | Sequence[str], header: str, body: bytes, now: float,
             given.append(value.encode("utf-8", "replace"))  # bytes: compare_digest refuses non-ASCII str
     if t is None or not _TIMESTAMP.fullmatch(t) or not given:
         raise ValueError(f"malformed {SIGNATURE_HEADER} header")
+    if len(given) > MAX_SIGNATURES:
+        raise ValueError(f"{len(given)} v1 signatures in the {SIGNATURE_HEADER} header; at most {MAX_SIGNATURES}")
     if abs(now - int(t)) > tolerance_s:
         raise ValueError("the signature's timestamp is outside the tolerance")
     keys = _keys(secrets)
