@@ -72,7 +72,7 @@ class HttpLimitsConfig(Section):
     # before it closes: closing with unread bytes would reset the connection, and the reset can
     # destroy the answer before the client reads it (lingering close).
     linger_s: float = Field(5.0, gt=0)
-    # Connections held at once; a request beyond them is answered 503.
+    # Connections held at once; one more is answered 503 TOO_MANY_CONNECTIONS (Retry-After) and closed.
     max_connections: int = Field(64, ge=1)
     # Connections one client address holds at once (an IPv6 client: its network of
     # rate_limit.ipv6_prefix_length bits); one more is answered 503 TOO_MANY_CONNECTIONS and closed

@@ -8,9 +8,9 @@
   still arrives, until the client closes or ``linger_s`` passes. Closing a socket with unread bytes
   makes the kernel reset the connection, and the client, still sending, then got the reset instead
   of the answer;
-- ``max_connections`` held at once (uvicorn's limit: a request beyond them is answered 503);
-- ``max_connections_per_ip`` held by one client address (ratelimit.address_key: an IPv6 client by
-  its network): one more is answered 503 and closed as it is accepted, before anything is read;
+- ``max_connections`` held at once, and ``max_connections_per_ip`` held by one client address
+  (ratelimit.address_key: an IPv6 client by its network): one more is answered 503
+  TOO_MANY_CONNECTIONS and closed as it is accepted, before anything is read;
 - the answers written here (408, 503, 400 for what h11 cannot parse) are the gateway's JSON errors.
 """
 
@@ -30,11 +30,12 @@ from services.kiosk.metrics import CONNECTIONS_CLOSED, CONNECTIONS_REFUSED
 from services.kiosk.ratelimit import address_key
 
 
-def closing_answer(status: HTTPStatus, reason: str, message: str) -> bytes:
+def closing_answer(status: HTTPStatus, reason: str, message: str, retry_after_s: int | None = None) -> bytes:
     """The gateway's JSON error as the connection writes it itself, closing the connection."""
     body = json.dumps({"reason": reason, "message": message, "fields": {}}).encode()
+    retry = "" if retry_after_s is None else f"retry-after: {retry_after_s}\r\n"
     return (f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
-            f"x-content-type-options: nosniff\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+            f"x-content-type-options: nosniff\r\n{retry}connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
             ).encode() + body
 
 
@@ -71,17 +72,23 @@ class GuardedH11Protocol(H11Protocol):
         self.lingering = self._lost = False
         peer = get_remote_addr(transport)
         self._address = address_key(peer[0], self.ipv6_prefix_length) if peer else ""
-        self._refused = self.held.get(self._address, 0) >= self.limits.max_connections_per_ip
-        if self._refused:
-            CONNECTIONS_REFUSED.labels("per_address").inc()
-            transport.write(closing_answer(HTTPStatus.SERVICE_UNAVAILABLE, "TOO_MANY_CONNECTIONS",
-                                           "this address holds too many connections to the gateway already: "
-                                           "close some, or reuse them"))
-            transport.close()  # at once: nothing of the client's is read or held
+        if self.held.get(self._address, 0) >= self.limits.max_connections_per_ip:
+            self._refuse("per_address", "this address holds too many connections to the gateway already: "
+                                        "close some, or reuse them")
             return
+        if len(self.connections) >= self.limits.max_connections:  # uvicorn's own limit answers in plain text
+            self._refuse("total", "the gateway holds as many connections as it serves: retry in a moment", retry_after_s=1)
+            return
+        self._refused = False
         self.held[self._address] = self.held.get(self._address, 0) + 1
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._arm("head", self.limits.head_timeout_s)
+
+    def _refuse(self, reason: str, message: str, retry_after_s: int | None = None) -> None:
+        self._refused = True
+        CONNECTIONS_REFUSED.labels(reason).inc()
+        self._real.write(closing_answer(HTTPStatus.SERVICE_UNAVAILABLE, "TOO_MANY_CONNECTIONS", message, retry_after_s))
+        self._real.close()  # at once: nothing of the client's is read or held
 
     def data_received(self, data: bytes) -> None:
         if self.lingering or self._refused:

@@ -20,4 +20,5 @@ CONNECTIONS_CLOSED = Counter("biogate_kiosk_connections_closed_total",
                              ["reason"])
 CONNECTIONS_REFUSED = Counter("biogate_kiosk_connections_refused_total",
                               "Connections answered 503 and closed as they were accepted (per_address: the "
-                              "client address held kiosk.http.max_connections_per_ip already)", ["reason"])
+                              "client address held kiosk.http.max_connections_per_ip already; total: the gateway "
+                              "held kiosk.http.max_connections)", ["reason"])

@@ -73,7 +73,8 @@ class KioskServer:
             app, host=cfg.host, port=cfg.port if port is None else port, log_config=None, access_log=False,
             lifespan="off", http=protocol_class(limits, cfg.rate_limit.ipv6_prefix_length), server_header=False,
             timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
-            limit_concurrency=limits.max_connections + 1,  # uvicorn counts the new connection too
+            # never reached (the protocol refuses the connection beyond max_connections, in JSON): a backstop
+            limit_concurrency=limits.max_connections + 1,
             proxy_headers=bool(cfg.forwarded_allow_ips), forwarded_allow_ips=cfg.forwarded_allow_ips or None))
         self._thread = threading.Thread(target=self.server.run, name="kiosk-http", daemon=True)
         self.url = ""

@@ -230,20 +230,36 @@ def test_slow_and_silent_clients_are_answered_408_and_closed(tmp_path):
     assert metric("biogate_kiosk_connections_closed_total", reason="body_timeout") - body_before == 2
 
 
-def test_connections_beyond_max_connections_are_answered_503(tmp_path):
-    with gateway(tmp_path, http={"max_connections": 2, "head_timeout_s": 600}) as gw:
+def refusals_until_released(gw) -> int:
+    """Requests until one is served once held connections were closed (the gateway sees the closes on
+    its own loop): how many more were refused meanwhile."""
+    for refused in range(100):
+        try:
+            if request(gw.url, "/kiosk.css", method="GET")[0] == 200:
+                return refused
+        except ConnectionError:  # refused: closed before the request was read
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the held connections were never released")
+
+
+def test_connections_beyond_max_connections_are_answered_503_in_json_at_once(tmp_path):
+    """uvicorn's own limit answered a plain-text 503 once the request had been read."""
+    before = metric("biogate_kiosk_connections_refused_total", reason="total")
+    with gateway(tmp_path, http={"max_connections": 2, "max_connections_per_ip": 8, "head_timeout_s": 600}) as gw:
         idle = [raw(gw.url), raw(gw.url)]
         try:
-            status, body, headers = request(gw.url, "/kiosk.css", method="GET")
-            assert (status, body["text"], headers["connection"]) == (503, "Service Unavailable", "close")
+            with raw(gw.url) as third:  # it sends nothing: the refusal comes without a request
+                answer = read_all(third)
+            head, _, data = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower()
+            assert b"retry-after: 1" in head.lower() and b"content-type: application/json" in head.lower()
+            assert json.loads(data)["reason"] == "TOO_MANY_CONNECTIONS"
         finally:
             for sock in idle:
                 sock.close()
-        for _ in range(100):  # the gateway sees the closes on its own loop
-            if (status := request(gw.url, "/kiosk.css", method="GET")[0]) != 503:
-                break
-            time.sleep(0.1)
-        assert status == 200
+        refused = 1 + refusals_until_released(gw)
+    assert metric("biogate_kiosk_connections_refused_total", reason="total") - before == refused
 
 
 def test_x_forwarded_for_names_the_client_only_from_a_configured_proxy(tmp_path):
@@ -358,17 +374,7 @@ def test_one_address_holds_at_most_max_connections_per_ip_and_the_excess_is_refu
         finally:
             for sock in held:
                 sock.close()
-        refused = 1
-        for _ in range(100):  # the gateway sees the closes on its own loop
-            try:
-                if request(gw.url, "/kiosk.css", method="GET")[0] == 200:
-                    break
-            except ConnectionError:  # refused: closed before the request was read
-                pass
-            refused += 1
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the address's connections were never released")
+        refused = 1 + refusals_until_released(gw)
     assert metric("biogate_kiosk_connections_refused_total", reason="per_address") - before == refused
 
 
