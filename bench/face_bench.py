@@ -156,6 +156,22 @@ async def run_open(address: str, token: str, requests: list, connections: int, r
             await channel.close()
 
 
+def tail_by_probe_size(result, requests: list, share: float = 0.1) -> str:
+    """p50 / p99 of an open loop's passed calls whose probe is among the largest ``share`` of the cycle's
+    (by bytes: the 5-MP photos of the fixtures cost two to three selfies' CPU), and of the rest: whether
+    the tail is the probe mix's own cost or waiting."""
+    ordered = sorted(result.outcomes, key=lambda o: o.issued_s)  # call i was issued i-th, with requests[i % n]
+    sizes = sorted(len(r.image.data) for r in requests)
+    cut = sizes[min(len(sizes) - 1, int(len(sizes) * (1 - share)))]
+    large: list[float] = []
+    rest: list[float] = []
+    for i, o in enumerate(ordered):
+        if o.code == "OK":
+            (large if len(requests[i % len(requests)].image.data) >= cut else rest).append(o.latency_s)
+    return (f"probes of {cut / 1000:.0f} KB and more: {len(large)} calls, p50 {pct(large, 50):.1f} / p99 {pct(large, 99):.1f} ms; "
+            f"the rest: {len(rest)}, p50 {pct(rest, 50):.1f} / p99 {pct(rest, 99):.1f} ms")
+
+
 # ---------------------------------------------------------------- in-process references
 def detector_input(det, image: np.ndarray) -> np.ndarray:
     """The detector's network input for one image, on the canvas the service runs it on (full, or
@@ -338,7 +354,7 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batch
                           f"{top[1]}'s rate; service CPU {cpu * 1000:.1f} ms per request, utilisation "
                           f"{cpu * len(result.outcomes) / args.open_seconds / (os.cpu_count() or 1):.0%} of "
                           f"{os.cpu_count()} cores (the tail follows it: bench/RESULTS.md); load generator's GC "
-                          f"{client_gc.summary()}", flush=True)
+                          f"{client_gc.summary()}; {tail_by_probe_size(result, requests)}", flush=True)
             rss = svc.peak_rss_mb()
         finally:
             svc.stop()
