@@ -439,7 +439,7 @@ class FaceService:
                 live=a.liveness,
                 embedding=a.embeddings.get(self.model_id),
             )
-            for f, d, a in zip(frames, datas, analyses)
+            for f, d, a in zip(frames, datas, analyses, strict=True)
         ]
 
     def _compare_with_template(self, out: face_pb2.SubmitLivenessChallengeResponse, tenant: str, subject: str,
