@@ -116,9 +116,9 @@ def main() -> None:
         res[arm] = {"decisions": decisions, "scores": scores, "eer": eer(gen, imp, fail).eer, "n": (len(gen), len(imp), fail)}
         print(f"{arm}: trials_face.csv genuine {len(gen)} impostor {len(imp)} genuine failures {fail}: EER "
               f"{res[arm]['eer']:.4f}")
-    diffs = [abs(a - b) for a, b in zip(res["norm_crop"]["scores"], res["closed form"]["scores"])]
+    diffs = [abs(a - b) for a, b in zip(res["norm_crop"]["scores"], res["closed form"]["scores"], strict=True)]
     print(f"trial scores max abs diff {max(diffs):.2g}")
-    same = sum(a == b for a, b in zip(res["norm_crop"]["decisions"], res["closed form"]["decisions"]))
+    same = sum(a == b for a, b in zip(res["norm_crop"]["decisions"], res["closed form"]["decisions"], strict=True))
     print(f"trial decisions at FMR targets {list(thresholds)} (thresholds {[round(v, 4) for v in thresholds.values()]}): "
           f"identical on {same} of {len(rows)} trials")
     # every pair of the identities set (plain analyses), identity = the image's folder

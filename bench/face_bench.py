@@ -204,8 +204,8 @@ def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3
     images = [decode_image(b) for b in probes]
     canvases = [detector_input(det, im) for im in images]
     faces = [det.detect(im)[0] for im in images]
-    crops = [align_face(im, f)[None] for im, f in zip(images, faces)]
-    live_crops = [live.crops(im, f) for im, f in zip(images, faces)] if live is not None else []
+    crops = [align_face(im, f)[None] for im, f in zip(images, faces, strict=True)]
+    live_crops = [live.crops(im, f) for im, f in zip(images, faces, strict=True)] if live is not None else []
     out: dict[str, list[float]] = {"detector": [], "embedder": [], "liveness": []}
     cpu_out: dict[str, list[float]] = {k: [] for k in out}
 
@@ -249,8 +249,8 @@ class ParallelRaw:
         images = [decode_image(b) for b in probes]
         faces = [det.detect(im)[0] for im in images]
         self.canvases = [detector_input(det, im) for im in images]
-        self.crops = [align_face(im, f)[None] for im, f in zip(images, faces)]
-        self.live_crops = [live.crops(im, f) for im, f in zip(images, faces)] if live is not None else []
+        self.crops = [align_face(im, f)[None] for im, f in zip(images, faces, strict=True)]
+        self.live_crops = [live.crops(im, f) for im, f in zip(images, faces, strict=True)] if live is not None else []
 
     def rate(self, liveness: bool, seconds: float) -> float:
         """Verifications' worth of raw model runs per second on ``os.cpu_count()`` threads."""

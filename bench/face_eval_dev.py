@@ -109,8 +109,8 @@ def pad_variants(store: ModelStore, detectors) -> list[dict]:
         }
         for name, box_of in variants.items():
             per_model = []
-            for spec, model in zip(live.specs, live.models):
-                crops = np.stack([lv.crop_for_scale(img, box_of(f), spec.scale) for img, f in zip(images, faces) if f is not None])
+            for spec, model in zip(live.specs, live.models, strict=True):
+                crops = np.stack([lv.crop_for_scale(img, box_of(f), spec.scale) for img, f in zip(images, faces, strict=True) if f is not None])
                 logits = model.session.run(None, {model.input_names[0]: crops.transpose(0, 3, 1, 2).astype(np.float32)})[0]
                 per_model.append(lv._softmax_live(logits))
             scores = {"MiniFASNetV2": per_model[0], "MiniFASNetV1SE": per_model[1], "mean": np.mean(per_model, axis=0)}

@@ -152,14 +152,14 @@ def part_raw(batch: int) -> dict:
     except Exception:  # a detector copy with a fixed batch of 1
         db = d1 * batch
     faces = [det_f.detect(im)[0] for im in ims]
-    crops = np.concatenate([align_face(im, f)[None] for im, f in zip(ims, faces)])
+    crops = np.concatenate([align_face(im, f)[None] for im, f in zip(ims, faces, strict=True)])
     crops = np.concatenate([crops] * (batch // len(crops) + 1))[:batch]
     emb = next(iter(p.embedders.values()))
     e1 = timed(lambda: emb.embed(crops[:1]), 20)
     eb = timed(lambda: emb.embed(crops), 5)
     liveness = p.liveness
     assert liveness is not None
-    live = [liveness.crops(im, f) for im, f in zip(ims, faces)]
+    live = [liveness.crops(im, f) for im, f in zip(ims, faces, strict=True)]
     live = (live * (batch // len(live) + 1))[:batch]
     l1 = timed(lambda: liveness.score_crops(live[:1]), 20)
     lb = timed(lambda: liveness.score_crops(live), 5)
@@ -390,7 +390,7 @@ def part_jpeg(batch: int, seconds: float) -> dict:
 
     for name, dec in decoders.items():
         got = [dec(d) for d in datas]
-        diffs = [int(np.abs(g.astype(np.int16) - r).max()) for g, r in zip(got, reference)
+        diffs = [int(np.abs(g.astype(np.int16) - r).max()) for g, r in zip(got, reference, strict=True)
                  if g is not None and r is not None and g.shape == r.shape]
         entry = {"decoded": sum(g is not None for g in got), "max_abs_diff_to_opencv": max(diffs, default=None),
                  "images_differing": sum(d > 0 for d in diffs),

@@ -115,13 +115,13 @@ def face_workload(svc: ServiceProcess, subjects: int = 6) -> tuple[Any, Call, Ca
     _consent(svc, names, "face")
     with svc.channel() as channel:
         stub = face_pb2_grpc.FaceServiceStub(channel)
-        for name, enrol in zip(names, chosen):
+        for name, enrol in zip(names, chosen, strict=True):
             stub.Enroll(face_pb2.EnrollFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=name),
                                                    images=[common_pb2.Image(data=(FIXTURES / enrol).read_bytes())]),
                         timeout=120)
     requests = [face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id=name),
                                            image=common_pb2.Image(data=(FIXTURES / p).read_bytes()))
-                for name, probes in zip(names, chosen.values()) for p in probes]
+                for name, probes in zip(names, chosen.values(), strict=True) for p in probes]
     return (face_pb2_grpc.FaceServiceStub, *_calls(requests, names[0]))
 
 
@@ -148,7 +148,7 @@ def voice_workload(svc: ServiceProcess, speakers: int = 4) -> tuple[Any, Call, C
     requests = []
     with svc.channel() as channel:
         stub = voice_pb2_grpc.VoiceServiceStub(channel)
-        for name, d in zip(names, dirs):
+        for name, d in zip(names, dirs, strict=True):
             audio = [sf.read(f, dtype="float32")[0] for f in sorted(d.glob("*.wav"), key=lambda p: -p.stat().st_size)]
             subject = common_pb2.SubjectRef(tenant_id=TENANT, subject_id=name)
             stub.Enroll(voice_pb2.EnrollVoiceRequest(subject=subject, utterances=[common_pb2.Audio(data=sf_bytes(x))

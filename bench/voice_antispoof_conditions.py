@@ -283,7 +283,7 @@ def main() -> int:
                     attack["clip"].append(s["clip"])
         print(f"narrowband espeak-ng passing the threshold {a.thresholds[0]}:",
               int(np.sum(np.asarray(attack["clip"]) >= a.thresholds[0])), "/", len(attack["clip"]), flush=True)
-    thresholds = dict(zip(attack, a.thresholds)) if a.thresholds else {k: apcer_threshold(v) for k, v in attack.items()}
+    thresholds = dict(zip(attack, a.thresholds, strict=True)) if a.thresholds else {k: apcer_threshold(v) for k, v in attack.items()}
     print(a.channel, "attacks", len(attack["clip"]), "thresholds", thresholds, f"{time.time() - t0:.0f}s", flush=True)
     files = sorted((FIXTURES / "voice" / "verification").glob("*/*.wav"))
     speakers = sorted({f.parent.name for f in files})

@@ -232,7 +232,7 @@ def main() -> int:
              "--out", str(d / "record.json")])
     if a.write_manifest:
         record = json.loads((d / "record.json").read_text())
-        supported = [t for t, p in zip(TARGETS, record["operating_points"]) if p["supported"]]
+        supported = [t for t, p in zip(TARGETS, record["operating_points"], strict=True) if p["supported"]]
         run(["calibrate", str(d / "fit-synthetic-scores.json"), "--target-fmr", *supported, "--dataset", dataset,
              "--model", "aasist", "--channel", ch, "--notes", a.notes,
              "--check", str(synthetic_check(d / "refit" / "report.json", d / "refit-synthetic.json"))])

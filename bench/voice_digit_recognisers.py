@@ -72,7 +72,7 @@ def child(count: int, strings: int, rounds: int) -> dict:
             "rss_after_mb": round(_status_mb("VmRSS"), 1), "peak_mb": round(_status_mb("VmHWM"), 1),
             "cpu_ms_one_at_a_time": round(1000 * serial_cpu / len(recs), 1),
             "cpu_ms_concurrent": round(1000 * cpu / n, 1), "wall_ms_concurrent": round(1000 * wall / n, 1),
-            "within_one_edit": sum(digit_errors(h, r.digits) <= 1 for h, r in zip(serial, recs))}
+            "within_one_edit": sum(digit_errors(h, r.digits) <= 1 for h, r in zip(serial, recs, strict=True))}
 
 
 def main() -> None:

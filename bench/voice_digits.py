@@ -112,7 +112,7 @@ def faded(x: np.ndarray) -> np.ndarray:
 def joined(speech: list[np.ndarray], gaps: list[float], rng: np.random.Generator) -> np.ndarray:
     """Takes (already faded) between the gaps' silences, over a -55 dBFS noise floor: 8 kHz."""
     parts = [np.zeros(int(gaps[0] * RATE), np.float32)]
-    for x, gap in zip(speech, gaps[1:]):
+    for x, gap in zip(speech, gaps[1:], strict=True):
         parts += [x, np.zeros(int(gap * RATE), np.float32)]
     y = np.concatenate(parts)
     return y + rng.normal(0.0, _db(FLOOR_DBFS), len(y)).astype(np.float32)
@@ -173,7 +173,7 @@ def recordings(takes: Takes, split: str, n: int, seed: int) -> list[Recording]:
 
 RULES: dict[str, Callable[[str, str], bool]] = {
     "exact": lambda h, e: h == e,
-    "one_substitution": lambda h, e: len(h) == len(e) and sum(a != b for a, b in zip(h, e)) <= 1,
+    "one_substitution": lambda h, e: len(h) == len(e) and sum(a != b for a, b in zip(h, e, strict=True)) <= 1,
     "one_edit": lambda h, e: digit_errors(h, e) <= 1,
     "two_edits": lambda h, e: digit_errors(h, e) <= 2,
 }

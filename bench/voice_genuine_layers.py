@@ -101,7 +101,7 @@ def run(stub, storage, consent, speakers: dict, channel: str, kind: str, tenant:
         result["enrolments"] += 1
         result["utterances_left_out"] += [{"speaker": name, "file": paths[u.index].name}
                                           for u in enrolled.utterances if not u.accepted]
-        for path, x in zip(paths[2:], xs[2:]):
+        for path, x in zip(paths[2:], xs[2:], strict=True):
             audio, raw, fmt, step = channel_audio(x, channel)
             if kind == "whole":
                 reply = stub.Verify(voice_pb2.VerifyVoiceRequest(subject=ref, audio=audio, channel=vchannel), timeout=300)

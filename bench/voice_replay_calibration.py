@@ -100,7 +100,7 @@ def pair_scores(fps: list[replay.Fingerprint]) -> np.ndarray:
 def replay_scores(clips: list[np.ndarray], fps: list[replay.Fingerprint]) -> dict[str, np.ndarray]:
     """Per condition, each clip against its replay."""
     return {name: np.array([replay.similarity(replay.fingerprint(fn(x, i)), fp)
-                            for i, (x, fp) in enumerate(zip(clips, fps))]) for name, fn in CONDITIONS.items()}
+                            for i, (x, fp) in enumerate(zip(clips, fps, strict=True))]) for name, fn in CONDITIONS.items()}
 
 
 def answer_scores(groups: list[list[np.ndarray]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

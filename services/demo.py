@@ -224,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ports, metrics, jwks_port = PORTS, None, JWKS_PORT
     if args.free_ports:
-        free = free_ports(2 * len(PORTS) + 1)
-        ports, metrics, jwks_port = dict(zip(PORTS, free)), dict(zip(PORTS, free[len(PORTS):])), free[-1]
+        n = len(PORTS)
+        free = free_ports(2 * n + 1)
+        ports, metrics, jwks_port = dict(zip(PORTS, free[:n], strict=True)), dict(zip(PORTS, free[n:2 * n], strict=True)), free[-1]
     with tempfile.TemporaryDirectory(prefix="biogate-demo-") as tmp:
         data = Path(tmp)
         print(f"demo: starting face, voice and mfa with their data in {data} (models load for a minute or more)",

@@ -124,10 +124,10 @@ class Prefetched:
         self.score_name = scorer.score_name
         enrolments = list(dict.fromkeys(tuple(t.enroll) for t in trials))
         with ThreadPoolExecutor(workers) as pool:
-            self._handles = dict(zip(enrolments, pool.map(lambda e: scorer.enroll(list(e)), enrolments)))
+            self._handles = dict(zip(enrolments, pool.map(lambda e: scorer.enroll(list(e)), enrolments), strict=True))
             pairs = list(dict.fromkeys((tuple(t.enroll), t.probe) for t in trials
                                        if not isinstance(self._handles[tuple(t.enroll)], Failure)))
-            self._scores = dict(zip(pairs, pool.map(lambda ep: scorer.score(self._handles[ep[0]], ep[1]), pairs)))
+            self._scores = dict(zip(pairs, pool.map(lambda ep: scorer.score(self._handles[ep[0]], ep[1]), pairs), strict=True))
 
     def enroll(self, paths):
         """The enrolment's failure, or its key as the handle."""

@@ -52,7 +52,7 @@ def _list(settings: Settings, args: argparse.Namespace) -> int:
         rows.append((m.id, m.role, m.version, "yes" if m.active else "no", licence, store.status(m.id).state))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
     return 0
 
 

@@ -142,7 +142,7 @@ class MicroBatcher(Generic[T, R]):
             return
         self.batches += 1
         self.items += len(live)
-        for (_, f), r in zip(live, results):
+        for (_, f), r in zip(live, results, strict=True):
             f.set_result(r)
 
 

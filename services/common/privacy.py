@@ -102,7 +102,7 @@ def is_valid_cn_resident_id(s: str) -> bool:
         datetime.strptime(s[6:14], "%Y%m%d")
     except ValueError:
         return False
-    total = sum(int(c) * w for c, w in zip(s[:17], _CN_ID_WEIGHTS))
+    total = sum(int(c) * w for c, w in zip(s[:17], _CN_ID_WEIGHTS, strict=True))
     return _CN_ID_CHECK[total % 11] == s[17].upper()
 
 

@@ -177,4 +177,4 @@ def nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, iou_thres
 def to_faces(boxes: np.ndarray, landmarks: np.ndarray, scores: np.ndarray, lb: Placement) -> list[Face]:
     """Canvas detections back to image coordinates (not clipped: a face may run off the frame)."""
     boxes, landmarks = lb.to_image(boxes, landmarks.reshape(-1, 5, 2))
-    return [Face(box=b, landmarks5=k.reshape(5, 2), score=float(s)) for b, k, s in zip(boxes, landmarks, scores)]
+    return [Face(box=b, landmarks5=k.reshape(5, 2), score=float(s)) for b, k, s in zip(boxes, landmarks, scores, strict=True)]

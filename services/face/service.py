@@ -407,18 +407,7 @@ class FaceService:
             if len(req.frames) < self._min_frames(len(moves)):
                 raise refusal("INVALID_ARGUMENT", f"at least {self._min_frames(len(moves))} frames", fields={"frames": "too few"})
             analyses = self._analyse_many(images, liveness=True, enforce_quality=False, subject=self._subject_policy(tenant))
-            frames = [
-                ch.FrameObservation(
-                    capture_time_ms=f.capture_time_ms,
-                    digest=ch.frame_digest(d),
-                    yaw=a.quality.yaw_deg if a.quality is not None and a.embeddings else None,
-                    pitch=a.quality.pitch_deg if a.quality is not None and a.embeddings else None,
-                    live=a.liveness,
-                    embedding=a.embeddings.get(self.model_id),
-                )
-                for f, d, a in zip(req.frames, datas, analyses)
-            ]
-            result = ch.evaluate(moves, frames, spent.issued_ago_ms, rules)
+            result = ch.evaluate(moves, self._frame_observations(req.frames, datas, analyses), spent.issued_ago_ms, rules)
             context.done_with_models()
             if not result.passed:
                 metrics.LIVENESS_REFUSALS.labels("liveness_challenge").inc()
@@ -427,34 +416,54 @@ class FaceService:
             self._operating_points(out, tenant if req.verify_subject else None, True)
             details = {"model_id": self.model_id, "challenge_passed": result.passed, "reasons": list(result.reasons),
                        **result.details}
-            passed = result.passed
             score: float | None = None
             if threshold is not None:  # verify_subject
-                match, llr = False, None
-                try:
-                    template = self._template(tenant, subject)
-                except errors.ServiceError as err:
-                    out.reasons.append(reason(err.reason))
-                else:
-                    if result.embedding is not None:
-                        score = float(np.dot(template, result.embedding))
-                        match = score >= threshold
-                        observe_similarity(self.model_id, self.cfg.calibration_channel, score, match)
-                        out.score = score
-                        llr = self._llr(score)
-                        if llr is not None:
-                            out.llr = llr
-                        if not match:
-                            out.reasons.append(reason("NO_MATCH"))
-                out.match = match
-                passed = passed and match
-                details.update(match=match, score=round(score, 4) if score is not None else None,
+                score = self._compare_with_template(out, tenant, subject, result.embedding, threshold)
+                details.update(match=out.match, score=round(score, 4) if score is not None else None,
                                threshold=round(threshold, 4))
-            out.passed = passed
-            details["passed"] = passed
+            out.passed = result.passed and (threshold is None or out.match)
+            details["passed"] = out.passed
             self.rt.audit.append("face.challenge_submitted", caller.name, tenant, subject, details)
-            attempt.failed = score is not None and not passed
+            attempt.failed = score is not None and not out.passed
             return out
+
+    def _frame_observations(self, frames: Sequence[common_pb2.Frame], datas: Sequence[bytes],
+                            analyses: Sequence[FaceAnalysis]) -> list[ch.FrameObservation]:
+        """What the challenge is judged on; a frame without a usable face has no pose."""
+        return [
+            ch.FrameObservation(
+                capture_time_ms=f.capture_time_ms,
+                digest=ch.frame_digest(d),
+                yaw=a.quality.yaw_deg if a.quality is not None and a.embeddings else None,
+                pitch=a.quality.pitch_deg if a.quality is not None and a.embeddings else None,
+                live=a.liveness,
+                embedding=a.embeddings.get(self.model_id),
+            )
+            for f, d, a in zip(frames, datas, analyses, strict=True)
+        ]
+
+    def _compare_with_template(self, out: face_pb2.SubmitLivenessChallengeResponse, tenant: str, subject: str,
+                               embedding: np.ndarray | None, threshold: float) -> float | None:
+        """Sets the response's match, score, LLR and reasons from the challenge's face against the
+        subject's template; -> the score, None when nothing was compared (no template, no face)."""
+        out.match = False
+        try:
+            template = self._template(tenant, subject)
+        except errors.ServiceError as err:
+            out.reasons.append(reason(err.reason))
+            return None
+        if embedding is None:
+            return None
+        score = float(np.dot(template, embedding))
+        out.match = score >= threshold
+        observe_similarity(self.model_id, self.cfg.calibration_channel, score, out.match)
+        out.score = score
+        llr = self._llr(score)
+        if llr is not None:
+            out.llr = llr
+        if not out.match:
+            out.reasons.append(reason("NO_MATCH"))
+        return score
 
     # ------------------------------------------------------------------ enrolment info and erasure
     def get_enrollment(self, req: common_pb2.GetEnrollmentRequest, *, caller: Principal) -> common_pb2.GetEnrollmentResponse:

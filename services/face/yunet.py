@@ -112,7 +112,7 @@ class YuNetDetector:
                 for j in range(len(chunk), n):  # a padded bucket repeats the first canvas
                     blob.copy_item(j, 0)
                 raw = self.model.session.run(self._outputs, {self._input: blob.array})  # outputs [1, N * anchors, C]
-            per = {name: r.reshape(n, -1, r.shape[-1])[: len(chunk)] for name, r in zip(self._outputs, raw)}
+            per = {name: r.reshape(n, -1, r.shape[-1])[: len(chunk)] for name, r in zip(self._outputs, raw, strict=True)}
             grid = self._anchors.get(size)
             if grid is None:
                 grid = self._anchors[size] = _anchor_grid(size)  # at most (640 / 32)^2 sizes

@@ -47,7 +47,7 @@ def without_digital_silence(samples: FloatArray, segments: Segments = ()) -> tup
     if not len(starts):
         return x, tuple(segments)
     keep = np.ones(len(x) + 1, np.int64)
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         keep[start:end] = 0
     if not keep[:-1].any():
         return x, tuple(segments)
@@ -93,7 +93,7 @@ class SyntheticSpeechDetector:
         for length in {len(w) for w in windows}:
             idx = [i for i, w in enumerate(windows) if len(w) == length]
             logits = self.detector.logits(np.stack([windows[i] for i in idx]))
-            for i, v in zip(idx, logits[:, 1] - logits[:, 0]):
+            for i, v in zip(idx, logits[:, 1] - logits[:, 0], strict=True):
                 scores[i] = float(v)
         return scores
 

@@ -159,7 +159,7 @@ def noise_filled(x: FloatArray, seed: int = 0) -> FloatArray:
     y = np.array(x, dtype=np.float32)
     rms = float(np.sqrt(np.mean(np.square(y, dtype=np.float64)))) * 10 ** (NOISE_FILL_DB / 20)
     rng = np.random.default_rng(seed)
-    for start, end in zip(*digital_silence_runs(y)):
+    for start, end in zip(*digital_silence_runs(y), strict=True):
         y[start:end] = rng.standard_normal(end - start) * rms
     return y
 

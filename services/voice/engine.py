@@ -152,7 +152,7 @@ class VoiceDecision:
     def reasons(self) -> list[str]:
         """Reason codes (services/common/modality/reasons.py) of a refused decision, in layer order."""
         failed = (not self.speaker.passed, not self.spoof_passed, not self.challenge.passed)
-        return [code for code, bad in zip(("NO_MATCH", "SPOOF_SUSPECTED", "CHALLENGE_FAILED"), failed) if bad]
+        return [code for code, bad in zip(("NO_MATCH", "SPOOF_SUSPECTED", "CHALLENGE_FAILED"), failed, strict=True) if bad]
 
     def audit(self) -> dict:
         s = self.speaker

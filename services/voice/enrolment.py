@@ -46,7 +46,7 @@ def keep_passing(prepared: Sequence[PreparedAudio], layers: Sequence[LayerResult
     """The utterances the synthetic-speech layer passed; refused (SPOOF_SUSPECTED) when they no
     longer meet the minimums."""
     refused = [i for i, r in enumerate(layers) if not r.passed]
-    kept = [p for p, r in zip(prepared, layers) if r.passed]
+    kept = [p for p, r in zip(prepared, layers, strict=True) if r.passed]
     kept_speech = sum(p.net_speech_s for p in kept)
     if len(kept) < cfg.min_utterances or kept_speech < cfg.min_total_net_speech_enroll_s:
         raise EnrolmentRefused(

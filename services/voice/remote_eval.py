@@ -78,11 +78,11 @@ class RemoteVoiceScorer:
 
         enrolments = list(dict.fromkeys(tuple(t.enroll) for t in trials))
         with ThreadPoolExecutor(workers) as pool:
-            handles = dict(zip(enrolments, pool.map(self._enroll, enrolments)))
+            handles = dict(zip(enrolments, pool.map(self._enroll, enrolments), strict=True))
             self._handles.update(handles)
             pairs = list(dict.fromkeys((handles[tuple(t.enroll)], t.probe) for t in trials
                                        if not isinstance(handles[tuple(t.enroll)], Failure)))
-            self._scores.update(zip(pairs, pool.map(lambda hp: self._score(*hp), pairs)))
+            self._scores.update(zip(pairs, pool.map(lambda hp: self._score(*hp), pairs), strict=True))
 
     def enroll(self, paths: Sequence[Path]) -> str | Failure:
         key = tuple(paths)

@@ -267,7 +267,7 @@ class RedisReplayStore:
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             pipe.zrangebyscore(key, self.clock() - self.retention_s, "+inf")
-        return cursor, [(key, member) for key, members in zip(keys, pipe.execute()) for member in members]
+        return cursor, [(key, member) for key, members in zip(keys, pipe.execute(), strict=True) for member in members]
 
     def key_usage(self, batch: int = 200) -> Counter[str]:
         """Retained fingerprints per key id they are sealed under (``keys retire`` counts them, inside its
@@ -284,7 +284,7 @@ class RedisReplayStore:
             for i in range(0, len(keys), per_call):
                 out = self._headers(keys=keys[i : i + per_call], args=args)
                 counts.update(sealed_key_id(head[self._ID :], int(size) - self._ID)
-                              for head, size in zip(out[::2], out[1::2]))
+                              for head, size in zip(out[::2], out[1::2], strict=True))
             if not cursor:
                 return counts
 

@@ -38,7 +38,7 @@ def samples(wav: bytes) -> np.ndarray:
 
 def one_edit_apart(a: str, b: str) -> bool:
     """What the digit check accepts (challenge_max_digit_errors = 1: one digit wrong)."""
-    return len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 1
+    return len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) <= 1
 
 
 def audible(world, digits: str, rng: random.Random, room=None, tries: int = 20) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import stat
 import threading
 from datetime import timedelta
+from itertools import pairwise
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -33,7 +34,7 @@ def test_intact_chain_verifies(fill, storage, signer, audit_log):
     assert report.ok, report.render()
     assert (report.records_checked, report.checkpoints_checked, report.head_seq) == (N, 2, N)
     rows = list(storage.audit.iter_records())
-    assert rows[0].prev_hash is None and all(r.prev_hash == p.hash for p, r in zip(rows, rows[1:]))
+    assert rows[0].prev_hash is None and all(r.prev_hash == p.hash for p, r in pairwise(rows))
     assert [c.seq for c in storage.audit.checkpoints()] == [5, 10]
 
 

@@ -437,7 +437,7 @@ def test_replicas_opening_the_token_at_once_all_get_a_session(softhsm):
                               env=dict(os.environ, **softhsm.env()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(3)]
     outcomes = [p.communicate(timeout=300) for p in procs]
-    for (out, err), p in zip(outcomes, procs):
+    for (out, err), p in zip(outcomes, procs, strict=True):
         assert p.returncode == 0 and out.strip() == "opened", err[-2000:]
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+from itertools import pairwise
 
 import kubernetes_validate
 import pytest
@@ -386,7 +387,7 @@ def cron_interval_s(schedule: str) -> int:
         return out
 
     runs = sorted(h * 60 + m for h in values(fields[1], 23) for m in values(fields[0], 59))
-    gaps = [b - a for a, b in zip(runs, runs[1:])] + [runs[0] + 24 * 60 - runs[-1]]
+    gaps = [b - a for a, b in pairwise(runs)] + [runs[0] + 24 * 60 - runs[-1]]
     return max(gaps) * 60
 
 

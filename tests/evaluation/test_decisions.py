@@ -104,7 +104,7 @@ class LayeredScorer(EmbeddingScorer):
         s = super().score(handle, probe)
         assert isinstance(s, float), s
         layers = [("comparison", s >= 0.5), ("anti_spoofing", f"{probe.parent.name}/{probe.name}" not in self.refuse)]
-        reasons = [c for (n, ok), c in zip(layers, ("NO_MATCH", "SPOOF_SUSPECTED")) if not ok]
+        reasons = [c for (n, ok), c in zip(layers, ("NO_MATCH", "SPOOF_SUSPECTED"), strict=True) if not ok]
         return Scored(s, Decision.of_layers(layers, reasons))
 
 

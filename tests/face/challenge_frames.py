@@ -93,7 +93,7 @@ def burst(pool, moves, rules, min_live: float = 0.0, step_ms: int = 60) -> list[
     assert found is not None, f"the fixture pool cannot answer {moves}"
     lead, picks, neutral = found
     frames = [encode_png(load_bgr(f.path)) for f in lead]
-    for i, (m, n) in enumerate(zip(moves, neutral)):
+    for i, (m, n) in enumerate(zip(moves, neutral, strict=True)):
         back = load_bgr(n.path)
         held = [load_bgr(f.path) for f in picks[m]]
         if len(held) == 1:

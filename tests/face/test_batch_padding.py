@@ -49,5 +49,5 @@ def test_padded_detector_batch_equals_unpadded(model_store, images):
     det.model = as_cuda(det.model)
     padded = det.detect_batch(images[:3])
     assert [len(f) for f in padded] == [len(f) for f in plain] and all(plain)
-    for a, b in zip(plain, padded):
+    for a, b in zip(plain, padded, strict=True):
         np.testing.assert_allclose([f.box for f in a], [f.box for f in b], atol=1e-3)

@@ -97,10 +97,10 @@ def test_batched_yunet_equals_batch_one(tmp_path, face_models, yunet, verificati
     assert yunet.max_batch == 1 and batched.max_batch == 4
     images = [load_bgr(p) for p in verification_images[:6]]
     together = batched.detect_batch(images)  # two calls: 4 + 2
-    for img, faces in zip(images, together):
+    for img, faces in zip(images, together, strict=True):
         alone = yunet.detect(img)
         assert len(faces) == len(alone)
-        for a, b in zip(faces, alone):
+        for a, b in zip(faces, alone, strict=True):
             assert np.abs(a.box - b.box).max() < 1e-3 and np.abs(a.landmarks5 - b.landmarks5).max() < 1e-3
 
 
@@ -193,7 +193,7 @@ def test_a_fitted_canvas_detects_what_the_full_canvas_does(yunet_dynamic, fixtur
         fitted_smaller += size[0] * size[1] < 640 * 640
         fitted = yunet_dynamic.detect(img)
         assert len(fitted) == len(full), (img.shape, size)
-        for a, b in zip(full, fitted):
+        for a, b in zip(full, fitted, strict=True):
             assert np.abs(a.landmarks5 - b.landmarks5).max() < 0.01, (img.shape, size)
             assert np.abs(a.box - b.box).max() < 0.01 and abs(a.score - b.score) < 1e-4, (img.shape, size)
     yunet_dynamic.fit_canvas = False
@@ -262,7 +262,7 @@ def test_the_fitted_canvas_holds_on_pictures_the_margin_was_not_chosen_on(yunet_
             assert yunet_dynamic.canvas_size([img]) != (640, 640)
             fitted = yunet_dynamic.detect(img)
             assert len(fitted) == len(full), img.shape
-            for a, b in zip(full, fitted):
+            for a, b in zip(full, fitted, strict=True):
                 assert np.abs(a.landmarks5 - b.landmarks5).max() < 0.01 and abs(a.score - b.score) < 1e-4, img.shape
     finally:
         yunet_dynamic.fit_canvas = False

@@ -42,7 +42,7 @@ def test_embeddings_are_l2_normalised_float32(embedders, crops, name, dim):
 
 @pytest.mark.parametrize("name", ["sface", "mbf"])
 def test_genuine_pairs_score_above_impostor_pairs(embedders, crops, name):
-    e = dict(zip(crops, embedders[name].embed(np.stack(list(crops.values())))))
+    e = dict(zip(crops, embedders[name].embed(np.stack(list(crops.values()))), strict=True))
     genuine = [e["obama1"] @ e["obama2"], e["penny1"] @ e["penny2"]]
     impostor = [e["obama1"] @ e["biden"], e["obama2"] @ e["biden"], e["penny1"] @ e["amy1"], e["penny2"] @ e["amy1"]]
     assert min(genuine) > max(impostor) + 0.05, (genuine, impostor)

@@ -44,7 +44,7 @@ def _outcome(r):
 
 def _same(local, remote) -> list[str]:
     diffs = []
-    for a, b in zip(local.results, remote.results):
+    for a, b in zip(local.results, remote.results, strict=True):
         name = f"{getattr(a, 'trial', None) or a.sample}"
         if _outcome(a) != _outcome(b):
             diffs.append(f"{name}: local {_outcome(a)}, service {_outcome(b)}")
@@ -99,7 +99,7 @@ def test_liveness_decisions_are_the_same_locally_and_through_the_service(options
     local, remote = side_by_side(lambda: run_pad(make_pad_scorer(ScorerOptions(settings=options.settings)), samples),
                                  lambda: run_pad(RemoteFacePadScorer(options), samples))
     diffs = [f"{a.sample.path.name}: local {_outcome(a)}, service {_outcome(b)}"
-             for a, b in zip(local.results, remote.results) if _outcome(a) != _outcome(b)]
+             for a, b in zip(local.results, remote.results, strict=True) if _outcome(a) != _outcome(b)]
     assert diffs == []
     assert remote.has_decisions and not remote.has_scores  # CheckLiveness gives decisions only
     assert any(r.decision.accepted for r in local.results if r.decision)

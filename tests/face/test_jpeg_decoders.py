@@ -90,7 +90,7 @@ def test_a_batch_gives_each_images_pixels_and_none_where_it_gives_up(nv_cpu, fix
     batch = fixture_jpegs[:12] + [fixture_jpegs[0][: len(fixture_jpegs[0]) // 2], b"\xff\xd8\xff not a jpeg"]
     out = nv_cpu.decode_batch(batch)
     assert len(out) == len(batch) and out[-1] is None and out[-2] is None
-    for data, got in zip(batch[:-2], out[:-2]):
+    for data, got in zip(batch[:-2], out[:-2], strict=True):
         assert _same(got, opencv_jpeg(data))
 
 

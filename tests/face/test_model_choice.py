@@ -40,7 +40,7 @@ def _identity_scores(store: ModelStore, fixtures_dir) -> tuple[np.ndarray, np.nd
         # two photos at a time: each model call runs on one thread
         with ThreadPoolExecutor(2) as pool:
             analysed = list(pool.map(scorer.embeddings, [p for _, p in photos]))
-        embedded = [(who, e[SFACE]) for (who, _), e in zip(photos, analysed) if isinstance(e, dict)]
+        embedded = [(who, e[SFACE]) for (who, _), e in zip(photos, analysed, strict=True) if isinstance(e, dict)]
     finally:
         pipeline.close()
     genuine: list[float] = []

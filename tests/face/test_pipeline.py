@@ -99,7 +99,7 @@ def test_concurrent_requests_share_batches(pipeline, verification_images):
         t.start()
     for t in threads:
         t.join()
-    for a, b in zip(expected, out):
+    for a, b in zip(expected, out, strict=True):
         for k in a:
             assert np.abs(a[k] - b[k]).max() < 1e-4
     assert batcher.items - before[1] == len(data)
@@ -127,7 +127,7 @@ def test_batched_detector_in_the_pipeline(tmp_path, model_store, face_models, pi
             t.start()
         for t in threads:
             t.join()
-        for d, r in zip(data, out):
+        for d, r in zip(data, out, strict=True):
             ref = pipeline.analyse(d)
             assert np.abs(r.face.box - present(ref.face).box).max() < 1e-3
             for k in ref.embeddings:
@@ -157,7 +157,7 @@ def test_on_the_cpu_the_models_run_inline_with_the_batchers_results(pipeline, ve
             t.start()
         for t in threads:
             t.join()
-        for d, r in zip(data, out):
+        for d, r in zip(data, out, strict=True):
             ref = batched.analyse(d, liveness=True)
             assert r.issues == ref.issues and np.abs(r.face.box - present(ref.face).box).max() < 1e-3
             assert r.liveness is not None and ref.liveness is not None and abs(r.liveness - ref.liveness) < 1e-4

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from concurrent import futures
+from itertools import pairwise
 from typing import Any
 
 import grpc
@@ -204,7 +205,7 @@ def test_calls_alternate_between_workers_whatever_their_share_of_the_connections
             with pool.take() as stub:
                 picks.append(pool.worker_of(stub))
         assert picks.count("w-a") == picks.count("w-b") == 20
-        assert all(a != b for a, b in zip(picks, picks[1:]))
+        assert all(a != b for a, b in pairwise(picks))
         for _ in range(8):
             with pool.take() as busy, pool.take() as other:
                 assert pool.worker_of(busy) != pool.worker_of(other)

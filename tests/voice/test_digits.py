@@ -101,9 +101,9 @@ def test_default_rule_and_its_pass_probability():
 def test_reads_heldout_real_strings(recogniser, heldout, channel):
     recs = [r for r in heldout if r.channel == channel]
     heard = [recogniser.recognise(r.samples, len(r.digits)) for r in recs]
-    assert all(len(h) <= len(r.digits) for h, r in zip(heard, recs))
-    errors = [digit_errors(h, r.digits) for h, r in zip(heard, recs)]
-    seen = [(r.digits, h) for h, r in zip(heard, recs)]
+    assert all(len(h) <= len(r.digits) for h, r in zip(heard, recs, strict=True))
+    errors = [digit_errors(h, r.digits) for h, r in zip(heard, recs, strict=True)]
+    seen = [(r.digits, h) for h, r in zip(heard, recs, strict=True)]
     assert sum(e <= VoiceConfig().challenge_max_digit_errors for e in errors) >= FLOOR, seen
     assert sum(e == 0 for e in errors) >= EXACT_FLOOR, seen
 

@@ -39,7 +39,7 @@ def test_served_embedding_equals_speechbrains_own(onnx_model, reference, clips):
 
 def test_batches_of_unequal_length_equal_single_calls(onnx_model, clips):
     batch = onnx_model.embed_batch(clips + [clips[0]])
-    for row, x in zip(batch, clips + [clips[0]]):
+    for row, x in zip(batch, clips + [clips[0]], strict=True):
         assert np.allclose(row, onnx_model.embed(x), atol=1e-4)
 
 
@@ -47,7 +47,7 @@ def test_padded_batches_stay_close(voice_models, clips):
     padded = EcapaOnnx(voice_models.ecapa_onnx, max_pad_ratio=1.0)
     exact = EcapaOnnx(voice_models.ecapa_onnx)
     batch = padded.embed_batch(clips)
-    for row, x in zip(batch, clips):
+    for row, x in zip(batch, clips, strict=True):
         assert cosine(row, exact.embed(x)) > 0.995
 
 

@@ -67,13 +67,13 @@ def test_voice_decisions_are_the_same_locally_and_through_the_service(voice_serv
     finally:
         local.close()
     diffs = []
-    for a, b in zip(local_run.results, remote_run.results):
+    for a, b in zip(local_run.results, remote_run.results, strict=True):
         if _outcome(a) != _outcome(b):
             diffs.append(f"{a.trial.probe.name}: local {_outcome(a)}, service {_outcome(b)}")
         elif a.score is not None and abs(a.score - present(b.score)) > TOLERANCE:
             diffs.append(f"{a.trial.probe.name}: local {a.score}, service {b.score}")
     assert diffs == []
-    gaps = [abs(a.score - present(b.score)) for a, b in zip(local_run.results, remote_run.results) if a.score is not None]
+    gaps = [abs(a.score - present(b.score)) for a, b in zip(local_run.results, remote_run.results, strict=True) if a.score is not None]
     print(f"\n{len(gaps)} scored trials, largest score difference {max(gaps):.2e}")
     reasons = local_run.failure_reasons
     assert reasons.get("enrol:low_net_speech") == 1 and reasons.get("probe:low_net_speech") == 1

@@ -70,7 +70,7 @@ def test_frame_buckets_bound_padding_and_shapes():
 
 def test_device_features_and_binding_equal_the_per_clip_path(host, on_device, clips):
     batch = on_device.embed_batch(clips + [clips[0]])
-    for row, x in zip(batch, clips + [clips[0]]):
+    for row, x in zip(batch, clips + [clips[0]], strict=True):
         alone = host.embed(x)
         # |values| up to ~70; measured 0.0: groups of equal frame counts get bit-identical features
         assert np.abs(row - alone).max() < 1e-3
@@ -103,7 +103,7 @@ def test_bucketed_padded_batches_on_both_paths(voice_models, clips):
     assert np.abs(host_rows - device_rows).max() < 1e-3
     exact = EcapaOnnx(voice_models.ecapa_onnx)
     # Padded by at most 25 %: min cosine measured 0.9915 (the 1.2 s clip, padded 121 -> 136 frames)
-    assert min(cosine(row, exact.embed(x)) for row, x in zip(device_rows, clips)) > 0.98
+    assert min(cosine(row, exact.embed(x)) for row, x in zip(device_rows, clips, strict=True)) > 0.98
 
 
 def test_io_binding_equals_a_plain_run(host, clips):

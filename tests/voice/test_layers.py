@@ -211,7 +211,7 @@ def test_espeak_speech_is_refused_on_both_channels(voice_service, voice_dir, fam
     voices = ("en-us+m2", "en+f4", "en+m4", "en-us+klatt4", "en+Alicia", "en-us+m6")
     assert not set(voices) & set(attacks.VOICES) and not set(texts) & set(attacks.SENTENCES)
     refused, accepted = [], []
-    for text, voice in zip(texts, voices):
+    for text, voice in zip(texts, voices, strict=True):
         r = verify_as_caller(voice_service, ref, attacks.espeak(text, voice, speed=150), family)
         refused.append(not r.match and not r.spoof_passed)
         accepted.append(r.match and r.spoof_passed)
@@ -314,5 +314,5 @@ def test_cpu_engine_runs_the_models_inline_with_the_scores_of_single_calls(voice
         t.start()
     for t in threads:
         t.join()
-    for (e1, s1), (e2, s2) in zip(alone, together):
+    for (e1, s1), (e2, s2) in zip(alone, together, strict=True):
         assert np.array_equal(e1, e2) and s1 == s2

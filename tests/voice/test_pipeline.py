@@ -126,7 +126,7 @@ def test_batched_embedding_matches_single(pipeline, speech, voice_dir):
     other = read(voice_dir / "speechbrain_spk1" / "spk1_snt1.wav")
     prepared = [pipeline.prepare(wav_bytes(x, 16000)) for x in (speech, other, speech[:48000])]
     batch = pipeline.embed(prepared)
-    for row, p in zip(batch, prepared):
+    for row, p in zip(batch, prepared, strict=True):
         assert np.allclose(row, pipeline.embed([p])[0], atol=1e-5)
 
 

@@ -315,7 +315,7 @@ def payload_digest(envelope: bytes) -> str:
 def _differing(expected: dict[str, str], tags: list[bytes]) -> list[str]:
     if len(tags) != len(expected):
         return ["purpose"]
-    diff = [name for name, want, got in zip(expected, _field_tags(expected), tags) if want != got]
+    diff = [name for name, want, got in zip(expected, _field_tags(expected), tags, strict=True) if want != got]
     return diff or ["binding"]  # all 4-byte tags collide: still a mismatch, just unnamed
 
 

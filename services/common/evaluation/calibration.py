@@ -208,7 +208,7 @@ def min_cllr(genuine: ArrayLike, impostor: ArrayLike) -> float:
     g, i = as_scores(genuine, "genuine"), as_scores(impostor, "impostor")
     xs, p = _pav_levels(g, i, 0.5)
     llr = _posterior_to_llr(p, 0.5)
-    lookup = dict(zip(xs.tolist(), llr.tolist()))
+    lookup = dict(zip(xs.tolist(), llr.tolist(), strict=True))
     return cllr([lookup[v] for v in g.tolist()], [lookup[v] for v in i.tolist()])
 
 

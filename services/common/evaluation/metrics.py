@@ -342,6 +342,6 @@ def split_by_type(
     if len(scores) != len(attack_types):
         raise ValueError("scores and attack_types differ in length")
     out: dict[str, list[float]] = {}
-    for s, k in zip(scores, attack_types):
+    for s, k in zip(scores, attack_types, strict=True):
         out.setdefault(k, []).append(s)
     return {k: np.asarray(v, dtype=np.float64) for k, v in sorted(out.items())}

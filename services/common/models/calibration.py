@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Annotated, Any, Literal, Mapping, Union
 
 import numpy as np
@@ -172,9 +173,9 @@ class PavLLR(_Strict):
     def _monotone(self) -> "PavLLR":
         if len(self.scores) != len(self.llrs):
             raise ValueError(f"scores has {len(self.scores)} points but llrs has {len(self.llrs)}")
-        if any(b <= a for a, b in zip(self.scores, self.scores[1:])):
+        if any(b <= a for a, b in pairwise(self.scores)):
             raise ValueError("scores must be strictly increasing")
-        if any(b < a for a, b in zip(self.llrs, self.llrs[1:])):
+        if any(b < a for a, b in pairwise(self.llrs)):
             raise ValueError("llrs must be non-decreasing (a PAV map is monotone)")
         return self
 

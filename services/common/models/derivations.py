@@ -93,7 +93,7 @@ def tflite_to_onnx(src: Path, out: Path, params: dict[str, Any]) -> None:
         key=lambda v: v.name,
     )
     ordered_inits = [onnx.TensorProto() for _ in graph.initializer]
-    for copy, tensor in zip(ordered_inits, sorted(graph.initializer, key=lambda t: t.name)):
+    for copy, tensor in zip(ordered_inits, sorted(graph.initializer, key=lambda t: t.name), strict=True):
         copy.CopyFrom(tensor)
     del graph.value_info[:]
     graph.value_info.extend(value_info)

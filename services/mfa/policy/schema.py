@@ -7,6 +7,7 @@ silently kept default.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -202,7 +203,7 @@ class ActionRule(Strict):
             bounded = [u for u in limits[:-1] if u is not None]
             if len(bounded) < len(limits) - 1:
                 raise ValueError(f"{currency}: only the last band may have up_to: null")
-            if any(b <= a for a, b in zip(bounded, bounded[1:])):
+            if any(b <= a for a, b in pairwise(bounded)):
                 raise ValueError(f"{currency}: up_to must increase from band to band")
         return v
 
