@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import SHARED
+from tests.conftest import SHARED, require
 
-pytestmark = pytest.mark.skipif(not (SHARED / "fixtures" / "voice" / "digits").is_dir(), reason="no digit fixtures")
+
+@pytest.fixture(autouse=True)
+def digit_fixtures() -> None:
+    require((SHARED / "fixtures" / "voice" / "digits").is_dir(), "the spoken-digit fixtures (../shared/fixtures/voice/digits)")
 
 
 def test_answer_is_the_asked_digits_in_answer_takes_with_pauses() -> None:
