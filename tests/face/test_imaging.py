@@ -39,16 +39,21 @@ def test_truncated_jpeg(face_dir):
     assert _code(data[:20]) is DecodeErrorCode.TRUNCATED_IMAGE
 
 
+def _code_and_peak_memory(data: bytes) -> tuple[DecodeErrorCode | None, int]:
+    """The decode's refusal and the most memory Python allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        return _code(data), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_decompression_bomb_png_refused_from_the_header():
     """A real 20000x20000 grayscale PNG (400 MB of pixels, ~400 KB of bytes) is refused unread."""
     data = bomb_png()
     assert len(data) < 1_000_000
-    tracemalloc.start()
-    try:
-        assert _code(data) is DecodeErrorCode.IMAGE_TOO_LARGE
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    code, peak = _code_and_peak_memory(data)
+    assert code is DecodeErrorCode.IMAGE_TOO_LARGE
     assert peak < 5_000_000  # no pixel was decoded: the 400 MB were never allocated
 
 
@@ -56,12 +61,8 @@ def test_7000x7000_png_bomb_is_refused_without_decoding():
     """143 KB declaring 49 M pixels decoded into ~700 MB (issue 12); now refused from the header."""
     data = bomb_png(7000, 7000)
     assert len(data) < 200_000
-    tracemalloc.start()
-    try:
-        assert _code(data) is DecodeErrorCode.IMAGE_TOO_LARGE
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    code, peak = _code_and_peak_memory(data)
+    assert code is DecodeErrorCode.IMAGE_TOO_LARGE
     assert peak < 5_000_000  # the 147 MB of pixels were never allocated
 
 

@@ -230,6 +230,17 @@ def test_slow_and_silent_clients_are_answered_408_and_closed(tmp_path):
     assert metric("biogate_kiosk_connections_closed_total", reason="body_timeout") - body_before == 2
 
 
+def refused_on_accept(gw) -> tuple[bytes, dict]:
+    """A connection that sends nothing is answered 503 TOO_MANY_CONNECTIONS and closed: (its head in
+    lower case, its JSON body)."""
+    with raw(gw.url) as sock:
+        head, _, data = read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower()
+    body = json.loads(data)
+    assert body["reason"] == "TOO_MANY_CONNECTIONS"
+    return head.lower(), body
+
+
 def refusals_until_released(gw) -> int:
     """Requests until one is served once held connections were closed (the gateway sees the closes on
     its own loop): how many more were refused meanwhile."""
@@ -249,12 +260,8 @@ def test_connections_beyond_max_connections_are_answered_503_in_json_at_once(tmp
     with gateway(tmp_path, http={"max_connections": 2, "max_connections_per_ip": 8, "head_timeout_s": 600}) as gw:
         idle = [raw(gw.url), raw(gw.url)]
         try:
-            with raw(gw.url) as third:  # it sends nothing: the refusal comes without a request
-                answer = read_all(third)
-            head, _, data = answer.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower()
-            assert b"retry-after: 1" in head.lower() and b"content-type: application/json" in head.lower()
-            assert json.loads(data)["reason"] == "TOO_MANY_CONNECTIONS"
+            head, body = refused_on_accept(gw)
+            assert b"retry-after: 1" in head and b"content-type: application/json" in head
         finally:
             for sock in idle:
                 sock.close()
@@ -363,13 +370,9 @@ def test_one_address_holds_at_most_max_connections_per_ip_and_the_excess_is_refu
     with gateway(tmp_path, http={"max_connections_per_ip": 2, "head_timeout_s": 600}) as gw:
         held = [raw(gw.url), raw(gw.url)]
         try:
-            with raw(gw.url) as third:  # it sends nothing: the refusal comes without a request
-                answer = read_all(third)
-            head, _, data = answer.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower()
-            assert b"x-content-type-options: nosniff" in head.lower()
-            assert json.loads(data)["reason"] == "TOO_MANY_CONNECTIONS"
-            assert "max_connections_per_ip" not in json.loads(data)["message"]  # a client's message, not the setting
+            head, body = refused_on_accept(gw)
+            assert b"x-content-type-options: nosniff" in head
+            assert "max_connections_per_ip" not in body["message"]  # a client's message, not the setting
             assert request(gw.url, "/kiosk.css", source="127.0.0.2", method="GET")[0] == 200  # another address
         finally:
             for sock in held:
