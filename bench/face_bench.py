@@ -68,6 +68,12 @@ def plain_requests(datas: list[bytes], pairs: list[tuple[int, int]], order: str 
     return requests
 
 
+def live_frames() -> list[bytes]:
+    """Liveness mode's probes: the bona fide webcam frames of pad_face.csv (the trial photos are prints
+    and screens of public figures: passive liveness rejects most)."""
+    return [p.read_bytes() for p in sorted((FIXTURES / "face/pad/live").glob("apfol_real_*"))]
+
+
 def enrol(svc: ServiceProcess, datas: list[bytes]):
     """Consent and enrolment of subject s{i} with image ``datas[i]``: (channel, stub, metadata) for more calls."""
     from services.common.storage import ConsentRecord, open_storage
@@ -186,8 +192,10 @@ def detector_input(det, image: np.ndarray) -> np.ndarray:
 
 def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3,
                     cpu: dict[str, float] | None = None) -> dict[str, float]:
-    """Median seconds per probe of the sessions alone (batch 1), on pre-made inputs; ``cpu`` gets
-    the median CPU seconds of this thread (onnxruntime runs a 1-thread session on the caller's)."""
+    """Mean seconds per probe of the sessions alone (batch 1), on pre-made inputs; ``cpu`` gets the
+    mean CPU seconds of this thread (onnxruntime runs a 1-thread session on the caller's). Means, as
+    the service's CPU per request and the parallel rate are: the probes' costs are skewed (a few
+    5-MP photos use the detector's whole canvas), so a median would understate the cycle's work."""
     from services.face.align import align_face
     from services.face.imaging import decode_image
     from services.face.models import pipeline_config
@@ -201,9 +209,9 @@ def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3
     assert isinstance(det, YuNetDetector)  # the detector named above; its session is timed alone
     assert live is not None or not liveness
     emb = next(iter(p.embedders.values()))
-    images = [decode_image(b) for b in probes]
+    found = [(im, f[0]) for im in (decode_image(b) for b in probes) if (f := det.detect(im))]
+    images, faces = [im for im, _ in found], [f for _, f in found]
     canvases = [detector_input(det, im) for im in images]
-    faces = [det.detect(im)[0] for im in images]
     crops = [align_face(im, f)[None] for im, f in zip(images, faces, strict=True)]
     live_crops = [live.crops(im, f) for im, f in zip(images, faces, strict=True)] if live is not None else []
     out: dict[str, list[float]] = {"detector": [], "embedder": [], "liveness": []}
@@ -223,8 +231,8 @@ def raw_model_times(store, probes: list[bytes], liveness: bool, repeats: int = 3
                 timed("liveness", lambda i=i: live.score_crops([live_crops[i]]))
     p.close()
     if cpu is not None:
-        cpu.update({k: statistics.median(v) for k, v in cpu_out.items() if v})
-    return {k: statistics.median(v) for k, v in out.items() if v}
+        cpu.update({k: statistics.fmean(v) for k, v in cpu_out.items() if v})
+    return {k: statistics.fmean(v) for k, v in out.items() if v}
 
 
 class ParallelRaw:
@@ -246,14 +254,13 @@ class ParallelRaw:
         assert isinstance(det, YuNetDetector)  # the detector named above; its session is timed alone
         assert live is not None or not liveness
         self.det = det
-        images = [decode_image(b) for b in probes]
-        faces = [det.detect(im)[0] for im in images]
+        found = [(im, f[0]) for im in (decode_image(b) for b in probes) if (f := det.detect(im))]
+        images, faces = [im for im, _ in found], [f for _, f in found]
         self.canvases = [detector_input(det, im) for im in images]
         self.crops = [align_face(im, f)[None] for im, f in zip(images, faces, strict=True)]
         self.live_crops = [live.crops(im, f) for im, f in zip(images, faces, strict=True)] if live is not None else []
 
-    def rate(self, liveness: bool, seconds: float) -> float:
-        """Verifications' worth of raw model runs per second on ``os.cpu_count()`` threads."""
+    def _step(self, liveness: bool):
         det, emb = self.det, next(iter(self.p.embedders.values()))
 
         def step(i: int) -> None:
@@ -263,7 +270,22 @@ class ParallelRaw:
             if liveness and self.p.liveness is not None:
                 self.p.liveness.score_crops([self.live_crops[j]])
 
-        return parallel_rate(step, seconds, os.cpu_count() or 1)
+        return step
+
+    def rate(self, liveness: bool, seconds: float) -> float:
+        """Verifications' worth of raw model runs per second on ``os.cpu_count()`` threads."""
+        return parallel_rate(self._step(liveness), seconds, os.cpu_count() or 1)
+
+    def cpu_per_verification(self, liveness: bool) -> float:
+        """Mean thread CPU seconds of one verification's raw model runs, one thread, over the inputs
+        (as raw_model_times): read beside each level, since the cores' speed drifts within one run on
+        a shared VM."""
+        step, spent = self._step(liveness), []
+        for i in range(len(self.canvases)):
+            c = time.thread_time()
+            step(i)
+            spent.append(time.thread_time() - c)
+        return statistics.fmean(spent)
 
 
 def naive_loop(store, probes: list[bytes], templates: list[np.ndarray], seconds: float = 8.0) -> tuple[float, list[float]]:
@@ -299,7 +321,7 @@ def naive_loop(store, probes: list[bytes], templates: list[np.ndarray], seconds:
 
 
 def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batching: str = "auto",
-                   ceiling: ParallelRaw | None = None) -> tuple[float, float]:
+                   ceilings: dict[str, ParallelRaw] | None = None) -> tuple[float, float]:
     """One face service with ``workers`` processes: enrol, run every level into ``levels``; (peak RSS, start s)."""
     with tempfile.TemporaryDirectory(prefix="face-bench-") as tmp:
         config: dict = {"server": {"workers": workers}, "face": {"micro_batching": batching}}
@@ -312,18 +334,16 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batch
             svc.start()
             start_s = svc.start_s
             channel, stub, md = enrol(svc, datas)
-            # Liveness mode: the bona fide webcam frames of pad_face.csv against one enrolled frame
-            # (the trial photos are prints and screens of public figures: passive liveness rejects most).
-            live_frames = [p.read_bytes() for p in sorted((FIXTURES / "face/pad/live").glob("apfol_real_*"))]
+            frames = live_frames()  # liveness mode: against one enrolled frame
             stub.Enroll(face_pb2.EnrollFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id="s0"),
-                                                   images=[common_pb2.Image(data=live_frames[1])], replace=True),
+                                                   images=[common_pb2.Image(data=frames[1])], replace=True),
                         metadata=md, timeout=60)
             channel.close()
             for mode in args.modes:
                 if mode == "liveness":
                     requests = [face_pb2.VerifyFaceRequest(subject=common_pb2.SubjectRef(tenant_id=TENANT, subject_id="s0"),
                                                            image=common_pb2.Image(data=d), require_liveness=True)
-                                for d in live_frames]
+                                for d in frames]
                 else:
                     requests = plain_requests(datas, pairs, args.order)
                 for c in args.concurrency:
@@ -333,13 +353,16 @@ def serve_and_load(args, workers: int, images, pairs, datas, levels: list, batch
                     lat, wall, errs = run.latencies_s, run.wall_s, run.errors
                     cpu = (svc.cpu_seconds() - cpu0) / max(1, len(lat) + sum(errs.values()) + sum(run.refused.values()))
                     levels.append((mode, c, lat, wall, run, label, cpu))
+                    ceiling = ceilings[mode] if ceilings else None
                     raw_rate = ceiling.rate(mode == "liveness", args.raw_seconds) if ceiling is not None else float("nan")
+                    raw_cpu = ceiling.cpu_per_verification(mode == "liveness") if ceiling is not None else float("nan")
                     print(f"workers {label} {mode} concurrency {c}: {len(lat)} ok in {wall:.1f} s = {len(lat) / wall:.1f}/s, "
                           f"p50 {pct(lat, 50):.1f} ms p95 {pct(lat, 95):.1f} ms p99 {pct(lat, 99):.1f} ms, "
                           f"service CPU {cpu * 1000:.1f} ms per request, utilisation "
                           f"{cpu * len(lat) / wall / (os.cpu_count() or 1):.0%} of {os.cpu_count()} cores, "
                           f"errors {dict(errs)}, no match {run.not_matched}, refused {dict(run.refused)}; raw models on {os.cpu_count()} threads right after: {raw_rate:.1f}/s, "
-                          f"service {len(lat) / wall / raw_rate:.0%} of it", flush=True)
+                          f"service {len(lat) / wall / raw_rate:.0%} of it; raw model CPU {raw_cpu * 1000:.1f} ms per "
+                          f"verification right after, {raw_cpu / cpu:.0%} of the service's", flush=True)
                 if args.open_seconds > 0:  # at a share of the highest closed-loop level's throughput
                     top = max((lv for lv in levels if lv[0] == mode and lv[5] == label), key=lambda lv: lv[1])
                     cpu0 = svc.cpu_seconds()
@@ -394,21 +417,31 @@ def main() -> int:
     rss, start_s = {}, {}
     store = ModelStore(load_config(None, models={"cache_dir": str(MODEL_CACHE)}))
     probes = [datas[p] for _, p in pairs]
-    ceiling = ParallelRaw(store, probes, "liveness" in args.modes) if args.raw_seconds > 0 else None
+    # each mode's raw models on that mode's own probes: the trial photos, or liveness mode's webcam frames
+    mode_probes = {"plain": probes, "liveness": live_frames()}
+    ceilings = ({mode: ParallelRaw(store, mode_probes[mode], mode == "liveness") for mode in args.modes}
+                if args.raw_seconds > 0 else None)
     for workers in args.workers:
         for batching in args.batching:
             rss[workers], start_s[workers] = serve_and_load(args, workers, images, pairs, datas, levels, batching,
-                                                            ceiling)
+                                                            ceilings)
     rss_max, start_max = max(rss.values()), max(start_s.values())
-    if ceiling is not None:
+    for ceiling in (ceilings or {}).values():
         ceiling.p.close()
-    raw_cpu: dict[str, float] = {}
-    raw = raw_model_times(store, probes, "liveness" in args.modes, cpu=raw_cpu)
-    raw_total = {"plain": raw["detector"] + raw["embedder"], "liveness": sum(raw.values())}
-    print("raw models per verification (batch 1, median): " +
-          ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in raw.items()) + "; CPU time " +
-          ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in raw_cpu.items()), flush=True)
-    cpu_total = {"plain": raw_cpu["detector"] + raw_cpu["embedder"], "liveness": sum(raw_cpu.values())}
+    raw: dict[str, float] = {}
+    raw_total: dict[str, float] = {}
+    cpu_total: dict[str, float] = {}
+    for mode in args.modes:
+        raw_cpu: dict[str, float] = {}
+        times = raw_model_times(store, mode_probes[mode], mode == "liveness", cpu=raw_cpu)
+        if mode == "plain":
+            times.pop("liveness", None)
+            raw_cpu.pop("liveness", None)
+        raw.update({f"{k} ({mode})": v for k, v in times.items()})
+        raw_total[mode], cpu_total[mode] = sum(times.values()), sum(raw_cpu.values())
+        print(f"raw models per verification, {mode} mode's probes (batch 1, mean): " +
+              ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in times.items()) + "; CPU time " +
+              ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in raw_cpu.items()), flush=True)
     for mode, c, lat, wall, _run, label, cpu in levels:
         print(f"workers {label} {mode} concurrency {c}: raw model CPU / service CPU per request "
               f"{cpu_total[mode] / cpu:.0%}; of the 2-core ceiling {(len(lat) / wall) * raw_total[mode] / (os.cpu_count() or 1):.0%}",
@@ -457,7 +490,7 @@ MobileFaceNet-ArcFace, SQLite, one audit record per decision) on loopback, async
 bona fide webcam frames of pad_face.csv against one enrolled frame ("no match" = a decision that
 rejected a genuine frame, liveness or similarity, counted apart from the errors).
 
-Raw models, same run, same probes, batch 1, median per verification:
+Raw models, same run, same probes, batch 1, mean per verification (each mode on its own probes):
 {', '.join(f'{k} {v * 1000:.2f} ms' for k, v in raw.items())} (sessions with 1 intra-op thread, as in
 the service; the detector on the canvas the service runs it on, fitted to small images).
 Naive per-request loop (cv2 decode + FaceDetectorYN + insightface norm_crop + embedder batch 1,
